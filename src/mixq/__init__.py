@@ -1,0 +1,2 @@
+"""mixq: mixed-precision quantization of language models."""
+__version__ = "0.1.0"
