@@ -128,6 +128,8 @@ class QuantSpec:
             raise ValueError(f"clip must be 'minmax' or 'mse', got {self.clip!r}")
         if d != "int" and not self.symmetric:
             raise ValueError(f"asymmetric grids are only defined for dtype='int', not {d!r}")
+        if self.symmetric and self.zero_dtype != "int":
+            raise ValueError(f"zero_dtype={self.zero_dtype!r} only applies to asymmetric int grids (symmetric=False)")
         if d in KEEP_DTYPES and self.scale_dtype != "none":
             raise ValueError(f"{d} keeps the tensor in floating point: use scale_dtype='none'")
         if d not in KEEP_DTYPES and d != "kmeans" and self.scale_dtype == "none":
@@ -215,7 +217,8 @@ _FP_NAME = {"fp8_e4m3": "FP8", "fp8_e5m2": "FP8-e5m2", "fp6_e3m2": "FP6-e3m2", "
 def spec_name(s: QuantSpec) -> str:
     g = str(s.granularity)
     if s.is_float_keep:
-        return s.dtype.upper()
+        parts = [s.dtype.upper()] + ([g] if s.granularity != PerTensor() else []) + (["mse"] if s.clip == "mse" else [])
+        return "-".join(parts)
     if s.dtype in FLOAT_DTYPES and s.scale_dtype == "e8m0" and s.granularity == PerGroup(32):
         base = {"fp8_e4m3": "MXFP8", "fp8_e5m2": "MXFP8-e5m2", "fp6_e2m3": "MXFP6", "fp6_e3m2": "MXFP6-e3m2",
                 "fp4_e2m1": "MXFP4"}[s.dtype]
@@ -223,7 +226,7 @@ def spec_name(s: QuantSpec) -> str:
     if s.dtype == "fp4_e2m1" and s.scale_dtype == "e4m3" and s.tensor_scale and s.granularity == PerGroup(16):
         return "NVFP4" + ("-mse" if s.clip == "mse" else "")
     if s.dtype == "int" and s.bits == 8 and s.symmetric and s.scale_dtype == "e8m0" and s.granularity == PerGroup(32):
-        return "MXINT8"
+        return "MXINT8" + ("-mse" if s.clip == "mse" else "")
     parts = []
     if s.dtype == "int":
         parts.append(f"W{s.bits}")
@@ -238,8 +241,10 @@ def spec_name(s: QuantSpec) -> str:
         parts.append("asym" if s.zero_dtype == "int" else "asymf")
     if s.clip == "mse":
         parts.append("mse")
-    if s.scale_dtype not in ("fp16", "none"):
-        parts.append(f"s{s.scale_dtype}")
+    if s.scale_dtype not in ("fp16", "none") or (s.scale_dtype == "fp16" and s.dtype.startswith("fp8")):
+        parts.append(f"s{s.scale_dtype}")  # FP8's default scale is fp32, so an fp16 one is spelled out
+    if s.tensor_scale:
+        parts.append("ts")
     return "-".join(parts)
 
 
@@ -272,10 +277,10 @@ _TOKEN = re.compile(r"^(W|NF|KM)(\d+)$")
 def parse_spec(text: str | QuantSpec) -> QuantSpec:
     """Parse a spec name such as ``W4-g128``, ``W3-g64-asym``, ``NF4-g64``, ``MXFP4``, ``NVFP4``, ``FP8``.
 
-    Grammar: ``HEAD[-GRAN][-asym|-asymf][-mse][-sDTYPE]`` with HEAD one of ``W<bits>`` (int),
+    Grammar: ``HEAD[-GRAN][-asym|-asymf][-mse][-sDTYPE][-ts]`` with HEAD one of ``W<bits>`` (int),
     ``NF<bits>``, ``KM<bits>``, ``FP8``, ``FP8-e5m2``, ``FP6-e3m2``, ``FP6-e2m3``, ``FP4``,
     ``MXFP8``, ``MXFP6``, ``MXFP4``, ``MXINT8``, ``NVFP4``, ``FP16``, ``BF16``, ``FP32``; GRAN one of
-    ``gN``, ``channel``, ``tensor``.
+    ``gN``, ``channel``, ``tensor``; ``ts`` adds an fp32 per-tensor scale (with ``-se4m3``).
     """
     if isinstance(text, QuantSpec):
         return text
@@ -299,17 +304,18 @@ def _parse(head: str, rest: list[str], raw: str) -> QuantSpec:
     variant = None
     if rest and re.fullmatch(r"e\dm\d", rest[0]):
         variant = rest.pop(0)
+    if variant and head not in ("FP8", "FP6", "FP4", "MXFP8", "MXFP6", "MXFP4"):
+        raise ValueError(f"{head} has no element variants such as {variant!r}")
     if head in ("FP16", "BF16", "FP32"):
-        if rest:
-            raise ValueError(f"{head} takes no options")
-        return QuantSpec(dtype=head.lower(), bits=KEEP_DTYPES[head.lower()], granularity=PerTensor(), scale_dtype="none")
-    if head in ("MXFP8", "MXFP6", "MXFP4", "MXINT8", "NVFP4"):
+        kw = dict(dtype=head.lower(), bits=KEEP_DTYPES[head.lower()], granularity=PerTensor(), scale_dtype="none")
+    elif head in ("MXFP8", "MXFP6", "MXFP4", "MXINT8", "NVFP4"):
         if head == "NVFP4":
             kw = dict(dtype="fp4_e2m1", bits=4, granularity=PerGroup(16), scale_dtype="e4m3", tensor_scale=True)
         elif head == "MXINT8":
             kw = dict(dtype="int", bits=8, granularity=PerGroup(32), scale_dtype="e8m0")
         else:
-            dt = {"MXFP8": "fp8_" + (variant or "e4m3"), "MXFP6": "fp6_" + (variant or "e2m3"), "MXFP4": "fp4_e2m1"}[head]
+            dt = {"MXFP8": "fp8_" + (variant or "e4m3"), "MXFP6": "fp6_" + (variant or "e2m3"),
+                  "MXFP4": "fp4_" + (variant or "e2m1")}[head]
             if dt not in FLOAT_DTYPES:
                 raise ValueError(f"{head} has no {variant} variant")
             kw = dict(dtype=dt, bits=FLOAT_DTYPES[dt], granularity=PerGroup(32), scale_dtype="e8m0")
@@ -319,7 +325,7 @@ def _parse(head: str, rest: list[str], raw: str) -> QuantSpec:
             else:
                 raise ValueError(f"{head} is a fixed block format; option {t!r} is not allowed (only -mse)")
         return QuantSpec(**kw)
-    if head in ("FP8", "FP6", "FP4"):
+    elif head in ("FP8", "FP6", "FP4"):
         default = {"FP8": "e4m3", "FP6": "e2m3", "FP4": "e2m1"}[head]
         dt = f"{head.lower()}_{variant or default}"
         if dt not in FLOAT_DTYPES:
@@ -341,10 +347,13 @@ def _parse(head: str, rest: list[str], raw: str) -> QuantSpec:
             kw["zero_dtype"] = "int" if t == "asym" else "fp16"
         elif t == "sym":
             kw["symmetric"] = True
+            kw["zero_dtype"] = "int"
         elif t == "mse":
             kw["clip"] = "mse"
         elif t.startswith("s") and t[1:] in SCALE_BITS:
             kw["scale_dtype"] = t[1:]
+        elif t == "ts":
+            kw["tensor_scale"] = True
         else:
             kw["granularity"] = parse_granularity(t)
     return QuantSpec(**kw)
