@@ -1,0 +1,173 @@
+"""GPTQ: second-order error compensation (Frantar et al., 2023, arXiv:2210.17323).
+
+Minimise the layer-wise output error ``‖X Wᵀ − X Ŵᵀ‖²`` column by column.  With
+``H = XᵀX/N`` and its inverse Cholesky factor ``U`` (``H⁻¹ = UᵀU``, upper triangular), column j
+is rounded to the grid and the rounding error is spread over the not-yet-quantized columns:
+
+    e_j   = (w_j − q(w_j)) / U_jj
+    W_{:,k} -= e_j · U_{j,k}            for k > j           (OBS update, eq. 3 of the paper)
+
+Updates are applied lazily in blocks of ``block_size`` columns.  The grid is any
+:mod:`mixq.formats` spec: group parameters are fitted when the walk enters a group (or, with
+``act_order``, fitted up front on the original weights — "static groups" — so that group
+boundaries stay aligned with the stored layout even though columns are visited in order of
+decreasing ``diag(H)``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .. import formats
+from ..config import QuantSpec
+from ..formats import QParams, QTensor
+from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
+
+log = logging.getLogger(__name__)
+
+
+class GPTQError(RuntimeError):
+    pass
+
+
+@dataclass
+class GPTQResult:
+    qtensor: QTensor          # codes [out, in] in the original column order + group params
+    weight: torch.Tensor      # dequantized Ŵ [out, in], float32
+    proxy_loss: float         # tr(ΔW H ΔWᵀ) with the undamped H  (= mean squared output error × out)
+    damp: float               # relative dampening finally used
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp·mean(diag H)``.
+
+    Retries with ten times more dampening when H is not numerically positive definite.
+    Returns ``(U, damp_used)``.
+    """
+    n = H.shape[0]
+    mean_diag = torch.diagonal(H).mean().clamp_min(1e-12)
+    d = damp
+    for _ in range(max_tries):
+        Hd = H.to(torch.float64) + d * mean_diag * torch.eye(n, dtype=torch.float64, device=H.device)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0:
+                return U.to(torch.float32), d
+        log.warning("Cholesky of H failed with damp=%g; retrying with damp=%g", d, d * 10)
+        d *= 10
+    raise GPTQError(
+        f"H is not positive definite even with dampening {d / 10:g}·mean(diag H): the calibration data "
+        f"probably has too few tokens for a {n}-dim layer; use more --nsamples or a larger --damp"
+    )
+
+
+def _group_len(spec: QuantSpec, cols: int) -> int:
+    g = spec.granularity
+    if isinstance(g, PerGroup):
+        if cols % g.size:
+            raise ValueError(f"group size {g.size} does not divide {cols} input columns")
+        return g.size
+    return cols
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> GPTQResult:
+    """Quantize ``W [out, in]`` against ``H [in, in]`` (``XᵀX/N``) on the grid of ``spec``.
+
+    Returns the codes and parameters in the storage layout of :func:`mixq.formats.quantize`, the
+    dequantized weight and the proxy loss ``tr(ΔW H ΔWᵀ)``.
+    """
+    if spec.is_float_keep:
+        Wq = formats.fake_quantize(W, spec).float()
+        return GPTQResult(formats.quantize(W, spec), Wq, _proxy(W.float() - Wq, H), 0.0)
+    if isinstance(spec.granularity, PerToken):
+        raise ValueError("per-token granularity is for activations; weights use channel, group or tensor")
+    out_f, in_f = W.shape
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({in_f}, {in_f}) for W of shape {tuple(W.shape)}")
+    W0 = W.detach().to(torch.float32)
+    Wk = W0.clone()
+    Hk = H.detach().to(torch.float32).clone()
+    dead = torch.diagonal(Hk) == 0
+    Hk[dead, dead] = 1.0
+    Wk[:, dead] = 0.0
+
+    glen = _group_len(spec, in_f)
+    n_grp = in_f // glen
+    tscale = formats.compute_tensor_scale(W0, spec)
+    per_tensor = isinstance(spec.granularity, PerTensor)
+    params: list[QParams | None] = [None] * n_grp
+    if per_tensor:
+        params = [formats.fit(W0.reshape(1, -1), spec, tensor_scale=tscale)]
+    elif act_order or isinstance(spec.granularity, PerChannel):
+        # static groups: parameters from the original weights, in storage order
+        params = [formats.fit(W0[:, j * glen : (j + 1) * glen], spec, tensor_scale=tscale) for j in range(n_grp)]
+
+    perm = torch.argsort(torch.diagonal(Hk), descending=True) if act_order else torch.arange(in_f)
+    Wk = Wk[:, perm]
+    Hk = Hk[perm][:, perm]
+    U, damp_used = inverse_cholesky(Hk, damp)
+
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    Q = torch.zeros_like(Wk)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = Wk[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = 0 if per_tensor else col // glen
+            if params[g] is None:  # entering a group in natural order: fit on the updated weights
+                span = W1[:, i : i + glen]
+                if span.shape[1] < glen:  # group extends past this block: later columns from Wk
+                    span = torch.cat([span, Wk[:, i2 : i1 + i + glen]], 1)
+                params[g] = formats.fit(span, spec, tensor_scale=tscale)
+            w = W1[:, i : i + 1]
+            c = formats.encode(w, params[g], spec)
+            q = formats.decode(c, params[g], spec)
+            codes[:, col] = c[:, 0]
+            Q[:, i1 + i] = q[:, 0]
+            err = (w[:, 0] - q[:, 0]) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i : i + 1, i:]
+            E1[:, i] = err
+        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    Wq = torch.empty_like(Q)
+    Wq[:, perm] = Q
+    qt = QTensor(codes=codes, params=_stack_params(params, out_f, per_tensor), spec=spec, shape=(out_f, in_f))
+    return GPTQResult(qt, Wq, _proxy(W0 - Wq, H), damp_used)
+
+
+def _proxy(dW: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ)`` in float64."""
+    d = dW.to(torch.float64)
+    return float(((d @ H.to(torch.float64)) * d).sum())
+
+
+def _stack_params(params: list[QParams], out_f: int, per_tensor: bool) -> QParams:
+    """Interleave per-group params ``[out, 1]`` into the ``[out * n_groups, ...]`` row layout."""
+    if per_tensor:
+        return params[0]
+
+    def cat(field: str):
+        ts = [getattr(p, field) for p in params]
+        if ts[0] is None:
+            return None
+        t = torch.stack(ts, 1)  # [out, n_groups, k]
+        return t.reshape(out_f * len(params), -1)
+
+    return QParams(scale=cat("scale"), zero=cat("zero"), offset=cat("offset"), codebook=cat("codebook"),
+                   tensor_scale=params[0].tensor_scale)

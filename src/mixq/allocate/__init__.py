@@ -1,0 +1,21 @@
+"""Bit allocation: choose one quantization spec per layer under a bit budget.
+
+    SensitivityTable (measure/) --build_problem--> Problem --solve--> Solution
+    allocate(table, Budget(bpw=3.5), constraints=Constraints(...)) -> Plan  (plan.json)
+
+Modules: :mod:`.candidates` (candidate sets), :mod:`.table` (the input table and JSON I/O),
+:mod:`.constraints` (keep/force/min/max bits/tied -> Problem), :mod:`.solvers` (one signature:
+exact | dp | greedy | uniform) with the knapsack cores in :mod:`.mckp`, :mod:`.plan` (Budget,
+Plan, allocate, format_plan_table).
+"""
+from .candidates import DEFAULT_CANDIDATE_NAMES, candidates_for, default_candidates, load_candidates
+from .constraints import Constraints, build_problem
+from .plan import Budget, Plan, allocate, format_plan_table
+from .solvers import METHODS, InfeasibleBudget, Problem, Solution, solve
+from .table import LayerEntry, SensitivityTable
+
+__all__ = [
+    "DEFAULT_CANDIDATE_NAMES", "METHODS", "Budget", "Constraints", "InfeasibleBudget", "LayerEntry", "Plan",
+    "Problem", "SensitivityTable", "Solution", "allocate", "build_problem", "candidates_for",
+    "default_candidates", "format_plan_table", "load_candidates", "solve",
+]

@@ -1,0 +1,159 @@
+"""User constraints on the allocation, and the table -> :class:`Problem` step that applies them.
+
+Patterns are regular expressions matched with ``re.search`` against a layer's fqn.
+
+``keep``      layers pinned to FP16 (error: the table's FP16 entry if measured, else 0)
+``force``     ``(pattern, spec name)``: layers pinned to that (measured) spec
+``min_bits``  ``{pattern: b}``: other matching layers only take candidates with ``spec.bits >= b``
+``max_bits``  ``{pattern: b}``: ... with ``spec.bits <= b`` (FP16 counts as 16 bits)
+``tied``      patterns whose matches *within one block* share a spec (e.g. fused q/k/v):
+              layers are tied when they match the same pattern and their fqns agree outside the
+              matched span (``model.layers.3.self_attn.`` + ``q_proj`` / ``k_proj`` / ``v_proj``)
+
+``keep`` and ``force`` pin a layer and take precedence over ``min_bits``/``max_bits``; a layer
+that matches both ``keep`` and ``force`` (to a non-FP16 spec), or two different ``force``
+specs, is rejected.  Tied layers keep the candidates they all have, in the first one's order.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+from ..config import QuantSpec, parse_spec
+from .solvers import Problem
+from .table import SensitivityTable, _check_header
+
+log = logging.getLogger(__name__)
+
+CONSTRAINTS_VERSION = 1
+KEEP = parse_spec("FP16")
+
+
+@dataclass(frozen=True)
+class Constraints:
+    keep: tuple[str, ...] = ()
+    force: tuple[tuple[str, str], ...] = ()
+    min_bits: dict[str, int] = field(default_factory=dict)
+    max_bits: dict[str, int] = field(default_factory=dict)
+    tied: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for name in ("keep", "tied"):
+            val = getattr(self, name)
+            if isinstance(val, str):
+                raise ValueError(f"Constraints.{name} must be a tuple of regexes, not one string: use ({val!r},)")
+            object.__setattr__(self, name, tuple(val))
+        force = tuple(tuple(f) for f in self.force)
+        if any(len(f) != 2 for f in force):
+            raise ValueError(f"Constraints.force entries must be (regex, spec name) pairs, got {self.force!r}")
+        object.__setattr__(self, "force", force)
+        for name in ("min_bits", "max_bits"):
+            d = dict(getattr(self, name))
+            for k, v in d.items():
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 32:
+                    raise ValueError(f"Constraints.{name}[{k!r}] must be an integer number of bits in 1..32, got {v!r}")
+            object.__setattr__(self, name, d)
+        for pat in (*self.keep, *self.tied, *(p for p, _ in force), *self.min_bits, *self.max_bits):
+            try:
+                re.compile(pat)
+            except (re.error, TypeError) as e:
+                raise ValueError(f"invalid layer regex {pat!r} in Constraints: {e}") from None
+        for _, name in force:
+            parse_spec(name)
+
+    def to_dict(self) -> dict:
+        return {"_type": "Constraints", "_version": CONSTRAINTS_VERSION, "keep": list(self.keep),
+                "force": [list(f) for f in self.force], "min_bits": self.min_bits, "max_bits": self.max_bits,
+                "tied": list(self.tied)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Constraints":
+        _check_header(d, "Constraints", CONSTRAINTS_VERSION)
+        unknown = set(d) - {"_type", "_version", "keep", "force", "min_bits", "max_bits", "tied"}
+        if unknown:
+            raise ValueError(f"unknown Constraints fields {sorted(unknown)}")
+        return cls(tuple(d.get("keep", ())), tuple(tuple(f) for f in d.get("force", ())),
+                   dict(d.get("min_bits", {})), dict(d.get("max_bits", {})), tuple(d.get("tied", ())))
+
+
+def build_problem(table: SensitivityTable, constraints: Constraints = Constraints()) -> Problem:
+    """Apply ``constraints`` to ``table``: one :class:`Problem` row per layer, in table order.
+
+    ``costs[i][c] = spec.cost(shape).total`` (exact bits); ``labels[i][c] = spec.name``.
+    Raises ``ValueError`` naming the layer when its constraints leave no candidate.
+    """
+    fqns = [x.fqn for x in table.layers]
+    c = constraints
+    for pat in (*c.keep, *(p for p, _ in c.force), *c.min_bits, *c.max_bits, *c.tied):
+        if not any(re.search(pat, f) for f in fqns):
+            log.warning("constraint pattern %r matches no layer of the table (typo?)", pat)
+    rows = [_layer_choices(x, constraints) for x in table.layers]
+    groups = _tied_groups(fqns, constraints.tied)
+    for g in groups:
+        first = [s.name for s, _ in rows[g[0]]]
+        common = [n for n in first if all(n in {s.name for s, _ in rows[i]} for i in g)]
+        if not common:
+            names = ", ".join(table.layers[i].fqn for i in g)
+            raise ValueError(f"tied layers {names} have no candidate spec in common: relax keep/force/min/max bits")
+        for i in g:
+            by = {s.name: (s, e) for s, e in rows[i]}
+            dropped = sorted(set(by) - set(common))
+            if dropped:
+                log.info("%s: tied, dropping candidates not shared by its group: %s", table.layers[i].fqn, dropped)
+            rows[i] = [by[n] for n in common]
+    return Problem(
+        layers=tuple(x.fqn for x in table.layers),
+        costs=tuple(tuple(s.cost(x.shape).total for s, _ in r) for x, r in zip(table.layers, rows)),
+        errors=tuple(tuple(e for _, e in r) for r in rows),
+        groups=tuple(groups),
+        labels=tuple(tuple(s.name for s, _ in r) for r in rows),
+    )
+
+
+def _layer_choices(x, c: Constraints) -> list[tuple[QuantSpec, float]]:
+    """The (spec, error) pairs that layer ``x`` may take under ``c``."""
+    measured = list(zip(x.candidates, x.errors))
+    kept = any(re.search(p, x.fqn) for p in c.keep)
+    forced = {parse_spec(s) for p, s in c.force if re.search(p, x.fqn)}
+    if len(forced) > 1:
+        raise ValueError(f"{x.fqn}: forced to several specs {sorted(s.name for s in forced)}: "
+                         "make the force regexes disjoint")
+    if kept and forced and forced != {KEEP}:
+        raise ValueError(f"{x.fqn}: matches both keep and force={next(iter(forced)).name}: remove one of them")
+    if kept or forced == {KEEP}:
+        err = [e for s, e in measured if s == KEEP]
+        return [(KEEP, err[0] if err else 0.0)]
+    if forced:
+        spec = next(iter(forced))
+        pinned = [(s, e) for s, e in measured if s == spec]
+        if not pinned:
+            raise ValueError(f"{x.fqn}: forced spec {spec.name} was not measured for this layer: "
+                             f"add it to the candidates and re-run `mixq measure`")
+        return pinned
+    lo = max([b for p, b in c.min_bits.items() if re.search(p, x.fqn)], default=0)
+    hi = min([b for p, b in c.max_bits.items() if re.search(p, x.fqn)], default=99)
+    out = [(s, e) for s, e in measured if lo <= s.bits <= hi]
+    if not out:
+        raise ValueError(f"{x.fqn}: no measured candidate has {lo} <= bits <= {hi} "
+                         f"(measured: {', '.join(s.name for s in x.candidates)}): relax min_bits/max_bits")
+    return out
+
+
+def _tied_groups(fqns: list[str], patterns: tuple[str, ...]) -> list[tuple[int, ...]]:
+    """Indices of layers tied together: same pattern, same fqn outside the matched span."""
+    buckets: dict[tuple, list[int]] = {}
+    for t, pat in enumerate(patterns):
+        rx = re.compile(pat)
+        for i, f in enumerate(fqns):
+            m = rx.search(f)
+            if m:
+                buckets.setdefault((t, f[: m.start()], f[m.end():]), []).append(i)
+    groups = [tuple(v) for v in buckets.values() if len(v) > 1]
+    seen: dict[int, tuple] = {}
+    for g in groups:
+        for i in g:
+            if i in seen:
+                raise ValueError(f"{fqns[i]} is tied by two patterns: merge them into one regex")
+            seen[i] = g
+    return groups

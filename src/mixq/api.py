@@ -1,0 +1,204 @@
+"""Stage functions: resolve specs, calibrate, quantize a model, account its size.
+
+Each function takes and returns plain artifacts (a model, a ``{fqn: QuantSpec}`` mapping,
+``{fqn: QTensor}``), so the CLI and user scripts compose them the same way.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .algorithms.gptq import gptq_quantize
+from .algorithms.rtn import rtn_quantize
+from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
+from .calib.capture import walk_blocks
+from .config import BitCost, QuantSpec, parse_spec
+from .formats import QTensor
+from .granularity import PerGroup
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq")
+
+
+def resolve_specs(
+    model: nn.Module,
+    spec: str | QuantSpec | dict[str, str | QuantSpec],
+    *,
+    lm_head: str | QuantSpec | None = None,
+    embeddings: str | QuantSpec | None = None,
+    group_fallback: str = "error",
+) -> dict[str, QuantSpec]:
+    """Map every quantizable layer's fqn to its spec.
+
+    ``spec`` is one spec for all block linears, or a mapping whose keys are exact fqns or
+    ``re:<regex>`` patterns (first match wins; block linears matching nothing are *kept* in
+    floating point and reported as such).  ``lm_head`` / ``embeddings``: ``None`` keeps them,
+    a spec quantizes them.  Every spec is checked against its layer's shape up front.
+    ``group_fallback``: what to do when a group size does not divide a layer's row length —
+    ``"error"`` (default) or ``"shrink"`` to the largest divisor of the row length below it
+    (e.g. g128 → g96 on 576-wide rows; the exact cost of what is used is what gets reported).
+    """
+    if group_fallback not in ("error", "shrink"):
+        raise ValueError(f"group_fallback must be 'error' or 'shrink', got {group_fallback!r}")
+    policy = LayerPolicy(lm_head="keep" if lm_head is None else "quantize",
+                         embeddings="keep" if embeddings is None else "quantize")
+    out: dict[str, QuantSpec] = {}
+    for ref in iter_layers(model, policy):
+        if ref.kind == "lm_head":
+            s = parse_spec(lm_head)
+        elif ref.kind == "embedding":
+            s = parse_spec(embeddings)
+        else:
+            s = _lookup(spec, ref.fqn)
+        if s is None:
+            continue
+        try:
+            s.cost(ref.shape)
+        except ValueError as e:
+            if group_fallback == "shrink" and isinstance(s.granularity, PerGroup):
+                s = replace(s, granularity=PerGroup(_largest_divisor(ref.shape[1], s.granularity.size)))
+                log.info("%s: %s", ref.fqn, f"group size does not divide {ref.shape[1]}; using {s.name}")
+            else:
+                raise ValueError(f"{ref.fqn} {ref.shape}: {e}; or pass --group-fallback shrink") from None
+        out[ref.fqn] = s
+    if not out:
+        raise ValueError("the spec mapping matched no layer of this model: check the layer names (`mixq inspect MODEL`)")
+    return out
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def fallbacks(specs: dict[str, QuantSpec], requested: QuantSpec) -> dict[str, str]:
+    """Layers whose spec differs from the requested one (group-size fallback), fqn → spec name."""
+    return {f: s.name for f, s in specs.items() if s != requested}
+
+
+def _lookup(spec, fqn: str) -> QuantSpec | None:
+    if not isinstance(spec, dict):
+        return parse_spec(spec)
+    if fqn in spec:
+        return parse_spec(spec[fqn])
+    for k, v in spec.items():
+        if k.startswith("re:") and re.search(k[3:], fqn):
+            return parse_spec(v)
+    return None
+
+
+@dataclass
+class QuantResult:
+    qtensors: dict[str, QTensor]
+    specs: dict[str, QuantSpec]
+    method: str
+    seconds: float
+    proxy_loss: dict[str, float] = field(default_factory=dict)
+
+
+def _refs(model, specs) -> dict[str, LayerRef]:
+    """LayerRefs of the layers named in ``specs`` (the policy follows from which names are present)."""
+    arch = arch_for(model)
+    policy = LayerPolicy(lm_head="quantize" if arch.lm_head in specs else "keep",
+                         embeddings="quantize" if any(e in specs for e in arch.embeddings) else "keep")
+    return {r.fqn: r for r in iter_layers(model, policy)}
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    specs: dict[str, QuantSpec],
+    *,
+    method: str = "rtn",
+    calib_ids: torch.Tensor | None = None,
+    device="cpu",
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+    progress: bool = True,
+) -> QuantResult:
+    """Quantize ``model`` in place (fake-quant: dequantized weights written back).
+
+    ``method="rtn"`` needs no data.  ``method="gptq"`` walks the decoder block by block on
+    ``calib_ids [n, L]`` (sequential: each block is calibrated on the quantized outputs of the
+    previous one); layers outside the blocks (lm_head, embeddings) are always RTN.
+    Returns the stored form of every quantized layer.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    mods = dict(model.named_modules())
+    refs = _refs(model, specs)
+    q: dict[str, QTensor] = {}
+    losses: dict[str, float] = {}
+    block_fqns = {f for f, r in refs.items() if r.block is not None and f in specs}
+    if method == "gptq":
+        if calib_ids is None:
+            raise ValueError("GPTQ needs calibration data: pass calib_ids (e.g. --calib ptb --nsamples 128)")
+        prefix = arch_for(model).blocks
+
+        def on_block(i: int, block: nn.Module, stats) -> None:
+            for name, st in stats.items():
+                fqn = f"{prefix}.{i}.{name}"
+                if fqn not in specs:
+                    continue
+                mod = block.get_submodule(name)
+                res = gptq_quantize(get_weight(mod), st.H, specs[fqn], damp=damp, act_order=act_order,
+                                    block_size=block_size)
+                set_weight(mod, res.weight)
+                q[fqn], losses[fqn] = res.qtensor, res.proxy_loss
+
+        walk_blocks(model, calib_ids, on_block, device=device, progress=progress)
+        missing = block_fqns - set(q)
+        if missing:
+            raise RuntimeError(f"GPTQ saw no inputs for {sorted(missing)[:3]}...: the block walk did not reach them")
+    for fqn, spec in specs.items():
+        if fqn in q:
+            continue
+        mod = mods[fqn]
+        qt, Wq = rtn_quantize(get_weight(mod), spec)
+        set_weight(mod, Wq)
+        q[fqn] = qt
+    return QuantResult(q, dict(specs), method, time.perf_counter() - t0, losses)
+
+
+def size_report(model: nn.Module, specs: dict[str, QuantSpec], *, other_bits: int = 16) -> dict:
+    """Exact storage of a quantized model.
+
+    ``bpw_quantized``: bits per weight over the quantized layers, all metadata counted.
+    ``bpw_linears``: over all block linears (kept ones at ``other_bits``).
+    ``bpw_all``: over every parameter (embeddings, norms, biases at ``other_bits``; tied
+    tensors counted once).
+    """
+    all_refs = {r.fqn: r for r in iter_layers(model, LayerPolicy())}
+    refs = _refs(model, specs)
+    quant = BitCost(0, 0)
+    for fqn, spec in specs.items():
+        quant = quant + spec.cost(refs[fqn].shape)
+    lin_numel = sum(r.shape[0] * r.shape[1] for r in all_refs.values())
+    lin_quant_numel = sum(all_refs[f].shape[0] * all_refs[f].shape[1] for f in specs if f in all_refs)
+    lin_bits = sum(specs[f].cost(all_refs[f].shape).total for f in specs if f in all_refs)
+    lin_bits += (lin_numel - lin_quant_numel) * other_bits
+    seen, total_numel = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total_numel += p.numel()
+    all_bits = quant.total + (total_numel - quant.numel) * other_bits
+    return {
+        "quantized_layers": len(specs),
+        "quantized_weights": quant.numel,
+        "bits_quantized": quant.total,
+        "bpw_quantized": quant.bpw if quant.numel else None,
+        "bpw_linears": lin_bits / lin_numel if lin_numel else None,
+        "bpw_all": all_bits / total_numel,
+        "total_params": total_numel,
+        "bytes_all": all_bits / 8,
+        "other_bits": other_bits,
+        "breakdown": quant.to_dict() if quant.numel else None,
+    }

@@ -1,0 +1,178 @@
+"""The block-by-block calibration walk (the GPTQ ``sequential`` pattern, no graph tracing).
+
+1. Capture the inputs of decoder block 0 (hidden states and the keyword arguments the model
+   passes to its blocks: attention mask, rotary position embeddings, ...) by running the model
+   with a catcher in place of block 0 that records and stops the forward pass.
+2. For each block i: bring it to the compute device (``BlockSource.load``), hook its linear
+   layers to accumulate :class:`LayerStats`, run all calibration samples through it, hand the
+   block and its statistics to a callback (which quantizes it), then compute the block's outputs
+   — from the *quantized* block in sequential mode (default), or the fp block — which become the
+   inputs of block i+1.  The block goes back to its home (``BlockSource.release``).
+
+Only one block is on the compute device at a time and the buffers are two ``[n, L, hidden]``
+tensors, so memory stays flat as depth grows.  A :class:`BlockSource` decides where blocks live
+between visits (in memory by default; lazily from disk in :mod:`mixq.calib.lazy`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import arch_for, block_linears, get_blocks
+from .stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for block 0: records its inputs, then stops the forward pass."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("mixq's block walk expects blocks to be called with hidden_states and keyword arguments")
+        self.inputs.append(hidden_states.detach())
+        if self.kwargs is None:
+            self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
+            self.kwargs["use_cache"] = False
+        raise _StopForward
+
+
+class BlockSource(Protocol):
+    """Where decoder blocks live between visits."""
+
+    def load(self, i: int, block: nn.Module, device: torch.device) -> nn.Module: ...
+
+    def release(self, i: int, block: nn.Module) -> None: ...
+
+
+@dataclass
+class InMemoryBlocks:
+    """Blocks stay in the model; ``load`` moves one to the compute device, ``release`` moves it home."""
+
+    home: torch.device | str = "cpu"
+
+    def load(self, i: int, block: nn.Module, device) -> nn.Module:
+        return block.to(device)
+
+    def release(self, i: int, block: nn.Module) -> None:
+        block.to(self.home)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, *, device="cpu", batch_size: int = 1):
+    """Run the model up to block 0 for every calibration sample.
+
+    ``input_ids``: ``[n, L]``.  Returns ``(inputs [n, L, hidden], kwargs)``; ``kwargs`` are the
+    keyword arguments the model passes to every block (shared by all samples of length L).
+    Only the modules before block 0 (embeddings, rotary tables) need to be materialized.
+    """
+    blocks = get_blocks(model)
+    catcher = _Catcher(blocks[0])
+    blocks[0] = catcher
+    try:
+        for s in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[s : s + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = catcher.block
+    if not catcher.inputs:
+        raise RuntimeError("block 0 was never called: is the architecture table's block path right?")
+    return torch.cat(catcher.inputs, 0), catcher.kwargs or {}
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, *, batch_size: int = 1, out: torch.Tensor | None = None):
+    """Run ``inputs [n, L, h]`` through one block; returns ``[n, L, h]`` (written into ``out`` if given)."""
+    out = torch.empty_like(inputs) if out is None else out
+    for s in range(0, inputs.shape[0], batch_size):
+        out[s : s + batch_size] = _block_out(block(inputs[s : s + batch_size], **kwargs))
+    return out
+
+
+BlockCallback = Callable[[int, nn.Module, dict[str, LayerStats]], None]
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    on_block: BlockCallback | None = None,
+    *,
+    device="cpu",
+    sequential: bool = True,
+    keep_hessian: bool = True,
+    batch_size: int = 1,
+    source: BlockSource | None = None,
+    stats_sink: Callable[[int, dict[str, LayerStats]], None] | None = None,
+    start_block: int = 0,
+    progress: bool = True,
+) -> None:
+    """Walk the decoder block by block, accumulating per-linear input statistics.
+
+    ``on_block(i, block, stats)`` is called with block i on ``device`` and ``stats`` keyed by
+    the linear's name relative to the block (e.g. ``"self_attn.q_proj"``); it may change the
+    block's weights in place (quantize it).  With ``sequential=True`` the next block sees the
+    outputs of the block *after* the callback (quantized), else the fp outputs.
+    ``stats_sink(i, stats)`` receives each block's statistics (e.g. to save them).
+    """
+    source = source or InMemoryBlocks()
+    arch = arch_for(model)
+    blocks = get_blocks(model)
+    inps, kwargs = capture_block_inputs(model, input_ids, device=device, batch_size=batch_size)
+    outs = torch.empty_like(inps)
+    if start_block:
+        raise NotImplementedError("resuming a walk from a saved block input is done by mixq.calib.lazy")
+    bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress, unit="block")
+    for i in bar:
+        block = source.load(i, blocks[i], device)
+        lins = block_linears(block, arch)
+        stats = {n: LayerStats(_in_features(m), keep_hessian=keep_hessian) for n, m in lins.items()}
+        hooks = [m.register_forward_hook(_stat_hook(stats[n])) for n, m in lins.items()]
+        try:
+            run_block(block, inps, kwargs, batch_size=batch_size, out=outs)
+        finally:
+            for h in hooks:
+                h.remove()
+        if stats_sink is not None:
+            stats_sink(i, stats)
+        if on_block is not None:
+            on_block(i, block, stats)
+            if sequential:
+                run_block(block, inps, kwargs, batch_size=batch_size, out=outs)
+        source.release(i, block)
+        inps, outs = outs, inps
+    bar.close()
+
+
+def _in_features(m: nn.Module) -> int:
+    if hasattr(m, "in_features"):
+        return m.in_features
+    return m.weight.shape[0]  # transformers Conv1D stores [in, out]
+
+
+def _stat_hook(stats: LayerStats):
+    def hook(module, args, output):
+        stats.update(args[0])
+
+    return hook

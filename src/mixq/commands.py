@@ -1,0 +1,202 @@
+"""Subcommands of the ``mixq`` CLI: argument definitions and thin drivers over :mod:`mixq.api`.
+
+Inputs are validated before any heavy work (model loading, calibration), so a typo costs
+nothing and no output is half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .cli import DEFAULT_MODEL, UserError, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a model and write a mixq directory",
+                       description="Quantize MODEL with one spec for every block linear (or a plan) and write DIR.")
+    q.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or embedded name (default {DEFAULT_MODEL})")
+    q.add_argument("--spec", default="W4-g128", help="spec for every block linear, e.g. W4-g128, W3-g64-asym, NF4-g64, MXFP4, NVFP4 (`mixq specs`)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="rtn (no data) or gptq (calibrated)")
+    q.add_argument("--group-fallback", default="error", choices=["error", "shrink"],
+                   help="when a group size does not divide a layer's rows: error (default) or shrink it per layer")
+    q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
+    _calib_args(q)
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
+    q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a model or mixq directory",
+                       description="Evaluate a mixq directory (or any model) on a corpus; KL is measured against "
+                                   "the reference (by default the directory's base model).")
+    e.add_argument("target", nargs="?", default=DEFAULT_MODEL, help="mixq directory, hub id, local path or embedded name")
+    _eval_args(e)
+    e.add_argument("--reference", default=None, help="reference model for KL (default: the base model of a mixq dir; none for a plain model)")
+    e.add_argument("--out", default=None, help="write the results JSON here")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("specs", help="list the named spec presets and their exact bits per weight")
+    s.add_argument("--shape", default="576x1536", help="tensor shape OUTxIN for the bpw column (default 576x1536)")
+    s.set_defaults(func=cmd_specs)
+
+    d = sub.add_parser("demo", help="the main job on the embedded model: quantize, evaluate, print a table")
+    d.add_argument("--tokens", type=int, default=16384, help="PTB test tokens to score (default 16384)")
+    d.add_argument("--out", default=None, help="also write the table's data as JSON here")
+    d.set_defaults(func=cmd_demo)
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="ptb", help="calibration corpus: ptb, wikitext2, c4 or a .txt/.jsonl path")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default="ptb", help="ptb (embedded), wikitext2, c4 or a .txt/.jsonl path")
+    p.add_argument("--split", default="test", help="split to evaluate on (default test)")
+    p.add_argument("--tokens", type=int, default=32768, help="score the first N tokens (default 32768)")
+    p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+
+
+# ---------------------------------------------------------------------------- quantize
+def cmd_quantize(args) -> int:
+    from . import api, data
+    from .config import parse_spec
+    from .export.native import save_quantized
+    from .models import load_model
+
+    spec = parse_spec(args.spec)
+    lm_head = None if args.lm_head == "keep" else parse_spec(args.lm_head)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
+    _check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
+    calib_text = data.load_corpus(args.calib, "train") if args.method == "gptq" else None
+    model, tok = load_model(args.model)
+    if lm_head is not None:
+        from .arch import untie_lm_head
+
+        untie_lm_head(model)
+    specs = api.resolve_specs(model, spec, lm_head=lm_head, group_fallback=args.group_fallback)
+    calib_ids = None
+    if calib_text is not None:
+        calib_ids = data.calibration_batch(data.tokenize(calib_text, tok), args.nsamples, args.seqlen, args.seed)
+    res = api.quantize_model(model, specs, method=args.method, calib_ids=calib_ids, damp=args.damp,
+                             act_order=args.act_order)
+    size = api.size_report(model, specs)
+    meta = {"base_model": args.model, "method": args.method, "spec": spec.name,
+            "lm_head": args.lm_head, "seconds": res.seconds, "size": size,
+            "group_fallback": api.fallbacks(specs, spec),
+            "calibration": None if calib_ids is None else {"corpus": args.calib, "split": "train",
+                                                             "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                                             "seed": args.seed},
+            "proxy_loss": res.proxy_loss or None}
+    save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
+    print(f"wrote {out}: {len(specs)} layers at {spec.name} ({args.method}), "
+          f"{size['bpw_quantized']:.3f} bpw over quantized layers, {_human(size['bytes_all'])} in all, "
+          f"{res.seconds:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------- eval
+def load_target(target: str):
+    """A mixq directory or a model name → ``(model, tokenizer, info | None)``."""
+    from .export.native import is_quantized_dir, load_quantized
+    from .models import load_model
+
+    if is_quantized_dir(target):
+        return load_quantized(target)
+    m, t = load_model(target)
+    return m, t, None
+
+
+def eval_windows_for(args, tok):
+    from . import data
+    from .eval import Protocol
+
+    text = data.load_corpus(args.corpus, args.split)
+    ids = data.tokenize(text, tok)
+    win = data.eval_windows(ids, args.seqlen, stride=args.stride, max_tokens=args.tokens)
+    proto = Protocol.for_windows(win, corpus=args.corpus, split=args.split,
+                                 tokenizer=getattr(tok, "name_or_path", "") or "", dtype="float32")
+    return win, proto
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate
+
+    _check_positive(tokens=args.tokens, seqlen=args.seqlen)
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a directory: give a file name such as results.json")
+    model, tok, info = load_target(args.target)
+    ref_name = args.reference or (info or {}).get("base_model")
+    reference = None
+    if ref_name:
+        reference, _, _ = load_target(ref_name)
+    if tok is None:
+        raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
+    win, proto = eval_windows_for(args, tok)
+    res = evaluate(model, win, proto, reference=reference)
+    res["target"] = args.target
+    res["reference"] = ref_name
+    if info:
+        res["size"] = info.get("size")
+        res["spec"] = info.get("spec")
+    if args.out:
+        write_json_atomic(args.out, res)
+    _print_result(res)
+    return 0
+
+
+def _print_result(res: dict) -> None:
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    print(f"perplexity {f(res.get('perplexity'), '.3f')}  KL {f(res.get('kl'), '.4f')}  "
+          f"top-1 {f(res.get('top1_agreement'), '.4f')}  ({res.get('n_scored')} tokens, "
+          f"{res['protocol']['corpus']}/{res['protocol']['split']}, seqlen {res['protocol']['seqlen']})")
+
+
+# ---------------------------------------------------------------------------- specs / demo
+def cmd_specs(args) -> int:
+    from .config import PRESETS, parse_spec
+
+    try:
+        rows, cols = (int(x) for x in args.shape.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--shape {args.shape!r} is not OUTxIN, e.g. 576x1536") from None
+    print(f"{'preset':<14}{'bpw':>8}  description   (bpw for a {rows}x{cols} tensor, metadata included)")
+    for name, desc in PRESETS.items():
+        try:
+            bpw = f"{parse_spec(name).bpw((rows, cols)):.4f}"
+        except ValueError:
+            bpw = "n/a"
+        print(f"{name:<14}{bpw:>8}  {desc}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(tokens=args.tokens, out=args.out)
+    return 0
+
+
+def _check_positive(**kw) -> None:
+    for k, v in kw.items():
+        if v is not None and v <= 0:
+            raise UserError(f"--{k} must be positive, got {v}")
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GB"
