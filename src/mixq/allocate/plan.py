@@ -237,7 +237,7 @@ def format_plan_table(plan: Plan) -> str:
     w = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
 
     def line(r):
-        return "  ".join(str(c).ljust(w[0]) if j == 0 else str(c).rjust(w[j]) for j, c in enumerate(r))
+        return "  ".join(str(c).ljust(w[j]) if j < 2 else str(c).rjust(w[j]) for j, c in enumerate(r))
 
     out = [line(head), "  ".join("-" * n for n in w), *map(line, rows)]
     counts: dict[str, int] = {}
