@@ -1,0 +1,161 @@
+"""QuantLinear: packed layer == fake-quant reference; every fast kernel == the reference kernel."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mixq.arch import LayerPolicy, get_weight, iter_layers, set_weight
+from mixq.config import parse_spec
+from mixq.formats import dequantize, quantize
+from mixq.runtime import KERNELS, KernelUnsupported, PackedWeight, QuantLinear, quantize_to_qlinear
+from mixq.runtime.kernels import cpu
+from tiny import make_tiny
+
+HAS_INT4_OP = cpu._ops() is not None
+needs_int4 = pytest.mark.skipif(not HAS_INT4_OP, reason="torch build without _weight_int4pack_mm_for_cpu")
+CPU_SPECS = ["W4-g32", "W4-g64", "W4-g64-sbf16", "W4-g32-sfp32", "W4-g64-se8m0", "W3-g64-asym", "W4-g64-asymf",
+             "W2-channel", "W1-g64", "W4-tensor", "W4-g128"]
+
+
+def _layer(name, shape, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.05
+    q = quantize(w, parse_spec(name))
+    b = torch.randn(shape[0], generator=g) if bias else None
+    return q, b
+
+
+@pytest.mark.parametrize("name", ["W4-g32", "W3-g64-asym", "NF4-g64", "MXFP4", "NVFP4", "FP8", "KM3", "W8-channel",
+                                  "FP16"])
+@pytest.mark.parametrize("shape", [(32, 64), (48, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_reference_equals_fake_quant(name, shape, bias):
+    q, b = _layer(name, shape, bias)
+    layer = QuantLinear.from_qtensor(q, b, kernel="reference")
+    x = torch.randn(2, 3, shape[1])
+    assert torch.equal(layer(x), F.linear(x, dequantize(q), b))
+    assert layer(x).shape == (2, 3, shape[0])
+
+
+@needs_int4
+@pytest.mark.parametrize("name", CPU_SPECS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m", [1, 5])
+def test_cpu_kernel_equals_reference(name, bias, m):
+    """bf16 in/out: |cpu - reference(fp32 on the same input)| <= one bf16 rounding of the result's magnitude."""
+    q, b = _layer(name, (64, 128), bias, seed=m)
+    layer = QuantLinear.from_qtensor(q, b, kernel="cpu")
+    x = torch.randn(m, 128).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.kernel_for(x).name == "cpu"
+    ref = KERNELS["reference"].linear(x.float(), layer.packed, None, layer.bias)
+    w = dequantize(q)
+    mag = x.float().abs() @ w.abs().t() + (0 if b is None else b.abs())
+    assert torch.all((y.float() - ref).abs() <= 2.0**-8 * mag + 1e-6)
+
+
+@needs_int4
+@pytest.mark.parametrize("name,pieces", [("W4-g64-sbf16", 1), ("W4-g64-se8m0", 1), ("W4-g32", 2), ("W4-g32-sfp32", 3)])
+def test_cpu_kernel_splits_scales_exactly(name, pieces):
+    q, _ = _layer(name, (32, 64), False)
+    pw = PackedWeight.from_qtensor(q)
+    state = cpu.prepare(pw)
+    assert state["sz"].shape[0] <= pieces and state["group"] in cpu.KERNEL_GROUPS
+    total = state["sz"].double().sum(0)[..., 0].t()  # [out, in / G]
+    s = q.params.scale.double().reshape(32, -1).repeat_interleave(total.shape[1] // (64 // q.spec.granularity.size), 1)
+    assert torch.equal(total, s)
+
+
+@needs_int4
+def test_auto_selection_and_explicit_errors():
+    q, _ = _layer("W4-g32", (32, 64), False)
+    layer = QuantLinear.from_qtensor(q)
+    assert layer.kernel_for(torch.zeros(1, 64)).name == "reference"  # fp32: the int4 op is slower than dense
+    assert layer.kernel_for(torch.zeros(1, 64, dtype=torch.bfloat16)).name == "cpu"
+    long = torch.zeros(cpu.MAX_TOKENS + 1, 64, dtype=torch.bfloat16)
+    assert layer.kernel_for(long).name == "reference"
+    assert QuantLinear.from_qtensor(q, kernel="cpu").kernel_for(long).name == "cpu"
+    with pytest.raises(KernelUnsupported, match="bfloat16"):
+        QuantLinear.from_qtensor(q, kernel="cpu")(torch.zeros(1, 64))
+    nf, _ = _layer("NF4-g64", (32, 64), False)
+    with pytest.raises(KernelUnsupported, match="integer grids"):
+        QuantLinear.from_qtensor(nf, kernel="cpu")(torch.zeros(1, 64, dtype=torch.bfloat16))
+    odd, _ = _layer("W4-g32", (24, 64), False)
+    assert QuantLinear.from_qtensor(odd).kernel_for(torch.zeros(1, 64, dtype=torch.bfloat16)).name == "reference"
+    with pytest.raises(ValueError, match="unknown kernel"):
+        QuantLinear.from_qtensor(q, kernel="triton-typo")
+
+
+def test_buffers_state_dict_and_cache():
+    q, b = _layer("W3-g64-asym", (16, 64), True)
+    layer = QuantLinear.from_qtensor(q, b)
+    sd = layer.state_dict()
+    assert set(sd) == {"codes", "scale", "zero", "bias"} and sd["codes"].numel() == 16 * 64 * 3 // 8
+    assert layer.nbytes == PackedWeight.from_qtensor(q).nbytes
+    x = torch.randn(1, 64)
+    layer(x)
+    assert layer._state
+    other = QuantLinear.from_qtensor(_layer("W3-g64-asym", (16, 64), True, seed=1)[0], b)
+    other(x)
+    other.load_state_dict(sd)
+    assert not other._state and torch.equal(other(x), layer(x))
+    layer.to(torch.device("cpu"))
+    assert not layer._state
+    w = layer.packed.dequantize()
+    layer.to(torch.bfloat16)  # casts the bias, never the packed params
+    assert torch.equal(layer.packed.dequantize(), w) and layer.bias.dtype == torch.bfloat16
+    assert "W3-g64-asym" in repr(layer)
+
+
+def _fake_quant(model, qtensors):
+    fq = copy.deepcopy(model)
+    for fqn, q in qtensors.items():
+        set_weight(fq.get_submodule(fqn), dequantize(q))
+    return fq
+
+
+@pytest.mark.parametrize("family,lm_head", [("llama", "keep"), ("gpt2", "keep"), ("gpt2", "quantize")])
+def test_quantize_to_qlinear_matches_fake_quant_model(family, lm_head):
+    model = make_tiny(family)
+    specs = ["W4-g32", "W3-g64-asym", "NF4-g64", "MXFP4", "KM3", "W8-channel", "NVFP4"]
+    refs = [r for r in iter_layers(model, LayerPolicy(lm_head=lm_head, embeddings=lm_head))
+            if r.kind != "embedding"]
+    qtensors = {r.fqn: quantize(get_weight(model, r).contiguous(), parse_spec(specs[i % len(specs)]))
+                for i, r in enumerate(refs)}
+    fake = _fake_quant(model, qtensors)
+    packed = quantize_to_qlinear(copy.deepcopy(model), qtensors)
+    assert all(isinstance(packed.get_submodule(f), QuantLinear) for f in qtensors)
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(packed(ids).logits, fake(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@needs_int4
+def test_bf16_llama_uses_cpu_kernel_and_tracks_fake_quant():
+    model = make_tiny("llama")
+    qtensors = {r.fqn: quantize(get_weight(model, r), parse_spec("W4-g32")) for r in iter_layers(model)}
+    fake = _fake_quant(model, qtensors)
+    packed = quantize_to_qlinear(copy.deepcopy(model), qtensors).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        y, ref = packed(ids).logits.float(), fake(ids).logits
+        y_bf16_fake = copy.deepcopy(fake).to(torch.bfloat16)(ids).logits.float()
+    err, err_bf16 = (y - ref).abs().max(), (y_bf16_fake - ref).abs().max()
+    assert err <= max(2 * err_bf16, 1e-3 * ref.abs().max())  # no worse than running the fake-quant model in bf16
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    assert packed.get_submodule(next(iter(qtensors))).kernel_for(x).name == "cpu"
+
+
+def test_quantize_to_qlinear_rejects_bad_input():
+    model = make_tiny("llama")
+    w = get_weight(model.get_submodule("model.layers.0.mlp.up_proj"))
+    emb = quantize(model.model.embed_tokens.weight, parse_spec("W4-g32"))
+    with pytest.raises(TypeError, match="not nn.Linear"):
+        quantize_to_qlinear(model, {"model.embed_tokens": emb})
+    with pytest.raises(ValueError, match="quantized shape"):
+        quantize_to_qlinear(model, {"model.layers.0.mlp.down_proj": quantize(w, parse_spec("W4-g32"))})
+    with pytest.raises(ValueError, match="not a module"):
+        quantize_to_qlinear(model, {"model.nope": quantize(w, parse_spec("W4-g32"))})
