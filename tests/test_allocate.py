@@ -246,7 +246,7 @@ def test_plan_round_trip(tmp_path):
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
     path = plan.save(tmp_path / "plan.json")
     assert Plan.load(path) == plan and plan.meta["table_sha256"] == hand_table().fingerprint()
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match="--force"):
         plan.save(path)
     plan.save(path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temp files left

@@ -23,7 +23,7 @@ from .granularity import PerGroup
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def resolve_specs(
@@ -33,6 +33,7 @@ def resolve_specs(
     lm_head: str | QuantSpec | None = None,
     embeddings: str | QuantSpec | None = None,
     group_fallback: str = "error",
+    allow_empty: bool = False,
 ) -> dict[str, QuantSpec]:
     """Map every quantizable layer's fqn to its spec.
 
@@ -67,7 +68,7 @@ def resolve_specs(
             else:
                 raise ValueError(f"{ref.fqn} {ref.shape}: {e}; or pass --group-fallback shrink") from None
         out[ref.fqn] = s
-    if not out:
+    if not out and not allow_empty:
         raise ValueError("the spec mapping matched no layer of this model: check the layer names (`mixq inspect MODEL`)")
     return out
 
@@ -120,13 +121,23 @@ def quantize_model(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    source=None,
     progress: bool = True,
+    rotate: bool = False,
+    online_rotation: bool = True,
 ) -> QuantResult:
     """Quantize ``model`` in place (fake-quant: dequantized weights written back).
 
     ``method="rtn"`` needs no data.  ``method="gptq"`` walks the decoder block by block on
     ``calib_ids [n, L]`` (sequential: each block is calibrated on the quantized outputs of the
     previous one); layers outside the blocks (lm_head, embeddings) are always RTN.
+    ``source``: where blocks live between visits (a :class:`~mixq.calib.capture.BlockSource`,
+    e.g. :class:`~mixq.calib.lazy.LazySafetensorsBlocks` for a model that never fits in memory).
+    ``method="awq"`` / ``"awq+gptq"``: AWQ scaling and clipping, then RTN / GPTQ
+    (:func:`mixq.algorithms.awq.apply_awq`; needs ``calib_ids``).  ``rotate``: QuaRot rotation of
+    the residual stream first (:func:`mixq.algorithms.rotation.rotate_model`, RMSNorm families,
+    model in memory); ``online_rotation`` adds the run-time rotation of the MLP down-projection
+    input, which a saved mixq directory does not carry (pass ``False`` before saving).
     Returns the stored form of every quantized layer.
     """
     if method not in METHODS:
@@ -137,6 +148,22 @@ def quantize_model(
     q: dict[str, QTensor] = {}
     losses: dict[str, float] = {}
     block_fqns = {f for f, r in refs.items() if r.block is not None and f in specs}
+    # ---- rotation / AWQ dispatch (mixq.algorithms.rotation, mixq.algorithms.awq) ----
+    if method in ("awq", "awq+gptq") and calib_ids is None:
+        raise ValueError("AWQ needs calibration data: pass calib_ids (e.g. --calib ptb --nsamples 128)")
+    if rotate:
+        from .algorithms.rotation import rotate_model
+
+        rotate_model(model, online_down=online_rotation)
+    if method in ("awq", "awq+gptq"):
+        from .algorithms.awq import apply_awq
+
+        r = apply_awq(model, calib_ids, {f: specs[f] for f in block_fqns},
+                      then="gptq" if method == "awq+gptq" else "rtn", device=device, damp=damp,
+                      act_order=act_order, block_size=block_size, source=source, progress=progress)
+        q.update(r.qtensors)
+        losses.update(r.proxy_loss)
+    # ---- end of rotation / AWQ dispatch ----
     if method == "gptq":
         if calib_ids is None:
             raise ValueError("GPTQ needs calibration data: pass calib_ids (e.g. --calib ptb --nsamples 128)")
@@ -153,7 +180,7 @@ def quantize_model(
                 set_weight(mod, res.weight)
                 q[fqn], losses[fqn] = res.qtensor, res.proxy_loss
 
-        walk_blocks(model, calib_ids, on_block, device=device, progress=progress)
+        walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress)
         missing = block_fqns - set(q)
         if missing:
             raise RuntimeError(f"GPTQ saw no inputs for {sorted(missing)[:3]}...: the block walk did not reach them")

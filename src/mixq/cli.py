@@ -6,11 +6,11 @@ Errors a user can fix (bad spec, unknown model, missing corpus, existing output)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from pathlib import Path
+
+from .jsonio import write_json_atomic  # noqa: E402,F401  (used by the subcommands)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -56,26 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
     commands.register(sub)
     return p
-
-
-def write_json_atomic(path: str | os.PathLike, obj, *, overwrite: bool = True) -> Path:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose another --out or pass --force")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(o):
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
+from . import commands_alloc
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -18,17 +20,30 @@ def register(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model and write a mixq directory",
                        description="Quantize MODEL with one spec for every block linear (or a plan) and write DIR.")
     q.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or embedded name (default {DEFAULT_MODEL})")
-    q.add_argument("--spec", default="W4-g128", help="spec for every block linear, e.g. W4-g128, W3-g64-asym, NF4-g64, MXFP4, NVFP4 (`mixq specs`)")
-    q.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="rtn (no data) or gptq (calibrated)")
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--spec", default=None, help="one spec for every block linear, e.g. W4-g64, W3-g64-asym, NF4-g64, "
+                                                  "MXFP4, NVFP4 (`mixq specs`; default W4-g64)")
+    src.add_argument("--plan", default=None, help="a plan JSON from `mixq plan` (one spec per layer)")
+    src.add_argument("--bpw", type=float, default=None, help="measure + plan + quantize in one go at this budget "
+                                                             "(bits per weight over the block linears, metadata counted)")
+    q.add_argument("--measurement", default=None, help="with --bpw: reuse this measurement (else one is made and saved in --out)")
+    q.add_argument("--method", default="rtn", choices=["rtn", "gptq", "awq", "awq+gptq"],
+                   help="rtn (no data), or calibrated: gptq, awq (AWQ scaling + clipping, then RTN), awq+gptq")
+    q.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream first (QuaRot, RMSNorm families; fused into the weights)")
     q.add_argument("--group-fallback", default="error", choices=["error", "shrink"],
                    help="when a group size does not divide a layer's rows: error (default) or shrink it per layer")
     q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
     _calib_args(q)
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
+    commands_alloc.measure_args(q)
+    commands_alloc.constraint_args(q)
+    q.add_argument("--solver", default="exact", choices=["exact", "greedy"], help="with --bpw: allocation solver")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)
+    commands_alloc.register(sub, _calib_args)
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a model or mixq directory",
                        description="Evaluate a mixq directory (or any model) on a corpus; KL is measured against "
@@ -37,6 +52,7 @@ def register(sub) -> None:
     _eval_args(e)
     e.add_argument("--reference", default=None, help="reference model for KL (default: the base model of a mixq dir; none for a plain model)")
     e.add_argument("--out", default=None, help="write the results JSON here")
+    e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("specs", help="list the named spec presets and their exact bits per weight")
@@ -44,7 +60,8 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_specs)
 
     d = sub.add_parser("demo", help="the main job on the embedded model: quantize, evaluate, print a table")
-    d.add_argument("--tokens", type=int, default=16384, help="PTB test tokens to score (default 16384)")
+    d.add_argument("--tokens", type=int, default=8192, help="PTB test tokens to score (default 8192)")
+    d.add_argument("--bpw", type=float, default=3.5, help="budget in bits per weight (default 3.5)")
     d.add_argument("--out", default=None, help="also write the table's data as JSON here")
     d.set_defaults(func=cmd_demo)
 
@@ -67,40 +84,66 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------- quantize
 def cmd_quantize(args) -> int:
     from . import api, data
+    from .allocate import Budget, Plan, SensitivityTable, allocate
     from .config import parse_spec
     from .export.native import save_quantized
     from .models import load_model
 
-    spec = parse_spec(args.spec)
+    spec = parse_spec(args.spec or "W4-g64") if args.plan is None and args.bpw is None else None
+    plan = Plan.load(args.plan) if args.plan else None
+    budget = Budget(bpw=args.bpw) if args.bpw is not None else None
+    table = SensitivityTable.load(args.measurement) if args.measurement else None
     lm_head = None if args.lm_head == "keep" else parse_spec(args.lm_head)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
     _check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
-    calib_text = data.load_corpus(args.calib, "train") if args.method == "gptq" else None
+    needs_calib = args.method != "rtn" or (budget is not None and table is None)
+    calib_text = data.load_corpus(args.calib, "train") if needs_calib else None
+    if budget is not None:
+        commands_alloc.load_candidate_set(args.candidates)
     model, tok = load_model(args.model)
+    t0 = time.perf_counter()
+    extra: dict = {}
+    if budget is not None:
+        if table is None:
+            table, _ = commands_alloc.run_measure(model, tok, args, None)
+        plan = allocate(table, budget, constraints=commands_alloc.constraints_from(args), method=args.solver)
+        extra["measure_plan_seconds"] = time.perf_counter() - t0
     if lm_head is not None:
         from .arch import untie_lm_head
 
         untie_lm_head(model)
-    specs = api.resolve_specs(model, spec, lm_head=lm_head, group_fallback=args.group_fallback)
+    if plan is not None:
+        plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
+        specs = dict(plan.layers)  # FP16 "keep" choices are applied too: cast through fp16, counted at 16 bits
+        if lm_head is not None:
+            specs.update(api.resolve_specs(model, {}, lm_head=lm_head, allow_empty=True))
+    else:
+        specs = api.resolve_specs(model, spec, lm_head=lm_head, group_fallback=args.group_fallback)
     calib_ids = None
     if calib_text is not None:
         calib_ids = data.calibration_batch(data.tokenize(calib_text, tok), args.nsamples, args.seqlen, args.seed)
     res = api.quantize_model(model, specs, method=args.method, calib_ids=calib_ids, damp=args.damp,
-                             act_order=args.act_order)
+                             act_order=args.act_order, rotate=args.rotate, online_rotation=False)
     size = api.size_report(model, specs)
-    meta = {"base_model": args.model, "method": args.method, "spec": spec.name,
-            "lm_head": args.lm_head, "seconds": res.seconds, "size": size,
-            "group_fallback": api.fallbacks(specs, spec),
+    label = spec.name if spec is not None else f"mixed plan ({plan.achieved_bpw:.3f} bpw, {plan.metric}/{plan.solver})"
+    meta = {"base_model": args.model, "method": args.method, "spec": label, "rotate": args.rotate,
+            "lm_head": args.lm_head, "seconds": time.perf_counter() - t0, "size": size,
+            "group_fallback": api.fallbacks(specs, spec) if spec is not None else {},
+            "plan": plan.to_dict() if plan is not None else None, **extra,
             "calibration": None if calib_ids is None else {"corpus": args.calib, "split": "train",
                                                              "nsamples": args.nsamples, "seqlen": args.seqlen,
                                                              "seed": args.seed},
             "proxy_loss": res.proxy_loss or None}
     save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
-    print(f"wrote {out}: {len(specs)} layers at {spec.name} ({args.method}), "
+    if budget is not None and args.measurement is None:
+        table.save(out / "measurement.json", overwrite=True)
+    if plan is not None:
+        plan.save(out / "plan.json", overwrite=True)
+    print(f"wrote {out}: {len(specs)} layers, {label} ({args.method}), "
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {_human(size['bytes_all'])} in all, "
-          f"{res.seconds:.1f} s")
+          f"{meta['seconds']:.1f} s")
     return 0
 
 
@@ -134,6 +177,8 @@ def cmd_eval(args) -> int:
     _check_positive(tokens=args.tokens, seqlen=args.seqlen)
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a directory: give a file name such as results.json")
+    if args.out and Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"{args.out} already exists: choose another --out or pass --force")
     model, tok, info = load_target(args.target)
     ref_name = args.reference or (info or {}).get("base_model")
     reference = None
@@ -149,7 +194,7 @@ def cmd_eval(args) -> int:
         res["size"] = info.get("size")
         res["spec"] = info.get("spec")
     if args.out:
-        write_json_atomic(args.out, res)
+        write_json_atomic(args.out, res, overwrite=True)
     _print_result(res)
     return 0
 
@@ -184,7 +229,7 @@ def cmd_specs(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(tokens=args.tokens, out=args.out)
+    run_demo(tokens=args.tokens, bpw=args.bpw, out=args.out)
     return 0
 
 

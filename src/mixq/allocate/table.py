@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import QuantSpec, parse_spec
+from ..jsonio import read_json, write_json_atomic  # noqa: F401  (re-exported)
 
 TABLE_VERSION = 1
 
@@ -143,33 +142,3 @@ def _check_header(d, typ: str, version: int) -> None:
         raise ValueError(f"not a {typ} (found _type={got!r})")
     if d.get("_version") != version:
         raise ValueError(f"{typ} version {d.get('_version')!r} is not supported (this mixq reads version {version})")
-
-
-def read_json(path: str | Path):
-    p = Path(path)
-    try:
-        return json.loads(p.read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read {p}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e}") from None
-
-
-def write_json_atomic(path: str | Path, obj, *, overwrite: bool = False) -> Path:
-    """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise FileExistsError(f"{p} already exists: pass overwrite=True (CLI: --overwrite) to replace it")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p

@@ -22,6 +22,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache
 
 from ..arch import arch_for, block_linears, get_blocks
 from .stats import LayerStats
@@ -43,12 +44,12 @@ class _Catcher(nn.Module):
         self.kwargs: dict | None = None
 
     def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise RuntimeError("mixq's block walk expects blocks to be called with hidden_states and keyword arguments")
         self.inputs.append(hidden_states.detach())
         if self.kwargs is None:
+            # positional extras (GPT-2 passes a few Nones) are replayed as "_args"; caches are dropped
             self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
             self.kwargs["use_cache"] = False
+            self.kwargs["_args"] = tuple(None if isinstance(a, Cache) else a for a in args)
         raise _StopForward
 
 
@@ -105,8 +106,10 @@ def _block_out(out):
 def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, *, batch_size: int = 1, out: torch.Tensor | None = None):
     """Run ``inputs [n, L, h]`` through one block; returns ``[n, L, h]`` (written into ``out`` if given)."""
     out = torch.empty_like(inputs) if out is None else out
+    kw = dict(kwargs)
+    args = kw.pop("_args", ())
     for s in range(0, inputs.shape[0], batch_size):
-        out[s : s + batch_size] = _block_out(block(inputs[s : s + batch_size], **kwargs))
+        out[s : s + batch_size] = _block_out(block(inputs[s : s + batch_size], *args, **kw))
     return out
 
 

@@ -1,0 +1,124 @@
+"""Quantize a model that is never fully materialized: blocks streamed from safetensors.
+
+The model skeleton is built on the ``meta`` device (``accelerate.init_empty_weights``: parameters
+take no memory, buffers such as rotary tables are real).  Everything outside the decoder blocks
+(embeddings, final norm, lm_head) is loaded up front with :func:`load_outside_blocks`; each
+block is materialized by :class:`LazySafetensorsBlocks` when the calibration walk reaches it and
+returned to ``meta`` when the walk leaves it, after handing its (quantized) tensors to a sink.
+Peak memory is one block plus the activation buffers, whatever the depth.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..arch import arch_for
+
+
+def _shard_index(path: str | os.PathLike) -> dict[str, Path]:
+    """tensor name → file, for a single ``.safetensors`` file or a directory of shards."""
+    p = Path(path)
+    if p.is_file():
+        with safe_open(p, "pt") as f:
+            return {k: p for k in f.keys()}
+    idx = p / "model.safetensors.index.json"
+    if idx.is_file():
+        return {k: p / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {p}: lazy loading reads safetensors only")
+    out = {}
+    for fp in files:
+        with safe_open(fp, "pt") as f:
+            out.update({k: fp for k in f.keys()})
+    return out
+
+
+def _load_into(module: nn.Module, prefix: str, index: dict[str, Path], device) -> None:
+    """Materialize ``module``'s parameters on ``device`` and fill them from ``index``."""
+    module.to_empty(device=device)
+    names = dict(module.named_parameters(remove_duplicate=False))
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        key = f"{prefix}{n}"
+        if key not in index:
+            raise KeyError(f"tensor {key} is not in the checkpoint: is it the same model?")
+        by_file.setdefault(index[key], []).append(n)
+    with torch.no_grad():
+        for fp, ns in by_file.items():
+            with safe_open(fp, "pt", device=str(device)) as f:
+                for n in ns:
+                    t = f.get_tensor(f"{prefix}{n}")
+                    if t.shape != names[n].shape:
+                        raise ValueError(f"{prefix}{n}: checkpoint shape {tuple(t.shape)} != model {tuple(names[n].shape)}")
+                    names[n].copy_(t)
+
+
+def load_outside_blocks(model: nn.Module, path, device="cpu") -> None:
+    """Load every parameter that is not inside a decoder block (embeddings, norms, head)."""
+    arch = arch_for(model)
+    index = _shard_index(path)
+    blocks_prefix = arch.blocks + "."
+    for name, mod in model.named_modules():
+        if name.startswith(blocks_prefix) or name == arch.blocks:
+            continue
+        own = dict(mod.named_parameters(recurse=False))
+        if not own:
+            continue
+        mod.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            for pn, p in own.items():
+                key = f"{name}.{pn}" if name else pn
+                if key in index:
+                    with safe_open(index[key], "pt", device=str(device)) as f:
+                        getattr(mod, pn).copy_(f.get_tensor(key))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+@dataclass
+class LazySafetensorsBlocks:
+    """A :class:`~mixq.calib.capture.BlockSource` that streams blocks from safetensors.
+
+    ``sink(i, state_dict)`` receives each block's tensors when the walk leaves it (e.g. to write
+    the quantized block to disk); the block then goes back to ``meta``.  ``max_live`` records the
+    largest number of blocks materialized at once (1 in a correct walk).
+    """
+
+    path: str | os.PathLike
+    blocks_prefix: str
+    sink: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+    live: set[int] = field(default_factory=set)
+    max_live: int = 0
+
+    def __post_init__(self):
+        self._index = _shard_index(self.path)
+
+    def load(self, i: int, block: nn.Module, device) -> nn.Module:
+        _load_into(block, f"{self.blocks_prefix}.{i}.", self._index, device)
+        self.live.add(i)
+        self.max_live = max(self.max_live, len(self.live))
+        return block
+
+    def release(self, i: int, block: nn.Module) -> None:
+        if self.sink is not None:
+            self.sink(i, {k: v.detach().cpu().clone() for k, v in block.state_dict().items()})
+        block.to("meta")
+        self.live.discard(i)
+
+
+def skeleton_from_config(config, dtype=torch.float32) -> nn.Module:
+    """A causal LM with parameters on ``meta`` (no memory) and real buffers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()

@@ -1,0 +1,146 @@
+"""``mixq measure``: one pass over the model fills a :class:`~mixq.allocate.SensitivityTable`.
+
+For every block linear and every candidate spec that fits its shape, the weight is quantized
+with the algorithm that will be used (``rtn``, or ``gptq``) and the metric's error is recorded.
+The table is saved after every block (atomically) under a key made of the model fingerprint,
+the calibration data hash, the candidate set and the metric; an interrupted measurement resumes
+from the blocks already done, and a finished one is reused for any number of budgets.
+
+``algorithm="gptq"`` runs GPTQ for every candidate of every layer, which is exact but slow; the
+default ``gptq_refs="per-bits"`` runs GPTQ once per distinct bit width (on the candidate with the
+median group size) and scales the RTN errors of that bit width by the measured GPTQ/RTN ratio —
+the ratio depends mostly on the bit width, and this keeps measurement within minutes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..algorithms.gptq import gptq_quantize
+from ..algorithms.rtn import rtn_quantize
+from ..allocate import LayerEntry, SensitivityTable, candidates_for
+from ..allocate.table import write_json_atomic
+from ..arch import arch_for, get_weight
+from ..calib.capture import walk_blocks
+from ..config import QuantSpec
+from ..models import model_fingerprint
+from .gradients import gradient_stats
+from .metrics import METRICS, LayerSensitivity, layer_error
+
+log = logging.getLogger(__name__)
+ALGORITHMS = ("rtn", "gptq", "gptq-exact")
+
+
+def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], metric: str,
+                    algorithm: str) -> dict:
+    return {
+        "model": model_fingerprint(model),
+        "calibration": hashlib.sha256(calib_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16],
+        "calibration_shape": list(calib_ids.shape),
+        "candidates": [c.name for c in candidates],
+        "metric": metric,
+        "algorithm": algorithm,
+    }
+
+
+def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], *, metric: str = "kfac",
+            algorithm: str = "rtn", grad_samples: int = 16, out: str | Path | None = None,
+            progress: bool = True) -> SensitivityTable:
+    """Measure every (layer, candidate) error.  ``out``: the table's path, also used to resume."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    t0 = time.perf_counter()
+    key = measurement_key(model, calib_ids, candidates, metric, algorithm)
+    partial_path = Path(str(out) + ".partial") if out else None
+    done: dict[str, LayerEntry] = _load_partial(partial_path, key)
+    grads = {}
+    if metric in ("kfac", "fisher"):
+        grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher", progress=progress)
+    prefix = arch_for(model).blocks
+    entries: dict[str, LayerEntry] = dict(done)
+
+    def on_stats(i: int, stats) -> None:
+        block = model.get_submodule(f"{prefix}.{i}")
+        new = False
+        for name, st in stats.items():
+            fqn = f"{prefix}.{i}.{name}"
+            if fqn in entries:
+                continue
+            W = get_weight(block.get_submodule(name)).detach().float()
+            g = grads.get(fqn, {})
+            sens = LayerSensitivity(H=st.H, G=g.get("G"), F=g.get("F"))
+            entries[fqn] = _measure_layer(fqn, W, sens, candidates, metric, algorithm)
+            new = True
+        if new and partial_path is not None:
+            _save_partial(partial_path, key, entries)
+
+    walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, progress=progress)
+    order = [f for f in entries]
+    table = SensitivityTable(layers=tuple(entries[f] for f in order), metric=metric,
+                             meta={**key, "seconds": time.perf_counter() - t0, "resumed_layers": len(done)})
+    if out:
+        table.save(out, overwrite=True)
+        if partial_path.exists():
+            partial_path.unlink()
+    return table
+
+
+def _measure_layer(fqn, W, sens, candidates, metric, algorithm) -> LayerEntry:
+    shape = tuple(W.shape)
+    cands = candidates_for(shape, candidates, fqn=fqn)
+    errs = []
+    for c in cands:
+        if algorithm == "gptq-exact" and not c.is_float_keep:
+            Wq = gptq_quantize(W, sens.H, c).weight
+        else:
+            _, Wq = rtn_quantize(W, c)
+        errs.append(layer_error(W - Wq, sens, metric))
+    if algorithm == "gptq":
+        errs = _scale_by_gptq(W, sens, cands, errs, metric)
+    return LayerEntry(fqn=fqn, shape=shape, candidates=tuple(cands), errors=tuple(errs))
+
+
+def _scale_by_gptq(W, sens, cands, errs, metric) -> list[float]:
+    """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per bit width."""
+    by_bits: dict[int, list[int]] = {}
+    for k, c in enumerate(cands):
+        if not c.is_float_keep:
+            by_bits.setdefault(c.bits, []).append(k)
+    out = list(errs)
+    for bits, ks in by_bits.items():
+        ref = sorted(ks, key=lambda k: cands[k].cost(tuple(W.shape)).total)[len(ks) // 2]
+        e_rtn = errs[ref]
+        e_gptq = layer_error(W - gptq_quantize(W, sens.H, cands[ref]).weight, sens, metric)
+        ratio = min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
+        for k in ks:
+            out[k] = errs[k] * ratio
+    return out
+
+
+def _load_partial(path: Path | None, key: dict) -> dict[str, LayerEntry]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("ignoring unreadable partial measurement %s", path)
+        return {}
+    if doc.get("key") != key:
+        log.warning("partial measurement %s belongs to another model/calibration/candidate set; starting over", path)
+        return {}
+    t = SensitivityTable.from_dict(doc["table"])
+    log.info("resuming measurement: %d layers already measured", len(t.layers))
+    return {e.fqn: e for e in t.layers}
+
+
+def _save_partial(path: Path, key: dict, entries: dict[str, LayerEntry]) -> None:
+    t = SensitivityTable(layers=tuple(entries.values()), metric=key["metric"], meta=key)
+    write_json_atomic(path, {"key": key, "table": t.to_dict()}, overwrite=True)

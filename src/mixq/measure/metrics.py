@@ -1,0 +1,53 @@
+"""Error proxies: how much a quantized weight ``Ŵ`` is predicted to hurt, for one layer.
+
+All metrics take ``ΔW = W − Ŵ`` (``[out, in]``) and the layer's calibration statistics.
+
+``hessian``  (GPTQ / OBS layer-wise proxy, Frantar et al. 2022)
+    e = tr(ΔW H ΔWᵀ),   H = E[x xᵀ]                — the mean squared error of the layer's output.
+    Local: it does not know how much the rest of the network amplifies the error.
+
+``kfac``  (Kronecker-factored Fisher, as in K-FAC / HAWQ-style second-order allocation)
+    e = ½ Σ_o G_o (ΔW H ΔWᵀ)_oo,   G_o = E[(∂ℓ/∂y_o)²]
+    The Fisher of the calibration loss approximated as ``diag(G) ⊗ H``: output-gradient energy
+    per output channel times the input second moment.  In units of predicted loss increase (nats),
+    so errors of different layers are comparable and additive — what the allocator needs.
+
+``fisher``  (diagonal empirical Fisher, SqueezeLLM / LLM-MQ)
+    e = ½ Σ_ij F_ij ΔW_ij²,   F_ij = E[(∂ℓ/∂y_i · x_j)²]
+    End-to-end but ignores the correlation between input channels that H carries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+METRICS = ("hessian", "kfac", "fisher")
+
+
+@dataclass
+class LayerSensitivity:
+    """Per-layer statistics a metric needs (any may be None if the metric does not use it)."""
+
+    H: torch.Tensor | None = None          # [in, in]  E[x xᵀ]
+    G: torch.Tensor | None = None          # [out]     E[(∂ℓ/∂y)²]
+    F: torch.Tensor | None = None          # [out, in] E[(∂ℓ/∂y · x)²]
+
+
+def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
+    """The metric's error for one layer (float64 accumulation)."""
+    d = dW.to(torch.float64)
+    if metric == "fisher":
+        if s.F is None:
+            raise ValueError("the fisher metric needs gradient statistics (F)")
+        return 0.5 * float((s.F.to(torch.float64) * d * d).sum())
+    if s.H is None:
+        raise ValueError(f"the {metric} metric needs the input Hessian H")
+    rows = ((d @ s.H.to(torch.float64)) * d).sum(1)  # (ΔW H ΔWᵀ)_oo
+    if metric == "hessian":
+        return float(rows.sum())
+    if metric == "kfac":
+        if s.G is None:
+            raise ValueError("the kfac metric needs output-gradient statistics (G)")
+        return 0.5 * float((s.G.to(torch.float64) * rows).sum())
+    raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")

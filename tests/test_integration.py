@@ -1,0 +1,65 @@
+"""Integration on a fixed slice of SmolLM2-135M + PTB (marked `integration`; ~1-2 minutes in all).
+
+Slice: PTB test, first 2048 tokens, 4 windows of 512.  Calibration: 16 × 256 tokens of PTB train, seed 0.
+"""
+import copy
+
+import pytest
+import torch
+
+from mixq import api, data
+from mixq.cli import main
+from mixq.eval import Protocol, ReferenceCache, evaluate
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def setup(smollm2):
+    model, tok = smollm2
+    ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)
+    win = data.eval_windows(ids, 512, max_tokens=2048)
+    proto = Protocol.for_windows(win, corpus="ptb", split="test", tokenizer="smollm2-135m", dtype="float32")
+    cache = ReferenceCache(model, win, progress=False)
+    train = data.tokenize(data.load_corpus("ptb", "train"), tok, progress=False)
+    calib = data.calibration_batch(train, 16, 256, seed=0)
+    return model, tok, win, proto, cache, calib
+
+
+def _run(setup, spec, method="rtn"):
+    model, _, win, proto, cache, calib = setup
+    m = copy.deepcopy(model)
+    specs = api.resolve_specs(m, spec, group_fallback="shrink")
+    api.quantize_model(m, specs, method=method, calib_ids=calib, progress=False)
+    return evaluate(m, win, proto, reference=cache, progress=False)
+
+
+def test_fp_reference_is_sane(setup):
+    model, _, win, proto, cache, _ = setup
+    r = evaluate(model, win, proto, reference=cache, progress=False)
+    assert 40 < r["perplexity"] < 150
+    assert r["kl"] < 1e-4 and r["top1_agreement"] > 0.999
+
+
+def test_q4_1_grid_is_recovered_losslessly(setup):
+    """The embedded weights are Q4_1: the same grid (4-bit, g32, fp16 scale + offset) gives KL ~ 0."""
+    assert _run(setup, "W4-g32-asymf")["kl"] < 1e-3
+
+
+def test_quality_orders_as_expected(setup):
+    w8 = _run(setup, "W8-channel")
+    w3 = _run(setup, "W3-g64")
+    g3 = _run(setup, "W3-g64", "gptq")
+    assert w8["kl"] < 0.02
+    assert w8["kl"] < w3["kl"]
+    assert g3["kl"] < 0.8 * w3["kl"], (g3["kl"], w3["kl"])  # GPTQ far closer to fp than RTN at 3 bits
+
+
+def test_cli_quantize_then_eval(tmp_path, smollm2):
+    out = tmp_path / "w4"
+    assert main(["quantize", "--spec", "W4-g64", "--out", str(out)]) == 0
+    res = tmp_path / "r.json"
+    assert main(["eval", str(out), "--tokens", "1024", "--out", str(res)]) == 0
+    import json
+    r = json.loads(res.read_text())
+    assert r["protocol"]["n_scored"] == 2 * 511 and 0 < r["kl"] < 1.5 and r["reference"] == "smollm2-135m"

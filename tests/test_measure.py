@@ -1,0 +1,77 @@
+"""Measurement: metric equations, gradient statistics, table over every layer × candidate, resume."""
+import json
+
+import pytest
+import torch
+
+from mixq.allocate import SensitivityTable
+from mixq.config import parse_spec
+from mixq.measure import LayerSensitivity, layer_error, measure
+from mixq.measure.gradients import gradient_stats
+
+CANDS = [parse_spec(n) for n in ["W2-g32-asym", "W3-g32", "W4-g32", "W8-channel", "FP16"]]
+
+
+def _ids(n=4, L=16):
+    return torch.randint(0, 100, (n, L), generator=torch.Generator().manual_seed(0))
+
+
+def test_metric_equations_by_hand():
+    dW = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    H = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    G = torch.tensor([10.0, 1.0])
+    F = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    s = LayerSensitivity(H=H, G=G, F=F)
+    # rows of ΔW H ΔWᵀ: [1*2*1, 2*3*2] = [2, 12]
+    assert layer_error(dW, s, "hessian") == pytest.approx(14.0)
+    assert layer_error(dW, s, "kfac") == pytest.approx(0.5 * (10 * 2 + 1 * 12))
+    assert layer_error(dW, s, "fisher") == pytest.approx(0.5 * (1 * 1 + 4 * 4))
+    with pytest.raises(ValueError, match="unknown metric"):
+        layer_error(dW, s, "nope")
+
+
+def test_gradient_statistics_shapes(tiny_model):
+    """G is per output channel, F per weight, both non-negative."""
+    model = tiny_model("llama")
+    ids = _ids(8, 32)
+    g = gradient_stats(model, ids, want_fisher=True, progress=False)
+    f0 = "model.layers.0.mlp.down_proj"
+    assert g[f0]["G"].shape == (64,) and g[f0]["F"].shape == (64, 128)
+    assert (g[f0]["G"] >= 0).all()
+
+
+def test_measure_table_and_resume(tiny_model, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    ids = _ids()
+    out = tmp_path / "m.json"
+    full = measure(model, ids, CANDS, metric="kfac", out=out, progress=False)
+    assert len(full.layers) == 14 and out.exists()
+    for e in full.layers:
+        assert [c.name for c in e.candidates] == [c.name for c in CANDS]
+        errs = dict(zip([c.name for c in e.candidates], e.errors))
+        assert errs["FP16"] <= errs["W8-channel"] <= errs["W4-g32"] <= errs["W2-g32-asym"]
+    # simulate an interrupt after block 0: keep a partial file with block-0 layers only
+    doc = json.loads(out.read_text())
+    part = SensitivityTable.from_dict(doc)
+    from mixq.measure.driver import _save_partial, measurement_key
+    key = measurement_key(model, ids, CANDS, "kfac", "rtn")
+    kept = {e.fqn: e for e in part.layers if ".0." in e.fqn}
+    out.unlink()
+    _save_partial(tmp_path / "m.json.partial", key, kept)
+    calls = []
+    import mixq.measure.driver as drv
+    orig = drv._measure_layer
+    monkeypatch.setattr(drv, "_measure_layer", lambda *a, **k: calls.append(a[0]) or orig(*a, **k))
+    resumed = measure(model, ids, CANDS, metric="kfac", out=out, progress=False)
+    assert all(".1." in f for f in calls) and len(calls) == 7
+    assert resumed.to_dict()["layers"] == full.to_dict()["layers"]
+    assert resumed.meta["resumed_layers"] == 7
+
+
+def test_gptq_measurement_is_not_worse_than_rtn(tiny_model):
+    model = tiny_model("llama")
+    ids = _ids(8, 32)
+    rtn = measure(model, ids, CANDS, metric="hessian", algorithm="rtn", progress=False)
+    gq = measure(model, ids, CANDS, metric="hessian", algorithm="gptq", progress=False)
+    for a, b in zip(rtn.layers, gq.layers):
+        assert all(y <= x * (1 + 1e-9) for x, y in zip(a.errors, b.errors))

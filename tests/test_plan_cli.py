@@ -1,0 +1,67 @@
+"""measure → plan → quantize --plan, and quantize --bpw in one go, on a tiny local model."""
+import json
+
+import pytest
+
+from mixq.cli import main
+
+
+@pytest.fixture
+def tiny_dir(tiny_model, tiny_tokenizer, tmp_path):
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def test_measure_plan_quantize(tiny_dir, tmp_path, capsys):
+    m = tmp_path / "m.json"
+    calib = ["--nsamples", "4", "--seqlen", "32", "--grad-samples", "2"]
+    assert main(["measure", "--model", str(tiny_dir), *calib, "--out", str(m)]) == 0
+    assert main(["plan", str(m), "--bpw", "3,4.5", "--out", str(tmp_path / "plans")]) == 0
+    p3 = json.loads((tmp_path / "plans" / "plan-3bpw.json").read_text())
+    p45 = json.loads((tmp_path / "plans" / "plan-4.5bpw.json").read_text())
+    assert p3["achieved_bpw"] <= 3.0 < p45["achieved_bpw"] <= 4.5
+    capsys.readouterr()
+    assert main(["plan", str(m), "--bpw", "3", "--dry-run"]) == 0
+    assert "model.layers.0.self_attn.q_proj" in capsys.readouterr().out
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--plan", str(tmp_path / "plans" / "plan-3bpw.json"),
+                 "--out", str(out)]) == 0
+    info = json.loads((out / "mixq.json").read_text())
+    assert info["size"]["bpw_quantized"] == pytest.approx(p3["achieved_bpw"])
+    assert (out / "plan.json").exists()
+
+
+def test_quantize_bpw_in_one_go(tiny_dir, tmp_path):
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--nsamples", "4", "--seqlen", "32",
+                 "--grad-samples", "2", "--method", "gptq", "--out", str(out)]) == 0
+    info = json.loads((out / "mixq.json").read_text())
+    assert info["size"]["bpw_quantized"] <= 3.5
+    assert (out / "measurement.json").exists() and (out / "plan.json").exists()
+
+
+def test_infeasible_budget_names_the_minimum(tiny_dir, tmp_path, capsys):
+    m = tmp_path / "m.json"
+    assert main(["measure", "--model", str(tiny_dir), "--nsamples", "2", "--seqlen", "32", "--grad-samples", "1",
+                 "--out", str(m)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(m), "--bpw", "1.0", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "at least bpw=2.2500" in err and err.startswith("mixq: error:")
+
+
+def test_plan_for_another_model_is_rejected(tiny_dir, tiny_model, tiny_tokenizer, tmp_path, capsys):
+    m = tmp_path / "m.json"
+    assert main(["measure", "--model", str(tiny_dir), "--nsamples", "2", "--seqlen", "32", "--grad-samples", "1",
+                 "--out", str(m)]) == 0
+    assert main(["plan", str(m), "--bpw", "4", "--out", str(tmp_path / "p")]) == 0
+    other = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(other), "--plan", str(tmp_path / "p" / "plan-4bpw.json"),
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "not in the model" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
