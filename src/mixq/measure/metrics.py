@@ -35,15 +35,16 @@ class LayerSensitivity:
 
 
 def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
-    """The metric's error for one layer (float64 accumulation)."""
-    d = dW.to(torch.float64)
+    """The metric's error for one layer (float32 products, float64 sums; H is positive semi-definite,
+    so the row terms are sums of non-negative-definite quadratic forms and do not cancel)."""
+    d = dW.to(torch.float32)
     if metric == "fisher":
         if s.F is None:
             raise ValueError("the fisher metric needs gradient statistics (F)")
-        return 0.5 * float((s.F.to(torch.float64) * d * d).sum())
+        return 0.5 * float((s.F.to(torch.float32) * d * d).sum(dtype=torch.float64))
     if s.H is None:
         raise ValueError(f"the {metric} metric needs the input Hessian H")
-    rows = ((d @ s.H.to(torch.float64)) * d).sum(1)  # (ΔW H ΔWᵀ)_oo
+    rows = ((d @ s.H.to(torch.float32)) * d).sum(1, dtype=torch.float64)  # (ΔW H ΔWᵀ)_oo
     if metric == "hessian":
         return float(rows.sum())
     if metric == "kfac":
