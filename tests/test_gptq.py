@@ -90,3 +90,13 @@ def test_cholesky_failure_message():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="expected"):
         gptq_quantize(torch.randn(4, 8), torch.eye(6), parse_spec("W4-channel"))
+
+
+def test_precomputed_inverse_cholesky_gives_identical_results():
+    from mixq.algorithms.gptq import prepare_hessian
+    W, H = _layer(seed=3)
+    hc = prepare_hessian(H)
+    for name in ["W3-g64", "W2-g32-asym"]:
+        a = gptq_quantize(W, H, parse_spec(name))
+        b = gptq_quantize(W, H, parse_spec(name), hinv_chol=hc)
+        assert torch.equal(a.qtensor.codes, b.qtensor.codes)

@@ -65,6 +65,14 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) ->
     )
 
 
+def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """The ``hinv_chol`` argument of :func:`gptq_quantize` for one layer (natural column order)."""
+    Hk = H.detach().to(torch.float32).clone()
+    dead = torch.diagonal(Hk) == 0
+    Hk[dead, dead] = 1.0
+    return inverse_cholesky(Hk, damp)
+
+
 def _group_len(spec: QuantSpec, cols: int) -> int:
     g = spec.granularity
     if isinstance(g, PerGroup):
@@ -83,11 +91,14 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    hinv_chol: tuple[torch.Tensor, float] | None = None,
 ) -> GPTQResult:
     """Quantize ``W [out, in]`` against ``H [in, in]`` (``XᵀX/N``) on the grid of ``spec``.
 
     Returns the codes and parameters in the storage layout of :func:`mixq.formats.quantize`, the
     dequantized weight and the proxy loss ``tr(ΔW H ΔWᵀ)``.
+    ``hinv_chol``: ``inverse_cholesky(H', damp)`` of the dead-column-fixed H, to reuse across many
+    specs of one layer (measurement); only without ``act_order``.  See :func:`prepare_hessian`.
     """
     if spec.is_float_keep:
         Wq = formats.fake_quantize(W, spec).float()
@@ -118,7 +129,10 @@ def gptq_quantize(
     perm = torch.argsort(torch.diagonal(Hk), descending=True) if act_order else torch.arange(in_f)
     Wk = Wk[:, perm]
     Hk = Hk[perm][:, perm]
-    U, damp_used = inverse_cholesky(Hk, damp)
+    if hinv_chol is not None and not act_order:
+        U, damp_used = hinv_chol
+    else:
+        U, damp_used = inverse_cholesky(Hk, damp)
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     Q = torch.zeros_like(Wk)

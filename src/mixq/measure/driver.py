@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..algorithms.gptq import gptq_quantize
+from ..algorithms.gptq import gptq_quantize, prepare_hessian
 from ..algorithms.rtn import rtn_quantize
 from ..allocate import LayerEntry, SensitivityTable, candidates_for
 from ..allocate.table import write_json_atomic
@@ -97,18 +97,19 @@ def _measure_layer(fqn, W, sens, candidates, metric, algorithm) -> LayerEntry:
     shape = tuple(W.shape)
     cands = candidates_for(shape, candidates, fqn=fqn)
     errs = []
+    hc = prepare_hessian(sens.H) if algorithm.startswith("gptq") else None
     for c in cands:
         if algorithm == "gptq-exact" and not c.is_float_keep:
-            Wq = gptq_quantize(W, sens.H, c).weight
+            Wq = gptq_quantize(W, sens.H, c, hinv_chol=hc).weight
         else:
             _, Wq = rtn_quantize(W, c)
         errs.append(layer_error(W - Wq, sens, metric))
     if algorithm == "gptq":
-        errs = _scale_by_gptq(W, sens, cands, errs, metric)
+        errs = _scale_by_gptq(W, sens, cands, errs, metric, hc)
     return LayerEntry(fqn=fqn, shape=shape, candidates=tuple(cands), errors=tuple(errs))
 
 
-def _scale_by_gptq(W, sens, cands, errs, metric) -> list[float]:
+def _scale_by_gptq(W, sens, cands, errs, metric, hc) -> list[float]:
     """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per bit width."""
     by_bits: dict[int, list[int]] = {}
     for k, c in enumerate(cands):
@@ -118,7 +119,7 @@ def _scale_by_gptq(W, sens, cands, errs, metric) -> list[float]:
     for bits, ks in by_bits.items():
         ref = sorted(ks, key=lambda k: cands[k].cost(tuple(W.shape)).total)[len(ks) // 2]
         e_rtn = errs[ref]
-        e_gptq = layer_error(W - gptq_quantize(W, sens.H, cands[ref]).weight, sens, metric)
+        e_gptq = layer_error(W - gptq_quantize(W, sens.H, cands[ref], hinv_chol=hc).weight, sens, metric)
         ratio = min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
         for k in ks:
             out[k] = errs[k] * ratio
