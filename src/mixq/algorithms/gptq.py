@@ -141,28 +141,43 @@ def gptq_quantize(
         W1 = Wk[:, i1:i2].clone()
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = 0 if per_tensor else col // glen
-            if params[g] is None:  # entering a group in natural order: fit on the updated weights
-                span = W1[:, i : i + glen]
-                if span.shape[1] < glen:  # group extends past this block: later columns from Wk
-                    span = torch.cat([span, Wk[:, i2 : i1 + i + glen]], 1)
-                params[g] = formats.fit(span, spec, tensor_scale=tscale)
-            w = W1[:, i : i + 1]
-            c = formats.encode(w, params[g], spec)
-            q = formats.decode(c, params[g], spec)
-            codes[:, col] = c[:, 0]
-            Q[:, i1 + i] = q[:, 0]
-            err = (w[:, 0] - q[:, 0]) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i : i + 1, i:]
-            E1[:, i] = err
+        with _one_thread():  # column steps are tiny ops: thread sync costs more than it saves
+            _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale)
         Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     Wq = torch.empty_like(Q)
     Wq[:, perm] = Q
     qt = QTensor(codes=codes, params=_stack_params(params, out_f, per_tensor), spec=spec, shape=(out_f, in_f))
     return GPTQResult(qt, Wq, _proxy(W0 - Wq, H), damp_used)
+
+
+def _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale) -> None:
+    """Columns ``i1:i2``: round each to its group's grid, spread the error over the block (eq. 3)."""
+    for i in range(i2 - i1):
+        col = int(perm[i1 + i])
+        g = 0 if per_tensor else col // glen
+        if params[g] is None:  # entering a group in natural order: fit on the updated weights
+            span = W1[:, i : i + glen]
+            if span.shape[1] < glen:  # group extends past this block: later columns from Wk
+                span = torch.cat([span, Wk[:, i2 : i1 + i + glen]], 1)
+            params[g] = formats.fit(span, spec, tensor_scale=tscale)
+        w = W1[:, i]
+        c = formats.encode(w[:, None], params[g], spec)[:, 0]
+        q = formats.decode(c[:, None], params[g], spec)[:, 0]
+        codes[:, col] = c
+        Q[:, i1 + i] = q
+        err = (w - q) / U1[i, i]
+        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+        E1[:, i] = err
+
+
+class _one_thread:
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
 
 
 def _proxy(dW: torch.Tensor, H: torch.Tensor) -> float:
