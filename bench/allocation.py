@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 from common import RESULTS, Setup, header, peak_rss_mb
@@ -37,6 +38,7 @@ def main():
     ap.add_argument("--budgets", default="2.5,3,3.25,3.5,4,4.5")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--variants", default=None, help="comma-separated labels subset")
+    ap.add_argument("--tag", default="allocation", help="output file stem in bench/results/")
     args = ap.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
@@ -75,7 +77,8 @@ def main():
 def write(rows, fp, S, mtimes, args):
     p = S.protocol
     lines = header("Mixed-precision allocation vs uniform — SmolLM2-135M-Instruct, PTB test",
-                   f"python bench/allocation.py --tokens {args.tokens} --budgets {args.budgets} --nsamples {args.nsamples}")
+                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/allocation.py --tokens {args.tokens} "
+                   f"--budgets {args.budgets} --nsamples {args.nsamples} --variants '{args.variants or ''}' --tag {args.tag}")
     lines += [f"Protocol: PTB test, first {p.max_tokens} tokens ({p.n_windows} windows of {p.seqlen}, {p.n_scored} scored), "
               f"fp32 perplexity {fp['perplexity']:.3f}. Calibration: {args.nsamples} × {S.seqlen} tokens of PTB train "
               f"(seed 0), gradient statistics from the first 16. Candidates: mixq's default set "
@@ -100,10 +103,10 @@ def write(rows, fp, S, mtimes, args):
             ratios = sorted(r["kl"] / r["predicted"] for r in rs if r["predicted"] > 0)
             med = ratios[len(ratios) // 2] if ratios else float("nan")
             lines.append(f"| {label} | {rho:.3f} | {med:.3g} |")
-    (RESULTS / "allocation.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "allocation.json").write_text(json.dumps({"protocol": p.to_dict(), "fp32": fp, "rows": rows,
+    (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"protocol": p.to_dict(), "fp32": fp, "rows": rows,
                                                          "measure_seconds": mtimes}, indent=2))
-    plot(rows, RESULTS / "allocation.png")
+    plot(rows, RESULTS / f"{args.tag}.png")
     print("\n".join(lines))
 
 

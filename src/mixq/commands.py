@@ -60,7 +60,7 @@ def register(sub) -> None:
     s.set_defaults(func=cmd_specs)
 
     d = sub.add_parser("demo", help="the main job on the embedded model: quantize, evaluate, print a table")
-    d.add_argument("--tokens", type=int, default=8192, help="PTB test tokens to score (default 8192)")
+    d.add_argument("--tokens", type=int, default=4096, help="PTB test tokens to score (default 4096)")
     d.add_argument("--bpw", type=float, default=3.5, help="budget in bits per weight (default 3.5)")
     d.add_argument("--out", default=None, help="also write the table's data as JSON here")
     d.set_defaults(func=cmd_demo)

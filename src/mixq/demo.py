@@ -17,7 +17,7 @@ from .measure import measure
 from .models import load_model
 
 
-def run_demo(tokens: int = 8192, bpw: float = 3.5, out: str | None = None, nsamples: int = 64, seqlen: int = 512,
+def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamples: int = 32, seqlen: int = 512,
              progress: bool = True):
     ref, tok = load_model("smollm2-135m")
     ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)
