@@ -8,7 +8,7 @@ from mixq.algorithms.hadamard import dense, hadamard, hadamard_orders, random_or
 from mixq.algorithms.rotation import rotate_model
 from mixq.algorithms.transforms import input_rotation
 from mixq.api import quantize_model, resolve_specs
-from tiny import make_tiny
+from tiny import make_tiny, layer_input
 
 RMS_FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma3"]
 
@@ -75,11 +75,7 @@ def _planted(seed: int = 0):
 
 
 def _q_input(model, ids) -> torch.Tensor:
-    seen = []
-    hook = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(a[0]))
-    model(ids)
-    hook.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1])
+    return layer_input(model, model.model.layers[1].self_attn.q_proj, ids)
 
 
 @torch.no_grad()

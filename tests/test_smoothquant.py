@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mixq.algorithms.smoothquant import smooth_model, smoothquant_scales
-from tiny import make_tiny
+from tiny import make_tiny, layer_input
 
 
 def _planted(family: str = "llama"):
@@ -19,11 +19,7 @@ def _planted(family: str = "llama"):
 
 
 def _q_input_absmax(model, ids) -> torch.Tensor:
-    seen = []
-    hook = model.model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen.append(a[0]))
-    model(ids)
-    hook.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1]).abs().amax(0)
+    return layer_input(model, model.model.layers[1].self_attn.q_proj, ids).abs().amax(0)
 
 
 def test_scales_formula():

@@ -86,3 +86,12 @@ def make_tiny_tokenizer():
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
                                    bos_token="<s>", eos_token="</s>")
+
+
+def layer_input(model, module, ids):
+    """The input ``[tokens, features]`` that ``module`` receives when ``model`` runs on ``ids``."""
+    seen = []
+    hook = module.register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    model(ids)
+    hook.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1])
