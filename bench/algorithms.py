@@ -17,6 +17,7 @@ import time
 from common import RESULTS, RSSSampler, Setup, header, peak_rss_mb
 
 from mixq import api
+from mixq.jsonio import write_json_atomic
 
 METHODS = [("rtn", False), ("gptq", False), ("awq", False), ("awq+gptq", False), ("gptq", True)]
 
@@ -24,16 +25,24 @@ METHODS = [("rtn", False), ("gptq", False), ("awq", False), ("awq+gptq", False),
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--specs", default="W4-g128,W3-g128,W2-g64")
+    ap.add_argument("--specs", default="W3-g128,W4-g128,W2-g64")
     ap.add_argument("--nsamples", type=int, default=128)
     args = ap.parse_args()
     S = Setup(tokens=args.tokens, nsamples=args.nsamples)
     calib = S.calib
-    fp = S.evaluate(S.ref)
-    rows = [dict(spec="fp32", method="fp32", bpw=32.0, seconds=0.0, extra_rss_mb=0.0,
-                 **{k: fp[k] for k in ("perplexity", "kl", "top1_agreement")})]
+    partial = RESULTS / f"algorithms.partial.json"
+    key = dict(tokens=args.tokens, nsamples=args.nsamples)
+    state = json.loads(partial.read_text()) if partial.exists() else {}
+    rows = state.get("rows", []) if state.get("key") == key else []
+    done = {(r["spec"], r["method"]) for r in rows}
+    if ("fp32", "fp32") not in done:
+        fp = S.evaluate(S.ref)
+        rows.append(dict(spec="fp32", method="fp32", bpw=32.0, seconds=0.0, extra_rss_mb=0.0,
+                         **{k: fp[k] for k in ("perplexity", "kl", "top1_agreement")}))
     for name in args.specs.split(","):
         for method, rotate in METHODS:
+            if (name, ("rot+" if rotate else "") + method) in done:
+                continue  # resumed: this row was measured by an earlier, interrupted run
             model = copy.deepcopy(S.ref)
             specs = api.resolve_specs(model, name, group_fallback="shrink")
             t = time.perf_counter()
@@ -47,6 +56,7 @@ def main():
                              extra_rss_mb=mem.peak_mb - mem.start_mb,
                              **{k: r[k] for k in ("perplexity", "kl", "top1_agreement")}))
             print(rows[-1], flush=True)
+            write_json_atomic(partial, {"key": key, "rows": rows})
             del model
     p = S.protocol
     lines = header("PTQ algorithms — SmolLM2-135M-Instruct, PTB test",
@@ -54,8 +64,8 @@ def main():
     lines += [f"Protocol: PTB test, first {p.max_tokens} tokens ({p.n_windows} windows of {p.seqlen}, {p.n_scored} "
               f"scored, no BOS). Calibration: {args.nsamples} × {S.seqlen} tokens of PTB train, seed 0. 210 block "
               f"linears quantized; embeddings/lm_head kept. `-g128` rows use g96 on the 576-wide layers (128 does "
-              f"not divide 576). Rotation: QuaRot-style, norms fused, residual stream rotated (no online rotation, so "
-              f"the result is an ordinary checkpoint). Peak RSS of the whole run {peak_rss_mb():.0f} MB.", "",
+              f"not divide 576). Rotation: QuaRot-style randomized Hadamard, norms fused, residual "
+              f"stream rotated plus the online rotation of the MLP down-projection input. Peak RSS of the whole run {peak_rss_mb():.0f} MB.", "",
               "| spec | method | bpw | perplexity | KL | top-1 | quant time s | extra RSS MB |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -64,6 +74,7 @@ def main():
                      f"{r['top1_agreement']:.3f} | {r['seconds']:.0f} | {r['extra_rss_mb']:.0f} |")
     (RESULTS / "algorithms.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "algorithms.json").write_text(json.dumps({"protocol": p.to_dict(), "rows": rows}, indent=2))
+    partial.unlink(missing_ok=True)
     print("\n".join(lines))
 
 

@@ -89,3 +89,19 @@ def test_lazy_blocks_quantize_without_materializing_the_model(tiny_model, tmp_pa
     assert all(p.is_meta for p in get_blocks(lazy).parameters())
     for fqn in specs:
         assert torch.equal(got.qtensors[fqn].codes, ref.qtensors[fqn].codes), fqn
+
+
+def test_layers_sharing_an_input_share_its_moments_but_not_after_an_inplace_change():
+    from mixq.calib.stats import LayerStats
+
+    x = torch.randn(3, 700, 8, generator=torch.Generator().manual_seed(0))
+    a, b = LayerStats(8), LayerStats(8)
+    a.update(x)
+    b.update(x)  # same tensor: moments reused
+    assert torch.equal(a.H, b.H) and torch.equal(a.absmax, b.absmax)
+    x.mul_(2)  # the tensor's version changes: computed afresh
+    b.update(x)
+    X = x.reshape(-1, 8).double()
+    expect = (X.T @ X / 4 + X.T @ X) / 4200  # first update saw x/2
+    assert torch.allclose(b.H.double(), expect, rtol=1e-5)
+    assert b.absmax.max() == X.abs().max().float()

@@ -75,3 +75,56 @@ def test_gptq_measurement_is_not_worse_than_rtn(tiny_model):
     gq = measure(model, ids, CANDS, metric="hessian", algorithm="gptq", progress=False)
     for a, b in zip(rtn.layers, gq.layers):
         assert all(y <= x * (1 + 1e-9) for x, y in zip(a.errors, b.errors))
+
+
+def test_block_error_by_hand():
+    from mixq.measure.metrics import block_error
+
+    Y = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    dY = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    assert block_error(dY, Y, "block-rel") == pytest.approx(5.0 / 30.0)
+    # per-channel mean of dY²: [0.5, 2.0]; ½ (4·0.5 + 1·2)
+    assert block_error(dY, Y, "block", torch.tensor([4.0, 1.0])) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="needs the block-output gradient"):
+        block_error(dY, Y, "block")
+
+
+def test_block_metric_on_down_proj_equals_gradient_weighted_layer_error(tiny_model):
+    """down_proj's output is added straight to the residual stream, so its block-output error is
+    ½ Σ_o G^blk_o (ΔW H ΔWᵀ)_oo with H from the same rows — a closed form the driver must match."""
+    from mixq.algorithms.rtn import rtn_quantize
+
+    model = tiny_model("llama")
+    ids = _ids(8, 32)
+    k = 3
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    table = measure(model, ids, CANDS, metric="block", block_samples=k, grad_samples=8, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # weights restored
+    fqn = "model.layers.1.mlp.down_proj"
+    mod = model.get_submodule(fqn)
+    xs = []
+    h = mod.register_forward_hook(lambda m, a, o: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids[:k], use_cache=False)
+    h.remove()
+    X = torch.cat(xs).double()
+    H = X.T @ X / X.shape[0]
+    G = gradient_stats(model, ids[:8], want_blocks=True, progress=False)["model.layers.1"]["G"].double()
+    e = next(e for e in table.layers if e.fqn == fqn)
+    W = mod.weight.detach().float()
+    for c, err in zip(e.candidates, e.errors):
+        dW = (W - rtn_quantize(W, c)[1]).double()
+        expect = 0.5 * float((G * ((dW @ H) * dW).sum(1)).sum())
+        assert err == pytest.approx(expect, rel=1e-3, abs=1e-12)
+
+
+def test_block_metrics_rank_candidates(tiny_model):
+    model = tiny_model("llama")
+    ids = _ids(4, 32)
+    for metric in ("block", "block-rel"):
+        t = measure(model, ids, CANDS, metric=metric, block_samples=2, progress=False)
+        assert len(t.layers) == 14
+        for e in t.layers:
+            errs = dict(zip([c.name for c in e.candidates], e.errors))
+            assert errs["FP16"] < errs["W8-channel"] < errs["W2-g32-asym"]
+            assert errs["W4-g32"] < errs["W2-g32-asym"]

@@ -65,3 +65,25 @@ def test_plan_for_another_model_is_rejected(tiny_dir, tiny_model, tiny_tokenizer
                  "--out", str(tmp_path / "q")]) == 2
     assert "not in the model" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_bpw_resumes_from_a_finished_measurement(tiny_dir, tmp_path, monkeypatch):
+    """An interrupt after the measurement (here: in quantize_model) keeps it; the rerun reuses it."""
+    import mixq.api
+    import mixq.measure
+
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--nsamples", "4", "--seqlen", "32",
+            "--grad-samples", "2", "--out", str(out)]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(mixq.api, "quantize_model", interrupted)
+        assert main(args) != 0  # the CLI reports the interrupt and exits non-zero
+    scratch = tmp_path / ".q.measurement.json"
+    assert scratch.exists() and not out.exists()
+    monkeypatch.setattr(mixq.measure, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert main(args) == 0
+    assert (out / "measurement.json").exists() and not scratch.exists()

@@ -107,7 +107,11 @@ def cmd_quantize(args) -> int:
     extra: dict = {}
     if budget is not None:
         if table is None:
-            table, _ = commands_alloc.run_measure(model, tok, args, None)
+            # saved beside --out while it runs, so an interrupted measurement resumes on the next call
+            scratch = out.with_name(f".{out.name}.measurement.json")
+            table = commands_alloc.finished_measurement(scratch, model, tok, args)
+            if table is None:
+                table, _ = commands_alloc.run_measure(model, tok, args, scratch)
         plan = allocate(table, budget, constraints=commands_alloc.constraints_from(args), method=args.solver)
         extra["measure_plan_seconds"] = time.perf_counter() - t0
     if lm_head is not None:
@@ -139,6 +143,7 @@ def cmd_quantize(args) -> int:
     save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
     if budget is not None and args.measurement is None:
         table.save(out / "measurement.json", overwrite=True)
+        out.with_name(f".{out.name}.measurement.json").unlink(missing_ok=True)
     if plan is not None:
         plan.save(out / "plan.json", overwrite=True)
     print(f"wrote {out}: {len(specs)} layers, {label} ({args.method}), "

@@ -32,12 +32,16 @@ def register(sub, calib_args) -> None:
 
 
 def measure_args(p) -> None:
-    p.add_argument("--metric", default="kfac", choices=["kfac", "hessian", "fisher"],
-                   help="error proxy: kfac (Fisher-weighted output error, default), hessian (layer output MSE), fisher")
+    p.add_argument("--metric", default="kfac", choices=["kfac", "hessian", "fisher", "block", "block-rel"],
+                   help="error proxy: kfac (Fisher-weighted output error, default), hessian (layer output MSE), "
+                        "fisher (diagonal Fisher), block (block-output error weighted by the residual gradient, "
+                        "slowest and most faithful), block-rel (ExLlamaV2-style relative block-output error)")
     p.add_argument("--algorithm", default=None, choices=["rtn", "gptq", "gptq-exact"],
                    help="algorithm whose error is measured (default: the --method of quantize, else rtn)")
     p.add_argument("--candidates", default="default", help="'default' or a file listing spec names")
     p.add_argument("--grad-samples", type=int, default=16, help="calibration samples for the gradient statistics")
+    p.add_argument("--block-samples", type=int, default=4,
+                   help="calibration samples each candidate is run on by the block metrics")
 
 
 def budget_args(p) -> None:
@@ -108,6 +112,28 @@ def load_candidate_set(name: str):
     return default_candidates() if name == "default" else load_candidates(name)
 
 
+def finished_measurement(path: Path, model, tok, args):
+    """The table at ``path`` if a previous (interrupted) run finished it for this model, data and metric."""
+    from . import data
+    from .allocate import SensitivityTable
+    from .measure import measurement_key
+
+    if not path.exists():
+        return None
+    try:
+        table = SensitivityTable.load(path)
+    except Exception:  # noqa: BLE001 - a damaged scratch file is simply measured again
+        return None
+    calib = data.calibration_batch(data.tokenize(data.load_corpus(args.calib, "train"), tok), args.nsamples,
+                                   args.seqlen, args.seed)
+    algo = args.algorithm or ("gptq" if getattr(args, "method", "rtn") == "gptq" else "rtn")
+    key = measurement_key(model, calib, load_candidate_set(args.candidates), args.metric, algo)
+    if any(table.meta.get(k) != v for k, v in key.items()):
+        return None
+    log.info("reusing the finished measurement %s", path)
+    return table
+
+
 def run_measure(model, tok, args, out: Path | None):
     """Measure with the calibration and metric options in ``args``; returns the table."""
     from . import data
@@ -117,7 +143,8 @@ def run_measure(model, tok, args, out: Path | None):
     calib = data.calibration_batch(data.tokenize(data.load_corpus(args.calib, "train"), tok), args.nsamples,
                                    args.seqlen, args.seed)
     algo = args.algorithm or ("gptq" if getattr(args, "method", "rtn") == "gptq" else "rtn")
-    return measure(model, calib, cands, metric=args.metric, algorithm=algo, grad_samples=args.grad_samples, out=out), calib
+    return measure(model, calib, cands, metric=args.metric, algorithm=algo, grad_samples=args.grad_samples,
+                   block_samples=args.block_samples, out=out), calib
 
 
 def cmd_measure(args) -> int:

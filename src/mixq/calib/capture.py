@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from ..arch import arch_for, block_linears, get_blocks
-from .stats import LayerStats
+from .stats import LayerStats, release_shared_input
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def walk_blocks(
     batch_size: int = 1,
     source: BlockSource | None = None,
     stats_sink: Callable[[int, dict[str, LayerStats]], None] | None = None,
+    io_sink: Callable[[int, nn.Module, torch.Tensor, torch.Tensor, dict], None] | None = None,
     start_block: int = 0,
     progress: bool = True,
 ) -> None:
@@ -138,6 +139,9 @@ def walk_blocks(
     block's weights in place (quantize it).  With ``sequential=True`` the next block sees the
     outputs of the block *after* the callback (quantized), else the fp outputs.
     ``stats_sink(i, stats)`` receives each block's statistics (e.g. to save them).
+    ``io_sink(i, block, inputs, fp_outputs, kwargs)`` sees the block with its fp inputs and
+    outputs ``[n, L, hidden]`` and the keyword arguments to replay it with :func:`run_block`
+    (block-output measurement); it must leave the block as it found it.
     """
     source = source or InMemoryBlocks()
     arch = arch_for(model)
@@ -157,8 +161,11 @@ def walk_blocks(
         finally:
             for h in hooks:
                 h.remove()
+            release_shared_input()
         if stats_sink is not None:
             stats_sink(i, stats)
+        if io_sink is not None:
+            io_sink(i, block, inps, outs, kwargs)
         if on_block is not None:
             on_block(i, block, stats)
             if sequential:

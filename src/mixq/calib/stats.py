@@ -6,8 +6,9 @@ For a layer ``y = x Wᵀ`` with inputs ``X ∈ R^{N×in}`` (N tokens) we keep
 * ``absmax[j] = max_t |X_tj|``  per input channel (SmoothQuant, outlier detection)
 * ``absmean[j] = mean_t |X_tj|`` per input channel (AWQ's activation magnitude)
 
-``H`` is accumulated in float64 (sums of many small outer products lose precision in float32)
-and returned in float32.  Statistics can be saved with safetensors and loaded back, so one
+``H`` is accumulated in float64 across calls (sums of many small outer products lose precision
+in float32); within one call, chunks of at most 2048 tokens are multiplied in float32.  Layers
+that read the same input tensor (q/k/v, gate/up) share one computation of its moments.  Statistics can be saved with safetensors and loaded back, so one
 calibration pass serves many measurements.
 """
 from __future__ import annotations
@@ -29,21 +30,18 @@ class LayerStats:
     _abssum: torch.Tensor | None = field(default=None, repr=False)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
+        xt = x.detach()
+        x = xt.reshape(-1, xt.shape[-1])
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        xf = x.to(torch.float32)
-        a = xf.abs()
-        amax = a.amax(0).cpu()
-        asum = a.sum(0, dtype=torch.float64).cpu()
+        amax, asum, xtx = _moments(xt, x, self.keep_hessian)
         if self._absmax is None:
-            self._absmax, self._abssum = amax, asum
+            self._absmax, self._abssum = amax, asum.clone()
         else:
             self._absmax = torch.maximum(self._absmax, amax)
             self._abssum += asum
         if self.keep_hessian:
-            xtx = (xf.T.to(torch.float64) @ xf.to(torch.float64)).cpu()
-            self._xtx = xtx if self._xtx is None else self._xtx + xtx
+            self._xtx = xtx.clone() if self._xtx is None else self._xtx + xtx
         self.n_tokens += x.shape[0]
 
     @property
@@ -81,3 +79,30 @@ class LayerStats:
         s._xtx = tensors.get(f"{prefix}.xtx")
         s.n_tokens = int(tensors[f"{prefix}.n_tokens"].item())
         return s
+
+
+_CHUNK = 2048
+_last: list = [None, None, None]  # (input tensor, its _version, moments): q/k/v and gate/up share an input
+
+
+def _moments(xt: torch.Tensor, x: torch.Tensor, hessian: bool):
+    """``(absmax, abssum, XᵀX | None)`` of ``x [N, in]`` (cpu; float32, float64, float64)."""
+    if _last[0] is xt and _last[1] == xt._version and (_last[2][2] is not None or not hessian):
+        return _last[2]
+    xf = x.to(torch.float32)
+    a = xf.abs()
+    amax = a.amax(0).cpu()
+    asum = a.sum(0, dtype=torch.float64).cpu()
+    xtx = None
+    if hessian:
+        xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        for s in range(0, x.shape[0], _CHUNK):
+            c = xf[s : s + _CHUNK]
+            xtx += (c.T @ c).to(torch.float64).cpu()
+    _last[:] = [xt, xt._version, (amax, asum, xtx)]
+    return _last[2]
+
+
+def release_shared_input() -> None:
+    """Drop the reference to the last input seen (called at the end of a calibration walk)."""
+    _last[:] = [None, None, None]

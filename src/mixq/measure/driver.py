@@ -10,6 +10,11 @@ from the blocks already done, and a finished one is reused for any number of bud
 default ``gptq_refs="per-bits"`` runs GPTQ once per distinct bit width (on the candidate with the
 median group size) and scales the RTN errors of that bit width by the measured GPTQ/RTN ratio —
 the ratio depends mostly on the bit width, and this keeps measurement within minutes.
+
+The block-output metrics (``block``, ``block-rel``) run decoder block i on the first
+``block_samples`` calibration rows once per (layer, candidate), with that one layer replaced by
+its quantized weight, and compare with the fp block output — the most faithful and the slowest
+measurement (one block forward per candidate).
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ from ..calib.capture import walk_blocks
 from ..config import QuantSpec
 from ..models import model_fingerprint
 from .gradients import gradient_stats
-from .metrics import METRICS, LayerSensitivity, layer_error
+from ..arch import set_weight
+from ..calib.capture import run_block
+from .metrics import BLOCK_METRICS, METRICS, LayerSensitivity, block_error, layer_error
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq", "gptq-exact")
@@ -50,24 +57,35 @@ def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[
 
 
 def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], *, metric: str = "kfac",
-            algorithm: str = "rtn", grad_samples: int = 16, out: str | Path | None = None,
-            progress: bool = True) -> SensitivityTable:
-    """Measure every (layer, candidate) error.  ``out``: the table's path, also used to resume."""
+            algorithm: str = "rtn", grad_samples: int = 16, block_samples: int = 4,
+            out: str | Path | None = None, progress: bool = True) -> SensitivityTable:
+    """Measure every (layer, candidate) error.  ``out``: the table's path, also used to resume.
+
+    ``block_samples``: calibration rows the block-output metrics run each candidate on.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
     t0 = time.perf_counter()
     key = measurement_key(model, calib_ids, candidates, metric, algorithm)
+    if metric in BLOCK_METRICS:
+        key["block_samples"] = int(min(block_samples, calib_ids.shape[0]))
     partial_path = Path(str(out) + ".partial") if out else None
     done: dict[str, LayerEntry] = _load_partial(partial_path, key)
     grads = {}
-    if metric in ("kfac", "fisher"):
-        grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher", progress=progress)
     prefix = arch_for(model).blocks
     entries: dict[str, LayerEntry] = dict(done)
+    if metric in ("kfac", "fisher", "block"):
+        grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher",
+                               want_blocks=metric == "block", progress=progress)
+    block_stats: dict = {}
 
     def on_stats(i: int, stats) -> None:
+        if metric in BLOCK_METRICS:
+            block_stats.clear()
+            block_stats.update(stats)  # measured in on_io, which also sees the block's inputs/outputs
+            return
         block = model.get_submodule(f"{prefix}.{i}")
         new = False
         for name, st in stats.items():
@@ -77,12 +95,42 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
             W = get_weight(block.get_submodule(name)).detach().float()
             g = grads.get(fqn, {})
             sens = LayerSensitivity(H=st.H, G=g.get("G"), F=g.get("F"))
-            entries[fqn] = _measure_layer(fqn, W, sens, candidates, metric, algorithm)
+            err = lambda Wq, W=W, sens=sens: layer_error(W - Wq, sens, metric)  # noqa: E731
+            entries[fqn] = _measure_layer(fqn, W, sens, candidates, algorithm, err)
             new = True
         if new and partial_path is not None:
             _save_partial(partial_path, key, entries)
 
-    walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, progress=progress)
+    def on_io(i: int, block: nn.Module, inps: torch.Tensor, outs: torch.Tensor, kwargs: dict) -> None:
+        if metric not in BLOCK_METRICS:
+            return
+        k = key["block_samples"]
+        x, y = inps[:k], outs[:k].clone()
+        y_q = torch.empty_like(y)
+        G = grads.get(f"{prefix}.{i}", {}).get("G")
+        new = False
+        for name, st in block_stats.items():
+            fqn = f"{prefix}.{i}.{name}"
+            if fqn in entries:
+                continue
+            mod = block.get_submodule(name)
+            W0 = get_weight(mod).detach().clone()
+            W = W0.float()
+
+            def err(Wq, mod=mod, W0=W0):
+                set_weight(mod, Wq.to(W0.dtype))
+                try:
+                    run_block(block, x, kwargs, out=y_q)
+                finally:
+                    set_weight(mod, W0)
+                return block_error(y_q - y, y, metric, G)
+
+            entries[fqn] = _measure_layer(fqn, W, LayerSensitivity(H=st.H), candidates, algorithm, err)
+            new = True
+        if new and partial_path is not None:
+            _save_partial(partial_path, key, entries)
+
+    walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress)
     order = [f for f in entries]
     table = SensitivityTable(layers=tuple(entries[f] for f in order), metric=metric,
                              meta={**key, "seconds": time.perf_counter() - t0, "resumed_layers": len(done)})
@@ -93,7 +141,8 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     return table
 
 
-def _measure_layer(fqn, W, sens, candidates, metric, algorithm) -> LayerEntry:
+def _measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
+    """``err(Wq) -> float``: the metric's error of one quantized weight of this layer."""
     shape = tuple(W.shape)
     cands = candidates_for(shape, candidates, fqn=fqn)
     errs = []
@@ -103,13 +152,13 @@ def _measure_layer(fqn, W, sens, candidates, metric, algorithm) -> LayerEntry:
             Wq = gptq_quantize(W, sens.H, c, hinv_chol=hc).weight
         else:
             _, Wq = rtn_quantize(W, c)
-        errs.append(layer_error(W - Wq, sens, metric))
+        errs.append(err(Wq))
     if algorithm == "gptq":
-        errs = _scale_by_gptq(W, sens, cands, errs, metric, hc)
+        errs = _scale_by_gptq(W, sens, cands, errs, err, hc)
     return LayerEntry(fqn=fqn, shape=shape, candidates=tuple(cands), errors=tuple(errs))
 
 
-def _scale_by_gptq(W, sens, cands, errs, metric, hc) -> list[float]:
+def _scale_by_gptq(W, sens, cands, errs, err, hc) -> list[float]:
     """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per bit width."""
     by_bits: dict[int, list[int]] = {}
     for k, c in enumerate(cands):
@@ -119,7 +168,7 @@ def _scale_by_gptq(W, sens, cands, errs, metric, hc) -> list[float]:
     for bits, ks in by_bits.items():
         ref = sorted(ks, key=lambda k: cands[k].cost(tuple(W.shape)).total)[len(ks) // 2]
         e_rtn = errs[ref]
-        e_gptq = layer_error(W - gptq_quantize(W, sens.H, cands[ref], hinv_chol=hc).weight, sens, metric)
+        e_gptq = err(gptq_quantize(W, sens.H, cands[ref], hinv_chol=hc).weight)
         ratio = min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
         for k in ks:
             out[k] = errs[k] * ratio

@@ -6,6 +6,11 @@ for each linear ``y = x Wᵀ``:
     G[o]    = E_t[(∂ℓ_t/∂y_to)²]              (``kfac``)
     F[o, i] = E_t[(∂ℓ_t/∂y_to)² · x_ti²]      (``fisher``, only if ``want_fisher``)
 
+and, with ``want_blocks``, for each decoder block's output ``Y`` (the residual stream), keyed by
+the block's name (e.g. ``model.layers.3``):
+
+    G[o]    = E_t[(∂ℓ_t/∂Y_to)²]              (``block``)
+
 The loss is a sum over tokens, so ``∂ℓ/∂y_t`` is the per-token gradient (no 1/T factor).
 Parameters are frozen: gradients flow only to activations, so no weight-gradient memory is used.
 """
@@ -19,7 +24,7 @@ from ..arch import arch_for, block_linears, get_blocks
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bool = False,
-                   progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                   want_blocks: bool = False, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
     """``{fqn: {"G": [out], "F": [out, in] (optional)}}`` averaged over all predicted tokens."""
     arch = arch_for(model)
     mods: dict[str, nn.Module] = {}
@@ -32,6 +37,11 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
     for fqn, m in mods.items():
         handles.append(m.register_forward_hook(_save_input(fqn, inputs)))
         handles.append(m.register_full_backward_hook(_grad_hook(fqn, acc, inputs, want_fisher)))
+    if want_blocks:
+        for i, block in enumerate(get_blocks(model)):
+            fqn = f"{arch.blocks}.{i}"
+            acc[fqn] = {}
+            handles.append(block.register_forward_hook(_block_grad_hook(acc[fqn])))
     req = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -72,5 +82,20 @@ def _grad_hook(fqn, acc, inputs, want_fisher):
             x = inputs[fqn].reshape(-1, inputs[fqn].shape[-1]).float()
             F = g2.T @ (x * x)
             d["F"] = d.get("F", 0) + F
+
+    return hook
+
+
+def _block_grad_hook(d):
+    def hook(module, args, output):
+        y = output[0] if isinstance(output, (tuple, list)) else output
+        if not y.requires_grad:
+            return
+
+        def on_grad(g):
+            g = g.detach().reshape(-1, g.shape[-1]).float()
+            d["G"] = d.get("G", 0) + (g * g).sum(0)
+
+        y.register_hook(on_grad)
 
     return hook

@@ -15,6 +15,20 @@ All metrics take ``ΔW = W − Ŵ`` (``[out, in]``) and the layer's calibration 
 ``fisher``  (diagonal empirical Fisher, SqueezeLLM / LLM-MQ)
     e = ½ Σ_ij F_ij ΔW_ij²,   F_ij = E[(∂ℓ/∂y_i · x_j)²]
     End-to-end but ignores the correlation between input channels that H carries.
+
+Block-output metrics (EXL2-style measurement: run the decoder block with the candidate applied)
+take the change of the block's output ``ΔY = Y(Ŵ) − Y(W)`` on calibration rows instead of a
+closed form, so they see what the layer-wise proxies cannot: attention softmax, the SiLU gate,
+and the residual connection.
+
+``block-rel``  (ExLlamaV2's measurement)
+    e = ‖ΔY‖²_F / ‖Y‖²_F  — relative error of the block output.  Scale-free, but not additive
+    across blocks in any unit of loss.
+
+``block``  (block output, weighted by the residual-stream gradient)
+    e = ½ Σ_o G^blk_o · E_t[ΔY_to²],   G^blk_o = E_t[(∂ℓ/∂Y_to)²]
+    The ``kfac`` construction moved from the layer's output to the block's output: a predicted
+    loss increase in nats, comparable and additive across layers.
 """
 from __future__ import annotations
 
@@ -22,7 +36,9 @@ from dataclasses import dataclass
 
 import torch
 
-METRICS = ("hessian", "kfac", "fisher")
+LAYER_METRICS = ("hessian", "kfac", "fisher")
+BLOCK_METRICS = ("block", "block-rel")
+METRICS = LAYER_METRICS + BLOCK_METRICS
 
 
 @dataclass
@@ -52,3 +68,17 @@ def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
             raise ValueError("the kfac metric needs output-gradient statistics (G)")
         return 0.5 * float((s.G.to(torch.float64) * rows).sum())
     raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
+
+
+def block_error(dY: torch.Tensor, Y: torch.Tensor, metric: str, G: torch.Tensor | None = None) -> float:
+    """A block-output metric from ``dY = Y(Ŵ) − Y(W)`` and ``Y`` (``[..., hidden]``)."""
+    d = dY.reshape(-1, dY.shape[-1]).to(torch.float32)
+    if metric == "block-rel":
+        den = float(Y.to(torch.float32).pow(2).sum(dtype=torch.float64))
+        return float(d.pow(2).sum(dtype=torch.float64)) / max(den, 1e-30)
+    if metric == "block":
+        if G is None:
+            raise ValueError("the block metric needs the block-output gradient statistics (G)")
+        per_channel = d.pow(2).mean(0, dtype=torch.float64)
+        return 0.5 * float((G.to(torch.float64) * per_channel).sum())
+    raise ValueError(f"unknown block metric {metric!r}: choose one of {', '.join(BLOCK_METRICS)}")
