@@ -27,13 +27,20 @@ def main():
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--specs", default="W3-g128,W4-g128,W2-g64")
     ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the report from the rows an interrupted run saved, measure nothing")
     args = ap.parse_args()
-    S = Setup(tokens=args.tokens, nsamples=args.nsamples)
-    calib = S.calib
-    partial = RESULTS / f"algorithms.partial.json"
+    partial = RESULTS / "algorithms.partial.json"
     key = dict(tokens=args.tokens, nsamples=args.nsamples)
     state = json.loads(partial.read_text()) if partial.exists() else {}
     rows = state.get("rows", []) if state.get("key") == key else []
+    if args.report_only:
+        # rows saved before the protocol was recorded: the windows follow from --tokens (no BOS, 512-token windows)
+        n = args.tokens // 512
+        proto = state.get("protocol") or dict(max_tokens=args.tokens, n_windows=n, seqlen=512, n_scored=n * 511)
+        return report(rows, proto, args, partial=True)
+    S = Setup(tokens=args.tokens, nsamples=args.nsamples)
+    calib = S.calib
     done = {(r["spec"], r["method"]) for r in rows}
     if ("fp32", "fp32") not in done:
         fp = S.evaluate(S.ref)
@@ -56,16 +63,27 @@ def main():
                              extra_rss_mb=mem.peak_mb - mem.start_mb,
                              **{k: r[k] for k in ("perplexity", "kl", "top1_agreement")}))
             print(rows[-1], flush=True)
-            write_json_atomic(partial, {"key": key, "rows": rows})
+            write_json_atomic(partial, {"key": key, "rows": rows, "protocol": S.protocol.to_dict()},
+                              overwrite=True)
             del model
-    p = S.protocol
+    report(rows, S.protocol.to_dict(), args)
+    partial.unlink(missing_ok=True)
+
+
+def report(rows, p, args, partial=False):
     lines = header("PTQ algorithms — SmolLM2-135M-Instruct, PTB test",
                    f"python bench/algorithms.py --tokens {args.tokens} --specs {args.specs} --nsamples {args.nsamples}")
-    lines += [f"Protocol: PTB test, first {p.max_tokens} tokens ({p.n_windows} windows of {p.seqlen}, {p.n_scored} "
-              f"scored, no BOS). Calibration: {args.nsamples} × {S.seqlen} tokens of PTB train, seed 0. 210 block "
-              f"linears quantized; embeddings/lm_head kept. `-g128` rows use g96 on the 576-wide layers (128 does "
-              f"not divide 576). Rotation: QuaRot-style randomized Hadamard, norms fused, residual "
-              f"stream rotated plus the online rotation of the MLP down-projection input. Peak RSS of the whole run {peak_rss_mb():.0f} MB.", "",
+    if partial:
+        lines += ["**Partial**: written from the rows of an interrupted run (`--report-only`); missing rows were "
+                  "not measured.", ""]
+    peak = "" if partial else f" Peak RSS of the whole run {peak_rss_mb():.0f} MB."
+    lines += [f"Protocol: PTB test, first {p['max_tokens']} tokens ({p['n_windows']} windows of {p['seqlen']}, "
+              f"{p['n_scored']} scored, no BOS). Calibration: {args.nsamples} × 512 tokens of PTB train, seed 0. "
+              f"210 block linears quantized; embeddings/lm_head kept. `-g128` rows use g96 on the 576-wide layers "
+              f"(128 does not divide 576). Rotation: QuaRot-style randomized Hadamard, norms fused, residual stream "
+              f"rotated plus the online rotation of the MLP down-projection input. Quant time: wall seconds of "
+              f"`quantize_model` (calibration walk included); extra RSS: peak RSS during that call minus RSS before "
+              f"it.{peak}", "",
               "| spec | method | bpw | perplexity | KL | top-1 | quant time s | extra RSS MB |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -73,8 +91,7 @@ def main():
         lines.append(f"| {r['spec']} | {r['method']} | {r['bpw']:.3f} | {r['perplexity']:.2f} | {kl} | "
                      f"{r['top1_agreement']:.3f} | {r['seconds']:.0f} | {r['extra_rss_mb']:.0f} |")
     (RESULTS / "algorithms.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "algorithms.json").write_text(json.dumps({"protocol": p.to_dict(), "rows": rows}, indent=2))
-    partial.unlink(missing_ok=True)
+    (RESULTS / "algorithms.json").write_text(json.dumps({"protocol": p, "rows": rows, "partial": partial}, indent=2))
     print("\n".join(lines))
 
 

@@ -15,11 +15,14 @@ import copy
 import json
 import os
 import time
+from pathlib import Path
 
 from common import RESULTS, Setup, header, peak_rss_mb
 
 from mixq import api
 from mixq.allocate import Budget, allocate, default_candidates
+from mixq.allocate import SensitivityTable
+from mixq.jsonio import write_json_atomic
 from mixq.measure import measure
 
 VARIANTS = [  # (label, algorithm used to quantize, metric, solver)
@@ -27,9 +30,12 @@ VARIANTS = [  # (label, algorithm used to quantize, metric, solver)
     ("mixed RTN (kfac)", "rtn", "kfac", "exact"),
     ("mixed RTN (hessian)", "rtn", "hessian", "exact"),
     ("mixed RTN (fisher)", "rtn", "fisher", "exact"),
+    ("mixed RTN (block)", "rtn", "block", "exact"),
     ("uniform GPTQ", "gptq", "kfac", "uniform"),
     ("mixed GPTQ (kfac)", "gptq", "kfac", "exact"),
+    ("mixed GPTQ (block)", "gptq", "block", "exact"),
 ]
+CACHE = Path(__file__).parent / "cache"  # measurements (git-ignored): reused by reruns and by `mixq plan`
 
 
 def main():
@@ -45,16 +51,27 @@ def main():
     S = Setup(tokens=args.tokens, nsamples=args.nsamples)
     cands = default_candidates()
     tables, mtimes = {}, {}
+    CACHE.mkdir(exist_ok=True)
     for _, algo, metric, _ in variants:
         if (metric, algo) not in tables:
-            t = time.perf_counter()
-            tables[(metric, algo)] = measure(S.ref, S.calib, cands, metric=metric, algorithm=algo, progress=False)
-            mtimes[f"{metric}/{algo}"] = time.perf_counter() - t
+            path = CACHE / f"measure-{metric}-{algo}-{args.nsamples}x{S.seqlen}.json"
+            if path.exists():  # finished by an earlier run (its own time is in its meta)
+                tables[(metric, algo)] = SensitivityTable.load(path)
+            else:  # measure() resumes from path.partial after an interrupt
+                tables[(metric, algo)] = measure(S.ref, S.calib, cands, metric=metric, algorithm=algo, out=path,
+                                                 progress=False)
+            mtimes[f"{metric}/{algo}"] = tables[(metric, algo)].meta["seconds"]
             print("measured", metric, algo, f"{mtimes[f'{metric}/{algo}']:.0f}s", flush=True)
-    rows = []
+    partial = RESULTS / f"{args.tag}.partial.json"
+    key = dict(tokens=args.tokens, nsamples=args.nsamples)
+    state = json.loads(partial.read_text()) if partial.exists() else {}
+    rows = state.get("rows", []) if state.get("key") == key else []
+    done = {(r["budget"], r["variant"]) for r in rows}
     fp = S.evaluate(S.ref)
     for b in budgets:
         for label, algo, metric, solver in variants:
+            if (b, label) in done:
+                continue
             t = time.perf_counter()
             plan = allocate(tables[(metric, algo)], Budget(bpw=b), method=solver)
             solve_s = time.perf_counter() - t
@@ -70,8 +87,11 @@ def main():
                              kl=r["kl"], perplexity=r["perplexity"], top1=r["top1_agreement"], solve_ms=solve_s * 1000,
                              quant_s=q_s, specs=uni[0] if len(uni) == 1 else f"{len(uni)} specs"))
             print(rows[-1], flush=True)
+            write_json_atomic(partial, {"key": key, "rows": rows}, overwrite=True)
             del model
+    rows.sort(key=lambda r: (r["budget"], [v[0] for v in VARIANTS].index(r["variant"])))
     write(rows, fp, S, mtimes, args)
+    partial.unlink(missing_ok=True)
 
 
 def write(rows, fp, S, mtimes, args):
