@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from . import commands_alloc
+from . import commands_export
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def register(sub) -> None:
     d.add_argument("--bpw", type=float, default=3.5, help="budget in bits per weight (default 3.5)")
     d.add_argument("--out", default=None, help="also write the table's data as JSON here")
     d.set_defaults(func=cmd_demo)
+    commands_export.register(sub)
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:

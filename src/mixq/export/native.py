@@ -1,27 +1,47 @@
-"""The native mixq directory: what ``mixq quantize`` writes and ``mixq eval`` reads.
+"""The native mixq directory: what ``mixq quantize`` writes, ``mixq eval`` / ``mixq generate`` read.
 
-Layout::
+Layout (format v2)::
 
     DIR/
-      mixq.json              format version, base model, method, per-layer specs, size accounting
-      quantized.safetensors  per quantized layer: ``<fqn>.codes`` (uint8, one code per weight)
-                             and its parameters ``<fqn>.scale|zero|offset|codebook|tensor_scale``
-      rest.safetensors       every other tensor (norms, embeddings that were kept, biases)
-      config.json, tokenizer files
+      mixq.json              format, format_version 2, base model, method, per-layer specs and stored
+                             tensors, size accounting ("storage"), sha256 + size of every file ("files")
+      quantized.safetensors  per quantized layer, its PackedWeight tensors at their accounted size:
+                               <fqn>.codes         uint8 [ceil(out*in*bits/8)]  codes bit-packed row-major,
+                                                   little-endian bit stream (mixq.runtime.bitpack)
+                               <fqn>.scale         fp16 | bf16 | fp32 [groups]; e8m0: uint8 exponents;
+                                                   e4m3: float8_e4m3fn (relative to tensor_scale)
+                               <fqn>.zero          asym int zero points, bit-packed at `bits` (uint8)
+                               <fqn>.offset        asym fp16 zero: fp16 [groups]
+                               <fqn>.codebook      kmeans: fp16 [groups, 2^bits]
+                               <fqn>.tensor_scale  fp32 [1]
+      rest.safetensors       every other tensor (norms, kept embeddings, biases), tied tensors once
+      config.json, generation_config.json, tokenizer files
 
-Codes are stored one per byte here; bit-packing to the accounted size is the runtime's job
-(``mixq.runtime``).  Everything is loaded with safetensors — nothing is unpickled — and the
-directory is written to a temporary sibling and renamed into place, so an interrupted write
-never leaves a half directory behind.
+``mixq.json["storage"]``: ``bytes_quantized_on_disk`` (sum of the packed tensors' bytes) next to
+``bits_quantized_spec`` / ``bytes_quantized_spec`` (sum of ``spec.cost(shape).total``); they differ only
+by the padding of each tensor's last byte (``padding_bits`` < 8 per stored tensor).
+
+Format v1 (mixq <= 0.x: one code per byte, every param as float32, no checksums) is still read;
+``mixq export DIR --format native --out NEW`` rewrites it as v2.  Everything is loaded with
+safetensors — nothing is unpickled — every file listed in ``mixq.json`` is checked against its
+size and sha256 before use, and the directory is written to a temporary sibling and renamed into
+place, so an interrupted write never leaves a half directory behind.
+
+``load_quantized(path, packed=False)`` gives the fake-quant model (dequantized weights, what
+``mixq eval`` scores); ``packed=True`` gives :class:`~mixq.runtime.QuantLinear` layers holding the
+packed tensors (never a float weight), so RAM is the plan's size.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,23 +49,53 @@ from torch import nn
 
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec
-from ..formats import QParams, QTensor, dequantize
+from ..formats import QParams, QTensor
 
 log = logging.getLogger(__name__)
 
 FORMAT = "mixq-native"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _PARAM_FIELDS = ("scale", "zero", "offset", "codebook", "tensor_scale")
+_TENSOR_FILES = ("quantized.safetensors", "rest.safetensors")
+_OWN_KEYS = ("format", "format_version", "layers", "storage", "files")
+_REDO = "re-run `mixq quantize` (or `mixq export --format native` from an intact copy)"
 
 
 class CheckpointError(ValueError):
     pass
 
 
+# ---------------------------------------------------------------------------- writing
 def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qtensors: dict[str, QTensor],
-                   meta: dict, *, overwrite: bool = False) -> Path:
-    """Write the native directory atomically.  Refuses an existing ``out_dir`` unless ``overwrite``."""
+                   meta: dict, *, overwrite: bool = False, rest_dtype: torch.dtype | None = None) -> Path:
+    """Write the native directory (v2) atomically.  Refuses an existing ``out_dir`` unless ``overwrite``.
+
+    ``qtensors`` are bit-packed (:class:`~mixq.runtime.PackedWeight`); ``rest_dtype`` optionally casts
+    the floating-point tensors of ``rest.safetensors`` (e.g. ``torch.bfloat16``; default: as in ``model``).
+    """
+    from ..runtime import PackedWeight
+
     out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
+    packed = {fqn: PackedWeight.from_qtensor(q) for fqn, q in qtensors.items()}
+
+    def extra(tmp: Path) -> None:
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(model, "can_generate", lambda: False)():
+            with contextlib.suppress(Exception):  # an invalid generation config must not block the save
+                gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _write_dir(out, packed, _rest_state(model, qtensors), meta, extra, overwrite=overwrite,
+                      rest_dtype=rest_dtype)
+
+
+def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dict,
+               write_extra: Callable[[Path], None], *, overwrite: bool, rest_dtype: torch.dtype | None) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,27 +104,49 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
-        qt_tensors: dict[str, torch.Tensor] = {}
-        for fqn, q in qtensors.items():
-            qt_tensors[f"{fqn}.codes"] = q.codes.contiguous()
-            for f in _PARAM_FIELDS:
-                t = getattr(q.params, f)
-                if t is not None:
-                    qt_tensors[f"{fqn}.{f}"] = t.detach().to(torch.float32).reshape(-1 if f == "tensor_scale" else t.shape).contiguous()
-        save_file(qt_tensors, tmp / "quantized.safetensors")
-        save_file(_rest_state(model, qtensors), tmp / "rest.safetensors")
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        tensors: dict[str, torch.Tensor] = {}
+        layers: dict[str, dict] = {}
+        on_disk = spec_bits = n_tensors = 0
+        for fqn, pw in packed.items():
+            entry = {}
+            for name, t in pw.tensors().items():
+                tensors[f"{fqn}.{name}"] = t.detach().contiguous()
+                entry[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            bits = pw.spec.cost(pw.shape).total
+            layers[fqn] = {"spec": pw.spec.to_dict(), "shape": list(pw.shape), "tensors": entry,
+                           "bytes": pw.nbytes, "bits_spec": bits}
+            on_disk += pw.nbytes
+            spec_bits += bits
+            n_tensors += len(entry)
+        save_file(tensors, tmp / "quantized.safetensors", metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        del tensors
+        if rest_dtype is not None:
+            rest = {k: v.to(rest_dtype) if v.is_floating_point() else v for k, v in rest.items()}
+        save_file(rest, tmp / "rest.safetensors")
+        write_extra(tmp)
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "mixq.json"}
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            **meta,
-            "layers": {f: {"spec": q.spec.to_dict(), "shape": list(q.shape)} for f, q in qtensors.items()},
+            **{k: v for k, v in meta.items() if k not in _OWN_KEYS},
+            "layers": layers,
+            "storage": {
+                "bytes_quantized_on_disk": on_disk,
+                "bits_quantized_spec": spec_bits,
+                "bytes_quantized_spec": spec_bits / 8,
+                "padding_bits": on_disk * 8 - spec_bits,
+                "quantized_tensors": n_tensors,
+                "bytes_rest": sum(t.numel() * t.element_size() for t in rest.values()),
+                "rest_dtype": None if rest_dtype is None else str(rest_dtype).removeprefix("torch."),
+                "bytes_files": sum(f["size"] for f in files.values()),
+            },
+            "files": files,
         }
         (tmp / "mixq.json").write_text(json.dumps(doc, indent=2))
         if out.exists():
             backup = out.with_name(out.name + ".old")
+            shutil.rmtree(backup, ignore_errors=True)
             os.replace(out, backup)
             os.replace(tmp, out)
             shutil.rmtree(backup, ignore_errors=True)
@@ -86,7 +158,7 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
     return out
 
 
-def _rest_state(model: nn.Module, qtensors: dict[str, QTensor]) -> dict[str, torch.Tensor]:
+def _rest_state(model: nn.Module, qtensors: dict) -> dict[str, torch.Tensor]:
     skip = {f"{fqn}.weight" for fqn in qtensors}
     out, seen = {}, {}
     for name, t in model.state_dict(keep_vars=False).items():
@@ -100,6 +172,41 @@ def _rest_state(model: nn.Module, qtensors: dict[str, QTensor]) -> dict[str, tor
     return out
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def rewrite_native(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                   rest_dtype: torch.dtype | None = None, verify: bool = True) -> dict:
+    """Re-write the native directory ``src`` (v1 or v2) as v2 at ``out`` (may be ``src`` itself with
+    ``overwrite``).  Tensors are copied, not re-quantized; other files (config, tokenizer, plan) too.
+    Returns a report dict."""
+    src, out = Path(src), Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists: choose another --out or pass --force")
+    info, packed, rest = read_packed(src, verify=verify)
+    # read every side file now: ``out`` may be ``src``
+    side = {p.name: p.read_bytes() for p in sorted(src.iterdir())
+            if p.is_file() and p.name not in ("mixq.json", "export_report.json", *_TENSOR_FILES)}
+    meta = {k: v for k, v in info.items() if k not in _OWN_KEYS}
+    meta["rewritten_from"] = {"path": str(src), "format_version": info["format_version"]}
+
+    def extra(tmp: Path) -> None:
+        for name, data in side.items():
+            (tmp / name).write_bytes(data)
+
+    _write_dir(out, packed, rest, meta, extra, overwrite=overwrite, rest_dtype=rest_dtype)
+    doc = read_info(out)
+    st = doc["storage"]
+    return {"format": "native", "format_version": FORMAT_VERSION, "source": str(src),
+            "source_format_version": info["format_version"], "out": str(out),
+            "layers": len(packed), "tensors": st["quantized_tensors"] + len(rest),
+            "fallbacks": len(info.get("group_fallback") or {}), **{k: st[k] for k in
+            ("bytes_quantized_on_disk", "bytes_quantized_spec", "padding_bits", "bytes_rest", "bytes_files")}}
+
+
+# ---------------------------------------------------------------------------- reading
 def read_info(path: str | os.PathLike) -> dict:
     p = Path(path) / "mixq.json"
     if not p.is_file():
@@ -108,8 +215,15 @@ def read_info(path: str | os.PathLike) -> dict:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p} is not valid JSON ({e}): the directory is damaged; quantize again") from None
-    if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{p}: unsupported format {doc.get('format')!r} v{doc.get('format_version')}")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a mixq-native directory (format {doc.get('format') if isinstance(doc, dict) else None!r})")
+    v = doc.get("format_version")
+    if v not in READABLE_VERSIONS:
+        newer = isinstance(v, int) and v > FORMAT_VERSION
+        raise CheckpointError(f"{p}: unsupported format version {v!r} (this mixq reads {list(READABLE_VERSIONS)})"
+                              + ("; upgrade mixq" if newer else ""))
+    if not isinstance(doc.get("layers"), dict):
+        raise CheckpointError(f"{p}: no 'layers' table; the directory is damaged: {_REDO}")
     return doc
 
 
@@ -117,39 +231,152 @@ def is_quantized_dir(path) -> bool:
     return (Path(path) / "mixq.json").is_file()
 
 
-@torch.no_grad()
-def load_quantized(path: str | os.PathLike, *, dtype=torch.float32):
-    """Load a native directory as a fake-quant model.  Returns ``(model, tokenizer, info)``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def verify_files(path: str | os.PathLike, info: dict | None = None) -> None:
+    """Check every file ``mixq.json`` lists against its recorded size and sha256 (v2; v1 lists none).
+
+    Raises :class:`CheckpointError` naming the first file that is missing, truncated or modified.
+    """
+    path = Path(path)
+    info = read_info(path) if info is None else info
+    files = info.get("files")
+    if info["format_version"] >= 2 and not isinstance(files, dict):
+        raise CheckpointError(f"{path / 'mixq.json'} lists no files to verify: the directory is damaged; {_REDO}")
+    for name, want in (files or {}).items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing (listed in mixq.json): the directory is incomplete; {_REDO}")
+        size = p.stat().st_size
+        if size != want.get("size"):
+            raise CheckpointError(f"{p} is truncated or damaged: {size} bytes, mixq.json records {want.get('size')}; "
+                                  f"{_REDO}")
+        if _sha256(p) != want.get("sha256"):
+            raise CheckpointError(f"{p} is damaged or was modified (sha256 differs from mixq.json); {_REDO}")
+
+
+def read_packed(path: str | os.PathLike, *, verify: bool = True):
+    """``(info, {fqn: PackedWeight}, rest tensors)`` of a native directory (v1 or v2), checksums verified."""
+    from ..runtime import PackedWeight, packed_len, param_fields
 
     path = Path(path)
     info = read_info(path)
+    if verify:
+        verify_files(path, info)
     try:
         qt = load_file(path / "quantized.safetensors")
         rest = load_file(path / "rest.safetensors")
     except Exception as e:  # safetensors raises its own error types for truncated headers/data
-        raise CheckpointError(f"cannot read tensors in {path}: {e}; the file is truncated or damaged") from None
+        raise CheckpointError(f"cannot read tensors in {path}: {e}; the file is truncated or damaged: {_REDO}") from None
+    packed = {}
+    used = set()
+    for fqn, layer in info["layers"].items():
+        try:
+            spec = QuantSpec.from_dict(layer["spec"])
+            shape = tuple(int(d) for d in layer["shape"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: layer {fqn} has a bad spec or shape in mixq.json ({e}); {_REDO}") from None
+        if f"{fqn}.codes" not in qt:
+            raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing from the tensors; {_REDO}")
+        names = ["codes", *(f for f in _PARAM_FIELDS if f"{fqn}.{f}" in qt)]
+        used.update(f"{fqn}.{n}" for n in names)
+        tensors = {n: qt[f"{fqn}.{n}"] for n in names}
+        try:
+            if info["format_version"] == 1:  # one code per byte, float32 params: pack them now (exact)
+                params = QParams(**{f: tensors.get(f) for f in _PARAM_FIELDS})
+                if params.tensor_scale is not None:
+                    params.tensor_scale = params.tensor_scale.reshape(())
+                pw = PackedWeight.from_qtensor(QTensor(codes=tensors["codes"], params=params, spec=spec, shape=shape))
+            else:
+                want = ("codes", *param_fields(spec))
+                if tuple(names) != want:
+                    raise ValueError(f"stored tensors {names}, {spec.name} stores {list(want)}")
+                n = packed_len(shape[0] * shape[1], spec.bits)
+                if tensors["codes"].dtype != torch.uint8 or tuple(tensors["codes"].shape) != (n,):
+                    raise ValueError(f"codes are {tensors['codes'].dtype} {tuple(tensors['codes'].shape)}, "
+                                     f"expected uint8 ({n},)")
+                pw = PackedWeight.from_tensors(tensors, spec, shape)
+                pw.qparams()  # checks the params' shapes
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: layer {fqn} does not match its spec in mixq.json ({e}); {_REDO}") from None
+        packed[fqn] = pw
+    stray = sorted(set(qt) - used)
+    if stray:
+        raise CheckpointError(f"{path}: quantized.safetensors holds tensors no layer in mixq.json names: {stray[:3]}")
+    return info, packed, rest
+
+
+def read_qtensors(path: str | os.PathLike, *, verify: bool = True):
+    """``(info, {fqn: QTensor}, rest tensors)`` of a native directory, any version.
+
+    Each QTensor has unpacked codes ``[out, in]`` (uint8; int16 / int32 for kept floats) and float32
+    :class:`~mixq.formats.QParams` (row fields ``[R, 1]``, codebook ``[R, 2^bits]``, tensor_scale ``[]``)
+    — what exporters and :func:`mixq.formats.dequantize` take.  Checksums are verified first.
+    """
+    info, packed, rest = read_packed(path, verify=verify)
+    return info, {fqn: pw.to_qtensor() for fqn, pw in packed.items()}, rest
+
+
+@contextlib.contextmanager
+def _no_weight_init():
+    """Build a model without initializing its weights (they are loaded or replaced right after):
+    untouched pages cost no RAM, and a packed load never fills a float copy of a quantized weight."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        yield
+
+
+@torch.no_grad()
+def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool = False, kernel: str = "auto",
+                   verify: bool = True):
+    """Load a native directory.  Returns ``(model, tokenizer, info)``.
+
+    ``packed=False``: the fake-quant model (each quantized weight dequantized to ``dtype``; ``mixq eval``).
+    ``packed=True``: each quantized linear becomes a :class:`~mixq.runtime.QuantLinear` holding its packed
+    tensors (run through ``kernel``: ``"auto"``, ``"reference"``, ``"cpu-int4"``, ...); no float copy of
+    a quantized weight is ever filled.  For fast CPU decode use ``dtype=torch.bfloat16`` (the int4 kernel
+    needs bf16 activations).  A quantized weight that is not a linear (an embedding) is dequantized.
+    ``verify``: check every file's size and sha256 against ``mixq.json`` first.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    from ..runtime import canonical_name, install_qlinear
+
+    if packed:
+        canonical_name(kernel)  # a typo fails before any loading
+    path = Path(path)
+    info, weights, rest = read_packed(path, verify=verify)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _no_weight_init():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(rest, strict=False)
+    del rest
     if unexpected:
         raise CheckpointError(f"{path}: tensors {unexpected[:3]} do not belong to a {config.model_type} model")
     model.tie_weights()
     mods = dict(model.named_modules())
-    for fqn, layer in info["layers"].items():
-        if fqn not in mods or f"{fqn}.codes" not in qt:
-            raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing from the model or the tensors")
-        spec = QuantSpec.from_dict(layer["spec"])
-        params = QParams(**{f: qt.get(f"{fqn}.{f}") for f in _PARAM_FIELDS})
-        q = QTensor(codes=qt[f"{fqn}.codes"], params=params, spec=spec, shape=tuple(layer["shape"]))
-        if tuple(get_weight(mods[fqn]).shape) != q.shape:
-            raise CheckpointError(f"{path}: {fqn} has shape {q.shape} in the checkpoint but the model expects "
+    linears = {}
+    for fqn, pw in weights.items():
+        if fqn not in mods:
+            raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing from the model")
+        if tuple(get_weight(mods[fqn]).shape) != tuple(pw.shape):
+            raise CheckpointError(f"{path}: {fqn} has shape {tuple(pw.shape)} in the checkpoint but the model expects "
                                   f"{tuple(get_weight(mods[fqn]).shape)}")
-        set_weight(mods[fqn], dequantize(q).to(dtype))
+        if packed and isinstance(mods[fqn], (nn.Linear, Conv1D)):
+            linears[fqn] = pw
+        else:
+            set_weight(mods[fqn], pw.dequantize().to(dtype))
     unresolved = [m for m in missing if m.rsplit(".", 1)[0] not in info["layers"]]
     tied = {n for n in unresolved if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(unresolved) - tied:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {sorted(set(unresolved) - tied)[:3]}")
+    if linears:
+        install_qlinear(model, linears, kernel)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok, info

@@ -4,8 +4,13 @@ A kernel is three functions (:class:`Kernel`)::
 
     why_not(pw, x) -> str | None   None if it can run this PackedWeight on this input, else the reason
     prepare(pw)    -> state        one-time work per layer (a kernel-layout copy, or None)
-    linear(x, pw, state, bias)     x [M, in] -> y [M, out] in x.dtype
+    linear(x, pw, state, bias)     x [M, in] -> y [M, out] in x.dtype (``pw`` is None if not ``needs_packed``)
     max_tokens                     under ``"auto"``, used only for ``M <= max_tokens`` (None: any M)
+    codes_from_state(state)        optional: the uint8 [out, in] codes a state holds; when a state says
+                                   ``holds_codes``, QuantLinear frees its packed code stream (one copy in RAM)
+
+Kernels: ``reference``; ``cpu-int4`` (bf16 CPU, int <= 4-bit, params rounded once to bf16, one GEMM;
+alias ``cpu``); ``cpu-int4-exact`` (same, params split exactly into bf16 pieces, 1-3 GEMMs).
 
 ``reference`` (dequantize with :mod:`mixq.formats` + ``F.linear``) runs everything and defines
 the result; every other kernel is tested against it (ARCHITECTURE.md rule 8).  ``"auto"`` takes
@@ -19,6 +24,7 @@ equality test against the reference to ``tests/test_qlinear.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -38,22 +44,45 @@ class Kernel:
     linear: Callable[..., torch.Tensor]
     doc: str = ""
     max_tokens: int | None = None
+    needs_packed: bool = True
+    codes_from_state: Callable[[Any], torch.Tensor] | None = None
 
 
 KERNELS: dict[str, Kernel] = {
     "reference": Kernel("reference", reference.why_not, reference.prepare, reference.linear,
                         "dequantize (mixq.formats.decode) + F.linear; any format, dtype, device"),
-    "cpu": Kernel("cpu", cpu.why_not, cpu.prepare, cpu.linear,
-                  "int<=4-bit group-wise weights, bf16 activations, CPU: torch's int4pack GEMM",
-                  max_tokens=cpu.MAX_TOKENS),
+    "cpu-int4": Kernel("cpu-int4", partial(cpu.why_not, exact=False), partial(cpu.prepare, exact=False), cpu.linear,
+                       "int<=4-bit weights, bf16 activations, CPU: torch's int4pack GEMM, params rounded to bf16",
+                       max_tokens=cpu.MAX_TOKENS, needs_packed=False, codes_from_state=cpu.codes_from_state),
+    "cpu-int4-exact": Kernel("cpu-int4-exact", partial(cpu.why_not, exact=True), partial(cpu.prepare, exact=True),
+                             cpu.linear, "as cpu-int4 with params split exactly into 1-3 bf16 pieces (1-3 GEMMs)",
+                             max_tokens=cpu.MAX_TOKENS, needs_packed=False, codes_from_state=cpu.codes_from_state),
 }
-AUTO_ORDER: tuple[str, ...] = ("cpu", "reference")  # a GPU kernel goes first
+ALIASES: dict[str, str] = {"cpu": "cpu-int4"}
+AUTO_ORDER: tuple[str, ...] = ("cpu-int4", "reference")  # a GPU kernel goes first
+
+
+def kernel_names() -> list[str]:
+    """Every accepted ``kernel`` value: ``auto``, the kernels, their aliases."""
+    return ["auto", *KERNELS, *ALIASES]
+
+
+def canonical_name(name: str) -> str:
+    """``name`` with aliases resolved (``"cpu"`` -> ``"cpu-int4"``); raises on an unknown name."""
+    if name == "auto":
+        return name
+    name = ALIASES.get(name, name)
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernel {name!r}: choose 'auto' or one of {sorted(KERNELS)} (alias: cpu)")
+    return name
 
 
 def get_kernel(name: str) -> Kernel:
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}: choose 'auto' or one of {sorted(KERNELS)}")
-    return KERNELS[name]
+    return KERNELS[canonical_name(name)] if name != "auto" else _auto_error()
+
+
+def _auto_error():
+    raise ValueError("'auto' is not a kernel: use usable_kernels('auto', ...) or select_kernel")
 
 
 def usable_kernels(name: str, pw, x: torch.Tensor) -> list[Kernel]:
@@ -84,5 +113,13 @@ def select_kernel(name: str, pw, x: torch.Tensor) -> Kernel:
     return pick_kernel(usable_kernels(name, pw, x), x.shape[0], name == "auto")
 
 
-__all__ = ["AUTO_ORDER", "KERNELS", "Kernel", "KernelUnsupported", "get_kernel", "pick_kernel", "select_kernel",
-           "usable_kernels"]
+def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
+    """The kernel ``"auto"`` uses for decode (few tokens) of a ``spec`` weight of ``shape`` with bf16
+    activations on ``device`` — ``"cpu-int4"`` or ``"reference"``.  For reports and planning."""
+    if device == "cpu" and cpu.spec_why_not(spec, shape) is None:
+        return "cpu-int4"
+    return "reference"
+
+
+__all__ = ["ALIASES", "AUTO_ORDER", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name", "fast_kernel_for",
+           "get_kernel", "kernel_names", "pick_kernel", "select_kernel", "usable_kernels"]

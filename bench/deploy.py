@@ -1,0 +1,307 @@
+"""Deployment on CPU, SmolLM2-135M: size on disk and in RAM, greedy decode speed, perplexity agreement.
+
+    OMP_NUM_THREADS=2 python bench/deploy.py [--tokens 8192] [--threads N] [--keep runs/deploy]
+
+Rows (all RTN, one process, one thread count):
+
+- ``fp32`` and ``bf16``: the unquantized model.
+- ``W4-g128``: 4-bit symmetric, fp16 scales; ``--group-fallback shrink`` gives the 180 layers that read
+  the 576-wide residual stream g96 (down_proj keeps g128).  g96 still runs on the ``cpu-int4`` kernel
+  (kernel group 32 inside each g96 group, scales repeated, exact), at the price of a bf16 scale/zero pair
+  per 32 weights in the kernel layout (1 bit/weight of RAM for those layers).
+- ``W4-g64``: the power-of-two alternative (kernel group 64: 0.5 bit/weight of kernel scales).
+- ``W3-g128``: 3-bit symmetric (g96 fallback); 3-bit codes run on the int4 kernel too (codes + 4).
+- ``mixed-3.5``: measure (kfac, RTN, ``--calib-samples`` x 512 PTB-train tokens) over mixq's default
+  candidates, ``allocate(Budget(bpw=3.5))``; layers with 5-8 bits, NF or FP16 run the reference kernel.
+- ``mixed-3.5-int4``: the same measurement restricted to the candidates ``cpu-int4`` runs
+  (int, <= 4 bits), so every layer takes the fast path.
+
+For each quantized row: the native v2 directory (rest in fp32 as ``mixq quantize`` writes it, and
+re-written with ``--rest-dtype bf16`` for deployment), the packed model's RAM (parameters + buffers,
+plus the kernel layouts built on first use), greedy decode tokens/s (``--new-tokens`` after a
+``--prompt-tokens`` PTB prompt, median of ``--repeats`` after a warm-up; packed models in bf16 with
+``kernel="auto"``), and perplexity on PTB test (first ``--tokens``): the in-memory fake-quant model,
+the native directory loaded packed in fp32 through the reference kernel (must agree), the packed bf16
+model, and — if :mod:`mixq.export.gguf` is installed — the GGUF export loaded back through
+transformers (``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``, dequantized to fp32).
+
+Writes bench/results/deploy.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from common import RESULTS, Setup, header, peak_rss_mb
+
+from mixq import api
+from mixq.allocate import Budget, LayerEntry, SensitivityTable, allocate, default_candidates
+from mixq.config import parse_spec
+from mixq.export.native import load_quantized, read_info, rewrite_native, save_quantized
+from mixq.measure import measure
+from mixq.runtime import fast_kernel_for, greedy_generate, kernel_usage, memory_report
+
+UNIFORM = ["W4-g128", "W4-g64", "W3-g128"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=8192, help="PTB test tokens for perplexity (default 8192)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calib-samples", type=int, default=16, help="PTB-train samples x 512 for the kfac measurement")
+    ap.add_argument("--bpw", type=float, default=3.5, help="budget of the mixed plans")
+    ap.add_argument("--rows", default=None, help="comma-separated subset of the quantized rows")
+    ap.add_argument("--keep", default=None, help="keep the written directories / GGUF files here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    S = Setup(tokens=args.tokens, nsamples=args.calib_samples)
+    prompt = S.windows.input_ids[:1, : args.prompt_tokens].clone()
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mixq-deploy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    has_gguf = importlib.util.find_spec("mixq.export.gguf") is not None
+    rows = []
+    try:
+        # ---------------------------------------------------------------- unquantized baselines
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            model = S.ref if dtype == torch.float32 else copy.deepcopy(S.ref).to(dtype)
+            nbytes = memory_report(model)["params_buffers"]
+            row = dict(row=name, spec=name, bpw_linears=32.0 if dtype == torch.float32 else 16.0,
+                       disk_bytes=_param_bytes(model), ram_params_buffers=nbytes, ram_kernel_state=0,
+                       ram_resident=nbytes, **_speed(model, prompt, args), ppl_fake=None, ppl_packed_fp32=None,
+                       ppl_packed_bf16=None, agree=None, kernels=None)
+            row["ppl"] = S.evaluate(model)["perplexity"]
+            rows.append(row)
+            print(row, flush=True)
+            if model is not S.ref:
+                del model
+        # ---------------------------------------------------------------- quantized rows
+        plans = {}
+        wanted = args.rows.split(",") if args.rows else UNIFORM + [f"mixed-{args.bpw:g}", f"mixed-{args.bpw:g}-int4"]
+        if any(r.startswith("mixed") for r in wanted):
+            t = time.perf_counter()
+            table = measure(S.ref, S.calib, default_candidates(), metric="kfac", algorithm="rtn", progress=False)
+            measure_s = time.perf_counter() - t
+            plans[f"mixed-{args.bpw:g}"] = allocate(table, Budget(bpw=args.bpw))
+            plans[f"mixed-{args.bpw:g}-int4"] = allocate(_restrict_to_fast(table), Budget(bpw=args.bpw))
+            print(f"measured kfac in {measure_s:.0f} s", flush=True)
+        for name in wanted:
+            rows.append(_quantized_row(S, name, plans.get(name), prompt, args, work, has_gguf))
+            print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
+            gc.collect()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    _write(rows, S, args, time.perf_counter() - t_start, has_gguf)
+
+
+def _speed(model, prompt, args) -> dict:
+    """Greedy decode: warm-up, then the median of ``repeats`` runs."""
+    greedy_generate(model, prompt, args.new_tokens, stop_at_eos=False)
+    runs = [greedy_generate(model, prompt, args.new_tokens, stop_at_eos=False) for _ in range(args.repeats)]
+    return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
+            "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs],
+            "prefill_ms": statistics.median(r.prefill_s for r in runs) * 1000,
+            "generated": runs[-1].new_ids[:16]}
+
+
+def _param_bytes(model) -> int:
+    """Bytes of a safetensors checkpoint of ``model`` (each tensor once, headers aside)."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _restrict_to_fast(table: SensitivityTable) -> SensitivityTable:
+    """The measured table with only the candidates the cpu-int4 kernel runs (int, <= 4 bits)."""
+    layers = []
+    for e in table.layers:
+        keep = [i for i, s in enumerate(e.candidates) if fast_kernel_for(s, e.shape) == "cpu-int4"]
+        layers.append(LayerEntry(e.fqn, e.shape, tuple(e.candidates[i] for i in keep), tuple(e.errors[i] for i in keep)))
+    return SensitivityTable(tuple(layers), table.metric, {**table.meta, "restricted_to": "cpu-int4 candidates"})
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> dict:
+    model = copy.deepcopy(S.ref)
+    if plan is not None:
+        specs, label = dict(plan.layers), f"{name} ({plan.achieved_bpw:.3f} bpw)"
+    else:
+        specs, label = api.resolve_specs(model, name, group_fallback="shrink"), name
+    t = time.perf_counter()
+    res = api.quantize_model(model, specs, method="rtn", progress=False)
+    quant_s = time.perf_counter() - t
+    size = api.size_report(model, specs)
+    fallback = len(api.fallbacks(specs, parse_spec(name))) if plan is None else 0
+    d = work / name
+    save_quantized(d, model, S.tok, res.qtensors, {"base_model": "smollm2-135m", "method": "rtn", "spec": label},
+                   overwrite=True)
+    d16 = work / f"{name}-bf16rest"
+    rewrite_native(d, d16, overwrite=True, rest_dtype=torch.bfloat16)
+    storage = read_info(d)["storage"]
+    fake = S.evaluate(model)
+    # the native directory, packed, fp32, reference kernel: must agree with the in-memory fake-quant model
+    packed32, _, _ = load_quantized(d, dtype=torch.float32, packed=True, kernel="reference")
+    with torch.no_grad():
+        ids = S.windows.input_ids[:1, :128]
+        max_logit_diff = float((packed32(ids).logits - model(ids).logits).abs().max())
+    ppl_packed32 = S.evaluate(packed32)["perplexity"]
+    del packed32, model
+    gc.collect()
+    # deployment: bf16 rest, bf16 activations, kernel auto
+    packed, _, _ = load_quantized(d16, dtype=torch.bfloat16, packed=True)
+    mem0 = memory_report(packed)
+    speed = _speed(packed, prompt, args)
+    mem = memory_report(packed)  # kernel layouts now built
+    kernels = kernel_usage(packed)
+    ppl_packed16 = S.evaluate(packed)["perplexity"]
+    del packed
+    gc.collect()
+    row = dict(row=name, spec=label, bpw_linears=size["bpw_linears"], bpw_quantized=size["bpw_quantized"],
+               group_fallback_layers=fallback, quant_s=quant_s,
+               disk_bytes=_dir_bytes(d16), disk_bytes_fp32_rest=_dir_bytes(d),
+               bytes_quantized_on_disk=storage["bytes_quantized_on_disk"],
+               bytes_quantized_spec=storage["bytes_quantized_spec"],
+               ram_params_buffers_at_load=mem0["params_buffers"], ram_params_buffers=mem["params_buffers"],
+               ram_kernel_state=mem["kernel_state"], ram_resident=mem["resident"], **speed, kernels=kernels,
+               ppl_fake=fake["perplexity"], kl_fake=fake["kl"], ppl=fake["perplexity"],
+               ppl_packed_fp32=ppl_packed32, ppl_packed_bf16=ppl_packed16, max_logit_diff_packed_fp32=max_logit_diff,
+               agree=abs(ppl_packed32 - fake["perplexity"]) <= 1e-4 * fake["perplexity"],
+               layers={s.name: sum(1 for v in specs.values() if v == s) for s in set(specs.values())})
+    if has_gguf:
+        row.update(_gguf(S, d, work, name))
+    if not args.keep:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(d16, ignore_errors=True)
+    return row
+
+
+def _gguf(S, d: Path, work: Path, name: str) -> dict:
+    """Export ``d`` to GGUF, load it back through transformers, score it.  Errors are recorded, not raised."""
+    out = work / f"{name}.gguf"
+    try:
+        from transformers import AutoModelForCausalLM
+
+        from mixq.export.gguf import export_gguf
+
+        report = export_gguf(d, out, overwrite=True)
+        totals = report.get("totals", {}) if isinstance(report, dict) else {}
+        model = AutoModelForCausalLM.from_pretrained(str(work), gguf_file=out.name, dtype=torch.float32).eval()
+        ppl = S.evaluate(model)["perplexity"]
+        del model
+        return {"gguf_bytes": out.stat().st_size, "gguf_ppl": ppl, "gguf_fallbacks": totals.get("fallbacks"),
+                "gguf_types": totals.get("types"), "gguf_error": None}
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        traceback.print_exc()
+        return {"gguf_bytes": out.stat().st_size if out.exists() else None, "gguf_ppl": None,
+                "gguf_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]}
+    finally:
+        gc.collect()
+
+
+def _mb(n) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f}"
+
+
+def _f(v, fmt) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def _write(rows, S, args, total_s, has_gguf):
+    p = S.protocol
+    cmd = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/deploy.py --tokens {args.tokens}"
+           + (f" --threads {args.threads}" if args.threads else "") + f" --new-tokens {args.new_tokens} "
+           f"--prompt-tokens {args.prompt_tokens} --repeats {args.repeats} --calib-samples {args.calib_samples} "
+           f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else ""))
+    fp32 = next(r for r in rows if r["row"] == "fp32")
+    lines = header("Deployment on CPU — SmolLM2-135M-Instruct: size, RAM, decode speed, perplexity", cmd)
+    lines += [f"Protocol: greedy decode of {args.new_tokens} new tokens after the first {args.prompt_tokens} tokens of "
+              f"PTB test, batch 1, KV cache; tokens/s over the {args.new_tokens - 1} steps after the prompt "
+              f"(prefill reported apart), median of {args.repeats} runs after a warm-up, "
+              f"{torch.get_num_threads()} torch threads for every row. Quantized rows: RTN, loaded with "
+              f"`load_quantized(dir, dtype=torch.bfloat16, packed=True)` (kernel auto: cpu-int4 for int <= 4-bit "
+              f"layers, reference = dequantize + matmul otherwise), from the directory re-written with "
+              f"`--rest-dtype bf16`. Perplexity: PTB test, first {p.max_tokens} tokens, {p.n_windows} windows of "
+              f"{p.seqlen} ({p.n_scored} scored); `fake` = in-memory fake-quant fp32 model, `packed fp32` = the "
+              f"native directory loaded packed through the reference kernel (must agree with `fake`), `packed bf16` "
+              f"= the deployed model (prefill windows of {p.seqlen} tokens run the reference kernel in bf16). "
+              f"Total run {total_s:.0f} s, peak RSS {peak_rss_mb():.0f} MB.", "",
+              "| row | bpw lin | disk MB | RAM MB (params+buffers) | + kernel layouts MB | decode tok/s | "
+              "speed-up vs fp32 | prefill ms | ppl (fake-quant / model) | ppl packed fp32 | agree | ppl packed bf16 | kernels |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        kern = "—" if not r.get("kernels") else ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items()))
+        lines.append(
+            f"| {r['spec']} | {r['bpw_linears']:.3f} | {_mb(r['disk_bytes'])} | {_mb(r['ram_params_buffers'])} | "
+            f"{_mb(r['ram_kernel_state'])} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f}x | "
+            f"{r['prefill_ms']:.0f} | {_f(r.get('ppl_fake') or r.get('ppl'), '.3f')} | {_f(r['ppl_packed_fp32'], '.3f')} | "
+            f"{'—' if r['agree'] is None else ('yes' if r['agree'] else '**no**')} | {_f(r['ppl_packed_bf16'], '.3f')} | "
+            f"{kern} |")
+    qrows = [r for r in rows if r["agree"] is not None]
+    lines += ["", "Sizes of the quantized rows: `disk` is the directory with bf16 rest (fp32 rest as `mixq quantize` "
+              "writes it in the second column); the quantized tensors' bytes on disk against the spec accounting "
+              "(Σ cost/8; the difference is the last-byte padding of each tensor).", "",
+              "| row | disk MB (fp32 rest) | quantized tensors B | accounted B | RAM at load MB | max |Δlogit| packed fp32 vs fake |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in qrows:
+        lines.append(f"| {r['spec']} | {_mb(r['disk_bytes_fp32_rest'])} | {r['bytes_quantized_on_disk']} | "
+                     f"{r['bytes_quantized_spec']:.0f} | {_mb(r['ram_params_buffers_at_load'])} | "
+                     f"{r['max_logit_diff_packed_fp32']:.2e} |")
+    if has_gguf:
+        lines += ["", "GGUF export (`mixq.export.gguf.export_gguf`), loaded back with transformers (dequantized to "
+                  "fp32) and scored on the same windows:", "",
+                  "| row | GGUF MB | ppl | ggml types | fallbacks | error |", "|---|---:|---:|---|---:|---|"]
+        for r in qrows:
+            types = ", ".join(f"{k} {v}" for k, v in sorted((r.get("gguf_types") or {}).items()))
+            lines.append(f"| {r['spec']} | {_mb(r.get('gguf_bytes'))} | {_f(r.get('gguf_ppl'), '.3f')} | {types or '—'} | "
+                         f"{_f(r.get('gguf_fallbacks'), 'd')} | {r.get('gguf_error') or ''} |")
+    else:
+        lines += ["", "GGUF: `mixq.export.gguf` is not installed in this checkout; no GGUF rows."]
+    lines += ["", NOTES]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "deploy.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "deploy.json").write_text(json.dumps({"command": cmd, "protocol": p.to_dict(),
+                                                     "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    print("\n".join(lines))
+
+
+NOTES = """Notes
+- **RAM** is what the model's tensors hold: parameters + buffers (each tensor once) — for a packed model the
+  bit-packed codes and stored params of every quantized layer plus the bf16 embeddings and norms — and, next to it,
+  the kernel layouts built on first use. The `cpu-int4` kernel keeps torch's int4pack copy of the codes
+  (4 bits/weight) and a bf16 scale/zero pair per kernel group; once it exists the layer frees its own packed code
+  stream (rebuilt on demand for `state_dict()` or the reference kernel), so the codes are in RAM once.
+- **Group size.** W4-g128 on SmolLM2 means g96 on the 576-wide rows (`--group-fallback shrink`). The int4 kernel
+  needs a power-of-two kernel group (32..256) inside each quantization group: g96 runs with kernel group 32
+  (the fp16 scale repeated three times, exact), g64 with 64 and g128 with 128. Smaller kernel groups cost more
+  kernel-layout RAM (32 bits per kernel group) — compare the W4-g128 and W4-g64 rows.
+- **Exactness.** `cpu-int4` rounds each layer's fp16 scale once to bf16 (and the rare non-zero zero term), the
+  rounding a bf16 model applies to every weight anyway; `cpu-int4-exact` splits them into exact bf16 pieces at
+  1-3 GEMMs per call. Both are checked against the reference kernel in tests/test_qlinear.py.
+- **Prefill** of more than 32 tokens (and the perplexity windows) runs the reference kernel: dequantize + dense
+  GEMM beats the int4 GEMV kernel there."""
+
+if __name__ == "__main__":
+    main()
