@@ -1,0 +1,1366 @@
+"""GGUF export: a mixq model as one llama.cpp file.
+
+::
+
+    report = export_gguf("runs/w4", "runs/w4.gguf")             # a native mixq directory
+    report = write_gguf(model, tokenizer, specs, "m.gguf", qtensors=res.qtensors)   # in memory
+
+Every quantized layer is written as the llama.cpp block type closest to its mixq spec, and the
+file is read back (:func:`verify_gguf`): each tensor is dequantized with ``gguf.quants.dequantize``
+and compared with the values mixq means (its dequantized weight).  The report (a JSON-able dict)
+lists, per tensor, the mixq spec, the ggml type, its bits per weight, why it was chosen, any
+fallback and the read-back error.
+
+Which ggml type (per quantized tensor)
+--------------------------------------
+A spec's element width picks a *class* of same-width ggml types, and a budget::
+
+    bits   class types (bpw)                                     nominal   next class
+    8, 7   Q8_0 (8.5)                                            Q8_0      F16
+    6      Q6_K (6.5625)                                         Q6_K      8
+    5      Q5_K (5.5), Q5_0 (5.5), Q5_1 (6.0)                    Q5_K      6
+    4      Q4_K (4.5), Q4_0 (4.5), IQ4_NL (4.5), Q4_1 (5.0)       Q4_K      5
+           (+ MXFP4 (4.25) for FP4-E2M1 element specs)
+    3      Q3_K (3.4375)                                         Q3_K      4
+    2, 1   Q2_K (2.625)                                          Q2_K      3
+    keep   fp16 -> F16, bf16 -> BF16, fp32 -> F32 (exact)
+
+The candidates are the class's types whose bits per weight do not exceed
+``max(bpw of the mixq spec on this tensor, bpw of the nominal type)`` and whose block fits the
+row (K-quants: the row length, i.e. the input dimension, must be a multiple of 256; every other
+block type a multiple of 32).  Candidates are encoded and decoded, and the one with the least
+squared error against mixq's dequantized weight is written (ties: fewer bits, then table order).
+Types that can take mixq's grid directly are tried first; once one reproduces the weight exactly,
+the rest are tried only through mixq's grid (refitting on-grid values to an unrelated grid is the
+slow part and is not exact in practice), and none with more bits.  Consequences for int specs whose
+groups are a multiple of 32 long: ``W4-gN`` symmetric is written as Q4_0, ``W5-gN`` symmetric as
+Q5_0, ``W8`` symmetric and MXINT8 as Q8_0, ``W4-g32-asymf`` (fp16 offset) as Q4_1 and
+``W5-g32-asymf`` as Q5_1, MXFP4 as MXFP4, and ``W3``/``W2`` symmetric on rows that no K-quant
+fits as Q4_0 -- all bit-exact, since each mixq group is one or more whole ggml blocks with the
+same scale (and offset), and the codes carry over.  Per-channel int specs (symmetric or with an
+int zero point) are exact in their K-quant (every sub-block scale is ``d * 1``), e.g.
+``W4-channel`` -> Q4_K, ``W3-channel`` -> Q3_K, ``W6-channel`` -> Q6_K.  Other specs are
+approximations: grouped scales re-quantized to the K-quants' 6-bit (4-bit for Q2_K, 8-bit for
+Q6_K) sub-block scales, or a refit of non-uniform grids (NF, k-means, FP) onto the ggml grid.
+
+Fallbacks: when no type of the class fits the row (e.g. Q3_K or Q6_K on SmolLM2's 576-wide
+rows), the next class up is tried with its own budget (Q3_K -> the 4-bit types, Q6_K -> Q8_0,
+...; F16 when nothing fits).  A tensor whose nominal type does not fit its row gets a
+``fallback`` entry naming the type, the row length and what was written instead -- also when a
+same-width type was exact (W4-g32 on a 576-wide row: nominal Q4_K, written Q4_0, exact).
+
+How the blocks are filled
+-------------------------
+With the mixq codes and parameters at hand (a native directory, or ``qtensors``) and an int spec
+whose groups do not straddle the ggml sub-blocks, each sub-block takes mixq's step and zero
+(``x = step * code + zero``); without them, or when that is worse, the sub-block parameters are
+refit from the values (absmax / min-max with a short search).  K-quant sub-block scales are then
+quantized against one fp16 super-block scale (a search over the largest sub-scale code), and
+every value is re-encoded to the nearest point of the final ggml grid, so on-grid values keep
+their codes.  The block layouts are written here from the format description and checked
+against ``gguf.quants.dequantize`` in the tests.
+
+What the gguf package (0.19.0) can quantize in Python: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
+Q8_0, TQ1_0, TQ2_0, MXFP4; only dequantize: Q2_K..Q6_K, IQ4_NL, IQ4_XS, the other IQ types and
+NVFP4.  Its quantizers choose their own scales (absmax), which would move mixq's grid, so this
+module packs every block type itself, K-quants and IQ4_NL included (:func:`gguf_quantize_support`
+probes the installed package).
+
+Everything else
+---------------
+Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does) and ``qwen2``; others
+raise :class:`UnsupportedArchitectureError`.  For llama/mistral the rows of ``q_proj``/``k_proj``
+(and their biases) are permuted to llama.cpp's interleaved rope layout (:func:`rope_row_order`),
+which transformers' GGUF loader undoes; qwen2 uses neox rope and is written unpermuted.
+Embeddings and an untied ``lm_head`` that mixq kept in floating point are written as F16 (or
+``float_type="f32"``); norms and biases as F32.  A tied ``lm_head`` is not written (llama.cpp
+reuses ``token_embd``).  The tokenizer: byte-level BPE (GPT-2 style, e.g. SmolLM2, Qwen2) as
+``gpt2`` with merges, SentencePiece-style BPE (byte fallback) as ``llama`` with scores; any
+other tokenizer (or none) is written as ``no_vocab`` with a warning in the report.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from torch import nn
+
+from ..config import QuantSpec
+from ..formats import QTensor
+from ..formats import dequantize as mixq_dequantize
+from ..granularity import PerTensor, group_len
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+FLOAT_TYPES = {"f16": QT.F16, "f32": QT.F32}
+_PARAM_FIELDS = ("scale", "zero", "offset", "codebook", "tensor_scale")  # as in mixq.export.native
+_CHUNK = 1 << 20  # elements encoded at a time (bounds the search's temporary arrays)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model family has no GGUF mapping here."""
+
+
+# ============================================================================ block formats
+@dataclass(frozen=True)
+class _Fmt:
+    """The part of a ggml block format the encoder needs.
+
+    ``kind``:
+      ``sym``     ``x = s_j * (c - mid)``, ``mid = 2^(bits-1)``; ``s_j`` fp16 per block (legacy) or
+                  ``d * sc_j`` with integer ``sc_j`` in ``sc_range`` (K-quants)
+      ``affine``  ``x = d * c + m`` with fp16 ``d``, ``m`` per block (Q4_1, Q5_1)
+      ``kaff``    ``x = (d * sc_j) * c - dmin * m_j`` with unsigned ``sc_j, m_j`` (Q2_K, Q4_K, Q5_K)
+      ``lut``     ``x = d * IQ4_NL_LEVELS[c]`` (IQ4_NL)
+      ``mx``      ``x = 2^(e - 128) * MXFP4_LEVELS[c]`` with a byte exponent ``e`` (MXFP4)
+    ``sub``: elements sharing one scale; ``block``/``type_size``: from ``gguf.GGML_QUANT_SIZES``.
+    """
+
+    qtype: QT
+    kind: str
+    bits: int
+    sub: int
+    sc_range: tuple[int, int] | None = None
+
+    @property
+    def block(self) -> int:
+        return gguf.GGML_QUANT_SIZES[self.qtype][0]
+
+    @property
+    def type_size(self) -> int:
+        return gguf.GGML_QUANT_SIZES[self.qtype][1]
+
+    @property
+    def bpw(self) -> float:
+        return ggml_bpw(self.qtype)
+
+    @property
+    def is_k(self) -> bool:
+        return self.block == 256
+
+
+_FMTS: dict[QT, _Fmt] = {f.qtype: f for f in (
+    _Fmt(QT.Q8_0, "sym", 8, 32),
+    _Fmt(QT.Q5_0, "sym", 5, 32),
+    _Fmt(QT.Q4_0, "sym", 4, 32),
+    _Fmt(QT.Q5_1, "affine", 5, 32),
+    _Fmt(QT.Q4_1, "affine", 4, 32),
+    _Fmt(QT.Q6_K, "sym", 6, 16, (-128, 127)),
+    _Fmt(QT.Q3_K, "sym", 3, 16, (-32, 31)),
+    _Fmt(QT.Q5_K, "kaff", 5, 32, (0, 63)),
+    _Fmt(QT.Q4_K, "kaff", 4, 32, (0, 63)),
+    _Fmt(QT.Q2_K, "kaff", 2, 16, (0, 15)),
+    _Fmt(QT.IQ4_NL, "lut", 4, 32),
+    _Fmt(QT.MXFP4, "mx", 4, 32),
+)}
+
+IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+# E2M1 magnitudes doubled (0, 0.5, ..., 6 -> 0, 1, ..., 12), codes 8..15 negative, as ggml's MXFP4 block
+MXFP4_LEVELS = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)
+
+# spec element width -> class; class -> its candidate types (the first is the nominal type)
+_CLASS_OF_BITS = {1: 2, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 8, 8: 8}
+_CLASS_ORDER = (2, 3, 4, 5, 6, 8)
+_CLASS_TYPES: dict[int, tuple[QT, ...]] = {
+    8: (QT.Q8_0,),
+    6: (QT.Q6_K,),
+    5: (QT.Q5_K, QT.Q5_0, QT.Q5_1),
+    4: (QT.Q4_K, QT.Q4_0, QT.IQ4_NL, QT.Q4_1),
+    3: (QT.Q3_K,),
+    2: (QT.Q2_K,),
+}
+_KEEP_TYPES = {"fp16": QT.F16, "bf16": QT.BF16, "fp32": QT.F32}
+
+
+def ggml_bpw(qtype: QT) -> float:
+    """Bits per weight of a ggml type (block bytes * 8 / block elements)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return size * 8 / block
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_gguf_quantize() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    can, cannot = [], []
+    for qt in QT:
+        block = gguf.GGML_QUANT_SIZES[qt][0]
+        try:
+            gguf.quants.quantize(np.zeros((1, max(block, 32)), np.float32), qt)
+            can.append(qt.name)
+        except Exception:  # noqa: BLE001 - NotImplementedError, or integer tensor types: not weight formats
+            cannot.append(qt.name)
+    return tuple(can), tuple(cannot)
+
+
+def gguf_quantize_support() -> dict[str, list[str]]:
+    """Which ggml types the installed ``gguf`` package can quantize in Python, and which it can only dequantize.
+
+    Probed once by quantizing one zero block of every type (this module does not use those quantizers).
+    """
+    can, cannot = _probe_gguf_quantize()
+    return {"quantize": list(can), "dequantize_only": list(cannot)}
+
+
+# ---------------------------------------------------------------------------- small helpers
+def _fp16(x: np.ndarray) -> np.ndarray:
+    """Round to the nearest fp16 value (saturating), returned as float32."""
+    return np.clip(x, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
+
+
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """``[n]`` fp16-representable floats -> ``[n, 2]`` little-endian bytes."""
+    return np.ascontiguousarray(x.astype("<f2")).view(np.uint8).reshape(-1, 2)
+
+
+def _nibbles(c: np.ndarray) -> np.ndarray:
+    """``[n, 32]`` 4-bit codes -> ``[n, 16]`` bytes: low nibble element i, high nibble element i + 16."""
+    c = c.astype(np.uint8)
+    return (c[:, :16] & 15) | ((c[:, 16:] & 15) << 4)
+
+
+def _safe_div(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``x / d`` with 0 where ``d == 0``."""
+    out = np.zeros(np.broadcast_shapes(x.shape, d.shape), np.float32)
+    np.divide(x, d, out=out, where=np.broadcast_to(d != 0, out.shape))
+    return out
+
+
+# ============================================================================ block packers
+# Each packer takes ``n`` blocks of codes and parameters and returns ``[n, type_size]`` bytes.
+# Codes are unsigned (``c - mid`` is the signed value for the ``sym`` kinds).
+
+def pack_q8_0(d: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q8_0 (34 bytes / 32): fp16 ``d``, then 32 int8 ``c - 128``.  ``x = d * (c - 128)``."""
+    q = (c.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+    return np.concatenate([_f16_bytes(d), q], axis=1)
+
+
+def pack_q4_0(d: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q4_0 (18 / 32): fp16 ``d``, 16 bytes of nibbles.  ``x = d * (c - 8)``."""
+    return np.concatenate([_f16_bytes(d), _nibbles(c)], axis=1)
+
+
+def pack_q4_1(d: np.ndarray, m: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q4_1 (20 / 32): fp16 ``d``, fp16 ``m``, nibbles.  ``x = d * c + m``."""
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _nibbles(c)], axis=1)
+
+
+def _fifth_bits(c: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of 32 codes as one little-endian uint32 (element i -> bit i)."""
+    bits = ((c.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    return np.ascontiguousarray(bits.sum(axis=1, dtype=np.uint32).astype("<u4")).view(np.uint8).reshape(-1, 4)
+
+
+def pack_q5_0(d: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q5_0 (22 / 32): fp16 ``d``, 4 bytes of fifth bits, nibbles of the low 4 bits.  ``x = d * (c - 16)``."""
+    return np.concatenate([_f16_bytes(d), _fifth_bits(c), _nibbles(c & 15)], axis=1)
+
+
+def pack_q5_1(d: np.ndarray, m: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q5_1 (24 / 32): fp16 ``d``, fp16 ``m``, fifth bits, nibbles.  ``x = d * c + m``."""
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _fifth_bits(c), _nibbles(c & 15)], axis=1)
+
+
+def pack_iq4_nl(d: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """IQ4_NL (18 / 32): fp16 ``d``, nibbles indexing :data:`IQ4_NL_LEVELS`.  ``x = d * L[c]``."""
+    return np.concatenate([_f16_bytes(d), _nibbles(c)], axis=1)
+
+
+def pack_mxfp4(e: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """MXFP4 (17 / 32): exponent byte ``e``, nibbles indexing :data:`MXFP4_LEVELS`.  ``x = 2^(e-128) * L[c]``."""
+    return np.concatenate([e.astype(np.uint8).reshape(-1, 1), _nibbles(c)], axis=1)
+
+
+def _k_scale_bytes(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and eight 6-bit mins -> the 12 bytes Q4_K/Q5_K store.
+
+    Bytes 0-3 hold scales 0-3 (low 6 bits) and the top 2 bits of scales 4-7; bytes 4-7 the same
+    for the mins; bytes 8-11 the low nibbles of scales 4-7 (low half) and mins 4-7 (high half).
+    """
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    lo_s, hi_s, lo_m, hi_m = sc[:, :4], sc[:, 4:], m[:, :4], m[:, 4:]
+    b0 = lo_s | ((hi_s >> 4) << 6)
+    b1 = lo_m | ((hi_m >> 4) << 6)
+    b2 = (hi_s & 15) | ((hi_m & 15) << 4)
+    return np.concatenate([b0, b1, b2], axis=1)
+
+
+def _k_low_nibbles(c: np.ndarray) -> np.ndarray:
+    """256 codes -> 128 bytes: 32-element sub-blocks 2k and 2k+1 share bytes 32k..32k+31 (low, high nibble)."""
+    c = (c.astype(np.uint8) & 15).reshape(-1, 4, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def _two_bit_planes(c: np.ndarray) -> np.ndarray:
+    """256 2-bit codes -> 64 bytes: element ``128h + 32s + t`` in byte ``32h + t``, bits ``2s``."""
+    c = (c.astype(np.uint8) & 3).reshape(-1, 2, 4, 32)
+    out = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
+    return out.reshape(-1, 64)
+
+
+def pack_q4_k(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q4_K (144 / 256): fp16 ``d``, fp16 ``dmin``, 12 scale bytes, 128 bytes of nibbles.
+
+    Eight sub-blocks of 32: ``x = (d * sc_j) * c - dmin * m_j``, ``sc_j, m_j`` in 0..63, ``c`` in 0..15.
+    """
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _k_scale_bytes(sc, m), _k_low_nibbles(c)], axis=1)
+
+
+def pack_q5_k(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q5_K (176 / 256): as Q4_K plus 32 bytes of fifth bits (element ``32j + t``: byte ``t``, bit ``j``)."""
+    hi = ((c.astype(np.uint8) >> 4) & 1).reshape(-1, 8, 32)
+    qh = (hi << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)).sum(axis=1, dtype=np.uint8)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _k_scale_bytes(sc, m), qh, _k_low_nibbles(c)], axis=1)
+
+
+def pack_q6_k(d: np.ndarray, sc: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q6_K (210 / 256): 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8 scales, fp16 ``d``.
+
+    Sixteen sub-blocks of 16: ``x = (d * sc_j) * (c - 32)``.  Each half of 128 elements uses 64
+    low-nibble bytes (elements ``k`` and ``k + 64`` share byte ``k``) and 32 high-bit bytes
+    (elements ``k, k+32, k+64, k+96`` share byte ``k``, bits 0-1, 2-3, 4-5, 6-7).
+    """
+    c = c.astype(np.uint8).reshape(-1, 2, 128)
+    lo, hi = c & 15, c >> 4
+    ql = (lo[:, :, :64] | (lo[:, :, 64:] << 4)).reshape(-1, 128)
+    hi = hi.reshape(-1, 2, 4, 32)
+    qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(-1, 64)
+    scales = sc.astype(np.int8).view(np.uint8).reshape(-1, 16)
+    return np.concatenate([ql, qh, scales, _f16_bytes(d)], axis=1)
+
+
+def pack_q3_k(d: np.ndarray, sc: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q3_K (110 / 256): 32 bytes high-bit mask, 64 bytes of 2-bit planes, 12 scale bytes, fp16 ``d``.
+
+    Sixteen sub-blocks of 16: ``x = (d * sc_j) * (c - 4)``, ``sc_j`` in -32..31 stored as 6 bits
+    ``sc_j + 32``: low nibbles of scales j and j+8 share byte j (0..7), the top 2 bits of scale
+    ``4k + i`` sit in byte ``8 + i`` at bits ``2k``.  Code bit 2 of element ``32b + t`` is bit ``b``
+    of mask byte ``t`` (set = no -4 offset in ggml's terms).
+    """
+    c = c.astype(np.uint8)
+    hbit = ((c >> 2) & 1).reshape(-1, 8, 32)
+    hmask = (hbit << np.arange(8, dtype=np.uint8).reshape(1, 8, 1)).sum(axis=1, dtype=np.uint8)
+    u = (sc.astype(np.int16) + 32).astype(np.uint8)
+    low, high = u & 15, u >> 4
+    sbytes = np.concatenate([low[:, :8] | (low[:, 8:] << 4),
+                             high[:, 0:4] | (high[:, 4:8] << 2) | (high[:, 8:12] << 4) | (high[:, 12:16] << 6)], axis=1)
+    return np.concatenate([hmask, _two_bit_planes(c), sbytes, _f16_bytes(d)], axis=1)
+
+
+def pack_q2_k(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Q2_K (84 / 256): 16 bytes ``sc_j | m_j << 4``, 64 bytes of 2-bit planes, fp16 ``d``, fp16 ``dmin``.
+
+    Sixteen sub-blocks of 16: ``x = (d * sc_j) * c - dmin * m_j``, ``sc_j, m_j`` in 0..15.
+    """
+    sbytes = (sc.astype(np.uint8) & 15) | ((m.astype(np.uint8) & 15) << 4)
+    return np.concatenate([sbytes, _two_bit_planes(c), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
+
+
+# ============================================================================ fitting
+def _quant_sub_scales(a: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Write per-sub-block reals ``a [n, k]`` as ``d * q`` with fp16 ``d [n]`` and integer ``q`` in ``lo..hi``.
+
+    Tries ``d = fp16(a_ext / j)`` for every nonzero code ``j`` (``a_ext`` the entry of largest
+    magnitude) and keeps, per row, the ``d`` with the least ``sum((d * q - a)^2)``.  Exact when the
+    ``a`` are fp16 multiples of one ``d`` within range (e.g. all equal: ``j = 1``).
+    """
+    n = a.shape[0]
+    ext = a[np.arange(n), np.abs(a).argmax(axis=1)]
+    best_err = np.full(n, np.inf, np.float32)
+    best_d = np.zeros(n, np.float32)
+    best_q = np.zeros(a.shape, np.int32)
+    for j in range(lo, hi + 1):
+        if j == 0:
+            continue
+        d = _fp16(ext / j)
+        q = np.clip(np.rint(_safe_div(a, d[:, None])), lo, hi)
+        err = ((d[:, None] * q - a) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_d = np.where(better, d, best_d)
+        best_q = np.where(better[:, None], q.astype(np.int32), best_q)
+    return best_d, best_q
+
+
+def _windows(cols: int, sub: int) -> list[int]:
+    """Window lengths whose extremes propose sub-block parameters: the row, common group sizes, the sub-block.
+
+    Longest first: on equal error a sub-block keeps the coarser (shared) parameters, which the
+    K-quants' super-block scale then represents best.
+    """
+    return sorted({w for w in (sub, 32, 64, 128, 256, cols) if w >= sub and cols % w == 0}, reverse=True)
+
+
+def _window_stat(x: np.ndarray, w: int, sub: int, stat: str) -> np.ndarray:
+    """``stat`` (``ext``: signed largest-magnitude element, ``min``, ``max``) of each length-``w`` window of the
+    rows of ``x [r, cols]``, repeated for each ``sub``-element sub-block inside it: ``[r * cols // sub]``."""
+    r, cols = x.shape
+    xw = x.reshape(r, cols // w, w)
+    if stat == "ext":
+        v = np.take_along_axis(xw, np.abs(xw).argmax(axis=2)[..., None], axis=2)[..., 0]
+    else:
+        v = xw.min(axis=2) if stat == "min" else xw.max(axis=2)
+    return np.repeat(v, w // sub, axis=1).reshape(-1)
+
+
+def _fit_sym(x: np.ndarray, sub: int, mid: int, src_bits: int | None, fp16_step: bool) -> np.ndarray:
+    """Steps ``[n_sub]`` for ``s * (c - mid)`` fit to the values ``x [r, cols]``, least squared error per sub-block.
+
+    Candidates: the extreme element of the sub-block or of a longer window (32 ... 256, the row: a
+    coarser mixq group) landing on the lowest or highest code of this grid or of the source int
+    grid (``src_bits``), the power-of-two step an OCP MX scale would take, and shrunk variants of
+    the sub-block's own.  Any symmetric int grid whose extreme code is used in some window is
+    recovered exactly.
+    """
+    xs = x.reshape(-1, sub)
+    bits = {mid.bit_length()} | ({src_bits} if src_bits is not None and src_bits > 1 else set())
+    denoms = sorted({j for b in bits for j in (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if j})
+    best_err = np.full(xs.shape[0], np.inf, np.float32)
+    best = np.zeros(xs.shape[0], np.float32)
+    for w in _windows(x.shape[1], sub):
+        ext = _window_stat(x, w, sub, "ext")
+        log2 = np.floor(np.log2(np.maximum(np.abs(ext), 1e-30)))
+        cands = [ext / np.float32(j * shrink) for j in denoms
+                 for shrink in ((1.0, 0.96, 0.92, 0.88) if w == sub else (1.0,))]
+        cands += [np.exp2(log2 - (b - 2)).astype(np.float32) for b in bits]
+        for a in cands:
+            if fp16_step:
+                a = _fp16(a)
+            c = np.clip(np.rint(_safe_div(xs, a[:, None])), -mid, mid - 1)
+            err = ((a[:, None] * c - xs) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err, best = np.where(better, err, best_err), np.where(better, a, best)
+    return best
+
+
+def _fit_affine(x: np.ndarray, sub: int, qmax: int, src_bits: int | None, k_mins: bool,
+                fp16_params: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(step, zero)`` per sub-block for ``step * c + zero`` fit to ``x [r, cols]`` (least squared error).
+
+    Candidates: min/max of the sub-block and of longer windows, spread over this grid's or the
+    source int grid's code range (or one code less: a symmetric source grid whose lowest code is
+    unused).  ``k_mins``: the zero must be <= 0 (K-quants store ``-dmin * m``).
+    """
+    xs = x.reshape(-1, sub)
+    spans = {qmax} | ({2**src_bits - 1, 2**src_bits - 2} if src_bits is not None else set())
+    spans.discard(0)
+    best_err = np.full(xs.shape[0], np.inf, np.float32)
+    best_a = np.zeros(xs.shape[0], np.float32)
+    best_b = np.zeros(xs.shape[0], np.float32)
+    for w in _windows(x.shape[1], sub):
+        lo, hi = _window_stat(x, w, sub, "min"), _window_stat(x, w, sub, "max")
+        if k_mins:
+            lo = np.minimum(lo, 0)
+        for n in sorted(spans):
+            b = _fp16(lo) if fp16_params else lo
+            a = (hi - b) / n
+            if fp16_params:
+                a = _fp16(a)
+            c = np.clip(np.rint(_safe_div(xs - b[:, None], a[:, None])), 0, qmax)
+            err = ((a[:, None] * c + b[:, None] - xs) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_a, best_b = np.where(better, a, best_a), np.where(better, b, best_b)
+    return best_a, best_b
+
+
+def _sym_codes(x: np.ndarray, step: np.ndarray, mid: int) -> np.ndarray:
+    """Nearest codes ``c`` of ``x`` on ``step * (c - mid)`` (``step`` broadcasts; 0 -> the zero code)."""
+    return np.clip(np.rint(_safe_div(x, step)) + mid, 0, 2 * mid - 1).astype(np.uint8)
+
+
+def _aff_codes(x: np.ndarray, step: np.ndarray, zero: np.ndarray, qmax: int) -> np.ndarray:
+    """Nearest codes ``c`` of ``x`` on ``step * c + zero``."""
+    return np.clip(np.rint(_safe_div(x - zero, step)), 0, qmax).astype(np.uint8)
+
+
+def _nearest_level(y: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Index of the nearest entry of ``levels`` (any order) for each element of ``y``."""
+    order = np.argsort(levels, kind="stable")
+    srt = levels[order]
+    mids = (srt[1:] + srt[:-1]) / 2
+    return order[np.searchsorted(mids, y)].astype(np.uint8)
+
+
+@dataclass
+class _Grid:
+    """mixq's own grid for one tensor's rows, when known: ``x = step * code + zero`` per group.
+
+    ``step``/``zero``: ``[rows, groups_per_row]``; ``group``: group length along the row.
+    ``integral``: ``zero`` is an integer multiple of ``step`` (symmetric or int zero point), so the
+    grid also fits the symmetric ggml types.  ``mx``: the step is an OCP MX power-of-two scale of
+    FP4-E2M1 elements (``step`` holds it; ``zero`` is unused).
+    """
+
+    step: np.ndarray
+    zero: np.ndarray
+    group: int
+    integral: bool
+    mx: bool = False
+
+    def rows(self, sl: slice) -> "_Grid":
+        return _Grid(self.step[sl], self.zero[sl], self.group, self.integral, self.mx)
+
+    def per_sub(self, sub: int, cols: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(step, zero)`` per ``sub``-element sub-block ``[rows, cols // sub]``; None if groups straddle them."""
+        if self.group % sub:
+            return None
+        idx = (np.arange(cols // sub) * sub) // self.group
+        return self.step[:, idx], self.zero[:, idx]
+
+
+def _grid_of(q: QTensor, perm: np.ndarray | None) -> _Grid | None:
+    """The int (or MX FP4) grid of a mixq QTensor, rows permuted like the tensor; None for other formats."""
+    spec, (rows, cols) = q.spec, q.shape
+    p = q.params
+    if spec.is_float_keep or p.scale is None:
+        return None
+    if spec.dtype == "int":
+        s = p.scale.detach().float().reshape(-1)
+        if spec.symmetric:
+            step, zero, integral = (2 * s, -s, False) if spec.bits == 1 else (s, -s * 2 ** (spec.bits - 1), True)
+        elif p.zero is not None:
+            step, zero, integral = s, -s * p.zero.detach().float().reshape(-1), True
+        else:
+            step, zero, integral = s, p.offset.detach().float().reshape(-1), False
+        mx = False
+    elif spec.dtype == "fp4_e2m1" and spec.scale_dtype == "e8m0":
+        step = p.scale.detach().float().reshape(-1)
+        zero, integral, mx = torch.zeros_like(step), False, True
+    else:
+        return None
+    if isinstance(spec.granularity, PerTensor):
+        step, zero, g = step.expand(rows).reshape(rows, 1), zero.expand(rows).reshape(rows, 1), cols
+    else:
+        g = group_len(spec.granularity, (rows, cols))
+        step, zero = step.reshape(rows, cols // g), zero.reshape(rows, cols // g)
+    step, zero = step.numpy().astype(np.float32), zero.numpy().astype(np.float32)
+    if perm is not None:
+        step, zero = step[perm], zero[perm]
+    return _Grid(step, zero, g, integral, mx)
+
+
+# ---------------------------------------------------------------------------- encoders
+def _enc_sym_legacy(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
+    mid = 2 ** (f.bits - 1)
+    cols = x.shape[1]
+    xb = x.reshape(-1, f.sub)
+    sub = grid.per_sub(f.sub, cols) if grid is not None and grid.integral else None
+    step = sub[0].reshape(-1) if sub is not None else _fit_sym(x, f.sub, mid, src_bits, fp16_step=True)
+    d = _fp16(step)
+    c = _sym_codes(xb, d[:, None], mid)
+    return {QT.Q8_0: pack_q8_0, QT.Q4_0: pack_q4_0, QT.Q5_0: pack_q5_0}[f.qtype](d, c)
+
+
+def _enc_affine_legacy(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
+    qmax = 2**f.bits - 1
+    cols = x.shape[1]
+    xb = x.reshape(-1, f.sub)
+    sub = grid.per_sub(f.sub, cols) if grid is not None and not grid.mx else None
+    if sub is not None:
+        m, d = _fp16(sub[1].reshape(-1)), _fp16(sub[0].reshape(-1))
+    else:
+        d, m = _fit_affine(x, f.sub, qmax, src_bits, k_mins=False, fp16_params=True)
+    c = _aff_codes(xb, d[:, None], m[:, None], qmax)
+    return (pack_q4_1 if f.qtype == QT.Q4_1 else pack_q5_1)(d, m, c)
+
+
+def _enc_sym_k(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
+    mid = 2 ** (f.bits - 1)
+    cols = x.shape[1]
+    xs = x.reshape(-1, f.sub)
+    sub = grid.per_sub(f.sub, cols) if grid is not None and grid.integral else None
+    a = sub[0].reshape(-1) if sub is not None else _fit_sym(x, f.sub, mid, src_bits, fp16_step=False)
+    d, sc = _quant_sub_scales(a.reshape(-1, 256 // f.sub), *f.sc_range)
+    eff = (d[:, None] * sc.astype(np.float32)).reshape(-1, 1)  # ggml's d * sc, in float32
+    c = _sym_codes(xs, eff, mid).reshape(-1, 256)
+    return pack_q6_k(d, sc, c) if f.qtype == QT.Q6_K else pack_q3_k(d, sc, c)
+
+
+def _enc_kaff(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
+    qmax = 2**f.bits - 1
+    cols = x.shape[1]
+    xs = x.reshape(-1, f.sub)
+    sub = grid.per_sub(f.sub, cols) if grid is not None and not grid.mx else None
+    if sub is not None:
+        a, mn = sub[0].reshape(-1), np.maximum(-sub[1].reshape(-1), 0)
+    else:
+        a, b = _fit_affine(x, f.sub, qmax, src_bits, k_mins=True, fp16_params=False)
+        mn = -b
+    nsub = 256 // f.sub
+    d, sc = _quant_sub_scales(a.reshape(-1, nsub), *f.sc_range)
+    dmin, m = _quant_sub_scales(mn.reshape(-1, nsub), *f.sc_range)
+    eff = (d[:, None] * sc.astype(np.float32)).reshape(-1, 1)
+    off = (dmin[:, None] * m.astype(np.float32)).reshape(-1, 1)
+    c = _aff_codes(xs, eff, -off, qmax).reshape(-1, 256)
+    pack = {QT.Q4_K: pack_q4_k, QT.Q5_K: pack_q5_k, QT.Q2_K: pack_q2_k}[f.qtype]
+    return pack(d, dmin, sc, m, c)
+
+
+def _enc_iq4_nl(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
+    """IQ4_NL from values: scale candidates around ``x_ext / L_ext``, each refined once by least squares."""
+    xb = x.reshape(-1, 32)
+    n = xb.shape[0]
+    ext = xb[np.arange(n), np.abs(xb).argmax(axis=1)]
+    best_err = np.full(n, np.inf, np.float32)
+    best_d = np.zeros(n, np.float32)
+    for base in (-127.0, 113.0):
+        for shrink in (1.0, 0.95, 0.9, 1.05):
+            d = ext / (base * shrink)
+            lv = IQ4_NL_LEVELS[_nearest_level(_safe_div(xb, d[:, None]), IQ4_NL_LEVELS)]
+            den = (lv * lv).sum(axis=1)
+            d_ls = np.where(den > 0, (xb * lv).sum(axis=1) / np.maximum(den, 1e-30), 0)
+            for dd in (_fp16(d), _fp16(d_ls)):
+                lv2 = IQ4_NL_LEVELS[_nearest_level(_safe_div(xb, dd[:, None]), IQ4_NL_LEVELS)]
+                err = ((dd[:, None] * lv2 - xb) ** 2).sum(axis=1)
+                better = err < best_err
+                best_err, best_d = np.where(better, err, best_err), np.where(better, dd, best_d)
+    c = _nearest_level(_safe_div(xb, best_d[:, None]), IQ4_NL_LEVELS)
+    return pack_iq4_nl(best_d, c)
+
+
+def _enc_mxfp4(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
+    """MXFP4: the mixq power-of-two scale when the grid is MX FP4, else ``floor(log2 amax) - 2`` (and +-1)."""
+    cols = x.shape[1]
+    xb = x.reshape(-1, 32)
+    sub = grid.per_sub(32, cols) if grid is not None and grid.mx else None
+    cands: list[np.ndarray] = []
+    if sub is not None:
+        k = np.log2(np.maximum(sub[0].reshape(-1), 2.0**-149))
+        if np.all(k == np.round(k)):
+            cands.append(np.clip(k + 127, 0, 254))
+    amax = np.abs(xb).max(axis=1)
+    e0 = np.where(amax > 0, np.floor(np.log2(np.maximum(amax, 1e-38))) - 2 + 127, 0)
+    cands += [np.clip(e0 + o, 0, 254) for o in (0, -1, 1)]
+    best_err = np.full(xb.shape[0], np.inf, np.float32)
+    best_e = np.zeros(xb.shape[0], np.float32)
+    for e in cands:
+        scale = np.exp2(e - 128).astype(np.float32)
+        lv = MXFP4_LEVELS[_nearest_level(xb / scale[:, None], MXFP4_LEVELS)]
+        err = ((scale[:, None] * lv - xb) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err, best_e = np.where(better, err, best_err), np.where(better, e, best_e)
+    scale = np.exp2(best_e - 128).astype(np.float32)
+    c = _nearest_level(xb / scale[:, None], MXFP4_LEVELS)
+    return pack_mxfp4(best_e.astype(np.uint8), c)
+
+
+_ENCODERS = {"sym": _enc_sym_legacy, "affine": _enc_affine_legacy, "kaff": _enc_kaff, "lut": _enc_iq4_nl,
+             "mx": _enc_mxfp4}
+
+
+def encode_blocks(qtype: QT, x: np.ndarray, grid: _Grid | None = None, src_bits: int | None = None) -> np.ndarray:
+    """Encode ``x [rows, cols]`` (float32) as ggml blocks of ``qtype``: uint8 ``[rows, cols / block * type_size]``.
+
+    ``grid``: mixq's grid for these rows (see :class:`_Grid`), used when it fits the block type;
+    otherwise the block parameters are fit to the values, ``src_bits`` (the element width of an
+    int spec that produced them) adding candidates.  Works in row chunks.
+    """
+    f = _FMTS[qtype]
+    rows, cols = x.shape
+    if cols % f.block:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {f.block} elements, got {cols}")
+    enc = _enc_sym_k if (f.kind == "sym" and f.is_k) else _ENCODERS[f.kind]
+    out = np.empty((rows, cols // f.block * f.type_size), np.uint8)
+    step = max(1, _CHUNK // cols)
+    for r0 in range(0, rows, step):
+        sl = slice(r0, min(rows, r0 + step))
+        g = grid.rows(sl) if grid is not None else None
+        out[sl] = enc(f, np.ascontiguousarray(x[sl], np.float32), g, src_bits).reshape(sl.stop - sl.start, -1)
+    return out
+
+
+def decode_blocks(qtype: QT, data: np.ndarray) -> np.ndarray:
+    """``gguf.quants.dequantize`` (the reference decoder), float32 ``[rows, cols]``."""
+    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+
+
+# ============================================================================ type choice
+@dataclass
+class _Choice:
+    qtype: QT
+    data: np.ndarray  # what GGUFWriter.add_tensor takes (uint8 blocks, or float16/float32 values)
+    nominal: QT | None
+    fallback: str | None
+    how: str
+    grid_used: bool
+    candidates: dict[str, float]  # type -> relative L2 error
+    excluded: dict[str, str]
+
+
+def _rel(err_sq: float, ref_sq: float) -> float:
+    return math.sqrt(err_sq / ref_sq) if ref_sq > 0 else (0.0 if err_sq == 0 else math.inf)
+
+
+def _float_data(x: np.ndarray, qtype: QT) -> np.ndarray:
+    if qtype == QT.F32:
+        return np.ascontiguousarray(x, np.float32)
+    if qtype == QT.F16:
+        return np.ascontiguousarray(np.clip(x, -65504, 65504).astype(np.float16))
+    return gguf.quants.quantize(np.ascontiguousarray(x, np.float32), QT.BF16)  # uint8, raw_dtype BF16
+
+
+def _choose_type(x: np.ndarray, spec: QuantSpec, grid: _Grid | None) -> _Choice:
+    """Pick and encode the ggml type for one quantized tensor (rules in the module docstring)."""
+    rows, cols = x.shape
+    if spec.is_float_keep:
+        qt = _KEEP_TYPES[spec.dtype]
+        return _Choice(qt, _float_data(x, qt), qt, None, "mixq keeps this tensor in floating point", False, {}, {})
+    spec_bpw = spec.bpw((rows, cols))
+    cls = _CLASS_OF_BITS[spec.bits]
+    nominal = _CLASS_TYPES[cls][0]
+    ref_sq = float(np.square(x, dtype=np.float64).sum())
+    excluded: dict[str, str] = {}
+    tried: dict[str, float] = {}
+    fallback = None
+    if cols % _FMTS[nominal].block:
+        fallback = (f"{nominal.name} needs rows of a multiple of {_FMTS[nominal].block} elements; "
+                    f"this tensor's rows (input dimension) have {cols}")
+    while True:
+        types = list(_CLASS_TYPES[cls])
+        if cls == 4 and spec.dtype == "fp4_e2m1":
+            types.insert(0, QT.MXFP4)
+        budget = max(spec_bpw, _FMTS[_CLASS_TYPES[cls][0]].bpw) + 1e-9
+        cands = []
+        for i, t in enumerate(types):
+            f = _FMTS[t]
+            if f.bpw > budget:
+                excluded[t.name] = f"{f.bpw:g} bpw is over the budget of {budget:.4g} bpw"
+            elif cols % f.block:
+                excluded[t.name] = f"needs rows of a multiple of {f.block}, got {cols}"
+            else:
+                cands.append((f.bpw, i, t))
+        if cands:
+            break
+        nxt = [c for c in _CLASS_ORDER if c > cls]
+        if not nxt:
+            data = _float_data(x, QT.F16)
+            fb = fallback or f"no block type fits rows of {cols} elements"
+            return _Choice(QT.F16, data, nominal, fb + "; wrote F16", "no quantized type fits the row", False,
+                           tried, excluded)
+        cls = nxt[0]
+    def grid_fits(f: _Fmt) -> bool:
+        return (grid is not None and f.kind != "lut" and grid.per_sub(f.sub, cols) is not None
+                and (f.kind == "mx") == grid.mx and (f.kind != "sym" or grid.integral))
+
+    # mixq's grid first (cheap, often exact), then by bits; once a type reproduces the weight exactly,
+    # the others are only tried through mixq's grid (a refit of on-grid values onto an unrelated grid
+    # is not exact in practice, and is the slow part)
+    order = sorted(cands, key=lambda c: (not grid_fits(_FMTS[c[2]]), c[0], c[1]))
+    best: tuple[float, float, int, QT, np.ndarray, bool] | None = None
+    src_bits = spec.bits if spec.dtype == "int" else None
+    for bpw, i, t in order:
+        if best is not None and best[0] == 0 and (bpw, i) > best[1:3]:
+            continue  # cannot beat an exact candidate with fewer (or as many, earlier listed) bits
+        options = ([True] if grid_fits(_FMTS[t]) else []) + ([False] if best is None or best[0] > 0 else [])
+        for use_grid in options:
+            data = encode_blocks(t, x, grid if use_grid else None, src_bits)
+            err_sq = float(np.square(decode_blocks(t, data) - x, dtype=np.float64).sum())
+            if best is None or (err_sq, bpw, i) < best[:3]:
+                best = (err_sq, bpw, i, t, data, use_grid)
+            tried[t.name] = min(tried.get(t.name, math.inf), _rel(err_sq, ref_sq))
+            if err_sq == 0:
+                break
+    err_sq, _, _, qt, data, used = best
+    if err_sq == 0:
+        how = "reproduces the mixq weight exactly"
+    elif len(tried) > 1:
+        how = "least error of " + ", ".join(tried)
+    else:
+        how = "only candidate"
+    if fallback is not None:
+        fallback += f"; wrote {qt.name}" + (" (exact)" if err_sq == 0 else "")
+    return _Choice(qt, data, nominal, fallback, how, used, tried, excluded)
+
+
+# ============================================================================ architecture
+@dataclass(frozen=True)
+class _Arch:
+    gguf_arch: str
+    permute_qk: bool
+
+
+_ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False)}
+
+_BLOCK_TENSORS = {
+    "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
+    "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
+    "self_attn.q_proj": gguf.MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
+    "mlp.gate_proj": gguf.MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
+}
+_TOP_TENSORS = {
+    "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD,
+    "model.norm": gguf.MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": gguf.MODEL_TENSOR.OUTPUT,
+}
+
+
+def _arch_of(config) -> _Arch:
+    mt = getattr(config, "model_type", None)
+    if mt not in _ARCHS:
+        raise UnsupportedArchitectureError(
+            f"GGUF export does not support model_type {mt!r}: supported architectures are "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders)")
+    return _ARCHS[mt]
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """llama.cpp's name of a Llama-family Hugging Face parameter (``model.layers.3.self_attn.q_proj.weight``
+    -> ``blk.3.attn_q.weight``).  Raises ``KeyError`` for a tensor with no GGUF counterpart."""
+    base, _, leaf = hf_name.rpartition(".")
+    if base in _TOP_TENSORS:
+        return f"{gguf.TENSOR_NAMES[_TOP_TENSORS[base]]}.{leaf}"
+    parts = base.split(".")
+    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        rel = ".".join(parts[3:])
+        if rel in _BLOCK_TENSORS:
+            return f"{gguf.TENSOR_NAMES[_BLOCK_TENSORS[rel]].format(bid=int(parts[2]))}.{leaf}"
+    raise KeyError(hf_name)
+
+
+def rope_row_order(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order llama.cpp expects for a llama ``q_proj``/``k_proj`` (weight or bias).
+
+    Hugging Face keeps each head's rotary pairs half a head apart (``rotate_half``: row ``i`` pairs
+    with ``i + d/2``); llama.cpp's rope pairs adjacent rows.  So GGUF row ``2i + t`` of a head is
+    HF row ``i + t * d/2`` of that head: ``gguf_w = hf_w[rope_row_order(rows, heads)]``.
+    """
+    if n_rows % n_heads or (n_rows // n_heads) % 2:
+        raise ValueError(f"cannot split {n_rows} rows into {n_heads} heads of even size")
+    d = n_rows // n_heads
+    return np.arange(n_rows).reshape(n_heads, 2, d // 2).transpose(0, 2, 1).reshape(-1)
+
+
+def _rope_settings(config) -> tuple[float, str, dict]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None)
+    if isinstance(legacy, dict):
+        params = {**legacy, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    return float(theta if theta is not None else 10000.0), kind, params
+
+
+def _hparams(config, arch: _Arch) -> dict[str, Any]:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    theta, kind, params = _rope_settings(config)
+    if kind not in ("default", "linear"):
+        raise ValueError(f"rope scaling {kind!r} is not supported by the GGUF exporter (only default and linear)")
+    return {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+            "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+            "head_count": heads, "head_count_kv": kv, "head_dim": head_dim,
+            "rope_dimension_count": int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
+            "rope_freq_base": theta, "rope_scaling": kind, "rope_factor": params.get("factor"),
+            "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size}
+
+
+# ============================================================================ tokenizer
+_QWEN2_HINT = r"\p{N}|"
+_LLAMA3_HINT = r"\p{N}{1,3}"
+
+
+def _walk(node: Any) -> Iterator[dict]:
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def _guess_pre(pre: Any, model_type: str | None) -> tuple[str, str | None]:
+    """llama.cpp's pre-tokenizer name for a byte-level BPE (from the HF pre-tokenizer's structure), and a
+    warning when it had to guess."""
+    nodes = list(_walk(pre))
+    kinds = [n.get("type") for n in nodes]
+    pattern = next((str((n.get("pattern") or {}).get("Regex", "")) for n in nodes if n.get("type") == "Split"), "")
+    if pattern:
+        if _QWEN2_HINT in pattern and "(?i:'s" in pattern:
+            return "qwen2", None
+        if _LLAMA3_HINT in pattern:
+            return "llama-bpe", None
+    elif kinds and set(kinds) <= {"Sequence", "ByteLevel", "Digits"} and "ByteLevel" in kinds:
+        digits = [n for n in nodes if n.get("type") == "Digits"]
+        if not digits:
+            return "gpt-2", None
+        if all(n.get("individual_digits") for n in digits):
+            return "smollm", None
+    if model_type == "qwen2":
+        return "qwen2", f"pre-tokenizer not recognised; wrote 'qwen2' for a {model_type} model"
+    return "default", f"pre-tokenizer {json.dumps(pre)[:120]} not recognised: wrote tokenizer.ggml.pre='default'"
+
+
+def _tokenizer_fields(tokenizer, vocab_size: int, model_type: str | None,
+                      pre_override: str | None) -> tuple[dict | None, list[str]]:
+    """The ``tokenizer.ggml.*`` metadata of a fast BPE tokenizer (``None`` and a warning when not exportable)."""
+    if tokenizer is None:
+        return None, ["no tokenizer: wrote tokenizer.ggml.model='no_vocab' (llama.cpp then takes token ids only)"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, [f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer: wrote 'no_vocab'"]
+    doc = json.loads(backend.to_str())
+    model = doc.get("model") or {}
+    if model.get("type") != "BPE":
+        return None, [f"tokenizer model {model.get('type')!r} has no GGUF form here (BPE only): wrote 'no_vocab'"]
+    pre, dec = doc.get("pre_tokenizer"), doc.get("decoder")
+    byte_level = any(n.get("type") == "ByteLevel" for n in _walk([pre, dec]))
+    spm = not byte_level and (model.get("byte_fallback") or any(
+        n.get("type") in ("Metaspace", "ByteFallback") for n in _walk([pre, dec, doc.get("normalizer")])))
+    if not (byte_level or spm):
+        return None, ["BPE tokenizer is neither byte-level nor SentencePiece-style: wrote 'no_vocab'"]
+    warnings: list[str] = []
+    tokens: list[str | None] = [None] * vocab_size
+    types = [int(gguf.TokenType.NORMAL)] * vocab_size
+    for tok, i in model["vocab"].items():
+        if i >= vocab_size:
+            raise ValueError(f"tokenizer id {i} ({tok!r}) is outside the model's vocabulary of {vocab_size}")
+        tokens[i] = tok
+    for added in doc.get("added_tokens", []):
+        i = added["id"]
+        if i >= vocab_size:
+            raise ValueError(f"added token {added['content']!r} has id {i}, "
+                             f"outside the model's vocabulary of {vocab_size}")
+        tokens[i] = added["content"]
+        types[i] = int(gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
+    n_pad = 0
+    for i, t in enumerate(tokens):
+        if t is None:
+            tokens[i], types[i], n_pad = f"[PAD{i}]", int(gguf.TokenType.UNUSED), n_pad + 1
+        elif spm and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = int(gguf.TokenType.BYTE)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    f: dict[str, Any] = {"model": "gpt2" if byte_level else "llama", "tokens": tokens, "types": types,
+                         "merges": merges, "padded": n_pad}
+    if byte_level:
+        if pre_override:
+            f["pre"] = pre_override
+        else:
+            f["pre"], warn = _guess_pre(pre, model_type)
+            if warn:
+                warnings.append(warn)
+    else:
+        f["pre"] = pre_override or "default"
+        # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest; a BPE
+        # vocabulary lists tokens in merge order, so -id reproduces the merge priority
+        f["scores"] = [0.0 if types[i] != gguf.TokenType.NORMAL else -float(i) for i in range(vocab_size)]
+    for key in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tokenizer, f"{key}_token_id", None)
+        if isinstance(tid, int) and 0 <= tid < vocab_size:
+            f[f"{key}_id"] = tid
+    try:
+        with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        f["add_bos"] = len(with_sp) > len(plain) and "bos_id" in f and with_sp[0] == f["bos_id"]
+        f["add_eos"] = len(with_sp) > len(plain) and "eos_id" in f and with_sp[-1] == f["eos_id"]
+    except Exception as e:  # noqa: BLE001 - a tokenizer that cannot encode "a" still exports its vocabulary
+        warnings.append(f"could not probe BOS/EOS insertion ({e}); wrote add_bos_token=false")
+        f["add_bos"] = f["add_eos"] = False
+    tmpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tmpl, str) and tmpl:
+        f["chat_template"] = tmpl
+    return f, warnings
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, f: dict | None) -> dict:
+    if f is None:
+        w.add_tokenizer_model("no_vocab")
+        return {"model": "no_vocab"}
+    w.add_tokenizer_model(f["model"])
+    w.add_tokenizer_pre(f["pre"])
+    w.add_token_list(f["tokens"])
+    w.add_token_types(f["types"])
+    if f["model"] == "llama":
+        w.add_token_scores(f["scores"])
+    if f["merges"]:
+        w.add_token_merges(f["merges"])
+    for key, add in (("bos_id", w.add_bos_token_id), ("eos_id", w.add_eos_token_id),
+                     ("unk_id", w.add_unk_token_id), ("pad_id", w.add_pad_token_id)):
+        if key in f:
+            add(f[key])
+    w.add_add_bos_token(bool(f["add_bos"]))
+    w.add_add_eos_token(bool(f["add_eos"]))
+    if "chat_template" in f:
+        w.add_chat_template(f["chat_template"])
+    return {"model": f["model"], "pre": f["pre"], "tokens": len(f["tokens"]), "merges": len(f["merges"]),
+            "padded_tokens": f["padded"], "add_bos": bool(f["add_bos"]),
+            **{k: f[k] for k in ("bos_id", "eos_id", "unk_id", "pad_id") if k in f}}
+
+
+# ============================================================================ writing
+@dataclass
+class _Item:
+    """One tensor to write."""
+
+    hf_name: str
+    name: str
+    fqn: str | None  # module name for 2-D weights
+    perm: np.ndarray | None
+
+
+def _items(model: nn.Module, arch: _Arch, hp: dict, specs: Mapping[str, QuantSpec]) -> tuple[list[_Item], bool]:
+    sd = model.state_dict()
+    embed = sd.get("model.embed_tokens.weight")
+    head = sd.get("lm_head.weight")
+    tied = head is not None and embed is not None and (
+        head.data_ptr() == embed.data_ptr() or (getattr(model.config, "tie_word_embeddings", False)
+                                                and "lm_head" not in specs and torch.equal(head, embed)))
+    items: list[_Item] = []
+    for hf_name, t in sd.items():
+        if (hf_name == "lm_head.weight" and tied) or hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # a tied head is token_embd; rope frequencies follow from the metadata
+        try:
+            name = gguf_tensor_name(hf_name)
+        except KeyError:
+            raise ValueError(f"{hf_name} {tuple(t.shape)} has no place in a {arch.gguf_arch} GGUF: the model differs "
+                             f"from the Llama layout this exporter writes") from None
+        perm = None
+        if arch.permute_qk and (".attn_q." in name or ".attn_k." in name):
+            heads = hp["head_count"] if ".attn_q." in name else hp["head_count_kv"]
+            perm = rope_row_order(t.shape[0], heads)
+        fqn = hf_name.rsplit(".", 1)[0] if t.ndim == 2 else None
+        items.append(_Item(hf_name, name, fqn, perm))
+    return items, tied
+
+
+class _Expected(Mapping):
+    """What each tensor of the file should decode to, computed on demand (``verify_gguf``'s ``expected``)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self._values = values  # name -> zero-argument callable returning float32 ndarray
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._values[name]()
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+_FILE_TYPE = {QT.F32: "ALL_F32", QT.F16: "MOSTLY_F16", QT.BF16: "MOSTLY_BF16", QT.Q4_0: "MOSTLY_Q4_0",
+              QT.Q4_1: "MOSTLY_Q4_1", QT.Q5_0: "MOSTLY_Q5_0", QT.Q5_1: "MOSTLY_Q5_1", QT.Q8_0: "MOSTLY_Q8_0",
+              QT.Q2_K: "MOSTLY_Q2_K", QT.Q3_K: "MOSTLY_Q3_K_M", QT.Q4_K: "MOSTLY_Q4_K_M",
+              QT.Q5_K: "MOSTLY_Q5_K_M", QT.Q6_K: "MOSTLY_Q6_K", QT.IQ4_NL: "MOSTLY_IQ4_NL",
+              QT.MXFP4: "MOSTLY_MXFP4_MOE"}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output file {out} already exists: choose another path or pass --force")
+    if out.is_dir():
+        raise IsADirectoryError(f"output path {out} is a directory: give a file name such as model.gguf")
+
+
+def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out: str | os.PathLike, *,
+               qtensors: Mapping[str, QTensor] | None = None, overwrite: bool = False, float_type: str = "f16",
+               name: str | None = None, tokenizer_pre: str | None = None, verify: bool = True,
+               progress: bool = False) -> dict:
+    """Write ``model`` (fake-quant weights) as one GGUF file; returns the report (JSON-able dict).
+
+    ``specs``: fqn -> :class:`QuantSpec` of every layer mixq quantized (a ``"keep"`` dtype counts);
+    their weights in ``model`` are mixq's dequantized values.  ``qtensors``: the stored codes and
+    parameters of those layers (``QuantResult.qtensors``), which let int and MX grids carry over
+    exactly; without them the blocks are fit to the weights.  ``float_type``: ``"f16"`` or ``"f32"``
+    for 2-D tensors mixq did not quantize (embeddings, an untied lm_head).  ``tokenizer_pre``:
+    overrides the guessed llama.cpp pre-tokenizer name.  ``verify``: read the file back and compare
+    every tensor (:func:`verify_gguf`).  Written to a temporary sibling and renamed into place;
+    an existing ``out`` is refused unless ``overwrite``.
+    """
+    out = Path(out)
+    _check_out(out, overwrite)
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+    config = model.config
+    arch = _arch_of(config)
+    hp = _hparams(config, arch)
+    specs = {k: (v if isinstance(v, QuantSpec) else QuantSpec.from_dict(v)) for k, v in specs.items()}
+    qtensors = dict(qtensors or {})
+    warnings: list[str] = []
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+        warnings.append(f"sliding_window={config.sliding_window} is not stored (llama.cpp's llama architecture "
+                        "attends to the whole context)")
+    if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
+        warnings.append("use_sliding_window=True is not stored in the GGUF")
+    tok_fields, tok_warn = _tokenizer_fields(tokenizer, hp["vocab_size"], config.model_type, tokenizer_pre)
+    warnings += tok_warn
+    items, tied = _items(model, arch, hp, specs)
+    unknown = set(specs) - {it.fqn for it in items if it.fqn} - ({"lm_head"} if tied else set())
+    if unknown:
+        raise ValueError(f"specs name layers that are not 2-D weights of this model: {sorted(unknown)[:3]}")
+    sd = model.state_dict()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
+        rows_report: list[dict] = []
+        expected: dict[str, Any] = {}
+        errors: dict[str, float] = {}
+        iterator = items
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(items, desc="encoding GGUF tensors", unit="tensor")
+        for it in iterator:
+            t = sd[it.hf_name]
+            spec_key = it.fqn if it.fqn in specs else ("lm_head" if tied and it.name == "token_embd.weight"
+                                                       and "lm_head" in specs else None)
+            spec = specs.get(spec_key) if spec_key else None
+            qt = qtensors.get(spec_key) if spec_key else None
+            x = (mixq_dequantize(qt) if qt is not None else t.detach()).float().cpu().numpy()
+            if it.perm is not None:
+                x = x[it.perm]
+            x = np.ascontiguousarray(x, np.float32)
+            entry: dict[str, Any] = {"name": it.name, "source": it.hf_name, "shape": list(x.shape),
+                                     "spec": spec.name if spec else None, "permuted_for_rope": it.perm is not None}
+            if t.ndim == 1:
+                choice = _Choice(QT.F32, x, None, None, "1-D tensors (norms, biases) are F32", False, {}, {})
+            elif spec is None:
+                qt_float = FLOAT_TYPES[float_type]
+                choice = _Choice(qt_float, _float_data(x, qt_float), None, None,
+                                 "not quantized by mixq: written as " + qt_float.name, False, {}, {})
+            else:
+                grid = _grid_of(qt, it.perm) if qt is not None else None
+                choice = _choose_type(x, spec, grid)
+                entry["mixq_bpw"] = spec.bpw(tuple(x.shape))
+                entry["grid"] = "mixq codes and scales" if choice.grid_used else "fit to the values"
+            raw = choice.qtype not in (QT.F16, QT.F32)
+            writer.add_tensor(it.name, choice.data, raw_dtype=choice.qtype if raw else None)
+            decoded = decode_blocks(choice.qtype, choice.data).reshape(x.shape) if raw else \
+                choice.data.astype(np.float32).reshape(x.shape)
+            diff = decoded.astype(np.float64) - x.astype(np.float64)
+            errors[it.name] = float(np.abs(diff).max()) if diff.size else 0.0
+            entry.update({"ggml_type": choice.qtype.name, "ggml_bpw": ggml_bpw(choice.qtype),
+                          "nominal_type": choice.nominal.name if choice.nominal else None,
+                          "fallback": choice.fallback, "choice": choice.how,
+                          "candidates_rel_err": choice.candidates, "excluded": choice.excluded,
+                          "is_block_linear": it.fqn is not None and it.name.startswith("blk.")})
+            rows_report.append(entry)
+            expected[it.name] = _expected_fn(sd, it, spec_key, qtensors)
+        _write_metadata(writer, config, arch, hp, name, rows_report)
+        tok_report = _add_tokenizer(writer, tok_fields)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=progress)
+        writer.close()
+        verification = None
+        if verify:
+            verification = verify_gguf(tmp, _Expected(expected))
+            bad = [n for n, r in verification["tensors"].items() if r["max_abs_err"] != errors.get(n)]
+            if bad or verification["missing"] or verification["shape_mismatch"]:
+                raise RuntimeError(f"{out}: the written file does not read back as encoded "
+                                   f"(tensors {bad[:3]}, missing {verification['missing'][:3]}, "
+                                   f"shapes {verification['shape_mismatch'][:3]})")
+            for entry in rows_report:
+                checked = verification["tensors"][entry["name"]]
+                entry.update({k: checked[k] for k in ("max_abs_err", "rel_err", "exact")})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result is an ordinary file
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return _report(out, config, arch, rows_report, tok_report, verification, warnings, float_type, tied)
+
+
+def _expected_fn(sd: dict, it: _Item, spec_key: str | None, qtensors: Mapping[str, QTensor]):
+    def get() -> np.ndarray:
+        qt = qtensors.get(spec_key) if spec_key else None
+        x = (mixq_dequantize(qt) if qt is not None else sd[it.hf_name].detach()).float().cpu().numpy()
+        return x[it.perm] if it.perm is not None else x
+    return get
+
+
+def _write_metadata(w: gguf.GGUFWriter, config, arch: _Arch, hp: dict, name: str | None, rows: list[dict]) -> None:
+    w.add_type("model")
+    w.add_name(name or getattr(config, "_name_or_path", None) or f"{config.model_type} (mixq)")
+    w.add_quantized_by("mixq")
+    w.add_context_length(hp["context_length"])
+    w.add_embedding_length(hp["embedding_length"])
+    w.add_block_count(hp["block_count"])
+    w.add_feed_forward_length(hp["feed_forward_length"])
+    w.add_head_count(hp["head_count"])
+    w.add_head_count_kv(hp["head_count_kv"])
+    if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    w.add_rope_dimension_count(hp["rope_dimension_count"])
+    w.add_rope_freq_base(hp["rope_freq_base"])
+    if hp["rope_scaling"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(hp["rope_factor"]))
+    w.add_layer_norm_rms_eps(hp["rms_eps"])
+    w.add_vocab_size(hp["vocab_size"])
+    linear = Counter(QT[r["ggml_type"]] for r in rows if r["is_block_linear"])
+    if linear:
+        common = linear.most_common(1)[0][0]
+        if common in _FILE_TYPE:
+            w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPE[common]]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _report(out: Path, config, arch: _Arch, rows: list[dict], tok: dict, verification: dict | None,
+            warnings: list[str], float_type: str, tied: bool) -> dict:
+    lin = [r for r in rows if r["is_block_linear"]]
+    n_lin = sum(r["shape"][0] * r["shape"][1] for r in lin)
+    q = [r for r in lin if r.get("mixq_bpw") is not None]
+    n_q = sum(r["shape"][0] * r["shape"][1] for r in q)
+    fallbacks = [{"name": r["name"], "spec": r["spec"], "nominal_type": r["nominal_type"],
+                  "ggml_type": r["ggml_type"], "reason": r["fallback"]} for r in rows if r["fallback"]]
+    totals = {
+        "file_bytes": out.stat().st_size,
+        "tensors": len(rows),
+        "types": dict(Counter(r["ggml_type"] for r in rows)),
+        "block_linear_weights": n_lin,
+        "block_linear_bpw": sum(r["ggml_bpw"] * r["shape"][0] * r["shape"][1] for r in lin) / n_lin if n_lin else None,
+        "mixq_block_linear_bpw": sum(r["mixq_bpw"] * r["shape"][0] * r["shape"][1] for r in q) / n_q if n_q else None,
+        "fallbacks": len(fallbacks),
+        "exact_tensors": sum(1 for r in rows if r.get("exact")),
+    }
+    if warnings:
+        for w in warnings:
+            log.warning("GGUF export: %s", w)
+    return {
+        "format": "gguf", "path": str(out), "architecture": arch.gguf_arch, "model_type": config.model_type,
+        "float_type": FLOAT_TYPES[float_type].name, "norms_and_biases": "F32", "tied_output": tied,
+        "tensors": rows, "fallbacks": fallbacks, "totals": totals, "tokenizer": tok,
+        "verification": None if verification is None else {
+            k: verification[k] for k in ("ok", "max_abs_err", "max_rel_err", "n_exact", "missing", "unexpected",
+                                         "shape_mismatch")},
+        "gguf_quantize_support": gguf_quantize_support(),
+        "warnings": warnings,
+    }
+
+
+# ============================================================================ native directories
+def _load_qtensors(src: Path, info: dict) -> dict[str, QTensor]:
+    """The stored codes and parameters of every quantized layer of a native directory.
+
+    Uses ``mixq.export.native.read_packed`` (format v2, bit-packed) when available, else reads the
+    v1 layout (one code per byte, float32 parameters) directly.
+    """
+    from . import native
+
+    if hasattr(native, "read_packed"):
+        try:
+            _, packed, _ = native.read_packed(src, verify=False)  # load_quantized has checked the files
+        except TypeError:
+            _, packed, _ = native.read_packed(src)
+        return {fqn: pw.to_qtensor() for fqn, pw in packed.items()}
+    from safetensors.torch import load_file
+
+    from ..formats import QParams
+
+    qt = load_file(src / "quantized.safetensors")
+    out = {}
+    for fqn, layer in info["layers"].items():
+        params = QParams(**{f: qt.get(f"{fqn}.{f}") for f in _PARAM_FIELDS})
+        out[fqn] = QTensor(codes=qt[f"{fqn}.codes"], params=params, spec=QuantSpec.from_dict(layer["spec"]),
+                           shape=tuple(layer["shape"]))
+    return out
+
+
+def _embedded_pre(base_model: str | None) -> str | None:
+    """The pre-tokenizer named in the GGUF an embedded model was converted from (e.g. SmolLM2: ``smollm``).
+
+    transformers rebuilds such a tokenizer with the plain GPT-2 split, which would otherwise be
+    what gets written; the original file knows better.
+    """
+    from ..models import EMBEDDED, embedded_gguf_path
+
+    if base_model not in EMBEDDED:
+        return None
+    try:
+        field = gguf.GGUFReader(embedded_gguf_path(base_model)).fields.get("tokenizer.ggml.pre")
+        return field.contents() if field is not None else None
+    except Exception:  # noqa: BLE001 - only a better guess; the detected name is used otherwise
+        return None
+
+
+def export_gguf(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, overwrite: bool = False,
+                progress: bool = True, float_type: str = "f16", tokenizer_pre: str | None = None,
+                verify: bool = True) -> dict:
+    """Export a native mixq directory (written by ``mixq quantize``) as one GGUF file; returns the report.
+
+    The mixq codes and parameters in ``quantized.safetensors`` are used to fill the ggml blocks, the
+    rest (norms, embeddings, config, tokenizer) comes from the directory.  See :func:`write_gguf`.
+    """
+    from .native import load_quantized
+
+    src = Path(src_dir)
+    out = Path(out_path)
+    _check_out(out, overwrite)  # before the (slower) load
+    model, tokenizer, info = load_quantized(src)
+    _arch_of(model.config)
+    qtensors = _load_qtensors(src, info)
+    specs = {fqn: q.spec for fqn, q in qtensors.items()}
+    pre = tokenizer_pre or _embedded_pre(info.get("base_model"))
+    report = write_gguf(model, tokenizer, specs, out, qtensors=qtensors, overwrite=overwrite, float_type=float_type,
+                        name=info.get("base_model"), tokenizer_pre=pre, verify=verify, progress=progress)
+    report["source"] = str(src)
+    report["mixq"] = {k: info.get(k) for k in ("base_model", "method", "spec")}
+    return report
+
+
+# ============================================================================ verification
+def verify_gguf(path: str | os.PathLike, expected: Mapping[str, torch.Tensor | np.ndarray]) -> dict:
+    """Read a GGUF file back and compare every tensor with what it should hold.
+
+    Each tensor is dequantized with ``gguf.quants.dequantize`` and compared with
+    ``expected[name]`` (its intended values, in the file's row order: q/k rows permuted for rope).
+    Returns ``{"tensors": {name: {ggml_type, shape, max_abs_err, rel_err, exact}}, "max_abs_err",
+    "max_rel_err", "n_exact", "missing", "unexpected", "shape_mismatch", "ok"}`` with ``rel_err``
+    the relative L2 error ``||got - want|| / ||want||``; ``ok`` means every expected tensor is
+    present with its shape (errors are reported, not judged).
+    """
+    reader = gguf.GGUFReader(path)
+    in_file = {t.name: t for t in reader.tensors}
+    tensors: dict[str, dict] = {}
+    missing, mismatch = [], []
+    for name in expected:
+        t = in_file.get(name)
+        if t is None:
+            missing.append(name)
+            continue
+        want = expected[name]
+        want = want.detach().float().cpu().numpy() if isinstance(want, torch.Tensor) else np.asarray(want, np.float32)
+        got = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if got.size != want.size:
+            mismatch.append(name)
+            continue
+        got = got.reshape(want.shape)
+        diff = got.astype(np.float64) - want.astype(np.float64)
+        max_abs = float(np.abs(diff).max()) if diff.size else 0.0
+        ref = float(np.linalg.norm(want.astype(np.float64)))
+        tensors[name] = {"ggml_type": t.tensor_type.name, "shape": list(want.shape), "max_abs_err": max_abs,
+                         "rel_err": _rel(float(np.square(diff).sum()), ref * ref), "exact": max_abs == 0.0}
+    return {"path": str(path), "tensors": tensors,
+            "max_abs_err": max((r["max_abs_err"] for r in tensors.values()), default=0.0),
+            "max_rel_err": max((r["rel_err"] for r in tensors.values()), default=0.0),
+            "n_exact": sum(r["exact"] for r in tensors.values()),
+            "missing": missing, "unexpected": sorted(set(in_file) - set(expected)), "shape_mismatch": mismatch,
+            "ok": not missing and not mismatch}
