@@ -1,0 +1,746 @@
+"""Hugging Face / vLLM exports of a native mixq directory: compressed-tensors and GPTQ (v1).
+
+Both exports write the *same integer codes* that ``mixq quantize`` chose, with the same scales
+and zero points, so the exported weights dequantize to exactly mixq's fake-quant weights.  Only
+specs that a format can hold exactly are exported; anything else is refused with one line that
+names the layers and the spec to use instead.
+
+::
+
+    report = export_compressed_tensors(src_dir, out_dir)   # config.json quantization_config + model.safetensors
+    report = export_gptq(src_dir, out_dir)                 # + quantize_config.json
+    w = read_back_compressed(out_dir)                      # {fqn: float32 [out, in]}, plain torch code
+    w = read_back_gptq(out_dir)
+
+mixq codes (``mixq.formats.integer``): unsigned ``q`` in ``0 .. 2^b - 1``, ``mid = 2^(b-1)``;
+symmetric ``x = scale * (q - mid)``, asymmetric (integer zero) ``x = scale * (q - zero)``.
+
+compressed-tensors ``pack-quantized`` (layout of compressed-tensors 0.20.0)
+    ``<fqn>.weight_packed``      int32 ``[out, ceil(in * b / 32)]``: each row is a dense LSB-first bit
+                                 stream of ``q_signed + mid`` (element ``j`` at bits ``j*b .. j*b+b-1``,
+                                 crossing word boundaries, zero padded).  compressed-tensors stores
+                                 signed ``q_signed = q - mid``, so the stored field is mixq's code.
+    ``<fqn>.weight_scale``       ``[out, in / g]`` (channel: ``[out, 1]``) in the scale's own dtype
+                                 (fp16/bf16/fp32; E8M0 and E4M3 scales in the narrowest float that holds them)
+    ``<fqn>.weight_zero_point``  asymmetric only: ``zp_signed = zero - mid`` packed the same way along
+                                 the *output* dim: int32 ``[ceil(out * b / 32), in / g]``
+    ``<fqn>.weight_shape``       int64 ``[out, in]``
+    value: ``(q_signed - zp_signed) * scale`` = mixq's value.  One config group per distinct
+    (bits, group size, symmetric), ``targets`` = exact module names, ``ignore`` = every other linear
+    (lm_head included when kept).  For 2, 4 and 8 bits the dense stream equals the older
+    "32 // b values per int32" layout that vLLM's WNA16 kernels read; 3/5/6/7-bit rows need
+    compressed-tensors >= 0.20 (older readers expect another shape for rows of 192+ weights).
+
+GPTQ v1 ("gptq" checkpoint format of AutoGPTQ / GPTQModel, as vLLM and transformers read it)
+    ``<fqn>.qweight``  int32 ``[in * b / 32, out]``: each *column* a dense LSB-first stream of ``q``
+                       along the input dim (for b = 2, 4, 8 this is 32/b codes per word; for b = 3 it
+                       is AutoGPTQ's 10-10-10 + straddle layout, 32 codes in 3 words)
+    ``<fqn>.qzeros``   int32 ``[groups, out * b / 32]``: ``zero - 1`` per group and output, packed
+                       along the output dim ("v1 stores zeros minus one"); symmetric layers store
+                       ``mid - 1``.  A zero point of 0 cannot be stored in v1 and is refused.
+    ``<fqn>.scales``   fp16 ``[groups, out]`` (must hold mixq's scales exactly)
+    ``<fqn>.g_idx``    int32 ``[in]``, ``i // group_size`` (desc_act is false)
+    value: ``scales[g_idx[i], o] * (q[i, o] - (qzeros[g_idx[i], o] + 1))``.  The most common
+    (bits, group_size, sym) is the base config; other layers get GPTQModel ``dynamic`` overrides
+    ``"+:^<escaped fqn>$": {bits, group_size, sym}``, kept linears ``"-:^<fqn>$": {}``, and, where
+    all of a vLLM fused layer's shards agree, the same entry for the fused name (``qkv_proj``,
+    ``gate_up_proj``).  Bits other than 2, 3, 4, 8 are refused.
+
+Loaders (transformers 5.23.0, compressed-tensors 0.20.0, CPU; :func:`check_with_transformers`)
+    compressed-tensors: ``AutoModelForCausalLM.from_pretrained`` loads symmetric exports, mixed plans
+    included, with weights and logits equal to mixq's.  Asymmetric layers do not load there (the
+    meta-device compression expects an unpacked ``weight_zero_point``; checkpoints compressed-tensors
+    writes itself fail the same way), and ``dequantize=True`` applies one scheme to every dense layer;
+    vLLM and compressed-tensors' own decompressor read them.  GPTQ: transformers needs optimum +
+    gptqmodel (not installable next to torch 2.13) and its ``GPTQConfig`` drops ``dynamic``, so mixed
+    GPTQ plans are for GPTQModel / vLLM.
+
+Everything else (embeddings, norms, biases, a kept lm_head) is copied from ``rest.safetensors``
+in its stored dtype (or ``dtype=``), with the tokenizer and generation config.  Output
+directories are written to a temporary sibling, verified by the independent readers below (every
+layer must equal mixq's dequantized weight bit for bit) and only then renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .. import __version__
+from ..config import FLOAT_DTYPES, QuantSpec
+from ..formats import QTensor, dequantize
+from ..granularity import PerChannel, PerGroup
+from .native import CheckpointError, read_qtensors
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExportError", "export_compressed_tensors", "export_gptq", "read_back_compressed", "read_back_gptq",
+    "check_with_transformers",
+]
+
+WEIGHTS_FILE = "model.safetensors"
+REPORT_FILE = "export_report.json"  # the name `mixq export` writes its report under
+GPTQ_BITS = (2, 3, 4, 8)
+_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp32": torch.float32, "float32": torch.float32}
+_DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+_COPY_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
+               "*.tiktoken", "chat_template*", "generation_config.json")
+# vLLM fuses these sibling linears into one layer; they must share one scheme there
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class ExportError(ValueError):
+    """The directory cannot be written in the requested format; ``problems`` maps fqn -> reason."""
+
+    def __init__(self, message: str, problems: dict[str, str] | None = None):
+        super().__init__(message)
+        self.problems = problems or {}
+
+
+# ---------------------------------------------------------------------- reading the source
+@dataclass
+class _Source:
+    path: Path
+    info: dict
+    config: dict                     # config.json as a dict
+    layers: dict[str, QTensor]       # quantized layers (keep dtypes excluded)
+    keep: dict[str, torch.Tensor]    # layers whose "spec" keeps them in float: module-layout weight
+    rest: dict[str, torch.Tensor]
+    modules: dict[str, str]          # every Linear / Conv1D / Embedding: fqn -> "linear" | "conv1d" | "embedding"
+    lm_head: str
+
+
+def _read_source(src_dir) -> _Source:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from ..arch import arch_for
+
+    path = Path(src_dir)
+    info, qtensors, rest = read_qtensors(path)  # any native version; sizes and sha256 checked first
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}; the directory is damaged") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    modules, shapes = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, Conv1D):
+            modules[name], shapes[name] = "conv1d", tuple(m.weight.shape[::-1])
+        elif isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            modules[name] = "linear" if isinstance(m, torch.nn.Linear) else "embedding"
+            shapes[name] = tuple(m.weight.shape)
+    layers, keep = {}, {}
+    for fqn, q in qtensors.items():
+        if fqn in shapes and (shapes[fqn] != tuple(q.shape) or tuple(q.codes.shape) != tuple(q.shape)):
+            raise CheckpointError(f"{path}: {fqn} has shape {tuple(q.codes.shape)} in the checkpoint but the model "
+                                  f"expects {shapes[fqn]}")
+        if q.spec.is_float_keep:
+            w = dequantize(q).to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[q.spec.dtype])
+            keep[fqn] = w.t().contiguous() if modules.get(fqn) == "conv1d" else w
+        else:
+            layers[fqn] = q
+    return _Source(path, info, config, layers, keep, rest, modules, arch_for(model).lm_head)
+
+
+# ---------------------------------------------------------------------- what each format can hold
+def _suggest(spec: QuantSpec, **kw) -> str:
+    try:
+        return replace(spec, **kw).name
+    except ValueError:
+        return "W4-g128"
+
+
+def _common_problem(fqn: str, q: QTensor, src: _Source, fmt: str) -> str | None:
+    spec = q.spec
+    kind = src.modules.get(fqn)
+    if kind is None:
+        return "not a module of this model"
+    if kind == "embedding":
+        return f"quantized embeddings are not exported to {fmt}: keep embeddings in floating point"
+    if kind == "conv1d" and fmt == "compressed-tensors":
+        return ("GPT-2 style Conv1D layers are not nn.Linear, which compressed-tensors quantizes: "
+                "export this model as GPTQ instead")
+    if fqn == src.lm_head and src.config.get("tie_word_embeddings", False):
+        return "the lm_head is tied to the embeddings: quantize it untied (mixq unties it with --lm-head alone)"
+    if spec.dtype == "nf":
+        return f"NormalFloat levels are not a uniform integer grid: use {_suggest(spec, dtype='int')}"
+    if spec.dtype == "kmeans":
+        return ("a k-means codebook is not a uniform integer grid: use "
+                f"{_suggest(spec, dtype='int', scale_dtype='fp16', granularity=PerGroup(128))} or W{spec.bits}-channel")
+    if spec.dtype in FLOAT_DTYPES:
+        return (f"floating-point elements ({spec.name}) are unsupported (this export writes integer grids only): "
+                "keep the native directory, or use an integer spec such as W8-channel or W4-g128")
+    if spec.dtype != "int":
+        return f"unsupported element type {spec.dtype!r}"
+    if not spec.symmetric and spec.zero_dtype != "int":
+        return f"an fp16 offset (-asymf) is not an integer zero point: use {_suggest(spec, zero_dtype='int')}"
+    if spec.tensor_scale:
+        plain = _suggest(spec, scale_dtype="fp16", tensor_scale=False)
+        return f"a second-level per-tensor scale (-ts) is not representable: use {plain}"
+    if not isinstance(spec.granularity, (PerGroup, PerChannel)):
+        return f"{spec.granularity} granularity is not exported: use {_suggest(spec, granularity=PerChannel())} or gN"
+    return None
+
+
+def _ct_problem(q: QTensor) -> str | None:
+    spec = q.spec
+    if spec.bits == 1 and spec.symmetric:
+        return ("the binary grid ±scale has no zero level (compressed-tensors' int1 is {-1, 0} * scale): "
+                f"use {_suggest(spec, symmetric=False)} or W2")
+    return None
+
+
+def _gptq_problem(q: QTensor) -> str | None:
+    spec = q.spec
+    out_f, in_f = q.shape
+    if spec.bits not in GPTQ_BITS:
+        up = _suggest(spec, bits=min(b for b in GPTQ_BITS if b >= spec.bits))
+        return (f"GPTQ loaders (AutoGPTQ, GPTQModel, vLLM) support {', '.join(map(str, GPTQ_BITS))} bits, "
+                f"not {spec.bits}: use {up} or export compressed-tensors")
+    if (in_f * spec.bits) % 32 or (out_f * spec.bits) % 32:
+        return (f"shape {q.shape}: GPTQ packs whole 32-bit words, so in and out features times {spec.bits} "
+                "must divide by 32")
+    scale = q.params.scale
+    if not torch.equal(scale.to(torch.float16).float(), scale.float()):
+        return (f"its {spec.scale_dtype} scales are not all exact in fp16 (GPTQ stores fp16 scales): "
+                f"use {_suggest(spec, scale_dtype='fp16')}")
+    if not spec.symmetric and bool((q.params.zero == 0).any()):
+        n = int((q.params.zero == 0).sum())
+        return (f"{n} group(s) have zero point 0, which GPTQ v1 (zeros stored minus one) cannot hold: "
+                f"use {_suggest(spec, symmetric=True, zero_dtype='int')} or export compressed-tensors")
+    return None
+
+
+def _raise_problems(fmt: str, problems: dict[str, str], layers: dict[str, QTensor]) -> None:
+    if not problems:
+        return
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for fqn, why in problems.items():
+        by_reason.setdefault((layers[fqn].spec.name, why), []).append(fqn)
+    parts = []
+    for (name, why), fqns in by_reason.items():
+        shown = ", ".join(fqns[:3]) + (f" (+{len(fqns) - 3} more)" if len(fqns) > 3 else "")
+        parts.append(f"{name} on {shown}: {why}")
+    raise ExportError(f"cannot export to {fmt}: {len(problems)} layer(s) use specs it cannot represent exactly: "
+                      + "; ".join(parts), problems)
+
+
+# ---------------------------------------------------------------------- packing (writer side)
+def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each row of ``values [R, n]`` (ints in ``0 .. 2^bits - 1``) as a dense LSB-first bit stream in int32 words.
+
+    Element ``j`` occupies stream bits ``j*bits .. j*bits + bits - 1``; word ``k`` holds stream bits
+    ``32k .. 32k + 31`` (bit 0 = least significant); the tail is zero padded.  ``-> int32 [R, ceil(n*bits/32)]``.
+    """
+    v = values.to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
+        raise ValueError(f"values outside 0..{(1 << bits) - 1} cannot be packed in {bits} bits")
+    rows, n = v.shape
+    words = -(-n * bits // 32)
+    out = torch.empty(rows, words, dtype=torch.int32)
+    plane_shift = torch.arange(bits, dtype=torch.int64)
+    word_shift = torch.arange(32, dtype=torch.int64)
+    step = max(1, (1 << 24) // max(1, words * 32))
+    for r0 in range(0, rows, step):
+        chunk = v[r0:r0 + step]
+        stream = ((chunk.unsqueeze(-1) >> plane_shift) & 1).to(torch.uint8).reshape(len(chunk), n * bits)
+        stream = torch.nn.functional.pad(stream, (0, words * 32 - n * bits)).reshape(len(chunk), words, 32)
+        w = (stream.to(torch.int64) << word_shift).sum(-1)          # 0 .. 2^32 - 1
+        out[r0:r0 + len(chunk)] = (w - ((w >> 31) << 32)).to(torch.int32)  # two's complement int32
+    return out
+
+
+def _per_row(t: torch.Tensor, out_f: int) -> torch.Tensor:
+    """mixq row params ``[out * gpr, 1]`` (row-major over ``[out, in // g]``) -> ``[out, gpr]``."""
+    return t.reshape(out_f, -1)
+
+
+def _scale_store_dtype(q: QTensor) -> torch.dtype:
+    """The float dtype the scales are written in: the spec's own, else the narrowest one holding them exactly."""
+    own = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(q.spec.scale_dtype)
+    candidates = [own] if own is not None else [torch.float16, torch.bfloat16, torch.float32]
+    s = q.params.scale.float()
+    for dt in candidates:
+        if torch.equal(s.to(dt).float(), s):
+            return dt
+    raise ExportError(f"scales of {q.spec.name} are not exact in {candidates[-1]}: the directory is damaged")
+
+
+def _group_size(q: QTensor) -> int:
+    return q.spec.granularity.size if isinstance(q.spec.granularity, PerGroup) else q.shape[1]
+
+
+def _ct_tensors(fqn: str, q: QTensor) -> dict[str, torch.Tensor]:
+    out_f, in_f = q.shape
+    bits = q.spec.bits
+    t = {f"{fqn}.weight_packed": _pack_rows(q.codes, bits),
+         f"{fqn}.weight_scale": _per_row(q.params.scale, out_f).to(_scale_store_dtype(q)).contiguous(),
+         f"{fqn}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+    if not q.spec.symmetric:
+        zero = _per_row(q.params.zero, out_f)                         # [out, gpr], 0 .. 2^b - 1
+        t[f"{fqn}.weight_zero_point"] = _pack_rows(zero.t(), bits).t().contiguous()
+    return t
+
+
+def _gptq_tensors(fqn: str, q: QTensor) -> dict[str, torch.Tensor]:
+    out_f, in_f = q.shape
+    bits = q.spec.bits
+    g = _group_size(q)
+    if q.spec.symmetric:
+        zero = torch.full((out_f, in_f // g), 2 ** (bits - 1), dtype=torch.int64)
+    else:
+        zero = _per_row(q.params.zero, out_f).to(torch.int64)
+    return {f"{fqn}.qweight": _pack_rows(q.codes, bits).t().contiguous(),
+            f"{fqn}.qzeros": _pack_rows((zero - 1).t(), bits),        # v1: zeros minus one
+            f"{fqn}.scales": _per_row(q.params.scale, out_f).t().to(torch.float16).contiguous(),
+            f"{fqn}.g_idx": (torch.arange(in_f, dtype=torch.int32) // g).to(torch.int32)}
+
+
+# ---------------------------------------------------------------------- shared writer plumbing
+def _target_dtype(dtype) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAME:
+            raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
+        return dtype
+    if str(dtype).lower() not in _DTYPES:
+        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype!r}")
+    return _DTYPES[str(dtype).lower()]
+
+
+def _dense_tensors(src: _Source, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """Every non-quantized tensor (cast to ``dtype`` when given) and the model dtype to record."""
+    dense = {**src.rest, **{f"{f}.weight": w for f, w in src.keep.items()}}
+    if dtype is not None:
+        dense = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in dense.items()}
+        return dense, dtype
+    counts = Counter()
+    for v in dense.values():
+        if v.is_floating_point():
+            counts[v.dtype] += v.numel()
+    common = counts.most_common(1)[0][0] if counts else torch.float32
+    return dense, (common if common in _DTYPE_NAME else torch.float32)
+
+
+def _write_config(tmp: Path, src: _Source, qcfg: dict, model_dtype: torch.dtype) -> None:
+    cfg = dict(src.config)
+    cfg["quantization_config"] = qcfg
+    cfg["dtype"] = _DTYPE_NAME[model_dtype]
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = _DTYPE_NAME[model_dtype]
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_side_files(src: Path, tmp: Path) -> list[str]:
+    copied = []
+    for pattern in _COPY_GLOBS:
+        for f in sorted(src.glob(pattern)):
+            if f.is_file() and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+                copied.append(f.name)
+    return copied
+
+
+def _check_out(src_dir, out_dir, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
+    if out.exists() and out.resolve() == Path(src_dir).resolve():
+        raise ValueError(f"{out} is the source directory: write the export somewhere else")
+    return out
+
+
+@contextmanager
+def _atomic_dir(out: Path):
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        if out.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, backup / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _verify(src: _Source, got: dict[str, torch.Tensor], fmt: str) -> dict[str, float]:
+    """Per layer ``max |read_back - mixq dequantized|``; raises unless every layer is bit-identical."""
+    diffs = {}
+    for fqn, q in src.layers.items():
+        if fqn not in got:
+            raise ExportError(f"{fmt} export: the re-read found no weight for {fqn} (internal error)")
+        ref = dequantize(q)
+        w = got[fqn]
+        if w.shape != ref.shape:
+            raise ExportError(f"{fmt} export: {fqn} re-reads as {tuple(w.shape)}, expected {tuple(ref.shape)} "
+                              "(internal error)")
+        diffs[fqn] = float((w - ref).abs().max()) if w.numel() else 0.0
+        if not torch.equal(w, ref):
+            raise ExportError(f"{fmt} export: {fqn} does not re-read to mixq's weights (max |diff| {diffs[fqn]:.3g}); "
+                              "nothing was written (internal error, please report)")
+    return diffs
+
+
+def _fusion_report(src: _Source, state: dict[str, object]) -> tuple[list[str], dict[str, object]]:
+    """vLLM fuses q/k/v and gate/up: warnings where shards differ, and fused names whose shards agree."""
+    warnings, agreed = [], {}
+    for fused, shards in _FUSED.items():
+        parents = {f.rsplit(".", 1)[0] for f in src.modules if f.rsplit(".", 1)[-1] == shards[0]}
+        for parent in sorted(parents):
+            names = [f"{parent}.{s}" for s in shards]
+            if not all(n in src.modules for n in names) or f"{parent}.{fused}" in src.modules:
+                continue
+            states = [state.get(n) for n in names]
+            if any(s != states[0] for s in states):
+                warnings.append(f"{parent}: {', '.join(shards)} use different schemes; vLLM fuses them into {fused} "
+                                "and will refuse this checkpoint (transformers loads it)")
+            else:
+                agreed[f"{parent}.{fused}"] = states[0]
+    return warnings, agreed
+
+
+def _declared_group(q: QTensor) -> int | None:
+    """The group size a config names: ``gN`` -> N, per channel -> None."""
+    return q.spec.granularity.size if isinstance(q.spec.granularity, PerGroup) else None
+
+
+def _layer_entry(q: QTensor, diff: float) -> dict:
+    g = _declared_group(q)
+    return {"spec": q.spec.name, "bits": q.spec.bits, "group_size": -1 if g is None else g,
+            "symmetric": q.spec.symmetric, "shape": list(q.shape), "max_abs_diff": diff}
+
+
+def _finish(tmp: Path, out: Path, src: _Source, fmt: str, qcfg: dict, diffs: dict, kept: list[str],
+            model_dtype: torch.dtype, warnings: list[str], copied: list[str], n_tensors: int) -> dict:
+    files = sorted(p.name for p in tmp.iterdir()) + [REPORT_FILE]
+    report = {
+        "format": fmt,
+        "source": str(src.path),
+        "out": str(out),
+        "dtype": _DTYPE_NAME[model_dtype],
+        "quantization_config": qcfg,
+        "layers": {f: _layer_entry(q, diffs[f]) for f, q in src.layers.items()},
+        "kept": kept,
+        "tensors": n_tensors,
+        "fallbacks": len(src.info.get("group_fallback") or {}),
+        "max_abs_diff": max(diffs.values(), default=0.0),
+        "exact": all(d == 0.0 for d in diffs.values()),
+        "verified_by": f"{'read_back_compressed' if fmt == 'compressed-tensors' else 'read_back_gptq'} "
+                       "vs mixq dequantize (float32, bit-identical)",
+        "copied": copied,
+        "files": files,
+        "bytes": sum(p.stat().st_size for p in tmp.iterdir()),
+        "warnings": warnings,
+        "mixq_version": __version__,
+    }
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _scale_warnings(src: _Source, model_dtype: torch.dtype) -> list[str]:
+    bad = [f for f, q in src.layers.items()
+           if not torch.equal(q.params.scale.to(model_dtype).float(), q.params.scale.float())]
+    if not bad:
+        return []
+    return [f"scales of {len(bad)} layer(s) (e.g. {bad[0]}) are not exact in the model dtype "
+            f"{_DTYPE_NAME[model_dtype]}; a loader that casts scales to it rounds them (export with dtype='fp32')"]
+
+
+# ---------------------------------------------------------------------- compressed-tensors
+def export_compressed_tensors(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dict:
+    """Write ``src_dir`` (a native mixq directory) as a compressed-tensors ``pack-quantized`` checkpoint.
+
+    ``dtype``: ``None`` keeps every non-quantized tensor in its stored dtype; ``"fp16"|"bf16"|"fp32"``
+    casts them (and records it as the model dtype).  Returns the report (also written to
+    ``out_dir/export_report.json``).  Raises :class:`ExportError` for specs the format cannot hold
+    exactly and ``FileExistsError`` if ``out_dir`` exists and ``overwrite`` is false.
+    """
+    out = _check_out(src_dir, out_dir, overwrite)
+    target = _target_dtype(dtype)
+    src = _read_source(src_dir)
+    fmt = "compressed-tensors"
+    problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or _ct_problem(q))}
+    _raise_problems(fmt, problems, src.layers)
+    if not src.layers:
+        raise ExportError(f"cannot export to {fmt}: the directory has no quantized layer")
+
+    keys = {f: (q.spec.bits, _declared_group(q), q.spec.symmetric) for f, q in src.layers.items()}
+    order = list(dict.fromkeys(keys[f] for f in src.modules if f in keys))
+    config_groups = {}
+    for i, (bits, g, sym) in enumerate(order):
+        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group" if g else "channel",
+                   "group_size": g, "dynamic": False, "actorder": None}
+        config_groups[f"group_{i}"] = {"targets": [f for f in src.modules if keys.get(f) == (bits, g, sym)],
+                                       "weights": weights, "input_activations": None, "output_activations": None}
+    kept = [f for f, kind in src.modules.items() if kind != "embedding" and f not in src.layers]
+    qcfg = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": config_groups, "ignore": kept, "kv_cache_scheme": None, "global_compression_ratio": None}
+
+    dense, model_dtype = _dense_tensors(src, target)
+    tensors = dict(dense)
+    for f, q in src.layers.items():
+        tensors.pop(f"{f}.weight", None)
+        tensors.update(_ct_tensors(f, q))
+    warnings, _ = _fusion_report(src, {f: keys.get(f, "kept") for f in src.modules})
+    warnings += _scale_warnings(src, model_dtype)
+    if any(not k[2] for k in keys.values()):
+        warnings.append("asymmetric layers: transformers 5.23 with compressed-tensors 0.20 cannot load them (its "
+                        "meta-device compression expects an unpacked weight_zero_point; checkpoints written by "
+                        "compressed-tensors itself fail the same way); vLLM and compressed-tensors' "
+                        "decompressor read them")
+    odd = sorted({k[0] for k in keys.values()} - {4, 8})
+    if odd:
+        warnings.append(f"{'/'.join(map(str, odd))}-bit groups load in transformers with compressed-tensors>=0.20 "
+                        "(decompressed to dense); vLLM's WNA16 kernels run 4- and 8-bit weights only")
+    with _atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        _write_config(tmp, src, qcfg, model_dtype)
+        copied = _copy_side_files(src.path, tmp)
+        diffs = _verify(src, read_back_compressed(tmp), fmt)
+        report = _finish(tmp, out, src, fmt, qcfg, diffs, kept, model_dtype, warnings, copied, len(tensors))
+    return report
+
+
+# ---------------------------------------------------------------------- GPTQ
+def _rx(name: str) -> str:
+    return "^" + re.escape(name) + "$"
+
+
+def export_gptq(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dict:
+    """Write ``src_dir`` as a GPTQ v1 checkpoint (``quantize_config.json`` + ``config.json`` quantization_config).
+
+    Mixed plans use GPTQModel's ``dynamic`` per-module overrides around the most common
+    (bits, group_size, sym).  ``dtype`` as in :func:`export_compressed_tensors`; GPTQ kernels compute
+    in fp16, so a float32 source gets a warning suggesting ``dtype="fp16"``.
+    """
+    out = _check_out(src_dir, out_dir, overwrite)
+    target = _target_dtype(dtype)
+    src = _read_source(src_dir)
+    fmt = "gptq"
+    problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or _gptq_problem(q))}
+    _raise_problems(fmt, problems, src.layers)
+    if not src.layers:
+        raise ExportError("cannot export to gptq: the directory has no quantized layer")
+
+    keys = {f: (q.spec.bits, _declared_group(q) or -1, q.spec.symmetric) for f, q in src.layers.items()}
+    counts = Counter(keys.values())
+    first = {k: i for i, k in reversed(list(enumerate(keys.values())))}
+    base = max(counts, key=lambda k: (counts[k], -first[k]))
+    kept = [f for f, kind in src.modules.items() if kind != "embedding" and f not in src.layers]
+    state = {f: keys.get(f, "kept") for f in src.modules if src.modules[f] != "embedding"}
+    warnings, agreed = _fusion_report(src, state)
+    dynamic: dict[str, dict] = {}
+    for f in src.modules:
+        if f in keys and keys[f] != base:
+            b, g, s = keys[f]
+            dynamic[f"+:{_rx(f)}"] = {"bits": b, "group_size": g, "sym": s}
+        elif f in kept and f != src.lm_head:
+            dynamic[f"-:{_rx(f)}"] = {}
+    for fused, st in agreed.items():
+        if st == "kept":
+            dynamic[f"-:{_rx(fused)}"] = {}
+        elif st != base:
+            dynamic[f"+:{_rx(fused)}"] = {"bits": st[0], "group_size": st[1], "sym": st[2]}
+    qcfg = {"quant_method": "gptq", "checkpoint_format": "gptq", "bits": base[0], "group_size": base[1],
+            "sym": base[2], "desc_act": False, "static_groups": False, "true_sequential": True,
+            "lm_head": src.lm_head in src.layers, "pack_dtype": "int32",
+            "meta": {"quantizer": [f"mixq:{__version__}"]}}
+    if dynamic:
+        qcfg["dynamic"] = dynamic
+        warnings.append("mixed plan: per-module `dynamic` overrides are read by GPTQModel (GPTQModel.load) and vLLM; "
+                        "transformers 5.23's GPTQConfig drops `dynamic`, so AutoModelForCausalLM can load only "
+                        "uniform GPTQ exports")
+
+    dense, model_dtype = _dense_tensors(src, target)
+    tensors = dict(dense)
+    for f, q in src.layers.items():
+        tensors.pop(f"{f}.weight", None)
+        tensors.update(_gptq_tensors(f, q))
+    if model_dtype != torch.float16:
+        warnings.append(f"the model dtype is {_DTYPE_NAME[model_dtype]}; GPTQ kernels (vLLM, GPTQModel) compute in "
+                        "float16: export with dtype='fp16' for them")
+    with _atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        _write_config(tmp, src, qcfg, model_dtype)
+        (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+        copied = _copy_side_files(src.path, tmp)
+        diffs = _verify(src, read_back_gptq(tmp), fmt)
+        report = _finish(tmp, out, src, fmt, qcfg, diffs, kept, model_dtype, warnings, copied, len(tensors))
+    return report
+
+
+# ---------------------------------------------------------------------- independent readers
+# These share no code with the writers above: they read the files as a loader would, with a
+# gather over 64-bit windows instead of the writers' bit planes, and rebuild float32 weights.
+
+def _rb_bits(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Fields ``0 .. n-1`` of ``bits`` bits from each row of LSB-first int32 words ``[R, W]`` -> int64 ``[R, n]``."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    start = torch.arange(n, dtype=torch.int64) * bits
+    lo, hi = w[:, start // 32], w[:, start // 32 + 1]
+    window = lo | (hi << 32)  # bits [32k, 32k + 64) of the stream; only the low 40 are ever needed
+    return (window >> (start % 32)) & ((1 << bits) - 1)
+
+
+def _rb_config(out_dir: Path, key: str) -> dict:
+    try:
+        cfg = json.loads((out_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {out_dir / 'config.json'}: {e}") from None
+    q = cfg.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != key:
+        raise CheckpointError(f"{out_dir} has no {key} quantization_config in config.json")
+    return q
+
+
+def _rb_tensors(out_dir: Path):
+    files = sorted(out_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{out_dir} holds no .safetensors file")
+    where = {}
+    for f in files:
+        with safe_open(f, framework="pt") as h:
+            for k in h.keys():
+                where[k] = f
+
+    def get(k):
+        with safe_open(where[k], framework="pt") as h:
+            return h.get_tensor(k)
+
+    return where, get
+
+
+def _rb_match(name: str, pattern: str) -> bool:
+    return bool(re.match(pattern[3:], name)) if pattern.startswith("re:") else name == pattern
+
+
+def read_back_compressed(out_dir) -> dict[str, torch.Tensor]:
+    """Dequantize every ``pack-quantized`` int layer of a compressed-tensors directory: ``{fqn: float32 [out, in]}``."""
+    out_dir = Path(out_dir)
+    qcfg = _rb_config(out_dir, "compressed-tensors")
+    where, get = _rb_tensors(out_dir)
+    ignore = qcfg.get("ignore") or []
+    result = {}
+    for key in where:
+        if not key.endswith(".weight_packed"):
+            continue
+        fqn = key[: -len(".weight_packed")]
+        if any(_rb_match(fqn, p) for p in ignore):
+            raise CheckpointError(f"{fqn} is packed but listed in ignore")
+        scheme = next((g for g in qcfg["config_groups"].values()
+                       if any(_rb_match(fqn, t) for t in g.get("targets", []))), None)
+        if scheme is None:
+            raise CheckpointError(f"{fqn} is packed but no config group targets it")
+        wargs = scheme["weights"]
+        if wargs.get("type", "int") != "int" or scheme.get("format", qcfg.get("format")) != "pack-quantized":
+            raise CheckpointError(f"{fqn}: only int pack-quantized weights are read back")
+        bits = int(wargs["num_bits"])
+        out_f, in_f = (int(x) for x in get(f"{fqn}.weight_shape").tolist())
+        half = 1 << (bits - 1)
+        q = _rb_bits(get(key), bits, in_f) - half                        # signed codes [out, in]
+        scale = get(f"{fqn}.weight_scale").float()                       # [out, groups]
+        per = in_f // scale.shape[1]
+        if wargs.get("symmetric", True):
+            zp = torch.zeros_like(scale)
+        else:
+            zp_words = get(f"{fqn}.weight_zero_point")                   # [ceil(out*b/32), groups]
+            zp = (_rb_bits(zp_words.t(), bits, out_f) - half).t().float()
+        x = (q.float() - zp.repeat_interleave(per, dim=1)) * scale.repeat_interleave(per, dim=1)
+        result[fqn] = x
+    return result
+
+
+def _rb_gptq_settings(qcfg: dict, fqn: str) -> dict | None:
+    """bits / group_size / sym for ``fqn``: the first matching ``dynamic`` rule, else the base; None if skipped."""
+    base = {"bits": qcfg["bits"], "group_size": qcfg["group_size"], "sym": qcfg.get("sym", True)}
+    for pattern, over in (qcfg.get("dynamic") or {}).items():
+        neg = pattern.startswith("-:")
+        rx = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
+        if re.match(rx, fqn):
+            return None if neg else {**base, **over}
+    return base
+
+
+def read_back_gptq(out_dir) -> dict[str, torch.Tensor]:
+    """Dequantize every GPTQ v1 layer of a directory: ``{fqn: float32 [out, in]}`` (zeros stored minus one)."""
+    out_dir = Path(out_dir)
+    qcfg = _rb_config(out_dir, "gptq")
+    if qcfg.get("checkpoint_format", "gptq") != "gptq" or qcfg.get("desc_act"):
+        raise CheckpointError(f"{out_dir}: only checkpoint_format 'gptq' without desc_act is read back")
+    where, get = _rb_tensors(out_dir)
+    result = {}
+    for key in where:
+        if not key.endswith(".qweight"):
+            continue
+        fqn = key[: -len(".qweight")]
+        st = _rb_gptq_settings(qcfg, fqn)
+        if st is None:
+            raise CheckpointError(f"{fqn} has a qweight but dynamic marks it not quantized")
+        bits = int(st["bits"])
+        qweight, qzeros = get(key), get(f"{fqn}.qzeros")
+        scales, g_idx = get(f"{fqn}.scales").float(), get(f"{fqn}.g_idx").long()
+        in_f, out_f = g_idx.numel(), scales.shape[1]
+        q = _rb_bits(qweight.t(), bits, in_f).t()                         # [in, out]
+        zeros = _rb_bits(qzeros, bits, out_f) + 1                         # [groups, out]
+        w = scales[g_idx] * (q.float() - zeros[g_idx].float())            # [in, out]
+        result[fqn] = w.t().contiguous()
+    return result
+
+
+# ---------------------------------------------------------------------- loading with transformers
+@torch.no_grad()
+def check_with_transformers(out_dir, src_dir, *, dtype=torch.float32, n_tokens: int = 16, seed: int = 0) -> dict:
+    """Load ``out_dir`` with ``transformers.AutoModelForCausalLM`` (``dtype``, CPU) and compare with mixq.
+
+    Returns ``{"loaded": True, "max_logit_diff", "max_weight_diff", "layers_compared", ...}`` against
+    :func:`mixq.export.native.load_quantized` of ``src_dir``; raises ``ImportError`` when the format's
+    loader package is not installed (compressed-tensors; GPTQ needs optimum + gptqmodel).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .native import load_quantized
+
+    dtype = _target_dtype(dtype)
+    ref, _, info = load_quantized(src_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
+    model.eval()
+    vocab = int(model.config.get_text_config().vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, n_tokens), generator=g)
+    logits = model(ids).logits
+    ref_logits = ref(ids).logits
+    mods, ref_mods = dict(model.named_modules()), dict(ref.named_modules())
+    wdiff, compared = 0.0, 0
+    for fqn in info["layers"]:
+        w = getattr(mods.get(fqn), "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point() and w.shape == ref_mods[fqn].weight.shape:
+            wdiff = max(wdiff, float((w.float() - ref_mods[fqn].weight.float()).abs().max()))
+            compared += 1
+    return {"loaded": True, "loader": type(model).__name__, "max_logit_diff": float((logits - ref_logits).abs().max()),
+            "max_weight_diff": wdiff if compared else None, "layers_compared": compared, "n_tokens": n_tokens,
+            "dtype": _DTYPE_NAME[dtype]}
