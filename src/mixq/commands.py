@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import commands_alloc
 from . import commands_export
+from . import commands_report
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def register(sub) -> None:
     d.add_argument("--out", default=None, help="also write the table's data as JSON here")
     d.set_defaults(func=cmd_demo)
     commands_export.register(sub)
+    commands_report.register(sub)
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:

@@ -3,5 +3,8 @@
 from mixq.eval.kl import ReferenceCache, compare, token_kl
 from mixq.eval.perplexity import perplexity, token_nll
 from mixq.eval.protocol import Protocol, evaluate
+from mixq.eval.stats import (bootstrap_ci, bootstrap_diff, confidence_intervals, evaluate_windows, overlap_warning,
+                             wilson_interval)
 
-__all__ = ["Protocol", "ReferenceCache", "compare", "evaluate", "perplexity", "token_kl", "token_nll"]
+__all__ = ["Protocol", "ReferenceCache", "bootstrap_ci", "bootstrap_diff", "compare", "confidence_intervals", "evaluate",
+           "evaluate_windows", "overlap_warning", "perplexity", "token_kl", "token_nll", "wilson_interval"]
