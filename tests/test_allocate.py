@@ -380,3 +380,15 @@ def test_problem_validation():
         Problem(("a", "b"), ((1, 2), (1,)), ((0.0, 0.0), (0.0,)), groups=((0, 1),))
     with pytest.raises(ValueError, match="unknown allocation method"):
         solve(Problem(("a",), ((1,),), ((0.0,),)), 1, method="magic")
+
+
+def test_json_outputs_are_ordinary_files_not_private_temporaries(tmp_path):
+    import os
+
+    from mixq.jsonio import write_json_atomic
+
+    p = write_json_atomic(tmp_path / "x.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(tmp_path.glob(".x.json.*"))
