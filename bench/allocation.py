@@ -45,7 +45,15 @@ def main():
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--variants", default=None, help="comma-separated labels subset")
     ap.add_argument("--tag", default="allocation", help="output file stem in bench/results/")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from bench/results/<tag>.json")
     args = ap.parse_args()
+    if args.report_only:
+        doc = json.loads((RESULTS / f"{args.tag}.json").read_text())
+
+        class _S:  # the parts of Setup the report needs
+            protocol = type("P", (), {"to_dict": lambda self: doc["protocol"], **doc["protocol"]})()
+            seqlen = 512
+        return write(doc["rows"], doc["fp32"], _S, doc["measure_seconds"], args, peak=doc.get("peak_rss_mb"))
     budgets = [float(b) for b in args.budgets.split(",")]
     variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
     S = Setup(tokens=args.tokens, nsamples=args.nsamples)
@@ -94,7 +102,8 @@ def main():
     partial.unlink(missing_ok=True)
 
 
-def write(rows, fp, S, mtimes, args):
+def write(rows, fp, S, mtimes, args, peak=None):
+    peak = peak_rss_mb() if peak is None else peak
     p = S.protocol
     lines = header("Mixed-precision allocation vs uniform — SmolLM2-135M-Instruct, PTB test",
                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/allocation.py --tokens {args.tokens} "
@@ -104,12 +113,17 @@ def write(rows, fp, S, mtimes, args):
               f"(seed 0), gradient statistics from the first 16. Candidates: mixq's default set "
               f"({len(default_candidates())} specs incl. FP16). bpw counts every stored bit of the 210 block linears. "
               f"Measurement times: " + ", ".join(f"{k} {v:.0f} s" for k, v in mtimes.items()) +
-              f". Peak RSS {peak_rss_mb():.0f} MB.", "",
+              f". Peak RSS {peak:.0f} MB.", "",
               "| budget | variant | bpw | KL | perplexity | top-1 | predicted error | uniform spec | solver ms | quant s |",
               "|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['budget']:g} | {r['variant']} | {r['bpw']:.3f} | {r['kl']:.4f} | {r['perplexity']:.2f} | "
+        mark = " †" if r.get("source") else ""
+        lines.append(f"| {r['budget']:g} | {r['variant']}{mark} | {r['bpw']:.3f} | {r['kl']:.4f} | {r['perplexity']:.2f} | "
                      f"{r['top1']:.3f} | {r['predicted']:.4g} | {r['specs']} | {r['solve_ms']:.0f} | {r['quant_s']:.0f} |")
+    sources = sorted({r["source"] for r in rows if r.get("source")})
+    if sources:
+        lines += ["", "† rows carried over from " + "; ".join(sources) + " (same protocol and command, measured "
+                  "before this run; kept to spare the CPU time of re-running them)."]
     lines += ["", "Proxy validation: predicted error (sum of per-layer errors in the plan) against measured KL, "
               "over all budgets of each variant (Spearman rank correlation; for kfac the prediction is in nats of "
               "loss increase, so the ratio KL/predicted says how far the additive second-order model is off).", "",
@@ -124,7 +138,7 @@ def write(rows, fp, S, mtimes, args):
             med = ratios[len(ratios) // 2] if ratios else float("nan")
             lines.append(f"| {label} | {rho:.3f} | {med:.3g} |")
     (RESULTS / f"{args.tag}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"protocol": p.to_dict(), "fp32": fp, "rows": rows,
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"protocol": p.to_dict(), "fp32": fp, "rows": rows, "peak_rss_mb": peak,
                                                          "measure_seconds": mtimes}, indent=2))
     plot(rows, RESULTS / f"{args.tag}.png")
     print("\n".join(lines))
