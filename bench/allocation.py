@@ -53,7 +53,13 @@ def main():
         class _S:  # the parts of Setup the report needs
             protocol = type("P", (), {"to_dict": lambda self: doc["protocol"], **doc["protocol"]})()
             seqlen = 512
-        return write(doc["rows"], doc["fp32"], _S, doc["measure_seconds"], args, peak=doc.get("peak_rss_mb"))
+        peak = doc.get("peak_rss_mb")
+        if peak is None:  # older JSON: the figure is only in the report it wrote
+            import re
+
+            m = re.search(r"Peak RSS (\d+) MB", (RESULTS / f"{args.tag}.md").read_text())
+            peak = float(m.group(1)) if m else float("nan")
+        return write(doc["rows"], doc["fp32"], _S, doc["measure_seconds"], args, peak=peak)
     budgets = [float(b) for b in args.budgets.split(",")]
     variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
     S = Setup(tokens=args.tokens, nsamples=args.nsamples)
