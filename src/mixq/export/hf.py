@@ -64,12 +64,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -81,6 +78,7 @@ from .. import __version__
 from ..config import FLOAT_DTYPES, QuantSpec
 from ..formats import QTensor, dequantize
 from ..granularity import PerChannel, PerGroup
+from .atomic import atomic_dir
 from .native import CheckpointError, read_qtensors
 
 log = logging.getLogger(__name__)
@@ -366,27 +364,6 @@ def _check_out(src_dir, out_dir, overwrite: bool) -> Path:
     return out
 
 
-@contextmanager
-def _atomic_dir(out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, backup / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _verify(src: _Source, got: dict[str, torch.Tensor], fmt: str) -> dict[str, float]:
     """Per layer ``max |read_back - mixq dequantized|``; raises unless every layer is bit-identical."""
     diffs = {}
@@ -516,7 +493,7 @@ def export_compressed_tensors(src_dir, out_dir, overwrite: bool = False, *, dtyp
     if odd:
         warnings.append(f"{'/'.join(map(str, odd))}-bit groups load in transformers with compressed-tensors>=0.20 "
                         "(decompressed to dense); vLLM's WNA16 kernels run 4- and 8-bit weights only")
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         _write_config(tmp, src, qcfg, model_dtype)
         copied = _copy_side_files(src.path, tmp)
@@ -583,7 +560,7 @@ def export_gptq(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dic
     if model_dtype != torch.float16:
         warnings.append(f"the model dtype is {_DTYPE_NAME[model_dtype]}; GPTQ kernels (vLLM, GPTQModel) compute in "
                         "float16: export with dtype='fp16' for them")
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         _write_config(tmp, src, qcfg, model_dtype)
         (tmp / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")

@@ -38,8 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +48,7 @@ from torch import nn
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec
 from ..formats import QParams, QTensor
+from .atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +97,7 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
                write_extra: Callable[[Path], None], *, overwrite: bool, rest_dtype: torch.dtype | None) -> Path:
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
+    with atomic_dir(out) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         layers: dict[str, dict] = {}
         on_disk = spec_bits = n_tensors = 0
@@ -144,17 +138,6 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
             "files": files,
         }
         (tmp / "mixq.json").write_text(json.dumps(doc, indent=2))
-        if out.exists():
-            backup = out.with_name(out.name + ".old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
