@@ -20,6 +20,7 @@ from .calib.capture import walk_blocks
 from .config import BitCost, QuantSpec, parse_spec
 from .formats import QTensor
 from .granularity import PerGroup
+from .intra import is_composite, quantize_layer
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ def quantize_model(
     losses: dict[str, float] = {}
     block_fqns = {f for f, r in refs.items() if r.block is not None and f in specs}
     # ---- rotation / AWQ dispatch (mixq.algorithms.rotation, mixq.algorithms.awq) ----
+    if method in ("awq", "awq+gptq") and any(is_composite(s) for s in specs.values()):
+        raise ValueError("AWQ does not take intra-tensor composite specs (+o/+c/+sq/SLIM): use --method rtn or gptq")
     if method in ("awq", "awq+gptq") and calib_ids is None:
         raise ValueError("AWQ needs calibration data: pass calib_ids (e.g. --calib ptb --nsamples 128)")
     if rotate:
@@ -175,6 +178,12 @@ def quantize_model(
                 if fqn not in specs:
                     continue
                 mod = block.get_submodule(name)
+                if is_composite(specs[fqn]):  # intra-tensor composite (mixq.intra)
+                    q[fqn], Wq = quantize_layer(get_weight(mod), specs[fqn], st.H, "gptq", damp=damp,
+                                                block_size=block_size)
+                    set_weight(mod, Wq)
+                    losses[fqn] = q[fqn].proxy_loss
+                    continue
                 res = gptq_quantize(get_weight(mod), st.H, specs[fqn], damp=damp, act_order=act_order,
                                     block_size=block_size)
                 set_weight(mod, res.weight)
@@ -188,7 +197,7 @@ def quantize_model(
         if fqn in q:
             continue
         mod = mods[fqn]
-        qt, Wq = rtn_quantize(get_weight(mod), spec)
+        qt, Wq = quantize_layer(get_weight(mod), spec) if is_composite(spec) else rtn_quantize(get_weight(mod), spec)
         set_weight(mod, Wq)
         q[fqn] = qt
     return QuantResult(q, dict(specs), method, time.perf_counter() - t0, losses)

@@ -31,6 +31,7 @@ import logging
 from pathlib import Path
 
 from ..config import QuantSpec, parse_spec
+from ..intra.spec import parse_candidate
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def load_candidates(path: str | Path) -> list[QuantSpec]:
     a comment).  Duplicates (two names for the same spec) and empty sets are rejected.
     """
     p = Path(path)
+    if not p.exists():  # named composite sets: ``intra``, ``default+intra`` (mixq.intra.candidates)
+        from ..intra import named_candidate_set
+
+        named = named_candidate_set(str(path))
+        if named is not None:
+            return _unique(named, str(path))
     try:
         text = p.read_text()
     except OSError as e:
@@ -80,7 +87,7 @@ def load_candidates(path: str | Path) -> list[QuantSpec]:
     specs = []
     for item in data:
         try:
-            specs.append(QuantSpec.from_dict(item) if isinstance(item, dict) else parse_spec(item))
+            specs.append(parse_candidate(item))  # plain specs and intra-tensor composites
         except ValueError as e:
             raise ValueError(f"{p}: bad candidate {item!r}: {e}") from None
     if not specs:

@@ -34,6 +34,7 @@ from ..allocate.table import write_json_atomic
 from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
+from ..intra import composite_weight, is_composite
 from ..models import model_fingerprint
 from .gradients import gradient_stats
 from ..arch import set_weight
@@ -148,7 +149,9 @@ def _measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
     errs = []
     hc = prepare_hessian(sens.H) if algorithm.startswith("gptq") else None
     for c in cands:
-        if algorithm == "gptq-exact" and not c.is_float_keep:
+        if is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
+            Wq = composite_weight(W, c, sens, algorithm, hc)
+        elif algorithm == "gptq-exact" and not c.is_float_keep:
             Wq = gptq_quantize(W, sens.H, c, hinv_chol=hc).weight
         else:
             _, Wq = rtn_quantize(W, c)
@@ -162,7 +165,7 @@ def _scale_by_gptq(W, sens, cands, errs, err, hc) -> list[float]:
     """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per bit width."""
     by_bits: dict[int, list[int]] = {}
     for k, c in enumerate(cands):
-        if not c.is_float_keep:
+        if not c.is_float_keep and not is_composite(c):
             by_bits.setdefault(c.bits, []).append(k)
     out = list(errs)
     for bits, ks in by_bits.items():

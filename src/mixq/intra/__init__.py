@@ -1,0 +1,28 @@
+"""Intra-tensor mixed precision: composite specs that mix precisions inside one weight.
+
+``spec``        :class:`CompositeSpec` (a :class:`~mixq.config.QuantSpec` subclass), name grammar,
+                exact cost, :func:`parse_candidate` (plain or composite names and dicts)
+``quant``       :func:`quantize_composite` (RTN / GPTQ) -> :class:`CompositeQTensor`, ``Ŵ``:
+                sparse outliers (SpQR / SqueezeLLM), fp16 columns (OWQ), second-level scales (SpQR),
+                SliM-LLM group bits, weighted k-means (SqueezeLLM)
+``sparse``      :class:`CSR` storage of fp16 outliers
+``dialects``    BlockDialect-style per-block level tables (``+dD``)
+``rows``        MixLLM high-precision output rows (``+hP``) -> :class:`RowSplitQTensor`
+``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size
+``candidates``  :func:`intra_candidates`, :func:`extended_candidates`, the ``intra`` / ``default+intra`` sets
+``hooks``       what the measurement driver and ``quantize_model`` call for composite candidates
+"""
+from .candidates import INTRA_CANDIDATE_NAMES, extended_candidates, intra_candidates, named_candidate_set
+from .hooks import composite_weight, quantize_layer
+from .quant import CompositeQTensor, dequantize_composite, quantize_composite
+from .rows import RowSplitQTensor
+from .sparse import CSR
+from .spec import CompositeSpec, compose, index_bits, is_composite, parse_candidate
+from .storage import pack_composite, unpack_composite
+
+__all__ = [
+    "CSR", "CompositeQTensor", "CompositeSpec", "INTRA_CANDIDATE_NAMES", "RowSplitQTensor", "compose",
+    "composite_weight", "dequantize_composite", "extended_candidates", "index_bits", "intra_candidates",
+    "is_composite", "named_candidate_set", "pack_composite", "parse_candidate", "quantize_composite",
+    "quantize_layer", "unpack_composite",
+]

@@ -1,0 +1,327 @@
+"""Composite (intra-tensor mixed-precision) specs: a base :class:`QuantSpec` plus extensions.
+
+A :class:`CompositeSpec` *is a* :class:`~mixq.config.QuantSpec` (a frozen dataclass subclass): its
+inherited fields describe the base grid of the dense part, and its own fields the extensions.  So
+everything that only needs ``name``, ``bits``, ``cost(shape)`` and equality (candidate sets,
+sensitivity tables, the solvers, plans, ``size_report``) takes composites unchanged; the
+quantizers dispatch on :func:`is_composite` to :func:`mixq.intra.quantize_composite`.
+
+Names (:func:`parse_candidate`, ``spec.name``)::
+
+    CANDIDATE := BASE ( "+" EXT )*           extensions in any order; canonical order sq, c, o, d, h
+    BASE      := a plain spec name (W3-g64, W3-g16-asym, NF3-g64, KM3, FP4-g32, ...)
+               | "SLIM" <b> ["-" OPTS]        SliM-LLM int grid W<b>-OPTS with per-group-column bits
+    EXT       := "o" <percent>                sparse fp16 outliers, <percent> % of the weights (SpQR, SqueezeLLM)
+               | "c" <k>                      OWQ: k whole input columns kept in fp16
+               | "sq" <B> ["g" <m>]           SpQR: group scales (and fp16 offsets) quantized to B bits in
+                                              second-level groups of m (default 16) consecutive output rows
+               | "d" <D>                      BlockDialect-style: each group picks one of D level tables
+                                              (NF / FP4 bases; D in 2, 4, 8, 16)
+               | "h" <percent> ["w" <bits>]   MixLLM: <percent> % of the output rows at <bits> (default 8);
+                                              does not combine with other extensions
+
+``SLIM<b>-gN[-asym...]`` (SliM-LLM) is the int grid ``W<b>-gN...`` whose groups of N input columns
+(all rows) take b-1, b or b+1 bits, as many b+1 as b-1, so the average is exactly b.
+
+Exact cost of a ``[R, C]`` tensor (:meth:`CompositeSpec.cost`, every term an integer; ``b`` bits,
+``K_c`` fp16 columns, ``n = C - K_c`` dense columns, ``G`` group columns = ceil(n / N) for ``gN``
+(the last one may be partial when ``K_c > 0``) or 1 for ``channel``, ``ng = R * G`` groups,
+``ib = 16 if C <= 65536 else 32`` index bits, ``n2 = G * ceil(R / m)`` second-level groups)::
+
+    codes     R * n * b
+    scales    ng * scale_bits                        | sq: ng * B + n2 * 32   (fp16 scale + fp16 offset
+    zeros     asym int: ng * b;  asymf: ng * 16      |     per second-level group; asymf offsets alike)
+    codebook  kmeans: ng * 2^b * 16
+    extra     fp16 columns:  R * K_c * 16 + K_c * ib               (values, column indices)
+              outliers:      K_o * (16 + ib) + (R + 1) * 32         (CSR: fp16 values, column indices,
+                             K_o = floor(percent * R * C / 100)      int32 row pointers)
+              SLIM bit map:  G * 2                                   (one of {b-1, b, b+1} per group column)
+              dialects:      ng * log2(D)
+              NVFP4 tensor scale: 32
+    +h        base.cost((R - k, C)) + hi.cost((k, C)) + k * index_bits(R),   k = floor(percent * R / 100)
+
+(percentages are read as the decimal written: ``0.45`` is exactly 45/10000).  Extensions combine
+(``W3-g16+sq3+o0.25`` is SpQR's full recipe) except ``+h``; the base must be a quantized grid with
+``channel`` or ``gN`` granularity whose group size divides ``C`` (a composite fits exactly the layers
+its base fits).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from fractions import Fraction
+
+from ..config import SCALE_BITS, BitCost, QuantSpec, parse_spec
+from ..granularity import PerChannel, PerGroup
+
+COMPOSITE_VERSION = 1
+BASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QuantSpec))
+FP16_BITS = 16
+ROW_PTR_BITS = 32
+L2_STATS_BITS = 32      # second-level fp16 scale + fp16 offset
+SLIM_MAP_BITS = 2       # per group column: one of {b-1, b, b+1}
+SQ_GROUP = 16           # SpQR's second-level group (beta_2)
+
+
+def index_bits(cols: int) -> int:
+    """Bits of one stored column index: int16 (unsigned) up to 65536 columns, else int32."""
+    return 16 if cols <= 2**16 else 32
+
+
+@dataclass(frozen=True)
+class CompositeSpec(QuantSpec):
+    """A base grid (the inherited :class:`QuantSpec` fields) plus intra-tensor extensions.
+
+    outliers  percent of the weights kept as sparse fp16 values (CSR), e.g. 0.5
+    columns   number of input columns kept in fp16 (OWQ)
+    sq_bits   second-level bits of the group scales / fp16 offsets (SpQR), 0 = off
+    sq_group  rows per second-level group
+    slim      SliM-LLM per-group-column bits {b-1, b, b+1} averaging ``bits``
+    hi_rows   percent of the output rows stored at ``hi_bits`` (MixLLM), 0 = off
+    hi_bits   bits of those rows (same grid family and group size)
+    dialects  BlockDialect: each group picks one of this many level tables (a power of two, 0 = off)
+    """
+
+    outliers: float = 0.0
+    columns: int = 0
+    sq_bits: int = 0
+    sq_group: int = SQ_GROUP
+    slim: bool = False
+    hi_rows: float = 0.0
+    hi_bits: int = 8
+    dialects: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        o = self.outliers
+        if isinstance(o, bool) or not isinstance(o, (int, float)) or not math.isfinite(o) or not 0 <= o < 100:
+            raise ValueError(f"outliers is a percentage in [0, 100), got {o!r}")
+        object.__setattr__(self, "outliers", float(o))
+        h = self.hi_rows
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not 0 <= h < 100:
+            raise ValueError(f"hi_rows is a percentage in [0, 100), got {h!r}")
+        object.__setattr__(self, "hi_rows", float(h))
+        for k in ("columns", "sq_bits", "sq_group", "hi_bits", "dialects"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.slim, bool):
+            raise ValueError(f"slim must be a bool, got {self.slim!r}")
+        if not (self.outliers > 0 or self.columns > 0 or self.sq_bits > 0 or self.slim or self.hi_rows > 0
+                or self.dialects > 0):
+            raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD or SLIM): "
+                             "use a plain QuantSpec otherwise")
+        if self.dialects:
+            if self.dialects not in (2, 4, 8, 16):
+                raise ValueError(f"the dialect formatbook holds 2, 4, 8 or 16 tables, got {self.dialects}")
+            if self.dtype not in ("nf", "fp4_e2m1") or self.scale_dtype not in ("fp16", "bf16", "fp32") \
+                    or self.tensor_scale or self.sq_bits:
+                raise ValueError("+d (block dialects) needs an NF or FP4 base with a float absmax scale, without +sq")
+        if self.hi_rows:
+            if self.dialects or self.outliers or self.columns or self.sq_bits or self.slim:
+                raise ValueError("+h (high-precision output rows) does not combine with other extensions")
+            if self.dtype != "int" or not self.bits < self.hi_bits <= 8:
+                raise ValueError(f"+h needs an int base and {self.bits} < hi bits <= 8, got {self.hi_bits}")
+            if self.scale_dtype == "e8m0" or self.tensor_scale:
+                raise ValueError("+h needs a float group scale")
+        if self.is_float_keep:
+            raise ValueError(f"the base of a composite must be a quantized grid, not {self.dtype}")
+        if not isinstance(self.granularity, (PerGroup, PerChannel)):
+            raise ValueError(f"composites need channel or gN granularity, not {self.granularity}")
+        if self.sq_bits:
+            if not 2 <= self.sq_bits <= 8:
+                raise ValueError(f"second-level scale bits must be in 2..8, got {self.sq_bits}")
+            if self.sq_group < 1:
+                raise ValueError("the second-level group must hold at least one row")
+            if self.dtype == "kmeans" or self.scale_dtype not in ("fp16", "bf16", "fp32") or self.tensor_scale:
+                raise ValueError("+sq quantizes float group scales: the base needs an fp16/bf16/fp32 scale "
+                                 f"(not {self.dtype} with scale {self.scale_dtype})")
+        if self.slim:
+            if self.dtype != "int" or not 2 <= self.bits <= 7:
+                raise ValueError("SLIM needs an int base of 2..7 bits (groups take b-1, b or b+1 bits)")
+            if not isinstance(self.granularity, PerGroup):
+                raise ValueError("SLIM allocates bits per group column: use a gN granularity")
+            if self.scale_dtype == "e8m0":
+                raise ValueError("SLIM needs a float scale (e8m0 scales depend on the element bits)")
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def base(self) -> QuantSpec:
+        """The plain spec of the dense part."""
+        return QuantSpec(**{k: getattr(self, k) for k in BASE_FIELDS})
+
+    @property
+    def name(self) -> str:
+        head = self.base.name
+        if self.slim:
+            head = "SLIM" + head[1:]  # W3-g64 -> SLIM3-g64
+        ext = []
+        if self.sq_bits:
+            ext.append(f"sq{self.sq_bits}" + ("" if self.sq_group == SQ_GROUP else f"g{self.sq_group}"))
+        if self.columns:
+            ext.append(f"c{self.columns}")
+        if self.outliers:
+            ext.append("o" + _fmt_pct(self.outliers))
+        if self.dialects:
+            ext.append(f"d{self.dialects}")
+        if self.hi_rows:
+            ext.append("h" + _fmt_pct(self.hi_rows) + ("" if self.hi_bits == 8 else f"w{self.hi_bits}"))
+        return "+".join([head, *ext])
+
+    def n_outliers(self, shape: tuple[int, int]) -> int:
+        """``floor(percent * R * C / 100)`` on the decimal written (``0.45`` is 45/100 exactly)."""
+        r, c = int(shape[0]), int(shape[1])
+        return math.floor(Fraction(repr(self.outliers)) * r * c / 100)
+
+    @property
+    def dialect_bits(self) -> int:
+        return self.dialects.bit_length() - 1 if self.dialects else 0
+
+    def n_hi_rows(self, shape: tuple[int, int]) -> int:
+        """``floor(percent * R / 100)`` output rows at ``hi_bits``."""
+        return math.floor(Fraction(repr(self.hi_rows)) * int(shape[0]) / 100)
+
+    @property
+    def hi_spec(self) -> QuantSpec:
+        """The plain spec of the high-precision rows (``+h``)."""
+        return QuantSpec(**{k: getattr(self, k) for k in BASE_FIELDS if k != "bits"}, bits=self.hi_bits)
+
+    def layout(self, shape: tuple[int, int]) -> tuple[int, list[tuple[int, int]]]:
+        """``(n, bounds)``: dense column count and the group columns' ``[start, end)`` in the dense part."""
+        r, c = int(shape[0]), int(shape[1])
+        self.base.cost((r, c))  # the base must fit the full shape (raises ValueError otherwise)
+        if self.columns >= c:
+            raise ValueError(f"{self.columns} fp16 columns leave no dense column of a {c}-wide row")
+        n = c - self.columns
+        g = self.granularity.size if isinstance(self.granularity, PerGroup) else n
+        return n, [(s, min(s + g, n)) for s in range(0, n, g)]
+
+    # ------------------------------------------------------------------ accounting
+    def cost(self, shape: tuple[int, int]) -> BitCost:
+        """Exact bits of a ``[R, C]`` tensor (formulas in the module docstring)."""
+        r, c = int(shape[0]), int(shape[1])
+        if self.hi_rows:  # the two row sets are plain tensors, plus the high rows' indices
+            self.base.cost((r, c))
+            k = self.n_hi_rows((r, c))
+            lo = self.base.cost((r - k, c)) if k < r else BitCost(0, 0)
+            hi = self.hi_spec.cost((k, c)) if k else BitCost(0, 0)
+            return lo + hi + BitCost(0, 0, extra=k * index_bits(r))
+        n, bounds = self.layout((r, c))
+        G = len(bounds)
+        ng = r * G
+        ib = index_bits(c)
+        n2 = G * -(-r // self.sq_group)
+        codes = r * n * self.bits
+        scales = ng * self.sq_bits + n2 * L2_STATS_BITS if self.sq_bits else ng * SCALE_BITS[self.scale_dtype]
+        zeros = 0
+        if self.dtype == "int" and not self.symmetric:
+            if self.zero_dtype == "int":
+                zeros = ng * self.bits
+            else:
+                zeros = ng * self.sq_bits + n2 * L2_STATS_BITS if self.sq_bits else ng * FP16_BITS
+        codebook = ng * self.n_levels * FP16_BITS if self.dtype == "kmeans" else 0
+        extra = 32 if self.tensor_scale else 0
+        if self.columns:
+            extra += r * self.columns * FP16_BITS + self.columns * ib
+        k = self.n_outliers((r, c))
+        if k > r * n:
+            raise ValueError(f"{k} outliers do not fit in {r}x{n} dense weights")
+        if self.outliers:
+            extra += k * (FP16_BITS + ib) + (r + 1) * ROW_PTR_BITS
+        if self.slim:
+            extra += G * SLIM_MAP_BITS
+        if self.dialects:
+            extra += ng * self.dialect_bits
+        return BitCost(r * c, codes, scales, zeros, codebook, extra)
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict:
+        return {"_type": "CompositeSpec", "_version": COMPOSITE_VERSION, "base": self.base.to_dict(),
+                "outliers": self.outliers, "columns": self.columns, "sq_bits": self.sq_bits,
+                "sq_group": self.sq_group, "slim": self.slim, "hi_rows": self.hi_rows, "hi_bits": self.hi_bits,
+                "dialects": self.dialects}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompositeSpec":
+        if not isinstance(d, dict) or d.get("_type") != "CompositeSpec":
+            raise ValueError(f"not a CompositeSpec dict: {d!r}")
+        if d.get("_version") != COMPOSITE_VERSION:
+            raise ValueError(f"CompositeSpec version {d.get('_version')} is not supported "
+                             f"(this mixq reads {COMPOSITE_VERSION})")
+        ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects")
+        unknown = set(d) - {"_type", "_version", "base", *ext}
+        if unknown:
+            raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")
+        return compose(QuantSpec.from_dict(d["base"]), **{k: d[k] for k in ext if k in d})
+
+
+def compose(base: QuantSpec | str, **ext) -> CompositeSpec:
+    """``compose("W3-g64", outliers=0.5)``: a composite from a base spec and extension fields."""
+    b = parse_spec(base)
+    if isinstance(b, CompositeSpec):
+        raise ValueError(f"{b.name} is already a composite")
+    return CompositeSpec(**{k: getattr(b, k) for k in BASE_FIELDS}, **ext)
+
+
+def is_composite(spec) -> bool:
+    return isinstance(spec, CompositeSpec)
+
+
+def _fmt_pct(p: float) -> str:
+    s = repr(float(p))
+    return s[:-2] if s.endswith(".0") else s
+
+
+_EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)|c(?P<c>\d+)|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?"
+                  r"|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?)$")
+_SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
+
+
+def parse_candidate(x) -> QuantSpec:
+    """A candidate from a name, a ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names
+    (``W4-g128``), a :class:`CompositeSpec` for ``BASE+EXT...`` and ``SLIM...`` (grammar above)."""
+    if isinstance(x, QuantSpec):
+        return x
+    if isinstance(x, dict):
+        if x.get("_type") == "CompositeSpec":
+            return CompositeSpec.from_dict(x)
+        return QuantSpec.from_dict(x)
+    if not isinstance(x, str):
+        raise ValueError(f"a candidate is a spec name or dict, got {type(x).__name__}")
+    raw = x.strip()
+    head, *exts = [t.strip() for t in raw.split("+")]
+    m = _SLIM.match(head)
+    if not exts and not m:
+        return parse_spec(head)
+    kw: dict = {}
+    if m:
+        head = f"W{m.group(1)}{m.group(2)}"
+        kw["slim"] = True
+    for t in exts:
+        e = _EXT.match(t.lower())
+        if not e:
+            raise ValueError(f"bad extension {t!r} in {raw!r}: use +o<percent> (sparse fp16 outliers), "
+                             "+c<k> (fp16 input columns), +sq<bits>[g<rows>] (quantized group scales) "
+                             "+h<percent>[w<bits>] (high-precision output rows) or +d<D> (block dialects)")
+        if e.group("o") is not None:
+            key, val = "outliers", float(e.group("o"))
+        elif e.group("c") is not None:
+            key, val = "columns", int(e.group("c"))
+        elif e.group("d") is not None:
+            key, val = "dialects", int(e.group("d"))
+        elif e.group("h") is not None:
+            key, val = "hi_rows", float(e.group("h"))
+            if e.group("hw") is not None:
+                kw["hi_bits"] = int(e.group("hw"))
+        else:
+            key, val = "sq_bits", int(e.group("sq"))
+            if e.group("sqg") is not None:
+                kw["sq_group"] = int(e.group("sqg"))
+        if key in kw:
+            raise ValueError(f"extension {t!r} is given twice in {raw!r}")
+        kw[key] = val
+    try:
+        return compose(parse_spec(head), **kw)
+    except ValueError as err:
+        raise ValueError(f"bad composite spec {raw!r}: {err}") from None
