@@ -10,6 +10,7 @@ import logging
 import time
 from pathlib import Path
 
+from . import commands_act
 from . import commands_alloc
 from . import commands_export
 from . import commands_report
@@ -52,6 +53,7 @@ def register(sub) -> None:
                                    "the reference (by default the directory's base model).")
     e.add_argument("target", nargs="?", default=DEFAULT_MODEL, help="mixq directory, hub id, local path or embedded name")
     _eval_args(e)
+    commands_act.eval_args(e)
     e.add_argument("--reference", default=None, help="reference model for KL (default: the base model of a mixq dir; none for a plain model)")
     e.add_argument("--out", default=None, help="write the results JSON here")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -67,6 +69,7 @@ def register(sub) -> None:
     d.add_argument("--out", default=None, help="also write the table's data as JSON here")
     d.set_defaults(func=cmd_demo)
     commands_export.register(sub)
+    commands_act.register(sub)
     commands_report.register(sub)
 
 
@@ -93,7 +96,7 @@ def cmd_quantize(args) -> int:
     from .export.native import save_quantized
     from .models import load_model
 
-    spec = parse_spec(args.spec or "W4-g64") if args.plan is None and args.bpw is None else None
+    spec = commands_act.quantize_spec(args) if args.plan is None and args.bpw is None else None
     plan = Plan.load(args.plan) if args.plan else None
     budget = Budget(bpw=args.bpw) if args.bpw is not None else None
     table = SensitivityTable.load(args.measurement) if args.measurement else None
@@ -183,6 +186,8 @@ def eval_windows_for(args, tok):
 def cmd_eval(args) -> int:
     from .eval import evaluate
 
+    if commands_act.wants_act_or_kv(args):
+        return commands_act.cmd_eval_act(args)
     _check_positive(tokens=args.tokens, seqlen=args.seqlen)
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a directory: give a file name such as results.json")

@@ -5,6 +5,7 @@ import logging
 import time
 from pathlib import Path
 
+from . import commands_act
 from .cli import DEFAULT_MODEL, UserError
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def register(sub, calib_args) -> None:
                        description="Allocate bits from MEASUREMENT under each budget; writes DIR/plan-<budget>.json.")
     p.add_argument("measurement", help="a measurement JSON written by `mixq measure`")
     budget_args(p)
+    commands_act.plan_args(p)
     p.add_argument("--out", default=None, help="directory for the plans (required unless --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="print the per-layer table and sizes, write nothing")
     p.add_argument("--force", action="store_true", help="replace existing plan files")
@@ -168,6 +170,8 @@ def cmd_measure(args) -> int:
 def cmd_plan(args) -> int:
     from .allocate import SensitivityTable, allocate, format_plan_table
 
+    if getattr(args, "memory", None):
+        return commands_act.cmd_plan_joint(args)
     budgets = parse_budgets(args)
     constraints = constraints_from(args)
     if not args.dry_run and not args.out:

@@ -7,6 +7,10 @@
               window, per-layer K/V bits) and its exact byte count
 ``presets``   W/A preset names → (weight spec, activation spec, rotate)
 ``kveval``    perplexity with the quantized cache actually used (prefill, then chunked decoding)
+``kvsens``    per-layer K/V sensitivity (KL to fp, nats/token), an exact one-forward decode simulation
+              of the KIVI cache, KV evaluation with KL, exact per-layer K/V costs
+``joint``     one memory budget for weights + KV cache, solved as one multiple-choice knapsack
+``resq``      ResQ: PCA subspace of each linear's input at 8 bits, the rest at 4, rotated inside
 """
 from .actquant import (
     ActQuantHandle,
@@ -20,6 +24,11 @@ from .presets import WAPreset, parse_wa_preset
 from .kvcache import KIVICache, KIVILayer, kv_cache_bits, kv_cache_bytes, kv_dims, kv_spec, resolve_kv_bits
 from .kveval import eval_with_kv_quant
 from .outliers import FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant, top_k_channels
+from .kvsens import (KVEntry, KVSensitivityTable, KVSettings, kv_compare, kv_part_bits, measure_kv,
+                     simulate_kivi)
+from .joint import (InfeasibleMemory, JointPlan, allocate_joint, allocate_kv, allocate_separately, load_kv_plan,
+                    min_memory_bytes, uniform_kv)
+from .resq import ResQQuantizer, apply_resq, fit_resq, fold_resq, resq_basis
 
 __all__ = [
     "ActQuantHandle", "ActQuantizer", "WAPreset", "apply_act_quant", "calibrate_act_absmax", "fake_quant_act",
@@ -27,4 +36,8 @@ __all__ = [
     "FPOutliers", "HiChannels", "act_bits_per_feature", "prepare_for_act_quant", "top_k_channels",
     "KIVICache", "KIVILayer", "kv_cache_bits", "kv_cache_bytes", "kv_dims", "kv_spec", "resolve_kv_bits",
     "eval_with_kv_quant",
+    "KVEntry", "KVSensitivityTable", "KVSettings", "kv_compare", "kv_part_bits", "measure_kv", "simulate_kivi",
+    "InfeasibleMemory", "JointPlan", "allocate_joint", "allocate_kv", "allocate_separately", "load_kv_plan",
+    "min_memory_bytes", "uniform_kv",
+    "ResQQuantizer", "apply_resq", "fit_resq", "fold_resq", "resq_basis",
 ]
