@@ -1,0 +1,90 @@
+"""End-to-end cost of `mixq quantize --bpw B --method gptq` on SmolLM2-135M, and of further budgets.
+
+    python bench/quantize_cost.py [--bpw 3.5] [--nsamples 128] [--budgets 2.5,3,3.25,4,4.5]
+
+Runs the real CLI in child processes under ``/usr/bin/time -v`` (wall time and peak RSS of the
+whole process), side by side in one run:
+
+1. ``mixq eval --tokens 512`` of the fp32 model: the baseline RSS of "the model loaded and run";
+2. ``mixq quantize --bpw B --method gptq``: measurement + plan + GPTQ + save, from a cold start;
+3. ``mixq plan MEASUREMENT --bpw ...``: every further budget from the saved measurement.
+
+Also states the memory a non-streaming GPTQ would need: the fp32 model plus the inputs of every
+block kept for all calibration samples.  Writes bench/results/quantize_cost.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, header
+
+MIXQ = [sys.executable, "-m", "mixq.cli"]
+
+
+def timed(cmd: list[str]) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v; returns wall seconds, peak RSS MB and the output tail."""
+    t = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1)) / 1024
+    return {"seconds": wall, "peak_rss_mb": rss, "stdout": p.stdout.strip().splitlines()[-3:]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bpw", type=float, default=3.5)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--budgets", default="2.5,3,3.25,4,4.5")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mixq-cost-"))
+    try:
+        base = timed([*MIXQ, "eval", "--tokens", "512"])
+        out = work / "q"
+        q = timed([*MIXQ, "quantize", "--bpw", str(args.bpw), "--method", "gptq", "--nsamples", str(args.nsamples),
+                   "--out", str(out)])
+        info = json.loads((out / "mixq.json").read_text())
+        p = timed([*MIXQ, "plan", str(out / "measurement.json"), "--bpw", args.budgets, "--out", str(work / "plans")])
+        n_plans = len(list((work / "plans").glob("plan-*.json")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # what keeping every block's inputs for all samples would take (hidden 576, 30 blocks, fp32)
+    hidden, blocks, seqlen = 576, 30, 512
+    all_acts_mb = args.nsamples * seqlen * hidden * 4 * blocks / 2**20
+    rows = {"fp32 eval (baseline)": base, f"quantize --bpw {args.bpw} --method gptq": q,
+            f"plan {n_plans} more budgets": p}
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    lines = header("Cost of mixed-precision quantization — SmolLM2-135M-Instruct",
+                   f"OMP_NUM_THREADS={threads} python bench/quantize_cost.py --bpw {args.bpw} "
+                   f"--nsamples {args.nsamples} --budgets {args.budgets}")
+    lines += [f"Each row is one `mixq` process under `/usr/bin/time -v` (cold start: Python, torch, model load "
+              f"included), run one after another on an otherwise idle machine. Calibration {args.nsamples} × "
+              f"{seqlen} PTB train tokens; measurement metric kfac with GPTQ-scaled errors "
+              f"({info.get('plan', {}).get('metric', '?')}), exact solver. Measurement + plan took "
+              f"{info.get('measure_plan_seconds', float('nan')):.0f} s of the quantize run; the whole quantize run "
+              f"(measure, plan, GPTQ, save) {info['seconds']:.0f} s inside the process.", "",
+              "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
+    for k, r in rows.items():
+        lines.append(f"| {k} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", f"Peak RSS of the GPTQ run is {q['peak_rss_mb'] / base['peak_rss_mb']:.2f}× the fp32 baseline "
+              f"process. Holding the inputs of all {blocks} blocks for {args.nsamples} × {seqlen} tokens in fp32 "
+              f"would take {all_acts_mb:.0f} MB on top of the model; the block walk keeps two "
+              f"[{args.nsamples}, {seqlen}, {hidden}] buffers ({2 * all_acts_mb / blocks:.0f} MB)."]
+    (RESULTS / "quantize_cost.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "quantize_cost.json").write_text(json.dumps({"rows": rows, "all_block_inputs_mb": all_acts_mb,
+                                                            "quantize_info_seconds": info["seconds"]}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
