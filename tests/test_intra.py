@@ -354,3 +354,21 @@ def test_measure_allocate_quantize_tiny_model(tiny_model, algorithm):
             assert res.qtensors[fqn].stored_bits() == s.cost(tuple(W.shape)).total
     with pytest.raises(ValueError, match="AWQ"):
         api.quantize_model(model, specs, method="awq", calib_ids=ids, progress=False)
+
+
+def test_quantize_refuses_a_plan_with_composites_before_any_work(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    from mixq.allocate import Budget, allocate
+    from mixq.cli import main
+    from mixq.intra import parse_candidate
+    from mixq.measure import measure
+
+    model = tiny_model("llama")
+    src = tmp_path / "m"
+    model.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    table = measure(model, ids, [parse_candidate("W3-g32+o0.5")], metric="hessian", progress=False)
+    allocate(table, Budget(bpw=16)).save(tmp_path / "p.json")
+    assert main(["quantize", "--model", str(src), "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "q")]) == 2
+    assert "intra-tensor specs (W3-g32+o0.5)" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -127,6 +127,7 @@ def cmd_quantize(args) -> int:
         untie_lm_head(model)
     if plan is not None:
         plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
+        _refuse_composites(plan)
         specs = dict(plan.layers)  # FP16 "keep" choices are applied too: cast through fp16, counted at 16 bits
         if lm_head is not None:
             specs.update(api.resolve_specs(model, {}, lm_head=lm_head, allow_empty=True))
@@ -157,6 +158,17 @@ def cmd_quantize(args) -> int:
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {_human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
     return 0
+
+
+def _refuse_composites(plan) -> None:
+    """Intra-tensor (composite) specs quantize and evaluate, but the native format cannot store them yet."""
+    from .intra import is_composite
+
+    bad = sorted({s.name for s in plan.layers.values() if is_composite(s)})
+    if bad:
+        raise UserError(f"the plan uses intra-tensor specs ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}) "
+                        "that a mixq directory cannot store yet: plan without them (--candidates default) or "
+                        "evaluate the plan in Python with mixq.api.quantize_model")
 
 
 # ---------------------------------------------------------------------------- eval
