@@ -87,3 +87,17 @@ def test_quantize_bpw_resumes_from_a_finished_measurement(tiny_dir, tmp_path, mo
     monkeypatch.setattr(mixq.measure, "measure", lambda *a, **k: pytest.fail("measured again"))
     assert main(args) == 0
     assert (out / "measurement.json").exists() and not scratch.exists()
+
+
+def test_quantize_bpw_with_rotation_measures_the_rotated_model(tiny_dir, tmp_path):
+    """--rotate with --bpw rotates first, so the measurement belongs to the weights that are quantized."""
+    out = tmp_path / "qr"
+    assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--nsamples", "4", "--seqlen", "32",
+                 "--grad-samples", "2", "--rotate", "--out", str(out)]) == 0
+    info = json.loads((out / "mixq.json").read_text())
+    meas = json.loads((out / "measurement.json").read_text())
+    from mixq.models import load_model, model_fingerprint
+
+    plain, _ = load_model(str(tiny_dir))
+    assert info["rotate"] and info["size"]["bpw_quantized"] <= 3.5
+    assert meas["meta"]["model"] != model_fingerprint(plain)  # the rotated weights were measured

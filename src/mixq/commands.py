@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import commands_act
 from . import commands_alloc
+from . import commands_bench
 from . import commands_export
 from . import commands_report
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
@@ -36,6 +37,8 @@ def register(sub) -> None:
                    help="rotate the residual stream first (QuaRot, RMSNorm families; fused into the weights)")
     q.add_argument("--group-fallback", default="error", choices=["error", "shrink"],
                    help="when a group size does not divide a layer's rows: error (default) or shrink it per layer")
+    q.add_argument("--lazy", action="store_true", help="GPTQ on a local safetensors model directory without loading "
+                                                       "it: decoder blocks are streamed one at a time")
     q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
     _calib_args(q)
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
@@ -55,6 +58,8 @@ def register(sub) -> None:
     _eval_args(e)
     commands_act.eval_args(e)
     e.add_argument("--reference", default=None, help="reference model for KL (default: the base model of a mixq dir; none for a plain model)")
+    e.add_argument("--ci", action="store_true", help="add 95%% bootstrap intervals over windows (mixq.eval.stats; one "
+                                                     "more pass of the model) and check calibration/evaluation overlap")
     e.add_argument("--out", default=None, help="write the results JSON here")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=cmd_eval)
@@ -71,6 +76,7 @@ def register(sub) -> None:
     commands_export.register(sub)
     commands_act.register(sub)
     commands_report.register(sub)
+    commands_bench.register(sub)
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -105,13 +111,22 @@ def cmd_quantize(args) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
     _check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
+    if args.lazy:
+        _check_lazy(args)
     needs_calib = args.method != "rtn" or (budget is not None and table is None)
     calib_text = data.load_corpus(args.calib, "train") if needs_calib else None
     if budget is not None:
         commands_alloc.load_candidate_set(args.candidates)
-    model, tok = load_model(args.model)
+    model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
     t0 = time.perf_counter()
-    extra: dict = {}
+    extra: dict = {"lazy": True} if args.lazy else {}
+    rotate = args.rotate
+    if rotate and budget is not None and table is None:
+        # rotate before measuring: the plan must be chosen for the weights that will be quantized
+        from .algorithms.rotation import rotate_model
+
+        rotate_model(model, online_down=False)
+        rotate = False
     if budget is not None:
         if table is None:
             # saved beside --out while it runs, so an interrupted measurement resumes on the next call
@@ -127,7 +142,6 @@ def cmd_quantize(args) -> int:
         untie_lm_head(model)
     if plan is not None:
         plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
-        _refuse_composites(plan)
         specs = dict(plan.layers)  # FP16 "keep" choices are applied too: cast through fp16, counted at 16 bits
         if lm_head is not None:
             specs.update(api.resolve_specs(model, {}, lm_head=lm_head, allow_empty=True))
@@ -136,8 +150,11 @@ def cmd_quantize(args) -> int:
     calib_ids = None
     if calib_text is not None:
         calib_ids = data.calibration_batch(data.tokenize(calib_text, tok), args.nsamples, args.seqlen, args.seed)
+    source, kept = _lazy_source(model, args.model, specs) if args.lazy else (None, {})
     res = api.quantize_model(model, specs, method=args.method, calib_ids=calib_ids, damp=args.damp,
-                             act_order=args.act_order, rotate=args.rotate, online_rotation=False)
+                             act_order=args.act_order, rotate=rotate, online_rotation=False, source=source)
+    if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
+        model.load_state_dict(kept, strict=False, assign=True)
     size = api.size_report(model, specs)
     label = spec.name if spec is not None else f"mixed plan ({plan.achieved_bpw:.3f} bpw, {plan.metric}/{plan.solver})"
     meta = {"base_model": args.model, "method": args.method, "spec": label, "rotate": args.rotate,
@@ -160,15 +177,40 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _refuse_composites(plan) -> None:
-    """Intra-tensor (composite) specs quantize and evaluate, but the native format cannot store them yet."""
-    from .intra import is_composite
+def _check_lazy(args) -> None:
+    p = Path(args.model)
+    if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+        raise UserError(f"--lazy needs a local model directory with config.json and *.safetensors, not {args.model}")
+    if args.method != "gptq" or args.rotate or (args.bpw is not None and args.measurement is None):
+        raise UserError("--lazy streams the blocks through GPTQ's calibration walk: use --method gptq, no --rotate, "
+                        "and with --bpw an existing --measurement")
 
-    bad = sorted({s.name for s in plan.layers.values() if is_composite(s)})
-    if bad:
-        raise UserError(f"the plan uses intra-tensor specs ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}) "
-                        "that a mixq directory cannot store yet: plan without them (--candidates default) or "
-                        "evaluate the plan in Python with mixq.api.quantize_model")
+
+def _load_lazy(path: str):
+    """The model on ``meta`` with only what lies outside the decoder blocks loaded, and its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .calib.lazy import load_outside_blocks, skeleton_from_config
+
+    model = skeleton_from_config(AutoConfig.from_pretrained(path))
+    load_outside_blocks(model, path)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _lazy_source(model, path: str, specs: dict):
+    """Streams blocks from ``path``; keeps each block's tensors that are not quantized (to save them)."""
+    from .arch import arch_for
+    from .calib.lazy import LazySafetensorsBlocks
+
+    prefix, kept = arch_for(model).blocks, {}
+
+    def sink(i: int, state: dict) -> None:
+        for k, v in state.items():
+            name = f"{prefix}.{i}.{k}"
+            if name.removesuffix(".weight") not in specs:
+                kept[name] = v
+
+    return LazySafetensorsBlocks(path, prefix, sink=sink), kept
 
 
 # ---------------------------------------------------------------------------- eval
@@ -213,7 +255,13 @@ def cmd_eval(args) -> int:
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
     win, proto = eval_windows_for(args, tok)
+    if args.ci and reference is not None:
+        from .eval import ReferenceCache
+
+        reference = ReferenceCache(reference, win)  # the reference runs once for both passes
     res = evaluate(model, win, proto, reference=reference)
+    if args.ci:
+        res.update(_intervals(model, win, reference, info, tok))
     res["target"] = args.target
     res["reference"] = ref_name
     if info:
@@ -223,6 +271,26 @@ def cmd_eval(args) -> int:
         write_json_atomic(args.out, res, overwrite=True)
     _print_result(res)
     return 0
+
+
+def _intervals(model, win, reference, info, tok) -> dict:
+    """``--ci``: bootstrap intervals over windows, and the calibration/evaluation overlap warning."""
+    from . import data
+    from .eval.stats import confidence_intervals, evaluate_windows, overlap_warning
+
+    ci = confidence_intervals(evaluate_windows(model, win, reference))
+    out = {"ci": {k: v for k, v in ci.items() if v is not None}, "overlap_warning": None}
+    cal = (info or {}).get("calibration")
+    if cal:
+        ids = data.calibration_batch(data.tokenize(data.load_corpus(cal["corpus"], cal.get("split", "train")), tok,
+                                                   progress=False), cal["nsamples"], cal["seqlen"], cal["seed"])
+        out["overlap_warning"] = overlap_warning(ids, win)
+        if out["overlap_warning"]:
+            log.warning("%s", out["overlap_warning"])
+    for k, v in out["ci"].items():
+        print(f"{k}: {v['estimate']:.5g}  {v['confidence']:.0%} CI [{v['low']:.5g}, {v['high']:.5g}] "
+              f"({v['n_windows']} windows, {v['n_resamples']} resamples)")
+    return out
 
 
 def _print_result(res: dict) -> None:
