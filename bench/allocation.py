@@ -34,7 +34,11 @@ VARIANTS = [  # (label, algorithm used to quantize, metric, solver)
     ("uniform GPTQ", "gptq", "kfac", "uniform"),
     ("mixed GPTQ (kfac)", "gptq", "kfac", "exact"),
     ("mixed GPTQ (block)", "gptq", "block", "exact"),
+    ("uniform rot+GPTQ", "rot+gptq", "kfac", "uniform"),
+    ("mixed rot+GPTQ (kfac)", "rot+gptq", "kfac", "exact"),
 ]
+# "rot+gptq": QuaRot rotation of the residual stream (no online rotation, as in a saved directory), then the
+# measurement and GPTQ on the rotated weights; evaluated against the unrotated fp32 reference.
 CACHE = Path(__file__).parent / "cache"  # measurements (git-ignored): reused by reruns and by `mixq plan`
 
 
@@ -66,14 +70,20 @@ def main():
     cands = default_candidates()
     tables, mtimes = {}, {}
     CACHE.mkdir(exist_ok=True)
+    base = {"rtn": S.ref, "gptq": S.ref}
+    if any(v[1] == "rot+gptq" for v in variants):
+        from mixq.algorithms.rotation import rotate_model
+
+        base["rot+gptq"] = copy.deepcopy(S.ref)
+        rotate_model(base["rot+gptq"], online_down=False)
     for _, algo, metric, _ in variants:
         if (metric, algo) not in tables:
             path = CACHE / f"measure-{metric}-{algo}-{args.nsamples}x{S.seqlen}.json"
             if path.exists():  # finished by an earlier run (its own time is in its meta)
                 tables[(metric, algo)] = SensitivityTable.load(path)
             else:  # measure() resumes from path.partial after an interrupt
-                tables[(metric, algo)] = measure(S.ref, S.calib, cands, metric=metric, algorithm=algo, out=path,
-                                                 progress=False)
+                tables[(metric, algo)] = measure(base[algo], S.calib, cands, metric=metric,
+                                                 algorithm=algo.removeprefix("rot+"), out=path, progress=False)
             mtimes[f"{metric}/{algo}"] = tables[(metric, algo)].meta["seconds"]
             print("measured", metric, algo, f"{mtimes[f'{metric}/{algo}']:.0f}s", flush=True)
     partial = RESULTS / f"{args.tag}.partial.json"
@@ -89,10 +99,11 @@ def main():
             t = time.perf_counter()
             plan = allocate(tables[(metric, algo)], Budget(bpw=b), method=solver)
             solve_s = time.perf_counter() - t
-            model = copy.deepcopy(S.ref)
+            model = copy.deepcopy(base[algo])
             specs = dict(plan.layers)
             t = time.perf_counter()
-            api.quantize_model(model, specs, method=algo, calib_ids=S.calib if algo == "gptq" else None,
+            method = algo.removeprefix("rot+")
+            api.quantize_model(model, specs, method=method, calib_ids=S.calib if method == "gptq" else None,
                                progress=False)
             q_s = time.perf_counter() - t
             r = S.evaluate(model)
