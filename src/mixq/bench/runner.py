@@ -1,0 +1,670 @@
+"""``mixq bench``: every method × budget on one model, under one protocol, resumable.
+
+For each budget (bits per weight over the block linears, every stored bit counted):
+
+* a **uniform** method (``rtn``, ``gptq``, ``awq``, ``awq+gptq``) quantizes every layer with the
+  single candidate spec that the ``uniform`` solver picks within the budget from the measurement
+  (the spec of least predicted error among those that fit — the baseline of bench/allocation.py);
+* a **mixed** method (``mixq-rtn``, ``mixq-gptq``, ``mixq-awq``, …) quantizes with the exact
+  (multiple-choice knapsack) plan from the same measurement.
+
+One sensitivity measurement serves every budget and method; it is kept in ``DIR/measurement.json``
+(and resumed from ``measurement.json.partial`` if interrupted).  Every finished row is written at
+once, atomically, to ``DIR/rows/<method>_<budget>bpw.json``; a rerun with the same settings skips
+the rows that exist, so an interrupted bench loses at most the row in progress.  Rows that failed
+with an error are retried.  Changing a setting that affects the numbers (model, corpus, tokens,
+calibration, metric, …) is refused unless ``--force`` starts over; adding budgets or methods is not.
+
+Each row is evaluated once, window by window (:func:`mixq.eval.stats.evaluate_windows`):
+perplexity, KL to the unquantized model (its log-probs cached in fp16) and top-1 agreement are the
+token-weighted sums, with percentile bootstrap intervals over windows; the per-window sums are kept
+in the row, so the report can run paired (same-window) comparisons of mixed vs uniform.
+
+Layout of DIR::
+
+    bench.json          settings, protocol, machine, mixq version and commit
+    measurement.json    the sensitivity table (one for all budgets)
+    rows/*.json         one per (method, budget) and rows/fp.json for the unquantized model
+    results.json        everything above in one document
+    results.md          tables and figures (figures/*.png)
+    report.html         the same, self-contained (figures embedded)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..jsonio import read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+BENCH_VERSION = 1
+ALGORITHMS = ("rtn", "gptq", "awq", "awq+gptq")
+MIXED_PREFIX = "mixq-"
+DEFAULT_METHODS = "rtn,gptq,awq,mixq-rtn,mixq-gptq"
+ROWS = "rows"
+FP_ROW = "fp"
+OWN_FILES = ("bench.json", "measurement.json", "measurement.json.partial", "results.json", "results.md",
+             "report.html", ROWS, "figures")
+
+
+class BenchError(ValueError):
+    """Bad settings or a results directory that does not match them (a user error)."""
+
+
+# ---------------------------------------------------------------------------- settings
+def parse_methods(text: str) -> list[str]:
+    """``"rtn,mixq-gptq"`` → ``["rtn", "mixq-gptq"]``, each checked (see :func:`method_info`)."""
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    if not out:
+        raise BenchError("--methods is empty")
+    for m in out:
+        method_info(m)
+    return list(dict.fromkeys(out))
+
+
+def method_info(name: str) -> tuple[str, str, bool]:
+    """``(algorithm, solver, uniform)`` of a bench method name."""
+    mixed = name.startswith(MIXED_PREFIX)
+    algo = name[len(MIXED_PREFIX):] if mixed else name
+    if algo not in ALGORITHMS:
+        choices = ", ".join([*ALGORITHMS, *(MIXED_PREFIX + a for a in ALGORITHMS)])
+        raise BenchError(f"unknown method {name!r}: choose from {choices}")
+    return algo, ("exact" if mixed else "uniform"), not mixed
+
+
+def parse_budgets(text: str) -> list[float]:
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        if not tok:
+            continue
+        try:
+            b = float(tok)
+        except ValueError:
+            raise BenchError(f"bad budget {tok!r}: give bits per weight such as 2.5,3,3.5,4") from None
+        if not 0 < b < math.inf:
+            raise BenchError(f"bad budget {tok!r}: must be a positive number of bits per weight")
+        out.append(b)
+    if not out:
+        raise BenchError("--bpw is empty")
+    return sorted(dict.fromkeys(out))
+
+
+@dataclass
+class BenchConfig:
+    """What a bench measures.  ``budgets`` and ``methods`` may grow between runs of one DIR; the
+    rest (:meth:`key`) fixes the numbers and must not change."""
+
+    model: str
+    budgets: list[float]
+    methods: list[str]
+    corpus: str = "ptb"
+    split: str = "test"
+    tokens: int = 4096
+    seqlen: int = 512
+    calib: str = "ptb"
+    nsamples: int = 32
+    calib_seqlen: int = 512
+    seed: int = 0
+    metric: str = "kfac"
+    algorithm: str = "rtn"
+    candidates: str = "default"
+    grad_samples: int = 16
+    block_samples: int = 4
+    resamples: int = 1000
+    confidence: float = 0.95
+    zeroshot: int = 0
+    zeroshot_tasks: str = "lastword,choice"
+    batch_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def key(self) -> dict:
+        d = asdict(self)
+        for k in ("budgets", "methods", "batch_size", "extra"):
+            d.pop(k)
+        return d
+
+    def check(self) -> None:
+        for name in ("tokens", "seqlen", "nsamples", "calib_seqlen", "grad_samples", "block_samples", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise BenchError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.resamples < 0 or self.zeroshot < 0:
+            raise BenchError("--resamples and --zeroshot must be >= 0")
+        if not 0 < self.confidence < 1:
+            raise BenchError(f"--confidence must be in (0, 1), got {self.confidence}")
+        parse_methods(",".join(self.methods))
+
+
+def row_name(method: str, budget: float) -> str:
+    return f"{method}_{budget:g}bpw"
+
+
+# ---------------------------------------------------------------------------- provenance
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    acc = ""
+    if torch.cuda.is_available():
+        acc = f", {torch.cuda.get_device_name(0)}"
+    return (f"{cpu}, {os.cpu_count()} cores{acc}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"python {sys.version.split()[0]}")
+
+
+def mixq_version() -> dict:
+    """mixq's version and, when it runs from a git checkout, the commit (``+dirty`` if modified)."""
+    from .. import __version__
+
+    here = Path(__file__).resolve().parent
+    commit = None
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                           timeout=10)
+        if r.returncode == 0:
+            commit = r.stdout.strip()
+            d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+            if d.returncode == 0 and d.stdout.strip():
+                commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"version": __version__, "commit": commit}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+# ---------------------------------------------------------------------------- the run
+class Bench:
+    """One bench directory.  ``run()`` computes the missing rows and writes the results."""
+
+    def __init__(self, cfg: BenchConfig, out: str | Path, *, force: bool = False, progress: bool = True,
+                 command: str | None = None):
+        cfg.check()
+        self.cfg, self.out, self.force, self.progress = cfg, Path(out), force, progress
+        self.command = command
+        self.rows_dir = self.out / ROWS
+
+    # -------------------------------------------------------------- directory state
+    def prepare(self) -> None:
+        """Check DIR against the settings before any heavy work; ``force`` clears mixq's files."""
+        meta = self.out / "bench.json"
+        if self.out.exists() and not self.out.is_dir():
+            raise BenchError(f"--out {self.out} is a file: give a directory")
+        if self.force:
+            for name in OWN_FILES:
+                p = self.out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        elif meta.exists():
+            old = read_json(meta).get("key", {})
+            diff = {k: (old.get(k), v) for k, v in self.cfg.key().items() if old.get(k) != v}
+            if diff:
+                what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise BenchError(f"{self.out} holds a bench run with other settings ({what}): resume it with the "
+                                 "same settings, choose another --out, or pass --force to start over")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise BenchError(f"--out {self.out} exists and is not a bench directory: choose another --out "
+                             "(or pass --force to write into it)")
+        self.rows_dir.mkdir(parents=True, exist_ok=True)
+
+    def done_rows(self) -> dict[str, dict]:
+        """Finished rows on disk (rows that ended in an error are not finished)."""
+        out = {}
+        for p in sorted(self.rows_dir.glob("*.json")):
+            try:
+                r = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                log.warning("ignoring the damaged row file %s (it is computed again)", p)
+                continue
+            if r.get("status") in ("ok", "infeasible"):
+                out[p.stem] = r
+        return out
+
+    # -------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from .. import data
+        from ..eval import Protocol, ReferenceCache
+        from ..eval.stats import overlap_warning
+        from ..models import load_model, model_fingerprint
+
+        c = self.cfg
+        # corpora first: a missing corpus costs nothing
+        eval_text = data.load_corpus(c.corpus, c.split)
+        calib_text = data.load_corpus(c.calib, "train")
+        if c.zeroshot:
+            from ..eval.zeroshot import build_suite
+
+            self.suite = build_suite(c.zeroshot_tasks, c.zeroshot, c.seed)
+        self.model, self.tok = load_model(c.model)
+        if self.tok is None:
+            raise BenchError(f"{c.model} has no tokenizer")
+        self.fingerprint = model_fingerprint(self.model)
+        ids = data.tokenize(eval_text, self.tok, progress=False)
+        self.windows = data.eval_windows(ids, c.seqlen, max_tokens=c.tokens)
+        if self.windows.n_windows == 0:
+            raise BenchError(f"{c.corpus}/{c.split} has fewer than {c.seqlen} tokens: lower --seqlen")
+        self.protocol = Protocol.for_windows(self.windows, corpus=c.corpus, split=c.split,
+                                             tokenizer=getattr(self.tok, "name_or_path", "") or c.model,
+                                             dtype=next(self.model.parameters()).dtype)
+        train = data.tokenize(calib_text, self.tok, progress=False)
+        self.calib = data.calibration_batch(train, c.nsamples, c.calib_seqlen, c.seed)
+        self.overlap = overlap_warning(self.calib, self.windows)
+        if self.overlap:
+            log.warning("%s", self.overlap)
+        self.cache = ReferenceCache(self.model, self.windows, batch_size=c.batch_size, progress=False)
+        self.meta = self._write_meta()
+
+    def _write_meta(self) -> dict:
+        path = self.out / "bench.json"
+        old = read_json(path) if path.exists() else {}
+        if old.get("model_fingerprint") not in (None, self.fingerprint):
+            raise BenchError(f"{self.out} was run on another model (fingerprint {old['model_fingerprint']}, now "
+                             f"{self.fingerprint}): choose another --out or pass --force to start over")
+        c = self.cfg
+        meta = {
+            "_type": "mixq-bench", "_version": BENCH_VERSION, "key": c.key(),
+            "created": old.get("created", _now()), "updated": _now(),
+            "model": c.model, "model_fingerprint": self.fingerprint,
+            "protocol": self.protocol.to_dict(),
+            "calibration": {"corpus": c.calib, "split": "train", "nsamples": c.nsamples, "seqlen": c.calib_seqlen,
+                            "seed": c.seed, "grad_samples": c.grad_samples},
+            "bootstrap": {"resamples": c.resamples, "confidence": c.confidence, "seed": c.seed,
+                          "unit": "evaluation window", "interval": "percentile"},
+            "zeroshot": ({"tasks": c.zeroshot_tasks, "n": c.zeroshot, "seed": c.seed} if c.zeroshot else None),
+            "reference": "the unquantized model (log-probs cached in float16)",
+            "overlap_warning": self.overlap,
+            "machine": machine(), "mixq": mixq_version(),
+            "command": self.command or old.get("command"),
+            "methods": list(dict.fromkeys([*old.get("methods", []), *c.methods])),
+            "budgets": sorted(set(old.get("budgets", [])) | set(c.budgets)),
+        }
+        write_json_atomic(path, meta, overwrite=True)
+        return meta
+
+    def measurement(self):
+        from ..allocate import SensitivityTable, default_candidates, load_candidates
+        from ..measure import measure
+
+        path = self.out / "measurement.json"
+        c = self.cfg
+        if path.exists():
+            table = SensitivityTable.load(path)
+            if table.meta.get("model") not in (None, self.fingerprint):
+                raise BenchError(f"{path} was measured on another model: pass --force to start over")
+            log.info("reusing the measurement %s", path)
+            return table
+        cands = default_candidates() if c.candidates == "default" else load_candidates(c.candidates)
+        return measure(self.model, self.calib, cands, metric=c.metric, algorithm=c.algorithm,
+                       grad_samples=c.grad_samples, block_samples=c.block_samples, out=path, progress=self.progress)
+
+    # -------------------------------------------------------------- evaluation
+    def evaluate(self, model) -> dict:
+        from ..eval.stats import confidence_intervals, evaluate_windows
+
+        c = self.cfg
+        t0 = time.perf_counter()
+        pw = evaluate_windows(model, self.windows, self.cache, batch_size=c.batch_size)
+        n = int(pw["n_tokens"].sum())
+        out = {"perplexity": math.exp(float(pw["nll_sum"].sum()) / n), "nll": float(pw["nll_sum"].sum()) / n,
+               "kl": float(pw["kl_sum"].sum()) / n, "top1_agreement": float(pw["agree"].sum()) / n, "n_scored": n,
+               "ci": None}
+        if c.resamples:
+            ci = confidence_intervals(pw, n_resamples=c.resamples, confidence=c.confidence, seed=c.seed)
+            out["ci"] = {k: [v["low"], v["high"]] for k, v in ci.items() if v is not None}
+        out["per_window"] = {k: np.asarray(v).tolist() for k, v in pw.items() if v is not None}
+        out["eval_seconds"] = time.perf_counter() - t0
+        if c.zeroshot:
+            out["zeroshot"] = self.zeroshot(model)
+        return out
+
+    def zeroshot(self, model) -> dict:
+        from ..eval.zeroshot import MixqLM, run_suite
+
+        lm = MixqLM(model, self.tok, batch_size=8)
+        res = run_suite(lm, self.suite, greedy=False, confidence=self.cfg.confidence)
+        return {t: {"acc": r["acc"]["value"], "ci": r["acc"]["ci"], "acc_norm": r["acc_norm"]["value"],
+                    "n": r["n"], "chance": r["chance"], "fingerprint": r["fingerprint"]} for t, r in res.items()}
+
+    def _provenance(self) -> dict:
+        return {"date": _now(), "machine": self.meta["machine"], "mixq": self.meta["mixq"]}
+
+    def fp_row(self) -> dict:
+        r = {"method": "unquantized", "budget": None, "status": "ok", "bpw": 32.0 if self.protocol.dtype ==
+             "float32" else 16.0, **self.evaluate(self.model), **self._provenance()}
+        return r
+
+    def row(self, table, method: str, budget: float) -> dict:
+        from .. import api
+        from ..allocate import Budget, InfeasibleBudget, allocate
+
+        algo, solver, uniform = method_info(method)
+        base = {"method": method, "budget": budget, "algorithm": algo, "solver": solver, "uniform": uniform}
+        t0 = time.perf_counter()
+        try:
+            plan = allocate(table, Budget(bpw=budget), method=solver)
+        except InfeasibleBudget as e:
+            return {**base, "status": "infeasible", "error": str(e).splitlines()[0], **self._provenance()}
+        solve_ms = (time.perf_counter() - t0) * 1000
+        model = copy.deepcopy(self.model)
+        specs = dict(plan.layers)
+        t0 = time.perf_counter()
+        api.quantize_model(model, specs, method=algo, calib_ids=None if algo == "rtn" else self.calib,
+                           progress=False)
+        quant_s = time.perf_counter() - t0
+        size = api.size_report(model, specs)
+        ev = self.evaluate(model)
+        del model
+        counts = Counter(s.name for s in specs.values())
+        label = next(iter(counts)) if len(counts) == 1 else f"{len(counts)} specs"
+        return {**base, "status": "ok", "bpw": plan.achieved_bpw, "specs": label, "spec_counts": dict(counts),
+                "predicted": plan.predicted_error, "bytes_all": size["bytes_all"], "bpw_all": size["bpw_all"],
+                "solve_ms": solve_ms, "quant_seconds": quant_s, **ev,
+                "plan": {f: {"spec": r["spec"] if isinstance(r["spec"], str) else specs[f].name, "bpw": r["bpw"]}
+                         for f, r in plan.per_layer.items()},
+                **self._provenance()}
+
+    # -------------------------------------------------------------- driver
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        self.prepare()
+        self.setup()
+        table = self.measurement()
+        done = self.done_rows()
+        if FP_ROW not in done:
+            done[FP_ROW] = self.fp_row()
+            write_json_atomic(self.rows_dir / f"{FP_ROW}.json", done[FP_ROW], overwrite=True)
+        todo = [(m, b) for b in self.cfg.budgets for m in self.cfg.methods]
+        bar = tqdm(total=len(todo), desc="bench rows", unit="row", disable=not self.progress)
+        bar.update(sum(row_name(m, b) in done for m, b in todo))
+        for m, b in todo:
+            name = row_name(m, b)
+            if name in done:
+                continue
+            bar.set_postfix_str(f"{m} @ {b:g} bpw")
+            try:
+                r = self.row(table, m, b)
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - recorded; a rerun retries the row
+                if os.environ.get("MIXQ_DEBUG"):
+                    raise
+                log.warning("%s failed: %s", name, e)
+                r = {"method": m, "budget": b, "status": "error", "error": f"{type(e).__name__}: {e}",
+                     **self._provenance()}
+            write_json_atomic(self.rows_dir / f"{name}.json", r, overwrite=True)
+            done[name] = r
+            bar.update(1)
+        bar.close()
+        return finish(self.out)
+
+
+# ---------------------------------------------------------------------------- results + report
+def collect(out: str | Path) -> dict:
+    """The results document of a bench directory, from ``bench.json``, the row files and the
+    measurement (works on an interrupted run too)."""
+    out = Path(out)
+    meta_path = out / "bench.json"
+    if not meta_path.exists():
+        raise BenchError(f"{out} is not a bench directory (no bench.json): run `mixq bench ... --out {out}` first")
+    meta = read_json(meta_path)
+    rows, fp = [], None
+    for p in sorted((out / ROWS).glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if p.stem == FP_ROW:
+            fp = r
+        else:
+            rows.append(r)
+    order = {m: i for i, m in enumerate(meta.get("methods", []))}
+    rows.sort(key=lambda r: (r.get("budget") or 0, order.get(r["method"], 99), r["method"]))
+    meas = None
+    if (out / "measurement.json").exists():
+        from ..allocate import SensitivityTable
+
+        t = SensitivityTable.load(out / "measurement.json")
+        meas = {"metric": t.metric, "algorithm": t.meta.get("algorithm"), "layers": len(t.layers),
+                "candidates": sorted({s.name for x in t.layers for s in x.candidates}),
+                "seconds": t.meta.get("seconds"), "numel": t.numel}
+    return {"_type": "mixq-bench-results", "_version": BENCH_VERSION, **{k: v for k, v in meta.items()
+                                                                           if not k.startswith("_")},
+            "measurement": meas, "unquantized": fp, "rows": rows}
+
+
+def finish(out: str | Path) -> dict:
+    """Write ``results.json``, ``results.md`` (+ ``figures/``) and ``report.html`` from what is in DIR."""
+    out = Path(out)
+    doc = collect(out)
+    write_json_atomic(out / "results.json", doc, overwrite=True)
+    table = None
+    if (out / "measurement.json").exists():
+        from ..allocate import SensitivityTable
+
+        table = SensitivityTable.load(out / "measurement.json")
+    rep = build_report(doc, table)
+    if (out / "figures").exists():
+        shutil.rmtree(out / "figures")
+    rep.write(out / "report.html", out / "results.md", figure_dir=out / "figures")
+    return doc
+
+
+def protocol_line(doc: dict) -> str:
+    """One line with everything a number depends on (printed under every table and figure)."""
+    p, c = doc.get("protocol") or {}, doc.get("calibration") or {}
+    m, b = doc.get("measurement") or {}, doc.get("bootstrap") or {}
+    v = doc.get("mixq") or {}
+    stride = "" if p.get("stride") == p.get("seqlen") else f", stride {p.get('stride')}"
+    parts = [f"model `{doc.get('model')}` ({p.get('dtype')})",
+             f"eval {p.get('corpus')}/{p.get('split')}: first {p.get('max_tokens')} tokens = {p.get('n_windows')} "
+             f"windows of {p.get('seqlen')}{stride}, {p.get('n_scored')} scored, BOS {p.get('bos')}",
+             "KL/top-1 vs the unquantized model",
+             f"calib {c.get('corpus')}/train {c.get('nsamples')}×{c.get('seqlen')} tokens, seed {c.get('seed')}",
+             f"measurement {m.get('metric', '?')}/{m.get('algorithm', '?')} (one for all budgets)"]
+    if b.get("resamples"):
+        parts.append(f"{b.get('confidence', 0.95):.0%} bootstrap CI over windows, {b['resamples']} resamples, "
+                     f"seed {b.get('seed')}")
+    parts += [f"machine: {doc.get('machine')}", f"mixq {v.get('version')} @ {v.get('commit') or 'no git'}"]
+    return " · ".join(parts)
+
+
+def _ci(r: dict, key: str):
+    ci = (r.get("ci") or {}).get(key)
+    return ci if ci else None
+
+
+def _points(rows: list[dict], y: str, ci_key: str) -> list[dict]:
+    pts = []
+    for r in rows:
+        if r.get("status") == "ok" and r.get(y) is not None:
+            pts.append({"method": r["method"], "bpw": r["bpw"], y: r[y], "uniform": r.get("uniform", False),
+                        "ci": _ci(r, ci_key)})
+    for m in {p["method"] for p in pts}:  # error bars only where every point of a line has one
+        grp = [p for p in pts if p["method"] == m]
+        if any(p["ci"] is None for p in grp):
+            for p in grp:
+                p.pop("ci")
+    return pts
+
+
+def paired_comparisons(doc: dict) -> list[dict]:
+    """For each budget and algorithm with both a mixed and a uniform row: the paired bootstrap of
+    KL and perplexity (mixed − uniform) over the same windows."""
+    from ..eval.stats import bootstrap_diff
+
+    b = doc.get("bootstrap") or {}
+    n_res = b.get("resamples") or 0
+    if not n_res:
+        return []
+    by = {(r["method"], r.get("budget")): r for r in doc["rows"] if r.get("status") == "ok" and r.get("per_window")}
+    out = []
+    for (m, budget), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if not m.startswith(MIXED_PREFIX):
+            continue
+        u = by.get((m[len(MIXED_PREFIX):], budget))
+        if u is None:
+            continue
+        w = r["per_window"]["n_tokens"]
+        if w != u["per_window"]["n_tokens"]:
+            continue
+        kw = dict(n_resamples=n_res, confidence=b.get("confidence", 0.95), seed=b.get("seed", 0))
+        dkl = bootstrap_diff(r["per_window"]["kl_sum"], u["per_window"]["kl_sum"], w, stat="mean", **kw)
+        dppl = bootstrap_diff(r["per_window"]["nll_sum"], u["per_window"]["nll_sum"], w, stat="ppl", **kw)
+        out.append({"budget": budget, "mixed": m, "uniform": u["method"], "uniform_spec": u.get("specs"),
+                    "d_kl": dkl["estimate"], "d_kl_ci": [dkl["low"], dkl["high"]],
+                    "p_mixed_not_better_kl": dkl["p_a_not_better"],
+                    "d_ppl": dppl["estimate"], "d_ppl_ci": [dppl["low"], dppl["high"]]})
+    return out
+
+
+def build_report(doc: dict, table=None):
+    """The bench report (:class:`~mixq.bench.html.Report`): protocol, results table, paired
+    comparisons, Pareto curves, allocation heatmap, sensitivity profile, trade-off chart."""
+    from ..report.plots import allocation_heatmap, pareto_plot, sensitivity_profile, tradeoff_scatter
+    from .html import Report
+
+    rows, fp = doc.get("rows", []), doc.get("unquantized") or {}
+    proto = protocol_line(doc)
+    rep = Report(f"mixq bench — {doc.get('model')}",
+                 f"Uniform baselines (one spec for every layer, the best that fits the budget) against mixq's "
+                 f"mixed-precision plans, all from one sensitivity measurement. Updated {doc.get('updated')}.")
+    # ---- protocol
+    rep.heading("Protocol")
+    p, c = doc.get("protocol") or {}, doc.get("calibration") or {}
+    m, v = doc.get("measurement") or {}, doc.get("mixq") or {}
+    items = [
+        ("model", f"{doc.get('model')} (fingerprint {doc.get('model_fingerprint')}, {p.get('dtype')})"),
+        ("evaluation", f"{p.get('corpus')}/{p.get('split')}, first {p.get('max_tokens')} tokens, {p.get('n_windows')} "
+                       f"windows of {p.get('seqlen')} (stride {p.get('stride')}), {p.get('n_scored')} scored tokens, "
+                       f"BOS {p.get('bos')}, tokenizer {p.get('tokenizer')}"),
+        ("reference", doc.get("reference")),
+        ("calibration", f"{c.get('nsamples')} × {c.get('seqlen')} tokens of {c.get('corpus')}/train, seed "
+                        f"{c.get('seed')}; gradient statistics from the first {c.get('grad_samples')}"),
+        ("measurement", f"{m.get('metric')} errors of {m.get('algorithm')}, {m.get('layers')} layers × "
+                        f"{len(m.get('candidates') or [])} candidate specs, {_secs(m.get('seconds'))}" if m else "—"),
+        ("budgets", ", ".join(f"{b:g}" for b in doc.get("budgets", [])) + " bits per weight over the quantized layers "
+                    "(codes, scales, zero points: every stored bit)"),
+        ("methods", "uniform: " + ", ".join(x for x in doc.get("methods", []) if not x.startswith(MIXED_PREFIX)) +
+                    "; mixed (exact knapsack): " + ", ".join(x for x in doc.get("methods", [])
+                                                             if x.startswith(MIXED_PREFIX))),
+        ("intervals", _ci_text(doc)),
+        ("zero-shot", (f"offline PTB suite, tasks {doc['zeroshot']['tasks']}, {doc['zeroshot']['n']} items each, "
+                       f"seed {doc['zeroshot']['seed']}, Wilson intervals") if doc.get("zeroshot") else "not run"),
+        ("machine", doc.get("machine")),
+        ("mixq", f"{v.get('version')} @ {v.get('commit') or 'not a git checkout'}"),
+        ("command", f"`{doc.get('command')}`" if doc.get("command") else "—"),
+    ]
+    machines = sorted({r.get("machine") for r in rows if r.get("machine")} - {doc.get("machine")})
+    commits = sorted({(r.get("mixq") or {}).get("commit") or "?" for r in rows} - {v.get("commit") or "?"})
+    if machines or commits:
+        items.append(("resumed runs", "some rows come from earlier runs: " + "; ".join(machines + commits)))
+    rep.table(["", "setting"], items)
+    if doc.get("overlap_warning"):
+        rep.note(doc["overlap_warning"])
+    # ---- results
+    rep.heading("Results")
+    hdr = ["method", "budget", "bpw", "spec(s)", "perplexity", "ppl CI", "KL", "KL CI", "top-1", "predicted",
+           "quant s", "status"]
+    zs_tasks = sorted({t for r in rows for t in (r.get("zeroshot") or {})} | set((fp.get("zeroshot") or {})))
+    hdr[10:10] = [f"{t} acc" for t in zs_tasks]
+
+    def line(r, method, budget):
+        zs = [(r.get("zeroshot") or {}).get(t, {}).get("acc") for t in zs_tasks]
+        return [method, budget, r.get("bpw"), r.get("specs"), r.get("perplexity"), _ci(r, "perplexity"), r.get("kl"),
+                _ci(r, "kl"), r.get("top1_agreement"), r.get("predicted"), *zs, r.get("quant_seconds"),
+                r.get("status") if r.get("status") == "ok" else f"{r.get('status')}: {r.get('error', '')}"]
+
+    body = [line(fp, "unquantized", None)] if fp else []
+    body += [line(r, r["method"], r.get("budget")) for r in rows]
+    rep.table(hdr, body, caption=proto)
+    if not rows:
+        rep.missing("No quantized row has finished yet.")
+    pairs = paired_comparisons(doc)
+    if pairs:
+        rep.heading("Mixed vs uniform, paired over the same windows", 3)
+        rep.paragraph("Difference mixed − uniform at the same budget and algorithm, bootstrap over evaluation "
+                      "windows with the same resampled windows for both (their shared difficulty cancels). An "
+                      "interval below 0 means the mixed plan is better beyond window noise.")
+        rep.table(["budget", "mixed", "uniform (spec)", "ΔKL", "ΔKL CI", "P(mixed not better)", "Δperplexity",
+                   "Δppl CI"],
+                  [[x["budget"], x["mixed"], f"{x['uniform']} ({x['uniform_spec']})", x["d_kl"], x["d_kl_ci"],
+                    x["p_mixed_not_better_kl"], x["d_ppl"], x["d_ppl_ci"]] for x in pairs], caption=proto)
+    # ---- figures
+    rep.heading("Figures")
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if ok:
+        rep.figure(pareto_plot, _points(ok, "kl", "kl"), y="kl", name="pareto-kl",
+                   caption="KL to the unquantized model vs bits per weight; uniform specs dashed, error bars = "
+                           "bootstrap CI")
+        rep.protocol(proto)
+        rep.figure(pareto_plot, _points(ok, "perplexity", "perplexity"), y="perplexity", name="pareto-ppl",
+                   reference=fp.get("perplexity"), reference_label="unquantized",
+                   caption="Perplexity vs bits per weight; dotted line: the unquantized model")
+        rep.protocol(proto)
+        mixed = [r for r in ok if not r.get("uniform") and r.get("plan")]
+        if mixed:
+            budgets = sorted({r["budget"] for r in mixed})
+            mid = budgets[(len(budgets) - 1) // 2]
+            pick = sorted((r for r in mixed if r["budget"] == mid),
+                          key=lambda r: (r["method"] != "mixq-gptq", r["method"]))[0]
+            rep.figure(allocation_heatmap, pick["plan"], name="allocation",
+                       title=f"{pick['method']} plan at {mid:g} bpw ({pick['bpw']:.3f} achieved)",
+                       caption=f"Spec chosen for each layer by {pick['method']} at {mid:g} bits per weight")
+            rep.protocol(proto)
+        else:
+            rep.missing("Allocation heatmap: no mixed-precision row has finished.")
+        pts = [{"label": f"{r['method']} {r['budget']:g}", "size_mib": r["bytes_all"] / 2**20, "kl": r["kl"],
+                "quant_seconds": r.get("quant_seconds")} for r in ok if r.get("bytes_all")]
+        rep.figure(tradeoff_scatter, pts, color="quant_seconds", name="tradeoff",
+                   color_label="quantization time, s (calibration walk included)",
+                   title="Size, quality and quantization time (lower-left is better)",
+                   caption="Whole-model size (non-quantized parameters at 16 bits) vs KL, coloured by the time "
+                           "to quantize")
+        rep.protocol(proto)
+    else:
+        rep.missing("Pareto curves and trade-off chart: no quantized row has finished.")
+    if table is not None:
+        rep.figure(sensitivity_profile, table, name="sensitivity",
+                   caption=f"Measured sensitivity per layer vs depth ({table.metric}, {table.meta.get('algorithm')})")
+        rep.protocol(proto)
+    else:
+        rep.missing("Sensitivity profile: no measurement in this directory.")
+    return rep
+
+
+def _secs(s) -> str:
+    return "time unknown" if s is None else f"{s:.0f} s"
+
+
+def _ci_text(doc: dict) -> str:
+    b = doc.get("bootstrap") or {}
+    if not b.get("resamples"):
+        return "none (--resamples 0)"
+    return (f"{b.get('confidence', 0.95):.0%} percentile bootstrap over evaluation windows, {b['resamples']} "
+            f"resamples, seed {b.get('seed')} (mixq.eval.stats)")

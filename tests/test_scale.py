@@ -1,0 +1,186 @@
+"""Quantizing a model that is never in memory whole: decoder blocks streamed from safetensors shards.
+
+Random Llamas of 2 and 10 blocks (hidden 256, MLP 512: 2.4 MiB of fp32 weights per block) are written
+as ~4 MB shards; GPTQ runs through :class:`~mixq.calib.lazy.LazySafetensorsBlocks` on a skeleton whose
+blocks stay on ``meta`` except the one being quantized.  What is resident is measured two ways:
+exactly, as the bytes of materialized block parameters at every load (one block at a time), and as
+the bytes the C heap has in use (glibc ``mallinfo2``: where torch's CPU tensors live), sampled every
+millisecond: the peak grows with depth only by the uint8 codes the result keeps, not by the weights.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import threading
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+
+from mixq import api
+from mixq.arch import arch_for, get_blocks
+from mixq.calib.lazy import LazySafetensorsBlocks, load_outside_blocks, skeleton_from_config
+from mixq.cli import main
+
+HIDDEN, INTER = 256, 512
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _heap_reader():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def in_use() -> int:
+        m = libc.mallinfo2()
+        return m.uordblks + m.hblkhd  # arena chunks + mmapped chunks in use
+
+    return in_use
+
+
+class HeapPeak:
+    """Peak of the C heap in use while a ``with`` block runs (sampled every ``period`` s and at each
+    :meth:`probe`), relative to its start."""
+
+    def __init__(self, read, period: float = 0.001):
+        self.read, self.period = read, period
+        self.start = self.peak = 0
+
+    def probe(self) -> None:  # also called by the sampling thread
+        self.peak = max(self.peak, self.read())
+
+    def __enter__(self):
+        gc.collect()
+        self.start = self.peak = self.read()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            self.probe()
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.probe()
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.start
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if not p.is_meta)
+
+
+def _config(layers: int):
+    return tf.LlamaConfig(vocab_size=128, hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=INTER, max_position_embeddings=64)
+
+
+def _save_sharded(path, layers: int) -> tuple[int, int]:
+    """Write a random Llama of ``layers`` blocks as ~4 MB safetensors shards; the model object is dropped.
+    Returns (bytes of one block's weights, bytes of all block weights)."""
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(_config(layers)).eval()
+    sizes = _param_bytes(get_blocks(model)[0]), _param_bytes(get_blocks(model))
+    model.save_pretrained(path, max_shard_size="4MB")
+    del model
+    gc.collect()
+    return sizes
+
+
+def _lazy_gptq(path, layers: int, read) -> dict:
+    """GPTQ W4-g64 through LazySafetensorsBlocks, with the resident block bytes and the heap watched."""
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    with HeapPeak(read) as mem:
+        lazy = skeleton_from_config(_config(layers))
+        assert _param_bytes(get_blocks(lazy)) == 0  # every block parameter starts on meta
+        load_outside_blocks(lazy, path)
+        specs = api.resolve_specs(lazy, "W4-g64")
+        src = LazySafetensorsBlocks(path, arch_for(lazy).blocks)
+        events, resident = [], []
+        load, release = src.load, src.release
+
+        def spy_load(i, block, device):
+            out = load(i, block, device)
+            events.append(("load", i))
+            resident.append(_param_bytes(get_blocks(lazy)))
+            return out
+
+        def spy_release(i, block):
+            release(i, block)
+            events.append(("release", i))
+            assert all(p.is_meta for p in block.parameters())  # back on meta between visits
+
+        src.load, src.release = spy_load, spy_release
+        res = api.quantize_model(lazy, specs, method="gptq", calib_ids=ids, source=src, progress=False)
+    assert _param_bytes(get_blocks(lazy)) == 0 and set(res.qtensors) == set(specs)
+    codes = sum(q.codes.numel() * q.codes.element_size() for q in res.qtensors.values())
+    return {"events": events, "resident": resident, "max_live": src.max_live, "peak": mem.delta, "codes": codes}
+
+
+def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
+    read = _heap_reader()
+    if read is None:
+        pytest.skip("needs glibc's mallinfo2 to measure the heap")
+    # warm-up: libraries allocate their buffers on first use; do that outside the measurement
+    torch.manual_seed(0)
+    warm = tf.LlamaForCausalLM(_config(1)).eval()
+    api.quantize_model(warm, api.resolve_specs(warm, "W4-g64"), method="gptq",
+                       calib_ids=torch.randint(0, 128, (8, 32)), progress=False)
+    del warm
+    runs = {}
+    for layers in (2, 10):
+        path = tmp_path / f"llama-{layers}"
+        block, total = _save_sharded(path, layers)
+        if layers == 10:
+            assert len(list(path.glob("*.safetensors"))) >= 5 and (path / "model.safetensors.index.json").exists()
+        r = runs[layers] = {**_lazy_gptq(path, layers, read), "block": block, "total": total}
+        # every block loaded once, in order, released before the next; one block's weights resident at a time
+        assert r["events"] == [(k, i) for i in range(layers) for k in ("load", "release")]
+        assert r["max_live"] == 1 and max(r["resident"]) == block
+    small, deep = runs[2], runs[10]
+    per_block = (deep["peak"] - small["peak"]) / 8
+    print(f"\nfp32 block weights: {deep['total'] / 2**20:.1f} MiB for 10 blocks ({deep['block'] / 2**20:.2f} MiB "
+          f"each); heap peak of the lazy GPTQ: +{small['peak'] / 2**20:.1f} MiB at 2 blocks, "
+          f"+{deep['peak'] / 2**20:.1f} MiB at 10 blocks = {per_block / 2**20:.2f} MiB per extra block "
+          f"(uint8 codes kept: {deep['codes'] / 10 / 2**20:.2f} MiB per block)")
+    # an in-memory run holds every block's weights: +1 block of memory per block of depth.  Streamed, an
+    # extra block costs only what the result keeps of it (uint8 codes, a quarter of its fp32 weights)
+    assert per_block < 0.5 * deep["block"]
+
+
+def test_quantize_lazy_cli_matches_in_memory(tiny_model, tiny_tokenizer, tmp_path):
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d, max_shard_size="40KB")
+    tiny_tokenizer.save_pretrained(d)
+    assert len(list(d.glob("*.safetensors"))) > 1
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the market said shares rose in heavy trading as investors bought bank stocks .\n" * 40)
+    common = ["quantize", "--model", str(d), "--spec", "W4-g32", "--method", "gptq", "--calib", str(calib),
+              "--nsamples", "4", "--seqlen", "32"]
+    assert main([*common, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*common, "--lazy", "--out", str(tmp_path / "lazy")]) == 0
+    for name in ("quantized.safetensors", "rest.safetensors"):
+        with safe_open(tmp_path / "mem" / name, "pt") as a, safe_open(tmp_path / "lazy" / name, "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            for k in a.keys():
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    info = json.loads((tmp_path / "lazy" / "mixq.json").read_text())
+    assert info["lazy"] is True
+    # --lazy refuses what it cannot stream, before any work
+    assert main(["quantize", "--model", str(d), "--lazy", "--spec", "W4-g32", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantize", "--model", "smollm2-135m", "--lazy", "--method", "gptq", "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
