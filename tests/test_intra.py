@@ -114,14 +114,20 @@ def test_stored_parts_match_cost_and_rebuild_exactly(method):
     R, C = 48, 128
     W, H = _weight(R, C), _hessian(C)
     extra = ["W4-g32-asymf+sq4+c5+o1", "NF3-g32+o0.5", "FP4-g32+c3+o0.5+d16"]
+    extra += ["BIN-g32+r16+o1w8", "BIN-g64+o2", "BIN-channel+r8"]
     for s in intra_candidates("all") + [parse_candidate(n) for n in extra]:
-        if s.name.startswith("W4-g64+o") or s.name.startswith("KM4"):
-            continue  # same code paths as their 3-bit siblings
+        if s.name.startswith("W4-g64+o") or s.name.startswith("KM4") or C % getattr(s.granularity, "size", 1):
+            continue  # same code paths as their 3-bit siblings; BIN-g192 does not fit 128 columns
         qt, Wq = quantize_composite(W, s, H, method)
         assert qt.stored_bits() == s.cost((R, C)).total, s.name
         assert torch.equal(qt.dequantize(), Wq), s.name
         if s.hi_rows:
             assert qt.hi_rows.numel() == s.n_hi_rows((R, C))
+            continue
+        if s.binary:
+            assert qt.res_cols.numel() == s.residual and qt.n_outliers == s.n_outliers((R, C)), s.name
+            if method == "gptq":
+                assert qt.proxy_loss == pytest.approx(_err(W, Wq, H), rel=1e-6)
             continue
         assert qt.fp16_cols.numel() == s.columns
         assert (qt.sparse.nnz if qt.sparse is not None else 0) == s.n_outliers((R, C))
@@ -137,8 +143,12 @@ def test_packed_storage_is_the_accounted_size_and_round_trips(method):
 
     R, C = 40, 128
     W, H = _weight(R, C), _hessian(C)
-    extra = ["W4-g32-asymf+sq4+c5+o1", "FP4-g32+c3+o0.5+d16", "SLIM2-g32-asym+c7", "W3-g32+h10"]
+    extra = ["W4-g32-asymf+sq4+c5+o1", "FP4-g32+c3+o0.5+d16", "SLIM2-g32-asym+c7", "W3-g32+h10",
+             "BIN-g32+r16+o1w8", "BIN-g64+o2", "BIN-g32+o0.5w3", "BIN-channel+r5",
+             "BIN-g32+o0.01w8", "W3-g32+o0.01"]  # the last two keep no weight (floor(0.01 % x 5120) = 0)
     for s in intra_candidates("all") + [parse_candidate(n) for n in extra]:
+        if C % getattr(s.granularity, "size", 1):
+            continue
         qt, Wq = quantize_composite(W, s, H, method)
         t = pack_composite(qt)
         assert 0 <= packed_bits(t) - s.cost((R, C)).total < 8 * len(t), s.name  # byte padding only
@@ -356,19 +366,81 @@ def test_measure_allocate_quantize_tiny_model(tiny_model, algorithm):
         api.quantize_model(model, specs, method="awq", calib_ids=ids, progress=False)
 
 
-def test_quantize_refuses_a_plan_with_composites_before_any_work(tmp_path, tiny_model, tiny_tokenizer, capsys):
-    from mixq.allocate import Budget, allocate
-    from mixq.cli import main
-    from mixq.intra import parse_candidate
-    from mixq.measure import measure
+# ---------------------------------------------------------------------- binarization (BiLLM / PB-LLM)
+def test_binary_names_and_costs_by_hand():
+    assert parse_candidate("BIN-g64") == compose("W1-g64", binary=True) and parse_candidate("BIN").name == "BIN-g128"
+    s = parse_candidate("bin-g64+O2W8+R32")
+    assert s.name == "BIN-g64+r32+o2w8" and (s.residual, s.outliers, s.outlier_bits) == (32, 2.0, 8)
+    assert parse_candidate("BIN-g64+o1w16") == parse_candidate("BIN-g64+o1")
+    for bad in ["BIN-g64-asym", "BIN-g64-mse", "BIN-g64+sq3", "BIN-g64+c4", "BIN-g64+h5", "W3-g64+r8",
+                "W3-g64+o1w8", "BIN-g64+o1w9", "BIN-g64+o1w1", "BIN-g64+w8", "BIN-se8m0", "SLIM1-g64"]:
+        with pytest.raises(ValueError):
+            parse_candidate(bad)
+    R, C = 96, 576
+    hand = {
+        # sign bits + one fp16 scale per 64
+        "BIN-g64": (R * C, R * 9 * 16, 0),
+        # 32 residual columns: 544 dense columns in ceil(544/64) = 9 groups, 2 planes + 2 fp16 scales per row,
+        # 32 int16 column indices
+        "BIN-g64+r32": (R * 544 + 2 * R * 32, R * 9 * 16 + 2 * R * 16, 32 * 16),
+        # floor(2% * 55296) = 1105 salient weights: 8-bit codes + int16 columns, int32 row pointers,
+        # an fp16 scale per row
+        "BIN-g64+o2w8": (R * C, R * 9 * 16, 1105 * (8 + 16) + 97 * 32 + R * 16),
+        "BIN-g64+o2": (R * C, R * 9 * 16, 1105 * (16 + 16) + 97 * 32),
+        # 544 dense columns in groups of 192: 192, 192, 160
+        "BIN-g192+r32+o1w8": (R * 544 + 2 * R * 32, R * 3 * 16 + 2 * R * 16, 32 * 16 + 552 * 24 + 97 * 32 + R * 16),
+        "BIN-channel-sfp32+r8": (R * 568 + 2 * R * 8, R * 32 + 2 * R * 32, 8 * 16),
+    }
+    for name, (codes, scales, extra) in hand.items():
+        c = parse_candidate(name).cost((R, C))
+        assert (c.codes, c.scales, c.zeros, c.codebook, c.extra) == (codes, scales, 0, 0, extra), name
+    assert parse_candidate("BIN-g64").cost((R, C)) == parse_spec("W1-g64").cost((R, C))
+    for s in intra_candidates("all"):
+        if s.binary:
+            assert 1.0 < s.bpw((576, 1536)) <= s.bpw((576, 576)) < 2.0, s.name
 
-    model = tiny_model("llama")
-    src = tmp_path / "m"
-    model.save_pretrained(src)
-    tiny_tokenizer.save_pretrained(src)
-    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-    table = measure(model, ids, [parse_candidate("W3-g32+o0.5")], metric="hessian", progress=False)
-    allocate(table, Budget(bpw=16)).save(tmp_path / "p.json")
-    assert main(["quantize", "--model", str(src), "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "q")]) == 2
-    assert "intra-tensor specs (W3-g32+o0.5)" in capsys.readouterr().err
-    assert not (tmp_path / "q").exists()
+
+def test_binary_error_falls_with_the_salient_fraction():
+    """PB-LLM: more salient weights kept at 8 bits -> less error; BiLLM: residual columns help; GPTQ helps."""
+    R, C = 64, 256
+    spread = torch.rand(C, generator=torch.Generator().manual_seed(2)) + 0.2
+    spread[[5, 70, 200]] = 6.0
+    W, H = _weight(R, C, outliers=0.002), _hessian(C, corr=0.3, spread=spread)
+    for method in ("rtn", "gptq"):
+        errs = [_err(W, quantize_composite(W, f"BIN-g64+o{p}w8" if p else "BIN-g64", H, method)[1], H)
+                for p in (0, 0.5, 1, 2, 5, 10)]
+        assert all(b < a for a, b in zip(errs, errs[1:])), (method, errs)
+        e_res = [_err(W, quantize_composite(W, f"BIN-g64+r{k}" if k else "BIN-g64", H, method)[1], H)
+                 for k in (0, 8, 32)]
+        assert e_res[2] < e_res[1] < e_res[0], (method, e_res)
+    # the residual columns follow the Hessian: the three loud input channels are among them
+    qt, _ = quantize_composite(W, "BIN-g64+r8", H, "rtn")
+    assert {5, 70, 200} <= set(qt.res_cols.tolist())
+    # the L2-optimal scale beats W1's absmax scale at equal bits, GPTQ beats RTN
+    e_bin = _err(W, quantize_composite(W, "BIN-g64", H, "rtn")[1], H)
+    assert e_bin < _err(W, rtn_quantize(W, parse_spec("W1-g64"))[1], H)
+    assert _err(W, quantize_composite(W, "BIN-g64", H, "gptq")[1], H) < e_bin
+    # 8-bit salient weights err little more than fp16 ones, for 8 fewer bits each
+    e8 = _err(W, quantize_composite(W, "BIN-g64+o2w8", H, "rtn")[1], H)
+    e16 = _err(W, quantize_composite(W, "BIN-g64+o2", H, "rtn")[1], H)
+    assert e16 <= e8 < 1.05 * e16
+
+
+def test_binary_stored_parts_are_what_they_claim():
+    R, C = 32, 128
+    W = _weight(R, C, outliers=0.01)
+    qt, Wq = quantize_composite(W, "BIN-g32+r8+o1w4", None, "rtn")  # no statistics: plain means
+    assert qt.res_codes.shape == (2, R, 8) and qt.res_scale.shape == (R, 2) and qt.scale.shape == (R, 4)
+    assert int(qt.out_codes.abs().max()) <= 7 and qt.out_scale.shape == (R,)
+    assert torch.equal(qt.out_scale, qt.out_scale.half().float())
+    kept = torch.zeros(R, C, dtype=torch.bool)
+    kept[qt.outlier_rows(), qt.out_cols.long()] = True
+    assert int(kept.sum()) == qt.n_outliers == math.floor(0.01 * R * C)
+    assert (W.abs()[kept].min() > W.abs()[~kept].median())  # the loud ones are kept
+    dense = torch.ones(C, dtype=torch.bool)
+    dense[qt.res_cols] = False
+    sign = torch.where(W[:, dense] >= 0, 1.0, -1.0)
+    free = ~kept[:, dense]
+    groups = torch.arange(int(dense.sum())) // 32
+    assert torch.equal((Wq[:, dense] * sign)[free] > 0, torch.ones(int(free.sum()), dtype=torch.bool))
+    assert torch.allclose((Wq[:, dense].abs())[free], qt.scale[:, groups][free])

@@ -1096,6 +1096,12 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     arch = _arch_of(config)
     hp = _hparams(config, arch)
     specs = {k: (v if isinstance(v, QuantSpec) else QuantSpec.from_dict(v)) for k, v in specs.items()}
+    from ..intra import is_composite
+
+    comp = sorted(k for k, v in specs.items() if is_composite(v))
+    if comp:
+        raise ValueError(f"cannot export to GGUF: {len(comp)} layer(s) use intra-tensor composite specs that ggml "
+                         f"types cannot hold: {', '.join(comp[:4])}{', …' if len(comp) > 4 else ''}")
     qtensors = dict(qtensors or {})
     warnings: list[str] = []
     if config.model_type == "mistral" and getattr(config, "sliding_window", None):
@@ -1309,11 +1315,12 @@ def export_gguf(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, over
     The mixq codes and parameters in ``quantized.safetensors`` are used to fill the ggml blocks, the
     rest (norms, embeddings, config, tokenizer) comes from the directory.  See :func:`write_gguf`.
     """
-    from .native import load_quantized
+    from .native import load_quantized, read_info, refuse_composites
 
     src = Path(src_dir)
     out = Path(out_path)
     _check_out(out, overwrite)  # before the (slower) load
+    refuse_composites(read_info(src), "GGUF")
     model, tokenizer, info = load_quantized(src)
     _arch_of(model.config)
     qtensors = _load_qtensors(src, info)

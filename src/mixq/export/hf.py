@@ -79,7 +79,7 @@ from ..config import FLOAT_DTYPES, QuantSpec
 from ..formats import QTensor, dequantize
 from ..granularity import PerChannel, PerGroup
 from .atomic import atomic_dir
-from .native import CheckpointError, read_qtensors
+from .native import CheckpointError, read_info, read_qtensors, refuse_composites
 
 log = logging.getLogger(__name__)
 
@@ -458,8 +458,9 @@ def export_compressed_tensors(src_dir, out_dir, overwrite: bool = False, *, dtyp
     """
     out = _check_out(src_dir, out_dir, overwrite)
     target = _target_dtype(dtype)
-    src = _read_source(src_dir)
     fmt = "compressed-tensors"
+    refuse_composites(read_info(src_dir), fmt, ExportError)
+    src = _read_source(src_dir)
     problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or _ct_problem(q))}
     _raise_problems(fmt, problems, src.layers)
     if not src.layers:
@@ -516,8 +517,9 @@ def export_gptq(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dic
     """
     out = _check_out(src_dir, out_dir, overwrite)
     target = _target_dtype(dtype)
-    src = _read_source(src_dir)
     fmt = "gptq"
+    refuse_composites(read_info(src_dir), fmt, ExportError)
+    src = _read_source(src_dir)
     problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or _gptq_problem(q))}
     _raise_problems(fmt, problems, src.layers)
     if not src.layers:

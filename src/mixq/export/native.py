@@ -14,6 +14,11 @@ Layout (format v2)::
                                <fqn>.offset        asym fp16 zero: fp16 [groups]
                                <fqn>.codebook      kmeans: fp16 [groups, 2^bits]
                                <fqn>.tensor_scale  fp32 [1]
+                             an intra-tensor composite layer (mixq.intra) stores the parts of
+                             mixq.intra.pack_composite instead, as <fqn>.<part> (codes.b3, scale,
+                             csr.values, res_codes, ...); its layer entry has "kind": "composite",
+                             its spec is CompositeSpec.to_dict() ("_type": "CompositeSpec") and
+                             "tensors" names every part (dtype, shape)
       rest.safetensors       every other tensor (norms, kept embeddings, biases), tied tensors once
       config.json, generation_config.json, tokenizer files
 
@@ -29,7 +34,13 @@ place, so an interrupted write never leaves a half directory behind.
 
 ``load_quantized(path, packed=False)`` gives the fake-quant model (dequantized weights, what
 ``mixq eval`` scores); ``packed=True`` gives :class:`~mixq.runtime.QuantLinear` layers holding the
-packed tensors (never a float weight), so RAM is the plan's size.
+packed tensors (never a float weight), so RAM is the plan's size; composite layers become
+:class:`~mixq.intra.CompositeLinear` (parts held packed, dequantized on each call).
+
+Composite layers are exact too: bytes on disk equal ``spec.cost(shape)`` up to the padding of each
+part's last byte, the parts are checked against the spec on load, and the checksums cover them.
+Other runtimes cannot hold them: the GGUF and HF exporters refuse such directories naming the layers
+(:func:`composite_layers`).
 """
 from __future__ import annotations
 
@@ -70,15 +81,20 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
                    meta: dict, *, overwrite: bool = False, rest_dtype: torch.dtype | None = None) -> Path:
     """Write the native directory (v2) atomically.  Refuses an existing ``out_dir`` unless ``overwrite``.
 
-    ``qtensors`` are bit-packed (:class:`~mixq.runtime.PackedWeight`); ``rest_dtype`` optionally casts
+    ``qtensors`` are bit-packed (:class:`~mixq.runtime.PackedWeight`; intra-tensor composites, e.g. from
+    ``quantize_model`` with a plan that chose them, as :class:`~mixq.intra.PackedComposite`);
+    ``rest_dtype`` optionally casts
     the floating-point tensors of ``rest.safetensors`` (e.g. ``torch.bfloat16``; default: as in ``model``).
     """
     from ..runtime import PackedWeight
 
+    from ..intra import PackedComposite, is_composite
+
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
-    packed = {fqn: PackedWeight.from_qtensor(q) for fqn, q in qtensors.items()}
+    packed = {fqn: PackedComposite.from_qtensor(q) if is_composite(q.spec) else PackedWeight.from_qtensor(q)
+              for fqn, q in qtensors.items()}
 
     def extra(tmp: Path) -> None:
         model.config.save_pretrained(tmp)
@@ -109,6 +125,8 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
             bits = pw.spec.cost(pw.shape).total
             layers[fqn] = {"spec": pw.spec.to_dict(), "shape": list(pw.shape), "tensors": entry,
                            "bytes": pw.nbytes, "bits_spec": bits}
+            if _is_composite_dict(layers[fqn]["spec"]):
+                layers[fqn]["kind"] = "composite"
             on_disk += pw.nbytes
             spec_bits += bits
             n_tensors += len(entry)
@@ -189,6 +207,39 @@ def rewrite_native(src: str | os.PathLike, out: str | os.PathLike, *, overwrite:
             ("bytes_quantized_on_disk", "bytes_quantized_spec", "padding_bits", "bytes_rest", "bytes_files")}}
 
 
+def _is_composite_dict(d) -> bool:
+    return isinstance(d, dict) and d.get("_type") == "CompositeSpec"
+
+
+def composite_layers(info: dict) -> list[str]:
+    """The layers of a directory's ``mixq.json`` stored as intra-tensor composites (sorted)."""
+    return sorted(f for f, layer in (info.get("layers") or {}).items() if _is_composite_layer(layer))
+
+
+def _is_composite_layer(layer) -> bool:
+    return isinstance(layer, dict) and (layer.get("kind") == "composite" or _is_composite_dict(layer.get("spec")))
+
+
+def refuse_composites(info: dict, fmt: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` (one line, naming the layers) when the directory holds composite layers."""
+    bad = composite_layers(info)
+    if bad:
+        specs = sorted({_composite_name(info["layers"][f]["spec"]) for f in bad})
+        raise error(f"cannot export to {fmt}: {len(bad)} layer(s) use intra-tensor composite specs "
+                    f"({', '.join(specs[:3])}{', …' if len(specs) > 3 else ''}) that {fmt} cannot hold: "
+                    f"{', '.join(bad[:4])}{', …' if len(bad) > 4 else ''}; quantize with plain specs "
+                    "(--candidates default) to export")
+
+
+def _composite_name(d) -> str:
+    try:
+        from ..intra import parse_candidate
+
+        return parse_candidate(d).name
+    except (ValueError, TypeError, KeyError):
+        return "?"
+
+
 # ---------------------------------------------------------------------------- reading
 def read_info(path: str | os.PathLike) -> dict:
     p = Path(path) / "mixq.json"
@@ -237,7 +288,8 @@ def verify_files(path: str | os.PathLike, info: dict | None = None) -> None:
 
 
 def read_packed(path: str | os.PathLike, *, verify: bool = True):
-    """``(info, {fqn: PackedWeight}, rest tensors)`` of a native directory (v1 or v2), checksums verified."""
+    """``(info, {fqn: PackedWeight | PackedComposite}, rest tensors)`` of a native directory (v1 or v2),
+    checksums verified (composite layers: :class:`~mixq.intra.PackedComposite`)."""
     from ..runtime import PackedWeight, packed_len, param_fields
 
     path = Path(path)
@@ -252,6 +304,10 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True):
     packed = {}
     used = set()
     for fqn, layer in info["layers"].items():
+        if _is_composite_layer(layer):
+            packed[fqn] = _read_composite(path, info, fqn, layer, qt)
+            used.update(f"{fqn}.{n}" for n in packed[fqn].parts)
+            continue
         try:
             spec = QuantSpec.from_dict(layer["spec"])
             shape = tuple(int(d) for d in layer["shape"])
@@ -287,12 +343,45 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True):
     return info, packed, rest
 
 
+def _read_composite(path: Path, info: dict, fqn: str, layer: dict, qt: dict):
+    """One composite layer's :class:`~mixq.intra.PackedComposite`, checked against its spec."""
+    from ..intra import CompositeSpec, PackedComposite
+
+    try:
+        if info["format_version"] < 2:
+            raise ValueError("composite layers need format v2")
+        if layer.get("kind") != "composite" or not _is_composite_dict(layer.get("spec")):
+            raise ValueError("kind and spec disagree about the layer being a composite")
+        spec = CompositeSpec.from_dict(layer["spec"])
+        shape = tuple(int(d) for d in layer["shape"])
+        listed = layer["tensors"]
+        if not isinstance(listed, dict) or not listed:
+            raise ValueError("no tensors listed")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: layer {fqn} has a bad composite entry in mixq.json ({e}); {_REDO}") from None
+    missing = [n for n in listed if f"{fqn}.{n}" not in qt]
+    if missing:
+        raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing tensors {missing[:3]} "
+                              f"from the tensors; {_REDO}")
+    tensors = {n: qt[f"{fqn}.{n}"] for n in listed}
+    try:
+        for n, t in tensors.items():
+            want = listed[n]
+            if str(t.dtype).removeprefix("torch.") != want.get("dtype") or list(t.shape) != list(want.get("shape")):
+                raise ValueError(f"{n} is {t.dtype} {tuple(t.shape)}, mixq.json records {want}")
+        return PackedComposite.from_tensors(tensors, spec, shape)
+    except (ValueError, RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: layer {fqn} does not match its spec in mixq.json ({e}); {_REDO}") from None
+
+
 def read_qtensors(path: str | os.PathLike, *, verify: bool = True):
     """``(info, {fqn: QTensor}, rest tensors)`` of a native directory, any version.
 
     Each QTensor has unpacked codes ``[out, in]`` (uint8; int16 / int32 for kept floats) and float32
     :class:`~mixq.formats.QParams` (row fields ``[R, 1]``, codebook ``[R, 2^bits]``, tensor_scale ``[]``)
-    — what exporters and :func:`mixq.formats.dequantize` take.  Checksums are verified first.
+    — what exporters and :func:`mixq.formats.dequantize` take.  Composite layers come back as their
+    stored parts (:class:`~mixq.intra.CompositeQTensor` and siblings; ``.dequantize()``).
+    Checksums are verified first.
     """
     info, packed, rest = read_packed(path, verify=verify)
     return info, {fqn: pw.to_qtensor() for fqn, pw in packed.items()}, rest
@@ -320,7 +409,8 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
 
     ``packed=False``: the fake-quant model (each quantized weight dequantized to ``dtype``; ``mixq eval``).
     ``packed=True``: each quantized linear becomes a :class:`~mixq.runtime.QuantLinear` holding its packed
-    tensors (run through ``kernel``: ``"auto"``, ``"reference"``, ``"cpu-int4"``, ...); no float copy of
+    tensors (run through ``kernel``: ``"auto"``, ``"reference"``, ``"cpu-int4"``, ...); an intra-tensor composite
+    one a :class:`~mixq.intra.CompositeLinear` (dequantized on each call, whatever ``kernel``); no float copy of
     a quantized weight is ever filled.  For fast CPU decode use ``dtype=torch.bfloat16`` (the int4 kernel
     needs bf16 activations).  A quantized weight that is not a linear (an embedding) is dequantized.
     ``verify``: check every file's size and sha256 against ``mixq.json`` first.
@@ -328,6 +418,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
 
+    from ..intra import PackedComposite, install_composite_linear
     from ..runtime import canonical_name, install_qlinear
 
     if packed:
@@ -343,7 +434,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
         raise CheckpointError(f"{path}: tensors {unexpected[:3]} do not belong to a {config.model_type} model")
     model.tie_weights()
     mods = dict(model.named_modules())
-    linears = {}
+    linears, composites = {}, {}
     for fqn, pw in weights.items():
         if fqn not in mods:
             raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing from the model")
@@ -351,7 +442,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
             raise CheckpointError(f"{path}: {fqn} has shape {tuple(pw.shape)} in the checkpoint but the model expects "
                                   f"{tuple(get_weight(mods[fqn]).shape)}")
         if packed and isinstance(mods[fqn], (nn.Linear, Conv1D)):
-            linears[fqn] = pw
+            (composites if isinstance(pw, PackedComposite) else linears)[fqn] = pw
         else:
             set_weight(mods[fqn], pw.dequantize().to(dtype))
     unresolved = [m for m in missing if m.rsplit(".", 1)[0] not in info["layers"]]
@@ -360,6 +451,8 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {sorted(set(unresolved) - tied)[:3]}")
     if linears:
         install_qlinear(model, linears, kernel)
+    if composites:  # no fast kernel for composites: the reference path, whatever ``kernel`` says
+        install_composite_linear(model, composites)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok, info

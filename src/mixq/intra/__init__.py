@@ -8,21 +8,28 @@
 ``sparse``      :class:`CSR` storage of fp16 outliers
 ``dialects``    BlockDialect-style per-block level tables (``+dD``)
 ``rows``        MixLLM high-precision output rows (``+hP``) -> :class:`RowSplitQTensor`
-``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size
+``binary``      BiLLM / PB-LLM binarization (``BIN-gN`` bases, ``+r`` residual columns, ``+o..w8``)
+                -> :class:`BinaryQTensor`
+``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size;
+                :class:`PackedComposite` (what the native directory stores)
+``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path)
 ``candidates``  :func:`intra_candidates`, :func:`extended_candidates`, the ``intra`` / ``default+intra`` sets
 ``hooks``       what the measurement driver and ``quantize_model`` call for composite candidates
 """
+from .binary import BinaryQTensor
 from .candidates import INTRA_CANDIDATE_NAMES, extended_candidates, intra_candidates, named_candidate_set
 from .hooks import composite_weight, quantize_layer
 from .quant import CompositeQTensor, dequantize_composite, quantize_composite
 from .rows import RowSplitQTensor
 from .sparse import CSR
 from .spec import CompositeSpec, compose, index_bits, is_composite, parse_candidate
-from .storage import pack_composite, unpack_composite
+from .storage import PackedComposite, pack_composite, unpack_composite
+from .linear import CompositeLinear, install_composite_linear
 
 __all__ = [
-    "CSR", "CompositeQTensor", "CompositeSpec", "INTRA_CANDIDATE_NAMES", "RowSplitQTensor", "compose",
-    "composite_weight", "dequantize_composite", "extended_candidates", "index_bits", "intra_candidates",
-    "is_composite", "named_candidate_set", "pack_composite", "parse_candidate", "quantize_composite",
-    "quantize_layer", "unpack_composite",
+    "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "CompositeSpec", "INTRA_CANDIDATE_NAMES",
+    "PackedComposite", "RowSplitQTensor", "compose", "composite_weight", "dequantize_composite",
+    "extended_candidates", "index_bits", "install_composite_linear", "intra_candidates", "is_composite",
+    "named_candidate_set", "pack_composite", "parse_candidate", "quantize_composite", "quantize_layer",
+    "unpack_composite",
 ]

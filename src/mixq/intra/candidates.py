@@ -24,7 +24,15 @@ composite                   bpw                 recipe
 ==========================  ==================  ===============================================
 
 ``small`` keeps 4 of them; ``all`` adds 10 combinations and siblings (SpQR's full
-``W3-g16-asym+sq3+o0.25``, ``W3-g64+c8+o0.25``, ``NF4-g64+d8``, ``W4-g64+h10``, ...).  The 2-bit
+``W3-g16-asym+sq3+o0.25``, ``W3-g64+c8+o0.25``, ``NF4-g64+d8``, ``W4-g64+h10``, ...) and three
+binarized ones (:mod:`mixq.intra.binary`) below 2 bpw:
+
+==========================  ==================  ===============================================
+``BIN-g64+r32``             1.36 / 1.36 / 1.29  BiLLM: signs + 32 residual-binarized salient columns
+``BIN-g192+r32+o1w8``       1.52 / 1.52 / 1.40  BiLLM columns + 1 % salient weights at 8 bits
+``BIN-g64+o2w8``            1.81 / 1.81 / 1.76  PB-LLM: 2 % salient weights at 8 bits
+==========================  ==================  ===============================================
+  The 2-bit
 grids are minmax like the plain default set (a controlled comparison); ``-mse`` variants
 (``W2-g64-asym-mse+o0.5``, in ``all``) cost the same bits and err much less at 2 bits.
 """
@@ -40,12 +48,13 @@ INTRA_CANDIDATE_NAMES: dict[str, tuple[str, ...]] = {
 }
 INTRA_CANDIDATE_NAMES["all"] = INTRA_CANDIDATE_NAMES["default"] + (
     "W3-g16-asym+sq3+o0.25", "W2-g16-asym+sq3+o0.5", "SLIM3-g64+o0.25", "W3-g64+c8+o0.25", "KM4+o0.45",
-    "SLIM4-g64", "W2-g64-asym+h10", "W4-g64+h10", "NF4-g64+d8", "W2-g64-asym-mse+o0.5")
+    "SLIM4-g64", "W2-g64-asym+h10", "W4-g64+h10", "NF4-g64+d8", "W2-g64-asym-mse+o0.5",
+    "BIN-g64+r32", "BIN-g192+r32+o1w8", "BIN-g64+o2w8")
 NAMED_SETS = ("intra", "default+intra")
 
 
 def intra_candidates(level: str = "default") -> list[QuantSpec]:
-    """The composite candidates of ``level`` (``small`` 4, ``default`` 10, ``all`` 20)."""
+    """The composite candidates of ``level`` (``small`` 4, ``default`` 10, ``all`` 23)."""
     if level not in INTRA_CANDIDATE_NAMES:
         raise ValueError(f"unknown intra candidate level {level!r}: choose one of {', '.join(INTRA_CANDIDATE_NAMES)}")
     return [parse_candidate(n) for n in INTRA_CANDIDATE_NAMES[level]]

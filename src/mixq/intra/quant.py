@@ -29,7 +29,8 @@
    value rounded to fp16 and, like every other column, its rounding error is spread over the columns
    not yet visited (``W_:,k −= e_j U_jk``) -- so the fp16 columns absorb compensation, as in OWQ.
 
-``+h`` specs (MixLLM high-precision output rows) take a separate path: :mod:`mixq.intra.rows`.
+``+h`` specs (MixLLM high-precision output rows) take a separate path: :mod:`mixq.intra.rows`;
+``BIN`` bases (BiLLM / PB-LLM binarization) another: :mod:`mixq.intra.binary`.
 
 Everything stored is exactly what :meth:`CompositeSpec.cost` counts; :meth:`CompositeQTensor.stored_bits`
 recounts it from the tensors themselves and :meth:`CompositeQTensor.dequantize` rebuilds ``Ŵ`` bit for bit.
@@ -45,6 +46,7 @@ from ..algorithms.gptq import _one_thread, _proxy, inverse_cholesky
 from ..config import SCALE_BITS, BitCost, QuantSpec
 from ..formats import QParams, lut
 from ..granularity import PerChannel
+from .binary import quantize_binary
 from .dialects import dialect_codebook, fit_dialects
 from .rows import quantize_rows
 from .sparse import CSR
@@ -156,7 +158,8 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     fisher     optional ``[R, C]`` diagonal Fisher: the RTN importance instead of ``diag(H)`` (SqueezeLLM)
     hinv_chol  :func:`mixq.algorithms.gptq.prepare_hessian` of ``H`` to reuse across specs (natural order)
     row_weight optional ``[R]`` output-gradient energy ``G``: weights the choice of ``+h`` rows
-    Returns ``(stored parts, Ŵ float32)``; for ``+h`` specs the parts are a :class:`~mixq.intra.rows.RowSplitQTensor`.
+    Returns ``(stored parts, Ŵ float32)``; for ``+h`` specs the parts are a :class:`~mixq.intra.rows.RowSplitQTensor`,
+    for ``BIN`` bases a :class:`~mixq.intra.binary.BinaryQTensor`.
     """
     spec = parse_candidate(spec)
     if not isinstance(spec, CompositeSpec):
@@ -176,6 +179,9 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     if fisher is not None and tuple(fisher.shape) != (R, C):
         raise ValueError(f"fisher has shape {tuple(fisher.shape)}, expected ({R}, {C})")
 
+    if spec.binary:  # BiLLM / PB-LLM binarization (mixq.intra.binary)
+        return quantize_binary(W0, spec, None if H is None else H.detach().float().cpu(), method, fisher=fisher,
+                               damp=damp, block_size=block_size, hinv_chol=hinv_chol)
     if spec.hi_rows:
         qt, W_hat = quantize_rows(W0, spec, None if H is None else H.detach().float().cpu(), method,
                                   row_weight=row_weight, damp=damp, block_size=block_size, hinv_chol=hinv_chol)

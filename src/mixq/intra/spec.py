@@ -8,10 +8,16 @@ quantizers dispatch on :func:`is_composite` to :func:`mixq.intra.quantize_compos
 
 Names (:func:`parse_candidate`, ``spec.name``)::
 
-    CANDIDATE := BASE ( "+" EXT )*           extensions in any order; canonical order sq, c, o, d, h
+    CANDIDATE := BASE ( "+" EXT )*           extensions in any order; canonical order sq, c, r, o, d, h
     BASE      := a plain spec name (W3-g64, W3-g16-asym, NF3-g64, KM3, FP4-g32, ...)
                | "SLIM" <b> ["-" OPTS]        SliM-LLM int grid W<b>-OPTS with per-group-column bits
-    EXT       := "o" <percent>                sparse fp16 outliers, <percent> % of the weights (SpQR, SqueezeLLM)
+               | "BIN" ["-" GRAN]             binarization (BiLLM / PB-LLM): sign x per-group L2-optimal scale,
+                                              the W1-GRAN grid (default g128); :mod:`mixq.intra.binary`
+    EXT       := "o" <percent> ["w" <bits>]   sparse outliers, <percent> % of the weights (SpQR, SqueezeLLM),
+                                              kept in fp16; ``w<bits>`` (BIN bases only, 2..8): PB-LLM's salient
+                                              weights on a <bits>-bit symmetric grid with an fp16 scale per row
+               | "r" <k>                      BIN only, BiLLM: k salient input columns residual-binarized
+                                              (two sign planes, two scales per row)
                | "c" <k>                      OWQ: k whole input columns kept in fp16
                | "sq" <B> ["g" <m>]           SpQR: group scales (and fp16 offsets) quantized to B bits in
                                               second-level groups of m (default 16) consecutive output rows
@@ -39,6 +45,13 @@ Exact cost of a ``[R, C]`` tensor (:meth:`CompositeSpec.cost`, every term an int
               dialects:      ng * log2(D)
               NVFP4 tensor scale: 32
     +h        base.cost((R - k, C)) + hi.cost((k, C)) + k * index_bits(R),   k = floor(percent * R / 100)
+    BIN       (``K_r`` residual columns, ``n = C - K_r``, ``G`` group columns over them as above, ``sb`` the
+              scale dtype's bits; outliers anywhere, their sign bits still stored)
+              codes   R * n + 2 * R * K_r                       (one sign plane; two on the residual columns)
+              scales  R * G * sb + 2 * R * sb  (the latter with K_r > 0)
+              extra   K_r * ib                                  (residual column indices)
+                      K_o * (ob + ib) + (R + 1) * 32 [+ R * 16]  (CSR outliers of ``ob`` bits: 16 = fp16,
+                                                                  else ob-bit codes + an fp16 scale per row)
 
 (percentages are read as the decimal written: ``0.45`` is exactly 45/10000).  Extensions combine
 (``W3-g16+sq3+o0.25`` is SpQR's full recipe) except ``+h``; the base must be a quantized grid with
@@ -81,6 +94,9 @@ class CompositeSpec(QuantSpec):
     hi_rows   percent of the output rows stored at ``hi_bits`` (MixLLM), 0 = off
     hi_bits   bits of those rows (same grid family and group size)
     dialects  BlockDialect: each group picks one of this many level tables (a power of two, 0 = off)
+    binary    BiLLM / PB-LLM binarization of the dense part (base W1-gN/channel, symmetric, float scale)
+    residual  BIN only: input columns residual-binarized (BiLLM's salient columns)
+    outlier_bits  bits of a stored outlier: 16 (fp16), or 2..8 (BIN only; symmetric int, fp16 scale per row)
     """
 
     outliers: float = 0.0
@@ -91,6 +107,9 @@ class CompositeSpec(QuantSpec):
     hi_rows: float = 0.0
     hi_bits: int = 8
     dialects: int = 0
+    binary: bool = False
+    residual: int = 0
+    outlier_bits: int = FP16_BITS
 
     def __post_init__(self):
         super().__post_init__()
@@ -102,16 +121,31 @@ class CompositeSpec(QuantSpec):
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not 0 <= h < 100:
             raise ValueError(f"hi_rows is a percentage in [0, 100), got {h!r}")
         object.__setattr__(self, "hi_rows", float(h))
-        for k in ("columns", "sq_bits", "sq_group", "hi_bits", "dialects"):
+        for k in ("columns", "sq_bits", "sq_group", "hi_bits", "dialects", "residual", "outlier_bits"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
-        if not isinstance(self.slim, bool):
-            raise ValueError(f"slim must be a bool, got {self.slim!r}")
+        for k in ("slim", "binary"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"{k} must be a bool, got {getattr(self, k)!r}")
         if not (self.outliers > 0 or self.columns > 0 or self.sq_bits > 0 or self.slim or self.hi_rows > 0
-                or self.dialects > 0):
-            raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD or SLIM): "
+                or self.dialects > 0 or self.binary):
+            raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD, SLIM or BIN): "
                              "use a plain QuantSpec otherwise")
+        if self.outlier_bits != FP16_BITS:
+            if not 2 <= self.outlier_bits <= 8:
+                raise ValueError(f"outlier bits are 16 (fp16) or 2..8, got {self.outlier_bits}")
+            if not self.binary or not self.outliers:
+                raise ValueError("integer outliers (+oPw<bits>) need a BIN base and +o")
+        if self.residual and not self.binary:
+            raise ValueError("+r (residual-binarized columns) needs a BIN base")
+        if self.binary:
+            if self.dtype != "int" or self.bits != 1 or not self.symmetric or self.clip != "minmax":
+                raise ValueError("BIN is the symmetric W1 grid (sign x scale) with its own L2-optimal scale fit")
+            if self.scale_dtype not in ("fp16", "bf16", "fp32"):
+                raise ValueError(f"BIN needs a float group scale, not {self.scale_dtype}")
+            if self.columns or self.sq_bits or self.slim or self.hi_rows or self.dialects:
+                raise ValueError("BIN combines only with +r (residual columns) and +o (salient weights)")
         if self.dialects:
             if self.dialects not in (2, 4, 8, 16):
                 raise ValueError(f"the dialect formatbook holds 2, 4, 8 or 16 tables, got {self.dialects}")
@@ -156,13 +190,17 @@ class CompositeSpec(QuantSpec):
         head = self.base.name
         if self.slim:
             head = "SLIM" + head[1:]  # W3-g64 -> SLIM3-g64
+        if self.binary:
+            head = "BIN" + head[2:]  # W1-g64 -> BIN-g64
         ext = []
         if self.sq_bits:
             ext.append(f"sq{self.sq_bits}" + ("" if self.sq_group == SQ_GROUP else f"g{self.sq_group}"))
         if self.columns:
             ext.append(f"c{self.columns}")
+        if self.residual:
+            ext.append(f"r{self.residual}")
         if self.outliers:
-            ext.append("o" + _fmt_pct(self.outliers))
+            ext.append("o" + _fmt_pct(self.outliers) + ("" if self.outlier_bits == FP16_BITS else f"w{self.outlier_bits}"))
         if self.dialects:
             ext.append(f"d{self.dialects}")
         if self.hi_rows:
@@ -191,9 +229,11 @@ class CompositeSpec(QuantSpec):
         """``(n, bounds)``: dense column count and the group columns' ``[start, end)`` in the dense part."""
         r, c = int(shape[0]), int(shape[1])
         self.base.cost((r, c))  # the base must fit the full shape (raises ValueError otherwise)
-        if self.columns >= c:
-            raise ValueError(f"{self.columns} fp16 columns leave no dense column of a {c}-wide row")
-        n = c - self.columns
+        apart = self.columns + self.residual
+        if apart >= c:
+            raise ValueError(f"{apart} {'fp16' if self.columns else 'residual'} columns leave no dense column "
+                             f"of a {c}-wide row")
+        n = c - apart
         g = self.granularity.size if isinstance(self.granularity, PerGroup) else n
         return n, [(s, min(s + g, n)) for s in range(0, n, g)]
 
@@ -207,6 +247,8 @@ class CompositeSpec(QuantSpec):
             lo = self.base.cost((r - k, c)) if k < r else BitCost(0, 0)
             hi = self.hi_spec.cost((k, c)) if k else BitCost(0, 0)
             return lo + hi + BitCost(0, 0, extra=k * index_bits(r))
+        if self.binary:
+            return self._binary_cost(r, c)
         n, bounds = self.layout((r, c))
         G = len(bounds)
         ng = r * G
@@ -235,12 +277,26 @@ class CompositeSpec(QuantSpec):
             extra += ng * self.dialect_bits
         return BitCost(r * c, codes, scales, zeros, codebook, extra)
 
+    def _binary_cost(self, r: int, c: int) -> BitCost:
+        n, bounds = self.layout((r, c))
+        k, sb, ib = self.residual, SCALE_BITS[self.scale_dtype], index_bits(c)
+        codes = r * n + 2 * r * k
+        scales = r * len(bounds) * sb + (2 * r * sb if k else 0)
+        extra = k * ib
+        ko = self.n_outliers((r, c))
+        if self.outliers:
+            extra += ko * (self.outlier_bits + ib) + (r + 1) * ROW_PTR_BITS
+            if self.outlier_bits != FP16_BITS:
+                extra += r * FP16_BITS
+        return BitCost(r * c, codes, scales, 0, 0, extra)
+
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict:
         return {"_type": "CompositeSpec", "_version": COMPOSITE_VERSION, "base": self.base.to_dict(),
                 "outliers": self.outliers, "columns": self.columns, "sq_bits": self.sq_bits,
                 "sq_group": self.sq_group, "slim": self.slim, "hi_rows": self.hi_rows, "hi_bits": self.hi_bits,
-                "dialects": self.dialects}
+                "dialects": self.dialects, "binary": self.binary, "residual": self.residual,
+                "outlier_bits": self.outlier_bits}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompositeSpec":
@@ -249,7 +305,8 @@ class CompositeSpec(QuantSpec):
         if d.get("_version") != COMPOSITE_VERSION:
             raise ValueError(f"CompositeSpec version {d.get('_version')} is not supported "
                              f"(this mixq reads {COMPOSITE_VERSION})")
-        ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects")
+        ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects", "binary",
+               "residual", "outlier_bits")
         unknown = set(d) - {"_type", "_version", "base", *ext}
         if unknown:
             raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")
@@ -273,9 +330,10 @@ def _fmt_pct(p: float) -> str:
     return s[:-2] if s.endswith(".0") else s
 
 
-_EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)|c(?P<c>\d+)|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?"
-                  r"|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?)$")
+_EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)|r(?P<r>\d+)"
+                  r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?)$")
 _SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
+_BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
 
 
 def parse_candidate(x) -> QuantSpec:
@@ -292,20 +350,29 @@ def parse_candidate(x) -> QuantSpec:
     raw = x.strip()
     head, *exts = [t.strip() for t in raw.split("+")]
     m = _SLIM.match(head)
-    if not exts and not m:
+    mb = _BIN.match(head)
+    if not exts and not m and not mb:
         return parse_spec(head)
     kw: dict = {}
     if m:
         head = f"W{m.group(1)}{m.group(2)}"
         kw["slim"] = True
+    elif mb:
+        head = "W1" + (mb.group(1) or "-g128")
+        kw["binary"] = True
     for t in exts:
         e = _EXT.match(t.lower())
         if not e:
             raise ValueError(f"bad extension {t!r} in {raw!r}: use +o<percent> (sparse fp16 outliers), "
                              "+c<k> (fp16 input columns), +sq<bits>[g<rows>] (quantized group scales) "
-                             "+h<percent>[w<bits>] (high-precision output rows) or +d<D> (block dialects)")
+                             "+h<percent>[w<bits>] (high-precision output rows), +d<D> (block dialects) "
+                             "or, on BIN, +r<k> (residual-binarized columns) and +o<percent>w<bits>")
         if e.group("o") is not None:
             key, val = "outliers", float(e.group("o"))
+            if e.group("ow") is not None:
+                kw["outlier_bits"] = int(e.group("ow"))
+        elif e.group("r") is not None:
+            key, val = "residual", int(e.group("r"))
         elif e.group("c") is not None:
             key, val = "columns", int(e.group("c"))
         elif e.group("d") is not None:

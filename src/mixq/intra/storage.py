@@ -25,14 +25,22 @@ tensor                 content
 ``csr.values``         fp16 ``[K]``; ``csr.cols`` int16 (uint16 bits) / int32 ``[K]``; ``csr.row_ptr`` int32 ``[R+1]``
 ``hi_rows``, ``lo.*``  ``+h``: row indices (int16 / int32) and the two :class:`PackedWeight` tensor sets
 ``hi.*``
+BIN bases              :func:`mixq.intra.binary.pack_binary` (sign stream, scales, residual planes, CSR)
 =====================  ==============================================================================
+
+:class:`PackedComposite` is the composite counterpart of :class:`~mixq.runtime.PackedWeight`: these
+named tensors with the spec and shape (``tensors()``, ``nbytes``, ``dequantize()``), what the native
+directory stores under ``<fqn>.<name>`` and :class:`~mixq.intra.linear.CompositeLinear` holds.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..formats import QParams
 from ..runtime.bitpack import PackedWeight, pack, unpack
+from .binary import BinaryQTensor, pack_binary, unpack_binary
 from .quant import CompositeQTensor
 from .rows import RowSplitQTensor
 from .sparse import CSR
@@ -52,6 +60,8 @@ def _idx_unpack(t: torch.Tensor) -> torch.Tensor:
 
 def pack_composite(qt) -> dict[str, torch.Tensor]:
     """Named tensors holding ``qt`` at its accounted size (table in the module docstring)."""
+    if isinstance(qt, BinaryQTensor):
+        return pack_binary(qt)
     if isinstance(qt, RowSplitQTensor):
         out = {"hi_rows": _idx_pack(qt.hi_rows, qt.shape[0])}
         for tag, q in (("lo", qt.lo), ("hi", qt.hi)):
@@ -101,6 +111,8 @@ def pack_composite(qt) -> dict[str, torch.Tensor]:
 def unpack_composite(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]):
     """Inverse of :func:`pack_composite`."""
     R, C = int(shape[0]), int(shape[1])
+    if spec.binary:
+        return unpack_binary(t, spec, (R, C))
     if spec.hi_rows:
         hi_rows = _idx_unpack(t["hi_rows"])
         parts = []
@@ -166,3 +178,57 @@ def packed_bits(tensors: dict[str, torch.Tensor]) -> int:
     """Bits the named tensors occupy."""
     return sum(v.numel() * v.element_size() * 8 for v in tensors.values())
 
+
+
+@dataclass
+class PackedComposite:
+    """A composite-quantized ``[rows, cols]`` weight as its stored tensors (:func:`pack_composite`).
+
+    Same surface as :class:`~mixq.runtime.PackedWeight` where the native format and the loaders
+    need it: ``spec``, ``shape``, :meth:`tensors`, :attr:`nbytes`, :meth:`to_qtensor`, :meth:`dequantize`.
+    """
+
+    parts: dict[str, torch.Tensor]
+    spec: CompositeSpec
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_qtensor(cls, qt) -> "PackedComposite":
+        return cls(pack_composite(qt), qt.spec, (int(qt.shape[0]), int(qt.shape[1])))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], spec: CompositeSpec, shape) -> "PackedComposite":
+        """Rebuild from stored tensors, checking that they decode under ``spec`` and hold exactly its
+        accounted bits (plus < 8 bits of padding per tensor); raises ``ValueError`` otherwise."""
+        shape = (int(shape[0]), int(shape[1]))
+        out = cls(dict(tensors), spec, shape)
+        want = spec.cost(shape).total
+        have = packed_bits(out.parts)
+        if not 0 <= have - want < 8 * max(len(out.parts), 1):
+            raise ValueError(f"{spec.name} {shape}: stored tensors hold {have} bits, the spec accounts {want}")
+        try:
+            qt = out.to_qtensor()
+            if qt.stored_bits() != want:
+                raise ValueError(f"stored parts count {qt.stored_bits()} bits, the spec accounts {want}")
+        except (KeyError, IndexError, RuntimeError, TypeError) as e:
+            raise ValueError(f"{spec.name} {shape}: stored tensors do not decode ({type(e).__name__}: {e})") from None
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.parts)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    def to_qtensor(self):
+        """The stored parts (:class:`CompositeQTensor`, :class:`RowSplitQTensor` or ``BinaryQTensor``)."""
+        return unpack_composite(self.parts, self.spec, self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[rows, cols]``."""
+        return self.to_qtensor().dequantize()

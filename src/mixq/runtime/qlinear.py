@@ -226,8 +226,10 @@ def install_qlinear(model: nn.Module, weights: dict[str, PackedWeight], kernel: 
 
 def memory_report(model: nn.Module) -> dict:
     """Bytes a model holds: ``params_buffers`` (each tensor once), ``kernel_state`` (QuantLinear kernel
-    layouts), ``resident`` (their sum), ``packed_weights`` (QuantLinear weights at their packed size) and
-    ``quant_linears`` (count)."""
+    layouts), ``resident`` (their sum), ``packed_weights`` (QuantLinear and intra-tensor CompositeLinear
+    weights at their packed size) and ``quant_linears`` (count)."""
+    from ..intra.linear import CompositeLinear  # noqa: PLC0415  (mixq.intra imports this package)
+
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "meta":
@@ -238,16 +240,20 @@ def memory_report(model: nn.Module) -> dict:
         seen.add(key)
         total += t.numel() * t.element_size()
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    comps = [m for m in model.modules() if isinstance(m, CompositeLinear)]
     state = sum(m.state_nbytes for m in qls)
     return {"params_buffers": total, "kernel_state": state, "resident": total + state,
-            "packed_weights": sum(m.nbytes for m in qls), "quant_linears": len(qls)}
+            "packed_weights": sum(m.nbytes for m in qls + comps), "quant_linears": len(qls) + len(comps)}
 
 
 def kernel_usage(model: nn.Module) -> dict[str, int]:
-    """How many QuantLinear layers last ran each kernel (``"unused"``: not called yet)."""
+    """How many QuantLinear (and intra-tensor CompositeLinear) layers last ran each kernel (``"unused"``: not
+    called yet)."""
+    from ..intra.linear import CompositeLinear  # noqa: PLC0415  (mixq.intra imports this package)
+
     out: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, (QuantLinear, CompositeLinear)):
             k = m.last_kernel or "unused"
             out[k] = out.get(k, 0) + 1
     return out

@@ -1,0 +1,449 @@
+"""Extreme low-bit binarization (``BIN`` bases): BiLLM- and PB-LLM-style composites.
+
+``BIN-g64`` binarizes every weight: ``ŵ = α · (2q − 1)``, ``q = [w ≥ 0]``, with one scale per group
+of 64 input columns (per row); ``α = Σ d|w| / Σ d`` over the group is the importance-weighted
+L2-optimal scale for fixed signs (``d`` below; the plain mean ``|w|`` without statistics), rounded
+to the scale dtype.  Two extensions, alone or together:
+
+``+r<k>`` (BiLLM, Huang et al. 2024): the ``k`` most salient input columns are *residual*-binarized —
+    ``ŵ = α₁ s₁ + α₂ s₂`` with ``s₁ = sign(w)``, ``s₂ = sign(w − α₁ s₁)`` and two scales per row
+    (``α₁``, ``α₂`` fitted on the row's ``k`` salient weights, importance-weighted as above).  Column
+    salience is the predicted loss the second plane saves (kept weights excluded),
+    ``Σ_i d_ij [(w_ij − b₁(w_ij))² − (w_ij − b₂(w_ij))²]`` (``b₁`` group binarization, ``b₂`` the
+    residual one), so it follows the Hessian as BiLLM's ``w² / [H⁻¹]²_jj`` does.
+``+o<P>w<b>`` (PB-LLM, Shang et al. 2024): ``floor(P % · R · C)`` salient weights are kept apart (CSR
+    positions) at ``b`` bits on a symmetric grid with an fp16 scale per row (``+o<P>``: in fp16).
+    Selected first, by damage ``d (w − b₁(w))²`` in two rounds (the group scales refitted without the
+    weights already kept apart); every scale is then fitted without them.  Their sign bits stay in
+    the sign planes (counted, unused), which keeps the codes plain 1-bit streams.
+
+``d`` is the OBS weight of a coordinate as in :mod:`mixq.intra.quant`: ``1 / [H⁻¹]_jj`` for GPTQ,
+``diag(H)_j`` (or the Fisher ``F_ij``) for RTN, 1 without statistics.  GPTQ visits the dense
+columns in order and the residual columns last (so they absorb compensation), fitting each group's
+scale on entry from its current, compensated values; salient weights are rounded at their current
+value (int grids: with row scales fixed beforehand from the original weights, clamped).
+
+Exact cost: :meth:`mixq.intra.spec.CompositeSpec.cost` (``BIN`` rows of its docstring).  Bits per weight
+on a 576-wide layer: ``BIN-g64`` 1.25, ``BIN-g192`` 1.08, ``BIN-g64+r32`` 1.36, ``BIN-g64+o2w8``
+1.81, ``BIN-g192+r32+o1w8`` 1.52 (the 1536-wide down projection is a little cheaper).
+
+Storage (:func:`pack_binary`, bits exactly the cost plus byte padding per tensor)::
+
+    codes      1-bit stream of the dense signs [R, n] (dense columns in natural order)
+    scale      [R, G] in the scale dtype
+    res_cols   int16 (uint16 bits) / int32 [k];  res_codes  1-bit stream [2, R, k];  res_scale [R, 2]
+    csr.cols   int16 / int32 [K];  csr.row_ptr int32 [R + 1];
+    csr.values fp16 [K]  |  csr.codes  b-bit stream of (code + 2^(b-1)) [K] and csr.scale fp16 [R]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..algorithms.gptq import _one_thread, _proxy, inverse_cholesky
+from ..formats.mx import round_scale
+from ..granularity import PerGroup
+from ..runtime.bitpack import pack, unpack
+from .spec import FP16_BITS, ROW_PTR_BITS, CompositeSpec, index_bits
+
+_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+OUTLIER_ROUNDS = 2
+
+
+@dataclass
+class BinaryQTensor:
+    """The stored parts of one ``[R, C]`` weight quantized with a ``BIN`` composite.
+
+    codes      uint8 ``[R, n]`` signs (1 = +α) of the dense columns (all but ``res_cols``, natural order)
+    scale      float32 ``[R, G]`` group scales (values of the scale dtype)
+    res_cols   int64 ``[k]`` ascending residual-binarized columns; ``res_codes`` uint8 ``[2, R, k]``;
+               ``res_scale`` float32 ``[R, 2]`` (α₁, α₂)
+    out_cols   int32 ``[K]`` original column indices of the kept weights, row-major; ``out_row_ptr``
+               int32 ``[R + 1]``; ``out_values`` float16 ``[K]`` (fp16 outliers) or ``out_codes``
+               int16 ``[K]`` signed with ``out_scale`` float32 ``[R]`` (``b``-bit outliers)
+    """
+
+    spec: CompositeSpec
+    shape: tuple[int, int]
+    codes: torch.Tensor
+    scale: torch.Tensor
+    res_cols: torch.Tensor
+    res_codes: torch.Tensor
+    res_scale: torch.Tensor
+    out_cols: torch.Tensor | None = None
+    out_row_ptr: torch.Tensor | None = None
+    out_values: torch.Tensor | None = None
+    out_codes: torch.Tensor | None = None
+    out_scale: torch.Tensor | None = None
+    proxy_loss: float | None = None
+
+    def cost(self):
+        return self.spec.cost(self.shape)
+
+    @property
+    def n_outliers(self) -> int:
+        return 0 if self.out_cols is None else int(self.out_cols.numel())
+
+    def outlier_rows(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(self.shape[0]), self.out_row_ptr.diff().long())
+
+    def outlier_values(self) -> torch.Tensor:
+        """float32 ``[K]`` decoded kept weights."""
+        if self.out_values is not None:
+            return self.out_values.float()
+        return self.out_scale[self.outlier_rows()] * self.out_codes.float()
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[R, C]`` from the stored parts alone."""
+        R, C = self.shape
+        n, bounds = self.spec.layout(self.shape)
+        dense = _dense_cols(C, self.res_cols)
+        Qd = torch.empty(R, n)
+        for j, (s, e) in enumerate(bounds):
+            Qd[:, s:e] = _bin_decode(self.codes[:, s:e], self.scale[:, j:j + 1])
+        W = torch.zeros(R, C)
+        W[:, dense] = Qd
+        if self.res_cols.numel():
+            W[:, self.res_cols] = _res_decode(self.res_codes[0], self.res_codes[1], self.res_scale)
+        if self.n_outliers:
+            W[self.outlier_rows(), self.out_cols.long()] = self.outlier_values()
+        return W
+
+    def stored_bits(self) -> int:
+        """Bits counted from the stored parts (must equal ``cost().total``)."""
+        R, C = self.shape
+        cs = self.spec
+        n, bounds = cs.layout(self.shape)
+        sb = {"fp16": 16, "bf16": 16, "fp32": 32}[cs.scale_dtype]
+        k = self.res_cols.numel()
+        if tuple(self.codes.shape) != (R, n) or tuple(self.scale.shape) != (R, len(bounds)) or k != cs.residual:
+            raise ValueError("stored parts do not match the spec's layout")
+        if int(self.codes.max()) > 1 or (k and int(self.res_codes.max()) > 1):
+            raise ValueError("binary codes must be 0 or 1")
+        bits = R * n + self.scale.numel() * sb
+        if k:
+            bits += self.res_codes.numel() + self.res_scale.numel() * sb + k * index_bits(C)
+        if self.out_cols is not None:
+            K = self.n_outliers
+            bits += K * index_bits(C) + self.out_row_ptr.numel() * ROW_PTR_BITS
+            if self.out_values is not None:
+                bits += K * FP16_BITS
+            else:
+                lim = 2 ** (cs.outlier_bits - 1) - 1
+                if K and int(self.out_codes.abs().max()) > lim:
+                    raise ValueError(f"outlier codes wider than {cs.outlier_bits} bits")
+                bits += K * cs.outlier_bits + self.out_scale.numel() * FP16_BITS
+        return bits
+
+
+# ---------------------------------------------------------------------- small pieces
+def _dense_cols(C: int, apart: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(C, dtype=torch.bool)
+    keep[apart] = False
+    return keep.nonzero().flatten()
+
+
+def _bin_decode(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return scale * (2 * q.float() - 1)
+
+
+def _res_decode(q1: torch.Tensor, q2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return a[:, 0:1] * (2 * q1.float() - 1) + a[:, 1:2] * (2 * q2.float() - 1)
+
+
+def _l2_scale(x: torch.Tensor, w: torch.Tensor | None, keep: torch.Tensor | None, scale_dtype: str) -> torch.Tensor:
+    """Per row of ``x [N, g]``: ``Σ w|x| / Σ w`` over the kept entries (plain mean |x| where the
+    weights vanish), rounded to ``scale_dtype``; ``[N, 1]``."""
+    a = x.abs()
+    k = torch.ones_like(x) if keep is None else keep.float()
+    ww = k if w is None else w.expand_as(x) * k
+    den = ww.sum(-1, keepdim=True)
+    s = (ww * a).sum(-1, keepdim=True) / den.clamp(min=1e-30)
+    plain = (k * a).sum(-1, keepdim=True) / k.sum(-1, keepdim=True).clamp(min=1)
+    s = torch.where(den > 0, s, plain)
+    return round_scale(s, scale_dtype)
+
+
+def _bin_groups(Wd, bounds, imp, mask, scale_dtype):
+    """RTN binarization of the dense part: ``(codes [R, n], scale [R, G], Q [R, n])``."""
+    R, n = Wd.shape
+    codes = (Wd >= 0).to(torch.uint8)
+    scale = torch.empty(R, len(bounds))
+    Q = torch.empty(R, n)
+    for j, (s, e) in enumerate(bounds):
+        keep = None if mask is None else ~mask[:, s:e]
+        scale[:, j:j + 1] = _l2_scale(Wd[:, s:e], None if imp is None else imp[:, s:e], keep, scale_dtype)
+        Q[:, s:e] = _bin_decode(codes[:, s:e], scale[:, j:j + 1])
+    return codes, scale, Q
+
+
+def _res_fit(X: torch.Tensor, w: torch.Tensor | None, keep: torch.Tensor | None, scale_dtype: str):
+    """Residual binarization of ``X [R, k]`` (scales fitted on the ``keep`` entries):
+    ``(q1, q2, scales [R, 2], X̂)``."""
+    q1 = (X >= 0).to(torch.uint8)
+    a1 = _l2_scale(X, w, keep, scale_dtype)
+    r = X - _bin_decode(q1, a1)
+    q2 = (r >= 0).to(torch.uint8)
+    a2 = _l2_scale(r, w, keep, scale_dtype)
+    a = torch.cat([a1, a2], 1)
+    return q1, q2, a, _res_decode(q1, q2, a)
+
+
+def _group_bounds(cs: CompositeSpec, C: int, width: int):
+    """Group columns over ``width`` columns with the base's group size (``channel``: one)."""
+    g = cs.granularity.size if isinstance(cs.granularity, PerGroup) else width
+    return [(s, min(s + g, width)) for s in range(0, width, g)]
+
+
+def _outlier_scale(v: torch.Tensor, rows: torch.Tensor, R: int, bits: int) -> torch.Tensor:
+    """fp16-representable per-row scale ``max |v| / (2^(b-1) - 1)`` (0 for rows without kept weights)."""
+    lim = 2 ** (bits - 1) - 1
+    amax = torch.zeros(R).scatter_reduce_(0, rows, v.abs().float(), "amax", include_self=True)
+    s = (amax / lim).clamp(max=65504.0)
+    s16 = s.to(torch.float16).float()
+    return torch.where((s > 0) & (s16 == 0), torch.full_like(s, 2.0**-24), s16)
+
+
+def _outlier_codes(v: torch.Tensor, scale_rows: torch.Tensor, bits: int) -> torch.Tensor:
+    lim = 2 ** (bits - 1) - 1
+    safe = torch.where(scale_rows > 0, scale_rows, torch.ones_like(scale_rows))
+    return torch.round(v / safe).clamp(-lim, lim).to(torch.int16) * (scale_rows > 0)
+
+
+# ---------------------------------------------------------------------- quantizer
+@torch.no_grad()
+def quantize_binary(W0: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None, method: str, *,
+                    fisher: torch.Tensor | None = None, damp: float = 0.01, block_size: int = 128,
+                    hinv_chol=None) -> tuple[BinaryQTensor, torch.Tensor]:
+    """``(stored parts, Ŵ float32)`` of ``W0 [R, C]`` (float32, CPU) with a ``BIN`` composite."""
+    R, C = W0.shape
+    W = W0
+    n, bounds = spec.layout((R, C))
+    Hf = Hfix = None
+    if H is not None:
+        Hf = H.detach().to(torch.float32).cpu()
+        Hfix = Hf.clone()
+        dead = torch.diagonal(Hfix) == 0
+        Hfix[dead, dead] = 1.0
+        if method == "gptq":
+            W = W0.clone()
+            W[:, dead] = 0.0
+    fit_imp = fisher.detach().float().cpu() if fisher is not None else (
+        torch.diagonal(Hf).clamp(min=0)[None] if Hf is not None else None)
+    U_nat = None
+    if method == "gptq":
+        U_nat, _ = hinv_chol if hinv_chol is not None else inverse_cholesky(Hfix, damp)
+        score_imp = (1.0 / (U_nat.double() ** 2).sum(0)).float()[None]  # 1 / [H⁻¹]_jj
+        score_imp[:, torch.diagonal(Hf) == 0] = 0.0
+    else:
+        score_imp = fit_imp
+    d = (torch.ones(1, C) if score_imp is None else score_imp).expand(R, C)
+    sd = spec.scale_dtype
+    fb = _group_bounds(spec, C, C)  # the base's groups over the full row (selection only)
+
+    # 1. salient weights kept apart (PB-LLM): largest damage, groups refitted without those already kept
+    K = spec.n_outliers((R, C))
+    mask = torch.zeros(R, C, dtype=torch.bool)
+    for r in range(OUTLIER_ROUNDS if K else 0):
+        take = -(-(K - int(mask.sum())) // (OUTLIER_ROUNDS - r))
+        if take <= 0:
+            break
+        Q0 = _bin_groups(W, fb, fit_imp, mask, sd)[2]
+        score = (d * (W - Q0) ** 2).masked_fill(mask, -float("inf"))
+        mask.view(-1)[torch.topk(score.reshape(-1), take).indices] = True
+
+    # 2. residual columns (BiLLM): the columns whose second sign plane saves the most
+    k = spec.residual
+    if k:
+        keep = ~mask
+        Q1 = _bin_groups(W, fb, fit_imp, mask, sd)[2]
+        E1 = (W - Q1) * keep
+        Q2 = torch.empty_like(W)
+        for s, e in fb:
+            a2 = _l2_scale(E1[:, s:e], None if fit_imp is None else fit_imp[:, s:e], keep[:, s:e], sd)
+            Q2[:, s:e] = Q1[:, s:e] + _bin_decode((E1[:, s:e] >= 0).to(torch.uint8), a2)
+        gain = (d * (E1**2 - ((W - Q2) * keep) ** 2)).sum(0)
+        res_cols = torch.topk(gain, k).indices.sort().values
+    else:
+        res_cols = torch.zeros(0, dtype=torch.long)
+    dense = _dense_cols(C, res_cols)
+
+    ob = spec.outlier_bits
+    int_out = bool(spec.outliers) and ob != FP16_BITS
+    orow, ocol = mask.nonzero(as_tuple=True)  # row-major
+    oscale = _outlier_scale(W[orow, ocol], orow, R, ob) if int_out else None
+
+    def keep_value(v, rows):  # rounding of a kept weight
+        if not int_out:
+            return v.half().float()
+        return oscale[rows] * _outlier_codes(v, oscale[rows], ob).float()
+
+    # 3. dense part and residual columns
+    if method == "rtn":
+        codes, scale, _ = _bin_groups(W[:, dense], bounds, None if fit_imp is None else fit_imp[:, dense],
+                                      mask[:, dense], sd)
+        if k:
+            q1, q2, ra, _ = _res_fit(W[:, res_cols], None if fit_imp is None else fit_imp[:, res_cols],
+                                     ~mask[:, res_cols], sd)
+        kept = W[orow, ocol]
+    else:
+        codes, scale, q1, q2, ra, kept = _gptq_binary(W, dense, res_cols, Hfix, U_nat, damp, bounds, spec, mask,
+                                                      fit_imp, keep_value, block_size)
+    if k:
+        qt = BinaryQTensor(spec, (R, C), codes, scale, res_cols, torch.stack([q1, q2]), ra)
+    else:
+        qt = BinaryQTensor(spec, (R, C), codes, scale, res_cols, torch.zeros(2, R, 0, dtype=torch.uint8),
+                           torch.zeros(R, 0))
+    if spec.outliers:  # stored even when floor(P % * R * C) == 0 (row pointers, row scales: what cost counts)
+        ptr = torch.zeros(R + 1, dtype=torch.int64)
+        ptr[1:] = torch.bincount(orow, minlength=R).cumsum(0)
+        qt.out_cols, qt.out_row_ptr = ocol.to(torch.int32), ptr.to(torch.int32)
+        if int_out:
+            qt.out_codes, qt.out_scale = _outlier_codes(kept, oscale[orow], ob), oscale
+        else:
+            qt.out_values = kept.half()
+    W_hat = qt.dequantize()
+    if Hf is not None:
+        qt.proxy_loss = _proxy(W0 - W_hat, Hf)
+    return qt, W_hat
+
+
+def _gptq_binary(W, dense, res_cols, Hfix, U_nat, damp, bounds, cs, mask, imp, keep_value, block_size):
+    """GPTQ over the permuted columns ``[dense..., residual...]``; returns the stored parts and the
+    compensated values of the kept weights (row-major in original coordinates, before rounding)."""
+    R, C = W.shape
+    n, k = dense.numel(), res_cols.numel()
+    perm = torch.cat([dense, res_cols])
+    U = inverse_cholesky(Hfix[perm][:, perm], damp)[0] if k else U_nat
+    Wk = W[:, perm].clone()
+    mp = mask[:, perm]
+    impp = None if imp is None else imp.expand(R, C)[:, perm]
+    sd = cs.scale_dtype
+    codes = torch.zeros(R, n, dtype=torch.uint8)
+    scale = torch.zeros(R, len(bounds))
+    kept = torch.zeros(R, C)  # permuted coordinates
+    q1 = torch.zeros(R, k, dtype=torch.uint8)
+    q2 = torch.zeros(R, k, dtype=torch.uint8)
+    ra = torch.zeros(R, 2)
+    group_of = torch.empty(n, dtype=torch.long)
+    for j, (s, e) in enumerate(bounds):
+        group_of[s:e] = j
+    started = [False] * len(bounds)
+    has_out = mp.any(0)
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        W1 = Wk[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        with _one_thread():
+            for i in range(i1, i2):
+                ii = i - i1
+                w = W1[:, ii]
+                if i < n:
+                    j = int(group_of[i])
+                    if not started[j]:  # entering group column j: fit its scales on the current values
+                        s, e = bounds[j]
+                        span = torch.cat([W1[:, ii: ii + (e - s)], Wk[:, i2:e]], 1)
+                        scale[:, j:j + 1] = _l2_scale(span, None if impp is None else impp[:, s:e], ~mp[:, s:e], sd)
+                        started[j] = True
+                    c = (w >= 0).to(torch.uint8)
+                    codes[:, i] = c
+                    q = _bin_decode(c[:, None], scale[:, j:j + 1])[:, 0]
+                else:
+                    jr = i - n
+                    if jr == 0:  # entering the residual columns: fit both planes' row scales
+                        span = torch.cat([W1[:, ii:], Wk[:, i2:]], 1)
+                        ra[:] = _res_fit(span, None if impp is None else impp[:, n:], ~mp[:, n:], sd)[2]
+                    c1 = (w >= 0).to(torch.uint8)
+                    c2 = (w - _bin_decode(c1, ra[:, 0]) >= 0).to(torch.uint8)
+                    q1[:, jr], q2[:, jr] = c1, c2
+                    q = _res_decode(c1[:, None], c2[:, None], ra)[:, 0]
+                if bool(has_out[i]):
+                    rows = mp[:, i].nonzero().flatten()
+                    kept[rows, i] = w[rows]
+                    q = q.clone()
+                    q[rows] = keep_value(w[rows], rows)
+                err = (w - q) / U1[ii, ii]
+                W1[:, ii:].addr_(err, U1[ii, ii:], alpha=-1.0)
+                E1[:, ii] = err
+        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(C)
+    orow, ocol = mask.nonzero(as_tuple=True)
+    return codes, scale, q1, q2, ra, kept[orow, inv[ocol]]
+
+
+# ---------------------------------------------------------------------- storage
+def _idx_pack(idx: torch.Tensor, n: int) -> torch.Tensor:
+    return idx.to(torch.int32).to(torch.int16) if index_bits(n) == 16 else idx.to(torch.int32)
+
+
+def _idx_unpack(t: torch.Tensor) -> torch.Tensor:
+    return (t.to(torch.int32) & 0xFFFF).long() if t.dtype == torch.int16 else t.long()
+
+
+def pack_binary(qt: BinaryQTensor) -> dict[str, torch.Tensor]:
+    """Named tensors holding ``qt`` at its accounted size (module docstring)."""
+    cs = qt.spec
+    R, C = qt.shape
+    sdt = _FLOAT[cs.scale_dtype]
+    out = {"codes": pack(qt.codes.contiguous(), 1), "scale": qt.scale.to(sdt).contiguous()}
+    if cs.residual:
+        out["res_cols"] = _idx_pack(qt.res_cols, C)
+        out["res_codes"] = pack(qt.res_codes.contiguous(), 1)
+        out["res_scale"] = qt.res_scale.to(sdt).contiguous()
+    if qt.out_cols is not None:
+        out["csr.cols"] = _idx_pack(qt.out_cols, C)
+        out["csr.row_ptr"] = qt.out_row_ptr.to(torch.int32)
+        if qt.out_values is not None:
+            out["csr.values"] = qt.out_values.half()
+        else:
+            off = 2 ** (cs.outlier_bits - 1)
+            out["csr.codes"] = pack((qt.out_codes.to(torch.int32) + off).to(torch.uint8), cs.outlier_bits)
+            out["csr.scale"] = qt.out_scale.half()
+    return out
+
+
+def unpack_binary(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> BinaryQTensor:
+    """Inverse of :func:`pack_binary` (raises ``ValueError`` on tensors that do not fit the spec)."""
+    R, C = int(shape[0]), int(shape[1])
+    n, bounds = spec.layout((R, C))
+    k = spec.residual
+    want = {"codes", "scale"} | ({"res_cols", "res_codes", "res_scale"} if k else set())
+    if spec.outliers:
+        want |= {"csr.cols", "csr.row_ptr"} | ({"csr.values"} if spec.outlier_bits == FP16_BITS
+                                                else {"csr.codes", "csr.scale"})
+    if set(t) != want:
+        raise ValueError(f"{spec.name} stores {sorted(want)}, got {sorted(t)}")
+    codes = unpack(t["codes"], 1, R * n).reshape(R, n)
+    scale = t["scale"].float()
+    if tuple(scale.shape) != (R, len(bounds)):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(R, len(bounds))}")
+    if k:
+        res_cols = _idx_unpack(t["res_cols"])
+        if res_cols.numel() != k or (k and (int(res_cols.max()) >= C or bool((res_cols.diff() <= 0).any()))):
+            raise ValueError("residual column indices out of range or not ascending")
+        res_codes = unpack(t["res_codes"], 1, 2 * R * k).reshape(2, R, k)
+        res_scale = t["res_scale"].float().reshape(R, 2)
+    else:
+        res_cols, res_codes, res_scale = torch.zeros(0, dtype=torch.long), torch.zeros(2, R, 0, dtype=torch.uint8), \
+            torch.zeros(R, 0)
+    qt = BinaryQTensor(spec, (R, C), codes, scale, res_cols, res_codes, res_scale)
+    if spec.outliers:
+        K = spec.n_outliers((R, C))
+        cols = _idx_unpack(t["csr.cols"]).to(torch.int32)
+        ptr = t["csr.row_ptr"]
+        if cols.numel() != K or ptr.dtype != torch.int32 or tuple(ptr.shape) != (R + 1,) or int(ptr[0]) != 0 \
+                or int(ptr[-1]) != K or bool((ptr.diff() < 0).any()) or (K and int(cols.max()) >= C):
+            raise ValueError("outlier positions (csr.cols / csr.row_ptr) do not fit the shape")
+        qt.out_cols, qt.out_row_ptr = cols, ptr
+        if spec.outlier_bits == FP16_BITS:
+            if t["csr.values"].dtype != torch.float16 or t["csr.values"].numel() != K:
+                raise ValueError("csr.values must be fp16 [K]")
+            qt.out_values = t["csr.values"]
+        else:
+            off = 2 ** (spec.outlier_bits - 1)
+            qt.out_codes = (unpack(t["csr.codes"], spec.outlier_bits, K).to(torch.int16) - off)
+            qt.out_scale = t["csr.scale"].float().reshape(R)
+    return qt

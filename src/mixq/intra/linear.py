@@ -1,0 +1,88 @@
+"""``CompositeLinear``: a linear layer holding a composite weight in its stored form.
+
+::
+
+    y = x Ŵᵀ + b        Ŵ [out, in] = unpack_composite(buffers).dequantize(), in x.dtype
+
+The reference path for composites (``load_quantized(DIR, packed=True)``): the packed tensors of
+:class:`~mixq.intra.storage.PackedComposite` are buffers (names with ``.`` spelled ``__``; float
+tensors held as their raw bits so ``model.to(torch.bfloat16)`` cannot round them), and ``Ŵ`` is
+rebuilt on every call and dropped afterwards, so RAM holds the plan's size.  No fast kernel exists
+for composites: this is correct, not quick.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..arch import get_weight
+from .spec import CompositeSpec
+from .storage import PackedComposite
+
+KERNEL_NAME = "composite-reference"
+
+
+def _buffer_name(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class CompositeLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` holding a :class:`PackedComposite`."""
+
+    def __init__(self, packed: PackedComposite, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.spec: CompositeSpec = packed.spec
+        self.out_features, self.in_features = packed.shape
+        self._dtypes = {name: t.dtype for name, t in packed.tensors().items()}
+        for name, t in packed.tensors().items():
+            self.register_buffer(_buffer_name(name), _raw_bits(t.contiguous()))
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.last_kernel: str | None = None
+
+    @property
+    def packed(self) -> PackedComposite:
+        parts = {n: getattr(self, _buffer_name(n)).view(dt).cpu() for n, dt in self._dtypes.items()}
+        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, _buffer_name(n)).numel() * getattr(self, _buffer_name(n)).element_size()
+                   for n in self._dtypes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"CompositeLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        W = self.packed.dequantize().to(device=x.device, dtype=x.dtype)
+        self.__dict__["last_kernel"] = KERNEL_NAME
+        return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
+                f"bias={self.bias is not None}, kernel={KERNEL_NAME}")
+
+
+def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposite]) -> nn.Module:
+    """Replace every ``fqn`` of ``weights`` (an ``nn.Linear`` or ``Conv1D``) by a :class:`CompositeLinear`."""
+    from transformers.pytorch_utils import Conv1D
+
+    for fqn, pw in weights.items():
+        mod = model.get_submodule(fqn)
+        if not isinstance(mod, (nn.Linear, Conv1D)):
+            raise TypeError(f"{fqn} is a {type(mod).__name__}, not nn.Linear/Conv1D")
+        if tuple(get_weight(mod).shape) != tuple(pw.shape):
+            raise ValueError(f"{fqn}: composite shape {tuple(pw.shape)} != module weight "
+                             f"{tuple(get_weight(mod).shape)}")
+        device = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
+        layer = CompositeLinear(pw, mod.bias).to(device)
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, layer)
+    return model
+
+
+def _raw_bits(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
