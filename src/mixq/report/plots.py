@@ -89,9 +89,9 @@ def _spec_name(spec) -> str:
     if isinstance(spec, str):
         return spec
     if isinstance(spec, Mapping):
-        from ..config import QuantSpec
+        from ..intra import parse_candidate
 
-        return QuantSpec.from_dict(dict(spec)).name
+        return parse_candidate(dict(spec)).name
     return getattr(spec, "name", str(spec))
 
 
