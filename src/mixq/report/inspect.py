@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..allocate.plan import Plan, human_bytes
-from ..config import QuantSpec, parse_spec
+from ..config import QuantSpec
 from ..intra import parse_candidate
 from ..jsonio import read_json
 from .plots import allocation_heatmap, layer_key
