@@ -45,6 +45,7 @@ from ..algorithms.gptq import _one_thread, _proxy, inverse_cholesky
 from ..formats.mx import round_scale
 from ..granularity import PerGroup
 from ..runtime.bitpack import pack, unpack
+from .importance import importances
 from .spec import FP16_BITS, ROW_PTR_BITS, CompositeSpec, index_bits
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -218,26 +219,8 @@ def quantize_binary(W0: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | Non
                     hinv_chol=None) -> tuple[BinaryQTensor, torch.Tensor]:
     """``(stored parts, Ŵ float32)`` of ``W0 [R, C]`` (float32, CPU) with a ``BIN`` composite."""
     R, C = W0.shape
-    W = W0
     n, bounds = spec.layout((R, C))
-    Hf = Hfix = None
-    if H is not None:
-        Hf = H.detach().to(torch.float32).cpu()
-        Hfix = Hf.clone()
-        dead = torch.diagonal(Hfix) == 0
-        Hfix[dead, dead] = 1.0
-        if method == "gptq":
-            W = W0.clone()
-            W[:, dead] = 0.0
-    fit_imp = fisher.detach().float().cpu() if fisher is not None else (
-        torch.diagonal(Hf).clamp(min=0)[None] if Hf is not None else None)
-    U_nat = None
-    if method == "gptq":
-        U_nat, _ = hinv_chol if hinv_chol is not None else inverse_cholesky(Hfix, damp)
-        score_imp = (1.0 / (U_nat.double() ** 2).sum(0)).float()[None]  # 1 / [H⁻¹]_jj
-        score_imp[:, torch.diagonal(Hf) == 0] = 0.0
-    else:
-        score_imp = fit_imp
+    W, Hf, Hfix, fit_imp, score_imp, U_nat = importances(W0, H, method, fisher, damp, hinv_chol)
     d = (torch.ones(1, C) if score_imp is None else score_imp).expand(R, C)
     sd = spec.scale_dtype
     fb = _group_bounds(spec, C, C)  # the base's groups over the full row (selection only)

@@ -47,6 +47,7 @@ from ..config import SCALE_BITS, BitCost, QuantSpec
 from ..formats import QParams, lut
 from ..granularity import PerChannel
 from .binary import quantize_binary
+from .importance import importances
 from .dialects import dialect_codebook, fit_dialects
 from .rows import quantize_rows
 from .sparse import CSR
@@ -188,24 +189,7 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
         if H is not None:
             qt.proxy_loss = _proxy(W0 - W_hat, H.detach().float().cpu())
         return qt, W_hat
-    Hf = Hfix = None
-    if H is not None:
-        Hf = H.detach().to(torch.float32).cpu()
-        Hfix = Hf.clone()
-        dead = torch.diagonal(Hfix) == 0
-        Hfix[dead, dead] = 1.0
-        if method == "gptq":
-            W0 = W0.clone()
-            W0[:, dead] = 0.0
-    fit_imp = fisher.detach().float().cpu() if fisher is not None else (
-        torch.diagonal(Hf).clamp(min=0)[None] if Hf is not None else None)
-    U_nat = None
-    if method == "gptq":
-        U_nat, _ = hinv_chol if hinv_chol is not None else inverse_cholesky(Hfix, damp)
-        score_imp = (1.0 / (U_nat.double() ** 2).sum(0)).float()[None]  # 1 / [H⁻¹]_jj
-        score_imp[:, torch.diagonal(Hf) == 0] = 0.0
-    else:
-        score_imp = fit_imp
+    W0, Hf, Hfix, fit_imp, score_imp, U_nat = importances(W0, H, method, fisher, damp, hinv_chol)
     base = spec.base
 
     # 1. fp16 input columns (OWQ)
