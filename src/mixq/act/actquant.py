@@ -241,6 +241,13 @@ def calibrate_act_absmax(model: nn.Module, calib_ids: torch.Tensor, layers=None,
     rotation/smoothing/weight quantization; before :func:`apply_act_quant`, whose hooks would
     otherwise be seen).  Statistics see a linear's input after its pre-hooks (online rotations).
     """
+    return input_stats(model, calib_ids, layers, lambda s: s.absmax.clone(), hessian=False, device=device,
+                       progress=progress)
+
+
+def input_stats(model: nn.Module, calib_ids: torch.Tensor, layers, take, *, hessian: bool, device="cpu",
+                progress: bool = False) -> dict[str, torch.Tensor]:
+    """``fqn → take(LayerStats)`` for each chosen block linear, from one calibration walk."""
     from ..calib.capture import walk_blocks  # noqa: PLC0415  (heavy import only when calibrating)
 
     wanted = set(_select(model, layers))
@@ -251,9 +258,9 @@ def calibrate_act_absmax(model: nn.Module, calib_ids: torch.Tensor, layers=None,
         for name, s in stats.items():
             fqn = f"{blocks}.{i}.{name}"
             if fqn in wanted and s.n_tokens:
-                out[fqn] = s.absmax.clone()
+                out[fqn] = take(s)
 
-    walk_blocks(model, calib_ids, None, device=device, keep_hessian=False, stats_sink=sink, progress=progress)
+    walk_blocks(model, calib_ids, None, device=device, keep_hessian=hessian, stats_sink=sink, progress=progress)
     return out
 
 

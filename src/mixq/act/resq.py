@@ -38,7 +38,7 @@ from torch import nn
 from ..algorithms.hadamard import dense, random_orthogonal_factors
 from ..arch import arch_for, get_weight, set_weight
 from ..config import QuantSpec
-from .actquant import ActQuantHandle, _select, fake_quant_act, parse_act_spec
+from .actquant import ActQuantHandle, _select, fake_quant_act, input_stats, parse_act_spec
 
 KEEP_NAMES = {None, 16, "16", "A16", "FP32", "NONE", "KEEP"}
 
@@ -130,20 +130,7 @@ class ResQQuantizer:
 @torch.no_grad()
 def calibrate_hessians(model: nn.Module, calib_ids: torch.Tensor, layers=None, *, device="cpu") -> dict[str, torch.Tensor]:
     """``fqn → H = E[x xᵀ]`` (float32) of each chosen block linear's input over ``calib_ids``."""
-    from ..calib.capture import walk_blocks  # noqa: PLC0415
-
-    wanted = set(_select(model, layers))
-    blocks = arch_for(model).blocks
-    out: dict[str, torch.Tensor] = {}
-
-    def sink(i, stats):
-        for name, s in stats.items():
-            fqn = f"{blocks}.{i}.{name}"
-            if fqn in wanted and s.n_tokens:
-                out[fqn] = s.H.clone()
-
-    walk_blocks(model, calib_ids, None, device=device, keep_hessian=True, stats_sink=sink, progress=False)
-    return out
+    return input_stats(model, calib_ids, layers, lambda s: s.H.clone(), hessian=True, device=device)
 
 
 def fit_resq(model: nn.Module, calib_ids: torch.Tensor | None = None, *, hessians: dict | None = None, layers=None,
