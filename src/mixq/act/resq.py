@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..algorithms.hadamard import dense, random_orthogonal_factors
-from ..arch import arch_for, get_weight, set_weight
+from ..arch import get_weight, set_weight
 from ..config import QuantSpec
 from .actquant import ActQuantHandle, _select, fake_quant_act, input_stats, parse_act_spec
 
