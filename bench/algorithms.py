@@ -77,7 +77,7 @@ def report(rows, p, args, partial=False):
     lines = header("PTQ algorithms — SmolLM2-135M-Instruct, PTB test",
                    f"python bench/algorithms.py --tokens {args.tokens} --specs {args.specs} --nsamples {args.nsamples}")
     if partial:
-        lines += ["**Partial**: written from the rows of an interrupted run (`--report-only`); missing rows were "
+        lines += ["**Partial**: written (`--report-only`) from the rows saved by a run stopped before it finished, to free the machine; missing rows were "
                   "not measured.", ""]
     peak = "" if partial else f" Peak RSS of the whole run {peak_rss_mb():.0f} MB."
     lines += [f"Protocol: PTB test, first {p['max_tokens']} tokens ({p['n_windows']} windows of {p['seqlen']}, "
