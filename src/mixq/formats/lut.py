@@ -54,7 +54,7 @@ def _nearest(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Index of the nearest entry of ascending ``levels`` (``[L]`` or ``[R, L]``) for ``x`` (``[R, k]``)."""
     mids = (levels[..., 1:] + levels[..., :-1]) / 2
     if mids.dim() == 1:
-        return torch.bucketize(x, mids)
+        return torch.bucketize(x.contiguous(), mids)
     return torch.searchsorted(mids.expand(x.shape[0], -1).contiguous(), x.contiguous())
 
 
