@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mixq import data
+from mixq.bench.runner import machine as _machine
 from mixq.eval import Protocol, ReferenceCache, evaluate
 from mixq.models import load_model
 
@@ -19,15 +19,8 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    """CPU model, cores, accelerator, torch version and threads (the same line `mixq bench` writes)."""
+    return _machine().rsplit(", python", 1)[0]
 
 
 def git_rev() -> str:
