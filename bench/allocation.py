@@ -33,6 +33,8 @@ VARIANTS = [  # (label, algorithm used to quantize, metric, solver)
     ("mixed RTN (block)", "rtn", "block", "exact"),
     ("uniform GPTQ", "gptq", "kfac", "uniform"),
     ("mixed GPTQ (kfac)", "gptq", "kfac", "exact"),
+    ("mixed GPTQ (hessian)", "gptq", "hessian", "exact"),
+    ("mixed GPTQ (fisher)", "gptq", "fisher", "exact"),
     ("mixed GPTQ (block)", "gptq", "block", "exact"),
     ("uniform rot+GPTQ", "rot+gptq", "kfac", "uniform"),
     ("mixed rot+GPTQ (kfac)", "rot+gptq", "kfac", "exact"),
