@@ -93,14 +93,14 @@ def embedded_gguf_path(name: str) -> Path:
 
 # ---------------------------------------------------------------- cache with manifest
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_manifest(folder: Path, source: dict | None = None) -> None:
     """Record name, size (bytes) and sha256 of every file in ``folder`` (plus ``source`` info)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     doc = {"version": MANIFEST_VERSION, "source": source or {}, "files": files}
     (folder / MANIFEST).write_text(json.dumps(doc, indent=1, sort_keys=True))
@@ -125,7 +125,7 @@ def verify_manifest(folder: Path, source: dict | None = None) -> str | None:
             return f"missing file {name}"
         if path.stat().st_size != want["size"]:
             return f"{name} has {path.stat().st_size} bytes, manifest says {want['size']}"
-        if _sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             return f"{name} sha256 differs from the manifest"
     return None
 

@@ -45,7 +45,6 @@ Costs
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -521,10 +520,11 @@ class KVSensitivityTable:
 # ---------------------------------------------------------------------------- measurement
 def measurement_key(model: nn.Module, calib_ids: torch.Tensor, bits, metric: str, settings: KVSettings,
                     engine: str, chunk: int, prefill: int | None) -> dict:
+    from ..measure.driver import calibration_hash  # noqa: PLC0415
     from ..models import model_fingerprint  # noqa: PLC0415
 
     return {"model": model_fingerprint(model),
-            "calibration": hashlib.sha256(calib_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16],
+            "calibration": calibration_hash(calib_ids),
             "calibration_shape": list(calib_ids.shape), "bits": [int(b) for b in bits], "metric": metric,
             "settings": settings.to_dict(), "engine": engine, "chunk": chunk, "prefill": prefill or chunk}
 

@@ -45,7 +45,6 @@ Other runtimes cannot hold them: the GGUF and HF exporters refuse such directori
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ from torch import nn
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec
 from ..formats import QParams, QTensor
+from ..models import file_sha256
 from .atomic import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
             rest = {k: v.to(rest_dtype) if v.is_floating_point() else v for k, v in rest.items()}
         save_file(rest, tmp / "rest.safetensors")
         write_extra(tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file() and p.name != "mixq.json"}
         doc = {
             "format": FORMAT,
@@ -171,11 +171,6 @@ def _rest_state(model: nn.Module, qtensors: dict) -> dict[str, torch.Tensor]:
         seen[key] = name
         out[name] = t.detach().contiguous().clone()
     return out
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def rewrite_native(src: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
@@ -283,7 +278,7 @@ def verify_files(path: str | os.PathLike, info: dict | None = None) -> None:
         if size != want.get("size"):
             raise CheckpointError(f"{p} is truncated or damaged: {size} bytes, mixq.json records {want.get('size')}; "
                                   f"{_REDO}")
-        if _sha256(p) != want.get("sha256"):
+        if file_sha256(p) != want.get("sha256"):
             raise CheckpointError(f"{p} is damaged or was modified (sha256 differs from mixq.json); {_REDO}")
 
 

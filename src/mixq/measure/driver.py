@@ -45,11 +45,16 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq", "gptq-exact")
 
 
+def calibration_hash(calib_ids: torch.Tensor) -> str:
+    """A short hash of the calibration token ids (keys measurements to their data)."""
+    return hashlib.sha256(calib_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
 def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], metric: str,
                     algorithm: str) -> dict:
     return {
         "model": model_fingerprint(model),
-        "calibration": hashlib.sha256(calib_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16],
+        "calibration": calibration_hash(calib_ids),
         "calibration_shape": list(calib_ids.shape),
         "candidates": [c.name for c in candidates],
         "metric": metric,
