@@ -447,6 +447,17 @@ def _scale_warnings(src: _Source, model_dtype: torch.dtype) -> list[str]:
             f"{_DTYPE_NAME[model_dtype]}; a loader that casts scales to it rounds them (export with dtype='fp32')"]
 
 
+def _open_source(src_dir, fmt: str, layer_problem) -> "_Source":
+    """Read ``src_dir`` for export to ``fmt``; every layer ``fmt`` cannot hold exactly is reported at once."""
+    refuse_composites(read_info(src_dir), fmt, ExportError)
+    src = _read_source(src_dir)
+    problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or layer_problem(q))}
+    _raise_problems(fmt, problems, src.layers)
+    if not src.layers:
+        raise ExportError(f"cannot export to {fmt}: the directory has no quantized layer")
+    return src
+
+
 # ---------------------------------------------------------------------- compressed-tensors
 def export_compressed_tensors(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dict:
     """Write ``src_dir`` (a native mixq directory) as a compressed-tensors ``pack-quantized`` checkpoint.
@@ -459,12 +470,7 @@ def export_compressed_tensors(src_dir, out_dir, overwrite: bool = False, *, dtyp
     out = _check_out(src_dir, out_dir, overwrite)
     target = _target_dtype(dtype)
     fmt = "compressed-tensors"
-    refuse_composites(read_info(src_dir), fmt, ExportError)
-    src = _read_source(src_dir)
-    problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or _ct_problem(q))}
-    _raise_problems(fmt, problems, src.layers)
-    if not src.layers:
-        raise ExportError(f"cannot export to {fmt}: the directory has no quantized layer")
+    src = _open_source(src_dir, fmt, _ct_problem)
 
     keys = {f: (q.spec.bits, _declared_group(q), q.spec.symmetric) for f, q in src.layers.items()}
     order = list(dict.fromkeys(keys[f] for f in src.modules if f in keys))
@@ -518,12 +524,7 @@ def export_gptq(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dic
     out = _check_out(src_dir, out_dir, overwrite)
     target = _target_dtype(dtype)
     fmt = "gptq"
-    refuse_composites(read_info(src_dir), fmt, ExportError)
-    src = _read_source(src_dir)
-    problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or _gptq_problem(q))}
-    _raise_problems(fmt, problems, src.layers)
-    if not src.layers:
-        raise ExportError("cannot export to gptq: the directory has no quantized layer")
+    src = _open_source(src_dir, fmt, _gptq_problem)
 
     keys = {f: (q.spec.bits, _declared_group(q) or -1, q.spec.symmetric) for f, q in src.layers.items()}
     counts = Counter(keys.values())
