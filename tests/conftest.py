@@ -40,3 +40,12 @@ def smollm2():
     from mixq.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def tiny_dir(tiny_model, tiny_tokenizer, tmp_path):
+    """A tiny llama saved as a local model directory (weights + tokenizer)."""
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d

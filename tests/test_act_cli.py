@@ -10,12 +10,9 @@ TEXT = "".join(f"the {w} sat on the mat number {i} and then it ran away .\n" for
 
 
 @pytest.fixture
-def tiny_dir(tiny_model, tiny_tokenizer, tmp_path):
-    d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
+def tiny_dir(tiny_dir, tmp_path):  # the shared tiny model directory, plus a local corpus beside it
     (tmp_path / "corpus.txt").write_text(TEXT)
-    return d
+    return tiny_dir
 
 
 def _eval(d, tmp_path, *extra):

@@ -24,14 +24,6 @@ def _text(n_words: int, seed: int) -> str:
 
 
 @pytest.fixture
-def tiny_dir(tiny_model, tiny_tokenizer, tmp_path):
-    d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture
 def corpora(tmp_path):
     ev, cal = tmp_path / "eval.txt", tmp_path / "calib.txt"
     ev.write_text(_text(400, 1))

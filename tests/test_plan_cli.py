@@ -6,14 +6,6 @@ import pytest
 from mixq.cli import main
 
 
-@pytest.fixture
-def tiny_dir(tiny_model, tiny_tokenizer, tmp_path):
-    d = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
-
-
 def test_measure_plan_quantize(tiny_dir, tmp_path, capsys):
     m = tmp_path / "m.json"
     calib = ["--nsamples", "4", "--seqlen", "32", "--grad-samples", "2"]
