@@ -35,7 +35,7 @@ from ..allocate.constraints import KEEP, build_problem
 from ..allocate.plan import human_bytes
 from ..jsonio import read_json, write_json_atomic
 from .kvcache import resolve_kv_bits
-from .kvsens import KVSensitivityTable, KVSettings
+from .kvsens import KVSensitivityTable, KVSettings, check_doc
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ def load_kv_plan(path) -> tuple[dict, KVSettings, dict]:
     d = read_json(path)
     if isinstance(d, dict) and d.get("_type") == "JointPlan":
         d = d.get("kv")
-    if not isinstance(d, dict) or d.get("_type") != "KVPlan":
-        got = d.get("_type") if isinstance(d, dict) else type(d).__name__
-        raise ValueError(f"{path} is not a KV plan (found _type={got!r}): write one with `mixq plan --memory ...`")
-    if d.get("_version") != KV_PLAN_VERSION:
-        raise ValueError(f"{path}: KV plan version {d.get('_version')!r} is not supported")
+    check_doc(d, "KVPlan", KV_PLAN_VERSION, "KV plan", "mixq plan --memory ...", where=f"{path}: ")
     try:
         bits = {int(r["layer"]): (int(r["k"]), int(r["v"])) for r in d["layers"]}
         settings = KVSettings.from_dict(d.get("settings", {}))

@@ -401,6 +401,15 @@ class KVEntry:
         return self.errors[self.bits.index(bits)]
 
 
+def check_doc(d, type_name: str, version: int, what: str, command: str, where: str = "") -> None:
+    """Refuse a JSON document that is not a ``type_name`` of ``version`` with a message naming the fix."""
+    if not isinstance(d, dict) or d.get("_type") != type_name:
+        got = d.get("_type") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"{where}not a {what} (found _type={got!r}): write one with `{command}`")
+    if d.get("_version") != version:
+        raise ValueError(f"{where}{what} version {d.get('_version')!r} is not supported")
+
+
 @dataclass(frozen=True)
 class KVSensitivityTable:
     """Measured KV errors of every layer's K and V; ``dims = (n_layers, n_kv_heads, head_dim)``.
@@ -480,11 +489,7 @@ class KVSensitivityTable:
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVSensitivityTable":
-        if not isinstance(d, dict) or d.get("_type") != "KVSensitivityTable":
-            got = d.get("_type") if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"not a KV measurement (found _type={got!r}): write one with `mixq measure-kv`")
-        if d.get("_version") != KV_TABLE_VERSION:
-            raise ValueError(f"KV measurement version {d.get('_version')!r} is not supported")
+        check_doc(d, "KVSensitivityTable", KV_TABLE_VERSION, "KV measurement", "mixq measure-kv")
         try:
             dims = (d["dims"]["n_layers"], d["dims"]["n_kv_heads"], d["dims"]["head_dim"])
             entries = []
