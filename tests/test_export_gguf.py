@@ -21,6 +21,7 @@ import transformers as tf
 from gguf import GGMLQuantizationType as QT
 
 from mixq import api
+from mixq.export import ggml as B
 from mixq.export import gguf as G
 from mixq.export.gguf import (
     UnsupportedArchitectureError,
@@ -107,27 +108,27 @@ def model_from_gguf(path, like: torch.nn.Module) -> torch.nn.Module:
 def _random_blocks(qt: QT, n: int, rng: np.random.Generator):
     """Random parameters and codes for ``n`` blocks, the packed bytes, and the values the format defines."""
     f16 = lambda *s: (rng.standard_normal(s) * 0.05).astype(np.float16).astype(np.float32)  # noqa: E731
-    f = G._FMTS[qt]
+    f = B._FMTS[qt]
     codes = lambda k: rng.integers(0, 2**f.bits, (n, k))  # noqa: E731
     if qt in (QT.Q8_0, QT.Q4_0, QT.Q5_0):
         d, c = f16(n), codes(32)
-        data = {QT.Q8_0: G.pack_q8_0, QT.Q4_0: G.pack_q4_0, QT.Q5_0: G.pack_q5_0}[qt](d, c)
+        data = {QT.Q8_0: B.pack_q8_0, QT.Q4_0: B.pack_q4_0, QT.Q5_0: B.pack_q5_0}[qt](d, c)
         want = d[:, None] * (c - 2 ** (f.bits - 1)).astype(np.float32)
     elif qt in (QT.Q4_1, QT.Q5_1):
         d, m, c = f16(n), f16(n), codes(32)
-        data = (G.pack_q4_1 if qt == QT.Q4_1 else G.pack_q5_1)(d, m, c)
+        data = (B.pack_q4_1 if qt == QT.Q4_1 else B.pack_q5_1)(d, m, c)
         want = d[:, None] * c.astype(np.float32) + m[:, None]
     elif qt == QT.IQ4_NL:
         d, c = f16(n), codes(32)
-        data, want = G.pack_iq4_nl(d, c), d[:, None] * G.IQ4_NL_LEVELS[c]
+        data, want = B.pack_iq4_nl(d, c), d[:, None] * B.IQ4_NL_LEVELS[c]
     elif qt == QT.MXFP4:
         e, c = rng.integers(100, 140, n), codes(32)
-        data = G.pack_mxfp4(e, c)
-        want = np.exp2(e - 128.0).astype(np.float32)[:, None] * G.MXFP4_LEVELS[c]
+        data = B.pack_mxfp4(e, c)
+        want = np.exp2(e - 128.0).astype(np.float32)[:, None] * B.MXFP4_LEVELS[c]
     elif qt in (QT.Q6_K, QT.Q3_K):
         lo, hi = f.sc_range
         d, sc, c = f16(n), rng.integers(lo, hi + 1, (n, 16)), codes(256)
-        data = (G.pack_q6_k if qt == QT.Q6_K else G.pack_q3_k)(d, sc, c)
+        data = (B.pack_q6_k if qt == QT.Q6_K else B.pack_q3_k)(d, sc, c)
         eff = np.repeat(d[:, None] * sc.astype(np.float32), 16, axis=1)
         want = eff * (c - 2 ** (f.bits - 1)).astype(np.float32)
     else:  # Q4_K, Q5_K, Q2_K
@@ -135,17 +136,17 @@ def _random_blocks(qt: QT, n: int, rng: np.random.Generator):
         lo, hi = f.sc_range
         d, dmin = f16(n), np.abs(f16(n))
         sc, m, c = rng.integers(lo, hi + 1, (n, nsub)), rng.integers(lo, hi + 1, (n, nsub)), codes(256)
-        data = {QT.Q4_K: G.pack_q4_k, QT.Q5_K: G.pack_q5_k, QT.Q2_K: G.pack_q2_k}[qt](d, dmin, sc, m, c)
+        data = {QT.Q4_K: B.pack_q4_k, QT.Q5_K: B.pack_q5_k, QT.Q2_K: B.pack_q2_k}[qt](d, dmin, sc, m, c)
         eff = np.repeat(d[:, None] * sc.astype(np.float32), f.sub, axis=1)
         off = np.repeat(dmin[:, None] * m.astype(np.float32), f.sub, axis=1)
         want = eff * c.astype(np.float32) - off
     return data, want.astype(np.float32)
 
 
-@pytest.mark.parametrize("qt", list(G._FMTS), ids=lambda q: q.name)
+@pytest.mark.parametrize("qt", list(B._FMTS), ids=lambda q: q.name)
 def test_block_layout_decodes_to_the_format_formula(qt):
     data, want = _random_blocks(qt, 64, np.random.default_rng(int(qt)))
-    assert data.dtype == np.uint8 and data.shape == (64, G._FMTS[qt].type_size)
+    assert data.dtype == np.uint8 and data.shape == (64, B._FMTS[qt].type_size)
     got = gguf.quants.dequantize(data, qt)
     np.testing.assert_array_equal(got.reshape(want.shape), want)  # bit-exact, every field and bit position
 
@@ -155,11 +156,11 @@ def test_values_on_a_gguf_grid_are_re_encoded_exactly(qt):
     """gguf's own quantizer picks a grid; encoding its dequantized values (no mixq grid given) recovers it."""
     x = np.random.default_rng(1).standard_normal((16, 256)).astype(np.float32)
     v = gguf.quants.dequantize(gguf.quants.quantize(x, qt), qt)
-    np.testing.assert_array_equal(G.decode_blocks(qt, G.encode_blocks(qt, v)), v)
+    np.testing.assert_array_equal(B.decode_blocks(qt, B.encode_blocks(qt, v)), v)
 
 
 def test_gguf_package_cannot_quantize_k_quants():
-    support = G.gguf_quantize_support()
+    support = B.gguf_quantize_support()
     assert {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"} <= set(support["quantize"])
     assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"} <= set(support["dequantize_only"])
 
