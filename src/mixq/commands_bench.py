@@ -52,7 +52,8 @@ def register(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .bench.runner import Bench, BenchConfig, BenchError, finish, parse_budgets, parse_methods
+    from .bench.report import finish
+    from .bench.runner import Bench, BenchConfig, BenchError, parse_budgets, parse_methods
 
     try:
         if args.report_only:
