@@ -1,6 +1,6 @@
 """The survey's comparison as one command (``mixq bench``) and self-contained reports.
 
 :mod:`.runner` runs every method × budget on one model under one protocol (resumable, one
-measurement for all budgets); :mod:`.html` turns results into a Markdown file and a single HTML
+measurement for all budgets); :mod:`.report` collects the rows and builds the report; :mod:`.html` turns results into a Markdown file and a single HTML
 file with its figures embedded.
 """
