@@ -12,9 +12,10 @@ Rows (all RTN, one process, one thread count):
 - ``W4-g64``: the power-of-two alternative (kernel group 64: 0.5 bit/weight of kernel scales).
 - ``W3-g128``: 3-bit symmetric (g96 fallback); 3-bit codes run on the int4 kernel too (codes + 4).
 - ``mixed-3.5``: measure (kfac, RTN, ``--calib-samples`` x 512 PTB-train tokens) over mixq's default
-  candidates, ``allocate(Budget(bpw=3.5))``; layers with 5-8 bits, NF or FP16 run the reference kernel.
-- ``mixed-3.5-int4``: the same measurement restricted to the candidates ``cpu-int4`` runs
-  (int, <= 4 bits), so every layer takes the fast path.
+  candidates, ``allocate(Budget(bpw=3.5))``; its NF, FP and FP16 layers run the reference kernel.
+- ``mixed-3.5-cpu``: the same measurement under ``Constraints(fast_on="cpu")`` (``mixq plan --fast-on cpu``):
+  only int candidates, which ``cpu-int4`` runs (1-4 bits as one int4 plane, 5-8 bits as two), so every
+  layer takes the fast path.
 
 For each quantized row: the native v2 directory (rest in fp32 as ``mixq quantize`` writes it, and
 re-written with ``--rest-dtype bf16`` for deployment), the packed model's RAM (parameters + buffers,
@@ -46,11 +47,11 @@ import torch
 from common import RESULTS, Setup, header, peak_rss_mb
 
 from mixq import api
-from mixq.allocate import Budget, LayerEntry, SensitivityTable, allocate, default_candidates
+from mixq.allocate import Budget, Constraints, SensitivityTable, allocate, default_candidates
 from mixq.config import parse_spec
 from mixq.export.native import load_quantized, read_info, rewrite_native, save_quantized
 from mixq.measure import measure
-from mixq.runtime import fast_kernel_for, greedy_generate, kernel_usage, memory_report
+from mixq.runtime import greedy_generate, kernel_usage, memory_report
 
 UNIFORM = ["W4-g128", "W4-g64", "W3-g128"]
 
@@ -92,13 +93,13 @@ def main():
                 del model
         # ---------------------------------------------------------------- quantized rows
         plans = {}
-        wanted = args.rows.split(",") if args.rows else UNIFORM + [f"mixed-{args.bpw:g}", f"mixed-{args.bpw:g}-int4"]
+        wanted = args.rows.split(",") if args.rows else UNIFORM + [f"mixed-{args.bpw:g}", f"mixed-{args.bpw:g}-cpu"]
         if any(r.startswith("mixed") for r in wanted):
             t = time.perf_counter()
             table = measure(S.ref, S.calib, default_candidates(), metric="kfac", algorithm="rtn", progress=False)
             measure_s = time.perf_counter() - t
             plans[f"mixed-{args.bpw:g}"] = allocate(table, Budget(bpw=args.bpw))
-            plans[f"mixed-{args.bpw:g}-int4"] = allocate(_restrict_to_fast(table), Budget(bpw=args.bpw))
+            plans[f"mixed-{args.bpw:g}-cpu"] = allocate(_restrict_to_fast(table), Budget(bpw=args.bpw))
             print(f"measured kfac in {measure_s:.0f} s", flush=True)
         for name in wanted:
             rows.append(_quantized_row(S, name, plans.get(name), prompt, args, work, has_gguf))
@@ -129,15 +130,6 @@ def _param_bytes(model) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
-
-
-def _restrict_to_fast(table: SensitivityTable) -> SensitivityTable:
-    """The measured table with only the candidates the cpu-int4 kernel runs (int, <= 4 bits)."""
-    layers = []
-    for e in table.layers:
-        keep = [i for i, s in enumerate(e.candidates) if fast_kernel_for(s, e.shape) == "cpu-int4"]
-        layers.append(LayerEntry(e.fqn, e.shape, tuple(e.candidates[i] for i in keep), tuple(e.errors[i] for i in keep)))
-    return SensitivityTable(tuple(layers), table.metric, {**table.meta, "restricted_to": "cpu-int4 candidates"})
 
 
 def _dir_bytes(d: Path) -> int:
@@ -241,8 +233,8 @@ def _write(rows, S, args, total_s, has_gguf):
               f"PTB test, batch 1, KV cache; tokens/s over the {args.new_tokens - 1} steps after the prompt "
               f"(prefill reported apart), median of {args.repeats} runs after a warm-up, "
               f"{torch.get_num_threads()} torch threads for every row. Quantized rows: RTN, loaded with "
-              f"`load_quantized(dir, dtype=torch.bfloat16, packed=True)` (kernel auto: cpu-int4 for int <= 4-bit "
-              f"layers, reference = dequantize + matmul otherwise), from the directory re-written with "
+              f"`load_quantized(dir, dtype=torch.bfloat16, packed=True)` (kernel auto: cpu-int4 for int layers, "
+              f"one int4 plane up to 4 bits, two for 5-8; reference = dequantize + matmul otherwise), from the directory re-written with "
               f"`--rest-dtype bf16`. Perplexity: PTB test, first {p.max_tokens} tokens, {p.n_windows} windows of "
               f"{p.seqlen} ({p.n_scored} scored); `fake` = in-memory fake-quant fp32 model, `packed fp32` = the "
               f"native directory loaded packed through the reference kernel (must agree with `fake`), `packed bf16` "

@@ -314,6 +314,29 @@ def test_constraints_keep_force_bits_tied():
     assert free.predicted_error <= plan.predicted_error + 1e-9  # constraints never help
 
 
+def test_fast_on_cpu_keeps_only_candidates_with_a_cpu_kernel():
+    from mixq.runtime import fast_kernel_for
+
+    table = smol_table(blocks=2)
+    c = Constraints(keep=(r"layers\.1\.self_attn\.k_proj",), fast_on="cpu")
+    problem = build_problem(table, c)
+    for fqn, labels in zip(problem.layers, problem.labels):
+        shape = next(e.shape for e in table.layers if e.fqn == fqn)
+        if fqn.endswith("layers.1.self_attn.k_proj"):
+            assert labels == ("FP16",)  # keep wins over fast_on
+            continue
+        assert labels and all(fast_kernel_for(parse_spec(n), shape) != "reference" for n in labels)
+        assert not any(n.startswith(("NF", "FP")) for n in labels)
+        assert any(parse_spec(n).bits > 4 for n in labels)  # 5..8-bit ints run as two int4 planes
+    plan = allocate(table, Budget(bpw=3.5), constraints=c)
+    assert plan.total_bits <= plan.budget_bits and Constraints.from_dict(plan.to_dict()["constraints"]) == c
+    with pytest.raises(ValueError, match="fast_on"):
+        Constraints(fast_on="tpu")
+    nf_only = smol_table(blocks=1, specs=[parse_spec("NF4-g64"), parse_spec("FP16")])
+    with pytest.raises(ValueError, match="no candidate within its bit limits has a fast cpu kernel"):
+        build_problem(nf_only, Constraints(fast_on="cpu"))
+
+
 def test_tied_groups_are_per_block():
     problem = build_problem(smol_table(blocks=3), Constraints(tied=(r"self_attn\.(q|k|v)_proj",)))
     assert [tuple(problem.layers[i] for i in g) for g in problem.groups] == [

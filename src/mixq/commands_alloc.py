@@ -60,6 +60,9 @@ def constraint_args(p) -> None:
                                                                r"e.g. 'self_attn\.(q|k|v)_proj'")
     p.add_argument("--min-bits", action="append", default=[], metavar="REGEX=N", help="minimum bits for matching layers")
     p.add_argument("--max-bits", action="append", default=[], metavar="REGEX=N", help="maximum bits for matching layers")
+    p.add_argument("--fast-on", default=None, choices=["cpu"],
+                   help="only candidates a fast kernel runs on this device (e.g. cpu: int grids through the int4 "
+                        "GEMM; no NF/FP/FP16 layers, which would run the slow dequantize-per-call kernel)")
 
 
 def parse_budgets(args) -> list:
@@ -105,7 +108,8 @@ def constraints_from(args):
 
     return Constraints(keep=tuple(args.keep), force=tuple(pairs(args.force_spec, str, "--force-spec")),
                        min_bits=dict(pairs(args.min_bits, int, "--min-bits")),
-                       max_bits=dict(pairs(args.max_bits, int, "--max-bits")), tied=tuple(args.tied))
+                       max_bits=dict(pairs(args.max_bits, int, "--max-bits")), tied=tuple(args.tied),
+                       fast_on=getattr(args, "fast_on", None))
 
 
 def load_candidate_set(name: str):

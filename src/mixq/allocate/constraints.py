@@ -10,7 +10,11 @@ Patterns are regular expressions matched with ``re.search`` against a layer's fq
               layers are tied when they match the same pattern and their fqns agree outside the
               matched span (``model.layers.3.self_attn.`` + ``q_proj`` / ``k_proj`` / ``v_proj``)
 
-``keep`` and ``force`` pin a layer and take precedence over ``min_bits``/``max_bits``; a layer
+``fast_on``   ``"cpu"``: other layers only take candidates a fast kernel of :mod:`mixq.runtime.kernels`
+              runs on that device for their shape (:func:`~mixq.runtime.fast_kernel_for`), so the
+              deployed model never falls back to the dequantize-every-call reference kernel
+
+``keep`` and ``force`` pin a layer and take precedence over ``min_bits``/``max_bits``/``fast_on``; a layer
 that matches both ``keep`` and ``force`` (to a non-FP16 spec), or two different ``force``
 specs, is rejected.  Tied layers keep the candidates they all have, in the first one's order.
 """
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CONSTRAINTS_VERSION = 1
 KEEP = parse_spec("FP16")
+FAST_DEVICES = (None, "cpu")
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,11 @@ class Constraints:
     min_bits: dict[str, int] = field(default_factory=dict)
     max_bits: dict[str, int] = field(default_factory=dict)
     tied: tuple[str, ...] = ()
+    fast_on: str | None = None
 
     def __post_init__(self):
+        if self.fast_on not in FAST_DEVICES:
+            raise ValueError(f"Constraints.fast_on must be one of {FAST_DEVICES}, got {self.fast_on!r}")
         for name in ("keep", "tied"):
             val = getattr(self, name)
             if isinstance(val, str):
@@ -65,16 +73,17 @@ class Constraints:
     def to_dict(self) -> dict:
         return {"_type": "Constraints", "_version": CONSTRAINTS_VERSION, "keep": list(self.keep),
                 "force": [list(f) for f in self.force], "min_bits": self.min_bits, "max_bits": self.max_bits,
-                "tied": list(self.tied)}
+                "tied": list(self.tied), "fast_on": self.fast_on}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Constraints":
         _check_header(d, "Constraints", CONSTRAINTS_VERSION)
-        unknown = set(d) - {"_type", "_version", "keep", "force", "min_bits", "max_bits", "tied"}
+        unknown = set(d) - {"_type", "_version", "keep", "force", "min_bits", "max_bits", "tied", "fast_on"}
         if unknown:
             raise ValueError(f"unknown Constraints fields {sorted(unknown)}")
         return cls(tuple(d.get("keep", ())), tuple(tuple(f) for f in d.get("force", ())),
-                   dict(d.get("min_bits", {})), dict(d.get("max_bits", {})), tuple(d.get("tied", ())))
+                   dict(d.get("min_bits", {})), dict(d.get("max_bits", {})), tuple(d.get("tied", ())),
+                   d.get("fast_on"))
 
 
 def build_problem(table: SensitivityTable, constraints: Constraints = Constraints()) -> Problem:
@@ -137,6 +146,15 @@ def _layer_choices(x, c: Constraints) -> list[tuple[QuantSpec, float]]:
     if not out:
         raise ValueError(f"{x.fqn}: no measured candidate has {lo} <= bits <= {hi} "
                          f"(measured: {', '.join(s.name for s in x.candidates)}): relax min_bits/max_bits")
+    if c.fast_on:
+        from ..runtime.kernels import fast_kernel_for
+
+        fast = [(s, e) for s, e in out if fast_kernel_for(s, x.shape, c.fast_on) != "reference"]
+        if not fast:
+            raise ValueError(f"{x.fqn} {tuple(x.shape)}: no candidate within its bit limits has a fast {c.fast_on} "
+                             f"kernel (left: {', '.join(s.name for s, _ in out)}): measure int candidates "
+                             f"or drop fast_on")
+        out = fast
     return out
 
 

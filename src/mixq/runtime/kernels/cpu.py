@@ -1,4 +1,4 @@
-"""CPU kernels: integer weights of <= 4 bits through torch's int4 weight-only GEMM, bf16 activations.
+"""CPU kernels: integer weights of 1-8 bits through torch's int4 weight-only GEMM, bf16 activations.
 
 ``torch.ops.aten._weight_int4pack_mm_for_cpu(x, W4, G, sz)`` computes, with fp32 accumulation
 and a bf16 output::
@@ -7,15 +7,22 @@ and a bf16 output::
 
 for 4-bit ``q`` in torch's own blocked layout, ``G`` in {32, 64, 128, 256}, ``sz`` bf16 (the op's
 fp32 / fp16 paths are several times slower than dense ``F.linear``, so only bf16 is used).
-Every mixq int grid maps onto it (``mid = 2^(bits-1)``, per kernel group)::
+Every mixq int grid is affine in its codes per quantization group, ``Ŵ = a q + t``::
 
-    symmetric, bits >= 2:  q' = q + 8 - mid,  s' = s,   z' = 0
-    binary (bits == 1):    q' = q + 8,        s' = 2s,  z' = -s          (s (2q - 1))
-    asym, int zero:        q' = q + c,        s' = s,   z' = s (8 - c - zero)
-    asym, fp16 offset:     q' = q + c,        s' = s,   z' = offset + (8 - c) s
+    symmetric, bits >= 2:  a = s,   t = -mid s          binary (bits == 1):  a = 2s,  t = -s
+    asym, int zero:        a = s,   t = -s zero         asym, fp16 offset:   a = s,   t = offset
 
-with ``c = clamp(round(8 - zero), 0, 16 - 2^bits)`` per quantization group (``zero = -offset / s`` for
-the fp16 offset): the shift that centres the codes, so ``z' = 0`` for 2- and 3-bit int zero points.
+and maps onto one int4 GEMM per *plane*:
+
+    bits <= 4, one plane:   q' = q + c,          s' = a,    z' = t + a (8 - c)
+    5..8 bits, two planes:  q = 16 hi + lo
+                            high:  q' = hi + c,  s' = 16a,  z' = t + a (136 - 16c)
+                            low:   q' = lo,      s' = a,    z' = 0
+
+with the shift ``c`` per quantization group chosen (rounded, clamped to the free code range) so that
+``z'`` is small: 0 for symmetric and binary grids and for 2- and 3-bit int zero points, at most a few
+steps ``a`` otherwise.  Two planes hold 8 bits per weight in RAM whatever the width (5-bit layers
+pay 3 bits over their packed size there) and cost two GEMMs.
 
 Two kernels share this module:
 
@@ -29,8 +36,8 @@ Two kernels share this module:
     ``p`` is one GEMM call and the calls are summed in fp32, so the only deviation from the
     reference (``x Ŵᵀ`` evaluated exactly) is rounding the result to bf16.  1-3 GEMMs per call.
 
-Memory: :func:`prepare` builds the kernel layout — 4 bits per weight (``w``) plus ``pieces * 32 / G``
-bits of ``sz`` per weight (``G`` = the kernel group) — once per layer.  ``w`` holds every code
+Memory: :func:`prepare` builds the kernel layout — 4 bits per weight per plane (``w``) plus ``pieces * 32 / G``
+bits of ``sz`` per weight and plane (``G`` = the kernel group) — once per layer.  ``w`` holds every code
 (``q = q' - shift``), so :class:`~mixq.runtime.QuantLinear` then frees its packed code stream and
 rebuilds it from ``w`` on demand (:func:`codes_from_state`): a 4-bit layer stays at ~4.5-5 bits
 per weight in RAM, not 4 + 4.25.  Supported: CPU, bf16 activations, ``out % 16 == 0``, a kernel
@@ -77,8 +84,8 @@ def spec_why_not(spec, shape) -> str | None:
     """
     if _ops() is None:
         return "this torch build has no _weight_int4pack_mm_for_cpu"
-    if spec.dtype != "int" or spec.bits > 4:
-        return "it runs integer grids of at most 4 bits only"
+    if spec.dtype != "int" or spec.bits > 8:
+        return "it runs integer grids (1-8 bits) only"
     if shape[0] % 16:
         return f"out_features {shape[0]} is not a multiple of 16"
     if kernel_group(spec, shape) is None:
@@ -94,7 +101,7 @@ def why_not(pw, x: torch.Tensor, *, exact: bool = False) -> str | None:
         return "it runs on CPU only"
     if x.dtype != torch.bfloat16:
         return "it needs bfloat16 activations (cast the model with .to(torch.bfloat16))"
-    if exact and _effective_params(pw, exact=True)[2] is None:
+    if exact and any(sp is None or zp is None for _, sp, zp in _effective_params(pw, exact=True)[1]):
         return f"its params need more than {MAX_PIECES} bf16 pieces"
     return None
 
@@ -126,34 +133,50 @@ def _per_kernel_group(t: torch.Tensor, pw, kg: int) -> torch.Tensor:
     return t.reshape(-1, 1).expand(out, cols // kg)  # channel: [out, 1]; tensor: [1, 1]
 
 
-def _effective_params(pw, exact: bool):
-    """``(shift, kernel group, s' pieces, z' pieces)`` of the mapping in the module docstring.
-
-    ``shift`` (``q' - q``) is an int, or for asymmetric grids a uint8 ``[out, groups]`` tensor: per
-    quantization group the shift ``c`` that best centres the codes on the kernel's ``q' - 8``
-    (``c = clamp(round(8 - zero), 0, 16 - 2^bits)``), so that ``z' = s (8 - c - zero)`` is 0 whenever the
-    zero point fits (2- and 3-bit grids) and rounding ``s'`` to bf16 costs each weight at most 2^-9 of
-    its own magnitude.
-    """
-    spec, p, kg = pw.spec, pw.qparams(), kernel_group(pw.spec, pw.shape)
-    s = _per_kernel_group(p.scale, pw, kg)
+def _affine(pw) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(a, t)`` ``[R, 1]`` with ``Ŵ = a·q + t`` for the codes ``q`` of each quantization group."""
+    spec, p = pw.spec, pw.qparams()
+    s = p.scale.double()
     if spec.symmetric:
-        shift = 8 if spec.bits == 1 else 8 - 2 ** (spec.bits - 1)
-        s_eff, z_eff = (2 * s, -s) if spec.bits == 1 else (s, torch.zeros_like(s))
-    else:
-        scale = p.scale.double()
-        zero = p.zero.double() if p.zero is not None else -p.offset.double() / scale  # [R, 1] in code units
-        c = (8 - zero).round().clamp(0, 16 - 2**spec.bits)
-        if p.zero is not None:
-            z_rows = scale * (8 - c - zero)
-        else:
-            z_rows = p.offset.double() + (8 - c) * scale
-        shift = c.to(torch.uint8).reshape(pw.shape[0], -1)  # [out, groups]
-        s_eff, z_eff = s, _per_kernel_group(z_rows, pw, kg)
-    sp, zp = _split_bf16(s_eff, exact), _split_bf16(z_eff, exact)
-    if sp is None or zp is None:
-        return shift, kg, None, None
-    return shift, kg, sp, zp
+        if spec.bits == 1:
+            return 2 * s, -s  # s (2q - 1)
+        return s, -(2 ** (spec.bits - 1)) * s
+    if p.zero is not None:
+        return s, -s * p.zero.double()
+    return s, p.offset.double()
+
+
+def n_planes(bits: int) -> int:
+    """int4 planes a ``bits``-bit code needs: 1 up to 4 bits, 2 (high and low nibble) up to 8."""
+    return 1 if bits <= 4 else 2
+
+
+def _effective_params(pw, exact: bool):
+    """``(kernel group, planes)``: per plane ``(shift, s' pieces, z' pieces)``, the mapping of the module
+    docstring (``None`` pieces: more than :data:`MAX_PIECES` bf16 pieces needed).
+
+    ``shift`` (``q'_p - code_p``) is an int when it is the same for every group (symmetric grids), else a
+    uint8 ``[out, groups]`` tensor: per quantization group the shift that best centres the codes on the
+    kernel's ``q' - 8``, so that ``z'`` is small (0 whenever the zero point fits, e.g. 2- and 3-bit int
+    zero points) and rounding ``s'`` / ``z'`` to bf16 costs each weight at most 2^-9 of a few steps.
+    """
+    spec, kg = pw.spec, kernel_group(pw.spec, pw.shape)
+    a, t = _affine(pw)
+    out = pw.shape[0]
+    if n_planes(spec.bits) == 1:  # q' = q + c:  (q + c - 8) a + t + a (8 - c) = a q + t
+        c = (8 + t / a).round().clamp(0, 16 - 2**spec.bits)
+        specs = [(c, a, t + a * (8 - c))]
+    else:  # q = 16 hi + lo:  (hi + c - 8) 16a + [t + a (136 - 16c)]  +  (lo - 8) a  =  a q + t
+        c = ((136 + t / a) / 16).round().clamp(0, 16 - 2 ** (spec.bits - 4))
+        specs = [(c, 16 * a, t + a * (136 - 16 * c)), (torch.zeros_like(c), a, torch.zeros_like(t))]
+    planes = []
+    for c, s_eff, z_eff in specs:
+        c = c.to(torch.uint8)
+        c = c.expand(out, 1) if c.numel() == 1 else c.reshape(out, -1)  # [out, groups] (per tensor: [out, 1])
+        shift = int(c.reshape(-1)[0]) if bool(torch.all(c == c.reshape(-1)[0])) else c
+        planes.append((shift, _split_bf16(_per_kernel_group(s_eff, pw, kg), exact),
+                       _split_bf16(_per_kernel_group(z_eff, pw, kg), exact)))
+    return kg, planes
 
 
 def _expand_shift(shift, shape) -> torch.Tensor | int:
@@ -163,44 +186,57 @@ def _expand_shift(shift, shape) -> torch.Tensor | int:
     return shift.to(torch.int32).repeat_interleave(shape[1] // shift.shape[1], dim=1)
 
 
+def plane_codes(codes: torch.Tensor, bits: int, plane: int) -> torch.Tensor:
+    """The part of the codes plane ``plane`` holds: all of them (1 plane), else the high / low nibble."""
+    if n_planes(bits) == 1:
+        return codes
+    return codes >> 4 if plane == 0 else codes & 15
+
+
 @torch.no_grad()
 def prepare(pw, *, exact: bool = False) -> dict:
-    """Kernel state: ``w`` uint8 (torch's int4pack layout of ``q'``), ``sz`` bf16 ``[P, in/G, out, 2]``,
-    ``group`` (G), ``shift`` (int, or uint8 ``[out, groups]``), ``shape`` and ``holds_codes`` (whether
-    :func:`codes_from_state` inverts ``w`` cheaply: ``out`` a multiple of 64 in the layout this torch
-    uses; QuantLinear frees its code stream then)."""
+    """Kernel state: ``planes``, each ``{"w"`` uint8 (torch's int4pack layout of ``q'``), ``"sz"`` bf16
+    ``[P, in/G, out, 2]``, ``"sz0"`` (``sz[0]`` when ``P == 1``), ``"shift"`` (int or uint8 ``[out, groups]``)``}``;
+    ``group`` (G), ``bits``, ``shape`` and ``holds_codes`` (whether :func:`codes_from_state` inverts the planes
+    cheaply: ``out`` a multiple of 64 in the layout this torch uses; QuantLinear frees its code stream then)."""
     convert, _ = _ops()
-    shift, kg, sp, zp = _effective_params(pw, exact)
-    if sp is None:
+    kg, planes = _effective_params(pw, exact)
+    if any(sp is None or zp is None for _, sp, zp in planes):
         raise ValueError(f"{pw.spec.name}: params need more than {MAX_PIECES} bf16 pieces")
-    codes = pw.codes_unpacked().to(torch.int32) + _expand_shift(shift, pw.shape)  # transient [out, in] int32
-    w = convert(codes.contiguous(), 1)
-    del codes
-    n = max(len(sp), len(zp))
-    zero = torch.zeros_like(sp[0])
-    sp, zp = sp + [zero] * (n - len(sp)), zp + [zero] * (n - len(zp))
-    sz = torch.stack([torch.stack([a.t(), b.t()], -1) for a, b in zip(sp, zp)]).contiguous()
+    codes = pw.codes_unpacked()
+    state_planes = []
+    for i, (shift, sp, zp) in enumerate(planes):
+        q = plane_codes(codes, pw.spec.bits, i).to(torch.int32) + _expand_shift(shift, pw.shape)  # transient int32
+        w = convert(q.contiguous(), 1)
+        del q
+        n = max(len(sp), len(zp))
+        zero = torch.zeros_like(sp[0])
+        sp, zp = sp + [zero] * (n - len(sp)), zp + [zero] * (n - len(zp))
+        sz = torch.stack([torch.stack([a.t(), b.t()], -1) for a, b in zip(sp, zp)]).contiguous()
+        state_planes.append({"w": w, "sz": sz, "sz0": sz[0] if n == 1 else None, "shift": shift})
     out = pw.shape[0]
-    return {"w": w, "sz": sz, "sz0": sz[0] if n == 1 else None, "group": kg, "shift": shift,
-            "shape": tuple(pw.shape), "holds_codes": out % _BLOCK_N == 0 and _layout_is_blocked()}
+    return {"planes": state_planes, "group": kg, "bits": pw.spec.bits, "shape": tuple(pw.shape),
+            "holds_codes": out % _BLOCK_N == 0 and _layout_is_blocked()}
 
 
 def state_nbytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for k, t in state.items() if isinstance(t, torch.Tensor) and k != "sz0")
+    return sum(t.numel() * t.element_size() for pl in state["planes"] for k, t in pl.items()
+               if isinstance(t, torch.Tensor) and k != "sz0")
 
 
 def linear(x: torch.Tensor, pw, state: dict, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x [M, in]`` bf16 -> ``[M, out]`` bf16: Σ over bf16 param pieces, summed in fp32.  ``pw`` is unused."""
+    """``x [M, in]`` bf16 -> ``[M, out]`` bf16: Σ over planes and bf16 param pieces, summed in fp32.  ``pw`` is unused."""
     mm = _OPS[1]
-    sz0 = state["sz0"]
-    if sz0 is not None:  # one piece: a single GEMM
-        y = mm(x if x.is_contiguous() else x.contiguous(), state["w"], state["group"], sz0)
+    planes, G = state["planes"], state["group"]
+    x = x if x.is_contiguous() else x.contiguous()
+    if len(planes) == 1 and planes[0]["sz0"] is not None:  # one plane, one piece: a single GEMM
+        y = mm(x, planes[0]["w"], G, planes[0]["sz0"])
         return y if bias is None else y + bias.to(y.dtype)
-    x = x.contiguous()
-    sz = state["sz"]
-    y = mm(x, state["w"], state["group"], sz[0]).float()
-    for p in range(1, sz.shape[0]):
-        y += mm(x, state["w"], state["group"], sz[p]).float()
+    y = None
+    for pl in planes:
+        for sz in pl["sz"]:
+            part = mm(x, pl["w"], G, sz).float()
+            y = part if y is None else y.add_(part)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)
@@ -208,12 +244,17 @@ def linear(x: torch.Tensor, pw, state: dict, bias: torch.Tensor | None) -> torch
 
 # ---------------------------------------------------------------------- codes back from the kernel layout
 def codes_from_state(state: dict) -> torch.Tensor:
-    """The codes ``q`` (uint8 ``[out, in]``) held by ``state["w"]``: the inverse of :func:`prepare`'s packing.
+    """The codes ``q`` (uint8 ``[out, in]``) held by ``state["planes"]``: the inverse of :func:`prepare`'s packing.
 
-    ~1 ms for a 576x1536 layer when ``state["holds_codes"]``; other shapes probe the layout (slow, uncached).
+    ~1 ms per plane for a 576x1536 layer when ``state["holds_codes"]``; other shapes probe the layout (slow, uncached).
     """
-    n, k = state["shape"]
-    w = state["w"].reshape(-1)
+    parts = [_plane_from_layout(pl["w"], pl["shift"], state["shape"]) for pl in state["planes"]]
+    return parts[0] if len(parts) == 1 else parts[0] << 4 | parts[1]
+
+
+def _plane_from_layout(w: torch.Tensor, shift, shape) -> torch.Tensor:
+    n, k = shape
+    w = w.reshape(-1)
     nib = torch.stack([w & 15, w >> 4], -1).reshape(-1)  # kernel nibble slots, low nibble first
     if n % _BLOCK_N == 0 and _layout_is_blocked():
         # blocks of 64 rows: byte [b, k, j] = q[64b + j, k] | q[64b + 32 + j, k] << 4
@@ -223,7 +264,7 @@ def codes_from_state(state: dict) -> torch.Tensor:
         q = torch.empty(n * k, dtype=torch.uint8)
         q[src] = nib
         q = q.reshape(n, k)
-    shift = _expand_shift(state["shift"], state["shape"])
+    shift = _expand_shift(shift, shape)
     if isinstance(shift, int):
         return q - shift if shift else q.clone()
     return (q.to(torch.int32) - shift).to(torch.uint8)
