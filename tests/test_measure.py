@@ -1,4 +1,5 @@
 """Measurement: metric equations, gradient statistics, table over every layer × candidate, resume."""
+import functools
 import json
 
 import pytest
@@ -38,6 +39,51 @@ def test_gradient_statistics_shapes(tiny_model):
     f0 = "model.layers.0.mlp.down_proj"
     assert g[f0]["G"].shape == (64,) and g[f0]["F"].shape == (64, 128)
     assert (g[f0]["G"] >= 0).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "opt"])
+def test_gradient_statistics_equal_plain_autograd(tiny_model, family):
+    """The checkpointed pass with tensor hooks gives the statistics of a plain backward (each token once)."""
+    from mixq.arch import arch_for, block_linears, get_blocks
+
+    model = tiny_model(family)
+    ids = _ids(3, 16)
+    got = gradient_stats(model, ids, want_fisher=True, want_blocks=True, progress=False)
+    arch = arch_for(model)
+    mods = {f"{arch.blocks}.{i}.{n}": m for i, b in enumerate(get_blocks(model)) for n, m in block_linears(b, arch).items()}
+    want = {f: {"G": 0, "F": 0} for f in mods}
+    blocks = {f"{arch.blocks}.{i}": {"G": 0} for i in range(len(get_blocks(model)))}
+    for s in range(ids.shape[0]):
+        outs, ins, bouts = {}, {}, {}
+        def keep(f, m, a, o):  # a forward hook must return None (anything else replaces the output)
+            outs[f], ins[f] = o, a[0]
+
+        def keep_block(f, m, a, o):
+            bouts[f] = o[0] if isinstance(o, tuple) else o
+
+        hs = [m.register_forward_hook(functools.partial(keep, f)) for f, m in mods.items()]
+        hs += [b.register_forward_hook(functools.partial(keep_block, f)) for f, b in zip(blocks, get_blocks(model))]
+        x = model.get_input_embeddings()(ids[s:s + 1]).detach().requires_grad_(True)
+        logits = model(inputs_embeds=x, use_cache=False).logits[:, :-1]
+        for t in (*outs.values(), *bouts.values()):
+            t.retain_grad()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[s, 1:], reduction="sum").backward()
+        for h in hs:
+            h.remove()
+        for f in mods:
+            g2 = outs[f].grad.reshape(-1, outs[f].shape[-1]).square()
+            want[f]["G"] = want[f]["G"] + g2.sum(0)
+            want[f]["F"] = want[f]["F"] + g2.T @ ins[f].reshape(-1, ins[f].shape[-1]).square()
+        for f in blocks:
+            blocks[f]["G"] = blocks[f]["G"] + bouts[f].grad.reshape(-1, bouts[f].shape[-1]).square().sum(0)
+        model.zero_grad(set_to_none=True)
+    n = ids.numel()
+    for f in mods:
+        torch.testing.assert_close(got[f]["G"], want[f]["G"] / n, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(got[f]["F"], want[f]["F"] / n, rtol=1e-4, atol=1e-9)
+    for f in blocks:
+        torch.testing.assert_close(got[f]["G"], blocks[f]["G"] / n, rtol=1e-4, atol=1e-9)
+    assert all(type(b).forward is b.forward.__func__ for b in get_blocks(model))  # checkpointing undone
 
 
 def test_measure_table_and_resume(tiny_model, tmp_path, monkeypatch):

@@ -16,7 +16,10 @@ Parameters are frozen: gradients flow only to activations, so no weight-gradient
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,11 +35,7 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
         for name, m in block_linears(block, arch).items():
             mods[f"{arch.blocks}.{i}.{name}"] = m
     acc: dict[str, dict[str, torch.Tensor]] = {f: {} for f in mods}
-    inputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for fqn, m in mods.items():
-        handles.append(m.register_forward_hook(_save_input(fqn, inputs)))
-        handles.append(m.register_full_backward_hook(_grad_hook(fqn, acc, inputs, want_fisher)))
+    handles = [m.register_forward_hook(_grad_hook(acc[fqn], want_fisher)) for fqn, m in mods.items()]
     if want_blocks:
         for i, block in enumerate(get_blocks(model)):
             fqn = f"{arch.blocks}.{i}"
@@ -46,6 +45,7 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
     for p in model.parameters():
         p.requires_grad_(False)
     n_tok = 0
+    restore = _checkpoint_blocks(get_blocks(model))
     try:
         emb = model.get_input_embeddings()
         for s in tqdm(range(input_ids.shape[0]), desc="gradients", disable=not progress, unit="sample"):
@@ -56,8 +56,8 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
                                                reduction="sum")
             loss.backward()
             n_tok += ids.shape[1]
-            inputs.clear()
     finally:
+        restore()
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), req):
@@ -65,23 +65,53 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
     return {f: {k: v / n_tok for k, v in d.items()} for f, d in acc.items()}
 
 
-def _save_input(fqn, inputs):
+def _checkpoint_blocks(blocks) -> Callable[[], None]:
+    """Run every block under non-reentrant activation checkpointing; returns the undo function.
+
+    The backward pass then holds the blocks' inputs plus one block's activations at a time, not all of
+    them (SmolLM2, 512 tokens: ~0.85 GB less).  Forward hooks fire again during the recomputation and
+    register tensor hooks on the recomputed outputs; those receive no gradient (backward runs through
+    the first forward's graph), so every statistic is still counted once.
+    """
+    originals = []
+    for block in blocks:
+        fwd = block.forward
+        originals.append((block, block.__dict__.get("forward")))  # an instance-level forward (accelerate hooks)
+
+        def checkpointed(*args, _fwd=fwd, **kwargs):
+            if not torch.is_grad_enabled():
+                return _fwd(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+
+    def restore():
+        for block, prev in originals:
+            if prev is None:
+                del block.forward
+            else:
+                block.forward = prev
+
+    return restore
+
+
+def _grad_hook(d, want_fisher):
+    """Forward hook: a tensor hook on the linear's output accumulates ``G`` (and ``F``, which needs the input)
+    when its gradient arrives.  A tensor hook keeps nothing alive but ``x`` for ``F``; a full module backward
+    hook would wrap every linear's inputs and outputs and, on SmolLM2, double the pass's peak memory."""
     def hook(module, args, output):
-        inputs[fqn] = args[0].detach()
+        if not output.requires_grad:
+            return
+        x = args[0].detach() if want_fisher else None
 
-    return hook
+        def on_grad(g):
+            g2 = g.detach().reshape(-1, g.shape[-1]).float().square()
+            d["G"] = d.get("G", 0) + g2.sum(0)
+            if x is not None:
+                xf = x.reshape(-1, x.shape[-1]).float()
+                d["F"] = d.get("F", 0) + g2.T @ (xf * xf)
 
-
-def _grad_hook(fqn, acc, inputs, want_fisher):
-    def hook(module, grad_input, grad_output):
-        g = grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).float()
-        g2 = g * g
-        d = acc[fqn]
-        d["G"] = d.get("G", 0) + g2.sum(0)
-        if want_fisher:
-            x = inputs[fqn].reshape(-1, inputs[fqn].shape[-1]).float()
-            F = g2.T @ (x * x)
-            d["F"] = d.get("F", 0) + F
+        output.register_hook(on_grad)
 
     return hook
 
