@@ -291,7 +291,7 @@ def test_fake_quantize_dtypes_and_keep(gauss):
 
 
 # ---------------------------------------------------------------------- clip search and weighted k-means
-@pytest.mark.parametrize("name", ["W4-g64", "W3-g64-asym", "W3-g64-asymf", "W1-g64", "NF4-g64", "FP4-g64", "MXFP4", "NVFP4", "FP8"])
+@pytest.mark.parametrize("name", ["W4-g64", "W3-g64-asym", "W3-g64-asymf", "W1-g64", "W1-g64-asym", "W1-g64-asymf", "NF4-g64", "FP4-g64", "MXFP4", "NVFP4", "FP8"])
 def test_mse_clip_not_worse_than_minmax(name, gauss):
     rows = gauss[:64, :256].reshape(-1, 64)  # fit() sees rows = groups, whatever the spec's granularity
     mm = parse_spec(name)

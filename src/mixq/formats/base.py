@@ -149,7 +149,8 @@ def fit(rows: torch.Tensor, spec: QuantSpec, *, weight: torch.Tensor | None = No
     if spec.clip == "minmax":
         return best
     best_err = _row_error(rows, best, spec, weight)
-    extra = [integer.binary_l2_candidate(rows, spec, weight, tensor_scale)] if spec.dtype == "int" and spec.bits == 1 else []
+    binary = spec.dtype == "int" and spec.bits == 1 and spec.symmetric  # asym 1-bit is a {0, s} grid: no L2 scale
+    extra = [integer.binary_l2_candidate(rows, spec, weight, tensor_scale)] if binary else []
     for cand in [*(ops.fit(rows, spec, s, tensor_scale) for s in SHRINK_GRID[1:]), *extra]:
         err = _row_error(rows, cand, spec, weight)
         better = err < best_err
