@@ -13,7 +13,12 @@ Sections (rows are saved to bench/results/act_kv.partial.json as they finish; a 
            token, fp16 scale + offset), with the 32-token fp window and without it (R = 0: values all
            quantized; keys still wait for a full group of 32), decoded token by token (the exact
            one-forward simulation, ``chunk = 1``); plus a cross-check of the simulation against the
-           real cache at ``chunk = 16``.
+           real cache at ``chunk = 16``.  Options on top of KIVI (R = 32, same decoding): token-level
+           mixed precision (MiKV/ZipCache: the 20 % / 15 % / 10 % most attended tokens of each key group
+           at 8 bits, or 10 % kept fp16, over 2-bit; 15 % costs what KV3 costs, ≈ 4.5 bits per element
+           at 512 tokens — the table lists every row's bits per element),
+           pre-RoPE keys (KVQuant) at 3 and 2 bits vs the post-RoPE rows, a Hadamard rotation of K+V
+           or V only at 3 and 2 bits, and MiKV cross-checked against the real cache (eager attention).
 ``kvmix``  per-layer K/V widths from the measured KV sensitivity (KL, 1 × 512 PTB-train tokens,
            cached in bench/cache/) at the bytes of uniform 2, 2.5 (between 2 and 3), 3 and 4 bits.
 ``joint``  weights (kfac table, RTN) + KV cache under one memory budget at context 2048, batch 4,
@@ -25,7 +30,7 @@ Expected runtime on 2 cores (Xeon, torch CPU, fp32), estimated from a 512-token 
 SmolLM2's shape (≈ 1.3 s on one busy core) — not measured on the real model: about 15–20 minutes from
 scratch.  Set-up + fp reference ≈ 1 min; ``wa`` 13 rows ≈ 6 min (≈ 20 s each; calibration passes for
 static/SmoothQuant/Atom ≈ 12 s each; ResQ ≈ 1.5 min: Hessians, 120 eigendecompositions, extra
-projections); ``kv`` 10 rows ≈ 2.5 min; KV sensitivity ≈ 4.5 min (240 forwards of 512 tokens with the
+projections); ``kv`` 23 rows ≈ 6 min; KV sensitivity ≈ 4.5 min (240 forwards of 512 tokens with the
 earlier blocks replayed, float64 KL) + ``kvmix`` 4 rows ≈ 1 min; kfac weight table (8 candidates, 8 × 512
 calibration, 8 gradient samples) ≈ 2 min + ``joint`` ≤ 8 rows ≈ 2.5 min.  ``--sections`` runs a subset;
 reruns reuse bench/cache/ and the partial results (per row).
@@ -46,6 +51,7 @@ from common import RESULTS, Setup, header, peak_rss_mb
 
 from mixq import api
 from mixq.act import (FPOutliers, HiChannels, InfeasibleMemory, KVSensitivityTable, KVSettings, allocate_joint,
+                      kv_dims,
                       allocate_kv, allocate_separately, apply_act_quant, apply_resq, kv_cache_bytes, kv_compare,
                       measure_kv, parse_wa_preset, prepare_for_act_quant, uniform_kv)
 from mixq.allocate import SensitivityTable
@@ -59,6 +65,20 @@ JOINT_CANDIDATES = ("W2-g64-asym", "W3-g64-asym", "W4-g64", "W5-g64", "W6-g64", 
 CTX, BATCH = 2048, 4  # the joint budget's cache: 4 sequences of 2048 tokens
 EVAL_CHUNK = 1        # KV rows decode token by token (exact simulation)
 ATOM_K = 32
+
+KV_OPTION_ROWS = [  # (label, bits, settings): options on top of KIVI (fp window 32, key groups of 32)
+    ("KV2 MiKV 20%@8", 2, KVSettings(important=0.2)),
+    ("KV2 MiKV 15%@8", 2, KVSettings(important=0.15)),  # 5/32 tokens: ≈ the bits of KV3 (4.51 vs 4.52 per element)
+    ("KV2 MiKV 10%@8", 2, KVSettings(important=0.1)),
+    ("KV2 MiKV 10%@16", 2, KVSettings(important=0.1, important_bits=16)),
+    ("KV3 pre-RoPE", 3, KVSettings(pre_rope=True)),
+    ("KV2 pre-RoPE", 2, KVSettings(pre_rope=True)),
+    ("KV3 rot K+V", 3, KVSettings(rotate="kv")),
+    ("KV2 rot K+V", 2, KVSettings(rotate="kv")),
+    ("KV3 rot V", 3, KVSettings(rotate="v")),
+    ("KV2 rot V", 2, KVSettings(rotate="v")),
+    ("KV2 MiKV 20%@8 + pre-RoPE", 2, KVSettings(important=0.2, pre_rope=True)),
+]
 
 WA_ROWS = [  # (label, preset, mode, smooth alpha, outliers)
     ("W8A8 naive dynamic", "W8A8", "dynamic", None, None),
@@ -127,6 +147,12 @@ def main():
         run("kv", "KV4 R32 cache engine chunk16",
             lambda: kv_row(S, S.ref, 4, KVSettings(), engine="cache", chunk=16, batch_size=8))
         run("kv", "KV4 R32 simulate chunk16", lambda: kv_row(S, S.ref, 4, KVSettings(), chunk=16))
+        for label, b, st in KV_OPTION_ROWS:
+            run("kv", label, lambda b=b, st=st: kv_row(S, S.ref, b, st))
+        mikv = KVSettings(important=0.2)
+        run("kv", "KV2 MiKV 20%@8 cache engine chunk16",
+            lambda: kv_row(S, S.ref, 2, mikv, engine="cache", chunk=16, batch_size=8))
+        run("kv", "KV2 MiKV 20%@8 simulate chunk16", lambda: kv_row(S, S.ref, 2, mikv, chunk=16))
     kv_table = None
     if "kvmix" in sections or "joint" in sections:
         kv_table = kv_measurement(S, args.kv_nsamples, extra)
@@ -197,7 +223,14 @@ def wa_row(S, preset, mode, smooth, outliers) -> dict:
 
 def _kv_bytes(model_config, bits, settings):
     return {"kv_bytes_512x1": kv_cache_bytes(model_config, bits, 512, 1, **settings.kw()),
-            f"kv_bytes_{CTX}x{BATCH}": kv_cache_bytes(model_config, bits, CTX, BATCH, **settings.kw())}
+            f"kv_bytes_{CTX}x{BATCH}": kv_cache_bytes(model_config, bits, CTX, BATCH, **settings.kw()),
+            "kv_options": settings.describe()}
+
+
+def _bits_per_element(model_config, nbytes, context=512):
+    """Every stored bit (codes, scales, offsets, important-token maps, fp window) per K or V element."""
+    L, H, D = kv_dims(model_config)
+    return 8 * nbytes / (2 * L * H * D * context)
 
 
 def kv_row(S, model, bits, settings, *, engine="simulate", chunk=EVAL_CHUNK, batch_size=2) -> dict:
@@ -302,7 +335,8 @@ def write(rows, fp, S, args, extra, sections):
                       "quantizes the top 1/8 subspace at 8 bits and the rest at 4, with a random Hadamard rotation "
                       "inside each (weights quantized in the original basis). Rotation is QuaRot's residual rotation plus the "
                       "online rotation of the down-projection input, before RTN of the weights.", ""]
-    kv = [r for r in rows if r["section"] == "kv"]
+    kv = [r for r in rows if r["section"] == "kv" and not r.get("kv_options")]
+    kvo = [r for r in rows if r["section"] == "kv" and r.get("kv_options")]
     if kv:
         lines += ["## KV cache widths (fp weights)", "",
                   "| variant | K/V bits | fp window | engine, tokens per forward | KV MiB 512×1 | "
@@ -316,6 +350,24 @@ def write(rows, fp, S, args, extra, sections):
                          f"{_kl(r['kl'])} | {r['top1_agreement']:.3f} | {r['seconds']:.0f} |")
         lines += ["", "R = 0: every value is quantized as soon as it is written; keys wait for a complete group of 32 "
                       "tokens (up to 31 recent keys stay fp), as in KIVI.", ""]
+    if kvo:
+        lines += ["### Options on top of KIVI (fp window 32, key groups of 32)", "",
+                  "| variant | K/V bits | options | engine, tokens per forward | bits / KV element 512×1 | KV MiB 512×1 | "
+                  f"KV MiB {CTX}×{BATCH} | perplexity | KL | top-1 | s |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in [x for x in kv if x["kv"]["residual"] == 32 and x["kv"]["chunk"] == EVAL_CHUNK] + kvo:
+            b = r["kv"]["bits"][0]
+            lines.append(f"| {r['label']} | {b[0]} | {r.get('kv_options') or 'KIVI'} | {r['kv']['engine']}, "
+                         f"{r['kv']['chunk']} | {_bits_per_element(S.ref.config, r['kv_bytes_512x1']):.3f} | {_mb(r['kv_bytes_512x1'])} | "
+                         f"{_mb(r[f'kv_bytes_{CTX}x{BATCH}'])} | {r['perplexity']:.3f} | {_kl(r['kl'])} | "
+                         f"{r['top1_agreement']:.3f} | {r['seconds']:.0f} |")
+        lines += ["", "MiKV: in each key group of 32 tokens, the tokens with the most attention received so far (summed "
+                      "over the query heads of the KV head and every earlier query) are stored at 8 bits (per-token "
+                      "grids) or fp16, decided once when the group leaves the fp window; the others keep KIVI's 2-bit "
+                      "grids; a 1-bit map per token, head and tensor marks them (all counted in the bits per element, "
+                      "which include the fp window). Pre-RoPE: keys un-rotated with the model's rotary tables, "
+                      "quantized per channel, re-rotated. Rotation: a fixed randomised Hadamard matrix on the head "
+                      "dimension before quantizing (undone after).", ""]
     mix = [r for r in rows if r["section"] == "kvmix"]
     if mix:
         lines += ["## Uniform vs mixed per-layer KV widths at the same bytes (fp weights, fp window 32)", "",

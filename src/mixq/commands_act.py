@@ -15,7 +15,10 @@
 ``--kv``
     ``4`` / ``KV4`` / ``KV4-kivi`` (KIVI grids, keys per channel in groups of 32 tokens, values per
     token, fp window of 32 tokens), ``4/2`` or ``K4V2`` (K and V widths), ``KV2-r0`` (no fp window),
-    ``KV4-g64`` (key groups of 64), or ``kivi:BITS[:residual=R][:group=G][:vgroup=N][:zero=int]``.
+    ``KV4-g64`` (key groups of 64), ``KV2-mikv`` (MiKV: the 20% most attended tokens of each key group
+    at 8 bits; ``-mikv10`` 10%, ``-hi16`` kept fp), ``KV4-prerope`` (KVQuant: keys quantized before
+    RoPE), ``KV2-rot`` / ``-rotk`` / ``-rotv`` (Hadamard rotation of K and V / K / V), or
+    ``kivi:BITS[:residual=R][:group=G][:vgroup=N][:zero=int][:important=F][:hi=B][:pre_rope=1][:rotate=kv]``.
     ``--kv-plan FILE``: per-layer widths from ``mixq plan --memory``.  Chunking: the cache engine
     (default) feeds each window as a prefill of ``--kv-prefill`` tokens (default ``--kv-chunk``) then
     ``--kv-chunk`` tokens per forward (default 16; tokens of one chunk see each other in fp); the
@@ -93,57 +96,13 @@ def parse_outliers(text: str | None, mode: str):
 
 
 def parse_kv_arg(text: str):
-    """``(bits, KVSettings)`` of ``--kv`` (module doc)."""
-    from .act.kvcache import resolve_kv_bits
-    from .act.kvsens import KVSettings
+    """``(bits, KVSettings)`` of ``--kv`` (module doc; :func:`mixq.act.presets.parse_kv_preset`)."""
+    from .act.presets import parse_kv_preset
 
-    t = str(text).strip()
-    opts: dict = {}
     try:
-        if t.lower().startswith("kivi:"):
-            parts = t.split(":")[1:]
-            if not parts or not parts[0]:
-                raise ValueError("use kivi:BITS[:residual=R][:group=G][:vgroup=N][:zero=int]")
-            bits = _kv_bits(parts[0])
-            names = {"residual": "residual", "r": "residual", "group": "k_group", "k_group": "k_group",
-                     "g": "k_group", "vgroup": "v_group", "v_group": "v_group", "zero": "zero"}
-            for p in parts[1:]:
-                if "=" not in p or p.split("=", 1)[0].lower() not in names:
-                    raise ValueError(f"unknown option {p!r} (residual=, group=, vgroup=, zero=)")
-                k, v = p.split("=", 1)
-                key = names[k.lower()]
-                opts[key] = v if key == "zero" else int(v)
-        else:
-            m = re.fullmatch(r"(?i)(?:kv)?(\d+(?:/\d+)?|k\d+v\d+)((?:-[a-z0-9]+)*)", t)
-            if not m:
-                raise ValueError("use 4, 4/2, KV4, KV2-kivi, KV4-r0, K4V2 or kivi:BITS[:residual=R][:group=G]")
-            bits = _kv_bits(m.group(1))
-            for tok in [x for x in m.group(2).lower().split("-") if x]:
-                if tok == "kivi":
-                    continue
-                if re.fullmatch(r"r\d+", tok):
-                    opts["residual"] = int(tok[1:])
-                elif re.fullmatch(r"g\d+", tok):
-                    opts["k_group"] = int(tok[1:])
-                elif tok == "nowin":
-                    opts["residual"] = 0
-                else:
-                    raise ValueError(f"unknown option -{tok} (use -kivi, -r<N>, -g<N>, -nowin)")
-        resolve_kv_bits(bits, 1)
-        return bits, KVSettings(**opts)
+        return parse_kv_preset(text)
     except ValueError as e:
         raise UserError(f"--kv {text!r}: {_line(e)}") from None
-
-
-def _kv_bits(s: str):
-    s = s.strip().lower()
-    m = re.fullmatch(r"k(\d+)v(\d+)", s)
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    if "/" in s:
-        a, b = s.split("/", 1)
-        return int(a), int(b)
-    return int(s)
 
 
 def _fraction(s: str) -> float:
@@ -209,6 +168,7 @@ def eval_args(e) -> None:
                                                               "the weights are quantized (plain models only)")
     kv = g.add_mutually_exclusive_group()
     kv.add_argument("--kv", default=None, help="quantized KV cache: 4, 4/2, KV4, KV2-kivi, KV4-r0 (no fp window), "
+                                               "KV2-mikv (20%% of tokens at 8 bits), KV4-prerope, KV2-rot, "
                                                "kivi:2:residual=32:group=32")
     kv.add_argument("--kv-plan", default=None, help="per-layer K/V widths from `mixq plan --memory` (kv-plan-*.json)")
     g.add_argument("--kv-engine", default="cache", choices=["cache", "simulate"],
@@ -371,7 +331,8 @@ def cmd_eval_act(args) -> int:
         widths = sorted({tuple(b) for b in kv["bits"]})
         desc = "K/V " + ", ".join(f"{k}/{v}" for k, v in widths) if len(widths) <= 3 else f"{len(widths)} K/V width pairs"
         print(f"KV cache: KIVI {desc}, key groups {kv['k_group']}, fp window {kv['residual']}, engine {kv['engine']}, "
-              f"prefill {kv['prefill']} then {kv['chunk']} tokens per forward; "
+              f"prefill {kv['prefill']} then {kv['chunk']} tokens per forward"
+              f"{'; ' + settings.describe() if settings.describe() else ''}; "
               f"{kv['bytes_at_seqlen'] / 1024:.1f} KiB per sequence of {args.seqlen}")
     return 0
 
@@ -397,6 +358,11 @@ def register(sub) -> None:
     m.add_argument("--k-group", type=int, default=32, help="tokens per key group (default 32)")
     m.add_argument("--v-group", type=int, default=None, help="channels per value group (default head_dim)")
     m.add_argument("--zero", default="fp16", choices=["fp16", "int"], help="fp16 offset (KIVI) or int zero point")
+    m.add_argument("--important", type=float, default=0.0, help="MiKV: fraction of each key group's tokens (the "
+                                                                "most attended) kept at --important-bits (default 0: off)")
+    m.add_argument("--important-bits", type=int, default=8, help="bits of the important tokens (default 8; 16 = fp)")
+    m.add_argument("--pre-rope", action="store_true", help="quantize keys before the rotary embedding (KVQuant)")
+    m.add_argument("--rotate", default="", choices=["", "k", "v", "kv"], help="Hadamard-rotate K, V or both first")
     m.add_argument("--batch-size", type=int, default=2, help="calibration windows per forward (default 2)")
     m.add_argument("--out", required=True, help="KV measurement JSON to write")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -418,7 +384,12 @@ def cmd_measure_kv(args) -> int:
         bits = [int(b) for b in args.bits.split(",") if b.strip()]
     except ValueError:
         raise UserError(f"--bits {args.bits!r}: expected comma-separated integers, e.g. 2,3,4,8") from None
-    settings = KVSettings(k_group=args.k_group, v_group=args.v_group, residual=args.residual, zero=args.zero)
+    try:
+        settings = KVSettings(k_group=args.k_group, v_group=args.v_group, residual=args.residual, zero=args.zero,
+                              important=args.important, important_bits=args.important_bits, pre_rope=args.pre_rope,
+                              rotate=args.rotate)
+    except ValueError as e:
+        raise UserError(f"measure-kv: {_line(e)}") from None
     text = data.load_corpus(args.calib, "train")
     model, tok = load_model(args.model)
     _full_attention(model)

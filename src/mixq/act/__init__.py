@@ -3,8 +3,11 @@
 ``actquant``  the input of chosen linears through quantize → dequantize (dynamic per-token/group or
               static calibrated scales)
 ``outliers``  LLM.int8() fp columns, Atom/QUIK high-precision channels, SmoothQuant and QuaRot ordering
+``kvcodec``   how cache tokens are quantized: KIVI grids, important tokens at high precision (MiKV),
+              pre-RoPE keys (KVQuant), Hadamard rotation (QuaRot) — shared by the cache and the simulation
 ``kvcache``   KIVI cache for Hugging Face generation (keys per channel, values per token, fp residual
-              window, per-layer K/V bits) and its exact byte count
+              window, per-layer K/V bits, the options above; ``kv_cache_feed`` hands it attention
+              probabilities / rotary tables) and its exact byte count
 ``presets``   W/A preset names → (weight spec, activation spec, rotate)
 ``kveval``    perplexity with the quantized cache actually used (prefill, then chunked decoding)
 ``kvsens``    per-layer K/V sensitivity (KL to fp, nats/token), an exact one-forward decode simulation
@@ -20,8 +23,9 @@ from .actquant import (
     fake_quant_act,
     parse_act_spec,
 )
-from .presets import WAPreset, parse_wa_preset
-from .kvcache import KIVICache, KIVILayer, kv_cache_bits, kv_cache_bytes, kv_dims, kv_spec, resolve_kv_bits
+from .presets import WAPreset, parse_kv_preset, parse_wa_preset
+from .kvcache import (KIVICache, KIVILayer, kv_cache_bits, kv_cache_bytes, kv_cache_feed, kv_dims, kv_spec,
+                      resolve_kv_bits)
 from .kveval import eval_with_kv_quant
 from .outliers import FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant, top_k_channels
 from .kvsens import (KVEntry, KVSensitivityTable, KVSettings, kv_compare, kv_part_bits, measure_kv,
@@ -32,9 +36,10 @@ from .resq import ResQQuantizer, apply_resq, fit_resq, fold_resq, resq_basis
 
 __all__ = [
     "ActQuantHandle", "ActQuantizer", "WAPreset", "apply_act_quant", "calibrate_act_absmax", "fake_quant_act",
-    "parse_act_spec", "parse_wa_preset",
+    "parse_act_spec", "parse_kv_preset", "parse_wa_preset",
     "FPOutliers", "HiChannels", "act_bits_per_feature", "prepare_for_act_quant", "top_k_channels",
-    "KIVICache", "KIVILayer", "kv_cache_bits", "kv_cache_bytes", "kv_dims", "kv_spec", "resolve_kv_bits",
+    "KIVICache", "KIVILayer", "kv_cache_bits", "kv_cache_bytes", "kv_cache_feed", "kv_dims", "kv_spec",
+    "resolve_kv_bits",
     "eval_with_kv_quant",
     "KVEntry", "KVSensitivityTable", "KVSettings", "kv_compare", "kv_part_bits", "measure_kv", "simulate_kivi",
     "InfeasibleMemory", "JointPlan", "allocate_joint", "allocate_kv", "allocate_separately", "load_kv_plan",

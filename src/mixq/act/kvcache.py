@@ -1,4 +1,5 @@
-"""KIVI KV-cache quantization for Hugging Face models (Liu et al., 2024, arXiv:2402.02750).
+"""KIVI KV-cache quantization for Hugging Face models (Liu et al., 2024, arXiv:2402.02750), with
+token-level mixed precision (MiKV), pre-RoPE keys (KVQuant) and a Hadamard rotation as options.
 
 Per layer and head, with ``K, V [B, H, T, D]`` (``H`` key/value heads):
 
@@ -29,35 +30,52 @@ K_new]`` — the new tokens attend to themselves in full precision (so a prefill
 KIVI), then the window is flushed.  Feeding one token at a time reproduces decoding; a chunk of
 ``c`` tokens sees the cache as it was before the chunk.
 
-Not done: pre-RoPE key quantization (KVQuant).  HF attention hands the cache post-RoPE keys and no
-positions, so it would need the rotary tables and positions passed in (un-rotate, quantize,
-re-rotate) — invasive per family.  Sliding-window layers (Gemma 3, Mistral with a window) are
-rejected.
+Options (the quantizers are in :mod:`.kvcodec`, shared with the decode simulation):
+
+``important = f``, ``important_bits`` (MiKV / ZipCache token-level mixed precision)
+    in each key group the ``c = ⌊f·G + ½⌋`` tokens that have received the most attention so far
+    (summed over the query heads sharing the KV head and over all earlier queries) are stored at
+    ``important_bits`` (per-token grids, keys too), the rest at the layer's bits (KIVI grids: keys
+    per channel over the group's other tokens), plus a 1-bit-per-token importance map per
+    quantized tensor.  A token's precision is decided once, when its group leaves the fp window
+    (ZipCache's streaming scheme: it has been attended by at least ``R`` queries in fp by then);
+    MiKV's H2O-style eviction, which can later demote an important token, is not modelled.  K and
+    V of a token share the decision, so values leave the window with the keys, a group at a time
+    (both ``Tq = G·⌊(T − R)/G⌋``).  The attention probabilities come from the model: run it under
+    :func:`kv_cache_feed` (eager attention for the duration, forward hooks hand each layer its
+    probabilities; the flush happens after attention).  A cache used without it raises.
+``pre_rope`` (KVQuant)
+    keys are quantized before the rotary embedding: ``k̂ = RoPE(Q(RoPE⁻¹(k)))`` with the rotary
+    tables the model used for those tokens, handed over by :func:`kv_cache_feed` (a forward
+    pre-hook reads the attention module's ``position_embeddings``; positions need not be the cache
+    index, so left padding is fine).  Families whose ``rotate_half`` is not HF's Llama one are refused.
+``rotate = "k" | "v" | "kv"`` (QuaRot-style)
+    ``x̂ = Q(x·R)·Rᵀ`` with a fixed randomised Hadamard ``R [D, D]`` (needs no feed).
+
+Not done: sliding-window layers (Gemma 3, Mistral with a window) are rejected.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers.cache_utils import BaseQuantizedLayer, Cache, get_layer_types_and_kwargs
 
-from ..config import QuantSpec
-from ..formats import dequantize, quantize
-from ..granularity import PerToken
-
-FP = 16
-VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP)
-
-
-def kv_spec(bits: int, zero: str = "fp16") -> QuantSpec | None:
-    """Row spec of a KIVI grid: asymmetric int, fp16 scale, fp16 offset (``"fp16"``) or int zero; ``None`` at 16 bits."""
-    if bits not in VALID_BITS:
-        raise ValueError(f"KV bits must be 1..8 or 16, got {bits!r}")
-    if zero not in ("fp16", "int"):
-        raise ValueError(f"KV zero must be 'fp16' (KIVI) or 'int', got {zero!r}")
-    if bits == FP:
-        return None
-    return QuantSpec(dtype="int", bits=bits, granularity=PerToken(), symmetric=False, zero_dtype=zero)
+from ..arch import get_blocks
+from .kvcodec import (  # noqa: F401  (kv_spec, quantize_keys, quantize_values, FP, VALID_BITS: this module's API)
+    FP,
+    VALID_BITS,
+    KVCodec,
+    check_rope_convention,
+    important_count,
+    kv_spec,
+    normalize_rotate,
+    quantize_keys,
+    quantize_values,
+    select_important,
+)
 
 
 def resolve_kv_bits(bits, n_layers: int) -> list[tuple[int, int]]:
@@ -96,70 +114,72 @@ def kv_dims(config) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------- one layer
 @dataclass
 class _Part:
-    """The quantized part of K or V: codes ``[B, H, t, D]`` (uint8), params, dequantized values."""
+    """The quantized part of K or V: what is stored (``{name: tensor}``, tokens or token groups along
+    dim 2, ``widths[name]`` bits per element) and the dequantized tokens ``deq [B, H, t, D]``."""
 
-    codes: torch.Tensor | None = None
-    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    store: dict[str, torch.Tensor] = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)
     deq: torch.Tensor | None = None
 
-    def append(self, codes, params, deq) -> None:
-        if self.codes is None:
-            self.codes, self.params, self.deq = codes, params, deq
+    @property
+    def codes(self) -> torch.Tensor | None:
+        return self.store.get("codes")
+
+    def append(self, stored: dict, deq: torch.Tensor) -> None:
+        if self.deq is None:
+            self.store = {n: t for n, (t, _) in stored.items()}
+            self.widths = {n: w for n, (_, w) in stored.items()}
+            self.deq = deq
             return
-        self.codes = torch.cat([self.codes, codes], 2)
-        self.params = {k: torch.cat([v, params[k]], 2) for k, v in self.params.items()}
+        self.store = {n: torch.cat([t, stored[n][0]], 2) for n, t in self.store.items()}
         self.deq = torch.cat([self.deq, deq], 2)
 
     def map(self, fn) -> None:
-        if self.codes is not None:
-            self.codes, self.deq = fn(self.codes), fn(self.deq)
-            self.params = {k: fn(v) for k, v in self.params.items()}
+        if self.deq is not None:
+            self.deq = fn(self.deq)
+            self.store = {n: fn(t) for n, t in self.store.items()}
 
-    def bits(self, spec: QuantSpec | None) -> int:
-        if self.codes is None:
-            return 0
-        per = {"scale": 16, "offset": 16, "zero": spec.bits}
-        return self.codes.numel() * spec.bits + sum(v.numel() * per[k] for k, v in self.params.items())
-
-
-def _quantize_rows(rows: torch.Tensor, spec: QuantSpec):
-    qt = quantize(rows, spec)
-    params = {k: getattr(qt.params, k) for k in ("scale", "zero", "offset") if getattr(qt.params, k) is not None}
-    return qt.codes, params, dequantize(qt)
-
-
-def quantize_keys(k: torch.Tensor, spec: QuantSpec, group: int):
-    """Keys ``[B, H, m, D]`` (``m`` a multiple of ``group``) per channel in token groups →
-    ``(codes [B,H,m,D], params {name: [B,H,m/group,D]}, dequantized [B,H,m,D] float32)``."""
-    B, H, m, D = k.shape
-    j = m // group
-    rows = k.float().reshape(B, H, j, group, D).transpose(-1, -2).reshape(-1, group)
-    codes, params, deq = _quantize_rows(rows, spec)
-    back = lambda t: t.reshape(B, H, j, D, group).transpose(-1, -2).reshape(B, H, m, D)  # noqa: E731
-    return back(codes), {n: p.reshape(B, H, j, D) for n, p in params.items()}, back(deq)
-
-
-def quantize_values(v: torch.Tensor, spec: QuantSpec, group: int):
-    """Values ``[B, H, m, D]`` per token in channel groups → codes, params ``[B,H,m,D/group]``, dequantized."""
-    B, H, m, D = v.shape
-    codes, params, deq = _quantize_rows(v.float().reshape(-1, group), spec)
-    return codes.reshape(B, H, m, D), {n: p.reshape(B, H, m, D // group) for n, p in params.items()}, \
-        deq.reshape(B, H, m, D)
+    def bits(self) -> int:
+        return sum(t.numel() * self.widths[n] for n, t in self.store.items())
 
 
 class KIVILayer(BaseQuantizedLayer):
-    """One attention layer's KIVI cache (module doc).  ``keys``/``values`` hold the fp window."""
+    """One attention layer's KIVI cache (module doc).  ``keys``/``values`` hold the fp window.
+
+    ``important``: fraction of each key group kept at ``important_bits`` (0: off; needs
+    :func:`kv_cache_feed`); ``pre_rope``: quantize keys before the rotary embedding (needs
+    :func:`kv_cache_feed`); ``rotate``: ``"k"``, ``"v"``, ``"kv"`` (or ``True``) Hadamard-rotate before
+    quantizing.
+    """
 
     is_croppable = False
 
     def __init__(self, k_bits: int = 4, v_bits: int = 4, *, k_group: int = 32, v_group: int | None = None,
-                 residual: int = 32, zero: str = "fp16"):
+                 residual: int = 32, zero: str = "fp16", important: float = 0.0, important_bits: int = 8,
+                 pre_rope: bool = False, rotate=False):
         super().__init__()
         if k_group < 1 or residual < 0 or (v_group is not None and v_group < 1):
             raise ValueError(f"need k_group >= 1, v_group >= 1, residual >= 0; got {k_group}, {v_group}, {residual}")
         self.k_bits, self.v_bits = k_bits, v_bits
         self.k_spec, self.v_spec = kv_spec(k_bits, zero), kv_spec(v_bits, zero)
-        self.k_group, self.v_group, self.residual = k_group, v_group, residual
+        self.k_group, self.v_group, self.residual, self.zero = k_group, v_group, residual, zero
+        self.n_important = important_count(important, k_group)
+        self.important_bits = important_bits
+        kv_spec(important_bits, zero)
+        self.pre_rope, self.rotate = bool(pre_rope), normalize_rotate(rotate)
+        self.codec: KVCodec | None = None
+        self._next_rope = None
+
+    # -- what the feed must provide
+    @property
+    def mixed(self) -> bool:
+        """Token-level mixed precision active (needs the attention probabilities)."""
+        return bool(self.n_important) and (self.k_spec is not None or self.v_spec is not None)
+
+    @property
+    def needs_rope(self) -> bool:
+        """Pre-RoPE keys active (needs the rotary tables)."""
+        return self.pre_rope and self.k_spec is not None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -168,44 +188,120 @@ class KIVILayer(BaseQuantizedLayer):
         self.v_group = self.v_group or D
         if D % self.v_group:
             raise ValueError(f"v_group {self.v_group} does not divide head_dim {D}")
+        self.codec = KVCodec(self.k_bits, self.v_bits, self.k_group, self.v_group, self.zero, self.n_important,
+                             self.important_bits, self.rotate, self.pre_rope)
         self._quantized_keys, self._quantized_values = _Part(), _Part()
+        B, H = key_states.shape[:2]
+        self._score = torch.zeros(B, H, 0, dtype=torch.float32, device=self.device)  # undecided tokens (MiKV)
+        self._rope = None       # (cos, sin) [B, W, r] of the fp key window (pre-RoPE)
+        self._decided = 0       # tokens whose precision is fixed (MiKV: the quantized prefix)
+        self._awaiting = False  # an update whose attention was not observed yet (MiKV)
         self.is_initialized = True
+
+    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """The rotary tables ``[B | 1, c, r]`` of the next update's tokens (:func:`kv_cache_feed`)."""
+        self._next_rope = (cos, sin)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.mixed and self._awaiting:
+            raise RuntimeError("a KV cache with important tokens (MiKV) needs the attention probabilities of every "
+                               "forward: run the model under mixq.act.kvcache.kv_cache_feed(model, cache)")
+        if self.needs_rope:
+            if self._next_rope is None:
+                raise RuntimeError("a KV cache with pre-RoPE keys needs the rotary tables of every forward: run the "
+                                   "model under mixq.act.kvcache.kv_cache_feed(model, cache)")
+            B, c = key_states.shape[0], key_states.shape[2]
+            cos, sin = (t.expand(B, c, t.shape[-1]) for t in self._next_rope)
+            self._rope = (cos, sin) if self._rope is None else \
+                (torch.cat([self._rope[0], cos], 1), torch.cat([self._rope[1], sin], 1))
+            self._next_rope = None
         self.cumulative_length += key_states.shape[-2]
         qk, qv = self._dequantize(self._quantized_keys), self._dequantize(self._quantized_values)
         keys = torch.cat([t for t in (qk, self.keys, key_states) if t is not None], -2)
         values = torch.cat([t for t in (qv, self.values, value_states) if t is not None], -2)
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)
-        self._flush()
+        if self.mixed:  # flush after attention, when observe() has the probabilities
+            B, H, c = key_states.shape[0], key_states.shape[1], key_states.shape[2]
+            self._score = torch.cat([self._score, self._score.new_zeros(B, H, c)], 2)
+            self._awaiting = True
+        else:
+            self._flush()
         return keys, values
 
+    def observe(self, probs: torch.Tensor) -> None:
+        """Attention probabilities ``[B, Hq, c, T]`` of the last update's ``c`` queries over all ``T``
+        tokens: add what the undecided tokens received, then flush (:func:`kv_cache_feed`)."""
+        if not self.mixed:
+            return
+        if not self._awaiting:
+            raise RuntimeError("attention probabilities observed twice for one update")
+        B, Hq, c, T = probs.shape
+        H = self._score.shape[1]
+        if T != self.cumulative_length or Hq % H:
+            raise RuntimeError(f"attention probabilities of shape {tuple(probs.shape)} do not match a cache of "
+                               f"{self.cumulative_length} tokens and {H} KV heads")
+        self._score += probs[..., self._decided:].float().reshape(B, H, Hq // H, c, -1).sum((2, 3))
+        self._awaiting = False
+        self._flush()
+
+    def _fp_bits(self) -> int:
+        return torch.finfo(self.dtype).bits
+
+    def _flush(self) -> None:
+        G, R, fpb = self.k_group, self.residual, self._fp_bits()
+        if self.mixed:
+            n = self.cumulative_length - self._decided - R
+            m = (n // G) * G if n > 0 else 0
+            if not m:
+                return
+            mask = select_important(self._score[..., :m], G, self.n_important)
+            if self.k_spec is not None:
+                self._quantized_keys.append(*self._encode_keys(self.keys[..., :m, :], mask, fpb))
+                self.keys = self.keys[..., m:, :]
+                self._drop_rope(m)
+            if self.v_spec is not None:
+                st, d = self.codec.encode_values(self.values[..., :m, :], mask=mask, fp_bits=fpb)
+                self._quantized_values.append(st, d.to(self.dtype))
+                self.values = self.values[..., m:, :]
+            self._score = self._score[..., m:]
+            self._decided += m
+            return
+        if self.k_spec is not None:
+            n = self.keys.shape[-2] - R
+            m = (n // G) * G if n > 0 else 0
+            if m:
+                self._quantized_keys.append(*self._encode_keys(self.keys[..., :m, :], None, fpb))
+                self.keys = self.keys[..., m:, :]
+                self._drop_rope(m)
+        if self.v_spec is not None:
+            n = self.values.shape[-2] - R
+            if n > 0:
+                st, d = self.codec.encode_values(self.values[..., :n, :], fp_bits=fpb)
+                self._quantized_values.append(st, d.to(self.dtype))
+                self.values = self.values[..., n:, :]
+
     def _quantize(self, tensor: torch.Tensor, kind: str):
-        """``(codes, params, dequantized in the states' dtype)`` of fp keys (``kind="k"``) or values."""
+        """``(stored, dequantized in the states' dtype)`` of the fp window's first keys (``kind="k"``) or
+        values, without important tokens (``BaseQuantizedLayer``'s hook; the flush calls the codec)."""
         if kind == "k":
-            c, p, d = quantize_keys(tensor, self.k_spec, self.k_group)
-        else:
-            c, p, d = quantize_values(tensor, self.v_spec, self.v_group)
-        return c, p, d.to(self.dtype)
+            return self._encode_keys(tensor, None, self._fp_bits())
+        st, d = self.codec.encode_values(tensor, fp_bits=self._fp_bits())
+        return st, d.to(self.dtype)
+
+    def _encode_keys(self, k, mask, fpb):
+        rope = None if self._rope is None else (self._rope[0][:, : k.shape[2]], self._rope[1][:, : k.shape[2]])
+        st, d = self.codec.encode_keys(k, rope=rope, mask=mask, fp_bits=fpb)
+        return st, d.to(self.dtype)
+
+    def _drop_rope(self, m: int) -> None:
+        if self._rope is not None:
+            self._rope = (self._rope[0][:, m:], self._rope[1][:, m:])
 
     def _dequantize(self, part: _Part) -> torch.Tensor | None:
         return part.deq  # decoded once, when the tokens entered the quantized part
-
-    def _flush(self) -> None:
-        if self.k_spec is not None:
-            n = self.keys.shape[-2] - self.residual
-            m = (n // self.k_group) * self.k_group if n > 0 else 0
-            if m:
-                self._quantized_keys.append(*self._quantize(self.keys[..., :m, :], "k"))
-                self.keys = self.keys[..., m:, :]
-        if self.v_spec is not None:
-            n = self.values.shape[-2] - self.residual
-            if n > 0:
-                self._quantized_values.append(*self._quantize(self.values[..., :n, :], "v"))
-                self.values = self.values[..., n:, :]
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """What the next update will show attention for the past: ``(K, V) [B, H, T, D]``."""
@@ -214,18 +310,22 @@ class KIVILayer(BaseQuantizedLayer):
                 torch.cat([t for t in (qv, self.values) if t is not None], -2))
 
     def stored_bits(self) -> int:
-        """Bits held now: codes + scales + zeros/offsets + the fp window (at the states' dtype width)."""
+        """Bits held now: codes + scales + zeros/offsets (+ important tokens and their maps) + the fp
+        window (at the states' dtype width).  Working state is not counted: the accumulated attention of
+        the undecided window tokens (MiKV) and the window's rotary tables (pre-RoPE)."""
         if not self.is_initialized:
             return 0
-        fp = torch.finfo(self.dtype).bits
-        return (self._quantized_keys.bits(self.k_spec) + self._quantized_values.bits(self.v_spec)
-                + (self.keys.numel() + self.values.numel()) * fp)
+        return (self._quantized_keys.bits() + self._quantized_values.bits()
+                + (self.keys.numel() + self.values.numel()) * self._fp_bits())
 
     def _map(self, fn) -> None:
         if self.is_initialized:
             self.keys, self.values = fn(self.keys), fn(self.values)
             self._quantized_keys.map(fn)
             self._quantized_values.map(fn)
+            self._score = fn(self._score)
+            if self._rope is not None:
+                self._rope = (fn(self._rope[0]), fn(self._rope[1]))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -246,6 +346,10 @@ class KIVILayer(BaseQuantizedLayer):
         if n > min(self.keys.shape[-2], self.values.shape[-2]):
             raise NotImplementedError(f"cannot crop {n} tokens: quantized tokens cannot be restored")
         self.keys, self.values = self.keys[..., :-n, :], self.values[..., :-n, :]
+        if self.mixed:
+            self._score = self._score[..., :-n]
+        if self._rope is not None:
+            self._rope = (self._rope[0][:, :-n], self._rope[1][:, :-n])
         self.cumulative_length -= n
 
 
@@ -254,11 +358,14 @@ class KIVICache(Cache):
 
     ``bits``: int, ``(k, v)`` or a per-layer dict (:func:`resolve_kv_bits`); 16 = unquantized.
     ``k_group`` tokens per key group, ``v_group`` channels per value group (default head_dim),
-    ``residual`` fp tokens, ``zero`` = ``"fp16"`` offset (KIVI) or ``"int"`` zero point.
+    ``residual`` fp tokens, ``zero`` = ``"fp16"`` offset (KIVI) or ``"int"`` zero point; ``important``,
+    ``important_bits``, ``pre_rope``, ``rotate``: module doc.  With ``important`` or ``pre_rope`` run
+    the model under ``with kv_cache_feed(model, cache):`` (:attr:`needs_feed`).
     """
 
     def __init__(self, config, bits=4, *, k_group: int = 32, v_group: int | None = None, residual: int = 32,
-                 zero: str = "fp16"):
+                 zero: str = "fp16", important: float = 0.0, important_bits: int = 8, pre_rope: bool = False,
+                 rotate=False):
         text = config.get_text_config(decoder=True)
         layer_types, _ = get_layer_types_and_kwargs(text)
         other = sorted(set(layer_types) - {"full_attention"})
@@ -266,47 +373,152 @@ class KIVICache(Cache):
             raise NotImplementedError(f"KIVICache supports full-attention layers only, this model has {other}")
         self.per_layer = resolve_kv_bits(bits, len(layer_types))
         self.k_group, self.v_group, self.residual, self.zero = k_group, v_group, residual, zero
-        layers = [KIVILayer(kb, vb, k_group=k_group, v_group=v_group, residual=residual, zero=zero)
+        opts = dict(important=important, important_bits=important_bits, pre_rope=pre_rope, rotate=rotate)
+        layers = [KIVILayer(kb, vb, k_group=k_group, v_group=v_group, residual=residual, zero=zero, **opts)
                   for kb, vb in self.per_layer]
         super().__init__(layers=layers)
+
+    @property
+    def needs_feed(self) -> bool:
+        """Whether forwards must run under :func:`kv_cache_feed` (important tokens or pre-RoPE keys)."""
+        return any(layer.mixed or layer.needs_rope for layer in self.layers)
 
     def stored_bits(self) -> int:
         return sum(layer.stored_bits() for layer in self.layers)
 
 
+# ---------------------------------------------------------------------------- feeding the cache
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """``layer index → attention module`` (the module with ``layer_idx == i`` inside block ``i``)."""
+    out = {}
+    for i, block in enumerate(get_blocks(model)):
+        for m in block.modules():
+            if getattr(m, "layer_idx", None) == i and type(m).__name__.endswith("Attention"):
+                out[i] = m
+                break
+        else:
+            raise NotImplementedError(f"block {i} has no attention module with layer_idx={i}")
+    return out
+
+
+def rope_of(module, args, kwargs):
+    """``(cos, sin)`` an attention module's forward receives (``position_embeddings``), checked."""
+    pe = kwargs.get("position_embeddings")
+    if pe is None and len(args) > 1 and isinstance(args[1], tuple):
+        pe = args[1]
+    if pe is None:
+        raise NotImplementedError(f"pre-RoPE keys: {type(module).__name__} receives no rotary position_embeddings "
+                                  "(the model has no RoPE, or passes it differently)")
+    return pe
+
+
+@contextlib.contextmanager
+def kv_cache_feed(model: nn.Module, cache: KIVICache):
+    """Within the block, forwards of ``model`` hand ``cache`` what its options need (module doc):
+    the rotary tables of each forward's tokens (``pre_rope``; a forward pre-hook on every attention
+    module) and the attention probabilities (``important``; eager attention for the duration and a
+    forward hook).  A no-op for a cache that needs neither."""
+    if not getattr(cache, "needs_feed", False):
+        yield
+        return
+    mods = attention_modules(model)
+    hooks = []
+    mixed = False
+    for i, layer in enumerate(cache.layers):
+        mod = mods[i]
+        if layer.needs_rope:
+            check_rope_convention(mod)
+
+            def pre(m, args, kwargs, _layer=layer):
+                _layer.set_rope(*rope_of(m, args, kwargs))
+
+            hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        if layer.mixed:
+            mixed = True
+
+            def post(m, args, kwargs, output, _layer=layer):
+                probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                if probs is None:
+                    raise RuntimeError(f"{type(m).__name__} returned no attention probabilities: important tokens "
+                                       "need eager attention")
+                _layer.observe(probs)
+
+            hooks.append(mod.register_forward_hook(post, with_kwargs=True))
+    cfg = model.config
+    old = cfg._attn_implementation
+    if mixed:
+        cfg._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        if mixed:
+            cfg._attn_implementation = old
+        for h in hooks:
+            h.remove()
+
+
 # ---------------------------------------------------------------------------- accounting
 def kv_cache_bits(config, bits_per_layer, context: int, batch: int = 1, *, k_group: int = 32,
-                  v_group: int | None = None, residual: int = 32, zero: str = "fp16", fp_bits: int = 16) -> dict:
+                  v_group: int | None = None, residual: int = 32, zero: str = "fp16", fp_bits: int = 16,
+                  important: float = 0.0, important_bits: int = 8, pre_rope: bool = False, rotate=False) -> dict:
     """Exact bits of a :class:`KIVICache` holding ``context`` tokens for ``batch`` sequences.
 
     Per layer with ``n = B·H`` rows of heads: keys ``Tq = G·⌊max(T−R, 0)/G⌋`` quantized tokens →
     ``n·Tq·D`` codes and ``n·(Tq/G)·D`` groups; values ``Tv = max(T−R, 0)`` → ``n·Tv·D`` codes and
     ``n·Tv·D/G_v`` groups; each group stores an fp16 scale and an fp16 offset (or a ``bits``-bit zero),
     counted by :meth:`QuantSpec.cost`; the other tokens are ``fp_bits`` each (16-bit layers: all).
-    Returns ``{"codes", "scales", "zeros", "fp", "total", "layers": [per-layer total]}``.
+
+    With ``important = f`` (``c = ⌊f·G + ½⌋`` tokens per key group at ``important_bits = h``), both K
+    and V quantize ``Tq`` tokens (``J = Tq/G`` groups); per quantized tensor, the ordinary tokens:
+    keys ``n·J·D`` channel grids of ``G − c`` tokens, values ``n·J·(G−c)·D/G_v`` token grids, at ``b``
+    bits; the important tokens (keys and values): ``n·J·c·D/G_v`` token grids at ``h`` bits (``h = 16``:
+    those ``n·J·c·D`` elements at ``fp_bits``, no grid); plus the importance map, ``n·Tq`` bits
+    (``"index"``).
+    ``pre_rope`` and ``rotate`` cost nothing (the rotation is one shared constant matrix).
+    Returns ``{"codes", "scales", "zeros", "fp", "index", "total", "layers": [per-layer total]}``
+    (``codes`` holds the important tokens' codes too).
     """
     L, H, D = kv_dims(config)
     gv = v_group or D
     if D % gv:
         raise ValueError(f"v_group {gv} does not divide head_dim {D}")
+    c = important_count(important, k_group)
+    hspec = kv_spec(important_bits, zero)
+    normalize_rotate(rotate)
     n, T = batch * H, context
-    out = {"codes": 0, "scales": 0, "zeros": 0, "fp": 0, "layers": []}
+    parts = ("codes", "scales", "zeros", "fp", "index")
+    out = {p: 0 for p in parts}
+    out["layers"] = []
+
+    def add(spec, shape):
+        cost = spec.cost(shape)
+        out["codes"] += cost.codes
+        out["scales"] += cost.scales
+        out["zeros"] += cost.zeros
+
     for kb, vb in resolve_kv_bits(bits_per_layer, L):
-        before = sum(out[k] for k in ("codes", "scales", "zeros", "fp"))
+        before = sum(out[k] for k in parts)
         for bits, kind in ((kb, "k"), (vb, "v")):
             spec = kv_spec(bits, zero)
             if spec is None:
                 out["fp"] += n * T * D * fp_bits
                 continue
             over = max(T - residual, 0)
-            tq = (over // k_group) * k_group if kind == "k" else over
-            shape = (n * (tq // k_group) * D, k_group) if kind == "k" else (n * tq * D // gv, gv)
-            c = spec.cost(shape)
-            out["codes"] += c.codes
-            out["scales"] += c.scales
-            out["zeros"] += c.zeros
+            tq = (over // k_group) * k_group if kind == "k" or c else over
+            if not c:
+                add(spec, (n * (tq // k_group) * D, k_group) if kind == "k" else (n * tq * D // gv, gv))
+            else:
+                j = tq // k_group
+                hi = (n * j * c * D // gv, gv)  # important tokens: per token, groups of G_v channels
+                lo = (n * j * D, k_group - c) if kind == "k" else (n * j * (k_group - c) * D // gv, gv)
+                add(spec, lo)
+                if hspec is None:
+                    out["fp"] += n * j * c * D * fp_bits
+                else:
+                    add(hspec, hi)
+                out["index"] += n * tq
             out["fp"] += n * (T - tq) * D * fp_bits
-        out["layers"].append(sum(out[k] for k in ("codes", "scales", "zeros", "fp")) - before)
+        out["layers"].append(sum(out[k] for k in parts) - before)
     out["total"] = sum(out["layers"])
     return out
 

@@ -22,20 +22,25 @@ import torch
 
 from ..data import EvalWindows
 from ..eval.perplexity import batches, eval_mode, model_device, summarize_nll, token_nll
-from .kvcache import KIVICache, kv_dims, resolve_kv_bits
+from .kvcache import KIVICache, kv_cache_feed, kv_dims, resolve_kv_bits
 
 
 def eval_with_kv_quant(model: torch.nn.Module, windows: EvalWindows, kv_bits, *, chunk: int = 1,
                        prefill: int | None = None, batch_size: int = 1, k_group: int = 32,
                        v_group: int | None = None, residual: int = 32, zero: str = "fp16",
+                       important: float = 0.0, important_bits: int = 8, pre_rope: bool = False, rotate=False,
                        progress: bool = False) -> dict:
     """Mean NLL per scored token with a :class:`KIVICache` of ``kv_bits`` (int, ``(k, v)`` or per-layer dict).
 
     ``prefill``: tokens of the first forward (default ``chunk``); ``chunk``: tokens per later forward.
+    ``important``/``important_bits``/``pre_rope``/``rotate``: the cache's options (:mod:`.kvcache`);
+    the forwards run under :func:`~mixq.act.kvcache.kv_cache_feed` when they need it.
     Returns ``{"nll", "perplexity", "n_scored", "seconds", "kv": {...settings}}``.
     """
     if chunk < 1 or (prefill is not None and prefill < 1):
         raise ValueError(f"chunk and prefill must be >= 1, got chunk={chunk}, prefill={prefill}")
+    opts = dict(k_group=k_group, v_group=v_group, residual=residual, zero=zero, important=important,
+                important_bits=important_bits, pre_rope=pre_rope, rotate=rotate)
     t0 = time.perf_counter()
     device = model_device(model)
     parts = []
@@ -45,18 +50,19 @@ def eval_with_kv_quant(model: torch.nn.Module, windows: EvalWindows, kv_bits, *,
             mask = windows.score_mask[i:j].to(device)
             B, T = ids.shape
             nll = torch.zeros(B, T, dtype=torch.float32, device=device)
-            cache = KIVICache(model.config, kv_bits, k_group=k_group, v_group=v_group, residual=residual, zero=zero)
+            cache = KIVICache(model.config, kv_bits, **opts)
             p = min(prefill or chunk, T)
             bounds = [0, *range(p, T, chunk), T]
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                logits = model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
-                e2 = min(e, T - 1)  # logits at t predict token t + 1
-                if e2 > s:
-                    z = logits[:, : e2 - s].reshape(-1, logits.shape[-1])
-                    nll[:, s + 1 : e2 + 1] = token_nll(z, ids[:, s + 1 : e2 + 1].reshape(-1)).reshape(B, e2 - s)
+            with kv_cache_feed(model, cache):
+                for s, e in zip(bounds[:-1], bounds[1:]):
+                    logits = model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
+                    e2 = min(e, T - 1)  # logits at t predict token t + 1
+                    if e2 > s:
+                        z = logits[:, : e2 - s].reshape(-1, logits.shape[-1])
+                        nll[:, s + 1 : e2 + 1] = token_nll(z, ids[:, s + 1 : e2 + 1].reshape(-1)).reshape(B, e2 - s)
             parts.append(nll[mask].cpu())
     nll = torch.cat(parts)
     mean, ppl = summarize_nll(nll)
     return {"nll": mean, "perplexity": ppl, "n_scored": int(nll.numel()), "seconds": time.perf_counter() - t0,
-            "kv": {"bits": [list(b) for b in resolve_kv_bits(kv_bits, kv_dims(model.config)[0])], "k_group": k_group, "v_group": v_group,
-                   "residual": residual, "zero": zero, "chunk": chunk, "prefill": prefill or chunk}}
+            "kv": {"bits": [list(b) for b in resolve_kv_bits(kv_bits, kv_dims(model.config)[0])], **opts,
+                   "chunk": chunk, "prefill": prefill or chunk}}

@@ -29,10 +29,21 @@ Decode semantics
     ``engine="simulate"`` (:func:`simulate_kivi`) applies exactly this inside one full forward:
     an attention function registered with transformers computes, for each quantized layer,
     ``S = where(s < Tk(n(t)), q·k̂ₛ, q·kₛ)`` and ``out = Σ_s p_ts (v̂ₛ if s < Tv(n(t)) else vₛ)`` with
-    the same quantizers as :class:`~mixq.act.kvcache.KIVILayer` (``quantize_keys``,
-    ``quantize_values``).  Decoding token by token (``chunk=1``) then costs one forward per
-    window instead of one per token, and is checked against the real :class:`KIVICache`
-    in the tests (same logits up to float rounding).  ``engine="cache"`` runs the real cache
+    the same quantizers as :class:`~mixq.act.kvcache.KIVILayer` (:class:`~mixq.act.kvcodec.KVCodec`:
+    KIVI grids, pre-RoPE keys, rotation).  Decoding token by token (``chunk=1``) then costs one
+    forward per window instead of one per token, and is checked against the real :class:`KIVICache`
+    in the tests (same logits up to float rounding).
+
+    Important tokens (``settings.important``, MiKV): K and V are both quantized up to
+    ``Tq(n) = G·⌊max(n − R, 0)/G⌋`` and which tokens of group ``j`` are important depends on the
+    attention paid by the queries before the group was flushed, which in turn saw the earlier
+    groups' decisions.  So the queries are processed in blocks of equal ``J(t) = Tq(n(t))/G`` in
+    order: before a block, the groups it newly sees are decided from the importance accumulated so
+    far (``a_s = Σ_{u < block} Σ_{heads of the KV head} p_us``, the probabilities as computed with the
+    quantized cache) and quantized; the block's probabilities are then added.  A query's output
+    depends only on queries before it (causal), and the real cache does the same with the eager
+    attention probabilities (:func:`~mixq.act.kvcache.kv_cache_feed`).  Pre-RoPE keys take the
+    rotary tables from the attention module's ``position_embeddings`` (a forward pre-hook).  ``engine="cache"`` runs the real cache
     chunk by chunk.  In the measurement, the blocks before layer ``i`` are unaffected by
     quantizing layer ``i``'s cache, so with the simulation their fp outputs are replayed from one
     fp pass instead of recomputed (about half of the block compute saved).

@@ -1,6 +1,8 @@
 """KIVI decode semantics without the cache: settings, costs, an exact decode simulation inside one
 forward, chunked decoding through the real cache, and evaluation with KL (see :mod:`.kvsens` for the
-equations; the measurement there uses this module).
+equations; the measurement there uses this module).  :class:`KVSettings` also carries the options of
+:mod:`.kvcodec` — important tokens at high precision (MiKV), pre-RoPE keys (KVQuant), Hadamard
+rotation — which both the simulation and the real cache apply.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..arch import get_blocks
-from .kvcache import FP, KIVICache, kv_cache_bits, kv_dims, kv_spec, quantize_keys, quantize_values, resolve_kv_bits
+from .kvcache import (FP, VALID_BITS, KIVICache, attention_modules, kv_cache_bits, kv_cache_feed, kv_dims, kv_spec,
+                      resolve_kv_bits, rope_of)
+from .kvcodec import KVCodec, check_rope_convention, important_count, normalize_rotate, select_important
 
 
 KV_ENGINES = ("simulate", "cache")
@@ -21,15 +24,28 @@ SIM_NAME = "mixq_kivi_sim"
 
 
 # ---------------------------------------------------------------------------- settings and costs
+_BASE_FIELDS = ("k_group", "v_group", "residual", "zero")
+_OPTION_DEFAULTS = {"important": 0.0, "important_bits": 8, "pre_rope": False, "rotate": ""}
+
+
 @dataclass(frozen=True)
 class KVSettings:
     """KIVI layout: ``k_group`` tokens per key group, ``v_group`` channels per value group (None:
-    head_dim), ``residual`` fp tokens, ``zero`` ``"fp16"`` offset (KIVI) or ``"int"`` zero point."""
+    head_dim), ``residual`` fp tokens, ``zero`` ``"fp16"`` offset (KIVI) or ``"int"`` zero point.
+
+    Options (:mod:`.kvcodec`): ``important`` fraction of each key group's tokens — the most attended
+    so far — kept at ``important_bits`` (MiKV/ZipCache; 0 = off); ``pre_rope`` quantizes keys before
+    the rotary embedding (KVQuant); ``rotate`` ``"k"``, ``"v"`` or ``"kv"`` (``True`` = ``"kv"``)
+    quantizes in a Hadamard-rotated basis (QuaRot)."""
 
     k_group: int = 32
     v_group: int | None = None
     residual: int = 32
     zero: str = "fp16"
+    important: float = 0.0
+    important_bits: int = 8
+    pre_rope: bool = False
+    rotate: str = ""
 
     def __post_init__(self):
         for name in ("k_group", "residual"):
@@ -40,17 +56,47 @@ class KVSettings:
                                          or self.v_group < 1):
             raise ValueError(f"KV v_group must be a positive integer or None, got {self.v_group!r}")
         kv_spec(4, self.zero)  # validates zero
+        important_count(self.important, self.k_group)  # validates the fraction against the key group
+        if isinstance(self.important_bits, bool) or self.important_bits not in VALID_BITS:
+            raise ValueError(f"KV important_bits must be 1..8 or 16, got {self.important_bits!r}")
+        if not isinstance(self.pre_rope, bool):
+            raise ValueError(f"KV pre_rope must be True or False, got {self.pre_rope!r}")
+        object.__setattr__(self, "important", float(self.important))
+        object.__setattr__(self, "rotate", normalize_rotate(self.rotate))
+
+    @property
+    def important_tokens(self) -> int:
+        """Important tokens per key group (0: off)."""
+        return important_count(self.important, self.k_group)
 
     def kw(self) -> dict:
         """Keyword arguments of :class:`KIVICache` / :func:`kv_cache_bits` / ``eval_with_kv_quant``."""
-        return {"k_group": self.k_group, "v_group": self.v_group, "residual": self.residual, "zero": self.zero}
+        return {"k_group": self.k_group, "v_group": self.v_group, "residual": self.residual, "zero": self.zero,
+                "important": self.important, "important_bits": self.important_bits, "pre_rope": self.pre_rope,
+                "rotate": self.rotate}
 
     def to_dict(self) -> dict:
-        return self.kw()
+        """The KIVI layout, plus the options that differ from their defaults (so documents written
+        before the options existed are unchanged)."""
+        d = {k: getattr(self, k) for k in _BASE_FIELDS}
+        d.update({k: getattr(self, k) for k, v in _OPTION_DEFAULTS.items() if getattr(self, k) != v})
+        return d
+
+    def describe(self) -> str:
+        """A short text of the options (``""`` when none): ``important 20% @ 8 bits, pre-RoPE keys, rotated K/V``."""
+        out = []
+        if self.important:
+            out.append(f"important {self.important:.0%} of tokens ({self.important_tokens}/{self.k_group}) at "
+                       f"{self.important_bits} bits")
+        if self.pre_rope:
+            out.append("pre-RoPE keys")
+        if self.rotate:
+            out.append(f"Hadamard-rotated {'/'.join(self.rotate.upper())}")
+        return ", ".join(out)
 
     @classmethod
     def from_dict(cls, d: dict) -> "KVSettings":
-        unknown = set(d) - {"k_group", "v_group", "residual", "zero"}
+        unknown = set(d) - set(_BASE_FIELDS) - set(_OPTION_DEFAULTS)
         if unknown:
             raise ValueError(f"unknown KV settings {sorted(unknown)}")
         return cls(**d)
@@ -81,24 +127,22 @@ def kv_part_bits(dims: tuple[int, int, int], kind: str, bits: int, context: int,
 
 
 # ---------------------------------------------------------------------------- decode simulation
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """``layer index → attention module`` (the module with ``layer_idx == i`` inside block ``i``)."""
-    out = {}
-    for i, block in enumerate(get_blocks(model)):
-        for m in block.modules():
-            if getattr(m, "layer_idx", None) == i and type(m).__name__.endswith("Attention"):
-                out[i] = m
-                break
-        else:
-            raise NotImplementedError(f"block {i} has no attention module with layer_idx={i}")
-    return out
-
-
 def _chunk_start(T: int, chunk: int, prefill: int | None, device) -> torch.Tensor:
     """``n(t)`` for ``t < T``: tokens in the cache when the chunk holding ``t`` is fed (module doc)."""
     p = prefill or chunk
     t = torch.arange(T, device=device)
     return torch.where(t < p, torch.zeros_like(t), p + chunk * torch.div(t - p, chunk, rounding_mode="floor"))
+
+
+def _masked(scores: torch.Tensor, attention_mask, rows: slice, T: int) -> torch.Tensor:
+    """``scores [B, Hq, r, T]`` of query rows ``rows`` with the causal / given mask applied."""
+    if attention_mask is None:
+        pos = torch.arange(T, device=scores.device)
+        return scores.masked_fill(pos[None, :] > pos[rows, None], float("-inf"))
+    m = attention_mask[..., rows, :T] if attention_mask.shape[-2] > 1 else attention_mask[..., :T]
+    if m.dtype == torch.bool:
+        return scores.masked_fill(~m, float("-inf"))
+    return scores + m
 
 
 @dataclass
@@ -114,6 +158,29 @@ class _LayerSim:
     def __post_init__(self):
         self.k_spec = kv_spec(self.k_bits, self.settings.zero)
         self.v_spec = kv_spec(self.v_bits, self.settings.zero)
+        self.rope = None  # (cos, sin) of the current forward (pre-RoPE keys; set by a forward pre-hook)
+
+    @property
+    def needs_rope(self) -> bool:
+        return self.settings.pre_rope and self.k_spec is not None
+
+    def codec(self, D: int) -> KVCodec:
+        s = self.settings
+        vg = s.v_group or D
+        if D % vg:
+            raise ValueError(f"v_group {vg} does not divide head_dim {D}")
+        return KVCodec(self.k_bits, self.v_bits, s.k_group, vg, s.zero, s.important_tokens, s.important_bits,
+                       s.rotate, s.pre_rope)
+
+    def _rope_of(self, T: int, a: int, b: int):
+        if not self.needs_rope:
+            return None
+        if self.rope is None:
+            raise RuntimeError("pre-RoPE keys: the rotary tables of this forward were not captured")
+        cos, sin = self.rope
+        if cos.shape[-2] != T:
+            raise RuntimeError(f"pre-RoPE keys: rotary tables for {cos.shape[-2]} tokens, the forward has {T}")
+        return cos[:, a:b], sin[:, a:b]
 
     def __call__(self, module, query, key, value, attention_mask, scaling, kwargs):
         B, Hq, T, D = query.shape
@@ -121,12 +188,21 @@ class _LayerSim:
             raise RuntimeError("the simulated KIVI cache needs full-window forwards (use_cache=False, no past)")
         if kwargs.get("softcap") is not None or getattr(module, "sliding_window", None) or kwargs.get("sliding_window"):
             raise NotImplementedError("the KIVI simulation supports plain full attention only (no softcap/sliding window)")
-        s = self.settings
-        dev = query.device
-        n = _chunk_start(T, self.chunk, self.prefill, dev)
-        pos = torch.arange(T, device=dev)
-        g = Hq // key.shape[1]
+        codec = self.codec(D)
+        n = _chunk_start(T, self.chunk, self.prefill, query.device)
         scale = scaling if scaling is not None else D ** -0.5
+        if codec.mixed:
+            out = self._mixed(codec, query, key, value, attention_mask, scale, n)
+        else:
+            out = self._kivi(codec, query, key, value, attention_mask, scale, n)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _kivi(self, codec, query, key, value, attention_mask, scale, n):
+        """Every query at once: ``where(s < Tk(n(t)), q·k̂ₛ, q·kₛ)``, values by ``s < Tv(n(t))``."""
+        B, Hq, T, D = query.shape
+        s = self.settings
+        pos = torch.arange(T, device=query.device)
+        g = Hq // key.shape[1]
         k = key.repeat_interleave(g, 1)
         v = value.repeat_interleave(g, 1)
         scores = torch.matmul(query, k.transpose(-1, -2)) * scale
@@ -134,30 +210,52 @@ class _LayerSim:
             m = s.k_group * (T // s.k_group)
             tk = s.k_group * torch.div((n - s.residual).clamp_min(0), s.k_group, rounding_mode="floor")
             if m and int(tk.max()) > 0:
-                deq = quantize_keys(key[..., :m, :], self.k_spec, s.k_group)[2].to(key.dtype)
+                deq = codec.encode_keys(key[..., :m, :], rope=self._rope_of(T, 0, m))[1].to(key.dtype)
                 k_hat = torch.cat([deq, key[..., m:, :]], 2).repeat_interleave(g, 1)
                 sq = torch.matmul(query, k_hat.transpose(-1, -2)) * scale
                 scores = torch.where(pos[None, :] < tk[:, None], sq, scores)
-        if attention_mask is None:
-            scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask[..., :T], float("-inf"))
-        else:
-            scores = scores + attention_mask[..., :T]
+        scores = _masked(scores, attention_mask, slice(0, T), T)
         p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = None
         if self.v_spec is not None:
             tv = (n - s.residual).clamp_min(0)
             if int(tv.max()) > 0:
-                vg = s.v_group or D
-                if D % vg:
-                    raise ValueError(f"v_group {vg} does not divide head_dim {D}")
-                v_hat = quantize_values(value, self.v_spec, vg)[2].to(value.dtype).repeat_interleave(g, 1)
+                v_hat = codec.encode_values(value)[1].to(value.dtype).repeat_interleave(g, 1)
                 old = (pos[None, :] < tv[:, None]).to(p.dtype)
-                out = torch.matmul(p * old, v_hat) + torch.matmul(p * (1 - old), v)
-        if out is None:
-            out = torch.matmul(p, v)
-        return out.transpose(1, 2).contiguous(), None
+                return torch.matmul(p * old, v_hat) + torch.matmul(p * (1 - old), v)
+        return torch.matmul(p, v)
+
+    def _mixed(self, codec, query, key, value, attention_mask, scale, n):
+        """Important tokens: the queries in blocks of equal ``J(t) = ⌊max(n(t) − R, 0)/G⌋`` (quantized
+        groups, K and V alike), in order; before a block, the groups it newly sees are decided from the
+        attention the earlier blocks paid (module doc of :mod:`.kvsens`)."""
+        B, Hq, T, D = query.shape
+        s = self.settings
+        G, H = s.k_group, key.shape[1]
+        g = Hq // H
+        J = torch.div((n - s.residual).clamp_min(0), G, rounding_mode="floor").tolist()
+        k_hat, v_hat = key.clone(), value.clone()
+        score = torch.zeros(B, H, T, dtype=torch.float32, device=query.device)
+        out = torch.empty(B, Hq, T, D, dtype=query.dtype, device=query.device)
+        decided, a = 0, 0
+        while a < T:
+            b = a
+            while b < T and J[b] == J[a]:
+                b += 1
+            if J[a] > decided:
+                lo, hi = decided * G, J[a] * G
+                mask = select_important(score[..., lo:hi], G, codec.important)
+                if self.k_spec is not None:
+                    k_hat[..., lo:hi, :] = codec.encode_keys(key[..., lo:hi, :], rope=self._rope_of(T, lo, hi),
+                                                             mask=mask)[1].to(key.dtype)
+                if self.v_spec is not None:
+                    v_hat[..., lo:hi, :] = codec.encode_values(value[..., lo:hi, :], mask=mask)[1].to(value.dtype)
+                decided = J[a]
+            sc = torch.matmul(query[:, :, a:b], k_hat.repeat_interleave(g, 1).transpose(-1, -2)) * scale
+            p = torch.softmax(_masked(sc, attention_mask, slice(a, b), T), dim=-1, dtype=torch.float32).to(query.dtype)
+            out[:, :, a:b] = torch.matmul(p, v_hat.repeat_interleave(g, 1))
+            score += p.float().reshape(B, H, g, b - a, T).sum((2, 3))
+            a = b
+        return out
 
 
 _ACTIVE: dict[int, _LayerSim] = {}
@@ -198,6 +296,8 @@ def simulate_kivi(model: nn.Module, bits, *, settings: KVSettings = KVSettings()
     time through a :class:`KIVICache` of ``bits`` (int, ``(k, v)`` or per-layer dict) — module doc.
 
     Layers at 16/16 run the model's usual SDPA attention.  Forwards with a cache are refused.
+    With ``settings.pre_rope``, a forward pre-hook on each simulated attention module captures the
+    rotary tables (``position_embeddings``) of the forward.
     """
     if chunk < 1 or (prefill is not None and prefill < 1):
         raise ValueError(f"chunk and prefill must be >= 1, got chunk={chunk}, prefill={prefill}")
@@ -208,11 +308,22 @@ def simulate_kivi(model: nn.Module, bits, *, settings: KVSettings = KVSettings()
     cfg = model.config
     old = cfg._attn_implementation
     mine = {}
+    hooks = []
     for i, (kb, vb) in enumerate(per_layer):
         if (kb, vb) != (FP, FP):
-            mine[id(mods[i])] = _LayerSim(kb, vb, settings, chunk, prefill)
+            sim = _LayerSim(kb, vb, settings, chunk, prefill)
+            mine[id(mods[i])] = sim
+            if sim.needs_rope:
+                check_rope_convention(mods[i])
+
+                def pre(m, args, kwargs, _sim=sim):
+                    _sim.rope = rope_of(m, args, kwargs)
+
+                hooks.append(mods[i].register_forward_pre_hook(pre, with_kwargs=True))
     clash = set(mine) & set(_ACTIVE)
     if clash:
+        for h in hooks:
+            h.remove()
         raise RuntimeError("simulate_kivi is already active on this model")
     _ACTIVE.update(mine)
     cfg._attn_implementation = SIM_NAME
@@ -220,6 +331,8 @@ def simulate_kivi(model: nn.Module, bits, *, settings: KVSettings = KVSettings()
         yield
     finally:
         cfg._attn_implementation = old
+        for h in hooks:
+            h.remove()
         for k in mine:
             _ACTIVE.pop(k, None)
 
@@ -228,12 +341,14 @@ def simulate_kivi(model: nn.Module, bits, *, settings: KVSettings = KVSettings()
 @torch.no_grad()
 def decode_logits(model: nn.Module, ids: torch.Tensor, cache, *, chunk: int, prefill: int | None = None):
     """Yield ``(s, e, logits [B, e − s, V])`` feeding ``ids [B, T]`` chunk by chunk through ``cache``
-    (prefill ``P`` tokens first, then ``chunk`` at a time), as :func:`eval_with_kv_quant` does."""
+    (prefill ``P`` tokens first, then ``chunk`` at a time), as :func:`eval_with_kv_quant` does; under
+    :func:`kv_cache_feed` when the cache needs it (important tokens, pre-RoPE keys)."""
     T = ids.shape[1]
     p = min(prefill or chunk, T)
     bounds = [0, *range(p, T, chunk), T]
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        yield s, e, model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
+    with kv_cache_feed(model, cache):
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            yield s, e, model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
 
 
 # ---------------------------------------------------------------------------- evaluation with KL
