@@ -9,17 +9,24 @@ A kernel is three functions (:class:`Kernel`)::
     codes_from_state(state)        optional: the uint8 [out, in] codes a state holds; when a state says
                                    ``holds_codes``, QuantLinear frees its packed code stream (one copy in RAM)
 
-Kernels: ``reference``; ``cpu-int4`` (bf16 CPU, int <= 4-bit, params rounded once to bf16, one GEMM;
-alias ``cpu``); ``cpu-int4-exact`` (same, params split exactly into bf16 pieces, 1-3 GEMMs).
+Kernels, in :data:`AUTO_ORDER`:
 
-``reference`` (dequantize with :mod:`mixq.formats` + ``F.linear``) runs everything and defines
-the result; every other kernel is tested against it (ARCHITECTURE.md rule 8).  ``"auto"`` takes
-the first kernel of :data:`AUTO_ORDER` that accepts the layer, the input dtype/device and ``M``
-(a decode kernel may lose to dequantize + dense GEMM on long prefills).
+``triton``  (:mod:`.triton_gpu`) CUDA, fp16 / bf16 / fp32 activations, any M: one Triton kernel that
+    unpacks b-bit codes (int32 words of floor(32/b) codes), dequantizes in registers exactly as
+    :mod:`mixq.formats` decodes (int 1-8-bit sym / binary / asym int zero / asym fp16 offset, NF,
+    minifloat, k-means codebooks; any group size, channel, tensor) and runs ``tl.dot`` with fp32
+    accumulation.  Needs ``pip install 'mixq[gpu]'`` (triton); rejects CPU inputs, so CPU runs never see it.
+``cpu-int4`` (alias ``cpu``)  bf16 CPU, int 1-8-bit grids through torch's int4 GEMM (5-8 bits as two
+    int4 planes), params rounded once to bf16; ``cpu-int4-exact``: params split exactly into bf16 pieces.
+``reference``  dequantize with :mod:`mixq.formats` + ``F.linear``: runs everything and defines the
+    result; every other kernel is tested against it (ARCHITECTURE.md rule 8).
 
-Adding a kernel (e.g. a Triton GPU one): write ``kernels/<name>.py`` exposing a ``KERNEL``,
-add it to :data:`KERNELS` and to :data:`AUTO_ORDER` before ``"reference"``, and add its
-equality test against the reference to ``tests/test_qlinear.py``.
+``"auto"`` takes the first kernel of :data:`AUTO_ORDER` that accepts the layer, the input dtype/device
+and ``M`` (a decode kernel may lose to dequantize + dense GEMM on long prefills).
+
+Adding a kernel: write ``kernels/<name>.py`` exposing ``why_not`` / ``prepare`` / ``linear``, add it
+to :data:`KERNELS` and to :data:`AUTO_ORDER` before ``"reference"``, and test it against the
+reference (``tests/test_qlinear.py``, ``tests/test_triton_kernel.py``).
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import cpu, reference
+from . import cpu, reference, triton_gpu
 
 
 class KernelUnsupported(ValueError):
@@ -57,9 +64,13 @@ KERNELS: dict[str, Kernel] = {
     "cpu-int4-exact": Kernel("cpu-int4-exact", partial(cpu.why_not, exact=True), partial(cpu.prepare, exact=True),
                              cpu.linear, "as cpu-int4 with params split exactly into 1-3 bf16 pieces (1-3 GEMMs)",
                              max_tokens=cpu.MAX_TOKENS, needs_packed=False, codes_from_state=cpu.codes_from_state),
+    "triton": Kernel("triton", triton_gpu.why_not, triton_gpu.prepare, triton_gpu.linear,
+                     "CUDA: Triton unpack + dequantize in registers + tl.dot (fp32 accumulation); int 1-8-bit, "
+                     "NF, minifloat, k-means; any group size", needs_packed=False,
+                     codes_from_state=triton_gpu.codes_from_state),
 }
 ALIASES: dict[str, str] = {"cpu": "cpu-int4"}
-AUTO_ORDER: tuple[str, ...] = ("cpu-int4", "reference")  # a GPU kernel goes first
+AUTO_ORDER: tuple[str, ...] = ("triton", "cpu-int4", "reference")  # triton rejects CPU inputs
 
 
 def kernel_names() -> list[str]:
@@ -115,9 +126,12 @@ def select_kernel(name: str, pw, x: torch.Tensor) -> Kernel:
 
 def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
     """The kernel ``"auto"`` uses for decode (few tokens) of a ``spec`` weight of ``shape`` with bf16
-    activations on ``device`` — ``"cpu-int4"`` or ``"reference"``.  For reports and planning."""
+    activations on ``device`` — ``"cpu-int4"``, ``"triton"`` (``device`` ``"cuda"``) or ``"reference"``.
+    For reports and planning."""
     if device == "cpu" and cpu.spec_why_not(spec, shape) is None:
         return "cpu-int4"
+    if device.startswith("cuda") and triton_gpu.spec_why_not(spec, shape) is None:
+        return "triton"
     return "reference"
 
 
