@@ -126,6 +126,8 @@ def quantize_model(
     progress: bool = True,
     rotate: bool = False,
     online_rotation: bool = True,
+    checkpoint=None,
+    offload_dir=None,
 ) -> QuantResult:
     """Quantize ``model`` in place (fake-quant: dequantized weights written back).
 
@@ -139,10 +141,19 @@ def quantize_model(
     the residual stream first (:func:`mixq.algorithms.rotation.rotate_model`, RMSNorm families,
     model in memory); ``online_rotation`` adds the run-time rotation of the MLP down-projection
     input, which a saved mixq directory does not carry (pass ``False`` before saving).
+    ``checkpoint`` (GPTQ): a directory or a :class:`~mixq.calib.checkpoint.WalkCheckpoint`; every
+    block is saved there as soon as it is done, and a re-run with the same model, data, specs and
+    options restores the blocks done and goes on from the next (bit-identical result; anything else
+    there is wiped with a warning).  Its key is :func:`~mixq.calib.checkpoint.walk_key` unless the
+    checkpoint was given one.  The caller deletes it when done (``WalkCheckpoint.clear``).
+    ``offload_dir`` (GPTQ): keep the walk's two ``[n, L, hidden]`` activation buffers in
+    memory-mapped files there rather than in RAM (:mod:`mixq.calib.offload`).
     Returns the stored form of every quantized layer.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method != "gptq" and (checkpoint is not None or offload_dir is not None):
+        raise ValueError("checkpoint and offload_dir apply to the GPTQ block walk: use method='gptq'")
     t0 = time.perf_counter()
     mods = dict(model.named_modules())
     refs = _refs(model, specs)
@@ -189,7 +200,17 @@ def quantize_model(
                 set_weight(mod, res.weight)
                 q[fqn], losses[fqn] = res.qtensor, res.proxy_loss
 
-        walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress)
+        ckpt = None
+        if checkpoint is not None:
+            from .calib.checkpoint import WalkCheckpoint, walk_key
+
+            ckpt = checkpoint if isinstance(checkpoint, WalkCheckpoint) else WalkCheckpoint(checkpoint)
+            if ckpt.key is None:
+                ckpt.key = walk_key(model, calib_ids, specs, method=method, damp=damp, act_order=act_order,
+                                    block_size=block_size, device=device, source=source)
+            ckpt.attach(prefix, specs, q, losses)
+        walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress,
+                    checkpoint=ckpt, offload_dir=offload_dir)
         missing = block_fqns - set(q)
         if missing:
             raise RuntimeError(f"GPTQ saw no inputs for {sorted(missing)[:3]}...: the block walk did not reach them")

@@ -39,6 +39,8 @@ def register(sub) -> None:
                    help="when a group size does not divide a layer's rows: error (default) or shrink it per layer")
     q.add_argument("--lazy", action="store_true", help="GPTQ on a local safetensors model directory without loading "
                                                        "it: decoder blocks are streamed one at a time")
+    q.add_argument("--offload-dir", default=None, help="GPTQ: keep the walk's two [nsamples, seqlen, hidden] activation "
+                                                       "buffers in memory-mapped files here instead of RAM")
     q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
     _calib_args(q)
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
@@ -113,6 +115,8 @@ def cmd_quantize(args) -> int:
     _check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
     if args.lazy:
         _check_lazy(args)
+    if args.offload_dir is not None and args.method != "gptq":
+        raise UserError("--offload-dir applies to the GPTQ block walk: use --method gptq")
     needs_calib = args.method != "rtn" or (budget is not None and table is None)
     calib_text = data.load_corpus(args.calib, "train") if needs_calib else None
     if budget is not None:
@@ -151,8 +155,17 @@ def cmd_quantize(args) -> int:
     if calib_text is not None:
         calib_ids = data.calibration_batch(data.tokenize(calib_text, tok), args.nsamples, args.seqlen, args.seed)
     source, kept = _lazy_source(model, args.model, specs) if args.lazy else (None, {})
+    walk = None
+    if args.method == "gptq":
+        from .calib.checkpoint import WalkCheckpoint
+
+        # every block is saved beside --out while the walk runs, so an interrupted run resumes on the next call
+        walk = WalkCheckpoint(out.with_name(f".{out.name}.partial-walk"), announce=print)
     res = api.quantize_model(model, specs, method=args.method, calib_ids=calib_ids, damp=args.damp,
-                             act_order=args.act_order, rotate=rotate, online_rotation=False, source=source)
+                             act_order=args.act_order, rotate=rotate, online_rotation=False, source=source,
+                             checkpoint=walk, offload_dir=args.offload_dir)
+    if walk is not None and walk.resumed_from:
+        extra["walk_resumed_at_block"] = walk.resumed_from
     if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
         model.load_state_dict(kept, strict=False, assign=True)
     size = api.size_report(model, specs)
@@ -166,6 +179,8 @@ def cmd_quantize(args) -> int:
                                                              "seed": args.seed},
             "proxy_loss": res.proxy_loss or None}
     save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
+    if walk is not None:
+        walk.clear()
     if budget is not None and args.measurement is None:
         table.save(out / "measurement.json", overwrite=True)
         out.with_name(f".{out.name}.measurement.json").unlink(missing_ok=True)

@@ -11,7 +11,10 @@
 
 Only one block is on the compute device at a time and the buffers are two ``[n, L, hidden]``
 tensors, so memory stays flat as depth grows.  A :class:`BlockSource` decides where blocks live
-between visits (in memory by default; lazily from disk in :mod:`mixq.calib.lazy`).
+between visits (in memory by default; lazily from disk in :mod:`mixq.calib.lazy`).  The two
+buffers can live on disk instead of RAM (``offload_dir``, :mod:`mixq.calib.offload`), and a
+:class:`~mixq.calib.checkpoint.WalkCheckpoint` makes the walk resumable block by block
+(``checkpoint``): blocks already done are restored, the walk goes on from the saved inputs.
 """
 from __future__ import annotations
 
@@ -75,27 +78,36 @@ class InMemoryBlocks:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, *, device="cpu", batch_size: int = 1):
+def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, *, device="cpu", batch_size: int = 1,
+                         alloc: Callable[[tuple, torch.dtype], torch.Tensor] | None = None):
     """Run the model up to block 0 for every calibration sample.
 
     ``input_ids``: ``[n, L]``.  Returns ``(inputs [n, L, hidden], kwargs)``; ``kwargs`` are the
     keyword arguments the model passes to every block (shared by all samples of length L).
     Only the modules before block 0 (embeddings, rotary tables) need to be materialized.
+    ``alloc(shape, dtype)``: where the inputs go (e.g. :func:`mixq.calib.offload.disk_tensor`);
+    each batch is copied there as it is captured, so the whole set is never in RAM at once.
     """
     blocks = get_blocks(model)
     catcher = _Catcher(blocks[0])
     blocks[0] = catcher
+    n, buf = input_ids.shape[0], None
     try:
-        for s in range(0, input_ids.shape[0], batch_size):
+        for s in range(0, n, batch_size):
             try:
                 model(input_ids[s : s + batch_size].to(device), use_cache=False)
             except _StopForward:
                 pass
+            if alloc is not None and catcher.inputs:
+                x = catcher.inputs.pop()
+                if buf is None:
+                    buf = alloc((n, *x.shape[1:]), x.dtype)
+                buf[s : s + x.shape[0]] = x
     finally:
         blocks[0] = catcher.block
-    if not catcher.inputs:
+    if buf is None and not catcher.inputs:
         raise RuntimeError("block 0 was never called: is the architecture table's block path right?")
-    return torch.cat(catcher.inputs, 0), catcher.kwargs or {}
+    return (buf if buf is not None else torch.cat(catcher.inputs, 0)), catcher.kwargs or {}
 
 
 def _block_out(out):
@@ -103,13 +115,19 @@ def _block_out(out):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, *, batch_size: int = 1, out: torch.Tensor | None = None):
-    """Run ``inputs [n, L, h]`` through one block; returns ``[n, L, h]`` (written into ``out`` if given)."""
+def run_block(block: nn.Module, inputs: torch.Tensor, kwargs: dict, *, batch_size: int = 1,
+              out: torch.Tensor | None = None, device=None):
+    """Run ``inputs [n, L, h]`` through one block; returns ``[n, L, h]`` (written into ``out`` if given).
+
+    ``device``: where each batch is moved before the block sees it (buffers kept on disk or in host
+    memory while the block runs on an accelerator); ``None`` leaves the batches where they are.
+    """
     out = torch.empty_like(inputs) if out is None else out
     kw = dict(kwargs)
     args = kw.pop("_args", ())
     for s in range(0, inputs.shape[0], batch_size):
-        out[s : s + batch_size] = _block_out(block(inputs[s : s + batch_size], *args, **kw))
+        x = inputs[s : s + batch_size]
+        out[s : s + batch_size] = _block_out(block(x if device is None else x.to(device), *args, **kw))
     return out
 
 
@@ -129,7 +147,8 @@ def walk_blocks(
     source: BlockSource | None = None,
     stats_sink: Callable[[int, dict[str, LayerStats]], None] | None = None,
     io_sink: Callable[[int, nn.Module, torch.Tensor, torch.Tensor, dict], None] | None = None,
-    start_block: int = 0,
+    checkpoint=None,
+    offload_dir=None,
     progress: bool = True,
 ) -> None:
     """Walk the decoder block by block, accumulating per-linear input statistics.
@@ -142,22 +161,41 @@ def walk_blocks(
     ``io_sink(i, block, inputs, fp_outputs, kwargs)`` sees the block with its fp inputs and
     outputs ``[n, L, hidden]`` and the keyword arguments to replay it with :func:`run_block`
     (block-output measurement); it must leave the block as it found it.
+
+    ``checkpoint``: a :class:`~mixq.calib.checkpoint.WalkCheckpoint` (attached to the caller's
+    results).  Blocks it has done are restored (``load``, ``checkpoint.restore``, ``release``: the
+    source's sink sees them as in an uninterrupted walk), the walk goes on from its saved inputs,
+    and ``checkpoint.commit`` saves every block as soon as it is done (callback and re-run).
+    ``offload_dir``: keep the two ``[n, L, hidden]`` buffers in memory-mapped files there instead
+    of RAM (:mod:`mixq.calib.offload`; each batch is moved to ``device`` when the block runs).
     """
     source = source or InMemoryBlocks()
     arch = arch_for(model)
     blocks = get_blocks(model)
-    inps, kwargs = capture_block_inputs(model, input_ids, device=device, batch_size=batch_size)
-    outs = torch.empty_like(inps)
-    if start_block:
-        raise NotImplementedError("resuming a walk from a saved block input is done by mixq.calib.lazy")
-    bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress, unit="block")
+    alloc = None
+    if offload_dir is not None:
+        from .offload import disk_tensor
+
+        alloc = lambda shape, dtype: disk_tensor(offload_dir, shape, dtype)  # noqa: E731
+    inps, kwargs = capture_block_inputs(model, input_ids, device=device, batch_size=batch_size, alloc=alloc)
+    outs = torch.empty_like(inps) if alloc is None else alloc(tuple(inps.shape), inps.dtype)
+    start = 0
+    if checkpoint is not None:
+        start = checkpoint.resume(len(blocks), inps)  # the saved inputs of block `start` replace the captured ones
+        for i in range(start):
+            block = source.load(i, blocks[i], device)
+            checkpoint.restore(i, block)
+            source.release(i, block)
+    run_dev = device if alloc is not None else None
+    bar = tqdm(range(start, len(blocks)), desc="blocks", disable=not progress, unit="block",
+               initial=start, total=len(blocks))
     for i in bar:
         block = source.load(i, blocks[i], device)
         lins = block_linears(block, arch)
         stats = {n: LayerStats(_in_features(m), keep_hessian=keep_hessian) for n, m in lins.items()}
         hooks = [m.register_forward_hook(_stat_hook(stats[n])) for n, m in lins.items()]
         try:
-            run_block(block, inps, kwargs, batch_size=batch_size, out=outs)
+            run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
         finally:
             for h in hooks:
                 h.remove()
@@ -169,7 +207,9 @@ def walk_blocks(
         if on_block is not None:
             on_block(i, block, stats)
             if sequential:
-                run_block(block, inps, kwargs, batch_size=batch_size, out=outs)
+                run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
+        if checkpoint is not None:
+            checkpoint.commit(i, block, outs)  # outs: the inputs of block i + 1
         source.release(i, block)
         inps, outs = outs, inps
     bar.close()

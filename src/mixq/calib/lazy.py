@@ -5,12 +5,18 @@ take no memory, buffers such as rotary tables are real).  Everything outside the
 (embeddings, final norm, lm_head) is loaded up front with :func:`load_outside_blocks`; each
 block is materialized by :class:`LazySafetensorsBlocks` when the calibration walk reaches it and
 returned to ``meta`` when the walk leaves it, after handing its (quantized) tensors to a sink.
-Peak memory is one block plus the activation buffers, whatever the depth.
+Peak memory is one block plus the activation buffers, whatever the depth; the buffers can go to
+disk too (``offload_dir``, :mod:`mixq.calib.offload`), and a
+:class:`~mixq.calib.checkpoint.WalkCheckpoint` makes the walk resumable per block (keyed to the
+shards by :meth:`LazySafetensorsBlocks.fingerprint`; restored blocks are loaded and released once
+more so that the sink sees every block, as in an uninterrupted walk).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -100,6 +106,18 @@ class LazySafetensorsBlocks:
 
     def __post_init__(self):
         self._index = _shard_index(self.path)
+
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the shards (name, size, mtime and safetensors header of each), without
+        reading the weights: what a resumable walk (:func:`mixq.calib.checkpoint.walk_key`) is keyed to."""
+        h = hashlib.sha256()
+        for fp in sorted(set(self._index.values())):
+            st = fp.stat()
+            h.update(f"{fp.name}|{st.st_size}|{st.st_mtime_ns}|".encode())
+            with open(fp, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                h.update(f.read(n))
+        return h.hexdigest()[:16]
 
     def load(self, i: int, block: nn.Module, device) -> nn.Module:
         _load_into(block, f"{self.blocks_prefix}.{i}.", self._index, device)
