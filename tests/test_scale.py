@@ -184,3 +184,15 @@ def test_quantize_lazy_cli_matches_in_memory(tiny_model, tiny_tokenizer, tmp_pat
     assert main(["quantize", "--model", str(d), "--lazy", "--spec", "W4-g32", "--out", str(tmp_path / "x")]) == 2
     assert main(["quantize", "--model", "smollm2-135m", "--lazy", "--method", "gptq", "--out", str(tmp_path / "y")]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "phi", "gpt2", "opt", "gpt_neox"])
+def test_skeleton_has_meta_parameters_and_the_real_buffers(tiny_model, family):
+    model = tiny_model(family)
+    sk = skeleton_from_config(model.config)
+    assert all(p.is_meta for p in sk.parameters())
+    real = dict(model.named_buffers())
+    got = dict(sk.named_buffers())
+    assert got.keys() == real.keys()
+    for k, b in got.items():
+        assert not b.is_meta and torch.equal(b, real[k]), k

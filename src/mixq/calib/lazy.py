@@ -133,10 +133,29 @@ class LazySafetensorsBlocks:
 
 
 def skeleton_from_config(config, dtype=torch.float32) -> nn.Module:
-    """A causal LM with parameters on ``meta`` (no memory) and real buffers."""
-    from accelerate import init_empty_weights
+    """A causal LM with parameters on ``meta`` (no memory) and real buffers.
+
+    Built under ``torch.device("meta")``, so not even the untouched ``torch.empty`` of a parameter is
+    allocated (that virtual memory counts against a ``RLIMIT_DATA`` cap: the embedding alone is 113 MB on
+    SmolLM2); the buffers this leaves on meta are rebuilt on CPU — rotary embeddings by re-creating the
+    module from the config.  A model with other meta buffers is built the slower way instead
+    (accelerate's ``init_empty_weights``, which allocates each parameter before moving it to meta).
+    """
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, mod in list(model.named_modules()):
+        if any(b.is_meta for b in mod.buffers(recurse=False)) and "RotaryEmbedding" in type(mod).__name__:
+            try:
+                fresh = type(mod)(config=config)
+            except TypeError:
+                continue
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, fresh)
+    if any(b.is_meta for b in model.buffers()):
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
