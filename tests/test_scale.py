@@ -196,3 +196,28 @@ def test_skeleton_has_meta_parameters_and_the_real_buffers(tiny_model, family):
     assert got.keys() == real.keys()
     for k, b in got.items():
         assert not b.is_meta and torch.equal(b, real[k]), k
+
+
+def test_tensor_reader_matches_safetensors_and_rejects_truncation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mixq.calib.lazy import _read_tensor, _shard_index
+
+    g = torch.Generator().manual_seed(0)
+    ts = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
+          "c": torch.randint(-9, 9, (2, 2, 2), dtype=torch.int8, generator=g), "d": torch.randn(4, generator=g).half(),
+          "e": torch.zeros(0, 3)}
+    fp = tmp_path / "m.safetensors"
+    save_file(ts, fp)
+    ref = load_file(fp)
+    assert set(_shard_index(fp)) == set(ts)
+    for k in ts:
+        got = _read_tensor(fp, k)
+        assert got.dtype == ref[k].dtype and torch.equal(got, ref[k]), k
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(fp.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        _read_tensor(cut, "a")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 12)
+    with pytest.raises(ValueError, match="not safetensors|truncated"):
+        _shard_index(tmp_path / "junk.safetensors")

@@ -1,7 +1,9 @@
 """Quantize a model that is never fully materialized: blocks streamed from safetensors.
 
-The model skeleton is built on the ``meta`` device (``accelerate.init_empty_weights``: parameters
-take no memory, buffers such as rotary tables are real).  Everything outside the decoder blocks
+The model skeleton is built on the ``meta`` device (:func:`skeleton_from_config`: parameters take no
+memory, buffers such as rotary tables are real).  Tensors are read from the safetensors files with
+plain file I/O, one tensor's bytes at a time (the header is validated against the file size first;
+nothing is unpickled or mmapped).  Everything outside the decoder blocks
 (embeddings, final norm, lm_head) is loaded up front with :func:`load_outside_blocks`; each
 block is materialized by :class:`LazySafetensorsBlocks` when the calibration walk reaches it and
 returned to ``meta`` when the walk leaves it, after handing its (quantized) tensors to a sink.
@@ -22,18 +24,68 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ..arch import arch_for
+
+# safetensors dtype names -> torch dtypes (the format: 8-byte little-endian header length, a JSON header
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw little-endian tensor bytes)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_HEADERS: dict[tuple, tuple[int, dict]] = {}
+
+
+def _header(fp: Path) -> tuple[int, dict]:
+    """``(data start, {name: entry})`` of a safetensors file, validated against its size (cached per file state)."""
+    st = fp.stat()
+    key = (str(fp), st.st_size, st.st_mtime_ns)
+    if key not in _HEADERS:
+        with open(fp, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError(f"{fp} is not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(st.st_size - 8, 100 << 20):
+                raise ValueError(f"{fp}: header length {n} does not fit the file: truncated or not safetensors")
+            entries = json.loads(f.read(n))
+        entries.pop("__metadata__", None)
+        body = st.st_size - 8 - n
+        for name, e in entries.items():
+            b, end = e["data_offsets"]
+            dt = _DTYPES.get(e["dtype"])
+            numel = 1
+            for d in e["shape"]:
+                numel *= d
+            if dt is None or not 0 <= b <= end <= body or end - b != numel * dt.itemsize:
+                raise ValueError(f"{fp}: tensor {name} ({e['dtype']} {e['shape']}, bytes {b}..{end}) is "
+                                 f"inconsistent with the file: truncated, tampered or an unknown dtype")
+        _HEADERS[key] = (8 + n, entries)
+    return _HEADERS[key]
+
+
+def _read_tensor(fp: Path, name: str) -> torch.Tensor:
+    """One tensor read with plain file I/O — only its bytes, no mmap of the file (a private file mapping
+    counts against ``RLIMIT_DATA``, so a memory-capped run could not even open a shard bigger than the cap)."""
+    start, entries = _header(fp)
+    e = entries[name]
+    b, end = e["data_offsets"]
+    buf = bytearray(end - b)
+    with open(fp, "rb") as f:
+        f.seek(start + b)
+        if f.readinto(buf) != len(buf):
+            raise ValueError(f"{fp}: tensor {name} is cut short: the file is truncated")
+    dt = _DTYPES[e["dtype"]]
+    if not buf:
+        return torch.empty(e["shape"], dtype=dt)
+    return torch.frombuffer(buf, dtype=dt).reshape(e["shape"])
 
 
 def _shard_index(path: str | os.PathLike) -> dict[str, Path]:
     """tensor name → file, for a single ``.safetensors`` file or a directory of shards."""
     p = Path(path)
     if p.is_file():
-        with safe_open(p, "pt") as f:
-            return {k: p for k in f.keys()}
+        return {k: p for k in _header(p)[1]}
     idx = p / "model.safetensors.index.json"
     if idx.is_file():
         return {k: p / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
@@ -42,8 +94,7 @@ def _shard_index(path: str | os.PathLike) -> dict[str, Path]:
         raise FileNotFoundError(f"no .safetensors files in {p}: lazy loading reads safetensors only")
     out = {}
     for fp in files:
-        with safe_open(fp, "pt") as f:
-            out.update({k: fp for k in f.keys()})
+        out.update({k: fp for k in _header(fp)[1]})
     return out
 
 
@@ -59,12 +110,12 @@ def _load_into(module: nn.Module, prefix: str, index: dict[str, Path], device) -
         by_file.setdefault(index[key], []).append(n)
     with torch.no_grad():
         for fp, ns in by_file.items():
-            with safe_open(fp, "pt", device=str(device)) as f:
-                for n in ns:
-                    t = f.get_tensor(f"{prefix}{n}")
-                    if t.shape != names[n].shape:
-                        raise ValueError(f"{prefix}{n}: checkpoint shape {tuple(t.shape)} != model {tuple(names[n].shape)}")
-                    names[n].copy_(t)
+            for n in ns:
+                t = _read_tensor(fp, f"{prefix}{n}")
+                if t.shape != names[n].shape:
+                    raise ValueError(f"{prefix}{n}: checkpoint shape {tuple(t.shape)} != model {tuple(names[n].shape)}")
+                names[n].copy_(t)
+                del t
 
 
 def load_outside_blocks(model: nn.Module, path, device="cpu") -> None:
@@ -83,8 +134,7 @@ def load_outside_blocks(model: nn.Module, path, device="cpu") -> None:
             for pn, p in own.items():
                 key = f"{name}.{pn}" if name else pn
                 if key in index:
-                    with safe_open(index[key], "pt", device=str(device)) as f:
-                        getattr(mod, pn).copy_(f.get_tensor(key))
+                    getattr(mod, pn).copy_(_read_tensor(index[key], key))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
 
