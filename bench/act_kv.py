@@ -317,6 +317,12 @@ def write(rows, fp, S, args, extra, sections):
               f"(exact one-forward simulation of the real cache; the cross-check rows compare it with the real cache at "
               f"16 tokens per forward); KV MiB at 512 tokens × 1 sequence and at {CTX} × {BATCH}. "
               f"Total run {extra.get('total_seconds', 0):.0f} s, peak RSS {peak_rss_mb():.0f} MB.", ""]
+    carried = sorted({r["source"] for r in rows if r.get("source")})
+    if carried:
+        n_new = sum(not r.get("source") for r in rows)
+        lines += [f"Rows carried over from {'; '.join(carried)} (same protocol and command; resumed from its rows): "
+                  f"{len(rows) - n_new}; measured in this run (the commit above): {n_new}. The total run time adds "
+                  "both runs.", ""]
     wa = [r for r in rows if r["section"] == "wa"]
     if wa:
         lines += ["## Weights × activations", "",
