@@ -101,7 +101,7 @@ def _save_sharded(path, layers: int) -> tuple[int, int]:
     return sizes
 
 
-def _lazy_gptq(path, layers: int, read) -> dict:
+def _lazy_gptq(path, layers: int, read, checkpoint=None) -> dict:
     """GPTQ W4-g64 through LazySafetensorsBlocks, with the resident block bytes and the heap watched."""
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     with HeapPeak(read) as mem:
@@ -125,9 +125,10 @@ def _lazy_gptq(path, layers: int, read) -> dict:
             assert all(p.is_meta for p in block.parameters())  # back on meta between visits
 
         src.load, src.release = spy_load, spy_release
-        res = api.quantize_model(lazy, specs, method="gptq", calib_ids=ids, source=src, progress=False)
+        res = api.quantize_model(lazy, specs, method="gptq", calib_ids=ids, source=src, progress=False,
+                                 checkpoint=checkpoint)
     assert _param_bytes(get_blocks(lazy)) == 0 and set(res.qtensors) == set(specs)
-    codes = sum(q.codes.numel() * q.codes.element_size() for q in res.qtensors.values())
+    codes = sum(q.codes.numel() * q.codes.element_size() for q in res.qtensors.values() if hasattr(q, "codes"))
     return {"events": events, "resident": resident, "max_live": src.max_live, "peak": mem.delta, "codes": codes}
 
 
@@ -160,6 +161,39 @@ def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
     # an in-memory run holds every block's weights: +1 block of memory per block of depth.  Streamed, an
     # extra block costs only what the result keeps of it (uint8 codes, a quarter of its fp32 weights)
     assert per_block < 0.5 * deep["block"]
+    # with a checkpoint that releases each finished block (what `mixq quantize` uses), not even the codes stay
+    from mixq.calib.checkpoint import WalkCheckpoint
+
+    rel = {}
+    for layers in (2, 10):
+        ck = WalkCheckpoint(tmp_path / f"ck-{layers}", release=True)
+        rel[layers] = _lazy_gptq(tmp_path / f"llama-{layers}", layers, read, checkpoint=ck)
+        assert rel[layers]["codes"] == 0
+    per_block_rel = (rel[10]["peak"] - rel[2]["peak"]) / 8
+    print(f"with a releasing checkpoint: +{per_block_rel / 2**20:.3f} MiB per extra block")
+    assert per_block_rel < 0.1 * deep["block"]
+
+
+def test_stored_layers_save_like_in_memory_ones(tiny_model, tiny_tokenizer, tmp_path):
+    """A GPTQ walk whose checkpoint releases each block gives the same directory, byte for byte."""
+    from mixq.calib.checkpoint import StoredLayer, WalkCheckpoint
+    from mixq.export.native import save_quantized
+
+    ids = torch.randint(0, 99, (4, 16), generator=torch.Generator().manual_seed(0))
+    dirs = []
+    for release in (False, True):
+        model = tiny_model("llama")
+        specs = api.resolve_specs(model, "W3-g32")
+        ck = WalkCheckpoint(tmp_path / f"ck-{release}", release=release)
+        res = api.quantize_model(model, specs, method="gptq", calib_ids=ids, checkpoint=ck, progress=False)
+        assert all(isinstance(q, StoredLayer) == release for q in res.qtensors.values())
+        d = save_quantized(tmp_path / f"out-{release}", model, tiny_tokenizer, res.qtensors, {"method": "gptq"})
+        dirs.append(d)
+        if release:
+            q = next(iter(res.qtensors.values()))
+            assert q.nbytes == q.packed().nbytes and q.to_qtensor().codes.dtype == torch.uint8
+    for name in ("quantized.safetensors", "rest.safetensors"):
+        assert (dirs[0] / name).read_bytes() == (dirs[1] / name).read_bytes()
 
 
 def test_quantize_lazy_cli_matches_in_memory(tiny_model, tiny_tokenizer, tmp_path):
@@ -198,10 +232,11 @@ def test_skeleton_has_meta_parameters_and_the_real_buffers(tiny_model, family):
         assert not b.is_meta and torch.equal(b, real[k]), k
 
 
-def test_tensor_reader_matches_safetensors_and_rejects_truncation(tmp_path):
+def test_stio_reader_and_writer_match_safetensors_and_reject_truncation(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from mixq.calib.lazy import _read_tensor, _shard_index
+    from mixq.calib.lazy import _shard_index
+    from mixq.stio import read_tensor as _read_tensor
 
     g = torch.Generator().manual_seed(0)
     ts = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
@@ -214,6 +249,14 @@ def test_tensor_reader_matches_safetensors_and_rejects_truncation(tmp_path):
     for k in ts:
         got = _read_tensor(fp, k)
         assert got.dtype == ref[k].dtype and torch.equal(got, ref[k]), k
+    from mixq import stio
+
+    out = tmp_path / "streamed.safetensors"
+    stio.write(out, [(k, t.dtype, tuple(t.shape)) for k, t in ts.items()], ts.__getitem__, {"format": "x"})
+    back = load_file(out)
+    assert back.keys() == ts.keys() and all(torch.equal(back[k], ts[k]) for k in ts)
+    with pytest.raises(ValueError, match="announced"):
+        stio.write(tmp_path / "bad.safetensors", [("a", torch.float32, (2, 2))], lambda n: ts["a"])
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(fp.read_bytes()[:-3])
     with pytest.raises(ValueError, match="truncated"):

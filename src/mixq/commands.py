@@ -159,8 +159,9 @@ def cmd_quantize(args) -> int:
     if args.method == "gptq":
         from .calib.checkpoint import WalkCheckpoint
 
-        # every block is saved beside --out while the walk runs, so an interrupted run resumes on the next call
-        walk = WalkCheckpoint(out.with_name(f".{out.name}.partial-walk"), announce=print)
+        # every block is saved beside --out while the walk runs, so an interrupted run resumes on the next call;
+        # release: a finished block's codes live only in its file until the output is written (out-of-core)
+        walk = WalkCheckpoint(out.with_name(f".{out.name}.partial-walk"), announce=print, release=True)
     res = api.quantize_model(model, specs, method=args.method, calib_ids=calib_ids, damp=args.damp,
                              act_order=args.act_order, rotate=rotate, online_rotation=False, source=source,
                              checkpoint=walk, offload_dir=args.offload_dir)

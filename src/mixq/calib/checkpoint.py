@@ -23,6 +23,12 @@ decodes every saved block *before* touching the model; anything amiss (another k
 altered file) is reported as a warning, the checkpoint is wiped and the walk starts over.  Restored
 blocks get the exact codes, params and weights of the uninterrupted run.
 
+``release=True`` (what ``mixq quantize`` uses) makes the walk's output out-of-core: once block ``i`` is
+committed, its entries in the results become :class:`StoredLayer` handles on its file, so the codes of
+finished blocks are not kept in memory (the native writer streams them from there into the output
+directory, one tensor at a time), and a resume decodes each saved block only when the walk restores it
+(every file's sha256 is still checked first).
+
 Cost per block: one write of the inputs buffer (``n * L * hidden`` elements) and of the packed
 block; hashing the (small) block files.  The inputs file is the big one (150 MB for 128 x 512
 tokens at hidden 576 in float32).
@@ -42,6 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import stio
 from ..arch import get_weight, set_weight
 
 log = logging.getLogger(__name__)
@@ -83,9 +90,10 @@ class WalkCheckpoint:
     """
 
     def __init__(self, directory: str | os.PathLike, key: dict | None = None, *,
-                 announce: Callable[[str], None] | None = None):
+                 announce: Callable[[str], None] | None = None, release: bool = False):
         self.dir = Path(directory)
         self.key = key
+        self.release = release
         self.announce = announce or log.info
         self.resumed_from = 0
         self._doc: dict | None = None
@@ -126,9 +134,11 @@ class WalkCheckpoint:
     def restore(self, i: int, block: nn.Module) -> None:
         """Put block i's saved layers into the results and its (fake-quant) weights into ``block``."""
         prefix, _, q, losses = self._results
-        for name, (qt, packed, loss, weight) in self._records.pop(i).items():
+        rec = self._records.pop(i)
+        for name, (qt, packed, loss, weight) in (rec if rec is not None else self._read_block(i)).items():
             fqn = f"{prefix}.{i}.{name}"
-            q[fqn] = qt
+            q[fqn] = qt if not self.release else StoredLayer(self.dir / f"block-{i:05d}.safetensors", name,
+                                                              self._layer_info(i, name))
             if loss is not _NO_LOSS:
                 losses[fqn] = loss
             set_weight(block.get_submodule(name), weight if weight is not None else packed.dequantize())
@@ -168,6 +178,9 @@ class WalkCheckpoint:
         _atomic(self.dir / PROGRESS, lambda p: p.write_text(json.dumps(doc, indent=1)))
         if old is not None and old["file"] != inputs_name:
             (self.dir / old["file"]).unlink(missing_ok=True)
+        if self.release:  # the block's layers now live in its file: hand back their memory
+            for name, info in layers.items():
+                q[f"{pre}{name}"] = StoredLayer(self.dir / f"{stem}.safetensors", name, info)
 
     # ---------------------------------------------------------------- housekeeping
     def clear(self) -> None:
@@ -216,7 +229,9 @@ class WalkCheckpoint:
                 s = st.get_slice("inputs")
                 if s.get_shape() != inp["shape"] or s.get_dtype() != _ST_DTYPE.get(inputs.dtype):
                     return f"{inp['file']} holds another tensor than progress.json says"
-            self._records = {i: self._read_block(i) for i in range(k + 1)}
+            # decoded now (checked before the model is touched); with release, one block at a time in restore()
+            # (each file's sha256 was checked above), so resuming does not load the whole result at once
+            self._records = {i: None if self.release else self._read_block(i) for i in range(k + 1)}
         except Exception as e:  # noqa: BLE001 - any unreadable piece means: start over
             self._records = {}
             return f"unreadable ({type(e).__name__}: {e})"
@@ -249,12 +264,65 @@ class WalkCheckpoint:
                 out[name] = (qt, packed, info.get("proxy_loss", _NO_LOSS), weight)
         return out
 
+    def _layer_info(self, i: int, name: str) -> dict:
+        return json.loads((self.dir / f"block-{i:05d}.json").read_text())["layers"][name]
+
     def _read_inputs(self, path: Path, into: torch.Tensor) -> None:
         rows = max(1, _CHUNK // max(1, into[0].numel() * into.element_size()))
         with safe_open(path, "pt") as f:
             s = f.get_slice("inputs")
             for a in range(0, into.shape[0], rows):
                 into[a : a + rows] = s[a : a + rows]
+
+
+class StoredLayer:
+    """A quantized layer whose stored form lives in a checkpoint block file, not in memory.
+
+    What :class:`WalkCheckpoint` leaves in the results with ``release=True``: it has the ``spec``,
+    ``shape``, ``nbytes``, ``tensor_meta()`` and ``tensors()`` of the packed layer it stands for, so
+    :func:`mixq.export.native.save_quantized` copies it into the output one tensor at a time;
+    :meth:`packed` / :meth:`to_qtensor` load it.  Valid while the checkpoint directory exists.
+    """
+
+    def __init__(self, path: Path, name: str, info: dict):
+        from ..intra import parse_candidate
+
+        self.path, self.name, self.kind = Path(path), name, info["kind"]
+        self.spec = parse_candidate(info["spec"])
+        self.shape = tuple(info["shape"])
+        self.parts = [k for k in info["parts"] if k != "__weight__"]
+        self.proxy_loss = info.get("proxy_loss")
+
+    def tensor_meta(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        entries = stio.header(self.path)[1]
+        return {k: (stio.DTYPES[entries[f"{self.name}.{k}"]["dtype"]], tuple(entries[f"{self.name}.{k}"]["shape"]))
+                for k in self.parts}
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for dt, shape in self.tensor_meta().values():
+            n = dt.itemsize
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def tensor(self, part: str) -> torch.Tensor:
+        return stio.read_tensor(self.path, f"{self.name}.{part}")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: self.tensor(k) for k in self.parts}
+
+    def packed(self):
+        from ..intra import PackedComposite
+        from ..runtime.bitpack import PackedWeight
+
+        cls = PackedComposite if self.kind == "PackedComposite" else PackedWeight
+        return cls.from_tensors(self.tensors(), self.spec, self.shape)
+
+    def to_qtensor(self):
+        return self.packed().to_qtensor()
 
 
 def _pack_cpu(qt):

@@ -27,59 +27,8 @@ import torch
 from torch import nn
 
 from ..arch import arch_for
-
-# safetensors dtype names -> torch dtypes (the format: 8-byte little-endian header length, a JSON header
-# {name: {"dtype", "shape", "data_offsets": [begin, end]}}, then the raw little-endian tensor bytes)
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_HEADERS: dict[tuple, tuple[int, dict]] = {}
-
-
-def _header(fp: Path) -> tuple[int, dict]:
-    """``(data start, {name: entry})`` of a safetensors file, validated against its size (cached per file state)."""
-    st = fp.stat()
-    key = (str(fp), st.st_size, st.st_mtime_ns)
-    if key not in _HEADERS:
-        with open(fp, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError(f"{fp} is not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(st.st_size - 8, 100 << 20):
-                raise ValueError(f"{fp}: header length {n} does not fit the file: truncated or not safetensors")
-            entries = json.loads(f.read(n))
-        entries.pop("__metadata__", None)
-        body = st.st_size - 8 - n
-        for name, e in entries.items():
-            b, end = e["data_offsets"]
-            dt = _DTYPES.get(e["dtype"])
-            numel = 1
-            for d in e["shape"]:
-                numel *= d
-            if dt is None or not 0 <= b <= end <= body or end - b != numel * dt.itemsize:
-                raise ValueError(f"{fp}: tensor {name} ({e['dtype']} {e['shape']}, bytes {b}..{end}) is "
-                                 f"inconsistent with the file: truncated, tampered or an unknown dtype")
-        _HEADERS[key] = (8 + n, entries)
-    return _HEADERS[key]
-
-
-def _read_tensor(fp: Path, name: str) -> torch.Tensor:
-    """One tensor read with plain file I/O — only its bytes, no mmap of the file (a private file mapping
-    counts against ``RLIMIT_DATA``, so a memory-capped run could not even open a shard bigger than the cap)."""
-    start, entries = _header(fp)
-    e = entries[name]
-    b, end = e["data_offsets"]
-    buf = bytearray(end - b)
-    with open(fp, "rb") as f:
-        f.seek(start + b)
-        if f.readinto(buf) != len(buf):
-            raise ValueError(f"{fp}: tensor {name} is cut short: the file is truncated")
-    dt = _DTYPES[e["dtype"]]
-    if not buf:
-        return torch.empty(e["shape"], dtype=dt)
-    return torch.frombuffer(buf, dtype=dt).reshape(e["shape"])
-
+from ..stio import header as _header
+from ..stio import read_tensor as _read_tensor
 
 def _shard_index(path: str | os.PathLike) -> dict[str, Path]:
     """tensor name → file, for a single ``.safetensors`` file or a directory of shards."""

@@ -55,6 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import stio
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec
 from ..formats import QParams, QTensor
@@ -93,7 +94,8 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
-    packed = {fqn: PackedComposite.from_qtensor(q) if is_composite(q.spec) else PackedWeight.from_qtensor(q)
+    packed = {fqn: q if hasattr(q, "tensor_meta")  # a layer stored on disk (calib.checkpoint.StoredLayer)
+              else PackedComposite.from_qtensor(q) if is_composite(q.spec) else PackedWeight.from_qtensor(q)
               for fqn, q in qtensors.items()}
 
     def extra(tmp: Path) -> None:
@@ -114,14 +116,18 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
     with atomic_dir(out) as tmp:
-        tensors: dict[str, torch.Tensor] = {}
+        layout: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+        where: dict[str, tuple[str, str]] = {}
         layers: dict[str, dict] = {}
         on_disk = spec_bits = n_tensors = 0
         for fqn, pw in packed.items():
             entry = {}
-            for name, t in pw.tensors().items():
-                tensors[f"{fqn}.{name}"] = t.detach().contiguous()
-                entry[name] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            parts = pw.tensor_meta() if hasattr(pw, "tensor_meta") else \
+                {k: (t.dtype, tuple(t.shape)) for k, t in pw.tensors().items()}
+            for name, (dt, shape) in parts.items():
+                layout.append((f"{fqn}.{name}", dt, tuple(shape)))
+                where[f"{fqn}.{name}"] = (fqn, name)
+                entry[name] = {"dtype": str(dt).removeprefix("torch."), "shape": list(shape)}
             bits = pw.spec.cost(pw.shape).total
             layers[fqn] = {"spec": pw.spec.to_dict(), "shape": list(pw.shape), "tensors": entry,
                            "bytes": pw.nbytes, "bits_spec": bits}
@@ -130,8 +136,14 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
             on_disk += pw.nbytes
             spec_bits += bits
             n_tensors += len(entry)
-        save_file(tensors, tmp / "quantized.safetensors", metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        del tensors
+
+        def produce(key: str) -> torch.Tensor:  # one layer's tensors at a time (a stored layer is read from disk)
+            fqn, name = where[key]
+            pw = packed[fqn]
+            return pw.tensor(name) if hasattr(pw, "tensor") else pw.tensors()[name].detach()
+
+        stio.write(tmp / "quantized.safetensors", layout, produce,
+                   metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
         if rest_dtype is not None:
             rest = {k: v.to(rest_dtype) if v.is_floating_point() else v for k, v in rest.items()}
         save_file(rest, tmp / "rest.safetensors")
