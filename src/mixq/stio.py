@@ -105,7 +105,7 @@ def write(path: str | os.PathLike, layout: Iterable[tuple[str, torch.dtype, tupl
             t = produce(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(int(d) for d in shape):
                 raise ValueError(f"{name}: produced {t.dtype} {tuple(t.shape)}, announced {dtype} {tuple(shape)}")
-            flat = t.detach().reshape(-1).cpu()
+            flat = t.detach().reshape(-1)
             step = max(1, _CHUNK // max(1, dtype.itemsize))
-            for a in range(0, flat.numel(), step):
-                f.write(flat[a:a + step].contiguous().view(torch.uint8).numpy().tobytes())
+            for a in range(0, flat.numel(), step):  # a chunk at a time, also off an accelerator
+                f.write(flat[a:a + step].to("cpu").contiguous().view(torch.uint8).numpy().data)

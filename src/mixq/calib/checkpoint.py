@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Callable
 
@@ -368,19 +367,8 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_inputs(path: Path, t: torch.Tensor) -> None:
-    """``t`` as a safetensors file with one tensor ``"inputs"``, written a chunk of rows at a time
-    (``safetensors.torch.save_file`` would copy the whole buffer into memory first)."""
+    """``t`` as a safetensors file with one tensor ``"inputs"``, written a chunk at a time (:func:`mixq.stio.write`;
+    ``safetensors.torch.save_file`` would copy the whole buffer into memory first)."""
     if t.dtype not in _ST_DTYPE:
         raise ValueError(f"cannot checkpoint {t.dtype} block inputs")
-    nbytes = t.numel() * t.element_size()
-    header = {"inputs": {"dtype": _ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [0, nbytes]},
-              "__metadata__": {"format": FORMAT}}
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    rows = max(1, _CHUNK // max(1, t[0].numel() * t.element_size()))
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for a in range(0, t.shape[0], rows):
-            chunk = t[a : a + rows].detach().to("cpu").contiguous().reshape(-1)
-            f.write(chunk.view(torch.uint8).numpy().data)
+    stio.write(path, [("inputs", t.dtype, tuple(t.shape))], lambda _: t, {"format": FORMAT})
