@@ -331,10 +331,15 @@ def write(doc: dict, results: Path, tag: str) -> None:
               "settings keep ~0.08 % of the columns of 4096-wide models; 1 of 576 is the nearest), MixLLM uses groups "
               "of 192 (128 does not divide 576), BlockDialect FP4 blocks of 32 with an fp16 scale and one of 8 "
               "level tables (its own FP4 variants use an 8-bit shared exponent).",
-              "- Not run by default to keep the bench under ~25 min on 2 cores: SqueezeLLM's `KM3+o0.45` (weighted "
-              "k-means: ~4.5 min to quantize SmolLM2 once, ~4.5 min more in the measurement), SpQR's full "
-              "`W3-g16-asym+sq3+o0.25` (~1.5 min), GPTQ rows (~4 min each: `--gptq-methods "
-              "W3-channel-asym+c1,W3-g16+sq3`).", ""]
+              "- Not run by default to keep the bench under ~25 min on 2 cores (pass them with `--methods` / "
+              "`--gptq-methods` as the command above does): SqueezeLLM's `KM3+o0.45` (weighted k-means: ~4.5 min "
+              "to quantize SmolLM2 once, ~4.5 min more in the measurement), SpQR's full `W3-g16-asym+sq3+o0.25` "
+              "(~1.5 min), GPTQ rows (~4 min each).", ""]
+    carried = sorted({r["source"] for r in rows if r.get("source")})
+    if carried:
+        n_old = sum(bool(r.get("source")) for r in rows)
+        lines += [f"Rows carried over from {'; '.join(carried)} (same protocol, resumed from its rows): {n_old}; "
+                  f"measured in this run (the commit above): {len(rows) - n_old}. The whole-run time is this run's.", ""]
     (results / f"{tag}.md").write_text("\n".join(lines) + "\n")
     (results / f"{tag}.json").write_text(json.dumps(doc, indent=2))
     plot(curves, meths, results / f"{tag}.png", doc["header"][0].removeprefix("# "))
