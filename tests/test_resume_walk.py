@@ -30,18 +30,8 @@ IDS = torch.randint(0, tiny.VOCAB, (6, 16), generator=torch.Generator().manual_s
 
 
 def _deep(family: str, seed: int = 0):
-    """tests/tiny.py's model of ``family`` with LAYERS blocks (norms randomised as in make_tiny)."""
-    cfg, cls = tiny._config(family)
-    cfg.num_hidden_layers = LAYERS
-    if getattr(cfg, "layer_types", None):  # per-layer attention kinds (qwen2: all full attention)
-        cfg.layer_types = [cfg.layer_types[0]] * LAYERS
-    torch.manual_seed(seed)
-    model = cls(cfg).to(torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.normal_(0.0, 0.1).add_(0.0 if "bias" in name else 1.0)
-    return model.eval()
+    """tests/tiny.py's model of ``family`` with LAYERS blocks."""
+    return tiny.make_tiny(family, seed, layers=LAYERS)
 
 
 def _gptq(model, spec="W4-g32", **kw):

@@ -58,13 +58,18 @@ def _config(family: str) -> tuple[tf.PretrainedConfig, type]:
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 
-def make_tiny(family: str, seed: int = 0) -> tf.PreTrainedModel:
-    """A random tiny causal LM of ``family`` (float32, eval mode, deterministic for ``seed``).
+def make_tiny(family: str, seed: int = 0, layers: int | None = None) -> tf.PreTrainedModel:
+    """A random tiny causal LM of ``family`` (float32, eval mode, deterministic for ``seed``);
+    ``layers``: another number of decoder blocks than the family's default.
 
     Norm weights are randomised too (HF initialises them to 1 or 0), so that tests which fold
     scales into norms or compare layouts do not pass by accident.
     """
     cfg, cls = _config(family)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None):  # per-layer attention kinds (e.g. qwen2: all full attention)
+            cfg.layer_types = [cfg.layer_types[0]] * layers
     torch.manual_seed(seed)
     model = cls(cfg).to(torch.float32)
     with torch.no_grad():
