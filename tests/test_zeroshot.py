@@ -80,6 +80,29 @@ def test_loglikelihood_equals_direct_computation(model, tok):
         direct_logprob(model, tok, bos, "ab"), abs=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2", "phi", "gemma3", "gpt_neox"])
+def test_shared_context_scoring_equals_direct_computation(family, tok, monkeypatch):
+    """Continuations of one context are scored with the context run once (KV cache): same numbers, and
+    the one-window path is not used for them."""
+    fam_model = make_tiny(family)
+    ctx = " the stock market"
+    conts = [" fell", " rose sharply today", "!", " was"]
+    reqs = [Request((ctx, c)) for c in conts] + [Request((" a", " b"))]  # the last one has its own context
+    windows = []
+    real = MixqLM._score
+    monkeypatch.setattr(MixqLM, "_score", lambda self, seqs, *a, **k: windows.append(len(seqs)) or real(self, seqs, *a, **k))
+    for bs in (1, 3):
+        got = MixqLM(fam_model, tok, batch_size=bs).loglikelihood(reqs)
+        for (lp, _), r in zip(got, reqs):
+            assert lp == pytest.approx(direct_logprob(fam_model, tok, *r.args), abs=1e-4)
+    assert windows == [1, 1]  # only the lone request went through one-window scoring
+    greedy = MixqLM(fam_model, tok).generate_until([Request((ctx, {"until": [], "max_gen_toks": 3}))])[0]
+    if greedy.strip():  # (a random model may stop at EOS at once)
+        other = greedy[:-1] + ("a" if greedy[-1] != "a" else "b")
+        flags = MixqLM(fam_model, tok).loglikelihood([Request((ctx, greedy)), Request((ctx, other))])
+        assert flags[0][1] and not flags[1][1]
+
+
 def test_greedy_flag_and_generation_agree(model, tok):
     lm = MixqLM(model, tok)
     ctx = " the company said"

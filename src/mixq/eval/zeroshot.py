@@ -202,9 +202,36 @@ class MixqLM:
                 raise ValueError(f"continuation {continuation!r} encodes to no tokens")
             seqs.append(ctx + cont)
             firsts.append(len(ctx))
-        out = self._score(seqs, firsts, from_end=True)
+        out: list = [None] * len(seqs)
+        for k, r in self._shared_contexts(seqs, firsts).items():
+            out[k] = r
+        rest = [k for k in range(len(seqs)) if out[k] is None]
+        for k, r in zip(rest, self._score([seqs[k] for k in rest], [firsts[k] for k in rest], from_end=True)):
+            out[k] = r
         self._cache("loglikelihood", requests, out)
         return out
+
+    def _shared_contexts(self, seqs: list[list[int]], firsts: list[int]) -> dict[int, tuple[float, bool]]:
+        """Requests whose context is shared by others and that fit one window, scored with the context run
+        once (:mod:`mixq.eval.prefix_cache`); the others are left out of the result."""
+        from .prefix_cache import score_shared_context
+
+        groups: dict[tuple, list[int]] = {}
+        for k, (seq, f) in enumerate(zip(seqs, firsts)):
+            if len(seq) - 1 <= self.max_length:
+                groups.setdefault(tuple(seq[:f]), []).append(k)
+        done: dict[int, tuple[float, bool]] = {}
+        device = model_device(self.model)
+        with eval_mode(self.model):
+            for ctx, ks in groups.items():
+                if len(ks) < 2:
+                    continue
+                res = score_shared_context(self.model, list(ctx), [seqs[k][len(ctx):] for k in ks],
+                                           batch_size=self.batch_size, pad_id=self.pad_token_id, device=device)
+                if res is None:  # no KV cache from this model: every request goes the one-window way
+                    return {}
+                done.update(zip(ks, res))
+        return done
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each text from the prefix token on, in disjoint windows of
@@ -231,9 +258,17 @@ class MixqLM:
                 ids = ids[-max(1, self.max_length - max_new):]
                 gen: list[int] = []
                 text = ""
+                past = None  # KV cache while the whole sequence fits one window; else each step re-runs the window
+                fits = len(ids) + max_new <= self.max_length
                 for _ in range(max_new):
-                    x = torch.tensor([(ids + gen)[-self.max_length:]], dtype=torch.long, device=device)
-                    nxt = int(self.model(x, use_cache=False).logits[0, -1].argmax())
+                    if fits:
+                        x = torch.tensor([gen[-1:] if past is not None else ids], dtype=torch.long, device=device)
+                        step = self.model(x, past_key_values=past, use_cache=True)
+                        past = step.past_key_values
+                        nxt = int(step.logits[0, -1].argmax())
+                    else:
+                        x = torch.tensor([(ids + gen)[-self.max_length:]], dtype=torch.long, device=device)
+                        nxt = int(self.model(x, use_cache=False).logits[0, -1].argmax())
                     if nxt == self.eos_token_id:
                         break
                     gen.append(nxt)
