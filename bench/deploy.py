@@ -96,10 +96,13 @@ def main():
         wanted = args.rows.split(",") if args.rows else UNIFORM + [f"mixed-{args.bpw:g}", f"mixed-{args.bpw:g}-cpu"]
         if any(r.startswith("mixed") for r in wanted):
             t = time.perf_counter()
-            table = measure(S.ref, S.calib, default_candidates(), metric="kfac", algorithm="rtn", progress=False)
+            cache = Path(__file__).parent / "cache" / f"measure-kfac-rtn-{args.calib_samples}x512.json"
+            cache.parent.mkdir(exist_ok=True)
+            table = SensitivityTable.load(cache) if cache.exists() else measure(
+                S.ref, S.calib, default_candidates(), metric="kfac", algorithm="rtn", out=cache, progress=False)
             measure_s = time.perf_counter() - t
             plans[f"mixed-{args.bpw:g}"] = allocate(table, Budget(bpw=args.bpw))
-            plans[f"mixed-{args.bpw:g}-cpu"] = allocate(_restrict_to_fast(table), Budget(bpw=args.bpw))
+            plans[f"mixed-{args.bpw:g}-cpu"] = allocate(table, Budget(bpw=args.bpw), constraints=Constraints(fast_on="cpu"))
             print(f"measured kfac in {measure_s:.0f} s", flush=True)
         for name in wanted:
             rows.append(_quantized_row(S, name, plans.get(name), prompt, args, work, has_gguf))
