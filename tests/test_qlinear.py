@@ -168,6 +168,11 @@ def test_released_codes_live_once_and_come_back():
     y = layer(x)
     assert layer.codes_released and layer.codes.numel() == 0
     assert layer.nbytes == pw.nbytes  # the accounted size does not change
+    st = layer._state["cpu-int4"]
+    assert layer.state_nbytes == sum(t.untyped_storage().nbytes() for pl in st["planes"] for t in (pl["w"], pl["sz"]))
+    wide = QuantLinear(PackedWeight.from_qtensor(_layer("W6-g32", (64, 128), False)[0]))
+    wide(x)
+    assert wide.codes_released and wide.state_nbytes >= 64 * 128  # two int4 planes: a byte per weight
     assert layer.resident_nbytes == pw.nbytes - pw.codes.numel() + b.numel() * 4 + layer.state_nbytes
     assert torch.equal(layer.packed.codes, pw.codes)  # rebuilt from the kernel layout
     assert torch.equal(layer.state_dict()["codes"], pw.codes)

@@ -116,11 +116,19 @@ class QuantLinear(nn.Module):
     @property
     def state_nbytes(self) -> int:
         """Bytes held by kernel states (e.g. ``cpu-int4``'s int4pack copy and bf16 scales)."""
-        storages = {}
-        for st in self._state.values():
-            for t in (st.values() if isinstance(st, dict) else ()):
-                if isinstance(t, torch.Tensor):
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        storages: dict[int, int] = {}
+
+        def walk(x) -> None:  # states nest tensors in dicts and lists (e.g. cpu-int4's planes)
+            if isinstance(x, torch.Tensor):
+                storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+            elif isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, (list, tuple)):
+                for v in x:
+                    walk(v)
+
+        walk(list(self._state.values()))
         return sum(storages.values())
 
     @property
