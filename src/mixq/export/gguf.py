@@ -99,7 +99,7 @@ from ..config import QuantSpec
 from ..formats import QTensor
 from ..formats import dequantize as mixq_dequantize
 from .gguf_vocab import _add_tokenizer, _embedded_pre, _tokenizer_fields
-from .ggml import (  # noqa: F401  (pack_*/encode/decode re-exported: they are part of this module's API)
+from .ggml import (  # noqa: F401  (encode/decode re-exported: part of this module's API; block packers: .ggml_pack)
     _Choice,
     _choose_type,
     _float_data,
@@ -109,18 +109,6 @@ from .ggml import (  # noqa: F401  (pack_*/encode/decode re-exported: they are p
     encode_blocks,
     ggml_bpw,
     gguf_quantize_support,
-    pack_iq4_nl,
-    pack_mxfp4,
-    pack_q2_k,
-    pack_q3_k,
-    pack_q4_0,
-    pack_q4_1,
-    pack_q4_k,
-    pack_q5_0,
-    pack_q5_1,
-    pack_q5_k,
-    pack_q6_k,
-    pack_q8_0,
 )
 
 log = logging.getLogger(__name__)
