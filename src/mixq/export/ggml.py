@@ -335,13 +335,18 @@ def _grid_of(q: QTensor, perm: np.ndarray | None) -> _Grid | None:
 
 
 # ---------------------------------------------------------------------------- encoders
+def _sym_steps(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None, *, fp16_step: bool) -> np.ndarray:
+    """One step per ``f.sub``-block of a symmetric type: mixq's own when its grid is integral, else fitted."""
+    sub = grid.per_sub(f.sub, x.shape[1]) if grid is not None and grid.integral else None
+    if sub is not None:
+        return sub[0].reshape(-1)
+    return _fit_sym(x, f.sub, 2 ** (f.bits - 1), src_bits, fp16_step=fp16_step)
+
+
 def _enc_sym_legacy(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
     mid = 2 ** (f.bits - 1)
-    cols = x.shape[1]
     xb = x.reshape(-1, f.sub)
-    sub = grid.per_sub(f.sub, cols) if grid is not None and grid.integral else None
-    step = sub[0].reshape(-1) if sub is not None else _fit_sym(x, f.sub, mid, src_bits, fp16_step=True)
-    d = _fp16(step)
+    d = _fp16(_sym_steps(f, x, grid, src_bits, fp16_step=True))
     c = _sym_codes(xb, d[:, None], mid)
     return {QT.Q8_0: pack_q8_0, QT.Q4_0: pack_q4_0, QT.Q5_0: pack_q5_0}[f.qtype](d, c)
 
@@ -361,10 +366,8 @@ def _enc_affine_legacy(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int
 
 def _enc_sym_k(f: _Fmt, x: np.ndarray, grid: _Grid | None, src_bits: int | None) -> np.ndarray:
     mid = 2 ** (f.bits - 1)
-    cols = x.shape[1]
     xs = x.reshape(-1, f.sub)
-    sub = grid.per_sub(f.sub, cols) if grid is not None and grid.integral else None
-    a = sub[0].reshape(-1) if sub is not None else _fit_sym(x, f.sub, mid, src_bits, fp16_step=False)
+    a = _sym_steps(f, x, grid, src_bits, fp16_step=False)
     d, sc = _quant_sub_scales(a.reshape(-1, 256 // f.sub), *f.sc_range)
     eff = (d[:, None] * sc.astype(np.float32)).reshape(-1, 1)  # ggml's d * sc, in float32
     c = _sym_codes(xs, eff, mid).reshape(-1, 256)
