@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 FORMAT = "mixq-walk-checkpoint"
 VERSION = 1
 PROGRESS = "progress.json"
-_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 _CHUNK = 64 * 2**20  # bytes per write/read of the inputs buffer
 _NO_LOSS = object()
 
@@ -226,7 +225,7 @@ class WalkCheckpoint:
                 return f"{inp['file']} is missing or truncated"
             with safe_open(f, "pt") as st:
                 s = st.get_slice("inputs")
-                if s.get_shape() != inp["shape"] or s.get_dtype() != _ST_DTYPE.get(inputs.dtype):
+                if s.get_shape() != inp["shape"] or s.get_dtype() != stio.NAMES.get(inputs.dtype):
                     return f"{inp['file']} holds another tensor than progress.json says"
             # decoded now (checked before the model is touched); with release, one block at a time in restore()
             # (each file's sha256 was checked above), so resuming does not load the whole result at once
@@ -369,6 +368,6 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
 def _write_inputs(path: Path, t: torch.Tensor) -> None:
     """``t`` as a safetensors file with one tensor ``"inputs"``, written a chunk at a time (:func:`mixq.stio.write`;
     ``safetensors.torch.save_file`` would copy the whole buffer into memory first)."""
-    if t.dtype not in _ST_DTYPE:
+    if not t.dtype.is_floating_point or t.dtype not in stio.NAMES:
         raise ValueError(f"cannot checkpoint {t.dtype} block inputs")
     stio.write(path, [("inputs", t.dtype, tuple(t.shape))], lambda _: t, {"format": FORMAT})
