@@ -13,7 +13,8 @@ from tiny import make_tiny, make_tiny_tokenizer
 from mixq.cli import main
 from mixq.eval import zeroshot as zs
 from mixq.eval.stats import wilson_interval
-from mixq.eval.zeroshot import MixqLM, Request, build_suite, fingerprint, score_items
+from mixq.eval.suite import build_suite, fingerprint, score_items
+from mixq.eval.zeroshot import MixqLM, Request
 
 
 @pytest.fixture(scope="module")

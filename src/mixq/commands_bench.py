@@ -68,7 +68,7 @@ def cmd_bench(args) -> int:
                           resamples=args.resamples, zeroshot=args.zeroshot, zeroshot_tasks=args.zeroshot_tasks,
                           batch_size=args.batch_size)
         if cfg.zeroshot:
-            from .eval.zeroshot import parse_tasks
+            from .eval.suite import parse_tasks
 
             parse_tasks(cfg.zeroshot_tasks)
         if cfg.candidates != "default":

@@ -63,7 +63,7 @@ def cmd_inspect(args) -> int:
 
 # ---------------------------------------------------------------------------- zeroshot
 def cmd_zeroshot(args) -> int:
-    from .eval.zeroshot import build_suite, parse_tasks
+    from .eval.suite import build_suite, parse_tasks
 
     _check_out(args.out, args.force)
     for name in ("n", "batch_size"):
@@ -72,7 +72,8 @@ def cmd_zeroshot(args) -> int:
     tasks = parse_tasks(args.task)
     suite = build_suite(tasks, args.n, args.seed)  # before loading the model: a bad --n costs nothing
     from .commands import load_target
-    from .eval.zeroshot import MixqLM, run_suite, suite_info
+    from .eval.suite import run_suite, suite_info
+    from .eval.zeroshot import MixqLM
 
     model, tok, info = load_target(args.target)
     if tok is None:

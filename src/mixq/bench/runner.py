@@ -257,7 +257,7 @@ class Bench:
         eval_text = data.load_corpus(c.corpus, c.split)
         calib_text = data.load_corpus(c.calib, "train")
         if c.zeroshot:
-            from ..eval.zeroshot import build_suite
+            from ..eval.suite import build_suite
 
             self.suite = build_suite(c.zeroshot_tasks, c.zeroshot, c.seed)
         self.model, self.tok = load_model(c.model)
@@ -343,7 +343,8 @@ class Bench:
         return out
 
     def zeroshot(self, model) -> dict:
-        from ..eval.zeroshot import MixqLM, run_suite
+        from ..eval.suite import run_suite
+        from ..eval.zeroshot import MixqLM
 
         lm = MixqLM(model, self.tok, batch_size=8)
         res = run_suite(lm, self.suite, greedy=False, confidence=self.cfg.confidence)
