@@ -15,6 +15,7 @@ from . import commands_alloc
 from . import commands_bench
 from . import commands_export
 from . import commands_report
+from .bos import add_bos_argument
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def register(sub) -> None:
     d.add_argument("--tokens", type=int, default=4096, help="PTB test tokens to score (default 4096)")
     d.add_argument("--bpw", type=float, default=3.5, help="budget in bits per weight (default 3.5)")
     d.add_argument("--out", default=None, help="also write the table's data as JSON here")
+    add_bos_argument(d)
     d.set_defaults(func=cmd_demo)
     commands_export.register(sub)
     commands_act.register(sub)
@@ -86,6 +88,7 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
+    add_bos_argument(p)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +97,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=32768, help="score the first N tokens (default 32768)")
     p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    add_bos_argument(p)
 
 
 # ---------------------------------------------------------------------------- quantize
@@ -249,15 +253,18 @@ def load_target(target: str):
     return m, t, None
 
 
-def eval_windows_for(args, tok):
+def eval_windows_for(args, tok, model=None):
+    """The evaluation windows and protocol of ``args`` (corpus, split, tokens, seqlen, stride, bos)."""
     from . import data
+    from .bos import resolve_bos
     from .eval import Protocol
 
     text = data.load_corpus(args.corpus, args.split)
+    bos = resolve_bos(tok, model, getattr(args, "bos", "auto"))
     ids = data.tokenize(text, tok)
-    win = data.eval_windows(ids, args.seqlen, stride=args.stride, max_tokens=args.tokens)
+    win = data.eval_windows(ids, args.seqlen, stride=args.stride, max_tokens=args.tokens, bos_id=bos.bos_id)
     proto = Protocol.for_windows(win, corpus=args.corpus, split=args.split,
-                                 tokenizer=getattr(tok, "name_or_path", "") or "", dtype="float32")
+                                 tokenizer=getattr(tok, "name_or_path", "") or "", dtype="float32", bos_decision=bos)
     return win, proto
 
 
@@ -278,7 +285,7 @@ def cmd_eval(args) -> int:
         reference, _, _ = load_target(ref_name)
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
-    win, proto = eval_windows_for(args, tok)
+    win, proto = eval_windows_for(args, tok, model)
     if args.ci and reference is not None:
         from .eval import ReferenceCache
 
@@ -323,7 +330,8 @@ def _print_result(res: dict) -> None:
 
     print(f"perplexity {f(res.get('perplexity'), '.3f')}  KL {f(res.get('kl'), '.4f')}  "
           f"top-1 {f(res.get('top1_agreement'), '.4f')}  ({res.get('n_scored')} tokens, "
-          f"{res['protocol']['corpus']}/{res['protocol']['split']}, seqlen {res['protocol']['seqlen']})")
+          f"{res['protocol']['corpus']}/{res['protocol']['split']}, seqlen {res['protocol']['seqlen']}, "
+          f"BOS {res['protocol']['bos']} ({res['protocol'].get('bos_policy')}: {res['protocol'].get('bos_source')}))")
 
 
 # ---------------------------------------------------------------------------- specs / demo
@@ -347,7 +355,7 @@ def cmd_specs(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(tokens=args.tokens, bpw=args.bpw, out=args.out)
+    run_demo(tokens=args.tokens, bpw=args.bpw, out=args.out, bos=args.bos)
     return 0
 
 

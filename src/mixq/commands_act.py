@@ -34,6 +34,7 @@ import re
 import time
 from pathlib import Path
 
+from .bos import add_bos_argument
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def cmd_eval_act(args) -> int:
                     "layers": args.act_layers,
                     "calibration": None if calib_ids is None else {"corpus": args.calib, "nsamples": args.nsamples,
                                                                    "seqlen": args.calib_seqlen, "seed": args.seed}}
-    win, proto = commands.eval_windows_for(args, tok)
+    win, proto = commands.eval_windows_for(args, tok, model)
     if kv_bits is not None:
         from .act.kvsens import kv_compare
 
@@ -348,6 +349,7 @@ def register(sub) -> None:
     m.add_argument("--nsamples", type=int, default=2, help="calibration windows (default 2)")
     m.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     m.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
+    add_bos_argument(m)
     m.add_argument("--bits", default="2,3,4,8", help="KV widths to measure (default 2,3,4,8; 16 is always free)")
     m.add_argument("--metric", default="kl", choices=["kl", "loss"], help="kl (default) or loss increase")
     m.add_argument("--engine", default="simulate", choices=["simulate", "cache"],

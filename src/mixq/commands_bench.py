@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from .bos import add_bos_argument
 from .cli import DEFAULT_MODEL, UserError
 
 
@@ -43,6 +44,7 @@ def register(sub) -> None:
                    help="also score the offline zero-shot suite with N items per task (default 0: skip)")
     b.add_argument("--zeroshot-tasks", default="lastword,choice", help="zero-shot tasks (default lastword,choice)")
     b.add_argument("--batch-size", type=int, default=1, help="evaluation windows per forward pass")
+    add_bos_argument(b)
     b.add_argument("--out", required=True, help="results directory (resumed if it holds this bench)")
     b.add_argument("--force", action="store_true", help="discard the results in --out and start over")
     b.add_argument("--report-only", action="store_true",
@@ -66,7 +68,7 @@ def cmd_bench(args) -> int:
                           metric=args.metric, algorithm=args.algorithm, candidates=args.candidates,
                           grad_samples=args.grad_samples, block_samples=args.block_samples,
                           resamples=args.resamples, zeroshot=args.zeroshot, zeroshot_tasks=args.zeroshot_tasks,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, bos=args.bos)
         if cfg.zeroshot:
             from .eval.suite import parse_tasks
 
@@ -95,6 +97,7 @@ def _command(cfg, out) -> str:
         parts += ["--block-samples", c.block_samples]
     if c.zeroshot:
         parts += ["--zeroshot", c.zeroshot, "--zeroshot-tasks", c.zeroshot_tasks]
+    parts += ["--bos", c.bos]
     return " ".join(shlex.quote(str(x)) for x in [*parts, "--out", out])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .bos import add_bos_argument
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def register(sub) -> None:
     z.add_argument("--seed", type=int, default=0, help="seed of the item sampler (default 0)")
     z.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     z.add_argument("--no-greedy", action="store_true", help="skip the greedy-generation metric of lastword")
+    add_bos_argument(z)
     z.add_argument("--out", default=None, help="write the results JSON here")
     z.add_argument("--force", action="store_true", help="replace --out if it exists")
     z.set_defaults(func=cmd_zeroshot)
@@ -71,6 +73,7 @@ def cmd_zeroshot(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     tasks = parse_tasks(args.task)
     suite = build_suite(tasks, args.n, args.seed)  # before loading the model: a bad --n costs nothing
+    from .bos import resolve_bos
     from .commands import load_target
     from .eval.suite import run_suite, suite_info
     from .eval.zeroshot import MixqLM
@@ -78,10 +81,11 @@ def cmd_zeroshot(args) -> int:
     model, tok, info = load_target(args.target)
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
-    lm = MixqLM(model, tok, batch_size=args.batch_size, progress=True)
+    bos = resolve_bos(tok, model, args.bos)
+    lm = MixqLM(model, tok, batch_size=args.batch_size, progress=True, bos_id=bos.bos_id)
     results = run_suite(lm, suite, greedy=not args.no_greedy)
     doc = {"target": args.target, "spec": (info or {}).get("spec"), "base_model": (info or {}).get("base_model"),
-           "suite": suite_info(args.n, args.seed),
+           "suite": suite_info(args.n, args.seed), "bos": bos.to_dict(),
            "tasks": results}
     for task, r in results.items():
         line = f"{task:<9} acc {_acc(r['acc'])}"

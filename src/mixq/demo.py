@@ -12,17 +12,20 @@ import time
 
 from . import api, data
 from .allocate import Budget, allocate, default_candidates
+from .bos import resolve_bos
 from .eval import Protocol, ReferenceCache, evaluate
 from .measure import measure
 from .models import load_model
 
 
 def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamples: int = 32, seqlen: int = 512,
-             progress: bool = True):
+             progress: bool = True, bos: str = "auto"):
     ref, tok = load_model("smollm2-135m")
+    bos_decision = resolve_bos(tok, ref, bos)
     ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)
-    win = data.eval_windows(ids, seqlen, max_tokens=tokens)
-    proto = Protocol.for_windows(win, corpus="ptb", split="test", tokenizer="smollm2-135m", dtype="float32")
+    win = data.eval_windows(ids, seqlen, max_tokens=tokens, bos_id=bos_decision.bos_id)
+    proto = Protocol.for_windows(win, corpus="ptb", split="test", tokenizer="smollm2-135m", dtype="float32",
+                                 bos_decision=bos_decision)
     cache = ReferenceCache(ref, win, progress=progress)
     train = data.tokenize(data.load_corpus("ptb", "train"), tok, progress=False)
     calib = data.calibration_batch(train, nsamples, seqlen, seed=0)

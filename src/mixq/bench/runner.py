@@ -130,6 +130,7 @@ class BenchConfig:
     zeroshot: int = 0
     zeroshot_tasks: str = "lastword,choice"
     batch_size: int = 1
+    bos: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def key(self) -> dict:
@@ -222,7 +223,9 @@ class Bench:
                     p.unlink()
         elif meta.exists():
             old = read_json(meta).get("key", {})
-            diff = {k: (old.get(k), v) for k, v in self.cfg.key().items() if old.get(k) != v}
+            # "bos" is newer than some benches: those are checked on the protocol's BOS once the model is loaded
+            diff = {k: (old.get(k), v) for k, v in self.cfg.key().items()
+                    if old.get(k, v if k == "bos" else None) != v}
             if diff:
                 what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in sorted(diff.items()))
                 raise BenchError(f"{self.out} holds a bench run with other settings ({what}): resume it with the "
@@ -248,6 +251,7 @@ class Bench:
     # -------------------------------------------------------------- setup
     def setup(self) -> None:
         from .. import data
+        from ..bos import resolve_bos
         from ..eval import Protocol, ReferenceCache
         from ..eval.stats import overlap_warning
         from ..models import load_model, model_fingerprint
@@ -264,13 +268,14 @@ class Bench:
         if self.tok is None:
             raise BenchError(f"{c.model} has no tokenizer")
         self.fingerprint = model_fingerprint(self.model)
+        self.bos = resolve_bos(self.tok, self.model, c.bos)
         ids = data.tokenize(eval_text, self.tok, progress=False)
-        self.windows = data.eval_windows(ids, c.seqlen, max_tokens=c.tokens)
+        self.windows = data.eval_windows(ids, c.seqlen, max_tokens=c.tokens, bos_id=self.bos.bos_id)
         if self.windows.n_windows == 0:
             raise BenchError(f"{c.corpus}/{c.split} has fewer than {c.seqlen} tokens: lower --seqlen")
         self.protocol = Protocol.for_windows(self.windows, corpus=c.corpus, split=c.split,
                                              tokenizer=getattr(self.tok, "name_or_path", "") or c.model,
-                                             dtype=next(self.model.parameters()).dtype)
+                                             dtype=next(self.model.parameters()).dtype, bos_decision=self.bos)
         train = data.tokenize(calib_text, self.tok, progress=False)
         self.calib = data.calibration_batch(train, c.nsamples, c.calib_seqlen, c.seed)
         self.overlap = overlap_warning(self.calib, self.windows)
@@ -285,6 +290,9 @@ class Bench:
         if old.get("model_fingerprint") not in (None, self.fingerprint):
             raise BenchError(f"{self.out} was run on another model (fingerprint {old['model_fingerprint']}, now "
                              f"{self.fingerprint}): choose another --out or pass --force to start over")
+        if (old.get("protocol") or {}).get("bos") not in (None, self.protocol.bos):
+            raise BenchError(f"{self.out} was evaluated with BOS {old['protocol']['bos']}, now {self.protocol.bos} "
+                             f"(--bos {self.cfg.bos}): pass the --bos of that run, or --force to start over")
         c = self.cfg
         meta = {
             "_type": "mixq-bench", "_version": BENCH_VERSION, "key": c.key(),
@@ -346,7 +354,7 @@ class Bench:
         from ..eval.suite import run_suite
         from ..eval.zeroshot import MixqLM
 
-        lm = MixqLM(model, self.tok, batch_size=8)
+        lm = MixqLM(model, self.tok, batch_size=8, bos_id=self.bos.bos_id)
         res = run_suite(lm, self.suite, greedy=False, confidence=self.cfg.confidence)
         return {t: {"acc": r["acc"]["value"], "ci": r["acc"]["ci"], "acc_norm": r["acc_norm"]["value"],
                     "n": r["n"], "chance": r["chance"], "fingerprint": r["fingerprint"]} for t, r in res.items()}

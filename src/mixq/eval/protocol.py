@@ -7,11 +7,12 @@ describe the windows it is given and writes the protocol into every result.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import ClassVar
 
 import torch
 
+from mixq.bos import BOS_CHOICES, SOURCES
 from mixq.data import BOS_POLICIES, EvalWindows
 from mixq.eval.kl import ReferenceCache, compare
 from mixq.eval.perplexity import perplexity
@@ -21,7 +22,9 @@ from mixq.eval.perplexity import perplexity
 class Protocol:
     """Evaluation protocol.  ``seqlen``/``stride`` in tokens (``stride == seqlen``: disjoint
     GPTQ windows); ``max_tokens`` caps the stream (None: whole split); ``bos`` is ``"none"``
-    or ``"prepend"``; ``dtype`` is the model's compute dtype, e.g. ``"bfloat16"``."""
+    or ``"prepend"``; ``dtype`` is the model's compute dtype, e.g. ``"bfloat16"``; ``bos_policy``
+    (``--bos``: auto, always, never) and ``bos_source`` (tokenizer, family, user, undetermined) say
+    why (:mod:`mixq.bos`; None in results written before they were recorded)."""
 
     corpus: str
     split: str
@@ -33,6 +36,8 @@ class Protocol:
     n_windows: int
     n_scored: int
     dtype: str
+    bos_policy: str | None = None
+    bos_source: str | None = None
     VERSION: ClassVar[int] = 1
 
     def __post_init__(self):
@@ -40,6 +45,11 @@ class Protocol:
             raise ValueError(f"need seqlen >= 2 and 1 <= stride <= seqlen, got seqlen={self.seqlen}, stride={self.stride}")
         if self.bos not in BOS_POLICIES:
             raise ValueError(f"bos must be one of {BOS_POLICIES}, got {self.bos!r}")
+        if self.bos_policy not in (None, *BOS_CHOICES) or self.bos_source not in (None, *SOURCES):
+            raise ValueError(f"bos_policy must be one of {BOS_CHOICES} and bos_source one of {SOURCES} (or None), "
+                             f"got {self.bos_policy!r}, {self.bos_source!r}")
+        if (self.bos_policy, self.bos) in (("never", "prepend"), ("always", "none")):
+            raise ValueError(f"bos {self.bos!r} contradicts the BOS policy {self.bos_policy!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be positive or None, got {self.max_tokens}")
         if self.n_windows < 0 or self.n_scored < 0:
@@ -47,12 +57,14 @@ class Protocol:
 
     @classmethod
     def for_windows(cls, windows: EvalWindows, *, corpus: str, split: str, tokenizer: str,
-                    dtype: str | torch.dtype) -> Protocol:
-        """The protocol of ``windows`` (window geometry and counts are read from them)."""
+                    dtype: str | torch.dtype, bos_decision=None) -> Protocol:
+        """The protocol of ``windows`` (window geometry and counts are read from them); ``bos_decision``
+        (a :class:`mixq.bos.BosDecision`) records the BOS policy and what decided it."""
         dtype = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
         return cls(corpus=str(corpus), split=split, tokenizer=tokenizer, seqlen=windows.seqlen,
                    stride=windows.stride, bos=windows.bos, max_tokens=windows.max_tokens,
-                   n_windows=windows.n_windows, n_scored=windows.n_scored, dtype=dtype)
+                   n_windows=windows.n_windows, n_scored=windows.n_scored, dtype=dtype,
+                   bos_policy=getattr(bos_decision, "policy", None), bos_source=getattr(bos_decision, "source", None))
 
     def to_dict(self) -> dict:
         return {"version": self.VERSION, **asdict(self)}
@@ -61,7 +73,8 @@ class Protocol:
     def from_dict(cls, d: dict) -> Protocol:
         if d.get("version") != cls.VERSION:
             raise ValueError(f"protocol version {d.get('version')!r} is not supported (expected {cls.VERSION})")
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        # fields with a default (bos_policy, bos_source) were added later: older JSONs lack them
+        return cls(**{f.name: d[f.name] if f.default is MISSING else d.get(f.name, f.default) for f in fields(cls)})
 
     def check(self, windows: EvalWindows) -> None:
         """Raise ValueError if ``windows`` were not built under this protocol."""

@@ -201,12 +201,17 @@ def run_suite(lm: MixqLM, suite: dict[str, list[Item]], *, greedy: bool = True,
 
 def evaluate_zeroshot(model: torch.nn.Module, tokenizer, *, tasks: str | Sequence[str] = TASKS, n: int = 200,
                       seed: int = 0, batch_size: int = 8, greedy: bool = True, max_length: int | None = None,
-                      confidence: float = DEFAULT_CONFIDENCE) -> dict:
+                      confidence: float = DEFAULT_CONFIDENCE, bos: str = "auto") -> dict:
     """Build the offline suite and score ``model`` on it: JSON-ready
-    ``{"suite": {corpus, split, seed, n, version}, "tasks": {task: result}}``."""
+    ``{"suite": {corpus, split, seed, n, version}, "bos": {policy, bos_id, source}, "tasks": {task: result}}``;
+    every context starts with BOS when ``bos`` (auto, always, never: :func:`mixq.bos.resolve_bos`) says so."""
+    from mixq.bos import resolve_bos
+
     suite = build_suite(tasks, n, seed)
-    lm = MixqLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    return {"suite": suite_info(n, seed, confidence), "tasks": run_suite(lm, suite, greedy=greedy, confidence=confidence)}
+    decision = resolve_bos(tokenizer, model, bos)
+    lm = MixqLM(model, tokenizer, batch_size=batch_size, max_length=max_length, bos_id=decision.bos_id)
+    return {"suite": suite_info(n, seed, confidence), "bos": decision.to_dict(),
+            "tasks": run_suite(lm, suite, greedy=greedy, confidence=confidence)}
 
 
 def suite_info(n: int, seed: int, confidence: float = DEFAULT_CONFIDENCE) -> dict:

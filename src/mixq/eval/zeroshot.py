@@ -55,11 +55,13 @@ class MixqLM:
     ``batch_size``: windows per forward pass (right-padded; causal attention keeps the padding
     from touching the scored positions).  ``max_length``: tokens per forward pass (default: the
     model's ``max_position_embeddings`` / ``n_positions``, else 2048).  A continuation longer than
-    that is scored in chunks, each with as much left context as fits.
+    that is scored in chunks, each with as much left context as fits.  ``bos_id``: every context
+    starts with this token (the model's BOS convention, :func:`mixq.bos.resolve_bos`; the
+    harness' ``add_bos_token``), and it is the prefix token of an empty context.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
-                 prefix_token_id: int | None = None, progress: bool = False):
+                 prefix_token_id: int | None = None, progress: bool = False, bos_id: int | None = None):
         if tokenizer is None:
             raise ValueError("MixqLM needs the model's tokenizer (a mixq directory without tokenizer files has none)")
         if batch_size < 1:
@@ -69,8 +71,9 @@ class MixqLM:
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.bos_start = [] if bos_id is None else [int(bos_id)]
         if prefix_token_id is None:
-            bos = getattr(tokenizer, "bos_token_id", None)
+            bos = bos_id if bos_id is not None else getattr(tokenizer, "bos_token_id", None)
             prefix_token_id = bos if bos is not None else self.eos_token_id
         self.prefix_token_id = prefix_token_id
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -94,7 +97,7 @@ class MixqLM:
             return self._prefix(), self.tok_encode(continuation)
         whole = self.tok_encode(context + continuation)
         ctx = self.tok_encode(context)
-        return ctx, whole[len(ctx):]
+        return self.bos_start + ctx, whole[len(ctx):]
 
     def _prefix(self) -> list[int]:
         if self.prefix_token_id is None:
@@ -216,7 +219,7 @@ class MixqLM:
                 max_new = int(kwargs.pop("max_gen_toks", 256))
                 if kwargs.pop("do_sample", False) or kwargs.pop("temperature", 0.0):
                     raise ValueError("MixqLM generates greedily only (do_sample=False, temperature=0)")
-                ids = self.tok_encode(context) if context else self._prefix()
+                ids = self.bos_start + self.tok_encode(context) if context else self._prefix()
                 ids = ids[-max(1, self.max_length - max_new):]
                 gen: list[int] = []
                 text = ""
@@ -279,10 +282,10 @@ def harness_class():
         raise ImportError(LM_EVAL_HINT) from e
 
     class MixqHarnessLM(MixqLM, LM):
-        """lm-eval model ``mixq``: ``--model_args pretrained=DIR_OR_MODEL[,batch_size=8,max_length=N]``."""
+        """lm-eval model ``mixq``: ``--model_args pretrained=DIR_OR_MODEL[,batch_size=8,max_length=N,bos=auto]``."""
 
         def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, batch_size=8,
-                     max_length=None, device=None, **kwargs):
+                     max_length=None, device=None, bos="auto", **kwargs):
             LM.__init__(self)
             if model is None:
                 if pretrained is None:
@@ -294,8 +297,11 @@ def harness_class():
                 model.to(device)
             if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
                 batch_size = 8
+            from mixq.bos import resolve_bos
+
             MixqLM.__init__(self, model, tokenizer, batch_size=int(batch_size),
-                            max_length=int(max_length) if max_length else None)
+                            max_length=int(max_length) if max_length else None,
+                            bos_id=resolve_bos(tokenizer, model, bos).bos_id)
 
         @classmethod
         def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
