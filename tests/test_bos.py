@@ -85,15 +85,15 @@ def test_eval_windows_start_with_bos_when_the_model_expects_it(gemma3, llama, tm
     corpus = tmp_path / "c.txt"
     corpus.write_text(TEXT)
     model, tok = gemma3
-    win, proto = eval_windows_for(_args(corpus=str(corpus)), tok, model)
+    [(_, win, proto)] = eval_windows_for(_args(corpus=str(corpus)), tok, model)
     assert win.input_ids.shape[1] == 17 and bool((win.input_ids[:, 0] == BOS).all())
     assert (proto.bos, proto.bos_policy, proto.bos_source) == ("prepend", "auto", "tokenizer")
-    win, proto = eval_windows_for(_args(corpus=str(corpus), bos="never"), tok, model)
+    [(_, win, proto)] = eval_windows_for(_args(corpus=str(corpus), bos="never"), tok, model)
     assert win.input_ids.shape[1] == 16 and (proto.bos, proto.bos_policy, proto.bos_source) == ("none", "never", "user")
     model, tok = llama
-    win, proto = eval_windows_for(_args(corpus=str(corpus)), tok, model)
+    [(_, win, proto)] = eval_windows_for(_args(corpus=str(corpus)), tok, model)
     assert win.input_ids.shape[1] == 16 and proto.bos == "none"
-    win, proto = eval_windows_for(_args(corpus=str(corpus), bos="always"), tok, model)
+    [(_, win, proto)] = eval_windows_for(_args(corpus=str(corpus), bos="always"), tok, model)
     assert bool((win.input_ids[:, 0] == BOS).all()) and (proto.bos, proto.bos_source) == ("prepend", "user")
 
 

@@ -48,7 +48,8 @@ class CalibrationSet:
 
 
 def parse_sources(spec: str) -> list[str]:
-    """``"self+ptb"`` → ``["self", "ptb"]``; validates each name (a path must exist) before any heavy work."""
+    """``"self+ptb"`` → ``["self", "ptb"]``; checks each corpus can be had (a path exists, a hub corpus
+    downloads) before any heavy work, so a bad ``--calib`` costs nothing."""
     parts = [p.strip() for p in str(spec).split("+")]
     if not parts or any(not p for p in parts):
         raise ValueError(f"--calib {spec!r}: give one source or several joined by '+', e.g. self+ptb")
@@ -57,11 +58,10 @@ def parse_sources(spec: str) -> list[str]:
     for p in parts:
         if p == SELF:
             continue
-        if p.lower().endswith((".txt", ".jsonl")):
-            data.load_corpus(p, "train")  # raises FileNotFoundError naming the fix
-        elif p not in data.CORPORA:
+        if not p.lower().endswith((".txt", ".jsonl")) and p not in data.CORPORA:
             raise ValueError(f"--calib source {p!r} is unknown: use self, {', '.join(data.CORPORA)}, "
                              "a .txt/.jsonl path, or several joined by '+'")
+        data.load_corpus(p, "train")  # raises an error naming the fix
     return parts
 
 

@@ -96,7 +96,10 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", default="ptb", help="ptb (embedded), wikitext2, c4 or a .txt/.jsonl path")
+    p.add_argument("--corpus", default=None,
+                   help="ptb (embedded), fortunes (Debian quotations), wikitext2, c4 or a .txt/.jsonl path, or several "
+                        "joined by ',' (default ptb,fortunes: the calibration domain and text calibration never saw; "
+                        "fortunes is skipped with a warning where it is not installed)")
     p.add_argument("--split", default="test", help="split to evaluate on (default test)")
     p.add_argument("--tokens", type=int, default=32768, help="score the first N tokens (default 32768)")
     p.add_argument("--seqlen", type=int, default=512, help="window length (default 512)")
@@ -259,23 +262,30 @@ def load_target(target: str):
     return m, t, None
 
 
-def eval_windows_for(args, tok, model=None):
-    """The evaluation windows and protocol of ``args`` (corpus, split, tokens, seqlen, stride, bos)."""
+def eval_windows_for(args, tok, model=None) -> list:
+    """``[(corpus, windows, protocol)]`` for each domain of ``args.corpus`` (split, tokens, seqlen, stride, bos)."""
     from . import data
     from .bos import resolve_bos
     from .eval import Protocol
+    from .eval.domains import load_domains, parse_corpora
 
-    text = data.load_corpus(args.corpus, args.split)
+    names, defaults = parse_corpora(args.corpus)
+    texts = load_domains(names, args.split, defaults)
     bos = resolve_bos(tok, model, getattr(args, "bos", "auto"))
-    ids = data.tokenize(text, tok)
-    win = data.eval_windows(ids, args.seqlen, stride=args.stride, max_tokens=args.tokens, bos_id=bos.bos_id)
-    proto = Protocol.for_windows(win, corpus=args.corpus, split=args.split,
-                                 tokenizer=getattr(tok, "name_or_path", "") or "", dtype="float32", bos_decision=bos)
-    return win, proto
+    out = []
+    for corpus, text in texts.items():
+        ids = data.tokenize(text, tok)
+        win = data.eval_windows(ids, args.seqlen, stride=args.stride, max_tokens=args.tokens, bos_id=bos.bos_id)
+        proto = Protocol.for_windows(win, corpus=corpus, split=args.split,
+                                     tokenizer=getattr(tok, "name_or_path", "") or "", dtype="float32",
+                                     bos_decision=bos)
+        out.append((corpus, win, proto))
+    return out
 
 
 def cmd_eval(args) -> int:
     from .eval import evaluate
+    from .eval.domains import combine
 
     if commands_act.wants_act_or_kv(args):
         return commands_act.cmd_eval_act(args)
@@ -291,14 +301,17 @@ def cmd_eval(args) -> int:
         reference, _, _ = load_target(ref_name)
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
-    win, proto = eval_windows_for(args, tok, model)
-    if args.ci and reference is not None:
-        from .eval import ReferenceCache
+    results = {}
+    for corpus, win, proto in eval_windows_for(args, tok, model):
+        ref = reference
+        if args.ci and ref is not None:
+            from .eval import ReferenceCache
 
-        reference = ReferenceCache(reference, win)  # the reference runs once for both passes
-    res = evaluate(model, win, proto, reference=reference)
-    if args.ci:
-        res.update(_intervals(model, win, reference, info, tok))
+            ref = ReferenceCache(ref, win)  # the reference runs once for both passes
+        results[corpus] = evaluate(model, win, proto, reference=ref)
+        if args.ci:
+            results[corpus].update(_intervals(model, win, ref, info, tok))
+    res = combine(results)
     res["target"] = args.target
     res["reference"] = ref_name
     if info:
@@ -333,6 +346,13 @@ def _print_result(res: dict) -> None:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
+    for one in (res.get("domains") or {"": res}).values():
+        _print_one(one, f)
+    for corpus, r in (res.get("kl_ratio") or {}).items():
+        print(f"KL on {corpus} / KL on {res['protocol']['corpus']}: {f(r, '.2f')}")
+
+
+def _print_one(res: dict, f) -> None:
     print(f"perplexity {f(res.get('perplexity'), '.3f')}  KL {f(res.get('kl'), '.4f')}  "
           f"top-1 {f(res.get('top1_agreement'), '.4f')}  ({res.get('n_scored')} tokens, "
           f"{res['protocol']['corpus']}/{res['protocol']['split']}, seqlen {res['protocol']['seqlen']}, "

@@ -301,22 +301,26 @@ def cmd_eval_act(args) -> int:
                     "rotate": bool(rotate), "smooth": args.smooth, "outliers": args.act_outliers,
                     "layers": args.act_layers,
                     "calibration": calib_record}
-    win, proto = commands.eval_windows_for(args, tok, model)
-    if kv_bits is not None:
-        from .act.kvsens import kv_compare
+    results = {}
+    for corpus, win, proto in commands.eval_windows_for(args, tok, model):
+        if kv_bits is not None:
+            from .act import kv_cache_bytes
+            from .act.kvsens import kv_compare
 
-        res = kv_compare(model, win, kv_bits, reference, settings=settings, engine=args.kv_engine,
-                         chunk=args.kv_chunk, prefill=args.kv_prefill, batch_size=args.kv_batch, progress=False)
-        from .act import kv_cache_bytes
+            res = kv_compare(model, win, kv_bits, reference, settings=settings, engine=args.kv_engine,
+                             chunk=args.kv_chunk, prefill=args.kv_prefill, batch_size=args.kv_batch, progress=False)
+            res["kv"]["bytes_at_seqlen"] = kv_cache_bytes(model.config, kv_bits, args.seqlen, 1, **settings.kw())
+            if kv_doc is not None:
+                res["kv"]["plan"] = args.kv_plan
+            res["protocol"] = proto.to_dict()
+        else:
+            from .eval import evaluate
 
-        res["kv"]["bytes_at_seqlen"] = kv_cache_bytes(model.config, kv_bits, args.seqlen, 1, **settings.kw())
-        if kv_doc is not None:
-            res["kv"]["plan"] = args.kv_plan
-        res["protocol"] = proto.to_dict()
-    else:
-        from .eval import evaluate
+            res = evaluate(model, win, proto, reference=reference, progress=False)
+        results[corpus] = res
+    from .eval.domains import combine
 
-        res = evaluate(model, win, proto, reference=reference, progress=False)
+    res = combine(results)
     res.update(target=args.target, reference=ref_name, act=act_info)
     res["seconds_total"] = time.perf_counter() - t0
     if info:
