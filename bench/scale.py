@@ -114,7 +114,7 @@ def main():
     del model
     work = Path(tempfile.mkdtemp(prefix="mixq-scale-"))
     base = [*MIXQ, "quantize", "--model", str(src), "--spec", args.spec, "--group-fallback", "shrink",
-            "--method", "gptq", "--nsamples", str(args.nsamples)]
+            "--method", "gptq", "--nsamples", str(args.nsamples), "--calib", "ptb"]  # --lazy cannot self-generate
     lazy = ["--lazy", "--offload-dir", str(work / "offload")]
     rows = {}
     try:

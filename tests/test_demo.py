@@ -5,6 +5,13 @@ import mixq.demo as demo
 
 
 def test_demo_runs_end_to_end(tiny_model, tiny_tokenizer, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+    fortunes = tmp_path / "fortunes"  # a stand-in for Debian's databases, so the test runs where they are missing
+    fortunes.mkdir()
+    (fortunes / "wisdom").write_text("\n%\n".join(f"Quote {i}: a stitch in time saves nine, or so they say." * 3
+                                                   for i in range(200)))
+    (fortunes / "wisdom.dat").write_bytes(b"")
+    monkeypatch.setenv("MIXQ_FORTUNES_DIR", str(fortunes))
     monkeypatch.setattr(demo, "load_model", lambda name: (tiny_model("llama"), tiny_tokenizer))
     out = tmp_path / "demo.json"
     rows = demo.run_demo(tokens=256, bpw=3.5, nsamples=4, seqlen=64, out=str(out), progress=False)
@@ -12,4 +19,8 @@ def test_demo_runs_end_to_end(tiny_model, tiny_tokenizer, monkeypatch, tmp_path,
     assert "uniform" in text and "mixed" in text
     assert [r["method"] for r in rows] == ["fp32", "rtn", "rtn", "gptq", "gptq"]
     assert all(r["bpw"] <= 3.5 for r in rows[1:])
-    assert json.loads(out.read_text())["budget_bpw"] == 3.5
+    doc = json.loads(out.read_text())
+    assert doc["budget_bpw"] == 3.5 and doc["calibration"]["corpus"] == "self+ptb"
+    # both domains side by side, each with its own protocol
+    assert set(doc["protocols"]) == {"ptb", "fortunes"} and all(set(r["domains"]) == {"ptb", "fortunes"} for r in rows)
+    assert "KL fortunes" in text

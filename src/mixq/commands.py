@@ -213,6 +213,11 @@ def _check_lazy(args) -> None:
     if args.method != "gptq" or args.rotate or (args.bpw is not None and args.measurement is None):
         raise UserError("--lazy streams the blocks through GPTQ's calibration walk: use --method gptq, no --rotate, "
                         "and with --bpw an existing --measurement")
+    from .calibset import SELF, parse_sources
+
+    if SELF in parse_sources(args.calib):
+        raise UserError(f"--lazy never holds the whole model, so it cannot write self-generated calibration text "
+                        f"(--calib {args.calib}): pass --calib ptb or a .txt/.jsonl file")
 
 
 def _load_lazy(path: str):
