@@ -141,3 +141,33 @@ def test_cli_eval_and_zeroshot_record_the_bos_policy(gemma3, tmp_path, capsys):
     z = tmp_path / "z.json"
     assert main(["zeroshot", str(d), "--task", "lastword", "--n", "4", "--no-greedy", "--out", str(z)]) == 0
     assert json.loads(z.read_text())["bos"] == {"policy": "auto", "bos_id": BOS, "source": "tokenizer"}
+
+
+@pytest.mark.parametrize("family, want", [("gemma3", BOS), ("llama", None)])
+def test_calibration_and_measurement_rows_follow_the_convention(family, want, gemma3, llama, tmp_path, monkeypatch):
+    """quantize (GPTQ) and measure calibrate on rows that start with BOS exactly when the model expects it;
+    the quantized directory and the measurement record it, and an eval of the directory names its calibration."""
+    import mixq.measure as measure_mod
+
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+    model, tok = gemma3 if family == "gemma3" else llama
+    d = tmp_path / family
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    seen = []
+    real = measure_mod.measure
+    monkeypatch.setattr(measure_mod, "measure", lambda m, ids, *a, **k: seen.append(ids.clone()) or real(m, ids, *a, **k))
+    q = tmp_path / "q"
+    assert main(["quantize", "--model", str(d), "--bpw", "4", "--method", "gptq", "--calib", f"self+{corpus}",
+                 "--nsamples", "4", "--seqlen", "16", "--grad-samples", "2", "--out", str(q)]) == 0
+    cal = json.loads((q / "mixq.json").read_text())["calibration"]
+    assert cal["bos_id"] == want and cal["rows"] == {"self": 2, str(corpus): 2}
+    assert len(seen) == 1 and bool((seen[0][:, 0] == BOS).all()) == (want is not None)
+    assert json.loads((q / "measurement.json").read_text())["meta"]["calibration_record"]["sha256"] == cal["sha256"]
+    r = tmp_path / "r.json"
+    assert main(["eval", str(q), "--corpus", str(corpus), "--tokens", "64", "--seqlen", "16", "--out", str(r)]) == 0
+    res = json.loads(r.read_text())
+    assert res["calibration"]["corpus"] == f"self+{corpus}" and res["protocol"]["bos_policy"] == "auto"
+    assert (res["protocol"]["bos"] == "prepend") == (want is not None)

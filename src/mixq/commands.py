@@ -322,6 +322,7 @@ def cmd_eval(args) -> int:
     if info:
         res["size"] = info.get("size")
         res["spec"] = info.get("spec")
+        res["calibration"] = info.get("calibration")  # what the directory was fitted on (None: RTN)
     if args.out:
         write_json_atomic(args.out, res, overwrite=True)
     _print_result(res)

@@ -325,6 +325,7 @@ def cmd_eval_act(args) -> int:
     res["seconds_total"] = time.perf_counter() - t0
     if info:
         res["size"], res["spec"] = info.get("size"), info.get("spec")
+        res["calibration"] = info.get("calibration")
     if args.out:
         write_json_atomic(args.out, res, overwrite=True)
     commands._print_result(res)
