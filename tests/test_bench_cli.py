@@ -1,5 +1,5 @@
-"""`mixq bench` on a tiny local model: results.json/md/html, resume after an interrupt, and
-bench/report.py on fake committed results."""
+"""`mixq bench` on a tiny local model: results.json/md/html, resume after an interrupt, evaluation on two
+domains side by side, the calibration record, and bench/report.py on fake committed results."""
 import importlib.util
 import json
 import random
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mixq import data
 from mixq.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,23 @@ def corpora(tmp_path):
     ev.write_text(_text(400, 1))
     cal.write_text(_text(400, 2))
     return ev, cal
+
+
+@pytest.fixture
+def fortunes_dir(tmp_path, monkeypatch):
+    """A stand-in for Debian's fortune databases (punctuated, capitalised quotations) and a private cache
+    (self-generated calibration rows are cached there)."""
+    d = tmp_path / "fortunes"
+    d.mkdir()
+    rng = random.Random(3)
+    quotes = ["Time flies like an arrow; fruit flies like a banana.", "Do, or do not. There is no try!",
+              "A penny saved is a penny earned.", "Never put off till tomorrow what you can do today?"]
+    (d / "wisdom").write_text("\n%\n".join(f"{rng.choice(quotes)} {rng.choice(quotes)}\n\t-- Author {i}"
+                                           for i in range(200)))
+    (d / "wisdom.dat").write_bytes(b"")
+    monkeypatch.setenv("MIXQ_FORTUNES_DIR", str(d))
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+    return d
 
 
 def _args(model, ev, cal, out, budgets="3,4", methods="rtn,mixq-gptq", *extra):
@@ -201,3 +219,120 @@ def test_eval_ci_adds_bootstrap_intervals(tiny_dir, corpora, tmp_path):
         assert ci["low"] <= res[k] <= ci["high"] and ci["n_windows"] == 8, k
         assert ci["estimate"] == pytest.approx(res[k], rel=1e-4)
     assert res["overlap_warning"] is None  # RTN: no calibration data to overlap with
+
+
+# ---------------------------------------------------------------------------- domains and calibration
+def test_bench_two_domains_side_by_side(tiny_dir, fortunes_dir, tmp_path, capsys):
+    from mixq.calibset import build_calibration
+    from mixq.models import load_model
+
+    ev = tmp_path / "short.txt"  # a text just longer than the 256 scored tokens
+    ev.write_text(_text(48, 5))
+    out = tmp_path / "bench"
+    # calibrated on self-generated rows and on the primary evaluation text itself: the overlap check must see it
+    args = _args(tiny_dir, f"{ev},fortunes", f"self+{ev}", out, "3", "rtn,mixq-rtn")
+    assert main(args) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["protocols"]) == [str(ev), "fortunes"]
+    assert doc["protocol"] == doc["protocols"][str(ev)]  # the primary
+    assert doc["key"]["corpus"] == f"{ev},fortunes"
+    fort = doc["protocols"]["fortunes"]
+    assert fort["corpus"] == "fortunes" and fort["split"] == "test" and fort["n_windows"] == 8
+    for r in [doc["unquantized"], *doc["rows"]]:
+        assert r["status"] == "ok", r
+        dom = r["domains"]
+        assert list(dom) == [str(ev), "fortunes"]
+        assert dom[str(ev)]["kl"] == r["kl"] and dom[str(ev)]["perplexity"] == r["perplexity"]
+        f = dom["fortunes"]
+        assert f["n_scored"] == fort["n_scored"] and f["perplexity"] != r["perplexity"]
+        assert f["ci"]["kl"][0] <= f["kl"] <= f["ci"]["kl"][1]
+        assert "per_window" not in f and len(r["per_window"]["kl_sum"]) == 8
+        if r.get("budget"):
+            assert r["kl_ratio"]["fortunes"] == pytest.approx(f["kl"] / r["kl"])
+    assert doc["unquantized"]["domains"]["fortunes"]["kl"] < 1e-3
+    # the calibration record: sources, rows per source and the sha256 of the very ids the bench used
+    cal = doc["calibration"]
+    assert cal["corpus"] == f"self+{ev}" and cal["rows"] == {"self": 2, str(ev): 2}
+    assert cal["nsamples"] == 4 and cal["seqlen"] == 32 and cal["grad_samples"] == 2 and cal["bos_id"] is None
+    model, tok = load_model(str(tiny_dir))
+    again = build_calibration(model, tok, f"self+{ev}", 4, 32, 0, progress=False)
+    assert cal["sha256"] == again.sha256 and len(cal["sha256"]) == 64
+    # the overlap check saw the corpus rows (of the primary text), and only the primary is named
+    assert doc["overlap_warning"] and doc["overlap_warning"].startswith(f"{ev}: ")
+    assert "fortunes:" not in doc["overlap_warning"]
+    # the report: KL on both corpora and their ratio, per method and budget, in Markdown and HTML
+    md, html = (out / "results.md").read_text(), (out / "report.html").read_text()
+    for text in (md, html):
+        assert "KL on the calibration domain and on text calibration never saw" in text
+        assert f"KL fortunes / KL {ev}" in text and "also fortunes/test" in text
+        assert f"sha256 {cal['sha256'][:12]}" in text
+    mixed = next(r for r in doc["rows"] if r["method"] == "mixq-rtn")
+    from mixq.bench.html import fmt
+
+    line = next(x for x in md.splitlines() if x.startswith("| mixq-rtn | 3 |") and f"{fmt(mixed['kl'])} |" in x
+                and x.count("|") == 7)
+    assert f"| {fmt(mixed['domains']['fortunes']['kl'])} | {fmt(mixed['kl_ratio']['fortunes'])} |" in line
+    assert "figures/pareto-kl-fortunes.png" in md
+    stdout = capsys.readouterr().out
+    assert "KL on each corpus" in stdout and f"×{fmt(mixed['kl_ratio']['fortunes'], 3)}" in stdout
+
+
+def test_bench_resumes_a_single_domain_run_from_before_domains(tiny_dir, corpora, fortunes_dir, tmp_path,
+                                                              monkeypatch, capsys):
+    import mixq.api
+    import mixq.measure
+
+    ev, cal = corpora
+    out = tmp_path / "bench"
+    assert main(_args(tiny_dir, ev, cal, out, "3", "rtn")) == 0
+    meta_path = out / "bench.json"
+    meta = json.loads(meta_path.read_text())
+    assert list(meta["protocols"]) == [str(ev)] and meta["calibration"]["rows"] == {str(cal): 4}
+    # make it a bench of the old layout: default corpus ptb, no protocols, no calibration record
+    meta.pop("protocols")
+    meta["key"]["corpus"] = "ptb"
+    meta["protocol"]["corpus"] = "ptb"
+    meta["calibration"] = {"corpus": str(cal), "split": "train", "nsamples": 4, "seqlen": 32, "seed": 0,
+                           "grad_samples": 2}
+    meta_path.write_text(json.dumps(meta))
+    rest = ["--calib", str(cal), "--tokens", "256", "--seqlen", "32", "--nsamples", "4", "--calib-seqlen", "32",
+            "--grad-samples", "2", "--resamples", "100", "--no-progress", "--out", str(out)]
+    # the new default (ptb and fortunes) is refused, with the flag that resumes it
+    capsys.readouterr()
+    assert main(["bench", str(tiny_dir), "--bpw", "3", "--methods", "rtn", *rest]) == 2
+    err = capsys.readouterr().err
+    assert "corpus: 'ptb' → 'ptb,fortunes'" in err and "--corpus ptb resumes it" in err
+    # resumed on its one corpus, nothing is computed again and the report has no side-by-side table
+    meta["key"]["corpus"] = str(ev)
+    meta["protocol"]["corpus"] = str(ev)
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.setattr(mixq.api, "quantize_model", lambda *a, **k: pytest.fail("quantized again"))
+    monkeypatch.setattr(mixq.measure, "measure", lambda *a, **k: pytest.fail("measured again"))
+    assert main(["bench", str(tiny_dir), "--bpw", "3", "--methods", "rtn", "--corpus", str(ev), *rest]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert list(doc["protocols"]) == [str(ev)] and len(doc["calibration"]["sha256"]) == 64
+    assert "domains" not in doc["rows"][0]
+    assert "never saw" not in (out / "results.md").read_text()
+    # a calibration set that does not hash the same is refused
+    meta = json.loads(meta_path.read_text())
+    meta["calibration"]["sha256"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["bench", str(tiny_dir), "--bpw", "3", "--methods", "rtn", "--corpus", str(ev), *rest]) == 2
+    assert "calibrated on other ids" in capsys.readouterr().err
+
+
+def test_bench_help_and_bad_domains(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for c in data.CORPORA:
+        assert c in text
+    assert "default ptb,fortunes" in text and "default self+ptb" in text
+    assert main(["bench", "x", "--corpus", "ptb,ptb", "--out", str(tmp_path / "b")]) == 2
+    assert "names a corpus twice" in capsys.readouterr().err
+    assert main(["bench", "x", "--calib", f"self+{tmp_path / 'missing.txt'}", "--out", str(tmp_path / "b")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert main(["bench", "x", "--corpus", f"ptb,{tmp_path / 'gone.txt'}", "--out", str(tmp_path / "b")]) == 2
+    assert "gone.txt" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # all refused before the model or the directory

@@ -10,13 +10,19 @@ from .cli import DEFAULT_MODEL, UserError
 
 def register(sub) -> None:
     from .bench.runner import DEFAULT_METHODS
+    from .calibset import DEFAULT_CALIB
+    from .data import CORPORA
+    from .eval.domains import DEFAULT_DOMAINS
+
+    domains = ",".join(DEFAULT_DOMAINS)
 
     b = sub.add_parser(
         "bench", help="uniform vs mixed precision at several budgets: tables, Pareto curves, one HTML report",
         description="For each method × budget: uniform methods (rtn, gptq, awq, awq+gptq) use the best single spec "
                     "within the budget, mixq-<algorithm> the exact mixed plan; one measurement serves all budgets. "
-                    "Each row is evaluated (perplexity, KL to the unquantized model, top-1, bootstrap intervals) and "
-                    "saved as it finishes: rerun the same command to resume. Writes DIR/results.json, "
+                    "Each row is evaluated on every --corpus (perplexity, KL to the unquantized model, top-1, bootstrap "
+                    "intervals; KL side by side with its ratio to the primary corpus) and saved as it finishes: rerun "
+                    "the same command to resume. Writes DIR/results.json, "
                     "DIR/results.md and DIR/report.html.")
     b.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub id, local path or embedded name "
                                                                      f"(default {DEFAULT_MODEL})")
@@ -24,11 +30,17 @@ def register(sub) -> None:
     b.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated: rtn, gptq, awq, awq+gptq (uniform) and mixq-rtn, mixq-gptq, mixq-awq, "
                         f"mixq-awq+gptq (mixed) (default {DEFAULT_METHODS})")
-    b.add_argument("--corpus", default="ptb", help="evaluation corpus: ptb, wikitext2, c4 or a .txt/.jsonl path")
+    b.add_argument("--corpus", default=None,
+                   help=f"evaluation corpora joined by ',', each {', '.join(CORPORA)} or a .txt/.jsonl path; the first "
+                        f"is the primary (the tables and curves), KL on every one is shown side by side (default "
+                        f"{domains}: the calibration domain and text calibration never saw; a default one that is "
+                        f"not installed is skipped with a warning)")
     b.add_argument("--split", default="test", help="evaluation split (default test)")
     b.add_argument("--tokens", type=int, default=4096, help="score the first N tokens (default 4096)")
     b.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default 512)")
-    b.add_argument("--calib", default="ptb", help="calibration corpus (its train split; default ptb)")
+    b.add_argument("--calib", default=DEFAULT_CALIB,
+                   help=f"calibration text: self (written by the model itself), {', '.join(CORPORA)} (train split), a "
+                        f".txt/.jsonl path, or a mixture joined by '+' (default {DEFAULT_CALIB}; see mixq.calibset)")
     b.add_argument("--nsamples", type=int, default=32, help="calibration samples (default 32)")
     b.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     b.add_argument("--seed", type=int, default=0, help="seed of the calibration sampler, bootstrap and zero-shot items")
@@ -89,7 +101,8 @@ def _command(cfg, out) -> str:
     """The command that reproduces this bench, every setting spelled out."""
     c = cfg
     parts = ["mixq", "bench", c.model, "--bpw", ",".join(f"{b:g}" for b in c.budgets), "--methods", ",".join(c.methods),
-             "--corpus", c.corpus, "--split", c.split, "--tokens", c.tokens, "--seqlen", c.seqlen, "--calib", c.calib,
+             *(["--corpus", c.corpus] if c.corpus is not None else []), "--split", c.split, "--tokens", c.tokens,
+             "--seqlen", c.seqlen, "--calib", c.calib,
              "--nsamples", c.nsamples, "--calib-seqlen", c.calib_seqlen, "--seed", c.seed, "--metric", c.metric,
              "--algorithm", c.algorithm, "--candidates", c.candidates, "--grad-samples", c.grad_samples,
              "--resamples", c.resamples]
@@ -103,6 +116,7 @@ def _command(cfg, out) -> str:
 
 def _summary(doc: dict, out) -> None:
     from .bench.html import fmt
+    from .bench.report import domain_rows
 
     print(f"{'method':<14}{'budget':>7}{'bpw':>8}  {'perplexity':>11}  {'KL':>9}  {'top-1':>6}  spec(s)")
     fp = doc.get("unquantized")
@@ -115,6 +129,13 @@ def _summary(doc: dict, out) -> None:
             continue
         print(f"{r['method']:<14}{r['budget']:>7g}{r['bpw']:>8.3f}  {fmt(r['perplexity']):>11}  {fmt(r['kl']):>9}  "
               f"{fmt(r['top1_agreement']):>6}  {r['specs']}")
+    names, drows = domain_rows(doc)
+    if drows:
+        print(f"KL on each corpus (the figures above: {names[0]}; ratio = KL / KL on {names[0]}):")
+        for x in drows:
+            kl = "  ".join(f"{n} {fmt(x['kl'][n])}" for n in names)
+            ratio = "  ".join(f"×{fmt(x['kl_ratio'][n], 3)}" for n in names[1:])
+            print(f"{x['method']:<14}{x['budget']:>7g}  {kl}  {ratio}")
     if doc.get("overlap_warning"):
         print(f"warning: {doc['overlap_warning']}")
     print(f"wrote {out}/results.json, {out}/results.md, {out}/report.html")

@@ -61,17 +61,33 @@ def finish(out: str | Path) -> dict:
     return doc
 
 
+def domains(doc: dict) -> list[str]:
+    """The evaluation corpora of a bench, the primary first (one for benches written before several)."""
+    return list(doc.get("protocols") or {}) or [(doc.get("protocol") or {}).get("corpus")]
+
+
+def _calib_text(c: dict) -> str:
+    """``self+ptb (2 self, 2 ptb)/train`` — the calibration sources and their rows."""
+    rows = c.get("rows") or {}
+    mix = f" ({', '.join(f'{k} {s}' for s, k in rows.items())})" if len(rows) > 1 else ""
+    return f"{c.get('corpus')}{mix}"
+
+
 def protocol_line(doc: dict) -> str:
     """One line with everything a number depends on (printed under every table and figure)."""
     p, c = doc.get("protocol") or {}, doc.get("calibration") or {}
     m, b = doc.get("measurement") or {}, doc.get("bootstrap") or {}
     v = doc.get("mixq") or {}
     stride = "" if p.get("stride") == p.get("seqlen") else f", stride {p.get('stride')}"
+    others = [q for name, q in (doc.get("protocols") or {}).items() if name != p.get("corpus")]
+    also = "".join(f"; also {q.get('corpus')}/{q.get('split')}: {q.get('n_windows')} windows, {q.get('n_scored')} "
+                   "scored" for q in others)
+    sha = f", sha256 {c['sha256'][:12]}" if c.get("sha256") else ""
     parts = [f"model `{doc.get('model')}` ({p.get('dtype')})",
              f"eval {p.get('corpus')}/{p.get('split')}: first {p.get('max_tokens')} tokens = {p.get('n_windows')} "
-             f"windows of {p.get('seqlen')}{stride}, {p.get('n_scored')} scored, BOS {p.get('bos')}",
+             f"windows of {p.get('seqlen')}{stride}, {p.get('n_scored')} scored, BOS {p.get('bos')}{also}",
              "KL/top-1 vs the unquantized model",
-             f"calib {c.get('corpus')}/train {c.get('nsamples')}×{c.get('seqlen')} tokens, seed {c.get('seed')}",
+             f"calib {_calib_text(c)}/train {c.get('nsamples')}×{c.get('seqlen')} tokens, seed {c.get('seed')}{sha}",
              f"measurement {m.get('metric', '?')}/{m.get('algorithm', '?')} (one for all budgets)"]
     if b.get("resamples"):
         parts.append(f"{b.get('confidence', 0.95):.0%} bootstrap CI over windows, {b['resamples']} resamples, "
@@ -91,11 +107,37 @@ def _points(rows: list[dict], y: str, ci_key: str) -> list[dict]:
         if r.get("status") == "ok" and r.get(y) is not None:
             pts.append({"method": r["method"], "bpw": r["bpw"], y: r[y], "uniform": r.get("uniform", False),
                         "ci": _ci(r, ci_key)})
-    for m in {p["method"] for p in pts}:  # error bars only where every point of a line has one
+    return _points_ci(pts)
+
+
+def domain_rows(doc: dict) -> tuple[list[str], list[dict]]:
+    """KL on every domain side by side: ``(corpora, rows)``, each row ``{"method", "budget", "bpw", "kl":
+    {corpus: KL}, "kl_ratio": {other corpus: KL(other) / KL(primary)}}`` for the finished quantized rows
+    that were evaluated on more than one domain (none for a one-domain bench)."""
+    names = domains(doc)
+    if len(names) < 2:
+        return names, []
+    out = []
+    for r in doc.get("rows", []):
+        dom = r.get("domains") or {}
+        if r.get("status") != "ok" or not dom:
+            continue
+        kl = {n: (dom.get(n) or {}).get("kl") for n in names}
+        k0 = kl[names[0]]
+        ratio = {n: (kl[n] / k0 if k0 and kl[n] is not None else None) for n in names[1:]}
+        out.append({"method": r["method"], "budget": r.get("budget"), "bpw": r.get("bpw"),
+                    "uniform": r.get("uniform", False), "kl": kl, "kl_ratio": ratio,
+                    "ci": {n: ((dom.get(n) or {}).get("ci") or {}).get("kl") for n in names}})
+    return names, out
+
+
+def _points_ci(pts: list[dict]) -> list[dict]:
+    """Error bars only where every point of a method's line has one (as :func:`_points`)."""
+    for m in {p["method"] for p in pts}:
         grp = [p for p in pts if p["method"] == m]
-        if any(p["ci"] is None for p in grp):
+        if any(p.get("ci") is None for p in grp):
             for p in grp:
-                p.pop("ci")
+                p.pop("ci", None)
     return pts
 
 
@@ -144,14 +186,20 @@ def build_report(doc: dict, table=None):
     rep.heading("Protocol")
     p, c = doc.get("protocol") or {}, doc.get("calibration") or {}
     m, v = doc.get("measurement") or {}, doc.get("mixq") or {}
+    names = domains(doc)
+    protos = doc.get("protocols") or {p.get("corpus"): p}
+    evaluation = [(("evaluation" if i == 0 else "also evaluated") + (" (primary)" if i == 0 and len(names) > 1
+                                                                     else ""),
+                   f"{q.get('corpus')}/{q.get('split')}, first {q.get('max_tokens')} tokens, {q.get('n_windows')} "
+                   f"windows of {q.get('seqlen')} (stride {q.get('stride')}), {q.get('n_scored')} scored tokens, "
+                   f"BOS {q.get('bos')}, tokenizer {q.get('tokenizer')}") for i, q in enumerate(protos.values())]
+    sha = f", ids sha256 {c['sha256']}" if c.get("sha256") else ""
     items = [
         ("model", f"{doc.get('model')} (fingerprint {doc.get('model_fingerprint')}, {p.get('dtype')})"),
-        ("evaluation", f"{p.get('corpus')}/{p.get('split')}, first {p.get('max_tokens')} tokens, {p.get('n_windows')} "
-                       f"windows of {p.get('seqlen')} (stride {p.get('stride')}), {p.get('n_scored')} scored tokens, "
-                       f"BOS {p.get('bos')}, tokenizer {p.get('tokenizer')}"),
+        *evaluation,
         ("reference", doc.get("reference")),
-        ("calibration", f"{c.get('nsamples')} × {c.get('seqlen')} tokens of {c.get('corpus')}/train, seed "
-                        f"{c.get('seed')}; gradient statistics from the first {c.get('grad_samples')}"),
+        ("calibration", f"{c.get('nsamples')} × {c.get('seqlen')} tokens of {_calib_text(c)}/train, seed "
+                        f"{c.get('seed')}{sha}; gradient statistics from the first {c.get('grad_samples')}"),
         ("measurement", f"{m.get('metric')} errors of {m.get('algorithm')}, {m.get('layers')} layers × "
                         f"{len(m.get('candidates') or [])} candidate specs, {_secs(m.get('seconds'))}" if m else "—"),
         ("budgets", ", ".join(f"{b:g}" for b in doc.get("budgets", [])) + " bits per weight over the quantized layers "
@@ -188,9 +236,25 @@ def build_report(doc: dict, table=None):
 
     body = [line(fp, "unquantized", None)] if fp else []
     body += [line(r, r["method"], r.get("budget")) for r in rows]
+    if len(names) > 1:
+        rep.paragraph(f"Perplexity, KL and top-1 on {names[0]}, the primary evaluation corpus; the other corpora "
+                      "are compared below.")
     rep.table(hdr, body, caption=proto)
     if not rows:
         rep.missing("No quantized row has finished yet.")
+    dnames, drows = domain_rows(doc)
+    if len(dnames) > 1:
+        rep.heading("KL on the calibration domain and on text calibration never saw", 3)
+        rep.paragraph(f"KL to the unquantized model on each evaluation corpus (calibration: {_calib_text(c)}), and "
+                      f"the ratio KL(other) / KL({dnames[0]}): a ratio well above 1 means the quantized model holds "
+                      f"up worse off the {dnames[0]} text than on it.")
+        if drows:
+            rep.table(["method", "budget", "bpw", *(f"KL {n}" for n in dnames),
+                       *(f"KL {n} / KL {dnames[0]}" for n in dnames[1:])],
+                      [[x["method"], x["budget"], x["bpw"], *(x["kl"][n] for n in dnames),
+                        *(x["kl_ratio"][n] for n in dnames[1:])] for x in drows], caption=proto)
+        else:
+            rep.missing("No quantized row evaluated on every corpus has finished yet.")
     pairs = paired_comparisons(doc)
     if pairs:
         rep.heading("Mixed vs uniform, paired over the same windows", 3)
@@ -213,6 +277,15 @@ def build_report(doc: dict, table=None):
                    reference=fp.get("perplexity"), reference_label="unquantized",
                    caption="Perplexity vs bits per weight; dotted line: the unquantized model")
         rep.protocol(proto)
+        for n in dnames[1:]:
+            pts = [{"method": x["method"], "bpw": x["bpw"], "kl": x["kl"][n], "uniform": x["uniform"],
+                    "ci": x["ci"][n]} for x in drows if x["kl"][n] is not None]
+            if pts:
+                rep.figure(pareto_plot, _points_ci(pts), y="kl", name=f"pareto-kl-{n}",
+                           title=f"KL on {n} (not the primary corpus {dnames[0]}) vs bits per weight",
+                           caption=f"KL to the unquantized model on {n} vs bits per weight; compare with the "
+                                   f"{dnames[0]} curve above")
+                rep.protocol(proto)
         mixed = [r for r in ok if not r.get("uniform") and r.get("plan")]
         if mixed:
             budgets = sorted({r["budget"] for r in mixed})

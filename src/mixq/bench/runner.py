@@ -12,8 +12,24 @@ One sensitivity measurement serves every budget and method; it is kept in ``DIR/
 (and resumed from ``measurement.json.partial`` if interrupted).  Every finished row is written at
 once, atomically, to ``DIR/rows/<method>_<budget>bpw.json``; a rerun with the same settings skips
 the rows that exist, so an interrupted bench loses at most the row in progress.  Rows that failed
-with an error are retried.  Changing a setting that affects the numbers (model, corpus, tokens,
+with an error are retried.  Changing a setting that affects the numbers (model, corpora, tokens,
 calibration, metric, …) is refused unless ``--force`` starts over; adding budgets or methods is not.
+
+Calibration (GPTQ, AWQ, the measurement) comes from :func:`mixq.calibset.build_calibration`
+(``--calib``, default :data:`mixq.calibset.DEFAULT_CALIB`); ``bench.json`` keeps its record (sources,
+rows per source, sha256), and a resumed run must rebuild the same ids.
+
+Evaluation runs on several domains (:mod:`mixq.eval.domains`; ``--corpus A,B``, default
+:data:`~mixq.eval.domains.DEFAULT_DOMAINS`: the calibration domain and text calibration never saw).
+The first is the primary: its figures are the row's top-level ``perplexity``, ``kl``,
+``top1_agreement``, ``ci``, ``per_window`` (and ``zeroshot``, scored once).  With more than one
+domain a row also holds ``domains`` (corpus → ``perplexity``, ``nll``, ``kl``, ``top1_agreement``,
+``n_scored``, ``ci``; the primary included) and ``kl_ratio`` (each other corpus → its KL / the
+primary's KL).  Each domain has its own windows, reference cache and protocol: ``bench.json`` keeps
+``protocol`` (the primary's) and ``protocols`` (corpus → protocol, all of them).  The settings key
+records the domains actually evaluated (a default domain that is not installed is skipped with a
+warning), so a directory evaluated on other domains is refused: a bench written before several
+domains existed (``ptb`` only) resumes with ``--corpus ptb``.
 
 Each row is evaluated once, window by window (:func:`mixq.eval.stats.evaluate_windows`):
 perplexity, KL to the unquantized model (its log-probs cached in fp16) and top-1 agreement are the
@@ -47,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibset import DEFAULT_CALIB
 from ..jsonio import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -112,11 +129,11 @@ class BenchConfig:
     model: str
     budgets: list[float]
     methods: list[str]
-    corpus: str = "ptb"
+    corpus: str | None = None  # comma-separated evaluation corpora, the first primary; None: DEFAULT_DOMAINS
     split: str = "test"
     tokens: int = 4096
     seqlen: int = 512
-    calib: str = "ptb"
+    calib: str = DEFAULT_CALIB
     nsamples: int = 32
     calib_seqlen: int = 512
     seed: int = 0
@@ -133,10 +150,21 @@ class BenchConfig:
     bos: str = "auto"
     extra: dict = field(default_factory=dict)
 
+    def corpora(self) -> tuple[list[str], bool]:
+        """The evaluation corpora asked for and whether they are the defaults (:func:`parse_corpora`)."""
+        from ..eval.domains import parse_corpora
+
+        try:
+            return parse_corpora(self.corpus)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
+
     def key(self) -> dict:
+        """The settings that fix the numbers (``corpus``: the corpora asked for, joined by ',')."""
         d = asdict(self)
         for k in ("budgets", "methods", "batch_size", "extra"):
             d.pop(k)
+        d["corpus"] = ",".join(self.corpora()[0])
         return d
 
     def check(self) -> None:
@@ -148,6 +176,9 @@ class BenchConfig:
         if not 0 < self.confidence < 1:
             raise BenchError(f"--confidence must be in (0, 1), got {self.confidence}")
         parse_methods(",".join(self.methods))
+        names = self.corpora()[0]
+        if len(set(names)) != len(names):
+            raise BenchError(f"--corpus {self.corpus!r} names a corpus twice")
 
 
 def row_name(method: str, budget: float) -> str:
@@ -207,6 +238,27 @@ class Bench:
         self.cfg, self.out, self.force, self.progress = cfg, Path(out), force, progress
         self.command = command
         self.rows_dir = self.out / ROWS
+        self.texts: dict[str, str] | None = None  # evaluation text by corpus (see load_inputs)
+
+    def load_inputs(self) -> None:
+        """Load the evaluation corpora and check ``--calib`` (no model yet: a bad input costs nothing).
+        A default domain that cannot be had here is skipped with a warning."""
+        from ..calibset import parse_sources
+        from ..eval.domains import load_domains
+
+        if self.texts is not None:
+            return
+        names, defaults = self.cfg.corpora()
+        try:
+            parse_sources(self.cfg.calib)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
+        self.texts = load_domains(names, self.cfg.split, defaults)
+
+    def key(self) -> dict:
+        """:meth:`BenchConfig.key` with the corpora actually evaluated here."""
+        self.load_inputs()
+        return {**self.cfg.key(), "corpus": ",".join(self.texts)}
 
     # -------------------------------------------------------------- directory state
     def prepare(self) -> None:
@@ -214,6 +266,7 @@ class Bench:
         meta = self.out / "bench.json"
         if self.out.exists() and not self.out.is_dir():
             raise BenchError(f"--out {self.out} is a file: give a directory")
+        key = self.key()
         if self.force:
             for name in OWN_FILES:
                 p = self.out / name
@@ -224,12 +277,15 @@ class Bench:
         elif meta.exists():
             old = read_json(meta).get("key", {})
             # "bos" is newer than some benches: those are checked on the protocol's BOS once the model is loaded
-            diff = {k: (old.get(k), v) for k, v in self.cfg.key().items()
+            diff = {k: (old.get(k), v) for k, v in key.items()
                     if old.get(k, v if k == "bos" else None) != v}
             if diff:
                 what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in sorted(diff.items()))
-                raise BenchError(f"{self.out} holds a bench run with other settings ({what}): resume it with the "
-                                 "same settings, choose another --out, or pass --force to start over")
+                hint = ""
+                if "corpus" in diff and old.get("corpus"):
+                    hint = f" (it was evaluated on {old['corpus']}: --corpus {old['corpus']} resumes it)"
+                raise BenchError(f"{self.out} holds a bench run with other settings ({what}){hint}: resume it with "
+                                 "the same settings, choose another --out, or pass --force to start over")
         elif self.out.exists() and any(self.out.iterdir()):
             raise BenchError(f"--out {self.out} exists and is not a bench directory: choose another --out "
                              "(or pass --force to write into it)")
@@ -252,14 +308,13 @@ class Bench:
     def setup(self) -> None:
         from .. import data
         from ..bos import resolve_bos
+        from ..calibset import build_calibration, corpus_rows
         from ..eval import Protocol, ReferenceCache
         from ..eval.stats import overlap_warning
         from ..models import load_model, model_fingerprint
 
         c = self.cfg
-        # corpora first: a missing corpus costs nothing
-        eval_text = data.load_corpus(c.corpus, c.split)
-        calib_text = data.load_corpus(c.calib, "train")
+        self.load_inputs()  # corpora and --calib first: a missing corpus costs nothing
         if c.zeroshot:
             from ..eval.suite import build_suite
 
@@ -269,19 +324,32 @@ class Bench:
             raise BenchError(f"{c.model} has no tokenizer")
         self.fingerprint = model_fingerprint(self.model)
         self.bos = resolve_bos(self.tok, self.model, c.bos)
-        ids = data.tokenize(eval_text, self.tok, progress=False)
-        self.windows = data.eval_windows(ids, c.seqlen, max_tokens=c.tokens, bos_id=self.bos.bos_id)
-        if self.windows.n_windows == 0:
-            raise BenchError(f"{c.corpus}/{c.split} has fewer than {c.seqlen} tokens: lower --seqlen")
-        self.protocol = Protocol.for_windows(self.windows, corpus=c.corpus, split=c.split,
-                                             tokenizer=getattr(self.tok, "name_or_path", "") or c.model,
-                                             dtype=next(self.model.parameters()).dtype, bos_decision=self.bos)
-        train = data.tokenize(calib_text, self.tok, progress=False)
-        self.calib = data.calibration_batch(train, c.nsamples, c.calib_seqlen, c.seed)
-        self.overlap = overlap_warning(self.calib, self.windows)
+        # one (windows, protocol, reference cache) per domain; the first is the primary
+        self.domains: dict[str, tuple] = {}
+        for corpus, text in self.texts.items():
+            ids = data.tokenize(text, self.tok, progress=False)
+            win = data.eval_windows(ids, c.seqlen, max_tokens=c.tokens, bos_id=self.bos.bos_id)
+            if win.n_windows == 0:
+                raise BenchError(f"{corpus}/{c.split} has fewer than {c.seqlen} tokens: lower --seqlen")
+            proto = Protocol.for_windows(win, corpus=corpus, split=c.split,
+                                         tokenizer=getattr(self.tok, "name_or_path", "") or c.model,
+                                         dtype=next(self.model.parameters()).dtype, bos_decision=self.bos)
+            self.domains[corpus] = (win, proto, ReferenceCache(self.model, win, batch_size=c.batch_size,
+                                                               progress=False))
+        self.windows, self.protocol, self.cache = next(iter(self.domains.values()))
+        self.calibration = build_calibration(self.model, self.tok, c.calib, c.nsamples, c.calib_seqlen, c.seed,
+                                             bos_id=self.bos.bos_id, progress=self.progress)
+        self.calib = self.calibration.ids
+        # the overlap check compares the corpus rows only (self-generated rows quote no corpus)
+        rows = corpus_rows(self.calibration.record(), self.tok)
+        warnings = []
+        for corpus, (win, _, _) in self.domains.items():
+            w = overlap_warning(rows, win) if rows is not None else None
+            if w:
+                warnings.append(w if len(self.domains) == 1 else f"{corpus}: {w}")
+        self.overlap = "; ".join(warnings) or None
         if self.overlap:
             log.warning("%s", self.overlap)
-        self.cache = ReferenceCache(self.model, self.windows, batch_size=c.batch_size, progress=False)
         self.meta = self._write_meta()
 
     def _write_meta(self) -> dict:
@@ -293,14 +361,26 @@ class Bench:
         if (old.get("protocol") or {}).get("bos") not in (None, self.protocol.bos):
             raise BenchError(f"{self.out} was evaluated with BOS {old['protocol']['bos']}, now {self.protocol.bos} "
                              f"(--bos {self.cfg.bos}): pass the --bos of that run, or --force to start over")
+        record = self.calibration.record()
+        old_cal = old.get("calibration") or {}
+        if old_cal.get("sha256") not in (None, record["sha256"]):
+            raise BenchError(f"{self.out} was calibrated on other ids (sha256 {old_cal['sha256'][:12]}…, now "
+                             f"{record['sha256'][:12]}…; self-generated text can differ on another machine or torch "
+                             "version): resume it where it was run, choose another --out, or pass --force to start "
+                             "over")
+        if old_cal and "sha256" not in old_cal and self.bos.bos_id is not None:
+            # written before the calibration record: its rows were drawn without BOS, these start with it
+            raise BenchError(f"{self.out} was calibrated on rows without BOS, this run prepends it (--bos "
+                             f"{self.cfg.bos}), so its rows would not match: choose another --out or pass --force "
+                             "to start over")
         c = self.cfg
         meta = {
-            "_type": "mixq-bench", "_version": BENCH_VERSION, "key": c.key(),
+            "_type": "mixq-bench", "_version": BENCH_VERSION, "key": self.key(),
             "created": old.get("created", _now()), "updated": _now(),
             "model": c.model, "model_fingerprint": self.fingerprint,
             "protocol": self.protocol.to_dict(),
-            "calibration": {"corpus": c.calib, "split": "train", "nsamples": c.nsamples, "seqlen": c.calib_seqlen,
-                            "seed": c.seed, "grad_samples": c.grad_samples},
+            "protocols": {corpus: proto.to_dict() for corpus, (_, proto, _) in self.domains.items()},
+            "calibration": {**record, "grad_samples": c.grad_samples},
             "bootstrap": {"resamples": c.resamples, "confidence": c.confidence, "seed": c.seed,
                           "unit": "evaluation window", "interval": "percentile"},
             "zeroshot": ({"tasks": c.zeroshot_tasks, "n": c.zeroshot, "seed": c.seed} if c.zeroshot else None),
@@ -332,11 +412,26 @@ class Bench:
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, model) -> dict:
+        """The primary domain's figures at the top level; with several domains, ``domains`` and ``kl_ratio``
+        (module docstring)."""
+        t0 = time.perf_counter()
+        per = {corpus: self._evaluate_domain(model, win, cache) for corpus, (win, _, cache) in self.domains.items()}
+        names = list(per)
+        out = dict(per[names[0]])
+        if len(names) > 1:
+            out["domains"] = {n: {k: v for k, v in r.items() if k != "per_window"} for n, r in per.items()}
+            k0 = out["kl"]
+            out["kl_ratio"] = {n: (per[n]["kl"] / k0 if k0 else None) for n in names[1:]}
+        out["eval_seconds"] = time.perf_counter() - t0
+        if self.cfg.zeroshot:
+            out["zeroshot"] = self.zeroshot(model)
+        return out
+
+    def _evaluate_domain(self, model, windows, cache) -> dict:
         from ..eval.stats import confidence_intervals, evaluate_windows
 
         c = self.cfg
-        t0 = time.perf_counter()
-        pw = evaluate_windows(model, self.windows, self.cache, batch_size=c.batch_size)
+        pw = evaluate_windows(model, windows, cache, batch_size=c.batch_size)
         n = int(pw["n_tokens"].sum())
         out = {"perplexity": math.exp(float(pw["nll_sum"].sum()) / n), "nll": float(pw["nll_sum"].sum()) / n,
                "kl": float(pw["kl_sum"].sum()) / n, "top1_agreement": float(pw["agree"].sum()) / n, "n_scored": n,
@@ -345,9 +440,6 @@ class Bench:
             ci = confidence_intervals(pw, n_resamples=c.resamples, confidence=c.confidence, seed=c.seed)
             out["ci"] = {k: [v["low"], v["high"]] for k, v in ci.items() if v is not None}
         out["per_window"] = {k: np.asarray(v).tolist() for k, v in pw.items() if v is not None}
-        out["eval_seconds"] = time.perf_counter() - t0
-        if c.zeroshot:
-            out["zeroshot"] = self.zeroshot(model)
         return out
 
     def zeroshot(self, model) -> dict:
