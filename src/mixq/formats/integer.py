@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from .mx import e8m0_floor, round_scale
+from .params import QParams
 
 
 def qmax(spec) -> int:
@@ -48,8 +49,6 @@ def scale_unit(spec) -> float:
 
 def fit(rows: torch.Tensor, spec, shrink: float = 1.0, tensor_scale=None):
     """Per-row ``scale`` (and ``zero`` or ``offset``), each ``[R, 1]``, for a range shrunk by ``shrink``."""
-    from .base import QParams  # noqa: PLC0415  (base imports this module)
-
     ts = tensor_scale if spec.tensor_scale else None
     n = qmax(spec)
     if spec.symmetric:
@@ -78,8 +77,6 @@ def fit(rows: torch.Tensor, spec, shrink: float = 1.0, tensor_scale=None):
 
 def binary_l2_candidate(rows: torch.Tensor, spec, weight: torch.Tensor | None, tensor_scale=None):
     """L2-optimal binary scale ``Σ w|x| / Σ w`` per row (the mean ``|x|`` when unweighted)."""
-    from .base import QParams  # noqa: PLC0415
-
     a = rows.abs()
     if weight is None:
         s = a.mean(-1, keepdim=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .mx import round_scale
+from .params import QParams
 
 NF4 = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -65,8 +66,6 @@ def nf_scale_unit(spec) -> float:
 
 def fit_nf(rows: torch.Tensor, spec, shrink: float = 1.0, tensor_scale=None):
     """``scale = absmax * shrink`` per row, ``[R, 1]``, rounded to ``spec.scale_dtype`` (e8m0 rounds up)."""
-    from .base import QParams  # noqa: PLC0415  (base imports this module)
-
     ts = tensor_scale if spec.tensor_scale else None
     amax = rows.abs().amax(-1, keepdim=True) * shrink
     return QParams(scale=round_scale(amax, spec.scale_dtype, ts), tensor_scale=ts)
@@ -89,8 +88,6 @@ def fit_kmeans(rows: torch.Tensor, spec, weight: torch.Tensor | None = None, ite
     ``weight``: non-negative importance ``[R, n]`` or ``[1, n]``; a row whose weights sum to 0 is
     treated as unweighted.
     """
-    from .base import QParams  # noqa: PLC0415
-
     x = rows.float()
     r, n = x.shape
     k = 2**spec.bits
