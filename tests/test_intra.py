@@ -8,13 +8,12 @@ import torch
 from mixq import formats
 from mixq.algorithms.gptq import gptq_quantize
 from mixq.algorithms.rtn import rtn_quantize
-from mixq.allocate import Budget, LayerEntry, Plan, SensitivityTable, allocate, load_candidates
+from mixq.allocate import Budget, LayerEntry, Plan, SensitivityTable, allocate, extended_candidates, load_candidates
 from mixq.config import QuantSpec, parse_spec
 from mixq.intra import (
     CSR,
     CompositeSpec,
     compose,
-    extended_candidates,
     intra_candidates,
     is_composite,
     parse_candidate,

@@ -8,7 +8,8 @@ Modules: :mod:`.candidates` (candidate sets), :mod:`.table` (the input table and
 exact | dp | greedy | uniform) with the knapsack cores in :mod:`.mckp`, :mod:`.plan` (Budget,
 Plan, allocate, format_plan_table).
 """
-from .candidates import DEFAULT_CANDIDATE_NAMES, candidates_for, default_candidates, load_candidates
+from .candidates import (DEFAULT_CANDIDATE_NAMES, candidates_for, default_candidates, extended_candidates,
+                         load_candidates, named_candidate_set)
 from .constraints import Constraints, build_problem
 from .plan import Budget, Plan, allocate, format_plan_table
 from .solvers import METHODS, InfeasibleBudget, Problem, Solution, solve
@@ -17,5 +18,6 @@ from .table import LayerEntry, SensitivityTable
 __all__ = [
     "DEFAULT_CANDIDATE_NAMES", "METHODS", "Budget", "Constraints", "InfeasibleBudget", "LayerEntry", "Plan",
     "Problem", "SensitivityTable", "Solution", "allocate", "build_problem", "candidates_for",
-    "default_candidates", "format_plan_table", "load_candidates", "solve",
+    "default_candidates", "extended_candidates", "format_plan_table", "load_candidates", "named_candidate_set",
+    "solve",
 ]

@@ -31,6 +31,7 @@ import logging
 from pathlib import Path
 
 from ..config import QuantSpec, parse_spec
+from ..intra.candidates import intra_candidates
 from ..intra.spec import parse_candidate
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,26 @@ DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
     "NF3-g64", "NF4-g64",
     "FP16",
 )
+NAMED_SETS = ("intra", "default+intra")  # composite sets by name (mixq.intra.candidates), ``:small`` / ``:all`` too
 
 
 def default_candidates() -> list[QuantSpec]:
     """The default candidate specs (see the module docstring for the rationale)."""
     return _unique([parse_spec(n) for n in DEFAULT_CANDIDATE_NAMES], "default candidates")
+
+
+def extended_candidates(level: str = "default") -> list[QuantSpec]:
+    """The default candidates followed by :func:`mixq.intra.intra_candidates` of ``level``."""
+    return default_candidates() + intra_candidates(level)
+
+
+def named_candidate_set(name: str) -> list[QuantSpec] | None:
+    """``intra`` / ``default+intra`` (optionally ``:small`` / ``:all``) -> the set; ``None`` for other names."""
+    head, _, level = str(name).partition(":")
+    if head not in NAMED_SETS:
+        return None
+    level = level or "default"
+    return intra_candidates(level) if head == "intra" else extended_candidates(level)
 
 
 def load_candidates(path: str | Path) -> list[QuantSpec]:
@@ -61,8 +77,6 @@ def load_candidates(path: str | Path) -> list[QuantSpec]:
     """
     p = Path(path)
     if not p.exists():  # named composite sets: ``intra``, ``default+intra`` (mixq.intra.candidates)
-        from ..intra import named_candidate_set
-
         named = named_candidate_set(str(path))
         if named is not None:
             return _unique(named, str(path))

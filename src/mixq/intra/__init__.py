@@ -13,11 +13,11 @@
 ``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size;
                 :class:`PackedComposite` (what the native directory stores)
 ``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path)
-``candidates``  :func:`intra_candidates`, :func:`extended_candidates`, the ``intra`` / ``default+intra`` sets
+``candidates``  :func:`intra_candidates` (the ``intra`` / ``default+intra`` sets: :mod:`mixq.allocate.candidates`)
 ``hooks``       what the measurement driver and ``quantize_model`` call for composite candidates
 """
 from .binary import BinaryQTensor
-from .candidates import INTRA_CANDIDATE_NAMES, extended_candidates, intra_candidates, named_candidate_set
+from .candidates import INTRA_CANDIDATE_NAMES, intra_candidates
 from .hooks import composite_weight, quantize_layer
 from .quant import CompositeQTensor, dequantize_composite, quantize_composite
 from .rows import RowSplitQTensor
@@ -29,7 +29,7 @@ from .linear import CompositeLinear, install_composite_linear
 __all__ = [
     "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "CompositeSpec", "INTRA_CANDIDATE_NAMES",
     "PackedComposite", "RowSplitQTensor", "compose", "composite_weight", "dequantize_composite",
-    "extended_candidates", "index_bits", "install_composite_linear", "intra_candidates", "is_composite",
-    "named_candidate_set", "pack_composite", "parse_candidate", "quantize_composite", "quantize_layer",
+    "index_bits", "install_composite_linear", "intra_candidates", "is_composite",
+    "pack_composite", "parse_candidate", "quantize_composite", "quantize_layer",
     "unpack_composite",
 ]

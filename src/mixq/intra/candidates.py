@@ -1,9 +1,9 @@
 """Composite candidates for the allocator, next to the plain specs.
 
 :func:`intra_candidates` returns a modest set of composites between about 2.3 and 4.4 bpw (each
-one a published intra-tensor recipe at its usual setting); :func:`extended_candidates` appends them
-to :func:`mixq.allocate.default_candidates`.  The candidate-file loader also accepts the set names
-``intra`` and ``default+intra`` (``mixq measure --candidates default+intra``).
+one a published intra-tensor recipe at its usual setting); :func:`mixq.allocate.extended_candidates`
+appends them to the default plain set, and the candidate-file loader accepts the set names ``intra``
+and ``default+intra`` (``mixq measure --candidates default+intra``; :mod:`mixq.allocate.candidates`).
 
 Bits per weight of the ``default`` set on SmolLM2's shapes (576x576 / 1536x576 / 576x1536), every
 stored bit counted (:meth:`CompositeSpec.cost`):
@@ -50,7 +50,6 @@ INTRA_CANDIDATE_NAMES["all"] = INTRA_CANDIDATE_NAMES["default"] + (
     "W3-g16-asym+sq3+o0.25", "W2-g16-asym+sq3+o0.5", "SLIM3-g64+o0.25", "W3-g64+c8+o0.25", "KM4+o0.45",
     "SLIM4-g64", "W2-g64-asym+h10", "W4-g64+h10", "NF4-g64+d8", "W2-g64-asym-mse+o0.5",
     "BIN-g64+r32", "BIN-g192+r32+o1w8", "BIN-g64+o2w8")
-NAMED_SETS = ("intra", "default+intra")
 
 
 def intra_candidates(level: str = "default") -> list[QuantSpec]:
@@ -58,19 +57,3 @@ def intra_candidates(level: str = "default") -> list[QuantSpec]:
     if level not in INTRA_CANDIDATE_NAMES:
         raise ValueError(f"unknown intra candidate level {level!r}: choose one of {', '.join(INTRA_CANDIDATE_NAMES)}")
     return [parse_candidate(n) for n in INTRA_CANDIDATE_NAMES[level]]
-
-
-def extended_candidates(level: str = "default") -> list[QuantSpec]:
-    """The default candidates followed by :func:`intra_candidates` of ``level``."""
-    from ..allocate.candidates import default_candidates  # noqa: PLC0415  (allocate imports this package lazily)
-
-    return default_candidates() + intra_candidates(level)
-
-
-def named_candidate_set(name: str) -> list[QuantSpec] | None:
-    """``intra`` / ``default+intra`` (optionally ``:small`` / ``:all``) -> the set; ``None`` for other names."""
-    head, _, level = str(name).partition(":")
-    if head not in NAMED_SETS:
-        return None
-    level = level or "default"
-    return intra_candidates(level) if head == "intra" else extended_candidates(level)
