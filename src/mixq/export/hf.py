@@ -67,19 +67,18 @@ import logging
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..config import FLOAT_DTYPES, QuantSpec
 from ..formats import QTensor, dequantize
-from ..granularity import PerChannel, PerGroup
+from ..granularity import PerGroup
 from .atomic import atomic_dir
-from .hf_readback import check_with_transformers, read_back_compressed, read_back_gptq
-from .native import CheckpointError, read_info, read_qtensors, refuse_composites
+from .hf_pack import ct_tensors, gptq_tensors
+from .hf_readback import DTYPE_NAME, check_with_transformers, read_back_compressed, read_back_gptq, target_dtype
+from .hf_source import ExportError, Source, ct_problem, gptq_problem, open_source
 
 log = logging.getLogger(__name__)
 
@@ -90,239 +89,14 @@ __all__ = [
 
 WEIGHTS_FILE = "model.safetensors"
 REPORT_FILE = "export_report.json"  # the name `mixq export` writes its report under
-GPTQ_BITS = (2, 3, 4, 8)
-_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "float32": torch.float32}
-_DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 _COPY_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
                "*.tiktoken", "chat_template*", "generation_config.json")
 # vLLM fuses these sibling linears into one layer; they must share one scheme there
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-class ExportError(ValueError):
-    """The directory cannot be written in the requested format; ``problems`` maps fqn -> reason."""
-
-    def __init__(self, message: str, problems: dict[str, str] | None = None):
-        super().__init__(message)
-        self.problems = problems or {}
-
-
-# ---------------------------------------------------------------------- reading the source
-@dataclass
-class _Source:
-    path: Path
-    info: dict
-    config: dict                     # config.json as a dict
-    layers: dict[str, QTensor]       # quantized layers (keep dtypes excluded)
-    keep: dict[str, torch.Tensor]    # layers whose "spec" keeps them in float: module-layout weight
-    rest: dict[str, torch.Tensor]
-    modules: dict[str, str]          # every Linear / Conv1D / Embedding: fqn -> "linear" | "conv1d" | "embedding"
-    lm_head: str
-
-
-def _read_source(src_dir) -> _Source:
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    from ..arch import arch_for
-
-    path = Path(src_dir)
-    info, qtensors, rest = read_qtensors(path)  # any native version; sizes and sha256 checked first
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path / 'config.json'}: {e}; the directory is damaged") from None
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    modules, shapes = {}, {}
-    for name, m in model.named_modules():
-        if isinstance(m, Conv1D):
-            modules[name], shapes[name] = "conv1d", tuple(m.weight.shape[::-1])
-        elif isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
-            modules[name] = "linear" if isinstance(m, torch.nn.Linear) else "embedding"
-            shapes[name] = tuple(m.weight.shape)
-    layers, keep = {}, {}
-    for fqn, q in qtensors.items():
-        if fqn in shapes and (shapes[fqn] != tuple(q.shape) or tuple(q.codes.shape) != tuple(q.shape)):
-            raise CheckpointError(f"{path}: {fqn} has shape {tuple(q.codes.shape)} in the checkpoint but the model "
-                                  f"expects {shapes[fqn]}")
-        if q.spec.is_float_keep:
-            w = dequantize(q).to({"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[q.spec.dtype])
-            keep[fqn] = w.t().contiguous() if modules.get(fqn) == "conv1d" else w
-        else:
-            layers[fqn] = q
-    return _Source(path, info, config, layers, keep, rest, modules, arch_for(model).lm_head)
-
-
-# ---------------------------------------------------------------------- what each format can hold
-def _suggest(spec: QuantSpec, **kw) -> str:
-    try:
-        return replace(spec, **kw).name
-    except ValueError:
-        return "W4-g128"
-
-
-def _common_problem(fqn: str, q: QTensor, src: _Source, fmt: str) -> str | None:
-    spec = q.spec
-    kind = src.modules.get(fqn)
-    if kind is None:
-        return "not a module of this model"
-    if kind == "embedding":
-        return f"quantized embeddings are not exported to {fmt}: keep embeddings in floating point"
-    if kind == "conv1d" and fmt == "compressed-tensors":
-        return ("GPT-2 style Conv1D layers are not nn.Linear, which compressed-tensors quantizes: "
-                "export this model as GPTQ instead")
-    if fqn == src.lm_head and src.config.get("tie_word_embeddings", False):
-        return "the lm_head is tied to the embeddings: quantize it untied (mixq unties it with --lm-head alone)"
-    if spec.dtype == "nf":
-        return f"NormalFloat levels are not a uniform integer grid: use {_suggest(spec, dtype='int')}"
-    if spec.dtype == "kmeans":
-        return ("a k-means codebook is not a uniform integer grid: use "
-                f"{_suggest(spec, dtype='int', scale_dtype='fp16', granularity=PerGroup(128))} or W{spec.bits}-channel")
-    if spec.dtype in FLOAT_DTYPES:
-        return (f"floating-point elements ({spec.name}) are unsupported (this export writes integer grids only): "
-                "keep the native directory, or use an integer spec such as W8-channel or W4-g128")
-    if spec.dtype != "int":
-        return f"unsupported element type {spec.dtype!r}"
-    if not spec.symmetric and spec.zero_dtype != "int":
-        return f"an fp16 offset (-asymf) is not an integer zero point: use {_suggest(spec, zero_dtype='int')}"
-    if spec.tensor_scale:
-        plain = _suggest(spec, scale_dtype="fp16", tensor_scale=False)
-        return f"a second-level per-tensor scale (-ts) is not representable: use {plain}"
-    if not isinstance(spec.granularity, (PerGroup, PerChannel)):
-        return f"{spec.granularity} granularity is not exported: use {_suggest(spec, granularity=PerChannel())} or gN"
-    return None
-
-
-def _ct_problem(q: QTensor) -> str | None:
-    spec = q.spec
-    if spec.bits == 1 and spec.symmetric:
-        return ("the binary grid ±scale has no zero level (compressed-tensors' int1 is {-1, 0} * scale): "
-                f"use {_suggest(spec, symmetric=False)} or W2")
-    return None
-
-
-def _gptq_problem(q: QTensor) -> str | None:
-    spec = q.spec
-    out_f, in_f = q.shape
-    if spec.bits not in GPTQ_BITS:
-        up = _suggest(spec, bits=min(b for b in GPTQ_BITS if b >= spec.bits))
-        return (f"GPTQ loaders (AutoGPTQ, GPTQModel, vLLM) support {', '.join(map(str, GPTQ_BITS))} bits, "
-                f"not {spec.bits}: use {up} or export compressed-tensors")
-    if (in_f * spec.bits) % 32 or (out_f * spec.bits) % 32:
-        return (f"shape {q.shape}: GPTQ packs whole 32-bit words, so in and out features times {spec.bits} "
-                "must divide by 32")
-    scale = q.params.scale
-    if not torch.equal(scale.to(torch.float16).float(), scale.float()):
-        return (f"its {spec.scale_dtype} scales are not all exact in fp16 (GPTQ stores fp16 scales): "
-                f"use {_suggest(spec, scale_dtype='fp16')}")
-    if not spec.symmetric and bool((q.params.zero == 0).any()):
-        n = int((q.params.zero == 0).sum())
-        return (f"{n} group(s) have zero point 0, which GPTQ v1 (zeros stored minus one) cannot hold: "
-                f"use {_suggest(spec, symmetric=True, zero_dtype='int')} or export compressed-tensors")
-    return None
-
-
-def _raise_problems(fmt: str, problems: dict[str, str], layers: dict[str, QTensor]) -> None:
-    if not problems:
-        return
-    by_reason: dict[tuple[str, str], list[str]] = {}
-    for fqn, why in problems.items():
-        by_reason.setdefault((layers[fqn].spec.name, why), []).append(fqn)
-    parts = []
-    for (name, why), fqns in by_reason.items():
-        shown = ", ".join(fqns[:3]) + (f" (+{len(fqns) - 3} more)" if len(fqns) > 3 else "")
-        parts.append(f"{name} on {shown}: {why}")
-    raise ExportError(f"cannot export to {fmt}: {len(problems)} layer(s) use specs it cannot represent exactly: "
-                      + "; ".join(parts), problems)
-
-
-# ---------------------------------------------------------------------- packing (writer side)
-def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Each row of ``values [R, n]`` (ints in ``0 .. 2^bits - 1``) as a dense LSB-first bit stream in int32 words.
-
-    Element ``j`` occupies stream bits ``j*bits .. j*bits + bits - 1``; word ``k`` holds stream bits
-    ``32k .. 32k + 31`` (bit 0 = least significant); the tail is zero padded.  ``-> int32 [R, ceil(n*bits/32)]``.
-    """
-    v = values.to(torch.int64)
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 1 << bits):
-        raise ValueError(f"values outside 0..{(1 << bits) - 1} cannot be packed in {bits} bits")
-    rows, n = v.shape
-    words = -(-n * bits // 32)
-    out = torch.empty(rows, words, dtype=torch.int32)
-    plane_shift = torch.arange(bits, dtype=torch.int64)
-    word_shift = torch.arange(32, dtype=torch.int64)
-    step = max(1, (1 << 24) // max(1, words * 32))
-    for r0 in range(0, rows, step):
-        chunk = v[r0:r0 + step]
-        stream = ((chunk.unsqueeze(-1) >> plane_shift) & 1).to(torch.uint8).reshape(len(chunk), n * bits)
-        stream = torch.nn.functional.pad(stream, (0, words * 32 - n * bits)).reshape(len(chunk), words, 32)
-        w = (stream.to(torch.int64) << word_shift).sum(-1)          # 0 .. 2^32 - 1
-        out[r0:r0 + len(chunk)] = (w - ((w >> 31) << 32)).to(torch.int32)  # two's complement int32
-    return out
-
-
-def _per_row(t: torch.Tensor, out_f: int) -> torch.Tensor:
-    """mixq row params ``[out * gpr, 1]`` (row-major over ``[out, in // g]``) -> ``[out, gpr]``."""
-    return t.reshape(out_f, -1)
-
-
-def _scale_store_dtype(q: QTensor) -> torch.dtype:
-    """The float dtype the scales are written in: the spec's own, else the narrowest one holding them exactly."""
-    own = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(q.spec.scale_dtype)
-    candidates = [own] if own is not None else [torch.float16, torch.bfloat16, torch.float32]
-    s = q.params.scale.float()
-    for dt in candidates:
-        if torch.equal(s.to(dt).float(), s):
-            return dt
-    raise ExportError(f"scales of {q.spec.name} are not exact in {candidates[-1]}: the directory is damaged")
-
-
-def _group_size(q: QTensor) -> int:
-    return q.spec.granularity.size if isinstance(q.spec.granularity, PerGroup) else q.shape[1]
-
-
-def _ct_tensors(fqn: str, q: QTensor) -> dict[str, torch.Tensor]:
-    out_f, in_f = q.shape
-    bits = q.spec.bits
-    t = {f"{fqn}.weight_packed": _pack_rows(q.codes, bits),
-         f"{fqn}.weight_scale": _per_row(q.params.scale, out_f).to(_scale_store_dtype(q)).contiguous(),
-         f"{fqn}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
-    if not q.spec.symmetric:
-        zero = _per_row(q.params.zero, out_f)                         # [out, gpr], 0 .. 2^b - 1
-        t[f"{fqn}.weight_zero_point"] = _pack_rows(zero.t(), bits).t().contiguous()
-    return t
-
-
-def _gptq_tensors(fqn: str, q: QTensor) -> dict[str, torch.Tensor]:
-    out_f, in_f = q.shape
-    bits = q.spec.bits
-    g = _group_size(q)
-    if q.spec.symmetric:
-        zero = torch.full((out_f, in_f // g), 2 ** (bits - 1), dtype=torch.int64)
-    else:
-        zero = _per_row(q.params.zero, out_f).to(torch.int64)
-    return {f"{fqn}.qweight": _pack_rows(q.codes, bits).t().contiguous(),
-            f"{fqn}.qzeros": _pack_rows((zero - 1).t(), bits),        # v1: zeros minus one
-            f"{fqn}.scales": _per_row(q.params.scale, out_f).t().to(torch.float16).contiguous(),
-            f"{fqn}.g_idx": (torch.arange(in_f, dtype=torch.int32) // g).to(torch.int32)}
-
-
 # ---------------------------------------------------------------------- shared writer plumbing
-def _target_dtype(dtype) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPE_NAME:
-            raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
-        return dtype
-    if str(dtype).lower() not in _DTYPES:
-        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype!r}")
-    return _DTYPES[str(dtype).lower()]
-
-
-def _dense_tensors(src: _Source, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+def _dense_tensors(src: Source, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.dtype]:
     """Every non-quantized tensor (cast to ``dtype`` when given) and the model dtype to record."""
     dense = {**src.rest, **{f"{f}.weight": w for f, w in src.keep.items()}}
     if dtype is not None:
@@ -333,15 +107,15 @@ def _dense_tensors(src: _Source, dtype: torch.dtype | None) -> tuple[dict[str, t
         if v.is_floating_point():
             counts[v.dtype] += v.numel()
     common = counts.most_common(1)[0][0] if counts else torch.float32
-    return dense, (common if common in _DTYPE_NAME else torch.float32)
+    return dense, (common if common in DTYPE_NAME else torch.float32)
 
 
-def _write_config(tmp: Path, src: _Source, qcfg: dict, model_dtype: torch.dtype) -> None:
+def _write_config(tmp: Path, src: Source, qcfg: dict, model_dtype: torch.dtype) -> None:
     cfg = dict(src.config)
     cfg["quantization_config"] = qcfg
-    cfg["dtype"] = _DTYPE_NAME[model_dtype]
+    cfg["dtype"] = DTYPE_NAME[model_dtype]
     if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = _DTYPE_NAME[model_dtype]
+        cfg["torch_dtype"] = DTYPE_NAME[model_dtype]
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -364,7 +138,7 @@ def _check_out(src_dir, out_dir, overwrite: bool) -> Path:
     return out
 
 
-def _verify(src: _Source, got: dict[str, torch.Tensor], fmt: str) -> dict[str, float]:
+def _verify(src: Source, got: dict[str, torch.Tensor], fmt: str) -> dict[str, float]:
     """Per layer ``max |read_back - mixq dequantized|``; raises unless every layer is bit-identical."""
     diffs = {}
     for fqn, q in src.layers.items():
@@ -382,7 +156,7 @@ def _verify(src: _Source, got: dict[str, torch.Tensor], fmt: str) -> dict[str, f
     return diffs
 
 
-def _fusion_report(src: _Source, state: dict[str, object]) -> tuple[list[str], dict[str, object]]:
+def _fusion_report(src: Source, state: dict[str, object]) -> tuple[list[str], dict[str, object]]:
     """vLLM fuses q/k/v and gate/up: warnings where shards differ, and fused names whose shards agree."""
     warnings, agreed = [], {}
     for fused, shards in _FUSED.items():
@@ -411,14 +185,14 @@ def _layer_entry(q: QTensor, diff: float) -> dict:
             "symmetric": q.spec.symmetric, "shape": list(q.shape), "max_abs_diff": diff}
 
 
-def _finish(tmp: Path, out: Path, src: _Source, fmt: str, qcfg: dict, diffs: dict, kept: list[str],
+def _finish(tmp: Path, out: Path, src: Source, fmt: str, qcfg: dict, diffs: dict, kept: list[str],
             model_dtype: torch.dtype, warnings: list[str], copied: list[str], n_tensors: int) -> dict:
     files = sorted(p.name for p in tmp.iterdir()) + [REPORT_FILE]
     report = {
         "format": fmt,
         "source": str(src.path),
         "out": str(out),
-        "dtype": _DTYPE_NAME[model_dtype],
+        "dtype": DTYPE_NAME[model_dtype],
         "quantization_config": qcfg,
         "layers": {f: _layer_entry(q, diffs[f]) for f, q in src.layers.items()},
         "kept": kept,
@@ -438,24 +212,13 @@ def _finish(tmp: Path, out: Path, src: _Source, fmt: str, qcfg: dict, diffs: dic
     return report
 
 
-def _scale_warnings(src: _Source, model_dtype: torch.dtype) -> list[str]:
+def _scale_warnings(src: Source, model_dtype: torch.dtype) -> list[str]:
     bad = [f for f, q in src.layers.items()
            if not torch.equal(q.params.scale.to(model_dtype).float(), q.params.scale.float())]
     if not bad:
         return []
     return [f"scales of {len(bad)} layer(s) (e.g. {bad[0]}) are not exact in the model dtype "
-            f"{_DTYPE_NAME[model_dtype]}; a loader that casts scales to it rounds them (export with dtype='fp32')"]
-
-
-def _open_source(src_dir, fmt: str, layer_problem) -> "_Source":
-    """Read ``src_dir`` for export to ``fmt``; every layer ``fmt`` cannot hold exactly is reported at once."""
-    refuse_composites(read_info(src_dir), fmt, ExportError)
-    src = _read_source(src_dir)
-    problems = {f: p for f, q in src.layers.items() if (p := _common_problem(f, q, src, fmt) or layer_problem(q))}
-    _raise_problems(fmt, problems, src.layers)
-    if not src.layers:
-        raise ExportError(f"cannot export to {fmt}: the directory has no quantized layer")
-    return src
+            f"{DTYPE_NAME[model_dtype]}; a loader that casts scales to it rounds them (export with dtype='fp32')"]
 
 
 # ---------------------------------------------------------------------- compressed-tensors
@@ -468,9 +231,9 @@ def export_compressed_tensors(src_dir, out_dir, overwrite: bool = False, *, dtyp
     exactly and ``FileExistsError`` if ``out_dir`` exists and ``overwrite`` is false.
     """
     out = _check_out(src_dir, out_dir, overwrite)
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     fmt = "compressed-tensors"
-    src = _open_source(src_dir, fmt, _ct_problem)
+    src = open_source(src_dir, fmt, ct_problem)
 
     keys = {f: (q.spec.bits, _declared_group(q), q.spec.symmetric) for f, q in src.layers.items()}
     order = list(dict.fromkeys(keys[f] for f in src.modules if f in keys))
@@ -488,7 +251,7 @@ def export_compressed_tensors(src_dir, out_dir, overwrite: bool = False, *, dtyp
     tensors = dict(dense)
     for f, q in src.layers.items():
         tensors.pop(f"{f}.weight", None)
-        tensors.update(_ct_tensors(f, q))
+        tensors.update(ct_tensors(f, q))
     warnings, _ = _fusion_report(src, {f: keys.get(f, "kept") for f in src.modules})
     warnings += _scale_warnings(src, model_dtype)
     if any(not k[2] for k in keys.values()):
@@ -522,9 +285,9 @@ def export_gptq(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dic
     in fp16, so a float32 source gets a warning suggesting ``dtype="fp16"``.
     """
     out = _check_out(src_dir, out_dir, overwrite)
-    target = _target_dtype(dtype)
+    target = target_dtype(dtype)
     fmt = "gptq"
-    src = _open_source(src_dir, fmt, _gptq_problem)
+    src = open_source(src_dir, fmt, gptq_problem)
 
     keys = {f: (q.spec.bits, _declared_group(q) or -1, q.spec.symmetric) for f, q in src.layers.items()}
     counts = Counter(keys.values())
@@ -559,9 +322,9 @@ def export_gptq(src_dir, out_dir, overwrite: bool = False, *, dtype=None) -> dic
     tensors = dict(dense)
     for f, q in src.layers.items():
         tensors.pop(f"{f}.weight", None)
-        tensors.update(_gptq_tensors(f, q))
+        tensors.update(gptq_tensors(f, q))
     if model_dtype != torch.float16:
-        warnings.append(f"the model dtype is {_DTYPE_NAME[model_dtype]}; GPTQ kernels (vLLM, GPTQModel) compute in "
+        warnings.append(f"the model dtype is {DTYPE_NAME[model_dtype]}; GPTQ kernels (vLLM, GPTQModel) compute in "
                         "float16: export with dtype='fp16' for them")
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})

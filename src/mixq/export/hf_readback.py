@@ -14,6 +14,22 @@ from safetensors import safe_open
 
 from .native import CheckpointError
 
+DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "float32": torch.float32}
+DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def target_dtype(dtype) -> torch.dtype | None:
+    """``None`` (keep the stored dtypes), a float ``torch.dtype`` or its name (fp16, bf16, fp32, ...) -> the dtype."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAME:
+            raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype}")
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise ValueError(f"dtype must be fp16, bf16 or fp32, got {dtype!r}")
+    return DTYPES[str(dtype).lower()]
 
 
 # ---------------------------------------------------------------------- independent readers
@@ -146,10 +162,9 @@ def check_with_transformers(out_dir, src_dir, *, dtype=torch.float32, n_tokens: 
     """
     from transformers import AutoModelForCausalLM
 
-    from .hf import _DTYPE_NAME, _target_dtype  # noqa: PLC0415  (hf imports this module)
     from .native import load_quantized
 
-    dtype = _target_dtype(dtype)
+    dtype = target_dtype(dtype)
     ref, _, info = load_quantized(src_dir, dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
     model.eval()
@@ -167,4 +182,4 @@ def check_with_transformers(out_dir, src_dir, *, dtype=torch.float32, n_tokens: 
             compared += 1
     return {"loaded": True, "loader": type(model).__name__, "max_logit_diff": float((logits - ref_logits).abs().max()),
             "max_weight_diff": wdiff if compared else None, "layers_compared": compared, "n_tokens": n_tokens,
-            "dtype": _DTYPE_NAME[dtype]}
+            "dtype": DTYPE_NAME[dtype]}
