@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mixq import data
-from mixq.bench.runner import machine as _machine
+from mixq.bench.settings import machine as _machine
 from mixq.eval import Protocol, ReferenceCache, evaluate
 from mixq.models import load_model
 

@@ -9,7 +9,7 @@ from .cli import DEFAULT_MODEL, UserError
 
 
 def register(sub) -> None:
-    from .bench.runner import DEFAULT_METHODS
+    from .bench.settings import DEFAULT_METHODS
     from .calibset import DEFAULT_CALIB
     from .data import CORPORA
     from .eval.domains import DEFAULT_DOMAINS
@@ -67,7 +67,8 @@ def register(sub) -> None:
 
 def cmd_bench(args) -> int:
     from .bench.report import finish
-    from .bench.runner import Bench, BenchConfig, BenchError, parse_budgets, parse_methods
+    from .bench.runner import Bench
+    from .bench.settings import BenchConfig, BenchError, parse_budgets, parse_methods
 
     try:
         if args.report_only:

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 from ..jsonio import read_json, write_json_atomic
-
-from .runner import BENCH_VERSION, FP_ROW, MIXED_PREFIX, ROWS, BenchError, machine
+from .settings import BENCH_VERSION, FP_ROW, MIXED_PREFIX, ROWS, BenchError
 
 
 def collect(out: str | Path) -> dict:
