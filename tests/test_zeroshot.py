@@ -13,7 +13,7 @@ from tiny import make_tiny, make_tiny_tokenizer
 from mixq.cli import main
 from mixq.eval import zeroshot as zs
 from mixq.eval.stats import wilson_interval
-from mixq.eval.suite import build_suite, fingerprint, score_items
+from mixq.eval.suite import build_suite, evaluate_zeroshot, fingerprint, score_items, suite_info
 from mixq.eval.zeroshot import MixqLM, Request
 
 
@@ -264,7 +264,7 @@ def test_cli_zeroshot(tiny_dir, tmp_path, capsys):
 
 
 def test_evaluate_zeroshot_api(model, tok):
-    res = zs.evaluate_zeroshot(model, tok, tasks="choice", n=4, seed=2, batch_size=2)
-    assert res["suite"] == zs.suite_info(4, 2) and list(res["tasks"]) == ["choice"]
+    res = evaluate_zeroshot(model, tok, tasks="choice", n=4, seed=2, batch_size=2)
+    assert res["suite"] == suite_info(4, 2) and list(res["tasks"]) == ["choice"]
     assert res["tasks"]["choice"]["fingerprint"] == fingerprint(build_suite("choice", n=4, seed=2)["choice"])
     json.dumps(res)  # JSON-ready

@@ -21,8 +21,7 @@ still *does* things.  This module gives both routes one code path:
     and ``lm_eval --model mixq --model_args pretrained=DIR`` works once ``mixq.eval.zeroshot`` is
     imported.  Needs ``pip install lm-eval==0.4.13`` (not a dependency of mixq).
 the offline suite
-    built from PTB and scored through these methods: :mod:`mixq.eval.suite` (its names are also
-    importable from here).
+    built from PTB and scored through these methods: :mod:`mixq.eval.suite` (which imports this module).
 """
 from __future__ import annotations
 
@@ -265,8 +264,6 @@ def _model_max_length(model) -> int:
 
 # ---------------------------------------------------------------------------- lm-evaluation-harness
 _HARNESS_CLASS = None
-_SUITE_NAMES = ("Item", "TASKS", "SUITE_VERSION", "corpus_sentences", "build_lastword", "build_choice", "build_suite",
-                "parse_tasks", "fingerprint", "score_items", "run_suite", "evaluate_zeroshot", "suite_info")
 
 
 def harness_class():
@@ -290,7 +287,7 @@ def harness_class():
             if model is None:
                 if pretrained is None:
                     raise ValueError("the mixq lm-eval model needs pretrained=DIR_OR_MODEL (or model= and tokenizer=)")
-                from mixq.commands import load_target
+                from mixq.targets import load_target
 
                 model, tokenizer, _ = load_target(str(pretrained))
             if device:
@@ -329,8 +326,4 @@ def harness_lm(model=None, tokenizer=None, *, pretrained: str | None = None, **k
 def __getattr__(name: str):
     if name == "MixqHarnessLM":
         return harness_class()
-    if name in _SUITE_NAMES:  # the offline suite moved to mixq.eval.suite (which imports this module)
-        from . import suite
-
-        return getattr(suite, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
