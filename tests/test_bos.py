@@ -9,7 +9,7 @@ from tiny import make_tiny, make_tiny_tokenizer
 
 from mixq.bos import BOS_CHOICES, BosDecision, resolve_bos
 from mixq.cli import main
-from mixq.commands import eval_windows_for
+from mixq.cli.common import eval_windows_for
 from mixq.eval import Protocol
 from mixq.eval.zeroshot import MixqLM, Request
 

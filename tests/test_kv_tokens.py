@@ -332,7 +332,7 @@ def test_kv_presets(text, bits, want):
 ])
 def test_kv_preset_errors(text, needle):
     from mixq.cli import UserError
-    from mixq.commands_act import parse_kv_arg
+    from mixq.cli.common import parse_kv_arg
 
     with pytest.raises(UserError) as e:
         parse_kv_arg(text)

@@ -238,7 +238,7 @@ def test_v1_directory_still_loads_and_upgrades(tiny_model, tiny_tokenizer, famil
 
 # ---------------------------------------------------------------------------- CLI: export, generate
 def test_export_unknown_or_missing_exporter_is_one_line(tiny_model, tiny_tokenizer, tmp_path, capsys, monkeypatch):
-    import mixq.commands_export as ce
+    import mixq.cli.export as ce
 
     model, qtensors, _ = _quantized(tiny_model, "llama", spec="W4-g32")
     d = _save(tmp_path, tiny_tokenizer, model, qtensors)
@@ -257,7 +257,7 @@ def test_export_calls_the_format_module_and_writes_the_report(tiny_model, tiny_t
     import sys
     import types
 
-    import mixq.commands_export as ce
+    import mixq.cli.export as ce
 
     model, qtensors, _ = _quantized(tiny_model, "llama", spec="W4-g32")
     d = _save(tmp_path, tiny_tokenizer, model, qtensors)

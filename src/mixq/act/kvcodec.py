@@ -55,13 +55,14 @@ from ..granularity import PerToken
 FP = 16
 VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8, FP)
 ROTATE_CHOICES = ("", "k", "v", "kv")
+ZERO_CHOICES = ("fp16", "int")  # KIVI's fp16 offset, or an integer zero point
 
 
 def kv_spec(bits: int, zero: str = "fp16") -> QuantSpec | None:
     """Row spec of a KIVI grid: asymmetric int, fp16 scale, fp16 offset (``"fp16"``) or int zero; ``None`` at 16 bits."""
     if bits not in VALID_BITS:
         raise ValueError(f"KV bits must be 1..8 or 16, got {bits!r}")
-    if zero not in ("fp16", "int"):
+    if zero not in ZERO_CHOICES:
         raise ValueError(f"KV zero must be 'fp16' (KIVI) or 'int', got {zero!r}")
     if bits == FP:
         return None

@@ -1,5 +1,11 @@
 """The ``mixq`` command line.  Each subcommand is a file-to-file stage; see ``mixq --help``.
 
+One module per subcommand (``quantize``, ``measure``, ``plan``, ``eval`` with its ``--act``/``--kv``
+path in :mod:`.eval_act`, ``specs``, ``demo``, ``export``, ``generate``, ``measure_kv``, ``inspect``,
+``zeroshot``, ``bench``), each with ``register(sub)`` and its ``cmd_*`` driver; what they share
+(:class:`~.common.UserError`, the default model, argument groups) is in :mod:`.common`.  Nothing
+outside this package imports it.
+
 Errors a user can fix (bad spec, unknown model, missing corpus, existing output) print one line
 ``mixq: error: ...`` and exit with status 2; set ``MIXQ_DEBUG=1`` for the traceback.
 """
@@ -10,22 +16,18 @@ import logging
 import os
 import sys
 
-from .jsonio import write_json_atomic  # noqa: E402,F401  (used by the subcommands)
+from ..data import CorpusUnavailableError
+from ..export.native import CheckpointError
+from ..models import ModelNotFoundError
+from . import bench, demo, export, generate, inspect, measure, measure_kv, plan, quantize, specs, zeroshot
+from . import eval as eval_
+from .common import DEFAULT_MODEL, UserError
 
-DEFAULT_MODEL = "smollm2-135m"
+__all__ = ["COMMANDS", "DEFAULT_MODEL", "UserError", "build_parser", "main"]
 
-
-class UserError(Exception):
-    """An error caused by the user's input; reported in one line, exit code 2."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import CorpusUnavailableError
-    from .export.native import CheckpointError
-    from .models import ModelNotFoundError
-
-    return (UserError, ValueError, FileExistsError, FileNotFoundError, CheckpointError, ModelNotFoundError,
-            CorpusUnavailableError)
+COMMANDS = (quantize, measure, plan, eval_, specs, demo, export, generate, measure_kv, inspect, zeroshot, bench)
+USER_ERRORS = (UserError, ValueError, FileExistsError, FileNotFoundError, CheckpointError, ModelNotFoundError,
+               CorpusUnavailableError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print("mixq: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - classified below
-        if os.environ.get("MIXQ_DEBUG") or not isinstance(e, _user_errors()):
+        if os.environ.get("MIXQ_DEBUG") or not isinstance(e, USER_ERRORS):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mixq: error: {msg}", file=sys.stderr)
@@ -49,14 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import commands
-
     p = argparse.ArgumentParser(prog="mixq", description="Mixed-precision quantization of language models.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug)")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
-    commands.register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return p
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,6 @@
+"""``python -m mixq.cli``: the ``mixq`` command."""
+import sys
+
+from . import main
+
+sys.exit(main())

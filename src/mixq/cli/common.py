@@ -1,0 +1,227 @@
+"""What the subcommands share: :class:`UserError`, the default model, argument groups (calibration,
+evaluation windows, measurement, budgets and constraints), their parsers, and small checks.
+
+Choices come from the registries of the stages they feed — :data:`mixq.measure.METRICS` and
+:data:`~mixq.measure.ALGORITHMS`, :data:`mixq.allocate.METHODS` (solvers), :data:`mixq.data.CORPORA`,
+:data:`mixq.bos.BOS_CHOICES` (through :func:`~mixq.bos.add_bos_argument`) — so a new one appears in
+every command that takes it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..allocate import METHODS as SOLVERS
+from ..allocate.candidates import NAMED_SETS
+from ..bos import add_bos_argument, resolve_bos
+from ..calibset import DEFAULT_CALIB, SELF
+from ..data import CORPORA
+from ..eval.domains import DEFAULT_DOMAINS
+from ..measure import ALGORITHMS, METRICS
+from ..models import DEFAULT_MODEL
+
+__all__ = ["ALGORITHMS", "DEFAULT_MODEL", "METRICS", "SOLVERS", "UserError", "budget_args", "calib_args",
+           "check_full_attention", "check_out_file", "check_positive", "constraint_args", "constraints_from",
+           "eval_args", "eval_windows_for", "human", "measure_args", "model_arg", "one_line", "parse_budgets",
+           "parse_bytes", "parse_kv_arg", "solver_arg"]
+
+CALIB_SOURCES = (f"{SELF} (written by the model itself: varied openers and chat exchanges, cached), "
+                 f"{', '.join(CORPORA)} (train split), a .txt/.jsonl path, or a mixture joined by '+'")
+
+
+class UserError(Exception):
+    """An error caused by the user's input; reported in one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------- argument groups
+def model_arg(p) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or embedded name (default {DEFAULT_MODEL})")
+
+
+def calib_args(p, *, nsamples: int = 128, seqlen: str = "--seqlen", what: str = "calibration text",
+               seed: str = "seed of the calibration sampler", bos: bool = True) -> None:
+    """``--calib``, ``--nsamples``, ``seqlen`` (``--seqlen`` or ``--calib-seqlen``), ``--seed`` and ``--bos``."""
+    p.add_argument("--calib", default=DEFAULT_CALIB,
+                   help=f"{what}: {CALIB_SOURCES} (default {DEFAULT_CALIB}; see mixq.calibset)")
+    p.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration samples (default {nsamples})")
+    p.add_argument(seqlen, type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--seed", type=int, default=0, help=seed)
+    if bos:
+        add_bos_argument(p)
+
+
+def eval_args(p, *, tokens: int = 32768, stride: bool = True) -> None:
+    """``--corpus``, ``--split``, ``--tokens``, ``--seqlen``, ``--stride`` and ``--bos`` (:func:`eval_windows_for`)."""
+    domains = ",".join(DEFAULT_DOMAINS)
+    p.add_argument("--corpus", default=None,
+                   help=f"evaluation text: {', '.join(CORPORA)} or a .txt/.jsonl path, or several joined by ',' (the "
+                        f"first is the primary; KL on the others is also given as a ratio to it) (default {domains}: "
+                        f"the calibration domain and text calibration never saw; a default one that is not installed "
+                        f"is skipped with a warning)")
+    p.add_argument("--split", default="test", help="split to evaluate on (default test)")
+    p.add_argument("--tokens", type=int, default=tokens, help=f"score the first N tokens (default {tokens})")
+    p.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default 512)")
+    if stride:
+        p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: non-overlapping)")
+    add_bos_argument(p)
+
+
+def measure_args(p, *, algorithm: str | None = None) -> None:
+    """The sensitivity measurement: ``--metric``, ``--algorithm``, ``--candidates``, ``--grad-samples``, ``--block-samples``."""
+    p.add_argument("--metric", default="kfac", choices=METRICS,
+                   help="error proxy: kfac (Fisher-weighted output error, default), hessian (layer output MSE), "
+                        "fisher (diagonal Fisher), block (block-output error weighted by the residual gradient, "
+                        "slowest and most faithful), block-rel (ExLlamaV2-style relative block-output error)")
+    p.add_argument("--algorithm", default=algorithm, choices=ALGORITHMS,
+                   help="algorithm whose error is measured (default: the --method of quantize, else rtn)"
+                   if algorithm is None else f"algorithm whose errors are measured (default {algorithm})")
+    p.add_argument("--candidates", default="default",
+                   help=f"'default', a named set ({', '.join(NAMED_SETS)}) or a file listing spec names")
+    p.add_argument("--grad-samples", type=int, default=16, help="calibration samples for the gradient statistics")
+    p.add_argument("--block-samples", type=int, default=4,
+                   help="calibration samples each candidate is run on by the block metrics")
+
+
+def solver_arg(p, help: str = "allocation solver") -> None:  # noqa: A002 - argparse's name
+    p.add_argument("--solver", default="exact", choices=SOLVERS, help=f"{help} (default exact)")
+
+
+def budget_args(p) -> None:
+    p.add_argument("--bpw", default=None, help="budget(s) in bits per weight over the quantized layers, e.g. 2.5,3,3.5")
+    p.add_argument("--bytes", default=None, help="budget(s) in bytes of the quantized layers, e.g. 40MB,50MB")
+    solver_arg(p)
+    constraint_args(p)
+
+
+def constraint_args(p) -> None:
+    p.add_argument("--keep", action="append", default=[], help="regex of layers kept in fp16 (repeatable)")
+    p.add_argument("--force-spec", action="append", default=[], metavar="REGEX=SPEC", help="force a spec (repeatable)")
+    p.add_argument("--tied", action="append", default=[], help="regex of layers in a block that share a spec, "
+                                                               r"e.g. 'self_attn\.(q|k|v)_proj'")
+    p.add_argument("--min-bits", action="append", default=[], metavar="REGEX=N", help="minimum bits for matching layers")
+    p.add_argument("--max-bits", action="append", default=[], metavar="REGEX=N", help="maximum bits for matching layers")
+    p.add_argument("--fast-on", default=None, choices=["cpu"],
+                   help="only candidates a fast kernel runs on this device (e.g. cpu: int grids through the int4 "
+                        "GEMM; no NF/FP/FP16 layers, which would run the slow dequantize-per-call kernel)")
+
+
+# ---------------------------------------------------------------------------- parsing what they give
+def parse_budgets(args) -> list:
+    from ..allocate import Budget
+
+    if bool(args.bpw) == bool(args.bytes):
+        raise UserError("give exactly one of --bpw (e.g. 3.5) or --bytes (e.g. 50MB)")
+    out = []
+    for tok in (args.bpw or args.bytes).split(","):
+        tok = tok.strip()
+        try:
+            out.append(Budget(bpw=float(tok)) if args.bpw else Budget(bytes=parse_bytes(tok)))
+        except ValueError as e:
+            raise UserError(f"bad budget {tok!r}: {e}") from None
+    return out
+
+
+def parse_bytes(tok: str) -> int:
+    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "b": 1}
+    t = tok.lower()
+    for u, f in units.items():
+        if t.endswith(u) and t[: -len(u)].replace(".", "", 1).isdigit():
+            return int(float(t[: -len(u)]) * f)
+    if t.isdigit():
+        return int(t)
+    raise ValueError("use a number of bytes, or KB/MB/GB")
+
+
+def constraints_from(args):
+    from ..allocate import Constraints
+
+    def pairs(items, conv, flag):
+        out = []
+        for it in items:
+            if "=" not in it:
+                raise UserError(f"{flag} {it!r}: expected REGEX=VALUE")
+            k, v = it.rsplit("=", 1)
+            try:
+                out.append((k, conv(v)))
+            except ValueError:
+                raise UserError(f"{flag} {it!r}: bad value {v!r}") from None
+        return out
+
+    return Constraints(keep=tuple(args.keep), force=tuple(pairs(args.force_spec, str, "--force-spec")),
+                       min_bits=dict(pairs(args.min_bits, int, "--min-bits")),
+                       max_bits=dict(pairs(args.max_bits, int, "--max-bits")), tied=tuple(args.tied),
+                       fast_on=getattr(args, "fast_on", None))
+
+
+def parse_kv_arg(text: str):
+    """``(bits, KVSettings)`` of ``--kv`` / ``--kv-uniform`` (:func:`mixq.act.presets.parse_kv_preset`)."""
+    from ..act.presets import parse_kv_preset
+
+    try:
+        return parse_kv_preset(text)
+    except ValueError as e:
+        raise UserError(f"--kv {text!r}: {one_line(e)}") from None
+
+
+def eval_windows_for(args, tok, model=None) -> list:
+    """``[(corpus, windows, protocol)]`` for each domain of ``args.corpus`` (split, tokens, seqlen, stride, bos)."""
+    from .. import data
+    from ..eval import Protocol
+    from ..eval.domains import load_domains, parse_corpora
+
+    names, defaults = parse_corpora(args.corpus)
+    texts = load_domains(names, args.split, defaults)
+    bos = resolve_bos(tok, model, getattr(args, "bos", "auto"))
+    out = []
+    for corpus, text in texts.items():
+        ids = data.tokenize(text, tok)
+        win = data.eval_windows(ids, args.seqlen, stride=args.stride, max_tokens=args.tokens, bos_id=bos.bos_id)
+        proto = Protocol.for_windows(win, corpus=corpus, split=args.split,
+                                     tokenizer=getattr(tok, "name_or_path", "") or "", dtype="float32",
+                                     bos_decision=bos)
+        out.append((corpus, win, proto))
+    return out
+
+
+# ---------------------------------------------------------------------------- checks and formatting
+def check_positive(**kw) -> None:
+    for k, v in kw.items():
+        if v is not None and v <= 0:
+            raise UserError(f"--{k.replace('_', '-')} must be positive, got {v}")
+
+
+def check_out_file(out: str | None, force: bool, *, suffixes: tuple[str, ...] | None = None,
+                   example: str = "results.json") -> None:
+    """``--out`` names a file that may be written: not a directory, the right suffix, new unless ``force``."""
+    if not out:
+        return
+    p = Path(out)
+    if p.is_dir():
+        raise UserError(f"--out {out} is a directory: give a file name such as {example}")
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise UserError(f"--out {out}: the figure's file name must end in {', '.join(suffixes)}")
+    if p.exists() and not force:
+        raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
+
+
+def check_full_attention(model) -> None:
+    """KV-cache quantization needs every layer to attend to the full context."""
+    from ..act.kvsens import _check_full_attention
+
+    try:
+        _check_full_attention(model.config)
+    except NotImplementedError as e:
+        raise UserError(f"KV-cache quantization: {one_line(e)}") from None
+
+
+def one_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GB"
+

@@ -1,0 +1,84 @@
+"""``mixq measure``: every layer × candidate error, once, for any number of budgets (and the measurement
+side of ``mixq quantize --bpw``)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .common import calib_args, measure_args, model_arg
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    m = sub.add_parser("measure", help="measure every layer × candidate error once (for any number of budgets)",
+                       description="Measure the sensitivity table of MODEL: for each block linear and candidate "
+                                   "spec, the predicted error.  Resumes an interrupted run from OUT.partial.")
+    model_arg(m)
+    calib_args(m)
+    measure_args(m)
+    m.add_argument("--out", required=True, help="measurement JSON to write")
+    m.add_argument("--force", action="store_true", help="replace --out if it exists")
+    m.set_defaults(func=cmd_measure)
+
+
+def load_candidate_set(name: str):
+    from ..allocate import default_candidates, load_candidates
+
+    return default_candidates() if name == "default" else load_candidates(name)
+
+
+def finished_measurement(path: Path, model, calib_ids, args):
+    """The table at ``path`` if a previous (interrupted) run finished it for this model, data and metric."""
+    from ..allocate import SensitivityTable
+    from ..measure import measurement_key
+
+    if not path.exists():
+        return None
+    try:
+        table = SensitivityTable.load(path)
+    except Exception:  # noqa: BLE001 - a damaged scratch file is simply measured again
+        return None
+    key = measurement_key(model, calib_ids, load_candidate_set(args.candidates), args.metric, _algorithm(args))
+    if any(table.meta.get(k) != v for k, v in key.items()):
+        return None
+    log.info("reusing the finished measurement %s", path)
+    return table
+
+
+def _algorithm(args) -> str:
+    return args.algorithm or ("gptq" if getattr(args, "method", "rtn") == "gptq" else "rtn")
+
+
+def run_measure(model, calib_ids, args, out: Path | None):
+    """Measure on ``calib_ids`` with the metric options in ``args``; returns the table."""
+    from ..measure import measure
+
+    return measure(model, calib_ids, load_candidate_set(args.candidates), metric=args.metric,
+                   algorithm=_algorithm(args), grad_samples=args.grad_samples, block_samples=args.block_samples,
+                   out=out)
+
+
+def cmd_measure(args) -> int:
+    from ..bos import resolve_bos
+    from ..calibset import parse_sources
+    from ..calibset import calibration_for
+    from ..models import load_model
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
+    load_candidate_set(args.candidates)  # validate before the heavy work
+    parse_sources(args.calib)
+    model, tok = load_model(args.model)
+    t0 = time.perf_counter()
+    calib = calibration_for(model, tok, args, resolve_bos(tok, model, args.bos))
+    table = run_measure(model, calib.ids, args, out)
+    table.meta["calibration_record"] = calib.record()
+    if out is not None:
+        table.save(out, overwrite=True)
+    n = sum(len(e.candidates) for e in table.layers)
+    print(f"wrote {out}: {len(table.layers)} layers × candidates = {n} errors ({table.metric}, "
+          f"{table.meta['algorithm']}), {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,215 @@
+"""``mixq quantize``: one spec for every block linear, a plan, or measure + plan + quantize at a ``--bpw``."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..api import METHODS
+from .common import (UserError, calib_args, check_positive, constraint_args, constraints_from, human, measure_args,
+                     model_arg, solver_arg)
+from .measure import finished_measurement, load_candidate_set, run_measure
+
+log = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a model and write a mixq directory",
+                       description="Quantize MODEL with one spec for every block linear (or a plan) and write DIR.")
+    model_arg(q)
+    src = q.add_mutually_exclusive_group()
+    src.add_argument("--spec", default=None, help="one spec for every block linear, e.g. W4-g64, W3-g64-asym, NF4-g64, "
+                                                  "MXFP4, NVFP4 (`mixq specs`; default W4-g64)")
+    src.add_argument("--plan", default=None, help="a plan JSON from `mixq plan` (one spec per layer)")
+    src.add_argument("--bpw", type=float, default=None, help="measure + plan + quantize in one go at this budget "
+                                                             "(bits per weight over the block linears, metadata counted)")
+    q.add_argument("--measurement", default=None, help="with --bpw: reuse this measurement (else one is made and saved in --out)")
+    q.add_argument("--method", default="rtn", choices=METHODS,
+                   help="rtn (no data), or calibrated: gptq, awq (AWQ scaling + clipping, then RTN), awq+gptq")
+    q.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream first (QuaRot, RMSNorm families; fused into the weights)")
+    q.add_argument("--group-fallback", default="error", choices=["error", "shrink"],
+                   help="when a group size does not divide a layer's rows: error (default) or shrink it per layer")
+    q.add_argument("--lazy", action="store_true", help="GPTQ on a local safetensors model directory without loading "
+                                                       "it: decoder blocks are streamed one at a time")
+    q.add_argument("--offload-dir", default=None, help="GPTQ: keep the walk's two [nsamples, seqlen, hidden] activation "
+                                                       "buffers in memory-mapped files here instead of RAM")
+    q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
+    calib_args(q)
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
+    measure_args(q)
+    constraint_args(q)
+    solver_arg(q, "with --bpw: allocation solver")
+    q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    q.add_argument("--force", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(args) -> int:
+    from .. import api
+    from ..allocate import Budget, Plan, SensitivityTable, allocate
+    from ..bos import resolve_bos
+    from ..calibset import calibration_for, parse_sources
+    from ..config import parse_spec
+    from ..export.native import save_quantized
+    from ..models import load_model
+
+    spec = quantize_spec(args) if args.plan is None and args.bpw is None else None
+    plan = Plan.load(args.plan) if args.plan else None
+    budget = Budget(bpw=args.bpw) if args.bpw is not None else None
+    table = SensitivityTable.load(args.measurement) if args.measurement else None
+    lm_head = None if args.lm_head == "keep" else parse_spec(args.lm_head)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
+    check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
+    if args.lazy:
+        _check_lazy(args)
+    if args.offload_dir is not None and args.method != "gptq":
+        raise UserError("--offload-dir applies to the GPTQ block walk: use --method gptq")
+    needs_calib = args.method != "rtn" or (budget is not None and table is None)
+    if needs_calib:
+        parse_sources(args.calib)  # a bad --calib fails before the model is loaded
+    if budget is not None:
+        load_candidate_set(args.candidates)
+    model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
+    t0 = time.perf_counter()
+    bos = resolve_bos(tok, model, args.bos)
+    calib = calibration_for(model, tok, args, bos) if needs_calib else None
+    extra: dict = {"lazy": True} if args.lazy else {}
+    rotate = args.rotate
+    if rotate and budget is not None and table is None:
+        # rotate before measuring: the plan must be chosen for the weights that will be quantized
+        from ..algorithms.rotation import rotate_model
+
+        rotate_model(model, online_down=False)
+        rotate = False
+    if budget is not None:
+        if table is None:
+            # saved beside --out while it runs, so an interrupted measurement resumes on the next call
+            scratch = out.with_name(f".{out.name}.measurement.json")
+            table = finished_measurement(scratch, model, calib.ids, args)
+            if table is None:
+                table = run_measure(model, calib.ids, args, scratch)
+        plan = allocate(table, budget, constraints=constraints_from(args), method=args.solver)
+        extra["measure_plan_seconds"] = time.perf_counter() - t0
+    if lm_head is not None:
+        from ..arch import untie_lm_head
+
+        untie_lm_head(model)
+    if plan is not None:
+        plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
+        specs = dict(plan.layers)  # FP16 "keep" choices are applied too: cast through fp16, counted at 16 bits
+        if lm_head is not None:
+            specs.update(api.resolve_specs(model, {}, lm_head=lm_head, allow_empty=True))
+    else:
+        specs = api.resolve_specs(model, spec, lm_head=lm_head, group_fallback=args.group_fallback)
+    calib_ids = None if calib is None or args.method == "rtn" else calib.ids
+    source, kept = _lazy_source(model, args.model, specs) if args.lazy else (None, {})
+    walk = None
+    if args.method == "gptq":
+        from ..calib.checkpoint import WalkCheckpoint
+
+        # every block is saved beside --out while the walk runs, so an interrupted run resumes on the next call;
+        # release: a finished block's codes live only in its file until the output is written (out-of-core)
+        walk = WalkCheckpoint(out.with_name(f".{out.name}.partial-walk"), announce=print, release=True)
+    res = api.quantize_model(model, specs, method=args.method, calib_ids=calib_ids, damp=args.damp,
+                             act_order=args.act_order, rotate=rotate, online_rotation=False, source=source,
+                             checkpoint=walk, offload_dir=args.offload_dir)
+    if walk is not None and walk.resumed_from:
+        extra["walk_resumed_at_block"] = walk.resumed_from
+    if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
+        model.load_state_dict(kept, strict=False, assign=True)
+    size = api.size_report(model, specs)
+    label = spec.name if spec is not None else f"mixed plan ({plan.achieved_bpw:.3f} bpw, {plan.metric}/{plan.solver})"
+    meta = {"base_model": args.model, "method": args.method, "spec": label, "rotate": args.rotate,
+            "lm_head": args.lm_head, "seconds": time.perf_counter() - t0, "size": size,
+            "group_fallback": api.fallbacks(specs, spec) if spec is not None else {},
+            "plan": plan.to_dict() if plan is not None else None, **extra,
+            "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
+            "proxy_loss": res.proxy_loss or None}
+    save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
+    if walk is not None:
+        walk.clear()
+    if budget is not None and args.measurement is None:
+        table.meta["calibration_record"] = calib.record()
+        table.save(out / "measurement.json", overwrite=True)
+        out.with_name(f".{out.name}.measurement.json").unlink(missing_ok=True)
+    if plan is not None:
+        plan.save(out / "plan.json", overwrite=True)
+    print(f"wrote {out}: {len(specs)} layers, {label} ({args.method}), "
+          f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
+          f"{meta['seconds']:.1f} s")
+    return 0
+
+
+def _check_lazy(args) -> None:
+    p = Path(args.model)
+    if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
+        raise UserError(f"--lazy needs a local model directory with config.json and *.safetensors, not {args.model}")
+    if args.method != "gptq" or args.rotate or (args.bpw is not None and args.measurement is None):
+        raise UserError("--lazy streams the blocks through GPTQ's calibration walk: use --method gptq, no --rotate, "
+                        "and with --bpw an existing --measurement")
+    from ..calibset import SELF, parse_sources
+
+    if SELF in parse_sources(args.calib):
+        raise UserError(f"--lazy never holds the whole model, so it cannot write self-generated calibration text "
+                        f"(--calib {args.calib}): pass --calib ptb or a .txt/.jsonl file")
+
+
+def _load_lazy(path: str):
+    """The model on ``meta`` with only what lies outside the decoder blocks loaded, and its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..calib.lazy import load_outside_blocks, skeleton_from_config
+
+    model = skeleton_from_config(AutoConfig.from_pretrained(path))
+    load_outside_blocks(model, path)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _lazy_source(model, path: str, specs: dict):
+    """Streams blocks from ``path``; keeps each block's tensors that are not quantized (to save them)."""
+    import ctypes
+
+    from ..arch import arch_for
+    from ..calib.lazy import LazySafetensorsBlocks
+
+    prefix, kept = arch_for(model).blocks, {}
+
+    def sink(i: int, state: dict) -> None:
+        for k, v in state.items():
+            name = f"{prefix}.{i}.{k}"
+            if name.removesuffix(".weight") not in specs:
+                kept[name] = v
+
+    src = LazySafetensorsBlocks(path, prefix, sink=sink)
+    try:  # hand the last block's freed pages back to the OS before the next one (glibc keeps them otherwise)
+        trim, load = ctypes.CDLL("libc.so.6").malloc_trim, src.load
+        src.load = lambda i, block, device: (trim(0), load(i, block, device))[1]
+    except (OSError, AttributeError):
+        pass
+    return src, kept
+
+
+def quantize_spec(args):
+    """The weight spec of ``mixq quantize --spec`` (a spec name, or a W/A preset's W-part; ``-rot`` sets --rotate)."""
+    from ..act import parse_wa_preset
+    from ..config import parse_spec
+
+    name = args.spec or "W4-g64"
+    try:
+        return parse_spec(name)
+    except ValueError as e:
+        try:
+            p = parse_wa_preset(name)
+        except ValueError:
+            raise e from None
+    if p.weight is None:
+        raise UserError(f"--spec {name}: the preset keeps the weights in 16 bits, nothing to quantize")
+    if p.rotate:
+        args.rotate = True
+    log.warning("--spec %s: quantizing the weights with %s; apply the activations at evaluation (mixq eval DIR --act %s)",
+                name, p.weight.name, name)
+    return p.weight
