@@ -1,0 +1,154 @@
+"""The shape of the package: no import cycles among mixq's modules, no module over 400 lines, no stage imports the CLI.
+
+The import graph is read with ``ast`` from every module under ``src/mixq``: module-level and
+function-level imports alike (an import inside a function is still a dependency, and a cycle dodged
+by one is still a cycle), relative imports resolved, and ``from pkg import name`` counted as an import
+of ``pkg.name`` when that is a module.  A module's own ancestors are not counted: Python initializes a
+package before any of its modules, so ``from .. import x`` inside ``mixq.a.b`` is an edge to
+``mixq.x`` only.  Imports by string (``importlib.import_module``) are not seen.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = "mixq"
+MAX_LINES = 400
+# Modules over MAX_LINES when this test was written.  The list may only shrink: split a module and
+# remove it here (the test fails when a listed module is back under the limit, or a new one exceeds it).
+OVER_LIMIT = {
+    "mixq/act/kvcache.py",
+    "mixq/act/kvsens.py",
+    "mixq/act/kvsim.py",
+    "mixq/export/ggml.py",
+    "mixq/export/gguf.py",
+    "mixq/export/native.py",
+    "mixq/intra/binary.py",
+    "mixq/intra/quant.py",
+}
+
+
+def modules(src: Path = SRC, package: str = PACKAGE) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under ``src/package`` (``pkg/__init__.py`` is ``pkg``)."""
+    out = {}
+    for p in sorted((src / package).rglob("*.py")):
+        parts = p.relative_to(src).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _imported(name: str, path: Path, node: ast.AST) -> list[str]:
+    """The dotted names an import statement in module ``name`` (file ``path``) may refer to."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    assert isinstance(node, ast.ImportFrom)
+    if node.level:
+        base = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    return [target] + [f"{target}.{a.name}" for a in node.names]
+
+
+def import_graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the modules of the package it imports (anywhere in its body)."""
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in _imported(name, path, node):
+                while target and target not in mods:  # pkg.attr -> pkg; a third-party name -> ""
+                    target = target.rpartition(".")[0]
+                if target and target != name and not name.startswith(target + "."):
+                    graph[name].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    found.append(sorted(comp))
+    return sorted(found)
+
+
+def _edges_within(graph: dict[str, set[str]], comp: list[str]) -> str:
+    return "; ".join(f"{a} -> {b}" for a in comp for b in sorted(graph[a]) if b in comp)
+
+
+def test_graph_reader_sees_every_kind_of_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .sub import c  # function-level\n")
+    (pkg / "sub" / "__init__.py").write_text("from .. import a\n")
+    (pkg / "sub" / "c.py").write_text("import pkg.a\nfrom ..b import f\nfrom . import nothing_here\n")
+    (pkg / "d.py").write_text("import os\nfrom pkg.sub import c\n")
+    graph = import_graph(modules(tmp_path, "pkg"))
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.sub", "pkg.sub.c"}, "pkg.sub": {"pkg.a"},
+                     "pkg.sub.c": {"pkg.a", "pkg.b"}, "pkg.d": {"pkg.sub", "pkg.sub.c"}}
+    assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c"]]
+    assert cycles({"x": {"y"}, "y": set()}) == []
+
+
+def test_no_import_cycles():
+    graph = import_graph(modules())
+    found = cycles(graph)
+    assert not found, "import cycles (module-level and function-level imports):\n" + "\n".join(
+        f"  {' '.join(c)}\n    {_edges_within(graph, c)}" for c in found)
+
+
+def test_no_stage_imports_the_cli():
+    graph = import_graph(modules())
+    cli = f"{PACKAGE}.cli"
+    outside = sorted(m for m, targets in graph.items() if not (m == cli or m.startswith(cli + "."))
+                     and any(t == cli or t.startswith(cli + ".") for t in targets))
+    assert not outside, f"modules outside {cli} import it: {', '.join(outside)}"
+
+
+def test_no_module_over_400_lines():
+    lengths = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in modules().values()}
+    over = sorted(f"{f} ({n} lines)" for f, n in lengths.items() if n > MAX_LINES and f not in OVER_LIMIT)
+    assert not over, f"modules over {MAX_LINES} lines: {', '.join(over)}: split them"
+    fixed = sorted(f for f in OVER_LIMIT if lengths.get(f, 0) <= MAX_LINES)
+    assert not fixed, f"{', '.join(fixed)} no longer exceed {MAX_LINES} lines (or are gone): remove them from OVER_LIMIT"
