@@ -96,11 +96,21 @@ def _lookup(spec, fqn: str) -> QuantSpec | None:
 
 @dataclass
 class QuantResult:
+    """What :func:`quantize_model` (and :func:`mixq.quantize`) returns; the model itself was changed in place.
+
+    ``qtensors``: the stored form of every quantized layer, fqn → :class:`~mixq.formats.QTensor` (what
+    :func:`mixq.save_quantized` bit-packs).  ``specs``: fqn → the spec applied.  ``method``: ``rtn``, ``gptq``,
+    ``awq`` or ``awq+gptq``.  ``seconds``: wall time.  ``proxy_loss``: GPTQ/AWQ's per-layer proxy loss (empty
+    for RTN).  ``meta``: what :func:`mixq.quantize` records for the directory's ``mixq.json`` (spec label,
+    plan, calibration record, size report); empty from :func:`quantize_model`.
+    """
+
     qtensors: dict[str, QTensor]
     specs: dict[str, QuantSpec]
     method: str
     seconds: float
     proxy_loss: dict[str, float] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
 
 
 def _refs(model, specs) -> dict[str, LayerRef]:

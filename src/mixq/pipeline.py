@@ -1,0 +1,323 @@
+"""mixq's stages as plain functions; :mod:`mixq` re-exports them at the top level.
+
+    model, tok = load_model("smollm2-135m")                       # embedded, no network
+    calib = build_calibration(model, tok, "ptb", nsamples=32, seqlen=512)
+    table = measure(model, calib)                                 # every layer x candidate spec, once
+    p = plan(table, bpw=3.5)                                      # exact solver, any number of budgets
+    result = quantize(model, plan=p, method="gptq", calib=calib)  # or quantize(model, "W4-g64")
+    save_quantized("runs/mixed", model, tok, result)
+    qmodel, qtok, info = load_quantized("runs/mixed")
+    evaluate(qmodel, qtok, reference=load_model()[0], corpus="ptb,fortunes")
+
+Each stage takes and returns plain artifacts (a model and tokenizer, a
+:class:`~mixq.calibset.CalibrationSet`, a :class:`~mixq.allocate.SensitivityTable`, a
+:class:`~mixq.allocate.Plan`, a :class:`~mixq.api.QuantResult`, a directory, a JSON-ready dict) and does
+what the ``mixq`` command of the same name does, without a command line.  Imports are made inside the
+functions: importing this module loads neither torch nor transformers, and each stage loads what it uses.
+This module never imports the CLI.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# model -> the name it was loaded under (what save_quantized records as the directory's base model)
+_LOADED_AS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------------------- models
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, device="cpu"):
+    """Load a causal LM and its tokenizer: returns ``(model, tokenizer)``, the model in eval mode.
+
+    ``name_or_path``: ``"smollm2-135m"`` (the default: embedded, no network; the first load converts it to a
+    cached safetensors copy, ~20 s), a local directory saved with ``save_pretrained`` (safetensors only) or a
+    Hugging Face hub id.  ``dtype``: default ``torch.float32``.  The name is remembered, so
+    :func:`save_quantized` records it as the directory's base model (the reference ``mixq eval`` uses).
+    See :func:`mixq.models.load_model`.
+    """
+    import torch
+
+    from .models import load_model as _load
+
+    model, tokenizer = _load(name_or_path, dtype=torch.float32 if dtype is None else dtype, device=device)
+    _LOADED_AS[model] = str(name_or_path)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------- calibration
+def build_calibration(model, tokenizer, calib: str | None = None, nsamples: int = 128, seqlen: int = 512,
+                      seed: int = 0, *, bos="auto", progress: bool = True):
+    """The calibration rows GPTQ, AWQ and the sensitivity measurement are fitted on (``--calib``).
+
+    ``calib``: ``"self"`` (text the model writes itself: seeded, cached), ``"ptb"``, ``"fortunes"``,
+    ``"wikitext2"``, ``"c4"``, a ``.txt``/``.jsonl`` path, or a mixture joined by ``+``; default
+    :data:`mixq.calibset.DEFAULT_CALIB` (``"self+ptb"``).  ``nsamples`` rows of ``seqlen`` tokens from
+    ``seed``.  ``bos``: ``"auto"`` (as the tokenizer does), ``"always"``, ``"never"`` (:mod:`mixq.bos`) or a
+    :class:`~mixq.bos.BosDecision`: whether every row starts with BOS.
+    Returns a :class:`~mixq.calibset.CalibrationSet` (``.ids``: LongTensor ``[nsamples, seqlen]``;
+    ``.record()``: what a directory's metadata keeps of it).
+    """
+    from .calibset import DEFAULT_CALIB
+    from .calibset import build_calibration as _build
+
+    return _build(model, tokenizer, DEFAULT_CALIB if calib is None else calib, nsamples, seqlen, seed,
+                  bos_id=_bos(tokenizer, model, bos).bos_id, progress=progress)
+
+
+def _bos(tokenizer, model, bos):
+    from .bos import BosDecision, resolve_bos
+
+    return bos if isinstance(bos, BosDecision) else resolve_bos(tokenizer, model, bos)
+
+
+def _calib_ids(calib):
+    """LongTensor ``[n, L]`` of a CalibrationSet or of a tensor given directly."""
+    ids = getattr(calib, "ids", calib)
+    if getattr(ids, "ndim", None) != 2:
+        raise ValueError("calib must be a CalibrationSet (mixq.build_calibration) or a LongTensor [nsamples, seqlen], "
+                         f"got {type(calib).__name__}")
+    return ids
+
+
+def _record(calib) -> dict | None:
+    return calib.record() if hasattr(calib, "record") else None
+
+
+# ---------------------------------------------------------------------------- measure / plan
+def measure(model, calib, *, metric: str = "kfac", candidates="default", algorithm: str = "rtn",
+            grad_samples: int = 16, block_samples: int = 4, out: str | os.PathLike | None = None,
+            progress: bool = True):
+    """The sensitivity table: every block linear's error under every candidate spec (``mixq measure``).
+
+    ``calib``: a :class:`~mixq.calibset.CalibrationSet` (:func:`build_calibration`) or ids ``[n, L]``.
+    ``metric``: ``kfac`` (default; output error weighted by the loss gradient, in nats), ``hessian``,
+    ``fisher``, ``block``, ``block-rel`` (:mod:`mixq.measure.metrics`).  ``candidates``: ``"default"``, a
+    named set (``"default+intra"``), a file of spec names, or a list of specs / spec names.
+    ``algorithm``: whose error is measured, ``rtn`` or ``gptq``.  ``grad_samples``: rows for the gradient
+    statistics; ``block_samples``: rows the block metrics run each candidate on.  ``out``: save the table
+    there (JSON); an interrupted measurement resumes from it.  Returns a
+    :class:`~mixq.allocate.SensitivityTable`; measure once, :func:`plan` for any number of budgets.
+    """
+    from .measure import measure as _measure
+
+    table = _measure(model, _calib_ids(calib), _candidates(candidates), metric=metric, algorithm=algorithm,
+                     grad_samples=grad_samples, block_samples=block_samples, out=out, progress=progress)
+    if _record(calib) is not None:
+        table.meta["calibration_record"] = _record(calib)
+        if out is not None:
+            table.save(out, overwrite=True)
+    return table
+
+
+def _candidates(candidates) -> list:
+    from .allocate import default_candidates, load_candidates
+
+    if isinstance(candidates, (str, os.PathLike)):
+        return default_candidates() if str(candidates) == "default" else load_candidates(candidates)
+    from .intra import parse_candidate
+
+    out = [parse_candidate(c) for c in candidates]
+    if not out:
+        raise ValueError("candidates: name at least one spec")
+    return out
+
+
+def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, solver: str = "exact",  # noqa: A002
+         keep=(), force=None, min_bits=None, max_bits=None, tied=(), fast_on: str | None = None,
+         constraints=None, uniform: str | None = None):
+    """Choose one spec per layer of ``table`` minimising the summed predicted error within a budget (``mixq plan``).
+
+    ``table``: a :class:`~mixq.allocate.SensitivityTable` (:func:`measure`) or the path of one.  The budget is
+    exactly one of ``bpw`` (bits per weight over the measured layers, every stored bit counted) or ``bytes``
+    (an int, or ``"50MB"``/``"512KB"``); the plan never exceeds it, and an infeasible budget raises
+    :class:`~mixq.allocate.InfeasibleBudget` naming the minimum feasible one.  ``solver``: ``exact`` (default),
+    ``dp``, ``greedy`` or ``uniform`` (with ``uniform=`` a spec name: the best single spec otherwise).
+    Constraints, as the CLI flags: ``keep`` (regexes of layers kept in fp16), ``force`` (``{regex: spec}``),
+    ``min_bits`` / ``max_bits`` (``{regex: bits}``), ``tied`` (regexes of layers in a block sharing a spec),
+    ``fast_on="cpu"`` (only specs a fast CPU kernel runs); or a ready :class:`~mixq.allocate.Constraints`.
+    Returns a :class:`~mixq.allocate.Plan` (``.save(path)``, ``.achieved_bpw``, ``.layers``).
+    """
+    from .allocate import Budget, Constraints, SensitivityTable, allocate
+
+    if isinstance(table, (str, os.PathLike)):
+        table = SensitivityTable.load(table)
+    if (bpw is None) == (bytes is None):
+        raise ValueError("give exactly one budget: bpw=3.5 or bytes='50MB'")
+    budget = Budget(bpw=bpw) if bpw is not None else Budget(bytes=_parse_bytes(bytes))
+    keep, tied = ((keep,) if isinstance(keep, str) else keep), ((tied,) if isinstance(tied, str) else tied)
+    fields = dict(keep=tuple(keep), force=tuple(dict(force or {}).items()), min_bits=dict(min_bits or {}),
+                  max_bits=dict(max_bits or {}), tied=tuple(tied), fast_on=fast_on)
+    if constraints is None:
+        constraints = Constraints(**fields)
+    elif fields != dict(keep=(), force=(), min_bits={}, max_bits={}, tied=(), fast_on=None):
+        raise ValueError("give either constraints=Constraints(...) or the keep/force/min_bits/max_bits/tied/fast_on "
+                         "keywords, not both")
+    return allocate(table, budget, constraints=constraints, method=solver, uniform=uniform)
+
+
+def _parse_bytes(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "b": 1}
+    t = str(value).strip().lower()
+    for u, f in units.items():
+        if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(u)]) * f)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"bytes={value!r}: give a number of bytes, or a string such as '50MB' (KB, MB, GB)")
+
+
+# ---------------------------------------------------------------------------- quantize / save / load
+def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm_head=None,
+             group_fallback: str = "error", rotate: bool = False, damp: float = 0.01, act_order: bool = False,
+             progress: bool = True, **options):
+    """Quantize ``model`` in place with one spec or a plan (``mixq quantize``); returns a :class:`~mixq.api.QuantResult`.
+
+    Exactly one of ``spec`` (a name such as ``"W4-g64"``, ``"NF4-g64"``, ``"MXFP4"`` for every block linear,
+    or a mapping ``{fqn or "re:<regex>": spec}``; block linears matching nothing are kept) or ``plan`` (a
+    :class:`~mixq.allocate.Plan` from :func:`plan`, or a plan JSON path).  ``method``: ``rtn`` (no data),
+    ``gptq``, ``awq`` or ``awq+gptq``, which need ``calib`` (a :class:`~mixq.calibset.CalibrationSet` from
+    :func:`build_calibration`, or ids ``[n, L]``).  ``lm_head``: a spec to quantize the output head (RTN; a
+    tied head is untied first), default kept.  ``group_fallback``: ``"error"`` or ``"shrink"`` a group size
+    that does not divide a layer's rows.  ``rotate``: QuaRot rotation of the residual stream first (fused
+    into the weights; ``online_rotation=True`` adds the run-time rotation that a saved directory cannot
+    carry).  ``damp`` / ``act_order``: GPTQ options.  Other ``options`` go to
+    :func:`mixq.api.quantize_model` (``device``, ``block_size``, ``checkpoint``, ``offload_dir``, ...).
+    The model holds the dequantized weights (ready to evaluate); ``result.qtensors`` the stored form, which
+    :func:`save_quantized` writes bit-packed.
+    """
+    from . import api
+    from .allocate import Plan
+    from .arch import iter_layers, untie_lm_head
+    from .config import parse_spec
+
+    if isinstance(spec, Plan) and plan is None:
+        spec, plan = None, spec
+    if (spec is None) == (plan is None):
+        raise ValueError("give exactly one of spec (e.g. 'W4-g64', or {regex: spec}) or plan=")
+    if method not in api.METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(api.METHODS)}")
+    if method != "rtn" and calib is None:
+        raise ValueError(f"method {method!r} needs calibration data: "
+                         "calib=mixq.build_calibration(model, tokenizer, 'ptb', nsamples=128)")
+    calib_ids = _calib_ids(calib) if method != "rtn" else None
+    head = None if lm_head is None or lm_head == "keep" else parse_spec(lm_head)
+    if head is not None:
+        untie_lm_head(model)
+    requested = None
+    if plan is not None:
+        if isinstance(plan, (str, os.PathLike)):
+            plan = Plan.load(plan)
+        plan.check({r.fqn: r.shape for r in iter_layers(model)})
+        specs = dict(plan.layers)  # FP16 "keep" choices too: cast through fp16, counted at 16 bits
+        if head is not None:
+            specs.update(api.resolve_specs(model, {}, lm_head=head, allow_empty=True))
+        label = f"mixed plan ({plan.achieved_bpw:.3f} bpw, {plan.metric}/{plan.solver})"
+    else:
+        if not isinstance(spec, dict):
+            requested = parse_spec(spec)
+        specs = api.resolve_specs(model, spec if requested is None else requested, lm_head=head,
+                                  group_fallback=group_fallback)
+        label = requested.name if requested is not None else "by layer"
+    options.setdefault("online_rotation", False)
+    res = api.quantize_model(model, specs, method=method, calib_ids=calib_ids, damp=damp, act_order=act_order,
+                             rotate=rotate, progress=progress, **options)
+    res.meta = {"method": method, "spec": label, "rotate": rotate, "lm_head": "keep" if head is None else head.name,
+                "size": api.size_report(model, specs),
+                "group_fallback": api.fallbacks(specs, requested) if requested is not None else {},
+                "plan": plan.to_dict() if plan is not None else None,
+                "calibration": _record(calib) if calib_ids is not None else None,
+                "seconds": res.seconds, "proxy_loss": res.proxy_loss or None}
+    return res
+
+
+def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: dict | None = None, *,
+                   base_model: str | None = None, overwrite: bool = False, rest_dtype=None):
+    """Write the native mixq directory (bit-packed, atomic; ``mixq.json`` with sizes and sha256 per file).
+
+    ``result``: the :class:`~mixq.api.QuantResult` of :func:`quantize` (its ``meta`` goes into ``mixq.json``:
+    spec, method, plan, calibration, size) or a bare ``{fqn: QTensor}``.  ``meta``: more entries (they win).
+    ``base_model``: recorded as the model the directory was made from, which ``mixq eval DIR`` compares with;
+    default the name :func:`load_model` loaded ``model`` under (else ``model.name_or_path``).  An existing
+    ``out_dir`` is refused unless ``overwrite``.  ``rest_dtype``: cast the unquantized tensors (e.g.
+    ``torch.bfloat16``).  Returns the directory's path; :func:`load_quantized` reads it back.
+    """
+    from .export.native import save_quantized as _save
+
+    qtensors = getattr(result, "qtensors", result)
+    info = dict(getattr(result, "meta", None) or {})
+    if hasattr(result, "specs"):
+        if "size" not in info:
+            from .api import size_report
+
+            info["size"] = size_report(model, result.specs)
+        info.setdefault("method", result.method)
+    if base_model is None:
+        base_model = _LOADED_AS.get(model) or getattr(model, "name_or_path", None) or None
+    info["base_model"] = base_model
+    info.update(meta or {})
+    return _save(out_dir, model, tokenizer, qtensors, info, overwrite=overwrite, rest_dtype=rest_dtype)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluation_windows(tokenizer, model=None, *, corpus: str | list[str] | None = None, split: str = "test",
+                       tokens: int | None = 32768, seqlen: int = 512, stride: int | None = None, bos="auto",
+                       progress: bool = False) -> list:
+    """``[(corpus, EvalWindows, Protocol)]`` for each evaluation domain (what ``mixq eval`` scores).
+
+    ``corpus``: one name or several (``"ptb,fortunes"`` or a list: the first is the primary one); default
+    :data:`mixq.eval.domains.DEFAULT_DOMAINS` (``ptb`` and ``fortunes``, the latter skipped with a warning
+    where it is not installed; a corpus named explicitly must be there).  The first ``tokens`` tokens of
+    ``split`` in windows of ``seqlen`` (``stride``: sliding windows); ``bos``: a policy (``auto``, ``always``,
+    ``never``) or a :class:`~mixq.bos.BosDecision`, resolved for ``tokenizer`` / ``model``.
+    """
+    from . import data
+    from .eval import Protocol
+    from .eval.domains import load_domains, parse_corpora
+
+    names, defaults = parse_corpora(",".join(corpus) if isinstance(corpus, (list, tuple)) else corpus)
+    decision = _bos(tokenizer, model, bos)
+    out = []
+    for name, text in load_domains(names, split, defaults).items():
+        ids = data.tokenize(text, tokenizer, progress=progress)
+        win = data.eval_windows(ids, seqlen, stride=stride, max_tokens=tokens, bos_id=decision.bos_id)
+        proto = Protocol.for_windows(win, corpus=name, split=split, tokenizer=getattr(tokenizer, "name_or_path", "")
+                                     or "", dtype=_dtype_name(model), bos_decision=decision)
+        out.append((name, win, proto))
+    return out
+
+
+def _dtype_name(model) -> str:
+    dtype = getattr(model, "dtype", None)
+    if dtype is None and model is not None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def evaluate(model, tokenizer, *, reference=None, corpus: str | list[str] | None = None, split: str = "test",
+             tokens: int | None = 32768, seqlen: int = 512, stride: int | None = None, bos="auto",
+             batch_size: int = 1, progress: bool = True) -> dict:
+    """Perplexity, and KL / top-1 agreement against ``reference``, on one or several corpora (``mixq eval``).
+
+    ``model`` (e.g. from :func:`load_quantized`) and ``reference`` (the full-precision model, e.g.
+    ``load_model(info["base_model"])[0]``; None: perplexity only) are scored on the same windows:
+    the first ``tokens`` tokens of each corpus' ``split`` in windows of ``seqlen`` tokens
+    (:func:`evaluation_windows`; ``corpus`` default ``ptb`` and ``fortunes``).  Returns the JSON-ready dict
+    ``mixq eval`` writes: ``perplexity``, ``nll``, ``kl``, ``kl_p99``, ``top1_agreement``,
+    ``reference_perplexity``, ``n_scored``, ``seconds`` and ``protocol`` of the first corpus; with several
+    corpora also ``domains`` (corpus → its result) and ``kl_ratio`` (each other corpus' KL / the first's).
+    """
+    from .eval import evaluate as _evaluate
+    from .eval.domains import combine
+
+    if tokenizer is None:
+        raise ValueError("evaluate needs the model's tokenizer (load_quantized returns None for a directory "
+                         "without tokenizer files: re-quantize it)")
+    results = {name: _evaluate(model, win, proto, reference=reference, batch_size=batch_size, progress=progress)
+               for name, win, proto in evaluation_windows(tokenizer, model, corpus=corpus, split=split,
+                                                          tokens=tokens, seqlen=seqlen, stride=stride, bos=bos,
+                                                          progress=False)}
+    return combine(results)
