@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN")
+    ap.add_argument("--spec", default=None, help="instead of plans: GPTQ with this one spec on every layer (no "
+                                                 "measurement; isolates how GPTQ itself fits its calibration rows)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
@@ -73,6 +75,8 @@ def main():
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
                act_order=args.act_order, calib_seconds=t_calib,
                protocols={c: e[1].to_dict() for c, e in evals.items()})
+    if args.spec:
+        return _one_spec(args, ref, calib, evals, doc, path, tag)
     variants = [v.strip() for v in args.variants.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
     table = None
@@ -91,14 +95,34 @@ def main():
                                calib_ids=None if method == "rtn" else calib.ids, progress=False)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
-            for corpus, (win, proto, cache) in evals.items():
-                r = evaluate(model, win, proto, reference=cache, progress=False)
-                row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
+            _finish(row, model, evals, doc, path, tag)
             del model
-            doc["rows"].append(row)
-            write_json_atomic(path, doc, overwrite=True)
-            print(f"{tag:<14}{v:<14}{b:>5} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  "
-                  f"fortunes {row['fortunes']['kl']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+
+
+def _finish(row, model, evals, doc, path, tag):
+    for corpus, (win, proto, cache) in evals.items():
+        r = evaluate(model, win, proto, reference=cache, progress=False)
+        row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
+    doc["rows"].append(row)
+    write_json_atomic(path, doc, overwrite=True)
+    print(f"{tag:<14}{row['variant']:<14}{row['budget']:>5} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  "
+          f"fortunes {row['fortunes']['kl']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+
+
+def _one_spec(args, ref, calib, evals, doc, path, tag):
+    from mixq.config import parse_spec
+
+    v = f"GPTQ {args.spec}"
+    if any(r["variant"] == v for r in doc["rows"]):
+        return
+    model = copy.deepcopy(ref)
+    specs = api.resolve_specs(model, parse_spec(args.spec), group_fallback="shrink")
+    t = time.perf_counter()
+    api.quantize_model(model, specs, method="gptq", damp=args.damp, act_order=args.act_order, calib_ids=calib.ids,
+                       progress=False)
+    bpw = api.size_report(model, specs)["bpw_quantized"]
+    row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": time.perf_counter() - t, "spec": args.spec}
+    _finish(row, model, evals, doc, path, tag)
 
 
 def _measurement(ref, calib, doc):
@@ -124,6 +148,13 @@ def report():
     lines += ["SmolLM2-135M-Instruct; KL to the fp32 model on the first tokens of each test split (512-token "
               "windows); bpw counts every stored bit of the block linears.  ratio = KL fortunes / KL PTB.  "
               "Each run's calibration: the rows of `--calib` (its sha256 is in the JSON).", ""]
+    lines += ["## All runs side by side", "",
+              "| budget | variant | calibration run | bpw | KL PTB | KL fortunes | ratio |", "|---:|---|---|---:|---:|---:|---:|"]
+    every = [(r["budget"], r["variant"], tag, r) for tag, doc in runs.items() for r in doc["rows"]]
+    for b, v, tag, r in sorted(every, key=lambda x: (x[0], x[1], x[2])):
+        lines.append(f"| {b} | {v} | {tag} | {r['bpw']:.3f} | {r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | "
+                     f"{_ratio(r):.2f} |")
+    lines.append("")
     for tag, doc in runs.items():
         cal = doc.get("calibration", {})
         p = doc.get("protocols", {}).get("ptb", {})
@@ -135,13 +166,16 @@ def report():
                   "| variant | budget | bpw | spec | KL PTB | KL fortunes | ratio | ppl PTB | ppl fortunes |",
                   "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
         for r in sorted(doc["rows"], key=lambda r: (r["variant"], r["budget"])):
-            ratio = r["fortunes"]["kl"] / r["ptb"]["kl"] if r["ptb"]["kl"] else float("nan")
             lines.append(f"| {r['variant']} | {r['budget']} | {r['bpw']:.3f} | {r.get('spec') or 'mixed'} | "
-                         f"{r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | {ratio:.2f} | "
+                         f"{r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | {_ratio(r):.2f} | "
                          f"{r['ptb']['perplexity']:.2f} | {r['fortunes']['perplexity']:.2f} |")
         lines.append("")
     (RESULTS / "generalization.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _ratio(r) -> float:
+    return r["fortunes"]["kl"] / r["ptb"]["kl"] if r["ptb"]["kl"] else float("nan")
 
 
 def _secs(v) -> str:
