@@ -37,7 +37,7 @@ def test_ptb_splits_and_alias():
 
 
 def test_unknown_corpus_and_split():
-    with pytest.raises(ValueError, match="ptb, wikitext2, c4"):
+    with pytest.raises(ValueError, match="ptb, fortunes, wikitext2, c4"):
         load_corpus("pennbank", "test")
     with pytest.raises(ValueError, match="unknown split"):
         load_corpus("ptb", "dev")
