@@ -21,17 +21,16 @@ from __future__ import annotations
 import os
 import weakref
 
-DEFAULT_MODEL = "smollm2-135m"
 
 # model -> the name it was loaded under (what save_quantized records as the directory's base model)
 _LOADED_AS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------- models
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, device="cpu"):
+def load_model(name_or_path: str | None = None, *, dtype=None, device="cpu"):
     """Load a causal LM and its tokenizer: returns ``(model, tokenizer)``, the model in eval mode.
 
-    ``name_or_path``: ``"smollm2-135m"`` (the default: embedded, no network; the first load converts it to a
+    ``name_or_path``: None or ``"smollm2-135m"`` (the default, :data:`mixq.models.DEFAULT_MODEL`: embedded, no network; the first load converts it to a
     cached safetensors copy, ~20 s), a local directory saved with ``save_pretrained`` (safetensors only) or a
     Hugging Face hub id.  ``dtype``: default ``torch.float32``.  The name is remembered, so
     :func:`save_quantized` records it as the directory's base model (the reference ``mixq eval`` uses).
@@ -39,8 +38,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=None, device="cpu"):
     """
     import torch
 
+    from .models import DEFAULT_MODEL
     from .models import load_model as _load
 
+    name_or_path = DEFAULT_MODEL if name_or_path is None else name_or_path
     model, tokenizer = _load(name_or_path, dtype=torch.float32 if dtype is None else dtype, device=device)
     _LOADED_AS[model] = str(name_or_path)
     return model, tokenizer
@@ -139,13 +140,13 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
     ``fast_on="cpu"`` (only specs a fast CPU kernel runs); or a ready :class:`~mixq.allocate.Constraints`.
     Returns a :class:`~mixq.allocate.Plan` (``.save(path)``, ``.achieved_bpw``, ``.layers``).
     """
-    from .allocate import Budget, Constraints, SensitivityTable, allocate
+    from .allocate import Budget, Constraints, SensitivityTable, allocate, parse_bytes
 
     if isinstance(table, (str, os.PathLike)):
         table = SensitivityTable.load(table)
     if (bpw is None) == (bytes is None):
         raise ValueError("give exactly one budget: bpw=3.5 or bytes='50MB'")
-    budget = Budget(bpw=bpw) if bpw is not None else Budget(bytes=_parse_bytes(bytes))
+    budget = Budget(bpw=bpw) if bpw is not None else Budget(bytes=parse_bytes(bytes))
     keep, tied = ((keep,) if isinstance(keep, str) else keep), ((tied,) if isinstance(tied, str) else tied)
     fields = dict(keep=tuple(keep), force=tuple(dict(force or {}).items()), min_bits=dict(min_bits or {}),
                   max_bits=dict(max_bits or {}), tied=tuple(tied), fast_on=fast_on)
@@ -155,19 +156,6 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
         raise ValueError("give either constraints=Constraints(...) or the keep/force/min_bits/max_bits/tied/fast_on "
                          "keywords, not both")
     return allocate(table, budget, constraints=constraints, method=solver, uniform=uniform)
-
-
-def _parse_bytes(value) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "b": 1}
-    t = str(value).strip().lower()
-    for u, f in units.items():
-        if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[: -len(u)]) * f)
-    if t.isdigit():
-        return int(t)
-    raise ValueError(f"bytes={value!r}: give a number of bytes, or a string such as '50MB' (KB, MB, GB)")
 
 
 # ---------------------------------------------------------------------------- quantize / save / load

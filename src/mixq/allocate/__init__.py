@@ -11,11 +11,12 @@ Plan, allocate, format_plan_table).
 from .candidates import (DEFAULT_CANDIDATE_NAMES, candidates_for, default_candidates, extended_candidates,
                          load_candidates, named_candidate_set)
 from .constraints import Constraints, build_problem
-from .plan import Budget, Plan, allocate, format_plan_table
+from .plan import Budget, Plan, allocate, format_plan_table, parse_bytes
 from .solvers import METHODS, InfeasibleBudget, Problem, Solution, solve
 from .table import LayerEntry, SensitivityTable
 
 __all__ = [
+    "parse_bytes",
     "DEFAULT_CANDIDATE_NAMES", "METHODS", "Budget", "Constraints", "InfeasibleBudget", "LayerEntry", "Plan",
     "Problem", "SensitivityTable", "Solution", "allocate", "build_problem", "candidates_for",
     "default_candidates", "extended_candidates", "format_plan_table", "load_candidates", "named_candidate_set",

@@ -68,6 +68,20 @@ class Budget:
         return cls(bpw=d.get("bpw"), bytes=d.get("bytes"))
 
 
+def parse_bytes(value) -> int:
+    """A byte count: an int, or a string such as ``"50MB"`` (units B, KB, MB, GB of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "b": 1}
+    t = str(value).strip().lower()
+    for u, f in units.items():
+        if t.endswith(u) and t[: -len(u)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(u)]) * f)
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"{value!r}: give a number of bytes, or a string such as '50MB' (KB, MB, GB)")
+
+
 @dataclass(frozen=True)
 class Plan:
     """One spec per layer plus provenance.  ``layers``, ``shapes`` and ``errors`` share keys

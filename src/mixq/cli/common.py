@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..allocate import METHODS as SOLVERS
+from ..allocate import parse_bytes
 from ..allocate.candidates import NAMED_SETS
 from ..bos import add_bos_argument, resolve_bos
 from ..calibset import DEFAULT_CALIB, SELF
@@ -22,7 +23,7 @@ from ..models import DEFAULT_MODEL
 __all__ = ["ALGORITHMS", "DEFAULT_MODEL", "METRICS", "SOLVERS", "UserError", "budget_args", "calib_args",
            "check_full_attention", "check_out_file", "check_positive", "constraint_args", "constraints_from",
            "eval_args", "eval_windows_for", "human", "measure_args", "model_arg", "one_line", "parse_budgets",
-           "parse_bytes", "parse_kv_arg", "solver_arg"]
+           "parse_kv_arg", "solver_arg"]
 
 CALIB_SOURCES = (f"{SELF} (written by the model itself: varied openers and chat exchanges, cached), "
                  f"{', '.join(CORPORA)} (train split), a .txt/.jsonl path, or a mixture joined by '+'")
@@ -118,17 +119,6 @@ def parse_budgets(args) -> list:
         except ValueError as e:
             raise UserError(f"bad budget {tok!r}: {e}") from None
     return out
-
-
-def parse_bytes(tok: str) -> int:
-    units = {"kb": 1024, "mb": 1024**2, "gb": 1024**3, "b": 1}
-    t = tok.lower()
-    for u, f in units.items():
-        if t.endswith(u) and t[: -len(u)].replace(".", "", 1).isdigit():
-            return int(float(t[: -len(u)]) * f)
-    if t.isdigit():
-        return int(t)
-    raise ValueError("use a number of bytes, or KB/MB/GB")
 
 
 def constraints_from(args):

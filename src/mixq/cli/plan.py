@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from ..jsonio import write_json_atomic
-from .common import UserError, budget_args, constraints_from, parse_budgets, parse_bytes, parse_kv_arg
+from ..allocate import parse_bytes
+from .common import UserError, budget_args, constraints_from, parse_budgets, parse_kv_arg
 
 
 def register(sub) -> None:
