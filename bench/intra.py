@@ -45,7 +45,7 @@ from common import RESULTS, header, peak_rss_mb  # noqa: E402
 
 from mixq import api  # noqa: E402
 from mixq.allocate import Budget, LayerEntry, SensitivityTable, allocate, default_candidates  # noqa: E402
-from mixq.intra import is_composite, parse_candidate  # noqa: E402
+from mixq.config import is_composite, parse_spec  # noqa: E402
 from mixq.jsonio import write_json_atomic  # noqa: E402
 from mixq.measure import measure  # noqa: E402
 
@@ -184,7 +184,7 @@ def curve_row(S, table, budget: float, variant: str, tag: str) -> dict:
     specs = dict(plan.layers)
     r, q_s, _ = _quantize_eval(S, specs, ALGO)
     counts = Counter(s.name for s in specs.values())
-    comp = sum(v for k, v in counts.items() if is_composite(parse_candidate(k)))
+    comp = sum(v for k, v in counts.items() if is_composite(parse_spec(k)))
     return dict(kind="curve", id=f"curve|{variant}|{budget:g}" + (f"|{tag}" if "intra" in variant else ""),
                 budget=budget, variant=variant, bpw=plan.achieved_bpw, predicted=plan.predicted_error,
                 kl=r["kl"], perplexity=r["perplexity"], top1=r["top1_agreement"], solve_ms=solve_ms, quant_s=q_s,
@@ -193,7 +193,7 @@ def curve_row(S, table, budget: float, variant: str, tag: str) -> dict:
 
 
 def method_row(S, spec_name: str, method: str) -> dict:
-    spec = parse_candidate(spec_name)
+    spec = parse_spec(spec_name)
     specs = {f: spec for f in block_linears(S.ref)}
     r, q_s, size = _quantize_eval(S, specs, method)
     return dict(kind="method", id=f"method|{spec.name}|{method}", label=LABELS.get(spec_name, spec.name),
@@ -225,15 +225,15 @@ def main():
         return write(doc, results, tag)
 
     budgets = [float(b) for b in args.budgets.split(",") if b]
-    intra_specs = [parse_candidate(n) for n in args.intra.split(",") if n]
+    intra_specs = [parse_spec(n) for n in args.intra.split(",") if n]
     bad = [s.name for s in intra_specs if not is_composite(s)]
     if bad:
         raise SystemExit(f"--intra takes composite specs only, got {bad}")
     names = [s.name for s in intra_specs]
-    ctag = "intra" if names == [parse_candidate(n).name for n in INTRA] else \
+    ctag = "intra" if names == [parse_spec(n).name for n in INTRA] else \
         "intra-" + hashlib.sha256(",".join(names).encode()).hexdigest()[:8]
-    methods = [(parse_candidate(n).name, "rtn") for n in args.methods.split(",") if n] + \
-              [(parse_candidate(n).name, "gptq") for n in args.gptq_methods.split(",") if n]
+    methods = [(parse_spec(n).name, "rtn") for n in args.methods.split(",") if n] + \
+              [(parse_spec(n).name, "gptq") for n in args.gptq_methods.split(",") if n]
     t_start = time.perf_counter()
     if args.smoke:
         S = SmokeSetup(args.smoke, args.tokens, nsamples=args.nsamples)
@@ -243,7 +243,7 @@ def main():
         S = Setup(tokens=args.tokens, nsamples=args.nsamples)
     shapes = block_linears(S.ref)
     for name, _ in methods:  # fail before the measurement, not after
-        s = parse_candidate(name)
+        s = parse_spec(name)
         for f, sh in shapes.items():
             s.cost(sh)
     plain, both, msecs = tables(S, intra_specs, ctag, f"smoke{args.smoke}-" if args.smoke else "")
@@ -282,7 +282,7 @@ def main():
            "measure_seconds": msecs,
            "intra_candidates": names, "plain_candidates": [c.name for c in default_candidates()],
            "budgets": budgets, "seconds": time.perf_counter() - t_start, "peak_rss_mb": peak_rss_mb(),
-           "bpw_of_candidates": _model_bpw(intra_specs + [parse_candidate(n) for n, _ in methods], shapes)}
+           "bpw_of_candidates": _model_bpw(intra_specs + [parse_spec(n) for n, _ in methods], shapes)}
     write(doc, results, tag)
     partial.unlink(missing_ok=True)
 

@@ -9,16 +9,8 @@ from mixq import formats
 from mixq.algorithms.gptq import gptq_quantize
 from mixq.algorithms.rtn import rtn_quantize
 from mixq.allocate import Budget, LayerEntry, Plan, SensitivityTable, allocate, extended_candidates, load_candidates
-from mixq.config import QuantSpec, parse_spec
-from mixq.intra import (
-    CSR,
-    CompositeSpec,
-    compose,
-    intra_candidates,
-    is_composite,
-    parse_candidate,
-    quantize_composite,
-)
+from mixq.config import CompositeSpec, QuantSpec, compose, is_composite, parse_spec
+from mixq.intra import CSR, intra_candidates, quantize_composite
 
 
 def _hessian(C, n=1024, seed=0, corr=0.3, spread=None):
@@ -46,27 +38,27 @@ def _err(W, Wq, H):
 def test_names_round_trip_and_errors():
     for s in intra_candidates("all"):
         assert is_composite(s) and isinstance(s, QuantSpec)
-        assert parse_candidate(s.name) == s and parse_candidate(s.name).name == s.name
+        assert parse_spec(s.name) == s and parse_spec(s.name).name == s.name
         assert CompositeSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
-        assert parse_candidate(s.to_dict()) == s
-    assert parse_candidate("W3-g64") == parse_spec("W3-g64") and not is_composite(parse_candidate("W3-g64"))
-    assert parse_candidate(parse_spec("W4-g32").to_dict()) == parse_spec("W4-g32")
+        assert parse_spec(s.to_dict()) == s
+    assert parse_spec("W3-g64") == parse_spec("W3-g64") and not is_composite(parse_spec("W3-g64"))
+    assert parse_spec(parse_spec("W4-g32").to_dict()) == parse_spec("W4-g32")
     # any order and case on input, canonical order (sq, c, o) on output
-    s = parse_candidate("w3-g16+O0.25+SQ3")
+    s = parse_spec("w3-g16+O0.25+SQ3")
     assert s.name == "W3-g16+sq3+o0.25" and s == compose("W3-g16", sq_bits=3, outliers=0.25)
-    assert parse_candidate("W3-g16+sq3g32").sq_group == 32 and parse_candidate("W3-g16+sq3g32").name == "W3-g16+sq3g32"
-    assert parse_candidate("SLIM3-g64-asym") == compose("W3-g64-asym", slim=True)
-    assert parse_candidate("KM3+o0.45").name == "KM3-channel+o0.45"
-    assert parse_candidate("W3-g64+h5w6") == compose("W3-g64", hi_rows=5, hi_bits=6)
-    assert parse_candidate("W3-g64+h10").name == "W3-g64+h10" and parse_candidate("W3-g64+h10").hi_bits == 8
-    assert parse_candidate("nf4-g32+D8+o0.5").name == "NF4-g32+o0.5+d8"
-    assert parse_candidate("W3-g64+o0.5") != parse_spec("W3-g64")  # a composite never equals its base
-    assert len({parse_candidate("W3-g64+o0.5"), parse_candidate("W3-g64+o0.50"), parse_spec("W3-g64")}) == 2
+    assert parse_spec("W3-g16+sq3g32").sq_group == 32 and parse_spec("W3-g16+sq3g32").name == "W3-g16+sq3g32"
+    assert parse_spec("SLIM3-g64-asym") == compose("W3-g64-asym", slim=True)
+    assert parse_spec("KM3+o0.45").name == "KM3-channel+o0.45"
+    assert parse_spec("W3-g64+h5w6") == compose("W3-g64", hi_rows=5, hi_bits=6)
+    assert parse_spec("W3-g64+h10").name == "W3-g64+h10" and parse_spec("W3-g64+h10").hi_bits == 8
+    assert parse_spec("nf4-g32+D8+o0.5").name == "NF4-g32+o0.5+d8"
+    assert parse_spec("W3-g64+o0.5") != parse_spec("W3-g64")  # a composite never equals its base
+    assert len({parse_spec("W3-g64+o0.5"), parse_spec("W3-g64+o0.50"), parse_spec("W3-g64")}) == 2
     for bad in ["W3-g64+x1", "W3-g64+o0", "W3-g64+o1+o2", "SLIM8-g64", "SLIM3-channel", "KM3+sq3", "FP16+o1",
                 "W3-tensor+o1", "W3-g64+o100", "NVFP4+sq3", "W3-g64+h10+o1", "W8-g64+h10", "W3-g64+h5w3",
                 "W3-g64+d4", "NF4-g32+d3", "NF4-g32+d4+sq3"]:
         with pytest.raises(ValueError):
-            parse_candidate(bad)
+            parse_spec(bad)
 
 
 # ---------------------------------------------------------------------- costs
@@ -92,20 +84,20 @@ def test_costs_by_hand():
         "W3-g64+h10": (87 * 256 * 3 + 9 * 256 * 8, 96 * 4 * 16, 0, 0, 9 * 16),
     }
     for name, (codes, scales, zeros, codebook, extra) in hand.items():
-        c = parse_candidate(name).cost((R, C))
+        c = parse_spec(name).cost((R, C))
         assert (c.codes, c.scales, c.zeros, c.codebook, c.extra) == (codes, scales, zeros, codebook, extra), name
         assert c.numel == R * C and c.total == codes + scales + zeros + codebook + extra
     # a partial last group: 97 dense columns in groups of 10 -> 10 group columns
-    c = parse_candidate("W4-g10+c3").cost((10, 100))
+    c = parse_spec("W4-g10+c3").cost((10, 100))
     assert (c.codes, c.scales, c.extra) == (10 * 97 * 4, 10 * 10 * 16, 10 * 3 * 16 + 3 * 16)
     # column indices take 32 bits past 65536 columns
-    c = parse_candidate("W4-channel+o1").cost((1, 2**17))
+    c = parse_spec("W4-channel+o1").cost((1, 2**17))
     assert c.extra == 1310 * (16 + 32) + 2 * 32
     # the base must fit the full row, as a plain spec must
     with pytest.raises(ValueError, match="group size"):
-        parse_candidate("W3-g64+o0.5").cost((8, 96))
+        parse_spec("W3-g64+o0.5").cost((8, 96))
     with pytest.raises(ValueError, match="no dense column"):
-        parse_candidate("W3-channel+c8").cost((8, 8))
+        parse_spec("W3-channel+c8").cost((8, 8))
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -114,7 +106,7 @@ def test_stored_parts_match_cost_and_rebuild_exactly(method):
     W, H = _weight(R, C), _hessian(C)
     extra = ["W4-g32-asymf+sq4+c5+o1", "NF3-g32+o0.5", "FP4-g32+c3+o0.5+d16"]
     extra += ["BIN-g32+r16+o1w8", "BIN-g64+o2", "BIN-channel+r8"]
-    for s in intra_candidates("all") + [parse_candidate(n) for n in extra]:
+    for s in intra_candidates("all") + [parse_spec(n) for n in extra]:
         if s.name.startswith("W4-g64+o") or s.name.startswith("KM4") or C % getattr(s.granularity, "size", 1):
             continue  # same code paths as their 3-bit siblings; BIN-g192 does not fit 128 columns
         qt, Wq = quantize_composite(W, s, H, method)
@@ -145,7 +137,7 @@ def test_packed_storage_is_the_accounted_size_and_round_trips(method):
     extra = ["W4-g32-asymf+sq4+c5+o1", "FP4-g32+c3+o0.5+d16", "SLIM2-g32-asym+c7", "W3-g32+h10",
              "BIN-g32+r16+o1w8", "BIN-g64+o2", "BIN-g32+o0.5w3", "BIN-channel+r5",
              "BIN-g32+o0.01w8", "W3-g32+o0.01"]  # the last two keep no weight (floor(0.01 % x 5120) = 0)
-    for s in intra_candidates("all") + [parse_candidate(n) for n in extra]:
+    for s in intra_candidates("all") + [parse_spec(n) for n in extra]:
         if C % getattr(s.granularity, "size", 1):
             continue
         qt, Wq = quantize_composite(W, s, H, method)
@@ -186,7 +178,7 @@ def test_outliers_beat_plain_grid_at_equal_bits():
     """Planted outliers: 0.5 % fp16 outliers on a g64 grid cost less than g32 and err far less."""
     R, C = 128, 512
     W, H = _weight(R, C, outliers=0.004), _hessian(C)
-    comp, plain = parse_candidate("W3-g64+o0.5"), parse_spec("W3-g32")
+    comp, plain = parse_spec("W3-g64+o0.5"), parse_spec("W3-g32")
     assert comp.cost((R, C)).total <= plain.cost((R, C)).total
     e_rtn = _err(W, quantize_composite(W, comp, H, "rtn")[1], H)
     assert e_rtn < 0.7 * _err(W, rtn_quantize(W, plain)[1], H)
@@ -227,7 +219,7 @@ def test_slim_bit_map_keeps_its_average():
     spread[5 * g: 7 * g] = 0.05  # two nearly idle ones
     H = torch.diag(spread**2)   # diagonal H: the SLIM objective is exactly the error below
     W = _weight(R, C, outliers=0.0)
-    spec = parse_candidate("SLIM3-g64")
+    spec = parse_spec("SLIM3-g64")
     qt, Wq = quantize_composite(W, spec, H, "rtn")
     bits = qt.group_bits
     assert len(bits) == C // g and set(bits) <= {2, 3, 4}
@@ -262,7 +254,7 @@ def test_hi_rows_take_the_rows_that_gain_most():
     R, C = 100, 256
     W, H = _weight(R, C, outliers=0.0), _hessian(C)
     W[[3, 50, 77]] *= 10  # three rows with 10x the error of the others
-    spec = parse_candidate("W3-g64+h3")
+    spec = parse_spec("W3-g64+h3")
     qt, Wq = quantize_composite(W, spec, H, "rtn")
     assert qt.hi_rows.tolist() == [3, 50, 77] and qt.hi.spec == parse_spec("W8-g64")
     assert qt.stored_bits() == spec.cost((R, C)).total and torch.equal(qt.dequantize(), Wq)
@@ -286,15 +278,15 @@ def test_block_dialects_never_worse_than_their_base():
         qt, Wq = quantize_composite(W, name, H, "rtn")
         assert _err(W, Wq, H) <= _err(W, rtn_quantize(W, parse_spec(base))[1], H) * (1 + 1e-6), name
         used = torch.cat([p.zero.flatten() for p in qt.params]).long()
-        assert used.max() < parse_candidate(name).dialects and len(used.unique()) > 1
-        assert qt.stored_bits() == parse_candidate(name).cost((R, C)).total
+        assert used.max() < parse_spec(name).dialects and len(used.unique()) > 1
+        assert qt.stored_bits() == parse_spec(name).cost((R, C)).total
         assert torch.equal(qt.dequantize(), Wq)
 
 
 # ---------------------------------------------------------------------- allocation
 def test_table_and_plan_json_round_trip(tmp_path):
     names = ["W2-g32-asym", "W3-g32", "W3-g32+o0.5", "SLIM3-g32", "W3-g16+sq3", "KM3+o0.45", "W4-g32", "FP16"]
-    cands = [parse_candidate(n) for n in names]
+    cands = [parse_spec(n) for n in names]
     layers = [LayerEntry(f"l{i}", (64, 128), tuple(cands), tuple(float(10 - k + i) for k in range(len(cands))))
               for i in range(3)]
     table = SensitivityTable(tuple(layers), "hessian")
@@ -309,15 +301,15 @@ def test_table_and_plan_json_round_trip(tmp_path):
     # a composite stored as a dict (e.g. written by another tool) loads too
     d = plan.to_dict()
     f0 = next(iter(d["layers"]))
-    d["layers"][f0]["spec"] = parse_candidate("SLIM3-g32").to_dict()
-    d["layers"][f0]["bits"] = parse_candidate("SLIM3-g32").cost((64, 128)).total
+    d["layers"][f0]["spec"] = parse_spec("SLIM3-g32").to_dict()
+    d["layers"][f0]["bits"] = parse_spec("SLIM3-g32").cost((64, 128)).total
     d.pop("total_bits")
-    assert Plan.from_dict(d).layers[f0] == parse_candidate("SLIM3-g32")
+    assert Plan.from_dict(d).layers[f0] == parse_spec("SLIM3-g32")
     # candidate files and named sets
     (tmp_path / "c.txt").write_text("W3-g32\nW3-g32+o0.5  # outliers\nSLIM3-g32\n")
-    assert load_candidates(tmp_path / "c.txt") == [parse_candidate(n) for n in ["W3-g32", "W3-g32+o0.5", "SLIM3-g32"]]
-    (tmp_path / "c.json").write_text(json.dumps([parse_candidate("KM3+o0.45").to_dict(), "W4-g32"]))
-    assert load_candidates(tmp_path / "c.json")[0] == parse_candidate("KM3+o0.45")
+    assert load_candidates(tmp_path / "c.txt") == [parse_spec(n) for n in ["W3-g32", "W3-g32+o0.5", "SLIM3-g32"]]
+    (tmp_path / "c.json").write_text(json.dumps([parse_spec("KM3+o0.45").to_dict(), "W4-g32"]))
+    assert load_candidates(tmp_path / "c.json")[0] == parse_spec("KM3+o0.45")
     assert load_candidates("default+intra") == extended_candidates()
     assert load_candidates("intra:small") == intra_candidates("small")
 
@@ -334,7 +326,7 @@ def test_measure_allocate_quantize_tiny_model(tiny_model, algorithm):
     model = tiny_model("llama")
     ids = _ids()
     plain = [parse_spec(n) for n in ["W2-g32-asym", "W3-g32", "W4-g32", "FP16"]]
-    comps = [parse_candidate(n) for n in ["W3-g32+o0.5", "W3-g16+sq3", "SLIM3-g32", "KM3+o0.45", "W3-g32+c4",
+    comps = [parse_spec(n) for n in ["W3-g32+o0.5", "W3-g16+sq3", "SLIM3-g32", "KM3+o0.45", "W3-g32+c4",
                                           "W2-g32-asym+o1", "W3-g32+h10", "NF3-g32+d4"]]
     table = measure(model, ids, plain + comps, metric="hessian", algorithm=algorithm, progress=False)
     assert len(table.layers) == 14
@@ -367,14 +359,14 @@ def test_measure_allocate_quantize_tiny_model(tiny_model, algorithm):
 
 # ---------------------------------------------------------------------- binarization (BiLLM / PB-LLM)
 def test_binary_names_and_costs_by_hand():
-    assert parse_candidate("BIN-g64") == compose("W1-g64", binary=True) and parse_candidate("BIN").name == "BIN-g128"
-    s = parse_candidate("bin-g64+O2W8+R32")
+    assert parse_spec("BIN-g64") == compose("W1-g64", binary=True) and parse_spec("BIN").name == "BIN-g128"
+    s = parse_spec("bin-g64+O2W8+R32")
     assert s.name == "BIN-g64+r32+o2w8" and (s.residual, s.outliers, s.outlier_bits) == (32, 2.0, 8)
-    assert parse_candidate("BIN-g64+o1w16") == parse_candidate("BIN-g64+o1")
+    assert parse_spec("BIN-g64+o1w16") == parse_spec("BIN-g64+o1")
     for bad in ["BIN-g64-asym", "BIN-g64-mse", "BIN-g64+sq3", "BIN-g64+c4", "BIN-g64+h5", "W3-g64+r8",
                 "W3-g64+o1w8", "BIN-g64+o1w9", "BIN-g64+o1w1", "BIN-g64+w8", "BIN-se8m0", "SLIM1-g64"]:
         with pytest.raises(ValueError):
-            parse_candidate(bad)
+            parse_spec(bad)
     R, C = 96, 576
     hand = {
         # sign bits + one fp16 scale per 64
@@ -391,9 +383,9 @@ def test_binary_names_and_costs_by_hand():
         "BIN-channel-sfp32+r8": (R * 568 + 2 * R * 8, R * 32 + 2 * R * 32, 8 * 16),
     }
     for name, (codes, scales, extra) in hand.items():
-        c = parse_candidate(name).cost((R, C))
+        c = parse_spec(name).cost((R, C))
         assert (c.codes, c.scales, c.zeros, c.codebook, c.extra) == (codes, scales, 0, 0, extra), name
-    assert parse_candidate("BIN-g64").cost((R, C)) == parse_spec("W1-g64").cost((R, C))
+    assert parse_spec("BIN-g64").cost((R, C)) == parse_spec("W1-g64").cost((R, C))
     for s in intra_candidates("all"):
         if s.binary:
             assert 1.0 < s.bpw((576, 1536)) <= s.bpw((576, 576)) < 2.0, s.name

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from mixq import api
 from mixq.cli import main
-from mixq.config import parse_spec
+from mixq.config import is_composite, parse_spec
 from mixq.export.native import (
     CheckpointError,
     composite_layers,
@@ -21,7 +21,7 @@ from mixq.export.native import (
     rewrite_native,
     save_quantized,
 )
-from mixq.intra import CompositeLinear, PackedComposite, is_composite, parse_candidate
+from mixq.intra import CompositeLinear, PackedComposite
 from mixq.runtime import QuantLinear, kernel_usage, memory_report
 
 # one spec per layer of the tiny llama (2 blocks x 7 linears): every composite family, a few plain specs
@@ -34,7 +34,7 @@ IDS = torch.randint(4, 99, (2, 12), generator=torch.Generator().manual_seed(0))
 def _quantized(tiny_model, method="rtn"):
     model = tiny_model("llama")
     fqns = list(api.resolve_specs(model, "W4-g32"))
-    specs = {f: parse_candidate(SPECS[i % len(SPECS)]) for i, f in enumerate(fqns)}
+    specs = {f: parse_spec(SPECS[i % len(SPECS)]) for i, f in enumerate(fqns)}
     res = api.quantize_model(model, specs, method=method, calib_ids=IDS if method == "gptq" else None, progress=False)
     return model, res.qtensors, specs
 
@@ -57,7 +57,7 @@ def test_composites_save_and_load_exactly(tiny_model, tiny_tokenizer, tmp_path, 
     comp = sorted(f for f, s in specs.items() if is_composite(s))
     assert composite_layers(info) == comp and len(comp) == 12
     for f in comp:
-        assert info["layers"][f]["kind"] == "composite" and parse_candidate(info["layers"][f]["spec"]) == specs[f]
+        assert info["layers"][f]["kind"] == "composite" and parse_spec(info["layers"][f]["spec"]) == specs[f]
     fake, _, _ = load_quantized(d)
     assert torch.equal(_logits(fake), ref)
     _, parts, _ = read_qtensors(d)
@@ -198,7 +198,7 @@ def test_quantize_cli_writes_a_plan_with_composites(tmp_path, tiny_model, tiny_t
     src = tmp_path / "m"
     model.save_pretrained(src)
     tiny_tokenizer.save_pretrained(src)
-    cands = [parse_spec("W4-g32"), parse_candidate("W3-g32+o0.5"), parse_candidate("BIN-g32+r8+o1w8")]
+    cands = [parse_spec("W4-g32"), parse_spec("W3-g32+o0.5"), parse_spec("BIN-g32+r8+o1w8")]
     table = measure(model, IDS, cands, metric="hessian", progress=False)
     plan = allocate(table, Budget(bpw=3.2))
     assert {s.name for s in plan.layers.values()} & {"W3-g32+o0.5", "BIN-g32+r8+o1w8"}

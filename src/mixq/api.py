@@ -17,10 +17,10 @@ from .algorithms.gptq import gptq_quantize
 from .algorithms.rtn import rtn_quantize
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
-from .config import BitCost, QuantSpec, parse_spec
+from .config import BitCost, QuantSpec, is_composite, parse_spec
 from .formats import QTensor
 from .granularity import PerGroup
-from .intra import is_composite, quantize_layer
+from .intra import quantize_layer
 
 log = logging.getLogger(__name__)
 

@@ -117,9 +117,9 @@ def _candidates(candidates) -> list:
 
     if isinstance(candidates, (str, os.PathLike)):
         return default_candidates() if str(candidates) == "default" else load_candidates(candidates)
-    from .intra import parse_candidate
+    from .config import parse_spec
 
-    out = [parse_candidate(c) for c in candidates]
+    out = [parse_spec(c) for c in candidates]
     if not out:
         raise ValueError("candidates: name at least one spec")
     return out

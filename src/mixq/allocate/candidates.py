@@ -32,7 +32,6 @@ from pathlib import Path
 
 from ..config import QuantSpec, parse_spec
 from ..intra.candidates import intra_candidates
-from ..intra.spec import parse_candidate
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def load_candidates(path: str | Path) -> list[QuantSpec]:
     specs = []
     for item in data:
         try:
-            specs.append(parse_candidate(item))  # plain specs and intra-tensor composites
+            specs.append(parse_spec(item))  # plain specs and intra-tensor composites
         except ValueError as e:
             raise ValueError(f"{p}: bad candidate {item!r}: {e}") from None
     if not specs:

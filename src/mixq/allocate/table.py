@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import QuantSpec
-from ..intra.spec import parse_candidate
+from ..config import parse_spec
 from ..jsonio import read_json, write_json_atomic  # noqa: F401  (re-exported)
 
 TABLE_VERSION = 1
@@ -23,7 +23,7 @@ TABLE_VERSION = 1
 def spec_to_json(s: QuantSpec) -> str | dict:
     """A spec's canonical name when it parses back to the same spec, else its full dict."""
     try:
-        if parse_candidate(s.name) == s:  # plain specs and intra-tensor composites (mixq.intra)
+        if parse_spec(s.name) == s:  # plain specs and intra-tensor composites (mixq.intra)
             return s.name
     except ValueError:
         pass
@@ -33,7 +33,7 @@ def spec_to_json(s: QuantSpec) -> str | dict:
 def spec_from_json(x, where: str) -> QuantSpec:
     """Inverse of :func:`spec_to_json`; ``where`` names the layer in the error message."""
     try:
-        return parse_candidate(x)
+        return parse_spec(x)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: unknown or invalid spec {x!r}: {e}") from None
 

@@ -283,10 +283,10 @@ class StoredLayer:
     """
 
     def __init__(self, path: Path, name: str, info: dict):
-        from ..intra import parse_candidate
+        from ..config import parse_spec
 
         self.path, self.name, self.kind = Path(path), name, info["kind"]
-        self.spec = parse_candidate(info["spec"])
+        self.spec = parse_spec(info["spec"])
         self.shape = tuple(info["shape"])
         self.parts = [k for k in info["parts"] if k != "__weight__"]
         self.proxy_loss = info.get("proxy_loss")
@@ -325,7 +325,8 @@ class StoredLayer:
 
 def _pack_cpu(qt):
     """The stored form of ``qt`` with every tensor on the CPU (a GPU walk leaves params on the device)."""
-    from ..intra import PackedComposite, is_composite
+    from ..config import is_composite
+    from ..intra import PackedComposite
     from ..runtime.bitpack import PackedWeight
 
     cls = PackedComposite if is_composite(qt.spec) else PackedWeight

@@ -19,7 +19,8 @@ def register(sub) -> None:
     model_arg(q)
     src = q.add_mutually_exclusive_group()
     src.add_argument("--spec", default=None, help="one spec for every block linear, e.g. W4-g64, W3-g64-asym, NF4-g64, "
-                                                  "MXFP4, NVFP4 (`mixq specs`; default W4-g64)")
+                                                  "MXFP4, NVFP4, or a composite such as W3-g64+o0.5, SLIM3-g64 "
+                                                  "(`mixq specs`; default W4-g64)")
     src.add_argument("--plan", default=None, help="a plan JSON from `mixq plan` (one spec per layer)")
     src.add_argument("--bpw", type=float, default=None, help="measure + plan + quantize in one go at this budget "
                                                              "(bits per weight over the block linears, metadata counted)")

@@ -299,7 +299,7 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     arch = _arch_of(config)
     hp = _hparams(config, arch)
     specs = {k: (v if isinstance(v, QuantSpec) else QuantSpec.from_dict(v)) for k, v in specs.items()}
-    from ..intra import is_composite
+    from ..config import is_composite
 
     comp = sorted(k for k, v in specs.items() if is_composite(v))
     if comp:

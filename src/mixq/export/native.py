@@ -89,7 +89,8 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
     """
     from ..runtime import PackedWeight
 
-    from ..intra import PackedComposite, is_composite
+    from ..config import is_composite
+    from ..intra import PackedComposite
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -240,9 +241,9 @@ def refuse_composites(info: dict, fmt: str, error: type[Exception] = ValueError)
 
 def _composite_name(d) -> str:
     try:
-        from ..intra import parse_candidate
+        from ..config import parse_spec
 
-        return parse_candidate(d).name
+        return parse_spec(d).name
     except (ValueError, TypeError, KeyError):
         return "?"
 
@@ -352,7 +353,8 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True):
 
 def _read_composite(path: Path, info: dict, fqn: str, layer: dict, qt: dict):
     """One composite layer's :class:`~mixq.intra.PackedComposite`, checked against its spec."""
-    from ..intra import CompositeSpec, PackedComposite
+    from ..config import CompositeSpec
+    from ..intra import PackedComposite
 
     try:
         if info["format_version"] < 2:

@@ -1,7 +1,8 @@
 """Intra-tensor mixed precision: composite specs that mix precisions inside one weight.
 
-``spec``        :class:`CompositeSpec` (a :class:`~mixq.config.QuantSpec` subclass), name grammar,
-                exact cost, :func:`parse_candidate` (plain or composite names and dicts)
+The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exact cost) live in
+:mod:`mixq.config` with the plain ones; this package quantizes, stores and runs them.
+
 ``quant``       :func:`quantize_composite` (RTN / GPTQ) -> :class:`CompositeQTensor`, ``Ŵ``:
                 sparse outliers (SpQR / SqueezeLLM), fp16 columns (OWQ), second-level scales (SpQR),
                 SliM-LLM group bits, weighted k-means (SqueezeLLM)
@@ -22,14 +23,13 @@ from .hooks import composite_weight, quantize_layer
 from .quant import CompositeQTensor, dequantize_composite, quantize_composite
 from .rows import RowSplitQTensor
 from .sparse import CSR
-from .spec import CompositeSpec, compose, index_bits, is_composite, parse_candidate
 from .storage import PackedComposite, pack_composite, unpack_composite
 from .linear import CompositeLinear, install_composite_linear
 
 __all__ = [
-    "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "CompositeSpec", "INTRA_CANDIDATE_NAMES",
-    "PackedComposite", "RowSplitQTensor", "compose", "composite_weight", "dequantize_composite",
-    "index_bits", "install_composite_linear", "intra_candidates", "is_composite",
-    "pack_composite", "parse_candidate", "quantize_composite", "quantize_layer",
+    "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "INTRA_CANDIDATE_NAMES",
+    "PackedComposite", "RowSplitQTensor", "composite_weight", "dequantize_composite",
+    "install_composite_linear", "intra_candidates",
+    "pack_composite", "quantize_composite", "quantize_layer",
     "unpack_composite",
 ]

@@ -23,7 +23,7 @@ columns in order and the residual columns last (so they absorb compensation), fi
 scale on entry from its current, compensated values; salient weights are rounded at their current
 value (int grids: with row scales fixed beforehand from the original weights, clamped).
 
-Exact cost: :meth:`mixq.intra.spec.CompositeSpec.cost` (``BIN`` rows of its docstring).  Bits per weight
+Exact cost: :meth:`mixq.config.CompositeSpec.cost` (``BIN`` rows of its docstring).  Bits per weight
 on a 576-wide layer: ``BIN-g64`` 1.25, ``BIN-g192`` 1.08, ``BIN-g64+r32`` 1.36, ``BIN-g64+o2w8``
 1.81, ``BIN-g192+r32+o1w8`` 1.52 (the 1536-wide down projection is a little cheaper).
 
@@ -46,7 +46,7 @@ from ..formats.mx import round_scale
 from ..granularity import PerGroup
 from ..runtime.bitpack import pack, unpack
 from .importance import importances
-from .spec import FP16_BITS, ROW_PTR_BITS, CompositeSpec, index_bits
+from ..config.composite import FP16_BITS, ROW_PTR_BITS, CompositeSpec, index_bits
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OUTLIER_ROUNDS = 2

@@ -39,7 +39,7 @@ grids are minmax like the plain default set (a controlled comparison); ``-mse`` 
 from __future__ import annotations
 
 from ..config import QuantSpec
-from .spec import parse_candidate
+from ..config import parse_spec
 
 INTRA_CANDIDATE_NAMES: dict[str, tuple[str, ...]] = {
     "small": ("SLIM3-g64", "W3-g16+sq3", "W3-g64+o0.5", "KM3+o0.45"),
@@ -56,4 +56,4 @@ def intra_candidates(level: str = "default") -> list[QuantSpec]:
     """The composite candidates of ``level`` (``small`` 4, ``default`` 10, ``all`` 23)."""
     if level not in INTRA_CANDIDATE_NAMES:
         raise ValueError(f"unknown intra candidate level {level!r}: choose one of {', '.join(INTRA_CANDIDATE_NAMES)}")
-    return [parse_candidate(n) for n in INTRA_CANDIDATE_NAMES[level]]
+    return [parse_spec(n) for n in INTRA_CANDIDATE_NAMES[level]]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .quant import CompositeQTensor, quantize_composite
-from .spec import CompositeSpec
+from ..config import CompositeSpec
 
 
 def composite_weight(W: torch.Tensor, spec: CompositeSpec, sens, algorithm: str,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import get_weight
-from .spec import CompositeSpec
+from ..config import CompositeSpec
 from .storage import PackedComposite
 
 KERNEL_NAME = "composite-reference"

@@ -1,4 +1,4 @@
-"""Quantize a weight with a :class:`~mixq.intra.spec.CompositeSpec`, by RTN or GPTQ.
+"""Quantize a weight with a :class:`~mixq.config.CompositeSpec`, by RTN or GPTQ.
 
 :func:`quantize_composite` ``(W, spec, H=None, method="rtn"|"gptq")`` returns the stored parts
 (:class:`CompositeQTensor`) and ``Ŵ``.  Steps, for ``W [R, C]`` (``H = XᵀX/N``, damped as GPTQ does):
@@ -43,7 +43,8 @@ import torch
 
 from .. import formats
 from ..algorithms.gptq import _one_thread, _proxy, inverse_cholesky
-from ..config import SCALE_BITS, BitCost, QuantSpec
+from ..config import SCALE_BITS, BitCost, QuantSpec, parse_spec
+from ..config.composite import FP16_BITS, SLIM_MAP_BITS, CompositeSpec, index_bits
 from ..formats import QParams, lut
 from ..granularity import PerChannel
 from .binary import quantize_binary
@@ -51,7 +52,6 @@ from .importance import importances
 from .dialects import dialect_codebook, fit_dialects
 from .rows import quantize_rows
 from .sparse import CSR
-from .spec import FP16_BITS, SLIM_MAP_BITS, CompositeSpec, index_bits, parse_candidate
 
 OUTLIER_ROUNDS = 4
 SELECT_KMEANS_ITERS = 8  # Lloyd iterations of the k-means fits that only rank outlier candidates
@@ -162,7 +162,7 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     Returns ``(stored parts, Ŵ float32)``; for ``+h`` specs the parts are a :class:`~mixq.intra.rows.RowSplitQTensor`,
     for ``BIN`` bases a :class:`~mixq.intra.binary.BinaryQTensor`.
     """
-    spec = parse_candidate(spec)
+    spec = parse_spec(spec)
     if not isinstance(spec, CompositeSpec):
         raise ValueError(f"{spec.name} is not a composite spec: use rtn_quantize / gptq_quantize")
     if method not in ("rtn", "gptq"):

@@ -26,7 +26,7 @@ from .. import formats
 from ..algorithms.gptq import gptq_quantize
 from ..config import BitCost
 from ..formats import QTensor
-from .spec import CompositeSpec, index_bits
+from ..config import CompositeSpec, index_bits
 
 
 @dataclass

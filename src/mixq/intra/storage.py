@@ -44,7 +44,7 @@ from .binary import BinaryQTensor, pack_binary, unpack_binary
 from .quant import CompositeQTensor
 from .rows import RowSplitQTensor
 from .sparse import CSR
-from .spec import CompositeSpec, index_bits
+from ..config import CompositeSpec, index_bits
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -34,7 +34,8 @@ from ..allocate.table import write_json_atomic
 from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
-from ..intra import composite_weight, is_composite
+from ..config import is_composite
+from ..intra import composite_weight
 from ..models import model_fingerprint
 from .gradients import gradient_stats
 from ..arch import set_weight

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..allocate.plan import Plan, human_bytes
 from ..config import QuantSpec
-from ..intra import parse_candidate
+from ..config import parse_spec
 from ..jsonio import read_json
 from .plots import allocation_heatmap, layer_key
 
@@ -101,7 +101,7 @@ def _from_info(info: dict, source: str) -> Allocation:
     rows = []
     for fqn, layer in layers.items():
         try:
-            spec = parse_candidate(layer["spec"])
+            spec = parse_spec(layer["spec"])
             shape = (int(layer["shape"][0]), int(layer["shape"][1]))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"{source}: layer {fqn} has a bad spec or shape in mixq.json ({e})") from None

@@ -89,9 +89,9 @@ def _spec_name(spec) -> str:
     if isinstance(spec, str):
         return spec
     if isinstance(spec, Mapping):
-        from ..intra import parse_candidate
+        from ..config import parse_spec
 
-        return parse_candidate(dict(spec)).name
+        return parse_spec(dict(spec)).name
     return getattr(spec, "name", str(spec))
 
 

@@ -22,10 +22,9 @@ codebooks and the per-tensor scale.  Bits per weight = total bits / number of we
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from .granularity import (
+from ..granularity import (
     Granularity,
     PerChannel,
     PerGroup,
@@ -248,8 +247,6 @@ def spec_name(s: QuantSpec) -> str:
     return "-".join(parts)
 
 
-_DEFAULT_GRAN = {"int": PerGroup(128), "nf": PerGroup(64), "kmeans": PerChannel(), "fp": PerChannel()}
-
 PRESETS: dict[str, str] = {
     "W8-channel": "int8 symmetric, one fp16 scale per output channel",
     "W4-g128": "int4 symmetric, groups of 128, fp16 scales",
@@ -270,90 +267,3 @@ PRESETS: dict[str, str] = {
     "NVFP4": "NVIDIA NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale",
     "FP16": "kept in fp16 (no quantization)",
 }
-
-_TOKEN = re.compile(r"^(W|NF|KM)(\d+)$")
-
-
-def parse_spec(text: str | QuantSpec) -> QuantSpec:
-    """Parse a spec name such as ``W4-g128``, ``W3-g64-asym``, ``NF4-g64``, ``MXFP4``, ``NVFP4``, ``FP8``.
-
-    Grammar: ``HEAD[-GRAN][-asym|-asymf][-mse][-sDTYPE][-ts]`` with HEAD one of ``W<bits>`` (int),
-    ``NF<bits>``, ``KM<bits>``, ``FP8``, ``FP8-e5m2``, ``FP6-e3m2``, ``FP6-e2m3``, ``FP4``,
-    ``MXFP8``, ``MXFP6``, ``MXFP4``, ``MXINT8``, ``NVFP4``, ``FP16``, ``BF16``, ``FP32``; GRAN one of
-    ``gN``, ``channel``, ``tensor``; ``ts`` adds an fp32 per-tensor scale (with ``-se4m3``).
-    """
-    if isinstance(text, QuantSpec):
-        return text
-    raw = str(text).strip()
-    if not raw:
-        raise ValueError("empty spec name: use a preset such as W4-g128 (see `mixq specs`)")
-    toks = [t for t in raw.split("-") if t]
-    head = toks[0].upper()
-    rest = [t.lower() for t in toks[1:]]
-    try:
-        return _parse(head, rest, raw)
-    except ValueError as e:
-        if str(e).startswith("unknown spec"):
-            raise
-        raise ValueError(f"bad spec {raw!r}: {e}") from None
-
-
-def _parse(head: str, rest: list[str], raw: str) -> QuantSpec:
-    kw: dict = {}
-    # minifloat element variants written as a second token (FP8-e5m2, MXFP6-e3m2)
-    variant = None
-    if rest and re.fullmatch(r"e\dm\d", rest[0]):
-        variant = rest.pop(0)
-    if variant and head not in ("FP8", "FP6", "FP4", "MXFP8", "MXFP6", "MXFP4"):
-        raise ValueError(f"{head} has no element variants such as {variant!r}")
-    if head in ("FP16", "BF16", "FP32"):
-        kw = dict(dtype=head.lower(), bits=KEEP_DTYPES[head.lower()], granularity=PerTensor(), scale_dtype="none")
-    elif head in ("MXFP8", "MXFP6", "MXFP4", "MXINT8", "NVFP4"):
-        if head == "NVFP4":
-            kw = dict(dtype="fp4_e2m1", bits=4, granularity=PerGroup(16), scale_dtype="e4m3", tensor_scale=True)
-        elif head == "MXINT8":
-            kw = dict(dtype="int", bits=8, granularity=PerGroup(32), scale_dtype="e8m0")
-        else:
-            dt = {"MXFP8": "fp8_" + (variant or "e4m3"), "MXFP6": "fp6_" + (variant or "e2m3"),
-                  "MXFP4": "fp4_" + (variant or "e2m1")}[head]
-            if dt not in FLOAT_DTYPES:
-                raise ValueError(f"{head} has no {variant} variant")
-            kw = dict(dtype=dt, bits=FLOAT_DTYPES[dt], granularity=PerGroup(32), scale_dtype="e8m0")
-        for t in rest:
-            if t == "mse":
-                kw["clip"] = "mse"
-            else:
-                raise ValueError(f"{head} is a fixed block format; option {t!r} is not allowed (only -mse)")
-        return QuantSpec(**kw)
-    elif head in ("FP8", "FP6", "FP4"):
-        default = {"FP8": "e4m3", "FP6": "e2m3", "FP4": "e2m1"}[head]
-        dt = f"{head.lower()}_{variant or default}"
-        if dt not in FLOAT_DTYPES:
-            raise ValueError(f"{head} has no {variant} variant")
-        kw = dict(dtype=dt, bits=FLOAT_DTYPES[dt], granularity=PerChannel(), scale_dtype="fp32" if head == "FP8" else "fp16")
-    else:
-        m = _TOKEN.match(head)
-        if not m:
-            raise ValueError(
-                f"unknown spec {raw!r}: use W<bits>-g<N>[-asym], NF4-g64, KM3, FP8, MXFP4, NVFP4 ... (`mixq specs` lists presets)"
-            )
-        dtype = {"W": "int", "NF": "nf", "KM": "kmeans"}[m.group(1)]
-        kw = dict(dtype=dtype, bits=int(m.group(2)), granularity=_DEFAULT_GRAN[dtype])
-        if dtype == "kmeans":
-            kw["scale_dtype"] = "none"
-    for t in rest:
-        if t in ("asym", "asymf"):
-            kw["symmetric"] = False
-            kw["zero_dtype"] = "int" if t == "asym" else "fp16"
-        elif t == "sym":
-            kw["symmetric"] = True
-            kw["zero_dtype"] = "int"
-        elif t == "mse":
-            kw["clip"] = "mse"
-        elif t.startswith("s") and t[1:] in SCALE_BITS:
-            kw["scale_dtype"] = t[1:]
-        elif t == "ts":
-            kw["tensor_scale"] = True
-        else:
-            kw["granularity"] = parse_granularity(t)
-    return QuantSpec(**kw)

@@ -6,7 +6,7 @@ everything that only needs ``name``, ``bits``, ``cost(shape)`` and equality (can
 sensitivity tables, the solvers, plans, ``size_report``) takes composites unchanged; the
 quantizers dispatch on :func:`is_composite` to :func:`mixq.intra.quantize_composite`.
 
-Names (:func:`parse_candidate`, ``spec.name``)::
+Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
 
     CANDIDATE := BASE ( "+" EXT )*           extensions in any order; canonical order sq, c, r, o, d, h
     BASE      := a plain spec name (W3-g64, W3-g16-asym, NF3-g64, KM3, FP4-g32, ...)
@@ -61,12 +61,11 @@ its base fits).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
 from fractions import Fraction
 
-from ..config import SCALE_BITS, BitCost, QuantSpec, parse_spec
 from ..granularity import PerChannel, PerGroup
+from .spec import SCALE_BITS, BitCost, QuantSpec
 
 COMPOSITE_VERSION = 1
 BASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QuantSpec))
@@ -310,15 +309,14 @@ class CompositeSpec(QuantSpec):
         unknown = set(d) - {"_type", "_version", "base", *ext}
         if unknown:
             raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")
-        return compose(QuantSpec.from_dict(d["base"]), **{k: d[k] for k in ext if k in d})
+        return extend(QuantSpec.from_dict(d["base"]), **{k: d[k] for k in ext if k in d})
 
 
-def compose(base: QuantSpec | str, **ext) -> CompositeSpec:
-    """``compose("W3-g64", outliers=0.5)``: a composite from a base spec and extension fields."""
-    b = parse_spec(base)
-    if isinstance(b, CompositeSpec):
-        raise ValueError(f"{b.name} is already a composite")
-    return CompositeSpec(**{k: getattr(b, k) for k in BASE_FIELDS}, **ext)
+def extend(base: QuantSpec, **ext) -> CompositeSpec:
+    """A composite from a plain base spec and extension fields (:func:`mixq.config.compose` takes names too)."""
+    if isinstance(base, CompositeSpec):
+        raise ValueError(f"{base.name} is already a composite")
+    return CompositeSpec(**{k: getattr(base, k) for k in BASE_FIELDS}, **ext)
 
 
 def is_composite(spec) -> bool:
@@ -328,67 +326,3 @@ def is_composite(spec) -> bool:
 def _fmt_pct(p: float) -> str:
     s = repr(float(p))
     return s[:-2] if s.endswith(".0") else s
-
-
-_EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)|r(?P<r>\d+)"
-                  r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?)$")
-_SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
-_BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
-
-
-def parse_candidate(x) -> QuantSpec:
-    """A candidate from a name, a ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names
-    (``W4-g128``), a :class:`CompositeSpec` for ``BASE+EXT...`` and ``SLIM...`` (grammar above)."""
-    if isinstance(x, QuantSpec):
-        return x
-    if isinstance(x, dict):
-        if x.get("_type") == "CompositeSpec":
-            return CompositeSpec.from_dict(x)
-        return QuantSpec.from_dict(x)
-    if not isinstance(x, str):
-        raise ValueError(f"a candidate is a spec name or dict, got {type(x).__name__}")
-    raw = x.strip()
-    head, *exts = [t.strip() for t in raw.split("+")]
-    m = _SLIM.match(head)
-    mb = _BIN.match(head)
-    if not exts and not m and not mb:
-        return parse_spec(head)
-    kw: dict = {}
-    if m:
-        head = f"W{m.group(1)}{m.group(2)}"
-        kw["slim"] = True
-    elif mb:
-        head = "W1" + (mb.group(1) or "-g128")
-        kw["binary"] = True
-    for t in exts:
-        e = _EXT.match(t.lower())
-        if not e:
-            raise ValueError(f"bad extension {t!r} in {raw!r}: use +o<percent> (sparse fp16 outliers), "
-                             "+c<k> (fp16 input columns), +sq<bits>[g<rows>] (quantized group scales) "
-                             "+h<percent>[w<bits>] (high-precision output rows), +d<D> (block dialects) "
-                             "or, on BIN, +r<k> (residual-binarized columns) and +o<percent>w<bits>")
-        if e.group("o") is not None:
-            key, val = "outliers", float(e.group("o"))
-            if e.group("ow") is not None:
-                kw["outlier_bits"] = int(e.group("ow"))
-        elif e.group("r") is not None:
-            key, val = "residual", int(e.group("r"))
-        elif e.group("c") is not None:
-            key, val = "columns", int(e.group("c"))
-        elif e.group("d") is not None:
-            key, val = "dialects", int(e.group("d"))
-        elif e.group("h") is not None:
-            key, val = "hi_rows", float(e.group("h"))
-            if e.group("hw") is not None:
-                kw["hi_bits"] = int(e.group("hw"))
-        else:
-            key, val = "sq_bits", int(e.group("sq"))
-            if e.group("sqg") is not None:
-                kw["sq_group"] = int(e.group("sqg"))
-        if key in kw:
-            raise ValueError(f"extension {t!r} is given twice in {raw!r}")
-        kw[key] = val
-    try:
-        return compose(parse_spec(head), **kw)
-    except ValueError as err:
-        raise ValueError(f"bad composite spec {raw!r}: {err}") from None

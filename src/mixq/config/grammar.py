@@ -1,0 +1,165 @@
+"""The one spec grammar: :func:`parse_spec` reads every spec name — plain grids and intra-tensor composites.
+
+::
+
+    SPEC  := PLAIN | BASE ( "+" EXT )*        composites (:mod:`mixq.config.composite` has their EXT grammar
+                                              and exact cost); SLIM<b>-... and BIN[-GRAN] bases are composites
+    PLAIN := HEAD[-GRAN][-asym|-asymf][-mse][-sDTYPE][-ts]
+
+HEAD is one of ``W<bits>`` (int), ``NF<bits>``, ``KM<bits>``, ``FP8``, ``FP8-e5m2``, ``FP6-e3m2``, ``FP6-e2m3``,
+``FP4``, ``MXFP8``, ``MXFP6``, ``MXFP4``, ``MXINT8``, ``NVFP4``, ``FP16``, ``BF16``, ``FP32``; GRAN one of ``gN``,
+``channel``, ``tensor``; ``ts`` adds an fp32 per-tensor scale (with ``-se4m3``).  ``parse_spec(spec.name) == spec``
+for every spec, plain or composite.
+"""
+from __future__ import annotations
+
+import re
+
+from ..granularity import PerChannel, PerGroup, PerTensor, parse_granularity
+from .composite import CompositeSpec, extend
+from .spec import FLOAT_DTYPES, KEEP_DTYPES, SCALE_BITS, QuantSpec
+
+_DEFAULT_GRAN = {"int": PerGroup(128), "nf": PerGroup(64), "kmeans": PerChannel(), "fp": PerChannel()}
+_TOKEN = re.compile(r"^(W|NF|KM)(\d+)$")
+_EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)|r(?P<r>\d+)"
+                  r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?)$")
+_SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
+_BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
+
+
+def parse_spec(x) -> QuantSpec:
+    """A spec from a name (``W4-g128``, ``NVFP4``, ``W3-g64+o0.5``, ``SLIM3-g64``, ``BIN-g128+r8``), a
+    ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names, a :class:`CompositeSpec` for composites."""
+    if isinstance(x, QuantSpec):
+        return x
+    if isinstance(x, dict):
+        if x.get("_type") == "CompositeSpec":
+            return CompositeSpec.from_dict(x)
+        return QuantSpec.from_dict(x)
+    if not isinstance(x, str):
+        raise ValueError(f"a spec is a name or a to_dict() dict, got {type(x).__name__}")
+    raw = x.strip()
+    head, *exts = [t.strip() for t in raw.split("+")]
+    m = _SLIM.match(head)
+    mb = _BIN.match(head)
+    if not exts and not m and not mb:
+        return _parse_plain(head)
+    kw: dict = {}
+    if m:
+        head = f"W{m.group(1)}{m.group(2)}"
+        kw["slim"] = True
+    elif mb:
+        head = "W1" + (mb.group(1) or "-g128")
+        kw["binary"] = True
+    for t in exts:
+        e = _EXT.match(t.lower())
+        if not e:
+            raise ValueError(f"bad extension {t!r} in {raw!r}: use +o<percent> (sparse fp16 outliers), "
+                             "+c<k> (fp16 input columns), +sq<bits>[g<rows>] (quantized group scales) "
+                             "+h<percent>[w<bits>] (high-precision output rows), +d<D> (block dialects) "
+                             "or, on BIN, +r<k> (residual-binarized columns) and +o<percent>w<bits>")
+        if e.group("o") is not None:
+            key, val = "outliers", float(e.group("o"))
+            if e.group("ow") is not None:
+                kw["outlier_bits"] = int(e.group("ow"))
+        elif e.group("r") is not None:
+            key, val = "residual", int(e.group("r"))
+        elif e.group("c") is not None:
+            key, val = "columns", int(e.group("c"))
+        elif e.group("d") is not None:
+            key, val = "dialects", int(e.group("d"))
+        elif e.group("h") is not None:
+            key, val = "hi_rows", float(e.group("h"))
+            if e.group("hw") is not None:
+                kw["hi_bits"] = int(e.group("hw"))
+        else:
+            key, val = "sq_bits", int(e.group("sq"))
+            if e.group("sqg") is not None:
+                kw["sq_group"] = int(e.group("sqg"))
+        if key in kw:
+            raise ValueError(f"extension {t!r} is given twice in {raw!r}")
+        kw[key] = val
+    try:
+        return extend(_parse_plain(head), **kw)
+    except ValueError as err:
+        raise ValueError(f"bad composite spec {raw!r}: {err}") from None
+
+
+def compose(base: QuantSpec | str, **ext) -> CompositeSpec:
+    """``compose("W3-g64", outliers=0.5)``: a composite from a plain base spec (or its name) and extension fields."""
+    return extend(parse_spec(base), **ext)
+
+
+def _parse_plain(raw: str) -> QuantSpec:
+    if not raw:
+        raise ValueError("empty spec name: use a preset such as W4-g128 (see `mixq specs`)")
+    toks = [t for t in raw.split("-") if t]
+    head = toks[0].upper()
+    rest = [t.lower() for t in toks[1:]]
+    try:
+        return _parse(head, rest, raw)
+    except ValueError as e:
+        if str(e).startswith("unknown spec"):
+            raise
+        raise ValueError(f"bad spec {raw!r}: {e}") from None
+
+
+def _parse(head: str, rest: list[str], raw: str) -> QuantSpec:
+    kw: dict = {}
+    # minifloat element variants written as a second token (FP8-e5m2, MXFP6-e3m2)
+    variant = None
+    if rest and re.fullmatch(r"e\dm\d", rest[0]):
+        variant = rest.pop(0)
+    if variant and head not in ("FP8", "FP6", "FP4", "MXFP8", "MXFP6", "MXFP4"):
+        raise ValueError(f"{head} has no element variants such as {variant!r}")
+    if head in ("FP16", "BF16", "FP32"):
+        kw = dict(dtype=head.lower(), bits=KEEP_DTYPES[head.lower()], granularity=PerTensor(), scale_dtype="none")
+    elif head in ("MXFP8", "MXFP6", "MXFP4", "MXINT8", "NVFP4"):
+        if head == "NVFP4":
+            kw = dict(dtype="fp4_e2m1", bits=4, granularity=PerGroup(16), scale_dtype="e4m3", tensor_scale=True)
+        elif head == "MXINT8":
+            kw = dict(dtype="int", bits=8, granularity=PerGroup(32), scale_dtype="e8m0")
+        else:
+            dt = {"MXFP8": "fp8_" + (variant or "e4m3"), "MXFP6": "fp6_" + (variant or "e2m3"),
+                  "MXFP4": "fp4_" + (variant or "e2m1")}[head]
+            if dt not in FLOAT_DTYPES:
+                raise ValueError(f"{head} has no {variant} variant")
+            kw = dict(dtype=dt, bits=FLOAT_DTYPES[dt], granularity=PerGroup(32), scale_dtype="e8m0")
+        for t in rest:
+            if t == "mse":
+                kw["clip"] = "mse"
+            else:
+                raise ValueError(f"{head} is a fixed block format; option {t!r} is not allowed (only -mse)")
+        return QuantSpec(**kw)
+    elif head in ("FP8", "FP6", "FP4"):
+        default = {"FP8": "e4m3", "FP6": "e2m3", "FP4": "e2m1"}[head]
+        dt = f"{head.lower()}_{variant or default}"
+        if dt not in FLOAT_DTYPES:
+            raise ValueError(f"{head} has no {variant} variant")
+        kw = dict(dtype=dt, bits=FLOAT_DTYPES[dt], granularity=PerChannel(), scale_dtype="fp32" if head == "FP8" else "fp16")
+    else:
+        m = _TOKEN.match(head)
+        if not m:
+            raise ValueError(
+                f"unknown spec {raw!r}: use W<bits>-g<N>[-asym], NF4-g64, KM3, FP8, MXFP4, NVFP4 ... (`mixq specs` lists presets)"
+            )
+        dtype = {"W": "int", "NF": "nf", "KM": "kmeans"}[m.group(1)]
+        kw = dict(dtype=dtype, bits=int(m.group(2)), granularity=_DEFAULT_GRAN[dtype])
+        if dtype == "kmeans":
+            kw["scale_dtype"] = "none"
+    for t in rest:
+        if t in ("asym", "asymf"):
+            kw["symmetric"] = False
+            kw["zero_dtype"] = "int" if t == "asym" else "fp16"
+        elif t == "sym":
+            kw["symmetric"] = True
+            kw["zero_dtype"] = "int"
+        elif t == "mse":
+            kw["clip"] = "mse"
+        elif t.startswith("s") and t[1:] in SCALE_BITS:
+            kw["scale_dtype"] = t[1:]
+        elif t == "ts":
+            kw["tensor_scale"] = True
+        else:
+            kw["granularity"] = parse_granularity(t)
+    return QuantSpec(**kw)
