@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from mixq.config import DTYPES, FLOAT_DTYPES, KEEP_DTYPES, PRESETS, SCALE_BITS, QuantSpec, parse_spec
+from mixq.config import FLOAT_DTYPES, KEEP_DTYPES, PRESETS, SCALE_BITS, QuantSpec, parse_spec
+from mixq.config.registry import dtypes
 from mixq.granularity import PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
 
 
@@ -15,7 +16,7 @@ def all_valid_specs():
     grans = (PerTensor(), PerChannel(), PerGroup(16), PerGroup(32), PerGroup(128))
     out = []
     for dtype, bits, gran, sym, sd, zd, ts, clip in itertools.product(
-        DTYPES, (1, 2, 3, 4, 6, 8, 16, 32), grans, (True, False), tuple(SCALE_BITS), ("int", "fp16"),
+        dtypes(), (1, 2, 3, 4, 6, 8, 16, 32), grans, (True, False), tuple(SCALE_BITS), ("int", "fp16"),
         (False, True), ("minmax", "mse"),
     ):
         try:
@@ -29,7 +30,7 @@ VALID = all_valid_specs()
 
 
 def test_grid_covers_every_dtype():
-    assert {s.dtype for s in VALID} == set(DTYPES) and len(VALID) > 1000
+    assert {s.dtype for s in VALID} == set(dtypes()) and len(VALID) > 1000
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

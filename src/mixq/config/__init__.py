@@ -1,17 +1,25 @@
 """Quantization specs: what one tensor stores, its exact bit cost, and the one name grammar.
 
-``spec``       :class:`QuantSpec` (plain element grids), :class:`BitCost`, canonical names, presets
+``protocol``   :class:`ElementFormat` (what one element-format family knows: names, cost, stored tensors,
+               kernels, export mappings), :class:`Export`, :class:`BitCost`
+``families``   the built-in families: int, NF, k-means, minifloat, MX, NVFP4, float keep
+``registry``   :func:`register` a family; :func:`family_of` a spec; the lookups the rest of mixq uses
+``spec``       :class:`QuantSpec` (plain element grids): validation, cost and names through its family; presets
 ``composite``  :class:`CompositeSpec` (intra-tensor composites: a plain base plus extensions) and its cost
 ``grammar``    :func:`parse_spec`: every spec name, plain or composite (``W4-g128``, ``W3-g64+o0.5``), and
                :func:`compose`
 
-Imports run one way: ``spec`` -> ``composite`` -> ``grammar``.
+Imports run one way: ``protocol`` -> ``families`` -> ``registry`` -> ``spec`` -> ``composite`` -> ``grammar``.
 """
 from .composite import CompositeSpec, index_bits, is_composite
+from .families import FLOAT_DTYPES, KEEP_DTYPES
 from .grammar import compose, parse_spec
-from .spec import DTYPES, FLOAT_DTYPES, KEEP_DTYPES, PRESETS, SCALE_BITS, SPEC_VERSION, BitCost, QuantSpec, spec_name
+from .protocol import SCALE_BITS, BitCost, ElementFormat, Export
+from .registry import family_of, register
+from .spec import PRESETS, SPEC_VERSION, QuantSpec, spec_name
 
 __all__ = [
-    "BitCost", "CompositeSpec", "DTYPES", "FLOAT_DTYPES", "KEEP_DTYPES", "PRESETS", "QuantSpec", "SCALE_BITS",
-    "SPEC_VERSION", "compose", "index_bits", "is_composite", "parse_spec", "spec_name",
+    "BitCost", "CompositeSpec", "ElementFormat", "Export", "FLOAT_DTYPES", "KEEP_DTYPES", "PRESETS", "QuantSpec",
+    "SCALE_BITS", "SPEC_VERSION", "compose", "family_of", "index_bits", "is_composite", "parse_spec", "register",
+    "spec_name",
 ]

@@ -65,7 +65,8 @@ from dataclasses import dataclass, fields
 from fractions import Fraction
 
 from ..granularity import PerChannel, PerGroup
-from .spec import SCALE_BITS, BitCost, QuantSpec
+from .protocol import SCALE_BITS, BitCost, Export
+from .spec import QuantSpec
 
 COMPOSITE_VERSION = 1
 BASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QuantSpec))
@@ -288,6 +289,13 @@ class CompositeSpec(QuantSpec):
             if self.outlier_bits != FP16_BITS:
                 extra += r * FP16_BITS
         return BitCost(r * c, codes, scales, 0, 0, extra)
+
+    def export_to(self, target: str) -> Export:
+        """Only the native directory holds composites (exported formats have no sparse / split-row parts)."""
+        if target == "native":
+            return Export("exact")
+        return Export("refused", f"intra-tensor composite specs have no {target} type: quantize with plain specs "
+                                 "(--candidates default) to export")
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict:

@@ -6,8 +6,9 @@
                                               and exact cost); SLIM<b>-... and BIN[-GRAN] bases are composites
     PLAIN := HEAD[-GRAN][-asym|-asymf][-mse][-sDTYPE][-ts]
 
-HEAD is one of ``W<bits>`` (int), ``NF<bits>``, ``KM<bits>``, ``FP8``, ``FP8-e5m2``, ``FP6-e3m2``, ``FP6-e2m3``,
-``FP4``, ``MXFP8``, ``MXFP6``, ``MXFP4``, ``MXINT8``, ``NVFP4``, ``FP16``, ``BF16``, ``FP32``; GRAN one of ``gN``,
+HEAD is a head a registered element-format family parses (:func:`mixq.config.registry.parse_head`; built in:
+``W<bits>`` (int), ``NF<bits>``, ``KM<bits>``, ``FP8``, ``FP8-e5m2``, ``FP6-e3m2``, ``FP6-e2m3``, ``FP4``,
+``MXFP8``, ``MXFP6``, ``MXFP4``, ``MXINT8``, ``NVFP4``, ``FP16``, ``BF16``, ``FP32``); GRAN one of ``gN``,
 ``channel``, ``tensor``; ``ts`` adds an fp32 per-tensor scale (with ``-se4m3``).  ``parse_spec(spec.name) == spec``
 for every spec, plain or composite.
 """
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 import re
 
-from ..granularity import PerChannel, PerGroup, PerTensor, parse_granularity
+from ..granularity import parse_granularity
 from .composite import CompositeSpec, extend
-from .spec import FLOAT_DTYPES, KEEP_DTYPES, SCALE_BITS, QuantSpec
+from .protocol import SCALE_BITS
+from .registry import heads, parse_head
+from .spec import QuantSpec
 
-_DEFAULT_GRAN = {"int": PerGroup(128), "nf": PerGroup(64), "kmeans": PerChannel(), "fp": PerChannel()}
-_TOKEN = re.compile(r"^(W|NF|KM)(\d+)$")
 _EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)|r(?P<r>\d+)"
                   r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?)$")
 _SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
@@ -105,49 +106,18 @@ def _parse_plain(raw: str) -> QuantSpec:
 
 
 def _parse(head: str, rest: list[str], raw: str) -> QuantSpec:
-    kw: dict = {}
     # minifloat element variants written as a second token (FP8-e5m2, MXFP6-e3m2)
-    variant = None
-    if rest and re.fullmatch(r"e\dm\d", rest[0]):
-        variant = rest.pop(0)
-    if variant and head not in ("FP8", "FP6", "FP4", "MXFP8", "MXFP6", "MXFP4"):
-        raise ValueError(f"{head} has no element variants such as {variant!r}")
-    if head in ("FP16", "BF16", "FP32"):
-        kw = dict(dtype=head.lower(), bits=KEEP_DTYPES[head.lower()], granularity=PerTensor(), scale_dtype="none")
-    elif head in ("MXFP8", "MXFP6", "MXFP4", "MXINT8", "NVFP4"):
-        if head == "NVFP4":
-            kw = dict(dtype="fp4_e2m1", bits=4, granularity=PerGroup(16), scale_dtype="e4m3", tensor_scale=True)
-        elif head == "MXINT8":
-            kw = dict(dtype="int", bits=8, granularity=PerGroup(32), scale_dtype="e8m0")
-        else:
-            dt = {"MXFP8": "fp8_" + (variant or "e4m3"), "MXFP6": "fp6_" + (variant or "e2m3"),
-                  "MXFP4": "fp4_" + (variant or "e2m1")}[head]
-            if dt not in FLOAT_DTYPES:
-                raise ValueError(f"{head} has no {variant} variant")
-            kw = dict(dtype=dt, bits=FLOAT_DTYPES[dt], granularity=PerGroup(32), scale_dtype="e8m0")
-        for t in rest:
-            if t == "mse":
-                kw["clip"] = "mse"
-            else:
-                raise ValueError(f"{head} is a fixed block format; option {t!r} is not allowed (only -mse)")
-        return QuantSpec(**kw)
-    elif head in ("FP8", "FP6", "FP4"):
-        default = {"FP8": "e4m3", "FP6": "e2m3", "FP4": "e2m1"}[head]
-        dt = f"{head.lower()}_{variant or default}"
-        if dt not in FLOAT_DTYPES:
-            raise ValueError(f"{head} has no {variant} variant")
-        kw = dict(dtype=dt, bits=FLOAT_DTYPES[dt], granularity=PerChannel(), scale_dtype="fp32" if head == "FP8" else "fp16")
-    else:
-        m = _TOKEN.match(head)
-        if not m:
-            raise ValueError(
-                f"unknown spec {raw!r}: use W<bits>-g<N>[-asym], NF4-g64, KM3, FP8, MXFP4, NVFP4 ... (`mixq specs` lists presets)"
-            )
-        dtype = {"W": "int", "NF": "nf", "KM": "kmeans"}[m.group(1)]
-        kw = dict(dtype=dtype, bits=int(m.group(2)), granularity=_DEFAULT_GRAN[dtype])
-        if dtype == "kmeans":
-            kw["scale_dtype"] = "none"
+    variant = rest.pop(0) if rest and re.fullmatch(r"e\dm\d", rest[0]) else None
+    found = parse_head(head, variant)
+    if found is None:
+        if variant:
+            raise ValueError(f"{head} has no element variants such as {variant!r}")
+        raise ValueError(f"unknown spec {raw!r}: use {', '.join(heads())} with -g<N>, -asym, ... "
+                         "(e.g. W4-g128, NF4-g64, MXFP4; `mixq specs` lists presets)")
+    fam, kw = found
     for t in rest:
+        if fam.fixed and t != "mse":
+            raise ValueError(f"{head} is a fixed block format; option {t!r} is not allowed (only -mse)")
         if t in ("asym", "asymf"):
             kw["symmetric"] = False
             kw["zero_dtype"] = "int" if t == "asym" else "fp16"

@@ -24,60 +24,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..granularity import (
-    Granularity,
-    PerChannel,
-    PerGroup,
-    PerTensor,
-    PerToken,
-    n_groups,
-    parse_granularity,
-)
+from ..granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
+from .protocol import SCALE_BITS, BitCost, Export
+from .registry import family_of, owner
 
 SPEC_VERSION = 1
-
-FLOAT_DTYPES = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp6_e3m2": 6, "fp6_e2m3": 6, "fp4_e2m1": 4}
-KEEP_DTYPES = {"fp16": 16, "bf16": 16, "fp32": 32}
-SCALE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "e8m0": 8, "e4m3": 8, "none": 0}
-DTYPES = ("int", "nf", "kmeans", *FLOAT_DTYPES, *KEEP_DTYPES)
-
-
-@dataclass(frozen=True)
-class BitCost:
-    """Exact storage of one quantized tensor, in bits."""
-
-    numel: int
-    codes: int
-    scales: int = 0
-    zeros: int = 0
-    codebook: int = 0
-    extra: int = 0  # per-tensor scale, sparse outliers, permutations, ...
-
-    @property
-    def total(self) -> int:
-        return self.codes + self.scales + self.zeros + self.codebook + self.extra
-
-    @property
-    def bpw(self) -> float:
-        return self.total / self.numel
-
-    @property
-    def nbytes(self) -> float:
-        return self.total / 8
-
-    def __add__(self, other: "BitCost") -> "BitCost":
-        return BitCost(
-            self.numel + other.numel,
-            self.codes + other.codes,
-            self.scales + other.scales,
-            self.zeros + other.zeros,
-            self.codebook + other.codebook,
-            self.extra + other.extra,
-        )
-
-    def to_dict(self) -> dict:
-        return {"numel": self.numel, "codes": self.codes, "scales": self.scales, "zeros": self.zeros,
-                "codebook": self.codebook, "extra": self.extra, "total": self.total, "bpw": self.bpw}
 
 
 @dataclass(frozen=True)
@@ -102,21 +53,9 @@ class QuantSpec:
     clip: str = "minmax"
 
     def __post_init__(self):
-        d = self.dtype
-        if d not in DTYPES:
-            raise ValueError(f"unknown element dtype {d!r}: choose one of {', '.join(DTYPES)}")
+        fam = owner(self.dtype)  # raises on an unknown dtype
         if not isinstance(self.bits, int) or isinstance(self.bits, bool):
             raise ValueError(f"bits must be an integer, got {self.bits!r}")
-        if d == "int" or d == "kmeans":
-            if not 1 <= self.bits <= 8:
-                raise ValueError(f"{d} bits must be in 1..8, got {self.bits}: use e.g. bits=4")
-        elif d == "nf":
-            if self.bits not in (2, 3, 4):
-                raise ValueError(f"NormalFloat supports 2, 3 or 4 bits, got {self.bits}")
-        elif d in FLOAT_DTYPES and self.bits != FLOAT_DTYPES[d]:
-            raise ValueError(f"{d} has {FLOAT_DTYPES[d]} bits, got bits={self.bits}")
-        elif d in KEEP_DTYPES and self.bits != KEEP_DTYPES[d]:
-            raise ValueError(f"{d} has {KEEP_DTYPES[d]} bits, got bits={self.bits}")
         if not isinstance(self.granularity, (PerTensor, PerChannel, PerToken, PerGroup)):
             raise ValueError(f"granularity must be PerTensor/PerChannel/PerToken/PerGroup, got {self.granularity!r}")
         if self.scale_dtype not in SCALE_BITS:
@@ -125,23 +64,16 @@ class QuantSpec:
             raise ValueError(f"zero_dtype must be 'int' or 'fp16', got {self.zero_dtype!r}")
         if self.clip not in ("minmax", "mse"):
             raise ValueError(f"clip must be 'minmax' or 'mse', got {self.clip!r}")
-        if d != "int" and not self.symmetric:
-            raise ValueError(f"asymmetric grids are only defined for dtype='int', not {d!r}")
         if self.symmetric and self.zero_dtype != "int":
             raise ValueError(f"zero_dtype={self.zero_dtype!r} only applies to asymmetric int grids (symmetric=False)")
-        if d in KEEP_DTYPES and self.scale_dtype != "none":
-            raise ValueError(f"{d} keeps the tensor in floating point: use scale_dtype='none'")
-        if d not in KEEP_DTYPES and d != "kmeans" and self.scale_dtype == "none":
-            raise ValueError(f"dtype {d!r} needs a scale: use scale_dtype fp16, bf16, fp32, e8m0 or e4m3")
-        if d == "kmeans" and self.scale_dtype != "none":
-            raise ValueError("kmeans codebooks carry their own magnitude: use scale_dtype='none'")
+        fam.check(self)
         if self.tensor_scale and self.scale_dtype != "e4m3":
             raise ValueError("tensor_scale (a second-level fp32 scale) is only used with scale_dtype='e4m3' (NVFP4)")
 
     # ------------------------------------------------------------------ properties
     @property
     def is_float_keep(self) -> bool:
-        return self.dtype in KEEP_DTYPES
+        return owner(self.dtype).keeps_float
 
     @property
     def n_levels(self) -> int:
@@ -154,7 +86,8 @@ class QuantSpec:
 
     # ------------------------------------------------------------------ accounting
     def cost(self, shape: tuple[int, int]) -> BitCost:
-        """Exact bits to store a ``[rows, cols]`` tensor quantized with this spec.
+        """Exact bits to store a ``[rows, cols]`` tensor quantized with this spec: the sum over the tensors its
+        family stores (:meth:`~mixq.config.protocol.ElementFormat.stored`), e.g. for the built-in grids
 
         codes     = rows*cols*bits
         scales    = n_groups * scale_bits
@@ -162,18 +95,12 @@ class QuantSpec:
         codebook  = n_groups * 2**bits * 16 for kmeans (one fp16 codebook per group)
         extra     = 32 for a per-tensor fp32 scale (NVFP4)
         """
-        rows, cols = int(shape[0]), int(shape[1])
-        numel = rows * cols
-        if self.is_float_keep:
-            return BitCost(numel, numel * self.bits)
-        ng = n_groups(self.granularity, (rows, cols))
-        scales = ng * SCALE_BITS[self.scale_dtype]
-        zeros = 0
-        if self.dtype == "int" and not self.symmetric:
-            zeros = ng * (self.bits if self.zero_dtype == "int" else 16)
-        codebook = ng * self.n_levels * 16 if self.dtype == "kmeans" else 0
-        extra = 32 if self.tensor_scale else 0
-        return BitCost(numel, numel * self.bits, scales, zeros, codebook, extra)
+        return family_of(self).cost(self, shape)
+
+    def export_to(self, target: str) -> Export:
+        """How export ``target`` (``native``, ``gguf``, ``compressed-tensors``, ``gptq``) maps this spec: its family's
+        :class:`~mixq.config.protocol.Export` (exact / approximate, with the approximation / refused, with why)."""
+        return family_of(self).export(self, target)
 
     def bpw(self, shape: tuple[int, int]) -> float:
         return self.cost(shape).bpw
@@ -210,38 +137,19 @@ class QuantSpec:
 
 
 # ---------------------------------------------------------------------- names and presets
-_FP_NAME = {"fp8_e4m3": "FP8", "fp8_e5m2": "FP8-e5m2", "fp6_e3m2": "FP6-e3m2", "fp6_e2m3": "FP6-e2m3", "fp4_e2m1": "FP4"}
-
-
 def spec_name(s: QuantSpec) -> str:
-    g = str(s.granularity)
-    if s.is_float_keep:
-        parts = [s.dtype.upper()] + ([g] if s.granularity != PerTensor() else []) + (["mse"] if s.clip == "mse" else [])
-        return "-".join(parts)
-    if s.dtype in FLOAT_DTYPES and s.scale_dtype == "e8m0" and s.granularity == PerGroup(32):
-        base = {"fp8_e4m3": "MXFP8", "fp8_e5m2": "MXFP8-e5m2", "fp6_e2m3": "MXFP6", "fp6_e3m2": "MXFP6-e3m2",
-                "fp4_e2m1": "MXFP4"}[s.dtype]
-        return base + ("-mse" if s.clip == "mse" else "")
-    if s.dtype == "fp4_e2m1" and s.scale_dtype == "e4m3" and s.tensor_scale and s.granularity == PerGroup(16):
-        return "NVFP4" + ("-mse" if s.clip == "mse" else "")
-    if s.dtype == "int" and s.bits == 8 and s.symmetric and s.scale_dtype == "e8m0" and s.granularity == PerGroup(32):
-        return "MXINT8" + ("-mse" if s.clip == "mse" else "")
-    parts = []
-    if s.dtype == "int":
-        parts.append(f"W{s.bits}")
-    elif s.dtype == "nf":
-        parts.append(f"NF{s.bits}")
-    elif s.dtype == "kmeans":
-        parts.append(f"KM{s.bits}")
-    else:
-        parts.append(_FP_NAME[s.dtype])
-    parts.append(g)
-    if s.dtype == "int" and not s.symmetric:
+    """The canonical name: the family's own (``MXFP4``, ``NVFP4``, ``FP16``), else its head and the options."""
+    fam = family_of(s)
+    whole = fam.name(s)
+    if whole is not None:
+        return whole
+    parts = [fam.head(s), str(s.granularity)]
+    if not s.symmetric:
         parts.append("asym" if s.zero_dtype == "int" else "asymf")
     if s.clip == "mse":
         parts.append("mse")
-    if s.scale_dtype not in ("fp16", "none") or (s.scale_dtype == "fp16" and s.dtype.startswith("fp8")):
-        parts.append(f"s{s.scale_dtype}")  # FP8's default scale is fp32, so an fp16 one is spelled out
+    if s.scale_dtype not in fam.quiet_scales(s):
+        parts.append(f"s{s.scale_dtype}")
     if s.tensor_scale:
         parts.append("ts")
     return "-".join(parts)

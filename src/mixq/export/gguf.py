@@ -269,6 +269,20 @@ _FILE_TYPE = {QT.F32: "ALL_F32", QT.F16: "MOSTLY_F16", QT.BF16: "MOSTLY_BF16", Q
               QT.MXFP4: "MOSTLY_MXFP4_MOE"}
 
 
+def _refuse(specs: Mapping[str, QuantSpec]) -> None:
+    """One error naming every layer whose spec ggml cannot hold (its family's GGUF mapping says refused)."""
+    refused: dict[tuple[str, str], list[str]] = {}
+    for fqn, spec in specs.items():
+        m = spec.export_to("gguf")
+        if m.kind == "refused":
+            refused.setdefault((spec.name, m.note), []).append(fqn)
+    if refused:
+        n = sum(map(len, refused.values()))
+        why = "; ".join(f"{name} on {', '.join(f[:4])}{', …' if len(f) > 4 else ''}: {note}"
+                        for (name, note), f in refused.items())
+        raise ValueError(f"cannot export to GGUF: {n} layer(s) use specs that ggml types cannot hold: {why}")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"output file {out} already exists: choose another path or pass --force")
@@ -299,12 +313,7 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     arch = _arch_of(config)
     hp = _hparams(config, arch)
     specs = {k: (v if isinstance(v, QuantSpec) else QuantSpec.from_dict(v)) for k, v in specs.items()}
-    from ..config import is_composite
-
-    comp = sorted(k for k, v in specs.items() if is_composite(v))
-    if comp:
-        raise ValueError(f"cannot export to GGUF: {len(comp)} layer(s) use intra-tensor composite specs that ggml "
-                         f"types cannot hold: {', '.join(comp[:4])}{', …' if len(comp) > 4 else ''}")
+    _refuse(specs)
     qtensors = dict(qtensors or {})
     warnings: list[str] = []
     if config.model_type == "mistral" and getattr(config, "sliding_window", None):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FLOAT_DTYPES, QuantSpec
+from ..config.protocol import suggest
 from ..formats import QTensor, dequantize
 from ..granularity import PerChannel, PerGroup
 from .native import CheckpointError, read_info, read_qtensors, refuse_composites
@@ -73,13 +73,6 @@ def read_source(src_dir) -> Source:
 
 
 # ---------------------------------------------------------------------- what each format can hold
-def _suggest(spec: QuantSpec, **kw) -> str:
-    try:
-        return replace(spec, **kw).name
-    except ValueError:
-        return "W4-g128"
-
-
 def _common_problem(fqn: str, q: QTensor, src: Source, fmt: str) -> str | None:
     spec = q.spec
     kind = src.modules.get(fqn)
@@ -92,23 +85,16 @@ def _common_problem(fqn: str, q: QTensor, src: Source, fmt: str) -> str | None:
                 "export this model as GPTQ instead")
     if fqn == src.lm_head and src.config.get("tie_word_embeddings", False):
         return "the lm_head is tied to the embeddings: quantize it untied (mixq unties it with --lm-head alone)"
-    if spec.dtype == "nf":
-        return f"NormalFloat levels are not a uniform integer grid: use {_suggest(spec, dtype='int')}"
-    if spec.dtype == "kmeans":
-        return ("a k-means codebook is not a uniform integer grid: use "
-                f"{_suggest(spec, dtype='int', scale_dtype='fp16', granularity=PerGroup(128))} or W{spec.bits}-channel")
-    if spec.dtype in FLOAT_DTYPES:
-        return (f"floating-point elements ({spec.name}) are unsupported (this export writes integer grids only): "
-                "keep the native directory, or use an integer spec such as W8-channel or W4-g128")
-    if spec.dtype != "int":
-        return f"unsupported element type {spec.dtype!r}"
+    mapping = spec.export_to(fmt)  # the element-format family decides (mixq.config.families)
+    if mapping.kind != "exact":
+        return mapping.note if mapping.kind == "refused" else f"only approximately ({mapping.note})"
     if not spec.symmetric and spec.zero_dtype != "int":
-        return f"an fp16 offset (-asymf) is not an integer zero point: use {_suggest(spec, zero_dtype='int')}"
+        return f"an fp16 offset (-asymf) is not an integer zero point: use {suggest(spec, zero_dtype='int')}"
     if spec.tensor_scale:
-        plain = _suggest(spec, scale_dtype="fp16", tensor_scale=False)
+        plain = suggest(spec, scale_dtype="fp16", tensor_scale=False)
         return f"a second-level per-tensor scale (-ts) is not representable: use {plain}"
     if not isinstance(spec.granularity, (PerGroup, PerChannel)):
-        return f"{spec.granularity} granularity is not exported: use {_suggest(spec, granularity=PerChannel())} or gN"
+        return f"{spec.granularity} granularity is not exported: use {suggest(spec, granularity=PerChannel())} or gN"
     return None
 
 
@@ -116,7 +102,7 @@ def ct_problem(q: QTensor) -> str | None:
     spec = q.spec
     if spec.bits == 1 and spec.symmetric:
         return ("the binary grid ±scale has no zero level (compressed-tensors' int1 is {-1, 0} * scale): "
-                f"use {_suggest(spec, symmetric=False)} or W2")
+                f"use {suggest(spec, symmetric=False)} or W2")
     return None
 
 
@@ -124,7 +110,7 @@ def gptq_problem(q: QTensor) -> str | None:
     spec = q.spec
     out_f, in_f = q.shape
     if spec.bits not in GPTQ_BITS:
-        up = _suggest(spec, bits=min(b for b in GPTQ_BITS if b >= spec.bits))
+        up = suggest(spec, bits=min(b for b in GPTQ_BITS if b >= spec.bits))
         return (f"GPTQ loaders (AutoGPTQ, GPTQModel, vLLM) support {', '.join(map(str, GPTQ_BITS))} bits, "
                 f"not {spec.bits}: use {up} or export compressed-tensors")
     if (in_f * spec.bits) % 32 or (out_f * spec.bits) % 32:
@@ -133,11 +119,11 @@ def gptq_problem(q: QTensor) -> str | None:
     scale = q.params.scale
     if not torch.equal(scale.to(torch.float16).float(), scale.float()):
         return (f"its {spec.scale_dtype} scales are not all exact in fp16 (GPTQ stores fp16 scales): "
-                f"use {_suggest(spec, scale_dtype='fp16')}")
+                f"use {suggest(spec, scale_dtype='fp16')}")
     if not spec.symmetric and bool((q.params.zero == 0).any()):
         n = int((q.params.zero == 0).sum())
         return (f"{n} group(s) have zero point 0, which GPTQ v1 (zeros stored minus one) cannot hold: "
-                f"use {_suggest(spec, symmetric=True, zero_dtype='int')} or export compressed-tensors")
+                f"use {suggest(spec, symmetric=True, zero_dtype='int')} or export compressed-tensors")
     return None
 
 

@@ -26,7 +26,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..config import FLOAT_DTYPES, BitCost, QuantSpec
+from ..config import BitCost, QuantSpec
+from ..config.families import IntFormat, KMeansFormat, MinifloatFormat, NFFormat
+from ..config.registry import owner
 from ..granularity import rows_view
 from . import floatgrid, integer, lut, mx
 from .params import QParams
@@ -53,24 +55,31 @@ class QTensor:
 
 
 class _Ops(NamedTuple):
-    fit: Callable
+    fit: Callable | None
     encode: Callable
     decode: Callable
-    unit: Callable
+    unit: Callable | None
+    fit_weighted: Callable | None = None  # fits the whole row set at once from the importance (k-means)
+
+
+# the built-in families' math (mixq.config.families); a registered family brings its own fit/encode/decode
+_MATH = {
+    IntFormat: _Ops(integer.fit, integer.encode, integer.decode, integer.scale_unit),
+    NFFormat: _Ops(lut.fit_nf, lut.encode_nf, lut.decode_nf, lut.nf_scale_unit),
+    KMeansFormat: _Ops(None, lut.encode_kmeans, lut.decode_kmeans, None, lut.fit_kmeans),
+    MinifloatFormat: _Ops(floatgrid.fit, floatgrid.encode, floatgrid.decode, floatgrid.scale_unit),
+}
 
 
 def _ops(spec: QuantSpec) -> _Ops:
-    if spec.is_float_keep:
+    fam = owner(spec.dtype)
+    if fam.keeps_float:
         raise ValueError(f"{spec.name} keeps the tensor in floating point: use quantize/fake_quantize, not fit/encode")
-    if spec.dtype == "int":
-        return _Ops(integer.fit, integer.encode, integer.decode, integer.scale_unit)
-    if spec.dtype == "nf":
-        return _Ops(lut.fit_nf, lut.encode_nf, lut.decode_nf, lut.nf_scale_unit)
-    if spec.dtype == "kmeans":
-        return _Ops(None, lut.encode_kmeans, lut.decode_kmeans, None)
-    if spec.dtype in FLOAT_DTYPES:
-        return _Ops(floatgrid.fit, floatgrid.encode, floatgrid.decode, floatgrid.scale_unit)
-    raise ValueError(f"no quantizer for dtype {spec.dtype!r}")
+    if type(fam) in _MATH:
+        return _MATH[type(fam)]
+    if not all(callable(getattr(fam, f, None)) for f in ("fit", "encode", "decode")):
+        raise ValueError(f"no quantizer for dtype {spec.dtype!r}: its family {fam.family!r} has no fit/encode/decode")
+    return _Ops(fam.fit, fam.encode, fam.decode, getattr(fam, "scale_unit", None))
 
 
 def _check_2d(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -102,15 +111,15 @@ def fit(rows: torch.Tensor, spec: QuantSpec, *, weight: torch.Tensor | None = No
         if weight.shape[1] != rows.shape[1] or weight.shape[0] not in (1, rows.shape[0]):
             raise ValueError(f"weight shape {tuple(weight.shape)} does not broadcast to rows {tuple(rows.shape)}")
     ops = _ops(spec)
-    if spec.dtype == "kmeans":
-        return lut.fit_kmeans(rows, spec, weight)
+    if ops.fit_weighted is not None:
+        return ops.fit_weighted(rows, spec, weight)
     if spec.tensor_scale and tensor_scale is None:
         tensor_scale = compute_tensor_scale(rows, spec)
     best = ops.fit(rows, spec, 1.0, tensor_scale)
     if spec.clip == "minmax":
         return best
     best_err = _row_error(rows, best, spec, weight)
-    binary = spec.dtype == "int" and spec.bits == 1 and spec.symmetric  # asym 1-bit is a {0, s} grid: no L2 scale
+    binary = ops is _MATH[IntFormat] and spec.bits == 1 and spec.symmetric  # asym 1-bit is a {0, s} grid: no L2 scale
     extra = [integer.binary_l2_candidate(rows, spec, weight, tensor_scale)] if binary else []
     for cand in [*(ops.fit(rows, spec, s, tensor_scale) for s in SHRINK_GRID[1:]), *extra]:
         err = _row_error(rows, cand, spec, weight)

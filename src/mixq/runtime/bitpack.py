@@ -29,14 +29,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import QuantSpec
+from ..config import QuantSpec, family_of
+from ..config.protocol import PARAMS as PARAM_FIELDS
 from ..formats import QParams, QTensor, dequantize
 from ..formats.mx import block_scales_e4m3, e8m0_exponent
 from ..granularity import n_groups
 
 _FLOAT_SCALE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _KEEP_INT = {16: torch.int16, 32: torch.int32}
-PARAM_FIELDS = ("scale", "zero", "offset", "codebook", "tensor_scale")
 
 
 def packed_len(n: int, bits: int) -> int:
@@ -107,17 +107,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- parameters
 def param_fields(spec: QuantSpec) -> tuple[str, ...]:
-    """The :class:`QParams` fields a tensor quantized with ``spec`` stores (in :data:`PARAM_FIELDS` order)."""
-    if spec.is_float_keep:
-        return ()
-    has = {
-        "scale": spec.scale_dtype != "none",
-        "zero": spec.dtype == "int" and not spec.symmetric and spec.zero_dtype == "int",
-        "offset": spec.dtype == "int" and not spec.symmetric and spec.zero_dtype == "fp16",
-        "codebook": spec.dtype == "kmeans",
-        "tensor_scale": spec.tensor_scale,
-    }
-    return tuple(f for f in PARAM_FIELDS if has[f])
+    """The :class:`QParams` fields a tensor quantized with ``spec`` stores (in :data:`PARAM_FIELDS` order): what its
+    element-format family says it stores (:meth:`mixq.config.ElementFormat.params`)."""
+    return family_of(spec).params(spec)
 
 
 def pack_params(params: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:

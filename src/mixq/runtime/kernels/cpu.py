@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 
+from ...config.registry import owner
 from ...granularity import PerGroup
 
 KERNEL_GROUPS = (256, 128, 64, 32)
@@ -84,7 +85,7 @@ def spec_why_not(spec, shape) -> str | None:
     """
     if _ops() is None:
         return "this torch build has no _weight_int4pack_mm_for_cpu"
-    if spec.dtype != "int" or spec.bits > 8:
+    if "cpu-int4" not in owner(spec.dtype).kernels or spec.bits > 8:
         return "it runs integer grids (1-8 bits) only"
     if shape[0] % 16:
         return f"out_features {shape[0]} is not a multiple of 16"

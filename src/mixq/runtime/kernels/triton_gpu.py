@@ -45,7 +45,7 @@ from functools import lru_cache
 
 import torch
 
-from ...config import FLOAT_DTYPES
+from ...config.registry import owner
 from ...formats import QParams, decode
 from ...granularity import PerGroup, PerTensor
 
@@ -168,7 +168,7 @@ def spec_why_not(spec, shape) -> str | None:
         return "triton is not installed: pip install 'mixq[gpu]'"
     if spec.is_float_keep:
         return f"{spec.name} keeps the weight in floating point (nothing to dequantize)"
-    if spec.dtype not in ("int", "nf", "kmeans", *FLOAT_DTYPES):
+    if "triton" not in owner(spec.dtype).kernels:
         return f"it has no dequantization for dtype {spec.dtype!r}"
     if not 1 <= spec.bits <= 8:
         return f"it runs 1-8-bit codes, not {spec.bits}"
