@@ -36,6 +36,7 @@ from torch import nn
 
 from ..arch import arch_for, get_weight, iter_layers
 from ..config import QuantSpec, parse_spec
+from ..config.registry import owner
 from ..formats import compute_tensor_scale, fake_quantize, fit, round_to_grid
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken, rows_view
 from .outliers import FPOutliers, HiChannels, fp_columns, top_k_channels
@@ -82,7 +83,7 @@ def parse_act_spec(name: str | QuantSpec, mode: str = "dynamic") -> QuantSpec:
 
 def check_act_spec(spec: QuantSpec, mode: str) -> None:
     """Reject specs that cannot quantize activations in ``mode`` (never rewritten silently)."""
-    if spec.dtype == "kmeans" or spec.clip == "mse":
+    if not owner(spec.dtype).closed_form or spec.clip == "mse":
         raise ValueError(f"{spec.name}: activation quantization needs a closed-form scale (no kmeans, no -mse)")
     if mode == "static" and not spec.is_float_keep:
         g = spec.granularity

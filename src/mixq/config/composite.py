@@ -66,6 +66,7 @@ from fractions import Fraction
 
 from ..granularity import PerChannel, PerGroup
 from .protocol import SCALE_BITS, BitCost, Export
+from .registry import family_of
 from .spec import QuantSpec
 
 COMPOSITE_VERSION = 1
@@ -257,12 +258,12 @@ class CompositeSpec(QuantSpec):
         codes = r * n * self.bits
         scales = ng * self.sq_bits + n2 * L2_STATS_BITS if self.sq_bits else ng * SCALE_BITS[self.scale_dtype]
         zeros = 0
-        if self.dtype == "int" and not self.symmetric:
+        if not self.symmetric:  # only families that store zero points validate asymmetric
             if self.zero_dtype == "int":
                 zeros = ng * self.bits
             else:
                 zeros = ng * self.sq_bits + n2 * L2_STATS_BITS if self.sq_bits else ng * FP16_BITS
-        codebook = ng * self.n_levels * FP16_BITS if self.dtype == "kmeans" else 0
+        codebook = ng * self.n_levels * FP16_BITS if "codebook" in family_of(self).params(self) else 0
         extra = 32 if self.tensor_scale else 0
         if self.columns:
             extra += r * self.columns * FP16_BITS + self.columns * ib

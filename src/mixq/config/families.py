@@ -67,6 +67,7 @@ class NFFormat(_Counted):
 
 class KMeansFormat(_Counted):
     family, dtypes, heads, prefix = "k-means LUT", ("kmeans",), ("KM<bits>",), "KM"
+    closed_form = False  # codebooks are fitted iteratively
     default = dict(granularity=PerChannel(), scale_dtype="none")
     kernels = ("reference", "triton")
     scales = ("none",)

@@ -95,6 +95,7 @@ class ElementFormat:
     dtypes: tuple[str, ...] = ()      # QuantSpec.dtype values it owns (validation, math); () for scale schemes
     heads: tuple[str, ...] = ()       # the name heads it parses, as written in docs (W<bits>, MXFP4, ...)
     kernels: tuple[str, ...] = ("reference",)
+    closed_form = True                # its params come from the values in closed form (may quantize activations)
     keeps_float = False               # a "keep" choice (fp16/bf16/fp32): not a quantizer
     fixed = False                     # a fixed block format: the head says everything; only -mse may follow
     asymmetric = False                # may store a zero point (symmetric=False)

@@ -44,7 +44,7 @@ from .binary import BinaryQTensor, pack_binary, unpack_binary
 from .quant import CompositeQTensor
 from .rows import RowSplitQTensor
 from .sparse import CSR
-from ..config import CompositeSpec, index_bits
+from ..config import CompositeSpec, family_of, index_bits
 
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -90,7 +90,7 @@ def pack_composite(qt) -> dict[str, torch.Tensor]:
         out["scale"] = torch.cat([p.scale for p in ps], 1).to(_FLOAT[cs.scale_dtype])
     if ps[0].offset is not None and not cs.sq_bits:
         out["offset"] = torch.cat([p.offset for p in ps], 1).half()
-    if cs.dtype == "kmeans":
+    if "codebook" in family_of(cs).params(cs):
         out["codebook"] = torch.stack([p.codebook for p in ps], 1).reshape(R * len(bounds), -1).half()
     if cs.dialects:
         out["dialect"] = pack(torch.cat([p.zero for p in ps], 1).to(torch.uint8), cs.dialect_bits)
@@ -157,7 +157,7 @@ def unpack_composite(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tup
     if spec.dialects:
         zero = list(unpack(t["dialect"], spec.dialect_bits, R * G).reshape(R, G).float().split(1, 1))
     codebook = [None] * G
-    if spec.dtype == "kmeans":
+    if "codebook" in family_of(spec).params(spec):
         codebook = list(t["codebook"].float().reshape(R, G, -1).unbind(1))
     ts = t["tensor_scale"].reshape(()) if "tensor_scale" in t else None
     params = [QParams(scale=scale[j], zero=zero[j], offset=offset[j], codebook=codebook[j], tensor_scale=ts)
