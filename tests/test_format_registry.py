@@ -2,6 +2,7 @@
 measure -> plan -> quantize -> save -> load -> eval, and every exporter maps it exactly or refuses it in one line
 naming the layers and the format.  Also: the built-in families answer the protocol consistently."""
 import json
+import re
 
 import pytest
 import torch
@@ -52,7 +53,7 @@ def ternary():
 TEXT = "".join(f"the {w} sat on the mat number {i} .\n" for i, w in enumerate(["cat", "dog", "fox"] * 20))
 
 
-def test_registered_format_parses_costs_and_validates(ternary):
+def test_registered_format_parses_costs_and_validates(ternary, capsys):
     s = parse_spec("TERN-g16")
     assert s == QuantSpec(dtype="tern", bits=2, granularity=PerGroup(16)) and s.name == "TERN-g16"
     assert parse_spec(s.name) == s and QuantSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
@@ -63,6 +64,8 @@ def test_registered_format_parses_costs_and_validates(ternary):
     with pytest.raises(ValueError, match="already belong"):
         register(Ternary())
     assert parse_spec("TERN-g16+o1").base == s  # composites take it as a base too
+    assert main(["specs"]) == 0
+    assert re.search(r"ternary +TERN +reference +refused / refused / refused", capsys.readouterr().out)
     unregister(ternary)
     with pytest.raises(ValueError, match="unknown spec"):
         parse_spec("TERN")

@@ -94,7 +94,7 @@ class ElementFormat:
     family = ""                       # the family's name, as messages and docs spell it
     dtypes: tuple[str, ...] = ()      # QuantSpec.dtype values it owns (validation, math); () for scale schemes
     heads: tuple[str, ...] = ()       # the name heads it parses, as written in docs (W<bits>, MXFP4, ...)
-    kernels: tuple[str, ...] = ("reference",)
+    kernels: tuple[str, ...] = ("reference",)  # read from the family that owns the dtype (registry.owner)
     closed_form = True                # its params come from the values in closed form (may quantize activations)
     keeps_float = False               # a "keep" choice (fp16/bf16/fp32): not a quantizer
     fixed = False                     # a fixed block format: the head says everything; only -mse may follow

@@ -6,7 +6,7 @@
 ``family_of(spec)``    the family that claims a spec (names, stored tensors, cost, export mappings): a scale
                        scheme such as MX or NVFP4 claims specs whose dtype another family owns
 ``parse_head(h, v)``   the QuantSpec fields of a name head (``W4``, ``MXFP6`` with variant ``e3m2``), and its family
-``dtypes()``           every registered element dtype
+``dtypes()``           every registered element dtype; ``families()`` every family
 """
 from __future__ import annotations
 
@@ -29,6 +29,11 @@ def register(fmt: ElementFormat) -> ElementFormat:
 
 def unregister(fmt: ElementFormat) -> None:
     _FAMILIES.remove(fmt)
+
+
+def families() -> tuple[ElementFormat, ...]:
+    """Every registered family, in lookup order."""
+    return tuple(_FAMILIES)
 
 
 def dtypes() -> tuple[str, ...]:
