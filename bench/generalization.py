@@ -180,11 +180,12 @@ NOTES = """## Reading (measured 2026-12-03 on this machine; runs named below)
   mixed GPTQ plans (the `quantize --bpw X --method gptq` path), KL PTB / fortunes:
   2.5 bpw 2.64 / 3.63 vs 2.39 / 4.45; 3.0 bpw 0.93 / 1.36 vs 0.87 / 1.66; 3.5 bpw 0.318 / 0.475 vs 0.280 / 0.514;
   4.0 bpw 0.159 / 0.247 vs 0.133 / 0.273.  Out of domain lower at every budget (-19 %, -18 %, -8 %, -10 %), in
-  domain higher (+11 %, +6 %, +13 %, +19 %), the mean of the two equal or lower; the ratio falls from 1.8-2.0 to
-  1.4-1.6.  Uniform GPTQ moves the same way (2.5 / 3.0 / 3.5 budgets: fortunes 5.99 / 4.38 / 1.16 vs 8.01 / 5.30
-  / 1.24).  Hence `self+ptb` is the default: text users send is not PTB, and nothing is lost on average.
+  domain higher (+11 %, +6 %, +13 %, +19 %), the mean of the two equal or lower; the ratio falls from 1.8-2.1 to
+  1.4-1.6.  Uniform GPTQ moves the same way at the 2.5 / 3.0 / 3.5 budgets (fortunes 5.99 / 4.38 / 1.16 vs
+  8.01 / 5.30 / 1.24), not at 4.0 (0.96 vs 0.93).  Hence `self+ptb` is the default: text users send is not
+  PTB, and on average over the two domains nothing is lost.
 - **Targets not met**: out-of-domain KL within 1.3x of in-domain (best 1.37 at 2.5 bpw, 1.47-1.56 elsewhere) and
-  below 0.19 at 4.0 bpw (0.247).  RTN, which sees no calibration text, has a ratio of 0.95-1.02 at every budget:
+  below 0.19 at 4.0 bpw (0.247).  RTN, which sees no calibration text, has a ratio of 0.93-1.02 at every budget:
   the rest of the gap is GPTQ and the measurement fitting their rows.
 - **GPTQ alone** (one spec everywhere, W3-g64, no measurement; runs `g_*`): PTB rows 0.99 / 1.66; self+PTB 1.18 /
   1.73; self only 1.57 / 1.68 (ratio 1.07, but worse on both domains than PTB rows).  Text the model writes itself
