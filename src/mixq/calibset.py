@@ -17,7 +17,6 @@ so another source, seed or BOS choice never reuses a measurement made on other t
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +37,7 @@ class CalibrationSet:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+        return data.ids_sha256(self.ids)
 
     def record(self) -> dict:
         """What the quantized directory's metadata and benchmark files keep of it."""

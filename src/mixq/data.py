@@ -34,6 +34,7 @@ a local ``*.txt`` / ``*.jsonl`` path
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -285,6 +286,11 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, *, stride: int | None = None
         input_ids = torch.cat([torch.full((len(starts), 1), bos_id, dtype=torch.long), input_ids], dim=1)
         mask = torch.cat([torch.zeros((len(starts), 1), dtype=torch.bool), mask], dim=1)
     return EvalWindows(input_ids, mask, starts, seqlen, stride, max_tokens, bos_id)
+
+
+def ids_sha256(ids: torch.Tensor) -> str:
+    """sha256 of token ids (as int64, row-major): what keys caches and measurements to their data."""
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _as_stream(tokens: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import ids_sha256
+
 log = logging.getLogger(__name__)
 
 VERSION = 1
@@ -229,7 +231,7 @@ def self_generated(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, 
         try:
             ids = load_file(str(path))["ids"]
             meta = json.loads(path.with_suffix(".json").read_text())
-            if meta["sha256"] == _ids_hash(ids) and tuple(ids.shape) == (n, seqlen):
+            if meta["sha256"] == ids_sha256(ids) and tuple(ids.shape) == (n, seqlen):
                 log.info("self-generated calibration from the cache %s", path)
                 return ids
         except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated
@@ -241,11 +243,7 @@ def self_generated(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, 
     save_file({"ids": ids.contiguous()}, str(tmp))
     from .jsonio import write_json_atomic
 
-    write_json_atomic(path.with_suffix(".json"), {"sha256": _ids_hash(ids), "n": n, "seqlen": seqlen, "seed": seed,
+    write_json_atomic(path.with_suffix(".json"), {"sha256": ids_sha256(ids), "n": n, "seqlen": seqlen, "seed": seed,
                                                   "bos_id": bos_id, "version": VERSION}, overwrite=True)
     tmp.replace(path)
     return ids
-
-
-def _ids_hash(ids: torch.Tensor) -> str:
-    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()

@@ -18,7 +18,6 @@ measurement (one block forward per candidate).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -35,6 +34,7 @@ from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
 from ..config import is_composite
+from ..data import ids_sha256
 from ..intra import composite_weight
 from ..models import model_fingerprint
 from .gradients import gradient_stats
@@ -48,7 +48,7 @@ ALGORITHMS = ("rtn", "gptq", "gptq-exact")
 
 def calibration_hash(calib_ids: torch.Tensor) -> str:
     """A short hash of the calibration token ids (keys measurements to their data)."""
-    return hashlib.sha256(calib_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return ids_sha256(calib_ids)[:16]
 
 
 def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], metric: str,
