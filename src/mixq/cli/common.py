@@ -13,7 +13,7 @@ from pathlib import Path
 from ..allocate import METHODS as SOLVERS
 from ..allocate import parse_bytes
 from ..allocate.candidates import NAMED_SETS
-from ..bos import add_bos_argument, resolve_bos
+from ..bos import add_bos_argument
 from ..calibset import DEFAULT_CALIB, SELF
 from ..data import CORPORA
 from ..eval.domains import DEFAULT_DOMAINS
@@ -154,22 +154,10 @@ def parse_kv_arg(text: str):
 
 def eval_windows_for(args, tok, model=None) -> list:
     """``[(corpus, windows, protocol)]`` for each domain of ``args.corpus`` (split, tokens, seqlen, stride, bos)."""
-    from .. import data
-    from ..eval import Protocol
-    from ..eval.domains import load_domains, parse_corpora
+    from ..pipeline import evaluation_windows
 
-    names, defaults = parse_corpora(args.corpus)
-    texts = load_domains(names, args.split, defaults)
-    bos = resolve_bos(tok, model, getattr(args, "bos", "auto"))
-    out = []
-    for corpus, text in texts.items():
-        ids = data.tokenize(text, tok)
-        win = data.eval_windows(ids, args.seqlen, stride=args.stride, max_tokens=args.tokens, bos_id=bos.bos_id)
-        proto = Protocol.for_windows(win, corpus=corpus, split=args.split,
-                                     tokenizer=getattr(tok, "name_or_path", "") or "", dtype="float32",
-                                     bos_decision=bos)
-        out.append((corpus, win, proto))
-    return out
+    return evaluation_windows(tok, model, corpus=args.corpus, split=args.split, tokens=args.tokens,
+                              seqlen=args.seqlen, stride=args.stride, bos=getattr(args, "bos", "auto"), progress=True)
 
 
 # ---------------------------------------------------------------------------- checks and formatting
