@@ -8,7 +8,7 @@ quantizers dispatch on :func:`is_composite` to :func:`mixq.intra.quantize_compos
 
 Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
 
-    CANDIDATE := BASE ( "+" EXT )*           extensions in any order; canonical order sq, c, r, o, d, h
+    CANDIDATE := BASE ( "+" EXT )*           extensions in any order; canonical order sq, c, r, o, d, h, ip
     BASE      := a plain spec name (W3-g64, W3-g16-asym, NF3-g64, KM3, FP4-g32, ...)
                | "SLIM" <b> ["-" OPTS]        SliM-LLM int grid W<b>-OPTS with per-group-column bits
                | "BIN" ["-" GRAN]             binarization (BiLLM / PB-LLM): sign x per-group L2-optimal scale,
@@ -25,6 +25,10 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
                                               (NF / FP4 bases; D in 2, 4, 8, 16)
                | "h" <percent> ["w" <bits>]   MixLLM: <percent> % of the output rows at <bits> (default 8);
                                               does not combine with other extensions
+               | "ip"                         incoherence processing (QuIP / QuIP#): the weight is stored as
+                                              ``W' = Q_out W Q_inᵀ`` with seeded random-sign Hadamard
+                                              transforms on both sides and the rest of the spec (base and
+                                              other extensions) applied to ``W'``; :mod:`mixq.intra.incoherence`
 
 ``SLIM<b>-gN[-asym...]`` (SliM-LLM) is the int grid ``W<b>-gN...`` whose groups of N input columns
 (all rows) take b-1, b or b+1 bits, as many b+1 as b-1, so the average is exactly b.
@@ -53,6 +57,9 @@ Exact cost of a ``[R, C]`` tensor (:meth:`CompositeSpec.cost`, every term an int
                       K_o * (ob + ib) + (R + 1) * 32 [+ R * 16]  (CSR outliers of ``ob`` bits: 16 = fp16,
                                                                   else ob-bit codes + an fp16 scale per row)
 
+    +ip       the cost of the same spec without ``+ip`` plus 64 bits (the two 32-bit seeds of the transforms);
+              both R and C must be orders of a constructible Hadamard matrix (:mod:`mixq.algorithms.hadamard`)
+
 (percentages are read as the decimal written: ``0.45`` is exactly 45/10000).  Extensions combine
 (``W3-g16+sq3+o0.25`` is SpQR's full recipe) except ``+h``; the base must be a quantized grid with
 ``channel`` or ``gN`` granularity whose group size divides ``C`` (a composite fits exactly the layers
@@ -61,7 +68,7 @@ its base fits).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 
 from ..granularity import PerChannel, PerGroup
@@ -73,6 +80,7 @@ COMPOSITE_VERSION = 1
 BASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QuantSpec))
 FP16_BITS = 16
 ROW_PTR_BITS = 32
+IP_SEED_BITS = 64       # +ip: two 32-bit seeds (input and output transform)
 L2_STATS_BITS = 32      # second-level fp16 scale + fp16 offset
 SLIM_MAP_BITS = 2       # per group column: one of {b-1, b, b+1}
 SQ_GROUP = 16           # SpQR's second-level group (beta_2)
@@ -98,6 +106,7 @@ class CompositeSpec(QuantSpec):
     binary    BiLLM / PB-LLM binarization of the dense part (base W1-gN/channel, symmetric, float scale)
     residual  BIN only: input columns residual-binarized (BiLLM's salient columns)
     outlier_bits  bits of a stored outlier: 16 (fp16), or 2..8 (BIN only; symmetric int, fp16 scale per row)
+    incoherent    ``+ip``: everything else applies to the weight seen through random Hadamard transforms
     """
 
     outliers: float = 0.0
@@ -111,6 +120,7 @@ class CompositeSpec(QuantSpec):
     binary: bool = False
     residual: int = 0
     outlier_bits: int = FP16_BITS
+    incoherent: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -126,12 +136,12 @@ class CompositeSpec(QuantSpec):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
-        for k in ("slim", "binary"):
+        for k in ("slim", "binary", "incoherent"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"{k} must be a bool, got {getattr(self, k)!r}")
         if not (self.outliers > 0 or self.columns > 0 or self.sq_bits > 0 or self.slim or self.hi_rows > 0
-                or self.dialects > 0 or self.binary):
-            raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD, SLIM or BIN): "
+                or self.dialects > 0 or self.binary or self.incoherent):
+            raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD, +ip, SLIM or BIN): "
                              "use a plain QuantSpec otherwise")
         if self.outlier_bits != FP16_BITS:
             if not 2 <= self.outlier_bits <= 8:
@@ -187,6 +197,16 @@ class CompositeSpec(QuantSpec):
         return QuantSpec(**{k: getattr(self, k) for k in BASE_FIELDS})
 
     @property
+    def inner(self) -> QuantSpec:
+        """``+ip``: what is applied to the transformed weight (this spec without ``+ip``: plain when nothing else
+        is left); otherwise the spec itself."""
+        if not self.incoherent:
+            return self
+        if self.binary or self.slim or self.outliers or self.columns or self.sq_bits or self.hi_rows or self.dialects:
+            return replace(self, incoherent=False)
+        return self.base
+
+    @property
     def name(self) -> str:
         head = self.base.name
         if self.slim:
@@ -206,6 +226,8 @@ class CompositeSpec(QuantSpec):
             ext.append(f"d{self.dialects}")
         if self.hi_rows:
             ext.append("h" + _fmt_pct(self.hi_rows) + ("" if self.hi_bits == 8 else f"w{self.hi_bits}"))
+        if self.incoherent:
+            ext.append("ip")
         return "+".join([head, *ext])
 
     def n_outliers(self, shape: tuple[int, int]) -> int:
@@ -242,6 +264,14 @@ class CompositeSpec(QuantSpec):
     def cost(self, shape: tuple[int, int]) -> BitCost:
         """Exact bits of a ``[R, C]`` tensor (formulas in the module docstring)."""
         r, c = int(shape[0]), int(shape[1])
+        if self.incoherent:
+            from ..algorithms.hadamard import hadamard_orders
+
+            for n, side in ((c, "input"), (r, "output")):
+                if hadamard_orders(n) is None:
+                    raise ValueError(f"+ip needs a Hadamard matrix of order {n} ({side} side); none is constructible "
+                                     "(orders are 2^k times a Paley order): drop +ip for this layer")
+            return self.inner.cost((r, c)) + BitCost(0, 0, extra=IP_SEED_BITS)
         if self.hi_rows:  # the two row sets are plain tensors, plus the high rows' indices
             self.base.cost((r, c))
             k = self.n_hi_rows((r, c))
@@ -304,7 +334,7 @@ class CompositeSpec(QuantSpec):
                 "outliers": self.outliers, "columns": self.columns, "sq_bits": self.sq_bits,
                 "sq_group": self.sq_group, "slim": self.slim, "hi_rows": self.hi_rows, "hi_bits": self.hi_bits,
                 "dialects": self.dialects, "binary": self.binary, "residual": self.residual,
-                "outlier_bits": self.outlier_bits}
+                "outlier_bits": self.outlier_bits, **({"incoherent": True} if self.incoherent else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompositeSpec":
@@ -314,7 +344,7 @@ class CompositeSpec(QuantSpec):
             raise ValueError(f"CompositeSpec version {d.get('_version')} is not supported "
                              f"(this mixq reads {COMPOSITE_VERSION})")
         ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects", "binary",
-               "residual", "outlier_bits")
+               "residual", "outlier_bits", "incoherent")
         unknown = set(d) - {"_type", "_version", "base", *ext}
         if unknown:
             raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")

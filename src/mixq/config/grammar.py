@@ -23,7 +23,7 @@ from .registry import heads, parse_head
 from .spec import QuantSpec
 
 _EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)|r(?P<r>\d+)"
-                  r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?)$")
+                  r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?|(?P<ip>ip))$")
 _SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
 _BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
 
@@ -57,9 +57,12 @@ def parse_spec(x) -> QuantSpec:
         if not e:
             raise ValueError(f"bad extension {t!r} in {raw!r}: use +o<percent> (sparse fp16 outliers), "
                              "+c<k> (fp16 input columns), +sq<bits>[g<rows>] (quantized group scales) "
-                             "+h<percent>[w<bits>] (high-precision output rows), +d<D> (block dialects) "
+                             "+h<percent>[w<bits>] (high-precision output rows), +d<D> (block dialects), "
+                             "+ip (incoherence processing) "
                              "or, on BIN, +r<k> (residual-binarized columns) and +o<percent>w<bits>")
-        if e.group("o") is not None:
+        if e.group("ip") is not None:
+            key, val = "incoherent", True
+        elif e.group("o") is not None:
             key, val = "outliers", float(e.group("o"))
             if e.group("ow") is not None:
                 kw["outlier_bits"] = int(e.group("ow"))

@@ -460,8 +460,8 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {sorted(set(unresolved) - tied)[:3]}")
     if linears:
         install_qlinear(model, linears, kernel)
-    if composites:  # no fast kernel for composites: the reference path, whatever ``kernel`` says
-        install_composite_linear(model, composites)
+    if composites:  # composites dequantize per call; +ip ones run their plain inner grid through ``kernel``
+        install_composite_linear(model, composites, kernel)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok, info

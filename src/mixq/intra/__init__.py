@@ -11,9 +11,11 @@ The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exa
 ``rows``        MixLLM high-precision output rows (``+hP``) -> :class:`RowSplitQTensor`
 ``binary``      BiLLM / PB-LLM binarization (``BIN-gN`` bases, ``+r`` residual columns, ``+o..w8``)
                 -> :class:`BinaryQTensor`
+``incoherence`` ``+ip``: QuIP-style random Hadamard transforms on both sides -> :class:`IncoherentQTensor`
 ``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size;
                 :class:`PackedComposite` (what the native directory stores)
-``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path)
+``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path);
+                :class:`IncoherentLinear`: ``+ip`` layers, two fast transforms around the inner layer's kernel
 ``candidates``  :func:`intra_candidates` (the ``intra`` / ``default+intra`` sets: :mod:`mixq.allocate.candidates`)
 ``hooks``       what the measurement driver and ``quantize_model`` call for composite candidates
 """
@@ -24,10 +26,12 @@ from .quant import CompositeQTensor, dequantize_composite, quantize_composite
 from .rows import RowSplitQTensor
 from .sparse import CSR
 from .storage import PackedComposite, pack_composite, unpack_composite
-from .linear import CompositeLinear, install_composite_linear
+from .incoherence import IncoherentQTensor
+from .linear import CompositeLinear, IncoherentLinear, install_composite_linear
 
 __all__ = [
-    "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "INTRA_CANDIDATE_NAMES",
+    "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "INTRA_CANDIDATE_NAMES", "IncoherentLinear",
+    "IncoherentQTensor",
     "PackedComposite", "RowSplitQTensor", "composite_weight", "dequantize_composite",
     "install_composite_linear", "intra_candidates",
     "pack_composite", "quantize_composite", "quantize_layer",

@@ -9,6 +9,13 @@ The reference path for composites (``load_quantized(DIR, packed=True)``): the pa
 tensors held as their raw bits so ``model.to(torch.bfloat16)`` cannot round them), and ``Ŵ`` is
 rebuilt on every call and dropped afterwards, so RAM holds the plan's size.  No fast kernel exists
 for composites: this is correct, not quick.
+
+``IncoherentLinear`` (``+ip`` specs, :mod:`mixq.intra.incoherence`)::
+
+    y = Q_outᵀ · inner(Q_in · x) + b
+
+two Kronecker-factored Hadamard transforms around the inner layer: a :class:`~mixq.runtime.QuantLinear`
+(with its fast kernels) when the rest of the spec is a plain grid, a :class:`CompositeLinear` otherwise.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ from torch import nn
 
 from ..arch import get_weight
 from ..config import CompositeSpec
+from .incoherence import rotate
 from .storage import PackedComposite
 
 KERNEL_NAME = "composite-reference"
@@ -29,6 +37,8 @@ def _buffer_name(name: str) -> str:
 
 class CompositeLinear(nn.Module):
     """Drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` holding a :class:`PackedComposite`."""
+
+    packed_layer = True
 
     def __init__(self, packed: PackedComposite, bias: torch.Tensor | None = None):
         super().__init__()
@@ -64,8 +74,59 @@ class CompositeLinear(nn.Module):
                 f"bias={self.bias is not None}, kernel={KERNEL_NAME}")
 
 
-def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposite]) -> nn.Module:
-    """Replace every ``fqn`` of ``weights`` (an ``nn.Linear`` or ``Conv1D``) by a :class:`CompositeLinear`."""
+class IncoherentLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` holding an ``+ip`` weight: the transformed weight in ``inner``, the seeds."""
+
+    packed_layer = True
+
+    def __init__(self, packed: PackedComposite, bias: torch.Tensor | None = None, kernel: str = "auto"):
+        super().__init__()
+        from ..runtime import PackedWeight, QuantLinear
+
+        self.spec: CompositeSpec = packed.spec
+        self.out_features, self.in_features = packed.shape
+        parts = packed.tensors()
+        self.register_buffer("seeds", parts["ip.seeds"].to(torch.int32).clone())
+        self._seeds = tuple(int(v) for v in self.seeds.tolist())
+        sub = {k[3:]: v for k, v in parts.items() if k.startswith("in.")}
+        inner = self.spec.inner
+        if isinstance(inner, CompositeSpec):
+            self.inner = CompositeLinear(PackedComposite(sub, inner, packed.shape))
+        else:
+            self.inner = QuantLinear(PackedWeight.from_tensors(sub, inner, packed.shape), None, kernel)
+        self.inner.packed_layer = False  # counted as this layer
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def packed(self) -> PackedComposite:
+        parts = {"ip.seeds": self.seeds.cpu(), **{f"in.{k}": v for k, v in self.inner.packed.tensors().items()}}
+        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + self.seeds.numel() * 4
+
+    @property
+    def last_kernel(self) -> str | None:
+        k = self.inner.last_kernel
+        return None if k is None else f"ip+{k}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        y = rotate(self.inner(rotate(x, self._seeds[0])), self._seeds[1], transpose=True)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
+                f"bias={self.bias is not None}")
+
+
+def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposite], kernel: str = "auto") -> nn.Module:
+    """Replace every ``fqn`` of ``weights`` (an ``nn.Linear`` or ``Conv1D``) by a :class:`CompositeLinear`
+    (an :class:`IncoherentLinear` for ``+ip`` specs, whose plain inner layer runs through ``kernel``)."""
     from transformers.pytorch_utils import Conv1D
 
     for fqn, pw in weights.items():
@@ -76,7 +137,7 @@ def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposit
             raise ValueError(f"{fqn}: composite shape {tuple(pw.shape)} != module weight "
                              f"{tuple(get_weight(mod).shape)}")
         device = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
-        layer = CompositeLinear(pw, mod.bias).to(device)
+        layer = (IncoherentLinear(pw, mod.bias, kernel) if pw.spec.incoherent else CompositeLinear(pw, mod.bias)).to(device)
         parent, _, name = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, layer)
     return model

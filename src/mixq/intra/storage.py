@@ -26,6 +26,8 @@ tensor                 content
 ``hi_rows``, ``lo.*``  ``+h``: row indices (int16 / int32) and the two :class:`PackedWeight` tensor sets
 ``hi.*``
 BIN bases              :func:`mixq.intra.binary.pack_binary` (sign stream, scales, residual planes, CSR)
+``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
+                       weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)
 =====================  ==============================================================================
 
 :class:`PackedComposite` is the composite counterpart of :class:`~mixq.runtime.PackedWeight`: these
@@ -41,6 +43,7 @@ import torch
 from ..formats import QParams
 from ..runtime.bitpack import PackedWeight, pack, unpack
 from .binary import BinaryQTensor, pack_binary, unpack_binary
+from .incoherence import IncoherentQTensor
 from .quant import CompositeQTensor
 from .rows import RowSplitQTensor
 from .sparse import CSR
@@ -60,6 +63,10 @@ def _idx_unpack(t: torch.Tensor) -> torch.Tensor:
 
 def pack_composite(qt) -> dict[str, torch.Tensor]:
     """Named tensors holding ``qt`` at its accounted size (table in the module docstring)."""
+    if isinstance(qt, IncoherentQTensor):
+        inner = qt.inner
+        t = pack_composite(inner) if isinstance(inner.spec, CompositeSpec) else PackedWeight.from_qtensor(inner).tensors()
+        return {"ip.seeds": torch.tensor(qt.seeds, dtype=torch.int32), **{f"in.{k}": v for k, v in t.items()}}
     if isinstance(qt, BinaryQTensor):
         return pack_binary(qt)
     if isinstance(qt, RowSplitQTensor):
@@ -111,6 +118,17 @@ def pack_composite(qt) -> dict[str, torch.Tensor]:
 def unpack_composite(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]):
     """Inverse of :func:`pack_composite`."""
     R, C = int(shape[0]), int(shape[1])
+    if spec.incoherent:
+        seeds = tuple(int(v) for v in t["ip.seeds"].tolist())
+        if len(seeds) != 2:
+            raise ValueError(f"ip.seeds holds {len(seeds)} values, expected 2")
+        sub = {k[3:]: v for k, v in t.items() if k.startswith("in.")}
+        inner_spec = spec.inner
+        if isinstance(inner_spec, CompositeSpec):
+            inner = unpack_composite(sub, inner_spec, (R, C))
+        else:
+            inner = PackedWeight.from_tensors(sub, inner_spec, (R, C)).to_qtensor()
+        return IncoherentQTensor(spec, (R, C), inner, seeds)
     if spec.binary:
         return unpack_binary(t, spec, (R, C))
     if spec.hi_rows:
@@ -226,7 +244,8 @@ class PackedComposite:
         return sum(t.numel() * t.element_size() for t in self.parts.values())
 
     def to_qtensor(self):
-        """The stored parts (:class:`CompositeQTensor`, :class:`RowSplitQTensor` or ``BinaryQTensor``)."""
+        """The stored parts (:class:`CompositeQTensor`, :class:`RowSplitQTensor`, ``BinaryQTensor`` or
+        ``IncoherentQTensor``)."""
         return unpack_composite(self.parts, self.spec, self.shape)
 
     def dequantize(self) -> torch.Tensor:

@@ -9,7 +9,9 @@ from the blocks already done, and a finished one is reused for any number of bud
 ``algorithm="gptq"`` runs GPTQ for every candidate of every layer, which is exact but slow; the
 default ``gptq_refs="per-bits"`` runs GPTQ once per distinct bit width (on the candidate with the
 median group size) and scales the RTN errors of that bit width by the measured GPTQ/RTN ratio —
-the ratio depends mostly on the bit width, and this keeps measurement within minutes.
+the ratio depends mostly on the bit width, and this keeps measurement within minutes.  ``+ip``
+candidates over a plain grid (:mod:`mixq.intra.incoherence`) are measured the same way in their own
+transformed basis, with their own ratio per bit width; other composites always run exactly.
 
 The block-output metrics (``block``, ``block-rel``) run decoder block i on the first
 ``block_samples`` calibration rows once per (layer, candidate), with that one layer replaced by
@@ -155,7 +157,9 @@ def _measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
     errs = []
     hc = prepare_hessian(sens.H) if algorithm.startswith("gptq") else None
     for c in cands:
-        if is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
+        if _scalable(c) and algorithm == "gptq":  # +ip over a plain grid: RTN in the transformed basis, scaled below
+            Wq = composite_weight(W, c, sens, "rtn")
+        elif is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
             Wq = composite_weight(W, c, sens, algorithm, hc)
         elif algorithm == "gptq-exact" and not c.is_float_keep:
             Wq = gptq_quantize(W, sens.H, c, hinv_chol=hc).weight
@@ -167,17 +171,26 @@ def _measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
     return LayerEntry(fqn=fqn, shape=shape, candidates=tuple(cands), errors=tuple(errs))
 
 
+def _scalable(c) -> bool:
+    """Plain grids, and ``+ip`` over a plain grid: RTN errors scaled by a measured GPTQ/RTN ratio."""
+    return not is_composite(c) or (c.incoherent and not is_composite(c.inner))
+
+
 def _scale_by_gptq(W, sens, cands, errs, err, hc) -> list[float]:
-    """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per bit width."""
-    by_bits: dict[int, list[int]] = {}
+    """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per bit width (``+ip``
+    candidates apart from plain ones: GPTQ gains a different share of the error in the transformed basis)."""
+    by_bits: dict[tuple[int, bool], list[int]] = {}
     for k, c in enumerate(cands):
-        if not c.is_float_keep and not is_composite(c):
-            by_bits.setdefault(c.bits, []).append(k)
+        if not c.is_float_keep and _scalable(c):
+            by_bits.setdefault((c.bits, is_composite(c)), []).append(k)
     out = list(errs)
-    for bits, ks in by_bits.items():
+    for (bits, ip), ks in by_bits.items():
         ref = sorted(ks, key=lambda k: cands[k].cost(tuple(W.shape)).total)[len(ks) // 2]
         e_rtn = errs[ref]
-        e_gptq = err(gptq_quantize(W, sens.H, cands[ref], hinv_chol=hc).weight)
+        if ip:
+            e_gptq = err(composite_weight(W, cands[ref], sens, "gptq"))
+        else:
+            e_gptq = err(gptq_quantize(W, sens.H, cands[ref], hinv_chol=hc).weight)
         ratio = min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
         for k in ks:
             out[k] = errs[k] * ratio

@@ -44,6 +44,8 @@ class QuantLinear(nn.Module):
     of rows); :attr:`last_kernel` names the kernel the last call used.
     """
 
+    packed_layer = True  # memory_report / kernel_usage count it (False when nested in another packed layer)
+
     def __init__(self, packed: PackedWeight, bias: torch.Tensor | None = None, kernel: str = "auto",
                  release_codes: bool = True):
         super().__init__()
@@ -235,9 +237,8 @@ def install_qlinear(model: nn.Module, weights: dict[str, PackedWeight], kernel: 
 def memory_report(model: nn.Module) -> dict:
     """Bytes a model holds: ``params_buffers`` (each tensor once), ``kernel_state`` (QuantLinear kernel
     layouts), ``resident`` (their sum), ``packed_weights`` (QuantLinear and intra-tensor CompositeLinear
-    weights at their packed size) and ``quant_linears`` (count)."""
-    from ..intra.linear import CompositeLinear  # noqa: PLC0415  (mixq.intra imports this package)
-
+    weights at their packed size) and ``quant_linears`` (count).  A packed layer is a module whose
+    ``packed_layer`` attribute is true (QuantLinear, and :mod:`mixq.intra.linear`'s layers)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "meta":
@@ -248,20 +249,18 @@ def memory_report(model: nn.Module) -> dict:
         seen.add(key)
         total += t.numel() * t.element_size()
     qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    comps = [m for m in model.modules() if isinstance(m, CompositeLinear)]
+    layers = [m for m in model.modules() if getattr(m, "packed_layer", False)]
     state = sum(m.state_nbytes for m in qls)
     return {"params_buffers": total, "kernel_state": state, "resident": total + state,
-            "packed_weights": sum(m.nbytes for m in qls + comps), "quant_linears": len(qls) + len(comps)}
+            "packed_weights": sum(m.nbytes for m in layers), "quant_linears": len(layers)}
 
 
 def kernel_usage(model: nn.Module) -> dict[str, int]:
     """How many QuantLinear (and intra-tensor CompositeLinear) layers last ran each kernel (``"unused"``: not
     called yet)."""
-    from ..intra.linear import CompositeLinear  # noqa: PLC0415  (mixq.intra imports this package)
-
     out: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, (QuantLinear, CompositeLinear)):
+        if getattr(m, "packed_layer", False):
             k = m.last_kernel or "unused"
             out[k] = out.get(k, 0) + 1
     return out

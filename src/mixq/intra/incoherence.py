@@ -1,0 +1,150 @@
+"""Incoherence processing (QuIP, QuIP#): quantize a weight seen through random Hadamard transforms.
+
+For ``W [R, C]`` and seeded orthogonal ``Q_in [C, C]``, ``Q_out [R, R]`` (:func:`transform`: a Kronecker
+product of normalised Hadamard factors times a random ±1 diagonal, :mod:`mixq.algorithms.hadamard`)::
+
+    W'  = Q_out W Q_inᵀ           what is quantized (by the rest of the spec: any plain grid or composite)
+    H'  = Q_in H Q_inᵀ            its input second moment (``x' = Q_in x``), for GPTQ
+    Ŵ   = Q_outᵀ Ŵ' Q_in          the weight the model computes with
+    y   = Q_outᵀ (Ŵ' (Q_in x))    the runtime (:class:`~mixq.intra.linear.IncoherentLinear`): two fast transforms
+                                  around the inner layer's own kernel
+
+The transforms spread every row's and column's outliers over all of them, so the transformed weight is close
+to Gaussian with no heavy tails and a low-bit grid fits it far better; GPTQ then works on ``H'`` (LDLQ in
+QuIP's terms).  Only the two 32-bit seeds are stored (``+ip`` costs 64 bits per tensor); the factors and signs
+are rebuilt from them.  A layer whose row or column count has no constructible Hadamard order takes no
+``+ip`` candidate (its cost raises).
+
+Applying ``Q`` to a vector costs ``n · Σ mᵢ`` multiply-adds for factors of orders ``mᵢ`` (e.g. 576 = 36·16:
+52 per element) -- :func:`rotate` reshapes to the factors' axes and multiplies each by its small matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..algorithms.hadamard import dense, random_orthogonal_factors
+from ..config import BitCost, CompositeSpec
+from ..config.composite import IP_SEED_BITS
+
+SEED_IN = 0x1F00
+SEED_OUT = 0x2F00
+
+
+@lru_cache(maxsize=64)
+def _factors(n: int, seed: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    factors, signs, kind = random_orthogonal_factors(n, seed)
+    if kind != "hadamard":
+        raise ValueError(f"no Hadamard matrix of order {n} is constructible: +ip cannot hold this layer")
+    return tuple(f.to(torch.float32).contiguous() for f in factors), signs.to(torch.float32)
+
+
+def transform(n: int, seed: int) -> torch.Tensor:
+    """The dense orthogonal ``Q [n, n]`` (float32) of ``seed`` (reference path; :func:`rotate` is the fast one)."""
+    factors, signs = _factors(n, seed)
+    return dense(list(factors), signs).to(torch.float32)
+
+
+def rotate(x: torch.Tensor, seed: int, *, transpose: bool = False) -> torch.Tensor:
+    """``Q x`` along the last dim of ``x`` (``Qᵀ x`` with ``transpose``), in ``x``'s dtype and device.
+
+    ``Q = (F₁ ⊗ … ⊗ F_k) diag(s)``: the signs first, then each factor on its axis of ``x`` reshaped to
+    ``[..., m₁, …, m_k]`` (``Qᵀ = diag(s) (F₁ᵀ ⊗ … ⊗ F_kᵀ)``: the factors transposed, then the signs).
+    """
+    n = x.shape[-1]
+    factors, signs = _factors(n, seed)
+    lead = x.shape[:-1]
+    s = signs.to(device=x.device, dtype=x.dtype)
+    y = x if transpose else x * s
+    dims = [f.shape[0] for f in factors]
+    y = y.reshape(-1, *dims)
+    for i, f in enumerate(factors):
+        f = f.to(device=x.device, dtype=x.dtype)
+        # contract axis i+1 of y with f (y_i' = Σ_j f[i', j] y_j); with transpose, fᵀ
+        y = torch.movedim(torch.tensordot(y, f if transpose else f.T, dims=([i + 1], [0])), -1, i + 1)
+    y = y.reshape(*lead, n)
+    return y * s if transpose else y
+
+
+@dataclass
+class IncoherentQTensor:
+    """The stored parts of one ``+ip`` weight: the inner quantized ``W'`` and the two seeds."""
+
+    spec: CompositeSpec
+    shape: tuple[int, int]
+    inner: object           # QTensor (plain inner spec) or a composite's stored parts
+    seeds: tuple[int, int]  # (input transform, output transform)
+    proxy_loss: float | None = None
+
+    def cost(self) -> BitCost:
+        return self.spec.cost(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``Ŵ = Q_outᵀ Ŵ' Q_in`` from the stored parts alone."""
+        Wp = _dequantize_inner(self.inner)
+        return unrotate_weight(Wp, self.seeds)
+
+    def stored_bits(self) -> int:
+        inner = self.inner
+        bits = inner.stored_bits() if hasattr(inner, "stored_bits") else inner.spec.cost(tuple(inner.shape)).total
+        return bits + IP_SEED_BITS
+
+
+def _dequantize_inner(inner) -> torch.Tensor:
+    if isinstance(inner.spec, CompositeSpec):
+        return inner.dequantize().float()
+    from .. import formats
+
+    return formats.dequantize(inner).float()
+
+
+def rotate_weight(W: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
+    """``W' = Q_out W Q_inᵀ``: rows rotated by ``Q_in`` (``W Q_inᵀ`` = rows of ``W`` as vectors), then columns."""
+    Wr = rotate(W, seeds[0])                      # each row w ↦ Q_in w   (= W Q_inᵀ)
+    return rotate(Wr.T, seeds[1]).T.contiguous()  # each column ↦ Q_out · (= Q_out W Q_inᵀ)
+
+
+def unrotate_weight(Wp: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
+    """``Ŵ = Q_outᵀ Ŵ' Q_in`` (the inverse of :func:`rotate_weight`)."""
+    Wr = rotate(Wp.T, seeds[1], transpose=True).T
+    return rotate(Wr, seeds[0], transpose=True).contiguous()
+
+
+def seeds_for(spec: CompositeSpec) -> tuple[int, int]:
+    """The seeds a new ``+ip`` weight gets (fixed: any pair works, and what is used is stored)."""
+    return SEED_IN, SEED_OUT
+
+
+@torch.no_grad()
+def quantize_incoherent(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None, method: str, *,
+                        quantize_inner, damp: float = 0.01, **kw) -> tuple[IncoherentQTensor, torch.Tensor]:
+    """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under an ``+ip`` spec.
+
+    ``quantize_inner(W', inner_spec, H', method, damp=..., **kw)`` quantizes the transformed weight (plain
+    grids and composites alike: :func:`mixq.intra.hooks.quantize_layer` passes itself).  A Fisher matrix or
+    a prepared Hessian of the untransformed weight does not describe ``W'`` and is dropped.
+    """
+    if not spec.incoherent:
+        raise ValueError(f"{spec.name} has no +ip")
+    W0 = W.detach().to(torch.float32).cpu()
+    R, C = W0.shape
+    spec.cost((R, C))  # raises when R or C has no Hadamard order
+    seeds = seeds_for(spec)
+    Wp = rotate_weight(W0, seeds)
+    Hp = None
+    if H is not None:
+        Hf = H.detach().to(torch.float32).cpu()
+        Hp = rotate(rotate(Hf, seeds[0]).T.contiguous(), seeds[0])  # Q H Qᵀ (symmetric)
+        Hp = 0.5 * (Hp + Hp.T)
+    for k in ("fisher", "hinv_chol", "row_weight"):
+        kw.pop(k, None)
+    inner_q, Wp_hat = quantize_inner(Wp, spec.inner, Hp, method, damp=damp, **kw)
+    W_hat = unrotate_weight(Wp_hat.float(), seeds)
+    qt = IncoherentQTensor(spec, (R, C), inner_q, seeds)
+    if H is not None:
+        from ..algorithms.gptq import _proxy
+
+        qt.proxy_loss = _proxy(W0 - W_hat, H.detach().float().cpu())
+    return qt, W_hat

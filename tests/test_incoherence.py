@@ -1,0 +1,116 @@
+"""Incoherence processing (``+ip``): transforms, cost, GPTQ on the transformed weight, storage and the packed layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixq import api
+from mixq.algorithms.gptq import gptq_quantize
+from mixq.config import parse_spec
+from mixq.export.native import load_quantized, read_info, read_packed, save_quantized
+from mixq.intra import IncoherentLinear, IncoherentQTensor, PackedComposite, quantize_layer
+from mixq.intra.incoherence import rotate, rotate_weight, transform, unrotate_weight
+from mixq.runtime import QuantLinear, kernel_usage, memory_report
+
+IDS = torch.randint(4, 99, (4, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("n", [64, 192, 576, 1536])
+def test_rotate_is_the_orthogonal_transform(n):
+    Q = transform(n, 7)
+    assert torch.allclose(Q @ Q.T, torch.eye(n), atol=1e-5)
+    x = torch.randn(3, 5, n)
+    assert torch.allclose(rotate(x, 7), x @ Q.T, atol=1e-4)
+    assert torch.allclose(rotate(x, 7, transpose=True), x @ Q, atol=1e-4)
+    assert torch.allclose(rotate(rotate(x, 7), 7, transpose=True), x, atol=1e-4)
+    assert not torch.allclose(transform(n, 8), Q)  # another seed, another transform
+
+
+def test_weight_transform_round_trip():
+    W = torch.randn(192, 576)
+    Wp = rotate_weight(W, (3, 4))
+    assert torch.allclose(Wp, transform(192, 4) @ W @ transform(576, 3).T, atol=1e-4)
+    assert torch.allclose(unrotate_weight(Wp, (3, 4)), W, atol=1e-4)
+
+
+def test_spec_grammar_and_cost():
+    s = parse_spec("W3-g64+ip")
+    assert s.incoherent and s.inner == parse_spec("W3-g64") and parse_spec(s.name) == s
+    assert parse_spec(s.to_dict()) == s
+    assert s.cost((576, 1536)).total == parse_spec("W3-g64").cost((576, 1536)).total + 64
+    c = parse_spec("W3-g64+o0.5+ip")
+    assert c.inner == parse_spec("W3-g64+o0.5") and c.name == "W3-g64+o0.5+ip"
+    assert "incoherent" not in parse_spec("W3-g64+o0.5").to_dict()  # old composites keep their dicts
+    with pytest.raises(ValueError, match="Hadamard matrix of order 6 .output side"):
+        parse_spec("W3-channel+ip").cost((6, 64))
+
+
+def _heavy_layer(R=128, C=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.distributions.StudentT(3.0).sample((R, C)) * 0.02
+    W[:, :4] *= 8  # a few outlier input channels
+    X = torch.randn(2048, C, generator=g)
+    X[:, :4] *= 10
+    return W, X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("spec", ["W2-g64-asym", "W3-g64", "W3-channel"])
+def test_ip_lowers_the_gptq_output_error_on_heavy_tailed_weights(spec):
+    W, H = _heavy_layer()
+    plain = gptq_quantize(W, H, parse_spec(spec)).proxy_loss
+    qt, W_hat = quantize_layer(W, parse_spec(spec + "+ip"), H, "gptq")
+    assert isinstance(qt, IncoherentQTensor)
+    assert torch.allclose(qt.dequantize(), W_hat, atol=1e-5)
+    assert qt.proxy_loss < 0.8 * plain, (qt.proxy_loss, plain)
+
+
+def test_rtn_and_composite_inner():
+    W, H = _heavy_layer(64, 128)
+    for name in ("NF3-g32+ip", "W3-g32+o0.5+ip"):
+        qt, W_hat = quantize_layer(W, parse_spec(name), None, "rtn")
+        assert torch.allclose(qt.dequantize(), W_hat, atol=1e-5)
+        pc = PackedComposite.from_qtensor(qt)
+        assert "ip.seeds" in pc.parts and pc.to_qtensor().seeds == qt.seeds
+        assert torch.equal(pc.dequantize(), qt.dequantize())
+        assert abs(pc.nbytes * 8 - parse_spec(name).cost((64, 128)).total) < 8 * len(pc.parts)
+
+
+def test_save_load_packed_and_fake(tiny_model, tiny_tokenizer, tmp_path):
+    model = tiny_model("llama")
+    fqns = list(api.resolve_specs(model, "W4-g32"))
+    names = ["W3-g32+ip", "W4-g32+ip", "W3-g32+o0.5+ip", "W4-g32"]
+    specs = {f: parse_spec(names[i % len(names)]) for i, f in enumerate(fqns)}
+    res = api.quantize_model(model, specs, method="gptq", calib_ids=IDS, progress=False)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "gptq"})
+    info, packed, _ = read_packed(d)
+    for f, s in specs.items():
+        assert parse_spec(info["layers"][f]["spec"]) == s
+        if s.name.endswith("+ip"):
+            assert isinstance(packed[f], PackedComposite)
+    fake, _, _ = load_quantized(d)
+    pk, _, _ = load_quantized(d, packed=True)
+    ip_layers = [m for m in pk.modules() if isinstance(m, IncoherentLinear)]
+    assert len(ip_layers) == sum(s.name.endswith("+ip") for s in specs.values())
+    assert any(isinstance(m.inner, QuantLinear) for m in ip_layers)
+    with torch.no_grad():
+        a, b = fake(IDS).logits, pk(IDS).logits
+    assert torch.allclose(a, ref, atol=1e-4) and torch.allclose(b, ref, atol=1e-3)
+    usage = kernel_usage(pk)
+    assert sum(usage.values()) == len(specs) and any(k.startswith("ip+") for k in usage)
+    mem = memory_report(pk)
+    assert mem["quant_linears"] == len(specs)
+    assert mem["packed_weights"] * 8 >= sum(s.cost(packed[f].shape).total for f, s in specs.items())
+
+
+def test_measurement_prices_ip_candidates(tiny_model):
+    from mixq.measure import measure
+
+    model = tiny_model("llama")
+    cands = [parse_spec(n) for n in ("W3-g32", "W3-g32+ip", "W4-g32", "FP16")]
+    table = measure(model, IDS, cands, metric="hessian", algorithm="gptq", progress=False)
+    for e in table.layers:
+        assert parse_spec("W3-g32+ip") in e.candidates
+        errs = dict(zip(e.candidates, e.errors))
+        assert errs[parse_spec("W3-g32+ip")] >= 0 and errs[parse_spec("FP16")] <= errs[parse_spec("W3-g32")]
