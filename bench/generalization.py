@@ -23,7 +23,7 @@ from pathlib import Path
 from common import RESULTS, header, machine, git_rev
 
 from mixq import api, data
-from mixq.allocate import Budget, allocate, default_candidates
+from mixq.allocate import Budget, allocate, default_candidates, load_candidates
 from mixq.bos import resolve_bos
 from mixq.calibset import build_calibration
 from mixq.eval import Protocol, ReferenceCache, evaluate
@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN")
+    ap.add_argument("--candidates", default="default", help="candidate set of the measurement and plans: 'default', "
+                                                           "a named set or a file of spec names (as mixq measure)")
     ap.add_argument("--spec", default=None, help="instead of plans: GPTQ with this one spec on every layer (no "
                                                  "measurement; isolates how GPTQ itself fits its calibration rows)")
     ap.add_argument("--report", action="store_true")
@@ -59,7 +61,10 @@ def main():
     done = {(r["variant"], r["budget"]) for r in doc["rows"]}
     cmd = ("python bench/generalization.py --calib " + args.calib + (f" --tag {tag}" if args.tag else "")
            + (f" --damp {args.damp}" if args.damp != 0.01 else "") + (" --act-order" if args.act_order else "")
-           + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else ""))
+           + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "")
+           + (f" --candidates {args.candidates}" if args.candidates != "default" else "")
+           + (f" --budgets {args.budgets}" if args.budgets != "2.5,3,3.5,4,4.5" else "")
+           + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else ""))
     ref, tok = load_model("smollm2-135m")
     bos = resolve_bos(tok, ref, "auto")
     evals = {}
@@ -72,7 +77,9 @@ def main():
     t0 = time.perf_counter()
     calib = build_calibration(ref, tok, args.calib, args.nsamples, args.seqlen, seed=0, bos_id=bos.bos_id)
     t_calib = time.perf_counter() - t0
+    cands = default_candidates() if args.candidates == "default" else load_candidates(args.candidates)
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
+               candidates=[c.name for c in cands],
                act_order=args.act_order, calib_seconds=t_calib,
                protocols={c: e[1].to_dict() for c, e in evals.items()})
     if args.spec:
@@ -85,7 +92,7 @@ def main():
             if (v, b) in done:
                 continue
             if table is None:
-                table = _measurement(ref, calib, doc)
+                table = _measurement(ref, calib, doc, cands)
             plan = allocate(table, Budget(bpw=b),
                             method="exact" if v.startswith("mixed") else "uniform")
             model = copy.deepcopy(ref)
@@ -125,17 +132,20 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
     _finish(row, model, evals, doc, path, tag)
 
 
-def _measurement(ref, calib, doc):
-    """kfac errors after GPTQ on these rows; kept in bench/cache (git-ignored) by the rows' sha256, so runs that
-    change only how GPTQ quantizes (damping, act-order) share one measurement."""
+def _measurement(ref, calib, doc, cands):
+    """kfac errors after GPTQ on these rows; kept in bench/cache (git-ignored) by the rows' sha256 and the
+    candidate names, so runs that change only how GPTQ quantizes (damping, act-order) share one measurement."""
+    import hashlib
+
     from mixq.allocate import SensitivityTable
 
-    path = CACHE / f"generalization-{calib.sha256[:16]}.json"
+    names = hashlib.sha256(" ".join(c.name for c in cands).encode()).hexdigest()[:8]
+    path = CACHE / f"generalization-{calib.sha256[:16]}-{names}.json"
     if path.exists():
         doc["measure_seconds"] = f"reused {path.name}"
         return SensitivityTable.load(path)
     t = time.perf_counter()
-    table = measure(ref, calib.ids, default_candidates(), metric="kfac", algorithm="gptq", progress=False)
+    table = measure(ref, calib.ids, cands, metric="kfac", algorithm="gptq", progress=False)
     doc["measure_seconds"] = time.perf_counter() - t
     table.save(path, overwrite=True)
     return table
