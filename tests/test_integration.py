@@ -57,7 +57,7 @@ def test_quality_orders_as_expected(setup):
 
 def test_cli_quantize_then_eval(tmp_path, smollm2):
     out = tmp_path / "w4"
-    assert main(["quantize", "--spec", "W4-g64", "--out", str(out)]) == 0
+    assert main(["quantize", "--spec", "W4-g64", "--method", "rtn", "--out", str(out)]) == 0
     res = tmp_path / "r.json"
     assert main(["eval", str(out), "--tokens", "1024", "--out", str(res)]) == 0
     import json

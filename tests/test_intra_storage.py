@@ -204,7 +204,8 @@ def test_quantize_cli_writes_a_plan_with_composites(tmp_path, tiny_model, tiny_t
     assert {s.name for s in plan.layers.values()} & {"W3-g32+o0.5", "BIN-g32+r8+o1w8"}
     plan.save(tmp_path / "p.json")
     out = tmp_path / "q"
-    assert main(["quantize", "--model", str(src), "--plan", str(tmp_path / "p.json"), "--out", str(out)]) == 0
+    assert main(["quantize", "--model", str(src), "--plan", str(tmp_path / "p.json"), "--method", "rtn",
+                 "--out", str(out)]) == 0
     info = read_info(out)
     assert info["storage"]["bits_quantized_spec"] == plan.total_bits
     assert composite_layers(info) == sorted(f for f, s in plan.layers.items() if is_composite(s))

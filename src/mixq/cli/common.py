@@ -73,7 +73,8 @@ def measure_args(p, *, algorithm: str | None = None) -> None:
                         "fisher (diagonal Fisher), block (block-output error weighted by the residual gradient, "
                         "slowest and most faithful), block-rel (ExLlamaV2-style relative block-output error)")
     p.add_argument("--algorithm", default=algorithm, choices=ALGORITHMS,
-                   help="algorithm whose error is measured (default: the --method of quantize, else rtn)"
+                   help="algorithm whose error is measured (default: gptq when quantize's --method is gptq, "
+                        "which is the default; rtn for other methods)"
                    if algorithm is None else f"algorithm whose errors are measured (default {algorithm})")
     p.add_argument("--candidates", default="default",
                    help=f"'default', a named set ({', '.join(NAMED_SETS)}) or a file listing spec names")

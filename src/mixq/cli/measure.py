@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+from ..recipe import DEFAULT_RECIPE
 from .common import calib_args, measure_args, model_arg
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def finished_measurement(path: Path, model, calib_ids, args):
 
 
 def _algorithm(args) -> str:
-    return args.algorithm or ("gptq" if getattr(args, "method", "rtn") == "gptq" else "rtn")
+    return args.algorithm or ("gptq" if getattr(args, "method", DEFAULT_RECIPE["method"]) == "gptq" else "rtn")
 
 
 def run_measure(model, calib_ids, args, out: Path | None):

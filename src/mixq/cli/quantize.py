@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from ..api import METHODS
+from ..recipe import DEFAULT_RECIPE, recipe_record
 from .common import (UserError, calib_args, check_positive, constraint_args, constraints_from, human, measure_args,
                      model_arg, solver_arg)
 from .measure import finished_measurement, load_candidate_set, run_measure
@@ -25,8 +26,9 @@ def register(sub) -> None:
     src.add_argument("--bpw", type=float, default=None, help="measure + plan + quantize in one go at this budget "
                                                              "(bits per weight over the block linears, metadata counted)")
     q.add_argument("--measurement", default=None, help="with --bpw: reuse this measurement (else one is made and saved in --out)")
-    q.add_argument("--method", default="rtn", choices=METHODS,
-                   help="rtn (no data), or calibrated: gptq, awq (AWQ scaling + clipping, then RTN), awq+gptq")
+    q.add_argument("--method", default=DEFAULT_RECIPE["method"], choices=METHODS,
+                   help=f"gptq (default: calibrated), rtn (no data, much worse below 5 bpw), awq (AWQ scaling + "
+                        f"clipping, then RTN), awq+gptq (default {DEFAULT_RECIPE['method']})")
     q.add_argument("--rotate", action="store_true",
                    help="rotate the residual stream first (QuaRot, RMSNorm families; fused into the weights)")
     q.add_argument("--group-fallback", default="error", choices=["error", "shrink"],
@@ -37,7 +39,7 @@ def register(sub) -> None:
                                                        "buffers in memory-mapped files here instead of RAM")
     q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
     calib_args(q)
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, fraction of mean(diag H)")
+    q.add_argument("--damp", type=float, default=DEFAULT_RECIPE["damp"], help="GPTQ dampening, fraction of mean(diag H)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
     measure_args(q)
     constraint_args(q)
@@ -75,6 +77,8 @@ def cmd_quantize(args) -> int:
     if budget is not None:
         load_candidate_set(args.candidates)
     model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
+    if plan is not None:  # a plan for another model fails before any calibration work
+        plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
     t0 = time.perf_counter()
     bos = resolve_bos(tok, model, args.bos)
     calib = calibration_for(model, tok, args, bos) if needs_calib else None
@@ -124,7 +128,8 @@ def cmd_quantize(args) -> int:
         model.load_state_dict(kept, strict=False, assign=True)
     size = api.size_report(model, specs)
     label = spec.name if spec is not None else f"mixed plan ({plan.achieved_bpw:.3f} bpw, {plan.metric}/{plan.solver})"
-    meta = {"base_model": args.model, "method": args.method, "spec": label, "rotate": args.rotate,
+    meta = {"base_model": args.model, "method": args.method, "recipe": recipe_record(args), "spec": label,
+            "rotate": args.rotate,
             "lm_head": args.lm_head, "seconds": time.perf_counter() - t0, "size": size,
             "group_fallback": api.fallbacks(specs, spec) if spec is not None else {},
             "plan": plan.to_dict() if plan is not None else None, **extra,
