@@ -19,10 +19,12 @@ IDS = torch.randint(4, 99, (4, 16), generator=torch.Generator().manual_seed(0))
 def test_rotate_is_the_orthogonal_transform(n):
     Q = transform(n, 7)
     assert torch.allclose(Q @ Q.T, torch.eye(n), atol=1e-5)
-    x = torch.randn(3, 5, n)
-    assert torch.allclose(rotate(x, 7), x @ Q.T, atol=1e-4)
-    assert torch.allclose(rotate(x, 7, transpose=True), x @ Q, atol=1e-4)
-    assert torch.allclose(rotate(rotate(x, 7), 7, transpose=True), x, atol=1e-4)
+    for x in (torch.randn(3, 5, n), torch.randn(1, n), torch.randn(4, 50, n)):  # dense (decode) and factored paths
+        assert torch.allclose(rotate(x, 7), x @ Q.T, atol=1e-4)
+        assert torch.allclose(rotate(x, 7, transpose=True), x @ Q, atol=1e-4)
+        assert torch.allclose(rotate(rotate(x, 7), 7, transpose=True), x, atol=1e-4)
+    xb = torch.randn(2, n).to(torch.bfloat16)
+    assert rotate(xb, 7).dtype == torch.bfloat16
     assert not torch.allclose(transform(n, 8), Q)  # another seed, another transform
 
 

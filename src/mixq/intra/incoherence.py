@@ -47,13 +47,30 @@ def transform(n: int, seed: int) -> torch.Tensor:
     return dense(list(factors), signs).to(torch.float32)
 
 
+DENSE_MAX_ROWS = 16   # up to this many vectors (decode steps) of an order up to DENSE_MAX_ORDER, one product
+DENSE_MAX_ORDER = 1024  # with the cached dense Q beats the per-factor steps (measured on a 2-core EPYC, fp32)
+
+
+@lru_cache(maxsize=32)
+def _dense_t(n: int, seed: int, dtype: torch.dtype, device: str, transpose: bool) -> torch.Tensor:
+    Q = transform(n, seed).to(device=device, dtype=dtype)
+    return (Q if transpose else Q.T).contiguous()
+
+
 def rotate(x: torch.Tensor, seed: int, *, transpose: bool = False) -> torch.Tensor:
     """``Q x`` along the last dim of ``x`` (``Qᵀ x`` with ``transpose``), in ``x``'s dtype and device.
 
     ``Q = (F₁ ⊗ … ⊗ F_k) diag(s)``: the signs first, then each factor on its axis of ``x`` reshaped to
-    ``[..., m₁, …, m_k]`` (``Qᵀ = diag(s) (F₁ᵀ ⊗ … ⊗ F_kᵀ)``: the factors transposed, then the signs).
+    ``[..., m₁, …, m_k]`` (``Qᵀ = diag(s) (F₁ᵀ ⊗ … ⊗ F_kᵀ)``: the factors transposed, then the signs) --
+    ``n · Σ mᵢ`` multiply-adds per vector.  For a few vectors (decode) the per-factor steps cost more in
+    overhead than they save, and one product with the dense ``Q`` (cached per order, seed, dtype and device:
+    every ``+ip`` layer of one shape shares it) is used instead.
     """
     n = x.shape[-1]
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":  # no fast half GEMM on most CPUs
+        return rotate(x.float(), seed, transpose=transpose).to(x.dtype)
+    if x.numel() <= DENSE_MAX_ROWS * n and n <= DENSE_MAX_ORDER:
+        return x @ _dense_t(n, seed, x.dtype, str(x.device), transpose)
     factors, signs = _factors(n, seed)
     lead = x.shape[:-1]
     s = signs.to(device=x.device, dtype=x.dtype)

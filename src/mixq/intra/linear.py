@@ -116,12 +116,30 @@ class IncoherentLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        y = rotate(self.inner(rotate(x, self._seeds[0])), self._seeds[1], transpose=True)
+        y = rotate(self.inner(_rotate_input(x, self._seeds[0])), self._seeds[1], transpose=True)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
                 f"bias={self.bias is not None}")
+
+
+_LAST_INPUT: list = [None]  # (x, seed, its sum, Q x): q/k/v (and gate/up) read one input: rotate it once
+
+
+def _rotate_input(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """``Q x``, reused when the previous ``+ip`` layer rotated this same tensor with this seed and its values have
+    not changed since (the same object, the same sum: inference tensors carry no version counter)."""
+    if torch.is_grad_enabled():
+        _LAST_INPUT[0] = None
+        return rotate(x, seed)
+    last = _LAST_INPUT[0]
+    total = float(x.sum())
+    if last is not None and last[0] is x and last[1] == seed and last[2] == total:
+        return last[3]
+    xr = rotate(x, seed)
+    _LAST_INPUT[0] = (x, seed, total, xr)
+    return xr
 
 
 def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposite], kernel: str = "auto") -> nn.Module:
