@@ -34,6 +34,7 @@ _LAZY: dict[str, str] = {
     "save_quantized": "mixq.pipeline:save_quantized",
     "load_quantized": "mixq.export.native:load_quantized",
     "evaluate": "mixq.pipeline:evaluate",
+    "finetune": "mixq.pipeline:finetune",
     # the artifacts they pass along
     "Budget": "mixq.allocate:Budget",
     "Plan": "mixq.allocate:Plan",

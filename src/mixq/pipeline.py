@@ -250,6 +250,54 @@ def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: d
     return _save(out_dir, model, tokenizer, qtensors, info, overwrite=overwrite, rest_dtype=rest_dtype)
 
 
+# ---------------------------------------------------------------------------- fine-tuning
+def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: str | None = None,
+             nsamples: int = 32, seqlen: int = 512, seed: int = 0, bos="auto", config=None,
+             overwrite: bool = False, plot: bool = True, progress: bool = True) -> dict:
+    """Fine-tune the quantized directory ``src_dir`` with its codes fixed and write ``out_dir`` (``mixq finetune``).
+
+    Block-wise distillation of the scales (and norms) towards the directory's base model on ``nsamples`` x
+    ``seqlen`` calibration rows of ``calib`` (default :data:`mixq.calibset.DEFAULT_CALIB`), the last quarter held
+    out to choose each block's stopping epoch (:mod:`mixq.distill`; ``config``: a
+    :class:`~mixq.distill.FinetuneConfig`).  Interrupted runs resume from the blocks done (kept beside
+    ``out_dir``).  ``plot``: the loss curves as ``<out_dir>.finetune.png``.  Returns the report (also recorded as
+    ``finetune`` in ``out_dir``'s ``mixq.json``).
+    """
+    from pathlib import Path
+
+    from .export.native import _OWN_KEYS, load_quantized as _load_q, read_info, read_qtensors
+    from .export.native import save_quantized as _save
+    from .distill import FinetuneConfig, finetune_blockwise, mean_gain, plot_curves
+
+    src, out = Path(src_dir), Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
+    if out.resolve() == src.resolve():
+        raise ValueError("finetune writes a new directory: --out must differ from the source")
+    cfg = config or FinetuneConfig()
+    info = read_info(src)
+    base = info.get("base_model")
+    if not base:
+        raise ValueError(f"{src} records no base model to distil from: re-quantize it with this mixq")
+    ref, tok = load_model(base)
+    qmodel, qtok, _ = _load_q(src)
+    _, qtensors, _ = read_qtensors(src)
+    cal = build_calibration(ref, tok, calib, nsamples, seqlen, seed, bos=bos, progress=progress)
+    key = {"source": info.get("files"), "calibration": cal.sha256}
+    new, report = finetune_blockwise(qmodel, ref, qtensors, cal.ids, cfg, progress=progress, key=key,
+                                     checkpoint=out.with_name(f".{out.name}.partial-finetune"))
+    report["calibration"] = cal.record()
+    report["held_out_gain"] = mean_gain(report)
+    meta = {k: v for k, v in info.items() if k not in _OWN_KEYS}
+    meta["finetune"] = {**report, "source": str(src)}
+    side = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file() and p.name in
+            ("plan.json", "measurement.json")}
+    _save(out, qmodel, qtok or tok, new, meta, overwrite=overwrite, side_files=side)
+    if plot:
+        report["plot"] = str(plot_curves(report, out.with_name(f"{out.name}.finetune.png")))
+    return report
+
+
 # ---------------------------------------------------------------------------- evaluation
 def evaluation_windows(tokenizer, model=None, *, corpus: str | list[str] | None = None, split: str = "test",
                        tokens: int | None = 32768, seqlen: int = 512, stride: int | None = None, bos="auto",

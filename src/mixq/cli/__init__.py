@@ -1,6 +1,6 @@
 """The ``mixq`` command line.  Each subcommand is a file-to-file stage; see ``mixq --help``.
 
-One module per subcommand (``quantize``, ``measure``, ``plan``, ``eval`` with its ``--act``/``--kv``
+One module per subcommand (``quantize``, ``measure``, ``plan``, ``finetune``, ``eval`` with its ``--act``/``--kv``
 path in :mod:`.eval_act`, ``specs``, ``demo``, ``export``, ``generate``, ``measure_kv``, ``inspect``,
 ``zeroshot``, ``bench``), each with ``register(sub)`` and its ``cmd_*`` driver; what they share
 (:class:`~.common.UserError`, the default model, argument groups) is in :mod:`.common`.  Nothing
@@ -19,13 +19,14 @@ import sys
 from ..data import CorpusUnavailableError
 from ..export.native import CheckpointError
 from ..models import ModelNotFoundError
-from . import bench, demo, export, generate, inspect, measure, measure_kv, plan, quantize, specs, zeroshot
+from . import bench, demo, export, finetune, generate, inspect, measure, measure_kv, plan, quantize, specs, zeroshot
 from . import eval as eval_
 from .common import DEFAULT_MODEL, UserError
 
 __all__ = ["COMMANDS", "DEFAULT_MODEL", "UserError", "build_parser", "main"]
 
-COMMANDS = (quantize, measure, plan, eval_, specs, demo, export, generate, measure_kv, inspect, zeroshot, bench)
+COMMANDS = (quantize, measure, plan, finetune, eval_, specs, demo, export, generate, measure_kv, inspect, zeroshot,
+            bench)
 USER_ERRORS = (UserError, ValueError, FileExistsError, FileNotFoundError, CheckpointError, ModelNotFoundError,
                CorpusUnavailableError)
 

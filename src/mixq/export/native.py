@@ -79,13 +79,16 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------- writing
 def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qtensors: dict[str, QTensor],
-                   meta: dict, *, overwrite: bool = False, rest_dtype: torch.dtype | None = None) -> Path:
+                   meta: dict, *, overwrite: bool = False, rest_dtype: torch.dtype | None = None,
+                   side_files: dict[str, bytes] | None = None) -> Path:
     """Write the native directory (v2) atomically.  Refuses an existing ``out_dir`` unless ``overwrite``.
 
     ``qtensors`` are bit-packed (:class:`~mixq.runtime.PackedWeight`; intra-tensor composites, e.g. from
     ``quantize_model`` with a plan that chose them, as :class:`~mixq.intra.PackedComposite`);
     ``rest_dtype`` optionally casts
     the floating-point tensors of ``rest.safetensors`` (e.g. ``torch.bfloat16``; default: as in ``model``).
+    ``side_files``: more files (name -> bytes, e.g. a source directory's ``plan.json``) written inside the
+    same atomic write.
     """
     from ..runtime import PackedWeight
 
@@ -107,6 +110,8 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
                 gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, data in (side_files or {}).items():
+            (tmp / name).write_bytes(data)
 
     return _write_dir(out, packed, _rest_state(model, qtensors), meta, extra, overwrite=overwrite,
                       rest_dtype=rest_dtype)

@@ -1,0 +1,123 @@
+"""Block-wise fine-tuning with codes fixed (mixq.distill, `mixq finetune`)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from mixq import api
+from mixq.cli import main
+from mixq.config import parse_spec
+from mixq.distill import FinetuneConfig, TunableLinear, finetune_blockwise, tunable
+from mixq.export.native import load_quantized, read_info
+from mixq.formats import dequantize
+from mixq.intra.incoherence import IncoherentQTensor
+
+IDS = torch.randint(4, 99, (16, 24), generator=torch.Generator().manual_seed(0))
+SPECS = ["W3-g32", "W3-g32+ip", "W2-g32-asymf", "NF3-g32"]
+
+
+def _kl(ref, q, ids=IDS):
+    with torch.no_grad():
+        a, b = torch.log_softmax(ref(ids).logits, -1), torch.log_softmax(q(ids).logits, -1)
+    return float((a.exp() * (a - b)).sum(-1).mean())
+
+
+def _quantized(tiny_model, perturb: float = 1.0):
+    ref = tiny_model("llama")
+    q = copy.deepcopy(ref)
+    fq = list(api.resolve_specs(q, "W4-g32"))
+    specs = {f: parse_spec(SPECS[i % len(SPECS)]) for i, f in enumerate(fq)}
+    res = api.quantize_model(q, specs, method="rtn", progress=False)
+    if perturb != 1.0:  # scales off by a factor: the codes are right, the continuous part is not
+        mods = dict(q.named_modules())
+        for f, qt in res.qtensors.items():
+            inner = qt.inner if isinstance(qt, IncoherentQTensor) else qt
+            inner.params.scale = (inner.params.scale * perturb).half().float()
+            with torch.no_grad():
+                mods[f].weight.copy_(qt.dequantize() if isinstance(qt, IncoherentQTensor) else dequantize(qt))
+    return ref, q, res.qtensors
+
+
+def test_tunable_layers_reproduce_the_stored_weight(tiny_model):
+    _, _, qts = _quantized(tiny_model)
+    assert all(tunable(qt) for qt in qts.values())
+    assert not tunable(api.quantize_model(tiny_model("llama"), {"model.layers.0.mlp.up_proj": parse_spec(
+        "W3-g32+o0.5")}, progress=False).qtensors["model.layers.0.mlp.up_proj"])
+    for qt in qts.values():
+        t = TunableLinear(qt, None)
+        want = qt.dequantize() if isinstance(qt, IncoherentQTensor) else dequantize(qt)
+        assert torch.allclose(t.weight_hat(), want, atol=1e-5)
+        st = t.stored()
+        assert type(st) is type(qt) and torch.allclose(
+            st.dequantize() if isinstance(st, IncoherentQTensor) else dequantize(st), want, atol=1e-5)
+
+
+def test_perturbed_scales_are_recovered_and_held_out_decides(tiny_model):
+    ref, q, qts = _quantized(tiny_model, perturb=1.3)
+    before = _kl(ref, q)
+    new, rep = finetune_blockwise(q, ref, qts, IDS, FinetuneConfig(epochs=6, lr=2e-2, batch=4), progress=False)
+    after = _kl(ref, q)
+    assert after < 0.5 * before, (before, after)
+    for b in rep["blocks"]:
+        assert b["held_out_after"] == min(b["held_out"]) and b["held_out_after"] <= b["held_out_before"]
+        assert b["held_out"][b["epoch_kept"]] == b["held_out_after"] and len(b["train"]) == 6
+    assert rep["rows"] == {"train": 12, "held_out": 4}
+    # the stored parts hold what the model computes with (scales rounded to fp16)
+    mods = dict(q.named_modules())
+    for f, qt in new.items():
+        w = qt.dequantize() if isinstance(qt, IncoherentQTensor) else dequantize(qt)
+        assert torch.allclose(mods[f].weight, w, atol=1e-6)
+        assert qt.params.scale.half().float().equal(qt.params.scale) if not isinstance(qt, IncoherentQTensor) else True
+
+
+def test_resume_gives_the_same_result(tiny_model, tmp_path, monkeypatch):
+    import mixq.distill as d
+
+    cfg = FinetuneConfig(epochs=2, lr=1e-2, batch=4)
+    ref, q, qts = _quantized(tiny_model, perturb=1.2)
+    q2 = copy.deepcopy(q)
+    want, _ = finetune_blockwise(q, ref, qts, IDS, cfg, progress=False)
+    calls = {"n": 0}
+    real = d._train_block
+
+    def once(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(d, "_train_block", once)
+    ck = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        finetune_blockwise(copy.deepcopy(q2), ref, qts, IDS, cfg, checkpoint=ck, progress=False)
+    assert (ck / "block-0.json").exists() and not (ck / "block-1.json").exists()
+    monkeypatch.setattr(d, "_train_block", real)
+    got, rep = finetune_blockwise(q2, ref, qts, IDS, cfg, checkpoint=ck, progress=False)
+    assert not ck.exists()
+    for f in want:
+        a, b = want[f], got[f]
+        a, b = (a.inner, b.inner) if isinstance(a, IncoherentQTensor) else (a, b)
+        assert torch.equal(a.params.scale, b.params.scale), f
+
+
+def test_cli_finetune(tiny_dir, tmp_path, capsys):
+    calib = tmp_path / "c.txt"
+    calib.write_text("the market said shares rose in heavy trading as investors bought bank stocks .\n" * 60)
+    src = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", "W3-g32+ip", "--method", "rtn", "--out", str(src)]) == 0
+    out = tmp_path / "ft"
+    args = ["finetune", str(src), "--calib", str(calib), "--nsamples", "8", "--seqlen", "16", "--epochs", "2",
+            "--out", str(out)]
+    assert main(args) == 0
+    assert "blocks changed" in capsys.readouterr().out
+    info = read_info(out)
+    assert info["finetune"]["rows"] == {"train": 6, "held_out": 2} and len(info["finetune"]["blocks"]) == 2
+    assert info["recipe"]["name"] and (tmp_path / "ft.finetune.png").stat().st_size > 0
+    model, tok, _ = load_quantized(out)
+    assert tok is not None
+    assert main(args) == 2  # an existing --out is refused
+    assert main(["finetune", str(src), "--out", str(src), "--force"]) == 2
+    assert json.loads((src / "mixq.json").read_text())["format"]  # the source is untouched
