@@ -7,9 +7,9 @@ the calibration data hash, the candidate set and the metric; an interrupted meas
 from the blocks already done, and a finished one is reused for any number of budgets.
 
 ``algorithm="gptq"`` runs GPTQ for every candidate of every layer, which is exact but slow; the
-default ``gptq_refs="per-bits"`` runs GPTQ once per distinct bit width (on the candidate with the
-median group size) and scales the RTN errors of that bit width by the measured GPTQ/RTN ratio —
-the ratio depends mostly on the bit width, and this keeps measurement within minutes.  ``+ip``
+default ``gptq_refs="per-bits"`` runs GPTQ once per element family and bit width (on the candidate with
+the median cost) and scales the RTN errors of that family and width by the measured GPTQ/RTN ratio —
+the ratio depends mostly on those two, and this keeps measurement within minutes.  ``+ip``
 candidates over a plain grid (:mod:`mixq.intra.incoherence`) are measured the same way in their own
 transformed basis, with their own ratio per bit width; other composites always run exactly.
 
@@ -177,14 +177,15 @@ def _scalable(c) -> bool:
 
 
 def _scale_by_gptq(W, sens, cands, errs, err, hc) -> list[float]:
-    """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per bit width (``+ip``
-    candidates apart from plain ones: GPTQ gains a different share of the error in the transformed basis)."""
-    by_bits: dict[tuple[int, bool], list[int]] = {}
+    """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per element family and bit
+    width (an NF grid gains a different share of its error from GPTQ than an int grid of the same bits, and
+    ``+ip`` candidates another again, in the transformed basis)."""
+    by_bits: dict[tuple[str, int, bool], list[int]] = {}
     for k, c in enumerate(cands):
         if not c.is_float_keep and _scalable(c):
-            by_bits.setdefault((c.bits, is_composite(c)), []).append(k)
+            by_bits.setdefault((c.dtype, c.bits, is_composite(c)), []).append(k)
     out = list(errs)
-    for (bits, ip), ks in by_bits.items():
+    for (_, bits, ip), ks in by_bits.items():
         ref = sorted(ks, key=lambda k: cands[k].cost(tuple(W.shape)).total)[len(ks) // 2]
         e_rtn = errs[ref]
         if ip:
