@@ -121,3 +121,16 @@ def test_cli_finetune(tiny_dir, tmp_path, capsys):
     assert main(args) == 2  # an existing --out is refused
     assert main(["finetune", str(src), "--out", str(src), "--force"]) == 2
     assert json.loads((src / "mixq.json").read_text())["format"]  # the source is untouched
+
+
+def test_quantize_with_finetune(tiny_dir, tmp_path):
+    calib = tmp_path / "c.txt"
+    calib.write_text("shares rose in heavy trading as investors bought bank stocks and bonds .\n" * 60)
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "8",
+                 "--seqlen", "16", "--grad-samples", "2", "--finetune", "--finetune-samples", "8",
+                 "--out", str(out)]) == 0
+    info = read_info(out)
+    assert info["method"] == "gptq" and info["recipe"]["deviations"]["finetune"] is True
+    assert info["finetune"]["rows"]["train"] == 6 and (out / "plan.json").exists()
+    assert not list(tmp_path.glob(".q.*"))  # no scratch left behind

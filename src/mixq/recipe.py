@@ -23,6 +23,7 @@ DEFAULT_RECIPE: dict[str, object] = {
     "damp": 0.01,              # --damp (GPTQ)
     "act_order": False,        # --act-order
     "rotate": False,           # --rotate (QuaRot): +ip candidates transform each layer instead
+    "finetune": False,         # --finetune (block-wise distillation of scales and norms)
 }
 
 

@@ -44,6 +44,10 @@ def register(sub) -> None:
     measure_args(q)
     constraint_args(q)
     solver_arg(q, "with --bpw: allocation solver")
+    q.add_argument("--finetune", action="store_true",
+                   help="then fine-tune the scales and norms block by block with the codes fixed (`mixq finetune` "
+                        "with its defaults, on the first --finetune-samples rows of this --calib)")
+    q.add_argument("--finetune-samples", type=int, default=32, help="calibration rows of --finetune (default 32)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)
@@ -135,19 +139,42 @@ def cmd_quantize(args) -> int:
             "plan": plan.to_dict() if plan is not None else None, **extra,
             "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
             "proxy_loss": res.proxy_loss or None}
+    final = out
+    if args.finetune:  # quantized into a scratch directory, fine-tuned from there into --out
+        out = out.with_name(f".{out.name}.quantized")
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
     save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
     if walk is not None:
         walk.clear()
     if budget is not None and args.measurement is None:
         table.meta["calibration_record"] = calib.record()
         table.save(out / "measurement.json", overwrite=True)
-        out.with_name(f".{out.name}.measurement.json").unlink(missing_ok=True)
+        final.with_name(f".{final.name}.measurement.json").unlink(missing_ok=True)
     if plan is not None:
         plan.save(out / "plan.json", overwrite=True)
+    if args.finetune:
+        _finetune(out, final, args)
+        out = final
     print(f"wrote {out}: {len(specs)} layers, {label} ({args.method}), "
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
     return 0
+
+
+def _finetune(scratch: Path, out: Path, args) -> None:
+    import shutil
+
+    from ..pipeline import finetune
+
+    check_positive(finetune_samples=args.finetune_samples)
+    rep = finetune(scratch, out, calib=args.calib, nsamples=args.finetune_samples, seqlen=args.seqlen,
+                   seed=args.seed, bos=args.bos, overwrite=args.force)
+    shutil.rmtree(scratch)
+    print(f"fine-tuned: held-out block loss x{rep['held_out_gain']:.3f} (geometric mean over blocks), "
+          f"{rep['seconds']:.0f} s" + (f"; curves in {rep['plot']}" if rep.get("plot") else ""))
 
 
 def _check_lazy(args) -> None:
