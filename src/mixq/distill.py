@@ -300,10 +300,12 @@ class _Checkpoint:
             return
         from safetensors.torch import save_file
 
+        from .fsmode import publish
         from .jsonio import write_json_atomic
 
         tmp = self.dir / f".block-{i}.safetensors.tmp"
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        publish(tmp)  # safetensors writes files private
         tmp.replace(self.dir / f"block-{i}.safetensors")
         write_json_atomic(self.dir / f"block-{i}.json", record, overwrite=True)  # written last: marks the block done
 

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .fsmode import publish
+
 
 def read_json(path: str | Path):
     p = Path(path)
@@ -34,9 +36,7 @@ def write_json_atomic(path: str | Path, obj, *, overwrite: bool = False) -> Path
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
+        publish(tmp)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .fsmode import publish
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "mixq-manifest.json"
@@ -148,6 +150,7 @@ def ensure_cached(target: Path, builder: Callable[[Path], None], source: dict | 
     try:
         builder(tmp)
         write_manifest(tmp, source)
+        publish(tmp)  # mkdtemp and safetensors make things private; a cache may be shared
         if target.exists() and verify_manifest(target, source) is None:
             log.info("cache %s was built concurrently; keeping that build", target)
             return target

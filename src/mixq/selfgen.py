@@ -222,6 +222,7 @@ def self_generated(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, 
     per key, its ids' sha256 checked on load (a damaged file is generated again)."""
     from safetensors.torch import load_file, save_file
 
+    from .fsmode import publish
     from .models import cache_dir
 
     root = Path(cache) if cache is not None else cache_dir() / "selfgen"
@@ -241,6 +242,7 @@ def self_generated(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, 
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"ids": ids.contiguous()}, str(tmp))
+    publish(tmp)  # safetensors writes files private; the cache may be shared
     from .jsonio import write_json_atomic
 
     write_json_atomic(path.with_suffix(".json"), {"sha256": ids_sha256(ids), "n": n, "seqlen": seqlen, "seed": seed,

@@ -49,6 +49,7 @@ from torch import nn
 
 from .. import stio
 from ..arch import get_weight, set_weight
+from ..fsmode import publish
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        publish(tmp)  # safetensors writes files private; a block is an ordinary file like the rest
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

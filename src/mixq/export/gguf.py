@@ -98,6 +98,7 @@ from torch import nn
 from ..config import QuantSpec
 from ..formats import QTensor
 from ..formats import dequantize as mixq_dequantize
+from ..fsmode import publish
 from .gguf_vocab import _add_tokenizer, _embedded_pre, _tokenizer_fields
 from .ggml import (  # noqa: F401  (encode/decode re-exported: part of this module's API; block packers: .ggml_pack)
     _Choice,
@@ -395,9 +396,7 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
             for entry in rows_report:
                 checked = verification["tensors"][entry["name"]]
                 entry.update({k: checked[k] for k in ("max_abs_err", "rel_err", "exact")})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result is an ordinary file
+        publish(tmp)  # mkstemp makes the file private; the result is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
