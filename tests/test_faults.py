@@ -1,5 +1,6 @@
 """Faults a hostile but realistic user hits (issue 17): every one is a single ``mixq: error:`` line and exit 2,
 never a traceback, and what a run writes is readable by other users."""
+import errno
 import os
 
 import pytest
@@ -8,11 +9,13 @@ from mixq.cli import main
 
 
 def _one_line(capsys, needle: str) -> str:
+    """stderr ends in one ``mixq: error:`` line holding ``needle`` (before it: only progress bars of loading)."""
     err = capsys.readouterr().err
-    assert err.startswith("mixq: error:") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    assert needle in err, err
-    return err
+    assert "Traceback" not in err, err
+    lines = err.rstrip("\n").split("\n")
+    assert lines[-1].startswith("mixq: error:") and err.count("mixq: error:") == 1, err
+    assert needle in lines[-1], err
+    return lines[-1]
 
 
 @pytest.fixture
@@ -81,3 +84,142 @@ def test_walk_checkpoint_blocks_are_ordinary_files(umask, tiny_model, tmp_path):
     assert any((tmp_path / "walk").glob("block-*.safetensors"))
     modes = _modes(tmp_path / "walk")
     assert all(m == 0o666 & ~umask for k, m in modes.items() if k != "."), {k: oct(v) for k, v in modes.items()}
+
+
+# ---------------------------------------------------------------------------- smaller ones (item 8)
+def test_empty_spec_is_an_error(tiny_dir, tmp_path, capsys):
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", "", "--method", "rtn",
+                 "--out", str(tmp_path / "q")]) == 2
+    _one_line(capsys, "mixq specs")
+    assert not (tmp_path / "q").exists()
+
+
+def test_binary_corpus_names_the_file_and_the_fix(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "corpus.txt"
+    bad.write_bytes(bytes(range(256)) * 8)
+    assert main(["eval", str(tiny_dir), "--corpus", str(bad), "--tokens", "64", "--seqlen", "16"]) == 2
+    err = _one_line(capsys, str(bad))
+    assert "UTF-8" in err
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--calib", str(bad), "--nsamples", "2",
+                 "--seqlen", "16", "--out", str(tmp_path / "q")]) == 2
+    _one_line(capsys, "not UTF-8 text")
+
+
+def test_short_corpus_names_the_tokens_flag(tiny_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("a few words\n" * 3)
+    assert main(["eval", str(tiny_dir), "--corpus", str(short), "--tokens", "8", "--seqlen", "32"]) == 2
+    err = _one_line(capsys, "--tokens")
+    assert "max_tokens" not in err.replace("(max_tokens)", "")
+
+
+@pytest.mark.parametrize("command", [
+    ["quantize", "--model", "{m}", "--spec", "W4-g32", "--method", "rtn", "--out", "{f}/q"],
+    ["export", "{q}", "--format", "gguf", "--out", "{f}/sub/m.gguf"],
+    ["export", "{q}", "--format", "compressed-tensors", "--out", "{f}/ct"],
+    ["measure", "--model", "{m}", "--nsamples", "2", "--seqlen", "16", "--out", "{f}/m.json"],
+])
+def test_out_under_a_regular_file(command, tiny_dir, qdir, tmp_path, capsys):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    capsys.readouterr()
+    assert main([c.format(m=tiny_dir, q=qdir, f=f) for c in command]) == 2
+    _one_line(capsys, f"{f} is a file, not a directory")
+    assert f.read_text() == "x"
+
+
+def test_hf_readback_loads_safetensors_only(monkeypatch, tmp_path):
+    import transformers
+
+    from mixq.export import hf_readback
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(hf_readback, "load_quantized", lambda *a, **k: (None, None, {}), raising=False)
+    monkeypatch.setattr("mixq.export.native.load_quantized", lambda *a, **k: (None, None, {}))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    with pytest.raises(RuntimeError, match="stop here"):
+        hf_readback.check_with_transformers(tmp_path, tmp_path)
+    assert seen.get("use_safetensors") is True
+
+
+# ---------------------------------------------------------------------------- unwritable or full targets (item 2)
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/fake/out/rest.safetensors")
+
+
+def test_full_disk_is_one_line(tiny_dir, qdir, tmp_path, capsys, monkeypatch):
+    """A disk that fills up while the output is written: exit 2, one line, no temporary left behind."""
+    import mixq.export.gguf
+    import mixq.export.hf
+    import mixq.export.native
+
+    monkeypatch.setattr(mixq.export.native, "save_file", _full_disk)
+    monkeypatch.setattr(mixq.export.hf, "save_file", _full_disk)
+    capsys.readouterr()
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--method", "rtn",
+                 "--out", str(tmp_path / "q2")]) == 2
+    _one_line(capsys, "No space left on device; free some space")
+    assert main(["export", str(qdir), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 2
+    _one_line(capsys, "No space left on device")
+
+    real_open = open
+
+    def gguf_open(path, mode="r", *a, **k):  # the GGUF writer's file fills the disk
+        if "w" in mode and ".m.gguf" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", gguf_open)
+    rc = main(["export", str(qdir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
+    monkeypatch.undo()
+    assert rc == 2
+    _one_line(capsys, "No space left on device")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["tiny", "q"]), left  # no output, no temporary
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+@pytest.mark.parametrize("command", [
+    ["quantize", "--model", "{m}", "--spec", "W4-g32", "--method", "rtn", "--out", "{ro}/q"],
+    ["quantize", "--model", "{m}", "--bpw", "4", "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+     "--out", "{ro}/q"],
+    ["export", "{q}", "--format", "gguf", "--out", "{ro}/m.gguf"],
+    ["export", "{q}", "--format", "compressed-tensors", "--out", "{ro}/ct"],
+    ["export", "{q}", "--format", "gptq", "--out", "{ro}/deeper/gptq"],
+])
+def test_read_only_folder_fails_before_any_work(command, tiny_dir, qdir, tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    import mixq.calibset
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration started before the output was checked")
+
+    monkeypatch.setattr(mixq.calibset, "calibration_for", no_calibration)
+    capsys.readouterr()
+    try:
+        assert main([c.format(m=tiny_dir, q=qdir, ro=ro) for c in command]) == 2
+    finally:
+        ro.chmod(0o755)
+    _one_line(capsys, f"cannot write in {ro}")
+    assert os.listdir(ro) == []
+
+
+def test_unwritable_folder_even_for_root(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The pre-flight probe itself is refused (as on a read-only mount, which stops root too)."""
+    import tempfile
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--method", "rtn",
+                 "--out", str(tmp_path / "q")]) == 2
+    _one_line(capsys, "Read-only file system")
+    assert not (tmp_path / "q").exists()

@@ -126,17 +126,21 @@ def _hf_load(name: str, *args, **kwargs):
 def _load_local(path: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"corpus file {path!r} does not exist; give an existing .txt or .jsonl file or a corpus name ({', '.join(CORPORA)})")
-    with open(path, encoding="utf-8") as f:
-        if path.lower().endswith(".txt"):
-            return f.read()
-        texts = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({exc})") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.lower().endswith(".txt"):
+                return f.read()
+            texts = []
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise ValueError(f"{path}:{lineno}: expected a JSON object with a \"text\" field ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"corpus file {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); give a UTF-8 "
+                         ".txt or .jsonl file (convert it with e.g. `iconv -t UTF-8`)") from None
     return "\n\n".join(texts)
 
 
@@ -276,7 +280,7 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, *, stride: int | None = None
         tokens = tokens[:max_tokens]
     n = tokens.numel()
     if n < seqlen:
-        raise ValueError(f"only {n} tokens available, fewer than seqlen={seqlen}; use a longer corpus, a larger max_tokens or a smaller seqlen")
+        raise ValueError(f"only {n} tokens available, fewer than seqlen={seqlen}; use a longer corpus, a larger --tokens (max_tokens) or a smaller --seqlen")
     starts = torch.arange(0, n - seqlen + 1, stride)
     input_ids = tokens[starts[:, None] + torch.arange(seqlen)]
     mask = torch.zeros_like(input_ids, dtype=torch.bool)

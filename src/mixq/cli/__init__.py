@@ -6,8 +6,9 @@ path in :mod:`.eval_act`, ``specs``, ``demo``, ``export``, ``generate``, ``measu
 (:class:`~.common.UserError`, the default model, argument groups) is in :mod:`.common`.  Nothing
 outside this package imports it.
 
-Errors a user can fix (bad spec, unknown model, missing corpus, existing output) print one line
-``mixq: error: ...`` and exit with status 2; set ``MIXQ_DEBUG=1`` for the traceback.
+Errors a user can fix (bad spec, unknown model, missing corpus, existing output, and every ``OSError``: a full
+disk, an unwritable folder) print one line ``mixq: error: ...`` and exit with status 2; set ``MIXQ_DEBUG=1`` for
+the traceback.
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from ..export.native import CheckpointError
 from ..models import ModelNotFoundError
 from . import bench, demo, export, finetune, generate, inspect, measure, measure_kv, plan, quantize, specs, zeroshot
 from . import eval as eval_
-from .common import DEFAULT_MODEL, UserError
+from .common import DEFAULT_MODEL, UserError, os_error_line
 
 __all__ = ["COMMANDS", "DEFAULT_MODEL", "UserError", "build_parser", "main"]
 
 COMMANDS = (quantize, measure, plan, finetune, eval_, specs, demo, export, generate, measure_kv, inspect, zeroshot,
             bench)
-USER_ERRORS = (UserError, ValueError, FileExistsError, FileNotFoundError, CheckpointError, ModelNotFoundError,
-               CorpusUnavailableError)
+# OSError: a full disk, a read-only or foreign folder, a file where a folder goes (FileExistsError and
+# FileNotFoundError are the ones mixq raises with its own message)
+USER_ERRORS = (UserError, ValueError, OSError, CheckpointError, ModelNotFoundError, CorpusUnavailableError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - classified below
         if os.environ.get("MIXQ_DEBUG") or not isinstance(e, USER_ERRORS):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError):
+            msg = os_error_line(e)
+        else:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mixq: error: {msg}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,9 @@ every command that takes it.
 """
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from pathlib import Path
 
 from ..allocate import METHODS as SOLVERS
@@ -180,6 +183,39 @@ def check_out_file(out: str | None, force: bool, *, suffixes: tuple[str, ...] | 
         raise UserError(f"--out {out}: the figure's file name must end in {', '.join(suffixes)}")
     if p.exists() and not force:
         raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
+
+
+def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
+    """Pre-flight, before any work: the folder ``out`` will be written in exists (or can be made) and takes a file.
+
+    One line naming ``flag`` when a part of the path is a regular file or the folder is read-only or not ours.
+    """
+    p = Path(out).absolute()
+    folder = p.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {out}: {folder} is a file, not a directory; choose an {flag} in a directory")
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # the one test root, ACLs and read-only mounts agree on
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot write in {folder} ({e.strerror or e}); choose another {flag} or "
+                        "make the folder writable") from None
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an ``OSError`` the CLI did not foresee (full disk, permissions, a file where a folder goes)."""
+    if e.errno is None or not e.strerror:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = f"{e.filename}: " if e.filename else ""
+    hint = {errno.ENOSPC: "free some space or write elsewhere (--out)",
+            errno.EDQUOT: "free some space or write elsewhere (--out)",
+            errno.EACCES: "choose another --out or fix the permissions",
+            errno.EPERM: "choose another --out or fix the permissions",
+            errno.EROFS: "the file system is read-only: choose another --out",
+            errno.ENOTDIR: "a part of the path is a file, not a directory"}.get(e.errno)
+    return f"{where}{e.strerror}" + (f"; {hint}" if hint else "")
 
 
 def check_full_attention(model) -> None:

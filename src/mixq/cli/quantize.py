@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..api import METHODS
 from ..recipe import DEFAULT_RECIPE, recipe_record
-from .common import (UserError, calib_args, check_positive, constraint_args, constraints_from, human, measure_args,
-                     model_arg, solver_arg)
+from .common import (UserError, calib_args, check_positive, check_writable, constraint_args, constraints_from, human,
+                     measure_args, model_arg, solver_arg)
 from .measure import finished_measurement, load_candidate_set, run_measure
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
+    check_writable(out)  # before any work: an unwritable or mistyped --out fails now, not after the walk
     check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
     if args.lazy:
         _check_lazy(args)
@@ -231,7 +232,7 @@ def quantize_spec(args):
     from ..act import parse_wa_preset
     from ..config import parse_spec
 
-    name = args.spec or "W4-g64"
+    name = "W4-g64" if args.spec is None else args.spec  # --spec "" is an error, not the default
     try:
         return parse_spec(name)
     except ValueError as e:

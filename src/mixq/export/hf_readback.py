@@ -166,7 +166,7 @@ def check_with_transformers(out_dir, src_dir, *, dtype=torch.float32, n_tokens: 
 
     dtype = target_dtype(dtype)
     ref, _, info = load_quantized(src_dir, dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype, use_safetensors=True)  # never unpickle
     model.eval()
     vocab = int(model.config.get_text_config().vocab_size)
     g = torch.Generator().manual_seed(seed)
