@@ -17,7 +17,7 @@ def register(sub) -> None:
                        description="Measure the sensitivity table of MODEL: for each block linear and candidate "
                                    "spec, the predicted error.  Resumes an interrupted run from OUT.partial.")
     model_arg(m)
-    calib_args(m)
+    calib_args(m, nsamples=DEFAULT_RECIPE["nsamples"])
     measure_args(m)
     m.add_argument("--out", required=True, help="measurement JSON to write")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")

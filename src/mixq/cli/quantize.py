@@ -38,7 +38,7 @@ def register(sub) -> None:
     q.add_argument("--offload-dir", default=None, help="GPTQ: keep the walk's two [nsamples, seqlen, hidden] activation "
                                                        "buffers in memory-mapped files here instead of RAM")
     q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
-    calib_args(q)
+    calib_args(q, nsamples=DEFAULT_RECIPE["nsamples"])
     q.add_argument("--damp", type=float, default=DEFAULT_RECIPE["damp"], help="GPTQ dampening, fraction of mean(diag H)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
     measure_args(q)
@@ -84,6 +84,12 @@ def cmd_quantize(args) -> int:
     model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
     if plan is not None:  # a plan for another model fails before any calibration work
         plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
+    if budget is not None:  # an impossible budget fails before calibration and measurement (costs need no data)
+        from ..allocate import budget_range, shape_table
+
+        shapes = {r.fqn: r.shape for r in api.iter_layers(model)}
+        costs = table if table is not None else shape_table(shapes, load_candidate_set(args.candidates))
+        budget_range(costs, constraints_from(args)).check(budget)
     t0 = time.perf_counter()
     bos = resolve_bos(tok, model, args.bos)
     calib = calibration_for(model, tok, args, bos) if needs_calib else None
