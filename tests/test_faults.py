@@ -223,3 +223,53 @@ def test_unwritable_folder_even_for_root(tiny_dir, tmp_path, capsys, monkeypatch
                  "--out", str(tmp_path / "q")]) == 2
     _one_line(capsys, "Read-only file system")
     assert not (tmp_path / "q").exists()
+
+
+# ---------------------------------------------------------------------------- impossible budgets (item 4)
+def _no_calibration(monkeypatch):
+    import mixq.calibset
+
+    def refuse(*a, **k):
+        raise AssertionError("calibration started for an impossible budget")
+
+    monkeypatch.setattr(mixq.calibset, "calibration_for", refuse)
+
+
+@pytest.mark.parametrize("bpw, needle", [("0.5", "raise the budget to at least bpw="),
+                                         ("100", "more than any plan can use")])
+def test_impossible_budget_fails_before_measuring(bpw, needle, tiny_dir, tmp_path, capsys, monkeypatch):
+    _no_calibration(monkeypatch)
+    assert main(["quantize", "--model", str(tiny_dir), "--bpw", bpw, "--method", "rtn",
+                 "--out", str(tmp_path / "q")]) == 2
+    line = _one_line(capsys, needle)
+    assert "feasible budgets are 2.2" in line and "to 16.0000 bpw" in line, line
+    assert os.listdir(tmp_path) == ["tiny"]  # no output, no scratch measurement
+
+
+def test_feasible_range_known_before_measuring_is_the_measured_one(tiny_dir, tmp_path, capsys, monkeypatch):
+    from mixq.allocate import Constraints, SensitivityTable, budget_range, default_candidates, shape_table
+    from mixq.arch import iter_layers
+    from mixq.models import load_model
+
+    m = tmp_path / "m.json"
+    assert main(["measure", "--model", str(tiny_dir), "--nsamples", "2", "--seqlen", "16", "--grad-samples", "1",
+                 "--out", str(m)]) == 0
+    table = SensitivityTable.load(m)
+    model, _ = load_model(str(tiny_dir))
+    before = shape_table({r.fqn: r.shape for r in iter_layers(model)}, default_candidates())
+    for c in (Constraints(), Constraints(keep=("down_proj",)), Constraints(max_bits={".": 4}),
+              Constraints(tied=("(q|k|v)_proj",))):
+        assert budget_range(before, c) == budget_range(table, c)
+    rng = budget_range(table)
+    assert rng.min_bits < rng.max_bits == 16 * table.numel
+    capsys.readouterr()
+    # mixq plan: every budget checked before any plan is written; the measured minimum is feasible
+    assert main(["plan", str(m), "--bpw", f"4,{rng.max_bpw + 0.01:.4f}", "--out", str(tmp_path / "p")]) == 2
+    _one_line(capsys, "more than any plan can use")
+    assert not (tmp_path / "p").exists()
+    assert main(["plan", str(m), "--bpw", f"{rng.min_bpw},{rng.max_bpw}", "--dry-run"]) == 0
+    # quantize --bpw with --measurement: checked against the measurement before calibration
+    _no_calibration(monkeypatch)
+    assert main(["quantize", "--model", str(tiny_dir), "--bpw", "1", "--measurement", str(m),
+                 "--out", str(tmp_path / "q")]) == 2
+    _one_line(capsys, f"at least bpw={rng.min_bpw:.4f}")

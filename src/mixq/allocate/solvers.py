@@ -40,7 +40,8 @@ METHODS = ("exact", "dp", "greedy", "uniform")
 class InfeasibleBudget(ValueError):
     """The budget is below the cheapest allowed choice.  ``min_bits``: the smallest feasible budget."""
 
-    def __init__(self, min_bits: int, budget_bits: int, numel: int | None = None, what: str = "choice"):
+    def __init__(self, min_bits: int, budget_bits: int, numel: int | None = None, what: str = "choice",
+                 feasible: str | None = None):
         self.min_bits, self.budget_bits, self.numel = int(min_bits), int(budget_bits), numel
         self.min_bpw = None if not numel else math.ceil(min_bits / numel * 1e4) / 1e4
         msg = f"a budget of {budget_bits} bits is infeasible: the cheapest allowed {what} needs {min_bits} bits"
@@ -49,6 +50,8 @@ class InfeasibleBudget(ValueError):
                     f" raise the budget to at least bpw={self.min_bpw:.4f} or bytes={math.ceil(min_bits / 8)}")
         else:
             msg += f"; raise the budget to at least {min_bits} bits"
+        if feasible:
+            msg += f"; feasible budgets are {feasible}"
         super().__init__(msg + " (or relax the constraints)")
 
 

@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from ..allocate import SensitivityTable, allocate, format_plan_table
+    from ..allocate import SensitivityTable, allocate, budget_range, format_plan_table
 
     if getattr(args, "memory", None):
         return _plan_joint(args)
@@ -40,6 +40,9 @@ def cmd_plan(args) -> int:
     if not args.dry_run and not args.out:
         raise UserError("--out DIR is required (or use --dry-run)")
     table = SensitivityTable.load(args.measurement)
+    feasible = budget_range(table, constraints)
+    for b in budgets:  # every budget checked before any is solved or written
+        feasible.check(b)
     plans = []
     for b in budgets:
         t0 = time.perf_counter()

@@ -87,8 +87,8 @@ def cmd_quantize(args) -> int:
     if budget is not None:  # an impossible budget fails before calibration and measurement (costs need no data)
         from ..allocate import budget_range, shape_table
 
-        shapes = {r.fqn: r.shape for r in api.iter_layers(model)}
-        costs = table if table is not None else shape_table(shapes, load_candidate_set(args.candidates))
+        costs = table if table is not None else shape_table({r.fqn: r.shape for r in api.iter_layers(model)},
+                                                            load_candidate_set(args.candidates))
         budget_range(costs, constraints_from(args)).check(budget)
     t0 = time.perf_counter()
     bos = resolve_bos(tok, model, args.bos)
