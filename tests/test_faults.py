@@ -273,3 +273,81 @@ def test_feasible_range_known_before_measuring_is_the_measured_one(tiny_dir, tmp
     assert main(["quantize", "--model", str(tiny_dir), "--bpw", "1", "--measurement", str(m),
                  "--out", str(tmp_path / "q")]) == 2
     _one_line(capsys, f"at least bpw={rng.min_bpw:.4f}")
+
+
+# ---------------------------------------------------------------------------- measurement provenance (item 5)
+SMALL = ["--nsamples", "2", "--seqlen", "16", "--grad-samples", "1", "--calib", "ptb"]
+
+
+@pytest.fixture
+def measured(tiny_dir, tmp_path):
+    m = tmp_path / "m.json"
+    assert main(["measure", "--model", str(tiny_dir), *SMALL, "--out", str(m)]) == 0
+    return m
+
+
+def _quantize_with(tiny_dir, m, out, *extra):
+    return main(["quantize", "--model", str(tiny_dir), "--bpw", "4", "--measurement", str(m), "--method", "gptq",
+                 *SMALL, *extra, "--out", str(out)])
+
+
+def test_measurement_without_rotate_is_refused_with_rotate(measured, tiny_dir, tmp_path, capsys, monkeypatch):
+    _no_calibration(monkeypatch)
+    capsys.readouterr()
+    assert _quantize_with(tiny_dir, measured, tmp_path / "q", "--rotate") == 2
+    line = _one_line(capsys, "was made without --rotate: drop --rotate")
+    assert "mixq plan" not in line and not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("tamper", ["fingerprint", "other model"])
+def test_measurement_of_other_weights_is_refused(tamper, measured, tiny_dir, tiny_model, tiny_tokenizer, tmp_path,
+                                                 capsys, monkeypatch):
+    import json
+
+    model = tiny_dir
+    if tamper == "fingerprint":
+        doc = json.loads(measured.read_text())
+        doc["meta"]["model"] = "0123456789abcdef"
+        measured.write_text(json.dumps(doc))
+        needle = "model fingerprint 0123456789abcdef"
+    else:
+        model = tmp_path / "other"
+        tiny_model("llama", seed=1).save_pretrained(model)  # same layers, other weights
+        tiny_tokenizer.save_pretrained(model)
+        needle = "was made of other weights"
+    _no_calibration(monkeypatch)
+    capsys.readouterr()
+    assert _quantize_with(model, measured, tmp_path / "q") == 2
+    line = _one_line(capsys, needle)
+    assert "drop --measurement" in line and "mixq plan" not in line, line
+
+
+def test_measurement_for_other_layers_does_not_say_mixq_plan(measured, tiny_model, tiny_tokenizer, tmp_path, capsys,
+                                                             monkeypatch):
+    other = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(other)
+    tiny_tokenizer.save_pretrained(other)
+    _no_calibration(monkeypatch)
+    capsys.readouterr()
+    assert _quantize_with(other, measured, tmp_path / "q") == 2
+    line = _one_line(capsys, "was made for another model")
+    assert "drop --measurement" in line and "mixq plan" not in line, line
+
+
+def test_rotated_measurement_is_reused_only_with_rotate(tiny_dir, tmp_path, capsys):
+    import json
+
+    first = tmp_path / "q1"
+    assert main(["quantize", "--model", str(tiny_dir), "--bpw", "4", "--rotate", "--method", "rtn", *SMALL,
+                 "--out", str(first)]) == 0
+    m = first / "measurement.json"
+    assert json.loads(m.read_text())["meta"]["rotate"] is True
+    capsys.readouterr()
+    assert _quantize_with(tiny_dir, m, tmp_path / "q2") == 2
+    _one_line(capsys, "was made with --rotate: add --rotate")
+    assert _quantize_with(tiny_dir, m, tmp_path / "q3", "--rotate") == 0
+    assert json.loads((tmp_path / "q3" / "mixq.json").read_text())["rotate"] is True
+
+
+def test_matching_measurement_is_accepted(measured, tiny_dir, tmp_path):
+    assert _quantize_with(tiny_dir, measured, tmp_path / "q") == 0

@@ -78,6 +78,7 @@ def cmd_measure(args) -> int:
     calib = calibration_for(model, tok, args, resolve_bos(tok, model, args.bos))
     table = run_measure(model, calib.ids, args, out)
     table.meta["calibration_record"] = calib.record()
+    table.meta["rotate"] = False  # provenance: the weights as loaded (quantize --bpw --rotate records True)
     if out is not None:
         table.save(out, overwrite=True)
     n = sum(len(e.candidates) for e in table.layers)

@@ -84,6 +84,8 @@ def cmd_quantize(args) -> int:
     model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
     if plan is not None:  # a plan for another model fails before any calibration work
         plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
+    if budget is not None and table is not None:  # a measurement of other weights fails before calibration
+        _check_measurement(table, model, args, rotated=False)
     if budget is not None:  # an impossible budget fails before calibration and measurement (costs need no data)
         from ..allocate import budget_range, shape_table
 
@@ -95,12 +97,15 @@ def cmd_quantize(args) -> int:
     calib = calibration_for(model, tok, args, bos) if needs_calib else None
     extra: dict = {"lazy": True} if args.lazy else {}
     rotate = args.rotate
-    if rotate and budget is not None and table is None:
-        # rotate before measuring: the plan must be chosen for the weights that will be quantized
+    if rotate and budget is not None:
+        # rotate before measuring: the plan must be chosen for the weights that will be quantized (and a given
+        # --measurement must have been made of them)
         from ..algorithms.rotation import rotate_model
 
         rotate_model(model, online_down=False)
         rotate = False
+        if table is not None:
+            _check_measurement(table, model, args, rotated=True)
     if budget is not None:
         if table is None:
             # saved beside --out while it runs, so an interrupted measurement resumes on the next call
@@ -108,6 +113,7 @@ def cmd_quantize(args) -> int:
             table = finished_measurement(scratch, model, calib.ids, args)
             if table is None:
                 table = run_measure(model, calib.ids, args, scratch)
+            table.meta["rotate"] = bool(args.rotate)  # provenance: measured on the rotated weights
         plan = allocate(table, budget, constraints=constraints_from(args), method=args.solver)
         extra["measure_plan_seconds"] = time.perf_counter() - t0
     if lm_head is not None:
@@ -169,6 +175,41 @@ def cmd_quantize(args) -> int:
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
     return 0
+
+
+def _check_measurement(table, model, args, *, rotated: bool) -> None:
+    """Refuse a ``--measurement`` made of other weights than this run quantizes, naming the flag that fixes it.
+
+    Checked before calibration (``rotated=False``): its layers and shapes, its ``--rotate`` record, and — without
+    ``--rotate`` — its model fingerprint; with ``--rotate`` the fingerprint once the model is rotated.  A lazy
+    model is never in memory, so only its layers are compared.
+    """
+    from ..api import iter_layers
+    from ..models import model_fingerprint
+
+    m = f"--measurement {args.measurement}"
+    here = f"drop --measurement to measure --model {args.model}{' --rotate' if args.rotate else ''} in this run"
+    if not rotated:
+        have = {x.fqn: tuple(x.shape) for x in table.layers}
+        want = {r.fqn: tuple(r.shape) for r in iter_layers(model)}
+        if have != want:
+            odd = sorted(set(have) ^ set(want)) or [f for f in want if have[f] != want[f]]
+            raise UserError(f"{m} was made for another model (layer {odd[0]} differs, {len(odd)} such): {here}")
+        made = table.meta.get("rotate")
+        if made is not None and bool(made) != bool(args.rotate):
+            fix = "add --rotate" if made else "drop --rotate"
+            raise UserError(f"{m} was made {'with' if made else 'without'} --rotate: {fix}, or {here}")
+        if args.rotate or args.lazy:
+            return
+    fp = table.meta.get("model")
+    if fp is None:
+        log.warning("%s records no model fingerprint: its provenance cannot be checked", m)
+        return
+    mine = model_fingerprint(model)
+    if fp != mine:
+        raise UserError(f"{m} was made of other weights (model fingerprint {fp}, this model {mine}"
+                        f"{' rotated' if args.rotate else ''}): {here}"
+                        + ("" if args.rotate else f", or measure it with `mixq measure --model {args.model}`"))
 
 
 def _finetune(scratch: Path, out: Path, args) -> None:
