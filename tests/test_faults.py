@@ -351,3 +351,90 @@ def test_rotated_measurement_is_reused_only_with_rotate(tiny_dir, tmp_path, caps
 
 def test_matching_measurement_is_accepted(measured, tiny_dir, tmp_path):
     assert _quantize_with(tiny_dir, measured, tmp_path / "q") == 0
+
+
+# ---------------------------------------------------------------------------- signals and stale temporaries (item 6)
+_SLOW_WRITER = """
+import sys, time
+import mixq.export.native as native
+from safetensors.torch import save_file
+
+def slow(tensors, path, *a, **k):  # the final write, caught half-way: rest.safetensors written, mixq.json not
+    save_file(tensors, path, *a, **k)
+    open(sys.argv[1], "w").close()
+    time.sleep(120)
+
+native.save_file = slow
+from mixq.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _killed_during_write(sig, tiny_dir, out, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp_path / "ready"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(ready), "quantize", "--model", str(tiny_dir),
+                             "--spec", "W4-g32", "--method", "rtn", "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the writer never started"
+            time.sleep(0.1)
+        assert [p.name for p in tmp_path.glob(f".{out.name}.tmp-*")], "no temporary while writing?"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    ready.unlink()
+    return proc.returncode, err, proc.pid, signal
+
+
+def test_sigterm_during_the_final_write_leaves_nothing(tiny_dir, tmp_path, capsys):
+    import signal
+
+    out = tmp_path / "q"
+    rc, err, _, _ = _killed_during_write(signal.SIGTERM, tiny_dir, out, tmp_path)
+    assert rc == 128 + signal.SIGTERM and "terminated by SIGTERM" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no output, no .q.tmp-*
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--method", "rtn", "--out", str(out)]) == 0
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(tiny_dir, tmp_path, capsys):
+    import signal
+
+    out = tmp_path / "q"
+    rc, _, pid, _ = _killed_during_write(signal.SIGKILL, tiny_dir, out, tmp_path)
+    assert rc == -signal.SIGKILL
+    left = list(tmp_path.glob(".q.tmp-*"))
+    assert len(left) == 1 and left[0].name.startswith(f".q.tmp-{pid}@") and any(left[0].iterdir())
+    # a live process's temporary and another output's are not touched
+    live = tmp_path / f".q.tmp-{os.getpid()}@{left[0].name.split('@')[1]}"
+    live.mkdir()
+    other = tmp_path / f".other.tmp-{pid}@{left[0].name.split('@')[1]}"
+    other.mkdir()
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--method", "rtn", "--out", str(out)]) == 0
+    assert not left[0].exists() and live.exists() and other.exists()
+    assert (out / "mixq.json").exists()
+
+
+def test_stale_gguf_temporary_is_removed(qdir, tmp_path):
+    import subprocess
+    import sys
+
+    from mixq.export.atomic import temp_prefix
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = temp_prefix(tmp_path / "m.gguf").replace(f"-{os.getpid()}@", f"-{dead.pid}@") + "abc123"
+    (tmp_path / name).write_bytes(b"half a gguf")
+    assert main(["export", str(qdir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert not (tmp_path / name).exists() and (tmp_path / "m.gguf").exists()

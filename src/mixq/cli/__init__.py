@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from ..data import CorpusUnavailableError
@@ -40,11 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
+    previous = _terminate_as_exception()
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         print("mixq: interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:
+        print(f"mixq: terminated by {signal.Signals(t.signum).name}: temporary outputs removed, resumable state "
+              "kept (run the same command again to resume)", file=sys.stderr)
+        return 128 + t.signum
     except Exception as e:  # noqa: BLE001 - classified below
         if os.environ.get("MIXQ_DEBUG") or not isinstance(e, USER_ERRORS):
             raise
@@ -54,6 +60,35 @@ def main(argv: list[str] | None = None) -> int:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mixq: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Terminated(BaseException):
+    """SIGTERM (timeout, Slurm, ``docker stop``) or SIGHUP, raised where the program is, so that every ``finally`` and
+    ``except BaseException`` on the way out runs: atomic writers delete their temporaries, checkpoints stay whole."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _terminate_as_exception() -> dict:
+    """Install :func:`_raise_terminated` for SIGTERM and SIGHUP; returns the previous handlers (to restore)."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _raise_terminated)
+        except (ValueError, OSError):  # not the main thread (mixq.cli.main called from a worker): leave them
+            pass
+    return previous
 
 
 def build_parser() -> argparse.ArgumentParser:

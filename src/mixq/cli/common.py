@@ -189,7 +189,10 @@ def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
     """Pre-flight, before any work: the folder ``out`` will be written in exists (or can be made) and takes a file.
 
     One line naming ``flag`` when a part of the path is a regular file or the folder is read-only or not ours.
+    Temporaries of ``out`` that a killed run left are removed here, at the start of the next one.
     """
+    from ..export.atomic import remove_stale
+
     p = Path(out).absolute()
     folder = p.parent
     while not folder.exists() and folder != folder.parent:
@@ -202,6 +205,7 @@ def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
     except OSError as e:
         raise UserError(f"{flag} {out}: cannot write in {folder} ({e.strerror or e}); choose another {flag} or "
                         "make the folder writable") from None
+    remove_stale(p)
 
 
 def os_error_line(e: OSError) -> str:

@@ -1,13 +1,71 @@
-"""Writing an output directory so that nobody ever sees half of it."""
+"""Writing an output so that nobody ever sees half of it, and nothing is left behind by a run that died.
+
+Temporaries live beside the output and carry their writer: ``.OUT.tmp-<pid>@<host>-XXXXXXXX`` (and
+``.OUT.old-…`` while an existing ``OUT`` is being replaced).  An error or a signal turned into an exception
+(``mixq.cli`` turns SIGTERM/SIGHUP into one) removes them on the way out; what a SIGKILL or a power cut leaves is
+removed by the next write of the same output (:func:`remove_stale`): a temporary of this host whose process is
+gone.  Temporaries of live processes and of other hosts (a shared file system) are never touched.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..fsmode import publish
+
+log = logging.getLogger(__name__)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def temp_prefix(out: Path, kind: str = "tmp") -> str:
+    """``.OUT.tmp-<pid>@<host>-``: the prefix of this process's temporaries for ``out`` (``kind``: tmp or old)."""
+    return f".{Path(out).name}.{kind}-{os.getpid()}@{_host()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(out: Path) -> list[Path]:
+    """Remove the temporaries of ``out`` left by dead processes of this host; returns what was removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)@([^/]+)-[^-]+$")
+    host, removed = _host(), []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        m = pat.match(p.name)
+        if not m or m.group(2) != host or _alive(int(m.group(1))):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except FileNotFoundError:
+            pass  # another run cleaned it first
+        except OSError as e:
+            log.warning("cannot remove the stale temporary %s: %s", p, e)
+            continue
+        log.warning("removed %s, left by process %s that no longer runs", p, m.group(1))
+        removed.append(p)
+    return removed
 
 
 @contextmanager
@@ -16,16 +74,18 @@ def atomic_dir(out: Path):
 
     An existing ``out`` is moved aside first and removed only after the new directory is in place;
     on any error (or interrupt) the temporary directory is deleted and ``out`` is left as it was.
-    The caller decides beforehand whether replacing an existing ``out`` is allowed.
+    The caller decides beforehand whether replacing an existing ``out`` is allowed.  Temporaries of
+    ``out`` left by dead processes are removed first (:func:`remove_stale`).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         yield tmp
         publish(tmp)  # mkdtemp, mkstemp and safetensors make things private; the result is an ordinary directory
         if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            backup = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
             os.replace(out, backup / "d")
             os.replace(tmp, out)
             shutil.rmtree(backup, ignore_errors=True)

@@ -99,6 +99,7 @@ from ..config import QuantSpec
 from ..formats import QTensor
 from ..formats import dequantize as mixq_dequantize
 from ..fsmode import publish
+from .atomic import remove_stale, temp_prefix
 from .gguf_vocab import _add_tokenizer, _embedded_pre, _tokenizer_fields
 from .ggml import (  # noqa: F401  (encode/decode re-exported: part of this module's API; block packers: .ggml_pack)
     _Choice,
@@ -330,7 +331,8 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
         raise ValueError(f"specs name layers that are not 2-D weights of this model: {sorted(unknown)[:3]}")
     sd = model.state_dict()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    remove_stale(out)  # what a killed run left
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
