@@ -438,3 +438,62 @@ def test_stale_gguf_temporary_is_removed(qdir, tmp_path):
     (tmp_path / name).write_bytes(b"half a gguf")
     assert main(["export", str(qdir), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
     assert not (tmp_path / name).exists() and (tmp_path / "m.gguf").exists()
+
+
+# ---------------------------------------------------------------------------- two runs, one --out (item 1)
+_HELD_WRITER = """
+import sys, time
+import mixq.calib.checkpoint as ck
+
+orig = ck.WalkCheckpoint.commit
+
+def commit(self, i, *a, **k):  # the walk of the first run, caught half-way
+    orig(self, i, *a, **k)
+    if i == 0:
+        open(sys.argv[1], "w").close()
+        time.sleep(float(sys.argv[2]))
+
+ck.WalkCheckpoint.commit = commit
+from mixq.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("second_spec", ["W4-g32", "W3-g32"])
+def test_second_run_on_the_same_out_fails_at_once(second_spec, tiny_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from mixq.export.native import load_quantized
+
+    out, ready = tmp_path / "q", tmp_path / "ready"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def args(spec):
+        return ["quantize", "--model", str(tiny_dir), "--spec", spec, "--method", "gptq", "--nsamples", "2",
+                "--seqlen", "16", "--calib", "ptb", "--out", str(out)]
+
+    first = subprocess.Popen([sys.executable, "-c", _HELD_WRITER, str(ready), "8", *args("W4-g32")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, "-m", "mixq.cli", *args(second_spec)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run should still be walking"
+        assert second.returncode == 2, second.stderr
+        assert "is being written by another mixq run (pid %d" % first.pid in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, err
+    _, _, info = load_quantized(out)  # checksums verified: one run's codes only
+    assert info["spec"] == "W4-g32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ready", "tiny"]  # no lock, walk or temporary left

@@ -19,6 +19,7 @@ import signal
 import sys
 
 from ..data import CorpusUnavailableError
+from ..export.atomic import release_outputs
 from ..export.native import CheckpointError
 from ..models import ModelNotFoundError
 from . import bench, demo, export, finetune, generate, inspect, measure, measure_kv, plan, quantize, specs, zeroshot
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixq: error: {msg}", file=sys.stderr)
         return 2
     finally:
+        release_outputs()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

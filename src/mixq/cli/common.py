@@ -208,6 +208,18 @@ def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
     remove_stale(p)
 
 
+def claim_output(out: str | os.PathLike, force: bool, flag: str = "--out") -> None:
+    """Pre-flight of a command that writes ``out``: :func:`check_writable`, then the output's lock
+    (:func:`mixq.export.atomic.lock_output`, held until the command ends), so that two runs never write one output
+    or share its resumable state; the second fails at once naming the first."""
+    from ..export.atomic import lock_output
+
+    check_writable(out, flag)
+    lock_output(Path(out))
+    if not force and Path(out).exists():  # finished by another run while this one was starting
+        raise FileExistsError(f"{out} already exists: choose another {flag} or pass --force")
+
+
 def os_error_line(e: OSError) -> str:
     """One line for an ``OSError`` the CLI did not foresee (full disk, permissions, a file where a folder goes)."""
     if e.errno is None or not e.strerror:

@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 
 from ..jsonio import write_json_atomic
-from .common import UserError, check_writable, human
+from .common import UserError, claim_output, human
 
 FORMATS = ("native", "gguf", "gptq", "compressed-tensors")
 _EXPORTERS = {  # format -> (module, function); imported only when asked for
@@ -62,7 +62,7 @@ def cmd_export(args) -> int:
     info = read_info(src)  # a missing / foreign / damaged directory fails here, before any work
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
-    check_writable(out)  # before any work
+    claim_output(out, args.force)  # before any work
     if args.rest_dtype != "keep" and args.format != "native":
         raise UserError(f"--rest-dtype applies to --format native only (got --format {args.format})")
     if args.format != "native" and out.resolve() == src.resolve():

@@ -1,7 +1,7 @@
 """``mixq finetune DIR --out OUT``: block-wise distillation of a quantized directory's scales, codes fixed."""
 from __future__ import annotations
 
-from .common import calib_args, check_positive, check_writable
+from .common import calib_args, check_positive, claim_output
 
 
 def register(sub) -> None:
@@ -29,7 +29,7 @@ def cmd_finetune(args) -> int:
     from ..pipeline import finetune
 
     check_positive(nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, batch=args.batch)
-    check_writable(args.out)
+    claim_output(args.out, args.force)
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, norm_lr=args.norm_lr, batch=args.batch,
                          val_frac=args.val_frac, tune_norms=not args.no_norms, seed=args.seed)
     rep = finetune(args.dir, args.out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE
-from .common import calib_args, check_writable, measure_args, model_arg
+from .common import calib_args, claim_output, measure_args, model_arg
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def cmd_measure(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
-    check_writable(out)
+    claim_output(out, args.force)
     load_candidate_set(args.candidates)  # validate before the heavy work
     parse_sources(args.calib)
     model, tok = load_model(args.model)

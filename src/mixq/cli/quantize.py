@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..api import METHODS
 from ..recipe import DEFAULT_RECIPE, recipe_record
-from .common import (UserError, calib_args, check_positive, check_writable, constraint_args, constraints_from, human,
+from .common import (UserError, calib_args, check_positive, claim_output, constraint_args, constraints_from, human,
                      measure_args, model_arg, solver_arg)
 from .measure import finished_measurement, load_candidate_set, run_measure
 
@@ -70,7 +70,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
-    check_writable(out)  # before any work: an unwritable or mistyped --out fails now, not after the walk
+    claim_output(out, args.force)  # before any work: an unwritable, mistyped or busy --out fails now
     check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
     if args.lazy:
         _check_lazy(args)

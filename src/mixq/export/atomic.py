@@ -94,3 +94,65 @@ def atomic_dir(out: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------------- one writer per output
+class OutputBusy(OSError):
+    """Another live process holds the lock of this output (``holder``: what it wrote into the lock file)."""
+
+
+_held: dict[Path, int] = {}
+
+
+def lock_path(out: Path) -> Path:
+    return Path(out).parent / f".{Path(out).name}.lock"
+
+
+def lock_output(out: Path) -> Path:
+    """Take the lock of ``out`` (``.OUT.lock`` beside it, ``flock``) for the rest of this process or until
+    :func:`release_outputs`; raises :class:`OutputBusy` at once, naming the holder, when another process has it.
+
+    The kernel drops the lock when its process dies (SIGKILL included), so a lock is never stale; everything
+    named from ``OUT`` (the walk checkpoint, the scratch measurement, the temporaries) is covered by it.
+    """
+    import fcntl
+    import sys
+    import time
+
+    out = Path(out).absolute()
+    if out in _held:
+        return lock_path(out)
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not said"
+            os.close(fd)
+            raise OutputBusy(f"{out} is being written by another mixq run ({holder}): wait for it to finish, or "
+                             "choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a lock file its last holder just removed
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')}: "
+                   + " ".join(["mixq", *sys.argv[1:]])[:300]).encode(), 0)
+    _held[out] = fd
+    return path
+
+
+def release_outputs() -> None:
+    """Drop every lock :func:`lock_output` took (the lock files are removed while still held)."""
+    while _held:
+        out, fd = _held.popitem()
+        try:
+            lock_path(out).unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(fd)
