@@ -497,3 +497,36 @@ def test_second_run_on_the_same_out_fails_at_once(second_spec, tiny_dir, tmp_pat
     _, _, info = load_quantized(out)  # checksums verified: one run's codes only
     assert info["spec"] == "W4-g32"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ready", "tiny"]  # no lock, walk or temporary left
+
+
+def test_a_block_changed_under_the_walk_is_not_assembled(tiny_model, tiny_tokenizer, tmp_path):
+    """The released layers of a walk are read back from its block files at save time: each file is checked
+    against the size and sha256 the walk recorded, so another writer's block never enters the output."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mixq import api
+    from mixq.calib.checkpoint import WalkCheckpoint
+    from mixq.export.native import load_quantized, save_quantized
+
+    def run(out):
+        model = tiny_model("llama")
+        ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        walk = WalkCheckpoint(tmp_path / f"walk-{out}", release=True)
+        res = api.quantize_model(model, api.resolve_specs(model, "W4-g32"), method="gptq", calib_ids=ids,
+                                 progress=False, checkpoint=walk)
+        return model, res, walk
+
+    model, res, walk = run("good")
+    save_quantized(tmp_path / "good", model, tiny_tokenizer, res.qtensors, {})
+    load_quantized(tmp_path / "good")
+
+    model, res, walk = run("bad")
+    block = tmp_path / "walk-bad" / "block-00001.safetensors"
+    tensors = load_file(block)
+    name = next(k for k in tensors if k.endswith(".codes") or tensors[k].dtype == torch.uint8)
+    tensors[name] = torch.zeros_like(tensors[name])  # another run's codes, same shapes
+    save_file(tensors, block)
+    with pytest.raises(ValueError, match="block-00001.safetensors changed after this run wrote it"):
+        save_quantized(tmp_path / "bad", model, tiny_tokenizer, res.qtensors, {})
+    assert not (tmp_path / "bad").exists()

@@ -136,8 +136,9 @@ class WalkCheckpoint:
         rec = self._records.pop(i)
         for name, (qt, packed, loss, weight) in (rec if rec is not None else self._read_block(i)).items():
             fqn = f"{prefix}.{i}.{name}"
-            q[fqn] = qt if not self.release else StoredLayer(self.dir / f"block-{i:05d}.safetensors", name,
-                                                              self._layer_info(i, name))
+            stem = f"block-{i:05d}.safetensors"
+            q[fqn] = qt if not self.release else StoredLayer(self.dir / stem, name, self._layer_info(i, name),
+                                                              self._doc["blocks"][i][stem])
             if loss is not _NO_LOSS:
                 losses[fqn] = loss
             set_weight(block.get_submodule(name), weight if weight is not None else packed.dequantize())
@@ -179,7 +180,8 @@ class WalkCheckpoint:
             (self.dir / old["file"]).unlink(missing_ok=True)
         if self.release:  # the block's layers now live in its file: hand back their memory
             for name, info in layers.items():
-                q[f"{pre}{name}"] = StoredLayer(self.dir / f"{stem}.safetensors", name, info)
+                q[f"{pre}{name}"] = StoredLayer(self.dir / f"{stem}.safetensors", name, info,
+                                                doc["blocks"][-1][f"{stem}.safetensors"])
 
     # ---------------------------------------------------------------- housekeeping
     def clear(self) -> None:
@@ -281,18 +283,33 @@ class StoredLayer:
     ``shape``, ``nbytes``, ``tensor_meta()`` and ``tensors()`` of the packed layer it stands for, so
     :func:`mixq.export.native.save_quantized` copies it into the output one tensor at a time;
     :meth:`packed` / :meth:`to_qtensor` load it.  Valid while the checkpoint directory exists.
+    ``expect``: the file's size and sha256 as the walk wrote it (``progress.json``); the file is checked against
+    them once, before the first tensor is read from it, so an output never assembles a block some other process
+    changed since.
     """
 
-    def __init__(self, path: Path, name: str, info: dict):
+    _verified: set[tuple[str, str]] = set()  # (path, sha256) pairs already checked in this process
+
+    def __init__(self, path: Path, name: str, info: dict, expect: dict | None = None):
         from ..config import parse_spec
 
+        self.expect = expect
         self.path, self.name, self.kind = Path(path), name, info["kind"]
         self.spec = parse_spec(info["spec"])
         self.shape = tuple(info["shape"])
         self.parts = [k for k in info["parts"] if k != "__weight__"]
         self.proxy_loss = info.get("proxy_loss")
 
+    def _check(self) -> None:
+        if self.expect is None or (str(self.path), self.expect["sha256"]) in self._verified:
+            return
+        if _file_info(self.path) != self.expect:
+            raise ValueError(f"{self.path} changed after this run wrote it (size or sha256 differ): another process "
+                             f"wrote into {self.path.parent}; run the command again (the walk starts over)")
+        self._verified.add((str(self.path), self.expect["sha256"]))
+
     def tensor_meta(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        self._check()
         entries = stio.header(self.path)[1]
         return {k: (stio.DTYPES[entries[f"{self.name}.{k}"]["dtype"]], tuple(entries[f"{self.name}.{k}"]["shape"]))
                 for k in self.parts}
@@ -308,6 +325,7 @@ class StoredLayer:
         return total
 
     def tensor(self, part: str) -> torch.Tensor:
+        self._check()
         return stio.read_tensor(self.path, f"{self.name}.{part}")
 
     def tensors(self) -> dict[str, torch.Tensor]:
