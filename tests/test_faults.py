@@ -530,3 +530,25 @@ def test_a_block_changed_under_the_walk_is_not_assembled(tiny_model, tiny_tokeni
     with pytest.raises(ValueError, match="block-00001.safetensors changed after this run wrote it"):
         save_quantized(tmp_path / "bad", model, tiny_tokenizer, res.qtensors, {})
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["quantize", "--model", "{m}", "--spec", "W4-g32", "--method", "gptq", "--nsamples", "2", "--seqlen", "16",
+     "--out", "{t}/q2"],
+    ["quantize", "--model", "{m}", "--bpw", "4", "--method", "rtn", "--out", "{t}/q2"],
+    ["export", "{q}", "--format", "gguf", "--out", "{t}/m.gguf"],
+])
+def test_too_little_free_space_fails_before_any_work(command, tiny_dir, qdir, tmp_path, capsys, monkeypatch):
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    _no_calibration(monkeypatch)
+    capsys.readouterr()
+    assert main([c.format(m=tiny_dir, q=qdir, t=tmp_path) for c in command]) == 2
+    _one_line(capsys, "free: free some space or choose another --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "tiny"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9 - 1))  # plenty: the estimate is sane
+    if command[0] == "export":
+        assert main([c.format(m=tiny_dir, q=qdir, t=tmp_path) for c in command]) == 0

@@ -220,6 +220,23 @@ def claim_output(out: str | os.PathLike, force: bool, flag: str = "--out") -> No
         raise FileExistsError(f"{out} already exists: choose another {flag} or pass --force")
 
 
+def check_free_space(out: str | os.PathLike, need: int, flag: str = "--out") -> None:
+    """Pre-flight: refuse at once when the file system ``out`` goes to has less than ``need`` bytes free (an
+    estimate of what the command will write), instead of failing with a full disk at the end of the work."""
+    import shutil
+
+    folder = Path(out).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        raise UserError(f"{flag} {out}: this run writes about {human(need)} but {folder} has {human(free)} free: "
+                        f"free some space or choose another {flag}")
+
+
 def os_error_line(e: OSError) -> str:
     """One line for an ``OSError`` the CLI did not foresee (full disk, permissions, a file where a folder goes)."""
     if e.errno is None or not e.strerror:

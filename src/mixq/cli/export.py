@@ -9,7 +9,7 @@ import importlib
 from pathlib import Path
 
 from ..jsonio import write_json_atomic
-from .common import UserError, claim_output, human
+from .common import UserError, check_free_space, claim_output, human
 
 FORMATS = ("native", "gguf", "gptq", "compressed-tensors")
 _EXPORTERS = {  # format -> (module, function); imported only when asked for
@@ -63,6 +63,7 @@ def cmd_export(args) -> int:
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
     claim_output(out, args.force)  # before any work
+    check_free_space(out, sum(f.stat().st_size for f in src.glob("*.safetensors")))  # about the size of the source
     if args.rest_dtype != "keep" and args.format != "native":
         raise UserError(f"--rest-dtype applies to --format native only (got --format {args.format})")
     if args.format != "native" and out.resolve() == src.resolve():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..api import METHODS
 from ..recipe import DEFAULT_RECIPE, recipe_record
-from .common import (UserError, calib_args, check_positive, claim_output, constraint_args, constraints_from, human,
-                     measure_args, model_arg, solver_arg)
+from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
+                     constraints_from, human, measure_args, model_arg, solver_arg)
 from .measure import finished_measurement, load_candidate_set, run_measure
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def cmd_quantize(args) -> int:
         costs = table if table is not None else shape_table({r.fqn: r.shape for r in api.iter_layers(model)},
                                                             load_candidate_set(args.candidates))
         budget_range(costs, constraints_from(args)).check(budget)
+    check_free_space(out, _expected_bytes(model, spec, plan, budget, args))
     t0 = time.perf_counter()
     bos = resolve_bos(tok, model, args.bos)
     calib = calibration_for(model, tok, args, bos) if needs_calib else None
@@ -175,6 +176,30 @@ def cmd_quantize(args) -> int:
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
     return 0
+
+
+def _expected_bytes(model, spec, plan, budget, args) -> int:
+    """About what the run writes: the kept tensors at their dtype, the quantized layers at their cost (twice with
+    GPTQ, whose walk checkpoint holds them too until the output is written)."""
+    from ..api import iter_layers
+
+    refs = list(iter_layers(model))
+    params = list(model.parameters()) + list(model.buffers())
+    itemsize = params[0].element_size() if params else 2
+    numel = sum(r.shape[0] * r.shape[1] for r in refs)
+    if plan is not None:
+        qbits = plan.total_bits
+    elif budget is not None:
+        qbits = budget.to_bits(numel)
+    else:
+        qbits = 0
+        for r in refs:
+            try:
+                qbits += spec.cost(r.shape).total
+            except ValueError:  # a group size that does not divide (--group-fallback shrink): about 16 bits
+                qbits += 16 * r.shape[0] * r.shape[1]
+    rest = max(0, sum(t.numel() * t.element_size() for t in params) - numel * itemsize)
+    return rest + qbits // 8 * (2 if args.method == "gptq" else 1)
 
 
 def _check_measurement(table, model, args, *, rotated: bool) -> None:
