@@ -1,0 +1,21 @@
+"""The default recipe: the CLI's defaults come from it, and a directory records what a run changed."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mixq.cli import build_parser
+from mixq.recipe import DEFAULT_RECIPE, RECIPE_NAME, recipe_record
+
+
+def test_quantize_defaults_are_the_recipe():
+    args = build_parser().parse_args(["quantize", "--bpw", "3", "--out", "x"])
+    assert recipe_record(args) == {"name": RECIPE_NAME, "deviations": {}}
+    assert args.method == "gptq" and args.calib == DEFAULT_RECIPE["calib"] and args.nsamples == DEFAULT_RECIPE["nsamples"]
+
+
+def test_deviations_are_named():
+    args = build_parser().parse_args(["quantize", "--bpw", "3", "--method", "rtn", "--nsamples", "8", "--finetune",
+                                      "--out", "x"])
+    dev = recipe_record(args)["deviations"]
+    assert dev == {"method": "rtn", "nsamples": 8, "algorithm": "rtn", "finetune": True}
+    assert recipe_record(SimpleNamespace(method="gptq", algorithm="gptq-exact"))["deviations"] == {"algorithm": "gptq-exact"}
