@@ -552,3 +552,27 @@ def test_too_little_free_space_fails_before_any_work(command, tiny_dir, qdir, tm
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 0, 10**9 - 1))  # plenty: the estimate is sane
     if command[0] == "export":
         assert main([c.format(m=tiny_dir, q=qdir, t=tmp_path) for c in command]) == 0
+
+
+def test_plan_of_other_weights_or_rotation_is_refused(measured, tiny_dir, tiny_model, tiny_tokenizer, tmp_path,
+                                                      capsys, monkeypatch):
+    import json
+
+    assert main(["plan", str(measured), "--bpw", "4", "--out", str(tmp_path / "p")]) == 0
+    p = tmp_path / "p" / "plan-4bpw.json"
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1).save_pretrained(other)  # same layers, other weights
+    tiny_tokenizer.save_pretrained(other)
+    _no_calibration(monkeypatch)
+    capsys.readouterr()
+    for model, extra, needle in [(other, [], "was chosen from a measurement of other weights"),
+                                 (tiny_dir, ["--rotate"], "was chosen for unrotated weights: drop --rotate")]:
+        assert main(["quantize", "--model", str(model), "--plan", str(p), "--method", "gptq", *extra,
+                     "--out", str(tmp_path / "q")]) == 2
+        line = _one_line(capsys, needle)
+        assert "mixq quantize --bpw" in line
+    doc = json.loads(p.read_text())
+    assert doc["meta"]["rotate"] is False
+    monkeypatch.undo()
+    assert main(["quantize", "--model", str(tiny_dir), "--plan", str(p), "--method", "rtn",
+                 "--out", str(tmp_path / "q")]) == 0

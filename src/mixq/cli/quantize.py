@@ -84,6 +84,7 @@ def cmd_quantize(args) -> int:
     model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
     if plan is not None:  # a plan for another model fails before any calibration work
         plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
+        _check_plan(plan, model, args)
     if budget is not None and table is not None:  # a measurement of other weights fails before calibration
         _check_measurement(table, model, args, rotated=False)
     if budget is not None:  # an impossible budget fails before calibration and measurement (costs need no data)
@@ -200,6 +201,27 @@ def _expected_bytes(model, spec, plan, budget, args) -> int:
                 qbits += 16 * r.shape[0] * r.shape[1]
     rest = max(0, sum(t.numel() * t.element_size() for t in params) - numel * itemsize)
     return rest + qbits // 8 * (2 if args.method == "gptq" else 1)
+
+
+def _check_plan(plan, model, args) -> None:
+    """Refuse a ``--plan`` chosen from a measurement of other weights (its recorded model fingerprint; not checked
+    with ``--rotate`` or ``--lazy``) or with another ``--rotate``, naming the flag that fixes it."""
+    from ..models import model_fingerprint
+
+    p = f"--plan {args.plan}"
+    redo = (f"make a plan for them (`mixq quantize --bpw X --model {args.model}"
+            f"{' --rotate' if args.rotate else ''}` measures and plans in one go)")
+    made = plan.meta.get("rotate")
+    if made is not None and bool(made) != bool(args.rotate):
+        raise UserError(f"{p} was chosen for {'rotated' if made else 'unrotated'} weights: "
+                        f"{'add' if made else 'drop'} --rotate, or {redo}")
+    fp = plan.meta.get("model")
+    if fp is None or args.rotate or args.lazy:
+        return
+    mine = model_fingerprint(model)
+    if fp != mine:
+        raise UserError(f"{p} was chosen from a measurement of other weights (model fingerprint {fp}, this model "
+                        f"{mine}): {redo}")
 
 
 def _check_measurement(table, model, args, *, rotated: bool) -> None:
