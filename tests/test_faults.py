@@ -616,3 +616,35 @@ def test_read_only_folder_as_root_without_dac_override(tiny_dir, tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"mixq: error: --out {ro / 'q'}: cannot write in {ro}")
     assert "Traceback" not in r.stderr and os.listdir(ro) == []
+
+
+def test_sigterm_during_the_walk_keeps_it_resumable(tiny_dir, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, ready = tmp_path / "q", tmp_path / "ready"
+    args = ["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--method", "gptq", "--nsamples", "2",
+            "--seqlen", "16", "--calib", "ptb", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_WRITER, str(ready), "120", *args],
+                            env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated by SIGTERM" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".q.partial-walk", "ready", "tiny"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "resuming the block walk at block 1" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ready", "tiny"]
