@@ -127,7 +127,14 @@ def select_kernel(name: str, pw, x: torch.Tensor) -> Kernel:
 def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
     """The kernel ``"auto"`` uses for decode (few tokens) of a ``spec`` weight of ``shape`` with bf16
     activations on ``device`` — ``"cpu-int4"``, ``"triton"`` (``device`` ``"cuda"``) or ``"reference"``.
-    For reports and planning."""
+    For reports and planning.  Intra-tensor composites run the reference path (dequantized per call), except
+    ``+ip`` over a plain grid, whose inner layer runs that grid's kernel between two transforms."""
+    from ...config import is_composite
+
+    if is_composite(spec):
+        if not (spec.incoherent and not is_composite(spec.inner)):
+            return "reference"
+        spec = spec.inner
     if device == "cpu" and cpu.spec_why_not(spec, shape) is None:
         return "cpu-int4"
     if device.startswith("cuda") and triton_gpu.spec_why_not(spec, shape) is None:
