@@ -28,7 +28,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", default="W3-g64+ip")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--work", default="/tmp/mixq-bench-finetune")
     args = ap.parse_args()
     ref, tok = P.load_model()

@@ -12,7 +12,7 @@ def register(sub) -> None:
     f.add_argument("dir", help="a mixq directory (from `mixq quantize`)")
     calib_args(f, nsamples=32)
     f.add_argument("--epochs", type=int, default=2, help="passes over the training rows per block (default 2)")
-    f.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the log-scales (default 1e-3)")
+    f.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the log-scales (default 1e-2)")
     f.add_argument("--norm-lr", type=float, default=1e-4, help="Adam learning rate of norm weights (default 1e-4)")
     f.add_argument("--batch", type=int, default=2, help="calibration rows per step (default 2)")
     f.add_argument("--val-frac", type=float, default=0.25,
