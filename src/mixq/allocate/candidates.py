@@ -1,7 +1,7 @@
 """Candidate sets: the specs the allocator may choose from, per layer.
 
 Every candidate is measured for every layer (one error proxy evaluation each), so the default
-set is kept to 26 specs that span 2.1 to 16 bpw without near-duplicates:
+set is kept to 32 specs that span 2.1 to 16 bpw without near-duplicates:
 
 =====  ====================================================  ==========================
 bits   specs                                                  why
@@ -17,7 +17,14 @@ bits   specs                                                  why
 8      W8-g128  W8-channel                                    near-lossless
 LUT    NF3-g64  NF4-g64                                       non-uniform (QLoRA) grids
 keep   FP16                                                   outlier-heavy layers
++ip    W2-g32-asym+ip  W2-g64-asym+ip  W3-g64+ip               incoherence processing
+       W3-channel+ip  W4-g64+ip  W4-channel+ip                (mixq.intra.incoherence): at
+                                                              2-4 bits the lowest error per
+                                                              bit on almost every layer
 =====  ====================================================  ==========================
+
+The ``+ip`` rows moved the mixed GPTQ plans of SmolLM2 at 3.0 bpw from KL 0.93 / 1.36 (PTB / fortunes) to
+0.77 / 1.14 (bench/results/generalization.md, runs ``self+ptb`` and ``ip``).
 
 Costs (metadata included) for a 1536-wide row, e.g.: W2-g128-asym 2.14 bpw, W3-g64 3.25,
 W4-g128 4.125, W4-channel 4.01, W8-channel 8.01, FP16 16.  Group sizes that do not divide a
@@ -44,6 +51,7 @@ DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
     "W8-g128", "W8-channel",
     "NF3-g64", "NF4-g64",
     "FP16",
+    "W2-g32-asym+ip", "W2-g64-asym+ip", "W3-g64+ip", "W3-channel+ip", "W4-g64+ip", "W4-channel+ip",
 )
 NAMED_SETS = ("intra", "default+intra")  # composite sets by name (mixq.intra.candidates), ``:small`` / ``:all`` too
 
