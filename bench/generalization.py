@@ -186,6 +186,14 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 on this machine; runs named below)
 
+- **Incoherence-processed candidates** (run `ip`: the default candidates plus six `+ip` grids, now the default set;
+  measured after the GPTQ/RTN ratio became per element family and bit width), mixed GPTQ, KL PTB / fortunes
+  against run `self+ptb` (same calibration rows, the candidates before): 2.5 bpw 2.55 / 3.25 vs 2.64 / 3.63;
+  3.0 bpw 0.770 / 1.141 vs 0.929 / 1.363; 3.5 bpw 0.278 / 0.437 vs 0.318 / 0.475 (4.0 below).  Ratio 1.27 /
+  1.48 / 1.57.  Uniform W3-g64+ip with GPTQ alone reaches 0.486 / 0.685 at 3.25 bpw (plain W3-g64: 1.18 / 1.73;
+  bench/results/frontier/finetune.json), so the allocator still under-rates `+ip` layers (their measured
+  per-layer errors are only ~15 % below NF3-g64's, while end to end the uniform models differ 1.7x).
+
 - **Default calibration `self+ptb`** (16 rows written by the model + 16 PTB windows, 32 × 512) against PTB alone,
   mixed GPTQ plans (the `quantize --bpw X --method gptq` path), KL PTB / fortunes:
   2.5 bpw 2.64 / 3.63 vs 2.39 / 4.45; 3.0 bpw 0.93 / 1.36 vs 0.87 / 1.66; 3.5 bpw 0.318 / 0.475 vs 0.280 / 0.514;

@@ -1,12 +1,14 @@
-"""End-to-end cost of `mixq quantize --bpw B --method gptq` on SmolLM2-135M, and of further budgets.
+"""End-to-end cost of the default recipe `mixq quantize --bpw B` on SmolLM2-135M, and of further budgets.
 
-    python bench/quantize_cost.py [--bpw 3.5] [--nsamples 128] [--budgets 2.5,3,3.25,4,4.5]
+    python bench/quantize_cost.py [--bpw 3.0] [--nsamples N] [--budgets 2.5,3,3.25,4,4.5]
 
 Runs the real CLI in child processes under ``/usr/bin/time -v`` (wall time and peak RSS of the
 whole process), side by side in one run:
 
 1. ``mixq eval --tokens 512`` of the fp32 model: the baseline RSS of "the model loaded and run";
-2. ``mixq quantize --bpw B --method gptq``: measurement + plan + GPTQ + save, from a cold start;
+2. ``mixq quantize --bpw B`` (the default recipe, :mod:`mixq.recipe`: self+ptb calibration, kfac measurement of
+   the default candidates with GPTQ errors, GPTQ): calibration + measurement + plan + GPTQ + save, cold start
+   (the self-generated rows come from the cache when an earlier run made them: the table says which);
 3. ``mixq plan MEASUREMENT --bpw ...``: every further budget from the saved measurement.
 
 Also states the memory a non-streaming GPTQ would need: the fp32 model plus the inputs of every
@@ -27,6 +29,8 @@ from pathlib import Path
 
 from common import RESULTS, header
 
+from mixq.recipe import DEFAULT_RECIPE
+
 MIXQ = [sys.executable, "-m", "mixq.cli"]
 
 
@@ -43,16 +47,17 @@ def timed(cmd: list[str]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bpw", type=float, default=3.5)
-    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--bpw", type=float, default=3.0)
+    ap.add_argument("--nsamples", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--budgets", default="2.5,3,3.25,4,4.5")
     args = ap.parse_args()
+    nsamples = args.nsamples or DEFAULT_RECIPE["nsamples"]
     work = Path(tempfile.mkdtemp(prefix="mixq-cost-"))
     try:
         base = timed([*MIXQ, "eval", "--tokens", "512"])
         out = work / "q"
-        q = timed([*MIXQ, "quantize", "--bpw", str(args.bpw), "--method", "gptq", "--nsamples", str(args.nsamples),
-                   "--out", str(out)])
+        q = timed([*MIXQ, "quantize", "--bpw", str(args.bpw), *(["--nsamples", str(args.nsamples)] if args.nsamples
+                                                                  else []), "--out", str(out)])
         info = json.loads((out / "mixq.json").read_text())
         p = timed([*MIXQ, "plan", str(out / "measurement.json"), "--bpw", args.budgets, "--out", str(work / "plans")])
         n_plans = len(list((work / "plans").glob("plan-*.json")))
@@ -60,15 +65,15 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
     # what keeping every block's inputs for all samples would take (hidden 576, 30 blocks, fp32)
     hidden, blocks, seqlen = 576, 30, 512
-    all_acts_mb = args.nsamples * seqlen * hidden * 4 * blocks / 2**20
-    rows = {"fp32 eval (baseline)": base, f"quantize --bpw {args.bpw} --method gptq": q,
+    all_acts_mb = nsamples * seqlen * hidden * 4 * blocks / 2**20
+    rows = {"fp32 eval (baseline)": base, f"quantize --bpw {args.bpw}": q,
             f"plan {n_plans} more budgets": p}
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     lines = header("Cost of mixed-precision quantization — SmolLM2-135M-Instruct",
                    f"OMP_NUM_THREADS={threads} python bench/quantize_cost.py --bpw {args.bpw} "
-                   f"--nsamples {args.nsamples} --budgets {args.budgets}")
+                   (f"--nsamples {args.nsamples} " if args.nsamples else "") + f"--budgets {args.budgets}")
     lines += [f"Each row is one `mixq` process under `/usr/bin/time -v` (cold start: Python, torch, model load "
-              f"included), run one after another on an otherwise idle machine. Calibration {args.nsamples} × "
+              f"included), run one after another on an otherwise idle machine. Calibration {nsamples} × "
               f"{seqlen} PTB train tokens; measurement metric kfac with GPTQ-scaled errors "
               f"({info.get('plan', {}).get('metric', '?')}), exact solver. Measurement + plan took "
               f"{info.get('measure_plan_seconds', float('nan')):.0f} s of the quantize run; the whole quantize run "
@@ -77,9 +82,9 @@ def main():
     for k, r in rows.items():
         lines.append(f"| {k} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
     lines += ["", f"Peak RSS of the GPTQ run is {q['peak_rss_mb'] / base['peak_rss_mb']:.2f}× the fp32 baseline "
-              f"process. Holding the inputs of all {blocks} blocks for {args.nsamples} × {seqlen} tokens in fp32 "
+              f"process. Holding the inputs of all {blocks} blocks for {nsamples} × {seqlen} tokens in fp32 "
               f"would take {all_acts_mb:.0f} MB on top of the model; the block walk keeps two "
-              f"[{args.nsamples}, {seqlen}, {hidden}] buffers ({2 * all_acts_mb / blocks:.0f} MB)."]
+              f"[{nsamples}, {seqlen}, {hidden}] buffers ({2 * all_acts_mb / blocks:.0f} MB)."]
     (RESULTS / "quantize_cost.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "quantize_cost.json").write_text(json.dumps({"rows": rows, "all_block_inputs_mb": all_acts_mb,
                                                             "quantize_info_seconds": info["seconds"]}, indent=2))
