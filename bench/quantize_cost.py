@@ -71,10 +71,10 @@ def main():
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     lines = header("Cost of mixed-precision quantization — SmolLM2-135M-Instruct",
                    f"OMP_NUM_THREADS={threads} python bench/quantize_cost.py --bpw {args.bpw} "
-                   (f"--nsamples {args.nsamples} " if args.nsamples else "") + f"--budgets {args.budgets}")
+                   + (f"--nsamples {args.nsamples} " if args.nsamples else "") + f"--budgets {args.budgets}")
     lines += [f"Each row is one `mixq` process under `/usr/bin/time -v` (cold start: Python, torch, model load "
               f"included), run one after another on an otherwise idle machine. Calibration {nsamples} × "
-              f"{seqlen} PTB train tokens; measurement metric kfac with GPTQ-scaled errors "
+              f"{seqlen} tokens of the default calibration (self+ptb); measurement metric kfac with GPTQ-scaled errors "
               f"({info.get('plan', {}).get('metric', '?')}), exact solver. Measurement + plan took "
               f"{info.get('measure_plan_seconds', float('nan')):.0f} s of the quantize run; the whole quantize run "
               f"(measure, plan, GPTQ, save) {info['seconds']:.0f} s inside the process.", "",
