@@ -189,8 +189,8 @@ NOTES = """## Reading (measured 2026-12-03 on this machine; runs named below)
 - **Incoherence-processed candidates** (run `ip`: the default candidates plus six `+ip` grids, now the default set;
   measured after the GPTQ/RTN ratio became per element family and bit width), mixed GPTQ, KL PTB / fortunes
   against run `self+ptb` (same calibration rows, the candidates before): 2.5 bpw 2.55 / 3.25 vs 2.64 / 3.63;
-  3.0 bpw 0.770 / 1.141 vs 0.929 / 1.363; 3.5 bpw 0.278 / 0.437 vs 0.318 / 0.475 (4.0 below).  Ratio 1.27 /
-  1.48 / 1.57.  Uniform W3-g64+ip with GPTQ alone reaches 0.486 / 0.685 at 3.25 bpw (plain W3-g64: 1.18 / 1.73;
+  3.0 bpw 0.770 / 1.141 vs 0.929 / 1.363; 3.5 bpw 0.278 / 0.437 vs 0.318 / 0.475; 4.0 bpw 0.144 / 0.219 vs
+  0.159 / 0.247.  Ratio 1.27 / 1.48 / 1.57 / 1.52.  Uniform W3-g64+ip with GPTQ alone reaches 0.486 / 0.685 at 3.25 bpw (plain W3-g64: 1.18 / 1.73;
   bench/results/frontier/finetune.json), so the allocator still under-rates `+ip` layers (their measured
   per-layer errors are only ~15 % below NF3-g64's, while end to end the uniform models differ 1.7x).
 
