@@ -1,8 +1,10 @@
 """Fine-tuning with codes fixed (`mixq finetune`): KL before and after, in domain and out of domain.
 
     OMP_NUM_THREADS=1 python bench/finetune.py --spec W3-g64+ip --epochs 2 --lr 1e-3
+    OMP_NUM_THREADS=1 python bench/finetune.py --measurement M.json --bpw 3.0     # a mixed plan instead
 
-SmolLM2-135M quantized with GPTQ and one spec everywhere on the default calibration (self+ptb, 32 x 512), saved,
+SmolLM2-135M quantized with GPTQ and one spec everywhere (or the exact plan at ``--bpw`` from a saved
+``--measurement``, e.g. bench/cache/generalization-*.json of bench/generalization.py) on the default calibration (self+ptb, 32 x 512), saved,
 then `mixq.finetune` (block-wise distillation of scales and norms, the last quarter of its 32 calibration rows held
 out) into a second directory; both scored against fp32 on the first 4,096 tokens of PTB test and of the fortunes
 test split (512-token windows).  Appends a row per run to bench/results/frontier/finetune.json (the quantized
@@ -29,6 +31,8 @@ def main():
     ap.add_argument("--spec", default="W3-g64+ip")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--measurement", default=None)
+    ap.add_argument("--bpw", type=float, default=None)
     ap.add_argument("--work", default="/tmp/mixq-bench-finetune")
     args = ap.parse_args()
     ref, tok = P.load_model()
@@ -37,20 +41,26 @@ def main():
         r = P.evaluate(m, tok, reference=ref, corpus="ptb,fortunes", tokens=4096, progress=False)
         return r["kl"], r["domains"]["fortunes"]["kl"]
 
-    src = Path(args.work) / args.spec.replace("+", "_")
+    plan = None
+    if args.measurement:
+        from mixq.allocate import Budget, SensitivityTable, allocate
+
+        plan = allocate(SensitivityTable.load(args.measurement), Budget(bpw=args.bpw))
+    name = f"mixed-{args.bpw}" if plan else args.spec.replace("+", "_")
+    src = Path(args.work) / name
     path = RESULTS / "frontier" / "finetune.json"
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    base = f"uniform GPTQ {args.spec}"
+    base = f"mixed GPTQ {args.bpw} [ip]" if plan else f"uniform GPTQ {args.spec}"
     if not src.exists():
         cal = P.build_calibration(ref, tok, None, 32, 512, progress=False)
         m = copy.deepcopy(ref)
         t = time.perf_counter()
-        res = P.quantize(m, args.spec, method="gptq", calib=cal, progress=False)
+        res = P.quantize(m, None if plan else args.spec, plan=plan, method="gptq", calib=cal, progress=False)
         P.save_quantized(src, m, tok, res)
         secs = time.perf_counter() - t
         if not any(r["curve"] == base for r in doc["rows"]):
             kp, kf = ev(m)
-            doc["rows"].append({"curve": base, "spec": args.spec, "bpw": res.meta["size"]["bpw_quantized"],
+            doc["rows"].append({"curve": base, "spec": "mixed" if plan else args.spec, "bpw": res.meta["size"]["bpw_quantized"],
                                 "ptb": kp, "fortunes": kf, "seconds": secs, "commit": git_rev()})
     out = src.with_name(f"{src.name}-ft-e{args.epochs}-lr{args.lr}")
     t = time.perf_counter()
@@ -59,7 +69,8 @@ def main():
     secs = time.perf_counter() - t
     q, _, _ = load_quantized(out)
     kp, kf = ev(q)
-    doc["rows"].append({"curve": f"{base} + finetune (lr {args.lr:g}, {args.epochs} epochs)", "spec": args.spec,
+    doc["rows"].append({"curve": f"{base} + finetune (lr {args.lr:g}, {args.epochs} epochs)",
+                        "spec": "mixed" if plan else args.spec,
                         "bpw": read_info(out)["size"]["bpw_quantized"], "ptb": kp, "fortunes": kf, "seconds": secs,
                         "held_out_gain": rep["held_out_gain"], "commit": git_rev()})
     doc.update(command="OMP_NUM_THREADS=1 python bench/finetune.py --spec S --epochs E --lr LR", machine=machine())
