@@ -116,3 +116,12 @@ def test_measurement_prices_ip_candidates(tiny_model):
         assert parse_spec("W3-g32+ip") in e.candidates
         errs = dict(zip(e.candidates, e.errors))
         assert errs[parse_spec("W3-g32+ip")] >= 0 and errs[parse_spec("FP16")] <= errs[parse_spec("W3-g32")]
+
+
+def test_fast_kernel_for_composites():
+    from mixq.runtime.kernels import fast_kernel_for
+
+    for n in ("W3-g64", "W4-g64", "W2-g64-asym"):
+        assert fast_kernel_for(parse_spec(n + "+ip"), (576, 576)) == fast_kernel_for(parse_spec(n), (576, 576))
+    for n in ("W3-g64+o0.5", "W3-g64+o0.5+ip", "NF3-g64+ip", "SLIM3-g64"):
+        assert fast_kernel_for(parse_spec(n), (576, 576)) == "reference", n
