@@ -265,7 +265,7 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     """
     from pathlib import Path
 
-    from .export.native import _OWN_KEYS, load_quantized as _load_q, read_info, read_qtensors
+    from .export.native import load_quantized as _load_q, read_info, read_qtensors, run_meta
     from .export.native import save_quantized as _save
     from .distill import FinetuneConfig, finetune_blockwise, mean_gain, plot_curves
 
@@ -288,7 +288,7 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
                                      checkpoint=out.with_name(f".{out.name}.partial-finetune"))
     report["calibration"] = cal.record()
     report["held_out_gain"] = mean_gain(report)
-    meta = {k: v for k, v in info.items() if k not in _OWN_KEYS}
+    meta = run_meta(info)
     meta["finetune"] = {**report, "source": str(src)}
     side = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file() and p.name in
             ("plan.json", "measurement.json")}

@@ -70,6 +70,12 @@ READABLE_VERSIONS = (1, 2)
 _PARAM_FIELDS = ("scale", "zero", "offset", "codebook", "tensor_scale")
 _TENSOR_FILES = ("quantized.safetensors", "rest.safetensors")
 _OWN_KEYS = ("format", "format_version", "layers", "storage", "files")
+
+
+def run_meta(info: dict) -> dict:
+    """What a directory's ``mixq.json`` says about the run (everything but the storage entries the writer makes):
+    the ``meta`` to write a derived directory with."""
+    return {k: v for k, v in info.items() if k not in _OWN_KEYS}
 _REDO = "re-run `mixq quantize` (or `mixq export --format native` from an intact copy)"
 
 
@@ -159,7 +165,7 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
         doc = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            **{k: v for k, v in meta.items() if k not in _OWN_KEYS},
+            **run_meta(meta),
             "layers": layers,
             "storage": {
                 "bytes_quantized_on_disk": on_disk,
@@ -203,7 +209,7 @@ def rewrite_native(src: str | os.PathLike, out: str | os.PathLike, *, overwrite:
     # read every side file now: ``out`` may be ``src``
     side = {p.name: p.read_bytes() for p in sorted(src.iterdir())
             if p.is_file() and p.name not in ("mixq.json", "export_report.json", *_TENSOR_FILES)}
-    meta = {k: v for k, v in info.items() if k not in _OWN_KEYS}
+    meta = run_meta(info)
     meta["rewritten_from"] = {"path": str(src), "format_version": info["format_version"]}
 
     def extra(tmp: Path) -> None:
