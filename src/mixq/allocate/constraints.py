@@ -13,8 +13,11 @@ Patterns are regular expressions matched with ``re.search`` against a layer's fq
 ``fast_on``   ``"cpu"``: other layers only take candidates a fast kernel of :mod:`mixq.runtime.kernels`
               runs on that device for their shape (:func:`~mixq.runtime.fast_kernel_for`), so the
               deployed model never falls back to the dequantize-every-call reference kernel
+``target``    ``"gguf"``: other layers only take candidates a runtime holds exactly for their shape
+              (:func:`mixq.export.ggml_exact.holds_exactly`: a ggml block type for the row length), so the
+              exported file decodes to the plan's weights bit for bit and its size is the plan's
 
-``keep`` and ``force`` pin a layer and take precedence over ``min_bits``/``max_bits``/``fast_on``; a layer
+``keep`` and ``force`` pin a layer and take precedence over ``min_bits``/``max_bits``/``fast_on``/``target``; a layer
 that matches both ``keep`` and ``force`` (to a non-FP16 spec), or two different ``force``
 specs, is rejected.  Tied layers keep the candidates they all have, in the first one's order.
 """
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 CONSTRAINTS_VERSION = 1
 KEEP = parse_spec("FP16")
 FAST_DEVICES = (None, "cpu")
+RUNTIME_TARGETS = (None, "gguf")
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,13 @@ class Constraints:
     max_bits: dict[str, int] = field(default_factory=dict)
     tied: tuple[str, ...] = ()
     fast_on: str | None = None
+    target: str | None = None
 
     def __post_init__(self):
         if self.fast_on not in FAST_DEVICES:
             raise ValueError(f"Constraints.fast_on must be one of {FAST_DEVICES}, got {self.fast_on!r}")
+        if self.target not in RUNTIME_TARGETS:
+            raise ValueError(f"Constraints.target must be one of {RUNTIME_TARGETS}, got {self.target!r}")
         for name in ("keep", "tied"):
             val = getattr(self, name)
             if isinstance(val, str):
@@ -73,17 +80,17 @@ class Constraints:
     def to_dict(self) -> dict:
         return {"_type": "Constraints", "_version": CONSTRAINTS_VERSION, "keep": list(self.keep),
                 "force": [list(f) for f in self.force], "min_bits": self.min_bits, "max_bits": self.max_bits,
-                "tied": list(self.tied), "fast_on": self.fast_on}
+                "tied": list(self.tied), "fast_on": self.fast_on, **({"target": self.target} if self.target else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Constraints":
         _check_header(d, "Constraints", CONSTRAINTS_VERSION)
-        unknown = set(d) - {"_type", "_version", "keep", "force", "min_bits", "max_bits", "tied", "fast_on"}
+        unknown = set(d) - {"_type", "_version", "keep", "force", "min_bits", "max_bits", "tied", "fast_on", "target"}
         if unknown:
             raise ValueError(f"unknown Constraints fields {sorted(unknown)}")
         return cls(tuple(d.get("keep", ())), tuple(tuple(f) for f in d.get("force", ())),
                    dict(d.get("min_bits", {})), dict(d.get("max_bits", {})), tuple(d.get("tied", ())),
-                   d.get("fast_on"))
+                   d.get("fast_on"), d.get("target"))
 
 
 def build_problem(table: SensitivityTable, constraints: Constraints = Constraints()) -> Problem:
@@ -155,6 +162,15 @@ def _layer_choices(x, c: Constraints) -> list[tuple[QuantSpec, float]]:
                              f"kernel (left: {', '.join(s.name for s, _ in out)}): measure int candidates "
                              f"or drop fast_on")
         out = fast
+    if c.target:
+        from ..export.ggml_exact import holds_exactly
+
+        held = [(s, e) for s, e in out if holds_exactly(c.target, s, x.shape)]
+        if not held:
+            raise ValueError(f"{x.fqn} {tuple(x.shape)}: no candidate within its limits is held exactly by the "
+                             f"{c.target} runtime (left: {', '.join(s.name for s, _ in out)}): measure its exact "
+                             f"specs (--candidates {c.target}) or drop --target")
+        out = held
     return out
 
 

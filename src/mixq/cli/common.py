@@ -107,6 +107,10 @@ def constraint_args(p) -> None:
     p.add_argument("--fast-on", default=None, choices=["cpu"],
                    help="only candidates a fast kernel runs on this device (e.g. cpu: int grids through the int4 "
                         "GEMM; no NF/FP/FP16 layers, which would run the slow dequantize-per-call kernel)")
+    p.add_argument("--target", default=None, choices=["gguf"],
+                   help="only candidates this runtime holds exactly for each layer's shape (gguf: the ggml block "
+                        "types of the row length, written as they are by `mixq export --format gguf`); the plan "
+                        "records it, and quantize measures the target's specs when --candidates is 'default'")
 
 
 # ---------------------------------------------------------------------------- parsing what they give
@@ -143,7 +147,7 @@ def constraints_from(args):
     return Constraints(keep=tuple(args.keep), force=tuple(pairs(args.force_spec, str, "--force-spec")),
                        min_bits=dict(pairs(args.min_bits, int, "--min-bits")),
                        max_bits=dict(pairs(args.max_bits, int, "--max-bits")), tied=tuple(args.tied),
-                       fast_on=getattr(args, "fast_on", None))
+                       fast_on=getattr(args, "fast_on", None), target=getattr(args, "target", None))
 
 
 def parse_kv_arg(text: str):

@@ -62,6 +62,8 @@ def cmd_quantize(args) -> int:
     from ..export.native import save_quantized
     from ..models import load_model
 
+    if getattr(args, "target", None) and args.candidates == "default":
+        args.candidates = args.target  # measure the runtime's exact specs (mixq.export.ggml_exact)
     spec = quantize_spec(args) if args.plan is None and args.bpw is None else None
     plan = Plan.load(args.plan) if args.plan else None
     budget = Budget(bpw=args.bpw) if args.bpw is not None else None
@@ -98,6 +100,8 @@ def cmd_quantize(args) -> int:
     bos = resolve_bos(tok, model, args.bos)
     calib = calibration_for(model, tok, args, bos) if needs_calib else None
     extra: dict = {"lazy": True} if args.lazy else {}
+    if getattr(args, "target", None):
+        extra["target"] = args.target
     rotate = args.rotate
     if rotate and budget is not None:
         # rotate before measuring: the plan must be chosen for the weights that will be quantized (and a given
@@ -129,6 +133,7 @@ def cmd_quantize(args) -> int:
             specs.update(api.resolve_specs(model, {}, lm_head=lm_head, allow_empty=True))
     else:
         specs = api.resolve_specs(model, spec, lm_head=lm_head, group_fallback=args.group_fallback)
+    _check_target(args, specs, model)
     calib_ids = None if calib is None or args.method == "rtn" else calib.ids
     source, kept = _lazy_source(model, args.model, specs) if args.lazy else (None, {})
     walk = None
@@ -341,3 +346,20 @@ def quantize_spec(args):
     log.warning("--spec %s: quantizing the weights with %s; apply the activations at evaluation (mixq eval DIR --act %s)",
                 name, p.weight.name, name)
     return p.weight
+
+
+def _check_target(args, specs: dict, model) -> None:
+    """``--target``: every layer's spec must be one the runtime holds exactly for its shape (a ``--plan`` made
+    without the target, or a ``--spec`` with no exact type, is refused naming the first layers)."""
+    target = getattr(args, "target", None)
+    if not target:
+        return
+    from .. import api
+    from ..export.ggml_exact import holds_exactly
+
+    shapes = {r.fqn: r.shape for r in api.iter_layers(model)}
+    bad = [f"{fqn} ({s.name} on {tuple(shapes[fqn])})" for fqn, s in specs.items()
+           if fqn in shapes and not holds_exactly(target, s, shapes[fqn])]
+    if bad:
+        raise UserError(f"--target {target}: {len(bad)} layer(s) have specs the runtime does not hold exactly: "
+                        f"{', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}; plan with --target {target}")

@@ -112,6 +112,7 @@ from .ggml import (  # noqa: F401  (encode/decode re-exported: part of this modu
     ggml_bpw,
     gguf_quantize_support,
 )
+from .ggml_exact import ggml_exact_type
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,15 @@ def _refuse(specs: Mapping[str, QuantSpec]) -> None:
         raise ValueError(f"cannot export to GGUF: {n} layer(s) use specs that ggml types cannot hold: {why}")
 
 
+def _refuse_experts(layers) -> None:
+    """MoE expert layers (mixq.moe): refused, naming them, before anything is written."""
+    from ..moe.experts import refuse_experts
+
+    refuse_experts(layers, "GGUF", "llama.cpp holds a block's experts as stacked ffn_{gate,up,down}_exps tensors of "
+                   "one ggml type, which this exporter does not write; export them with --format native or "
+                   "compressed-tensors")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"output file {out} already exists: choose another path or pass --force")
@@ -295,7 +305,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out: str | os.PathLike, *,
                qtensors: Mapping[str, QTensor] | None = None, overwrite: bool = False, float_type: str = "f16",
                name: str | None = None, tokenizer_pre: str | None = None, verify: bool = True,
-               progress: bool = False) -> dict:
+               progress: bool = False, exact: bool = False) -> dict:
     """Write ``model`` (fake-quant weights) as one GGUF file; returns the report (JSON-able dict).
 
     ``specs``: fqn -> :class:`QuantSpec` of every layer mixq quantized (a ``"keep"`` dtype counts);
@@ -305,13 +315,17 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     for 2-D tensors mixq did not quantize (embeddings, an untied lm_head).  ``tokenizer_pre``:
     overrides the guessed llama.cpp pre-tokenizer name.  ``verify``: read the file back and compare
     every tensor (:func:`verify_gguf`).  Written to a temporary sibling and renamed into place;
-    an existing ``out`` is refused unless ``overwrite``.
+    an existing ``out`` is refused unless ``overwrite``.  ``exact`` (a ``--target gguf`` plan): every
+    quantized layer is written as the ggml type that holds its spec exactly
+    (:func:`mixq.export.ggml_exact.ggml_exact_type`) from mixq's codes and scales, and must decode to mixq's
+    weight bit for bit; anything else raises (no type choice, no re-quantization, no fallback).
     """
     out = Path(out)
     _check_out(out, overwrite)
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     config = model.config
+    _refuse_experts(specs)
     arch = _arch_of(config)
     hp = _hparams(config, arch)
     specs = {k: (v if isinstance(v, QuantSpec) else QuantSpec.from_dict(v)) for k, v in specs.items()}
@@ -365,7 +379,7 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
                                  "not quantized by mixq: written as " + qt_float.name, False, {}, {})
             else:
                 grid = _grid_of(qt, it.perm) if qt is not None else None
-                choice = _choose_type(x, spec, grid)
+                choice = _exact_choice(x, spec, grid, it.name) if exact else _choose_type(x, spec, grid)
                 entry["mixq_bpw"] = spec.bpw(tuple(x.shape))
                 entry["grid"] = "mixq codes and scales" if choice.grid_used else "fit to the values"
             raw = choice.qtype not in (QT.F16, QT.F32)
@@ -374,6 +388,9 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
                 choice.data.astype(np.float32).reshape(x.shape)
             diff = decoded.astype(np.float64) - x.astype(np.float64)
             errors[it.name] = float(np.abs(diff).max()) if diff.size else 0.0
+            if exact and spec is not None and not np.array_equal(decoded, x):
+                raise RuntimeError(f"{it.name} ({spec.name} as {choice.qtype.name}) does not decode to mixq's weight "
+                                   f"exactly (max |error| {errors[it.name]:.3g}): the exact GGUF export refuses it")
             entry.update({"ggml_type": choice.qtype.name, "ggml_bpw": ggml_bpw(choice.qtype),
                           "nominal_type": choice.nominal.name if choice.nominal else None,
                           "fallback": choice.fallback, "choice": choice.how,
@@ -404,6 +421,21 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
         tmp.unlink(missing_ok=True)
         raise
     return _report(out, config, arch, rows_report, tok_report, verification, warnings, float_type, tied)
+
+
+def _exact_choice(x: np.ndarray, spec: QuantSpec, grid, name: str) -> _Choice:
+    """The ggml type holding ``spec`` exactly, filled with mixq's own step/zero (``grid``), or ValueError."""
+    tname = ggml_exact_type(spec, x.shape)
+    if tname is None:
+        raise ValueError(f"{name}: no ggml type holds {spec.name} exactly on rows of {x.shape[1]} elements (the "
+                         f"exact export takes only the specs of a --target gguf plan; see mixq.export.ggml_exact)")
+    qt = QT[tname]
+    if qt in (QT.F16, QT.BF16, QT.F32):
+        return _Choice(qt, _float_data(x, qt), qt, None, "exact: kept in floating point", False, {}, {})
+    if grid is None:
+        raise ValueError(f"{name}: the exact export needs mixq's codes and scales (qtensors) for {spec.name}")
+    data = encode_blocks(qt, x, grid, spec.bits if spec.dtype == "int" else None)
+    return _Choice(qt, data, qt, None, "exact: mixq's codes and scales as they are", True, {}, {})
 
 
 def _expected_fn(sd: dict, it: _Item, spec_key: str | None, qtensors: Mapping[str, QTensor]):
@@ -505,11 +537,12 @@ def _load_qtensors(src: Path, info: dict) -> dict[str, QTensor]:
 
 def export_gguf(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, overwrite: bool = False,
                 progress: bool = True, float_type: str = "f16", tokenizer_pre: str | None = None,
-                verify: bool = True) -> dict:
+                verify: bool = True, exact: bool | None = None) -> dict:
     """Export a native mixq directory (written by ``mixq quantize``) as one GGUF file; returns the report.
 
     The mixq codes and parameters in ``quantized.safetensors`` are used to fill the ggml blocks, the
     rest (norms, embeddings, config, tokenizer) comes from the directory.  See :func:`write_gguf`.
+    ``exact``: default True for a directory quantized with ``--target gguf`` (its ``mixq.json`` says so).
     """
     from .native import load_quantized, read_info, refuse_composites
 
@@ -517,13 +550,18 @@ def export_gguf(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, over
     out = Path(out_path)
     _check_out(out, overwrite)  # before the (slower) load
     refuse_composites(read_info(src), "GGUF")
+    _refuse_experts(read_info(src).get("layers", {}))
     model, tokenizer, info = load_quantized(src)
     _arch_of(model.config)
     qtensors = _load_qtensors(src, info)
     specs = {fqn: q.spec for fqn, q in qtensors.items()}
     pre = tokenizer_pre or _embedded_pre(info.get("base_model"))
+    if exact is None:
+        exact = info.get("target") == "gguf"
     report = write_gguf(model, tokenizer, specs, out, qtensors=qtensors, overwrite=overwrite, float_type=float_type,
-                        name=info.get("base_model"), tokenizer_pre=pre, verify=verify, progress=progress)
+                        name=info.get("base_model"), tokenizer_pre=pre, verify=verify, progress=progress,
+                        exact=exact)
+    report["exact"] = exact
     report["source"] = str(src)
     report["mixq"] = {k: info.get(k) for k in ("base_model", "method", "spec")}
     return report
