@@ -28,20 +28,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..algorithms.gptq import gptq_quantize, prepare_hessian
-from ..algorithms.rtn import rtn_quantize
-from ..allocate import LayerEntry, SensitivityTable, candidates_for
+from ..allocate import LayerEntry, SensitivityTable
 from ..allocate.table import write_json_atomic
 from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
-from ..config import is_composite
 from ..data import ids_sha256
-from ..intra import composite_weight
 from ..models import model_fingerprint
+from .distributed import Group, current_group, measure_shared
 from .gradients import gradient_stats
 from ..arch import set_weight
-from ..calib.capture import run_block
+from ..calib.capture import InMemoryBlocks, run_block
+from .layer import LayerJob
+from .layer import measure_layer as _measure_layer
 from .metrics import BLOCK_METRICS, METRICS, LayerSensitivity, block_error, layer_error
 
 log = logging.getLogger(__name__)
@@ -67,10 +66,13 @@ def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[
 
 def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], *, metric: str = "kfac",
             algorithm: str = "rtn", grad_samples: int = 16, block_samples: int = 4,
-            out: str | Path | None = None, progress: bool = True) -> SensitivityTable:
+            out: str | Path | None = None, progress: bool = True, group: Group | None = None) -> SensitivityTable:
     """Measure every (layer, candidate) error.  ``out``: the table's path, also used to resume.
 
-    ``block_samples``: calibration rows the block-output metrics run each candidate on.
+    ``block_samples``: calibration rows the block-output metrics run each candidate on.  The walk runs on the
+    device of the model's parameters.  ``group``: the processes sharing the work
+    (:mod:`mixq.measure.distributed`; default: the initialized ``torch.distributed`` group, else this process
+    alone); every process returns the whole table and only rank 0 writes ``out``.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
@@ -80,8 +82,14 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     key = measurement_key(model, calib_ids, candidates, metric, algorithm)
     if metric in BLOCK_METRICS:
         key["block_samples"] = int(min(block_samples, calib_ids.shape[0]))
+    group = group or current_group()
     partial_path = Path(str(out) + ".partial") if out else None
-    done: dict[str, LayerEntry] = _load_partial(partial_path, key)
+    done: dict[str, LayerEntry] = _load_partial(partial_path if group.writer else None, key)
+    if group.world > 1:  # rank 0's partial table, in every process (other ranks may not see its file)
+        doc = group.broadcast(_table(done, key).to_dict() if done else None)
+        done = {e.fqn: e for e in SensitivityTable.from_dict(doc).layers} if doc else {}
+    if not group.writer:
+        partial_path = None
     grads = {}
     prefix = arch_for(model).blocks
     entries: dict[str, LayerEntry] = dict(done)
@@ -96,18 +104,30 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
             block_stats.update(stats)  # measured in on_io, which also sees the block's inputs/outputs
             return
         block = model.get_submodule(f"{prefix}.{i}")
-        new = False
+        jobs = []
         for name, st in stats.items():
             fqn = f"{prefix}.{i}.{name}"
             if fqn in entries:
                 continue
-            W = get_weight(block.get_submodule(name)).detach().float()
+            mod = block.get_submodule(name)
             g = grads.get(fqn, {})
             sens = LayerSensitivity(H=st.H, G=g.get("G"), F=g.get("F"))
-            err = lambda Wq, W=W, sens=sens: layer_error(W - Wq, sens, metric)  # noqa: E731
-            entries[fqn] = _measure_layer(fqn, W, sens, candidates, algorithm, err)
-            new = True
-        if new and partial_path is not None:
+            err = lambda W, Wq, sens=sens: layer_error(W - Wq, sens, metric)  # noqa: E731
+            jobs.append(LayerJob(fqn, tuple(get_weight(mod).shape), lambda mod=mod: get_weight(mod).detach().float(),
+                                 sens, err))
+        _measure_block(jobs)
+
+    def _measure_block(jobs: list[LayerJob]) -> None:
+        if not jobs:
+            return
+        if group.world > 1:
+            entries.update(measure_shared(jobs, candidates, algorithm, group))
+        else:
+            for j in jobs:
+                W = j.weight()
+                entries[j.fqn] = _measure_layer(j.fqn, W, j.sens, candidates, algorithm,
+                                                lambda Wq, j=j, W=W: j.error(W, Wq))
+        if partial_path is not None:
             _save_partial(partial_path, key, entries)
 
     def on_io(i: int, block: nn.Module, inps: torch.Tensor, outs: torch.Tensor, kwargs: dict) -> None:
@@ -117,16 +137,15 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         x, y = inps[:k], outs[:k].clone()
         y_q = torch.empty_like(y)
         G = grads.get(f"{prefix}.{i}", {}).get("G")
-        new = False
+        jobs = []
         for name, st in block_stats.items():
             fqn = f"{prefix}.{i}.{name}"
             if fqn in entries:
                 continue
             mod = block.get_submodule(name)
             W0 = get_weight(mod).detach().clone()
-            W = W0.float()
 
-            def err(Wq, mod=mod, W0=W0):
+            def err(W, Wq, mod=mod, W0=W0):
                 set_weight(mod, Wq.to(W0.dtype))
                 try:
                     run_block(block, x, kwargs, out=y_q)
@@ -134,68 +153,22 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
                     set_weight(mod, W0)
                 return block_error(y_q - y, y, metric, G)
 
-            entries[fqn] = _measure_layer(fqn, W, LayerSensitivity(H=st.H), candidates, algorithm, err)
-            new = True
-        if new and partial_path is not None:
-            _save_partial(partial_path, key, entries)
+            jobs.append(LayerJob(fqn, tuple(W0.shape), lambda W0=W0: W0.float(), LayerSensitivity(H=st.H), err))
+        _measure_block(jobs)
 
-    walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress)
-    order = [f for f in entries]
-    table = SensitivityTable(layers=tuple(entries[f] for f in order), metric=metric,
-                             meta={**key, "seconds": time.perf_counter() - t0, "resumed_layers": len(done)})
-    if out:
+    device = next(model.parameters()).device
+    walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress,
+                device=device, source=InMemoryBlocks(home=device))
+    table = _table(entries, key, seconds=time.perf_counter() - t0, resumed_layers=len(done))
+    if out and group.writer:
         table.save(out, overwrite=True)
         if partial_path.exists():
             partial_path.unlink()
     return table
 
 
-def _measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
-    """``err(Wq) -> float``: the metric's error of one quantized weight of this layer."""
-    shape = tuple(W.shape)
-    cands = candidates_for(shape, candidates, fqn=fqn)
-    errs = []
-    hc = prepare_hessian(sens.H) if algorithm.startswith("gptq") else None
-    for c in cands:
-        if _scalable(c) and algorithm == "gptq":  # +ip over a plain grid: RTN in the transformed basis, scaled below
-            Wq = composite_weight(W, c, sens, "rtn")
-        elif is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
-            Wq = composite_weight(W, c, sens, algorithm, hc)
-        elif algorithm == "gptq-exact" and not c.is_float_keep:
-            Wq = gptq_quantize(W, sens.H, c, hinv_chol=hc).weight
-        else:
-            _, Wq = rtn_quantize(W, c)
-        errs.append(err(Wq))
-    if algorithm == "gptq":
-        errs = _scale_by_gptq(W, sens, cands, errs, err, hc)
-    return LayerEntry(fqn=fqn, shape=shape, candidates=tuple(cands), errors=tuple(errs))
-
-
-def _scalable(c) -> bool:
-    """Plain grids, and ``+ip`` over a plain grid: RTN errors scaled by a measured GPTQ/RTN ratio."""
-    return not is_composite(c) or (c.incoherent and not is_composite(c.inner))
-
-
-def _scale_by_gptq(W, sens, cands, errs, err, hc) -> list[float]:
-    """Scale RTN errors by the GPTQ/RTN ratio measured on one reference candidate per element family and bit
-    width (an NF grid gains a different share of its error from GPTQ than an int grid of the same bits, and
-    ``+ip`` candidates another again, in the transformed basis)."""
-    by_bits: dict[tuple[str, int, bool], list[int]] = {}
-    for k, c in enumerate(cands):
-        if not c.is_float_keep and _scalable(c):
-            by_bits.setdefault((c.dtype, c.bits, is_composite(c)), []).append(k)
-    out = list(errs)
-    for (_, bits, ip), ks in by_bits.items():
-        ref = sorted(ks, key=lambda k: cands[k].cost(tuple(W.shape)).total)[len(ks) // 2]
-        e_rtn = errs[ref]
-        if ip:
-            e_gptq = err(composite_weight(W, cands[ref], sens, "gptq"))
-        else:
-            e_gptq = err(gptq_quantize(W, sens.H, cands[ref], hinv_chol=hc).weight)
-        ratio = min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
-        for k in ks:
-            out[k] = errs[k] * ratio
-    return out
+def _table(entries: dict[str, LayerEntry], key: dict, **meta) -> SensitivityTable:
+    return SensitivityTable(layers=tuple(entries.values()), metric=key["metric"], meta={**key, **meta})
 
 
 def _load_partial(path: Path | None, key: dict) -> dict[str, LayerEntry]:
@@ -215,5 +188,4 @@ def _load_partial(path: Path | None, key: dict) -> dict[str, LayerEntry]:
 
 
 def _save_partial(path: Path, key: dict, entries: dict[str, LayerEntry]) -> None:
-    t = SensitivityTable(layers=tuple(entries.values()), metric=key["metric"], meta=key)
-    write_json_atomic(path, {"key": key, "table": t.to_dict()}, overwrite=True)
+    write_json_atomic(path, {"key": key, "table": _table(entries, key).to_dict()}, overwrite=True)

@@ -1,0 +1,150 @@
+"""One layer's measurement as a list of independent work units, so that they can be shared out.
+
+A layer's row of the :class:`~mixq.allocate.SensitivityTable` is ``errors[k]`` for every candidate
+``k`` that fits its shape.  Each value comes from *units*, every one a pure function of the layer's
+weight ``W [out, in]``, its statistics and the block inputs:
+
+* ``("err", k)`` — the metric's error of candidate ``k`` quantized with the measuring algorithm
+  (RTN; GPTQ under ``gptq-exact``; composites with their own RTN / GPTQ; ``+ip`` over a plain grid
+  with RTN in its transformed basis when ``algorithm="gptq"``);
+* ``("gptq", k)`` — only for ``algorithm="gptq"``: the GPTQ error of the reference candidate ``k``
+  of one (element family, bit width, ``+ip``) group, whose RTN errors are then scaled by
+  ``min(1, e_gptq / e_rtn)`` in :func:`combine`.
+
+:func:`measure_layer` evaluates every unit in one process; :mod:`mixq.measure.distributed` shares
+the units of a block over several processes and calls the same :func:`evaluate` and :func:`combine`,
+so both give the same floats (the arithmetic of each unit does not depend on where it runs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..algorithms.gptq import gptq_quantize, prepare_hessian
+from ..algorithms.rtn import rtn_quantize
+from ..allocate import LayerEntry, candidates_for
+from ..config import QuantSpec, is_composite
+from ..intra import composite_weight
+from .metrics import LayerSensitivity
+
+Unit = tuple[str, int]  # ("err" | "gptq", candidate index)
+
+
+@dataclass
+class LayerJob:
+    """What measuring one layer needs.  ``weight()`` -> float ``W [out, in]`` (read when a unit of this layer
+    runs here, so a process holds only the weights it measures); ``error(W, Wq)`` -> the metric's error."""
+
+    fqn: str
+    shape: tuple[int, int]
+    weight: Callable[[], torch.Tensor]
+    sens: LayerSensitivity
+    error: Callable[[torch.Tensor, torch.Tensor], float]
+
+
+@dataclass
+class _Context:
+    """Per-layer values shared by its units: ``W`` and GPTQ's inverse-Hessian Cholesky factor (computed once)."""
+
+    W: torch.Tensor
+    sens: LayerSensitivity
+    algorithm: str
+    _hc: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def hc(self):
+        if self._hc is None and self.algorithm.startswith("gptq"):
+            self._hc = prepare_hessian(self.sens.H)
+        return self._hc
+
+
+def layer_candidates(fqn: str, shape: tuple[int, int], candidates: list[QuantSpec]) -> list[QuantSpec]:
+    return candidates_for(tuple(shape), candidates, fqn=fqn)
+
+
+def units(cands: list[QuantSpec], shape: tuple[int, int], algorithm: str) -> list[Unit]:
+    """Every unit of a layer with candidates ``cands``: one ``err`` per candidate, one ``gptq`` per reference."""
+    out: list[Unit] = [("err", k) for k in range(len(cands))]
+    if algorithm == "gptq":
+        out += [("gptq", ref) for ref in _references(cands, shape).values()]
+    return out
+
+
+def unit_cost(unit: Unit, shape: tuple[int, int]) -> float:
+    """A rough relative cost of a unit (for balancing only; results never depend on it): a quantize-and-score
+    pass is ~``out·in``, a GPTQ pass ~``out·in·(1 + in/128)`` (the column sweep with lazy batch updates)."""
+    o, i = shape
+    return float(o * i) * ((1.0 + i / 128) if unit[0] == "gptq" else 1.0)
+
+
+def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[torch.Tensor], float]) -> float:
+    """The float of one unit (see the module docstring)."""
+    kind, k = unit
+    c, W, algorithm = cands[k], ctx.W, ctx.algorithm
+    if kind == "gptq":
+        if is_composite(c):  # +ip over a plain grid: GPTQ in the transformed basis
+            return float(err(composite_weight(W, c, ctx.sens, "gptq")))
+        return float(err(gptq_quantize(W, ctx.sens.H, c, hinv_chol=ctx.hc).weight))
+    if _scalable(c) and algorithm == "gptq":  # +ip over a plain grid: RTN in the transformed basis, scaled later
+        Wq = composite_weight(W, c, ctx.sens, "rtn")
+    elif is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
+        Wq = composite_weight(W, c, ctx.sens, algorithm, ctx.hc)
+    elif algorithm == "gptq-exact" and not c.is_float_keep:
+        Wq = gptq_quantize(W, ctx.sens.H, c, hinv_chol=ctx.hc).weight
+    else:
+        _, Wq = rtn_quantize(W, c)
+    return float(err(Wq))
+
+
+def evaluate_units(job: LayerJob, cands: list[QuantSpec], todo: list[Unit], algorithm: str) -> dict[Unit, float]:
+    """Evaluate ``todo`` (units of one layer) in order; ``W`` is read once."""
+    if not todo:
+        return {}
+    W = job.weight()
+    ctx = _Context(W, job.sens, algorithm)
+    err = lambda Wq: job.error(W, Wq)  # noqa: E731
+    return {u: evaluate(ctx, cands, u, err) for u in todo}
+
+
+def combine(fqn: str, shape: tuple[int, int], cands: list[QuantSpec], algorithm: str,
+            values: dict[Unit, float]) -> LayerEntry:
+    """The layer's table row from its units' values (the GPTQ/RTN ratio applied under ``gptq``)."""
+    errs = [values[("err", k)] for k in range(len(cands))]
+    if algorithm == "gptq":
+        for key, ref in _references(cands, shape).items():
+            e_rtn, e_gptq = errs[ref], values[("gptq", ref)]
+            ratio = min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
+            for k in _groups(cands)[key]:
+                errs[k] = values[("err", k)] * ratio
+    return LayerEntry(fqn=fqn, shape=tuple(shape), candidates=tuple(cands), errors=tuple(errs))
+
+
+def measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
+    """Every unit of one layer, here; ``err(Wq) -> float``: the metric's error of one quantized weight."""
+    shape = tuple(W.shape)
+    cands = layer_candidates(fqn, shape, candidates)
+    job = LayerJob(fqn, shape, lambda: W, sens, lambda _W, Wq: err(Wq))
+    return combine(fqn, shape, cands, algorithm, evaluate_units(job, cands, units(cands, shape, algorithm), algorithm))
+
+
+def _scalable(c) -> bool:
+    """Plain grids, and ``+ip`` over a plain grid: RTN errors scaled by a measured GPTQ/RTN ratio."""
+    return not is_composite(c) or (c.incoherent and not is_composite(c.inner))
+
+
+def _groups(cands) -> dict[tuple[str, int, bool], list[int]]:
+    """Scaled candidates by (element family, bit width, ``+ip``): an NF grid gains a different share of its error
+    from GPTQ than an int grid of the same bits, and ``+ip`` candidates another again."""
+    out: dict[tuple[str, int, bool], list[int]] = {}
+    for k, c in enumerate(cands):
+        if not c.is_float_keep and _scalable(c):
+            out.setdefault((c.dtype, c.bits, is_composite(c)), []).append(k)
+    return out
+
+
+def _references(cands, shape) -> dict[tuple[str, int, bool], int]:
+    """Each group's reference: the candidate of median bit cost."""
+    return {key: sorted(ks, key=lambda k: cands[k].cost(tuple(shape)).total)[len(ks) // 2]
+            for key, ks in _groups(cands).items()}
