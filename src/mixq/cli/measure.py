@@ -1,5 +1,10 @@
 """``mixq measure``: every layer × candidate error, once, for any number of budgets (and the measurement
-side of ``mixq quantize --bpw``)."""
+side of ``mixq quantize --bpw``).
+
+Under ``torchrun`` (``OMP_NUM_THREADS=1 torchrun --nproc-per-node N -m mixq.cli measure ...``) the processes
+share the work (:mod:`mixq.measure.distributed`): rank 0 prepares the calibration rows and sends them to the
+others, every rank walks the model, and rank 0 alone claims, resumes and writes ``--out``; the table equals
+the single-process one."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +26,9 @@ def register(sub) -> None:
     measure_args(m)
     m.add_argument("--out", required=True, help="measurement JSON to write")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
+    m.add_argument("--device", default="cpu",
+                   help="where the model is loaded and measured: cpu (default), cuda, cuda:N; under torchrun, "
+                        "cuda means each process's GPU LOCAL_RANK (NCCL), cpu uses gloo")
     m.set_defaults(func=cmd_measure)
 
 
@@ -56,35 +64,49 @@ def _algorithm(args) -> str:
     return args.algorithm or ("gptq" if getattr(args, "method", DEFAULT_RECIPE["method"]) == "gptq" else "rtn")
 
 
-def run_measure(model, calib_ids, args, out: Path | None):
+def run_measure(model, calib_ids, args, out: Path | None, group=None):
     """Measure on ``calib_ids`` with the metric options in ``args``; returns the table."""
     from ..measure import measure
 
     return measure(model, calib_ids, load_candidate_set(args.candidates), metric=args.metric,
                    algorithm=_algorithm(args), grad_samples=args.grad_samples, block_samples=args.block_samples,
-                   out=out)
+                   out=out, group=group)
 
 
 def cmd_measure(args) -> int:
+    from ..measure.distributed import init_from_env, shutdown
+
+    group = init_from_env(args.device)
+    try:
+        return _measure_in(group, args)
+    finally:
+        shutdown()
+
+
+def _measure_in(group, args) -> int:
     from ..bos import resolve_bos
-    from ..calibset import parse_sources
-    from ..calibset import calibration_for
+    from ..calibset import calibration_for, parse_sources
+    from ..measure.distributed import process_device
     from ..models import load_model
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
-    claim_output(out, args.force)
+    if group.writer:
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} already exists: choose another --out or pass --force")
+        claim_output(out, args.force)
     load_candidate_set(args.candidates)  # validate before the heavy work
     parse_sources(args.calib)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, device=process_device(args.device, group))
     t0 = time.perf_counter()
-    calib = calibration_for(model, tok, args, resolve_bos(tok, model, args.bos))
-    table = run_measure(model, calib.ids, args, out)
+    calib = calibration_for(model, tok, args, resolve_bos(tok, model, args.bos)) if group.writer else None
+    ids = group.broadcast(calib.ids.cpu() if calib is not None else None)  # one set of rows for every rank
+    table = run_measure(model, ids, args, out, group)
+    if not group.writer:
+        return 0
     table.meta["calibration_record"] = calib.record()
     table.meta["rotate"] = False  # provenance: the weights as loaded (quantize --bpw --rotate records True)
-    if out is not None:
-        table.save(out, overwrite=True)
+    table.meta["processes"] = group.world
+    table.save(out, overwrite=True)
     n = sum(len(e.candidates) for e in table.layers)
     print(f"wrote {out}: {len(table.layers)} layers × candidates = {n} errors ({table.metric}, "
           f"{table.meta['algorithm']}), {time.perf_counter() - t0:.1f} s")
