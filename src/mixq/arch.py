@@ -134,6 +134,11 @@ ARCH_TABLE: dict[str, ArchInfo] = {
         InputGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "norm"),
         InputGroup("mlp.act", ("mlp.dense_4h_to_h",), "act"),
     )),
+    # MoE (mixq.moe): stacked experts become mlp.experts.<e>.{gate,up,down}_proj linears; the router mlp.gate
+    # is not a linear and stays out of the plan.  No input groups: the norm before the experts also feeds the
+    # router, so AWQ/SmoothQuant/rotation (which fold scales into it) are refused rather than wrong.
+    "qwen3_moe": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
+    "mixtral": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
 }
 
 
@@ -196,7 +201,14 @@ def arch_for(model: nn.Module) -> ArchInfo:
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
-    """The ``ModuleList`` of decoder blocks, in forward order."""
+    """The ``ModuleList`` of decoder blocks, in forward order.
+
+    MoE models: stacked experts are first replaced, in place, by one linear per expert projection
+    (:func:`mixq.moe.expose_experts`, the same function of the inputs), so that every walk sees them.
+    """
+    from .moe.experts import expose_experts
+
+    expose_experts(model)
     path = arch_for(model).blocks
     blocks = _module(model, path, "decoder blocks")
     if not isinstance(blocks, nn.ModuleList):

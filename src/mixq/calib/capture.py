@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from ..arch import arch_for, block_linears, get_blocks
+from ..moe.routing import MIN_EXPERT_TOKENS, pad_rare_experts
 from .stats import LayerStats, release_shared_input
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ def walk_blocks(
     checkpoint=None,
     offload_dir=None,
     progress: bool = True,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> None:
     """Walk the decoder block by block, accumulating per-linear input statistics.
 
@@ -168,6 +170,8 @@ def walk_blocks(
     and ``checkpoint.commit`` saves every block as soon as it is done (callback and re-run).
     ``offload_dir``: keep the two ``[n, L, hidden]`` buffers in memory-mapped files there instead
     of RAM (:mod:`mixq.calib.offload`; each batch is moved to ``device`` when the block runs).
+    ``min_expert_tokens``: MoE experts routed fewer calibration tokens have their statistics padded with
+    their block's pooled expert statistics (:func:`mixq.moe.routing.pad_rare_experts`; logged).
     """
     source = source or InMemoryBlocks()
     arch = arch_for(model)
@@ -200,6 +204,7 @@ def walk_blocks(
             for h in hooks:
                 h.remove()
             release_shared_input()
+        stats = pad_rare_experts(stats, min_expert_tokens, where=f"block {i}: ")  # MoE (mixq.moe.routing)
         if stats_sink is not None:
             stats_sink(i, stats)
         if io_sink is not None:

@@ -286,6 +286,15 @@ def _refuse(specs: Mapping[str, QuantSpec]) -> None:
         raise ValueError(f"cannot export to GGUF: {n} layer(s) use specs that ggml types cannot hold: {why}")
 
 
+def _refuse_experts(layers) -> None:
+    """MoE expert layers (mixq.moe): refused, naming them, before anything is written."""
+    from ..moe.experts import refuse_experts
+
+    refuse_experts(layers, "GGUF", "llama.cpp holds a block's experts as stacked ffn_{gate,up,down}_exps tensors of "
+                   "one ggml type, which this exporter does not write; export them with --format native or "
+                   "compressed-tensors")
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"output file {out} already exists: choose another path or pass --force")
@@ -316,6 +325,7 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     config = model.config
+    _refuse_experts(specs)
     arch = _arch_of(config)
     hp = _hparams(config, arch)
     specs = {k: (v if isinstance(v, QuantSpec) else QuantSpec.from_dict(v)) for k, v in specs.items()}
@@ -540,6 +550,7 @@ def export_gguf(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, over
     out = Path(out_path)
     _check_out(out, overwrite)  # before the (slower) load
     refuse_composites(read_info(src), "GGUF")
+    _refuse_experts(read_info(src).get("layers", {}))
     model, tokenizer, info = load_quantized(src)
     _arch_of(model.config)
     qtensors = _load_qtensors(src, info)

@@ -43,6 +43,7 @@ def read_source(src_dir) -> Source:
     from transformers.pytorch_utils import Conv1D
 
     from ..arch import arch_for
+    from ..moe.experts import expose_experts
 
     path = Path(src_dir)
     info, qtensors, rest = read_qtensors(path)  # any native version; sizes and sha256 checked first
@@ -52,6 +53,7 @@ def read_source(src_dir) -> Source:
         raise CheckpointError(f"cannot read {path / 'config.json'}: {e}; the directory is damaged") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        expose_experts(model)  # MoE: one linear per expert projection, as the directory holds them
     modules, shapes = {}, {}
     for name, m in model.named_modules():
         if isinstance(m, Conv1D):

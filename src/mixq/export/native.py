@@ -439,6 +439,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     from transformers.pytorch_utils import Conv1D
 
     from ..intra import PackedComposite, install_composite_linear
+    from ..moe.experts import expose_experts
     from ..runtime import canonical_name, install_qlinear
 
     if packed:
@@ -448,6 +449,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     config = AutoConfig.from_pretrained(path)
     with _no_weight_init():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    expose_experts(model)  # MoE: the directory holds one tensor per expert projection (mixq.moe)
     missing, unexpected = model.load_state_dict(rest, strict=False)
     del rest
     if unexpected:

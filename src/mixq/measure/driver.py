@@ -97,8 +97,12 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher",
                                want_blocks=metric == "block", progress=progress)
     block_stats: dict = {}
+    from ..moe.routing import routing_for_measure  # MoE: tokens per expert, rare experts' G, frequency weights
+
+    routing = routing_for_measure(model, calib_ids, metric in BLOCK_METRICS)
 
     def on_stats(i: int, stats) -> None:
+        routing.observe(f"{prefix}.{i}", stats, grads)
         if metric in BLOCK_METRICS:
             block_stats.clear()
             block_stats.update(stats)  # measured in on_io, which also sees the block's inputs/outputs
@@ -159,7 +163,9 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     device = next(model.parameters()).device
     walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress,
                 device=device, source=InMemoryBlocks(home=device))
+    entries = routing.weigh(entries, metric)
     table = _table(entries, key, seconds=time.perf_counter() - t0, resumed_layers=len(done))
+    routing.annotate(table)
     if out and group.writer:
         table.save(out, overwrite=True)
         if partial_path.exists():

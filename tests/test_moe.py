@@ -1,0 +1,258 @@
+"""Mixture-of-experts: tiny random Qwen3-MoE and Mixtral models through the whole pipeline (mixq.moe).
+
+Stacked 3-D experts become one linear per expert projection (the same function), each a layer of the
+plan; calibration statistics of expert ``e`` are exactly its routed rows; routing counts land in the
+measurement; rare experts are padded with their block's pooled statistics; the ``hessian`` metric is
+weighted by routing frequency; exports hold the experts by module name or refuse naming them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import transformers as tf
+
+import mixq
+from mixq.arch import get_blocks, iter_layers
+from mixq.calib.capture import walk_blocks
+from mixq.calib.stats import LayerStats
+from mixq.moe import (MIN_EXPERT_TOKENS, ExpertList, ExpertStats, RoutingRecord, expose_experts, pad_rare_experts,
+                      split_expert_name)
+from tiny import HEADS, HIDDEN, KV_HEADS, LAYERS, MAX_POS, VOCAB, make_tiny_tokenizer
+
+MOE_FAMILIES = ["qwen3_moe", "mixtral"]
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+def make_moe(family: str, *, experts: int = 4, top_k: int = 2, seed: int = 0):
+    """A random tiny MoE causal LM: hidden 64, 2 blocks, ``experts`` experts of width 32, top-``top_k``."""
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS, num_experts_per_tok=top_k)
+    if family == "qwen3_moe":
+        cfg, cls = tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
+                                     head_dim=HIDDEN // HEADS), tf.Qwen3MoeForCausalLM
+    else:
+        cfg, cls = tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=experts), tf.MixtralForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.1).add_(1.0)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)  # a router that routes (HF may initialise it to zero)
+    return model.eval()
+
+
+def _ids(n: int, L: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 99, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=MOE_FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+# ---------------------------------------------------------------------------- experts as layers
+def test_exposed_experts_compute_the_same_function(family):
+    model = make_moe(family)
+    ids = _ids(2, 24)
+    ref = model(ids).logits
+    stacked = model.model.layers[0].mlp.experts
+    gu, dn = stacked.gate_up_proj.detach().clone(), stacked.down_proj.detach().clone()
+    assert expose_experts(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert expose_experts(model) == []  # idempotent
+    ex = model.model.layers[0].mlp.experts
+    assert isinstance(ex, ExpertList) and len(ex) == 4
+    assert torch.equal(ex[3].gate_proj.weight, gu[3, :32]) and torch.equal(ex[3].up_proj.weight, gu[3, 32:])
+    assert torch.equal(ex[3].down_proj.weight, dn[3])
+    torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_every_expert_projection_is_a_plan_layer_and_routers_are_not(family):
+    model = make_moe(family)
+    names = [r.fqn for r in iter_layers(model)]  # exposes the experts on the way
+    experts = [n for n in names if split_expert_name(n)]
+    assert len(experts) == LAYERS * 4 * 3
+    assert "model.layers.0.mlp.experts.3.down_proj" in names
+    assert dict(r and (r.fqn, r.shape) for r in iter_layers(model))["model.layers.1.mlp.experts.2.gate_proj"] == (32, 64)
+    assert not any(n.endswith("mlp.gate") for n in names)  # routers stay in high precision, out of the plan
+    assert len(names) == LAYERS * (4 + 12)
+
+
+def test_expert_statistics_are_its_routed_rows(family):
+    """H of expert e's gate_proj == XᵀX/n over exactly the rows the router sent to e; n is the routing count."""
+    model = make_moe(family)
+    ids = _ids(4, 32)
+    moe_in = []
+    get_blocks(model)[0].mlp.register_forward_pre_hook(lambda m, a: moe_in.append(a[0].reshape(-1, HIDDEN).clone()))
+    seen = {}
+    walk_blocks(model, ids, None, sequential=False, progress=False, min_expert_tokens=0,
+                stats_sink=lambda i, st: seen.setdefault(i, st))
+    x = torch.cat(moe_in[:4])  # the walk's block-0 pass, sample by sample
+    _, _, top = get_blocks(model)[0].mlp.gate(x)
+    counts = [int((top == e).any(-1).sum()) for e in range(4)]
+    assert sum(counts) == 2 * ids.numel()
+    for e in range(4):
+        st = seen[0][f"mlp.experts.{e}.gate_proj"]
+        assert st.n_tokens == counts[e] == seen[0][f"mlp.experts.{e}.down_proj"].n_tokens
+        xe = x[(top == e).any(-1)].double()
+        torch.testing.assert_close(st.H, (xe.T @ xe / len(xe)).float(), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- rare experts
+def _stats(x: torch.Tensor) -> LayerStats:
+    st = LayerStats(x.shape[1])
+    if len(x):
+        st.update(x)
+    return st
+
+
+def test_rare_experts_are_padded_with_the_pooled_statistics(caplog):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, 8, generator=g) for n in (100, 80, 5, 0)]
+    stats = {f"mlp.experts.{e}.up_proj": _stats(x) for e, x in enumerate(xs)}
+    stats["self_attn.q_proj"] = _stats(xs[0])
+    with caplog.at_level(logging.WARNING):
+        out = pad_rare_experts(stats, 20, where="block 0: ")
+    assert out["self_attn.q_proj"] is stats["self_attn.q_proj"]
+    assert out["mlp.experts.0.up_proj"] is stats["mlp.experts.0.up_proj"]  # saw enough
+    allx = torch.cat(xs).double()
+    Hbar = allx.T @ allx / len(allx)
+    rare, empty = out["mlp.experts.2.up_proj"], out["mlp.experts.3.up_proj"]
+    assert isinstance(rare, ExpertStats) and rare.routed_tokens == 5 and rare.n_tokens == 20
+    x2 = xs[2].double()
+    torch.testing.assert_close(rare.H, ((x2.T @ x2 + 15 * Hbar) / 20).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(empty.H, Hbar.float(), rtol=1e-5, atol=1e-6)
+    assert empty.routed_tokens == 0 and torch.isfinite(empty.absmean).all()
+    assert "mlp.experts" in caplog.text and "2:5, 3:0" in caplog.text and "fewer than 20" in caplog.text
+
+
+def test_expert_that_saw_no_token_still_quantizes_with_gptq(caplog):
+    """8 experts, top-1, 4 calibration tokens: at least 4 experts see nothing; GPTQ uses the pooled Hessian."""
+    model = make_moe("qwen3_moe", experts=8, top_k=1)
+    ids = _ids(1, 4)
+    with caplog.at_level(logging.WARNING, logger="mixq.moe.routing"):
+        res = mixq.quantize(model, "W4-g32", method="gptq", calib=ids, progress=False)
+    assert len(res.qtensors) == LAYERS * (4 + 8 * 3) and all(v >= 0 for v in res.proxy_loss.values())
+    assert caplog.text.count(":0") >= 4 and f"fewer than {MIN_EXPERT_TOKENS}" in caplog.text
+
+
+# ---------------------------------------------------------------------------- routing in the measurement
+def test_routing_counts_and_frequency_weights_in_the_measurement(tmp_path):
+    model = make_moe("mixtral")
+    ids = _ids(8, 32)
+    out = tmp_path / "m.json"
+    table = mixq.measure(model, ids, metric="hessian", candidates=["W2-g32", "W4-g32"], out=out, progress=False)
+    moe = json.loads(out.read_text())["meta"]["moe"]
+    assert moe == table.meta["moe"] and moe["tokens"] == ids.numel() and moe["min_tokens"] == MIN_EXPERT_TOKENS
+    assert set(moe["counts"]) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    for counts in moe["counts"].values():
+        assert len(counts) == 4 and sum(counts) == 2 * ids.numel()
+    rec = RoutingRecord(moe["tokens"], moe["min_tokens"], moe["counts"])
+    # the hessian error of an expert layer is f_e * tr(ΔW H_e ΔWᵀ), f_e = max(n_e, τ) / N
+    seen = {}
+    walk_blocks(model, ids, None, sequential=False, progress=False, stats_sink=lambda i, st: seen.setdefault(i, st))
+    from mixq.algorithms.rtn import rtn_quantize
+    from mixq.config import parse_spec
+    from mixq.measure.metrics import LayerSensitivity, layer_error
+
+    entry = {e.fqn: e for e in table.layers}["model.layers.1.mlp.experts.2.down_proj"]
+    k = [c.name for c in entry.candidates].index("W2-g32")
+    W = model.get_submodule(entry.fqn).weight.detach()
+    raw = layer_error(W - rtn_quantize(W, parse_spec("W2-g32"))[1],
+                      LayerSensitivity(H=seen[1]["mlp.experts.2.down_proj"].H), "hessian")
+    f = max(moe["counts"]["model.layers.1.mlp.experts"][2], MIN_EXPERT_TOKENS) / ids.numel()
+    assert rec.frequency(entry.fqn) == pytest.approx(f) and 0 < f < 1
+    assert entry.errors[k] == pytest.approx(f * raw, rel=1e-6)
+    dense = {e.fqn: e for e in table.layers}["model.layers.1.self_attn.o_proj"]
+    assert rec.frequency(dense.fqn) == 1.0 and dense.errors[0] > 0
+
+
+def test_rare_experts_get_pooled_gradient_statistics():
+    rec = RoutingRecord(tokens=100, min_tokens=10, counts={"b.mlp.experts": [60, 30, 4, 0]})
+    grads = {"b.mlp.experts.0.down_proj": {"G": torch.full((3,), 6.0)},
+             "b.mlp.experts.1.down_proj": {"G": torch.full((3,), 3.0)},
+             "b.mlp.experts.2.down_proj": {"G": torch.full((3,), 100.0)}}  # noisy: 4 tokens
+    rec.fill_gradients(grads, "b", [f"mlp.experts.{e}.down_proj" for e in range(4)])
+    per_token = 9.0 / 90  # (6 + 3) / (60 + 30)
+    assert torch.allclose(grads["b.mlp.experts.0.down_proj"]["G"], torch.full((3,), 6.0))
+    assert torch.allclose(grads["b.mlp.experts.2.down_proj"]["G"], torch.full((3,), per_token * 10))
+    assert torch.allclose(grads["b.mlp.experts.3.down_proj"]["G"], torch.full((3,), per_token * 10))
+    assert rec.weight("b.mlp.experts.3.down_proj", "hessian") == 0.1 and rec.weight("b.mlp.experts.3.down_proj",
+                                                                                     "kfac") == 1.0
+
+
+def test_block_metrics_are_refused_on_moe_models():
+    with pytest.raises(ValueError, match="mixture-of-experts.*kfac or hessian"):
+        mixq.measure(make_moe("qwen3_moe"), _ids(2, 16), metric="block-rel", candidates=["W4-g32"], progress=False)
+
+
+# ---------------------------------------------------------------------------- the whole pipeline
+def test_moe_end_to_end_with_per_expert_specs(family, tmp_path):
+    model, tok = make_moe(family), make_tiny_tokenizer()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT)
+    ids = _ids(8, 32)
+    table = mixq.measure(model, ids, metric="kfac", candidates=["W2-g32", "W3-g32", "W4-g32", "W8-g32"],
+                         grad_samples=4, progress=False)
+    assert sum(table.meta["moe"]["counts"]["model.layers.0.mlp.experts"]) == 2 * ids.numel()
+    plan = mixq.plan(table, bpw=4.5, force={r"experts\.0\.down_proj": "W8-g32", r"experts\.1\.down_proj": "W2-g32"})
+    specs = {f: s.name for f, s in plan.layers.items()}
+    assert specs["model.layers.0.mlp.experts.0.down_proj"] == "W8-g32"
+    assert specs["model.layers.1.mlp.experts.1.down_proj"] == "W2-g32"
+    result = mixq.quantize(model, plan=plan, method="gptq", calib=ids, progress=False)
+    assert set(result.qtensors) == set(plan.layers) and result.proxy_loss
+    expect = model(ids).logits
+    d = tmp_path / "q"
+    mixq.save_quantized(d, model, tok, result)
+    info = json.loads((d / "mixq.json").read_text())
+    assert info["layers"]["model.layers.1.mlp.experts.1.down_proj"]["spec"]["bits"] == 2
+    loaded, qtok, linfo = mixq.load_quantized(d)
+    assert isinstance(loaded.model.layers[0].mlp.experts, ExpertList)
+    assert torch.equal(loaded(ids).logits, expect)
+    packed, _, _ = mixq.load_quantized(d, packed=True)
+    torch.testing.assert_close(packed(ids).logits, expect, rtol=1e-4, atol=1e-4)
+    r = mixq.evaluate(loaded, qtok, reference=make_moe(family), corpus=str(corpus), tokens=96, seqlen=32,
+                      progress=False)
+    assert r["perplexity"] > 1 and r["kl"] > 0
+
+
+# ---------------------------------------------------------------------------- exports
+@pytest.fixture
+def quantized_dir(tmp_path):
+    def build(family: str, spec: str = "W4-g32"):
+        model = make_moe(family)
+        res = mixq.quantize(model, spec, progress=False)
+        d = tmp_path / f"{family}-q"
+        mixq.save_quantized(d, model, make_tiny_tokenizer(), res)
+        return d, res
+    return build
+
+
+def test_gguf_refuses_expert_layers_by_name(family, quantized_dir, tmp_path):
+    from mixq.export.gguf import export_gguf
+
+    d, _ = quantized_dir(family)
+    with pytest.raises(ValueError, match=r"GGUF: 24 expert layer\(s\) model\.layers\.0\.mlp\.experts\.0\.down_proj"
+                                         r".*ffn_\{gate,up,down\}_exps"):
+        export_gguf(d, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_compressed_tensors_and_gptq_hold_experts_by_module_name(quantized_dir, tmp_path):
+    from mixq.export.hf import export_compressed_tensors, export_gptq, read_back_compressed, read_back_gptq
+    from mixq.formats import dequantize
+
+    d, res = quantized_dir("qwen3_moe")
+    export_compressed_tensors(d, tmp_path / "ct")
+    export_gptq(d, tmp_path / "gptq")
+    for got in (read_back_compressed(tmp_path / "ct"), read_back_gptq(tmp_path / "gptq")):
+        assert set(got) == set(res.qtensors)
+        name = "model.layers.1.mlp.experts.3.up_proj"
+        assert torch.equal(got[name], dequantize(res.qtensors[name]).float())
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    targets = [t for g in cfg["config_groups"].values() for t in g["targets"]]
+    assert "model.layers.0.mlp.experts.2.down_proj" in targets
