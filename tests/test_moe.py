@@ -242,17 +242,30 @@ def test_gguf_refuses_expert_layers_by_name(family, quantized_dir, tmp_path):
     assert not (tmp_path / "m.gguf").exists()
 
 
-def test_compressed_tensors_and_gptq_hold_experts_by_module_name(quantized_dir, tmp_path):
+@pytest.mark.parametrize("family, name", [
+    ("qwen3_moe", "model.layers.1.mlp.experts.3.up_proj"),  # Qwen3-MoE checkpoints use the module names
+    ("mixtral", "model.layers.1.block_sparse_moe.experts.3.w3")])  # Mixtral's: block_sparse_moe ... w1/w3/w2
+def test_compressed_tensors_and_gptq_hold_experts_by_checkpoint_name(family, name, quantized_dir, tmp_path):
     from mixq.export.hf import export_compressed_tensors, export_gptq, read_back_compressed, read_back_gptq
     from mixq.formats import dequantize
+    from mixq.moe.checkpoint import checkpoint_name
 
-    d, res = quantized_dir("qwen3_moe")
+    d, res = quantized_dir(family)
     export_compressed_tensors(d, tmp_path / "ct")
     export_gptq(d, tmp_path / "gptq")
+    mine = "model.layers.1.mlp.experts.3.up_proj"
+    assert checkpoint_name(family, mine) == name
     for got in (read_back_compressed(tmp_path / "ct"), read_back_gptq(tmp_path / "gptq")):
-        assert set(got) == set(res.qtensors)
-        name = "model.layers.1.mlp.experts.3.up_proj"
-        assert torch.equal(got[name], dequantize(res.qtensors[name]).float())
+        assert set(got) == {checkpoint_name(family, f) for f in res.qtensors}
+        assert torch.equal(got[name], dequantize(res.qtensors[mine]).float())
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     targets = [t for g in cfg["config_groups"].values() for t in g["targets"]]
-    assert "model.layers.0.mlp.experts.2.down_proj" in targets
+    assert checkpoint_name(family, "model.layers.0.mlp.experts.2.down_proj") in targets
+    router = checkpoint_name(family, "model.layers.0.mlp.gate")
+    assert router in cfg["ignore"] and router not in targets  # routers stay in float
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ct" / "model.safetensors", "pt") as f:
+        assert f.get_tensor(f"{router}.weight").dtype == torch.float32
+    gcfg = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert f"-:^{router.replace('.', chr(92) + '.')}$" in gcfg.get("dynamic", {}), gcfg.get("dynamic")

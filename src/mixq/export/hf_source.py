@@ -13,6 +13,7 @@ from ..config.protocol import suggest
 from ..formats import QTensor, dequantize
 from ..granularity import PerChannel, PerGroup
 from .native import CheckpointError, read_info, read_qtensors, refuse_composites
+from ..moe.checkpoint import CHECKPOINT_RENAMES, checkpoint_name
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -43,6 +44,7 @@ def read_source(src_dir) -> Source:
     from transformers.pytorch_utils import Conv1D
 
     from ..arch import arch_for
+    from ..moe.checkpoint import routers
     from ..moe.experts import expose_experts
 
     path = Path(src_dir)
@@ -61,6 +63,8 @@ def read_source(src_dir) -> Source:
         elif isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
             modules[name] = "linear" if isinstance(m, torch.nn.Linear) else "embedding"
             shapes[name] = tuple(m.weight.shape)
+    for name in routers(model):  # MoE routers: kept in float, named in the exports' ignore lists
+        modules[name] = "linear"
     layers, keep = {}, {}
     for fqn, q in qtensors.items():
         if fqn in shapes and (shapes[fqn] != tuple(q.shape) or tuple(q.codes.shape) != tuple(q.shape)):
@@ -71,7 +75,16 @@ def read_source(src_dir) -> Source:
             keep[fqn] = w.t().contiguous() if modules.get(fqn) == "conv1d" else w
         else:
             layers[fqn] = q
-    return Source(path, info, config, layers, keep, rest, modules, arch_for(model).lm_head)
+    return _checkpoint_names(Source(path, info, config, layers, keep, rest, modules, arch_for(model).lm_head))
+
+
+def _checkpoint_names(src: Source) -> Source:
+    """Every name as the family's checkpoints spell it (Mixtral's experts: ``block_sparse_moe.experts.E.w1``)."""
+    mt = src.config.get("model_type")
+    if mt not in CHECKPOINT_RENAMES:
+        return src
+    ren = lambda d: {checkpoint_name(mt, k): v for k, v in d.items()}  # noqa: E731
+    return replace(src, layers=ren(src.layers), keep=ren(src.keep), rest=ren(src.rest), modules=ren(src.modules))
 
 
 # ---------------------------------------------------------------------- what each format can hold
