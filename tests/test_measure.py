@@ -174,3 +174,33 @@ def test_block_metrics_rank_candidates(tiny_model):
             errs = dict(zip([c.name for c in e.candidates], e.errors))
             assert errs["FP16"] < errs["W8-channel"] < errs["W2-g32-asym"]
             assert errs["W4-g32"] < errs["W2-g32-asym"]
+
+
+def test_gptq_ratio_on_sampled_rows_tracks_the_exact_gptq_error():
+    """The GPTQ/RTN ratio measured on RATIO_ROWS sampled rows scales RTN errors to within a few % of the exact
+    GPTQ error (plain and +ip), and the +ip RTN units equal the composite quantizer's own RTN error."""
+    from mixq.algorithms.gptq import gptq_quantize
+    from mixq.config import parse_spec
+    from mixq.intra import composite_weight
+    from mixq.measure.layer import RATIO_ROWS, LayerJob, evaluate_units, measure_layer
+    from mixq.measure.metrics import LayerSensitivity, layer_error
+
+    g = torch.Generator().manual_seed(0)
+    R, C = 4 * RATIO_ROWS, 128
+    X = torch.randn(2048, C, generator=g) @ (torch.eye(C) + 0.3 * torch.randn(C, C, generator=g))
+    H = X.T @ X / X.shape[0]
+    W = torch.randn(R, C, generator=g) * torch.linspace(0.5, 2.0, R)[:, None]
+    sens = LayerSensitivity(H=H)
+    cands = [parse_spec(n) for n in ("W3-g32", "W3-g64", "W3-g32+ip", "W3-g64+ip")]
+    err = lambda Wq: layer_error(W - Wq, sens, "hessian")  # noqa: E731
+    entry = measure_layer("blk.0.lin", W, sens, cands, "gptq", err)
+    got = dict(zip(entry.candidates, entry.errors))
+    exact = {cands[0]: err(gptq_quantize(W, H, cands[0]).weight), cands[1]: err(gptq_quantize(W, H, cands[1]).weight),
+             cands[2]: err(composite_weight(W, cands[2], sens, "gptq")),
+             cands[3]: err(composite_weight(W, cands[3], sens, "gptq"))}
+    for c in cands:
+        assert got[c] == pytest.approx(exact[c], rel=0.05), c.name
+    job = LayerJob("blk.0.lin", (R, C), lambda: W, sens, lambda _W, Wq: err(Wq))
+    units = evaluate_units(job, cands, [("err", 2), ("err", 3)], "gptq")  # +ip RTN in the shared basis
+    for k in (2, 3):
+        assert units[("err", k)] == pytest.approx(err(composite_weight(W, cands[k], sens, "rtn")), rel=1e-5)

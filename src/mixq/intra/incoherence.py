@@ -129,6 +129,13 @@ def unrotate_weight(Wp: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
     return rotate(Wr, seeds[0], transpose=True).contiguous()
 
 
+def rotate_hessian(H: torch.Tensor, seed: int) -> torch.Tensor:
+    """``H' = Q_in H Q_inᵀ`` (float32, symmetrised): the input second moment of the transformed inputs."""
+    Hf = H.detach().to(torch.float32).cpu()
+    Hp = rotate(rotate(Hf, seed).T.contiguous(), seed)
+    return 0.5 * (Hp + Hp.T)
+
+
 def seeds_for(spec: CompositeSpec) -> tuple[int, int]:
     """The seeds a new ``+ip`` weight gets (fixed: any pair works, and what is used is stored)."""
     return SEED_IN, SEED_OUT
@@ -150,11 +157,7 @@ def quantize_incoherent(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | 
     spec.cost((R, C))  # raises when R or C has no Hadamard order
     seeds = seeds_for(spec)
     Wp = rotate_weight(W0, seeds)
-    Hp = None
-    if H is not None:
-        Hf = H.detach().to(torch.float32).cpu()
-        Hp = rotate(rotate(Hf, seeds[0]).T.contiguous(), seeds[0])  # Q H Qᵀ (symmetric)
-        Hp = 0.5 * (Hp + Hp.T)
+    Hp = None if H is None else rotate_hessian(H, seeds[0])
     for k in ("fisher", "hinv_chol", "row_weight"):
         kw.pop(k, None)
     inner_q, Wp_hat = quantize_inner(Wp, spec.inner, Hp, method, damp=damp, **kw)

@@ -7,9 +7,15 @@ weight ``W [out, in]``, its statistics and the block inputs:
 * ``("err", k)`` — the metric's error of candidate ``k`` quantized with the measuring algorithm
   (RTN; GPTQ under ``gptq-exact``; composites with their own RTN / GPTQ; ``+ip`` over a plain grid
   with RTN in its transformed basis when ``algorithm="gptq"``);
-* ``("gptq", k)`` — only for ``algorithm="gptq"``: the GPTQ error of the reference candidate ``k``
-  of one (element family, bit width, ``+ip``) group, whose RTN errors are then scaled by
-  ``min(1, e_gptq / e_rtn)`` in :func:`combine`.
+* ``("gptq", k)`` — only for ``algorithm="gptq"``: the GPTQ/RTN ratio ``min(1, e_gptq / e_rtn)`` of the
+  reference candidate ``k`` of one (element family, bit width, ``+ip``) group, by which :func:`combine`
+  scales the RTN errors of that group.  Both errors are the layer-wise proxy ``tr(ΔW H ΔWᵀ)`` on at most
+  :data:`RATIO_ROWS` evenly spaced output rows (GPTQ treats rows independently given ``H``, so a row
+  subset is a sample of the ratio, at a fraction of the cost); ``+ip`` references are run in their
+  transformed basis (``W'``, ``H'``), where rows are independent again.
+
+The transformed basis of ``+ip`` (``W' = Q_out W Q_inᵀ``, ``H' = Q_in H Q_inᵀ`` and its GPTQ factor) is
+computed once per layer and shared by all its ``+ip`` units.
 
 :func:`measure_layer` evaluates every unit in one process; :mod:`mixq.measure.distributed` shares
 the units of a block over several processes and calls the same :func:`evaluate` and :func:`combine`,
@@ -26,10 +32,15 @@ from ..algorithms.gptq import gptq_quantize, prepare_hessian
 from ..algorithms.rtn import rtn_quantize
 from ..allocate import LayerEntry, candidates_for
 from ..config import QuantSpec, is_composite
+from ..algorithms.gptq import _proxy
+from ..granularity import PerTensor
 from ..intra import composite_weight
+from ..intra.incoherence import SEED_IN, SEED_OUT, rotate_hessian, rotate_weight, unrotate_weight
 from .metrics import LayerSensitivity
 
 Unit = tuple[str, int]  # ("err" | "gptq", candidate index)
+RATIO_ROWS = 256  # output rows the GPTQ/RTN ratio of a reference is measured on
+_IP_SEEDS = (SEED_IN, SEED_OUT)  # what mixq.intra.incoherence.seeds_for gives every +ip weight
 
 
 @dataclass
@@ -53,11 +64,24 @@ class _Context:
     algorithm: str
     _hc: torch.Tensor | None = field(default=None, repr=False)
 
+    _ip: tuple | None = field(default=None, repr=False)
+
     @property
     def hc(self):
         if self._hc is None and self.algorithm.startswith("gptq"):
             self._hc = prepare_hessian(self.sens.H)
         return self._hc
+
+    def basis(self, incoherent: bool) -> tuple:
+        """``(W, H, GPTQ factor)`` of the plain basis, or of the ``+ip`` transformed one (computed once)."""
+        if not incoherent:
+            return self.W, self.sens.H, self.hc
+        if self._ip is None:
+            H = self.sens.H
+            Hp = None if H is None else rotate_hessian(H, _IP_SEEDS[0])
+            hcp = prepare_hessian(Hp) if Hp is not None and self.algorithm.startswith("gptq") else None
+            self._ip = (rotate_weight(self.W.float().cpu(), _IP_SEEDS), Hp, hcp)
+        return self._ip
 
 
 def layer_candidates(fqn: str, shape: tuple[int, int], candidates: list[QuantSpec]) -> list[QuantSpec]:
@@ -74,9 +98,10 @@ def units(cands: list[QuantSpec], shape: tuple[int, int], algorithm: str) -> lis
 
 def unit_cost(unit: Unit, shape: tuple[int, int]) -> float:
     """A rough relative cost of a unit (for balancing only; results never depend on it): a quantize-and-score
-    pass is ~``out·in``, a GPTQ pass ~``out·in·(1 + in/128)`` (the column sweep with lazy batch updates)."""
+    pass is ~``out·in``, a GPTQ ratio ~``min(out, RATIO_ROWS)·in·(1 + in/128)`` (the column sweep with lazy
+    batch updates on the sampled rows)."""
     o, i = shape
-    return float(o * i) * ((1.0 + i / 128) if unit[0] == "gptq" else 1.0)
+    return float(min(o, RATIO_ROWS) * i) * (1.0 + i / 128) if unit[0] == "gptq" else float(o * i)
 
 
 def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[torch.Tensor], float]) -> float:
@@ -84,11 +109,10 @@ def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[t
     kind, k = unit
     c, W, algorithm = cands[k], ctx.W, ctx.algorithm
     if kind == "gptq":
-        if is_composite(c):  # +ip over a plain grid: GPTQ in the transformed basis
-            return float(err(composite_weight(W, c, ctx.sens, "gptq")))
-        return float(err(gptq_quantize(W, ctx.sens.H, c, hinv_chol=ctx.hc).weight))
-    if _scalable(c) and algorithm == "gptq":  # +ip over a plain grid: RTN in the transformed basis, scaled later
-        Wq = composite_weight(W, c, ctx.sens, "rtn")
+        return gptq_ratio(ctx, c)
+    if _scalable(c) and algorithm == "gptq" and is_composite(c):  # +ip over a plain grid: RTN in its basis
+        _, Wq_p = rtn_quantize(ctx.basis(True)[0], c.inner)
+        Wq = unrotate_weight(Wq_p, _IP_SEEDS)
     elif is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
         Wq = composite_weight(W, c, ctx.sens, algorithm, ctx.hc)
     elif algorithm == "gptq-exact" and not c.is_float_keep:
@@ -96,6 +120,25 @@ def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[t
     else:
         _, Wq = rtn_quantize(W, c)
     return float(err(Wq))
+
+
+def ratio_rows(n_rows: int, spec: QuantSpec) -> torch.Tensor | slice:
+    """The output rows a GPTQ/RTN ratio is measured on: all of them for a per-tensor grid or a tensor scale
+    (their parameters see every row), else at most :data:`RATIO_ROWS`, evenly spaced."""
+    if n_rows <= RATIO_ROWS or isinstance(spec.granularity, PerTensor) or spec.tensor_scale:
+        return slice(None)
+    return torch.linspace(0, n_rows - 1, RATIO_ROWS).round().long()
+
+
+def gptq_ratio(ctx: _Context, c: QuantSpec) -> float:
+    """``min(1, e_gptq / e_rtn)`` of candidate ``c`` (module docstring), in ``c``'s basis."""
+    ip = is_composite(c)
+    spec = c.inner if ip else c
+    W, H, hc = ctx.basis(ip)
+    Ws = W[ratio_rows(W.shape[0], spec)]
+    e_rtn = _proxy(Ws - rtn_quantize(Ws, spec)[1], H)
+    e_gptq = _proxy(Ws - gptq_quantize(Ws, H, spec, hinv_chol=hc).weight, H)
+    return min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
 
 
 def evaluate_units(job: LayerJob, cands: list[QuantSpec], todo: list[Unit], algorithm: str) -> dict[Unit, float]:
@@ -114,8 +157,7 @@ def combine(fqn: str, shape: tuple[int, int], cands: list[QuantSpec], algorithm:
     errs = [values[("err", k)] for k in range(len(cands))]
     if algorithm == "gptq":
         for key, ref in _references(cands, shape).items():
-            e_rtn, e_gptq = errs[ref], values[("gptq", ref)]
-            ratio = min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
+            ratio = values[("gptq", ref)]
             for k in _groups(cands)[key]:
                 errs[k] = values[("err", k)] * ratio
     return LayerEntry(fqn=fqn, shape=tuple(shape), candidates=tuple(cands), errors=tuple(errs))
