@@ -220,6 +220,36 @@ def test_moe_end_to_end_with_per_expert_specs(family, tmp_path):
     assert r["perplexity"] > 1 and r["kl"] > 0
 
 
+@pytest.mark.parametrize("layout", ["stacked", "mixtral-checkpoint"])
+def test_lazy_quantize_reads_experts_stacked_or_per_expert(layout, tmp_path):
+    """--lazy: per-expert weights come from stacked [E, 2I, H] tensors or Mixtral's w1/w3/w2, same GPTQ codes."""
+    from safetensors.torch import save_file
+
+    from mixq import api
+    from mixq.arch import arch_for
+    from mixq.calib.lazy import LazySafetensorsBlocks, load_outside_blocks, skeleton_from_config
+    from mixq.moe.checkpoint import checkpoint_name
+
+    model = make_moe("mixtral")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    if layout == "mixtral-checkpoint":
+        expose_experts(model)
+        state = {checkpoint_name("mixtral", k): v.contiguous() for k, v in model.state_dict().items()}
+        assert "model.layers.0.block_sparse_moe.experts.1.w3.weight" in state
+    save_file(state, tmp_path / "model.safetensors")
+    ids = _ids(4, 32)
+    specs = api.resolve_specs(model, "W4-g32")
+    ref = api.quantize_model(model, specs, method="gptq", calib_ids=ids, progress=False)
+    lazy = skeleton_from_config(model.config)
+    load_outside_blocks(lazy, tmp_path / "model.safetensors")
+    src = LazySafetensorsBlocks(tmp_path / "model.safetensors", arch_for(lazy).blocks)
+    got = api.quantize_model(lazy, specs, method="gptq", calib_ids=ids, source=src, progress=False)
+    assert set(got.qtensors) == set(ref.qtensors)
+    for fqn in specs:
+        assert torch.equal(got.qtensors[fqn].codes, ref.qtensors[fqn].codes), fqn
+
+
 # ---------------------------------------------------------------------------- exports
 @pytest.fixture
 def quantized_dir(tmp_path):

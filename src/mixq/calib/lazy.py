@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..arch import arch_for
+from ..moe.checkpoint import stored_as
 from ..stio import header as _header
 from ..stio import read_tensor as _read_tensor
 
@@ -52,15 +53,26 @@ def _load_into(module: nn.Module, prefix: str, index: dict[str, Path], device) -
     module.to_empty(device=device)
     names = dict(module.named_parameters(remove_duplicate=False))
     by_file: dict[Path, list[str]] = {}
+    stored: dict[str, tuple] = {}  # MoE: per-expert weights stored under another name, or stacked
     for n in names:
         key = f"{prefix}{n}"
         if key not in index:
-            raise KeyError(f"tensor {key} is not in the checkpoint: is it the same model?")
+            stored[n] = stored_as(key, index) or ()
+            if not stored[n]:
+                raise KeyError(f"tensor {key} is not in the checkpoint: is it the same model?")
+            key = stored[n][0]
         by_file.setdefault(index[key], []).append(n)
     with torch.no_grad():
         for fp, ns in by_file.items():
+            stacked: dict[str, torch.Tensor] = {}  # a stacked experts tensor is read once per block
             for n in ns:
-                t = _read_tensor(fp, f"{prefix}{n}")
+                if n in stored:
+                    name, select = stored[n]
+                    if name not in stacked:
+                        stacked[name] = _read_tensor(fp, name)
+                    t = select(stacked[name])
+                else:
+                    t = _read_tensor(fp, f"{prefix}{n}")
                 if t.shape != names[n].shape:
                     raise ValueError(f"{prefix}{n}: checkpoint shape {tuple(t.shape)} != model {tuple(names[n].shape)}")
                 names[n].copy_(t)

@@ -10,11 +10,12 @@ back with its own ``block_sparse_moe`` -> ``mlp`` conversion).
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .experts import ExpertList
+from .experts import ExpertList, split_expert_name
 
 _B = r"(?=\.|$)"
 CHECKPOINT_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -45,3 +46,27 @@ def routers(model: nn.Module) -> list[str]:
             if isinstance(w, torch.Tensor) and w.ndim == 2:
                 out.append(f"{parent_name}.gate" if parent_name else "gate")
     return out
+
+
+def stored_as(key: str, names) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+    """Where the per-expert tensor ``key`` (``...mlp.experts.E.gate_proj.weight``) lives in a checkpoint whose
+    tensor ``names`` (a set or a dict keyed by name) spell it otherwise: ``(name, select)`` with ``select(stored) -> the [out, in] weight``.
+
+    Tried in order: a family's checkpoint spelling (:data:`CHECKPOINT_RENAMES`, e.g. Mixtral's
+    ``block_sparse_moe.experts.E.w1``), then transformers 5's stacked ``experts.gate_up_proj`` (rows ``[:I]``
+    gate, ``[I:]`` up of expert E) / ``experts.down_proj``.  None when neither is there.
+    """
+    for mt in CHECKPOINT_RENAMES:
+        alt = checkpoint_name(mt, key)
+        if alt != key and alt in names:
+            return alt, lambda t: t
+    parts = split_expert_name(key.removesuffix(".weight")) if key.endswith(".weight") else None
+    if parts is None:
+        return None
+    module, e, proj = parts
+    if proj in ("gate_proj", "up_proj") and f"{module}.gate_up_proj" in names:
+        first = proj == "gate_proj"
+        return f"{module}.gate_up_proj", lambda t: (t[e, : t.shape[1] // 2] if first else t[e, t.shape[1] // 2:])
+    if proj == "down_proj" and f"{module}.down_proj" in names:
+        return f"{module}.down_proj", lambda t: t[e]
+    return None
