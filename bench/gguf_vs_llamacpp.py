@@ -1,0 +1,357 @@
+"""mixq ``--target gguf`` plans against llama.cpp's own quantizer, measured by llama.cpp itself (issue 15 item 2).
+
+    OMP_NUM_THREADS=1 python bench/gguf_vs_llamacpp.py --work /tmp/gb [--chunks 16] [--types Q4_0,Q8_0] \\
+        [--bpw 4.25,4.5,5,6] [--measurement m.json]
+
+Steps (each artifact cached in ``--work``; a rerun redoes only what is missing):
+
+1. llama.cpp's tools (``bench/llamacpp.py``: the llama-cpp-python sdist's vendored tree, built once).
+2. SmolLM2-135M as an F16 GGUF written by mixq (``write_gguf`` with no quantized layer); PTB train and test as
+   text files.
+3. ``llama-imatrix`` on PTB train (``--calib-chunks`` x ``--ctx`` tokens).
+4. Stock types: ``llama-quantize --imatrix`` from the F16 file, token embedding and output kept F16
+   (``--token-embedding-type f16 --output-tensor-type f16``: mixq keeps them F16 too, so the files differ
+   only in the block linears).
+5. mixq: one measurement (``mixq measure --candidates gguf``, GPTQ errors, PTB train rows), a
+   ``--target gguf`` plan per budget, ``mixq quantize --plan`` (GPTQ, the same PTB rows), ``mixq export
+   --format gguf`` (exact: mixq's codes and scales, bit for bit).
+6. ``llama-perplexity --kl-divergence`` of every file against the F16 file's logits on the first
+   ``--chunks`` x ``--ctx`` tokens of PTB test (llama.cpp scores the second half of each chunk).
+7. For one mixq plan (``--check-bpw``): the same PPL computed by mixq in torch on the same tokens with the same
+   protocol (second half of each ``--ctx`` chunk), its fake-quant model vs the F16 GGUF's tokens; ``mixq eval``'s
+   own figures; and ``llama-cli`` generating from the file.
+
+Writes bench/results/gguf_vs_llamacpp.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, header
+
+sys.path.insert(0, str(Path(__file__).parent))
+import llamacpp  # noqa: E402
+
+STOCK = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ2_M", "IQ3_S", "IQ4_XS", "IQ4_NL")
+PROMPT = "The capital of France is"
+
+
+def run(cmd: list, log: Path, env: dict | None = None, timeout: float | None = None) -> str:
+    """Run ``cmd``, its stdout+stderr to ``log``; raises with the log's tail on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        p = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    text = log.read_text(errors="replace")
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} ... failed ({p.returncode}):\n{text[-3000:]}")
+    print(f"  {Path(str(cmd[0])).name} {time.perf_counter() - t0:.0f} s -> {log.name}", flush=True)
+    return text
+
+
+def mixq_cmd(*args) -> list:
+    return [sys.executable, "-m", "mixq.cli", *args]
+
+
+def texts(work: Path) -> tuple[Path, Path]:
+    from mixq import data
+
+    train, test = work / "ptb_train.txt", work / "ptb_test.txt"
+    if not train.exists():
+        train.write_text(data.load_corpus("ptb", "train"))
+    if not test.exists():
+        test.write_text(data.load_corpus("ptb", "test"))
+    return train, test
+
+
+def f16_gguf(work: Path) -> Path:
+    out = work / "smollm2-f16.gguf"
+    if not out.exists():
+        from mixq.export.gguf import write_gguf
+        from mixq.export.gguf_vocab import _embedded_pre
+        from mixq.models import load_model
+
+        model, tok = load_model("smollm2-135m")
+        write_gguf(model, tok, {}, out, float_type="f16", name="smollm2-135m",
+                   tokenizer_pre=_embedded_pre("smollm2-135m"))
+    return out
+
+
+_NUM = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+
+
+def parse_kld(text: str) -> dict:
+    """The figures ``llama-perplexity --kl-divergence`` prints (PPL of both, KLD mean/p99/max, same top p)."""
+    pats = {
+        "ppl": rf"Mean PPL\(Q\)\s*:\s*{_NUM}\s*±\s*{_NUM}",
+        "ppl_base": rf"Mean PPL\(base\)\s*:\s*{_NUM}\s*±\s*{_NUM}",
+        "kld": rf"Mean\s+KLD:\s*{_NUM}\s*±\s*{_NUM}",
+        "kld_p99": rf"99\.0%\s+KLD:\s*{_NUM}",
+        "kld_max": rf"Maximum KLD:\s*{_NUM}",
+        "same_top_p": rf"Same top p:\s*{_NUM}\s*±\s*{_NUM}",
+    }
+    out = {}
+    for k, pat in pats.items():
+        m = re.search(pat, text)
+        if m:
+            out[k] = float(m.group(1))
+            if m.lastindex and m.lastindex > 1:
+                out[k + "_err"] = float(m.group(2))
+    return out
+
+
+def block_linear_bpw(path: Path) -> dict:
+    """Bits per weight of the ``blk.*`` 2-D tensors of a GGUF file (from its tensor types), and its type counts."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    bits = numel = 0
+    types: dict[str, int] = {}
+    for t in r.tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            n = int(t.n_elements)
+            numel += n
+            bits += int(t.n_bytes) * 8
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"block_linear_bpw": bits / numel, "block_linear_types": types}
+
+
+def kld_eval(tools: dict, model: Path, base: Path, test: Path, args, tag: str) -> dict:
+    log = args.work / f"ppl-{tag}.log"
+    if not log.exists() or "Mean    KLD" not in log.read_text(errors="replace"):
+        run([tools["llama-perplexity"], "-m", model, "-f", test, "-c", args.ctx, "--chunks", args.chunks, "-t",
+             args.threads, "-b", args.ctx, "--kl-divergence-base", base, "--kl-divergence"], log)
+    res = parse_kld(log.read_text(errors="replace"))
+    res.update(file_bytes=model.stat().st_size, **block_linear_bpw(model))
+    return res
+
+
+def stock(tools, f16, imatrix, qtype: str, args) -> Path:
+    out = args.work / f"stock-{qtype}.gguf"
+    if not out.exists():
+        run([tools["llama-quantize"], "--imatrix", imatrix, "--token-embedding-type", "f16", "--output-tensor-type",
+             "f16", f16, out, qtype, args.threads], args.work / f"quantize-{qtype}.log")
+    return out
+
+
+def mixq_plan_gguf(bpw: float, args, env) -> tuple[Path, Path]:
+    """(native directory, exact GGUF) of the ``--target gguf`` plan at ``bpw``."""
+    w = args.work
+    plan = w / "plans" / f"plan-{bpw:g}bpw.json"
+    if not plan.exists():
+        run(mixq_cmd("plan", args.measurement, "--bpw", f"{bpw:g}", "--target", "gguf", "--out", w / "plans",
+                     "--force"), w / f"plan-{bpw:g}.log", env)
+    d = w / f"mixq-{bpw:g}"
+    if not (d / "mixq.json").exists():
+        run(mixq_cmd("quantize", "--plan", plan, "--target", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
+                     "--seqlen", args.ctx, "--out", d, "--force"), w / f"quantize-mixq-{bpw:g}.log", env)
+    g = w / f"mixq-{bpw:g}.gguf"
+    if not g.exists():
+        run(mixq_cmd("export", d, "--format", "gguf", "--out", g, "--force"), w / f"export-mixq-{bpw:g}.log", env)
+    return d, g
+
+
+def chunk_ids(test: Path, args):
+    """The token ids llama-perplexity scores: the test text tokenized whole (HF tokenizer, no BOS), cut in
+    ``--chunks`` chunks of ``--ctx``."""
+    import torch
+    from transformers import AutoTokenizer  # noqa: F401  (the embedded tokenizer is an HF one)
+
+    from mixq.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    ids = tok(test.read_text(), add_special_tokens=False)["input_ids"]
+    n = args.ctx * args.chunks
+    return torch.tensor(ids[:n]).view(args.chunks, args.ctx), len(ids)
+
+
+def torch_ppl(model, chunks) -> float:
+    """llama-perplexity's protocol in torch: each chunk run whole, the second half's tokens scored."""
+    import torch
+
+    nll, n = 0.0, 0
+    half = chunks.shape[1] // 2
+    with torch.no_grad():
+        for row in chunks:
+            logits = model(row[None]).logits[0].float()
+            lp = torch.log_softmax(logits[half - 1:-1], dim=-1)
+            tgt = row[half:]
+            nll -= lp.gather(1, tgt[:, None]).sum().item()
+            n += tgt.numel()
+    return math.exp(nll / n)
+
+
+def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> dict:
+    """llama.cpp's PPL of mixq's GGUF next to mixq's own: the same tokens and protocol in torch, and mixq eval."""
+    from mixq.export.native import load_quantized
+    from mixq.models import load_model
+
+    chunks, n_tok = chunk_ids(test, args)
+    ref, _ = load_model("smollm2-135m")
+    q, _, _ = load_quantized(mixq_dir)
+    out = {"tokens_hf": n_tok, "torch_ppl_fp32": torch_ppl(ref.eval(), chunks),
+           "torch_ppl_mixq": torch_ppl(q.float().eval(), chunks)}
+    ev = args.work / f"eval-{mixq_dir.name}.json"
+    if not ev.exists():
+        run(mixq_cmd("eval", mixq_dir, "--corpus", "ptb", "--tokens", args.ctx * args.chunks, "--seqlen", args.ctx,
+                     "--out", ev), args.work / f"eval-{mixq_dir.name}.log", env)
+    e = json.loads(ev.read_text())
+    out["mixq_eval"] = {k: e.get(k) for k in ("perplexity", "kl", "top1_agreement")}
+    log = args.work / f"cli-{mixq_dir.name}.log"
+    cmd = [tools["llama-cli"], "-m", gguf_path, "-p", PROMPT, "-n", 24, "--temp", 0, "-t", args.threads, "-no-cnv"]
+    try:
+        text = run(cmd, log, timeout=300)
+    except (RuntimeError, subprocess.TimeoutExpired):
+        cmd[-1:] = ["-st"]  # newer llama-cli: single turn instead of -no-cnv
+        text = run(cmd, log, timeout=300)
+    out["llama_cli"] = {"command": " ".join(map(str, cmd[1:])), "output": _generated(text)}
+    return out
+
+
+def _generated(text: str) -> str:
+    i = text.find(PROMPT)
+    return text[i:i + 400].split("\n\n")[0].strip() if i >= 0 else text[-400:]
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for who, mark in (("llama.cpp", "o"), ("mixq", "s")):
+        pts = sorted((r["file_bytes"] / 2**20, r["kld"], r["name"]) for r in rows if r["who"] == who and "kld" in r)
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], mark + "-", label=who)
+        for x, y, n in pts:
+            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("GGUF file size (MiB; token embedding F16 in every file)")
+    ax.set_ylabel("mean KLD vs F16 (llama-perplexity)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("SmolLM2-135M, PTB test: llama.cpp stock types (imatrix) vs mixq --target gguf")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_vs_llamacpp"))
+    ap.add_argument("--types", default=",".join(STOCK))
+    ap.add_argument("--bpw", default="4.25,4.5,5,5.5,6")
+    ap.add_argument("--measurement", type=Path, default=None, help="a `mixq measure --candidates gguf` table")
+    ap.add_argument("--check-bpw", type=float, default=4.5, help="the plan checked against mixq's own PPL")
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--calib-chunks", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-mixq", action="store_true")
+    ap.add_argument("--skip-stock", action="store_true")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t_start = time.perf_counter()
+    tools = llamacpp.tools()
+    train, test = texts(args.work)
+    f16 = f16_gguf(args.work)
+    imatrix = args.work / "imatrix.dat"
+    if not imatrix.exists():
+        run([tools["llama-imatrix"], "-m", f16, "-f", train, "-o", imatrix, "-c", args.ctx, "--chunks",
+             args.calib_chunks, "-t", args.threads, "-b", args.ctx], args.work / "imatrix.log")
+    base = args.work / "f16.kld"
+    base_log = args.work / "ppl-f16.log"
+    if not base.exists():
+        run([tools["llama-perplexity"], "-m", f16, "-f", test, "-c", args.ctx, "--chunks", args.chunks, "-t",
+             args.threads, "-b", args.ctx, "--kl-divergence-base", base], base_log)
+    m = re.search(rf"Final estimate: PPL = {_NUM} \+/- {_NUM}", base_log.read_text(errors="replace"))
+    f16_ppl = float(m.group(1)) if m else None
+    rows: list[dict] = [{"who": "F16", "name": "F16", "ppl": f16_ppl, "file_bytes": f16.stat().st_size,
+                         **block_linear_bpw(f16)}]
+    failed: dict[str, str] = {}
+    if not args.skip_stock:
+        for qtype in [t for t in args.types.split(",") if t]:
+            try:
+                g = stock(tools, f16, imatrix, qtype, args)
+                rows.append({"who": "llama.cpp", "name": qtype, **kld_eval(tools, g, base, test, args, qtype)})
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                failed[qtype] = str(e).splitlines()[0]
+            _save(rows, failed, args, None, t_start)
+    check = None
+    if not args.skip_mixq:
+        if args.measurement is None:
+            args.measurement = args.work / "measure.json"
+            if not args.measurement.exists():
+                run(mixq_cmd("measure", "--candidates", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
+                             "--seqlen", args.ctx, "--algorithm", "gptq", "--out", args.measurement),
+                    args.work / "measure.log", env)
+        for bpw in [float(b) for b in args.bpw.split(",") if b]:
+            d, g = mixq_plan_gguf(bpw, args, env)
+            rep = json.loads(Path(str(g) + ".report.json").read_text())
+            rows.append({"who": "mixq", "name": f"mixq {bpw:g}", "plan_bpw": bpw, "exact_export": rep.get("exact"),
+                         "exact_tensors": rep["totals"]["exact_tensors"], "tensors": rep["totals"]["tensors"],
+                         **kld_eval(tools, g, base, test, args, f"mixq-{bpw:g}")})
+            _save(rows, failed, args, check, t_start)
+            if bpw == args.check_bpw:
+                check = agreement(tools, d, g, test, args, env)
+                _save(rows, failed, args, check, t_start)
+    _save(rows, failed, args, check, t_start)
+
+
+def _save(rows, failed, args, check, t_start) -> None:
+    doc = {"command": " ".join(sys.argv), "ctx": args.ctx, "chunks": args.chunks, "calib_chunks": args.calib_chunks,
+           "rows": rows, "failed": failed, "check": check, "seconds": time.perf_counter() - t_start,
+           "llama_cpp": f"llama-cpp-python {llamacpp.VERSION} sdist, vendor/llama.cpp"}
+    (RESULTS / "gguf_vs_llamacpp.json").write_text(json.dumps(doc, indent=1))
+    write_md(doc)
+    if any("kld" in r for r in rows):
+        plot(rows, RESULTS / "gguf_vs_llamacpp.png")
+
+
+def write_md(doc: dict) -> None:
+    lines = header("GGUF files by llama.cpp and by mixq, measured by llama.cpp (SmolLM2-135M, PTB test)",
+                   "OMP_NUM_THREADS=1 python " + doc["command"].replace(str(Path.cwd()) + "/", ""))
+    lines += [f"- llama.cpp: {doc['llama_cpp']}, built by bench/llamacpp.py (Release, GGML_NATIVE=ON)",
+              f"- evaluation: `llama-perplexity --kl-divergence` against the F16 GGUF's logits, first {doc['chunks']} "
+              f"chunks of {doc['ctx']} tokens of PTB test (second half of each chunk scored: "
+              f"{doc['chunks'] * doc['ctx'] // 2} tokens); imatrix: `llama-imatrix` on {doc['calib_chunks']} x "
+              f"{doc['ctx']} tokens of PTB train; mixq: `mixq measure --candidates gguf` (GPTQ errors, kfac) and "
+              f"GPTQ on 32 x 512 PTB-train rows",
+              "- every file keeps token_embd F16 (stock: `--token-embedding-type f16 --output-tensor-type f16`; "
+              "mixq keeps embeddings in floating point), so files differ only in the block linears",
+              "", "| file | block-linear bpw | file MiB | PPL (llama.cpp) | mean KLD | KLD p99 | same top-1 % | "
+              "block-linear types |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        types = ", ".join(f"{k} {v}" for k, v in sorted(r.get("block_linear_types", {}).items()))
+        f = (lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "")  # noqa: E731
+        lines.append(f"| {r['name']} | {f('block_linear_bpw', '.3f')} | {r['file_bytes'] / 2**20:.1f} | "
+                     f"{f('ppl', '.3f')} | {f('kld', '.4f')} | {f('kld_p99', '.3f')} | {f('same_top_p', '.2f')} | "
+                     f"{types} |")
+    if doc["failed"]:
+        lines += ["", "Stock types llama-quantize did not make: " +
+                  "; ".join(f"{k}: {v}" for k, v in doc["failed"].items())]
+    c = doc.get("check")
+    if c:
+        lines += ["", "## mixq's own evaluation of the same plan", "",
+                  f"- PPL on the same {doc['chunks']} x {doc['ctx']} tokens (HF tokenizer), llama.cpp's protocol "
+                  f"(second half of each chunk) in torch, fp32: reference {c['torch_ppl_fp32']:.3f}, mixq plan "
+                  f"{c['torch_ppl_mixq']:.3f}",
+                  f"- `mixq eval` (its own protocol: every token of each {doc['ctx']}-token window, KL vs fp32): "
+                  f"{json.dumps(c['mixq_eval'])}",
+                  f"- `llama-cli {c['llama_cli']['command']}`: {c['llama_cli']['output']!r}"]
+    lines += ["", f"Total time {doc['seconds'] / 60:.0f} min."]
+    (RESULTS / "gguf_vs_llamacpp.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
