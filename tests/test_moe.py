@@ -250,6 +250,29 @@ def test_lazy_quantize_reads_experts_stacked_or_per_expert(layout, tmp_path):
         assert torch.equal(got.qtensors[fqn].codes, ref.qtensors[fqn].codes), fqn
 
 
+def test_cli_measure_reports_routing_then_quantize_and_eval(tmp_path, capsys):
+    from mixq.cli import main
+
+    d = tmp_path / "m"
+    make_moe("qwen3_moe").save_pretrained(d)  # transformers 5 writes per-expert tensors
+    make_tiny_tokenizer().save_pretrained(d)
+    (tmp_path / "c.txt").write_text(TEXT)
+    (tmp_path / "cands.txt").write_text("W2-g32\nW4-g32\nW8-g32\n")
+    data = ["--calib", str(tmp_path / "c.txt"), "--nsamples", "4", "--seqlen", "32"]
+    assert main(["measure", "--model", str(d), *data, "--candidates", str(tmp_path / "cands.txt"),
+                 "--out", str(tmp_path / "meas.json")]) == 0
+    out = capsys.readouterr().out
+    assert "routing: 2 MoE block(s), 8 experts, tokens per expert min" in out and "of 128" in out, out
+    counts = json.loads((tmp_path / "meas.json").read_text())["meta"]["moe"]["counts"]
+    assert [sum(c) for c in counts.values()] == [2 * 128, 2 * 128]
+    assert main(["quantize", "--model", str(d), "--measurement", str(tmp_path / "meas.json"), "--bpw", "4", *data,
+                 "--out", str(tmp_path / "q")]) == 0
+    layers = json.loads((tmp_path / "q" / "mixq.json").read_text())["layers"]
+    assert "model.layers.1.mlp.experts.3.gate_proj" in layers and not any(k.endswith("mlp.gate") for k in layers)
+    assert main(["eval", str(tmp_path / "q"), "--corpus", str(tmp_path / "c.txt"), "--tokens", "96",
+                 "--seqlen", "32"]) == 0
+
+
 # ---------------------------------------------------------------------------- exports
 @pytest.fixture
 def quantized_dir(tmp_path):

@@ -110,4 +110,8 @@ def _measure_in(group, args) -> int:
     n = sum(len(e.candidates) for e in table.layers)
     print(f"wrote {out}: {len(table.layers)} layers × candidates = {n} errors ({table.metric}, "
           f"{table.meta['algorithm']}), {time.perf_counter() - t0:.1f} s")
+    if "moe" in table.meta:  # tokens each expert saw (mixq.moe.routing)
+        from ..moe.routing import RoutingRecord
+
+        print("routing: " + RoutingRecord.from_dict(table.meta["moe"]).summary())
     return 0

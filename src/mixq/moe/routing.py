@@ -203,6 +203,12 @@ class RoutingRecord:
                 f"expert min {all_n[0]} / median {all_n[len(all_n) // 2]} / max {all_n[-1]} of {self.tokens}; "
                 f"{len(self.fallback)} expert layer(s) below {self.min_tokens} tokens padded")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RoutingRecord":
+        """The record :meth:`to_dict` wrote (``measurement.json``'s ``meta["moe"]``)."""
+        return cls(int(d["tokens"]), int(d["min_tokens"]), {k: list(v) for k, v in d["counts"].items()},
+                   list(d.get("fallback", [])))
+
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "min_tokens": self.min_tokens, "counts": dict(self.counts),
                 "fallback": list(self.fallback),
