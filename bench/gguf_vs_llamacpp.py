@@ -204,14 +204,11 @@ def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> 
                      "--out", ev), args.work / f"eval-{mixq_dir.name}.log", env)
     e = json.loads(ev.read_text())
     out["mixq_eval"] = {k: e.get(k) for k in ("perplexity", "kl", "top1_agreement")}
-    log = args.work / f"cli-{mixq_dir.name}.log"
-    cmd = [tools["llama-cli"], "-m", gguf_path, "-p", PROMPT, "-n", 24, "--temp", 0, "-t", args.threads, "-no-cnv"]
-    try:
-        text = run(cmd, log, timeout=300)
-    except (RuntimeError, subprocess.TimeoutExpired):
-        cmd[-1:] = ["-st"]  # newer llama-cli: single turn instead of -no-cnv
-        text = run(cmd, log, timeout=300)
-    out["llama_cli"] = {"command": " ".join(map(str, cmd[1:])), "output": _generated(text)}
+    log = args.work / f"generate-{mixq_dir.name}.log"
+    cmd = [tools["llama-completion"], "-m", gguf_path, "-p", PROMPT, "-n", 24, "--temp", 0, "-t", args.threads,
+           "-no-cnv"]
+    text = run(cmd, log, timeout=300)
+    out["llama_cli"] = {"command": "llama-completion " + " ".join(map(str, cmd[1:])), "output": _generated(text)}
     return out
 
 
@@ -348,7 +345,8 @@ def write_md(doc: dict) -> None:
                   f"{c['torch_ppl_mixq']:.3f}",
                   f"- `mixq eval` (its own protocol: every token of each {doc['ctx']}-token window, KL vs fp32): "
                   f"{json.dumps(c['mixq_eval'])}",
-                  f"- `llama-cli {c['llama_cli']['command']}`: {c['llama_cli']['output']!r}"]
+                  f"- `{c['llama_cli']['command']}` (generation from mixq's file; this llama.cpp's llama-cli is "
+                  f"a chat front end over its server, llama-completion the plain tool): {c['llama_cli']['output']!r}"]
     lines += ["", f"Total time {doc['seconds'] / 60:.0f} min."]
     (RESULTS / "gguf_vs_llamacpp.md").write_text("\n".join(lines) + "\n")
 

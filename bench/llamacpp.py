@@ -5,7 +5,8 @@
 The llama.cpp source comes from the ``llama-cpp-python`` source distribution on PyPI (it vendors
 llama.cpp under ``vendor/llama.cpp``), fetched with ``pip download --no-deps --no-binary :all:``.
 Only the tools the GGUF bench needs are built (``llama-quantize``, ``llama-imatrix``, ``llama-perplexity``,
-``llama-cli``), Release, ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``, into
+``llama-completion``: the plain generation tool; this llama.cpp's ``llama-cli`` is a chat front end over its
+server code), Release, ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``, into
 ``<cache>/llama.cpp-<version>/build/bin``. A finished build is recorded by a stamp file naming the
 tools; a second call returns at once. Prints the bin directory.
 
@@ -25,7 +26,9 @@ from pathlib import Path
 log = logging.getLogger("llamacpp")
 
 VERSION = "0.3.36"
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-cli")
+# llama-completion is the plain prompt -> text tool (what llama-cli was until llama.cpp moved llama-cli onto its
+# server code: that one is chat-only and would compile the whole server, far too slow on 2 cores)
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-completion")
 
 
 def cache_root() -> Path:
