@@ -82,6 +82,21 @@ def test_every_expert_projection_is_a_plan_layer_and_routers_are_not(family):
     assert len(names) == LAYERS * (4 + 12)
 
 
+def test_shared_expert_is_a_layer_its_gate_is_kept_and_other_layouts_are_refused():
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    q2 = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=32,
+                                                  shared_expert_intermediate_size=64, num_experts=4))
+    names = [r.fqn for r in iter_layers(q2)]
+    assert "model.layers.0.mlp.shared_expert.down_proj" in names and "model.layers.0.mlp.experts.3.up_proj" in names
+    assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in names)
+    oss = tf.GptOssForCausalLM(tf.GptOssConfig(**common, intermediate_size=32, num_local_experts=4, head_dim=16))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts \(GptOssExperts\).*is_transposed=True.*"
+                                         r"has_bias=True"):
+        iter_layers(oss)
+
+
 def test_expert_statistics_are_its_routed_rows(family):
     """H of expert e's gate_proj == XᵀX/n over exactly the rows the router sent to e; n is the routing count."""
     model = make_moe(family)
@@ -183,6 +198,18 @@ def test_rare_experts_get_pooled_gradient_statistics():
     assert torch.allclose(grads["b.mlp.experts.3.down_proj"]["G"], torch.full((3,), per_token * 10))
     assert rec.weight("b.mlp.experts.3.down_proj", "hessian") == 0.1 and rec.weight("b.mlp.experts.3.down_proj",
                                                                                      "kfac") == 1.0
+
+
+def test_tied_gives_an_expert_group_one_spec():
+    """Per-expert specs by default; ``tied`` makes every expert's down_proj of a block share one spec."""
+    table = mixq.measure(make_moe("mixtral"), _ids(4, 32), metric="hessian", candidates=["W2-g32", "W4-g32", "W8-g32"],
+                         progress=False)
+    free = mixq.plan(table, bpw=4.2)
+    tied = mixq.plan(table, bpw=4.2, tied=(r"experts\.\d+\.down_proj",))
+    for blk in range(LAYERS):
+        downs = [f"model.layers.{blk}.mlp.experts.{e}.down_proj" for e in range(4)]
+        assert len({tied.layers[f].name for f in downs}) == 1
+    assert tied.achieved_bpw <= 4.2 and free.achieved_bpw <= 4.2
 
 
 def test_block_metrics_are_refused_on_moe_models():

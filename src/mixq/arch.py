@@ -139,6 +139,9 @@ ARCH_TABLE: dict[str, ArchInfo] = {
     # router, so AWQ/SmoothQuant/rotation (which fold scales into it) are refused rather than wrong.
     "qwen3_moe": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
     "mixtral": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
+    "olmoe": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
+    # + a shared expert (a plain MLP, quantized like any other) behind a sigmoid gate [1, hidden], kept like a router
+    "qwen2_moe": replace(_LLAMA, input_groups=(), skip=("mlp.gate", "mlp.shared_expert_gate")),
 }
 
 

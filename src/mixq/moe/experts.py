@@ -97,8 +97,9 @@ def _is_stacked(module: nn.Module) -> bool:
 
 
 def _check_layout(name: str, module: nn.Module) -> None:
-    bad = [k for k, ok in (("is_transposed", False), ("has_bias", False), ("is_concatenated", True),
-                           ("has_gate", True), ("has_post_expert_norm", False))
+    bad = [f"{k}={getattr(module, k)}" for k, ok in (("is_transposed", False), ("has_bias", False),
+                                                      ("is_concatenated", True), ("has_gate", True),
+                                                      ("has_post_expert_norm", False))
            if getattr(module, k, ok) != ok]
     E, two_i, H = module.gate_up_proj.shape
     if tuple(module.down_proj.shape) != (E, H, two_i // 2) or two_i % 2:
