@@ -3,7 +3,9 @@
 Every rank measures with the process group (gloo) and writes ``OUT/rank{r}-{metric}-{algorithm}.json``
 with the table it returned and how many units it evaluated; rank 0 then measures again alone (same
 thread settings) and writes ``OUT/single-{metric}-{algorithm}.json``.
-Usage: ``torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT metric:algorithm ...``
+Then, if arguments follow ``--``, every rank runs ``mixq`` with them (``mixq measure`` under torchrun: it
+uses the process group and leaves it at the end).
+Usage: ``torchrun --standalone --nproc-per-node 2 tests/dist_worker.py OUT metric:algorithm ... [-- measure ...]``
 """
 import json
 import sys
@@ -16,17 +18,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny  # noqa: E402
 
 import mixq.measure.layer as layer  # noqa: E402
-from mixq.allocate import default_candidates  # noqa: E402
+from mixq.config import parse_spec  # noqa: E402
 from mixq.measure import measure  # noqa: E402
 from mixq.measure.distributed import Group, current_group  # noqa: E402
 
+# plain int grids of several widths (GPTQ references per width), an NF grid, +ip composites, a float keep
+CANDIDATES = ["W2-g32-asym", "W3-g64", "W3-g128", "W4-g32", "W4-g64", "NF4-g64", "W8-channel", "FP16",
+              "W3-g64+ip", "W4-g64+ip"]
 
-def main(out: Path, runs: list[str]) -> None:
+
+def main(out: Path, runs: list[str], cli: list[str]) -> None:
     dist.init_process_group("gloo")
     group = current_group()
     model = make_tiny("llama")
     ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
-    cands = default_candidates()
+    cands = [parse_spec(n) for n in CANDIDATES]
     count = [0]
     real = layer.evaluate
 
@@ -50,8 +56,17 @@ def main(out: Path, runs: list[str]) -> None:
             doc = {"table": t.to_dict(), "evaluated": count[0], "world": 1}
             (out / f"single-{metric}-{algorithm}.json").write_text(json.dumps(doc))
         dist.barrier()
-    dist.destroy_process_group()
+    layer.evaluate = real
+    if cli:
+        from mixq.cli import main as mixq_main
+
+        if mixq_main(cli) != 0:
+            raise SystemExit(f"mixq {' '.join(cli)} failed")
+    else:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2:])
+    args = sys.argv[2:]
+    cut = args.index("--") if "--" in args else len(args)
+    main(Path(sys.argv[1]), args[:cut], args[cut + 1:])
