@@ -112,8 +112,11 @@ def test_cli_finetune(tiny_dir, tmp_path, capsys):
     args = ["finetune", str(src), "--calib", str(calib), "--nsamples", "8", "--seqlen", "16", "--epochs", "2",
             "--out", str(out)]
     assert main(args) == 0
-    assert "blocks changed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "blocks changed" in printed and "end-to-end: held-out KL" in printed
     info = read_info(out)
+    e2e = info["finetune"]["e2e"]
+    assert e2e["held_out_after"] <= e2e["held_out_before"] and e2e["layers_tuned"] > 0
     assert info["finetune"]["rows"] == {"train": 6, "held_out": 2} and len(info["finetune"]["blocks"]) == 2
     assert info["recipe"]["name"] and (tmp_path / "ft.finetune.png").stat().st_size > 0
     model, tok, _ = load_quantized(out)
@@ -134,3 +137,56 @@ def test_quantize_with_finetune(tiny_dir, tmp_path):
     assert info["method"] == "gptq" and info["recipe"]["deviations"]["finetune"] is True
     assert info["finetune"]["rows"]["train"] == 6 and (out / "plan.json").exists()
     assert not list(tmp_path.glob(".q.*"))  # no scratch left behind
+
+
+def test_end_to_end_stage_lowers_kl_and_keeps_the_best_epoch(tiny_model):
+    from mixq.distill_e2e import E2EConfig, finetune_e2e
+
+    ref, q, qts = _quantized(tiny_model, perturb=1.3)
+    before = _kl(ref, q)
+    new, rep = finetune_e2e(q, ref, qts, IDS, E2EConfig(epochs=4, lr=3e-3, batch=1), progress=False)
+    after = _kl(ref, q)
+    assert after < 0.5 * before, (before, after)
+    assert rep["held_out_after"] == min(rep["held_out"]) and rep["held_out"][rep["epoch_kept"]] == rep["held_out_after"]
+    assert len(rep["train"]) == 4 and rep["rows"] == {"train": 12, "held_out": 4}
+    mods = dict(q.named_modules())
+    for f, qt in new.items():  # the original linears are back, holding exactly the stored (rounded) weights
+        assert type(mods[f]) is torch.nn.Linear
+        w = qt.dequantize() if isinstance(qt, IncoherentQTensor) else dequantize(qt)
+        assert torch.allclose(mods[f].weight, w, atol=1e-6)
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_end_to_end_keeps_epoch_zero_when_training_hurts(tiny_model):
+    from mixq.distill_e2e import E2EConfig, finetune_e2e
+
+    ref, q, qts = _quantized(tiny_model)
+    w0 = {n: p.detach().clone() for n, p in q.named_parameters()}
+    _, rep = finetune_e2e(q, ref, qts, IDS, E2EConfig(epochs=1, lr=5.0, norm_lr=5.0, batch=4), progress=False)
+    assert rep["epoch_kept"] == 0 and rep["held_out"][1] > rep["held_out"][0]
+    for n, p in q.named_parameters():  # nothing changed beyond the fp16 rounding of the unchanged scales
+        assert torch.allclose(p, w0[n], atol=1e-6), n
+
+
+def test_end_to_end_resumes_from_the_last_epoch(tiny_model, tmp_path, monkeypatch):
+    import mixq.distill_e2e as e
+
+    cfg = e.E2EConfig(epochs=2, lr=1e-2, batch=4)
+    ref, q, qts = _quantized(tiny_model, perturb=1.2)
+    q2 = copy.deepcopy(q)
+    ck = tmp_path / "ck"
+    real, calls = e._val, {"n": 0}
+
+    def stop_after_first_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # before, after epoch 1, then epoch 2's: interrupted there
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(e, "_val", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        e.finetune_e2e(copy.deepcopy(q), ref, qts, IDS, cfg, checkpoint=ck, progress=False)
+    assert (ck / "block-1.json").exists() and not (ck / "block-2.json").exists()
+    monkeypatch.setattr(e, "_val", real)
+    _, rep = e.finetune_e2e(q2, ref, qts, IDS, cfg, checkpoint=ck, progress=False)
+    assert len(rep["train"]) == 2 and not ck.exists()

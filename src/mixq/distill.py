@@ -18,7 +18,7 @@ the end; the directory written holds exactly the accounted bits, as before.
 
 Resumable: each finished block's parameters go to ``checkpoint`` (safetensors, with a key of the directory,
 the calibration rows and the settings); a re-run restores them and goes on from the next block.
-End-to-end distillation on the logits (the second stage of EfficientQAT) is not implemented.
+The end-to-end stage on the logits that follows (EfficientQAT's second) is :mod:`mixq.distill_e2e`.
 """
 from __future__ import annotations
 

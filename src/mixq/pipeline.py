@@ -252,7 +252,7 @@ def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: d
 
 # ---------------------------------------------------------------------------- fine-tuning
 def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: str | None = None,
-             nsamples: int = 32, seqlen: int = 512, seed: int = 0, bos="auto", config=None,
+             nsamples: int = 32, seqlen: int = 512, seed: int = 0, bos="auto", config=None, e2e="default",
              overwrite: bool = False, plot: bool = True, progress: bool = True) -> dict:
     """Fine-tune the quantized directory ``src_dir`` with its codes fixed and write ``out_dir`` (``mixq finetune``).
 
@@ -261,7 +261,9 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     out to choose each block's stopping epoch (:mod:`mixq.distill`; ``config``: a
     :class:`~mixq.distill.FinetuneConfig`).  Interrupted runs resume from the blocks done (kept beside
     ``out_dir``).  ``plot``: the loss curves as ``<out_dir>.finetune.png``.  Returns the report (also recorded as
-    ``finetune`` in ``out_dir``'s ``mixq.json``).
+    ``finetune`` in ``out_dir``'s ``mixq.json``).  ``e2e``: then the end-to-end stage on the base model's logits
+    (:mod:`mixq.distill_e2e`), with an :class:`~mixq.distill_e2e.E2EConfig`, ``"default"`` (its defaults) or
+    None (block-wise only); its report is ``report["e2e"]``.
     """
     from pathlib import Path
 
@@ -288,6 +290,12 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
                                      checkpoint=out.with_name(f".{out.name}.partial-finetune"))
     report["calibration"] = cal.record()
     report["held_out_gain"] = mean_gain(report)
+    if e2e is not None:
+        from .distill_e2e import E2EConfig, finetune_e2e
+
+        new, report["e2e"] = finetune_e2e(qmodel, ref, new, cal.ids, E2EConfig() if e2e == "default" else e2e,
+                                          progress=progress, key=key,
+                                          checkpoint=out.with_name(f".{out.name}.partial-finetune-e2e"))
     meta = run_meta(info)
     meta["finetune"] = {**report, "source": str(src)}
     side = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file() and p.name in
