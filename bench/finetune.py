@@ -1,12 +1,12 @@
 """Fine-tuning with codes fixed (`mixq finetune`): KL before and after, in domain and out of domain.
 
-    OMP_NUM_THREADS=1 python bench/finetune.py --spec W3-g64+ip --epochs 2 --lr 1e-3
+    OMP_NUM_THREADS=1 python bench/finetune.py --spec W3-g64+ip --epochs 2 --lr 1e-2 --e2e-epochs 1 --e2e-lr 1e-3
     OMP_NUM_THREADS=1 python bench/finetune.py --measurement M.json --bpw 3.0     # a mixed plan instead
 
 SmolLM2-135M quantized with GPTQ and one spec everywhere (or the exact plan at ``--bpw`` from a saved
 ``--measurement``, e.g. bench/cache/generalization-*.json of bench/generalization.py) on the default calibration (self+ptb, 32 x 512), saved,
-then `mixq.finetune` (block-wise distillation of scales and norms, the last quarter of its 32 calibration rows held
-out) into a second directory; both scored against fp32 on the first 4,096 tokens of PTB test and of the fortunes
+then `mixq.finetune` (block-wise distillation of scales and norms, then ``--e2e-epochs`` of end-to-end distillation
+on the fp32 logits; the last quarter of its 32 calibration rows held out) into a second directory; both scored against fp32 on the first 4,096 tokens of PTB test and of the fortunes
 test split (512-token windows).  Appends a row per run to bench/results/frontier/finetune.json (the quantized
 directory is kept in --work and reused by runs that change only the fine-tuning settings).
 """
@@ -22,6 +22,7 @@ from common import RESULTS, git_rev, machine
 
 from mixq import pipeline as P
 from mixq.distill import FinetuneConfig
+from mixq.distill_e2e import E2EConfig
 from mixq.export.native import load_quantized, read_info
 from mixq.jsonio import write_json_atomic
 
@@ -31,6 +32,8 @@ def main():
     ap.add_argument("--spec", default="W3-g64+ip")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--e2e-epochs", type=int, default=1, help="end-to-end stage after the block-wise one (0: none)")
+    ap.add_argument("--e2e-lr", type=float, default=1e-3)
     ap.add_argument("--measurement", default=None)
     ap.add_argument("--bpw", type=float, default=None)
     ap.add_argument("--work", default="/tmp/mixq-bench-finetune")
@@ -62,18 +65,23 @@ def main():
             kp, kf = ev(m)
             doc["rows"].append({"curve": base, "spec": "mixed" if plan else args.spec, "bpw": res.meta["size"]["bpw_quantized"],
                                 "ptb": kp, "fortunes": kf, "seconds": secs, "commit": git_rev()})
-    out = src.with_name(f"{src.name}-ft-e{args.epochs}-lr{args.lr}")
+    out = src.with_name(f"{src.name}-ft-e{args.epochs}-lr{args.lr}-e2e{args.e2e_epochs}-lr{args.e2e_lr}")
     t = time.perf_counter()
-    rep = P.finetune(src, out, nsamples=32, config=FinetuneConfig(epochs=args.epochs, lr=args.lr), overwrite=True,
-                     progress=False)
+    e2e = E2EConfig(epochs=args.e2e_epochs, lr=args.e2e_lr) if args.e2e_epochs else None
+    rep = P.finetune(src, out, nsamples=32, config=FinetuneConfig(epochs=args.epochs, lr=args.lr), e2e=e2e,
+                     overwrite=True, progress=False)
     secs = time.perf_counter() - t
     q, _, _ = load_quantized(out)
     kp, kf = ev(q)
-    doc["rows"].append({"curve": f"{base} + finetune (lr {args.lr:g}, {args.epochs} epochs)",
+    stage = f" + e2e (lr {args.e2e_lr:g}, {args.e2e_epochs} epoch{'s' if args.e2e_epochs > 1 else ''})" if e2e else ""
+    doc["rows"].append({"curve": f"{base} + finetune (lr {args.lr:g}, {args.epochs} epochs){stage}",
                         "spec": "mixed" if plan else args.spec,
                         "bpw": read_info(out)["size"]["bpw_quantized"], "ptb": kp, "fortunes": kf, "seconds": secs,
-                        "held_out_gain": rep["held_out_gain"], "commit": git_rev()})
-    doc.update(command="OMP_NUM_THREADS=1 python bench/finetune.py --spec S --epochs E --lr LR", machine=machine())
+                        "held_out_gain": rep["held_out_gain"], "commit": git_rev(),
+                        **({"e2e_held_out_kl": [rep["e2e"]["held_out_before"], rep["e2e"]["held_out_after"]],
+                            "e2e_seconds": rep["e2e"]["seconds"]} if e2e else {})})
+    doc.update(command="OMP_NUM_THREADS=1 python bench/finetune.py --spec S --epochs E --lr LR --e2e-epochs N "
+                       "--e2e-lr LR2", machine=machine())
     write_json_atomic(path, doc, overwrite=True)
     print(json.dumps(doc["rows"][-1]))
 
