@@ -13,6 +13,12 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
                | "SLIM" <b> ["-" OPTS]        SliM-LLM int grid W<b>-OPTS with per-group-column bits
                | "BIN" ["-" GRAN]             binarization (BiLLM / PB-LLM): sign x per-group L2-optimal scale,
                                               the W1-GRAN grid (default g128); :mod:`mixq.intra.binary`
+               | "VQ" <rate> ["x" <d>] ["-" GRAN]   vector codebook (QuIP# / GPTVQ style): each run of d
+                                              consecutive weights of a row (default d = 2) is one of the
+                                              2^(d*rate) entries of a fixed Gaussian-optimal codebook times
+                                              the group's fp16 scale (default g64); rate a multiple of 1/d,
+                                              d*rate <= 8 code bits; combines only with +ip, which it is
+                                              meant for; :mod:`mixq.intra.vq`
     EXT       := "o" <percent> ["w" <bits>]   sparse outliers, <percent> % of the weights (SpQR, SqueezeLLM),
                                               kept in fp16; ``w<bits>`` (BIN bases only, 2..8): PB-LLM's salient
                                               weights on a <bits>-bit symmetric grid with an fp16 scale per row
@@ -56,6 +62,9 @@ Exact cost of a ``[R, C]`` tensor (:meth:`CompositeSpec.cost`, every term an int
               extra   K_r * ib                                  (residual column indices)
                       K_o * (ob + ib) + (R + 1) * 32 [+ R * 16]  (CSR outliers of ``ob`` bits: 16 = fp16,
                                                                   else ob-bit codes + an fp16 scale per row)
+
+    VQ        codes   R * (C / d) * k        (k = d * rate code bits per d-vector, bit-packed)
+              scales  R * G * sb             (the codebook is fixed, never stored)
 
     +ip       the cost of the same spec without ``+ip`` plus 64 bits (the two 32-bit seeds of the transforms);
               both R and C must be orders of a constructible Hadamard matrix (:mod:`mixq.algorithms.hadamard`)
@@ -107,6 +116,7 @@ class CompositeSpec(QuantSpec):
     residual  BIN only: input columns residual-binarized (BiLLM's salient columns)
     outlier_bits  bits of a stored outlier: 16 (fp16), or 2..8 (BIN only; symmetric int, fp16 scale per row)
     incoherent    ``+ip``: everything else applies to the weight seen through random Hadamard transforms
+    vq_dim        VQ base: weights per codebook vector (0 = not VQ); ``vq_bits`` the code bits per vector
     """
 
     outliers: float = 0.0
@@ -121,6 +131,8 @@ class CompositeSpec(QuantSpec):
     residual: int = 0
     outlier_bits: int = FP16_BITS
     incoherent: bool = False
+    vq_dim: int = 0
+    vq_bits: int = 0
 
     def __post_init__(self):
         super().__post_init__()
@@ -132,7 +144,8 @@ class CompositeSpec(QuantSpec):
         if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not 0 <= h < 100:
             raise ValueError(f"hi_rows is a percentage in [0, 100), got {h!r}")
         object.__setattr__(self, "hi_rows", float(h))
-        for k in ("columns", "sq_bits", "sq_group", "hi_bits", "dialects", "residual", "outlier_bits"):
+        for k in ("columns", "sq_bits", "sq_group", "hi_bits", "dialects", "residual", "outlier_bits", "vq_dim",
+                  "vq_bits"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
@@ -140,7 +153,7 @@ class CompositeSpec(QuantSpec):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"{k} must be a bool, got {getattr(self, k)!r}")
         if not (self.outliers > 0 or self.columns > 0 or self.sq_bits > 0 or self.slim or self.hi_rows > 0
-                or self.dialects > 0 or self.binary or self.incoherent):
+                or self.dialects > 0 or self.binary or self.incoherent or self.vq_dim):
             raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD, +ip, SLIM or BIN): "
                              "use a plain QuantSpec otherwise")
         if self.outlier_bits != FP16_BITS:
@@ -148,6 +161,8 @@ class CompositeSpec(QuantSpec):
                 raise ValueError(f"outlier bits are 16 (fp16) or 2..8, got {self.outlier_bits}")
             if not self.binary or not self.outliers:
                 raise ValueError("integer outliers (+oPw<bits>) need a BIN base and +o")
+        if self.vq_dim or self.vq_bits:
+            self._check_vq()
         if self.residual and not self.binary:
             raise ValueError("+r (residual-binarized columns) needs a BIN base")
         if self.binary:
@@ -190,6 +205,26 @@ class CompositeSpec(QuantSpec):
             if self.scale_dtype == "e8m0":
                 raise ValueError("SLIM needs a float scale (e8m0 scales depend on the element bits)")
 
+    def _check_vq(self) -> None:
+        d, k = self.vq_dim, self.vq_bits
+        if not (1 <= d <= 8 and 1 <= k <= 8):
+            raise ValueError(f"VQ needs 1..8 weights per vector and 1..8 code bits, got d={d}, k={k}")
+        if self.bits != -(-k // d):
+            raise ValueError(f"a VQ base carries bits = ceil(code bits / d) = {-(-k // d)}, got {self.bits}")
+        if self.dtype != "int" or not self.symmetric or self.clip != "minmax" or self.tensor_scale:
+            raise ValueError("VQ bases are written VQ<rate>[x<d>][-GRAN][-sDTYPE]: no -asym, -mse or -ts")
+        if self.scale_dtype not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"VQ needs a float group scale, not {self.scale_dtype}")
+        if isinstance(self.granularity, PerGroup) and self.granularity.size % d:
+            raise ValueError(f"the VQ group ({self.granularity.size}) must hold whole {d}-vectors")
+        if self.binary or self.slim or self.outliers or self.columns or self.sq_bits or self.hi_rows or self.dialects:
+            raise ValueError("VQ combines only with +ip")
+
+    @property
+    def vq_rate(self) -> Fraction:
+        """Code bits per weight of a VQ base (``vq_bits / vq_dim``)."""
+        return Fraction(self.vq_bits, self.vq_dim)
+
     # ------------------------------------------------------------------ parts
     @property
     def base(self) -> QuantSpec:
@@ -202,7 +237,8 @@ class CompositeSpec(QuantSpec):
         is left); otherwise the spec itself."""
         if not self.incoherent:
             return self
-        if self.binary or self.slim or self.outliers or self.columns or self.sq_bits or self.hi_rows or self.dialects:
+        if self.binary or self.slim or self.outliers or self.columns or self.sq_bits or self.hi_rows or self.dialects \
+                or self.vq_dim:
             return replace(self, incoherent=False)
         return self.base
 
@@ -213,6 +249,10 @@ class CompositeSpec(QuantSpec):
             head = "SLIM" + head[1:]  # W3-g64 -> SLIM3-g64
         if self.binary:
             head = "BIN" + head[2:]  # W1-g64 -> BIN-g64
+        if self.vq_dim:  # W3-g64 -> VQ2.5-g64 (d = 2), VQ2x4-g64 (d = 4)
+            rate = self.vq_rate
+            r = str(rate.numerator) if rate.denominator == 1 else repr(float(rate))
+            head = f"VQ{r}" + ("" if self.vq_dim == 2 else f"x{self.vq_dim}") + head[len(f"W{self.bits}"):]
         ext = []
         if self.sq_bits:
             ext.append(f"sq{self.sq_bits}" + ("" if self.sq_group == SQ_GROUP else f"g{self.sq_group}"))
@@ -280,6 +320,11 @@ class CompositeSpec(QuantSpec):
             return lo + hi + BitCost(0, 0, extra=k * index_bits(r))
         if self.binary:
             return self._binary_cost(r, c)
+        if self.vq_dim:
+            n, bounds = self.layout((r, c))
+            if c % self.vq_dim:
+                raise ValueError(f"{self.name}: {c} columns are not whole {self.vq_dim}-vectors")
+            return BitCost(r * c, r * (c // self.vq_dim) * self.vq_bits, r * len(bounds) * SCALE_BITS[self.scale_dtype])
         n, bounds = self.layout((r, c))
         G = len(bounds)
         ng = r * G
@@ -334,7 +379,8 @@ class CompositeSpec(QuantSpec):
                 "outliers": self.outliers, "columns": self.columns, "sq_bits": self.sq_bits,
                 "sq_group": self.sq_group, "slim": self.slim, "hi_rows": self.hi_rows, "hi_bits": self.hi_bits,
                 "dialects": self.dialects, "binary": self.binary, "residual": self.residual,
-                "outlier_bits": self.outlier_bits, **({"incoherent": True} if self.incoherent else {})}
+                "outlier_bits": self.outlier_bits, **({"incoherent": True} if self.incoherent else {}),
+                **({"vq_dim": self.vq_dim, "vq_bits": self.vq_bits} if self.vq_dim else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompositeSpec":
@@ -344,7 +390,7 @@ class CompositeSpec(QuantSpec):
             raise ValueError(f"CompositeSpec version {d.get('_version')} is not supported "
                              f"(this mixq reads {COMPOSITE_VERSION})")
         ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects", "binary",
-               "residual", "outlier_bits", "incoherent")
+               "residual", "outlier_bits", "incoherent", "vq_dim", "vq_bits")
         unknown = set(d) - {"_type", "_version", "base", *ext}
         if unknown:
             raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")

@@ -15,6 +15,7 @@ for every spec, plain or composite.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from ..granularity import parse_granularity
 from .composite import CompositeSpec, extend
@@ -26,10 +27,11 @@ _EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)
                   r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?|(?P<ip>ip))$")
 _SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
 _BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
+_VQ = re.compile(r"^VQ(\d+(?:\.\d+)?)(?:x(\d+))?(-.*)?$", re.IGNORECASE)
 
 
 def parse_spec(x) -> QuantSpec:
-    """A spec from a name (``W4-g128``, ``NVFP4``, ``W3-g64+o0.5``, ``SLIM3-g64``, ``BIN-g128+r8``), a
+    """A spec from a name (``W4-g128``, ``NVFP4``, ``W3-g64+o0.5``, ``SLIM3-g64``, ``BIN-g128+r8``, ``VQ2.5-g64+ip``), a
     ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names, a :class:`CompositeSpec` for composites."""
     if isinstance(x, QuantSpec):
         return x
@@ -43,7 +45,8 @@ def parse_spec(x) -> QuantSpec:
     head, *exts = [t.strip() for t in raw.split("+")]
     m = _SLIM.match(head)
     mb = _BIN.match(head)
-    if not exts and not m and not mb:
+    mv = _VQ.match(head)
+    if not exts and not m and not mb and not mv:
         return _parse_plain(head)
     kw: dict = {}
     if m:
@@ -52,6 +55,13 @@ def parse_spec(x) -> QuantSpec:
     elif mb:
         head = "W1" + (mb.group(1) or "-g128")
         kw["binary"] = True
+    elif mv:
+        d = int(mv.group(2) or 2)
+        k = Fraction(mv.group(1)) * d
+        if k.denominator != 1 or d < 1:
+            raise ValueError(f"bad VQ spec {raw!r}: the rate times d ({d}) must be a whole number of code bits")
+        head = f"W{-(-int(k) // d)}" + (mv.group(3) or "-g64")
+        kw.update(vq_dim=d, vq_bits=int(k))
     for t in exts:
         e = _EXT.match(t.lower())
         if not e:

@@ -48,6 +48,7 @@ from ..config.composite import FP16_BITS, SLIM_MAP_BITS, CompositeSpec, index_bi
 from ..formats import QParams, lut
 from ..granularity import PerChannel
 from .binary import quantize_binary
+from .vq import quantize_vq
 from .importance import importances
 from .dialects import dialect_codebook, fit_dialects
 from .rows import quantize_rows
@@ -180,6 +181,8 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     if fisher is not None and tuple(fisher.shape) != (R, C):
         raise ValueError(f"fisher has shape {tuple(fisher.shape)}, expected ({R}, {C})")
 
+    if spec.vq_dim:  # vector codebooks (mixq.intra.vq)
+        return quantize_vq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol)
     if spec.binary:  # BiLLM / PB-LLM binarization (mixq.intra.binary)
         return quantize_binary(W0, spec, None if H is None else H.detach().float().cpu(), method, fisher=fisher,
                                damp=damp, block_size=block_size, hinv_chol=hinv_chol)

@@ -26,6 +26,7 @@ tensor                 content
 ``hi_rows``, ``lo.*``  ``+h``: row indices (int16 / int32) and the two :class:`PackedWeight` tensor sets
 ``hi.*``
 BIN bases              :func:`mixq.intra.binary.pack_binary` (sign stream, scales, residual planes, CSR)
+VQ bases               :func:`mixq.intra.vq.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
 ``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
                        weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)
 =====================  ==============================================================================
@@ -46,6 +47,7 @@ from .binary import BinaryQTensor, pack_binary, unpack_binary
 from .incoherence import IncoherentQTensor
 from .quant import CompositeQTensor
 from .rows import RowSplitQTensor
+from .vq import VQQTensor, pack_vq, unpack_vq
 from .sparse import CSR
 from ..config import CompositeSpec, family_of, index_bits
 
@@ -69,6 +71,8 @@ def pack_composite(qt) -> dict[str, torch.Tensor]:
         return {"ip.seeds": torch.tensor(qt.seeds, dtype=torch.int32), **{f"in.{k}": v for k, v in t.items()}}
     if isinstance(qt, BinaryQTensor):
         return pack_binary(qt)
+    if isinstance(qt, VQQTensor):
+        return pack_vq(qt)
     if isinstance(qt, RowSplitQTensor):
         out = {"hi_rows": _idx_pack(qt.hi_rows, qt.shape[0])}
         for tag, q in (("lo", qt.lo), ("hi", qt.hi)):
@@ -131,6 +135,8 @@ def unpack_composite(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tup
         return IncoherentQTensor(spec, (R, C), inner, seeds)
     if spec.binary:
         return unpack_binary(t, spec, (R, C))
+    if spec.vq_dim:
+        return unpack_vq(t, spec, (R, C))
     if spec.hi_rows:
         hi_rows = _idx_unpack(t["hi_rows"])
         parts = []

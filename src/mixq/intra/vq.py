@@ -1,0 +1,191 @@
+"""Vector-codebook bases (``VQ<rate>[x<d>]-GRAN``, meant for ``+ip``): RTN and GPTQ with vector error feedback.
+
+A row of ``W [R, C]`` is cut into ``C/d`` vectors of ``d`` consecutive weights; vector ``v`` of row ``r`` in
+quantization group ``g`` (``gN``: N consecutive columns, or the whole row for ``channel``) is stored as a
+``k``-bit index into the fixed codebook ``B [2^k, d]`` (:mod:`mixq.intra.vq_codebook`) and decoded as::
+
+    ŵ[r, v] = s[r, g] · B[code[r, v]]            k = d · rate,  s fp16
+
+The scale of a group (``fit_scales``) starts at the group's RMS (the codebook is built for unit variance) and
+alternates nearest codes with the least-squares scale.
+
+GPTQ (``method="gptq"``), GPTVQ's vector form of the OBS update on the upper Cholesky factor ``U`` of
+``(H + λI)⁻¹`` (``λ = damp · mean diag H``): columns are taken ``d`` at a time; with ``U_vv`` the ``d × d``
+diagonal block of the vector's columns ``J``::
+
+    code   = argmin_c ‖(w_J - s·B[c]) U_vv⁻¹‖²      the H-weighted error of the vector (LDLQ's metric)
+    E      = (w_J - ŵ_J) U_vv⁻¹                       [R, d]
+    W_rest -= E · U[J, rest]                        (lazily per block of ``block_size`` columns, as GPTQ)
+
+and a group's scale is fitted when its first column is reached, on the weights as updated so far.
+Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` code bits plus ``R · G`` fp16 scales.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import BitCost, CompositeSpec
+from ..runtime.bitpack import pack, unpack
+from .vq_codebook import codebook, nearest
+
+SCALE_ITERS = 3  # code / least-squares-scale alternations per group
+_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def group_len(spec: CompositeSpec, cols: int) -> int:
+    g = getattr(spec.granularity, "size", None)
+    return cols if g is None else g
+
+
+def spec_codebook(spec: CompositeSpec) -> torch.Tensor:
+    """``[2^k, d]`` float32: the codebook of a VQ spec."""
+    return codebook(spec.vq_dim, spec.vq_bits)
+
+
+@dataclass
+class VQQTensor:
+    """Stored parts of a VQ weight: ``codes`` uint8 ``[R, C/d]``, ``scale`` float32 ``[R, G]`` (values exact in
+    the scale dtype)."""
+
+    spec: CompositeSpec
+    shape: tuple[int, int]
+    codes: torch.Tensor
+    scale: torch.Tensor
+    proxy_loss: float | None = None
+
+    def cost(self) -> BitCost:
+        return self.spec.cost(self.shape)
+
+    def stored_bits(self) -> int:
+        from ..config.protocol import SCALE_BITS
+
+        return self.codes.numel() * self.spec.vq_bits + self.scale.numel() * SCALE_BITS[self.spec.scale_dtype]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[R, C]`` (the reference decode: codebook gather, times the group scale)."""
+        return decode(self.codes, self.scale, spec_codebook(self.spec), group_len(self.spec, self.shape[1]))
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, glen: int) -> torch.Tensor:
+    """``Ŵ [R, C]`` float32 from ``codes [R, C/d]``, ``scale [R, G]`` and the codebook ``B [K, d]``."""
+    R, nv = codes.shape
+    d = B.shape[1]
+    W = B[codes.long()].reshape(R, nv * d)
+    return (W.reshape(R, -1, glen) * scale.float()[:, :, None]).reshape(R, nv * d)
+
+
+def _round_scale(s: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
+    return s.to(_FLOAT[spec.scale_dtype]).float().clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def fit_scales(Wg: torch.Tensor, B: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
+    """``[R]`` scale of each row of one group ``Wg [R, glen]`` (rounded to the scale dtype): alternate nearest-entry
+    codes and the least-squares scale ``s = Σ w·B[c] / Σ ‖B[c]‖²`` from ``s = RMS``, ``SCALE_ITERS`` times, keeping
+    each row's best (Lloyd-style: the group's squared error never increases)."""
+    R, n = Wg.shape
+    d = B.shape[1]
+    V = Wg.reshape(R, n // d, d)
+    s = _round_scale(Wg.pow(2).mean(1).sqrt(), spec)
+    best = torch.full((R,), float("inf"))
+    best_s = s.clone()
+    for _ in range(SCALE_ITERS):
+        q = B[nearest((V / s[:, None, None]).reshape(-1, d), B)].reshape(R, n // d, d)
+        err = (V - q * s[:, None, None]).pow(2).sum((1, 2))
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s = torch.where(better, s, best_s)
+        s = _round_scale((V * q).sum((1, 2)) / q.pow(2).sum((1, 2)).clamp_min(1e-12), spec)
+    return best_s
+
+
+@torch.no_grad()
+def quantize_vq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = None, method: str = "rtn", *,
+                damp: float = 0.01, block_size: int = 128, hinv_chol=None, codebook: torch.Tensor | None = None,
+                **_) -> tuple[VQQTensor, torch.Tensor]:
+    """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under a VQ spec (RTN, or GPTQ with ``H [C, C]``).
+
+    ``codebook``: a ``[2^k, d]`` codebook instead of the spec's fixed one (experiments, e.g. a per-tensor learned
+    codebook; the stored parts then do not decode without it)."""
+    if not spec.vq_dim:
+        raise ValueError(f"{spec.name} is not a VQ spec")
+    W0 = W.detach().to(torch.float32).cpu()
+    R, C = W0.shape
+    spec.cost((R, C))
+    B = spec_codebook(spec) if codebook is None else codebook.float()
+    d, glen = spec.vq_dim, group_len(spec, C)
+    if method == "gptq":
+        if H is None:
+            raise ValueError("GPTQ needs the layer's H = XᵀX/N")
+        codes, scale, W_hat = _gptq(W0, H.detach().float().cpu(), B, spec, glen, damp, block_size, hinv_chol)
+    elif method == "rtn":
+        scale = torch.stack([fit_scales(W0[:, j:j + glen], B, spec) for j in range(0, C, glen)], 1)
+        s_col = scale.repeat_interleave(glen, 1)
+        X = (W0 / s_col).reshape(-1, d)
+        codes = nearest(X, B).reshape(R, C // d)
+        W_hat = decode(codes, scale, B, glen)
+    else:
+        raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
+    qt = VQQTensor(spec, (R, C), codes.to(torch.uint8), scale)
+    if H is not None:
+        dW = (W0 - W_hat).double()
+        qt.proxy_loss = float(((dW @ H.double().cpu()) * dW).sum())
+    return qt, W_hat
+
+
+def _gptq(W0, H, B, spec, glen, damp, block_size, hinv_chol):
+    from ..algorithms.gptq import prepare_hessian
+
+    R, C = W0.shape
+    d = spec.vq_dim
+    Wk = W0.clone()
+    dead = torch.diagonal(H) == 0
+    Wk[:, dead] = 0.0
+    U, _ = hinv_chol if hinv_chol is not None else prepare_hessian(H, damp)
+    U = U.float()
+    bs = max(d, block_size - block_size % d)
+    codes = torch.empty(R, C // d, dtype=torch.long)
+    scale = torch.empty(R, C // glen)
+    Q = torch.empty_like(Wk)
+    for i1 in range(0, C, bs):
+        i2 = min(i1 + bs, C)
+        W1 = Wk[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        for j in range(0, i2 - i1, d):
+            col = i1 + j
+            if col % glen == 0:  # a new group: its scale from the weights as updated so far
+                g = col // glen
+                cur = torch.cat([W1[:, j:], Wk[:, i2:]], 1)[:, :glen] if col + glen > i2 else W1[:, j:j + glen]
+                scale[:, g] = fit_scales(cur, B, spec)
+            s = scale[:, col // glen]
+            Uvv = U[col:col + d, col:col + d]
+            Vinv = torch.linalg.solve_triangular(Uvv, torch.eye(d), upper=True)  # U_vv⁻¹
+            w = W1[:, j:j + d]
+            # argmin_c ‖(w - s c) V‖² = s² ‖w V / s - c V‖²: nearest in the transformed codebook
+            idx = nearest((w / s[:, None]) @ Vinv, B @ Vinv)
+            q = B[idx] * s[:, None]
+            codes[:, col // d] = idx
+            Q[:, col:col + d] = q
+            E = (w - q) @ Vinv
+            E1[:, j:j + d] = E
+            W1[:, j + d:] -= E @ U[col:col + d, col + d:i2]
+        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return codes, scale, Q
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def pack_vq(qt: VQQTensor) -> dict[str, torch.Tensor]:
+    """``vq.codes``: the codes bit-packed at ``k`` bits (LSB-first, row-major); ``scale`` ``[R, G]`` in the scale
+    dtype.  Exactly the accounted bits, plus < 8 bits of padding."""
+    return {"vq.codes": pack(qt.codes.contiguous(), qt.spec.vq_bits),
+            "scale": qt.scale.to(_FLOAT[qt.spec.scale_dtype]).contiguous()}
+
+
+def unpack_vq(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> VQQTensor:
+    R, C = int(shape[0]), int(shape[1])
+    nv = C // spec.vq_dim
+    codes = unpack(t["vq.codes"], spec.vq_bits, R * nv).reshape(R, nv).to(torch.uint8)
+    G = C // group_len(spec, C)
+    scale = t["scale"].float().reshape(R, G)
+    return VQQTensor(spec, (R, C), codes, scale)

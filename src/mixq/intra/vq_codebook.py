@@ -1,0 +1,147 @@
+"""Fixed Gaussian-optimal vector codebooks (``VQ`` bases, :mod:`mixq.intra.vq`) and the nearest-entry search.
+
+After incoherence processing (``+ip``) a weight group divided by its scale is close to i.i.d. ``N(0, 1)``
+(QuIP#, QTIP), so one codebook per ``(d, code bits)`` serves every layer and is never stored: it is
+recomputed from its definition.
+
+``codebook(d, k)`` ``[2^k, d]`` float32, the ``2^k``-entry minimum-MSE quantizer of ``N(0, I_d)``:
+
+    d = 2   Lloyd's algorithm on the exact Gaussian density sampled on a 481 x 481 grid over [-6, 6]²
+            (deterministic: no random numbers), started from the product of two 1-D Lloyd-Max quantizers of
+            ``2^floor(k/2)`` and ``2^ceil(k/2)`` levels
+    d >= 3  Lloyd on 2^17 points of a ``torch.Generator`` seeded with ``SEED`` (the QuIP#-style alternative
+            to a lattice), started from the product of per-axis Lloyd-Max quantizers
+
+in float64, then rounded to fp16 (so that last-bit differences between machines' BLAS cannot change a
+stored model's decoding), entries sorted lexicographically.  ``tests/test_vq.py`` pins a checksum of
+every codebook.  MSE per dimension of N(0, 1) (``mse(d, k)``), e.g. d = 2: 0.1175 (2 bpw), 0.0729 (2.5),
+0.0345 (3), ... against the scalar Lloyd-Max 0.1175 (2 bits) and 0.0345 (3 bits): the 2-D codebook
+matches the scalar one at integer rates and fills the half-bit rates between them.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+SEED = 0x5EED
+GRID = 481
+SPAN = 6.0
+MAX_ITERS = 1000
+TOL = 1e-7
+MAX_CODE_BITS = 8
+
+
+def _lloyd(points: torch.Tensor, weights: torch.Tensor, C: torch.Tensor, iters: int = MAX_ITERS) -> torch.Tensor:
+    """Weighted Lloyd iterations in float64: assign each point to its nearest centroid, move centroids to
+    their cells' weighted means (an empty cell keeps its centroid)."""
+    w = weights / weights.sum()
+    for _ in range(iters):
+        idx = nearest(points, C)
+        mass = torch.zeros(C.shape[0], dtype=torch.float64).index_add_(0, idx, w)
+        acc = torch.zeros_like(C).index_add_(0, idx, points * w[:, None])
+        new = torch.where(mass[:, None] > 0, acc / mass.clamp_min(1e-300)[:, None], C)
+        shift = float((new - C).abs().max())
+        C = new
+        if shift < TOL:
+            break
+    return C
+
+
+def _lloyd_max_1d(levels: int) -> torch.Tensor:
+    x = torch.linspace(-SPAN, SPAN, 20001, dtype=torch.float64)
+    p = torch.exp(-0.5 * x * x)
+    init = torch.linspace(-2.0, 2.0, levels, dtype=torch.float64) if levels > 1 else torch.zeros(1, dtype=torch.float64)
+    return _lloyd(x[:, None], p, init[:, None])[:, 0]
+
+
+def _product(axes: list[torch.Tensor]) -> torch.Tensor:
+    grids = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack([g.reshape(-1) for g in grids], 1)
+
+
+def generate(d: int, k: int) -> torch.Tensor:
+    """Compute the ``[2^k, d]`` codebook from its definition (module docstring; seconds to minutes).
+
+    d = 2: Lloyd on the density grid from two starts -- ``2^k`` seeded N(0, I) draws, and (k <= 6) the
+    product of per-axis Lloyd-Max quantizers with every other row shifted by a quarter step -- keeping the
+    one of lower grid-weighted MSE.  d >= 3: Lloyd on seeded samples from seeded draws."""
+    if d < 1 or not 1 <= k <= MAX_CODE_BITS:
+        raise ValueError(f"a VQ codebook needs d >= 1 and 1..{MAX_CODE_BITS} code bits, got d={d}, k={k}")
+    K = 2 ** k
+    gen = torch.Generator().manual_seed(SEED)
+    if d <= 2:
+        g = torch.linspace(-SPAN, SPAN, GRID if d == 2 else 20001, dtype=torch.float64)
+        pts = _product([g] * d)
+        wts = torch.exp(-0.5 * (pts * pts).sum(1))
+    else:
+        pts = torch.randn(2 ** 17, d, generator=gen, dtype=torch.float64)
+        wts = torch.ones(pts.shape[0], dtype=torch.float64)
+    starts = [torch.randn(K, d, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)]
+    if d == 2 and k <= 6:
+        lo, hi = k // 2, k - k // 2
+        P = _product([_lloyd_max_1d(2 ** lo), _lloyd_max_1d(2 ** hi)])
+        step = float(P[1, 1] - P[0, 1])
+        odd = (torch.arange(K) // 2 ** hi) % 2 == 1
+        P[:, 1] += torch.where(odd, 0.25 * step, -0.25 * step)
+        starts.append(P)
+    best, best_err = None, float("inf")
+    for C0 in starts:
+        C = _lloyd(pts, wts, C0)
+        err = float((((pts - C[nearest(pts, C)]) ** 2).sum(1) * wts).sum() / wts.sum())
+        if err < best_err:
+            best, best_err = C, err
+    C = best.to(torch.float16).to(torch.float32)
+    order = sorted(range(K), key=lambda i: tuple(C[i].tolist()))
+    return C[order].contiguous()
+
+
+@lru_cache(maxsize=None)
+def _codebook(d: int, k: int) -> torch.Tensor:
+    from .vq_tables import TABLES
+
+    hexs = TABLES.get((d, k))
+    if hexs is None:
+        raise ValueError(f"no VQ codebook for d={d} with {k}-bit codes; have {sorted(TABLES)} "
+                         "(add one with mixq.intra.vq_codebook.generate and vq_tables.py)")
+    raw = bytes.fromhex(hexs)
+    C = torch.frombuffer(bytearray(raw), dtype=torch.float16).to(torch.float32)
+    return C.reshape(2 ** k, d).contiguous()
+
+
+def available() -> list[tuple[int, int]]:
+    """``(d, code bits)`` of the committed codebooks."""
+    from .vq_tables import TABLES
+
+    return sorted(TABLES)
+
+
+def codebook(d: int, k: int) -> torch.Tensor:
+    """The ``[2^k, d]`` float32 codebook (fp16-exact values) of ``k``-bit codes for ``d``-vectors (a copy)."""
+    return _codebook(int(d), int(k)).clone()
+
+
+def to_hex(C: torch.Tensor) -> str:
+    """fp16 little-endian hex of a codebook (the form :mod:`mixq.intra.vq_tables` stores)."""
+    return C.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes().hex()
+
+
+def nearest(x: torch.Tensor, C: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Index of the nearest row of ``C [K, d]`` for every row of ``x [N, d]`` (Euclidean), int64 ``[N]``.
+
+    ``argmin_k ‖c_k‖² - 2 x·c_k`` in chunks of ``chunk`` rows (one ``[chunk, K]`` product each)."""
+    C = C.to(x.dtype)
+    cn = (C * C).sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s:s + chunk]
+        out[s:s + chunk] = torch.addmm(cn[None], xs, C.T, alpha=-2.0).argmin(1)
+    return out
+
+
+@lru_cache(maxsize=None)
+def mse(d: int, k: int, n: int = 1 << 18) -> float:
+    """Mean squared error per dimension of :func:`codebook` on ``n`` seeded N(0, I_d) samples."""
+    C = _codebook(d, k).double()
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(SEED + 1), dtype=torch.float64)
+    return float(((x - C[nearest(x, C)]) ** 2).mean())
