@@ -286,6 +286,8 @@ def main() -> None:
             _save(rows, failed, args, None, t_start)
     check = None
     if not args.skip_mixq:
+        while args.measurement is not None and not args.measurement.exists():  # made by another process
+            time.sleep(30)
         if args.measurement is None:
             args.measurement = args.work / "measure.json"
             if not args.measurement.exists():
