@@ -97,6 +97,16 @@ def test_shared_expert_is_a_layer_its_gate_is_kept_and_other_layouts_are_refused
         iter_layers(oss)
 
 
+def test_experts_offloaded_by_accelerate_are_refused():
+    from mixq.calib.lazy import skeleton_from_config
+    from mixq.moe import UnsupportedExpertsError
+
+    skel = skeleton_from_config(make_moe("mixtral").config)  # meta weights, no hook: --lazy fills them later
+    skel.model.layers[1]._hf_hook = object()  # what accelerate's offloading dispatch leaves
+    with pytest.raises(UnsupportedExpertsError, match="model.layers.0.mlp.experts: .*offloaded by accelerate"):
+        iter_layers(skel)
+
+
 def test_expert_statistics_are_its_routed_rows(family):
     """H of expert e's gate_proj == XᵀX/n over exactly the rows the router sent to e; n is the routing count."""
     model = make_moe(family)

@@ -137,10 +137,17 @@ def expose_experts(model: nn.Module) -> list[str]:
     """Replace every stacked-experts module of ``model`` by an equivalent :class:`ExpertList`, in place.
 
     Idempotent and cheap when there is nothing to do (one pass over the module names).  Returns the
-    names replaced.  Peak memory: one module's experts twice, while it is copied.
+    names replaced.  Peak memory: one module's experts twice, while it is copied.  A model dispatched by
+    accelerate keeps working when its experts are in memory (the new modules take their device); experts
+    offloaded by accelerate (weights on ``meta`` behind a hook) are refused.
     """
     names = stacked_experts(model)
+    hooked = names and any(hasattr(m, "_hf_hook") for m in model.modules())
     for name in names:
+        if hooked and model.get_submodule(name).gate_up_proj.is_meta:
+            raise UnsupportedExpertsError(
+                f"{name}: its experts are offloaded by accelerate (device_map with cpu/disk offload), so their "
+                "weights are not in memory to unfuse; load the model without offloading, or quantize it with --lazy")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, unfuse(parent.get_submodule(child), name))
