@@ -200,21 +200,22 @@ def _strip_quantization(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------- loading
 
-def _from_dir(folder: Path, dtype: torch.dtype):
+def _from_dir(folder: Path, dtype: torch.dtype, placement=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True,
+                                                 **(placement.kwargs() if placement else {}))
     return model, AutoTokenizer.from_pretrained(folder)
 
 
-def _embedded(name: str, dtype: torch.dtype):
+def _embedded(name: str, dtype: torch.dtype, placement=None):
     gguf = embedded_gguf_path(name)
     source = {"gguf_file": gguf.name, "gguf_size": gguf.stat().st_size}
     folder = ensure_cached(cache_dir() / "models" / name, _gguf_builder(gguf), source)
-    return _from_dir(folder, dtype)
+    return _from_dir(folder, dtype, placement)
 
 
-def _local_or_hub(name: str, dtype: torch.dtype):
+def _local_or_hub(name: str, dtype: torch.dtype, placement=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
@@ -224,7 +225,7 @@ def _local_or_hub(name: str, dtype: torch.dtype):
         if not any(path.glob("*.safetensors")):
             raise ModelNotFoundError(f"'{path}' has no *.safetensors weights; mixq does not unpickle .bin "
                                      "checkpoints (re-save with save_pretrained(safe_serialization=True))")
-        return _from_dir(path, dtype)
+        return _from_dir(path, dtype, placement)
     try:
         AutoConfig.from_pretrained(name)  # cheap existence/reachability check
     except OSError as err:  # not found / offline / invalid id; other errors (e.g. remote code) propagate
@@ -232,22 +233,26 @@ def _local_or_hub(name: str, dtype: torch.dtype):
         raise ModelNotFoundError(
             f"model '{name}' is not a local directory and could not be fetched from the Hugging Face hub "
             f"(offline? {reason}). Use a local path, or the embedded default '{DEFAULT_MODEL}'") from err
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=True,
+                                                 **(placement.kwargs() if placement else {}))
     return model, AutoTokenizer.from_pretrained(name)
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               placement=None):
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
 
     ``name_or_path``: a key of :data:`EMBEDDED` (``"smollm2-135m"``), a local directory saved with
     ``save_pretrained`` (safetensors), or a hub id.  Raises :class:`ModelNotFoundError` when none
-    applies.  ``model.config.use_cache`` is left as the checkpoint sets it.
+    applies.  ``model.config.use_cache`` is left as the checkpoint sets it.  ``placement``: a
+    :class:`mixq.calib.dispatch.Placement` (accelerate's ``device_map`` over GPUs, CPU and disk), which
+    replaces ``device``.
     """
     if name_or_path in EMBEDDED:
-        model, tokenizer = _embedded(name_or_path, dtype)
+        model, tokenizer = _embedded(name_or_path, dtype, placement)
     else:
-        model, tokenizer = _local_or_hub(name_or_path, dtype)
-    model = model.to(device).eval()
+        model, tokenizer = _local_or_hub(name_or_path, dtype, placement)
+    model = (model if placement is not None else model.to(device)).eval()
     log.info("loaded %s: %s, %d params, %s", name_or_path, type(model).__name__,
              sum(p.numel() for p in model.parameters()), dtype)
     return model, tokenizer
@@ -268,6 +273,11 @@ def model_fingerprint(model: nn.Module) -> str:
     seen: dict[tuple[int, tuple, tuple], str] = {}
     for name, t in sorted(model.state_dict().items()):
         t = t.detach()
+        if t.is_meta:  # offloaded by accelerate's device_map: the stored value
+            from .calib.dispatch import stored_tensor
+
+            stored = stored_tensor(model, name)
+            t = stored if stored is not None else t
         key = (t.data_ptr(), tuple(t.shape), t.stride())
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if key in seen and t.numel():

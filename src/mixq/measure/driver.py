@@ -38,7 +38,8 @@ from ..models import model_fingerprint
 from .distributed import Group, current_group, measure_shared
 from .gradients import gradient_stats
 from ..arch import set_weight
-from ..calib.capture import InMemoryBlocks, run_block
+from ..calib.capture import run_block
+from ..calib.dispatch import walk_placement
 from .layer import LayerJob
 from .layer import measure_layer as _measure_layer
 from .metrics import BLOCK_METRICS, METRICS, LayerSensitivity, block_error, layer_error
@@ -70,7 +71,8 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     """Measure every (layer, candidate) error.  ``out``: the table's path, also used to resume.
 
     ``block_samples``: calibration rows the block-output metrics run each candidate on.  The walk runs on the
-    device of the model's parameters.  ``group``: the processes sharing the work
+    device of the model's parameters, or block by block where accelerate's ``device_map`` put them
+    (:mod:`mixq.calib.dispatch`).  ``group``: the processes sharing the work
     (:mod:`mixq.measure.distributed`; default: the initialized ``torch.distributed`` group, else this process
     alone); every process returns the whole table and only rank 0 writes ``out``.
     """
@@ -160,9 +162,9 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
             jobs.append(LayerJob(fqn, tuple(W0.shape), lambda W0=W0: W0.float(), LayerSensitivity(H=st.H), err))
         _measure_block(jobs)
 
-    device = next(model.parameters()).device
+    device, source = walk_placement(model)  # one device, or accelerate's device_map (blocks stay in place)
     walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress,
-                device=device, source=InMemoryBlocks(home=device))
+                device=device, source=source)
     entries = routing.weigh(entries, metric)
     table = _table(entries, key, seconds=time.perf_counter() - t0, resumed_layers=len(done))
     routing.annotate(table)

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch import arch_for, block_linears, get_blocks
+from ..calib.dispatch import input_device
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bool = False,
@@ -48,11 +49,13 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
     restore = _checkpoint_blocks(get_blocks(model))
     try:
         emb = model.get_input_embeddings()
+        dev = input_device(model)  # the embedding's device (its hook's under accelerate's device_map)
         for s in tqdm(range(input_ids.shape[0]), desc="gradients", disable=not progress, unit="sample"):
-            ids = input_ids[s : s + 1]
+            ids = input_ids[s : s + 1].to(dev)
             x = emb(ids).detach().requires_grad_(True)
             logits = model(inputs_embeds=x, use_cache=False).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               ids[:, 1:].reshape(-1).to(logits.device),
                                                reduction="sum")
             loss.backward()
             n_tok += ids.shape[1]

@@ -80,5 +80,5 @@ def block_error(dY: torch.Tensor, Y: torch.Tensor, metric: str, G: torch.Tensor 
         if G is None:
             raise ValueError("the block metric needs the block-output gradient statistics (G)")
         per_channel = d.pow(2).mean(0, dtype=torch.float64)
-        return 0.5 * float((G.to(torch.float64) * per_channel).sum())
+        return 0.5 * float((G.to(device=per_channel.device, dtype=torch.float64) * per_channel).sum())
     raise ValueError(f"unknown block metric {metric!r}: choose one of {', '.join(BLOCK_METRICS)}")

@@ -1,0 +1,54 @@
+"""Measurement of a model spread by accelerate's ``device_map`` (here: CPU and disk offload) equals the plain one."""
+import torch
+
+from mixq.calib.dispatch import Placement, is_dispatched, parse_max_memory
+from mixq.config import parse_spec
+from mixq.measure import measure
+from mixq.models import load_model, model_fingerprint
+
+CANDS = [parse_spec(n) for n in ["W2-g32-asym", "W3-g64", "W4-g32", "NF4-g64", "W8-channel", "FP16", "W4-g64+ip"]]
+
+
+def _offloaded_map(n_blocks: int, on_disk: range) -> dict:
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    dm.update({f"model.layers.{i}": ("disk" if i in on_disk else "cpu") for i in range(n_blocks)})
+    return dm
+
+
+def test_disk_offloaded_model_measures_like_the_plain_one(tiny_model, tiny_tokenizer, tmp_path):
+    d = tmp_path / "tiny4"
+    tiny_model("llama", layers=4).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    plain, _ = load_model(str(d))
+    spread, _ = load_model(str(d), placement=Placement(_offloaded_map(4, range(1, 4)),
+                                                        offload_folder=str(tmp_path / "offload")))
+    assert is_dispatched(spread) and not is_dispatched(plain)
+    q = spread.model.layers[2].self_attn.q_proj
+    assert q.weight.is_meta  # really offloaded: the walk has to materialize it
+    assert model_fingerprint(spread) == model_fingerprint(plain)  # offloaded entries hashed from their store
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    for metric, algorithm in (("kfac", "gptq"), ("block", "rtn")):
+        a = measure(plain, ids, CANDS, metric=metric, algorithm=algorithm, grad_samples=2, progress=False)
+        b = measure(spread, ids, CANDS, metric=metric, algorithm=algorithm, grad_samples=2, progress=False)
+        assert len(b.layers) == 28
+        assert a.to_dict()["layers"] == b.to_dict()["layers"], metric
+        assert a.meta["model"] == b.meta["model"]
+    # the walk left the offloaded blocks offloaded, with their weights unchanged
+    assert q.weight.is_meta
+    with torch.no_grad():
+        assert torch.equal(spread(ids).logits, plain(ids).logits)
+
+
+def test_parse_max_memory():
+    assert parse_max_memory("0=70GiB, 1=60GiB,cpu=200GiB") == {0: "70GiB", 1: "60GiB", "cpu": "200GiB"}
+    assert parse_max_memory("gpu=40GiB,cpu=1GiB", local_rank=3) == {3: "40GiB", "cpu": "1GiB"}
+    assert parse_max_memory(None) is None
+    for bad in ("0:70GiB", "tpu=1GiB", "cpu="):
+        try:
+            parse_max_memory(bad)
+        except ValueError as e:
+            assert "--max-memory" in str(e)
+        else:
+            raise AssertionError(bad)
+    assert Placement("auto", {0: "1GiB"}, "/tmp/x").kwargs() == {"device_map": "auto", "max_memory": {0: "1GiB"},
+                                                                  "offload_folder": "/tmp/x"}
