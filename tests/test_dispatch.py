@@ -52,3 +52,25 @@ def test_parse_max_memory():
             raise AssertionError(bad)
     assert Placement("auto", {0: "1GiB"}, "/tmp/x").kwargs() == {"device_map": "auto", "max_memory": {0: "1GiB"},
                                                                   "offload_folder": "/tmp/x"}
+
+
+def test_cli_device_map_file(tiny_dir, tmp_path):
+    """``mixq measure --device-map FILE --offload-folder DIR`` writes the table of a plain ``mixq measure``."""
+    import json
+
+    from mixq.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i}: pack my box with five dozen liquor jugs {i * 3}." for i in range(200)))
+    cands = tmp_path / "cands.txt"
+    cands.write_text("W2-g32-asym\nW4-g32\nW8-channel\nFP16\n")
+    dm = tmp_path / "map.json"
+    dm.write_text(json.dumps(_offloaded_map(2, range(0, 2))))
+    common = ["measure", "--model", str(tiny_dir), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32",
+              "--grad-samples", "1", "--algorithm", "gptq", "--candidates", str(cands)]
+    assert main([*common, "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--device-map", str(dm), "--offload-folder", str(tmp_path / "off"),
+                 "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["layers"] == b["layers"] and a["meta"]["model"] == b["meta"]["model"]
+    assert main([*common, "--max-memory", "cpu=1GiB", "--out", str(tmp_path / "c.json")]) == 2  # needs --device-map

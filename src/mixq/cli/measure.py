@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE
-from .common import calib_args, claim_output, measure_args, model_arg
+from .common import UserError, calib_args, claim_output, measure_args, model_arg, one_line
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,14 @@ def register(sub) -> None:
     m.add_argument("--device", default="cpu",
                    help="where the model is loaded and measured: cpu (default), cuda, cuda:N; under torchrun, "
                         "cuda means each process's GPU LOCAL_RANK (NCCL), cpu uses gloo")
+    m.add_argument("--device-map", default=None,
+                   help="spread the model with accelerate instead of --device: auto, balanced, sequential, or a JSON "
+                        "file {module: device} (GPU index, cpu, disk); blocks that fit nowhere are offloaded and "
+                        "materialized one at a time by the walk (see README, 'Several devices and processes')")
+    m.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB; gpu=SIZE is every "
+                        "GPU (under torchrun: this process's GPU only, and then required)")
+    m.add_argument("--offload-folder", default=None, help="with --device-map: where weights offloaded to disk go")
     m.set_defaults(func=cmd_measure)
 
 
@@ -73,6 +81,34 @@ def run_measure(model, calib_ids, args, out: Path | None, group=None):
                    out=out, group=group)
 
 
+def placement_from(args, group):
+    """accelerate's placement from ``--device-map``, ``--max-memory`` and ``--offload-folder`` (``None``: --device)."""
+    import json
+    import os
+
+    from ..calib.dispatch import Placement, parse_max_memory
+
+    if not args.device_map:
+        if args.max_memory or args.offload_folder:
+            raise UserError("--max-memory and --offload-folder go with --device-map")
+        return None
+    dm = args.device_map
+    if dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        try:
+            dm = json.loads(Path(dm).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--device-map {args.device_map!r}: not auto/balanced/sequential nor a readable JSON "
+                            f"file ({one_line(e)})") from None
+    rank = int(os.environ.get("LOCAL_RANK", "0")) if group.world > 1 else None
+    try:
+        mem = parse_max_memory(args.max_memory, rank)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if rank is not None and isinstance(dm, str) and not (mem and rank in mem):
+        raise UserError("under torchrun, --device-map needs --max-memory gpu=SIZE (each process uses its own GPU)")
+    return Placement(dm, mem, args.offload_folder)
+
+
 def cmd_measure(args) -> int:
     from ..measure.distributed import init_from_env, shutdown
 
@@ -96,7 +132,7 @@ def _measure_in(group, args) -> int:
         claim_output(out, args.force)
     load_candidate_set(args.candidates)  # validate before the heavy work
     parse_sources(args.calib)
-    model, tok = load_model(args.model, device=process_device(args.device, group))
+    model, tok = load_model(args.model, device=process_device(args.device, group), placement=placement_from(args, group))
     t0 = time.perf_counter()
     calib = calibration_for(model, tok, args, resolve_bos(tok, model, args.bos)) if group.writer else None
     ids = group.broadcast(calib.ids.cpu() if calib is not None else None)  # one set of rows for every rank
