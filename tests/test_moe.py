@@ -247,6 +247,9 @@ def test_moe_end_to_end_with_per_expert_specs(family, tmp_path):
     mixq.save_quantized(d, model, tok, result)
     info = json.loads((d / "mixq.json").read_text())
     assert info["layers"]["model.layers.1.mlp.experts.1.down_proj"]["spec"]["bits"] == 2
+    walk = info["moe"]["counts"]  # the GPTQ walk's routing (block 1 sees block 0 quantized)
+    assert walk["model.layers.0.mlp.experts"] == table.meta["moe"]["counts"]["model.layers.0.mlp.experts"]
+    assert sum(walk["model.layers.1.mlp.experts"]) == 2 * ids.numel()
     loaded, qtok, linfo = mixq.load_quantized(d)
     assert isinstance(loaded.model.layers[0].mlp.experts, ExpertList)
     assert torch.equal(loaded(ids).logits, expect)
@@ -304,7 +307,9 @@ def test_cli_measure_reports_routing_then_quantize_and_eval(tmp_path, capsys):
     assert [sum(c) for c in counts.values()] == [2 * 128, 2 * 128]
     assert main(["quantize", "--model", str(d), "--measurement", str(tmp_path / "meas.json"), "--bpw", "4", *data,
                  "--out", str(tmp_path / "q")]) == 0
-    layers = json.loads((tmp_path / "q" / "mixq.json").read_text())["layers"]
+    info = json.loads((tmp_path / "q" / "mixq.json").read_text())
+    layers = info["layers"]
+    assert sum(info["moe"]["counts"]["model.layers.0.mlp.experts"]) == 2 * 128
     assert "model.layers.1.mlp.experts.3.gate_proj" in layers and not any(k.endswith("mlp.gate") for k in layers)
     assert main(["eval", str(tmp_path / "q"), "--corpus", str(tmp_path / "c.txt"), "--tokens", "96",
                  "--seqlen", "32"]) == 0

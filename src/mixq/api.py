@@ -21,6 +21,7 @@ from .config import BitCost, QuantSpec, is_composite, parse_spec
 from .formats import QTensor
 from .granularity import PerGroup
 from .intra import quantize_layer
+from .moe.routing import RoutingRecord
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class QuantResult:
     seconds: float
     proxy_loss: dict[str, float] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    routing: dict | None = None  # MoE, GPTQ: tokens per expert in the walk (mixq.moe.RoutingRecord.to_dict)
 
 
 def _refs(model, specs) -> dict[str, LayerRef]:
@@ -169,6 +171,7 @@ def quantize_model(
     refs = _refs(model, specs)
     q: dict[str, QTensor] = {}
     losses: dict[str, float] = {}
+    routing = None
     block_fqns = {f for f, r in refs.items() if r.block is not None and f in specs}
     # ---- rotation / AWQ dispatch (mixq.algorithms.rotation, mixq.algorithms.awq) ----
     if method in ("awq", "awq+gptq") and any(is_composite(s) for s in specs.values()):
@@ -192,8 +195,10 @@ def quantize_model(
         if calib_ids is None:
             raise ValueError("GPTQ needs calibration data: pass calib_ids (e.g. --calib ptb --nsamples 128)")
         prefix = arch_for(model).blocks
+        routing = RoutingRecord(tokens=int(calib_ids.numel()))
 
         def on_block(i: int, block: nn.Module, stats) -> None:
+            routing.add_block(f"{prefix}.{i}", stats)
             for name, st in stats.items():
                 fqn = f"{prefix}.{i}.{name}"
                 if fqn not in specs:
@@ -231,7 +236,8 @@ def quantize_model(
         qt, Wq = quantize_layer(get_weight(mod), spec) if is_composite(spec) else rtn_quantize(get_weight(mod), spec)
         set_weight(mod, Wq)
         q[fqn] = qt
-    return QuantResult(q, dict(specs), method, time.perf_counter() - t0, losses)
+    routed = routing.to_dict() if routing is not None and routing.counts else None
+    return QuantResult(q, dict(specs), method, time.perf_counter() - t0, losses, routing=routed)
 
 
 def size_report(model: nn.Module, specs: dict[str, QuantSpec], *, other_bits: int = 16) -> dict:

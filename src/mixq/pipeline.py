@@ -219,6 +219,8 @@ def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm
                 "plan": plan.to_dict() if plan is not None else None,
                 "calibration": _record(calib) if calib_ids is not None else None,
                 "seconds": res.seconds, "proxy_loss": res.proxy_loss or None}
+    if res.routing:  # MoE: tokens each expert saw in the GPTQ walk
+        res.meta["moe"] = res.routing
     return res
 
 

@@ -158,7 +158,7 @@ def cmd_quantize(args) -> int:
             "group_fallback": api.fallbacks(specs, spec) if spec is not None else {},
             "plan": plan.to_dict() if plan is not None else None, **extra,
             "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
-            "proxy_loss": res.proxy_loss or None}
+            "proxy_loss": res.proxy_loss or None, **({"moe": res.routing} if res.routing else {})}
     final = out
     if args.finetune:  # quantized into a scratch directory, fine-tuned from there into --out
         out = out.with_name(f".{out.name}.quantized")
