@@ -112,7 +112,9 @@ class QuantResult:
     seconds: float
     proxy_loss: dict[str, float] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-    routing: dict | None = None  # MoE, GPTQ: tokens per expert in the walk (mixq.moe.RoutingRecord.to_dict)
+    # MoE, GPTQ: tokens per expert in this walk (mixq.moe.RoutingRecord.to_dict; blocks restored from a walk
+    # checkpoint were counted by the run that did them, not here)
+    routing: dict | None = None
 
 
 def _refs(model, specs) -> dict[str, LayerRef]:
