@@ -255,6 +255,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-mixq", action="store_true")
     ap.add_argument("--skip-stock", action="store_true")
+    ap.add_argument("--note", default="", help="a line for the results file (e.g. what a reduced run left out)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -310,7 +311,8 @@ def main() -> None:
 def _save(rows, failed, args, check, t_start) -> None:
     doc = {"command": " ".join(sys.argv), "ctx": args.ctx, "chunks": args.chunks, "calib_chunks": args.calib_chunks,
            "rows": rows, "failed": failed, "check": check, "seconds": time.perf_counter() - t_start,
-           "llama_cpp": f"llama-cpp-python {llamacpp.VERSION} sdist, vendor/llama.cpp"}
+           "llama_cpp": f"llama-cpp-python {llamacpp.VERSION} sdist, vendor/llama.cpp", "note": args.note,
+           "nsamples": args.nsamples}
     (RESULTS / "gguf_vs_llamacpp.json").write_text(json.dumps(doc, indent=1))
     write_md(doc)
     if any("kld" in r for r in rows):
@@ -324,10 +326,11 @@ def write_md(doc: dict) -> None:
               f"- evaluation: `llama-perplexity --kl-divergence` against the F16 GGUF's logits, first {doc['chunks']} "
               f"chunks of {doc['ctx']} tokens of PTB test (second half of each chunk scored: "
               f"{doc['chunks'] * doc['ctx'] // 2} tokens); imatrix: `llama-imatrix` on {doc['calib_chunks']} x "
-              f"{doc['ctx']} tokens of PTB train; mixq: `mixq measure --candidates gguf` (GPTQ errors, kfac) and "
-              f"GPTQ on 32 x 512 PTB-train rows",
+              f"{doc['ctx']} tokens of PTB train; mixq: `mixq measure --candidates gguf` (GPTQ errors, kfac, 32 x 512 PTB-train rows) and "
+              f"GPTQ on {doc['nsamples']} x {doc['ctx']} PTB-train rows",
               "- every file keeps token_embd F16 (stock: `--token-embedding-type f16 --output-tensor-type f16`; "
               "mixq keeps embeddings in floating point), so files differ only in the block linears",
+              *([f"- {doc['note']}"] if doc.get("note") else []),
               "", "| file | block-linear bpw | file MiB | PPL (llama.cpp) | mean KLD | KLD p99 | same top-1 % | "
               "block-linear types |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in doc["rows"]:
