@@ -327,13 +327,19 @@ def quantized_dir(tmp_path):
     return build
 
 
-def test_gguf_refuses_expert_layers_by_name(family, quantized_dir, tmp_path):
+def test_gguf_refuses_expert_layers_by_name(family, quantized_dir, tmp_path, capsys):
     from mixq.export.gguf import export_gguf
 
     d, _ = quantized_dir(family)
     with pytest.raises(ValueError, match=r"GGUF: 24 expert layer\(s\) model\.layers\.0\.mlp\.experts\.0\.down_proj"
                                          r".*ffn_\{gate,up,down\}_exps"):
         export_gguf(d, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+    from mixq.cli import main
+
+    assert main(["export", str(d), "--format", "gguf", "--out", str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixq: error: cannot export to GGUF: 24 expert layer(s)") and err.count("\n") == 1, err
     assert not (tmp_path / "m.gguf").exists()
 
 
