@@ -15,7 +15,8 @@ for composites: this is correct, not quick.
     y = Q_outᵀ · inner(Q_in · x) + b
 
 two Kronecker-factored Hadamard transforms around the inner layer: a :class:`~mixq.runtime.QuantLinear`
-(with its fast kernels) when the rest of the spec is a plain grid, a :class:`CompositeLinear` otherwise.
+(with its fast kernels) when the rest of the spec is a plain grid, a :class:`~mixq.intra.vq_linear.VQLinear`
+for a VQ base, a :class:`CompositeLinear` otherwise.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .incoherence import rotate
 from .storage import PackedComposite
 
 KERNEL_NAME = "composite-reference"
+VQ_KERNELS = ("vq-reference", "vq-lut", "vq-dense", "triton")  # VQ layers (mixq.intra.vq_linear) take these by name
 
 
 def _buffer_name(name: str) -> str:
@@ -90,7 +92,12 @@ class IncoherentLinear(nn.Module):
         self._seeds = tuple(int(v) for v in self.seeds.tolist())
         sub = {k[3:]: v for k, v in parts.items() if k.startswith("in.")}
         inner = self.spec.inner
-        if isinstance(inner, CompositeSpec):
+        if isinstance(inner, CompositeSpec) and inner.vq_dim:
+            from .vq_linear import VQLinear
+
+            self.inner = VQLinear(PackedComposite(sub, inner, packed.shape), None, kernel if kernel in VQ_KERNELS
+                                  else "auto")
+        elif isinstance(inner, CompositeSpec):
             self.inner = CompositeLinear(PackedComposite(sub, inner, packed.shape))
         else:
             self.inner = QuantLinear(PackedWeight.from_tensors(sub, inner, packed.shape), None, kernel)
@@ -155,7 +162,15 @@ def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposit
             raise ValueError(f"{fqn}: composite shape {tuple(pw.shape)} != module weight "
                              f"{tuple(get_weight(mod).shape)}")
         device = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
-        layer = (IncoherentLinear(pw, mod.bias, kernel) if pw.spec.incoherent else CompositeLinear(pw, mod.bias)).to(device)
+        if pw.spec.incoherent:
+            layer = IncoherentLinear(pw, mod.bias, kernel)
+        elif pw.spec.vq_dim:
+            from .vq_linear import VQLinear
+
+            layer = VQLinear(pw, mod.bias, kernel if kernel in VQ_KERNELS else "auto")
+        else:
+            layer = CompositeLinear(pw, mod.bias)
+        layer = layer.to(device)
         parent, _, name = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, layer)
     return model

@@ -1,0 +1,150 @@
+"""``VQLinear``: a linear layer holding a VQ weight (:mod:`mixq.intra.vq`) in its stored form, three kernels.
+
+Weight ``Ŵ[r, v·d : (v+1)·d] = s[r, g(v)] · B[code[r, v]]`` (``B [K, d]`` the fixed codebook, ``P = C/d`` vectors
+per row, groups of ``N/d`` vectors).
+
+``vq-reference``  unpack the bit stream, decode ``Ŵ`` (:func:`mixq.intra.vq.decode`), ``F.linear``: defines the
+                  result, holds only the packed bits
+``vq-lut``        (CPU, ``M <= LUT_MAX_TOKENS`` rows) the codebook-product table of the input::
+
+                      T[m, v, k] = x[m, v·d : (v+1)·d] · B[k]             [M, P, K]   (one small GEMM)
+                      y[m, r]    = Σ_g s[r, g] Σ_{v in g} T[m, v, code[r, v]]
+
+                  one gather of ``R·P`` table entries per row of ``x`` through the prepared flat index
+                  ``v·K + code[r, v]`` (int32, ``R·P·32`` bits: 16 bits per weight at d = 2 in RAM) and a
+                  grouped sum -- no ``Ŵ`` is ever formed
+``vq-dense``      (CPU, longer inputs) the codes unpacked once to uint8 (``8/d`` bits per weight in RAM),
+                  ``Ŵ`` decoded per call, dense GEMM
+``triton``        (CUDA) :mod:`mixq.intra.vq_triton`: fused decode + GEMM
+
+``kernel="auto"`` picks triton on CUDA, else lut for short inputs and dense for long ones.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CompositeSpec
+from ..runtime.bitpack import unpack
+from .vq import decode, group_len, spec_codebook
+
+LUT_MAX_TOKENS = 8
+KERNELS = ("auto", "vq-reference", "vq-lut", "vq-dense", "triton")
+
+
+class VQLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` holding a VQ weight's packed tensors (``vq.codes``, ``scale``)."""
+
+    packed_layer = True
+
+    def __init__(self, packed, bias: torch.Tensor | None = None, kernel: str = "auto"):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown VQ kernel {kernel!r}: one of {KERNELS}")
+        self.spec: CompositeSpec = packed.spec
+        if not self.spec.vq_dim or self.spec.incoherent:
+            raise ValueError(f"VQLinear holds a plain VQ spec, not {self.spec.name}")
+        self.out_features, self.in_features = packed.shape
+        parts = packed.tensors()
+        self.register_buffer("codes_packed", parts["vq.codes"].contiguous())
+        self.register_buffer("scale_bits", parts["scale"].contiguous().view(torch.int16)
+                             if parts["scale"].element_size() == 2 else parts["scale"].contiguous())
+        self._scale_dtype = parts["scale"].dtype
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.kernel = kernel
+        self.last_kernel: str | None = None
+        self._cache: dict = {}
+
+    # -------------------------------------------------------------- stored parts
+    @property
+    def packed(self):
+        from .storage import PackedComposite
+
+        parts = {"vq.codes": self.codes_packed.cpu(), "scale": self.scale.to(self._scale_dtype).cpu()}
+        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes_packed.numel() + self.scale_bits.numel() * self.scale_bits.element_size()
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """float32 ``[R, G]``."""
+        s = self.scale_bits
+        return (s.view(self._scale_dtype) if s.dtype == torch.int16 else s).float()
+
+    def codes(self) -> torch.Tensor:
+        """uint8 ``[R, P]`` (unpacked from the bit stream)."""
+        P = self.in_features // self.spec.vq_dim
+        return unpack(self.codes_packed.cpu(), self.spec.vq_bits, self.out_features * P).reshape(-1, P)
+
+    def _prepared(self, name: str, device):
+        key = (name, str(device))
+        if key not in self._cache:
+            codes = self.codes().to(device)
+            if name == "lut":
+                K = 2 ** self.spec.vq_bits
+                P = codes.shape[1]
+                base = torch.arange(P, device=device, dtype=torch.int32) * K
+                self._cache[key] = (codes.to(torch.int32) + base).reshape(-1).contiguous()
+            else:
+                self._cache[key] = codes
+        return self._cache[key]
+
+    # -------------------------------------------------------------- forward
+    def choose(self, x: torch.Tensor) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        if x.is_cuda:
+            from . import vq_triton
+
+            if vq_triton.available():
+                return "triton"
+            return "vq-dense"
+        m = x.numel() // self.in_features
+        return "vq-lut" if m <= LUT_MAX_TOKENS else "vq-dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"VQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        k = self.choose(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        B = spec_codebook(self.spec).to(x.device)
+        glen = group_len(self.spec, self.in_features)
+        if k == "vq-reference":
+            W = self.packed.dequantize().to(device=x.device, dtype=x.dtype)
+            y = F.linear(x2, W)
+        elif k == "vq-dense":
+            W = decode(self._prepared("dense", x.device), self.scale.to(x.device), B, glen)
+            y = F.linear(x2.float(), W).to(x.dtype)
+        elif k == "vq-lut":
+            y = lut_linear(x2, self._prepared("lut", x.device), self.scale.to(x.device), B, glen,
+                           self.out_features).to(x.dtype)
+        elif k == "triton":
+            from .vq_triton import vq_linear_triton
+
+            y = vq_linear_triton(x2, self._prepared("dense", x.device), self.scale.to(x.device), B, glen)
+        else:
+            raise ValueError(f"unknown VQ kernel {k!r}")
+        self.__dict__["last_kernel"] = k
+        y = y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
+                f"bias={self.bias is not None}, kernel={self.kernel}")
+
+
+def lut_linear(x: torch.Tensor, flat_idx: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, glen: int,
+               rows: int) -> torch.Tensor:
+    """``y [M, R]`` float32 from ``x [M, C]`` by table lookup (module docstring); ``flat_idx`` int32 ``[R·P]``."""
+    M, C = x.shape
+    d = B.shape[1]
+    P = C // d
+    T = (x.float().reshape(M, P, d) @ B.T).reshape(M, -1)          # [M, P·K]
+    g = torch.index_select(T, 1, flat_idx).reshape(M, rows, -1, glen // d).sum(-1)  # [M, R, G]
+    return (g * scale[None]).sum(-1)
