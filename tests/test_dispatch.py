@@ -41,7 +41,7 @@ def test_disk_offloaded_model_measures_like_the_plain_one(tiny_model, tiny_token
 
 def test_parse_max_memory():
     assert parse_max_memory("0=70GiB, 1=60GiB,cpu=200GiB") == {0: "70GiB", 1: "60GiB", "cpu": "200GiB"}
-    assert parse_max_memory("gpu=40GiB,cpu=1GiB", local_rank=3) == {3: "40GiB", "cpu": "1GiB"}
+    assert parse_max_memory("gpu=40GiB,cpu=1GiB", gpus=[2, 3]) == {2: "40GiB", 3: "40GiB", "cpu": "1GiB"}
     assert parse_max_memory(None) is None
     for bad in ("0:70GiB", "tpu=1GiB", "cpu="):
         try:
@@ -74,3 +74,16 @@ def test_cli_device_map_file(tiny_dir, tmp_path):
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["layers"] == b["layers"] and a["meta"]["model"] == b["meta"]["model"]
     assert main([*common, "--max-memory", "cpu=1GiB", "--out", str(tmp_path / "c.json")]) == 2  # needs --device-map
+
+
+def test_local_gpus_split_the_node(monkeypatch):
+    from mixq.measure.distributed import local_gpus
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert local_gpus(4) == [0, 1, 2, 3]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert local_gpus(8) == [4, 5, 6, 7]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert local_gpus(8) == [5]

@@ -144,9 +144,9 @@ class Placement:
         return out
 
 
-def parse_max_memory(text: str | None, local_rank: int | None = None) -> dict | None:
-    """``"0=70GiB,1=70GiB,cpu=200GiB"`` → ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``; ``gpu=X`` means this
-    process's GPU (``local_rank``, under torchrun) and, in one process, every visible GPU."""
+def parse_max_memory(text: str | None, gpus: list[int] | None = None) -> dict | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` → ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}``; ``gpu=X`` means each of
+    ``gpus`` (this process's, under torchrun) or, if ``None``, every visible GPU."""
     if not text:
         return None
     out: dict = {}
@@ -156,8 +156,7 @@ def parse_max_memory(text: str | None, local_rank: int | None = None) -> dict | 
             raise ValueError(f"--max-memory {text!r}: expected DEVICE=SIZE items such as 0=70GiB,cpu=200GiB")
         key, val = key.strip(), val.strip()
         if key == "gpu":
-            gpus = [local_rank] if local_rank is not None else range(torch.cuda.device_count())
-            out.update({g: val for g in gpus})
+            out.update({g: val for g in (gpus if gpus is not None else range(torch.cuda.device_count()))})
         elif key.isdigit():
             out[int(key)] = val
         elif key in ("cpu", "disk", "mps"):

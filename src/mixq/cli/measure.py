@@ -28,14 +28,15 @@ def register(sub) -> None:
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
     m.add_argument("--device", default="cpu",
                    help="where the model is loaded and measured: cpu (default), cuda, cuda:N; under torchrun, "
-                        "cuda means each process's GPU LOCAL_RANK (NCCL), cpu uses gloo")
+                        "cuda means the first of each process's GPUs (NCCL), cpu uses gloo")
     m.add_argument("--device-map", default=None,
                    help="spread the model with accelerate instead of --device: auto, balanced, sequential, or a JSON "
                         "file {module: device} (GPU index, cpu, disk); blocks that fit nowhere are offloaded and "
                         "materialized one at a time by the walk (see README, 'Several devices and processes')")
     m.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                    help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB; gpu=SIZE is every "
-                        "GPU (under torchrun: this process's GPU only, and then required)")
+                        "GPU; under torchrun, each process's own GPUs (the node's GPUs split evenly among its "
+                        "processes), and then required")
     m.add_argument("--offload-folder", default=None, help="with --device-map: where weights offloaded to disk go")
     m.set_defaults(func=cmd_measure)
 
@@ -84,9 +85,9 @@ def run_measure(model, calib_ids, args, out: Path | None, group=None):
 def placement_from(args, group):
     """accelerate's placement from ``--device-map``, ``--max-memory`` and ``--offload-folder`` (``None``: --device)."""
     import json
-    import os
 
     from ..calib.dispatch import Placement, parse_max_memory
+    from ..measure.distributed import local_gpus
 
     if not args.device_map:
         if args.max_memory or args.offload_folder:
@@ -99,13 +100,17 @@ def placement_from(args, group):
         except (OSError, ValueError) as e:
             raise UserError(f"--device-map {args.device_map!r}: not auto/balanced/sequential nor a readable JSON "
                             f"file ({one_line(e)})") from None
-    rank = int(os.environ.get("LOCAL_RANK", "0")) if group.world > 1 else None
+    import torch
+
+    gpus = local_gpus(torch.cuda.device_count()) if group.world > 1 else None
     try:
-        mem = parse_max_memory(args.max_memory, rank)
+        mem = parse_max_memory(args.max_memory, gpus)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if rank is not None and isinstance(dm, str) and not (mem and rank in mem):
-        raise UserError("under torchrun, --device-map needs --max-memory gpu=SIZE (each process uses its own GPU)")
+    if gpus is not None and isinstance(dm, str):
+        if not mem or any(k not in gpus for k in mem if isinstance(k, int)) or not any(k in gpus for k in mem):
+            raise UserError(f"under torchrun, --device-map needs --max-memory gpu=SIZE: this process's GPUs are "
+                            f"{gpus} and a string device map must not reach the others'")
     return Placement(dm, mem, args.offload_folder)
 
 

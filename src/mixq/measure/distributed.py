@@ -76,7 +76,8 @@ def current_group() -> Group:
 
 def init_from_env(device: str = "cpu") -> Group:
     """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE``, ``RANK``,
-    ``MASTER_ADDR``…): gloo for CPU, NCCL for CUDA, where each process takes GPU ``LOCAL_RANK``.
+    ``MASTER_ADDR``…): gloo for CPU, NCCL for CUDA, where each process takes the first of its GPUs
+    (:func:`local_gpus`).
     Without ``WORLD_SIZE`` > 1 (a plain run) nothing is initialized and a group of one is returned."""
     import torch.distributed as dist
 
@@ -87,7 +88,7 @@ def init_from_env(device: str = "cpu") -> Group:
     cuda = torch.device(device).type == "cuda"
     if not dist.is_initialized():
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_gpus(torch.cuda.device_count())[0])
         dist.init_process_group("nccl" if cuda else "gloo")
     group = current_group()
     log.info("measuring as rank %d of %d (%s)", group.rank, group.world, dist.get_backend())
@@ -102,10 +103,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def local_gpus(n_gpus: int) -> list[int]:
+    """This process's GPUs under torchrun: the node's ``n_gpus`` split into ``LOCAL_WORLD_SIZE`` equal runs, run
+    ``LOCAL_RANK`` (8 GPUs, 2 processes per node: ``[0..3]`` and ``[4..7]``); every GPU in a plain run."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if per_node <= 1:
+        return list(range(n_gpus))
+    k = max(1, n_gpus // per_node)
+    return list(range(rank * k, rank * k + k))
+
+
 def process_device(device: str, group: Group) -> str:
-    """The device this process computes on: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    """The device this process computes on: ``cuda`` becomes the first of :func:`local_gpus` under torchrun."""
     if group.world > 1 and device == "cuda":
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return f"cuda:{local_gpus(torch.cuda.device_count())[0]}"
     return device
 
 
