@@ -149,6 +149,8 @@ def mixq_plan_gguf(bpw: float, args, env) -> tuple[Path, Path]:
         run(mixq_cmd("plan", args.measurement, "--bpw", f"{bpw:g}", "--target", "gguf", "--out", w / "plans",
                      "--force"), w / f"plan-{bpw:g}.log", env)
     d = w / f"mixq-{bpw:g}"
+    while (w / f".{d.name}.running").exists():  # another process of this bench is making it
+        time.sleep(30)
     if not (d / "mixq.json").exists():
         run(mixq_cmd("quantize", "--plan", plan, "--target", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
                      "--seqlen", args.ctx, "--out", d, "--force"), w / f"quantize-mixq-{bpw:g}.log", env)
@@ -193,6 +195,9 @@ def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> 
     from mixq.export.native import load_quantized
     from mixq.models import load_model
 
+    done = args.work / f"check-{mixq_dir.name}.json"
+    if done.exists():
+        return json.loads(done.read_text())
     chunks, n_tok = chunk_ids(test, args)
     ref, _ = load_model("smollm2-135m")
     q, _, _ = load_quantized(mixq_dir)
@@ -209,6 +214,7 @@ def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> 
            "-no-cnv"]
     text = run(cmd, log, timeout=300)
     out["llama_cli"] = {"command": "llama-completion " + " ".join(map(str, cmd[1:])), "output": _generated(text)}
+    done.write_text(json.dumps(out, indent=1))
     return out
 
 
