@@ -16,6 +16,7 @@ from mixq.intra import PackedComposite, quantize_layer
 from mixq.intra.incoherence import IncoherentQTensor
 from mixq.intra.vq import VQQTensor, decode, quantize_vq
 from mixq.intra.vq_codebook import _lloyd_max_1d, available, codebook, generate, mse, nearest, to_hex
+from mixq.intra import vq_cpu
 from mixq.intra.vq_linear import VQLinear
 
 # sha256 of the fp16 bytes of each committed codebook: a changed table would change every stored model's decoding
@@ -23,6 +24,8 @@ PINNED = {
     (2, 4): "a754fb64c2c29d486175d1c96ce3f8fab645b5364500fdbf710c70e6c46bd74b",
     (2, 5): "172bedf4816f7c21b72be344a3a963ac7e59bf7718560d2adbb92059cfa16d6b",
     (2, 6): "d807f0b1a36280174dcd9c5eb8722715c9574122540214ed62b550d9092c7e6c",
+    (2, 7): "79d3e5fe781b1de74e3b2f244745a79e4e224d4b4af995263a93977247263ab4",
+    (2, 8): "ebff149d1d3cb0384772a2f256a44469fc0d2069cad9f61f22de4739d0d8376a",
 }
 
 
@@ -65,7 +68,7 @@ def test_codebooks_pinned_deterministic_and_better_than_scalar():
     q1 = _lloyd_max_1d(4)
     scalar = float(((x[:, 0] - q1[nearest(x, q1[:, None])]) ** 2).mean())
     assert mse(2, 4) < 0.95 * scalar
-    assert mse(2, 4) > mse(2, 5) > mse(2, 6)
+    assert mse(2, 4) > mse(2, 5) > mse(2, 6) > mse(2, 7) > mse(2, 8)
 
 
 @pytest.mark.integration  # ~20 s of Lloyd iterations
@@ -142,15 +145,28 @@ def test_kernels_agree_with_reference(name):
     for M in (1, 3, 40):
         x = torch.randn(2, M, 192, generator=torch.Generator().manual_seed(M))
         ref = x @ Wh.T + lin.bias
-        for k in ("vq-reference", "vq-lut", "vq-dense"):
+        for k in ("vq-reference", "vq-lut", "vq-dense") + (("vq-cpu",) if vq_cpu.available() else ()):
             lin.kernel = k
             torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-4)
             assert lin.last_kernel == k
     lin.kernel = "auto"
     lin(torch.randn(1, 192))
-    assert lin.last_kernel == "vq-lut"
+    assert lin.last_kernel == ("vq-cpu" if vq_cpu.available() else "vq-lut")
     lin(torch.randn(64, 192))
     assert lin.last_kernel == "vq-dense"
+
+
+@pytest.mark.parametrize("lut", [False, True])
+def test_native_cpu_kernel_both_forms(lut):
+    if not vq_cpu.available():
+        pytest.skip("no C compiler: the vq-cpu kernel is not built")
+    g = torch.Generator().manual_seed(11)
+    for d, k, glen in ((2, 6, 64), (2, 8, 32), (4, 8, 64)):
+        codes = torch.randint(0, 2 ** k, (40, 256 // d), generator=g, dtype=torch.uint8)
+        B, s = torch.randn(2 ** k, d, generator=g), torch.rand(40, 256 // glen, generator=g)
+        x = torch.randn(3, 256, generator=g)
+        torch.testing.assert_close(vq_cpu.vq_gemv(x, codes, s, B, glen, lut=lut), x @ decode(codes, s, B, glen).T,
+                                   rtol=1e-5, atol=1e-4)
 
 
 def test_save_load_same_output(tiny_model, tiny_tokenizer, tmp_path):

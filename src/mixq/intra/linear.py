@@ -30,7 +30,7 @@ from .incoherence import rotate
 from .storage import PackedComposite
 
 KERNEL_NAME = "composite-reference"
-VQ_KERNELS = ("vq-reference", "vq-lut", "vq-dense", "triton")  # VQ layers (mixq.intra.vq_linear) take these by name
+VQ_KERNELS = ("vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")  # VQ layers (mixq.intra.vq_linear) take these by name
 
 
 def _buffer_name(name: str) -> str:

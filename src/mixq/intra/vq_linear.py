@@ -13,11 +13,14 @@ per row, groups of ``N/d`` vectors).
                   one gather of ``R·P`` table entries per row of ``x`` through the prepared flat index
                   ``v·K + code[r, v]`` (int32, ``R·P·32`` bits: 16 bits per weight at d = 2 in RAM) and a
                   grouped sum -- no ``Ŵ`` is ever formed
+``vq-cpu``        (CPU, ``M <= CPU_MAX_TOKENS``) the native C decode-and-dot / table GEMV of
+                  :mod:`mixq.intra.vq_cpu` on the codes unpacked once to uint8 (``8/d`` bits per weight in RAM)
 ``vq-dense``      (CPU, longer inputs) the codes unpacked once to uint8 (``8/d`` bits per weight in RAM),
                   ``Ŵ`` decoded per call, dense GEMM
 ``triton``        (CUDA) :mod:`mixq.intra.vq_triton`: fused decode + GEMM
 
-``kernel="auto"`` picks triton on CUDA, else lut for short inputs and dense for long ones.
+``kernel="auto"`` picks triton on CUDA, else vq-cpu for short inputs (vq-lut without a C compiler) and vq-dense
+for long ones.
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from ..runtime.bitpack import unpack
 from .vq import decode, group_len, spec_codebook
 
 LUT_MAX_TOKENS = 8
-KERNELS = ("auto", "vq-reference", "vq-lut", "vq-dense", "triton")
+KERNELS = ("auto", "vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")
+CPU_MAX_TOKENS = 16
 
 
 class VQLinear(nn.Module):
@@ -105,6 +109,10 @@ class VQLinear(nn.Module):
                 return "triton"
             return "vq-dense"
         m = x.numel() // self.in_features
+        from . import vq_cpu
+
+        if m <= CPU_MAX_TOKENS and vq_cpu.available():
+            return "vq-cpu"
         return "vq-lut" if m <= LUT_MAX_TOKENS else "vq-dense"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +129,10 @@ class VQLinear(nn.Module):
         elif k == "vq-dense":
             W = decode(self._prepared("dense", x.device), self.scale.to(x.device), B, glen)
             y = F.linear(x2.float(), W).to(x.dtype)
+        elif k == "vq-cpu":
+            from .vq_cpu import vq_gemv
+
+            y = vq_gemv(x2, self._prepared("dense", x.device), self.scale, B, glen).to(x.dtype)
         elif k == "vq-lut":
             y = lut_linear(x2, self._prepared("lut", x.device), self.scale.to(x.device), B, glen,
                            self.out_features).to(x.dtype)

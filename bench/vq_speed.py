@@ -1,0 +1,107 @@
+"""Decode speed of VQ layers (``VQ..+ip`` and plain ``VQ``) on CPU next to int4 and fp32, in one run.
+
+    OMP_NUM_THREADS=2 python bench/vq_speed.py [--new-tokens 32] [--repeats 3] [--specs ...]
+
+1. One layer (SmolLM2's up_proj shape, 1536 x 576, and down_proj, 576 x 1536), batch 1: microseconds per call of
+   each VQ kernel (``vq-lut``, ``vq-dense``, ``vq-reference``), of int4 (``cpu-int4``) and of dense fp32 / bf16.
+2. SmolLM2-135M, every block linear in the row's spec (RTN: speed does not depend on how codes were chosen),
+   saved and loaded packed in bf16 with ``kernel="auto"``: greedy decode of ``--new-tokens`` after a 64-token PTB
+   prompt, median of ``--repeats`` after a warm-up (as bench/ip_speed.py).
+Writes bench/results/vq_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import RESULTS, git_rev, machine
+
+from mixq import api, data
+from mixq.config import parse_spec
+from mixq.export.native import load_quantized, save_quantized
+from mixq.intra import PackedComposite, quantize_layer
+from mixq.intra.vq_linear import VQLinear
+from mixq.models import load_model
+from mixq.runtime import PackedWeight, QuantLinear, greedy_generate, kernel_usage
+
+SPECS = ["W4-g64", "W4-g64+ip", "VQ4-g64+ip", "VQ3-g64+ip", "VQ2.5-g64+ip", "VQ2-g64+ip", "VQ3-g64"]
+
+
+def _time(f, n=50) -> float:
+    for _ in range(5):
+        f()
+    t = time.perf_counter()
+    for _ in range(n):
+        f()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def layer_rows() -> list[dict]:
+    rows = []
+    for R, C in ((1536, 576), (576, 1536)):
+        W = torch.randn(R, C) * 0.02
+        x = torch.randn(1, C)
+        xb = x.bfloat16()
+        r = {"shape": [R, C], "fp32 dense": _time(lambda: F.linear(x, W)),
+             "bf16 dense": _time(lambda: F.linear(xb, W.bfloat16()) if False else F.linear(xb, Wb))} \
+            if (Wb := W.bfloat16()) is not None else {}
+        q = QuantLinear(PackedWeight.from_qtensor(quantize_layer(W, parse_spec("W4-g64"), None, "rtn")[0]), None, "auto")
+        r["int4 (cpu-int4, bf16)"] = _time(lambda: q(xb))
+        for name in ("VQ3-g64", "VQ2.5-g64"):
+            lin = VQLinear(PackedComposite.from_qtensor(quantize_layer(W, parse_spec(name), None, "rtn")[0]))
+            for k in ("vq-lut", "vq-dense", "vq-reference"):
+                lin.kernel = k
+                r[f"{name} {k} (bf16 in)"] = _time(lambda: lin(xb), 20 if k == "vq-reference" else 50)
+        rows.append(r)
+        print(r, flush=True)
+    return rows
+
+
+def _speed(model, ids, args) -> dict:
+    greedy_generate(model, ids, args.new_tokens, stop_at_eos=False)
+    runs = [greedy_generate(model, ids, args.new_tokens, stop_at_eos=False) for _ in range(args.repeats)]
+    return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
+            "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--specs", default=",".join(SPECS))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    layers = layer_rows()
+    ref, tok = load_model("smollm2-135m")
+    ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)[: args.prompt_tokens][None]
+    rows = []
+    for name, model in (("fp32", ref), ("bf16", copy.deepcopy(ref).to(torch.bfloat16))):
+        rows.append({"row": name, **_speed(model, ids, args), "kernels": {}})
+        print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.specs.split(","):
+            model = copy.deepcopy(ref)
+            specs = api.resolve_specs(model, parse_spec(name))
+            res = api.quantize_model(model, specs, method="rtn", progress=False)
+            d = save_quantized(Path(work) / name, model, tok, res.qtensors, {"base_model": "smollm2-135m",
+                                                                               "method": "rtn"})
+            packed, _, _ = load_quantized(d, packed=True, dtype=torch.bfloat16)
+            rows.append({"row": name, "bpw": api.size_report(model, specs)["bpw_quantized"], **_speed(packed, ids, args),
+                         "kernels": kernel_usage(packed)})
+            print(rows[-1], flush=True)
+            del model, packed
+    doc = {"command": "OMP_NUM_THREADS=2 python bench/vq_speed.py", "commit": git_rev(), "machine": machine(),
+           "args": vars(args), "layer_us_per_call": layers, "rows": rows}
+    (RESULTS / "vq_speed.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
