@@ -26,6 +26,7 @@ PINNED = {
     (2, 6): "d807f0b1a36280174dcd9c5eb8722715c9574122540214ed62b550d9092c7e6c",
     (2, 7): "79d3e5fe781b1de74e3b2f244745a79e4e224d4b4af995263a93977247263ab4",
     (2, 8): "ebff149d1d3cb0384772a2f256a44469fc0d2069cad9f61f22de4739d0d8376a",
+    (4, 8): "2afffe8d3c515ad416d0c7b6cec3d3973fcf71065efc542f12734cc1a8eec080",
 }
 
 
@@ -227,3 +228,23 @@ def test_triton_kernel_on_cuda():
         x = torch.randn(7, 512, device="cuda").to(dt)
         ref = x.float() @ Wh.cuda().T
         assert float((lin(x).float() - ref).abs().max()) < tol * float(ref.abs().max())
+
+
+def test_candidates_file_and_measurement_price_vq(tiny_model, tmp_path):
+    from mixq.allocate import Budget, allocate
+    from mixq.allocate.candidates import load_candidates
+    from mixq.measure import measure
+
+    f = tmp_path / "cands.txt"
+    f.write_text("W3-g32\nVQ2.5-g32+ip\nVQ3-g32+ip\nW4-g32\nFP16\n")
+    cands = load_candidates(f)
+    assert parse_spec("VQ2.5-g32+ip") in cands
+    model = tiny_model("llama")
+    ids = torch.randint(4, 99, (4, 16), generator=torch.Generator().manual_seed(0))
+    table = measure(model, ids, cands, metric="hessian", algorithm="gptq", progress=False)
+    for e in table.layers:
+        errs = dict(zip(e.candidates, e.errors))
+        assert errs[parse_spec("VQ3-g32+ip")] <= errs[parse_spec("VQ2.5-g32+ip")]
+        assert errs[parse_spec("FP16")] <= errs[parse_spec("VQ3-g32+ip")]
+    plan = allocate(table, Budget(bpw=3.3))
+    assert plan.achieved_bpw <= 3.3 + 1e-9

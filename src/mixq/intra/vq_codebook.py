@@ -16,7 +16,7 @@ in float64, then rounded to fp16 (so that last-bit differences between machines'
 stored model's decoding), entries sorted lexicographically.  ``tests/test_vq.py`` pins a checksum of
 every codebook.  MSE per dimension on N(0, 1) (``mse(d, k)``), d = 2: 0.1090 (2 bpw), 0.0570 (2.5), 0.0296 (3),
 0.0153 (3.5), 0.0079 (4), against the scalar Lloyd-Max quantizer's 0.1175 (2 bits), 0.0345 (3) and 0.0095 (4):
-0.3-0.8 dB better at integer rates, and the half-bit rates in between.
+0.3-0.8 dB better at integer rates, and the half-bit rates in between; d = 4 at 2 bpw (256 entries): 0.0992.
 """
 from __future__ import annotations
 
