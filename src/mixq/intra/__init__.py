@@ -12,6 +12,9 @@ The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exa
 ``binary``      BiLLM / PB-LLM binarization (``BIN-gN`` bases, ``+r`` residual columns, ``+o..w8``)
                 -> :class:`BinaryQTensor`
 ``incoherence`` ``+ip``: QuIP-style random Hadamard transforms on both sides -> :class:`IncoherentQTensor`
+``vq``          ``VQ<rate>[x<d>]-GRAN`` bases (for ``+ip``): fixed Gaussian-optimal codebooks (``vq_codebook``,
+                ``vq_tables``), RTN and GPTQ with vector feedback -> :class:`VQQTensor`; ``vq_linear``
+                :class:`VQLinear` with the ``vq_cpu`` (native C) and ``vq_triton`` kernels
 ``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size;
                 :class:`PackedComposite` (what the native directory stores)
 ``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path);
@@ -27,6 +30,7 @@ from .rows import RowSplitQTensor
 from .sparse import CSR
 from .storage import PackedComposite, pack_composite, unpack_composite
 from .incoherence import IncoherentQTensor
+from .vq import VQQTensor
 from .linear import CompositeLinear, IncoherentLinear, install_composite_linear
 
 __all__ = [
@@ -35,5 +39,5 @@ __all__ = [
     "PackedComposite", "RowSplitQTensor", "composite_weight", "dequantize_composite",
     "install_composite_linear", "intra_candidates",
     "pack_composite", "quantize_composite", "quantize_layer",
-    "unpack_composite",
+    "unpack_composite", "VQQTensor",
 ]
