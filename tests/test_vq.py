@@ -248,3 +248,10 @@ def test_candidates_file_and_measurement_price_vq(tiny_model, tmp_path):
         assert errs[parse_spec("FP16")] <= errs[parse_spec("VQ3-g32+ip")]
     plan = allocate(table, Budget(bpw=3.3))
     assert plan.achieved_bpw <= 3.3 + 1e-9
+
+
+def test_fast_kernel_for_vq():
+    from mixq.runtime.kernels import fast_kernel_for
+
+    assert fast_kernel_for(parse_spec("VQ3-g64+ip"), (576, 576)) == "vq-cpu"
+    assert fast_kernel_for(parse_spec("VQ2.5-channel"), (576, 576), "cuda") == "triton"
