@@ -56,7 +56,7 @@ def layer_rows() -> list[dict]:
         r["int4 (cpu-int4, bf16)"] = _time(lambda: q(xb))
         for name in ("VQ3-g64", "VQ2.5-g64"):
             lin = VQLinear(PackedComposite.from_qtensor(quantize_layer(W, parse_spec(name), None, "rtn")[0]))
-            for k in ("vq-lut", "vq-dense", "vq-reference"):
+            for k in ("vq-cpu", "vq-lut", "vq-dense", "vq-reference"):
                 lin.kernel = k
                 r[f"{name} {k} (bf16 in)"] = _time(lambda: lin(xb), 20 if k == "vq-reference" else 50)
         rows.append(r)
