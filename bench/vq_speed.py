@@ -7,7 +7,7 @@
 2. SmolLM2-135M, every block linear in the row's spec (RTN: speed does not depend on how codes were chosen),
    saved and loaded packed in bf16 with ``kernel="auto"``: greedy decode of ``--new-tokens`` after a 64-token PTB
    prompt, median of ``--repeats`` after a warm-up (as bench/ip_speed.py).
-Writes bench/results/vq_speed.json.
+Writes bench/results/vq_speed.json (``--no-layers``: part 2 only, into vq_speed_model.json).
 """
 from __future__ import annotations
 
@@ -77,9 +77,10 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--specs", default=",".join(SPECS))
+    ap.add_argument("--no-layers", action="store_true", help="skip part 1 (the per-layer timings)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    layers = layer_rows()
+    layers = [] if args.no_layers else layer_rows()
     ref, tok = load_model("smollm2-135m")
     ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)[: args.prompt_tokens][None]
     rows = []
@@ -98,9 +99,12 @@ def main():
                          "kernels": kernel_usage(packed)})
             print(rows[-1], flush=True)
             del model, packed
-    doc = {"command": "OMP_NUM_THREADS=2 python bench/vq_speed.py", "commit": git_rev(), "machine": machine(),
+    doc = {"command": f"OMP_NUM_THREADS=2 python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"
+                      f" --repeats {args.repeats}" + (" --no-layers" if args.no_layers else ""),
+           "commit": git_rev(), "machine": machine(),
            "args": vars(args), "layer_us_per_call": layers, "rows": rows}
-    (RESULTS / "vq_speed.json").write_text(json.dumps(doc, indent=1) + "\n")
+    out = RESULTS / ("vq_speed_model.json" if args.no_layers else "vq_speed.json")
+    out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":
