@@ -84,6 +84,7 @@ from ..granularity import PerChannel, PerGroup
 from .protocol import SCALE_BITS, BitCost, Export
 from .registry import family_of
 from .spec import QuantSpec
+from .vq_check import check_vq
 
 COMPOSITE_VERSION = 1
 BASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QuantSpec))
@@ -162,7 +163,7 @@ class CompositeSpec(QuantSpec):
             if not self.binary or not self.outliers:
                 raise ValueError("integer outliers (+oPw<bits>) need a BIN base and +o")
         if self.vq_dim or self.vq_bits:
-            self._check_vq()
+            check_vq(self)
         if self.residual and not self.binary:
             raise ValueError("+r (residual-binarized columns) needs a BIN base")
         if self.binary:
@@ -204,21 +205,6 @@ class CompositeSpec(QuantSpec):
                 raise ValueError("SLIM allocates bits per group column: use a gN granularity")
             if self.scale_dtype == "e8m0":
                 raise ValueError("SLIM needs a float scale (e8m0 scales depend on the element bits)")
-
-    def _check_vq(self) -> None:
-        d, k = self.vq_dim, self.vq_bits
-        if not (1 <= d <= 8 and 1 <= k <= 8):
-            raise ValueError(f"VQ needs 1..8 weights per vector and 1..8 code bits, got d={d}, k={k}")
-        if self.bits != -(-k // d):
-            raise ValueError(f"a VQ base carries bits = ceil(code bits / d) = {-(-k // d)}, got {self.bits}")
-        if self.dtype != "int" or not self.symmetric or self.clip != "minmax" or self.tensor_scale:
-            raise ValueError("VQ bases are written VQ<rate>[x<d>][-GRAN][-sDTYPE]: no -asym, -mse or -ts")
-        if self.scale_dtype not in ("fp16", "bf16", "fp32"):
-            raise ValueError(f"VQ needs a float group scale, not {self.scale_dtype}")
-        if isinstance(self.granularity, PerGroup) and self.granularity.size % d:
-            raise ValueError(f"the VQ group ({self.granularity.size}) must hold whole {d}-vectors")
-        if self.binary or self.slim or self.outliers or self.columns or self.sq_bits or self.hi_rows or self.dialects:
-            raise ValueError("VQ combines only with +ip")
 
     @property
     def vq_rate(self) -> Fraction:
