@@ -188,7 +188,7 @@ def finetune_blockwise(qmodel: nn.Module, ref: nn.Module, qtensors: dict, calib_
         norms = _norm_params(bq[i], swapped) if cfg.tune_norms else []
         saved = ckpt.load(i)
         if saved is not None:
-            _load_state(bq[i], swapped, norms, saved["tensors"])
+            _load_state(swapped, norms, saved["tensors"])
             rec = saved["record"]
         else:
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + i)  # per block: a resumed run shuffles alike
@@ -243,7 +243,7 @@ def _train_block(block, swapped, norms, Xq, Yf, kw, n_val, cfg, g) -> dict:
         curve_val.append(_val(block, Xq[va], Yf[va], kw, cfg.batch))
         if curve_val[-1] < curve_val[best_epoch]:
             best, best_epoch = _state(swapped, norms), epoch
-    _load_state(block, swapped, norms, best)
+    _load_state(swapped, norms, best)
     return {"held_out_before": curve_val[0], "held_out_after": curve_val[best_epoch], "epoch_kept": best_epoch,
             "train": curve_train, "held_out": curve_val}
 
@@ -260,7 +260,7 @@ def _state(swapped, norms) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _load_state(block, swapped, norms, st) -> None:
+def _load_state(swapped, norms, st) -> None:
     for name, (_, t) in swapped.items():
         t.theta.copy_(st[f"{name}.theta"])
         if t.offset is not None:

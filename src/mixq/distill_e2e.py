@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import arch_for, get_blocks, get_weight, set_weight
-from .distill import _Checkpoint, _set_child, _swap_in
+from .distill import _Checkpoint, _load_state, _set_child, _state, _swap_in
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +68,6 @@ def _norm_params(model: nn.Module, swapped_all: dict) -> list[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
-
-
-def _state(swapped: dict, norms: list) -> dict[str, torch.Tensor]:
-    st = {}
-    for name, (_, t) in swapped.items():
-        st[f"{name}.theta"] = t.theta.detach().clone()
-        if t.offset is not None:
-            st[f"{name}.offset"] = t.offset.detach().clone()
-    for k, p in enumerate(norms):
-        st[f"norm.{k}"] = p.detach().clone()
-    return st
-
-
-@torch.no_grad()
-def _load_state(swapped: dict, norms: list, st: dict) -> None:
-    for name, (_, t) in swapped.items():
-        t.theta.copy_(st[f"{name}.theta"])
-        if t.offset is not None:
-            t.offset.copy_(st[f"{name}.offset"])
-    for k, p in enumerate(norms):
-        p.copy_(st[f"norm.{k}"])
 
 
 def _logits(model, ids):
