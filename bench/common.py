@@ -94,3 +94,43 @@ class RSSSampler:
         self._stop.set()
         self._t.join()
         self.peak_mb = max(self.peak_mb, self.current_mb())
+
+
+def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: int) -> list[dict]:
+    """Greedy-decode tokens/s of SmolLM2 in fp32, bf16, and with every block linear in each spec (RTN, saved and
+    loaded packed, bf16): one row each, median of ``repeats`` after a warm-up, with the kernels the packed layers
+    run (``ip_speed.py``, ``vq_speed.py``)."""
+    import copy
+    import statistics
+    import tempfile
+
+    from mixq import api
+    from mixq.config import parse_spec
+    from mixq.export.native import load_quantized, save_quantized
+    from mixq.runtime import greedy_generate, kernel_usage
+
+    def speed(model) -> dict:
+        greedy_generate(model, ids, new_tokens, stop_at_eos=False)
+        runs = [greedy_generate(model, ids, new_tokens, stop_at_eos=False) for _ in range(repeats)]
+        return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
+                "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs]}
+
+    ref, tok = load_model("smollm2-135m")
+    ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)[:prompt_tokens][None]
+    rows = []
+    for name, model in (("fp32", ref), ("bf16", copy.deepcopy(ref).to(torch.bfloat16))):
+        rows.append({"row": name, **speed(model), "kernels": {}})
+        print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        for name in spec_names:
+            model = copy.deepcopy(ref)
+            specs = api.resolve_specs(model, parse_spec(name))
+            res = api.quantize_model(model, specs, method="rtn", progress=False)
+            d = save_quantized(Path(work) / name, model, tok, res.qtensors, {"base_model": "smollm2-135m",
+                                                                               "method": "rtn"})
+            packed, _, _ = load_quantized(d, packed=True, dtype=torch.bfloat16)
+            rows.append({"row": name, "bpw": api.size_report(model, specs)["bpw_quantized"], **speed(packed),
+                         "kernels": kernel_usage(packed)})
+            print(rows[-1], flush=True)
+            del model, packed
+    return rows

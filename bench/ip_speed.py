@@ -12,20 +12,10 @@ Writes bench/results/ip_speed.{md,json}.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import statistics
-import tempfile
-from pathlib import Path
 
-import torch
-from common import RESULTS, git_rev, header, machine
+from common import RESULTS, decode_speed_rows, git_rev, header, machine
 
-from mixq import api, data
-from mixq.config import parse_spec
-from mixq.export.native import load_quantized, save_quantized
-from mixq.models import load_model
-from mixq.runtime import greedy_generate, kernel_usage
 
 SPECS = ["W4-g64", "W4-g64+ip", "W3-g64", "W3-g64+ip", "W2-g64-asym+ip"]
 
@@ -36,25 +26,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    ref, tok = load_model("smollm2-135m")
-    ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)[: args.prompt_tokens][None]
-    rows = []
-    for name, model in (("fp32", ref), ("bf16", copy.deepcopy(ref).to(torch.bfloat16))):
-        rows.append({"row": name, **_speed(model, ids, args), "kernels": {}})
-        print(rows[-1], flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        for name in SPECS:
-            model = copy.deepcopy(ref)
-            specs = api.resolve_specs(model, parse_spec(name))
-            res = api.quantize_model(model, specs, method="rtn", progress=False)
-            d = save_quantized(Path(work) / name, model, tok, res.qtensors, {"base_model": "smollm2-135m",
-                                                                               "method": "rtn"})
-            packed, _, _ = load_quantized(d, packed=True, dtype=torch.bfloat16)
-            r = _speed(packed, ids, args)
-            rows.append({"row": name, "bpw": api.size_report(model, specs)["bpw_quantized"], **r,
-                         "kernels": kernel_usage(packed)})
-            print(rows[-1], flush=True)
-            del model, packed
+    rows = decode_speed_rows(SPECS, args.new_tokens, args.prompt_tokens, args.repeats)
     cmd = "OMP_NUM_THREADS=2 python bench/ip_speed.py"
     doc = {"command": cmd, "commit": git_rev(), "machine": machine(), "args": vars(args), "rows": rows}
     (RESULTS / "ip_speed.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -69,13 +41,6 @@ def main():
                      f"{r['decode_tok_s'] / fp32:.2f}x | {k} |")
     (RESULTS / "ip_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _speed(model, ids, args) -> dict:
-    greedy_generate(model, ids, args.new_tokens, stop_at_eos=False)
-    runs = [greedy_generate(model, ids, args.new_tokens, stop_at_eos=False) for _ in range(args.repeats)]
-    return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
-            "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs]}
 
 
 if __name__ == "__main__":

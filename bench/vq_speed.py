@@ -12,24 +12,17 @@ Writes bench/results/vq_speed.json (``--no-layers``: part 2 only, into vq_speed_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, git_rev, machine
+from common import RESULTS, decode_speed_rows, git_rev, machine
 
-from mixq import api, data
 from mixq.config import parse_spec
-from mixq.export.native import load_quantized, save_quantized
 from mixq.intra import PackedComposite, quantize_layer
 from mixq.intra.vq_linear import VQLinear
-from mixq.models import load_model
-from mixq.runtime import PackedWeight, QuantLinear, greedy_generate, kernel_usage
+from mixq.runtime import PackedWeight, QuantLinear
 
 SPECS = ["W4-g64", "W4-g64+ip", "VQ4-g64+ip", "VQ3-g64+ip", "VQ2.5-g64+ip", "VQ2-g64+ip", "VQ3-g64"]
 
@@ -64,13 +57,6 @@ def layer_rows() -> list[dict]:
     return rows
 
 
-def _speed(model, ids, args) -> dict:
-    greedy_generate(model, ids, args.new_tokens, stop_at_eos=False)
-    runs = [greedy_generate(model, ids, args.new_tokens, stop_at_eos=False) for _ in range(args.repeats)]
-    return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
-            "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs]}
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -81,24 +67,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = [] if args.no_layers else layer_rows()
-    ref, tok = load_model("smollm2-135m")
-    ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)[: args.prompt_tokens][None]
-    rows = []
-    for name, model in (("fp32", ref), ("bf16", copy.deepcopy(ref).to(torch.bfloat16))):
-        rows.append({"row": name, **_speed(model, ids, args), "kernels": {}})
-        print(rows[-1], flush=True)
-    with tempfile.TemporaryDirectory() as work:
-        for name in args.specs.split(","):
-            model = copy.deepcopy(ref)
-            specs = api.resolve_specs(model, parse_spec(name))
-            res = api.quantize_model(model, specs, method="rtn", progress=False)
-            d = save_quantized(Path(work) / name, model, tok, res.qtensors, {"base_model": "smollm2-135m",
-                                                                               "method": "rtn"})
-            packed, _, _ = load_quantized(d, packed=True, dtype=torch.bfloat16)
-            rows.append({"row": name, "bpw": api.size_report(model, specs)["bpw_quantized"], **_speed(packed, ids, args),
-                         "kernels": kernel_usage(packed)})
-            print(rows[-1], flush=True)
-            del model, packed
+    rows = decode_speed_rows(args.specs.split(","), args.new_tokens, args.prompt_tokens, args.repeats)
     doc = {"command": f"OMP_NUM_THREADS=2 python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"
                       f" --repeats {args.repeats}" + (" --no-layers" if args.no_layers else ""),
            "commit": git_rev(), "machine": machine(),

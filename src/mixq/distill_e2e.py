@@ -29,25 +29,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import arch_for, get_blocks, get_weight, set_weight
-from .distill import _Checkpoint, _load_state, _set_child, _state, _swap_in
+from .distill import FinetuneConfig, _Checkpoint, _load_state, _set_child, _state, _swap_in
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class E2EConfig:
-    epochs: int = 1
-    lr: float = 1e-3          # Adam on θ (log-scale) and offsets of every layer at once
-    norm_lr: float = 1e-5     # Adam on the norm weights and biases
-    batch: int = 1            # rows per step
-    val_frac: float = 0.25    # held-out share of the calibration rows
-    tune_norms: bool = True
-    seed: int = 0
+class E2EConfig(FinetuneConfig):
+    """The block-wise stage's settings (and checks) with this stage's defaults: one epoch, Adam at 1e-3 on θ and
+    offsets of every layer at once, 1e-5 on the norms, one row per step."""
 
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch < 1 or not 0 < self.val_frac < 1 or self.lr <= 0 or self.norm_lr < 0:
-            raise ValueError(f"bad end-to-end settings {asdict(self)}: epochs and batch >= 1, 0 < val_frac < 1, "
-                             "lr > 0, norm_lr >= 0")
+    epochs: int = 1
+    lr: float = 1e-3
+    norm_lr: float = 1e-5
+    batch: int = 1
 
 
 def kl_loss(logits_q: torch.Tensor, logits_ref: torch.Tensor) -> torch.Tensor:
