@@ -204,3 +204,28 @@ def test_gptq_ratio_on_sampled_rows_tracks_the_exact_gptq_error():
     units = evaluate_units(job, cands, [("err", 2), ("err", 3)], "gptq")  # +ip RTN in the shared basis
     for k in (2, 3):
         assert units[("err", k)] == pytest.approx(err(composite_weight(W, cands[k], sens, "rtn")), rel=1e-5)
+
+
+def test_vq_ip_candidates_are_priced_by_rtn_times_a_sampled_gptq_ratio():
+    """VQ+ip candidates: RTN in the transformed basis times the GPTQ/RTN ratio of their own rate, measured on
+    RATIO_ROWS sampled rows, lands within a few % of the exact vector-GPTQ error; two rates get two ratios."""
+    from mixq.config import parse_spec
+    from mixq.intra import composite_weight
+    from mixq.measure.layer import RATIO_ROWS, _groups, measure_layer, units
+    from mixq.measure.metrics import LayerSensitivity, layer_error
+
+    g = torch.Generator().manual_seed(1)
+    R, C = 4 * RATIO_ROWS, 128
+    X = torch.randn(2048, C, generator=g) @ (torch.eye(C) + 0.3 * torch.randn(C, C, generator=g))
+    H = X.T @ X / X.shape[0]
+    W = torch.randn(R, C, generator=g) * torch.linspace(0.5, 2.0, R)[:, None]
+    sens = LayerSensitivity(H=H)
+    cands = [parse_spec(n) for n in ("VQ2.5-channel+ip", "VQ3-channel+ip", "VQ3-g64+ip", "W3-g64+ip")]
+    assert len(_groups(cands)) == 3  # VQ2.5, VQ3 (channel and g64 share a ratio), int3+ip
+    assert sum(u[0] == "gptq" for u in units(cands, (R, C), "gptq")) == 3
+    err = lambda Wq: layer_error(W - Wq, sens, "hessian")  # noqa: E731
+    got = dict(zip(cands, measure_layer("blk.0.lin", W, sens, cands, "gptq", err).errors))
+    for c in cands:
+        exact = err(composite_weight(W, c, sens, "gptq"))
+        assert got[c] == pytest.approx(exact, rel=0.06), c.name
+        assert got[c] < 0.9 * err(composite_weight(W, c, sens, "rtn")), c.name  # the ratio did scale it

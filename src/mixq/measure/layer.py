@@ -6,7 +6,7 @@ weight ``W [out, in]``, its statistics and the block inputs:
 
 * ``("err", k)`` — the metric's error of candidate ``k`` quantized with the measuring algorithm
   (RTN; GPTQ under ``gptq-exact``; composites with their own RTN / GPTQ; ``+ip`` over a plain grid
-  with RTN in its transformed basis when ``algorithm="gptq"``);
+  or a VQ codebook with RTN in its transformed basis when ``algorithm="gptq"``);
 * ``("gptq", k)`` — only for ``algorithm="gptq"``: the GPTQ/RTN ratio ``min(1, e_gptq / e_rtn)`` of the
   reference candidate ``k`` of one (element family, bit width, ``+ip``) group, by which :func:`combine`
   scales the RTN errors of that group.  Both errors are the layer-wise proxy ``tr(ΔW H ΔWᵀ)`` on at most
@@ -35,6 +35,7 @@ from ..config import QuantSpec, is_composite
 from ..algorithms.gptq import _proxy
 from ..granularity import PerTensor
 from ..intra import composite_weight
+from ..intra.vq import quantize_vq
 from ..intra.incoherence import SEED_IN, SEED_OUT, rotate_hessian, rotate_weight, unrotate_weight
 from .metrics import LayerSensitivity
 
@@ -110,9 +111,8 @@ def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[t
     c, W, algorithm = cands[k], ctx.W, ctx.algorithm
     if kind == "gptq":
         return gptq_ratio(ctx, c)
-    if _scalable(c) and algorithm == "gptq" and is_composite(c):  # +ip over a plain grid: RTN in its basis
-        _, Wq_p = rtn_quantize(ctx.basis(True)[0], c.inner)
-        Wq = unrotate_weight(Wq_p, _IP_SEEDS)
+    if _scalable(c) and algorithm == "gptq" and is_composite(c):  # +ip over a grid / codebook: RTN in its basis
+        Wq = unrotate_weight(_rtn(ctx.basis(True)[0], c.inner), _IP_SEEDS)
     elif is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
         Wq = composite_weight(W, c, ctx.sens, algorithm, ctx.hc)
     elif algorithm == "gptq-exact" and not c.is_float_keep:
@@ -136,8 +136,8 @@ def gptq_ratio(ctx: _Context, c: QuantSpec) -> float:
     spec = c.inner if ip else c
     W, H, hc = ctx.basis(ip)
     Ws = W[ratio_rows(W.shape[0], spec)]
-    e_rtn = _proxy(Ws - rtn_quantize(Ws, spec)[1], H)
-    e_gptq = _proxy(Ws - gptq_quantize(Ws, H, spec, hinv_chol=hc).weight, H)
+    e_rtn = _proxy(Ws - _rtn(Ws, spec), H)
+    e_gptq = _proxy(Ws - _gptq(Ws, H, spec, hc), H)
     return min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
 
 
@@ -171,18 +171,37 @@ def measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
     return combine(fqn, shape, cands, algorithm, evaluate_units(job, cands, units(cands, shape, algorithm), algorithm))
 
 
+def _rtn(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """RTN ``Ŵ`` of a plain grid or a VQ codebook base."""
+    return quantize_vq(W, spec)[1] if _is_vq(spec) else rtn_quantize(W, spec)[1]
+
+
+def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, hc) -> torch.Tensor:
+    """GPTQ ``Ŵ`` (vector feedback for a VQ codebook base)."""
+    if _is_vq(spec):
+        return quantize_vq(W, spec, H, "gptq", hinv_chol=hc)[1]
+    return gptq_quantize(W, H, spec, hinv_chol=hc).weight
+
+
+def _is_vq(spec) -> bool:
+    return bool(getattr(spec, "vq_dim", 0))
+
+
 def _scalable(c) -> bool:
-    """Plain grids, and ``+ip`` over a plain grid: RTN errors scaled by a measured GPTQ/RTN ratio."""
-    return not is_composite(c) or (c.incoherent and not is_composite(c.inner))
+    """Plain grids, and ``+ip`` over a plain grid or a VQ codebook: RTN errors scaled by a measured GPTQ/RTN
+    ratio (VQ's GPTQ is a column sweep like scalar GPTQ's, rows independent given ``H``)."""
+    return not is_composite(c) or (c.incoherent and (not is_composite(c.inner) or _is_vq(c.inner)))
 
 
 def _groups(cands) -> dict[tuple[str, int, bool], list[int]]:
     """Scaled candidates by (element family, bit width, ``+ip``): an NF grid gains a different share of its error
-    from GPTQ than an int grid of the same bits, and ``+ip`` candidates another again."""
+    from GPTQ than an int grid of the same bits, ``+ip`` candidates another again, and each VQ rate (its code
+    bits per vector and vector length) is a family of its own."""
     out: dict[tuple[str, int, bool], list[int]] = {}
     for k, c in enumerate(cands):
         if not c.is_float_keep and _scalable(c):
-            out.setdefault((c.dtype, c.bits, is_composite(c)), []).append(k)
+            fam = (f"vq{c.vq_dim}", c.vq_bits) if _is_vq(c) else (c.dtype, c.bits)
+            out.setdefault((*fam, is_composite(c)), []).append(k)
     return out
 
 
