@@ -8,6 +8,14 @@ windows), so that it runs on a 2-core CPU in minutes; it is not the SmolLM2 prot
   by the ``--metric`` measurement.
 
     OMP_NUM_THREADS=1 python bench/second_model.py --out bench/results/second_model
+
+``--recipe default`` runs the default recipe instead (:mod:`mixq.recipe`: self+ptb calibration 32 x 512, kfac
+measurement of the default candidates with GPTQ errors, exact solver, GPTQ): for every ``--budgets`` value the
+mixed GPTQ plan, the best uniform spec of the same candidates with GPTQ, and that spec with RTN, each scored by
+KL to the fp32 model on PTB test and fortunes test (BOS from the model), as ``bench/generalization.py`` does for
+SmolLM2.  Rows are written as they finish (an interrupted run resumes).
+
+    OMP_NUM_THREADS=1 python bench/second_model.py --recipe default --out bench/results/second_model_default
 """
 from __future__ import annotations
 
@@ -31,7 +39,13 @@ def main() -> None:
     ap.add_argument("--candidates", default="W2-g64-asym,W3-g128,W3-g64,W4-g128,W4-g64,W5-g128,W8-g128")
     ap.add_argument("--out", default="bench/results/second_model")
     ap.add_argument("--metric", default="kfac", help="sensitivity metric of the mixed plans (kfac: loss units)")
+    ap.add_argument("--recipe", default=None, choices=[None, "default"], help="default: the default recipe, two domains")
+    ap.add_argument("--budgets", default="3,3.5,4,4.5", help="--recipe default: bits per weight of the plans")
+    ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN", help="--recipe default")
+    ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
     args = ap.parse_args()
+    if args.recipe == "default":
+        return default_recipe(args)
     t0 = time.perf_counter()
     out = Path(args.out)
     ref, tok = mixq.load_model(args.model)
@@ -87,6 +101,94 @@ def main() -> None:
         lines.append(f"| {r['label']} | {bpw} | {r['perplexity']:.2f} | {kl} | {top1} | {r.get('specs', '')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def default_recipe(args) -> None:
+    """The default recipe on ``args.model``, both domains; ``args.out`` + .json row by row, + .md at the end."""
+    import copy
+
+    from common import git_rev, machine
+
+    from mixq import api, data
+    from mixq.allocate import Budget, allocate, default_candidates
+    from mixq.bos import resolve_bos
+    from mixq.eval import Protocol, ReferenceCache, evaluate
+    from mixq.jsonio import write_json_atomic
+    from mixq.recipe import DEFAULT_RECIPE as R
+
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    done = {(r["variant"], r["budget"]) for r in doc["rows"]}
+    ref, tok = mixq.load_model(args.model)
+    bos = resolve_bos(tok, ref, "auto")
+    evals = {}
+    for corpus in ("ptb", "fortunes"):
+        ids = data.tokenize(data.load_corpus(corpus, "test"), tok, progress=False)
+        win = data.eval_windows(ids, 512, max_tokens=args.tokens, bos_id=bos.bos_id)
+        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer=args.model, dtype="float32",
+                                     bos_decision=bos)
+        evals[corpus] = (win, proto, ReferenceCache(ref, win, progress=False))
+    t = time.perf_counter()
+    calib = mixq.build_calibration(ref, tok, R["calib"], nsamples=R["nsamples"], seqlen=R["seqlen"], seed=0,
+                                   bos=bos, progress=False)
+    cands = default_candidates()
+    doc.update(model=args.model, recipe=dict(R), machine=machine(), commit=git_rev(), tag=args.tag,
+               command=f"OMP_NUM_THREADS=1 python bench/second_model.py --recipe default --out {args.out}"
+                       + (f" --budgets {args.budgets}" if args.budgets != "3,3.5,4,4.5" else ""),
+               calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
+               protocols={c: e[1].to_dict() for c, e in evals.items()})
+    cached = out.with_name(out.name + "-measurement.json")
+    table = None
+    for b in [float(x) for x in args.budgets.split(",")]:
+        for v in [x.strip() for x in args.variants.split(",")]:
+            if (v, b) in done:
+                continue
+            if table is None:
+                table = _default_table(ref, calib, cands, R, cached, doc)
+            plan = allocate(table, Budget(bpw=b), method=R["solver"] if v.startswith("mixed") else "uniform")
+            model = copy.deepcopy(ref)
+            method = "rtn" if v.endswith("RTN") else R["method"]
+            t = time.perf_counter()
+            api.quantize_model(model, dict(plan.layers), method=method, damp=R["damp"], act_order=R["act_order"],
+                               calib_ids=None if method == "rtn" else calib.ids, progress=False)
+            row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
+                   "specs": dict(Counter(s.name for s in plan.layers.values()))}
+            for corpus, (win, proto, cache) in evals.items():
+                r = evaluate(model, win, proto, reference=cache, progress=False)
+                row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
+            doc["rows"].append(row)
+            write_json_atomic(path, doc, overwrite=True)
+            print(f"{v:<14}{b:>5} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  fortunes "
+                  f"{row['fortunes']['kl']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+            del model
+    lines = [f"# Second embedded model, default recipe: {args.model}", "",
+             f"- command: `{doc['command']}`; commit {doc['commit']}; {doc['machine']}",
+             f"- recipe: {R}", f"- calibration: {doc['calibration']}",
+             f"- measurement: {doc.get('measure_seconds')} s; evaluation: first {args.tokens} tokens of PTB test and "
+             f"fortunes test, 512-token windows, BOS {bos.bos_id}; KL to the fp32 model", "",
+             "| variant | budget | bpw | KL PTB | KL fortunes | ppl PTB | ppl fortunes | specs |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(doc["rows"], key=lambda r: (r["budget"], r["variant"])):
+        lines.append(f"| {r['variant']} | {r['budget']} | {r['bpw']:.3f} | {r['ptb']['kl']:.4f} | "
+                     f"{r['fortunes']['kl']:.4f} | {r['ptb']['perplexity']:.2f} | {r['fortunes']['perplexity']:.2f} | "
+                     f"{r['specs'] if len(r['specs']) > 1 else next(iter(r['specs']))} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _default_table(ref, calib, cands, R, cached, doc):
+    from mixq.allocate import SensitivityTable
+    from mixq.measure import measure
+
+    if cached.exists():
+        doc["measure_seconds"] = f"reused {cached.name}"
+        return SensitivityTable.load(cached)
+    t = time.perf_counter()
+    table = measure(ref, calib.ids, cands, metric=R["metric"], algorithm=R["algorithm"], progress=False,
+                    out=cached)
+    doc["measure_seconds"] = time.perf_counter() - t
+    return table
 
 
 if __name__ == "__main__":
