@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import torch
 
+from .vq_cpu import nearest as _native_nearest
+
 SEED = 0x5EED
 GRID = 481
 SPAN = 6.0
@@ -131,7 +133,13 @@ def to_hex(C: torch.Tensor) -> str:
 def nearest(x: torch.Tensor, C: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
     """Index of the nearest row of ``C [K, d]`` for every row of ``x [N, d]`` (Euclidean), int64 ``[N]``.
 
-    ``argmin_k ‖c_k‖² - 2 x·c_k`` in chunks of ``chunk`` rows (one ``[chunk, K]`` product each)."""
+    ``argmin_k ‖c_k‖² - 2 x·c_k``: in the native kernel (:func:`mixq.intra.vq_cpu.nearest`) for float32 CPU inputs,
+    else in chunks of ``chunk`` rows (one ``[chunk, K]`` product each).  The two may part on exact ties of
+    rounding only."""
+    if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0]:
+        got = _native_nearest(x, C)
+        if got is not None:
+            return got
     C = C.to(x.dtype)
     cn = (C * C).sum(1)
     out = torch.empty(x.shape[0], dtype=torch.long)
