@@ -103,11 +103,12 @@ def test_resume_gives_the_same_result(tiny_model, tmp_path, monkeypatch):
         assert torch.equal(a.params.scale, b.params.scale), f
 
 
-def test_cli_finetune(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("spec", ["W3-g32+ip", "VQ3-channel+ip"])
+def test_cli_finetune(tiny_dir, tmp_path, capsys, spec):
     calib = tmp_path / "c.txt"
     calib.write_text("the market said shares rose in heavy trading as investors bought bank stocks .\n" * 60)
     src = tmp_path / "q"
-    assert main(["quantize", "--model", str(tiny_dir), "--spec", "W3-g32+ip", "--method", "rtn", "--out", str(src)]) == 0
+    assert main(["quantize", "--model", str(tiny_dir), "--spec", spec, "--method", "rtn", "--out", str(src)]) == 0
     out = tmp_path / "ft"
     args = ["finetune", str(src), "--calib", str(calib), "--nsamples", "8", "--seqlen", "16", "--epochs", "2",
             "--out", str(out)]
@@ -190,3 +191,30 @@ def test_end_to_end_resumes_from_the_last_epoch(tiny_model, tmp_path, monkeypatc
     monkeypatch.setattr(e, "_val", real)
     _, rep = e.finetune_e2e(q2, ref, qts, IDS, cfg, checkpoint=ck, progress=False)
     assert len(rep["train"]) == 2 and not ck.exists()
+
+
+def test_vq_layers_tune_their_scales(tiny_model):
+    """VQ+ip layers (codes fixed, codebook fixed): the row scales are tunable, a perturbed scale is recovered, and
+    the stored parts (scales rounded to fp16) decode to the weight the model computes with."""
+    from dataclasses import replace
+
+    ref = tiny_model("llama")
+    q = copy.deepcopy(ref)
+    specs = {f: parse_spec("VQ3-channel+ip") for f in api.resolve_specs(q, "W4-g32")}
+    qts = api.quantize_model(q, specs, method="rtn", progress=False).qtensors
+    mods = dict(q.named_modules())
+    for f, qt in qts.items():
+        assert tunable(qt)
+        t = TunableLinear(qt, None)
+        assert torch.allclose(t.weight_hat(), qt.dequantize(), atol=1e-5)
+        qts[f] = replace(qt, inner=replace(qt.inner, scale=(qt.inner.scale * 1.3).half().float()))
+        with torch.no_grad():
+            mods[f].weight.copy_(qts[f].dequantize())
+    before = _kl(ref, q)
+    new, _ = finetune_blockwise(q, ref, qts, IDS, FinetuneConfig(epochs=6, lr=2e-2, batch=4), progress=False)
+    after = _kl(ref, q)
+    assert after < 0.5 * before, (before, after)
+    for f, qt in new.items():
+        assert qt.inner.codes.equal(qts[f].inner.codes)
+        assert qt.inner.scale.half().float().equal(qt.inner.scale)
+        assert torch.allclose(mods[f].weight, qt.dequantize(), atol=1e-6)

@@ -3,8 +3,9 @@
 What is trained (everything else stays as quantized):
 
 * every quantized block linear stored on a plain grid with a float group scale (int / NF grids with an fp16,
-  bf16 or fp32 scale; ``+ip`` layers over such a grid, in their transformed basis): the scale, as
-  ``s = s₀ · exp(θ)`` with ``θ`` starting at 0, and the fp16 offsets of ``-asymf`` grids;
+  bf16 or fp32 scale; ``+ip`` layers over such a grid, in their transformed basis) or on a VQ codebook (its
+  per-row / per-group scale; the codebook is fixed): the scale, as ``s = s₀ · exp(θ)`` with ``θ`` starting at 0,
+  and the fp16 offsets of ``-asymf`` grids;
 * the block's own floating-point parameters (RMSNorm / LayerNorm weights, biases), ``--tune-norms``.
 
 Procedure (OmniQuant / EfficientQAT's block-wise stage): the fp model and the quantized one are walked block by
@@ -40,6 +41,7 @@ from .config import is_composite
 from .formats import QParams, QTensor
 from .granularity import rows_view
 from .intra.incoherence import IncoherentQTensor, unrotate_weight
+from .intra.vq import VQQTensor, decode as vq_decode, group_len, spec_codebook
 
 log = logging.getLogger(__name__)
 FLOAT_SCALES = ("fp16", "bf16", "fp32")
@@ -65,6 +67,8 @@ def tunable(qt) -> bool:
     """Whether ``qt``'s continuous parameters can be trained here (see the module docstring)."""
     if isinstance(qt, IncoherentQTensor):
         qt = qt.inner
+    if isinstance(qt, VQQTensor):
+        return qt.spec.scale_dtype in FLOAT_SCALES
     if not isinstance(qt, QTensor) or is_composite(qt.spec) or qt.spec.is_float_keep:
         return False
     s = qt.spec
@@ -81,12 +85,20 @@ class TunableLinear(nn.Module):
         self.outer = qt
         inner = qt.inner if self.ip else qt
         self.spec, self.shape = inner.spec, tuple(inner.shape)
-        p = inner.params
-        self.register_buffer("codes", rows_view(inner.codes, self.spec.granularity).clone())
-        self.register_buffer("scale0", p.scale.float().clone())
-        self.register_buffer("zero", None if p.zero is None else p.zero.float().clone())
+        self.vq = isinstance(inner, VQQTensor)  # codebook indices times a float scale per row and group
+        if self.vq:
+            self.register_buffer("codes", inner.codes.clone())
+            self.register_buffer("scale0", inner.scale.float().clone())
+            self.register_buffer("zero", None)
+            self.register_buffer("book", spec_codebook(self.spec))
+            self.offset = None
+        else:
+            p = inner.params
+            self.register_buffer("codes", rows_view(inner.codes, self.spec.granularity).clone())
+            self.register_buffer("scale0", p.scale.float().clone())
+            self.register_buffer("zero", None if p.zero is None else p.zero.float().clone())
+            self.offset = None if p.offset is None else nn.Parameter(p.offset.float().clone())
         self.theta = nn.Parameter(torch.zeros_like(self.scale0))
-        self.offset = None if p.offset is None else nn.Parameter(p.offset.float().clone())
         self.bias = bias
 
     def _params(self, rounded: bool = False) -> QParams:
@@ -99,7 +111,10 @@ class TunableLinear(nn.Module):
         return QParams(scale=scale, zero=self.zero, offset=offset)
 
     def weight_hat(self, rounded: bool = False) -> torch.Tensor:
-        W = formats.decode(self.codes, self._params(rounded), self.spec).reshape(self.shape)
+        if self.vq:
+            W = vq_decode(self.codes, self._params(rounded).scale, self.book, group_len(self.spec, self.shape[1]))
+        else:
+            W = formats.decode(self.codes, self._params(rounded), self.spec).reshape(self.shape)
         return W if self.ip is None else unrotate_weight(W, self.ip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +124,9 @@ class TunableLinear(nn.Module):
         """The stored parts with the trained parameters rounded to their stored dtypes."""
         inner = self.outer.inner if self.ip else self.outer
         p = self._params(rounded=True)
+        if self.vq:
+            new = replace(inner, scale=p.scale)
+            return replace(self.outer, inner=new) if self.ip else new
         params = replace(inner.params, scale=p.scale, offset=inner.params.offset if p.offset is None else p.offset)
         new = QTensor(codes=inner.codes, params=params, spec=inner.spec, shape=inner.shape)
         return replace(self.outer, inner=new) if self.ip else new
