@@ -24,8 +24,6 @@ OVER_LIMIT = {
     "mixq/export/ggml.py",
     "mixq/export/gguf.py",
     "mixq/export/native.py",
-    "mixq/intra/binary.py",
-    "mixq/intra/quant.py",
 }
 
 

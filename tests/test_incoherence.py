@@ -60,7 +60,7 @@ def _heavy_layer(R=128, C=256, seed=0):
 def test_ip_lowers_the_gptq_output_error_on_heavy_tailed_weights(spec):
     W, H = _heavy_layer()
     plain = gptq_quantize(W, H, parse_spec(spec)).proxy_loss
-    qt, W_hat = quantize_layer(W, parse_spec(spec + "+ip"), H, "gptq")
+    qt, W_hat, _ = quantize_layer(W, parse_spec(spec + "+ip"), H, "gptq")
     assert isinstance(qt, IncoherentQTensor)
     assert torch.allclose(qt.dequantize(), W_hat, atol=1e-5)
     assert qt.proxy_loss < 0.8 * plain, (qt.proxy_loss, plain)
@@ -69,7 +69,7 @@ def test_ip_lowers_the_gptq_output_error_on_heavy_tailed_weights(spec):
 def test_rtn_and_composite_inner():
     W, H = _heavy_layer(64, 128)
     for name in ("NF3-g32+ip", "W3-g32+o0.5+ip"):
-        qt, W_hat = quantize_layer(W, parse_spec(name), None, "rtn")
+        qt, W_hat, _ = quantize_layer(W, parse_spec(name), None, "rtn")
         assert torch.allclose(qt.dequantize(), W_hat, atol=1e-5)
         pc = PackedComposite.from_qtensor(qt)
         assert "ip.seeds" in pc.parts and pc.to_qtensor().seeds == qt.seeds

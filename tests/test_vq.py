@@ -89,7 +89,7 @@ def test_nearest_is_exact_argmin():
 def test_encode_decode_roundtrip_and_stored_bits(name):
     spec = parse_spec(name)
     W = torch.randn(64, 128, generator=torch.Generator().manual_seed(2))
-    qt, Wh = quantize_layer(W, spec, None, "rtn")
+    qt, Wh, _ = quantize_layer(W, spec, None, "rtn")
     inner = qt.inner if isinstance(qt, IncoherentQTensor) else qt
     assert isinstance(inner, VQQTensor)
     assert torch.equal(qt.dequantize(), Wh)
@@ -112,8 +112,8 @@ def test_gptq_feedback_beats_rtn(name):
     spec = parse_spec(name)
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(4))
     H = _hess(128)
-    _, W_rtn = quantize_layer(W, spec, H, "rtn")
-    qt, W_gptq = quantize_layer(W, spec, H, "gptq")
+    _, W_rtn, _ = quantize_layer(W, spec, H, "rtn")
+    qt, W_gptq, _ = quantize_layer(W, spec, H, "gptq")
     assert _proxy(W, W_gptq, H) < 0.8 * _proxy(W, W_rtn, H)
     assert qt.proxy_loss == pytest.approx(_proxy(W, W_gptq, H), rel=1e-6)
     assert torch.equal(PackedComposite.from_qtensor(qt).dequantize(), W_gptq)
@@ -132,8 +132,8 @@ def test_vq_beats_scalar_int_at_equal_bits_under_ip():
     W[:, 3] *= 8
     H = _hess(256, seed=7)
     assert parse_spec("VQ3-g64+ip").cost((96, 256)) == parse_spec("W3-g64+ip").cost((96, 256))
-    _, Wv = quantize_layer(W, parse_spec("VQ3-g64+ip"), H, "gptq")
-    _, Ws = quantize_layer(W, parse_spec("W3-g64+ip"), H, "gptq")
+    _, Wv, _ = quantize_layer(W, parse_spec("VQ3-g64+ip"), H, "gptq")
+    _, Ws, _ = quantize_layer(W, parse_spec("W3-g64+ip"), H, "gptq")
     assert _proxy(W, Wv, H) < 0.85 * _proxy(W, Ws, H)
 
 
@@ -141,7 +141,7 @@ def test_vq_beats_scalar_int_at_equal_bits_under_ip():
 def test_kernels_agree_with_reference(name):
     spec = parse_spec(name)
     W = torch.randn(80, 192, generator=torch.Generator().manual_seed(8))
-    qt, Wh = quantize_layer(W, spec, None, "rtn")
+    qt, Wh, _ = quantize_layer(W, spec, None, "rtn")
     lin = VQLinear(PackedComposite.from_qtensor(qt), torch.randn(80))
     for M in (1, 3, 40):
         x = torch.randn(2, M, 192, generator=torch.Generator().manual_seed(M))
@@ -199,7 +199,7 @@ from mixq.intra.vq_linear import VQLinear
 out = []
 for name in ("VQ2.5-g32", "VQ3-channel"):
     W = torch.randn(80, 192, generator=torch.Generator().manual_seed(8))
-    qt, Wh = quantize_layer(W, parse_spec(name), None, "rtn")
+    qt, Wh, _ = quantize_layer(W, parse_spec(name), None, "rtn")
     lin = VQLinear(PackedComposite.from_qtensor(qt), None, kernel="triton")
     for M in (1, 17):
         x = torch.randn(M, 192, generator=torch.Generator().manual_seed(M))
@@ -222,7 +222,7 @@ def test_triton_kernel_in_interpreter():
 def test_triton_kernel_on_cuda():
     pytest.importorskip("triton")
     W = torch.randn(256, 512, generator=torch.Generator().manual_seed(10))
-    qt, Wh = quantize_layer(W, parse_spec("VQ2.5-g64"), None, "rtn")
+    qt, Wh, _ = quantize_layer(W, parse_spec("VQ2.5-g64"), None, "rtn")
     lin = VQLinear(PackedComposite.from_qtensor(qt), None, kernel="triton").cuda()
     for dt, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 1e-1)):
         x = torch.randn(7, 512, device="cuda").to(dt)

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .algorithms.gptq import gptq_quantize
-from .algorithms.rtn import rtn_quantize
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
 from .config import BitCost, QuantSpec, is_composite, parse_spec
@@ -206,16 +204,9 @@ def quantize_model(
                 if fqn not in specs:
                     continue
                 mod = block.get_submodule(name)
-                if is_composite(specs[fqn]):  # intra-tensor composite (mixq.intra)
-                    q[fqn], Wq = quantize_layer(get_weight(mod), specs[fqn], st.H, "gptq", damp=damp,
-                                                block_size=block_size)
-                    set_weight(mod, Wq)
-                    losses[fqn] = q[fqn].proxy_loss
-                    continue
-                res = gptq_quantize(get_weight(mod), st.H, specs[fqn], damp=damp, act_order=act_order,
-                                    block_size=block_size)
-                set_weight(mod, res.weight)
-                q[fqn], losses[fqn] = res.qtensor, res.proxy_loss
+                q[fqn], Wq, losses[fqn] = quantize_layer(get_weight(mod), specs[fqn], st.H, "gptq", damp=damp,
+                                                         act_order=act_order, block_size=block_size)
+                set_weight(mod, Wq)
 
         ckpt = None
         if checkpoint is not None:
@@ -235,9 +226,8 @@ def quantize_model(
         if fqn in q:
             continue
         mod = mods[fqn]
-        qt, Wq = quantize_layer(get_weight(mod), spec) if is_composite(spec) else rtn_quantize(get_weight(mod), spec)
+        q[fqn], Wq, _ = quantize_layer(get_weight(mod), spec)
         set_weight(mod, Wq)
-        q[fqn] = qt
     routed = routing.to_dict() if routing is not None and routing.counts else None
     return QuantResult(q, dict(specs), method, time.perf_counter() - t0, losses, routing=routed)
 

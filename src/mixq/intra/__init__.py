@@ -3,14 +3,15 @@
 The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exact cost) live in
 :mod:`mixq.config` with the plain ones; this package quantizes, stores and runs them.
 
-``quant``       :func:`quantize_composite` (RTN / GPTQ) -> :class:`CompositeQTensor`, ``Ŵ``:
-                sparse outliers (SpQR / SqueezeLLM), fp16 columns (OWQ), second-level scales (SpQR),
-                SliM-LLM group bits, weighted k-means (SqueezeLLM)
+``quant``       :func:`quantize_composite` (RTN / GPTQ) -> :class:`CompositeQTensor` (``qtensor``), ``Ŵ``:
+                fp16 columns (OWQ); ``selection``: sparse outliers (SpQR / SqueezeLLM), SliM-LLM group bits;
+                ``dense``: the dense part (RTN, GPTQ, weighted k-means as SqueezeLLM); ``second_level``:
+                second-level scales (SpQR)
 ``sparse``      :class:`CSR` storage of fp16 outliers
 ``dialects``    BlockDialect-style per-block level tables (``+dD``)
 ``rows``        MixLLM high-precision output rows (``+hP``) -> :class:`RowSplitQTensor`
 ``binary``      BiLLM / PB-LLM binarization (``BIN-gN`` bases, ``+r`` residual columns, ``+o..w8``)
-                -> :class:`BinaryQTensor`
+                -> :class:`BinaryQTensor` (``binary_tensor``), stored by ``binary_storage``
 ``incoherence`` ``+ip``: QuIP-style random Hadamard transforms on both sides -> :class:`IncoherentQTensor`
 ``vq``          ``VQ<rate>[x<d>]-GRAN`` bases (for ``+ip``): fixed Gaussian-optimal codebooks (``vq_codebook``,
                 ``vq_tables``), RTN and GPTQ with vector feedback -> :class:`VQQTensor`; ``vq_linear``
@@ -20,12 +21,14 @@ The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exa
 ``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path);
                 :class:`IncoherentLinear`: ``+ip`` layers, two fast transforms around the inner layer's kernel
 ``candidates``  :func:`intra_candidates` (the ``intra`` / ``default+intra`` sets: :mod:`mixq.allocate.candidates`)
-``hooks``       what the measurement driver and ``quantize_model`` call for composite candidates
+``hooks``       :func:`quantize_layer`: the one dispatch from any spec (plain or composite) to its quantizer,
+                what ``quantize_model`` calls per layer; :func:`composite_weight` for the measurement driver
 """
-from .binary import BinaryQTensor
+from .binary_tensor import BinaryQTensor
 from .candidates import INTRA_CANDIDATE_NAMES, intra_candidates
 from .hooks import composite_weight, quantize_layer
-from .quant import CompositeQTensor, dequantize_composite, quantize_composite
+from .qtensor import CompositeQTensor
+from .quant import dequantize_composite, quantize_composite
 from .rows import RowSplitQTensor
 from .sparse import CSR
 from .storage import PackedComposite, pack_composite, unpack_composite

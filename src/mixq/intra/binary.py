@@ -27,130 +27,21 @@ Exact cost: :meth:`mixq.config.CompositeSpec.cost` (``BIN`` rows of its docstrin
 on a 576-wide layer: ``BIN-g64`` 1.25, ``BIN-g192`` 1.08, ``BIN-g64+r32`` 1.36, ``BIN-g64+o2w8``
 1.81, ``BIN-g192+r32+o1w8`` 1.52 (the 1536-wide down projection is a little cheaper).
 
-Storage (:func:`pack_binary`, bits exactly the cost plus byte padding per tensor)::
-
-    codes      1-bit stream of the dense signs [R, n] (dense columns in natural order)
-    scale      [R, G] in the scale dtype
-    res_cols   int16 (uint16 bits) / int32 [k];  res_codes  1-bit stream [2, R, k];  res_scale [R, 2]
-    csr.cols   int16 / int32 [K];  csr.row_ptr int32 [R + 1];
-    csr.values fp16 [K]  |  csr.codes  b-bit stream of (code + 2^(b-1)) [K] and csr.scale fp16 [R]
+Stored parts: :class:`~mixq.intra.binary_tensor.BinaryQTensor`; storage: :mod:`mixq.intra.binary_storage`.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ..algorithms.gptq import _one_thread, _proxy, inverse_cholesky
+from ..config.composite import FP16_BITS, CompositeSpec
 from ..formats.mx import round_scale
 from ..granularity import PerGroup
-from ..runtime.bitpack import pack, unpack
+from .binary_tensor import BinaryQTensor, bin_decode, res_decode
 from .importance import importances
-from ..config.composite import FP16_BITS, ROW_PTR_BITS, CompositeSpec, index_bits
+from .qtensor import dense_cols
 
-_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 OUTLIER_ROUNDS = 2
-
-
-@dataclass
-class BinaryQTensor:
-    """The stored parts of one ``[R, C]`` weight quantized with a ``BIN`` composite.
-
-    codes      uint8 ``[R, n]`` signs (1 = +α) of the dense columns (all but ``res_cols``, natural order)
-    scale      float32 ``[R, G]`` group scales (values of the scale dtype)
-    res_cols   int64 ``[k]`` ascending residual-binarized columns; ``res_codes`` uint8 ``[2, R, k]``;
-               ``res_scale`` float32 ``[R, 2]`` (α₁, α₂)
-    out_cols   int32 ``[K]`` original column indices of the kept weights, row-major; ``out_row_ptr``
-               int32 ``[R + 1]``; ``out_values`` float16 ``[K]`` (fp16 outliers) or ``out_codes``
-               int16 ``[K]`` signed with ``out_scale`` float32 ``[R]`` (``b``-bit outliers)
-    """
-
-    spec: CompositeSpec
-    shape: tuple[int, int]
-    codes: torch.Tensor
-    scale: torch.Tensor
-    res_cols: torch.Tensor
-    res_codes: torch.Tensor
-    res_scale: torch.Tensor
-    out_cols: torch.Tensor | None = None
-    out_row_ptr: torch.Tensor | None = None
-    out_values: torch.Tensor | None = None
-    out_codes: torch.Tensor | None = None
-    out_scale: torch.Tensor | None = None
-    proxy_loss: float | None = None
-
-    def cost(self):
-        return self.spec.cost(self.shape)
-
-    @property
-    def n_outliers(self) -> int:
-        return 0 if self.out_cols is None else int(self.out_cols.numel())
-
-    def outlier_rows(self) -> torch.Tensor:
-        return torch.repeat_interleave(torch.arange(self.shape[0]), self.out_row_ptr.diff().long())
-
-    def outlier_values(self) -> torch.Tensor:
-        """float32 ``[K]`` decoded kept weights."""
-        if self.out_values is not None:
-            return self.out_values.float()
-        return self.out_scale[self.outlier_rows()] * self.out_codes.float()
-
-    def dequantize(self) -> torch.Tensor:
-        """float32 ``[R, C]`` from the stored parts alone."""
-        R, C = self.shape
-        n, bounds = self.spec.layout(self.shape)
-        dense = _dense_cols(C, self.res_cols)
-        Qd = torch.empty(R, n)
-        for j, (s, e) in enumerate(bounds):
-            Qd[:, s:e] = _bin_decode(self.codes[:, s:e], self.scale[:, j:j + 1])
-        W = torch.zeros(R, C)
-        W[:, dense] = Qd
-        if self.res_cols.numel():
-            W[:, self.res_cols] = _res_decode(self.res_codes[0], self.res_codes[1], self.res_scale)
-        if self.n_outliers:
-            W[self.outlier_rows(), self.out_cols.long()] = self.outlier_values()
-        return W
-
-    def stored_bits(self) -> int:
-        """Bits counted from the stored parts (must equal ``cost().total``)."""
-        R, C = self.shape
-        cs = self.spec
-        n, bounds = cs.layout(self.shape)
-        sb = {"fp16": 16, "bf16": 16, "fp32": 32}[cs.scale_dtype]
-        k = self.res_cols.numel()
-        if tuple(self.codes.shape) != (R, n) or tuple(self.scale.shape) != (R, len(bounds)) or k != cs.residual:
-            raise ValueError("stored parts do not match the spec's layout")
-        if int(self.codes.max()) > 1 or (k and int(self.res_codes.max()) > 1):
-            raise ValueError("binary codes must be 0 or 1")
-        bits = R * n + self.scale.numel() * sb
-        if k:
-            bits += self.res_codes.numel() + self.res_scale.numel() * sb + k * index_bits(C)
-        if self.out_cols is not None:
-            K = self.n_outliers
-            bits += K * index_bits(C) + self.out_row_ptr.numel() * ROW_PTR_BITS
-            if self.out_values is not None:
-                bits += K * FP16_BITS
-            else:
-                lim = 2 ** (cs.outlier_bits - 1) - 1
-                if K and int(self.out_codes.abs().max()) > lim:
-                    raise ValueError(f"outlier codes wider than {cs.outlier_bits} bits")
-                bits += K * cs.outlier_bits + self.out_scale.numel() * FP16_BITS
-        return bits
-
-
-# ---------------------------------------------------------------------- small pieces
-def _dense_cols(C: int, apart: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(C, dtype=torch.bool)
-    keep[apart] = False
-    return keep.nonzero().flatten()
-
-
-def _bin_decode(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return scale * (2 * q.float() - 1)
-
-
-def _res_decode(q1: torch.Tensor, q2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    return a[:, 0:1] * (2 * q1.float() - 1) + a[:, 1:2] * (2 * q2.float() - 1)
 
 
 def _l2_scale(x: torch.Tensor, w: torch.Tensor | None, keep: torch.Tensor | None, scale_dtype: str) -> torch.Tensor:
@@ -175,7 +66,7 @@ def _bin_groups(Wd, bounds, imp, mask, scale_dtype):
     for j, (s, e) in enumerate(bounds):
         keep = None if mask is None else ~mask[:, s:e]
         scale[:, j:j + 1] = _l2_scale(Wd[:, s:e], None if imp is None else imp[:, s:e], keep, scale_dtype)
-        Q[:, s:e] = _bin_decode(codes[:, s:e], scale[:, j:j + 1])
+        Q[:, s:e] = bin_decode(codes[:, s:e], scale[:, j:j + 1])
     return codes, scale, Q
 
 
@@ -184,11 +75,11 @@ def _res_fit(X: torch.Tensor, w: torch.Tensor | None, keep: torch.Tensor | None,
     ``(q1, q2, scales [R, 2], X̂)``."""
     q1 = (X >= 0).to(torch.uint8)
     a1 = _l2_scale(X, w, keep, scale_dtype)
-    r = X - _bin_decode(q1, a1)
+    r = X - bin_decode(q1, a1)
     q2 = (r >= 0).to(torch.uint8)
     a2 = _l2_scale(r, w, keep, scale_dtype)
     a = torch.cat([a1, a2], 1)
-    return q1, q2, a, _res_decode(q1, q2, a)
+    return q1, q2, a, res_decode(q1, q2, a)
 
 
 def _group_bounds(cs: CompositeSpec, C: int, width: int):
@@ -245,12 +136,12 @@ def quantize_binary(W0: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | Non
         Q2 = torch.empty_like(W)
         for s, e in fb:
             a2 = _l2_scale(E1[:, s:e], None if fit_imp is None else fit_imp[:, s:e], keep[:, s:e], sd)
-            Q2[:, s:e] = Q1[:, s:e] + _bin_decode((E1[:, s:e] >= 0).to(torch.uint8), a2)
+            Q2[:, s:e] = Q1[:, s:e] + bin_decode((E1[:, s:e] >= 0).to(torch.uint8), a2)
         gain = (d * (E1**2 - ((W - Q2) * keep) ** 2)).sum(0)
         res_cols = torch.topk(gain, k).indices.sort().values
     else:
         res_cols = torch.zeros(0, dtype=torch.long)
-    dense = _dense_cols(C, res_cols)
+    dense = dense_cols(C, res_cols)
 
     ob = spec.outlier_bits
     int_out = bool(spec.outliers) and ob != FP16_BITS
@@ -332,16 +223,16 @@ def _gptq_binary(W, dense, res_cols, Hfix, U_nat, damp, bounds, cs, mask, imp, k
                         started[j] = True
                     c = (w >= 0).to(torch.uint8)
                     codes[:, i] = c
-                    q = _bin_decode(c[:, None], scale[:, j:j + 1])[:, 0]
+                    q = bin_decode(c[:, None], scale[:, j:j + 1])[:, 0]
                 else:
                     jr = i - n
                     if jr == 0:  # entering the residual columns: fit both planes' row scales
                         span = torch.cat([W1[:, ii:], Wk[:, i2:]], 1)
                         ra[:] = _res_fit(span, None if impp is None else impp[:, n:], ~mp[:, n:], sd)[2]
                     c1 = (w >= 0).to(torch.uint8)
-                    c2 = (w - _bin_decode(c1, ra[:, 0]) >= 0).to(torch.uint8)
+                    c2 = (w - bin_decode(c1, ra[:, 0]) >= 0).to(torch.uint8)
                     q1[:, jr], q2[:, jr] = c1, c2
-                    q = _res_decode(c1[:, None], c2[:, None], ra)[:, 0]
+                    q = res_decode(c1[:, None], c2[:, None], ra)[:, 0]
                 if bool(has_out[i]):
                     rows = mp[:, i].nonzero().flatten()
                     kept[rows, i] = w[rows]
@@ -355,78 +246,3 @@ def _gptq_binary(W, dense, res_cols, Hfix, U_nat, damp, bounds, cs, mask, imp, k
     inv[perm] = torch.arange(C)
     orow, ocol = mask.nonzero(as_tuple=True)
     return codes, scale, q1, q2, ra, kept[orow, inv[ocol]]
-
-
-# ---------------------------------------------------------------------- storage
-def _idx_pack(idx: torch.Tensor, n: int) -> torch.Tensor:
-    return idx.to(torch.int32).to(torch.int16) if index_bits(n) == 16 else idx.to(torch.int32)
-
-
-def _idx_unpack(t: torch.Tensor) -> torch.Tensor:
-    return (t.to(torch.int32) & 0xFFFF).long() if t.dtype == torch.int16 else t.long()
-
-
-def pack_binary(qt: BinaryQTensor) -> dict[str, torch.Tensor]:
-    """Named tensors holding ``qt`` at its accounted size (module docstring)."""
-    cs = qt.spec
-    R, C = qt.shape
-    sdt = _FLOAT[cs.scale_dtype]
-    out = {"codes": pack(qt.codes.contiguous(), 1), "scale": qt.scale.to(sdt).contiguous()}
-    if cs.residual:
-        out["res_cols"] = _idx_pack(qt.res_cols, C)
-        out["res_codes"] = pack(qt.res_codes.contiguous(), 1)
-        out["res_scale"] = qt.res_scale.to(sdt).contiguous()
-    if qt.out_cols is not None:
-        out["csr.cols"] = _idx_pack(qt.out_cols, C)
-        out["csr.row_ptr"] = qt.out_row_ptr.to(torch.int32)
-        if qt.out_values is not None:
-            out["csr.values"] = qt.out_values.half()
-        else:
-            off = 2 ** (cs.outlier_bits - 1)
-            out["csr.codes"] = pack((qt.out_codes.to(torch.int32) + off).to(torch.uint8), cs.outlier_bits)
-            out["csr.scale"] = qt.out_scale.half()
-    return out
-
-
-def unpack_binary(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> BinaryQTensor:
-    """Inverse of :func:`pack_binary` (raises ``ValueError`` on tensors that do not fit the spec)."""
-    R, C = int(shape[0]), int(shape[1])
-    n, bounds = spec.layout((R, C))
-    k = spec.residual
-    want = {"codes", "scale"} | ({"res_cols", "res_codes", "res_scale"} if k else set())
-    if spec.outliers:
-        want |= {"csr.cols", "csr.row_ptr"} | ({"csr.values"} if spec.outlier_bits == FP16_BITS
-                                                else {"csr.codes", "csr.scale"})
-    if set(t) != want:
-        raise ValueError(f"{spec.name} stores {sorted(want)}, got {sorted(t)}")
-    codes = unpack(t["codes"], 1, R * n).reshape(R, n)
-    scale = t["scale"].float()
-    if tuple(scale.shape) != (R, len(bounds)):
-        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(R, len(bounds))}")
-    if k:
-        res_cols = _idx_unpack(t["res_cols"])
-        if res_cols.numel() != k or (k and (int(res_cols.max()) >= C or bool((res_cols.diff() <= 0).any()))):
-            raise ValueError("residual column indices out of range or not ascending")
-        res_codes = unpack(t["res_codes"], 1, 2 * R * k).reshape(2, R, k)
-        res_scale = t["res_scale"].float().reshape(R, 2)
-    else:
-        res_cols, res_codes, res_scale = torch.zeros(0, dtype=torch.long), torch.zeros(2, R, 0, dtype=torch.uint8), \
-            torch.zeros(R, 0)
-    qt = BinaryQTensor(spec, (R, C), codes, scale, res_cols, res_codes, res_scale)
-    if spec.outliers:
-        K = spec.n_outliers((R, C))
-        cols = _idx_unpack(t["csr.cols"]).to(torch.int32)
-        ptr = t["csr.row_ptr"]
-        if cols.numel() != K or ptr.dtype != torch.int32 or tuple(ptr.shape) != (R + 1,) or int(ptr[0]) != 0 \
-                or int(ptr[-1]) != K or bool((ptr.diff() < 0).any()) or (K and int(cols.max()) >= C):
-            raise ValueError("outlier positions (csr.cols / csr.row_ptr) do not fit the shape")
-        qt.out_cols, qt.out_row_ptr = cols, ptr
-        if spec.outlier_bits == FP16_BITS:
-            if t["csr.values"].dtype != torch.float16 or t["csr.values"].numel() != K:
-                raise ValueError("csr.values must be fp16 [K]")
-            qt.out_values = t["csr.values"]
-        else:
-            off = 2 ** (spec.outlier_bits - 1)
-            qt.out_codes = (unpack(t["csr.codes"], spec.outlier_bits, K).to(torch.int16) - off)
-            qt.out_scale = t["csr.scale"].float().reshape(R)
-    return qt

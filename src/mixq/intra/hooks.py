@@ -1,10 +1,11 @@
-"""The calls the rest of mixq makes for composite specs (kept here so the hooks there are one line).
+"""The one dispatch from a spec to its quantizer, and the calls the rest of mixq makes through it.
 
-:func:`composite_weight`  the measurement driver: ``Ŵ`` of one candidate of one layer
-:func:`quantize_layer`    ``quantize_model``: stored parts and ``Ŵ`` of one layer
-
-``+ip`` specs (:mod:`mixq.intra.incoherence`) transform the weight and come back here for what is left of the
-spec: a plain grid (RTN / GPTQ) or another composite.
+:func:`quantize_layer`    stored parts, ``Ŵ`` and proxy loss of one weight under any spec: plain grids (RTN /
+                          GPTQ, :mod:`mixq.algorithms`), ``+ip`` (:mod:`mixq.intra.incoherence`, which comes back
+                          here for what is left of the spec: a plain grid or another composite) and the other
+                          composites (:func:`mixq.intra.quant.quantize_composite`); ``quantize_model`` calls it
+                          for every layer
+:func:`composite_weight`  the measurement driver: ``Ŵ`` of one composite candidate of one layer
 """
 from __future__ import annotations
 
@@ -23,23 +24,37 @@ def composite_weight(W: torch.Tensor, spec: CompositeSpec, sens, algorithm: str,
     exactly, never scaled by a per-bits GPTQ/RTN ratio), else RTN; ``sens`` is a
     :class:`~mixq.measure.metrics.LayerSensitivity` (its ``H`` and, when present, Fisher ``F`` steer the choices)."""
     method = "gptq" if algorithm.startswith("gptq") and sens.H is not None else "rtn"
-    return _quantize(W, spec, sens.H, method, fisher=getattr(sens, "F", None), hinv_chol=hinv_chol,
-                     row_weight=getattr(sens, "G", None))[1]
+    return quantize_layer(W, spec, sens.H, method, fisher=getattr(sens, "F", None), hinv_chol=hinv_chol,
+                          row_weight=getattr(sens, "G", None))[1]
 
 
-def quantize_layer(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = None, method: str = "rtn",
-                   **kw) -> tuple[object, torch.Tensor]:
-    """``(stored parts, Ŵ in W's dtype)`` of one layer (``quantize_model``'s dispatch)."""
-    qt, W_hat = _quantize(W, spec, H, method, **kw)
-    return qt, W_hat.to(W.dtype)
+def quantize_layer(W: torch.Tensor, spec: QuantSpec | CompositeSpec, H: torch.Tensor | None = None,
+                   method: str = "rtn", *, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                   **kw) -> tuple[object, torch.Tensor, float | None]:
+    """``(stored parts, Ŵ float32, proxy loss)`` of ``W [out, in]`` under ``spec`` by ``method`` (``rtn`` or ``gptq``).
 
-
-def _quantize(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None, method: str, **kw):
-    if not is_composite(spec):  # the plain inner spec of +ip
+    Plain specs: :func:`~mixq.algorithms.rtn.rtn_quantize` (proxy loss ``None``) or
+    :func:`~mixq.algorithms.gptq.gptq_quantize` with ``act_order`` (its proxy loss); other keywords are
+    ignored.  Composites: ``+ip`` through :func:`~mixq.intra.incoherence.quantize_incoherent` (the inner spec
+    comes back here, without ``act_order``), the others through
+    :func:`~mixq.intra.quant.quantize_composite`, which take ``H`` as statistics for RTN too and the keywords
+    ``fisher``, ``hinv_chol``, ``row_weight``; ``act_order`` does not apply to them.  Their proxy loss is the
+    stored parts' ``proxy_loss`` (``None`` without ``H``).
+    """
+    if not is_composite(spec):
         if method == "gptq":
-            res = gptq_quantize(W, H, spec, damp=kw.get("damp", 0.01), block_size=kw.get("block_size", 128))
-            return res.qtensor, res.weight
-        return rtn_quantize(W, spec)
+            res = gptq_quantize(W, H, spec, damp=damp, act_order=act_order, block_size=block_size)
+            return res.qtensor, res.weight, res.proxy_loss
+        qt, W_hat = rtn_quantize(W, spec)
+        return qt, W_hat, None
     if spec.incoherent:
-        return quantize_incoherent(W, spec, H, method, quantize_inner=_quantize, **kw)
-    return quantize_composite(W, spec, H, method, **kw)
+        qt, W_hat = quantize_incoherent(W, spec, H, method, quantize_inner=_inner, damp=damp,
+                                        block_size=block_size, **kw)
+    else:
+        qt, W_hat = quantize_composite(W, spec, H, method, damp=damp, block_size=block_size, **kw)
+    return qt, W_hat, qt.proxy_loss
+
+
+def _inner(W: torch.Tensor, spec, H: torch.Tensor | None, method: str, **kw) -> tuple[object, torch.Tensor]:
+    """What is left of an ``+ip`` spec, quantized by the same dispatch (``quantize_incoherent``'s callback)."""
+    return quantize_layer(W, spec, H, method, **kw)[:2]

@@ -147,7 +147,7 @@ def quantize_incoherent(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | 
     """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under an ``+ip`` spec.
 
     ``quantize_inner(W', inner_spec, H', method, damp=..., **kw)`` quantizes the transformed weight (plain
-    grids and composites alike: :func:`mixq.intra.hooks.quantize_layer` passes itself).  A Fisher matrix or
+    grids and composites alike: :func:`mixq.intra.hooks.quantize_layer` passes its own dispatch).  A Fisher matrix or
     a prepared Hessian of the untransformed weight does not describe ``W'`` and is dropped.
     """
     if not spec.incoherent:

@@ -1,6 +1,6 @@
 """Bit-packed storage of composite weights, at their accounted size.
 
-:func:`pack_composite` turns a :class:`~mixq.intra.quant.CompositeQTensor` (or a ``+h``
+:func:`pack_composite` turns a :class:`~mixq.intra.qtensor.CompositeQTensor` (or a ``+h``
 :class:`~mixq.intra.rows.RowSplitQTensor`) into named tensors whose bits are exactly the terms of
 :meth:`CompositeSpec.cost` (plus < 8 bits of byte padding per packed stream);
 :func:`unpack_composite` rebuilds the stored parts from them, the spec and the shape, so that
@@ -25,7 +25,7 @@ tensor                 content
 ``csr.values``         fp16 ``[K]``; ``csr.cols`` int16 (uint16 bits) / int32 ``[K]``; ``csr.row_ptr`` int32 ``[R+1]``
 ``hi_rows``, ``lo.*``  ``+h``: row indices (int16 / int32) and the two :class:`PackedWeight` tensor sets
 ``hi.*``
-BIN bases              :func:`mixq.intra.binary.pack_binary` (sign stream, scales, residual planes, CSR)
+BIN bases              :func:`mixq.intra.binary_storage.pack_binary` (sign stream, scales, residual planes, CSR)
 VQ bases               :func:`mixq.intra.vq.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
 ``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
                        weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)
@@ -43,9 +43,10 @@ import torch
 
 from ..formats import QParams
 from ..runtime.bitpack import PackedWeight, pack, unpack
-from .binary import BinaryQTensor, pack_binary, unpack_binary
+from .binary_storage import pack_binary, unpack_binary
+from .binary_tensor import BinaryQTensor
 from .incoherence import IncoherentQTensor
-from .quant import CompositeQTensor
+from .qtensor import CompositeQTensor
 from .rows import RowSplitQTensor
 from .vq import VQQTensor, pack_vq, unpack_vq
 from .sparse import CSR
