@@ -23,7 +23,8 @@ def all_valid_specs():
             out.append(QuantSpec(dtype, bits, gran, sym, sd, zd, ts, clip))
         except ValueError:
             pass
-    return out
+    # llama.cpp's K-quants: one granularity each (g256), which the grid above does not hold
+    return out + [parse_spec(n) for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")]
 
 
 VALID = all_valid_specs()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import formats
-from ..config import QuantSpec
+from ..config import QuantSpec, family_of
 from ..formats import QParams, QTensor
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
 
@@ -119,12 +119,16 @@ def gptq_quantize(
     n_grp = in_f // glen
     tscale = formats.compute_tensor_scale(W0, spec)
     per_tensor = isinstance(spec.granularity, PerTensor)
+    # formats whose fit weighs elements by importance (llama.cpp's types, as with an imatrix) get diag(H)
+    imp = torch.diagonal(Hk).clone() if family_of(spec).importance_fit else None
     params: list[QParams | None] = [None] * n_grp
     if per_tensor:
         params = [formats.fit(W0.reshape(1, -1), spec, tensor_scale=tscale)]
     elif act_order or isinstance(spec.granularity, PerChannel):
         # static groups: parameters from the original weights, in storage order
-        params = [formats.fit(W0[:, j * glen : (j + 1) * glen], spec, tensor_scale=tscale) for j in range(n_grp)]
+        params = [formats.fit(W0[:, j * glen : (j + 1) * glen], spec, tensor_scale=tscale,
+                              weight=None if imp is None else imp[None, j * glen : (j + 1) * glen])
+                  for j in range(n_grp)]
 
     perm = torch.argsort(torch.diagonal(Hk), descending=True) if act_order else torch.arange(in_f)
     Wk = Wk[:, perm]
@@ -142,7 +146,7 @@ def gptq_quantize(
         E1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         with _one_thread():  # column steps are tiny ops: thread sync costs more than it saves
-            _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale)
+            _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale, imp)
         Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     Wq = torch.empty_like(Q)
@@ -151,8 +155,10 @@ def gptq_quantize(
     return GPTQResult(qt, Wq, _proxy(W0 - Wq, H), damp_used)
 
 
-def _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale) -> None:
-    """Columns ``i1:i2``: round each to its group's grid, spread the error over the block (eq. 3)."""
+def _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale, imp) -> None:
+    """Columns ``i1:i2``: round each to its group's grid, spread the error over the block (eq. 3).  A group's
+    params are fit when the sweep enters it (a K-quant super-block: all its sub-block scales at once, before its
+    columns are swept); each column then uses its own part of them (:func:`mixq.formats.column_params`)."""
     for i in range(i2 - i1):
         col = int(perm[i1 + i])
         g = 0 if per_tensor else col // glen
@@ -160,10 +166,12 @@ def _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_te
             span = W1[:, i : i + glen]
             if span.shape[1] < glen:  # group extends past this block: later columns from Wk
                 span = torch.cat([span, Wk[:, i2 : i1 + i + glen]], 1)
-            params[g] = formats.fit(span, spec, tensor_scale=tscale)
+            params[g] = formats.fit(span, spec, tensor_scale=tscale,
+                                    weight=None if imp is None else imp[None, col : col + glen])
         w = W1[:, i]
-        c = formats.encode(w[:, None], params[g], spec)[:, 0]
-        q = formats.decode(c[:, None], params[g], spec)[:, 0]
+        pc = params[g] if per_tensor else formats.column_params(params[g], spec, col - g * glen)
+        c = formats.encode(w[:, None], pc, spec)[:, 0]
+        q = formats.decode(c[:, None], pc, spec)[:, 0]
         codes[:, col] = c
         Q[:, i1 + i] = q
         err = (w - q) / U1[i, i]

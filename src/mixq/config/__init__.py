@@ -2,14 +2,16 @@
 
 ``protocol``   :class:`ElementFormat` (what one element-format family knows: names, cost, stored tensors,
                kernels, export mappings), :class:`Export`, :class:`BitCost`
-``families``   the built-in families: int, NF, k-means, minifloat, MX, NVFP4, float keep
+``families``   the built-in families: int, NF, k-means, minifloat, MX, NVFP4, float keep, and (``ggml_types``)
+               llama.cpp's K-quants and IQ4_NL
 ``registry``   :func:`register` a family; :func:`family_of` a spec; the lookups the rest of mixq uses
 ``spec``       :class:`QuantSpec` (plain element grids): validation, cost and names through its family; presets
 ``composite``  :class:`CompositeSpec` (intra-tensor composites: a plain base plus extensions) and its cost
 ``grammar``    :func:`parse_spec`: every spec name, plain or composite (``W4-g128``, ``W3-g64+o0.5``), and
                :func:`compose`
 
-Imports run one way: ``protocol`` -> ``families`` -> ``registry`` -> ``spec`` -> ``composite`` -> ``grammar``.
+Imports run one way: ``protocol`` -> ``ggml_types`` -> ``families`` -> ``registry`` -> ``spec`` -> ``composite``
+-> ``grammar``.
 """
 from .composite import CompositeSpec, index_bits, is_composite
 from .families import FLOAT_DTYPES, KEEP_DTYPES

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from ..granularity import PerChannel, PerGroup, PerTensor, n_groups
+from .ggml_types import GGML_FAMILIES
 from .protocol import ElementFormat, Export, suggest
 
 FLOAT_DTYPES = {"fp8_e4m3": 8, "fp8_e5m2": 8, "fp6_e3m2": 6, "fp6_e2m3": 6, "fp4_e2m1": 4}
@@ -202,4 +203,4 @@ class KeepFormat(ElementFormat):
 
 
 BUILTIN: tuple[ElementFormat, ...] = (MXFormat(), NVFP4Format(), IntFormat(), NFFormat(), KMeansFormat(),
-                                      MinifloatFormat(), KeepFormat())
+                                      MinifloatFormat(), KeepFormat(), *GGML_FAMILIES)

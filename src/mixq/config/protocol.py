@@ -97,6 +97,7 @@ class ElementFormat:
     kernels: tuple[str, ...] = ("reference",)  # read from the family that owns the dtype (registry.owner)
     closed_form = True                # its params come from the values in closed form (may quantize activations)
     keeps_float = False               # a "keep" choice (fp16/bf16/fp32): not a quantizer
+    importance_fit = False            # its fit takes importance weights (GPTQ passes diag(H), as an imatrix)
     fixed = False                     # a fixed block format: the head says everything; only -mse may follow
     asymmetric = False                # may store a zero point (symmetric=False)
     scales: tuple[str, ...] = FLOAT_SCALES  # the scale dtypes it accepts

@@ -173,5 +173,8 @@ PRESETS: dict[str, str] = {
     "MXFP4": "OCP MXFP4: E2M1 elements, E8M0 scale per 32",
     "MXINT8": "OCP MXINT8: int8 elements, E8M0 scale per 32",
     "NVFP4": "NVIDIA NVFP4: E2M1 elements, E4M3 scale per 16, fp32 tensor scale",
+    "Q4_K": "llama.cpp Q4_K: 4-bit codes, 6-bit scales and mins per 32 times fp16 per 256 (rows of 256k)",
+    "Q3_K": "llama.cpp Q3_K: 3-bit codes, 6-bit scales per 16 times fp16 per 256 (rows of 256k)",
+    "IQ4_NL": "llama.cpp IQ4_NL: 4-bit codes into a fixed non-linear table, fp16 scale per 32",
     "FP16": "kept in fp16 (no quantization)",
 }

@@ -28,9 +28,10 @@ import torch
 
 from ..config import BitCost, QuantSpec
 from ..config.families import IntFormat, KMeansFormat, MinifloatFormat, NFFormat
+from ..config.ggml_types import IQ4NLFormat, KQuantFormat
 from ..config.registry import owner
 from ..granularity import rows_view
-from . import floatgrid, integer, lut, mx
+from . import floatgrid, integer, iq4nl, kquant, lut, mx
 from .params import QParams
 
 SHRINK_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
@@ -59,7 +60,8 @@ class _Ops(NamedTuple):
     encode: Callable
     decode: Callable
     unit: Callable | None
-    fit_weighted: Callable | None = None  # fits the whole row set at once from the importance (k-means)
+    fit_weighted: Callable | None = None  # fits the whole row set at once from the importance (k-means, ggml types)
+    column: Callable | None = None  # (p, spec, j) -> the params of column j of a group alone (K-quant sub-blocks)
 
 
 # the built-in families' math (mixq.config.families); a registered family brings its own fit/encode/decode
@@ -68,6 +70,8 @@ _MATH = {
     NFFormat: _Ops(lut.fit_nf, lut.encode_nf, lut.decode_nf, lut.nf_scale_unit),
     KMeansFormat: _Ops(None, lut.encode_kmeans, lut.decode_kmeans, None, lut.fit_kmeans),
     MinifloatFormat: _Ops(floatgrid.fit, floatgrid.encode, floatgrid.decode, floatgrid.scale_unit),
+    KQuantFormat: _Ops(None, kquant.encode, kquant.decode, None, kquant.fit_weighted, kquant.column_params),
+    IQ4NLFormat: _Ops(None, iq4nl.encode, iq4nl.decode, None, iq4nl.fit_weighted),
 }
 
 
@@ -150,6 +154,13 @@ def decode(codes: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [R, k], got shape {tuple(codes.shape)}")
     return _ops(spec).decode(codes, p, spec)
+
+
+def column_params(p: QParams, spec: QuantSpec, j: int) -> QParams:
+    """The params that encode / decode column ``j`` (0-based, within its group) of a group alone: ``p`` itself
+    for one scale per group; a K-quant's super-block gives that column's sub-block scale (GPTQ's sweep)."""
+    col = _ops(spec).column
+    return p if col is None else col(p, spec, j)
 
 
 def round_to_grid(x: torch.Tensor, p: QParams, spec: QuantSpec) -> torch.Tensor:

@@ -20,6 +20,10 @@ Parameters (:func:`pack_params` / :func:`unpack_params`), one entry per group (`
     codebook      kmeans: fp16 [R, 2^bits]
     tensor_scale  fp32 [1]
 
+Two-level scales (llama.cpp's K-quants: the family has a ``layout``): ``scale`` (and ``offset``) hold per
+super-block ``(d, k_0 .. k_{n-1})``, stored as uint8 bytes: the fp16 ``d`` of every row, then the integers
+``k - sc_lo`` bit-packed at ``sc_bits`` -- the size :meth:`~mixq.config.ElementFormat.stored` counts.
+
 The params of :mod:`mixq.formats` are exactly representable in these dtypes by construction;
 :func:`pack_params` checks that the round trip is bit-exact and raises otherwise.
 """
@@ -112,13 +116,25 @@ def param_fields(spec: QuantSpec) -> tuple[str, ...]:
     return family_of(spec).params(spec)
 
 
-def pack_params(params: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Stored form of ``params`` (dtypes in the module docstring); raises if the round trip is not exact."""
-    want = param_fields(spec)
-    present = tuple(f for f in PARAM_FIELDS if getattr(params, f) is not None)
-    if present != want:
-        raise ValueError(f"{spec.name} stores params {want}, but the QParams hold {present}: "
-                         "quantize the tensor with this spec (mixq.formats.quantize)")
+def _two_level(spec):
+    return getattr(family_of(spec), "layout", lambda s: None)(spec)
+
+
+def _pack_two_level(t: torch.Tensor, lay) -> torch.Tensor:
+    d = t[:, 0].to(torch.float16).contiguous().view(torch.uint8)
+    k = (t[:, 1:].reshape(-1) - lay.sc_lo).to(torch.int16)
+    if k.numel() and (int(k.min()) < 0 or int(k.max()) >= 2**lay.sc_bits):
+        raise ValueError(f"sub-block integers outside {lay.sc_lo}..{lay.sc_hi}")
+    return torch.cat([d, pack(k.to(torch.uint8), lay.sc_bits)])
+
+
+def _unpack_two_level(b: torch.Tensor, lay, n_rows: int) -> torch.Tensor:
+    d = b[: 2 * n_rows].contiguous().view(torch.float16).float().reshape(n_rows, 1)
+    k = unpack(b[2 * n_rows:].contiguous(), lay.sc_bits, n_rows * lay.nsub).float() + lay.sc_lo
+    return torch.cat([d, k.reshape(n_rows, lay.nsub)], 1)
+
+
+def _pack_plain(params: QParams, spec: QuantSpec, want: tuple[str, ...]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     ts = params.tensor_scale
     if "scale" in want:
@@ -137,6 +153,19 @@ def pack_params(params: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:
         out["codebook"] = params.codebook.to(torch.float16)
     if "tensor_scale" in want:
         out["tensor_scale"] = ts.reshape(1).to(torch.float32)
+    return out
+
+
+def pack_params(params: QParams, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Stored form of ``params`` (dtypes in the module docstring); raises if the round trip is not exact."""
+    want = param_fields(spec)
+    present = tuple(f for f in PARAM_FIELDS if getattr(params, f) is not None)
+    if present != want:
+        raise ValueError(f"{spec.name} stores params {want}, but the QParams hold {present}: "
+                         "quantize the tensor with this spec (mixq.formats.quantize)")
+    lay = _two_level(spec)
+    out = {f: _pack_two_level(getattr(params, f), lay) for f in want} if lay is not None else \
+        _pack_plain(params, spec, want)
     out = {k: v.contiguous() for k, v in out.items()}
     back = unpack_params(out, spec, params.n_rows)
     for f in want:
@@ -154,6 +183,9 @@ def unpack_params(packed: dict[str, torch.Tensor], spec: QuantSpec, n_rows: int)
     if missing:
         raise ValueError(f"{spec.name} needs stored params {list(missing)}: the packed weight is incomplete")
     p = QParams()
+    lay = _two_level(spec)
+    if lay is not None:
+        return QParams(**{f: _unpack_two_level(packed[f], lay, n_rows) for f in want})
     ts = packed["tensor_scale"].float().reshape(()) if "tensor_scale" in want else None
     p.tensor_scale = ts
     if "scale" in want:
