@@ -32,7 +32,7 @@ from mixq.act import (
     simulate_kivi,
     uniform_kv,
 )
-from mixq.act.kvsens import decode_logits
+from mixq.act.kveval import decode_logits
 from mixq.allocate import Constraints, LayerEntry, SensitivityTable
 from mixq.config import parse_spec
 from mixq.data import eval_windows

@@ -5,13 +5,17 @@
 ``outliers``  LLM.int8() fp columns, Atom/QUIK high-precision channels, SmoothQuant and QuaRot ordering
 ``kvcodec``   how cache tokens are quantized: KIVI grids, important tokens at high precision (MiKV),
               pre-RoPE keys (KVQuant), Hadamard rotation (QuaRot) — shared by the cache and the simulation
+``kvcost``    the cache's exact bit / byte count; per-layer K/V bits
 ``kvcache``   KIVI cache for Hugging Face generation (keys per channel, values per token, fp residual
-              window, per-layer K/V bits, the options above; ``kv_cache_feed`` hands it attention
-              probabilities / rotary tables) and its exact byte count
+              window, per-layer K/V bits, the options above)
+``kvfeed``    ``kv_cache_feed``: hands the cache attention probabilities / rotary tables during forwards
+``kvsettings`` ``KVSettings`` (the KIVI layout and options) and exact per-layer K/V costs
+``kvsim``     an exact one-forward decode simulation of the KIVI cache
 ``presets``   W/A preset names → (weight spec, activation spec, rotate)
-``kveval``    perplexity with the quantized cache actually used (prefill, then chunked decoding)
-``kvsens``    per-layer K/V sensitivity (KL to fp, nats/token), an exact one-forward decode simulation
-              of the KIVI cache, KV evaluation with KL, exact per-layer K/V costs
+``kveval``    perplexity with the quantized cache actually used (prefill, then chunked decoding), KV
+              evaluation with KL
+``kvtable``   the KV measurement document (``KVSensitivityTable``)
+``kvsens``    per-layer K/V sensitivity (KL to fp, nats/token)
 ``joint``     one memory budget for weights + KV cache, solved as one multiple-choice knapsack
 ``resq``      ResQ: PCA subspace of each linear's input at 8 bits, the rest at 4, rotated inside
 """
@@ -24,12 +28,16 @@ from .actquant import (
     parse_act_spec,
 )
 from .presets import WAPreset, parse_kv_preset, parse_wa_preset
-from .kvcache import (KIVICache, KIVILayer, kv_cache_bits, kv_cache_bytes, kv_cache_feed, kv_dims, kv_spec,
-                      resolve_kv_bits)
-from .kveval import eval_with_kv_quant
+from .kvcache import KIVICache, KIVILayer
+from .kvcodec import kv_spec
+from .kvcost import kv_cache_bits, kv_cache_bytes, kv_dims, resolve_kv_bits
+from .kveval import eval_with_kv_quant, kv_compare
+from .kvfeed import kv_cache_feed
 from .outliers import FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant, top_k_channels
-from .kvsens import (KVEntry, KVSensitivityTable, KVSettings, kv_compare, kv_part_bits, measure_kv,
-                     simulate_kivi)
+from .kvsens import measure_kv
+from .kvsettings import KVSettings, kv_part_bits
+from .kvsim import simulate_kivi
+from .kvtable import KVEntry, KVSensitivityTable
 from .joint import (InfeasibleMemory, JointPlan, allocate_joint, allocate_kv, allocate_separately, load_kv_plan,
                     min_memory_bytes, uniform_kv)
 from .resq import ResQQuantizer, apply_resq, fit_resq, fold_resq, resq_basis

@@ -42,11 +42,11 @@ Options (the quantizers are in :mod:`.kvcodec`, shared with the decode simulatio
     MiKV's H2O-style eviction, which can later demote an important token, is not modelled.  K and
     V of a token share the decision, so values leave the window with the keys, a group at a time
     (both ``Tq = G·⌊(T − R)/G⌋``).  The attention probabilities come from the model: run it under
-    :func:`kv_cache_feed` (eager attention for the duration, forward hooks hand each layer its
+    :func:`~mixq.act.kvfeed.kv_cache_feed` (eager attention for the duration, forward hooks hand each layer its
     probabilities; the flush happens after attention).  A cache used without it raises.
 ``pre_rope`` (KVQuant)
     keys are quantized before the rotary embedding: ``k̂ = RoPE(Q(RoPE⁻¹(k)))`` with the rotary
-    tables the model used for those tokens, handed over by :func:`kv_cache_feed` (a forward
+    tables the model used for those tokens, handed over by :func:`~mixq.act.kvfeed.kv_cache_feed` (a forward
     pre-hook reads the attention module's ``position_embeddings``; positions need not be the cache
     index, so left padding is fine).  Families whose ``rotate_half`` is not HF's Llama one are refused.
 ``rotate = "k" | "v" | "kv"`` (QuaRot-style)
@@ -56,27 +56,13 @@ Not done: sliding-window layers (Gemma 3, Mistral with a window) are rejected.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 from transformers.cache_utils import BaseQuantizedLayer, Cache, get_layer_types_and_kwargs
 
-from ..arch import get_blocks
-from .kvcodec import (  # noqa: F401  (kv_spec, quantize_keys, quantize_values, FP, VALID_BITS: this module's API)
-    FP,
-    VALID_BITS,
-    KVCodec,
-    check_rope_convention,
-    important_count,
-    kv_spec,
-    normalize_rotate,
-    quantize_keys,
-    quantize_values,
-    select_important,
-)
-from .kvcost import kv_cache_bits, kv_cache_bytes, kv_dims, resolve_kv_bits  # noqa: F401  (this module's API too)
+from .kvcodec import KVCodec, important_count, kv_spec, normalize_rotate, select_important
+from .kvcost import resolve_kv_bits
 
 
 # ---------------------------------------------------------------------------- one layer
@@ -115,9 +101,9 @@ class KIVILayer(BaseQuantizedLayer):
     """One attention layer's KIVI cache (module doc).  ``keys``/``values`` hold the fp window.
 
     ``important``: fraction of each key group kept at ``important_bits`` (0: off; needs
-    :func:`kv_cache_feed`); ``pre_rope``: quantize keys before the rotary embedding (needs
-    :func:`kv_cache_feed`); ``rotate``: ``"k"``, ``"v"``, ``"kv"`` (or ``True``) Hadamard-rotate before
-    quantizing.
+    :func:`~mixq.act.kvfeed.kv_cache_feed`); ``pre_rope``: quantize keys before the rotary embedding
+    (needs :func:`~mixq.act.kvfeed.kv_cache_feed`); ``rotate``: ``"k"``, ``"v"``, ``"kv"`` (or ``True``)
+    Hadamard-rotate before quantizing.
     """
 
     is_croppable = False
@@ -167,7 +153,7 @@ class KIVILayer(BaseQuantizedLayer):
         self.is_initialized = True
 
     def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """The rotary tables ``[B | 1, c, r]`` of the next update's tokens (:func:`kv_cache_feed`)."""
+        """The rotary tables ``[B | 1, c, r]`` of the next update's tokens (:func:`~mixq.act.kvfeed.kv_cache_feed`)."""
         self._next_rope = (cos, sin)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -175,11 +161,11 @@ class KIVILayer(BaseQuantizedLayer):
             self.lazy_initialization(key_states, value_states)
         if self.mixed and self._awaiting:
             raise RuntimeError("a KV cache with important tokens (MiKV) needs the attention probabilities of every "
-                               "forward: run the model under mixq.act.kvcache.kv_cache_feed(model, cache)")
+                               "forward: run the model under mixq.act.kvfeed.kv_cache_feed(model, cache)")
         if self.needs_rope:
             if self._next_rope is None:
                 raise RuntimeError("a KV cache with pre-RoPE keys needs the rotary tables of every forward: run the "
-                                   "model under mixq.act.kvcache.kv_cache_feed(model, cache)")
+                                   "model under mixq.act.kvfeed.kv_cache_feed(model, cache)")
             B, c = key_states.shape[0], key_states.shape[2]
             cos, sin = (t.expand(B, c, t.shape[-1]) for t in self._next_rope)
             self._rope = (cos, sin) if self._rope is None else \
@@ -201,7 +187,7 @@ class KIVILayer(BaseQuantizedLayer):
 
     def observe(self, probs: torch.Tensor) -> None:
         """Attention probabilities ``[B, Hq, c, T]`` of the last update's ``c`` queries over all ``T``
-        tokens: add what the undecided tokens received, then flush (:func:`kv_cache_feed`)."""
+        tokens: add what the undecided tokens received, then flush (:func:`~mixq.act.kvfeed.kv_cache_feed`)."""
         if not self.mixed:
             return
         if not self._awaiting:
@@ -348,78 +334,9 @@ class KIVICache(Cache):
 
     @property
     def needs_feed(self) -> bool:
-        """Whether forwards must run under :func:`kv_cache_feed` (important tokens or pre-RoPE keys)."""
+        """Whether forwards must run under :func:`~mixq.act.kvfeed.kv_cache_feed` (important tokens or
+        pre-RoPE keys)."""
         return any(layer.mixed or layer.needs_rope for layer in self.layers)
 
     def stored_bits(self) -> int:
         return sum(layer.stored_bits() for layer in self.layers)
-
-
-# ---------------------------------------------------------------------------- feeding the cache
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """``layer index → attention module`` (the module with ``layer_idx == i`` inside block ``i``)."""
-    out = {}
-    for i, block in enumerate(get_blocks(model)):
-        for m in block.modules():
-            if getattr(m, "layer_idx", None) == i and type(m).__name__.endswith("Attention"):
-                out[i] = m
-                break
-        else:
-            raise NotImplementedError(f"block {i} has no attention module with layer_idx={i}")
-    return out
-
-
-def rope_of(module, args, kwargs):
-    """``(cos, sin)`` an attention module's forward receives (``position_embeddings``), checked."""
-    pe = kwargs.get("position_embeddings")
-    if pe is None and len(args) > 1 and isinstance(args[1], tuple):
-        pe = args[1]
-    if pe is None:
-        raise NotImplementedError(f"pre-RoPE keys: {type(module).__name__} receives no rotary position_embeddings "
-                                  "(the model has no RoPE, or passes it differently)")
-    return pe
-
-
-@contextlib.contextmanager
-def kv_cache_feed(model: nn.Module, cache: KIVICache):
-    """Within the block, forwards of ``model`` hand ``cache`` what its options need (module doc):
-    the rotary tables of each forward's tokens (``pre_rope``; a forward pre-hook on every attention
-    module) and the attention probabilities (``important``; eager attention for the duration and a
-    forward hook).  A no-op for a cache that needs neither."""
-    if not getattr(cache, "needs_feed", False):
-        yield
-        return
-    mods = attention_modules(model)
-    hooks = []
-    mixed = False
-    for i, layer in enumerate(cache.layers):
-        mod = mods[i]
-        if layer.needs_rope:
-            check_rope_convention(mod)
-
-            def pre(m, args, kwargs, _layer=layer):
-                _layer.set_rope(*rope_of(m, args, kwargs))
-
-            hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-        if layer.mixed:
-            mixed = True
-
-            def post(m, args, kwargs, output, _layer=layer):
-                probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-                if probs is None:
-                    raise RuntimeError(f"{type(m).__name__} returned no attention probabilities: important tokens "
-                                       "need eager attention")
-                _layer.observe(probs)
-
-            hooks.append(mod.register_forward_hook(post, with_kwargs=True))
-    cfg = model.config
-    old = cfg._attn_implementation
-    if mixed:
-        cfg._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        if mixed:
-            cfg._attn_implementation = old
-        for h in hooks:
-            h.remove()

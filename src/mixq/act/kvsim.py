@@ -1,129 +1,50 @@
-"""KIVI decode semantics without the cache: settings, costs, an exact decode simulation inside one
-forward, chunked decoding through the real cache, and evaluation with KL (see :mod:`.kvsens` for the
-equations; the measurement there uses this module).  :class:`KVSettings` also carries the options of
-:mod:`.kvcodec` — important tokens at high precision (MiKV), pre-RoPE keys (KVQuant), Hadamard
-rotation — which both the simulation and the real cache apply.
+"""KIVI decode semantics without the cache: an exact decode simulation inside one forward.
+
+KIVI quantizes a token's key/value when it leaves the fp residual window, in token groups of
+``k_group`` (keys, per channel) or per token (values); decoding ``chunk`` tokens per forward
+(:func:`mixq.act.kveval.eval_with_kv_quant`) means a token at position ``t`` in a chunk that
+starts at ``n`` sees the cache as it was after ``n`` tokens::
+
+    n(t)  = 0                                  t < P          (prefill P, default chunk)
+          = P + c·⌊(t − P)/c⌋                  otherwise
+    keys   s < Tk(n) = G·⌊max(n − R, 0)/G⌋     dequantized, the rest (window, chunk) fp
+    values s < Tv(n) = max(n − R, 0)           dequantized
+
+:func:`simulate_kivi` (the ``"simulate"`` engine) applies exactly this inside one full forward:
+an attention function registered with transformers computes, for each quantized layer,
+``S = where(s < Tk(n(t)), q·k̂ₛ, q·kₛ)`` and ``out = Σ_s p_ts (v̂ₛ if s < Tv(n(t)) else vₛ)`` with
+the same quantizers as :class:`~mixq.act.kvcache.KIVILayer` (:class:`~mixq.act.kvcodec.KVCodec`:
+KIVI grids, pre-RoPE keys, rotation).  Decoding token by token (``chunk=1``) then costs one
+forward per window instead of one per token, and is checked against the real :class:`KIVICache`
+in the tests (same logits up to float rounding).  The ``"cache"`` engine runs the real cache chunk by
+chunk (:func:`mixq.act.kveval.decode_logits`).
+
+Important tokens (``settings.important``, MiKV): K and V are both quantized up to
+``Tq(n) = G·⌊max(n − R, 0)/G⌋`` and which tokens of group ``j`` are important depends on the
+attention paid by the queries before the group was flushed, which in turn saw the earlier
+groups' decisions.  So the queries are processed in blocks of equal ``J(t) = Tq(n(t))/G`` in
+order: before a block, the groups it newly sees are decided from the importance accumulated so
+far (``a_s = Σ_{u < block} Σ_{heads of the KV head} p_us``, the probabilities as computed with the
+quantized cache) and quantized; the block's probabilities are then added.  A query's output
+depends only on queries before it (causal), and the real cache does the same with the eager
+attention probabilities (:func:`~mixq.act.kvfeed.kv_cache_feed`).  Pre-RoPE keys take the
+rotary tables from the attention module's ``position_embeddings`` (a forward pre-hook).
 """
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-from .kvcache import (FP, VALID_BITS, KIVICache, attention_modules, kv_cache_bits, kv_cache_feed, kv_dims, kv_spec,
-                      resolve_kv_bits, rope_of)
-from .kvcodec import KVCodec, check_rope_convention, important_count, normalize_rotate, select_important
-
+from .kvcodec import FP, KVCodec, check_rope_convention, kv_spec, select_important
+from .kvcost import kv_dims, resolve_kv_bits
+from .kvfeed import attention_modules, rope_of
+from .kvsettings import KVSettings
 
 KV_ENGINES = ("simulate", "cache")
 SIM_NAME = "mixq_kivi_sim"
-
-
-# ---------------------------------------------------------------------------- settings and costs
-_BASE_FIELDS = ("k_group", "v_group", "residual", "zero")
-_OPTION_DEFAULTS = {"important": 0.0, "important_bits": 8, "pre_rope": False, "rotate": ""}
-
-
-@dataclass(frozen=True)
-class KVSettings:
-    """KIVI layout: ``k_group`` tokens per key group, ``v_group`` channels per value group (None:
-    head_dim), ``residual`` fp tokens, ``zero`` ``"fp16"`` offset (KIVI) or ``"int"`` zero point.
-
-    Options (:mod:`.kvcodec`): ``important`` fraction of each key group's tokens — the most attended
-    so far — kept at ``important_bits`` (MiKV/ZipCache; 0 = off); ``pre_rope`` quantizes keys before
-    the rotary embedding (KVQuant); ``rotate`` ``"k"``, ``"v"`` or ``"kv"`` (``True`` = ``"kv"``)
-    quantizes in a Hadamard-rotated basis (QuaRot)."""
-
-    k_group: int = 32
-    v_group: int | None = None
-    residual: int = 32
-    zero: str = "fp16"
-    important: float = 0.0
-    important_bits: int = 8
-    pre_rope: bool = False
-    rotate: str = ""
-
-    def __post_init__(self):
-        for name in ("k_group", "residual"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "k_group" else 0):
-                raise ValueError(f"KV {name} must be an integer >= {1 if name == 'k_group' else 0}, got {v!r}")
-        if self.v_group is not None and (isinstance(self.v_group, bool) or not isinstance(self.v_group, int)
-                                         or self.v_group < 1):
-            raise ValueError(f"KV v_group must be a positive integer or None, got {self.v_group!r}")
-        kv_spec(4, self.zero)  # validates zero
-        important_count(self.important, self.k_group)  # validates the fraction against the key group
-        if isinstance(self.important_bits, bool) or self.important_bits not in VALID_BITS:
-            raise ValueError(f"KV important_bits must be 1..8 or 16, got {self.important_bits!r}")
-        if not isinstance(self.pre_rope, bool):
-            raise ValueError(f"KV pre_rope must be True or False, got {self.pre_rope!r}")
-        object.__setattr__(self, "important", float(self.important))
-        object.__setattr__(self, "rotate", normalize_rotate(self.rotate))
-
-    @property
-    def important_tokens(self) -> int:
-        """Important tokens per key group (0: off)."""
-        return important_count(self.important, self.k_group)
-
-    def kw(self) -> dict:
-        """Keyword arguments of :class:`KIVICache` / :func:`kv_cache_bits` / ``eval_with_kv_quant``."""
-        return {"k_group": self.k_group, "v_group": self.v_group, "residual": self.residual, "zero": self.zero,
-                "important": self.important, "important_bits": self.important_bits, "pre_rope": self.pre_rope,
-                "rotate": self.rotate}
-
-    def to_dict(self) -> dict:
-        """The KIVI layout, plus the options that differ from their defaults (so documents written
-        before the options existed are unchanged)."""
-        d = {k: getattr(self, k) for k in _BASE_FIELDS}
-        d.update({k: getattr(self, k) for k, v in _OPTION_DEFAULTS.items() if getattr(self, k) != v})
-        return d
-
-    def describe(self) -> str:
-        """A short text of the options (``""`` when none): ``important 20% @ 8 bits, pre-RoPE keys, rotated K/V``."""
-        out = []
-        if self.important:
-            out.append(f"important {self.important:.0%} of tokens ({self.important_tokens}/{self.k_group}) at "
-                       f"{self.important_bits} bits")
-        if self.pre_rope:
-            out.append("pre-RoPE keys")
-        if self.rotate:
-            out.append(f"Hadamard-rotated {'/'.join(self.rotate.upper())}")
-        return ", ".join(out)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "KVSettings":
-        unknown = set(d) - set(_BASE_FIELDS) - set(_OPTION_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown KV settings {sorted(unknown)}")
-        return cls(**d)
-
-
-def _one_layer_config(dims: tuple[int, int, int]):
-    _, h, d = dims
-    return SimpleNamespace(num_hidden_layers=1, num_attention_heads=h, num_key_value_heads=h, head_dim=d,
-                           hidden_size=h * d)
-
-
-def kv_part_bits(dims: tuple[int, int, int], kind: str, bits: int, context: int, batch: int = 1,
-                 settings: KVSettings = KVSettings(), fp_bits: int = 16) -> int:
-    """Exact bits of one layer's keys (``kind="k"``) or values at ``bits`` holding ``context`` tokens
-    for ``batch`` sequences; ``dims = (n_layers, n_kv_heads, head_dim)``.
-
-    ``kv_cache_bits`` of that layer with the other tensor at 16 bits, minus the other tensor's
-    ``B·H·T·D·fp_bits``: the parts of a plan add up to its ``kv_cache_bits`` exactly.
-    """
-    if kind not in ("k", "v"):
-        raise ValueError(f"kind must be 'k' or 'v', got {kind!r}")
-    if context < 1 or batch < 1:
-        raise ValueError(f"context and batch must be >= 1, got {context}, {batch}")
-    _, h, d = dims
-    pair = (bits, FP) if kind == "k" else (FP, bits)
-    total = kv_cache_bits(_one_layer_config(dims), pair, context, batch, fp_bits=fp_bits, **settings.kw())["total"]
-    return int(total - batch * h * context * d * fp_bits)
 
 
 # ---------------------------------------------------------------------------- decode simulation
@@ -227,7 +148,7 @@ class _LayerSim:
     def _mixed(self, codec, query, key, value, attention_mask, scale, n):
         """Important tokens: the queries in blocks of equal ``J(t) = ⌊max(n(t) − R, 0)/G⌋`` (quantized
         groups, K and V alike), in order; before a block, the groups it newly sees are decided from the
-        attention the earlier blocks paid (module doc of :mod:`.kvsens`)."""
+        attention the earlier blocks paid (module doc)."""
         B, Hq, T, D = query.shape
         s = self.settings
         G, H = s.k_group, key.shape[1]
@@ -279,7 +200,8 @@ def _register() -> None:
     AttentionMaskInterface.register(SIM_NAME, sdpa_mask)
 
 
-def _check_full_attention(config) -> None:
+def check_full_attention(config) -> None:
+    """Refuse a model with other than full-attention layers (sliding windows, ...)."""
     from transformers.cache_utils import get_layer_types_and_kwargs  # noqa: PLC0415
 
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
@@ -301,7 +223,7 @@ def simulate_kivi(model: nn.Module, bits, *, settings: KVSettings = KVSettings()
     """
     if chunk < 1 or (prefill is not None and prefill < 1):
         raise ValueError(f"chunk and prefill must be >= 1, got chunk={chunk}, prefill={prefill}")
-    _check_full_attention(model.config)
+    check_full_attention(model.config)
     per_layer = resolve_kv_bits(bits, kv_dims(model.config)[0])
     mods = attention_modules(model)
     _register()
@@ -335,103 +257,3 @@ def simulate_kivi(model: nn.Module, bits, *, settings: KVSettings = KVSettings()
             h.remove()
         for k in mine:
             _ACTIVE.pop(k, None)
-
-
-# ---------------------------------------------------------------------------- chunked decode (cache engine)
-@torch.no_grad()
-def decode_logits(model: nn.Module, ids: torch.Tensor, cache, *, chunk: int, prefill: int | None = None):
-    """Yield ``(s, e, logits [B, e − s, V])`` feeding ``ids [B, T]`` chunk by chunk through ``cache``
-    (prefill ``P`` tokens first, then ``chunk`` at a time), as :func:`eval_with_kv_quant` does; under
-    :func:`kv_cache_feed` when the cache needs it (important tokens, pre-RoPE keys)."""
-    T = ids.shape[1]
-    p = min(prefill or chunk, T)
-    bounds = [0, *range(p, T, chunk), T]
-    with kv_cache_feed(model, cache):
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            yield s, e, model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
-
-
-# ---------------------------------------------------------------------------- evaluation with KL
-def kv_compare(model: nn.Module, windows, kv_bits, reference=None, *, settings: KVSettings = KVSettings(),
-               engine: str = "cache", chunk: int = 16, prefill: int | None = None, batch_size: int = 8,
-               progress: bool = False) -> dict:
-    """Perplexity (and KL / top-1 against ``reference``: a model or :class:`~mixq.eval.ReferenceCache`)
-    of ``model`` with a KIVI cache of ``kv_bits`` on ``windows``.
-
-    ``engine="cache"``: the real :class:`KIVICache`, prefill then ``chunk`` tokens per forward (the
-    loop of :func:`~mixq.act.kveval.eval_with_kv_quant`; same NLL).  ``engine="simulate"``: one full
-    forward per batch under :func:`simulate_kivi` (the same decode semantics, any ``chunk`` incl. 1).
-    Returns :func:`mixq.eval.kl.compare`'s keys (KL ones ``None`` without a reference) plus ``"kv"``.
-    """
-    from ..eval.kl import ReferenceCache, compare  # noqa: PLC0415
-    from ..eval.perplexity import batches, eval_mode, model_device, perplexity, summarize_nll, token_nll  # noqa: PLC0415
-    from ..eval.kl import token_kl  # noqa: PLC0415
-
-    if engine not in KV_ENGINES:
-        raise ValueError(f"KV engine must be one of {KV_ENGINES}, got {engine!r}")
-    if chunk < 1 or (prefill is not None and prefill < 1):
-        raise ValueError(f"chunk and prefill must be >= 1, got chunk={chunk}, prefill={prefill}")
-    L = kv_dims(model.config)[0]
-    info = {"bits": [list(b) for b in resolve_kv_bits(kv_bits, L)], **settings.kw(), "engine": engine,
-            "chunk": chunk, "prefill": prefill or chunk}
-    ref = reference
-    if ref is not None and not isinstance(ref, ReferenceCache):  # a model: run it per batch, store nothing
-        ref = ReferenceCache(ref, windows, batch_size=batch_size, progress=progress, max_bytes=0)
-    if engine == "simulate":
-        with simulate_kivi(model, kv_bits, settings=settings, chunk=chunk, prefill=prefill):
-            if ref is None:
-                r = perplexity(model, windows, batch_size=batch_size, progress=progress)
-                r.update(kl=None, kl_p99=None, top1_agreement=None, reference_perplexity=None, reference_nll=None)
-            else:
-                r = compare(model, ref, windows, batch_size=batch_size, progress=progress)
-        return {**r, "kv": info}
-    t0 = time.perf_counter()
-    device = model_device(model)
-    mask_all = windows.score_mask.clone()
-    mask_all[:, 0] = False
-    n = int(mask_all.sum())
-    nll = torch.empty(n, dtype=torch.float32)
-    kl = torch.empty(n, dtype=torch.float32) if ref is not None else None
-    agree = torch.empty(n, dtype=torch.bool) if ref is not None else None
-    ref_nll = torch.empty(n, dtype=torch.float32) if ref is not None else None
-    offset = 0
-    with eval_mode(model):
-        if ref is not None:
-            ref.build()
-        for i, j in batches(windows, batch_size, progress=progress, desc="kv-compare"):
-            ids = windows.input_ids[i:j].to(device)
-            mask = mask_all[i:j]
-            idx = torch.full(mask.shape, -1, dtype=torch.long)
-            idx[mask] = torch.arange(int(mask.sum()))
-            rows = r_nll = r_arg = None
-            if ref is not None:
-                rows, r_nll, r_arg = ref.batch(i, j)
-            cache = KIVICache(model.config, kv_bits, **settings.kw())
-            T = ids.shape[1]
-            for s, e, logits in decode_logits(model, ids, cache, chunk=chunk, prefill=prefill):
-                e2 = min(e, T - 1)
-                if e2 <= s:
-                    continue
-                tgt = idx[:, s + 1: e2 + 1]
-                sel = tgt >= 0
-                if not bool(sel.any()):
-                    continue
-                z = logits[:, : e2 - s][sel.to(logits.device)]
-                y = ids[:, s + 1: e2 + 1][sel.to(ids.device)]
-                where = tgt[sel]
-                nll[offset + where] = token_nll(z, y).cpu()
-                if ref is not None:
-                    rr = rows[where.to(rows.device)]
-                    kl[offset + where] = token_kl(z, rr).cpu()
-                    agree[offset + where] = z.argmax(-1).cpu() == r_arg[where].cpu()
-                    ref_nll[offset + where] = r_nll[where].cpu()
-            offset += int(mask.sum())
-    mean, ppl = summarize_nll(nll)
-    out = {"perplexity": ppl, "nll": mean, "n_scored": n, "seconds": time.perf_counter() - t0, "kv": info,
-           "kl": None, "kl_p99": None, "top1_agreement": None, "reference_perplexity": None, "reference_nll": None}
-    if ref is not None:
-        k = kl.double()
-        rm, rp = summarize_nll(ref_nll)
-        out.update(kl=float(k.mean()), kl_p99=float(torch.quantile(k, 0.99)) if n else float("nan"),
-                   top1_agreement=float(agree.double().mean()), reference_perplexity=rp, reference_nll=rm)
-    return out

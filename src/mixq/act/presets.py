@@ -91,8 +91,8 @@ def parse_kv_preset(text: str):
     [:pre_rope=1][:rotate=k|v|kv]``.
     """
     from .kvcodec import FP  # noqa: PLC0415
-    from .kvcache import resolve_kv_bits  # noqa: PLC0415
-    from .kvsim import KVSettings  # noqa: PLC0415
+    from .kvcost import resolve_kv_bits  # noqa: PLC0415
+    from .kvsettings import KVSettings  # noqa: PLC0415
 
     t = str(text).strip()
     opts: dict = {}

@@ -257,10 +257,10 @@ def os_error_line(e: OSError) -> str:
 
 def check_full_attention(model) -> None:
     """KV-cache quantization needs every layer to attend to the full context."""
-    from ..act.kvsens import _check_full_attention
+    from ..act import kvsim
 
     try:
-        _check_full_attention(model.config)
+        kvsim.check_full_attention(model.config)
     except NotImplementedError as e:
         raise UserError(f"KV-cache quantization: {one_line(e)}") from None
 

@@ -198,7 +198,7 @@ def run(args) -> tuple[dict, list[str]]:
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
     if kv_bits is not None:
-        from ..act.kvcache import kv_dims, resolve_kv_bits
+        from ..act.kvcost import kv_dims, resolve_kv_bits
 
         check_full_attention(model)
         resolve_kv_bits(kv_bits, kv_dims(model.config)[0])
@@ -248,7 +248,7 @@ def run(args) -> tuple[dict, list[str]]:
     for corpus, win, proto in eval_windows_for(args, tok, model):
         if kv_bits is not None:
             from ..act import kv_cache_bytes
-            from ..act.kvsens import kv_compare
+            from ..act.kveval import kv_compare
 
             res = kv_compare(model, win, kv_bits, reference, settings=settings, engine=args.kv_engine,
                              chunk=args.kv_chunk, prefill=args.kv_prefill, batch_size=args.kv_batch, progress=False)

@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 from ..act.kvcodec import ROTATE_CHOICES, ZERO_CHOICES
-from ..act.kvsens import KV_CANDIDATE_BITS, KV_METRICS, KVSettings, measure_kv
+from ..act.kvsens import KV_CANDIDATE_BITS, measure_kv
+from ..act.kvsettings import KVSettings
+from ..act.kvtable import KV_METRICS
 from ..act.kvsim import KV_ENGINES
 from .common import UserError, calib_args, check_full_attention, check_positive, model_arg, one_line
 

@@ -69,7 +69,7 @@ def _budget_tag(b) -> str:
 
 def _plan_joint(args) -> int:
     from ..act.joint import allocate_joint, allocate_separately
-    from ..act.kvsens import KVSensitivityTable
+    from ..act.kvtable import KVSensitivityTable
     from ..allocate import SensitivityTable
 
     if args.bpw or args.bytes:
