@@ -22,15 +22,12 @@ from gguf import GGMLQuantizationType as QT
 
 from mixq import api
 from mixq.export import ggml as B
+from mixq.export import ggml_pack as P
 from mixq.export import gguf as G
-from mixq.export.gguf import (
-    UnsupportedArchitectureError,
-    export_gguf,
-    gguf_tensor_name,
-    rope_row_order,
-    verify_gguf,
-    write_gguf,
-)
+from mixq.export import gguf_arch as GA
+from mixq.export.gguf import export_gguf, write_gguf
+from mixq.export.gguf_arch import UnsupportedArchitectureError, gguf_tensor_name, rope_row_order
+from mixq.export.gguf_verify import verify_gguf
 from mixq.export.native import save_quantized
 
 
@@ -112,23 +109,23 @@ def _random_blocks(qt: QT, n: int, rng: np.random.Generator):
     codes = lambda k: rng.integers(0, 2**f.bits, (n, k))  # noqa: E731
     if qt in (QT.Q8_0, QT.Q4_0, QT.Q5_0):
         d, c = f16(n), codes(32)
-        data = {QT.Q8_0: B.pack_q8_0, QT.Q4_0: B.pack_q4_0, QT.Q5_0: B.pack_q5_0}[qt](d, c)
+        data = {QT.Q8_0: P.pack_q8_0, QT.Q4_0: P.pack_q4_0, QT.Q5_0: P.pack_q5_0}[qt](d, c)
         want = d[:, None] * (c - 2 ** (f.bits - 1)).astype(np.float32)
     elif qt in (QT.Q4_1, QT.Q5_1):
         d, m, c = f16(n), f16(n), codes(32)
-        data = (B.pack_q4_1 if qt == QT.Q4_1 else B.pack_q5_1)(d, m, c)
+        data = (P.pack_q4_1 if qt == QT.Q4_1 else P.pack_q5_1)(d, m, c)
         want = d[:, None] * c.astype(np.float32) + m[:, None]
     elif qt == QT.IQ4_NL:
         d, c = f16(n), codes(32)
-        data, want = B.pack_iq4_nl(d, c), d[:, None] * B.IQ4_NL_LEVELS[c]
+        data, want = P.pack_iq4_nl(d, c), d[:, None] * B.IQ4_NL_LEVELS[c]
     elif qt == QT.MXFP4:
         e, c = rng.integers(100, 140, n), codes(32)
-        data = B.pack_mxfp4(e, c)
+        data = P.pack_mxfp4(e, c)
         want = np.exp2(e - 128.0).astype(np.float32)[:, None] * B.MXFP4_LEVELS[c]
     elif qt in (QT.Q6_K, QT.Q3_K):
         lo, hi = f.sc_range
         d, sc, c = f16(n), rng.integers(lo, hi + 1, (n, 16)), codes(256)
-        data = (B.pack_q6_k if qt == QT.Q6_K else B.pack_q3_k)(d, sc, c)
+        data = (P.pack_q6_k if qt == QT.Q6_K else P.pack_q3_k)(d, sc, c)
         eff = np.repeat(d[:, None] * sc.astype(np.float32), 16, axis=1)
         want = eff * (c - 2 ** (f.bits - 1)).astype(np.float32)
     else:  # Q4_K, Q5_K, Q2_K
@@ -136,7 +133,7 @@ def _random_blocks(qt: QT, n: int, rng: np.random.Generator):
         lo, hi = f.sc_range
         d, dmin = f16(n), np.abs(f16(n))
         sc, m, c = rng.integers(lo, hi + 1, (n, nsub)), rng.integers(lo, hi + 1, (n, nsub)), codes(256)
-        data = {QT.Q4_K: B.pack_q4_k, QT.Q5_K: B.pack_q5_k, QT.Q2_K: B.pack_q2_k}[qt](d, dmin, sc, m, c)
+        data = {QT.Q4_K: P.pack_q4_k, QT.Q5_K: P.pack_q5_k, QT.Q2_K: P.pack_q2_k}[qt](d, dmin, sc, m, c)
         eff = np.repeat(d[:, None] * sc.astype(np.float32), f.sub, axis=1)
         off = np.repeat(dmin[:, None] * m.astype(np.float32), f.sub, axis=1)
         want = eff * c.astype(np.float32) - off
@@ -298,7 +295,7 @@ def test_without_the_permutation_transformers_disagrees(tiny_model, tmp_path, mo
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
     diffs = {}
     for permute in (True, False):
-        monkeypatch.setitem(G._ARCHS, "llama", G._Arch("llama", permute_qk=permute))
+        monkeypatch.setitem(GA._ARCHS, "llama", GA._Arch("llama", permute_qk=permute))
         write_gguf(model, bpe_tokenizer(), specs, tmp_path / f"{permute}.gguf", qtensors=qts)
         hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f"{permute}.gguf", dtype=torch.float32)
         with torch.no_grad():

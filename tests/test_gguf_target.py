@@ -3,7 +3,8 @@
 * under ``Constraints(target="gguf")`` every layer keeps only specs with an exact ggml type for its row length;
 * a ``--target gguf`` plan records the target; a budget it cannot meet names the minimum;
 * the exact GGUF export of such a plan decodes (``gguf.quants.dequantize``) to mixq's dequantized weights bit
-  for bit, for every ggml type mixq writes (Q8_0, Q5_0, Q4_0, Q5_1, Q4_1, MXFP4, F16), after RTN and GPTQ;
+  for bit, for every ggml type mixq writes (Q8_0, Q5_0, Q4_0, Q5_1, Q4_1, MXFP4, F16 here; the K-quants and
+  IQ4_NL in ``test_gguf_kquants.py``), after RTN and GPTQ;
 * the exact export refuses a spec no ggml type holds (no re-quantization, no fallback).
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from mixq.allocate import candidates_for, default_candidates, shape_table
 from mixq.allocate.table import LayerEntry, SensitivityTable
 from mixq.config import parse_spec
 from mixq.export.ggml_exact import GGUF_CANDIDATE_NAMES, ggml_exact_type, target_candidates
-from mixq.export.gguf import export_gguf, gguf_tensor_name, rope_row_order, write_gguf
+from mixq.export.gguf import export_gguf, write_gguf
+from mixq.export.gguf_arch import gguf_tensor_name, rope_row_order
 from mixq.export.native import save_quantized
 from mixq.formats import dequantize
 
@@ -77,11 +79,12 @@ def test_plan_records_the_target_and_round_trips(tmp_path):
 def test_infeasible_budget_under_target_names_the_minimum():
     costs = shape_table(SMOLLM2_SHAPES, target_candidates("gguf"))
     rng = budget_range(costs, Constraints(target="gguf"))
-    assert rng.min_bpw == 4.25  # every layer MXFP4, the cheapest exact type on 32-multiple rows
-    with pytest.raises(InfeasibleBudget, match=r"at least bpw=4\.2500") as e:
+    # down (1536-wide rows) takes Q2_K (2.625), the 576-wide layers MXFP4 (4.25), the cheapest 32-block type
+    assert rng.min_bpw == 3.6
+    with pytest.raises(InfeasibleBudget, match=r"at least bpw=3\.6000") as e:
         rng.check(Budget(bpw=3.5))
-    assert e.value.min_bpw == 4.25
-    rng.check(Budget(bpw=4.25))
+    assert e.value.min_bpw == 3.6
+    rng.check(Budget(bpw=3.6))
 
 
 def test_cli_plan_target_gguf(tmp_path, capsys):
@@ -95,7 +98,7 @@ def test_cli_plan_target_gguf(tmp_path, capsys):
     assert all(ggml_exact_type(s, SMOLLM2_SHAPES[f]) for f, s in plan.layers.items())
     rc = main(["plan", str(tmp_path / "m.json"), "--bpw", "3", "--target", "gguf", "--dry-run"])
     assert rc != 0
-    assert "bpw=4.2500" in capsys.readouterr().err
+    assert "bpw=4.2500" in capsys.readouterr().err  # no K-quant measured here: MXFP4 everywhere is the least
 
 
 # ---------------------------------------------------------------------------- exact export

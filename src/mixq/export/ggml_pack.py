@@ -1,7 +1,8 @@
 """llama.cpp block layouts: codes and parameters of ``n`` blocks -> ``[n, type_size]`` bytes, one packer per type.
 
 Written from the ggml format description and checked against ``gguf.quants.dequantize`` in
-``tests/test_export_gguf.py``; the fitting and type choice that feed them live in :mod:`.ggml`.
+``tests/test_export_gguf.py``; the encoders that feed them live in :mod:`.ggml` (fitting: :mod:`.ggml_fit`),
+mixq's own K-quant and IQ4_NL tensors go through :mod:`.ggml_direct`.
 """
 from __future__ import annotations
 
@@ -147,6 +148,3 @@ def pack_q2_k(d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray, c:
     """
     sbytes = (sc.astype(np.uint8) & 15) | ((m.astype(np.uint8) & 15) << 4)
     return np.concatenate([sbytes, _two_bit_planes(c), _f16_bytes(d), _f16_bytes(dmin)], axis=1)
-
-
-# ============================================================================ fitting

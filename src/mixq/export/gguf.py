@@ -5,78 +5,19 @@
     report = export_gguf("runs/w4", "runs/w4.gguf")             # a native mixq directory
     report = write_gguf(model, tokenizer, specs, "m.gguf", qtensors=res.qtensors)   # in memory
 
-Every quantized layer is written as the llama.cpp block type closest to its mixq spec, and the
-file is read back (:func:`verify_gguf`): each tensor is dequantized with ``gguf.quants.dequantize``
-and compared with the values mixq means (its dequantized weight).  The report (a JSON-able dict)
-lists, per tensor, the mixq spec, the ggml type, its bits per weight, why it was chosen, any
-fallback and the read-back error.
+Every quantized layer is written as the llama.cpp block type closest to its mixq spec (:mod:`.ggml_choice`), or,
+for a ``--target gguf`` plan (``exact``), as the type that holds its spec exactly (:mod:`.ggml_exact`) from mixq's
+own codes and scales: int and MX grids through :mod:`.ggml`, the K-quants and IQ4_NL copied as they are
+(:mod:`.ggml_direct`).  The file is read back (:func:`mixq.export.gguf_verify.verify_gguf`): each tensor is
+dequantized with ``gguf.quants.dequantize`` and compared with the values mixq means (its dequantized weight).  The
+report (a JSON-able dict) lists, per tensor, the mixq spec, the ggml type, its bits per weight, why it was chosen,
+any fallback and the read-back error.
 
-Which ggml type (per quantized tensor)
---------------------------------------
-A spec's element width picks a *class* of same-width ggml types, and a budget::
-
-    bits   class types (bpw)                                     nominal   next class
-    8, 7   Q8_0 (8.5)                                            Q8_0      F16
-    6      Q6_K (6.5625)                                         Q6_K      8
-    5      Q5_K (5.5), Q5_0 (5.5), Q5_1 (6.0)                    Q5_K      6
-    4      Q4_K (4.5), Q4_0 (4.5), IQ4_NL (4.5), Q4_1 (5.0)       Q4_K      5
-           (+ MXFP4 (4.25) for FP4-E2M1 element specs)
-    3      Q3_K (3.4375)                                         Q3_K      4
-    2, 1   Q2_K (2.625)                                          Q2_K      3
-    keep   fp16 -> F16, bf16 -> BF16, fp32 -> F32 (exact)
-
-The candidates are the class's types whose bits per weight do not exceed
-``max(bpw of the mixq spec on this tensor, bpw of the nominal type)`` and whose block fits the
-row (K-quants: the row length, i.e. the input dimension, must be a multiple of 256; every other
-block type a multiple of 32).  Candidates are encoded and decoded, and the one with the least
-squared error against mixq's dequantized weight is written (ties: fewer bits, then table order).
-Types that can take mixq's grid directly are tried first; once one reproduces the weight exactly,
-the rest are tried only through mixq's grid (refitting on-grid values to an unrelated grid is the
-slow part and is not exact in practice), and none with more bits.  Consequences for int specs whose
-groups are a multiple of 32 long: ``W4-gN`` symmetric is written as Q4_0, ``W5-gN`` symmetric as
-Q5_0, ``W8`` symmetric and MXINT8 as Q8_0, ``W4-g32-asymf`` (fp16 offset) as Q4_1 and
-``W5-g32-asymf`` as Q5_1, MXFP4 as MXFP4, and ``W3``/``W2`` symmetric on rows that no K-quant
-fits as Q4_0 -- all bit-exact, since each mixq group is one or more whole ggml blocks with the
-same scale (and offset), and the codes carry over.  Per-channel int specs (symmetric or with an
-int zero point) are exact in their K-quant (every sub-block scale is ``d * 1``), e.g.
-``W4-channel`` -> Q4_K, ``W3-channel`` -> Q3_K, ``W6-channel`` -> Q6_K.  Other specs are
-approximations: grouped scales re-quantized to the K-quants' 6-bit (4-bit for Q2_K, 8-bit for
-Q6_K) sub-block scales, or a refit of non-uniform grids (NF, k-means, FP) onto the ggml grid.
-
-Fallbacks: when no type of the class fits the row (e.g. Q3_K or Q6_K on SmolLM2's 576-wide
-rows), the next class up is tried with its own budget (Q3_K -> the 4-bit types, Q6_K -> Q8_0,
-...; F16 when nothing fits).  A tensor whose nominal type does not fit its row gets a
-``fallback`` entry naming the type, the row length and what was written instead -- also when a
-same-width type was exact (W4-g32 on a 576-wide row: nominal Q4_K, written Q4_0, exact).
-
-How the blocks are filled
--------------------------
-With the mixq codes and parameters at hand (a native directory, or ``qtensors``) and an int spec
-whose groups do not straddle the ggml sub-blocks, each sub-block takes mixq's step and zero
-(``x = step * code + zero``); without them, or when that is worse, the sub-block parameters are
-refit from the values (absmax / min-max with a short search).  K-quant sub-block scales are then
-quantized against one fp16 super-block scale (a search over the largest sub-scale code), and
-every value is re-encoded to the nearest point of the final ggml grid, so on-grid values keep
-their codes.  The block layouts are written here from the format description and checked
-against ``gguf.quants.dequantize`` in the tests.
-
-What the gguf package (0.19.0) can quantize in Python: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
-Q8_0, TQ1_0, TQ2_0, MXFP4; only dequantize: Q2_K..Q6_K, IQ4_NL, IQ4_XS, the other IQ types and
-NVFP4.  Its quantizers choose their own scales (absmax), which would move mixq's grid, so this
-module packs every block type itself, K-quants and IQ4_NL included (:func:`gguf_quantize_support`
-probes the installed package).
-
-Everything else
----------------
-Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does) and ``qwen2``; others
-raise :class:`UnsupportedArchitectureError`.  For llama/mistral the rows of ``q_proj``/``k_proj``
-(and their biases) are permuted to llama.cpp's interleaved rope layout (:func:`rope_row_order`),
-which transformers' GGUF loader undoes; qwen2 uses neox rope and is written unpermuted.
-Embeddings and an untied ``lm_head`` that mixq kept in floating point are written as F16 (or
-``float_type="f32"``); norms and biases as F32.  A tied ``lm_head`` is not written (llama.cpp
-reuses ``token_embd``).  The tokenizer: byte-level BPE (GPT-2 style, e.g. SmolLM2, Qwen2) as
-``gpt2`` with merges, SentencePiece-style BPE (byte fallback) as ``llama`` with scores; any
-other tokenizer (or none) is written as ``no_vocab`` with a warning in the report.
+Architectures, tensor names, rope row order and metadata: :mod:`.gguf_arch`.  Embeddings and an untied ``lm_head``
+that mixq kept in floating point are written as F16 (or ``float_type="f32"``); norms and biases as F32.  A tied
+``lm_head`` is not written (llama.cpp reuses ``token_embd``).  The tokenizer (:mod:`.gguf_vocab`): byte-level BPE
+(GPT-2 style, e.g. SmolLM2, Qwen2) as ``gpt2`` with merges, SentencePiece-style BPE (byte fallback) as ``llama``
+with scores; any other tokenizer (or none) is written as ``no_vocab`` with a warning in the report.
 """
 from __future__ import annotations
 
@@ -100,120 +41,24 @@ from ..formats import QTensor
 from ..formats import dequantize as mixq_dequantize
 from ..fsmode import publish
 from .atomic import remove_stale, temp_prefix
-from .gguf_vocab import _add_tokenizer, _embedded_pre, _tokenizer_fields
-from .ggml import (  # noqa: F401  (encode/decode re-exported: part of this module's API; block packers: .ggml_pack)
-    _Choice,
-    _choose_type,
-    _float_data,
-    _grid_of,
-    _rel,
-    decode_blocks,
-    encode_blocks,
-    ggml_bpw,
-    gguf_quantize_support,
-)
+from .ggml import decode_blocks, encode_blocks, ggml_bpw, gguf_quantize_support
+from .ggml_choice import _Choice, _choose_type, _float_data
+from .ggml_direct import DIRECT_TYPES, pack_direct
 from .ggml_exact import ggml_exact_type
+from .ggml_fit import _grid_of
+from .gguf_arch import _Arch, _arch_of, _hparams, _write_metadata, gguf_tensor_name, rope_row_order
+from .gguf_verify import _Expected, verify_gguf
+from .gguf_vocab import _add_tokenizer, _embedded_pre, _tokenizer_fields
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
 FLOAT_TYPES = {"f16": QT.F16, "f32": QT.F32}
+
+
 _PARAM_FIELDS = ("scale", "zero", "offset", "codebook", "tensor_scale")  # as in mixq.export.native
 
 
-class UnsupportedArchitectureError(ValueError):
-    """The model family has no GGUF mapping here."""
-
-
-# ============================================================================ architecture
-@dataclass(frozen=True)
-class _Arch:
-    gguf_arch: str
-    permute_qk: bool
-
-
-_ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False)}
-
-_BLOCK_TENSORS = {
-    "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
-    "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
-    "self_attn.q_proj": gguf.MODEL_TENSOR.ATTN_Q,
-    "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
-    "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V,
-    "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
-    "mlp.gate_proj": gguf.MODEL_TENSOR.FFN_GATE,
-    "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
-    "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
-}
-_TOP_TENSORS = {
-    "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD,
-    "model.norm": gguf.MODEL_TENSOR.OUTPUT_NORM,
-    "lm_head": gguf.MODEL_TENSOR.OUTPUT,
-}
-
-
-def _arch_of(config) -> _Arch:
-    mt = getattr(config, "model_type", None)
-    if mt not in _ARCHS:
-        raise UnsupportedArchitectureError(
-            f"GGUF export does not support model_type {mt!r}: supported architectures are "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders)")
-    return _ARCHS[mt]
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    """llama.cpp's name of a Llama-family Hugging Face parameter (``model.layers.3.self_attn.q_proj.weight``
-    -> ``blk.3.attn_q.weight``).  Raises ``KeyError`` for a tensor with no GGUF counterpart."""
-    base, _, leaf = hf_name.rpartition(".")
-    if base in _TOP_TENSORS:
-        return f"{gguf.TENSOR_NAMES[_TOP_TENSORS[base]]}.{leaf}"
-    parts = base.split(".")
-    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        rel = ".".join(parts[3:])
-        if rel in _BLOCK_TENSORS:
-            return f"{gguf.TENSOR_NAMES[_BLOCK_TENSORS[rel]].format(bid=int(parts[2]))}.{leaf}"
-    raise KeyError(hf_name)
-
-
-def rope_row_order(n_rows: int, n_heads: int) -> np.ndarray:
-    """Row order llama.cpp expects for a llama ``q_proj``/``k_proj`` (weight or bias).
-
-    Hugging Face keeps each head's rotary pairs half a head apart (``rotate_half``: row ``i`` pairs
-    with ``i + d/2``); llama.cpp's rope pairs adjacent rows.  So GGUF row ``2i + t`` of a head is
-    HF row ``i + t * d/2`` of that head: ``gguf_w = hf_w[rope_row_order(rows, heads)]``.
-    """
-    if n_rows % n_heads or (n_rows // n_heads) % 2:
-        raise ValueError(f"cannot split {n_rows} rows into {n_heads} heads of even size")
-    d = n_rows // n_heads
-    return np.arange(n_rows).reshape(n_heads, 2, d // 2).transpose(0, 2, 1).reshape(-1)
-
-
-def _rope_settings(config) -> tuple[float, str, dict]:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    legacy = getattr(config, "rope_scaling", None)
-    if isinstance(legacy, dict):
-        params = {**legacy, **params}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    kind = params.get("rope_type") or params.get("type") or "default"
-    return float(theta if theta is not None else 10000.0), kind, params
-
-
-def _hparams(config, arch: _Arch) -> dict[str, Any]:
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    theta, kind, params = _rope_settings(config)
-    if kind not in ("default", "linear"):
-        raise ValueError(f"rope scaling {kind!r} is not supported by the GGUF exporter (only default and linear)")
-    return {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
-            "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
-            "head_count": heads, "head_count_kv": kv, "head_dim": head_dim,
-            "rope_dimension_count": int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
-            "rope_freq_base": theta, "rope_scaling": kind, "rope_factor": params.get("factor"),
-            "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size}
-
-
-# ============================================================================ writing
 @dataclass
 class _Item:
     """One tensor to write."""
@@ -247,29 +92,6 @@ def _items(model: nn.Module, arch: _Arch, hp: dict, specs: Mapping[str, QuantSpe
         fqn = hf_name.rsplit(".", 1)[0] if t.ndim == 2 else None
         items.append(_Item(hf_name, name, fqn, perm))
     return items, tied
-
-
-class _Expected(Mapping):
-    """What each tensor of the file should decode to, computed on demand (``verify_gguf``'s ``expected``)."""
-
-    def __init__(self, values: dict[str, Any]):
-        self._values = values  # name -> zero-argument callable returning float32 ndarray
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._values[name]()
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-
-_FILE_TYPE = {QT.F32: "ALL_F32", QT.F16: "MOSTLY_F16", QT.BF16: "MOSTLY_BF16", QT.Q4_0: "MOSTLY_Q4_0",
-              QT.Q4_1: "MOSTLY_Q4_1", QT.Q5_0: "MOSTLY_Q5_0", QT.Q5_1: "MOSTLY_Q5_1", QT.Q8_0: "MOSTLY_Q8_0",
-              QT.Q2_K: "MOSTLY_Q2_K", QT.Q3_K: "MOSTLY_Q3_K_M", QT.Q4_K: "MOSTLY_Q4_K_M",
-              QT.Q5_K: "MOSTLY_Q5_K_M", QT.Q6_K: "MOSTLY_Q6_K", QT.IQ4_NL: "MOSTLY_IQ4_NL",
-              QT.MXFP4: "MOSTLY_MXFP4_MOE"}
 
 
 def _refuse(specs: Mapping[str, QuantSpec]) -> None:
@@ -378,8 +200,9 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
                 choice = _Choice(qt_float, _float_data(x, qt_float), None, None,
                                  "not quantized by mixq: written as " + qt_float.name, False, {}, {})
             else:
-                grid = _grid_of(qt, it.perm) if qt is not None else None
-                choice = _exact_choice(x, spec, grid, it.name) if exact else _choose_type(x, spec, grid)
+                direct = qt is not None and ggml_exact_type(spec, x.shape) in DIRECT_TYPES  # exact in any case
+                choice = _exact_choice(x, spec, qt, it.perm, it.name) if exact or direct else \
+                    _choose_type(x, spec, _grid_of(qt, it.perm) if qt is not None else None)
                 entry["mixq_bpw"] = spec.bpw(tuple(x.shape))
                 entry["grid"] = "mixq codes and scales" if choice.grid_used else "fit to the values"
             raw = choice.qtype not in (QT.F16, QT.F32)
@@ -423,8 +246,8 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     return _report(out, config, arch, rows_report, tok_report, verification, warnings, float_type, tied)
 
 
-def _exact_choice(x: np.ndarray, spec: QuantSpec, grid, name: str) -> _Choice:
-    """The ggml type holding ``spec`` exactly, filled with mixq's own step/zero (``grid``), or ValueError."""
+def _exact_choice(x: np.ndarray, spec: QuantSpec, q: QTensor | None, perm, name: str) -> _Choice:
+    """The ggml type holding ``spec`` exactly, filled with mixq's own codes and scales (``q``), or ValueError."""
     tname = ggml_exact_type(spec, x.shape)
     if tname is None:
         raise ValueError(f"{name}: no ggml type holds {spec.name} exactly on rows of {x.shape[1]} elements (the "
@@ -432,9 +255,12 @@ def _exact_choice(x: np.ndarray, spec: QuantSpec, grid, name: str) -> _Choice:
     qt = QT[tname]
     if qt in (QT.F16, QT.BF16, QT.F32):
         return _Choice(qt, _float_data(x, qt), qt, None, "exact: kept in floating point", False, {}, {})
-    if grid is None:
+    if q is None:
         raise ValueError(f"{name}: the exact export needs mixq's codes and scales (qtensors) for {spec.name}")
-    data = encode_blocks(qt, x, grid, spec.bits if spec.dtype == "int" else None)
+    if tname in DIRECT_TYPES:
+        data = pack_direct(tname, q, perm)
+    else:
+        data = encode_blocks(qt, x, _grid_of(q, perm), spec.bits if spec.dtype == "int" else None)
     return _Choice(qt, data, qt, None, "exact: mixq's codes and scales as they are", True, {}, {})
 
 
@@ -444,34 +270,6 @@ def _expected_fn(sd: dict, it: _Item, spec_key: str | None, qtensors: Mapping[st
         x = (mixq_dequantize(qt) if qt is not None else sd[it.hf_name].detach()).float().cpu().numpy()
         return x[it.perm] if it.perm is not None else x
     return get
-
-
-def _write_metadata(w: gguf.GGUFWriter, config, arch: _Arch, hp: dict, name: str | None, rows: list[dict]) -> None:
-    w.add_type("model")
-    w.add_name(name or getattr(config, "_name_or_path", None) or f"{config.model_type} (mixq)")
-    w.add_quantized_by("mixq")
-    w.add_context_length(hp["context_length"])
-    w.add_embedding_length(hp["embedding_length"])
-    w.add_block_count(hp["block_count"])
-    w.add_feed_forward_length(hp["feed_forward_length"])
-    w.add_head_count(hp["head_count"])
-    w.add_head_count_kv(hp["head_count_kv"])
-    if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
-        w.add_key_length(hp["head_dim"])
-        w.add_value_length(hp["head_dim"])
-    w.add_rope_dimension_count(hp["rope_dimension_count"])
-    w.add_rope_freq_base(hp["rope_freq_base"])
-    if hp["rope_scaling"] == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(float(hp["rope_factor"]))
-    w.add_layer_norm_rms_eps(hp["rms_eps"])
-    w.add_vocab_size(hp["vocab_size"])
-    linear = Counter(QT[r["ggml_type"]] for r in rows if r["is_block_linear"])
-    if linear:
-        common = linear.most_common(1)[0][0]
-        if common in _FILE_TYPE:
-            w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPE[common]]))
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def _report(out: Path, config, arch: _Arch, rows: list[dict], tok: dict, verification: dict | None,
@@ -507,7 +305,6 @@ def _report(out: Path, config, arch: _Arch, rows: list[dict], tok: dict, verific
     }
 
 
-# ============================================================================ native directories
 def _load_qtensors(src: Path, info: dict) -> dict[str, QTensor]:
     """The stored codes and parameters of every quantized layer of a native directory.
 
@@ -565,43 +362,3 @@ def export_gguf(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, over
     report["source"] = str(src)
     report["mixq"] = {k: info.get(k) for k in ("base_model", "method", "spec")}
     return report
-
-
-# ============================================================================ verification
-def verify_gguf(path: str | os.PathLike, expected: Mapping[str, torch.Tensor | np.ndarray]) -> dict:
-    """Read a GGUF file back and compare every tensor with what it should hold.
-
-    Each tensor is dequantized with ``gguf.quants.dequantize`` and compared with
-    ``expected[name]`` (its intended values, in the file's row order: q/k rows permuted for rope).
-    Returns ``{"tensors": {name: {ggml_type, shape, max_abs_err, rel_err, exact}}, "max_abs_err",
-    "max_rel_err", "n_exact", "missing", "unexpected", "shape_mismatch", "ok"}`` with ``rel_err``
-    the relative L2 error ``||got - want|| / ||want||``; ``ok`` means every expected tensor is
-    present with its shape (errors are reported, not judged).
-    """
-    reader = gguf.GGUFReader(path)
-    in_file = {t.name: t for t in reader.tensors}
-    tensors: dict[str, dict] = {}
-    missing, mismatch = [], []
-    for name in expected:
-        t = in_file.get(name)
-        if t is None:
-            missing.append(name)
-            continue
-        want = expected[name]
-        want = want.detach().float().cpu().numpy() if isinstance(want, torch.Tensor) else np.asarray(want, np.float32)
-        got = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        if got.size != want.size:
-            mismatch.append(name)
-            continue
-        got = got.reshape(want.shape)
-        diff = got.astype(np.float64) - want.astype(np.float64)
-        max_abs = float(np.abs(diff).max()) if diff.size else 0.0
-        ref = float(np.linalg.norm(want.astype(np.float64)))
-        tensors[name] = {"ggml_type": t.tensor_type.name, "shape": list(want.shape), "max_abs_err": max_abs,
-                         "rel_err": _rel(float(np.square(diff).sum()), ref * ref), "exact": max_abs == 0.0}
-    return {"path": str(path), "tensors": tensors,
-            "max_abs_err": max((r["max_abs_err"] for r in tensors.values()), default=0.0),
-            "max_rel_err": max((r["rel_err"] for r in tensors.values()), default=0.0),
-            "n_exact": sum(r["exact"] for r in tensors.values()),
-            "missing": missing, "unexpected": sorted(set(in_file) - set(expected)), "shape_mismatch": mismatch,
-            "ok": not missing and not mismatch}

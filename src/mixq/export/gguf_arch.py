@@ -1,0 +1,148 @@
+"""How a Hugging Face Llama-family model maps onto llama.cpp: architecture names, tensor names, the rope row
+order of q/k, and the hyperparameters written as GGUF metadata.
+
+Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does) and ``qwen2``; others raise
+:class:`UnsupportedArchitectureError`.  For llama/mistral the rows of ``q_proj``/``k_proj`` (and their biases) are
+permuted to llama.cpp's interleaved rope layout (:func:`rope_row_order`), which transformers' GGUF loader undoes;
+qwen2 uses neox rope and is written unpermuted.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model family has no GGUF mapping here."""
+
+
+@dataclass(frozen=True)
+class _Arch:
+    gguf_arch: str
+    permute_qk: bool
+
+
+_ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False)}
+
+
+_BLOCK_TENSORS = {
+    "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
+    "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
+    "self_attn.q_proj": gguf.MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
+    "mlp.gate_proj": gguf.MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
+}
+
+
+_TOP_TENSORS = {
+    "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD,
+    "model.norm": gguf.MODEL_TENSOR.OUTPUT_NORM,
+    "lm_head": gguf.MODEL_TENSOR.OUTPUT,
+}
+
+
+def _arch_of(config) -> _Arch:
+    mt = getattr(config, "model_type", None)
+    if mt not in _ARCHS:
+        raise UnsupportedArchitectureError(
+            f"GGUF export does not support model_type {mt!r}: supported architectures are "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders)")
+    return _ARCHS[mt]
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """llama.cpp's name of a Llama-family Hugging Face parameter (``model.layers.3.self_attn.q_proj.weight``
+    -> ``blk.3.attn_q.weight``).  Raises ``KeyError`` for a tensor with no GGUF counterpart."""
+    base, _, leaf = hf_name.rpartition(".")
+    if base in _TOP_TENSORS:
+        return f"{gguf.TENSOR_NAMES[_TOP_TENSORS[base]]}.{leaf}"
+    parts = base.split(".")
+    if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        rel = ".".join(parts[3:])
+        if rel in _BLOCK_TENSORS:
+            return f"{gguf.TENSOR_NAMES[_BLOCK_TENSORS[rel]].format(bid=int(parts[2]))}.{leaf}"
+    raise KeyError(hf_name)
+
+
+def rope_row_order(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order llama.cpp expects for a llama ``q_proj``/``k_proj`` (weight or bias).
+
+    Hugging Face keeps each head's rotary pairs half a head apart (``rotate_half``: row ``i`` pairs
+    with ``i + d/2``); llama.cpp's rope pairs adjacent rows.  So GGUF row ``2i + t`` of a head is
+    HF row ``i + t * d/2`` of that head: ``gguf_w = hf_w[rope_row_order(rows, heads)]``.
+    """
+    if n_rows % n_heads or (n_rows // n_heads) % 2:
+        raise ValueError(f"cannot split {n_rows} rows into {n_heads} heads of even size")
+    d = n_rows // n_heads
+    return np.arange(n_rows).reshape(n_heads, 2, d // 2).transpose(0, 2, 1).reshape(-1)
+
+
+def _rope_settings(config) -> tuple[float, str, dict]:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None)
+    if isinstance(legacy, dict):
+        params = {**legacy, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    kind = params.get("rope_type") or params.get("type") or "default"
+    return float(theta if theta is not None else 10000.0), kind, params
+
+
+def _hparams(config, arch: _Arch) -> dict[str, Any]:
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    theta, kind, params = _rope_settings(config)
+    if kind not in ("default", "linear"):
+        raise ValueError(f"rope scaling {kind!r} is not supported by the GGUF exporter (only default and linear)")
+    return {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+            "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
+            "head_count": heads, "head_count_kv": kv, "head_dim": head_dim,
+            "rope_dimension_count": int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
+            "rope_freq_base": theta, "rope_scaling": kind, "rope_factor": params.get("factor"),
+            "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size}
+
+
+_FILE_TYPE = {QT.F32: "ALL_F32", QT.F16: "MOSTLY_F16", QT.BF16: "MOSTLY_BF16", QT.Q4_0: "MOSTLY_Q4_0",
+              QT.Q4_1: "MOSTLY_Q4_1", QT.Q5_0: "MOSTLY_Q5_0", QT.Q5_1: "MOSTLY_Q5_1", QT.Q8_0: "MOSTLY_Q8_0",
+              QT.Q2_K: "MOSTLY_Q2_K", QT.Q3_K: "MOSTLY_Q3_K_M", QT.Q4_K: "MOSTLY_Q4_K_M",
+              QT.Q5_K: "MOSTLY_Q5_K_M", QT.Q6_K: "MOSTLY_Q6_K", QT.IQ4_NL: "MOSTLY_IQ4_NL",
+              QT.MXFP4: "MOSTLY_MXFP4_MOE"}
+
+
+def _write_metadata(w: gguf.GGUFWriter, config, arch: _Arch, hp: dict, name: str | None, rows: list[dict]) -> None:
+    w.add_type("model")
+    w.add_name(name or getattr(config, "_name_or_path", None) or f"{config.model_type} (mixq)")
+    w.add_quantized_by("mixq")
+    w.add_context_length(hp["context_length"])
+    w.add_embedding_length(hp["embedding_length"])
+    w.add_block_count(hp["block_count"])
+    w.add_feed_forward_length(hp["feed_forward_length"])
+    w.add_head_count(hp["head_count"])
+    w.add_head_count_kv(hp["head_count_kv"])
+    if hp["head_dim"] != hp["embedding_length"] // hp["head_count"]:
+        w.add_key_length(hp["head_dim"])
+        w.add_value_length(hp["head_dim"])
+    w.add_rope_dimension_count(hp["rope_dimension_count"])
+    w.add_rope_freq_base(hp["rope_freq_base"])
+    if hp["rope_scaling"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(hp["rope_factor"]))
+    w.add_layer_norm_rms_eps(hp["rms_eps"])
+    w.add_vocab_size(hp["vocab_size"])
+    linear = Counter(QT[r["ggml_type"]] for r in rows if r["is_block_linear"])
+    if linear:
+        common = linear.most_common(1)[0][0]
+        if common in _FILE_TYPE:
+            w.add_file_type(int(gguf.LlamaFileType[_FILE_TYPE[common]]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
