@@ -106,7 +106,8 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
 
     from mixq import api
     from mixq.config import parse_spec
-    from mixq.export.native import load_quantized, save_quantized
+    from mixq.export.native import load_quantized
+    from mixq.export.native_write import save_quantized
     from mixq.runtime import greedy_generate, kernel_usage
 
     def speed(model) -> dict:

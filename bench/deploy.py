@@ -49,7 +49,8 @@ from common import RESULTS, Setup, header, peak_rss_mb
 from mixq import api
 from mixq.allocate import Budget, Constraints, SensitivityTable, allocate, default_candidates
 from mixq.config import parse_spec
-from mixq.export.native import load_quantized, read_info, rewrite_native, save_quantized
+from mixq.export.native import load_quantized, read_info
+from mixq.export.native_write import rewrite_native, save_quantized
 from mixq.measure import measure
 from mixq.runtime import greedy_generate, kernel_usage, memory_report
 

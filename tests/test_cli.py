@@ -6,7 +6,8 @@ import torch
 
 from mixq import api
 from mixq.cli import main
-from mixq.export.native import CheckpointError, load_quantized, save_quantized
+from mixq.export.native import CheckpointError, load_quantized
+from mixq.export.native_write import save_quantized
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -28,7 +28,7 @@ from mixq.export import gguf_arch as GA
 from mixq.export.gguf import export_gguf, write_gguf
 from mixq.export.gguf_arch import UnsupportedArchitectureError, gguf_tensor_name, rope_row_order
 from mixq.export.gguf_verify import verify_gguf
-from mixq.export.native import save_quantized
+from mixq.export.native_write import save_quantized
 
 
 # ---------------------------------------------------------------------------- helpers

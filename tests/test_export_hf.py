@@ -25,7 +25,8 @@ from mixq.export.hf import (
     read_back_compressed,
     read_back_gptq,
 )
-from mixq.export.native import load_quantized, read_qtensors, save_quantized
+from mixq.export.native import load_quantized, read_qtensors
+from mixq.export.native_write import save_quantized
 from tiny import make_tiny, make_tiny_tokenizer
 
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None

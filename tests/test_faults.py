@@ -156,9 +156,9 @@ def test_full_disk_is_one_line(tiny_dir, qdir, tmp_path, capsys, monkeypatch):
     """A disk that fills up while the output is written: exit 2, one line, no temporary left behind."""
     import mixq.export.gguf
     import mixq.export.hf
-    import mixq.export.native
+    import mixq.export.native_write
 
-    monkeypatch.setattr(mixq.export.native, "save_file", _full_disk)
+    monkeypatch.setattr(mixq.export.native_write, "save_file", _full_disk)
     monkeypatch.setattr(mixq.export.hf, "save_file", _full_disk)
     capsys.readouterr()
     assert main(["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--method", "rtn",
@@ -372,7 +372,7 @@ def test_matching_measurement_is_accepted(measured, tiny_dir, tmp_path):
 # ---------------------------------------------------------------------------- signals and stale temporaries (item 6)
 _SLOW_WRITER = """
 import sys, time
-import mixq.export.native as native
+import mixq.export.native_write as native_write
 from safetensors.torch import save_file
 
 def slow(tensors, path, *a, **k):  # the final write, caught half-way: rest.safetensors written, mixq.json not
@@ -380,7 +380,7 @@ def slow(tensors, path, *a, **k):  # the final write, caught half-way: rest.safe
     open(sys.argv[1], "w").close()
     time.sleep(120)
 
-native.save_file = slow
+native_write.save_file = slow
 from mixq.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -523,7 +523,8 @@ def test_a_block_changed_under_the_walk_is_not_assembled(tiny_model, tiny_tokeni
 
     from mixq import api
     from mixq.calib.checkpoint import WalkCheckpoint
-    from mixq.export.native import load_quantized, save_quantized
+    from mixq.export.native import load_quantized
+    from mixq.export.native_write import save_quantized
 
     def run(out):
         model = tiny_model("llama")

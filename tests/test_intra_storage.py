@@ -18,9 +18,8 @@ from mixq.export.native import (
     read_info,
     read_packed,
     read_qtensors,
-    rewrite_native,
-    save_quantized,
 )
+from mixq.export.native_write import rewrite_native, save_quantized
 from mixq.intra import CompositeLinear, PackedComposite
 from mixq.runtime import QuantLinear, kernel_usage, memory_report
 

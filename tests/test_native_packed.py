@@ -16,9 +16,8 @@ from mixq.export.native import (
     load_quantized,
     read_info,
     read_qtensors,
-    rewrite_native,
-    save_quantized,
 )
+from mixq.export.native_write import rewrite_native, save_quantized
 from mixq.formats import dequantize
 from mixq.runtime import QuantLinear, greedy_generate, memory_report
 from mixq.runtime.kernels import cpu
@@ -182,7 +181,7 @@ def test_config_edit_is_caught_and_verify_false_skips(tiny_model, tiny_tokenizer
 # ---------------------------------------------------------------------------- v1 directories
 def _write_v1(d, model, tok, qtensors):
     """A directory as mixq format v1 wrote it: one code per byte, every param as float32, no checksums."""
-    from mixq.export.native import _rest_state
+    from mixq.export.native_write import _rest_state
 
     d.mkdir()
     qt = {}

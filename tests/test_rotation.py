@@ -107,7 +107,8 @@ def test_rotation_flattens_outliers_and_helps_rtn():
 @pytest.mark.parametrize("family", ["gemma", "llama"])
 @torch.no_grad()
 def test_rotated_awq_model_round_trips_through_native_dir(family, tiny_tokenizer, tmp_path):
-    from mixq.export.native import CheckpointError, load_quantized, save_quantized
+    from mixq.export.native import CheckpointError, load_quantized
+    from mixq.export.native_write import save_quantized
 
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     model = make_tiny(family)  # gemma: tied embeddings, untied by the rotation

@@ -188,7 +188,7 @@ def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
 def test_stored_layers_save_like_in_memory_ones(tiny_model, tiny_tokenizer, tmp_path):
     """A GPTQ walk whose checkpoint releases each block gives the same directory, byte for byte."""
     from mixq.calib.checkpoint import StoredLayer, WalkCheckpoint
-    from mixq.export.native import save_quantized
+    from mixq.export.native_write import save_quantized
 
     ids = torch.randint(0, 99, (4, 16), generator=torch.Generator().manual_seed(0))
     dirs = []

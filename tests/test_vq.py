@@ -172,7 +172,8 @@ def test_native_cpu_kernel_both_forms(lut):
 
 def test_save_load_same_output(tiny_model, tiny_tokenizer, tmp_path):
     from mixq import api
-    from mixq.export.native import load_quantized, save_quantized
+    from mixq.export.native import load_quantized
+    from mixq.export.native_write import save_quantized
 
     model = tiny_model("llama")
     fqns = list(api.resolve_specs(model, "W4-g32"))

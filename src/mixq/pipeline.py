@@ -235,7 +235,7 @@ def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: d
     ``out_dir`` is refused unless ``overwrite``.  ``rest_dtype``: cast the unquantized tensors (e.g.
     ``torch.bfloat16``).  Returns the directory's path; :func:`load_quantized` reads it back.
     """
-    from .export.native import save_quantized as _save
+    from .export.native_write import save_quantized as _save
 
     qtensors = getattr(result, "qtensors", result)
     info = dict(getattr(result, "meta", None) or {})
@@ -270,7 +270,7 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     from pathlib import Path
 
     from .export.native import load_quantized as _load_q, read_info, read_qtensors, run_meta
-    from .export.native import save_quantized as _save
+    from .export.native_write import save_quantized as _save
     from .distill import FinetuneConfig, finetune_blockwise, mean_gain, plot_curves
 
     src, out = Path(src_dir), Path(out_dir)

@@ -281,7 +281,7 @@ class StoredLayer:
 
     What :class:`WalkCheckpoint` leaves in the results with ``release=True``: it has the ``spec``,
     ``shape``, ``nbytes``, ``tensor_meta()`` and ``tensors()`` of the packed layer it stands for, so
-    :func:`mixq.export.native.save_quantized` copies it into the output one tensor at a time;
+    :func:`mixq.export.native_write.save_quantized` copies it into the output one tensor at a time;
     :meth:`packed` / :meth:`to_qtensor` load it.  Valid while the checkpoint directory exists.
     ``expect``: the file's size and sha256 as the walk wrote it (``progress.json``); the file is checked against
     them once, before the first tensor is read from it, so an output never assembles a block some other process

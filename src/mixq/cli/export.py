@@ -56,7 +56,8 @@ def report_path(out: Path) -> Path:
 def cmd_export(args) -> int:
     import torch
 
-    from ..export.native import read_info, rewrite_native
+    from ..export.native import read_info
+    from ..export.native_write import rewrite_native
 
     src, out = Path(args.dir), Path(args.out)
     info = read_info(src)  # a missing / foreign / damaged directory fails here, before any work

@@ -59,7 +59,7 @@ def cmd_quantize(args) -> int:
     from ..bos import resolve_bos
     from ..calibset import calibration_for, parse_sources
     from ..config import parse_spec
-    from ..export.native import save_quantized
+    from ..export.native_write import save_quantized
     from ..models import load_model
 
     if getattr(args, "target", None) and args.candidates == "default":
