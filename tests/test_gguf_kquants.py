@@ -24,6 +24,7 @@ from mixq.config import parse_spec
 from mixq.export.ggml_exact import GGUF_CANDIDATE_NAMES, ggml_exact_type, target_candidates
 from mixq.export.gguf import export_gguf, write_gguf
 from mixq.export.gguf_arch import gguf_tensor_name, rope_row_order
+from mixq.export.native_write import save_quantized
 from mixq.formats import dequantize, quantize
 from mixq.runtime.bitpack import PackedWeight
 
@@ -113,12 +114,7 @@ def test_exact_export_is_bit_exact_for_every_new_type(tmp_path, method):
     lin = [r for r in rep["tensors"] if r["spec"]]
     assert all(r["exact"] and r["ggml_bpw"] == r["mixq_bpw"] for r in lin)
     # the same tensors through a native directory (bit-packed two-level scales) export the same bits
-    from mixq.export import native
-
-    save = getattr(native, "save_quantized", None)
-    if save is None:
-        from mixq.export.native_write import save_quantized as save
-    src = save(tmp_path / "q", model, make_tiny_tokenizer(), res.qtensors,
+    src = save_quantized(tmp_path / "q", model, make_tiny_tokenizer(), res.qtensors,
                {"base_model": "tiny", "method": method, "target": "gguf"})
     rep2 = export_gguf(src, tmp_path / "d.gguf", progress=False)
     assert rep2["exact"] and _check_bit_exact(tmp_path / "d.gguf", model, res.qtensors, specs) == set(NEW)
