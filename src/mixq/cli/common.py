@@ -109,8 +109,9 @@ def constraint_args(p) -> None:
                         "GEMM; no NF/FP/FP16 layers, which would run the slow dequantize-per-call kernel)")
     p.add_argument("--target", default=None, choices=["gguf"],
                    help="only candidates this runtime holds exactly for each layer's shape (gguf: the ggml block "
-                        "types of the row length, written as they are by `mixq export --format gguf`); the plan "
-                        "records it, and quantize measures the target's specs when --candidates is 'default'")
+                        "types of the row length -- Q8_0/Q5_x/Q4_x/IQ4_NL/MXFP4 on multiples of 32, the K-quants "
+                        "Q2_K..Q6_K on multiples of 256 -- written as they are by `mixq export --format gguf`); the "
+                        "plan records it, and quantize measures the target's specs when --candidates is 'default'")
 
 
 # ---------------------------------------------------------------------------- parsing what they give
