@@ -105,3 +105,34 @@ def test_layers_sharing_an_input_share_its_moments_but_not_after_an_inplace_chan
     expect = (X.T @ X / 4 + X.T @ X) / 4200  # first update saw x/2
     assert torch.allclose(b.H.double(), expect, rtol=1e-5)
     assert b.absmax.max() == X.abs().max().float()
+
+
+def test_walk_replays_each_blocks_own_arguments():
+    """Gemma 3 mixes sliding-window and global attention layers, each kind with its own mask and RoPE table; the
+    walk must replay every block with the arguments the model gives *that* block (it used block 0's for all, so
+    every block after the first global one saw inputs the model never computes).  Rows longer than the window."""
+    from tiny import _config
+
+    cfg, cls = _config("gemma3")
+    cfg.num_hidden_layers = 3
+    cfg.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    ids = _ids(n=2, L=3 * cfg.sliding_window)
+    arch = arch_for(model)
+    ref: dict[str, LayerStats] = {}
+    hooks = []
+    for i, block in enumerate(get_blocks(model)):
+        for name, m in block_linears(block, arch).items():
+            st = ref[f"{i}.{name}"] = LayerStats(m.in_features)
+            hooks.append(m.register_forward_hook(lambda mod, a, o, st=st: st.update(a[0])))
+    with torch.no_grad():
+        for s in range(ids.shape[0]):
+            model(ids[s : s + 1], use_cache=False)
+    for h in hooks:
+        h.remove()
+    got = {}
+    walk_blocks(model, ids, None, sequential=False, progress=False,
+                stats_sink=lambda i, stats: got.update({f"{i}.{n}": s for n, s in stats.items()}))
+    for k in ref:
+        torch.testing.assert_close(got[k].H, ref[k].H, rtol=1e-5, atol=1e-6, msg=k)

@@ -201,7 +201,7 @@ def finetune_blockwise(qmodel: nn.Module, ref: nn.Module, qtensors: dict, calib_
         bar = tqdm(bar, desc="finetune", unit="block")
     for i in bar:
         bpre = f"{prefix}.{i}"
-        Yf = run_block(bf[i], Xf, kw)
+        Yf = run_block(bf[i], Xf, kw[i])
         swapped = _swap_in(bq[i], bpre, out)
         norms = _norm_params(bq[i], swapped) if cfg.tune_norms else []
         saved = ckpt.load(i)
@@ -210,7 +210,7 @@ def finetune_blockwise(qmodel: nn.Module, ref: nn.Module, qtensors: dict, calib_
             rec = saved["record"]
         else:
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + i)  # per block: a resumed run shuffles alike
-            rec = _train_block(bq[i], swapped, norms, Xq, Yf, kw, n_val, cfg, g)
+            rec = _train_block(bq[i], swapped, norms, Xq, Yf, kw[i], n_val, cfg, g)
             ckpt.save(i, _state(swapped, norms), rec)
         report["blocks"].append({"block": i, **rec})
         with torch.no_grad():
@@ -221,7 +221,7 @@ def finetune_blockwise(qmodel: nn.Module, ref: nn.Module, qtensors: dict, calib_
                 _set_child(bq[i], name, orig)
         for p in bq[i].parameters():
             p.requires_grad_(False)
-        Xq = run_block(bq[i], Xq, kw)
+        Xq = run_block(bq[i], Xq, kw[i])
         Xf = Yf
     report["seconds"] = time.perf_counter() - t0
     ckpt.clear()

@@ -1,8 +1,11 @@
 """The block-by-block calibration walk (the GPTQ ``sequential`` pattern, no graph tracing).
 
-1. Capture the inputs of decoder block 0 (hidden states and the keyword arguments the model
-   passes to its blocks: attention mask, rotary position embeddings, ...) by running the model
-   with a catcher in place of block 0 that records and stops the forward pass.
+1. Capture the inputs of decoder block 0 (hidden states) and the keyword arguments the model
+   passes to *each* block (attention mask, rotary position embeddings, ...: they differ between
+   blocks where a model mixes attention kinds, e.g. Gemma 2/3's sliding-window and global layers with
+   their own masks and RoPE tables) by running the model with catchers in place of the blocks that
+   record and stop the forward pass (the first batch passes every catcher, the others stop at block 0;
+   no block is computed).
 2. For each block i: bring it to the compute device (``BlockSource.load``), hook its linear
    layers to accumulate :class:`LayerStats`, run all calibration samples through it, hand the
    block and its statistics to a callback (which quantizes it), then compute the block's outputs
@@ -39,21 +42,27 @@ class _StopForward(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for block 0: records its inputs, then stops the forward pass."""
+    """Stands in for block ``index``: records the keyword arguments of its first call (and, for block 0, every
+    input), then stops the forward pass -- or, while the first batch passes every block (``passing``), hands
+    its input on unchanged so that the model calls the next block with that block's own arguments."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, index: int, last: bool):
         super().__init__()
-        self.block = block
+        self.block, self.index, self.last = block, index, last
         self.inputs: list[torch.Tensor] = []
         self.kwargs: dict | None = None
+        self.passing = False
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.inputs.append(hidden_states.detach())
+        if self.index == 0:
+            self.inputs.append(hidden_states.detach())
         if self.kwargs is None:
             # positional extras (GPT-2 passes a few Nones) are replayed as "_args"; caches are dropped
             self.kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "layer_past")}
             self.kwargs["use_cache"] = False
             self.kwargs["_args"] = tuple(None if isinstance(a, Cache) else a for a in args)
+        if self.passing and not self.last:
+            return hidden_states
         raise _StopForward
 
 
@@ -83,18 +92,23 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, *, device="c
                          alloc: Callable[[tuple, torch.dtype], torch.Tensor] | None = None):
     """Run the model up to block 0 for every calibration sample.
 
-    ``input_ids``: ``[n, L]``.  Returns ``(inputs [n, L, hidden], kwargs)``; ``kwargs`` are the
-    keyword arguments the model passes to every block (shared by all samples of length L).
-    Only the modules before block 0 (embeddings, rotary tables) need to be materialized.
+    ``input_ids``: ``[n, L]``.  Returns ``(inputs [n, L, hidden], kwargs)``; ``kwargs[i]`` are the keyword
+    arguments the model passes to block ``i`` (shared by all samples of length L; blocks of one attention
+    kind share the same tensors).  Only the modules before block 0 (embeddings, rotary tables) and between
+    the blocks need to be materialized: no block runs.
     ``alloc(shape, dtype)``: where the inputs go (e.g. :func:`mixq.calib.offload.disk_tensor`);
     each batch is copied there as it is captured, so the whole set is never in RAM at once.
     """
     blocks = get_blocks(model)
-    catcher = _Catcher(blocks[0])
-    blocks[0] = catcher
+    catchers = [_Catcher(b, i, i == len(blocks) - 1) for i, b in enumerate(blocks)]
+    for i, c in enumerate(catchers):
+        blocks[i] = c
+    catcher = catchers[0]
     n, buf = input_ids.shape[0], None
     try:
         for s in range(0, n, batch_size):
+            for c in catchers:
+                c.passing = s == 0
             try:
                 model(input_ids[s : s + batch_size].to(device), use_cache=False)
             except _StopForward:
@@ -105,10 +119,13 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, *, device="c
                     buf = alloc((n, *x.shape[1:]), x.dtype)
                 buf[s : s + x.shape[0]] = x
     finally:
-        blocks[0] = catcher.block
+        for i, c in enumerate(catchers):
+            blocks[i] = c.block
     if buf is None and not catcher.inputs:
         raise RuntimeError("block 0 was never called: is the architecture table's block path right?")
-    return (buf if buf is not None else torch.cat(catcher.inputs, 0)), catcher.kwargs or {}
+    first = catcher.kwargs or {}
+    kwargs = [c.kwargs if c.kwargs is not None else first for c in catchers]
+    return (buf if buf is not None else torch.cat(catcher.inputs, 0)), kwargs
 
 
 def _block_out(out):
@@ -161,7 +178,7 @@ def walk_blocks(
     outputs of the block *after* the callback (quantized), else the fp outputs.
     ``stats_sink(i, stats)`` receives each block's statistics (e.g. to save them).
     ``io_sink(i, block, inputs, fp_outputs, kwargs)`` sees the block with its fp inputs and
-    outputs ``[n, L, hidden]`` and the keyword arguments to replay it with :func:`run_block`
+    outputs ``[n, L, hidden]`` and the keyword arguments to replay it with :func:`run_block` (block ``i``'s own)
     (block-output measurement); it must leave the block as it found it.
 
     ``checkpoint``: a :class:`~mixq.calib.checkpoint.WalkCheckpoint` (attached to the caller's
@@ -181,7 +198,7 @@ def walk_blocks(
         from .offload import disk_tensor
 
         alloc = lambda shape, dtype: disk_tensor(offload_dir, shape, dtype)  # noqa: E731
-    inps, kwargs = capture_block_inputs(model, input_ids, device=device, batch_size=batch_size, alloc=alloc)
+    inps, block_kwargs = capture_block_inputs(model, input_ids, device=device, batch_size=batch_size, alloc=alloc)
     outs = torch.empty_like(inps) if alloc is None else alloc(tuple(inps.shape), inps.dtype)
     start = 0
     if checkpoint is not None:
@@ -195,6 +212,7 @@ def walk_blocks(
                initial=start, total=len(blocks))
     for i in bar:
         block = source.load(i, blocks[i], device)
+        kwargs = block_kwargs[i]
         lins = block_linears(block, arch)
         stats = {n: LayerStats(_in_features(m), keep_hessian=keep_hessian) for n, m in lins.items()}
         hooks = [m.register_forward_hook(_stat_hook(stats[n])) for n, m in lins.items()]
