@@ -1,6 +1,7 @@
 """llama.cpp's K-quants (Q2_K ... Q6_K) and IQ4_NL as exact mixq specs under ``--target gguf``.
 
-* each spec costs exactly its ggml type's size, and is held exactly only on rows its block fits (256 / 32);
+* each spec costs exactly its ggml type's size, and is held exactly only on rows its block fits (256 / 32); of the
+  composite extensions only +ip applies to them;
 * RTN and GPTQ choose codes and two-level scales inside the type: the stored form is exactly the counted bits,
   and the exact GGUF export decodes (``gguf.quants.dequantize``) to mixq's dequantized weight bit for bit, from
   memory and from a native directory;
@@ -71,6 +72,9 @@ def test_cost_is_the_ggml_size_and_rows_must_fit(name):
     assert spec.export_to("gguf").kind == "exact" and spec.export_to("gptq").kind == "refused"
     with pytest.raises(ValueError, match="-mse"):
         parse_spec(name + "-mse")
+    assert parse_spec(name + "+ip").name == name + "+ip"  # incoherence processing keeps the block structure
+    with pytest.raises(ValueError, match=r"only \+ip"):
+        parse_spec(name + "+o0.5")
 
 
 @pytest.mark.parametrize("name", NEW)

@@ -26,12 +26,13 @@ their width, which is exactly what :meth:`stored` counts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 
 from ..granularity import PerGroup, n_groups
 from .protocol import ElementFormat, Export
 
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+_PLAIN_FIELDS = {"dtype", "bits", "granularity", "symmetric", "scale_dtype", "zero_dtype", "tensor_scale", "clip"}
 _REFUSE_HF = Export("refused", "a llama.cpp block type: export it with --format gguf (or keep the native directory)")
 
 
@@ -80,6 +81,12 @@ class _GgmlType(ElementFormat):
         super().check(spec)
         if spec.clip != "minmax":
             raise ValueError(f"{self.head(spec)} searches its scales already: no -mse variant")
+        # a composite over this base (CompositeSpec checks its base fields here): only +ip keeps the block structure
+        ext = [f.name for f in (fields(spec) if is_dataclass(spec) else ()) if f.name not in _PLAIN_FIELDS
+               and f.name != "incoherent" and f.default is not MISSING and getattr(spec, f.name) != f.default]
+        if ext:
+            raise ValueError(f"{self.head(spec)} is a llama.cpp block type: of the composite extensions only +ip "
+                             f"applies to it (this one sets {', '.join(ext)})")
 
     def name(self, spec):
         return self.head(spec)
