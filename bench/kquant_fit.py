@@ -12,6 +12,9 @@ Tensors: heavy-tailed random weights (Student-t, 5 degrees of freedom, 512 x 153
 (``exp(1.5 N(0,1))``), and the ``down_proj`` weights (rows of 1536) of the embedded SmolLM2-135M, which is itself a
 dequantized Q4_1 GGUF (its weights sit on a 32-block grid: not a fair fp model, shown apart).
 
+Then GPTQ with the type's grid: the layer proxy of RTN and GPTQ, with and without diag(H) as the importance of
+the super-block scale fit.
+
 Writes bench/results/kquant_fit.{md,json}.
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ from common import RESULTS, header
 sys.path.insert(0, str(Path(__file__).parent))
 import llamacpp  # noqa: E402
 
-from mixq.config import parse_spec  # noqa: E402
+from mixq.algorithms.gptq import gptq_quantize  # noqa: E402
+from mixq.config import family_of, parse_spec  # noqa: E402
 from mixq.formats import dequantize, quantize  # noqa: E402
 
 TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
@@ -98,6 +102,36 @@ def compare(exe: Path, work: Path, mats: list[torch.Tensor], imps: list[torch.Te
     return out
 
 
+def gptq_section() -> dict:
+    """The layer proxy ``tr(dW H dW^T)`` of RTN and GPTQ, each without and with diag(H) as the scale fit's importance
+    (GPTQ's default for these types), on a Student-t weight and correlated inputs with log-normal column scales."""
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(2)
+    w = (torch.distributions.StudentT(5.0).sample((256, 1536)) * 0.02).float()
+    x = torch.randn(4096, 1536, generator=g) @ (torch.eye(1536) + 0.3 * torch.randn(1536, 1536, generator=g) / 1536**0.5)
+    x = x * torch.exp(torch.randn(1536, generator=g))
+    h = x.T @ x / x.shape[0]
+
+    def proxy(wq):
+        d = (w - wq).double()
+        return float(((d @ h.double()) * d).sum())
+
+    out = {}
+    for t in TYPES:
+        spec, fam = parse_spec(t), family_of(parse_spec(t))
+        row = {"rtn": proxy(dequantize(quantize(w, spec))),
+               "rtn_diagH": proxy(dequantize(quantize(w, spec, weight=torch.diagonal(h)[None]))),
+               "gptq_diagH": gptq_quantize(w, h, spec).proxy_loss}
+        type(fam).importance_fit = False
+        try:
+            row["gptq"] = gptq_quantize(w, h, spec).proxy_loss
+        finally:
+            type(fam).importance_fit = True
+        out[t] = row
+        print(t, json.dumps(row), flush=True)
+    return out
+
+
 def table(res: dict) -> list[str]:
     lines = ["| type | plain: mixq | plain: llama.cpp | ratio | importance: mixq | importance: llama.cpp | ratio |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -126,6 +160,7 @@ def main() -> None:
     model, _ = load_model("smollm2-135m")
     downs = [m.weight.detach().float() for n, m in model.named_modules() if n.endswith("down_proj")][::10][:args.mats]
     smol = compare(exe, work, downs, [torch.exp(1.5 * torch.randn(d.shape[1], generator=g)) for d in downs])
+    gp = gptq_section()
     cmd = "OMP_NUM_THREADS=1 python bench/kquant_fit.py " + " ".join(sys.argv[1:])
     lines = header("mixq's K-quant / IQ4_NL fit against llama.cpp's quantizer (RTN, same tensors)", cmd)
     lines += ["Relative squared error `sum(h (w - w_hat)^2) / sum(h w^2)` (h = 1 for plain), mean over the tensors; "
@@ -133,9 +168,15 @@ def main() -> None:
               "`ggml_quantize_chunk` of the cached llama-cpp-python 0.3.36 build, imatrix = h.", "",
               f"## Student-t (5 dof) random weights, {args.mats} x 512 x 1536, log-normal importance", "", *table(synth),
               "", f"## SmolLM2-135M down_proj ({len(downs)} layers, 576 x 1536; a dequantized Q4_1 model)", "",
-              *table(smol), ""]
+              *table(smol), "",
+              "## GPTQ with the type's grid (256 x 1536 Student-t weight, correlated inputs, log-normal column scales)",
+              "", "Layer proxy `tr(dW H dW^T)` (lower is better); `diagH`: the scale fit weighted by diag(H).", "",
+              "| type | RTN | RTN, diagH | GPTQ, scales without importance | GPTQ, diagH (default) |",
+              "|---|---:|---:|---:|---:|",
+              *[f"| {t} | {r['rtn']:.4g} | {r['rtn_diagH']:.4g} | {r['gptq']:.4g} | {r['gptq_diagH']:.4g} |"
+                for t, r in gp.items()], ""]
     (RESULTS / "kquant_fit.md").write_text("\n".join(lines))
-    (RESULTS / "kquant_fit.json").write_text(json.dumps({"command": cmd, "synthetic": synth, "smollm2_down": smol},
+    (RESULTS / "kquant_fit.json").write_text(json.dumps({"command": cmd, "synthetic": synth, "smollm2_down": smol, "gptq": gp},
                                                         indent=1))
     print("\n".join(lines))
 
