@@ -108,7 +108,8 @@ def gptq_section() -> dict:
     torch.manual_seed(1)
     g = torch.Generator().manual_seed(2)
     w = (torch.distributions.StudentT(5.0).sample((256, 1536)) * 0.02).float()
-    x = torch.randn(4096, 1536, generator=g) @ (torch.eye(1536) + 0.3 * torch.randn(1536, 1536, generator=g) / 1536**0.5)
+    mix = torch.eye(1536) + 0.3 * torch.randn(1536, 1536, generator=g) / 1536**0.5
+    x = torch.randn(4096, 1536, generator=g) @ mix
     x = x * torch.exp(torch.randn(1536, generator=g))
     h = x.T @ x / x.shape[0]
 
@@ -166,7 +167,8 @@ def main() -> None:
     lines += ["Relative squared error `sum(h (w - w_hat)^2) / sum(h w^2)` (h = 1 for plain), mean over the tensors; "
               "ratio = mean of mixq / llama.cpp per tensor (< 1: mixq's fit is closer).  llama.cpp: "
               "`ggml_quantize_chunk` of the cached llama-cpp-python 0.3.36 build, imatrix = h.", "",
-              f"## Student-t (5 dof) random weights, {args.mats} x 512 x 1536, log-normal importance", "", *table(synth),
+              f"## Student-t (5 dof) random weights, {args.mats} x 512 x 1536, log-normal importance", "",
+              *table(synth),
               "", f"## SmolLM2-135M down_proj ({len(downs)} layers, 576 x 1536; a dequantized Q4_1 model)", "",
               *table(smol), "",
               "## GPTQ with the type's grid (256 x 1536 Student-t weight, correlated inputs, log-normal column scales)",
@@ -176,8 +178,8 @@ def main() -> None:
               *[f"| {t} | {r['rtn']:.4g} | {r['rtn_diagH']:.4g} | {r['gptq']:.4g} | {r['gptq_diagH']:.4g} |"
                 for t, r in gp.items()], ""]
     (RESULTS / "kquant_fit.md").write_text("\n".join(lines))
-    (RESULTS / "kquant_fit.json").write_text(json.dumps({"command": cmd, "synthetic": synth, "smollm2_down": smol, "gptq": gp},
-                                                        indent=1))
+    doc = {"command": cmd, "synthetic": synth, "smollm2_down": smol, "gptq": gp}
+    (RESULTS / "kquant_fit.json").write_text(json.dumps(doc, indent=1))
     print("\n".join(lines))
 
 

@@ -93,7 +93,6 @@ _FMTS: dict[QT, _Fmt] = {f.qtype: f for f in (
     _Fmt(QT.MXFP4, "mx", 4, 32),
 )}
 
-
 IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 
 

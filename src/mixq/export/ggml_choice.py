@@ -51,8 +51,9 @@ against ``gguf.quants.dequantize`` in the tests.
 What the gguf package (0.19.0) can quantize in Python: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
 Q8_0, TQ1_0, TQ2_0, MXFP4; only dequantize: Q2_K..Q6_K, IQ4_NL, IQ4_XS, the other IQ types and
 NVFP4.  Its quantizers choose their own scales (absmax), which would move mixq's grid, so this
-module packs every block type itself, K-quants and IQ4_NL included (:func:`gguf_quantize_support`
-probes the installed package).
+module packs every block type itself, K-quants and IQ4_NL included (:func:`mixq.export.ggml.gguf_quantize_support`
+probes the installed package).  A spec that *is* a ggml type (``Q4_K``, ``IQ4_NL``, ...: :mod:`mixq.config.ggml_types`)
+is written from its own codes and scales (:mod:`.ggml_direct`) whenever they are at hand, exact or not.
 """
 from __future__ import annotations
 
@@ -68,13 +69,8 @@ from .ggml import _FMTS, _Fmt, decode_blocks, encode_blocks
 from .ggml_fit import _Grid
 
 # spec element width -> class; class -> its candidate types (the first is the nominal type)
-# spec element width -> class; class -> its candidate types (the first is the nominal type)
 _CLASS_OF_BITS = {1: 2, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 8, 8: 8}
-
-
 _CLASS_ORDER = (2, 3, 4, 5, 6, 8)
-
-
 _CLASS_TYPES: dict[int, tuple[QT, ...]] = {
     8: (QT.Q8_0,),
     6: (QT.Q6_K,),
@@ -83,7 +79,6 @@ _CLASS_TYPES: dict[int, tuple[QT, ...]] = {
     3: (QT.Q3_K,),
     2: (QT.Q2_K,),
 }
-
 
 _KEEP_TYPES = {"fp16": QT.F16, "bf16": QT.BF16, "fp32": QT.F32}
 

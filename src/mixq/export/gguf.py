@@ -52,9 +52,7 @@ from .gguf_vocab import _add_tokenizer, _embedded_pre, _tokenizer_fields
 
 log = logging.getLogger(__name__)
 
-
 FLOAT_TYPES = {"f16": QT.F16, "f32": QT.F32}
-
 
 _PARAM_FIELDS = ("scale", "zero", "offset", "codebook", "tensor_scale")  # as in mixq.export.native
 

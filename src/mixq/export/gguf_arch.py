@@ -31,7 +31,6 @@ class _Arch:
 
 _ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False)}
 
-
 _BLOCK_TENSORS = {
     "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
     "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
@@ -43,7 +42,6 @@ _BLOCK_TENSORS = {
     "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
     "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
 }
-
 
 _TOP_TENSORS = {
     "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD,

@@ -116,7 +116,8 @@ def _sub_affine(x: torch.Tensor, w: torch.Tensor, qmax: int) -> tuple[torch.Tens
         ok = (det > 0) & (a > 0) & torch.isfinite(a) & torch.isfinite(b)
         e = torch.where(ok, err(torch.where(ok, a, best_a), torch.where(ok, b, best_b)), best_e)
         better = e < best_e
-        best_a, best_b, best_e = torch.where(better, a, best_a), torch.where(better, b, best_b), torch.where(better, e, best_e)
+        best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
+        best_e = torch.where(better, e, best_e)
     return best_a, best_b
 
 
