@@ -95,9 +95,10 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     grads = {}
     prefix = arch_for(model).blocks
     entries: dict[str, LayerEntry] = dict(done)
-    if metric in ("kfac", "fisher", "block"):
+    if metric in ("kfac", "kfac-tok", "fisher", "block"):
         grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher",
-                               want_blocks=metric == "block", progress=progress)
+                               want_blocks=metric == "block", want_tokens=metric == "kfac-tok", progress=progress)
+    token_h = _TokenWeightedH(model, grads) if metric == "kfac-tok" else None
     block_stats: dict = {}
     from ..moe.routing import routing_for_measure  # MoE: tokens per expert, rare experts' G, frequency weights
 
@@ -117,7 +118,8 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
                 continue
             mod = block.get_submodule(name)
             g = grads.get(fqn, {})
-            sens = LayerSensitivity(H=st.H, G=g.get("G"), F=g.get("F"))
+            sens = LayerSensitivity(H=st.H, G=g.get("G"), F=g.get("F"),
+                                    Hg=token_h.pop(fqn) if token_h is not None else None)
             err = lambda W, Wq, sens=sens: layer_error(W - Wq, sens, metric)  # noqa: E731
             jobs.append(LayerJob(fqn, tuple(get_weight(mod).shape), lambda mod=mod: get_weight(mod).detach().float(),
                                  sens, err))
@@ -163,8 +165,12 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         _measure_block(jobs)
 
     device, source = walk_placement(model)  # one device, or accelerate's device_map (blocks stay in place)
-    walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress,
-                device=device, source=source)
+    try:
+        walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress,
+                    device=device, source=source)
+    finally:
+        if token_h is not None:
+            token_h.remove()
     entries = routing.weigh(entries, metric)
     table = _table(entries, key, seconds=time.perf_counter() - t0, resumed_layers=len(done))
     routing.annotate(table)
@@ -173,6 +179,58 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         if partial_path.exists():
             partial_path.unlink()
     return table
+
+
+class _TokenWeightedH:
+    """``H_g`` of every block linear with token weights (``kfac-tok``): forward hooks on the linears accumulate
+    ``Σ_t w_t x_t x_tᵀ`` while the walk runs the calibration rows in order; row ``r`` < the gradient rows is
+    weighted by ``grads[fqn]["w"][r]``.  A layer whose calls do not line up with the rows (MoE experts see
+    routed tokens only) gets no ``H_g`` (its ``kfac-tok`` error is ``kfac``'s)."""
+
+    def __init__(self, model: nn.Module, grads: dict):
+        from ..arch import block_linears, get_blocks
+
+        arch = arch_for(model)
+        self.acc: dict[str, list] = {}  # fqn -> [sum w x xᵀ, sum w, rows seen, usable]
+        self.handles = []
+        for i, block in enumerate(get_blocks(model)):
+            for name, m in block_linears(block, arch).items():
+                fqn = f"{arch.blocks}.{i}.{name}"
+                w = grads.get(fqn, {}).get("w")
+                if w is not None:
+                    self.acc[fqn] = [None, 0.0, 0, True]
+                    self.handles.append(m.register_forward_hook(self._hook(fqn, w)))
+
+    def _hook(self, fqn, w):
+        def hook(module, args, output):
+            a = self.acc[fqn]
+            x = args[0]
+            rows = x.shape[0] if x.dim() == 3 else 0
+            if not a[3] or a[2] >= w.shape[0]:
+                a[2] += rows
+                return
+            if x.dim() != 3 or x.shape[1] != w.shape[1]:
+                a[3] = False
+                return
+            for r in range(rows):
+                if a[2] < w.shape[0]:
+                    xr = x[r].detach().to(torch.float64)
+                    wr = w[a[2]].to(device=xr.device, dtype=torch.float64)
+                    h = (xr * wr[:, None]).T @ xr
+                    a[0] = h if a[0] is None else a[0] + h
+                    a[1] += float(wr.sum())
+                a[2] += 1
+        return hook
+
+    def pop(self, fqn: str) -> torch.Tensor | None:
+        a = self.acc.pop(fqn, None)
+        if a is None or not a[3] or a[0] is None or a[1] <= 0:
+            return None
+        return (a[0] / a[1]).to(torch.float32)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def _table(entries: dict[str, LayerEntry], key: dict, **meta) -> SensitivityTable:

@@ -5,6 +5,8 @@ for each linear ``y = x Wᵀ``:
 
     G[o]    = E_t[(∂ℓ_t/∂y_to)²]              (``kfac``)
     F[o, i] = E_t[(∂ℓ_t/∂y_to)² · x_ti²]      (``fisher``, only if ``want_fisher``)
+    w[s, t] = Σ_o (∂ℓ_t/∂y_to)²               (``kfac-tok``, only if ``want_tokens``: each token's gradient
+                                               energy, ``[samples, L]``, not averaged)
 
 and, with ``want_blocks``, for each decoder block's output ``Y`` (the residual stream), keyed by
 the block's name (e.g. ``model.layers.3``):
@@ -28,7 +30,8 @@ from ..calib.dispatch import input_device
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bool = False,
-                   want_blocks: bool = False, progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                   want_blocks: bool = False, want_tokens: bool = False, progress: bool = True
+                   ) -> dict[str, dict[str, torch.Tensor]]:
     """``{fqn: {"G": [out], "F": [out, in] (optional)}}`` averaged over all predicted tokens."""
     arch = arch_for(model)
     mods: dict[str, nn.Module] = {}
@@ -36,7 +39,7 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
         for name, m in block_linears(block, arch).items():
             mods[f"{arch.blocks}.{i}.{name}"] = m
     acc: dict[str, dict[str, torch.Tensor]] = {f: {} for f in mods}
-    handles = [m.register_forward_hook(_grad_hook(acc[fqn], want_fisher)) for fqn, m in mods.items()]
+    handles = [m.register_forward_hook(_grad_hook(acc[fqn], want_fisher, want_tokens)) for fqn, m in mods.items()]
     if want_blocks:
         for i, block in enumerate(get_blocks(model)):
             fqn = f"{arch.blocks}.{i}"
@@ -65,7 +68,11 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
             h.remove()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-    return {f: {k: v / n_tok for k, v in d.items()} for f, d in acc.items()}
+    out = {f: {k: v / n_tok for k, v in d.items() if k != "w"} for f, d in acc.items()}
+    for f, d in acc.items():
+        if d.get("w"):
+            out[f]["w"] = torch.stack(d["w"])
+    return out
 
 
 def _checkpoint_blocks(blocks) -> Callable[[], None]:
@@ -98,7 +105,7 @@ def _checkpoint_blocks(blocks) -> Callable[[], None]:
     return restore
 
 
-def _grad_hook(d, want_fisher):
+def _grad_hook(d, want_fisher, want_tokens=False):
     """Forward hook: a tensor hook on the linear's output accumulates ``G`` (and ``F``, which needs the input)
     when its gradient arrives.  A tensor hook keeps nothing alive but ``x`` for ``F``; a full module backward
     hook would wrap every linear's inputs and outputs and, on SmolLM2, double the pass's peak memory."""
@@ -110,6 +117,8 @@ def _grad_hook(d, want_fisher):
         def on_grad(g):
             g2 = g.detach().reshape(-1, g.shape[-1]).float().square()
             d["G"] = d.get("G", 0) + g2.sum(0)
+            if want_tokens and g.dim() == 3 and g.shape[0] == 1:  # one row per backward pass
+                d.setdefault("w", []).append(g2.sum(1).cpu())
             if x is not None:
                 xf = x.reshape(-1, x.shape[-1]).float()
                 d["F"] = d.get("F", 0) + g2.T @ (xf * xf)

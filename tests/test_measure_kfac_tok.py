@@ -1,0 +1,67 @@
+"""``kfac-tok``: kfac with each token's input weighted by its own output-gradient energy (mixq.measure.metrics)."""
+import torch
+
+from mixq.algorithms.rtn import rtn_quantize
+from mixq.arch import arch_for, block_linears, get_blocks
+from mixq.config import parse_spec
+from mixq.measure import measure
+from mixq.measure.metrics import LayerSensitivity, layer_error
+
+
+def test_token_without_gradient_does_not_count():
+    """A token with huge activations and no gradient (an attention sink after a norm) dominates H, so kfac's
+    E[g²]·E[xxᵀ] predicts a large error the loss never sees; kfac-tok is unchanged by that token and equals the
+    per-token error ½ E_t Σ_o g_to² (ΔW x_t)_o² when g² is rank one over tokens and outputs."""
+    g = torch.Generator().manual_seed(0)
+    T, n_in, n_out = 64, 16, 8
+    x = torch.randn(T, n_in, generator=g)
+    x[0] = 50 * torch.randn(n_in, generator=g)           # the sink: huge input ...
+    a = torch.rand(T, generator=g) + 0.5
+    a[0] = 0.0                                              # ... and no gradient
+    b = torch.rand(n_out, generator=g) + 0.5
+    g2 = a[:, None] * b[None, :]                            # g_to² = a_t b_o
+    dW = 0.1 * torch.randn(n_out, n_in, generator=g)
+    exact = 0.5 * float((g2 * (x @ dW.T) ** 2).sum() / T)
+    G = g2.mean(0)
+    H = x.T @ x / T
+    w = g2.sum(1)
+    Hg = (x * w[:, None]).T @ x / w.sum()
+    tok = layer_error(dW, LayerSensitivity(H=H, G=G, Hg=Hg), "kfac-tok")
+    assert abs(tok - exact) < 1e-4 * exact
+    assert layer_error(dW, LayerSensitivity(H=H, G=G), "kfac") > 20 * exact  # what kfac makes of the sink
+    assert layer_error(dW, LayerSensitivity(H=H, G=G), "kfac-tok") == layer_error(dW, LayerSensitivity(H=H, G=G), "kfac")
+
+
+def test_measured_kfac_tok_equals_per_token_weights(tiny_model):
+    """Through the driver: the walk's rows line up with the gradient rows (H_g from the first grad_samples rows,
+    each token weighted by Σ_o g_to² of that layer), on a tiny Llama."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    spec = parse_spec("W2-g32-asym")
+    table = measure(model, ids, [spec], metric="kfac-tok", algorithm="rtn", grad_samples=2, progress=False)
+    arch = arch_for(model)
+    fqn, lin = next((f"{arch.blocks}.1.{n}", m) for n, m in block_linears(get_blocks(model)[1], arch).items()
+                    if n.endswith("down_proj"))
+    xs, gs = [], []
+
+    def hook(m, a, o):
+        xs.append(a[0].detach()[0])
+        o.register_hook(lambda gr: gs.append(gr[0]))
+
+    h = lin.register_forward_hook(hook)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for r in range(2):
+        row = ids[r : r + 1]
+        emb = model.get_input_embeddings()(row).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), row[:, 1:].reshape(-1),
+                                          reduction="sum").backward()
+    h.remove()
+    x, g2 = torch.cat(xs), torch.cat(gs) ** 2
+    w = g2.sum(1)
+    Hg = (x * w[:, None]).T @ x / w.sum()
+    dW = lin.weight.detach() - rtn_quantize(lin.weight.detach(), spec)[1]
+    want = layer_error(dW, LayerSensitivity(G=g2.mean(0), Hg=Hg, H=Hg), "kfac-tok")
+    got = next(e for e in table.layers if e.fqn == fqn).errors[0]
+    assert abs(got - want) < 1e-4 * want
