@@ -43,9 +43,13 @@ def main() -> None:
     ap.add_argument("--budgets", default="3,3.5,4,4.5", help="--recipe default: bits per weight of the plans")
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN", help="--recipe default")
     ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
+    ap.add_argument("--metrics", default=None, help="e.g. kfac,kfac-tok: instead, an A/B of sensitivity metrics with "
+                    "RTN plans (default calibration, --candidates, uniform --uniform specs), KL on PTB and fortunes")
     args = ap.parse_args()
     if args.recipe == "default":
         return default_recipe(args)
+    if args.metrics:
+        return metric_ab(args)
     t0 = time.perf_counter()
     out = Path(args.out)
     ref, tok = mixq.load_model(args.model)
@@ -173,6 +177,93 @@ def default_recipe(args) -> None:
         lines.append(f"| {r['variant']} | {r['budget']} | {r['bpw']:.3f} | {r['ptb']['kl']:.4f} | "
                      f"{r['fortunes']['kl']:.4f} | {r['ptb']['perplexity']:.2f} | {r['fortunes']['perplexity']:.2f} | "
                      f"{r['specs'] if len(r['specs']) > 1 else next(iter(r['specs']))} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _domains(ref, tok, model_name, tokens):
+    """``(bos decision, {corpus: (windows, protocol, reference cache)})`` for PTB test and fortunes test."""
+    from mixq import data
+    from mixq.bos import resolve_bos
+    from mixq.eval import Protocol, ReferenceCache
+
+    bos = resolve_bos(tok, ref, "auto")
+    evals = {}
+    for corpus in ("ptb", "fortunes"):
+        ids = data.tokenize(data.load_corpus(corpus, "test"), tok, progress=False)
+        win = data.eval_windows(ids, 512, max_tokens=tokens, bos_id=bos.bos_id)
+        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer=model_name, dtype="float32",
+                                     bos_decision=bos)
+        evals[corpus] = (win, proto, ReferenceCache(ref, win, progress=False))
+    return bos, evals
+
+
+def metric_ab(args) -> None:
+    """Sensitivity metrics side by side: for each ``--uniform`` spec, uniform RTN and one mixed RTN plan per metric
+    of ``--metrics`` at its bpw, from measurements on the default calibration (RTN errors, ``--candidates``)."""
+    import copy
+
+    from common import git_rev, machine
+
+    from mixq import api
+    from mixq.allocate import Budget, SensitivityTable, allocate
+    from mixq.config import parse_spec
+    from mixq.eval import evaluate
+    from mixq.jsonio import write_json_atomic
+    from mixq.measure import measure
+    from mixq.recipe import DEFAULT_RECIPE as R
+
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    done = {r["label"] for r in doc["rows"]}
+    ref, tok = mixq.load_model(args.model)
+    bos, evals = _domains(ref, tok, args.model, args.tokens)
+    calib = mixq.build_calibration(ref, tok, R["calib"], nsamples=R["nsamples"], seqlen=R["seqlen"], seed=0,
+                                   bos=bos, progress=False)
+    cands = [parse_spec(c) for c in args.candidates.split(",")]
+    doc.update(model=args.model, machine=machine(), commit=git_rev(), calibration=calib.record(),
+               candidates=args.candidates, tokens=args.tokens,
+               command=f"OMP_NUM_THREADS=1 python bench/second_model.py --metrics {args.metrics} --out {args.out}")
+    tables = {}
+    for metric in args.metrics.split(","):
+        cached = out.with_name(f"{out.name}-{metric}-measurement.json")
+        if cached.exists():
+            tables[metric] = SensitivityTable.load(cached)
+            continue
+        t = time.perf_counter()
+        tables[metric] = measure(ref, calib.ids, cands, metric=metric, algorithm="rtn", progress=False, out=cached)
+        doc.setdefault("measure_seconds", {})[metric] = time.perf_counter() - t
+
+    def run(label, plan):
+        if label in done:
+            return
+        model = copy.deepcopy(ref)
+        api.quantize_model(model, dict(plan.layers), method="rtn", progress=False)
+        row = {"label": label, "bpw": plan.achieved_bpw, "specs": dict(Counter(s.name for s in plan.layers.values()))}
+        for corpus, (win, proto, cache) in evals.items():
+            r = evaluate(model, win, proto, reference=cache, progress=False)
+            row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
+        doc["rows"].append(row)
+        write_json_atomic(path, doc, overwrite=True)
+        print(f"{label:<28} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  fortunes {row['fortunes']['kl']:.4f}",
+              flush=True)
+
+    first = next(iter(tables.values()))
+    for spec in args.uniform.split(","):
+        uplan = allocate(first, Budget(bpw=16.0), method="uniform", uniform=spec)
+        run(f"uniform RTN {spec}", uplan)
+        for metric, table in tables.items():
+            run(f"mixed RTN {metric} @{spec}", allocate(table, Budget(bpw=uplan.achieved_bpw)))
+    lines = [f"# Second embedded model, sensitivity metrics A/B: {args.model}", "",
+             f"- command: `{doc['command']}`; commit {doc['commit']}; {doc['machine']}",
+             f"- calibration: {doc['calibration']}; measurement with RTN errors, candidates {args.candidates}; RTN",
+             f"- evaluation: first {args.tokens} tokens of PTB test and fortunes test, 512-token windows, "
+             f"BOS {bos.bos_id}; KL to the fp32 model", "",
+             "| model | bpw | KL PTB | KL fortunes | ppl PTB | ppl fortunes | specs |", "|---|---:|---:|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['label']} | {r['bpw']:.3f} | {r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | "
+                     f"{r['ptb']['perplexity']:.2f} | {r['fortunes']['perplexity']:.2f} | {r['specs']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
