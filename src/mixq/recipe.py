@@ -2,15 +2,17 @@
 
 Every setting below is the default of its command-line flag (:mod:`mixq.cli` reads them from here), chosen from
 the benchmarks in ``bench/results`` (``frontier.md``, ``generalization.md``): calibration text the model writes
-itself mixed with PTB, a kfac sensitivity measurement of every default candidate -- incoherence-processed grids
-included -- with the errors GPTQ leaves, the exact knapsack solver, and GPTQ.  A directory's ``mixq.json``
+itself mixed with PTB, a kfac sensitivity measurement of every default candidate -- vector codebooks after
+incoherence processing (VQ2-4-channel+ip) and the scalar grids plans still choose -- with the errors GPTQ leaves,
+the exact knapsack solver, and GPTQ.  ``mixq-default-2`` was the same with 32 scalar candidates (KL 0.77 / 1.14
+at 3.0 bpw on PTB / fortunes against 0.26 / 0.37 now).  A directory's ``mixq.json``
 records :func:`recipe_record`: this name, and every setting the run changed from it.
 """
 from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-2"
+RECIPE_NAME = "mixq-default-3"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB

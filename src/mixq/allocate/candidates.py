@@ -1,35 +1,30 @@
 """Candidate sets: the specs the allocator may choose from, per layer.
 
-Every candidate is measured for every layer (one error proxy evaluation each), so the default
-set is kept to 32 specs that span 2.1 to 16 bpw without near-duplicates:
+Every candidate is measured for every layer (one error proxy evaluation each, plus one GPTQ reference sweep per
+family and bit band), so the default set is kept to the 15 specs that mixed plans actually choose:
 
-=====  ====================================================  ==========================
-bits   specs                                                  why
-=====  ====================================================  ==========================
-2      W2-g32-asym  W2-g64-asym  W2-g128-asym                 a symmetric 2-bit grid
-                                                              wastes one of four levels
-3      W3-g32-asym  W3-g64-asym  W3-g128-asym  W3-g64 W3-g128  3 bits is where asym vs sym
-                                                              and group size matter most
-4      W4-g32  W4-g64  W4-g128  W4-channel                    the workhorse precision
-       W4-g64-asym  W4-g128-asym
-5, 6   W5-g32  W5-g64  W5-g128  W5-channel  W6-g64  W6-g128    sensitive layers: cheap
-       W6-channel                                             upgrades from 4 bits
-8      W8-g128  W8-channel                                    near-lossless
-LUT    NF3-g64  NF4-g64                                       non-uniform (QLoRA) grids
-keep   FP16                                                   outlier-heavy layers
-+ip    W2-g32-asym+ip  W2-g64-asym+ip  W3-g64+ip               incoherence processing
-       W3-channel+ip  W4-g64+ip  W4-channel+ip                (mixq.intra.incoherence): at
-                                                              2-4 bits the lowest error per
-                                                              bit on almost every layer
-=====  ====================================================  ==========================
+=======  ==============================================  ==============================================
+bits     specs                                           why
+=======  ==============================================  ==============================================
+2 - 4    VQ2-channel+ip  VQ2.5-channel+ip                vector codebooks after incoherence processing
+         VQ3-channel+ip  VQ3.5-channel+ip                (mixq.intra.vq): 0.4-0.6x the error of a scalar
+         VQ4-channel+ip                                  grid + ip at equal bits on every measured layer
+2, 3     W2-g64-asym  W3-g64-asym                        for layers +ip cannot take (no Hadamard
+                                                         construction for their width)
+4        W4-g64  W4-g64-asym  NF4-g64                    the scalar 4-bit grids plans still pick
+5 - 8    W5-g64  W6-g64  W6-channel  W8-channel          sensitive layers
+keep     FP16                                            outlier-heavy layers
+=======  ==============================================  ==============================================
 
-The ``+ip`` rows moved the mixed GPTQ plans of SmolLM2 at 3.0 bpw from KL 0.93 / 1.36 (PTB / fortunes) to
-0.77 / 1.14 (bench/results/generalization.md, runs ``self+ptb`` and ``ip``).
+Why these (bench/results/generalization.md, run ``vq``; bench/results/vq.md): with the 26 scalar grids, the six
+scalar ``+ip`` grids and the five VQ codebooks all measured on SmolLM2, the plans at 2.5-4.5 bpw put 85-97 % of the
+layers on VQ and the rest almost only on W5/W6/W8-g64 or -channel; restricted to this set the same measurement
+gives plans whose predicted loss is within 0.1 % at every budget.  The VQ plan at 3.0 bpw scored KL 0.26 / 0.37
+(PTB / fortunes) against 0.77 / 1.14 for the previous default (26 scalar grids + 6 scalar ``+ip``).
 
-Costs (metadata included) for a 1536-wide row, e.g.: W2-g128-asym 2.14 bpw, W3-g64 3.25,
-W4-g128 4.125, W4-channel 4.01, W8-channel 8.01, FP16 16.  Group sizes that do not divide a
-layer's in-features are dropped for that layer by :func:`candidates_for` (e.g. every g128
-spec for a 576-wide layer, which leaves 18 candidates).
+Costs (metadata included) for a 576-wide row: VQ<r>-channel+ip r + 0.03 bpw, W4-g64 4.25, W8-channel 8.03,
+FP16 16.  Group sizes that do not divide a layer's in-features are dropped for that layer by
+:func:`candidates_for`; ``+ip`` candidates are dropped where the width has no Hadamard construction.
 """
 from __future__ import annotations
 
@@ -43,15 +38,11 @@ from ..intra.candidates import intra_candidates
 log = logging.getLogger(__name__)
 
 DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
-    "W2-g32-asym", "W2-g64-asym", "W2-g128-asym",
-    "W3-g32-asym", "W3-g64-asym", "W3-g128-asym", "W3-g64", "W3-g128",
-    "W4-g32", "W4-g64", "W4-g128", "W4-channel", "W4-g64-asym", "W4-g128-asym",
-    "W5-g32", "W5-g64", "W5-g128", "W5-channel",
-    "W6-g64", "W6-g128", "W6-channel",
-    "W8-g128", "W8-channel",
-    "NF3-g64", "NF4-g64",
+    "VQ2-channel+ip", "VQ2.5-channel+ip", "VQ3-channel+ip", "VQ3.5-channel+ip", "VQ4-channel+ip",
+    "W2-g64-asym", "W3-g64-asym",
+    "W4-g64", "W4-g64-asym", "NF4-g64",
+    "W5-g64", "W6-g64", "W6-channel", "W8-channel",
     "FP16",
-    "W2-g32-asym+ip", "W2-g64-asym+ip", "W3-g64+ip", "W3-channel+ip", "W4-g64+ip", "W4-channel+ip",
 )
 NAMED_SETS = ("intra", "default+intra")  # composite sets by name (mixq.intra.candidates), ``:small`` / ``:all`` too
 
