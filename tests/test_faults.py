@@ -458,16 +458,18 @@ def test_stale_gguf_temporary_is_removed(qdir, tmp_path):
 
 # ---------------------------------------------------------------------------- two runs, one --out (item 1)
 _HELD_WRITER = """
-import sys, time
+import os, sys, time
 import mixq.calib.checkpoint as ck
 
 orig = ck.WalkCheckpoint.commit
 
-def commit(self, i, *a, **k):  # the walk of the first run, caught half-way
+def commit(self, i, *a, **k):  # the walk of the first run, caught half-way until the test releases it
     orig(self, i, *a, **k)
     if i == 0:
         open(sys.argv[1], "w").close()
-        time.sleep(float(sys.argv[2]))
+        deadline = time.monotonic() + 300
+        while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 ck.WalkCheckpoint.commit = commit
 from mixq.cli import main
@@ -483,14 +485,14 @@ def test_second_run_on_the_same_out_fails_at_once(second_spec, tiny_dir, tmp_pat
 
     from mixq.export.native import load_quantized
 
-    out, ready = tmp_path / "q", tmp_path / "ready"
+    out, ready, release = tmp_path / "q", tmp_path / "ready", tmp_path / "release"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
     def args(spec):
         return ["quantize", "--model", str(tiny_dir), "--spec", spec, "--method", "gptq", "--nsamples", "2",
                 "--seqlen", "16", "--calib", "ptb", "--out", str(out)]
 
-    first = subprocess.Popen([sys.executable, "-c", _HELD_WRITER, str(ready), "8", *args("W4-g32")], env=env,
+    first = subprocess.Popen([sys.executable, "-c", _HELD_WRITER, str(ready), str(release), *args("W4-g32")], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -504,6 +506,7 @@ def test_second_run_on_the_same_out_fails_at_once(second_spec, tiny_dir, tmp_pat
         assert second.returncode == 2, second.stderr
         assert "is being written by another mixq run (pid %d" % first.pid in second.stderr, second.stderr
         assert "Traceback" not in second.stderr
+        release.touch()
         _, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
@@ -512,7 +515,7 @@ def test_second_run_on_the_same_out_fails_at_once(second_spec, tiny_dir, tmp_pat
     assert first.returncode == 0, err
     _, _, info = load_quantized(out)  # checksums verified: one run's codes only
     assert info["spec"] == "W4-g32"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ready", "tiny"]  # no lock, walk or temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "ready", "release", "tiny"]  # no lock, walk or temp
 
 
 def test_a_block_changed_under_the_walk_is_not_assembled(tiny_model, tiny_tokenizer, tmp_path):
@@ -625,10 +628,10 @@ def test_sigterm_during_the_walk_keeps_it_resumable(tiny_dir, tmp_path, capsys):
     import sys
     import time
 
-    out, ready = tmp_path / "q", tmp_path / "ready"
+    out, ready, release = tmp_path / "q", tmp_path / "ready", tmp_path / "release"
     args = ["quantize", "--model", str(tiny_dir), "--spec", "W4-g32", "--method", "gptq", "--nsamples", "2",
             "--seqlen", "16", "--calib", "ptb", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-c", _HELD_WRITER, str(ready), "120", *args],
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_WRITER, str(ready), str(release), *args],
                             env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
