@@ -184,9 +184,17 @@ def report():
     print("\n".join(lines))
 
 
-NOTES = """## Reading (measured 2026-12-03 on this machine; runs named below)
+NOTES = """## Reading (measured 2026-12-03 and -04 on this machine; runs named below)
 
-- **Incoherence-processed candidates** (run `ip`: the default candidates plus six `+ip` grids, now the default set;
+- **Vector codebooks in the candidates: the default since recipe `mixq-default-3`** (run `default3`: the 15 default
+  candidates, five of them `VQ<r>-channel+ip`; run `vq`: the 26 scalar grids plus the same five VQ, stopped after two
+  budgets), mixed GPTQ, KL PTB / fortunes: 2.5 bpw 0.465 / 0.705, 3.0 bpw 0.267 / 0.380, 3.5 bpw 0.137 / 0.212,
+  4.0 bpw 0.075 / 0.115 (run `ip`, the previous default: 2.55 / 3.25, 0.770 / 1.141, 0.278 / 0.437, 0.144 / 0.219).
+  Out of domain at 4.0 bpw 0.115, below the 0.19 llama.cpp needs 4.23 bpw for; the ratio is 1.43-1.55, above the
+  1.3 target.  The kfac loss the measurement predicts for each plan (0.460 / 0.234 / 0.122 / 0.065) is within
+  1-14 % of the PTB KL measured.  Run `default3` was stopped before its 4.5-bpw row.
+
+- **Incoherence-processed candidates** (run `ip`: the default candidates plus six `+ip` grids, then the default set;
   measured after the GPTQ/RTN ratio became per element family and bit width), mixed GPTQ, KL PTB / fortunes
   against run `self+ptb` (same calibration rows, the candidates before): 2.5 bpw 2.55 / 3.25 vs 2.64 / 3.63;
   3.0 bpw 0.770 / 1.141 vs 0.929 / 1.363; 3.5 bpw 0.278 / 0.437 vs 0.318 / 0.475; 4.0 bpw 0.144 / 0.219 vs
