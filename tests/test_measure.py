@@ -185,17 +185,14 @@ def test_gptq_ratio_on_sampled_rows_tracks_the_exact_gptq_error():
     from mixq.measure.layer import RATIO_ROWS, LayerJob, evaluate_units, measure_layer
     from mixq.measure.metrics import LayerSensitivity, layer_error
 
-    g = torch.Generator().manual_seed(0)
-    R, C = 4 * RATIO_ROWS, 128
-    X = torch.randn(2048, C, generator=g) @ (torch.eye(C) + 0.3 * torch.randn(C, C, generator=g))
-    H = X.T @ X / X.shape[0]
-    W = torch.randn(R, C, generator=g) * torch.linspace(0.5, 2.0, R)[:, None]
-    sens = LayerSensitivity(H=H)
+    W, sens = _ratio_layer(0)
+    R, C = W.shape
     cands = [parse_spec(n) for n in ("W3-g32", "W3-g64", "W3-g32+ip", "W3-g64+ip")]
     err = lambda Wq: layer_error(W - Wq, sens, "hessian")  # noqa: E731
     entry = measure_layer("blk.0.lin", W, sens, cands, "gptq", err)
     got = dict(zip(entry.candidates, entry.errors))
-    exact = {cands[0]: err(gptq_quantize(W, H, cands[0]).weight), cands[1]: err(gptq_quantize(W, H, cands[1]).weight),
+    exact = {cands[0]: err(gptq_quantize(W, sens.H, cands[0]).weight),
+             cands[1]: err(gptq_quantize(W, sens.H, cands[1]).weight),
              cands[2]: err(composite_weight(W, cands[2], sens, "gptq")),
              cands[3]: err(composite_weight(W, cands[3], sens, "gptq"))}
     for c in cands:
@@ -214,12 +211,8 @@ def test_vq_ip_candidates_are_priced_by_rtn_times_a_sampled_gptq_ratio():
     from mixq.measure.layer import RATIO_ROWS, _groups, measure_layer, units
     from mixq.measure.metrics import LayerSensitivity, layer_error
 
-    g = torch.Generator().manual_seed(1)
-    R, C = 4 * RATIO_ROWS, 128
-    X = torch.randn(2048, C, generator=g) @ (torch.eye(C) + 0.3 * torch.randn(C, C, generator=g))
-    H = X.T @ X / X.shape[0]
-    W = torch.randn(R, C, generator=g) * torch.linspace(0.5, 2.0, R)[:, None]
-    sens = LayerSensitivity(H=H)
+    W, sens = _ratio_layer(1)
+    R, C = W.shape
     cands = [parse_spec(n) for n in ("VQ2.5-channel+ip", "VQ3-channel+ip", "VQ3-g64+ip", "W3-g64+ip")]
     assert len(_groups(cands)) == 3  # VQ2.5, VQ3 (channel and g64 share a ratio), int3+ip
     assert sum(u[0] == "gptq" for u in units(cands, (R, C), "gptq")) == 3
@@ -229,3 +222,16 @@ def test_vq_ip_candidates_are_priced_by_rtn_times_a_sampled_gptq_ratio():
         exact = err(composite_weight(W, c, sens, "gptq"))
         assert got[c] == pytest.approx(exact, rel=0.06), c.name
         assert got[c] < 0.9 * err(composite_weight(W, c, sens, "rtn")), c.name  # the ratio did scale it
+
+
+def _ratio_layer(seed: int):
+    """A ``[4·RATIO_ROWS, 128]`` weight with correlated inputs (``H`` far from diagonal): where a GPTQ/RTN ratio
+    measured on sampled rows must hold for all of them."""
+    from mixq.measure.layer import RATIO_ROWS
+    from mixq.measure.metrics import LayerSensitivity
+
+    g = torch.Generator().manual_seed(seed)
+    R, C = 4 * RATIO_ROWS, 128
+    X = torch.randn(2048, C, generator=g) @ (torch.eye(C) + 0.3 * torch.randn(C, C, generator=g))
+    W = torch.randn(R, C, generator=g) * torch.linspace(0.5, 2.0, R)[:, None]
+    return W, LayerSensitivity(H=X.T @ X / X.shape[0])
