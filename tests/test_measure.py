@@ -182,8 +182,8 @@ def test_gptq_ratio_on_sampled_rows_tracks_the_exact_gptq_error():
     from mixq.algorithms.gptq import gptq_quantize
     from mixq.config import parse_spec
     from mixq.intra import composite_weight
-    from mixq.measure.layer import RATIO_ROWS, LayerJob, evaluate_units, measure_layer
-    from mixq.measure.metrics import LayerSensitivity, layer_error
+    from mixq.measure.layer import LayerJob, evaluate_units, measure_layer
+    from mixq.measure.metrics import layer_error
 
     W, sens = _ratio_layer(0)
     R, C = W.shape
@@ -205,11 +205,11 @@ def test_gptq_ratio_on_sampled_rows_tracks_the_exact_gptq_error():
 
 def test_vq_ip_candidates_are_priced_by_rtn_times_a_sampled_gptq_ratio():
     """VQ+ip candidates: RTN in the transformed basis times the GPTQ/RTN ratio of their own rate, measured on
-    RATIO_ROWS sampled rows, lands within a few % of the exact vector-GPTQ error; two rates get two ratios."""
+    RATIO_ROWS sampled rows, lands within a few % of the exact vector-GPTQ error; two bands get two ratios."""
     from mixq.config import parse_spec
     from mixq.intra import composite_weight
-    from mixq.measure.layer import RATIO_ROWS, _groups, measure_layer, units
-    from mixq.measure.metrics import LayerSensitivity, layer_error
+    from mixq.measure.layer import _groups, measure_layer, units
+    from mixq.measure.metrics import layer_error
 
     W, sens = _ratio_layer(1)
     R, C = W.shape
