@@ -14,15 +14,13 @@ def _ids(n=4, L=16, seed=0):
     return torch.randint(0, 100, (n, L), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3"])
-def test_walk_statistics_equal_whole_model_hooks(tiny_model, family):
-    model = tiny_model(family)
-    ids = _ids()
-    arch = arch_for(model)
+def _hooked_stats(model, ids) -> dict[str, LayerStats]:
+    """``{"i.name": LayerStats}`` of every block linear's inputs, from forward hooks on the whole model run row by
+    row (what a block walk must reproduce)."""
     ref: dict[str, LayerStats] = {}
     hooks = []
     for i, block in enumerate(get_blocks(model)):
-        for name, m in block_linears(block, arch).items():
+        for name, m in block_linears(block, arch_for(model)).items():
             st = ref[f"{i}.{name}"] = LayerStats(m.weight.shape[1] if hasattr(m, "in_features") else m.weight.shape[0])
             hooks.append(m.register_forward_hook(lambda mod, a, o, st=st: st.update(a[0])))
     with torch.no_grad():
@@ -30,6 +28,14 @@ def test_walk_statistics_equal_whole_model_hooks(tiny_model, family):
             model(ids[s : s + 1], use_cache=False)
     for h in hooks:
         h.remove()
+    return ref
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3"])
+def test_walk_statistics_equal_whole_model_hooks(tiny_model, family):
+    model = tiny_model(family)
+    ids = _ids()
+    ref = _hooked_stats(model, ids)
     got = {}
     walk_blocks(model, ids, None, stats_sink=lambda i, stats: got.update({f"{i}.{n}": s for n, s in stats.items()}),
                 progress=False)
@@ -119,18 +125,7 @@ def test_walk_replays_each_blocks_own_arguments():
     torch.manual_seed(0)
     model = cls(cfg).eval()
     ids = _ids(n=2, L=3 * cfg.sliding_window)
-    arch = arch_for(model)
-    ref: dict[str, LayerStats] = {}
-    hooks = []
-    for i, block in enumerate(get_blocks(model)):
-        for name, m in block_linears(block, arch).items():
-            st = ref[f"{i}.{name}"] = LayerStats(m.in_features)
-            hooks.append(m.register_forward_hook(lambda mod, a, o, st=st: st.update(a[0])))
-    with torch.no_grad():
-        for s in range(ids.shape[0]):
-            model(ids[s : s + 1], use_cache=False)
-    for h in hooks:
-        h.remove()
+    ref = _hooked_stats(model, ids)
     got = {}
     walk_blocks(model, ids, None, sequential=False, progress=False,
                 stats_sink=lambda i, stats: got.update({f"{i}.{n}": s for n, s in stats.items()}))
