@@ -135,3 +135,19 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
             print(rows[-1], flush=True)
             del model, packed
     return rows
+
+
+def score_row(row: dict, model, evals: dict, doc: dict, path, label: str) -> None:
+    """Score ``model`` on every corpus of ``evals`` (``{corpus: (windows, protocol, reference cache)}``) into ``row``
+    (KL, perplexity, top-1 agreement), append it to ``doc["rows"]``, write ``doc`` to ``path`` atomically (a run
+    resumes from it) and print one line named ``label``."""
+    from mixq.jsonio import write_json_atomic
+
+    for corpus, (win, proto, cache) in evals.items():
+        r = evaluate(model, win, proto, reference=cache, progress=False)
+        row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
+    doc["rows"].append(row)
+    write_json_atomic(path, doc, overwrite=True)
+    secs = f"  ({row['seconds']:.0f} s)" if "seconds" in row else ""
+    print(f"{label:<28} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  fortunes {row['fortunes']['kl']:.4f}{secs}",
+          flush=True)

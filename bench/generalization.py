@@ -20,14 +20,13 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, header, machine, git_rev
+from common import RESULTS, header, machine, git_rev, score_row
 
 from mixq import api, data
 from mixq.allocate import Budget, allocate, default_candidates, load_candidates
 from mixq.bos import resolve_bos
 from mixq.calibset import build_calibration
-from mixq.eval import Protocol, ReferenceCache, evaluate
-from mixq.jsonio import write_json_atomic
+from mixq.eval import Protocol, ReferenceCache
 from mixq.measure import measure
 from mixq.models import load_model
 
@@ -102,18 +101,8 @@ def main():
                                calib_ids=None if method == "rtn" else calib.ids, progress=False)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
-            _finish(row, model, evals, doc, path, tag)
+            score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
             del model
-
-
-def _finish(row, model, evals, doc, path, tag):
-    for corpus, (win, proto, cache) in evals.items():
-        r = evaluate(model, win, proto, reference=cache, progress=False)
-        row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
-    doc["rows"].append(row)
-    write_json_atomic(path, doc, overwrite=True)
-    print(f"{tag:<14}{row['variant']:<14}{row['budget']:>5} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  "
-          f"fortunes {row['fortunes']['kl']:.4f}  ({row['seconds']:.0f} s)", flush=True)
 
 
 def _one_spec(args, ref, calib, evals, doc, path, tag):
@@ -129,7 +118,7 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
                        progress=False)
     bpw = api.size_report(model, specs)["bpw_quantized"]
     row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": time.perf_counter() - t, "spec": args.spec}
-    _finish(row, model, evals, doc, path, tag)
+    score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
 
 
 def _measurement(ref, calib, doc, cands):

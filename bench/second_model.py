@@ -111,13 +111,12 @@ def default_recipe(args) -> None:
     """The default recipe on ``args.model``, both domains; ``args.out`` + .json row by row, + .md at the end."""
     import copy
 
-    from common import git_rev, machine
+    from common import git_rev, machine, score_row
 
     from mixq import api, data
     from mixq.allocate import Budget, allocate, default_candidates
     from mixq.bos import resolve_bos
-    from mixq.eval import Protocol, ReferenceCache, evaluate
-    from mixq.jsonio import write_json_atomic
+    from mixq.eval import Protocol, ReferenceCache
     from mixq.recipe import DEFAULT_RECIPE as R
 
     out = Path(args.out)
@@ -158,13 +157,7 @@ def default_recipe(args) -> None:
                                calib_ids=None if method == "rtn" else calib.ids, progress=False)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
                    "specs": dict(Counter(s.name for s in plan.layers.values()))}
-            for corpus, (win, proto, cache) in evals.items():
-                r = evaluate(model, win, proto, reference=cache, progress=False)
-                row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
-            doc["rows"].append(row)
-            write_json_atomic(path, doc, overwrite=True)
-            print(f"{v:<14}{b:>5} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  fortunes "
-                  f"{row['fortunes']['kl']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+            score_row(row, model, evals, doc, path, f"{v} {b}")
             del model
     lines = [f"# Second embedded model, default recipe: {args.model}", "",
              f"- command: `{doc['command']}`; commit {doc['commit']}; {doc['machine']}",
@@ -203,13 +196,11 @@ def metric_ab(args) -> None:
     of ``--metrics`` at its bpw, from measurements on the default calibration (RTN errors, ``--candidates``)."""
     import copy
 
-    from common import git_rev, machine
+    from common import git_rev, machine, score_row
 
     from mixq import api
     from mixq.allocate import Budget, SensitivityTable, allocate
     from mixq.config import parse_spec
-    from mixq.eval import evaluate
-    from mixq.jsonio import write_json_atomic
     from mixq.measure import measure
     from mixq.recipe import DEFAULT_RECIPE as R
 
@@ -241,13 +232,7 @@ def metric_ab(args) -> None:
         model = copy.deepcopy(ref)
         api.quantize_model(model, dict(plan.layers), method="rtn", progress=False)
         row = {"label": label, "bpw": plan.achieved_bpw, "specs": dict(Counter(s.name for s in plan.layers.values()))}
-        for corpus, (win, proto, cache) in evals.items():
-            r = evaluate(model, win, proto, reference=cache, progress=False)
-            row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
-        doc["rows"].append(row)
-        write_json_atomic(path, doc, overwrite=True)
-        print(f"{label:<28} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  fortunes {row['fortunes']['kl']:.4f}",
-              flush=True)
+        score_row(row, model, evals, doc, path, label)
 
     first = next(iter(tables.values()))
     for spec in args.uniform.split(","):
