@@ -1,7 +1,7 @@
 """Fine-tuning with codes fixed (`mixq finetune`): KL before and after, in domain and out of domain.
 
     OMP_NUM_THREADS=1 python bench/finetune.py --spec W3-g64+ip --epochs 2 --lr 1e-2 --e2e-epochs 1 --e2e-lr 1e-3
-    OMP_NUM_THREADS=1 python bench/finetune.py --measurement M.json --bpw 3.0     # a mixed plan instead
+    OMP_NUM_THREADS=1 python bench/finetune.py --measurement M.json --bpw 3.0 --tag default3   # a mixed plan
 
 SmolLM2-135M quantized with GPTQ and one spec everywhere (or the exact plan at ``--bpw`` from a saved
 ``--measurement``, e.g. bench/cache/generalization-*.json of bench/generalization.py) on the default calibration (self+ptb, 32 x 512), saved,
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--e2e-lr", type=float, default=1e-3)
     ap.add_argument("--measurement", default=None)
     ap.add_argument("--bpw", type=float, default=None)
+    ap.add_argument("--tag", default="default3", help="names the mixed curve: the recipe whose --measurement it is")
     ap.add_argument("--work", default="/tmp/mixq-bench-finetune")
     args = ap.parse_args()
     ref, tok = P.load_model()
@@ -49,11 +50,11 @@ def main():
         from mixq.allocate import Budget, SensitivityTable, allocate
 
         plan = allocate(SensitivityTable.load(args.measurement), Budget(bpw=args.bpw))
-    name = f"mixed-{args.bpw}" if plan else args.spec.replace("+", "_")
+    name = f"mixed-{args.bpw}-{args.tag}" if plan else args.spec.replace("+", "_")
     src = Path(args.work) / name
     path = RESULTS / "frontier" / "finetune.json"
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    base = f"mixed GPTQ {args.bpw} [ip]" if plan else f"uniform GPTQ {args.spec}"
+    base = f"mixed GPTQ {args.bpw} [{args.tag}]" if plan else f"uniform GPTQ {args.spec}"
     if not src.exists():
         cal = P.build_calibration(ref, tok, None, 32, 512, progress=False)
         m = copy.deepcopy(ref)
@@ -80,7 +81,7 @@ def main():
                         "held_out_gain": rep["held_out_gain"], "commit": git_rev(),
                         **({"e2e_held_out_kl": [rep["e2e"]["held_out_before"], rep["e2e"]["held_out_after"]],
                             "e2e_seconds": rep["e2e"]["seconds"]} if e2e else {})})
-    doc.update(command="OMP_NUM_THREADS=1 python bench/finetune.py --spec S --epochs E --lr LR --e2e-epochs N "
+    doc.update(command="OMP_NUM_THREADS=1 python bench/finetune.py [--spec S | --measurement M --bpw X --tag T] --epochs E --lr LR --e2e-epochs N "
                        "--e2e-lr LR2", machine=machine())
     write_json_atomic(path, doc, overwrite=True)
     print(json.dumps(doc["rows"][-1]))
