@@ -24,6 +24,7 @@ from .. import formats
 from ..config import QuantSpec, family_of
 from ..formats import QParams, QTensor
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
+from .sweep import sweep
 
 log = logging.getLogger(__name__)
 
@@ -140,52 +141,29 @@ def gptq_quantize(
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     Q = torch.zeros_like(Wk)
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        W1 = Wk[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        with _one_thread():  # column steps are tiny ops: thread sync costs more than it saves
-            _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale, imp)
-        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def round_column(i, w, ahead):
+        """Column ``i`` of the sweep to its group's grid.  A group's params are fit when the sweep enters it (a
+        K-quant super-block: all its sub-block scales at once, before its columns are swept); each column then
+        uses its own part of them (:func:`mixq.formats.column_params`)."""
+        col = int(perm[i])
+        g = 0 if per_tensor else col // glen
+        if params[g] is None:  # entering a group in natural order: fit on the updated weights
+            params[g] = formats.fit(ahead(glen), spec, tensor_scale=tscale,
+                                    weight=None if imp is None else imp[None, col : col + glen])
+        pc = params[g] if per_tensor else formats.column_params(params[g], spec, col - g * glen)
+        c = formats.encode(w[:, None], pc, spec)[:, 0]
+        q = formats.decode(c[:, None], pc, spec)[:, 0]
+        codes[:, col] = c
+        Q[:, i] = q
+        return q
+
+    sweep(Wk, U, round_column, block_size=block_size)
 
     Wq = torch.empty_like(Q)
     Wq[:, perm] = Q
     qt = QTensor(codes=codes, params=_stack_params(params, out_f, per_tensor), spec=spec, shape=(out_f, in_f))
     return GPTQResult(qt, Wq, _proxy(W0 - Wq, H), damp_used)
-
-
-def _quantize_block(W1, E1, U1, Wk, Q, codes, perm, params, i1, i2, glen, per_tensor, spec, tscale, imp) -> None:
-    """Columns ``i1:i2``: round each to its group's grid, spread the error over the block (eq. 3).  A group's
-    params are fit when the sweep enters it (a K-quant super-block: all its sub-block scales at once, before its
-    columns are swept); each column then uses its own part of them (:func:`mixq.formats.column_params`)."""
-    for i in range(i2 - i1):
-        col = int(perm[i1 + i])
-        g = 0 if per_tensor else col // glen
-        if params[g] is None:  # entering a group in natural order: fit on the updated weights
-            span = W1[:, i : i + glen]
-            if span.shape[1] < glen:  # group extends past this block: later columns from Wk
-                span = torch.cat([span, Wk[:, i2 : i1 + i + glen]], 1)
-            params[g] = formats.fit(span, spec, tensor_scale=tscale,
-                                    weight=None if imp is None else imp[None, col : col + glen])
-        w = W1[:, i]
-        pc = params[g] if per_tensor else formats.column_params(params[g], spec, col - g * glen)
-        c = formats.encode(w[:, None], pc, spec)[:, 0]
-        q = formats.decode(c[:, None], pc, spec)[:, 0]
-        codes[:, col] = c
-        Q[:, i1 + i] = q
-        err = (w - q) / U1[i, i]
-        W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-        E1[:, i] = err
-
-
-class _one_thread:
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
 
 
 def _proxy(dW: torch.Tensor, H: torch.Tensor) -> float:

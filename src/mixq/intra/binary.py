@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithms.gptq import _one_thread, _proxy, inverse_cholesky
+from ..algorithms.gptq import _proxy, inverse_cholesky
+from ..algorithms.sweep import sweep
 from ..config.composite import FP16_BITS, CompositeSpec
 from ..formats.mx import round_scale
 from ..granularity import PerGroup
@@ -205,43 +206,33 @@ def _gptq_binary(W, dense, res_cols, Hfix, U_nat, damp, bounds, cs, mask, imp, k
         group_of[s:e] = j
     started = [False] * len(bounds)
     has_out = mp.any(0)
-    for i1 in range(0, C, block_size):
-        i2 = min(i1 + block_size, C)
-        W1 = Wk[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        with _one_thread():
-            for i in range(i1, i2):
-                ii = i - i1
-                w = W1[:, ii]
-                if i < n:
-                    j = int(group_of[i])
-                    if not started[j]:  # entering group column j: fit its scales on the current values
-                        s, e = bounds[j]
-                        span = torch.cat([W1[:, ii: ii + (e - s)], Wk[:, i2:e]], 1)
-                        scale[:, j:j + 1] = _l2_scale(span, None if impp is None else impp[:, s:e], ~mp[:, s:e], sd)
-                        started[j] = True
-                    c = (w >= 0).to(torch.uint8)
-                    codes[:, i] = c
-                    q = bin_decode(c[:, None], scale[:, j:j + 1])[:, 0]
-                else:
-                    jr = i - n
-                    if jr == 0:  # entering the residual columns: fit both planes' row scales
-                        span = torch.cat([W1[:, ii:], Wk[:, i2:]], 1)
-                        ra[:] = _res_fit(span, None if impp is None else impp[:, n:], ~mp[:, n:], sd)[2]
-                    c1 = (w >= 0).to(torch.uint8)
-                    c2 = (w - bin_decode(c1, ra[:, 0]) >= 0).to(torch.uint8)
-                    q1[:, jr], q2[:, jr] = c1, c2
-                    q = res_decode(c1[:, None], c2[:, None], ra)[:, 0]
-                if bool(has_out[i]):
-                    rows = mp[:, i].nonzero().flatten()
-                    kept[rows, i] = w[rows]
-                    q = q.clone()
-                    q[rows] = keep_value(w[rows], rows)
-                err = (w - q) / U1[ii, ii]
-                W1[:, ii:].addr_(err, U1[ii, ii:], alpha=-1.0)
-                E1[:, ii] = err
-        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def round_column(i, w, ahead):
+        if i < n:
+            j = int(group_of[i])
+            if not started[j]:  # entering group column j: fit its scales on the current values
+                s, e = bounds[j]
+                scale[:, j:j + 1] = _l2_scale(ahead(e - s), None if impp is None else impp[:, s:e], ~mp[:, s:e], sd)
+                started[j] = True
+            c = (w >= 0).to(torch.uint8)
+            codes[:, i] = c
+            q = bin_decode(c[:, None], scale[:, j:j + 1])[:, 0]
+        else:
+            jr = i - n
+            if jr == 0:  # entering the residual columns: fit both planes' row scales
+                ra[:] = _res_fit(ahead(C - i), None if impp is None else impp[:, n:], ~mp[:, n:], sd)[2]
+            c1 = (w >= 0).to(torch.uint8)
+            c2 = (w - bin_decode(c1, ra[:, 0]) >= 0).to(torch.uint8)
+            q1[:, jr], q2[:, jr] = c1, c2
+            q = res_decode(c1[:, None], c2[:, None], ra)[:, 0]
+        if bool(has_out[i]):
+            rows = mp[:, i].nonzero().flatten()
+            kept[rows, i] = w[rows]
+            q = q.clone()
+            q[rows] = keep_value(w[rows], rows)
+        return q
+
+    sweep(Wk, U, round_column, block_size=block_size)
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(C)
     orow, ocol = mask.nonzero(as_tuple=True)

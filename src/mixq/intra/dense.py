@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import formats
-from ..algorithms.gptq import _one_thread
+from ..algorithms.sweep import sweep
 from ..config import QuantSpec
 from ..config.composite import CompositeSpec
 from ..formats import QParams, lut
@@ -88,7 +88,6 @@ def gptq_dense(Wp, U, n, bounds, cs, bits, mask, imp, ts, block_size):
     """GPTQ over permuted columns ``[dense..., fp16...]``; kept values are fixed at fp16 of their
     compensated value.  Returns ``(codes, params, l2, Q)`` with ``Q [R, C]`` in permuted order."""
     R, C = Wp.shape
-    Wk = Wp.clone()
     codes = torch.zeros(R, n, dtype=torch.uint8)
     Q = torch.zeros(R, C)
     G = len(bounds)
@@ -99,34 +98,23 @@ def gptq_dense(Wp, U, n, bounds, cs, bits, mask, imp, ts, block_size):
         group_of[s:e] = j
     specs = [group_spec(cs, bb) for bb in bits]
     has_out = mask.any(0)
-    for i1 in range(0, C, block_size):
-        i2 = min(i1 + block_size, C)
-        W1 = Wk[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        with _one_thread():
-            for i in range(i1, i2):
-                ii = i - i1
-                w = W1[:, ii]
-                if i < n:
-                    j = int(group_of[i])
-                    if params[j] is None:  # entering group column j (i == its start)
-                        s, e = bounds[j]
-                        span = W1[:, ii: ii + (e - s)]
-                        if span.shape[1] < e - s:
-                            span = torch.cat([span, Wk[:, i2:e]], 1)
-                        params[j], l2s[j] = fit_group(span, mask[:, s:e], specs[j],
-                                                       None if imp is None else imp[:, s:e], ts, cs)
-                    c = formats.encode(w[:, None], params[j], specs[j])[:, 0]
-                    q = formats.decode(c[:, None], params[j], specs[j])[:, 0]
-                    codes[:, i] = c
-                    if bool(has_out[i]):
-                        q = torch.where(mask[:, i], w.half().float(), q)
-                else:
-                    q = w.half().float()
-                Q[:, i] = q
-                err = (w - q) / U1[ii, ii]
-                W1[:, ii:].addr_(err, U1[ii, ii:], alpha=-1.0)
-                E1[:, ii] = err
-        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def round_column(i, w, ahead):
+        if i >= n:  # a kept column: fp16 of its compensated value
+            q = w.half().float()
+        else:
+            j = int(group_of[i])
+            if params[j] is None:  # entering group column j (i == its start)
+                s, e = bounds[j]
+                params[j], l2s[j] = fit_group(ahead(e - s), mask[:, s:e], specs[j],
+                                               None if imp is None else imp[:, s:e], ts, cs)
+            c = formats.encode(w[:, None], params[j], specs[j])[:, 0]
+            q = formats.decode(c[:, None], params[j], specs[j])[:, 0]
+            codes[:, i] = c
+            if bool(has_out[i]):
+                q = torch.where(mask[:, i], w.half().float(), q)
+        Q[:, i] = q
+        return q
+
+    sweep(Wp.clone(), U, round_column, block_size=block_size)
     return codes, params, l2s, Q

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import BitCost, CompositeSpec
+from ..algorithms.sweep import sweep
 from ..runtime.bitpack import pack, unpack
 from .vq_codebook import codebook, nearest
 
@@ -144,33 +145,23 @@ def _gptq(W0, H, B, spec, glen, damp, block_size, hinv_chol):
     Wk[:, dead] = 0.0
     U, _ = hinv_chol if hinv_chol is not None else prepare_hessian(H, damp)
     U = U.float()
-    bs = max(d, block_size - block_size % d)
     codes = torch.empty(R, C // d, dtype=torch.long)
     scale = torch.empty(R, C // glen)
     Q = torch.empty_like(Wk)
-    for i1 in range(0, C, bs):
-        i2 = min(i1 + bs, C)
-        W1 = Wk[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        for j in range(0, i2 - i1, d):
-            col = i1 + j
-            if col % glen == 0:  # a new group: its scale from the weights as updated so far
-                g = col // glen
-                cur = torch.cat([W1[:, j:], Wk[:, i2:]], 1)[:, :glen] if col + glen > i2 else W1[:, j:j + glen]
-                scale[:, g] = fit_scales(cur, B, spec)
-            s = scale[:, col // glen]
-            Uvv = U[col:col + d, col:col + d]
-            Vinv = torch.linalg.solve_triangular(Uvv, torch.eye(d), upper=True)  # U_vv⁻¹
-            w = W1[:, j:j + d]
-            # argmin_c ‖(w - s c) V‖² = s² ‖w V / s - c V‖²: nearest in the transformed codebook
-            idx = nearest((w / s[:, None]) @ Vinv, B @ Vinv)
-            q = B[idx] * s[:, None]
-            codes[:, col // d] = idx
-            Q[:, col:col + d] = q
-            E = (w - q) @ Vinv
-            E1[:, j:j + d] = E
-            W1[:, j + d:] -= E @ U[col:col + d, col + d:i2]
-        Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    def round_vector(col, w, ahead):
+        if col % glen == 0:  # a new group: its scale from the weights as updated so far
+            scale[:, col // glen] = fit_scales(ahead(glen), B, spec)
+        s = scale[:, col // glen]
+        Vinv = torch.linalg.solve_triangular(U[col:col + d, col:col + d], torch.eye(d), upper=True)  # U_vv⁻¹
+        # argmin_c ‖(w - s c) V‖² = s² ‖w V / s - c V‖²: nearest in the transformed codebook
+        idx = nearest((w / s[:, None]) @ Vinv, B @ Vinv)
+        q = B[idx] * s[:, None]
+        codes[:, col // d] = idx
+        Q[:, col:col + d] = q
+        return q
+
+    sweep(Wk, U, round_vector, block_size=block_size, width=d, single_thread=False)
     return codes, scale, Q
 
 
