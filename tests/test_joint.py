@@ -220,6 +220,7 @@ def test_infeasible_memory_names_the_minimum_and_units_are_checked(tmp_path):
     assert allocate_joint(wt, kt, lo, 64, 2, kv_bits=(2, 16)).kv == ((2, 2), (2, 2))
     with pytest.raises(ValueError, match="nats"):
         allocate_joint(SensitivityTable(wt.layers, "hessian", {}), kt, 10**6, 64)
+    assert allocate_joint(SensitivityTable(wt.layers, "kfac-tok", {}), kt, 10**6, 64).total_bytes <= 10**6  # nats too
     with pytest.raises(ValueError, match="same model"):
         allocate_joint(SensitivityTable(wt.layers, "kfac", {"model": "other"}), kt, 10**6, 64)
     with pytest.raises(ValueError, match="uniform"):
