@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--metric", default="kfac", help="sensitivity metric of the mixed plans' measurement")
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN")
     ap.add_argument("--candidates", default="default", help="candidate set of the measurement and plans: 'default', "
@@ -61,6 +62,7 @@ def main():
     cmd = ("python bench/generalization.py --calib " + args.calib + (f" --tag {tag}" if args.tag else "")
            + (f" --damp {args.damp}" if args.damp != 0.01 else "") + (" --act-order" if args.act_order else "")
            + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "")
+           + (f" --metric {args.metric}" if args.metric != "kfac" else "")
            + (f" --candidates {args.candidates}" if args.candidates != "default" else "")
            + (f" --budgets {args.budgets}" if args.budgets != "2.5,3,3.5,4,4.5" else "")
            + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else ""))
@@ -78,6 +80,7 @@ def main():
     t_calib = time.perf_counter() - t0
     cands = default_candidates() if args.candidates == "default" else load_candidates(args.candidates)
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
+               metric=args.metric,
                candidates=[c.name for c in cands],
                act_order=args.act_order, calib_seconds=t_calib,
                protocols={c: e[1].to_dict() for c, e in evals.items()})
@@ -91,7 +94,7 @@ def main():
             if (v, b) in done:
                 continue
             if table is None:
-                table = _measurement(ref, calib, doc, cands)
+                table = _measurement(ref, calib, doc, cands, args.metric)
             plan = allocate(table, Budget(bpw=b),
                             method="exact" if v.startswith("mixed") else "uniform")
             model = copy.deepcopy(ref)
@@ -121,20 +124,20 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
     score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
 
 
-def _measurement(ref, calib, doc, cands):
-    """kfac errors after GPTQ on these rows; kept in bench/cache (git-ignored) by the rows' sha256 and the
+def _measurement(ref, calib, doc, cands, metric="kfac"):
+    """``metric`` errors after GPTQ on these rows; kept in bench/cache (git-ignored) by the rows' sha256 and the
     candidate names, so runs that change only how GPTQ quantizes (damping, act-order) share one measurement."""
     import hashlib
 
     from mixq.allocate import SensitivityTable
 
     names = hashlib.sha256(" ".join(c.name for c in cands).encode()).hexdigest()[:8]
-    path = CACHE / f"generalization-{calib.sha256[:16]}-{names}.json"
+    path = CACHE / f"generalization-{calib.sha256[:16]}-{names}{'' if metric == 'kfac' else '-' + metric}.json"
     if path.exists():
         doc["measure_seconds"] = f"reused {path.name}"
         return SensitivityTable.load(path)
     t = time.perf_counter()
-    table = measure(ref, calib.ids, cands, metric="kfac", algorithm="gptq", progress=False)
+    table = measure(ref, calib.ids, cands, metric=metric, algorithm="gptq", progress=False)
     doc["measure_seconds"] = time.perf_counter() - t
     table.save(path, overwrite=True)
     return table

@@ -117,8 +117,9 @@ def default_recipe(args) -> None:
     from mixq.allocate import Budget, allocate, default_candidates
     from mixq.bos import resolve_bos
     from mixq.eval import Protocol, ReferenceCache
-    from mixq.recipe import DEFAULT_RECIPE as R
+    from mixq.recipe import DEFAULT_RECIPE
 
+    R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
     out = Path(args.out)
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
@@ -138,7 +139,8 @@ def default_recipe(args) -> None:
     cands = default_candidates()
     doc.update(model=args.model, recipe=dict(R), machine=machine(), commit=git_rev(), tag=args.tag,
                command=f"OMP_NUM_THREADS=1 python bench/second_model.py --recipe default --out {args.out}"
-                       + (f" --budgets {args.budgets}" if args.budgets != "3,3.5,4,4.5" else ""),
+                       + (f" --budgets {args.budgets}" if args.budgets != "3,3.5,4,4.5" else "")
+                       + (f" --metric {args.metric}" if args.metric != "kfac" else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
                protocols={c: e[1].to_dict() for c, e in evals.items()})
     cached = out.with_name(out.name + "-measurement.json")
@@ -202,8 +204,9 @@ def metric_ab(args) -> None:
     from mixq.allocate import Budget, SensitivityTable, allocate
     from mixq.config import parse_spec
     from mixq.measure import measure
-    from mixq.recipe import DEFAULT_RECIPE as R
+    from mixq.recipe import DEFAULT_RECIPE
 
+    R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
     out = Path(args.out)
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
