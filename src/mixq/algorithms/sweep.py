@@ -64,8 +64,8 @@ def sweep(Wk: torch.Tensor, U: torch.Tensor, round_step: RoundStep, *, block_siz
                 else:
                     w = W1[:, j:j + width]
                     q = round_step(i, w, lambda n, i=i: ahead(n, i))
-                    Vinv = torch.linalg.solve_triangular(U[i:i + width, i:i + width], torch.eye(width, dtype=U.dtype),
-                                                         upper=True)
+                    eye = torch.eye(width, dtype=U.dtype, device=U.device)
+                    Vinv = torch.linalg.solve_triangular(U[i:i + width, i:i + width], eye, upper=True)
                     E = (w - q) @ Vinv
                     E1[:, j:j + width] = E
                     W1[:, j + width:] -= E @ U[i:i + width, i + width:i2]

@@ -153,7 +153,7 @@ def _gptq(W0, H, B, spec, glen, damp, block_size, hinv_chol):
         if col % glen == 0:  # a new group: its scale from the weights as updated so far
             scale[:, col // glen] = fit_scales(ahead(glen), B, spec)
         s = scale[:, col // glen]
-        Vinv = torch.linalg.solve_triangular(U[col:col + d, col:col + d], torch.eye(d), upper=True)  # U_vv⁻¹
+        Vinv = torch.linalg.solve_triangular(U[col:col + d, col:col + d], torch.eye(d, device=U.device), upper=True)  # U_vv⁻¹
         # argmin_c ‖(w - s c) V‖² = s² ‖w V / s - c V‖²: nearest in the transformed codebook
         idx = nearest((w / s[:, None]) @ Vinv, B @ Vinv)
         q = B[idx] * s[:, None]
