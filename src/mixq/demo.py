@@ -1,8 +1,9 @@
 """``mixq demo``: the README's main job on the embedded model.
 
 Loads SmolLM2-135M (embedded), builds the default calibration set (:data:`mixq.calibset.DEFAULT_CALIB`),
-measures every layer's sensitivity once, solves a mixed-precision plan at the budget (default 3.5 bits
-per weight, all metadata counted) and the best uniform spec within the same budget, quantizes both with
+measures every layer's sensitivity once (the default recipe's metric and errors, :mod:`mixq.recipe`), solves a
+mixed-precision plan at the budget (default 3.5 bits per weight, all metadata counted) -- the plan
+``mixq quantize --bpw`` makes -- and the best uniform spec within the same budget, quantizes both with
 RTN and with GPTQ, evaluates each against the fp32 model on the first ``tokens`` tokens of every
 evaluation domain (:data:`mixq.eval.domains.DEFAULT_DOMAINS`: PTB test and text no calibration saw) and
 prints one table.
@@ -20,6 +21,7 @@ from .eval import Protocol, ReferenceCache, evaluate
 from .eval.domains import DEFAULT_DOMAINS, load_domains
 from .measure import measure
 from .models import load_model
+from .recipe import DEFAULT_RECIPE as RECIPE
 
 
 def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamples: int = 32, seqlen: int = 512,
@@ -36,7 +38,9 @@ def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamp
     cset = build_calibration(ref, tok, calib, nsamples, seqlen, seed=0, bos_id=bos_decision.bos_id,
                              progress=progress)
     t0 = time.perf_counter()
-    table = measure(ref, cset.ids, default_candidates(), metric="kfac", algorithm="rtn", progress=progress)
+    # the default recipe's measurement (mixq.recipe): the plans are the ones `mixq quantize --bpw` makes
+    table = measure(ref, cset.ids, default_candidates(), metric=RECIPE["metric"], algorithm=RECIPE["algorithm"],
+                    progress=progress)
     t_measure = time.perf_counter() - t0
     plans = {"uniform": allocate(table, Budget(bpw=bpw), method="uniform"),
              "mixed": allocate(table, Budget(bpw=bpw), method="exact")}
@@ -89,7 +93,8 @@ def format_table(rows: list[dict], protos: dict, bpw: float, t_measure: float, c
         lines.append(f"{r['method']:<8}{r['plan']:<14}{r['bpw']:>7.3f}{cells}"
                      f"{'-' if t1 is None else format(t1, '.3f'):>8}{r['seconds']:>8.1f}")
     lines.append("uniform = the best single spec within the budget; mixed = one spec per layer from the same "
-                 "candidates, solved exactly (kfac sensitivity); top-1 on the first domain.")
+                 f"candidates, solved exactly ({RECIPE['metric']} sensitivity with {RECIPE['algorithm']} errors, the "
+                 "default recipe); top-1 on the first domain.")
     if len(names) == 1:
         lines.append("(the out-of-domain text was not available here: `apt-get install fortunes` adds it)")
     return "\n".join(lines)
