@@ -168,7 +168,9 @@ def test_greedy_gap():
     assert np.mean(gaps) <= 0.01 and max(gaps) <= 0.05, (np.mean(gaps), max(gaps))
 
 
-def test_timing_210_layers_x_30_candidates(caplog):
+def test_exact_within_budget_and_beats_greedy_210_layers_x_30_candidates(caplog):
+    """A model-sized problem: the exact solver fits the budget and is never worse than greedy (its time is logged,
+    not asserted: ``bench/solver_time.py`` measures it)."""
     rng = np.random.default_rng(0)
     bpw = np.sort(rng.uniform(2.1, 8.5, 30))
     costs, errors = [], []
@@ -178,14 +180,12 @@ def test_timing_210_layers_x_30_candidates(caplog):
         costs.append(tuple(int(b * numel) // 64 * 64 for b in bpw))
         errors.append(tuple(numel * 2.0 ** (-2 * b) * rng.lognormal(0, 0.3) for b in bpw))
     p = Problem(tuple(f"l{i}" for i in range(210)), tuple(costs), tuple(errors))
-    solve(p, int(4 * sum(c[0] for c in costs) / bpw[0]))  # warm-up
     with caplog.at_level(logging.INFO):
         for target in (2.5, 3.0, 4.25, 6.0):
             budget = int(target * sum(c[0] for c in costs) / bpw[0])
             ex, gr = solve(p, budget), solve(p, budget, method="greedy")
             logging.getLogger(__name__).info("210x30 @%.2f bpw: exact %.3fs greedy %.3fs gap %.2e",
                                              target, ex.seconds, gr.seconds, gr.total_error / ex.total_error - 1)
-            assert ex.seconds < 5 and gr.seconds < 5
             assert ex.total_bits <= budget and ex.total_error <= gr.total_error + 1e-9 * gr.total_error
 
 
