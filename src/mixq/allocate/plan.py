@@ -16,9 +16,10 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..config import QuantSpec
+from ..jsonio import read_json, write_json_atomic
 from .constraints import KEEP, Constraints, build_problem
 from .solvers import InfeasibleBudget, solve
-from .table import SensitivityTable, _check_header, read_json, spec_from_json, spec_to_json, write_json_atomic
+from .table import SensitivityTable, _check_header, spec_from_json, spec_to_json
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import QuantSpec
 from ..config import parse_spec
-from ..jsonio import read_json, write_json_atomic  # noqa: F401  (re-exported)
+from ..jsonio import read_json, write_json_atomic
 
 TABLE_VERSION = 1
 

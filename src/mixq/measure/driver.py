@@ -29,11 +29,11 @@ import torch
 from torch import nn
 
 from ..allocate import LayerEntry, SensitivityTable
-from ..allocate.table import write_json_atomic
 from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
 from ..data import ids_sha256
+from ..jsonio import write_json_atomic
 from ..models import model_fingerprint
 from .distributed import Group, current_group, measure_shared
 from .gradients import gradient_stats
