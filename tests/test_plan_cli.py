@@ -31,7 +31,10 @@ def test_quantize_bpw_in_one_go(tiny_dir, tmp_path):
                  "--grad-samples", "2", "--method", "gptq", "--out", str(out)]) == 0
     info = json.loads((out / "mixq.json").read_text())
     assert info["size"]["bpw_quantized"] <= 3.5
-    assert (out / "measurement.json").exists() and (out / "plan.json").exists()
+    from mixq.models import file_sha256
+
+    for name in ("measurement.json", "plan.json"):  # written inside the atomic write, so checksummed with the rest
+        assert info["files"][name] == {"size": (out / name).stat().st_size, "sha256": file_sha256(out / name)}
 
 
 def test_infeasible_budget_names_the_minimum(tiny_dir, tmp_path, capsys):

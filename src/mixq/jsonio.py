@@ -31,9 +31,8 @@ def write_json_atomic(path: str | Path, obj, *, overwrite: bool = False) -> Path
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=_default)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(json_bytes(obj))
             f.flush()
             os.fsync(f.fileno())
         publish(tmp)  # mkstemp makes it private; the result is an ordinary file
@@ -42,6 +41,12 @@ def write_json_atomic(path: str | Path, obj, *, overwrite: bool = False) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return p
+
+
+def json_bytes(obj) -> bytes:
+    """The bytes :func:`write_json_atomic` writes for ``obj`` (e.g. for a file inside an atomically written
+    directory: ``save_quantized(side_files=...)``)."""
+    return (json.dumps(obj, indent=1, default=_default) + "\n").encode()
 
 
 def _default(o):

@@ -166,15 +166,15 @@ def cmd_quantize(args) -> int:
             import shutil
 
             shutil.rmtree(out)
-    save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force)
+    measured = budget is not None and args.measurement is None
+    if measured:
+        table.meta["calibration_record"] = calib.record()
+    save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force,
+                   side_files=_side_files(plan, table if measured else None))
     if walk is not None:
         walk.clear()
-    if budget is not None and args.measurement is None:
-        table.meta["calibration_record"] = calib.record()
-        table.save(out / "measurement.json", overwrite=True)
+    if measured:  # the scratch measurement beside --out is in the output now
         final.with_name(f".{final.name}.measurement.json").unlink(missing_ok=True)
-    if plan is not None:
-        plan.save(out / "plan.json", overwrite=True)
     if args.finetune:
         _finetune(out, final, args)
         out = final
@@ -182,6 +182,15 @@ def cmd_quantize(args) -> int:
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
     return 0
+
+
+def _side_files(plan, table) -> dict[str, bytes]:
+    """``plan.json`` and ``measurement.json`` (a measurement made by this run), written inside the output's atomic
+    write and so listed with checksums in its ``mixq.json``."""
+    from ..jsonio import json_bytes
+
+    files = {"measurement.json": table, "plan.json": plan}
+    return {name: json_bytes(obj.to_dict()) for name, obj in files.items() if obj is not None}
 
 
 def _expected_bytes(model, spec, plan, budget, args) -> int:
