@@ -236,6 +236,14 @@ def test_v1_directory_still_loads_and_upgrades(tiny_model, tiny_tokenizer, famil
 
 
 # ---------------------------------------------------------------------------- CLI: export, generate
+def test_export_offers_every_protocol_target_and_has_an_exporter_for_each():
+    """``--format`` choices are :data:`mixq.config.protocol.TARGETS`; every one but native has an exporter."""
+    import mixq.cli.export as ce
+    from mixq.config.protocol import TARGETS
+
+    assert set(ce._EXPORTERS) == set(TARGETS) - {"native"}
+
+
 def test_export_unknown_or_missing_exporter_is_one_line(tiny_model, tiny_tokenizer, tmp_path, capsys, monkeypatch):
     import mixq.cli.export as ce
 

@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..config import QuantSpec, parse_spec
+from ..export.ggml_exact import TARGETS, holds_exactly
 from .solvers import Problem
 from .table import SensitivityTable, _check_header
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 CONSTRAINTS_VERSION = 1
 KEEP = parse_spec("FP16")
 FAST_DEVICES = (None, "cpu")
-RUNTIME_TARGETS = (None, "gguf")
+RUNTIME_TARGETS = (None, *TARGETS)  # None: any runtime
 
 
 @dataclass(frozen=True)
@@ -163,8 +164,6 @@ def _layer_choices(x, c: Constraints) -> list[tuple[QuantSpec, float]]:
                              f"or drop fast_on")
         out = fast
     if c.target:
-        from ..export.ggml_exact import holds_exactly
-
         held = [(s, e) for s, e in out if holds_exactly(c.target, s, x.shape)]
         if not held:
             raise ValueError(f"{x.fqn} {tuple(x.shape)}: no candidate within its limits is held exactly by the "

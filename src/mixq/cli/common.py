@@ -3,8 +3,8 @@ evaluation windows, measurement, budgets and constraints), their parsers, and sm
 
 Choices come from the registries of the stages they feed — :data:`mixq.measure.METRICS` and
 :data:`~mixq.measure.ALGORITHMS`, :data:`mixq.allocate.METHODS` (solvers), :data:`mixq.data.CORPORA`,
-:data:`mixq.bos.BOS_CHOICES` (through :func:`~mixq.bos.add_bos_argument`) — so a new one appears in
-every command that takes it.
+:data:`mixq.bos.BOS_CHOICES` (through :func:`~mixq.bos.add_bos_argument`), the runtime targets of
+:data:`mixq.export.ggml_exact.TARGETS` — so a new one appears in every command that takes it.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..bos import add_bos_argument
 from ..calibset import DEFAULT_CALIB, SELF
 from ..data import CORPORA
 from ..eval.domains import DEFAULT_DOMAINS
+from ..export.ggml_exact import TARGETS as RUNTIME_TARGETS
 from ..measure import ALGORITHMS, METRICS
 from ..models import DEFAULT_MODEL
 
@@ -107,7 +108,7 @@ def constraint_args(p) -> None:
     p.add_argument("--fast-on", default=None, choices=["cpu"],
                    help="only candidates a fast kernel runs on this device (e.g. cpu: int grids through the int4 "
                         "GEMM; no NF/FP/FP16 layers, which would run the slow dequantize-per-call kernel)")
-    p.add_argument("--target", default=None, choices=["gguf"],
+    p.add_argument("--target", default=None, choices=RUNTIME_TARGETS,
                    help="only candidates this runtime holds exactly for each layer's shape (gguf: the ggml block "
                         "types of the row length -- Q8_0/Q5_x/Q4_x/IQ4_NL/MXFP4 on multiples of 32, the K-quants "
                         "Q2_K..Q6_K on multiples of 256 -- written as they are by `mixq export --format gguf`); the "

@@ -8,11 +8,11 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from ..config.protocol import TARGETS  # the export targets every element format answers for
 from ..jsonio import write_json_atomic
 from .common import UserError, check_free_space, claim_output, human
 
-FORMATS = ("native", "gguf", "gptq", "compressed-tensors")
-_EXPORTERS = {  # format -> (module, function); imported only when asked for
+_EXPORTERS = {  # format -> (module, function), every target but native; imported only when asked for
     "gguf": ("mixq.export.gguf", "export_gguf"),
     "gptq": ("mixq.export.hf", "export_gptq"),
     "compressed-tensors": ("mixq.export.hf", "export_compressed_tensors"),
@@ -28,7 +28,7 @@ def register(sub) -> None:
                                    "A report is written next to the output (<out>.report.json for a file, "
                                    "<out>/export_report.json for a directory).")
     x.add_argument("dir", help="native mixq directory (from `mixq quantize`)")
-    x.add_argument("--format", required=True, choices=FORMATS, help="output format")
+    x.add_argument("--format", required=True, choices=TARGETS, help="output format")
     x.add_argument("--out", required=True, help="output path (a .gguf file for gguf, else a directory)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
     x.add_argument("--rest-dtype", default="keep", choices=_REST_DTYPES,
