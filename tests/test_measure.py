@@ -114,13 +114,26 @@ def test_measure_table_and_resume(tiny_model, tmp_path, monkeypatch):
     assert resumed.meta["resumed_layers"] == 7
 
 
-def test_gptq_measurement_is_not_worse_than_rtn(tiny_model):
+def test_fast_gptq_measurement_is_within_a_factor_of_gptq_exact(tiny_model):
+    """``gptq`` (RTN errors times one measured GPTQ/RTN ratio per family and bit band) stays within a factor 1.4
+    of ``gptq-exact`` for every layer and candidate: on this tiny llama (kfac, 8x32 tokens) the worst entry was
+    off by a factor 1.28 (the bands' references are exact; the others carry their reference's ratio).  The bound
+    is real: RTN's own errors are off from the exact GPTQ errors by a factor 1.41 to 10 here."""
+    import math
+
+    tol = math.log(1.4)
+    cands = [parse_spec(n) for n in ["W2-g32-asym", "W3-g32", "W3-g64", "W4-g32", "W5-g32", "W8-channel"]]
     model = tiny_model("llama")
     ids = _ids(8, 32)
-    rtn = measure(model, ids, CANDS, metric="hessian", algorithm="rtn", progress=False)
-    gq = measure(model, ids, CANDS, metric="hessian", algorithm="gptq", progress=False)
-    for a, b in zip(rtn.layers, gq.layers):
-        assert all(y <= x * (1 + 1e-9) for x, y in zip(a.errors, b.errors))
+    got = {a: measure(model, ids, cands, metric="kfac", grad_samples=4, algorithm=a, progress=False)
+           for a in ("rtn", "gptq", "gptq-exact")}
+    fast, rtn = [], []
+    for r, f, e in zip(got["rtn"].layers, got["gptq"].layers, got["gptq-exact"].layers):
+        assert r.fqn == f.fqn == e.fqn and len(f.errors) == len(e.errors) == len(cands)
+        fast += [abs(math.log(x / y)) for x, y in zip(f.errors, e.errors)]
+        rtn += [abs(math.log(x / y)) for x, y in zip(r.errors, e.errors)]
+    assert max(fast) <= tol, max(fast)
+    assert sum(d > tol for d in rtn) >= len(rtn) // 2, sorted(rtn)
 
 
 def test_block_error_by_hand():
