@@ -87,24 +87,26 @@ def _record(calib) -> dict | None:
 
 
 # ---------------------------------------------------------------------------- measure / plan
-def measure(model, calib, *, metric: str = "kfac", candidates="default", algorithm: str = "rtn",
+def measure(model, calib, *, metric: str | None = None, candidates="default", algorithm: str = "rtn",
             grad_samples: int = 16, block_samples: int = 4, out: str | os.PathLike | None = None,
             progress: bool = True):
     """The sensitivity table: every block linear's error under every candidate spec (``mixq measure``).
 
     ``calib``: a :class:`~mixq.calibset.CalibrationSet` (:func:`build_calibration`) or ids ``[n, L]``.
-    ``metric``: ``kfac`` (default; output error weighted by the loss gradient, in nats), ``hessian``,
-    ``fisher``, ``block``, ``block-rel`` (:mod:`mixq.measure.metrics`).  ``candidates``: ``"default"``, a
-    named set (``"default+intra"``), a file of spec names, or a list of specs / spec names.
+    ``metric``: None for the default recipe's (:mod:`mixq.recipe`), ``kfac`` (output error weighted by the loss
+    gradient, in nats), ``kfac-tok``, ``hessian``, ``fisher``, ``block``, ``block-rel``
+    (:mod:`mixq.measure.metrics`).  ``candidates``: ``"default"``, a named set (``"default+intra"``), a file of
+    spec names, or a list of specs / spec names.
     ``algorithm``: whose error is measured, ``rtn`` or ``gptq``.  ``grad_samples``: rows for the gradient
     statistics; ``block_samples``: rows the block metrics run each candidate on.  ``out``: save the table
     there (JSON); an interrupted measurement resumes from it.  Returns a
     :class:`~mixq.allocate.SensitivityTable`; measure once, :func:`plan` for any number of budgets.
     """
     from .measure import measure as _measure
+    from .recipe import DEFAULT_RECIPE
 
-    table = _measure(model, _calib_ids(calib), _candidates(candidates), metric=metric, algorithm=algorithm,
-                     grad_samples=grad_samples, block_samples=block_samples, out=out, progress=progress)
+    table = _measure(model, _calib_ids(calib), _candidates(candidates), metric=metric or DEFAULT_RECIPE["metric"],
+                     algorithm=algorithm, grad_samples=grad_samples, block_samples=block_samples, out=out, progress=progress)
     if _record(calib) is not None:
         table.meta["calibration_record"] = _record(calib)
         if out is not None:

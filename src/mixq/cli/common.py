@@ -16,6 +16,7 @@ from pathlib import Path
 from ..allocate import METHODS as SOLVERS
 from ..allocate import parse_bytes
 from ..allocate.candidates import NAMED_SETS
+from ..allocate.constraints import FAST_DEVICES
 from ..bos import add_bos_argument
 from ..calibset import DEFAULT_CALIB, SELF
 from ..data import CORPORA
@@ -23,6 +24,7 @@ from ..eval.domains import DEFAULT_DOMAINS
 from ..export.ggml_exact import TARGETS as RUNTIME_TARGETS
 from ..measure import ALGORITHMS, METRICS
 from ..models import DEFAULT_MODEL
+from ..recipe import DEFAULT_RECIPE
 
 __all__ = ["ALGORITHMS", "DEFAULT_MODEL", "METRICS", "SOLVERS", "UserError", "budget_args", "calib_args",
            "check_full_attention", "check_out_file", "check_positive", "constraint_args", "constraints_from",
@@ -72,8 +74,10 @@ def eval_args(p, *, tokens: int = 32768, stride: bool = True) -> None:
 
 def measure_args(p, *, algorithm: str | None = None) -> None:
     """The sensitivity measurement: ``--metric``, ``--algorithm``, ``--candidates``, ``--grad-samples``, ``--block-samples``."""
-    p.add_argument("--metric", default="kfac", choices=METRICS,
-                   help="error proxy: kfac (Fisher-weighted output error, default), hessian (layer output MSE), "
+    p.add_argument("--metric", default=DEFAULT_RECIPE["metric"], choices=METRICS,
+                   help=f"error proxy (default {DEFAULT_RECIPE['metric']}): kfac (Fisher-weighted output error), "
+                        "kfac-tok (kfac with each token's input weighted by its own gradient energy), "
+                        "hessian (layer output MSE), "
                         "fisher (diagonal Fisher), block (block-output error weighted by the residual gradient, "
                         "slowest and most faithful), block-rel (ExLlamaV2-style relative block-output error)")
     p.add_argument("--algorithm", default=algorithm, choices=ALGORITHMS,
@@ -105,7 +109,7 @@ def constraint_args(p) -> None:
                                                                r"e.g. 'self_attn\.(q|k|v)_proj'")
     p.add_argument("--min-bits", action="append", default=[], metavar="REGEX=N", help="minimum bits for matching layers")
     p.add_argument("--max-bits", action="append", default=[], metavar="REGEX=N", help="maximum bits for matching layers")
-    p.add_argument("--fast-on", default=None, choices=["cpu"],
+    p.add_argument("--fast-on", default=None, choices=[d for d in FAST_DEVICES if d],
                    help="only candidates a fast kernel runs on this device (e.g. cpu: int grids through the int4 "
                         "GEMM; no NF/FP/FP16 layers, which would run the slow dequantize-per-call kernel)")
     p.add_argument("--target", default=None, choices=RUNTIME_TARGETS,
