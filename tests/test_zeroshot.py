@@ -233,6 +233,31 @@ def test_harness_adapter_with_a_stand_in_lm_eval(monkeypatch, model, tok, tmp_pa
     assert loaded.loglikelihood([req])[0][0] == pytest.approx(lm.loglikelihood([req])[0][0], abs=1e-5)
 
 
+def test_harness_adapter_with_the_real_lm_eval(monkeypatch, model, tok, tmp_path):
+    """The adapter against lm-eval 0.4.13 itself (installed by the Makefile): a subclass of its ``LM``, found in its
+    registry as ``mixq``, answering its own ``Instance`` requests as the direct computation does, and built from
+    an ``--model_args`` string the way ``lm_eval --model mixq`` builds it."""
+    pytest.importorskip("lm_eval", reason="lm-eval is installed by `make install` (pip install --no-deps lm-eval)")
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setattr(zs, "_HARNESS_CLASS", None)
+    lm = zs.harness_lm(model, tok, batch_size="auto")
+    assert isinstance(lm, LM) and get_model("mixq") is type(lm)
+    reqs = [Instance(request_type="loglikelihood", doc={}, arguments=args, idx=0)
+            for args in ((" the stock market", " fell"), ("the", " market rose"))]
+    got = lm.loglikelihood(reqs)
+    for (logp, greedy), r in zip(got, reqs):
+        assert logp == pytest.approx(direct_logprob(model, tok, *r.args), abs=1e-4) and isinstance(greedy, bool)
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    loaded = get_model("mixq").create_from_arg_string(f"pretrained={d},max_length=32", {"batch_size": 2})
+    assert loaded.batch_size == 2 and loaded.max_length == 32
+    assert loaded.loglikelihood(reqs[:1])[0][0] == pytest.approx(got[0][0], abs=1e-5)
+
+
 @pytest.fixture
 def tiny_dir(tmp_path, model, tok):
     d = tmp_path / "tiny"
