@@ -112,7 +112,15 @@ def test_plan_memory_bad_input(tiny_dir, tmp_path, capsys):
 def test_dir_targets_refuse_smoothing_and_unrotated_rot_presets(tiny_dir, tmp_path, capsys):
     q = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_dir), "--spec", "W8A8", "--out", str(q)]) == 0  # the W-part
-    assert json.loads((q / "mixq.json").read_text())["spec"] == "W8-channel"
+    info = json.loads((q / "mixq.json").read_text())
+    assert info["spec"] == "W8-channel" and info["activations"] == "W8A8"  # the A-part, recorded
+    capsys.readouterr()
+    out = tmp_path / "recorded.json"
+    assert main(_eval(q, tmp_path, "--out", str(out))) == 0  # no --act: the recorded activations are applied
+    assert "activations: W8A8, as recorded" in capsys.readouterr().out
+    applied = json.loads(out.read_text())["act"]
+    assert main(_eval(q, tmp_path, "--act", "W8A8", "--out", str(out), "--force")) == 0
+    assert json.loads(out.read_text())["act"] == applied and applied  # the same as asking for it
     capsys.readouterr()
     assert main(_eval(q, tmp_path, "--act", "W8A8", "--smooth", "0.5")) == 2
     assert "base model" in capsys.readouterr().err

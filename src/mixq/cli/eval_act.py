@@ -137,6 +137,18 @@ def wanted(args) -> bool:
     return any(getattr(args, k, None) is not None for k in ("act", "kv", "kv_plan", "smooth", "act_outliers"))
 
 
+def recorded_activations(args) -> str | None:
+    """A directory quantized with a W/A preset (``quantize --spec W8A8``) records its activation part: with no
+    ``--act`` given, ``mixq eval`` applies it (sets ``args.act``; returns the preset name, else None)."""
+    if getattr(args, "act", None) is not None:
+        return None
+    info = _dir_info(args.target)
+    name = (info or {}).get("activations")
+    if name:
+        args.act = name
+    return name
+
+
 def _dir_info(target: str) -> dict | None:
     from ..export.native import is_quantized_dir
 

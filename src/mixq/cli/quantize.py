@@ -158,7 +158,8 @@ def cmd_quantize(args) -> int:
             "group_fallback": api.fallbacks(specs, spec) if spec is not None else {},
             "plan": plan.to_dict() if plan is not None else None, **extra,
             "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
-            "proxy_loss": res.proxy_loss or None, **({"moe": res.routing} if res.routing else {})}
+            "proxy_loss": res.proxy_loss or None, **({"moe": res.routing} if res.routing else {}),
+            **({"activations": args.activations} if getattr(args, "activations", None) else {})}
     final = out
     if args.finetune:  # quantized into a scratch directory, fine-tuned from there into --out
         out = out.with_name(f".{out.name}.quantized")
@@ -352,8 +353,10 @@ def quantize_spec(args):
         raise UserError(f"--spec {name}: the preset keeps the weights in 16 bits, nothing to quantize")
     if p.rotate:
         args.rotate = True
-    log.warning("--spec %s: quantizing the weights with %s; apply the activations at evaluation (mixq eval DIR --act %s)",
-                name, p.weight.name, name)
+    if p.act is not None:  # recorded in mixq.json: `mixq eval DIR` quantizes the activations with it
+        args.activations = name
+        print(f"--spec {name}: weights {p.weight.name}; the activation part is recorded in the directory and "
+              f"`mixq eval DIR` applies it (dynamic)")
     return p.weight
 
 
