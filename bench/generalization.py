@@ -186,6 +186,18 @@ NOTES = """## Reading (measured 2026-12-03 and -04 on this machine; runs named b
   1.3 target.  The kfac loss the measurement predicts for each plan (0.460 / 0.234 / 0.122 / 0.065) is within
   1-14 % of the PTB KL measured.  Run `default3` was stopped before its 4.5-bpw row.
 
+- **Sensitivity metric `kfac-tok` against `kfac`** (run `default3-kfactok`: the default recipe with
+  `--metric kfac-tok`, same calibration rows and candidates as `default3`), mixed GPTQ, KL PTB / fortunes:
+  2.5 bpw 0.461 / 0.656 vs 0.465 / 0.705; 3.0 bpw 0.251 / 0.376 vs 0.267 / 0.380; 3.5 bpw 0.135 / 0.201 vs
+  0.137 / 0.212; 4.0 bpw 0.0925 / 0.1355 vs 0.0748 / 0.1151.  Better by 1-7 % up to 3.5 bpw, 18-24 % worse at
+  4.0.  At 4.0 its own prediction for its plan (0.064) is 31 % under the KL measured, kfac's (0.065 for its own)
+  13 %: the plans differ mostly on v_proj and k_proj (27 of 50 changed layers), which `kfac-tok` rates less
+  sensitive than `kfac` (VQ3-channel+ip errors, kfac / kfac-tok: v_proj median 2.7x, up to 11x; k_proj 1.4x, up
+  to 2.2x; q_proj and the MLP 0.96-1.00x) and moves to fewer bits.  The token weighting assumes a token's output-gradient
+  energy factors out of its activations; a key or value row is read by every later query, so that assumption is
+  weakest exactly there.  Not the default on this evidence (the second model's A/B is in
+  `second_model_default.md`).
+
 - **Incoherence-processed candidates** (run `ip`: the default candidates plus six `+ip` grids, then the default set;
   measured after the GPTQ/RTN ratio became per element family and bit width), mixed GPTQ, KL PTB / fortunes
   against run `self+ptb` (same calibration rows, the candidates before): 2.5 bpw 2.55 / 3.25 vs 2.64 / 3.63;
