@@ -1,6 +1,8 @@
 """The demo's code path (measure → uniform and mixed plans → RTN/GPTQ → table) on a tiny model."""
 import json
+from collections import Counter
 
+import mixq.data
 import mixq.demo as demo
 
 
@@ -13,6 +15,10 @@ def test_demo_runs_end_to_end(tiny_model, tiny_tokenizer, monkeypatch, tmp_path,
     (fortunes / "wisdom.dat").write_bytes(b"")
     monkeypatch.setenv("MIXQ_FORTUNES_DIR", str(fortunes))
     monkeypatch.setattr(demo, "load_model", lambda name: (tiny_model("llama"), tiny_tokenizer))
+    seen = Counter()  # every text tokenised in the run, by content: each corpus once per run
+    tokenize = mixq.data.tokenize
+    monkeypatch.setattr(mixq.data, "tokenize",
+                        lambda text, *a, **k: (seen.update([hash(text)]), tokenize(text, *a, **k))[1])
     out = tmp_path / "demo.json"
     rows = demo.run_demo(tokens=256, bpw=3.5, nsamples=4, seqlen=64, out=str(out), progress=False)
     text = capsys.readouterr().out
@@ -24,3 +30,4 @@ def test_demo_runs_end_to_end(tiny_model, tiny_tokenizer, monkeypatch, tmp_path,
     # both domains side by side, each with its own protocol
     assert set(doc["protocols"]) == {"ptb", "fortunes"} and all(set(r["domains"]) == {"ptb", "fortunes"} for r in rows)
     assert "KL fortunes" in text
+    assert len(seen) == 3 and set(seen.values()) == {1}  # PTB train (calibration), PTB test, fortunes test: once each
