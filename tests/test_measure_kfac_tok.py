@@ -1,4 +1,5 @@
 """``kfac-tok``: kfac with each token's input weighted by its own output-gradient energy (mixq.measure.metrics)."""
+import pytest
 import torch
 
 from mixq.algorithms.rtn import rtn_quantize
@@ -65,3 +66,25 @@ def test_measured_kfac_tok_equals_per_token_weights(tiny_model):
     want = layer_error(dW, LayerSensitivity(G=g2.mean(0), Hg=Hg, H=Hg), "kfac-tok")
     got = next(e for e in table.layers if e.fqn == fqn).errors[0]
     assert abs(got - want) < 1e-4 * want
+
+
+def test_kfac_pos_is_kfac_on_keys_and_values_and_kfac_tok_elsewhere(tiny_model):
+    """``kfac-pos`` from one measurement: the arch's key/value projections carry kfac's errors, every other block
+    linear kfac-tok's (same rows, same candidates)."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    specs = [parse_spec("W2-g32-asym"), parse_spec("W4-g32")]
+    got = {m: {e.fqn: e.errors for e in measure(model, ids, specs, metric=m, algorithm="rtn", grad_samples=2,
+                                                  progress=False).layers}
+           for m in ("kfac", "kfac-tok", "kfac-pos")}
+    kv = arch_for(model).kv_linears
+    assert kv == ("self_attn.k_proj", "self_attn.v_proj")
+    n_kv = 0
+    for fqn, errs in got["kfac-pos"].items():
+        is_kv = any(fqn.endswith("." + n) for n in kv)
+        n_kv += is_kv
+        want = got["kfac" if is_kv else "kfac-tok"][fqn]
+        assert errs == pytest.approx(want, rel=1e-6), fqn
+        if is_kv:  # the two metrics do differ there, so the test sees which one was used
+            assert got["kfac-tok"][fqn] != pytest.approx(want, rel=1e-3), fqn
+    assert n_kv == 2 * len(get_blocks(model))

@@ -72,6 +72,8 @@ class ArchInfo:
     ``config_checks`` ``(attr, value)`` pairs the input groups assume; if one fails,
                       :func:`arch_for` drops the groups (with a warning) rather than mislead
     ``discovered``    True when built by the default discovery, not taken from the table
+    ``kv_linears``    block-relative names of the linears whose output rows are keys or values (a fused QKV
+                      included): read by every later position, not only by their own (``kfac-pos``)
     """
 
     blocks: str
@@ -83,6 +85,7 @@ class ArchInfo:
     skip: tuple[str, ...] = ()
     config_checks: tuple[tuple[str, object], ...] = ()
     discovered: bool = False
+    kv_linears: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
 
 
 def _llama_groups(attn_norm: str, mlp_norm: str) -> tuple[InputGroup, ...]:
@@ -118,7 +121,7 @@ ARCH_TABLE: dict[str, ArchInfo] = {
         InputGroup(None, ("attn.c_proj",), None),
         InputGroup("ln_2", ("mlp.c_fc",), "norm"),
         InputGroup("mlp.act", ("mlp.c_proj",), "act"),
-    )),
+    ), kv_linears=("attn.c_attn",)),
     # OPT: pre-norm only when do_layer_norm_before (not opt-350m); ReLU is positively homogeneous
     "opt": ArchInfo("model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
                     "model.decoder.final_layer_norm", "lm_head", (
@@ -133,7 +136,7 @@ ARCH_TABLE: dict[str, ArchInfo] = {
         InputGroup(None, ("attention.dense",), None),
         InputGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "norm"),
         InputGroup("mlp.act", ("mlp.dense_4h_to_h",), "act"),
-    )),
+    ), kv_linears=("attention.query_key_value",)),
     # MoE (mixq.moe): stacked experts become mlp.experts.<e>.{gate,up,down}_proj linears; the router mlp.gate
     # is not a linear and stays out of the plan.  No input groups: the norm before the experts also feeds the
     # router, so AWQ/SmoothQuant/rotation (which fold scales into it) are refused rather than wrong.

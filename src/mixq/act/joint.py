@@ -40,7 +40,7 @@ from .kvtable import KVSensitivityTable, check_doc
 
 log = logging.getLogger(__name__)
 
-NAT_METRICS = ("kfac", "kfac-tok", "fisher", "block")  # errors in nats of loss increase
+NAT_METRICS = ("kfac", "kfac-tok", "kfac-pos", "fisher", "block")  # errors in nats of loss increase
 KV_PLAN_VERSION = 1
 
 
@@ -188,7 +188,7 @@ def _check_units(weight_table: SensitivityTable | None, kv_table: KVSensitivityT
         return
     if weight_table.metric not in NAT_METRICS:
         raise ValueError(f"weight errors measured with {weight_table.metric!r} are not in nats of loss increase: "
-                         f"measure with --metric kfac (or kfac-tok, fisher, block) to share a budget with the KV cache")
+                         f"measure with --metric kfac (or kfac-tok, kfac-pos, fisher, block) to share a budget with the KV cache")
     wm, km = weight_table.meta.get("model"), kv_table.model
     if wm and km and wm != km:
         raise ValueError(f"the weight measurement is of model {wm} and the KV measurement of model {km}: "

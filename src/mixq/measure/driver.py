@@ -42,7 +42,7 @@ from ..calib.capture import run_block
 from ..calib.dispatch import walk_placement
 from .layer import LayerJob
 from .layer import measure_layer as _measure_layer
-from .metrics import BLOCK_METRICS, METRICS, LayerSensitivity, block_error, layer_error
+from .metrics import BLOCK_METRICS, METRICS, TOKEN_WEIGHTED, LayerSensitivity, block_error, layer_error
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq", "gptq-exact")
@@ -95,10 +95,11 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     grads = {}
     prefix = arch_for(model).blocks
     entries: dict[str, LayerEntry] = dict(done)
-    if metric in ("kfac", "kfac-tok", "fisher", "block"):
+    if metric in ("kfac", *TOKEN_WEIGHTED, "fisher", "block"):
         grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher",
-                               want_blocks=metric == "block", want_tokens=metric == "kfac-tok", progress=progress)
-    token_h = _TokenWeightedH(model, grads) if metric == "kfac-tok" else None
+                               want_blocks=metric == "block", want_tokens=metric in TOKEN_WEIGHTED,
+                               progress=progress)
+    token_h = _TokenWeightedH(model, grads, skip_kv=metric == "kfac-pos") if metric in TOKEN_WEIGHTED else None
     block_stats: dict = {}
     from ..moe.routing import routing_for_measure  # MoE: tokens per expert, rare experts' G, frequency weights
 
@@ -182,12 +183,12 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
 
 
 class _TokenWeightedH:
-    """``H_g`` of every block linear with token weights (``kfac-tok``): forward hooks on the linears accumulate
-    ``Σ_t w_t x_t x_tᵀ`` while the walk runs the calibration rows in order; row ``r`` < the gradient rows is
+    """``H_g`` of every block linear with token weights (``kfac-tok``; ``kfac-pos`` skips the arch's ``kv_linears``):
+    forward hooks on the linears accumulate ``Σ_t w_t x_t x_tᵀ`` while the walk runs the calibration rows in order; row ``r`` < the gradient rows is
     weighted by ``grads[fqn]["w"][r]``.  A layer whose calls do not line up with the rows (MoE experts see
     routed tokens only) gets no ``H_g`` (its ``kfac-tok`` error is ``kfac``'s)."""
 
-    def __init__(self, model: nn.Module, grads: dict):
+    def __init__(self, model: nn.Module, grads: dict, skip_kv: bool = False):
         from ..arch import block_linears, get_blocks
 
         arch = arch_for(model)
@@ -197,7 +198,7 @@ class _TokenWeightedH:
             for name, m in block_linears(block, arch).items():
                 fqn = f"{arch.blocks}.{i}.{name}"
                 w = grads.get(fqn, {}).get("w")
-                if w is not None:
+                if w is not None and not (skip_kv and name in arch.kv_linears):  # kfac-pos: keys, values by kfac
                     self.acc[fqn] = [None, 0.0, 0, True]
                     self.handles.append(m.register_forward_hook(self._hook(fqn, w)))
 

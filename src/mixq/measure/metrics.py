@@ -23,6 +23,15 @@ All metrics take ``ΔW = W − Ŵ`` (``[out, in]``) and the layer's calibration 
     outputs) and equals ``kfac`` when every token's gradient energy is the same.  ``H_g`` is accumulated on the
     calibration rows that have gradients; ``H`` (all rows) still drives GPTQ.
 
+``kfac-pos``  (``kfac-tok`` where a token's output is read at its own position only, ``kfac`` elsewhere)
+    ``kfac-tok`` on the queries, the attention output and the MLP; ``kfac`` on the key and value projections
+    (``ArchInfo.kv_linears``, a fused QKV included), whose output rows every later query reads: there a token's
+    output-gradient energy sums the pulls of all the positions that attend to it and says little about the
+    error of that token's own input, and the rank-one assumption fails most.  Measured on SmolLM2, ``kfac-tok``
+    rated v_proj a median 2.7x (up to 11x) less sensitive than ``kfac`` and its 4.0-bpw plan lost 24 % in KL;
+    on gemma3-270m it fixed ``kfac``'s starving plans (bench/results/generalization.md,
+    second_model_default.md).
+
 ``fisher``  (diagonal empirical Fisher, SqueezeLLM / LLM-MQ)
     e = ½ Σ_ij F_ij ΔW_ij²,   F_ij = E[(∂ℓ/∂y_i · x_j)²]
     End-to-end but ignores the correlation between input channels that H carries.
@@ -47,7 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
-LAYER_METRICS = ("hessian", "kfac", "kfac-tok", "fisher")
+LAYER_METRICS = ("hessian", "kfac", "kfac-tok", "kfac-pos", "fisher")
+TOKEN_WEIGHTED = ("kfac-tok", "kfac-pos")  # metrics that read H_g (LayerSensitivity.Hg) where it was measured
 BLOCK_METRICS = ("block", "block-rel")
 METRICS = LAYER_METRICS + BLOCK_METRICS
 
@@ -70,13 +80,13 @@ def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
         if s.F is None:
             raise ValueError("the fisher metric needs gradient statistics (F)")
         return 0.5 * float((s.F.to(torch.float32) * d * d).sum(dtype=torch.float64))
-    H = s.Hg if metric == "kfac-tok" and s.Hg is not None else s.H  # no token weights (e.g. MoE experts): kfac
+    H = s.Hg if metric in TOKEN_WEIGHTED and s.Hg is not None else s.H  # no H_g (MoE experts, kv): kfac
     if H is None:
         raise ValueError(f"the {metric} metric needs the input Hessian H")
     rows = ((d @ H.to(torch.float32)) * d).sum(1, dtype=torch.float64)  # (ΔW H ΔWᵀ)_oo
     if metric == "hessian":
         return float(rows.sum())
-    if metric in ("kfac", "kfac-tok"):
+    if metric in ("kfac", *TOKEN_WEIGHTED):
         if s.G is None:
             raise ValueError("the kfac metric needs output-gradient statistics (G)")
         return 0.5 * float((s.G.to(torch.float64) * rows).sum())
