@@ -2,24 +2,27 @@
 
 Every setting below is the default of its command-line flag (:mod:`mixq.cli` reads them from here), chosen from
 the benchmarks in ``bench/results`` (``frontier.md``, ``generalization.md``): calibration text the model writes
-itself mixed with PTB, a kfac sensitivity measurement of every default candidate -- vector codebooks after
+itself mixed with PTB, a sensitivity measurement of every default candidate -- vector codebooks after
 incoherence processing (VQ2-4-channel+ip) and the scalar grids plans still choose -- with the errors GPTQ leaves,
-the exact knapsack solver, and GPTQ.  ``mixq-default-2`` was the same with 32 scalar candidates (KL 0.77 / 1.14
-at 3.0 bpw on PTB / fortunes against 0.26 / 0.37 now).  A directory's ``mixq.json``
+the exact knapsack solver, and GPTQ.  The metric is ``kfac-pos`` (``kfac`` with each token's input weighted by
+its own gradient energy, except on key/value projections): ``mixq-default-3`` used ``kfac``, whose plans for
+gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
+the two are within 2-7 % at 3.0 and 4.0 bpw (generalization.md, second_model_default.md).  ``mixq-default-2``
+was ``kfac`` with 32 scalar candidates (KL 0.77 / 1.14 at 3.0 bpw on SmolLM2).  A directory's ``mixq.json``
 records :func:`recipe_record`: this name, and every setting the run changed from it.
 """
 from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-3"
+RECIPE_NAME = "mixq-default-4"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB
     "nsamples": 32,            # --nsamples x --seqlen calibration rows (every benchmark in bench/results uses 32
                                # x 512; GPTQ papers use 128 on 7B models -- pass --nsamples 128 there)
     "seqlen": 512,
-    "metric": "kfac",          # --metric of the sensitivity measurement
+    "metric": "kfac-pos",      # --metric of the sensitivity measurement (mixq.measure.metrics)
     "algorithm": "gptq",       # --algorithm: errors after GPTQ (per-bits GPTQ/RTN ratios)
     "candidates": "default",   # --candidates: mixq.allocate.candidates.DEFAULT_CANDIDATE_NAMES
     "solver": "exact",         # --solver

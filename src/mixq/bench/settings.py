@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..api import METHODS
 from ..calibset import DEFAULT_CALIB
+from ..recipe import DEFAULT_RECIPE
 
 
 BENCH_VERSION = 1
@@ -85,7 +86,7 @@ class BenchConfig:
     nsamples: int = 32
     calib_seqlen: int = 512
     seed: int = 0
-    metric: str = "kfac"
+    metric: str = DEFAULT_RECIPE["metric"]
     algorithm: str = "rtn"
     candidates: str = "default"
     grad_samples: int = 16
