@@ -183,10 +183,11 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
 
 
 class _TokenWeightedH:
-    """``H_g`` of every block linear with token weights (``kfac-tok``; ``kfac-pos`` skips the arch's ``kv_linears``):
-    forward hooks on the linears accumulate ``Σ_t w_t x_t x_tᵀ`` while the walk runs the calibration rows in
-    order; row ``r`` < the gradient rows is weighted by ``grads[fqn]["w"][r]``.  A layer whose calls do not line up with the rows (MoE experts see
-    routed tokens only) gets no ``H_g`` (its ``kfac-tok`` error is ``kfac``'s)."""
+    """``H_g`` of every block linear with token weights (``kfac-tok``; ``kfac-pos`` skips the arch's
+    ``kv_linears``): forward hooks on the linears accumulate ``Σ_t w_t x_t x_tᵀ`` while the walk runs the
+    calibration rows in order; row ``r`` < the gradient rows is weighted by ``grads[fqn]["w"][r]``.  A layer
+    whose calls do not line up with the rows (MoE experts see routed tokens only) gets no ``H_g`` (its error is
+    then ``kfac``'s)."""
 
     def __init__(self, model: nn.Module, grads: dict, skip_kv: bool = False):
         from ..arch import block_linears, get_blocks
