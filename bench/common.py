@@ -137,6 +137,23 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
     return rows
 
 
+def domain_evals(ref, tok, model_name: str, tokens: int, seqlen: int = 512, corpora=("ptb", "fortunes")):
+    """``(bos decision, {corpus: (windows, protocol, reference cache)})``: the first ``tokens`` tokens of each
+    corpus's test split in ``seqlen``-token windows, BOS as the model's tokenizer wants it (what :func:`score_row`
+    scores against)."""
+    from mixq.bos import resolve_bos
+
+    bos = resolve_bos(tok, ref, "auto")
+    evals = {}
+    for corpus in corpora:
+        ids = data.tokenize(data.load_corpus(corpus, "test"), tok, progress=False)
+        win = data.eval_windows(ids, seqlen, max_tokens=tokens, bos_id=bos.bos_id)
+        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer=model_name, dtype="float32",
+                                     bos_decision=bos)
+        evals[corpus] = (win, proto, ReferenceCache(ref, win, progress=False))
+    return bos, evals
+
+
 def score_row(row: dict, model, evals: dict, doc: dict, path, label: str) -> None:
     """Score ``model`` on every corpus of ``evals`` (``{corpus: (windows, protocol, reference cache)}``) into ``row``
     (KL, perplexity, top-1 agreement), append it to ``doc["rows"]``, write ``doc`` to ``path`` atomically (a run

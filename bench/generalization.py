@@ -20,13 +20,11 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, header, machine, git_rev, score_row
+from common import RESULTS, domain_evals, git_rev, header, machine, score_row
 
-from mixq import api, data
+from mixq import api
 from mixq.allocate import Budget, allocate, default_candidates, load_candidates
-from mixq.bos import resolve_bos
 from mixq.calibset import build_calibration
-from mixq.eval import Protocol, ReferenceCache
 from mixq.measure import measure
 from mixq.models import load_model
 
@@ -67,14 +65,7 @@ def main():
            + (f" --budgets {args.budgets}" if args.budgets != "2.5,3,3.5,4,4.5" else "")
            + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else ""))
     ref, tok = load_model("smollm2-135m")
-    bos = resolve_bos(tok, ref, "auto")
-    evals = {}
-    for corpus in DOMAINS:
-        ids = data.tokenize(data.load_corpus(corpus, "test"), tok, progress=False)
-        win = data.eval_windows(ids, args.seqlen, max_tokens=args.tokens, bos_id=bos.bos_id)
-        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer="smollm2-135m", dtype="float32",
-                                     bos_decision=bos)
-        evals[corpus] = (win, proto, ReferenceCache(ref, win, progress=False))
+    bos, evals = domain_evals(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     t0 = time.perf_counter()
     calib = build_calibration(ref, tok, args.calib, args.nsamples, args.seqlen, seed=0, bos_id=bos.bos_id)
     t_calib = time.perf_counter() - t0

@@ -5,10 +5,11 @@
 
 Layers whose name matches ``--rows-from-first`` take their row from the first table, every other layer from the
 second; the result is planned at each budget (exact solver), quantized with GPTQ on the default recipe's
-calibration (the tables' own rows: checked by hash) and scored by KL to the fp32 model on the first 4,096 tokens
-of PTB test and fortunes test.  With kfac and kfac-tok tables of one calibration and ``k_proj$|v_proj$`` this is
-the ``kfac-pos`` metric (``tests/test_measure_kfac_tok.py`` checks the metric equals that merge), evaluated without
-measuring again.  Rows are written in bench/generalization.py's format, so ``--report`` there lists them.
+calibration (the tables' own rows: checked by hash) and scored like bench/generalization.py's rows
+(common.domain_evals / score_row: KL, perplexity and top-1 on the first 4,096 tokens of PTB test and fortunes
+test).  With kfac and kfac-tok tables of one calibration and ``k_proj$|v_proj$`` this is the ``kfac-pos`` metric
+(``tests/test_measure_kfac_tok.py`` checks the metric equals that merge), evaluated without measuring again.
+Rows are written in bench/generalization.py's format, so ``--report`` there lists them.
 """
 from __future__ import annotations
 
@@ -20,13 +21,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import git_rev, machine
+from common import domain_evals, git_rev, machine, score_row
 
 import mixq
 from mixq import api
 from mixq import pipeline as P
 from mixq.allocate import Budget, SensitivityTable, allocate
-from mixq.jsonio import write_json_atomic
 from mixq.recipe import DEFAULT_RECIPE as R
 
 
@@ -56,7 +56,8 @@ def main() -> None:
     table = merged(SensitivityTable.load(args.first), SensitivityTable.load(args.second), args.rows_from_first,
                    args.metric)
     ref, tok = mixq.load_model(args.model)
-    cal = P.build_calibration(ref, tok, R["calib"], R["nsamples"], R["seqlen"], seed=0, progress=False)
+    bos, evals = domain_evals(ref, tok, args.model, args.tokens)
+    cal = P.build_calibration(ref, tok, R["calib"], R["nsamples"], R["seqlen"], seed=0, bos=bos, progress=False)
     if cal.sha256[:16] != table.meta.get("calibration"):
         raise SystemExit(f"the tables were not measured on the default calibration rows ({cal.sha256[:16]})")
     out = Path(args.out)
@@ -65,22 +66,17 @@ def main() -> None:
             "--rows-from-first", f"'{args.rows_from_first}'", "--out", args.out]
     doc.update(command="OMP_NUM_THREADS=1 python bench/merge_tables.py " + " ".join(argv), machine=machine(),
                commit=git_rev(), model=args.model, metric=args.metric, calibration=cal.record(), damp=R["damp"],
-               act_order=R["act_order"])
+               act_order=R["act_order"], protocols={c: e[1].to_dict() for c, e in evals.items()})
     for bpw in [float(x) for x in args.budgets.split(",")]:
         plan = allocate(table, Budget(bpw=bpw))
         m = copy.deepcopy(ref)
         t = time.perf_counter()
         api.quantize_model(m, dict(plan.layers), method="gptq", calib_ids=cal.ids, progress=False)
-        secs = time.perf_counter() - t
-        r = P.evaluate(m, tok, reference=ref, corpus="ptb,fortunes", tokens=args.tokens, progress=False)
-        dom = r["domains"]
-        row = {"variant": "mixed GPTQ", "budget": bpw, "bpw": plan.achieved_bpw, "seconds": secs, "spec": None,
-               "specs": dict(Counter(s.name for s in plan.layers.values())),
-               **{c: {"kl": dom[c]["kl"], "perplexity": dom[c]["perplexity"]} for c in ("ptb", "fortunes")}}
-        doc["rows"] = [x for x in doc["rows"] if x["budget"] != bpw] + [row]
-        write_json_atomic(out, doc, overwrite=True)
-        print(json.dumps({k: row[k] for k in ("budget", "bpw", "ptb", "fortunes")}), flush=True)
-
+        row = {"variant": "mixed GPTQ", "budget": bpw, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
+               "spec": None, "specs": dict(Counter(s.name for s in plan.layers.values()))}
+        doc["rows"] = [x for x in doc["rows"] if x["budget"] != bpw]
+        score_row(row, m, evals, doc, out, f"{args.metric} mixed GPTQ {bpw}")
+        del m
 
 if __name__ == "__main__":
     main()

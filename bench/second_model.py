@@ -111,12 +111,10 @@ def default_recipe(args) -> None:
     """The default recipe on ``args.model``, both domains; ``args.out`` + .json row by row, + .md at the end."""
     import copy
 
-    from common import git_rev, machine, score_row
+    from common import domain_evals, git_rev, machine, score_row
 
-    from mixq import api, data
+    from mixq import api
     from mixq.allocate import Budget, allocate, default_candidates
-    from mixq.bos import resolve_bos
-    from mixq.eval import Protocol, ReferenceCache
     from mixq.recipe import DEFAULT_RECIPE
 
     R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
@@ -125,14 +123,7 @@ def default_recipe(args) -> None:
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     done = {(r["variant"], r["budget"]) for r in doc["rows"]}
     ref, tok = mixq.load_model(args.model)
-    bos = resolve_bos(tok, ref, "auto")
-    evals = {}
-    for corpus in ("ptb", "fortunes"):
-        ids = data.tokenize(data.load_corpus(corpus, "test"), tok, progress=False)
-        win = data.eval_windows(ids, 512, max_tokens=args.tokens, bos_id=bos.bos_id)
-        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer=args.model, dtype="float32",
-                                     bos_decision=bos)
-        evals[corpus] = (win, proto, ReferenceCache(ref, win, progress=False))
+    bos, evals = domain_evals(ref, tok, args.model, args.tokens)
     t = time.perf_counter()
     calib = mixq.build_calibration(ref, tok, R["calib"], nsamples=R["nsamples"], seqlen=R["seqlen"], seed=0,
                                    bos=bos, progress=False)
@@ -176,29 +167,12 @@ def default_recipe(args) -> None:
     print("\n".join(lines))
 
 
-def _domains(ref, tok, model_name, tokens):
-    """``(bos decision, {corpus: (windows, protocol, reference cache)})`` for PTB test and fortunes test."""
-    from mixq import data
-    from mixq.bos import resolve_bos
-    from mixq.eval import Protocol, ReferenceCache
-
-    bos = resolve_bos(tok, ref, "auto")
-    evals = {}
-    for corpus in ("ptb", "fortunes"):
-        ids = data.tokenize(data.load_corpus(corpus, "test"), tok, progress=False)
-        win = data.eval_windows(ids, 512, max_tokens=tokens, bos_id=bos.bos_id)
-        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer=model_name, dtype="float32",
-                                     bos_decision=bos)
-        evals[corpus] = (win, proto, ReferenceCache(ref, win, progress=False))
-    return bos, evals
-
-
 def metric_ab(args) -> None:
     """Sensitivity metrics side by side: for each ``--uniform`` spec, uniform RTN and one mixed RTN plan per metric
     of ``--metrics`` at its bpw, from measurements on the default calibration (RTN errors, ``--candidates``)."""
     import copy
 
-    from common import git_rev, machine, score_row
+    from common import domain_evals, git_rev, machine, score_row
 
     from mixq import api
     from mixq.allocate import Budget, SensitivityTable, allocate
@@ -212,7 +186,7 @@ def metric_ab(args) -> None:
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     done = {r["label"] for r in doc["rows"]}
     ref, tok = mixq.load_model(args.model)
-    bos, evals = _domains(ref, tok, args.model, args.tokens)
+    bos, evals = domain_evals(ref, tok, args.model, args.tokens)
     calib = mixq.build_calibration(ref, tok, R["calib"], nsamples=R["nsamples"], seqlen=R["seqlen"], seed=0,
                                    bos=bos, progress=False)
     cands = [parse_spec(c) for c in args.candidates.split(",")]
