@@ -24,6 +24,9 @@ def machine() -> str:
 
 
 def git_rev() -> str:
+    """HEAD's short hash; ``$MIXQ_COMMIT`` where the tree was copied without its .git (the device machine)."""
+    if os.environ.get("MIXQ_COMMIT"):
+        return os.environ["MIXQ_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip()

@@ -98,6 +98,13 @@ class VQLinear(nn.Module):
                 self._cache[key] = codes
         return self._cache[key]
 
+    def _codebook(self, device) -> torch.Tensor:
+        """The spec's codebook on ``device``, copied there once (not on every call: no host sync per layer)."""
+        key = ("codebook", str(device))
+        if key not in self._cache:
+            self._cache[key] = spec_codebook(self.spec).to(device)
+        return self._cache[key]
+
     # -------------------------------------------------------------- forward
     def choose(self, x: torch.Tensor) -> str:
         if self.kernel != "auto":
@@ -121,7 +128,7 @@ class VQLinear(nn.Module):
         k = self.choose(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        B = spec_codebook(self.spec).to(x.device)
+        B = self._codebook(x.device)
         glen = group_len(self.spec, self.in_features)
         if k == "vq-reference":
             W = self.packed.dequantize().to(device=x.device, dtype=x.dtype)
