@@ -197,14 +197,21 @@ import json, torch
 from mixq.config import parse_spec
 from mixq.intra import PackedComposite, quantize_layer
 from mixq.intra.vq_linear import VQLinear
+from mixq.intra.vq import group_len, spec_codebook
+from mixq.intra.vq_triton import vq_linear_triton
 out = []
-for name in ("VQ2.5-g32", "VQ3-channel"):
+# g32: a group per 32-wide K tile; channel: one scale per tile row; g48: scales gathered per element;
+# x4: d = 4
+for name in ("VQ2.5-g32", "VQ3-channel", "VQ2-g48", "VQ2x4-g64"):
     W = torch.randn(80, 192, generator=torch.Generator().manual_seed(8))
     qt, Wh, _ = quantize_layer(W, parse_spec(name), None, "rtn")
     lin = VQLinear(PackedComposite.from_qtensor(qt), None, kernel="triton")
     for M in (1, 17):
         x = torch.randn(M, 192, generator=torch.Generator().manual_seed(M))
         out.append(float((lin(x) - x @ Wh.T).abs().max()))
+    y = vq_linear_triton(x, lin._prepared("dense", x.device), lin.scale, spec_codebook(lin.spec),
+                         group_len(lin.spec, 192), split_k=3)  # partial sums over 3 K ranges
+    out.append(float((y - x @ Wh.T).abs().max()))
 print(json.dumps(out))
 """
 
@@ -216,7 +223,7 @@ def test_triton_kernel_in_interpreter():
                        cwd=Path(__file__).parent)
     assert r.returncode == 0, r.stderr[-2000:]
     errs = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(errs) == 4 and max(errs) < 1e-4
+    assert len(errs) == 12 and max(errs) < 1e-4, errs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

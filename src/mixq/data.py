@@ -294,7 +294,7 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, *, stride: int | None = None
 
 def ids_sha256(ids: torch.Tensor) -> str:
     """sha256 of token ids (as int64, row-major): what keys caches and measurements to their data."""
-    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(ids.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _as_stream(tokens: torch.Tensor) -> torch.Tensor:

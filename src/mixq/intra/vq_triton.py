@@ -34,31 +34,45 @@ def available() -> bool:
     return triton is not None and (torch.cuda.is_available() or interpreting())
 
 
-def _vq_mm_kernel(x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, K, P, NG, stride_xm,
-                  D: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr,
+def _vq_mm_kernel(x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, K, P, NG, K_SPLIT, stride_xm,
+                  D: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr, TILE_SCALE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wmask = n_ok[:, None] & k_ok[None, :]
-        code = tl.load(c_ptr + rn[:, None] * P + (rk // D)[None, :], mask=wmask, other=0).to(tl.int32)
-        ent = tl.load(b_ptr + code * D + (rk % D)[None, :], mask=wmask, other=0.0)
-        s = tl.load(s_ptr + rn[:, None] * NG + (rk // GROUP)[None, :], mask=wmask, other=0.0)
-        w = (ent * s).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        v = k0 // D + tl.arange(0, BLOCK_K // D)  # each code loaded once, its D entries gathered together
+        cmask = n_ok[:, None] & (v < P)[None, :]
+        code = tl.load(c_ptr + rn[:, None] * P + v[None, :], mask=cmask, other=0).to(tl.int32)
+        ent = tl.load(b_ptr + (code * D)[:, :, None] + tl.arange(0, D)[None, None, :], mask=cmask[:, :, None],
+                      other=0.0)
+        w = tl.reshape(ent, (BLOCK_N, BLOCK_K))
+        if TILE_SCALE:  # one group spans the tile: scale the partial product per output column
+            s = tl.load(s_ptr + rn * NG + k0 // GROUP, mask=n_ok, other=0.0)
+            if IEEE:
+                part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(w.to(x.dtype)))
+            acc += part * s[None, :]
         else:
-            acc += tl.dot(x, tl.trans(w))
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+            s = tl.load(s_ptr + rn[:, None] * NG + (rk // GROUP)[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = (w * s).to(x.dtype)
+            if IEEE:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+    out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 _jitted = None
@@ -74,22 +88,35 @@ def _kernel():
 
 
 def vq_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, B: torch.Tensor,
-                     glen: int) -> torch.Tensor:
+                     glen: int, split_k: int | None = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] Ŵᵀ`` in ``x.dtype``; ``codes`` uint8 ``[N, K/d]``, ``scale`` ``[N, K/glen]``, ``B [2^b, d]``."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the VQ Triton kernel takes fp16 / bf16 / fp32 inputs, not {x.dtype}")
     M, K = x.shape
     N, P = codes.shape
     d = B.shape[1]
+    if d & (d - 1) or d > 32:
+        raise ValueError(f"the VQ Triton kernel takes vectors of a power-of-two length <= 32, not d={d}")
     if P * d != K or K % glen:
         raise ValueError(f"codes [{N}, {P}] x d={d} do not cover K={K} in groups of {glen}")
     x = x.contiguous()
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     BLOCK_M = 16 if M <= 16 else (32 if M <= 32 else 64)
-    BLOCK_N, BLOCK_K = 64, 64
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
+    BLOCK_N = 32 if M <= 16 else 64
+    BLOCK_K = 64 if glen % 64 == 0 or glen >= K else 32
+    tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, BLOCK_M)
+    kblocks = triton.cdiv(K, BLOCK_K)
+    split = split_k or 1
+    if split_k is None and x.is_cuda:  # too few output tiles to fill the GPU (decode): split K, partial sums in fp32
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        split = max(1, min(kblocks, 32, -(-4 * sms // tiles)))
+    k_split = triton.cdiv(kblocks, split) * BLOCK_K
+    split = triton.cdiv(K, k_split)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if split == 1 else \
+        torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M), split)
     _kernel()[grid](x, codes.contiguous(), scale.float().contiguous(), B.float().contiguous(), y,
-                    M, N, K, P, K // glen, x.stride(0),
+                    M, N, K, P, K // glen, k_split, x.stride(0),
                     D=d, GROUP=glen, IEEE=x.dtype == torch.float32,
+                    TILE_SCALE=glen % BLOCK_K == 0,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y
+    return y if split == 1 else y.sum(0).to(x.dtype)
