@@ -119,7 +119,7 @@ def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[t
         Wq = gptq_quantize(W, ctx.sens.H, c, hinv_chol=ctx.hc).weight
     else:
         _, Wq = rtn_quantize(W, c)
-    return float(err(Wq))
+    return float(err(Wq.to(W.device)))  # the +ip basis is computed on the CPU
 
 
 def ratio_rows(n_rows: int, spec: QuantSpec) -> torch.Tensor | slice:
