@@ -134,7 +134,7 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         else:
             for j in jobs:
                 W = j.weight()
-                entries[j.fqn] = _measure_layer(j.fqn, W, j.sens, candidates, algorithm,
+                entries[j.fqn] = _measure_layer(j.fqn, W, j.sens.to(W.device), candidates, algorithm,
                                                 lambda Wq, j=j, W=W: j.error(W, Wq))
         if partial_path is not None:
             _save_partial(partial_path, key, entries)

@@ -71,6 +71,10 @@ class LayerSensitivity:
     F: torch.Tensor | None = None          # [out, in] E[(∂ℓ/∂y · x)²]
     Hg: torch.Tensor | None = None         # [in, in]  Σ_t w_t x xᵀ / Σ_t w_t, w_t = Σ_o (∂ℓ_t/∂y_to)² (kfac-tok)
 
+    def to(self, device) -> "LayerSensitivity":
+        """The statistics on ``device`` (they are gathered on the CPU; the weight may sit on a GPU)."""
+        return LayerSensitivity(*(None if t is None else t.to(device) for t in (self.H, self.G, self.F, self.Hg)))
+
 
 def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
     """The metric's error for one layer (float32 products, float64 sums; H is positive semi-definite,
@@ -79,17 +83,17 @@ def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
     if metric == "fisher":
         if s.F is None:
             raise ValueError("the fisher metric needs gradient statistics (F)")
-        return 0.5 * float((s.F.to(torch.float32) * d * d).sum(dtype=torch.float64))
+        return 0.5 * float((s.F.to(d.device, torch.float32) * d * d).sum(dtype=torch.float64))
     H = s.Hg if metric in TOKEN_WEIGHTED and s.Hg is not None else s.H  # no H_g (MoE experts, kv): kfac
     if H is None:
         raise ValueError(f"the {metric} metric needs the input Hessian H")
-    rows = ((d @ H.to(torch.float32)) * d).sum(1, dtype=torch.float64)  # (ΔW H ΔWᵀ)_oo
+    rows = ((d @ H.to(d.device, torch.float32)) * d).sum(1, dtype=torch.float64)  # (ΔW H ΔWᵀ)_oo
     if metric == "hessian":
         return float(rows.sum())
     if metric in ("kfac", *TOKEN_WEIGHTED):
         if s.G is None:
             raise ValueError("the kfac metric needs output-gradient statistics (G)")
-        return 0.5 * float((s.G.to(torch.float64) * rows).sum())
+        return 0.5 * float((s.G.to(rows.device, torch.float64) * rows).sum())
     raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
 
 
