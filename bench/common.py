@@ -140,32 +140,22 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
     return rows
 
 
-def domain_evals(ref, tok, model_name: str, tokens: int, seqlen: int = 512, corpora=("ptb", "fortunes")):
-    """``(bos decision, {corpus: (windows, protocol, reference cache)})``: the first ``tokens`` tokens of each
-    corpus's test split in ``seqlen``-token windows, BOS as the model's tokenizer wants it (what :func:`score_row`
-    scores against)."""
-    from mixq.bos import resolve_bos
+def domain_scorer(ref, tok, model_name: str, tokens: int, seqlen: int = 512, corpora=("ptb", "fortunes")):
+    """A :class:`mixq.eval.scorer.DomainScorer`: the first ``tokens`` tokens of each corpus's test split in
+    ``seqlen``-token windows, BOS as the model's tokenizer wants it (``.bos``), the reference's log-probs made once
+    (what :func:`score_row` scores against)."""
+    from mixq.eval.scorer import DomainScorer
 
-    bos = resolve_bos(tok, ref, "auto")
-    evals = {}
-    for corpus in corpora:
-        ids = data.tokenize(data.load_corpus(corpus, "test"), tok, progress=False)
-        win = data.eval_windows(ids, seqlen, max_tokens=tokens, bos_id=bos.bos_id)
-        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer=model_name, dtype="float32",
-                                     bos_decision=bos)
-        evals[corpus] = (win, proto, ReferenceCache(ref, win, progress=False))
-    return bos, evals
+    return DomainScorer(ref, tok, corpus=list(corpora), tokens=tokens, seqlen=seqlen, tokenizer_name=model_name)
 
 
-def score_row(row: dict, model, evals: dict, doc: dict, path, label: str) -> None:
-    """Score ``model`` on every corpus of ``evals`` (``{corpus: (windows, protocol, reference cache)}``) into ``row``
-    (KL, perplexity, top-1 agreement), append it to ``doc["rows"]``, write ``doc`` to ``path`` atomically (a run
-    resumes from it) and print one line named ``label``."""
+def score_row(row: dict, model, scorer, doc: dict, path, label: str) -> None:
+    """Score ``model`` on every domain of ``scorer`` (:func:`domain_scorer`) into ``row`` (KL, perplexity, top-1
+    agreement), append it to ``doc["rows"]``, write ``doc`` to ``path`` atomically (a run resumes from it) and print
+    one line named ``label``."""
     from mixq.jsonio import write_json_atomic
 
-    for corpus, (win, proto, cache) in evals.items():
-        r = evaluate(model, win, proto, reference=cache, progress=False)
-        row[corpus] = {k: r.get(k) for k in ("kl", "perplexity", "top1_agreement")}
+    row.update(scorer.metrics(model))
     doc["rows"].append(row)
     write_json_atomic(path, doc, overwrite=True)
     secs = f"  ({row['seconds']:.0f} s)" if "seconds" in row else ""

@@ -22,6 +22,7 @@ from common import RESULTS, git_rev, machine
 
 from mixq import pipeline as P
 from mixq.distill import FinetuneConfig
+from mixq.eval.scorer import DomainScorer
 from mixq.distill_e2e import E2EConfig
 from mixq.export.native import load_quantized, read_info
 from mixq.jsonio import write_json_atomic
@@ -41,9 +42,11 @@ def main():
     args = ap.parse_args()
     ref, tok = P.load_model()
 
+    scorer = DomainScorer(ref, tok, corpus="ptb,fortunes", tokens=4096)
+
     def ev(m):
-        r = P.evaluate(m, tok, reference=ref, corpus="ptb,fortunes", tokens=4096, progress=False)
-        return r["kl"], r["domains"]["fortunes"]["kl"]
+        r = scorer.metrics(m)
+        return r["ptb"]["kl"], r["fortunes"]["kl"]
 
     plan = None
     if args.measurement:

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from common import RESULTS, domain_evals, git_rev, header, machine, score_row
+from common import RESULTS, domain_scorer, git_rev, header, machine, score_row
 
 from mixq import api
 from mixq.allocate import Budget, allocate, default_candidates, load_candidates
@@ -65,7 +65,8 @@ def main():
            + (f" --budgets {args.budgets}" if args.budgets != "2.5,3,3.5,4,4.5" else "")
            + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else ""))
     ref, tok = load_model("smollm2-135m")
-    bos, evals = domain_evals(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
+    evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
+    bos = evals.bos
     t0 = time.perf_counter()
     calib = build_calibration(ref, tok, args.calib, args.nsamples, args.seqlen, seed=0, bos_id=bos.bos_id)
     t_calib = time.perf_counter() - t0
@@ -74,7 +75,7 @@ def main():
                metric=args.metric,
                candidates=[c.name for c in cands],
                act_order=args.act_order, calib_seconds=t_calib,
-               protocols={c: e[1].to_dict() for c, e in evals.items()})
+               protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     if args.spec:
         return _one_spec(args, ref, calib, evals, doc, path, tag)
     variants = [v.strip() for v in args.variants.split(",")]

@@ -6,7 +6,7 @@
 Layers whose name matches ``--rows-from-first`` take their row from the first table, every other layer from the
 second; the result is planned at each budget (exact solver), quantized with GPTQ on the default recipe's
 calibration (the tables' own rows: checked by hash) and scored like bench/generalization.py's rows
-(common.domain_evals / score_row: KL, perplexity and top-1 on the first 4,096 tokens of PTB test and fortunes
+(common.domain_scorer / score_row: KL, perplexity and top-1 on the first 4,096 tokens of PTB test and fortunes
 test).  With kfac and kfac-tok tables of one calibration and ``k_proj$|v_proj$`` this is the ``kfac-pos`` metric
 (``tests/test_measure_kfac_tok.py`` checks the metric equals that merge), evaluated without measuring again.
 Rows are written in bench/generalization.py's format, so ``--report`` there lists them.
@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import domain_evals, git_rev, machine, score_row
+from common import domain_scorer, git_rev, machine, score_row
 
 import mixq
 from mixq import api
@@ -56,7 +56,8 @@ def main() -> None:
     table = merged(SensitivityTable.load(args.first), SensitivityTable.load(args.second), args.rows_from_first,
                    args.metric)
     ref, tok = mixq.load_model(args.model)
-    bos, evals = domain_evals(ref, tok, args.model, args.tokens)
+    evals = domain_scorer(ref, tok, args.model, args.tokens)
+    bos = evals.bos
     cal = P.build_calibration(ref, tok, R["calib"], R["nsamples"], R["seqlen"], seed=0, bos=bos, progress=False)
     if cal.sha256[:16] != table.meta.get("calibration"):
         raise SystemExit(f"the tables were not measured on the default calibration rows ({cal.sha256[:16]})")
@@ -66,7 +67,7 @@ def main() -> None:
             "--rows-from-first", f"'{args.rows_from_first}'", "--out", args.out]
     doc.update(command="OMP_NUM_THREADS=1 python bench/merge_tables.py " + " ".join(argv), machine=machine(),
                commit=git_rev(), model=args.model, metric=args.metric, calibration=cal.record(), damp=R["damp"],
-               act_order=R["act_order"], protocols={c: e[1].to_dict() for c, e in evals.items()})
+               act_order=R["act_order"], protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     for bpw in [float(x) for x in args.budgets.split(",")]:
         plan = allocate(table, Budget(bpw=bpw))
         m = copy.deepcopy(ref)

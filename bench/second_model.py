@@ -111,7 +111,7 @@ def default_recipe(args) -> None:
     """The default recipe on ``args.model``, both domains; ``args.out`` + .json row by row, + .md at the end."""
     import copy
 
-    from common import domain_evals, git_rev, machine, score_row
+    from common import domain_scorer, git_rev, machine, score_row
 
     from mixq import api
     from mixq.allocate import Budget, allocate, default_candidates
@@ -123,7 +123,8 @@ def default_recipe(args) -> None:
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     done = {(r["variant"], r["budget"]) for r in doc["rows"]}
     ref, tok = mixq.load_model(args.model)
-    bos, evals = domain_evals(ref, tok, args.model, args.tokens)
+    evals = domain_scorer(ref, tok, args.model, args.tokens)
+    bos = evals.bos
     t = time.perf_counter()
     calib = mixq.build_calibration(ref, tok, R["calib"], nsamples=R["nsamples"], seqlen=R["seqlen"], seed=0,
                                    bos=bos, progress=False)
@@ -133,7 +134,7 @@ def default_recipe(args) -> None:
                        + (f" --budgets {args.budgets}" if args.budgets != "3,3.5,4,4.5" else "")
                        + (f" --metric {args.metric}" if args.metric != "kfac" else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
-               protocols={c: e[1].to_dict() for c, e in evals.items()})
+               protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     cached = out.with_name(out.name + "-measurement.json")
     table = None
     for b in [float(x) for x in args.budgets.split(",")]:
@@ -172,7 +173,7 @@ def metric_ab(args) -> None:
     of ``--metrics`` at its bpw, from measurements on the default calibration (RTN errors, ``--candidates``)."""
     import copy
 
-    from common import domain_evals, git_rev, machine, score_row
+    from common import domain_scorer, git_rev, machine, score_row
 
     from mixq import api
     from mixq.allocate import Budget, SensitivityTable, allocate
@@ -186,7 +187,8 @@ def metric_ab(args) -> None:
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
     done = {r["label"] for r in doc["rows"]}
     ref, tok = mixq.load_model(args.model)
-    bos, evals = domain_evals(ref, tok, args.model, args.tokens)
+    evals = domain_scorer(ref, tok, args.model, args.tokens)
+    bos = evals.bos
     calib = mixq.build_calibration(ref, tok, R["calib"], nsamples=R["nsamples"], seqlen=R["seqlen"], seed=0,
                                    bos=bos, progress=False)
     cands = [parse_spec(c) for c in args.candidates.split(",")]

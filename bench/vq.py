@@ -18,6 +18,7 @@ import time
 from common import RESULTS, git_rev, machine, peak_rss_mb
 
 from mixq import pipeline as P
+from mixq.eval.scorer import DomainScorer
 from mixq.jsonio import write_json_atomic
 
 
@@ -31,6 +32,7 @@ def main():
     cal = P.build_calibration(ref, tok, None, 32, 512, progress=False)
     path = __import__("pathlib").Path(args.out)
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    scorer = DomainScorer(ref, tok, corpus="ptb,fortunes", tokens=4096)
     for spec in args.specs.split(","):
         if any(r["spec"] == spec and r["method"] == args.method for r in doc["rows"]):
             continue
@@ -38,10 +40,10 @@ def main():
         t = time.perf_counter()
         res = P.quantize(m, spec, method=args.method, calib=cal if args.method != "rtn" else None, progress=False)
         secs = time.perf_counter() - t
-        r = P.evaluate(m, tok, reference=ref, corpus="ptb,fortunes", tokens=4096, progress=False)
+        r = scorer.metrics(m)
         doc["rows"].append({"spec": spec, "method": args.method, "bpw": res.meta["size"]["bpw_quantized"],
-                            "ptb": r["kl"], "fortunes": r["domains"]["fortunes"]["kl"],
-                            "ppl_ptb": r["perplexity"], "quantize_seconds": secs, "peak_rss_mb": peak_rss_mb(),
+                            "ptb": r["ptb"]["kl"], "fortunes": r["fortunes"]["kl"],
+                            "ppl_ptb": r["ptb"]["perplexity"], "quantize_seconds": secs, "peak_rss_mb": peak_rss_mb(),
                             "commit": git_rev()})
         doc.update(command=f"OMP_NUM_THREADS=1 python bench/vq.py --specs {args.specs} --method {args.method}",
                    machine=machine())

@@ -33,7 +33,7 @@ _LAZY: dict[str, str] = {
     "quantize": "mixq.pipeline:quantize",
     "save_quantized": "mixq.pipeline:save_quantized",
     "load_quantized": "mixq.export.native:load_quantized",
-    "evaluate": "mixq.pipeline:evaluate",
+    "evaluate": "mixq.eval.scorer:evaluate",
     "finetune": "mixq.pipeline:finetune",
     # the artifacts they pass along
     "Budget": "mixq.allocate:Budget",

@@ -13,13 +13,9 @@ from __future__ import annotations
 import copy
 import time
 
-from . import api, data
-from .allocate import Budget, allocate, default_candidates
-from .bos import resolve_bos
-from .calibset import DEFAULT_CALIB, build_calibration
-from .eval import Protocol, ReferenceCache, evaluate
-from .eval.domains import DEFAULT_DOMAINS, load_domains
-from .measure import measure
+from . import pipeline as P
+from .calibset import DEFAULT_CALIB
+from .eval.scorer import DomainScorer
 from .models import load_model
 from .recipe import DEFAULT_RECIPE as RECIPE
 
@@ -27,39 +23,26 @@ from .recipe import DEFAULT_RECIPE as RECIPE
 def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamples: int = 32, seqlen: int = 512,
              progress: bool = True, bos: str = "auto", calib: str = DEFAULT_CALIB):
     ref, tok = load_model("smollm2-135m")
-    bos_decision = resolve_bos(tok, ref, bos)
-    domains = {}  # corpus -> (windows, protocol, reference cache)
-    for corpus, text in load_domains(list(DEFAULT_DOMAINS), "test", defaults=True).items():
-        win = data.eval_windows(data.tokenize(text, tok, progress=False), seqlen, max_tokens=tokens,
-                                bos_id=bos_decision.bos_id)
-        proto = Protocol.for_windows(win, corpus=corpus, split="test", tokenizer="smollm2-135m", dtype="float32",
-                                     bos_decision=bos_decision)
-        domains[corpus] = (win, proto, ReferenceCache(ref, win, progress=progress))
-    cset = build_calibration(ref, tok, calib, nsamples, seqlen, seed=0, bos_id=bos_decision.bos_id,
-                             progress=progress)
+    scorer = DomainScorer(ref, tok, tokens=tokens, seqlen=seqlen, bos=bos, tokenizer_name="smollm2-135m",
+                          progress=progress)
+    cset = P.build_calibration(ref, tok, calib, nsamples, seqlen, seed=0, bos=scorer.bos, progress=progress)
     t0 = time.perf_counter()
     # the default recipe's measurement (mixq.recipe): the plans are the ones `mixq quantize --bpw` makes
-    table = measure(ref, cset.ids, default_candidates(), metric=RECIPE["metric"], algorithm=RECIPE["algorithm"],
-                    progress=progress)
+    table = P.measure(ref, cset, algorithm=RECIPE["algorithm"], progress=progress)
     t_measure = time.perf_counter() - t0
-    plans = {"uniform": allocate(table, Budget(bpw=bpw), method="uniform"),
-             "mixed": allocate(table, Budget(bpw=bpw), method="exact")}
+    plans = {"uniform": P.plan(table, bpw, solver="uniform"), "mixed": P.plan(table, bpw, solver="exact")}
 
-    def scores(model) -> dict:
-        return {c: _metrics(evaluate(model, w, p, reference=cache, progress=progress))
-                for c, (w, p, cache) in domains.items()}
-
-    results = [dict(method="fp32", plan="-", bpw=32.0, seconds=0.0, domains=scores(ref))]
+    results = [dict(method="fp32", plan="-", bpw=32.0, seconds=0.0, domains=scorer.metrics(ref, progress=progress))]
     for method in ("rtn", "gptq"):
         for kind, plan in plans.items():
             model = copy.deepcopy(ref)
             t = time.perf_counter()
-            api.quantize_model(model, dict(plan.layers), method=method, calib_ids=cset.ids, progress=progress)
+            P.quantize(model, plan=plan, method=method, calib=cset, progress=progress)
             label = plan.layers[next(iter(plan.layers))].name if kind == "uniform" else "mixed"
             results.append(dict(method=method, plan=label, bpw=plan.achieved_bpw, seconds=time.perf_counter() - t,
-                                domains=scores(model)))
+                                domains=scorer.metrics(model, progress=progress)))
             del model
-    protos = {c: d[1] for c, d in domains.items()}
+    protos = scorer.protocols
     print(format_table(results, protos, bpw, t_measure, cset.record()))
     if out:
         from .jsonio import write_json_atomic
@@ -68,10 +51,6 @@ def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamp
                                                     "budget_bpw": bpw, "measure_seconds": t_measure,
                                                     "calibration": cset.record(), "rows": results})
     return results
-
-
-def _metrics(r: dict) -> dict:
-    return {k: r.get(k) for k in ("perplexity", "kl", "top1_agreement")}
 
 
 def format_table(rows: list[dict], protos: dict, bpw: float, t_measure: float, calib: dict) -> str:

@@ -7,7 +7,7 @@
     result = quantize(model, plan=p, method="gptq", calib=calib)  # or quantize(model, "W4-g64")
     save_quantized("runs/mixed", model, tok, result)
     qmodel, qtok, info = load_quantized("runs/mixed")
-    evaluate(qmodel, qtok, reference=load_model()[0], corpus="ptb,fortunes")
+    evaluate(qmodel, qtok, reference=load_model()[0], corpus="ptb,fortunes")   # mixq.eval.scorer
 
 Each stage takes and returns plain artifacts (a model and tokenizer, a
 :class:`~mixq.calibset.CalibrationSet`, a :class:`~mixq.allocate.SensitivityTable`, a
@@ -308,64 +308,3 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     if plot:
         report["plot"] = str(plot_curves(report, out.with_name(f"{out.name}.finetune.png")))
     return report
-
-
-# ---------------------------------------------------------------------------- evaluation
-def evaluation_windows(tokenizer, model=None, *, corpus: str | list[str] | None = None, split: str = "test",
-                       tokens: int | None = 32768, seqlen: int = 512, stride: int | None = None, bos="auto",
-                       progress: bool = False) -> list:
-    """``[(corpus, EvalWindows, Protocol)]`` for each evaluation domain (what ``mixq eval`` scores).
-
-    ``corpus``: one name or several (``"ptb,fortunes"`` or a list: the first is the primary one); default
-    :data:`mixq.eval.domains.DEFAULT_DOMAINS` (``ptb`` and ``fortunes``, the latter skipped with a warning
-    where it is not installed; a corpus named explicitly must be there).  The first ``tokens`` tokens of
-    ``split`` in windows of ``seqlen`` (``stride``: sliding windows); ``bos``: a policy (``auto``, ``always``,
-    ``never``) or a :class:`~mixq.bos.BosDecision`, resolved for ``tokenizer`` / ``model``.
-    """
-    from . import data
-    from .eval import Protocol
-    from .eval.domains import load_domains, parse_corpora
-
-    names, defaults = parse_corpora(",".join(corpus) if isinstance(corpus, (list, tuple)) else corpus)
-    decision = _bos(tokenizer, model, bos)
-    out = []
-    for name, text in load_domains(names, split, defaults).items():
-        ids = data.tokenize(text, tokenizer, progress=progress)
-        win = data.eval_windows(ids, seqlen, stride=stride, max_tokens=tokens, bos_id=decision.bos_id)
-        proto = Protocol.for_windows(win, corpus=name, split=split, tokenizer=getattr(tokenizer, "name_or_path", "")
-                                     or "", dtype=_dtype_name(model), bos_decision=decision)
-        out.append((name, win, proto))
-    return out
-
-
-def _dtype_name(model) -> str:
-    dtype = getattr(model, "dtype", None)
-    if dtype is None and model is not None:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def evaluate(model, tokenizer, *, reference=None, corpus: str | list[str] | None = None, split: str = "test",
-             tokens: int | None = 32768, seqlen: int = 512, stride: int | None = None, bos="auto",
-             batch_size: int = 1, progress: bool = True) -> dict:
-    """Perplexity, and KL / top-1 agreement against ``reference``, on one or several corpora (``mixq eval``).
-
-    ``model`` (e.g. from :func:`load_quantized`) and ``reference`` (the full-precision model, e.g.
-    ``load_model(info["base_model"])[0]``; None: perplexity only) are scored on the same windows:
-    the first ``tokens`` tokens of each corpus' ``split`` in windows of ``seqlen`` tokens
-    (:func:`evaluation_windows`; ``corpus`` default ``ptb`` and ``fortunes``).  Returns the JSON-ready dict
-    ``mixq eval`` writes: ``perplexity``, ``nll``, ``kl``, ``kl_p99``, ``top1_agreement``,
-    ``reference_perplexity``, ``n_scored``, ``seconds`` and ``protocol`` of the first corpus; with several
-    corpora also ``domains`` (corpus → its result) and ``kl_ratio`` (each other corpus' KL / the first's).
-    """
-    from .eval import evaluate as _evaluate
-    from .eval.domains import combine
-
-    if tokenizer is None:
-        raise ValueError("evaluate needs the model's tokenizer (load_quantized returns None for a directory "
-                         "without tokenizer files: re-quantize it)")
-    results = {name: _evaluate(model, win, proto, reference=reference, batch_size=batch_size, progress=progress)
-               for name, win, proto in evaluation_windows(tokenizer, model, corpus=corpus, split=split,
-                                                          tokens=tokens, seqlen=seqlen, stride=stride, bos=bos,
-                                                          progress=False)}
-    return combine(results)

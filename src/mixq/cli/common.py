@@ -169,7 +169,7 @@ def parse_kv_arg(text: str):
 
 def eval_windows_for(args, tok, model=None) -> list:
     """``[(corpus, windows, protocol)]`` for each domain of ``args.corpus`` (split, tokens, seqlen, stride, bos)."""
-    from ..pipeline import evaluation_windows
+    from ..eval.scorer import evaluation_windows
 
     return evaluation_windows(tok, model, corpus=args.corpus, split=args.split, tokens=args.tokens,
                               seqlen=args.seqlen, stride=args.stride, bos=getattr(args, "bos", "auto"), progress=True)
