@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from dataclasses import dataclass
 
 
 # model -> the name it was loaded under (what save_quantized records as the directory's base model)
@@ -161,24 +162,25 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
 
 
 # ---------------------------------------------------------------------------- quantize / save / load
-def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm_head=None,
-             group_fallback: str = "error", rotate: bool = False, damp: float = 0.01, act_order: bool = False,
-             progress: bool = True, **options):
-    """Quantize ``model`` in place with one spec or a plan (``mixq quantize``); returns a :class:`~mixq.api.QuantResult`.
+@dataclass(frozen=True)
+class LayerSpecs:
+    """Every quantized layer's spec, resolved for one model (:func:`layer_specs`); :func:`quantize` takes it as
+    ``spec``.  ``label`` names the choice in ``mixq.json``; ``requested`` is the one spec asked for (None for a
+    plan or a mapping); ``plan`` the plan it came from."""
 
-    Exactly one of ``spec`` (a name such as ``"W4-g64"``, ``"NF4-g64"``, ``"MXFP4"`` for every block linear,
-    or a mapping ``{fqn or "re:<regex>": spec}``; block linears matching nothing are kept) or ``plan`` (a
-    :class:`~mixq.allocate.Plan` from :func:`plan`, or a plan JSON path).  ``method``: ``rtn`` (no data),
-    ``gptq``, ``awq`` or ``awq+gptq``, which need ``calib`` (a :class:`~mixq.calibset.CalibrationSet` from
-    :func:`build_calibration`, or ids ``[n, L]``).  ``lm_head``: a spec to quantize the output head (RTN; a
-    tied head is untied first), default kept.  ``group_fallback``: ``"error"`` or ``"shrink"`` a group size
-    that does not divide a layer's rows.  ``rotate``: QuaRot rotation of the residual stream first (fused
-    into the weights; ``online_rotation=True`` adds the run-time rotation that a saved directory cannot
-    carry).  ``damp`` / ``act_order``: GPTQ options.  Other ``options`` go to
-    :func:`mixq.api.quantize_model` (``device``, ``block_size``, ``checkpoint``, ``offload_dir``, ...).
-    The model holds the dequantized weights (ready to evaluate); ``result.qtensors`` the stored form, which
-    :func:`save_quantized` writes bit-packed.
-    """
+    specs: dict
+    label: str
+    requested: object = None
+    plan: object = None
+    lm_head: object = None
+    target: str | None = None
+
+
+def layer_specs(model, spec=None, *, plan=None, lm_head=None, group_fallback: str = "error",
+                target: str | None = None) -> LayerSpecs:
+    """Resolve one spec or a plan to ``{fqn: spec}`` for ``model`` (as :func:`quantize` does; a tied output head is
+    untied when ``lm_head`` quantizes it).  ``target``: a runtime (``gguf``, ...) every spec must be held exactly
+    by for its layer's shape, else ``ValueError`` naming the first layers."""
     from . import api
     from .allocate import Plan
     from .arch import iter_layers, untie_lm_head
@@ -188,20 +190,15 @@ def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm
         spec, plan = None, spec
     if (spec is None) == (plan is None):
         raise ValueError("give exactly one of spec (e.g. 'W4-g64', or {regex: spec}) or plan=")
-    if method not in api.METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(api.METHODS)}")
-    if method != "rtn" and calib is None:
-        raise ValueError(f"method {method!r} needs calibration data: "
-                         "calib=mixq.build_calibration(model, tokenizer, 'ptb', nsamples=128)")
-    calib_ids = _calib_ids(calib) if method != "rtn" else None
     head = None if lm_head is None or lm_head == "keep" else parse_spec(lm_head)
     if head is not None:
         untie_lm_head(model)
     requested = None
+    shapes = {r.fqn: r.shape for r in iter_layers(model)}
     if plan is not None:
         if isinstance(plan, (str, os.PathLike)):
             plan = Plan.load(plan)
-        plan.check({r.fqn: r.shape for r in iter_layers(model)})
+        plan.check(shapes)
         specs = dict(plan.layers)  # FP16 "keep" choices too: cast through fp16, counted at 16 bits
         if head is not None:
             specs.update(api.resolve_specs(model, {}, lm_head=head, allow_empty=True))
@@ -212,15 +209,59 @@ def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm
         specs = api.resolve_specs(model, spec if requested is None else requested, lm_head=head,
                                   group_fallback=group_fallback)
         label = requested.name if requested is not None else "by layer"
+    if target:
+        from .export.ggml_exact import holds_exactly
+
+        bad = [f"{fqn} ({s.name} on {tuple(shapes[fqn])})" for fqn, s in specs.items()
+               if fqn in shapes and not holds_exactly(target, s, shapes[fqn])]
+        if bad:
+            raise ValueError(f"--target {target}: {len(bad)} layer(s) have specs the runtime does not hold exactly: "
+                             f"{', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}; plan with --target {target}")
+    return LayerSpecs(specs, label, requested, plan, head, target or None)
+
+
+def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm_head=None,
+             group_fallback: str = "error", rotate: bool = False, damp: float = 0.01, act_order: bool = False,
+             target: str | None = None, progress: bool = True, **options):
+    """Quantize ``model`` in place with one spec or a plan (``mixq quantize``); returns a :class:`~mixq.api.QuantResult`.
+
+    Exactly one of ``spec`` (a name such as ``"W4-g64"``, ``"NF4-g64"``, ``"MXFP4"`` for every block linear,
+    a mapping ``{fqn or "re:<regex>": spec}`` -- block linears matching nothing are kept -- or the
+    :class:`LayerSpecs` of :func:`layer_specs`) or ``plan`` (a :class:`~mixq.allocate.Plan` from :func:`plan`, or
+    a plan JSON path).  ``method``: ``rtn`` (no data),
+    ``gptq``, ``awq`` or ``awq+gptq``, which need ``calib`` (a :class:`~mixq.calibset.CalibrationSet` from
+    :func:`build_calibration`, or ids ``[n, L]``).  ``lm_head``: a spec to quantize the output head (RTN; a
+    tied head is untied first), default kept.  ``group_fallback``: ``"error"`` or ``"shrink"`` a group size
+    that does not divide a layer's rows.  ``target``: a runtime every spec must be held exactly by
+    (:func:`layer_specs`).  ``rotate``: QuaRot rotation of the residual stream first (fused
+    into the weights; ``online_rotation=True`` adds the run-time rotation that a saved directory cannot
+    carry).  ``damp`` / ``act_order``: GPTQ options.  Other ``options`` go to
+    :func:`mixq.api.quantize_model` (``device``, ``block_size``, ``checkpoint``, ``offload_dir``, ``source``, ...).
+    The model holds the dequantized weights (ready to evaluate); ``result.qtensors`` the stored form, which
+    :func:`save_quantized` writes bit-packed.
+    """
+    from . import api
+
+    if method not in api.METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(api.METHODS)}")
+    if method != "rtn" and calib is None:
+        raise ValueError(f"method {method!r} needs calibration data: "
+                         "calib=mixq.build_calibration(model, tokenizer, 'ptb', nsamples=128)")
+    calib_ids = _calib_ids(calib) if method != "rtn" else None
+    ls = spec if isinstance(spec, LayerSpecs) else layer_specs(model, spec, plan=plan, lm_head=lm_head,
+                                                               group_fallback=group_fallback, target=target)
     options.setdefault("online_rotation", False)
-    res = api.quantize_model(model, specs, method=method, calib_ids=calib_ids, damp=damp, act_order=act_order,
+    res = api.quantize_model(model, ls.specs, method=method, calib_ids=calib_ids, damp=damp, act_order=act_order,
                              rotate=rotate, progress=progress, **options)
-    res.meta = {"method": method, "spec": label, "rotate": rotate, "lm_head": "keep" if head is None else head.name,
-                "size": api.size_report(model, specs),
-                "group_fallback": api.fallbacks(specs, requested) if requested is not None else {},
-                "plan": plan.to_dict() if plan is not None else None,
+    res.meta = {"method": method, "spec": ls.label, "rotate": rotate,
+                "lm_head": "keep" if ls.lm_head is None else ls.lm_head.name,
+                "size": api.size_report(model, ls.specs),
+                "group_fallback": api.fallbacks(ls.specs, ls.requested) if ls.requested is not None else {},
+                "plan": ls.plan.to_dict() if ls.plan is not None else None,
                 "calibration": _record(calib) if calib_ids is not None else None,
                 "seconds": res.seconds, "proxy_loss": res.proxy_loss or None}
+    if ls.target:
+        res.meta["target"] = ls.target
     if res.routing:  # MoE: tokens each expert saw in the GPTQ walk
         res.meta["moe"] = res.routing
     return res

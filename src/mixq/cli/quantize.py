@@ -55,6 +55,7 @@ def register(sub) -> None:
 
 def cmd_quantize(args) -> int:
     from .. import api
+    from .. import pipeline as P
     from ..allocate import Budget, Plan, SensitivityTable, allocate
     from ..bos import resolve_bos
     from ..calibset import calibration_for, parse_sources
@@ -100,8 +101,6 @@ def cmd_quantize(args) -> int:
     bos = resolve_bos(tok, model, args.bos)
     calib = calibration_for(model, tok, args, bos) if needs_calib else None
     extra: dict = {"lazy": True} if args.lazy else {}
-    if getattr(args, "target", None):
-        extra["target"] = args.target
     rotate = args.rotate
     if rotate and budget is not None:
         # rotate before measuring: the plan must be chosen for the weights that will be quantized (and a given
@@ -122,19 +121,9 @@ def cmd_quantize(args) -> int:
             table.meta["rotate"] = bool(args.rotate)  # provenance: measured on the rotated weights
         plan = allocate(table, budget, constraints=constraints_from(args), method=args.solver)
         extra["measure_plan_seconds"] = time.perf_counter() - t0
-    if lm_head is not None:
-        from ..arch import untie_lm_head
-
-        untie_lm_head(model)
-    if plan is not None:
-        plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
-        specs = dict(plan.layers)  # FP16 "keep" choices are applied too: cast through fp16, counted at 16 bits
-        if lm_head is not None:
-            specs.update(api.resolve_specs(model, {}, lm_head=lm_head, allow_empty=True))
-    else:
-        specs = api.resolve_specs(model, spec, lm_head=lm_head, group_fallback=args.group_fallback)
-    _check_target(args, specs, model)
-    calib_ids = None if calib is None or args.method == "rtn" else calib.ids
+    chosen = P.layer_specs(model, spec, plan=plan, lm_head=lm_head, group_fallback=args.group_fallback,
+                           target=getattr(args, "target", None))  # a spec --target cannot hold: ValueError
+    specs = chosen.specs
     source, kept = _lazy_source(model, args.model, specs) if args.lazy else (None, {})
     walk = None
     if args.method == "gptq":
@@ -143,22 +132,17 @@ def cmd_quantize(args) -> int:
         # every block is saved beside --out while the walk runs, so an interrupted run resumes on the next call;
         # release: a finished block's codes live only in its file until the output is written (out-of-core)
         walk = WalkCheckpoint(out.with_name(f".{out.name}.partial-walk"), announce=print, release=True)
-    res = api.quantize_model(model, specs, method=args.method, calib_ids=calib_ids, damp=args.damp,
-                             act_order=args.act_order, rotate=rotate, online_rotation=False, source=source,
-                             checkpoint=walk, offload_dir=args.offload_dir)
+    res = P.quantize(model, chosen, method=args.method, calib=calib if args.method != "rtn" else None,
+                     damp=args.damp, act_order=args.act_order, rotate=rotate, source=source, checkpoint=walk,
+                     offload_dir=args.offload_dir)
     if walk is not None and walk.resumed_from:
         extra["walk_resumed_at_block"] = walk.resumed_from
     if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
         model.load_state_dict(kept, strict=False, assign=True)
-    size = api.size_report(model, specs)
-    label = spec.name if spec is not None else f"mixed plan ({plan.achieved_bpw:.3f} bpw, {plan.metric}/{plan.solver})"
-    meta = {"base_model": args.model, "method": args.method, "recipe": recipe_record(args), "spec": label,
-            "rotate": args.rotate,
-            "lm_head": args.lm_head, "seconds": time.perf_counter() - t0, "size": size,
-            "group_fallback": api.fallbacks(specs, spec) if spec is not None else {},
-            "plan": plan.to_dict() if plan is not None else None, **extra,
+    size, label = res.meta["size"], chosen.label
+    meta = {**res.meta, "base_model": args.model, "recipe": recipe_record(args), "rotate": args.rotate,
+            "lm_head": args.lm_head, "seconds": time.perf_counter() - t0, **extra,
             "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
-            "proxy_loss": res.proxy_loss or None, **({"moe": res.routing} if res.routing else {}),
             **({"activations": args.activations} if getattr(args, "activations", None) else {})}
     final = out
     if args.finetune:  # quantized into a scratch directory, fine-tuned from there into --out
@@ -358,20 +342,3 @@ def quantize_spec(args):
         print(f"--spec {name}: weights {p.weight.name}; the activation part is recorded in the directory and "
               f"`mixq eval DIR` applies it (dynamic)")
     return p.weight
-
-
-def _check_target(args, specs: dict, model) -> None:
-    """``--target``: every layer's spec must be one the runtime holds exactly for its shape (a ``--plan`` made
-    without the target, or a ``--spec`` with no exact type, is refused naming the first layers)."""
-    target = getattr(args, "target", None)
-    if not target:
-        return
-    from .. import api
-    from ..export.ggml_exact import holds_exactly
-
-    shapes = {r.fqn: r.shape for r in api.iter_layers(model)}
-    bad = [f"{fqn} ({s.name} on {tuple(shapes[fqn])})" for fqn, s in specs.items()
-           if fqn in shapes and not holds_exactly(target, s, shapes[fqn])]
-    if bad:
-        raise UserError(f"--target {target}: {len(bad)} layer(s) have specs the runtime does not hold exactly: "
-                        f"{', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}; plan with --target {target}")
