@@ -144,10 +144,9 @@ class Bench:
 
     # -------------------------------------------------------------- setup
     def setup(self) -> None:
-        from .. import data
         from ..bos import resolve_bos
         from ..calibset import build_calibration, corpus_rows
-        from ..eval import Protocol, ReferenceCache
+        from ..eval.scorer import DomainScorer
         from ..eval.stats import overlap_warning
         from ..models import load_model, model_fingerprint
 
@@ -163,17 +162,10 @@ class Bench:
         self.fingerprint = model_fingerprint(self.model)
         self.bos = resolve_bos(self.tok, self.model, c.bos)
         # one (windows, protocol, reference cache) per domain; the first is the primary
-        self.domains: dict[str, tuple] = {}
-        for corpus, text in self.texts.items():
-            ids = data.tokenize(text, self.tok, progress=False)
-            win = data.eval_windows(ids, c.seqlen, max_tokens=c.tokens, bos_id=self.bos.bos_id)
-            if win.n_windows == 0:
-                raise BenchError(f"{corpus}/{c.split} has fewer than {c.seqlen} tokens: lower --seqlen")
-            proto = Protocol.for_windows(win, corpus=corpus, split=c.split,
-                                         tokenizer=getattr(self.tok, "name_or_path", "") or c.model,
-                                         dtype=next(self.model.parameters()).dtype, bos_decision=self.bos)
-            self.domains[corpus] = (win, proto, ReferenceCache(self.model, win, batch_size=c.batch_size,
-                                                               progress=False))
+        scorer = DomainScorer(self.model, self.tok, texts=self.texts, split=c.split, tokens=c.tokens,
+                              seqlen=c.seqlen, bos=self.bos, batch_size=c.batch_size,
+                              tokenizer_name=getattr(self.tok, "name_or_path", "") or c.model)
+        self.domains = {corpus: (win, proto, scorer.caches[corpus]) for corpus, win, proto in scorer.windows}
         self.windows, self.protocol, self.cache = next(iter(self.domains.values()))
         self.calibration = build_calibration(self.model, self.tok, c.calib, c.nsamples, c.calib_seqlen, c.seed,
                                              bos_id=self.bos.bos_id, progress=self.progress)
@@ -298,7 +290,7 @@ class Bench:
         return r
 
     def row(self, table, method: str, budget: float) -> dict:
-        from .. import api
+        from .. import pipeline as P
         from ..allocate import Budget, InfeasibleBudget, allocate
 
         algo, solver, uniform = method_info(method)
@@ -312,10 +304,9 @@ class Bench:
         model = copy.deepcopy(self.model)
         specs = dict(plan.layers)
         t0 = time.perf_counter()
-        api.quantize_model(model, specs, method=algo, calib_ids=None if algo == "rtn" else self.calib,
-                           progress=False)
+        size = P.quantize(model, plan=plan, method=algo, calib=None if algo == "rtn" else self.calib,
+                          progress=False).meta["size"]
         quant_s = time.perf_counter() - t0
-        size = api.size_report(model, specs)
         ev = self.evaluate(model)
         del model
         counts = Counter(s.name for s in specs.values())

@@ -30,7 +30,7 @@ def _dtype_name(model) -> str:
 
 def evaluation_windows(tokenizer, model=None, *, corpus: str | list[str] | None = None, split: str = "test",
                        tokens: int | None = 32768, seqlen: int = 512, stride: int | None = None, bos="auto",
-                       tokenizer_name: str | None = None, progress: bool = False) -> list:
+                       tokenizer_name: str | None = None, texts: dict | None = None, progress: bool = False) -> list:
     """``[(corpus, EvalWindows, Protocol)]`` for each evaluation domain (what ``mixq eval`` scores).
 
     ``corpus``: one name or several (``"ptb,fortunes"`` or a list: the first is the primary one); default
@@ -38,13 +38,17 @@ def evaluation_windows(tokenizer, model=None, *, corpus: str | list[str] | None 
     where it is not installed; a corpus named explicitly must be there).  The first ``tokens`` tokens of
     ``split`` in windows of ``seqlen`` (``stride``: sliding windows); ``bos``: a policy (``auto``, ``always``,
     ``never``) or a :class:`~mixq.bos.BosDecision`, resolved for ``tokenizer`` / ``model``.
-    ``tokenizer_name``: what the protocols record (default the tokenizer's ``name_or_path``).
+    ``tokenizer_name``: what the protocols record (default the tokenizer's ``name_or_path``).  ``texts``: the
+    domains' texts already loaded (``{corpus: text}``, :func:`mixq.eval.domains.load_domains`), instead of
+    ``corpus``.
     """
-    names, defaults = parse_corpora(",".join(corpus) if isinstance(corpus, (list, tuple)) else corpus)
+    if texts is None:
+        names, defaults = parse_corpora(",".join(corpus) if isinstance(corpus, (list, tuple)) else corpus)
+        texts = load_domains(names, split, defaults)
     decision = _decision(tokenizer, model, bos)
     name_of_tok = tokenizer_name or getattr(tokenizer, "name_or_path", "") or ""
     out = []
-    for name, text in load_domains(names, split, defaults).items():
+    for name, text in texts.items():
         ids = data.tokenize(text, tokenizer, progress=progress)
         win = data.eval_windows(ids, seqlen, stride=stride, max_tokens=tokens, bos_id=decision.bos_id)
         proto = Protocol.for_windows(win, corpus=name, split=split, tokenizer=name_of_tok, dtype=_dtype_name(model),
@@ -57,13 +61,15 @@ class DomainScorer:
     """Fixed windows of every evaluation domain and the reference's log-probs on them, made once; :meth:`score`
     then costs one forward pass of the scored model per window.
 
-    ``reference``: the full-precision model; the other keywords are :func:`evaluation_windows`'s.
+    ``reference``: the full-precision model; ``batch_size``: windows per reference forward pass; the other
+    keywords are :func:`evaluation_windows`'s.
     """
 
-    def __init__(self, reference, tokenizer, *, progress: bool = False, **windows):
+    def __init__(self, reference, tokenizer, *, batch_size: int = 1, progress: bool = False, **windows):
         self.bos = _decision(tokenizer, reference, windows.pop("bos", "auto"))
         self.windows = evaluation_windows(tokenizer, reference, bos=self.bos, **windows)
-        self.caches = {name: ReferenceCache(reference, win, progress=progress) for name, win, _ in self.windows}
+        self.caches = {name: ReferenceCache(reference, win, batch_size=batch_size, progress=progress)
+                       for name, win, _ in self.windows}
 
     @property
     def protocols(self) -> dict:
