@@ -446,7 +446,7 @@ def test_stale_gguf_temporary_is_removed(qdir, tmp_path):
     import subprocess
     import sys
 
-    from mixq.export.atomic import temp_prefix
+    from mixq.atomic import temp_prefix
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -2,7 +2,7 @@
 usual umask 022) or directory (``0o777 & ~umask``), readable by other users like the rest of a directory.
 
 Files written through ``tempfile.mkstemp`` / ``mkdtemp`` and ``safetensors.torch.save_file`` start private
-(0600 / 0700); the atomic writers (:mod:`mixq.jsonio`, :mod:`mixq.export.atomic`, the GGUF writer, walk and
+(0600 / 0700); the atomic writers (:mod:`mixq.jsonio`, :mod:`mixq.atomic`, the GGUF writer, walk and
 fine-tune checkpoints) call :func:`publish` on the temporary before renaming it into place.
 """
 from __future__ import annotations

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from .fsmode import publish
+from .atomic import write_bytes_atomic
 
 
 def read_json(path: str | Path):
@@ -20,27 +18,12 @@ def read_json(path: str | Path):
 
 
 def write_json_atomic(path: str | Path, obj, *, overwrite: bool = False) -> Path:
-    """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place.
+    """Write JSON atomically (:func:`mixq.atomic.write_bytes_atomic`: a temporary sibling, fsync, one rename).
 
     Objects with ``to_dict()`` and paths are serialized; an existing file is replaced only with
     ``overwrite=True`` (CLI: ``--force``).
     """
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise FileExistsError(f"{p} already exists: choose another path or pass --force to replace it")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(json_bytes(obj))
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_bytes_atomic(path, json_bytes(obj), overwrite=overwrite)
 
 
 def json_bytes(obj) -> bytes:

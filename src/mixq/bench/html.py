@@ -18,13 +18,13 @@ import base64
 import html
 import logging
 import math
-import os
 import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -103,23 +103,8 @@ def png_of(plot: Callable, *args, **kwargs) -> bytes:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    """Write ``text`` (UTF-8) to ``path`` atomically, replacing it (:func:`mixq.atomic.write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"), overwrite=True)
 
 
 # ---------------------------------------------------------------------------- the report

@@ -49,7 +49,7 @@ from torch import nn
 
 from .. import stio
 from ..arch import get_weight, set_weight
-from ..fsmode import publish
+from ..atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -364,18 +364,9 @@ def _file_info(p: Path) -> dict:
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary sibling: fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
+    """Write ``path`` through a temporary sibling (:func:`mixq.atomic.atomic_file`), then fsync its folder."""
+    with atomic_file(path) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        publish(tmp)  # safetensors writes files private; a block is an ordinary file like the rest
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -19,7 +19,7 @@ import signal
 import sys
 
 from ..data import CorpusUnavailableError
-from ..export.atomic import release_outputs
+from ..atomic import release_outputs
 from ..export.native import CheckpointError
 from ..models import ModelNotFoundError
 from . import bench, demo, export, finetune, generate, inspect, measure, measure_kv, plan, quantize, specs, zeroshot

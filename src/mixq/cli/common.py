@@ -202,7 +202,7 @@ def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
     One line naming ``flag`` when a part of the path is a regular file or the folder is read-only or not ours.
     Temporaries of ``out`` that a killed run left are removed here, at the start of the next one.
     """
-    from ..export.atomic import remove_stale
+    from ..atomic import remove_stale
 
     p = Path(out).absolute()
     folder = p.parent
@@ -221,9 +221,9 @@ def check_writable(out: str | os.PathLike, flag: str = "--out") -> None:
 
 def claim_output(out: str | os.PathLike, force: bool, flag: str = "--out") -> None:
     """Pre-flight of a command that writes ``out``: :func:`check_writable`, then the output's lock
-    (:func:`mixq.export.atomic.lock_output`, held until the command ends), so that two runs never write one output
+    (:func:`mixq.atomic.lock_output`, held until the command ends), so that two runs never write one output
     or share its resumable state; the second fails at once naming the first."""
-    from ..export.atomic import lock_output
+    from ..atomic import lock_output
 
     check_writable(out, flag)
     lock_output(Path(out))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,8 +38,7 @@ from torch import nn
 from ..config import QuantSpec
 from ..formats import QTensor
 from ..formats import dequantize as mixq_dequantize
-from ..fsmode import publish
-from .atomic import remove_stale, temp_prefix
+from ..atomic import atomic_file
 from .ggml import decode_blocks, encode_blocks, ggml_bpw, gguf_quantize_support
 from .ggml_choice import _Choice, _choose_type, _float_data
 from .ggml_direct import DIRECT_TYPES, pack_direct
@@ -164,12 +162,7 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     if unknown:
         raise ValueError(f"specs name layers that are not 2-D weights of this model: {sorted(unknown)[:3]}")
     sd = model.state_dict()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)  # what a killed run left
-    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:  # a temporary sibling renamed over out when whole; stale ones removed first
         writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
         rows_report: list[dict] = []
         expected: dict[str, Any] = {}
@@ -236,11 +229,6 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
             for entry in rows_report:
                 checked = verification["tensors"][entry["name"]]
                 entry.update({k: checked[k] for k in ("max_abs_err", "rel_err", "exact")})
-        publish(tmp)  # mkstemp makes the file private; the result is an ordinary file
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return _report(out, config, arch, rows_report, tok_report, verification, warnings, float_type, tied)
 
 

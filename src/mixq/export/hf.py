@@ -75,7 +75,7 @@ from safetensors.torch import save_file
 from .. import __version__
 from ..formats import QTensor, dequantize
 from ..granularity import PerGroup
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
 from .hf_pack import ct_tensors, gptq_tensors
 from .hf_readback import DTYPE_NAME, check_with_transformers, read_back_compressed, read_back_gptq, target_dtype
 from .hf_source import ExportError, Source, ct_problem, gptq_problem, open_source

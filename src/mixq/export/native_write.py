@@ -19,7 +19,7 @@ from torch import nn
 from .. import stio
 from ..formats import QTensor
 from ..models import file_sha256
-from .atomic import atomic_dir
+from ..atomic import atomic_dir
 from .native import FORMAT, FORMAT_VERSION, TENSOR_FILES, is_composite_dict, read_info, read_packed, run_meta
 
 

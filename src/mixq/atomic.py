@@ -1,4 +1,6 @@
-"""Writing an output so that nobody ever sees half of it, and nothing is left behind by a run that died.
+"""Writing an output so that nobody ever sees half of it, and nothing is left behind by a run that died: the one
+place mixq writes files and directories atomically (:func:`atomic_file`, :func:`write_bytes_atomic`,
+:func:`atomic_dir`) and keeps one writer per output (:func:`lock_output`).
 
 Temporaries live beside the output and carry their writer: ``.OUT.tmp-<pid>@<host>-XXXXXXXX`` (and
 ``.OUT.old-…`` while an existing ``OUT`` is being replaced).  An error or a signal turned into an exception
@@ -17,7 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..fsmode import publish
+from .fsmode import publish
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,40 @@ def remove_stale(out: Path) -> list[Path]:
         log.warning("removed %s, left by process %s that no longer runs", p, m.group(1))
         removed.append(p)
     return removed
+
+
+@contextmanager
+def atomic_file(out: Path):
+    """Yield the path of a fresh, empty temporary sibling of ``out``; on success it is flushed to disk, given an
+    ordinary file's mode and renamed over ``out`` in one step; on any error (or interrupt) it is deleted and ``out``
+    is left as it was.  The caller decides beforehand whether replacing an existing ``out`` is allowed.
+    Temporaries of ``out`` left by dead processes are removed first (:func:`remove_stale`)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(out), dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        publish(tmp)  # mkstemp (and safetensors) make the file private; the result is an ordinary file
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_file`; an existing file is replaced only with
+    ``overwrite=True`` (CLI: ``--force``)."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{p} already exists: choose another path or pass --force to replace it")
+    with atomic_file(p) as tmp:
+        tmp.write_bytes(data)
+    return p
 
 
 @contextmanager
