@@ -93,7 +93,7 @@ def _lookup(spec, fqn: str) -> QuantSpec | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantResult:
     """What :func:`quantize_model` (and :func:`mixq.quantize`) returns; the model itself was changed in place.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 # model -> the name it was loaded under (what save_quantized records as the directory's base model)
@@ -253,18 +253,18 @@ def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm
     options.setdefault("online_rotation", False)
     res = api.quantize_model(model, ls.specs, method=method, calib_ids=calib_ids, damp=damp, act_order=act_order,
                              rotate=rotate, progress=progress, **options)
-    res.meta = {"method": method, "spec": ls.label, "rotate": rotate,
-                "lm_head": "keep" if ls.lm_head is None else ls.lm_head.name,
-                "size": api.size_report(model, ls.specs),
-                "group_fallback": api.fallbacks(ls.specs, ls.requested) if ls.requested is not None else {},
-                "plan": ls.plan.to_dict() if ls.plan is not None else None,
-                "calibration": _record(calib) if calib_ids is not None else None,
-                "seconds": res.seconds, "proxy_loss": res.proxy_loss or None}
+    meta = {"method": method, "spec": ls.label, "rotate": rotate,
+            "lm_head": "keep" if ls.lm_head is None else ls.lm_head.name,
+            "size": api.size_report(model, ls.specs),
+            "group_fallback": api.fallbacks(ls.specs, ls.requested) if ls.requested is not None else {},
+            "plan": ls.plan.to_dict() if ls.plan is not None else None,
+            "calibration": _record(calib) if calib_ids is not None else None,
+            "seconds": res.seconds, "proxy_loss": res.proxy_loss or None}
     if ls.target:
-        res.meta["target"] = ls.target
+        meta["target"] = ls.target
     if res.routing:  # MoE: tokens each expert saw in the GPTQ walk
-        res.meta["moe"] = res.routing
-    return res
+        meta["moe"] = res.routing
+    return replace(res, meta=meta)
 
 
 def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: dict | None = None, *,
