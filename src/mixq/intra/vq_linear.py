@@ -98,6 +98,13 @@ class VQLinear(nn.Module):
                 self._cache[key] = codes
         return self._cache[key]
 
+    def _scale_on(self, device) -> torch.Tensor:
+        """float32 ``[R, G]`` on ``device``, decoded once (like the codes) instead of on every call."""
+        key = ("scale", str(device))
+        if key not in self._cache:
+            self._cache[key] = self.scale.to(device)
+        return self._cache[key]
+
     def _codebook(self, device) -> torch.Tensor:
         """The spec's codebook on ``device``, copied there once (not on every call: no host sync per layer)."""
         key = ("codebook", str(device))
@@ -134,19 +141,19 @@ class VQLinear(nn.Module):
             W = self.packed.dequantize().to(device=x.device, dtype=x.dtype)
             y = F.linear(x2, W)
         elif k == "vq-dense":
-            W = decode(self._prepared("dense", x.device), self.scale.to(x.device), B, glen)
+            W = decode(self._prepared("dense", x.device), self._scale_on(x.device), B, glen)
             y = F.linear(x2.float(), W).to(x.dtype)
         elif k == "vq-cpu":
             from .vq_cpu import vq_gemv
 
-            y = vq_gemv(x2, self._prepared("dense", x.device), self.scale, B, glen).to(x.dtype)
+            y = vq_gemv(x2, self._prepared("dense", x.device), self._scale_on(x.device), B, glen).to(x.dtype)
         elif k == "vq-lut":
-            y = lut_linear(x2, self._prepared("lut", x.device), self.scale.to(x.device), B, glen,
+            y = lut_linear(x2, self._prepared("lut", x.device), self._scale_on(x.device), B, glen,
                            self.out_features).to(x.dtype)
         elif k == "triton":
             from .vq_triton import vq_linear_triton
 
-            y = vq_linear_triton(x2, self._prepared("dense", x.device), self.scale.to(x.device), B, glen)
+            y = vq_linear_triton(x2, self._prepared("dense", x.device), self._scale_on(x.device), B, glen)
         else:
             raise ValueError(f"unknown VQ kernel {k!r}")
         self.__dict__["last_kernel"] = k
