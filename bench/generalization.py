@@ -202,9 +202,11 @@ NOTES = """## Reading (measured 2026-12-03 and -04 on this machine; runs named b
   other jobs on the cores), plus 1040 s to write the extra self-generated rows once (then cached).  The mixed plans' uniform rival at 3.0 bpw is close: the
   default mixed plan beats uniform `VQ3-channel+ip` by 10 % in domain (0.247 vs 0.273) and 3 % out of it.
   On the default mixed plans (run `default4-damp0.1`: the `default4` measurement, GPTQ with damp 0.1), KL PTB /
-  fortunes: 3.0 bpw 0.272 / 0.374 against 0.247 / 0.385; 4.0 bpw 0.077 / 0.113 against 0.076 / 0.117.  The ratio
-  falls (1.37, 1.47) mostly because the in-domain KL rises (10 % at 3.0): a trade, not a gain, so the default
-  damping stays 0.01.
+  fortunes: 2.5 bpw 0.455 / 0.669 against 0.472 / 0.695; 3.0 bpw 0.272 / 0.374 against 0.247 / 0.385; 4.0 bpw
+  0.077 / 0.113 against 0.076 / 0.117.  Better in both domains at 2.5 (4 %), a trade at 3.0 (in domain 10 % worse,
+  out of domain 3 % better) and at 4.0 (1 % worse, 3.5 % better): the ratio falls (1.47, 1.37, 1.47) mostly
+  because the in-domain KL rises, so the default damping stays 0.01 (one model, one calibration set; not tried
+  on gemma3-270m).
 
 - **Sensitivity metric `kfac-tok` against `kfac`** (run `default3-kfactok`: the default recipe with
   `--metric kfac-tok`, same calibration rows and candidates as `default3`), mixed GPTQ, KL PTB / fortunes:
