@@ -68,7 +68,7 @@ def main():
     torch.manual_seed(0)
     layers = [] if args.no_layers else layer_rows()
     rows = decode_speed_rows(args.specs.split(","), args.new_tokens, args.prompt_tokens, args.repeats)
-    doc = {"command": f"OMP_NUM_THREADS=2 python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"
+    doc = {"command": f"OMP_NUM_THREADS={torch.get_num_threads()} python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"
                       f" --repeats {args.repeats}" + (" --no-layers" if args.no_layers else ""),
            "commit": git_rev(), "machine": machine(),
            "args": vars(args), "layer_us_per_call": layers, "rows": rows}
