@@ -73,9 +73,12 @@ class BosDecision:
         return asdict(self)
 
 
-def resolve_bos(tokenizer, model=None, policy: str = "auto") -> BosDecision:
+def resolve_bos(tokenizer, model=None, policy: "str | BosDecision" = "auto") -> BosDecision:
     """The BOS to prepend to every calibration row, evaluation window and zero-shot context of
-    ``model`` under ``policy`` (module docstring); ``.bos_id`` is the id or None."""
+    ``model`` under ``policy`` (module docstring); ``.bos_id`` is the id or None.  A decision already made
+    (a :class:`BosDecision`) is returned as it is."""
+    if isinstance(policy, BosDecision):
+        return policy
     if policy not in BOS_CHOICES:
         raise ValueError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {policy!r}")
     bos = getattr(tokenizer, "bos_token_id", None)

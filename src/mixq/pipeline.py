@@ -61,17 +61,12 @@ def build_calibration(model, tokenizer, calib: str | None = None, nsamples: int 
     Returns a :class:`~mixq.calibset.CalibrationSet` (``.ids``: LongTensor ``[nsamples, seqlen]``;
     ``.record()``: what a directory's metadata keeps of it).
     """
+    from .bos import resolve_bos
     from .calibset import DEFAULT_CALIB
     from .calibset import build_calibration as _build
 
     return _build(model, tokenizer, DEFAULT_CALIB if calib is None else calib, nsamples, seqlen, seed,
-                  bos_id=_bos(tokenizer, model, bos).bos_id, progress=progress)
-
-
-def _bos(tokenizer, model, bos):
-    from .bos import BosDecision, resolve_bos
-
-    return bos if isinstance(bos, BosDecision) else resolve_bos(tokenizer, model, bos)
+                  bos_id=resolve_bos(tokenizer, model, bos).bos_id, progress=progress)
 
 
 def _calib_ids(calib):

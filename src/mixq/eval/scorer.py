@@ -8,17 +8,13 @@ against them; :func:`evaluate` scores one model (what ``mixq eval`` writes).
 from __future__ import annotations
 
 from .. import data
-from ..bos import BosDecision, resolve_bos
+from ..bos import resolve_bos
 from .domains import combine, load_domains, parse_corpora
 from .kl import ReferenceCache
 from .protocol import Protocol
 from .protocol import evaluate as evaluate_windows
 
 METRICS = ("kl", "perplexity", "top1_agreement")
-
-
-def _decision(tokenizer, model, bos) -> BosDecision:
-    return bos if isinstance(bos, BosDecision) else resolve_bos(tokenizer, model, bos)
 
 
 def _dtype_name(model) -> str:
@@ -45,7 +41,7 @@ def evaluation_windows(tokenizer, model=None, *, corpus: str | list[str] | None 
     if texts is None:
         names, defaults = parse_corpora(",".join(corpus) if isinstance(corpus, (list, tuple)) else corpus)
         texts = load_domains(names, split, defaults)
-    decision = _decision(tokenizer, model, bos)
+    decision = resolve_bos(tokenizer, model, bos)
     name_of_tok = tokenizer_name or getattr(tokenizer, "name_or_path", "") or ""
     out = []
     for name, text in texts.items():
@@ -66,7 +62,7 @@ class DomainScorer:
     """
 
     def __init__(self, reference, tokenizer, *, batch_size: int = 1, progress: bool = False, **windows):
-        self.bos = _decision(tokenizer, reference, windows.pop("bos", "auto"))
+        self.bos = resolve_bos(tokenizer, reference, windows.pop("bos", "auto"))
         self.windows = evaluation_windows(tokenizer, reference, bos=self.bos, **windows)
         self.caches = {name: ReferenceCache(reference, win, batch_size=batch_size, progress=progress)
                        for name, win, _ in self.windows}
