@@ -209,7 +209,7 @@ for name in ("VQ2.5-g32", "VQ3-channel", "VQ2-g48", "VQ2x4-g64"):
     for M in (1, 17):
         x = torch.randn(M, 192, generator=torch.Generator().manual_seed(M))
         out.append(float((lin(x) - x @ Wh.T).abs().max()))
-    y = vq_linear_triton(x, lin._prepared("dense", x.device), lin.scale, spec_codebook(lin.spec),
+    y = vq_linear_triton(x, lin.codes(), lin.scale, spec_codebook(lin.spec),
                          group_len(lin.spec, 192), split_k=3)  # partial sums over 3 K ranges
     out.append(float((y - x @ Wh.T).abs().max()))
 print(json.dumps(out))

@@ -85,31 +85,22 @@ class VQLinear(nn.Module):
         P = self.in_features // self.spec.vq_dim
         return unpack(self.codes_packed.cpu(), self.spec.vq_bits, self.out_features * P).reshape(-1, P)
 
-    def _prepared(self, name: str, device):
+    def _on(self, name: str, device) -> torch.Tensor:
+        """A decoded part on ``device``, made once per device (not on every call: no unpacking, no host copy):
+        ``dense`` codes uint8 ``[R, P]``, ``lut`` the flat table index, ``scale`` float32 ``[R, G]``, ``codebook``."""
         key = (name, str(device))
         if key not in self._cache:
-            codes = self.codes().to(device)
-            if name == "lut":
-                K = 2 ** self.spec.vq_bits
-                P = codes.shape[1]
-                base = torch.arange(P, device=device, dtype=torch.int32) * K
-                self._cache[key] = (codes.to(torch.int32) + base).reshape(-1).contiguous()
+            if name == "scale":
+                t = self.scale.to(device)
+            elif name == "codebook":
+                t = spec_codebook(self.spec).to(device)
             else:
-                self._cache[key] = codes
-        return self._cache[key]
-
-    def _scale_on(self, device) -> torch.Tensor:
-        """float32 ``[R, G]`` on ``device``, decoded once (like the codes) instead of on every call."""
-        key = ("scale", str(device))
-        if key not in self._cache:
-            self._cache[key] = self.scale.to(device)
-        return self._cache[key]
-
-    def _codebook(self, device) -> torch.Tensor:
-        """The spec's codebook on ``device``, copied there once (not on every call: no host sync per layer)."""
-        key = ("codebook", str(device))
-        if key not in self._cache:
-            self._cache[key] = spec_codebook(self.spec).to(device)
+                t = self.codes().to(device)
+                if name == "lut":
+                    K, P = 2 ** self.spec.vq_bits, t.shape[1]
+                    base = torch.arange(P, device=device, dtype=torch.int32) * K
+                    t = (t.to(torch.int32) + base).reshape(-1).contiguous()
+            self._cache[key] = t
         return self._cache[key]
 
     # -------------------------------------------------------------- forward
@@ -135,25 +126,25 @@ class VQLinear(nn.Module):
         k = self.choose(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        B = self._codebook(x.device)
+        B = self._on("codebook", x.device)
         glen = group_len(self.spec, self.in_features)
         if k == "vq-reference":
             W = self.packed.dequantize().to(device=x.device, dtype=x.dtype)
             y = F.linear(x2, W)
         elif k == "vq-dense":
-            W = decode(self._prepared("dense", x.device), self._scale_on(x.device), B, glen)
+            W = decode(self._on("dense", x.device), self._on("scale", x.device), B, glen)
             y = F.linear(x2.float(), W).to(x.dtype)
         elif k == "vq-cpu":
             from .vq_cpu import vq_gemv
 
-            y = vq_gemv(x2, self._prepared("dense", x.device), self._scale_on(x.device), B, glen).to(x.dtype)
+            y = vq_gemv(x2, self._on("dense", x.device), self._on("scale", x.device), B, glen).to(x.dtype)
         elif k == "vq-lut":
-            y = lut_linear(x2, self._prepared("lut", x.device), self._scale_on(x.device), B, glen,
+            y = lut_linear(x2, self._on("lut", x.device), self._on("scale", x.device), B, glen,
                            self.out_features).to(x.dtype)
         elif k == "triton":
             from .vq_triton import vq_linear_triton
 
-            y = vq_linear_triton(x2, self._prepared("dense", x.device), self._scale_on(x.device), B, glen)
+            y = vq_linear_triton(x2, self._on("dense", x.device), self._on("scale", x.device), B, glen)
         else:
             raise ValueError(f"unknown VQ kernel {k!r}")
         self.__dict__["last_kernel"] = k

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from ..runtime.kernels.triton_gpu import split_k_for
+
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
     import triton.language as tl
@@ -105,10 +107,8 @@ def vq_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     BLOCK_K = 64 if glen % 64 == 0 or glen >= K else 32
     tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, BLOCK_M)
     kblocks = triton.cdiv(K, BLOCK_K)
-    split = split_k or 1
-    if split_k is None and x.is_cuda:  # too few output tiles to fill the GPU (decode): split K, partial sums in fp32
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        split = max(1, min(kblocks, 32, -(-4 * sms // tiles)))
+    # too few output tiles to fill the GPU (decode): split K, partial sums in fp32
+    split = split_k or split_k_for(x.device, tiles, kblocks, cap=32)
     k_split = triton.cdiv(kblocks, split) * BLOCK_K
     split = triton.cdiv(K, k_split)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if split == 1 else \

@@ -201,6 +201,14 @@ def _device_props(device: torch.device):
     return torch.cuda.get_device_properties(device)
 
 
+def split_k_for(device: torch.device, tiles: int, kblocks: int, cap: int = 16) -> int:
+    """How many K ranges to split a launch of ``tiles`` output tiles over: enough programs for ~4 per SM, at most
+    ``kblocks`` and ``cap`` (1 off CUDA).  Shared by the int and the VQ kernel."""
+    if device.type != "cuda":
+        return 1
+    return max(1, min(kblocks, cap, -(-4 * _device_props(device).multi_processor_count // tiles)))
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
     p = _device_props(torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device()))
     return p.major, p.minor
@@ -327,9 +335,8 @@ def _config(m: int, n: int, k: int, group: int, bits: int, dtype: torch.dtype, d
     kblocks = -(-k // bk)
     if split_k is None:
         split_k = 1
-        if device.type == "cuda" and m <= 64:  # too few output tiles to fill the GPU: split K
-            tiles = -(-m // bm) * -(-n // bn)
-            split_k = max(1, min(kblocks, 16, -(-4 * _device_props(device).multi_processor_count // tiles)))
+        if m <= 64:  # too few output tiles to fill the GPU: split K
+            split_k = split_k_for(device, -(-m // bm) * -(-n // bn), kblocks)
     per = -(-kblocks // max(1, min(split_k, kblocks)))
     return bm, bn, bk, per_block, k % bk == 0, -(-kblocks // per), per * bk, 8 if big else 4
 
