@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..runtime.kernels.triton_gpu import split_k_for
+from ..runtime.kernels.splitk import split_k_for
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton

@@ -48,6 +48,7 @@ import torch
 from ...config.registry import owner
 from ...formats import QParams, decode
 from ...granularity import PerGroup, PerTensor
+from .splitk import split_k_for
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
@@ -199,14 +200,6 @@ def why_not(pw, x: torch.Tensor) -> str | None:
 @lru_cache(maxsize=None)
 def _device_props(device: torch.device):
     return torch.cuda.get_device_properties(device)
-
-
-def split_k_for(device: torch.device, tiles: int, kblocks: int, cap: int = 16) -> int:
-    """How many K ranges to split a launch of ``tiles`` output tiles over: enough programs for ~4 per SM, at most
-    ``kblocks`` and ``cap`` (1 off CUDA).  Shared by the int and the VQ kernel."""
-    if device.type != "cuda":
-        return 1
-    return max(1, min(kblocks, cap, -(-4 * _device_props(device).multi_processor_count // tiles)))
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
