@@ -19,6 +19,10 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
                                               the group's fp16 scale (default g64); rate a multiple of 1/d,
                                               d*rate <= 8 code bits; combines only with +ip, which it is
                                               meant for; :mod:`mixq.intra.vq`
+               | "TCQ" <rate> ["-" GRAN]      trellis-coded (QTIP-style bitshift trellis, 1..4 bits a weight
+                                              by halves): each column is one Viterbi-chosen bit string,
+                                              a weight decodes from the last 8 bits; default channel
+                                              scales; combines only with +ip; :mod:`mixq.intra.tcq`
     EXT       := "o" <percent> ["w" <bits>]   sparse outliers, <percent> % of the weights (SpQR, SqueezeLLM),
                                               kept in fp16; ``w<bits>`` (BIN bases only, 2..8): PB-LLM's salient
                                               weights on a <bits>-bit symmetric grid with an fp16 scale per row
@@ -65,6 +69,7 @@ Exact cost of a ``[R, C]`` tensor (:meth:`CompositeSpec.cost`, every term an int
 
     VQ        codes   R * (C / d) * k        (k = d * rate code bits per d-vector, bit-packed)
               scales  R * G * sb             (the codebook is fixed, never stored)
+    TCQ       codes   R * C * rate           (R even at a half rate), scales as VQ (the table is fixed)
 
     +ip       the cost of the same spec without ``+ip`` plus 64 bits (the two 32-bit seeds of the transforms);
               both R and C must be orders of a constructible Hadamard matrix (:mod:`mixq.algorithms.hadamard`)
@@ -84,11 +89,10 @@ from ..granularity import PerChannel, PerGroup
 from .protocol import SCALE_BITS, BitCost, Export
 from .registry import family_of
 from .spec import QuantSpec
-from .vq_check import check_vq
+from .composite_check import FP16_BITS, check_composite
 
 COMPOSITE_VERSION = 1
 BASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QuantSpec))
-FP16_BITS = 16
 ROW_PTR_BITS = 32
 IP_SEED_BITS = 64       # +ip: two 32-bit seeds (input and output transform)
 L2_STATS_BITS = 32      # second-level fp16 scale + fp16 offset
@@ -118,6 +122,7 @@ class CompositeSpec(QuantSpec):
     outlier_bits  bits of a stored outlier: 16 (fp16), or 2..8 (BIN only; symmetric int, fp16 scale per row)
     incoherent    ``+ip``: everything else applies to the weight seen through random Hadamard transforms
     vq_dim        VQ base: weights per codebook vector (0 = not VQ); ``vq_bits`` the code bits per vector
+    trellis       TCQ base: twice its bits per weight (0 = not TCQ)
     """
 
     outliers: float = 0.0
@@ -134,82 +139,21 @@ class CompositeSpec(QuantSpec):
     incoherent: bool = False
     vq_dim: int = 0
     vq_bits: int = 0
+    trellis: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        o = self.outliers
-        if isinstance(o, bool) or not isinstance(o, (int, float)) or not math.isfinite(o) or not 0 <= o < 100:
-            raise ValueError(f"outliers is a percentage in [0, 100), got {o!r}")
-        object.__setattr__(self, "outliers", float(o))
-        h = self.hi_rows
-        if isinstance(h, bool) or not isinstance(h, (int, float)) or not math.isfinite(h) or not 0 <= h < 100:
-            raise ValueError(f"hi_rows is a percentage in [0, 100), got {h!r}")
-        object.__setattr__(self, "hi_rows", float(h))
-        for k in ("columns", "sq_bits", "sq_group", "hi_bits", "dialects", "residual", "outlier_bits", "vq_dim",
-                  "vq_bits"):
-            v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
-        for k in ("slim", "binary", "incoherent"):
-            if not isinstance(getattr(self, k), bool):
-                raise ValueError(f"{k} must be a bool, got {getattr(self, k)!r}")
-        if not (self.outliers > 0 or self.columns > 0 or self.sq_bits > 0 or self.slim or self.hi_rows > 0
-                or self.dialects > 0 or self.binary or self.incoherent or self.vq_dim):
-            raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD, +ip, SLIM or BIN): "
-                             "use a plain QuantSpec otherwise")
-        if self.outlier_bits != FP16_BITS:
-            if not 2 <= self.outlier_bits <= 8:
-                raise ValueError(f"outlier bits are 16 (fp16) or 2..8, got {self.outlier_bits}")
-            if not self.binary or not self.outliers:
-                raise ValueError("integer outliers (+oPw<bits>) need a BIN base and +o")
-        if self.vq_dim or self.vq_bits:
-            check_vq(self)
-        if self.residual and not self.binary:
-            raise ValueError("+r (residual-binarized columns) needs a BIN base")
-        if self.binary:
-            if self.dtype != "int" or self.bits != 1 or not self.symmetric or self.clip != "minmax":
-                raise ValueError("BIN is the symmetric W1 grid (sign x scale) with its own L2-optimal scale fit")
-            if self.scale_dtype not in ("fp16", "bf16", "fp32"):
-                raise ValueError(f"BIN needs a float group scale, not {self.scale_dtype}")
-            if self.columns or self.sq_bits or self.slim or self.hi_rows or self.dialects:
-                raise ValueError("BIN combines only with +r (residual columns) and +o (salient weights)")
-        if self.dialects:
-            if self.dialects not in (2, 4, 8, 16):
-                raise ValueError(f"the dialect formatbook holds 2, 4, 8 or 16 tables, got {self.dialects}")
-            if self.dtype not in ("nf", "fp4_e2m1") or self.scale_dtype not in ("fp16", "bf16", "fp32") \
-                    or self.tensor_scale or self.sq_bits:
-                raise ValueError("+d (block dialects) needs an NF or FP4 base with a float absmax scale, without +sq")
-        if self.hi_rows:
-            if self.dialects or self.outliers or self.columns or self.sq_bits or self.slim:
-                raise ValueError("+h (high-precision output rows) does not combine with other extensions")
-            if self.dtype != "int" or not self.bits < self.hi_bits <= 8:
-                raise ValueError(f"+h needs an int base and {self.bits} < hi bits <= 8, got {self.hi_bits}")
-            if self.scale_dtype == "e8m0" or self.tensor_scale:
-                raise ValueError("+h needs a float group scale")
-        if self.is_float_keep:
-            raise ValueError(f"the base of a composite must be a quantized grid, not {self.dtype}")
-        if not isinstance(self.granularity, (PerGroup, PerChannel)):
-            raise ValueError(f"composites need channel or gN granularity, not {self.granularity}")
-        if self.sq_bits:
-            if not 2 <= self.sq_bits <= 8:
-                raise ValueError(f"second-level scale bits must be in 2..8, got {self.sq_bits}")
-            if self.sq_group < 1:
-                raise ValueError("the second-level group must hold at least one row")
-            if self.dtype == "kmeans" or self.scale_dtype not in ("fp16", "bf16", "fp32") or self.tensor_scale:
-                raise ValueError("+sq quantizes float group scales: the base needs an fp16/bf16/fp32 scale "
-                                 f"(not {self.dtype} with scale {self.scale_dtype})")
-        if self.slim:
-            if self.dtype != "int" or not 2 <= self.bits <= 7:
-                raise ValueError("SLIM needs an int base of 2..7 bits (groups take b-1, b or b+1 bits)")
-            if not isinstance(self.granularity, PerGroup):
-                raise ValueError("SLIM allocates bits per group column: use a gN granularity")
-            if self.scale_dtype == "e8m0":
-                raise ValueError("SLIM needs a float scale (e8m0 scales depend on the element bits)")
+        check_composite(self)
 
     @property
     def vq_rate(self) -> Fraction:
         """Code bits per weight of a VQ base (``vq_bits / vq_dim``)."""
         return Fraction(self.vq_bits, self.vq_dim)
+
+    @property
+    def tcq_rate(self) -> Fraction:
+        """Bits per weight of a TCQ base."""
+        return Fraction(self.trellis, 2)
 
     # ------------------------------------------------------------------ parts
     @property
@@ -224,7 +168,7 @@ class CompositeSpec(QuantSpec):
         if not self.incoherent:
             return self
         if self.binary or self.slim or self.outliers or self.columns or self.sq_bits or self.hi_rows or self.dialects \
-                or self.vq_dim:
+                or self.vq_dim or self.trellis:
             return replace(self, incoherent=False)
         return self.base
 
@@ -239,6 +183,9 @@ class CompositeSpec(QuantSpec):
             rate = self.vq_rate
             r = str(rate.numerator) if rate.denominator == 1 else repr(float(rate))
             head = f"VQ{r}" + ("" if self.vq_dim == 2 else f"x{self.vq_dim}") + head[len(f"W{self.bits}"):]
+        if self.trellis:  # W3-channel -> TCQ2.5-channel
+            r = str(self.trellis // 2) if self.trellis % 2 == 0 else repr(self.trellis / 2)
+            head = f"TCQ{r}" + head[len(f"W{self.bits}"):]
         ext = []
         if self.sq_bits:
             ext.append(f"sq{self.sq_bits}" + ("" if self.sq_group == SQ_GROUP else f"g{self.sq_group}"))
@@ -311,6 +258,11 @@ class CompositeSpec(QuantSpec):
             if c % self.vq_dim:
                 raise ValueError(f"{self.name}: {c} columns are not whole {self.vq_dim}-vectors")
             return BitCost(r * c, r * (c // self.vq_dim) * self.vq_bits, r * len(bounds) * SCALE_BITS[self.scale_dtype])
+        if self.trellis:
+            n, bounds = self.layout((r, c))
+            if self.trellis % 2 and r % 2:
+                raise ValueError(f"{self.name}: a half-bit rate codes rows in pairs; {r} rows are odd")
+            return BitCost(r * c, r * c * self.trellis // 2, r * len(bounds) * SCALE_BITS[self.scale_dtype])
         n, bounds = self.layout((r, c))
         G = len(bounds)
         ng = r * G
@@ -366,7 +318,8 @@ class CompositeSpec(QuantSpec):
                 "sq_group": self.sq_group, "slim": self.slim, "hi_rows": self.hi_rows, "hi_bits": self.hi_bits,
                 "dialects": self.dialects, "binary": self.binary, "residual": self.residual,
                 "outlier_bits": self.outlier_bits, **({"incoherent": True} if self.incoherent else {}),
-                **({"vq_dim": self.vq_dim, "vq_bits": self.vq_bits} if self.vq_dim else {})}
+                **({"vq_dim": self.vq_dim, "vq_bits": self.vq_bits} if self.vq_dim else {}),
+                **({"trellis": self.trellis} if self.trellis else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompositeSpec":
@@ -376,7 +329,7 @@ class CompositeSpec(QuantSpec):
             raise ValueError(f"CompositeSpec version {d.get('_version')} is not supported "
                              f"(this mixq reads {COMPOSITE_VERSION})")
         ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects", "binary",
-               "residual", "outlier_bits", "incoherent", "vq_dim", "vq_bits")
+               "residual", "outlier_bits", "incoherent", "vq_dim", "vq_bits", "trellis")
         unknown = set(d) - {"_type", "_version", "base", *ext}
         if unknown:
             raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")

@@ -28,10 +28,12 @@ _EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)
 _SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
 _BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
 _VQ = re.compile(r"^VQ(\d+(?:\.\d+)?)(?:x(\d+))?(-.*)?$", re.IGNORECASE)
+_TCQ = re.compile(r"^TCQ(\d+(?:\.\d+)?)(-.*)?$", re.IGNORECASE)
 
 
 def parse_spec(x) -> QuantSpec:
-    """A spec from a name (``W4-g128``, ``NVFP4``, ``W3-g64+o0.5``, ``SLIM3-g64``, ``BIN-g128+r8``, ``VQ2.5-g64+ip``), a
+    """A spec from a name (``W4-g128``, ``NVFP4``, ``W3-g64+o0.5``, ``SLIM3-g64``, ``BIN-g128+r8``, ``VQ2.5-g64+ip``,
+    ``TCQ3-channel+ip``), a
     ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names, a :class:`CompositeSpec` for composites."""
     if isinstance(x, QuantSpec):
         return x
@@ -46,7 +48,8 @@ def parse_spec(x) -> QuantSpec:
     m = _SLIM.match(head)
     mb = _BIN.match(head)
     mv = _VQ.match(head)
-    if not exts and not m and not mb and not mv:
+    mt = _TCQ.match(head)
+    if not exts and not m and not mb and not mv and not mt:
         return _parse_plain(head)
     kw: dict = {}
     if m:
@@ -62,6 +65,12 @@ def parse_spec(x) -> QuantSpec:
             raise ValueError(f"bad VQ spec {raw!r}: the rate times d ({d}) must be a whole number of code bits")
         head = f"W{-(-int(k) // d)}" + (mv.group(3) or "-g64")
         kw.update(vq_dim=d, vq_bits=int(k))
+    elif mt:
+        k2 = Fraction(mt.group(1)) * 2
+        if k2.denominator != 1:
+            raise ValueError(f"bad TCQ spec {raw!r}: the rate must be a multiple of 0.5 bits")
+        head = f"W{-(-int(k2) // 2)}" + (mt.group(2) or "-channel")
+        kw["trellis"] = int(k2)
     for t in exts:
         e = _EXT.match(t.lower())
         if not e:

@@ -52,6 +52,7 @@ from .qtensor import CompositeQTensor, dense_cols
 from .rows import quantize_rows
 from .selection import select_outliers, slim_bits
 from .sparse import CSR
+from .tcq import quantize_tcq
 from .vq import quantize_vq
 
 
@@ -90,6 +91,8 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
 
     if spec.vq_dim:  # vector codebooks (mixq.intra.vq)
         return quantize_vq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol)
+    if spec.trellis:  # trellis-coded (mixq.intra.tcq)
+        return quantize_tcq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol)
     if spec.binary:  # BiLLM / PB-LLM binarization (mixq.intra.binary)
         return quantize_binary(W0, spec, None if H is None else H.detach().float().cpu(), method, fisher=fisher,
                                damp=damp, block_size=block_size, hinv_chol=hinv_chol)

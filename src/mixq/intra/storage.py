@@ -27,6 +27,7 @@ tensor                 content
 ``hi.*``
 BIN bases              :func:`mixq.intra.binary_storage.pack_binary` (sign stream, scales, residual planes, CSR)
 VQ bases               :func:`mixq.intra.vq.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
+TCQ bases              :func:`mixq.intra.tcq.pack_tcq`: ``tcq.codes`` (column-major trellis symbols), ``scale``
 ``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
                        weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)
 =====================  ==============================================================================
@@ -48,6 +49,7 @@ from .binary_tensor import BinaryQTensor
 from .incoherence import IncoherentQTensor
 from .qtensor import CompositeQTensor
 from .rows import RowSplitQTensor
+from .tcq import TCQQTensor, pack_tcq, unpack_tcq
 from .vq import VQQTensor, pack_vq, unpack_vq
 from .sparse import CSR
 from ..config import CompositeSpec, family_of, index_bits
@@ -74,6 +76,8 @@ def pack_composite(qt) -> dict[str, torch.Tensor]:
         return pack_binary(qt)
     if isinstance(qt, VQQTensor):
         return pack_vq(qt)
+    if isinstance(qt, TCQQTensor):
+        return pack_tcq(qt)
     if isinstance(qt, RowSplitQTensor):
         out = {"hi_rows": _idx_pack(qt.hi_rows, qt.shape[0])}
         for tag, q in (("lo", qt.lo), ("hi", qt.hi)):
@@ -138,6 +142,8 @@ def unpack_composite(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tup
         return unpack_binary(t, spec, (R, C))
     if spec.vq_dim:
         return unpack_vq(t, spec, (R, C))
+    if spec.trellis:
+        return unpack_tcq(t, spec, (R, C))
     if spec.hi_rows:
         hi_rows = _idx_unpack(t["hi_rows"])
         parts = []

@@ -13,25 +13,17 @@ dense GEMV's multiply-add), so the torch-only ``vq-lut`` path is the fallback, n
 ``vq_lut_gemv`` is the table form (QuIP#/AQLM-style): ``T[m, v, k] = B[k] · x[m, v]`` once per call, then one
 table load and add per code; used when the table is small next to the weight (``4 · 2^k <= R``).
 
-The C source below is compiled with the system C compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``) into mixq's
-cache directory, keyed by the source's hash, and loaded with ctypes; :func:`available` is False (and the caller
-falls back) when no compiler works.
+The C source below is compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False
+(and the caller falls back) when no compiler works.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import subprocess
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from ..runtime.kernels.cbuild import load
 
 SOURCE = r"""
 #include <stdint.h>
@@ -141,25 +133,9 @@ void vq_lut_gemv(const float* T, const uint8_t* codes, const float* scale, float
 
 @lru_cache(maxsize=1)
 def _lib():
-    from ..models import cache_dir
-
-    tag = hashlib.sha256((SOURCE + platform.node() + platform.machine()).encode()).hexdigest()[:16]  # -march=native
-    out = Path(cache_dir()) / "kernels" / f"vq_cpu_{tag}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cc = os.environ.get("CC", "cc")
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(tmp) / "vq.c"
-            src.write_text(SOURCE)
-            so = Path(tmp) / "vq.so"
-            try:
-                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(so)], check=True,
-                               capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as e:
-                log.warning("vq-cpu kernel not compiled (%s): VQ layers use the torch vq-lut path", e)
-                return None
-            os.replace(so, out)  # atomic: concurrent processes see a whole file or none
-    lib = ctypes.CDLL(str(out))
+    lib = load("vq_cpu", SOURCE, "VQ layers use the torch vq-lut path")
+    if lib is None:
+        return None
     lib.vq_gemv.restype = None
     lib.vq_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
     lib.vq_lut_gemv.restype = None

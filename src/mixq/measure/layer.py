@@ -35,6 +35,7 @@ from ..config import QuantSpec, is_composite
 from ..algorithms.gptq import _proxy
 from ..granularity import PerTensor
 from ..intra import composite_weight
+from ..intra.tcq import quantize_tcq
 from ..intra.vq import quantize_vq
 from ..intra.incoherence import SEED_IN, SEED_OUT, rotate_hessian, rotate_weight, unrotate_weight
 from .metrics import LayerSensitivity
@@ -172,40 +173,53 @@ def measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
 
 
 def _rtn(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """RTN ``Ŵ`` of a plain grid or a VQ codebook base."""
-    return quantize_vq(W, spec)[1] if _is_vq(spec) else rtn_quantize(W, spec)[1]
+    """RTN ``Ŵ`` of a plain grid or a codebook base (VQ, TCQ)."""
+    q = _codebook_quantizer(spec)
+    return q(W, spec)[1] if q else rtn_quantize(W, spec)[1]
 
 
 def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, hc) -> torch.Tensor:
-    """GPTQ ``Ŵ`` (vector feedback for a VQ codebook base)."""
-    if _is_vq(spec):
-        return quantize_vq(W, spec, H, "gptq", hinv_chol=hc)[1]
+    """GPTQ ``Ŵ`` (vector feedback for a VQ codebook, the column's Viterbi search for a trellis)."""
+    q = _codebook_quantizer(spec)
+    if q:
+        return q(W, spec, H, "gptq", hinv_chol=hc)[1]
     return gptq_quantize(W, H, spec, hinv_chol=hc).weight
 
 
-def _is_vq(spec) -> bool:
-    return bool(getattr(spec, "vq_dim", 0))
+def _codebook_quantizer(spec):
+    if getattr(spec, "vq_dim", 0):
+        return quantize_vq
+    if getattr(spec, "trellis", 0):
+        return quantize_tcq
+    return None
 
 
 def _scalable(c) -> bool:
-    """Plain grids, and ``+ip`` over a plain grid or a VQ codebook: RTN errors scaled by a measured GPTQ/RTN
-    ratio (VQ's GPTQ is a column sweep like scalar GPTQ's, rows independent given ``H``)."""
-    return not is_composite(c) or (c.incoherent and (not is_composite(c.inner) or _is_vq(c.inner)))
+    """Plain grids, and ``+ip`` over a plain grid or a codebook base: RTN errors scaled by a measured GPTQ/RTN
+    ratio (VQ's and TCQ's GPTQ are column sweeps like scalar GPTQ's, rows independent given ``H``)."""
+    return not is_composite(c) or (c.incoherent and (not is_composite(c.inner) or bool(_codebook_quantizer(c.inner))))
+
+
+def _family(c) -> tuple[str, int]:
+    if getattr(c, "vq_dim", 0):
+        return f"vq{c.vq_dim}", min(4, c.vq_bits // c.vq_dim)
+    if getattr(c, "trellis", 0):
+        return "tcq", min(4, c.trellis // 2)
+    return c.dtype, min(4, c.bits)
 
 
 def _groups(cands) -> dict[tuple[str, int, bool], list[int]]:
     """Scaled candidates by (element family, bit band, ``+ip``), each group sharing one measured GPTQ/RTN ratio.
 
     An NF grid gains a different share of its error from GPTQ than an int grid of the same bits, ``+ip``
-    candidates another again, and VQ codebooks (by vector length) are a family of their own.  The band is the
+    candidates another again, and VQ codebooks (by vector length) and trellises are families of their own.  The band is the
     bit width below 4 bits and ``4`` from there up (for VQ: the whole bits of its rate, so VQ2 and VQ2.5 share a
     ratio): measured on SmolLM2's real layers, a layer's ratio moves by up to 2x between 2 and 3 bits but by
     about 15 % between 4 and 8 bits or across one VQ band, and the errors those ratios scale are small."""
     out: dict[tuple[str, int, bool], list[int]] = {}
     for k, c in enumerate(cands):
         if not c.is_float_keep and _scalable(c):
-            fam = (f"vq{c.vq_dim}", min(4, c.vq_bits // c.vq_dim)) if _is_vq(c) else (c.dtype, min(4, c.bits))
-            out.setdefault((*fam, is_composite(c)), []).append(k)
+            out.setdefault((*_family(c), is_composite(c)), []).append(k)
     return out
 
 

@@ -1,0 +1,201 @@
+"""Trellis-coded bases (``TCQ<rate>-GRAN``, meant for ``+ip``): RTN and GPTQ/LDLQ with the Viterbi search of
+:mod:`mixq.intra.tcq_codebook`.
+
+Each **column** ``j`` of ``W [R, C]`` is one trellis sequence, top row first: its ``R`` weights divided by their
+row's group scale are the targets, and ``R · rate`` bits encode them (state ``s_t``, value ``lut[s_t]``)::
+
+    ŵ[r, j] = s[r, g(j)] · lut[state_j(r)]                          s fp16, one per row and group
+
+Running the trellis down a column is what makes it exact under GPTQ: the proxy ``tr(ΔW H ΔWᵀ)`` with the
+column's error fed forward (LDLQ) is, for one column, ``Σ_r (w_rj - ŵ_rj)²`` times a constant, separable over the
+rows, so the Viterbi search over the column (weights ``s_r²``) minimizes exactly what GPTQ's rounding step
+minimizes for a scalar grid -- and GPTQ's sweep (:func:`mixq.algorithms.sweep.sweep`) carries the rest.
+
+Scales (``fit_scales``): from each row's RMS over the group (the table is trained for unit variance), alternated
+with the least-squares scale on the decoded values ``SCALE_ITERS`` times, keeping each row's best.  Under GPTQ a
+group's scales are fitted when its first column is reached, on the weights as updated so far.
+Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import BitCost, CompositeSpec
+from ..algorithms.sweep import sweep
+from ..runtime.bitpack import pack, unpack
+from .tcq_codebook import L, lut as tcq_lut, period, schedule, states, viterbi
+
+SCALE_ITERS = 2
+_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def group_len(spec: CompositeSpec, cols: int) -> int:
+    g = getattr(spec.granularity, "size", None)
+    return cols if g is None else g
+
+
+@dataclass
+class TCQQTensor:
+    """Stored parts of a TCQ weight: ``bits`` uint8 ``[C, R]`` (the bits each step appended, column-major),
+    ``scale`` float32 ``[R, G]`` (values exact in the scale dtype)."""
+
+    spec: CompositeSpec
+    shape: tuple[int, int]
+    bits: torch.Tensor
+    scale: torch.Tensor
+    proxy_loss: float | None = None
+
+    def cost(self) -> BitCost:
+        return self.spec.cost(self.shape)
+
+    def stored_bits(self) -> int:
+        from ..config.protocol import SCALE_BITS
+
+        return self.shape[0] * self.shape[1] * self.spec.trellis // 2 + self.scale.numel() * \
+            SCALE_BITS[self.spec.scale_dtype]
+
+    def unit(self) -> torch.Tensor:
+        """float32 ``[R, C]``: the table values before the scales."""
+        return unit_values(self.bits, self.spec)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``[R, C]`` (the reference decode)."""
+        return apply_scale(self.unit(), self.scale, group_len(self.spec, self.shape[1]))
+
+
+def unit_values(bits: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
+    C, R = bits.shape
+    rate = spec.tcq_rate
+    return tcq_lut(rate)[states(bits, schedule(rate, R))].T.contiguous()
+
+
+def apply_scale(U: torch.Tensor, scale: torch.Tensor, glen: int) -> torch.Tensor:
+    R, C = U.shape
+    return (U.reshape(R, -1, glen) * scale.float()[:, :, None]).reshape(R, C)
+
+
+def _round_scale(s: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
+    return s.to(_FLOAT[spec.scale_dtype]).float().clamp_min(torch.finfo(torch.float16).tiny)
+
+
+def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
+    """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]``."""
+    X = (Wg / s[:, None]).T.contiguous()
+    w = (s * s)[None].expand_as(X).contiguous()
+    bits, vals, _ = viterbi(X, w, rate, table)
+    return bits, vals.T
+
+
+def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor) -> torch.Tensor:
+    """``[R]`` scale of each row of one group ``Wg [R, n]`` (rounded to the scale dtype; module docstring)."""
+    R = Wg.shape[0]
+    s = _round_scale(Wg.pow(2).mean(1).sqrt(), spec)
+    best = torch.full((R,), float("inf"))
+    best_s = s.clone()
+    for it in range(SCALE_ITERS):
+        _, U = _encode(Wg, s, spec.tcq_rate, table)
+        err = (Wg - U * s[:, None]).pow(2).sum(1)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s = torch.where(better, s, best_s)
+        if it + 1 < SCALE_ITERS:
+            s = _round_scale((Wg * U).sum(1) / U.pow(2).sum(1).clamp_min(1e-12), spec)
+    return best_s
+
+
+@torch.no_grad()
+def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = None, method: str = "rtn", *,
+                 damp: float = 0.01, block_size: int = 128, hinv_chol=None, **_) -> tuple[TCQQTensor, torch.Tensor]:
+    """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under a TCQ spec (RTN, or GPTQ with ``H [C, C]``)."""
+    if not spec.trellis:
+        raise ValueError(f"{spec.name} is not a TCQ spec")
+    W0 = W.detach().to(torch.float32).cpu()
+    R, C = W0.shape
+    spec.cost((R, C))
+    table = tcq_lut(spec.tcq_rate)
+    glen = group_len(spec, C)
+    if method == "gptq":
+        if H is None:
+            raise ValueError("GPTQ needs the layer's H = XᵀX/N")
+        bits, scale, W_hat = _gptq(W0, H.detach().float().cpu(), spec, table, glen, damp, block_size, hinv_chol)
+    elif method == "rtn":
+        scale = torch.stack([fit_scales(W0[:, j:j + glen], spec, table) for j in range(0, C, glen)], 1)
+        s_col = scale.repeat_interleave(glen, 1)
+        X = (W0 / s_col).T.contiguous()
+        bits, vals, _ = viterbi(X, (s_col * s_col).T.contiguous(), spec.tcq_rate, table)
+        W_hat = apply_scale(vals.T, scale, glen)
+    else:
+        raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
+    qt = TCQQTensor(spec, (R, C), bits, scale)
+    if H is not None:
+        dW = (W0 - W_hat).double()
+        qt.proxy_loss = float(((dW @ H.double().cpu()) * dW).sum())
+    return qt, W_hat
+
+
+def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol):
+    from ..algorithms.gptq import prepare_hessian
+
+    R, C = W0.shape
+    Wk = W0.clone()
+    dead = torch.diagonal(H) == 0
+    Wk[:, dead] = 0.0
+    U, _ = hinv_chol if hinv_chol is not None else prepare_hessian(H, damp)
+    bits = torch.empty(C, R, dtype=torch.uint8)
+    scale = torch.empty(R, C // glen)
+
+    def round_column(col, w, ahead):
+        if col % glen == 0:  # a new group: its scales from the weights as updated so far
+            scale[:, col // glen] = fit_scales(ahead(glen), spec, table)
+        s = scale[:, col // glen]
+        b, u = _encode(w[:, None], s, spec.tcq_rate, table)
+        bits[col] = b[0]
+        return u[:, 0] * s
+
+    sweep(Wk, U.float(), round_column, block_size=block_size)
+    return bits, scale, apply_scale(unit_values(bits, spec), scale, glen)
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def symbols(bits: torch.Tensor, spec: CompositeSpec) -> tuple[torch.Tensor, int]:
+    """``(symbols uint8 [C, R/P], width)``: each period's steps as one ``P · rate``-bit symbol, first step high."""
+    p = period(spec.tcq_rate)
+    if len(p) == 1:
+        return bits, p[0]
+    b = bits.reshape(bits.shape[0], -1, 2)
+    return ((b[..., 0] << p[1]) | b[..., 1]).to(torch.uint8), p[0] + p[1]
+
+
+def _from_symbols(sym: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
+    p = period(spec.tcq_rate)
+    if len(p) == 1:
+        return sym
+    return torch.stack([sym >> p[1], sym & ((1 << p[1]) - 1)], -1).reshape(sym.shape[0], -1).to(torch.uint8)
+
+
+def pack_tcq(qt: TCQQTensor) -> dict[str, torch.Tensor]:
+    """``tcq.codes``: the column-major symbol stream bit-packed (LSB-first); ``scale`` ``[R, G]`` in the scale
+    dtype.  Exactly the accounted bits, plus < 8 bits of padding."""
+    sym, width = symbols(qt.bits, qt.spec)
+    return {"tcq.codes": pack(sym.contiguous(), width),
+            "scale": qt.scale.to(_FLOAT[qt.spec.scale_dtype]).contiguous()}
+
+
+def unpack_tcq(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> TCQQTensor:
+    R, C = int(shape[0]), int(shape[1])
+    p = period(spec.tcq_rate)
+    width = sum(p)
+    sym = unpack(t["tcq.codes"], width, C * R // len(p)).reshape(C, R // len(p))
+    scale = t["scale"].float().reshape(R, C // group_len(spec, C))
+    return TCQQTensor(spec, (R, C), _from_symbols(sym, spec), scale)
+
+
+def stream_layout(spec: CompositeSpec) -> tuple[int, int, int]:
+    """``(P rows a symbol, symbol bits, bits of a symbol's second step)`` for the CPU kernel; ``L`` the state bits."""
+    p = period(spec.tcq_rate)
+    return len(p), sum(p), p[1] if len(p) == 2 else 0
+
+
+STATE_BITS = L

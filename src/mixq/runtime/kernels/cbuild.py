@@ -1,0 +1,43 @@
+"""Native CPU kernels written in C: compiled on first use into mixq's cache and loaded with ctypes.
+
+:func:`load` compiles a C source with the system compiler (``$CC``, else ``cc``; ``-O3 -march=native
+-fopenmp``) into ``<cache>/kernels/<name>_<hash>.so``, keyed by the source and the machine (``-march=native``
+code does not travel), and returns the library, or None (with a warning naming the fallback) when no compiler
+works.  The ``.so`` appears atomically, so concurrent processes see a whole file or none.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def load(name: str, source: str, fallback: str) -> ctypes.CDLL | None:
+    """The compiled ``source`` as a ctypes library (``name``: the file stem; ``fallback``: what callers use
+    instead, for the warning when it cannot be built)."""
+    from ...models import cache_dir
+
+    tag = hashlib.sha256((source + platform.node() + platform.machine()).encode()).hexdigest()[:16]
+    out = Path(cache_dir()) / "kernels" / f"{name}_{tag}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cc = os.environ.get("CC", "cc")
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / f"{name}.c"
+            src.write_text(source)
+            so = Path(tmp) / f"{name}.so"
+            try:
+                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(so)],
+                               check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                log.warning("%s kernel not compiled (%s): %s", name, e, fallback)
+                return None
+            os.replace(so, out)
+    return ctypes.CDLL(str(out))
