@@ -16,7 +16,7 @@ for composites: this is correct, not quick.
 
 two Kronecker-factored Hadamard transforms around the inner layer: a :class:`~mixq.runtime.QuantLinear`
 (with its fast kernels) when the rest of the spec is a plain grid, a :class:`~mixq.intra.vq_linear.VQLinear`
-for a VQ base, a :class:`CompositeLinear` otherwise.
+for a VQ base, a :class:`~mixq.intra.tcq_linear.TCQLinear` for a TCQ base, a :class:`CompositeLinear` otherwise.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from .storage import PackedComposite
 
 KERNEL_NAME = "composite-reference"
 VQ_KERNELS = ("vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")  # VQ layers (mixq.intra.vq_linear) take these by name
+TCQ_KERNELS = ("tcq-reference", "tcq-cpu", "tcq-dense")  # TCQ layers (mixq.intra.tcq_linear)
 
 
 def _buffer_name(name: str) -> str:
@@ -97,6 +98,11 @@ class IncoherentLinear(nn.Module):
 
             self.inner = VQLinear(PackedComposite(sub, inner, packed.shape), None, kernel if kernel in VQ_KERNELS
                                   else "auto")
+        elif isinstance(inner, CompositeSpec) and inner.trellis:
+            from .tcq_linear import TCQLinear
+
+            self.inner = TCQLinear(PackedComposite(sub, inner, packed.shape), None,
+                                   kernel if kernel in TCQ_KERNELS else "auto")
         elif isinstance(inner, CompositeSpec):
             self.inner = CompositeLinear(PackedComposite(sub, inner, packed.shape))
         else:
@@ -168,6 +174,10 @@ def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposit
             from .vq_linear import VQLinear
 
             layer = VQLinear(pw, mod.bias, kernel if kernel in VQ_KERNELS else "auto")
+        elif pw.spec.trellis:
+            from .tcq_linear import TCQLinear
+
+            layer = TCQLinear(pw, mod.bias, kernel if kernel in TCQ_KERNELS else "auto")
         else:
             layer = CompositeLinear(pw, mod.bias)
         layer = layer.to(device)

@@ -7,7 +7,7 @@ low ``L - k_t`` bits shifted up (every state with the same ``s >> k_t`` has the 
 step costs ``2^L`` compares and ``2^L`` squared errors; back-pointers take ``T · 2^{L - k_min}`` bytes.  Sequences are
 split over OpenMP threads.
 
-``tcq_gemv``: ``y[m, r] = Σ_g s[r, g] Σ_{j in g} x[m, j] · lut[state(r, j)]`` from the column-major symbol stream
+``tcq_decode``: ``Ŵ`` from the stream, a column per thread step.  ``tcq_gemv``: ``y[m, r] = Σ_g s[r, g] Σ_{j in g} x[m, j] · lut[state(r, j)]`` from the column-major symbol stream
 (``w``-bit symbols, LSB-first packed, one per ``P`` rows of a column), walking each column down a block of rows
 with the state in a register; a thread's block starts from the state rebuilt from the symbols above it.
 
@@ -94,6 +94,29 @@ static inline uint32_t tcq_sym(const uint8_t* bytes, size_t n, int wbits) {
   return (v >> (bit & 7)) & ((1u << wbits) - 1u);
 }
 
+/* W [R, C] = scale * lut[state], every column walked down from state 0 */
+void tcq_decode(const uint8_t* stream, const float* scale, const float* lut, float* W, int R, int C, int P, int wbits,
+                int k1, int L, int glen) {
+  const int NS = R / P, G = C / glen;
+  const uint32_t mask = (1u << L) - 1u;
+  #pragma omp parallel for schedule(static)
+  for (int j = 0; j < C; j++) {
+    const size_t base = (size_t)j * NS;
+    const int g = j / glen;
+    uint32_t s = 0;
+    for (int i = 0; i < NS; i++) {
+      const uint32_t sym = tcq_sym(stream, base + i, wbits);
+      const int r = i * P;
+      if (P == 2) {
+        const uint32_t s1 = ((s << (wbits - k1)) | (sym >> k1)) & mask;
+        W[(size_t)r * C + j] = lut[s1] * scale[(size_t)r * G + g];
+      }
+      s = ((s << wbits) | sym) & mask;
+      W[(size_t)(r + P - 1) * C + j] = lut[s] * scale[(size_t)(r + P - 1) * G + g];
+    }
+  }
+}
+
 /* x [M, C]; stream: column-major symbols of wbits (P rows each; k0 = the first row's bits when P = 2), LSB-first,
    padded by >= 1 byte; scale [R, G] (group of glen columns); lut [2^L]; y [M, R] */
 void tcq_gemv(const float* x, const uint8_t* stream, const float* scale, const float* lut, float* y,
@@ -153,6 +176,8 @@ def _lib():
     lib.tcq_viterbi.restype = ctypes.c_int
     lib.tcq_viterbi.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int] + \
         [ctypes.c_void_p] * 3
+    lib.tcq_decode.restype = None
+    lib.tcq_decode.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
     lib.tcq_gemv.restype = None
     lib.tcq_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
     return lib
@@ -201,3 +226,19 @@ def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.
     lib.tcq_gemv(x.data_ptr(), stream.contiguous().data_ptr(), scale.data_ptr(), lut.data_ptr(), y.data_ptr(),
                  M, R, C, P, wbits, k1, L, glen)
     return y
+
+
+def decode(stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, C: int, P: int, wbits: int, k1: int,
+           L: int, glen: int) -> torch.Tensor | None:
+    """``Ŵ [R, C]`` float32 from a padded column-major symbol ``stream``, or None without the kernel."""
+    lib = _lib()
+    if lib is None:
+        return None
+    scale, lut = scale.float().contiguous(), lut.float().contiguous()
+    if R % P or C % glen or scale.shape != (R, C // glen) or stream.numel() * 8 < (R // P) * C * wbits + 8:
+        raise ValueError(f"tcq decode: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
+                         f"[{R}, {C}] at {wbits} bits per {P} rows")
+    W = torch.empty(R, C, dtype=torch.float32)
+    lib.tcq_decode(stream.contiguous().data_ptr(), scale.data_ptr(), lut.data_ptr(), W.data_ptr(), R, C, P, wbits,
+                   k1, L, glen)
+    return W

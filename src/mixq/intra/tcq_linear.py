@@ -1,0 +1,117 @@
+"""``TCQLinear``: a linear layer holding a trellis-coded weight (:mod:`mixq.intra.tcq`) in its stored form.
+
+``tcq-reference``  unpack the symbol stream, walk the states, ``Ŵ = s · lut[state]``, ``F.linear``: defines the
+                   result
+``tcq-cpu``        (CPU, ``M <= CPU_MAX_TOKENS``) the native decode-and-dot GEMV of :mod:`mixq.intra.tcq_cpu`
+                   on the packed stream itself (``rate`` bits per weight in RAM): each thread walks every column
+                   down its block of rows with the state in a register
+``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call from the stream (natively, a column per
+                   thread step; in torch without a compiler), dense fp32 GEMM
+
+``kernel="auto"``: tcq-cpu for short CPU inputs when the kernel compiles, else tcq-dense.  No GPU kernel yet:
+CUDA inputs take tcq-dense (decode on the host, GEMM on the device).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CompositeSpec
+from .tcq import STATE_BITS, group_len, stream_layout, unpack_tcq
+from .tcq_codebook import lut as tcq_lut
+
+KERNELS = ("auto", "tcq-reference", "tcq-cpu", "tcq-dense")
+CPU_MAX_TOKENS = 16
+
+
+class TCQLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` holding a TCQ weight's packed tensors (``tcq.codes``, ``scale``)."""
+
+    packed_layer = True
+
+    def __init__(self, packed, bias: torch.Tensor | None = None, kernel: str = "auto"):
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown TCQ kernel {kernel!r}: one of {KERNELS}")
+        self.spec: CompositeSpec = packed.spec
+        if not self.spec.trellis or self.spec.incoherent:
+            raise ValueError(f"TCQLinear holds a plain TCQ spec, not {self.spec.name}")
+        self.out_features, self.in_features = packed.shape
+        parts = packed.tensors()
+        self.register_buffer("codes_packed", parts["tcq.codes"].contiguous())
+        self._scale_dtype = parts["scale"].dtype
+        self.register_buffer("scale_stored", parts["scale"].contiguous())
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.kernel = kernel
+        self.last_kernel: str | None = None
+        self._cache: dict = {}
+
+    @property
+    def packed(self):
+        from .storage import PackedComposite
+
+        parts = {"tcq.codes": self.codes_packed.cpu(), "scale": self.scale_stored.cpu()}
+        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes_packed.numel() + self.scale_stored.numel() * self.scale_stored.element_size()
+
+    def _part(self, name: str) -> torch.Tensor:
+        """Made once on the host: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 2 bytes."""
+        if name not in self._cache:
+            if name == "scale":
+                t = self.scale_stored.float().cpu().contiguous()
+            elif name == "lut":
+                t = tcq_lut(self.spec.tcq_rate)
+            else:
+                t = torch.cat([self.codes_packed.cpu(), torch.zeros(2, dtype=torch.uint8)])
+            self._cache[name] = t
+        return self._cache[name]
+
+    def dequantize(self) -> torch.Tensor:
+        return unpack_tcq(self.packed.tensors(), self.spec, (self.out_features, self.in_features)).dequantize()
+
+    def choose(self, x: torch.Tensor) -> str:
+        if self.kernel != "auto":
+            return self.kernel
+        from . import tcq_cpu
+
+        m = x.numel() // self.in_features
+        return "tcq-cpu" if not x.is_cuda and m <= CPU_MAX_TOKENS and tcq_cpu.available() else "tcq-dense"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"TCQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        k = self.choose(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if k == "tcq-reference":
+            W = self.dequantize().to(device=x.device, dtype=x.dtype)
+            y = F.linear(x2, W)
+        elif k == "tcq-dense":
+            from .tcq_cpu import decode
+
+            P, width, k1 = stream_layout(self.spec)
+            W = decode(self._part("stream"), self._part("scale"), self._part("lut"), self.out_features,
+                       self.in_features, P, width, k1, STATE_BITS, group_len(self.spec, self.in_features))
+            W = (self.dequantize() if W is None else W).to(x.device)
+            y = F.linear(x2.float(), W).to(x.dtype)
+        elif k == "tcq-cpu":
+            from .tcq_cpu import gemv
+
+            P, width, k1 = stream_layout(self.spec)
+            y = gemv(x2, self._part("stream"), self._part("scale"), self._part("lut"), self.out_features, P, width,
+                     k1, STATE_BITS, group_len(self.spec, self.in_features)).to(x.dtype)
+        else:
+            raise ValueError(f"unknown TCQ kernel {k!r}")
+        self.__dict__["last_kernel"] = k
+        y = y.reshape(*lead, self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
+                f"bias={self.bias is not None}, kernel={self.kernel}")

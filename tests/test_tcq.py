@@ -1,0 +1,142 @@
+"""TCQ bases (mixq.intra.tcq): the trellis and its tables, the Viterbi search, exact cost, GPTQ, storage, kernels."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import pytest
+import torch
+
+from mixq.config import CompositeSpec, parse_spec
+from mixq.intra import PackedComposite, pack_composite, quantize_layer
+from mixq.intra.linear import IncoherentLinear
+from mixq.intra.tcq import TCQQTensor, pack_tcq, quantize_tcq, unpack_tcq
+from mixq.intra import tcq_codebook as tc, tcq_cpu
+from mixq.intra.tcq_linear import TCQLinear
+from mixq.intra.vq_codebook import mse as vq_mse
+from mixq.intra.vq import quantize_vq
+
+# sha256 of the fp16 bytes of each committed table: a changed table would change every stored model's decoding
+PINNED = {
+    "2": "58c378d6a3f078ef4c504d5196c4db75cce67620b2222e639eca1d81d5145d31",
+    "5/2": "221dce69c9961b9be83a0cbf48e9d569536a5a114b13bc3851a6449b5f5aa424",
+    "3": "d018c1340d460a0bbbdeecc164812c87953990947b47851d360c044088ef30e9",
+    "7/2": "9543e1de2afac16d2922a468463c76b1e52118b2a7417da51e67c03f33139216",
+    "4": "291066d656a0763459bf833b2c9329d3c2f07002094f3bd72b1779954fa12940",
+}
+needs_native = pytest.mark.skipif(not tcq_cpu.available(), reason="no C compiler for the tcq-cpu kernels")
+
+
+def _hess(C: int, n: int = 4096, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, C, generator=g) @ (torch.randn(C, C, generator=g) / C ** 0.5 + torch.eye(C))
+    X[:, :4] *= 6
+    return X.T @ X / n
+
+
+def _proxy(W, Wh, H):
+    d = (W - Wh).double()
+    return float(((d @ H.double()) * d).sum())
+
+
+def test_grammar_cost_and_errors():
+    for name, t in (("TCQ3-channel+ip", 6), ("TCQ2.5-g64+ip", 5), ("TCQ2-channel", 4), ("TCQ4-g128+ip", 8)):
+        s = parse_spec(name)
+        assert isinstance(s, CompositeSpec) and s.trellis == t and s.bits == -(-t // 2)
+        assert s.name == name and parse_spec(s.name) == s and CompositeSpec.from_dict(s.to_dict()) == s
+    assert parse_spec("TCQ3+ip").name == "TCQ3-channel+ip"  # channel scales by default
+    c = parse_spec("TCQ2.5-g64+ip").cost((192, 576))
+    # R * C * 2.5 code bits, an fp16 scale per row and 64-column group, 64 seed bits: hand-computed
+    assert (c.codes, c.scales, c.total) == (192 * 576 * 5 // 2, 192 * 9 * 16, 192 * 576 * 5 // 2 + 192 * 9 * 16 + 64)
+    with pytest.raises(ValueError, match="rows in pairs"):
+        parse_spec("TCQ2.5-channel").cost((7, 64))
+    for bad in ("TCQ2.25", "TCQ5", "TCQ0.5", "TCQ3-g64+o0.5", "TCQ3-asym"):
+        with pytest.raises(ValueError):
+            parse_spec(bad)
+
+
+def test_tables_pinned_reproducible_and_better_than_vq():
+    for key, digest in PINNED.items():
+        assert hashlib.sha256(bytes.fromhex(tc.to_hex(tc.lut(key)))).hexdigest() == digest
+    assert torch.equal(tc.generate(3), tc.lut(3))  # the committed table is what its definition computes here
+    for r in (2, 2.5, 3, 3.5, 4):  # the trellis beats the 2-D codebook of the same rate by >= 10 % in MSE
+        assert tc.mse(r) < 0.9 * vq_mse(2, int(2 * r)), r
+        assert tc.mse(r) > 2 ** (-2 * r)  # and cannot beat the Gaussian distortion-rate bound
+
+
+def test_schedule_and_states():
+    assert tc.schedule(2.5, 5).tolist() == [2, 3, 2, 3, 2] and tc.schedule(3, 3).tolist() == [3, 3, 3]
+    bits = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
+    ks = tc.schedule(2, 4)
+    s = [(0b01), (0b0110), (0b011011), (0b01101100)]
+    assert tc.states(bits, ks)[0].tolist() == s
+
+
+def _brute(x, w, rate, lut):
+    ks = tc.schedule(rate, x.numel()).tolist()
+    best = None
+    for bits in itertools.product(*[range(1 << k) for k in ks]):
+        st = tc.states(torch.tensor([bits], dtype=torch.uint8), torch.tensor(ks))[0]
+        c = float((w * (x - lut[st]) ** 2).sum())
+        best = c if best is None or c < best else best
+    return best
+
+
+@pytest.mark.parametrize("rate", [2, 2.5])
+def test_viterbi_is_optimal_and_native_matches_torch(rate):
+    g = torch.Generator().manual_seed(1)
+    lut = tc.lut(rate)
+    x, w = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g) + 0.1
+    bits, vals, cost = tc.viterbi_torch(x, w, tc.schedule(rate, 4), lut)
+    for n in range(3):  # exhaustive search over every bit string of 4 steps
+        assert cost[n].item() == pytest.approx(_brute(x[n], w[n], rate, lut), rel=1e-5)
+        assert torch.equal(vals[n], lut[tc.states(bits[n:n + 1], tc.schedule(rate, 4))[0]])
+    if tcq_cpu.available():
+        X, Wt = torch.randn(16, 200, generator=g), torch.rand(16, 200, generator=g) + 0.1
+        b1, v1, c1 = tc.viterbi(X, Wt, rate, lut)
+        b2, v2, c2 = tc.viterbi_torch(X, Wt, tc.schedule(rate, 200), lut)
+        torch.testing.assert_close(c1, c2, rtol=1e-4, atol=1e-4)
+        assert (b1 == b2).float().mean() > 0.99  # the same path up to float ties
+        assert torch.equal(v1, lut[tc.states(b1, tc.schedule(rate, 200))])
+
+
+@pytest.mark.parametrize("name", ["TCQ3-channel", "TCQ2.5-g64"])
+def test_rtn_gptq_storage_round_trip(name):
+    spec = parse_spec(name)
+    g = torch.Generator().manual_seed(0)
+    W, H = torch.randn(64, 128, generator=g), _hess(128)
+    qt, Wr = quantize_tcq(W, spec)
+    qg, Wg = quantize_tcq(W, spec, H, "gptq")
+    assert isinstance(qg, TCQQTensor) and torch.equal(qg.dequantize(), Wg) and torch.equal(qt.dequantize(), Wr)
+    assert _proxy(W, Wg, H) < 0.8 * _proxy(W, Wr, H)  # error feedback pays on a correlated H
+    vq = parse_spec(name.replace("TCQ", "VQ"))
+    assert _proxy(W, Wg, H) < _proxy(W, quantize_vq(W, vq, H, "gptq")[1], H)  # and beats the VQ of the same rate
+    t = pack_tcq(qg)
+    c = spec.cost((64, 128))
+    assert qg.stored_bits() == c.codes + c.scales and t["tcq.codes"].numel() == -(-c.codes // 8)
+    back = unpack_tcq(t, spec, (64, 128))
+    assert torch.equal(back.bits, qg.bits) and torch.equal(back.dequantize(), Wg)
+
+
+@needs_native
+@pytest.mark.parametrize("name,shape", [("TCQ3-channel+ip", (64, 128)), ("TCQ2.5-g64+ip", (128, 128)),
+                                        ("TCQ3.5-channel+ip", (32, 256))])
+def test_kernels_match_the_reference(name, shape):
+    spec = parse_spec(name)
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    qt, W_hat, _ = quantize_layer(W, spec)
+    pc = PackedComposite(pack_composite(qt), spec, shape)
+    for kernel in ("tcq-reference", "tcq-cpu", "tcq-dense"):
+        lin = IncoherentLinear(pc, None, kernel)
+        assert isinstance(lin.inner, TCQLinear)
+        for M in (1, 5, 19):
+            x = torch.randn(M, shape[1])
+            torch.testing.assert_close(lin(x), x @ W_hat.T, rtol=1e-4, atol=1e-4)
+            assert lin.inner.last_kernel == kernel
+
+
+def test_measurement_treats_tcq_as_its_own_family():
+    from mixq.measure.layer import _family, _scalable
+
+    c = parse_spec("TCQ2.5-channel+ip")
+    assert _scalable(c) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
