@@ -27,6 +27,10 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <stddef.h>
+/* the search alone is built with fast-math: 2-3x faster here (a vectorized min); its result is the bits, which
+   decode exactly whatever the search's rounding */
+#pragma GCC push_options
+#pragma GCC optimize ("fast-math")
 static inline __attribute__((always_inline)) void tcq_step(const int k, const int L, const float* restrict c0,
     float* restrict c1, float* restrict m, int32_t* restrict bi, uint8_t* restrict bpt, const float* restrict lut,
     const float xt, const float wt) {
@@ -87,6 +91,8 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
   }
   return 0;
 }
+
+#pragma GCC pop_options
 
 static inline uint32_t tcq_sym(const uint8_t* bytes, size_t n, int wbits) {
   const size_t bit = n * (size_t)wbits;
