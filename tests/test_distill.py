@@ -103,7 +103,7 @@ def test_resume_gives_the_same_result(tiny_model, tmp_path, monkeypatch):
         assert torch.equal(a.params.scale, b.params.scale), f
 
 
-@pytest.mark.parametrize("spec", ["W3-g32+ip", "VQ3-channel+ip"])
+@pytest.mark.parametrize("spec", ["W3-g32+ip", "VQ3-channel+ip", "TCQ2.5-channel+ip"])
 def test_cli_finetune(tiny_dir, tmp_path, capsys, spec):
     calib = tmp_path / "c.txt"
     calib.write_text("the market said shares rose in heavy trading as investors bought bank stocks .\n" * 60)
@@ -193,14 +193,16 @@ def test_end_to_end_resumes_from_the_last_epoch(tiny_model, tmp_path, monkeypatc
     assert len(rep["train"]) == 2 and not ck.exists()
 
 
-def test_vq_layers_tune_their_scales(tiny_model):
-    """VQ+ip layers (codes fixed, codebook fixed): the row scales are tunable, a perturbed scale is recovered, and
-    the stored parts (scales rounded to fp16) decode to the weight the model computes with."""
+@pytest.mark.parametrize("spec", ["VQ3-channel+ip", "TCQ3-channel+ip"])
+def test_codebook_layers_tune_their_scales(tiny_model, spec):
+    """VQ+ip and TCQ+ip layers (codes / bits fixed, codebook / table fixed): the row scales are tunable, a
+    perturbed scale is recovered, and the stored parts (scales rounded to fp16) decode to the weight the model
+    computes with."""
     from dataclasses import replace
 
     ref = tiny_model("llama")
     q = copy.deepcopy(ref)
-    specs = {f: parse_spec("VQ3-channel+ip") for f in api.resolve_specs(q, "W4-g32")}
+    specs = {f: parse_spec(spec) for f in api.resolve_specs(q, "W4-g32")}
     qts = api.quantize_model(q, specs, method="rtn", progress=False).qtensors
     mods = dict(q.named_modules())
     for f, qt in qts.items():
@@ -215,6 +217,7 @@ def test_vq_layers_tune_their_scales(tiny_model):
     after = _kl(ref, q)
     assert after < 0.5 * before, (before, after)
     for f, qt in new.items():
-        assert qt.inner.codes.equal(qts[f].inner.codes)
+        codes = "codes" if hasattr(qt.inner, "codes") else "bits"
+        assert getattr(qt.inner, codes).equal(getattr(qts[f].inner, codes))
         assert qt.inner.scale.half().float().equal(qt.inner.scale)
         assert torch.allclose(mods[f].weight, qt.dequantize(), atol=1e-6)

@@ -4,7 +4,7 @@ What is trained (everything else stays as quantized):
 
 * every quantized block linear stored on a plain grid with a float group scale (int / NF grids with an fp16,
   bf16 or fp32 scale; ``+ip`` layers over such a grid, in their transformed basis) or on a VQ codebook (its
-  per-row / per-group scale; the codebook is fixed): the scale, as ``s = s₀ · exp(θ)`` with ``θ`` starting at 0,
+  per-row / per-group scale; the codebook is fixed) or a trellis (TCQ: likewise, the bits fixed): the scale, as ``s = s₀ · exp(θ)`` with ``θ`` starting at 0,
   and the fp16 offsets of ``-asymf`` grids;
 * the block's own floating-point parameters (RMSNorm / LayerNorm weights, biases), ``--tune-norms``.
 
@@ -41,6 +41,7 @@ from .config import is_composite
 from .formats import QParams, QTensor
 from .granularity import rows_view
 from .intra.incoherence import IncoherentQTensor, unrotate_weight
+from .intra.tcq import TCQQTensor, apply_scale
 from .intra.vq import VQQTensor, decode as vq_decode, group_len, spec_codebook
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def tunable(qt) -> bool:
     """Whether ``qt``'s continuous parameters can be trained here (see the module docstring)."""
     if isinstance(qt, IncoherentQTensor):
         qt = qt.inner
-    if isinstance(qt, VQQTensor):
+    if isinstance(qt, (VQQTensor, TCQQTensor)):
         return qt.spec.scale_dtype in FLOAT_SCALES
     if not isinstance(qt, QTensor) or is_composite(qt.spec) or qt.spec.is_float_keep:
         return False
@@ -86,11 +87,15 @@ class TunableLinear(nn.Module):
         inner = qt.inner if self.ip else qt
         self.spec, self.shape = inner.spec, tuple(inner.shape)
         self.vq = isinstance(inner, VQQTensor)  # codebook indices times a float scale per row and group
-        if self.vq:
-            self.register_buffer("codes", inner.codes.clone())
+        self.tcq = isinstance(inner, TCQQTensor)  # trellis values (fixed with the bits) times a float scale
+        if self.vq or self.tcq:
+            if self.vq:
+                self.register_buffer("codes", inner.codes.clone())
+                self.register_buffer("book", spec_codebook(self.spec))
+            else:
+                self.register_buffer("unit", inner.unit())
             self.register_buffer("scale0", inner.scale.float().clone())
             self.register_buffer("zero", None)
-            self.register_buffer("book", spec_codebook(self.spec))
             self.offset = None
         else:
             p = inner.params
@@ -113,6 +118,8 @@ class TunableLinear(nn.Module):
     def weight_hat(self, rounded: bool = False) -> torch.Tensor:
         if self.vq:
             W = vq_decode(self.codes, self._params(rounded).scale, self.book, group_len(self.spec, self.shape[1]))
+        elif self.tcq:
+            W = apply_scale(self.unit, self._params(rounded).scale, group_len(self.spec, self.shape[1]))
         else:
             W = formats.decode(self.codes, self._params(rounded), self.spec).reshape(self.shape)
         return W if self.ip is None else unrotate_weight(W, self.ip)
@@ -124,7 +131,7 @@ class TunableLinear(nn.Module):
         """The stored parts with the trained parameters rounded to their stored dtypes."""
         inner = self.outer.inner if self.ip else self.outer
         p = self._params(rounded=True)
-        if self.vq:
+        if self.vq or self.tcq:
             new = replace(inner, scale=p.scale)
             return replace(self.outer, inner=new) if self.ip else new
         params = replace(inner.params, scale=p.scale, offset=inner.params.offset if p.offset is None else p.offset)
