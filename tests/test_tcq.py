@@ -140,3 +140,50 @@ def test_measurement_treats_tcq_as_its_own_family():
 
     c = parse_spec("TCQ2.5-channel+ip")
     assert _scalable(c) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
+
+
+TRITON_CHILD = r"""
+import json, torch
+from mixq.config import parse_spec
+from mixq.intra import PackedComposite, quantize_layer
+from mixq.intra.tcq_linear import TCQLinear
+out = []
+for name, shape in (("TCQ3-channel", (64, 96)), ("TCQ2.5-g32", (48, 64)), ("TCQ2-channel", (32, 64)),
+                    ("TCQ3.5-g32", (64, 64))):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    qt, Wh, _ = quantize_layer(W, parse_spec(name))
+    lin = TCQLinear(PackedComposite.from_qtensor(qt), None, "triton")
+    for M in (1, 5):
+        x = torch.randn(M, shape[1], generator=torch.Generator().manual_seed(M))
+        out.append(float((lin(x) - x @ Wh.T).abs().max()))
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernel_in_interpreter():
+    """The fused decode + GEMM in triton's CPU interpreter, every rate layout (whole and half rates, channel and
+    group scales), against the reference decode."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-c", TRITON_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    errs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(errs) == 8 and max(errs) < 1e-4, errs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_kernel_on_cuda():
+    pytest.importorskip("triton")
+    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(10))
+    qt, Wh, _ = quantize_layer(W, parse_spec("TCQ2.5-g64"), None, "rtn")
+    lin = TCQLinear(PackedComposite.from_qtensor(qt), None).cuda()
+    for dt, tol in ((torch.float32, 1e-4), (torch.float16, 3e-2), (torch.bfloat16, 1e-1)):
+        x = torch.randn(7, 512, device="cuda").to(dt)
+        ref = x.float() @ Wh.cuda().T
+        assert float((lin(x).float() - ref).abs().max()) < tol * float(ref.abs().max())
+        assert lin.last_kernel == "triton"

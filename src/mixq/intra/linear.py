@@ -31,7 +31,7 @@ from .storage import PackedComposite
 
 KERNEL_NAME = "composite-reference"
 VQ_KERNELS = ("vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")  # VQ layers (mixq.intra.vq_linear) take these by name
-TCQ_KERNELS = ("tcq-reference", "tcq-cpu", "tcq-dense")  # TCQ layers (mixq.intra.tcq_linear)
+TCQ_KERNELS = ("tcq-reference", "tcq-cpu", "tcq-dense", "triton")  # TCQ layers (mixq.intra.tcq_linear)
 
 
 def _buffer_name(name: str) -> str:

@@ -8,8 +8,10 @@
 ``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call from the stream (natively, a column per
                    thread step; in torch without a compiler), dense fp32 GEMM
 
-``kernel="auto"``: tcq-cpu for short CPU inputs when the kernel compiles, else tcq-dense.  No GPU kernel yet:
-CUDA inputs take tcq-dense (decode on the host, GEMM on the device).
+``triton``         (CUDA) :mod:`mixq.intra.tcq_triton`: fused decode + GEMM from the packed stream
+
+``kernel="auto"``: triton on CUDA (tcq-dense without triton: decode on the host, GEMM on the device), else
+tcq-cpu for short inputs when the kernel compiles, else tcq-dense.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from ..config import CompositeSpec
 from .tcq import STATE_BITS, group_len, stream_layout, unpack_tcq
 from .tcq_codebook import lut as tcq_lut
 
-KERNELS = ("auto", "tcq-reference", "tcq-cpu", "tcq-dense")
+KERNELS = ("auto", "tcq-reference", "tcq-cpu", "tcq-dense", "triton")
 CPU_MAX_TOKENS = 16
 
 
@@ -60,17 +62,18 @@ class TCQLinear(nn.Module):
     def nbytes(self) -> int:
         return self.codes_packed.numel() + self.scale_stored.numel() * self.scale_stored.element_size()
 
-    def _part(self, name: str) -> torch.Tensor:
-        """Made once on the host: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 2 bytes."""
-        if name not in self._cache:
+    def _part(self, name: str, device="cpu") -> torch.Tensor:
+        """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 2 bytes."""
+        key = (name, str(device))
+        if key not in self._cache:
             if name == "scale":
                 t = self.scale_stored.float().cpu().contiguous()
             elif name == "lut":
                 t = tcq_lut(self.spec.tcq_rate)
             else:
                 t = torch.cat([self.codes_packed.cpu(), torch.zeros(2, dtype=torch.uint8)])
-            self._cache[name] = t
-        return self._cache[name]
+            self._cache[key] = t.to(device)
+        return self._cache[key]
 
     def dequantize(self) -> torch.Tensor:
         return unpack_tcq(self.packed.tensors(), self.spec, (self.out_features, self.in_features)).dequantize()
@@ -78,8 +81,10 @@ class TCQLinear(nn.Module):
     def choose(self, x: torch.Tensor) -> str:
         if self.kernel != "auto":
             return self.kernel
-        from . import tcq_cpu
+        from . import tcq_cpu, tcq_triton
 
+        if x.is_cuda:
+            return "triton" if tcq_triton.available() else "tcq-dense"
         m = x.numel() // self.in_features
         return "tcq-cpu" if not x.is_cuda and m <= CPU_MAX_TOKENS and tcq_cpu.available() else "tcq-dense"
 
@@ -106,6 +111,13 @@ class TCQLinear(nn.Module):
             P, width, k1 = stream_layout(self.spec)
             y = gemv(x2, self._part("stream"), self._part("scale"), self._part("lut"), self.out_features, P, width,
                      k1, STATE_BITS, group_len(self.spec, self.in_features)).to(x.dtype)
+        elif k == "triton":
+            from .tcq_triton import tcq_linear_triton
+
+            P, width, k1 = stream_layout(self.spec)
+            d = x.device
+            y = tcq_linear_triton(x2, self._part("stream", d), self._part("scale", d), self._part("lut", d),
+                                  self.out_features, P, width, k1, STATE_BITS, group_len(self.spec, self.in_features))
         else:
             raise ValueError(f"unknown TCQ kernel {k!r}")
         self.__dict__["last_kernel"] = k
