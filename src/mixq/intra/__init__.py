@@ -16,6 +16,10 @@ The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exa
 ``vq``          ``VQ<rate>[x<d>]-GRAN`` bases (for ``+ip``): fixed Gaussian-optimal codebooks (``vq_codebook``,
                 ``vq_tables``), RTN and GPTQ with vector feedback -> :class:`VQQTensor`; ``vq_linear``
                 :class:`VQLinear` with the ``vq_cpu`` (native C) and ``vq_triton`` kernels
+``tcq``         ``TCQ<rate>-GRAN`` bases (for ``+ip``): a QTIP-style bitshift trellis down each column with trained
+                tables (``tcq_codebook``, ``tcq_tables``), the Viterbi search (``tcq_cpu``, native C) for RTN and
+                column-exact GPTQ -> :class:`TCQQTensor`; ``tcq_linear`` :class:`TCQLinear` with the ``tcq_cpu``
+                and ``tcq_triton`` kernels
 ``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size;
                 :class:`PackedComposite` (what the native directory stores)
 ``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path);
@@ -33,6 +37,7 @@ from .rows import RowSplitQTensor
 from .sparse import CSR
 from .storage import PackedComposite, pack_composite, unpack_composite
 from .incoherence import IncoherentQTensor
+from .tcq import TCQQTensor
 from .vq import VQQTensor
 from .linear import CompositeLinear, IncoherentLinear, install_composite_linear
 
@@ -42,5 +47,5 @@ __all__ = [
     "PackedComposite", "RowSplitQTensor", "composite_weight", "dequantize_composite",
     "install_composite_linear", "intra_candidates",
     "pack_composite", "quantize_composite", "quantize_layer",
-    "unpack_composite", "VQQTensor",
+    "unpack_composite", "TCQQTensor", "VQQTensor",
 ]

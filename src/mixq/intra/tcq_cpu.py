@@ -8,8 +8,8 @@ step costs ``2^L`` compares and ``2^L`` squared errors; back-pointers take ``T �
 split over OpenMP threads.
 
 ``tcq_decode``: ``Ŵ`` from the stream, a column per thread step.  ``tcq_gemv``: ``y[m, r] = Σ_g s[r, g] Σ_{j in g} x[m, j] · lut[state(r, j)]`` from the column-major symbol stream
-(``w``-bit symbols, LSB-first packed, one per ``P`` rows of a column), walking each column down a block of rows
-with the state in a register; a thread's block starts from the state rebuilt from the symbols above it.
+(``w``-bit symbols, LSB-first packed, one per ``P`` rows of a column): each thread walks whole columns of its
+column range, four at a time so that four state chains run side by side, into a private partial sum.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
 works, and the callers fall back to torch (:func:`mixq.intra.tcq_codebook.viterbi_torch`, dequantize + dense GEMM).
@@ -27,6 +27,9 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 /* the search alone is built with fast-math: 2-3x faster here (a vectorized min); its result is the bits, which
    decode exactly whatever the search's rounding */
 #pragma GCC push_options
@@ -123,53 +126,86 @@ void tcq_decode(const uint8_t* stream, const float* scale, const float* lut, flo
   }
 }
 
-/* x [M, C]; stream: column-major symbols of wbits (P rows each; k0 = the first row's bits when P = 2), LSB-first,
-   padded by >= 1 byte; scale [R, G] (group of glen columns); lut [2^L]; y [M, R] */
+/* x [M, C]; stream: column-major symbols of wbits (P rows each; k1 = the second row's bits when P = 2), LSB-first,
+   padded by >= 2 bytes; scale [R, G] (groups of glen columns); lut [2^L]; y [M, R].  Each thread walks whole
+   columns of its column range, four at a time (four independent state chains), into a private [M, R] partial
+   sum per group, scaled into its private y; the threads' y are added at the end. */
+#define TCQ_MT 4
 void tcq_gemv(const float* x, const uint8_t* stream, const float* scale, const float* lut, float* y,
               int M, int R, int C, int P, int wbits, int k1, int L, int glen) {
-  const int NS = R / P, G = C / glen, RB = 64;
+  const int NS = R / P, G = C / glen;
   const uint32_t mask = (1u << L) - 1u;
-  const int back = (L + wbits - 1) / wbits;
-  const int nblk = (NS + RB - 1) / RB;
-  #pragma omp parallel
+  int nt = 1;
+  #ifdef _OPENMP
+  nt = omp_get_max_threads();
+  if (nt > G * glen / 64) nt = G * glen / 64 > 0 ? G * glen / 64 : 1;
+  #endif
+  float* part = (float*)calloc((size_t)nt * M * R, sizeof(float));
+  #pragma omp parallel num_threads(nt)
   {
-    float acc[8 * 128];
-    float tot[8 * 128];
-    #pragma omp for schedule(static)
-    for (int blk = 0; blk < nblk; blk++) {
-      const int i0 = blk * RB, i1 = i0 + RB < NS ? i0 + RB : NS, rows = (i1 - i0) * P;
-      for (int m0 = 0; m0 < M; m0 += 8) {
-        const int mm = M - m0 < 8 ? M - m0 : 8;
-        for (int q = 0; q < mm * rows; q++) tot[q] = 0.0f;
-        for (int g = 0; g < G; g++) {
-          for (int q = 0; q < mm * rows; q++) acc[q] = 0.0f;
-          for (int j = g * glen; j < (g + 1) * glen; j++) {
-            const size_t base = (size_t)j * NS;
-            uint32_t s = 0;
-            for (int i = i0 - back < 0 ? 0 : i0 - back; i < i0; i++) s = ((s << wbits) | tcq_sym(stream, base + i, wbits)) & mask;
-            float xv[8];
-            for (int a = 0; a < mm; a++) xv[a] = x[(size_t)(m0 + a) * C + j];
-            for (int i = i0; i < i1; i++) {
-              const uint32_t sym = tcq_sym(stream, base + i, wbits);
-              const int r = (i - i0) * P;
-              if (P == 2) {
-                const uint32_t s1 = ((s << (wbits - k1)) | (sym >> k1)) & mask;
-                const float v1 = lut[s1];
-                for (int a = 0; a < mm; a++) acc[a * rows + r] += xv[a] * v1;
-              }
-              s = ((s << wbits) | sym) & mask;
-              const float v = lut[s];
-              for (int a = 0; a < mm; a++) acc[a * rows + r + P - 1] += xv[a] * v;
+    int t = 0;
+    #ifdef _OPENMP
+    t = omp_get_thread_num();
+    #endif
+    const int c0 = (int)((long)C * t / nt), c1 = (int)((long)C * (t + 1) / nt);
+    float* yt = part + (size_t)t * M * R;
+    float* acc = (float*)malloc(sizeof(float) * (size_t)M * R);
+    int j = c0;
+    while (j < c1) {
+      const int g = j / glen, jend = (g + 1) * glen < c1 ? (g + 1) * glen : c1;
+      for (size_t q = 0; q < (size_t)M * R; q++) acc[q] = 0.0f;
+      for (int m0 = 0; m0 < M; m0 += TCQ_MT) {
+        const int mm = M - m0 < TCQ_MT ? M - m0 : TCQ_MT;
+        int jj = j;
+        for (; jj + 4 <= jend; jj += 4) {
+          const size_t b0 = (size_t)jj * NS, b1 = b0 + NS, b2 = b1 + NS, b3 = b2 + NS;
+          float xv[4][TCQ_MT];
+          for (int a = 0; a < mm; a++) for (int c = 0; c < 4; c++) xv[c][a] = x[(size_t)(m0 + a) * C + jj + c];
+          uint32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+          for (int i = 0; i < NS; i++) {
+            const uint32_t y0 = tcq_sym(stream, b0 + i, wbits), y1 = tcq_sym(stream, b1 + i, wbits);
+            const uint32_t y2 = tcq_sym(stream, b2 + i, wbits), y3 = tcq_sym(stream, b3 + i, wbits);
+            if (P == 2) {
+              const int sh = wbits - k1;
+              const float u0 = lut[((s0 << sh) | (y0 >> k1)) & mask], u1 = lut[((s1 << sh) | (y1 >> k1)) & mask];
+              const float u2 = lut[((s2 << sh) | (y2 >> k1)) & mask], u3 = lut[((s3 << sh) | (y3 >> k1)) & mask];
+              for (int a = 0; a < mm; a++)
+                acc[(size_t)(m0 + a) * R + 2 * i] += xv[0][a] * u0 + xv[1][a] * u1 + xv[2][a] * u2 + xv[3][a] * u3;
             }
+            s0 = ((s0 << wbits) | y0) & mask; s1 = ((s1 << wbits) | y1) & mask;
+            s2 = ((s2 << wbits) | y2) & mask; s3 = ((s3 << wbits) | y3) & mask;
+            const float v0 = lut[s0], v1 = lut[s1], v2 = lut[s2], v3 = lut[s3];
+            for (int a = 0; a < mm; a++)
+              acc[(size_t)(m0 + a) * R + P * i + P - 1] += xv[0][a] * v0 + xv[1][a] * v1 + xv[2][a] * v2 + xv[3][a] * v3;
           }
-          for (int a = 0; a < mm; a++)
-            for (int r = 0; r < rows; r++) tot[a * rows + r] += acc[a * rows + r] * scale[(size_t)(i0 * P + r) * G + g];
         }
-        for (int a = 0; a < mm; a++)
-          for (int r = 0; r < rows; r++) y[(size_t)(m0 + a) * R + i0 * P + r] = tot[a * rows + r];
+        for (; jj < jend; jj++) {
+          const size_t b0 = (size_t)jj * NS;
+          uint32_t s0 = 0;
+          for (int i = 0; i < NS; i++) {
+            const uint32_t y0 = tcq_sym(stream, b0 + i, wbits);
+            if (P == 2) {
+              const float u0 = lut[((s0 << (wbits - k1)) | (y0 >> k1)) & mask];
+              for (int a = 0; a < mm; a++) acc[(size_t)(m0 + a) * R + 2 * i] += x[(size_t)(m0 + a) * C + jj] * u0;
+            }
+            s0 = ((s0 << wbits) | y0) & mask;
+            const float v0 = lut[s0];
+            for (int a = 0; a < mm; a++) acc[(size_t)(m0 + a) * R + P * i + P - 1] += x[(size_t)(m0 + a) * C + jj] * v0;
+          }
+        }
       }
+      for (int a = 0; a < M; a++)
+        for (int r = 0; r < R; r++) yt[(size_t)a * R + r] += acc[(size_t)a * R + r] * scale[(size_t)r * G + g];
+      j = jend;
     }
+    free(acc);
   }
+  for (size_t q = 0; q < (size_t)M * R; q++) {
+    float v = 0.0f;
+    for (int t = 0; t < nt; t++) v += part[(size_t)t * M * R + q];
+    y[q] = v;
+  }
+  free(part);
 }
 """
 
