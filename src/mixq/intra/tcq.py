@@ -11,8 +11,8 @@ column's error fed forward (LDLQ) is, for one column, ``Σ_r (w_rj - ŵ_rj)²`` 
 rows, so the Viterbi search over the column (weights ``s_r²``) minimizes exactly what GPTQ's rounding step
 minimizes for a scalar grid -- and GPTQ's sweep (:func:`mixq.algorithms.sweep.sweep`) carries the rest.
 
-Scales (``fit_scales``): from each row's RMS over the group (the table is trained for unit variance), alternated
-with the least-squares scale on the decoded values ``SCALE_ITERS`` times, keeping each row's best.  Under GPTQ a
+Scales (``fit_scales``): from each row's RMS over the group (the table is trained for unit variance), then the
+least-squares scale on the decoded values, ``SCALE_ITERS`` passes, keeping the pass of least error.  Under GPTQ a
 group's scales are fitted when its first column is reached, on the weights as updated so far.
 Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.
 """
@@ -88,21 +88,21 @@ def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
     return bits, vals.T
 
 
-def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor) -> torch.Tensor:
-    """``[R]`` scale of each row of one group ``Wg [R, n]`` (rounded to the scale dtype; module docstring)."""
-    R = Wg.shape[0]
+def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor):
+    """``(scale [R], bits [n, R], unit values [R, n])`` of one group ``Wg [R, n]``: the scales (rounded to the scale
+    dtype) start at each row's RMS and are refitted by least squares on the decoded values, ``SCALE_ITERS`` passes
+    in all; the pass of least total squared error is kept with its encoding.  (Rows share a column's trellis path,
+    so scales are compared pass against pass, not row by row.)"""
     s = _round_scale(Wg.pow(2).mean(1).sqrt(), spec)
-    best = torch.full((R,), float("inf"))
-    best_s = s.clone()
+    best = None
     for it in range(SCALE_ITERS):
-        _, U = _encode(Wg, s, spec.tcq_rate, table)
-        err = (Wg - U * s[:, None]).pow(2).sum(1)
-        better = err < best
-        best = torch.where(better, err, best)
-        best_s = torch.where(better, s, best_s)
+        bits, U = _encode(Wg, s, spec.tcq_rate, table)
+        err = float((Wg - U * s[:, None]).pow(2).sum())
+        if best is None or err < best[0]:
+            best = (err, s, bits, U)
         if it + 1 < SCALE_ITERS:
             s = _round_scale((Wg * U).sum(1) / U.pow(2).sum(1).clamp_min(1e-12), spec)
-    return best_s
+    return best[1], best[2], best[3]
 
 
 @torch.no_grad()
@@ -121,11 +121,10 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
             raise ValueError("GPTQ needs the layer's H = XᵀX/N")
         bits, scale, W_hat = _gptq(W0, H.detach().float().cpu(), spec, table, glen, damp, block_size, hinv_chol)
     elif method == "rtn":
-        scale = torch.stack([fit_scales(W0[:, j:j + glen], spec, table) for j in range(0, C, glen)], 1)
-        s_col = scale.repeat_interleave(glen, 1)
-        X = (W0 / s_col).T.contiguous()
-        bits, vals, _ = viterbi(X, (s_col * s_col).T.contiguous(), spec.tcq_rate, table)
-        W_hat = apply_scale(vals.T, scale, glen)
+        fits = [fit_scales(W0[:, j:j + glen], spec, table) for j in range(0, C, glen)]
+        scale = torch.stack([f[0] for f in fits], 1)
+        bits = torch.cat([f[1] for f in fits], 0)
+        W_hat = apply_scale(torch.cat([f[2] for f in fits], 1), scale, glen)
     else:
         raise ValueError(f"method must be 'rtn' or 'gptq', got {method!r}")
     qt = TCQQTensor(spec, (R, C), bits, scale)
@@ -148,7 +147,7 @@ def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol):
 
     def round_column(col, w, ahead):
         if col % glen == 0:  # a new group: its scales from the weights as updated so far
-            scale[:, col // glen] = fit_scales(ahead(glen), spec, table)
+            scale[:, col // glen] = fit_scales(ahead(glen), spec, table)[0]
         s = scale[:, col // glen]
         b, u = _encode(w[:, None], s, spec.tcq_rate, table)
         bits[col] = b[0]
