@@ -17,7 +17,8 @@ only the ``L`` stream bits ending at it: no sequential dependence, random access
 their scale look like) by Lloyd over the trellis: from the Gaussian quantiles in a seeded order, ``ITERS`` times
 (Viterbi-encode seeded N(0, 1) sequences; set each entry to the mean of the targets that decoded from it).
 Committed in :mod:`mixq.intra.tcq_tables` (``tests/test_tcq.py`` pins them) so that machines whose arithmetic
-differs in the last bit still decode a stored model identically.  MSE per weight on N(0, 1) (:func:`mse`),
+differs in the last bit still decode a stored model identically; they were made by an earlier build of the native
+search, and :func:`generate` now gives tables equal to them up to that search's float rounding (same MSE to 0.1 %).  MSE per weight on N(0, 1) (:func:`mse`),
 against the 2-D vector codebooks of :mod:`mixq.intra.vq_codebook` at the same rate: see ``tcq_tables.MSE``.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _schedule(rate: Fraction, T: int) -> torch.Tensor:
     return torch.tensor([p[t % len(p)] for t in range(T)], dtype=torch.uint8)
 
 
-def states(bits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+def states(bits: torch.Tensor, ks: torch.Tensor, L: int = L) -> torch.Tensor:
     """int64 ``[N, T]``: the state of every step from the step bits ``[N, T]``."""
     N, T = bits.shape
     out = torch.empty(N, T, dtype=torch.long)
@@ -71,7 +72,7 @@ def states(bits: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def viterbi_torch(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tensor):
+def viterbi_torch(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tensor, L: int = L):
     """The search of the native kernel in torch (``[N, 2^L]`` costs a step; the fallback and its test oracle)."""
     N, T = x.shape
     S = 1 << L
@@ -99,30 +100,31 @@ def viterbi_torch(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch
     return bits, vals, best
 
 
-def viterbi(x: torch.Tensor, w: torch.Tensor | None, rate, lut: torch.Tensor):
+def viterbi(x: torch.Tensor, w: torch.Tensor | None, rate, lut: torch.Tensor, L: int = L):
     """``(bits uint8 [N, T], values [N, T], cost [N])``: the least-cost path for each row of targets ``x [N, T]``
     under weights ``w`` (ones when None) and the table values it decodes to; native when the kernel compiles,
     else torch."""
     ks = _schedule(check_rate(rate), x.shape[1])
     w = torch.ones_like(x) if w is None else w
     got = tcq_cpu.viterbi(x, w, ks, lut, L)
-    return got if got is not None else viterbi_torch(x, w, ks, lut)
+    return got if got is not None else viterbi_torch(x, w, ks, lut, L)
 
 
-def _init(rate) -> torch.Tensor:
+def _init(L: int) -> torch.Tensor:
     S = 1 << L
     perm = torch.randperm(S, generator=torch.Generator().manual_seed(SEED))
     return torch.distributions.Normal(0.0, 1.0).icdf((perm.double() + 0.5) / S).float()
 
 
-def generate(rate) -> torch.Tensor:
-    """Train the ``[2^L]`` table of a rate (module docstring; about a second natively)."""
+def generate(rate, L: int = L) -> torch.Tensor:
+    """Train the ``[2^L]`` table of a rate (module docstring; about a second natively at ``L = 8``; ``L`` = 10 is
+    for experiments: ``bench/tcq.py``)."""
     ks = schedule(rate, TRAIN_LEN)
     x = torch.randn(TRAIN_SEQS, TRAIN_LEN, generator=torch.Generator().manual_seed(SEED + 1))
-    table = _init(rate)
+    table = _init(L)
     for _ in range(ITERS):
-        bits, _, _ = viterbi(x, None, rate, table)
-        st = states(bits, ks).reshape(-1)
+        bits, _, _ = viterbi(x, None, rate, table, L)
+        st = states(bits, ks, L).reshape(-1)
         cnt = torch.zeros(1 << L, dtype=torch.float64).index_add_(0, st, torch.ones(st.numel(), dtype=torch.float64))
         acc = torch.zeros(1 << L, dtype=torch.float64).index_add_(0, st, x.reshape(-1).double())
         table = torch.where(cnt > 0, acc / cnt.clamp_min(1), table.double()).float()
@@ -149,9 +151,10 @@ def to_hex(table: torch.Tensor) -> str:
     return table.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes().hex()
 
 
-@lru_cache(maxsize=None)
-def mse(rate, n: int = 256, T: int = 256) -> float:
-    """Mean squared error per weight of the trellis at ``rate`` on ``n`` seeded N(0, 1) sequences of ``T``."""
+def mse(rate, n: int = 256, T: int = 256, table: torch.Tensor | None = None) -> float:
+    """Mean squared error per weight of the trellis at ``rate`` (the committed table, or ``table`` of ``2^L'``
+    entries) on ``n`` seeded N(0, 1) sequences of ``T``."""
+    table = lut(rate) if table is None else table
     x = torch.randn(n, T, generator=torch.Generator().manual_seed(SEED + 2))
-    _, _, cost = viterbi(x, None, rate, lut(rate))
+    _, _, cost = viterbi(x, None, rate, table, table.numel().bit_length() - 1)
     return float(cost.double().sum() / x.numel())

@@ -1,0 +1,148 @@
+"""Trellis-coded quantization (TCQ): why this trellis, measured -- MSE on Gaussian data, search cost, real layers.
+
+    OMP_NUM_THREADS=1 python bench/tcq.py [--layers]
+
+1. Gaussian N(0, 1) targets (what ``+ip`` weights divided by their scale look like), MSE per weight at 2-4 bpw:
+   the scalar Lloyd-Max quantizer (whole rates), the 2-D vector codebooks of the ``VQ`` bases, the committed ``TCQ``
+   tables (L = 8 state bits), tables trained the same way at L = 10, and the distortion-rate bound 2^(-2R);
+   with the Viterbi search's time per weight on one thread at L = 8 and L = 10.
+2. ``--layers``: nine SmolLM2 layers (q_proj, gate_proj, down_proj of blocks 0, 10, 20) with ``+ip``: the relative
+   squared error ``‖W - Ŵ‖² / ‖W‖²`` of RTN and the Hessian-weighted proxy of GPTQ (H from 8 PTB rows of 256
+   tokens), VQ against TCQ at equal rates.
+3. The model-level rows already measured by bench/generalization.py (uniform GPTQ ``VQ3`` / ``TCQ3`` / ``TCQ2.5``,
+   channel scales + ip, and the mixed runs) are quoted from bench/results/generalization/*.json.
+Writes bench/results/tcq.json and tcq.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from common import RESULTS, git_rev, header, machine
+
+from mixq.intra import tcq_codebook as tc
+from mixq.intra.vq_codebook import _lloyd_max_1d, mse as vq_mse
+
+RATES = (2, 2.5, 3, 3.5, 4)
+
+
+def _lloyd_max_mse(bits: int) -> float:
+    levels = _lloyd_max_1d(2 ** bits)
+    x = torch.randn(1 << 18, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    q = levels[(x[:, None] - levels[None]).abs().argmin(1)]
+    return float(((x - q) ** 2).mean())
+
+
+def _search_ns(rate, table, L) -> float:
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(3))
+    tc.viterbi(x[:4], None, rate, table, L)
+    t = time.perf_counter()
+    tc.viterbi(x, None, rate, table, L)
+    return (time.perf_counter() - t) / x.numel() * 1e9
+
+
+def gaussian_rows() -> list[dict]:
+    rows = []
+    for r in RATES:
+        t10 = tc.generate(r, 10)
+        rows.append({"rate": r, "lloyd_max": _lloyd_max_mse(r) if r == int(r) else None,
+                     "vq2": vq_mse(2, int(2 * r)), "tcq_L8": tc.mse(r), "tcq_L10": tc.mse(r, table=t10),
+                     "bound": 2.0 ** (-2 * r), "ns_L8": _search_ns(r, tc.lut(r), 8), "ns_L10": _search_ns(r, t10, 10)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def layer_rows() -> list[dict]:
+    from mixq import data
+    from mixq.config import parse_spec
+    from mixq.intra import quantize_layer
+    from mixq.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ids = data.calibration_batch(data.tokenize(data.load_corpus("ptb", "train"), tok, progress=False), 8, 256, seed=0)
+    names = [f"model.layers.{i}.{n}" for i in (0, 10, 20) for n in ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")]
+    H = {}
+    hooks = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: H.__setitem__(n, H.get(n, 0) + a[0].reshape(-1, a[0].shape[-1]).double().T @
+                                           a[0].reshape(-1, a[0].shape[-1]).double())) for n in names]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    rows = []
+    for r in (2, 2.5, 3, 4):
+        acc = {}
+        for fam in ("VQ", "TCQ"):
+            spec = parse_spec(f"{fam}{r}-channel+ip")
+            rel, prox = [], []
+            for n in names:
+                W = model.get_submodule(n).weight.detach().float()
+                Hn = (H[n] / ids.numel()).float()
+                _, Wr, _ = quantize_layer(W, spec)
+                _, Wg, _ = quantize_layer(W, spec, Hn, "gptq")
+                rel.append(float(((W - Wr) ** 2).sum() / (W ** 2).sum()))
+                d = (W - Wg).double()
+                prox.append(float(((d @ Hn.double()) * d).sum() / ((W.double() @ Hn.double()) * W.double()).sum()))
+            acc[fam] = (sum(rel) / len(rel), sum(prox) / len(prox))
+        rows.append({"rate": r, "vq_rtn_rel": acc["VQ"][0], "tcq_rtn_rel": acc["TCQ"][0],
+                     "vq_gptq_proxy": acc["VQ"][1], "tcq_gptq_proxy": acc["TCQ"][1]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def model_rows() -> list[dict]:
+    out = []
+    for tag in ("g_vq3", "g_tcq3", "g_tcq2.5", "default4", "tcq"):
+        p = RESULTS / "generalization" / f"{tag}.json"
+        if p.exists():
+            d = json.loads(p.read_text())
+            for row in d["rows"]:
+                out.append({"run": tag, "variant": row["variant"], "bpw": row["bpw"], "ptb": row["ptb"]["kl"],
+                             "fortunes": row["fortunes"]["kl"], "commit": d.get("commit")})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", action="store_true")
+    args = ap.parse_args()
+    out = RESULTS / "tcq.json"
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    doc = {"command": "OMP_NUM_THREADS=1 python bench/tcq.py" + (" --layers" if args.layers else ""),
+           "machine": machine(), "commit": git_rev(), "gaussian": gaussian_rows(),
+           "layers": layer_rows() if args.layers else prev.get("layers"), "model": model_rows()}
+    out.write_text(json.dumps(doc, indent=1))
+    write_md(doc)
+
+
+def write_md(doc) -> None:
+    L = header("Trellis-coded quantization (TCQ): the method and why", doc["command"])
+    L += ["## Gaussian targets: MSE per weight (and the Viterbi search on one thread)", "",
+          "| bpw | scalar Lloyd-Max | VQ d=2 | TCQ L=8 | TCQ L=10 | bound 2^-2R | TCQ/VQ (L=8) | search ns/w L=8 | L=10 |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["gaussian"]:
+        lm = f"{r['lloyd_max']:.5f}" if r["lloyd_max"] else ""
+        L.append(f"| {r['rate']} | {lm} | {r['vq2']:.5f} | {r['tcq_L8']:.5f} | {r['tcq_L10']:.5f} | {r['bound']:.5f} "
+                 f"| {r['tcq_L8'] / r['vq2']:.2f} | {r['ns_L8']:.0f} | {r['ns_L10']:.0f} |")
+    if doc.get("layers"):
+        L += ["", "## SmolLM2 layers (+ip, channel scales): relative error, VQ against TCQ", "",
+              "| bpw | RTN VQ | RTN TCQ | GPTQ proxy VQ | GPTQ proxy TCQ | TCQ/VQ (GPTQ) |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in doc["layers"]:
+            L.append(f"| {r['rate']} | {r['vq_rtn_rel']:.5f} | {r['tcq_rtn_rel']:.5f} | {r['vq_gptq_proxy']:.5f} | "
+                     f"{r['tcq_gptq_proxy']:.5f} | {r['tcq_gptq_proxy'] / r['vq_gptq_proxy']:.2f} |")
+    if doc.get("model"):
+        L += ["", "## SmolLM2 end to end (bench/generalization.py runs; KL to fp32, PTB / fortunes test)", "",
+              "| run | variant | bpw | KL PTB | KL fortunes | commit |", "|---|---|---:|---:|---:|---|"]
+        for r in doc["model"]:
+            L.append(f"| {r['run']} | {r['variant']} | {r['bpw']:.3f} | {r['ptb']:.4f} | {r['fortunes']:.4f} | "
+                     f"{r['commit']} |")
+    L += ["", "## Reading", "", READING]
+    (RESULTS / "tcq.md").write_text("\n".join(L) + "\n")
+
+
+READING = """(see the closing paragraph written with the measurements)"""
+
+if __name__ == "__main__":
+    main()
