@@ -6,9 +6,10 @@ family and bit band), so the default set is kept to the 15 specs that mixed plan
 =======  ==============================================  ==============================================
 bits     specs                                           why
 =======  ==============================================  ==============================================
-2 - 4    VQ2-channel+ip  VQ2.5-channel+ip                vector codebooks after incoherence processing
-         VQ3-channel+ip  VQ3.5-channel+ip                (mixq.intra.vq): 0.4-0.6x the error of a scalar
-         VQ4-channel+ip                                  grid + ip at equal bits on every measured layer
+2 - 4    TCQ2-channel+ip  TCQ2.5-channel+ip              trellis-coded after incoherence processing
+         TCQ3-channel+ip  TCQ3.5-channel+ip              (mixq.intra.tcq): 0.75-0.9x the error of the 2-D
+         TCQ4-channel+ip                                 vector codebooks (VQ), which were 0.4-0.6x a
+                                                         scalar grid + ip's, at equal bits
 2, 3     W2-g64-asym  W3-g64-asym                        for layers +ip cannot take (no Hadamard
                                                          construction for their width)
 4        W4-g64  W4-g64-asym  NF4-g64                    the scalar 4-bit grids plans still pick
@@ -16,13 +17,15 @@ bits     specs                                           why
 keep     FP16                                            outlier-heavy layers
 =======  ==============================================  ==============================================
 
-Why these (bench/results/generalization.md, run ``vq``; bench/results/vq.md): with the 26 scalar grids, the six
-scalar ``+ip`` grids and the five VQ codebooks all measured on SmolLM2, the plans at 2.5-4.5 bpw put 85-97 % of the
-layers on VQ and the rest almost only on W5/W6/W8-g64 or -channel; restricted to this set the same measurement
-gives plans whose predicted loss is within 0.1 % at every budget.  The VQ plan at 3.0 bpw scored KL 0.26 / 0.37
-(PTB / fortunes) against 0.77 / 1.14 for the previous default (26 scalar grids + 6 scalar ``+ip``).
+Why these (bench/results/generalization.md, runs ``vq`` and ``tcq``; bench/results/vq.md, tcq.md): with the 26
+scalar grids, the six scalar ``+ip`` grids and the five VQ codebooks all measured on SmolLM2, the plans at 2.5-4.5
+bpw put 85-97 % of the layers on VQ and the rest almost only on W5/W6/W8-g64 or -channel; restricted to this set
+the same measurement gives plans whose predicted loss is within 0.1 % at every budget.  The VQ plan at 3.0 bpw
+scored KL 0.26 / 0.37 (PTB / fortunes) against 0.77 / 1.14 for the scalar default before it.  The trellis bases
+took the VQ ones' place (``mixq-default-5``): same rates and costs, 10-23 % less error per layer, and the mixed
+plans at 2.5 / 3.0 bpw scored 0.336 / 0.540 and 0.186 / 0.282 against VQ's 0.472 / 0.695 and 0.247 / 0.385.
 
-Costs (metadata included) for a 576-wide row: VQ<r>-channel+ip r + 0.03 bpw, W4-g64 4.25, W8-channel 8.03,
+Costs (metadata included) for a 576-wide row: TCQ<r>-channel+ip r + 0.03 bpw, W4-g64 4.25, W8-channel 8.03,
 FP16 16.  Group sizes that do not divide a layer's in-features are dropped for that layer by
 :func:`candidates_for`; ``+ip`` candidates are dropped where the width has no Hadamard construction.
 """
@@ -38,7 +41,7 @@ from ..intra.candidates import intra_candidates
 log = logging.getLogger(__name__)
 
 DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
-    "VQ2-channel+ip", "VQ2.5-channel+ip", "VQ3-channel+ip", "VQ3.5-channel+ip", "VQ4-channel+ip",
+    "TCQ2-channel+ip", "TCQ2.5-channel+ip", "TCQ3-channel+ip", "TCQ3.5-channel+ip", "TCQ4-channel+ip",
     "W2-g64-asym", "W3-g64-asym",
     "W4-g64", "W4-g64-asym", "NF4-g64",
     "W5-g64", "W6-g64", "W6-channel", "W8-channel",
