@@ -190,3 +190,25 @@ def test_triton_kernel_on_cuda():
         ref = x.float() @ Wh.cuda().T
         assert float((lin(x).float() - ref).abs().max()) < tol * float(ref.abs().max())
         assert lin.last_kernel == "triton"
+
+
+def test_without_a_compiler_everything_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    """No working C compiler: the build warns and returns None, the search and the decode run in torch with the same
+    result, and the layer's auto kernel is tcq-dense."""
+    from mixq.runtime.kernels import cbuild
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+    assert cbuild.load("probe", "int f(void) { return 1; }", "the torch path", {}) is None
+    assert "the torch path" in caplog.text
+    spec = parse_spec("TCQ2.5-channel+ip")
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(5))
+    native = quantize_layer(W, spec)
+    monkeypatch.setattr(tcq_cpu, "_lib", lambda: None)
+    qt, W_hat, _ = quantize_layer(W, spec)
+    assert torch.allclose(W_hat, native[1], atol=1e-5) or \
+        float(((W - W_hat) ** 2).sum()) <= 1.001 * float(((W - native[1]) ** 2).sum())
+    lin = IncoherentLinear(PackedComposite(pack_composite(qt), spec, (32, 64)), None)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(lin(x), x @ W_hat.T, rtol=1e-4, atol=1e-4)
+    assert lin.inner.last_kernel == "tcq-dense"

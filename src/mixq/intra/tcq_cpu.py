@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import torch
 
-from ..runtime.kernels.cbuild import load
+from ..runtime.kernels.cbuild import INT, VOID_P, load
 
 SOURCE = r"""
 #include <stdint.h>
@@ -218,24 +218,14 @@ void tcq_gemv(const float* x, const uint8_t* stream, const float* scale, const f
 
 @lru_cache(maxsize=1)
 def _lib():
-    lib = load("tcq_cpu", SOURCE, "trellis layers search and decode in torch (slow)")
-    if lib is None:
-        return None
-    lib.tcq_viterbi.restype = ctypes.c_int
-    lib.tcq_viterbi.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_void_p, ctypes.c_int] + \
-        [ctypes.c_void_p] * 3
-    lib.tcq_decode.restype = None
-    lib.tcq_decode.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
-    lib.tcq_gemv.restype = None
-    lib.tcq_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
-    return lib
+    return load("tcq_cpu", SOURCE, "trellis layers search and decode in torch (slow)", {
+        "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
+        "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
+        "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 8)})
 
 
 def available() -> bool:
-    try:
-        return _lib() is not None
-    except OSError:
-        return False
+    return _lib() is not None
 
 
 def viterbi(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tensor, L: int):

@@ -18,12 +18,11 @@ The C source below is compiled on first use (:func:`mixq.runtime.kernels.cbuild.
 """
 from __future__ import annotations
 
-import ctypes
 from functools import lru_cache
 
 import torch
 
-from ..runtime.kernels.cbuild import load
+from ..runtime.kernels.cbuild import INT, VOID_P, load
 
 SOURCE = r"""
 #include <stdint.h>
@@ -133,23 +132,14 @@ void vq_lut_gemv(const float* T, const uint8_t* codes, const float* scale, float
 
 @lru_cache(maxsize=1)
 def _lib():
-    lib = load("vq_cpu", SOURCE, "VQ layers use the torch vq-lut path")
-    if lib is None:
-        return None
-    lib.vq_gemv.restype = None
-    lib.vq_gemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
-    lib.vq_lut_gemv.restype = None
-    lib.vq_lut_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
-    lib.vq_nearest.restype = None
-    lib.vq_nearest.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-    return lib
+    return load("vq_cpu", SOURCE, "VQ layers use the torch vq-lut path", {
+        "vq_gemv": (None, [VOID_P] * 5 + [INT] * 6),
+        "vq_lut_gemv": (None, [VOID_P] * 4 + [INT] * 6),
+        "vq_nearest": (None, [VOID_P] * 4 + [INT] * 3)})
 
 
 def available() -> bool:
-    try:
-        return _lib() is not None
-    except OSError:
-        return False
+    return _lib() is not None
 
 
 def nearest(x: torch.Tensor, C: torch.Tensor) -> torch.Tensor | None:

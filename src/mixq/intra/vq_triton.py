@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..runtime.kernels.splitk import split_k_for
+from ..runtime.kernels.splitk import split_launch, split_result
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
@@ -105,18 +105,10 @@ def vq_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     BLOCK_M = 16 if M <= 16 else (32 if M <= 32 else 64)
     BLOCK_N = 32 if M <= 16 else 64
     BLOCK_K = 64 if glen % 64 == 0 or glen >= K else 32
-    tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, BLOCK_M)
-    kblocks = triton.cdiv(K, BLOCK_K)
-    # too few output tiles to fill the GPU (decode): split K, partial sums in fp32
-    split = split_k or split_k_for(x.device, tiles, kblocks, cap=32)
-    k_split = triton.cdiv(kblocks, split) * BLOCK_K
-    split = triton.cdiv(K, k_split)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if split == 1 else \
-        torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M), split)
+    grid, k_split, y = split_launch(x, N, BLOCK_M, BLOCK_N, BLOCK_K, split_k, cap=32)
     _kernel()[grid](x, codes.contiguous(), scale.float().contiguous(), B.float().contiguous(), y,
                     M, N, K, P, K // glen, k_split, x.stride(0),
                     D=d, GROUP=glen, IEEE=x.dtype == torch.float32,
                     TILE_SCALE=glen % BLOCK_K == 0,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y if split == 1 else y.sum(0).to(x.dtype)
+    return split_result(y, x.dtype)

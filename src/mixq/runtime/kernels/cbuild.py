@@ -19,9 +19,12 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def load(name: str, source: str, fallback: str) -> ctypes.CDLL | None:
+VOID_P, INT = ctypes.c_void_p, ctypes.c_int
+
+
+def load(name: str, source: str, fallback: str, signatures: dict[str, tuple]) -> ctypes.CDLL | None:
     """The compiled ``source`` as a ctypes library (``name``: the file stem; ``fallback``: what callers use
-    instead, for the warning when it cannot be built)."""
+    instead, for the warning when it cannot be built); ``signatures``: ``{function: (restype, [argtypes])}``."""
     from ...models import cache_dir
 
     tag = hashlib.sha256((source + platform.node() + platform.machine()).encode()).hexdigest()[:16]
@@ -40,4 +43,12 @@ def load(name: str, source: str, fallback: str) -> ctypes.CDLL | None:
                 log.warning("%s kernel not compiled (%s): %s", name, e, fallback)
                 return None
             os.replace(so, out)
-    return ctypes.CDLL(str(out))
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:
+        log.warning("%s kernel not loaded (%s): %s", name, e, fallback)
+        return None
+    for fn, (res, args) in signatures.items():
+        getattr(lib, fn).restype = res
+        getattr(lib, fn).argtypes = list(args)
+    return lib
