@@ -212,3 +212,13 @@ def test_without_a_compiler_everything_falls_back_to_torch(monkeypatch, tmp_path
     x = torch.randn(2, 64)
     torch.testing.assert_close(lin(x), x @ W_hat.T, rtol=1e-4, atol=1e-4)
     assert lin.inner.last_kernel == "tcq-dense"
+
+
+def test_a_dtype_cast_of_the_model_keeps_the_stored_parts_exact():
+    spec = parse_spec("TCQ3-g32")
+    qt, W_hat, _ = quantize_layer(torch.randn(16, 64, generator=torch.Generator().manual_seed(2)), spec)
+    lin = TCQLinear(PackedComposite.from_qtensor(qt), None, "tcq-reference")
+    before = {k: v.clone() for k, v in lin.packed.tensors().items()}
+    lin = lin.to(torch.bfloat16)
+    assert all(torch.equal(before[k], v) for k, v in lin.packed.tensors().items())
+    assert torch.equal(lin.dequantize(), W_hat)

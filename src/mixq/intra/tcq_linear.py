@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..config import CompositeSpec
+from .packed_linear import PackedCodesLinear
 from .tcq import STATE_BITS, group_len, stream_layout, unpack_tcq
 from .tcq_codebook import lut as tcq_lut
 
@@ -27,47 +26,22 @@ KERNELS = ("auto", "tcq-reference", "tcq-cpu", "tcq-dense", "triton")
 CPU_MAX_TOKENS = 16
 
 
-class TCQLinear(nn.Module):
+class TCQLinear(PackedCodesLinear):
     """Drop-in for ``nn.Linear`` holding a TCQ weight's packed tensors (``tcq.codes``, ``scale``)."""
 
-    packed_layer = True
+    CODES = "tcq.codes"
+    KERNELS = KERNELS
 
-    def __init__(self, packed, bias: torch.Tensor | None = None, kernel: str = "auto"):
-        super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown TCQ kernel {kernel!r}: one of {KERNELS}")
-        self.spec: CompositeSpec = packed.spec
-        if not self.spec.trellis or self.spec.incoherent:
-            raise ValueError(f"TCQLinear holds a plain TCQ spec, not {self.spec.name}")
-        self.out_features, self.in_features = packed.shape
-        parts = packed.tensors()
-        self.register_buffer("codes_packed", parts["tcq.codes"].contiguous())
-        self._scale_dtype = parts["scale"].dtype
-        self.register_buffer("scale_stored", parts["scale"].contiguous())
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kernel = kernel
-        self.last_kernel: str | None = None
-        self._cache: dict = {}
-
-    @property
-    def packed(self):
-        from .storage import PackedComposite
-
-        parts = {"tcq.codes": self.codes_packed.cpu(), "scale": self.scale_stored.cpu()}
-        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes_packed.numel() + self.scale_stored.numel() * self.scale_stored.element_size()
+    @staticmethod
+    def holds(spec) -> bool:
+        return bool(spec.trellis)
 
     def _part(self, name: str, device="cpu") -> torch.Tensor:
         """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 2 bytes."""
         key = (name, str(device))
         if key not in self._cache:
             if name == "scale":
-                t = self.scale_stored.float().cpu().contiguous()
+                t = self.scale.cpu().contiguous()
             elif name == "lut":
                 t = tcq_lut(self.spec.tcq_rate)
             else:
@@ -123,7 +97,3 @@ class TCQLinear(nn.Module):
         self.__dict__["last_kernel"] = k
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
-                f"bias={self.bias is not None}, kernel={self.kernel}")

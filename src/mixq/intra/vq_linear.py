@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..config import CompositeSpec
 from ..runtime.bitpack import unpack
+from .packed_linear import PackedCodesLinear
 from .vq import decode, group_len, spec_codebook
 
 LUT_MAX_TOKENS = 8
@@ -37,48 +36,15 @@ KERNELS = ("auto", "vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")
 CPU_MAX_TOKENS = 16
 
 
-class VQLinear(nn.Module):
+class VQLinear(PackedCodesLinear):
     """Drop-in for ``nn.Linear`` holding a VQ weight's packed tensors (``vq.codes``, ``scale``)."""
 
-    packed_layer = True
+    CODES = "vq.codes"
+    KERNELS = KERNELS
 
-    def __init__(self, packed, bias: torch.Tensor | None = None, kernel: str = "auto"):
-        super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown VQ kernel {kernel!r}: one of {KERNELS}")
-        self.spec: CompositeSpec = packed.spec
-        if not self.spec.vq_dim or self.spec.incoherent:
-            raise ValueError(f"VQLinear holds a plain VQ spec, not {self.spec.name}")
-        self.out_features, self.in_features = packed.shape
-        parts = packed.tensors()
-        self.register_buffer("codes_packed", parts["vq.codes"].contiguous())
-        self.register_buffer("scale_bits", parts["scale"].contiguous().view(torch.int16)
-                             if parts["scale"].element_size() == 2 else parts["scale"].contiguous())
-        self._scale_dtype = parts["scale"].dtype
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.kernel = kernel
-        self.last_kernel: str | None = None
-        self._cache: dict = {}
-
-    # -------------------------------------------------------------- stored parts
-    @property
-    def packed(self):
-        from .storage import PackedComposite
-
-        parts = {"vq.codes": self.codes_packed.cpu(), "scale": self.scale.to(self._scale_dtype).cpu()}
-        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes_packed.numel() + self.scale_bits.numel() * self.scale_bits.element_size()
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """float32 ``[R, G]``."""
-        s = self.scale_bits
-        return (s.view(self._scale_dtype) if s.dtype == torch.int16 else s).float()
+    @staticmethod
+    def holds(spec) -> bool:
+        return bool(spec.vq_dim)
 
     def codes(self) -> torch.Tensor:
         """uint8 ``[R, P]`` (unpacked from the bit stream)."""
@@ -150,10 +116,6 @@ class VQLinear(nn.Module):
         self.__dict__["last_kernel"] = k
         y = y.reshape(*lead, self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
-                f"bias={self.bias is not None}, kernel={self.kernel}")
 
 
 def lut_linear(x: torch.Tensor, flat_idx: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, glen: int,
