@@ -26,10 +26,13 @@ def setup(smollm2):
     return model, tok, win, proto, cache, calib
 
 
-def _run(setup, spec, method="rtn"):
+def _run(setup, spec, method="rtn", blocks=None):
+    """Quantize every block linear (or only those of the first ``blocks`` blocks) and evaluate."""
     model, _, win, proto, cache, calib = setup
     m = copy.deepcopy(model)
     specs = api.resolve_specs(m, spec, group_fallback="shrink")
+    if blocks is not None:
+        specs = {f: s for f, s in specs.items() if int(f.split(".layers.")[1].split(".")[0]) < blocks}
     api.quantize_model(m, specs, method=method, calib_ids=calib, progress=False)
     return evaluate(m, win, proto, reference=cache, progress=False)
 
@@ -47,9 +50,11 @@ def test_q4_1_grid_is_recovered_losslessly(setup):
 
 
 def test_quality_orders_as_expected(setup):
+    """W8 near-lossless; at 3 bits GPTQ far closer to fp than RTN (on the first 10 of 30 blocks: the GPTQ walk over
+    the whole model was this suite's slowest test, and the ordering is the same)."""
     w8 = _run(setup, "W8-channel")
-    w3 = _run(setup, "W3-g64")
-    g3 = _run(setup, "W3-g64", "gptq")
+    w3 = _run(setup, "W3-g64", blocks=10)
+    g3 = _run(setup, "W3-g64", "gptq", blocks=10)
     assert w8["kl"] < 0.02
     assert w8["kl"] < w3["kl"]
     assert g3["kl"] < 0.8 * w3["kl"], (g3["kl"], w3["kl"])  # GPTQ far closer to fp than RTN at 3 bits
