@@ -1,4 +1,4 @@
-"""Decode speed of VQ layers (``VQ..+ip`` and plain ``VQ``) on CPU next to int4 and fp32, in one run.
+"""Decode speed of codebook layers (``VQ..+ip``, ``TCQ..+ip``, plain ``VQ``) on CPU next to int4 and fp32, in one run.
 
     OMP_NUM_THREADS=2 python bench/vq_speed.py [--new-tokens 32] [--repeats 3] [--specs ...]
 
@@ -64,15 +64,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--specs", default=",".join(SPECS))
     ap.add_argument("--no-layers", action="store_true", help="skip part 1 (the per-layer timings)")
+    ap.add_argument("--out", default=None, help="result file name in bench/results (default vq_speed.json, "
+                                                "vq_speed_model.json with --no-layers)")
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = [] if args.no_layers else layer_rows()
     rows = decode_speed_rows(args.specs.split(","), args.new_tokens, args.prompt_tokens, args.repeats)
     doc = {"command": f"OMP_NUM_THREADS={torch.get_num_threads()} python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"
-                      f" --repeats {args.repeats}" + (" --no-layers" if args.no_layers else ""),
+                      f" --repeats {args.repeats}" + (" --no-layers" if args.no_layers else "") +
+                      (f" --out {args.out}" if args.out else ""),
            "commit": git_rev(), "machine": machine(),
            "args": vars(args), "layer_us_per_call": layers, "rows": rows}
-    out = RESULTS / ("vq_speed_model.json" if args.no_layers else "vq_speed.json")
+    out = RESULTS / (args.out or ("vq_speed_model.json" if args.no_layers else "vq_speed.json"))
     out.write_text(json.dumps(doc, indent=1) + "\n")
 
 
