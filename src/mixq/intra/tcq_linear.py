@@ -3,8 +3,8 @@
 ``tcq-reference``  unpack the symbol stream, walk the states, ``Ŵ = s · lut[state]``, ``F.linear``: defines the
                    result
 ``tcq-cpu``        (CPU, ``M <= CPU_MAX_TOKENS``) the native decode-and-dot GEMV of :mod:`mixq.intra.tcq_cpu`
-                   on the packed stream itself (``rate`` bits per weight in RAM): each thread walks every column
-                   down its block of rows with the state in a register
+                   on the packed stream (a padded copy, ``rate`` bits per weight in RAM): each thread walks the
+                   columns of its range top to bottom, four state chains side by side
 ``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call from the stream (natively, a column per
                    thread step; in torch without a compiler), dense fp32 GEMM
 
