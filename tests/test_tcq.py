@@ -222,3 +222,10 @@ def test_a_dtype_cast_of_the_model_keeps_the_stored_parts_exact():
     lin = lin.to(torch.bfloat16)
     assert all(torch.equal(before[k], v) for k, v in lin.packed.tensors().items())
     assert torch.equal(lin.dequantize(), W_hat)
+
+
+def test_reports_name_the_tcq_kernels():
+    from mixq.runtime.kernels import fast_kernel_for
+
+    s = parse_spec("TCQ3-channel+ip")
+    assert fast_kernel_for(s, (64, 128), "cpu") == "tcq-cpu" and fast_kernel_for(s, (64, 128), "cuda") == "triton"

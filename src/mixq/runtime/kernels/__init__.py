@@ -128,14 +128,17 @@ def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
     """The kernel ``"auto"`` uses for decode (few tokens) of a ``spec`` weight of ``shape`` with bf16
     activations on ``device`` — ``"cpu-int4"``, ``"triton"`` (``device`` ``"cuda"``) or ``"reference"``.
     For reports and planning.  Intra-tensor composites run the reference path (dequantized per call), except
-    ``+ip`` over a plain grid, whose inner layer runs that grid's kernel between two transforms, and VQ bases
-    (``vq-cpu`` on CPU when a C compiler builds it, else ``vq-lut``; ``triton`` on CUDA)."""
+    ``+ip`` over a plain grid, whose inner layer runs that grid's kernel between two transforms, and VQ / TCQ bases
+    (``vq-cpu`` / ``tcq-cpu`` on CPU when a C compiler builds them; ``triton`` on CUDA).  Not every such kernel is
+    faster than fp32: ``bench/results/tcq_speed_model.json``."""
     from ...config import is_composite
 
     if is_composite(spec):
         inner = spec.inner if spec.incoherent else spec
         if is_composite(inner) and inner.vq_dim:  # VQ bases: mixq.intra.vq_linear's kernels
             return "triton" if device.startswith("cuda") else "vq-cpu"
+        if is_composite(inner) and inner.trellis:  # TCQ bases: mixq.intra.tcq_linear's kernels
+            return "triton" if device.startswith("cuda") else "tcq-cpu"
         if not (spec.incoherent and not is_composite(spec.inner)):
             return "reference"
         spec = spec.inner
