@@ -23,7 +23,8 @@ from common import RESULTS, git_rev, machine
 from mixq.config import parse_spec
 from mixq.intra import quantize_layer
 from mixq.intra.incoherence import rotate, rotate_weight, seeds_for
-from mixq.intra.vq import fit_scales, group_len, quantize_vq, spec_codebook
+from mixq.intra.scales import group_len
+from mixq.intra.vq import fit_scales, quantize_vq, spec_codebook
 from mixq.intra.vq_codebook import nearest
 
 VARIANTS = ["W2-g64-asym+ip", "VQ2-g64+ip", "VQ2x4-g64+ip", "VQ2.5-g64+ip", "learned:VQ2.5-g64+ip",

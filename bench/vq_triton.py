@@ -44,7 +44,8 @@ def main():
 
     from mixq.config import parse_spec
     from mixq.intra import PackedComposite
-    from mixq.intra.vq import decode, group_len, spec_codebook
+    from mixq.intra.scales import group_len
+    from mixq.intra.vq import decode, spec_codebook
     from mixq.intra.vq_linear import VQLinear
     from mixq.intra.vq_triton import vq_linear_triton
     from mixq.runtime.bitpack import pack

@@ -197,7 +197,8 @@ import json, torch
 from mixq.config import parse_spec
 from mixq.intra import PackedComposite, quantize_layer
 from mixq.intra.vq_linear import VQLinear
-from mixq.intra.vq import group_len, spec_codebook
+from mixq.intra.scales import group_len
+from mixq.intra.vq import spec_codebook
 from mixq.intra.vq_triton import vq_linear_triton
 out = []
 # g32: a group per 32-wide K tile; channel: one scale per tile row; g48: scales gathered per element;

@@ -42,7 +42,8 @@ from .formats import QParams, QTensor
 from .granularity import rows_view
 from .intra.incoherence import IncoherentQTensor, unrotate_weight
 from .intra.tcq import TCQQTensor, apply_scale
-from .intra.vq import VQQTensor, decode as vq_decode, group_len, spec_codebook
+from .intra.scales import group_len
+from .intra.vq import VQQTensor, decode as vq_decode, spec_codebook
 
 log = logging.getLogger(__name__)
 FLOAT_SCALES = ("fp16", "bf16", "fp32")

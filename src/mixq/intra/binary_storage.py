@@ -14,8 +14,8 @@ import torch
 from ..config.composite import FP16_BITS, CompositeSpec, index_bits
 from ..runtime.bitpack import pack, unpack
 from .binary_tensor import BinaryQTensor
+from .scales import FLOAT_DTYPES
 
-_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _idx_pack(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -30,7 +30,7 @@ def pack_binary(qt: BinaryQTensor) -> dict[str, torch.Tensor]:
     """Named tensors holding ``qt`` at its accounted size (module docstring)."""
     cs = qt.spec
     R, C = qt.shape
-    sdt = _FLOAT[cs.scale_dtype]
+    sdt = FLOAT_DTYPES[cs.scale_dtype]
     out = {"codes": pack(qt.codes.contiguous(), 1), "scale": qt.scale.to(sdt).contiguous()}
     if cs.residual:
         out["res_cols"] = _idx_pack(qt.res_cols, C)

@@ -53,8 +53,8 @@ from .tcq import TCQQTensor, pack_tcq, unpack_tcq
 from .vq import VQQTensor, pack_vq, unpack_vq
 from .sparse import CSR
 from ..config import CompositeSpec, family_of, index_bits
+from .scales import FLOAT_DTYPES
 
-_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _idx_pack(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -103,7 +103,7 @@ def pack_composite(qt) -> dict[str, torch.Tensor]:
             out[f"l2.{key}.s"] = torch.cat([qt.l2[j][key][1].scale.T for j in range(len(bounds))]).half()
             out[f"l2.{key}.o"] = torch.cat([qt.l2[j][key][1].offset.T for j in range(len(bounds))]).half()
     elif ps[0].scale is not None:
-        out["scale"] = torch.cat([p.scale for p in ps], 1).to(_FLOAT[cs.scale_dtype])
+        out["scale"] = torch.cat([p.scale for p in ps], 1).to(FLOAT_DTYPES[cs.scale_dtype])
     if ps[0].offset is not None and not cs.sq_bits:
         out["offset"] = torch.cat([p.offset for p in ps], 1).half()
     if "codebook" in family_of(cs).params(cs):

@@ -25,15 +25,11 @@ import torch
 from ..config import BitCost, CompositeSpec
 from ..algorithms.sweep import sweep
 from ..runtime.bitpack import pack, unpack
+from .scales import FLOAT_DTYPES, group_len, round_scale
 from .tcq_codebook import L, lut as tcq_lut, period, schedule, states, viterbi
 
 SCALE_ITERS = 2
-_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-
-def group_len(spec: CompositeSpec, cols: int) -> int:
-    g = getattr(spec.granularity, "size", None)
-    return cols if g is None else g
 
 
 @dataclass
@@ -76,9 +72,6 @@ def apply_scale(U: torch.Tensor, scale: torch.Tensor, glen: int) -> torch.Tensor
     return (U.reshape(R, -1, glen) * scale.float()[:, :, None]).reshape(R, C)
 
 
-def _round_scale(s: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
-    return s.to(_FLOAT[spec.scale_dtype]).float().clamp_min(torch.finfo(torch.float16).tiny)
-
 
 def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
     """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]``."""
@@ -93,7 +86,7 @@ def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor):
     dtype) start at each row's RMS and are refitted by least squares on the decoded values, ``SCALE_ITERS`` passes
     in all; the pass of least total squared error is kept with its encoding.  (Rows share a column's trellis path,
     so scales are compared pass against pass, not row by row.)"""
-    s = _round_scale(Wg.pow(2).mean(1).sqrt(), spec)
+    s = round_scale(Wg.pow(2).mean(1).sqrt(), spec)
     best = None
     for it in range(SCALE_ITERS):
         bits, U = _encode(Wg, s, spec.tcq_rate, table)
@@ -101,7 +94,7 @@ def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor):
         if best is None or err < best[0]:
             best = (err, s, bits, U)
         if it + 1 < SCALE_ITERS:
-            s = _round_scale((Wg * U).sum(1) / U.pow(2).sum(1).clamp_min(1e-12), spec)
+            s = round_scale((Wg * U).sum(1) / U.pow(2).sum(1).clamp_min(1e-12), spec)
     return best[1], best[2], best[3]
 
 
@@ -179,7 +172,7 @@ def pack_tcq(qt: TCQQTensor) -> dict[str, torch.Tensor]:
     dtype.  Exactly the accounted bits, plus < 8 bits of padding."""
     sym, width = symbols(qt.bits, qt.spec)
     return {"tcq.codes": pack(sym.contiguous(), width),
-            "scale": qt.scale.to(_FLOAT[qt.spec.scale_dtype]).contiguous()}
+            "scale": qt.scale.to(FLOAT_DTYPES[qt.spec.scale_dtype]).contiguous()}
 
 
 def unpack_tcq(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> TCQQTensor:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .packed_linear import PackedCodesLinear
-from .tcq import STATE_BITS, group_len, stream_layout, unpack_tcq
+from .scales import group_len
+from .tcq import STATE_BITS, stream_layout, unpack_tcq
 from .tcq_codebook import lut as tcq_lut
 
 KERNELS = ("auto", "tcq-reference", "tcq-cpu", "tcq-dense", "triton")

@@ -29,15 +29,11 @@ import torch
 from ..config import BitCost, CompositeSpec
 from ..algorithms.sweep import sweep
 from ..runtime.bitpack import pack, unpack
+from .scales import FLOAT_DTYPES, group_len, round_scale
 from .vq_codebook import codebook, nearest
 
 SCALE_ITERS = 3  # code / least-squares-scale alternations per group
-_FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
-
-def group_len(spec: CompositeSpec, cols: int) -> int:
-    g = getattr(spec.granularity, "size", None)
-    return cols if g is None else g
 
 
 def spec_codebook(spec: CompositeSpec) -> torch.Tensor:
@@ -77,9 +73,6 @@ def decode(codes: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, glen: int)
     return (W.reshape(R, -1, glen) * scale.float()[:, :, None]).reshape(R, nv * d)
 
 
-def _round_scale(s: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
-    return s.to(_FLOAT[spec.scale_dtype]).float().clamp_min(torch.finfo(torch.float16).tiny)
-
 
 def fit_scales(Wg: torch.Tensor, B: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
     """``[R]`` scale of each row of one group ``Wg [R, glen]`` (rounded to the scale dtype): alternate nearest-entry
@@ -88,7 +81,7 @@ def fit_scales(Wg: torch.Tensor, B: torch.Tensor, spec: CompositeSpec) -> torch.
     R, n = Wg.shape
     d = B.shape[1]
     V = Wg.reshape(R, n // d, d)
-    s = _round_scale(Wg.pow(2).mean(1).sqrt(), spec)
+    s = round_scale(Wg.pow(2).mean(1).sqrt(), spec)
     best = torch.full((R,), float("inf"))
     best_s = s.clone()
     for _ in range(SCALE_ITERS):
@@ -97,7 +90,7 @@ def fit_scales(Wg: torch.Tensor, B: torch.Tensor, spec: CompositeSpec) -> torch.
         better = err < best
         best = torch.where(better, err, best)
         best_s = torch.where(better, s, best_s)
-        s = _round_scale((V * q).sum((1, 2)) / q.pow(2).sum((1, 2)).clamp_min(1e-12), spec)
+        s = round_scale((V * q).sum((1, 2)) / q.pow(2).sum((1, 2)).clamp_min(1e-12), spec)
     return best_s
 
 
@@ -170,7 +163,7 @@ def pack_vq(qt: VQQTensor) -> dict[str, torch.Tensor]:
     """``vq.codes``: the codes bit-packed at ``k`` bits (LSB-first, row-major); ``scale`` ``[R, G]`` in the scale
     dtype.  Exactly the accounted bits, plus < 8 bits of padding."""
     return {"vq.codes": pack(qt.codes.contiguous(), qt.spec.vq_bits),
-            "scale": qt.scale.to(_FLOAT[qt.spec.scale_dtype]).contiguous()}
+            "scale": qt.scale.to(FLOAT_DTYPES[qt.spec.scale_dtype]).contiguous()}
 
 
 def unpack_vq(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> VQQTensor:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from ..runtime.bitpack import unpack
 from .packed_linear import PackedCodesLinear
-from .vq import decode, group_len, spec_codebook
+from .scales import group_len
+from .vq import decode, spec_codebook
 
 LUT_MAX_TOKENS = 8
 KERNELS = ("auto", "vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")
