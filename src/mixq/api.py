@@ -19,6 +19,7 @@ from .config import BitCost, QuantSpec, is_composite, parse_spec
 from .formats import QTensor
 from .granularity import PerGroup
 from .intra import quantize_layer
+from .threadmap import thread_map
 from .moe.routing import RoutingRecord
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,18 @@ def quantize_model(
 
         def on_block(i: int, block: nn.Module, stats) -> None:
             routing.add_block(f"{prefix}.{i}", stats)
-            for name, st in stats.items():
-                fqn = f"{prefix}.{i}.{name}"
-                if fqn not in specs:
-                    continue
-                mod = block.get_submodule(name)
-                q[fqn], Wq, losses[fqn] = quantize_layer(get_weight(mod), specs[fqn], st.H, "gptq", damp=damp,
-                                                         act_order=act_order, block_size=block_size)
+            todo = [(f"{prefix}.{i}.{name}", block.get_submodule(name), st) for name, st in stats.items()
+                    if f"{prefix}.{i}.{name}" in specs]
+
+            def one(item):  # every layer of the block is fitted on the same inputs: independent of the others
+                fqn, mod, st = item
+                return quantize_layer(get_weight(mod), specs[fqn], st.H, "gptq", damp=damp, act_order=act_order,
+                                      block_size=block_size)
+
+            cpu = all(get_weight(m).device.type == "cpu" for _, m, _ in todo)
+            for (fqn, mod, _), (qt, Wq, loss) in zip(todo, thread_map(one, todo, parallel=cpu,
+                                                                      size=lambda t: get_weight(t[1]).numel())):
+                q[fqn], losses[fqn] = qt, loss
                 set_weight(mod, Wq)
 
         ckpt = None

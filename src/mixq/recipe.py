@@ -6,7 +6,10 @@ itself mixed with PTB, a sensitivity measurement of every default candidate -- t
 incoherence processing (TCQ2-4-channel+ip) and the scalar grids plans still choose -- with the errors GPTQ leaves,
 the exact knapsack solver, and GPTQ.  ``mixq-default-5`` has the trellis (TCQ) where ``mixq-default-4`` had the 2-D
 vector codebooks (VQ): on SmolLM2 the plans' KL fell 25-29 % in domain and 22-27 % out of domain at 2.5 and 3.0
-bpw (bench/results/tcq.md, generalization.md run ``tcq``).  The metric is ``kfac-pos`` (``kfac`` with each token's input weighted by
+bpw (bench/results/tcq.md, generalization.md run ``tcq``).  ``mixq-default-6`` is ``-5`` made cheaper to run: two
+dominated 4-bit candidates dropped (:mod:`mixq.allocate.candidates`), one GPTQ/RTN ratio for all trellis rates
+(:func:`mixq.measure.layer._groups`), one scale pass in a trellis's measured RTN, and the layers of a block
+measured and quantized side by side on the CPU threads (:mod:`mixq.threadmap`).  The metric is ``kfac-pos`` (``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections): ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
 the two are within 2-7 % at 3.0 and 4.0 bpw (generalization.md, second_model_default.md).  ``mixq-default-2``
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-5"
+RECIPE_NAME = "mixq-default-6"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
 from ..arch import arch_for, block_linears, get_blocks
+from ..memtrim import release_free_memory
 from ..moe.routing import MIN_EXPERT_TOKENS, pad_rare_experts
 from .stats import LayerStats, release_shared_input
 
@@ -235,6 +236,7 @@ def walk_blocks(
             checkpoint.commit(i, block, outs)  # outs: the inputs of block i + 1
         source.release(i, block)
         inps, outs = outs, inps
+        release_free_memory()  # the block's freed temporaries back to the system (mixq.memtrim)
     bar.close()
 
 

@@ -298,8 +298,6 @@ def _load_lazy(path: str):
 
 def _lazy_source(model, path: str, specs: dict):
     """Streams blocks from ``path``; keeps each block's tensors that are not quantized (to save them)."""
-    import ctypes
-
     from ..arch import arch_for
     from ..calib.lazy import LazySafetensorsBlocks
 
@@ -311,13 +309,7 @@ def _lazy_source(model, path: str, specs: dict):
             if name.removesuffix(".weight") not in specs:
                 kept[name] = v
 
-    src = LazySafetensorsBlocks(path, prefix, sink=sink)
-    try:  # hand the last block's freed pages back to the OS before the next one (glibc keeps them otherwise)
-        trim, load = ctypes.CDLL("libc.so.6").malloc_trim, src.load
-        src.load = lambda i, block, device: (trim(0), load(i, block, device))[1]
-    except (OSError, AttributeError):
-        pass
-    return src, kept
+    return LazySafetensorsBlocks(path, prefix, sink=sink), kept  # the walk trims the heap after each block
 
 
 def quantize_spec(args):

@@ -81,27 +81,29 @@ def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
     return bits, vals.T
 
 
-def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor):
+def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor, iters: int = SCALE_ITERS):
     """``(scale [R], bits [n, R], unit values [R, n])`` of one group ``Wg [R, n]``: the scales (rounded to the scale
-    dtype) start at each row's RMS and are refitted by least squares on the decoded values, ``SCALE_ITERS`` passes
+    dtype) start at each row's RMS and are refitted by least squares on the decoded values, ``iters`` passes
     in all; the pass of least total squared error is kept with its encoding.  (Rows share a column's trellis path,
     so scales are compared pass against pass, not row by row.)"""
     s = round_scale(Wg.pow(2).mean(1).sqrt(), spec)
     best = None
-    for it in range(SCALE_ITERS):
+    for it in range(iters):
         bits, U = _encode(Wg, s, spec.tcq_rate, table)
         err = float((Wg - U * s[:, None]).pow(2).sum())
         if best is None or err < best[0]:
             best = (err, s, bits, U)
-        if it + 1 < SCALE_ITERS:
+        if it + 1 < iters:
             s = round_scale((Wg * U).sum(1) / U.pow(2).sum(1).clamp_min(1e-12), spec)
     return best[1], best[2], best[3]
 
 
 @torch.no_grad()
 def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = None, method: str = "rtn", *,
-                 damp: float = 0.01, block_size: int = 128, hinv_chol=None, **_) -> tuple[TCQQTensor, torch.Tensor]:
-    """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under a TCQ spec (RTN, or GPTQ with ``H [C, C]``)."""
+                 damp: float = 0.01, block_size: int = 128, hinv_chol=None, scale_iters: int = SCALE_ITERS,
+                 **_) -> tuple[TCQQTensor, torch.Tensor]:
+    """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under a TCQ spec (RTN, or GPTQ with ``H [C, C]``);
+    ``scale_iters``: the scale-fitting passes of each group (:func:`fit_scales`)."""
     if not spec.trellis:
         raise ValueError(f"{spec.name} is not a TCQ spec")
     W0 = W.detach().to(torch.float32).cpu()
@@ -112,9 +114,10 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
     if method == "gptq":
         if H is None:
             raise ValueError("GPTQ needs the layer's H = XᵀX/N")
-        bits, scale, W_hat = _gptq(W0, H.detach().float().cpu(), spec, table, glen, damp, block_size, hinv_chol)
+        bits, scale, W_hat = _gptq(W0, H.detach().float().cpu(), spec, table, glen, damp, block_size, hinv_chol,
+                                   scale_iters)
     elif method == "rtn":
-        fits = [fit_scales(W0[:, j:j + glen], spec, table) for j in range(0, C, glen)]
+        fits = [fit_scales(W0[:, j:j + glen], spec, table, scale_iters) for j in range(0, C, glen)]
         scale = torch.stack([f[0] for f in fits], 1)
         bits = torch.cat([f[1] for f in fits], 0)
         W_hat = apply_scale(torch.cat([f[2] for f in fits], 1), scale, glen)
@@ -127,7 +130,7 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
     return qt, W_hat
 
 
-def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol):
+def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol, scale_iters):
     from ..algorithms.gptq import prepare_hessian
 
     R, C = W0.shape
@@ -140,7 +143,7 @@ def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol):
 
     def round_column(col, w, ahead):
         if col % glen == 0:  # a new group: its scales from the weights as updated so far
-            scale[:, col // glen] = fit_scales(ahead(glen), spec, table)[0]
+            scale[:, col // glen] = fit_scales(ahead(glen), spec, table, scale_iters)[0]
         s = scale[:, col // glen]
         b, u = _encode(w[:, None], s, spec.tcq_rate, table)
         bits[col] = b[0]

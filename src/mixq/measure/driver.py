@@ -40,12 +40,14 @@ from .gradients import gradient_stats
 from ..arch import set_weight
 from ..calib.capture import run_block
 from ..calib.dispatch import walk_placement
+from ..threadmap import thread_map
 from .layer import LayerJob
 from .layer import measure_layer as _measure_layer
 from .metrics import BLOCK_METRICS, METRICS, TOKEN_WEIGHTED, LayerSensitivity, block_error, layer_error
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq", "gptq-exact")
+_CHUNK = 2048  # tokens per float32 product of the token-weighted H
 
 
 def calibration_hash(calib_ids: torch.Tensor) -> str:
@@ -132,10 +134,15 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         if group.world > 1:
             entries.update(measure_shared(jobs, candidates, algorithm, group))
         else:
-            for j in jobs:
+            def one(j: LayerJob) -> LayerEntry:
                 W = j.weight()
-                entries[j.fqn] = _measure_layer(j.fqn, W, j.sens.to(W.device), candidates, algorithm,
-                                                lambda Wq, j=j, W=W: j.error(W, Wq))
+                return _measure_layer(j.fqn, W, j.sens.to(W.device), candidates, algorithm,
+                                      lambda Wq: j.error(W, Wq))
+
+            # block metrics run the shared block with one layer swapped in: one layer at a time there
+            done_now = thread_map(one, jobs, size=lambda j: j.shape[0] * j.shape[1],
+                                  parallel=metric not in BLOCK_METRICS and torch.device(device).type == "cpu")
+            entries.update({j.fqn: e for j, e in zip(jobs, done_now)})
         if partial_path is not None:
             _save_partial(partial_path, key, entries)
 
@@ -214,14 +221,15 @@ class _TokenWeightedH:
             if x.dim() != 3 or x.shape[1] != w.shape[1]:
                 a[3] = False
                 return
-            for r in range(rows):
-                if a[2] < w.shape[0]:
-                    xr = x[r].detach().to(torch.float64)
-                    wr = w[a[2]].to(device=xr.device, dtype=torch.float64)
-                    h = (xr * wr[:, None]).T @ xr
-                    a[0] = h if a[0] is None else a[0] + h
-                    a[1] += float(wr.sum())
-                a[2] += 1
+            n = min(rows, w.shape[0] - a[2])  # the rows of this call that have gradient weights
+            xs = x[:n].detach().to(torch.float32).reshape(-1, x.shape[-1])
+            ws = w[a[2]:a[2] + n].to(device=xs.device, dtype=torch.float32).reshape(-1)
+            for s in range(0, xs.shape[0], _CHUNK):  # float32 products, float64 sums (as calib.stats' H)
+                c, wc = xs[s:s + _CHUNK], ws[s:s + _CHUNK]
+                h = ((c * wc[:, None]).T @ c).to(torch.float64)
+                a[0] = h if a[0] is None else a[0] + h
+            a[1] += float(ws.sum(dtype=torch.float64))
+            a[2] += rows
         return hook
 
     def pop(self, fqn: str) -> torch.Tensor | None:

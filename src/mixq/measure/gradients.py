@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..arch import arch_for, block_linears, get_blocks
 from ..calib.dispatch import input_device
+from ..memtrim import release_free_memory
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bool = False,
@@ -62,6 +63,8 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
                                                reduction="sum")
             loss.backward()
             n_tok += ids.shape[1]
+            del logits, loss, x
+            release_free_memory()  # one row's activations, freed: without this the peak grows with every row
     finally:
         restore()
         for h in handles:

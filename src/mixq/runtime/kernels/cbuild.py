@@ -32,7 +32,7 @@ def load(name: str, source: str, fallback: str, signatures: dict[str, tuple]) ->
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         cc = os.environ.get("CC", "cc")
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # same filesystem: os.replace is atomic there
             src = Path(tmp) / f"{name}.c"
             src.write_text(source)
             so = Path(tmp) / f"{name}.so"
