@@ -74,8 +74,9 @@ def main():
                    + (f"--nsamples {args.nsamples} " if args.nsamples else "") + f"--budgets {args.budgets}")
     lines += [f"Each row is one `mixq` process under `/usr/bin/time -v` (cold start: Python, torch, model load "
               f"included), run one after another on an otherwise idle machine. Calibration {nsamples} × "
-              f"{seqlen} tokens of the default calibration (self+ptb); measurement metric kfac with GPTQ-scaled errors "
-              f"({info.get('plan', {}).get('metric', '?')}), exact solver. Measurement + plan took "
+              f"{seqlen} tokens of the default calibration (self+ptb); recipe {info.get('recipe', {}).get('name', '?')}: "
+              f"measurement metric {info.get('plan', {}).get('metric', '?')} with GPTQ-scaled errors, exact solver. "
+              f"Measurement + plan took "
               f"{info.get('measure_plan_seconds', float('nan')):.0f} s of the quantize run; the whole quantize run "
               f"(measure, plan, GPTQ, save) {info['seconds']:.0f} s inside the process.", "",
               "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
