@@ -47,10 +47,11 @@ class TCQQTensor:
         return self.spec.cost(self.shape)
 
     def stored_bits(self) -> int:
+        """The bits the stored parts hold: each column's steps (their widths from the schedule) and the scales."""
         from ..config.protocol import SCALE_BITS
 
-        return self.shape[0] * self.shape[1] * self.spec.trellis // 2 + self.scale.numel() * \
-            SCALE_BITS[self.spec.scale_dtype]
+        steps = int(schedule(self.spec.tcq_rate, self.bits.shape[1]).sum(dtype=torch.int64))
+        return self.bits.shape[0] * steps + self.scale.numel() * SCALE_BITS[self.spec.scale_dtype]
 
     def unit(self) -> torch.Tensor:
         """float32 ``[R, C]``: the table values before the scales."""
