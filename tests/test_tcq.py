@@ -142,7 +142,7 @@ def test_measurement_treats_tcq_as_its_own_family():
     from mixq.measure.layer import _family, _scalable
 
     c = parse_spec("TCQ2.5-channel+ip")
-    assert _scalable(c) and _family(c.inner) == ("tcq", 0) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
+    assert _scalable(c) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
 
 
 TRITON_CHILD = r"""

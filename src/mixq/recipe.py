@@ -7,8 +7,8 @@ incoherence processing (TCQ2-4-channel+ip) and the scalar grids plans still choo
 the exact knapsack solver, and GPTQ.  ``mixq-default-5`` has the trellis (TCQ) where ``mixq-default-4`` had the 2-D
 vector codebooks (VQ): on SmolLM2 the plans' KL fell 25-29 % in domain and 22-27 % out of domain at 2.5 and 3.0
 bpw (bench/results/tcq.md, generalization.md run ``tcq``).  ``mixq-default-6`` is ``-5`` made cheaper to run: two
-dominated 4-bit candidates dropped (:mod:`mixq.allocate.candidates`), one GPTQ/RTN ratio for all trellis rates
-(:func:`mixq.measure.layer._groups`), one scale pass in a trellis's measured RTN, and the layers of a block
+dominated 4-bit candidates dropped (:mod:`mixq.allocate.candidates`), one scale pass in a trellis's measured RTN,
+the freed heap handed back after each gradient row and block (:mod:`mixq.memtrim`), and the layers of a block
 measured and quantized side by side on the CPU threads (:mod:`mixq.threadmap`).  The metric is ``kfac-pos`` (``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections): ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2

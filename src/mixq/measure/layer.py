@@ -209,7 +209,7 @@ def _family(c) -> tuple[str, int]:
     if getattr(c, "vq_dim", 0):
         return f"vq{c.vq_dim}", min(4, c.vq_bits // c.vq_dim)
     if getattr(c, "trellis", 0):
-        return "tcq", 0  # one band for every rate (see _groups)
+        return "tcq", min(4, c.trellis // 2)
     return c.dtype, min(4, c.bits)
 
 
@@ -221,10 +221,9 @@ def _groups(cands) -> dict[tuple[str, int, bool], list[int]]:
     bit width below 4 bits and ``4`` from there up (for VQ: the whole bits of its rate, so VQ2 and VQ2.5 share a
     ratio): measured on SmolLM2's real layers, a layer's ratio moves by up to 2x between 2 and 3 bits but by
     about 15 % between 4 and 8 bits or across one VQ band, and the errors those ratios scale are small.  The
-    trellis rates (2-4 bits, ``+ip``) share one ratio, their median rate's: on the 21 layers of SmolLM2's blocks 0, 5
-    and 11 (all rows, self+ptb calibration) the other rates' ratios were a median 3.6 % and at most 28 % off TCQ3's,
-    against W2-g64-asym's being a median 1.35x (1.06-2.34x) W4-g64's; each trellis reference sweep took about 6 % of
-    the measurement's CPU time."""
+    trellis rates keep their bands (2, 3, 4): one ratio for all five rates (their ratios were a median 3.6 % and at
+    most 28 % off TCQ3's on 21 SmolLM2 layers) saved ~35 s of a 3.0-bpw quantize but its plans scored 3-5 % worse
+    KL in domain at 2.5 and 3.0 bpw (generalization.md runs ``default6``, ``default6-bands``)."""
     out: dict[tuple[str, int, bool], list[int]] = {}
     for k, c in enumerate(cands):
         if not c.is_float_keep and _scalable(c):
