@@ -171,15 +171,17 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 and -04 on this machine; runs named below)
 
-- **`mixq-default-6`: the same recipe made cheap enough for the cost target** (run `default6`: 13 default candidates,
-  NF4-g64 and W4-g64-asym dropped; one GPTQ/RTN ratio for all trellis rates; one scale pass in the measured trellis
+- **`mixq-default-6`: the same recipe made cheap enough for the cost target** (run `default6`, a first version: 13
+  default candidates, NF4-g64 and W4-g64-asym dropped; one GPTQ/RTN ratio for all trellis rates; one scale pass in the measured trellis
   RTN; block layers on 2 threads; measured at 9ba7c87 while the test suite shared the cores), mixed GPTQ, KL PTB /
   fortunes (against `tcq`, i.e. `mixq-default-5`): 2.5 bpw 0.360 / 0.535 (0.336 / 0.540), 3.0 bpw 0.191 / 0.286
   (0.186 / 0.282), 3.5 bpw 0.111 / 0.179 (0.110 / 0.178), 4.0 bpw 0.062 / 0.099 (0.063 / 0.099).  Within 1-3 % at
   3.0-4.0 bpw; 2.5 bpw is 7 % worse in domain and 1 % better out of it (which of the changes costs the 2.5-bpw plan
   was not isolated; the single trellis ratio moved 65 of the 1,050 trellis entries of the table by more than 20 %).
-  In exchange `mixq quantize --bpw 3.0` runs in 731 s with peak RSS 1.40x fp32 instead of 1678 s and 2.39x
-  (quantize_cost.md).
+  In exchange `mixq quantize --bpw 3.0` ran in 731 s with peak RSS 1.40x fp32 instead of 1678 s and 2.39x.
+  Run `default6-bands` is the same with the trellis's three ratio bands back (measured alone on the machine, 507 s):
+  2.5 bpw 0.348 / 0.528, 3.0 bpw 0.182 / 0.290 -- 3-5 % better in domain, -1 to +1 % out of domain -- so the bands
+  stay in `mixq-default-6` (quantize_cost.md has its cost).
 
 - **Trellis-coded bases in the candidates: the default since recipe `mixq-default-5`** (run `tcq`: the 15 default
   candidates with `TCQ<r>-channel+ip` in place of the five `VQ<r>-channel+ip`, `kfac-pos`, the same calibration
