@@ -93,14 +93,21 @@ def _moments(xt: torch.Tensor, x: torch.Tensor, hessian: bool):
     a = xf.abs()
     amax = a.amax(0).cpu()
     asum = a.sum(0, dtype=torch.float64).cpu()
-    xtx = None
-    if hessian:
-        xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-        for s in range(0, x.shape[0], _CHUNK):
-            c = xf[s : s + _CHUNK]
-            xtx += (c.T @ c).to(torch.float64).cpu()
+    xtx = gram(xf) if hessian else None
     _last[:] = [xt, xt._version, (amax, asum, xtx)]
     return _last[2]
+
+
+def gram(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``Σ_t w_t x_t x_tᵀ`` (``w = 1`` without ``weights [N]``) of ``x [N, in]``: float32 products over chunks of
+    at most :data:`_CHUNK` rows, summed in float64, on the CPU."""
+    xf = x.to(torch.float32)
+    w = None if weights is None else weights.to(device=xf.device, dtype=torch.float32)
+    out = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float64)
+    for s in range(0, xf.shape[0], _CHUNK):
+        c = xf[s : s + _CHUNK]
+        out += ((c if w is None else c * w[s : s + _CHUNK, None]).T @ c).to(torch.float64).cpu()
+    return out
 
 
 def release_shared_input() -> None:

@@ -40,6 +40,7 @@ from .gradients import gradient_stats
 from ..arch import set_weight
 from ..calib.capture import run_block
 from ..calib.dispatch import walk_placement
+from ..calib.stats import gram
 from ..threadmap import thread_map
 from .layer import LayerJob
 from .layer import measure_layer as _measure_layer
@@ -47,7 +48,6 @@ from .metrics import BLOCK_METRICS, METRICS, TOKEN_WEIGHTED, LayerSensitivity, b
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq", "gptq-exact")
-_CHUNK = 2048  # tokens per float32 product of the token-weighted H
 
 
 def calibration_hash(calib_ids: torch.Tensor) -> str:
@@ -222,12 +222,9 @@ class _TokenWeightedH:
                 a[3] = False
                 return
             n = min(rows, w.shape[0] - a[2])  # the rows of this call that have gradient weights
-            xs = x[:n].detach().to(torch.float32).reshape(-1, x.shape[-1])
-            ws = w[a[2]:a[2] + n].to(device=xs.device, dtype=torch.float32).reshape(-1)
-            for s in range(0, xs.shape[0], _CHUNK):  # float32 products, float64 sums (as calib.stats' H)
-                c, wc = xs[s:s + _CHUNK], ws[s:s + _CHUNK]
-                h = ((c * wc[:, None]).T @ c).to(torch.float64)
-                a[0] = h if a[0] is None else a[0] + h
+            ws = w[a[2]:a[2] + n].reshape(-1)
+            h = gram(x[:n].detach().reshape(-1, x.shape[-1]), ws)
+            a[0] = h if a[0] is None else a[0] + h
             a[1] += float(ws.sum(dtype=torch.float64))
             a[2] += rows
         return hook
