@@ -221,3 +221,26 @@ def test_codebook_layers_tune_their_scales(tiny_model, spec):
         assert getattr(qt.inner, codes).equal(getattr(qts[f].inner, codes))
         assert qt.inner.scale.half().float().equal(qt.inner.scale)
         assert torch.allclose(mods[f].weight, qt.dequantize(), atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["VQ3-channel+ip", "TCQ3-channel+ip", "TCQ3-g32+ip"])
+def test_row_scaled_ip_layers_run_on_their_fixed_basis(tiny_model, spec):
+    """With one scale per row, a tunable ``+ip`` codebook layer computes ``((x Vᵀ) · s) Q_out`` on the fixed
+    ``V = U Q_in`` instead of transforming its weight every step: the same output and the same scale gradient
+    as the dense ``F.linear(x, Ŵ)``; grouped scales keep the dense path."""
+    ref = tiny_model("llama")
+    f = "model.layers.0.mlp.up_proj"
+    qt = api.quantize_model(ref, {f: parse_spec(spec)}, method="rtn", progress=False).qtensors[f]
+    t = TunableLinear(qt, torch.randn(qt.shape[0]))
+    assert t.basis == spec.endswith("channel+ip")
+    with torch.no_grad():
+        t.theta.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, qt.shape[1], generator=torch.Generator().manual_seed(2))
+    y = t(x)
+    y.square().sum().backward()
+    g = t.theta.grad.clone()
+    t.theta.grad = None
+    dense = torch.nn.functional.linear(x, t.weight_hat(), t.bias)
+    dense.square().sum().backward()
+    assert torch.allclose(y, dense, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(g, t.theta.grad, atol=1e-4, rtol=1e-4)

@@ -40,7 +40,7 @@ from .calib.capture import _block_out, capture_block_inputs, run_block
 from .config import is_composite
 from .formats import QParams, QTensor
 from .granularity import rows_view
-from .intra.incoherence import IncoherentQTensor, unrotate_weight
+from .intra.incoherence import IncoherentQTensor, rotate, unrotate_weight
 from .intra.tcq import TCQQTensor, apply_scale
 from .intra.scales import group_len
 from .intra.vq import VQQTensor, decode as vq_decode, spec_codebook
@@ -89,7 +89,17 @@ class TunableLinear(nn.Module):
         self.spec, self.shape = inner.spec, tuple(inner.shape)
         self.vq = isinstance(inner, VQQTensor)  # codebook indices times a float scale per row and group
         self.tcq = isinstance(inner, TCQQTensor)  # trellis values (fixed with the bits) times a float scale
-        if self.vq or self.tcq:
+        # +ip with one scale per row: Ŵ = Q_outᵀ diag(s) V with V = U Q_in fixed, so the forward pass is
+        # ((x Vᵀ) · s) Q_out -- an output-side transform of the activations instead of two of the weight per step
+        self.basis = self.ip is not None and (self.vq or self.tcq) and group_len(self.spec, self.shape[1]) == self.shape[1]
+        if self.basis:
+            ones = torch.ones_like(inner.scale, dtype=torch.float32)
+            U = inner.unit() if self.tcq else vq_decode(inner.codes, ones, spec_codebook(self.spec), self.shape[1])
+            self.register_buffer("vbasis", rotate(U.float(), self.ip[0], transpose=True).contiguous())
+            self.register_buffer("scale0", inner.scale.float().clone())
+            self.register_buffer("zero", None)
+            self.offset = None
+        elif self.vq or self.tcq:
             if self.vq:
                 self.register_buffer("codes", inner.codes.clone())
                 self.register_buffer("book", spec_codebook(self.spec))
@@ -117,6 +127,9 @@ class TunableLinear(nn.Module):
         return QParams(scale=scale, zero=self.zero, offset=offset)
 
     def weight_hat(self, rounded: bool = False) -> torch.Tensor:
+        if self.basis:
+            Wr = self.vbasis * self._params(rounded).scale.reshape(-1, 1)
+            return rotate(Wr.T, self.ip[1], transpose=True).T.contiguous()
         if self.vq:
             W = vq_decode(self.codes, self._params(rounded).scale, self.book, group_len(self.spec, self.shape[1]))
         elif self.tcq:
@@ -126,6 +139,10 @@ class TunableLinear(nn.Module):
         return W if self.ip is None else unrotate_weight(W, self.ip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.basis:
+            z = F.linear(x, self.vbasis.to(x.dtype)) * self._params().scale.reshape(-1).to(x.dtype)
+            y = rotate(z, self.ip[1], transpose=True)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
 
     def stored(self):
