@@ -138,6 +138,34 @@ def test_kernels_match_the_reference(name, shape):
             assert lin.inner.last_kernel == kernel
 
 
+@needs_native
+@pytest.mark.parametrize("name,shape", [("TCQ2-channel", (48, 96)), ("TCQ2.5-channel", (40, 64)),
+                                        ("TCQ3-g16", (24, 80)), ("TCQ3.5-channel", (32, 72)),
+                                        ("TCQ4-g32", (16, 64)), ("TCQ3-channel", (8, 20)),
+                                        ("TCQ2.5-channel", (16, 136))])
+def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
+    """The AVX2 path (eight columns per step, where the CPU has it) and the scalar one give the reference product
+    for every rate, grouped scales, several tokens and uneven thread splits; a stream with too little padding for
+    the vector loads (2 bytes), or groups not a multiple of 8 columns (the last case), run the scalar path."""
+    from mixq.intra.scales import group_len
+    from mixq.intra.tcq import STATE_BITS, stream_layout
+    from mixq.intra.tcq_codebook import lut
+
+    spec = parse_spec(name)
+    R, C = shape
+    qt, W_hat, _ = quantize_layer(torch.randn(R, C, generator=torch.Generator().manual_seed(5)), spec)
+    packed = pack_tcq(qt)["tcq.codes"]
+    P, width, k1 = stream_layout(spec)
+    args = (qt.scale.float().contiguous(), lut(spec.tcq_rate), R, P, width, k1, STATE_BITS, group_len(spec, C))
+    for pad in (2, 4):
+        stream = torch.cat([packed, torch.zeros(pad, dtype=torch.uint8)])
+        for M in (1, 3, 7):
+            x = torch.randn(M, C, generator=torch.Generator().manual_seed(M))
+            for vector in (False, True):
+                torch.testing.assert_close(tcq_cpu.gemv(x, stream, *args, vector=vector), x @ W_hat.T,
+                                           rtol=1e-4, atol=1e-4)
+
+
 def test_measurement_treats_tcq_as_its_own_family():
     from mixq.measure.layer import _family, _scalable
 

@@ -11,7 +11,10 @@ split over OpenMP threads.
 
 ``tcq_decode``: ``Ŵ`` from the stream, a column per thread step.  ``tcq_gemv``: ``y[m, r] = Σ_g s[r, g] Σ_{j in g} x[m, j] · lut[state(r, j)]`` from the column-major symbol stream
 (``w``-bit symbols, LSB-first packed, one per ``P`` rows of a column): each thread walks whole columns of its
-column range, four at a time so that four state chains run side by side, into a private partial sum.
+column range, four at a time so that four state chains run side by side, into a private partial sum -- or, where
+the CPU has AVX2 (and the scale groups are a multiple of 8 columns), eight columns at once, one state chain per
+vector lane, with a gather for each lane's symbols (every few rows) and one for its table entries (every row):
+2-2.5x faster than the scalar path on one EPYC thread.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
 works, and the callers fall back to torch (:func:`mixq.intra.tcq_codebook.viterbi_torch`, dequantize + dense GEMM).
@@ -136,9 +139,77 @@ void tcq_decode(const uint8_t* stream, const float* scale, const float* lut, flo
    padded by >= 2 bytes; scale [R, G] (groups of glen columns); lut [2^L]; y [M, R].  Each thread walks whole
    columns of its column range, four at a time (four independent state chains), into a private [M, R] partial
    sum per group, scaled into its private y; the threads' y are added at the end. */
+#ifdef __AVX2__
+#include <immintrin.h>
+/* The AVX2 GEMV: eight columns side by side, one per lane, each lane its own state chain (every lane shifts by
+   the same widths, so the chains step together).  A lane's symbols come from a 32-bit bit reservoir refilled by
+   one gather every K symbols; the table entries by one gather per row; each lane accumulates into its own slot
+   of A [MT][R][8], summed across lanes and scaled when a scale group (or the thread's columns) ends.  Needs
+   glen % 8 == 0, the stream padded by >= 4 bytes and < 2^31 bits. */
+#define TCQ_VT 4
+static void tcq_gemv_avx2(const float* x, const uint8_t* stream, const float* scale, const float* lut, float* yt,
+                          int M, int R, int C, int P, int wbits, int k1, int L, int glen, int c0, int c1) {
+  const int NS = R / P, G = C / glen;
+  const int K = 25 / wbits;  /* symbols per refill: a 32-bit load shifted by <= 7 bits keeps 25 */
+  const __m256i smask = _mm256_set1_epi32((1 << L) - 1), wmask = _mm256_set1_epi32((1 << wbits) - 1);
+  const __m128i cw = _mm_cvtsi32_si128(wbits), ck1 = _mm_cvtsi32_si128(k1), cwk = _mm_cvtsi32_si128(wbits - k1);
+  const __m256i seven = _mm256_set1_epi32(7), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  float* A = (float*)aligned_alloc(32, sizeof(float) * (size_t)TCQ_VT * R * 8 + 32);
+  for (int m0 = 0; m0 < M; m0 += TCQ_VT) {
+    const int mm = M - m0 < TCQ_VT ? M - m0 : TCQ_VT;
+    memset(A, 0, sizeof(float) * (size_t)mm * R * 8);
+    for (int j = c0; j < c1; j += 8) {
+      __m256 xv[TCQ_VT];
+      for (int a = 0; a < mm; a++) xv[a] = _mm256_loadu_ps(x + (size_t)(m0 + a) * C + j);
+      /* bit position of each lane's first symbol: (j + l) * NS * wbits */
+      const __m256i base = _mm256_mullo_epi32(_mm256_add_epi32(_mm256_set1_epi32(j), lanes),
+                                              _mm256_set1_epi32(NS * wbits));
+      __m256i s = _mm256_setzero_si256();
+      for (int i0 = 0; i0 < NS; i0 += K) {
+        const __m256i bit = _mm256_add_epi32(base, _mm256_set1_epi32(i0 * wbits));
+        __m256i buf = _mm256_i32gather_epi32((const int*)stream, _mm256_srli_epi32(bit, 3), 1);
+        buf = _mm256_srlv_epi32(buf, _mm256_and_si256(bit, seven));
+        const int iend = i0 + K < NS ? i0 + K : NS;
+        for (int i = i0; i < iend; i++) {
+          const __m256i sym = _mm256_and_si256(buf, wmask);
+          buf = _mm256_srl_epi32(buf, cw);
+          if (P == 2) {
+            const __m256i mid = _mm256_and_si256(_mm256_or_si256(_mm256_sll_epi32(s, cwk), _mm256_srl_epi32(sym, ck1)), smask);
+            const __m256 u = _mm256_i32gather_ps(lut, mid, 4);
+            for (int a = 0; a < mm; a++) {
+              float* q = A + ((size_t)a * R + 2 * i) * 8;
+              _mm256_store_ps(q, _mm256_fmadd_ps(xv[a], u, _mm256_load_ps(q)));
+            }
+          }
+          s = _mm256_and_si256(_mm256_or_si256(_mm256_sll_epi32(s, cw), sym), smask);
+          const __m256 v = _mm256_i32gather_ps(lut, s, 4);
+          for (int a = 0; a < mm; a++) {
+            float* q = A + ((size_t)a * R + P * i + P - 1) * 8;
+            _mm256_store_ps(q, _mm256_fmadd_ps(xv[a], v, _mm256_load_ps(q)));
+          }
+        }
+      }
+      if ((j + 8) % glen == 0 || j + 8 >= c1) {  /* a scale group (or this thread's columns) ends */
+        const int g = j / glen;
+        for (int a = 0; a < mm; a++)
+          for (int r = 0; r < R; r++) {
+            float* q = A + ((size_t)a * R + r) * 8;
+            const __m128 h = _mm_add_ps(_mm_load_ps(q), _mm_load_ps(q + 4));
+            const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            const float sum = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+            yt[(size_t)(m0 + a) * R + r] += sum * scale[(size_t)r * G + g];
+          }
+        memset(A, 0, sizeof(float) * (size_t)mm * R * 8);
+      }
+    }
+  }
+  free(A);
+}
+#endif
+
 #define TCQ_MT 4
 void tcq_gemv(const float* x, const uint8_t* stream, const float* scale, const float* lut, float* y,
-              int M, int R, int C, int P, int wbits, int k1, int L, int glen) {
+              int M, int R, int C, int P, int wbits, int k1, int L, int glen, int vec) {
   const int NS = R / P, G = C / glen;
   const uint32_t mask = (1u << L) - 1u;
   int nt = 1;
@@ -153,8 +224,15 @@ void tcq_gemv(const float* x, const uint8_t* stream, const float* scale, const f
     #ifdef _OPENMP
     t = omp_get_thread_num();
     #endif
-    const int c0 = (int)((long)C * t / nt), c1 = (int)((long)C * (t + 1) / nt);
     float* yt = part + (size_t)t * M * R;
+    #ifdef __AVX2__
+    if (vec && glen % 8 == 0) {
+      const int c0 = 8 * (int)((long)(C / 8) * t / nt), c1 = 8 * (int)((long)(C / 8) * (t + 1) / nt);
+      if (c1 > c0) tcq_gemv_avx2(x, stream, scale, lut, yt, M, R, C, P, wbits, k1, L, glen, c0, c1);
+    } else
+    #endif
+    {
+    const int c0 = (int)((long)C * t / nt), c1 = (int)((long)C * (t + 1) / nt);
     float* acc = (float*)malloc(sizeof(float) * (size_t)M * R);
     int j = c0;
     while (j < c1) {
@@ -205,6 +283,7 @@ void tcq_gemv(const float* x, const uint8_t* stream, const float* scale, const f
       j = jend;
     }
     free(acc);
+    }
   }
   for (size_t q = 0; q < (size_t)M * R; q++) {
     float v = 0.0f;
@@ -221,7 +300,7 @@ def _lib():
     return load("tcq_cpu", SOURCE, "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
         "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
-        "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 8)})
+        "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9)})
 
 
 def available() -> bool:
@@ -249,8 +328,10 @@ def viterbi(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tenso
 
 
 def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, P: int,
-         wbits: int, k1: int, L: int, glen: int) -> torch.Tensor:
-    """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by a byte)."""
+         wbits: int, k1: int, L: int, glen: int, *, vector: bool = True) -> torch.Tensor:
+    """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by >= 2 bytes;
+    the AVX2 path, where the CPU has it, needs 4 bytes of padding and scale groups of a multiple of 8 columns --
+    else, or with ``vector=False``, the scalar path runs)."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("the tcq-cpu kernel is not available (no working C compiler)")
@@ -261,8 +342,10 @@ def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.
         raise ValueError(f"tcq gemv: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
                          f"[{R}, {C}] at {wbits} bits per {P} rows")
     y = torch.empty(M, R, dtype=torch.float32)
+    bits = (R // P) * C * wbits
+    vec = int(vector and stream.numel() * 8 >= bits + 32 and bits + 32 < 2**31)
     lib.tcq_gemv(x.data_ptr(), stream.contiguous().data_ptr(), scale.data_ptr(), lut.data_ptr(), y.data_ptr(),
-                 M, R, C, P, wbits, k1, L, glen)
+                 M, R, C, P, wbits, k1, L, glen, vec)
     return y
 
 

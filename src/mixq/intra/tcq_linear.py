@@ -4,7 +4,8 @@
                    result
 ``tcq-cpu``        (CPU, ``M <= CPU_MAX_TOKENS``) the native decode-and-dot GEMV of :mod:`mixq.intra.tcq_cpu`
                    on the packed stream (a padded copy, ``rate`` bits per weight in RAM): each thread walks the
-                   columns of its range top to bottom, four state chains side by side
+                   columns of its range top to bottom, four state chains side by side (eight, one per AVX2
+                   lane, where the CPU has AVX2)
 ``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call from the stream (natively, a column per
                    thread step; in torch without a compiler), dense fp32 GEMM
 
@@ -38,7 +39,7 @@ class TCQLinear(PackedCodesLinear):
         return bool(spec.trellis)
 
     def _part(self, name: str, device="cpu") -> torch.Tensor:
-        """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 2 bytes."""
+        """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 4 bytes."""
         key = (name, str(device))
         if key not in self._cache:
             if name == "scale":
@@ -46,7 +47,7 @@ class TCQLinear(PackedCodesLinear):
             elif name == "lut":
                 t = tcq_lut(self.spec.tcq_rate)
             else:
-                t = torch.cat([self.codes_packed.cpu(), torch.zeros(2, dtype=torch.uint8)])
+                t = torch.cat([self.codes_packed.cpu(), torch.zeros(4, dtype=torch.uint8)])
             self._cache[key] = t.to(device)
         return self._cache[key]
 
