@@ -127,16 +127,22 @@ def test_cli_finetune(tiny_dir, tmp_path, capsys, spec):
     assert json.loads((src / "mixq.json").read_text())["format"]  # the source is untouched
 
 
-def test_quantize_with_finetune(tiny_dir, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--finetune", "block"]])
+def test_quantize_with_finetune(tiny_dir, tmp_path, flags):
+    """`mixq quantize` fine-tunes by default (the recipe's end-to-end stage; `--finetune block` the block-wise one)
+    from a scratch directory it removes."""
     calib = tmp_path / "c.txt"
     calib.write_text("shares rose in heavy trading as investors bought bank stocks and bonds .\n" * 60)
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "8",
-                 "--seqlen", "16", "--grad-samples", "2", "--finetune", "--finetune-samples", "8",
+                 "--seqlen", "16", "--grad-samples", "2", *flags, "--finetune-samples", "8",
                  "--out", str(out)]) == 0
     info = read_info(out)
-    assert info["method"] == "gptq" and info["recipe"]["deviations"]["finetune"] is True
-    assert info["finetune"]["rows"]["train"] == 6 and (out / "plan.json").exists()
+    assert info["method"] == "gptq" and info["recipe"]["deviations"].get("finetune") == ("block" if flags else None)
+    ft = info["finetune"]
+    assert ("blocks" in ft) == bool(flags) and ("e2e" in ft) != bool(flags)
+    assert (ft["rows"] if flags else ft["e2e"]["rows"])["train"] == 6 and (out / "plan.json").exists()
+    assert (tmp_path / "q.finetune.png").exists()
     assert not list(tmp_path.glob(".q.*"))  # no scratch left behind
 
 

@@ -14,8 +14,10 @@ def test_quantize_defaults_are_the_recipe():
 
 
 def test_deviations_are_named():
-    args = build_parser().parse_args(["quantize", "--bpw", "3", "--method", "rtn", "--nsamples", "8", "--finetune",
-                                      "--out", "x"])
+    args = build_parser().parse_args(["quantize", "--bpw", "3", "--method", "rtn", "--nsamples", "8", "--out", "x"])
     dev = recipe_record(args)["deviations"]
-    assert dev == {"method": "rtn", "nsamples": 8, "algorithm": "rtn", "finetune": True}
+    assert dev == {"method": "rtn", "nsamples": 8, "algorithm": "rtn", "finetune": "none"}  # RTN: no data, no tuning
+    args = build_parser().parse_args(["quantize", "--bpw", "3", "--finetune", "block", "--out", "x"])
+    assert args.finetune == "block" and recipe_record(args)["deviations"] == {"finetune": "block"}
+    assert build_parser().parse_args(["quantize", "--bpw", "3", "--finetune", "--out", "x"]).finetune == "e2e"
     assert recipe_record(SimpleNamespace(method="gptq", algorithm="gptq-exact"))["deviations"] == {"algorithm": "gptq-exact"}

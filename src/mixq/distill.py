@@ -360,12 +360,23 @@ class _Checkpoint:
 
 
 def plot_curves(report: dict, path: str | Path) -> Path:
-    """Held-out loss before and after per block, and each block's held-out curve over epochs (PNG)."""
+    """Held-out loss before and after per block, and each block's held-out curve over epochs (PNG); a report of the
+    end-to-end stage alone: its held-out and train KL per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "blocks" not in report:  # the end-to-end stage alone: its held-out KL per epoch
+        e = report["e2e"]
+        fig, a = plt.subplots(figsize=(6, 4))
+        a.plot(range(len(e["held_out"])), e["held_out"], "o-", label="held-out KL")
+        a.plot(range(1, len(e["train"]) + 1), e["train"], "o-", label="train KL (epoch mean)")
+        a.set_xlabel("epoch")
+        a.set_ylabel("KL to the base model (nats / token)")
+        a.legend()
+        fig.suptitle(f"end-to-end fine-tuning ({e['rows']['train']} train / {e['rows']['held_out']} held-out rows)")
+        return _save_png(fig, path)
     blocks = report["blocks"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     x = [r["block"] for r in blocks]
@@ -382,6 +393,12 @@ def plot_curves(report: dict, path: str | Path) -> Path:
     b.set_ylabel("held-out loss / before")
     b.axhline(1.0, color="k", lw=0.5)
     fig.suptitle(f"block-wise fine-tuning ({report['rows']['train']} train / {report['rows']['held_out']} held-out rows)")
+    return _save_png(fig, path)
+
+
+def _save_png(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")

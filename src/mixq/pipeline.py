@@ -293,7 +293,7 @@ def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: d
 # ---------------------------------------------------------------------------- fine-tuning
 def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: str | None = None,
              nsamples: int = 32, seqlen: int = 512, seed: int = 0, bos="auto", config=None, e2e="default",
-             overwrite: bool = False, plot: bool = True, progress: bool = True) -> dict:
+             block: bool = True, overwrite: bool = False, plot: bool = True, progress: bool = True) -> dict:
     """Fine-tune the quantized directory ``src_dir`` with its codes fixed and write ``out_dir`` (``mixq finetune``).
 
     Block-wise distillation of the scales (and norms) towards the directory's base model on ``nsamples`` x
@@ -303,7 +303,9 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     ``out_dir``).  ``plot``: the loss curves as ``<out_dir>.finetune.png``.  Returns the report (also recorded as
     ``finetune`` in ``out_dir``'s ``mixq.json``).  ``e2e``: then the end-to-end stage on the base model's logits
     (:mod:`mixq.distill_e2e`), with an :class:`~mixq.distill_e2e.E2EConfig`, ``"default"`` (its defaults) or
-    None (block-wise only); its report is ``report["e2e"]``.
+    None (block-wise only); its report is ``report["e2e"]``.  ``block=False`` skips the block-wise stage (the
+    report then holds the end-to-end one's only, which must run): what ``mixq quantize`` runs by default
+    (:mod:`mixq.recipe`).
     """
     from pathlib import Path
 
@@ -316,6 +318,8 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
     if out.resolve() == src.resolve():
         raise ValueError("finetune writes a new directory: --out must differ from the source")
+    if not block and e2e is None:
+        raise ValueError("finetune: block=False and e2e=None leave no stage to run")
     cfg = config or FinetuneConfig()
     info = read_info(src)
     base = info.get("base_model")
@@ -326,10 +330,12 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     _, qtensors, _ = read_qtensors(src)
     cal = build_calibration(ref, tok, calib, nsamples, seqlen, seed, bos=bos, progress=progress)
     key = {"source": info.get("files"), "calibration": cal.sha256}
-    new, report = finetune_blockwise(qmodel, ref, qtensors, cal.ids, cfg, progress=progress, key=key,
-                                     checkpoint=out.with_name(f".{out.name}.partial-finetune"))
+    new, report = qtensors, {}
+    if block:
+        new, report = finetune_blockwise(qmodel, ref, qtensors, cal.ids, cfg, progress=progress, key=key,
+                                         checkpoint=out.with_name(f".{out.name}.partial-finetune"))
+        report["held_out_gain"] = mean_gain(report)
     report["calibration"] = cal.record()
-    report["held_out_gain"] = mean_gain(report)
     if e2e is not None:
         from .distill_e2e import E2EConfig, finetune_e2e
 

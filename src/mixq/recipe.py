@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-6"
+RECIPE_NAME = "mixq-default-7"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB
@@ -34,7 +34,8 @@ DEFAULT_RECIPE: dict[str, object] = {
     "damp": 0.01,              # --damp (GPTQ)
     "act_order": False,        # --act-order
     "rotate": False,           # --rotate (QuaRot): +ip candidates transform each layer instead
-    "finetune": False,         # --finetune (block-wise distillation of scales and norms)
+    "finetune": "e2e",         # --finetune: one epoch of end-to-end distillation of the scales and norms on the
+                               # fp model's logits, codes fixed (mixq.distill_e2e); with --method gptq only
 }
 
 
@@ -46,6 +47,8 @@ def recipe_record(args) -> dict:
         have = getattr(args, k, v)
         if k == "algorithm" and have is None:
             have = "gptq" if getattr(args, "method", v) == "gptq" else "rtn"
+        if k == "finetune" and have is None:  # not resolved yet: the recipe's with GPTQ, none otherwise
+            have = v if getattr(args, "method", DEFAULT_RECIPE["method"]) == "gptq" else "none"
         if have != v:
             dev[k] = have
     return {"name": RECIPE_NAME, "deviations": dev}

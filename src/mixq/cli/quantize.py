@@ -44,9 +44,11 @@ def register(sub) -> None:
     measure_args(q)
     constraint_args(q)
     solver_arg(q, "with --bpw: allocation solver")
-    q.add_argument("--finetune", action="store_true",
-                   help="then fine-tune the scales and norms block by block with the codes fixed (`mixq finetune` "
-                        "with its defaults, on the first --finetune-samples rows of this --calib)")
+    q.add_argument("--finetune", nargs="?", const="e2e", default=None, choices=FINETUNE_STAGES,
+                   help="then fine-tune the scales and norms with the codes fixed (`mixq finetune`'s settings, on "
+                        "--finetune-samples rows of this --calib): 'e2e' all blocks at once on the base model's "
+                        "logits (the default with --method gptq, and what a bare --finetune means), 'block' block by "
+                        "block, 'block+e2e' both, 'none' neither (the default with other methods and with --lazy)")
     q.add_argument("--finetune-samples", type=int, default=32, help="calibration rows of --finetune (default 32)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -75,6 +77,7 @@ def cmd_quantize(args) -> int:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
     claim_output(out, args.force)  # before any work: an unwritable, mistyped or busy --out fails now
     check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
+    args.finetune = resolve_finetune(args)
     if args.lazy:
         _check_lazy(args)
     if args.offload_dir is not None and args.method != "gptq":
@@ -145,7 +148,7 @@ def cmd_quantize(args) -> int:
             "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
             **({"activations": args.activations} if getattr(args, "activations", None) else {})}
     final = out
-    if args.finetune:  # quantized into a scratch directory, fine-tuned from there into --out
+    if args.finetune != "none":  # quantized into a scratch directory, fine-tuned from there into --out
         out = out.with_name(f".{out.name}.quantized")
         if out.exists():
             import shutil
@@ -160,7 +163,7 @@ def cmd_quantize(args) -> int:
         walk.clear()
     if measured:  # the scratch measurement beside --out is in the output now
         final.with_name(f".{final.name}.measurement.json").unlink(missing_ok=True)
-    if args.finetune:
+    if args.finetune != "none":
         _finetune(out, final, args)
         out = final
     print(f"wrote {out}: {len(specs)} layers, {label} ({args.method}), "
@@ -264,11 +267,34 @@ def _finetune(scratch: Path, out: Path, args) -> None:
     from ..pipeline import finetune
 
     check_positive(finetune_samples=args.finetune_samples)
+    stages = args.finetune.split("+")
     rep = finetune(scratch, out, calib=args.calib, nsamples=args.finetune_samples, seqlen=args.seqlen,
-                   seed=args.seed, bos=args.bos, overwrite=args.force)
+                   seed=args.seed, bos=args.bos, overwrite=args.force, block="block" in stages,
+                   e2e="default" if "e2e" in stages else None)
     shutil.rmtree(scratch)
-    print(f"fine-tuned: held-out block loss x{rep['held_out_gain']:.3f} (geometric mean over blocks), "
-          f"{rep['seconds']:.0f} s" + (f"; curves in {rep['plot']}" if rep.get("plot") else ""))
+    parts = []
+    if "held_out_gain" in rep:
+        parts.append(f"held-out block loss x{rep['held_out_gain']:.3f} (geometric mean over blocks), "
+                     f"{rep['seconds']:.0f} s")
+    if "e2e" in rep:
+        e = rep["e2e"]
+        parts.append(f"end-to-end held-out KL {e['held_out_before']:.4f} -> {e['held_out_after']:.4f}, "
+                     f"{e['seconds']:.0f} s")
+    print("fine-tuned: " + "; ".join(parts) + (f"; curves in {rep['plot']}" if rep.get("plot") else ""))
+
+
+FINETUNE_STAGES = ("none", "e2e", "block", "block+e2e")
+
+
+def resolve_finetune(args) -> str:
+    """The fine-tuning stages this run does: ``--finetune`` as given, else the recipe's with GPTQ on a model in
+    memory (:mod:`mixq.recipe`), else none."""
+    if args.finetune is not None:
+        if args.finetune != "none" and args.lazy:
+            raise UserError("--finetune needs the whole model in memory: it cannot run with --lazy "
+                            "(fine-tune the directory afterwards with `mixq finetune` on a larger machine)")
+        return args.finetune
+    return DEFAULT_RECIPE["finetune"] if args.method == "gptq" and not args.lazy else "none"
 
 
 def _check_lazy(args) -> None:
