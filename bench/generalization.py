@@ -49,6 +49,8 @@ def main():
                                                            "a named set or a file of spec names (as mixq measure)")
     ap.add_argument("--spec", default=None, help="instead of plans: GPTQ with this one spec on every layer (no "
                                                  "measurement; isolates how GPTQ itself fits its calibration rows)")
+    ap.add_argument("--measurement", default=None, help="use this saved table (e.g. the measurement.json of a "
+                                                        "`mixq quantize` run on the same calibration) for the plans")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
@@ -64,7 +66,8 @@ def main():
            + (f" --metric {args.metric}" if args.metric != "kfac" else "")
            + (f" --candidates {args.candidates}" if args.candidates != "default" else "")
            + (f" --budgets {args.budgets}" if args.budgets != "2.5,3,3.5,4,4.5" else "")
-           + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else ""))
+           + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else "")
+           + (f" --measurement {args.measurement}" if args.measurement else ""))
     ref, tok = load_model("smollm2-135m")
     evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     bos = evals.bos
@@ -86,6 +89,13 @@ def main():
         for v in variants:
             if (v, b) in done:
                 continue
+            if table is None and args.measurement:
+                from mixq.allocate import SensitivityTable
+
+                table = SensitivityTable.load(args.measurement)
+                if table.meta.get("calibration_record", {}).get("sha256") not in (None, calib.sha256):
+                    raise SystemExit(f"{args.measurement} was measured on other calibration rows")
+                doc["measure_seconds"] = f"from {args.measurement}"
             if table is None:
                 table = _measurement(ref, calib, doc, cands, args.metric)
             plan = allocate(table, Budget(bpw=b),
@@ -93,10 +103,16 @@ def main():
             model = copy.deepcopy(ref)
             t = time.perf_counter()
             method = "rtn" if v.endswith("RTN") else "gptq"
-            api.quantize_model(model, dict(plan.layers), method=method, damp=args.damp, act_order=args.act_order,
-                               calib_ids=None if method == "rtn" else calib.ids, progress=False)
+            res = api.quantize_model(model, dict(plan.layers), method=method, damp=args.damp,
+                                     act_order=args.act_order, calib_ids=None if method == "rtn" else calib.ids,
+                                     progress=False)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
+            if v.endswith("+e2e"):  # then the recipe's fine-tuning (mixq-default-7) on the same calibration rows
+                from mixq.distill_e2e import E2EConfig, finetune_e2e
+
+                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(), progress=False)
+                row["e2e"] = {k: rep[k] for k in ("held_out_before", "held_out_after", "epoch_kept", "seconds")}
             score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
             del model
 

@@ -119,7 +119,7 @@ def test_cli_finetune(tiny_dir, tmp_path, capsys, spec):
     e2e = info["finetune"]["e2e"]
     assert e2e["held_out_after"] <= e2e["held_out_before"] and e2e["layers_tuned"] > 0
     assert info["finetune"]["rows"] == {"train": 6, "held_out": 2} and len(info["finetune"]["blocks"]) == 2
-    assert info["recipe"]["name"] and (tmp_path / "ft.finetune.png").stat().st_size > 0
+    assert info["recipe"]["name"] and (tmp_path / "ft" / "finetune.png").stat().st_size > 0
     model, tok, _ = load_quantized(out)
     assert tok is not None
     assert main(args) == 2  # an existing --out is refused
@@ -142,7 +142,7 @@ def test_quantize_with_finetune(tiny_dir, tmp_path, flags):
     ft = info["finetune"]
     assert ("blocks" in ft) == bool(flags) and ("e2e" in ft) != bool(flags)
     assert (ft["rows"] if flags else ft["e2e"]["rows"])["train"] == 6 and (out / "plan.json").exists()
-    assert (tmp_path / "q.finetune.png").exists()
+    assert (out / "finetune.png").exists() and info["finetune"]["plot"].endswith("finetune.png")
     assert not list(tmp_path.glob(".q.*"))  # no scratch left behind
 
 
@@ -232,8 +232,8 @@ def test_codebook_layers_tune_their_scales(tiny_model, spec):
 @pytest.mark.parametrize("spec", ["VQ3-channel+ip", "TCQ3-channel+ip", "TCQ3-g32+ip"])
 def test_row_scaled_ip_layers_run_on_their_fixed_basis(tiny_model, spec):
     """With one scale per row, a tunable ``+ip`` codebook layer computes ``((x Vᵀ) · s) Q_out`` on the fixed
-    ``V = U Q_in`` instead of transforming its weight every step: the same output and the same scale gradient
-    as the dense ``F.linear(x, Ŵ)``; grouped scales keep the dense path."""
+    ``V = U Q_in`` (fp16) instead of transforming its weight every step: the output and the scale gradient of the
+    dense ``F.linear(x, Ŵ)`` to fp16's rounding; grouped scales keep the dense path."""
     ref = tiny_model("llama")
     f = "model.layers.0.mlp.up_proj"
     qt = api.quantize_model(ref, {f: parse_spec(spec)}, method="rtn", progress=False).qtensors[f]
@@ -248,5 +248,26 @@ def test_row_scaled_ip_layers_run_on_their_fixed_basis(tiny_model, spec):
     t.theta.grad = None
     dense = torch.nn.functional.linear(x, t.weight_hat(), t.bias)
     dense.square().sum().backward()
-    assert torch.allclose(y, dense, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(g, t.theta.grad, atol=1e-4, rtol=1e-4)
+    tol = 2e-3 if t.basis else 1e-5  # the basis is kept in fp16
+    assert torch.allclose(y, dense, atol=tol * float(dense.abs().max()), rtol=tol)
+    assert torch.allclose(g, t.theta.grad, atol=10 * tol * float(t.theta.grad.abs().max()), rtol=10 * tol)
+
+
+def test_chunked_kl_loss_matches_the_direct_one():
+    """The end-to-end loss, computed a few tokens at a time, equals KL(p_ref ‖ p_q) and its gradient in the
+    quantized model's logits over more tokens than one chunk."""
+    import torch.nn.functional as F
+
+    from mixq.distill_e2e import KL_CHUNK, kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(2, KL_CHUNK + 7, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, KL_CHUNK + 7, 40, generator=g, dtype=torch.float64)
+    want = F.kl_div(F.log_softmax(a.reshape(-1, 40), -1), F.log_softmax(b.reshape(-1, 40), -1), log_target=True,
+                    reduction="batchmean")
+    got = kl_loss(a, b)
+    (2 * got).backward()
+    grad = a.grad.clone()
+    a.grad = None
+    (2 * want).backward()
+    assert abs(float(got.detach()) - float(want.detach())) < 1e-6 and torch.allclose(grad, a.grad, atol=1e-9)

@@ -90,12 +90,14 @@ class TunableLinear(nn.Module):
         self.vq = isinstance(inner, VQQTensor)  # codebook indices times a float scale per row and group
         self.tcq = isinstance(inner, TCQQTensor)  # trellis values (fixed with the bits) times a float scale
         # +ip with one scale per row: Ŵ = Q_outᵀ diag(s) V with V = U Q_in fixed, so the forward pass is
-        # ((x Vᵀ) · s) Q_out -- an output-side transform of the activations instead of two of the weight per step
+        # ((x Vᵀ) · s) Q_out -- an output-side transform of the activations instead of two of the weight per step.
+        # V is kept in fp16 (half the memory; 2^-11 relative rounding of the training forward); the weights
+        # written at the end come from the exact parts (weight_hat)
         self.basis = self.ip is not None and (self.vq or self.tcq) and group_len(self.spec, self.shape[1]) == self.shape[1]
         if self.basis:
             ones = torch.ones_like(inner.scale, dtype=torch.float32)
             U = inner.unit() if self.tcq else vq_decode(inner.codes, ones, spec_codebook(self.spec), self.shape[1])
-            self.register_buffer("vbasis", rotate(U.float(), self.ip[0], transpose=True).contiguous())
+            self.register_buffer("vbasis", rotate(U.float(), self.ip[0], transpose=True).half().contiguous())
             self.register_buffer("scale0", inner.scale.float().clone())
             self.register_buffer("zero", None)
             self.offset = None
@@ -128,8 +130,10 @@ class TunableLinear(nn.Module):
 
     def weight_hat(self, rounded: bool = False) -> torch.Tensor:
         if self.basis:
-            Wr = self.vbasis * self._params(rounded).scale.reshape(-1, 1)
-            return rotate(Wr.T, self.ip[1], transpose=True).T.contiguous()
+            inner = self.outer.inner
+            U = inner.unit() if self.tcq else vq_decode(inner.codes, torch.ones_like(inner.scale, dtype=torch.float32),
+                                                        spec_codebook(self.spec), self.shape[1])
+            return unrotate_weight(U.float() * self._params(rounded).scale.reshape(-1, 1), self.ip)
         if self.vq:
             W = vq_decode(self.codes, self._params(rounded).scale, self.book, group_len(self.spec, self.shape[1]))
         elif self.tcq:
@@ -144,6 +148,13 @@ class TunableLinear(nn.Module):
             y = rotate(z, self.ip[1], transpose=True)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
+
+    def release(self) -> None:
+        """Drop the fixed tensors the forward pass decodes from (after :meth:`stored` and the last
+        :meth:`weight_hat`): the layer is of no further use."""
+        for name in ("vbasis", "unit", "codes", "book"):
+            if name in self._buffers:
+                self._buffers[name] = None
 
     def stored(self):
         """The stored parts with the trained parameters rounded to their stored dtypes."""

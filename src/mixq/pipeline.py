@@ -300,7 +300,7 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     ``seqlen`` calibration rows of ``calib`` (default :data:`mixq.calibset.DEFAULT_CALIB`), the last quarter held
     out to choose each block's stopping epoch (:mod:`mixq.distill`; ``config``: a
     :class:`~mixq.distill.FinetuneConfig`).  Interrupted runs resume from the blocks done (kept beside
-    ``out_dir``).  ``plot``: the loss curves as ``<out_dir>.finetune.png``.  Returns the report (also recorded as
+    ``out_dir``).  ``plot``: the loss curves as ``finetune.png`` in ``out_dir``.  Returns the report (also recorded as
     ``finetune`` in ``out_dir``'s ``mixq.json``).  ``e2e``: then the end-to-end stage on the base model's logits
     (:mod:`mixq.distill_e2e`), with an :class:`~mixq.distill_e2e.E2EConfig`, ``"default"`` (its defaults) or
     None (block-wise only); its report is ``report["e2e"]``.  ``block=False`` skips the block-wise stage (the
@@ -329,6 +329,9 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     qmodel, qtok, _ = _load_q(src)
     _, qtensors, _ = read_qtensors(src)
     cal = build_calibration(ref, tok, calib, nsamples, seqlen, seed, bos=bos, progress=progress)
+    from .memtrim import release_free_memory
+
+    release_free_memory()  # what loading and unpacking left on the heap (mixq.memtrim)
     key = {"source": info.get("files"), "calibration": cal.sha256}
     new, report = qtensors, {}
     if block:
@@ -342,11 +345,18 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
         new, report["e2e"] = finetune_e2e(qmodel, ref, new, cal.ids, E2EConfig() if e2e == "default" else e2e,
                                           progress=progress, key=key,
                                           checkpoint=out.with_name(f".{out.name}.partial-finetune-e2e"))
-    meta = run_meta(info)
-    meta["finetune"] = {**report, "source": str(src)}
     side = {p.name: p.read_bytes() for p in sorted(src.iterdir()) if p.is_file() and p.name in
             ("plan.json", "measurement.json")}
+    if plot:  # inside the directory, written (and checksummed) with it
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            side[PLOT_NAME] = plot_curves(report, Path(tmp) / PLOT_NAME).read_bytes()
+        report["plot"] = str(out / PLOT_NAME)
+    meta = run_meta(info)
+    meta["finetune"] = {**report, "source": str(src)}
     _save(out, qmodel, qtok or tok, new, meta, overwrite=overwrite, side_files=side)
-    if plot:
-        report["plot"] = str(plot_curves(report, out.with_name(f"{out.name}.finetune.png")))
     return report
+
+
+PLOT_NAME = "finetune.png"

@@ -22,7 +22,7 @@ def register(sub) -> None:
                    help="then passes of end-to-end distillation on the base model's logits, all blocks at once "
                         "(0: block-wise only; default 1)")
     f.add_argument("--e2e-lr", type=float, default=1e-3, help="Adam learning rate of the end-to-end stage (default 1e-3)")
-    f.add_argument("--no-plot", action="store_true", help="do not write OUT.finetune.png")
+    f.add_argument("--no-plot", action="store_true", help="do not write OUT/finetune.png")
     f.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     f.add_argument("--force", action="store_true", help="replace --out if it exists")
     f.set_defaults(func=cmd_finetune)

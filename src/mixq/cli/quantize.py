@@ -164,8 +164,12 @@ def cmd_quantize(args) -> int:
     if measured:  # the scratch measurement beside --out is in the output now
         final.with_name(f".{final.name}.measurement.json").unlink(missing_ok=True)
     if args.finetune != "none":
+        n_layers = len(specs)
+        # the quantized model lives in the scratch directory now: free it before fine-tuning loads it again
+        model = res = calib = table = plan = chosen = specs = source = kept = walk = None  # noqa: F841
+        _release()
         _finetune(out, final, args)
-        out = final
+        out, specs = final, range(n_layers)
     print(f"wrote {out}: {len(specs)} layers, {label} ({args.method}), "
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
@@ -259,6 +263,15 @@ def _check_measurement(table, model, args, *, rotated: bool) -> None:
         raise UserError(f"{m} was made of other weights (model fingerprint {fp}, this model {mine}"
                         f"{' rotated' if args.rotate else ''}): {here}"
                         + ("" if args.rotate else f", or measure it with `mixq measure --model {args.model}`"))
+
+
+def _release() -> None:
+    import gc
+
+    from ..memtrim import release_free_memory
+
+    gc.collect()
+    release_free_memory()
 
 
 def _finetune(scratch: Path, out: Path, args) -> None:
