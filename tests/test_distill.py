@@ -10,7 +10,8 @@ import torch
 from mixq import api
 from mixq.cli import main
 from mixq.config import parse_spec
-from mixq.distill import FinetuneConfig, TunableLinear, finetune_blockwise, tunable
+from mixq.distill import FinetuneConfig, finetune_blockwise
+from mixq.tunable import TunableLinear, tunable
 from mixq.export.native import load_quantized, read_info
 from mixq.formats import dequantize
 from mixq.intra.incoherence import IncoherentQTensor

@@ -33,7 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .arch import arch_for, get_blocks, get_weight, set_weight
 from .memtrim import release_free_memory
-from .distill import FinetuneConfig, _Checkpoint, _load_state, _set_child, _state, _swap_in
+from .distill import FinetuneConfig, _Checkpoint, _load_state, _state
+from .tunable import _set_child, _swap_in
 
 log = logging.getLogger(__name__)
 

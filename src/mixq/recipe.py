@@ -9,7 +9,11 @@ vector codebooks (VQ): on SmolLM2 the plans' KL fell 25-29 % in domain and 22-27
 bpw (bench/results/tcq.md, generalization.md run ``tcq``).  ``mixq-default-6`` is ``-5`` made cheaper to run: two
 dominated 4-bit candidates dropped (:mod:`mixq.allocate.candidates`), one scale pass in a trellis's measured RTN,
 the freed heap handed back after each gradient row and block (:mod:`mixq.memtrim`), and the layers of a block
-measured and quantized side by side on the CPU threads (:mod:`mixq.threadmap`).  The metric is ``kfac-pos`` (``kfac`` with each token's input weighted by
+measured and quantized side by side on the CPU threads (:mod:`mixq.threadmap`).  ``mixq-default-7`` is ``-6``
+followed by one epoch of end-to-end distillation of the scales and norms on the fp model's logits, codes fixed
+(:mod:`mixq.distill_e2e`, ``--finetune e2e``; with GPTQ only): on the mixed 3.0-bpw plan of SmolLM2 it took KL
+from 0.185 / 0.272 to 0.162 / 0.250 (PTB / fortunes), as much as the block-wise stage followed by it (0.163 /
+0.254) in under half the time (bench/results/frontier/finetune.json).  The metric is ``kfac-pos`` (``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections): ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
 the two are within 2-7 % at 3.0 and 4.0 bpw (generalization.md, second_model_default.md).  ``mixq-default-2``
