@@ -220,7 +220,10 @@ def test_quantize_lazy_cli_matches_in_memory(tiny_model, tiny_tokenizer, tmp_pat
     calib.write_text("the market said shares rose in heavy trading as investors bought bank stocks .\n" * 40)
     common = ["quantize", "--model", str(d), "--spec", "W4-g32", "--method", "gptq", "--calib", str(calib),
               "--nsamples", "4", "--seqlen", "32"]
-    assert main([*common, "--out", str(tmp_path / "mem")]) == 0
+    # fine-tuning needs the whole model: --lazy refuses it by name, and does none by default
+    assert main([*common, "--lazy", "--finetune", "e2e", "--out", str(tmp_path / "lazy")]) == 2
+    assert not (tmp_path / "lazy").exists()
+    assert main([*common, "--finetune", "none", "--out", str(tmp_path / "mem")]) == 0
     assert main([*common, "--lazy", "--out", str(tmp_path / "lazy")]) == 0
     for name in ("quantized.safetensors", "rest.safetensors"):
         with safe_open(tmp_path / "mem" / name, "pt") as a, safe_open(tmp_path / "lazy" / name, "pt") as b:
