@@ -32,7 +32,7 @@ def rows() -> list[dict]:
     for p in sorted((RESULTS / "generalization").glob("*.json")):
         doc = json.loads(p.read_text())
         for r in doc["rows"]:
-            if r["variant"] in ("mixed GPTQ", "uniform GPTQ"):
+            if r["variant"] in ("mixed GPTQ", "mixed GPTQ+e2e", "uniform GPTQ"):
                 out.append({"curve": f"{r['variant']} [{p.stem}]", "bpw": r["bpw"], "ptb": r["ptb"]["kl"],
                             "fortunes": r["fortunes"]["kl"], "spec": r.get("spec") or "mixed", "src": p.name})
     for p in sorted((RESULTS / "frontier").glob("*.json")):
