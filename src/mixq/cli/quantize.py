@@ -163,14 +163,14 @@ def cmd_quantize(args) -> int:
         walk.clear()
     if measured:  # the scratch measurement beside --out is in the output now
         final.with_name(f".{final.name}.measurement.json").unlink(missing_ok=True)
+    n_layers = len(specs)
     if args.finetune != "none":
-        n_layers = len(specs)
         # the quantized model lives in the scratch directory now: free it before fine-tuning loads it again
         model = res = calib = table = plan = chosen = specs = source = kept = walk = None  # noqa: F841
         _release()
         _finetune(out, final, args)
-        out, specs = final, range(n_layers)
-    print(f"wrote {out}: {len(specs)} layers, {label} ({args.method}), "
+        out = final
+    print(f"wrote {out}: {n_layers} layers, {label} ({args.method}), "
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
     return 0
