@@ -55,9 +55,7 @@ class TunableLinear(nn.Module):
         # written at the end come from the exact parts (weight_hat)
         self.basis = self.ip is not None and (self.vq or self.tcq) and group_len(self.spec, self.shape[1]) == self.shape[1]
         if self.basis:
-            ones = torch.ones_like(inner.scale, dtype=torch.float32)
-            U = inner.unit() if self.tcq else vq_decode(inner.codes, ones, spec_codebook(self.spec), self.shape[1])
-            self.register_buffer("vbasis", rotate(U.float(), self.ip[0], transpose=True).half().contiguous())
+            self.register_buffer("vbasis", rotate(self._unit(), self.ip[0], transpose=True).half().contiguous())
             self.register_buffer("scale0", inner.scale.float().clone())
             self.register_buffer("zero", None)
             self.offset = None
@@ -90,10 +88,7 @@ class TunableLinear(nn.Module):
 
     def weight_hat(self, rounded: bool = False) -> torch.Tensor:
         if self.basis:
-            inner = self.outer.inner
-            U = inner.unit() if self.tcq else vq_decode(inner.codes, torch.ones_like(inner.scale, dtype=torch.float32),
-                                                        spec_codebook(self.spec), self.shape[1])
-            return unrotate_weight(U.float() * self._params(rounded).scale.reshape(-1, 1), self.ip)
+            return unrotate_weight(self._unit() * self._params(rounded).scale.reshape(-1, 1), self.ip)
         if self.vq:
             W = vq_decode(self.codes, self._params(rounded).scale, self.book, group_len(self.spec, self.shape[1]))
         elif self.tcq:
@@ -108,6 +103,14 @@ class TunableLinear(nn.Module):
             y = rotate(z, self.ip[1], transpose=True)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
+
+    def _unit(self) -> torch.Tensor:
+        """float32 ``U [R, C]`` of a row-scaled ``+ip`` codebook layer: its transformed weight before the scales."""
+        inner = self.outer.inner
+        if self.tcq:
+            return inner.unit().float()
+        return vq_decode(inner.codes, torch.ones_like(inner.scale, dtype=torch.float32), spec_codebook(self.spec),
+                         self.shape[1])
 
     def release(self) -> None:
         """Drop the fixed tensors the forward pass decodes from (after :meth:`stored` and the last
