@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--metric", default="kfac", help="sensitivity metric of the mixed plans (kfac: loss units)")
     ap.add_argument("--recipe", default=None, choices=[None, "default"], help="default: the default recipe, two domains")
     ap.add_argument("--budgets", default="3,3.5,4,4.5", help="--recipe default: bits per weight of the plans")
-    ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN", help="--recipe default")
+    ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN",
+                    help="--recipe default (a variant ending in +e2e adds the recipe's end-to-end fine-tuning)")
     ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
     ap.add_argument("--metrics", default=None, help="e.g. kfac,kfac-tok: instead, an A/B of sensitivity metrics with "
                     "RTN plans (default calibration, --candidates, uniform --uniform specs), KL on PTB and fortunes")
@@ -147,10 +148,16 @@ def default_recipe(args) -> None:
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else R["method"]
             t = time.perf_counter()
-            api.quantize_model(model, dict(plan.layers), method=method, damp=R["damp"], act_order=R["act_order"],
-                               calib_ids=None if method == "rtn" else calib.ids, progress=False)
+            res = api.quantize_model(model, dict(plan.layers), method=method, damp=R["damp"],
+                                     act_order=R["act_order"], calib_ids=None if method == "rtn" else calib.ids,
+                                     progress=False)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
                    "specs": dict(Counter(s.name for s in plan.layers.values()))}
+            if v.endswith("+e2e"):  # then the recipe's end-to-end fine-tuning on the same calibration rows
+                from mixq.distill_e2e import E2EConfig, finetune_e2e
+
+                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(), progress=False)
+                row["e2e"] = {k: rep[k] for k in ("held_out_before", "held_out_after", "epoch_kept", "seconds")}
             score_row(row, model, evals, doc, path, f"{v} {b}")
             del model
     lines = [f"# Second embedded model, default recipe: {args.model}", "",
