@@ -29,6 +29,54 @@ def test_rotate_is_the_orthogonal_transform(n):
     assert not torch.allclose(transform(n, 8), Q)  # another seed, another transform
 
 
+NATIVE_ORDERS = [12, 60, 64, 192, 576, 960, 1536, 2048]  # Paley alone, Paley x 2^k, Sylvester alone
+
+
+@pytest.mark.parametrize("n", NATIVE_ORDERS)
+def test_native_kronecker_kernel_is_the_transform(n):
+    """The native kernel (butterflies for Sylvester factors, small dense products for Paley ones) gives ``Q x`` and
+    ``Qᵀ x`` for one and many rows, out of place."""
+    from mixq.intra.incoherence import _factors
+    from mixq.runtime.kernels import kron_cpu
+
+    if not kron_cpu.available():
+        pytest.skip("no C compiler")
+    factors, signs = _factors(n, 11)
+    Q = transform(n, 11).double()
+    for transpose in (False, True):
+        plan = kron_cpu.KronPlan(factors, signs, transpose=transpose)
+        assert plan.butterflies_only == (n & (n - 1) == 0)
+        for shape in ((1, n), (3, n), (2, 20, n)):
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(n))
+            x0 = x.clone()
+            y = plan.apply(x)
+            want = x.double() @ (Q if transpose else Q.T)
+            assert y.shape == x.shape and torch.equal(x, x0)
+            torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-5)
+    with pytest.raises(ValueError, match="float32"):
+        plan.apply(torch.randn(2, n).double())
+
+
+def test_rotate_takes_the_native_kernel_where_it_wins(monkeypatch):
+    """Decode-sized float32 inputs and power-of-two orders go native; autograd and prefill-sized inputs with a
+    dense factor stay in torch -- and gradients through ``rotate`` stay exact."""
+    from mixq.runtime.kernels import kron_cpu
+
+    if not kron_cpu.available():
+        pytest.skip("no C compiler")
+    calls = []
+    real = kron_cpu.KronPlan.apply
+    monkeypatch.setattr(kron_cpu.KronPlan, "apply", lambda self, x: calls.append(tuple(x.shape)) or real(self, x))
+    rotate(torch.randn(1, 576), 5)
+    rotate(torch.randn(2, 3, 2048), 5)
+    assert calls == [(1, 576), (2, 3, 2048)]
+    rotate(torch.randn(64, 576), 5)                       # a dense factor at prefill size: torch
+    x = torch.randn(2, 576, requires_grad=True)
+    rotate(x, 5).sum().backward()                         # autograd: torch
+    assert len(calls) == 2
+    torch.testing.assert_close(x.grad, torch.ones(2, 576) @ transform(576, 5), rtol=1e-5, atol=1e-5)
+
+
 def test_weight_transform_round_trip():
     W = torch.randn(192, 576)
     Wp = rotate_weight(W, (3, 4))

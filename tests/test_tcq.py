@@ -164,6 +164,11 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
             for vector in (False, True):
                 torch.testing.assert_close(tcq_cpu.gemv(x, stream, *args, vector=vector), x @ W_hat.T,
                                            rtol=1e-4, atol=1e-4)
+            # the layer's bound kernel (TCQLinear's decode path) is the same call, checked once
+            layer = tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:])
+            assert torch.equal(layer(x), tcq_cpu.gemv(x, stream, *args))
+    with pytest.raises(ValueError, match="do not fit"):
+        tcq_cpu.GemvLayer(packed[:-8], args[0], args[1], R, C, *args[3:])
 
 
 def test_measurement_treats_tcq_as_its_own_family():

@@ -16,7 +16,9 @@ are rebuilt from them.  A layer whose row or column count has no constructible H
 ``+ip`` candidate (its cost raises).
 
 Applying ``Q`` to a vector costs ``n · Σ mᵢ`` multiply-adds for factors of orders ``mᵢ`` (e.g. 576 = 36·16:
-52 per element) -- :func:`rotate` reshapes to the factors' axes and multiplies each by its small matrix.
+52 per element) -- :func:`rotate` reshapes to the factors' axes and multiplies each by its small matrix; at
+decode on CPU a native kernel does the same with butterflies for the power-of-two factor (16 · 4 additions
+instead of 16² multiply-adds), never reading a dense ``Q``.
 """
 from __future__ import annotations
 
@@ -62,13 +64,18 @@ def rotate(x: torch.Tensor, seed: int, *, transpose: bool = False) -> torch.Tens
 
     ``Q = (F₁ ⊗ … ⊗ F_k) diag(s)``: the signs first, then each factor on its axis of ``x`` reshaped to
     ``[..., m₁, …, m_k]`` (``Qᵀ = diag(s) (F₁ᵀ ⊗ … ⊗ F_kᵀ)``: the factors transposed, then the signs) --
-    ``n · Σ mᵢ`` multiply-adds per vector.  For a few vectors (decode) the per-factor steps cost more in
-    overhead than they save, and one product with the dense ``Q`` (cached per order, seed, dtype and device:
-    every ``+ip`` layer of one shape shares it) is used instead.
+    ``n · Σ mᵢ`` multiply-adds per vector.  On CPU outside autograd, for a few vectors (decode) or for orders
+    that are powers of two, the native kernel does that (:mod:`mixq.runtime.kernels.kron_cpu`: butterflies for
+    the Sylvester factors).  Otherwise, for a few vectors the per-factor steps cost more in overhead than they
+    save, and one product with the dense ``Q`` (cached per order, seed, dtype and device: every ``+ip`` layer
+    of one shape shares it) is used instead.
     """
     n = x.shape[-1]
     if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":  # no fast half GEMM on most CPUs
         return rotate(x.float(), seed, transpose=transpose).to(x.dtype)
+    native = _native(x, seed, transpose)
+    if native is not None:
+        return native.apply(x)
     if x.numel() <= DENSE_MAX_ROWS * n and n <= DENSE_MAX_ORDER:
         return x @ _dense_t(n, seed, x.dtype, str(x.device), transpose)
     factors, signs = _factors(n, seed)
@@ -83,6 +90,29 @@ def rotate(x: torch.Tensor, seed: int, *, transpose: bool = False) -> torch.Tens
         y = torch.movedim(torch.tensordot(y, f if transpose else f.T, dims=([i + 1], [0])), -1, i + 1)
     y = y.reshape(*lead, n)
     return y * s if transpose else y
+
+
+def _native(x: torch.Tensor, seed: int, transpose: bool):
+    """The native kernel's plan for ``Q`` (:mod:`mixq.runtime.kernels.kron_cpu`) where it beats torch: float32
+    CPU inputs outside autograd, a few rows (decode), or any number when every factor is a power of two (pure
+    butterflies; with a dense factor torch's batched per-factor products win at prefill sizes)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    n = x.shape[-1]
+    plan = _kron_plan(n, seed, transpose)
+    if plan is None or (x.numel() > DENSE_MAX_ROWS * n and not plan.butterflies_only):
+        return None
+    return plan
+
+
+@lru_cache(maxsize=64)
+def _kron_plan(n: int, seed: int, transpose: bool):
+    from ..runtime.kernels import kron_cpu
+
+    if not kron_cpu.available():
+        return None
+    factors, signs = _factors(n, seed)
+    return kron_cpu.KronPlan(factors, signs, transpose=transpose)
 
 
 @dataclass

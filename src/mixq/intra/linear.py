@@ -27,6 +27,7 @@ from torch import nn
 from ..arch import get_weight
 from ..config import CompositeSpec
 from .incoherence import rotate
+from .packed_linear import PackedCodesLinear
 from .storage import PackedComposite
 
 KERNEL_NAME = "composite-reference"
@@ -129,7 +130,9 @@ class IncoherentLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        y = rotate(self.inner(_rotate_input(x, self._seeds[0])), self._seeds[1], transpose=True)
+        # a codebook inner layer computes in float32 on CPU: keep the whole chain there, one cast at each end
+        dt = torch.float32 if x.device.type == "cpu" and isinstance(self.inner, PackedCodesLinear) else x.dtype
+        y = rotate(self.inner(_rotate_input(x, self._seeds[0], dt)), self._seeds[1], transpose=True).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -137,21 +140,22 @@ class IncoherentLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-_LAST_INPUT: list = [None]  # (x, seed, its sum, Q x): q/k/v (and gate/up) read one input: rotate it once
+_LAST_INPUT: list = [None]  # (x, seed, dtype, its sum, Q x): q/k/v (and gate/up) read one input: rotate it once
 
 
-def _rotate_input(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """``Q x``, reused when the previous ``+ip`` layer rotated this same tensor with this seed and its values have
-    not changed since (the same object, the same sum: inference tensors carry no version counter)."""
+def _rotate_input(x: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """``Q x`` in ``dtype``, reused when the previous ``+ip`` layer rotated this same tensor with this seed into
+    this dtype and its values have not changed since (the same object, the same sum: inference tensors carry no
+    version counter)."""
     if torch.is_grad_enabled():
         _LAST_INPUT[0] = None
-        return rotate(x, seed)
+        return rotate(x.to(dtype), seed)
     last = _LAST_INPUT[0]
     total = float(x.sum())
-    if last is not None and last[0] is x and last[1] == seed and last[2] == total:
-        return last[3]
-    xr = rotate(x, seed)
-    _LAST_INPUT[0] = (x, seed, total, xr)
+    if last is not None and last[0] is x and last[1] == seed and last[2] == dtype and last[3] == total:
+        return last[4]
+    xr = rotate(x.to(dtype), seed)
+    _LAST_INPUT[0] = (x, seed, dtype, total, xr)
     return xr
 
 

@@ -349,6 +349,33 @@ def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.
     return y
 
 
+class GemvLayer:
+    """One layer's fixed :func:`gemv` arguments, checked once (a decode step calls the kernel ~200 times: the
+    per-call argument work of :func:`gemv` is a tenth of a step)."""
+
+    def __init__(self, stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, C: int, P: int,
+                 wbits: int, k1: int, L: int, glen: int):
+        if _lib() is None:
+            raise RuntimeError("the tcq-cpu kernel is not available (no working C compiler)")
+        self.stream, self.scale = stream.contiguous(), scale.float().contiguous()
+        self.lut = lut.float().contiguous()
+        bits = (R // P) * C * wbits
+        if R % P or C % glen or self.scale.shape != (R, C // glen) or stream.numel() * 8 < bits + 8:
+            raise ValueError(f"tcq gemv: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
+                             f"[{R}, {C}] at {wbits} bits per {P} rows")
+        vec = int(stream.numel() * 8 >= bits + 32 and bits + 32 < 2**31)
+        self.R, self.C = R, C
+        self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
+        self._tail = (P, wbits, k1, L, glen, vec)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``y [M, R]`` float32 for the float32 ``x [M, C]``."""
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
+        _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
+        return y
+
+
 def decode(stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, C: int, P: int, wbits: int, k1: int,
            L: int, glen: int) -> torch.Tensor | None:
     """``Ŵ [R, C]`` float32 from a padded column-major symbol ``stream``, or None without the kernel."""

@@ -39,13 +39,22 @@ class TCQLinear(PackedCodesLinear):
         return bool(spec.trellis)
 
     def _part(self, name: str, device="cpu") -> torch.Tensor:
-        """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 4 bytes."""
+        """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 4 bytes,
+        ``gemv`` the native kernel's :class:`~mixq.intra.tcq_cpu.GemvLayer` on them."""
         key = (name, str(device))
         if key not in self._cache:
             if name == "scale":
                 t = self.scale.cpu().contiguous()
             elif name == "lut":
                 t = tcq_lut(self.spec.tcq_rate)
+            elif name == "gemv":  # the native kernel's fixed arguments (CPU)
+                from .tcq_cpu import GemvLayer
+
+                P, width, k1 = stream_layout(self.spec)
+                self._cache[key] = GemvLayer(self._part("stream"), self._part("scale"), self._part("lut"),
+                                             self.out_features, self.in_features, P, width, k1, STATE_BITS,
+                                             group_len(self.spec, self.in_features))
+                return self._cache[key]
             else:
                 t = torch.cat([self.codes_packed.cpu(), torch.zeros(4, dtype=torch.uint8)])
             self._cache[key] = t.to(device)
@@ -82,11 +91,7 @@ class TCQLinear(PackedCodesLinear):
             W = (self.dequantize() if W is None else W).to(x.device)
             y = F.linear(x2.float(), W).to(x.dtype)
         elif k == "tcq-cpu":
-            from .tcq_cpu import gemv
-
-            P, width, k1 = stream_layout(self.spec)
-            y = gemv(x2, self._part("stream"), self._part("scale"), self._part("lut"), self.out_features, P, width,
-                     k1, STATE_BITS, group_len(self.spec, self.in_features)).to(x.dtype)
+            y = self._part("gemv")(x2.float()).to(x.dtype)
         elif k == "triton":
             from .tcq_triton import tcq_linear_triton
 
