@@ -316,6 +316,7 @@ def test_constraints_keep_force_bits_tied():
 
 def test_fast_on_cpu_keeps_only_candidates_with_a_cpu_kernel():
     from mixq.runtime import fast_kernel_for
+    from mixq.runtime.kernels import decodes_faster
 
     table = smol_table(blocks=2)
     c = Constraints(keep=(r"layers\.1\.self_attn\.k_proj",), fast_on="cpu")
@@ -335,6 +336,12 @@ def test_fast_on_cpu_keeps_only_candidates_with_a_cpu_kernel():
     nf_only = smol_table(blocks=1, specs=[parse_spec("NF4-g64"), parse_spec("FP16")])
     with pytest.raises(ValueError, match="no candidate within its bit limits has a fast cpu kernel"):
         build_problem(nf_only, Constraints(fast_on="cpu"))
+    # codebook layers have native CPU kernels, but slower than the fp32 GEMV: not "fast"
+    codebooks = [parse_spec(n) for n in ("TCQ3-channel+ip", "VQ3-channel+ip", "W4-g64", "FP16")]
+    assert [fast_kernel_for(s, (576, 576)) for s in codebooks[:3]] == ["tcq-cpu", "vq-cpu", "cpu-int4"]
+    assert [decodes_faster(s, (576, 576)) for s in codebooks[:3]] == [False, False, True]
+    problem = build_problem(smol_table(blocks=1, specs=codebooks), Constraints(fast_on="cpu"))
+    assert all(labels == ("W4-g64",) for labels in problem.labels)
 
 
 def test_tied_groups_are_per_block():

@@ -10,9 +10,10 @@ Patterns are regular expressions matched with ``re.search`` against a layer's fq
               layers are tied when they match the same pattern and their fqns agree outside the
               matched span (``model.layers.3.self_attn.`` + ``q_proj`` / ``k_proj`` / ``v_proj``)
 
-``fast_on``   ``"cpu"``: other layers only take candidates a fast kernel of :mod:`mixq.runtime.kernels`
-              runs on that device for their shape (:func:`~mixq.runtime.fast_kernel_for`), so the
-              deployed model never falls back to the dequantize-every-call reference kernel
+``fast_on``   ``"cpu"``: other layers only take candidates whose decode kernel on that device beats the dense
+              full-precision GEMV for their shape (:func:`mixq.runtime.kernels.decodes_faster`: int grids on
+              ``cpu-int4``), so the deployed model decodes faster than the fp32 one: never the
+              dequantize-every-call reference kernel, nor the gather-bound codebook kernels (VQ, TCQ)
 ``target``    ``"gguf"``: other layers only take candidates a runtime holds exactly for their shape
               (:func:`mixq.export.ggml_exact.holds_exactly`: a ggml block type for the row length), so the
               exported file decodes to the plan's weights bit for bit and its size is the plan's
@@ -155,13 +156,13 @@ def _layer_choices(x, c: Constraints) -> list[tuple[QuantSpec, float]]:
         raise ValueError(f"{x.fqn}: no measured candidate has {lo} <= bits <= {hi} "
                          f"(measured: {', '.join(s.name for s in x.candidates)}): relax min_bits/max_bits")
     if c.fast_on:
-        from ..runtime.kernels import fast_kernel_for
+        from ..runtime.kernels import decodes_faster
 
-        fast = [(s, e) for s, e in out if fast_kernel_for(s, x.shape, c.fast_on) != "reference"]
+        fast = [(s, e) for s, e in out if decodes_faster(s, x.shape, c.fast_on)]
         if not fast:
             raise ValueError(f"{x.fqn} {tuple(x.shape)}: no candidate within its bit limits has a fast {c.fast_on} "
                              f"kernel (left: {', '.join(s.name for s, _ in out)}): measure int candidates "
-                             f"or drop fast_on")
+                             f"(e.g. W4-g64, W3-g64) or drop fast_on")
         out = fast
     if c.target:
         held = [(s, e) for s, e in out if holds_exactly(c.target, s, x.shape)]

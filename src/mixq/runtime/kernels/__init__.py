@@ -149,5 +149,18 @@ def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
     return "reference"
 
 
-__all__ = ["ALIASES", "AUTO_ORDER", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name", "fast_kernel_for",
+# Decode kernels that beat the full-precision model's dense GEMV on their device, which is what ``--fast-on``
+# promises.  On CPU only the int4 one does (1.4-3x fp32 tokens/s, bench/results/deploy.md); the codebook kernels
+# (``vq-cpu``, ``tcq-cpu``) are native but bound by table gathers: a model of them decodes at 0.4-0.7x fp32 on this
+# 2-core EPYC (bench/results/tcq_speed_model.json).  ``triton`` is listed as designed, not as measured (no GPU yet).
+FASTER_THAN_DENSE = frozenset({"cpu-int4", "triton"})
+
+
+def decodes_faster(spec, shape, device: str = "cpu") -> bool:
+    """Whether a ``spec`` weight of ``shape`` decodes on ``device`` through a kernel of :data:`FASTER_THAN_DENSE`."""
+    return fast_kernel_for(spec, shape, device) in FASTER_THAN_DENSE
+
+
+__all__ = ["ALIASES", "AUTO_ORDER", "FASTER_THAN_DENSE", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name",
+           "decodes_faster", "fast_kernel_for",
            "get_kernel", "kernel_names", "pick_kernel", "select_kernel", "usable_kernels"]
