@@ -99,10 +99,11 @@ class RSSSampler:
         self.peak_mb = max(self.peak_mb, self.current_mb())
 
 
-def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: int) -> list[dict]:
+def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: int, plans=None) -> list[dict]:
     """Greedy-decode tokens/s of SmolLM2 in fp32, bf16, and with every block linear in each spec (RTN, saved and
     loaded packed, bf16): one row each, median of ``repeats`` after a warm-up, with the kernels the packed layers
-    run (``ip_speed.py``, ``vq_speed.py``)."""
+    run (``ip_speed.py``, ``vq_speed.py``).  ``plans``: ``{row name: {fqn: spec}}`` rows after the specs' (mixed
+    plans; RTN as well: speed does not depend on how the codes were chosen)."""
     import copy
     import statistics
     import tempfile
@@ -126,11 +127,11 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
         rows.append({"row": name, **speed(model), "kernels": {}})
         print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as work:
-        for name in spec_names:
+        for name in [*spec_names, *(plans or {})]:
             model = copy.deepcopy(ref)
-            specs = api.resolve_specs(model, parse_spec(name))
+            specs = dict(plans[name]) if name in (plans or {}) else api.resolve_specs(model, parse_spec(name))
             res = api.quantize_model(model, specs, method="rtn", progress=False)
-            d = save_quantized(Path(work) / name, model, tok, res.qtensors, {"base_model": "smollm2-135m",
+            d = save_quantized(Path(work) / f"row{len(rows)}", model, tok, res.qtensors, {"base_model": "smollm2-135m",
                                                                                "method": "rtn"})
             packed, _, _ = load_quantized(d, packed=True, dtype=torch.bfloat16)
             rows.append({"row": name, "bpw": api.size_report(model, specs)["bpw_quantized"], **speed(packed),

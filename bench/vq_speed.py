@@ -64,14 +64,28 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--specs", default=",".join(SPECS))
     ap.add_argument("--no-layers", action="store_true", help="skip part 1 (the per-layer timings)")
+    ap.add_argument("--measurement", default=None, help="a saved measurement: add the exact mixed plan at each "
+                    "--bpw, and the same under --fast-on cpu, as rows of part 2")
+    ap.add_argument("--bpw", default="3.0", help="with --measurement: comma-separated budgets")
     ap.add_argument("--out", default=None, help="result file name in bench/results (default vq_speed.json, "
                                                 "vq_speed_model.json with --no-layers)")
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = [] if args.no_layers else layer_rows()
-    rows = decode_speed_rows(args.specs.split(","), args.new_tokens, args.prompt_tokens, args.repeats)
+    plans = {}
+    if args.measurement:
+        from mixq.allocate import Budget, Constraints, SensitivityTable, allocate
+
+        table = SensitivityTable.load(args.measurement)
+        for b in [float(v) for v in args.bpw.split(",")]:
+            plans[f"mixed {b:g}"] = allocate(table, Budget(bpw=b)).layers
+            plans[f"mixed {b:g} --fast-on cpu"] = allocate(table, Budget(bpw=b),
+                                                           constraints=Constraints(fast_on="cpu")).layers
+    specs = [s for s in args.specs.split(",") if s]
+    rows = decode_speed_rows(specs, args.new_tokens, args.prompt_tokens, args.repeats, plans)
     doc = {"command": f"OMP_NUM_THREADS={torch.get_num_threads()} python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"
                       f" --repeats {args.repeats}" + (" --no-layers" if args.no_layers else "") +
+                      (f" --measurement {args.measurement} --bpw {args.bpw}" if args.measurement else "") +
                       (f" --out {args.out}" if args.out else ""),
            "commit": git_rev(), "machine": machine(),
            "args": vars(args), "layer_us_per_call": layers, "rows": rows}

@@ -422,3 +422,22 @@ def test_json_outputs_are_ordinary_files_not_private_temporaries(tmp_path):
     os.umask(umask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~umask
     assert not list(tmp_path.glob(".x.json.*"))
+
+
+def test_quantize_fast_on_cpu_measures_the_fast_cpu_set(tiny_dir, tmp_path):
+    """``quantize --fast-on cpu`` with the default candidates measures the ``fast-cpu`` set (int grids, some
+    ``+ip``) instead of the default codebooks, and every layer of the plan decodes on a faster-than-fp32 kernel."""
+    from mixq.allocate.candidates import FAST_CPU_CANDIDATE_NAMES
+    from mixq.cli import main
+    from mixq.runtime.kernels import decodes_faster
+
+    out = tmp_path / "q"
+    assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--method", "rtn", "--fast-on", "cpu",
+                 "--nsamples", "2", "--seqlen", "16", "--out", str(out)]) == 0
+    layers = json.loads((out / "mixq.json").read_text())["layers"]
+    specs = Plan.load(out / "plan.json").layers
+    assert set(specs) == set(layers) and {s.name for s in specs.values()} <= set(FAST_CPU_CANDIDATE_NAMES)
+    assert any(getattr(s, "incoherent", False) for s in specs.values())
+    assert all(decodes_faster(s, tuple(layers[f]["shape"])) for f, s in specs.items())
+    measured = json.loads((out / "measurement.json").read_text())
+    assert FAST_CPU_CANDIDATE_NAMES[0] in json.dumps(measured) and "TCQ" not in json.dumps(measured)

@@ -30,7 +30,13 @@ a trellis candidate of no more bits had a smaller error in 201 and 206 of the 21
 measurement reference sweep (W2/W3-g64-asym, dominated as often, stay for the layers ``+ip`` cannot take).
 
 Costs (metadata included) for a 576-wide row: TCQ<r>-channel+ip r + 0.03 bpw, W4-g64 4.25, W8-channel 8.03,
-FP16 16.  Group sizes that do not divide a layer's in-features are dropped for that layer by
+FP16 16.
+
+``fast-cpu`` (:data:`FAST_CPU_CANDIDATE_NAMES`, what ``--fast-on cpu`` measures by default): int grids only, all
+on the ``cpu-int4`` kernel, three of them after incoherence processing (the ``+ip`` transforms cost two native
+Kronecker products per call), so a plan that must decode faster than fp32 still gets the rotation's gain.
+
+Group sizes that do not divide a layer's in-features are dropped for that layer by
 :func:`candidates_for`; ``+ip`` candidates are dropped where the width has no Hadamard construction.
 """
 from __future__ import annotations
@@ -51,7 +57,16 @@ DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
     "W5-g64", "W6-g64", "W6-channel", "W8-channel",
     "FP16",
 )
-NAMED_SETS = ("intra", "default+intra")  # composite sets by name (mixq.intra.candidates), ``:small`` / ``:all`` too
+# What ``--fast-on cpu`` measures when no --candidates is given: every spec here decodes on ``cpu-int4`` (faster
+# than fp32, :func:`mixq.runtime.kernels.decodes_faster`), the ``+ip`` ones between two native Kronecker transforms.
+FAST_CPU_CANDIDATE_NAMES: tuple[str, ...] = (
+    "W2-g64-asym+ip", "W3-g64+ip", "W4-g64+ip",
+    "W2-g64-asym", "W3-g64-asym", "W4-g64",
+    "W5-g64", "W6-g64", "W8-channel",
+    "FP16",
+)
+FAST_CPU = "fast-cpu"
+NAMED_SETS = ("intra", "default+intra", FAST_CPU)  # by name (intra: mixq.intra.candidates, ``:small`` / ``:all``)
 
 
 def default_candidates() -> list[QuantSpec]:
@@ -65,9 +80,12 @@ def extended_candidates(level: str = "default") -> list[QuantSpec]:
 
 
 def named_candidate_set(name: str) -> list[QuantSpec] | None:
-    """``intra`` / ``default+intra`` (optionally ``:small`` / ``:all``) -> the set; ``None`` for other names."""
+    """``intra`` / ``default+intra`` (optionally ``:small`` / ``:all``), ``fast-cpu`` -> the set; ``None`` for
+    other names."""
+    if str(name) == FAST_CPU:
+        return [parse_spec(n) for n in FAST_CPU_CANDIDATE_NAMES]
     head, _, level = str(name).partition(":")
-    if head not in NAMED_SETS:
+    if head not in NAMED_SETS or head == FAST_CPU:
         return None
     level = level or "default"
     return intra_candidates(level) if head == "intra" else extended_candidates(level)

@@ -113,7 +113,8 @@ def constraint_args(p) -> None:
     p.add_argument("--fast-on", default=None, choices=[d for d in FAST_DEVICES if d],
                    help="only candidates whose kernel on this device decodes faster than the fp32 model (cpu: int "
                         "grids through the int4 GEMM; no NF/FP/FP16 layers, which dequantize on every call, nor "
-                        "VQ/TCQ ones, whose table-lookup kernels are slower than fp32 on a CPU)")
+                        "VQ/TCQ ones, whose table-lookup kernels are slower than fp32 on a CPU); quantize "
+                        "measures the 'fast-cpu' candidates (int grids, some +ip) when --candidates is 'default'")
     p.add_argument("--target", default=None, choices=RUNTIME_TARGETS,
                    help="only candidates this runtime holds exactly for each layer's shape (gguf: the ggml block "
                         "types of the row length -- Q8_0/Q5_x/Q4_x/IQ4_NL/MXFP4 on multiples of 32, the K-quants "

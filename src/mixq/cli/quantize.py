@@ -59,6 +59,7 @@ def cmd_quantize(args) -> int:
     from .. import api
     from .. import pipeline as P
     from ..allocate import Budget, Plan, SensitivityTable, allocate
+    from ..allocate.candidates import FAST_CPU
     from ..bos import resolve_bos
     from ..calibset import calibration_for, parse_sources
     from ..config import parse_spec
@@ -67,6 +68,8 @@ def cmd_quantize(args) -> int:
 
     if getattr(args, "target", None) and args.candidates == "default":
         args.candidates = args.target  # measure the runtime's exact specs (mixq.export.ggml_exact)
+    if getattr(args, "fast_on", None) == "cpu" and args.candidates == "default":
+        args.candidates = FAST_CPU  # measure specs that decode faster than fp32 (mixq.allocate.candidates)
     spec = quantize_spec(args) if args.plan is None and args.bpw is None else None
     plan = Plan.load(args.plan) if args.plan else None
     budget = Budget(bpw=args.bpw) if args.bpw is not None else None
