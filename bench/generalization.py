@@ -23,7 +23,7 @@ from pathlib import Path
 from common import RESULTS, domain_scorer, git_rev, header, machine, score_row
 
 from mixq import api
-from mixq.allocate import Budget, allocate, default_candidates, load_candidates
+from mixq.allocate import Budget, Constraints, allocate, default_candidates, load_candidates
 from mixq.calibset import build_calibration
 from mixq.measure import measure
 from mixq.models import load_model
@@ -51,6 +51,8 @@ def main():
                                                  "measurement; isolates how GPTQ itself fits its calibration rows)")
     ap.add_argument("--measurement", default=None, help="use this saved table (e.g. the measurement.json of a "
                                                         "`mixq quantize` run on the same calibration) for the plans")
+    ap.add_argument("--fast-on", default=None, choices=["cpu"], help="plans under Constraints(fast_on=...): only "
+                    "specs that decode faster than fp32 there (e.g. with --candidates fast-cpu)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
@@ -67,7 +69,8 @@ def main():
            + (f" --candidates {args.candidates}" if args.candidates != "default" else "")
            + (f" --budgets {args.budgets}" if args.budgets != "2.5,3,3.5,4,4.5" else "")
            + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else "")
-           + (f" --measurement {args.measurement}" if args.measurement else ""))
+           + (f" --measurement {args.measurement}" if args.measurement else "")
+           + (f" --fast-on {args.fast_on}" if args.fast_on else ""))
     ref, tok = load_model("smollm2-135m")
     evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     bos = evals.bos
@@ -98,8 +101,8 @@ def main():
                 doc["measure_seconds"] = f"from {args.measurement}"
             if table is None:
                 table = _measurement(ref, calib, doc, cands, args.metric)
-            plan = allocate(table, Budget(bpw=b),
-                            method="exact" if v.startswith("mixed") else "uniform")
+            plan = allocate(table, Budget(bpw=b), method="exact" if v.startswith("mixed") else "uniform",
+                            constraints=Constraints(fast_on=args.fast_on))
             model = copy.deepcopy(ref)
             t = time.perf_counter()
             method = "rtn" if v.endswith("RTN") else "gptq"
