@@ -31,7 +31,7 @@ from mixq.jsonio import write_json_atomic
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--spec", default="W3-g64+ip")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2, help="block-wise epochs (0: no block-wise stage, e2e only)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--e2e-epochs", type=int, default=1, help="end-to-end stage after the block-wise one (0: none)")
     ap.add_argument("--e2e-lr", type=float, default=1e-3)
@@ -72,16 +72,19 @@ def main():
     out = src.with_name(f"{src.name}-ft-e{args.epochs}-lr{args.lr}-e2e{args.e2e_epochs}-lr{args.e2e_lr}")
     t = time.perf_counter()
     e2e = E2EConfig(epochs=args.e2e_epochs, lr=args.e2e_lr) if args.e2e_epochs else None
-    rep = P.finetune(src, out, nsamples=32, config=FinetuneConfig(epochs=args.epochs, lr=args.lr), e2e=e2e,
-                     overwrite=True, progress=False)
+    if not args.epochs and not e2e:
+        raise SystemExit("--epochs 0 --e2e-epochs 0 leaves nothing to run")
+    rep = P.finetune(src, out, nsamples=32, config=FinetuneConfig(epochs=max(args.epochs, 1), lr=args.lr), e2e=e2e,
+                     block=args.epochs > 0, overwrite=True, progress=False)
     secs = time.perf_counter() - t
     q, _, _ = load_quantized(out)
     kp, kf = ev(q)
     stage = f" + e2e (lr {args.e2e_lr:g}, {args.e2e_epochs} epoch{'s' if args.e2e_epochs > 1 else ''})" if e2e else ""
-    doc["rows"].append({"curve": f"{base} + finetune (lr {args.lr:g}, {args.epochs} epochs){stage}",
+    block = f" + finetune (lr {args.lr:g}, {args.epochs} epochs)" if args.epochs else " +"
+    doc["rows"].append({"curve": f"{base}{block}{stage}",
                         "spec": "mixed" if plan else args.spec,
                         "bpw": read_info(out)["size"]["bpw_quantized"], "ptb": kp, "fortunes": kf, "seconds": secs,
-                        "held_out_gain": rep["held_out_gain"], "commit": git_rev(),
+                        "held_out_gain": rep.get("held_out_gain"), "commit": git_rev(),
                         **({"e2e_held_out_kl": [rep["e2e"]["held_out_before"], rep["e2e"]["held_out_after"]],
                             "e2e_seconds": rep["e2e"]["seconds"]} if e2e else {})})
     doc.update(command="OMP_NUM_THREADS=1 python bench/finetune.py [--spec S | --measurement M --bpw X --tag T] --epochs E --lr LR --e2e-epochs N "
