@@ -53,6 +53,8 @@ def test_native_kronecker_kernel_is_the_transform(n):
             want = x.double() @ (Q if transpose else Q.T)
             assert y.shape == x.shape and torch.equal(x, x0)
             torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-5)
+        xb = torch.randn(3, n, generator=torch.Generator().manual_seed(1)).bfloat16()
+        assert torch.equal(plan.apply(xb), plan.apply(xb.float()).bfloat16())  # one rounding, torch's
     with pytest.raises(ValueError, match="float32"):
         plan.apply(torch.randn(2, n).double())
 
@@ -69,11 +71,12 @@ def test_rotate_takes_the_native_kernel_where_it_wins(monkeypatch):
     monkeypatch.setattr(kron_cpu.KronPlan, "apply", lambda self, x: calls.append(tuple(x.shape)) or real(self, x))
     rotate(torch.randn(1, 576), 5)
     rotate(torch.randn(2, 3, 2048), 5)
-    assert calls == [(1, 576), (2, 3, 2048)]
+    assert rotate(torch.randn(1, 576).bfloat16(), 5).dtype == torch.bfloat16  # bf16 in, bf16 out, natively
+    assert calls == [(1, 576), (2, 3, 2048), (1, 576)]
     rotate(torch.randn(64, 576), 5)                       # a dense factor at prefill size: torch
     x = torch.randn(2, 576, requires_grad=True)
     rotate(x, 5).sum().backward()                         # autograd: torch
-    assert len(calls) == 2
+    assert len(calls) == 3
     torch.testing.assert_close(x.grad, torch.ones(2, 576) @ transform(576, 5), rtol=1e-5, atol=1e-5)
 
 

@@ -71,11 +71,11 @@ def rotate(x: torch.Tensor, seed: int, *, transpose: bool = False) -> torch.Tens
     of one shape shares it) is used instead.
     """
     n = x.shape[-1]
-    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":  # no fast half GEMM on most CPUs
-        return rotate(x.float(), seed, transpose=transpose).to(x.dtype)
     native = _native(x, seed, transpose)
     if native is not None:
         return native.apply(x)
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":  # no fast half GEMM on most CPUs
+        return rotate(x.float(), seed, transpose=transpose).to(x.dtype)
     if x.numel() <= DENSE_MAX_ROWS * n and n <= DENSE_MAX_ORDER:
         return x @ _dense_t(n, seed, x.dtype, str(x.device), transpose)
     factors, signs = _factors(n, seed)
@@ -94,9 +94,10 @@ def rotate(x: torch.Tensor, seed: int, *, transpose: bool = False) -> torch.Tens
 
 def _native(x: torch.Tensor, seed: int, transpose: bool):
     """The native kernel's plan for ``Q`` (:mod:`mixq.runtime.kernels.kron_cpu`) where it beats torch: float32
-    CPU inputs outside autograd, a few rows (decode), or any number when every factor is a power of two (pure
-    butterflies; with a dense factor torch's batched per-factor products win at prefill sizes)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+    or bfloat16 CPU inputs outside autograd, a few rows (decode), or any number when every factor is a power of
+    two (pure butterflies; with a dense factor torch's batched per-factor products win at prefill sizes)."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
+            or (x.requires_grad and torch.is_grad_enabled())):
         return None
     n = x.shape[-1]
     plan = _kron_plan(n, seed, transpose)

@@ -23,6 +23,7 @@ import torch
 from .cbuild import INT, VOID_P, load
 
 SOURCE = r"""
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,20 +73,28 @@ static void fwht_axis(float* x, int m, int pre, int post) {
   }
 }
 
-/* x [M, n] <- each row of in [M, n] (the same buffer or another) transformed: (F_1 (x) ... (x) F_k) diag(s) row
-   (after == 0) or diag(s) (F_1 (x) ... ) row
-   (after == 1, the transpose when the mats are passed transposed).  orders[i]: m_i; kind[i]: 1 Sylvester
-   (butterflies), 0 dense (its m_i^2 floats next in mats); scale: the product of 1/sqrt(m_i) of the Sylvester
-   factors, applied with the signs. */
-int kron_rows(const float* in, float* x, int M, int n, int nf, const int* orders, const int* kind,
-              const float* mats, const float* signs, float scale, int after) {
+static inline float bf2f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {  /* round to nearest even, as torch's bfloat16 conversion */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays a (quiet) NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+/* out [M, n] <- each row of in [M, n] transformed: (F_1 (x) ... (x) F_k) diag(s) row (after == 0) or
+   diag(s) (F_1 (x) ... ) row (after == 1, the transpose when the mats are passed transposed).  orders[i]: m_i;
+   kind[i]: 1 Sylvester (butterflies), 0 dense (its m_i^2 floats next in mats); scale: the product of 1/sqrt(m_i)
+   of the Sylvester factors, applied with the signs.  bf16: in and out hold bfloat16 (computed in float32). */
+int kron_rows(const void* in, void* out, int M, int n, int nf, const int* orders, const int* kind,
+              const float* mats, const float* signs, float scale, int after, int bf16) {
   int prod = 1;
   for (int i = 0; i < nf; i++) prod *= orders[i];
   if (prod != n || nf < 1 || nf > 8) return 1;
   int fail = 0;
   #pragma omp parallel if (M >= 16)
   {
-    float* w = (float*)malloc(sizeof(float) * (size_t)n);
+    float* w = (float*)malloc(sizeof(float) * 2 * (size_t)n);
     if (!w) {
       #pragma omp atomic write
       fail = 2;
@@ -93,10 +102,12 @@ int kron_rows(const float* in, float* x, int M, int n, int nf, const int* orders
     #pragma omp for schedule(static)
     for (int r = 0; r < M; r++) {
       if (!w) continue;
-      float* xr = x + (size_t)r * n;
-      const float* ir = in + (size_t)r * n;
-      if (!after) for (int i = 0; i < n; i++) xr[i] = ir[i] * (signs[i] * scale);
-      else memmove(xr, ir, sizeof(float) * (size_t)n);
+      float* xr = bf16 ? w + n : (float*)out + (size_t)r * n;
+      if (bf16) {
+        const uint16_t* ir = (const uint16_t*)in + (size_t)r * n;
+        for (int i = 0; i < n; i++) xr[i] = bf2f(ir[i]);
+      } else memmove(xr, (const float*)in + (size_t)r * n, sizeof(float) * (size_t)n);
+      if (!after) for (int i = 0; i < n; i++) xr[i] *= signs[i] * scale;
       const float* F = mats;
       int pre = 1;
       for (int f = 0; f < nf; f++) {
@@ -106,6 +117,10 @@ int kron_rows(const float* in, float* x, int M, int n, int nf, const int* orders
         pre *= m;
       }
       if (after) for (int i = 0; i < n; i++) xr[i] *= signs[i] * scale;
+      if (bf16) {
+        uint16_t* o = (uint16_t*)out + (size_t)r * n;
+        for (int i = 0; i < n; i++) o[i] = f2bf(xr[i]);
+      }
     }
     free(w);
   }
@@ -118,7 +133,7 @@ int kron_rows(const float* in, float* x, int M, int n, int nf, const int* orders
 def _lib():
     return load("kron_cpu", SOURCE, "+ip transforms run per factor in torch", {
         "kron_rows": (ctypes.c_int, [VOID_P, VOID_P, INT, INT, INT, VOID_P, VOID_P, VOID_P, VOID_P, ctypes.c_float,
-                                     INT])})
+                                     INT, INT])})
 
 
 def available() -> bool:
@@ -150,14 +165,16 @@ class KronPlan:
         self._ptrs = (self.orders.data_ptr(), self.kinds.data_ptr(), self.mats.data_ptr(), self.signs.data_ptr())
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows of the float32 CPU ``x [..., n]`` transformed, as a new float32 tensor of ``x``'s shape."""
-        if x.dtype != torch.float32 or x.shape[-1] != self.n:
-            raise ValueError(f"kron_rows needs float32 [..., {self.n}] rows, got {x.dtype} {tuple(x.shape)}")
+        """The rows of the float32 or bfloat16 CPU ``x [..., n]`` transformed, as a new tensor of ``x``'s shape and
+        dtype (bfloat16 rows are computed in float32 and rounded once, as ``rotate(x.float()).bfloat16()``)."""
+        if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != self.n:
+            raise ValueError(f"kron_rows needs float32 or bfloat16 [..., {self.n}] rows, got {x.dtype} "
+                             f"{tuple(x.shape)}")
         x = x.contiguous()
-        y = torch.empty(x.shape, dtype=torch.float32)
+        y = torch.empty(x.shape, dtype=x.dtype)
         o, k, m, s = self._ptrs
         rc = _lib().kron_rows(x.data_ptr(), y.data_ptr(), x.numel() // self.n, self.n, len(self.orders), o, k, m, s,
-                              self.scale, self.after)
+                              self.scale, self.after, int(x.dtype == torch.bfloat16))
         if rc:
             raise RuntimeError(f"kron_rows failed ({rc}): orders {self.orders.tolist()}, n {self.n}")
         return y
