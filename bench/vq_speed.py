@@ -6,7 +6,8 @@
    each VQ kernel (``vq-lut``, ``vq-dense``, ``vq-reference``), of int4 (``cpu-int4``) and of dense fp32 / bf16.
 2. SmolLM2-135M, every block linear in the row's spec (RTN: speed does not depend on how codes were chosen),
    saved and loaded packed in bf16 with ``kernel="auto"``: greedy decode of ``--new-tokens`` after a 64-token PTB
-   prompt, median of ``--repeats`` after a warm-up (as bench/ip_speed.py).
+   prompt, median of ``--repeats`` after a warm-up (as bench/ip_speed.py); then each mixed plan of ``--plans``
+   (``TABLE:BPW[:cpu]``: the exact plan of a saved measurement at that budget, ``:cpu`` under ``--fast-on cpu``).
 Writes bench/results/vq_speed.json (``--no-layers``: part 2 only, into vq_speed_model.json).
 """
 from __future__ import annotations
@@ -64,28 +65,28 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--specs", default=",".join(SPECS))
     ap.add_argument("--no-layers", action="store_true", help="skip part 1 (the per-layer timings)")
-    ap.add_argument("--measurement", default=None, help="a saved measurement: add the exact mixed plan at each "
-                    "--bpw, and the same under --fast-on cpu, as rows of part 2")
-    ap.add_argument("--bpw", default="3.0", help="with --measurement: comma-separated budgets")
+    ap.add_argument("--plans", default=None, help="mixed plans as rows of part 2, comma-separated TABLE:BPW[:cpu] "
+                    "(a saved measurement, the budget, and :cpu for Constraints(fast_on='cpu'))")
     ap.add_argument("--out", default=None, help="result file name in bench/results (default vq_speed.json, "
                                                 "vq_speed_model.json with --no-layers)")
     args = ap.parse_args()
     torch.manual_seed(0)
     layers = [] if args.no_layers else layer_rows()
     plans = {}
-    if args.measurement:
+    for item in (args.plans.split(",") if args.plans else []):
+        from pathlib import Path
+
         from mixq.allocate import Budget, Constraints, SensitivityTable, allocate
 
-        table = SensitivityTable.load(args.measurement)
-        for b in [float(v) for v in args.bpw.split(",")]:
-            plans[f"mixed {b:g}"] = allocate(table, Budget(bpw=b)).layers
-            plans[f"mixed {b:g} --fast-on cpu"] = allocate(table, Budget(bpw=b),
-                                                           constraints=Constraints(fast_on="cpu")).layers
+        path, bpw, *fast = item.split(":")
+        row = f"mixed {float(bpw):g}{' --fast-on ' + fast[0] if fast else ''} ({Path(path).stem})"
+        plans[row] = allocate(SensitivityTable.load(path), Budget(bpw=float(bpw)),
+                              constraints=Constraints(fast_on=fast[0] if fast else None)).layers
     specs = [s for s in args.specs.split(",") if s]
     rows = decode_speed_rows(specs, args.new_tokens, args.prompt_tokens, args.repeats, plans)
     doc = {"command": f"OMP_NUM_THREADS={torch.get_num_threads()} python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"
                       f" --repeats {args.repeats}" + (" --no-layers" if args.no_layers else "") +
-                      (f" --measurement {args.measurement} --bpw {args.bpw}" if args.measurement else "") +
+                      (f" --plans {args.plans}" if args.plans else "") +
                       (f" --out {args.out}" if args.out else ""),
            "commit": git_rev(), "machine": machine(),
            "args": vars(args), "layer_us_per_call": layers, "rows": rows}
