@@ -133,7 +133,9 @@ def default_recipe(args) -> None:
     doc.update(model=args.model, recipe=dict(R), machine=machine(), commit=git_rev(), tag=args.tag,
                command=f"OMP_NUM_THREADS=1 python bench/second_model.py --recipe default --out {args.out}"
                        + (f" --budgets {args.budgets}" if args.budgets != "3,3.5,4,4.5" else "")
-                       + (f" --metric {args.metric}" if args.metric != "kfac" else ""),
+                       + (f" --metric {args.metric}" if args.metric != "kfac" else "")
+                       + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN"
+                          else "") + (f" --tag {args.tag}" if args.tag else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     cached = out.with_name(out.name + "-measurement.json")
