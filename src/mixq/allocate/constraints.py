@@ -12,8 +12,9 @@ Patterns are regular expressions matched with ``re.search`` against a layer's fq
 
 ``fast_on``   ``"cpu"``: other layers only take candidates whose decode kernel on that device beats the dense
               full-precision GEMV for their shape (:func:`mixq.runtime.kernels.decodes_faster`: int grids on
-              ``cpu-int4``), so the deployed model decodes faster than the fp32 one: never the
-              dequantize-every-call reference kernel, nor the gather-bound codebook kernels (VQ, TCQ)
+              ``cpu-int4``; ``+ip`` ones only on layers wide enough to repay their transforms), so the
+              deployed model decodes faster than the fp32 one: never the dequantize-every-call reference
+              kernel, nor the gather-bound codebook kernels (VQ, TCQ)
 ``target``    ``"gguf"``: other layers only take candidates a runtime holds exactly for their shape
               (:func:`mixq.export.ggml_exact.holds_exactly`: a ggml block type for the row length), so the
               exported file decodes to the plan's weights bit for bit and its size is the plan's

@@ -154,13 +154,24 @@ def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
 # (``vq-cpu``, ``tcq-cpu``) are native but bound by table gathers: a model of them decodes at 0.4-0.7x fp32 on this
 # 2-core EPYC (bench/results/tcq_speed_model.json).  ``triton`` is listed as designed, not as measured (no GPU yet).
 FASTER_THAN_DENSE = frozenset({"cpu-int4", "triton"})
+# An ``+ip`` layer adds two transforms and ~70 us of per-call work on this CPU (measured in SmolLM2: W4-g64+ip
+# decodes at 1.0x fp32 where W4-g64 runs 1.35x; its largest layers have 885k weights).  Below this many weights
+# that eats the int4 kernel's gain, so on CPU such layers do not count as faster than dense.
+IP_MIN_WEIGHTS_CPU = 1 << 20
 
 
 def decodes_faster(spec, shape, device: str = "cpu") -> bool:
-    """Whether a ``spec`` weight of ``shape`` decodes on ``device`` through a kernel of :data:`FASTER_THAN_DENSE`."""
-    return fast_kernel_for(spec, shape, device) in FASTER_THAN_DENSE
+    """Whether a ``spec`` weight of ``shape`` decodes on ``device`` through a kernel of :data:`FASTER_THAN_DENSE`
+    (on CPU an ``+ip`` one only from :data:`IP_MIN_WEIGHTS_CPU` weights)."""
+    from ...config import is_composite
+
+    if fast_kernel_for(spec, shape, device) not in FASTER_THAN_DENSE:
+        return False
+    if device == "cpu" and is_composite(spec) and spec.incoherent:
+        return int(shape[0]) * int(shape[1]) >= IP_MIN_WEIGHTS_CPU
+    return True
 
 
-__all__ = ["ALIASES", "AUTO_ORDER", "FASTER_THAN_DENSE", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name",
+__all__ = ["ALIASES", "AUTO_ORDER", "FASTER_THAN_DENSE", "IP_MIN_WEIGHTS_CPU", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name",
            "decodes_faster", "fast_kernel_for",
            "get_kernel", "kernel_names", "pick_kernel", "select_kernel", "usable_kernels"]

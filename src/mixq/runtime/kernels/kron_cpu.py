@@ -126,14 +126,28 @@ int kron_rows(const void* in, void* out, int M, int n, int nf, const int* orders
   }
   return fail;
 }
+
+/* One transform's fixed arguments, so that a call passes five (the per-call cost of a decode step's ~400 calls). */
+typedef struct { int n, nf, after; float scale; const int* orders; const int* kind; const float* mats;
+                 const float* signs; } kron_plan;
+
+int kron_apply(const kron_plan* p, const void* in, void* out, int M, int bf16) {
+  return kron_rows(in, out, M, p->n, p->nf, p->orders, p->kind, p->mats, p->signs, p->scale, p->after, bf16);
+}
 """
+
+
+class _Plan(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int), ("nf", ctypes.c_int), ("after", ctypes.c_int), ("scale", ctypes.c_float),
+                ("orders", VOID_P), ("kind", VOID_P), ("mats", VOID_P), ("signs", VOID_P)]
 
 
 @lru_cache(maxsize=1)
 def _lib():
     return load("kron_cpu", SOURCE, "+ip transforms run per factor in torch", {
         "kron_rows": (ctypes.c_int, [VOID_P, VOID_P, INT, INT, INT, VOID_P, VOID_P, VOID_P, VOID_P, ctypes.c_float,
-                                     INT, INT])})
+                                     INT, INT]),
+        "kron_apply": (ctypes.c_int, [VOID_P, VOID_P, VOID_P, INT, INT])})
 
 
 def available() -> bool:
@@ -162,7 +176,10 @@ class KronPlan:
         self.scale = scale
         self.after = int(transpose)
         self.butterflies_only = all(kinds)
-        self._ptrs = (self.orders.data_ptr(), self.kinds.data_ptr(), self.mats.data_ptr(), self.signs.data_ptr())
+        self._plan = _Plan(self.n, len(orders), self.after, scale, self.orders.data_ptr(), self.kinds.data_ptr(),
+                           self.mats.data_ptr(), self.signs.data_ptr())
+        self._addr = ctypes.addressof(self._plan)
+        self._apply = _lib().kron_apply
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of the float32 or bfloat16 CPU ``x [..., n]`` transformed, as a new tensor of ``x``'s shape and
@@ -171,10 +188,8 @@ class KronPlan:
             raise ValueError(f"kron_rows needs float32 or bfloat16 [..., {self.n}] rows, got {x.dtype} "
                              f"{tuple(x.shape)}")
         x = x.contiguous()
-        y = torch.empty(x.shape, dtype=x.dtype)
-        o, k, m, s = self._ptrs
-        rc = _lib().kron_rows(x.data_ptr(), y.data_ptr(), x.numel() // self.n, self.n, len(self.orders), o, k, m, s,
-                              self.scale, self.after, int(x.dtype == torch.bfloat16))
+        y = torch.empty_like(x)
+        rc = self._apply(self._addr, x.data_ptr(), y.data_ptr(), x.numel() // self.n, x.dtype == torch.bfloat16)
         if rc:
             raise RuntimeError(f"kron_rows failed ({rc}): orders {self.orders.tolist()}, n {self.n}")
         return y
