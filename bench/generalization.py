@@ -190,6 +190,19 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named below)
 
+- **Plans that decode faster than fp32 on a CPU (`--fast-on cpu`)**, GPTQ then the end-to-end epoch, KL PTB /
+  fortunes.  Run `default7-fastcpu-ints` (the `default7` measurement under `Constraints(fast_on="cpu")`: plain int
+  grids, which is what `quantize --fast-on cpu` gives on SmolLM2): 3.0 bpw 0.647 / 0.963, decoding at 1.31x fp32
+  (`tcq_speed_model.json`).  Run `fastcpu` (the `fast-cpu` candidate set, with `W2-g64-asym+ip`, `W3-g64+ip`,
+  `W4-g64+ip`, planned under the rule of commit ccd8bdf, which admitted `+ip` int layers at any size): 3.0 bpw
+  0.495 / 0.741, 3.5 bpw 0.235 / 0.364, 4.0 bpw 0.126 / 0.204 -- 23 % better than plain ints at 3.0, but that plan
+  decodes at 0.97x fp32 (the transforms' per-call cost on SmolLM2's small layers), so `decodes_faster` now admits
+  `+ip` on CPU only from 1M weights and on SmolLM2 the fast plan is the plain-int one.  Against the default
+  `mixq-default-7` plans (0.162 / 0.268, 0.0965 / 0.158, 0.055 / 0.0935; 0.45x fp32): 2.2-4x the KL.  The
+  end-to-end epoch cut the held-out KL of these int plans far more than of the trellis ones (3.0 bpw: ints
+  1.207 -> 0.723, `+ip` ints 0.877 -> 0.550, the default plan 0.193 -> 0.175), presumably because a group scale
+  per 64 weights gives it much more to tune than one scale per row.
+
 - **`mixq-default-7`: `mixq-default-6` followed by one epoch of end-to-end fine-tuning** (run `default7`: the plans
   of the measurement `mixq quantize --bpw 3.0` made in quantize_cost.md (commit 486989d), GPTQ on the same
   calibration rows, then `mixq.distill_e2e.finetune_e2e` with its defaults on them, as `mixq quantize` does;
