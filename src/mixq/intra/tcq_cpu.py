@@ -66,22 +66,9 @@ def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.
          wbits: int, k1: int, L: int, glen: int, *, vector: bool = True) -> torch.Tensor:
     """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by >= 2 bytes;
     the AVX2 path, where the CPU has it, needs 4 bytes of padding and scale groups of a multiple of 8 columns --
-    else, or with ``vector=False``, the scalar path runs)."""
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("the tcq-cpu kernel is not available (no working C compiler)")
-    x = x.detach().float().contiguous()
-    M, C = x.shape
-    scale, lut = scale.float().contiguous(), lut.float().contiguous()
-    if R % P or C % glen or scale.shape != (R, C // glen) or stream.numel() * 8 < (R // P) * C * wbits + 8:
-        raise ValueError(f"tcq gemv: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
-                         f"[{R}, {C}] at {wbits} bits per {P} rows")
-    y = torch.empty(M, R, dtype=torch.float32)
-    bits = (R // P) * C * wbits
-    vec = int(vector and stream.numel() * 8 >= bits + 32 and bits + 32 < 2**31)
-    lib.tcq_gemv(x.data_ptr(), stream.contiguous().data_ptr(), scale.data_ptr(), lut.data_ptr(), y.data_ptr(),
-                 M, R, C, P, wbits, k1, L, glen, vec)
-    return y
+    else, or with ``vector=False``, the scalar path runs).  One call of :class:`GemvLayer`."""
+    x = x.detach().float()
+    return GemvLayer(stream, scale, lut, R, x.shape[1], P, wbits, k1, L, glen, vector=vector)(x)
 
 
 class GemvLayer:
@@ -89,7 +76,7 @@ class GemvLayer:
     per-call argument work of :func:`gemv` is a tenth of a step)."""
 
     def __init__(self, stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, C: int, P: int,
-                 wbits: int, k1: int, L: int, glen: int):
+                 wbits: int, k1: int, L: int, glen: int, *, vector: bool = True):
         if _lib() is None:
             raise RuntimeError("the tcq-cpu kernel is not available (no working C compiler)")
         self.stream, self.scale = stream.contiguous(), scale.float().contiguous()
@@ -98,7 +85,7 @@ class GemvLayer:
         if R % P or C % glen or self.scale.shape != (R, C // glen) or stream.numel() * 8 < bits + 8:
             raise ValueError(f"tcq gemv: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
                              f"[{R}, {C}] at {wbits} bits per {P} rows")
-        vec = int(stream.numel() * 8 >= bits + 32 and bits + 32 < 2**31)
+        vec = int(vector and stream.numel() * 8 >= bits + 32 and bits + 32 < 2**31)
         self.R, self.C = R, C
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
         self._tail = (P, wbits, k1, L, glen, vec)
