@@ -145,8 +145,6 @@ class _Plan(ctypes.Structure):
 @lru_cache(maxsize=1)
 def _lib():
     return load("kron_cpu", SOURCE, "+ip transforms run per factor in torch", {
-        "kron_rows": (ctypes.c_int, [VOID_P, VOID_P, INT, INT, INT, VOID_P, VOID_P, VOID_P, VOID_P, ctypes.c_float,
-                                     INT, INT]),
         "kron_apply": (ctypes.c_int, [VOID_P, VOID_P, VOID_P, INT, INT])})
 
 
@@ -196,13 +194,8 @@ class KronPlan:
 
 
 def _is_sylvester(f: torch.Tensor) -> bool:
-    """Whether the orthonormal factor ``f`` is the normalised Sylvester matrix of its order (butterflies apply):
-    entry ``(i, j)`` is ``(-1)^popcount(i & j) / √m``."""
+    """Whether the orthonormal factor ``f`` is the normalised Sylvester matrix of its order (butterflies apply)."""
+    from ...algorithms.hadamard import sylvester
+
     m = f.shape[0]
-    i = torch.arange(m)
-    parity = torch.zeros(m, m, dtype=torch.int64)
-    a = i[:, None] & i[None, :]
-    while bool(a.any()):
-        parity ^= a & 1
-        a = a >> 1
-    return bool(torch.allclose(f.double() * m ** 0.5, 1.0 - 2.0 * parity.double(), atol=1e-6))
+    return bool(torch.allclose(f.double() * m ** 0.5, sylvester(m), atol=1e-6))
