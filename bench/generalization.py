@@ -205,8 +205,8 @@ NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named be
 
 - **GPTQ with act-order on the default plan** (run `default7-actorder`: the `default7` measurement's 3.0-bpw plan,
   `--act-order`, then the end-to-end epoch): 0.1617 / 0.2647 against 0.1616 / 0.2684 without -- the same in
-  domain, 1.4 % lower out of it; after the `+ip` transforms the Hessian's diagonal is nearly flat, so the column
-  order matters little.  Not made the default on one budget's 1.4 %.
+  domain, 1.4 % lower out of it (presumably because after the `+ip` transforms the Hessian's diagonal is nearly
+  flat, so the column order matters little).  Not made the default on one budget's 1.4 %.
 
 - **`mixq-default-7`: `mixq-default-6` followed by one epoch of end-to-end fine-tuning** (run `default7`: the plans
   of the measurement `mixq quantize --bpw 3.0` made in quantize_cost.md (commit 486989d), GPTQ on the same
