@@ -198,7 +198,7 @@ NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named be
   0.495 / 0.741, 3.5 bpw 0.235 / 0.364, 4.0 bpw 0.126 / 0.204 -- 23 % better than plain ints at 3.0, but that plan
   decodes at 0.97x fp32 (the transforms' per-call cost on SmolLM2's small layers), so `decodes_faster` now admits
   `+ip` on CPU only from 1M weights and on SmolLM2 the fast plan is the plain-int one.  Against the default
-  `mixq-default-7` plans (0.162 / 0.268, 0.0965 / 0.158, 0.055 / 0.0935; 0.45x fp32): 2.2-4x the KL.  The
+  `mixq-default-7` plans (0.162 / 0.268, 0.0965 / 0.158, 0.055 / 0.0935; 0.45-0.51x fp32): 2.2-4x the KL.  The
   end-to-end epoch cut the held-out KL of these int plans far more than of the trellis ones (3.0 bpw: ints
   1.207 -> 0.723, `+ip` ints 0.877 -> 0.550, the default plan 0.193 -> 0.175), presumably because a group scale
   per 64 weights gives it much more to tune than one scale per row.
