@@ -62,6 +62,17 @@ def viterbi(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tenso
     return out, vals, cost
 
 
+def _check_layout(what: str, stream: torch.Tensor, scale: torch.Tensor, R: int, C: int, P: int, wbits: int,
+                  glen: int) -> int:
+    """The stream's bit count for ``[R, C]`` at ``wbits`` bits per ``P`` rows; ValueError when the stream (padded by
+    >= 1 byte) or the scales ``[R, C / glen]`` do not fit that shape."""
+    bits = (R // P) * C * wbits
+    if R % P or C % glen or tuple(scale.shape) != (R, C // glen) or stream.numel() * 8 < bits + 8:
+        raise ValueError(f"tcq {what}: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
+                         f"[{R}, {C}] at {wbits} bits per {P} rows")
+    return bits
+
+
 def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, P: int,
          wbits: int, k1: int, L: int, glen: int, *, vector: bool = True) -> torch.Tensor:
     """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by >= 2 bytes;
@@ -81,10 +92,7 @@ class GemvLayer:
             raise RuntimeError("the tcq-cpu kernel is not available (no working C compiler)")
         self.stream, self.scale = stream.contiguous(), scale.float().contiguous()
         self.lut = lut.float().contiguous()
-        bits = (R // P) * C * wbits
-        if R % P or C % glen or self.scale.shape != (R, C // glen) or stream.numel() * 8 < bits + 8:
-            raise ValueError(f"tcq gemv: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
-                             f"[{R}, {C}] at {wbits} bits per {P} rows")
+        bits = _check_layout("gemv", stream, self.scale, R, C, P, wbits, glen)
         vec = int(vector and stream.numel() * 8 >= bits + 32 and bits + 32 < 2**31)
         self.R, self.C = R, C
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
@@ -92,6 +100,8 @@ class GemvLayer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``y [M, R]`` float32 for the float32 ``x [M, C]``."""
+        if x.dim() != 2 or x.shape[1] != self.C:
+            raise ValueError(f"tcq gemv: x must be [M, {self.C}], got {tuple(x.shape)}")
         x = x.contiguous()
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
         _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
@@ -105,9 +115,7 @@ def decode(stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int,
     if lib is None:
         return None
     scale, lut = scale.float().contiguous(), lut.float().contiguous()
-    if R % P or C % glen or scale.shape != (R, C // glen) or stream.numel() * 8 < (R // P) * C * wbits + 8:
-        raise ValueError(f"tcq decode: stream {stream.numel()} bytes, scale {tuple(scale.shape)} do not fit "
-                         f"[{R}, {C}] at {wbits} bits per {P} rows")
+    _check_layout("decode", stream, scale, R, C, P, wbits, glen)
     W = torch.empty(R, C, dtype=torch.float32)
     lib.tcq_decode(stream.contiguous().data_ptr(), scale.data_ptr(), lut.data_ptr(), W.data_ptr(), R, C, P, wbits,
                    k1, L, glen)
