@@ -87,3 +87,34 @@ def test_local_gpus_split_the_node(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_RANK", "5")
     assert local_gpus(8) == [5]
+
+
+def test_cli_quantize_with_a_device_map_writes_what_the_plain_run_writes(tiny_dir, tmp_path):
+    """``mixq quantize --bpw --device-map FILE --offload-folder DIR`` (every block offloaded to disk: the measurement
+    and the GPTQ walk materialize each one in turn, the save reads the untouched tensors from the offload store)
+    writes the same plan and the same tensors as the plain run; a --device this machine lacks is refused."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from mixq.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i}: pack my box with five dozen liquor jugs {i * 3}." for i in range(200)))
+    cands = tmp_path / "cands.txt"
+    cands.write_text("W2-g32-asym\nW4-g32\nW8-channel\n")
+    dm = tmp_path / "map.json"
+    dm.write_text(json.dumps(_offloaded_map(2, range(0, 2))))
+    common = ["quantize", "--model", str(tiny_dir), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32",
+              "--grad-samples", "1", "--candidates", str(cands), "--bpw", "4", "--finetune", "none"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--device-map", str(dm), "--offload-folder", str(tmp_path / "off"),
+                 "--out", str(tmp_path / "b")]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert json.loads((a / "plan.json").read_text())["layers"] == json.loads((b / "plan.json").read_text())["layers"]
+    for f in ("quantized.safetensors", "rest.safetensors"):
+        ta, tb = load_file(a / f), load_file(b / f)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
+    if not torch.cuda.is_available():
+        assert main([*common, "--device", "cuda", "--out", str(tmp_path / "c")]) == 2
+    assert main([*common, "--device", "tpu", "--out", str(tmp_path / "d")]) == 2

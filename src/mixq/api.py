@@ -15,6 +15,7 @@ from torch import nn
 
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
+from .calib.dispatch import walk_placement
 from .config import BitCost, QuantSpec, is_composite, parse_spec
 from .formats import QTensor
 from .granularity import PerGroup
@@ -131,7 +132,7 @@ def quantize_model(
     *,
     method: str = "rtn",
     calib_ids: torch.Tensor | None = None,
-    device="cpu",
+    device=None,
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
@@ -161,6 +162,9 @@ def quantize_model(
     checkpoint was given one.  The caller deletes it when done (``WalkCheckpoint.clear``).
     ``offload_dir`` (GPTQ): keep the walk's two ``[n, L, hidden]`` activation buffers in
     memory-mapped files there rather than in RAM (:mod:`mixq.calib.offload`).
+    ``device``: where each block is quantized (it goes back to where it was afterwards); default: where the
+    model is -- the device of its parameters, or block by block where accelerate's ``device_map`` put them
+    (:func:`mixq.calib.dispatch.walk_placement`); the CPU with a ``source``.
     Returns the stored form of every quantized layer.
     """
     if method not in METHODS:
@@ -168,6 +172,9 @@ def quantize_model(
     if method != "gptq" and (checkpoint is not None or offload_dir is not None):
         raise ValueError("checkpoint and offload_dir apply to the GPTQ block walk: use method='gptq'")
     t0 = time.perf_counter()
+    if device is None:
+        device, placed = ("cpu", None) if source is not None else walk_placement(model)
+        source = source if source is not None else placed
     mods = dict(model.named_modules())
     refs = _refs(model, specs)
     q: dict[str, QTensor] = {}

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE
-from .common import UserError, calib_args, claim_output, measure_args, model_arg, one_line
+from .common import UserError, calib_args, claim_output, measure_args, model_arg
+from .placement import check_device, placement_args, placement_from
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,7 @@ def register(sub) -> None:
     measure_args(m)
     m.add_argument("--out", required=True, help="measurement JSON to write")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
-    m.add_argument("--device", default="cpu",
-                   help="where the model is loaded and measured: cpu (default), cuda, cuda:N; under torchrun, "
-                        "cuda means the first of each process's GPUs (NCCL), cpu uses gloo")
-    m.add_argument("--device-map", default=None,
-                   help="spread the model with accelerate instead of --device: auto, balanced, sequential, or a JSON "
-                        "file {module: device} (GPU index, cpu, disk); blocks that fit nowhere are offloaded and "
-                        "materialized one at a time by the walk (see README, 'Several devices and processes')")
-    m.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
-                   help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB; gpu=SIZE is every "
-                        "GPU; under torchrun, each process's own GPUs (the node's GPUs split evenly among its "
-                        "processes), and then required")
-    m.add_argument("--offload-folder", default=None, help="with --device-map: where weights offloaded to disk go")
+    placement_args(m, "measured")
     m.set_defaults(func=cmd_measure)
 
 
@@ -82,38 +72,6 @@ def run_measure(model, calib_ids, args, out: Path | None, group=None):
                    out=out, group=group)
 
 
-def placement_from(args, group):
-    """accelerate's placement from ``--device-map``, ``--max-memory`` and ``--offload-folder`` (``None``: --device)."""
-    import json
-
-    from ..calib.dispatch import Placement, parse_max_memory
-    from ..measure.distributed import local_gpus
-
-    if not args.device_map:
-        if args.max_memory or args.offload_folder:
-            raise UserError("--max-memory and --offload-folder go with --device-map")
-        return None
-    dm = args.device_map
-    if dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        try:
-            dm = json.loads(Path(dm).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"--device-map {args.device_map!r}: not auto/balanced/sequential nor a readable JSON "
-                            f"file ({one_line(e)})") from None
-    import torch
-
-    gpus = local_gpus(torch.cuda.device_count()) if group.world > 1 else None
-    try:
-        mem = parse_max_memory(args.max_memory, gpus)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if gpus is not None and isinstance(dm, str):
-        if not mem or any(k not in gpus for k in mem if isinstance(k, int)) or not any(k in gpus for k in mem):
-            raise UserError(f"under torchrun, --device-map needs --max-memory gpu=SIZE: this process's GPUs are "
-                            f"{gpus} and a string device map must not reach the others'")
-    return Placement(dm, mem, args.offload_folder)
-
-
 def cmd_measure(args) -> int:
     from ..measure.distributed import init_from_env, shutdown
 
@@ -137,7 +95,11 @@ def _measure_in(group, args) -> int:
         claim_output(out, args.force)
     load_candidate_set(args.candidates)  # validate before the heavy work
     parse_sources(args.calib)
-    model, tok = load_model(args.model, device=process_device(args.device, group), placement=placement_from(args, group))
+    device = process_device(args.device, group)
+    placement = placement_from(args, group)
+    if placement is None:
+        check_device(device)
+    model, tok = load_model(args.model, device=device, placement=placement)
     t0 = time.perf_counter()
     calib = calibration_for(model, tok, args, resolve_bos(tok, model, args.bos)) if group.writer else None
     ids = group.broadcast(calib.ids.cpu() if calib is not None else None)  # one set of rows for every rank

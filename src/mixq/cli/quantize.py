@@ -10,6 +10,7 @@ from ..recipe import DEFAULT_RECIPE, recipe_record
 from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
                      constraints_from, human, measure_args, model_arg, solver_arg)
 from .measure import finished_measurement, load_candidate_set, run_measure
+from .placement import check_device, placement_args, placement_from
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def register(sub) -> None:
                                                        "it: decoder blocks are streamed one at a time")
     q.add_argument("--offload-dir", default=None, help="GPTQ: keep the walk's two [nsamples, seqlen, hidden] activation "
                                                        "buffers in memory-mapped files here instead of RAM")
+    placement_args(q, "measured and quantized (--lazy: where each streamed block is quantized; the --finetune "
+                      "stage runs on the CPU)")
     q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
     calib_args(q, nsamples=DEFAULT_RECIPE["nsamples"])
     q.add_argument("--damp", type=float, default=DEFAULT_RECIPE["damp"], help="GPTQ dampening, fraction of mean(diag H)")
@@ -90,7 +93,13 @@ def cmd_quantize(args) -> int:
         parse_sources(args.calib)  # a bad --calib fails before the model is loaded
     if budget is not None:
         load_candidate_set(args.candidates)
-    model, tok = _load_lazy(args.model) if args.lazy else load_model(args.model)
+    placement = placement_from(args)
+    if placement is None:
+        check_device(args.device)
+    if args.lazy:
+        model, tok = _load_lazy(args.model)
+    else:
+        model, tok = load_model(args.model, device=args.device, placement=placement)
     if plan is not None:  # a plan for another model fails before any calibration work
         plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
         _check_plan(plan, model, args)
@@ -140,7 +149,7 @@ def cmd_quantize(args) -> int:
         walk = WalkCheckpoint(out.with_name(f".{out.name}.partial-walk"), announce=print, release=True)
     res = P.quantize(model, chosen, method=args.method, calib=calib if args.method != "rtn" else None,
                      damp=args.damp, act_order=args.act_order, rotate=rotate, source=source, checkpoint=walk,
-                     offload_dir=args.offload_dir)
+                     offload_dir=args.offload_dir, device=args.device if args.lazy else None)
     if walk is not None and walk.resumed_from:
         extra["walk_resumed_at_block"] = walk.resumed_from
     if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
@@ -317,6 +326,9 @@ def _check_lazy(args) -> None:
     p = Path(args.model)
     if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
         raise UserError(f"--lazy needs a local model directory with config.json and *.safetensors, not {args.model}")
+    if args.device_map:
+        raise UserError("--lazy streams the blocks from disk itself: drop --device-map (--device picks where each "
+                        "block is quantized)")
     if args.method != "gptq" or args.rotate or (args.bpw is not None and args.measurement is None):
         raise UserError("--lazy streams the blocks through GPTQ's calibration walk: use --method gptq, no --rotate, "
                         "and with --bpw an existing --measurement")

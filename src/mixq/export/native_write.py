@@ -123,16 +123,25 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
 
 
 def _rest_state(model: nn.Module, qtensors: dict) -> dict[str, torch.Tensor]:
+    """The model's tensors other than the quantized weights, on the CPU; an entry accelerate offloaded (on
+    ``meta``) is read from its offload store."""
+    from ..calib.dispatch import stored_tensor
+
     skip = {f"{fqn}.weight" for fqn in qtensors}
     out, seen = {}, {}
     for name, t in model.state_dict(keep_vars=False).items():
         if name in skip:
             continue
+        if t.is_meta:
+            t = stored_tensor(model, name)
+            if t is None:
+                raise ValueError(f"{name} is on the meta device and no offload store holds it: load the model "
+                                 "with its weights (or through accelerate's offloading) before saving")
         key = (t.data_ptr(), t.shape, t.dtype)
         if t.data_ptr() and key in seen:  # tied tensor: stored once
             continue
         seen[key] = name
-        out[name] = t.detach().contiguous().clone()
+        out[name] = t.detach().to("cpu", copy=True).contiguous()
     return out
 
 
