@@ -129,9 +129,17 @@ def test_cli_finetune(tiny_dir, tmp_path, capsys, spec):
 
 
 @pytest.mark.parametrize("flags", [[], ["--finetune", "block"]])
-def test_quantize_with_finetune(tiny_dir, tmp_path, flags):
+def test_quantize_with_finetune(tiny_dir, tmp_path, flags, monkeypatch):
     """`mixq quantize` fine-tunes by default (the recipe's end-to-end stage; `--finetune block` the block-wise one)
-    from a scratch directory it removes."""
+    from a scratch directory it removes, on the rows it quantized with (the corpus is tokenised once)."""
+    from collections import Counter
+
+    import mixq.data
+
+    seen = Counter()
+    tokenize = mixq.data.tokenize
+    monkeypatch.setattr(mixq.data, "tokenize",
+                        lambda text, *a, **k: (seen.update([hash(text)]), tokenize(text, *a, **k))[1])
     calib = tmp_path / "c.txt"
     calib.write_text("shares rose in heavy trading as investors bought bank stocks and bonds .\n" * 60)
     out = tmp_path / "q"
@@ -145,6 +153,7 @@ def test_quantize_with_finetune(tiny_dir, tmp_path, flags):
     assert (ft["rows"] if flags else ft["e2e"]["rows"])["train"] == 6 and (out / "plan.json").exists()
     assert (out / "finetune.png").exists() and info["finetune"]["plot"].endswith("finetune.png")
     assert not list(tmp_path.glob(".q.*"))  # no scratch left behind
+    assert ft["calibration"] == info["calibration"] and list(seen.values()) == [1]
 
 
 def test_end_to_end_stage_lowers_kl_and_keeps_the_best_epoch(tiny_model):

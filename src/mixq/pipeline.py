@@ -291,13 +291,15 @@ def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: d
 
 
 # ---------------------------------------------------------------------------- fine-tuning
-def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: str | None = None,
+def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib=None,
              nsamples: int = 32, seqlen: int = 512, seed: int = 0, bos="auto", config=None, e2e="default",
              block: bool = True, overwrite: bool = False, plot: bool = True, progress: bool = True) -> dict:
     """Fine-tune the quantized directory ``src_dir`` with its codes fixed and write ``out_dir`` (``mixq finetune``).
 
     Block-wise distillation of the scales (and norms) towards the directory's base model on ``nsamples`` x
-    ``seqlen`` calibration rows of ``calib`` (default :data:`mixq.calibset.DEFAULT_CALIB`), the last quarter held
+    ``seqlen`` calibration rows of ``calib`` (a source such as ``"self+ptb"``, default
+    :data:`mixq.calibset.DEFAULT_CALIB`; or the :class:`~mixq.calibset.CalibrationSet` the model was quantized
+    on, used as it is: ``nsamples``, ``seqlen``, ``seed`` and ``bos`` are then its own), the last quarter held
     out to choose each block's stopping epoch (:mod:`mixq.distill`; ``config``: a
     :class:`~mixq.distill.FinetuneConfig`).  Interrupted runs resume from the blocks done (kept beside
     ``out_dir``).  ``plot``: the loss curves as ``finetune.png`` in ``out_dir``.  Returns the report (also recorded as
@@ -328,7 +330,12 @@ def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib: s
     ref, tok = load_model(base)
     qmodel, qtok, _ = _load_q(src)
     _, qtensors, _ = read_qtensors(src)
-    cal = build_calibration(ref, tok, calib, nsamples, seqlen, seed, bos=bos, progress=progress)
+    from .calibset import CalibrationSet
+
+    if isinstance(calib, CalibrationSet):
+        cal = calib
+    else:
+        cal = build_calibration(ref, tok, calib, nsamples, seqlen, seed, bos=bos, progress=progress)
     from .memtrim import release_free_memory
 
     release_free_memory()  # what loading and unpacking left on the heap (mixq.memtrim)

@@ -178,9 +178,10 @@ def cmd_quantize(args) -> int:
     n_layers = len(specs)
     if args.finetune != "none":
         # the quantized model lives in the scratch directory now: free it before fine-tuning loads it again
+        rows = calib if calib is not None and args.finetune_samples == args.nsamples else None  # tokenised once
         model = res = calib = table = plan = chosen = specs = source = kept = walk = None  # noqa: F841
         _release()
-        _finetune(out, final, args)
+        _finetune(out, final, args, rows)
         out = final
     print(f"wrote {out}: {n_layers} layers, {label} ({args.method}), "
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
@@ -286,15 +287,17 @@ def _release() -> None:
     release_free_memory()
 
 
-def _finetune(scratch: Path, out: Path, args) -> None:
+def _finetune(scratch: Path, out: Path, args, rows=None) -> None:
+    """``pipeline.finetune`` from the quantized ``scratch`` into ``out``, on ``rows`` (the run's own
+    CalibrationSet) when given, else on --finetune-samples new rows of --calib."""
     import shutil
 
     from ..pipeline import finetune
 
     check_positive(finetune_samples=args.finetune_samples)
     stages = args.finetune.split("+")
-    rep = finetune(scratch, out, calib=args.calib, nsamples=args.finetune_samples, seqlen=args.seqlen,
-                   seed=args.seed, bos=args.bos, overwrite=args.force, block="block" in stages,
+    rep = finetune(scratch, out, calib=rows if rows is not None else args.calib, nsamples=args.finetune_samples,
+                   seqlen=args.seqlen, seed=args.seed, bos=args.bos, overwrite=args.force, block="block" in stages,
                    e2e="default" if "e2e" in stages else None)
     shutil.rmtree(scratch)
     parts = []
