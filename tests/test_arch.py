@@ -14,8 +14,9 @@ from mixq.arch import (
 from tiny import HIDDEN, LAYERS, VOCAB
 
 LINEARS_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "gemma": 7, "gemma3": 7,
-                     "phi": 6, "gpt2": 4, "opt": 6, "gpt_neox": 4}
-TIED = {"gemma", "gemma3", "gpt2", "opt"}
+                     "phi": 6, "gpt2": 4, "opt": 6, "gpt_neox": 4,
+                     "qwen3": 7, "gemma2": 7, "phi3": 4, "olmo2": 7, "granite": 7, "falcon": 4}
+TIED = {"gemma", "gemma2", "gemma3", "gpt2", "opt", "falcon"}
 
 
 def test_every_family_is_in_the_table(tiny_model, tiny_family):

@@ -22,14 +22,17 @@ INTER = 128
 VOCAB = 128
 MAX_POS = 64
 
-FAMILIES: list[str] = ["llama", "qwen2", "mistral", "gemma", "gemma3", "phi", "gpt2", "opt", "gpt_neox"]
+# issue 16's further families: in FAMILIES (the table tests) and through the whole pipeline in test_families.py
+MORE_FAMILIES: list[str] = ["qwen3", "gemma2", "phi3", "olmo2", "granite", "falcon"]
+FAMILIES: list[str] = ["llama", "qwen2", "mistral", "gemma", "gemma3", "phi", "gpt2", "opt", "gpt_neox",
+                       *MORE_FAMILIES]
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
                num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=MAX_POS)
 
 
 def _config(family: str) -> tuple[tf.PretrainedConfig, type]:
-    """The config and the causal-LM class of one ``family`` (keys of :data:`FAMILIES`)."""
+    """The config and the causal-LM class of one ``family`` (:data:`FAMILIES`, :data:`MORE_FAMILIES`)."""
     gqa = dict(_COMMON, num_key_value_heads=KV_HEADS)
     if family == "llama":
         return tf.LlamaConfig(**gqa), tf.LlamaForCausalLM
@@ -55,6 +58,25 @@ def _config(family: str) -> tuple[tf.PretrainedConfig, type]:
         return cfg, tf.OPTForCausalLM
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(**_COMMON), tf.GPTNeoXForCausalLM
+    ids = dict(pad_token_id=1, bos_token_id=2, eos_token_id=3)  # the tokenizer's; HF defaults lie outside VOCAB
+    if family == "qwen3":  # per-head RMSNorm on q and k
+        return tf.Qwen3Config(**gqa, head_dim=HIDDEN // HEADS), tf.Qwen3ForCausalLM
+    if family == "gemma2":  # sandwich norms, attention and final logit soft-capping, sqrt(hidden) embedding scale
+        cfg = tf.Gemma2Config(**gqa, head_dim=HIDDEN // HEADS, sliding_window=16, query_pre_attn_scalar=HIDDEN // HEADS)
+        return cfg, tf.Gemma2ForCausalLM
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**gqa, **ids), tf.Phi3ForCausalLM
+    if family == "olmo2":  # post-norms only (no norm before attention / MLP), q/k norms over all heads
+        return tf.Olmo2Config(**gqa, **ids), tf.Olmo2ForCausalLM
+    if family == "granite":  # scalar multipliers on embeddings, residual branches, attention and logits
+        cfg = tf.GraniteConfig(**gqa, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
+                               attention_multiplier=1.0 / (HIDDEN // HEADS))
+        return cfg, tf.GraniteForCausalLM
+    if family == "falcon":  # the new decoder architecture (Falcon-40B/180B): GQA, ln_attn / ln_mlp in parallel
+        cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                              num_kv_heads=KV_HEADS, new_decoder_architecture=True, ffn_hidden_size=INTER,
+                              max_position_embeddings=MAX_POS, bos_token_id=2, eos_token_id=3)
+        return cfg, tf.FalconForCausalLM
     raise ValueError(f"unknown tiny family {family!r}; choose one of {FAMILIES}")
 
 

@@ -2,7 +2,8 @@
 
 Algorithms never match model names (ARCHITECTURE.md rule 7); they ask :func:`arch_for` for an
 :class:`ArchInfo` and walk the model with :func:`iter_layers` / :func:`get_weight` /
-:func:`set_weight`.  Adding a family is adding one table entry.  A ``model_type`` missing from
+:func:`set_weight`.  Adding a family is adding one table entry (:mod:`mixq.arch_table`, whose
+:data:`ARCH_TABLE`, :class:`ArchInfo` and :class:`InputGroup` are re-exported here).  A ``model_type`` missing from
 :data:`ARCH_TABLE` falls back to discovery (the largest ``ModuleList`` of identical blocks,
 the output embeddings as ``lm_head``), without input groups.
 
@@ -19,133 +20,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .arch_table import ARCH_TABLE, PREV_KINDS, ArchInfo, InputGroup  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
-
-PREV_KINDS = ("norm", "linear", "act", None)
-
-
-@dataclass(frozen=True)
-class InputGroup:
-    """Linears of one block that read the same input, and the op producing that input.
-
-    ``prev_kind`` says how a per-input-channel scale ``s`` (AWQ, SmoothQuant) can be folded into
-    ``prev`` so that the block function is unchanged:
-
-    ``"norm"``    ``prev`` is a norm with an elementwise weight (and bias): divide them by ``s``
-                  (for norms computing ``x * (offset + w)`` see :attr:`ArchInfo.norm_offset`).
-    ``"linear"``  ``prev`` is a linear whose output rows feed the input channels one to one, maybe
-                  through a multiplicative or positively homogeneous op (``act(gate) * up``, ReLU):
-                  divide its rows (and bias) by ``s``.  Only exact when ``prev.out_features ==
-                  in_features`` of the group; a ``v_proj -> o_proj`` group under grouped-query
-                  attention (fewer kv heads) needs ``s`` shared across the repeated heads.
-    ``"act"``     ``prev`` is a non-homogeneous activation (GELU): the scale must be applied by
-                  wrapping it (AWQ's ``ScaledActivation``).
-    ``None``      nothing to fold into (``prev`` is ``None``), e.g. a fused QKV before ``o_proj``;
-                  the group still shares calibration inputs.
-    Names are relative to the block.
-    """
-
-    prev: str | None
-    linears: tuple[str, ...]
-    prev_kind: str | None
-
-    def __post_init__(self):
-        if self.prev_kind not in PREV_KINDS:
-            raise ValueError(f"InputGroup.prev_kind must be one of {PREV_KINDS}, got {self.prev_kind!r}")
-        if (self.prev is None) != (self.prev_kind is None):
-            raise ValueError(f"InputGroup {self.linears}: prev and prev_kind must both be set or both be None")
-        if not self.linears:
-            raise ValueError("InputGroup needs at least one linear")
-
-
-@dataclass(frozen=True)
-class ArchInfo:
-    """Module paths of one family (dotted, from the top-level ``*ForCausalLM`` model).
-
-    ``blocks``        the ``ModuleList`` of decoder blocks
-    ``embeddings``    token (and learned position) embedding tables
-    ``final_norm``    the norm before ``lm_head`` (``None`` if unknown)
-    ``lm_head``       the output projection ``[vocab, hidden]``
-    ``input_groups``  every block linear in exactly one :class:`InputGroup` (empty when discovered)
-    ``norm_offset``   norms compute ``x_hat * (norm_offset + weight)`` (Gemma: 1.0, others 0.0)
-    ``skip``          block-relative names of linear-like modules never quantized (e.g. MoE routers)
-    ``config_checks`` ``(attr, value)`` pairs the input groups assume; if one fails,
-                      :func:`arch_for` drops the groups (with a warning) rather than mislead
-    ``discovered``    True when built by the default discovery, not taken from the table
-    ``kv_linears``    block-relative names of the linears whose output rows are keys or values (a fused QKV
-                      included): read by every later position, not only by their own (``kfac-pos``)
-    """
-
-    blocks: str
-    embeddings: tuple[str, ...]
-    final_norm: str | None
-    lm_head: str
-    input_groups: tuple[InputGroup, ...]
-    norm_offset: float = 0.0
-    skip: tuple[str, ...] = ()
-    config_checks: tuple[tuple[str, object], ...] = ()
-    discovered: bool = False
-    kv_linears: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
-
-
-def _llama_groups(attn_norm: str, mlp_norm: str) -> tuple[InputGroup, ...]:
-    return (
-        InputGroup(attn_norm, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
-        InputGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
-        InputGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), "norm"),
-        InputGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),  # down(act(gate) * up)
-    )
-
-
-_LLAMA = ArchInfo("model.layers", ("model.embed_tokens",), "model.norm", "lm_head",
-                  _llama_groups("input_layernorm", "post_attention_layernorm"))
-
-ARCH_TABLE: dict[str, ArchInfo] = {
-    "llama": _LLAMA,
-    "qwen2": _LLAMA,
-    "mistral": _LLAMA,
-    "gemma": replace(_LLAMA, norm_offset=1.0),
-    # Gemma3ForCausalLM (text only); norms around attention and MLP ("sandwich"), q/k norms
-    "gemma3_text": replace(_LLAMA, norm_offset=1.0,
-                           input_groups=_llama_groups("input_layernorm", "pre_feedforward_layernorm")),
-    # phi-2: attention and MLP in parallel, both reading input_layernorm(x)
-    "phi": ArchInfo("model.layers", ("model.embed_tokens",), "model.final_layernorm", "lm_head", (
-        InputGroup("input_layernorm",
-                   ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"), "norm"),
-        InputGroup("self_attn.v_proj", ("self_attn.dense",), "linear"),
-        InputGroup("mlp.activation_fn", ("mlp.fc2",), "act"),
-    )),
-    # GPT-2: Conv1D layers (weight stored [in, out]), fused QKV in attn.c_attn
-    "gpt2": ArchInfo("transformer.h", ("transformer.wte", "transformer.wpe"), "transformer.ln_f", "lm_head", (
-        InputGroup("ln_1", ("attn.c_attn",), "norm"),
-        InputGroup(None, ("attn.c_proj",), None),
-        InputGroup("ln_2", ("mlp.c_fc",), "norm"),
-        InputGroup("mlp.act", ("mlp.c_proj",), "act"),
-    ), kv_linears=("attn.c_attn",)),
-    # OPT: pre-norm only when do_layer_norm_before (not opt-350m); ReLU is positively homogeneous
-    "opt": ArchInfo("model.decoder.layers", ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
-                    "model.decoder.final_layer_norm", "lm_head", (
-        InputGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
-        InputGroup("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
-        InputGroup("final_layer_norm", ("fc1",), "norm"),
-        InputGroup("fc1", ("fc2",), "linear"),
-    ), config_checks=(("do_layer_norm_before", True),)),
-    # GPT-NeoX / Pythia: fused, head-interleaved QKV; attention and MLP each with their own norm
-    "gpt_neox": ArchInfo("gpt_neox.layers", ("gpt_neox.embed_in",), "gpt_neox.final_layer_norm", "lm_head", (
-        InputGroup("input_layernorm", ("attention.query_key_value",), "norm"),
-        InputGroup(None, ("attention.dense",), None),
-        InputGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",), "norm"),
-        InputGroup("mlp.act", ("mlp.dense_4h_to_h",), "act"),
-    ), kv_linears=("attention.query_key_value",)),
-    # MoE (mixq.moe): stacked experts become mlp.experts.<e>.{gate,up,down}_proj linears; the router mlp.gate
-    # is not a linear and stays out of the plan.  No input groups: the norm before the experts also feeds the
-    # router, so AWQ/SmoothQuant/rotation (which fold scales into it) are refused rather than wrong.
-    "qwen3_moe": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
-    "mixtral": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
-    "olmoe": replace(_LLAMA, input_groups=(), skip=("mlp.gate",)),
-    # + a shared expert (a plain MLP, quantized like any other) behind a sigmoid gate [1, hidden], kept like a router
-    "qwen2_moe": replace(_LLAMA, input_groups=(), skip=("mlp.gate", "mlp.shared_expert_gate")),
-}
 
 
 def _is_linear(m: nn.Module) -> bool:
