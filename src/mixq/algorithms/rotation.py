@@ -19,12 +19,13 @@ the MLP's output projection (the last residual writer of each block) is rotated 
 (:class:`~mixq.algorithms.transforms.OnlineRotation`, applied factor by factor; e.g.
 ``1536 = 12·128``).
 
-Norms applied to the writers' outputs before the residual add (Gemma 3's "sandwich" norms,
+Norms applied to the writers' outputs before the residual add (Gemma 2 and 3's "sandwich" norms,
 found structurally: direct children of the block of the same type as the input norms that are
 no group's ``prev``) do not commute with ``Q`` because of their weight; there the writers are
 left unrotated on their output side and the post-norm's output is rotated online instead.
 
-LayerNorm families (mean subtraction, bias: gpt2, opt, phi, gpt_neox) are not supported.
+LayerNorm families (mean subtraction, bias: gpt2, opt, phi, gpt_neox, falcon) are not supported, nor blocks
+with no norm before attention and MLP (OLMo 2's post-norms only).
 All rotation arithmetic is float64; weights are written back in their own dtype.
 
 Caveat, measured on SmolLM2-135M: two residual channels hold ~40% of the normalised energy
@@ -48,7 +49,11 @@ from .transforms import OnlineRotation, attach_input_rotation
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = "llama, qwen2, mistral, gemma, gemma3 (RMSNorm families)"
+class RotationUnsupported(NotImplementedError, ValueError):
+    """The model's layout cannot be rotated (a ValueError too, so that ``mixq`` prints it as one line)."""
+
+
+SUPPORTED = "llama, qwen2, mistral, gemma, gemma2, gemma3, qwen3, phi3, granite (RMSNorm families)"
 
 
 @dataclass
@@ -70,6 +75,11 @@ class _BlockPlan:
 
 def _plan(block: nn.Module, arch: ArchInfo) -> _BlockPlan:
     readers = tuple((g.prev, g.linears) for g in arch.input_groups if g.prev_kind == "norm")
+    if not readers:
+        raise RotationUnsupported(
+            f"{type(block).__name__} has no norm before its attention or MLP (post-norms only, as OLMo 2): rotation "
+            "fuses the norm that precedes each reader of the residual stream and is not implemented without one; "
+            f"supported: {SUPPORTED}. Use AWQ or GPTQ without --rotate")
     read = {n for _, lins in readers for n in lins}
     grouped = {n for g in arch.input_groups for n in g.linears}
     order = [n for n, _ in block.named_modules() if n in grouped]
@@ -78,7 +88,7 @@ def _plan(block: nn.Module, arch: ArchInfo) -> _BlockPlan:
     prevs = {n for n, _ in readers}
     post = tuple(n for n, m in block.named_children() if type(m) in norm_types and n not in prevs)
     if post and len(post) != len(writers):
-        raise NotImplementedError(f"{len(post)} post-norms for {len(writers)} residual writers in "
+        raise RotationUnsupported(f"{len(post)} post-norms for {len(writers)} residual writers in "
                                   f"{type(block).__name__}: rotation supports {SUPPORTED}")
     return _BlockPlan(readers, writers, post)
 
@@ -86,9 +96,9 @@ def _plan(block: nn.Module, arch: ArchInfo) -> _BlockPlan:
 def _check_norm(norm: nn.Module, name: str, hidden: int) -> None:
     w = getattr(norm, "weight", None)
     if isinstance(norm, nn.LayerNorm) or getattr(norm, "bias", None) is not None or w is None or w.shape != (hidden,):
-        raise NotImplementedError(
+        raise RotationUnsupported(
             f"rotation needs RMSNorm (no mean subtraction, no bias, a [{hidden}] weight), but '{name}' is a "
-            f"{type(norm).__name__}; supported: {SUPPORTED}. LayerNorm families (gpt2, opt, phi, gpt_neox) "
+            f"{type(norm).__name__}; supported: {SUPPORTED}. LayerNorm families (gpt2, opt, phi, gpt_neox, falcon) "
             "would first need their norms converted (SliceGPT); use AWQ or GPTQ without --rotate")
 
 
@@ -118,11 +128,12 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> R
     Unties a tied lm_head (``arch.untie_lm_head``).  ``online_down``: also rotate the MLP
     output projection's input at run time (a forward pre-hook whose buffers are in the state
     dict, so a loader unaware of it fails loudly instead of silently computing garbage).
-    Raises ``NotImplementedError`` for LayerNorm families.
+    Raises :class:`RotationUnsupported` (a ``NotImplementedError``) for LayerNorm families and blocks without
+    pre-norms, before anything is changed.
     """
     arch = arch_for(model)
     if not arch.input_groups:
-        raise NotImplementedError(f"{type(model).__name__} has no input groups in mixq.arch.ARCH_TABLE: "
+        raise RotationUnsupported(f"{type(model).__name__} has no input groups in mixq.arch.ARCH_TABLE: "
                                   f"rotation supports {SUPPORTED}")
     blocks = get_blocks(model)
     embeds = [model.get_submodule(n) for n in arch.embeddings]
@@ -132,7 +143,7 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> R
         for name in [n for n, _ in p.readers] + list(p.post_norms):
             _check_norm(b.get_submodule(name), f"{arch.blocks}.{i}.{name}", hidden)
     if arch.final_norm is None:
-        raise NotImplementedError(f"no final norm known for {type(model).__name__}: rotation supports {SUPPORTED}")
+        raise RotationUnsupported(f"no final norm known for {type(model).__name__}: rotation supports {SUPPORTED}")
     final = model.get_submodule(arch.final_norm)
     _check_norm(final, arch.final_norm, hidden)
 
