@@ -1,10 +1,11 @@
 """How a Hugging Face Llama-family model maps onto llama.cpp: architecture names, tensor names, the rope row
 order of q/k, and the hyperparameters written as GGUF metadata.
 
-Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does) and ``qwen2``; others raise
-:class:`UnsupportedArchitectureError`.  For llama/mistral the rows of ``q_proj``/``k_proj`` (and their biases) are
-permuted to llama.cpp's interleaved rope layout (:func:`rope_row_order`), which transformers' GGUF loader undoes;
-qwen2 uses neox rope and is written unpermuted.
+Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does), ``qwen2`` and ``qwen3`` (its per-head
+q/k norms as ``attn_q_norm`` / ``attn_k_norm``); others raise :class:`UnsupportedArchitectureError`.  For
+llama/mistral the rows of ``q_proj``/``k_proj`` (and their biases) are permuted to llama.cpp's interleaved rope
+layout (:func:`rope_row_order`), which transformers' GGUF loader undoes; qwen2/qwen3 use neox rope and are written
+unpermuted.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -29,7 +30,8 @@ class _Arch:
     permute_qk: bool
 
 
-_ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False)}
+_ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False),
+          "qwen3": _Arch("qwen3", False)}
 
 _BLOCK_TENSORS = {
     "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
@@ -38,6 +40,8 @@ _BLOCK_TENSORS = {
     "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
     "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V,
     "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
+    "self_attn.q_norm": gguf.MODEL_TENSOR.ATTN_Q_NORM,  # qwen3
+    "self_attn.k_norm": gguf.MODEL_TENSOR.ATTN_K_NORM,
     "mlp.gate_proj": gguf.MODEL_TENSOR.FFN_GATE,
     "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
     "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
@@ -55,7 +59,8 @@ def _arch_of(config) -> _Arch:
     if mt not in _ARCHS:
         raise UnsupportedArchitectureError(
             f"GGUF export does not support model_type {mt!r}: supported architectures are "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders)")
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders); export this model as compressed-tensors "
+            "or gptq (vLLM, transformers), or keep the native mixq directory")
     return _ARCHS[mt]
 
 
