@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from mixq.arch import (
-    ARCH_TABLE, InputGroup, LayerPolicy, TiedWeightsError, arch_for, block_linears, count_params,
-    get_blocks, get_weight, iter_layers, set_weight, untie_lm_head,
+    LayerPolicy, TiedWeightsError, arch_for, block_linears, count_params, get_blocks, get_weight, iter_layers,
+    set_weight, untie_lm_head,
 )
+from mixq.arch_table import ARCH_TABLE, InputGroup
 from tiny import HIDDEN, LAYERS, VOCAB
 
 LINEARS_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "gemma": 7, "gemma3": 7,
@@ -176,10 +177,10 @@ def test_default_discovery_on_custom_module(caplog):
     model = _Custom()
     with caplog.at_level(logging.WARNING, logger="mixq.arch"):
         arch = arch_for(model)
-    assert caplog.text.count("not in mixq.arch.ARCH_TABLE") == 1
+    assert caplog.text.count("not in mixq.arch_table.ARCH_TABLE") == 1
     with caplog.at_level(logging.WARNING, logger="mixq.arch"):
         assert arch_for(model) is arch  # discovered once per model, warned once
-    assert caplog.text.count("not in mixq.arch.ARCH_TABLE") == 1
+    assert caplog.text.count("not in mixq.arch_table.ARCH_TABLE") == 1
     assert arch.discovered and arch.blocks == "stack" and arch.lm_head == "head" and arch.embeddings == ("emb",)
     assert arch.input_groups == ()
     refs = iter_layers(model, LayerPolicy(lm_head="quantize"))

@@ -66,7 +66,7 @@ def test_all_group_kinds_keep_outputs(family):
 
 def test_model_without_groups_is_rejected(monkeypatch):
     import mixq.algorithms.smoothquant as sq
-    from mixq.arch import ArchInfo
+    from mixq.arch_table import ArchInfo
 
     model = make_tiny("llama")
     monkeypatch.setattr(sq, "arch_for", lambda m: ArchInfo("model.layers", (), None, "lm_head", ()))

@@ -16,7 +16,8 @@ from mixq.algorithms.transforms import (
     kv_repeat,
     scale_norm_,
 )
-from mixq.arch import InputGroup, arch_for, get_blocks, get_weight
+from mixq.arch import arch_for, get_blocks, get_weight
+from mixq.arch_table import InputGroup
 from tiny import FAMILIES, make_tiny
 
 

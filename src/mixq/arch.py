@@ -1,10 +1,9 @@
 """Where things live in each Hugging Face causal-LM family: one declarative table, with a default.
 
 Algorithms never match model names (ARCHITECTURE.md rule 7); they ask :func:`arch_for` for an
-:class:`ArchInfo` and walk the model with :func:`iter_layers` / :func:`get_weight` /
-:func:`set_weight`.  Adding a family is adding one table entry (:mod:`mixq.arch_table`, whose
-:data:`ARCH_TABLE`, :class:`ArchInfo` and :class:`InputGroup` are re-exported here).  A ``model_type`` missing from
-:data:`ARCH_TABLE` falls back to discovery (the largest ``ModuleList`` of identical blocks,
+:class:`~mixq.arch_table.ArchInfo` and walk the model with :func:`iter_layers` / :func:`get_weight` /
+:func:`set_weight`.  Adding a family is adding one entry to :data:`mixq.arch_table.ARCH_TABLE`.  A
+``model_type`` missing from the table falls back to discovery (the largest ``ModuleList`` of identical blocks,
 the output embeddings as ``lm_head``), without input groups.
 
 Weight convention: every matrix is seen as ``[out_features, in_features]`` (``y = x @ W.T``).
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .arch_table import ARCH_TABLE, PREV_KINDS, ArchInfo, InputGroup  # noqa: F401  (re-exported)
+from .arch_table import ARCH_TABLE, ArchInfo
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +45,16 @@ def _discover(model: nn.Module) -> ArchInfo:
             candidates.append((sum(p.numel() for p in mod.parameters()), name))
     if not candidates:
         raise ValueError(f"cannot find decoder blocks in {type(model).__name__}: no nn.ModuleList of "
-                         "identical blocks containing linears; add an entry to mixq.arch.ARCH_TABLE")
+                         "identical blocks containing linears; add an entry to mixq.arch_table.ARCH_TABLE")
     blocks = max(candidates)[1]
     outside = [(n, m) for n, m in model.named_modules() if n and not n.startswith(blocks + ".") and n != blocks]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     heads = [n for n, m in outside if (m is head if head is not None else isinstance(m, nn.Linear))]
     if not heads:
-        raise ValueError(f"cannot find the lm_head of {type(model).__name__}; add an entry to mixq.arch.ARCH_TABLE")
+        raise ValueError(f"cannot find the lm_head of {type(model).__name__}; add an entry to mixq.arch_table.ARCH_TABLE")
     embeddings = tuple(n for n, m in outside if isinstance(m, nn.Embedding))
     info = ArchInfo(blocks, embeddings, None, heads[-1], (), discovered=True)
-    log.warning("model_type %r not in mixq.arch.ARCH_TABLE; discovered blocks=%r lm_head=%r embeddings=%r "
+    log.warning("model_type %r not in mixq.arch_table.ARCH_TABLE; discovered blocks=%r lm_head=%r embeddings=%r "
                 "(no input groups: AWQ/SmoothQuant/rotation unavailable)",
                 getattr(getattr(model, "config", None), "model_type", None), blocks, info.lm_head, embeddings)
     return info

@@ -167,7 +167,7 @@ def apply_awq(model: nn.Module, calib_ids: torch.Tensor, specs: dict[str, QuantS
     hd = head_dim_of(model)
     res = AWQResult()
     if not arch.input_groups:
-        log.warning("%s has no input groups in mixq.arch.ARCH_TABLE: AWQ scaling skipped", type(model).__name__)
+        log.warning("%s has no input groups in mixq.arch_table.ARCH_TABLE: AWQ scaling skipped", type(model).__name__)
 
     def on_block(i: int, block: nn.Module, stats) -> None:
         pre = f"{arch.blocks}.{i}"

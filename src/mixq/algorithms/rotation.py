@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import ArchInfo, arch_for, get_blocks, get_weight, set_weight, untie_lm_head
+from ..arch import arch_for, get_blocks, get_weight, set_weight, untie_lm_head
+from ..arch_table import ArchInfo
 from .hadamard import dense, random_orthogonal_factors
 from .transforms import OnlineRotation, attach_input_rotation
 
@@ -133,7 +134,7 @@ def rotate_model(model: nn.Module, seed: int = 0, online_down: bool = True) -> R
     """
     arch = arch_for(model)
     if not arch.input_groups:
-        raise RotationUnsupported(f"{type(model).__name__} has no input groups in mixq.arch.ARCH_TABLE: "
+        raise RotationUnsupported(f"{type(model).__name__} has no input groups in mixq.arch_table.ARCH_TABLE: "
                                   f"rotation supports {SUPPORTED}")
     blocks = get_blocks(model)
     embeds = [model.get_submodule(n) for n in arch.embeddings]

@@ -56,7 +56,7 @@ def smooth_model(model: nn.Module, calib_ids: torch.Tensor, alpha: float = 0.5, 
     """
     arch = arch_for(model)
     if not arch.input_groups:
-        raise ValueError(f"{type(model).__name__} has no input groups in mixq.arch.ARCH_TABLE: "
+        raise ValueError(f"{type(model).__name__} has no input groups in mixq.arch_table.ARCH_TABLE: "
                          "add the family's groups there to smooth it")
     kinds = {"norm"} | ({"linear"} if include_linear else set()) | ({"act"} if include_act else set())
     hd = head_dim_of(model)

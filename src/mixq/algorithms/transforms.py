@@ -1,6 +1,6 @@
 """Equivalence transforms: rescale the channels between an op and the linears that read it.
 
-For an :class:`~mixq.arch.InputGroup` ``prev → linears`` and a positive per-input-channel scale
+For an :class:`~mixq.arch_table.InputGroup` ``prev → linears`` and a positive per-input-channel scale
 ``s ∈ R^in`` (AWQ eq. 4, SmoothQuant eq. 3)::
 
     Y = X Wᵀ = (X diag(s)⁻¹) (W diag(s))ᵀ
@@ -32,7 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import InputGroup, get_weight, set_weight
+from ..arch import get_weight, set_weight
+from ..arch_table import InputGroup
 
 
 class ScaledActivation(nn.Module):
