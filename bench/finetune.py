@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--e2e-epochs", type=int, default=1, help="end-to-end stage after the block-wise one (0: none)")
     ap.add_argument("--e2e-lr", type=float, default=1e-3)
+    ap.add_argument("--e2e-norm-lr", type=float, default=E2EConfig.norm_lr, help="end-to-end learning rate of the norms")
     ap.add_argument("--measurement", default=None)
     ap.add_argument("--bpw", type=float, default=None)
     ap.add_argument("--tag", default="default3", help="names the mixed curve: the recipe whose --measurement it is")
@@ -69,9 +70,10 @@ def main():
             kp, kf = ev(m)
             doc["rows"].append({"curve": base, "spec": "mixed" if plan else args.spec, "bpw": res.meta["size"]["bpw_quantized"],
                                 "ptb": kp, "fortunes": kf, "seconds": secs, "commit": git_rev()})
-    out = src.with_name(f"{src.name}-ft-e{args.epochs}-lr{args.lr}-e2e{args.e2e_epochs}-lr{args.e2e_lr}")
+    norm = "" if args.e2e_norm_lr == E2EConfig.norm_lr else f"-nlr{args.e2e_norm_lr:g}"
+    out = src.with_name(f"{src.name}-ft-e{args.epochs}-lr{args.lr}-e2e{args.e2e_epochs}-lr{args.e2e_lr}{norm}")
     t = time.perf_counter()
-    e2e = E2EConfig(epochs=args.e2e_epochs, lr=args.e2e_lr) if args.e2e_epochs else None
+    e2e = E2EConfig(epochs=args.e2e_epochs, lr=args.e2e_lr, norm_lr=args.e2e_norm_lr) if args.e2e_epochs else None
     if not args.epochs and not e2e:
         raise SystemExit("--epochs 0 --e2e-epochs 0 leaves nothing to run")
     rep = P.finetune(src, out, nsamples=32, config=FinetuneConfig(epochs=max(args.epochs, 1), lr=args.lr), e2e=e2e,
@@ -79,7 +81,8 @@ def main():
     secs = time.perf_counter() - t
     q, _, _ = load_quantized(out)
     kp, kf = ev(q)
-    stage = f" + e2e (lr {args.e2e_lr:g}, {args.e2e_epochs} epoch{'s' if args.e2e_epochs > 1 else ''})" if e2e else ""
+    stage = (f" + e2e (lr {args.e2e_lr:g}{'' if not norm else f', norms {args.e2e_norm_lr:g}'}, {args.e2e_epochs} "
+             f"epoch{'s' if args.e2e_epochs > 1 else ''})" if e2e else "")
     block = f" + finetune (lr {args.lr:g}, {args.epochs} epochs)" if args.epochs else " +"
     doc["rows"].append({"curve": f"{base}{block}{stage}",
                         "spec": "mixed" if plan else args.spec,
@@ -88,7 +91,7 @@ def main():
                         **({"e2e_held_out_kl": [rep["e2e"]["held_out_before"], rep["e2e"]["held_out_after"]],
                             "e2e_seconds": rep["e2e"]["seconds"]} if e2e else {})})
     doc.update(command="OMP_NUM_THREADS=1 python bench/finetune.py [--spec S | --measurement M --bpw X --tag T] --epochs E --lr LR --e2e-epochs N "
-                       "--e2e-lr LR2", machine=machine())
+                       "--e2e-lr LR2 [--e2e-norm-lr LR3]", machine=machine())
     write_json_atomic(path, doc, overwrite=True)
     print(json.dumps(doc["rows"][-1]))
 
