@@ -125,7 +125,7 @@ def _candidates(candidates) -> list:
 
 def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, solver: str = "exact",  # noqa: A002
          keep=(), force=None, min_bits=None, max_bits=None, tied=(), fast_on: str | None = None,
-         constraints=None, uniform: str | None = None):
+         tie_experts: bool = False, constraints=None, uniform: str | None = None):
     """Choose one spec per layer of ``table`` minimising the summed predicted error within a budget (``mixq plan``).
 
     ``table``: a :class:`~mixq.allocate.SensitivityTable` (:func:`measure`) or the path of one.  The budget is
@@ -135,7 +135,8 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
     ``dp``, ``greedy`` or ``uniform`` (with ``uniform=`` a spec name: the best single spec otherwise).
     Constraints, as the CLI flags: ``keep`` (regexes of layers kept in fp16), ``force`` (``{regex: spec}``),
     ``min_bits`` / ``max_bits`` (``{regex: bits}``), ``tied`` (regexes of layers in a block sharing a spec),
-    ``fast_on="cpu"`` (only specs a fast CPU kernel runs); or a ready :class:`~mixq.allocate.Constraints`.
+    ``fast_on="cpu"`` (only specs a fast CPU kernel runs), ``tie_experts`` (a MoE block's experts of one projection
+    share a spec, as GGUF needs; ``Constraints(target="gguf")`` implies it); or a ready :class:`~mixq.allocate.Constraints`.
     Returns a :class:`~mixq.allocate.Plan` (``.save(path)``, ``.achieved_bpw``, ``.layers``).
     """
     from .allocate import Budget, Constraints, SensitivityTable, allocate, parse_bytes
@@ -147,12 +148,12 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
     budget = Budget(bpw=bpw) if bpw is not None else Budget(bytes=parse_bytes(bytes))
     keep, tied = ((keep,) if isinstance(keep, str) else keep), ((tied,) if isinstance(tied, str) else tied)
     fields = dict(keep=tuple(keep), force=tuple(dict(force or {}).items()), min_bits=dict(min_bits or {}),
-                  max_bits=dict(max_bits or {}), tied=tuple(tied), fast_on=fast_on)
+                  max_bits=dict(max_bits or {}), tied=tuple(tied), fast_on=fast_on, tie_experts=tie_experts)
     if constraints is None:
         constraints = Constraints(**fields)
-    elif fields != dict(keep=(), force=(), min_bits={}, max_bits={}, tied=(), fast_on=None):
-        raise ValueError("give either constraints=Constraints(...) or the keep/force/min_bits/max_bits/tied/fast_on "
-                         "keywords, not both")
+    elif fields != dict(keep=(), force=(), min_bits={}, max_bits={}, tied=(), fast_on=None, tie_experts=False):
+        raise ValueError("give either constraints=Constraints(...) or the keep/force/min_bits/max_bits/tied/fast_on/"
+                         "tie_experts keywords, not both")
     return allocate(table, budget, constraints=constraints, method=solver, uniform=uniform)
 
 
@@ -212,6 +213,9 @@ def layer_specs(model, spec=None, *, plan=None, lm_head=None, group_fallback: st
         if bad:
             raise ValueError(f"--target {target}: {len(bad)} layer(s) have specs the runtime does not hold exactly: "
                              f"{', '.join(bad[:3])}{', …' if len(bad) > 3 else ''}; plan with --target {target}")
+        from .moe.experts import refuse_untied_experts
+
+        refuse_untied_experts(specs, f"--target {target}", layers=shapes)
     return LayerSpecs(specs, label, requested, plan, head, target or None)
 
 

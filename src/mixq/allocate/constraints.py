@@ -9,6 +9,9 @@ Patterns are regular expressions matched with ``re.search`` against a layer's fq
 ``tied``      patterns whose matches *within one block* share a spec (e.g. fused q/k/v):
               layers are tied when they match the same pattern and their fqns agree outside the
               matched span (``model.layers.3.self_attn.`` + ``q_proj`` / ``k_proj`` / ``v_proj``)
+``tie_experts``  every MoE block's experts of one projection share a spec (``model.layers.3.mlp.experts.*.
+              down_proj``: :func:`mixq.moe.experts.split_expert_name`), as llama.cpp stores them (one stacked
+              ``ffn_down_exps`` tensor of one ggml type); implied by ``target="gguf"``
 
 ``fast_on``   ``"cpu"``: other layers only take candidates whose decode kernel on that device beats the dense
               full-precision GEMV for their shape (:func:`mixq.runtime.kernels.decodes_faster`: int grids on
@@ -22,6 +25,11 @@ Patterns are regular expressions matched with ``re.search`` against a layer's fq
 ``keep`` and ``force`` pin a layer and take precedence over ``min_bits``/``max_bits``/``fast_on``/``target``; a layer
 that matches both ``keep`` and ``force`` (to a non-FP16 spec), or two different ``force``
 specs, is rejected.  Tied layers keep the candidates they all have, in the first one's order.
+
+Ties are *tie keys*: layers with the same key (a ``tied`` pattern and the fqn outside its match, or an experts
+module and projection) form one group, and groups that share a layer merge.  The solver takes a group as one
+item whose cost and error are its members' sums (:meth:`mixq.allocate.solvers.Problem.items`) and gives every
+member the chosen spec.
 """
 from __future__ import annotations
 
@@ -51,8 +59,11 @@ class Constraints:
     tied: tuple[str, ...] = ()
     fast_on: str | None = None
     target: str | None = None
+    tie_experts: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.tie_experts, bool):
+            raise ValueError(f"Constraints.tie_experts must be True or False, got {self.tie_experts!r}")
         if self.fast_on not in FAST_DEVICES:
             raise ValueError(f"Constraints.fast_on must be one of {FAST_DEVICES}, got {self.fast_on!r}")
         if self.target not in RUNTIME_TARGETS:
@@ -80,20 +91,27 @@ class Constraints:
         for _, name in force:
             parse_spec(name)
 
+    @property
+    def ties_experts(self) -> bool:
+        """Whether a block's experts of one projection share a spec: asked for, or needed by the target (gguf)."""
+        return self.tie_experts or self.target == "gguf"
+
     def to_dict(self) -> dict:
         return {"_type": "Constraints", "_version": CONSTRAINTS_VERSION, "keep": list(self.keep),
                 "force": [list(f) for f in self.force], "min_bits": self.min_bits, "max_bits": self.max_bits,
-                "tied": list(self.tied), "fast_on": self.fast_on, **({"target": self.target} if self.target else {})}
+                "tied": list(self.tied), "fast_on": self.fast_on, **({"target": self.target} if self.target else {}),
+                **({"tie_experts": True} if self.tie_experts else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Constraints":
         _check_header(d, "Constraints", CONSTRAINTS_VERSION)
-        unknown = set(d) - {"_type", "_version", "keep", "force", "min_bits", "max_bits", "tied", "fast_on", "target"}
+        unknown = set(d) - {"_type", "_version", "keep", "force", "min_bits", "max_bits", "tied", "fast_on", "target",
+                            "tie_experts"}
         if unknown:
             raise ValueError(f"unknown Constraints fields {sorted(unknown)}")
         return cls(tuple(d.get("keep", ())), tuple(tuple(f) for f in d.get("force", ())),
                    dict(d.get("min_bits", {})), dict(d.get("max_bits", {})), tuple(d.get("tied", ())),
-                   d.get("fast_on"), d.get("target"))
+                   d.get("fast_on"), d.get("target"), bool(d.get("tie_experts", False)))
 
 
 def build_problem(table: SensitivityTable, constraints: Constraints = Constraints()) -> Problem:
@@ -108,7 +126,7 @@ def build_problem(table: SensitivityTable, constraints: Constraints = Constraint
         if not any(re.search(pat, f) for f in fqns):
             log.warning("constraint pattern %r matches no layer of the table (typo?)", pat)
     rows = [_layer_choices(x, constraints) for x in table.layers]
-    groups = _tied_groups(fqns, constraints.tied)
+    groups = _tied_groups(fqns, constraints.tied, experts=constraints.ties_experts)
     for g in groups:
         first = [s.name for s, _ in rows[g[0]]]
         common = [n for n in first if all(n in {s.name for s, _ in rows[i]} for i in g)]
@@ -175,20 +193,39 @@ def _layer_choices(x, c: Constraints) -> list[tuple[QuantSpec, float]]:
     return out
 
 
-def _tied_groups(fqns: list[str], patterns: tuple[str, ...]) -> list[tuple[int, ...]]:
-    """Indices of layers tied together: same pattern, same fqn outside the matched span."""
-    buckets: dict[tuple, list[int]] = {}
+def _tied_groups(fqns: list[str], patterns: tuple[str, ...], *, experts: bool = False) -> list[tuple[int, ...]]:
+    """Indices of layers that share a spec: one group per tie key with two or more layers, groups that share a
+    layer merged (in table order).  Keys: ``(pattern, fqn before the match, fqn after it)`` for each ``tied``
+    pattern; with ``experts``, ``(experts module, projection)`` of every expert layer."""
+    keys: dict[tuple, list[int]] = {}
     for t, pat in enumerate(patterns):
         rx = re.compile(pat)
         for i, f in enumerate(fqns):
             m = rx.search(f)
             if m:
-                buckets.setdefault((t, f[: m.start()], f[m.end():]), []).append(i)
-    groups = [tuple(v) for v in buckets.values() if len(v) > 1]
-    seen: dict[int, tuple] = {}
-    for g in groups:
-        for i in g:
-            if i in seen:
-                raise ValueError(f"{fqns[i]} is tied by two patterns: merge them into one regex")
-            seen[i] = g
-    return groups
+                keys.setdefault(("re", t, f[: m.start()], f[m.end():]), []).append(i)
+    if experts:
+        from ..moe.experts import split_expert_name
+
+        for i, f in enumerate(fqns):
+            parts = split_expert_name(f)
+            if parts is not None:
+                keys.setdefault(("experts", parts[0], parts[2]), []).append(i)
+    root = list(range(len(fqns)))  # union-find over layer indices
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for members in keys.values():
+        for i in members[1:]:
+            a, b = find(members[0]), find(i)
+            if a != b:
+                root[max(a, b)] = min(a, b)
+    groups: dict[int, list[int]] = {}
+    for members in keys.values():
+        for i in members:
+            groups.setdefault(find(i), []).append(i)
+    return [tuple(sorted(set(g))) for _, g in sorted(groups.items()) if len(set(g)) > 1]

@@ -108,6 +108,9 @@ def constraint_args(p) -> None:
     p.add_argument("--force-spec", action="append", default=[], metavar="REGEX=SPEC", help="force a spec (repeatable)")
     p.add_argument("--tied", action="append", default=[], help="regex of layers in a block that share a spec, "
                                                                r"e.g. 'self_attn\.(q|k|v)_proj'")
+    p.add_argument("--tie-experts", action="store_true",
+                   help="a MoE block's experts of one projection share a spec (one stacked GGUF tensor each; "
+                        "--target gguf implies it)")
     p.add_argument("--min-bits", action="append", default=[], metavar="REGEX=N", help="minimum bits for matching layers")
     p.add_argument("--max-bits", action="append", default=[], metavar="REGEX=N", help="maximum bits for matching layers")
     p.add_argument("--fast-on", default=None, choices=[d for d in FAST_DEVICES if d],
@@ -156,7 +159,8 @@ def constraints_from(args):
     return Constraints(keep=tuple(args.keep), force=tuple(pairs(args.force_spec, str, "--force-spec")),
                        min_bits=dict(pairs(args.min_bits, int, "--min-bits")),
                        max_bits=dict(pairs(args.max_bits, int, "--max-bits")), tied=tuple(args.tied),
-                       fast_on=getattr(args, "fast_on", None), target=getattr(args, "target", None))
+                       fast_on=getattr(args, "fast_on", None), target=getattr(args, "target", None),
+                       tie_experts=bool(getattr(args, "tie_experts", False)))
 
 
 def parse_kv_arg(text: str):

@@ -26,6 +26,7 @@ with :class:`UnsupportedExpertsError` rather than silently left unquantized.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -168,3 +169,43 @@ def refuse_experts(layers, target: str, why: str) -> None:
     if experts:
         shown = ", ".join(experts[:4]) + (f", ... ({len(experts)} in all)" if len(experts) > 4 else "")
         raise ValueError(f"cannot export to {target}: {len(experts)} expert layer(s) {shown}: {why}")
+
+
+def untied_experts(specs, layers=None) -> dict[tuple[str, str], dict[int, str | None]]:
+    """The expert groups (experts module, projection) whose layers do not all carry one spec.
+
+    ``specs``: layer name -> spec (a :class:`~mixq.config.QuantSpec`, its dict or name, or a ``mixq.json`` layer
+    entry); ``layers``: every layer
+    name of the model (default: those of ``specs``), an expert layer missing from ``specs`` counting as no spec.
+    Returns ``{(module, proj): {expert: spec name or None}}`` of the mixed groups only.
+    """
+    def name(s) -> str | None:
+        if isinstance(s, dict):  # a spec's dict, or a mixq.json layer entry {"spec": {...}, ...}
+            from ..config import QuantSpec
+
+            d = s.get("spec", s)
+            try:
+                return QuantSpec.from_dict(d).name
+            except (ValueError, TypeError, KeyError):
+                return json.dumps(d, sort_keys=True)
+        return s if s is None or isinstance(s, str) else getattr(s, "name", str(s))
+
+    groups: dict[tuple[str, str], dict[int, str | None]] = {}
+    for n in (specs if layers is None else layers):
+        parts = split_expert_name(n)
+        if parts is not None:
+            groups.setdefault((parts[0], parts[2]), {})[parts[1]] = name(specs.get(n))
+    return {k: dict(sorted(v.items())) for k, v in groups.items() if len(set(v.values())) > 1}
+
+
+def refuse_untied_experts(specs, where: str = "cannot export to GGUF", layers=None) -> None:
+    """Raise ``ValueError`` (starting with ``where``) naming the expert groups of ``specs`` whose experts carry
+    different specs (:func:`untied_experts`): GGUF stores the experts of one projection as one tensor of one type."""
+    bad = untied_experts(specs, layers)
+    if bad:
+        shown = "; ".join(f"{m}.*.{p}: " + ", ".join(f"{e}={s or 'unquantized'}" for e, s in list(v.items())[:4])
+                          + (", ..." if len(v) > 4 else "") for (m, p), v in list(bad.items())[:3])
+        raise ValueError(f"{where}: the experts of {len(bad)} MoE projection(s) carry different specs ({shown}"
+                         f"{'; ...' if len(bad) > 3 else ''}); GGUF (llama.cpp) stores a block's experts of one "
+                         "projection as one stacked tensor of one ggml type: re-plan with --target gguf (or "
+                         "--tie-experts), which gives them one spec")
