@@ -23,12 +23,12 @@ from gguf import GGMLQuantizationType as QT
 from mixq import api
 from mixq.export import ggml as B
 from mixq.export import ggml_pack as P
-from mixq.export import gguf as G
 from mixq.export import gguf_arch as GA
 from mixq.export.gguf import export_gguf, write_gguf
 from mixq.export.gguf_arch import UnsupportedArchitectureError, gguf_tensor_name, rope_row_order
 from mixq.export.gguf_verify import verify_gguf
 from mixq.export.native_write import save_quantized
+from mixq.formats import dequantize
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -185,7 +185,7 @@ def test_grid_matching_specs_read_back_bit_exact(size, spec, qtype, tiny_model, 
     cfg = model.config
     expected = {}
     for fqn, q in qts.items():
-        w = G.mixq_dequantize(q)
+        w = dequantize(q)
         name = gguf_tensor_name(fqn + ".weight")
         if ".attn_q." in name or ".attn_k." in name:
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
@@ -211,7 +211,7 @@ def test_other_specs_are_close(spec, qtype, tol, share, tmp_path):
         assert r["ggml_type"] == qtype and r["fallback"] is None
         assert r["rel_err"] <= tol, r
         fqn = r["source"].rsplit(".", 1)[0]
-        mixq_err = (orig[fqn] - G.mixq_dequantize(qts[fqn])).norm() / G.mixq_dequantize(qts[fqn]).norm()
+        mixq_err = (orig[fqn] - dequantize(qts[fqn])).norm() / dequantize(qts[fqn]).norm()
         assert r["rel_err"] <= share * mixq_err.item(), (r["name"], r["rel_err"], mixq_err.item())
 
 

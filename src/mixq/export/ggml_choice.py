@@ -1,5 +1,7 @@
 """Which ggml type a layer's spec is written as, when the GGUF export is not exact (a plan made without
-``--target gguf``), and the encoded candidate of least error.
+``--target gguf``), and the encoded candidate of least error; and the exact write of a ``--target gguf`` plan
+(:func:`exact_choice`: mixq's codes and scales in the type that holds the spec).  :func:`layer_choice` picks one
+of the two for a dense layer; :mod:`.gguf_moe` for a stack of experts.
 
 A spec's element width picks a *class* of same-width ggml types, and a budget::
 
@@ -65,8 +67,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from ..config import QuantSpec
+from ..formats import QTensor
 from .ggml import _FMTS, _Fmt, decode_blocks, encode_blocks
-from .ggml_fit import _Grid
+from .ggml_direct import DIRECT_TYPES, pack_direct
+from .ggml_exact import ggml_exact_type
+from .ggml_fit import _Grid, _grid_of
 
 # spec element width -> class; class -> its candidate types (the first is the nominal type)
 _CLASS_OF_BITS = {1: 2, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 7: 8, 8: 8}
@@ -178,3 +183,35 @@ def _choose_type(x: np.ndarray, spec: QuantSpec, grid: _Grid | None) -> _Choice:
     if fallback is not None:
         fallback += f"; wrote {qt.name}" + (" (exact)" if err_sq == 0 else "")
     return _Choice(qt, data, nominal, fallback, how, used, tried, excluded)
+
+
+def exact_choice(x: np.ndarray, spec: QuantSpec, q: QTensor | None, perm, name: str) -> _Choice:
+    """The ggml type holding ``spec`` exactly, filled with mixq's own codes and scales (``q``), or ValueError."""
+    tname = ggml_exact_type(spec, x.shape)
+    if tname is None:
+        raise ValueError(f"{name}: no ggml type holds {spec.name} exactly on rows of {x.shape[1]} elements (the "
+                         f"exact export takes only the specs of a --target gguf plan; see mixq.export.ggml_exact)")
+    qt = QT[tname]
+    if qt in (QT.F16, QT.BF16, QT.F32):
+        return _Choice(qt, _float_data(x, qt), qt, None, "exact: kept in floating point", False, {}, {})
+    if q is None:
+        raise ValueError(f"{name}: the exact export needs mixq's codes and scales (qtensors) for {spec.name}")
+    if tname in DIRECT_TYPES:
+        data = pack_direct(tname, q, perm)
+    else:
+        data = encode_blocks(qt, x, _grid_of(q, perm), spec.bits if spec.dtype == "int" else None)
+    return _Choice(qt, data, qt, None, "exact: mixq's codes and scales as they are", True, {}, {})
+
+
+def is_exact_write(spec: QuantSpec, q: QTensor | None, shape, exact: bool) -> bool:
+    """Whether a tensor is written by :func:`exact_choice`: an exact export, or a spec that *is* a ggml type
+    (K-quants, IQ4_NL) with its codes at hand (exact in any case)."""
+    return exact or (q is not None and ggml_exact_type(spec, shape) in DIRECT_TYPES)
+
+
+def layer_choice(x: np.ndarray, spec: QuantSpec, q: QTensor | None, perm, name: str, exact: bool) -> _Choice:
+    """The block type and blocks of one quantized tensor: :func:`exact_choice` when :func:`is_exact_write`, else
+    :func:`_choose_type` (through mixq's grid when its codes are at hand)."""
+    if is_exact_write(spec, q, x.shape, exact):
+        return exact_choice(x, spec, q, perm, name)
+    return _choose_type(x, spec, _grid_of(q, perm) if q is not None else None)

@@ -13,7 +13,9 @@ dequantized with ``gguf.quants.dequantize`` and compared with the values mixq me
 report (a JSON-able dict) lists, per tensor, the mixq spec, the ggml type, its bits per weight, why it was chosen,
 any fallback and the read-back error.
 
-Architectures, tensor names, rope row order and metadata: :mod:`.gguf_arch`.  Embeddings and an untied ``lm_head``
+Architectures, tensor names, rope row order and metadata: :mod:`.gguf_arch`; mixture-of-experts blocks (Qwen3-MoE,
+Mixtral: a block's experts of one projection as one stacked tensor of one ggml type, the router as F32):
+:mod:`.gguf_moe`.  Embeddings and an untied ``lm_head``
 that mixq kept in floating point are written as F16 (or ``float_type="f32"``); norms and biases as F32.  A tied
 ``lm_head`` is not written (llama.cpp reuses ``token_embd``).  The tokenizer (:mod:`.gguf_vocab`): byte-level BPE
 (GPT-2 style, e.g. SmolLM2, Qwen2) as ``gpt2`` with merges, SentencePiece-style BPE (byte fallback) as ``llama``
@@ -22,6 +24,7 @@ with scores; any other tokenizer (or none) is written as ``no_vocab`` with a war
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Mapping
@@ -37,15 +40,13 @@ from torch import nn
 
 from ..config import QuantSpec
 from ..formats import QTensor
-from ..formats import dequantize as mixq_dequantize
 from ..atomic import atomic_file
-from .ggml import decode_blocks, encode_blocks, ggml_bpw, gguf_quantize_support
-from .ggml_choice import _Choice, _choose_type, _float_data
-from .ggml_direct import DIRECT_TYPES, pack_direct
-from .ggml_exact import ggml_exact_type
-from .ggml_fit import _grid_of
+from ..moe.experts import expose_experts, refuse_untied_experts
+from .ggml import decode_blocks, ggml_bpw, gguf_quantize_support
+from .ggml_choice import _Choice, _float_data, layer_choice
 from .gguf_arch import _Arch, _arch_of, _hparams, _write_metadata, gguf_tensor_name, rope_row_order
-from .gguf_verify import _Expected, verify_gguf
+from .gguf_moe import check_moe_config, encode_experts, expert_members, is_router
+from .gguf_verify import _Expected, mixq_values, verify_gguf
 from .gguf_vocab import _add_tokenizer, _embedded_pre, _tokenizer_fields
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class _Item:
     name: str
     fqn: str | None  # module name for 2-D weights
     perm: np.ndarray | None
+    members: tuple[str, ...] = ()  # a stack of experts: their HF weight names, expert 0 first (gguf_moe)
+
+    @property
+    def fqns(self) -> list[str]:
+        return [m.rsplit(".", 1)[0] for m in self.members] if self.members else [self.fqn] if self.fqn else []
 
 
 def _items(model: nn.Module, arch: _Arch, hp: dict, specs: Mapping[str, QuantSpec]) -> tuple[list[_Item], bool]:
@@ -73,9 +79,17 @@ def _items(model: nn.Module, arch: _Arch, hp: dict, specs: Mapping[str, QuantSpe
         head.data_ptr() == embed.data_ptr() or (getattr(model.config, "tie_word_embeddings", False)
                                                 and "lm_head" not in specs and torch.equal(head, embed)))
     items: list[_Item] = []
+    stacks = expert_members(sd) if arch.moe else {}
+    stacked = {hf: name for name, members in stacks.items() for hf in members.values()}
     for hf_name, t in sd.items():
         if (hf_name == "lm_head.weight" and tied) or hf_name.endswith("rotary_emb.inv_freq"):
             continue  # a tied head is token_embd; rope frequencies follow from the metadata
+        if hf_name in stacked:  # an expert's weight: one item per stack, where its expert 0 comes
+            name = stacked[hf_name]
+            if stacks[name][0] == hf_name:
+                items.append(_Item(f"{hf_name.split('.experts.')[0]}.experts.*", name, None, None,
+                                   tuple(stacks[name].values())))
+            continue
         try:
             name = gguf_tensor_name(hf_name)
         except KeyError:
@@ -104,15 +118,6 @@ def _refuse(specs: Mapping[str, QuantSpec]) -> None:
         raise ValueError(f"cannot export to GGUF: {n} layer(s) use specs that ggml types cannot hold: {why}")
 
 
-def _refuse_experts(layers) -> None:
-    """MoE expert layers (mixq.moe): refused, naming them, before anything is written."""
-    from ..moe.experts import refuse_experts
-
-    refuse_experts(layers, "GGUF", "llama.cpp holds a block's experts as stacked ffn_{gate,up,down}_exps tensors of "
-                   "one ggml type, which this exporter does not write; export them with --format native or "
-                   "compressed-tensors")
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"output file {out} already exists: choose another path or pass --force")
@@ -136,21 +141,26 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     an existing ``out`` is refused unless ``overwrite``.  ``exact`` (a ``--target gguf`` plan): every
     quantized layer is written as the ggml type that holds its spec exactly
     (:func:`mixq.export.ggml_exact.ggml_exact_type`) from mixq's codes and scales, and must decode to mixq's
-    weight bit for bit; anything else raises (no type choice, no re-quantization, no fallback).
+    weight bit for bit; anything else raises (no type choice, no re-quantization, no fallback).  MoE models
+    (qwen3_moe, mixtral; :mod:`.gguf_moe`): stacked experts are exposed in place first
+    (:func:`mixq.moe.expose_experts`, the same function), and every block's experts of one projection must carry
+    one spec (a ``--target gguf`` plan ties them), else ``ValueError`` naming them before anything is written.
     """
     out = Path(out)
     _check_out(out, overwrite)
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
     config = model.config
-    _refuse_experts(specs)
     arch = _arch_of(config)
+    if arch.moe:
+        check_moe_config(config)
+        expose_experts(model)  # stacked 3-D experts as the per-expert linears the specs name (same function)
     hp = _hparams(config, arch)
     specs = {k: (v if isinstance(v, QuantSpec) else QuantSpec.from_dict(v)) for k, v in specs.items()}
     _refuse(specs)
     qtensors = dict(qtensors or {})
     warnings: list[str] = []
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
+    if config.model_type in ("mistral", "mixtral") and getattr(config, "sliding_window", None):
         warnings.append(f"sliding_window={config.sliding_window} is not stored (llama.cpp's llama architecture "
                         "attends to the whole context)")
     if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
@@ -158,7 +168,8 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     tok_fields, tok_warn = _tokenizer_fields(tokenizer, hp["vocab_size"], config.model_type, tokenizer_pre)
     warnings += tok_warn
     items, tied = _items(model, arch, hp, specs)
-    unknown = set(specs) - {it.fqn for it in items if it.fqn} - ({"lm_head"} if tied else set())
+    refuse_untied_experts(specs, layers=[f for it in items if it.members for f in it.fqns])
+    unknown = set(specs) - {f for it in items for f in it.fqns} - ({"lm_head"} if tied else set())
     if unknown:
         raise ValueError(f"specs name layers that are not 2-D weights of this model: {sorted(unknown)[:3]}")
     sd = model.state_dict()
@@ -173,28 +184,27 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
 
             iterator = tqdm(items, desc="encoding GGUF tensors", unit="tensor")
         for it in iterator:
-            t = sd[it.hf_name]
-            spec_key = it.fqn if it.fqn in specs else ("lm_head" if tied and it.name == "token_embd.weight"
-                                                       and "lm_head" in specs else None)
-            spec = specs.get(spec_key) if spec_key else None
-            qt = qtensors.get(spec_key) if spec_key else None
-            x = (mixq_dequantize(qt) if qt is not None else t.detach()).float().cpu().numpy()
-            if it.perm is not None:
-                x = x[it.perm]
-            x = np.ascontiguousarray(x, np.float32)
+            keys = _spec_keys(it, specs, tied)
+            spec = specs.get(keys[0]) if keys[0] else None
+            qts = [qtensors.get(k) if k else None for k in keys]
+            xs = [mixq_values(sd[h], q, it.perm) for h, q in zip(it.members or (it.hf_name,), qts)]
+            x = np.stack(xs) if it.members else xs[0]
             entry: dict[str, Any] = {"name": it.name, "source": it.hf_name, "shape": list(x.shape),
-                                     "spec": spec.name if spec else None, "permuted_for_rope": it.perm is not None}
-            if t.ndim == 1:
-                choice = _Choice(QT.F32, x, None, None, "1-D tensors (norms, biases) are F32", False, {}, {})
+                                     "spec": spec.name if spec else None, "permuted_for_rope": it.perm is not None,
+                                     **({"experts": len(it.members)} if it.members else {})}
+            if it.members:
+                choice = encode_experts(it.name, xs, spec, qts, exact, FLOAT_TYPES[float_type])
+            elif x.ndim == 1 or is_router(it.name):
+                choice = _Choice(QT.F32, x, None, None, "the MoE router is F32" if x.ndim == 2 else
+                                 "1-D tensors (norms, biases) are F32", False, {}, {})
             elif spec is None:
                 qt_float = FLOAT_TYPES[float_type]
                 choice = _Choice(qt_float, _float_data(x, qt_float), None, None,
                                  "not quantized by mixq: written as " + qt_float.name, False, {}, {})
             else:
-                direct = qt is not None and ggml_exact_type(spec, x.shape) in DIRECT_TYPES  # exact in any case
-                choice = _exact_choice(x, spec, qt, it.perm, it.name) if exact or direct else \
-                    _choose_type(x, spec, _grid_of(qt, it.perm) if qt is not None else None)
-                entry["mixq_bpw"] = spec.bpw(tuple(x.shape))
+                choice = layer_choice(x, spec, qts[0], it.perm, it.name, exact)
+            if spec is not None:
+                entry["mixq_bpw"] = spec.bpw(tuple(x.shape[-2:]))
                 entry["grid"] = "mixq codes and scales" if choice.grid_used else "fit to the values"
             raw = choice.qtype not in (QT.F16, QT.F32)
             writer.add_tensor(it.name, choice.data, raw_dtype=choice.qtype if raw else None)
@@ -209,9 +219,9 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
                           "nominal_type": choice.nominal.name if choice.nominal else None,
                           "fallback": choice.fallback, "choice": choice.how,
                           "candidates_rel_err": choice.candidates, "excluded": choice.excluded,
-                          "is_block_linear": it.fqn is not None and it.name.startswith("blk.")})
+                          "is_block_linear": bool(it.fqns) and it.name.startswith("blk.") and not is_router(it.name)})
             rows_report.append(entry)
-            expected[it.name] = _expected_fn(sd, it, spec_key, qtensors)
+            expected[it.name] = _expected_fn(sd, it, keys, qtensors)
         _write_metadata(writer, config, arch, hp, name, rows_report)
         tok_report = _add_tokenizer(writer, tok_fields)
         writer.write_header_to_file()
@@ -232,38 +242,30 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     return _report(out, config, arch, rows_report, tok_report, verification, warnings, float_type, tied)
 
 
-def _exact_choice(x: np.ndarray, spec: QuantSpec, q: QTensor | None, perm, name: str) -> _Choice:
-    """The ggml type holding ``spec`` exactly, filled with mixq's own codes and scales (``q``), or ValueError."""
-    tname = ggml_exact_type(spec, x.shape)
-    if tname is None:
-        raise ValueError(f"{name}: no ggml type holds {spec.name} exactly on rows of {x.shape[1]} elements (the "
-                         f"exact export takes only the specs of a --target gguf plan; see mixq.export.ggml_exact)")
-    qt = QT[tname]
-    if qt in (QT.F16, QT.BF16, QT.F32):
-        return _Choice(qt, _float_data(x, qt), qt, None, "exact: kept in floating point", False, {}, {})
-    if q is None:
-        raise ValueError(f"{name}: the exact export needs mixq's codes and scales (qtensors) for {spec.name}")
-    if tname in DIRECT_TYPES:
-        data = pack_direct(tname, q, perm)
-    else:
-        data = encode_blocks(qt, x, _grid_of(q, perm), spec.bits if spec.dtype == "int" else None)
-    return _Choice(qt, data, qt, None, "exact: mixq's codes and scales as they are", True, {}, {})
+def _spec_keys(it: _Item, specs: Mapping[str, QuantSpec], tied: bool) -> list[str | None]:
+    """The spec / qtensor key of each source of ``it`` (its experts, or the one tensor; a tied head's embedding is
+    ``lm_head``), None where mixq did not quantize it."""
+    if it.members:
+        return list(it.fqns)
+    if it.fqn in specs:
+        return [it.fqn]
+    return ["lm_head" if tied and it.name == "token_embd.weight" and "lm_head" in specs else None]
 
 
-def _expected_fn(sd: dict, it: _Item, spec_key: str | None, qtensors: Mapping[str, QTensor]):
+def _expected_fn(sd: dict, it: _Item, keys: list[str | None], qtensors: Mapping[str, QTensor]):
     def get() -> np.ndarray:
-        qt = qtensors.get(spec_key) if spec_key else None
-        x = (mixq_dequantize(qt) if qt is not None else sd[it.hf_name].detach()).float().cpu().numpy()
-        return x[it.perm] if it.perm is not None else x
+        xs = [mixq_values(sd[h], qtensors.get(k) if k else None, it.perm)
+              for h, k in zip(it.members or (it.hf_name,), keys)]
+        return np.stack(xs) if it.members else xs[0]
     return get
 
 
 def _report(out: Path, config, arch: _Arch, rows: list[dict], tok: dict, verification: dict | None,
             warnings: list[str], float_type: str, tied: bool) -> dict:
     lin = [r for r in rows if r["is_block_linear"]]
-    n_lin = sum(r["shape"][0] * r["shape"][1] for r in lin)
+    n_lin = sum(math.prod(r["shape"]) for r in lin)
     q = [r for r in lin if r.get("mixq_bpw") is not None]
-    n_q = sum(r["shape"][0] * r["shape"][1] for r in q)
+    n_q = sum(math.prod(r["shape"]) for r in q)
     fallbacks = [{"name": r["name"], "spec": r["spec"], "nominal_type": r["nominal_type"],
                   "ggml_type": r["ggml_type"], "reason": r["fallback"]} for r in rows if r["fallback"]]
     totals = {
@@ -271,8 +273,8 @@ def _report(out: Path, config, arch: _Arch, rows: list[dict], tok: dict, verific
         "tensors": len(rows),
         "types": dict(Counter(r["ggml_type"] for r in rows)),
         "block_linear_weights": n_lin,
-        "block_linear_bpw": sum(r["ggml_bpw"] * r["shape"][0] * r["shape"][1] for r in lin) / n_lin if n_lin else None,
-        "mixq_block_linear_bpw": sum(r["mixq_bpw"] * r["shape"][0] * r["shape"][1] for r in q) / n_q if n_q else None,
+        "block_linear_bpw": sum(r["ggml_bpw"] * math.prod(r["shape"]) for r in lin) / n_lin if n_lin else None,
+        "mixq_block_linear_bpw": sum(r["mixq_bpw"] * math.prod(r["shape"]) for r in q) / n_q if n_q else None,
         "fallbacks": len(fallbacks),
         "exact_tensors": sum(1 for r in rows if r.get("exact")),
     }
@@ -333,7 +335,7 @@ def export_gguf(src_dir: str | os.PathLike, out_path: str | os.PathLike, *, over
     out = Path(out_path)
     _check_out(out, overwrite)  # before the (slower) load
     refuse_composites(read_info(src), "GGUF")
-    _refuse_experts(read_info(src).get("layers", {}))
+    refuse_untied_experts(read_info(src).get("layers", {}))  # before the (slower) load
     model, tokenizer, info = load_quantized(src)
     _arch_of(model.config)
     qtensors = _load_qtensors(src, info)

@@ -2,10 +2,13 @@
 order of q/k, and the hyperparameters written as GGUF metadata.
 
 Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does), ``qwen2`` and ``qwen3`` (its per-head
-q/k norms as ``attn_q_norm`` / ``attn_k_norm``); others raise :class:`UnsupportedArchitectureError`.  For
-llama/mistral the rows of ``q_proj``/``k_proj`` (and their biases) are permuted to llama.cpp's interleaved rope
-layout (:func:`rope_row_order`), which transformers' GGUF loader undoes; qwen2/qwen3 use neox rope and are written
-unpermuted.
+q/k norms as ``attn_q_norm`` / ``attn_k_norm``), and the mixtures of experts ``qwen3_moe`` (llama.cpp's
+``qwen3moe``) and ``mixtral`` (written as ``llama`` with expert tensors, as llama.cpp does; the experts and the
+router: :mod:`.gguf_moe`); others raise :class:`UnsupportedArchitectureError`.  For llama/mistral/mixtral the rows
+of ``q_proj``/``k_proj`` (and their biases) are permuted to llama.cpp's interleaved rope layout
+(:func:`rope_row_order`), which transformers' GGUF loader undoes; qwen2/qwen3/qwen3moe use neox rope and are
+written unpermuted.  MoE metadata: ``{arch}.expert_count``, ``{arch}.expert_used_count`` and, for qwen3moe,
+``{arch}.expert_feed_forward_length`` (the experts' width; llama's experts take ``feed_forward_length``).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -28,10 +31,12 @@ class UnsupportedArchitectureError(ValueError):
 class _Arch:
     gguf_arch: str
     permute_qk: bool
+    moe: bool = False
 
 
 _ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False),
-          "qwen3": _Arch("qwen3", False)}
+          "qwen3": _Arch("qwen3", False), "qwen3_moe": _Arch("qwen3moe", False, moe=True),
+          "mixtral": _Arch("llama", True, moe=True)}
 
 _BLOCK_TENSORS = {
     "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
@@ -45,6 +50,7 @@ _BLOCK_TENSORS = {
     "mlp.gate_proj": gguf.MODEL_TENSOR.FFN_GATE,
     "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
     "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
+    "mlp.gate": gguf.MODEL_TENSOR.FFN_GATE_INP,  # a MoE block's router (its experts: gguf_moe.stacked_name)
 }
 
 _TOP_TENSORS = {
@@ -59,8 +65,8 @@ def _arch_of(config) -> _Arch:
     if mt not in _ARCHS:
         raise UnsupportedArchitectureError(
             f"GGUF export does not support model_type {mt!r}: supported architectures are "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders); export this model as compressed-tensors "
-            "or gptq (vLLM, transformers), or keep the native mixq directory")
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama-family decoders and two of their MoE); export this model as "
+            "compressed-tensors or gptq (vLLM, transformers), or keep the native mixq directory")
     return _ARCHS[mt]
 
 
@@ -113,7 +119,17 @@ def _hparams(config, arch: _Arch) -> dict[str, Any]:
             "head_count": heads, "head_count_kv": kv, "head_dim": head_dim,
             "rope_dimension_count": int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
             "rope_freq_base": theta, "rope_scaling": kind, "rope_factor": params.get("factor"),
-            "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size}
+            "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size, **_moe_hparams(config, arch)}
+
+
+def _moe_hparams(config, arch: _Arch) -> dict[str, Any]:
+    if not arch.moe:
+        return {}
+    out = {"expert_count": getattr(config, "num_local_experts", None) or config.num_experts,
+           "expert_used_count": config.num_experts_per_tok}
+    if arch.gguf_arch == "qwen3moe":
+        out["expert_feed_forward_length"] = config.moe_intermediate_size
+    return out
 
 
 _FILE_TYPE = {QT.F32: "ALL_F32", QT.F16: "MOSTLY_F16", QT.BF16: "MOSTLY_BF16", QT.Q4_0: "MOSTLY_Q4_0",
@@ -143,6 +159,11 @@ def _write_metadata(w: gguf.GGUFWriter, config, arch: _Arch, hp: dict, name: str
         w.add_rope_scaling_factor(float(hp["rope_factor"]))
     w.add_layer_norm_rms_eps(hp["rms_eps"])
     w.add_vocab_size(hp["vocab_size"])
+    if "expert_count" in hp:
+        w.add_expert_count(hp["expert_count"])
+        w.add_expert_used_count(hp["expert_used_count"])
+    if "expert_feed_forward_length" in hp:
+        w.add_expert_feed_forward_length(hp["expert_feed_forward_length"])
     linear = Counter(QT[r["ggml_type"]] for r in rows if r["is_block_linear"])
     if linear:
         common = linear.most_common(1)[0][0]

@@ -9,7 +9,16 @@ import gguf
 import numpy as np
 import torch
 
+from ..formats import dequantize as mixq_dequantize
 from .ggml_choice import _rel
+
+
+def mixq_values(t: torch.Tensor, q=None, perm: np.ndarray | None = None) -> np.ndarray:
+    """The float32 values a tensor should decode to: mixq's dequantized weight (``q``, its QTensor) when it was
+    quantized, else the model's tensor ``t``; rows reordered by ``perm`` (the rope order of q/k)."""
+    x = (mixq_dequantize(q) if q is not None else t.detach()).float().cpu().numpy()
+    return np.ascontiguousarray(x[perm] if perm is not None else x, np.float32)
+
 
 class _Expected(Mapping):
     """What each tensor of the file should decode to, computed on demand (``verify_gguf``'s ``expected``)."""
