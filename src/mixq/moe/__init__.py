@@ -7,12 +7,12 @@
 * :mod:`mixq.moe.checkpoint`  how families' checkpoints name experts and routers (exports, ``--lazy``).
 """
 from .experts import (ExpertList, ExpertMLP, UnsupportedExpertsError, expose_experts, has_experts,
-                      is_expert_layer, refuse_experts, refuse_untied_experts, split_expert_name, stacked_experts,
+                      is_expert_layer, refuse_untied_experts, split_expert_name, stacked_experts,
                       untied_experts)
 from .checkpoint import checkpoint_name, routers, stored_as
 from .routing import MIN_EXPERT_TOKENS, ExpertStats, RoutingRecord, pad_rare_experts, routed_tokens
 
 __all__ = ["ExpertList", "ExpertMLP", "ExpertStats", "MIN_EXPERT_TOKENS", "RoutingRecord", "UnsupportedExpertsError",
-           "expose_experts", "has_experts", "is_expert_layer", "pad_rare_experts", "refuse_experts", "routed_tokens",
+           "expose_experts", "has_experts", "is_expert_layer", "pad_rare_experts", "routed_tokens",
            "split_expert_name", "stacked_experts", "checkpoint_name", "routers", "stored_as", "refuse_untied_experts",
            "untied_experts"]

@@ -163,14 +163,6 @@ def has_experts(model: nn.Module) -> bool:
     return any(isinstance(m, ExpertList) or _is_stacked(m) for m in model.modules())
 
 
-def refuse_experts(layers, target: str, why: str) -> None:
-    """Raise ``ValueError`` naming the expert layers among ``layers`` (names) that ``target`` cannot hold."""
-    experts = sorted(n for n in layers if is_expert_layer(n))
-    if experts:
-        shown = ", ".join(experts[:4]) + (f", ... ({len(experts)} in all)" if len(experts) > 4 else "")
-        raise ValueError(f"cannot export to {target}: {len(experts)} expert layer(s) {shown}: {why}")
-
-
 def untied_experts(specs, layers=None) -> dict[tuple[str, str], dict[int, str | None]]:
     """The expert groups (experts module, projection) whose layers do not all carry one spec.
 
