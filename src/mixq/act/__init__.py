@@ -28,15 +28,15 @@ from .actquant import (
     parse_act_spec,
 )
 from .presets import WAPreset, parse_kv_preset, parse_wa_preset
-from .kvcache import KIVICache, KIVILayer
-from .kvcodec import kv_spec
-from .kvcost import kv_cache_bits, kv_cache_bytes, kv_dims, resolve_kv_bits
+from ..runtime.kv_cache import KIVICache, KIVILayer
+from ..runtime.kv_codec import kv_spec
+from ..runtime.kv_cost import kv_cache_bits, kv_cache_bytes, kv_dims, resolve_kv_bits
 from .kveval import eval_with_kv_quant, kv_compare
-from .kvfeed import kv_cache_feed
+from ..runtime.kv_feed import kv_cache_feed
 from .outliers import FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant, top_k_channels
 from .kvsens import measure_kv
-from .kvsettings import KVSettings, kv_part_bits
-from .kvsim import simulate_kivi
+from ..runtime.kv_settings import KVSettings, kv_part_bits
+from ..runtime.kv_sim import simulate_kivi
 from .kvtable import KVEntry, KVSensitivityTable
 from .joint import (InfeasibleMemory, JointPlan, allocate_joint, allocate_kv, allocate_separately, load_kv_plan,
                     min_memory_bytes, uniform_kv)

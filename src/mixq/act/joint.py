@@ -13,7 +13,7 @@ caller adds them as ``other_bytes``.
 
 The knapsack: one group per block linear (its candidate specs, costs ``spec.cost(shape)``, errors from
 the weight :class:`~mixq.allocate.SensitivityTable`), plus one group per layer and per K/V (widths
-from the :class:`~mixq.act.kvtable.KVSensitivityTable`, costs :func:`~mixq.act.kvsettings.kv_part_bits` at
+from the :class:`~mixq.act.kvtable.KVSensitivityTable`, costs :func:`~mixq.runtime.kv_settings.kv_part_bits` at
 ``context``/``batch``, errors the measured KV loss increase).  Both error kinds are per-token loss
 increases in nats (``kfac``/``fisher``/``block`` weight metrics; ``kl``/``loss`` KV metrics), assumed
 additive; weight metrics in other units (``hessian``, ``block-rel``) are refused unless
@@ -34,8 +34,8 @@ from ..allocate import Budget, Constraints, InfeasibleBudget, Plan, Problem, Sen
 from ..allocate.constraints import KEEP, build_problem
 from ..allocate.plan import human_bytes
 from ..jsonio import read_json, write_json_atomic
-from .kvcost import resolve_kv_bits
-from .kvsettings import KVSettings
+from ..runtime.kv_cost import resolve_kv_bits
+from ..runtime.kv_settings import KVSettings
 from .kvtable import KVSensitivityTable, check_doc
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ up to the rounding differences of chunked attention.
 
 :func:`decode_logits` is that loop as a generator (the ``"cache"`` engine of the KV measurement, :mod:`.kvsens`);
 :func:`kv_compare` adds KL / top-1 against a reference model with either engine (the real cache, or one
-forward per batch under :func:`~mixq.act.kvsim.simulate_kivi`).
+forward per batch under :func:`~mixq.runtime.kv_sim.simulate_kivi`).
 """
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from torch import nn
 from ..data import EvalWindows
 from ..eval.kl import ReferenceCache, compare, token_kl
 from ..eval.perplexity import batches, eval_mode, model_device, perplexity, summarize_nll, token_nll
-from .kvcache import KIVICache
-from .kvcost import kv_dims, resolve_kv_bits
-from .kvfeed import kv_cache_feed
-from .kvsettings import KVSettings
-from .kvsim import KV_ENGINES, simulate_kivi
+from ..runtime.kv_cache import KIVICache
+from ..runtime.kv_cost import kv_dims, resolve_kv_bits
+from ..runtime.kv_feed import kv_cache_feed
+from ..runtime.kv_settings import KVSettings
+from ..runtime.kv_sim import KV_ENGINES, simulate_kivi
 
 
 def eval_with_kv_quant(model: torch.nn.Module, windows: EvalWindows, kv_bits, *, chunk: int = 1,
@@ -43,8 +43,8 @@ def eval_with_kv_quant(model: torch.nn.Module, windows: EvalWindows, kv_bits, *,
     """Mean NLL per scored token with a :class:`KIVICache` of ``kv_bits`` (int, ``(k, v)`` or per-layer dict).
 
     ``prefill``: tokens of the first forward (default ``chunk``); ``chunk``: tokens per later forward.
-    ``important``/``important_bits``/``pre_rope``/``rotate``: the cache's options (:mod:`.kvcache`);
-    the forwards run under :func:`~mixq.act.kvfeed.kv_cache_feed` when they need it.
+    ``important``/``important_bits``/``pre_rope``/``rotate``: the cache's options (:mod:`mixq.runtime.kv_cache`);
+    the forwards run under :func:`~mixq.runtime.kv_feed.kv_cache_feed` when they need it.
     Returns ``{"nll", "perplexity", "n_scored", "seconds", "kv": {...settings}}``.
     """
     if chunk < 1 or (prefill is not None and prefill < 1):

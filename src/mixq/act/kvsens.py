@@ -14,12 +14,12 @@ per-token loss increase) — so weight and KV errors add in one knapsack
 The KV errors are measured at the calibration window length; costs are counted at whatever
 context the plan states, so a plan for a much longer context extrapolates the per-token error.
 
-Decoding ``chunk`` tokens per forward is simulated exactly (:mod:`mixq.act.kvsim`, ``engine="simulate"``, the
+Decoding ``chunk`` tokens per forward is simulated exactly (:mod:`mixq.runtime.kv_sim`, ``engine="simulate"``, the
 default) or run through the real cache (``engine="cache"``, :func:`mixq.act.kveval.decode_logits`).  In the
 measurement, the blocks before layer ``i`` are unaffected by quantizing layer ``i``'s cache, so with the
 simulation their fp outputs are replayed from one fp pass instead of recomputed (about half of the block
 compute saved).  The result is a :class:`~mixq.act.kvtable.KVSensitivityTable`; its costs are
-:func:`~mixq.act.kvsettings.kv_part_bits`.
+:func:`~mixq.runtime.kv_settings.kv_part_bits`.
 """
 from __future__ import annotations
 
@@ -33,12 +33,12 @@ from torch import nn
 
 from ..arch import get_blocks
 from ..jsonio import read_json, write_json_atomic
-from .kvcache import KIVICache
-from .kvcodec import FP, kv_spec
-from .kvcost import kv_dims
+from ..runtime.kv_cache import KIVICache
+from ..runtime.kv_codec import FP, kv_spec
+from ..runtime.kv_cost import kv_dims
 from .kveval import decode_logits
-from .kvsettings import KVSettings
-from .kvsim import KV_ENGINES, check_full_attention, simulate_kivi
+from ..runtime.kv_settings import KVSettings
+from ..runtime.kv_sim import KV_ENGINES, check_full_attention, simulate_kivi
 from .kvtable import KV_METRICS, KVEntry, KVSensitivityTable
 
 log = logging.getLogger(__name__)

@@ -90,9 +90,9 @@ def parse_kv_preset(text: str):
     Long form ``kivi:BITS[:residual=R][:group=G][:vgroup=N][:zero=int][:important=F][:hi=B]
     [:pre_rope=1][:rotate=k|v|kv]``.
     """
-    from .kvcodec import FP  # noqa: PLC0415
-    from .kvcost import resolve_kv_bits  # noqa: PLC0415
-    from .kvsettings import KVSettings  # noqa: PLC0415
+    from ..runtime.kv_codec import FP  # noqa: PLC0415
+    from ..runtime.kv_cost import resolve_kv_bits  # noqa: PLC0415
+    from ..runtime.kv_settings import KVSettings  # noqa: PLC0415
 
     t = str(text).strip()
     opts: dict = {}

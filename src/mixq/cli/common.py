@@ -266,10 +266,10 @@ def os_error_line(e: OSError) -> str:
 
 def check_full_attention(model) -> None:
     """KV-cache quantization needs every layer to attend to the full context."""
-    from ..act import kvsim
+    from ..runtime import kv_sim
 
     try:
-        kvsim.check_full_attention(model.config)
+        kv_sim.check_full_attention(model.config)
     except NotImplementedError as e:
         raise UserError(f"KV-cache quantization: {one_line(e)}") from None
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from ..act.actquant import MODES
-from ..act.kvsim import KV_ENGINES
+from ..runtime.kv_sim import KV_ENGINES
 from ..targets import load_target
 from .common import (UserError, calib_args, check_full_attention, check_out_file, check_positive, eval_windows_for,
                      one_line, parse_kv_arg)
@@ -210,7 +210,7 @@ def run(args) -> tuple[dict, list[str]]:
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
     if kv_bits is not None:
-        from ..act.kvcost import kv_dims, resolve_kv_bits
+        from ..runtime.kv_cost import kv_dims, resolve_kv_bits
 
         check_full_attention(model)
         resolve_kv_bits(kv_bits, kv_dims(model.config)[0])

@@ -1,12 +1,12 @@
 """KV-cache settings and exact per-layer costs.
 
 :class:`KVSettings` is the KIVI layout (key / value groups, fp residual window, zero points) plus the options
-of :mod:`.kvcodec` — important tokens at high precision (MiKV), pre-RoPE keys (KVQuant), Hadamard rotation —
-which the simulation (:mod:`.kvsim`), the real cache (:mod:`.kvcache`) and the measurement (:mod:`.kvsens`)
+of :mod:`.kv_codec` — important tokens at high precision (MiKV), pre-RoPE keys (KVQuant), Hadamard rotation —
+which the simulation (:mod:`.kv_sim`), the real cache (:mod:`.kv_cache`) and the measurement (:mod:`mixq.act.kvsens`)
 all apply.
 
 :func:`kv_part_bits` is the exact bit count of one layer's K (or V) at ``context`` tokens for ``batch``
-sequences, derived from :func:`mixq.act.kvcost.kv_cache_bits` (so a per-layer plan's K + V parts add up to
+sequences, derived from :func:`mixq.runtime.kv_cost.kv_cache_bits` (so a per-layer plan's K + V parts add up to
 ``kv_cache_bits`` of that plan exactly).
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from .kvcodec import FP, VALID_BITS, important_count, kv_spec, normalize_rotate
-from .kvcost import kv_cache_bits
+from .kv_codec import FP, VALID_BITS, important_count, kv_spec, normalize_rotate
+from .kv_cost import kv_cache_bits
 
 _BASE_FIELDS = ("k_group", "v_group", "residual", "zero")
 _OPTION_DEFAULTS = {"important": 0.0, "important_bits": 8, "pre_rope": False, "rotate": ""}
@@ -26,7 +26,7 @@ class KVSettings:
     """KIVI layout: ``k_group`` tokens per key group, ``v_group`` channels per value group (None:
     head_dim), ``residual`` fp tokens, ``zero`` ``"fp16"`` offset (KIVI) or ``"int"`` zero point.
 
-    Options (:mod:`.kvcodec`): ``important`` fraction of each key group's tokens — the most attended
+    Options (:mod:`.kv_codec`): ``important`` fraction of each key group's tokens — the most attended
     so far — kept at ``important_bits`` (MiKV/ZipCache; 0 = off); ``pre_rope`` quantizes keys before
     the rotary embedding (KVQuant); ``rotate`` ``"k"``, ``"v"`` or ``"kv"`` (``True`` = ``"kv"``)
     quantizes in a Hadamard-rotated basis (QuaRot)."""

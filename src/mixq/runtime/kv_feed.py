@@ -1,10 +1,10 @@
-"""Feeding a :class:`~mixq.act.kvcache.KIVICache` what its options need from the model's forwards.
+"""Feeding a :class:`~mixq.runtime.kv_cache.KIVICache` what its options need from the model's forwards.
 
 :func:`kv_cache_feed` hands each layer of the cache the rotary tables of every forward's tokens (pre-RoPE
 keys: a forward pre-hook on every attention module reads its ``position_embeddings``) and the attention
 probabilities (important tokens: eager attention for the duration and a forward hook; the flush happens
 after attention).  :func:`attention_modules` and :func:`rope_of` are shared with the decode simulation
-(:mod:`mixq.act.kvsim`).
+(:mod:`mixq.runtime.kv_sim`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import contextlib
 from torch import nn
 
 from ..arch import get_blocks
-from .kvcache import KIVICache
-from .kvcodec import check_rope_convention
+from .kv_cache import KIVICache
+from .kv_codec import check_rope_convention
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
