@@ -19,21 +19,16 @@
 ``joint``     one memory budget for weights + KV cache, solved as one multiple-choice knapsack
 ``resq``      ResQ: PCA subspace of each linear's input at 8 bits, the rest at 4, rotated inside
 """
-from .actquant import (
-    ActQuantHandle,
-    ActQuantizer,
-    apply_act_quant,
-    calibrate_act_absmax,
-    fake_quant_act,
-    parse_act_spec,
-)
-from .presets import WAPreset, parse_kv_preset, parse_wa_preset
+from ..runtime.act_quant import ActQuantHandle, ActQuantizer, apply_act_quant, calibrate_act_absmax
+from ..formats.act import fake_quant_act, parse_act_spec
+from ..formats.act import WAPreset, parse_wa_preset
+from ..runtime.kv_settings import parse_kv_preset
 from ..runtime.kv_cache import KIVICache, KIVILayer
 from ..runtime.kv_codec import kv_spec
 from ..runtime.kv_cost import kv_cache_bits, kv_cache_bytes, kv_dims, resolve_kv_bits
 from .kveval import eval_with_kv_quant, kv_compare
 from ..runtime.kv_feed import kv_cache_feed
-from .outliers import FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant, top_k_channels
+from ..runtime.act_outliers import FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant, top_k_channels
 from .kvsens import measure_kv
 from ..runtime.kv_settings import KVSettings, kv_part_bits
 from ..runtime.kv_sim import simulate_kivi

@@ -38,7 +38,8 @@ from torch import nn
 from ..algorithms.hadamard import dense, random_orthogonal_factors
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec
-from .actquant import ActQuantHandle, _select, fake_quant_act, input_stats, parse_act_spec
+from ..runtime.act_quant import ActQuantHandle, input_stats, select_linears
+from ..formats.act import fake_quant_act, parse_act_spec
 
 KEEP_NAMES = {None, 16, "16", "A16", "FP32", "NONE", "KEEP"}
 
@@ -141,7 +142,7 @@ def fit_resq(model: nn.Module, calib_ids: torch.Tensor | None = None, *, hessian
     Layers reading the same input (q/k/v, gate/up: identical ``H``) share one quantizer, which
     quantizes that input once per forward.
     """
-    chosen = _select(model, layers)
+    chosen = select_linears(model, layers)
     if hessians is None:
         if calib_ids is None:
             raise ValueError("ResQ needs calib_ids=... (or hessians=...) for its PCA basis")

@@ -160,8 +160,8 @@ def constraints_from(args):
 
 
 def parse_kv_arg(text: str):
-    """``(bits, KVSettings)`` of ``--kv`` / ``--kv-uniform`` (:func:`mixq.act.presets.parse_kv_preset`)."""
-    from ..act.presets import parse_kv_preset
+    """``(bits, KVSettings)`` of ``--kv`` / ``--kv-uniform`` (:func:`mixq.runtime.kv_settings.parse_kv_preset`)."""
+    from ..runtime.kv_settings import parse_kv_preset
 
     try:
         return parse_kv_preset(text)

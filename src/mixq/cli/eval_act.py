@@ -34,7 +34,7 @@ import re
 import time
 from pathlib import Path
 
-from ..act.actquant import MODES
+from ..formats.act import MODES
 from ..runtime.kv_sim import KV_ENGINES
 from ..targets import load_target
 from .common import (UserError, calib_args, check_full_attention, check_out_file, check_positive, eval_windows_for,
