@@ -35,7 +35,7 @@ from ..runtime.kv_sim import simulate_kivi
 from .kvtable import KVEntry, KVSensitivityTable
 from .joint import (InfeasibleMemory, JointPlan, allocate_joint, allocate_kv, allocate_separately, load_kv_plan,
                     min_memory_bytes, uniform_kv)
-from .resq import ResQQuantizer, apply_resq, fit_resq, fold_resq, resq_basis
+from ..algorithms.resq import ResQQuantizer, apply_resq, fit_resq, fold_resq, resq_basis
 
 __all__ = [
     "ActQuantHandle", "ActQuantizer", "WAPreset", "apply_act_quant", "calibrate_act_absmax", "fake_quant_act",

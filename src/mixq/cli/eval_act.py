@@ -240,7 +240,7 @@ def run(args) -> tuple[dict, list[str]]:
             wspecs = api.resolve_specs(model, weight, group_fallback="shrink")
             api.quantize_model(model, wspecs, method="rtn", progress=False)
         if isinstance(outliers, tuple):
-            from ..act.resq import apply_resq
+            from ..algorithms.resq import apply_resq
 
             apply_resq(model, calib_ids, layers=args.act_layers,
                        fraction=outliers[1], hi="A8", lo=act_spec, seed=args.seed, fold=False)
