@@ -32,9 +32,9 @@ from ..runtime.act_outliers import FPOutliers, HiChannels, act_bits_per_feature,
 from .kvsens import measure_kv
 from ..runtime.kv_settings import KVSettings, kv_part_bits
 from ..runtime.kv_sim import simulate_kivi
-from .kvtable import KVEntry, KVSensitivityTable
-from .joint import (InfeasibleMemory, JointPlan, allocate_joint, allocate_kv, allocate_separately, load_kv_plan,
-                    min_memory_bytes, uniform_kv)
+from ..allocate.kv_table import KVEntry, KVSensitivityTable
+from ..allocate.joint import (InfeasibleMemory, JointPlan, allocate_joint, allocate_kv, allocate_separately,
+                              load_kv_plan, min_memory_bytes, uniform_kv)
 from ..algorithms.resq import ResQQuantizer, apply_resq, fit_resq, fold_resq, resq_basis
 
 __all__ = [

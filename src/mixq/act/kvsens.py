@@ -10,7 +10,7 @@ For every attention layer ``i``, each of ``K`` and ``V``, and each width ``b`` i
 over every predicted position of every calibration window.  Both are per-token loss increases
 in nats — the unit of mixq's ``kfac`` weight errors (``½ E_t[ΔyᵀG Δy]``, a second-order
 per-token loss increase) — so weight and KV errors add in one knapsack
-(:mod:`mixq.act.joint`).  16 bits costs nothing and has error 0 (no measurement).
+(:mod:`mixq.allocate.joint`).  16 bits costs nothing and has error 0 (no measurement).
 The KV errors are measured at the calibration window length; costs are counted at whatever
 context the plan states, so a plan for a much longer context extrapolates the per-token error.
 
@@ -18,7 +18,7 @@ Decoding ``chunk`` tokens per forward is simulated exactly (:mod:`mixq.runtime.k
 default) or run through the real cache (``engine="cache"``, :func:`mixq.act.kveval.decode_logits`).  In the
 measurement, the blocks before layer ``i`` are unaffected by quantizing layer ``i``'s cache, so with the
 simulation their fp outputs are replayed from one fp pass instead of recomputed (about half of the block
-compute saved).  The result is a :class:`~mixq.act.kvtable.KVSensitivityTable`; its costs are
+compute saved).  The result is a :class:`~mixq.allocate.kv_table.KVSensitivityTable`; its costs are
 :func:`~mixq.runtime.kv_settings.kv_part_bits`.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..runtime.kv_cost import kv_dims
 from .kveval import decode_logits
 from ..runtime.kv_settings import KVSettings
 from ..runtime.kv_sim import KV_ENGINES, check_full_attention, simulate_kivi
-from .kvtable import KV_METRICS, KVEntry, KVSensitivityTable
+from ..allocate.kv_table import KV_METRICS, KVEntry, KVSensitivityTable
 
 log = logging.getLogger(__name__)
 

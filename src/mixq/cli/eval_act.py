@@ -184,7 +184,7 @@ def run(args) -> tuple[dict, list[str]]:
     if args.kv is not None:
         kv_bits, settings = parse_kv_arg(args.kv)
     elif args.kv_plan is not None:
-        from ..act.joint import load_kv_plan
+        from ..allocate.joint import load_kv_plan
 
         kv_bits, settings, kv_doc = load_kv_plan(args.kv_plan)
     info = _dir_info(args.target)

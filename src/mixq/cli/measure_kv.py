@@ -8,7 +8,7 @@ from pathlib import Path
 from ..runtime.kv_codec import ROTATE_CHOICES, ZERO_CHOICES
 from ..act.kvsens import KV_CANDIDATE_BITS, measure_kv
 from ..runtime.kv_settings import KVSettings
-from ..act.kvtable import KV_METRICS
+from ..allocate.kv_table import KV_METRICS
 from ..runtime.kv_sim import KV_ENGINES
 from .common import UserError, calib_args, check_full_attention, check_positive, model_arg, one_line
 

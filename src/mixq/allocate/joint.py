@@ -13,11 +13,11 @@ caller adds them as ``other_bytes``.
 
 The knapsack: one group per block linear (its candidate specs, costs ``spec.cost(shape)``, errors from
 the weight :class:`~mixq.allocate.SensitivityTable`), plus one group per layer and per K/V (widths
-from the :class:`~mixq.act.kvtable.KVSensitivityTable`, costs :func:`~mixq.runtime.kv_settings.kv_part_bits` at
-``context``/``batch``, errors the measured KV loss increase).  Both error kinds are per-token loss
-increases in nats (``kfac``/``fisher``/``block`` weight metrics; ``kl``/``loss`` KV metrics), assumed
-additive; weight metrics in other units (``hessian``, ``block-rel``) are refused unless
-``allow_mixed_units=True``.  The solver is :func:`mixq.allocate.solve` (exact by default): the plan
+from the :class:`~mixq.allocate.kv_table.KVSensitivityTable`, costs
+:func:`~mixq.runtime.kv_settings.kv_part_bits` at ``context``/``batch``, errors the measured KV loss
+increase).  Both error kinds are per-token loss increases in nats (``kfac``/``fisher``/``block`` weight
+metrics; ``kl``/``loss`` KV metrics), assumed additive; weight metrics in other units (``hessian``,
+``block-rel``) are refused unless ``allow_mixed_units=True``.  The solver is :func:`mixq.allocate.solve` (exact by default): the plan
 never exceeds the budget and is optimal for the summed predicted error.
 
 :func:`allocate_separately` is the baseline that splits the budget first (a fixed KV width, or a
@@ -30,13 +30,14 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from ..allocate import Budget, Constraints, InfeasibleBudget, Plan, Problem, SensitivityTable, allocate, solve
-from ..allocate.constraints import KEEP, build_problem
-from ..allocate.plan import human_bytes
 from ..jsonio import read_json, write_json_atomic
 from ..runtime.kv_cost import resolve_kv_bits
 from ..runtime.kv_settings import KVSettings
-from .kvtable import KVSensitivityTable, check_doc
+from .constraints import KEEP, Constraints, build_problem
+from .kv_table import KVSensitivityTable, check_doc
+from .plan import Budget, Plan, allocate, human_bytes
+from .solvers import InfeasibleBudget, Problem, solve
+from .table import SensitivityTable
 
 log = logging.getLogger(__name__)
 
