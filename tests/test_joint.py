@@ -32,7 +32,7 @@ from mixq.act import (
     simulate_kivi,
     uniform_kv,
 )
-from mixq.act.kveval import decode_logits
+from mixq.runtime.kv_feed import decode_logits
 from mixq.allocate import Constraints, LayerEntry, SensitivityTable
 from mixq.config import parse_spec
 from mixq.data import eval_windows
@@ -103,7 +103,7 @@ def test_kv_sensitivity_table_shapes_monotone_and_round_trip(tmp_path):
 
 
 def test_kv_measurement_resumes(tmp_path, monkeypatch):
-    import mixq.act.kvsens as ks
+    import mixq.measure.kv as ks
 
     model = make_tiny("llama")
     calib = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))

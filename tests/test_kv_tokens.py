@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from mixq.act import KIVICache, KIVILayer, KVSettings, kv_cache_bits, kv_spec, simulate_kivi
 from mixq.runtime.kv_feed import kv_cache_feed
 from mixq.runtime.kv_codec import important_count, kv_rotation, rerope, select_important, unrope
-from mixq.act.kveval import decode_logits
+from mixq.runtime.kv_feed import decode_logits
 from mixq.runtime.kv_settings import parse_kv_preset
 from mixq.formats import fake_quantize
 from tiny import make_tiny

@@ -26,10 +26,10 @@ from ..runtime.kv_settings import parse_kv_preset
 from ..runtime.kv_cache import KIVICache, KIVILayer
 from ..runtime.kv_codec import kv_spec
 from ..runtime.kv_cost import kv_cache_bits, kv_cache_bytes, kv_dims, resolve_kv_bits
-from .kveval import eval_with_kv_quant, kv_compare
+from ..eval.kv import eval_with_kv_quant, kv_compare
 from ..runtime.kv_feed import kv_cache_feed
 from ..runtime.act_outliers import FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant, top_k_channels
-from .kvsens import measure_kv
+from ..measure.kv import measure_kv
 from ..runtime.kv_settings import KVSettings, kv_part_bits
 from ..runtime.kv_sim import simulate_kivi
 from ..allocate.kv_table import KVEntry, KVSensitivityTable

@@ -1,6 +1,6 @@
 """The KV measurement as a document: per layer, the K and V errors at each measured width.
 
-:class:`KVSensitivityTable` (what :func:`mixq.act.kvsens.measure_kv` returns and ``mixq measure-kv`` writes)
+:class:`KVSensitivityTable` (what :func:`mixq.measure.kv.measure_kv` returns and ``mixq measure-kv`` writes)
 holds one :class:`KVEntry` per layer and tensor; :meth:`KVSensitivityTable.rows` turns it into allocator rows
 whose costs come from :func:`~mixq.runtime.kv_settings.kv_part_bits`.  :func:`check_doc` refuses a JSON document
 of the wrong type or version (the KV plan of :mod:`mixq.allocate.joint` uses it too).

@@ -260,7 +260,7 @@ def run(args) -> tuple[dict, list[str]]:
     for corpus, win, proto in eval_windows_for(args, tok, model):
         if kv_bits is not None:
             from ..act import kv_cache_bytes
-            from ..act.kveval import kv_compare
+            from ..eval.kv import kv_compare
 
             res = kv_compare(model, win, kv_bits, reference, settings=settings, engine=args.kv_engine,
                              chunk=args.kv_chunk, prefill=args.kv_prefill, batch_size=args.kv_batch, progress=False)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..runtime.kv_codec import ROTATE_CHOICES, ZERO_CHOICES
-from ..act.kvsens import KV_CANDIDATE_BITS, measure_kv
+from ..measure.kv import KV_CANDIDATE_BITS, measure_kv
 from ..runtime.kv_settings import KVSettings
 from ..allocate.kv_table import KV_METRICS
 from ..runtime.kv_sim import KV_ENGINES

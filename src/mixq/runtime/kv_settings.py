@@ -3,7 +3,7 @@
 :class:`KVSettings` is the KIVI layout (key / value groups, fp residual window, zero points) plus the options
 of :mod:`.kv_codec` — important tokens at high precision (MiKV), pre-RoPE keys (KVQuant), Hadamard rotation —
 which the simulation (:mod:`.kv_sim`), the real cache (:mod:`.kv_cache`) and the measurement
-(:mod:`mixq.act.kvsens`) all apply.
+(:mod:`mixq.measure.kv`) all apply.
 
 :func:`parse_kv_preset` reads the names of ``mixq eval --kv`` / ``mixq plan --kv-uniform``: ``KV4``, ``KV2-kivi``,
 ``K4V2``, ``KV2-r0``, ``KV2-mikv`` (20 % of each key group's tokens — the most attended — at 8 bits),

@@ -2,7 +2,7 @@
 
 KIVI quantizes a token's key/value when it leaves the fp residual window, in token groups of
 ``k_group`` (keys, per channel) or per token (values); decoding ``chunk`` tokens per forward
-(:func:`mixq.act.kveval.eval_with_kv_quant`) means a token at position ``t`` in a chunk that
+(:func:`mixq.eval.kv.eval_with_kv_quant`) means a token at position ``t`` in a chunk that
 starts at ``n`` sees the cache as it was after ``n`` tokens::
 
     n(t)  = 0                                  t < P          (prefill P, default chunk)
@@ -17,7 +17,7 @@ the same quantizers as :class:`~mixq.runtime.kv_cache.KIVILayer` (:class:`~mixq.
 KIVI grids, pre-RoPE keys, rotation).  Decoding token by token (``chunk=1``) then costs one
 forward per window instead of one per token, and is checked against the real :class:`KIVICache`
 in the tests (same logits up to float rounding).  The ``"cache"`` engine runs the real cache chunk by
-chunk (:func:`mixq.act.kveval.decode_logits`).
+chunk (:func:`mixq.runtime.kv_feed.decode_logits`).
 
 Important tokens (``settings.important``, MiKV): K and V are both quantized up to
 ``Tq(n) = G·⌊max(n − R, 0)/G⌋`` and which tokens of group ``j`` are important depends on the
