@@ -15,8 +15,8 @@ The subspace that carries most of the energy gets ``hi`` (8-bit) codes, the resi
 low variance and, after the rotation, without outlier channels — ``lo`` (4-bit) codes.  Mean code
 bits per element: ``(r·b_hi + (n − r)·b_lo)/n`` (4.5 for 1/8 at 8/4).
 
-Two ways to install it (:func:`apply_resq`, the adapter to :func:`mixq.act.apply_act_quant`'s model:
-same layer selection, same :class:`~mixq.act.ActQuantHandle`, hooks after any existing pre-hook):
+Two ways to install it (:func:`apply_resq`, the adapter to :func:`mixq.runtime.act_quant.apply_act_quant`'s model:
+same layer selection, same :class:`~mixq.runtime.act_quant.ActQuantHandle`, hooks after any existing pre-hook):
 
 ``fold=False``  the weight stays ``W`` and the hook hands the layer ``x̂ = x̂' Pᵀ`` (activation
                 error only; composes with weights quantized in the original basis)

@@ -109,7 +109,7 @@ class JointPlan:
         return self.weight_error + self.kv_error
 
     def kv_bits_dict(self) -> dict:
-        """For :class:`~mixq.act.KIVICache` / ``eval_with_kv_quant``: ``{layer: (k, v)}``."""
+        """For :class:`~mixq.runtime.kv_cache.KIVICache` / ``eval_with_kv_quant``: ``{layer: (k, v)}``."""
         return {i: tuple(kv) for i, kv in enumerate(self.kv)}
 
     def mean_kv_bits(self) -> tuple[float, float]:

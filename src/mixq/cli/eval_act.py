@@ -7,7 +7,7 @@
     divide a row shrink — and ``-rot`` rotates first; on a mixq directory the weights are the
     directory's and only the A-part is used) or an activation name (``A8``, ``INT8``, ``A4``, ``FP8``,
     ``MXFP8``, ``NVFP4``...: activations only).  Order: rotate → ``--smooth`` → weights → calibrate →
-    activation hooks (:func:`mixq.act.prepare_for_act_quant`).
+    activation hooks (:func:`mixq.runtime.act_outliers.prepare_for_act_quant`).
 ``--act-outliers``
     ``int8[:T][:calib]`` LLM.int8() columns ``|x| ≥ T`` (default 6) kept fp; ``atom:K[:SPEC]`` the ``K``
     largest-absmax channels at ``SPEC`` (default ``W8-token``, static mode ``W8-tensor``);
@@ -46,7 +46,7 @@ KV_DEFAULT_CHUNK = 16
 # ---------------------------------------------------------------------------- parsing
 def parse_act_arg(name: str, mode: str):
     """``(weight spec | None, act spec, rotate, kind)`` of ``--act NAME`` (kind ``"preset"`` or ``"act"``)."""
-    from ..act import parse_act_spec, parse_wa_preset
+    from ..formats.act import parse_act_spec, parse_wa_preset
 
     try:
         p = parse_wa_preset(name, mode)
@@ -65,7 +65,7 @@ def parse_act_arg(name: str, mode: str):
 
 def parse_outliers(text: str | None, mode: str):
     """``None``, :class:`FPOutliers`, :class:`HiChannels` or ``("resq", fraction)`` from ``--act-outliers``."""
-    from ..act import FPOutliers, HiChannels
+    from ..runtime.act_outliers import FPOutliers, HiChannels
 
     if not text:
         return None
@@ -162,7 +162,8 @@ def _dir_info(target: str) -> dict | None:
 
 def run(args) -> tuple[dict, list[str]]:
     """``mixq eval --act/--kv``: the results document and the lines that describe the activations and the cache."""
-    from ..act import apply_act_quant, prepare_for_act_quant
+    from ..runtime.act_quant import apply_act_quant
+    from ..runtime.act_outliers import prepare_for_act_quant
 
     # ---- validate everything before loading anything
     check_positive(tokens=args.tokens, seqlen=args.seqlen, kv_chunk=args.kv_chunk, kv_prefill=args.kv_prefill,
@@ -245,7 +246,7 @@ def run(args) -> tuple[dict, list[str]]:
             apply_resq(model, calib_ids, layers=args.act_layers,
                        fraction=outliers[1], hi="A8", lo=act_spec, seed=args.seed, fold=False)
         else:
-            from ..act import FPOutliers, HiChannels
+            from ..runtime.act_outliers import FPOutliers, HiChannels
 
             apply_act_quant(model, act_spec, mode=args.act_mode, layers=args.act_layers, calib_ids=calib_ids,
                             fp_outliers=outliers if isinstance(outliers, FPOutliers) else None,
@@ -259,7 +260,7 @@ def run(args) -> tuple[dict, list[str]]:
     results = {}
     for corpus, win, proto in eval_windows_for(args, tok, model):
         if kv_bits is not None:
-            from ..act import kv_cache_bytes
+            from ..runtime.kv_cost import kv_cache_bytes
             from ..eval.kv import kv_compare
 
             res = kv_compare(model, win, kv_bits, reference, settings=settings, engine=args.kv_engine,
