@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,7 +33,6 @@ from torch import nn
 from ..allocate.kv_table import KV_METRICS, KVEntry, KVSensitivityTable
 from ..arch import get_blocks
 from ..eval.perplexity import row_chunks
-from ..jsonio import read_json, write_json_atomic
 from ..models import model_fingerprint
 from ..runtime.kv_cache import KIVICache
 from ..runtime.kv_codec import FP, kv_spec
@@ -43,6 +41,7 @@ from ..runtime.kv_feed import decode_logits
 from ..runtime.kv_settings import KVSettings
 from ..runtime.kv_sim import KV_ENGINES, check_full_attention, simulate_kivi
 from .driver import calibration_hash
+from .partial import load_partial, partial_file, save_partial
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +100,9 @@ def measure_kv(model: nn.Module, calib_ids: torch.Tensor, *, bits=KV_CANDIDATE_B
     key = kv_measurement_key(model, calib_ids, bits, metric, settings, engine, chunk, prefill)
     dims = kv_dims(model.config)
     L = dims[0]
-    partial = Path(str(out) + ".partial") if out else None
-    done = _load_partial(partial, key)
+    partial = partial_file(out)
+    doc = load_partial(partial, key, "KV measurement", "model/calibration/setting")
+    done = {int(k): v for k, v in doc.get("layers", {}).items()} if doc else {}
     was = model.training
     model.eval()
     blocks = get_blocks(model)
@@ -152,8 +152,7 @@ def measure_kv(model: nn.Module, calib_ids: torch.Tensor, *, bits=KV_CANDIDATE_B
             if progress:
                 log.warning("KV layer %d/%d: K %s  V %s", i + 1, L, _fmt(row["k"]), _fmt(row["v"]))
             if partial is not None:
-                write_json_atomic(partial, {"key": key, "layers": {str(k): v for k, v in results.items()}},
-                                  overwrite=True)
+                save_partial(partial, key, layers={str(k): v for k, v in results.items()})
     finally:
         model.train(was)
     entries = []
@@ -189,17 +188,3 @@ def _replay(blocks, outputs):
                 del blk.forward
             else:
                 blk.forward = f
-
-
-def _load_partial(path: Path | None, key: dict) -> dict[int, dict]:
-    if path is None or not path.exists():
-        return {}
-    try:
-        doc = read_json(path)
-    except ValueError:
-        log.warning("ignoring unreadable partial KV measurement %s", path)
-        return {}
-    if doc.get("key") != key:
-        log.warning("partial KV measurement %s belongs to another model/calibration/setting; starting over", path)
-        return {}
-    return {int(k): v for k, v in doc.get("layers", {}).items()}
