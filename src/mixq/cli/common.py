@@ -160,8 +160,8 @@ def constraints_from(args):
 
 
 def parse_kv_arg(text: str):
-    """``(bits, KVSettings)`` of ``--kv`` / ``--kv-uniform`` (:func:`mixq.act.presets.parse_kv_preset`)."""
-    from ..act.presets import parse_kv_preset
+    """``(bits, KVSettings)`` of ``--kv`` / ``--kv-uniform`` (:func:`mixq.runtime.kv_settings.parse_kv_preset`)."""
+    from ..runtime.kv_settings import parse_kv_preset
 
     try:
         return parse_kv_preset(text)
@@ -266,10 +266,10 @@ def os_error_line(e: OSError) -> str:
 
 def check_full_attention(model) -> None:
     """KV-cache quantization needs every layer to attend to the full context."""
-    from ..act import kvsim
+    from ..runtime import kv_sim
 
     try:
-        kvsim.check_full_attention(model.config)
+        kv_sim.check_full_attention(model.config)
     except NotImplementedError as e:
         raise UserError(f"KV-cache quantization: {one_line(e)}") from None
 

@@ -371,7 +371,7 @@ def _lazy_source(model, path: str, specs: dict):
 
 def quantize_spec(args):
     """The weight spec of ``mixq quantize --spec`` (a spec name, or a W/A preset's W-part; ``-rot`` sets --rotate)."""
-    from ..act import parse_wa_preset
+    from ..formats.act import parse_wa_preset
     from ..config import parse_spec
 
     name = "W4-g64" if args.spec is None else args.spec  # --spec "" is an error, not the default
