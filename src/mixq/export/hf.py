@@ -79,6 +79,7 @@ from ..atomic import atomic_dir
 from .hf_pack import ct_tensors, gptq_tensors
 from .hf_readback import DTYPE_NAME, check_with_transformers, read_back_compressed, read_back_gptq, target_dtype
 from .hf_source import ExportError, Source, ct_problem, gptq_problem, open_source
+from .registry import REPORT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,6 @@ __all__ = [
 ]
 
 WEIGHTS_FILE = "model.safetensors"
-REPORT_FILE = "export_report.json"  # the name `mixq export` writes its report under
 _COPY_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
                "*.tiktoken", "chat_template*", "generation_config.json")
 # vLLM fuses these sibling linears into one layer; they must share one scheme there
