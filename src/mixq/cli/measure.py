@@ -11,6 +11,7 @@ import logging
 import time
 from pathlib import Path
 
+from ..calib.dispatch import NAMED_DEVICE_MAPS
 from ..recipe import DEFAULT_RECIPE
 from .common import UserError, calib_args, claim_output, measure_args, model_arg, one_line
 
@@ -30,8 +31,8 @@ def register(sub) -> None:
                    help="where the model is loaded and measured: cpu (default), cuda, cuda:N; under torchrun, "
                         "cuda means the first of each process's GPUs (NCCL), cpu uses gloo")
     m.add_argument("--device-map", default=None,
-                   help="spread the model with accelerate instead of --device: auto, balanced, sequential, or a JSON "
-                        "file {module: device} (GPU index, cpu, disk); blocks that fit nowhere are offloaded and "
+                   help=f"spread the model with accelerate instead of --device: {', '.join(NAMED_DEVICE_MAPS)}, or a "
+                        "JSON file {module: device} (GPU index, cpu, disk); blocks that fit nowhere are offloaded and "
                         "materialized one at a time by the walk (see README, 'Several devices and processes')")
     m.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                    help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB; gpu=SIZE is every "
@@ -94,12 +95,12 @@ def placement_from(args, group):
             raise UserError("--max-memory and --offload-folder go with --device-map")
         return None
     dm = args.device_map
-    if dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if dm not in NAMED_DEVICE_MAPS:
         try:
             dm = json.loads(Path(dm).read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"--device-map {args.device_map!r}: not auto/balanced/sequential nor a readable JSON "
-                            f"file ({one_line(e)})") from None
+            raise UserError(f"--device-map {args.device_map!r}: not {'/'.join(NAMED_DEVICE_MAPS)} nor a readable "
+                            f"JSON file ({one_line(e)})") from None
     import torch
 
     gpus = local_gpus(torch.cuda.device_count()) if group.world > 1 else None
