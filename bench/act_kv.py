@@ -50,14 +50,20 @@ from pathlib import Path
 from common import RESULTS, Setup, header, peak_rss_mb
 
 from mixq import api
-from mixq.act import (FPOutliers, HiChannels, InfeasibleMemory, KVSensitivityTable, KVSettings, allocate_joint,
-                      kv_dims,
-                      allocate_kv, allocate_separately, apply_act_quant, apply_resq, kv_cache_bytes, kv_compare,
-                      measure_kv, parse_wa_preset, prepare_for_act_quant, uniform_kv)
+from mixq.algorithms.resq import apply_resq
 from mixq.allocate import SensitivityTable
+from mixq.allocate.joint import InfeasibleMemory, allocate_joint, allocate_kv, allocate_separately, uniform_kv
+from mixq.allocate.kv_table import KVSensitivityTable
 from mixq.config import parse_spec
+from mixq.eval.kv import kv_compare
+from mixq.formats.act import parse_wa_preset
 from mixq.jsonio import write_json_atomic
 from mixq.measure import measure
+from mixq.measure.kv import measure_kv
+from mixq.runtime.act_outliers import FPOutliers, HiChannels, prepare_for_act_quant
+from mixq.runtime.act_quant import apply_act_quant
+from mixq.runtime.kv_cost import kv_cache_bytes, kv_dims
+from mixq.runtime.kv_settings import KVSettings
 
 CACHE = Path(__file__).parent / "cache"
 SECTIONS = ("wa", "kv", "kvmix", "joint")

@@ -4,21 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixq.act import (
-    FPOutliers,
-    HiChannels,
-    act_bits_per_feature,
-    apply_act_quant,
-    calibrate_act_absmax,
-    fake_quant_act,
-    parse_act_spec,
-    parse_wa_preset,
-    prepare_for_act_quant,
-    top_k_channels,
-)
 from mixq.algorithms.hadamard import dense, random_orthogonal_factors
 from mixq.config import parse_spec
 from mixq.formats import fake_quantize
+from mixq.formats.act import fake_quant_act, parse_act_spec, parse_wa_preset
+from mixq.runtime.act_outliers import (FPOutliers, HiChannels, act_bits_per_feature, prepare_for_act_quant,
+                                       top_k_channels)
+from mixq.runtime.act_quant import apply_act_quant, calibrate_act_absmax
 from tiny import layer_input, make_tiny
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -19,12 +19,12 @@ from mixq import api
 from mixq.arch import get_weight
 from mixq.export.hf import (
     ExportError,
-    check_with_transformers,
     export_compressed_tensors,
     export_gptq,
     read_back_compressed,
     read_back_gptq,
 )
+from mixq.export.hf_readback import check_with_transformers
 from mixq.export.native import load_quantized, read_qtensors
 from mixq.export.native_write import save_quantized
 from tiny import make_tiny, make_tiny_tokenizer

@@ -47,8 +47,8 @@ def _weights(model, layers) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", MORE_FAMILIES)
 def test_family_end_to_end(family, tmp_path):
     from mixq.export.gguf import export_gguf
-    from mixq.export.hf import (check_with_transformers, export_compressed_tensors, export_gptq, read_back_compressed,
-                                read_back_gptq)
+    from mixq.export.hf import export_compressed_tensors, export_gptq, read_back_compressed, read_back_gptq
+    from mixq.export.hf_readback import check_with_transformers
     from mixq.export.native_write import rewrite_native
 
     model, tok = make_tiny(family), make_tiny_tokenizer()

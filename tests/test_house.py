@@ -1,4 +1,5 @@
-"""The shape of the package: no import cycles among mixq's modules, no module over 400 lines, no stage imports the CLI.
+"""The shape of the package: no import cycles among mixq's modules, no module over 400 lines, no stage imports the CLI,
+no re-export shims (a module that only imports names for others, or a name imported only to be passed on).
 
 The import graph is read with ``ast`` from every module under ``src/mixq``: module-level and
 function-level imports alike (an import inside a function is still a dependency, and a cycle dodged
@@ -138,3 +139,76 @@ def test_no_module_over_400_lines():
     lengths = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in modules().values()}
     over = sorted(f"{f} ({n} lines)" for f, n in lengths.items() if n > MAX_LINES)
     assert not over, f"modules over {MAX_LINES} lines: {', '.join(over)}: split them"
+
+
+# ---------------------------------------------------------------------------- re-export shims
+def _imported_names(tree: ast.Module) -> set[str]:
+    """The names a module binds by importing (``from x import a as b`` binds ``b``; ``import a.b`` binds ``a``)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            out |= {a.asname or a.name for a in node.names if a.name != "*"}
+        elif isinstance(node, ast.Import):
+            out |= {a.asname or a.name.partition(".")[0] for a in node.names}
+    return out
+
+
+def _only_reexports(tree: ast.Module) -> bool:
+    """Whether a module's body is nothing but a docstring, imports, ``__all__`` and aliases of imported names."""
+    imported = _imported_names(tree)
+
+    def passive(stmt: ast.stmt, i: int, fallback: bool = False) -> bool:
+        if i == 0 and isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant):
+            return True  # the docstring
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            return True
+        if isinstance(stmt, ast.Try):  # try: from x import k / except ImportError: k = None
+            return (all(passive(s, -1) for s in stmt.body + stmt.finalbody)
+                    and all(passive(s, -1, fallback=True) for h in stmt.handlers for s in h.body))
+        targets = (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+                   if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)) else None)
+        if not targets or not all(isinstance(t, ast.Name) for t in targets):
+            return False
+        if all(t.id == "__all__" for t in targets) or fallback and all(t.id in imported for t in targets):
+            return True
+        value = getattr(stmt, "value", None)
+        while isinstance(value, ast.Attribute):
+            value = value.value
+        return isinstance(value, ast.Name) and value.id in imported  # X = imported_name: an alias, passed on
+    return all(passive(stmt, i) for i, stmt in enumerate(tree.body))
+
+
+def _unused_imports(tree: ast.Module) -> list[str]:
+    """Names a module imports from its own package (relative imports) and never reads."""
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == PACKAGE):
+            out += [b for a in node.names if (b := a.asname or a.name) != "*" and b not in read]
+    return sorted(set(out))
+
+
+def test_shim_readers_see_a_shim():
+    shim = ast.parse('"""Moved."""\nfrom __future__ import annotations\nfrom .b import f, g\nh = f\n'
+                     '__all__ = ["f", "g", "h"]\ntry:\n    from .c import k\nexcept ImportError:\n    k = None\n')
+    assert _only_reexports(shim) and _unused_imports(shim) == ["g", "k"]
+    real = ast.parse('from .b import f, g\nimport os\n\ndef run():\n    return f(g, os.sep)\n')
+    assert not _only_reexports(real) and _unused_imports(real) == []
+    assert not _only_reexports(ast.parse("from .b import f\nLIMIT = 3\n"))
+
+
+def test_no_reexport_shim_modules():
+    """A module (not a package's ``__init__``) whose body only imports, lists ``__all__`` or aliases imported names
+    is a shim left by a move: import the names from where they are defined, and delete it."""
+    shims = sorted(name for name, path in modules().items() if path.name != "__init__.py"
+                   and _only_reexports(ast.parse(path.read_text(), filename=str(path))))
+    assert not shims, f"modules that only re-export names: {', '.join(shims)}: import from the owners, delete these"
+
+
+def test_no_names_imported_only_to_be_passed_on():
+    """A name a module (not a package's ``__init__``) imports from mixq must be read there: one never read is dead or
+    a pass-through for other modules (``from a import X`` where ``a`` took X from ``b``); import it from its owner."""
+    unused = {name: u for name, path in modules().items() if path.name != "__init__.py"
+              and (u := _unused_imports(ast.parse(path.read_text(), filename=str(path))))}
+    assert not unused, "names imported and never used (import them from their owning module, or drop them): " + \
+        "; ".join(f"{m}: {', '.join(u)}" for m, u in sorted(unused.items()))

@@ -8,36 +8,24 @@ import math
 import pytest
 import torch
 
-from mixq.act import (
-    InfeasibleMemory,
-    KIVICache,
-    KVEntry,
-    KVSensitivityTable,
-    KVSettings,
-    ResQQuantizer,
-    allocate_joint,
-    allocate_kv,
-    allocate_separately,
-    apply_act_quant,
-    apply_resq,
-    eval_with_kv_quant,
-    fake_quant_act,
-    kv_cache_bits,
-    kv_compare,
-    kv_part_bits,
-    load_kv_plan,
-    measure_kv,
-    min_memory_bytes,
-    parse_act_spec,
-    simulate_kivi,
-    uniform_kv,
-)
-from mixq.act.kveval import decode_logits
+from mixq.algorithms.resq import ResQQuantizer, apply_resq
 from mixq.allocate import Constraints, LayerEntry, SensitivityTable
+from mixq.allocate.joint import (InfeasibleMemory, allocate_joint, allocate_kv, allocate_separately, load_kv_plan,
+                                 min_memory_bytes, uniform_kv)
+from mixq.allocate.kv_table import KVEntry, KVSensitivityTable
 from mixq.config import parse_spec
 from mixq.data import eval_windows
+from mixq.eval.kv import eval_with_kv_quant, kv_compare
+from mixq.formats.act import fake_quant_act, parse_act_spec
 from mixq.jsonio import write_json_atomic
+from mixq.measure.kv import measure_kv
 from mixq.models import model_fingerprint
+from mixq.runtime.act_quant import apply_act_quant
+from mixq.runtime.kv_cache import KIVICache
+from mixq.runtime.kv_cost import kv_cache_bits
+from mixq.runtime.kv_feed import decode_logits
+from mixq.runtime.kv_settings import KVSettings, kv_part_bits
+from mixq.runtime.kv_sim import simulate_kivi
 from tiny import make_tiny
 
 IDS = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -103,7 +91,7 @@ def test_kv_sensitivity_table_shapes_monotone_and_round_trip(tmp_path):
 
 
 def test_kv_measurement_resumes(tmp_path, monkeypatch):
-    import mixq.act.kvsens as ks
+    import mixq.measure.kv as ks
 
     model = make_tiny("llama")
     calib = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))

@@ -7,12 +7,16 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mixq.act import KIVICache, KIVILayer, KVSettings, kv_cache_bits, kv_spec, simulate_kivi
-from mixq.act.kvfeed import kv_cache_feed
-from mixq.act.kvcodec import important_count, kv_rotation, rerope, select_important, unrope
-from mixq.act.kveval import decode_logits
-from mixq.act.presets import parse_kv_preset
 from mixq.formats import fake_quantize
+from mixq.runtime.kv_cache import KIVICache, KIVILayer
+from mixq.runtime.kv_codec import kv_spec
+from mixq.runtime.kv_codec import important_count, kv_rotation, rerope, select_important, unrope
+from mixq.runtime.kv_cost import kv_cache_bits
+from mixq.runtime.kv_feed import kv_cache_feed
+from mixq.runtime.kv_feed import decode_logits
+from mixq.runtime.kv_settings import KVSettings
+from mixq.runtime.kv_settings import parse_kv_preset
+from mixq.runtime.kv_sim import simulate_kivi
 from tiny import make_tiny
 
 IDS = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))

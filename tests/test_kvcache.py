@@ -6,10 +6,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from mixq.act import KIVICache, KIVILayer, eval_with_kv_quant, kv_cache_bits, kv_cache_bytes, kv_spec, resolve_kv_bits
 from mixq.data import eval_windows
+from mixq.eval.kv import eval_with_kv_quant
 from mixq.eval.perplexity import perplexity
 from mixq.formats import fake_quantize
+from mixq.runtime.kv_cache import KIVICache, KIVILayer
+from mixq.runtime.kv_codec import kv_spec
+from mixq.runtime.kv_cost import kv_cache_bits, kv_cache_bytes, resolve_kv_bits
 from tiny import make_tiny
 
 CACHE_FAMILIES = ["llama", "qwen2", "mistral", "gpt2"]

@@ -236,20 +236,34 @@ def test_v1_directory_still_loads_and_upgrades(tiny_model, tiny_tokenizer, famil
 
 
 # ---------------------------------------------------------------------------- CLI: export, generate
-def test_export_offers_every_protocol_target_and_has_an_exporter_for_each():
-    """``--format`` choices are :data:`mixq.config.protocol.TARGETS`; every one but native has an exporter."""
-    import mixq.cli.export as ce
-    from mixq.config.protocol import TARGETS
+def test_export_offers_every_registered_target_and_each_exporter_exists():
+    """``--format`` choices are the names of :data:`mixq.export.registry.EXPORTERS`; each entry's function exists."""
+    import argparse
 
-    assert set(ce._EXPORTERS) == set(TARGETS) - {"native"}
+    from mixq.cli import build_parser
+    from mixq.export.registry import EXPORTERS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    fmt = next(a for a in sub.choices["export"]._actions if a.dest == "format")
+    assert tuple(fmt.choices) == tuple(EXPORTERS) == ("native", "gguf", "compressed-tensors", "gptq")
+    for e in EXPORTERS.values():
+        assert callable(e.load())
+
+
+def test_export_registry_refuses_a_taken_name():
+    from mixq.export.registry import EXPORTERS, Exporter, register
+
+    with pytest.raises(ValueError, match="already registered.*pick another name"):
+        register("gguf", Exporter("x", "y", "z"))
+    assert EXPORTERS["gguf"].module == "mixq.export.gguf"
 
 
 def test_export_unknown_or_missing_exporter_is_one_line(tiny_model, tiny_tokenizer, tmp_path, capsys, monkeypatch):
-    import mixq.cli.export as ce
+    from mixq.export.registry import EXPORTERS, Exporter
 
     model, qtensors, _ = _quantized(tiny_model, "llama", spec="W4-g32")
     d = _save(tmp_path, tiny_tokenizer, model, qtensors)
-    monkeypatch.setitem(ce._EXPORTERS, "gguf", ("mixq.export.no_such_module", "export_gguf"))
+    monkeypatch.setitem(EXPORTERS, "gguf", Exporter("mixq.export.no_such_module", "export_gguf", "test"))
     rc = main(["export", str(d), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "--format gguf is not available" in err
@@ -264,7 +278,7 @@ def test_export_calls_the_format_module_and_writes_the_report(tiny_model, tiny_t
     import sys
     import types
 
-    import mixq.cli.export as ce
+    from mixq.export.registry import EXPORTERS, Exporter
 
     model, qtensors, _ = _quantized(tiny_model, "llama", spec="W4-g32")
     d = _save(tmp_path, tiny_tokenizer, model, qtensors)
@@ -276,7 +290,7 @@ def test_export_calls_the_format_module_and_writes_the_report(tiny_model, tiny_t
         return {"tensors": [1, 2, 3], "fallbacks": [], "totals": {"file_bytes": 4}}
 
     monkeypatch.setitem(sys.modules, "fake_gguf_mod", types.SimpleNamespace(export_gguf=fake_export))
-    monkeypatch.setitem(ce._EXPORTERS, "gguf", ("fake_gguf_mod", "export_gguf"))
+    monkeypatch.setitem(EXPORTERS, "gguf", Exporter("fake_gguf_mod", "export_gguf", "test"))
     out = tmp_path / "m.gguf"
     assert main(["export", str(d), "--format", "gguf", "--out", str(out)]) == 0
     assert calls == [(d, out, False)]

@@ -1,10 +1,12 @@
 """mixq.eval.zeroshot: the offline PTB suite, the lm-eval request methods, the harness adapter, the CLI."""
 from __future__ import annotations
 
-import abc
+import importlib.metadata
 import json
+import os
 import sys
-import types
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from mixq.eval import zeroshot as zs
 from mixq.eval.stats import wilson_interval
 from mixq.eval.suite import build_suite, evaluate_zeroshot, fingerprint, score_items, suite_info
 from mixq.eval.zeroshot import MixqLM, Request
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -174,86 +178,54 @@ def test_harness_adapter_needs_lm_eval(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import fails even if installed
     monkeypatch.setitem(sys.modules, "lm_eval.api", None)
     monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
-    with pytest.raises(ImportError, match=r"pip install lm-eval==0\.4\.13"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[lm-eval\]'"):
         zs.harness_class()
     with pytest.raises(ImportError, match="lm-eval"):
         zs.MixqHarnessLM  # noqa: B018
 
 
-def _fake_lm_eval(monkeypatch):
-    """A stand-in for lm_eval 0.4's LM base class and model registry."""
-    registry: dict = {}
-
-    class LM(abc.ABC):
-        def __init__(self):
-            self._rank, self._world_size = 0, 1
-            self.cache_hook = types.SimpleNamespace(add_partial=lambda *a: self.cached.append(a[0]))
-            self.cached = []
-
-        @abc.abstractmethod
-        def loglikelihood(self, requests): ...
-
-        @abc.abstractmethod
-        def loglikelihood_rolling(self, requests): ...
-
-        @abc.abstractmethod
-        def generate_until(self, requests): ...
-
-    def register_model(*names):
-        def deco(cls):
-            assert issubclass(cls, LM)
-            for n in names:
-                assert n not in registry
-                registry[n] = cls
-            return cls
-        return deco
-
-    pkg, api = types.ModuleType("lm_eval"), types.ModuleType("lm_eval.api")
-    mod, reg = types.ModuleType("lm_eval.api.model"), types.ModuleType("lm_eval.api.registry")
-    mod.LM, reg.register_model = LM, register_model
-    for name, m in {"lm_eval": pkg, "lm_eval.api": api, "lm_eval.api.model": mod, "lm_eval.api.registry": reg}.items():
-        monkeypatch.setitem(sys.modules, name, m)
-    monkeypatch.setattr(zs, "_HARNESS_CLASS", None)
-    return LM, registry
-
-
-def test_harness_adapter_with_a_stand_in_lm_eval(monkeypatch, model, tok, tmp_path):
-    LM, registry = _fake_lm_eval(monkeypatch)
-    lm = zs.harness_lm(model, tok, batch_size="auto")
-    assert isinstance(lm, LM) and isinstance(lm, MixqLM) and registry["mixq"] is type(lm)
-    assert zs.harness_class() is type(lm)  # registered once
-    req = Request((" the stock market", " fell"))
-    assert lm.loglikelihood([req])[0][0] == pytest.approx(direct_logprob(model, tok, *req.args), abs=1e-4)
-    assert lm.cached == ["loglikelihood"]
-    d = tmp_path / "tiny"
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    loaded = type(lm).create_from_arg_string(f"pretrained={d},max_length=32", {"batch_size": 2, "device": None})
-    assert loaded.batch_size == 2 and loaded.max_length == 32
-    assert loaded.loglikelihood([req])[0][0] == pytest.approx(lm.loglikelihood([req])[0][0], abs=1e-5)
+def _lm_eval_pin() -> str:
+    """The lm-eval version pyproject.toml's ``lm-eval`` extra pins (what `make install` installs)."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lm-eval"]
+    return next(r.split("==")[1] for r in extra if r.startswith("lm-eval=="))
 
 
 def test_harness_adapter_with_the_real_lm_eval(monkeypatch, model, tok, tmp_path):
-    """The adapter against lm-eval 0.4.13 itself (installed by the Makefile): a subclass of its ``LM``, found in its
-    registry as ``mixq``, answering its own ``Instance`` requests as the direct computation does, and built from
-    an ``--model_args`` string the way ``lm_eval --model mixq`` builds it."""
-    pytest.importorskip("lm_eval", reason="lm-eval is installed by `make install` (pip install --no-deps lm-eval)")
+    """The adapter against lm-eval itself, at the version pyproject.toml's ``lm-eval`` extra pins: a subclass of its
+    ``LM`` (and of ``MixqLM``), registered once in its registry as ``mixq``, answering its own ``Instance``
+    requests as the direct computation does, reporting them to the harness's cache hook (through a real
+    ``CachingLM``), and built from an ``--model_args`` string the way ``lm_eval --model mixq`` builds it.
+
+    ``make install`` installs lm-eval, so a missing one fails here instead of skipping.  To run the suite where it is
+    deliberately absent, set ``MIXQ_NO_LM_EVAL=1``: then (and only then) this test skips."""
+    if os.environ.get("MIXQ_NO_LM_EVAL") == "1":
+        pytest.skip("MIXQ_NO_LM_EVAL=1: lm-eval deliberately absent")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"lm-eval is not installed ({e}): `make install` installs pyproject.toml's lm-eval extra; "
+                    "set MIXQ_NO_LM_EVAL=1 to skip this test where it is absent on purpose")
     from lm_eval.api.instance import Instance
-    from lm_eval.api.model import LM
+    from lm_eval.api.model import LM, CachingLM, hash_args
     from lm_eval.api.registry import get_model
 
+    assert importlib.metadata.version("lm-eval") == _lm_eval_pin()
     monkeypatch.setattr(zs, "_HARNESS_CLASS", None)
     lm = zs.harness_lm(model, tok, batch_size="auto")
-    assert isinstance(lm, LM) and get_model("mixq") is type(lm)
+    assert isinstance(lm, LM) and isinstance(lm, MixqLM) and get_model("mixq") is type(lm)
+    assert zs.harness_class() is type(lm)  # built and registered once
+    cache = CachingLM(lm, str(tmp_path / "cache.db"))  # sets lm's cache hook: the adapter reports every answer to it
     reqs = [Instance(request_type="loglikelihood", doc={}, arguments=args, idx=0)
             for args in ((" the stock market", " fell"), ("the", " market rose"))]
     got = lm.loglikelihood(reqs)
     for (logp, greedy), r in zip(got, reqs):
         assert logp == pytest.approx(direct_logprob(model, tok, *r.args), abs=1e-4) and isinstance(greedy, bool)
+        assert tuple(cache.dbdict[hash_args("loglikelihood", r.args)]) == (logp, greedy)
+    cache.dbdict.close()
     d = tmp_path / "tiny"
     model.save_pretrained(d)
     tok.save_pretrained(d)
-    loaded = get_model("mixq").create_from_arg_string(f"pretrained={d},max_length=32", {"batch_size": 2})
+    loaded = get_model("mixq").create_from_arg_string(f"pretrained={d},max_length=32", {"batch_size": 2, "device": None})
     assert loaded.batch_size == 2 and loaded.max_length == 32
     assert loaded.loglikelihood(reqs[:1])[0][0] == pytest.approx(got[0][0], abs=1e-5)
 

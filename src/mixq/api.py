@@ -26,6 +26,7 @@ from .moe.routing import RoutingRecord
 log = logging.getLogger(__name__)
 
 METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+GROUP_FALLBACKS = ("error", "shrink")  # resolve_specs' group_fallback (--group-fallback)
 
 
 def resolve_specs(
@@ -47,8 +48,8 @@ def resolve_specs(
     ``"error"`` (default) or ``"shrink"`` to the largest divisor of the row length below it
     (e.g. g128 → g96 on 576-wide rows; the exact cost of what is used is what gets reported).
     """
-    if group_fallback not in ("error", "shrink"):
-        raise ValueError(f"group_fallback must be 'error' or 'shrink', got {group_fallback!r}")
+    if group_fallback not in GROUP_FALLBACKS:
+        raise ValueError(f"group_fallback must be one of {', '.join(GROUP_FALLBACKS)}, got {group_fallback!r}")
     policy = LayerPolicy(lm_head="keep" if lm_head is None else "quantize",
                          embeddings="keep" if embeddings is None else "quantize")
     out: dict[str, QuantSpec] = {}

@@ -7,7 +7,9 @@ Modules: :mod:`.candidates` (candidate sets), :mod:`.table` (the input table and
 :mod:`.constraints` (keep/force/min/max bits/tied -> Problem), :mod:`.solvers` (one signature:
 exact | dp | greedy | uniform) with the knapsack cores in :mod:`.mckp`, :mod:`.plan` (Budget,
 Plan, allocate, format_plan_table), :mod:`.feasible` (the budgets a candidate set admits on given layer
-shapes, known before measuring).
+shapes, known before measuring).  The KV cache joins the same knapsack: :mod:`.kv_table` (the KV measurement,
+``KVSensitivityTable``) and :mod:`.joint` (one memory budget over weights and KV cache: ``allocate_joint``,
+``JointPlan``, the KV plan file); neither is imported here (they import :mod:`mixq.runtime`'s KV cost).
 """
 from .candidates import (DEFAULT_CANDIDATE_NAMES, candidates_for, default_candidates, extended_candidates,
                          load_candidates, named_candidate_set)

@@ -20,6 +20,8 @@ from torch import nn
 
 from .capture import InMemoryBlocks
 
+NAMED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's; else {module: device}
+
 
 def is_dispatched(model: nn.Module) -> bool:
     """Whether accelerate placed ``model`` with a ``device_map`` (hooks move inputs between devices)."""
@@ -126,7 +128,7 @@ def stored_tensor(model: nn.Module, name: str) -> torch.Tensor | None:
 class Placement:
     """How ``from_pretrained`` spreads a model (accelerate's big-model inference options).
 
-    ``device_map``: ``"auto"`` / ``"balanced"`` / ``"sequential"`` or ``{module name: device}`` (``0``, ``"cpu"``,
+    ``device_map``: one of :data:`NAMED_DEVICE_MAPS` or ``{module name: device}`` (``0``, ``"cpu"``,
     ``"disk"``); ``max_memory``: ``{device: bytes or "70GiB"}`` per GPU index and ``"cpu"``; ``offload_folder``:
     where weights that fit nowhere go (safetensors checkpoints are read in place where accelerate can).
     """

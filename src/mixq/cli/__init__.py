@@ -3,7 +3,7 @@
 One module per subcommand (``quantize``, ``measure``, ``plan``, ``finetune``, ``eval`` with its ``--act``/``--kv``
 path in :mod:`.eval_act`, ``specs``, ``demo``, ``export``, ``generate``, ``measure_kv``, ``inspect``,
 ``zeroshot``, ``bench``), each with ``register(sub)`` and its ``cmd_*`` driver; what they share
-(:class:`~.common.UserError`, the default model, argument groups) is in :mod:`.common`.  Nothing
+(:class:`~.common.UserError`, argument groups) is in :mod:`.common`.  Nothing
 outside this package imports it.
 
 Errors a user can fix (bad spec, unknown model, missing corpus, existing output, and every ``OSError``: a full
@@ -24,9 +24,9 @@ from ..export.native import CheckpointError
 from ..models import ModelNotFoundError
 from . import bench, demo, export, finetune, generate, inspect, measure, measure_kv, plan, quantize, specs, zeroshot
 from . import eval as eval_
-from .common import DEFAULT_MODEL, UserError, os_error_line
+from .common import UserError, os_error_line
 
-__all__ = ["COMMANDS", "DEFAULT_MODEL", "UserError", "build_parser", "main"]
+__all__ = ["COMMANDS", "UserError", "build_parser", "main"]
 
 COMMANDS = (quantize, measure, plan, finetune, eval_, specs, demo, export, generate, measure_kv, inspect, zeroshot,
             bench)

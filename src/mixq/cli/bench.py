@@ -12,7 +12,8 @@ from ..bench.settings import (ALGORITHMS, DEFAULT_METHODS, MIXED_PREFIX, BenchCo
                               parse_methods)
 from ..eval.suite import TASKS, parse_tasks
 from ..measure.metrics import BLOCK_METRICS
-from .common import DEFAULT_MODEL, UserError, calib_args, eval_args, measure_args
+from ..models import DEFAULT_MODEL
+from .common import UserError, calib_args, eval_args, measure_args
 
 
 def register(sub) -> None:

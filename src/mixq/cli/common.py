@@ -1,4 +1,4 @@
-"""What the subcommands share: :class:`UserError`, the default model, argument groups (calibration,
+"""What the subcommands share: :class:`UserError`, argument groups (model, calibration,
 evaluation windows, measurement, budgets and constraints), their parsers, and small checks.
 
 Choices come from the registries of the stages they feed — :data:`mixq.measure.METRICS` and
@@ -26,10 +26,9 @@ from ..measure import ALGORITHMS, METRICS
 from ..models import DEFAULT_MODEL
 from ..recipe import DEFAULT_RECIPE
 
-__all__ = ["ALGORITHMS", "DEFAULT_MODEL", "METRICS", "SOLVERS", "UserError", "budget_args", "calib_args",
-           "check_full_attention", "check_out_file", "check_positive", "constraint_args", "constraints_from",
-           "eval_args", "eval_windows_for", "human", "measure_args", "model_arg", "one_line", "parse_budgets",
-           "parse_kv_arg", "solver_arg"]
+__all__ = ["UserError", "budget_args", "calib_args", "check_full_attention", "check_out_file", "check_positive",
+           "constraint_args", "constraints_from", "eval_args", "eval_windows_for", "human", "measure_args", "model_arg",
+           "one_line", "parse_budgets", "parse_kv_arg", "solver_arg"]
 
 CALIB_SOURCES = (f"{SELF} (written by the model itself: varied openers and chat exchanges, cached), "
                  f"{', '.join(CORPORA)} (train split), a .txt/.jsonl path, or a mixture joined by '+'")
@@ -164,8 +163,8 @@ def constraints_from(args):
 
 
 def parse_kv_arg(text: str):
-    """``(bits, KVSettings)`` of ``--kv`` / ``--kv-uniform`` (:func:`mixq.act.presets.parse_kv_preset`)."""
-    from ..act.presets import parse_kv_preset
+    """``(bits, KVSettings)`` of ``--kv`` / ``--kv-uniform`` (:func:`mixq.runtime.kv_settings.parse_kv_preset`)."""
+    from ..runtime.kv_settings import parse_kv_preset
 
     try:
         return parse_kv_preset(text)
@@ -270,10 +269,10 @@ def os_error_line(e: OSError) -> str:
 
 def check_full_attention(model) -> None:
     """KV-cache quantization needs every layer to attend to the full context."""
-    from ..act import kvsim
+    from ..runtime import kv_sim
 
     try:
-        kvsim.check_full_attention(model.config)
+        kv_sim.check_full_attention(model.config)
     except NotImplementedError as e:
         raise UserError(f"KV-cache quantization: {one_line(e)}") from None
 

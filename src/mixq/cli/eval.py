@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 
 from ..jsonio import write_json_atomic
+from ..models import DEFAULT_MODEL
 from ..targets import load_target
 from . import eval_act
-from .common import DEFAULT_MODEL, UserError, check_out_file, check_positive, eval_args, eval_windows_for
+from .common import UserError, check_out_file, check_positive, eval_args, eval_windows_for
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
     divide a row shrink — and ``-rot`` rotates first; on a mixq directory the weights are the
     directory's and only the A-part is used) or an activation name (``A8``, ``INT8``, ``A4``, ``FP8``,
     ``MXFP8``, ``NVFP4``...: activations only).  Order: rotate → ``--smooth`` → weights → calibrate →
-    activation hooks (:func:`mixq.act.prepare_for_act_quant`).
+    activation hooks (:func:`mixq.runtime.act_outliers.prepare_for_act_quant`).
 ``--act-outliers``
     ``int8[:T][:calib]`` LLM.int8() columns ``|x| ≥ T`` (default 6) kept fp; ``atom:K[:SPEC]`` the ``K``
     largest-absmax channels at ``SPEC`` (default ``W8-token``, static mode ``W8-tensor``);
@@ -34,8 +34,8 @@ import re
 import time
 from pathlib import Path
 
-from ..act.actquant import MODES
-from ..act.kvsim import KV_ENGINES
+from ..formats.act import MODES
+from ..runtime.kv_sim import KV_ENGINES
 from ..targets import load_target
 from .common import (UserError, calib_args, check_full_attention, check_out_file, check_positive, eval_windows_for,
                      one_line, parse_kv_arg)
@@ -46,7 +46,7 @@ KV_DEFAULT_CHUNK = 16
 # ---------------------------------------------------------------------------- parsing
 def parse_act_arg(name: str, mode: str):
     """``(weight spec | None, act spec, rotate, kind)`` of ``--act NAME`` (kind ``"preset"`` or ``"act"``)."""
-    from ..act import parse_act_spec, parse_wa_preset
+    from ..formats.act import parse_act_spec, parse_wa_preset
 
     try:
         p = parse_wa_preset(name, mode)
@@ -65,7 +65,7 @@ def parse_act_arg(name: str, mode: str):
 
 def parse_outliers(text: str | None, mode: str):
     """``None``, :class:`FPOutliers`, :class:`HiChannels` or ``("resq", fraction)`` from ``--act-outliers``."""
-    from ..act import FPOutliers, HiChannels
+    from ..runtime.act_outliers import FPOutliers, HiChannels
 
     if not text:
         return None
@@ -162,7 +162,8 @@ def _dir_info(target: str) -> dict | None:
 
 def run(args) -> tuple[dict, list[str]]:
     """``mixq eval --act/--kv``: the results document and the lines that describe the activations and the cache."""
-    from ..act import apply_act_quant, prepare_for_act_quant
+    from ..runtime.act_quant import apply_act_quant
+    from ..runtime.act_outliers import prepare_for_act_quant
 
     # ---- validate everything before loading anything
     check_positive(tokens=args.tokens, seqlen=args.seqlen, kv_chunk=args.kv_chunk, kv_prefill=args.kv_prefill,
@@ -184,7 +185,7 @@ def run(args) -> tuple[dict, list[str]]:
     if args.kv is not None:
         kv_bits, settings = parse_kv_arg(args.kv)
     elif args.kv_plan is not None:
-        from ..act.joint import load_kv_plan
+        from ..allocate.joint import load_kv_plan
 
         kv_bits, settings, kv_doc = load_kv_plan(args.kv_plan)
     info = _dir_info(args.target)
@@ -210,7 +211,7 @@ def run(args) -> tuple[dict, list[str]]:
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
     if kv_bits is not None:
-        from ..act.kvcost import kv_dims, resolve_kv_bits
+        from ..runtime.kv_cost import kv_dims, resolve_kv_bits
 
         check_full_attention(model)
         resolve_kv_bits(kv_bits, kv_dims(model.config)[0])
@@ -240,12 +241,12 @@ def run(args) -> tuple[dict, list[str]]:
             wspecs = api.resolve_specs(model, weight, group_fallback="shrink")
             api.quantize_model(model, wspecs, method="rtn", progress=False)
         if isinstance(outliers, tuple):
-            from ..act.resq import apply_resq
+            from ..algorithms.resq import apply_resq
 
             apply_resq(model, calib_ids, layers=args.act_layers,
                        fraction=outliers[1], hi="A8", lo=act_spec, seed=args.seed, fold=False)
         else:
-            from ..act import FPOutliers, HiChannels
+            from ..runtime.act_outliers import FPOutliers, HiChannels
 
             apply_act_quant(model, act_spec, mode=args.act_mode, layers=args.act_layers, calib_ids=calib_ids,
                             fp_outliers=outliers if isinstance(outliers, FPOutliers) else None,
@@ -259,8 +260,8 @@ def run(args) -> tuple[dict, list[str]]:
     results = {}
     for corpus, win, proto in eval_windows_for(args, tok, model):
         if kv_bits is not None:
-            from ..act import kv_cache_bytes
-            from ..act.kveval import kv_compare
+            from ..runtime.kv_cost import kv_cache_bytes
+            from ..eval.kv import kv_compare
 
             res = kv_compare(model, win, kv_bits, reference, settings=settings, engine=args.kv_engine,
                              chunk=args.kv_chunk, prefill=args.kv_prefill, batch_size=args.kv_batch, progress=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..runtime.generate import DTYPES
 from .common import UserError
 
 
@@ -19,7 +20,7 @@ def register(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     g.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                    help="packed QuantLinear layers (default) or --no-packed: the dequantized fake-quant model")
-    g.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+    g.add_argument("--dtype", default=None, choices=tuple(DTYPES),
                    help="activation / model dtype (default: bf16 with --packed, where the CPU int4 kernel "
                         "needs it; fp32 otherwise)")
     g.add_argument("--kernel", default="auto",
@@ -46,7 +47,7 @@ def cmd_generate(args) -> int:
     canonical_name(args.kernel)
     read_info(args.dir)
     dtype_name = args.dtype or ("bf16" if args.packed else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    dtype = DTYPES[dtype_name]
     from ..export.native import load_quantized
 
     model, tok, info = load_quantized(args.dir, dtype=dtype, packed=args.packed, kernel=args.kernel)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE
-from .common import UserError, calib_args, claim_output, measure_args, model_arg
+from .common import calib_args, claim_output, measure_args, model_arg
 from .placement import check_device, placement_args, placement_from
 
 log = logging.getLogger(__name__)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..act.kvcodec import ROTATE_CHOICES, ZERO_CHOICES
-from ..act.kvsens import KV_CANDIDATE_BITS, measure_kv
-from ..act.kvsettings import KVSettings
-from ..act.kvtable import KV_METRICS
-from ..act.kvsim import KV_ENGINES
+from ..runtime.kv_codec import ROTATE_CHOICES, ZERO_CHOICES
+from ..measure.kv import KV_CANDIDATE_BITS, measure_kv
+from ..runtime.kv_settings import KVSettings
+from ..allocate.kv_table import KV_METRICS
+from ..runtime.kv_sim import KV_ENGINES
 from .common import UserError, calib_args, check_full_attention, check_positive, model_arg, one_line
 
 

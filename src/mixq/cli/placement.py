@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..calib.dispatch import NAMED_DEVICE_MAPS
 from .common import UserError, one_line
 
 
@@ -14,8 +15,8 @@ def placement_args(p, verb: str) -> None:
                    help=f"where the model is loaded and {verb}: cpu (default), cuda, cuda:N; under torchrun "
                         "(measure), cuda means the first of each process's GPUs (NCCL), cpu uses gloo")
     p.add_argument("--device-map", default=None,
-                   help="spread the model with accelerate instead of --device: auto, balanced, sequential, or a JSON "
-                        "file {module: device} (GPU index, cpu, disk); blocks that fit nowhere are offloaded and "
+                   help=f"spread the model with accelerate instead of --device: {', '.join(NAMED_DEVICE_MAPS)}, or a "
+                        "JSON file {module: device} (GPU index, cpu, disk); blocks that fit nowhere are offloaded and "
                         "materialized one at a time by the walk (see README, 'Several devices and processes')")
     p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                    help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB; gpu=SIZE is every "
@@ -54,12 +55,12 @@ def placement_from(args, group=None):
             raise UserError("--max-memory and --offload-folder go with --device-map")
         return None
     dm = args.device_map
-    if dm not in ("auto", "balanced", "balanced_low_0", "sequential"):
+    if dm not in NAMED_DEVICE_MAPS:
         try:
             dm = json.loads(Path(dm).read_text())
         except (OSError, ValueError) as e:
-            raise UserError(f"--device-map {args.device_map!r}: not auto/balanced/sequential nor a readable JSON "
-                            f"file ({one_line(e)})") from None
+            raise UserError(f"--device-map {args.device_map!r}: not {'/'.join(NAMED_DEVICE_MAPS)} nor a readable "
+                            f"JSON file ({one_line(e)})") from None
     import torch
 
     gpus = local_gpus(torch.cuda.device_count()) if group is not None and group.world > 1 else None

@@ -68,8 +68,8 @@ def _budget_tag(b) -> str:
 
 
 def _plan_joint(args) -> int:
-    from ..act.joint import allocate_joint, allocate_separately
-    from ..act.kvtable import KVSensitivityTable
+    from ..allocate.joint import allocate_joint, allocate_separately
+    from ..allocate.kv_table import KVSensitivityTable
     from ..allocate import SensitivityTable
 
     if args.bpw or args.bytes:

@@ -5,7 +5,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..api import METHODS
+from ..api import GROUP_FALLBACKS, METHODS
 from ..recipe import DEFAULT_RECIPE, recipe_record
 from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
                      constraints_from, human, measure_args, model_arg, solver_arg)
@@ -32,7 +32,7 @@ def register(sub) -> None:
                         f"clipping, then RTN), awq+gptq (default {DEFAULT_RECIPE['method']})")
     q.add_argument("--rotate", action="store_true",
                    help="rotate the residual stream first (QuaRot, RMSNorm families; fused into the weights)")
-    q.add_argument("--group-fallback", default="error", choices=["error", "shrink"],
+    q.add_argument("--group-fallback", default="error", choices=GROUP_FALLBACKS,
                    help="when a group size does not divide a layer's rows: error (default) or shrink it per layer")
     q.add_argument("--lazy", action="store_true", help="GPTQ on a local safetensors model directory without loading "
                                                        "it: decoder blocks are streamed one at a time")
@@ -371,7 +371,7 @@ def _lazy_source(model, path: str, specs: dict):
 
 def quantize_spec(args):
     """The weight spec of ``mixq quantize --spec`` (a spec name, or a W/A preset's W-part; ``-rot`` sets --rotate)."""
-    from ..act import parse_wa_preset
+    from ..formats.act import parse_wa_preset
     from ..config import parse_spec
 
     name = "W4-g64" if args.spec is None else args.spec  # --spec "" is an error, not the default

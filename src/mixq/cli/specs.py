@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..config import PRESETS, parse_spec
 from ..config.registry import families, owner
+from ..export.registry import EXPORTERS
 from .common import UserError
 
 
@@ -24,11 +25,12 @@ def cmd_specs(args) -> int:
         except ValueError:
             bpw = "n/a"
         print(f"{name:<14}{bpw:>8}  {desc}")
+    targets = [t for t in EXPORTERS if t != "native"]  # native stores every format exactly
     print("\nelement formats (mixq.config.registry): family, head, kernels (of its element dtype), "
-          "export to gguf / compressed-tensors / gptq")
+          f"export to {' / '.join(targets)}")
     for fam in sorted(families(), key=lambda f: not f.dtypes):
         for head in fam.heads:
             probe = parse_spec(head.split("[")[0].replace("<bits>", "4"))  # W<bits> -> W4, FP8[-e5m2] -> FP8
-            ex = " / ".join(probe.export_to(t).kind for t in ("gguf", "compressed-tensors", "gptq"))
+            ex = " / ".join(probe.export_to(t).kind for t in targets)
             print(f"  {fam.family:<14}{head:<18}{', '.join(owner(probe.dtype).kernels):<28}{ex}")
     return 0

@@ -6,8 +6,9 @@ from ..bos import add_bos_argument, resolve_bos
 from ..eval.suite import TASKS, build_suite, parse_tasks, run_suite, suite_info
 from ..eval.zeroshot import MixqLM
 from ..jsonio import write_json_atomic
+from ..models import DEFAULT_MODEL
 from ..targets import load_target
-from .common import DEFAULT_MODEL, UserError, check_out_file, check_positive
+from .common import UserError, check_out_file, check_positive
 
 
 def register(sub) -> None:

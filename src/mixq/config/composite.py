@@ -85,7 +85,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 
-from ..granularity import PerChannel, PerGroup
+from ..granularity import PerGroup
 from .protocol import SCALE_BITS, BitCost, Export
 from .registry import family_of
 from .spec import QuantSpec

@@ -179,7 +179,9 @@ class KeepFormat(ElementFormat):
     family, dtypes, heads = "float (kept)", tuple(KEEP_DTYPES), ("FP16", "BF16", "FP32")
     keeps_float = True
     scales = ("none",)
-    exports = {t: Export("exact") for t in ("native", "gguf", "compressed-tensors", "gptq")}
+
+    def export(self, spec, target):
+        return Export("exact")  # a float tensor: every export target (mixq.export.registry) stores it as it is
 
     def scale_error(self, spec):
         return f"{spec.dtype} keeps the tensor in floating point: use scale_dtype='none'"

@@ -10,8 +10,9 @@ A family is an :class:`ElementFormat` (subclass it and override what differs) re
 ``stored(spec, shape)``    the tensors a ``[R, C]`` weight stores: name -> (bits per entry, shape); the exact
                            bit cost (:meth:`cost`) is their sum, and ``runtime.bitpack`` stores the same params
 ``kernels``                which matmul kernels run it (``reference`` always: it dequantizes with ``fit/encode/decode``)
-``export(spec, target)``   how an export target maps it: :class:`Export` exact / approximate (with the
-                           approximation stated) / refused (with the reason)
+``export(spec, target)``   how an export target (a name in :data:`mixq.export.registry.EXPORTERS`) maps it:
+                           :class:`Export` exact / approximate (with the approximation stated) / refused (with
+                           the reason); by default ``exports[target]``, and refused for a target not named there
 ``fit/encode/decode``      the math (optional: the built-in families' math lives in :mod:`mixq.formats`)
 """
 from __future__ import annotations
@@ -23,7 +24,6 @@ from ..granularity import n_groups
 
 SCALE_BITS = {"fp16": 16, "bf16": 16, "fp32": 32, "e8m0": 8, "e4m3": 8, "none": 0}
 FLOAT_SCALES = ("fp16", "bf16", "fp32", "e8m0", "e4m3")
-TARGETS = ("native", "gguf", "compressed-tensors", "gptq")
 PARAMS = ("scale", "zero", "offset", "codebook", "tensor_scale")  # stored parameters, in storage order
 _COST_FIELD = {"codes": "codes", "scale": "scales", "zero": "zeros", "offset": "zeros", "codebook": "codebook",
                "tensor_scale": "extra"}

@@ -1,4 +1,7 @@
-"""Evaluation: perplexity, KL to a reference, top-1 agreement, each tied to its Protocol."""
+"""Evaluation: perplexity, KL to a reference, top-1 agreement, each tied to its Protocol.
+
+``kv``: the same with a quantized KV cache actually used (``eval_with_kv_quant``, ``kv_compare``); not imported here.
+"""
 
 from mixq.eval.kl import ReferenceCache, compare, token_kl
 from mixq.eval.perplexity import perplexity, token_nll

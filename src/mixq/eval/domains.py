@@ -16,7 +16,6 @@ from ..data import CorpusUnavailableError
 log = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("ptb", "fortunes")
-METRICS = ("perplexity", "kl", "top1_agreement")
 
 
 def parse_corpora(value: str | None) -> tuple[list[str], bool]:

@@ -19,7 +19,8 @@ still *does* things.  This module gives both routes one code path:
     the same class as a subclass of ``lm_eval.api.model.LM``, registered as ``"mixq"``, so
     ``lm_eval.simple_evaluate(model=harness_lm(model, tok), tasks=[...])`` scores any harness task,
     and ``lm_eval --model mixq --model_args pretrained=DIR`` works once ``mixq.eval.zeroshot`` is
-    imported.  Needs ``pip install lm-eval==0.4.13`` (not a dependency of mixq).
+    imported.  Needs mixq's ``lm-eval`` extra (``pip install -e '.[lm-eval]'``; pyproject.toml pins it), which is
+    not a dependency of mixq itself.
 the offline suite
     built from PTB and scored through these methods: :mod:`mixq.eval.suite` (which imports this module).
 """
@@ -33,9 +34,9 @@ from tqdm.auto import tqdm
 
 from mixq.eval.perplexity import eval_mode, model_device, token_nll
 
-LM_EVAL_VERSION = "0.4.13"
-LM_EVAL_HINT = (f"lm-evaluation-harness is not installed: `pip install lm-eval=={LM_EVAL_VERSION}` to run its tasks "
-                "on mixq models (the offline suite, `mixq zeroshot`, needs nothing extra)")
+LM_EVAL_HINT = ("lm-evaluation-harness is not installed: install mixq's lm-eval extra (`pip install -e '.[lm-eval]'` "
+                "in the mixq checkout: the version mixq is tested with) to run its tasks on mixq models (the offline "
+                "suite, `mixq zeroshot`, needs nothing extra)")
 DEFAULT_MAX_LENGTH = 2048
 
 

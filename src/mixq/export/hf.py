@@ -46,7 +46,7 @@ GPTQ v1 ("gptq" checkpoint format of AutoGPTQ / GPTQModel, as vLLM and transform
     all of a vLLM fused layer's shards agree, the same entry for the fused name (``qkv_proj``,
     ``gate_up_proj``).  Bits other than 2, 3, 4, 8 are refused.
 
-Loaders (transformers 5.23.0, compressed-tensors 0.20.0, CPU; :func:`check_with_transformers`)
+Loaders (transformers 5.23.0, compressed-tensors 0.20.0, CPU; :func:`mixq.export.hf_readback.check_with_transformers`)
     compressed-tensors: ``AutoModelForCausalLM.from_pretrained`` loads symmetric exports, mixed plans
     included, with weights and logits equal to mixq's.  Asymmetric layers do not load there (the
     meta-device compression expects an unpacked ``weight_zero_point``; checkpoints compressed-tensors
@@ -77,18 +77,17 @@ from ..formats import QTensor, dequantize
 from ..granularity import PerGroup
 from ..atomic import atomic_dir
 from .hf_pack import ct_tensors, gptq_tensors
-from .hf_readback import DTYPE_NAME, check_with_transformers, read_back_compressed, read_back_gptq, target_dtype
+from .hf_readback import DTYPE_NAME, read_back_compressed, read_back_gptq, target_dtype
 from .hf_source import ExportError, Source, ct_problem, gptq_problem, open_source
+from .registry import REPORT_FILE
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ExportError", "export_compressed_tensors", "export_gptq", "read_back_compressed", "read_back_gptq",
-    "check_with_transformers",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
-REPORT_FILE = "export_report.json"  # the name `mixq export` writes its report under
 _COPY_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model",
                "*.tiktoken", "chat_template*", "generation_config.json")
 # vLLM fuses these sibling linears into one layer; they must share one scheme there

@@ -21,6 +21,9 @@ from ..formats import QTensor
 from ..models import file_sha256
 from ..atomic import atomic_dir
 from .native import FORMAT, FORMAT_VERSION, TENSOR_FILES, is_composite_dict, read_info, read_packed, run_meta
+from .registry import REPORT_FILE
+
+REST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # rest_dtype's, by name
 
 
 def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qtensors: dict[str, QTensor],
@@ -156,7 +159,7 @@ def rewrite_native(src: str | os.PathLike, out: str | os.PathLike, *, overwrite:
     info, packed, rest = read_packed(src, verify=verify)
     # read every side file now: ``out`` may be ``src``
     side = {p.name: p.read_bytes() for p in sorted(src.iterdir())
-            if p.is_file() and p.name not in ("mixq.json", "export_report.json", *TENSOR_FILES)}
+            if p.is_file() and p.name not in ("mixq.json", REPORT_FILE, *TENSOR_FILES)}
     meta = run_meta(info)
     meta["rewritten_from"] = {"path": str(src), "format_version": info["format_version"]}
 

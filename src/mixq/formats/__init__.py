@@ -8,6 +8,7 @@
 ``minifloat``  bit-exact FP8 E4M3/E5M2, FP6 E3M2/E2M3, FP4 E2M1 (the element codec)
 ``kquant``     llama.cpp's K-quants (two-level super-block scales); ``iq4nl``: its IQ4_NL table
 ``mx``         scale storage: float, E8M0 (OCP MX), E4M3 block + fp32 tensor scale (NVFP4)
+``act``        activation formats: ``parse_act_spec`` / W/A presets, ``fake_quant_act`` on ``[T, n]`` (not imported here)
 
 Imports run one way: ``base`` -> ``integer`` / ``lut`` / ``floatgrid`` -> ``mx`` -> ``minifloat``; all use ``params``.
 """

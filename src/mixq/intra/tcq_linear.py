@@ -66,10 +66,10 @@ class TCQLinear(PackedCodesLinear):
     def choose(self, x: torch.Tensor) -> str:
         if self.kernel != "auto":
             return self.kernel
-        from . import tcq_cpu, tcq_triton
+        from . import tcq_cpu, vq_triton
 
-        if x.is_cuda:
-            return "triton" if tcq_triton.available() else "tcq-dense"
+        if x.is_cuda:  # vq_triton.available: one notion of "triton can run here" for both codebook kernels
+            return "triton" if vq_triton.available() else "tcq-dense"
         m = x.numel() // self.in_features
         return "tcq-cpu" if not x.is_cuda and m <= CPU_MAX_TOKENS and tcq_cpu.available() else "tcq-dense"
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from ..runtime.kernels.splitk import split_launch, split_result
-from .vq_triton import available, interpreting  # noqa: F401  (one notion of "triton can run here")
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton

@@ -20,7 +20,6 @@ measurement (one block forward per candidate).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -33,7 +32,6 @@ from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
 from ..data import ids_sha256
-from ..jsonio import write_json_atomic
 from ..models import model_fingerprint
 from .distributed import Group, current_group, measure_shared
 from .gradients import gradient_stats
@@ -45,6 +43,7 @@ from ..threadmap import thread_map
 from .layer import LayerJob
 from .layer import measure_layer as _measure_layer
 from .metrics import BLOCK_METRICS, METRICS, TOKEN_WEIGHTED, LayerSensitivity, block_error, layer_error
+from .partial import load_partial, partial_file, save_partial
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq", "gptq-exact")
@@ -87,7 +86,7 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     if metric in BLOCK_METRICS:
         key["block_samples"] = int(min(block_samples, calib_ids.shape[0]))
     group = group or current_group()
-    partial_path = Path(str(out) + ".partial") if out else None
+    partial_path = partial_file(out)
     done: dict[str, LayerEntry] = _load_partial(partial_path if group.writer else None, key)
     if group.world > 1:  # rank 0's partial table, in every process (other ranks may not see its file)
         doc = group.broadcast(_table(done, key).to_dict() if done else None)
@@ -245,15 +244,8 @@ def _table(entries: dict[str, LayerEntry], key: dict, **meta) -> SensitivityTabl
 
 
 def _load_partial(path: Path | None, key: dict) -> dict[str, LayerEntry]:
-    if path is None or not path.exists():
-        return {}
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        log.warning("ignoring unreadable partial measurement %s", path)
-        return {}
-    if doc.get("key") != key:
-        log.warning("partial measurement %s belongs to another model/calibration/candidate set; starting over", path)
+    doc = load_partial(path, key, "measurement", "model/calibration/candidate set")
+    if doc is None:
         return {}
     t = SensitivityTable.from_dict(doc["table"])
     log.info("resuming measurement: %d layers already measured", len(t.layers))
@@ -261,4 +253,4 @@ def _load_partial(path: Path | None, key: dict) -> dict[str, LayerEntry]:
 
 
 def _save_partial(path: Path, key: dict, entries: dict[str, LayerEntry]) -> None:
-    write_json_atomic(path, {"key": key, "table": _table(entries, key).to_dict()}, overwrite=True)
+    save_partial(path, key, table=_table(entries, key).to_dict())

@@ -7,6 +7,20 @@
 ``kernels``   ``reference`` (dequantize + F.linear, always) and fast paths checked against it
               (``cpu-int4``, ``cpu-int4-exact``)
 ``generate``  :func:`greedy_generate`: timed greedy decoding with a KV cache
+
+Activations and the KV cache in the forward pass (not imported here: they pull in ``transformers``' cache):
+
+``act_quant``    simulated activation quantization: one forward pre-hook per chosen linear
+                 (:func:`apply_act_quant`; the formats are :mod:`mixq.formats.act`)
+``act_outliers`` LLM.int8() fp columns, Atom/QUIK high-precision channels, the rotate → smooth order
+``kv_codec``     how cache tokens are quantized: KIVI grids, important tokens (MiKV), pre-RoPE keys,
+                 Hadamard rotation — shared by the cache and the simulation
+``kv_cost``      the cache's exact bit / byte count; per-layer K/V widths
+``kv_settings``  :class:`KVSettings` (the KIVI layout and options), its ``--kv`` names, per-layer K/V costs
+``kv_cache``     :class:`KIVICache` for Hugging Face generation
+``kv_feed``      :func:`kv_cache_feed` (attention probabilities / rotary tables for the cache) and
+                 :func:`decode_logits` (prefill, then chunk by chunk through a cache)
+``kv_sim``       an exact one-forward decode simulation of the KIVI cache (:func:`simulate_kivi`)
 """
 from .bitpack import (
     PARAM_FIELDS,

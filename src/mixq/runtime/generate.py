@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+# the dtypes a packed model decodes in, by name: bf16 (what the CPU int4 kernel needs) or fp32 (the reference)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
 
 @dataclass
 class GenerateResult:

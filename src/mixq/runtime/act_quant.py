@@ -1,30 +1,13 @@
-"""Simulated activation quantization: the input of chosen linears goes through quantize → dequantize.
-
-The numerics are those of :mod:`mixq.formats` (the same grids, scale storage and saturation as the
-weight quantizers).  The input ``X [..., n]`` of a linear is viewed as ``[T, n]`` (T tokens) and
-
-``dynamic`` (scales computed at run time from the current batch)
-    ``PerToken``   one scale per token (row):         INT8/INT4 ``W8-token``/``W4-token``, FP8 ``FP8-token``
-    ``PerGroup(g)``  ``n/g`` scales per token:          MXFP4/MXFP8/MXINT8 (E8M0 per 32), NVFP4 (E4M3 per 16
-                   and an fp32 tensor scale from this batch's ``amax``)
-    ``PerTensor``  one scale for the whole batch
-    ``PerChannel`` one scale per input feature (a column; computed on ``Xᵀ``)
-``static`` (scales fixed from calibration, :class:`~mixq.calib.stats.LayerStats` ``absmax``)
-    ``PerTensor``  ``a = max_j absmax_j`` and the scale is what the format's ``fit`` gives the
-                   two-element row ``[-a, a]`` (e.g. int sym: ``fp16(2a / (2^b - 1))``); values beyond
-                   the calibrated range saturate (int: clamp to the extreme code; fp: to the format max)
-    ``PerChannel`` the same per input feature from ``absmax_j``
-    NVFP4          the fp32 tensor scale is static (``a / (448·6)``), the E4M3 block scales dynamic
-                   (ModelOpt's recipe); MX block scales are always dynamic, so MX rejects ``static``.
-
-The symmetric int grid is mixq's (GPTQ convention): ``x̂ = s (q - 2^(b-1))``, ``s = 2·absmax/(2^b-1)``,
-so ``+absmax`` rounds half a step off the top and clamps to ``127 s`` (int8) — not the ``absmax/127``
-grid of SmoothQuant's kernels; both have the same step up to a factor ``255/254``.
+"""Simulated activation quantization in the forward pass: the input of chosen linears goes through
+quantize → dequantize (:func:`mixq.formats.act.fake_quant_act`; the numerics and the dynamic / static scales are
+described in :mod:`mixq.formats.act`).
 
 :func:`apply_act_quant` installs one forward pre-hook per linear (after any hook already there, so
 an online rotation attached by :func:`mixq.algorithms.rotation.rotate_model` runs first and the
 *rotated* input is quantized) and returns a handle whose ``remove()`` restores the model.  Weights are
-untouched: quantize them separately (RTN/GPTQ on the W spec of :func:`parse_wa_preset`).
+untouched: quantize them separately (RTN/GPTQ on the W spec of :func:`mixq.formats.act.parse_wa_preset`).
+Outlier handling (LLM.int8() fp columns, Atom/QUIK high-precision channels) is :mod:`.act_outliers`;
+static scales and calibrated outliers come from one calibration walk (:func:`calibrate_act_absmax`).
 """
 from __future__ import annotations
 
@@ -35,99 +18,9 @@ import torch
 from torch import nn
 
 from ..arch import arch_for, get_weight, iter_layers
-from ..config import QuantSpec, parse_spec
-from ..config.registry import owner
-from ..formats import compute_tensor_scale, fake_quantize, fit, round_to_grid
-from ..granularity import PerChannel, PerGroup, PerTensor, PerToken, rows_view
-from .outliers import FPOutliers, HiChannels, fp_columns, top_k_channels
-
-MODES = ("dynamic", "static")
-
-# activation names -> spec names (dynamic, static); a plain parse_spec name is taken as written
-_ACT_NAMES = {
-    "INT8": ("W8-token", "W8-tensor"), "A8": ("W8-token", "W8-tensor"),
-    "INT4": ("W4-token", "W4-tensor"), "A4": ("W4-token", "W4-tensor"),
-    "FP8": ("FP8-token", "FP8-tensor"), "FP8-E4M3": ("FP8-token", "FP8-tensor"),
-    "MXFP4": ("MXFP4", None), "MXFP6": ("MXFP6", None), "MXFP8": ("MXFP8", None), "MXINT8": ("MXINT8", None),
-    "NVFP4": ("NVFP4", "NVFP4"), "FP16": ("FP16", "FP16"), "BF16": ("BF16", "BF16"),
-}
-
-
-def parse_act_spec(name: str | QuantSpec, mode: str = "dynamic") -> QuantSpec:
-    """Activation spec for ``name`` under ``mode``.
-
-    Short names pick the granularity from the mode: ``INT8``/``A8`` → ``W8-token`` (dynamic) or
-    ``W8-tensor`` (static); ``INT4``/``A4``; ``FP8`` → ``FP8-token``/``FP8-tensor`` (fp32 scale);
-    ``MXFP4``/``MXFP8``/``MXINT8`` (dynamic only), ``NVFP4``, ``FP16``.  ``A<b>`` for other b in 2..8.
-    Any other name is a :func:`mixq.config.parse_spec` name taken as written (e.g. ``W8-tensor-asym``).
-    """
-    if mode not in MODES:
-        raise ValueError(f"activation mode must be one of {MODES}, got {mode!r}")
-    if isinstance(name, QuantSpec):
-        spec = name
-    else:
-        key = str(name).strip().upper()
-        m = re.fullmatch(r"A(\d)", key)
-        names = _ACT_NAMES.get(key) or ((f"W{m.group(1)}-token", f"W{m.group(1)}-tensor") if m else None)
-        if names is not None:
-            dyn, sta = names
-            text = dyn if mode == "dynamic" else sta
-            if text is None:
-                raise ValueError(f"{name} has block scales computed at run time: use mode='dynamic'")
-            spec = parse_spec(text)
-        else:
-            spec = parse_spec(name)
-    check_act_spec(spec, mode)
-    return spec
-
-
-def check_act_spec(spec: QuantSpec, mode: str) -> None:
-    """Reject specs that cannot quantize activations in ``mode`` (never rewritten silently)."""
-    if not owner(spec.dtype).closed_form or spec.clip == "mse":
-        raise ValueError(f"{spec.name}: activation quantization needs a closed-form scale (no kmeans, no -mse)")
-    if mode == "static" and not spec.is_float_keep:
-        g = spec.granularity
-        if isinstance(g, PerToken):
-            raise ValueError(f"{spec.name}: per-token scales are dynamic by nature; use mode='dynamic' "
-                             "or a per-tensor spec (e.g. W8-tensor)")
-        if isinstance(g, PerGroup) and not spec.tensor_scale:
-            raise ValueError(f"{spec.name}: block scales are computed at run time; use mode='dynamic'")
-
-
-@torch.no_grad()
-def fake_quant_act(x: torch.Tensor, spec: QuantSpec, amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize→dequantize activations ``x [T, n]`` (same dtype back); equations in the module doc.
-
-    ``amax``: ``None`` → dynamic scales; a scalar (per tensor / NVFP4 tensor scale) or ``[n]``
-    (``PerChannel``) calibrated maximum → static scales.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"fake_quant_act expects [tokens, features], got shape {tuple(x.shape)}")
-    if spec.is_float_keep or x.numel() == 0:
-        return fake_quantize(x, spec) if x.numel() else x
-    g = spec.granularity
-    if amax is None:
-        if isinstance(g, PerChannel):  # one scale per feature: rows of xᵀ
-            return fake_quantize(x.t().contiguous(), spec).t()
-        return fake_quantize(x, spec)
-    a = amax.detach().to(device=x.device, dtype=torch.float32)
-    xf = x.float()
-    if isinstance(g, PerTensor):
-        p = fit(torch.stack([-a.max(), a.max()]).reshape(1, 2), spec)
-        return round_to_grid(xf, p, spec).to(x.dtype)
-    if isinstance(g, PerChannel):
-        if a.numel() != x.shape[1]:
-            raise ValueError(f"per-channel static amax has {a.numel()} entries for {x.shape[1]} features")
-        a = a.reshape(-1, 1)
-        p = fit(torch.cat([-a, a], 1), spec)
-        return round_to_grid(xf.t(), p, spec).t().to(x.dtype)
-    if isinstance(g, PerGroup) and spec.tensor_scale:  # NVFP4: static tensor scale, dynamic block scales
-        ts = compute_tensor_scale(a.max().reshape(1, 1), spec)
-        rows = rows_view(xf, g)
-        return round_to_grid(rows, fit(rows, spec, tensor_scale=ts), spec).reshape(x.shape).to(x.dtype)
-    check_act_spec(spec, "static")
-    raise AssertionError("unreachable")
-
+from ..config import QuantSpec
+from ..formats.act import check_act_spec, fake_quant_act, parse_act_spec
+from .act_outliers import FPOutliers, HiChannels, fp_columns, top_k_channels
 
 @dataclass
 class ActQuantizer:
@@ -216,7 +109,7 @@ class ActQuantHandle:
         self.remove()
 
 
-def _select(model: nn.Module, layers) -> list[str]:
+def select_linears(model: nn.Module, layers) -> list[str]:
     fqns = [r.fqn for r in iter_layers(model)]
     if layers is None:
         return fqns
@@ -251,7 +144,7 @@ def input_stats(model: nn.Module, calib_ids: torch.Tensor, layers, take, *, hess
     """``fqn → take(LayerStats)`` for each chosen block linear, from one calibration walk."""
     from ..calib.capture import walk_blocks  # noqa: PLC0415  (heavy import only when calibrating)
 
-    wanted = set(_select(model, layers))
+    wanted = set(select_linears(model, layers))
     blocks = arch_for(model).blocks
     out: dict[str, torch.Tensor] = {}
 
@@ -274,13 +167,13 @@ def apply_act_quant(model: nn.Module, spec_or_name: str | QuantSpec, *, mode: st
     ``layers``     ``None`` (all block linears), a regex searched in the fqn, or a list of fqns
     ``mode``       ``"dynamic"`` or ``"static"`` (module doc); static needs ``absmax`` (fqn → ``[in]``,
                    e.g. ``LayerStats.absmax``) or ``calib_ids`` for one calibration pass
-    ``fp_outliers`` / ``hi_channels``  outlier handling (:mod:`mixq.act.outliers`); calibrated
+    ``fp_outliers`` / ``hi_channels``  outlier handling (:mod:`mixq.runtime.act_outliers`); calibrated
                    choices (``source="calib"``, ``hi_channels``) need ``absmax``/``calib_ids`` in
                    either mode
     Returns an :class:`ActQuantHandle`; call ``remove()`` to restore the fp forward.
     """
     spec = parse_act_spec(spec_or_name, mode)
-    chosen = _select(model, layers)
+    chosen = select_linears(model, layers)
     needs_calib = mode == "static" or hi_channels is not None or (fp_outliers is not None
                                                                   and fp_outliers.source == "calib")
     if needs_calib and absmax is None:
@@ -313,5 +206,5 @@ def _hook(q: ActQuantizer):
     return pre_hook
 
 
-__all__ = ["MODES", "ActQuantizer", "ActQuantHandle", "apply_act_quant", "calibrate_act_absmax",
-           "check_act_spec", "fake_quant_act", "parse_act_spec"]
+__all__ = ["ActQuantizer", "ActQuantHandle", "apply_act_quant", "calibrate_act_absmax", "input_stats",
+           "select_linears"]

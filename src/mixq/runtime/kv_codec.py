@@ -1,5 +1,5 @@
-"""How KV-cache tokens are quantized, shared by the real cache (:mod:`.kvcache`) and the one-forward
-decode simulation (:mod:`.kvsim`): KIVI grids, and three options on top of them.
+"""How KV-cache tokens are quantized, shared by the real cache (:mod:`.kv_cache`) and the one-forward
+decode simulation (:mod:`.kv_sim`): KIVI grids, and three options on top of them.
 
 KIVI grids (Liu et al., 2024)
     keys ``K [B, H, m, D]`` per channel in groups of ``G`` consecutive tokens, values per token in

@@ -15,8 +15,8 @@ The subspace that carries most of the energy gets ``hi`` (8-bit) codes, the resi
 low variance and, after the rotation, without outlier channels — ``lo`` (4-bit) codes.  Mean code
 bits per element: ``(r·b_hi + (n − r)·b_lo)/n`` (4.5 for 1/8 at 8/4).
 
-Two ways to install it (:func:`apply_resq`, the adapter to :func:`mixq.act.apply_act_quant`'s model:
-same layer selection, same :class:`~mixq.act.ActQuantHandle`, hooks after any existing pre-hook):
+Two ways to install it (:func:`apply_resq`, the adapter to :func:`mixq.runtime.act_quant.apply_act_quant`'s model:
+same layer selection, same :class:`~mixq.runtime.act_quant.ActQuantHandle`, hooks after any existing pre-hook):
 
 ``fold=False``  the weight stays ``W`` and the hook hands the layer ``x̂ = x̂' Pᵀ`` (activation
                 error only; composes with weights quantized in the original basis)
@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..algorithms.hadamard import dense, random_orthogonal_factors
+from .hadamard import dense, random_orthogonal_factors
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec
-from .actquant import ActQuantHandle, _select, fake_quant_act, input_stats, parse_act_spec
+from ..runtime.act_quant import ActQuantHandle, input_stats, select_linears
+from ..formats.act import fake_quant_act, parse_act_spec
 
 KEEP_NAMES = {None, 16, "16", "A16", "FP32", "NONE", "KEEP"}
 
@@ -141,7 +142,7 @@ def fit_resq(model: nn.Module, calib_ids: torch.Tensor | None = None, *, hessian
     Layers reading the same input (q/k/v, gate/up: identical ``H``) share one quantizer, which
     quantizes that input once per forward.
     """
-    chosen = _select(model, layers)
+    chosen = select_linears(model, layers)
     if hessians is None:
         if calib_ids is None:
             raise ValueError("ResQ needs calib_ids=... (or hessians=...) for its PCA basis")

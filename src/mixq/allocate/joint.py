@@ -13,11 +13,11 @@ caller adds them as ``other_bytes``.
 
 The knapsack: one group per block linear (its candidate specs, costs ``spec.cost(shape)``, errors from
 the weight :class:`~mixq.allocate.SensitivityTable`), plus one group per layer and per K/V (widths
-from the :class:`~mixq.act.kvtable.KVSensitivityTable`, costs :func:`~mixq.act.kvsettings.kv_part_bits` at
-``context``/``batch``, errors the measured KV loss increase).  Both error kinds are per-token loss
-increases in nats (``kfac``/``fisher``/``block`` weight metrics; ``kl``/``loss`` KV metrics), assumed
-additive; weight metrics in other units (``hessian``, ``block-rel``) are refused unless
-``allow_mixed_units=True``.  The solver is :func:`mixq.allocate.solve` (exact by default): the plan
+from the :class:`~mixq.allocate.kv_table.KVSensitivityTable`, costs
+:func:`~mixq.runtime.kv_settings.kv_part_bits` at ``context``/``batch``, errors the measured KV loss
+increase).  Both error kinds are per-token loss increases in nats (``kfac``/``fisher``/``block`` weight
+metrics; ``kl``/``loss`` KV metrics), assumed additive; weight metrics in other units (``hessian``,
+``block-rel``) are refused unless ``allow_mixed_units=True``.  The solver is :func:`mixq.allocate.solve` (exact by default): the plan
 never exceeds the budget and is optimal for the summed predicted error.
 
 :func:`allocate_separately` is the baseline that splits the budget first (a fixed KV width, or a
@@ -30,13 +30,14 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from ..allocate import Budget, Constraints, InfeasibleBudget, Plan, Problem, SensitivityTable, allocate, solve
-from ..allocate.constraints import KEEP, build_problem
-from ..allocate.plan import human_bytes
 from ..jsonio import read_json, write_json_atomic
-from .kvcost import resolve_kv_bits
-from .kvsettings import KVSettings
-from .kvtable import KVSensitivityTable, check_doc
+from ..runtime.kv_cost import resolve_kv_bits
+from ..runtime.kv_settings import KVSettings
+from .constraints import KEEP, Constraints, build_problem
+from .kv_table import KVSensitivityTable, check_doc
+from .plan import Budget, Plan, allocate, human_bytes
+from .solvers import InfeasibleBudget, Problem, solve
+from .table import SensitivityTable
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class JointPlan:
         return self.weight_error + self.kv_error
 
     def kv_bits_dict(self) -> dict:
-        """For :class:`~mixq.act.KIVICache` / ``eval_with_kv_quant``: ``{layer: (k, v)}``."""
+        """For :class:`~mixq.runtime.kv_cache.KIVICache` / ``eval_with_kv_quant``: ``{layer: (k, v)}``."""
         return {i: tuple(kv) for i, kv in enumerate(self.kv)}
 
     def mean_kv_bits(self) -> tuple[float, float]:

@@ -103,7 +103,7 @@ def prepare_for_act_quant(model: nn.Module, *, rotate: bool = False, smooth_alph
     1. ``rotate``: QuaRot residual rotation (+ online rotation of the down-projection input)
     2. ``smooth_alpha``: SmoothQuant scale migration with ``calib_ids`` (after the rotation, so the
        scales fit the rotated activations; folded into the online rotation where there is one)
-    Then quantize the weights, then :func:`mixq.act.actquant.apply_act_quant`.  Returns
+    Then quantize the weights, then :func:`mixq.runtime.act_quant.apply_act_quant`.  Returns
     ``{"rotation": RotationInfo | None, "smooth": {group: scale} | None}``.
     """
     from ..algorithms.rotation import rotate_model  # noqa: PLC0415

@@ -10,36 +10,38 @@ For every attention layer ``i``, each of ``K`` and ``V``, and each width ``b`` i
 over every predicted position of every calibration window.  Both are per-token loss increases
 in nats — the unit of mixq's ``kfac`` weight errors (``½ E_t[ΔyᵀG Δy]``, a second-order
 per-token loss increase) — so weight and KV errors add in one knapsack
-(:mod:`mixq.act.joint`).  16 bits costs nothing and has error 0 (no measurement).
+(:mod:`mixq.allocate.joint`).  16 bits costs nothing and has error 0 (no measurement).
 The KV errors are measured at the calibration window length; costs are counted at whatever
 context the plan states, so a plan for a much longer context extrapolates the per-token error.
 
-Decoding ``chunk`` tokens per forward is simulated exactly (:mod:`mixq.act.kvsim`, ``engine="simulate"``, the
-default) or run through the real cache (``engine="cache"``, :func:`mixq.act.kveval.decode_logits`).  In the
-measurement, the blocks before layer ``i`` are unaffected by quantizing layer ``i``'s cache, so with the
+Decoding ``chunk`` tokens per forward is simulated exactly (:mod:`mixq.runtime.kv_sim`, ``engine="simulate"``,
+the default) or run through the real cache (``engine="cache"``, :func:`mixq.runtime.kv_feed.decode_logits`).  In
+the measurement, the blocks before layer ``i`` are unaffected by quantizing layer ``i``'s cache, so with the
 simulation their fp outputs are replayed from one fp pass instead of recomputed (about half of the block
-compute saved).  The result is a :class:`~mixq.act.kvtable.KVSensitivityTable`; its costs are
-:func:`~mixq.act.kvsettings.kv_part_bits`.
+compute saved).  The result is a :class:`~mixq.allocate.kv_table.KVSensitivityTable`; its costs are
+:func:`~mixq.runtime.kv_settings.kv_part_bits`.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..allocate.kv_table import KV_METRICS, KVEntry, KVSensitivityTable
 from ..arch import get_blocks
-from ..jsonio import read_json, write_json_atomic
-from .kvcache import KIVICache
-from .kvcodec import FP, kv_spec
-from .kvcost import kv_dims
-from .kveval import decode_logits
-from .kvsettings import KVSettings
-from .kvsim import KV_ENGINES, check_full_attention, simulate_kivi
-from .kvtable import KV_METRICS, KVEntry, KVSensitivityTable
+from ..eval.perplexity import row_chunks
+from ..models import model_fingerprint
+from ..runtime.kv_cache import KIVICache
+from ..runtime.kv_codec import FP, kv_spec
+from ..runtime.kv_cost import kv_dims
+from ..runtime.kv_feed import decode_logits
+from ..runtime.kv_settings import KVSettings
+from ..runtime.kv_sim import KV_ENGINES, check_full_attention, simulate_kivi
+from .driver import calibration_hash
+from .partial import load_partial, partial_file, save_partial
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,9 @@ KV_CANDIDATE_BITS = (2, 3, 4, 8)
 
 
 # ---------------------------------------------------------------------------- measurement
-def measurement_key(model: nn.Module, calib_ids: torch.Tensor, bits, metric: str, settings: KVSettings,
-                    engine: str, chunk: int, prefill: int | None) -> dict:
-    from ..measure.driver import calibration_hash  # noqa: PLC0415
-    from ..models import model_fingerprint  # noqa: PLC0415
-
+def kv_measurement_key(model: nn.Module, calib_ids: torch.Tensor, bits, metric: str, settings: KVSettings,
+                       engine: str, chunk: int, prefill: int | None) -> dict:
+    """What a KV measurement (and its ``.partial`` file) belongs to: model, calibration ids, widths, settings."""
     return {"model": model_fingerprint(model),
             "calibration": calibration_hash(calib_ids),
             "calibration_shape": list(calib_ids.shape), "bits": [int(b) for b in bits], "metric": metric,
@@ -62,8 +62,6 @@ def _score(logits: torch.Tensor, ids: torch.Tensor, ref_logits: torch.Tensor):
     """``(Σ_t KL(P_ref ‖ P_q), Σ_t NLL_q)`` over the predicted positions of ``logits [B, T, V]``, against the
     fp ``ref_logits [B, T-1, V]`` — in float64 by row chunks, so identical logits give 0 and float32
     rounding leaves no noise floor in the small errors of 8-bit caches."""
-    from ..eval.perplexity import row_chunks  # noqa: PLC0415
-
     V = logits.shape[-1]
     z = logits[:, :-1].reshape(-1, V)
     r = ref_logits.reshape(-1, V)
@@ -99,11 +97,12 @@ def measure_kv(model: nn.Module, calib_ids: torch.Tensor, *, bits=KV_CANDIDATE_B
         raise ValueError(f"calibration ids must be [n, L >= 2], got {tuple(calib_ids.shape)}")
     check_full_attention(model.config)
     t0 = time.perf_counter()
-    key = measurement_key(model, calib_ids, bits, metric, settings, engine, chunk, prefill)
+    key = kv_measurement_key(model, calib_ids, bits, metric, settings, engine, chunk, prefill)
     dims = kv_dims(model.config)
     L = dims[0]
-    partial = Path(str(out) + ".partial") if out else None
-    done = _load_partial(partial, key)
+    partial = partial_file(out)
+    doc = load_partial(partial, key, "KV measurement", "model/calibration/setting")
+    done = {int(k): v for k, v in doc.get("layers", {}).items()} if doc else {}
     was = model.training
     model.eval()
     blocks = get_blocks(model)
@@ -153,8 +152,7 @@ def measure_kv(model: nn.Module, calib_ids: torch.Tensor, *, bits=KV_CANDIDATE_B
             if progress:
                 log.warning("KV layer %d/%d: K %s  V %s", i + 1, L, _fmt(row["k"]), _fmt(row["v"]))
             if partial is not None:
-                write_json_atomic(partial, {"key": key, "layers": {str(k): v for k, v in results.items()}},
-                                  overwrite=True)
+                save_partial(partial, key, layers={str(k): v for k, v in results.items()})
     finally:
         model.train(was)
     entries = []
@@ -190,17 +188,3 @@ def _replay(blocks, outputs):
                 del blk.forward
             else:
                 blk.forward = f
-
-
-def _load_partial(path: Path | None, key: dict) -> dict[int, dict]:
-    if path is None or not path.exists():
-        return {}
-    try:
-        doc = read_json(path)
-    except ValueError:
-        log.warning("ignoring unreadable partial KV measurement %s", path)
-        return {}
-    if doc.get("key") != key:
-        log.warning("partial KV measurement %s belongs to another model/calibration/setting; starting over", path)
-        return {}
-    return {int(k): v for k, v in doc.get("layers", {}).items()}

@@ -30,7 +30,7 @@ K_new]`` — the new tokens attend to themselves in full precision (so a prefill
 KIVI), then the window is flushed.  Feeding one token at a time reproduces decoding; a chunk of
 ``c`` tokens sees the cache as it was before the chunk.
 
-Options (the quantizers are in :mod:`.kvcodec`, shared with the decode simulation):
+Options (the quantizers are in :mod:`.kv_codec`, shared with the decode simulation):
 
 ``important = f``, ``important_bits`` (MiKV / ZipCache token-level mixed precision)
     in each key group the ``c = ⌊f·G + ½⌋`` tokens that have received the most attention so far
@@ -42,11 +42,11 @@ Options (the quantizers are in :mod:`.kvcodec`, shared with the decode simulatio
     MiKV's H2O-style eviction, which can later demote an important token, is not modelled.  K and
     V of a token share the decision, so values leave the window with the keys, a group at a time
     (both ``Tq = G·⌊(T − R)/G⌋``).  The attention probabilities come from the model: run it under
-    :func:`~mixq.act.kvfeed.kv_cache_feed` (eager attention for the duration, forward hooks hand each layer its
+    :func:`~mixq.runtime.kv_feed.kv_cache_feed` (eager attention for the duration, forward hooks hand each layer its
     probabilities; the flush happens after attention).  A cache used without it raises.
 ``pre_rope`` (KVQuant)
     keys are quantized before the rotary embedding: ``k̂ = RoPE(Q(RoPE⁻¹(k)))`` with the rotary
-    tables the model used for those tokens, handed over by :func:`~mixq.act.kvfeed.kv_cache_feed` (a forward
+    tables the model used for those tokens, handed over by :func:`~mixq.runtime.kv_feed.kv_cache_feed` (a forward
     pre-hook reads the attention module's ``position_embeddings``; positions need not be the cache
     index, so left padding is fine).  Families whose ``rotate_half`` is not HF's Llama one are refused.
 ``rotate = "k" | "v" | "kv"`` (QuaRot-style)
@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import BaseQuantizedLayer, Cache, get_layer_types_and_kwargs
 
-from .kvcodec import KVCodec, important_count, kv_spec, normalize_rotate, select_important
-from .kvcost import resolve_kv_bits
+from .kv_codec import KVCodec, important_count, kv_spec, normalize_rotate, select_important
+from .kv_cost import resolve_kv_bits
 
 
 # ---------------------------------------------------------------------------- one layer
@@ -101,8 +101,8 @@ class KIVILayer(BaseQuantizedLayer):
     """One attention layer's KIVI cache (module doc).  ``keys``/``values`` hold the fp window.
 
     ``important``: fraction of each key group kept at ``important_bits`` (0: off; needs
-    :func:`~mixq.act.kvfeed.kv_cache_feed`); ``pre_rope``: quantize keys before the rotary embedding
-    (needs :func:`~mixq.act.kvfeed.kv_cache_feed`); ``rotate``: ``"k"``, ``"v"``, ``"kv"`` (or ``True``)
+    :func:`~mixq.runtime.kv_feed.kv_cache_feed`); ``pre_rope``: quantize keys before the rotary embedding
+    (needs :func:`~mixq.runtime.kv_feed.kv_cache_feed`); ``rotate``: ``"k"``, ``"v"``, ``"kv"`` (or ``True``)
     Hadamard-rotate before quantizing.
     """
 
@@ -153,7 +153,8 @@ class KIVILayer(BaseQuantizedLayer):
         self.is_initialized = True
 
     def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """The rotary tables ``[B | 1, c, r]`` of the next update's tokens (:func:`~mixq.act.kvfeed.kv_cache_feed`)."""
+        """The rotary tables ``[B | 1, c, r]`` of the next update's tokens
+        (:func:`~mixq.runtime.kv_feed.kv_cache_feed`)."""
         self._next_rope = (cos, sin)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -161,11 +162,11 @@ class KIVILayer(BaseQuantizedLayer):
             self.lazy_initialization(key_states, value_states)
         if self.mixed and self._awaiting:
             raise RuntimeError("a KV cache with important tokens (MiKV) needs the attention probabilities of every "
-                               "forward: run the model under mixq.act.kvfeed.kv_cache_feed(model, cache)")
+                               "forward: run the model under mixq.runtime.kv_feed.kv_cache_feed(model, cache)")
         if self.needs_rope:
             if self._next_rope is None:
                 raise RuntimeError("a KV cache with pre-RoPE keys needs the rotary tables of every forward: run the "
-                                   "model under mixq.act.kvfeed.kv_cache_feed(model, cache)")
+                                   "model under mixq.runtime.kv_feed.kv_cache_feed(model, cache)")
             B, c = key_states.shape[0], key_states.shape[2]
             cos, sin = (t.expand(B, c, t.shape[-1]) for t in self._next_rope)
             self._rope = (cos, sin) if self._rope is None else \
@@ -187,7 +188,7 @@ class KIVILayer(BaseQuantizedLayer):
 
     def observe(self, probs: torch.Tensor) -> None:
         """Attention probabilities ``[B, Hq, c, T]`` of the last update's ``c`` queries over all ``T``
-        tokens: add what the undecided tokens received, then flush (:func:`~mixq.act.kvfeed.kv_cache_feed`)."""
+        tokens: add what the undecided tokens received, then flush (:func:`~mixq.runtime.kv_feed.kv_cache_feed`)."""
         if not self.mixed:
             return
         if not self._awaiting:
@@ -334,7 +335,7 @@ class KIVICache(Cache):
 
     @property
     def needs_feed(self) -> bool:
-        """Whether forwards must run under :func:`~mixq.act.kvfeed.kv_cache_feed` (important tokens or
+        """Whether forwards must run under :func:`~mixq.runtime.kv_feed.kv_cache_feed` (important tokens or
         pre-RoPE keys)."""
         return any(layer.mixed or layer.needs_rope for layer in self.layers)
 

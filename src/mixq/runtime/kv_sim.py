@@ -2,7 +2,7 @@
 
 KIVI quantizes a token's key/value when it leaves the fp residual window, in token groups of
 ``k_group`` (keys, per channel) or per token (values); decoding ``chunk`` tokens per forward
-(:func:`mixq.act.kveval.eval_with_kv_quant`) means a token at position ``t`` in a chunk that
+(:func:`mixq.eval.kv.eval_with_kv_quant`) means a token at position ``t`` in a chunk that
 starts at ``n`` sees the cache as it was after ``n`` tokens::
 
     n(t)  = 0                                  t < P          (prefill P, default chunk)
@@ -13,11 +13,11 @@ starts at ``n`` sees the cache as it was after ``n`` tokens::
 :func:`simulate_kivi` (the ``"simulate"`` engine) applies exactly this inside one full forward:
 an attention function registered with transformers computes, for each quantized layer,
 ``S = where(s < Tk(n(t)), q·k̂ₛ, q·kₛ)`` and ``out = Σ_s p_ts (v̂ₛ if s < Tv(n(t)) else vₛ)`` with
-the same quantizers as :class:`~mixq.act.kvcache.KIVILayer` (:class:`~mixq.act.kvcodec.KVCodec`:
+the same quantizers as :class:`~mixq.runtime.kv_cache.KIVILayer` (:class:`~mixq.runtime.kv_codec.KVCodec`:
 KIVI grids, pre-RoPE keys, rotation).  Decoding token by token (``chunk=1``) then costs one
 forward per window instead of one per token, and is checked against the real :class:`KIVICache`
 in the tests (same logits up to float rounding).  The ``"cache"`` engine runs the real cache chunk by
-chunk (:func:`mixq.act.kveval.decode_logits`).
+chunk (:func:`mixq.runtime.kv_feed.decode_logits`).
 
 Important tokens (``settings.important``, MiKV): K and V are both quantized up to
 ``Tq(n) = G·⌊max(n − R, 0)/G⌋`` and which tokens of group ``j`` are important depends on the
@@ -27,7 +27,7 @@ order: before a block, the groups it newly sees are decided from the importance 
 far (``a_s = Σ_{u < block} Σ_{heads of the KV head} p_us``, the probabilities as computed with the
 quantized cache) and quantized; the block's probabilities are then added.  A query's output
 depends only on queries before it (causal), and the real cache does the same with the eager
-attention probabilities (:func:`~mixq.act.kvfeed.kv_cache_feed`).  Pre-RoPE keys take the
+attention probabilities (:func:`~mixq.runtime.kv_feed.kv_cache_feed`).  Pre-RoPE keys take the
 rotary tables from the attention module's ``position_embeddings`` (a forward pre-hook).
 """
 from __future__ import annotations
@@ -38,10 +38,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .kvcodec import FP, KVCodec, check_rope_convention, kv_spec, select_important
-from .kvcost import kv_dims, resolve_kv_bits
-from .kvfeed import attention_modules, rope_of
-from .kvsettings import KVSettings
+from .kv_codec import FP, KVCodec, check_rope_convention, kv_spec, select_important
+from .kv_cost import kv_dims, resolve_kv_bits
+from .kv_feed import attention_modules, rope_of
+from .kv_settings import KVSettings
 
 KV_ENGINES = ("simulate", "cache")
 SIM_NAME = "mixq_kivi_sim"

@@ -1,9 +1,9 @@
 """The KV measurement as a document: per layer, the K and V errors at each measured width.
 
-:class:`KVSensitivityTable` (what :func:`mixq.act.kvsens.measure_kv` returns and ``mixq measure-kv`` writes)
+:class:`KVSensitivityTable` (what :func:`mixq.measure.kv.measure_kv` returns and ``mixq measure-kv`` writes)
 holds one :class:`KVEntry` per layer and tensor; :meth:`KVSensitivityTable.rows` turns it into allocator rows
-whose costs come from :func:`~mixq.act.kvsettings.kv_part_bits`.  :func:`check_doc` refuses a JSON document
-of the wrong type or version (the KV plan of :mod:`mixq.act.joint` uses it too).
+whose costs come from :func:`~mixq.runtime.kv_settings.kv_part_bits`.  :func:`check_doc` refuses a JSON document
+of the wrong type or version (the KV plan of :mod:`mixq.allocate.joint` uses it too).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 from torch import nn
 
 from ..jsonio import read_json, write_json_atomic
-from .kvcodec import FP, kv_spec
-from .kvsettings import KVSettings, kv_part_bits
+from ..runtime.kv_codec import FP, kv_spec
+from ..runtime.kv_settings import KVSettings, kv_part_bits
 
 KV_METRICS = ("kl", "loss")
 KV_TABLE_VERSION = 1

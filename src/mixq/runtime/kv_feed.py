@@ -1,20 +1,22 @@
-"""Feeding a :class:`~mixq.act.kvcache.KIVICache` what its options need from the model's forwards.
+"""Feeding a :class:`~mixq.runtime.kv_cache.KIVICache` what its options need from the model's forwards.
 
 :func:`kv_cache_feed` hands each layer of the cache the rotary tables of every forward's tokens (pre-RoPE
 keys: a forward pre-hook on every attention module reads its ``position_embeddings``) and the attention
 probabilities (important tokens: eager attention for the duration and a forward hook; the flush happens
 after attention).  :func:`attention_modules` and :func:`rope_of` are shared with the decode simulation
-(:mod:`mixq.act.kvsim`).
+(:mod:`.kv_sim`).  :func:`decode_logits` runs a model through a cache that way, prefill then chunk by chunk
+(the ``"cache"`` engine of the KV measurement and of ``kv_compare``).
 """
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 from ..arch import get_blocks
-from .kvcache import KIVICache
-from .kvcodec import check_rope_convention
+from .kv_cache import KIVICache
+from .kv_codec import check_rope_convention
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -84,3 +86,17 @@ def kv_cache_feed(model: nn.Module, cache: KIVICache):
             cfg._attn_implementation = old
         for h in hooks:
             h.remove()
+
+
+# ---------------------------------------------------------------------------- chunked decode (the cache engine)
+@torch.no_grad()
+def decode_logits(model: nn.Module, ids: torch.Tensor, cache, *, chunk: int, prefill: int | None = None):
+    """Yield ``(s, e, logits [B, e − s, V])`` feeding ``ids [B, T]`` chunk by chunk through ``cache``
+    (prefill ``P`` tokens first, then ``chunk`` at a time), as :func:`mixq.eval.kv.eval_with_kv_quant` does;
+    under :func:`kv_cache_feed` when the cache needs it (important tokens, pre-RoPE keys)."""
+    T = ids.shape[1]
+    p = min(prefill or chunk, T)
+    bounds = [0, *range(p, T, chunk), T]
+    with kv_cache_feed(model, cache):
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            yield s, e, model(ids[:, s:e], past_key_values=cache, use_cache=True).logits

@@ -1,10 +1,10 @@
 """What a KIVI cache holds and costs: per-layer K/V widths, the model's KV dimensions, and the exact bits of a
-cache at a given context and batch (every code, grid and fp token; the options of :mod:`.kvcodec` included).
-:class:`~mixq.act.kvcache.KIVICache`'s ``stored_bits`` is checked against :func:`kv_cache_bits` in the tests.
+cache at a given context and batch (every code, grid and fp token; the options of :mod:`.kv_codec` included).
+:class:`~mixq.runtime.kv_cache.KIVICache`'s ``stored_bits`` is checked against :func:`kv_cache_bits` in the tests.
 """
 from __future__ import annotations
 
-from .kvcodec import important_count, kv_spec, normalize_rotate, VALID_BITS
+from .kv_codec import important_count, kv_spec, normalize_rotate, VALID_BITS
 
 
 def resolve_kv_bits(bits, n_layers: int) -> list[tuple[int, int]]:

@@ -14,9 +14,9 @@ in float32 and the mean taken in float64 in the same (window, position) order as
 :func:`~mixq.eval.perplexity.perplexity`.  With 16-bit K/V the result equals the plain perplexity
 up to the rounding differences of chunked attention.
 
-:func:`decode_logits` is that loop as a generator (the ``"cache"`` engine of the KV measurement, :mod:`.kvsens`);
-:func:`kv_compare` adds KL / top-1 against a reference model with either engine (the real cache, or one
-forward per batch under :func:`~mixq.act.kvsim.simulate_kivi`).
+The same loop as a generator is :func:`mixq.runtime.kv_feed.decode_logits` (the ``"cache"`` engine, shared with
+the KV measurement, :mod:`mixq.measure.kv`); :func:`kv_compare` adds KL / top-1 against a reference model with either engine (the real cache, or one
+forward per batch under :func:`~mixq.runtime.kv_sim.simulate_kivi`).
 """
 from __future__ import annotations
 
@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from ..data import EvalWindows
-from ..eval.kl import ReferenceCache, compare, token_kl
-from ..eval.perplexity import batches, eval_mode, model_device, perplexity, summarize_nll, token_nll
-from .kvcache import KIVICache
-from .kvcost import kv_dims, resolve_kv_bits
-from .kvfeed import kv_cache_feed
-from .kvsettings import KVSettings
-from .kvsim import KV_ENGINES, simulate_kivi
+from ..runtime.kv_cache import KIVICache
+from ..runtime.kv_cost import kv_dims, resolve_kv_bits
+from ..runtime.kv_feed import decode_logits, kv_cache_feed
+from ..runtime.kv_settings import KVSettings
+from ..runtime.kv_sim import KV_ENGINES, simulate_kivi
+from .kl import ReferenceCache, compare, token_kl
+from .perplexity import batches, eval_mode, model_device, perplexity, summarize_nll, token_nll
 
 
 def eval_with_kv_quant(model: torch.nn.Module, windows: EvalWindows, kv_bits, *, chunk: int = 1,
@@ -43,8 +43,8 @@ def eval_with_kv_quant(model: torch.nn.Module, windows: EvalWindows, kv_bits, *,
     """Mean NLL per scored token with a :class:`KIVICache` of ``kv_bits`` (int, ``(k, v)`` or per-layer dict).
 
     ``prefill``: tokens of the first forward (default ``chunk``); ``chunk``: tokens per later forward.
-    ``important``/``important_bits``/``pre_rope``/``rotate``: the cache's options (:mod:`.kvcache`);
-    the forwards run under :func:`~mixq.act.kvfeed.kv_cache_feed` when they need it.
+    ``important``/``important_bits``/``pre_rope``/``rotate``: the cache's options (:mod:`mixq.runtime.kv_cache`);
+    the forwards run under :func:`~mixq.runtime.kv_feed.kv_cache_feed` when they need it.
     Returns ``{"nll", "perplexity", "n_scored", "seconds", "kv": {...settings}}``.
     """
     if chunk < 1 or (prefill is not None and prefill < 1):
@@ -78,20 +78,6 @@ def eval_with_kv_quant(model: torch.nn.Module, windows: EvalWindows, kv_bits, *,
                    "chunk": chunk, "prefill": prefill or chunk}}
 
 
-# ---------------------------------------------------------------------------- chunked decode (cache engine)
-@torch.no_grad()
-def decode_logits(model: nn.Module, ids: torch.Tensor, cache, *, chunk: int, prefill: int | None = None):
-    """Yield ``(s, e, logits [B, e − s, V])`` feeding ``ids [B, T]`` chunk by chunk through ``cache``
-    (prefill ``P`` tokens first, then ``chunk`` at a time), as :func:`eval_with_kv_quant` does; under
-    :func:`kv_cache_feed` when the cache needs it (important tokens, pre-RoPE keys)."""
-    T = ids.shape[1]
-    p = min(prefill or chunk, T)
-    bounds = [0, *range(p, T, chunk), T]
-    with kv_cache_feed(model, cache):
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            yield s, e, model(ids[:, s:e], past_key_values=cache, use_cache=True).logits
-
-
 # ---------------------------------------------------------------------------- evaluation with KL
 def kv_compare(model: nn.Module, windows, kv_bits, reference=None, *, settings: KVSettings = KVSettings(),
                engine: str = "cache", chunk: int = 16, prefill: int | None = None, batch_size: int = 8,
@@ -100,7 +86,7 @@ def kv_compare(model: nn.Module, windows, kv_bits, reference=None, *, settings: 
     of ``model`` with a KIVI cache of ``kv_bits`` on ``windows``.
 
     ``engine="cache"``: the real :class:`KIVICache`, prefill then ``chunk`` tokens per forward (the
-    loop of :func:`~mixq.act.kveval.eval_with_kv_quant`; same NLL).  ``engine="simulate"``: one full
+    loop of :func:`~mixq.eval.kv.eval_with_kv_quant`; same NLL).  ``engine="simulate"``: one full
     forward per batch under :func:`simulate_kivi` (the same decode semantics, any ``chunk`` incl. 1).
     Returns :func:`mixq.eval.kl.compare`'s keys (KL ones ``None`` without a reference) plus ``"kv"``.
     """
