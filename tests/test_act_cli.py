@@ -56,17 +56,26 @@ def test_measure_kv_joint_plan_quantize_eval(tiny_dir, tmp_path, capsys):
     plans = tmp_path / "plans"
     assert main(["plan", str(m), "--memory", "48KB,64KB", "--context", "256", "--kv-measurement", str(kv),
                  "--out", str(plans)]) == 0
-    kvp = json.loads((plans / "kv-plan-49152B-ctx256-b1.json").read_text())
+    assert not list(plans.glob("kv-plan-*"))  # one plan: the weights' specs and the KV widths together
+    kvp = json.loads((plans / "plan-49152B-ctx256-b1.json").read_text())["kv"]
     assert kvp["joint"]["total_bytes"] <= 49152 and kvp["context"] == 256
     assert main(["plan", str(m), "--memory", "64KB", "--context", "256", "--kv-measurement", str(kv),
                  "--kv-uniform", "4", "--dry-run"]) == 0
     q = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_dir), "--plan", str(plans / "plan-49152B-ctx256-b1.json"),
                  "--out", str(q)]) == 0
+    assert json.loads((q / "mixq.json").read_text())["kv_plan"] == kvp  # quantize records the KV widths
     out = tmp_path / "r.json"
-    assert main(_eval(q, tmp_path, "--kv-plan", str(plans / "kv-plan-49152B-ctx256-b1.json"), "--out", str(out))) == 0
+    capsys.readouterr()
+    assert main(_eval(q, tmp_path, "--out", str(out))) == 0  # ... and eval applies them with no flag
+    assert "as recorded in" in capsys.readouterr().out
     r = json.loads(out.read_text())
     assert r["kv"]["bits"] == [[x["k"], x["v"]] for x in kvp["layers"]] and r["kv"]["residual"] == 8
+    assert main(_eval(q, tmp_path, "--kv-plan", str(plans / "plan-49152B-ctx256-b1.json"), "--out", str(out),
+                      "--force")) == 0
+    assert json.loads(out.read_text())["kv"]["bits"] == r["kv"]["bits"]
+    assert main(_eval(q, tmp_path, "--kv", "4", "--out", str(out), "--force")) == 0  # --kv overrides the record
+    assert json.loads(out.read_text())["kv"]["bits"] == [[4, 4]] * len(kvp["layers"])
     capsys.readouterr()
     assert main(["plan", str(m), "--memory", "20KB", "--context", "256", "--kv-measurement", str(kv), "--dry-run"]) == 2
     err = capsys.readouterr().err

@@ -4,12 +4,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from mixq.algorithms.resq import ResQQuantizer, apply_resq
-from mixq.allocate import Constraints, LayerEntry, SensitivityTable
+from mixq.allocate import Constraints, LayerEntry, Plan, SensitivityTable
 from mixq.allocate.joint import (InfeasibleMemory, allocate_joint, allocate_kv, allocate_separately, load_kv_plan,
                                  min_memory_bytes, uniform_kv)
 from mixq.allocate.kv_table import KVEntry, KVSensitivityTable
@@ -226,6 +227,16 @@ def test_infeasible_memory_names_the_minimum_and_units_are_checked(tmp_path):
     assert bits == plan.kv_bits_dict() and settings == kt.settings
     plan.save(tmp_path / "joint.json")
     assert load_kv_plan(tmp_path / "joint.json")[0] == bits
+    # one plan file for weights and KV (mixq plan --memory): it round-trips and carries the same widths
+    one = plan.as_plan()
+    one.save(tmp_path / "plan.json")
+    back = Plan.load(tmp_path / "plan.json")
+    assert back.layers == plan.weights.layers and back.kv == plan.kv_plan_dict()
+    assert load_kv_plan(tmp_path / "plan.json")[0] == bits and load_kv_plan(back.to_dict()["kv"])[0] == bits
+    with pytest.raises(ValueError, match="weights-only"):
+        load_kv_plan(plan.weights.to_dict())
+    with pytest.raises(ValueError, match="KVPlan"):
+        replace(plan.weights, kv={"layers": []})
     assert "K bits" in plan.format()
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..jsonio import read_json, write_json_atomic
 from ..runtime.kv_cost import resolve_kv_bits
@@ -115,6 +115,13 @@ class JointPlan:
     def mean_kv_bits(self) -> tuple[float, float]:
         return (sum(k for k, _ in self.kv) / len(self.kv), sum(v for _, v in self.kv) / len(self.kv))
 
+    def as_plan(self) -> Plan:
+        """The one plan file ``mixq plan --memory`` writes: the weights' :class:`~mixq.allocate.Plan` carrying the KV
+        widths (``Plan.kv``), which ``mixq quantize --plan`` records and ``mixq eval`` applies."""
+        if self.weights is None:
+            raise ValueError("a KV-only joint plan has no weights: save its kv_plan_dict() instead")
+        return replace(self.weights, kv=self.kv_plan_dict())
+
     def kv_plan_dict(self) -> dict:
         """The KV part as a ``KVPlan`` JSON object (``mixq eval --kv-plan``), with the joint summary."""
         return {"_type": "KVPlan", "_version": KV_PLAN_VERSION, "context": self.context, "batch": self.batch,
@@ -168,10 +175,16 @@ class JointPlan:
         return write_json_atomic(path, self.to_dict(), overwrite=overwrite)
 
 
-def load_kv_plan(path) -> tuple[dict, KVSettings, dict]:
-    """``(bits {layer: (k, v)}, settings, document)`` of a KVPlan (or a JointPlan's KV part) JSON file."""
-    d = read_json(path)
-    if isinstance(d, dict) and d.get("_type") == "JointPlan":
+def load_kv_plan(src) -> tuple[dict, KVSettings, dict]:
+    """``(bits {layer: (k, v)}, settings, document)`` of a KV plan: a plan file of ``mixq plan --memory`` (a Plan
+    with its ``kv``), a KVPlan or JointPlan JSON file, or such a document already read (``src`` a dict, e.g. what a
+    quantized directory's ``mixq.json`` records as ``kv_plan``)."""
+    path = "the KV plan" if isinstance(src, dict) else src
+    d = src if isinstance(src, dict) else read_json(src)
+    if isinstance(d, dict) and d.get("_type") in ("JointPlan", "Plan"):
+        if d.get("_type") == "Plan" and d.get("kv") is None:
+            raise ValueError(f"{path} is a weights-only plan: make one with KV widths with `mixq plan --memory ... "
+                             "--kv-measurement KV.json`")
         d = d.get("kv")
     check_doc(d, "KVPlan", KV_PLAN_VERSION, "KV plan", "mixq plan --memory ...", where=f"{path}: ")
     try:

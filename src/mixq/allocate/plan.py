@@ -86,7 +86,9 @@ def parse_bytes(value) -> int:
 @dataclass(frozen=True)
 class Plan:
     """One spec per layer plus provenance.  ``layers``, ``shapes`` and ``errors`` share keys
-    (fqns, in allocation order); ``errors`` are the table's predicted errors (unit: ``metric``)."""
+    (fqns, in allocation order); ``errors`` are the table's predicted errors (unit: ``metric``).  ``kv``: the
+    KV-cache widths chosen with the weights under one memory budget (``mixq plan --memory``), as the KVPlan JSON
+    object of :mod:`mixq.allocate.joint`; ``mixq quantize --plan`` records it and ``mixq eval`` applies it."""
 
     layers: dict[str, QuantSpec]
     shapes: dict[str, tuple[int, int]]
@@ -100,6 +102,7 @@ class Plan:
     meta: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     version: int = PLAN_VERSION
+    kv: dict | None = None  # a joint plan's KV-cache part (KVPlan JSON, mixq.allocate.joint): recorded, applied at eval
 
     def __post_init__(self):
         for name in ("layers", "shapes", "errors", "meta"):
@@ -115,6 +118,8 @@ class Plan:
             _fit(fqn, s, self.shapes[fqn])
             if not math.isfinite(self.errors[fqn]) or self.errors[fqn] < 0:
                 raise ValueError(f"{fqn}: predicted error must be finite and >= 0, got {self.errors[fqn]}")
+        if self.kv is not None and (not isinstance(self.kv, dict) or self.kv.get("_type") != "KVPlan"):
+            raise ValueError("Plan.kv must be a KVPlan object (JointPlan.kv_plan_dict()), or None")
         if not isinstance(self.budget, Budget):
             raise ValueError(f"Plan.budget must be a Budget, got {self.budget!r}")
         if self.total_bits > self.budget_bits:
@@ -155,7 +160,8 @@ class Plan:
                 "solver": self.solver, "budget": self.budget.to_dict(), "budget_bits": self.budget_bits,
                 "lower_bound": self.lower_bound, "predicted_error": self.predicted_error,
                 "total_bits": self.total_bits, "numel": self.numel, "achieved_bpw": self.achieved_bpw,
-                "constraints": self.constraints.to_dict(), "meta": self.meta, "layers": self.per_layer}
+                "constraints": self.constraints.to_dict(), "meta": self.meta, "layers": self.per_layer,
+                **({"kv": self.kv} if self.kv is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
@@ -164,7 +170,7 @@ class Plan:
         _check_header(d, "Plan", PLAN_VERSION)
         derived = ("predicted_error", "total_bits", "numel", "achieved_bpw")
         known = {"_type", "_version", "created", "metric", "solver", "budget", "budget_bits", "lower_bound",
-                 "constraints", "meta", "layers", *derived}
+                 "constraints", "meta", "layers", "kv", *derived}
         if set(d) - known:
             raise ValueError(f"unknown Plan fields {sorted(set(d) - known)}")
         try:
@@ -176,7 +182,7 @@ class Plan:
                        {f: float(r["error"]) for f, r in rows.items()}, d["metric"], d["solver"],
                        Budget.from_dict(d["budget"]), int(d["budget_bits"]), d.get("lower_bound"),
                        Constraints.from_dict(d["constraints"]) if "constraints" in d else Constraints(),
-                       d.get("meta", {}), d.get("created", ""))
+                       d.get("meta", {}), d.get("created", ""), kv=d.get("kv"))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed Plan: missing or bad field {e}") from None
         for f, r in rows.items():

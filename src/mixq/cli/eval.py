@@ -32,14 +32,13 @@ def cmd_eval(args) -> int:
     from ..eval import evaluate
     from ..eval.domains import combine
 
-    recorded = eval_act.recorded_activations(args)
+    recorded = eval_act.recorded(args)
     if eval_act.wanted(args):
         res, notes = eval_act.run(args)
         if args.out:
             write_json_atomic(args.out, res, overwrite=True)
         _print_result(res)
-        for line in ([f"activations: {recorded}, as recorded in {args.target} (--act overrides)"] if recorded else []) \
-                + notes:
+        for line in recorded + notes:
             print(line)
         return 0
     check_positive(tokens=args.tokens, seqlen=args.seqlen)

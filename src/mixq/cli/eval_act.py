@@ -20,7 +20,8 @@
     at 8 bits; ``-mikv10`` 10%, ``-hi16`` kept fp), ``KV4-prerope`` (KVQuant: keys quantized before
     RoPE), ``KV2-rot`` / ``-rotk`` / ``-rotv`` (Hadamard rotation of K and V / K / V), or
     ``kivi:BITS[:residual=R][:group=G][:vgroup=N][:zero=int][:important=F][:hi=B][:pre_rope=1][:rotate=kv]``.
-    ``--kv-plan FILE``: per-layer widths from ``mixq plan --memory``.  Chunking: the cache engine
+    ``--kv-plan FILE``: per-layer widths of a plan from ``mixq plan --memory`` (a directory quantized with
+    ``--plan`` of such a plan records them, and they apply without a flag).  Chunking: the cache engine
     (default) feeds each window as a prefill of ``--kv-prefill`` tokens (default ``--kv-chunk``) then
     ``--kv-chunk`` tokens per forward (default 16; tokens of one chunk see each other in fp); the
     ``simulate`` engine gives the same numbers in one forward per window and makes ``--kv-chunk 1``
@@ -119,7 +120,8 @@ def add_arguments(e) -> None:
     kv.add_argument("--kv", default=None, help="quantized KV cache: 4, 4/2, KV4, KV2-kivi, KV4-r0 (no fp window), "
                                                "KV2-mikv (20%% of tokens at 8 bits), KV4-prerope, KV2-rot, "
                                                "kivi:2:residual=32:group=32")
-    kv.add_argument("--kv-plan", default=None, help="per-layer K/V widths from `mixq plan --memory` (kv-plan-*.json)")
+    kv.add_argument("--kv-plan", default=None, help="per-layer K/V widths of a plan from `mixq plan --memory` (a "
+                                                    "directory quantized from such a plan applies its own)")
     g.add_argument("--kv-engine", default="cache", choices=KV_ENGINES,
                    help="cache: the real KIVI cache, chunk by chunk (default); simulate: the same decode in one "
                         "forward per window (fast, any --kv-chunk)")
@@ -134,19 +136,24 @@ def add_arguments(e) -> None:
 
 def wanted(args) -> bool:
     """Whether ``mixq eval`` takes this path (any of --act, --kv, --kv-plan, --smooth, --act-outliers)."""
-    return any(getattr(args, k, None) is not None for k in ("act", "kv", "kv_plan", "smooth", "act_outliers"))
+    return any(getattr(args, k, None) is not None for k in ("act", "kv", "kv_plan", "kv_plan_doc", "smooth",
+                                                             "act_outliers"))
 
 
-def recorded_activations(args) -> str | None:
-    """A directory quantized with a W/A preset (``quantize --spec W8A8``) records its activation part: with no
-    ``--act`` given, ``mixq eval`` applies it (sets ``args.act``; returns the preset name, else None)."""
-    if getattr(args, "act", None) is not None:
-        return None
-    info = _dir_info(args.target)
-    name = (info or {}).get("activations")
-    if name:
-        args.act = name
-    return name
+def recorded(args) -> list[str]:
+    """What a quantized directory records for its activations and KV cache, applied where the command line gives
+    none: the activation part of a W/A preset (``quantize --spec W8A8``; sets ``args.act``) and the KV widths of a
+    joint plan (``quantize --plan`` of ``mixq plan --memory``; sets ``args.kv_plan_doc``).  Returns one line per
+    part applied."""
+    info = _dir_info(args.target) or {}
+    lines = []
+    if getattr(args, "act", None) is None and info.get("activations"):
+        args.act = info["activations"]
+        lines.append(f"activations: {args.act}, as recorded in {args.target} (--act overrides)")
+    if getattr(args, "kv", None) is None and getattr(args, "kv_plan", None) is None and info.get("kv_plan"):
+        args.kv_plan_doc = info["kv_plan"]
+        lines.append(f"KV cache: the joint plan's widths, as recorded in {args.target} (--kv / --kv-plan override)")
+    return lines
 
 
 def _dir_info(target: str) -> dict | None:
@@ -184,10 +191,10 @@ def run(args) -> tuple[dict, list[str]]:
     kv_doc = None
     if args.kv is not None:
         kv_bits, settings = parse_kv_arg(args.kv)
-    elif args.kv_plan is not None:
+    elif args.kv_plan is not None or getattr(args, "kv_plan_doc", None) is not None:
         from ..allocate.joint import load_kv_plan
 
-        kv_bits, settings, kv_doc = load_kv_plan(args.kv_plan)
+        kv_bits, settings, kv_doc = load_kv_plan(args.kv_plan if args.kv_plan is not None else args.kv_plan_doc)
     info = _dir_info(args.target)
     weight, act_spec, rotate, kind = act if act else (None, None, False, None)
     if info is not None:
@@ -267,7 +274,7 @@ def run(args) -> tuple[dict, list[str]]:
                              chunk=args.kv_chunk, prefill=args.kv_prefill, batch_size=args.kv_batch, progress=False)
             res["kv"]["bytes_at_seqlen"] = kv_cache_bytes(model.config, kv_bits, args.seqlen, 1, **settings.kw())
             if kv_doc is not None:
-                res["kv"]["plan"] = args.kv_plan
+                res["kv"]["plan"] = args.kv_plan if args.kv_plan is not None else f"recorded in {args.target}"
             res["protocol"] = proto.to_dict()
         else:
             from ..eval import evaluate

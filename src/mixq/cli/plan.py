@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..jsonio import write_json_atomic
 from ..allocate import parse_bytes
 from .common import UserError, budget_args, constraints_from, parse_budgets, parse_kv_arg
 
@@ -122,11 +121,7 @@ def _plan_joint(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for mem, plan in plans:
             tag = f"{mem}B-ctx{args.context}-b{args.batch}"
-            wp, kp = out / f"plan-{tag}.json", out / f"kv-plan-{tag}.json"
-            for p in (wp, kp):
-                if p.exists() and not args.force:
-                    raise FileExistsError(f"{p} already exists: choose another --out or pass --force")
-            plan.weights.save(wp, overwrite=args.force)
-            write_json_atomic(kp, plan.kv_plan_dict(), overwrite=args.force)
-            print(f"wrote {wp} (mixq quantize --plan) and {kp} (mixq eval --kv-plan)")
+            wp = out / f"plan-{tag}.json"
+            plan.as_plan().save(wp, overwrite=args.force)  # weights and KV widths in one plan
+            print(f"wrote {wp} (mixq quantize --plan records its KV widths; mixq eval applies them)")
     return 0

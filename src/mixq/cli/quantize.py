@@ -158,7 +158,8 @@ def cmd_quantize(args) -> int:
     meta = {**res.meta, "base_model": args.model, "recipe": recipe_record(args), "rotate": args.rotate,
             "lm_head": args.lm_head, "seconds": time.perf_counter() - t0, **extra,
             "calibration": None if calib is None else calib.record(), "bos": bos.to_dict(),
-            **({"activations": args.activations} if getattr(args, "activations", None) else {})}
+            **({"activations": args.activations} if getattr(args, "activations", None) else {}),
+            **({"kv_plan": plan.kv} if plan is not None and plan.kv is not None else {})}  # eval applies both
     final = out
     if args.finetune != "none":  # quantized into a scratch directory, fine-tuned from there into --out
         out = out.with_name(f".{out.name}.quantized")
