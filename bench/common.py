@@ -108,10 +108,7 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
     import statistics
     import tempfile
 
-    from mixq import api
-    from mixq.config import parse_spec
-    from mixq.export.native import load_quantized
-    from mixq.export.native_write import save_quantized
+    import mixq
     from mixq.runtime import greedy_generate, kernel_usage
 
     def speed(model) -> dict:
@@ -129,12 +126,12 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
     with tempfile.TemporaryDirectory() as work:
         for name in [*spec_names, *(plans or {})]:
             model = copy.deepcopy(ref)
-            specs = dict(plans[name]) if name in (plans or {}) else api.resolve_specs(model, parse_spec(name))
-            res = api.quantize_model(model, specs, method="rtn", progress=False)
-            d = save_quantized(Path(work) / f"row{len(rows)}", model, tok, res.qtensors, {"base_model": "smollm2-135m",
-                                                                               "method": "rtn"})
-            packed, _, _ = load_quantized(d, packed=True, dtype=torch.bfloat16)
-            rows.append({"row": name, "bpw": api.size_report(model, specs)["bpw_quantized"], **speed(packed),
+            res = mixq.quantize(model, dict(plans[name]) if name in (plans or {}) else name, progress=False)
+            # the bare codes and this meta: the directory these rows were measured with (not res.meta's)
+            d = mixq.save_quantized(Path(work) / f"row{len(rows)}", model, tok, res.qtensors, {"method": "rtn"},
+                                    base_model="smollm2-135m")
+            packed, _, _ = mixq.load_quantized(d, packed=True, dtype=torch.bfloat16)
+            rows.append({"row": name, "bpw": res.meta["size"]["bpw_quantized"], **speed(packed),
                          "kernels": kernel_usage(packed)})
             print(rows[-1], flush=True)
             del model, packed
