@@ -51,9 +51,7 @@ def main():
 
     plan = None
     if args.measurement:
-        from mixq.allocate import Budget, SensitivityTable, allocate
-
-        plan = allocate(SensitivityTable.load(args.measurement), Budget(bpw=args.bpw))
+        plan = P.plan(args.measurement, bpw=args.bpw)
     name = f"mixed-{args.bpw}-{args.tag}" if plan else args.spec.replace("+", "_")
     src = Path(args.work) / name
     path = RESULTS / "frontier" / "finetune.json"
