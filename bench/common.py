@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+import mixq
 from mixq import data
 from mixq.bench.settings import machine as _machine
 from mixq.eval import Protocol, ReferenceCache, evaluate
-from mixq.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,7 +42,7 @@ class Setup:
     """fp32 SmolLM2, PTB test windows (first ``tokens`` tokens, ``seqlen`` windows), reference cache."""
 
     def __init__(self, tokens: int = 32768, seqlen: int = 512, nsamples: int = 128):
-        self.ref, self.tok = load_model("smollm2-135m")
+        self.ref, self.tok = mixq.load_model("smollm2-135m")
         ids = data.tokenize(data.load_corpus("ptb", "test"), self.tok, progress=False)
         self.windows = data.eval_windows(ids, seqlen, max_tokens=tokens)
         self.protocol = Protocol.for_windows(self.windows, corpus="ptb", split="test", tokenizer="smollm2-135m",
@@ -54,8 +54,8 @@ class Setup:
     @property
     def calib(self) -> torch.Tensor:
         if self._calib is None:
-            train = data.tokenize(data.load_corpus("ptb", "train"), self.tok, progress=False)
-            self._calib = data.calibration_batch(train, self.nsamples, self.seqlen, seed=0)
+            self._calib = mixq.build_calibration(self.ref, self.tok, "ptb", self.nsamples, self.seqlen, seed=0,
+                                                 bos="never", progress=False).ids  # PTB train rows, no BOS
         return self._calib
 
     def evaluate(self, model) -> dict:
@@ -108,7 +108,6 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
     import statistics
     import tempfile
 
-    import mixq
     from mixq.runtime import greedy_generate, kernel_usage
 
     def speed(model) -> dict:
@@ -117,7 +116,7 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
         return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
                 "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs]}
 
-    ref, tok = load_model("smollm2-135m")
+    ref, tok = mixq.load_model("smollm2-135m")
     ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)[:prompt_tokens][None]
     rows = []
     for name, model in (("fp32", ref), ("bf16", copy.deepcopy(ref).to(torch.bfloat16))):
