@@ -24,7 +24,8 @@ from mixq import pipeline as P
 from mixq.distill import FinetuneConfig
 from mixq.eval.scorer import DomainScorer
 from mixq.distill_e2e import E2EConfig
-from mixq.export.native import load_quantized, read_info
+from mixq import load_quantized
+from mixq.export.native import read_info
 from mixq.jsonio import write_json_atomic
 
 

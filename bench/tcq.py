@@ -58,7 +58,7 @@ def layer_rows() -> list[dict]:
     from mixq import data
     from mixq.config import parse_spec
     from mixq.intra import quantize_layer
-    from mixq.models import load_model
+    from mixq import load_model
 
     model, tok = load_model("smollm2-135m")
     ids = data.calibration_batch(data.tokenize(data.load_corpus("ptb", "train"), tok, progress=False), 8, 256, seed=0)
