@@ -33,7 +33,7 @@ from common import RESULTS, header
 sys.path.insert(0, str(Path(__file__).parent))
 import llamacpp  # noqa: E402
 
-from mixq.algorithms.gptq import gptq_quantize  # noqa: E402
+from mixq.algorithms.gptq import gptq_quantize  # noqa: E402  (one tensor's GPTQ proxy: no stage works per tensor)
 from mixq.config import family_of, parse_spec  # noqa: E402
 from mixq.formats import dequantize, quantize  # noqa: E402
 

@@ -57,7 +57,7 @@ def gaussian_rows() -> list[dict]:
 def layer_rows() -> list[dict]:
     from mixq import data
     from mixq.config import parse_spec
-    from mixq.intra import quantize_layer
+    from mixq.intra import quantize_layer  # layer by layer, RTN vs GPTQ error: no stage works per layer
     from mixq import load_model
 
     model, tok = load_model("smollm2-135m")

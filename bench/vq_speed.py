@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import RESULTS, decode_speed_rows, git_rev, machine
 
 from mixq.config import parse_spec
-from mixq.intra import PackedComposite, quantize_layer
+from mixq.intra import PackedComposite, quantize_layer  # one layer's kernel timing: no stage works per layer
 from mixq.intra.vq_linear import VQLinear
 from mixq.runtime import PackedWeight, QuantLinear
 
