@@ -192,8 +192,7 @@ def torch_ppl(model, chunks) -> float:
 
 def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> dict:
     """llama.cpp's PPL of mixq's GGUF next to mixq's own: the same tokens and protocol in torch, and mixq eval."""
-    from mixq import load_quantized
-    from mixq import load_model
+    from mixq import load_model, load_quantized
 
     done = args.work / f"check-{mixq_dir.name}.json"
     if done.exists():

@@ -96,7 +96,7 @@ class SmokeSetup:
                                              dtype="float32")
         self.cache = ReferenceCache(self.ref, self.windows, progress=False)
         self.seqlen, self.nsamples = seqlen, nsamples
-        self.calib = data.calibration_batch(self._ids["train"], nsamples, seqlen, seed=0)
+        self.calib = data.calibration_batch(self._ids["train"], nsamples, seqlen, seed=0)  # bytes, no tokenizer: no stage
 
     def evaluate(self, model) -> dict:
         from mixq.eval import evaluate
