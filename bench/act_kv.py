@@ -49,7 +49,7 @@ from pathlib import Path
 
 from common import RESULTS, Setup, header, peak_rss_mb
 
-from mixq import api
+import mixq
 from mixq.algorithms.resq import apply_resq
 from mixq.allocate import SensitivityTable
 from mixq.allocate.joint import InfeasibleMemory, allocate_joint, allocate_kv, allocate_separately, uniform_kv
@@ -58,8 +58,7 @@ from mixq.config import parse_spec
 from mixq.eval.kv import kv_compare
 from mixq.formats.act import parse_wa_preset
 from mixq.jsonio import write_json_atomic
-from mixq.measure import measure
-from mixq.measure.kv import measure_kv
+from mixq.measure.kv import measure_kv  # KV sensitivity and the joint weight+KV plans: no stage (weights only)
 from mixq.runtime.act_outliers import FPOutliers, HiChannels, prepare_for_act_quant
 from mixq.runtime.act_quant import apply_act_quant
 from mixq.runtime.kv_cost import kv_cache_bytes, kv_dims
@@ -202,9 +201,8 @@ def wa_row(S, preset, mode, smooth, outliers) -> dict:
     p = parse_wa_preset(preset, mode)
     model = copy.deepcopy(S.ref)
     prepare_for_act_quant(model, rotate=p.rotate, smooth_alpha=smooth, calib_ids=S.calib if smooth else None)
-    specs = api.resolve_specs(model, p.weight, group_fallback="shrink") if p.weight is not None else {}
-    if specs:
-        api.quantize_model(model, specs, method="rtn", progress=False)
+    res = mixq.quantize(model, p.weight, group_fallback="shrink", progress=False) if p.weight is not None else None
+    specs = res.specs if res is not None else {}
     a_bits = p.act.bits if p.act is not None else 16
     if outliers == "resq":
         apply_resq(model, S.calib, hi="A8", lo=p.act, fraction=1 / 8)
@@ -219,7 +217,7 @@ def wa_row(S, preset, mode, smooth, outliers) -> dict:
         elif outliers == "int8":
             a_bits = f"{a_bits} + fp cols ≥ 6"
     r = S.evaluate(model)
-    size = api.size_report(model, specs) if specs else None
+    size = res.meta["size"] if specs else None
     del model
     return {**_metrics(r), "preset": preset, "mode": mode, "smooth": smooth, "outliers": outliers,
             "weights": sorted({s.name for s in specs.values()}) if specs else "fp32",
@@ -268,8 +266,8 @@ def weight_measurement(S, extra) -> SensitivityTable:
     if path.exists():
         return SensitivityTable.load(path)
     t = time.perf_counter()
-    table = measure(S.ref, S.calib, [parse_spec(c) for c in JOINT_CANDIDATES], metric="kfac", algorithm="rtn",
-                    grad_samples=8, out=path, progress=False)
+    table = mixq.measure(S.ref, S.calib, candidates=JOINT_CANDIDATES, metric="kfac", algorithm="rtn", grad_samples=8,
+                         out=path, progress=False)
     extra["weight_measure_seconds"] = time.perf_counter() - t
     print(f"kfac weight table measured in {extra['weight_measure_seconds']:.0f} s", flush=True)
     return table
@@ -285,7 +283,7 @@ def kvmix_row(S, table, nbytes) -> dict:
 
 def joint_row(S, plan) -> dict:
     model = copy.deepcopy(S.ref)
-    api.quantize_model(model, dict(plan.weights.layers), method="rtn", progress=False)
+    mixq.quantize(model, plan=plan.weights, progress=False)
     r = kv_row(S, model, plan.kv_bits_dict(), plan.settings)
     del model
     k, v = plan.mean_kv_bits()

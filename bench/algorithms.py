@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import time
 
 from common import RESULTS, RSSSampler, Setup, header, peak_rss_mb
 
-from mixq import api
+import mixq
 from mixq.jsonio import write_json_atomic
 
 METHODS = [("rtn", False), ("gptq", False), ("awq", False), ("awq+gptq", False), ("gptq", True)]
@@ -54,15 +53,13 @@ def main():
             if (name, ("rot+" if rotate else "") + method, ns) in done:
                 continue  # resumed: this row was measured by an earlier, interrupted run
             model = copy.deepcopy(S.ref)
-            specs = api.resolve_specs(model, name, group_fallback="shrink")
-            t = time.perf_counter()
-            with RSSSampler() as mem:
-                api.quantize_model(model, specs, method=method, calib_ids=None if method == "rtn" else calib,
-                                   rotate=rotate, progress=False)
-            secs = time.perf_counter() - t
+            with RSSSampler() as mem:  # online_rotation: the run-time rotation too (the stage's default is off)
+                res = mixq.quantize(model, name, method=method, calib=None if method == "rtn" else calib,
+                                    group_fallback="shrink", rotate=rotate, online_rotation=True, progress=False)
+            secs = res.seconds  # the quantization itself, as before the port (not the spec resolution / size report)
             r = S.evaluate(model)
             rows.append(dict(spec=name, method=("rot+" if rotate else "") + method, nsamples=ns,
-                             bpw=api.size_report(model, specs)["bpw_quantized"], seconds=secs,
+                             bpw=res.meta["size"]["bpw_quantized"], seconds=secs,
                              extra_rss_mb=mem.peak_mb - mem.start_mb,
                              **{k: r[k] for k in ("perplexity", "kl", "top1_agreement")}))
             print(rows[-1], flush=True)
@@ -87,7 +84,7 @@ def report(rows, p, args, partial=False):
               f"210 block linears quantized; embeddings/lm_head kept. `-g128` rows use g96 on the 576-wide layers "
               f"(128 does not divide 576). Rotation: QuaRot-style randomized Hadamard, norms fused, residual stream "
               f"rotated plus the online rotation of the MLP down-projection input. Quant time: wall seconds of "
-              f"`quantize_model` (calibration walk included), with one OpenMP thread while another benchmark used the second core; extra RSS: peak RSS during that call minus RSS before "
+              f"`mixq.quantize` (calibration walk included), with one OpenMP thread while another benchmark used the second core; extra RSS: peak RSS during that call minus RSS before "
               f"it.{peak}", "",
               "| spec | method | calib | bpw | perplexity | KL | top-1 | quant time s | extra RSS MB |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -19,11 +19,9 @@ from pathlib import Path
 
 from common import RESULTS, Setup, header, peak_rss_mb
 
-from mixq import api
-from mixq.allocate import Budget, allocate, default_candidates
-from mixq.allocate import SensitivityTable
+import mixq
+from mixq.allocate import SensitivityTable, default_candidates
 from mixq.jsonio import write_json_atomic
-from mixq.measure import measure
 
 VARIANTS = [  # (label, algorithm used to quantize, metric, solver)
     ("uniform RTN", "rtn", "kfac", "uniform"),
@@ -69,12 +67,11 @@ def main():
     budgets = [float(b) for b in args.budgets.split(",")]
     variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants.split(",")]
     S = Setup(tokens=args.tokens, nsamples=args.nsamples)
-    cands = default_candidates()
     tables, mtimes = {}, {}
     CACHE.mkdir(exist_ok=True)
     base = {"rtn": S.ref, "gptq": S.ref}
     if any(v[1] == "rot+gptq" for v in variants):
-        from mixq.algorithms.rotation import rotate_model
+        from mixq.algorithms.rotation import rotate_model  # rotated before measuring: no stage does that (as the CLI)
 
         base["rot+gptq"] = copy.deepcopy(S.ref)
         rotate_model(base["rot+gptq"], online_down=False)
@@ -84,8 +81,8 @@ def main():
             if path.exists():  # finished by an earlier run (its own time is in its meta)
                 tables[(metric, algo)] = SensitivityTable.load(path)
             else:  # measure() resumes from path.partial after an interrupt
-                tables[(metric, algo)] = measure(base[algo], S.calib, cands, metric=metric,
-                                                 algorithm=algo.removeprefix("rot+"), out=path, progress=False)
+                tables[(metric, algo)] = mixq.measure(base[algo], S.calib, metric=metric,
+                                                      algorithm=algo.removeprefix("rot+"), out=path, progress=False)
             mtimes[f"{metric}/{algo}"] = tables[(metric, algo)].meta["seconds"]
             print("measured", metric, algo, f"{mtimes[f'{metric}/{algo}']:.0f}s", flush=True)
     partial = RESULTS / f"{args.tag}.partial.json"
@@ -99,15 +96,13 @@ def main():
             if (b, label) in done:
                 continue
             t = time.perf_counter()
-            plan = allocate(tables[(metric, algo)], Budget(bpw=b), method=solver)
+            plan = mixq.plan(tables[(metric, algo)], bpw=b, solver=solver)
             solve_s = time.perf_counter() - t
             model = copy.deepcopy(base[algo])
-            specs = dict(plan.layers)
-            t = time.perf_counter()
             method = algo.removeprefix("rot+")
-            api.quantize_model(model, specs, method=method, calib_ids=S.calib if method == "gptq" else None,
-                               progress=False)
-            q_s = time.perf_counter() - t
+            res = mixq.quantize(model, plan=plan, method=method, calib=S.calib if method == "gptq" else None,
+                                progress=False)
+            specs, q_s = res.specs, res.seconds
             r = S.evaluate(model)
             uni = sorted({s.name for s in specs.values()})
             rows.append(dict(budget=b, variant=label, bpw=plan.achieved_bpw, predicted=plan.predicted_error,

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+import mixq
 from mixq import data
 from mixq.bench.settings import machine as _machine
 from mixq.eval import Protocol, ReferenceCache, evaluate
-from mixq.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,7 +42,7 @@ class Setup:
     """fp32 SmolLM2, PTB test windows (first ``tokens`` tokens, ``seqlen`` windows), reference cache."""
 
     def __init__(self, tokens: int = 32768, seqlen: int = 512, nsamples: int = 128):
-        self.ref, self.tok = load_model("smollm2-135m")
+        self.ref, self.tok = mixq.load_model("smollm2-135m")
         ids = data.tokenize(data.load_corpus("ptb", "test"), self.tok, progress=False)
         self.windows = data.eval_windows(ids, seqlen, max_tokens=tokens)
         self.protocol = Protocol.for_windows(self.windows, corpus="ptb", split="test", tokenizer="smollm2-135m",
@@ -54,8 +54,8 @@ class Setup:
     @property
     def calib(self) -> torch.Tensor:
         if self._calib is None:
-            train = data.tokenize(data.load_corpus("ptb", "train"), self.tok, progress=False)
-            self._calib = data.calibration_batch(train, self.nsamples, self.seqlen, seed=0)
+            self._calib = mixq.build_calibration(self.ref, self.tok, "ptb", self.nsamples, self.seqlen, seed=0,
+                                                 bos="never", progress=False).ids  # PTB train rows, no BOS
         return self._calib
 
     def evaluate(self, model) -> dict:
@@ -108,10 +108,6 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
     import statistics
     import tempfile
 
-    from mixq import api
-    from mixq.config import parse_spec
-    from mixq.export.native import load_quantized
-    from mixq.export.native_write import save_quantized
     from mixq.runtime import greedy_generate, kernel_usage
 
     def speed(model) -> dict:
@@ -120,7 +116,7 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
         return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
                 "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs]}
 
-    ref, tok = load_model("smollm2-135m")
+    ref, tok = mixq.load_model("smollm2-135m")
     ids = data.tokenize(data.load_corpus("ptb", "test"), tok, progress=False)[:prompt_tokens][None]
     rows = []
     for name, model in (("fp32", ref), ("bf16", copy.deepcopy(ref).to(torch.bfloat16))):
@@ -129,12 +125,12 @@ def decode_speed_rows(spec_names, new_tokens: int, prompt_tokens: int, repeats: 
     with tempfile.TemporaryDirectory() as work:
         for name in [*spec_names, *(plans or {})]:
             model = copy.deepcopy(ref)
-            specs = dict(plans[name]) if name in (plans or {}) else api.resolve_specs(model, parse_spec(name))
-            res = api.quantize_model(model, specs, method="rtn", progress=False)
-            d = save_quantized(Path(work) / f"row{len(rows)}", model, tok, res.qtensors, {"base_model": "smollm2-135m",
-                                                                               "method": "rtn"})
-            packed, _, _ = load_quantized(d, packed=True, dtype=torch.bfloat16)
-            rows.append({"row": name, "bpw": api.size_report(model, specs)["bpw_quantized"], **speed(packed),
+            res = mixq.quantize(model, dict(plans[name]) if name in (plans or {}) else name, progress=False)
+            # the bare codes and this meta: the directory these rows were measured with (not res.meta's)
+            d = mixq.save_quantized(Path(work) / f"row{len(rows)}", model, tok, res.qtensors, {"method": "rtn"},
+                                    base_model="smollm2-135m")
+            packed, _, _ = mixq.load_quantized(d, packed=True, dtype=torch.bfloat16)
+            rows.append({"row": name, "bpw": res.meta["size"]["bpw_quantized"], **speed(packed),
                          "kernels": kernel_usage(packed)})
             print(rows[-1], flush=True)
             del model, packed

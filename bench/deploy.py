@@ -12,7 +12,7 @@ Rows (all RTN, one process, one thread count):
 - ``W4-g64``: the power-of-two alternative (kernel group 64: 0.5 bit/weight of kernel scales).
 - ``W3-g128``: 3-bit symmetric (g96 fallback); 3-bit codes run on the int4 kernel too (codes + 4).
 - ``mixed-3.5``: measure (kfac, RTN, ``--calib-samples`` x 512 PTB-train tokens) over mixq's default
-  candidates, ``allocate(Budget(bpw=3.5))``; its NF, FP and FP16 layers run the reference kernel.
+  candidates, ``mixq.plan(table, bpw=3.5)``; its NF, FP and FP16 layers run the reference kernel.
 - ``mixed-3.5-cpu``: the same measurement under ``Constraints(fast_on="cpu")`` (``mixq plan --fast-on cpu``):
   only int candidates, which ``cpu-int4`` runs (1-4 bits as one int4 plane, 5-8 bits as two), so every
   layer takes the fast path.
@@ -46,12 +46,10 @@ from pathlib import Path
 import torch
 from common import RESULTS, Setup, header, peak_rss_mb
 
-from mixq import api
-from mixq.allocate import Budget, Constraints, SensitivityTable, allocate, default_candidates
-from mixq.config import parse_spec
-from mixq.export.native import load_quantized, read_info
-from mixq.export.native_write import rewrite_native, save_quantized
-from mixq.measure import measure
+import mixq
+from mixq.allocate import SensitivityTable
+from mixq.export.native import read_info
+from mixq.export.native_write import rewrite_native  # re-saves a directory with a bf16 rest: no stage does that
 from mixq.runtime import greedy_generate, kernel_usage, memory_report
 
 UNIFORM = ["W4-g128", "W4-g64", "W3-g128"]
@@ -99,11 +97,11 @@ def main():
             t = time.perf_counter()
             cache = Path(__file__).parent / "cache" / f"measure-kfac-rtn-{args.calib_samples}x512.json"
             cache.parent.mkdir(exist_ok=True)
-            table = SensitivityTable.load(cache) if cache.exists() else measure(
-                S.ref, S.calib, default_candidates(), metric="kfac", algorithm="rtn", out=cache, progress=False)
+            table = SensitivityTable.load(cache) if cache.exists() else mixq.measure(
+                S.ref, S.calib, metric="kfac", algorithm="rtn", out=cache, progress=False)
             measure_s = time.perf_counter() - t
-            plans[f"mixed-{args.bpw:g}"] = allocate(table, Budget(bpw=args.bpw))
-            plans[f"mixed-{args.bpw:g}-cpu"] = allocate(table, Budget(bpw=args.bpw), constraints=Constraints(fast_on="cpu"))
+            plans[f"mixed-{args.bpw:g}"] = mixq.plan(table, bpw=args.bpw)
+            plans[f"mixed-{args.bpw:g}-cpu"] = mixq.plan(table, bpw=args.bpw, fast_on="cpu")
             print(f"measured kfac in {measure_s:.0f} s", flush=True)
         for name in wanted:
             rows.append(_quantized_row(S, name, plans.get(name), prompt, args, work, has_gguf))
@@ -142,24 +140,20 @@ def _dir_bytes(d: Path) -> int:
 
 def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> dict:
     model = copy.deepcopy(S.ref)
-    if plan is not None:
-        specs, label = dict(plan.layers), f"{name} ({plan.achieved_bpw:.3f} bpw)"
-    else:
-        specs, label = api.resolve_specs(model, name, group_fallback="shrink"), name
-    t = time.perf_counter()
-    res = api.quantize_model(model, specs, method="rtn", progress=False)
-    quant_s = time.perf_counter() - t
-    size = api.size_report(model, specs)
-    fallback = len(api.fallbacks(specs, parse_spec(name))) if plan is None else 0
+    label = name if plan is None else f"{name} ({plan.achieved_bpw:.3f} bpw)"
+    res = mixq.quantize(model, None if plan is not None else name, plan=plan, group_fallback="shrink", progress=False)
+    specs, quant_s, size = res.specs, res.seconds, res.meta["size"]
+    fallback = len(res.meta["group_fallback"])  # {} for a plan
     d = work / name
-    save_quantized(d, model, S.tok, res.qtensors, {"base_model": "smollm2-135m", "method": "rtn", "spec": label},
-                   overwrite=True)
+    # the bare codes and this meta (not res.meta): the directory whose bytes the rows report
+    mixq.save_quantized(d, model, S.tok, res.qtensors, {"method": "rtn", "spec": label}, base_model="smollm2-135m",
+                        overwrite=True)
     d16 = work / f"{name}-bf16rest"
     rewrite_native(d, d16, overwrite=True, rest_dtype=torch.bfloat16)
     storage = read_info(d)["storage"]
     fake = S.evaluate(model)
     # the native directory, packed, fp32, reference kernel: must agree with the in-memory fake-quant model
-    packed32, _, _ = load_quantized(d, dtype=torch.float32, packed=True, kernel="reference")
+    packed32, _, _ = mixq.load_quantized(d, dtype=torch.float32, packed=True, kernel="reference")
     with torch.no_grad():
         ids = S.windows.input_ids[:1, :128]
         max_logit_diff = float((packed32(ids).logits - model(ids).logits).abs().max())
@@ -167,7 +161,7 @@ def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> d
     del packed32, model
     gc.collect()
     # deployment: bf16 rest, bf16 activations, kernel auto
-    packed, _, _ = load_quantized(d16, dtype=torch.bfloat16, packed=True)
+    packed, _, _ = mixq.load_quantized(d16, dtype=torch.bfloat16, packed=True)
     mem0 = memory_report(packed)
     speed = _speed(packed, prompt, args)
     mem = memory_report(packed)  # kernel layouts now built

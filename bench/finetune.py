@@ -24,7 +24,8 @@ from mixq import pipeline as P
 from mixq.distill import FinetuneConfig
 from mixq.eval.scorer import DomainScorer
 from mixq.distill_e2e import E2EConfig
-from mixq.export.native import load_quantized, read_info
+from mixq import load_quantized
+from mixq.export.native import read_info
 from mixq.jsonio import write_json_atomic
 
 
@@ -51,9 +52,7 @@ def main():
 
     plan = None
     if args.measurement:
-        from mixq.allocate import Budget, SensitivityTable, allocate
-
-        plan = allocate(SensitivityTable.load(args.measurement), Budget(bpw=args.bpw))
+        plan = P.plan(args.measurement, bpw=args.bpw)
     name = f"mixed-{args.bpw}-{args.tag}" if plan else args.spec.replace("+", "_")
     src = Path(args.work) / name
     path = RESULTS / "frontier" / "finetune.json"

@@ -14,8 +14,7 @@ import time
 
 from common import RESULTS, Setup, header, peak_rss_mb
 
-from mixq import api
-from mixq.config import parse_spec
+import mixq
 
 SPECS = ["W8-channel", "W4-g128", "W4-g32", "W4-g32-asymf", "W3-g128", "W3-g64", "W2-g64", "NF4-g64", "FP8", "MXFP4",
          "NVFP4"]
@@ -33,14 +32,11 @@ def main():
     rows.append(dict(spec="fp32", bpw_linears=32.0, bpw_all=32.0, seconds=0.0, fallback=0, **_m(fp)))
     for name in args.specs.split(","):
         model = copy.deepcopy(S.ref)
-        specs = api.resolve_specs(model, name, group_fallback="shrink")
-        t = time.perf_counter()
-        api.quantize_model(model, specs, method="rtn", progress=False)
-        secs = time.perf_counter() - t
-        size = api.size_report(model, specs)
+        res = mixq.quantize(model, name, group_fallback="shrink", progress=False)
+        size = res.meta["size"]
         r = S.evaluate(model)
-        rows.append(dict(spec=name, bpw_linears=size["bpw_quantized"], bpw_all=size["bpw_all"], seconds=secs,
-                         fallback=len(api.fallbacks(specs, parse_spec(name))), **_m(r)))
+        rows.append(dict(spec=name, bpw_linears=size["bpw_quantized"], bpw_all=size["bpw_all"], seconds=res.seconds,
+                         fallback=len(res.meta["group_fallback"]), **_m(r)))
         print(rows[-1], flush=True)
         del model
     total = time.perf_counter() - t0

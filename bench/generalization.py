@@ -22,11 +22,8 @@ from pathlib import Path
 
 from common import RESULTS, domain_scorer, git_rev, header, machine, score_row
 
-from mixq import api
-from mixq.allocate import Budget, Constraints, allocate, default_candidates, load_candidates
-from mixq.calibset import build_calibration
-from mixq.measure import measure
-from mixq.models import load_model
+import mixq
+from mixq.allocate import default_candidates, load_candidates
 
 OUT = RESULTS / "generalization"
 CACHE = Path(__file__).parent / "cache"
@@ -71,11 +68,11 @@ def main():
            + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else "")
            + (f" --measurement {args.measurement}" if args.measurement else "")
            + (f" --fast-on {args.fast_on}" if args.fast_on else ""))
-    ref, tok = load_model("smollm2-135m")
+    ref, tok = mixq.load_model("smollm2-135m")
     evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     bos = evals.bos
     t0 = time.perf_counter()
-    calib = build_calibration(ref, tok, args.calib, args.nsamples, args.seqlen, seed=0, bos_id=bos.bos_id)
+    calib = mixq.build_calibration(ref, tok, args.calib, args.nsamples, args.seqlen, seed=0, bos=bos)
     t_calib = time.perf_counter() - t0
     cands = default_candidates() if args.candidates == "default" else load_candidates(args.candidates)
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
@@ -101,15 +98,13 @@ def main():
                 doc["measure_seconds"] = f"from {args.measurement}"
             if table is None:
                 table = _measurement(ref, calib, doc, cands, args.metric)
-            plan = allocate(table, Budget(bpw=b), method="exact" if v.startswith("mixed") else "uniform",
-                            constraints=Constraints(fast_on=args.fast_on))
+            plan = mixq.plan(table, bpw=b, solver="exact" if v.startswith("mixed") else "uniform",
+                             fast_on=args.fast_on)
             model = copy.deepcopy(ref)
-            t = time.perf_counter()
             method = "rtn" if v.endswith("RTN") else "gptq"
-            res = api.quantize_model(model, dict(plan.layers), method=method, damp=args.damp,
-                                     act_order=args.act_order, calib_ids=None if method == "rtn" else calib.ids,
-                                     progress=False)
-            row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
+            res = mixq.quantize(model, plan=plan, method=method, damp=args.damp, act_order=args.act_order,
+                                calib=None if method == "rtn" else calib, progress=False)
+            row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
             if v.endswith("+e2e"):  # then the recipe's fine-tuning (mixq-default-7) on the same calibration rows
                 from mixq.distill_e2e import E2EConfig, finetune_e2e
@@ -121,18 +116,14 @@ def main():
 
 
 def _one_spec(args, ref, calib, evals, doc, path, tag):
-    from mixq.config import parse_spec
-
     v = f"GPTQ {args.spec}"
     if any(r["variant"] == v for r in doc["rows"]):
         return
     model = copy.deepcopy(ref)
-    specs = api.resolve_specs(model, parse_spec(args.spec), group_fallback="shrink")
-    t = time.perf_counter()
-    api.quantize_model(model, specs, method="gptq", damp=args.damp, act_order=args.act_order, calib_ids=calib.ids,
-                       progress=False)
-    bpw = api.size_report(model, specs)["bpw_quantized"]
-    row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": time.perf_counter() - t, "spec": args.spec}
+    res = mixq.quantize(model, args.spec, method="gptq", calib=calib, group_fallback="shrink", damp=args.damp,
+                        act_order=args.act_order, progress=False)
+    bpw = res.meta["size"]["bpw_quantized"]
+    row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": res.seconds, "spec": args.spec}
     score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
 
 
@@ -149,7 +140,7 @@ def _measurement(ref, calib, doc, cands, metric="kfac"):
         doc["measure_seconds"] = f"reused {path.name}"
         return SensitivityTable.load(path)
     t = time.perf_counter()
-    table = measure(ref, calib.ids, cands, metric=metric, algorithm="gptq", progress=False)
+    table = mixq.measure(ref, calib, candidates=cands, metric=metric, algorithm="gptq", progress=False)
     doc["measure_seconds"] = time.perf_counter() - t
     table.save(path, overwrite=True)
     return table

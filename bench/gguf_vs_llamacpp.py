@@ -76,7 +76,7 @@ def f16_gguf(work: Path) -> Path:
     if not out.exists():
         from mixq.export.gguf import write_gguf
         from mixq.export.gguf_vocab import _embedded_pre
-        from mixq.models import load_model
+        from mixq import load_model
 
         model, tok = load_model("smollm2-135m")
         write_gguf(model, tok, {}, out, float_type="f16", name="smollm2-135m",
@@ -166,7 +166,7 @@ def chunk_ids(test: Path, args):
     import torch
     from transformers import AutoTokenizer  # noqa: F401  (the embedded tokenizer is an HF one)
 
-    from mixq.models import load_model
+    from mixq import load_model
 
     _, tok = load_model("smollm2-135m")
     ids = tok(test.read_text(), add_special_tokens=False)["input_ids"]
@@ -192,8 +192,7 @@ def torch_ppl(model, chunks) -> float:
 
 def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> dict:
     """llama.cpp's PPL of mixq's GGUF next to mixq's own: the same tokens and protocol in torch, and mixq eval."""
-    from mixq.export.native import load_quantized
-    from mixq.models import load_model
+    from mixq import load_model, load_quantized
 
     done = args.work / f"check-{mixq_dir.name}.json"
     if done.exists():

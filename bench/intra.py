@@ -43,11 +43,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, header, peak_rss_mb  # noqa: E402
 
-from mixq import api  # noqa: E402
-from mixq.allocate import Budget, LayerEntry, SensitivityTable, allocate, default_candidates  # noqa: E402
+import mixq  # noqa: E402
+from mixq.allocate import LayerEntry, SensitivityTable, default_candidates  # noqa: E402
+from mixq.arch import iter_layers  # noqa: E402
 from mixq.config import is_composite, parse_spec  # noqa: E402
 from mixq.jsonio import write_json_atomic  # noqa: E402
-from mixq.measure import measure  # noqa: E402
 
 CACHE = Path(__file__).parent / "cache"
 METRIC, ALGO = "kfac", "rtn"
@@ -96,7 +96,7 @@ class SmokeSetup:
                                              dtype="float32")
         self.cache = ReferenceCache(self.ref, self.windows, progress=False)
         self.seqlen, self.nsamples = seqlen, nsamples
-        self.calib = data.calibration_batch(self._ids["train"], nsamples, seqlen, seed=0)
+        self.calib = data.calibration_batch(self._ids["train"], nsamples, seqlen, seed=0)  # bytes, no tokenizer: no stage
 
     def evaluate(self, model) -> dict:
         from mixq.eval import evaluate
@@ -104,8 +104,8 @@ class SmokeSetup:
         return evaluate(model, self.windows, self.protocol, reference=self.cache, progress=False)
 
 
-def block_linears(model) -> dict[str, tuple[int, int]]:
-    return {r.fqn: r.shape for r in api.iter_layers(model) if r.block is not None}
+def block_linears(model) -> dict[str, tuple[int, int]]:  # shapes, to check the specs before measuring: no stage
+    return {r.fqn: r.shape for r in iter_layers(model) if r.block is not None}
 
 
 # ---------------------------------------------------------------------------- measurements
@@ -144,16 +144,16 @@ def tables(S, intra_specs, tag: str, prefix: str) -> tuple[SensitivityTable, Sen
     p_both = cache / f"{prefix}measure-{METRIC}-{ALGO}-default+{tag}-{n}.json"
     plain_c = default_candidates()
     if not p_plain.exists() and not p_intra.exists():
-        both = SensitivityTable.load(p_both) if p_both.exists() else measure(
-            S.ref, S.calib, plain_c + intra_specs, metric=METRIC, algorithm=ALGO, out=p_both, progress=False)
+        both = SensitivityTable.load(p_both) if p_both.exists() else mixq.measure(
+            S.ref, S.calib, candidates=plain_c + intra_specs, metric=METRIC, algorithm=ALGO, out=p_both, progress=False)
         meta = dict(both.meta, split_from=p_both.name)
         _subset(both, lambda c: not is_composite(c), {**meta, "candidates": [c.name for c in plain_c]}).save(p_plain)
         _subset(both, is_composite, {**meta, "candidates": [c.name for c in intra_specs]}).save(p_intra)
     secs = {}
-    plain = SensitivityTable.load(p_plain) if p_plain.exists() else measure(
-        S.ref, S.calib, plain_c, metric=METRIC, algorithm=ALGO, out=p_plain, progress=False)
-    intra = SensitivityTable.load(p_intra) if p_intra.exists() else measure(
-        S.ref, S.calib, intra_specs, metric=METRIC, algorithm=ALGO, out=p_intra, progress=False)
+    plain = SensitivityTable.load(p_plain) if p_plain.exists() else mixq.measure(
+        S.ref, S.calib, candidates=plain_c, metric=METRIC, algorithm=ALGO, out=p_plain, progress=False)
+    intra = SensitivityTable.load(p_intra) if p_intra.exists() else mixq.measure(
+        S.ref, S.calib, candidates=intra_specs, metric=METRIC, algorithm=ALGO, out=p_intra, progress=False)
     want = [c.name for c in intra_specs]
     if [c.name for c in intra.layers[0].candidates] != want:
         raise SystemExit(f"{p_intra} holds other composites ({[c.name for c in intra.layers[0].candidates]}); "
@@ -166,23 +166,21 @@ def tables(S, intra_specs, tag: str, prefix: str) -> tuple[SensitivityTable, Sen
 
 
 # ---------------------------------------------------------------------------- rows
-def _quantize_eval(S, specs: dict, method: str) -> tuple[dict, float, dict]:
+def _quantize_eval(S, spec=None, *, plan=None, method: str) -> tuple[dict, float, dict]:
     model = copy.deepcopy(S.ref)
-    t = time.perf_counter()
-    api.quantize_model(model, specs, method=method, calib_ids=S.calib if method == "gptq" else None, progress=False)
-    q_s = time.perf_counter() - t
-    size = api.size_report(model, specs)
+    res = mixq.quantize(model, spec, plan=plan, method=method, calib=S.calib if method == "gptq" else None,
+                        progress=False)
     r = S.evaluate(model)
     del model
-    return r, q_s, size
+    return r, res.seconds, res.meta["size"]
 
 
 def curve_row(S, table, budget: float, variant: str, tag: str) -> dict:
     t = time.perf_counter()
-    plan = allocate(table, Budget(bpw=budget), method="uniform" if variant.startswith("uniform") else "exact")
+    plan = mixq.plan(table, bpw=budget, solver="uniform" if variant.startswith("uniform") else "exact")
     solve_ms = (time.perf_counter() - t) * 1000
     specs = dict(plan.layers)
-    r, q_s, _ = _quantize_eval(S, specs, ALGO)
+    r, q_s, _ = _quantize_eval(S, plan=plan, method=ALGO)
     counts = Counter(s.name for s in specs.values())
     comp = sum(v for k, v in counts.items() if is_composite(parse_spec(k)))
     return dict(kind="curve", id=f"curve|{variant}|{budget:g}" + (f"|{tag}" if "intra" in variant else ""),
@@ -194,8 +192,7 @@ def curve_row(S, table, budget: float, variant: str, tag: str) -> dict:
 
 def method_row(S, spec_name: str, method: str) -> dict:
     spec = parse_spec(spec_name)
-    specs = {f: spec for f in block_linears(S.ref)}
-    r, q_s, size = _quantize_eval(S, specs, method)
+    r, q_s, size = _quantize_eval(S, spec, method=method)  # every block linear
     return dict(kind="method", id=f"method|{spec.name}|{method}", label=LABELS.get(spec_name, spec.name),
                 spec=spec.name, method=method, bpw=size["bpw_quantized"], kl=r["kl"], perplexity=r["perplexity"],
                 top1=r["top1_agreement"], quant_s=q_s, eval_s=r.get("seconds"))

@@ -20,7 +20,7 @@ import json
 import torch
 
 import mixq
-from mixq.algorithms.rtn import rtn_quantize
+from mixq.algorithms.rtn import rtn_quantize  # one layer's RTN error, layer by layer: no stage works per layer
 from mixq.arch import arch_for, block_linears, get_blocks
 from mixq.bos import resolve_bos
 from mixq.config import parse_spec

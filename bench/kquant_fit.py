@@ -33,7 +33,7 @@ from common import RESULTS, header
 sys.path.insert(0, str(Path(__file__).parent))
 import llamacpp  # noqa: E402
 
-from mixq.algorithms.gptq import gptq_quantize  # noqa: E402
+from mixq.algorithms.gptq import gptq_quantize  # noqa: E402  (one tensor's GPTQ proxy: no stage works per tensor)
 from mixq.config import family_of, parse_spec  # noqa: E402
 from mixq.formats import dequantize, quantize  # noqa: E402
 
@@ -156,7 +156,7 @@ def main() -> None:
     mats = [(torch.distributions.StudentT(5.0).sample((512, 1536)) * 0.02).float() for _ in range(args.mats)]
     imps = [torch.exp(1.5 * torch.randn(1536, generator=g)) for _ in mats]
     synth = compare(exe, work, mats, imps)
-    from mixq.models import load_model
+    from mixq import load_model
 
     model, _ = load_model("smollm2-135m")
     downs = [m.weight.detach().float() for n, m in model.named_modules() if n.endswith("down_proj")][::10][:args.mats]

@@ -17,16 +17,13 @@ import argparse
 import copy
 import json
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
 from common import domain_scorer, git_rev, machine, score_row
 
 import mixq
-from mixq import api
-from mixq import pipeline as P
-from mixq.allocate import Budget, SensitivityTable, allocate
+from mixq.allocate import SensitivityTable
 from mixq.recipe import DEFAULT_RECIPE as R
 
 
@@ -58,7 +55,7 @@ def main() -> None:
     ref, tok = mixq.load_model(args.model)
     evals = domain_scorer(ref, tok, args.model, args.tokens)
     bos = evals.bos
-    cal = P.build_calibration(ref, tok, R["calib"], R["nsamples"], R["seqlen"], seed=0, bos=bos, progress=False)
+    cal = mixq.build_calibration(ref, tok, R["calib"], R["nsamples"], R["seqlen"], seed=0, bos=bos, progress=False)
     if cal.sha256[:16] != table.meta.get("calibration"):
         raise SystemExit(f"the tables were not measured on the default calibration rows ({cal.sha256[:16]})")
     out = Path(args.out)
@@ -69,11 +66,10 @@ def main() -> None:
                commit=git_rev(), model=args.model, metric=args.metric, calibration=cal.record(), damp=R["damp"],
                act_order=R["act_order"], protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     for bpw in [float(x) for x in args.budgets.split(",")]:
-        plan = allocate(table, Budget(bpw=bpw))
+        plan = mixq.plan(table, bpw=bpw)
         m = copy.deepcopy(ref)
-        t = time.perf_counter()
-        api.quantize_model(m, dict(plan.layers), method="gptq", calib_ids=cal.ids, progress=False)
-        row = {"variant": "mixed GPTQ", "budget": bpw, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
+        res = mixq.quantize(m, plan=plan, method="gptq", calib=cal, progress=False)
+        row = {"variant": "mixed GPTQ", "budget": bpw, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                "spec": None, "specs": dict(Counter(s.name for s in plan.layers.values()))}
         doc["rows"] = [x for x in doc["rows"] if x["budget"] != bpw]
         score_row(row, m, evals, doc, out, f"{args.metric} mixed GPTQ {bpw}")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from common import RESULTS, domain_scorer, git_rev, machine
 
 from mixq import pipeline as P
-from mixq.allocate import Budget, SensitivityTable, allocate
+from mixq.allocate import SensitivityTable
 from mixq.arch import iter_layers
 
 
@@ -94,7 +94,7 @@ def main():
         return m, {"ptb": r["ptb"]["kl"], "fortunes": r["fortunes"]["kl"]}
 
     t = time.perf_counter()
-    plan = allocate(table, Budget(bpw=args.bpw))
+    plan = P.plan(table, bpw=args.bpw)
     qm, before = quantized(plan)
     blocks = block_alphas(ref, qm, plan, held)
     whole = held(qm)
@@ -102,7 +102,7 @@ def main():
     alpha = {x["block"]: x["alpha"] for x in blocks}
     rescaled = SensitivityTable(tuple(replace(x, errors=tuple(e * alpha[_block(x.fqn)] for e in x.errors))
                                       for x in table.layers), table.metric, table.meta)
-    plan2 = allocate(rescaled, Budget(bpw=args.bpw))
+    plan2 = P.plan(rescaled, bpw=args.bpw)
     changed = sum(plan.layers[f].name != plan2.layers[f].name for f in plan.layers)
     _, after = quantized(plan2)
     row = {"bpw": args.bpw, "measurement": args.measurement, "rows": args.rows, "commit": git_rev(),

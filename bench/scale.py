@@ -105,7 +105,7 @@ def main():
     ap.add_argument("--spec", default="W4-g128")
     ap.add_argument("--nsamples", type=int, default=16)
     args = ap.parse_args()
-    from mixq.models import load_model
+    from mixq import load_model
 
     model, _ = load_model("smollm2-135m")  # makes sure the safetensors copy exists
     src = Path(model.name_or_path)

@@ -114,8 +114,7 @@ def default_recipe(args) -> None:
 
     from common import domain_scorer, git_rev, machine, score_row
 
-    from mixq import api
-    from mixq.allocate import Budget, allocate, default_candidates
+    from mixq.allocate import default_candidates
     from mixq.recipe import DEFAULT_RECIPE
 
     R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
@@ -146,14 +145,12 @@ def default_recipe(args) -> None:
                 continue
             if table is None:
                 table = _default_table(ref, calib, cands, R, cached, doc)
-            plan = allocate(table, Budget(bpw=b), method=R["solver"] if v.startswith("mixed") else "uniform")
+            plan = mixq.plan(table, bpw=b, solver=R["solver"] if v.startswith("mixed") else "uniform")
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else R["method"]
-            t = time.perf_counter()
-            res = api.quantize_model(model, dict(plan.layers), method=method, damp=R["damp"],
-                                     act_order=R["act_order"], calib_ids=None if method == "rtn" else calib.ids,
-                                     progress=False)
-            row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": time.perf_counter() - t,
+            res = mixq.quantize(model, plan=plan, method=method, damp=R["damp"], act_order=R["act_order"],
+                                calib=None if method == "rtn" else calib, progress=False)
+            row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "specs": dict(Counter(s.name for s in plan.layers.values()))}
             if v.endswith("+e2e"):  # then the recipe's end-to-end fine-tuning on the same calibration rows
                 from mixq.distill_e2e import E2EConfig, finetune_e2e
@@ -184,10 +181,8 @@ def metric_ab(args) -> None:
 
     from common import domain_scorer, git_rev, machine, score_row
 
-    from mixq import api
-    from mixq.allocate import Budget, SensitivityTable, allocate
+    from mixq.allocate import SensitivityTable
     from mixq.config import parse_spec
-    from mixq.measure import measure
     from mixq.recipe import DEFAULT_RECIPE
 
     R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
@@ -211,23 +206,24 @@ def metric_ab(args) -> None:
             tables[metric] = SensitivityTable.load(cached)
             continue
         t = time.perf_counter()
-        tables[metric] = measure(ref, calib.ids, cands, metric=metric, algorithm="rtn", progress=False, out=cached)
+        tables[metric] = mixq.measure(ref, calib, candidates=cands, metric=metric, algorithm="rtn", progress=False,
+                                      out=cached)
         doc.setdefault("measure_seconds", {})[metric] = time.perf_counter() - t
 
     def run(label, plan):
         if label in done:
             return
         model = copy.deepcopy(ref)
-        api.quantize_model(model, dict(plan.layers), method="rtn", progress=False)
+        mixq.quantize(model, plan=plan, progress=False)
         row = {"label": label, "bpw": plan.achieved_bpw, "specs": dict(Counter(s.name for s in plan.layers.values()))}
         score_row(row, model, evals, doc, path, label)
 
     first = next(iter(tables.values()))
     for spec in args.uniform.split(","):
-        uplan = allocate(first, Budget(bpw=16.0), method="uniform", uniform=spec)
+        uplan = mixq.plan(first, bpw=16.0, solver="uniform", uniform=spec)
         run(f"uniform RTN {spec}", uplan)
         for metric, table in tables.items():
-            run(f"mixed RTN {metric} @{spec}", allocate(table, Budget(bpw=uplan.achieved_bpw)))
+            run(f"mixed RTN {metric} @{spec}", mixq.plan(table, bpw=uplan.achieved_bpw))
     lines = [f"# Second embedded model, sensitivity metrics A/B: {args.model}", "",
              f"- command: `{doc['command']}`; commit {doc['commit']}; {doc['machine']}",
              f"- calibration: {doc['calibration']}; measurement with RTN errors, candidates {args.candidates}; RTN",
@@ -243,14 +239,13 @@ def metric_ab(args) -> None:
 
 def _default_table(ref, calib, cands, R, cached, doc):
     from mixq.allocate import SensitivityTable
-    from mixq.measure import measure
 
     if cached.exists():
         doc["measure_seconds"] = f"reused {cached.name}"
         return SensitivityTable.load(cached)
     t = time.perf_counter()
-    table = measure(ref, calib.ids, cands, metric=R["metric"], algorithm=R["algorithm"], progress=False,
-                    out=cached)
+    table = mixq.measure(ref, calib, candidates=cands, metric=R["metric"], algorithm=R["algorithm"], progress=False,
+                         out=cached)
     doc["measure_seconds"] = time.perf_counter() - t
     return table
 

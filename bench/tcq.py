@@ -57,8 +57,8 @@ def gaussian_rows() -> list[dict]:
 def layer_rows() -> list[dict]:
     from mixq import data
     from mixq.config import parse_spec
-    from mixq.intra import quantize_layer
-    from mixq.models import load_model
+    from mixq.intra import quantize_layer  # layer by layer, RTN vs GPTQ error: no stage works per layer
+    from mixq import load_model
 
     model, tok = load_model("smollm2-135m")
     ids = data.calibration_batch(data.tokenize(data.load_corpus("ptb", "train"), tok, progress=False), 8, 256, seed=0)

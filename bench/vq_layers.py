@@ -21,7 +21,7 @@ import torch
 from common import RESULTS, git_rev, machine
 
 from mixq.config import parse_spec
-from mixq.intra import quantize_layer
+from mixq.intra import quantize_layer  # per-layer errors (the benchmark's unit): no stage works per layer
 from mixq.intra.incoherence import rotate, rotate_weight, seeds_for
 from mixq.intra.scales import group_len
 from mixq.intra.vq import fit_scales, quantize_vq, spec_codebook

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import RESULTS, decode_speed_rows, git_rev, machine
 
 from mixq.config import parse_spec
-from mixq.intra import PackedComposite, quantize_layer
+from mixq.intra import PackedComposite, quantize_layer  # one layer's kernel timing: no stage works per layer
 from mixq.intra.vq_linear import VQLinear
 from mixq.runtime import PackedWeight, QuantLinear
 
@@ -76,12 +76,11 @@ def main():
     for item in (args.plans.split(",") if args.plans else []):
         from pathlib import Path
 
-        from mixq.allocate import Budget, Constraints, SensitivityTable, allocate
+        import mixq
 
         path, bpw, *fast = item.split(":")
         row = f"mixed {float(bpw):g}{' --fast-on ' + fast[0] if fast else ''} ({Path(path).stem})"
-        plans[row] = allocate(SensitivityTable.load(path), Budget(bpw=float(bpw)),
-                              constraints=Constraints(fast_on=fast[0] if fast else None)).layers
+        plans[row] = mixq.plan(path, bpw=float(bpw), fast_on=fast[0] if fast else None).layers
     specs = [s for s in args.specs.split(",") if s]
     rows = decode_speed_rows(specs, args.new_tokens, args.prompt_tokens, args.repeats, plans)
     doc = {"command": f"OMP_NUM_THREADS={torch.get_num_threads()} python bench/vq_speed.py --specs {args.specs} --new-tokens {args.new_tokens}"

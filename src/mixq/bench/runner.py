@@ -225,8 +225,8 @@ class Bench:
         return meta
 
     def measurement(self):
-        from ..allocate import SensitivityTable, default_candidates, load_candidates
-        from ..measure import measure
+        from .. import pipeline as P
+        from ..allocate import SensitivityTable
 
         path = self.out / "measurement.json"
         c = self.cfg
@@ -236,9 +236,8 @@ class Bench:
                 raise BenchError(f"{path} was measured on another model: pass --force to start over")
             log.info("reusing the measurement %s", path)
             return table
-        cands = default_candidates() if c.candidates == "default" else load_candidates(c.candidates)
-        return measure(self.model, self.calib, cands, metric=c.metric, algorithm=c.algorithm,
-                       grad_samples=c.grad_samples, block_samples=c.block_samples, out=path, progress=self.progress)
+        return P.measure(self.model, self.calib, candidates=c.candidates, metric=c.metric, algorithm=c.algorithm,
+                         grad_samples=c.grad_samples, block_samples=c.block_samples, out=path, progress=self.progress)
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, model) -> dict:
@@ -291,13 +290,13 @@ class Bench:
 
     def row(self, table, method: str, budget: float) -> dict:
         from .. import pipeline as P
-        from ..allocate import Budget, InfeasibleBudget, allocate
+        from ..allocate import InfeasibleBudget
 
         algo, solver, uniform = method_info(method)
         base = {"method": method, "budget": budget, "algorithm": algo, "solver": solver, "uniform": uniform}
         t0 = time.perf_counter()
         try:
-            plan = allocate(table, Budget(bpw=budget), method=solver)
+            plan = P.plan(table, bpw=budget, solver=solver)
         except InfeasibleBudget as e:
             return {**base, "status": "infeasible", "error": str(e).splitlines()[0], **self._provenance()}
         solve_ms = (time.perf_counter() - t0) * 1000
