@@ -49,6 +49,7 @@ from common import RESULTS, Setup, header, peak_rss_mb
 import mixq
 from mixq.allocate import SensitivityTable
 from mixq.export.native import read_info
+from mixq.models import model_fingerprint
 from mixq.export.native_write import rewrite_native  # re-saves a directory with a bf16 rest: no stage does that
 from mixq.runtime import greedy_generate, kernel_usage, memory_report
 
@@ -97,8 +98,12 @@ def main():
             t = time.perf_counter()
             cache = Path(__file__).parent / "cache" / f"measure-kfac-rtn-{args.calib_samples}x512.json"
             cache.parent.mkdir(exist_ok=True)
-            table = SensitivityTable.load(cache) if cache.exists() else mixq.measure(
-                S.ref, S.calib, metric="kfac", algorithm="rtn", out=cache, progress=False)
+            table = SensitivityTable.load(cache) if cache.exists() else None
+            if table is not None and table.meta.get("model") != model_fingerprint(S.ref):  # another model's table
+                print(f"{cache} was measured on another model: measuring again", flush=True)
+                table = None
+            if table is None:
+                table = mixq.measure(S.ref, S.calib, metric="kfac", algorithm="rtn", out=cache, progress=False)
             measure_s = time.perf_counter() - t
             plans[f"mixed-{args.bpw:g}"] = mixq.plan(table, bpw=args.bpw)
             plans[f"mixed-{args.bpw:g}-cpu"] = mixq.plan(table, bpw=args.bpw, fast_on="cpu")

@@ -147,8 +147,9 @@ def tables(S, intra_specs, tag: str, prefix: str) -> tuple[SensitivityTable, Sen
         both = SensitivityTable.load(p_both) if p_both.exists() else mixq.measure(
             S.ref, S.calib, candidates=plain_c + intra_specs, metric=METRIC, algorithm=ALGO, out=p_both, progress=False)
         meta = dict(both.meta, split_from=p_both.name)
-        _subset(both, lambda c: not is_composite(c), {**meta, "candidates": [c.name for c in plain_c]}).save(p_plain)
-        _subset(both, is_composite, {**meta, "candidates": [c.name for c in intra_specs]}).save(p_intra)
+        extra = {c.name for c in intra_specs}  # split by --intra names: the default set holds composites too (TCQ+ip)
+        _subset(both, lambda c: c.name not in extra, {**meta, "candidates": [c.name for c in plain_c]}).save(p_plain)
+        _subset(both, lambda c: c.name in extra, {**meta, "candidates": [c.name for c in intra_specs]}).save(p_intra)
     secs = {}
     plain = SensitivityTable.load(p_plain) if p_plain.exists() else mixq.measure(
         S.ref, S.calib, candidates=plain_c, metric=METRIC, algorithm=ALGO, out=p_plain, progress=False)

@@ -68,7 +68,8 @@ def main() -> None:
     for bpw in [float(x) for x in args.budgets.split(",")]:
         plan = mixq.plan(table, bpw=bpw)
         m = copy.deepcopy(ref)
-        res = mixq.quantize(m, plan=plan, method="gptq", calib=cal, progress=False)
+        res = mixq.quantize(m, plan=plan, method="gptq", calib=cal, damp=R["damp"], act_order=R["act_order"],
+                            progress=False)
         row = {"variant": "mixed GPTQ", "budget": bpw, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                "spec": None, "specs": dict(Counter(s.name for s in plan.layers.values()))}
         doc["rows"] = [x for x in doc["rows"] if x["budget"] != bpw]
