@@ -172,10 +172,10 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
 
 
 def test_measurement_treats_tcq_as_its_own_family():
-    from mixq.measure.layer import _family, _scalable
+    from mixq.measure.layer import _family, _scaled_as
 
     c = parse_spec("TCQ2.5-channel+ip")
-    assert _scalable(c) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
+    assert _scaled_as(c) == (c.inner, True) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
 
 
 TRITON_CHILD = r"""

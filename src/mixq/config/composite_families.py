@@ -40,6 +40,7 @@ class Incoherent(_Builtin):
     """``+ip``: the rest of the spec applied to ``Q_out W Q_inᵀ``; its inner spec's kernels between two transforms."""
 
     family, part, transforms = "+ip", "incoherent", True
+    kernels = ()  # its inner layer's (a plain grid's, or the inner composite family's)
 
     def runs_as(self, spec):
         inner = composite_of(spec.inner)
