@@ -116,6 +116,8 @@ def test_registered_composite_parses_costs_and_maps(low_rank):
     assert parse_spec(s.name) == s and parse_spec(json.loads(json.dumps(s.to_dict()))) == s
     assert s.cost((8, 64)).total == parse_spec("W3-g32").cost((8, 64)).total + 16 * 2 * (8 + 64)
     assert mixq.config.is_composite(s) and s.export_to("native").kind == "exact"
+    ip = parse_spec("W3-g32+o0.5+ip")  # the built-in composites' names and dicts still read
+    assert parse_spec(ip.to_dict()) == ip and parse_spec(ip.name) == ip and composite_of(ip) is BUILTIN_COMPOSITES[0]
     assert s.export_to("gguf").kind == "refused" and "gguf" in s.export_to("gguf").note
     with pytest.raises(ValueError, match="already registered"):
         register(low_rank)

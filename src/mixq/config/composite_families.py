@@ -28,6 +28,7 @@ TCQ_KERNELS = ("tcq-reference", "tcq-cpu", "tcq-dense", "triton")          # mix
 
 class _Builtin(CompositeFormat):
     part = ""  # the CompositeSpec field that makes a spec this family's
+    spec_type = "CompositeSpec"
 
     def claims(self, spec) -> bool:
         return isinstance(spec, CompositeSpec) and bool(getattr(spec, self.part))

@@ -38,7 +38,7 @@ class CompositeFormat:
     """One family of intra-tensor composites.  Defaults: the reference layer only, native export only."""
 
     family = ""
-    spec_type = "CompositeSpec"          # the "_type" of its specs' to_dict()
+    spec_type = ""                       # the "_type" of its specs' to_dict() ("": they have no dict form of their own)
     kernels: tuple[str, ...] = (REFERENCE_KERNEL,)
     transforms = False                   # adds transforms around its inner layer on every call (+ip)
     exports: dict[str, Export] = {"native": Export("exact")}

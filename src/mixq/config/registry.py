@@ -103,7 +103,7 @@ def format_of(spec) -> ElementFormat | CompositeFormat:
 
 def composite_by_type(spec_type) -> CompositeFormat | None:
     """The first composite family whose specs' ``to_dict()`` has ``"_type": spec_type``."""
-    return next((f for f in _COMPOSITES if f.spec_type == spec_type), None)
+    return next((f for f in _COMPOSITES if spec_type and f.spec_type == spec_type), None)
 
 
 def parse_composite(name: str):
