@@ -130,7 +130,8 @@ def test_stored_parts_match_cost_and_rebuild_exactly(method):
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_packed_storage_is_the_accounted_size_and_round_trips(method):
-    from mixq.intra.storage import pack_composite, packed_bits, unpack_composite
+    from mixq.intra.families import pack_composite, unpack_composite
+    from mixq.intra.storage import packed_bits
 
     R, C = 40, 128
     W, H = _weight(R, C), _hessian(C)

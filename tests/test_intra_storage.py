@@ -138,7 +138,7 @@ def test_tampering_and_mismatched_entries_are_caught(tiny_model, tiny_tokenizer,
     edited = copy.deepcopy(doc)
     edited["layers"][fqn].pop("kind")
     (d / "mixq.json").write_text(json.dumps(edited))
-    with pytest.raises(CheckpointError, match="bad composite entry"):
+    with pytest.raises(CheckpointError, match=f"{fqn} has a bad entry.*kind and spec disagree"):
         read_packed(d)
     edited = copy.deepcopy(doc)
     name = next(iter(edited["layers"][fqn]["tensors"]))

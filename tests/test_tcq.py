@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixq.config import CompositeSpec, parse_spec
-from mixq.intra import PackedComposite, pack_composite, quantize_layer
+from mixq.intra import PackedComposite, make_layer, pack_composite, quantize_layer
 from mixq.intra.linear import IncoherentLinear
 from mixq.intra.tcq import TCQQTensor, pack_tcq, quantize_tcq, unpack_tcq
 from mixq.intra import tcq_codebook as tc, tcq_cpu
@@ -130,8 +130,8 @@ def test_kernels_match_the_reference(name, shape):
     qt, W_hat, _ = quantize_layer(W, spec)
     pc = PackedComposite(pack_composite(qt), spec, shape)
     for kernel in ("tcq-reference", "tcq-cpu", "tcq-dense"):
-        lin = IncoherentLinear(pc, None, kernel)
-        assert isinstance(lin.inner, TCQLinear)
+        lin = make_layer(pc, None, kernel)
+        assert isinstance(lin, IncoherentLinear) and isinstance(lin.inner, TCQLinear)
         for M in (1, 5, 19):
             x = torch.randn(M, shape[1])
             torch.testing.assert_close(lin(x), x @ W_hat.T, rtol=1e-4, atol=1e-4)
@@ -172,10 +172,10 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
 
 
 def test_measurement_treats_tcq_as_its_own_family():
-    from mixq.measure.layer import _family, _scalable
+    from mixq.measure.layer import _family, _scaled_as
 
     c = parse_spec("TCQ2.5-channel+ip")
-    assert _scalable(c) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
+    assert _scaled_as(c) == (c.inner, True) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
 
 
 TRITON_CHILD = r"""
@@ -241,7 +241,7 @@ def test_without_a_compiler_everything_falls_back_to_torch(monkeypatch, tmp_path
     qt, W_hat, _ = quantize_layer(W, spec)
     assert torch.allclose(W_hat, native[1], atol=1e-5) or \
         float(((W - W_hat) ** 2).sum()) <= 1.001 * float(((W - native[1]) ** 2).sum())
-    lin = IncoherentLinear(PackedComposite(pack_composite(qt), spec, (32, 64)), None)
+    lin = make_layer(PackedComposite(pack_composite(qt), spec, (32, 64)))
     x = torch.randn(2, 64)
     torch.testing.assert_close(lin(x), x @ W_hat.T, rtol=1e-4, atol=1e-4)
     assert lin.inner.last_kernel == "tcq-dense"

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
-from .config import is_composite
 from .formats import QParams, QTensor
 from .granularity import rows_view
 from .intra.incoherence import IncoherentQTensor, rotate, unrotate_weight
@@ -31,7 +30,7 @@ def tunable(qt) -> bool:
         qt = qt.inner
     if isinstance(qt, (VQQTensor, TCQQTensor)):
         return qt.spec.scale_dtype in FLOAT_SCALES
-    if not isinstance(qt, QTensor) or is_composite(qt.spec) or qt.spec.is_float_keep:
+    if not isinstance(qt, QTensor) or qt.spec.is_float_keep:  # other composites' parts are no QTensor
         return False
     s = qt.spec
     return s.scale_dtype in FLOAT_SCALES and s.dtype in ("int", "nf") and not s.tensor_scale \

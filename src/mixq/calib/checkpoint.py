@@ -6,7 +6,8 @@ attaches its results to it and passes it to :func:`mixq.calib.capture.walk_block
 (temporary file, fsync, rename)::
 
     DIR/block-<i>.safetensors  block i's quantized layers at their stored size: "<layer>.<part>"
-                               (PackedWeight codes/scale/zero/..., or PackedComposite parts), and
+                               (its spec's stored form: PackedWeight codes/scale/zero/..., or PackedComposite
+                               parts, mixq.intra.stored_form), and
                                "<layer>.__weight__" only where dequantizing them would not give back
                                the weight the walk left in the block (never for GPTQ so far)
     DIR/block-<i>.json         {"block": i, "layers": {layer: {"kind", "spec", "shape", "parts",
@@ -50,6 +51,7 @@ from torch import nn
 from .. import stio
 from ..arch import get_weight, set_weight
 from ..atomic import atomic_file
+from ..intra import pack_layer, stored_form
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +242,6 @@ class WalkCheckpoint:
         return None
 
     def _read_block(self, i: int) -> dict:
-        from ..intra import PackedComposite
-        from ..runtime.bitpack import PackedWeight
-
         prefix, specs, _, _ = self._results
         stem = self.dir / f"block-{i:05d}"
         meta = json.loads(stem.with_suffix(".json").read_text())
@@ -257,8 +256,7 @@ class WalkCheckpoint:
                                      f"{spec and spec.name}")
                 parts = {k: f.get_tensor(f"{name}.{k}") for k in info["parts"]}
                 weight = parts.pop("__weight__", None)
-                cls = PackedComposite if info["kind"] == "PackedComposite" else PackedWeight
-                packed = cls.from_tensors(parts, spec, info["shape"])
+                packed = stored_form(spec).from_tensors(parts, spec, info["shape"])
                 qt = packed.to_qtensor()
                 if hasattr(qt, "proxy_loss"):  # composites carry it on the tensor too
                     qt.proxy_loss = info.get("proxy_loss")
@@ -294,7 +292,7 @@ class StoredLayer:
         from ..config import parse_spec
 
         self.expect = expect
-        self.path, self.name, self.kind = Path(path), name, info["kind"]
+        self.path, self.name = Path(path), name
         self.spec = parse_spec(info["spec"])
         self.shape = tuple(info["shape"])
         self.parts = [k for k in info["parts"] if k != "__weight__"]
@@ -332,11 +330,7 @@ class StoredLayer:
         return {k: self.tensor(k) for k in self.parts}
 
     def packed(self):
-        from ..intra import PackedComposite
-        from ..runtime.bitpack import PackedWeight
-
-        cls = PackedComposite if self.kind == "PackedComposite" else PackedWeight
-        return cls.from_tensors(self.tensors(), self.spec, self.shape)
+        return stored_form(self.spec).from_tensors(self.tensors(), self.spec, self.shape)
 
     def to_qtensor(self):
         return self.packed().to_qtensor()
@@ -344,13 +338,8 @@ class StoredLayer:
 
 def _pack_cpu(qt):
     """The stored form of ``qt`` with every tensor on the CPU (a GPU walk leaves params on the device)."""
-    from ..config import is_composite
-    from ..intra import PackedComposite
-    from ..runtime.bitpack import PackedWeight
-
-    cls = PackedComposite if is_composite(qt.spec) else PackedWeight
-    p = cls.from_qtensor(qt)
-    return cls.from_tensors({k: t.detach().cpu().contiguous() for k, t in p.tensors().items()}, p.spec, p.shape)
+    p = pack_layer(qt)
+    return type(p).from_tensors({k: t.detach().cpu().contiguous() for k, t in p.tensors().items()}, p.spec, p.shape)
 
 
 def _reproduces(packed, w: torch.Tensor) -> bool:

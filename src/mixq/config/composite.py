@@ -4,7 +4,8 @@ A :class:`CompositeSpec` *is a* :class:`~mixq.config.QuantSpec` (a frozen datacl
 inherited fields describe the base grid of the dense part, and its own fields the extensions.  So
 everything that only needs ``name``, ``bits``, ``cost(shape)`` and equality (candidate sets,
 sensitivity tables, the solvers, plans, ``size_report``) takes composites unchanged; the
-quantizers dispatch on :func:`is_composite` to :func:`mixq.intra.quantize_composite`.
+rest of mixq asks its family (:mod:`mixq.config.composite_families`: kernels, export mappings; their quantizers,
+stored forms and layers: :mod:`mixq.intra.families`).
 
 Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
 
@@ -86,8 +87,8 @@ from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 
 from ..granularity import PerGroup
-from .protocol import SCALE_BITS, BitCost, Export
-from .registry import family_of
+from .protocol import SCALE_BITS, BitCost
+from .registry import composite_of, family_of
 from .spec import QuantSpec
 from .composite_check import FP16_BITS, check_composite
 
@@ -304,13 +305,6 @@ class CompositeSpec(QuantSpec):
                 extra += r * FP16_BITS
         return BitCost(r * c, codes, scales, 0, 0, extra)
 
-    def export_to(self, target: str) -> Export:
-        """Only the native directory holds composites (exported formats have no sparse / split-row parts)."""
-        if target == "native":
-            return Export("exact")
-        return Export("refused", f"intra-tensor composite specs have no {target} type: quantize with plain specs "
-                                 "(--candidates default) to export")
-
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict:
         return {"_type": "CompositeSpec", "_version": COMPOSITE_VERSION, "base": self.base.to_dict(),
@@ -344,7 +338,8 @@ def extend(base: QuantSpec, **ext) -> CompositeSpec:
 
 
 def is_composite(spec) -> bool:
-    return isinstance(spec, CompositeSpec)
+    """Whether an intra-tensor composite family (built in or registered) claims ``spec``."""
+    return composite_of(spec) is not None
 
 
 def _fmt_pct(p: float) -> str:

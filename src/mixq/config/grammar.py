@@ -20,7 +20,7 @@ from fractions import Fraction
 from ..granularity import parse_granularity
 from .composite import CompositeSpec, extend
 from .protocol import SCALE_BITS
-from .registry import heads, parse_head
+from .registry import composite_by_type, heads, parse_composite, parse_head
 from .spec import QuantSpec
 
 _EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)|r(?P<r>\d+)"
@@ -34,16 +34,19 @@ _TCQ = re.compile(r"^TCQ(\d+(?:\.\d+)?)(-.*)?$", re.IGNORECASE)
 def parse_spec(x) -> QuantSpec:
     """A spec from a name (``W4-g128``, ``NVFP4``, ``W3-g64+o0.5``, ``SLIM3-g64``, ``BIN-g128+r8``, ``VQ2.5-g64+ip``,
     ``TCQ3-channel+ip``), a
-    ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names, a :class:`CompositeSpec` for composites."""
+    ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names, a :class:`CompositeSpec` for composites, a
+    registered composite family's spec for its names (:meth:`~mixq.config.composite_protocol.CompositeFormat.parse`)."""
     if isinstance(x, QuantSpec):
         return x
     if isinstance(x, dict):
-        if x.get("_type") == "CompositeSpec":
-            return CompositeSpec.from_dict(x)
-        return QuantSpec.from_dict(x)
+        fam = composite_by_type(x.get("_type"))  # a composite family's dict (CompositeSpec for the built-in ones)
+        return fam.from_dict(x) if fam is not None else QuantSpec.from_dict(x)
     if not isinstance(x, str):
         raise ValueError(f"a spec is a name or a to_dict() dict, got {type(x).__name__}")
     raw = x.strip()
+    own = parse_composite(raw)  # a registered composite family's own names
+    if own is not None:
+        return own
     head, *exts = [t.strip() for t in raw.split("+")]
     m = _SLIM.match(head)
     mb = _BIN.match(head)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ..granularity import Granularity, PerChannel, PerGroup, PerTensor, PerToken, parse_granularity
 from .protocol import SCALE_BITS, BitCost, Export
-from .registry import family_of, owner
+from .registry import family_of, format_of, owner
 
 SPEC_VERSION = 1
 
@@ -99,8 +99,9 @@ class QuantSpec:
 
     def export_to(self, target: str) -> Export:
         """How export ``target`` (``native``, ``gguf``, ``compressed-tensors``, ``gptq``) maps this spec: its family's
-        :class:`~mixq.config.protocol.Export` (exact / approximate, with the approximation / refused, with why)."""
-        return family_of(self).export(self, target)
+        :class:`~mixq.config.protocol.Export` (exact / approximate, with the approximation / refused, with why); a
+        composite's is its composite family's (:func:`~mixq.config.registry.format_of`)."""
+        return format_of(self).export(self, target)
 
     def bpw(self, shape: tuple[int, int]) -> float:
         return self.cost(shape).bpw

@@ -58,9 +58,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..arch import get_weight, set_weight
-from ..config import QuantSpec
+from ..config import QuantSpec, composite_of, parse_spec
 from ..formats import QParams, QTensor
+from ..intra import install_layers, stored_form
 from ..models import file_sha256
+from ..runtime import PackedWeight
 
 log = logging.getLogger(__name__)
 
@@ -85,38 +87,37 @@ class CheckpointError(ValueError):
     pass
 
 
-def is_composite_dict(d) -> bool:
-    """Whether a layer's spec entry in ``mixq.json`` is a :class:`~mixq.config.CompositeSpec`."""
-    return isinstance(d, dict) and d.get("_type") == "CompositeSpec"
-
-
 def composite_layers(info: dict) -> list[str]:
-    """The layers of a directory's ``mixq.json`` stored as intra-tensor composites (sorted)."""
-    return sorted(f for f, layer in (info.get("layers") or {}).items() if _is_composite_layer(layer))
+    """The layers of a directory's ``mixq.json`` whose spec is an intra-tensor composite family's (sorted)."""
+    return sorted(f for f, layer in (info.get("layers") or {}).items() if _family(layer)[0] is not None)
 
 
-def _is_composite_layer(layer) -> bool:
-    return isinstance(layer, dict) and (layer.get("kind") == "composite" or is_composite_dict(layer.get("spec")))
+def _family(layer):
+    """``(composite family, spec)`` of a layer entry; ``(None, spec)`` for a plain one, ``(None, None)`` for a damaged
+    one (:func:`read_packed` says what is wrong with it)."""
+    try:
+        spec = parse_spec(layer["spec"])
+    except (KeyError, TypeError, ValueError):
+        return None, None
+    return composite_of(spec), spec
 
 
 def refuse_composites(info: dict, fmt: str, error: type[Exception] = ValueError) -> None:
-    """Raise ``error`` (one line, naming the layers) when the directory holds composite layers."""
-    bad = composite_layers(info)
+    """Raise ``error`` (one line, naming the layers) when the directory holds composite layers that ``fmt``'s
+    mapping refuses (their family's :meth:`~mixq.config.composite_protocol.CompositeFormat.export`): the exporters
+    read element-format layers only."""
+    bad, notes = {}, {}
+    for f, layer in (info.get("layers") or {}).items():
+        fam, spec = _family(layer)
+        m = fam.export(spec, fmt.lower()) if fam is not None else None
+        if m is not None and m.kind == "refused":
+            bad[f] = spec.name
+            notes.setdefault(m.note)
     if bad:
-        specs = sorted({_composite_name(info["layers"][f]["spec"]) for f in bad})
+        fqns, specs = sorted(bad), sorted(set(bad.values()))
         raise error(f"cannot export to {fmt}: {len(bad)} layer(s) use intra-tensor composite specs "
                     f"({', '.join(specs[:3])}{', …' if len(specs) > 3 else ''}) that {fmt} cannot hold: "
-                    f"{', '.join(bad[:4])}{', …' if len(bad) > 4 else ''}; quantize with plain specs "
-                    "(--candidates default) to export")
-
-
-def _composite_name(d) -> str:
-    try:
-        from ..config import parse_spec
-
-        return parse_spec(d).name
-    except (ValueError, TypeError, KeyError):
-        return "?"
+                    f"{', '.join(fqns[:4])}{', …' if len(fqns) > 4 else ''}; {'; '.join(notes)}")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -168,9 +169,8 @@ def verify_files(path: str | os.PathLike, info: dict | None = None) -> None:
 
 def read_packed(path: str | os.PathLike, *, verify: bool = True):
     """``(info, {fqn: PackedWeight | PackedComposite}, rest tensors)`` of a native directory (v1 or v2),
-    checksums verified (composite layers: :class:`~mixq.intra.PackedComposite`)."""
-    from ..runtime import PackedWeight, packed_len, param_fields
-
+    checksums verified; each layer in its spec's stored form (:func:`mixq.intra.stored_form`: an intra-tensor
+    composite's is a :class:`~mixq.intra.PackedComposite`), checked against its spec."""
     path = Path(path)
     info = read_info(path)
     if verify:
@@ -182,63 +182,30 @@ def read_packed(path: str | os.PathLike, *, verify: bool = True):
         raise CheckpointError(f"cannot read tensors in {path}: {e}; the file is truncated or damaged: {_REDO}") from None
     packed = {}
     used = set()
+    read = _read_v1 if info["format_version"] == 1 else _read_v2
     for fqn, layer in info["layers"].items():
-        if _is_composite_layer(layer):
-            packed[fqn] = _read_composite(path, info, fqn, layer, qt)
-            used.update(f"{fqn}.{n}" for n in packed[fqn].parts)
-            continue
-        try:
-            spec = QuantSpec.from_dict(layer["spec"])
-            shape = tuple(int(d) for d in layer["shape"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: layer {fqn} has a bad spec or shape in mixq.json ({e}); {_REDO}") from None
-        if f"{fqn}.codes" not in qt:
-            raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing from the tensors; {_REDO}")
-        names = ["codes", *(f for f in _PARAM_FIELDS if f"{fqn}.{f}" in qt)]
+        packed[fqn], names = read(path, fqn, layer, qt)
         used.update(f"{fqn}.{n}" for n in names)
-        tensors = {n: qt[f"{fqn}.{n}"] for n in names}
-        try:
-            if info["format_version"] == 1:  # one code per byte, float32 params: pack them now (exact)
-                params = QParams(**{f: tensors.get(f) for f in _PARAM_FIELDS})
-                if params.tensor_scale is not None:
-                    params.tensor_scale = params.tensor_scale.reshape(())
-                pw = PackedWeight.from_qtensor(QTensor(codes=tensors["codes"], params=params, spec=spec, shape=shape))
-            else:
-                want = ("codes", *param_fields(spec))
-                if tuple(names) != want:
-                    raise ValueError(f"stored tensors {names}, {spec.name} stores {list(want)}")
-                n = packed_len(shape[0] * shape[1], spec.bits)
-                if tensors["codes"].dtype != torch.uint8 or tuple(tensors["codes"].shape) != (n,):
-                    raise ValueError(f"codes are {tensors['codes'].dtype} {tuple(tensors['codes'].shape)}, "
-                                     f"expected uint8 ({n},)")
-                pw = PackedWeight.from_tensors(tensors, spec, shape)
-                pw.qparams()  # checks the params' shapes
-        except (ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: layer {fqn} does not match its spec in mixq.json ({e}); {_REDO}") from None
-        packed[fqn] = pw
     stray = sorted(set(qt) - used)
     if stray:
         raise CheckpointError(f"{path}: quantized.safetensors holds tensors no layer in mixq.json names: {stray[:3]}")
     return info, packed, rest
 
 
-def _read_composite(path: Path, info: dict, fqn: str, layer: dict, qt: dict):
-    """One composite layer's :class:`~mixq.intra.PackedComposite`, checked against its spec."""
-    from ..config import CompositeSpec
-    from ..intra import PackedComposite
-
+def _read_v2(path: Path, fqn: str, layer: dict, qt: dict):
+    """One layer of a v2 directory and its tensor names: the tensors its entry lists (dtype and shape checked), in
+    its spec's stored form, checked against the spec (and against its ``kind``, the stored form's)."""
     try:
-        if info["format_version"] < 2:
-            raise ValueError("composite layers need format v2")
-        if layer.get("kind") != "composite" or not is_composite_dict(layer.get("spec")):
-            raise ValueError("kind and spec disagree about the layer being a composite")
-        spec = CompositeSpec.from_dict(layer["spec"])
+        spec = parse_spec(layer["spec"])
         shape = tuple(int(d) for d in layer["shape"])
+        form = stored_form(spec)
+        if layer.get("kind") != getattr(form, "kind", None):
+            raise ValueError("kind and spec disagree about the layer's stored form")
         listed = layer["tensors"]
         if not isinstance(listed, dict) or not listed:
             raise ValueError("no tensors listed")
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: layer {fqn} has a bad composite entry in mixq.json ({e}); {_REDO}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: layer {fqn} has a bad entry in mixq.json ({e}); {_REDO}") from None
     missing = [n for n in listed if f"{fqn}.{n}" not in qt]
     if missing:
         raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing tensors {missing[:3]} "
@@ -249,9 +216,31 @@ def _read_composite(path: Path, info: dict, fqn: str, layer: dict, qt: dict):
             want = listed[n]
             if str(t.dtype).removeprefix("torch.") != want.get("dtype") or list(t.shape) != list(want.get("shape")):
                 raise ValueError(f"{n} is {t.dtype} {tuple(t.shape)}, mixq.json records {want}")
-        return PackedComposite.from_tensors(tensors, spec, shape)
+        return form.from_stored(tensors, spec, shape), list(listed)
     except (ValueError, RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: layer {fqn} does not match its spec in mixq.json ({e}); {_REDO}") from None
+
+
+def _read_v1(path: Path, fqn: str, layer: dict, qt: dict):
+    """One layer of a v1 directory (plain grids only: one code per byte, float32 params), packed now (exactly),
+    and its tensor names."""
+    try:
+        spec = QuantSpec.from_dict(layer["spec"])
+        shape = tuple(int(d) for d in layer["shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: layer {fqn} has a bad spec or shape in mixq.json ({e}); {_REDO}") from None
+    if f"{fqn}.codes" not in qt:
+        raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing from the tensors; {_REDO}")
+    names = ["codes", *(f for f in _PARAM_FIELDS if f"{fqn}.{f}" in qt)]
+    tensors = {n: qt[f"{fqn}.{n}"] for n in names}
+    try:
+        params = QParams(**{f: tensors.get(f) for f in _PARAM_FIELDS})
+        if params.tensor_scale is not None:
+            params.tensor_scale = params.tensor_scale.reshape(())
+        pw = PackedWeight.from_qtensor(QTensor(codes=tensors["codes"], params=params, spec=spec, shape=shape))
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: layer {fqn} does not match its spec in mixq.json ({e}); {_REDO}") from None
+    return pw, names
 
 
 def read_qtensors(path: str | os.PathLike, *, verify: bool = True):
@@ -298,9 +287,8 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
 
-    from ..intra import PackedComposite, install_composite_linear
     from ..moe.experts import expose_experts
-    from ..runtime import canonical_name, install_qlinear
+    from ..runtime import canonical_name
 
     if packed:
         canonical_name(kernel)  # a typo fails before any loading
@@ -316,7 +304,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
         raise CheckpointError(f"{path}: tensors {unexpected[:3]} do not belong to a {config.model_type} model")
     model.tie_weights()
     mods = dict(model.named_modules())
-    linears, composites = {}, {}
+    layers = {}
     for fqn, pw in weights.items():
         if fqn not in mods:
             raise CheckpointError(f"{path}: layer {fqn} listed in mixq.json is missing from the model")
@@ -324,17 +312,14 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
             raise CheckpointError(f"{path}: {fqn} has shape {tuple(pw.shape)} in the checkpoint but the model expects "
                                   f"{tuple(get_weight(mods[fqn]).shape)}")
         if packed and isinstance(mods[fqn], (nn.Linear, Conv1D)):
-            (composites if isinstance(pw, PackedComposite) else linears)[fqn] = pw
+            layers[fqn] = pw
         else:
             set_weight(mods[fqn], pw.dequantize().to(dtype))
     unresolved = [m for m in missing if m.rsplit(".", 1)[0] not in info["layers"]]
     tied = {n for n in unresolved if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(unresolved) - tied:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {sorted(set(unresolved) - tied)[:3]}")
-    if linears:
-        install_qlinear(model, linears, kernel)
-    if composites:  # composites dequantize per call; +ip ones run their plain inner grid through ``kernel``
-        install_composite_linear(model, composites, kernel)
+    install_layers(model, layers, kernel)  # each its spec's layer (mixq.intra.families.make_layer)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok, info

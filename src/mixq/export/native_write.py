@@ -20,7 +20,8 @@ from .. import stio
 from ..formats import QTensor
 from ..models import file_sha256
 from ..atomic import atomic_dir
-from .native import FORMAT, FORMAT_VERSION, TENSOR_FILES, is_composite_dict, read_info, read_packed, run_meta
+from ..intra import pack_layer, stored_form
+from .native import FORMAT, FORMAT_VERSION, TENSOR_FILES, read_info, read_packed, run_meta
 from .registry import REPORT_FILE
 
 REST_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # rest_dtype's, by name
@@ -31,23 +32,18 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
                    side_files: dict[str, bytes] | None = None) -> Path:
     """Write the native directory (v2) atomically.  Refuses an existing ``out_dir`` unless ``overwrite``.
 
-    ``qtensors`` are bit-packed (:class:`~mixq.runtime.PackedWeight`; intra-tensor composites, e.g. from
-    ``quantize_model`` with a plan that chose them, as :class:`~mixq.intra.PackedComposite`);
+    ``qtensors`` are bit-packed in their spec's stored form (:func:`mixq.intra.stored_form`:
+    :class:`~mixq.runtime.PackedWeight`, or for intra-tensor composites, e.g. from ``quantize_model`` with a plan that
+    chose them, :class:`~mixq.intra.PackedComposite`);
     ``rest_dtype`` optionally casts
     the floating-point tensors of ``rest.safetensors`` (e.g. ``torch.bfloat16``; default: as in ``model``).
     ``side_files``: more files (name -> bytes, e.g. a source directory's ``plan.json``) written inside the
     same atomic write.
     """
-    from ..runtime import PackedWeight
-
-    from ..config import is_composite
-    from ..intra import PackedComposite
-
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists: choose another --out or pass --force")
-    packed = {fqn: q if hasattr(q, "tensor_meta")  # a layer stored on disk (calib.checkpoint.StoredLayer)
-              else PackedComposite.from_qtensor(q) if is_composite(q.spec) else PackedWeight.from_qtensor(q)
+    packed = {fqn: q if hasattr(q, "tensor_meta") else pack_layer(q)  # tensor_meta: a calib.checkpoint.StoredLayer
               for fqn, q in qtensors.items()}
 
     def extra(tmp: Path) -> None:
@@ -85,8 +81,9 @@ def _write_dir(out: Path, packed: dict, rest: dict[str, torch.Tensor], meta: dic
             bits = pw.spec.cost(pw.shape).total
             layers[fqn] = {"spec": pw.spec.to_dict(), "shape": list(pw.shape), "tensors": entry,
                            "bytes": pw.nbytes, "bits_spec": bits}
-            if is_composite_dict(layers[fqn]["spec"]):
-                layers[fqn]["kind"] = "composite"
+            kind = getattr(stored_form(pw.spec), "kind", None)  # "composite" for a composite family's spec
+            if kind:
+                layers[fqn]["kind"] = kind
             on_disk += pw.nbytes
             spec_bits += bits
             n_tensors += len(entry)

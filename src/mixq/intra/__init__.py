@@ -20,8 +20,12 @@ The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exa
                 tables (``tcq_codebook``, ``tcq_tables``), the Viterbi search (``tcq_cpu``, native C) for RTN and
                 column-exact GPTQ -> :class:`TCQQTensor`; ``tcq_linear`` :class:`TCQLinear` with the ``tcq_cpu``
                 and ``tcq_triton`` kernels
-``storage``     :func:`pack_composite` / :func:`unpack_composite`: bit-packed at the accounted size;
-                :class:`PackedComposite` (what the native directory stores)
+``families``    the composite families' implementations (:func:`~mixq.intra.families.impl`: quantize, pack,
+                unpack, layer; a registered :class:`~mixq.config.CompositeFormat` brings its own):
+                :func:`pack_composite` / :func:`unpack_composite` (bit-packed at the accounted size; grids and
+                ``+h``: ``grid_storage``), :func:`make_layer` / :func:`install_layers` (any stored weight's module)
+``storage``     :class:`PackedComposite` (what the native directory stores), :func:`stored_form` (it or
+                :class:`~mixq.runtime.PackedWeight`, by spec), :func:`pack_layer`
 ``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path);
                 :class:`IncoherentLinear`: ``+ip`` layers, two fast transforms around the inner layer's kernel
 ``candidates``  :func:`intra_candidates` (the ``intra`` / ``default+intra`` sets: :mod:`mixq.allocate.candidates`)
@@ -35,17 +39,18 @@ from .qtensor import CompositeQTensor
 from .quant import dequantize_composite, quantize_composite
 from .rows import RowSplitQTensor
 from .sparse import CSR
-from .storage import PackedComposite, pack_composite, unpack_composite
+from .families import install_layers, make_layer, pack_composite, unpack_composite
+from .storage import PackedComposite, pack_layer, stored_form
 from .incoherence import IncoherentQTensor
 from .tcq import TCQQTensor
 from .vq import VQQTensor
-from .linear import CompositeLinear, IncoherentLinear, install_composite_linear
+from .linear import CompositeLinear, IncoherentLinear
 
 __all__ = [
     "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "INTRA_CANDIDATE_NAMES", "IncoherentLinear",
     "IncoherentQTensor",
     "PackedComposite", "RowSplitQTensor", "composite_weight", "dequantize_composite",
-    "install_composite_linear", "intra_candidates",
-    "pack_composite", "quantize_composite", "quantize_layer",
+    "install_layers", "intra_candidates", "make_layer",
+    "pack_composite", "pack_layer", "quantize_composite", "quantize_layer", "stored_form",
     "unpack_composite", "TCQQTensor", "VQQTensor",
 ]

@@ -1,10 +1,9 @@
 """The one dispatch from a spec to its quantizer, and the calls the rest of mixq makes through it.
 
 :func:`quantize_layer`    stored parts, ``Ŵ`` and proxy loss of one weight under any spec: plain grids (RTN /
-                          GPTQ, :mod:`mixq.algorithms`), ``+ip`` (:mod:`mixq.intra.incoherence`, which comes back
-                          here for what is left of the spec: a plain grid or another composite) and the other
-                          composites (:func:`mixq.intra.quant.quantize_composite`); ``quantize_model`` calls it
-                          for every layer
+                          GPTQ, :mod:`mixq.algorithms`) and composites (their family's ``quantize``,
+                          :mod:`mixq.intra.families`; ``+ip`` comes back here for what is left of the spec: a
+                          plain grid or another composite); ``quantize_model`` calls it for every layer
 :func:`composite_weight`  the measurement driver: ``Ŵ`` of one composite candidate of one layer
 """
 from __future__ import annotations
@@ -13,12 +12,12 @@ import torch
 
 from ..algorithms.gptq import gptq_quantize
 from ..algorithms.rtn import rtn_quantize
-from ..config import CompositeSpec, QuantSpec, is_composite
-from .incoherence import quantize_incoherent
-from .quant import quantize_composite
+from ..config import QuantSpec
+from ..config.registry import composite_of
+from .families import impl
 
 
-def composite_weight(W: torch.Tensor, spec: CompositeSpec, sens, algorithm: str,
+def composite_weight(W: torch.Tensor, spec: QuantSpec, sens, algorithm: str,
                      hinv_chol: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``Ŵ`` for measuring: GPTQ for ``algorithm`` ``gptq``/``gptq-exact`` (composites are always run
     exactly, never scaled by a per-bits GPTQ/RTN ratio), else RTN; ``sens`` is a
@@ -28,33 +27,28 @@ def composite_weight(W: torch.Tensor, spec: CompositeSpec, sens, algorithm: str,
                           row_weight=getattr(sens, "G", None))[1]
 
 
-def quantize_layer(W: torch.Tensor, spec: QuantSpec | CompositeSpec, H: torch.Tensor | None = None,
+def quantize_layer(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None,
                    method: str = "rtn", *, act_order: bool = False, damp: float = 0.01, block_size: int = 128,
                    **kw) -> tuple[object, torch.Tensor, float | None]:
     """``(stored parts, Ŵ float32, proxy loss)`` of ``W [out, in]`` under ``spec`` by ``method`` (``rtn`` or ``gptq``).
 
     Plain specs: :func:`~mixq.algorithms.rtn.rtn_quantize` (proxy loss ``None``) or
     :func:`~mixq.algorithms.gptq.gptq_quantize` with ``act_order`` (its proxy loss); other keywords are
-    ignored.  Composites: ``+ip`` through :func:`~mixq.intra.incoherence.quantize_incoherent` (the inner spec
-    comes back here, without ``act_order``), the others through
-    :func:`~mixq.intra.quant.quantize_composite`, which take ``H`` as statistics for RTN too and the keywords
-    ``fisher``, ``hinv_chol``, ``row_weight``; ``act_order`` does not apply to them.  Their proxy loss is the
-    stored parts' ``proxy_loss`` (``None`` without ``H``).
+    ignored.  Composites: their family's ``quantize`` (:func:`mixq.intra.families.impl`), given this dispatch
+    for what it quantizes with another spec (``+ip``: the transformed weight with the rest of the spec, without
+    ``act_order``); the built-in ones take ``H`` as statistics for RTN too and the keywords ``fisher``,
+    ``hinv_chol``, ``row_weight``.  Their proxy loss is the stored parts' ``proxy_loss`` (``None`` without ``H``).
     """
-    if not is_composite(spec):
+    if composite_of(spec) is None:
         if method == "gptq":
             res = gptq_quantize(W, H, spec, damp=damp, act_order=act_order, block_size=block_size)
             return res.qtensor, res.weight, res.proxy_loss
         qt, W_hat = rtn_quantize(W, spec)
         return qt, W_hat, None
-    if spec.incoherent:
-        qt, W_hat = quantize_incoherent(W, spec, H, method, quantize_inner=_inner, damp=damp,
-                                        block_size=block_size, **kw)
-    else:
-        qt, W_hat = quantize_composite(W, spec, H, method, damp=damp, block_size=block_size, **kw)
-    return qt, W_hat, qt.proxy_loss
+    qt, W_hat = impl(spec).quantize(W, spec, H, method, quantize_layer=_inner, damp=damp, block_size=block_size, **kw)
+    return qt, W_hat, getattr(qt, "proxy_loss", None)
 
 
 def _inner(W: torch.Tensor, spec, H: torch.Tensor | None, method: str, **kw) -> tuple[object, torch.Tensor]:
-    """What is left of an ``+ip`` spec, quantized by the same dispatch (``quantize_incoherent``'s callback)."""
+    """A piece of a composite quantized with another spec by the same dispatch (``+ip``: what is left of the spec)."""
     return quantize_layer(W, spec, H, method, **kw)[:2]

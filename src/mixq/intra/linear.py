@@ -14,9 +14,13 @@ for composites: this is correct, not quick.
 
     y = Q_outᵀ · inner(Q_in · x) + b
 
-two Kronecker-factored Hadamard transforms around the inner layer: a :class:`~mixq.runtime.QuantLinear`
-(with its fast kernels) when the rest of the spec is a plain grid, a :class:`~mixq.intra.vq_linear.VQLinear`
-for a VQ base, a :class:`~mixq.intra.tcq_linear.TCQLinear` for a TCQ base, a :class:`CompositeLinear` otherwise.
+two Kronecker-factored Hadamard transforms around the inner layer, which the inner spec's own family makes
+(:func:`mixq.intra.families.make_layer`): a :class:`~mixq.runtime.QuantLinear` (with its fast kernels) when the rest
+of the spec is a plain grid, a :class:`~mixq.intra.vq_linear.VQLinear` for a VQ base, a
+:class:`~mixq.intra.tcq_linear.TCQLinear` for a TCQ base, a :class:`CompositeLinear` otherwise.
+
+A layer keeps the type of the stored form it was made from (``packed``), and gives its tensors back as one
+(``.packed``).
 """
 from __future__ import annotations
 
@@ -24,15 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import get_weight
-from ..config import CompositeSpec
+from ..config.composite_protocol import REFERENCE_KERNEL
 from .incoherence import rotate
 from .packed_linear import PackedCodesLinear
-from .storage import PackedComposite
-
-KERNEL_NAME = "composite-reference"
-VQ_KERNELS = ("vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")  # VQ layers (mixq.intra.vq_linear) take these by name
-TCQ_KERNELS = ("tcq-reference", "tcq-cpu", "tcq-dense", "triton")  # TCQ layers (mixq.intra.tcq_linear)
 
 
 def _buffer_name(name: str) -> str:
@@ -40,13 +38,14 @@ def _buffer_name(name: str) -> str:
 
 
 class CompositeLinear(nn.Module):
-    """Drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` holding a :class:`PackedComposite`."""
+    """Drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` holding a :class:`~mixq.intra.PackedComposite`."""
 
     packed_layer = True
 
-    def __init__(self, packed: PackedComposite, bias: torch.Tensor | None = None):
+    def __init__(self, packed, bias: torch.Tensor | None = None):
         super().__init__()
-        self.spec: CompositeSpec = packed.spec
+        self._form = type(packed)
+        self.spec = packed.spec
         self.out_features, self.in_features = packed.shape
         self._dtypes = {name: t.dtype for name, t in packed.tensors().items()}
         for name, t in packed.tensors().items():
@@ -57,9 +56,9 @@ class CompositeLinear(nn.Module):
         self.last_kernel: str | None = None
 
     @property
-    def packed(self) -> PackedComposite:
+    def packed(self):
         parts = {n: getattr(self, _buffer_name(n)).view(dt).cpu() for n, dt in self._dtypes.items()}
-        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
+        return self._form(parts, self.spec, (self.out_features, self.in_features))
 
     @property
     def nbytes(self) -> int:
@@ -70,53 +69,37 @@ class CompositeLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"CompositeLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         W = self.packed.dequantize().to(device=x.device, dtype=x.dtype)
-        self.__dict__["last_kernel"] = KERNEL_NAME
+        self.__dict__["last_kernel"] = REFERENCE_KERNEL
         return F.linear(x, W, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
-                f"bias={self.bias is not None}, kernel={KERNEL_NAME}")
+                f"bias={self.bias is not None}, kernel={REFERENCE_KERNEL}")
 
 
 class IncoherentLinear(nn.Module):
-    """Drop-in for ``nn.Linear`` holding an ``+ip`` weight: the transformed weight in ``inner``, the seeds."""
+    """Drop-in for ``nn.Linear`` holding an ``+ip`` weight: the seeds of ``packed``, and ``inner``, the layer of the
+    transformed weight (``packed``'s ``in.*`` tensors)."""
 
     packed_layer = True
 
-    def __init__(self, packed: PackedComposite, bias: torch.Tensor | None = None, kernel: str = "auto"):
+    def __init__(self, packed, inner: nn.Module, bias: torch.Tensor | None = None):
         super().__init__()
-        from ..runtime import PackedWeight, QuantLinear
-
-        self.spec: CompositeSpec = packed.spec
+        self._form = type(packed)
+        self.spec = packed.spec
         self.out_features, self.in_features = packed.shape
-        parts = packed.tensors()
-        self.register_buffer("seeds", parts["ip.seeds"].to(torch.int32).clone())
+        self.register_buffer("seeds", packed.tensors()["ip.seeds"].to(torch.int32).clone())
         self._seeds = tuple(int(v) for v in self.seeds.tolist())
-        sub = {k[3:]: v for k, v in parts.items() if k.startswith("in.")}
-        inner = self.spec.inner
-        if isinstance(inner, CompositeSpec) and inner.vq_dim:
-            from .vq_linear import VQLinear
-
-            self.inner = VQLinear(PackedComposite(sub, inner, packed.shape), None, kernel if kernel in VQ_KERNELS
-                                  else "auto")
-        elif isinstance(inner, CompositeSpec) and inner.trellis:
-            from .tcq_linear import TCQLinear
-
-            self.inner = TCQLinear(PackedComposite(sub, inner, packed.shape), None,
-                                   kernel if kernel in TCQ_KERNELS else "auto")
-        elif isinstance(inner, CompositeSpec):
-            self.inner = CompositeLinear(PackedComposite(sub, inner, packed.shape))
-        else:
-            self.inner = QuantLinear(PackedWeight.from_tensors(sub, inner, packed.shape), None, kernel)
+        self.inner = inner
         self.inner.packed_layer = False  # counted as this layer
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @property
-    def packed(self) -> PackedComposite:
+    def packed(self):
         parts = {"ip.seeds": self.seeds.cpu(), **{f"in.{k}": v for k, v in self.inner.packed.tensors().items()}}
-        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
+        return self._form(parts, self.spec, (self.out_features, self.in_features))
 
     @property
     def nbytes(self) -> int:
@@ -157,37 +140,6 @@ def _rotate_input(x: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tenso
     xr = rotate(x.to(dtype), seed)
     _LAST_INPUT[0] = (x, seed, dtype, total, xr)
     return xr
-
-
-def install_composite_linear(model: nn.Module, weights: dict[str, PackedComposite], kernel: str = "auto") -> nn.Module:
-    """Replace every ``fqn`` of ``weights`` (an ``nn.Linear`` or ``Conv1D``) by a :class:`CompositeLinear`
-    (an :class:`IncoherentLinear` for ``+ip`` specs, whose plain inner layer runs through ``kernel``)."""
-    from transformers.pytorch_utils import Conv1D
-
-    for fqn, pw in weights.items():
-        mod = model.get_submodule(fqn)
-        if not isinstance(mod, (nn.Linear, Conv1D)):
-            raise TypeError(f"{fqn} is a {type(mod).__name__}, not nn.Linear/Conv1D")
-        if tuple(get_weight(mod).shape) != tuple(pw.shape):
-            raise ValueError(f"{fqn}: composite shape {tuple(pw.shape)} != module weight "
-                             f"{tuple(get_weight(mod).shape)}")
-        device = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
-        if pw.spec.incoherent:
-            layer = IncoherentLinear(pw, mod.bias, kernel)
-        elif pw.spec.vq_dim:
-            from .vq_linear import VQLinear
-
-            layer = VQLinear(pw, mod.bias, kernel if kernel in VQ_KERNELS else "auto")
-        elif pw.spec.trellis:
-            from .tcq_linear import TCQLinear
-
-            layer = TCQLinear(pw, mod.bias, kernel if kernel in TCQ_KERNELS else "auto")
-        else:
-            layer = CompositeLinear(pw, mod.bias)
-        layer = layer.to(device)
-        parent, _, name = fqn.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, name, layer)
-    return model
 
 
 def _raw_bits(t: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The part every codebook layer (:class:`~mixq.intra.vq_linear.VQLinear`, :class:`~mixq.intra.tcq_linear.TCQLinear`)
 shares: the packed code stream and the scales held as raw bits (so that ``model.to(torch.bfloat16)`` cannot
-round an fp16 scale), the bias, the byte count, and the stored form back as a :class:`PackedComposite`."""
+round an fp16 scale), the bias, the byte count, and the stored form back (the type it was made from, a
+:class:`~mixq.intra.PackedComposite`)."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +29,7 @@ class PackedCodesLinear(nn.Module):
         name = type(self).__name__
         if kernel not in self.KERNELS:
             raise ValueError(f"unknown {name} kernel {kernel!r}: one of {self.KERNELS}")
+        self._form = type(packed)
         self.spec: CompositeSpec = packed.spec
         if not self.holds(self.spec) or self.spec.incoherent:
             raise ValueError(f"{name} cannot hold {self.spec.name} (IncoherentLinear holds +ip around it)")
@@ -51,10 +53,8 @@ class PackedCodesLinear(nn.Module):
 
     @property
     def packed(self):
-        from .storage import PackedComposite
-
         parts = {self.CODES: self.codes_packed.cpu(), "scale": self.scale_bits.view(self._scale_dtype).cpu()}
-        return PackedComposite(parts, self.spec, (self.out_features, self.in_features))
+        return self._form(parts, self.spec, (self.out_features, self.in_features))
 
     @property
     def nbytes(self) -> int:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config.composite_families import TCQ_KERNELS
 from .packed_linear import PackedCodesLinear
 from .scales import group_len
 from .tcq import STATE_BITS, stream_layout, unpack_tcq
 from .tcq_codebook import lut as tcq_lut
 
-KERNELS = ("auto", "tcq-reference", "tcq-cpu", "tcq-dense", "triton")
+KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
 CPU_MAX_TOKENS = 16
 
 

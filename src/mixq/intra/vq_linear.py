@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime.bitpack import unpack
+from ..config.composite_families import VQ_KERNELS
 from .packed_linear import PackedCodesLinear
 from .scales import group_len
 from .vq import decode, spec_codebook
 
 LUT_MAX_TOKENS = 8
-KERNELS = ("auto", "vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")
+KERNELS = ("auto", *VQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
 CPU_MAX_TOKENS = 16
 
 

@@ -31,7 +31,7 @@ import torch
 from ..algorithms.gptq import gptq_quantize, prepare_hessian
 from ..algorithms.rtn import rtn_quantize
 from ..allocate import LayerEntry, candidates_for
-from ..config import QuantSpec, is_composite
+from ..config import QuantSpec, composite_of
 from ..algorithms.gptq import _proxy
 from ..granularity import PerTensor
 from ..intra import composite_weight
@@ -113,9 +113,10 @@ def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[t
     c, W, algorithm = cands[k], ctx.W, ctx.algorithm
     if kind == "gptq":
         return gptq_ratio(ctx, c)
-    if _scalable(c) and algorithm == "gptq" and is_composite(c):  # +ip over a grid / codebook: RTN in its basis
-        Wq = unrotate_weight(_rtn(ctx.basis(True)[0], c.inner), _IP_SEEDS)
-    elif is_composite(c):  # intra-tensor composites: always measured with their own RTN / GPTQ
+    scaled = _scaled_as(c)
+    if scaled is not None and scaled[1] and algorithm == "gptq":  # +ip over a grid / codebook: RTN in its basis
+        Wq = unrotate_weight(_rtn(ctx.basis(True)[0], scaled[0]), _IP_SEEDS)
+    elif composite_of(c) is not None:  # intra-tensor composites: always measured with their own RTN / GPTQ
         Wq = composite_weight(W, c, ctx.sens, algorithm, ctx.hc)
     elif algorithm == "gptq-exact" and not c.is_float_keep:
         Wq = gptq_quantize(W, ctx.sens.H, c, hinv_chol=ctx.hc).weight
@@ -134,8 +135,7 @@ def ratio_rows(n_rows: int, spec: QuantSpec) -> torch.Tensor | slice:
 
 def gptq_ratio(ctx: _Context, c: QuantSpec) -> float:
     """``min(1, e_gptq / e_rtn)`` of candidate ``c`` (module docstring), in ``c``'s basis."""
-    ip = is_composite(c)
-    spec = c.inner if ip else c
+    spec, ip = _scaled_as(c)
     W, H, hc = ctx.basis(ip)
     Ws = W[ratio_rows(W.shape[0], spec)]
     e_rtn = _proxy(Ws - _rtn(Ws, spec), H)
@@ -199,10 +199,15 @@ def _codebook_quantizer(spec):
     return None
 
 
-def _scalable(c) -> bool:
-    """Plain grids, and ``+ip`` over a plain grid or a codebook base: RTN errors scaled by a measured GPTQ/RTN
-    ratio (VQ's and TCQ's GPTQ are column sweeps like scalar GPTQ's, rows independent given ``H``)."""
-    return not is_composite(c) or (c.incoherent and (not is_composite(c.inner) or bool(_codebook_quantizer(c.inner))))
+def _scaled_as(c) -> tuple[QuantSpec, bool] | None:
+    """``(spec, in the +ip basis)`` whose RTN error, scaled by a measured GPTQ/RTN ratio, stands for candidate ``c``:
+    a plain grid itself; a composite what its family says (``measured_as``: ``+ip`` over a plain grid or a codebook
+    base, whose GPTQ is a column sweep like scalar GPTQ's, rows independent given ``H``); None: measured exactly."""
+    fam = composite_of(c)
+    if fam is None:
+        return c, False
+    inner = fam.measured_as(c)
+    return None if inner is None else (inner, True)
 
 
 def _family(c) -> tuple[str, int]:
@@ -226,8 +231,8 @@ def _groups(cands) -> dict[tuple[str, int, bool], list[int]]:
     KL in domain at 2.5 and 3.0 bpw (generalization.md runs ``default6``, ``default6-bands``)."""
     out: dict[tuple[str, int, bool], list[int]] = {}
     for k, c in enumerate(cands):
-        if not c.is_float_keep and _scalable(c):
-            out.setdefault((*_family(c), is_composite(c)), []).append(k)
+        if not c.is_float_keep and _scaled_as(c) is not None:
+            out.setdefault((*_family(c), _scaled_as(c)[1]), []).append(k)
     return out
 
 

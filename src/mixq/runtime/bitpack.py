@@ -239,6 +239,20 @@ class PackedWeight:
         """Every stored tensor: ``codes`` then the params (keys as in :data:`PARAM_FIELDS`)."""
         return {"codes": self.codes, **self.params}
 
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], spec: QuantSpec, shape) -> "PackedWeight":
+        """:meth:`from_tensors` of tensors read from a file, checked to be exactly what ``spec`` stores (names, the
+        code stream's dtype and length, the params' shapes); raises ``ValueError`` otherwise."""
+        want = ("codes", *param_fields(spec))
+        if set(tensors) != set(want):
+            raise ValueError(f"stored tensors {list(tensors)}, {spec.name} stores {list(want)}")
+        pw = cls.from_tensors(tensors, spec, shape)
+        n = packed_len(pw.numel, spec.bits)
+        if pw.codes.dtype != torch.uint8 or tuple(pw.codes.shape) != (n,):
+            raise ValueError(f"codes are {pw.codes.dtype} {tuple(pw.codes.shape)}, expected uint8 ({n},)")
+        pw.qparams()  # checks the params' shapes
+        return pw
+
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]

@@ -210,11 +210,12 @@ _UNSET = object()
 
 
 def install_qlinear(model: nn.Module, weights: dict[str, PackedWeight], kernel: str = "auto",
-                    release_codes: bool = True) -> nn.Module:
+                    release_codes: bool = True, layer=None) -> nn.Module:
     """Replace every ``fqn`` of ``weights`` (an ``nn.Linear`` or ``Conv1D``) by a :class:`QuantLinear`, in place.
 
     The module's bias is kept; its weight is dropped (nothing else is written, so a weight tied to
-    another module keeps that module's copy).  Returns ``model``.
+    another module keeps that module's copy).  ``layer(packed, bias)``: the module to put there instead
+    (:func:`mixq.intra.families.install_layers`: a composite's own layer).  Returns ``model``.
     """
     for fqn, pw in weights.items():
         try:
@@ -228,7 +229,7 @@ def install_qlinear(model: nn.Module, weights: dict[str, PackedWeight], kernel: 
             raise ValueError(f"{fqn}: quantized shape {tuple(pw.shape)} != module weight [out, in] "
                              f"{tuple(get_weight(mod).shape)}")
         device = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
-        qlin = QuantLinear(pw, mod.bias, kernel, release_codes).to(device)
+        qlin = (QuantLinear(pw, mod.bias, kernel, release_codes) if layer is None else layer(pw, mod.bias)).to(device)
         parent, _, name = fqn.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, qlin)
     return model

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...config.registry import composite_of
 from . import cpu, reference, triton_gpu
 
 
@@ -127,21 +128,16 @@ def select_kernel(name: str, pw, x: torch.Tensor) -> Kernel:
 def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
     """The kernel ``"auto"`` uses for decode (few tokens) of a ``spec`` weight of ``shape`` with bf16
     activations on ``device`` — ``"cpu-int4"``, ``"triton"`` (``device`` ``"cuda"``) or ``"reference"``.
-    For reports and planning.  Intra-tensor composites run the reference path (dequantized per call), except
-    ``+ip`` over a plain grid, whose inner layer runs that grid's kernel between two transforms, and VQ / TCQ bases
-    (``vq-cpu`` / ``tcq-cpu`` on CPU when a C compiler builds them; ``triton`` on CUDA).  Not every such kernel is
-    faster than fp32: ``bench/results/tcq_speed_model.json``."""
-    from ...config import is_composite
-
-    if is_composite(spec):
-        inner = spec.inner if spec.incoherent else spec
-        if is_composite(inner) and inner.vq_dim:  # VQ bases: mixq.intra.vq_linear's kernels
-            return "triton" if device.startswith("cuda") else "vq-cpu"
-        if is_composite(inner) and inner.trellis:  # TCQ bases: mixq.intra.tcq_linear's kernels
-            return "triton" if device.startswith("cuda") else "tcq-cpu"
-        if not (spec.incoherent and not is_composite(spec.inner)):
-            return "reference"
-        spec = spec.inner
+    For reports and planning.  An intra-tensor composite's family says (:mod:`mixq.config.composite_families`): the
+    reference path (dequantized per call), except ``+ip`` over a plain grid, whose inner layer runs that grid's kernel
+    between two transforms (``runs_as``), and VQ / TCQ bases (``vq-cpu`` / ``tcq-cpu`` on CPU when a C compiler builds
+    them; ``triton`` on CUDA).  Not every such kernel is faster than fp32: ``bench/results/tcq_speed_model.json``."""
+    fam = composite_of(spec)
+    if fam is not None:  # its family's own layer kernel, or the plain grid whose kernels run it
+        plain = fam.runs_as(spec)
+        if plain is None:
+            return fam.fast_kernel(spec, device)
+        spec = plain
     if device == "cpu" and cpu.spec_why_not(spec, shape) is None:
         return "cpu-int4"
     if device.startswith("cuda") and triton_gpu.spec_why_not(spec, shape) is None:
@@ -163,11 +159,9 @@ IP_MIN_WEIGHTS_CPU = 1 << 20
 def decodes_faster(spec, shape, device: str = "cpu") -> bool:
     """Whether a ``spec`` weight of ``shape`` decodes on ``device`` through a kernel of :data:`FASTER_THAN_DENSE`
     (on CPU an ``+ip`` one only from :data:`IP_MIN_WEIGHTS_CPU` weights)."""
-    from ...config import is_composite
-
     if fast_kernel_for(spec, shape, device) not in FASTER_THAN_DENSE:
         return False
-    if device == "cpu" and is_composite(spec) and spec.incoherent:
+    if device == "cpu" and getattr(composite_of(spec), "transforms", False):
         return int(shape[0]) * int(shape[1]) >= IP_MIN_WEIGHTS_CPU
     return True
 
