@@ -18,6 +18,7 @@ from mixq.config.registry import unregister
 from mixq.export.registry import EXPORTERS
 from mixq.intra import CompositeLinear, PackedComposite
 from mixq.runtime import PackedWeight
+from export_checks import native_exact_others_refuse
 
 BASE_FIELDS = tuple(f.name for f in fields(QuantSpec))
 
@@ -159,16 +160,7 @@ def test_registered_composite_end_to_end(low_rank, tiny_dir, tmp_path, capsys):
     assert r["perplexity"] > 1
     assert main(["eval", str(d), "--corpus", str(corpus), "--tokens", "96", "--seqlen", "32"]) == 0
 
-    assert main(["export", str(d), "--format", "native", "--out", str(tmp_path / "n")]) == 0  # exact
-    again, _, _ = mixq.load_quantized(tmp_path / "n")
-    assert torch.equal(again(ids).logits, expect)
-    capsys.readouterr()
-    for fmt in (t for t in EXPORTERS if t != "native"):  # every registered target but native refuses it
-        assert main(["export", str(d), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2, fmt
-        err = capsys.readouterr().err
-        assert err.startswith("mixq: error:") and err.count("\n") == 1, err
-        assert "W2-g32+lr1" in err and "composite" in err and lr[0] in err, err
-        assert not (tmp_path / fmt).exists()
+    native_exact_others_refuse(d, ids, expect, "W2-g32+lr1", "composite", lr[0], tmp_path, capsys)
 
 
 @pytest.mark.parametrize("fam", BUILTIN_COMPOSITES, ids=lambda f: f.family)

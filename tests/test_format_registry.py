@@ -15,6 +15,7 @@ from mixq.config.registry import unregister
 from mixq.export.registry import EXPORTERS
 from mixq.formats import QParams
 from mixq.granularity import PerGroup
+from export_checks import native_exact_others_refuse
 
 
 class Ternary(ElementFormat):
@@ -98,16 +99,7 @@ def test_registered_format_end_to_end(ternary, tiny_dir, tmp_path, capsys):
     assert main(["eval", str(d), "--corpus", str(corpus), "--tokens", "96", "--seqlen", "32"]) == 0
 
     tern = sorted(f for f, s in plan.layers.items() if s.name == "TERN-g32")
-    assert main(["export", str(d), "--format", "native", "--out", str(tmp_path / "n")]) == 0  # exact
-    again, _, _ = mixq.load_quantized(tmp_path / "n")
-    assert torch.equal(again(ids).logits, expect)
-    capsys.readouterr()
-    for fmt in (t for t in EXPORTERS if t != "native"):  # every registered target but native refuses it
-        assert main(["export", str(d), "--format", fmt, "--out", str(tmp_path / fmt)]) == 2, fmt
-        err = capsys.readouterr().err
-        assert err.startswith("mixq: error:") and err.count("\n") == 1, err
-        assert "TERN-g32" in err and "ternary" in err and tern[0] in err, err
-        assert not (tmp_path / fmt).exists()
+    native_exact_others_refuse(d, ids, expect, "TERN-g32", "ternary", tern[0], tmp_path, capsys)
 
 
 @pytest.mark.parametrize("fam", BUILTIN, ids=lambda f: f.family)
