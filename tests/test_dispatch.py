@@ -54,18 +54,26 @@ def test_parse_max_memory():
                                                                   "offload_folder": "/tmp/x"}
 
 
+def _cli_files(tmp_path, candidates: str):
+    """A corpus, a candidates file and a device map offloading both blocks of the tiny llama to disk."""
+    import json
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i}: pack my box with five dozen liquor jugs {i * 3}." for i in range(200)))
+    cands = tmp_path / "cands.txt"
+    cands.write_text(candidates)
+    dm = tmp_path / "map.json"
+    dm.write_text(json.dumps(_offloaded_map(2, range(0, 2))))
+    return corpus, cands, dm
+
+
 def test_cli_device_map_file(tiny_dir, tmp_path):
     """``mixq measure --device-map FILE --offload-folder DIR`` writes the table of a plain ``mixq measure``."""
     import json
 
     from mixq.cli import main
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Line {i}: pack my box with five dozen liquor jugs {i * 3}." for i in range(200)))
-    cands = tmp_path / "cands.txt"
-    cands.write_text("W2-g32-asym\nW4-g32\nW8-channel\nFP16\n")
-    dm = tmp_path / "map.json"
-    dm.write_text(json.dumps(_offloaded_map(2, range(0, 2))))
+    corpus, cands, dm = _cli_files(tmp_path, "W2-g32-asym\nW4-g32\nW8-channel\nFP16\n")
     common = ["measure", "--model", str(tiny_dir), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32",
               "--grad-samples", "1", "--algorithm", "gptq", "--candidates", str(cands)]
     assert main([*common, "--out", str(tmp_path / "a.json")]) == 0
@@ -99,12 +107,7 @@ def test_cli_quantize_with_a_device_map_writes_what_the_plain_run_writes(tiny_di
 
     from mixq.cli import main
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Line {i}: pack my box with five dozen liquor jugs {i * 3}." for i in range(200)))
-    cands = tmp_path / "cands.txt"
-    cands.write_text("W2-g32-asym\nW4-g32\nW8-channel\n")
-    dm = tmp_path / "map.json"
-    dm.write_text(json.dumps(_offloaded_map(2, range(0, 2))))
+    corpus, cands, dm = _cli_files(tmp_path, "W2-g32-asym\nW4-g32\nW8-channel\n")
     common = ["quantize", "--model", str(tiny_dir), "--calib", str(corpus), "--nsamples", "2", "--seqlen", "32",
               "--grad-samples", "1", "--candidates", str(cands), "--bpw", "4", "--finetune", "none"]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
