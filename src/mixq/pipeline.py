@@ -295,6 +295,9 @@ def save_quantized(out_dir: str | os.PathLike, model, tokenizer, result, meta: d
 
 
 # ---------------------------------------------------------------------------- fine-tuning
+FINETUNE_STAGES = ("none", "e2e", "block", "block+e2e")  # what `mixq quantize --finetune` runs after GPTQ
+
+
 def finetune(src_dir: str | os.PathLike, out_dir: str | os.PathLike, *, calib=None,
              nsamples: int = 32, seqlen: int = 512, seed: int = 0, bos="auto", config=None, e2e="default",
              block: bool = True, overwrite: bool = False, plot: bool = True, progress: bool = True) -> dict:

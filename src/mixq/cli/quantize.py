@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from ..api import GROUP_FALLBACKS, METHODS
+from ..pipeline import FINETUNE_STAGES
 from ..recipe import DEFAULT_RECIPE, recipe_record
 from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
                      constraints_from, human, measure_args, model_arg, solver_arg)
@@ -312,7 +313,6 @@ def _finetune(scratch: Path, out: Path, args, rows=None) -> None:
     print("fine-tuned: " + "; ".join(parts) + (f"; curves in {rep['plot']}" if rep.get("plot") else ""))
 
 
-FINETUNE_STAGES = ("none", "e2e", "block", "block+e2e")
 
 
 def resolve_finetune(args) -> str:
