@@ -22,7 +22,7 @@ from common import RESULTS, decode_speed_rows, git_rev, machine
 
 from mixq.config import parse_spec
 from mixq.intra import PackedComposite, quantize_layer  # one layer's kernel timing: no stage works per layer
-from mixq.intra.vq_linear import VQLinear
+from mixq.runtime.vq_linear import VQLinear
 from mixq.runtime import PackedWeight, QuantLinear
 
 SPECS = ["W4-g64", "W4-g64+ip", "VQ4-g64+ip", "VQ3-g64+ip", "VQ2.5-g64+ip", "VQ2-g64+ip", "VQ3-g64"]

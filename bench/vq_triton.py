@@ -7,7 +7,7 @@ Layers as ``bench/triton_kernel.py`` (SmolLM2-135M's four linear shapes and two 
 and inputs are random (the kernel's speed does not depend on which codes an encoder chose); the codebook is the
 spec's own.  For each (layer, spec, M):
 
-- ``kernel``: :func:`mixq.intra.vq_triton.vq_linear_triton` on prepared device tensors, CUDA-graph replays
+- ``kernel``: :func:`mixq.runtime.kernels.vq_triton.vq_linear_triton` on prepared device tensors, CUDA-graph replays
   cycling through enough copies of the codes to exceed 2.5x L2 (as ``triton_kernel.py``), median of ``--reps``;
 - ``VQLinear``: the layer a loaded model calls (``kernel="auto"``), eager, one weight: what a user gets per
   call, launch and host overhead included;
@@ -46,8 +46,8 @@ def main():
     from mixq.intra import PackedComposite
     from mixq.intra.scales import group_len
     from mixq.intra.vq import decode, spec_codebook
-    from mixq.intra.vq_linear import VQLinear
-    from mixq.intra.vq_triton import vq_linear_triton
+    from mixq.runtime.vq_linear import VQLinear
+    from mixq.runtime.kernels.vq_triton import vq_linear_triton
     from mixq.runtime.bitpack import pack
 
     dev = torch.device("cuda")

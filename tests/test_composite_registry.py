@@ -16,7 +16,8 @@ from mixq.config import BUILTIN_COMPOSITES, BitCost, CompositeFormat, Export, Qu
     register
 from mixq.config.registry import unregister
 from mixq.export.registry import EXPORTERS
-from mixq.intra import CompositeLinear, PackedComposite
+from mixq.intra import PackedComposite
+from mixq.runtime.composite_linear import CompositeLinear
 from mixq.runtime import PackedWeight
 from export_checks import native_exact_others_refuse
 

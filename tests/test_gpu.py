@@ -74,7 +74,7 @@ def test_cli_measure_device_cuda(tiny_dir, tmp_path):
 def test_vqlinear_auto_on_cuda_is_triton_and_matches_reference(name):
     pytest.importorskip("triton")
     from mixq.intra import PackedComposite, quantize_layer
-    from mixq.intra.vq_linear import VQLinear
+    from mixq.runtime.vq_linear import VQLinear
 
     W = torch.randn(384, 576, generator=torch.Generator().manual_seed(3))
     qt, Wh, _ = quantize_layer(W, parse_spec(name), None, "rtn")

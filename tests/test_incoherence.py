@@ -9,7 +9,8 @@ from mixq.algorithms.gptq import gptq_quantize
 from mixq.config import parse_spec
 from mixq.export.native import load_quantized, read_info, read_packed
 from mixq.export.native_write import save_quantized
-from mixq.intra import IncoherentLinear, IncoherentQTensor, PackedComposite, quantize_layer
+from mixq.intra import IncoherentQTensor, PackedComposite, quantize_layer
+from mixq.runtime.composite_linear import IncoherentLinear
 from mixq.intra.incoherence import rotate, rotate_weight, transform, unrotate_weight
 from mixq.runtime import QuantLinear, kernel_usage, memory_report
 

@@ -20,7 +20,8 @@ from mixq.export.native import (
     read_qtensors,
 )
 from mixq.export.native_write import rewrite_native, save_quantized
-from mixq.intra import CompositeLinear, PackedComposite
+from mixq.intra import PackedComposite
+from mixq.runtime.composite_linear import CompositeLinear
 from mixq.runtime import QuantLinear, kernel_usage, memory_report
 
 # one spec per layer of the tiny llama (2 blocks x 7 linears): every composite family, a few plain specs

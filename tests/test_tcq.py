@@ -9,10 +9,11 @@ import torch
 
 from mixq.config import CompositeSpec, parse_spec
 from mixq.intra import PackedComposite, make_layer, pack_composite, quantize_layer
-from mixq.intra.linear import IncoherentLinear
+from mixq.runtime.composite_linear import IncoherentLinear
 from mixq.intra.tcq import TCQQTensor, pack_tcq, quantize_tcq, unpack_tcq
-from mixq.intra import tcq_codebook as tc, tcq_cpu
-from mixq.intra.tcq_linear import TCQLinear
+from mixq.intra import tcq_codebook as tc
+from mixq.runtime.kernels import tcq_cpu
+from mixq.runtime.tcq_linear import TCQLinear
 from mixq.intra.vq_codebook import mse as vq_mse
 from mixq.intra.vq import quantize_vq
 
@@ -182,7 +183,7 @@ TRITON_CHILD = r"""
 import json, torch
 from mixq.config import parse_spec
 from mixq.intra import PackedComposite, quantize_layer
-from mixq.intra.tcq_linear import TCQLinear
+from mixq.runtime.tcq_linear import TCQLinear
 out = []
 for name, shape in (("TCQ3-channel", (64, 96)), ("TCQ2.5-g32", (48, 64)), ("TCQ2-channel", (32, 64)),
                     ("TCQ3.5-g32", (64, 64))):

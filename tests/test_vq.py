@@ -16,8 +16,8 @@ from mixq.intra import PackedComposite, quantize_layer
 from mixq.intra.incoherence import IncoherentQTensor
 from mixq.intra.vq import VQQTensor, decode, quantize_vq
 from mixq.intra.vq_codebook import _lloyd_max_1d, available, codebook, generate, mse, nearest, to_hex
-from mixq.intra import vq_cpu
-from mixq.intra.vq_linear import VQLinear
+from mixq.runtime.kernels import vq_cpu
+from mixq.runtime.vq_linear import VQLinear
 
 # sha256 of the fp16 bytes of each committed codebook: a changed table would change every stored model's decoding
 PINNED = {
@@ -196,10 +196,10 @@ TRITON_CHILD = r"""
 import json, torch
 from mixq.config import parse_spec
 from mixq.intra import PackedComposite, quantize_layer
-from mixq.intra.vq_linear import VQLinear
+from mixq.runtime.vq_linear import VQLinear
 from mixq.intra.scales import group_len
 from mixq.intra.vq import spec_codebook
-from mixq.intra.vq_triton import vq_linear_triton
+from mixq.runtime.kernels.vq_triton import vq_linear_triton
 out = []
 # g32: a group per 32-wide K tile; channel: one scale per tile row; g48: scales gathered per element;
 # x4: d = 4

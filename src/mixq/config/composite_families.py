@@ -22,8 +22,8 @@ from .composite import CompositeSpec
 from .composite_protocol import CompositeFormat
 from .registry import add_builtin_composites, composite_of
 
-VQ_KERNELS = ("vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")    # mixq.intra.vq_linear
-TCQ_KERNELS = ("tcq-reference", "tcq-cpu", "tcq-dense", "triton")          # mixq.intra.tcq_linear
+VQ_KERNELS = ("vq-reference", "vq-cpu", "vq-lut", "vq-dense", "triton")    # mixq.runtime.vq_linear
+TCQ_KERNELS = ("tcq-reference", "tcq-cpu", "tcq-dense", "triton")          # mixq.runtime.tcq_linear
 
 
 class _Builtin(CompositeFormat):

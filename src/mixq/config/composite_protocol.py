@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from .protocol import Export
 
-REFERENCE_KERNEL = "composite-reference"  # dequantize the stored parts on every call (mixq.intra.linear)
+REFERENCE_KERNEL = "composite-reference"  # dequantize the stored parts on every call (mixq.runtime.composite_linear)
 
 
 class CompositeFormat:

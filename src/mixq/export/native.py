@@ -38,7 +38,7 @@ place, so an interrupted write never leaves a half directory behind.
 ``load_quantized(path, packed=False)`` gives the fake-quant model (dequantized weights, what
 ``mixq eval`` scores); ``packed=True`` gives :class:`~mixq.runtime.QuantLinear` layers holding the
 packed tensors (never a float weight), so RAM is the plan's size; composite layers become
-:class:`~mixq.intra.CompositeLinear` (parts held packed, dequantized on each call).
+:class:`~mixq.runtime.composite_linear.CompositeLinear` (parts held packed, dequantized on each call).
 
 Composite layers are exact too: bytes on disk equal ``spec.cost(shape)`` up to the padding of each
 part's last byte, the parts are checked against the spec on load, and the checksums cover them.
@@ -279,7 +279,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     ``packed=False``: the fake-quant model (each quantized weight dequantized to ``dtype``; ``mixq eval``).
     ``packed=True``: each quantized linear becomes a :class:`~mixq.runtime.QuantLinear` holding its packed
     tensors (run through ``kernel``: ``"auto"``, ``"reference"``, ``"cpu-int4"``, ...); an intra-tensor composite
-    one a :class:`~mixq.intra.CompositeLinear` (dequantized on each call, whatever ``kernel``); no float copy of
+    one a :class:`~mixq.runtime.composite_linear.CompositeLinear` (dequantized on each call, whatever ``kernel``); no float copy of
     a quantized weight is ever filled.  For fast CPU decode use ``dtype=torch.bfloat16`` (the int4 kernel
     needs bf16 activations).  A quantized weight that is not a linear (an embedding) is dequantized.
     ``verify``: check every file's size and sha256 against ``mixq.json`` first.

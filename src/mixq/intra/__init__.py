@@ -1,7 +1,8 @@
 """Intra-tensor mixed precision: composite specs that mix precisions inside one weight.
 
 The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exact cost) live in
-:mod:`mixq.config` with the plain ones; this package quantizes, stores and runs them.
+:mod:`mixq.config` with the plain ones; this package quantizes and stores them, and :mod:`mixq.runtime` runs
+them (``composite_linear``, ``vq_linear``, ``tcq_linear`` and their kernels in ``runtime/kernels``).
 
 ``quant``       :func:`quantize_composite` (RTN / GPTQ) -> :class:`CompositeQTensor` (``qtensor``), ``Ŵ``:
                 fp16 columns (OWQ); ``selection``: sparse outliers (SpQR / SqueezeLLM), SliM-LLM group bits;
@@ -14,20 +15,18 @@ The specs themselves (:class:`~mixq.config.CompositeSpec`, their grammar and exa
                 -> :class:`BinaryQTensor` (``binary_tensor``), stored by ``binary_storage``
 ``incoherence`` ``+ip``: QuIP-style random Hadamard transforms on both sides -> :class:`IncoherentQTensor`
 ``vq``          ``VQ<rate>[x<d>]-GRAN`` bases (for ``+ip``): fixed Gaussian-optimal codebooks (``vq_codebook``,
-                ``vq_tables``), RTN and GPTQ with vector feedback -> :class:`VQQTensor`; ``vq_linear``
-                :class:`VQLinear` with the ``vq_cpu`` (native C) and ``vq_triton`` kernels
+                ``vq_tables``), RTN and GPTQ with vector feedback -> :class:`VQQTensor` (layer:
+                :class:`~mixq.runtime.vq_linear.VQLinear`)
 ``tcq``         ``TCQ<rate>-GRAN`` bases (for ``+ip``): a QTIP-style bitshift trellis down each column with trained
-                tables (``tcq_codebook``, ``tcq_tables``), the Viterbi search (``tcq_cpu``, native C) for RTN and
-                column-exact GPTQ -> :class:`TCQQTensor`; ``tcq_linear`` :class:`TCQLinear` with the ``tcq_cpu``
-                and ``tcq_triton`` kernels
+                tables (``tcq_codebook``, ``tcq_tables``), the Viterbi search (native C:
+                :mod:`mixq.runtime.kernels.tcq_cpu`) for RTN and column-exact GPTQ -> :class:`TCQQTensor` (layer:
+                :class:`~mixq.runtime.tcq_linear.TCQLinear`)
 ``families``    the composite families' implementations (:func:`~mixq.intra.families.impl`: quantize, pack,
                 unpack, layer; a registered :class:`~mixq.config.CompositeFormat` brings its own):
                 :func:`pack_composite` / :func:`unpack_composite` (bit-packed at the accounted size; grids and
                 ``+h``: ``grid_storage``), :func:`make_layer` / :func:`install_layers` (any stored weight's module)
 ``storage``     :class:`PackedComposite` (what the native directory stores), :func:`stored_form` (it or
                 :class:`~mixq.runtime.PackedWeight`, by spec), :func:`pack_layer`
-``linear``      :class:`CompositeLinear`: packed composite layer, dequantized per call (reference path);
-                :class:`IncoherentLinear`: ``+ip`` layers, two fast transforms around the inner layer's kernel
 ``candidates``  :func:`intra_candidates` (the ``intra`` / ``default+intra`` sets: :mod:`mixq.allocate.candidates`)
 ``hooks``       :func:`quantize_layer`: the one dispatch from any spec (plain or composite) to its quantizer,
                 what ``quantize_model`` calls per layer; :func:`composite_weight` for the measurement driver
@@ -44,11 +43,9 @@ from .storage import PackedComposite, pack_layer, stored_form
 from .incoherence import IncoherentQTensor
 from .tcq import TCQQTensor
 from .vq import VQQTensor
-from .linear import CompositeLinear, IncoherentLinear
 
 __all__ = [
-    "BinaryQTensor", "CSR", "CompositeLinear", "CompositeQTensor", "INTRA_CANDIDATE_NAMES", "IncoherentLinear",
-    "IncoherentQTensor",
+    "BinaryQTensor", "CSR", "CompositeQTensor", "INTRA_CANDIDATE_NAMES", "IncoherentQTensor",
     "PackedComposite", "RowSplitQTensor", "composite_weight", "dequantize_composite",
     "install_layers", "intra_candidates", "make_layer",
     "pack_composite", "pack_layer", "quantize_composite", "quantize_layer", "stored_form",

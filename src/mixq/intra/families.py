@@ -28,12 +28,9 @@ from ..runtime import PackedWeight, QuantLinear, install_qlinear
 from .binary_storage import pack_binary, unpack_binary
 from .grid_storage import pack_grid, pack_rows, unpack_grid, unpack_rows
 from .incoherence import IncoherentQTensor, quantize_incoherent
-from .linear import CompositeLinear, IncoherentLinear
 from .quant import quantize_composite
 from .tcq import pack_tcq, unpack_tcq
-from .tcq_linear import TCQLinear
 from .vq import pack_vq, unpack_vq
-from .vq_linear import VQLinear
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,25 @@ def _quantize(W, spec, H, method, *, quantize_layer, **kw):
     return quantize_composite(W, spec, H, method, **kw)
 
 
-def _codebook_layer(cls):
-    return lambda packed, bias, kernel: cls(packed, bias, kernel if kernel in cls.KERNELS else "auto")
+# The layers (mixq.runtime) are imported where they are made: they import this package's quantizers
+# (mixq.intra.vq, .tcq, .incoherence), so importing them here would make importing a runtime layer first circular.
+def _codebook_layer(cls, packed, bias, kernel):
+    return cls(packed, bias, kernel if kernel in cls.KERNELS else "auto")
+
+
+def _vq_layer(packed, bias, kernel):
+    from ..runtime.vq_linear import VQLinear
+    return _codebook_layer(VQLinear, packed, bias, kernel)
+
+
+def _tcq_layer(packed, bias, kernel):
+    from ..runtime.tcq_linear import TCQLinear
+    return _codebook_layer(TCQLinear, packed, bias, kernel)
+
+
+def _reference_layer(packed, bias, kernel):
+    from ..runtime.composite_linear import CompositeLinear
+    return CompositeLinear(packed, bias)
 
 
 # ---------------------------------------------------------------------------- +ip: wraps any other spec
@@ -75,6 +89,7 @@ def _ip_unpack(t: dict[str, torch.Tensor], spec, shape) -> IncoherentQTensor:
 def _ip_layer(packed, bias, kernel):
     """Two transforms around the inner spec's own layer (its stored form: a PackedComposite like ``packed``, or a
     PackedWeight)."""
+    from ..runtime.composite_linear import IncoherentLinear
     spec, sub = packed.spec.inner, _inner_tensors(packed.tensors())
     inner = type(packed)(sub, spec, packed.shape) if composite_of(spec) else \
         PackedWeight.from_tensors(sub, spec, packed.shape)
@@ -85,14 +100,13 @@ def _inner_tensors(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[3:]: v for k, v in t.items() if k.startswith("in.")}
 
 
-_REFERENCE = lambda packed, bias, kernel: CompositeLinear(packed, bias)  # noqa: E731
 _IMPL = {
     Incoherent: _Impl(_ip_quantize, _ip_pack, _ip_unpack, _ip_layer),
-    RowSplit: _Impl(_quantize, pack_rows, unpack_rows, _REFERENCE),
-    Binary: _Impl(_quantize, pack_binary, unpack_binary, _REFERENCE),
-    VQ: _Impl(_quantize, pack_vq, unpack_vq, _codebook_layer(VQLinear)),
-    TCQ: _Impl(_quantize, pack_tcq, unpack_tcq, _codebook_layer(TCQLinear)),
-    Grid: _Impl(_quantize, pack_grid, unpack_grid, _REFERENCE),
+    RowSplit: _Impl(_quantize, pack_rows, unpack_rows, _reference_layer),
+    Binary: _Impl(_quantize, pack_binary, unpack_binary, _reference_layer),
+    VQ: _Impl(_quantize, pack_vq, unpack_vq, _vq_layer),
+    TCQ: _Impl(_quantize, pack_tcq, unpack_tcq, _tcq_layer),
+    Grid: _Impl(_quantize, pack_grid, unpack_grid, _reference_layer),
 }
 
 

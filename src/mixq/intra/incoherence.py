@@ -6,7 +6,7 @@ product of normalised Hadamard factors times a random ±1 diagonal, :mod:`mixq.a
     W'  = Q_out W Q_inᵀ           what is quantized (by the rest of the spec: any plain grid or composite)
     H'  = Q_in H Q_inᵀ            its input second moment (``x' = Q_in x``), for GPTQ
     Ŵ   = Q_outᵀ Ŵ' Q_in          the weight the model computes with
-    y   = Q_outᵀ (Ŵ' (Q_in x))    the runtime (:class:`~mixq.intra.linear.IncoherentLinear`): two fast transforms
+    y   = Q_outᵀ (Ŵ' (Q_in x))    the runtime (:class:`~mixq.runtime.composite_linear.IncoherentLinear`): two fast transforms
                                   around the inner layer's own kernel
 
 The transforms spread every row's and column's outliers over all of them, so the transformed weight is close

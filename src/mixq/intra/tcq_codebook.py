@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import torch
 
-from . import tcq_cpu
+from ..runtime.kernels import tcq_cpu
 
 L = 8
 SEED = 0x7C9

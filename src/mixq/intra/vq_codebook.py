@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import torch
 
-from .vq_cpu import nearest as _native_nearest
+from ..runtime.kernels.vq_cpu import nearest as _native_nearest
 
 SEED = 0x5EED
 GRID = 481
@@ -133,7 +133,7 @@ def to_hex(C: torch.Tensor) -> str:
 def nearest(x: torch.Tensor, C: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
     """Index of the nearest row of ``C [K, d]`` for every row of ``x [N, d]`` (Euclidean), int64 ``[N]``.
 
-    ``argmin_k ‖c_k‖² - 2 x·c_k``: in the native kernel (:func:`mixq.intra.vq_cpu.nearest`) for float32 CPU inputs,
+    ``argmin_k ‖c_k‖² - 2 x·c_k``: in the native kernel (:func:`mixq.runtime.kernels.vq_cpu.nearest`) for float32 CPU inputs,
     else in chunks of ``chunk`` rows (one ``[chunk, K]`` product each).  The two may part on exact ties of
     rounding only."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0]:

@@ -8,6 +8,16 @@
               (``cpu-int4``, ``cpu-int4-exact``)
 ``generate``  :func:`greedy_generate`: timed greedy decoding with a KV cache
 
+Layers of intra-tensor composites (:mod:`mixq.intra`; not imported here: they import its quantizers, and
+:func:`mixq.intra.make_layer` makes them):
+
+``composite_linear``    :class:`CompositeLinear` (dequantized per call, the reference path) and
+                        :class:`IncoherentLinear` (``+ip``: two fast transforms around the inner layer)
+``packed_codes_linear`` :class:`PackedCodesLinear`, the shared base of the codebook layers
+``vq_linear``           :class:`VQLinear` (kernels ``kernels/vq_cpu``, native C, and ``kernels/vq_triton``)
+``tcq_linear``          :class:`TCQLinear` (kernels ``kernels/tcq_cpu`` with its C source ``kernels/tcq_csrc``,
+                        and ``kernels/tcq_triton``)
+
 Activations and the KV cache in the forward pass (not imported here: they pull in ``transformers``' cache):
 
 ``act_quant``    simulated activation quantization: one forward pre-hook per chosen linear

@@ -239,7 +239,7 @@ def memory_report(model: nn.Module) -> dict:
     """Bytes a model holds: ``params_buffers`` (each tensor once), ``kernel_state`` (QuantLinear kernel
     layouts), ``resident`` (their sum), ``packed_weights`` (QuantLinear and intra-tensor CompositeLinear
     weights at their packed size) and ``quant_linears`` (count).  A packed layer is a module whose
-    ``packed_layer`` attribute is true (QuantLinear, and :mod:`mixq.intra.linear`'s layers)."""
+    ``packed_layer`` attribute is true (QuantLinear, and :mod:`mixq.runtime.composite_linear`'s layers)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.device.type == "meta":

@@ -7,7 +7,7 @@ import torch
 def split_k_for(device: torch.device, tiles: int, kblocks: int, cap: int = 16) -> int:
     """How many K ranges to split a launch of ``tiles`` output tiles over: enough programs for ~4 per SM, at most
     ``kblocks`` and ``cap`` (1 off CUDA).  The int kernel (:mod:`.triton_gpu`), the VQ and the TCQ kernels
-    (:mod:`mixq.intra.vq_triton`, :mod:`mixq.intra.tcq_triton`) all use it."""
+    (:mod:`mixq.runtime.kernels.vq_triton`, :mod:`mixq.runtime.kernels.tcq_triton`) all use it."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.kernels.splitk import split_launch, split_result
+from .splitk import split_launch, split_result
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import torch
 
-from ..runtime.kernels.cbuild import INT, VOID_P, load
+from .cbuild import INT, VOID_P, load
 from .tcq_csrc import SOURCE
 
 

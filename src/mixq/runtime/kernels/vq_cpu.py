@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from ..runtime.kernels.cbuild import INT, VOID_P, load
+from .cbuild import INT, VOID_P, load
 
 SOURCE = r"""
 #include <stdint.h>

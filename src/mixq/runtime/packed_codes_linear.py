@@ -1,4 +1,4 @@
-"""The part every codebook layer (:class:`~mixq.intra.vq_linear.VQLinear`, :class:`~mixq.intra.tcq_linear.TCQLinear`)
+"""The part every codebook layer (:class:`~mixq.runtime.vq_linear.VQLinear`, :class:`~mixq.runtime.tcq_linear.TCQLinear`)
 shares: the packed code stream and the scales held as raw bits (so that ``model.to(torch.bfloat16)`` cannot
 round an fp16 scale), the bias, the byte count, and the stored form back (the type it was made from, a
 :class:`~mixq.intra.PackedComposite`)."""

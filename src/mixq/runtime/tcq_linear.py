@@ -2,14 +2,14 @@
 
 ``tcq-reference``  unpack the symbol stream, walk the states, ``Ŵ = s · lut[state]``, ``F.linear``: defines the
                    result
-``tcq-cpu``        (CPU, ``M <= CPU_MAX_TOKENS``) the native decode-and-dot GEMV of :mod:`mixq.intra.tcq_cpu`
+``tcq-cpu``        (CPU, ``M <= CPU_MAX_TOKENS``) the native decode-and-dot GEMV of :mod:`mixq.runtime.kernels.tcq_cpu`
                    on the packed stream (a padded copy, ``rate`` bits per weight in RAM): each thread walks the
                    columns of its range top to bottom, four state chains side by side (eight, one per AVX2
                    lane, where the CPU has AVX2)
 ``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call from the stream (natively, a column per
                    thread step; in torch without a compiler), dense fp32 GEMM
 
-``triton``         (CUDA) :mod:`mixq.intra.tcq_triton`: fused decode + GEMM from the packed stream
+``triton``         (CUDA) :mod:`mixq.runtime.kernels.tcq_triton`: fused decode + GEMM from the packed stream
 
 ``kernel="auto"``: triton on CUDA (tcq-dense without triton: decode on the host, GEMM on the device), else
 tcq-cpu for short inputs when the kernel compiles, else tcq-dense.
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config.composite_families import TCQ_KERNELS
-from .packed_linear import PackedCodesLinear
-from .scales import group_len
-from .tcq import STATE_BITS, stream_layout, unpack_tcq
-from .tcq_codebook import lut as tcq_lut
+from .packed_codes_linear import PackedCodesLinear
+from ..intra.scales import group_len
+from ..intra.tcq import STATE_BITS, stream_layout, unpack_tcq
+from ..intra.tcq_codebook import lut as tcq_lut
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
 CPU_MAX_TOKENS = 16
@@ -41,7 +41,7 @@ class TCQLinear(PackedCodesLinear):
 
     def _part(self, name: str, device="cpu") -> torch.Tensor:
         """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 4 bytes,
-        ``gemv`` the native kernel's :class:`~mixq.intra.tcq_cpu.GemvLayer` on them."""
+        ``gemv`` the native kernel's :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` on them."""
         key = (name, str(device))
         if key not in self._cache:
             if name == "scale":
@@ -49,7 +49,7 @@ class TCQLinear(PackedCodesLinear):
             elif name == "lut":
                 t = tcq_lut(self.spec.tcq_rate)
             elif name == "gemv":  # the native kernel's fixed arguments (CPU)
-                from .tcq_cpu import GemvLayer
+                from .kernels.tcq_cpu import GemvLayer
 
                 P, width, k1 = stream_layout(self.spec)
                 self._cache[key] = GemvLayer(self._part("stream"), self._part("scale"), self._part("lut"),
@@ -67,7 +67,7 @@ class TCQLinear(PackedCodesLinear):
     def choose(self, x: torch.Tensor) -> str:
         if self.kernel != "auto":
             return self.kernel
-        from . import tcq_cpu, vq_triton
+        from .kernels import tcq_cpu, vq_triton
 
         if x.is_cuda:  # vq_triton.available: one notion of "triton can run here" for both codebook kernels
             return "triton" if vq_triton.available() else "tcq-dense"
@@ -84,7 +84,7 @@ class TCQLinear(PackedCodesLinear):
             W = self.dequantize().to(device=x.device, dtype=x.dtype)
             y = F.linear(x2, W)
         elif k == "tcq-dense":
-            from .tcq_cpu import decode
+            from .kernels.tcq_cpu import decode
 
             P, width, k1 = stream_layout(self.spec)
             W = decode(self._part("stream"), self._part("scale"), self._part("lut"), self.out_features,
@@ -94,7 +94,7 @@ class TCQLinear(PackedCodesLinear):
         elif k == "tcq-cpu":
             y = self._part("gemv")(x2.float()).to(x.dtype)
         elif k == "triton":
-            from .tcq_triton import tcq_linear_triton
+            from .kernels.tcq_triton import tcq_linear_triton
 
             P, width, k1 = stream_layout(self.spec)
             d = x.device

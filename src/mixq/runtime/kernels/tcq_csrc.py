@@ -1,4 +1,4 @@
-"""The C source of the trellis kernels of :mod:`mixq.intra.tcq_cpu` (the Viterbi search, the decode and the
+"""The C source of the trellis kernels of :mod:`mixq.runtime.kernels.tcq_cpu` (the Viterbi search, the decode and the
 decode-and-dot GEMV, scalar and AVX2): what :func:`mixq.runtime.kernels.cbuild.load` compiles.  Its text is
 part of the compiled library's cache key, so any edit here rebuilds it."""
 

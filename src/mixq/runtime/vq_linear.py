@@ -14,10 +14,10 @@ per row, groups of ``N/d`` vectors).
                   ``v·K + code[r, v]`` (int32, ``R·P·32`` bits: 16 bits per weight at d = 2 in RAM) and a
                   grouped sum -- no ``Ŵ`` is ever formed
 ``vq-cpu``        (CPU, ``M <= CPU_MAX_TOKENS``) the native C decode-and-dot / table GEMV of
-                  :mod:`mixq.intra.vq_cpu` on the codes unpacked once to uint8 (``8/d`` bits per weight in RAM)
+                  :mod:`mixq.runtime.kernels.vq_cpu` on the codes unpacked once to uint8 (``8/d`` bits per weight in RAM)
 ``vq-dense``      (CPU, longer inputs) the codes unpacked once to uint8 (``8/d`` bits per weight in RAM),
                   ``Ŵ`` decoded per call, dense GEMM
-``triton``        (CUDA) :mod:`mixq.intra.vq_triton`: fused decode + GEMM
+``triton``        (CUDA) :mod:`mixq.runtime.kernels.vq_triton`: fused decode + GEMM
 
 ``kernel="auto"`` picks triton on CUDA, else vq-cpu for short inputs (vq-lut without a C compiler) and vq-dense
 for long ones.
@@ -27,11 +27,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..runtime.bitpack import unpack
+from .bitpack import unpack
 from ..config.composite_families import VQ_KERNELS
-from .packed_linear import PackedCodesLinear
-from .scales import group_len
-from .vq import decode, spec_codebook
+from .packed_codes_linear import PackedCodesLinear
+from ..intra.scales import group_len
+from ..intra.vq import decode, spec_codebook
 
 LUT_MAX_TOKENS = 8
 KERNELS = ("auto", *VQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
@@ -76,13 +76,13 @@ class VQLinear(PackedCodesLinear):
         if self.kernel != "auto":
             return self.kernel
         if x.is_cuda:
-            from . import vq_triton
+            from .kernels import vq_triton
 
             if vq_triton.available():
                 return "triton"
             return "vq-dense"
         m = x.numel() // self.in_features
-        from . import vq_cpu
+        from .kernels import vq_cpu
 
         if m <= CPU_MAX_TOKENS and vq_cpu.available():
             return "vq-cpu"
@@ -103,14 +103,14 @@ class VQLinear(PackedCodesLinear):
             W = decode(self._on("dense", x.device), self._on("scale", x.device), B, glen)
             y = F.linear(x2.float(), W).to(x.dtype)
         elif k == "vq-cpu":
-            from .vq_cpu import vq_gemv
+            from .kernels.vq_cpu import vq_gemv
 
             y = vq_gemv(x2, self._on("dense", x.device), self._on("scale", x.device), B, glen).to(x.dtype)
         elif k == "vq-lut":
             y = lut_linear(x2, self._on("lut", x.device), self._on("scale", x.device), B, glen,
                            self.out_features).to(x.dtype)
         elif k == "triton":
-            from .vq_triton import vq_linear_triton
+            from .kernels.vq_triton import vq_linear_triton
 
             y = vq_linear_triton(x2, self._on("dense", x.device), self._on("scale", x.device), B, glen)
         else:

@@ -16,8 +16,8 @@ for composites: this is correct, not quick.
 
 two Kronecker-factored Hadamard transforms around the inner layer, which the inner spec's own family makes
 (:func:`mixq.intra.families.make_layer`): a :class:`~mixq.runtime.QuantLinear` (with its fast kernels) when the rest
-of the spec is a plain grid, a :class:`~mixq.intra.vq_linear.VQLinear` for a VQ base, a
-:class:`~mixq.intra.tcq_linear.TCQLinear` for a TCQ base, a :class:`CompositeLinear` otherwise.
+of the spec is a plain grid, a :class:`~mixq.runtime.vq_linear.VQLinear` for a VQ base, a
+:class:`~mixq.runtime.tcq_linear.TCQLinear` for a TCQ base, a :class:`CompositeLinear` otherwise.
 
 A layer keeps the type of the stored form it was made from (``packed``), and gives its tensors back as one
 (``.packed``).
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config.composite_protocol import REFERENCE_KERNEL
-from .incoherence import rotate
-from .packed_linear import PackedCodesLinear
+from ..intra.incoherence import rotate
+from .packed_codes_linear import PackedCodesLinear
 
 
 def _buffer_name(name: str) -> str:
