@@ -21,6 +21,7 @@ from mixq.config import parse_spec
 from mixq.formats import quantize
 from mixq.runtime import AUTO_ORDER, KERNELS, KernelUnsupported, PackedWeight, QuantLinear, fast_kernel_for
 from mixq.runtime.kernels import triton_gpu as tg
+from mixq.runtime.kernels.triton_jit import jitted
 
 HAS_CUDA = torch.cuda.is_available()
 SYM = [f"W{b}-g64" for b in range(1, 9)]
@@ -226,7 +227,7 @@ def test_kernel_compiles_to_cubin(name, dtype, m, arch):
     x = torch.randn(m, shape[1]).to(dtype)
     split = 2 if m < 16 else 1
     grid, args, constexprs, options = tg.launch_args(x, tg.prepare(pw), torch.randn(shape[0]), split_k=split)
-    fn = tg._jit()
+    fn = jitted(tg._qmm_kernel, "int / lookup-table")
     names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32"}
     sig = {a: ("*" + names[v.dtype]) if isinstance(v, torch.Tensor) else "i32" for a, v in zip(fn.arg_names, args)}
     sig.update({k: "constexpr" for k in constexprs})

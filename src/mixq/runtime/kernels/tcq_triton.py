@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .splitk import split_launch, split_result
+from .triton_jit import jitted
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
@@ -81,18 +82,6 @@ def _tcq_mm_kernel(x_ptr, st_ptr, s_ptr, lut_ptr, y_ptr, M, N, K, NS, NG, K_SPLI
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_jitted = None
-
-
-def _kernel():
-    global _jitted
-    if _jitted is None:
-        if triton is None:
-            raise RuntimeError("the TCQ Triton kernel needs triton: pip install 'mixq[gpu]'")
-        _jitted = triton.jit(_tcq_mm_kernel)
-    return _jitted
-
-
 def tcq_linear_triton(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, N: int,
                       P: int, wbits: int, k1: int, L: int, glen: int, split_k: int | None = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] Ŵᵀ`` in ``x.dtype`` from the padded column-major symbol ``stream`` (uint8),
@@ -107,7 +96,7 @@ def tcq_linear_triton(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor
     BLOCK_N = 32 if M <= 16 else 64
     BLOCK_K = 32
     grid, k_split, y = split_launch(x, N, BLOCK_M, BLOCK_N, BLOCK_K, split_k, cap=32)
-    _kernel()[grid](x, stream.contiguous(), scale.float().contiguous(), lut.float().contiguous(), y,
+    jitted(_tcq_mm_kernel, "TCQ")[grid](x, stream.contiguous(), scale.float().contiguous(), lut.float().contiguous(), y,
                     M, N, K, N // P, K // glen, k_split, x.stride(0),
                     W=wbits, P=P, K1=k1, L=L, NPREV=-(-L // wbits), GROUP=glen, IEEE=x.dtype == torch.float32,
                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)

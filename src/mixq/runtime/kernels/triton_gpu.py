@@ -49,6 +49,7 @@ from ...config.registry import owner
 from ...formats import QParams, decode
 from ...granularity import PerGroup, PerTensor
 from .splitk import split_k_for
+from .triton_jit import jitted
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
@@ -137,16 +138,6 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
         if HAS_BIAS:
             acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-_JIT = None
-
-
-def _jit():
-    global _JIT
-    if _JIT is None:
-        _JIT = triton.jit(_qmm_kernel)
-    return _JIT
 
 
 def interpreting() -> bool:
@@ -381,7 +372,7 @@ def linear(x: torch.Tensor, pw, state: dict, bias: torch.Tensor | None, *, split
     if x.shape[0] == 0:
         return x.new_empty(0, n)
     grid, args, constexprs, options = launch_args(x, state, bias, split_k, tiles)
-    _jit()[grid](*args, **constexprs, **options)
+    jitted(_qmm_kernel, "int / lookup-table")[grid](*args, **constexprs, **options)
     y = args[6]  # the output (or partial sums)
     if grid[2] == 1:
         return y

@@ -19,6 +19,7 @@ import os
 import torch
 
 from .splitk import split_launch, split_result
+from .triton_jit import jitted
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
@@ -77,18 +78,6 @@ def _vq_mm_kernel(x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, K, P, NG, K_SPLIT, st
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_jitted = None
-
-
-def _kernel():
-    global _jitted
-    if _jitted is None:
-        if triton is None:
-            raise RuntimeError("the VQ Triton kernel needs triton: pip install 'mixq[gpu]'")
-        _jitted = triton.jit(_vq_mm_kernel)
-    return _jitted
-
-
 def vq_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, B: torch.Tensor,
                      glen: int, split_k: int | None = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] Ŵᵀ`` in ``x.dtype``; ``codes`` uint8 ``[N, K/d]``, ``scale`` ``[N, K/glen]``, ``B [2^b, d]``."""
@@ -106,7 +95,7 @@ def vq_linear_triton(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     BLOCK_N = 32 if M <= 16 else 64
     BLOCK_K = 64 if glen % 64 == 0 or glen >= K else 32
     grid, k_split, y = split_launch(x, N, BLOCK_M, BLOCK_N, BLOCK_K, split_k, cap=32)
-    _kernel()[grid](x, codes.contiguous(), scale.float().contiguous(), B.float().contiguous(), y,
+    jitted(_vq_mm_kernel, "VQ")[grid](x, codes.contiguous(), scale.float().contiguous(), B.float().contiguous(), y,
                     M, N, K, P, K // glen, k_split, x.stride(0),
                     D=d, GROUP=glen, IEEE=x.dtype == torch.float32,
                     TILE_SCALE=glen % BLOCK_K == 0,
