@@ -8,6 +8,8 @@ The stages are functions at the top level (:mod:`mixq.pipeline`; ``help(mixq.qua
     calib = mixq.build_calibration(model, tok, "ptb", nsamples=32, seqlen=512)
     table = mixq.measure(model, calib)                         # each layer's error under each candidate spec
     plan = mixq.plan(table, bpw=3.5)                           # exact solver under the budget
+    # or both, with rotation first when asked: mixq.plan_for_budget(model, calib, mixq.Budget(bpw=3.5)).plan
+    # input statistics once, saved and reused: mixq.statistics(model, calib).save("stats.safetensors")
     result = mixq.quantize(model, plan=plan, method="gptq", calib=calib)   # or mixq.quantize(model, "W4-g64")
     mixq.save_quantized("runs/mixed", model, tok, result)
     qmodel, qtok, info = mixq.load_quantized("runs/mixed")
@@ -28,8 +30,10 @@ _LAZY: dict[str, str] = {
     # the stages
     "load_model": "mixq.pipeline:load_model",
     "build_calibration": "mixq.pipeline:build_calibration",
+    "statistics": "mixq.pipeline:statistics",
     "measure": "mixq.pipeline:measure",
     "plan": "mixq.pipeline:plan",
+    "plan_for_budget": "mixq.budget_stage:plan_for_budget",
     "quantize": "mixq.pipeline:quantize",
     "save_quantized": "mixq.pipeline:save_quantized",
     "load_quantized": "mixq.export.native:load_quantized",
@@ -37,6 +41,8 @@ _LAZY: dict[str, str] = {
     "finetune": "mixq.pipeline:finetune",
     # the artifacts they pass along
     "Budget": "mixq.allocate:Budget",
+    "BudgetPlan": "mixq.budget_stage:BudgetPlan",
+    "Statistics": "mixq.calib.statistics:Statistics",
     "Plan": "mixq.allocate:Plan",
     "SensitivityTable": "mixq.allocate:SensitivityTable",
     "QuantResult": "mixq.api:QuantResult",

@@ -82,6 +82,18 @@ def _record(calib) -> dict | None:
     return calib.record() if hasattr(calib, "record") else None
 
 
+def statistics(model, calib, *, layers=None, hessian: bool = False, progress: bool = True):
+    """Every block linear's input statistics from one calibration pass: a frozen
+    :class:`~mixq.calib.statistics.Statistics` (``.absmax()``, ``.absmean()``, ``.hessians()`` with
+    ``hessian=True``, ``.save(path)`` / ``Statistics.load(path)``), keyed to ``calib``'s rows by their sha256.
+    ``layers``: None (all block linears), a regex searched in the fqn, or a list of fqns."""
+    from .calib.statistics import collect_statistics
+    from .runtime.act_quant import select_linears
+
+    return collect_statistics(model, _calib_ids(calib), select_linears(model, layers), hessian=hessian,
+                              progress=progress)
+
+
 # ---------------------------------------------------------------------------- measure / plan
 def measure(model, calib, *, metric: str | None = None, candidates="default", algorithm: str = "rtn",
             grad_samples: int = 16, block_samples: int = 4, out: str | os.PathLike | None = None,

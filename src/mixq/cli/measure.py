@@ -7,7 +7,6 @@ others, every rank walks the model, and rank 0 alone claims, resumes and writes 
 the single-process one."""
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from ..recipe import DEFAULT_RECIPE
 from .common import calib_args, claim_output, measure_args, model_arg
 from .placement import check_device, placement_args, placement_from
 
-log = logging.getLogger(__name__)
 
 
 def register(sub) -> None:
@@ -41,25 +39,8 @@ def load_candidate_set(name: str):
     return default_candidates() if name == "default" else load_candidates(name)
 
 
-def finished_measurement(path: Path, model, calib_ids, args):
-    """The table at ``path`` if a previous (interrupted) run finished it for this model, data and metric."""
-    from ..allocate import SensitivityTable
-    from ..measure import measurement_key
-
-    if not path.exists():
-        return None
-    try:
-        table = SensitivityTable.load(path)
-    except Exception:  # noqa: BLE001 - a damaged scratch file is simply measured again
-        return None
-    key = measurement_key(model, calib_ids, load_candidate_set(args.candidates), args.metric, _algorithm(args))
-    if any(table.meta.get(k) != v for k, v in key.items()):
-        return None
-    log.info("reusing the finished measurement %s", path)
-    return table
-
-
-def _algorithm(args) -> str:
+def measure_algorithm(args) -> str:
+    """``--algorithm``, or the one ``--method`` implies (``gptq`` measures GPTQ's error)."""
     return args.algorithm or ("gptq" if getattr(args, "method", DEFAULT_RECIPE["method"]) == "gptq" else "rtn")
 
 
@@ -68,7 +49,7 @@ def run_measure(model, calib_ids, args, out: Path | None, group=None):
     from ..measure import measure
 
     return measure(model, calib_ids, load_candidate_set(args.candidates), metric=args.metric,
-                   algorithm=_algorithm(args), grad_samples=args.grad_samples, block_samples=args.block_samples,
+                   algorithm=measure_algorithm(args), grad_samples=args.grad_samples, block_samples=args.block_samples,
                    out=out, group=group)
 
 

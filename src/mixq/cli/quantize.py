@@ -10,7 +10,7 @@ from ..pipeline import FINETUNE_STAGES
 from ..recipe import DEFAULT_RECIPE, recipe_record
 from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
                      constraints_from, human, measure_args, model_arg, solver_arg)
-from .measure import finished_measurement, load_candidate_set, run_measure
+from .measure import load_candidate_set, measure_algorithm
 from .placement import check_device, placement_args, placement_from
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def register(sub) -> None:
 def cmd_quantize(args) -> int:
     from .. import api
     from .. import pipeline as P
-    from ..allocate import Budget, Plan, SensitivityTable, allocate
+    from ..allocate import Budget, Plan, SensitivityTable
     from ..allocate.candidates import FAST_CPU
     from ..bos import resolve_bos
     from ..calibset import calibration_for, parse_sources
@@ -105,7 +105,7 @@ def cmd_quantize(args) -> int:
         plan.check({r.fqn: r.shape for r in api.iter_layers(model)})
         _check_plan(plan, model, args)
     if budget is not None and table is not None:  # a measurement of other weights fails before calibration
-        _check_measurement(table, model, args, rotated=False)
+        _check_measurement(table, model, args)
     if budget is not None:  # an impossible budget fails before calibration and measurement (costs need no data)
         from ..allocate import budget_range, shape_table
 
@@ -118,24 +118,18 @@ def cmd_quantize(args) -> int:
     calib = calibration_for(model, tok, args, bos) if needs_calib else None
     extra: dict = {"lazy": True} if args.lazy else {}
     rotate = args.rotate
-    if rotate and budget is not None:
-        # rotate before measuring: the plan must be chosen for the weights that will be quantized (and a given
-        # --measurement must have been made of them)
-        from ..algorithms.rotation import rotate_model
-
-        rotate_model(model, online_down=False)
-        rotate = False
-        if table is not None:
-            _check_measurement(table, model, args, rotated=True)
     if budget is not None:
-        if table is None:
-            # saved beside --out while it runs, so an interrupted measurement resumes on the next call
-            scratch = out.with_name(f".{out.name}.measurement.json")
-            table = finished_measurement(scratch, model, calib.ids, args)
-            if table is None:
-                table = run_measure(model, calib.ids, args, scratch)
-            table.meta["rotate"] = bool(args.rotate)  # provenance: measured on the rotated weights
-        plan = allocate(table, budget, constraints=constraints_from(args), method=args.solver)
+        from ..budget_stage import plan_for_budget
+
+        # saved beside --out while it runs, so an interrupted measurement resumes on the next call
+        scratch = out.with_name(f".{out.name}.measurement.json") if table is None else None
+        bp = plan_for_budget(model, calib, budget, table=table, rotate=args.rotate,
+                             candidates=load_candidate_set(args.candidates), metric=args.metric,
+                             algorithm=measure_algorithm(args), grad_samples=args.grad_samples,
+                             block_samples=args.block_samples, constraints=constraints_from(args),
+                             solver=args.solver, scratch=scratch)
+        plan, table = bp.plan, bp.table
+        rotate = rotate and not bp.rotated  # the budget stage rotated the weights before measuring them
         extra["measure_plan_seconds"] = time.perf_counter() - t0
     chosen = P.layer_specs(model, spec, plan=plan, lm_head=lm_head, group_fallback=args.group_fallback,
                            target=getattr(args, "target", None))  # a spec --target cannot hold: ValueError
@@ -168,9 +162,7 @@ def cmd_quantize(args) -> int:
             import shutil
 
             shutil.rmtree(out)
-    measured = budget is not None and args.measurement is None
-    if measured:
-        table.meta["calibration_record"] = calib.record()
+    measured = budget is not None and bp.measured
     save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force,
                    side_files=_side_files(plan, table if measured else None))
     if walk is not None:
@@ -245,39 +237,37 @@ def _check_plan(plan, model, args) -> None:
                         f"{mine}): {redo}")
 
 
-def _check_measurement(table, model, args, *, rotated: bool) -> None:
+def _check_measurement(table, model, args) -> None:
     """Refuse a ``--measurement`` made of other weights than this run quantizes, naming the flag that fixes it.
 
-    Checked before calibration (``rotated=False``): its layers and shapes, its ``--rotate`` record, and — without
-    ``--rotate`` — its model fingerprint; with ``--rotate`` the fingerprint once the model is rotated.  A lazy
-    model is never in memory, so only its layers are compared.
+    Checked before calibration: its layers and shapes, its ``--rotate`` record, and — without ``--rotate`` — its
+    model fingerprint (with ``--rotate`` the budget stage compares it with the rotated model's,
+    :mod:`mixq.budget_stage`).  A lazy model is never in memory, so only its layers are compared.
     """
     from ..api import iter_layers
     from ..models import model_fingerprint
 
     m = f"--measurement {args.measurement}"
     here = f"drop --measurement to measure --model {args.model}{' --rotate' if args.rotate else ''} in this run"
-    if not rotated:
-        have = {x.fqn: tuple(x.shape) for x in table.layers}
-        want = {r.fqn: tuple(r.shape) for r in iter_layers(model)}
-        if have != want:
-            odd = sorted(set(have) ^ set(want)) or [f for f in want if have[f] != want[f]]
-            raise UserError(f"{m} was made for another model (layer {odd[0]} differs, {len(odd)} such): {here}")
-        made = table.meta.get("rotate")
-        if made is not None and bool(made) != bool(args.rotate):
-            fix = "add --rotate" if made else "drop --rotate"
-            raise UserError(f"{m} was made {'with' if made else 'without'} --rotate: {fix}, or {here}")
-        if args.rotate or args.lazy:
-            return
+    have = {x.fqn: tuple(x.shape) for x in table.layers}
+    want = {r.fqn: tuple(r.shape) for r in iter_layers(model)}
+    if have != want:
+        odd = sorted(set(have) ^ set(want)) or [f for f in want if have[f] != want[f]]
+        raise UserError(f"{m} was made for another model (layer {odd[0]} differs, {len(odd)} such): {here}")
+    made = table.meta.get("rotate")
+    if made is not None and bool(made) != bool(args.rotate):
+        fix = "add --rotate" if made else "drop --rotate"
+        raise UserError(f"{m} was made {'with' if made else 'without'} --rotate: {fix}, or {here}")
+    if args.rotate or args.lazy:
+        return
     fp = table.meta.get("model")
     if fp is None:
         log.warning("%s records no model fingerprint: its provenance cannot be checked", m)
         return
     mine = model_fingerprint(model)
     if fp != mine:
-        raise UserError(f"{m} was made of other weights (model fingerprint {fp}, this model {mine}"
-                        f"{' rotated' if args.rotate else ''}): {here}"
-                        + ("" if args.rotate else f", or measure it with `mixq measure --model {args.model}`"))
+        raise UserError(f"{m} was made of other weights (model fingerprint {fp}, this model {mine}): {here}, or "
+                        f"measure it with `mixq measure --model {args.model}`")
 
 
 def _release() -> None:

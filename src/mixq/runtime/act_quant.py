@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import arch_for, get_weight, iter_layers
+from ..arch import get_weight, iter_layers
 from ..config import QuantSpec
 from ..formats.act import check_act_spec, fake_quant_act, parse_act_spec
 from .act_outliers import FPOutliers, HiChannels, fp_columns, top_k_channels
@@ -141,21 +141,13 @@ def calibrate_act_absmax(model: nn.Module, calib_ids: torch.Tensor, layers=None,
 
 def input_stats(model: nn.Module, calib_ids: torch.Tensor, layers, take, *, hessian: bool, device="cpu",
                 progress: bool = False) -> dict[str, torch.Tensor]:
-    """``fqn → take(LayerStats)`` for each chosen block linear, from one calibration walk."""
-    from ..calib.capture import walk_blocks  # noqa: PLC0415  (heavy import only when calibrating)
+    """``fqn → take(LayerStats)`` for each chosen block linear, from one calibration walk
+    (:func:`mixq.calib.statistics.collect_statistics`)."""
+    from ..calib.statistics import collect_statistics  # noqa: PLC0415  (heavy import only when calibrating)
 
-    wanted = set(select_linears(model, layers))
-    blocks = arch_for(model).blocks
-    out: dict[str, torch.Tensor] = {}
-
-    def sink(i, stats):
-        for name, s in stats.items():
-            fqn = f"{blocks}.{i}.{name}"
-            if fqn in wanted and s.n_tokens:
-                out[fqn] = take(s)
-
-    walk_blocks(model, calib_ids, None, device=device, keep_hessian=hessian, stats_sink=sink, progress=progress)
-    return out
+    stats = collect_statistics(model, calib_ids, select_linears(model, layers), hessian=hessian, device=device,
+                               fingerprint=False, progress=progress)
+    return {fqn: take(s) for fqn, s in stats.layers.items()}
 
 
 def apply_act_quant(model: nn.Module, spec_or_name: str | QuantSpec, *, mode: str = "dynamic", layers=None,
