@@ -21,7 +21,7 @@ from mixq.config import parse_spec
 from mixq.formats import quantize
 from mixq.runtime import AUTO_ORDER, KERNELS, KernelUnsupported, PackedWeight, QuantLinear, fast_kernel_for
 from mixq.runtime.kernels import triton_gpu as tg
-from mixq.runtime.kernels.triton_jit import jitted
+from mixq.runtime.kernels.triton_jit import interpreting, jitted
 
 HAS_CUDA = torch.cuda.is_available()
 SYM = [f"W{b}-g64" for b in range(1, 9)]
@@ -63,7 +63,7 @@ def _tolerance(x: torch.Tensor, pw: PackedWeight, b: torch.Tensor | None) -> tor
 
 def _interpreter_worker() -> None:
     """Run in a subprocess with TRITON_INTERPRET=1: every case on CPU tensors, JSON results on stdout."""
-    assert tg.interpreting(), "set TRITON_INTERPRET=1 before triton is imported"
+    assert interpreting(), "set TRITON_INTERPRET=1 before triton is imported"
     out = {}
     for c in CASES:
         name, m, bias, dt, split = c
@@ -217,7 +217,7 @@ def test_kernel_compiles_to_cubin(name, dtype, m, arch):
     """triton.compile to a cubin for sm_80 / sm_90 with the launch's real arguments: catches what the interpreter
     does not check (constexpr branches, tl.dot shapes and dtypes, layouts, ptxas)."""
     triton = pytest.importorskip("triton")
-    if tg.interpreting():
+    if interpreting():
         pytest.skip("TRITON_INTERPRET=1: no compilation")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -40,7 +40,6 @@ imported (tests), never through ``"auto"``.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
@@ -49,7 +48,7 @@ from ...config.registry import owner
 from ...formats import QParams, decode
 from ...granularity import PerGroup, PerTensor
 from .splitk import split_k_for
-from .triton_jit import jitted
+from .triton_jit import interpreting, jitted
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
@@ -138,14 +137,6 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, lut_ptr, b_ptr, y_ptr,
         if HAS_BIAS:
             acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-
-
-def interpreting() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before triton was imported)."""
-    if triton is None:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------- support

@@ -1,7 +1,8 @@
-"""Triton kernels jitted on first use: the one lazy ``triton.jit`` the Triton kernels share (importing a kernel
-module must not need triton, nor compile anything)."""
+"""What the Triton kernels share: the one lazy ``triton.jit`` (importing a kernel module must not need triton, nor
+compile anything) and whether triton runs in its CPU interpreter."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 
@@ -15,3 +16,13 @@ def jitted(fn, what: str):
     if triton is None:
         raise RuntimeError(f"the {what} Triton kernel needs triton: pip install 'mixq[gpu]'")
     return triton.jit(fn)
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before triton was imported)."""
+    try:
+        import triton
+    except Exception:  # noqa: BLE001 - optional dependency
+        return False
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"

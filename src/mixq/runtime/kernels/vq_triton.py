@@ -14,22 +14,17 @@ CUDA when one is present.  Without triton this module imports and :func:`availab
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from .splitk import split_launch, split_result
-from .triton_jit import jitted
+from .triton_jit import interpreting, jitted
 
 try:  # optional dependency: pip install 'mixq[gpu]'
     import triton
     import triton.language as tl
 except Exception:  # noqa: BLE001
     triton = tl = None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available() -> bool:
