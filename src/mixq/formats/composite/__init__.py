@@ -23,7 +23,9 @@ kernels in ``runtime/kernels``).  Nothing is imported here: import each name fro
 ``storage``       :class:`PackedComposite` (what the native directory stores), :func:`stored_form` (it or
                   :class:`~mixq.runtime.PackedWeight`, by spec), :func:`pack_layer`
 
-The quantizers' own tensors stay with them in :mod:`mixq.algorithms.composite`: :class:`RowSplitQTensor` (``rows``),
-:class:`IncoherentQTensor` (``incoherence``), :class:`VQQTensor` (``vq``) and :class:`TCQQTensor` (``tcq``), each
-module with its pack / unpack.
+Four stored tensors stay in the module of their quantizer, in :mod:`mixq.algorithms.composite`:
+:class:`RowSplitQTensor` (``rows``; packed by ``grid_storage``), :class:`IncoherentQTensor` (``incoherence``; packed
+by ``families``), :class:`VQQTensor` (``vq``) and :class:`TCQQTensor` (``tcq``), the last two with their
+``pack_vq`` / ``unpack_vq``, ``pack_tcq`` / ``unpack_tcq``.  So ``families`` and ``grid_storage`` import those
+modules: this package is not below :mod:`mixq.algorithms.composite` in the import graph.
 """
