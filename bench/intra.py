@@ -51,7 +51,7 @@ from mixq.jsonio import write_json_atomic  # noqa: E402
 
 CACHE = Path(__file__).parent / "cache"
 METRIC, ALGO = "kfac", "rtn"
-# the composites the allocator may pick: mixq.intra's default set without KM3+o0.45 (SqueezeLLM's
+# the composites the allocator may pick: mixq.allocate.intra_candidates' default set without KM3+o0.45 (SqueezeLLM's
 # weighted k-means is ~20x slower to quantize than the others: +4.5 min of measurement), plus two
 # binarized ones (cheap; they can take the least sensitive layers at the lowest budgets)
 INTRA = ("W2-g64-asym+o0.5", "SLIM2-g64-asym", "SLIM3-g64", "NF3-g64+d4", "W3-g16+sq3", "W3-g64+c8", "W3-g64+o0.5",

@@ -4,8 +4,8 @@
 
 SmolLM2-135M, every block linear quantized with RTN (the speed does not depend on how the codes were chosen), saved
 as a native directory and loaded packed in bf16 with ``kernel="auto"``: plain int grids run ``cpu-int4``; ``+ip``
-layers run two Kronecker-factored Hadamard transforms (:func:`mixq.intra.incoherence.rotate`) around the same
-``cpu-int4`` call on the transformed weight.  fp32 and bf16 are the unquantized model.  Greedy decode of
+layers run two Kronecker-factored Hadamard transforms (:func:`mixq.algorithms.composite.incoherence.rotate`) around
+the same ``cpu-int4`` call on the transformed weight.  fp32 and bf16 are the unquantized model.  Greedy decode of
 ``--new-tokens`` after a ``--prompt-tokens`` PTB prompt, median of ``--repeats`` after a warm-up.
 Writes bench/results/ip_speed.{md,json}.
 """

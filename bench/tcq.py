@@ -22,8 +22,8 @@ import time
 import torch
 from common import RESULTS, git_rev, header, machine
 
-from mixq.intra import tcq_codebook as tc
-from mixq.intra.vq_codebook import _lloyd_max_1d, mse as vq_mse
+from mixq.formats.composite import tcq_codebook as tc
+from mixq.formats.composite.vq_codebook import _lloyd_max_1d, mse as vq_mse
 
 RATES = (2, 2.5, 3, 3.5, 4)
 
@@ -57,7 +57,7 @@ def gaussian_rows() -> list[dict]:
 def layer_rows() -> list[dict]:
     from mixq import data
     from mixq.config import parse_spec
-    from mixq.intra import quantize_layer  # layer by layer, RTN vs GPTQ error: no stage works per layer
+    from mixq.algorithms.composite.hooks import quantize_layer  # per layer, RTN vs GPTQ error: no stage works per layer
     from mixq import load_model
 
     model, tok = load_model("smollm2-135m")

@@ -1,4 +1,5 @@
-"""Vector codebooks (``VQ<rate>-g64+ip``, :mod:`mixq.intra.vq`) end to end: uniform GPTQ plans, KL in and out of domain.
+"""Vector codebooks (``VQ<rate>-g64+ip``, :mod:`mixq.algorithms.composite.vq`) end to end: uniform GPTQ plans, KL
+in and out of domain.
 
     OMP_NUM_THREADS=1 python bench/vq.py --specs VQ3-g64+ip,VQ2.5-g64+ip
 

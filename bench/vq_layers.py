@@ -21,11 +21,11 @@ import torch
 from common import RESULTS, git_rev, machine
 
 from mixq.config import parse_spec
-from mixq.intra import quantize_layer  # per-layer errors (the benchmark's unit): no stage works per layer
-from mixq.intra.incoherence import rotate, rotate_weight, seeds_for
-from mixq.intra.scales import group_len
-from mixq.intra.vq import fit_scales, quantize_vq, spec_codebook
-from mixq.intra.vq_codebook import nearest
+from mixq.algorithms.composite.hooks import quantize_layer  # per-layer errors (the unit here): no stage works per layer
+from mixq.algorithms.composite.incoherence import rotate, rotate_weight, seeds_for
+from mixq.formats.composite.scales import group_len
+from mixq.algorithms.composite.vq import fit_scales, quantize_vq, spec_codebook
+from mixq.formats.composite.vq_codebook import nearest
 
 VARIANTS = ["W2-g64-asym+ip", "VQ2-g64+ip", "VQ2x4-g64+ip", "VQ2.5-g64+ip", "learned:VQ2.5-g64+ip",
             "W3-g64", "VQ3-g64", "W3-g64+ip", "NF3-g64+ip", "VQ3-g64+ip", "VQ3-channel+ip", "VQ3.5-g64+ip",
@@ -71,7 +71,7 @@ def learned(W: torch.Tensor, H: torch.Tensor, spec) -> torch.Tensor:
         B = torch.where(cnt[:, None] > 0, acc / cnt.clamp_min(1)[:, None], B)
     B = B.half().float()
     _, Wp_hat = quantize_vq(Wp, inner, 0.5 * (Hp + Hp.T), "gptq", codebook=B)
-    from mixq.intra.incoherence import unrotate_weight
+    from mixq.algorithms.composite.incoherence import unrotate_weight
 
     return unrotate_weight(Wp_hat, seeds)
 

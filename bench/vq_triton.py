@@ -43,9 +43,9 @@ def main():
     from common import RESULTS, git_rev, header, machine
 
     from mixq.config import parse_spec
-    from mixq.intra import PackedComposite
-    from mixq.intra.scales import group_len
-    from mixq.intra.vq import decode, spec_codebook
+    from mixq.formats.composite.storage import PackedComposite
+    from mixq.formats.composite.scales import group_len
+    from mixq.algorithms.composite.vq import decode, spec_codebook
     from mixq.runtime.vq_linear import VQLinear
     from mixq.runtime.kernels.vq_triton import vq_linear_triton
     from mixq.runtime.bitpack import pack

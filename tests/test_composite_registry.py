@@ -11,12 +11,14 @@ import torch
 
 import mixq
 from mixq import formats
+from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.cli import main
 from mixq.config import BUILTIN_COMPOSITES, BitCost, CompositeFormat, Export, QuantSpec, composite_of, parse_spec, \
     register
 from mixq.config.registry import unregister
 from mixq.export.registry import EXPORTERS
-from mixq.intra import PackedComposite
+from mixq.formats.composite.families import make_layer
+from mixq.formats.composite.storage import PackedComposite
 from mixq.runtime.composite_linear import CompositeLinear
 from mixq.runtime import PackedWeight
 from export_checks import native_exact_others_refuse
@@ -178,10 +180,10 @@ def test_builtin_composite_families_answer_the_protocol(fam):
         for target in EXPORTERS:
             m = s.export_to(target)
             assert m.kind in ("exact", "approximate", "refused") and (m.kind == "exact" or m.note), (s.name, target)
-        qt = mixq.intra.quantize_layer(W, s)[0]
+        qt = quantize_layer(W, s)[0]
         pc = PackedComposite.from_qtensor(qt)
         assert 0 <= pc.nbytes * 8 - s.cost(W.shape).total < 8 * len(pc.parts), s.name
-        layer = mixq.intra.make_layer(pc)
+        layer = make_layer(pc)
         assert torch.equal(layer.packed.dequantize(), qt.dequantize()), s.name
         if fam.runs_as(s) is None:  # the kernel of its own layer (+ip: of its inner layer)
             own = composite_of(s.inner) if s.incoherent else fam

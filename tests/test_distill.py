@@ -14,7 +14,7 @@ from mixq.distill import FinetuneConfig, finetune_blockwise
 from mixq.tunable import TunableLinear, tunable
 from mixq.export.native import load_quantized, read_info
 from mixq.formats import dequantize
-from mixq.intra.incoherence import IncoherentQTensor
+from mixq.algorithms.composite.incoherence import IncoherentQTensor
 
 IDS = torch.randint(4, 99, (16, 24), generator=torch.Generator().manual_seed(0))
 SPECS = ["W3-g32", "W3-g32+ip", "W2-g32-asymf", "NF3-g32"]

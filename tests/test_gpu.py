@@ -73,7 +73,8 @@ def test_cli_measure_device_cuda(tiny_dir, tmp_path):
 @pytest.mark.parametrize("name", ["VQ2-channel", "VQ3-g64", "VQ4-channel"])
 def test_vqlinear_auto_on_cuda_is_triton_and_matches_reference(name):
     pytest.importorskip("triton")
-    from mixq.intra import PackedComposite, quantize_layer
+    from mixq.formats.composite.storage import PackedComposite
+    from mixq.algorithms.composite.hooks import quantize_layer
     from mixq.runtime.vq_linear import VQLinear
 
     W = torch.randn(384, 576, generator=torch.Generator().manual_seed(3))

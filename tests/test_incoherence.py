@@ -9,9 +9,11 @@ from mixq.algorithms.gptq import gptq_quantize
 from mixq.config import parse_spec
 from mixq.export.native import load_quantized, read_info, read_packed
 from mixq.export.native_write import save_quantized
-from mixq.intra import IncoherentQTensor, PackedComposite, quantize_layer
+from mixq.algorithms.composite.incoherence import IncoherentQTensor
+from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.runtime.composite_linear import IncoherentLinear
-from mixq.intra.incoherence import rotate, rotate_weight, transform, unrotate_weight
+from mixq.algorithms.composite.incoherence import rotate, rotate_weight, transform, unrotate_weight
 from mixq.runtime import QuantLinear, kernel_usage, memory_report
 
 IDS = torch.randint(4, 99, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -37,7 +39,7 @@ NATIVE_ORDERS = [12, 60, 64, 192, 576, 960, 1536, 2048]  # Paley alone, Paley x 
 def test_native_kronecker_kernel_is_the_transform(n):
     """The native kernel (butterflies for Sylvester factors, small dense products for Paley ones) gives ``Q x`` and
     ``Qᵀ x`` for one and many rows, out of place."""
-    from mixq.intra.incoherence import _factors
+    from mixq.algorithms.composite.incoherence import _factors
     from mixq.runtime.kernels import kron_cpu
 
     if not kron_cpu.available():

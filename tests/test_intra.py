@@ -1,4 +1,5 @@
-"""Intra-tensor mixed precision (mixq.intra): composite specs, exact costs, quantizers, allocation."""
+"""Intra-tensor mixed precision (mixq.formats.composite, mixq.algorithms.composite): composite specs, exact costs,
+quantizers, allocation."""
 import json
 import math
 
@@ -10,7 +11,9 @@ from mixq.algorithms.gptq import gptq_quantize
 from mixq.algorithms.rtn import rtn_quantize
 from mixq.allocate import Budget, LayerEntry, Plan, SensitivityTable, allocate, extended_candidates, load_candidates
 from mixq.config import CompositeSpec, QuantSpec, compose, is_composite, parse_spec
-from mixq.intra import CSR, intra_candidates, quantize_composite
+from mixq.formats.composite.sparse import CSR
+from mixq.allocate.intra_candidates import intra_candidates
+from mixq.algorithms.composite.quant import quantize_composite
 
 
 def _hessian(C, n=1024, seed=0, corr=0.3, spread=None):
@@ -130,8 +133,8 @@ def test_stored_parts_match_cost_and_rebuild_exactly(method):
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_packed_storage_is_the_accounted_size_and_round_trips(method):
-    from mixq.intra.families import pack_composite, unpack_composite
-    from mixq.intra.storage import packed_bits
+    from mixq.formats.composite.families import pack_composite, unpack_composite
+    from mixq.formats.composite.storage import packed_bits
 
     R, C = 40, 128
     W, H = _weight(R, C), _hessian(C)

@@ -194,7 +194,7 @@ def test_gptq_ratio_on_sampled_rows_tracks_the_exact_gptq_error():
     GPTQ error (plain and +ip), and the +ip RTN units equal the composite quantizer's own RTN error."""
     from mixq.algorithms.gptq import gptq_quantize
     from mixq.config import parse_spec
-    from mixq.intra import composite_weight
+    from mixq.algorithms.composite.hooks import composite_weight
     from mixq.measure.layer import LayerJob, evaluate_units, measure_layer
     from mixq.measure.metrics import layer_error
 
@@ -220,7 +220,7 @@ def test_vq_ip_candidates_are_priced_by_rtn_times_a_sampled_gptq_ratio():
     """VQ+ip candidates: RTN in the transformed basis times the GPTQ/RTN ratio of their own rate, measured on
     RATIO_ROWS sampled rows, lands within a few % of the exact vector-GPTQ error; two bands get two ratios."""
     from mixq.config import parse_spec
-    from mixq.intra import composite_weight
+    from mixq.algorithms.composite.hooks import composite_weight
     from mixq.measure.layer import _groups, measure_layer, units
     from mixq.measure.metrics import layer_error
 

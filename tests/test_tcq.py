@@ -1,4 +1,5 @@
-"""TCQ bases (mixq.intra.tcq): the trellis and its tables, the Viterbi search, exact cost, GPTQ, storage, kernels."""
+"""TCQ bases (mixq.algorithms.composite.tcq): the trellis and its tables, the Viterbi search, exact cost, GPTQ, storage,
+kernels."""
 from __future__ import annotations
 
 import hashlib
@@ -8,14 +9,16 @@ import pytest
 import torch
 
 from mixq.config import CompositeSpec, parse_spec
-from mixq.intra import PackedComposite, make_layer, pack_composite, quantize_layer
+from mixq.formats.composite.storage import PackedComposite
+from mixq.formats.composite.families import make_layer, pack_composite
+from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.runtime.composite_linear import IncoherentLinear
-from mixq.intra.tcq import TCQQTensor, pack_tcq, quantize_tcq, unpack_tcq
-from mixq.intra import tcq_codebook as tc
+from mixq.algorithms.composite.tcq import TCQQTensor, pack_tcq, quantize_tcq, unpack_tcq
+from mixq.formats.composite import tcq_codebook as tc
 from mixq.runtime.kernels import tcq_cpu
 from mixq.runtime.tcq_linear import TCQLinear
-from mixq.intra.vq_codebook import mse as vq_mse
-from mixq.intra.vq import quantize_vq
+from mixq.formats.composite.vq_codebook import mse as vq_mse
+from mixq.algorithms.composite.vq import quantize_vq
 
 # sha256 of the fp16 bytes of each committed table: a changed table would change every stored model's decoding
 PINNED = {
@@ -148,9 +151,9 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
     """The AVX2 path (eight columns per step, where the CPU has it) and the scalar one give the reference product
     for every rate, grouped scales, several tokens and uneven thread splits; a stream with too little padding for
     the vector loads (2 bytes), or groups not a multiple of 8 columns (the last case), run the scalar path."""
-    from mixq.intra.scales import group_len
-    from mixq.intra.tcq import STATE_BITS, stream_layout
-    from mixq.intra.tcq_codebook import lut
+    from mixq.formats.composite.scales import group_len
+    from mixq.algorithms.composite.tcq import STATE_BITS, stream_layout
+    from mixq.formats.composite.tcq_codebook import lut
 
     spec = parse_spec(name)
     R, C = shape
@@ -182,7 +185,8 @@ def test_measurement_treats_tcq_as_its_own_family():
 TRITON_CHILD = r"""
 import json, torch
 from mixq.config import parse_spec
-from mixq.intra import PackedComposite, quantize_layer
+from mixq.algorithms.composite.hooks import quantize_layer
+from mixq.formats.composite.storage import PackedComposite
 from mixq.runtime.tcq_linear import TCQLinear
 out = []
 for name, shape in (("TCQ3-channel", (64, 96)), ("TCQ2.5-g32", (48, 64)), ("TCQ2-channel", (32, 64)),

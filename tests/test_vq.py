@@ -1,4 +1,4 @@
-"""VQ bases (mixq.intra.vq): codebooks, exact cost, round trips, GPTQ feedback, storage and kernels."""
+"""VQ bases (mixq.algorithms.composite.vq): codebooks, exact cost, round trips, GPTQ feedback, storage and kernels."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from mixq.config import CompositeSpec, parse_spec
-from mixq.intra import PackedComposite, quantize_layer
-from mixq.intra.incoherence import IncoherentQTensor
-from mixq.intra.vq import VQQTensor, decode, quantize_vq
-from mixq.intra.vq_codebook import _lloyd_max_1d, available, codebook, generate, mse, nearest, to_hex
+from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.hooks import quantize_layer
+from mixq.algorithms.composite.incoherence import IncoherentQTensor
+from mixq.algorithms.composite.vq import VQQTensor, decode, quantize_vq
+from mixq.formats.composite.vq_codebook import _lloyd_max_1d, available, codebook, generate, mse, nearest, to_hex
 from mixq.runtime.kernels import vq_cpu
 from mixq.runtime.vq_linear import VQLinear
 
@@ -195,10 +196,11 @@ def test_save_load_same_output(tiny_model, tiny_tokenizer, tmp_path):
 TRITON_CHILD = r"""
 import json, torch
 from mixq.config import parse_spec
-from mixq.intra import PackedComposite, quantize_layer
+from mixq.algorithms.composite.hooks import quantize_layer
+from mixq.formats.composite.storage import PackedComposite
 from mixq.runtime.vq_linear import VQLinear
-from mixq.intra.scales import group_len
-from mixq.intra.vq import spec_codebook
+from mixq.formats.composite.scales import group_len
+from mixq.algorithms.composite.vq import spec_codebook
 from mixq.runtime.kernels.vq_triton import vq_linear_triton
 out = []
 # g32: a group per 32-wide K tile; channel: one scale per tile row; g48: scales gathered per element;

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .algorithms.composite.hooks import quantize_layer
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
 from .calib.dispatch import walk_placement
 from .config import BitCost, QuantSpec, is_composite, parse_spec
 from .formats import QTensor
 from .granularity import PerGroup
-from .intra import quantize_layer
-from .threadmap import thread_map
 from .moe.routing import RoutingRecord
+from .threadmap import thread_map
 
 log = logging.getLogger(__name__)
 

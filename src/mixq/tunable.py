@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import formats
+from .algorithms.composite.incoherence import IncoherentQTensor, rotate, unrotate_weight
+from .algorithms.composite.tcq import TCQQTensor, apply_scale
+from .algorithms.composite.vq import VQQTensor, decode as vq_decode, spec_codebook
 from .formats import QParams, QTensor
+from .formats.composite.scales import group_len
 from .granularity import rows_view
-from .intra.incoherence import IncoherentQTensor, rotate, unrotate_weight
-from .intra.scales import group_len
-from .intra.tcq import TCQQTensor, apply_scale
-from .intra.vq import VQQTensor, decode as vq_decode, spec_codebook
 
 FLOAT_SCALES = ("fp16", "bf16", "fp32")
 

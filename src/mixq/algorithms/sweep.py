@@ -1,11 +1,11 @@
 """GPTQ's column sweep with lazy batch updates, shared by every quantizer that feeds rounding error forward.
 
 The quantizers differ only in how one column (or one run of ``width`` columns, for vector codebooks) is rounded:
-a scalar grid (:mod:`mixq.algorithms.gptq`), a composite's dense part (:mod:`mixq.intra.dense`), sign planes
-(:mod:`mixq.intra.binary`), a codebook (:mod:`mixq.intra.vq`).  :func:`sweep` owns the rest: the blocks of
-``block_size`` columns, the error ``(w - q) / U_ii`` (``(w - q) U_vv⁻¹`` for a run of columns) spread over the
-block's later columns at once, and the block's error pushed to the columns after it in one matrix product
-(GPTQ, Frantar et al. 2022, eq. 3 and the lazy batch of section 3).
+a scalar grid (:mod:`mixq.algorithms.gptq`), a composite's dense part (:mod:`mixq.algorithms.composite.dense`),
+sign planes (:mod:`mixq.algorithms.composite.binary`), a codebook (:mod:`mixq.algorithms.composite.vq`).
+:func:`sweep` owns the rest: the blocks of ``block_size`` columns, the error ``(w - q) / U_ii`` (``(w - q) U_vv⁻¹`` for
+a run of columns) spread over the block's later columns at once, and the block's error pushed to the columns after it in
+one matrix product (GPTQ, Frantar et al. 2022, eq. 3 and the lazy batch of section 3).
 """
 from __future__ import annotations
 

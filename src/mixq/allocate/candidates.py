@@ -7,7 +7,7 @@ family and bit band), so the default set is kept to the 13 specs that mixed plan
 bits     specs                                           why
 =======  ==============================================  ==============================================
 2 - 4    TCQ2-channel+ip  TCQ2.5-channel+ip              trellis-coded after incoherence processing
-         TCQ3-channel+ip  TCQ3.5-channel+ip              (mixq.intra.tcq): 0.75-0.9x the error of the 2-D
+         TCQ3-channel+ip  TCQ3.5-channel+ip              (mixq.algorithms.composite.tcq): 0.75-0.9x the error of the 2-D
          TCQ4-channel+ip                                 vector codebooks (VQ), which were 0.4-0.6x a
                                                          scalar grid + ip's, at equal bits
 2, 3     W2-g64-asym  W3-g64-asym                        for layers +ip cannot take (no Hadamard
@@ -47,7 +47,7 @@ import logging
 from pathlib import Path
 
 from ..config import QuantSpec, parse_spec
-from ..intra.candidates import intra_candidates
+from .intra_candidates import intra_candidates
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ FAST_CPU_CANDIDATE_NAMES: tuple[str, ...] = (
     "FP16",
 )
 FAST_CPU = "fast-cpu"
-NAMED_SETS = ("intra", "default+intra", FAST_CPU)  # by name (intra: mixq.intra.candidates, ``:small`` / ``:all``)
+# by name (intra: mixq.allocate.intra_candidates, ``:small`` / ``:all``)
+NAMED_SETS = ("intra", "default+intra", FAST_CPU)
 
 
 def default_candidates() -> list[QuantSpec]:
@@ -76,7 +77,7 @@ def default_candidates() -> list[QuantSpec]:
 
 
 def extended_candidates(level: str = "default") -> list[QuantSpec]:
-    """The default candidates followed by :func:`mixq.intra.intra_candidates` of ``level``."""
+    """The default candidates followed by :func:`mixq.allocate.intra_candidates.intra_candidates` of ``level``."""
     return default_candidates() + intra_candidates(level)
 
 
@@ -100,7 +101,7 @@ def load_candidates(path: str | Path) -> list[QuantSpec]:
     a comment).  Duplicates (two names for the same spec) and empty sets are rejected.
     """
     p = Path(path)
-    if not p.exists():  # named composite sets: ``intra``, ``default+intra`` (mixq.intra.candidates)
+    if not p.exists():  # named composite sets: ``intra``, ``default+intra`` (mixq.allocate.intra_candidates)
         named = named_candidate_set(str(path))
         if named is not None:
             return _unique(named, str(path))

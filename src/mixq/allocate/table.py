@@ -23,7 +23,7 @@ TABLE_VERSION = 1
 def spec_to_json(s: QuantSpec) -> str | dict:
     """A spec's canonical name when it parses back to the same spec, else its full dict."""
     try:
-        if parse_spec(s.name) == s:  # plain specs and intra-tensor composites (mixq.intra)
+        if parse_spec(s.name) == s:  # plain specs and intra-tensor composites (mixq.config.composite)
             return s.name
     except ValueError:
         pass

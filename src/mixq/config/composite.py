@@ -5,7 +5,7 @@ inherited fields describe the base grid of the dense part, and its own fields th
 everything that only needs ``name``, ``bits``, ``cost(shape)`` and equality (candidate sets,
 sensitivity tables, the solvers, plans, ``size_report``) takes composites unchanged; the
 rest of mixq asks its family (:mod:`mixq.config.composite_families`: kernels, export mappings; their quantizers,
-stored forms and layers: :mod:`mixq.intra.families`).
+stored forms and layers: :mod:`mixq.formats.composite.families`).
 
 Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
 
@@ -13,17 +13,17 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
     BASE      := a plain spec name (W3-g64, W3-g16-asym, NF3-g64, KM3, FP4-g32, ...)
                | "SLIM" <b> ["-" OPTS]        SliM-LLM int grid W<b>-OPTS with per-group-column bits
                | "BIN" ["-" GRAN]             binarization (BiLLM / PB-LLM): sign x per-group L2-optimal scale,
-                                              the W1-GRAN grid (default g128); :mod:`mixq.intra.binary`
+                                              the W1-GRAN grid (default g128); :mod:`mixq.algorithms.composite.binary`
                | "VQ" <rate> ["x" <d>] ["-" GRAN]   vector codebook (QuIP# / GPTVQ style): each run of d
                                               consecutive weights of a row (default d = 2) is one of the
                                               2^(d*rate) entries of a fixed Gaussian-optimal codebook times
                                               the group's fp16 scale (default g64); rate a multiple of 1/d,
                                               d*rate <= 8 code bits; combines only with +ip, which it is
-                                              meant for; :mod:`mixq.intra.vq`
+                                              meant for; :mod:`mixq.algorithms.composite.vq`
                | "TCQ" <rate> ["-" GRAN]      trellis-coded (QTIP-style bitshift trellis, 1..4 bits a weight
                                               by halves): each column is one Viterbi-chosen bit string,
                                               a weight decodes from the last 8 bits; default channel
-                                              scales; combines only with +ip; :mod:`mixq.intra.tcq`
+                                              scales; combines only with +ip; :mod:`mixq.algorithms.composite.tcq`
     EXT       := "o" <percent> ["w" <bits>]   sparse outliers, <percent> % of the weights (SpQR, SqueezeLLM),
                                               kept in fp16; ``w<bits>`` (BIN bases only, 2..8): PB-LLM's salient
                                               weights on a <bits>-bit symmetric grid with an fp16 scale per row
@@ -39,7 +39,8 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
                | "ip"                         incoherence processing (QuIP / QuIP#): the weight is stored as
                                               ``W' = Q_out W Q_inᵀ`` with seeded random-sign Hadamard
                                               transforms on both sides and the rest of the spec (base and
-                                              other extensions) applied to ``W'``; :mod:`mixq.intra.incoherence`
+                                              other extensions) applied to ``W'``;
+                                              :mod:`mixq.algorithms.composite.incoherence`
 
 ``SLIM<b>-gN[-asym...]`` (SliM-LLM) is the int grid ``W<b>-gN...`` whose groups of N input columns
 (all rows) take b-1, b or b+1 bits, as many b+1 as b-1, so the average is exactly b.

@@ -94,7 +94,7 @@ def _check_codebook_base(spec, what: str) -> None:
 
 
 def _check_vq(spec) -> None:
-    """VQ fields: ``vq_dim`` weights per vector, ``vq_bits`` code bits (:mod:`mixq.intra.vq`)."""
+    """VQ fields: ``vq_dim`` weights per vector, ``vq_bits`` code bits (:mod:`mixq.algorithms.composite.vq`)."""
     d, k = spec.vq_dim, spec.vq_bits
     if not (1 <= d <= 8 and 1 <= k <= 8):
         raise ValueError(f"VQ needs 1..8 weights per vector and 1..8 code bits, got d={d}, k={k}")
@@ -108,7 +108,7 @@ def _check_vq(spec) -> None:
 
 
 def _check_tcq(spec) -> None:
-    """TCQ field: ``trellis`` = 2 x bits per weight, 2..8 (:mod:`mixq.intra.tcq`)."""
+    """TCQ field: ``trellis`` = 2 x bits per weight, 2..8 (:mod:`mixq.algorithms.composite.tcq`)."""
     if not 2 <= spec.trellis <= 8:
         raise ValueError(f"TCQ rates are 1 to 4 bits a weight by halves, got {spec.trellis / 2:g}")
     if spec.bits != -(-spec.trellis // 2):

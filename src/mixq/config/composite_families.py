@@ -2,7 +2,7 @@
 the :class:`~mixq.config.CompositeSpec` values whose parts are its own, and says which kernels run them.
 
 =============  ================================================  ==========================================
-family         claims                                            layer (mixq.intra) and kernels
+family         claims                                            layer (mixq.runtime) and kernels
 =============  ================================================  ==========================================
 ``+ip``        ``incoherent`` (any spec inside, plain or not)    IncoherentLinear around the inner's layer
 ``+h``         ``hi_rows`` (MixLLM rows)                         CompositeLinear (composite-reference)
@@ -13,8 +13,9 @@ family         claims                                            layer (mixq.int
                fp16 columns, SpQR scales, SLIM, dialects
 =============  ================================================  ==========================================
 
-Their quantizers, stored forms and layers are :mod:`mixq.intra.families`' table.  The grammar and exact cost of
-these specs stay with :class:`~mixq.config.CompositeSpec` (:mod:`mixq.config.composite`, :mod:`mixq.config.grammar`).
+Their quantizers, stored forms and layers are :mod:`mixq.formats.composite.families`' table.  The grammar and exact
+cost of these specs stay with :class:`~mixq.config.CompositeSpec` (:mod:`mixq.config.composite`,
+:mod:`mixq.config.grammar`).
 """
 from __future__ import annotations
 

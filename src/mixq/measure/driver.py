@@ -10,7 +10,7 @@ from the blocks already done, and a finished one is reused for any number of bud
 default ``gptq_refs="per-bits"`` runs GPTQ once per element family and bit width (on the candidate with
 the median cost) and scales the RTN errors of that family and width by the measured GPTQ/RTN ratio —
 the ratio depends mostly on those two, and this keeps measurement within minutes.  ``+ip``
-candidates over a plain grid (:mod:`mixq.intra.incoherence`) are measured the same way in their own
+candidates over a plain grid (:mod:`mixq.algorithms.composite.incoherence`) are measured the same way in their own
 transformed basis, with their own ratio per bit width; other composites always run exactly.
 
 The block-output metrics (``block``, ``block-rel``) run decoder block i on the first

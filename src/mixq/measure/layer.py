@@ -28,22 +28,22 @@ from typing import Callable
 
 import torch
 
+from ..algorithms.composite.hooks import composite_weight
+from ..algorithms.composite.incoherence import SEED_IN, SEED_OUT, rotate_hessian, rotate_weight, unrotate_weight
+from ..algorithms.composite.tcq import quantize_tcq
+from ..algorithms.composite.vq import quantize_vq
 from ..algorithms.gptq import gptq_quantize, prepare_hessian
+from ..algorithms.gptq import _proxy
 from ..algorithms.rtn import rtn_quantize
 from ..allocate import LayerEntry, candidates_for
 from ..config import QuantSpec, composite_of
-from ..algorithms.gptq import _proxy
 from ..granularity import PerTensor
-from ..intra import composite_weight
-from ..intra.tcq import quantize_tcq
-from ..intra.vq import quantize_vq
-from ..intra.incoherence import SEED_IN, SEED_OUT, rotate_hessian, rotate_weight, unrotate_weight
 from .metrics import LayerSensitivity
 
 Unit = tuple[str, int]  # ("err" | "gptq", candidate index)
 RATIO_ROWS = 256  # output rows the GPTQ/RTN ratio of a reference is measured on
 RTN_SCALE_ITERS = 1  # scale passes of a trellis's RTN in the measurement (see _rtn)
-_IP_SEEDS = (SEED_IN, SEED_OUT)  # what mixq.intra.incoherence.seeds_for gives every +ip weight
+_IP_SEEDS = (SEED_IN, SEED_OUT)  # what mixq.algorithms.composite.incoherence.seeds_for gives every +ip weight
 
 
 @dataclass

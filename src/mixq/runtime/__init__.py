@@ -8,8 +8,8 @@
               (``cpu-int4``, ``cpu-int4-exact``)
 ``generate``  :func:`greedy_generate`: timed greedy decoding with a KV cache
 
-Layers of intra-tensor composites (:mod:`mixq.intra`; not imported here: they import its quantizers, and
-:func:`mixq.intra.make_layer` makes them):
+Layers of intra-tensor composites (:mod:`mixq.formats.composite`; not imported here: they import their quantizers
+in :mod:`mixq.algorithms.composite`, and :func:`mixq.formats.composite.families.make_layer` makes them):
 
 ``composite_linear``    :class:`CompositeLinear` (dequantized per call, the reference path) and
                         :class:`IncoherentLinear` (``+ip``: two fast transforms around the inner layer)

@@ -5,18 +5,18 @@
     y = x Ŵᵀ + b        Ŵ [out, in] = unpack_composite(buffers).dequantize(), in x.dtype
 
 The reference path for composites (``load_quantized(DIR, packed=True)``): the packed tensors of
-:class:`~mixq.intra.storage.PackedComposite` are buffers (names with ``.`` spelled ``__``; float
+:class:`~mixq.formats.composite.storage.PackedComposite` are buffers (names with ``.`` spelled ``__``; float
 tensors held as their raw bits so ``model.to(torch.bfloat16)`` cannot round them), and ``Ŵ`` is
 rebuilt on every call and dropped afterwards, so RAM holds the plan's size.  No fast kernel exists
 for composites: this is correct, not quick.
 
-``IncoherentLinear`` (``+ip`` specs, :mod:`mixq.intra.incoherence`)::
+``IncoherentLinear`` (``+ip`` specs, :mod:`mixq.algorithms.composite.incoherence`)::
 
     y = Q_outᵀ · inner(Q_in · x) + b
 
 two Kronecker-factored Hadamard transforms around the inner layer, which the inner spec's own family makes
-(:func:`mixq.intra.families.make_layer`): a :class:`~mixq.runtime.QuantLinear` (with its fast kernels) when the rest
-of the spec is a plain grid, a :class:`~mixq.runtime.vq_linear.VQLinear` for a VQ base, a
+(:func:`mixq.formats.composite.families.make_layer`): a :class:`~mixq.runtime.QuantLinear` (with its fast kernels)
+when the rest of the spec is a plain grid, a :class:`~mixq.runtime.vq_linear.VQLinear` for a VQ base, a
 :class:`~mixq.runtime.tcq_linear.TCQLinear` for a TCQ base, a :class:`CompositeLinear` otherwise.
 
 A layer keeps the type of the stored form it was made from (``packed``), and gives its tensors back as one
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..algorithms.composite.incoherence import rotate
 from ..config.composite_protocol import REFERENCE_KERNEL
-from ..intra.incoherence import rotate
 from .packed_codes_linear import PackedCodesLinear
 
 
@@ -38,7 +38,8 @@ def _buffer_name(name: str) -> str:
 
 
 class CompositeLinear(nn.Module):
-    """Drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` holding a :class:`~mixq.intra.PackedComposite`."""
+    """Drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` holding a
+    :class:`~mixq.formats.composite.storage.PackedComposite`."""
 
     packed_layer = True
 

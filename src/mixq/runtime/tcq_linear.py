@@ -1,4 +1,5 @@
-"""``TCQLinear``: a linear layer holding a trellis-coded weight (:mod:`mixq.intra.tcq`) in its stored form.
+"""``TCQLinear``: a linear layer holding a trellis-coded weight (:mod:`mixq.algorithms.composite.tcq`) in its stored
+form.
 
 ``tcq-reference``  unpack the symbol stream, walk the states, ``Ŵ = s · lut[state]``, ``F.linear``: defines the
                    result
@@ -19,11 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..algorithms.composite.tcq import STATE_BITS, stream_layout, unpack_tcq
 from ..config.composite_families import TCQ_KERNELS
+from ..formats.composite.scales import group_len
+from ..formats.composite.tcq_codebook import lut as tcq_lut
 from .packed_codes_linear import PackedCodesLinear
-from ..intra.scales import group_len
-from ..intra.tcq import STATE_BITS, stream_layout, unpack_tcq
-from ..intra.tcq_codebook import lut as tcq_lut
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
 CPU_MAX_TOKENS = 16

@@ -1,10 +1,11 @@
-"""``VQLinear``: a linear layer holding a VQ weight (:mod:`mixq.intra.vq`) in its stored form, three kernels.
+"""``VQLinear``: a linear layer holding a VQ weight (:mod:`mixq.algorithms.composite.vq`) in its stored form, three
+kernels.
 
 Weight ``Ŵ[r, v·d : (v+1)·d] = s[r, g(v)] · B[code[r, v]]`` (``B [K, d]`` the fixed codebook, ``P = C/d`` vectors
 per row, groups of ``N/d`` vectors).
 
-``vq-reference``  unpack the bit stream, decode ``Ŵ`` (:func:`mixq.intra.vq.decode`), ``F.linear``: defines the
-                  result, holds only the packed bits
+``vq-reference``  unpack the bit stream, decode ``Ŵ`` (:func:`mixq.algorithms.composite.vq.decode`), ``F.linear``:
+                  defines the result, holds only the packed bits
 ``vq-lut``        (CPU, ``M <= LUT_MAX_TOKENS`` rows) the codebook-product table of the input::
 
                       T[m, v, k] = x[m, v·d : (v+1)·d] · B[k]             [M, P, K]   (one small GEMM)
@@ -27,11 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bitpack import unpack
+from ..algorithms.composite.vq import decode, spec_codebook
 from ..config.composite_families import VQ_KERNELS
+from ..formats.composite.scales import group_len
+from .bitpack import unpack
 from .packed_codes_linear import PackedCodesLinear
-from ..intra.scales import group_len
-from ..intra.vq import decode, spec_codebook
 
 LUT_MAX_TOKENS = 8
 KERNELS = ("auto", *VQ_KERNELS)  # the names its family lists (mixq.config.composite_families)

@@ -1,7 +1,8 @@
 """Native CPU kernel of a Kronecker-structured orthogonal transform: ``Q x`` for ``Q = (F₁ ⊗ … ⊗ F_k) diag(s)``.
 
-What ``+ip`` layers apply to their input and output at every call (:func:`mixq.intra.incoherence.rotate`), with
-the factors of :func:`mixq.algorithms.hadamard.random_orthogonal_factors`: a Sylvester factor (a power of two) runs
+What ``+ip`` layers apply to their input and output at every call
+(:func:`mixq.algorithms.composite.incoherence.rotate`), with the factors of
+:func:`mixq.algorithms.hadamard.random_orthogonal_factors`: a Sylvester factor (a power of two) runs
 as in-place fast Walsh–Hadamard butterflies, ``m log₂ m`` additions for ``m`` elements, scaled once at the end;
 any other factor (a Paley order such as 36 or 12) as a small dense product along its axis, vectorised over the
 axes after it.  A 576-vector (36 · 16) costs ~22 k multiply-adds instead of the 332 k of the dense ``Q``, a

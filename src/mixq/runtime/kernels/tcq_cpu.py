@@ -1,7 +1,8 @@
-"""Native CPU kernels of trellis-coded weights (:mod:`mixq.intra.tcq`): the Viterbi search and decode-and-dot GEMV.
+"""Native CPU kernels of trellis-coded weights (:mod:`mixq.algorithms.composite.tcq`): the Viterbi search and
+decode-and-dot GEMV.
 
 ``tcq_viterbi`` finds, for each of ``N`` sequences of ``T`` targets ``x`` with weights ``w``, the bit string of
-least ``Σ_t w_t (x_t - lut[s_t])²`` through the bitshift trellis of :mod:`mixq.intra.tcq_codebook` (state
+least ``Σ_t w_t (x_t - lut[s_t])²`` through the bitshift trellis of :mod:`mixq.formats.composite.tcq_codebook` (state
 ``s_t = ((s_{t-1} << k_t) | b_t) mod 2^L``, ``s_{-1} = 0``).  The survivors of a step are indexed by the state's
 low ``L - k_t`` bits shifted up (every state with the same ``s >> k_t`` has the same ``2^{k_t}`` predecessors), so a
 step costs ``2^L`` compares and ``2^L`` squared errors; back-pointers take ``T · 2^{L - k_min}`` bytes.  The compare
@@ -17,7 +18,8 @@ vector lane, with a gather for each lane's symbols (every few rows) and one for 
 2-2.5x faster than the scalar path on one EPYC thread.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
-works, and the callers fall back to torch (:func:`mixq.intra.tcq_codebook.viterbi_torch`, dequantize + dense GEMM).
+works, and the callers fall back to torch (:func:`mixq.formats.composite.tcq_codebook.viterbi_torch`, dequantize +
+dense GEMM).
 """
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def available() -> bool:
 
 def nearest(x: torch.Tensor, C: torch.Tensor) -> torch.Tensor | None:
     """int64 ``[N]``: the nearest row of ``C [K, d]`` for every row of ``x [N, d]`` (float32, CPU), or None when the
-    kernel is not available (:func:`mixq.intra.vq_codebook.nearest` then searches in torch)."""
+    kernel is not available (:func:`mixq.formats.composite.vq_codebook.nearest` then searches in torch)."""
     lib = _lib()
     if lib is None or x.device.type != "cpu":
         return None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config.composite import FP16_BITS, ROW_PTR_BITS, index_bits
+from ...config.composite import FP16_BITS, ROW_PTR_BITS, index_bits
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Trellis-coded bases (``TCQ<rate>-GRAN``, meant for ``+ip``): RTN and GPTQ/LDLQ with the Viterbi search of
-:mod:`mixq.intra.tcq_codebook`.
+:mod:`mixq.formats.composite.tcq_codebook`.
 
 Each **column** ``j`` of ``W [R, C]`` is one trellis sequence, top row first: its ``R`` weights divided by their
 row's group scale are the targets, and ``R · rate`` bits encode them (state ``s_t``, value ``lut[s_t]``)::
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BitCost, CompositeSpec
-from ..algorithms.sweep import sweep
-from ..runtime.bitpack import pack, unpack
-from .scales import FLOAT_DTYPES, group_len, round_scale
-from .tcq_codebook import L, lut as tcq_lut, period, schedule, states, viterbi
+from ...config import BitCost, CompositeSpec
+from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
+from ...formats.composite.tcq_codebook import L, lut as tcq_lut, period, schedule, states, viterbi
+from ...runtime.bitpack import pack, unpack
+from ..sweep import sweep
 
 SCALE_ITERS = 2
 
@@ -48,7 +48,7 @@ class TCQQTensor:
 
     def stored_bits(self) -> int:
         """The bits the stored parts hold: each column's steps (their widths from the schedule) and the scales."""
-        from ..config.protocol import SCALE_BITS
+        from ...config.protocol import SCALE_BITS
 
         steps = int(schedule(self.spec.tcq_rate, self.bits.shape[1]).sum(dtype=torch.int64))
         return self.bits.shape[0] * steps + self.scale.numel() * SCALE_BITS[self.spec.scale_dtype]
@@ -132,7 +132,7 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
 
 
 def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol, scale_iters):
-    from ..algorithms.gptq import prepare_hessian
+    from ..gptq import prepare_hessian
 
     R, C = W0.shape
     Wk = W0.clone()

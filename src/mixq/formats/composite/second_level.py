@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import formats
-from ..config import QuantSpec
-from ..config.composite import CompositeSpec
-from ..formats import QParams
-from ..granularity import PerChannel
+from ... import formats
+from ...config import QuantSpec
+from ...config.composite import CompositeSpec
+from ...granularity import PerChannel
+from .. import QParams
 
 SCALE_FLOOR = 2.0**-24  # a second-level-decoded scale never reaches 0
 

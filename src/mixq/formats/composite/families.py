@@ -12,7 +12,7 @@ registered family is stored, loaded and run like the built-in ones:
                                         tensors): what ``+ip`` stores for what it wraps
 ``make_layer(packed, bias, kernel)``    the module that runs a stored weight: a :class:`~mixq.runtime.QuantLinear` for
                                         a :class:`~mixq.runtime.PackedWeight`, its family's layer for a
-                                        :class:`~mixq.intra.PackedComposite`
+                                        :class:`~mixq.formats.composite.storage.PackedComposite`
 ``install_layers(model, weights, k)``   every such layer into a model (``load_quantized(DIR, packed=True)``)
 """
 from __future__ import annotations
@@ -22,15 +22,15 @@ from typing import Callable
 
 import torch
 
-from ..config.composite_families import TCQ, VQ, Binary, Grid, Incoherent, RowSplit
-from ..config.registry import composite_of
-from ..runtime import PackedWeight, QuantLinear, install_qlinear
+from ...algorithms.composite.incoherence import IncoherentQTensor, quantize_incoherent
+from ...algorithms.composite.quant import quantize_composite
+from ...algorithms.composite.tcq import pack_tcq, unpack_tcq
+from ...algorithms.composite.vq import pack_vq, unpack_vq
+from ...config.composite_families import TCQ, VQ, Binary, Grid, Incoherent, RowSplit
+from ...config.registry import composite_of
+from ...runtime import PackedWeight, QuantLinear, install_qlinear
 from .binary_storage import pack_binary, unpack_binary
 from .grid_storage import pack_grid, pack_rows, unpack_grid, unpack_rows
-from .incoherence import IncoherentQTensor, quantize_incoherent
-from .quant import quantize_composite
-from .tcq import pack_tcq, unpack_tcq
-from .vq import pack_vq, unpack_vq
 
 
 @dataclass(frozen=True)
@@ -44,28 +44,30 @@ class _Impl:
 
 
 def _quantize(W, spec, H, method, *, quantize_layer, **kw):
-    """The built-ins but ``+ip``: :func:`mixq.intra.quant.quantize_composite` (which needs no other spec's quantizer)."""
+    """The built-ins but ``+ip``: :func:`mixq.algorithms.composite.quant.quantize_composite` (which needs no other
+    spec's quantizer)."""
     return quantize_composite(W, spec, H, method, **kw)
 
 
-# The layers (mixq.runtime) are imported where they are made: they import this package's quantizers
-# (mixq.intra.vq, .tcq, .incoherence), so importing them here would make importing a runtime layer first circular.
+# The layers (mixq.runtime) are imported where they are made, when a layer is built.  They import the composites'
+# quantizers (mixq.algorithms.composite.vq, .tcq, .incoherence); tests/test_house.py counts these function-level
+# imports in its cycle check like any other.
 def _codebook_layer(cls, packed, bias, kernel):
     return cls(packed, bias, kernel if kernel in cls.KERNELS else "auto")
 
 
 def _vq_layer(packed, bias, kernel):
-    from ..runtime.vq_linear import VQLinear
+    from ...runtime.vq_linear import VQLinear
     return _codebook_layer(VQLinear, packed, bias, kernel)
 
 
 def _tcq_layer(packed, bias, kernel):
-    from ..runtime.tcq_linear import TCQLinear
+    from ...runtime.tcq_linear import TCQLinear
     return _codebook_layer(TCQLinear, packed, bias, kernel)
 
 
 def _reference_layer(packed, bias, kernel):
-    from ..runtime.composite_linear import CompositeLinear
+    from ...runtime.composite_linear import CompositeLinear
     return CompositeLinear(packed, bias)
 
 
@@ -89,7 +91,7 @@ def _ip_unpack(t: dict[str, torch.Tensor], spec, shape) -> IncoherentQTensor:
 def _ip_layer(packed, bias, kernel):
     """Two transforms around the inner spec's own layer (its stored form: a PackedComposite like ``packed``, or a
     PackedWeight)."""
-    from ..runtime.composite_linear import IncoherentLinear
+    from ...runtime.composite_linear import IncoherentLinear
     spec, sub = packed.spec.inner, _inner_tensors(packed.tensors())
     inner = type(packed)(sub, spec, packed.shape) if composite_of(spec) else \
         PackedWeight.from_tensors(sub, spec, packed.shape)
@@ -120,7 +122,8 @@ def impl(spec):
 
 # ---------------------------------------------------------------------------- stored parts
 def pack_composite(qt) -> dict[str, torch.Tensor]:
-    """Named tensors holding a composite's stored parts at their accounted size (:mod:`mixq.intra.storage`)."""
+    """Named tensors holding a composite's stored parts at their accounted size
+    (:mod:`mixq.formats.composite.storage`)."""
     return impl(qt.spec).pack(qt)
 
 
@@ -151,5 +154,6 @@ def make_layer(packed, bias: torch.Tensor | None = None, kernel: str = "auto"):
 
 def install_layers(model, weights: dict, kernel: str = "auto"):
     """Replace every ``fqn`` of ``weights`` (an ``nn.Linear`` or ``Conv1D``; a :class:`PackedWeight` or a
-    :class:`~mixq.intra.PackedComposite`) by :func:`make_layer`'s module, in place; returns ``model``."""
+    :class:`~mixq.formats.composite.storage.PackedComposite`) by :func:`make_layer`'s module, in place; returns
+    ``model``."""
     return install_qlinear(model, weights, kernel, layer=lambda pw, bias: make_layer(pw, bias, kernel))

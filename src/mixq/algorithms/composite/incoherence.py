@@ -27,9 +27,9 @@ from functools import lru_cache
 
 import torch
 
-from ..algorithms.hadamard import dense, random_orthogonal_factors
-from ..config import BitCost, CompositeSpec
-from ..config.composite import IP_SEED_BITS
+from ...config import BitCost, CompositeSpec
+from ...config.composite import IP_SEED_BITS
+from ..hadamard import dense, random_orthogonal_factors
 
 SEED_IN = 0x1F00
 SEED_OUT = 0x2F00
@@ -104,7 +104,7 @@ def _native(x: torch.Tensor, seed: int, transpose: bool):
 
 @lru_cache(maxsize=64)
 def _kron_plan(n: int, seed: int, transpose: bool):
-    from ..runtime.kernels import kron_cpu
+    from ...runtime.kernels import kron_cpu
 
     if not kron_cpu.available():
         return None
@@ -139,7 +139,7 @@ class IncoherentQTensor:
 def _dequantize_inner(inner) -> torch.Tensor:
     if isinstance(inner.spec, CompositeSpec):
         return inner.dequantize().float()
-    from .. import formats
+    from ... import formats
 
     return formats.dequantize(inner).float()
 
@@ -174,8 +174,8 @@ def quantize_incoherent(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | 
     """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under an ``+ip`` spec.
 
     ``quantize_inner(W', inner_spec, H', method, damp=..., **kw)`` quantizes the transformed weight (plain
-    grids and composites alike: :func:`mixq.intra.hooks.quantize_layer` passes its own dispatch).  A Fisher matrix or
-    a prepared Hessian of the untransformed weight does not describe ``W'`` and is dropped.
+    grids and composites alike: :func:`mixq.algorithms.composite.hooks.quantize_layer` passes its own dispatch).  A
+    Fisher matrix or a prepared Hessian of the untransformed weight does not describe ``W'`` and is dropped.
     """
     if not spec.incoherent:
         raise ValueError(f"{spec.name} has no +ip")
@@ -191,7 +191,7 @@ def quantize_incoherent(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | 
     W_hat = unrotate_weight(Wp_hat.float(), seeds)
     qt = IncoherentQTensor(spec, (R, C), inner_q, seeds)
     if H is not None:
-        from ..algorithms.gptq import _proxy
+        from ..gptq import _proxy
 
         qt.proxy_loss = _proxy(W0 - W_hat, H.detach().float().cpu())
     return qt, W_hat

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config.composite import FP16_BITS, CompositeSpec, index_bits
-from ..runtime.bitpack import pack, unpack
+from ...config.composite import FP16_BITS, CompositeSpec, index_bits
+from ...runtime.bitpack import pack, unpack
 from .binary_tensor import BinaryQTensor
 from .scales import FLOAT_DTYPES
 

@@ -1,6 +1,6 @@
 """The dense part of a composite: fitting its group columns with the kept weights excluded, RTN and GPTQ.
 
-Step 4 of :mod:`mixq.intra.quant`: :func:`fit_rows` / :func:`fit_group` (outliers replaced by the mean of
+Step 4 of :mod:`mixq.algorithms.composite.quant`: :func:`fit_rows` / :func:`fit_group` (outliers replaced by the mean of
 the group's other weights and weighted 0; k-means, dialects and second-level scales), :func:`rtn_dense`
 (group columns of equal length and bits fitted as one batch) and :func:`gptq_dense` (the column loop over
 ``[dense..., fp16...]`` with kept values fixed at fp16 of their compensated value).
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .. import formats
-from ..algorithms.sweep import sweep
-from ..config import QuantSpec
-from ..config.composite import CompositeSpec
-from ..formats import QParams, lut
-from .dialects import fit_dialects
-from .qtensor import group_spec
-from .second_level import second_level
+from ... import formats
+from ...config import QuantSpec
+from ...config.composite import CompositeSpec
+from ...formats import QParams, lut
+from ...formats.composite.dialects import fit_dialects
+from ...formats.composite.qtensor import group_spec
+from ...formats.composite.second_level import second_level
+from ..sweep import sweep
 
 
 def fit_rows(x, mask, spec_j: QuantSpec, imp, ts, kmeans_iters: int = lut.KMEANS_ITERS, cs=None) -> QParams:

@@ -25,7 +25,7 @@ composite                   bpw                 recipe
 
 ``small`` keeps 4 of them; ``all`` adds 10 combinations and siblings (SpQR's full
 ``W3-g16-asym+sq3+o0.25``, ``W3-g64+c8+o0.25``, ``NF4-g64+d8``, ``W4-g64+h10``, ...) and three
-binarized ones (:mod:`mixq.intra.binary`) below 2 bpw:
+binarized ones (:mod:`mixq.algorithms.composite.binary`) below 2 bpw:
 
 ==========================  ==================  ===============================================
 ``BIN-g64+r32``             1.36 / 1.36 / 1.29  BiLLM: signs + 32 residual-binarized salient columns

@@ -1,7 +1,7 @@
 """The bitshift trellis of ``TCQ`` bases (QTIP-style trellis-coded quantization) and its trained lookup tables.
 
-A sequence of ``T`` weights (one column of a weight matrix, top to bottom: :mod:`mixq.intra.tcq`) is stored as
-``T · rate`` bits: step ``t`` appends ``k_t`` bits ``b_t`` to the stream, and its weight decodes from the
+A sequence of ``T`` weights (one column of a weight matrix, top to bottom: :mod:`mixq.algorithms.composite.tcq`) is
+stored as ``T · rate`` bits: step ``t`` appends ``k_t`` bits ``b_t`` to the stream, and its weight decodes from the
 **state**, the last ``L`` bits of the stream so far::
 
     s_t = ((s_{t-1} << k_t) | b_t) mod 2^L,   s_{-1} = 0,      ŵ_t = scale · lut[s_t]
@@ -16,10 +16,11 @@ only the ``L`` stream bits ending at it: no sequential dependence, random access
 ``lut(rate)``: ``2^L`` fp16-exact values, trained for i.i.d. N(0, 1) targets (what ``+ip`` weights divided by
 their scale look like) by Lloyd over the trellis: from the Gaussian quantiles in a seeded order, ``ITERS`` times
 (Viterbi-encode seeded N(0, 1) sequences; set each entry to the mean of the targets that decoded from it).
-Committed in :mod:`mixq.intra.tcq_tables` (``tests/test_tcq.py`` pins them) so that machines whose arithmetic
-differs in the last bit still decode a stored model identically; they were made by an earlier build of the native
-search, and :func:`generate` now gives tables equal to them up to that search's float rounding (same MSE to 0.1 %).  MSE per weight on N(0, 1) (:func:`mse`),
-against the 2-D vector codebooks of :mod:`mixq.intra.vq_codebook` at the same rate: see ``tcq_tables.MSE``.
+Committed in :mod:`mixq.formats.composite.tcq_tables` (``tests/test_tcq.py`` pins them) so that machines whose
+arithmetic differs in the last bit still decode a stored model identically; they were made by an earlier build of
+the native search, and :func:`generate` now gives tables equal to them up to that search's float rounding (same MSE
+to 0.1 %).  MSE per weight on N(0, 1) (:func:`mse`), against the 2-D vector codebooks of
+:mod:`mixq.formats.composite.vq_codebook` at the same rate: see ``tcq_tables.MSE``.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from functools import lru_cache
 
 import torch
 
-from ..runtime.kernels import tcq_cpu
+from ...runtime.kernels import tcq_cpu
 
 L = 8
 SEED = 0x7C9
@@ -138,7 +139,7 @@ def _lut(rate: Fraction) -> torch.Tensor:
     hexs = TABLES.get(str(rate))
     if hexs is None:
         raise ValueError(f"no TCQ table for rate {rate}; have {sorted(TABLES)} "
-                         "(add one with mixq.intra.tcq_codebook.generate and tcq_tables.py)")
+                         "(add one with mixq.formats.composite.tcq_codebook.generate and tcq_tables.py)")
     return torch.frombuffer(bytearray(bytes.fromhex(hexs)), dtype=torch.float16).float()
 
 

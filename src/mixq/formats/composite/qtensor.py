@@ -1,7 +1,7 @@
 """The stored parts of a composite over a plain grid (:class:`CompositeQTensor`), decoded and recounted.
 
-What :func:`mixq.intra.quant.quantize_composite` returns for specs without ``+h``, ``BIN`` or ``VQ`` bases:
-dense codes per group column, their parameters (decoded from the second level under ``+sq``, a dialect
+What :func:`mixq.algorithms.composite.quant.quantize_composite` returns for specs without ``+h``, ``BIN`` or ``VQ``
+bases: dense codes per group column, their parameters (decoded from the second level under ``+sq``, a dialect
 codebook under ``+dD``), fp16 input columns and CSR outliers.  :meth:`CompositeQTensor.dequantize` rebuilds
 ``Ŵ`` bit for bit from them; :meth:`CompositeQTensor.stored_bits` recounts what
 :meth:`~mixq.config.CompositeSpec.cost` counts.
@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import formats
-from ..config import SCALE_BITS, BitCost, QuantSpec
-from ..config.composite import FP16_BITS, SLIM_MAP_BITS, CompositeSpec, index_bits
-from ..formats import QParams
-from ..granularity import PerChannel
+from ... import formats
+from ...config import SCALE_BITS, BitCost, QuantSpec
+from ...config.composite import FP16_BITS, SLIM_MAP_BITS, CompositeSpec, index_bits
+from ...granularity import PerChannel
+from .. import QParams
 from .dialects import dialect_codebook
 from .second_level import l2_params
 from .sparse import CSR

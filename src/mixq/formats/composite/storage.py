@@ -1,11 +1,12 @@
 """Bit-packed storage of composite weights, at their accounted size, and the stored form of any spec.
 
-:func:`~mixq.intra.families.pack_composite` turns a composite's stored parts into named tensors whose bits are
-exactly the terms of its ``spec.cost(shape)`` (plus < 8 bits of byte padding per packed stream), through its family
-(:mod:`mixq.intra.families`); :func:`~mixq.intra.families.unpack_composite` rebuilds the stored parts from them, the
-spec and the shape, so that ``unpack_composite(pack_composite(q), q.spec, q.shape).dequantize()`` equals
-``q.dequantize()`` bit for bit.  The built-in families store (code streams: :func:`mixq.runtime.bitpack.pack`,
-LSB-first, row-major; grids and ``+h``: :mod:`mixq.intra.grid_storage`):
+:func:`~mixq.formats.composite.families.pack_composite` turns a composite's stored parts into named tensors whose bits
+are exactly the terms of its ``spec.cost(shape)`` (plus < 8 bits of byte padding per packed stream), through its
+family (:mod:`mixq.formats.composite.families`); :func:`~mixq.formats.composite.families.unpack_composite` rebuilds
+the stored parts from them, the spec and the shape, so that
+``unpack_composite(pack_composite(q), q.spec, q.shape).dequantize()`` equals ``q.dequantize()`` bit for bit.  The
+built-in families store (code streams: :func:`mixq.runtime.bitpack.pack`, LSB-first, row-major; grids and ``+h``:
+:mod:`mixq.formats.composite.grid_storage`):
 
 =====================  ==============================================================================
 tensor                 content
@@ -25,9 +26,11 @@ tensor                 content
 ``csr.values``         fp16 ``[K]``; ``csr.cols`` int16 (uint16 bits) / int32 ``[K]``; ``csr.row_ptr`` int32 ``[R+1]``
 ``hi_rows``, ``lo.*``  ``+h``: row indices (int16 / int32) and the two :class:`PackedWeight` tensor sets
 ``hi.*``
-BIN bases              :func:`mixq.intra.binary_storage.pack_binary` (sign stream, scales, residual planes, CSR)
-VQ bases               :func:`mixq.intra.vq.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
-TCQ bases              :func:`mixq.intra.tcq.pack_tcq`: ``tcq.codes`` (column-major trellis symbols), ``scale``
+BIN bases              :func:`mixq.formats.composite.binary_storage.pack_binary` (sign stream, scales, residual
+                       planes, CSR)
+VQ bases               :func:`mixq.algorithms.composite.vq.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
+TCQ bases              :func:`mixq.algorithms.composite.tcq.pack_tcq`: ``tcq.codes`` (column-major trellis symbols),
+                       ``scale``
 ``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
                        weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)
 =====================  ==============================================================================
@@ -43,9 +46,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import QuantSpec
-from ..config.registry import composite_of
-from ..runtime.bitpack import PackedWeight
+from ...config import QuantSpec
+from ...config.registry import composite_of
+from ...runtime.bitpack import PackedWeight
 from .families import pack_composite, unpack_composite
 
 

@@ -1,7 +1,7 @@
 """What a composite keeps apart or widens: outlier selection (``+oP``) and SliM-LLM group bits (``SLIM``).
 
-Steps 2 and 3 of :mod:`mixq.intra.quant`; both rank by the ``d``-weighted RTN error of the dense part
-(:func:`mixq.intra.dense.rtn_dense`).
+Steps 2 and 3 of :mod:`mixq.algorithms.composite.quant`; both rank by the ``d``-weighted RTN error of the dense part
+(:func:`mixq.algorithms.composite.dense.rtn_dense`).
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from .. import formats
+from ... import formats
 from .dense import rtn_dense
 
 OUTLIER_ROUNDS = 4

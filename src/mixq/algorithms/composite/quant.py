@@ -23,35 +23,36 @@
    time, to ``sq_bits`` with an fp16 scale and offset per second-level group (SpQR), and the codes are
    encoded against the quantized scales.
    With ``+dD`` each group takes its fp16 absmax scale and the least-error table of the dialect
-   formatbook (:mod:`mixq.intra.dialects`), decoded as a per-row codebook ``scale · T_d``.
+   formatbook (:mod:`mixq.formats.composite.dialects`), decoded as a per-row codebook ``scale · T_d``.
    RTN encodes every group directly.  GPTQ visits the dense columns in order and the fp16 columns
    last; a kept value (outlier or fp16 column) is fixed to its *current* (already compensated)
    value rounded to fp16 and, like every other column, its rounding error is spread over the columns
    not yet visited (``W_:,k −= e_j U_jk``) -- so the fp16 columns absorb compensation, as in OWQ.
 
-``+h`` specs (MixLLM high-precision output rows) take a separate path: :mod:`mixq.intra.rows`;
-``BIN`` bases (BiLLM / PB-LLM binarization) another: :mod:`mixq.intra.binary`.
+``+h`` specs (MixLLM high-precision output rows) take a separate path: :mod:`mixq.algorithms.composite.rows`;
+``BIN`` bases (BiLLM / PB-LLM binarization) another: :mod:`mixq.algorithms.composite.binary`.
 
-Where the steps live: 1 here; 2 and 3 :mod:`mixq.intra.selection`; 4 :mod:`mixq.intra.dense` (second-level
-scales: :mod:`mixq.intra.second_level`).  Everything stored (:class:`~mixq.intra.qtensor.CompositeQTensor`) is
-exactly what :meth:`CompositeSpec.cost` counts; :meth:`CompositeQTensor.stored_bits` recounts it from the
-tensors themselves and :meth:`CompositeQTensor.dequantize` rebuilds ``Ŵ`` bit for bit.
+Where the steps live: 1 here; 2 and 3 :mod:`mixq.algorithms.composite.selection`; 4
+:mod:`mixq.algorithms.composite.dense` (second-level scales: :mod:`mixq.formats.composite.second_level`).  Everything
+stored (:class:`~mixq.formats.composite.qtensor.CompositeQTensor`) is exactly what :meth:`CompositeSpec.cost` counts;
+:meth:`CompositeQTensor.stored_bits` recounts it from the tensors themselves and :meth:`CompositeQTensor.dequantize`
+rebuilds ``Ŵ`` bit for bit.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import formats
-from ..algorithms.gptq import _proxy, inverse_cholesky
-from ..config import parse_spec
-from ..config.composite import CompositeSpec
+from ... import formats
+from ...config import parse_spec
+from ...config.composite import CompositeSpec
+from ...formats.composite.qtensor import CompositeQTensor, dense_cols
+from ...formats.composite.sparse import CSR
+from ..gptq import _proxy, inverse_cholesky
 from .binary import quantize_binary
 from .dense import gptq_dense, rtn_dense
 from .importance import importances
-from .qtensor import CompositeQTensor, dense_cols
 from .rows import quantize_rows
 from .selection import select_outliers, slim_bits
-from .sparse import CSR
 from .tcq import quantize_tcq
 from .vq import quantize_vq
 
@@ -68,8 +69,9 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     fisher     optional ``[R, C]`` diagonal Fisher: the RTN importance instead of ``diag(H)`` (SqueezeLLM)
     hinv_chol  :func:`mixq.algorithms.gptq.prepare_hessian` of ``H`` to reuse across specs (natural order)
     row_weight optional ``[R]`` output-gradient energy ``G``: weights the choice of ``+h`` rows
-    Returns ``(stored parts, Ŵ float32)``; for ``+h`` specs the parts are a :class:`~mixq.intra.rows.RowSplitQTensor`,
-    for ``BIN`` bases a :class:`~mixq.intra.binary_tensor.BinaryQTensor`.
+    Returns ``(stored parts, Ŵ float32)``; for ``+h`` specs the parts are a
+    :class:`~mixq.algorithms.composite.rows.RowSplitQTensor`, for ``BIN`` bases a
+    :class:`~mixq.formats.composite.binary_tensor.BinaryQTensor`.
     """
     spec = parse_spec(spec)
     if not isinstance(spec, CompositeSpec):
@@ -89,11 +91,11 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     if fisher is not None and tuple(fisher.shape) != (R, C):
         raise ValueError(f"fisher has shape {tuple(fisher.shape)}, expected ({R}, {C})")
 
-    if spec.vq_dim:  # vector codebooks (mixq.intra.vq)
+    if spec.vq_dim:  # vector codebooks (mixq.algorithms.composite.vq)
         return quantize_vq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol)
-    if spec.trellis:  # trellis-coded (mixq.intra.tcq)
+    if spec.trellis:  # trellis-coded (mixq.algorithms.composite.tcq)
         return quantize_tcq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol)
-    if spec.binary:  # BiLLM / PB-LLM binarization (mixq.intra.binary)
+    if spec.binary:  # BiLLM / PB-LLM binarization (mixq.algorithms.composite.binary)
         return quantize_binary(W0, spec, None if H is None else H.detach().float().cpu(), method, fisher=fisher,
                                damp=damp, block_size=block_size, hinv_chol=hinv_chol)
     if spec.hi_rows:

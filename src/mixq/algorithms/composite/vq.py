@@ -2,7 +2,7 @@
 
 A row of ``W [R, C]`` is cut into ``C/d`` vectors of ``d`` consecutive weights; vector ``v`` of row ``r`` in
 quantization group ``g`` (``gN``: N consecutive columns, or the whole row for ``channel``) is stored as a
-``k``-bit index into the fixed codebook ``B [2^k, d]`` (:mod:`mixq.intra.vq_codebook`) and decoded as::
+``k``-bit index into the fixed codebook ``B [2^k, d]`` (:mod:`mixq.formats.composite.vq_codebook`) and decoded as::
 
     ŵ[r, v] = s[r, g] · B[code[r, v]]            k = d · rate,  s fp16
 
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BitCost, CompositeSpec
-from ..algorithms.sweep import sweep
-from ..runtime.bitpack import pack, unpack
-from .scales import FLOAT_DTYPES, group_len, round_scale
-from .vq_codebook import codebook, nearest
+from ...config import BitCost, CompositeSpec
+from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
+from ...formats.composite.vq_codebook import codebook, nearest
+from ...runtime.bitpack import pack, unpack
+from ..sweep import sweep
 
 SCALE_ITERS = 3  # code / least-squares-scale alternations per group
 
@@ -56,7 +56,7 @@ class VQQTensor:
         return self.spec.cost(self.shape)
 
     def stored_bits(self) -> int:
-        from ..config.protocol import SCALE_BITS
+        from ...config.protocol import SCALE_BITS
 
         return self.codes.numel() * self.spec.vq_bits + self.scale.numel() * SCALE_BITS[self.spec.scale_dtype]
 
@@ -129,7 +129,7 @@ def quantize_vq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = N
 
 
 def _gptq(W0, H, B, spec, glen, damp, block_size, hinv_chol):
-    from ..algorithms.gptq import prepare_hessian
+    from ..gptq import prepare_hessian
 
     R, C = W0.shape
     d = spec.vq_dim

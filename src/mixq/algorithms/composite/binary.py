@@ -17,7 +17,7 @@ to the scale dtype.  Two extensions, alone or together:
     weights already kept apart); every scale is then fitted without them.  Their sign bits stay in
     the sign planes (counted, unused), which keeps the codes plain 1-bit streams.
 
-``d`` is the OBS weight of a coordinate as in :mod:`mixq.intra.quant`: ``1 / [H⁻¹]_jj`` for GPTQ,
+``d`` is the OBS weight of a coordinate as in :mod:`mixq.algorithms.composite.quant`: ``1 / [H⁻¹]_jj`` for GPTQ,
 ``diag(H)_j`` (or the Fisher ``F_ij``) for RTN, 1 without statistics.  GPTQ visits the dense
 columns in order and the residual columns last (so they absorb compensation), fitting each group's
 scale on entry from its current, compensated values; salient weights are rounded at their current
@@ -27,20 +27,21 @@ Exact cost: :meth:`mixq.config.CompositeSpec.cost` (``BIN`` rows of its docstrin
 on a 576-wide layer: ``BIN-g64`` 1.25, ``BIN-g192`` 1.08, ``BIN-g64+r32`` 1.36, ``BIN-g64+o2w8``
 1.81, ``BIN-g192+r32+o1w8`` 1.52 (the 1536-wide down projection is a little cheaper).
 
-Stored parts: :class:`~mixq.intra.binary_tensor.BinaryQTensor`; storage: :mod:`mixq.intra.binary_storage`.
+Stored parts: :class:`~mixq.formats.composite.binary_tensor.BinaryQTensor`; storage:
+:mod:`mixq.formats.composite.binary_storage`.
 """
 from __future__ import annotations
 
 import torch
 
-from ..algorithms.gptq import _proxy, inverse_cholesky
-from ..algorithms.sweep import sweep
-from ..config.composite import FP16_BITS, CompositeSpec
-from ..formats.mx import round_scale
-from ..granularity import PerGroup
-from .binary_tensor import BinaryQTensor, bin_decode, res_decode
+from ...config.composite import FP16_BITS, CompositeSpec
+from ...formats.composite.binary_tensor import BinaryQTensor, bin_decode, res_decode
+from ...formats.composite.qtensor import dense_cols
+from ...formats.mx import round_scale
+from ...granularity import PerGroup
+from ..gptq import _proxy, inverse_cholesky
+from ..sweep import sweep
 from .importance import importances
-from .qtensor import dense_cols
 
 OUTLIER_ROUNDS = 2
 

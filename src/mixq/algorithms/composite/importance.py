@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithms.gptq import inverse_cholesky
+from ..gptq import inverse_cholesky
 
 
 def importances(W0: torch.Tensor, H: torch.Tensor | None, method: str, fisher: torch.Tensor | None,

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import formats
-from ..algorithms.gptq import gptq_quantize
-from ..config import BitCost
-from ..formats import QTensor
-from ..config import CompositeSpec, index_bits
+from ... import formats
+from ...config import BitCost
+from ...config import CompositeSpec, index_bits
+from ...formats import QTensor
+from ..gptq import gptq_quantize
 
 
 @dataclass

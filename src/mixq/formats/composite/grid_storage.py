@@ -1,19 +1,20 @@
-"""Storage of the grid composites and of ``+h`` row splits, at their accounted size (table in :mod:`mixq.intra.storage`).
+"""Storage of the grid composites and of ``+h`` row splits, at their accounted size (table in
+:mod:`mixq.formats.composite.storage`).
 
-:func:`pack_grid` / :func:`unpack_grid`: a :class:`~mixq.intra.qtensor.CompositeQTensor` (a grid plus outliers,
-fp16 columns, SpQR scales, SLIM bits, dialects); :func:`pack_rows` / :func:`unpack_rows`: a
-:class:`~mixq.intra.rows.RowSplitQTensor` (two :class:`~mixq.runtime.PackedWeight` tensor sets and the high rows).
-Code streams use :func:`mixq.runtime.bitpack.pack` (LSB-first, row-major).
+:func:`pack_grid` / :func:`unpack_grid`: a :class:`~mixq.formats.composite.qtensor.CompositeQTensor` (a grid plus
+outliers, fp16 columns, SpQR scales, SLIM bits, dialects); :func:`pack_rows` / :func:`unpack_rows`: a
+:class:`~mixq.algorithms.composite.rows.RowSplitQTensor` (two :class:`~mixq.runtime.PackedWeight` tensor sets and the
+high rows).  Code streams use :func:`mixq.runtime.bitpack.pack` (LSB-first, row-major).
 """
 from __future__ import annotations
 
 import torch
 
-from ..config import CompositeSpec, family_of, index_bits
-from ..formats import QParams
-from ..runtime.bitpack import PackedWeight, pack, unpack
+from ...algorithms.composite.rows import RowSplitQTensor
+from ...config import CompositeSpec, family_of, index_bits
+from ...runtime.bitpack import PackedWeight, pack, unpack
+from .. import QParams
 from .qtensor import CompositeQTensor
-from .rows import RowSplitQTensor
 from .scales import FLOAT_DTYPES
 from .sparse import CSR
 

@@ -1,4 +1,5 @@
-"""Fixed Gaussian-optimal vector codebooks (``VQ`` bases, :mod:`mixq.intra.vq`) and the nearest-entry search.
+"""Fixed Gaussian-optimal vector codebooks (``VQ`` bases, :mod:`mixq.algorithms.composite.vq`) and the nearest-entry
+search.
 
 After incoherence processing (``+ip``) a weight group divided by its scale is close to i.i.d. ``N(0, 1)``
 (QuIP#, QTIP), so one codebook per ``(d, code bits)`` serves every layer and is never stored: it is
@@ -24,7 +25,7 @@ from functools import lru_cache
 
 import torch
 
-from ..runtime.kernels.vq_cpu import nearest as _native_nearest
+from ...runtime.kernels.vq_cpu import nearest as _native_nearest
 
 SEED = 0x5EED
 GRID = 481
@@ -107,7 +108,7 @@ def _codebook(d: int, k: int) -> torch.Tensor:
     hexs = TABLES.get((d, k))
     if hexs is None:
         raise ValueError(f"no VQ codebook for d={d} with {k}-bit codes; have {sorted(TABLES)} "
-                         "(add one with mixq.intra.vq_codebook.generate and vq_tables.py)")
+                         "(add one with mixq.formats.composite.vq_codebook.generate and vq_tables.py)")
     raw = bytes.fromhex(hexs)
     C = torch.frombuffer(bytearray(raw), dtype=torch.float16).to(torch.float32)
     return C.reshape(2 ** k, d).contiguous()
@@ -126,7 +127,7 @@ def codebook(d: int, k: int) -> torch.Tensor:
 
 
 def to_hex(C: torch.Tensor) -> str:
-    """fp16 little-endian hex of a codebook (the form :mod:`mixq.intra.vq_tables` stores)."""
+    """fp16 little-endian hex of a codebook (the form :mod:`mixq.formats.composite.vq_tables` stores)."""
     return C.to(torch.float16).contiguous().view(torch.uint8).numpy().tobytes().hex()
 
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import QParams
-from ..formats.lut import _nearest, nf_levels
-from ..formats.minifloat import FORMATS, value_table
-from ..formats.mx import round_scale
+from .. import QParams
+from ..lut import _nearest, nf_levels
+from ..minifloat import FORMATS, value_table
+from ..mx import round_scale
 
 GAMMA_MAX = 2.5
 

@@ -1,11 +1,12 @@
-"""The stored parts of a ``BIN`` composite (:class:`BinaryQTensor`, :mod:`mixq.intra.binary`), decoded and recounted."""
+"""The stored parts of a ``BIN`` composite (:class:`BinaryQTensor`, :mod:`mixq.algorithms.composite.binary`), decoded
+and recounted."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from ..config.composite import FP16_BITS, ROW_PTR_BITS, CompositeSpec, index_bits
+from ...config.composite import FP16_BITS, ROW_PTR_BITS, CompositeSpec, index_bits
 from .qtensor import dense_cols
 
 

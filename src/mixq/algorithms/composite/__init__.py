@@ -1,0 +1,23 @@
+"""Intra-tensor composites, how they are quantized: mixed precisions inside one weight (RTN and GPTQ).
+
+The specs are in :mod:`mixq.config`, the stored tensors and bit-packed forms in :mod:`mixq.formats.composite`, the
+layers and kernels in :mod:`mixq.runtime`; the ``intra`` / ``default+intra`` candidate sets are
+:mod:`mixq.allocate.intra_candidates`.  Nothing is imported here: import each name from its module.
+
+``quant``       :func:`quantize_composite` (RTN / GPTQ) -> :class:`~mixq.formats.composite.qtensor.CompositeQTensor`:
+                fp16 columns (OWQ); ``selection``: sparse outliers (SpQR / SqueezeLLM), SliM-LLM group bits;
+                ``dense``: the dense part (RTN, GPTQ, weighted k-means as SqueezeLLM); ``importance``: the
+                per-weight importances they fit and select by
+``rows``        MixLLM high-precision output rows (``+hP``) -> :class:`RowSplitQTensor`
+``binary``      BiLLM / PB-LLM binarization (``BIN-gN`` bases, ``+r`` residual columns, ``+o..w8``)
+                -> :class:`~mixq.formats.composite.binary_tensor.BinaryQTensor`
+``incoherence`` ``+ip``: QuIP-style random Hadamard transforms on both sides -> :class:`IncoherentQTensor`
+``vq``          ``VQ<rate>[x<d>]-GRAN`` bases (for ``+ip``): fixed codebooks
+                (:mod:`mixq.formats.composite.vq_codebook`), RTN and GPTQ with vector feedback -> :class:`VQQTensor`
+                (layer: :class:`~mixq.runtime.vq_linear.VQLinear`)
+``tcq``         ``TCQ<rate>-GRAN`` bases (for ``+ip``): a QTIP-style bitshift trellis down each column
+                (:mod:`mixq.formats.composite.tcq_codebook`), RTN and column-exact GPTQ -> :class:`TCQQTensor`
+                (layer: :class:`~mixq.runtime.tcq_linear.TCQLinear`)
+``hooks``       :func:`quantize_layer`: the one dispatch from any spec (plain or composite) to its quantizer,
+                what ``quantize_model`` calls per layer; :func:`composite_weight` for the measurement driver
+"""
