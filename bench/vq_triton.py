@@ -48,7 +48,7 @@ def main():
     from mixq.algorithms.composite.vq import decode, spec_codebook
     from mixq.runtime.vq_linear import VQLinear
     from mixq.runtime.kernels.vq_triton import vq_linear_triton
-    from mixq.runtime.bitpack import pack
+    from mixq.formats.bitpack import pack
 
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)

@@ -27,7 +27,7 @@ from mixq.export.gguf import export_gguf, write_gguf
 from mixq.export.gguf_arch import gguf_tensor_name, rope_row_order
 from mixq.export.native_write import save_quantized
 from mixq.formats import dequantize, quantize
-from mixq.runtime.bitpack import PackedWeight
+from mixq.formats.bitpack import PackedWeight
 
 NEW = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL")
 BPW = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625, "IQ4_NL": 4.5}

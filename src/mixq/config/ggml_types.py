@@ -21,7 +21,7 @@ IQ4_NL: blocks of 32 with one fp16 ``d``, ``x = d * KVALUES_IQ4NL[c]`` (a fixed 
 
 What a quantized tensor stores (``QParams``, one row per super-block, ``rows_view`` order): ``scale``
 ``[R, 1 + nsub]`` = ``(d, sc_0 .. sc_{nsub-1})``, and for the affine types ``offset`` ``[R, 1 + nsub]`` =
-``(dmin, m_0 ..)``; the stored form (``runtime.bitpack``) is the fp16 ``d`` plus the sub-block integers at
+``(dmin, m_0 ..)``; the stored form (``formats.bitpack``) is the fp16 ``d`` plus the sub-block integers at
 their width, which is exactly what :meth:`stored` counts.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ A family is an :class:`ElementFormat` (subclass it and override what differs) re
 ``check(spec)``            its own validation (bits, scales, zero points), raising ValueError
 ``head(spec)`` / ``name``  its canonical name (``name`` returns a whole name for fixed formats: ``MXFP4``)
 ``stored(spec, shape)``    the tensors a ``[R, C]`` weight stores: name -> (bits per entry, shape); the exact
-                           bit cost (:meth:`cost`) is their sum, and ``runtime.bitpack`` stores the same params
+                           bit cost (:meth:`cost`) is their sum, and ``formats.bitpack`` stores the same params
 ``kernels``                which matmul kernels run it (``reference`` always: it dequantizes with ``fit/encode/decode``)
 ``export(spec, target)``   how an export target (a name in :data:`mixq.export.registry.EXPORTERS`) maps it:
                            :class:`Export` exact / approximate (with the approximation stated) / refused (with

@@ -7,7 +7,7 @@ Layout (format v2)::
                              tensors, size accounting ("storage"), sha256 + size of every file ("files")
       quantized.safetensors  per quantized layer, its PackedWeight tensors at their accounted size:
                                <fqn>.codes         uint8 [ceil(out*in*bits/8)]  codes bit-packed row-major,
-                                                   little-endian bit stream (mixq.runtime.bitpack)
+                                                   little-endian bit stream (mixq.formats.bitpack)
                                <fqn>.scale         fp16 | bf16 | fp32 [groups]; e8m0: uint8 exponents;
                                                    e4m3: float8_e4m3fn (relative to tensor_scale)
                                <fqn>.zero          asym int zero points, bit-packed at `bits` (uint8)

@@ -9,6 +9,8 @@
 ``kquant``     llama.cpp's K-quants (two-level super-block scales); ``iq4nl``: its IQ4_NL table
 ``mx``         scale storage: float, E8M0 (OCP MX), E4M3 block + fp32 tensor scale (NVFP4)
 ``act``        activation formats: ``parse_act_spec`` / W/A presets, ``fake_quant_act`` on ``[T, n]`` (not imported here)
+``bitpack``    b-bit code streams and params at their stored size, :class:`PackedWeight` (a QTensor at its accounted
+               size, what the runtime and the native directory hold; not imported here)
 
 Imports run one way: ``base`` -> ``integer`` / ``lut`` / ``floatgrid`` -> ``mx`` -> ``minifloat``; all use ``params``.
 """

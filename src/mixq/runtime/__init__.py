@@ -1,7 +1,8 @@
-"""Deployment runtime: bit-packed weights, ``QuantLinear`` and its kernels.
+"""Deployment runtime: ``QuantLinear`` and its kernels over bit-packed weights.
 
-``bitpack``   pack / unpack b-bit codes (1..8, little-endian bit stream), params in their stored
-              dtypes, :class:`PackedWeight` (a QTensor at its accounted size)
+The bit-packing itself (``pack`` / ``unpack``, ``pack_params`` / ``unpack_params``, :class:`PackedWeight`) is
+:mod:`mixq.formats.bitpack`; its names are also importable from here.
+
 ``qlinear``   :class:`QuantLinear` (packed buffers, kernel registry), :func:`quantize_to_qlinear`,
               :func:`install_qlinear` (from packed weights, e.g. a native checkpoint), :func:`memory_report`
 ``kernels``   ``reference`` (dequantize + F.linear, always) and fast paths checked against it
@@ -32,7 +33,7 @@ Activations and the KV cache in the forward pass (not imported here: they pull i
                  :func:`decode_logits` (prefill, then chunk by chunk through a cache)
 ``kv_sim``       an exact one-forward decode simulation of the KIVI cache (:func:`simulate_kivi`)
 """
-from .bitpack import (
+from ..formats.bitpack import (
     PARAM_FIELDS,
     PackedWeight,
     pack,

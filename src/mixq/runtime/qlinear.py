@@ -24,7 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..arch import get_weight, set_weight
 from ..formats import QTensor
-from .bitpack import PackedWeight, pack, packed_len
+from ..formats.bitpack import PackedWeight, pack, packed_len
 from .kernels import KERNELS, Kernel, canonical_name, pick_kernel, usable_kernels
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from ..algorithms.composite.vq import decode, spec_codebook
 from ..config.composite_families import VQ_KERNELS
+from ..formats.bitpack import unpack
 from ..formats.composite.scales import group_len
-from .bitpack import unpack
 from .packed_codes_linear import PackedCodesLinear
 
 LUT_MAX_TOKENS = 8

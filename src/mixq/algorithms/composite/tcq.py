@@ -25,7 +25,7 @@ import torch
 from ...config import BitCost, CompositeSpec
 from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
 from ...formats.composite.tcq_codebook import L, lut as tcq_lut, period, schedule, states, viterbi
-from ...runtime.bitpack import pack, unpack
+from ...formats.bitpack import pack, unpack
 from ..sweep import sweep
 
 SCALE_ITERS = 2

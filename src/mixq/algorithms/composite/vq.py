@@ -29,7 +29,7 @@ import torch
 from ...config import BitCost, CompositeSpec
 from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
 from ...formats.composite.vq_codebook import codebook, nearest
-from ...runtime.bitpack import pack, unpack
+from ...formats.bitpack import pack, unpack
 from ..sweep import sweep
 
 SCALE_ITERS = 3  # code / least-squares-scale alternations per group

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...config.composite import FP16_BITS, CompositeSpec, index_bits
-from ...runtime.bitpack import pack, unpack
+from ..bitpack import pack, unpack
 from .binary_tensor import BinaryQTensor
 from .scales import FLOAT_DTYPES
 

@@ -4,7 +4,7 @@
 :func:`pack_grid` / :func:`unpack_grid`: a :class:`~mixq.formats.composite.qtensor.CompositeQTensor` (a grid plus
 outliers, fp16 columns, SpQR scales, SLIM bits, dialects); :func:`pack_rows` / :func:`unpack_rows`: a
 :class:`~mixq.algorithms.composite.rows.RowSplitQTensor` (two :class:`~mixq.runtime.PackedWeight` tensor sets and the
-high rows).  Code streams use :func:`mixq.runtime.bitpack.pack` (LSB-first, row-major).
+high rows).  Code streams use :func:`mixq.formats.bitpack.pack` (LSB-first, row-major).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 from ...algorithms.composite.rows import RowSplitQTensor
 from ...config import CompositeSpec, family_of, index_bits
-from ...runtime.bitpack import PackedWeight, pack, unpack
 from .. import QParams
+from ..bitpack import PackedWeight, pack, unpack
 from .qtensor import CompositeQTensor
 from .scales import FLOAT_DTYPES
 from .sparse import CSR

@@ -5,7 +5,7 @@ are exactly the terms of its ``spec.cost(shape)`` (plus < 8 bits of byte padding
 family (:mod:`mixq.formats.composite.families`); :func:`~mixq.formats.composite.families.unpack_composite` rebuilds
 the stored parts from them, the spec and the shape, so that
 ``unpack_composite(pack_composite(q), q.spec, q.shape).dequantize()`` equals ``q.dequantize()`` bit for bit.  The
-built-in families store (code streams: :func:`mixq.runtime.bitpack.pack`, LSB-first, row-major; grids and ``+h``:
+built-in families store (code streams: :func:`mixq.formats.bitpack.pack`, LSB-first, row-major; grids and ``+h``:
 :mod:`mixq.formats.composite.grid_storage`):
 
 =====================  ==============================================================================
@@ -48,7 +48,7 @@ import torch
 
 from ...config import QuantSpec
 from ...config.registry import composite_of
-from ...runtime.bitpack import PackedWeight
+from ..bitpack import PackedWeight
 from .families import pack_composite, unpack_composite
 
 

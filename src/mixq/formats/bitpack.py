@@ -35,9 +35,10 @@ import torch
 
 from ..config import QuantSpec, family_of
 from ..config.protocol import PARAMS as PARAM_FIELDS
-from ..formats import QParams, QTensor, dequantize
-from ..formats.mx import block_scales_e4m3, e8m0_exponent
 from ..granularity import n_groups
+from .base import QTensor, dequantize
+from .mx import block_scales_e4m3, e8m0_exponent
+from .params import QParams
 
 _FLOAT_SCALE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _KEEP_INT = {16: torch.int16, 32: torch.int32}
