@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixq.algorithms.hadamard import dense, random_orthogonal_factors
+from mixq.hadamard import dense, random_orthogonal_factors
 from mixq.config import parse_spec
 from mixq.formats import fake_quantize
 from mixq.formats.act import fake_quant_act, parse_act_spec, parse_wa_preset

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixq.algorithms.hadamard import dense, hadamard, hadamard_orders, random_orthogonal_factors
+from mixq.hadamard import dense, hadamard, hadamard_orders, random_orthogonal_factors
 from mixq.algorithms.rotation import rotate_model
 from mixq.algorithms.transforms import input_rotation
 from mixq.api import quantize_model, resolve_specs

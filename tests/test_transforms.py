@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixq.algorithms.hadamard import random_orthogonal_factors
+from mixq.hadamard import random_orthogonal_factors
 from mixq.algorithms.transforms import (
     OnlineRotation,
     ScaledActivation,

@@ -6,7 +6,6 @@
 ``smoothquant``  activation → weight difficulty migration  ``smoothquant_scales``, ``smooth_model``
 ``rotation``     QuaRot residual-stream rotation           ``rotate_model``
 ``transforms``   the equivalence transforms AWQ/SmoothQuant/rotation fold into the model
-``hadamard``     Hadamard / random orthogonal matrices
 ``resq``         ResQ: a PCA subspace of each linear's input at 8 bits, the rest at 4 (``fit_resq``,
                  ``apply_resq``; it installs :mod:`mixq.runtime.act_quant` hooks, so it is not imported here)
 """

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .hadamard import dense, random_orthogonal_factors
+from ..hadamard import dense, random_orthogonal_factors
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec
 from ..runtime.act_quant import ActQuantHandle, input_stats, select_linears

@@ -12,7 +12,7 @@ and the fp model computes the same logits, while the activations and weights see
 quantizer are "incoherent": an outlier channel of ``h`` is spread over all channels.
 
 ``Q = H diag(±1)/√d`` is a randomised Hadamard matrix when one of order ``d`` can be built
-(:mod:`mixq.algorithms.hadamard`: Sylvester ⊗ Paley, e.g. SmolLM2's ``576 = 16·36``), else a
+(:mod:`mixq.hadamard`: Sylvester ⊗ Paley, e.g. SmolLM2's ``576 = 16·36``), else a
 Haar-random orthogonal matrix (QR of a seeded Gaussian).  With ``online_down`` the input of
 the MLP's output projection (the last residual writer of each block) is rotated as well:
 ``W_down ← W_down Q_d`` and a forward pre-hook computes ``z Q_d`` at run time
@@ -45,7 +45,7 @@ from torch import nn
 
 from ..arch import arch_for, get_blocks, get_weight, set_weight, untie_lm_head
 from ..arch_table import ArchInfo
-from .hadamard import dense, random_orthogonal_factors
+from ..hadamard import dense, random_orthogonal_factors
 from .transforms import OnlineRotation, attach_input_rotation
 
 log = logging.getLogger(__name__)

@@ -74,7 +74,7 @@ Exact cost of a ``[R, C]`` tensor (:meth:`CompositeSpec.cost`, every term an int
     TCQ       codes   R * C * rate           (R even at a half rate), scales as VQ (the table is fixed)
 
     +ip       the cost of the same spec without ``+ip`` plus 64 bits (the two 32-bit seeds of the transforms);
-              both R and C must be orders of a constructible Hadamard matrix (:mod:`mixq.algorithms.hadamard`)
+              both R and C must be orders of a constructible Hadamard matrix (:mod:`mixq.hadamard`)
 
 (percentages are read as the decimal written: ``0.45`` is exactly 45/10000).  Extensions combine
 (``W3-g16+sq3+o0.25`` is SpQR's full recipe) except ``+h``; the base must be a quantized grid with
@@ -240,7 +240,7 @@ class CompositeSpec(QuantSpec):
         """Exact bits of a ``[R, C]`` tensor (formulas in the module docstring)."""
         r, c = int(shape[0]), int(shape[1])
         if self.incoherent:
-            from ..algorithms.hadamard import hadamard_orders
+            from ..hadamard import hadamard_orders
 
             for n, side in ((c, "input"), (r, "output")):
                 if hadamard_orders(n) is None:

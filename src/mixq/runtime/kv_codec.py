@@ -33,7 +33,7 @@ Pre-RoPE keys (KVQuant, Hooper et al. 2024) — ``pre_rope``
 Rotation (QuaRot-style, for the cache) — ``rotate = "k" | "v" | "kv"``
     ``x̂ = Q(x·R)·Rᵀ`` with one fixed orthogonal ``R [D, D]``: a randomised Hadamard matrix
     ``H·diag(±1)/√D`` (seed 0; Haar-random orthogonal where no Hadamard matrix of order ``D`` is
-    built by :mod:`mixq.algorithms.hadamard`).  ``q·kᵀ = (q·R)(k·R)ᵀ``, so a fused kernel would keep
+    built by :mod:`mixq.hadamard`).  ``q·kᵀ = (q·R)(k·R)ᵀ``, so a fused kernel would keep
     ``k·R`` and rotate the query; here ``x̂`` is rotated back, which is the same up to float rounding.
     The matrix is a constant shared by all layers (not counted in the cache's bits).
 
@@ -187,7 +187,7 @@ def check_rope_convention(module) -> None:
 
 @lru_cache(maxsize=None)
 def _rotation64(d: int) -> torch.Tensor:
-    from ..algorithms.hadamard import dense, random_orthogonal_factors  # noqa: PLC0415
+    from ..hadamard import dense, random_orthogonal_factors  # noqa: PLC0415
 
     factors, signs, _ = random_orthogonal_factors(d, seed=0)
     return dense(factors, signs)

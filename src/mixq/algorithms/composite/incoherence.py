@@ -1,7 +1,7 @@
 """Incoherence processing (QuIP, QuIP#): quantize a weight seen through random Hadamard transforms.
 
 For ``W [R, C]`` and seeded orthogonal ``Q_in [C, C]``, ``Q_out [R, R]`` (:func:`transform`: a Kronecker
-product of normalised Hadamard factors times a random ±1 diagonal, :mod:`mixq.algorithms.hadamard`)::
+product of normalised Hadamard factors times a random ±1 diagonal, :mod:`mixq.hadamard`)::
 
     W'  = Q_out W Q_inᵀ           what is quantized (by the rest of the spec: any plain grid or composite)
     H'  = Q_in H Q_inᵀ            its input second moment (``x' = Q_in x``), for GPTQ
@@ -29,7 +29,7 @@ import torch
 
 from ...config import BitCost, CompositeSpec
 from ...config.composite import IP_SEED_BITS
-from ..hadamard import dense, random_orthogonal_factors
+from ...hadamard import dense, random_orthogonal_factors
 
 SEED_IN = 0x1F00
 SEED_OUT = 0x2F00

@@ -2,7 +2,7 @@
 
 What ``+ip`` layers apply to their input and output at every call
 (:func:`mixq.algorithms.composite.incoherence.rotate`), with the factors of
-:func:`mixq.algorithms.hadamard.random_orthogonal_factors`: a Sylvester factor (a power of two) runs
+:func:`mixq.hadamard.random_orthogonal_factors`: a Sylvester factor (a power of two) runs
 as in-place fast Walsh–Hadamard butterflies, ``m log₂ m`` additions for ``m`` elements, scaled once at the end;
 any other factor (a Paley order such as 36 or 12) as a small dense product along its axis, vectorised over the
 axes after it.  A 576-vector (36 · 16) costs ~22 k multiply-adds instead of the 332 k of the dense ``Q``, a
@@ -261,7 +261,7 @@ class KronPlan:
 
 def _is_sylvester(f: torch.Tensor) -> bool:
     """Whether the orthonormal factor ``f`` is the normalised Sylvester matrix of its order (butterflies apply)."""
-    from ...algorithms.hadamard import sylvester
+    from ...hadamard import sylvester
 
     m = f.shape[0]
     return bool(torch.allclose(f.double() * m ** 0.5, sylvester(m), atol=1e-6))
