@@ -22,8 +22,9 @@ import time
 import torch
 from common import RESULTS, git_rev, header, machine
 
+from mixq.algorithms.composite import tcq_search as ts
+from mixq.algorithms.composite.vq_search import _lloyd_max_1d, mse as vq_mse
 from mixq.formats.composite import tcq_codebook as tc
-from mixq.formats.composite.vq_codebook import _lloyd_max_1d, mse as vq_mse
 
 RATES = (2, 2.5, 3, 3.5, 4)
 
@@ -37,18 +38,18 @@ def _lloyd_max_mse(bits: int) -> float:
 
 def _search_ns(rate, table, L) -> float:
     x = torch.randn(256, 512, generator=torch.Generator().manual_seed(3))
-    tc.viterbi(x[:4], None, rate, table, L)
+    ts.viterbi(x[:4], None, rate, table, L)
     t = time.perf_counter()
-    tc.viterbi(x, None, rate, table, L)
+    ts.viterbi(x, None, rate, table, L)
     return (time.perf_counter() - t) / x.numel() * 1e9
 
 
 def gaussian_rows() -> list[dict]:
     rows = []
     for r in RATES:
-        t10 = tc.generate(r, 10)
+        t10 = ts.generate(r, 10)
         rows.append({"rate": r, "lloyd_max": _lloyd_max_mse(r) if r == int(r) else None,
-                     "vq2": vq_mse(2, int(2 * r)), "tcq_L8": tc.mse(r), "tcq_L10": tc.mse(r, table=t10),
+                     "vq2": vq_mse(2, int(2 * r)), "tcq_L8": ts.mse(r), "tcq_L10": ts.mse(r, table=t10),
                      "bound": 2.0 ** (-2 * r), "ns_L8": _search_ns(r, tc.lut(r), 8), "ns_L10": _search_ns(r, t10, 10)})
         print(rows[-1], flush=True)
     return rows

@@ -25,7 +25,7 @@ from mixq.algorithms.composite.hooks import quantize_layer  # per-layer errors (
 from mixq.algorithms.composite.incoherence import rotate, rotate_weight, seeds_for
 from mixq.formats.composite.scales import group_len
 from mixq.algorithms.composite.vq import fit_scales, quantize_vq, spec_codebook
-from mixq.formats.composite.vq_codebook import nearest
+from mixq.algorithms.composite.vq_search import nearest
 
 VARIANTS = ["W2-g64-asym+ip", "VQ2-g64+ip", "VQ2x4-g64+ip", "VQ2.5-g64+ip", "learned:VQ2.5-g64+ip",
             "W3-g64", "VQ3-g64", "W3-g64+ip", "NF3-g64+ip", "VQ3-g64+ip", "VQ3-channel+ip", "VQ3.5-g64+ip",

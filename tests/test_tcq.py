@@ -14,10 +14,11 @@ from mixq.formats.composite.families import make_layer, pack_composite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.runtime.composite_linear import IncoherentLinear
 from mixq.algorithms.composite.tcq import TCQQTensor, pack_tcq, quantize_tcq, unpack_tcq
+from mixq.algorithms.composite import tcq_search as ts
 from mixq.formats.composite import tcq_codebook as tc
 from mixq.runtime.kernels import tcq_cpu
 from mixq.runtime.tcq_linear import TCQLinear
-from mixq.formats.composite.vq_codebook import mse as vq_mse
+from mixq.algorithms.composite.vq_search import mse as vq_mse
 from mixq.algorithms.composite.vq import quantize_vq
 
 # sha256 of the fp16 bytes of each committed table: a changed table would change every stored model's decoding
@@ -64,11 +65,11 @@ def test_tables_pinned_reproducible_and_better_than_vq():
         assert hashlib.sha256(bytes.fromhex(tc.to_hex(tc.lut(key)))).hexdigest() == digest
     # the committed tables are what their definition computes, up to the search's float rounding (they were made
     # by an earlier build of the native search): the same MSE to 0.5 %, every entry within 0.05
-    fresh = tc.generate(3)
-    assert abs(tc.mse(3, table=fresh) / tc.mse(3) - 1) < 5e-3 and float((fresh - tc.lut(3)).abs().max()) < 0.05
+    fresh = ts.generate(3)
+    assert abs(ts.mse(3, table=fresh) / ts.mse(3) - 1) < 5e-3 and float((fresh - tc.lut(3)).abs().max()) < 0.05
     for r in (2, 2.5, 3, 3.5, 4):  # the trellis beats the 2-D codebook of the same rate by >= 10 % in MSE
-        assert tc.mse(r) < 0.9 * vq_mse(2, int(2 * r)), r
-        assert tc.mse(r) > 2 ** (-2 * r)  # and cannot beat the Gaussian distortion-rate bound
+        assert ts.mse(r) < 0.9 * vq_mse(2, int(2 * r)), r
+        assert ts.mse(r) > 2 ** (-2 * r)  # and cannot beat the Gaussian distortion-rate bound
 
 
 def test_schedule_and_states():
@@ -94,14 +95,14 @@ def test_viterbi_is_optimal_and_native_matches_torch(rate):
     g = torch.Generator().manual_seed(1)
     lut = tc.lut(rate)
     x, w = torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g) + 0.1
-    bits, vals, cost = tc.viterbi_torch(x, w, tc.schedule(rate, 4), lut)
+    bits, vals, cost = ts.viterbi_torch(x, w, tc.schedule(rate, 4), lut)
     for n in range(3):  # exhaustive search over every bit string of 4 steps
         assert cost[n].item() == pytest.approx(_brute(x[n], w[n], rate, lut), rel=1e-5)
         assert torch.equal(vals[n], lut[tc.states(bits[n:n + 1], tc.schedule(rate, 4))[0]])
     if tcq_cpu.available():
         X, Wt = torch.randn(16, 200, generator=g), torch.rand(16, 200, generator=g) + 0.1
-        b1, v1, c1 = tc.viterbi(X, Wt, rate, lut)
-        b2, v2, c2 = tc.viterbi_torch(X, Wt, tc.schedule(rate, 200), lut)
+        b1, v1, c1 = ts.viterbi(X, Wt, rate, lut)
+        b2, v2, c2 = ts.viterbi_torch(X, Wt, tc.schedule(rate, 200), lut)
         torch.testing.assert_close(c1, c2, rtol=1e-4, atol=1e-4)
         assert (b1 == b2).float().mean() > 0.99  # the same path up to float ties
         assert torch.equal(v1, lut[tc.states(b1, tc.schedule(rate, 200))])

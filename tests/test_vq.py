@@ -16,7 +16,8 @@ from mixq.formats.composite.storage import PackedComposite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.algorithms.composite.incoherence import IncoherentQTensor
 from mixq.algorithms.composite.vq import VQQTensor, decode, quantize_vq
-from mixq.formats.composite.vq_codebook import _lloyd_max_1d, available, codebook, generate, mse, nearest, to_hex
+from mixq.algorithms.composite.vq_search import _lloyd_max_1d, generate, mse, nearest
+from mixq.formats.composite.vq_codebook import available, codebook, to_hex
 from mixq.runtime.kernels import vq_cpu
 from mixq.runtime.vq_linear import VQLinear
 

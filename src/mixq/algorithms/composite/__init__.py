@@ -18,6 +18,9 @@ layers and kernels in :mod:`mixq.runtime`; the ``intra`` / ``default+intra`` can
 ``tcq``         ``TCQ<rate>-GRAN`` bases (for ``+ip``): a QTIP-style bitshift trellis down each column
                 (:mod:`mixq.formats.composite.tcq_codebook`), RTN and column-exact GPTQ -> :class:`TCQQTensor`
                 (layer: :class:`~mixq.runtime.tcq_linear.TCQLinear`)
+``vq_search``   the VQ codebooks' nearest-entry search (native C: :mod:`mixq.runtime.kernels.vq_cpu`) and how the
+                committed codebooks are made (Lloyd); ``tcq_search``: the trellis's Viterbi search (native C:
+                :mod:`mixq.runtime.kernels.tcq_cpu`) and how its tables are trained
 ``hooks``       :func:`quantize_layer`: the one dispatch from any spec (plain or composite) to its quantizer,
                 what ``quantize_model`` calls per layer; :func:`composite_weight` for the measurement driver
 """

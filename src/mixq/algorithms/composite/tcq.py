@@ -1,5 +1,5 @@
-"""Trellis-coded bases (``TCQ<rate>-GRAN``, meant for ``+ip``): RTN and GPTQ/LDLQ with the Viterbi search of
-:mod:`mixq.formats.composite.tcq_codebook`.
+"""Trellis-coded bases (``TCQ<rate>-GRAN``, meant for ``+ip``): RTN and GPTQ/LDLQ with the Viterbi search
+(:mod:`mixq.algorithms.composite.tcq_search`) through the trellis of :mod:`mixq.formats.composite.tcq_codebook`.
 
 Each **column** ``j`` of ``W [R, C]`` is one trellis sequence, top row first: its ``R`` weights divided by their
 row's group scale are the targets, and ``R · rate`` bits encode them (state ``s_t``, value ``lut[s_t]``)::
@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from ...config import BitCost, CompositeSpec
-from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
-from ...formats.composite.tcq_codebook import L, lut as tcq_lut, period, schedule, states, viterbi
 from ...formats.bitpack import pack, unpack
+from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
+from ...formats.composite.tcq_codebook import L, lut as tcq_lut, period, schedule, states
 from ..sweep import sweep
+from .tcq_search import viterbi
 
 SCALE_ITERS = 2
 

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import torch
 
 from ...config import BitCost, CompositeSpec
-from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
-from ...formats.composite.vq_codebook import codebook, nearest
 from ...formats.bitpack import pack, unpack
+from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
+from ...formats.composite.vq_codebook import codebook
 from ..sweep import sweep
+from .vq_search import nearest
 
 SCALE_ITERS = 3  # code / least-squares-scale alternations per group
 

@@ -12,10 +12,10 @@ kernels in ``runtime/kernels``).  Nothing is imported here: import each name fro
 ``second_level``  second-level scales (SpQR)
 ``binary_tensor`` :class:`BinaryQTensor` (BiLLM / PB-LLM binarization), stored by ``binary_storage``
 ``scales``        the codebook and sign bases' (VQ, TCQ, BIN) scale dtypes, group lengths and scale rounding
-``vq_codebook``   fixed Gaussian-optimal codebooks of ``VQ`` bases and the nearest-entry search; committed in
-                  ``vq_tables``
-``tcq_codebook``  the bitshift trellis of ``TCQ`` bases, its trained tables (committed in ``tcq_tables``) and the
-                  Viterbi search (native C: :mod:`mixq.runtime.kernels.tcq_cpu`)
+``vq_codebook``   fixed Gaussian-optimal codebooks of ``VQ`` bases, committed in ``vq_tables`` (made, and searched,
+                  by :mod:`mixq.algorithms.composite.vq_search`)
+``tcq_codebook``  the bitshift trellis of ``TCQ`` bases and its trained tables, committed in ``tcq_tables`` (trained,
+                  and searched with Viterbi, by :mod:`mixq.algorithms.composite.tcq_search`)
 ``families``      the composite families' implementations (:func:`~mixq.formats.composite.families.impl`:
                   quantize, pack, unpack, layer; a registered :class:`~mixq.config.CompositeFormat` brings its own):
                   :func:`pack_composite` / :func:`unpack_composite` (bit-packed at the accounted size; grids and

@@ -1,5 +1,5 @@
 """Committed lookup tables of the ``TCQ`` trellis (:mod:`mixq.formats.composite.tcq_codebook`): ``2^8`` fp16 values
-per rate, little-endian hex, keyed by the rate (``"5/2"`` = 2.5 bits a weight).  Written by ``tcq_codebook.generate``; a
+per rate, little-endian hex, keyed by the rate (``"5/2"`` = 2.5 bits a weight).  Written by ``algorithms.composite.tcq_search.generate``; a
 table never changes once models are stored with it (``tests/test_tcq.py`` pins a checksum)."""
 
 TABLES = {

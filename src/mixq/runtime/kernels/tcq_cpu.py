@@ -18,7 +18,7 @@ vector lane, with a gather for each lane's symbols (every few rows) and one for 
 2-2.5x faster than the scalar path on one EPYC thread.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
-works, and the callers fall back to torch (:func:`mixq.formats.composite.tcq_codebook.viterbi_torch`, dequantize +
+works, and the callers fall back to torch (:func:`mixq.algorithms.composite.tcq_search.viterbi_torch`, dequantize +
 dense GEMM).
 """
 from __future__ import annotations

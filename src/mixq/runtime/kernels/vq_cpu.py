@@ -74,7 +74,7 @@ void vq_gemv(const float* x, const uint8_t* codes, const float* scale, const flo
 }
 
 /* nearest codebook row for each of N points: argmin_k |c_k|^2 - 2 x.c_k (the first k on ties), as
-   vq_codebook.nearest computes it in torch */
+   vq_search.nearest computes it in torch */
 void vq_nearest(const float* x, const float* C, const float* cn, int64_t* out, int N, int K, int D) {
   #pragma omp parallel for schedule(static) if (N >= 4096)
   for (int n = 0; n < N; n++) {
@@ -144,7 +144,7 @@ def available() -> bool:
 
 def nearest(x: torch.Tensor, C: torch.Tensor) -> torch.Tensor | None:
     """int64 ``[N]``: the nearest row of ``C [K, d]`` for every row of ``x [N, d]`` (float32, CPU), or None when the
-    kernel is not available (:func:`mixq.formats.composite.vq_codebook.nearest` then searches in torch)."""
+    kernel is not available (:func:`mixq.algorithms.composite.vq_search.nearest` then searches in torch)."""
     lib = _lib()
     if lib is None or x.device.type != "cpu":
         return None
