@@ -24,7 +24,8 @@ from mixq.config import parse_spec
 from mixq.algorithms.composite.hooks import quantize_layer  # per-layer errors (the unit here): no stage works per layer
 from mixq.algorithms.composite.incoherence import rotate, rotate_weight, seeds_for
 from mixq.formats.composite.scales import group_len
-from mixq.algorithms.composite.vq import fit_scales, quantize_vq, spec_codebook
+from mixq.algorithms.composite.vq import fit_scales, quantize_vq
+from mixq.formats.composite.vq_storage import spec_codebook
 from mixq.algorithms.composite.vq_search import nearest
 
 VARIANTS = ["W2-g64-asym+ip", "VQ2-g64+ip", "VQ2x4-g64+ip", "VQ2.5-g64+ip", "learned:VQ2.5-g64+ip",

@@ -45,7 +45,7 @@ def main():
     from mixq.config import parse_spec
     from mixq.formats.composite.storage import PackedComposite
     from mixq.formats.composite.scales import group_len
-    from mixq.algorithms.composite.vq import decode, spec_codebook
+    from mixq.formats.composite.vq_storage import decode, spec_codebook
     from mixq.runtime.vq_linear import VQLinear
     from mixq.runtime.kernels.vq_triton import vq_linear_triton
     from mixq.formats.bitpack import pack

@@ -13,7 +13,8 @@ from mixq.formats.composite.storage import PackedComposite
 from mixq.formats.composite.families import make_layer, pack_composite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.runtime.composite_linear import IncoherentLinear
-from mixq.algorithms.composite.tcq import TCQQTensor, pack_tcq, quantize_tcq, unpack_tcq
+from mixq.algorithms.composite.tcq import quantize_tcq
+from mixq.formats.composite.tcq_storage import TCQQTensor, pack_tcq, unpack_tcq
 from mixq.algorithms.composite import tcq_search as ts
 from mixq.formats.composite import tcq_codebook as tc
 from mixq.runtime.kernels import tcq_cpu
@@ -153,7 +154,7 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
     for every rate, grouped scales, several tokens and uneven thread splits; a stream with too little padding for
     the vector loads (2 bytes), or groups not a multiple of 8 columns (the last case), run the scalar path."""
     from mixq.formats.composite.scales import group_len
-    from mixq.algorithms.composite.tcq import STATE_BITS, stream_layout
+    from mixq.formats.composite.tcq_storage import STATE_BITS, stream_layout
     from mixq.formats.composite.tcq_codebook import lut
 
     spec = parse_spec(name)

@@ -15,7 +15,8 @@ from mixq.config import CompositeSpec, parse_spec
 from mixq.formats.composite.storage import PackedComposite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.algorithms.composite.incoherence import IncoherentQTensor
-from mixq.algorithms.composite.vq import VQQTensor, decode, quantize_vq
+from mixq.algorithms.composite.vq import quantize_vq
+from mixq.formats.composite.vq_storage import VQQTensor, decode
 from mixq.algorithms.composite.vq_search import _lloyd_max_1d, generate, mse, nearest
 from mixq.formats.composite.vq_codebook import available, codebook, to_hex
 from mixq.runtime.kernels import vq_cpu
@@ -201,7 +202,7 @@ from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.formats.composite.storage import PackedComposite
 from mixq.runtime.vq_linear import VQLinear
 from mixq.formats.composite.scales import group_len
-from mixq.algorithms.composite.vq import spec_codebook
+from mixq.formats.composite.vq_storage import spec_codebook
 from mixq.runtime.kernels.vq_triton import vq_linear_triton
 out = []
 # g32: a group per 32-wide K tile; channel: one scale per tile row; g48: scales gathered per element;

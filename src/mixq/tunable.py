@@ -15,10 +15,10 @@ from torch import nn
 
 from . import formats
 from .algorithms.composite.incoherence import IncoherentQTensor, rotate, unrotate_weight
-from .algorithms.composite.tcq import TCQQTensor, apply_scale
-from .algorithms.composite.vq import VQQTensor, decode as vq_decode, spec_codebook
 from .formats import QParams, QTensor
 from .formats.composite.scales import group_len
+from .formats.composite.tcq_storage import TCQQTensor, apply_scale
+from .formats.composite.vq_storage import VQQTensor, decode as vq_decode, spec_codebook
 from .granularity import rows_view
 
 FLOAT_SCALES = ("fp16", "bf16", "fp32")

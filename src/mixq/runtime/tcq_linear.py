@@ -1,5 +1,5 @@
-"""``TCQLinear``: a linear layer holding a trellis-coded weight (:mod:`mixq.algorithms.composite.tcq`) in its stored
-form.
+"""``TCQLinear``: a linear layer holding a trellis-coded weight (:mod:`mixq.formats.composite.tcq_storage`) in its
+stored form.
 
 ``tcq-reference``  unpack the symbol stream, walk the states, ``Ŵ = s · lut[state]``, ``F.linear``: defines the
                    result
@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..algorithms.composite.tcq import STATE_BITS, stream_layout, unpack_tcq
 from ..config.composite_families import TCQ_KERNELS
 from ..formats.composite.scales import group_len
 from ..formats.composite.tcq_codebook import lut as tcq_lut
+from ..formats.composite.tcq_storage import STATE_BITS, stream_layout, unpack_tcq
 from .packed_codes_linear import PackedCodesLinear
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)

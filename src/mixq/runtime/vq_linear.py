@@ -1,10 +1,10 @@
-"""``VQLinear``: a linear layer holding a VQ weight (:mod:`mixq.algorithms.composite.vq`) in its stored form, three
+"""``VQLinear``: a linear layer holding a VQ weight (:mod:`mixq.formats.composite.vq_storage`) in its stored form, three
 kernels.
 
 Weight ``Ŵ[r, v·d : (v+1)·d] = s[r, g(v)] · B[code[r, v]]`` (``B [K, d]`` the fixed codebook, ``P = C/d`` vectors
 per row, groups of ``N/d`` vectors).
 
-``vq-reference``  unpack the bit stream, decode ``Ŵ`` (:func:`mixq.algorithms.composite.vq.decode`), ``F.linear``:
+``vq-reference``  unpack the bit stream, decode ``Ŵ`` (:func:`mixq.formats.composite.vq_storage.decode`), ``F.linear``:
                   defines the result, holds only the packed bits
 ``vq-lut``        (CPU, ``M <= LUT_MAX_TOKENS`` rows) the codebook-product table of the input::
 
@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..algorithms.composite.vq import decode, spec_codebook
 from ..config.composite_families import VQ_KERNELS
 from ..formats.bitpack import unpack
 from ..formats.composite.scales import group_len
+from ..formats.composite.vq_storage import decode, spec_codebook
 from .packed_codes_linear import PackedCodesLinear
 
 LUT_MAX_TOKENS = 8

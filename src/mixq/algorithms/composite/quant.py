@@ -70,7 +70,7 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     hinv_chol  :func:`mixq.algorithms.gptq.prepare_hessian` of ``H`` to reuse across specs (natural order)
     row_weight optional ``[R]`` output-gradient energy ``G``: weights the choice of ``+h`` rows
     Returns ``(stored parts, Ŵ float32)``; for ``+h`` specs the parts are a
-    :class:`~mixq.algorithms.composite.rows.RowSplitQTensor`, for ``BIN`` bases a
+    :class:`~mixq.formats.composite.rows_tensor.RowSplitQTensor`, for ``BIN`` bases a
     :class:`~mixq.formats.composite.binary_tensor.BinaryQTensor`.
     """
     spec = parse_spec(spec)

@@ -15,56 +15,16 @@ loss-based salience), else 1; without ``H`` the row norm ``‖ΔW_o‖²`` repla
 *Global* ranking across layers (MixLLM) is what the allocator does with candidates of several
 percentages (``+h5``, ``+h10``, ``+h20``): the exact knapsack picks each layer's share of high rows
 under one budget, i.e. a global threshold on gain per bit, in steps of the offered percentages.
+The stored parts: :class:`~mixq.formats.composite.rows_tensor.RowSplitQTensor`.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from ... import formats
-from ...config import BitCost
-from ...config import CompositeSpec, index_bits
-from ...formats import QTensor
+from ...config import CompositeSpec
+from ...formats.composite.rows_tensor import RowSplitQTensor
 from ..gptq import gptq_quantize
-
-
-@dataclass
-class RowSplitQTensor:
-    """``hi_rows`` (int64 ascending) at ``hi.spec``; the other rows, in order, at ``lo.spec``."""
-
-    spec: CompositeSpec
-    shape: tuple[int, int]
-    hi_rows: torch.Tensor
-    lo: QTensor | None
-    hi: QTensor | None
-    proxy_loss: float | None = None
-
-    def cost(self) -> BitCost:
-        return self.spec.cost(self.shape)
-
-    def lo_rows(self) -> torch.Tensor:
-        keep = torch.ones(self.shape[0], dtype=torch.bool)
-        keep[self.hi_rows] = False
-        return keep.nonzero().flatten()
-
-    def dequantize(self) -> torch.Tensor:
-        W = torch.zeros(self.shape)
-        if self.lo is not None:
-            W[self.lo_rows()] = formats.dequantize(self.lo)
-        if self.hi is not None:
-            W[self.hi_rows] = formats.dequantize(self.hi)
-        return W
-
-    def stored_bits(self) -> int:
-        R = self.shape[0]
-        bits = self.hi_rows.numel() * index_bits(R)
-        for q in (self.lo, self.hi):
-            if q is not None:
-                if int(q.codes.max()) >= 2**q.spec.bits:
-                    raise ValueError("codes wider than their spec")
-                bits += q.cost().total
-        return bits
 
 
 def select_hi_rows(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None,

@@ -14,65 +14,22 @@ minimizes for a scalar grid -- and GPTQ's sweep (:func:`mixq.algorithms.sweep.sw
 Scales (``fit_scales``): from each row's RMS over the group (the table is trained for unit variance), then the
 least-squares scale on the decoded values, ``SCALE_ITERS`` passes, keeping the pass of least error.  Under GPTQ a
 group's scales are fitted when its first column is reached, on the weights as updated so far.
-Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.
+Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.  The stored parts
+(:class:`~mixq.formats.composite.tcq_storage.TCQQTensor`), their decoding and packing:
+:mod:`mixq.formats.composite.tcq_storage`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ...config import BitCost, CompositeSpec
-from ...formats.bitpack import pack, unpack
-from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
-from ...formats.composite.tcq_codebook import L, lut as tcq_lut, period, schedule, states
+from ...config import CompositeSpec
+from ...formats.composite.scales import group_len, round_scale
+from ...formats.composite.tcq_codebook import lut as tcq_lut
+from ...formats.composite.tcq_storage import TCQQTensor, apply_scale, unit_values
 from ..sweep import sweep
 from .tcq_search import viterbi
 
 SCALE_ITERS = 2
-
-
-
-@dataclass
-class TCQQTensor:
-    """Stored parts of a TCQ weight: ``bits`` uint8 ``[C, R]`` (the bits each step appended, column-major),
-    ``scale`` float32 ``[R, G]`` (values exact in the scale dtype)."""
-
-    spec: CompositeSpec
-    shape: tuple[int, int]
-    bits: torch.Tensor
-    scale: torch.Tensor
-    proxy_loss: float | None = None
-
-    def cost(self) -> BitCost:
-        return self.spec.cost(self.shape)
-
-    def stored_bits(self) -> int:
-        """The bits the stored parts hold: each column's steps (their widths from the schedule) and the scales."""
-        from ...config.protocol import SCALE_BITS
-
-        steps = int(schedule(self.spec.tcq_rate, self.bits.shape[1]).sum(dtype=torch.int64))
-        return self.bits.shape[0] * steps + self.scale.numel() * SCALE_BITS[self.spec.scale_dtype]
-
-    def unit(self) -> torch.Tensor:
-        """float32 ``[R, C]``: the table values before the scales."""
-        return unit_values(self.bits, self.spec)
-
-    def dequantize(self) -> torch.Tensor:
-        """float32 ``[R, C]`` (the reference decode)."""
-        return apply_scale(self.unit(), self.scale, group_len(self.spec, self.shape[1]))
-
-
-def unit_values(bits: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
-    C, R = bits.shape
-    rate = spec.tcq_rate
-    return tcq_lut(rate)[states(bits, schedule(rate, R))].T.contiguous()
-
-
-def apply_scale(U: torch.Tensor, scale: torch.Tensor, glen: int) -> torch.Tensor:
-    R, C = U.shape
-    return (U.reshape(R, -1, glen) * scale.float()[:, :, None]).reshape(R, C)
-
 
 
 def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
@@ -153,46 +110,3 @@ def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol, scale_iters):
 
     sweep(Wk, U.float(), round_column, block_size=block_size)
     return bits, scale, apply_scale(unit_values(bits, spec), scale, glen)
-
-
-# ---------------------------------------------------------------------------------------------- storage
-def symbols(bits: torch.Tensor, spec: CompositeSpec) -> tuple[torch.Tensor, int]:
-    """``(symbols uint8 [C, R/P], width)``: each period's steps as one ``P · rate``-bit symbol, first step high."""
-    p = period(spec.tcq_rate)
-    if len(p) == 1:
-        return bits, p[0]
-    b = bits.reshape(bits.shape[0], -1, 2)
-    return ((b[..., 0] << p[1]) | b[..., 1]).to(torch.uint8), p[0] + p[1]
-
-
-def _from_symbols(sym: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
-    p = period(spec.tcq_rate)
-    if len(p) == 1:
-        return sym
-    return torch.stack([sym >> p[1], sym & ((1 << p[1]) - 1)], -1).reshape(sym.shape[0], -1).to(torch.uint8)
-
-
-def pack_tcq(qt: TCQQTensor) -> dict[str, torch.Tensor]:
-    """``tcq.codes``: the column-major symbol stream bit-packed (LSB-first); ``scale`` ``[R, G]`` in the scale
-    dtype.  Exactly the accounted bits, plus < 8 bits of padding."""
-    sym, width = symbols(qt.bits, qt.spec)
-    return {"tcq.codes": pack(sym.contiguous(), width),
-            "scale": qt.scale.to(FLOAT_DTYPES[qt.spec.scale_dtype]).contiguous()}
-
-
-def unpack_tcq(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> TCQQTensor:
-    R, C = int(shape[0]), int(shape[1])
-    p = period(spec.tcq_rate)
-    width = sum(p)
-    sym = unpack(t["tcq.codes"], width, C * R // len(p)).reshape(C, R // len(p))
-    scale = t["scale"].float().reshape(R, C // group_len(spec, C))
-    return TCQQTensor(spec, (R, C), _from_symbols(sym, spec), scale)
-
-
-def stream_layout(spec: CompositeSpec) -> tuple[int, int, int]:
-    """``(P rows a symbol, symbol bits, bits of a symbol's second step)`` for the CPU kernel; ``L`` the state bits."""
-    p = period(spec.tcq_rate)
-    return len(p), sum(p), p[1] if len(p) == 2 else 0
-
-
-STATE_BITS = L

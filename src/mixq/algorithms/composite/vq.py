@@ -18,61 +18,21 @@ diagonal block of the vector's columns ``J``::
     W_rest -= E · U[J, rest]                        (lazily per block of ``block_size`` columns, as GPTQ)
 
 and a group's scale is fitted when its first column is reached, on the weights as updated so far.
-Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` code bits plus ``R · G`` fp16 scales.
+Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` code bits plus ``R · G`` fp16 scales.  The stored parts
+(:class:`~mixq.formats.composite.vq_storage.VQQTensor`), their decoding and packing:
+:mod:`mixq.formats.composite.vq_storage`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ...config import BitCost, CompositeSpec
-from ...formats.bitpack import pack, unpack
-from ...formats.composite.scales import FLOAT_DTYPES, group_len, round_scale
-from ...formats.composite.vq_codebook import codebook
+from ...config import CompositeSpec
+from ...formats.composite.scales import group_len, round_scale
+from ...formats.composite.vq_storage import VQQTensor, decode, spec_codebook
 from ..sweep import sweep
 from .vq_search import nearest
 
 SCALE_ITERS = 3  # code / least-squares-scale alternations per group
-
-
-
-def spec_codebook(spec: CompositeSpec) -> torch.Tensor:
-    """``[2^k, d]`` float32: the codebook of a VQ spec."""
-    return codebook(spec.vq_dim, spec.vq_bits)
-
-
-@dataclass
-class VQQTensor:
-    """Stored parts of a VQ weight: ``codes`` uint8 ``[R, C/d]``, ``scale`` float32 ``[R, G]`` (values exact in
-    the scale dtype)."""
-
-    spec: CompositeSpec
-    shape: tuple[int, int]
-    codes: torch.Tensor
-    scale: torch.Tensor
-    proxy_loss: float | None = None
-
-    def cost(self) -> BitCost:
-        return self.spec.cost(self.shape)
-
-    def stored_bits(self) -> int:
-        from ...config.protocol import SCALE_BITS
-
-        return self.codes.numel() * self.spec.vq_bits + self.scale.numel() * SCALE_BITS[self.spec.scale_dtype]
-
-    def dequantize(self) -> torch.Tensor:
-        """float32 ``[R, C]`` (the reference decode: codebook gather, times the group scale)."""
-        return decode(self.codes, self.scale, spec_codebook(self.spec), group_len(self.spec, self.shape[1]))
-
-
-def decode(codes: torch.Tensor, scale: torch.Tensor, B: torch.Tensor, glen: int) -> torch.Tensor:
-    """``Ŵ [R, C]`` float32 from ``codes [R, C/d]``, ``scale [R, G]`` and the codebook ``B [K, d]``."""
-    R, nv = codes.shape
-    d = B.shape[1]
-    W = B[codes.long()].reshape(R, nv * d)
-    return (W.reshape(R, -1, glen) * scale.float()[:, :, None]).reshape(R, nv * d)
-
 
 
 def fit_scales(Wg: torch.Tensor, B: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
@@ -157,20 +117,3 @@ def _gptq(W0, H, B, spec, glen, damp, block_size, hinv_chol):
 
     sweep(Wk, U, round_vector, block_size=block_size, width=d, single_thread=False)
     return codes, scale, Q
-
-
-# ---------------------------------------------------------------------------------------------- storage
-def pack_vq(qt: VQQTensor) -> dict[str, torch.Tensor]:
-    """``vq.codes``: the codes bit-packed at ``k`` bits (LSB-first, row-major); ``scale`` ``[R, G]`` in the scale
-    dtype.  Exactly the accounted bits, plus < 8 bits of padding."""
-    return {"vq.codes": pack(qt.codes.contiguous(), qt.spec.vq_bits),
-            "scale": qt.scale.to(FLOAT_DTYPES[qt.spec.scale_dtype]).contiguous()}
-
-
-def unpack_vq(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int, int]) -> VQQTensor:
-    R, C = int(shape[0]), int(shape[1])
-    nv = C // spec.vq_dim
-    codes = unpack(t["vq.codes"], spec.vq_bits, R * nv).reshape(R, nv).to(torch.uint8)
-    G = C // group_len(spec, C)
-    scale = t["scale"].float().reshape(R, G)
-    return VQQTensor(spec, (R, C), codes, scale)

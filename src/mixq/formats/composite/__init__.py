@@ -11,6 +11,9 @@ kernels in ``runtime/kernels``).  Nothing is imported here: import each name fro
 ``dialects``      BlockDialect-style per-block level tables (``+dD``)
 ``second_level``  second-level scales (SpQR)
 ``binary_tensor`` :class:`BinaryQTensor` (BiLLM / PB-LLM binarization), stored by ``binary_storage``
+``rows_tensor``   :class:`RowSplitQTensor` (MixLLM ``+h`` rows), stored by ``grid_storage``
+``vq_storage``    :class:`VQQTensor` (``VQ`` bases): decoding through the codebook, ``pack_vq`` / ``unpack_vq``
+``tcq_storage``   :class:`TCQQTensor` (``TCQ`` bases): decoding through the trellis, ``pack_tcq`` / ``unpack_tcq``
 ``scales``        the codebook and sign bases' (VQ, TCQ, BIN) scale dtypes, group lengths and scale rounding
 ``vq_codebook``   fixed Gaussian-optimal codebooks of ``VQ`` bases, committed in ``vq_tables`` (made, and searched,
                   by :mod:`mixq.algorithms.composite.vq_search`)
@@ -23,9 +26,7 @@ kernels in ``runtime/kernels``).  Nothing is imported here: import each name fro
 ``storage``       :class:`PackedComposite` (what the native directory stores), :func:`stored_form` (it or
                   :class:`~mixq.runtime.PackedWeight`, by spec), :func:`pack_layer`
 
-Four stored tensors stay in the module of their quantizer, in :mod:`mixq.algorithms.composite`:
-:class:`RowSplitQTensor` (``rows``; packed by ``grid_storage``), :class:`IncoherentQTensor` (``incoherence``; packed
-by ``families``), :class:`VQQTensor` (``vq``) and :class:`TCQQTensor` (``tcq``), the last two with their
-``pack_vq`` / ``unpack_vq``, ``pack_tcq`` / ``unpack_tcq``.  So ``families`` and ``grid_storage`` import those
-modules: this package is not below :mod:`mixq.algorithms.composite` in the import graph.
+One stored tensor stays in the module of its quantizer, in :mod:`mixq.algorithms.composite`:
+:class:`IncoherentQTensor` (``incoherence``; packed by ``families``).  So ``families`` imports that module: this
+package is not below :mod:`mixq.algorithms.composite` in the import graph.
 """

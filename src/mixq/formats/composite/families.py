@@ -24,13 +24,13 @@ import torch
 
 from ...algorithms.composite.incoherence import IncoherentQTensor, quantize_incoherent
 from ...algorithms.composite.quant import quantize_composite
-from ...algorithms.composite.tcq import pack_tcq, unpack_tcq
-from ...algorithms.composite.vq import pack_vq, unpack_vq
 from ...config.composite_families import TCQ, VQ, Binary, Grid, Incoherent, RowSplit
 from ...config.registry import composite_of
 from ...runtime import PackedWeight, QuantLinear, install_qlinear
 from .binary_storage import pack_binary, unpack_binary
 from .grid_storage import pack_grid, pack_rows, unpack_grid, unpack_rows
+from .tcq_storage import pack_tcq, unpack_tcq
+from .vq_storage import pack_vq, unpack_vq
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,18 @@
 
 :func:`pack_grid` / :func:`unpack_grid`: a :class:`~mixq.formats.composite.qtensor.CompositeQTensor` (a grid plus
 outliers, fp16 columns, SpQR scales, SLIM bits, dialects); :func:`pack_rows` / :func:`unpack_rows`: a
-:class:`~mixq.algorithms.composite.rows.RowSplitQTensor` (two :class:`~mixq.runtime.PackedWeight` tensor sets and the
-high rows).  Code streams use :func:`mixq.formats.bitpack.pack` (LSB-first, row-major).
+:class:`~mixq.formats.composite.rows_tensor.RowSplitQTensor` (two :class:`~mixq.formats.bitpack.PackedWeight` tensor
+sets and the high rows).  Code streams use :func:`mixq.formats.bitpack.pack` (LSB-first, row-major).
 """
 from __future__ import annotations
 
 import torch
 
-from ...algorithms.composite.rows import RowSplitQTensor
 from ...config import CompositeSpec, family_of, index_bits
 from .. import QParams
 from ..bitpack import PackedWeight, pack, unpack
 from .qtensor import CompositeQTensor
+from .rows_tensor import RowSplitQTensor
 from .scales import FLOAT_DTYPES
 from .sparse import CSR
 

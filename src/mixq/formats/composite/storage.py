@@ -28,8 +28,8 @@ tensor                 content
 ``hi.*``
 BIN bases              :func:`mixq.formats.composite.binary_storage.pack_binary` (sign stream, scales, residual
                        planes, CSR)
-VQ bases               :func:`mixq.algorithms.composite.vq.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
-TCQ bases              :func:`mixq.algorithms.composite.tcq.pack_tcq`: ``tcq.codes`` (column-major trellis symbols),
+VQ bases               :func:`mixq.formats.composite.vq_storage.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
+TCQ bases              :func:`mixq.formats.composite.tcq_storage.pack_tcq`: ``tcq.codes`` (column-major trellis symbols),
                        ``scale``
 ``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
                        weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)

@@ -1,4 +1,5 @@
-"""Triton kernel for trellis-coded weights (:mod:`mixq.algorithms.composite.tcq`): fused decode + GEMM, ``y = x Ŵᵀ``.
+"""Triton kernel for trellis-coded weights (:mod:`mixq.formats.composite.tcq_storage`): fused decode + GEMM,
+``y = x Ŵᵀ``.
 
 A bitshift trellis decodes any weight on its own: the state of row ``n`` of column ``k`` is the last ``L`` bits
 of that column's stream up to ``n`` (zeros before the column starts), so a tile needs no sequential walk.  With

@@ -1,4 +1,5 @@
-"""Triton kernel for VQ weights (:mod:`mixq.algorithms.composite.vq`): fused codebook decode + GEMM, ``y = x Ŵᵀ``.
+"""Triton kernel for VQ weights (:mod:`mixq.formats.composite.vq_storage`): fused codebook decode + GEMM,
+``y = x Ŵᵀ``.
 
 One program computes a ``BLOCK_M x BLOCK_N`` tile of ``y [M, N]``, looping over ``K`` in steps of ``BLOCK_K``::
 
