@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from common import RESULTS, decode_speed_rows, git_rev, machine
 
 from mixq.config import parse_spec
-from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.storage import PackedComposite
 from mixq.algorithms.composite.hooks import quantize_layer  # one layer's kernel timing: no stage works per layer
 from mixq.runtime.vq_linear import VQLinear
 from mixq.runtime import PackedWeight, QuantLinear

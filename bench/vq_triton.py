@@ -43,7 +43,7 @@ def main():
     from common import RESULTS, git_rev, header, machine
 
     from mixq.config import parse_spec
-    from mixq.formats.composite.storage import PackedComposite
+    from mixq.algorithms.composite.storage import PackedComposite
     from mixq.formats.composite.scales import group_len
     from mixq.formats.composite.vq_storage import decode, spec_codebook
     from mixq.runtime.vq_linear import VQLinear

@@ -17,10 +17,10 @@ from mixq.config import BUILTIN_COMPOSITES, BitCost, CompositeFormat, Export, Qu
     register
 from mixq.config.registry import unregister
 from mixq.export.registry import EXPORTERS
-from mixq.formats.composite.families import make_layer
-from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.storage import PackedComposite
 from mixq.runtime.composite_linear import CompositeLinear
 from mixq.runtime import PackedWeight
+from mixq.runtime.layers import make_layer
 from export_checks import native_exact_others_refuse
 
 BASE_FIELDS = tuple(f.name for f in fields(QuantSpec))

@@ -73,7 +73,7 @@ def test_cli_measure_device_cuda(tiny_dir, tmp_path):
 @pytest.mark.parametrize("name", ["VQ2-channel", "VQ3-g64", "VQ4-channel"])
 def test_vqlinear_auto_on_cuda_is_triton_and_matches_reference(name):
     pytest.importorskip("triton")
-    from mixq.formats.composite.storage import PackedComposite
+    from mixq.algorithms.composite.storage import PackedComposite
     from mixq.algorithms.composite.hooks import quantize_layer
     from mixq.runtime.vq_linear import VQLinear
 

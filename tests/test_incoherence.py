@@ -10,7 +10,7 @@ from mixq.config import parse_spec
 from mixq.export.native import load_quantized, read_info, read_packed
 from mixq.export.native_write import save_quantized
 from mixq.algorithms.composite.incoherence import IncoherentQTensor
-from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.storage import PackedComposite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.runtime.composite_linear import IncoherentLinear
 from mixq.algorithms.composite.incoherence import rotate, rotate_weight, transform, unrotate_weight

@@ -133,8 +133,8 @@ def test_stored_parts_match_cost_and_rebuild_exactly(method):
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_packed_storage_is_the_accounted_size_and_round_trips(method):
-    from mixq.formats.composite.families import pack_composite, unpack_composite
-    from mixq.formats.composite.storage import packed_bits
+    from mixq.algorithms.composite.families import pack_composite, unpack_composite
+    from mixq.algorithms.composite.storage import packed_bits
 
     R, C = 40, 128
     W, H = _weight(R, C), _hessian(C)

@@ -20,7 +20,7 @@ from mixq.export.native import (
     read_qtensors,
 )
 from mixq.export.native_write import rewrite_native, save_quantized
-from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.storage import PackedComposite
 from mixq.runtime.composite_linear import CompositeLinear
 from mixq.runtime import QuantLinear, kernel_usage, memory_report
 

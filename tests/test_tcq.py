@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mixq.config import CompositeSpec, parse_spec
-from mixq.formats.composite.storage import PackedComposite
-from mixq.formats.composite.families import make_layer, pack_composite
+from mixq.algorithms.composite.storage import PackedComposite
+from mixq.algorithms.composite.families import pack_composite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.runtime.composite_linear import IncoherentLinear
 from mixq.algorithms.composite.tcq import quantize_tcq
@@ -18,6 +18,7 @@ from mixq.formats.composite.tcq_storage import TCQQTensor, pack_tcq, unpack_tcq
 from mixq.algorithms.composite import tcq_search as ts
 from mixq.formats.composite import tcq_codebook as tc
 from mixq.runtime.kernels import tcq_cpu
+from mixq.runtime.layers import make_layer
 from mixq.runtime.tcq_linear import TCQLinear
 from mixq.algorithms.composite.vq_search import mse as vq_mse
 from mixq.algorithms.composite.vq import quantize_vq
@@ -188,7 +189,7 @@ TRITON_CHILD = r"""
 import json, torch
 from mixq.config import parse_spec
 from mixq.algorithms.composite.hooks import quantize_layer
-from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.storage import PackedComposite
 from mixq.runtime.tcq_linear import TCQLinear
 out = []
 for name, shape in (("TCQ3-channel", (64, 96)), ("TCQ2.5-g32", (48, 64)), ("TCQ2-channel", (32, 64)),

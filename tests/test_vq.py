@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mixq.config import CompositeSpec, parse_spec
-from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.storage import PackedComposite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.algorithms.composite.incoherence import IncoherentQTensor
 from mixq.algorithms.composite.vq import quantize_vq
@@ -199,7 +199,7 @@ TRITON_CHILD = r"""
 import json, torch
 from mixq.config import parse_spec
 from mixq.algorithms.composite.hooks import quantize_layer
-from mixq.formats.composite.storage import PackedComposite
+from mixq.algorithms.composite.storage import PackedComposite
 from mixq.runtime.vq_linear import VQLinear
 from mixq.formats.composite.scales import group_len
 from mixq.formats.composite.vq_storage import spec_codebook

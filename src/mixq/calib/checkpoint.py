@@ -7,7 +7,7 @@ attaches its results to it and passes it to :func:`mixq.calib.capture.walk_block
 
     DIR/block-<i>.safetensors  block i's quantized layers at their stored size: "<layer>.<part>"
                                (its spec's stored form: PackedWeight codes/scale/zero/..., or PackedComposite
-                               parts, mixq.formats.composite.storage.stored_form), and
+                               parts: mixq.algorithms.composite.storage.stored_form), and
                                "<layer>.__weight__" only where dequantizing them would not give back
                                the weight the walk left in the block (never for GPTQ so far)
     DIR/block-<i>.json         {"block": i, "layers": {layer: {"kind", "spec", "shape", "parts",
@@ -49,9 +49,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import stio
+from ..algorithms.composite.storage import pack_layer, stored_form
 from ..arch import get_weight, set_weight
 from ..atomic import atomic_file
-from ..formats.composite.storage import pack_layer, stored_form
 
 log = logging.getLogger(__name__)
 

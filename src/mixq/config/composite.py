@@ -4,8 +4,8 @@ A :class:`CompositeSpec` *is a* :class:`~mixq.config.QuantSpec` (a frozen datacl
 inherited fields describe the base grid of the dense part, and its own fields the extensions.  So
 everything that only needs ``name``, ``bits``, ``cost(shape)`` and equality (candidate sets,
 sensitivity tables, the solvers, plans, ``size_report``) takes composites unchanged; the
-rest of mixq asks its family (:mod:`mixq.config.composite_families`: kernels, export mappings; their quantizers,
-stored forms and layers: :mod:`mixq.formats.composite.families`).
+rest of mixq asks its family (:mod:`mixq.config.composite_families`: kernels, export mappings; their quantizers and
+stored forms: :mod:`mixq.algorithms.composite.families`, their layers: :mod:`mixq.runtime.layers`).
 
 Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
 

@@ -13,9 +13,9 @@ family         claims                                            layer (mixq.run
                fp16 columns, SpQR scales, SLIM, dialects
 =============  ================================================  ==========================================
 
-Their quantizers, stored forms and layers are :mod:`mixq.formats.composite.families`' table.  The grammar and exact
-cost of these specs stay with :class:`~mixq.config.CompositeSpec` (:mod:`mixq.config.composite`,
-:mod:`mixq.config.grammar`).
+Their quantizers and stored forms are :mod:`mixq.algorithms.composite.families`' table, their layers
+:mod:`mixq.runtime.layers`'.  The grammar and exact cost of these specs stay with
+:class:`~mixq.config.CompositeSpec` (:mod:`mixq.config.composite`, :mod:`mixq.config.grammar`).
 """
 from __future__ import annotations
 

@@ -19,14 +19,14 @@ an element format; :func:`~mixq.config.registry.composite_of` finds a spec's fam
                            GPTQ/RTN ratio (``+ip`` over a grid or a codebook base), else None: measured exactly
 ``export(spec, target)``   how an export target maps it (:class:`~mixq.config.Export`; only ``native`` by default)
 ``quantize`` / ``pack`` /  the implementation (optional: the built-in families' lives in
-                           :mod:`mixq.formats.composite.families`):
+                           :mod:`mixq.algorithms.composite.families` and :mod:`mixq.runtime.layers`):
 ``unpack`` / ``layer``     ``quantize(W, spec, H, method, quantize_layer=..., **kw) -> (parts, Ŵ)`` (``parts`` has
                            ``spec``, ``shape``, ``dequantize()``, ``stored_bits()`` and may carry ``proxy_loss``;
                            ``quantize_layer`` quantizes a piece with any other spec), ``pack(parts) -> {name:
                            tensor}`` (the stored tensors, exactly ``spec.cost(shape)`` bits up to each tensor's byte
                            padding), ``unpack(tensors, spec, shape) -> parts``, ``layer(packed, bias, kernel)`` (the
-                           module that runs a :class:`~mixq.formats.composite.storage.PackedComposite`; ``make_layer``
-                           builds an inner spec's)
+                           module that runs a :class:`~mixq.algorithms.composite.storage.PackedComposite`;
+                           :func:`~mixq.runtime.layers.make_layer` builds an inner spec's)
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ Layout (format v2)::
                                <fqn>.codebook      kmeans: fp16 [groups, 2^bits]
                                <fqn>.tensor_scale  fp32 [1]
                              an intra-tensor composite layer (mixq.formats.composite) stores the parts of
-                             mixq.formats.composite.families.pack_composite instead, as <fqn>.<part> (codes.b3, scale,
-                             csr.values, res_codes, ...); its layer entry has "kind": "composite",
+                             mixq.algorithms.composite.families.pack_composite instead, as <fqn>.<part> (codes.b3,
+                             scale, csr.values, res_codes, ...); its layer entry has "kind": "composite",
                              its spec is CompositeSpec.to_dict() ("_type": "CompositeSpec") and
                              "tensors" names every part (dtype, shape)
       rest.safetensors       every other tensor (norms, kept embeddings, biases), tied tensors once
@@ -57,13 +57,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..algorithms.composite.storage import stored_form
 from ..arch import get_weight, set_weight
 from ..config import QuantSpec, composite_of, parse_spec
 from ..formats import QParams, QTensor
-from ..formats.composite.families import install_layers
-from ..formats.composite.storage import stored_form
 from ..models import file_sha256
 from ..runtime import PackedWeight
+from ..runtime.layers import install_layers
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +170,9 @@ def verify_files(path: str | os.PathLike, info: dict | None = None) -> None:
 
 def read_packed(path: str | os.PathLike, *, verify: bool = True):
     """``(info, {fqn: PackedWeight | PackedComposite}, rest tensors)`` of a native directory (v1 or v2),
-    checksums verified; each layer in its spec's stored form (:func:`mixq.formats.composite.storage.stored_form`: an
-    intra-tensor composite's is a :class:`~mixq.formats.composite.storage.PackedComposite`), checked against its
-    spec."""
+    checksums verified; each layer in its spec's stored form (:func:`mixq.algorithms.composite.storage.stored_form`:
+    an intra-tensor composite's is a :class:`~mixq.algorithms.composite.storage.PackedComposite`), checked against
+    its spec."""
     path = Path(path)
     info = read_info(path)
     if verify:
@@ -321,7 +321,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     tied = {n for n in unresolved if n.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(unresolved) - tied:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {sorted(set(unresolved) - tied)[:3]}")
-    install_layers(model, layers, kernel)  # each its spec's layer (mixq.formats.composite.families.make_layer)
+    install_layers(model, layers, kernel)  # each its spec's layer (mixq.runtime.layers.make_layer)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok, info

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import stio
+from ..algorithms.composite.storage import pack_layer, stored_form
 from ..atomic import atomic_dir
 from ..formats import QTensor
-from ..formats.composite.storage import pack_layer, stored_form
 from ..models import file_sha256
 from .native import FORMAT, FORMAT_VERSION, TENSOR_FILES, read_info, read_packed, run_meta
 from .registry import REPORT_FILE
@@ -32,9 +32,9 @@ def save_quantized(out_dir: str | os.PathLike, model: nn.Module, tokenizer, qten
                    side_files: dict[str, bytes] | None = None) -> Path:
     """Write the native directory (v2) atomically.  Refuses an existing ``out_dir`` unless ``overwrite``.
 
-    ``qtensors`` are bit-packed in their spec's stored form (:func:`mixq.formats.composite.storage.stored_form`:
+    ``qtensors`` are bit-packed in their spec's stored form (:func:`mixq.algorithms.composite.storage.stored_form`:
     :class:`~mixq.runtime.PackedWeight`, or for intra-tensor composites, e.g. from ``quantize_model`` with a plan that
-    chose them, :class:`~mixq.formats.composite.storage.PackedComposite`);
+    chose them, :class:`~mixq.algorithms.composite.storage.PackedComposite`);
     ``rest_dtype`` optionally casts
     the floating-point tensors of ``rest.safetensors`` (e.g. ``torch.bfloat16``; default: as in ``model``).
     ``side_files``: more files (name -> bytes, e.g. a source directory's ``plan.json``) written inside the

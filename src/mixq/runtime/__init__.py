@@ -9,8 +9,11 @@ The bit-packing itself (``pack`` / ``unpack``, ``pack_params`` / ``unpack_params
               (``cpu-int4``, ``cpu-int4-exact``)
 ``generate``  :func:`greedy_generate`: timed greedy decoding with a KV cache
 
-Layers of intra-tensor composites (:mod:`mixq.formats.composite`; not imported here: they import their quantizers
-in :mod:`mixq.algorithms.composite`, and :func:`mixq.formats.composite.families.make_layer` makes them):
+Layers of intra-tensor composites (:mod:`mixq.formats.composite`; not imported here: ``composite_linear`` runs the
+``+ip`` transforms of :mod:`mixq.algorithms.composite.incoherence`):
+
+``layers``              :func:`make_layer` (the module that runs any stored weight: a :class:`QuantLinear`, or its
+                        composite family's layer below) and :func:`install_layers` (all of them into a model)
 
 ``composite_linear``    :class:`CompositeLinear` (dequantized per call, the reference path) and
                         :class:`IncoherentLinear` (``+ip``: two fast transforms around the inner layer)

@@ -5,7 +5,7 @@
     y = x Ŵᵀ + b        Ŵ [out, in] = unpack_composite(buffers).dequantize(), in x.dtype
 
 The reference path for composites (``load_quantized(DIR, packed=True)``): the packed tensors of
-:class:`~mixq.formats.composite.storage.PackedComposite` are buffers (names with ``.`` spelled ``__``; float
+:class:`~mixq.algorithms.composite.storage.PackedComposite` are buffers (names with ``.`` spelled ``__``; float
 tensors held as their raw bits so ``model.to(torch.bfloat16)`` cannot round them), and ``Ŵ`` is
 rebuilt on every call and dropped afterwards, so RAM holds the plan's size.  No fast kernel exists
 for composites: this is correct, not quick.
@@ -15,7 +15,7 @@ for composites: this is correct, not quick.
     y = Q_outᵀ · inner(Q_in · x) + b
 
 two Kronecker-factored Hadamard transforms around the inner layer, which the inner spec's own family makes
-(:func:`mixq.formats.composite.families.make_layer`): a :class:`~mixq.runtime.QuantLinear` (with its fast kernels)
+(:func:`mixq.runtime.layers.make_layer`): a :class:`~mixq.runtime.QuantLinear` (with its fast kernels)
 when the rest of the spec is a plain grid, a :class:`~mixq.runtime.vq_linear.VQLinear` for a VQ base, a
 :class:`~mixq.runtime.tcq_linear.TCQLinear` for a TCQ base, a :class:`CompositeLinear` otherwise.
 
@@ -39,7 +39,7 @@ def _buffer_name(name: str) -> str:
 
 class CompositeLinear(nn.Module):
     """Drop-in for ``nn.Linear`` / GPT-2 ``Conv1D`` holding a
-    :class:`~mixq.formats.composite.storage.PackedComposite`."""
+    :class:`~mixq.algorithms.composite.storage.PackedComposite`."""
 
     packed_layer = True
 

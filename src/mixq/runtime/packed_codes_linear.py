@@ -1,7 +1,7 @@
 """The part every codebook layer (:class:`~mixq.runtime.vq_linear.VQLinear`, :class:`~mixq.runtime.tcq_linear.TCQLinear`)
 shares: the packed code stream and the scales held as raw bits (so that ``model.to(torch.bfloat16)`` cannot
 round an fp16 scale), the bias, the byte count, and the stored form back (the type it was made from, a
-:class:`~mixq.formats.composite.storage.PackedComposite`)."""
+:class:`~mixq.algorithms.composite.storage.PackedComposite`)."""
 from __future__ import annotations
 
 import torch

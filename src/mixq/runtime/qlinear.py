@@ -215,7 +215,7 @@ def install_qlinear(model: nn.Module, weights: dict[str, PackedWeight], kernel: 
 
     The module's bias is kept; its weight is dropped (nothing else is written, so a weight tied to
     another module keeps that module's copy).  ``layer(packed, bias)``: the module to put there instead
-    (:func:`mixq.formats.composite.families.install_layers`: a composite's own layer).  Returns ``model``.
+    (:func:`mixq.runtime.layers.install_layers`: a composite's own layer).  Returns ``model``.
     """
     for fqn, pw in weights.items():
         try:

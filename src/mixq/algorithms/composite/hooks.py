@@ -2,7 +2,7 @@
 
 :func:`quantize_layer`    stored parts, ``Ŵ`` and proxy loss of one weight under any spec: plain grids (RTN /
                           GPTQ, :mod:`mixq.algorithms`) and composites (their family's ``quantize``,
-                          :mod:`mixq.formats.composite.families`; ``+ip`` comes back here for what is left of the
+                          :mod:`mixq.algorithms.composite.families`; ``+ip`` comes back here for what is left of the
                           spec: a plain grid or another composite); ``quantize_model`` calls it for every layer
 :func:`composite_weight`  the measurement driver: ``Ŵ`` of one composite candidate of one layer
 """
@@ -12,9 +12,9 @@ import torch
 
 from ...config import QuantSpec
 from ...config.registry import composite_of
-from ...formats.composite.families import impl
 from ..gptq import gptq_quantize
 from ..rtn import rtn_quantize
+from .families import impl
 
 
 def composite_weight(W: torch.Tensor, spec: QuantSpec, sens, algorithm: str,
@@ -34,7 +34,7 @@ def quantize_layer(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = No
 
     Plain specs: :func:`~mixq.algorithms.rtn.rtn_quantize` (proxy loss ``None``) or
     :func:`~mixq.algorithms.gptq.gptq_quantize` with ``act_order`` (its proxy loss); other keywords are
-    ignored.  Composites: their family's ``quantize`` (:func:`mixq.formats.composite.families.impl`), given this
+    ignored.  Composites: their family's ``quantize`` (:func:`mixq.algorithms.composite.families.impl`), given this
     dispatch for what it quantizes with another spec (``+ip``: the transformed weight with the rest of the spec, without
     ``act_order``); the built-in ones take ``H`` as statistics for RTN too and the keywords ``fisher``,
     ``hinv_chol``, ``row_weight``.  Their proxy loss is the stored parts' ``proxy_loss`` (``None`` without ``H``).

@@ -19,14 +19,14 @@ kernels in ``runtime/kernels``).  Nothing is imported here: import each name fro
                   by :mod:`mixq.algorithms.composite.vq_search`)
 ``tcq_codebook``  the bitshift trellis of ``TCQ`` bases and its trained tables, committed in ``tcq_tables`` (trained,
                   and searched with Viterbi, by :mod:`mixq.algorithms.composite.tcq_search`)
-``families``      the composite families' implementations (:func:`~mixq.formats.composite.families.impl`:
-                  quantize, pack, unpack, layer; a registered :class:`~mixq.config.CompositeFormat` brings its own):
-                  :func:`pack_composite` / :func:`unpack_composite` (bit-packed at the accounted size; grids and
-                  ``+h``: ``grid_storage``), :func:`make_layer` / :func:`install_layers` (any stored weight's module)
-``storage``       :class:`PackedComposite` (what the native directory stores), :func:`stored_form` (it or
-                  :class:`~mixq.runtime.PackedWeight`, by spec), :func:`pack_layer`
+``grid_storage``  bit-packing at the accounted size of the grid composites (:func:`pack_grid`) and of ``+h`` row splits
+                  (:func:`pack_rows`); ``binary_storage``: of BIN bases
 
-One stored tensor stays in the module of its quantizer, in :mod:`mixq.algorithms.composite`:
-:class:`IncoherentQTensor` (``incoherence``; packed by ``families``).  So ``families`` imports that module: this
-package is not below :mod:`mixq.algorithms.composite` in the import graph.
+Nothing here imports :mod:`mixq.algorithms` or :mod:`mixq.runtime` (``tests/test_house.py`` checks it).  The ``+ip``
+stored tensor (:class:`~mixq.algorithms.composite.incoherence.IncoherentQTensor`) stays with its transforms (decoding
+it runs them, natively through :mod:`mixq.runtime.kernels.kron_cpu`), so the one dispatch over every family's pack /
+unpack (``pack_composite``, ``unpack_composite``) and the stored form of a composite weight (``PackedComposite``,
+``stored_form``, ``pack_layer``) are in :mod:`mixq.algorithms.composite.families` and
+:mod:`mixq.algorithms.composite.storage`, and the layers that run them in :mod:`mixq.runtime.layers` (``make_layer``,
+``install_layers``).
 """

@@ -1,5 +1,5 @@
 """Storage of the grid composites and of ``+h`` row splits, at their accounted size (table in
-:mod:`mixq.formats.composite.storage`).
+:mod:`mixq.algorithms.composite.storage`).
 
 :func:`pack_grid` / :func:`unpack_grid`: a :class:`~mixq.formats.composite.qtensor.CompositeQTensor` (a grid plus
 outliers, fp16 columns, SpQR scales, SLIM bits, dialects); :func:`pack_rows` / :func:`unpack_rows`: a

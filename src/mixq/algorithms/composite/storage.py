@@ -1,9 +1,9 @@
 """Bit-packed storage of composite weights, at their accounted size, and the stored form of any spec.
 
-:func:`~mixq.formats.composite.families.pack_composite` turns a composite's stored parts into named tensors whose bits
-are exactly the terms of its ``spec.cost(shape)`` (plus < 8 bits of byte padding per packed stream), through its
-family (:mod:`mixq.formats.composite.families`); :func:`~mixq.formats.composite.families.unpack_composite` rebuilds
-the stored parts from them, the spec and the shape, so that
+:func:`~mixq.algorithms.composite.families.pack_composite` turns a composite's stored parts into named tensors whose
+bits are exactly the terms of its ``spec.cost(shape)`` (plus < 8 bits of byte padding per packed stream), through its
+family (:mod:`mixq.algorithms.composite.families`); :func:`~mixq.algorithms.composite.families.unpack_composite`
+rebuilds the stored parts from them, the spec and the shape, so that
 ``unpack_composite(pack_composite(q), q.spec, q.shape).dequantize()`` equals ``q.dequantize()`` bit for bit.  The
 built-in families store (code streams: :func:`mixq.formats.bitpack.pack`, LSB-first, row-major; grids and ``+h``:
 :mod:`mixq.formats.composite.grid_storage`):
@@ -28,17 +28,20 @@ tensor                 content
 ``hi.*``
 BIN bases              :func:`mixq.formats.composite.binary_storage.pack_binary` (sign stream, scales, residual
                        planes, CSR)
-VQ bases               :func:`mixq.formats.composite.vq_storage.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors), ``scale``
-TCQ bases              :func:`mixq.formats.composite.tcq_storage.pack_tcq`: ``tcq.codes`` (column-major trellis symbols),
+VQ bases               :func:`mixq.formats.composite.vq_storage.pack_vq`: ``vq.codes`` (k-bit codes of d-vectors),
                        ``scale``
+TCQ bases              :func:`mixq.formats.composite.tcq_storage.pack_tcq`: ``tcq.codes`` (column-major trellis
+                       symbols), ``scale``
 ``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
                        weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)
 =====================  ==============================================================================
 
-:class:`PackedComposite` is the composite counterpart of :class:`~mixq.runtime.PackedWeight`: these
+:class:`PackedComposite` is the composite counterpart of :class:`~mixq.formats.bitpack.PackedWeight`: these
 named tensors with the spec and shape (``tensors()``, ``nbytes``, ``dequantize()``), what the native
 directory stores under ``<fqn>.<name>`` and the family's layer holds.  :func:`stored_form` is the one place that
-picks between the two for a spec; :func:`pack_layer` packs any quantized weight with it.
+picks between the two for a spec; :func:`pack_layer` packs any quantized weight with it.  (Here, not in
+:mod:`mixq.formats.composite` with the families' own packing, because it unpacks ``+ip`` weights, whose stored parts
+live with their transforms: :mod:`mixq.algorithms.composite.families`.)
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ import torch
 
 from ...config import QuantSpec
 from ...config.registry import composite_of
-from ..bitpack import PackedWeight
+from ...formats.bitpack import PackedWeight
 from .families import pack_composite, unpack_composite
 
 
@@ -61,7 +64,7 @@ def packed_bits(tensors: dict[str, torch.Tensor]) -> int:
 class PackedComposite:
     """A composite-quantized ``[rows, cols]`` weight as its stored tensors (:func:`pack_composite`).
 
-    Same surface as :class:`~mixq.runtime.PackedWeight` where the native format and the loaders
+    Same surface as :class:`~mixq.formats.bitpack.PackedWeight` where the native format and the loaders
     need it: ``spec``, ``shape``, :meth:`tensors`, :attr:`nbytes`, :meth:`to_qtensor`, :meth:`dequantize`.
     """
 
@@ -120,7 +123,7 @@ class PackedComposite:
 
 def stored_form(spec) -> type:
     """What holds a ``spec`` weight at its stored size: :class:`PackedComposite` for a composite family's spec,
-    :class:`~mixq.runtime.PackedWeight` for an element format's (both: ``from_qtensor``, ``from_tensors(tensors,
+    :class:`~mixq.formats.bitpack.PackedWeight` for an element format's (both: ``from_qtensor``, ``from_tensors(tensors,
     spec, shape)``, ``from_stored`` (the same, checked against the spec), ``tensors()``, ``nbytes``, ``to_qtensor()``,
     ``dequantize()``; a composite's also ``kind``, what the native directory's layer entry records)."""
     return PackedComposite if composite_of(spec) else PackedWeight
