@@ -1,5 +1,6 @@
 """The shape of the package: no import cycles among mixq's modules, no module over 400 lines, no stage imports the CLI,
-no re-export shims (a module that only imports names for others, or a name imported only to be passed on).
+``formats`` and ``config`` import no higher stage, no re-export shims (a module that only imports names for others, or a
+name imported only to be passed on).
 
 The import graph is read with ``ast`` from every module under ``src/mixq``: module-level and
 function-level imports alike (an import inside a function is still a dependency, and a cycle dodged
@@ -133,6 +134,24 @@ def test_no_stage_imports_the_cli():
     outside = sorted(m for m, targets in graph.items() if not (m == cli or m.startswith(cli + "."))
                      and any(t == cli or t.startswith(cli + ".") for t in targets))
     assert not outside, f"modules outside {cli} import it: {', '.join(outside)}"
+
+
+# ARCHITECTURE.md rule 9 for the two lowest stages: specs (config) and what values are stored (formats) import no stage
+# above them, not even inside a function.  config is below formats (formats asks the registry for a spec's family).
+LOWEST = ("config", "formats")
+ABOVE = ("algorithms", "runtime", "calib", "measure", "allocate", "export", "eval", "cli")
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == f"{PACKAGE}.{p}" or module.startswith(f"{PACKAGE}.{p}.") for p in packages)
+
+
+def test_formats_and_config_import_no_higher_stage():
+    graph = import_graph(modules())
+    up = [f"{m} -> {t}" for m in sorted(graph) if _in(m, LOWEST) for t in sorted(graph[m]) if _in(t, ABOVE)]
+    up += [f"{m} -> {t}" for m in sorted(graph) if _in(m, ("config",)) for t in sorted(graph[m]) if _in(t, ("formats",))]
+    assert not up, "lower stages import higher ones (module- or function-level; move the code to the stage it " \
+        "belongs to):\n  " + "\n  ".join(up)
 
 
 def test_no_module_over_400_lines():
