@@ -6,8 +6,8 @@ torch), and how the trellis's lookup tables are trained.
 (Viterbi-encode seeded N(0, 1) sequences; set each entry to the mean of the targets that decoded from it).  The tables
 committed in :mod:`mixq.formats.composite.tcq_tables` were made by an earlier build of the native search, and
 :func:`generate` now gives tables equal to them up to that search's float rounding (same MSE to 0.1 %).  MSE per
-weight on N(0, 1) (:func:`mse`), against the 2-D vector codebooks of :mod:`mixq.formats.composite.vq_codebook` at the
-same rate: see ``tcq_tables.MSE``.
+weight on N(0, 1) of a table: :func:`mse` (compare the 2-D vector codebooks' with
+:func:`mixq.algorithms.composite.vq_search.mse`; measured figures: ``bench/results/tcq.md``).
 """
 from __future__ import annotations
 
