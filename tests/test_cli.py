@@ -106,3 +106,11 @@ def test_size_report_counts_everything(tiny_model):
     assert rep["bits_quantized"] == expect
     assert rep["bpw_quantized"] == pytest.approx(4 + 16 / 32)
     assert rep["total_params"] == sum(p.numel() for p in set(model.parameters()))
+
+
+def test_python_dash_m_mixq_runs_the_command():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mixq", "specs", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: mixq specs"), r.stderr[-500:]
