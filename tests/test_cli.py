@@ -114,3 +114,16 @@ def test_python_dash_m_mixq_runs_the_command():
 
     r = subprocess.run([sys.executable, "-m", "mixq", "specs", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("usage: mixq specs"), r.stderr[-500:]
+
+
+def test_specs_explains_one_spec_with_its_stored_tensors(capsys):
+    from mixq.cli import main
+
+    assert main(["specs", "W3-g64+o0.5", "--shape", "64x128"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("W3-g64+o0.5: ") and "stores:" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [r[0] for r in rows] == ["codes.b3", "scale", "csr.values", "csr.cols", "csr.row_ptr"]
+    total = int(out.split("(")[1].split(" bits")[0])
+    assert total <= sum(int(r[-2]) for r in rows) <= total + 8 * len(rows)
+    assert "export gguf: refused" in out

@@ -3,6 +3,7 @@ class, one ``register`` call) goes through measure -> plan -> quantize (RTN and 
 packed) -> eval, and every exporter maps it exactly (native) or refuses it in one line naming the layers and the spec.
 Also: the built-in families answer the protocol consistently."""
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 
@@ -120,6 +121,11 @@ def test_registered_composite_parses_costs_and_maps(low_rank):
     assert parse_spec(s.name) == s and parse_spec(json.loads(json.dumps(s.to_dict()))) == s
     assert s.cost((8, 64)).total == parse_spec("W3-g32").cost((8, 64)).total + 16 * 2 * (8 + 64)
     assert mixq.config.is_composite(s) and s.export_to("native").kind == "exact"
+    from mixq.algorithms.composite.hooks import stored_tensors  # what it stores follows from its own pack
+
+    layout = stored_tensors(s, (8, 64))
+    assert sum(torch.tensor([], dtype=d).element_size() * 8 * math.prod(n) for d, n in layout.values()) >= \
+        s.cost((8, 64)).total
     ip = parse_spec("W3-g32+o0.5+ip")  # the built-in composites' names and dicts still read
     assert parse_spec(ip.to_dict()) == ip and parse_spec(ip.name) == ip and composite_of(ip) is BUILTIN_COMPOSITES[0]
     assert s.export_to("gguf").kind == "refused" and "gguf" in s.export_to("gguf").note

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import json
 
 import pytest
@@ -213,3 +214,22 @@ def test_quantize_cli_writes_a_plan_with_composites(tmp_path, tiny_model, tiny_t
     api.quantize_model(ref, dict(plan.layers), progress=False)
     fake, _, _ = load_quantized(out)
     assert torch.equal(_logits(fake), _logits(ref))
+
+
+@pytest.mark.parametrize("name", ["W3-g64+o0.5", "SLIM3-g64", "NF3-g64+d4", "W3-g16+sq3", "W3-g64+c8", "KM3+o0.45",
+                                  "W3-g64+h5", "W2-g64-asym+h10", "VQ3-channel+ip", "TCQ3-channel+ip",
+                                  "W3-g64+ip", "W4-g64"])
+def test_stored_tensors_are_set_by_the_spec_and_shape_and_sum_to_the_cost(name):
+    """What a weight stores (names, dtypes, shapes) under a spec, for a shape, independent of the weight's values; the
+    bits are the spec's cost up to one byte of padding per tensor."""
+    from mixq.algorithms.composite.hooks import quantize_layer, stored_tensors
+    from mixq.algorithms.composite.families import pack_parts
+
+    spec, shape = parse_spec(name), (128, 256)
+    layout = stored_tensors(spec, shape)
+    bits = sum(torch.tensor([], dtype=d).element_size() * 8 * math.prod(s) for d, s in layout.values())
+    cost = spec.cost(shape).total
+    assert cost <= bits <= cost + 8 * len(layout), (bits, cost, layout)
+    W = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(7)) ** 3  # heavy tails: other outliers
+    other = pack_parts(quantize_layer(W, spec, None, "rtn")[0])
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in other.items()} == layout

@@ -12,6 +12,8 @@ an element format; :func:`~mixq.config.registry.composite_of` finds a spec's fam
 ``spec_type`` /            the ``"_type"`` of its specs' ``to_dict()`` and the spec back from that dict (what the
 ``from_dict(d)``           native directory's ``mixq.json``, plans and tables hold)
 ``spec.cost(shape)``       the exact bits of a ``[R, C]`` weight: the spec class's (every term of the stored form)
+``stored tensors``         what a weight of a shape stores (names, dtypes, shapes) follows from its ``pack``:
+                           :func:`mixq.algorithms.composite.hooks.stored_tensors` (``mixq specs SPEC``), any spec
 ``kernels``                the kernels its layer runs, by name (``fast_kernel(spec, device)``: the one ``"auto"``
                            decodes a few tokens with); ``runs_as(spec)``: the plain grid whose own kernels run it
                            (``+ip`` over a plain grid), else None; ``transforms``: it adds transforms to every call

@@ -112,3 +112,4 @@ def unpack_parts(t: dict[str, torch.Tensor], spec, shape: tuple[int, int]):
     """Inverse of :func:`pack_parts`."""
     return unpack_composite(t, spec, shape) if composite_of(spec) else \
         PackedWeight.from_tensors(t, spec, shape).to_qtensor()
+

@@ -5,6 +5,8 @@
                           :mod:`mixq.algorithms.composite.families`; ``+ip`` comes back here for what is left of the
                           spec: a plain grid or another composite); ``quantize_model`` calls it for every layer
 :func:`composite_weight`  the measurement driver: ``Ŵ`` of one composite candidate of one layer
+:func:`stored_tensors`    the names, dtypes and shapes a weight of a shape stores under any spec (what a plain
+                          format's ``stored(spec, shape)`` answers in :mod:`mixq.config`, for composites too)
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from ...config import QuantSpec
 from ...config.registry import composite_of
 from ..gptq import gptq_quantize
 from ..rtn import rtn_quantize
-from .families import impl
+from .families import impl, pack_parts
 
 
 def composite_weight(W: torch.Tensor, spec: QuantSpec, sens, algorithm: str,
@@ -52,3 +54,14 @@ def quantize_layer(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = No
 def _inner(W: torch.Tensor, spec, H: torch.Tensor | None, method: str, **kw) -> tuple[object, torch.Tensor]:
     """A piece of a composite quantized with another spec by the same dispatch (``+ip``: what is left of the spec)."""
     return quantize_layer(W, spec, H, method, **kw)[:2]
+
+
+def stored_tensors(spec, shape: tuple[int, int]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``name -> (dtype, shape)`` of what a ``shape`` weight stores under ``spec`` (plain or composite), found by
+    packing the RTN of a seeded N(0, 1) weight of that shape: a composite's layout is set by its spec and the shape
+    alone (outlier counts, row splits, code streams), so any weight of the shape stores the same tensors.  Their
+    bits sum to ``spec.cost(shape)`` up to each tensor's byte padding (``tests/test_intra_storage.py``)."""
+    R, C = int(shape[0]), int(shape[1])
+    W = torch.randn(R, C, generator=torch.Generator().manual_seed(0))
+    parts, _, _ = quantize_layer(W, spec, None, "rtn")
+    return {k: (v.dtype, tuple(v.shape)) for k, v in pack_parts(parts).items()}
