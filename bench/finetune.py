@@ -80,9 +80,10 @@ def main():
     secs = time.perf_counter() - t
     q, _, _ = load_quantized(out)
     kp, kf = ev(q)
-    stage = (f" + e2e (lr {args.e2e_lr:g}{'' if not norm else f', norms {args.e2e_norm_lr:g}'}, {args.e2e_epochs} "
+    stage = (f" + e2e{'' if args.epochs else ' only'} (lr {args.e2e_lr:g}"
+             f"{'' if not norm else f', norms {args.e2e_norm_lr:g}'}, {args.e2e_epochs} "
              f"epoch{'s' if args.e2e_epochs > 1 else ''})" if e2e else "")
-    block = f" + finetune (lr {args.lr:g}, {args.epochs} epochs)" if args.epochs else " +"
+    block = f" + finetune (lr {args.lr:g}, {args.epochs} epochs)" if args.epochs else ""
     doc["rows"].append({"curve": f"{base}{block}{stage}",
                         "spec": "mixed" if plan else args.spec,
                         "bpw": read_info(out)["size"]["bpw_quantized"], "ptb": kp, "fortunes": kf, "seconds": secs,
