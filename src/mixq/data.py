@@ -297,6 +297,11 @@ def ids_sha256(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+def calibration_hash(calib_ids: torch.Tensor) -> str:
+    """A short hash of the calibration token ids (keys measurements and walk checkpoints to their data)."""
+    return ids_sha256(calib_ids)[:16]
+
+
 def _as_stream(tokens: torch.Tensor) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
         raise ValueError("tokens must be a 1-D LongTensor of ids, as returned by mixq.data.tokenize")

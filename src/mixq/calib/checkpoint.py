@@ -71,7 +71,7 @@ def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: 
     rotation), or ``source.fingerprint()`` for a source that streams the blocks (the model is on
     ``meta`` then; :class:`~mixq.calib.lazy.LazySafetensorsBlocks` fingerprints its shards).
     """
-    from ..measure.driver import calibration_hash
+    from ..data import calibration_hash
     from ..models import model_fingerprint
 
     fp = source.fingerprint() if hasattr(source, "fingerprint") else model_fingerprint(model)

@@ -31,7 +31,7 @@ from ..allocate import LayerEntry, SensitivityTable
 from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
-from ..data import ids_sha256
+from ..data import calibration_hash
 from ..models import model_fingerprint
 from .distributed import Group, current_group, measure_shared
 from .gradients import gradient_stats
@@ -47,11 +47,6 @@ from .partial import load_partial, partial_file, save_partial
 
 log = logging.getLogger(__name__)
 ALGORITHMS = ("rtn", "gptq", "gptq-exact")
-
-
-def calibration_hash(calib_ids: torch.Tensor) -> str:
-    """A short hash of the calibration token ids (keys measurements to their data)."""
-    return ids_sha256(calib_ids)[:16]
 
 
 def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], metric: str,

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..allocate.kv_table import KV_METRICS, KVEntry, KVSensitivityTable
 from ..arch import get_blocks
+from ..data import calibration_hash
 from ..eval.perplexity import row_chunks
 from ..models import model_fingerprint
 from ..runtime.kv_cache import KIVICache
@@ -40,7 +41,6 @@ from ..runtime.kv_cost import kv_dims
 from ..runtime.kv_feed import decode_logits
 from ..runtime.kv_settings import KVSettings
 from ..runtime.kv_sim import KV_ENGINES, check_full_attention, simulate_kivi
-from .driver import calibration_hash
 from .partial import load_partial, partial_file, save_partial
 
 log = logging.getLogger(__name__)
