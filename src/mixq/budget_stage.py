@@ -41,20 +41,19 @@ class BudgetPlan:
 def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, candidates="default",
                     metric: str | None = None, algorithm: str = "rtn", grad_samples: int = 16, block_samples: int = 4,
                     constraints=None, solver: str = "exact", scratch: str | os.PathLike | None = None,
-                    group=None, progress: bool = True) -> BudgetPlan:
+                    progress: bool = True) -> BudgetPlan:
     """Measure ``model`` on ``calib`` (unless ``table`` is given) and choose a plan within ``budget``.
 
     ``budget``: a :class:`~mixq.allocate.Budget`.  ``table``: a :class:`~mixq.allocate.SensitivityTable` of these
     weights (rotated ones with ``rotate=True``).  ``candidates`` / ``metric`` / ``algorithm`` / ``grad_samples`` /
     ``block_samples``: as :func:`mixq.measure` (candidates as a list of specs or a named set).  ``constraints``: a
     :class:`~mixq.allocate.Constraints`; ``solver``: as :func:`mixq.plan`.  ``scratch``: save the measurement
-    there while it runs (module doc).  ``group``: processes sharing the measurement (:mod:`mixq.measure.distributed`).
+    there while it runs (module doc).
     Returns a :class:`BudgetPlan`; the plan's meta records ``rotate``.
     """
     from .allocate import Constraints, allocate
-    from .measure import measure as _measure
     from .models import model_fingerprint
-    from .pipeline import _calib_ids, _candidates, _record
+    from .pipeline import _calib_ids, _candidates, measure
     from .recipe import DEFAULT_RECIPE
 
     if rotate:
@@ -70,13 +69,10 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
         ids = _calib_ids(calib)
         cands = _candidates(candidates)
         metric = metric or DEFAULT_RECIPE["metric"]
-        table = _finished(scratch, model, ids, cands, metric, algorithm)
-        if table is None:
-            table = _measure(model, ids, cands, metric=metric, algorithm=algorithm, grad_samples=grad_samples,
-                             block_samples=block_samples, out=scratch, progress=progress, group=group)
+        table = _finished(scratch, model, ids, cands, metric, algorithm) or measure(
+            model, calib, metric=metric, candidates=cands, algorithm=algorithm, grad_samples=grad_samples,
+            block_samples=block_samples, out=scratch, progress=progress)  # records calib's provenance
         table.meta["rotate"] = bool(rotate)  # provenance: which weights were measured
-        if _record(calib) is not None:
-            table.meta["calibration_record"] = _record(calib)
     plan = allocate(table, budget, constraints=constraints or Constraints(), method=solver)
     return BudgetPlan(plan=plan, table=table, measured=measured, rotated=bool(rotate))
 
