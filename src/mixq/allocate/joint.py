@@ -41,7 +41,7 @@ from .table import SensitivityTable
 
 log = logging.getLogger(__name__)
 
-NAT_METRICS = ("kfac", "kfac-tok", "kfac-pos", "fisher", "block")  # errors in nats of loss increase
+NAT_METRICS = ("kfac", "kfac-tok", "kfac-pos", "kfac-kv", "fisher", "block")  # errors in nats of loss increase
 KV_PLAN_VERSION = 1
 
 

@@ -76,7 +76,9 @@ def measure_args(p, *, algorithm: str | None = None) -> None:
     p.add_argument("--metric", default=DEFAULT_RECIPE["metric"], choices=METRICS,
                    help=f"error proxy (default {DEFAULT_RECIPE['metric']}): kfac (Fisher-weighted output error), "
                         "kfac-tok (kfac with each token's input weighted by its own gradient energy), kfac-pos "
-                        "(kfac-tok except on key/value projections, which keep kfac), "
+                        "(kfac-tok except on key/value projections, which keep kfac), kfac-kv (kfac-pos with key/value "
+                        "projections by the unfactorised per-token form, all gradients of labels sampled from the "
+                        "model), "
                         "hessian (layer output MSE), "
                         "fisher (diagonal Fisher), block (block-output error weighted by the residual gradient, "
                         "slowest and most faithful), block-rel (ExLlamaV2-style relative block-output error)")

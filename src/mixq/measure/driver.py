@@ -42,7 +42,8 @@ from ..calib.stats import gram
 from ..threadmap import thread_map
 from .layer import LayerJob
 from .layer import measure_layer as _measure_layer
-from .metrics import BLOCK_METRICS, METRICS, TOKEN_WEIGHTED, LayerSensitivity, block_error, layer_error
+from .metrics import (BLOCK_METRICS, METRICS, MODEL_LABELS, PER_TOKEN_KV, SKIP_KV, TOKEN_WEIGHTED, LayerSensitivity,
+                      block_error, layer_error)
 from .partial import load_partial, partial_file, save_partial
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,10 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     if metric in ("kfac", *TOKEN_WEIGHTED, "fisher", "block"):
         grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher",
                                want_blocks=metric == "block", want_tokens=metric in TOKEN_WEIGHTED,
-                               progress=progress)
-    token_h = _TokenWeightedH(model, grads, skip_kv=metric == "kfac-pos") if metric in TOKEN_WEIGHTED else None
+                               token_grads=_kv_fqns(model) if metric in PER_TOKEN_KV else (),
+                               labels="model" if metric in MODEL_LABELS else "data", progress=progress)
+    token_h = _TokenWeightedH(model, grads, skip_kv=metric in SKIP_KV) if metric in TOKEN_WEIGHTED else None
+    kv_tokens = _TokenInputs(model, grads) if metric in PER_TOKEN_KV else None
     block_stats: dict = {}
     from ..moe.routing import routing_for_measure  # MoE: tokens per expert, rare experts' G, frequency weights
 
@@ -115,8 +118,11 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
                 continue
             mod = block.get_submodule(name)
             g = grads.get(fqn, {})
+            Xt = kv_tokens.pop(fqn) if kv_tokens is not None else None
+            gt = g.pop("gt", None)  # freed with this block: the layer's per-token gradients
             sens = LayerSensitivity(H=st.H, G=g.get("G"), F=g.get("F"),
-                                    Hg=token_h.pop(fqn) if token_h is not None else None)
+                                    Hg=token_h.pop(fqn) if token_h is not None else None,
+                                    Xt=Xt, Gt=gt.reshape(-1, gt.shape[-1]) if Xt is not None else None)
             err = lambda W, Wq, sens=sens: layer_error(W - Wq, sens, metric)  # noqa: E731
             jobs.append(LayerJob(fqn, tuple(get_weight(mod).shape), lambda mod=mod: get_weight(mod).detach().float(),
                                  sens, err))
@@ -171,8 +177,9 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress,
                     device=device, source=source)
     finally:
-        if token_h is not None:
-            token_h.remove()
+        for capture in (token_h, kv_tokens):
+            if capture is not None:
+                capture.remove()
     entries = routing.weigh(entries, metric)
     table = _table(entries, key, seconds=time.perf_counter() - t0, resumed_layers=len(done))
     routing.annotate(table)
@@ -228,6 +235,63 @@ class _TokenWeightedH:
         if a is None or not a[3] or a[0] is None or a[1] <= 0:
             return None
         return (a[0] / a[1]).to(torch.float32)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _kv_fqns(model: nn.Module) -> list[str]:
+    """The key/value projections of every block (``ArchInfo.kv_linears``), by fqn."""
+    from ..arch import block_linears, get_blocks
+
+    arch = arch_for(model)
+    return [f"{arch.blocks}.{i}.{name}" for i, block in enumerate(get_blocks(model))
+            for name in block_linears(block, arch) if name in arch.kv_linears]
+
+
+class _TokenInputs:
+    """Each gradient row's inputs, token by token, of the layers whose per-token gradients were kept
+    (``grads[fqn]["gt"]``, ``kfac-kv``): forward hooks collect them while the walk runs the calibration rows in
+    order, and :meth:`pop` gives ``[T, in]`` float32 in the same token order as ``gt`` flattened, then frees them.
+    A layer whose calls do not line up with the rows gets none (its error is then ``kfac``'s)."""
+
+    def __init__(self, model: nn.Module, grads: dict):
+        from ..arch import block_linears, get_blocks
+
+        arch = arch_for(model)
+        self.acc: dict[str, list] = {}  # fqn -> [list of [L, in] rows, rows seen, usable, rows wanted]
+        self.handles = []
+        for i, block in enumerate(get_blocks(model)):
+            for name, m in block_linears(block, arch).items():
+                fqn = f"{arch.blocks}.{i}.{name}"
+                gt = grads.get(fqn, {}).get("gt")
+                if gt is not None:
+                    self.acc[fqn] = [[], 0, True, gt.shape[0], gt.shape[1]]
+                    self.handles.append(m.register_forward_hook(self._hook(fqn)))
+
+    def _hook(self, fqn):
+        def hook(module, args, output):
+            a = self.acc[fqn]
+            x = args[0]
+            rows = x.shape[0] if x.dim() == 3 else 0
+            if not a[2] or a[1] >= a[3]:
+                a[1] += rows
+                return
+            if x.dim() != 3 or x.shape[1] != a[4]:
+                a[2] = False
+                return
+            n = min(rows, a[3] - a[1])
+            a[0].append(x[:n].detach().to("cpu", torch.bfloat16).reshape(-1, x.shape[-1]))
+            a[1] += rows
+        return hook
+
+    def pop(self, fqn: str) -> torch.Tensor | None:
+        a = self.acc.pop(fqn, None)
+        if a is None or not a[2] or not a[0]:
+            return None
+        X = torch.cat(a[0])
+        return X if X.shape[0] == a[3] * a[4] else None
 
     def remove(self) -> None:
         for h in self.handles:

@@ -7,6 +7,12 @@ for each linear ``y = x Wᵀ``:
     F[o, i] = E_t[(∂ℓ_t/∂y_to)² · x_ti²]      (``fisher``, only if ``want_fisher``)
     w[s, t] = Σ_o (∂ℓ_t/∂y_to)²               (``kfac-tok``, only if ``want_tokens``: each token's gradient
                                                energy, ``[samples, L]``, not averaged)
+    gt[s, t, o] = ∂ℓ/∂y_to / sqrt(N)           (``kfac-kv``, only for the layers in ``token_grads``: every
+                                               token's gradient, bfloat16, ``[samples, L, out]``)
+
+``labels="data"`` takes each next token of the row as the label (the empirical Fisher of the text);
+``labels="model"`` samples each label from the model's own next-token distribution (generator seeded with
+``seed`` + the row's index), so the statistics estimate the Fisher of KL to the model itself.
 
 and, with ``want_blocks``, for each decoder block's output ``Y`` (the residual stream), keyed by
 the block's name (e.g. ``model.layers.3``):
@@ -31,7 +37,8 @@ from ..memtrim import release_free_memory
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bool = False,
-                   want_blocks: bool = False, want_tokens: bool = False, progress: bool = True
+                   want_blocks: bool = False, want_tokens: bool = False, token_grads=(),
+                   labels: str = "data", seed: int = 0, progress: bool = True
                    ) -> dict[str, dict[str, torch.Tensor]]:
     """``{fqn: {"G": [out], "F": [out, in] (optional)}}`` averaged over all predicted tokens."""
     arch = arch_for(model)
@@ -40,7 +47,11 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
         for name, m in block_linears(block, arch).items():
             mods[f"{arch.blocks}.{i}.{name}"] = m
     acc: dict[str, dict[str, torch.Tensor]] = {f: {} for f in mods}
-    handles = [m.register_forward_hook(_grad_hook(acc[fqn], want_fisher, want_tokens)) for fqn, m in mods.items()]
+    if labels not in ("data", "model"):
+        raise ValueError(f"labels must be 'data' or 'model', got {labels!r}")
+    token_grads = set(token_grads)
+    handles = [m.register_forward_hook(_grad_hook(acc[fqn], want_fisher, want_tokens, fqn in token_grads))
+               for fqn, m in mods.items()]
     if want_blocks:
         for i, block in enumerate(get_blocks(model)):
             fqn = f"{arch.blocks}.{i}"
@@ -58,12 +69,16 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
             ids = input_ids[s : s + 1].to(dev)
             x = emb(ids).detach().requires_grad_(True)
             logits = model(inputs_embeds=x, use_cache=False).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                               ids[:, 1:].reshape(-1).to(logits.device),
-                                               reduction="sum")
+            flat = logits.reshape(-1, logits.shape[-1])
+            if labels == "model":
+                gen = torch.Generator(device=flat.device).manual_seed(seed + s)
+                target = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=gen).reshape(-1)
+            else:
+                target = ids[:, 1:].reshape(-1).to(logits.device)
+            loss = nn.functional.cross_entropy(flat, target, reduction="sum")
             loss.backward()
             n_tok += ids.shape[1]
-            del logits, loss, x
+            del logits, flat, loss, x
             release_free_memory()  # one row's activations, freed: without this the peak grows with every row
     finally:
         restore()
@@ -71,10 +86,12 @@ def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bo
             h.remove()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-    out = {f: {k: v / n_tok for k, v in d.items() if k != "w"} for f, d in acc.items()}
+    out = {f: {k: v / n_tok for k, v in d.items() if k not in ("w", "gt")} for f, d in acc.items()}
     for f, d in acc.items():
         if d.get("w"):
             out[f]["w"] = torch.stack(d["w"])
+        if d.get("gt"):
+            out[f]["gt"] = torch.stack(d["gt"]).div_(n_tok ** 0.5)
     return out
 
 
@@ -108,7 +125,7 @@ def _checkpoint_blocks(blocks) -> Callable[[], None]:
     return restore
 
 
-def _grad_hook(d, want_fisher, want_tokens=False):
+def _grad_hook(d, want_fisher, want_tokens=False, keep_tokens=False):
     """Forward hook: a tensor hook on the linear's output accumulates ``G`` (and ``F``, which needs the input)
     when its gradient arrives.  A tensor hook keeps nothing alive but ``x`` for ``F``; a full module backward
     hook would wrap every linear's inputs and outputs and, on SmolLM2, double the pass's peak memory."""
@@ -122,6 +139,8 @@ def _grad_hook(d, want_fisher, want_tokens=False):
             d["G"] = d.get("G", 0) + g2.sum(0)
             if want_tokens and g.dim() == 3 and g.shape[0] == 1:  # one row per backward pass
                 d.setdefault("w", []).append(g2.sum(1).cpu())
+            if keep_tokens and g.dim() == 3 and g.shape[0] == 1:
+                d.setdefault("gt", []).append(g.detach()[0].to("cpu", torch.bfloat16))
             if x is not None:
                 xf = x.reshape(-1, x.shape[-1]).float()
                 d["F"] = d.get("F", 0) + g2.T @ (xf * xf)

@@ -32,6 +32,18 @@ All metrics take ``ΔW = W − Ŵ`` (``[out, in]``) and the layer's calibration 
     on gemma3-270m it fixed ``kfac``'s starving plans (bench/results/generalization.md,
     second_model_default.md).
 
+``kfac-kv``  (``kfac-pos`` with the key/value projections measured without any factorisation, on the model's own labels)
+    ``kfac-tok`` on the queries, the attention output and the MLP; on the key and value projections the per-token
+    quadratic form itself, e = ½ Σ_t (g_tᵀ ΔW x_t)² / N, from each calibration token's input ``x_t`` and output
+    gradient ``g_t`` (kept per token for those layers only).  Every gradient is of labels sampled from the model's
+    own next-token distribution (seeded), so the statistics estimate the Fisher of KL to the fp model -- what a
+    plan is scored by -- rather than the empirical Fisher of the calibration text, which is larger wherever the
+    text surprises the model.  Measured on gemma3-270m (single layers quantized with GPTQ, KL on 4 calibration
+    rows against the fp model): ``kfac-pos`` rated block 1's k_proj at TCQ3 0.366 nats where quantizing it
+    costs 0.0011 (300x; 50x still with model labels under ``kfac``), 20x / 8x for blocks 3 / 5, so plans
+    spent 8-bit layers there and lost to a uniform trellis rate; the per-token form with model labels is within
+    0.3-2x on those layers (bench/results/second_model_metric.md).
+
 ``fisher``  (diagonal empirical Fisher, SqueezeLLM / LLM-MQ)
     e = ½ Σ_ij F_ij ΔW_ij²,   F_ij = E[(∂ℓ/∂y_i · x_j)²]
     End-to-end but ignores the correlation between input channels that H carries.
@@ -56,8 +68,11 @@ from dataclasses import dataclass
 
 import torch
 
-LAYER_METRICS = ("hessian", "kfac", "kfac-tok", "kfac-pos", "fisher")
-TOKEN_WEIGHTED = ("kfac-tok", "kfac-pos")  # metrics that read H_g (LayerSensitivity.Hg) where it was measured
+LAYER_METRICS = ("hessian", "kfac", "kfac-tok", "kfac-pos", "kfac-kv", "fisher")
+TOKEN_WEIGHTED = ("kfac-tok", "kfac-pos", "kfac-kv")  # metrics that read H_g (LayerSensitivity.Hg) where it was measured
+SKIP_KV = ("kfac-pos", "kfac-kv")  # token-weighted metrics that do not weight the key/value projections' inputs
+PER_TOKEN_KV = ("kfac-kv",)  # metrics that keep each token's gradient and input on the key/value projections
+MODEL_LABELS = ("kfac-kv",)  # metrics whose gradients are of labels sampled from the model (the Fisher of KL)
 BLOCK_METRICS = ("block", "block-rel")
 METRICS = LAYER_METRICS + BLOCK_METRICS
 
@@ -70,10 +85,24 @@ class LayerSensitivity:
     G: torch.Tensor | None = None          # [out]     E[(∂ℓ/∂y)²]
     F: torch.Tensor | None = None          # [out, in] E[(∂ℓ/∂y · x)²]
     Hg: torch.Tensor | None = None         # [in, in]  Σ_t w_t x xᵀ / Σ_t w_t, w_t = Σ_o (∂ℓ_t/∂y_to)² (kfac-tok)
+    Xt: torch.Tensor | None = None         # [T, in]   each gradient token's input (kfac-kv, key/value projections)
+    Gt: torch.Tensor | None = None         # [T, out]  its output gradient / sqrt(N), so Σ_t (Gt_t·ΔW Xt_t)² is a mean
 
     def to(self, device) -> "LayerSensitivity":
         """The statistics on ``device`` (they are gathered on the CPU; the weight may sit on a GPU)."""
-        return LayerSensitivity(*(None if t is None else t.to(device) for t in (self.H, self.G, self.F, self.Hg)))
+        return LayerSensitivity(*(None if t is None else t.to(device)
+                                  for t in (self.H, self.G, self.F, self.Hg, self.Xt, self.Gt)))
+
+
+def per_token_error(dW: torch.Tensor, Xt: torch.Tensor, Gt: torch.Tensor, chunk: int = 4096) -> float:
+    """½ Σ_t (Gt_tᵀ ΔW Xt_t)²: the loss change's second-order term with no factorisation (tokens in chunks)."""
+    d = dW.to(torch.float32)
+    tot = 0.0
+    for a in range(0, Xt.shape[0], chunk):
+        x = Xt[a:a + chunk].to(d.device, torch.float32)
+        g = Gt[a:a + chunk].to(d.device, torch.float32)
+        tot += float(((x @ d.T) * g).sum(1).square().sum(dtype=torch.float64))
+    return 0.5 * tot
 
 
 def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
@@ -84,6 +113,8 @@ def layer_error(dW: torch.Tensor, s: LayerSensitivity, metric: str) -> float:
         if s.F is None:
             raise ValueError("the fisher metric needs gradient statistics (F)")
         return 0.5 * float((s.F.to(d.device, torch.float32) * d * d).sum(dtype=torch.float64))
+    if metric in PER_TOKEN_KV and s.Xt is not None and s.Gt is not None:
+        return per_token_error(d, s.Xt, s.Gt)
     H = s.Hg if metric in TOKEN_WEIGHTED and s.Hg is not None else s.H  # no H_g (MoE experts, kv): kfac
     if H is None:
         raise ValueError(f"the {metric} metric needs the input Hessian H")

@@ -46,6 +46,7 @@ Y_LABELS = {
 METRIC_UNITS = {
     "kfac": "predicted Δloss, nats", "block": "predicted Δloss, nats", "fisher": "predicted Δloss, nats",
     "kfac-tok": "predicted Δloss, nats", "kfac-pos": "predicted Δloss, nats",
+    "kfac-kv": "predicted Δloss, nats",
     "hessian": "layer-output MSE", "block-rel": "relative block-output error",
 }
 TITLES = {
