@@ -122,7 +122,7 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
             gt = g.pop("gt", None)  # freed with this block: the layer's per-token gradients
             sens = LayerSensitivity(H=st.H, G=g.get("G"), F=g.get("F"),
                                     Hg=token_h.pop(fqn) if token_h is not None else None,
-                                    Xt=Xt, Gt=gt.reshape(-1, gt.shape[-1]) if Xt is not None else None)
+                                    Xt=Xt, Gt=gt.reshape(-1, gt.shape[-1]).float() if Xt is not None else None)
             err = lambda W, Wq, sens=sens: layer_error(W - Wq, sens, metric)  # noqa: E731
             jobs.append(LayerJob(fqn, tuple(get_weight(mod).shape), lambda mod=mod: get_weight(mod).detach().float(),
                                  sens, err))
@@ -290,7 +290,7 @@ class _TokenInputs:
         a = self.acc.pop(fqn, None)
         if a is None or not a[2] or not a[0]:
             return None
-        X = torch.cat(a[0])
+        X = torch.cat(a[0]).float()  # converted once, not per candidate
         return X if X.shape[0] == a[3] * a[4] else None
 
     def remove(self) -> None:
