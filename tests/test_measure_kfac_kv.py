@@ -84,3 +84,21 @@ def test_measured_kfac_kv_is_the_per_token_form_on_keys_and_values(tiny_model):
             assert table[fqn] == pytest.approx(want, rel=2e-2), fqn  # bf16 storage of x and g
             kfac = layer_error(dW, LayerSensitivity(H=x.T @ x / x.shape[0], G=grads[fqn]["G"]), "kfac")
             assert table[fqn] != pytest.approx(kfac, rel=1e-2), fqn  # not what kfac gives on the same labels
+
+
+def test_kfac_kv_resumes_to_the_same_table(tiny_model, tmp_path):
+    """Sampled labels are seeded, so a measurement resumed after block 0 equals the uninterrupted one."""
+    from mixq.allocate import SensitivityTable
+    from mixq.measure.driver import _save_partial, measurement_key
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    specs = [parse_spec("W2-g32-asym"), parse_spec("W4-g32")]
+    out = tmp_path / "m.json"
+    full = measure(model, ids, specs, metric="kfac-kv", grad_samples=2, out=out, progress=False)
+    kept = {e.fqn: e for e in SensitivityTable.load(out).layers if ".0." in e.fqn}
+    out.unlink()
+    _save_partial(tmp_path / "m.json.partial", measurement_key(model, ids, specs, "kfac-kv", "rtn"), kept)
+    resumed = measure(model, ids, specs, metric="kfac-kv", grad_samples=2, out=out, progress=False)
+    assert resumed.meta["resumed_layers"] == len(kept) > 0
+    assert resumed.to_dict()["layers"] == full.to_dict()["layers"]

@@ -13,8 +13,15 @@ measured and quantized side by side on the CPU threads (:mod:`mixq.threadmap`). 
 followed by one epoch of end-to-end distillation of the scales and norms on the fp model's logits, codes fixed
 (:mod:`mixq.distill_e2e`, ``--finetune e2e``; with GPTQ only): on the mixed 3.0-bpw plan of SmolLM2 it took KL
 from 0.185 / 0.272 to 0.162 / 0.250 (PTB / fortunes), as much as the block-wise stage followed by it (0.163 /
-0.254) in under half the time (bench/results/frontier/finetune.json).  The metric is ``kfac-pos`` (``kfac`` with each token's input weighted by
-its own gradient energy, except on key/value projections): ``mixq-default-3`` used ``kfac``, whose plans for
+0.254) in under half the time (bench/results/frontier/finetune.json).  ``mixq-default-8`` is ``-7`` measured with
+``kfac-kv`` instead of ``kfac-pos``: the key/value projections by the unfactorised per-token form, every gradient
+of labels sampled from the model.  ``kfac-pos`` rated some of gemma3-270m's key projections 20-300x above what
+quantizing them costs, so its plans gave 8-bit grids to them and lost to a uniform trellis rate; with ``kfac-kv``
+the mixed GPTQ plans of gemma3-270m fell from 0.240 / 0.374 to 0.202 / 0.295 at 3.0 bpw (uniform
+``TCQ3-channel+ip`` at 3.02 bpw: 0.225 / 0.325) and from 0.134 / 0.205 to 0.120 / 0.169 at 3.5, and SmolLM2's
+3.0-bpw plan (with the epoch) from 0.162 / 0.268 to 0.157 / 0.251 (second_model_kfackv.md, generalization.md
+run ``kfackv``, metric_fidelity.md).  ``kfac-pos`` was ``kfac`` with each token's input weighted by
+its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
 the two are within 2-7 % at 3.0 and 4.0 bpw (generalization.md, second_model_default.md).  ``mixq-default-2``
 was ``kfac`` with 32 scalar candidates (KL 0.77 / 1.14 at 3.0 bpw on SmolLM2).  A directory's ``mixq.json``
@@ -24,14 +31,14 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-7"
+RECIPE_NAME = "mixq-default-8"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB
     "nsamples": 32,            # --nsamples x --seqlen calibration rows (every benchmark in bench/results uses 32
                                # x 512; GPTQ papers use 128 on 7B models -- pass --nsamples 128 there)
     "seqlen": 512,
-    "metric": "kfac-pos",      # --metric of the sensitivity measurement (mixq.measure.metrics)
+    "metric": "kfac-kv",       # --metric of the sensitivity measurement (mixq.measure.metrics)
     "algorithm": "gptq",       # --algorithm: errors after GPTQ (per-bits GPTQ/RTN ratios)
     "candidates": "default",   # --candidates: mixq.allocate.candidates.DEFAULT_CANDIDATE_NAMES
     "solver": "exact",         # --solver

@@ -114,7 +114,11 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         jobs = []
         for name, st in stats.items():
             fqn = f"{prefix}.{i}.{name}"
-            if fqn in entries:
+            if fqn in entries:  # resumed: drop what was gathered for it
+                for capture in (token_h, kv_tokens):
+                    if capture is not None:
+                        capture.pop(fqn)
+                grads.get(fqn, {}).pop("gt", None)
                 continue
             mod = block.get_submodule(name)
             g = grads.get(fqn, {})
