@@ -181,6 +181,17 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named below)
 
+- **`kfac-kv`, the measurement metric since recipe `mixq-default-8`** (run `kfackv`: the `mixq-default-7`
+  recipe measured fresh with `--metric kfac-kv` -- key/value projections by the unfactorised per-token form,
+  every gradient of labels sampled from the model -- same calibration rows, mixed GPTQ then the end-to-end epoch;
+  measured at b4da01a, one thread, with another job on the cores), KL PTB / fortunes against `default7`:
+  2.5 bpw 0.281 / 0.459 (0.288 / 0.469), 3.0 bpw 0.157 / 0.251 (0.162 / 0.268), 3.5 bpw 0.095 / 0.154
+  (0.097 / 0.158), 4.0 bpw 0.058 / 0.095 (0.055 / 0.094): 1-3 % lower in domain and 1-6 % out of it up to 3.5
+  bpw, 5 % / 1 % higher at 4.0.  The change was made for the second model, where `kfac-pos` over-predicted some
+  key projections 8-300x and its plans lost to a uniform trellis rate; there the `kfac-kv` plans are 10-21 %
+  lower and ahead of uniform (`second_model_kfackv.md`).  The ratio fortunes / PTB is 1.60-1.64 (1.63-1.70
+  before): still above the 1.3 target.
+
 - **Plans that decode faster than fp32 on a CPU (`--fast-on cpu`)**, GPTQ then the end-to-end epoch, KL PTB /
   fortunes.  Run `default7-fastcpu-ints` (the `default7` measurement under `Constraints(fast_on="cpu")`: plain int
   grids, which is what `quantize --fast-on cpu` gives on SmolLM2): 3.0 bpw 0.647 / 0.963, decoding at 1.31x fp32
