@@ -8,6 +8,7 @@ from mixq.config import parse_spec
 from mixq.measure import measure
 from mixq.measure.gradients import gradient_stats
 from mixq.measure.metrics import LayerSensitivity, layer_error, per_token_error
+from tiny import token_grads
 
 
 def test_per_token_form_where_kfac_factorisation_fails():
@@ -59,25 +60,7 @@ def test_measured_kfac_kv_is_the_per_token_form_on_keys_and_values(tiny_model):
         for name, lin in block_linears(block, arch).items():
             if name not in arch.kv_linears:
                 continue
-            xs, gs = [], []
-
-            def hook(m, a, o):
-                xs.append(a[0].detach()[0])
-                o.register_hook(lambda gr: gs.append(gr[0]))
-
-            h = lin.register_forward_hook(hook)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for r in range(2):
-                row = ids[r : r + 1]
-                emb = model.get_input_embeddings()(row).detach().requires_grad_(True)
-                logits = model(inputs_embeds=emb).logits[:, :-1].float()
-                flat = logits.reshape(-1, logits.shape[-1])
-                gen = torch.Generator().manual_seed(r)
-                tgt = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=gen).reshape(-1)
-                torch.nn.functional.cross_entropy(flat, tgt, reduction="sum").backward()
-            h.remove()
-            x, gr = torch.cat(xs), torch.cat(gs)
+            x, gr = token_grads(model, lin, ids[:2], labels="model")
             dW = lin.weight.detach() - rtn_quantize(lin.weight.detach(), spec)[1]
             want = 0.5 * float(((x @ dW.T) * gr).sum(1).square().sum() / n_tok)
             fqn = f"{arch.blocks}.{b}.{name}"

@@ -7,6 +7,7 @@ from mixq.arch import arch_for, block_linears, get_blocks
 from mixq.config import parse_spec
 from mixq.measure import measure
 from mixq.measure.metrics import LayerSensitivity, layer_error
+from tiny import token_grads
 
 
 def test_token_without_gradient_does_not_count():
@@ -43,23 +44,8 @@ def test_measured_kfac_tok_equals_per_token_weights(tiny_model):
     arch = arch_for(model)
     fqn, lin = next((f"{arch.blocks}.1.{n}", m) for n, m in block_linears(get_blocks(model)[1], arch).items()
                     if n.endswith("down_proj"))
-    xs, gs = [], []
-
-    def hook(m, a, o):
-        xs.append(a[0].detach()[0])
-        o.register_hook(lambda gr: gs.append(gr[0]))
-
-    h = lin.register_forward_hook(hook)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for r in range(2):
-        row = ids[r : r + 1]
-        emb = model.get_input_embeddings()(row).detach().requires_grad_(True)
-        logits = model(inputs_embeds=emb).logits[:, :-1]
-        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), row[:, 1:].reshape(-1),
-                                          reduction="sum").backward()
-    h.remove()
-    x, g2 = torch.cat(xs), torch.cat(gs) ** 2
+    x, g = token_grads(model, lin, ids[:2])
+    g2 = g ** 2
     w = g2.sum(1)
     Hg = (x * w[:, None]).T @ x / w.sum()
     dW = lin.weight.detach() - rtn_quantize(lin.weight.detach(), spec)[1]

@@ -122,3 +122,36 @@ def layer_input(model, module, ids):
     model(ids)
     hook.remove()
     return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+def token_grads(model, module, ids, labels: str = "data"):
+    """``(x [T, in], g [T, out])``: ``module``'s input and its output's gradient at every token of every row of
+    ``ids``, one backward pass per row of the summed next-token cross-entropy (the measurement's gradient pass);
+    ``labels="model"``: each label sampled from the model's own distribution, generator seeded with the row's
+    index (as :func:`mixq.measure.gradients.gradient_stats` with ``seed=0``)."""
+    xs, gs = [], []
+
+    def hook(m, a, o):
+        xs.append(a[0].detach()[0])
+        o.register_hook(lambda gr: gs.append(gr[0]))
+
+    h = module.register_forward_hook(hook)
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        for r in range(ids.shape[0]):
+            row = ids[r : r + 1]
+            emb = model.get_input_embeddings()(row).detach().requires_grad_(True)
+            flat = model(inputs_embeds=emb).logits[0, :-1].float()
+            if labels == "model":
+                gen = torch.Generator().manual_seed(r)
+                tgt = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=gen).reshape(-1)
+            else:
+                tgt = row[0, 1:]
+            torch.nn.functional.cross_entropy(flat, tgt, reduction="sum").backward()
+    finally:
+        h.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    return torch.cat(xs), torch.cat(gs)
