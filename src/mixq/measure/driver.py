@@ -194,55 +194,101 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     return table
 
 
-class _TokenWeightedH:
-    """``H_g`` of every block linear with token weights (``kfac-tok``; ``kfac-pos`` skips the arch's
-    ``kv_linears``): forward hooks on the linears accumulate ``Σ_t w_t x_t x_tᵀ`` while the walk runs the
-    calibration rows in order; row ``r`` < the gradient rows is weighted by ``grads[fqn]["w"][r]``.  A layer
-    whose calls do not line up with the rows (MoE experts see routed tokens only) gets no ``H_g`` (its error is
-    then ``kfac``'s)."""
+class _GradientRows:
+    """Forward hooks on the block linears that see the first ``R`` calibration rows -- those the gradient pass
+    ran -- while the walk runs every row in order; :meth:`take` gets each call's part of them (``x[:n]``, ``[n, L,
+    in]``) with the index of its first row.  A layer whose calls do not line up with the rows (MoE experts see
+    routed tokens only) is marked unusable and :meth:`pop` gives it nothing (its error is then ``kfac``'s)."""
 
-    def __init__(self, model: nn.Module, grads: dict, skip_kv: bool = False):
+    def __init__(self, model: nn.Module, grads: dict, key: str, include=lambda name, arch: True):
         from ..arch import block_linears, get_blocks
 
         arch = arch_for(model)
-        self.acc: dict[str, list] = {}  # fqn -> [sum w x xᵀ, sum w, rows seen, usable]
+        self.state: dict[str, list] = {}  # fqn -> [rows seen, usable, rows wanted, row length]
         self.handles = []
         for i, block in enumerate(get_blocks(model)):
             for name, m in block_linears(block, arch).items():
                 fqn = f"{arch.blocks}.{i}.{name}"
-                w = grads.get(fqn, {}).get("w")
-                if w is not None and not (skip_kv and name in arch.kv_linears):  # kfac-pos: keys, values by kfac
-                    self.acc[fqn] = [None, 0.0, 0, True]
-                    self.handles.append(m.register_forward_hook(self._hook(fqn, w)))
+                t = grads.get(fqn, {}).get(key)
+                if t is not None and include(name, arch):
+                    self.state[fqn] = [0, True, t.shape[0], t.shape[1]]
+                    self.start(fqn, t)
+                    self.handles.append(m.register_forward_hook(self._hook(fqn)))
 
-    def _hook(self, fqn, w):
+    def _hook(self, fqn):
         def hook(module, args, output):
-            a = self.acc[fqn]
+            st = self.state[fqn]
             x = args[0]
             rows = x.shape[0] if x.dim() == 3 else 0
-            if not a[3] or a[2] >= w.shape[0]:
-                a[2] += rows
+            if not st[1] or st[0] >= st[2]:
+                st[0] += rows
                 return
-            if x.dim() != 3 or x.shape[1] != w.shape[1]:
-                a[3] = False
+            if x.dim() != 3 or x.shape[1] != st[3]:
+                st[1] = False
                 return
-            n = min(rows, w.shape[0] - a[2])  # the rows of this call that have gradient weights
-            ws = w[a[2]:a[2] + n].reshape(-1)
-            h = gram(x[:n].detach().reshape(-1, x.shape[-1]), ws)
-            a[0] = h if a[0] is None else a[0] + h
-            a[1] += float(ws.sum(dtype=torch.float64))
-            a[2] += rows
+            self.take(fqn, x[: min(rows, st[2] - st[0])].detach(), st[0])
+            st[0] += rows
         return hook
 
-    def pop(self, fqn: str) -> torch.Tensor | None:
-        a = self.acc.pop(fqn, None)
-        if a is None or not a[3] or a[0] is None or a[1] <= 0:
-            return None
-        return (a[0] / a[1]).to(torch.float32)
+    def pop(self, fqn: str):
+        st = self.state.pop(fqn, None)
+        value = self.finish(fqn)
+        return value if st is not None and st[1] else None
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _TokenWeightedH(_GradientRows):
+    """``H_g`` of every block linear with token weights (``kfac-tok``; ``kfac-pos`` / ``kfac-kv`` skip the arch's
+    ``kv_linears``): ``Σ_t w_t x_t x_tᵀ / Σ_t w_t`` over the gradient rows, row ``r`` weighted by
+    ``grads[fqn]["w"][r]``."""
+
+    def __init__(self, model: nn.Module, grads: dict, skip_kv: bool = False):
+        self.acc: dict[str, list] = {}  # fqn -> [w, sum w x xᵀ, sum w]
+        super().__init__(model, grads, "w", lambda name, arch: not (skip_kv and name in arch.kv_linears))
+
+    def start(self, fqn, w):
+        self.acc[fqn] = [w, None, 0.0]
+
+    def take(self, fqn, x, row):
+        a = self.acc[fqn]
+        ws = a[0][row:row + x.shape[0]].reshape(-1)
+        h = gram(x.reshape(-1, x.shape[-1]), ws)
+        a[1] = h if a[1] is None else a[1] + h
+        a[2] += float(ws.sum(dtype=torch.float64))
+
+    def finish(self, fqn):
+        a = self.acc.pop(fqn, None)
+        if a is None or a[1] is None or a[2] <= 0:
+            return None
+        return (a[1] / a[2]).to(torch.float32)
+
+
+class _TokenInputs(_GradientRows):
+    """Each gradient row's inputs, token by token, of the layers whose per-token gradients were kept
+    (``grads[fqn]["gt"]``, ``kfac-kv``): :meth:`pop` gives ``[T, in]`` float32 in the token order of ``gt``
+    flattened (kept as bfloat16 until then, and freed then)."""
+
+    def __init__(self, model: nn.Module, grads: dict):
+        self.rows: dict[str, list] = {}
+        self.want: dict[str, int] = {}
+        super().__init__(model, grads, "gt")
+
+    def start(self, fqn, gt):
+        self.rows[fqn] = []
+        self.want[fqn] = gt.shape[0] * gt.shape[1]
+
+    def take(self, fqn, x, row):
+        self.rows[fqn].append(x.to("cpu", torch.bfloat16).reshape(-1, x.shape[-1]))
+
+    def finish(self, fqn):
+        parts, want = self.rows.pop(fqn, None), self.want.pop(fqn, 0)
+        if not parts:
+            return None
+        X = torch.cat(parts).float()  # converted once, not per candidate
+        return X if X.shape[0] == want else None
 
 
 def _kv_fqns(model: nn.Module) -> list[str]:
@@ -252,54 +298,6 @@ def _kv_fqns(model: nn.Module) -> list[str]:
     arch = arch_for(model)
     return [f"{arch.blocks}.{i}.{name}" for i, block in enumerate(get_blocks(model))
             for name in block_linears(block, arch) if name in arch.kv_linears]
-
-
-class _TokenInputs:
-    """Each gradient row's inputs, token by token, of the layers whose per-token gradients were kept
-    (``grads[fqn]["gt"]``, ``kfac-kv``): forward hooks collect them while the walk runs the calibration rows in
-    order, and :meth:`pop` gives ``[T, in]`` float32 in the same token order as ``gt`` flattened, then frees them.
-    A layer whose calls do not line up with the rows gets none (its error is then ``kfac``'s)."""
-
-    def __init__(self, model: nn.Module, grads: dict):
-        from ..arch import block_linears, get_blocks
-
-        arch = arch_for(model)
-        self.acc: dict[str, list] = {}  # fqn -> [list of [L, in] rows, rows seen, usable, rows wanted]
-        self.handles = []
-        for i, block in enumerate(get_blocks(model)):
-            for name, m in block_linears(block, arch).items():
-                fqn = f"{arch.blocks}.{i}.{name}"
-                gt = grads.get(fqn, {}).get("gt")
-                if gt is not None:
-                    self.acc[fqn] = [[], 0, True, gt.shape[0], gt.shape[1]]
-                    self.handles.append(m.register_forward_hook(self._hook(fqn)))
-
-    def _hook(self, fqn):
-        def hook(module, args, output):
-            a = self.acc[fqn]
-            x = args[0]
-            rows = x.shape[0] if x.dim() == 3 else 0
-            if not a[2] or a[1] >= a[3]:
-                a[1] += rows
-                return
-            if x.dim() != 3 or x.shape[1] != a[4]:
-                a[2] = False
-                return
-            n = min(rows, a[3] - a[1])
-            a[0].append(x[:n].detach().to("cpu", torch.bfloat16).reshape(-1, x.shape[-1]))
-            a[1] += rows
-        return hook
-
-    def pop(self, fqn: str) -> torch.Tensor | None:
-        a = self.acc.pop(fqn, None)
-        if a is None or not a[2] or not a[0]:
-            return None
-        X = torch.cat(a[0]).float()  # converted once, not per candidate
-        return X if X.shape[0] == a[3] * a[4] else None
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def _table(entries: dict[str, LayerEntry], key: dict, **meta) -> SensitivityTable:
