@@ -40,9 +40,10 @@ All metrics take ``ΔW = W − Ŵ`` (``[out, in]``) and the layer's calibration 
     plan is scored by -- rather than the empirical Fisher of the calibration text, which is larger wherever the
     text surprises the model.  Measured on gemma3-270m (single layers quantized with GPTQ, KL on 4 calibration
     rows against the fp model): ``kfac-pos`` rated block 1's k_proj at TCQ3 0.366 nats where quantizing it
-    costs 0.0011 (300x; 50x still with model labels under ``kfac``), 20x / 8x for blocks 3 / 5, so plans
-    spent 8-bit layers there and lost to a uniform trellis rate; the per-token form with model labels is within
-    0.3-2x on those layers (bench/results/second_model_metric.md).
+    costs 0.0011 (300x; 50x still with model labels under ``kfac``), 20x / 8x for blocks 3 / 5, so its 3.0-bpw plan
+    gave 5-8-bit grids to 23 of the 36 key/value projections (8 bits to blocks 1, 3, 5) and lost to a uniform
+    trellis rate; the per-token form with model labels is within
+    0.2-2x on those layers (bench/results/metric_fidelity.md, second_model_kfackv.md).
 
 ``fisher``  (diagonal empirical Fisher, SqueezeLLM / LLM-MQ)
     e = ½ Σ_ij F_ij ΔW_ij²,   F_ij = E[(∂ℓ/∂y_i · x_j)²]
