@@ -95,7 +95,7 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     if metric in ("kfac", *TOKEN_WEIGHTED, "fisher", "block"):
         grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher",
                                want_blocks=metric == "block", want_tokens=metric in TOKEN_WEIGHTED,
-                               token_grads=_kv_fqns(model) if metric in PER_TOKEN_KV else (),
+                               kv_tokens=metric in PER_TOKEN_KV,
                                labels="model" if metric in MODEL_LABELS else "data", progress=progress)
     token_h = _TokenWeightedH(model, grads, skip_kv=metric in SKIP_KV) if metric in TOKEN_WEIGHTED else None
     kv_tokens = _TokenInputs(model, grads) if metric in PER_TOKEN_KV else None
@@ -289,15 +289,6 @@ class _TokenInputs(_GradientRows):
             return None
         X = torch.cat(parts).float()  # converted once, not per candidate
         return X if X.shape[0] == want else None
-
-
-def _kv_fqns(model: nn.Module) -> list[str]:
-    """The key/value projections of every block (``ArchInfo.kv_linears``), by fqn."""
-    from ..arch import block_linears, get_blocks
-
-    arch = arch_for(model)
-    return [f"{arch.blocks}.{i}.{name}" for i, block in enumerate(get_blocks(model))
-            for name in block_linears(block, arch) if name in arch.kv_linears]
 
 
 def _table(entries: dict[str, LayerEntry], key: dict, **meta) -> SensitivityTable:

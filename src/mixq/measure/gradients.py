@@ -7,7 +7,8 @@ for each linear ``y = x Wᵀ``:
     F[o, i] = E_t[(∂ℓ_t/∂y_to)² · x_ti²]      (``fisher``, only if ``want_fisher``)
     w[s, t] = Σ_o (∂ℓ_t/∂y_to)²               (``kfac-tok``, only if ``want_tokens``: each token's gradient
                                                energy, ``[samples, L]``, not averaged)
-    gt[s, t, o] = ∂ℓ/∂y_to / sqrt(N)           (``kfac-kv``, only for the layers in ``token_grads``: every
+    gt[s, t, o] = ∂ℓ/∂y_to / sqrt(N)           (``kfac-kv``, only with ``kv_tokens``, on the arch's key/value
+                                               projections (``ArchInfo.kv_linears``): every
                                                token's gradient, bfloat16, ``[samples, L, out]``)
 
 ``labels="data"`` takes each next token of the row as the label (the empirical Fisher of the text);
@@ -37,19 +38,21 @@ from ..memtrim import release_free_memory
 
 
 def gradient_stats(model: nn.Module, input_ids: torch.Tensor, *, want_fisher: bool = False,
-                   want_blocks: bool = False, want_tokens: bool = False, token_grads=(),
+                   want_blocks: bool = False, want_tokens: bool = False, kv_tokens: bool = False,
                    labels: str = "data", seed: int = 0, progress: bool = True
                    ) -> dict[str, dict[str, torch.Tensor]]:
     """``{fqn: {"G": [out], "F": [out, in] (optional)}}`` averaged over all predicted tokens."""
     arch = arch_for(model)
     mods: dict[str, nn.Module] = {}
+    token_grads: set[str] = set()
     for i, block in enumerate(get_blocks(model)):
         for name, m in block_linears(block, arch).items():
             mods[f"{arch.blocks}.{i}.{name}"] = m
+            if kv_tokens and name in arch.kv_linears:
+                token_grads.add(f"{arch.blocks}.{i}.{name}")
     acc: dict[str, dict[str, torch.Tensor]] = {f: {} for f in mods}
     if labels not in ("data", "model"):
         raise ValueError(f"labels must be 'data' or 'model', got {labels!r}")
-    token_grads = set(token_grads)
     handles = [m.register_forward_hook(_grad_hook(acc[fqn], want_fisher, want_tokens, fqn in token_grads))
                for fqn, m in mods.items()]
     if want_blocks:
