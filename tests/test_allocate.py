@@ -446,3 +446,29 @@ def test_quantize_fast_on_cpu_measures_the_fast_cpu_set(tiny_dir, tmp_path):
     assert all(decodes_faster(s, tuple(layers[f]["shape"])) for f, s in specs.items())
     measured = json.loads((out / "measurement.json").read_text())
     assert FAST_CPU_CANDIDATE_NAMES[0] in json.dumps(measured) and "TCQ" not in json.dumps(measured)
+
+
+def test_tcq_layers_are_encoded_with_the_asked_state_bits(tmp_path):
+    """A plan priced with TCQ<r> (L = 8) stores TCQ<r>L10 where asked: the same bits (so the budget still holds),
+    forced layers kept as named, the state bits in the plan's meta, and the JSON reads back."""
+    from mixq import plan as mixq_plan
+    from mixq.allocate.plan import with_tcq_state_bits
+
+    specs = ("TCQ2-channel+ip", "TCQ3-channel+ip", "TCQ4-channel+ip", "W4-g64", "FP16")
+    table = smol_table(blocks=2, specs=[parse_spec(n) for n in specs])
+    p8 = allocate(table, Budget(bpw=3.0))
+    p10 = allocate(table, Budget(bpw=3.0), tcq_state_bits=10)
+    assert any(getattr(s, "trellis", 0) for s in p8.layers.values()) and "tcq_state_bits" not in p8.meta
+    for f, s in p10.layers.items():
+        s8 = p8.layers[f]
+        assert s.name == (s8.name.replace("-channel", "L10-channel") if getattr(s8, "trellis", 0) else s8.name)
+    assert p10.total_bits == p8.total_bits and p10.errors == p8.errors and p10.meta["tcq_state_bits"] == 10
+    assert Plan.from_dict(json.loads(json.dumps(p10.to_dict()))) == p10
+    forced = allocate(table, Budget(bpw=3.0), constraints=Constraints(force=((r"0\.mlp\.down", "TCQ3-channel+ip"),)),
+                      tcq_state_bits=10)
+    assert forced.layers["model.layers.0.mlp.down_proj"].name == "TCQ3-channel+ip"
+    assert mixq_plan(table, bpw=3.0).layers == p10.layers  # the API's default is the recipe's (10)
+    named = mixq_plan(table, bpw=3.1, solver="uniform", uniform="TCQ3-channel+ip")  # a named spec is kept
+    assert {s.name for s in named.layers.values()} == {"TCQ3-channel+ip"}
+    with pytest.raises(ValueError, match="state bits"):
+        with_tcq_state_bits(p8.layers, 12)

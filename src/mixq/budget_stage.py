@@ -41,14 +41,15 @@ class BudgetPlan:
 def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, candidates="default",
                     metric: str | None = None, algorithm: str = "rtn", grad_samples: int = 16, block_samples: int = 4,
                     constraints=None, solver: str = "exact", scratch: str | os.PathLike | None = None,
-                    progress: bool = True) -> BudgetPlan:
+                    progress: bool = True, tcq_state_bits: int | None = None) -> BudgetPlan:
     """Measure ``model`` on ``calib`` (unless ``table`` is given) and choose a plan within ``budget``.
 
     ``budget``: a :class:`~mixq.allocate.Budget`.  ``table``: a :class:`~mixq.allocate.SensitivityTable` of these
     weights (rotated ones with ``rotate=True``).  ``candidates`` / ``metric`` / ``algorithm`` / ``grad_samples`` /
     ``block_samples``: as :func:`mixq.measure` (candidates as a list of specs or a named set).  ``constraints``: a
     :class:`~mixq.allocate.Constraints`; ``solver``: as :func:`mixq.plan`.  ``scratch``: save the measurement
-    there while it runs (module doc).
+    there while it runs (module doc).  ``tcq_state_bits``: the trellis the plan's TCQ layers are encoded with
+    (:func:`~mixq.allocate.plan.with_tcq_state_bits`; default the recipe's).
     Returns a :class:`BudgetPlan`; the plan's meta records ``rotate``.
     """
     from .allocate import Constraints, allocate
@@ -73,7 +74,8 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
             model, calib, metric=metric, candidates=cands, algorithm=algorithm, grad_samples=grad_samples,
             block_samples=block_samples, out=scratch, progress=progress)  # records calib's provenance
         table.meta["rotate"] = bool(rotate)  # provenance: which weights were measured
-    plan = allocate(table, budget, constraints=constraints or Constraints(), method=solver)
+    L = DEFAULT_RECIPE["tcq_state_bits"] if tcq_state_bits is None else tcq_state_bits
+    plan = allocate(table, budget, constraints=constraints or Constraints(), method=solver, tcq_state_bits=L)
     return BudgetPlan(plan=plan, table=table, measured=measured, rotated=bool(rotate))
 
 

@@ -137,7 +137,7 @@ def _candidates(candidates) -> list:
 
 def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, solver: str = "exact",  # noqa: A002
          keep=(), force=None, min_bits=None, max_bits=None, tied=(), fast_on: str | None = None,
-         tie_experts: bool = False, constraints=None, uniform: str | None = None):
+         tie_experts: bool = False, constraints=None, uniform: str | None = None, tcq_state_bits: int | None = None):
     """Choose one spec per layer of ``table`` minimising the summed predicted error within a budget (``mixq plan``).
 
     ``table``: a :class:`~mixq.allocate.SensitivityTable` (:func:`measure`) or the path of one.  The budget is
@@ -149,9 +149,12 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
     ``min_bits`` / ``max_bits`` (``{regex: bits}``), ``tied`` (regexes of layers in a block sharing a spec),
     ``fast_on="cpu"`` (only specs a fast CPU kernel runs), ``tie_experts`` (a MoE block's experts of one projection
     share a spec, as GGUF needs; ``Constraints(target="gguf")`` implies it); or a ready :class:`~mixq.allocate.Constraints`.
+    ``tcq_state_bits``: the trellis the plan's TCQ layers are encoded with (:func:`mixq.allocate.plan.with_tcq_state_bits`;
+    default the recipe's, 10; a ``uniform=`` spec is kept as named).
     Returns a :class:`~mixq.allocate.Plan` (``.save(path)``, ``.achieved_bpw``, ``.layers``).
     """
     from .allocate import Budget, Constraints, SensitivityTable, allocate, parse_bytes
+    from .recipe import DEFAULT_RECIPE
 
     if isinstance(table, (str, os.PathLike)):
         table = SensitivityTable.load(table)
@@ -166,7 +169,10 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
     elif fields != dict(keep=(), force=(), min_bits={}, max_bits={}, tied=(), fast_on=None, tie_experts=False):
         raise ValueError("give either constraints=Constraints(...) or the keep/force/min_bits/max_bits/tied/fast_on/"
                          "tie_experts keywords, not both")
-    return allocate(table, budget, constraints=constraints, method=solver, uniform=uniform)
+    if tcq_state_bits is None:
+        tcq_state_bits = 8 if uniform is not None else DEFAULT_RECIPE["tcq_state_bits"]
+    return allocate(table, budget, constraints=constraints, method=solver, uniform=uniform,
+                    tcq_state_bits=tcq_state_bits)
 
 
 # ---------------------------------------------------------------------------- quantize / save / load

@@ -42,6 +42,8 @@ DEFAULT_RECIPE: dict[str, object] = {
     "algorithm": "gptq",       # --algorithm: errors after GPTQ (per-bits GPTQ/RTN ratios)
     "candidates": "default",   # --candidates: mixq.allocate.candidates.DEFAULT_CANDIDATE_NAMES
     "solver": "exact",         # --solver
+    "tcq_state_bits": 10,      # --tcq-state-bits: the plan's trellis layers (measured as TCQ<r>, L = 8) encoded
+                               # through 2^10 states (TCQ<r>L10): same bits, 5-13 % less squared error
     "damp": 0.01,              # --damp (GPTQ)
     "act_order": False,        # --act-order
     "rotate": False,           # --rotate (QuaRot): +ip candidates transform each layer instead

@@ -35,7 +35,7 @@ from ..runtime.kv_cost import resolve_kv_bits
 from ..runtime.kv_settings import KVSettings
 from .constraints import KEEP, Constraints, build_problem
 from .kv_table import KVSensitivityTable, check_doc
-from .plan import Budget, Plan, allocate, human_bytes
+from .plan import Budget, Plan, allocate, human_bytes, with_tcq_state_bits
 from .solvers import InfeasibleBudget, Problem, solve
 from .table import SensitivityTable
 
@@ -225,12 +225,15 @@ def _kv_part(kv_table, rows, picks):
     return tuple(kv), tuple(errs)
 
 
-def _weight_plan(weight_table, problem, choice, constraints, solver, extra_meta) -> Plan:
+def _weight_plan(weight_table, problem, choice, constraints, solver, extra_meta, tcq_state_bits: int = 8) -> Plan:
     layers, errors = {}, {}
     for i, x in enumerate(weight_table.layers):
         name = problem.labels[i][choice[i]]
         by = {s.name: s for s in (*x.candidates, KEEP)}
         layers[x.fqn], errors[x.fqn] = by[name], problem.errors[i][choice[i]]
+    if tcq_state_bits != 8:
+        layers = with_tcq_state_bits(layers, tcq_state_bits, constraints)
+        extra_meta = {**extra_meta, "tcq_state_bits": tcq_state_bits}
     bits = sum(problem.costs[i][c] for i, c in enumerate(choice))
     nbytes = max(1, math.ceil(bits / 8))
     return Plan(layers, {x.fqn: x.shape for x in weight_table.layers}, errors, weight_table.metric, solver,
@@ -249,12 +252,12 @@ def _budget_bits(memory_bytes: int, other_bytes: int) -> int:
 def allocate_joint(weight_table: SensitivityTable | None, kv_table: KVSensitivityTable, memory_bytes: int,
                    context: int, batch: int = 1, *, constraints: Constraints = Constraints(), kv_bits=None,
                    kv_tied: bool = False, other_bytes: int = 0, method: str = "exact", fp_bits: int = 16,
-                   allow_mixed_units: bool = False) -> JointPlan:
+                   allow_mixed_units: bool = False, tcq_state_bits: int = 8) -> JointPlan:
     """Choose every block linear's spec and every layer's K and V width under one memory budget
     (module doc); ``weight_table=None`` allocates the KV cache alone.
 
     ``kv_bits``: allowed KV widths (default: every measured one, 16 included); ``kv_tied``: K and V of a
-    layer take the same width.  Raises :class:`InfeasibleMemory` (with ``min_bytes``) when nothing fits.
+    layer take the same width; ``tcq_state_bits``: as :func:`mixq.allocate.allocate`.  Raises :class:`InfeasibleMemory` (with ``min_bytes``) when nothing fits.
     """
     if method == "uniform":
         raise ValueError("method='uniform' has no meaning for a joint plan: use allocate_separately")
@@ -292,7 +295,7 @@ def allocate_joint(weight_table: SensitivityTable | None, kv_table: KVSensitivit
     plan_meta = {"joint": {"memory_bytes": memory_bytes, "context": context, "batch": batch,
                            "kv_bytes": kv_total / 8, "other_bytes": other_bytes}}
     weights = None if wp is None else _weight_plan(weight_table, wp, sol.choice[:nw], constraints,
-                                                   f"joint-{method}", plan_meta)
+                                                   f"joint-{method}", plan_meta, tcq_state_bits)
     plan = JointPlan(weights, kv, kv_err, kv_total, context, batch, kv_table.settings, memory_bytes, other_bytes,
                      f"joint-{method}", kv_table.metric, time.perf_counter() - t0, meta)
     if plan.total_bytes > memory_bytes:  # never: the solver checks in integer bits
@@ -324,7 +327,7 @@ def uniform_kv(kv_table: KVSensitivityTable, bits, context: int, batch: int = 1,
 def allocate_separately(weight_table: SensitivityTable, kv_table: KVSensitivityTable, memory_bytes: int,
                         context: int, batch: int = 1, *, kv_bits=4, kv_bytes: int | None = None,
                         constraints: Constraints = Constraints(), other_bytes: int = 0, method: str = "exact",
-                        fp_bits: int = 16, allowed_kv_bits=None) -> JointPlan:
+                        fp_bits: int = 16, allowed_kv_bits=None, tcq_state_bits: int = 8) -> JointPlan:
     """Baseline: split the budget first, then allocate each side alone.
 
     ``kv_bytes=None``: the cache is uniform at ``kv_bits`` (int or ``(k, v)``); else it gets ``kv_bytes``
@@ -344,7 +347,8 @@ def allocate_separately(weight_table: SensitivityTable, kv_table: KVSensitivityT
     if left * 8 < w_min:
         parts = {"weights": math.ceil(w_min / 8), "KV cache": math.ceil(kvp.kv_bytes), "other": other_bytes}
         raise InfeasibleMemory(memory_bytes, sum(parts.values()), parts, context, batch)
-    weights = allocate(weight_table, Budget(bytes=left), constraints=constraints, method=method)
+    weights = allocate(weight_table, Budget(bytes=left), constraints=constraints, method=method,
+                       tcq_state_bits=tcq_state_bits)
     plan = JointPlan(weights, kvp.kv, kvp.kv_errors, kvp.kv_bits_total, context, batch, kv_table.settings,
                      memory_bytes, other_bytes, how, kv_table.metric, time.perf_counter() - t0,
                      {"kv_table": kv_table.meta, "kv_model": kv_table.model})

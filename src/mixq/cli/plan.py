@@ -45,7 +45,7 @@ def cmd_plan(args) -> int:
     plans = []
     for b in budgets:
         t0 = time.perf_counter()
-        plan = allocate(table, b, constraints=constraints, method=args.solver)
+        plan = allocate(table, b, constraints=constraints, method=args.solver, tcq_state_bits=args.tcq_state_bits)
         plans.append((b, plan, time.perf_counter() - t0))
     for b, plan, secs in plans:
         if args.dry_run:
@@ -103,10 +103,12 @@ def _plan_joint(args) -> int:
     for mem in budgets:
         if uniform is not None:
             plan = allocate_separately(table, kv_table, mem, args.context, args.batch, kv_bits=uniform,
-                                       constraints=constraints, method=args.solver)
+                                       constraints=constraints, method=args.solver,
+                                       tcq_state_bits=args.tcq_state_bits)
         else:
             plan = allocate_joint(table, kv_table, mem, args.context, args.batch, constraints=constraints,
-                                  kv_bits=allowed, kv_tied=args.kv_tied, method=args.solver)
+                                  kv_bits=allowed, kv_tied=args.kv_tied, method=args.solver,
+                                  tcq_state_bits=args.tcq_state_bits)
         plans.append((mem, plan))
     for mem, plan in plans:
         print(plan.format())

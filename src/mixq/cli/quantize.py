@@ -127,7 +127,7 @@ def cmd_quantize(args) -> int:
                              candidates=load_candidate_set(args.candidates), metric=args.metric,
                              algorithm=measure_algorithm(args), grad_samples=args.grad_samples,
                              block_samples=args.block_samples, constraints=constraints_from(args),
-                             solver=args.solver, scratch=scratch)
+                             solver=args.solver, scratch=scratch, tcq_state_bits=args.tcq_state_bits)
         plan, table = bp.plan, bp.table
         rotate = rotate and not bp.rotated  # the budget stage rotated the weights before measuring them
         extra["measure_plan_seconds"] = time.perf_counter() - t0

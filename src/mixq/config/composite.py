@@ -20,10 +20,11 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
                                               the group's fp16 scale (default g64); rate a multiple of 1/d,
                                               d*rate <= 8 code bits; combines only with +ip, which it is
                                               meant for; :mod:`mixq.algorithms.composite.vq`
-               | "TCQ" <rate> ["-" GRAN]      trellis-coded (QTIP-style bitshift trellis, 1..4 bits a weight
+               | "TCQ" <rate> ["L10"] ["-" GRAN]  trellis-coded (QTIP-style bitshift trellis, 1..4 bits a weight
                                               by halves): each column is one Viterbi-chosen bit string,
-                                              a weight decodes from the last 8 bits; default channel
-                                              scales; combines only with +ip; :mod:`mixq.algorithms.composite.tcq`
+                                              a weight decodes from the last 8 bits (``L10``: the last 10,
+                                              a larger table, same bits); default channel scales; combines
+                                              only with +ip; :mod:`mixq.algorithms.composite.tcq`
     EXT       := "o" <percent> ["w" <bits>]   sparse outliers, <percent> % of the weights (SpQR, SqueezeLLM),
                                               kept in fp16; ``w<bits>`` (BIN bases only, 2..8): PB-LLM's salient
                                               weights on a <bits>-bit symmetric grid with an fp16 scale per row
@@ -125,6 +126,7 @@ class CompositeSpec(QuantSpec):
     incoherent    ``+ip``: everything else applies to the weight seen through random Hadamard transforms
     vq_dim        VQ base: weights per codebook vector (0 = not VQ); ``vq_bits`` the code bits per vector
     trellis       TCQ base: twice its bits per weight (0 = not TCQ)
+    state_bits    TCQ base: the trellis state's bits ``L``, 8 or 10 (:mod:`mixq.formats.composite.tcq_codebook`)
     """
 
     outliers: float = 0.0
@@ -142,6 +144,7 @@ class CompositeSpec(QuantSpec):
     vq_dim: int = 0
     vq_bits: int = 0
     trellis: int = 0
+    state_bits: int = 8
 
     def __post_init__(self):
         super().__post_init__()
@@ -187,7 +190,7 @@ class CompositeSpec(QuantSpec):
             head = f"VQ{r}" + ("" if self.vq_dim == 2 else f"x{self.vq_dim}") + head[len(f"W{self.bits}"):]
         if self.trellis:  # W3-channel -> TCQ2.5-channel
             r = str(self.trellis // 2) if self.trellis % 2 == 0 else repr(self.trellis / 2)
-            head = f"TCQ{r}" + head[len(f"W{self.bits}"):]
+            head = f"TCQ{r}" + ("" if self.state_bits == 8 else f"L{self.state_bits}") + head[len(f"W{self.bits}"):]
         ext = []
         if self.sq_bits:
             ext.append(f"sq{self.sq_bits}" + ("" if self.sq_group == SQ_GROUP else f"g{self.sq_group}"))
@@ -314,7 +317,8 @@ class CompositeSpec(QuantSpec):
                 "dialects": self.dialects, "binary": self.binary, "residual": self.residual,
                 "outlier_bits": self.outlier_bits, **({"incoherent": True} if self.incoherent else {}),
                 **({"vq_dim": self.vq_dim, "vq_bits": self.vq_bits} if self.vq_dim else {}),
-                **({"trellis": self.trellis} if self.trellis else {})}
+                **({"trellis": self.trellis} if self.trellis else {}),
+                **({"state_bits": self.state_bits} if self.state_bits != 8 else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompositeSpec":
@@ -324,7 +328,7 @@ class CompositeSpec(QuantSpec):
             raise ValueError(f"CompositeSpec version {d.get('_version')} is not supported "
                              f"(this mixq reads {COMPOSITE_VERSION})")
         ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects", "binary",
-               "residual", "outlier_bits", "incoherent", "vq_dim", "vq_bits", "trellis")
+               "residual", "outlier_bits", "incoherent", "vq_dim", "vq_bits", "trellis", "state_bits")
         unknown = set(d) - {"_type", "_version", "base", *ext}
         if unknown:
             raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")

@@ -21,7 +21,7 @@ def check_composite(spec) -> None:
         raise ValueError(f"hi_rows is a percentage in [0, 100), got {h!r}")
     object.__setattr__(spec, "hi_rows", float(h))
     for k in ("columns", "sq_bits", "sq_group", "hi_bits", "dialects", "residual", "outlier_bits", "vq_dim",
-              "vq_bits", "trellis"):
+              "vq_bits", "trellis", "state_bits"):
         v = getattr(spec, k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
@@ -41,6 +41,8 @@ def check_composite(spec) -> None:
         _check_vq(spec)
     if spec.trellis:
         _check_tcq(spec)
+    elif spec.state_bits != 8:
+        raise ValueError(f"state_bits ({spec.state_bits}) is a TCQ base's: this spec has no trellis")
     if spec.residual and not spec.binary:
         raise ValueError("+r (residual-binarized columns) needs a BIN base")
     if spec.binary:
@@ -113,4 +115,6 @@ def _check_tcq(spec) -> None:
         raise ValueError(f"TCQ rates are 1 to 4 bits a weight by halves, got {spec.trellis / 2:g}")
     if spec.bits != -(-spec.trellis // 2):
         raise ValueError(f"a TCQ base carries bits = ceil(rate) = {-(-spec.trellis // 2)}, got {spec.bits}")
+    if spec.state_bits not in (8, 10):
+        raise ValueError(f"TCQ state bits are 8 or 10 (TCQ<rate>L10), got {spec.state_bits}")
     _check_codebook_base(spec, "TCQ")

@@ -28,12 +28,12 @@ _EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)
 _SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
 _BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
 _VQ = re.compile(r"^VQ(\d+(?:\.\d+)?)(?:x(\d+))?(-.*)?$", re.IGNORECASE)
-_TCQ = re.compile(r"^TCQ(\d+(?:\.\d+)?)(-.*)?$", re.IGNORECASE)
+_TCQ = re.compile(r"^TCQ(\d+(?:\.\d+)?)(?:L(\d+))?(-.*)?$", re.IGNORECASE)
 
 
 def parse_spec(x) -> QuantSpec:
     """A spec from a name (``W4-g128``, ``NVFP4``, ``W3-g64+o0.5``, ``SLIM3-g64``, ``BIN-g128+r8``, ``VQ2.5-g64+ip``,
-    ``TCQ3-channel+ip``), a
+    ``TCQ3-channel+ip``, ``TCQ3L10-channel+ip``), a
     ``to_dict()`` dict or a spec: a :class:`QuantSpec` for plain names, a :class:`CompositeSpec` for composites, a
     registered composite family's spec for its names (:meth:`~mixq.config.composite_protocol.CompositeFormat.parse`)."""
     if isinstance(x, QuantSpec):
@@ -72,8 +72,10 @@ def parse_spec(x) -> QuantSpec:
         k2 = Fraction(mt.group(1)) * 2
         if k2.denominator != 1:
             raise ValueError(f"bad TCQ spec {raw!r}: the rate must be a multiple of 0.5 bits")
-        head = f"W{-(-int(k2) // 2)}" + (mt.group(2) or "-channel")
+        head = f"W{-(-int(k2) // 2)}" + (mt.group(3) or "-channel")
         kw["trellis"] = int(k2)
+        if mt.group(2):
+            kw["state_bits"] = int(mt.group(2))
     for t in exts:
         e = _EXT.match(t.lower())
         if not e:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..config.composite_families import TCQ_KERNELS
 from ..formats.composite.scales import group_len
 from ..formats.composite.tcq_codebook import lut as tcq_lut
-from ..formats.composite.tcq_storage import STATE_BITS, stream_layout, unpack_tcq
+from ..formats.composite.tcq_storage import stream_layout, unpack_tcq
 from .packed_codes_linear import PackedCodesLinear
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
@@ -48,13 +48,13 @@ class TCQLinear(PackedCodesLinear):
             if name == "scale":
                 t = self.scale.cpu().contiguous()
             elif name == "lut":
-                t = tcq_lut(self.spec.tcq_rate)
+                t = tcq_lut(self.spec.tcq_rate, self.spec.state_bits)
             elif name == "gemv":  # the native kernel's fixed arguments (CPU)
                 from .kernels.tcq_cpu import GemvLayer
 
                 P, width, k1 = stream_layout(self.spec)
                 self._cache[key] = GemvLayer(self._part("stream"), self._part("scale"), self._part("lut"),
-                                             self.out_features, self.in_features, P, width, k1, STATE_BITS,
+                                             self.out_features, self.in_features, P, width, k1, self.spec.state_bits,
                                              group_len(self.spec, self.in_features))
                 return self._cache[key]
             else:
@@ -89,7 +89,7 @@ class TCQLinear(PackedCodesLinear):
 
             P, width, k1 = stream_layout(self.spec)
             W = decode(self._part("stream"), self._part("scale"), self._part("lut"), self.out_features,
-                       self.in_features, P, width, k1, STATE_BITS, group_len(self.spec, self.in_features))
+                       self.in_features, P, width, k1, self.spec.state_bits, group_len(self.spec, self.in_features))
             W = (self.dequantize() if W is None else W).to(x.device)
             y = F.linear(x2.float(), W).to(x.dtype)
         elif k == "tcq-cpu":
@@ -100,7 +100,7 @@ class TCQLinear(PackedCodesLinear):
             P, width, k1 = stream_layout(self.spec)
             d = x.device
             y = tcq_linear_triton(x2, self._part("stream", d), self._part("scale", d), self._part("lut", d),
-                                  self.out_features, P, width, k1, STATE_BITS, group_len(self.spec, self.in_features))
+                                  self.out_features, P, width, k1, self.spec.state_bits, group_len(self.spec, self.in_features))
         else:
             raise ValueError(f"unknown TCQ kernel {k!r}")
         self.__dict__["last_kernel"] = k

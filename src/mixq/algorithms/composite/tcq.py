@@ -33,10 +33,11 @@ SCALE_ITERS = 2
 
 
 def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
-    """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]``."""
+    """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]`` (the trellis's
+    state bits are the table's: ``2^L`` entries)."""
     X = (Wg / s[:, None]).T.contiguous()
     w = (s * s)[None].expand_as(X).contiguous()
-    bits, vals, _ = viterbi(X, w, rate, table)
+    bits, vals, _ = viterbi(X, w, rate, table, table.numel().bit_length() - 1)
     return bits, vals.T
 
 
@@ -68,7 +69,7 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
     W0 = W.detach().to(torch.float32).cpu()
     R, C = W0.shape
     spec.cost((R, C))
-    table = tcq_lut(spec.tcq_rate)
+    table = tcq_lut(spec.tcq_rate, spec.state_bits)
     glen = group_len(spec, C)
     if method == "gptq":
         if H is None:

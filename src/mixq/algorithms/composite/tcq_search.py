@@ -4,7 +4,7 @@ torch), and how the trellis's lookup tables are trained.
 
 ``generate(rate)``: Lloyd over the trellis, from the Gaussian quantiles in a seeded order, ``ITERS`` times
 (Viterbi-encode seeded N(0, 1) sequences; set each entry to the mean of the targets that decoded from it).  The tables
-committed in :mod:`mixq.formats.composite.tcq_tables` were made by an earlier build of the native search, and
+committed in :mod:`mixq.formats.composite.tcq_tables` (``L = 8``) were made by an earlier build of the native search, and
 :func:`generate` now gives tables equal to them up to that search's float rounding (same MSE to 0.1 %).  MSE per
 weight on N(0, 1) of a table: :func:`mse` (compare the 2-D vector codebooks' with
 :func:`mixq.algorithms.composite.vq_search.mse`; measured figures: ``bench/results/tcq.md``).
@@ -66,8 +66,8 @@ def _init(L: int) -> torch.Tensor:
 
 
 def generate(rate, L: int = L) -> torch.Tensor:
-    """Train the ``[2^L]`` table of a rate (module docstring; about a second natively at ``L = 8``; ``L`` = 10 is
-    for experiments: ``bench/tcq.py``)."""
+    """Train the ``[2^L]`` table of a rate (module docstring; about a second natively at ``L = 8`` or ``10``: the
+    committed ``tcq_tables`` and ``tcq_tables_l10``)."""
     ks = schedule(rate, TRAIN_LEN)
     x = torch.randn(TRAIN_SEQS, TRAIN_LEN, generator=torch.Generator().manual_seed(SEED + 1))
     table = _init(L)

@@ -14,10 +14,15 @@ reachable sequences cover the Gaussian better than any fixed grid of the same ra
 QTIP, Tseng et al. 2024, with ``L = 16`` on a GPU; ``L = 8`` here keeps the search ~0.3 µs a weight on this CPU).
 Decoding a weight needs only the ``L`` stream bits ending at it: no sequential dependence, random access.
 
-``lut(rate)``: ``2^L`` fp16-exact values, trained for i.i.d. N(0, 1) targets (what ``+ip`` weights divided by
+``lut(rate, L)``: ``2^L`` fp16-exact values, trained for i.i.d. N(0, 1) targets (what ``+ip`` weights divided by
 their scale look like) by Lloyd over the trellis (:func:`mixq.algorithms.composite.tcq_search.generate`), committed
-in :mod:`mixq.formats.composite.tcq_tables` (``tests/test_tcq.py`` pins them) so that machines whose arithmetic
-differs in the last bit still decode a stored model identically.
+in :mod:`mixq.formats.composite.tcq_tables` (``L = 8``) and :mod:`mixq.formats.composite.tcq_tables_l10` (``L = 10``;
+``tests/test_tcq.py`` pins both) so that machines whose arithmetic differs in the last bit still decode a stored
+model identically.
+
+**State bits.**  ``L = 8`` (:data:`L`, what a plain ``TCQ<rate>`` spec decodes with) or ``L = 10`` (``TCQ<rate>L10``,
+the spec's ``state_bits``): the same bits a weight and the same stream, a 4x larger table (2 KB of fp16) and a
+Viterbi search 3-4x as long, for 5-13 % less squared error on Gaussian targets (``bench/results/tcq.md``).
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from functools import lru_cache
 
 import torch
 
-L = 8
+L = 8                   # the state bits of a plain TCQ<rate> spec
+STATE_BITS = (8, 10)    # those with committed tables (the native search handles these two)
 RATES = tuple(Fraction(n, 2) for n in range(2, 9))  # 1 .. 4 bits a weight, by halves
 
 
@@ -65,20 +71,28 @@ def states(bits: torch.Tensor, ks: torch.Tensor, L: int = L) -> torch.Tensor:
     return out
 
 
-@lru_cache(maxsize=None)
-def _lut(rate: Fraction) -> torch.Tensor:
-    from .tcq_tables import TABLES
+def check_state_bits(L) -> int:
+    if isinstance(L, bool) or L not in STATE_BITS:
+        raise ValueError(f"TCQ state bits are one of {STATE_BITS}, got {L!r}")
+    return int(L)
 
+
+@lru_cache(maxsize=None)
+def _lut(rate: Fraction, L: int) -> torch.Tensor:
+    if L == 8:
+        from .tcq_tables import TABLES
+    else:
+        from .tcq_tables_l10 import TABLES
     hexs = TABLES.get(str(rate))
     if hexs is None:
-        raise ValueError(f"no TCQ table for rate {rate}; have {sorted(TABLES)} "
-                         "(add one with mixq.algorithms.composite.tcq_search.generate and tcq_tables.py)")
+        raise ValueError(f"no TCQ table for rate {rate} at L = {L}; have {sorted(TABLES)} "
+                         "(add one with mixq.algorithms.composite.tcq_search.generate and the tables module)")
     return torch.frombuffer(bytearray(bytes.fromhex(hexs)), dtype=torch.float16).float()
 
 
-def lut(rate) -> torch.Tensor:
-    """The ``[2^L]`` float32 table (fp16-exact values) of a rate (a copy)."""
-    return _lut(check_rate(rate)).clone()
+def lut(rate, L: int = L) -> torch.Tensor:
+    """The ``[2^L]`` float32 table (fp16-exact values) of a rate at ``L`` state bits (a copy)."""
+    return _lut(check_rate(rate), check_state_bits(L)).clone()
 
 
 def to_hex(table: torch.Tensor) -> str:

@@ -20,7 +20,7 @@ import torch
 from ...config import BitCost, CompositeSpec
 from ..bitpack import pack, unpack
 from .scales import FLOAT_DTYPES, group_len
-from .tcq_codebook import L, lut as tcq_lut, period, schedule, states
+from .tcq_codebook import lut as tcq_lut, period, schedule, states
 
 
 @dataclass
@@ -55,8 +55,8 @@ class TCQQTensor:
 
 def unit_values(bits: torch.Tensor, spec: CompositeSpec) -> torch.Tensor:
     C, R = bits.shape
-    rate = spec.tcq_rate
-    return tcq_lut(rate)[states(bits, schedule(rate, R))].T.contiguous()
+    rate, L = spec.tcq_rate, spec.state_bits
+    return tcq_lut(rate, L)[states(bits, schedule(rate, R), L)].T.contiguous()
 
 
 def apply_scale(U: torch.Tensor, scale: torch.Tensor, glen: int) -> torch.Tensor:
@@ -98,9 +98,7 @@ def unpack_tcq(t: dict[str, torch.Tensor], spec: CompositeSpec, shape: tuple[int
 
 
 def stream_layout(spec: CompositeSpec) -> tuple[int, int, int]:
-    """``(P rows a symbol, symbol bits, bits of a symbol's second step)`` for the CPU kernel; ``L`` the state bits."""
+    """``(P rows a symbol, symbol bits, bits of a symbol's second step)`` for the kernels (the state bits are the
+    spec's ``state_bits``)."""
     p = period(spec.tcq_rate)
     return len(p), sum(p), p[1] if len(p) == 2 else 0
-
-
-STATE_BITS = L
