@@ -50,6 +50,8 @@ def main():
                                                         "`mixq quantize` run on the same calibration) for the plans")
     ap.add_argument("--fast-on", default=None, choices=["cpu"], help="plans under Constraints(fast_on=...): only "
                     "specs that decode faster than fp32 there (e.g. with --candidates fast-cpu)")
+    ap.add_argument("--tcq-state-bits", type=int, default=None, choices=(8, 10),
+                    help="state bits the plans' TCQ layers are encoded with (default: mixq.plan's, the recipe's)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
@@ -67,7 +69,8 @@ def main():
            + (f" --budgets {args.budgets}" if args.budgets != "2.5,3,3.5,4,4.5" else "")
            + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else "")
            + (f" --measurement {args.measurement}" if args.measurement else "")
-           + (f" --fast-on {args.fast_on}" if args.fast_on else ""))
+           + (f" --fast-on {args.fast_on}" if args.fast_on else "")
+           + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else ""))
     ref, tok = mixq.load_model("smollm2-135m")
     evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     bos = evals.bos
@@ -99,7 +102,8 @@ def main():
             if table is None:
                 table = _measurement(ref, calib, doc, cands, args.metric)
             plan = mixq.plan(table, bpw=b, solver="exact" if v.startswith("mixed") else "uniform",
-                             fast_on=args.fast_on)
+                             fast_on=args.fast_on, tcq_state_bits=args.tcq_state_bits)
+            doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else "gptq"
             res = mixq.quantize(model, plan=plan, method=method, damp=args.damp, act_order=args.act_order,
