@@ -448,21 +448,31 @@ def test_quantize_fast_on_cpu_measures_the_fast_cpu_set(tiny_dir, tmp_path):
     assert FAST_CPU_CANDIDATE_NAMES[0] in json.dumps(measured) and "TCQ" not in json.dumps(measured)
 
 
-def test_tcq_layers_are_encoded_with_the_asked_state_bits(tmp_path):
-    """A plan priced with TCQ<r> (L = 8) stores TCQ<r>L10 where asked: the same bits (so the budget still holds),
-    forced layers kept as named, the state bits in the plan's meta, and the JSON reads back."""
+def test_tcq_layers_are_encoded_with_the_asked_state_bits():
+    """A table priced with TCQ<r> (L = 8) plans TCQ<r>L10 where asked: each trellis candidate's error scaled by the
+    tables' Gaussian error ratio (below 1, the larger gain at the higher rate), the budget held, forced layers kept
+    as named, the state bits and the source table's fingerprint in the plan's meta, and the JSON reads back."""
     from mixq import plan as mixq_plan
-    from mixq.allocate.plan import with_tcq_state_bits
+    from mixq.allocate.tcq_states import error_ratio, reprice
 
     specs = ("TCQ2-channel+ip", "TCQ3-channel+ip", "TCQ4-channel+ip", "W4-g64", "FP16")
     table = smol_table(blocks=2, specs=[parse_spec(n) for n in specs])
-    p8 = allocate(table, Budget(bpw=3.0))
+    ratios = {r: error_ratio(r, 10) for r in (2, 3, 4)}
+    assert all(0.8 < v < 0.97 for v in ratios.values()) and ratios[4] < ratios[2], ratios
+    assert reprice(table, 8) is table and error_ratio(3, 8) == 1.0
+    t10 = reprice(table, 10)
+    for x, y in zip(table.layers, t10.layers):
+        for s8, e8, s10, e10 in zip(x.candidates, x.errors, y.candidates, y.errors):
+            if getattr(s8, "trellis", 0):
+                assert s10.name == s8.name.replace("-channel", "L10-channel") and s10.cost(x.shape) == s8.cost(x.shape)
+                assert e10 == pytest.approx(e8 * ratios[int(s8.tcq_rate)])
+            else:
+                assert (s10, e10) == (s8, e8)
     p10 = allocate(table, Budget(bpw=3.0), tcq_state_bits=10)
-    assert any(getattr(s, "trellis", 0) for s in p8.layers.values()) and "tcq_state_bits" not in p8.meta
-    for f, s in p10.layers.items():
-        s8 = p8.layers[f]
-        assert s.name == (s8.name.replace("-channel", "L10-channel") if getattr(s8, "trellis", 0) else s8.name)
-    assert p10.total_bits == p8.total_bits and p10.errors == p8.errors and p10.meta["tcq_state_bits"] == 10
+    chosen = [s for s in p10.layers.values() if getattr(s, "trellis", 0)]
+    assert chosen and all(s.state_bits == 10 for s in chosen) and p10.total_bits <= p10.budget_bits
+    assert p10.meta["tcq_state_bits"] == 10 and p10.meta["table_sha256"] == table.fingerprint()
+    assert "tcq_state_bits" not in allocate(table, Budget(bpw=3.0)).meta
     assert Plan.from_dict(json.loads(json.dumps(p10.to_dict()))) == p10
     forced = allocate(table, Budget(bpw=3.0), constraints=Constraints(force=((r"0\.mlp\.down", "TCQ3-channel+ip"),)),
                       tcq_state_bits=10)
@@ -471,4 +481,4 @@ def test_tcq_layers_are_encoded_with_the_asked_state_bits(tmp_path):
     named = mixq_plan(table, bpw=3.1, solver="uniform", uniform="TCQ3-channel+ip")  # a named spec is kept
     assert {s.name for s in named.layers.values()} == {"TCQ3-channel+ip"}
     with pytest.raises(ValueError, match="state bits"):
-        with_tcq_state_bits(p8.layers, 12)
+        reprice(table, 12)

@@ -35,7 +35,8 @@ from ..runtime.kv_cost import resolve_kv_bits
 from ..runtime.kv_settings import KVSettings
 from .constraints import KEEP, Constraints, build_problem
 from .kv_table import KVSensitivityTable, check_doc
-from .plan import Budget, Plan, allocate, human_bytes, with_tcq_state_bits
+from .plan import Budget, Plan, allocate, human_bytes
+from .tcq_states import reprice
 from .solvers import InfeasibleBudget, Problem, solve
 from .table import SensitivityTable
 
@@ -225,20 +226,17 @@ def _kv_part(kv_table, rows, picks):
     return tuple(kv), tuple(errs)
 
 
-def _weight_plan(weight_table, problem, choice, constraints, solver, extra_meta, tcq_state_bits: int = 8) -> Plan:
+def _weight_plan(weight_table, problem, choice, constraints, solver, extra_meta, source) -> Plan:
     layers, errors = {}, {}
     for i, x in enumerate(weight_table.layers):
         name = problem.labels[i][choice[i]]
         by = {s.name: s for s in (*x.candidates, KEEP)}
         layers[x.fqn], errors[x.fqn] = by[name], problem.errors[i][choice[i]]
-    if tcq_state_bits != 8:
-        layers = with_tcq_state_bits(layers, tcq_state_bits, constraints)
-        extra_meta = {**extra_meta, "tcq_state_bits": tcq_state_bits}
     bits = sum(problem.costs[i][c] for i, c in enumerate(choice))
     nbytes = max(1, math.ceil(bits / 8))
     return Plan(layers, {x.fqn: x.shape for x in weight_table.layers}, errors, weight_table.metric, solver,
                 Budget(bytes=nbytes), 8 * nbytes, None, constraints,
-                {**weight_table.meta, "table_sha256": weight_table.fingerprint(), **extra_meta})
+                {**weight_table.meta, "table_sha256": source.fingerprint(), **extra_meta})
 
 
 def _budget_bits(memory_bytes: int, other_bytes: int) -> int:
@@ -264,6 +262,9 @@ def allocate_joint(weight_table: SensitivityTable | None, kv_table: KVSensitivit
     _check_units(weight_table, kv_table, allow_mixed_units)
     t0 = time.perf_counter()
     budget = _budget_bits(memory_bytes, other_bytes)
+    source = weight_table
+    if weight_table is not None:
+        weight_table = reprice(weight_table, tcq_state_bits, constraints)
     wp = build_problem(weight_table, constraints) if weight_table is not None else None
     rows = _kv_rows(kv_table, context, batch, kv_bits, fp_bits)
     nw = 0 if wp is None else len(wp.layers)
@@ -295,7 +296,7 @@ def allocate_joint(weight_table: SensitivityTable | None, kv_table: KVSensitivit
     plan_meta = {"joint": {"memory_bytes": memory_bytes, "context": context, "batch": batch,
                            "kv_bytes": kv_total / 8, "other_bytes": other_bytes}}
     weights = None if wp is None else _weight_plan(weight_table, wp, sol.choice[:nw], constraints,
-                                                   f"joint-{method}", plan_meta, tcq_state_bits)
+                                                   f"joint-{method}", plan_meta, source)
     plan = JointPlan(weights, kv, kv_err, kv_total, context, batch, kv_table.settings, memory_bytes, other_bytes,
                      f"joint-{method}", kv_table.metric, time.perf_counter() - t0, meta)
     if plan.total_bytes > memory_bytes:  # never: the solver checks in integer bits

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..jsonio import read_json, write_json_atomic
 from .constraints import KEEP, Constraints, build_problem
 from .solvers import InfeasibleBudget, solve
 from .table import SensitivityTable, _check_header, spec_from_json, spec_to_json
+from .tcq_states import reprice
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,10 @@ def allocate(table: SensitivityTable, budget: Budget, *, constraints: Constraint
 
     Raises :class:`InfeasibleBudget` (message: the minimum feasible bpw and bytes) when even the
     cheapest allowed choice does not fit.  ``uniform``: with ``method="uniform"``, a spec name.
-    ``tcq_state_bits``: the trellis every chosen ``TCQ<rate>`` layer is encoded with (:func:`with_tcq_state_bits`).
+    ``tcq_state_bits``: the trellis the plan's ``TCQ<rate>`` layers are encoded with, chosen from the table as
+    :func:`mixq.allocate.tcq_states.reprice` prices them (8: as measured).
     """
+    source, table = table, reprice(table, tcq_state_bits, constraints)
     problem = build_problem(table, constraints)
     numel = table.numel
     bits = budget.to_bits(numel)
@@ -248,28 +250,8 @@ def allocate(table: SensitivityTable, budget: Budget, *, constraints: Constraint
         layers[x.fqn], errors[x.fqn] = by[name], problem.errors[i][sol.choice[i]]
     log.info("allocated %d layers with %s in %.3fs: %.4f bpw (budget %s), predicted %s %.6g",
              len(layers), method, sol.seconds, sol.total_bits / numel, budget, table.metric, sol.total_error)
-    meta = {**table.meta, "table_sha256": table.fingerprint()}
-    if tcq_state_bits != 8:
-        layers = with_tcq_state_bits(layers, tcq_state_bits, constraints)
-        meta["tcq_state_bits"] = tcq_state_bits
     return Plan(layers, {x.fqn: x.shape for x in table.layers}, errors, table.metric, method, budget, bits,
-                sol.lower_bound, constraints, meta)
-
-
-def with_tcq_state_bits(layers: dict[str, QuantSpec], L: int, constraints: Constraints = Constraints()) -> dict:
-    """``layers`` with every trellis-coded spec (``TCQ<rate>...``) encoded through ``L`` state bits instead
-    (``TCQ<rate>L10...``), except layers a ``constraints.force`` pattern pins to its spec.
-
-    The stored bits are the same (:meth:`~mixq.config.CompositeSpec.cost` does not depend on ``L``), so the plan
-    stays within its budget; only the table a weight decodes through grows (2^L entries), and the error falls
-    (5-13 % of squared error on Gaussian targets at L = 10, ``bench/results/tcq.md``).  The measurement prices
-    the ``L = 8`` trellis, whose search is 3-4x cheaper: the predicted errors stay those, an upper bound."""
-    from ..formats.composite.tcq_codebook import check_state_bits
-
-    check_state_bits(L)
-    forced = [p for p, _ in constraints.force]
-    return {f: replace(s, state_bits=L) if getattr(s, "trellis", 0) and not any(re.search(p, f) for p in forced)
-            else s for f, s in layers.items()}
+                sol.lower_bound, constraints, {**table.meta, "table_sha256": source.fingerprint()})
 
 
 def format_plan_table(plan: Plan) -> str:
