@@ -9,7 +9,8 @@ whole process), side by side in one run:
 2. ``mixq quantize --bpw B`` (the default recipe, :mod:`mixq.recipe`: self+ptb calibration, kfac measurement of
    the default candidates with GPTQ errors, GPTQ): calibration + measurement + plan + GPTQ + save, cold start
    (the self-generated rows come from the cache when an earlier run made them: the table says which);
-3. ``mixq plan MEASUREMENT --bpw ...``: every further budget from the saved measurement.
+3. ``mixq plan MEASUREMENT --bpw ...``: every further budget from the saved measurement;
+4. ``mixq eval OUT --tokens T`` (not a cost: what the default run gave, KL to fp32 in and out of domain).
 
 Also states the memory a non-streaming GPTQ would need: the fp32 model plus the inputs of every
 block kept for all calibration samples.  Writes bench/results/quantize_cost.{md,json}.
@@ -50,6 +51,8 @@ def main():
     ap.add_argument("--bpw", type=float, default=3.0)
     ap.add_argument("--nsamples", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--budgets", default="2.5,3,3.25,4,4.5")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each domain `mixq eval` scores the "
+                                                                  "output on (0: skip)")
     args = ap.parse_args()
     nsamples = args.nsamples or DEFAULT_RECIPE["nsamples"]
     work = Path(tempfile.mkdtemp(prefix="mixq-cost-"))
@@ -59,6 +62,7 @@ def main():
         q = timed([*MIXQ, "quantize", "--bpw", str(args.bpw), *(["--nsamples", str(args.nsamples)] if args.nsamples
                                                                   else []), "--out", str(out)])
         info = json.loads((out / "mixq.json").read_text())
+        ev = timed([*MIXQ, "eval", str(out), "--tokens", str(args.eval_tokens)]) if args.eval_tokens else None
         p = timed([*MIXQ, "plan", str(out / "measurement.json"), "--bpw", args.budgets, "--out", str(work / "plans")])
         n_plans = len(list((work / "plans").glob("plan-*.json")))
     finally:
@@ -82,12 +86,15 @@ def main():
               "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
     for k, r in rows.items():
         lines.append(f"| {k} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    if ev is not None:
+        lines += ["", f"What the run gave (`mixq eval OUT --tokens {args.eval_tokens}`, KL to the fp32 model; not part "
+                  f"of the cost, {ev['seconds']:.0f} s):", "", "```", *ev["stdout"], "```"]
     lines += ["", f"Peak RSS of the GPTQ run is {q['peak_rss_mb'] / base['peak_rss_mb']:.2f}× the fp32 baseline "
               f"process. Holding the inputs of all {blocks} blocks for {nsamples} × {seqlen} tokens in fp32 "
               f"would take {all_acts_mb:.0f} MB on top of the model; the block walk keeps two "
               f"[{nsamples}, {seqlen}, {hidden}] buffers ({2 * all_acts_mb / blocks:.0f} MB)."]
     (RESULTS / "quantize_cost.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "quantize_cost.json").write_text(json.dumps({"rows": rows, "all_block_inputs_mb": all_acts_mb,
+    (RESULTS / "quantize_cost.json").write_text(json.dumps({"rows": rows, "eval": ev, "all_block_inputs_mb": all_acts_mb,
                                                             "quantize_info_seconds": info["seconds"]}, indent=2))
     print("\n".join(lines))
 
