@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN",
                     help="--recipe default (a variant ending in +e2e adds the recipe's end-to-end fine-tuning)")
     ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
+    ap.add_argument("--tcq-state-bits", type=int, default=None, choices=(8, 10),
+                    help="--recipe default: state bits of the plans' TCQ layers (default: the recipe's)")
     ap.add_argument("--metrics", default=None, help="e.g. kfac,kfac-tok: instead, an A/B of sensitivity metrics with "
                     "RTN plans (default calibration, --candidates, uniform --uniform specs), KL on PTB and fortunes")
     args = ap.parse_args()
@@ -134,7 +136,8 @@ def default_recipe(args) -> None:
                        + (f" --budgets {args.budgets}" if args.budgets != "3,3.5,4,4.5" else "")
                        + (f" --metric {args.metric}" if args.metric != "kfac" else "")
                        + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN"
-                          else "") + (f" --tag {args.tag}" if args.tag else ""),
+                          else "") + (f" --tag {args.tag}" if args.tag else "")
+                       + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     cached = out.with_name(out.name + "-measurement.json")
@@ -145,7 +148,9 @@ def default_recipe(args) -> None:
                 continue
             if table is None:
                 table = _default_table(ref, calib, cands, R, cached, doc)
-            plan = mixq.plan(table, bpw=b, solver=R["solver"] if v.startswith("mixed") else "uniform")
+            plan = mixq.plan(table, bpw=b, solver=R["solver"] if v.startswith("mixed") else "uniform",
+                             tcq_state_bits=args.tcq_state_bits)
+            doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else R["method"]
             res = mixq.quantize(model, plan=plan, method=method, damp=R["damp"], act_order=R["act_order"],

@@ -20,7 +20,11 @@ quantizing them costs, so its plans gave 8-bit grids to them and lost to a unifo
 the mixed GPTQ plans of gemma3-270m fell from 0.240 / 0.374 to 0.202 / 0.295 at 3.0 bpw (uniform
 ``TCQ3-channel+ip`` at 3.02 bpw: 0.225 / 0.325) and from 0.134 / 0.205 to 0.120 / 0.169 at 3.5, and SmolLM2's
 3.0-bpw plan (with the epoch) from 0.162 / 0.268 to 0.157 / 0.251 (second_model_kfackv.md, generalization.md
-run ``kfackv``, metric_fidelity.md).  ``kfac-pos`` was ``kfac`` with each token's input weighted by
+run ``kfackv``, metric_fidelity.md).  ``mixq-default-9`` is ``-8`` with the plan's trellis layers encoded through
+``2^10`` states (``TCQ<r>L10``, :mod:`mixq.allocate.tcq_states`): the same bits, a 1024-entry table; the
+measurement still prices the 8-bit trellis and the solver scales those errors by the tables' Gaussian error ratio.
+On SmolLM2 the 3.0-bpw plan fell from 0.158 / 0.249 to 0.140 / 0.234 and the 2.5-bpw one to 0.267 / 0.419
+(generalization.md runs ``kfackv-s33`` and ``kfackv-L10``).  ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
 the two are within 2-7 % at 3.0 and 4.0 bpw (generalization.md, second_model_default.md).  ``mixq-default-2``
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-8"
+RECIPE_NAME = "mixq-default-9"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB
