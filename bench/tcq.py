@@ -95,7 +95,8 @@ def layer_rows() -> list[dict]:
 
 def model_rows() -> list[dict]:
     out = []
-    for tag in ("g_vq3", "g_tcq3", "g_tcq2.5", "default4", "tcq"):
+    for tag in ("g_vq3", "g_tcq3", "g_tcq2.5", "default4", "tcq", "g_tcq3_L8", "g_tcq3_L10", "kfackv-s33",
+                "kfackv-L10"):
         p = RESULTS / "generalization" / f"{tag}.json"
         if p.exists():
             d = json.loads(p.read_text())
@@ -108,9 +109,14 @@ def model_rows() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", action="store_true")
+    ap.add_argument("--report", action="store_true", help="only re-read the end-to-end runs and rewrite tcq.md")
     args = ap.parse_args()
     out = RESULTS / "tcq.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
+    if args.report:
+        prev["model"] = model_rows()
+        out.write_text(json.dumps(prev, indent=1))
+        return write_md(prev)
     doc = {"command": "OMP_NUM_THREADS=1 python bench/tcq.py" + (" --layers" if args.layers else ""),
            "machine": machine(), "commit": git_rev(), "gaussian": gaussian_rows(),
            "layers": layer_rows() if args.layers else prev.get("layers"), "model": model_rows()}
@@ -153,11 +159,17 @@ READING = """What was tried and why this trellis (measured 2026-12-04 on this ma
 - **The trellis runs down each column (over the rows).** With GPTQ's column-by-column error feedback (LDLQ), one
   column's proxy is a plain sum of squares over its rows. So the Viterbi search per column is exactly GPTQ's
   rounding step, with no within-block approximation (QTIP quantizes row blocks, without LDLQ inside a block).
-- **State bits L = 8.**
-  - L = 10 lowers the Gaussian MSE by a further 5-13 %, but its search costs 3-4x as much.
-  - With five TCQ candidates in the measurement, the search already dominates the cost of `mixq quantize`.
-  - L is a parameter of `tcq_codebook` (tables, search, kernel), so a larger-L family can be added as a new
-    set of tables.
+- **State bits: measured at L = 8, stored at L = 10** (since recipe `mixq-default-9`, 2026-12-05).
+  - L = 10 lowers the Gaussian MSE by a further 5-13 %, but its search costs 3-4x as much. With five TCQ
+    candidates in the measurement, the search already dominates the cost of `mixq quantize`, so the measurement
+    stays at L = 8.
+  - The same stream decodes through 2^10 states as `TCQ<r>L10` (committed 1024-entry tables, same bits). The
+    plan is chosen from the table with each TCQ candidate's error times the Gaussian MSE ratio L10 / L8 of its rate
+    (`mixq.allocate.tcq_states`), and GPTQ encodes the chosen layers at L = 10 (their scales are fitted through
+    the 8-bit trellis, a third of the search).
+  - Uniform GPTQ `TCQ3-channel+ip` on SmolLM2 (runs `g_tcq3_L8` / `g_tcq3_L10`, same calibration, one session):
+    KL PTB / fortunes TCQ_UNIFORM.  The default mixed plans with the end-to-end epoch (runs `kfackv-s33` /
+    `kfackv-L10`, one measurement): TCQ_MIXED.
 - **Tables** are trained by Lloyd over the trellis, from Gaussian quantiles in a seeded order, on N(0, 1)
   sequences. QTIP's computed codes (1MAD / 3INST) were not tried: at L = 8 a table of 256 fp16 values is 512
   bytes, so computing codes saves nothing.
