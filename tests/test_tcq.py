@@ -127,6 +127,21 @@ def test_viterbi_is_optimal_and_native_matches_torch(rate):
         assert torch.equal(v1, lut[tc.states(b1, tc.schedule(rate, 200))])
 
 
+@needs_native
+@pytest.mark.parametrize("L", [8, 10])
+def test_native_search_matches_torch_at_every_step_width(L):
+    """Every step width 1-4 bits (the AVX2 cost update has a path for k < 3 and one for k >= 3) at both state bits:
+    the native search's costs are the torch search's, and its values decode from its bits."""
+    g = torch.Generator().manual_seed(L)
+    for rate in (1, 1.5, 3, 3.5, 4):
+        lut = tc.lut(rate, L)
+        X, Wt = torch.randn(8, 96, generator=g), torch.rand(8, 96, generator=g) + 0.1
+        b1, v1, c1 = ts.viterbi(X, Wt, rate, lut, L)
+        b2, v2, c2 = ts.viterbi_torch(X, Wt, tc.schedule(rate, 96), lut, L)
+        torch.testing.assert_close(c1, c2, rtol=1e-4, atol=1e-4)
+        assert torch.equal(v1, lut[tc.states(b1, tc.schedule(rate, 96), L)]), rate
+
+
 @pytest.mark.parametrize("name", ["TCQ3-channel", "TCQ2.5-g64", "TCQ3L10-channel", "TCQ2.5L10-g64"])
 def test_rtn_gptq_storage_round_trip(name):
     spec = parse_spec(name)

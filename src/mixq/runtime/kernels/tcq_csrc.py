@@ -7,6 +7,9 @@ SOURCE = r"""
 #include <stdlib.h>
 #include <stddef.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -26,12 +29,35 @@ static inline __attribute__((always_inline)) void tcq_step(const int k, const in
   }
   for (int u = 0; u < U; u++) { bpt[u] = (uint8_t)(mi[u] & 15); mi[u] &= ~15; }
   memcpy(m, mi, sizeof(float) * U);
+#ifdef __AVX2__
+  /* c1[s] = m[s >> k] + wt (xt - lut[s])^2, eight states a vector: the states of one vector share 8 >> k
+     predecessors' minima (k < 3: spread by a permute), or one (k >= 3: a broadcast) */
+  const __m256 vx = _mm256_set1_ps(xt), vw = _mm256_set1_ps(wt);
+  if (k >= 3) {
+    for (int u = 0; u < U; u++) {
+      const __m256 mu = _mm256_set1_ps(m[u]);
+      for (int b = 0; b < B; b += 8) {
+        const __m256 d = _mm256_sub_ps(vx, _mm256_loadu_ps(lut + ((size_t)u << k) + b));
+        _mm256_storeu_ps(c1 + ((size_t)u << k) + b, _mm256_fmadd_ps(_mm256_mul_ps(vw, d), d, mu));
+      }
+    }
+  } else {
+    const __m256i idx = _mm256_srli_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), k);
+    const int per = 8 >> k;
+    for (int s = 0, u = 0; s < S; s += 8, u += per) {
+      const __m256 mm = _mm256_permutevar8x32_ps(_mm256_loadu_ps(m + u), idx);
+      const __m256 d = _mm256_sub_ps(vx, _mm256_loadu_ps(lut + s));
+      _mm256_storeu_ps(c1 + s, _mm256_fmadd_ps(_mm256_mul_ps(vw, d), d, mm));
+    }
+  }
+#else
   for (int u = 0; u < U; u++) {
     const float mu = m[u];
     const float* lu = lut + ((size_t)u << k);
     float* cu = c1 + ((size_t)u << k);
     for (int b = 0; b < B; b++) { const float d = xt - lu[b]; cu[b] = mu + wt * d * d; }
   }
+#endif
 }
 
 int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T, const float* lut, int L,
@@ -45,7 +71,7 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
     float* c0 = (float*)malloc(sizeof(float) * S);
     float* c1 = (float*)malloc(sizeof(float) * S);
     int32_t* mi = (int32_t*)malloc(sizeof(int32_t) * UM);
-    float* m = (float*)malloc(sizeof(float) * UM);
+    float* m = (float*)malloc(sizeof(float) * (UM + 8));  /* + 8: the AVX2 step reads a whole vector of minima */
     uint8_t* bp = (uint8_t*)malloc((size_t)T * UM);
     #pragma omp for schedule(dynamic)
     for (int n = 0; n < N; n++) {
@@ -114,7 +140,6 @@ void tcq_decode(const uint8_t* stream, const float* scale, const float* lut, flo
    columns of its column range, four at a time (four independent state chains), into a private [M, R] partial
    sum per group, scaled into its private y; the threads' y are added at the end. */
 #ifdef __AVX2__
-#include <immintrin.h>
 /* The AVX2 GEMV: eight columns side by side, one per lane, each lane its own state chain (every lane shifts by
    the same widths, so the chains step together).  A lane's symbols come from a 32-bit bit reservoir refilled by
    one gather every K symbols; the table entries by one gather per row; each lane accumulates into its own slot
