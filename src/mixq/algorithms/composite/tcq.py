@@ -13,9 +13,10 @@ minimizes for a scalar grid -- and GPTQ's sweep (:func:`mixq.algorithms.sweep.sw
 
 Scales (``fit_scales``): from each row's RMS over the group (the table is trained for unit variance), then the
 least-squares scale on the decoded values, ``SCALE_ITERS`` passes, keeping the pass of least error.  Under GPTQ a
-group's scales are fitted when its first column is reached, on the weights as updated so far -- through the 8-bit
-trellis whatever the spec's state bits: a ``TCQ<rate>L10`` layer's scales fitted so are within 0.1-0.4 % of the
-proxy of fitting them at L = 10 (measured on Gaussian layers under a correlated H), for a third of the search.
+group's scales are fitted when its first column is reached, on the weights as updated so far, through the spec's
+own trellis.  (Fitting a ``TCQ<rate>L10`` layer's scales through the cheaper 8-bit trellis was tried: within 0.1-0.4
+% of the proxy on Gaussian layers, but uniform GPTQ ``TCQ3L10-channel+ip`` on SmolLM2 lost 3.4 % of KL in domain and
+1.5 % out of it, run ``g_tcq3_L10-fit8`` at f9d09bb against ``g_tcq3_L10``.)
 Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.  The stored parts
 (:class:`~mixq.formats.composite.tcq_storage.TCQQTensor`), their decoding and packing:
 :mod:`mixq.formats.composite.tcq_storage`.
@@ -95,7 +96,6 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
 def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol, scale_iters):
     from ..gptq import prepare_hessian
 
-    fit_table = tcq_lut(spec.tcq_rate, 8)  # the scales' search (module doc)
     R, C = W0.shape
     Wk = W0.clone()
     dead = torch.diagonal(H) == 0
@@ -106,7 +106,7 @@ def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol, scale_iters):
 
     def round_column(col, w, ahead):
         if col % glen == 0:  # a new group: its scales from the weights as updated so far
-            scale[:, col // glen] = fit_scales(ahead(glen), spec, fit_table, scale_iters)[0]
+            scale[:, col // glen] = fit_scales(ahead(glen), spec, table, scale_iters)[0]
         s = scale[:, col // glen]
         b, u = _encode(w[:, None], s, spec.tcq_rate, table)
         bits[col] = b[0]
