@@ -185,6 +185,20 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named below)
 
+- **Trellis layers stored with 10 state bits: recipe `mixq-default-9`** (runs `kfackv-s33` and `kfackv-L10`: one
+  `kfac-kv` measurement of the default candidates on the same calibration rows, made by the first run at 8ef8c93;
+  the plans at 8 state bits as `mixq-default-8` stored them, and at 10 -- each TCQ candidate's error times the
+  tables' Gaussian error ratio, the chosen trellis layers stored as `TCQ<r>L10` at the same bits; mixed GPTQ then
+  the end-to-end epoch, one thread, two or three jobs on the cores), KL PTB / fortunes, L = 10 against L = 8:
+  2.5 bpw 0.267 / 0.419 against 0.282 / 0.465; 3.0 bpw 0.140 / 0.234 against 0.158 / 0.249; 3.5 bpw 0.081 / 0.139
+  (L = 8: 0.095 / 0.154 in run `kfackv`, the same recipe measured at b4da01a); 4.0 bpw L10_4 (L = 8: 0.058 / 0.095,
+  run `kfackv`).  5-15 % lower in domain and 6-10 % out of it.  The frontier issue's 3.0-bpw target (0.15) is met
+  in domain, not out of it; 2.5 bpw (0.40) likewise (0.419 out of domain).  The ratio fortunes / PTB rises to
+  1.57-1.71: the trellis lowers the error GPTQ leaves on the calibration distribution more than elsewhere.
+  Uniform GPTQ `TCQ3-channel+ip` against `TCQ3L10-channel+ip` (runs `g_tcq3_L8`, `g_tcq3_L10`): UNIFORM_L.
+  Run `g_tcq3_L10-fit8` fitted the L10 layers' scales through the 8-bit trellis (cheaper): 0.189 / 0.294, 3.4 % /
+  1.5 % worse than fitting them at L = 10, so the scales are fitted through the spec's own trellis.
+
 - **`kfac-kv`, the measurement metric since recipe `mixq-default-8`** (run `kfackv`: the `mixq-default-7`
   recipe measured fresh with `--metric kfac-kv` -- key/value projections by the unfactorised per-token form,
   every gradient of labels sampled from the model -- same calibration rows, mixed GPTQ then the end-to-end epoch;

@@ -69,5 +69,7 @@ class CompositeFormat:
     def export(self, spec, target: str) -> Export:
         if target in self.exports:
             return self.exports[target]
+        how = ("`mixq quantize --bpw X --target gguf` plans only specs it holds" if target == "gguf" else
+               "`--candidates FILE` naming plain specs, or one plain `--spec`")
         return Export("refused", f"intra-tensor composite specs have no {target} type: quantize with plain specs "
-                                 "(--candidates default) to export")
+                                 f"to export ({how})")
