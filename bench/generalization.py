@@ -195,9 +195,13 @@ NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named be
   run `kfackv`).  5-15 % lower in domain and 6-10 % out of it.  The frontier issue's 3.0-bpw target (0.15) is met
   in domain, not out of it; 2.5 bpw (0.40) likewise (0.419 out of domain).  The ratio fortunes / PTB rises to
   1.57-1.71: the trellis lowers the error GPTQ leaves on the calibration distribution more than elsewhere.
-  Uniform GPTQ `TCQ3-channel+ip` against `TCQ3L10-channel+ip` (runs `g_tcq3_L8`, `g_tcq3_L10`): UNIFORM_L.
-  Run `g_tcq3_L10-fit8` fitted the L10 layers' scales through the 8-bit trellis (cheaper): 0.189 / 0.294, 3.4 % /
-  1.5 % worse than fitting them at L = 10, so the scales are fitted through the spec's own trellis.
+  Uniform GPTQ `TCQ3-channel+ip` against `TCQ3L10-channel+ip` (runs `g_tcq3_L8` at 8ef8c93, `g_tcq3_L10` at
+  f09fd10): 0.209 / 0.318 against 0.191 / 0.290, 9 % lower in both domains.  **Run-to-run variation**: run
+  `g_tcq3_L10-exp` is the same quantization made by an experimental build with the scalar Viterbi search, whose
+  float rounding differs from the vectorized one's in the last bits: 0.182 / 0.289, 4.7 % / 0.3 % off.  GPTQ feeds
+  every rounding choice forward, so bit-level ties change the model; differences of a few percent between two
+  runs here are not evidence.  Run `g_tcq3_L10-fit8` fitted the L10 layers' scales through the 8-bit trellis
+  (cheaper): 0.189 / 0.294, inside that variation; the scales stay fitted through the spec's own trellis.
 
 - **`kfac-kv`, the measurement metric since recipe `mixq-default-8`** (run `kfackv`: the `mixq-default-7`
   recipe measured fresh with `--metric kfac-kv` -- key/value projections by the unfactorised per-token form,

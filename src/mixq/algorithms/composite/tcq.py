@@ -15,8 +15,9 @@ Scales (``fit_scales``): from each row's RMS over the group (the table is traine
 least-squares scale on the decoded values, ``SCALE_ITERS`` passes, keeping the pass of least error.  Under GPTQ a
 group's scales are fitted when its first column is reached, on the weights as updated so far, through the spec's
 own trellis.  (Fitting a ``TCQ<rate>L10`` layer's scales through the cheaper 8-bit trellis was tried: within 0.1-0.4
-% of the proxy on Gaussian layers, but uniform GPTQ ``TCQ3L10-channel+ip`` on SmolLM2 lost 3.4 % of KL in domain and
-1.5 % out of it, run ``g_tcq3_L10-fit8`` at f9d09bb against ``g_tcq3_L10``.)
+% of the proxy on Gaussian layers; uniform GPTQ ``TCQ3L10-channel+ip`` on SmolLM2 gave KL 0.189 / 0.294 (PTB /
+fortunes) against 0.182 / 0.289 and 0.191 / 0.290 fitting at L = 10 -- the last two differ only in the search's
+float rounding, so the fit's effect is inside run-to-run variation; runs ``g_tcq3_L10*`` of generalization.md.)
 Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.  The stored parts
 (:class:`~mixq.formats.composite.tcq_storage.TCQQTensor`), their decoding and packing:
 :mod:`mixq.formats.composite.tcq_storage`.
