@@ -191,8 +191,9 @@ NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named be
   tables' Gaussian error ratio, the chosen trellis layers stored as `TCQ<r>L10` at the same bits; mixed GPTQ then
   the end-to-end epoch, one thread, two or three jobs on the cores), KL PTB / fortunes, L = 10 against L = 8:
   2.5 bpw 0.267 / 0.419 against 0.282 / 0.465; 3.0 bpw 0.140 / 0.234 against 0.158 / 0.249; 3.5 bpw 0.081 / 0.139
-  (L = 8: 0.095 / 0.154 in run `kfackv`, the same recipe measured at b4da01a); 4.0 bpw L10_4 (L = 8: 0.058 / 0.095,
-  run `kfackv`).  5-15 % lower in domain and 6-10 % out of it.  The frontier issue's 3.0-bpw target (0.15) is met
+  against 0.093 / 0.154; 4.0 bpw 0.051 / 0.084 against 0.057 / 0.096: 5-13 % lower in domain and 6-13 % out of it.
+  On gemma3-270m, mixed GPTQ without the epoch, one measurement (`second_model_L10.md`, `second_model_L8.md`):
+  3.0 bpw 0.194 / 0.273 against 0.211 / 0.292.  The frontier issue's 3.0-bpw target (0.15) is met
   in domain, not out of it; 2.5 bpw (0.40) likewise (0.419 out of domain).  The ratio fortunes / PTB rises to
   1.57-1.71: the trellis lowers the error GPTQ leaves on the calibration distribution more than elsewhere.
   Uniform GPTQ `TCQ3-channel+ip` against `TCQ3L10-channel+ip` (runs `g_tcq3_L8` at 8ef8c93, `g_tcq3_L10` at

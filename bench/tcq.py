@@ -168,8 +168,11 @@ READING = """What was tried and why this trellis (measured 2026-12-04 on this ma
     (`mixq.allocate.tcq_states`), and GPTQ encodes the chosen layers at L = 10 (their scales are fitted through
     the 8-bit trellis, a third of the search).
   - Uniform GPTQ `TCQ3-channel+ip` on SmolLM2 (runs `g_tcq3_L8` / `g_tcq3_L10`, same calibration, one session):
-    KL PTB / fortunes TCQ_UNIFORM.  The default mixed plans with the end-to-end epoch (runs `kfackv-s33` /
-    `kfackv-L10`, one measurement): TCQ_MIXED.
+    KL PTB / fortunes 0.209 / 0.318 at L = 8, 0.191 / 0.290 at L = 10 (and 0.182 / 0.289 from a build whose
+    search rounds differently in the last bits: two runs differ by up to ~5 %).  The default mixed plans with the
+    end-to-end epoch (runs `kfackv-s33` / `kfackv-L10`, one measurement), L = 8 against L = 10: 2.5 bpw
+    0.282 / 0.465 against 0.267 / 0.419, 3.0 bpw 0.158 / 0.249 against 0.140 / 0.234, 3.5 bpw 0.093 / 0.154
+    against 0.081 / 0.139, 4.0 bpw 0.057 / 0.096 against 0.051 / 0.084.
 - **Tables** are trained by Lloyd over the trellis, from Gaussian quantiles in a seeded order, on N(0, 1)
   sequences. QTIP's computed codes (1MAD / 3INST) were not tried: at L = 8 a table of 256 fp16 values is 512
   bytes, so computing codes saves nothing.
