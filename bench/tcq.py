@@ -116,7 +116,7 @@ def main() -> None:
     if args.report:
         prev["model"] = model_rows()
         out.write_text(json.dumps(prev, indent=1))
-        return write_md(prev)
+        return write_md(prev, report=True)
     doc = {"command": "OMP_NUM_THREADS=1 python bench/tcq.py" + (" --layers" if args.layers else ""),
            "machine": machine(), "commit": git_rev(), "gaussian": gaussian_rows(),
            "layers": layer_rows() if args.layers else prev.get("layers"), "model": model_rows()}
@@ -124,8 +124,11 @@ def main() -> None:
     write_md(doc)
 
 
-def write_md(doc) -> None:
+def write_md(doc, report: bool = False) -> None:
     L = header("Trellis-coded quantization (TCQ): the method and why", doc["command"])
+    if report:  # the measured tables are the JSON's: its machine and commit, and when the runs were re-read
+        L[3:5] = [f"- machine: {doc['machine']}", f"- commit: {doc['commit']} (Gaussian and layer tables); the "
+                  f"end-to-end table re-read from bench/results/generalization at {git_rev()}"]
     L += ["## Gaussian targets: MSE per weight (and the Viterbi search on one thread)", "",
           "| bpw | scalar Lloyd-Max | VQ d=2 | TCQ L=8 | TCQ L=10 | bound 2^-2R | TCQ/VQ (L=8) | search ns/w L=8 | L=10 |",
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
