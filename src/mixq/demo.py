@@ -55,7 +55,8 @@ def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamp
 
 def format_table(rows: list[dict], protos: dict, bpw: float, t_measure: float, calib: dict) -> str:
     names = list(protos)
-    head = f"{'method':<8}{'plan':<14}{'bpw':>7}" + "".join(f"{'ppl ' + c[:8]:>14}{'KL ' + c[:8]:>13}" for c in names)
+    w = max([14, *(len(r["plan"]) + 2 for r in rows)])  # the plan column fits the longest spec name
+    head = f"{'method':<8}{'plan':<{w}}{'bpw':>7}" + "".join(f"{'ppl ' + c[:8]:>14}{'KL ' + c[:8]:>13}" for c in names)
     head += f"{'top-1':>8}{'time s':>8}"
     first = protos[names[0]]
     lines = [f"SmolLM2-135M, budget {bpw} bits/weight (block linears, all metadata counted); "
@@ -69,7 +70,7 @@ def format_table(rows: list[dict], protos: dict, bpw: float, t_measure: float, c
             m = r["domains"][c]
             cells += f"{m['perplexity']:>14.3f}{'-' if m['kl'] is None else format(m['kl'], '.4f'):>13}"
         t1 = r["domains"][names[0]]["top1_agreement"]
-        lines.append(f"{r['method']:<8}{r['plan']:<14}{r['bpw']:>7.3f}{cells}"
+        lines.append(f"{r['method']:<8}{r['plan']:<{w}}{r['bpw']:>7.3f}{cells}"
                      f"{'-' if t1 is None else format(t1, '.3f'):>8}{r['seconds']:>8.1f}")
     lines.append("uniform = the best single spec within the budget; mixed = one spec per layer from the same "
                  f"candidates, solved exactly ({RECIPE['metric']} sensitivity with {RECIPE['algorithm']} errors, the "
