@@ -49,7 +49,7 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
     ``block_samples``: as :func:`mixq.measure` (candidates as a list of specs or a named set).  ``constraints``: a
     :class:`~mixq.allocate.Constraints`; ``solver``: as :func:`mixq.plan`.  ``scratch``: save the measurement
     there while it runs (module doc).  ``tcq_state_bits``: the trellis the plan's TCQ layers are encoded with
-    (:func:`~mixq.allocate.plan.with_tcq_state_bits`; default the recipe's).
+    (:func:`mixq.allocate.tcq_states.reprice`; default the recipe's).
     Returns a :class:`BudgetPlan`; the plan's meta records ``rotate``.
     """
     from .allocate import Constraints, allocate

@@ -149,7 +149,7 @@ def plan(table, bpw: float | None = None, *, bytes: int | str | None = None, sol
     ``min_bits`` / ``max_bits`` (``{regex: bits}``), ``tied`` (regexes of layers in a block sharing a spec),
     ``fast_on="cpu"`` (only specs a fast CPU kernel runs), ``tie_experts`` (a MoE block's experts of one projection
     share a spec, as GGUF needs; ``Constraints(target="gguf")`` implies it); or a ready :class:`~mixq.allocate.Constraints`.
-    ``tcq_state_bits``: the trellis the plan's TCQ layers are encoded with (:func:`mixq.allocate.plan.with_tcq_state_bits`;
+    ``tcq_state_bits``: the trellis the plan's TCQ layers are encoded with (:func:`mixq.allocate.tcq_states.reprice`;
     default the recipe's, 10; a ``uniform=`` spec is kept as named).
     Returns a :class:`~mixq.allocate.Plan` (``.save(path)``, ``.achieved_bpw``, ``.layers``).
     """

@@ -24,6 +24,7 @@ from ..eval.domains import DEFAULT_DOMAINS
 from ..export.ggml_exact import TARGETS as RUNTIME_TARGETS
 from ..measure import ALGORITHMS, METRICS
 from ..models import DEFAULT_MODEL
+from ..config.composite_check import TCQ_STATE_BITS
 from ..recipe import DEFAULT_RECIPE
 
 __all__ = ["UserError", "budget_args", "calib_args", "check_full_attention", "check_out_file", "check_positive",
@@ -95,7 +96,7 @@ def measure_args(p, *, algorithm: str | None = None) -> None:
 
 def solver_arg(p, help: str = "allocation solver") -> None:  # noqa: A002 - argparse's name
     p.add_argument("--solver", default="exact", choices=SOLVERS, help=f"{help} (default exact)")
-    p.add_argument("--tcq-state-bits", type=int, default=DEFAULT_RECIPE["tcq_state_bits"], choices=(8, 10),
+    p.add_argument("--tcq-state-bits", type=int, default=DEFAULT_RECIPE["tcq_state_bits"], choices=TCQ_STATE_BITS,
                    help="state bits of the trellis the plan's TCQ layers are encoded with: the measurement prices "
                         "TCQ<r> (8), the plan stores TCQ<r>L10 at the same bits, a 2^10-entry table and 5-13 %% less "
                         f"squared error, for a 3-4x longer Viterbi search (default {DEFAULT_RECIPE['tcq_state_bits']})")

@@ -7,6 +7,7 @@ import math
 from ..granularity import PerChannel, PerGroup
 
 FP16_BITS = 16
+TCQ_STATE_BITS = (8, 10)  # a TCQ base's trellis state bits: those with committed tables (formats.composite.tcq_codebook)
 
 
 def check_composite(spec) -> None:
@@ -115,6 +116,6 @@ def _check_tcq(spec) -> None:
         raise ValueError(f"TCQ rates are 1 to 4 bits a weight by halves, got {spec.trellis / 2:g}")
     if spec.bits != -(-spec.trellis // 2):
         raise ValueError(f"a TCQ base carries bits = ceil(rate) = {-(-spec.trellis // 2)}, got {spec.bits}")
-    if spec.state_bits not in (8, 10):
-        raise ValueError(f"TCQ state bits are 8 or 10 (TCQ<rate>L10), got {spec.state_bits}")
+    if spec.state_bits not in TCQ_STATE_BITS:
+        raise ValueError(f"TCQ state bits are one of {TCQ_STATE_BITS} (TCQ<rate>L10), got {spec.state_bits}")
     _check_codebook_base(spec, "TCQ")

@@ -31,8 +31,9 @@ from functools import lru_cache
 
 import torch
 
-L = 8                   # the state bits of a plain TCQ<rate> spec
-STATE_BITS = (8, 10)    # those with committed tables (the native search handles these two)
+from ...config.composite_check import TCQ_STATE_BITS as STATE_BITS
+
+L = 8                   # the state bits of a plain TCQ<rate> spec; STATE_BITS: those with committed tables
 RATES = tuple(Fraction(n, 2) for n in range(2, 9))  # 1 .. 4 bits a weight, by halves
 
 
