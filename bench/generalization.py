@@ -23,6 +23,7 @@ from pathlib import Path
 from common import RESULTS, domain_scorer, git_rev, header, machine, score_row
 
 import mixq
+from mixq.config.composite_check import TCQ_STATE_BITS
 from mixq.allocate import default_candidates, load_candidates
 
 OUT = RESULTS / "generalization"
@@ -50,7 +51,7 @@ def main():
                                                         "`mixq quantize` run on the same calibration) for the plans")
     ap.add_argument("--fast-on", default=None, choices=["cpu"], help="plans under Constraints(fast_on=...): only "
                     "specs that decode faster than fp32 there (e.g. with --candidates fast-cpu)")
-    ap.add_argument("--tcq-state-bits", type=int, default=None, choices=(8, 10),
+    ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="state bits the plans' TCQ layers are encoded with (default: mixq.plan's, the recipe's)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import mixq
+from mixq.config.composite_check import TCQ_STATE_BITS
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN",
                     help="--recipe default (a variant ending in +e2e adds the recipe's end-to-end fine-tuning)")
     ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
-    ap.add_argument("--tcq-state-bits", type=int, default=None, choices=(8, 10),
+    ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="--recipe default: state bits of the plans' TCQ layers (default: the recipe's)")
     ap.add_argument("--metrics", default=None, help="e.g. kfac,kfac-tok: instead, an A/B of sensitivity metrics with "
                     "RTN plans (default calibration, --candidates, uniform --uniform specs), KL on PTB and fortunes")

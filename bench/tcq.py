@@ -36,11 +36,11 @@ def _lloyd_max_mse(bits: int) -> float:
     return float(((x - q) ** 2).mean())
 
 
-def _search_ns(rate, table, L) -> float:
+def _search_ns(rate, table) -> float:
     x = torch.randn(256, 512, generator=torch.Generator().manual_seed(3))
-    ts.viterbi(x[:4], None, rate, table, L)
+    ts.viterbi(x[:4], None, rate, table)
     t = time.perf_counter()
-    ts.viterbi(x, None, rate, table, L)
+    ts.viterbi(x, None, rate, table)
     return (time.perf_counter() - t) / x.numel() * 1e9
 
 
@@ -50,7 +50,7 @@ def gaussian_rows() -> list[dict]:
         t10 = ts.generate(r, 10)
         rows.append({"rate": r, "lloyd_max": _lloyd_max_mse(r) if r == int(r) else None,
                      "vq2": vq_mse(2, int(2 * r)), "tcq_L8": ts.mse(r), "tcq_L10": ts.mse(r, table=t10),
-                     "bound": 2.0 ** (-2 * r), "ns_L8": _search_ns(r, tc.lut(r), 8), "ns_L10": _search_ns(r, t10, 10)})
+                     "bound": 2.0 ** (-2 * r), "ns_L8": _search_ns(r, tc.lut(r)), "ns_L10": _search_ns(r, t10)})
         print(rows[-1], flush=True)
     return rows
 
@@ -168,8 +168,8 @@ READING = """What was tried and why this trellis (measured 2026-12-04 on this ma
     stays at L = 8.
   - The same stream decodes through 2^10 states as `TCQ<r>L10` (committed 1024-entry tables, same bits). The
     plan is chosen from the table with each TCQ candidate's error times the Gaussian MSE ratio L10 / L8 of its rate
-    (`mixq.allocate.tcq_states`), and GPTQ encodes the chosen layers at L = 10 (their scales are fitted through
-    the 8-bit trellis, a third of the search).
+    (`mixq.allocate.tcq_states`), and GPTQ encodes the chosen layers at L = 10 (scales fitted through the same
+    trellis: fitting them through the cheaper 8-bit one, run `g_tcq3_L10-fit8`, was inside run-to-run variation).
   - Uniform GPTQ `TCQ3-channel+ip` on SmolLM2 (runs `g_tcq3_L8` / `g_tcq3_L10`, same calibration, one session):
     KL PTB / fortunes 0.209 / 0.318 at L = 8, 0.191 / 0.290 at L = 10 (and 0.182 / 0.289 from a build whose
     search rounds differently in the last bits: two runs differ by up to ~5 %).  The default mixed plans with the

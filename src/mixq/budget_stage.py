@@ -52,9 +52,9 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
     (:func:`mixq.allocate.tcq_states.reprice`; default the recipe's).
     Returns a :class:`BudgetPlan`; the plan's meta records ``rotate``.
     """
-    from .allocate import Constraints, allocate
+    from .allocate import Constraints
     from .models import model_fingerprint
-    from .pipeline import _calib_ids, _candidates, measure
+    from .pipeline import _calib_ids, _candidates, measure, plan as plan_table
     from .recipe import DEFAULT_RECIPE
 
     if rotate:
@@ -74,8 +74,8 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
             model, calib, metric=metric, candidates=cands, algorithm=algorithm, grad_samples=grad_samples,
             block_samples=block_samples, out=scratch, progress=progress)  # records calib's provenance
         table.meta["rotate"] = bool(rotate)  # provenance: which weights were measured
-    L = DEFAULT_RECIPE["tcq_state_bits"] if tcq_state_bits is None else tcq_state_bits
-    plan = allocate(table, budget, constraints=constraints or Constraints(), method=solver, tcq_state_bits=L)
+    plan = plan_table(table, bpw=budget.bpw, bytes=budget.bytes, constraints=constraints or Constraints(),
+                      solver=solver, tcq_state_bits=tcq_state_bits)
     return BudgetPlan(plan=plan, table=table, measured=measured, rotated=bool(rotate))
 
 

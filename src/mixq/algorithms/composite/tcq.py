@@ -37,11 +37,10 @@ SCALE_ITERS = 2
 
 
 def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
-    """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]`` (the trellis's
-    state bits are the table's: ``2^L`` entries)."""
+    """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]``."""
     X = (Wg / s[:, None]).T.contiguous()
     w = (s * s)[None].expand_as(X).contiguous()
-    bits, vals, _ = viterbi(X, w, rate, table, table.numel().bit_length() - 1)
+    bits, vals, _ = viterbi(X, w, rate, table)
     return bits, vals.T
 
 

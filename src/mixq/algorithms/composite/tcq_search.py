@@ -49,10 +49,11 @@ def viterbi_torch(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch
     return bits, vals, best
 
 
-def viterbi(x: torch.Tensor, w: torch.Tensor | None, rate, lut: torch.Tensor, L: int = L):
+def viterbi(x: torch.Tensor, w: torch.Tensor | None, rate, lut: torch.Tensor):
     """``(bits uint8 [N, T], values [N, T], cost [N])``: the least-cost path for each row of targets ``x [N, T]``
-    under weights ``w`` (ones when None) and the table values it decodes to; native when the kernel compiles,
-    else torch."""
+    under weights ``w`` (ones when None) and the table values it decodes to, through the trellis of the table's
+    ``2^L`` states; native when the kernel compiles, else torch."""
+    L = lut.numel().bit_length() - 1
     ks = schedule(rate, x.shape[1])
     w = torch.ones_like(x) if w is None else w
     got = tcq_cpu.viterbi(x, w, ks, lut, L)
@@ -72,7 +73,7 @@ def generate(rate, L: int = L) -> torch.Tensor:
     x = torch.randn(TRAIN_SEQS, TRAIN_LEN, generator=torch.Generator().manual_seed(SEED + 1))
     table = _init(L)
     for _ in range(ITERS):
-        bits, _, _ = viterbi(x, None, rate, table, L)
+        bits, _, _ = viterbi(x, None, rate, table)
         st = states(bits, ks, L).reshape(-1)
         cnt = torch.zeros(1 << L, dtype=torch.float64).index_add_(0, st, torch.ones(st.numel(), dtype=torch.float64))
         acc = torch.zeros(1 << L, dtype=torch.float64).index_add_(0, st, x.reshape(-1).double())
@@ -85,5 +86,5 @@ def mse(rate, n: int = 256, T: int = 256, table: torch.Tensor | None = None) -> 
     entries) on ``n`` seeded N(0, 1) sequences of ``T``."""
     table = tcq_lut(rate) if table is None else table
     x = torch.randn(n, T, generator=torch.Generator().manual_seed(SEED + 2))
-    _, _, cost = viterbi(x, None, rate, table, table.numel().bit_length() - 1)
+    _, _, cost = viterbi(x, None, rate, table)
     return float(cost.double().sum() / x.numel())
