@@ -21,7 +21,7 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
                                               d*rate <= 8 code bits; combines only with +ip, which it is
                                               meant for; :mod:`mixq.algorithms.composite.vq`
                | "TCQ" <rate> ["L10"] ["-" GRAN]  trellis-coded (QTIP-style bitshift trellis, 1..4 bits a weight
-                                              by halves): each column is one Viterbi-chosen bit string,
+                                              by halves, 5 or 6): each column is one Viterbi-chosen bit string,
                                               a weight decodes from the last 8 bits (``L10``: the last 10,
                                               a larger table, same bits); default channel scales; combines
                                               only with +ip; :mod:`mixq.algorithms.composite.tcq`

@@ -8,6 +8,10 @@ from ..granularity import PerChannel, PerGroup
 
 FP16_BITS = 16
 TCQ_STATE_BITS = (8, 10)  # a TCQ base's trellis state bits: those with committed tables (formats.composite.tcq_codebook)
+# a TCQ base's rates, as twice its bits a weight: 1 to 4 by halves, then 5 and 6 whole (a half rate stores a row pair's
+# two steps as one symbol, which above 4 bits would not fit the byte symbols of the storage and the kernels' reads)
+TCQ_TRELLIS = (2, 3, 4, 5, 6, 7, 8, 10, 12)
+TCQ_RATES_TEXT = "1 to 4 bits a weight by halves, 5 or 6"
 
 
 def check_composite(spec) -> None:
@@ -111,9 +115,9 @@ def _check_vq(spec) -> None:
 
 
 def _check_tcq(spec) -> None:
-    """TCQ field: ``trellis`` = 2 x bits per weight, 2..8 (:mod:`mixq.algorithms.composite.tcq`)."""
-    if not 2 <= spec.trellis <= 8:
-        raise ValueError(f"TCQ rates are 1 to 4 bits a weight by halves, got {spec.trellis / 2:g}")
+    """TCQ field: ``trellis`` = 2 x bits per weight, one of :data:`TCQ_TRELLIS` (:mod:`mixq.algorithms.composite.tcq`)."""
+    if spec.trellis not in TCQ_TRELLIS:
+        raise ValueError(f"TCQ rates are {TCQ_RATES_TEXT}, got {spec.trellis / 2:g}")
     if spec.bits != -(-spec.trellis // 2):
         raise ValueError(f"a TCQ base carries bits = ceil(rate) = {-(-spec.trellis // 2)}, got {spec.bits}")
     if spec.state_bits not in TCQ_STATE_BITS:

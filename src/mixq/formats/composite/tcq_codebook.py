@@ -8,7 +8,10 @@ stored as ``T · rate`` bits: step ``t`` appends ``k_t`` bits ``b_t`` to the str
     s_t = ((s_{t-1} << k_t) | b_t) mod 2^L,   s_{-1} = 0,      ŵ_t = scale · lut[s_t]
 
 ``k_t = floor((t+1)·rate) - floor(t·rate)``: ``k`` bits a step at a whole rate, ``floor(rate)`` then
-``ceil(rate)`` at a half rate (2.5 bpw: 2, 3, 2, 3, ...).  Each step picks among ``2^{k_t}`` values only, but the
+``ceil(rate)`` at a half rate (2.5 bpw: 2, 3, 2, 3, ...).  Rates: 1 to 4 by halves, then 5 and 6 (whole only: a half
+rate's pair of steps is stored as one symbol, which above 4 bits would outgrow a byte).  At 5-6 bits the 8-bit
+state leaves the trellis 3 or 2 bits of memory and little gain over a scalar grid (6 bits: more error than the
+Gaussian Lloyd-Max quantizer); ``L = 10`` keeps 15-27 % below it.  Each step picks among ``2^{k_t}`` values only, but the
 Viterbi search (:func:`mixq.algorithms.composite.tcq_search.viterbi`) chooses the whole string jointly, so the
 reachable sequences cover the Gaussian better than any fixed grid of the same rate (the trellis's granular gain;
 QTIP, Tseng et al. 2024, with ``L = 16`` on a GPU; ``L = 8`` here keeps the search ~0.3 µs a weight on this CPU).
@@ -31,16 +34,16 @@ from functools import lru_cache
 
 import torch
 
-from ...config.composite_check import TCQ_STATE_BITS as STATE_BITS
+from ...config.composite_check import TCQ_RATES_TEXT, TCQ_STATE_BITS as STATE_BITS, TCQ_TRELLIS
 
 L = 8                   # the state bits of a plain TCQ<rate> spec; STATE_BITS: those with committed tables
-RATES = tuple(Fraction(n, 2) for n in range(2, 9))  # 1 .. 4 bits a weight, by halves
+RATES = tuple(Fraction(n, 2) for n in TCQ_TRELLIS)  # 1 .. 4 bits a weight by halves, 5, 6
 
 
 def check_rate(rate) -> Fraction:
     r = Fraction(rate).limit_denominator(2)
     if r != Fraction(rate) or r not in RATES:
-        raise ValueError(f"TCQ rates are 1 to 4 bits a weight in steps of 0.5, got {float(rate):g}")
+        raise ValueError(f"TCQ rates are {TCQ_RATES_TEXT}, got {float(rate):g}")
     return r
 
 

@@ -7,7 +7,8 @@ least ``Σ_t w_t (x_t - lut[s_t])²`` through the bitshift trellis of :mod:`mixq
 low ``L - k_t`` bits shifted up (every state with the same ``s >> k_t`` has the same ``2^{k_t}`` predecessors), so a
 step costs ``2^L`` compares and ``2^L`` squared errors; back-pointers take ``T · 2^{L - k_min}`` bytes.  The compare
 takes min and argmin at once as integers (a cost is >= 0, so its float bits order as integers) with the
-predecessor's index in the low 4 mantissa bits: costs lose 2^-19 of relative precision, the search 1.5x of time.  The
+predecessor's index in the low 4 mantissa bits (6 for steps of 5-6 bits): costs lose 2^-19 (2^-17) of relative
+precision, the search 1.5x of time.  The
 new costs ``m[s >> k] + w (x - lut[s])²`` are written eight states a vector where the CPU has AVX2 (the compiler
 otherwise vectorizes across predecessors with strided stores): 1.3-3x faster at 2.5-4 bits a weight, the same bits
 (one thread, 256 x 576 targets, L = 8 and 10; measured against the scalar loop).  Sequences are split over OpenMP
@@ -63,7 +64,7 @@ def viterbi(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tenso
                          vals.data_ptr(), cost.data_ptr())
     if rc:
         raise ValueError(f"tcq_viterbi: unsupported trellis (L={L}, step bits {sorted(set(ks.tolist()))}): "
-                         "L must be 8 or 10 and every step 1..4 bits")
+                         "L must be 8 or 10 and every step 1..6 bits")
     return out, vals, cost
 
 

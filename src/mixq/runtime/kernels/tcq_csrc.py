@@ -17,17 +17,19 @@ SOURCE = r"""
    the search's rounding) */
 #pragma GCC push_options
 #pragma GCC optimize ("fast-math")
-/* min and argmin at once: a cost is >= 0, so its float bits order as integers; the low 4 mantissa bits carry h */
+/* min and argmin at once: a cost is >= 0, so its float bits order as integers; the low mantissa bits carry h (4 of
+   them for steps of up to 4 bits, 6 above) */
 static inline __attribute__((always_inline)) void tcq_step(const int k, const int L, const int32_t* restrict c0,
     float* restrict c1, int32_t* restrict mi, float* restrict m, uint8_t* restrict bpt, const float* restrict lut,
     const float xt, const float wt) {
   const int S = 1 << L, U = S >> k, B = 1 << k, sh = L - k;
-  for (int u = 0; u < U; u++) mi[u] = c0[u] & ~15;
+  const int32_t hm = k <= 4 ? 15 : 63;
+  for (int u = 0; u < U; u++) mi[u] = c0[u] & ~hm;
   for (int h = 1; h < B; h++) {
     const int32_t* ch = c0 + ((size_t)h << sh);
-    for (int u = 0; u < U; u++) { const int32_t v = (ch[u] & ~15) | h; mi[u] = v < mi[u] ? v : mi[u]; }
+    for (int u = 0; u < U; u++) { const int32_t v = (ch[u] & ~hm) | h; mi[u] = v < mi[u] ? v : mi[u]; }
   }
-  for (int u = 0; u < U; u++) { bpt[u] = (uint8_t)(mi[u] & 15); mi[u] &= ~15; }
+  for (int u = 0; u < U; u++) { bpt[u] = (uint8_t)(mi[u] & hm); mi[u] &= ~hm; }
   memcpy(m, mi, sizeof(float) * U);
 #ifdef __AVX2__
   /* c1[s] = m[s >> k] + wt (xt - lut[s])^2, eight states a vector: the states of one vector share 8 >> k
@@ -63,7 +65,7 @@ static inline __attribute__((always_inline)) void tcq_step(const int k, const in
 int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T, const float* lut, int L,
                 uint8_t* out, float* vals, float* cost) {
   int kmin = 8;
-  for (int t = 0; t < T; t++) { if (ks[t] < 1 || ks[t] > 4 || ks[t] >= L) return 1; if (ks[t] < kmin) kmin = ks[t]; }
+  for (int t = 0; t < T; t++) { if (ks[t] < 1 || ks[t] > 6 || ks[t] >= L) return 1; if (ks[t] < kmin) kmin = ks[t]; }
   if (L != 8 && L != 10) return 2;
   const int S = 1 << L, UM = S >> kmin;
   #pragma omp parallel
@@ -83,8 +85,8 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
         uint8_t* bpt = bp + (size_t)t * UM;
         switch (ks[t] * 16 + L) {
 #define TCQ_CASE(K, LL) case K * 16 + LL: tcq_step(K, LL, (const int32_t*)c0, c1, mi, m, bpt, lut, xn[t], wn[t]); break;
-          TCQ_CASE(1, 8) TCQ_CASE(2, 8) TCQ_CASE(3, 8) TCQ_CASE(4, 8)
-          TCQ_CASE(1, 10) TCQ_CASE(2, 10) TCQ_CASE(3, 10) TCQ_CASE(4, 10)
+          TCQ_CASE(1, 8) TCQ_CASE(2, 8) TCQ_CASE(3, 8) TCQ_CASE(4, 8) TCQ_CASE(5, 8) TCQ_CASE(6, 8)
+          TCQ_CASE(1, 10) TCQ_CASE(2, 10) TCQ_CASE(3, 10) TCQ_CASE(4, 10) TCQ_CASE(5, 10) TCQ_CASE(6, 10)
           default: break;
         }
         float* tmp = c0; c0 = c1; c1 = tmp;
