@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
     ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="--recipe default: state bits of the plans' TCQ layers (default: the recipe's)")
+    ap.add_argument("--without", default="", help="--recipe default: plan from the measurement with these candidates "
+                    "(comma-separated spec names) left out: an A/B of them on one measurement")
     ap.add_argument("--metrics", default=None, help="e.g. kfac,kfac-tok: instead, an A/B of sensitivity metrics with "
                     "RTN plans (default calibration, --candidates, uniform --uniform specs), KL on PTB and fortunes")
     args = ap.parse_args()
@@ -138,7 +140,8 @@ def default_recipe(args) -> None:
                        + (f" --metric {args.metric}" if args.metric != "kfac" else "")
                        + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN"
                           else "") + (f" --tag {args.tag}" if args.tag else "")
-                       + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else ""),
+                       + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else "")
+                       + (f" --without {args.without}" if args.without else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     cached = out.with_name(out.name + "-measurement.json")
@@ -149,6 +152,9 @@ def default_recipe(args) -> None:
                 continue
             if table is None:
                 table = _default_table(ref, calib, cands, R, cached, doc)
+                if args.without:
+                    table = table.without([n.strip() for n in args.without.split(",")])
+                    doc["without"] = table.meta["without"]
             plan = mixq.plan(table, bpw=b, solver=R["solver"] if v.startswith("mixed") else "uniform",
                              tcq_state_bits=args.tcq_state_bits)
             doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)

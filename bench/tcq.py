@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/tcq.py [--layers]
 
-1. Gaussian N(0, 1) targets (what ``+ip`` weights divided by their scale look like), MSE per weight at 2-4 bpw:
+1. Gaussian N(0, 1) targets (what ``+ip`` weights divided by their scale look like), MSE per weight at 2-6 bpw:
    the scalar Lloyd-Max quantizer (whole rates), the 2-D vector codebooks of the ``VQ`` bases, the committed ``TCQ``
    tables (L = 8 state bits), tables trained the same way at L = 10, and the distortion-rate bound 2^(-2R);
    with the Viterbi search's time per weight on one thread at L = 8 and L = 10.
@@ -26,7 +26,7 @@ from mixq.algorithms.composite import tcq_search as ts
 from mixq.algorithms.composite.vq_search import _lloyd_max_1d, mse as vq_mse
 from mixq.formats.composite import tcq_codebook as tc
 
-RATES = (2, 2.5, 3, 3.5, 4)
+RATES = (2, 2.5, 3, 3.5, 4, 5, 6)  # the 2-D VQ codebooks stop at 4 bits a weight
 
 
 def _lloyd_max_mse(bits: int) -> float:
@@ -49,7 +49,7 @@ def gaussian_rows() -> list[dict]:
     for r in RATES:
         t10 = ts.generate(r, 10)
         rows.append({"rate": r, "lloyd_max": _lloyd_max_mse(r) if r == int(r) else None,
-                     "vq2": vq_mse(2, int(2 * r)), "tcq_L8": ts.mse(r), "tcq_L10": ts.mse(r, table=t10),
+                     "vq2": vq_mse(2, int(2 * r)) if r <= 4 else None, "tcq_L8": ts.mse(r), "tcq_L10": ts.mse(r, table=t10),
                      "bound": 2.0 ** (-2 * r), "ns_L8": _search_ns(r, tc.lut(r)), "ns_L10": _search_ns(r, t10)})
         print(rows[-1], flush=True)
     return rows
@@ -96,7 +96,7 @@ def layer_rows() -> list[dict]:
 def model_rows() -> list[dict]:
     out = []
     for tag in ("g_vq3", "g_tcq3", "g_tcq2.5", "default4", "tcq", "g_tcq3_L8", "g_tcq3_L10", "kfackv-s33",
-                "kfackv-L10"):
+                "kfackv-L10", "base-L10", "tcq56-L10"):
         p = RESULTS / "generalization" / f"{tag}.json"
         if p.exists():
             d = json.loads(p.read_text())
@@ -120,6 +120,8 @@ def main() -> None:
     doc = {"command": "OMP_NUM_THREADS=1 python bench/tcq.py" + (" --layers" if args.layers else ""),
            "machine": machine(), "commit": git_rev(), "gaussian": gaussian_rows(),
            "layers": layer_rows() if args.layers else prev.get("layers"), "model": model_rows()}
+    if not args.layers and prev.get("layers"):  # the layer table is the earlier run's: say whose
+        doc["layers_from"] = prev.get("layers_from") or {"machine": prev.get("machine"), "commit": prev.get("commit")}
     out.write_text(json.dumps(doc, indent=1))
     write_md(doc)
 
@@ -134,11 +136,15 @@ def write_md(doc, report: bool = False) -> None:
           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["gaussian"]:
         lm = f"{r['lloyd_max']:.5f}" if r["lloyd_max"] else ""
-        L.append(f"| {r['rate']} | {lm} | {r['vq2']:.5f} | {r['tcq_L8']:.5f} | {r['tcq_L10']:.5f} | {r['bound']:.5f} "
-                 f"| {r['tcq_L8'] / r['vq2']:.2f} | {r['ns_L8']:.0f} | {r['ns_L10']:.0f} |")
+        vq, ratio = (f"{r['vq2']:.5f}", f"{r['tcq_L8'] / r['vq2']:.2f}") if r.get("vq2") else ("", "")
+        L.append(f"| {r['rate']} | {lm} | {vq} | {r['tcq_L8']:.5f} | {r['tcq_L10']:.5f} | {r['bound']:.5f} "
+                 f"| {ratio} | {r['ns_L8']:.0f} | {r['ns_L10']:.0f} |")
     if doc.get("layers"):
-        L += ["", "## SmolLM2 layers (+ip, channel scales): relative error, VQ against TCQ", "",
-              "| bpw | RTN VQ | RTN TCQ | GPTQ proxy VQ | GPTQ proxy TCQ | TCQ/VQ (GPTQ) |", "|---:|---:|---:|---:|---:|---:|"]
+        src = doc.get("layers_from")
+        L += ["", "## SmolLM2 layers (+ip, channel scales): relative error, VQ against TCQ", ""]
+        if src:
+            L += [f"(measured at {src['commit']} on {src['machine']})", ""]
+        L += ["| bpw | RTN VQ | RTN TCQ | GPTQ proxy VQ | GPTQ proxy TCQ | TCQ/VQ (GPTQ) |", "|---:|---:|---:|---:|---:|---:|"]
         for r in doc["layers"]:
             L.append(f"| {r['rate']} | {r['vq_rtn_rel']:.5f} | {r['tcq_rtn_rel']:.5f} | {r['vq_gptq_proxy']:.5f} | "
                      f"{r['tcq_gptq_proxy']:.5f} | {r['tcq_gptq_proxy'] / r['vq_gptq_proxy']:.2f} |")

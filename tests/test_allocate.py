@@ -482,3 +482,18 @@ def test_tcq_layers_are_encoded_with_the_asked_state_bits():
     assert {s.name for s in named.layers.values()} == {"TCQ3-channel+ip"}
     with pytest.raises(ValueError, match="state bits"):
         reprice(table, 12)
+
+
+def test_a_table_without_some_candidates():
+    """``SensitivityTable.without``: every layer loses the named candidates (errors kept aligned), the rest is the
+    same table, meta records what was left out, and leaving a layer nothing raises."""
+    specs = ("TCQ3-channel+ip", "TCQ5-channel+ip", "W4-g64", "FP16")
+    table = smol_table(blocks=2, specs=[parse_spec(n) for n in specs])
+    t = table.without(["TCQ5-channel+ip"])
+    assert t.meta["without"] == ["TCQ5-channel+ip"] and t.metric == table.metric
+    for x, y in zip(table.layers, t.layers):
+        assert [s.name for s in y.candidates] == [s.name for s in x.candidates if s.name != "TCQ5-channel+ip"]
+        assert y.errors == tuple(e for s, e in zip(x.candidates, x.errors) if s.name != "TCQ5-channel+ip")
+    assert all("TCQ5" not in s.name for s in allocate(t, Budget(bpw=4.5)).layers.values())
+    with pytest.raises(ValueError, match="no candidate"):
+        table.without(specs)

@@ -125,6 +125,18 @@ class SensitivityTable:
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed SensitivityTable: missing or bad field {e}") from None
 
+    def without(self, names) -> "SensitivityTable":
+        """The table with the candidates named in ``names`` (spec names) left out of every layer: an A/B of those
+        candidates on one measurement.  ``meta["without"]`` records them; a layer left with no candidate raises."""
+        drop = set(names)
+        layers = []
+        for x in self.layers:
+            keep = [(s, e) for s, e in zip(x.candidates, x.errors) if s.name not in drop]
+            if not keep:
+                raise ValueError(f"{x.fqn}: leaving out {sorted(drop)} leaves no candidate")
+            layers.append(LayerEntry(x.fqn, x.shape, tuple(s for s, _ in keep), tuple(e for _, e in keep)))
+        return SensitivityTable(tuple(layers), self.metric, {**self.meta, "without": sorted(drop)})
+
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON form: identifies the measurement a plan came from."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
