@@ -3,7 +3,7 @@
 Every setting below is the default of its command-line flag (:mod:`mixq.cli` reads them from here), chosen from
 the benchmarks in ``bench/results`` (``frontier.md``, ``generalization.md``): calibration text the model writes
 itself mixed with PTB, a sensitivity measurement of every default candidate -- trellis-coded bases after
-incoherence processing (TCQ2-4-channel+ip) and the scalar grids plans still choose -- with the errors GPTQ leaves,
+incoherence processing (TCQ2-6-channel+ip) and the scalar grids plans still choose -- with the errors GPTQ leaves,
 the exact knapsack solver, and GPTQ.  ``mixq-default-5`` has the trellis (TCQ) where ``mixq-default-4`` had the 2-D
 vector codebooks (VQ): on SmolLM2 the plans' KL fell 25-29 % in domain and 22-27 % out of domain at 2.5 and 3.0
 bpw (bench/results/tcq.md, generalization.md run ``tcq``).  ``mixq-default-6`` is ``-5`` made cheaper to run: two
@@ -24,7 +24,9 @@ run ``kfackv``, metric_fidelity.md).  ``mixq-default-9`` is ``-8`` with the plan
 ``2^10`` states (``TCQ<r>L10``, :mod:`mixq.allocate.tcq_states`): the same bits, a 1024-entry table; the
 measurement still prices the 8-bit trellis and the solver scales those errors by the tables' Gaussian error ratio.
 On SmolLM2 the 3.0-bpw plan fell from 0.158 / 0.249 to 0.140 / 0.234 and the 2.5-bpw one to 0.267 / 0.419
-(generalization.md runs ``kfackv-s33`` and ``kfackv-L10``).  ``kfac-pos`` was ``kfac`` with each token's input weighted by
+(generalization.md runs ``kfackv-s33`` and ``kfackv-L10``).  ``mixq-default-10`` is ``-9`` with two more trellis
+candidates, ``TCQ5-channel+ip`` and ``TCQ6-channel+ip`` (:mod:`mixq.allocate.candidates`), for the layers that need
+more than 4 bits: they took the place of nearly every W5/W6/W8 grid in SmolLM2's 4.0- and 4.5-bpw plans.  ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
 the two are within 2-7 % at 3.0 and 4.0 bpw (generalization.md, second_model_default.md).  ``mixq-default-2``
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-9"
+RECIPE_NAME = "mixq-default-10"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB

@@ -1,19 +1,19 @@
 """Candidate sets: the specs the allocator may choose from, per layer.
 
 Every candidate is measured for every layer (one error proxy evaluation each, plus one GPTQ reference sweep per
-family and bit band), so the default set is kept to the 13 specs that mixed plans actually choose:
+family and bit band), so the default set is kept to the 15 specs that mixed plans actually choose:
 
 =======  ==============================================  ==============================================
 bits     specs                                           why
 =======  ==============================================  ==============================================
-2 - 4    TCQ2-channel+ip  TCQ2.5-channel+ip              trellis-coded after incoherence processing
+2 - 6    TCQ2-channel+ip  TCQ2.5-channel+ip              trellis-coded after incoherence processing
          TCQ3-channel+ip  TCQ3.5-channel+ip              (mixq.algorithms.composite.tcq): 0.75-0.9x the error of the 2-D
-         TCQ4-channel+ip                                 vector codebooks (VQ), which were 0.4-0.6x a
-                                                         scalar grid + ip's, at equal bits
+         TCQ4-channel+ip  TCQ5-channel+ip                vector codebooks (VQ), which were 0.4-0.6x a
+         TCQ6-channel+ip                                 scalar grid + ip's, at equal bits
 2, 3     W2-g64-asym  W3-g64-asym                        for layers +ip cannot take (no Hadamard
                                                          construction for their width)
 4        W4-g64                                          the int4 grid (fast CPU kernel, --fast-on cpu)
-5 - 8    W5-g64  W6-g64  W6-channel  W8-channel          sensitive layers
+5 - 8    W5-g64  W6-g64  W6-channel  W8-channel          sensitive layers where +ip cannot go
 keep     FP16                                            outlier-heavy layers
 =======  ==============================================  ==============================================
 
@@ -24,6 +24,9 @@ the same measurement gives plans whose predicted loss is within 0.1 % at every b
 scored KL 0.26 / 0.37 (PTB / fortunes) against 0.77 / 1.14 for the scalar default before it.  The trellis bases
 took the VQ ones' place (``mixq-default-5``): same rates and costs, 10-23 % less error per layer, and the mixed
 plans at 2.5 / 3.0 bpw scored 0.336 / 0.540 and 0.186 / 0.282 against VQ's 0.472 / 0.695 and 0.247 / 0.385.
+``TCQ5`` and ``TCQ6`` (``mixq-default-10``) give the layers that need more than 4 bits a trellis too: before them the
+4.0- and 4.5-bpw plans put 29 and 80 of SmolLM2's 210 layers on W5/W6/W8 grids (0.25 bpw of group scales, no
+trellis gain); with them almost none.
 
 ``mixq-default-6`` dropped W4-g64-asym and NF4-g64: in the ``mixq-default-5`` measurement of SmolLM2 (run ``tcq``)
 a trellis candidate of no more bits had a smaller error in 201 and 206 of the 210 layers, and each cost a
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
     "TCQ2-channel+ip", "TCQ2.5-channel+ip", "TCQ3-channel+ip", "TCQ3.5-channel+ip", "TCQ4-channel+ip",
+    "TCQ5-channel+ip", "TCQ6-channel+ip",
     "W2-g64-asym", "W3-g64-asym",
     "W4-g64",
     "W5-g64", "W6-g64", "W6-channel", "W8-channel",
