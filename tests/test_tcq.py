@@ -74,7 +74,7 @@ def test_grammar_cost_and_errors():
     with pytest.raises(ValueError, match="rows in pairs"):
         parse_spec("TCQ2.5-channel").cost((7, 64))
     # above 4 bits only whole rates: a half rate's two-step symbol would not fit a byte
-    for bad in ("TCQ2.25", "TCQ4.5", "TCQ5.5", "TCQ7", "TCQ0.5", "TCQ3-g64+o0.5", "TCQ3-asym", "TCQ3L12-channel", "TCQ3L9"):
+    for bad in ("TCQ2.25", "TCQ4.5", "TCQ5.5", "TCQ7", "TCQ0.5", "TCQ3-g64+o0.5", "TCQ3-asym", "TCQ3L14-channel", "TCQ3L9"):
         with pytest.raises(ValueError):
             parse_spec(bad)
 

@@ -85,8 +85,10 @@ def check_state_bits(L) -> int:
 def _lut(rate: Fraction, L: int) -> torch.Tensor:
     if L == 8:
         from .tcq_tables import TABLES
-    else:
+    elif L == 10:
         from .tcq_tables_l10 import TABLES
+    else:
+        from .tcq_tables_l12 import TABLES
     hexs = TABLES.get(str(rate))
     if hexs is None:
         raise ValueError(f"no TCQ table for rate {rate} at L = {L}; have {sorted(TABLES)} "

@@ -64,7 +64,7 @@ def viterbi(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tenso
                          vals.data_ptr(), cost.data_ptr())
     if rc:
         raise ValueError(f"tcq_viterbi: unsupported trellis (L={L}, step bits {sorted(set(ks.tolist()))}): "
-                         "L must be 8 or 10 and every step 1..6 bits")
+                         "L must be 8, 10 or 12 and every step 1..6 bits")
     return out, vals, cost
 
 

@@ -66,7 +66,7 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
                 uint8_t* out, float* vals, float* cost) {
   int kmin = 8;
   for (int t = 0; t < T; t++) { if (ks[t] < 1 || ks[t] > 6 || ks[t] >= L) return 1; if (ks[t] < kmin) kmin = ks[t]; }
-  if (L != 8 && L != 10) return 2;
+  if (L != 8 && L != 10 && L != 12) return 2;
   const int S = 1 << L, UM = S >> kmin;
   #pragma omp parallel
   {
@@ -87,6 +87,7 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
 #define TCQ_CASE(K, LL) case K * 16 + LL: tcq_step(K, LL, (const int32_t*)c0, c1, mi, m, bpt, lut, xn[t], wn[t]); break;
           TCQ_CASE(1, 8) TCQ_CASE(2, 8) TCQ_CASE(3, 8) TCQ_CASE(4, 8) TCQ_CASE(5, 8) TCQ_CASE(6, 8)
           TCQ_CASE(1, 10) TCQ_CASE(2, 10) TCQ_CASE(3, 10) TCQ_CASE(4, 10) TCQ_CASE(5, 10) TCQ_CASE(6, 10)
+          TCQ_CASE(1, 12) TCQ_CASE(2, 12) TCQ_CASE(3, 12) TCQ_CASE(4, 12) TCQ_CASE(5, 12) TCQ_CASE(6, 12)
           default: break;
         }
         float* tmp = c0; c0 = c1; c1 = tmp;
