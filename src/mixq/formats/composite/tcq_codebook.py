@@ -19,13 +19,14 @@ Decoding a weight needs only the ``L`` stream bits ending at it: no sequential d
 
 ``lut(rate, L)``: ``2^L`` fp16-exact values, trained for i.i.d. N(0, 1) targets (what ``+ip`` weights divided by
 their scale look like) by Lloyd over the trellis (:func:`mixq.algorithms.composite.tcq_search.generate`), committed
-in :mod:`mixq.formats.composite.tcq_tables` (``L = 8``) and :mod:`mixq.formats.composite.tcq_tables_l10` (``L = 10``;
-``tests/test_tcq.py`` pins both) so that machines whose arithmetic differs in the last bit still decode a stored
-model identically.
+in :mod:`mixq.formats.composite.tcq_tables` (``L = 8``), :mod:`mixq.formats.composite.tcq_tables_l10` (``L = 10``)
+and :mod:`mixq.formats.composite.tcq_tables_l12` (``L = 12``; ``tests/test_tcq.py`` pins all three) so that machines
+whose arithmetic differs in the last bit still decode a stored model identically.
 
-**State bits.**  ``L = 8`` (:data:`L`, what a plain ``TCQ<rate>`` spec decodes with) or ``L = 10`` (``TCQ<rate>L10``,
-the spec's ``state_bits``): the same bits a weight and the same stream, a 4x larger table (2 KB of fp16) and a
-Viterbi search 3-4x as long, for 5-13 % less squared error on Gaussian targets (``bench/results/tcq.md``).
+**State bits.**  ``L = 8`` (:data:`L`, what a plain ``TCQ<rate>`` spec decodes with), ``L = 10`` (``TCQ<rate>L10``,
+the spec's ``state_bits``) or ``L = 12`` (``TCQ<rate>L12``): the same bits a weight and the same stream; each step
+up is a 4x larger table (2 KB, 8 KB of fp16) and a Viterbi search about 4x as long, for 5-13 % (L = 10 against 8)
+and a further 5-11 % (12 against 10) less squared error on Gaussian targets (``bench/results/tcq.md``).
 """
 from __future__ import annotations
 
