@@ -339,3 +339,19 @@ def test_reports_name_the_tcq_kernels():
 
     s = parse_spec("TCQ3-channel+ip")
     assert fast_kernel_for(s, (64, 128), "cpu") == "tcq-cpu" and fast_kernel_for(s, (64, 128), "cuda") == "triton"
+
+
+def test_l12_scales_are_fitted_through_the_10_bit_trellis():
+    """A TCQ<r>L12 layer's scales come from the 10-bit trellis's fit (a quarter of the search), its codes from
+    the 12-bit search at those scales: RTN scales equal the L10 spec's, the error is lower, and under GPTQ too."""
+    g = torch.Generator().manual_seed(4)
+    W, H = torch.randn(256, 64, generator=g), _hess(64, seed=4)  # long columns: the trellis runs down the rows
+    for method in ("rtn", "gptq"):
+        q10, W10 = quantize_tcq(W, parse_spec("TCQ3L10-channel"), H, method)
+        q12, W12 = quantize_tcq(W, parse_spec("TCQ3L12-channel"), H, method)
+        if method == "rtn":  # RTN minimizes the plain squared error, GPTQ the proxy
+            assert torch.equal(q12.scale, q10.scale)
+            assert float((W - W12).pow(2).sum()) < float((W - W10).pow(2).sum())
+        else:
+            assert q12.proxy_loss < q10.proxy_loss
+        assert torch.equal(q12.dequantize(), W12)

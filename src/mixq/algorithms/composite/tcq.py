@@ -14,10 +14,12 @@ minimizes for a scalar grid -- and GPTQ's sweep (:func:`mixq.algorithms.sweep.sw
 Scales (``fit_scales``): from each row's RMS over the group (the table is trained for unit variance), then the
 least-squares scale on the decoded values, ``SCALE_ITERS`` passes, keeping the pass of least error.  Under GPTQ a
 group's scales are fitted when its first column is reached, on the weights as updated so far, through the spec's
-own trellis.  (Fitting a ``TCQ<rate>L10`` layer's scales through the cheaper 8-bit trellis was tried: within 0.1-0.4
-% of the proxy on Gaussian layers; uniform GPTQ ``TCQ3L10-channel+ip`` on SmolLM2 gave KL 0.189 / 0.294 (PTB /
-fortunes) against 0.182 / 0.289 and 0.191 / 0.290 fitting at L = 10 -- the last two differ only in the search's
-float rounding, so the fit's effect is inside run-to-run variation; runs ``g_tcq3_L10*`` of generalization.md.)
+own trellis up to ``FIT_STATE_BITS`` state bits: a ``TCQ<rate>L12`` layer's scales are fitted through the 10-bit
+trellis (its search is a quarter of the cost) and its codes found at 12.  (Fitting a ``TCQ<rate>L10`` layer's
+scales through the 8-bit trellis was tried: within 0.1-0.4 % of the proxy on Gaussian layers; uniform GPTQ
+``TCQ3L10-channel+ip`` on SmolLM2 gave KL 0.189 / 0.294 (PTB / fortunes) against 0.182 / 0.289 and 0.191 / 0.290
+fitting at L = 10 -- the last two differ only in the search's float rounding, so the fit's effect is inside
+run-to-run variation; runs ``g_tcq3_L10*`` of generalization.md.)
 Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.  The stored parts
 (:class:`~mixq.formats.composite.tcq_storage.TCQQTensor`), their decoding and packing:
 :mod:`mixq.formats.composite.tcq_storage`.
@@ -34,6 +36,7 @@ from ..sweep import sweep
 from .tcq_search import viterbi
 
 SCALE_ITERS = 2
+FIT_STATE_BITS = 10  # the scale fit's trellis has at most this many state bits (module doc)
 
 
 def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
@@ -73,15 +76,19 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
     R, C = W0.shape
     spec.cost((R, C))
     table = tcq_lut(spec.tcq_rate, spec.state_bits)
+    fit_table = tcq_lut(spec.tcq_rate, min(spec.state_bits, FIT_STATE_BITS))
     glen = group_len(spec, C)
     if method == "gptq":
         if H is None:
             raise ValueError("GPTQ needs the layer's H = XᵀX/N")
-        bits, scale, W_hat = _gptq(W0, H.detach().float().cpu(), spec, table, glen, damp, block_size, hinv_chol,
-                                   scale_iters)
+        bits, scale, W_hat = _gptq(W0, H.detach().float().cpu(), spec, table, fit_table, glen, damp, block_size,
+                                   hinv_chol, scale_iters)
     elif method == "rtn":
-        fits = [fit_scales(W0[:, j:j + glen], spec, table, scale_iters) for j in range(0, C, glen)]
+        fits = [fit_scales(W0[:, j:j + glen], spec, fit_table, scale_iters) for j in range(0, C, glen)]
         scale = torch.stack([f[0] for f in fits], 1)
+        if fit_table.numel() != table.numel():  # fitted through fewer states: the codes at the spec's own
+            fits = [(None, *_encode(W0[:, j:j + glen], scale[:, j // glen], spec.tcq_rate, table))
+                    for j in range(0, C, glen)]
         bits = torch.cat([f[1] for f in fits], 0)
         W_hat = apply_scale(torch.cat([f[2] for f in fits], 1), scale, glen)
     else:
@@ -93,7 +100,7 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
     return qt, W_hat
 
 
-def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol, scale_iters):
+def _gptq(W0, H, spec, table, fit_table, glen, damp, block_size, hinv_chol, scale_iters):
     from ..gptq import prepare_hessian
 
     R, C = W0.shape
@@ -106,7 +113,7 @@ def _gptq(W0, H, spec, table, glen, damp, block_size, hinv_chol, scale_iters):
 
     def round_column(col, w, ahead):
         if col % glen == 0:  # a new group: its scales from the weights as updated so far
-            scale[:, col // glen] = fit_scales(ahead(glen), spec, table, scale_iters)[0]
+            scale[:, col // glen] = fit_scales(ahead(glen), spec, fit_table, scale_iters)[0]
         s = scale[:, col // glen]
         b, u = _encode(w[:, None], s, spec.tcq_rate, table)
         bits[col] = b[0]
