@@ -53,6 +53,9 @@ def main():
     ap.add_argument("--budgets", default="2.5,3,3.25,4,4.5")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each domain `mixq eval` scores the "
                                                                   "output on (0: skip)")
+    ap.add_argument("--quantize-args", default="", help="more flags for `mixq quantize` (a deviation from the "
+                    "default recipe, e.g. '--tcq-state-bits 10'), recorded")
+    ap.add_argument("--name", default="quantize_cost", help="results file stem in bench/results")
     args = ap.parse_args()
     nsamples = args.nsamples or DEFAULT_RECIPE["nsamples"]
     work = Path(tempfile.mkdtemp(prefix="mixq-cost-"))
@@ -60,7 +63,7 @@ def main():
         base = timed([*MIXQ, "eval", "--tokens", "512"])
         out = work / "q"
         q = timed([*MIXQ, "quantize", "--bpw", str(args.bpw), *(["--nsamples", str(args.nsamples)] if args.nsamples
-                                                                  else []), "--out", str(out)])
+                                                                  else []), *args.quantize_args.split(), "--out", str(out)])
         info = json.loads((out / "mixq.json").read_text())
         ev = timed([*MIXQ, "eval", str(out), "--tokens", str(args.eval_tokens)]) if args.eval_tokens else None
         p = timed([*MIXQ, "plan", str(out / "measurement.json"), "--bpw", args.budgets, "--out", str(work / "plans")])
@@ -75,7 +78,9 @@ def main():
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     lines = header("Cost of mixed-precision quantization — SmolLM2-135M-Instruct",
                    f"OMP_NUM_THREADS={threads} python bench/quantize_cost.py --bpw {args.bpw} "
-                   + (f"--nsamples {args.nsamples} " if args.nsamples else "") + f"--budgets {args.budgets}")
+                   + (f"--nsamples {args.nsamples} " if args.nsamples else "") + f"--budgets {args.budgets}"
+                   + (f" --quantize-args '{args.quantize_args}'" if args.quantize_args else "")
+                   + (f" --name {args.name}" if args.name != "quantize_cost" else ""))
     lines += [f"Each row is one `mixq` process under `/usr/bin/time -v` (cold start: Python, torch, model load "
               f"included), run one after another on an otherwise idle machine. Calibration {nsamples} × "
               f"{seqlen} tokens of the default calibration (self+ptb); recipe {info.get('recipe', {}).get('name', '?')}: "
@@ -93,9 +98,10 @@ def main():
               f"process. Holding the inputs of all {blocks} blocks for {nsamples} × {seqlen} tokens in fp32 "
               f"would take {all_acts_mb:.0f} MB on top of the model; the block walk keeps two "
               f"[{nsamples}, {seqlen}, {hidden}] buffers ({2 * all_acts_mb / blocks:.0f} MB)."]
-    (RESULTS / "quantize_cost.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "quantize_cost.json").write_text(json.dumps({"rows": rows, "eval": ev, "all_block_inputs_mb": all_acts_mb,
-                                                            "quantize_info_seconds": info["seconds"]}, indent=2))
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows, "eval": ev, "all_block_inputs_mb": all_acts_mb,
+                                                          "quantize_info_seconds": info["seconds"],
+                                                          "recipe": info.get("recipe")}, indent=2))
     print("\n".join(lines))
 
 

@@ -477,11 +477,14 @@ def test_tcq_layers_are_encoded_with_the_asked_state_bits():
     forced = allocate(table, Budget(bpw=3.0), constraints=Constraints(force=((r"0\.mlp\.down", "TCQ3-channel+ip"),)),
                       tcq_state_bits=10)
     assert forced.layers["model.layers.0.mlp.down_proj"].name == "TCQ3-channel+ip"
-    assert mixq_plan(table, bpw=3.0).layers == p10.layers  # the API's default is the recipe's (10)
+    from mixq.recipe import DEFAULT_RECIPE
+
+    L = DEFAULT_RECIPE["tcq_state_bits"]  # the API's default is the recipe's
+    assert mixq_plan(table, bpw=3.0).layers == allocate(table, Budget(bpw=3.0), tcq_state_bits=L).layers
     named = mixq_plan(table, bpw=3.1, solver="uniform", uniform="TCQ3-channel+ip")  # a named spec is kept
     assert {s.name for s in named.layers.values()} == {"TCQ3-channel+ip"}
     with pytest.raises(ValueError, match="state bits"):
-        reprice(table, 12)
+        reprice(table, 14)
 
 
 def test_a_table_without_some_candidates():

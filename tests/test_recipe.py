@@ -23,4 +23,4 @@ def test_deviations_are_named():
     assert recipe_record(SimpleNamespace(method="gptq", algorithm="gptq-exact"))["deviations"] == {"algorithm": "gptq-exact"}
     args = build_parser().parse_args(["quantize", "--bpw", "3", "--tcq-state-bits", "8", "--out", "x"])
     assert args.tcq_state_bits == 8 and recipe_record(args)["deviations"] == {"tcq_state_bits": 8}
-    assert build_parser().parse_args(["plan", "m", "--bpw", "3"]).tcq_state_bits == 10
+    assert build_parser().parse_args(["plan", "m", "--bpw", "3"]).tcq_state_bits == DEFAULT_RECIPE["tcq_state_bits"]
