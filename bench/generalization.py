@@ -184,7 +184,26 @@ def report():
     print("\n".join(lines))
 
 
-NOTES = """## Reading (measured 2026-12-03 to -05 on this machine; runs named below)
+NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named below)
+
+- **Trellis rates 5 and 6 among the candidates: recipe `mixq-default-10`** (2026-12-06; runs `base-L10` and
+  `tcq56-L10`: two fresh `kfac-kv` measurements on the same calibration rows, `base-L10` of the `mixq-default-9`
+  candidates at ba64a8b, `tcq56-L10` of the same plus `TCQ5-channel+ip` and `TCQ6-channel+ip` at 9b2ba2a; plans at
+  10 state bits, mixed GPTQ then the end-to-end epoch; one thread each, two to four jobs on the 2 cores), KL PTB /
+  fortunes, with against without: 4.0 bpw 0.044 / 0.075 against 0.052 / 0.082 (-15 % / -9 %); 4.5 bpw 0.027 /
+  0.044 against 0.034 / 0.054 (-22 % / -18 %; at 4.5 bpw the embedded model's own 4-bit grid flatters every
+  plan); 3.5 bpw 0.077 / 0.128 against 0.082 / 0.138 (-6 % / -8 %); 3.0 bpw 0.145 / 0.233 against 0.142 / 0.229
+  (+2 %, inside the few-percent run-to-run variation: the 3.0 plan takes only six TCQ5 layers); 2.5 bpw 0.269 /
+  0.427 (`kfackv-L10`, last session: 0.267 / 0.419).  Without them the 4.0 / 4.5 plans put 29 / 80 of the 210
+  layers on W5 / W6 / W8 grids; with them 1 / 3.  The measurement took 374 s against 363 s.  On gemma3-270m (one
+  measurement with the two candidates, plans from it with and without them, `bench/second_model.py --without`;
+  mixed GPTQ, no epoch): 4.0 bpw 0.055 / 0.077 against 0.064 / 0.082, 3.5 bpw 0.097 / 0.143 against 0.104 /
+  0.146, 3.0 bpw 0.198 / 0.287 against 0.191 / 0.278 (`second_model_tcq56*.md`).  At 3.0 bpw both models came
+  out 2-4 % worse with the two candidates: inside run-to-run variation, but the same sign twice, so a small
+  mispricing of the few TCQ5 layers a 3.0 plan takes is not ruled out.  4.0 bpw stays above the frontier
+  issue's 0.033.
+  The measurement still prices each trellis candidate at 8 state bits, where TCQ6 has only 2 bits of memory
+  and more Gaussian error than the Lloyd-Max scalar quantizer; the plan's L = 10 repricing scales it by 0.67.
 
 - **Trellis layers stored with 10 state bits: recipe `mixq-default-9`** (runs `kfackv-s33` and `kfackv-L10`: one
   `kfac-kv` measurement of the default candidates on the same calibration rows, made by the first run at 8ef8c93;

@@ -182,6 +182,14 @@ READING = """What was tried and why this trellis (measured 2026-12-04 on this ma
     end-to-end epoch (runs `kfackv-s33` / `kfackv-L10`, one measurement), L = 8 against L = 10: 2.5 bpw
     0.282 / 0.465 against 0.267 / 0.419, 3.0 bpw 0.158 / 0.249 against 0.140 / 0.234, 3.5 bpw 0.093 / 0.154
     against 0.081 / 0.139, 4.0 bpw 0.057 / 0.096 against 0.051 / 0.084.
+- **Rates 5 and 6** (2026-12-06, recipe `mixq-default-10`): the search's argmin carries a 6-bit predecessor
+  above 4 bits a step, and tables were trained the same way. At L = 8 the trellis keeps only 3 (2) bits of memory
+  there: TCQ6 at L = 8 has more Gaussian error than the Lloyd-Max scalar quantizer (table above); at L = 10, where
+  plans store them, TCQ5 and TCQ6 sit 27 % and 15 % below it. Half rates above 4 are not offered (a half rate
+  stores a row pair's two steps as one symbol, which would outgrow the byte symbols of the storage and kernels).
+  Among the default candidates they replace nearly every W5 / W6 / W8 grid of SmolLM2's 4.0- and 4.5-bpw plans,
+  which then score 0.044 / 0.075 and 0.027 / 0.044 (runs `tcq56-L10` against `base-L10`: 0.052 / 0.082 and
+  0.034 / 0.054); generalization.md has the whole A/B, gemma3-270m included.
 - **Tables** are trained by Lloyd over the trellis, from Gaussian quantiles in a seeded order, on N(0, 1)
   sequences. QTIP's computed codes (1MAD / 3INST) were not tried: at L = 8 a table of 256 fp16 values is 512
   bytes, so computing codes saves nothing.

@@ -98,8 +98,9 @@ def solver_arg(p, help: str = "allocation solver") -> None:  # noqa: A002 - argp
     p.add_argument("--solver", default="exact", choices=SOLVERS, help=f"{help} (default exact)")
     p.add_argument("--tcq-state-bits", type=int, default=DEFAULT_RECIPE["tcq_state_bits"], choices=TCQ_STATE_BITS,
                    help="state bits of the trellis the plan's TCQ layers are encoded with: the measurement prices "
-                        "TCQ<r> (8), the plan stores TCQ<r>L10 at the same bits, a 2^10-entry table and 5-13 %% less "
-                        f"squared error, for a 3-4x longer Viterbi search (default {DEFAULT_RECIPE['tcq_state_bits']})")
+                        "TCQ<r> (8), the plan stores TCQ<r>L10 / TCQ<r>L12 at the same bits, a 2^10- / 2^12-entry "
+                        "table and 5-13 %% / 10-20 %% less squared error, for a 4x / 16x longer Viterbi search "
+                        f"(default {DEFAULT_RECIPE['tcq_state_bits']})")
 
 
 def budget_args(p) -> None:
