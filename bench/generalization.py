@@ -186,6 +186,17 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named below)
 
+- **Trellis layers stored with 12 state bits: the rest of `mixq-default-10`** (2026-12-06; runs `tcq56-L12`, `L12-a`,
+  `L12-b`: the `tcq56-L10` measurement, the plan's trellis layers repriced and stored as `TCQ<r>L12` -- 4096-entry
+  tables, 5-11 % less Gaussian error than L = 10; mixed GPTQ then the end-to-end epoch, one thread, two or three
+  jobs on the cores).  `tcq56-L12` (commit b9fe4fd, scales fitted through the 12-bit trellis): 2.5 bpw 0.252 /
+  0.398 against 0.269 / 0.427 at L = 10 (-6 % / -7 %), 3.0 bpw 0.136 / 0.213 against 0.145 / 0.233 (-6 % / -9 %).
+  The recipe fits the scales through the 10-bit trellis and finds the codes at 12 (a quarter of the fit's
+  search): `L12-a` / `L12-b` (commit 61310fa, the recipe as committed): L12RESULTS.  `mixq quantize --bpw 3.0` itself
+  (quantize_cost.md / quantize_cost_L10.md, 2 threads, idle machine): 0.141 / 0.221 in 506 s against 0.145 /
+  0.233 in 500 s at L = 10 -- the longer search costs nothing visible next to the measurement.  The 2.5-bpw target
+  (0.40) is met in both domains by `tcq56-L12` (0.398, a margin inside run-to-run variation).
+
 - **Trellis rates 5 and 6 among the candidates: recipe `mixq-default-10`** (2026-12-06; runs `base-L10` and
   `tcq56-L10`: two fresh `kfac-kv` measurements on the same calibration rows, `base-L10` of the `mixq-default-9`
   candidates at ba64a8b, `tcq56-L10` of the same plus `TCQ5-channel+ip` and `TCQ6-channel+ip` at 9b2ba2a; plans at

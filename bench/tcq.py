@@ -4,8 +4,8 @@
 
 1. Gaussian N(0, 1) targets (what ``+ip`` weights divided by their scale look like), MSE per weight at 2-6 bpw:
    the scalar Lloyd-Max quantizer (whole rates), the 2-D vector codebooks of the ``VQ`` bases, the committed ``TCQ``
-   tables (L = 8 state bits), tables trained the same way at L = 10, and the distortion-rate bound 2^(-2R);
-   with the Viterbi search's time per weight on one thread at L = 8 and L = 10.
+   tables (L = 8 state bits), tables trained the same way at L = 10 and 12, and the distortion-rate bound 2^(-2R);
+   with the Viterbi search's time per weight on one thread at L = 8, 10 and 12.
 2. ``--layers``: nine SmolLM2 layers (q_proj, gate_proj, down_proj of blocks 0, 10, 20) with ``+ip``: the relative
    squared error ``‖W - Ŵ‖² / ‖W‖²`` of RTN and the Hessian-weighted proxy of GPTQ (H from 8 PTB rows of 256
    tokens), VQ against TCQ at equal rates.
@@ -47,10 +47,11 @@ def _search_ns(rate, table) -> float:
 def gaussian_rows() -> list[dict]:
     rows = []
     for r in RATES:
-        t10 = ts.generate(r, 10)
+        t10, t12 = ts.generate(r, 10), ts.generate(r, 12)
         rows.append({"rate": r, "lloyd_max": _lloyd_max_mse(r) if r == int(r) else None,
                      "vq2": vq_mse(2, int(2 * r)) if r <= 4 else None, "tcq_L8": ts.mse(r), "tcq_L10": ts.mse(r, table=t10),
-                     "bound": 2.0 ** (-2 * r), "ns_L8": _search_ns(r, tc.lut(r)), "ns_L10": _search_ns(r, t10)})
+                     "tcq_L12": ts.mse(r, table=t12), "bound": 2.0 ** (-2 * r), "ns_L8": _search_ns(r, tc.lut(r)),
+                     "ns_L10": _search_ns(r, t10), "ns_L12": _search_ns(r, t12)})
         print(rows[-1], flush=True)
     return rows
 
@@ -96,7 +97,7 @@ def layer_rows() -> list[dict]:
 def model_rows() -> list[dict]:
     out = []
     for tag in ("g_vq3", "g_tcq3", "g_tcq2.5", "default4", "tcq", "g_tcq3_L8", "g_tcq3_L10", "kfackv-s33",
-                "kfackv-L10", "base-L10", "tcq56-L10"):
+                "kfackv-L10", "base-L10", "tcq56-L10", "tcq56-L12", "L12-a", "L12-b"):
         p = RESULTS / "generalization" / f"{tag}.json"
         if p.exists():
             d = json.loads(p.read_text())
@@ -132,13 +133,14 @@ def write_md(doc, report: bool = False) -> None:
         L[3:5] = [f"- machine: {doc['machine']}", f"- commit: {doc['commit']} (Gaussian and layer tables); the "
                   f"end-to-end table re-read from bench/results/generalization at {git_rev()}"]
     L += ["## Gaussian targets: MSE per weight (and the Viterbi search on one thread)", "",
-          "| bpw | scalar Lloyd-Max | VQ d=2 | TCQ L=8 | TCQ L=10 | bound 2^-2R | TCQ/VQ (L=8) | search ns/w L=8 | L=10 |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| bpw | scalar Lloyd-Max | VQ d=2 | TCQ L=8 | TCQ L=10 | TCQ L=12 | bound 2^-2R | TCQ/VQ (L=8) | search ns/w L=8 "
+          "| L=10 | L=12 |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in doc["gaussian"]:
         lm = f"{r['lloyd_max']:.5f}" if r["lloyd_max"] else ""
         vq, ratio = (f"{r['vq2']:.5f}", f"{r['tcq_L8'] / r['vq2']:.2f}") if r.get("vq2") else ("", "")
-        L.append(f"| {r['rate']} | {lm} | {vq} | {r['tcq_L8']:.5f} | {r['tcq_L10']:.5f} | {r['bound']:.5f} "
-                 f"| {ratio} | {r['ns_L8']:.0f} | {r['ns_L10']:.0f} |")
+        l12, ns12 = (f"{r['tcq_L12']:.5f}", f"{r['ns_L12']:.0f}") if "tcq_L12" in r else ("", "")
+        L.append(f"| {r['rate']} | {lm} | {vq} | {r['tcq_L8']:.5f} | {r['tcq_L10']:.5f} | {l12} | {r['bound']:.5f} "
+                 f"| {ratio} | {r['ns_L8']:.0f} | {r['ns_L10']:.0f} | {ns12} |")
     if doc.get("layers"):
         src = doc.get("layers_from")
         L += ["", "## SmolLM2 layers (+ip, channel scales): relative error, VQ against TCQ", ""]
@@ -185,7 +187,7 @@ READING = """What was tried and why this trellis (measured 2026-12-04 on this ma
 - **Rates 5 and 6** (2026-12-06, recipe `mixq-default-10`): the search's argmin carries a 6-bit predecessor
   above 4 bits a step, and tables were trained the same way. At L = 8 the trellis keeps only 3 (2) bits of memory
   there: TCQ6 at L = 8 has more Gaussian error than the Lloyd-Max scalar quantizer (table above); at L = 10, where
-  plans store them, TCQ5 and TCQ6 sit 27 % and 15 % below it. Half rates above 4 are not offered (a half rate
+  plans store them, TCQ5 and TCQ6 sit 27 % and 10 % below it. Half rates above 4 are not offered (a half rate
   stores a row pair's two steps as one symbol, which would outgrow the byte symbols of the storage and kernels).
   Among the default candidates they replace nearly every W5 / W6 / W8 grid of SmolLM2's 4.0- and 4.5-bpw plans,
   which then score 0.044 / 0.075 and 0.027 / 0.044 (runs `tcq56-L10` against `base-L10`: 0.052 / 0.082 and

@@ -11,7 +11,7 @@ stored as ``T · rate`` bits: step ``t`` appends ``k_t`` bits ``b_t`` to the str
 ``ceil(rate)`` at a half rate (2.5 bpw: 2, 3, 2, 3, ...).  Rates: 1 to 4 by halves, then 5 and 6 (whole only: a half
 rate's pair of steps is stored as one symbol, which above 4 bits would outgrow a byte).  At 5-6 bits the 8-bit
 state leaves the trellis 3 or 2 bits of memory and little gain over a scalar grid (6 bits: more error than the
-Gaussian Lloyd-Max quantizer); ``L = 10`` keeps 15-27 % below it.  Each step picks among ``2^{k_t}`` values only, but the
+Gaussian Lloyd-Max quantizer); ``L = 10`` keeps 10-27 % below it.  Each step picks among ``2^{k_t}`` values only, but the
 Viterbi search (:func:`mixq.algorithms.composite.tcq_search.viterbi`) chooses the whole string jointly, so the
 reachable sequences cover the Gaussian better than any fixed grid of the same rate (the trellis's granular gain;
 QTIP, Tseng et al. 2024, with ``L = 16`` on a GPU; ``L = 8`` here keeps the search ~0.3 µs a weight on this CPU).
