@@ -188,14 +188,18 @@ NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named be
 
 - **Trellis layers stored with 12 state bits: the rest of `mixq-default-10`** (2026-12-06; runs `tcq56-L12`, `L12-a`,
   `L12-b`: the `tcq56-L10` measurement, the plan's trellis layers repriced and stored as `TCQ<r>L12` -- 4096-entry
-  tables, 5-11 % less Gaussian error than L = 10; mixed GPTQ then the end-to-end epoch, one thread, two or three
+  tables, 5-10 % less Gaussian error than L = 10 at 2-4 bits; mixed GPTQ then the end-to-end epoch, one thread, two or three
   jobs on the cores).  `tcq56-L12` (commit b9fe4fd, scales fitted through the 12-bit trellis): 2.5 bpw 0.252 /
   0.398 against 0.269 / 0.427 at L = 10 (-6 % / -7 %), 3.0 bpw 0.136 / 0.213 against 0.145 / 0.233 (-6 % / -9 %).
   The recipe fits the scales through the 10-bit trellis and finds the codes at 12 (a quarter of the fit's
-  search): `L12-a` / `L12-b` (commit 61310fa, the recipe as committed): L12RESULTS.  `mixq quantize --bpw 3.0` itself
+  search): `L12-a` / `L12-b` (commit 61310fa, the recipe as committed): 2.5 bpw 0.248 / 0.395, 3.5 bpw 0.071 /
+  0.117, 4.0 bpw 0.040 / 0.066, 4.5 bpw 0.024 / 0.039 -- against `mixq-default-9` (`base-L10`; 2.5: `kfackv-L10`)
+  -7 % / -6 % at 2.5, -13 % / -15 % at 3.5, -23 % / -19 % at 4.0, -28 % / -27 % at 4.5.  `mixq quantize --bpw 3.0` itself
   (quantize_cost.md / quantize_cost_L10.md, 2 threads, idle machine): 0.141 / 0.221 in 506 s against 0.145 /
   0.233 in 500 s at L = 10 -- the longer search costs nothing visible next to the measurement.  The 2.5-bpw target
-  (0.40) is met in both domains by `tcq56-L12` (0.398, a margin inside run-to-run variation).
+  (0.40) is met in both domains (0.395 and 0.398 in the two L = 12 runs: margins inside run-to-run variation);
+  3.0 bpw (0.15) in domain only (0.141 / 0.221); 4.0 bpw (0.033) in neither (0.040 / 0.066).  The ratio
+  fortunes / PTB is 1.56-1.65.
 
 - **Trellis rates 5 and 6 among the candidates: recipe `mixq-default-10`** (2026-12-06; runs `base-L10` and
   `tcq56-L10`: two fresh `kfac-kv` measurements on the same calibration rows, `base-L10` of the `mixq-default-9`

@@ -30,7 +30,8 @@ more than 4 bits: they took the place of nearly every W5/W6/W8 grid in SmolLM2's
 fell from 0.052 / 0.082 to 0.044 / 0.075 and from 0.034 / 0.054 to 0.027 / 0.044 -- and the plan's trellis layers
 stored through ``2^12`` states (``TCQ<r>L12``; their scales fitted through the 10-bit trellis): the 3.0-bpw
 ``mixq quantize`` output scored 0.141 / 0.221 against 0.145 / 0.233 at 10 state bits, in 505 s against 500 s
-(generalization.md runs ``base-L10``, ``tcq56-L10``, ``tcq56-L12*``; quantize_cost.md, quantize_cost_L12.md).  ``kfac-pos`` was ``kfac`` with each token's input weighted by
+(generalization.md runs ``base-L10``, ``tcq56-L10``, ``L12-a``, ``L12-b``; quantize_cost.md, quantize_cost_L10.md).
+``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
 the two are within 2-7 % at 3.0 and 4.0 bpw (generalization.md, second_model_default.md).  ``mixq-default-2``
@@ -53,7 +54,8 @@ DEFAULT_RECIPE: dict[str, object] = {
     "candidates": "default",   # --candidates: mixq.allocate.candidates.DEFAULT_CANDIDATE_NAMES
     "solver": "exact",         # --solver
     "tcq_state_bits": 12,      # --tcq-state-bits: the plan's trellis layers (measured as TCQ<r>, L = 8) encoded
-                               # through 2^12 states (TCQ<r>L12): same bits, 10-20 % less squared error than L = 8 at 2-4 bits
+                               # through 2^12 states (TCQ<r>L12): same bits, 10-20 % less squared error than
+                               # L = 8 at 2-4 bits
     "damp": 0.01,              # --damp (GPTQ)
     "act_order": False,        # --act-order
     "rotate": False,           # --rotate (QuaRot): +ip candidates transform each layer instead

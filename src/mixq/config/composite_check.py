@@ -7,7 +7,8 @@ import math
 from ..granularity import PerChannel, PerGroup
 
 FP16_BITS = 16
-TCQ_STATE_BITS = (8, 10, 12)  # a TCQ base's trellis state bits: those with committed tables (formats.composite.tcq_codebook)
+# a TCQ base's trellis state bits: those with committed tables (formats.composite.tcq_codebook)
+TCQ_STATE_BITS = (8, 10, 12)
 # a TCQ base's rates, as twice its bits a weight: 1 to 4 by halves, then 5 and 6 whole (a half rate stores a row pair's
 # two steps as one symbol, which above 4 bits would not fit the byte symbols of the storage and the kernels' reads)
 TCQ_TRELLIS = (2, 3, 4, 5, 6, 7, 8, 10, 12)
@@ -115,11 +116,13 @@ def _check_vq(spec) -> None:
 
 
 def _check_tcq(spec) -> None:
-    """TCQ field: ``trellis`` = 2 x bits per weight, one of :data:`TCQ_TRELLIS` (:mod:`mixq.algorithms.composite.tcq`)."""
+    """TCQ field: ``trellis`` = 2 x bits per weight, one of :data:`TCQ_TRELLIS`
+    (:mod:`mixq.algorithms.composite.tcq`)."""
     if spec.trellis not in TCQ_TRELLIS:
         raise ValueError(f"TCQ rates are {TCQ_RATES_TEXT}, got {spec.trellis / 2:g}")
     if spec.bits != -(-spec.trellis // 2):
         raise ValueError(f"a TCQ base carries bits = ceil(rate) = {-(-spec.trellis // 2)}, got {spec.bits}")
     if spec.state_bits not in TCQ_STATE_BITS:
-        raise ValueError(f"TCQ state bits are one of {TCQ_STATE_BITS} (TCQ<rate>L10, TCQ<rate>L12), got {spec.state_bits}")
+        raise ValueError(f"TCQ state bits are one of {TCQ_STATE_BITS} (TCQ<rate>L10, TCQ<rate>L12), "
+                         f"got {spec.state_bits}")
     _check_codebook_base(spec, "TCQ")

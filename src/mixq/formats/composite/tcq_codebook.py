@@ -11,8 +11,8 @@ stored as ``T · rate`` bits: step ``t`` appends ``k_t`` bits ``b_t`` to the str
 ``ceil(rate)`` at a half rate (2.5 bpw: 2, 3, 2, 3, ...).  Rates: 1 to 4 by halves, then 5 and 6 (whole only: a half
 rate's pair of steps is stored as one symbol, which above 4 bits would outgrow a byte).  At 5-6 bits the 8-bit
 state leaves the trellis 3 or 2 bits of memory and little gain over a scalar grid (6 bits: more error than the
-Gaussian Lloyd-Max quantizer); ``L = 10`` keeps 10-27 % below it.  Each step picks among ``2^{k_t}`` values only, but the
-Viterbi search (:func:`mixq.algorithms.composite.tcq_search.viterbi`) chooses the whole string jointly, so the
+Gaussian Lloyd-Max quantizer); ``L = 10`` keeps 10-27 % below it.  Each step picks among ``2^{k_t}`` values only,
+but the Viterbi search (:func:`mixq.algorithms.composite.tcq_search.viterbi`) chooses the whole string jointly, so the
 reachable sequences cover the Gaussian better than any fixed grid of the same rate (the trellis's granular gain;
 QTIP, Tseng et al. 2024, with ``L = 16`` on a GPU; ``L = 8`` here keeps the search ~0.3 µs a weight on this CPU).
 Decoding a weight needs only the ``L`` stream bits ending at it: no sequential dependence, random access.
@@ -26,7 +26,8 @@ whose arithmetic differs in the last bit still decode a stored model identically
 **State bits.**  ``L = 8`` (:data:`L`, what a plain ``TCQ<rate>`` spec decodes with), ``L = 10`` (``TCQ<rate>L10``,
 the spec's ``state_bits``) or ``L = 12`` (``TCQ<rate>L12``): the same bits a weight and the same stream; each step
 up is a 4x larger table (2 KB, 8 KB of fp16) and a Viterbi search about 4x as long, for 5-13 % (L = 10 against 8)
-and a further 5-11 % (12 against 10) less squared error on Gaussian targets (``bench/results/tcq.md``).
+and a further 5-10 % at 2-4 bits, 11-20 % at 5-6 (12 against 10) less squared error on Gaussian targets
+(``bench/results/tcq.md``).
 """
 from __future__ import annotations
 
