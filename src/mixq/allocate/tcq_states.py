@@ -5,8 +5,9 @@ cheaper than at ``L = 10``, and the measurement runs it for every candidate on e
 bits decodes through ``2^10`` states as ``TCQ<rate>L10`` (:mod:`mixq.formats.composite.tcq_codebook`) with less
 error, at exactly the same cost.  :func:`reprice` turns a table into the one a plan at ``L`` state bits is chosen
 from: each ``TCQ<rate>`` candidate becomes ``TCQ<rate>L<L>`` with its error times :func:`error_ratio` -- the
-trellis's squared error on N(0, 1) targets at ``L`` over that at 8, computed from the committed tables (about
-0.94 at 2 bits a weight to 0.87 at 3.5-4; ``bench/results/tcq.md``).  ``+ip`` weights are what those tables are
+trellis's squared error on N(0, 1) targets at ``L`` over that at 8, computed from the committed tables (L = 10:
+about 0.94 at 2 bits a weight to 0.87 at 3.5-4; L = 12: 0.90 to 0.80, and 0.72 / 0.54 at 5 / 6 bits, where the
+8-bit trellis has little memory; ``bench/results/tcq.md``).  ``+ip`` weights are what those tables are
 trained for, and RTN errors of TCQ candidates scale with that error, so the ratio carries over; the solver then
 weighs the larger gain at higher rates against the scalar grids.  Layers a ``force`` constraint pins keep their
 named spec.

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from fractions import Fraction
 from functools import lru_cache
+from importlib import import_module
 
 import torch
 
 from ...config.composite_check import TCQ_RATES_TEXT, TCQ_STATE_BITS as STATE_BITS, TCQ_TRELLIS
 
 L = 8                   # the state bits of a plain TCQ<rate> spec; STATE_BITS: those with committed tables
+TABLE_MODULES = {8: "tcq_tables", 10: "tcq_tables_l10", 12: "tcq_tables_l12"}  # the committed tables of each L
 RATES = tuple(Fraction(n, 2) for n in TCQ_TRELLIS)  # 1 .. 4 bits a weight by halves, 5, 6
 
 
@@ -85,12 +87,7 @@ def check_state_bits(L) -> int:
 
 @lru_cache(maxsize=None)
 def _lut(rate: Fraction, L: int) -> torch.Tensor:
-    if L == 8:
-        from .tcq_tables import TABLES
-    elif L == 10:
-        from .tcq_tables_l10 import TABLES
-    else:
-        from .tcq_tables_l12 import TABLES
+    TABLES = import_module(f".{TABLE_MODULES[L]}", __package__).TABLES
     hexs = TABLES.get(str(rate))
     if hexs is None:
         raise ValueError(f"no TCQ table for rate {rate} at L = {L}; have {sorted(TABLES)} "
