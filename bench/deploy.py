@@ -16,6 +16,8 @@ Rows (all RTN, one process, one thread count):
 - ``mixed-3.5-cpu``: the same measurement under ``Constraints(fast_on="cpu")`` (``mixq plan --fast-on cpu``):
   only int candidates, which ``cpu-int4`` runs (1-4 bits as one int4 plane, 5-8 bits as two), so every
   layer takes the fast path.
+- ``--dirs LABEL=DIR``: a directory ``mixq quantize`` wrote (e.g. ``mixq quantize --bpw 3.0``, the default
+  recipe: GPTQ, trellis layers, the end-to-end epoch), measured as it is.
 
 For each quantized row: the native v2 directory (rest in fp32 as ``mixq quantize`` writes it, and
 re-written with ``--rest-dtype bf16`` for deployment), the packed model's RAM (parameters + buffers,
@@ -67,6 +69,9 @@ def main():
     ap.add_argument("--bpw", type=float, default=3.5, help="budget of the mixed plans")
     ap.add_argument("--rows", default=None, help="comma-separated subset of the quantized rows")
     ap.add_argument("--keep", default=None, help="keep the written directories / GGUF files here")
+    ap.add_argument("--dirs", default=None, help="comma-separated LABEL=DIR: rows from directories `mixq quantize` "
+                    "wrote (e.g. the default recipe's), measured as they are (no GGUF: their trellis layers have no "
+                    "ggml type; `--target gguf` plans are the GGUF path)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,6 +117,13 @@ def main():
             rows.append(_quantized_row(S, name, plans.get(name), prompt, args, work, has_gguf))
             print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
             gc.collect()
+        for item in filter(None, (args.dirs or "").split(",")):
+            name, _, src = item.partition("=")
+            if not src or not Path(src).is_dir():
+                raise SystemExit(f"--dirs {item!r}: give LABEL=DIR with DIR a directory `mixq quantize` wrote")
+            rows.append(_dir_row(S, name, Path(src), prompt, args, work))
+            print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
+            gc.collect()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -153,6 +165,21 @@ def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> d
     # the bare codes and this meta (not res.meta): the directory whose bytes the rows report
     mixq.save_quantized(d, model, S.tok, res.qtensors, {"method": "rtn", "spec": label}, base_model="smollm2-135m",
                         overwrite=True)
+    row = _measured_row(S, name, label, d, model, prompt, args, work)
+    row.update(bpw_linears=size["bpw_linears"], bpw_quantized=size["bpw_quantized"], group_fallback_layers=fallback,
+               quant_s=quant_s, layers={s.name: sum(1 for v in specs.values() if v == s) for s in set(specs.values())})
+    del model
+    if has_gguf:
+        row.update(_gguf(S, d, work, name))
+    if not args.keep:
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(work / f"{name}-bf16rest", ignore_errors=True)
+    return row
+
+
+def _measured_row(S, name, label, d: Path, model, prompt, args, work: Path) -> dict:
+    """The row of the native directory ``d`` whose fake-quant model is ``model``: sizes, the packed fp32 model
+    against ``model``, decode speed and perplexity of the deployed (bf16 rest, packed, kernel auto) model."""
     d16 = work / f"{name}-bf16rest"
     rewrite_native(d, d16, overwrite=True, rest_dtype=torch.bfloat16)
     storage = read_info(d)["storage"]
@@ -163,7 +190,7 @@ def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> d
         ids = S.windows.input_ids[:1, :128]
         max_logit_diff = float((packed32(ids).logits - model(ids).logits).abs().max())
     ppl_packed32 = S.evaluate(packed32)["perplexity"]
-    del packed32, model
+    del packed32
     gc.collect()
     # deployment: bf16 rest, bf16 activations, kernel auto
     packed, _, _ = mixq.load_quantized(d16, dtype=torch.bfloat16, packed=True)
@@ -174,8 +201,7 @@ def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> d
     ppl_packed16 = S.evaluate(packed)["perplexity"]
     del packed
     gc.collect()
-    row = dict(row=name, spec=label, bpw_linears=size["bpw_linears"], bpw_quantized=size["bpw_quantized"],
-               group_fallback_layers=fallback, quant_s=quant_s,
+    return dict(row=name, spec=label,
                disk_bytes=_dir_bytes(d16), disk_bytes_fp32_rest=_dir_bytes(d),
                bytes_quantized_on_disk=storage["bytes_quantized_on_disk"],
                bytes_quantized_spec=storage["bytes_quantized_spec"],
@@ -183,13 +209,20 @@ def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> d
                ram_kernel_state=mem["kernel_state"], ram_resident=mem["resident"], **speed, kernels=kernels,
                ppl_fake=fake["perplexity"], kl_fake=fake["kl"], ppl=fake["perplexity"],
                ppl_packed_fp32=ppl_packed32, ppl_packed_bf16=ppl_packed16, max_logit_diff_packed_fp32=max_logit_diff,
-               agree=abs(ppl_packed32 - fake["perplexity"]) <= 1e-4 * fake["perplexity"],
-               layers={s.name: sum(1 for v in specs.values() if v == s) for s in set(specs.values())})
-    if has_gguf:
-        row.update(_gguf(S, d, work, name))
-    if not args.keep:
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(d16, ignore_errors=True)
+               agree=abs(ppl_packed32 - fake["perplexity"]) <= 1e-4 * fake["perplexity"])
+
+
+def _dir_row(S, name, src: Path, prompt, args, work: Path) -> dict:
+    """A row from the directory ``src`` (``--dirs``): its plan as stored, measured like the rows made here."""
+    model, _, info = mixq.load_quantized(src, dtype=torch.float32)
+    size = info.get("size", {})
+    recipe = (info.get("recipe") or {}).get("name", "no recipe")
+    label = f"{name} ({size.get('bpw_linears', float('nan')):.3f} bpw, {recipe})"
+    row = _measured_row(S, name, label, src, model, prompt, args, work)
+    specs = [v["spec"] for v in ((info.get("plan") or {}).get("layers") or {}).values()]
+    row.update(bpw_linears=size.get("bpw_linears"), bpw_quantized=size.get("bpw_quantized"), source_dir=str(src),
+               recipe=info.get("recipe"), layers={sp: specs.count(sp) for sp in set(specs)} if specs else None)
+    shutil.rmtree(work / f"{name}-bf16rest", ignore_errors=True)
     return row
 
 
@@ -229,13 +262,15 @@ def _write(rows, S, args, total_s, has_gguf):
     cmd = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/deploy.py --tokens {args.tokens}"
            + (f" --threads {args.threads}" if args.threads else "") + f" --new-tokens {args.new_tokens} "
            f"--prompt-tokens {args.prompt_tokens} --repeats {args.repeats} --calib-samples {args.calib_samples} "
-           f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else ""))
+           f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else "")
+           + (f" --dirs {args.dirs}" if args.dirs else ""))
     fp32 = next(r for r in rows if r["row"] == "fp32")
     lines = header("Deployment on CPU — SmolLM2-135M-Instruct: size, RAM, decode speed, perplexity", cmd)
     lines += [f"Protocol: greedy decode of {args.new_tokens} new tokens after the first {args.prompt_tokens} tokens of "
               f"PTB test, batch 1, KV cache; tokens/s over the {args.new_tokens - 1} steps after the prompt "
               f"(prefill reported apart), median of {args.repeats} runs after a warm-up, "
-              f"{torch.get_num_threads()} torch threads for every row. Quantized rows: RTN, loaded with "
+              f"{torch.get_num_threads()} torch threads for every row. Quantized rows: RTN (`--dirs` rows: as their "
+              f"directory was made, named with its recipe), loaded with "
               f"`load_quantized(dir, dtype=torch.bfloat16, packed=True)` (kernel auto: cpu-int4 for int layers, "
               f"one int4 plane up to 4 bits, two for 5-8; reference = dequantize + matmul otherwise), from the directory re-written with "
               f"`--rest-dtype bf16`. Perplexity: PTB test, first {p.max_tokens} tokens, {p.n_windows} windows of "
