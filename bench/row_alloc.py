@@ -100,6 +100,8 @@ def main():
     levels = LEVELS[args.rate]
     model, tok = load_model("smollm2-135m")
     cal = build_calibration(model, tok, "self+ptb", nsamples=args.nsamples, seqlen=512, seed=0, progress=False)
+    scorer = domain_scorer(model, tok, "smollm2-135m", args.tokens)
+    scorer.metrics(model)  # the reference's log-probs are made on first use: now, while the model is still fp32
     t0 = time.time()
     lin, G, H = statistics(model, cal.ids)
     two, one, rows, rows_g1 = {}, {}, {}, {}
@@ -131,7 +133,6 @@ def main():
         if i % 30 == 0:
             print(f"{i:3d} {n}: mean row rate {float(rates[ch].mean()):.3f}  ({time.time() - t0:.0f} s)", flush=True)
     quant_s = time.time() - t0
-    scorer = domain_scorer(model, tok, "smollm2-135m", args.tokens)
     orig = {n: m.weight.detach().clone() for n, m in lin.items()}
     out = []
     for tag, wd in (("two-sided", two), ("one-sided", one), ("one-sided rows", rows),
