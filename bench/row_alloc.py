@@ -20,7 +20,7 @@ walk) three ways, all at ``--rate`` bits per weight in the codes:
   alone): what a quantizer that has no output gradients (the GPTQ walk after the plan) could do.
 
 KL to the fp32 model on the first ``--tokens`` of PTB test and of the fortunes, and the K-FAC loss each variant
-predicts, relative to ``two-sided``.  Writes bench/results/row_alloc.{md,json}.
+predicts, relative to ``two-sided``.  Writes bench/results/row_alloc_<rate>.{md,json}.
 """
 from __future__ import annotations
 
@@ -150,7 +150,8 @@ def main():
     cmd = (f"OMP_NUM_THREADS=1 python bench/row_alloc.py --rate {args.rate:g} --state-bits {L} "
            f"--nsamples {args.nsamples} --tokens {args.tokens}")
     doc = {"command": cmd, "levels": levels, "calibration": cal.record(), "quantize_seconds": quant_s, "rows": out}
-    write_json_atomic(RESULTS / "row_alloc.json", doc, overwrite=True)
+    name = f"row_alloc_{args.rate:g}"
+    write_json_atomic(RESULTS / f"{name}.json", doc, overwrite=True)
     base = out[0]
     lines = header("Rates per output row inside trellis layers (SmolLM2-135M, layer-wise GPTQ)", cmd)
     lines += [f"Every block linear at {args.rate:g} bits per weight in the codes, `L = {L}`; row rates from "
@@ -162,7 +163,7 @@ def main():
         lines.append(f"| {r['variant']} | {r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | "
                      f"{r['ptb']['kl'] / base['ptb']['kl']:.3f} | {r['fortunes']['kl'] / base['fortunes']['kl']:.3f} | "
                      f"{r['kfac_loss'] / base['kfac_loss']:.3f} |")
-    (RESULTS / "row_alloc.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
