@@ -216,8 +216,9 @@ def _dir_row(S, name, src: Path, prompt, args, work: Path) -> dict:
     """A row from the directory ``src`` (``--dirs``): its plan as stored, measured like the rows made here."""
     model, _, info = mixq.load_quantized(src, dtype=torch.float32)
     size = info.get("size", {})
-    recipe = (info.get("recipe") or {}).get("name", "no recipe")
-    label = f"{name} ({size.get('bpw_linears', float('nan')):.3f} bpw, {recipe})"
+    rec = info.get("recipe") or {}
+    dev = "".join(f", {k} {v}" for k, v in sorted((rec.get("deviations") or {}).items()))
+    label = f"{name} ({size.get('bpw_linears', float('nan')):.3f} bpw, {rec.get('name', 'no recipe')}{dev})"
     row = _measured_row(S, name, label, src, model, prompt, args, work)
     specs = [v["spec"] for v in ((info.get("plan") or {}).get("layers") or {}).values()]
     row.update(bpw_linears=size.get("bpw_linears"), bpw_quantized=size.get("bpw_quantized"), source_dir=str(src),
@@ -304,6 +305,9 @@ def _write(rows, S, args, total_s, has_gguf):
                   "fp32) and scored on the same windows:", "",
                   "| row | GGUF MB | ppl | ggml types | fallbacks | error |", "|---|---:|---:|---|---:|---|"]
         for r in qrows:
+            if r.get("source_dir"):
+                lines.append(f"| {r['spec']} | — | — | — | — | not exported (`--dirs` row) |")
+                continue
             types = ", ".join(f"{k} {v}" for k, v in sorted((r.get("gguf_types") or {}).items()))
             lines.append(f"| {r['spec']} | {_mb(r.get('gguf_bytes'))} | {_f(r.get('gguf_ppl'), '.3f')} | {types or '—'} | "
                          f"{_f(r.get('gguf_fallbacks'), 'd')} | {r.get('gguf_error') or ''} |")
