@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 python bench/deploy.py [--tokens 8192] [--threads N] [--keep runs/deploy]
 
-Rows (all RTN, one process, one thread count):
+Rows (RTN, except the `--dirs` ones; one process, one thread count):
 
 - ``fp32`` and ``bf16``: the unquantized model.
 - ``W4-g128``: 4-bit symmetric, fp16 scales; ``--group-fallback shrink`` gives the 180 layers that read
