@@ -41,7 +41,7 @@ LEVELS = {2.0: (1, 1.5, 2, 2.5, 3, 4), 2.5: (1.5, 2, 2.5, 3, 3.5, 4), 3.0: (2, 2
           3.5: (2.5, 3, 3.5, 4, 5, 6), 4.0: (3, 3.5, 4, 5, 6)}
 
 
-def statistics(model, ids):
+def layer_statistics(model, ids):
     """``G [R]`` (output-gradient energy under labels sampled from the model) and ``H [C, C]`` of every block linear."""
     lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     G = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lin.items()}
@@ -103,7 +103,7 @@ def main():
     scorer = domain_scorer(model, tok, "smollm2-135m", args.tokens)
     scorer.metrics(model)  # the reference's log-probs are made on first use: now, while the model is still fp32
     t0 = time.time()
-    lin, G, H = statistics(model, cal.ids)
+    lin, G, H = layer_statistics(model, cal.ids)
     two, one, rows, rows_g1 = {}, {}, {}, {}
     loss = {"two-sided": 0.0, "one-sided": 0.0, "one-sided rows": 0.0, "one-sided rows, G = 1": 0.0}
     rates = torch.tensor(levels, dtype=torch.float64)
