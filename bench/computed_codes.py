@@ -25,18 +25,18 @@ import argparse
 import torch
 from common import RESULTS, header
 
+from mixq.algorithms.composite import tcq_search as ts
 from mixq.formats.composite import tcq_codebook as cb
 from mixq.jsonio import write_json_atomic
-from mixq.runtime.kernels import tcq_cpu
 
 L = 12
 HASHES = ((34038481, 76625530), (0x9E3779B1, 0x7F4A7C15), (89226354, 64248484))
 
 
 def search_mse(x: torch.Tensor, k: int, lut: torch.Tensor) -> tuple[float, torch.Tensor]:
-    ks = torch.full((x.shape[1],), k, dtype=torch.uint8)
-    bits, vals, _ = tcq_cpu.viterbi(x, torch.ones_like(x), ks, lut.float().contiguous(), L)
-    return float(((vals - x) ** 2).mean()), cb.states(bits.long(), ks, L)
+    """MSE of the quantizer's search through ``lut`` at rate ``k``, and the states its paths visit."""
+    bits, vals, _ = ts.viterbi(x, None, k, lut.float().contiguous())
+    return float(((vals - x) ** 2).mean()), cb.states(bits.long(), ts.schedule(k, x.shape[1]), L)
 
 
 def hash_bytes(a: int, b: int) -> torch.Tensor:

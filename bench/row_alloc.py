@@ -33,8 +33,10 @@ from common import RESULTS, domain_scorer, header
 
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.algorithms.composite.incoherence import SEED_IN, rotate, rotate_hessian
+from mixq.calib.statistics import collect_statistics
 from mixq.config import parse_spec
 from mixq.jsonio import write_json_atomic
+from mixq.measure.gradients import gradient_stats
 from mixq.pipeline import build_calibration, load_model
 
 LEVELS = {2.0: (1, 1.5, 2, 2.5, 3, 4), 2.5: (1.5, 2, 2.5, 3, 3.5, 4), 3.0: (2, 2.5, 3, 3.5, 4, 5),
@@ -42,39 +44,13 @@ LEVELS = {2.0: (1, 1.5, 2, 2.5, 3, 4), 2.5: (1.5, 2, 2.5, 3, 3.5, 4), 3.0: (2, 2
 
 
 def layer_statistics(model, ids):
-    """``G [R]`` (output-gradient energy under labels sampled from the model) and ``H [C, C]`` of every block linear."""
-    lin = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    G = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lin.items()}
-    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lin.items()}
-
-    def fwd(n):
-        def hook(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            H[n].add_(x.T @ x)
-        return hook
-
-    def bwd(n):
-        def hook(mod, grad_in, grad_out):
-            g = grad_out[0].detach().reshape(-1, grad_out[0].shape[-1]).double()
-            G[n].add_((g * g).sum(0))
-        return hook
-
-    hooks = [h for n, m in lin.items() for h in (m.register_forward_hook(fwd(n)), m.register_full_backward_hook(bwd(n)))]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    emb = model.get_input_embeddings().weight
-    emb.requires_grad_(True)  # so that the blocks' backward runs
-    gen = torch.Generator().manual_seed(0)
-    for i in range(ids.shape[0]):
-        logits = model(ids[i:i + 1]).logits[0].float()
-        with torch.no_grad():
-            y = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(1)
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
-    emb.requires_grad_(False)
-    for h in hooks:
-        h.remove()
-    return lin, G, {n: (h / ids.numel()).float() for n, h in H.items()}
+    """The block linears, their ``G [R]`` (output-gradient energy under labels sampled from the model: the
+    measurement's own pass, :func:`mixq.measure.gradients.gradient_stats`) and ``H [C, C]`` (the calibration
+    walk's, :func:`mixq.calib.statistics.collect_statistics`)."""
+    G = {n: st["G"].double() for n, st in gradient_stats(model, ids, labels="model", progress=False).items()}
+    H = collect_statistics(model, ids, hessian=True, fingerprint=False).hessians()
+    lin = {n: model.get_submodule(n) for n in G}
+    return lin, G, {n: H[n].float() for n in lin}
 
 
 def row_rates(E: torch.Tensor, rates: torch.Tensor, target: float) -> torch.Tensor:
