@@ -36,7 +36,7 @@ HASHES = ((34038481, 76625530), (0x9E3779B1, 0x7F4A7C15), (89226354, 64248484))
 def search_mse(x: torch.Tensor, k: int, lut: torch.Tensor) -> tuple[float, torch.Tensor]:
     """MSE of the quantizer's search through ``lut`` at rate ``k``, and the states its paths visit."""
     bits, vals, _ = ts.viterbi(x, None, k, lut.float().contiguous())
-    return float(((vals - x) ** 2).mean()), cb.states(bits.long(), ts.schedule(k, x.shape[1]), L)
+    return float(((vals - x) ** 2).mean()), cb.states(bits.long(), cb.schedule(k, x.shape[1]), L)
 
 
 def hash_bytes(a: int, b: int) -> torch.Tensor:
