@@ -13,7 +13,7 @@ from mixq.algorithms.composite.incoherence import IncoherentQTensor
 from mixq.algorithms.composite.storage import PackedComposite
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.runtime.composite_linear import IncoherentLinear
-from mixq.algorithms.composite.incoherence import rotate, rotate_weight, transform, unrotate_weight
+from mixq.algorithms.composite.incoherence import SEED_IN, rotate, rotate_weight, transform, unrotate_weight
 from mixq.runtime import QuantLinear, kernel_usage, memory_report
 
 IDS = torch.randint(4, 99, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -179,3 +179,70 @@ def test_fast_kernel_for_composites():
         assert fast_kernel_for(parse_spec(n + "+ip"), (576, 576)) == fast_kernel_for(parse_spec(n), (576, 576))
     for n in ("W3-g64+o0.5", "W3-g64+o0.5+ip", "NF3-g64+ip", "SLIM3-g64"):
         assert fast_kernel_for(parse_spec(n), (576, 576)) == "reference", n
+
+
+def test_one_sided_spec_transform_and_cost():
+    s = parse_spec("TCQ3-channel+ip1")
+    assert s.incoherent and s.ip_one_sided and s.ip_sides == 1 and s.name == "TCQ3-channel+ip1"
+    assert parse_spec(s.name) == s and parse_spec(s.to_dict()) == s and s.inner == parse_spec("TCQ3-channel")
+    assert parse_spec("TCQ3-channel+ip").ip_sides == 2 and parse_spec("TCQ3-channel+ip") != s
+    assert s.cost((42, 128)).total == parse_spec("TCQ3-channel").cost((42, 128)).total + 32  # one seed
+    with pytest.raises(ValueError, match="output side"):  # 42 rows have no Hadamard order: two-sided cannot
+        parse_spec("TCQ3-channel+ip").cost((42, 128))
+    W = torch.randn(42, 128)
+    assert torch.allclose(rotate_weight(W, (3,)), W @ transform(128, 3).T, atol=1e-4)
+    assert torch.allclose(unrotate_weight(rotate_weight(W, (3,)), (3,)), W, atol=1e-4)
+    qt, W_hat, _ = quantize_layer(W, s, torch.eye(128), "gptq")
+    assert qt.seeds == (SEED_IN,) and qt.stored_bits() == s.cost((42, 128)).total
+    pc = PackedComposite.from_qtensor(qt)
+    assert pc.parts["ip.seeds"].numel() == 1 and torch.equal(pc.dequantize(), qt.dequantize())
+    assert torch.allclose(qt.dequantize(), W_hat, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["TCQ3-channel+ip1", "TCQ2.5-channel+ip1", "TCQ4L10-channel+ip1"])
+def test_one_sided_trellis_weights_rows(spec):
+    """A trellis path runs down a column, so the search trades error between rows: given each row's weight in the
+    loss it moves error off the heavy rows (a lower weighted loss than the unweighted search's); under two
+    transforms the rows of W' are mixtures of all, and the weights are dropped (the same result)."""
+    W, H = _heavy_layer(128, 256, seed=1)
+    g = torch.rand(128, generator=torch.Generator().manual_seed(2)) ** 4 * 50
+
+    def weighted(Wq):
+        d = (W - Wq).double()
+        return float((g.double() * ((d @ H.double()) * d).sum(1)).sum())
+
+    plain = quantize_layer(W, parse_spec(spec), H, "gptq")[1]
+    rows = quantize_layer(W, parse_spec(spec), H, "gptq", row_weight=g)[1]
+    assert weighted(rows) < 0.9 * weighted(plain), (weighted(rows), weighted(plain))
+    two = parse_spec(spec[:-1])
+    assert torch.equal(quantize_layer(W, two, H, "gptq", row_weight=g)[1], quantize_layer(W, two, H, "gptq")[1])
+
+
+def test_row_weights_travel_from_measurement_to_the_walk(tiny_model, tmp_path):
+    """A ``+ip1`` trellis is measured with its rows weighted by the layer's G; the table keeps those weights
+    (float16, mean 1), the plan carries them for the layers that chose a ``+ip1`` spec, through its JSON, and the
+    walk quantizes with them (a different result from the same plan without them)."""
+    from mixq import pipeline as P
+    from mixq.allocate import Budget, Plan, SensitivityTable, allocate
+    from mixq.measure import measure
+
+    model = tiny_model("llama")
+    cands = [parse_spec(n) for n in ("TCQ2-channel+ip1", "TCQ3-channel+ip1", "W4-g32", "FP16")]
+    table = measure(model, IDS, cands, metric="kfac", algorithm="gptq", progress=False)
+    for e in table.layers:
+        assert e.row_weight is not None and len(e.row_weight) == e.shape[0]
+        assert abs(sum(e.row_weight) / e.shape[0] - 1) < 1e-2
+    back = SensitivityTable.load(table.save(tmp_path / "m.json"))
+    assert [e.row_weight for e in back.layers] == [e.row_weight for e in table.layers]
+    plan = allocate(back, Budget(bpw=3.0))
+    ip1 = {f for f, s in plan.layers.items() if getattr(s, "ip_one_sided", False)}
+    assert ip1 and set(plan.row_weights) == ip1
+    plan = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert set(plan.row_weights) == ip1
+    m1, m2 = tiny_model("llama"), tiny_model("llama")
+    P.quantize(m1, plan=plan, method="gptq", calib=IDS, progress=False)
+    P.quantize(m2, plan=Plan(**{**plan.__dict__, "row_weights": {}}), method="gptq", calib=IDS, progress=False)
+    W = {f: (m1.get_submodule(f).weight, m2.get_submodule(f).weight) for f in plan.layers}
+    assert any(not torch.equal(*W[f]) for f in ip1)
+    first = [f for f in plan.layers if ".layers.0." in f and f not in ip1]  # same inputs, no row weights: the same
+    assert first and all(torch.equal(*W[f]) for f in first)

@@ -194,7 +194,7 @@ def test_rtn_gptq_storage_round_trip(name):
 @pytest.mark.parametrize("name,shape", [("TCQ3-channel+ip", (64, 128)), ("TCQ2.5-g64+ip", (128, 128)),
                                         ("TCQ3.5-channel+ip", (32, 256)), ("TCQ3L10-channel+ip", (64, 128)),
                                         ("TCQ5L10-channel+ip", (64, 128)), ("TCQ6-channel+ip", (32, 128)),
-                                        ("TCQ2.5L12-channel+ip", (64, 128))])
+                                        ("TCQ2.5L12-channel+ip", (64, 128)), ("TCQ3-channel+ip1", (42, 128))])
 def test_kernels_match_the_reference(name, shape):
     spec = parse_spec(name)
     W = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
@@ -250,7 +250,8 @@ def test_measurement_treats_tcq_as_its_own_family():
     from mixq.measure.layer import _family, _scaled_as
 
     c = parse_spec("TCQ2.5-channel+ip")
-    assert _scaled_as(c) == (c.inner, True) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
+    assert _scaled_as(c) == (c.inner, 2) and _family(c.inner) == ("tcq", 2) and _family(parse_spec("VQ2.5-channel+ip").inner) == ("vq2", 2)
+    assert _scaled_as(parse_spec("TCQ2.5-channel+ip1")) == (c.inner, 1)  # its own basis and GPTQ/RTN ratio
 
 
 TRITON_CHILD = r"""

@@ -143,6 +143,7 @@ def quantize_model(
     online_rotation: bool = True,
     checkpoint=None,
     offload_dir=None,
+    row_weights: dict | None = None,
 ) -> QuantResult:
     """Quantize ``model`` in place (fake-quant: dequantized weights written back).
 
@@ -166,6 +167,8 @@ def quantize_model(
     ``device``: where each block is quantized (it goes back to where it was afterwards); default: where the
     model is -- the device of its parameters, or block by block where accelerate's ``device_map`` put them
     (:func:`mixq.calib.dispatch.walk_placement`); the CPU with a ``source``.
+    ``row_weights``: fqn -> each output row's weight in the loss (a plan's ``row_weights``, from the measurement's
+    ``G``), handed to quantizers that trade error between rows (``+ip1`` trellises); other specs ignore it.
     Returns the stored form of every quantized layer.
     """
     if method not in METHODS:
@@ -214,7 +217,7 @@ def quantize_model(
             def one(item):  # every layer of the block is fitted on the same inputs: independent of the others
                 fqn, mod, st = item
                 return quantize_layer(get_weight(mod), specs[fqn], st.H, "gptq", damp=damp, act_order=act_order,
-                                      block_size=block_size)
+                                      block_size=block_size, **_row_weight(row_weights, fqn))
 
             cpu = all(get_weight(m).device.type == "cpu" for _, m, _ in todo)
             for (fqn, mod, _), (qt, Wq, loss) in zip(todo, thread_map(one, todo, parallel=cpu,
@@ -229,7 +232,7 @@ def quantize_model(
             ckpt = checkpoint if isinstance(checkpoint, WalkCheckpoint) else WalkCheckpoint(checkpoint)
             if ckpt.key is None:
                 ckpt.key = walk_key(model, calib_ids, specs, method=method, damp=damp, act_order=act_order,
-                                    block_size=block_size, device=device, source=source)
+                                    block_size=block_size, device=device, source=source, row_weights=row_weights)
             ckpt.attach(prefix, specs, q, losses)
         walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress,
                     checkpoint=ckpt, offload_dir=offload_dir)
@@ -240,10 +243,15 @@ def quantize_model(
         if fqn in q:
             continue
         mod = mods[fqn]
-        q[fqn], Wq, _ = quantize_layer(get_weight(mod), spec)
+        q[fqn], Wq, _ = quantize_layer(get_weight(mod), spec, **_row_weight(row_weights, fqn))
         set_weight(mod, Wq)
     routed = routing.to_dict() if routing is not None and routing.counts else None
     return QuantResult(q, dict(specs), method, time.perf_counter() - t0, losses, routing=routed)
+
+
+def _row_weight(row_weights: dict | None, fqn: str) -> dict:
+    w = (row_weights or {}).get(fqn)
+    return {} if w is None else {"row_weight": torch.as_tensor(w, dtype=torch.float32)}
 
 
 def size_report(model: nn.Module, specs: dict[str, QuantSpec], *, other_bits: int = 16) -> dict:

@@ -268,6 +268,8 @@ def quantize(model, spec=None, *, plan=None, method: str = "rtn", calib=None, lm
     ls = spec if isinstance(spec, LayerSpecs) else layer_specs(model, spec, plan=plan, lm_head=lm_head,
                                                                group_fallback=group_fallback, target=target)
     options.setdefault("online_rotation", False)
+    if ls.plan is not None and ls.plan.row_weights:
+        options.setdefault("row_weights", ls.plan.row_weights)
     res = api.quantize_model(model, ls.specs, method=method, calib_ids=calib_ids, damp=damp, act_order=act_order,
                              rotate=rotate, progress=progress, **options)
     meta = {"method": method, "spec": ls.label, "rotate": rotate,

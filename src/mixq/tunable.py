@@ -49,7 +49,7 @@ class TunableLinear(nn.Module):
         self.vq = isinstance(inner, VQQTensor)  # codebook indices times a float scale per row and group
         self.tcq = isinstance(inner, TCQQTensor)  # trellis values (fixed with the bits) times a float scale
         # +ip with one scale per row: Ŵ = Q_outᵀ diag(s) V with V = U Q_in fixed, so the forward pass is
-        # ((x Vᵀ) · s) Q_out -- an output-side transform of the activations instead of two of the weight per step.
+        # ((x Vᵀ) · s) Q_out (+ip1: no Q_out) -- an output-side transform of the activations instead of two of the weight per step.
         # V is kept in fp16 (half the memory; 2^-11 relative rounding of the training forward); the weights
         # written at the end come from the exact parts (weight_hat)
         self.basis = self.ip is not None and (self.vq or self.tcq) and group_len(self.spec, self.shape[1]) == self.shape[1]
@@ -99,7 +99,7 @@ class TunableLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.basis:
             z = F.linear(x, self.vbasis.to(x.dtype)) * self._params().scale.reshape(-1).to(x.dtype)
-            y = rotate(z, self.ip[1], transpose=True)
+            y = z if len(self.ip) == 1 else rotate(z, self.ip[1], transpose=True)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_hat().to(x.dtype), self.bias)
 

@@ -35,7 +35,7 @@ from ..runtime.kv_cost import resolve_kv_bits
 from ..runtime.kv_settings import KVSettings
 from .constraints import KEEP, Constraints, build_problem
 from .kv_table import KVSensitivityTable, check_doc
-from .plan import Budget, Plan, allocate, human_bytes
+from .plan import Budget, Plan, allocate, human_bytes, row_weights_for
 from .tcq_states import reprice
 from .solvers import InfeasibleBudget, Problem, solve
 from .table import SensitivityTable
@@ -236,7 +236,8 @@ def _weight_plan(weight_table, problem, choice, constraints, solver, extra_meta,
     nbytes = max(1, math.ceil(bits / 8))
     return Plan(layers, {x.fqn: x.shape for x in weight_table.layers}, errors, weight_table.metric, solver,
                 Budget(bytes=nbytes), 8 * nbytes, None, constraints,
-                {**weight_table.meta, "table_sha256": source.fingerprint(), **extra_meta})
+                {**weight_table.meta, "table_sha256": source.fingerprint(), **extra_meta},
+                row_weights=row_weights_for(weight_table, layers))
 
 
 def _budget_bits(memory_bytes: int, other_bytes: int) -> int:

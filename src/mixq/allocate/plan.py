@@ -19,7 +19,7 @@ from ..config import QuantSpec
 from ..jsonio import read_json, write_json_atomic
 from .constraints import KEEP, Constraints, build_problem
 from .solvers import InfeasibleBudget, solve
-from .table import SensitivityTable, _check_header, spec_from_json, spec_to_json
+from .table import SensitivityTable, _check_header, row_weight_from_json, row_weight_json, spec_from_json, spec_to_json
 from .tcq_states import reprice
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,12 @@ class Plan:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     version: int = PLAN_VERSION
     kv: dict | None = None  # a joint plan's KV-cache part (KVPlan JSON, mixq.allocate.joint): recorded, applied at eval
+    # the measured output rows' weights (mean 1) of layers whose spec's quantizer weights rows (+ip1 trellises):
+    # the walk hands them on, so a layer is quantized as it was measured (LayerEntry.row_weight)
+    row_weights: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("layers", "shapes", "errors", "meta"):
+        for name in ("layers", "shapes", "errors", "meta", "row_weights"):
             object.__setattr__(self, name, dict(getattr(self, name)))
         object.__setattr__(self, "shapes", {k: tuple(v) for k, v in self.shapes.items()})
         if self.version != PLAN_VERSION:
@@ -152,7 +155,8 @@ class Plan:
         out = {}
         for f, s in self.layers.items():
             b, (r, c) = self.bits(f), self.shapes[f]
-            out[f] = {"spec": spec_to_json(s), "shape": [r, c], "bits": b, "bpw": b / (r * c), "error": self.errors[f]}
+            out[f] = {"spec": spec_to_json(s), "shape": [r, c], "bits": b, "bpw": b / (r * c), "error": self.errors[f],
+                      **row_weight_json(self.row_weights.get(f))}
         return out
 
     # ------------------------------------------------------------------ serialization
@@ -183,7 +187,8 @@ class Plan:
                        {f: float(r["error"]) for f, r in rows.items()}, d["metric"], d["solver"],
                        Budget.from_dict(d["budget"]), int(d["budget_bits"]), d.get("lower_bound"),
                        Constraints.from_dict(d["constraints"]) if "constraints" in d else Constraints(),
-                       d.get("meta", {}), d.get("created", ""), kv=d.get("kv"))
+                       d.get("meta", {}), d.get("created", ""), kv=d.get("kv"),
+                       row_weights={f: w for f, r in rows.items() if (w := row_weight_from_json(r)) is not None})
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed Plan: missing or bad field {e}") from None
         for f, r in rows.items():
@@ -251,7 +256,14 @@ def allocate(table: SensitivityTable, budget: Budget, *, constraints: Constraint
     log.info("allocated %d layers with %s in %.3fs: %.4f bpw (budget %s), predicted %s %.6g",
              len(layers), method, sol.seconds, sol.total_bits / numel, budget, table.metric, sol.total_error)
     return Plan(layers, {x.fqn: x.shape for x in table.layers}, errors, table.metric, method, budget, bits,
-                sol.lower_bound, constraints, {**table.meta, "table_sha256": source.fingerprint()})
+                sol.lower_bound, constraints, {**table.meta, "table_sha256": source.fingerprint()},
+                row_weights=row_weights_for(table, layers))
+
+
+def row_weights_for(table: SensitivityTable, layers: dict) -> dict:
+    """The table's row weights of the layers whose chosen spec weights rows (``+ip1``)."""
+    return {x.fqn: x.row_weight for x in table.layers
+            if x.row_weight is not None and getattr(layers[x.fqn], "ip_one_sided", False)}
 
 
 def format_plan_table(plan: Plan) -> str:

@@ -4,14 +4,23 @@ The measurement stage fills one :class:`LayerEntry` per quantizable layer: its w
 ``(out, in)``, the candidate specs it was measured with, and one error per candidate (the
 ``metric`` says which proxy, e.g. ``hessian_trace`` = tr(dW H dW^T), additive across layers
 by assumption).  Bit costs are never stored: they follow exactly from ``spec.cost(shape)``.
+
+A layer may also carry ``row_weight``: its output rows' relative weight in the loss (the measurement's
+output-gradient energy ``G``, scaled to mean 1), which the quantize walk hands to quantizers that trade error
+between rows (a trellis under ``+ip1``, :mod:`mixq.algorithms.composite.tcq`), so they make what was measured.
+Stored as base64 float16 (``row_weight_f16``): relative weights need no more, and a 7B model's stay a few MB.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..config import QuantSpec
 from ..config import parse_spec
@@ -46,6 +55,7 @@ class LayerEntry:
     shape: tuple[int, int]
     candidates: tuple[QuantSpec, ...]
     errors: tuple[float, ...]
+    row_weight: tuple[float, ...] | None = None  # per output row, mean 1 (module docstring)
 
     def __post_init__(self):
         if not self.fqn or not isinstance(self.fqn, str):
@@ -56,6 +66,11 @@ class LayerEntry:
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "candidates", tuple(self.candidates))
         object.__setattr__(self, "errors", tuple(float(e) for e in self.errors))
+        if self.row_weight is not None:
+            rw = tuple(float(v) for v in self.row_weight)
+            if len(rw) != shape[0] or not all(math.isfinite(v) and v >= 0 for v in rw):
+                raise ValueError(f"{self.fqn}: row_weight needs {shape[0]} finite weights >= 0, one per output row")
+            object.__setattr__(self, "row_weight", rw)
         if not self.candidates or len(self.candidates) != len(self.errors):
             raise ValueError(f"{self.fqn}: needs >= 1 candidate and exactly one error per candidate "
                              f"({len(self.candidates)} candidates, {len(self.errors)} errors)")
@@ -74,6 +89,10 @@ class LayerEntry:
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    def with_candidates(self, candidates, errors) -> "LayerEntry":
+        """The same layer (and row weights) with other candidates and errors."""
+        return replace(self, candidates=tuple(candidates), errors=tuple(errors))
 
     def costs(self) -> tuple[int, ...]:
         """Exact bits of each candidate, ``spec.cost(shape).total``."""
@@ -112,14 +131,15 @@ class SensitivityTable:
     def to_dict(self) -> dict:
         return {"_type": "SensitivityTable", "_version": TABLE_VERSION, "metric": self.metric, "meta": self.meta,
                 "layers": [{"fqn": x.fqn, "shape": list(x.shape), "candidates": [spec_to_json(s) for s in x.candidates],
-                            "errors": list(x.errors)} for x in self.layers]}
+                            "errors": list(x.errors), **row_weight_json(x.row_weight)} for x in self.layers]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SensitivityTable":
         _check_header(d, "SensitivityTable", TABLE_VERSION)
         try:
             layers = [LayerEntry(x["fqn"], tuple(x["shape"]),
-                                 tuple(spec_from_json(s, x["fqn"]) for s in x["candidates"]), tuple(x["errors"]))
+                                 tuple(spec_from_json(s, x["fqn"]) for s in x["candidates"]), tuple(x["errors"]),
+                                 row_weight_from_json(x))
                       for x in d["layers"]]
             return cls(tuple(layers), d["metric"], d.get("meta", {}))
         except (KeyError, TypeError) as e:
@@ -134,7 +154,7 @@ class SensitivityTable:
             keep = [(s, e) for s, e in zip(x.candidates, x.errors) if s.name not in drop]
             if not keep:
                 raise ValueError(f"{x.fqn}: leaving out {sorted(drop)} leaves no candidate")
-            layers.append(LayerEntry(x.fqn, x.shape, tuple(s for s, _ in keep), tuple(e for _, e in keep)))
+            layers.append(x.with_candidates((s for s, _ in keep), (e for _, e in keep)))
         return SensitivityTable(tuple(layers), self.metric, {**self.meta, "without": sorted(drop)})
 
     def fingerprint(self) -> str:
@@ -147,6 +167,28 @@ class SensitivityTable:
     @classmethod
     def load(cls, path: str | Path) -> "SensitivityTable":
         return cls.from_dict(read_json(path))
+
+
+def normalized_row_weight(G) -> tuple[float, ...] | None:
+    """``G [R]`` scaled to mean 1 and rounded to float16 (as stored), or None when it has no positive mean."""
+    g = torch.as_tensor(G).detach().double().cpu().reshape(-1).clamp_min(0)
+    m = float(g.mean()) if g.numel() else 0.0
+    if not m > 0 or not math.isfinite(m):
+        return None
+    return tuple((g / m).clamp(max=65504.0).half().float().tolist())
+
+
+def row_weight_json(rw) -> dict:
+    if rw is None:
+        return {}
+    return {"row_weight_f16": base64.b64encode(np.asarray(rw, dtype="<f2").tobytes()).decode("ascii")}
+
+
+def row_weight_from_json(x: dict):
+    b = x.get("row_weight_f16")
+    if b is None:
+        return None
+    return tuple(np.frombuffer(base64.b64decode(b), dtype="<f2").astype(float).tolist())
 
 
 def _check_header(d, typ: str, version: int) -> None:

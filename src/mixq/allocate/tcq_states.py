@@ -19,7 +19,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from .constraints import Constraints
-from .table import LayerEntry, SensitivityTable
+from .table import SensitivityTable
 
 
 @lru_cache(maxsize=None)
@@ -53,5 +53,5 @@ def reprice(table: SensitivityTable, L: int, constraints: Constraints = Constrai
                 s, e = replace(s, state_bits=L), e * error_ratio(s.tcq_rate, L)
             cands.append(s)
             errs.append(e)
-        layers.append(LayerEntry(x.fqn, x.shape, tuple(cands), tuple(errs)))
+        layers.append(x.with_candidates(cands, errs))
     return SensitivityTable(tuple(layers), table.metric, {**table.meta, "tcq_state_bits": L})

@@ -64,12 +64,13 @@ _NO_LOSS = object()
 
 def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: str = "gptq", damp: float = 0.01,
              act_order: bool = False, block_size: int = 128, sequential: bool = True, device="cpu",
-             source=None) -> dict:
+             source=None, row_weights: dict | None = None) -> dict:
     """What a checkpoint must match to be resumed: a different value of any field starts over.
 
     ``model``: :func:`mixq.models.model_fingerprint` of the model as the walk starts (after any
     rotation), or ``source.fingerprint()`` for a source that streams the blocks (the model is on
     ``meta`` then; :class:`~mixq.calib.lazy.LazySafetensorsBlocks` fingerprints its shards).
+    ``row_weights`` (the plan's, :func:`mixq.api.quantize_model`) enter as a hash when there are any.
     """
     from ..data import calibration_hash
     from ..models import model_fingerprint
@@ -79,7 +80,13 @@ def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: 
     return {"model": fp, "calibration": calibration_hash(calib_ids.cpu()), "calibration_shape": list(calib_ids.shape),
             "specs": hashlib.sha256(spec_doc.encode()).hexdigest()[:16], "n_layers": len(specs),
             "method": method, "damp": float(damp), "act_order": bool(act_order), "block_size": int(block_size),
-            "sequential": bool(sequential), "device": torch.device(device).type, "torch": torch.__version__}
+            "sequential": bool(sequential), "device": torch.device(device).type, "torch": torch.__version__,
+            **({"row_weights": _row_weights_hash(row_weights)} if row_weights else {})}
+
+
+def _row_weights_hash(row_weights: dict) -> str:
+    doc = json.dumps({f: [round(float(v), 6) for v in w] for f, w in row_weights.items()}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 class WalkCheckpoint:

@@ -42,6 +42,9 @@ Names (:func:`mixq.config.parse_spec`, ``spec.name``)::
                                               transforms on both sides and the rest of the spec (base and
                                               other extensions) applied to ``W'``;
                                               :mod:`mixq.algorithms.composite.incoherence`
+               | "ip1"                        one-sided: the input transform only, ``W' = W Q_inᵀ``; the output
+                                              rows stay the model's own, so a trellis search can weight each
+                                              row by its output-gradient energy (:mod:`mixq.algorithms.composite.tcq`)
 
 ``SLIM<b>-gN[-asym...]`` (SliM-LLM) is the int grid ``W<b>-gN...`` whose groups of N input columns
 (all rows) take b-1, b or b+1 bits, as many b+1 as b-1, so the average is exactly b.
@@ -76,6 +79,7 @@ Exact cost of a ``[R, C]`` tensor (:meth:`CompositeSpec.cost`, every term an int
 
     +ip       the cost of the same spec without ``+ip`` plus 64 bits (the two 32-bit seeds of the transforms);
               both R and C must be orders of a constructible Hadamard matrix (:mod:`mixq.hadamard`)
+    +ip1      the same with 32 bits (one seed) and only C needing a Hadamard order
 
 (percentages are read as the decimal written: ``0.45`` is exactly 45/10000).  Extensions combine
 (``W3-g16+sq3+o0.25`` is SpQR's full recipe) except ``+h``; the base must be a quantized grid with
@@ -97,7 +101,7 @@ from .composite_check import FP16_BITS, check_composite
 COMPOSITE_VERSION = 1
 BASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QuantSpec))
 ROW_PTR_BITS = 32
-IP_SEED_BITS = 64       # +ip: two 32-bit seeds (input and output transform)
+IP_SEED_BITS = 32       # +ip: one 32-bit seed per transform (two; +ip1: the input's only)
 L2_STATS_BITS = 32      # second-level fp16 scale + fp16 offset
 SLIM_MAP_BITS = 2       # per group column: one of {b-1, b, b+1}
 SQ_GROUP = 16           # SpQR's second-level group (beta_2)
@@ -124,6 +128,7 @@ class CompositeSpec(QuantSpec):
     residual  BIN only: input columns residual-binarized (BiLLM's salient columns)
     outlier_bits  bits of a stored outlier: 16 (fp16), or 2..8 (BIN only; symmetric int, fp16 scale per row)
     incoherent    ``+ip``: everything else applies to the weight seen through random Hadamard transforms
+    ip_one_sided  ``+ip1``: the input transform only (needs ``incoherent``)
     vq_dim        VQ base: weights per codebook vector (0 = not VQ); ``vq_bits`` the code bits per vector
     trellis       TCQ base: twice its bits per weight (0 = not TCQ)
     state_bits    TCQ base: the trellis state's bits ``L``, 8 or 10 (:mod:`mixq.formats.composite.tcq_codebook`)
@@ -141,6 +146,7 @@ class CompositeSpec(QuantSpec):
     residual: int = 0
     outlier_bits: int = FP16_BITS
     incoherent: bool = False
+    ip_one_sided: bool = False
     vq_dim: int = 0
     vq_bits: int = 0
     trellis: int = 0
@@ -154,6 +160,11 @@ class CompositeSpec(QuantSpec):
     def vq_rate(self) -> Fraction:
         """Code bits per weight of a VQ base (``vq_bits / vq_dim``)."""
         return Fraction(self.vq_bits, self.vq_dim)
+
+    @property
+    def ip_sides(self) -> int:
+        """Transforms of an ``+ip`` spec: 2 (both sides), 1 (``+ip1``: the input side), 0 without ``+ip``."""
+        return 0 if not self.incoherent else 1 if self.ip_one_sided else 2
 
     @property
     def tcq_rate(self) -> Fraction:
@@ -174,7 +185,7 @@ class CompositeSpec(QuantSpec):
             return self
         if self.binary or self.slim or self.outliers or self.columns or self.sq_bits or self.hi_rows or self.dialects \
                 or self.vq_dim or self.trellis:
-            return replace(self, incoherent=False)
+            return replace(self, incoherent=False, ip_one_sided=False)
         return self.base
 
     @property
@@ -205,7 +216,7 @@ class CompositeSpec(QuantSpec):
         if self.hi_rows:
             ext.append("h" + _fmt_pct(self.hi_rows) + ("" if self.hi_bits == 8 else f"w{self.hi_bits}"))
         if self.incoherent:
-            ext.append("ip")
+            ext.append("ip1" if self.ip_one_sided else "ip")
         return "+".join([head, *ext])
 
     def n_outliers(self, shape: tuple[int, int]) -> int:
@@ -245,11 +256,11 @@ class CompositeSpec(QuantSpec):
         if self.incoherent:
             from ..hadamard import hadamard_orders
 
-            for n, side in ((c, "input"), (r, "output")):
+            for n, side in ((c, "input"), (r, "output"))[:self.ip_sides]:
                 if hadamard_orders(n) is None:
                     raise ValueError(f"+ip needs a Hadamard matrix of order {n} ({side} side); none is constructible "
                                      "(orders are 2^k times a Paley order): drop +ip for this layer")
-            return self.inner.cost((r, c)) + BitCost(0, 0, extra=IP_SEED_BITS)
+            return self.inner.cost((r, c)) + BitCost(0, 0, extra=IP_SEED_BITS * self.ip_sides)
         if self.hi_rows:  # the two row sets are plain tensors, plus the high rows' indices
             self.base.cost((r, c))
             k = self.n_hi_rows((r, c))
@@ -316,6 +327,7 @@ class CompositeSpec(QuantSpec):
                 "sq_group": self.sq_group, "slim": self.slim, "hi_rows": self.hi_rows, "hi_bits": self.hi_bits,
                 "dialects": self.dialects, "binary": self.binary, "residual": self.residual,
                 "outlier_bits": self.outlier_bits, **({"incoherent": True} if self.incoherent else {}),
+                **({"ip_one_sided": True} if self.ip_one_sided else {}),
                 **({"vq_dim": self.vq_dim, "vq_bits": self.vq_bits} if self.vq_dim else {}),
                 **({"trellis": self.trellis} if self.trellis else {}),
                 **({"state_bits": self.state_bits} if self.state_bits != 8 else {})}
@@ -328,7 +340,7 @@ class CompositeSpec(QuantSpec):
             raise ValueError(f"CompositeSpec version {d.get('_version')} is not supported "
                              f"(this mixq reads {COMPOSITE_VERSION})")
         ext = ("outliers", "columns", "sq_bits", "sq_group", "slim", "hi_rows", "hi_bits", "dialects", "binary",
-               "residual", "outlier_bits", "incoherent", "vq_dim", "vq_bits", "trellis", "state_bits")
+               "residual", "outlier_bits", "incoherent", "ip_one_sided", "vq_dim", "vq_bits", "trellis", "state_bits")
         unknown = set(d) - {"_type", "_version", "base", *ext}
         if unknown:
             raise ValueError(f"unknown CompositeSpec fields {sorted(unknown)}")

@@ -31,13 +31,15 @@ def check_composite(spec) -> None:
         v = getattr(spec, k)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{k} must be a non-negative integer, got {v!r}")
-    for k in ("slim", "binary", "incoherent"):
+    for k in ("slim", "binary", "incoherent", "ip_one_sided"):
         if not isinstance(getattr(spec, k), bool):
             raise ValueError(f"{k} must be a bool, got {getattr(spec, k)!r}")
     if not (spec.outliers > 0 or spec.columns > 0 or spec.sq_bits > 0 or spec.slim or spec.hi_rows > 0
             or spec.dialects > 0 or spec.binary or spec.incoherent or spec.vq_dim or spec.trellis):
         raise ValueError("a CompositeSpec needs at least one extension (+oP, +cK, +sqB, +hP, +dD, +ip, SLIM or BIN): "
                          "use a plain QuantSpec otherwise")
+    if spec.ip_one_sided and not spec.incoherent:
+        raise ValueError("ip_one_sided (+ip1) is a kind of +ip: it needs incoherent")
     if spec.outlier_bits != FP16_BITS:
         if not 2 <= spec.outlier_bits <= 8:
             raise ValueError(f"outlier bits are 16 (fp16) or 2..8, got {spec.outlier_bits}")

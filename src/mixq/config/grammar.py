@@ -24,7 +24,7 @@ from .registry import composite_by_type, heads, parse_composite, parse_head
 from .spec import QuantSpec
 
 _EXT = re.compile(r"^(?:o(?P<o>\d+(?:\.\d+)?|\.\d+)(?:w(?P<ow>\d+))?|c(?P<c>\d+)|r(?P<r>\d+)"
-                  r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?|(?P<ip>ip))$")
+                  r"|sq(?P<sq>\d+)(?:g(?P<sqg>\d+))?|d(?P<d>\d+)|h(?P<h>\d+(?:\.\d+)?|\.\d+)(?:w(?P<hw>\d+))?|(?P<ip>ip1?))$")
 _SLIM = re.compile(r"^SLIM(\d+)(.*)$", re.IGNORECASE)
 _BIN = re.compile(r"^BIN(-.*)?$", re.IGNORECASE)
 _VQ = re.compile(r"^VQ(\d+(?:\.\d+)?)(?:x(\d+))?(-.*)?$", re.IGNORECASE)
@@ -82,10 +82,12 @@ def parse_spec(x) -> QuantSpec:
             raise ValueError(f"bad extension {t!r} in {raw!r}: use +o<percent> (sparse fp16 outliers), "
                              "+c<k> (fp16 input columns), +sq<bits>[g<rows>] (quantized group scales) "
                              "+h<percent>[w<bits>] (high-precision output rows), +d<D> (block dialects), "
-                             "+ip (incoherence processing) "
+                             "+ip (incoherence processing; +ip1: the input side only) "
                              "or, on BIN, +r<k> (residual-binarized columns) and +o<percent>w<bits>")
         if e.group("ip") is not None:
             key, val = "incoherent", True
+            if e.group("ip") == "ip1":
+                kw["ip_one_sided"] = True
         elif e.group("o") is not None:
             key, val = "outliers", float(e.group("o"))
             if e.group("ow") is not None:

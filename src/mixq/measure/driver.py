@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..allocate import LayerEntry, SensitivityTable
+from ..allocate.table import normalized_row_weight
 from ..arch import arch_for, get_weight
 from ..calib.capture import walk_blocks
 from ..config import QuantSpec
@@ -136,7 +138,9 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         if not jobs:
             return
         if group.world > 1:
-            entries.update(measure_shared(jobs, candidates, algorithm, group))
+            sens = {j.fqn: j.sens for j in jobs}
+            entries.update({f: _with_row_weight(e, sens[f]) for f, e in measure_shared(jobs, candidates, algorithm,
+                                                                                        group).items()})
         else:
             def one(j: LayerJob) -> LayerEntry:
                 W = j.weight()
@@ -146,7 +150,7 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
             # block metrics run the shared block with one layer swapped in: one layer at a time there
             done_now = thread_map(one, jobs, size=lambda j: j.shape[0] * j.shape[1],
                                   parallel=metric not in BLOCK_METRICS and torch.device(device).type == "cpu")
-            entries.update({j.fqn: e for j, e in zip(jobs, done_now)})
+            entries.update({j.fqn: _with_row_weight(e, j.sens) for j, e in zip(jobs, done_now)})
         if partial_path is not None:
             _save_partial(partial_path, key, entries)
 
@@ -289,6 +293,15 @@ class _TokenInputs(_GradientRows):
             return None
         X = torch.cat(parts).float()  # converted once, not per candidate
         return X if X.shape[0] == want else None
+
+
+def _with_row_weight(entry: LayerEntry, sens) -> LayerEntry:
+    """The entry with its rows' relative weights (the layer's ``G`` at mean 1) when the metric measured ``G`` and
+    some candidate weights rows by it (``+ip1``: :mod:`mixq.measure.layer`), for the quantize walk to use alike."""
+    G = getattr(sens, "G", None)
+    if G is None or not any(getattr(c, "ip_one_sided", False) for c in entry.candidates):
+        return entry
+    return replace(entry, row_weight=normalized_row_weight(G))
 
 
 def _table(entries: dict[str, LayerEntry], key: dict, **meta) -> SensitivityTable:

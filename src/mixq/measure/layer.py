@@ -15,7 +15,10 @@ weight ``W [out, in]``, its statistics and the block inputs:
   transformed basis (``W'``, ``H'``), where rows are independent again.
 
 The transformed basis of ``+ip`` (``W' = Q_out W Q_inᵀ``, ``H' = Q_in H Q_inᵀ`` and its GPTQ factor) is
-computed once per layer and shared by all its ``+ip`` units.
+computed once per layer and shared by all its ``+ip`` units (one basis for the two-sided transform, one for
+``+ip1``'s input side alone).  In the one-sided basis the rows are the layer's own, and a trellis search weights them
+by the layer's output-gradient energy ``G`` (when the metric has it): both RTN and GPTQ of a ratio, so what is
+measured is what the quantize walk (given the same ``G``) makes.
 
 :func:`measure_layer` evaluates every unit in one process; :mod:`mixq.measure.distributed` shares
 the units of a block over several processes and calls the same :func:`evaluate` and :func:`combine`,
@@ -44,6 +47,7 @@ Unit = tuple[str, int]  # ("err" | "gptq", candidate index)
 RATIO_ROWS = 256  # output rows the GPTQ/RTN ratio of a reference is measured on
 RTN_SCALE_ITERS = 1  # scale passes of a trellis's RTN in the measurement (see _rtn)
 _IP_SEEDS = (SEED_IN, SEED_OUT)  # what mixq.algorithms.composite.incoherence.seeds_for gives every +ip weight
+#                                   (+ip1: the first alone)
 
 
 @dataclass
@@ -67,7 +71,7 @@ class _Context:
     algorithm: str
     _hc: torch.Tensor | None = field(default=None, repr=False)
 
-    _ip: tuple | None = field(default=None, repr=False)
+    _ip: dict = field(default_factory=dict, repr=False)
 
     @property
     def hc(self):
@@ -75,16 +79,25 @@ class _Context:
             self._hc = prepare_hessian(self.sens.H)
         return self._hc
 
-    def basis(self, incoherent: bool) -> tuple:
-        """``(W, H, GPTQ factor)`` of the plain basis, or of the ``+ip`` transformed one (computed once)."""
-        if not incoherent:
+    def basis(self, sides: int) -> tuple:
+        """``(W, H, GPTQ factor)`` of the plain basis (``sides`` 0), or of the ``+ip`` transformed one of ``sides``
+        transforms (computed once each; the two share ``H'``)."""
+        if not sides:
             return self.W, self.sens.H, self.hc
-        if self._ip is None:
-            H = self.sens.H
-            Hp = None if H is None else rotate_hessian(H, _IP_SEEDS[0])
-            hcp = prepare_hessian(Hp) if Hp is not None and self.algorithm.startswith("gptq") else None
-            self._ip = (rotate_weight(self.W.float().cpu(), _IP_SEEDS), Hp, hcp)
-        return self._ip
+        if sides not in self._ip:
+            other = self._ip.get(3 - sides)
+            if other is not None:
+                Hp, hcp = other[1:]
+            else:
+                H = self.sens.H
+                Hp = None if H is None else rotate_hessian(H, _IP_SEEDS[0])
+                hcp = prepare_hessian(Hp) if Hp is not None and self.algorithm.startswith("gptq") else None
+            self._ip[sides] = (rotate_weight(self.W.float().cpu(), _IP_SEEDS[:sides]), Hp, hcp)
+        return self._ip[sides]
+
+    def row_weight(self, sides: int) -> torch.Tensor | None:
+        """The rows' weights of a trellis search in a basis: ``G`` where the rows are the layer's (plain, ``+ip1``)."""
+        return None if sides == 2 else getattr(self.sens, "G", None)
 
 
 def layer_candidates(fqn: str, shape: tuple[int, int], candidates: list[QuantSpec]) -> list[QuantSpec]:
@@ -115,7 +128,8 @@ def evaluate(ctx: _Context, cands: list[QuantSpec], unit: Unit, err: Callable[[t
         return gptq_ratio(ctx, c)
     scaled = _scaled_as(c)
     if scaled is not None and scaled[1] and algorithm == "gptq":  # +ip over a grid / codebook: RTN in its basis
-        Wq = unrotate_weight(_rtn(ctx.basis(True)[0], scaled[0]), _IP_SEEDS)
+        sides = scaled[1]
+        Wq = unrotate_weight(_rtn(ctx.basis(sides)[0], scaled[0], ctx.row_weight(sides)), _IP_SEEDS[:sides])
     elif composite_of(c) is not None:  # intra-tensor composites: always measured with their own RTN / GPTQ
         Wq = composite_weight(W, c, ctx.sens, algorithm, ctx.hc)
     elif algorithm == "gptq-exact" and not c.is_float_keep:
@@ -135,11 +149,13 @@ def ratio_rows(n_rows: int, spec: QuantSpec) -> torch.Tensor | slice:
 
 def gptq_ratio(ctx: _Context, c: QuantSpec) -> float:
     """``min(1, e_gptq / e_rtn)`` of candidate ``c`` (module docstring), in ``c``'s basis."""
-    spec, ip = _scaled_as(c)
-    W, H, hc = ctx.basis(ip)
-    Ws = W[ratio_rows(W.shape[0], spec)]
-    e_rtn = _proxy(Ws - _rtn(Ws, spec), H)
-    e_gptq = _proxy(Ws - _gptq(Ws, H, spec, hc), H)
+    spec, sides = _scaled_as(c)
+    W, H, hc = ctx.basis(sides)
+    rows = ratio_rows(W.shape[0], spec)
+    Ws, g = W[rows], ctx.row_weight(sides)
+    g = None if g is None else g.reshape(-1)[rows]
+    e_rtn = _proxy(Ws - _rtn(Ws, spec, g), H)
+    e_gptq = _proxy(Ws - _gptq(Ws, H, spec, hc, g), H)
     return min(1.0, e_gptq / e_rtn) if e_rtn > 0 else 1.0
 
 
@@ -173,19 +189,23 @@ def measure_layer(fqn, W, sens, candidates, algorithm, err) -> LayerEntry:
     return combine(fqn, shape, cands, algorithm, evaluate_units(job, cands, units(cands, shape, algorithm), algorithm))
 
 
-def _rtn(W: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """RTN ``Ŵ`` of a plain grid or a codebook base (VQ, TCQ).  A trellis's scales get one pass here
-    (:data:`RTN_SCALE_ITERS`): the RTN error of a TCQ candidate is only ever used times its group's GPTQ/RTN
-    ratio, whose RTN is this same one, so a second pass (0.3-0.9 % less error, twice the search) buys nothing."""
+def _rtn(W: torch.Tensor, spec: QuantSpec, row_weight=None) -> torch.Tensor:
+    """RTN ``Ŵ`` of a plain grid or a codebook base (VQ, TCQ; a trellis's search weighting rows by ``row_weight``).
+    A trellis's scales get one pass here (:data:`RTN_SCALE_ITERS`): the RTN error of a TCQ candidate is only ever
+    used times its group's GPTQ/RTN ratio, whose RTN is this same one, so a second pass (0.3-0.9 % less error, twice
+    the search) buys nothing."""
     q = _codebook_quantizer(spec)
     if q is quantize_tcq:
-        return q(W, spec, scale_iters=RTN_SCALE_ITERS)[1]
+        return q(W, spec, scale_iters=RTN_SCALE_ITERS, row_weight=row_weight)[1]
     return q(W, spec)[1] if q else rtn_quantize(W, spec)[1]
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, hc) -> torch.Tensor:
-    """GPTQ ``Ŵ`` (vector feedback for a VQ codebook, the column's Viterbi search for a trellis)."""
+def _gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, hc, row_weight=None) -> torch.Tensor:
+    """GPTQ ``Ŵ`` (vector feedback for a VQ codebook, the column's Viterbi search for a trellis, its rows weighted by
+    ``row_weight``)."""
     q = _codebook_quantizer(spec)
+    if q is quantize_tcq:
+        return q(W, spec, H, "gptq", hinv_chol=hc, row_weight=row_weight)[1]
     if q:
         return q(W, spec, H, "gptq", hinv_chol=hc)[1]
     return gptq_quantize(W, H, spec, hinv_chol=hc).weight
@@ -199,15 +219,15 @@ def _codebook_quantizer(spec):
     return None
 
 
-def _scaled_as(c) -> tuple[QuantSpec, bool] | None:
-    """``(spec, in the +ip basis)`` whose RTN error, scaled by a measured GPTQ/RTN ratio, stands for candidate ``c``:
+def _scaled_as(c) -> tuple[QuantSpec, int] | None:
+    """``(spec, the +ip basis's transforms: 0 plain, 1 +ip1, 2 +ip)`` whose RTN error, scaled by a measured GPTQ/RTN ratio, stands for candidate ``c``:
     a plain grid itself; a composite what its family says (``measured_as``: ``+ip`` over a plain grid or a codebook
     base, whose GPTQ is a column sweep like scalar GPTQ's, rows independent given ``H``); None: measured exactly."""
     fam = composite_of(c)
     if fam is None:
-        return c, False
+        return c, 0
     inner = fam.measured_as(c)
-    return None if inner is None else (inner, True)
+    return None if inner is None else (inner, c.ip_sides)
 
 
 def _family(c) -> tuple[str, int]:
@@ -218,8 +238,8 @@ def _family(c) -> tuple[str, int]:
     return c.dtype, min(4, c.bits)
 
 
-def _groups(cands) -> dict[tuple[str, int, bool], list[int]]:
-    """Scaled candidates by (element family, bit band, ``+ip``), each group sharing one measured GPTQ/RTN ratio.
+def _groups(cands) -> dict[tuple[str, int, int], list[int]]:
+    """Scaled candidates by (element family, bit band, ``+ip`` transforms), each group sharing one measured GPTQ/RTN ratio.
 
     An NF grid gains a different share of its error from GPTQ than an int grid of the same bits, ``+ip``
     candidates another again, and VQ codebooks (by vector length) and trellises are families of their own.  The band is the
@@ -229,14 +249,14 @@ def _groups(cands) -> dict[tuple[str, int, bool], list[int]]:
     trellis rates keep their bands (2, 3, 4): one ratio for all five rates (their ratios were a median 3.6 % and at
     most 28 % off TCQ3's on 21 SmolLM2 layers) saved ~35 s of a 3.0-bpw quantize but its plans scored 3-5 % worse
     KL in domain at 2.5 and 3.0 bpw (generalization.md runs ``default6``, ``default6-bands``)."""
-    out: dict[tuple[str, int, bool], list[int]] = {}
+    out: dict[tuple[str, int, int], list[int]] = {}
     for k, c in enumerate(cands):
         if not c.is_float_keep and _scaled_as(c) is not None:
             out.setdefault((*_family(c), _scaled_as(c)[1]), []).append(k)
     return out
 
 
-def _references(cands, shape) -> dict[tuple[str, int, bool], int]:
+def _references(cands, shape) -> dict[tuple[str, int, int], int]:
     """Each group's reference: the candidate of median bit cost."""
     return {key: sorted(ks, key=lambda k: cands[k].cost(tuple(shape)).total)[len(ks) // 2]
             for key, ks in _groups(cands).items()}

@@ -116,7 +116,8 @@ class IncoherentLinear(nn.Module):
             raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         # a codebook inner layer computes in float32 on CPU: keep the whole chain there, one cast at each end
         dt = torch.float32 if x.device.type == "cpu" and isinstance(self.inner, PackedCodesLinear) else x.dtype
-        y = rotate(self.inner(_rotate_input(x, self._seeds[0], dt)), self._seeds[1], transpose=True).to(x.dtype)
+        y = self.inner(_rotate_input(x, self._seeds[0], dt))
+        y = (y if len(self._seeds) == 1 else rotate(y, self._seeds[1], transpose=True)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

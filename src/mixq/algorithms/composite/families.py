@@ -62,8 +62,8 @@ def _ip_pack(qt) -> dict[str, torch.Tensor]:
 
 def _ip_unpack(t: dict[str, torch.Tensor], spec, shape) -> IncoherentQTensor:
     seeds = tuple(int(v) for v in t["ip.seeds"].tolist())
-    if len(seeds) != 2:
-        raise ValueError(f"ip.seeds holds {len(seeds)} values, expected 2")
+    if len(seeds) != spec.ip_sides:
+        raise ValueError(f"ip.seeds holds {len(seeds)} values, {spec.name} stores {spec.ip_sides}")
     shape = (int(shape[0]), int(shape[1]))
     return IncoherentQTensor(spec, shape, unpack_parts(inner_tensors(t), spec.inner, shape), seeds)
 

@@ -15,6 +15,11 @@ QuIP's terms).  Only the two 32-bit seeds are stored (``+ip`` costs 64 bits per 
 are rebuilt from them.  A layer whose row or column count has no constructible Hadamard order takes no
 ``+ip`` candidate (its cost raises).
 
+``+ip1`` is one-sided: ``W' = W Q_inᵀ`` (one seed, ``Q_out = I``).  The output rows stay the model's own rows, so a
+quantizer that codes rows jointly (the trellis, whose path runs down a column) can weight each row by what its error
+costs the model: the ``row_weight`` (output-gradient energy ``G``, the K-FAC metric's output factor) passed here
+reaches the inner quantizer; with two transforms it describes no row of ``W'`` and is dropped.
+
 Applying ``Q`` to a vector costs ``n · Σ mᵢ`` multiply-adds for factors of orders ``mᵢ`` (e.g. 576 = 36·16:
 52 per element) -- :func:`rotate` reshapes to the factors' axes and multiplies each by its small matrix; at
 decode on CPU a native kernel does the same with butterflies for the power-of-two factor (16 · 4 additions
@@ -114,12 +119,12 @@ def _kron_plan(n: int, seed: int, transpose: bool):
 
 @dataclass
 class IncoherentQTensor:
-    """The stored parts of one ``+ip`` weight: the inner quantized ``W'`` and the two seeds."""
+    """The stored parts of one ``+ip`` weight: the inner quantized ``W'`` and the seeds."""
 
     spec: CompositeSpec
     shape: tuple[int, int]
     inner: object           # QTensor (plain inner spec) or a composite's stored parts
-    seeds: tuple[int, int]  # (input transform, output transform)
+    seeds: tuple[int, ...]  # (input transform, output transform); +ip1: (input transform,)
     proxy_loss: float | None = None
 
     def cost(self) -> BitCost:
@@ -133,7 +138,7 @@ class IncoherentQTensor:
     def stored_bits(self) -> int:
         inner = self.inner
         bits = inner.stored_bits() if hasattr(inner, "stored_bits") else inner.spec.cost(tuple(inner.shape)).total
-        return bits + IP_SEED_BITS
+        return bits + IP_SEED_BITS * len(self.seeds)
 
 
 def _dequantize_inner(inner) -> torch.Tensor:
@@ -144,15 +149,18 @@ def _dequantize_inner(inner) -> torch.Tensor:
     return formats.dequantize(inner).float()
 
 
-def rotate_weight(W: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
-    """``W' = Q_out W Q_inᵀ``: rows rotated by ``Q_in`` (``W Q_inᵀ`` = rows of ``W`` as vectors), then columns."""
+def rotate_weight(W: torch.Tensor, seeds: tuple[int, ...]) -> torch.Tensor:
+    """``W' = Q_out W Q_inᵀ``: rows rotated by ``Q_in`` (``W Q_inᵀ`` = rows of ``W`` as vectors), then columns
+    (one seed: ``W Q_inᵀ``)."""
     Wr = rotate(W, seeds[0])                      # each row w ↦ Q_in w   (= W Q_inᵀ)
+    if len(seeds) == 1:
+        return Wr.contiguous()
     return rotate(Wr.T, seeds[1]).T.contiguous()  # each column ↦ Q_out · (= Q_out W Q_inᵀ)
 
 
-def unrotate_weight(Wp: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
+def unrotate_weight(Wp: torch.Tensor, seeds: tuple[int, ...]) -> torch.Tensor:
     """``Ŵ = Q_outᵀ Ŵ' Q_in`` (the inverse of :func:`rotate_weight`)."""
-    Wr = rotate(Wp.T, seeds[1], transpose=True).T
+    Wr = Wp if len(seeds) == 1 else rotate(Wp.T, seeds[1], transpose=True).T
     return rotate(Wr, seeds[0], transpose=True).contiguous()
 
 
@@ -163,9 +171,10 @@ def rotate_hessian(H: torch.Tensor, seed: int) -> torch.Tensor:
     return 0.5 * (Hp + Hp.T)
 
 
-def seeds_for(spec: CompositeSpec) -> tuple[int, int]:
-    """The seeds a new ``+ip`` weight gets (fixed: any pair works, and what is used is stored)."""
-    return SEED_IN, SEED_OUT
+def seeds_for(spec: CompositeSpec) -> tuple[int, ...]:
+    """The seeds a new ``+ip`` weight gets (fixed: any pair works, and what is used is stored; ``+ip1``: the
+    input's alone)."""
+    return (SEED_IN, SEED_OUT)[:spec.ip_sides]
 
 
 @torch.no_grad()
@@ -175,7 +184,8 @@ def quantize_incoherent(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | 
 
     ``quantize_inner(W', inner_spec, H', method, damp=..., **kw)`` quantizes the transformed weight (plain
     grids and composites alike: :func:`mixq.algorithms.composite.hooks.quantize_layer` passes its own dispatch).  A
-    Fisher matrix or a prepared Hessian of the untransformed weight does not describe ``W'`` and is dropped.
+    Fisher matrix or a prepared Hessian of the untransformed weight does not describe ``W'`` and is dropped, and so
+    is ``row_weight`` under two transforms (``+ip1`` keeps the rows: it passes on).
     """
     if not spec.incoherent:
         raise ValueError(f"{spec.name} has no +ip")
@@ -185,7 +195,7 @@ def quantize_incoherent(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | 
     seeds = seeds_for(spec)
     Wp = rotate_weight(W0, seeds)
     Hp = None if H is None else rotate_hessian(H, seeds[0])
-    for k in ("fisher", "hinv_chol", "row_weight"):
+    for k in ("fisher", "hinv_chol") if len(seeds) == 1 else ("fisher", "hinv_chol", "row_weight"):
         kw.pop(k, None)
     inner_q, Wp_hat = quantize_inner(Wp, spec.inner, Hp, method, damp=damp, **kw)
     W_hat = unrotate_weight(Wp_hat.float(), seeds)

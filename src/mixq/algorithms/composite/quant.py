@@ -94,7 +94,8 @@ def quantize_composite(W: torch.Tensor, spec: CompositeSpec | str, H: torch.Tens
     if spec.vq_dim:  # vector codebooks (mixq.algorithms.composite.vq)
         return quantize_vq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol)
     if spec.trellis:  # trellis-coded (mixq.algorithms.composite.tcq)
-        return quantize_tcq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol)
+        return quantize_tcq(W0, spec, H, method, damp=damp, block_size=block_size, hinv_chol=hinv_chol,
+                            row_weight=row_weight)
     if spec.binary:  # BiLLM / PB-LLM binarization (mixq.algorithms.composite.binary)
         return quantize_binary(W0, spec, None if H is None else H.detach().float().cpu(), method, fisher=fisher,
                                damp=damp, block_size=block_size, hinv_chol=hinv_chol)

@@ -32,8 +32,9 @@ VQ bases               :func:`mixq.formats.composite.vq_storage.pack_vq`: ``vq.c
                        ``scale``
 TCQ bases              :func:`mixq.formats.composite.tcq_storage.pack_tcq`: ``tcq.codes`` (column-major trellis
                        symbols), ``scale``
-``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms, and the transformed
-                       weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or the composite's above)
+``ip.seeds``, ``in.*`` ``+ip``: int32 ``[2]`` seeds of the input and output transforms (``+ip1``: ``[1]``, the
+                       input's), and the transformed weight's tensors under ``in.`` (a :class:`PackedWeight`'s, or
+                       the composite's above)
 =====================  ==============================================================================
 
 :class:`PackedComposite` is the composite counterpart of :class:`~mixq.formats.bitpack.PackedWeight`: these

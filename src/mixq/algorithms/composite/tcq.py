@@ -39,15 +39,17 @@ SCALE_ITERS = 2
 FIT_STATE_BITS = 10  # the scale fit's trellis has at most this many state bits (module doc)
 
 
-def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor):
-    """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]``."""
+def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor, rw: torch.Tensor | None = None):
+    """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]``; ``rw [R]``:
+    each row's weight in the search (ones when None)."""
     X = (Wg / s[:, None]).T.contiguous()
-    w = (s * s)[None].expand_as(X).contiguous()
+    w = (s * s if rw is None else s * s * rw)[None].expand_as(X).contiguous()
     bits, vals, _ = viterbi(X, w, rate, table)
     return bits, vals.T
 
 
-def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor, iters: int = SCALE_ITERS):
+def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor, iters: int = SCALE_ITERS,
+               rw: torch.Tensor | None = None):
     """``(scale [R], bits [n, R], unit values [R, n])`` of one group ``Wg [R, n]``: the scales (rounded to the scale
     dtype) start at each row's RMS and are refitted by least squares on the decoded values, ``iters`` passes
     in all; the pass of least total squared error is kept with its encoding.  (Rows share a column's trellis path,
@@ -55,8 +57,9 @@ def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor, iters
     s = round_scale(Wg.pow(2).mean(1).sqrt(), spec)
     best = None
     for it in range(iters):
-        bits, U = _encode(Wg, s, spec.tcq_rate, table)
-        err = float((Wg - U * s[:, None]).pow(2).sum())
+        bits, U = _encode(Wg, s, spec.tcq_rate, table, rw)
+        d2 = (Wg - U * s[:, None]).pow(2)
+        err = float(d2.sum() if rw is None else (d2 * rw[:, None]).sum())
         if best is None or err < best[0]:
             best = (err, s, bits, U)
         if it + 1 < iters:
@@ -67,7 +70,7 @@ def fit_scales(Wg: torch.Tensor, spec: CompositeSpec, table: torch.Tensor, iters
 @torch.no_grad()
 def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = None, method: str = "rtn", *,
                  damp: float = 0.01, block_size: int = 128, hinv_chol=None, scale_iters: int = SCALE_ITERS,
-                 **_) -> tuple[TCQQTensor, torch.Tensor]:
+                 row_weight: torch.Tensor | None = None, **_) -> tuple[TCQQTensor, torch.Tensor]:
     """``(stored parts, Ŵ float32)`` of ``W [R, C]`` under a TCQ spec (RTN, or GPTQ with ``H [C, C]``);
     ``scale_iters``: the scale-fitting passes of each group (:func:`fit_scales`)."""
     if not spec.trellis:
@@ -78,16 +81,17 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
     table = tcq_lut(spec.tcq_rate, spec.state_bits)
     fit_table = tcq_lut(spec.tcq_rate, min(spec.state_bits, FIT_STATE_BITS))
     glen = group_len(spec, C)
+    rw = _row_weight(row_weight, R)
     if method == "gptq":
         if H is None:
             raise ValueError("GPTQ needs the layer's H = XᵀX/N")
         bits, scale, W_hat = _gptq(W0, H.detach().float().cpu(), spec, table, fit_table, glen, damp, block_size,
-                                   hinv_chol, scale_iters)
+                                   hinv_chol, scale_iters, rw)
     elif method == "rtn":
-        fits = [fit_scales(W0[:, j:j + glen], spec, fit_table, scale_iters) for j in range(0, C, glen)]
+        fits = [fit_scales(W0[:, j:j + glen], spec, fit_table, scale_iters, rw) for j in range(0, C, glen)]
         scale = torch.stack([f[0] for f in fits], 1)
         if fit_table.numel() != table.numel():  # fitted through fewer states: the codes at the spec's own
-            fits = [(None, *_encode(W0[:, j:j + glen], scale[:, j // glen], spec.tcq_rate, table))
+            fits = [(None, *_encode(W0[:, j:j + glen], scale[:, j // glen], spec.tcq_rate, table, rw))
                     for j in range(0, C, glen)]
         bits = torch.cat([f[1] for f in fits], 0)
         W_hat = apply_scale(torch.cat([f[2] for f in fits], 1), scale, glen)
@@ -100,7 +104,19 @@ def quantize_tcq(W: torch.Tensor, spec: CompositeSpec, H: torch.Tensor | None = 
     return qt, W_hat
 
 
-def _gptq(W0, H, spec, table, fit_table, glen, damp, block_size, hinv_chol, scale_iters):
+def _row_weight(row_weight, R: int) -> torch.Tensor | None:
+    """Row weights for the search, normalised to mean 1 (None: every row alike)."""
+    if row_weight is None:
+        return None
+    g = row_weight.detach().float().cpu().reshape(-1)
+    if g.numel() != R:
+        raise ValueError(f"row_weight has {g.numel()} entries for {R} rows")
+    g = g.clamp_min(0)
+    m = float(g.mean())
+    return None if not m > 0 else (g / m).clamp_min(1e-6)
+
+
+def _gptq(W0, H, spec, table, fit_table, glen, damp, block_size, hinv_chol, scale_iters, rw):
     from ..gptq import prepare_hessian
 
     R, C = W0.shape
@@ -113,9 +129,9 @@ def _gptq(W0, H, spec, table, fit_table, glen, damp, block_size, hinv_chol, scal
 
     def round_column(col, w, ahead):
         if col % glen == 0:  # a new group: its scales from the weights as updated so far
-            scale[:, col // glen] = fit_scales(ahead(glen), spec, fit_table, scale_iters)[0]
+            scale[:, col // glen] = fit_scales(ahead(glen), spec, fit_table, scale_iters, rw)[0]
         s = scale[:, col // glen]
-        b, u = _encode(w[:, None], s, spec.tcq_rate, table)
+        b, u = _encode(w[:, None], s, spec.tcq_rate, table, rw)
         bits[col] = b[0]
         return u[:, 0] * s
 
