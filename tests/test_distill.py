@@ -209,7 +209,7 @@ def test_end_to_end_resumes_from_the_last_epoch(tiny_model, tmp_path, monkeypatc
     assert len(rep["train"]) == 2 and not ck.exists()
 
 
-@pytest.mark.parametrize("spec", ["VQ3-channel+ip", "TCQ3-channel+ip"])
+@pytest.mark.parametrize("spec", ["VQ3-channel+ip", "TCQ3-channel+ip", "TCQ3-channel+ip1"])
 def test_codebook_layers_tune_their_scales(tiny_model, spec):
     """VQ+ip and TCQ+ip layers (codes / bits fixed, codebook / table fixed): the row scales are tunable, a
     perturbed scale is recovered, and the stored parts (scales rounded to fp16) decode to the weight the model
@@ -239,7 +239,7 @@ def test_codebook_layers_tune_their_scales(tiny_model, spec):
         assert torch.allclose(mods[f].weight, qt.dequantize(), atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", ["VQ3-channel+ip", "TCQ3-channel+ip", "TCQ3-g32+ip"])
+@pytest.mark.parametrize("spec", ["VQ3-channel+ip", "TCQ3-channel+ip", "TCQ3-g32+ip", "TCQ3-channel+ip1"])
 def test_row_scaled_ip_layers_run_on_their_fixed_basis(tiny_model, spec):
     """With one scale per row, a tunable ``+ip`` codebook layer computes ``((x Vᵀ) · s) Q_out`` on the fixed
     ``V = U Q_in`` (fp16) instead of transforming its weight every step: the output and the scale gradient of the
@@ -248,7 +248,7 @@ def test_row_scaled_ip_layers_run_on_their_fixed_basis(tiny_model, spec):
     f = "model.layers.0.mlp.up_proj"
     qt = api.quantize_model(ref, {f: parse_spec(spec)}, method="rtn", progress=False).qtensors[f]
     t = TunableLinear(qt, torch.randn(qt.shape[0]))
-    assert t.basis == spec.endswith("channel+ip")
+    assert t.basis == spec.endswith(("channel+ip", "channel+ip1"))
     with torch.no_grad():
         t.theta.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     x = torch.randn(5, qt.shape[1], generator=torch.Generator().manual_seed(2))

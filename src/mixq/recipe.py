@@ -3,7 +3,7 @@
 Every setting below is the default of its command-line flag (:mod:`mixq.cli` reads them from here), chosen from
 the benchmarks in ``bench/results`` (``frontier.md``, ``generalization.md``): calibration text the model writes
 itself mixed with PTB, a sensitivity measurement of every default candidate -- trellis-coded bases after
-incoherence processing (TCQ2-6-channel+ip) and the scalar grids plans still choose -- with the errors GPTQ leaves,
+incoherence processing (TCQ2-6-channel+ip1) and the scalar grids plans still choose -- with the errors GPTQ leaves,
 the exact knapsack solver, and GPTQ.  ``mixq-default-5`` has the trellis (TCQ) where ``mixq-default-4`` had the 2-D
 vector codebooks (VQ): on SmolLM2 the plans' KL fell 25-29 % in domain and 22-27 % out of domain at 2.5 and 3.0
 bpw (bench/results/tcq.md, generalization.md run ``tcq``).  ``mixq-default-6`` is ``-5`` made cheaper to run: two
@@ -31,6 +31,12 @@ fell from 0.052 / 0.082 to 0.044 / 0.075 and from 0.034 / 0.054 to 0.027 / 0.044
 stored through ``2^12`` states (``TCQ<r>L12``; their scales fitted through the 10-bit trellis): the 3.0-bpw
 ``mixq quantize`` output scored 0.141 / 0.221 against 0.145 / 0.233 at 10 state bits, in 505 s against 500 s
 (generalization.md runs ``base-L10``, ``tcq56-L10``, ``L12-a``, ``L12-b``; quantize_cost.md, quantize_cost_L10.md).
+``mixq-default-11`` is ``-10`` with the trellis candidates one-sided (``TCQ<r>-channel+ip1``: the input transform
+only, :mod:`mixq.algorithms.composite.incoherence`), so that the output rows stay the model's and each trellis search
+weights them by the measured output-gradient energy (``G ** 0.5``, :mod:`mixq.algorithms.composite.tcq`; the
+measurement hands ``G`` to the plan, the plan to the GPTQ walk).  On SmolLM2 the plans' KL fell from 0.136 / 0.213 to
+0.111 / 0.188 at 3.0 bpw and from 0.040 / 0.066 to 0.034 / 0.055 at 4.0 (generalization.md runs ``tcq56-L12``,
+``L12-b``, ``ip1``).
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
@@ -42,7 +48,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-10"
+RECIPE_NAME = "mixq-default-11"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB

@@ -6,10 +6,10 @@ family and bit band), so the default set is kept to the 15 specs that mixed plan
 =======  ==============================================  ==============================================
 bits     specs                                           why
 =======  ==============================================  ==============================================
-2 - 6    TCQ2-channel+ip  TCQ2.5-channel+ip              trellis-coded after incoherence processing
-         TCQ3-channel+ip  TCQ3.5-channel+ip              (mixq.algorithms.composite.tcq): 0.75-0.9x the error of the 2-D
-         TCQ4-channel+ip  TCQ5-channel+ip                vector codebooks (VQ), which were 0.4-0.6x a
-         TCQ6-channel+ip                                 scalar grid + ip's, at equal bits
+2 - 6    TCQ2-channel+ip1  TCQ2.5-channel+ip1            trellis-coded after (one-sided) incoherence processing
+         TCQ3-channel+ip1  TCQ3.5-channel+ip1            (mixq.algorithms.composite.tcq): 0.75-0.9x the error of the 2-D
+         TCQ4-channel+ip1  TCQ5-channel+ip1              vector codebooks (VQ), which were 0.4-0.6x a
+         TCQ6-channel+ip1                                scalar grid + ip's, at equal bits; rows weighted by G
 2, 3     W2-g64-asym  W3-g64-asym                        for layers +ip cannot take (no Hadamard
                                                          construction for their width)
 4        W4-g64                                          the int4 grid (fast CPU kernel, --fast-on cpu)
@@ -28,11 +28,17 @@ plans at 2.5 / 3.0 bpw scored 0.336 / 0.540 and 0.186 / 0.282 against VQ's 0.472
 4.0- and 4.5-bpw plans put 29 and 80 of SmolLM2's 210 layers on W5/W6/W8 grids (0.25 bpw of group scales, no
 trellis gain); with them almost none.
 
+``+ip1`` in place of ``+ip`` (``mixq-default-11``): the input transform only, so the trellis search can weight each
+output row by its output-gradient energy (:mod:`mixq.algorithms.composite.tcq`), and one seed instead of two.  On
+SmolLM2 the plans' KL fell from 0.136 / 0.213 to 0.111 / 0.188 at 3.0 bpw and from 0.040 / 0.066 to 0.034 / 0.055 at
+4.0 (PTB / fortunes; generalization.md runs ``tcq56-L12``, ``L12-b`` and ``ip1``); layer by layer:
+bench/results/row_weight_3.md and row_weight_4.md.
+
 ``mixq-default-6`` dropped W4-g64-asym and NF4-g64: in the ``mixq-default-5`` measurement of SmolLM2 (run ``tcq``)
 a trellis candidate of no more bits had a smaller error in 201 and 206 of the 210 layers, and each cost a
 measurement reference sweep (W2/W3-g64-asym, dominated as often, stay for the layers ``+ip`` cannot take).
 
-Costs (metadata included) for a 576-wide row: TCQ<r>-channel+ip r + 0.03 bpw, W4-g64 4.25, W8-channel 8.03,
+Costs (metadata included) for a 576-wide row: TCQ<r>-channel+ip1 r + 0.03 bpw, W4-g64 4.25, W8-channel 8.03,
 FP16 16.
 
 ``fast-cpu`` (:data:`FAST_CPU_CANDIDATE_NAMES`, what ``--fast-on cpu`` measures by default): int grids only, all
@@ -55,8 +61,8 @@ from .intra_candidates import intra_candidates
 log = logging.getLogger(__name__)
 
 DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
-    "TCQ2-channel+ip", "TCQ2.5-channel+ip", "TCQ3-channel+ip", "TCQ3.5-channel+ip", "TCQ4-channel+ip",
-    "TCQ5-channel+ip", "TCQ6-channel+ip",
+    "TCQ2-channel+ip1", "TCQ2.5-channel+ip1", "TCQ3-channel+ip1", "TCQ3.5-channel+ip1", "TCQ4-channel+ip1",
+    "TCQ5-channel+ip1", "TCQ6-channel+ip1",
     "W2-g64-asym", "W3-g64-asym",
     "W4-g64",
     "W5-g64", "W6-g64", "W6-channel", "W8-channel",
