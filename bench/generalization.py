@@ -186,6 +186,15 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named below)
 
+- **One-sided incoherence, rows weighted in the trellis search** (2026-12-06; run `ip1`, commit 07f8163: the
+  default candidates with every `TCQ<r>-channel+ip` replaced by `TCQ<r>-channel+ip1`, given as a file then and the
+  default set since `mixq-default-11`; two threads, other jobs on the cores for part of it): KL PTB / fortunes
+  2.5 bpw 0.212 / 0.358 against 0.248 / 0.395 (`L12-a`), 3.0 bpw 0.111 / 0.188 against 0.136 / 0.213 (`tcq56-L12`),
+  4.0 bpw 0.0335 / 0.0554 against 0.040 / 0.066 (`L12-b`): 9-18 % less in both domains.  The search weights each
+  output row by `G ** 0.5` (its output-gradient energy from the measurement's own gradient pass), which only the
+  one-sided transform allows (row_weight_3.md / row_weight_4.md: the same, layer by layer).  The fortunes / PTB
+  ratio stays 1.65-1.69: the gain is alike in both domains.
+
 - **Calibration without PTB: what the fortunes / PTB ratio measures** (2026-12-06; run `self-only`: the 32 rows
   the model writes itself, no PTB rows, `mixq-default-10` at commit 76f9be8 -- the measurement of `mixq quantize
   --bpw 3.0 --calib self`, then mixed GPTQ and the end-to-end epoch on the same rows; one thread, two or three
