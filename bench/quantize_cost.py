@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--quantize-args", default="", help="more flags for `mixq quantize` (a deviation from the "
                     "default recipe, e.g. '--tcq-state-bits 10'), recorded")
     ap.add_argument("--name", default="quantize_cost", help="results file stem in bench/results")
+    ap.add_argument("--keep", default=None, help="copy the quantized directory here (e.g. for bench/deploy.py --dirs)")
     args = ap.parse_args()
     nsamples = args.nsamples or DEFAULT_RECIPE["nsamples"]
     work = Path(tempfile.mkdtemp(prefix="mixq-cost-"))
@@ -68,6 +69,8 @@ def main():
         ev = timed([*MIXQ, "eval", str(out), "--tokens", str(args.eval_tokens)]) if args.eval_tokens else None
         p = timed([*MIXQ, "plan", str(out / "measurement.json"), "--bpw", args.budgets, "--out", str(work / "plans")])
         n_plans = len(list((work / "plans").glob("plan-*.json")))
+        if args.keep:
+            shutil.copytree(out, args.keep)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # what keeping every block's inputs for all samples would take (hidden 576, 30 blocks, fp32)
