@@ -158,3 +158,15 @@ def score_row(row: dict, model, scorer, doc: dict, path, label: str) -> None:
     secs = f"  ({row['seconds']:.0f} s)" if "seconds" in row else ""
     print(f"{label:<28} bpw {row['bpw']:.3f}  KL ptb {row['ptb']['kl']:.4f}  fortunes {row['fortunes']['kl']:.4f}{secs}",
           flush=True)
+
+
+def relative_kl_table(rows: list[dict], column: str, label, base: dict, base_name: str) -> list[str]:
+    """Markdown lines of a two-domain table: per row its ``label(row)`` in ``column``, KL on PTB and fortunes, each
+    relative to ``base``'s, and the K-FAC loss (``row["kfac_loss"]``) relative to ``base``'s."""
+    lines = [f"| {column} | KL PTB | KL fortunes | vs {base_name} PTB | vs {base_name} fortunes | "
+             f"K-FAC loss vs {base_name} |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {label(r)} | {r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | "
+                     f"{r['ptb']['kl'] / base['ptb']['kl']:.3f} | {r['fortunes']['kl'] / base['fortunes']['kl']:.3f} | "
+                     f"{r['kfac_loss'] / base['kfac_loss']:.3f} |")
+    return lines

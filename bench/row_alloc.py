@@ -29,7 +29,7 @@ import math
 import time
 
 import torch
-from common import RESULTS, domain_scorer, header
+from common import RESULTS, domain_scorer, header, relative_kl_table
 
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.algorithms.composite.incoherence import SEED_IN, rotate, rotate_hessian
@@ -132,13 +132,8 @@ def main():
     lines = header("Rates per output row inside trellis layers (SmolLM2-135M, layer-wise GPTQ)", cmd)
     lines += [f"Every block linear at {args.rate:g} bits per weight in the codes, `L = {L}`; row rates from "
               f"{', '.join(f'{k:g}' for k in levels)}; G and H from {args.nsamples} x 512 self+ptb rows.  See the "
-              "script's docstring for what each variant is and what the row variant only estimates.", "",
-              "| variant | KL PTB | KL fortunes | vs two-sided PTB | vs two-sided fortunes | K-FAC loss vs two-sided |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for r in out:
-        lines.append(f"| {r['variant']} | {r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | "
-                     f"{r['ptb']['kl'] / base['ptb']['kl']:.3f} | {r['fortunes']['kl'] / base['fortunes']['kl']:.3f} | "
-                     f"{r['kfac_loss'] / base['kfac_loss']:.3f} |")
+              "script's docstring for what each variant is and what the row variant only estimates.", ""]
+    lines += relative_kl_table(out, "variant", lambda r: r["variant"], base, "two-sided")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,7 +21,7 @@ import argparse
 import time
 
 import torch
-from common import RESULTS, domain_scorer, header
+from common import RESULTS, domain_scorer, header, relative_kl_table
 from row_alloc import layer_statistics
 
 from mixq.algorithms.composite import tcq
@@ -75,13 +75,8 @@ def main():
     base = next((r for r in out if r["power"] == 0), out[0])
     lines = header("Rows weighted in the trellis search (SmolLM2-135M, layer-wise GPTQ)", cmd)
     lines += [f"Every block linear as `{spec.name}`, the search's row weights `G_r ** power` (0: unweighted); G and "
-              f"H from {args.nsamples} x 512 self+ptb rows.  See the script's docstring.", "",
-              "| power | KL PTB | KL fortunes | vs unweighted PTB | vs unweighted fortunes | K-FAC loss vs unweighted |",
-              "|---:|---:|---:|---:|---:|---:|"]
-    for r in out:
-        lines.append(f"| {r['power']:g} | {r['ptb']['kl']:.4f} | {r['fortunes']['kl']:.4f} | "
-                     f"{r['ptb']['kl'] / base['ptb']['kl']:.3f} | {r['fortunes']['kl'] / base['fortunes']['kl']:.3f} | "
-                     f"{r['kfac_loss'] / base['kfac_loss']:.3f} |")
+              f"H from {args.nsamples} x 512 self+ptb rows.  See the script's docstring.", ""]
+    lines += relative_kl_table(out, "power", lambda r: f"{r['power']:g}", base, "unweighted")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
