@@ -170,3 +170,18 @@ def relative_kl_table(rows: list[dict], column: str, label, base: dict, base_nam
                      f"{r['ptb']['kl'] / base['ptb']['kl']:.3f} | {r['fortunes']['kl'] / base['fortunes']['kl']:.3f} | "
                      f"{r['kfac_loss'] / base['kfac_loss']:.3f} |")
     return lines
+
+
+def metrics_with(model, modules: dict, weights: dict, scorer) -> dict:
+    """``scorer.metrics(model)`` with ``weights[name]`` copied into ``modules[name].weight`` for the call, the
+    original weights put back afterwards."""
+    orig = {n: m.weight.detach().clone() for n, m in modules.items()}
+    try:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.weight.copy_(weights[n])
+        return scorer.metrics(model)
+    finally:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.weight.copy_(orig[n])

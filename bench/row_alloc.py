@@ -29,7 +29,7 @@ import math
 import time
 
 import torch
-from common import RESULTS, domain_scorer, header, relative_kl_table
+from common import RESULTS, domain_scorer, header, metrics_with, relative_kl_table
 
 from mixq.algorithms.composite.hooks import quantize_layer
 from mixq.algorithms.composite.incoherence import SEED_IN, rotate, rotate_hessian
@@ -109,20 +109,13 @@ def main():
         if i % 30 == 0:
             print(f"{i:3d} {n}: mean row rate {float(rates[ch].mean()):.3f}  ({time.time() - t0:.0f} s)", flush=True)
     quant_s = time.time() - t0
-    orig = {n: m.weight.detach().clone() for n, m in lin.items()}
     out = []
     for tag, wd in (("two-sided", two), ("one-sided", one), ("one-sided rows", rows),
                     ("one-sided rows, G = 1", rows_g1)):
-        with torch.no_grad():
-            for n, m in lin.items():
-                m.weight.copy_(wd[n])
-        r = {"variant": tag, "kfac_loss": loss[tag], **scorer.metrics(model)}
+        r = {"variant": tag, "kfac_loss": loss[tag], **metrics_with(model, lin, wd, scorer)}
         out.append(r)
         print(f"{tag:22s} KL ptb {r['ptb']['kl']:.4f} fortunes {r['fortunes']['kl']:.4f} "
               f"K-FAC loss {loss[tag]:.4g}", flush=True)
-        with torch.no_grad():
-            for n, m in lin.items():
-                m.weight.copy_(orig[n])
     cmd = (f"OMP_NUM_THREADS=1 python bench/row_alloc.py --rate {args.rate:g} --state-bits {L} "
            f"--nsamples {args.nsamples} --tokens {args.tokens}")
     doc = {"command": cmd, "levels": levels, "calibration": cal.record(), "quantize_seconds": quant_s, "rows": out}

@@ -21,7 +21,7 @@ import argparse
 import time
 
 import torch
-from common import RESULTS, domain_scorer, header, relative_kl_table
+from common import RESULTS, domain_scorer, header, metrics_with, relative_kl_table
 from row_alloc import layer_statistics
 
 from mixq.algorithms.composite import tcq
@@ -45,28 +45,21 @@ def main():
     scorer = domain_scorer(model, tok, "smollm2-135m", args.tokens)
     scorer.metrics(model)  # the reference's log-probs are made on first use: now, while the model is still fp32
     lin, G, H = layer_statistics(model, cal.ids)
-    orig = {n: m.weight.detach().clone() for n, m in lin.items()}
     spec = parse_spec(f"TCQ{args.rate:g}L{args.state_bits}-channel+ip1")
     out = []
     for p in powers:
         t0, loss, new = time.time(), 0.0, {}
         tcq.ROW_WEIGHT_POWER = p
-        for n in lin:
-            W = orig[n].float()
+        for n, m in lin.items():
+            W = m.weight.detach().float()
             Wq = quantize_layer(W, spec, H[n], "gptq", row_weight=None if p == 0 else G[n])[1]
             d = (W - Wq).double()
             loss += float((G[n] * ((d @ H[n].double()) * d).sum(1)).sum())
             new[n] = Wq
-        with torch.no_grad():
-            for n, m in lin.items():
-                m.weight.copy_(new[n])
-        r = {"power": p, "kfac_loss": loss, "seconds": time.time() - t0, **scorer.metrics(model)}
+        r = {"power": p, "kfac_loss": loss, "seconds": time.time() - t0, **metrics_with(model, lin, new, scorer)}
         out.append(r)
         print(f"power {p:g}: KL ptb {r['ptb']['kl']:.4f} fortunes {r['fortunes']['kl']:.4f} K-FAC loss {loss:.4g} "
               f"({r['seconds']:.0f} s)", flush=True)
-        with torch.no_grad():
-            for n, m in lin.items():
-                m.weight.copy_(orig[n])
     cmd = (f"OMP_NUM_THREADS=1 python bench/row_weight.py --rate {args.rate:g} --state-bits {args.state_bits} "
            f"--powers {args.powers} --nsamples {args.nsamples} --tokens {args.tokens}")
     doc = {"command": cmd, "spec": spec.name, "calibration": cal.record(), "rows": out}
