@@ -36,7 +36,8 @@ only, :mod:`mixq.algorithms.composite.incoherence`), so that the output rows sta
 weights them by the measured output-gradient energy (``G ** 0.5``, :mod:`mixq.algorithms.composite.tcq`; the
 measurement hands ``G`` to the plan, the plan to the GPTQ walk).  On SmolLM2 the plans' KL fell from 0.136 / 0.213 to
 0.111 / 0.188 at 3.0 bpw and from 0.040 / 0.066 to 0.034 / 0.055 at 4.0 (generalization.md runs ``tcq56-L12``,
-``L12-b``, ``ip1``).
+``L12-b``, ``ip1``), and gemma3-270m's (mixed GPTQ, no epoch) from 0.164 / 0.253 to 0.118 / 0.174 at 3.0 and from
+0.048 / 0.071 to 0.032 / 0.050 at 4.0 (second_model_default10.md, second_model_default11.md).
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
