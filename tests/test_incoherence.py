@@ -246,3 +246,16 @@ def test_row_weights_travel_from_measurement_to_the_walk(tiny_model, tmp_path):
     assert any(not torch.equal(*W[f]) for f in ip1)
     first = [f for f in plan.layers if ".layers.0." in f and f not in ip1]  # same inputs, no row weights: the same
     assert first and all(torch.equal(*W[f]) for f in first)
+
+
+def test_plan_rejects_row_weights_of_the_wrong_length(tiny_model):
+    from mixq.allocate import Budget, allocate
+    from mixq.allocate.plan import Plan
+    from mixq.measure import measure
+
+    table = measure(tiny_model("llama"), IDS, [parse_spec("TCQ3-channel+ip1"), parse_spec("FP16")], metric="kfac",
+                    algorithm="gptq", progress=False)
+    plan = allocate(table, Budget(bpw=4.0))
+    f = next(iter(plan.row_weights))
+    with pytest.raises(ValueError, match="one weight per output row"):
+        Plan(**{**plan.__dict__, "row_weights": {f: plan.row_weights[f][:-1]}})

@@ -19,7 +19,8 @@ from ..config import QuantSpec
 from ..jsonio import read_json, write_json_atomic
 from .constraints import KEEP, Constraints, build_problem
 from .solvers import InfeasibleBudget, solve
-from .table import SensitivityTable, _check_header, row_weight_from_json, row_weight_json, spec_from_json, spec_to_json
+from .table import (SensitivityTable, _check_header, row_weight_from_json, row_weight_json, spec_from_json,
+                    spec_to_json)
 from .tcq_states import reprice
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ class Plan:
             _fit(fqn, s, self.shapes[fqn])
             if not math.isfinite(self.errors[fqn]) or self.errors[fqn] < 0:
                 raise ValueError(f"{fqn}: predicted error must be finite and >= 0, got {self.errors[fqn]}")
+        for fqn, w in self.row_weights.items():
+            if fqn not in self.layers or len(w) != self.shapes[fqn][0]:
+                raise ValueError(f"{fqn}: row weights need a layer of the plan and one weight per output row")
         if self.kv is not None and (not isinstance(self.kv, dict) or self.kv.get("_type") != "KVPlan"):
             raise ValueError("Plan.kv must be a KVPlan object (JointPlan.kv_plan_dict()), or None")
         if not isinstance(self.budget, Budget):
