@@ -12,7 +12,7 @@ Curves (SmolLM2-135M; KL to fp32 on the first 4,096 scored tokens of PTB test an
 - llama.cpp on this model with an importance matrix from PTB train, as measured for DEVELOPERS.md (PTB column),
   and the two mixes that were also scored on other prose (generalization issue); not re-measured here.
 
-Writes bench/results/frontier.md and frontier.png.
+Writes bench/results/frontier.md and frontier.png (the recipes of ``HIGHLIGHT`` as named curves, the rest grey).
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ LLAMA_CPP = [  # (name, bpw, KL PTB, KL other prose or None) -- DEVELOPERS.md / 
     ("IQ2_M", 4.04, 0.318, 0.36), ("IQ3_S", 4.23, 0.151, 0.19), ("IQ4_XS", 4.44, 0.097, None),
     ("Q3_K_M", 4.63, 0.088, None), ("Q4_K_M", 5.53, 0.033, None)]
 TARGETS = [(2.5, 0.40), (3.0, 0.15), (4.0, 0.033)]
+# recipes drawn as named curves (the mixed GPTQ+e2e rows of these generalization runs); every other curve is drawn
+# thin and grey, unnamed (the table names them all)
+HIGHLIGHT = {"mixq-default-11 (today)": ("ip1",), "mixq-default-10": ("tcq56-L12", "L12-a", "L12-b")}
 
 
 def rows() -> list[dict]:
@@ -71,12 +74,18 @@ def _plot(rs, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     curves = sorted({r["curve"] for r in rs})
+    named = {label: [r for r in rs if r["curve"] in {f"mixed GPTQ+e2e [{t}]" for t in tags}]
+             for label, tags in HIGHLIGHT.items()}
     for ax, dom in zip(axes, ("ptb", "fortunes")):
-        for c in curves:
+        for i, c in enumerate(curves):
             pts = sorted((r["bpw"], r[dom]) for r in rs if r["curve"] == c)
-            ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "o-", label=c, ms=4)
+            ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "o-", color="0.75", lw=0.8, ms=2,
+                        label="earlier runs (frontier.md)" if i == 0 else None)
+        for label, pts in named.items():
+            pts = sorted((r["bpw"], r[dom]) for r in pts)
+            ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "o-", lw=2, ms=5, label=label)
         lc = [(b, kp if dom == "ptb" else kf) for _, b, kp, kf in LLAMA_CPP if (kp if dom == "ptb" else kf)]
         ax.semilogy([p[0] for p in lc], [p[1] for p in lc], "k^--", label="llama.cpp (imatrix PTB)")
         ax.plot([t[0] for t in TARGETS], [t[1] for t in TARGETS], "r*", ms=12, label="targets")
@@ -85,7 +94,7 @@ def _plot(rs, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.set_xlim(2.0, 5.7)
     axes[0].set_ylabel("KL to fp32 (nats/token)")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
