@@ -44,7 +44,7 @@ def test_infeasible_budget_names_the_minimum(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["plan", str(m), "--bpw", "1.0", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "at least bpw=2.2344" in err  # VQ2-channel+ip on every layer and err.startswith("mixq: error:")
+    assert "at least bpw=2.2283" in err  # TCQ2-channel+ip1 on every layer (one 32-bit seed each)
 
 
 def test_plan_for_another_model_is_rejected(tiny_dir, tiny_model, tiny_tokenizer, tmp_path, capsys):
