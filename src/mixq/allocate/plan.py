@@ -265,9 +265,9 @@ def allocate(table: SensitivityTable, budget: Budget, *, constraints: Constraint
 
 
 def row_weights_for(table: SensitivityTable, layers: dict) -> dict:
-    """The table's row weights of the layers whose chosen spec weights rows (``+ip1``)."""
+    """The table's row weights of the layers whose chosen spec weights rows (``CompositeSpec.weights_rows``)."""
     return {x.fqn: x.row_weight for x in table.layers
-            if x.row_weight is not None and getattr(layers[x.fqn], "ip_one_sided", False)}
+            if x.row_weight is not None and getattr(layers[x.fqn], "weights_rows", False)}
 
 
 def format_plan_table(plan: Plan) -> str:

@@ -167,6 +167,12 @@ class CompositeSpec(QuantSpec):
         return 0 if not self.incoherent else 1 if self.ip_one_sided else 2
 
     @property
+    def weights_rows(self) -> bool:
+        """Whether this spec's quantizer uses each output row's weight in the loss (``row_weight``, the measured
+        ``G``): a trellis whose rows are the layer's own (no ``+ip`` or ``+ip1``) and ``+h``'s choice of rows."""
+        return bool(self.hi_rows) or (bool(self.trellis) and self.ip_sides != 2)
+
+    @property
     def tcq_rate(self) -> Fraction:
         """Bits per weight of a TCQ base."""
         return Fraction(self.trellis, 2)

@@ -297,9 +297,10 @@ class _TokenInputs(_GradientRows):
 
 def _with_row_weight(entry: LayerEntry, sens) -> LayerEntry:
     """The entry with its rows' relative weights (the layer's ``G`` at mean 1) when the metric measured ``G`` and
-    some candidate weights rows by it (``+ip1``: :mod:`mixq.measure.layer`), for the quantize walk to use alike."""
+    some candidate weights rows by it (``CompositeSpec.weights_rows``: it was measured with them), for the quantize
+    walk to use alike."""
     G = getattr(sens, "G", None)
-    if G is None or not any(getattr(c, "ip_one_sided", False) for c in entry.candidates):
+    if G is None or not any(getattr(c, "weights_rows", False) for c in entry.candidates):
         return entry
     return replace(entry, row_weight=normalized_row_weight(G))
 
