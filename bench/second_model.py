@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN",
                     help="--recipe default (a variant ending in +e2e adds the recipe's end-to-end fine-tuning)")
     ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
+    ap.add_argument("--nsamples", type=int, default=None, help="--recipe default: calibration rows (default: the "
+                                                                "recipe's)")
     ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="--recipe default: state bits of the plans' TCQ layers (default: the recipe's)")
     ap.add_argument("--without", default="", help="--recipe default: plan from the measurement with these candidates "
@@ -123,6 +125,8 @@ def default_recipe(args) -> None:
     from mixq.recipe import DEFAULT_RECIPE
 
     R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
+    if args.nsamples:
+        R["nsamples"] = args.nsamples
     out = Path(args.out)
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
@@ -141,7 +145,8 @@ def default_recipe(args) -> None:
                        + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN"
                           else "") + (f" --tag {args.tag}" if args.tag else "")
                        + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else "")
-                       + (f" --without {args.without}" if args.without else ""),
+                       + (f" --without {args.without}" if args.without else "")
+                       + (f" --nsamples {args.nsamples}" if args.nsamples else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     cached = out.with_name(out.name + "-measurement.json")
@@ -198,6 +203,8 @@ def metric_ab(args) -> None:
     from mixq.recipe import DEFAULT_RECIPE
 
     R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
+    if args.nsamples:
+        R["nsamples"] = args.nsamples
     out = Path(args.out)
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
