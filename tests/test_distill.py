@@ -144,7 +144,8 @@ def test_quantize_with_finetune(tiny_dir, tmp_path, flags, monkeypatch):
     calib.write_text("shares rose in heavy trading as investors bought bank stocks and bonds .\n" * 60)
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--calib", str(calib), "--nsamples", "8",
-                 "--seqlen", "16", "--grad-samples", "2", *flags, "--finetune-samples", "8",
+                 "--seqlen", "16", "--grad-samples", "2", *flags,
+                 *(["--finetune-samples", "8"] if flags else []),  # without it: the --nsamples rows themselves
                  "--out", str(out)]) == 0
     info = read_info(out)
     assert info["method"] == "gptq" and info["recipe"]["deviations"].get("finetune") == ("block" if flags else None)

@@ -53,7 +53,8 @@ def register(sub) -> None:
                         "--finetune-samples rows of this --calib): 'e2e' all blocks at once on the base model's "
                         "logits (the default with --method gptq, and what a bare --finetune means), 'block' block by "
                         "block, 'block+e2e' both, 'none' neither (the default with other methods and with --lazy)")
-    q.add_argument("--finetune-samples", type=int, default=32, help="calibration rows of --finetune (default 32)")
+    q.add_argument("--finetune-samples", type=int, default=None,
+                   help="calibration rows of --finetune (default: the --nsamples rows the run quantized with)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)
@@ -172,7 +173,8 @@ def cmd_quantize(args) -> int:
     n_layers = len(specs)
     if args.finetune != "none":
         # the quantized model lives in the scratch directory now: free it before fine-tuning loads it again
-        rows = calib if calib is not None and args.finetune_samples == args.nsamples else None  # tokenised once
+        same = args.finetune_samples in (None, args.nsamples)
+        rows = calib if calib is not None and same else None  # tokenised once
         model = res = calib = table = plan = chosen = specs = source = kept = walk = None  # noqa: F841
         _release()
         _finetune(out, final, args, rows)
@@ -286,9 +288,10 @@ def _finetune(scratch: Path, out: Path, args, rows=None) -> None:
 
     from ..pipeline import finetune
 
-    check_positive(finetune_samples=args.finetune_samples)
+    n = args.nsamples if args.finetune_samples is None else args.finetune_samples
+    check_positive(finetune_samples=n)
     stages = args.finetune.split("+")
-    rep = finetune(scratch, out, calib=rows if rows is not None else args.calib, nsamples=args.finetune_samples,
+    rep = finetune(scratch, out, calib=rows if rows is not None else args.calib, nsamples=n,
                    seqlen=args.seqlen, seed=args.seed, bos=args.bos, overwrite=args.force, block="block" in stages,
                    e2e="default" if "e2e" in stages else None)
     shutil.rmtree(scratch)
