@@ -3,7 +3,8 @@
 Loads SmolLM2-135M (embedded), builds the default calibration set (:data:`mixq.calibset.DEFAULT_CALIB`),
 measures every layer's sensitivity once (the default recipe's metric and errors, :mod:`mixq.recipe`), solves a
 mixed-precision plan at the budget (default 3.5 bits per weight, all metadata counted) -- the plan
-``mixq quantize --bpw`` makes -- and the best uniform spec within the same budget, quantizes both with
+``mixq quantize --bpw`` makes, though from 32 calibration rows where the recipe takes 64, to keep the demo
+short -- and the best uniform spec within the same budget, quantizes both with
 RTN and with GPTQ, evaluates each against the fp32 model on the first ``tokens`` tokens of every
 evaluation domain (:data:`mixq.eval.domains.DEFAULT_DOMAINS`: PTB test and text no calibration saw) and
 prints one table.
