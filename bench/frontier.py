@@ -27,7 +27,8 @@ LLAMA_CPP = [  # (name, bpw, KL PTB, KL other prose or None) -- DEVELOPERS.md / 
 TARGETS = [(2.5, 0.40), (3.0, 0.15), (4.0, 0.033)]
 # recipes drawn as named curves (the mixed GPTQ+e2e rows of these generalization runs); every other curve is drawn
 # thin and grey, unnamed (the table names them all)
-HIGHLIGHT = {"mixq-default-11 (today)": ("ip1",), "mixq-default-10": ("tcq56-L12", "L12-a", "L12-b")}
+HIGHLIGHT = {"mixq-default-12 (today)": ("n64",), "mixq-default-11": ("ip1",),
+             "mixq-default-10": ("tcq56-L12", "L12-a", "L12-b")}
 
 
 def rows() -> list[dict]:

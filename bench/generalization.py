@@ -189,10 +189,13 @@ NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named be
 - **64 calibration rows: recipe `mixq-default-12`** (2026-12-06; runs `n64` and `n128`: `--nsamples 64` / `128`
   of `self+ptb`, half of each, the `mixq-default-11` recipe otherwise -- measurement, mixed GPTQ and the end-to-end
   epoch on those rows, the gradient statistics on the first 16 as before; commit 0ac4c49, one thread each, two jobs
-  on the cores; `n128` was stopped after its 3.0-bpw row), KL PTB / fortunes against run `ip1` (32 rows): 3.0 bpw
-  0.1084 / 0.1758 with 64 rows and 0.1007 / 0.1691 with 128, against 0.111 / 0.188; 4.0 bpw 0.0317 / 0.0509
-  against 0.0335 / 0.0554.  64 rows: -2 % / -6.5 % at 3.0 and -5 % / -8 % at 4.0, more out of domain than in it;
-  the ratio is 1.61-1.62 (1.65-1.69 with 32).  On gemma3-270m (second_model_default12.md against
+  on the cores; `n128` was stopped after its 3.0-bpw row; the 2.5-bpw row of `n64` was added later from the same
+  measurement), KL PTB / fortunes against run `ip1` (32 rows): 2.5 bpw 0.1988 / 0.3253 against 0.212 / 0.358;
+  3.0 bpw 0.1084 / 0.1758 with 64 rows and 0.1007 / 0.1691 with 128, against 0.111 / 0.188; 4.0 bpw 0.0317 /
+  0.0509 against 0.0335 / 0.0554.  64 rows: -6 % / -9 % at 2.5, -2 % / -6.5 % at 3.0 and -5 % / -8 % at 4.0, more
+  out of domain than in it; the ratio is 1.61-1.64 (1.65-1.69 with 32).  The CLI run of the recipe
+  (quantize_cost.md) scored 0.1075 / 0.1876 at 3.0 bpw, against 0.1112 / 0.1883 for the 32-row CLI run: the
+  fortunes gain of one 3.0-bpw run is inside the few percent two runs of one recipe differ by.  On gemma3-270m (second_model_default12.md against
   second_model_default11.md, mixed GPTQ without the epoch): 3.0 bpw 0.107 / 0.173 against 0.118 / 0.174, 4.0 bpw
   0.030 / 0.045 against 0.032 / 0.050.  128 rows went on gaining, but cost about twice as much (with one thread
   and another job on the cores: self-generation 291 s, measurement 624 s, GPTQ 624 s, epoch 751 s; 64 rows:
