@@ -203,8 +203,6 @@ def metric_ab(args) -> None:
     from mixq.recipe import DEFAULT_RECIPE
 
     R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
-    if args.nsamples:
-        R["nsamples"] = args.nsamples
     out = Path(args.out)
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}

@@ -42,10 +42,9 @@ measurement hands ``G`` to the plan, the plan to the GPTQ walk).  On SmolLM2 the
 end-to-end epoch; the gradient statistics stay on 16): on SmolLM2 the plans' KL fell from 0.212 / 0.358 to
 0.199 / 0.325 at 2.5 bpw, from 0.111 / 0.188 to 0.108 / 0.176 at 3.0 and from 0.034 / 0.055 to 0.032 / 0.051 at
 4.0 (generalization.md runs ``ip1``, ``n64``; 128 rows: 0.101 / 0.169 at 3.0, run ``n128``, at about twice the
-cost), gemma3-270m's (mixed GPTQ, no epoch)
-from 0.118 / 0.174 to 0.107 / 0.173 at 3.0 and from 0.032 / 0.050 to 0.030 / 0.045 at 4.0
-(second_model_default12.md); the default 3.0-bpw run takes 871 s instead of ~570 s on this 2-core machine, cold
-(quantize_cost.md).
+cost), gemma3-270m's (mixed GPTQ, no epoch) from 0.118 / 0.174 to 0.107 / 0.173 at 3.0 and from 0.032 / 0.050
+to 0.030 / 0.045 at 4.0 (second_model_default12.md); the default 3.0-bpw run takes 871 s instead of ~570 s on this
+2-core machine, cold (quantize_cost.md).
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
