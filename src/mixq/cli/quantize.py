@@ -86,6 +86,9 @@ def cmd_quantize(args) -> int:
     claim_output(out, args.force)  # before any work: an unwritable, mistyped or busy --out fails now
     check_positive(nsamples=args.nsamples, seqlen=args.seqlen)
     args.finetune = resolve_finetune(args)
+    if args.finetune_samples is None:  # the fine-tuning reuses the rows the run quantizes with
+        args.finetune_samples = args.nsamples
+    check_positive(finetune_samples=args.finetune_samples)
     if args.lazy:
         _check_lazy(args)
     if args.offload_dir is not None and args.method != "gptq":
@@ -173,8 +176,7 @@ def cmd_quantize(args) -> int:
     n_layers = len(specs)
     if args.finetune != "none":
         # the quantized model lives in the scratch directory now: free it before fine-tuning loads it again
-        same = args.finetune_samples in (None, args.nsamples)
-        rows = calib if calib is not None and same else None  # tokenised once
+        rows = calib if calib is not None and args.finetune_samples == args.nsamples else None  # tokenised once
         model = res = calib = table = plan = chosen = specs = source = kept = walk = None  # noqa: F841
         _release()
         _finetune(out, final, args, rows)
@@ -288,10 +290,8 @@ def _finetune(scratch: Path, out: Path, args, rows=None) -> None:
 
     from ..pipeline import finetune
 
-    n = args.nsamples if args.finetune_samples is None else args.finetune_samples
-    check_positive(finetune_samples=n)
     stages = args.finetune.split("+")
-    rep = finetune(scratch, out, calib=rows if rows is not None else args.calib, nsamples=n,
+    rep = finetune(scratch, out, calib=rows if rows is not None else args.calib, nsamples=args.finetune_samples,
                    seqlen=args.seqlen, seed=args.seed, bos=args.bos, overwrite=args.force, block="block" in stages,
                    e2e="default" if "e2e" in stages else None)
     shutil.rmtree(scratch)
