@@ -37,7 +37,8 @@ def main():
     ap.add_argument("--tag", default=None, help="run name (default: the --calib value)")
     ap.add_argument("--budgets", default="2.5,3,3.5,4,4.5")
     ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seqlen", type=int, default=512, help="evaluation window (and calibration row) length")
+    ap.add_argument("--calib-seqlen", type=int, default=None, help="calibration row length (default: --seqlen)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--metric", default="kfac", help="sensitivity metric of the mixed plans' measurement")
@@ -64,6 +65,7 @@ def main():
     cmd = ("python bench/generalization.py --calib " + args.calib + (f" --tag {tag}" if args.tag else "")
            + (f" --damp {args.damp}" if args.damp != 0.01 else "") + (" --act-order" if args.act_order else "")
            + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "")
+           + (f" --calib-seqlen {args.calib_seqlen}" if args.calib_seqlen else "")
            + (f" --spec {args.spec}" if args.spec else "")
            + (f" --metric {args.metric}" if args.metric != "kfac" else "")
            + (f" --candidates {args.candidates}" if args.candidates != "default" else "")
@@ -76,7 +78,8 @@ def main():
     evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     bos = evals.bos
     t0 = time.perf_counter()
-    calib = mixq.build_calibration(ref, tok, args.calib, args.nsamples, args.seqlen, seed=0, bos=bos)
+    calib = mixq.build_calibration(ref, tok, args.calib, args.nsamples, args.calib_seqlen or args.seqlen, seed=0,
+                                   bos=bos)
     t_calib = time.perf_counter() - t0
     cands = default_candidates() if args.candidates == "default" else load_candidates(args.candidates)
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
