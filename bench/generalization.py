@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--metric", default="kfac", help="sensitivity metric of the mixed plans' measurement")
     ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--gptq-target", default="quantized", choices=["quantized", "fp"],
+                    help="GPTQ fits each layer to its own output on the quantized model's inputs, or (fp) to the "
+                         "full-precision model's output (mixq.api.quantize_model gptq_target)")
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN")
     ap.add_argument("--candidates", default="default", help="candidate set of the measurement and plans: 'default', "
                                                            "a named set or a file of spec names (as mixq measure)")
@@ -66,6 +69,7 @@ def main():
            + (f" --damp {args.damp}" if args.damp != 0.01 else "") + (" --act-order" if args.act_order else "")
            + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "")
            + (f" --calib-seqlen {args.calib_seqlen}" if args.calib_seqlen else "")
+           + (f" --gptq-target {args.gptq_target}" if args.gptq_target != "quantized" else "")
            + (f" --spec {args.spec}" if args.spec else "")
            + (f" --metric {args.metric}" if args.metric != "kfac" else "")
            + (f" --candidates {args.candidates}" if args.candidates != "default" else "")
@@ -85,7 +89,7 @@ def main():
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
                metric=args.metric,
                candidates=[c.name for c in cands],
-               act_order=args.act_order, calib_seconds=t_calib,
+               act_order=args.act_order, gptq_target=args.gptq_target, calib_seconds=t_calib,
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     if args.spec:
         return _one_spec(args, ref, calib, evals, doc, path, tag)
@@ -110,8 +114,9 @@ def main():
             doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else "gptq"
+            extra = {"gptq_target": "fp"} if args.gptq_target == "fp" and method == "gptq" else {}
             res = mixq.quantize(model, plan=plan, method=method, damp=args.damp, act_order=args.act_order,
-                                calib=None if method == "rtn" else calib, progress=False)
+                                calib=None if method == "rtn" else calib, progress=False, **extra)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
             if v.endswith("+e2e"):  # then the recipe's fine-tuning (mixq-default-7) on the same calibration rows

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .algorithms.composite.hooks import quantize_layer
+from .algorithms.gptq import fp_target
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
 from .calib.dispatch import walk_placement
@@ -144,6 +145,7 @@ def quantize_model(
     checkpoint=None,
     offload_dir=None,
     row_weights: dict | None = None,
+    gptq_target: str = "quantized",
 ) -> QuantResult:
     """Quantize ``model`` in place (fake-quant: dequantized weights written back).
 
@@ -167,12 +169,18 @@ def quantize_model(
     ``device``: where each block is quantized (it goes back to where it was afterwards); default: where the
     model is -- the device of its parameters, or block by block where accelerate's ``device_map`` put them
     (:func:`mixq.calib.dispatch.walk_placement`); the CPU with a ``source``.
+    ``gptq_target`` (GPTQ): ``"quantized"`` fits each layer to its own weight on the inputs the partly quantized
+    model gives it (GPTQ as published); ``"fp"`` fits it to the full-precision model's output of its
+    full-precision inputs (:func:`mixq.algorithms.gptq.fp_target`; the walk carries the fp stream too, one more
+    block forward per block; not with ``checkpoint`` or ``offload_dir``).
     ``row_weights``: fqn -> each output row's weight in the loss (a plan's ``row_weights``, from the measurement's
     ``G``), handed to quantizers that trade error between rows (``+ip1`` trellises); other specs ignore it.
     Returns the stored form of every quantized layer.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if gptq_target not in ("quantized", "fp"):
+        raise ValueError(f"gptq_target must be 'quantized' or 'fp', got {gptq_target!r}")
     if method != "gptq" and (checkpoint is not None or offload_dir is not None):
         raise ValueError("checkpoint and offload_dir apply to the GPTQ block walk: use method='gptq'")
     t0 = time.perf_counter()
@@ -216,7 +224,10 @@ def quantize_model(
 
             def one(item):  # every layer of the block is fitted on the same inputs: independent of the others
                 fqn, mod, st = item
-                return quantize_layer(get_weight(mod), specs[fqn], st.H, "gptq", damp=damp, act_order=act_order,
+                W = get_weight(mod)
+                if gptq_target == "fp" and st.D is not None:
+                    W = fp_target(W, st.H, st.D, damp)
+                return quantize_layer(W, specs[fqn], st.H, "gptq", damp=damp, act_order=act_order,
                                       block_size=block_size, **_row_weight(row_weights, fqn))
 
             cpu = all(get_weight(m).device.type == "cpu" for _, m, _ in todo)
@@ -235,7 +246,7 @@ def quantize_model(
                                     block_size=block_size, device=device, source=source, row_weights=row_weights)
             ckpt.attach(prefix, specs, q, losses)
         walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress,
-                    checkpoint=ckpt, offload_dir=offload_dir)
+                    checkpoint=ckpt, offload_dir=offload_dir, fp_stream=gptq_target == "fp")
         missing = block_fqns - set(q)
         if missing:
             raise RuntimeError(f"GPTQ saw no inputs for {sorted(missing)[:3]}...: the block walk did not reach them")

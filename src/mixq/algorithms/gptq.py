@@ -74,6 +74,23 @@ def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
     return inverse_cholesky(Hk, damp)
 
 
+def fp_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight GPTQ should aim at when the layer's inputs drift from the full-precision model's.
+
+    With ``X`` the layer's inputs in the fp model and ``X̃`` those it sees in the model being quantized (token
+    rows), the least-squares weight for ``‖X Wᵀ - X̃ Ŵᵀ‖²`` is ``W* = W + W D H⁻¹`` (``H = X̃ᵀX̃ / N``,
+    ``D = (X - X̃)ᵀ X̃ / N``), and that loss is ``‖X Wᵀ - X̃ W*ᵀ‖² + tr((W* - Ŵ) H (W* - Ŵ)ᵀ) N``: GPTQ on ``W*``
+    with ``H`` minimises it (the asymmetric calibration of GPTAQ, Li et al. 2025).  ``H`` is damped by
+    ``damp · mean(diag H)`` for the solve, so ``W* = W`` where the inputs do not drift."""
+    Hd = H.to(torch.float64).clone()
+    dead = torch.diagonal(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Hd.diagonal().add_(damp * float(torch.diagonal(Hd).mean()))
+    WD = W.to(torch.float64) @ D.to(torch.float64)                  # [out, in]
+    corr = torch.linalg.solve(Hd, WD.T).T                           # W D H⁻¹ (H symmetric)
+    return (W.to(torch.float64) + corr).to(W.dtype)
+
+
 def _group_len(spec: QuantSpec, cols: int) -> int:
     g = spec.granularity
     if isinstance(g, PerGroup):

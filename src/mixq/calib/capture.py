@@ -170,6 +170,7 @@ def walk_blocks(
     offload_dir=None,
     progress: bool = True,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
+    fp_stream: bool = False,
 ) -> None:
     """Walk the decoder block by block, accumulating per-linear input statistics.
 
@@ -190,6 +191,10 @@ def walk_blocks(
     of RAM (:mod:`mixq.calib.offload`; each batch is moved to ``device`` when the block runs).
     ``min_expert_tokens``: MoE experts routed fewer calibration tokens have their statistics padded with
     their block's pooled expert statistics (:func:`mixq.moe.routing.pad_rare_experts`; logged).
+    ``fp_stream``: also carry the full-precision model's block inputs (a third and fourth ``[n, L, hidden]``
+    buffer, one more block forward per block) and give every linear the cross statistics of its full-precision
+    input against the one it sees (:meth:`LayerStats.update_cross`, ``stats[name].D``).  Not with
+    ``checkpoint`` or ``offload_dir``.
     """
     source = source or InMemoryBlocks()
     arch = arch_for(model)
@@ -201,6 +206,10 @@ def walk_blocks(
         alloc = lambda shape, dtype: disk_tensor(offload_dir, shape, dtype)  # noqa: E731
     inps, block_kwargs = capture_block_inputs(model, input_ids, device=device, batch_size=batch_size, alloc=alloc)
     outs = torch.empty_like(inps) if alloc is None else alloc(tuple(inps.shape), inps.dtype)
+    if fp_stream and (checkpoint is not None or offload_dir is not None):
+        raise ValueError("fp_stream is not supported with a checkpoint or offload_dir")
+    fp_inps = inps.clone() if fp_stream else None
+    fp_outs = torch.empty_like(inps) if fp_stream else None
     start = 0
     if checkpoint is not None:
         start = checkpoint.resume(len(blocks), inps)  # the saved inputs of block `start` replace the captured ones
@@ -216,9 +225,12 @@ def walk_blocks(
         kwargs = block_kwargs[i]
         lins = block_linears(block, arch)
         stats = {n: LayerStats(_in_features(m), keep_hessian=keep_hessian) for n, m in lins.items()}
-        hooks = [m.register_forward_hook(_stat_hook(stats[n])) for n, m in lins.items()]
+        hooks = [] if fp_stream else [m.register_forward_hook(_stat_hook(stats[n])) for n, m in lins.items()]
         try:
-            run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
+            if fp_stream:
+                _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size)
+            else:
+                run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
         finally:
             for h in hooks:
                 h.remove()
@@ -236,8 +248,41 @@ def walk_blocks(
             checkpoint.commit(i, block, outs)  # outs: the inputs of block i + 1
         source.release(i, block)
         inps, outs = outs, inps
+        if fp_stream:
+            fp_inps, fp_outs = fp_outs, fp_inps
         release_free_memory()  # the block's freed temporaries back to the system (mixq.memtrim)
     bar.close()
+
+
+def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size: int) -> None:
+    """Batch by batch: the block on the full-precision stream (its linears' inputs kept), then on the walk's own
+    stream, where each linear's statistics take its input and pair it with the kept one."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda mod, args, out: kept.__setitem__(name, args[0].detach())
+
+    def pair(name):
+        def hook(mod, args, out):
+            stats[name].update(args[0])
+            stats[name].update_cross(kept.get(name), args[0])
+        return hook
+
+    for s in range(0, inps.shape[0], batch_size):
+        hooks = [m.register_forward_hook(keep(n)) for n, m in lins.items()]
+        try:
+            run_block(block, fp_inps[s : s + batch_size], kwargs, batch_size=batch_size,
+                      out=fp_outs[s : s + batch_size])
+        finally:
+            for h in hooks:
+                h.remove()
+        hooks = [m.register_forward_hook(pair(n)) for n, m in lins.items()]
+        try:
+            run_block(block, inps[s : s + batch_size], kwargs, batch_size=batch_size, out=outs[s : s + batch_size])
+        finally:
+            for h in hooks:
+                h.remove()
+        kept.clear()
 
 
 def _in_features(m: nn.Module) -> int:

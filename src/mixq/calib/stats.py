@@ -28,6 +28,38 @@ class LayerStats:
     _xtx: torch.Tensor | None = field(default=None, repr=False)
     _absmax: torch.Tensor | None = field(default=None, repr=False)
     _abssum: torch.Tensor | None = field(default=None, repr=False)
+    _dxx: torch.Tensor | None = field(default=None, repr=False)
+    cross_tokens: int = 0
+
+    def update_cross(self, x_fp: torch.Tensor, x: torch.Tensor) -> None:
+        """Accumulate ``Σ_t (x_fp,t - x_t) x_tᵀ``: the layer's input in the full-precision model (``x_fp``) against
+        the input it sees now (``x``, token for token).  A pair of other shapes (MoE experts routed differently in
+        the two models, or ``x_fp`` None: not called there) makes the statistic unusable for this layer (``D`` is
+        then None)."""
+        if self.cross_tokens < 0:
+            return
+        if x_fp is None:  # not called in the full-precision model on these tokens
+            self.cross_tokens, self._dxx = -1, None
+            return
+        a, b = x_fp.detach().reshape(-1, self.in_features), x.detach().reshape(-1, self.in_features)
+        if a.shape != b.shape:
+            self.cross_tokens, self._dxx = -1, None
+            return
+        bf = b.to(torch.float32)
+        d = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
+        for s in range(0, bf.shape[0], _CHUNK):
+            d += ((a[s : s + _CHUNK].to(torch.float32) - bf[s : s + _CHUNK]).T @ bf[s : s + _CHUNK]).to(
+                torch.float64).cpu()
+        self._dxx = d if self._dxx is None else self._dxx + d
+        self.cross_tokens += a.shape[0]
+
+    @property
+    def D(self) -> torch.Tensor | None:
+        """``(1/N) (X_fp - X)ᵀ X`` as float32 ``[in, in]`` (the scale of :attr:`H`), or None when no usable cross
+        statistics were accumulated (see :meth:`update_cross`)."""
+        if self._dxx is None or self.cross_tokens != self.n_tokens:
+            return None
+        return (self._dxx / max(self.n_tokens, 1)).to(torch.float32)
 
     def update(self, x: torch.Tensor) -> None:
         xt = x.detach()
