@@ -44,8 +44,8 @@ def _interrupt_after(k: int):
     """Ctrl-C right after block k's checkpoint is written."""
     orig = WalkCheckpoint.commit
 
-    def commit(self, i, block, next_inputs):
-        orig(self, i, block, next_inputs)
+    def commit(self, i, block, next_inputs, *fp_inputs):
+        orig(self, i, block, next_inputs, *fp_inputs)
         if i == k:
             raise KeyboardInterrupt
 
@@ -79,7 +79,8 @@ def _same_weights(m1, m2) -> None:
 
 
 @pytest.mark.parametrize("family,spec,opts", [("llama", "W4-g32", {}), ("gpt2", "W3-g32-asym", {"act_order": True}),
-                                              ("qwen2", "NVFP4", {"block_size": 16})])
+                                              ("qwen2", "NVFP4", {"block_size": 16}),
+                                              ("llama", "W3-g32", {"gptq_target": "fp"})])
 def test_interrupted_walk_resumes_bit_exact(family, spec, opts, tmp_path):
     ref_model = _deep(family)
     ref = _gptq(ref_model, spec, **opts)
@@ -185,6 +186,21 @@ def test_offloaded_buffers_give_identical_results(tmp_path, monkeypatch):
     model = _deep("gpt2")
     _same_result(ref, _gptq(model, checkpoint=tmp_path / "walk", offload_dir=off))
     _same_weights(ref_model, model)
+
+
+def test_fp_stream_offloaded_and_keyed(tmp_path, caplog):
+    """The full-precision stream (gptq_target='fp') goes to disk with the walk's own buffers, and a checkpoint of
+    a walk without it is not resumed by one with it."""
+    ref_model = _deep("llama")
+    ref = _gptq(ref_model, gptq_target="fp")
+    model = _deep("llama")
+    _same_result(ref, _gptq(model, gptq_target="fp", offload_dir=tmp_path / "off"))
+    _same_weights(ref_model, model)
+    with _interrupt_after(1):
+        _gptq(_deep("llama"), checkpoint=tmp_path / "walk")
+    with caplog.at_level(logging.WARNING, logger="mixq.calib.checkpoint"):
+        _same_result(ref, _gptq(_deep("llama"), gptq_target="fp", checkpoint=tmp_path / "walk"))
+    assert "gptq_target" in caplog.text
 
 
 def test_weight_not_reproduced_by_the_codes_is_stored(tmp_path, monkeypatch):

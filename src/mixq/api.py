@@ -171,8 +171,8 @@ def quantize_model(
     (:func:`mixq.calib.dispatch.walk_placement`); the CPU with a ``source``.
     ``gptq_target`` (GPTQ): ``"quantized"`` fits each layer to its own weight on the inputs the partly quantized
     model gives it (GPTQ as published); ``"fp"`` fits it to the full-precision model's output of its
-    full-precision inputs (:func:`mixq.algorithms.gptq.fp_target`; the walk carries the fp stream too, one more
-    block forward per block; not with ``checkpoint`` or ``offload_dir``).
+    full-precision inputs (:func:`mixq.algorithms.gptq.fp_target`; the walk carries the fp stream too: one more
+    block forward per block, two more activation buffers).
     ``row_weights``: fqn -> each output row's weight in the loss (a plan's ``row_weights``, from the measurement's
     ``G``), handed to quantizers that trade error between rows (``+ip1`` trellises); other specs ignore it.
     Returns the stored form of every quantized layer.
@@ -243,7 +243,8 @@ def quantize_model(
             ckpt = checkpoint if isinstance(checkpoint, WalkCheckpoint) else WalkCheckpoint(checkpoint)
             if ckpt.key is None:
                 ckpt.key = walk_key(model, calib_ids, specs, method=method, damp=damp, act_order=act_order,
-                                    block_size=block_size, device=device, source=source, row_weights=row_weights)
+                                    block_size=block_size, device=device, source=source, row_weights=row_weights,
+                                    gptq_target=gptq_target)
             ckpt.attach(prefix, specs, q, losses)
         walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress,
                     checkpoint=ckpt, offload_dir=offload_dir, fp_stream=gptq_target == "fp")

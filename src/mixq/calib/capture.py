@@ -192,9 +192,9 @@ def walk_blocks(
     ``min_expert_tokens``: MoE experts routed fewer calibration tokens have their statistics padded with
     their block's pooled expert statistics (:func:`mixq.moe.routing.pad_rare_experts`; logged).
     ``fp_stream``: also carry the full-precision model's block inputs (a third and fourth ``[n, L, hidden]``
-    buffer, one more block forward per block) and give every linear the cross statistics of its full-precision
-    input against the one it sees (:meth:`LayerStats.update_cross`, ``stats[name].D``).  Not with
-    ``checkpoint`` or ``offload_dir``.
+    buffer, one more block forward per block; checkpointed and offloaded with the others) and give every linear
+    the cross statistics of its full-precision input against the one it sees (:meth:`LayerStats.update_cross`,
+    ``stats[name].D``).
     """
     source = source or InMemoryBlocks()
     arch = arch_for(model)
@@ -206,13 +206,14 @@ def walk_blocks(
         alloc = lambda shape, dtype: disk_tensor(offload_dir, shape, dtype)  # noqa: E731
     inps, block_kwargs = capture_block_inputs(model, input_ids, device=device, batch_size=batch_size, alloc=alloc)
     outs = torch.empty_like(inps) if alloc is None else alloc(tuple(inps.shape), inps.dtype)
-    if fp_stream and (checkpoint is not None or offload_dir is not None):
-        raise ValueError("fp_stream is not supported with a checkpoint or offload_dir")
-    fp_inps = inps.clone() if fp_stream else None
-    fp_outs = torch.empty_like(inps) if fp_stream else None
+    fp_inps = fp_outs = None
+    if fp_stream:
+        new = (lambda: torch.empty_like(inps)) if alloc is None else (lambda: alloc(tuple(inps.shape), inps.dtype))
+        fp_inps, fp_outs = new(), new()
+        fp_inps.copy_(inps)
     start = 0
-    if checkpoint is not None:
-        start = checkpoint.resume(len(blocks), inps)  # the saved inputs of block `start` replace the captured ones
+    if checkpoint is not None:  # the saved inputs of block `start` replace the captured ones
+        start = checkpoint.resume(len(blocks), inps, *(() if fp_inps is None else (fp_inps,)))
         for i in range(start):
             block = source.load(i, blocks[i], device)
             checkpoint.restore(i, block)
@@ -228,7 +229,7 @@ def walk_blocks(
         hooks = [] if fp_stream else [m.register_forward_hook(_stat_hook(stats[n])) for n, m in lins.items()]
         try:
             if fp_stream:
-                _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size)
+                _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size, run_dev)
             else:
                 run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
         finally:
@@ -245,7 +246,7 @@ def walk_blocks(
             if sequential:
                 run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
         if checkpoint is not None:
-            checkpoint.commit(i, block, outs)  # outs: the inputs of block i + 1
+            checkpoint.commit(i, block, outs, *(() if fp_outs is None else (fp_outs,)))  # block i + 1's inputs
         source.release(i, block)
         inps, outs = outs, inps
         if fp_stream:
@@ -254,7 +255,7 @@ def walk_blocks(
     bar.close()
 
 
-def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size: int) -> None:
+def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size: int, device=None) -> None:
     """Batch by batch: the block on the full-precision stream (its linears' inputs kept), then on the walk's own
     stream, where each linear's statistics take its input and pair it with the kept one."""
     kept: dict[str, torch.Tensor] = {}
@@ -272,13 +273,14 @@ def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_
         hooks = [m.register_forward_hook(keep(n)) for n, m in lins.items()]
         try:
             run_block(block, fp_inps[s : s + batch_size], kwargs, batch_size=batch_size,
-                      out=fp_outs[s : s + batch_size])
+                      out=fp_outs[s : s + batch_size], device=device)
         finally:
             for h in hooks:
                 h.remove()
         hooks = [m.register_forward_hook(pair(n)) for n, m in lins.items()]
         try:
-            run_block(block, inps[s : s + batch_size], kwargs, batch_size=batch_size, out=outs[s : s + batch_size])
+            run_block(block, inps[s : s + batch_size], kwargs, batch_size=batch_size, out=outs[s : s + batch_size],
+                      device=device)
         finally:
             for h in hooks:
                 h.remove()

@@ -64,7 +64,7 @@ _NO_LOSS = object()
 
 def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: str = "gptq", damp: float = 0.01,
              act_order: bool = False, block_size: int = 128, sequential: bool = True, device="cpu",
-             source=None, row_weights: dict | None = None) -> dict:
+             source=None, row_weights: dict | None = None, gptq_target: str = "quantized") -> dict:
     """What a checkpoint must match to be resumed: a different value of any field starts over.
 
     ``model``: :func:`mixq.models.model_fingerprint` of the model as the walk starts (after any
@@ -81,7 +81,8 @@ def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: 
             "specs": hashlib.sha256(spec_doc.encode()).hexdigest()[:16], "n_layers": len(specs),
             "method": method, "damp": float(damp), "act_order": bool(act_order), "block_size": int(block_size),
             "sequential": bool(sequential), "device": torch.device(device).type, "torch": torch.__version__,
-            **({"row_weights": _row_weights_hash(row_weights)} if row_weights else {})}
+            **({"row_weights": _row_weights_hash(row_weights)} if row_weights else {}),
+            **({"gptq_target": gptq_target} if gptq_target != "quantized" else {})}
 
 
 def _row_weights_hash(row_weights: dict) -> str:
@@ -115,13 +116,14 @@ class WalkCheckpoint:
         self._results = (prefix, specs, qtensors, losses)
 
     # ---------------------------------------------------------------- walk_blocks protocol
-    def resume(self, n_blocks: int, inputs: torch.Tensor) -> int:
-        """Validate what is on disk; load the saved inputs into ``inputs``; return the first block to walk."""
+    def resume(self, n_blocks: int, inputs: torch.Tensor, fp_inputs: torch.Tensor | None = None) -> int:
+        """Validate what is on disk; load the saved inputs into ``inputs`` (and the full-precision stream's into
+        ``fp_inputs``, a walk that carries one); return the first block to walk."""
         if self._results is None or self.key is None:
             raise RuntimeError("WalkCheckpoint: attach() it and set its key first (mixq.api.quantize_model does)")
         self.key = json.loads(json.dumps(self.key))  # as it reads back from progress.json (tuples -> lists)
         self._doc, self._records, self.resumed_from = None, {}, 0
-        problem = self._load_valid(n_blocks, inputs)
+        problem = self._load_valid(n_blocks, inputs, fp_inputs is not None)
         if problem is not None:
             if problem:
                 log.warning("walk checkpoint %s: %s; starting the walk over", self.dir, problem)
@@ -131,6 +133,8 @@ class WalkCheckpoint:
             return 0
         k = self._doc["last_block"]
         self._read_inputs(self.dir / self._doc["inputs"]["file"], inputs)
+        if fp_inputs is not None:
+            self._read_inputs(self.dir / self._doc["inputs"]["file"], fp_inputs, "fp_inputs")
         self.resumed_from = k + 1
         if k + 1 < n_blocks:
             self.announce(f"resuming the block walk at block {k + 1} of {n_blocks} "
@@ -152,8 +156,10 @@ class WalkCheckpoint:
                 losses[fqn] = loss
             set_weight(block.get_submodule(name), weight if weight is not None else packed.dequantize())
 
-    def commit(self, i: int, block: nn.Module, next_inputs: torch.Tensor) -> None:
-        """Save block i (done: quantized and re-run) and the inputs of block i + 1."""
+    def commit(self, i: int, block: nn.Module, next_inputs: torch.Tensor,
+               next_fp_inputs: torch.Tensor | None = None) -> None:
+        """Save block i (done: quantized and re-run) and the inputs of block i + 1 (and its full-precision
+        inputs, in a walk that carries them)."""
         doc = self._doc
         if doc is None or i != doc["last_block"] + 1:
             raise RuntimeError(f"WalkCheckpoint.commit({i}) out of order (last saved block {doc and doc['last_block']})")
@@ -178,11 +184,12 @@ class WalkCheckpoint:
         _atomic(self.dir / f"{stem}.safetensors", lambda p: save_file(tensors, p))
         _atomic(self.dir / f"{stem}.json", lambda p: p.write_text(json.dumps({"block": i, "layers": layers})))
         inputs_name = f"inputs-{i + 1:05d}.safetensors"
-        _atomic(self.dir / inputs_name, lambda p: _write_inputs(p, next_inputs))
+        _atomic(self.dir / inputs_name, lambda p: _write_inputs(p, next_inputs, next_fp_inputs))
         old = doc["inputs"]
         doc["blocks"].append({n: _file_info(self.dir / n) for n in (f"{stem}.safetensors", f"{stem}.json")})
         doc["inputs"] = {"file": inputs_name, "size": (self.dir / inputs_name).stat().st_size,
-                         "shape": list(next_inputs.shape), "dtype": str(next_inputs.dtype)}
+                         "shape": list(next_inputs.shape), "dtype": str(next_inputs.dtype),
+                         "fp_stream": next_fp_inputs is not None}
         doc["last_block"] = i
         _atomic(self.dir / PROGRESS, lambda p: p.write_text(json.dumps(doc, indent=1)))
         if old is not None and old["file"] != inputs_name:
@@ -207,7 +214,7 @@ class WalkCheckpoint:
             if p.is_file() and (p.name == PROGRESS or p.name.startswith(("block-", "inputs-", ".tmp-"))):
                 p.unlink(missing_ok=True)
 
-    def _load_valid(self, n_blocks: int, inputs: torch.Tensor) -> str | None:
+    def _load_valid(self, n_blocks: int, inputs: torch.Tensor, fp_stream: bool = False) -> str | None:
         """``None`` if the checkpoint is usable (and decoded into ``_records``), ``""`` if there is none,
         else what is wrong with it."""
         path = self.dir / PROGRESS
@@ -232,13 +239,16 @@ class WalkCheckpoint:
             if inp["shape"] != list(inputs.shape) or inp["dtype"] != str(inputs.dtype):
                 return (f"saved inputs are {inp['dtype']} {inp['shape']}, the walk's are "
                         f"{inputs.dtype} {list(inputs.shape)}")
+            if bool(inp.get("fp_stream")) != fp_stream:
+                return "its saved inputs " + ("lack" if fp_stream else "carry") + " the full-precision stream"
             f = self.dir / inp["file"]
             if not f.is_file() or f.stat().st_size != inp["size"]:
                 return f"{inp['file']} is missing or truncated"
             with safe_open(f, "pt") as st:
-                s = st.get_slice("inputs")
-                if s.get_shape() != inp["shape"] or s.get_dtype() != stio.NAMES.get(inputs.dtype):
-                    return f"{inp['file']} holds another tensor than progress.json says"
+                for name in ("inputs", "fp_inputs") if fp_stream else ("inputs",):
+                    s = st.get_slice(name)
+                    if s.get_shape() != inp["shape"] or s.get_dtype() != stio.NAMES.get(inputs.dtype):
+                        return f"{inp['file']} holds another tensor than progress.json says"
             # decoded now (checked before the model is touched); with release, one block at a time in restore()
             # (each file's sha256 was checked above), so resuming does not load the whole result at once
             self._records = {i: None if self.release else self._read_block(i) for i in range(k + 1)}
@@ -273,10 +283,10 @@ class WalkCheckpoint:
     def _layer_info(self, i: int, name: str) -> dict:
         return json.loads((self.dir / f"block-{i:05d}.json").read_text())["layers"][name]
 
-    def _read_inputs(self, path: Path, into: torch.Tensor) -> None:
+    def _read_inputs(self, path: Path, into: torch.Tensor, name: str = "inputs") -> None:
         rows = max(1, _CHUNK // max(1, into[0].numel() * into.element_size()))
         with safe_open(path, "pt") as f:
-            s = f.get_slice("inputs")
+            s = f.get_slice(name)
             for a in range(0, into.shape[0], rows):
                 into[a : a + rows] = s[a : a + rows]
 
@@ -373,9 +383,11 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         pass
 
 
-def _write_inputs(path: Path, t: torch.Tensor) -> None:
-    """``t`` as a safetensors file with one tensor ``"inputs"``, written a chunk at a time (:func:`mixq.stio.write`;
-    ``safetensors.torch.save_file`` would copy the whole buffer into memory first)."""
+def _write_inputs(path: Path, t: torch.Tensor, fp: torch.Tensor | None = None) -> None:
+    """``t`` as a safetensors file with the tensor ``"inputs"`` (and ``fp`` as ``"fp_inputs"``), written a chunk
+    at a time (:func:`mixq.stio.write`; ``safetensors.torch.save_file`` would copy the whole buffer into memory
+    first)."""
     if not t.dtype.is_floating_point or t.dtype not in stio.NAMES:
         raise ValueError(f"cannot checkpoint {t.dtype} block inputs")
-    stio.write(path, [("inputs", t.dtype, tuple(t.shape))], lambda _: t, {"format": FORMAT})
+    parts = {"inputs": t, **({"fp_inputs": fp} if fp is not None else {})}
+    stio.write(path, [(n, x.dtype, tuple(x.shape)) for n, x in parts.items()], parts.__getitem__, {"format": FORMAT})
