@@ -24,3 +24,9 @@ def test_deviations_are_named():
     args = build_parser().parse_args(["quantize", "--bpw", "3", "--tcq-state-bits", "8", "--out", "x"])
     assert args.tcq_state_bits == 8 and recipe_record(args)["deviations"] == {"tcq_state_bits": 8}
     assert build_parser().parse_args(["plan", "m", "--bpw", "3"]).tcq_state_bits == DEFAULT_RECIPE["tcq_state_bits"]
+
+
+def test_gptq_target_is_a_recipe_setting():
+    other = "quantized" if DEFAULT_RECIPE["gptq_target"] == "fp" else "fp"
+    args = build_parser().parse_args(["quantize", "--bpw", "3", "--gptq-target", other, "--out", "x"])
+    assert recipe_record(args)["deviations"] == {"gptq_target": other}

@@ -286,7 +286,18 @@ def test_quantize_cli_resumes_and_cleans_up(tiny_tokenizer, tmp_path, capsys):
     # --offload-dir is for the GPTQ walk: refused before any work otherwise
     assert main(["quantize", "--model", str(d), "--spec", "W4-g32", "--method", "rtn", "--offload-dir",
                  str(tmp_path / "off"), "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantize", "--model", str(d), "--spec", "W4-g32", "--method", "rtn", "--gptq-target", "fp",
+                 "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+    # the CLI's fp target: the walk checkpoint carries the fp stream, resumed like the plain one
+    out = tmp_path / "fp"
+    with _interrupt_after(1):
+        assert main([*common, "--gptq-target", "fp", "--out", str(out)]) == 130
+        raise KeyboardInterrupt
+    with safe_open(tmp_path / ".fp.partial-walk" / "inputs-00002.safetensors", "pt") as f:
+        assert sorted(f.keys()) == ["fp_inputs", "inputs"]
+    assert main([*common, "--gptq-target", "fp", "--out", str(out)]) == 0
+    assert json.loads((out / "mixq.json").read_text())["recipe"]["deviations"].get("gptq_target", "fp") == "fp"
 
 
 def test_walk_interrupted_after_its_last_block_only_restores(tmp_path):

@@ -72,6 +72,8 @@ DEFAULT_RECIPE: dict[str, object] = {
                                # L = 8 at 2-4 bits
     "damp": 0.01,              # --damp (GPTQ)
     "act_order": False,        # --act-order
+    "gptq_target": "quantized",  # --gptq-target: GPTQ fits each layer on the partly quantized model's inputs to
+                               # its own output (fp: to the fp model's; mixq.algorithms.gptq.fp_target)
     "rotate": False,           # --rotate (QuaRot): +ip candidates transform each layer instead
     "finetune": "e2e",         # --finetune: one epoch of end-to-end distillation of the scales and norms on the
                                # fp model's logits, codes fixed (mixq.distill_e2e); with --method gptq only

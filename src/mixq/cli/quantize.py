@@ -45,6 +45,10 @@ def register(sub) -> None:
     calib_args(q, nsamples=DEFAULT_RECIPE["nsamples"])
     q.add_argument("--damp", type=float, default=DEFAULT_RECIPE["damp"], help="GPTQ dampening, fraction of mean(diag H)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
+    q.add_argument("--gptq-target", choices=["quantized", "fp"], default=DEFAULT_RECIPE["gptq_target"],
+                   help="GPTQ: fit each layer to its own output on the partly quantized model's inputs (quantized), "
+                        "or to the full-precision model's output (fp: GPTAQ's asymmetric calibration; one more "
+                        "block forward per block and two more activation buffers)")
     measure_args(q)
     constraint_args(q)
     solver_arg(q, "with --bpw: allocation solver")
@@ -93,6 +97,8 @@ def cmd_quantize(args) -> int:
         _check_lazy(args)
     if args.offload_dir is not None and args.method != "gptq":
         raise UserError("--offload-dir applies to the GPTQ block walk: use --method gptq")
+    if args.gptq_target != "quantized" and args.method != "gptq":
+        raise UserError(f"--gptq-target {args.gptq_target} applies to GPTQ: use --method gptq")
     needs_calib = args.method != "rtn" or (budget is not None and table is None)
     if needs_calib:
         parse_sources(args.calib)  # a bad --calib fails before the model is loaded
@@ -148,7 +154,8 @@ def cmd_quantize(args) -> int:
         walk = WalkCheckpoint(out.with_name(f".{out.name}.partial-walk"), announce=print, release=True)
     res = P.quantize(model, chosen, method=args.method, calib=calib if args.method != "rtn" else None,
                      damp=args.damp, act_order=args.act_order, rotate=rotate, source=source, checkpoint=walk,
-                     offload_dir=args.offload_dir, device=args.device if args.lazy else None)
+                     offload_dir=args.offload_dir, device=args.device if args.lazy else None,
+                     gptq_target=args.gptq_target)
     if walk is not None and walk.resumed_from:
         extra["walk_resumed_at_block"] = walk.resumed_from
     if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
