@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="--recipe default: a label for the measurement (recorded)")
     ap.add_argument("--nsamples", type=int, default=None, help="--recipe default: calibration rows (default: the "
                                                                 "recipe's)")
+    ap.add_argument("--gptq-target", default=None, choices=["quantized", "fp"],
+                    help="--recipe default: GPTQ's target (default: the recipe's)")
     ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="--recipe default: state bits of the plans' TCQ layers (default: the recipe's)")
     ap.add_argument("--without", default="", help="--recipe default: plan from the measurement with these candidates "
@@ -127,6 +129,8 @@ def default_recipe(args) -> None:
     R = {**DEFAULT_RECIPE, "metric": args.metric}  # --metric: the recipe with another sensitivity metric
     if args.nsamples:
         R["nsamples"] = args.nsamples
+    if args.gptq_target:
+        R["gptq_target"] = args.gptq_target
     out = Path(args.out)
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
@@ -146,7 +150,8 @@ def default_recipe(args) -> None:
                           else "") + (f" --tag {args.tag}" if args.tag else "")
                        + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else "")
                        + (f" --without {args.without}" if args.without else "")
-                       + (f" --nsamples {args.nsamples}" if args.nsamples else ""),
+                       + (f" --nsamples {args.nsamples}" if args.nsamples else "")
+                       + (f" --gptq-target {args.gptq_target}" if args.gptq_target else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     cached = out.with_name(out.name + "-measurement.json")
@@ -166,7 +171,8 @@ def default_recipe(args) -> None:
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else R["method"]
             res = mixq.quantize(model, plan=plan, method=method, damp=R["damp"], act_order=R["act_order"],
-                                calib=None if method == "rtn" else calib, progress=False)
+                                calib=None if method == "rtn" else calib, progress=False,
+                                gptq_target=R.get("gptq_target", "quantized"))
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "specs": dict(Counter(s.name for s in plan.layers.values()))}
             if v.endswith("+e2e"):  # then the recipe's end-to-end fine-tuning on the same calibration rows
