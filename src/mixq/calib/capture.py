@@ -257,16 +257,33 @@ def walk_blocks(
 
 def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size: int, device=None) -> None:
     """Batch by batch: the block on the full-precision stream (its linears' inputs kept), then on the walk's own
-    stream, where each linear's statistics take its input and pair it with the kept one."""
+    stream, where each linear's statistics take its input and pair it with the kept one.
+
+    Only the linears that read the block's own input (those called before any linear of the block has returned,
+    and any later one given that same tensor: q/k/v, a fused qkv) get cross statistics.  The others' inputs
+    depend on linears of the same block, which this walk quantizes together from one pass: their drift would be
+    corrected twice (by the earlier layers' targets and by their own), which measured far worse than not at all."""
     kept: dict[str, torch.Tensor] = {}
+    state = {"done": False, "block_inputs": []}
+    reads_block_input: dict[str, bool] = {}
 
     def keep(name):
         return lambda mod, args, out: kept.__setitem__(name, args[0].detach())
 
+    def before(name):
+        def hook(mod, args):
+            x = args[0]
+            first = not state["done"]
+            if first:
+                state["block_inputs"].append(x)
+            reads_block_input[name] = first or any(x is t for t in state["block_inputs"])
+        return hook
+
     def pair(name):
         def hook(mod, args, out):
+            state["done"] = True
             stats[name].update(args[0])
-            stats[name].update_cross(kept.get(name), args[0])
+            stats[name].update_cross(kept.get(name) if reads_block_input.get(name) else None, args[0])
         return hook
 
     for s in range(0, inps.shape[0], batch_size):
@@ -277,7 +294,9 @@ def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_
         finally:
             for h in hooks:
                 h.remove()
-        hooks = [m.register_forward_hook(pair(n)) for n, m in lins.items()]
+        state.update(done=False, block_inputs=[])
+        hooks = [m.register_forward_pre_hook(before(n)) for n, m in lins.items()]
+        hooks += [m.register_forward_hook(pair(n)) for n, m in lins.items()]
         try:
             run_block(block, inps[s : s + batch_size], kwargs, batch_size=batch_size, out=outs[s : s + batch_size],
                       device=device)
@@ -285,6 +304,7 @@ def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_
             for h in hooks:
                 h.remove()
         kept.clear()
+        state["block_inputs"] = []
 
 
 def _in_features(m: nn.Module) -> int:
