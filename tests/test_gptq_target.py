@@ -70,6 +70,9 @@ def test_walk_carries_the_fp_stream():
     assert first is not None and float(first.abs().max()) == 0.0  # block 0's inputs are the fp model's
     later = seen[1]["self_attn.q_proj"]
     assert later is not None and float(later.abs().max()) > 0.0
+    # only the layers that read the block's own input: the others' inputs depend on this block's own layers
+    assert all(seen[1][n] is not None for n in ("self_attn.k_proj", "self_attn.v_proj"))
+    assert all(seen[1][n] is None for n in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 
 
 def test_quantize_model_fp_target_fits_the_calibration_outputs_better():
@@ -89,3 +92,20 @@ def test_quantize_model_fp_target_fits_the_calibration_outputs_better():
     assert kl["fp"] < kl["quantized"]
     with pytest.raises(ValueError, match="gptq_target"):
         api.quantize_model(copy.deepcopy(base), {}, method="gptq", calib_ids=ids, gptq_target="teacher")
+
+
+def test_fused_qkv_reads_the_block_input():
+    torch.manual_seed(0)
+    model = make_tiny("gpt2")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    seen = {}
+
+    def on_block(i, block, stats):
+        seen[i] = {n: st.D for n, st in stats.items()}
+        for m in block.modules():
+            if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2:
+                m.weight.data = m.weight.data.round()
+
+    walk_blocks(model, ids, on_block, fp_stream=True, progress=False)
+    assert seen[1]["attn.c_attn"] is not None
+    assert all(seen[1][n] is None for n in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
