@@ -170,9 +170,9 @@ def quantize_model(
     model is -- the device of its parameters, or block by block where accelerate's ``device_map`` put them
     (:func:`mixq.calib.dispatch.walk_placement`); the CPU with a ``source``.
     ``gptq_target`` (GPTQ): ``"quantized"`` fits each layer to its own weight on the inputs the partly quantized
-    model gives it (GPTQ as published); ``"fp"`` fits it to the full-precision model's output of its
-    full-precision inputs (:func:`mixq.algorithms.gptq.fp_target`; the walk carries the fp stream too: one more
-    block forward per block, two more activation buffers).
+    model gives it (GPTQ as published); ``"fp"`` fits the layers that read their block's own input (q/k/v) to the
+    full-precision model's output of their full-precision inputs (:func:`mixq.algorithms.gptq.fp_target`; the
+    walk carries the fp stream too: one more block forward per block, two more activation buffers).
     ``row_weights``: fqn -> each output row's weight in the loss (a plan's ``row_weights``, from the measurement's
     ``G``), handed to quantizers that trade error between rows (``+ip1`` trellises); other specs ignore it.
     Returns the stored form of every quantized layer.

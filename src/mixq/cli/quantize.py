@@ -47,8 +47,9 @@ def register(sub) -> None:
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
     q.add_argument("--gptq-target", choices=["quantized", "fp"], default=DEFAULT_RECIPE["gptq_target"],
                    help="GPTQ: fit each layer to its own output on the partly quantized model's inputs (quantized), "
-                        "or to the full-precision model's output (fp: GPTAQ's asymmetric calibration; one more "
-                        "block forward per block and two more activation buffers)")
+                        "or the layers reading each block's input (q/k/v) to the full-precision model's output "
+                        "(fp: GPTAQ's asymmetric calibration; one more block forward per block and two more "
+                        "activation buffers)")
     measure_args(q)
     constraint_args(q)
     solver_arg(q, "with --bpw: allocation solver")
