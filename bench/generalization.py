@@ -133,8 +133,9 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
     if any(r["variant"] == v for r in doc["rows"]):
         return
     model = copy.deepcopy(ref)
+    extra = {"gptq_target": "fp"} if args.gptq_target == "fp" else {}
     res = mixq.quantize(model, args.spec, method="gptq", calib=calib, group_fallback="shrink", damp=args.damp,
-                        act_order=args.act_order, progress=False)
+                        act_order=args.act_order, progress=False, **extra)
     bpw = res.meta["size"]["bpw_quantized"]
     row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": res.seconds, "spec": args.spec}
     score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
