@@ -195,6 +195,15 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named below)
 
+- **Shorter calibration rows, more of them** (2026-12-06; runs `r128x256` and `r256x128`: `--nsamples 128
+  --calib-seqlen 256` and `--nsamples 256 --calib-seqlen 128` of `self+ptb`, the same 32,768 tokens as `n64`'s 64 x
+  512 and so about its cost, but twice / four times as many prompts and PTB windows; commit 6fc8954, one thread
+  each, three jobs on the cores; `r256x128` was stopped after its 3.0-bpw row), KL PTB / fortunes against `n64`:
+  128 x 256 at 3.0 bpw 0.1047 / 0.1738 against 0.1084 / 0.1758, at 4.0 0.0331 / 0.0546 against 0.0317 / 0.0509;
+  256 x 128 at 3.0 0.1102 / 0.1830.  Inside run-to-run variation at 3.0 and worse at 4.0 and with the shortest
+  rows: what the 128-row run gained (`n128`) came with its tokens, not with more distinct texts.  The recipe keeps
+  64 x 512.
+
 - **64 calibration rows: recipe `mixq-default-12`** (2026-12-06; runs `n64` and `n128`: `--nsamples 64` / `128`
   of `self+ptb`, half of each, the `mixq-default-11` recipe otherwise -- measurement, mixed GPTQ and the end-to-end
   epoch on those rows, the gradient statistics on the first 16 as before; commit 0ac4c49, one thread each, two jobs

@@ -53,19 +53,25 @@ def test_fp_target_is_the_least_squares_weight():
     assert torch.equal(fp_target(W.float(), H.float(), torch.zeros_like(D).float()), W.float())  # no drift: W
 
 
-def test_walk_carries_the_fp_stream():
+def _cross_stats_seen(family: str, rows: int, length: int) -> dict[int, dict]:
+    """Each block's ``D`` per linear in a walk with the fp stream that rounds every weight (so inputs drift)."""
     torch.manual_seed(0)
-    model = make_tiny("llama")
-    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    model = make_tiny(family)
+    ids = torch.randint(0, model.config.vocab_size, (rows, length))
     seen = {}
 
     def on_block(i, block, stats):
         seen[i] = {n: st.D for n, st in stats.items()}
-        for m in block.modules():  # quantize the block crudely, so the next block's inputs drift
-            if isinstance(m, torch.nn.Linear):
+        for m in block.modules():  # nn.Linear and GPT-2's Conv1D
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 2:
                 m.weight.data = m.weight.data.round()
 
     walk_blocks(model, ids, on_block, fp_stream=True, progress=False)
+    return seen
+
+
+def test_walk_carries_the_fp_stream():
+    seen = _cross_stats_seen("llama", 4, 32)
     first = seen[0]["self_attn.q_proj"]
     assert first is not None and float(first.abs().max()) == 0.0  # block 0's inputs are the fp model's
     later = seen[1]["self_attn.q_proj"]
@@ -95,17 +101,6 @@ def test_quantize_model_fp_target_fits_the_calibration_outputs_better():
 
 
 def test_fused_qkv_reads_the_block_input():
-    torch.manual_seed(0)
-    model = make_tiny("gpt2")
-    ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    seen = {}
-
-    def on_block(i, block, stats):
-        seen[i] = {n: st.D for n, st in stats.items()}
-        for m in block.modules():
-            if hasattr(m, "weight") and m.weight is not None and m.weight.dim() == 2:
-                m.weight.data = m.weight.data.round()
-
-    walk_blocks(model, ids, on_block, fp_stream=True, progress=False)
+    seen = _cross_stats_seen("gpt2", 2, 16)
     assert seen[1]["attn.c_attn"] is not None
     assert all(seen[1][n] is None for n in ("attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
