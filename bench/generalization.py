@@ -197,22 +197,22 @@ NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named be
 
 - **GPTQ toward the full-precision model's outputs** (`--gptq-target fp`, 2026-12-06; GPTAQ's asymmetric
   calibration: each layer quantized toward `W* = W + W D H^-1`, `D = (X_fp - X)^T X / N`, the least-squares weight
-  from the inputs the partly quantized model gives it to the fp model's outputs).  First with every layer
-  corrected (run `fptarget`, commit 5caee02, the `n64` rows and recipe): 3.0 bpw 0.7254 / 1.1270 against 0.1084 /
-  0.1758 -- seven times worse.  The walk quantizes a block's layers together from one pass, so the inputs of
-  o_proj and the MLP are those of an unquantized q/k/v: their targets correct again the drift the earlier
-  layers' targets already remove (scratch runs of `mixq.api.quantize_model`, no committed script: plain GPTQ
-  `W3-g64` on 8 x 256 PTB-train rows, KL on those rows / on 8 other PTB-train rows: every layer corrected 3.9 /
-  5.3, q/k/v and gate/up 0.68 / 1.45, q/k/v alone 0.41 / 1.01, none 0.70 / 1.21).  Since commit fdef948 only the layers that read the block's own input get the target.  Then (one or two
-  threads, other jobs on the cores part of the time): plain GPTQ `W3-g64`, 32 `self+ptb` rows (runs `g_W3_base`,
-  `g_W3_fp`): 1.1107 / 1.6864 -> 0.7374 / 1.1681 (-34 % / -31 %; GPTQ 157 -> 205 s); `W4-g64` (runs `g_W4_base`, `g_W4_fp`): 0.3432 / 0.4282 -> 0.2168 / 0.3280 (-37 % / -23 %;
-  148 -> 186 s); the default
-  3.0-bpw plan on the `n64` rows and measurement without the epoch (runs `n64_gptq_base`, `n64_gptq_fp`): 0.1209 /
-  0.1890 -> 0.1141 / 0.1875 (GPTQ 366 -> 454 s), and with it (run `fptarget2` against `n64`): 3.0 bpw 0.1060 /
-  0.1782 against 0.1084 / 0.1758, 4.0 bpw 0.0305 / 0.0498 against 0.0317 / 0.0509.  A large gain where GPTQ's
-  error is large (scalar 3-bit grids), little on the trellis plans, whose error is small and which the epoch
-  then fits end to end anyway: an option (`mixq quantize --gptq-target fp`), not the recipe, whose 3.0-bpw run
-  has no time to spare for a quarter more GPTQ.
+  from the inputs the partly quantized model gives it to the fp model's outputs). First with every layer corrected
+  (run `fptarget`, commit 5caee02, the `n64` rows and recipe): 3.0 bpw 0.7254 / 1.1270 against 0.1084 / 0.1758 --
+  seven times worse. The walk quantizes a block's layers together from one pass, so the inputs of o_proj and the MLP
+  are those of an unquantized q/k/v: their targets correct again the drift the earlier layers' targets already
+  remove (scratch runs of `mixq.api.quantize_model`, no committed script: plain GPTQ `W3-g64` on 8 x 256 PTB-train
+  rows, KL on those rows / on 8 other PTB-train rows: every layer corrected 3.9 / 5.3, q/k/v and gate/up 0.68 /
+  1.45, q/k/v alone 0.41 / 1.01, none 0.70 / 1.21). Since commit fdef948 only the layers that read the block's own
+  input get the target. Then (one or two threads, other jobs on the cores part of the time): plain GPTQ `W3-g64`, 32
+  `self+ptb` rows (runs `g_W3_base`, `g_W3_fp`): 1.1107 / 1.6864 -> 0.7374 / 1.1681 (-34 % / -31 %; GPTQ 157 -> 205
+  s); `W4-g64` (runs `g_W4_base`, `g_W4_fp`): 0.3432 / 0.4282 -> 0.2168 / 0.3280 (-37 % / -23 %; 148 -> 186 s); the
+  default 3.0-bpw plan on the `n64` rows and measurement without the epoch (runs `n64_gptq_base`, `n64_gptq_fp`):
+  0.1209 / 0.1890 -> 0.1141 / 0.1875 (GPTQ 366 -> 454 s), and with it (run `fptarget2` against `n64`): 3.0 bpw
+  0.1060 / 0.1782 against 0.1084 / 0.1758, 4.0 bpw 0.0305 / 0.0498 against 0.0317 / 0.0509. A large gain where
+  GPTQ's error is large (scalar 3-bit grids), little on the trellis plans, whose error is small and which the epoch
+  then fits end to end anyway: an option (`mixq quantize --gptq-target fp`), not the recipe, whose 3.0-bpw run has
+  no time to spare for a quarter more GPTQ.
 
 - **Shorter calibration rows, more of them** (2026-12-06; runs `r128x256` and `r256x128`: `--nsamples 128
   --calib-seqlen 256` and `--nsamples 256 --calib-seqlen 128` of `self+ptb`, the same 32,768 tokens as `n64`'s 64 x
