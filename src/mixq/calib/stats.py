@@ -45,12 +45,8 @@ class LayerStats:
         if a.shape != b.shape:
             self.cross_tokens, self._dxx = -1, None
             return
-        bf = b.to(torch.float32)
-        d = torch.zeros(self.in_features, self.in_features, dtype=torch.float64)
-        for s in range(0, bf.shape[0], _CHUNK):
-            d += ((a[s : s + _CHUNK].to(torch.float32) - bf[s : s + _CHUNK]).T @ bf[s : s + _CHUNK]).to(
-                torch.float64).cpu()
-        self._dxx = d if self._dxx is None else self._dxx + d
+        d = _cross(x_fp, x, a, b)
+        self._dxx = d.clone() if self._dxx is None else self._dxx + d
         self.cross_tokens += a.shape[0]
 
     @property
@@ -142,6 +138,23 @@ def gram(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     return out
 
 
+def _cross(xt_fp, xt, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a - b)ᵀ b`` float64 on the CPU, over chunks; kept for the next layer given the same pair of tensors
+    (q/k/v read one input in both models)."""
+    if _last_cross[0] is xt_fp and _last_cross[1] is xt and _last_cross[2] == (xt_fp._version, xt._version):
+        return _last_cross[3]
+    bf = b.to(torch.float32)
+    d = torch.zeros(b.shape[1], b.shape[1], dtype=torch.float64)
+    for s in range(0, bf.shape[0], _CHUNK):
+        d += ((a[s : s + _CHUNK].to(torch.float32) - bf[s : s + _CHUNK]).T @ bf[s : s + _CHUNK]).to(torch.float64).cpu()
+    _last_cross[:] = [xt_fp, xt, (xt_fp._version, xt._version), d]
+    return d
+
+
+_last_cross: list = [None, None, None, None]  # (fp input, input, their _versions, (a - b)ᵀ b)
+
+
 def release_shared_input() -> None:
-    """Drop the reference to the last input seen (called at the end of a calibration walk)."""
+    """Drop the references to the last inputs seen (called at the end of a calibration walk)."""
     _last[:] = [None, None, None]
+    _last_cross[:] = [None, None, None, None]
