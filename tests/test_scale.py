@@ -162,7 +162,10 @@ def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
         block, total = _save_sharded(path, layers)
         if layers == 10:
             assert len(list(path.glob("*.safetensors"))) >= 5 and (path / "model.safetensors.index.json").exists()
-        r = runs[layers] = {**_lazy_gptq(path, layers, read), "block": block, "total": total}
+        # the peak is sampled (every 1 ms): a run can miss its highest moment by a few MiB (the full suite once
+        # measured the 2-block run 5 MiB low), never overshoot it, so the higher of two runs
+        r, again = _lazy_gptq(path, layers, read), _lazy_gptq(path, layers, read)
+        r = runs[layers] = {**r, "peak": max(r["peak"], again["peak"]), "block": block, "total": total}
         # every block loaded once, in order, released before the next; one block's weights resident at a time
         assert r["events"] == [(k, i) for i in range(layers) for k in ("load", "release")]
         assert r["max_live"] == 1 and max(r["resident"]) == block
