@@ -128,12 +128,17 @@ def main() -> None:
     ap.add_argument("--autogptq", type=Path, default=None, help="a directory holding the auto_gptq package")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cmd = "python bench/gptq_thirdparty.py" + (f" --tokens {args.tokens}" if args.tokens != 1024 else "")
     cache = Path(os.environ.get("MIXQ_CACHE_DIR", Path.home() / ".cache" / "mixq")).expanduser()
     QuantLinear = autogptq_quantlinear(args.autogptq or autogptq_dir(cache))
-    work = args.work or Path(tempfile.mkdtemp(prefix="gptq3p-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work is None:
+        with tempfile.TemporaryDirectory(prefix="gptq3p-") as tmp:  # the directories go when the run ends
+            return run(args, QuantLinear, Path(tmp))
+    args.work.mkdir(parents=True, exist_ok=True)
+    return run(args, QuantLinear, args.work)
 
+
+def run(args, QuantLinear, work: Path) -> None:
+    cmd = "python bench/gptq_thirdparty.py" + (f" --tokens {args.tokens}" if args.tokens != 1024 else "")
     ref, tok = mixq.load_model("smollm2-135m")
     model, _ = mixq.load_model("smollm2-135m")
     specs = api.resolve_specs(model, PLAN)
