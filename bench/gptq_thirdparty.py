@@ -158,7 +158,8 @@ def run(args, QuantLinear, work: Path) -> None:
         w_theirs = ql(torch.eye(ql.infeatures)).t()
         diff = float((w_theirs - w_mixq).abs().max())
         worst = max(worst, diff)
-        per_layer.append({"layer": fqn, "bits": ql.bits, "group_size": ql.group_size, "max_abs_diff": diff,
+        per_layer.append({"layer": fqn, "bits": ql.bits, "group_size": ql.group_size, "in_features": ql.infeatures,
+                          "max_abs_diff": diff,
                           "max_abs_weight": float(w_mixq.abs().max())})
     missing = sorted(set(info["layers"]) - set(theirs))
 
@@ -171,7 +172,7 @@ def run(args, QuantLinear, work: Path) -> None:
 
     kinds = {}
     for r in per_layer:
-        k = f"{r['bits']}-bit g{r['group_size']}"
+        k = f"{r['bits']}-bit " + ("per channel" if r["group_size"] == r["in_features"] else f"g{r['group_size']}")
         kinds.setdefault(k, []).append(r)
     doc = {"command": cmd, "plan": PLAN, "autogptq": AUTOGPTQ, "export": {k: rep[k] for k in ("exact", "max_abs_diff")},
            "export_seconds": t_export, "layers": per_layer, "missing": missing, "max_abs_diff": worst,
