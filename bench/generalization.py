@@ -211,9 +211,9 @@ NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named be
   0.1209 / 0.1890 -> 0.1141 / 0.1875 (GPTQ 366 -> 454 s), and with it (run `fptarget2` against `n64`): 3.0 bpw
   0.1060 / 0.1782 against 0.1084 / 0.1758, 4.0 bpw 0.0305 / 0.0498 against 0.0317 / 0.0509. A large gain where
   GPTQ's error is large (scalar 3-bit grids), little on the trellis plans, whose error is small and which the epoch
-  then fits end to end anyway; and on gemma3-270m plain GPTQ `W3-g64` got worse with it (1.0148 / 1.1921 -> 1.0707 / 1.3425,
-  bench/results/gptq_target_gemma3-270m_W3-g64.md): an option (`mixq quantize --gptq-target fp`), not the recipe, whose 3.0-bpw run has
-  no time to spare for a quarter more GPTQ.
+  then fits end to end anyway; and on gemma3-270m plain GPTQ `W3-g64` got worse with it (1.0148 / 1.1921 -> 1.0707 /
+  1.3425, bench/results/gptq_target_gemma3-270m_W3-g64.md): an option (`mixq quantize --gptq-target fp`), not the
+  recipe, whose 3.0-bpw run has no time to spare for a quarter more GPTQ.
 
 - **Shorter calibration rows, more of them** (2026-12-06; runs `r128x256` and `r256x128`: `--nsamples 128
   --calib-seqlen 256` and `--nsamples 256 --calib-seqlen 128` of `self+ptb`, the same 32,768 tokens as `n64`'s 64 x
