@@ -6,8 +6,8 @@
 
 1. **The gather**: reading ``lut[state]`` for 16 independent states from a 4096-entry float table (the L = 12
    trellis tables), as AVX2 (8 lanes) and AVX-512 (16 lanes) gathers, ns per element, in a C loop that does
-   nothing else (compiled here with ``cc -O3 -march=native``).  Every trellis weight the decode GEMV reads costs
-   one such element, whatever the rest of the kernel does.
+   nothing else (compiled at first use like mixq's own kernels, :mod:`mixq.runtime.kernels.cbuild`).  Every
+   trellis weight the decode GEMV reads costs one such element, whatever the rest of the kernel does.
 2. **The kernel** (:class:`mixq.runtime.kernels.tcq_cpu.GemvLayer`) on the model's four layer shapes at rates
    2 / 3 / 4, one token, its operands hot in cache: ns per weight.
 3. **A decode of DIR** (packed, bf16, ``kernel="auto"``) and of the fp32 model, greedy, batch 1: tokens/s, and the
@@ -72,17 +72,12 @@ RATES = [(2, 1, 2, 0), (3, 1, 3, 0), (4, 1, 4, 0)]          # rate, rows a symbo
 
 
 def gather_ns() -> dict[int, float]:
-    import tempfile
-    import subprocess
+    from mixq.runtime.kernels.cbuild import INT, VOID_P, load
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src, so = Path(tmp) / "g.c", Path(tmp) / "g.so"
-        src.write_text(GATHER_C)
-        subprocess.run(["cc", "-O3", "-march=native", "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
-        lib = ctypes.CDLL(str(so))
-    lib.gather_seconds.restype = ctypes.c_double
-    lib.gather_seconds.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                   ctypes.c_void_p]
+    lib = load("gather_floor", GATHER_C, "no gather timing", {
+        "gather_seconds": (ctypes.c_double, [VOID_P, VOID_P, INT, INT, INT, VOID_P])})
+    if lib is None:
+        raise SystemExit("the gather timing needs a working C compiler (cc)")
     lut = torch.randn(4096)
     idx = torch.randint(0, 4096, (1 << 16,), dtype=torch.int32)
     sink = torch.zeros(1)

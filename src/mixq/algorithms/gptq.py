@@ -66,12 +66,17 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, max_tries: int = 6) ->
     )
 
 
-def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
-    """The ``hinv_chol`` argument of :func:`gptq_quantize` for one layer (natural column order)."""
-    Hk = H.detach().to(torch.float32).clone()
+def _live(H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``H`` in ``dtype`` with the diagonal of dead inputs (never active) set to 1."""
+    Hk = H.detach().to(dtype).clone()
     dead = torch.diagonal(Hk) == 0
     Hk[dead, dead] = 1.0
-    return inverse_cholesky(Hk, damp)
+    return Hk
+
+
+def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """The ``hinv_chol`` argument of :func:`gptq_quantize` for one layer (natural column order)."""
+    return inverse_cholesky(_live(H, torch.float32), damp)
 
 
 def fp_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
@@ -82,9 +87,7 @@ def fp_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp: float = 0
     ``D = (X - X̃)ᵀ X̃ / N``), and that loss is ``‖X Wᵀ - X̃ W*ᵀ‖² + tr((W* - Ŵ) H (W* - Ŵ)ᵀ) N``: GPTQ on ``W*``
     with ``H`` minimises it (the asymmetric calibration of GPTAQ, Li et al. 2025).  ``H`` is damped by
     ``damp · mean(diag H)`` for the solve, so ``W* = W`` where the inputs do not drift."""
-    Hd = H.to(torch.float64).clone()
-    dead = torch.diagonal(Hd) == 0
-    Hd[dead, dead] = 1.0
+    Hd = _live(H, torch.float64)
     Hd.diagonal().add_(damp * float(torch.diagonal(Hd).mean()))
     WD = W.to(torch.float64) @ D.to(torch.float64)                  # [out, in]
     corr = torch.linalg.solve(Hd, WD.T).T                           # W D H⁻¹ (H symmetric)

@@ -280,9 +280,11 @@ def _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_
         return hook
 
     def pair(name):
+        update = _stat_hook(stats[name])
+
         def hook(mod, args, out):
             state["done"] = True
-            stats[name].update(args[0])
+            update(mod, args, out)
             stats[name].update_cross(kept.get(name) if reads_block_input.get(name) else None, args[0])
         return hook
 
