@@ -42,6 +42,11 @@ import llamacpp  # noqa: E402
 
 STOCK = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "IQ2_M", "IQ3_S", "IQ4_XS", "IQ4_NL")
 PROMPT = "The capital of France is"
+# weight repacking off (``--no-repack``) for every tool that runs a quantized file: with it, this llama.cpp built
+# GGML_NATIVE on a Sapphire Rapids CPU (AMX_INT8, REPACK) dies with signal 11 in llama-perplexity on every
+# Q4_0 / Q8_0 / K-quant / IQ4_XS file (the types with a repacked or AMX layout; IQ2_M / IQ3_S / IQ4_NL ran).
+# The plain CPU kernels compute the same dot products (8-bit activations), so the KLD measures the files alike.
+NO_REPACK = ["-nr"]
 
 
 def run(cmd: list, log: Path, env: dict | None = None, timeout: float | None = None) -> str:
@@ -127,7 +132,7 @@ def kld_eval(tools: dict, model: Path, base: Path, test: Path, args, tag: str) -
     log = args.work / f"ppl-{tag}.log"
     if not log.exists() or "Mean    KLD" not in log.read_text(errors="replace"):
         run([tools["llama-perplexity"], "-m", model, "-f", test, "-c", args.ctx, "--chunks", args.chunks, "-t",
-             args.threads, "-b", args.ctx, "--kl-divergence-base", base, "--kl-divergence"], log)
+             args.threads, "-b", args.ctx, "--kl-divergence-base", base, "--kl-divergence", *NO_REPACK], log)
     res = parse_kld(log.read_text(errors="replace"))
     res.update(file_bytes=model.stat().st_size, **block_linear_bpw(model))
     return res
@@ -210,7 +215,7 @@ def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> 
     out["mixq_eval"] = {k: e.get(k) for k in ("perplexity", "kl", "top1_agreement")}
     log = args.work / f"generate-{mixq_dir.name}.log"
     cmd = [tools["llama-completion"], "-m", gguf_path, "-p", PROMPT, "-n", 24, "--temp", 0, "-t", args.threads,
-           "-no-cnv"]
+           "-no-cnv", *NO_REPACK]
     text = run(cmd, log, timeout=300)
     out["llama_cli"] = {"command": "llama-completion " + " ".join(map(str, cmd[1:])), "output": _generated(text)}
     done.write_text(json.dumps(out, indent=1))
@@ -276,7 +281,7 @@ def main() -> None:
     base_log = args.work / "ppl-f16.log"
     if not base.exists():
         run([tools["llama-perplexity"], "-m", f16, "-f", test, "-c", args.ctx, "--chunks", args.chunks, "-t",
-             args.threads, "-b", args.ctx, "--kl-divergence-base", base], base_log)
+             args.threads, "-b", args.ctx, "--kl-divergence-base", base, *NO_REPACK], base_log)
     m = re.search(rf"Final estimate: PPL = {_NUM} \+/- {_NUM}", base_log.read_text(errors="replace"))
     f16_ppl = float(m.group(1)) if m else None
     rows: list[dict] = [{"who": "F16", "name": "F16", "ppl": f16_ppl, "file_bytes": f16.stat().st_size,
@@ -313,15 +318,29 @@ def main() -> None:
     _save(rows, failed, args, check, t_start)
 
 
+def _measurement_meta(path) -> dict | None:
+    if path is None or not Path(path).exists():
+        return None
+    return json.loads(Path(path).read_text()).get("meta")
+
+
 def _save(rows, failed, args, check, t_start) -> None:
     doc = {"command": " ".join(sys.argv), "ctx": args.ctx, "chunks": args.chunks, "calib_chunks": args.calib_chunks,
            "rows": rows, "failed": failed, "check": check, "seconds": time.perf_counter() - t_start,
            "llama_cpp": f"llama-cpp-python {llamacpp.VERSION} sdist, vendor/llama.cpp", "note": args.note,
-           "nsamples": args.nsamples}
+           "nsamples": args.nsamples, "measurement": _measurement_meta(args.measurement)}
     (RESULTS / "gguf_vs_llamacpp.json").write_text(json.dumps(doc, indent=1))
     write_md(doc)
     if any("kld" in r for r in rows):
         plot(rows, RESULTS / "gguf_vs_llamacpp.png")
+
+
+def _measured(doc: dict) -> str:
+    """How the mixq measurement was made, from its own header (``doc["measurement"]``)."""
+    m = doc.get("measurement") or {}
+    shape = m.get("calibration_shape") or ["?", "?"]
+    return (f"{m.get('algorithm', '?').upper()} errors, metric {m.get('metric', '?')}, {shape[0]} x {shape[1]} "
+            f"{(m.get('calibration_record') or {}).get('corpus', '?')} rows")
 
 
 def write_md(doc: dict) -> None:
@@ -331,8 +350,9 @@ def write_md(doc: dict) -> None:
               f"- evaluation: `llama-perplexity --kl-divergence` against the F16 GGUF's logits, first {doc['chunks']} "
               f"chunks of {doc['ctx']} tokens of PTB test (second half of each chunk scored: "
               f"{doc['chunks'] * doc['ctx'] // 2} tokens); imatrix: `llama-imatrix` on {doc['calib_chunks']} x "
-              f"{doc['ctx']} tokens of PTB train; mixq: `mixq measure --candidates gguf` (GPTQ errors, kfac, 32 x 512 PTB-train rows) and "
-              f"GPTQ on {doc['nsamples']} x {doc['ctx']} PTB-train rows",
+              f"{doc['ctx']} tokens of PTB train; mixq: `mixq measure --candidates gguf` ({_measured(doc)}) and "
+              f"GPTQ on {doc['nsamples']} x {doc['ctx']} PTB-train rows; every llama.cpp tool that runs a quantized "
+              "file with `-nr` (weight repacking off: see NO_REPACK in the script)",
               "- every file keeps token_embd F16 (stock: `--token-embedding-type f16 --output-tensor-type f16`; "
               "mixq keeps embeddings in floating point), so files differ only in the block linears",
               *([f"- {doc['note']}"] if doc.get("note") else []),
