@@ -195,6 +195,33 @@ def torch_ppl(model, chunks) -> float:
     return math.exp(nll / n)
 
 
+def torch_ppl_as_llamacpp(mixq_dir: Path | None, gguf_path: Path, test: Path, args) -> dict:
+    """mixq's own PPL of a file's model on llama.cpp's tokens and protocol (:func:`torch_ppl`), fp32 and with each
+    linear layer's input rounded as llama.cpp's CPU dot product for its ggml type rounds it
+    (:mod:`mixq.export.ggml_actsim`); ``mixq_dir`` None: the fp32 model against the F16 file (every linear F16)."""
+    import torch
+
+    from mixq import load_model, load_quantized
+    from mixq.export.ggml_actsim import simulate, types_from_report
+
+    done = args.work / f"sim-{gguf_path.stem}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    chunks, _ = chunk_ids(test, args)
+    if mixq_dir is None:
+        model, _ = load_model("smollm2-135m")
+        types = {n: "F16" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    else:
+        model = load_quantized(mixq_dir)[0].float()
+        types = types_from_report(json.loads(Path(str(gguf_path) + ".report.json").read_text()))
+    model.eval()
+    out = {"torch_ppl": torch_ppl(model, chunks)}
+    with simulate(model, types) as n:
+        out.update(torch_ppl_actsim=torch_ppl(model, chunks), actsim_layers=n)
+    done.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> dict:
     """llama.cpp's PPL of mixq's GGUF next to mixq's own: the same tokens and protocol in torch, and mixq eval."""
     from mixq import load_model, load_quantized
@@ -285,7 +312,7 @@ def main() -> None:
     m = re.search(rf"Final estimate: PPL = {_NUM} \+/- {_NUM}", base_log.read_text(errors="replace"))
     f16_ppl = float(m.group(1)) if m else None
     rows: list[dict] = [{"who": "F16", "name": "F16", "ppl": f16_ppl, "file_bytes": f16.stat().st_size,
-                         **block_linear_bpw(f16)}]
+                         **block_linear_bpw(f16), "mixq_ppl": torch_ppl_as_llamacpp(None, f16, test, args)}]
     failed: dict[str, str] = {}
     if not args.skip_stock:
         for qtype in [t for t in args.types.split(",") if t]:
@@ -310,7 +337,8 @@ def main() -> None:
             rep = json.loads(Path(str(g) + ".report.json").read_text())
             rows.append({"who": "mixq", "name": f"mixq {bpw:g}", "plan_bpw": bpw, "exact_export": rep.get("exact"),
                          "exact_tensors": rep["totals"]["exact_tensors"], "tensors": rep["totals"]["tensors"],
-                         **kld_eval(tools, g, base, test, args, f"mixq-{bpw:g}")})
+                         **kld_eval(tools, g, base, test, args, f"mixq-{bpw:g}"),
+                         "mixq_ppl": torch_ppl_as_llamacpp(d, g, test, args)})
             _save(rows, failed, args, check, t_start)
             if bpw == args.check_bpw:
                 check = agreement(tools, d, g, test, args, env)
@@ -343,6 +371,24 @@ def _measured(doc: dict) -> str:
             f"{(m.get('calibration_record') or {}).get('corpus', '?')} rows")
 
 
+def _agreement_table(doc: dict) -> list[str]:
+    rows = [r for r in doc["rows"] if r.get("mixq_ppl") and r.get("ppl")]
+    if not rows:
+        return []
+    lines = ["", "## llama.cpp's perplexity against mixq's own, file by file", "",
+             f"mixq's PPL of the same model (the fp32 model for F16, the plan's fake-quant model for mixq's files) on "
+             f"llama.cpp's tokens and protocol ({doc['chunks']} x {doc['ctx']}, second halves), in fp32 and with every "
+             "linear layer's input rounded as llama.cpp's CPU dot product for its ggml type rounds it "
+             "(`mixq.export.ggml_actsim`: q8_0 / q8_1 / q8_K / fp16).  diff = llama.cpp / mixq - 1.", "",
+             "| file | PPL llama.cpp | mixq fp32 | diff | mixq, llama.cpp's activation rounding | diff |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r["mixq_ppl"]
+        lines.append(f"| {r['name']} | {r['ppl']:.3f} | {m['torch_ppl']:.3f} | {r['ppl'] / m['torch_ppl'] - 1:+.2%} | "
+                     f"{m['torch_ppl_actsim']:.3f} | {r['ppl'] / m['torch_ppl_actsim'] - 1:+.2%} |")
+    return lines
+
+
 def write_md(doc: dict) -> None:
     lines = header("GGUF files by llama.cpp and by mixq, measured by llama.cpp (SmolLM2-135M, PTB test)",
                    "OMP_NUM_THREADS=1 python " + doc["command"].replace(str(Path.cwd()) + "/", ""))
@@ -364,6 +410,7 @@ def write_md(doc: dict) -> None:
         lines.append(f"| {r['name']} | {f('block_linear_bpw', '.3f')} | {r['file_bytes'] / 2**20:.1f} | "
                      f"{f('ppl', '.3f')} | {f('kld', '.4f')} | {f('kld_p99', '.3f')} | {f('same_top_p', '.2f')} | "
                      f"{types} |")
+    lines += _agreement_table(doc)
     if doc["failed"]:
         lines += ["", "Stock types llama-quantize did not make: " +
                   "; ".join(f"{k}: {v}" for k, v in doc["failed"].items())]

@@ -2,6 +2,7 @@
 or several domains; with ``--act``/``--kv`` the activation and KV-cache path of :mod:`.eval_act`."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from ..jsonio import write_json_atomic
@@ -23,6 +24,10 @@ def register(sub) -> None:
     e.add_argument("--reference", default=None, help="reference model for KL (default: the base model of a mixq dir; none for a plain model)")
     e.add_argument("--ci", action="store_true", help="add 95%% bootstrap intervals over windows (mixq.eval.stats; one "
                                                      "more pass of the model) and check calibration/evaluation overlap")
+    e.add_argument("--runtime", choices=("mixq", "llamacpp"), default="mixq",
+                   help="llamacpp: each linear layer's input rounded as llama.cpp's CPU dot product for the layer's "
+                        "ggml type rounds it (q8_0 / q8_K / fp16; mixq.export.ggml_actsim), so a --target gguf "
+                        "directory scores what its GGUF scores in llama.cpp")
     e.add_argument("--out", default=None, help="write the results JSON here")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.set_defaults(func=cmd_eval)
@@ -34,6 +39,9 @@ def cmd_eval(args) -> int:
 
     recorded = eval_act.recorded(args)
     if eval_act.wanted(args):
+        if args.runtime != "mixq":
+            raise UserError("--runtime llamacpp rounds activations as llama.cpp does; it does not combine with "
+                            "--act / --kv, which set their own")
         res, notes = eval_act.run(args)
         if args.out:
             write_json_atomic(args.out, res, overwrite=True)
@@ -50,6 +58,7 @@ def cmd_eval(args) -> int:
         reference, _, _ = load_target(ref_name)
     if tok is None:
         raise UserError(f"{args.target} has no tokenizer files: re-quantize it with this mixq version")
+    runtime = _runtime(args, model, info)
     results = {}
     for corpus, win, proto in eval_windows_for(args, tok, model):
         ref = reference
@@ -57,9 +66,11 @@ def cmd_eval(args) -> int:
             from ..eval import ReferenceCache
 
             ref = ReferenceCache(ref, win)  # the reference runs once for both passes
-        results[corpus] = evaluate(model, win, proto, reference=ref)
-        if args.ci:
-            results[corpus].update(_intervals(model, win, ref, info, tok))
+        with runtime():
+            results[corpus] = evaluate(model, win, proto, reference=ref)
+            results[corpus]["protocol"]["runtime"] = args.runtime
+            if args.ci:
+                results[corpus].update(_intervals(model, win, ref, info, tok))
     res = combine(results)
     res["target"] = args.target
     res["reference"] = ref_name
@@ -71,6 +82,22 @@ def cmd_eval(args) -> int:
         write_json_atomic(args.out, res, overwrite=True)
     _print_result(res)
     return 0
+
+
+def _runtime(args, model, info):
+    """A context (no arguments) under which ``model`` computes as ``--runtime`` does."""
+    if args.runtime == "mixq":
+        return contextlib.nullcontext
+    from ..export.ggml_actsim import simulate, types_of_directory
+
+    if not info:
+        raise UserError(f"--runtime llamacpp evaluates a mixq directory quantized with --target gguf; {args.target} "
+                        "is a plain model")
+    try:
+        types = types_of_directory(model, info)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return lambda: simulate(model, types)
 
 
 def _intervals(model, win, reference, info, tok) -> dict:
@@ -106,4 +133,5 @@ def _print_one(res: dict, f) -> None:
     print(f"perplexity {f(res.get('perplexity'), '.3f')}  KL {f(res.get('kl'), '.4f')}  "
           f"top-1 {f(res.get('top1_agreement'), '.4f')}  ({res.get('n_scored')} tokens, "
           f"{res['protocol']['corpus']}/{res['protocol']['split']}, seqlen {res['protocol']['seqlen']}, "
-          f"BOS {res['protocol']['bos']} ({res['protocol'].get('bos_policy')}: {res['protocol'].get('bos_source')}))")
+          f"BOS {res['protocol']['bos']} ({res['protocol'].get('bos_policy')}: {res['protocol'].get('bos_source')})"
+          + (f", runtime {rt}" if (rt := res['protocol'].get('runtime')) not in (None, "mixq") else "") + ")")
