@@ -22,10 +22,11 @@ from mixq.algorithms.gptq import gptq_quantize
 from mixq.allocate import Budget, Constraints, allocate, budget_range, candidates_for, shape_table
 from mixq.allocate.table import LayerEntry, SensitivityTable
 from mixq.config import parse_spec
-from mixq.export.ggml_exact import GGUF_CANDIDATE_NAMES, ggml_exact_type, target_candidates
+from mixq.export.ggml_exact import GGUF_CANDIDATE_NAMES, ggml_exact_type
 from mixq.export.gguf import export_gguf, write_gguf
 from mixq.export.gguf_arch import gguf_tensor_name, rope_row_order
 from mixq.export.native_write import save_quantized
+from mixq.export.runtime_targets import target_candidates
 from mixq.formats import dequantize, quantize
 from mixq.formats.bitpack import PackedWeight
 

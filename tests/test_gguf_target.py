@@ -20,10 +20,11 @@ from mixq.allocate import Budget, Constraints, InfeasibleBudget, Plan, allocate,
 from mixq.allocate import candidates_for, default_candidates, shape_table
 from mixq.allocate.table import LayerEntry, SensitivityTable
 from mixq.config import parse_spec
-from mixq.export.ggml_exact import GGUF_CANDIDATE_NAMES, ggml_exact_type, target_candidates
+from mixq.export.ggml_exact import GGUF_CANDIDATE_NAMES, ggml_exact_type
 from mixq.export.gguf import export_gguf, write_gguf
 from mixq.export.gguf_arch import gguf_tensor_name, rope_row_order
 from mixq.export.native_write import save_quantized
+from mixq.export.runtime_targets import target_candidates
 from mixq.formats import dequantize
 
 SMOLLM2_SHAPES = {"q": (576, 576), "k": (192, 576), "up": (1536, 576), "down": (576, 1536)}

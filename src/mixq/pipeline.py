@@ -224,7 +224,7 @@ def layer_specs(model, spec=None, *, plan=None, lm_head=None, group_fallback: st
                                   group_fallback=group_fallback)
         label = requested.name if requested is not None else "by layer"
     if target:
-        from .export.ggml_exact import holds_exactly
+        from .export.runtime_targets import holds_exactly
 
         bad = [f"{fqn} ({s.name} on {tuple(shapes[fqn])})" for fqn, s in specs.items()
                if fqn in shapes and not holds_exactly(target, s, shapes[fqn])]

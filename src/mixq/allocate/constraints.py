@@ -18,9 +18,10 @@ Patterns are regular expressions matched with ``re.search`` against a layer's fq
               ``cpu-int4``; ``+ip`` ones only on layers wide enough to repay their transforms), so the
               deployed model decodes faster than the fp32 one: never the dequantize-every-call reference
               kernel, nor the gather-bound codebook kernels (VQ, TCQ)
-``target``    ``"gguf"``: other layers only take candidates a runtime holds exactly for their shape
-              (:func:`mixq.export.ggml_exact.holds_exactly`: a ggml block type for the row length), so the
-              exported file decodes to the plan's weights bit for bit and its size is the plan's
+``target``    ``"gguf"``, ``"gptq"`` or ``"compressed-tensors"``: other layers only take candidates that runtime
+              holds exactly for their shape (:func:`mixq.export.runtime_targets.holds_exactly`; gguf: a ggml block
+              type for the row length), so the exported file decodes to the plan's weights bit for bit and its
+              size is the plan's
 
 ``keep`` and ``force`` pin a layer and take precedence over ``min_bits``/``max_bits``/``fast_on``/``target``; a layer
 that matches both ``keep`` and ``force`` (to a non-FP16 spec), or two different ``force``
@@ -38,7 +39,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..config import QuantSpec, parse_spec
-from ..export.ggml_exact import TARGETS, holds_exactly
+from ..export.runtime_targets import TARGETS, holds_exactly
 from .solvers import Problem
 from .table import SensitivityTable, _check_header
 

@@ -21,7 +21,7 @@ from ..bos import add_bos_argument
 from ..calibset import DEFAULT_CALIB, SELF
 from ..data import CORPORA
 from ..eval.domains import DEFAULT_DOMAINS
-from ..export.ggml_exact import TARGETS as RUNTIME_TARGETS
+from ..export.runtime_targets import TARGETS as RUNTIME_TARGETS, help_text as runtime_targets_help
 from ..measure import ALGORITHMS, METRICS
 from ..models import DEFAULT_MODEL
 from ..config.composite_check import TCQ_STATE_BITS
@@ -126,10 +126,9 @@ def constraint_args(p) -> None:
                         "VQ/TCQ ones, whose table-lookup kernels are slower than fp32 on a CPU); quantize "
                         "measures the 'fast-cpu' candidates (int grids, some +ip) when --candidates is 'default'")
     p.add_argument("--target", default=None, choices=RUNTIME_TARGETS,
-                   help="only candidates this runtime holds exactly for each layer's shape (gguf: the ggml block "
-                        "types of the row length -- Q8_0/Q5_x/Q4_x/IQ4_NL/MXFP4 on multiples of 32, the K-quants "
-                        "Q2_K..Q6_K on multiples of 256 -- written as they are by `mixq export --format gguf`); the "
-                        "plan records it, and quantize measures the target's specs when --candidates is 'default'")
+                   help="only candidates this runtime holds exactly for each layer's shape, written as they are by "
+                        "`mixq export --format TARGET` (" + runtime_targets_help() + "); the plan records it, and "
+                        "quantize measures the target's specs when --candidates is 'default'")
 
 
 # ---------------------------------------------------------------------------- parsing what they give

@@ -32,7 +32,7 @@ def register(sub) -> None:
 def load_candidate_set(name: str):
     from ..allocate import default_candidates, load_candidates
 
-    from ..export.ggml_exact import TARGETS, target_candidates
+    from ..export.runtime_targets import TARGETS, target_candidates
 
     if name in TARGETS:  # a runtime target's exact specs (``--candidates gguf``)
         return target_candidates(name)

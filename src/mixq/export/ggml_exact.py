@@ -39,8 +39,6 @@ from __future__ import annotations
 
 from ..config import QuantSpec, parse_spec
 
-TARGETS = ("gguf",)
-
 # spec name (clip="minmax") -> ggml type name
 _EXACT: dict[str, str] = {
     "W8-g32": "Q8_0", "W5-g32": "Q5_0", "W4-g32": "Q4_0",
@@ -78,20 +76,6 @@ def ggml_exact_type(spec, shape: tuple[int, int]) -> str | None:
     if t is None or int(shape[1]) % _BLOCK[t]:
         return None
     return t
-
-
-def holds_exactly(target: str, spec, shape: tuple[int, int]) -> bool:
-    """Whether runtime ``target`` holds ``spec`` exactly for a weight of ``shape`` (only ``gguf`` is known)."""
-    if target != "gguf":
-        raise ValueError(f"unknown runtime target {target!r}: choose one of {', '.join(TARGETS)}")
-    return ggml_exact_type(spec, shape) is not None
-
-
-def target_candidates(target: str) -> list[QuantSpec]:
-    """The default candidate specs of a runtime target (``gguf``: :data:`GGUF_CANDIDATE_NAMES`)."""
-    if target != "gguf":
-        raise ValueError(f"unknown runtime target {target!r}: choose one of {', '.join(TARGETS)}")
-    return [parse_spec(n) for n in GGUF_CANDIDATE_NAMES]
 
 
 def exact_specs_table() -> list[tuple[str, str]]:

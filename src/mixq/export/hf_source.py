@@ -12,10 +12,9 @@ import torch
 from ..config.protocol import suggest
 from ..formats import QTensor, dequantize
 from ..granularity import PerChannel, PerGroup
+from .hf_exact import GPTQ_BITS
 from .native import CheckpointError, read_info, read_qtensors, refuse_composites
 from ..moe.checkpoint import CHECKPOINT_RENAMES, checkpoint_name
-
-GPTQ_BITS = (2, 3, 4, 8)
 
 
 class ExportError(ValueError):
