@@ -260,22 +260,28 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for who, mark in (("llama.cpp", "o"), ("mixq", "s")):
-        pts = sorted((r["file_bytes"] / 2**20, r["kld"], r["name"]) for r in rows if r["who"] == who and "kld" in r)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for who, style in (("llama.cpp", "o"), ("mixq", "s-")):  # stock types: points (several share a size)
+        first: dict = {}  # one point per distinct file (a budget above the plan's reach repeats a smaller one)
+        for r in rows:
+            if r["who"] == who and "kld" in r:
+                first.setdefault((r["file_bytes"] / 2**20, r["kld"]), r["name"])
+        pts = sorted((x, y, n) for (x, y), n in first.items())
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], mark + "-", label=who)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=who)
         for x, y, n in pts:
-            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(n.replace("mixq ", ""), (x, y), fontsize=7, xytext=(4, 2 if who == "mixq" else -9),
+                        textcoords="offset points")
     ax.set_xlabel("GGUF file size (MiB; token embedding F16 in every file)")
     ax.set_ylabel("mean KLD vs F16 (llama-perplexity)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("SmolLM2-135M, PTB test: llama.cpp stock types (imatrix) vs mixq --target gguf")
+    ax.set_title("SmolLM2-135M, PTB test: llama.cpp stock types (imatrix)\nand mixq --target gguf (labels: budget bpw)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
