@@ -199,22 +199,19 @@ def torch_ppl_as_llamacpp(mixq_dir: Path | None, gguf_path: Path, test: Path, ar
     """mixq's own PPL of a file's model on llama.cpp's tokens and protocol (:func:`torch_ppl`), fp32 and with each
     linear layer's input rounded as llama.cpp's CPU dot product for its ggml type rounds it
     (:mod:`mixq.export.ggml_actsim`); ``mixq_dir`` None: the fp32 model against the F16 file (every linear F16)."""
-    import torch
-
     from mixq import load_model, load_quantized
-    from mixq.export.ggml_actsim import simulate, types_from_report
+    from mixq.export.ggml_actsim import simulate, types_of_directory
 
     done = args.work / f"sim-{gguf_path.stem}.json"
     if done.exists():
         return json.loads(done.read_text())
     chunks, _ = chunk_ids(test, args)
     if mixq_dir is None:
-        model, _ = load_model("smollm2-135m")
-        types = {n: "F16" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        model, info = load_model("smollm2-135m")[0], {}
     else:
-        model = load_quantized(mixq_dir)[0].float()
-        types = types_from_report(json.loads(Path(str(gguf_path) + ".report.json").read_text()))
-    model.eval()
+        model, _, info = load_quantized(mixq_dir)
+    model = model.float().eval()
+    types = types_of_directory(model, info)
     out = {"torch_ppl": torch_ppl(model, chunks)}
     with simulate(model, types) as n:
         out.update(torch_ppl_actsim=torch_ppl(model, chunks), actsim_layers=n)

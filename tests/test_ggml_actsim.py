@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixq.export.ggml_actsim import VEC_DOT, round_activations, simulate, types_from_report
+from mixq.export.ggml_actsim import VEC_DOT, round_activations, simulate, types_of_directory
 
 gguf = pytest.importorskip("gguf")
 
@@ -58,13 +58,10 @@ def test_simulate_hooks_only_named_linears_and_restores():
             pass
 
 
-def test_types_from_report_and_table():
-    rep = {"tied_output": True, "tensors": [
-        {"name": "token_embd.weight", "source": "model.embed_tokens.weight", "ggml_type": "F16"},
-        {"name": "blk.0.attn_q.weight", "source": "model.layers.0.self_attn.q_proj.weight", "ggml_type": "Q3_K"}]}
-    t = types_from_report(rep)
-    assert t == {"model.embed_tokens": "F16", "model.layers.0.self_attn.q_proj": "Q3_K", "lm_head": "F16"}
+def test_vec_dot_table_and_a_full_precision_model():
     assert VEC_DOT["Q3_K"] == "q8_K" and VEC_DOT["IQ4_NL"] == "q8_0" and VEC_DOT["Q4_1"] == "q8_1"
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    assert types_of_directory(m, {}) == {"0": "F16", "2": "F16"}  # as in an F16 file
 
 
 def test_eval_runtime_llamacpp(tiny_dir, tmp_path, capsys):
@@ -72,7 +69,6 @@ def test_eval_runtime_llamacpp(tiny_dir, tmp_path, capsys):
 
     import mixq
     from mixq.cli import main
-    from mixq.export.ggml_actsim import types_of_directory
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat and the dog ran after it . " * 40)

@@ -54,7 +54,7 @@ def test_registry_and_default_candidates():
     for t in TARGETS:
         cands = target_candidates(t)
         assert cands and any(s.is_float_keep for s in cands)
-        assert get(t).export_format == t
+        assert get(t).summary
         # every default candidate is held on some SmolLM2 shape
         assert all(any(holds_exactly(t, s, sh) for sh in SMOLLM2_SHAPES.values()) for s in cands), t
     with pytest.raises(ValueError, match="unknown runtime target 'onnx'"):

@@ -63,24 +63,11 @@ def round_activations(x: torch.Tensor, kind: str) -> torch.Tensor:
     return (torch.round(xb * idm) * d).reshape(x.shape)
 
 
-def types_from_report(report: dict) -> dict[str, str]:
-    """Module name -> ggml type of each weight a GGUF export report (``<file>.report.json``) lists; a tied output
-    (``tied_output``: llama.cpp multiplies by ``token_embd``) gives ``lm_head`` the embedding's type."""
-    out = {}
-    for t in report.get("tensors", []):
-        src = t.get("source") or ""
-        if src.endswith(".weight") and t.get("ggml_type"):
-            out[src[:-len(".weight")]] = t["ggml_type"]
-    emb = next((t for t in report.get("tensors", []) if t.get("name") == "token_embd.weight"), None)
-    if report.get("tied_output") and emb is not None:
-        out.setdefault("lm_head", emb["ggml_type"])
-    return out
-
-
 def types_of_directory(model: torch.nn.Module, info: dict, float_type: str = "F16") -> dict[str, str]:
     """Module name -> ggml type of a mixq directory's model as ``mixq export --format gguf`` writes it: each quantized
     layer's exact type (:func:`mixq.export.ggml_exact.ggml_exact_type`), every other linear layer (the output head)
-    ``float_type``.  A layer no ggml type holds exactly is an error: llama.cpp would run a re-quantized weight."""
+    ``float_type`` (``info={}``: a full-precision model, every linear layer ``float_type``, as in an F16 file).  A
+    layer no ggml type holds exactly is an error: llama.cpp would run a re-quantized weight."""
     from ..config import QuantSpec
     from .ggml_exact import ggml_exact_type
 

@@ -2,7 +2,7 @@
 exactly for a layer's shape, and the candidates a target's measurement starts from.
 
 A plan made under a target only chooses, per layer, specs the target's predicate accepts for that layer's
-``[out, in]`` shape; its export (``mixq export --format <export_format>``) then writes every layer as it is,
+``[out, in]`` shape; its export (``mixq export --format <target>``) then writes every layer as it is,
 with no re-quantization and no fallback.  A new target is one module with a predicate and a candidate list,
 registered here.
 
@@ -28,7 +28,6 @@ class RuntimeTarget:
     name: str
     holds: Callable[[object, tuple[int, int]], bool]  # (spec, [out, in]) -> held exactly
     candidates: tuple[str, ...]                        # spec names a --target measurement uses by default
-    export_format: str                                 # mixq export --format
     summary: str                                       # one line for --help
 
 
@@ -44,13 +43,13 @@ def register(target: RuntimeTarget) -> RuntimeTarget:
 
 register(RuntimeTarget(
     "gguf", lambda s, shape: ggml_exact.ggml_exact_type(s, shape) is not None, ggml_exact.GGUF_CANDIDATE_NAMES,
-    "gguf", "the ggml block types of the row length (Q8_0/Q5_x/Q4_x/IQ4_NL/MXFP4 on multiples of 32, the K-quants "
+    "the ggml block types of the row length (Q8_0/Q5_x/Q4_x/IQ4_NL/MXFP4 on multiples of 32, the K-quants "
             "Q2_K..Q6_K on multiples of 256)"))
 register(RuntimeTarget(
-    "gptq", hf_exact.gptq_holds, hf_exact.GPTQ_CANDIDATE_NAMES, "gptq",
+    "gptq", hf_exact.gptq_holds, hf_exact.GPTQ_CANDIDATE_NAMES,
     "symmetric int grids of 2/3/4/8 bits, fp16 scales, channel or groups dividing the row (GPTQModel, vLLM)"))
 register(RuntimeTarget(
-    "compressed-tensors", hf_exact.ct_holds, hf_exact.CT_CANDIDATE_NAMES, "compressed-tensors",
+    "compressed-tensors", hf_exact.ct_holds, hf_exact.CT_CANDIDATE_NAMES,
     "symmetric int grids of 2-8 bits, fp16 scales, channel or groups dividing the row (transformers, vLLM)"))
 
 TARGETS: tuple[str, ...] = tuple(_REGISTRY)
