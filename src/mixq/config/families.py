@@ -17,6 +17,7 @@ _INT_EXPORTS = {
     "gptq": Export("exact"),
 }
 _GGUF_APPROX = Export("approximate", "the ggml block type of least error for the dequantized weight")
+GPTQ_BITS = (2, 3, 4, 8)  # what GPTQ loaders (AutoGPTQ, GPTQModel, vLLM) take
 
 
 def _no_variant(head: str, variant: str | None) -> None:
@@ -47,6 +48,22 @@ class IntFormat(_Counted):
     kernels = ("reference", "cpu-int4", "triton")
     asymmetric = True
     exports = _INT_EXPORTS
+
+    def export(self, spec, target):
+        """The HF formats store integer zero points and one scale level; GPTQ loaders take 2, 3, 4 or 8 bits."""
+        if target in ("compressed-tensors", "gptq"):
+            if not spec.symmetric and spec.zero_dtype != "int":
+                return Export("refused", f"an fp16 offset (-asymf) is not an integer zero point: use "
+                                         f"{suggest(spec, zero_dtype='int')}")
+            if spec.tensor_scale:
+                return Export("refused", f"a second-level per-tensor scale (-ts) is not representable: use "
+                                         f"{suggest(spec, scale_dtype='fp16', tensor_scale=False)}")
+            if target == "gptq" and spec.bits not in GPTQ_BITS:
+                up = suggest(spec, bits=min((b for b in GPTQ_BITS if b >= spec.bits), default=GPTQ_BITS[-1]))
+                return Export("refused", f"GPTQ loaders (AutoGPTQ, GPTQModel, vLLM) support "
+                                         f"{', '.join(map(str, GPTQ_BITS))} bits, not {spec.bits}: use {up} or export "
+                                         "compressed-tensors")
+        return super().export(spec, target)
 
 
 class NFFormat(_Counted):

@@ -19,9 +19,9 @@ Pure: the allocator asks this module per layer.
 from __future__ import annotations
 
 from ..config import QuantSpec
+from ..config.families import GPTQ_BITS
 from ..granularity import PerChannel, PerGroup
 
-GPTQ_BITS = (2, 3, 4, 8)  # what GPTQ loaders (AutoGPTQ, GPTQModel, vLLM) take
 CT_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 # the candidate sets a ``--target`` measurement uses by default

@@ -12,7 +12,6 @@ import torch
 from ..config.protocol import suggest
 from ..formats import QTensor, dequantize
 from ..granularity import PerChannel, PerGroup
-from .hf_exact import GPTQ_BITS
 from .native import CheckpointError, read_info, read_qtensors, refuse_composites
 from ..moe.checkpoint import CHECKPOINT_RENAMES, checkpoint_name
 
@@ -102,11 +101,6 @@ def _common_problem(fqn: str, q: QTensor, src: Source, fmt: str) -> str | None:
     mapping = spec.export_to(fmt)  # the element-format family decides (mixq.config.families)
     if mapping.kind != "exact":
         return mapping.note if mapping.kind == "refused" else f"only approximately ({mapping.note})"
-    if not spec.symmetric and spec.zero_dtype != "int":
-        return f"an fp16 offset (-asymf) is not an integer zero point: use {suggest(spec, zero_dtype='int')}"
-    if spec.tensor_scale:
-        plain = suggest(spec, scale_dtype="fp16", tensor_scale=False)
-        return f"a second-level per-tensor scale (-ts) is not representable: use {plain}"
     if not isinstance(spec.granularity, (PerGroup, PerChannel)):
         return f"{spec.granularity} granularity is not exported: use {suggest(spec, granularity=PerChannel())} or gN"
     return None
@@ -123,10 +117,6 @@ def ct_problem(q: QTensor) -> str | None:
 def gptq_problem(q: QTensor) -> str | None:
     spec = q.spec
     out_f, in_f = q.shape
-    if spec.bits not in GPTQ_BITS:
-        up = suggest(spec, bits=min(b for b in GPTQ_BITS if b >= spec.bits))
-        return (f"GPTQ loaders (AutoGPTQ, GPTQModel, vLLM) support {', '.join(map(str, GPTQ_BITS))} bits, "
-                f"not {spec.bits}: use {up} or export compressed-tensors")
     if (in_f * spec.bits) % 32 or (out_f * spec.bits) % 32:
         return (f"shape {q.shape}: GPTQ packs whole 32-bit words, so in and out features times {spec.bits} "
                 "must divide by 32")
