@@ -18,11 +18,7 @@ Pure: the allocator asks this module per layer.
 """
 from __future__ import annotations
 
-from ..config import QuantSpec
-from ..config.families import GPTQ_BITS
 from ..granularity import PerChannel, PerGroup
-
-CT_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 # the candidate sets a ``--target`` measurement uses by default
 GPTQ_CANDIDATE_NAMES: tuple[str, ...] = ("W2-g32", "W2-g64", "W3-g32", "W3-g64", "W3-g128", "W4-g32", "W4-g64",
@@ -31,14 +27,14 @@ CT_CANDIDATE_NAMES: tuple[str, ...] = ("W2-g32", "W2-g64", "W3-g32", "W3-g64", "
                                        "W4-g128", "W5-g64", "W6-g64", "W8-channel", "FP16")
 
 
-def _symmetric_int(spec, shape: tuple[int, int], bits: tuple[int, ...]) -> bool:
-    if type(spec) is not QuantSpec:  # composites and the ggml-only specs (K-quants, IQ4_NL) are subclasses
+def _symmetric_int(spec, target: str, shape: tuple[int, int]) -> bool:
+    """The family's own mapping (``spec.export_to``: element type, zero points, scale levels, GPTQ's bit widths)
+    says exact, and the layer-level conditions hold: symmetric, fp16 scales, groups dividing the row."""
+    if spec.export_to(target).kind != "exact":
         return False
     if spec.is_float_keep:
         return True
-    if spec.dtype != "int" or spec.bits not in bits or not spec.symmetric or spec.tensor_scale:
-        return False
-    if spec.scale_dtype != "fp16":
+    if not spec.symmetric or spec.bits < 2 or spec.scale_dtype != "fp16":  # 1 bit: no zero level (hf_source)
         return False
     g = spec.granularity
     if isinstance(g, PerGroup):
@@ -48,11 +44,11 @@ def _symmetric_int(spec, shape: tuple[int, int], bits: tuple[int, ...]) -> bool:
 
 def gptq_holds(spec, shape: tuple[int, int]) -> bool:
     """Whether ``mixq export --format gptq`` writes ``spec`` exactly on a ``[out, in]`` weight (module doc)."""
-    if not _symmetric_int(spec, shape, GPTQ_BITS):
+    if not _symmetric_int(spec, "gptq", shape):
         return False
     return spec.is_float_keep or (int(shape[0]) * spec.bits % 32 == 0 and int(shape[1]) * spec.bits % 32 == 0)
 
 
 def ct_holds(spec, shape: tuple[int, int]) -> bool:
     """Whether ``mixq export --format compressed-tensors`` writes ``spec`` exactly and transformers loads it."""
-    return _symmetric_int(spec, shape, CT_BITS)
+    return _symmetric_int(spec, "compressed-tensors", shape)
