@@ -216,11 +216,13 @@ def test_kernels_match_the_reference(name, shape):
                                         ("TCQ2.5-channel", (16, 136)), ("TCQ3L10-channel", (48, 96)),
                                         ("TCQ2.5L10-g32", (40, 64)), ("TCQ2L10-channel", (16, 136)),
                                         ("TCQ5L10-channel", (24, 96)), ("TCQ6-g32", (16, 64)),
-                                        ("TCQ3L12-channel", (24, 96))])
+                                        ("TCQ3L12-channel", (24, 96)), ("TCQ3.5-channel", (32, 160)),
+                                        ("TCQ2L12-g32", (24, 128))])
 def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
-    """The AVX2 path (eight columns per step, where the CPU has it) and the scalar one give the reference product
-    for every rate, grouped scales, several tokens and uneven thread splits; a stream with too little padding for
-    the vector loads (2 bytes), or groups not a multiple of 8 columns (the last case), run the scalar path."""
+    """The AVX-512 path (one token, 32 columns per step, where the CPU has it), the AVX2 one (eight columns per
+    step) and the scalar one give the reference product for every rate, grouped scales, several tokens and uneven
+    thread splits; a stream with too little padding for the vector loads (2 bytes), or groups not a multiple of 8
+    columns, run the scalar path."""
     from mixq.formats.composite.scales import group_len
     from mixq.formats.composite.tcq_storage import stream_layout
     from mixq.formats.composite.tcq_codebook import lut
@@ -236,14 +238,16 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
         stream = torch.cat([packed, torch.zeros(pad, dtype=torch.uint8)])
         for M in (1, 3, 7):
             x = torch.randn(M, C, generator=torch.Generator().manual_seed(M))
-            for vector in (False, True):
-                torch.testing.assert_close(tcq_cpu.gemv(x, stream, *args, vector=vector), x @ W_hat.T,
+            for isa in ("scalar", "avx2", "auto"):
+                torch.testing.assert_close(tcq_cpu.gemv(x, stream, *args, isa=isa), x @ W_hat.T,
                                            rtol=1e-4, atol=1e-4)
             # the layer's bound kernel (TCQLinear's decode path) is the same call, checked once
             layer = tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:])
             assert torch.equal(layer(x), tcq_cpu.gemv(x, stream, *args))
     with pytest.raises(ValueError, match="do not fit"):
         tcq_cpu.GemvLayer(packed[:-8], args[0], args[1], R, C, *args[3:])
+    with pytest.raises(ValueError, match="isa must be one of"):
+        tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:], isa="avx512")
 
 
 def test_measurement_treats_tcq_as_its_own_family():
