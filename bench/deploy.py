@@ -54,6 +54,7 @@ from mixq.export.native import read_info
 from mixq.models import model_fingerprint
 from mixq.export.native_write import rewrite_native  # re-saves a directory with a bf16 rest: no stage does that
 from mixq.runtime import greedy_generate, kernel_usage, memory_report
+from mixq.runtime.dense_gemv import use_gemv
 
 UNIFORM = ["W4-g128", "W4-g64", "W3-g128"]
 
@@ -86,6 +87,8 @@ def main():
         # ---------------------------------------------------------------- unquantized baselines
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             model = S.ref if dtype == torch.float32 else copy.deepcopy(S.ref).to(dtype)
+            if dtype == torch.bfloat16:
+                use_gemv(model)  # as a packed model's kept bf16 linears: one token through torch.mv
             nbytes = memory_report(model)["params_buffers"]
             row = dict(row=name, spec=name, bpw_linears=32.0 if dtype == torch.float32 else 16.0,
                        disk_bytes=_param_bytes(model), ram_params_buffers=nbytes, ram_kernel_state=0,
@@ -273,7 +276,8 @@ def _write(rows, S, args, total_s, has_gguf):
               f"{torch.get_num_threads()} torch threads for every row. Quantized rows: RTN (`--dirs` rows: as their "
               f"directory was made, named with its recipe), loaded with "
               f"`load_quantized(dir, dtype=torch.bfloat16, packed=True)` (kernel auto: cpu-int4 for int layers, "
-              f"one int4 plane up to 4 bits, two for 5-8; reference = dequantize + matmul otherwise), from the directory re-written with "
+              f"one int4 plane up to 4 bits, two for 5-8; reference = dequantize + matmul otherwise; the bf16 head's "
+              f"one-token products through `torch.mv`, as in the `bf16` row), from the directory re-written with "
               f"`--rest-dtype bf16`. Perplexity: PTB test, first {p.max_tokens} tokens, {p.n_windows} windows of "
               f"{p.seqlen} ({p.n_scored} scored); `fake` = in-memory fake-quant fp32 model, `packed fp32` = the "
               f"native directory loaded packed through the reference kernel (must agree with `fake`), `packed bf16` "

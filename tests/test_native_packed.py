@@ -88,6 +88,8 @@ def test_packed_bf16_uses_the_int4_kernel_and_tracks_fake_quant(tiny_model, tiny
     assert err <= max(2 * err_fake, 1e-3 * ref.abs().max())
     used = {m.last_kernel for m in packed.modules() if isinstance(m, QuantLinear)}
     assert used == {"cpu-int4"}
+    from mixq.runtime.dense_gemv import GemvLinear  # the full-precision head decodes through torch.mv
+    assert type(packed.get_submodule("lm_head")) is GemvLinear
     exact, _, _ = load_quantized(d, dtype=torch.bfloat16, packed=True, kernel="cpu-int4-exact")
     assert (_logits(exact, ids) - ref[:1, :5]).abs().max() <= max(2 * err_fake, 1e-3 * ref.abs().max())
 

@@ -283,7 +283,9 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     tensors (run through ``kernel``: ``"auto"``, ``"reference"``, ``"cpu-int4"``, ...); an intra-tensor composite
     one a :class:`~mixq.runtime.composite_linear.CompositeLinear` (dequantized on each call, whatever ``kernel``); no float copy of
     a quantized weight is ever filled.  For fast CPU decode use ``dtype=torch.bfloat16`` (the int4 kernel
-    needs bf16 activations).  A quantized weight that is not a linear (an embedding) is dequantized.
+    needs bf16 activations; the full-precision linears left, the head among them, then run their one-token
+    products through :mod:`mixq.runtime.dense_gemv`).  A quantized weight that is not a linear (an embedding) is
+    dequantized.
     ``verify``: check every file's size and sha256 against ``mixq.json`` first.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -291,6 +293,7 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
 
     from ..moe.experts import expose_experts
     from ..runtime import canonical_name
+    from ..runtime.dense_gemv import use_gemv
 
     if packed:
         canonical_name(kernel)  # a typo fails before any loading
@@ -322,6 +325,8 @@ def load_quantized(path: str | os.PathLike, *, dtype=torch.float32, packed: bool
     if set(unresolved) - tied:
         raise CheckpointError(f"{path}: tensors missing from the checkpoint: {sorted(set(unresolved) - tied)[:3]}")
     install_layers(model, layers, kernel)  # each its spec's layer (mixq.runtime.layers.make_layer)
+    if packed:
+        use_gemv(model)  # the head and kept layers: one-token bf16 products through torch.mv (the same bits)
     model.eval()
     tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
     return model, tok, info

@@ -8,6 +8,8 @@ The bit-packing itself (``pack`` / ``unpack``, ``pack_params`` / ``unpack_params
 ``kernels``   ``reference`` (dequantize + F.linear, always) and fast paths checked against it
               (``cpu-int4``, ``cpu-int4-exact``)
 ``generate``  :func:`greedy_generate`: timed greedy decoding with a KV cache
+``dense_gemv`` :func:`use_gemv`: a packed model's full-precision bf16 linears (the head) decode one token through
+              ``torch.mv`` (the same bits, about twice as fast on CPU)
 
 Layers of intra-tensor composites (:mod:`mixq.formats.composite`; not imported here: ``composite_linear`` runs the
 ``+ip`` transforms of :mod:`mixq.algorithms.composite.incoherence`):
