@@ -296,6 +296,10 @@ def main() -> None:
     ap.add_argument("--skip-mixq", action="store_true")
     ap.add_argument("--skip-stock", action="store_true")
     ap.add_argument("--note", default="", help="a line for the results file (e.g. what a reduced run left out)")
+    ap.add_argument("--without", default="", help="comma-separated candidate specs the mixq plans may not use "
+                    "(e.g. W4-g32-asymf: Q4_1, lossless on the embedded model's Q4_1 weights); the plans are made "
+                    "from a copy of the measurement without them")
+    ap.add_argument("--results", default="gguf_vs_llamacpp", help="stem of the files written in bench/results")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -335,6 +339,8 @@ def main() -> None:
                 run(mixq_cmd("measure", "--candidates", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
                              "--seqlen", args.ctx, "--algorithm", "gptq", "--out", args.measurement),
                     args.work / "measure.log", env)
+        if args.without:
+            args.measurement = _without(args.measurement, args.without.split(","), args.work)
         for bpw in [float(b) for b in args.bpw.split(",") if b]:
             d, g = mixq_plan_gguf(bpw, args, env)
             rep = json.loads(Path(str(g) + ".report.json").read_text())
@@ -349,6 +355,17 @@ def main() -> None:
     _save(rows, failed, args, check, t_start)
 
 
+def _without(measurement: Path, names: list, work: Path) -> Path:
+    """A copy of ``measurement`` (in ``work``) whose layers have no candidate named in ``names``."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
+    from mixq.allocate.table import SensitivityTable
+
+    out = work / f"{measurement.stem}-without-{'+'.join(sorted(names))}.json"
+    if not out.exists():
+        SensitivityTable.load(measurement).without(names).save(out)
+    return out
+
+
 def _measurement_meta(path) -> dict | None:
     if path is None or not Path(path).exists():
         return None
@@ -359,11 +376,12 @@ def _save(rows, failed, args, check, t_start) -> None:
     doc = {"command": " ".join(sys.argv), "ctx": args.ctx, "chunks": args.chunks, "calib_chunks": args.calib_chunks,
            "rows": rows, "failed": failed, "check": check, "seconds": time.perf_counter() - t_start,
            "llama_cpp": f"llama-cpp-python {llamacpp.VERSION} sdist, vendor/llama.cpp", "note": args.note,
-           "nsamples": args.nsamples, "measurement": _measurement_meta(args.measurement)}
-    (RESULTS / "gguf_vs_llamacpp.json").write_text(json.dumps(doc, indent=1))
-    write_md(doc)
+           "nsamples": args.nsamples, "measurement": _measurement_meta(args.measurement),
+           "without": [n for n in args.without.split(",") if n]}
+    (RESULTS / f"{args.results}.json").write_text(json.dumps(doc, indent=1))
+    write_md(doc, RESULTS / f"{args.results}.md")
     if any("kld" in r for r in rows):
-        plot(rows, RESULTS / "gguf_vs_llamacpp.png")
+        plot(rows, RESULTS / f"{args.results}.png")
 
 
 def _measured(doc: dict) -> str:
@@ -392,7 +410,7 @@ def _agreement_table(doc: dict) -> list[str]:
     return lines
 
 
-def write_md(doc: dict) -> None:
+def write_md(doc: dict, path: Path) -> None:
     lines = header("GGUF files by llama.cpp and by mixq, measured by llama.cpp (SmolLM2-135M, PTB test)",
                    "OMP_NUM_THREADS=1 python " + doc["command"].replace(str(Path.cwd()) + "/", ""))
     lines += [f"- llama.cpp: {doc['llama_cpp']}, built by bench/llamacpp.py (Release, GGML_NATIVE=ON)",
@@ -404,6 +422,8 @@ def write_md(doc: dict) -> None:
               "file with `-nr` (weight repacking off: see NO_REPACK in the script)",
               "- every file keeps token_embd F16 (stock: `--token-embedding-type f16 --output-tensor-type f16`; "
               "mixq keeps embeddings in floating point), so files differ only in the block linears",
+              *([f"- mixq's plans without the candidates {', '.join(doc['without'])} (left out of the "
+                   "measurement's table before planning)"] if doc.get("without") else []),
               *([f"- {doc['note']}"] if doc.get("note") else []),
               "", "| file | block-linear bpw | file MiB | PPL (llama.cpp) | mean KLD | KLD p99 | same top-1 % | "
               "block-linear types |", "|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -428,7 +448,7 @@ def write_md(doc: dict) -> None:
                   f"- `{c['llama_cli']['command']}` (generation from mixq's file; this llama.cpp's llama-cli is "
                   f"a chat front end over its server, llama-completion the plain tool): {c['llama_cli']['output']!r}"]
     lines += ["", f"Total time {doc['seconds'] / 60:.0f} min."]
-    (RESULTS / "gguf_vs_llamacpp.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
