@@ -175,6 +175,34 @@ def test_end_to_end_stage_lowers_kl_and_keeps_the_best_epoch(tiny_model):
     assert not any(p.requires_grad for p in q.parameters())
 
 
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_end_to_end_amp_autocasts_only_the_training_forward(tiny_model, monkeypatch, amp):
+    """``amp="bf16"``: the quantized model's training forward runs under bf16 autocast and still recovers
+    perturbed scales; the teacher and the held-out KL run in float32 either way; the report names what ran."""
+    import mixq.distill_e2e as e
+    from mixq.amp import resolve
+
+    seen = []
+    real = e._logits
+
+    def spy(model, ids):
+        seen.append((model is q, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return real(model, ids)
+
+    monkeypatch.setattr(e, "_logits", spy)
+    ref, q, qts = _quantized(tiny_model, perturb=1.3)
+    before = _kl(ref, q)
+    _, rep = e.finetune_e2e(q, ref, qts, IDS, e.E2EConfig(epochs=4, lr=3e-3, batch=1, amp=amp), progress=False)
+    assert _kl(ref, q) < 0.5 * before
+    assert rep["amp"] == amp and rep["config"]["amp"] == amp
+    training = [a for student, grad, a in seen if student and grad]
+    assert len(training) == 4 * 12 and all(a == (amp == "bf16") for a in training)
+    assert not any(a for student, grad, a in seen if not (student and grad))  # teacher, held-out: float32
+    assert resolve("auto", "cpu") in ("bf16", "off") and resolve("off", "cpu") == "off"
+    with pytest.raises(ValueError, match="unknown amp mode"):
+        e.E2EConfig(amp="fp8")
+
+
 def test_end_to_end_keeps_epoch_zero_when_training_hurts(tiny_model):
     from mixq.distill_e2e import E2EConfig, finetune_e2e
 

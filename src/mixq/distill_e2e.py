@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .amp import AMP_MODES, autocast, resolve as resolve_amp
 from .arch import arch_for, get_blocks, get_weight, set_weight
 from .memtrim import release_free_memory
 from .distill import FinetuneConfig, _Checkpoint, _load_state, _state
@@ -42,12 +43,20 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class E2EConfig(FinetuneConfig):
     """The block-wise stage's settings (and checks) with this stage's defaults: one epoch, Adam at 1e-3 on θ and
-    offsets of every layer at once, 1e-5 on the norms, one row per step."""
+    offsets of every layer at once, 1e-5 on the norms, one row per step; ``amp``: the quantized model's training
+    forward under bf16 autocast (:mod:`mixq.amp`; ``auto``: where the device multiplies bf16 natively).  The
+    teacher's logits and the held-out KL stay float32."""
 
     epochs: int = 1
     lr: float = 1e-3
     norm_lr: float = 1e-5
     batch: int = 1
+    amp: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"unknown amp mode {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
 
 
 def kl_loss(logits_q: torch.Tensor, logits_ref: torch.Tensor) -> torch.Tensor:
@@ -96,6 +105,10 @@ def _norm_params(model: nn.Module, swapped_all: dict) -> list[nn.Parameter]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _logits(model, ids):
@@ -180,7 +193,8 @@ def finetune_e2e(qmodel: nn.Module, ref: nn.Module, qtensors: dict, calib_ids: t
                                     "rows": list(calib_ids.shape)})
     train_ids, val_ids = calib_ids[: n - n_val], calib_ids[n - n_val:]
     report = {"config": asdict(cfg), "rows": {"train": n - n_val, "held_out": n_val},
-              "layers_tuned": len(swapped), "norm_tensors_tuned": len(norms)}
+              "layers_tuned": len(swapped), "norm_tensors_tuned": len(norms),
+              "amp": resolve_amp(cfg.amp, _device(qmodel))}
     try:
         if not tuned and not norms:
             v = _val(qmodel, ref, val_ids, cfg.batch)
@@ -205,6 +219,7 @@ def _train(qmodel, ref, swapped, norms, tuned, train_ids, val_ids, cfg, ckpt, pr
     curve_val, curve_train = [_val(qmodel, ref, val_ids, cfg.batch)], []
     best, best_epoch = _state(swapped, norms), 0
     g = torch.Generator().manual_seed(cfg.seed)
+    device = _device(qmodel)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -225,7 +240,9 @@ def _train(qmodel, ref, swapped, norms, tuned, train_ids, val_ids, cfg, ckpt, pr
                 x = train_ids[order[s:s + cfg.batch]]
                 with torch.no_grad():
                     target = _logits(ref, x)
-                loss = kl_loss(_logits(qmodel, x), target)
+                with autocast(cfg.amp, device):  # checkpointed blocks recompute under the same autocast
+                    logits = _logits(qmodel, x)
+                loss = kl_loss(logits, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

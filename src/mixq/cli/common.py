@@ -28,7 +28,7 @@ from ..config.composite_check import TCQ_STATE_BITS
 from ..recipe import DEFAULT_RECIPE
 
 __all__ = ["UserError", "budget_args", "calib_args", "check_full_attention", "check_out_file", "check_positive",
-           "constraint_args", "constraints_from", "eval_args", "eval_windows_for", "human", "measure_args", "model_arg",
+           "constraint_args", "constraints_from", "e2e_amp_arg", "eval_args", "eval_windows_for", "human", "measure_args", "model_arg",
            "one_line", "parse_budgets", "parse_kv_arg", "solver_arg"]
 
 CALIB_SOURCES = (f"{SELF} (written by the model itself: varied openers and chat exchanges, cached), "
@@ -296,3 +296,13 @@ def human(nbytes: float) -> str:
         nbytes /= 1024
     return f"{nbytes:.1f} GB"
 
+
+
+def e2e_amp_arg(p) -> None:
+    """``--e2e-amp``: bf16 autocast of the end-to-end stage's training forward (:mod:`mixq.amp`)."""
+    from ..amp import AMP_MODES
+
+    p.add_argument("--e2e-amp", choices=AMP_MODES, default=DEFAULT_RECIPE["e2e_amp"],
+                   help="the end-to-end stage's training forward under bf16 autocast: auto (default: where the "
+                        "device multiplies bf16 natively -- AMX / AVX512-BF16 CPUs, bf16 GPUs), bf16, off (float32; "
+                        "the teacher's logits and the held-out KL are float32 either way)")

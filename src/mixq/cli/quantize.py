@@ -9,7 +9,7 @@ from ..api import GROUP_FALLBACKS, METHODS
 from ..pipeline import FINETUNE_STAGES
 from ..recipe import DEFAULT_RECIPE, recipe_record
 from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
-                     constraints_from, human, measure_args, model_arg, solver_arg)
+                     constraints_from, e2e_amp_arg, human, measure_args, model_arg, solver_arg)
 from .measure import load_candidate_set, measure_algorithm
 from .placement import check_device, placement_args, placement_from
 
@@ -58,6 +58,7 @@ def register(sub) -> None:
                         "--finetune-samples rows of this --calib): 'e2e' all blocks at once on the base model's "
                         "logits (the default with --method gptq, and what a bare --finetune means), 'block' block by "
                         "block, 'block+e2e' both, 'none' neither (the default with other methods and with --lazy)")
+    e2e_amp_arg(q)
     q.add_argument("--finetune-samples", type=int, default=None,
                    help="calibration rows of --finetune (default: the --nsamples rows the run quantized with)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
@@ -296,12 +297,13 @@ def _finetune(scratch: Path, out: Path, args, rows=None) -> None:
     CalibrationSet) when given, else on --finetune-samples new rows of --calib."""
     import shutil
 
+    from ..distill_e2e import E2EConfig
     from ..pipeline import finetune
 
     stages = args.finetune.split("+")
     rep = finetune(scratch, out, calib=rows if rows is not None else args.calib, nsamples=args.finetune_samples,
                    seqlen=args.seqlen, seed=args.seed, bos=args.bos, overwrite=args.force, block="block" in stages,
-                   e2e="default" if "e2e" in stages else None)
+                   e2e=E2EConfig(amp=args.e2e_amp) if "e2e" in stages else None)
     shutil.rmtree(scratch)
     parts = []
     if "held_out_gain" in rep:

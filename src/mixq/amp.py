@@ -1,0 +1,43 @@
+"""Mixed-precision compute for the training stages: bfloat16 matrix products where the hardware has them.
+
+``AMP_MODES``: ``auto`` (bf16 autocast where the device multiplies bf16 natively -- a CPU with AMX-BF16 or
+AVX512-BF16, a CUDA device that supports bf16 -- float32 elsewhere, where bf16 products are emulated and slower),
+``bf16`` (always) and ``off`` (float32 throughout).  Parameters, optimizer state and the losses stay float32:
+:func:`autocast` only makes the matrix products of the forward pass (and so of its backward) bf16.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+AMP_MODES = ("auto", "bf16", "off")
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+                    or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return False
+
+
+def resolve(mode: str, device) -> str:
+    """``"bf16"`` or ``"off"``: what ``mode`` means on ``device``."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"unknown amp mode {mode!r}: choose one of {', '.join(AMP_MODES)}")
+    if mode == "auto":
+        return "bf16" if native_bf16(device) else "off"
+    return mode
+
+
+def autocast(mode: str, device):
+    """The autocast context of ``mode`` (resolved) on ``device``: bf16 autocast, or nothing."""
+    device = torch.device(device)
+    if resolve(mode, device) == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
