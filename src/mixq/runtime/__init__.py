@@ -21,8 +21,8 @@ Layers of intra-tensor composites (:mod:`mixq.formats.composite`; not imported h
                         :class:`IncoherentLinear` (``+ip``: two fast transforms around the inner layer)
 ``packed_codes_linear`` :class:`PackedCodesLinear`, the shared base of the codebook layers
 ``vq_linear``           :class:`VQLinear` (kernels ``kernels/vq_cpu``, native C, and ``kernels/vq_triton``)
-``tcq_linear``          :class:`TCQLinear` (kernels ``kernels/tcq_cpu`` with its C source ``kernels/tcq_csrc``,
-                        and ``kernels/tcq_triton``)
+``tcq_linear``          :class:`TCQLinear` (kernels ``kernels/tcq_cpu`` with its C sources ``kernels/tcq_csrc``
+                        and ``kernels/tcq_gemv_csrc``, and ``kernels/tcq_triton``)
 
 Activations and the KV cache in the forward pass (not imported here: they pull in ``transformers``' cache):
 

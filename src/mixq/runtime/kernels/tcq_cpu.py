@@ -36,12 +36,13 @@ from functools import lru_cache
 import torch
 
 from .cbuild import INT, VOID_P, load
-from .tcq_csrc import SOURCE
+from .tcq_csrc import SOURCE as SEARCH_SOURCE
+from .tcq_gemv_csrc import SOURCE as GEMV_SOURCE
 
 
 @lru_cache(maxsize=1)
 def _lib():
-    return load("tcq_cpu", SOURCE, "trellis layers search and decode in torch (slow)", {
+    return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE, "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
         "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
         "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9)})
