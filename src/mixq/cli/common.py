@@ -28,8 +28,8 @@ from ..config.composite_check import TCQ_STATE_BITS
 from ..recipe import DEFAULT_RECIPE
 
 __all__ = ["UserError", "budget_args", "calib_args", "check_full_attention", "check_out_file", "check_positive",
-           "constraint_args", "constraints_from", "e2e_amp_arg", "eval_args", "eval_windows_for", "human", "measure_args", "model_arg",
-           "one_line", "parse_budgets", "parse_kv_arg", "solver_arg"]
+           "constraint_args", "constraints_from", "e2e_amp_arg", "eval_args", "eval_windows_for", "human",
+           "measure_args", "model_arg", "one_line", "parse_budgets", "parse_kv_arg", "solver_arg"]
 
 CALIB_SOURCES = (f"{SELF} (written by the model itself: varied openers and chat exchanges, cached), "
                  f"{', '.join(CORPORA)} (train split), a .txt/.jsonl path, or a mixture joined by '+'")
@@ -295,7 +295,6 @@ def human(nbytes: float) -> str:
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
         nbytes /= 1024
     return f"{nbytes:.1f} GB"
-
 
 
 def e2e_amp_arg(p) -> None:
