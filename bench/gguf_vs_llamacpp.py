@@ -357,7 +357,6 @@ def main() -> None:
 
 def _without(measurement: Path, names: list, work: Path) -> Path:
     """A copy of ``measurement`` (in ``work``) whose layers have no candidate named in ``names``."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "src"))
     from mixq.allocate.table import SensitivityTable
 
     out = work / f"{measurement.stem}-without-{'+'.join(sorted(names))}.json"

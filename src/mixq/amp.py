@@ -26,11 +26,16 @@ def native_bf16(device) -> bool:
     return False
 
 
-def resolve(mode: str, device) -> str:
-    """``"bf16"`` or ``"off"``: what ``mode`` means on ``device``."""
+def check(mode: str) -> str:
+    """``mode``, or ValueError when it is not one of :data:`AMP_MODES`."""
     if mode not in AMP_MODES:
         raise ValueError(f"unknown amp mode {mode!r}: choose one of {', '.join(AMP_MODES)}")
-    if mode == "auto":
+    return mode
+
+
+def resolve(mode: str, device) -> str:
+    """``"bf16"`` or ``"off"``: what ``mode`` means on ``device``."""
+    if check(mode) == "auto":
         return "bf16" if native_bf16(device) else "off"
     return mode
 

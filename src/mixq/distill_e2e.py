@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .amp import AMP_MODES, autocast, resolve as resolve_amp
+from .amp import autocast, check as check_amp, resolve as resolve_amp
 from .arch import arch_for, get_blocks, get_weight, set_weight
 from .memtrim import release_free_memory
 from .distill import FinetuneConfig, _Checkpoint, _load_state, _state
@@ -55,8 +55,7 @@ class E2EConfig(FinetuneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"unknown amp mode {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
+        check_amp(self.amp)
 
 
 def kl_loss(logits_q: torch.Tensor, logits_ref: torch.Tensor) -> torch.Tensor:
