@@ -1,9 +1,15 @@
-"""Mixed-precision compute for the training stages: bfloat16 matrix products where the hardware has them.
+"""Mixed-precision compute for the model's forward passes: bfloat16 matrix products where the hardware has them.
 
 ``AMP_MODES``: ``auto`` (bf16 autocast where the device multiplies bf16 natively -- a CPU with AMX-BF16 or
 AVX512-BF16, a CUDA device that supports bf16 -- float32 elsewhere, where bf16 products are emulated and slower),
-``bf16`` (always) and ``off`` (float32 throughout).  Parameters, optimizer state and the losses stay float32:
-:func:`autocast` only makes the matrix products of the forward pass (and so of its backward) bf16.
+``bf16`` (always) and ``off`` (float32 throughout).  Parameters, optimizer state, losses and every statistic stay
+float32: :func:`autocast` only makes the matrix products of the model's forward pass (and so of its backward)
+bf16, and :func:`full_precision` turns it off again for code that runs inside such a pass (the statistics hooks of
+the calibration walks: :func:`mixq.calib.stats.gram`).
+
+Where it applies: the sensitivity measurement's block walk and gradient pass (:func:`mixq.measure.measure`), the
+GPTQ walk (:func:`mixq.api.quantize_model`), the end-to-end stage's training forward
+(:mod:`mixq.distill_e2e`; its teacher and held-out KL stay float32) -- all under one ``--amp`` of the commands.
 """
 from __future__ import annotations
 
@@ -38,6 +44,11 @@ def resolve(mode: str, device) -> str:
     if check(mode) == "auto":
         return "bf16" if native_bf16(device) else "off"
     return mode
+
+
+def full_precision(device="cpu"):
+    """A context in which autocast is off on ``device``'s type: float32 products inside an autocast region."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def autocast(mode: str, device):

@@ -146,6 +146,7 @@ def quantize_model(
     offload_dir=None,
     row_weights: dict | None = None,
     gptq_target: str = "quantized",
+    amp: str = "off",
 ) -> QuantResult:
     """Quantize ``model`` in place (fake-quant: dequantized weights written back).
 
@@ -175,6 +176,8 @@ def quantize_model(
     walk carries the fp stream too: one more block forward per block, two more activation buffers).
     ``row_weights``: fqn -> each output row's weight in the loss (a plan's ``row_weights``, from the measurement's
     ``G``), handed to quantizers that trade error between rows (``+ip1`` trellises); other specs ignore it.
+    ``amp`` (GPTQ): the walk's block forwards under bf16 autocast (:mod:`mixq.amp`); the Hessians and the
+    quantization itself stay float32.  Part of the checkpoint's key.
     Returns the stored form of every quantized layer.
     """
     if method not in METHODS:
@@ -244,10 +247,10 @@ def quantize_model(
             if ckpt.key is None:
                 ckpt.key = walk_key(model, calib_ids, specs, method=method, damp=damp, act_order=act_order,
                                     block_size=block_size, device=device, source=source, row_weights=row_weights,
-                                    gptq_target=gptq_target)
+                                    gptq_target=gptq_target, amp=amp)
             ckpt.attach(prefix, specs, q, losses)
         walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress,
-                    checkpoint=ckpt, offload_dir=offload_dir, fp_stream=gptq_target == "fp")
+                    checkpoint=ckpt, offload_dir=offload_dir, fp_stream=gptq_target == "fp", amp=amp)
         missing = block_fqns - set(q)
         if missing:
             raise RuntimeError(f"GPTQ saw no inputs for {sorted(missing)[:3]}...: the block walk did not reach them")

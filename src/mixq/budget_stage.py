@@ -41,7 +41,7 @@ class BudgetPlan:
 def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, candidates="default",
                     metric: str | None = None, algorithm: str = "rtn", grad_samples: int = 16, block_samples: int = 4,
                     constraints=None, solver: str = "exact", scratch: str | os.PathLike | None = None,
-                    progress: bool = True, tcq_state_bits: int | None = None) -> BudgetPlan:
+                    progress: bool = True, tcq_state_bits: int | None = None, amp: str = "off") -> BudgetPlan:
     """Measure ``model`` on ``calib`` (unless ``table`` is given) and choose a plan within ``budget``.
 
     ``budget``: a :class:`~mixq.allocate.Budget`.  ``table``: a :class:`~mixq.allocate.SensitivityTable` of these
@@ -49,7 +49,8 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
     ``block_samples``: as :func:`mixq.measure` (candidates as a list of specs or a named set).  ``constraints``: a
     :class:`~mixq.allocate.Constraints`; ``solver``: as :func:`mixq.plan`.  ``scratch``: save the measurement
     there while it runs (module doc).  ``tcq_state_bits``: the trellis the plan's TCQ layers are encoded with
-    (:func:`mixq.allocate.tcq_states.reprice`; default the recipe's).
+    (:func:`mixq.allocate.tcq_states.reprice`; default the recipe's).  ``amp``: the measurement's forward passes
+    (:mod:`mixq.amp`).
     Returns a :class:`BudgetPlan`; the plan's meta records ``rotate``.
     """
     from .allocate import Constraints
@@ -70,16 +71,16 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
         ids = _calib_ids(calib)
         cands = _candidates(candidates)
         metric = metric or DEFAULT_RECIPE["metric"]
-        table = _finished(scratch, model, ids, cands, metric, algorithm) or measure(
+        table = _finished(scratch, model, ids, cands, metric, algorithm, amp) or measure(
             model, calib, metric=metric, candidates=cands, algorithm=algorithm, grad_samples=grad_samples,
-            block_samples=block_samples, out=scratch, progress=progress)  # records calib's provenance
+            block_samples=block_samples, out=scratch, progress=progress, amp=amp)  # records calib's provenance
         table.meta["rotate"] = bool(rotate)  # provenance: which weights were measured
     plan = plan_table(table, bpw=budget.bpw, bytes=budget.bytes, constraints=constraints or Constraints(),
                       solver=solver, tcq_state_bits=tcq_state_bits)
     return BudgetPlan(plan=plan, table=table, measured=measured, rotated=bool(rotate))
 
 
-def _finished(path, model, ids, candidates, metric: str, algorithm: str):
+def _finished(path, model, ids, candidates, metric: str, algorithm: str, amp: str):
     """The table at ``path`` if an earlier (interrupted) run finished it for this model, data and metric."""
     from .allocate import SensitivityTable
     from .measure import measurement_key
@@ -90,8 +91,8 @@ def _finished(path, model, ids, candidates, metric: str, algorithm: str):
         table = SensitivityTable.load(path)
     except Exception:  # noqa: BLE001 - a damaged scratch file is simply measured again
         return None
-    key = measurement_key(model, ids, candidates, metric, algorithm)
-    if any(table.meta.get(k) != v for k, v in key.items()):
+    key = measurement_key(model, ids, candidates, metric, algorithm, amp)
+    if any(table.meta.get(k) != v for k, v in key.items()) or table.meta.get("amp") != key.get("amp"):
         return None
     log.info("reusing the finished measurement %s", path)
     return table

@@ -97,7 +97,7 @@ def statistics(model, calib, *, layers=None, hessian: bool = False, progress: bo
 # ---------------------------------------------------------------------------- measure / plan
 def measure(model, calib, *, metric: str | None = None, candidates="default", algorithm: str = "rtn",
             grad_samples: int = 16, block_samples: int = 4, out: str | os.PathLike | None = None,
-            progress: bool = True):
+            progress: bool = True, amp: str = "off"):
     """The sensitivity table: every block linear's error under every candidate spec (``mixq measure``).
 
     ``calib``: a :class:`~mixq.calibset.CalibrationSet` (:func:`build_calibration`) or ids ``[n, L]``.
@@ -107,14 +107,16 @@ def measure(model, calib, *, metric: str | None = None, candidates="default", al
     spec names, or a list of specs / spec names.
     ``algorithm``: whose error is measured, ``rtn`` or ``gptq``.  ``grad_samples``: rows for the gradient
     statistics; ``block_samples``: rows the block metrics run each candidate on.  ``out``: save the table
-    there (JSON); an interrupted measurement resumes from it.  Returns a
+    there (JSON); an interrupted measurement resumes from it.  ``amp``: the forward passes under bf16 autocast
+    (:mod:`mixq.amp`; ``mixq measure`` and ``mixq quantize`` pass the recipe's ``auto``).  Returns a
     :class:`~mixq.allocate.SensitivityTable`; measure once, :func:`plan` for any number of budgets.
     """
     from .measure import measure as _measure
     from .recipe import DEFAULT_RECIPE
 
     table = _measure(model, _calib_ids(calib), _candidates(candidates), metric=metric or DEFAULT_RECIPE["metric"],
-                     algorithm=algorithm, grad_samples=grad_samples, block_samples=block_samples, out=out, progress=progress)
+                     algorithm=algorithm, grad_samples=grad_samples, block_samples=block_samples, out=out, progress=progress,
+                     amp=amp)
     if _record(calib) is not None:
         table.meta["calibration_record"] = _record(calib)
         if out is not None:

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache
 
+from ..amp import autocast
 from ..arch import arch_for, block_linears, get_blocks
 from ..memtrim import release_free_memory
 from ..moe.routing import MIN_EXPERT_TOKENS, pad_rare_experts
@@ -171,6 +172,7 @@ def walk_blocks(
     progress: bool = True,
     min_expert_tokens: int = MIN_EXPERT_TOKENS,
     fp_stream: bool = False,
+    amp: str = "off",
 ) -> None:
     """Walk the decoder block by block, accumulating per-linear input statistics.
 
@@ -195,6 +197,8 @@ def walk_blocks(
     buffer, one more block forward per block; checkpointed and offloaded with the others) and give every linear
     the cross statistics of its full-precision input against the one it sees (:meth:`LayerStats.update_cross`,
     ``stats[name].D``).
+    ``amp``: the blocks' forward passes under bf16 autocast (:mod:`mixq.amp`: ``auto``, ``bf16``, ``off``); the
+    statistics are float32 products of the inputs the linears see all the same, and ``on_block`` runs outside it.
     """
     source = source or InMemoryBlocks()
     arch = arch_for(model)
@@ -228,10 +232,11 @@ def walk_blocks(
         stats = {n: LayerStats(_in_features(m), keep_hessian=keep_hessian) for n, m in lins.items()}
         hooks = [] if fp_stream else [m.register_forward_hook(_stat_hook(stats[n])) for n, m in lins.items()]
         try:
-            if fp_stream:
-                _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size, run_dev)
-            else:
-                run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
+            with autocast(amp, device):
+                if fp_stream:
+                    _paired_run(block, lins, stats, fp_inps, fp_outs, inps, outs, kwargs, batch_size, run_dev)
+                else:
+                    run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
         finally:
             for h in hooks:
                 h.remove()
@@ -244,7 +249,8 @@ def walk_blocks(
         if on_block is not None:
             on_block(i, block, stats)
             if sequential:
-                run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
+                with autocast(amp, device):
+                    run_block(block, inps, kwargs, batch_size=batch_size, out=outs, device=run_dev)
         if checkpoint is not None:
             checkpoint.commit(i, block, outs, *(() if fp_outs is None else (fp_outs,)))  # block i + 1's inputs
         source.release(i, block)

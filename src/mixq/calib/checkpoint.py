@@ -64,14 +64,16 @@ _NO_LOSS = object()
 
 def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: str = "gptq", damp: float = 0.01,
              act_order: bool = False, block_size: int = 128, sequential: bool = True, device="cpu",
-             source=None, row_weights: dict | None = None, gptq_target: str = "quantized") -> dict:
+             source=None, row_weights: dict | None = None, gptq_target: str = "quantized", amp: str = "off") -> dict:
     """What a checkpoint must match to be resumed: a different value of any field starts over.
 
     ``model``: :func:`mixq.models.model_fingerprint` of the model as the walk starts (after any
     rotation), or ``source.fingerprint()`` for a source that streams the blocks (the model is on
     ``meta`` then; :class:`~mixq.calib.lazy.LazySafetensorsBlocks` fingerprints its shards).
-    ``row_weights`` (the plan's, :func:`mixq.api.quantize_model`) enter as a hash when there are any.
+    ``row_weights`` (the plan's, :func:`mixq.api.quantize_model`) enter as a hash when there are any; ``amp``
+    (:mod:`mixq.amp`) as ``"bf16"`` when it resolves to bf16 on ``device``.
     """
+    from ..amp import resolve as resolve_amp
     from ..data import calibration_hash
     from ..models import model_fingerprint
 
@@ -82,7 +84,8 @@ def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: 
             "method": method, "damp": float(damp), "act_order": bool(act_order), "block_size": int(block_size),
             "sequential": bool(sequential), "device": torch.device(device).type, "torch": torch.__version__,
             **({"row_weights": _row_weights_hash(row_weights)} if row_weights else {}),
-            **({"gptq_target": gptq_target} if gptq_target != "quantized" else {})}
+            **({"gptq_target": gptq_target} if gptq_target != "quantized" else {}),
+            **({"amp": "bf16"} if resolve_amp(amp, device) == "bf16" else {})}
 
 
 def _row_weights_hash(row_weights: dict) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..amp import full_precision
+
 
 @dataclass
 class LayerStats:
@@ -132,9 +134,10 @@ def gram(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     xf = x.to(torch.float32)
     w = None if weights is None else weights.to(device=xf.device, dtype=torch.float32)
     out = torch.zeros(xf.shape[1], xf.shape[1], dtype=torch.float64)
-    for s in range(0, xf.shape[0], _CHUNK):
-        c = xf[s : s + _CHUNK]
-        out += ((c if w is None else c * w[s : s + _CHUNK, None]).T @ c).to(torch.float64).cpu()
+    with full_precision(xf.device):  # float32 products also inside a bf16 walk (mixq.amp)
+        for s in range(0, xf.shape[0], _CHUNK):
+            c = xf[s : s + _CHUNK]
+            out += ((c if w is None else c * w[s : s + _CHUNK, None]).T @ c).to(torch.float64).cpu()
     return out
 
 
@@ -145,8 +148,9 @@ def _cross(xt_fp, xt, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return _last_cross[3]
     bf = b.to(torch.float32)
     d = torch.zeros(b.shape[1], b.shape[1], dtype=torch.float64)
-    for s in range(0, bf.shape[0], _CHUNK):
-        d += ((a[s : s + _CHUNK].to(torch.float32) - bf[s : s + _CHUNK]).T @ bf[s : s + _CHUNK]).to(torch.float64).cpu()
+    with full_precision(bf.device):
+        for s in range(0, bf.shape[0], _CHUNK):
+            d += ((a[s : s + _CHUNK].to(torch.float32) - bf[s : s + _CHUNK]).T @ bf[s : s + _CHUNK]).to(torch.float64).cpu()
     _last_cross[:] = [xt_fp, xt, (xt_fp._version, xt._version), d]
     return d
 

@@ -30,18 +30,17 @@ from torch import nn
 
 from ..allocate import LayerEntry, SensitivityTable
 from ..allocate.table import normalized_row_weight
-from ..arch import arch_for, get_weight
-from ..calib.capture import walk_blocks
+from ..amp import resolve as resolve_amp
+from ..arch import arch_for, get_weight, set_weight
+from ..calib.capture import run_block, walk_blocks
+from ..calib.dispatch import input_device, walk_placement
+from ..calib.stats import gram
 from ..config import QuantSpec
 from ..data import calibration_hash
 from ..models import model_fingerprint
+from ..threadmap import thread_map
 from .distributed import Group, current_group, measure_shared
 from .gradients import gradient_stats
-from ..arch import set_weight
-from ..calib.capture import run_block
-from ..calib.dispatch import walk_placement
-from ..calib.stats import gram
-from ..threadmap import thread_map
 from .layer import LayerJob
 from .layer import measure_layer as _measure_layer
 from .metrics import (BLOCK_METRICS, METRICS, MODEL_LABELS, PER_TOKEN_KV, SKIP_KV, TOKEN_WEIGHTED, LayerSensitivity,
@@ -53,7 +52,10 @@ ALGORITHMS = ("rtn", "gptq", "gptq-exact")
 
 
 def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], metric: str,
-                    algorithm: str) -> dict:
+                    algorithm: str, amp: str = "off") -> dict:
+    """What a measurement is of: a partial or finished table is reused only when every field matches.  ``amp``:
+    the walk's and gradient pass's compute, resolved on the model's device (``bf16``, or absent for float32)."""
+    bf16 = resolve_amp(amp, input_device(model)) == "bf16"
     return {
         "model": model_fingerprint(model),
         "calibration": calibration_hash(calib_ids),
@@ -61,26 +63,30 @@ def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[
         "candidates": [c.name for c in candidates],
         "metric": metric,
         "algorithm": algorithm,
+        **({"amp": "bf16"} if bf16 else {}),
     }
 
 
 def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], *, metric: str = "kfac",
             algorithm: str = "rtn", grad_samples: int = 16, block_samples: int = 4,
-            out: str | Path | None = None, progress: bool = True, group: Group | None = None) -> SensitivityTable:
+            out: str | Path | None = None, progress: bool = True, group: Group | None = None,
+            amp: str = "off") -> SensitivityTable:
     """Measure every (layer, candidate) error.  ``out``: the table's path, also used to resume.
 
     ``block_samples``: calibration rows the block-output metrics run each candidate on.  The walk runs on the
     device of the model's parameters, or block by block where accelerate's ``device_map`` put them
     (:mod:`mixq.calib.dispatch`).  ``group``: the processes sharing the work
     (:mod:`mixq.measure.distributed`; default: the initialized ``torch.distributed`` group, else this process
-    alone); every process returns the whole table and only rank 0 writes ``out``.
+    alone); every process returns the whole table and only rank 0 writes ``out``.  ``amp``: the block walk's and
+    the gradient pass's forward passes under bf16 autocast (:mod:`mixq.amp`; the statistics and every layer's
+    error stay float32); recorded in the table's key.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
     t0 = time.perf_counter()
-    key = measurement_key(model, calib_ids, candidates, metric, algorithm)
+    key = measurement_key(model, calib_ids, candidates, metric, algorithm, amp)
     if metric in BLOCK_METRICS:
         key["block_samples"] = int(min(block_samples, calib_ids.shape[0]))
     group = group or current_group()
@@ -98,7 +104,7 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
         grads = gradient_stats(model, calib_ids[:grad_samples], want_fisher=metric == "fisher",
                                want_blocks=metric == "block", want_tokens=metric in TOKEN_WEIGHTED,
                                kv_tokens=metric in PER_TOKEN_KV,
-                               labels="model" if metric in MODEL_LABELS else "data", progress=progress)
+                               labels="model" if metric in MODEL_LABELS else "data", progress=progress, amp=amp)
     token_h = _TokenWeightedH(model, grads, skip_kv=metric in SKIP_KV) if metric in TOKEN_WEIGHTED else None
     kv_tokens = _TokenInputs(model, grads) if metric in PER_TOKEN_KV else None
     block_stats: dict = {}
@@ -183,7 +189,7 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     device, source = walk_placement(model)  # one device, or accelerate's device_map (blocks stay in place)
     try:
         walk_blocks(model, calib_ids, None, sequential=False, stats_sink=on_stats, io_sink=on_io, progress=progress,
-                    device=device, source=source)
+                    device=device, source=source, amp=amp)
     finally:
         for capture in (token_h, kv_tokens):
             if capture is not None:
