@@ -25,6 +25,8 @@ from common import RESULTS, domain_scorer, git_rev, header, machine, score_row
 import mixq
 from mixq.config.composite_check import TCQ_STATE_BITS
 from mixq.allocate import default_candidates, load_candidates
+from mixq.amp import AMP_MODES, resolve as resolve_amp
+from mixq.recipe import DEFAULT_RECIPE
 
 OUT = RESULTS / "generalization"
 CACHE = Path(__file__).parent / "cache"
@@ -57,6 +59,9 @@ def main():
                     "specs that decode faster than fp32 there (e.g. with --candidates fast-cpu)")
     ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="state bits the plans' TCQ layers are encoded with (default: mixq.plan's, the recipe's)")
+    ap.add_argument("--amp", default=DEFAULT_RECIPE["amp"], choices=AMP_MODES,
+                    help="bf16 autocast of the measurement's and GPTQ walk's forward passes and of the end-to-end "
+                         "epoch's training forward (mixq.amp; default the recipe's)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
@@ -77,7 +82,8 @@ def main():
            + (f" --variants '{args.variants}'" if args.variants != "mixed GPTQ,uniform GPTQ,uniform RTN" else "")
            + (f" --measurement {args.measurement}" if args.measurement else "")
            + (f" --fast-on {args.fast_on}" if args.fast_on else "")
-           + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else ""))
+           + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else "")
+           + (f" --amp {args.amp}" if args.amp != DEFAULT_RECIPE["amp"] else ""))
     ref, tok = mixq.load_model("smollm2-135m")
     evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     bos = evals.bos
@@ -89,7 +95,7 @@ def main():
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
                metric=args.metric,
                candidates=[c.name for c in cands],
-               act_order=args.act_order, gptq_target=args.gptq_target, calib_seconds=t_calib,
+               act_order=args.act_order, gptq_target=args.gptq_target, amp=args.amp, calib_seconds=t_calib,
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     if args.spec:
         return _one_spec(args, ref, calib, evals, doc, path, tag)
@@ -108,7 +114,7 @@ def main():
                     raise SystemExit(f"{args.measurement} was measured on other calibration rows")
                 doc["measure_seconds"] = f"from {args.measurement}"
             if table is None:
-                table = _measurement(ref, calib, doc, cands, args.metric)
+                table = _measurement(ref, calib, doc, cands, args.metric, args.amp)
             plan = mixq.plan(table, bpw=b, solver="exact" if v.startswith("mixed") else "uniform",
                              fast_on=args.fast_on, tcq_state_bits=args.tcq_state_bits)
             doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)
@@ -116,13 +122,13 @@ def main():
             method = "rtn" if v.endswith("RTN") else "gptq"
             extra = {"gptq_target": "fp"} if args.gptq_target == "fp" and method == "gptq" else {}
             res = mixq.quantize(model, plan=plan, method=method, damp=args.damp, act_order=args.act_order,
-                                calib=None if method == "rtn" else calib, progress=False, **extra)
+                                calib=None if method == "rtn" else calib, progress=False, amp=args.amp, **extra)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
             if v.endswith("+e2e"):  # then the recipe's fine-tuning (mixq-default-7) on the same calibration rows
                 from mixq.distill_e2e import E2EConfig, finetune_e2e
 
-                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(), progress=False)
+                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(amp=args.amp), progress=False)
                 row["e2e"] = {k: rep[k] for k in ("held_out_before", "held_out_after", "epoch_kept", "seconds")}
             score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
             del model
@@ -135,13 +141,13 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
     model = copy.deepcopy(ref)
     extra = {"gptq_target": "fp"} if args.gptq_target == "fp" else {}
     res = mixq.quantize(model, args.spec, method="gptq", calib=calib, group_fallback="shrink", damp=args.damp,
-                        act_order=args.act_order, progress=False, **extra)
+                        act_order=args.act_order, progress=False, amp=args.amp, **extra)
     bpw = res.meta["size"]["bpw_quantized"]
     row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": res.seconds, "spec": args.spec}
     score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
 
 
-def _measurement(ref, calib, doc, cands, metric="kfac"):
+def _measurement(ref, calib, doc, cands, metric="kfac", amp="off"):
     """``metric`` errors after GPTQ on these rows; kept in bench/cache (git-ignored) by the rows' sha256 and the
     candidate names, so runs that change only how GPTQ quantizes (damping, act-order) share one measurement."""
     import hashlib
@@ -149,12 +155,14 @@ def _measurement(ref, calib, doc, cands, metric="kfac"):
     from mixq.allocate import SensitivityTable
 
     names = hashlib.sha256(" ".join(c.name for c in cands).encode()).hexdigest()[:8]
-    path = CACHE / f"generalization-{calib.sha256[:16]}-{names}{'' if metric == 'kfac' else '-' + metric}.json"
+    bf16 = resolve_amp(amp, "cpu") == "bf16"
+    path = CACHE / (f"generalization-{calib.sha256[:16]}-{names}{'' if metric == 'kfac' else '-' + metric}"
+                    f"{'-bf16' if bf16 else ''}.json")
     if path.exists():
         doc["measure_seconds"] = f"reused {path.name}"
         return SensitivityTable.load(path)
     t = time.perf_counter()
-    table = mixq.measure(ref, calib, candidates=cands, metric=metric, algorithm="gptq", progress=False)
+    table = mixq.measure(ref, calib, candidates=cands, metric=metric, algorithm="gptq", progress=False, amp=amp)
     doc["measure_seconds"] = time.perf_counter() - t
     table.save(path, overwrite=True)
     return table
