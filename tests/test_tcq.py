@@ -210,6 +210,36 @@ def test_kernels_match_the_reference(name, shape):
 
 
 @needs_native
+@pytest.mark.parametrize("name", ["TCQ3-channel+ip1", "TCQ3-channel"])
+def test_decode_steps_call_the_native_kernel_directly(name, monkeypatch):
+    """A CPU decode step (kernel auto, <= CPU_MAX_TOKENS rows) goes straight to the native GEMV: no ``choose``, no
+    module call of the inner layer; bf16 in, bf16 out, the bias added once; longer inputs still choose."""
+    spec = parse_spec(name)
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(5))
+    qt, W_hat, _ = quantize_layer(W, spec)
+    pc = PackedComposite(pack_composite(qt), spec, (48, 128))
+    bias = torch.randn(48)
+    lin = make_layer(pc, bias, "auto")
+    tcq = lin.inner if isinstance(lin, IncoherentLinear) else lin
+    assert isinstance(tcq, TCQLinear)
+    chose, inner_calls = [], []
+    real = TCQLinear.choose
+    monkeypatch.setattr(TCQLinear, "choose", lambda self, x: chose.append(x.shape) or real(self, x))
+    if tcq is not lin:
+        tcq.register_forward_pre_hook(lambda mod, args: inner_calls.append(1))
+    with torch.no_grad():
+        for M, direct in ((1, True), (16, True), (17, False)):
+            x = torch.randn(1, M, 128).bfloat16()
+            y = lin(x)
+            assert y.dtype == torch.bfloat16 and y.shape == (1, M, 48)
+            torch.testing.assert_close(y.float(), x.float() @ W_hat.T + bias, rtol=2e-2, atol=5e-2)
+            assert (not chose) == direct and tcq.last_kernel == ("tcq-cpu" if direct else "tcq-dense")
+            assert (not inner_calls) == (direct or tcq is lin)
+            chose.clear()
+            inner_calls.clear()
+
+
+@needs_native
 @pytest.mark.parametrize("name,shape", [("TCQ2-channel", (48, 96)), ("TCQ2.5-channel", (40, 64)),
                                         ("TCQ3-g16", (24, 80)), ("TCQ3.5-channel", (32, 72)),
                                         ("TCQ4-g32", (16, 64)), ("TCQ3-channel", (8, 20)),

@@ -114,11 +114,25 @@ class IncoherentLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        gemv = self._cpu_gemv(x)
+        if gemv is not None:  # a CPU decode step: the inner layer's native kernel on the transformed input, directly
+            self.inner.__dict__["last_kernel"] = "tcq-cpu"
+            y = gemv(_rotate_input(x, self._seeds[0], torch.float32).reshape(-1, self.in_features))
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         # a codebook inner layer computes in float32 on CPU: keep the whole chain there, one cast at each end
         dt = torch.float32 if x.device.type == "cpu" and isinstance(self.inner, PackedCodesLinear) else x.dtype
         y = self.inner(_rotate_input(x, self._seeds[0], dt))
         y = (y if len(self._seeds) == 1 else rotate(y, self._seeds[1], transpose=True)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _cpu_gemv(self, x: torch.Tensor):
+        """The inner layer's native one-token kernel for ``x`` (``TCQLinear.cpu_gemv``), when the transform is
+        one-sided and the inner layer has no bias of its own; else None."""
+        find = getattr(self.inner, "cpu_gemv", None)
+        if find is None or len(self._seeds) != 1 or self.inner.bias is not None:
+            return None
+        return find(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "

@@ -24,6 +24,7 @@ from ..config.composite_families import TCQ_KERNELS
 from ..formats.composite.scales import group_len
 from ..formats.composite.tcq_codebook import lut as tcq_lut
 from ..formats.composite.tcq_storage import stream_layout, unpack_tcq
+from .kernels import tcq_cpu
 from .packed_codes_linear import PackedCodesLinear
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
@@ -68,19 +69,37 @@ class TCQLinear(PackedCodesLinear):
     def choose(self, x: torch.Tensor) -> str:
         if self.kernel != "auto":
             return self.kernel
-        from .kernels import tcq_cpu, vq_triton
+        from .kernels import vq_triton
 
         if x.is_cuda:  # vq_triton.available: one notion of "triton can run here" for both codebook kernels
             return "triton" if vq_triton.available() else "tcq-dense"
         m = x.numel() // self.in_features
         return "tcq-cpu" if not x.is_cuda and m <= CPU_MAX_TOKENS and tcq_cpu.available() else "tcq-dense"
 
+    def cpu_gemv(self, x: torch.Tensor):
+        """The native kernel's :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` when :meth:`choose` would pick
+        ``tcq-cpu`` for ``x`` (a CPU decode step), else None: the decode path calls it directly (this layer's
+        :meth:`forward`, and :class:`~mixq.runtime.composite_linear.IncoherentLinear` on its transformed input), so
+        that a step's ~200 trellis layers do not pay ``choose``'s checks and a module call each."""
+        if (x.device.type != "cpu" or self.kernel not in ("auto", "tcq-cpu")
+                or x.numel() > CPU_MAX_TOKENS * self.in_features):
+            return None
+        g = self._cache.get(("gemv", "cpu"))
+        if g is None and tcq_cpu.available():
+            g = self._part("gemv")
+        return g
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TCQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
-        k = self.choose(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        g = self.cpu_gemv(x)
+        if g is not None:
+            self.__dict__["last_kernel"] = "tcq-cpu"
+            y = g(x2.float()).to(x.dtype).reshape(*lead, self.out_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        k = self.choose(x)
         if k == "tcq-reference":
             W = self.dequantize().to(device=x.device, dtype=x.dtype)
             y = F.linear(x2, W)
