@@ -129,10 +129,17 @@ def block_linear_bpw(path: Path) -> dict:
 
 
 def kld_eval(tools: dict, model: Path, base: Path, test: Path, args, tag: str) -> dict:
-    log = args.work / f"ppl-{tag}.log"
-    if not log.exists() or "Mean    KLD" not in log.read_text(errors="replace"):
+    """llama-perplexity's KLD of ``model`` against ``base``; a finished log of an earlier run is reused only when
+    it was made of these same two files (size and modification time of each, in ``ppl-<tag>.key``)."""
+    log, key_file = args.work / f"ppl-{tag}.log", args.work / f"ppl-{tag}.key"
+    key = " ".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in (model, base, test))
+    fresh = (log.exists() and "Mean    KLD" in log.read_text(errors="replace") and key_file.exists()
+             and key_file.read_text() == key)
+    if not fresh:
+        key_file.unlink(missing_ok=True)
         run([tools["llama-perplexity"], "-m", model, "-f", test, "-c", args.ctx, "--chunks", args.chunks, "-t",
              args.threads, "-b", args.ctx, "--kl-divergence-base", base, "--kl-divergence", *NO_REPACK], log)
+        key_file.write_text(key)
     res = parse_kld(log.read_text(errors="replace"))
     res.update(file_bytes=model.stat().st_size, **block_linear_bpw(model))
     return res
