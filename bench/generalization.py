@@ -203,6 +203,22 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named below)
 
+- **bf16 forward passes in the measurement and the GPTQ walk: recipe `mixq-default-14`** (2026-12-06; run `amp14`
+  and the CLI run of `mixq quantize --bpw 3.0` it took its measurement from, commit 7a4efe1: `--amp auto`, which
+  is bf16 on this AMX CPU, for the measurement's block walk and gradient pass and the GPTQ walk as for the epoch
+  since `-13`; Hessians and gradient statistics still float32 products; the gradient pass's labels drawn by
+  inverse CDF, other draws than `torch.multinomial`'s; one thread, another job on the other core), KL PTB /
+  fortunes against `-12`/`-13` on the same 64 rows: 2.5 bpw 0.1989 / 0.3244 against 0.1988 / 0.3253 (`n64`),
+  3.0 bpw 0.1081 / 0.1805 against 0.1077 / 0.1876 (the `-13` CLI run, quantize_cost.md) and 0.1084 / 0.1758
+  (`n64`), 4.0 bpw AMP14_40.  The same quality within run-to-run variation; the cost is in quantize_cost.md.
+- **The end-to-end epoch has no more to give** (2026-12-06; scratch runs of `pipeline.finetune(..., block=False)`
+  on the GPTQ directory of `mixq quantize --bpw 3.0 --finetune none` (`mixq-default-12`), one thread, bf16):
+  one epoch on the 64 rows (48 train, 16 held out) 0.1076 / 0.1875; two epochs 0.1056 / 0.1861 (held-out KL
+  0.1119 -> 0.1103, while the training rows' fell 0.122 -> 0.093: it starts to fit them), twice the time; one
+  epoch on 96 rows (72 / 24, 16 more self-generated and 16 more PTB rows) 0.1061 / 0.1877 in 1.5 times the time.
+  Neither moves the fortunes: with the codes fixed, the scales and norms it trains are already fitted as far as
+  text other than the calibration's can tell.
+
 - **GPTQ toward the full-precision model's outputs** (`--gptq-target fp`, 2026-12-06; GPTAQ's asymmetric
   calibration: each layer quantized toward `W* = W + W D H^-1`, `D = (X_fp - X)^T X / N`, the least-squares weight
   from the inputs the partly quantized model gives it to the fp model's outputs). First with every layer corrected
