@@ -123,3 +123,10 @@ def test_one_amp_flag_from_the_recipe():
     assert build_parser().parse_args(["quantize", "--bpw", "3", "--amp", "off", "--out", "x"]).amp == "off"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "--bpw", "3", "--e2e-amp", "bf16", "--out", "x"])
+
+
+def test_an_unknown_amp_mode_is_refused_before_any_work(tiny_model):
+    from mixq import api
+
+    with pytest.raises(ValueError, match="unknown amp mode 'fp8'"):
+        api.quantize_model(tiny_model("llama"), {}, method="gptq", calib_ids=_ids(), amp="fp8")

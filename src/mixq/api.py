@@ -15,6 +15,7 @@ from torch import nn
 
 from .algorithms.composite.hooks import quantize_layer
 from .algorithms.gptq import fp_target
+from .amp import check as check_amp
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
 from .calib.dispatch import walk_placement
@@ -184,6 +185,7 @@ def quantize_model(
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if gptq_target not in ("quantized", "fp"):
         raise ValueError(f"gptq_target must be 'quantized' or 'fp', got {gptq_target!r}")
+    check_amp(amp)
     if method != "gptq" and (checkpoint is not None or offload_dir is not None):
         raise ValueError("checkpoint and offload_dir apply to the GPTQ block walk: use method='gptq'")
     t0 = time.perf_counter()
