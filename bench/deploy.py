@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--dirs", default=None, help="comma-separated LABEL=DIR: rows from directories `mixq quantize` "
                     "wrote (e.g. the default recipe's), measured as they are (no GGUF: their trellis layers have no "
                     "ggml type; `--target gguf` plans are the GGUF path)")
+    ap.add_argument("--results", default="deploy", help="stem of the result files in bench/results (default deploy)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -267,7 +268,8 @@ def _write(rows, S, args, total_s, has_gguf):
            + (f" --threads {args.threads}" if args.threads else "") + f" --new-tokens {args.new_tokens} "
            f"--prompt-tokens {args.prompt_tokens} --repeats {args.repeats} --calib-samples {args.calib_samples} "
            f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else "")
-           + (f" --dirs {args.dirs}" if args.dirs else ""))
+           + (f" --dirs {args.dirs}" if args.dirs else "")
+           + (f" --results {args.results}" if args.results != "deploy" else ""))
     fp32 = next(r for r in rows if r["row"] == "fp32")
     lines = header("Deployment on CPU — SmolLM2-135M-Instruct: size, RAM, decode speed, perplexity", cmd)
     lines += [f"Protocol: greedy decode of {args.new_tokens} new tokens after the first {args.prompt_tokens} tokens of "
@@ -319,8 +321,8 @@ def _write(rows, S, args, total_s, has_gguf):
         lines += ["", "GGUF: `mixq.export.gguf` is not installed in this checkout; no GGUF rows."]
     lines += ["", NOTES]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deploy.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "deploy.json").write_text(json.dumps({"command": cmd, "protocol": p.to_dict(),
+    (RESULTS / f"{args.results}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.results}.json").write_text(json.dumps({"command": cmd, "protocol": p.to_dict(),
                                                      "threads": torch.get_num_threads(), "rows": rows}, indent=2))
     print("\n".join(lines))
 
