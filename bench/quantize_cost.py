@@ -94,6 +94,14 @@ def main():
               "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
     for k, r in rows.items():
         lines.append(f"| {k} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+    mp, inside = info.get("measure_plan_seconds"), info["seconds"]
+    e2e = ((info.get("finetune") or {}).get("e2e") or {}).get("seconds")
+    if mp is not None:
+        lines += ["", f"Where the quantize run's time went (`mixq.json`): calibration rows, measurement and plan "
+                  f"{mp:.0f} s; GPTQ and save {inside - mp:.0f} s"
+                  + (f"; the end-to-end epoch {e2e:.0f} s" if e2e is not None else "")
+                  + f"; the rest of the {q['seconds']:.0f} s (start-up, model load, the epoch's own loading and "
+                  f"writing) {q['seconds'] - inside - (e2e or 0):.0f} s."]
     if ev is not None:
         lines += ["", f"What the run gave (`mixq eval OUT --tokens {args.eval_tokens}`, KL to the fp32 model; not part "
                   f"of the cost, {ev['seconds']:.0f} s):", "", "```", *ev["stdout"], "```"]
