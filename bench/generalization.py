@@ -203,14 +203,21 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named below)
 
-- **bf16 forward passes in the measurement and the GPTQ walk: recipe `mixq-default-14`** (2026-12-06; run `amp14`
-  and the CLI run of `mixq quantize --bpw 3.0` it took its measurement from, commit 7a4efe1: `--amp auto`, which
-  is bf16 on this AMX CPU, for the measurement's block walk and gradient pass and the GPTQ walk as for the epoch
-  since `-13`; Hessians and gradient statistics still float32 products; the gradient pass's labels drawn by
-  inverse CDF, other draws than `torch.multinomial`'s; one thread, another job on the other core), KL PTB /
-  fortunes against `-12`/`-13` on the same 64 rows: 2.5 bpw 0.1989 / 0.3244 against 0.1988 / 0.3253 (`n64`),
-  3.0 bpw 0.1081 / 0.1805 against 0.1077 / 0.1876 (the `-13` CLI run, quantize_cost.md) and 0.1084 / 0.1758
-  (`n64`), 4.0 bpw AMP14_40.  The same quality within run-to-run variation; the cost is in quantize_cost.md.
+- **bf16 forward passes in the measurement and the GPTQ walk: recipe `mixq-default-14`** (2026-12-06; run `amp14`,
+  whose JSON was lost with its worktree -- the figures are from its log -- and the CLI run of `mixq quantize --bpw
+  3.0` it took its measurement from, commit 7a4efe1: `--amp auto`, bf16 on this AMX CPU, for the measurement's
+  block walk and gradient pass and for the GPTQ walk, as for the epoch since `-13`; Hessians and gradient
+  statistics still float32 products; the gradient pass's labels drawn by inverse CDF, other draws than
+  `torch.multinomial`'s; one thread, another job on the other core), KL PTB / fortunes against the float32 walks
+  of `-12`/`-13` on the same 64 rows: 2.5 bpw 0.1989 / 0.3244 against 0.1988 / 0.3253 (`n64`); 3.0 bpw 0.1081 /
+  0.1805 against 0.1077 / 0.1876 (the `-13` CLI run, quantize_cost.md) and 0.1084 / 0.1758 (`n64`); 4.0 bpw
+  0.0316 / 0.0551 against 0.0317 / 0.0509 (`n64`).  The same plan (this measurement's, 4.0 bpw, no epoch) with
+  the GPTQ walk in float32 and in bf16 (runs `g40-off`, `g40-auto`, JSONs lost likewise): 0.0334 / 0.0534 against
+  0.0327 / 0.0556.  On gemma3-270m (mixed GPTQ, no epoch, second_model_default14.md against
+  second_model_default12.md): 3.0 bpw 0.1126 / 0.1718 against 0.1069 / 0.1726, 4.0 bpw 0.0303 / 0.0468 against
+  0.0302 / 0.0452, measurement 448 s against 562 s.  Differences of both signs and up to 8 %, the size of the
+  run-to-run variation measured before (`n64` and the `-12` CLI run, one recipe: fortunes 0.176 and 0.188 at 3.0
+  bpw): no change of quality this benchmark can resolve.  What it buys is time (quantize_cost.md).
 - **The end-to-end epoch has no more to give** (2026-12-06; scratch runs of `pipeline.finetune(..., block=False)`
   on the GPTQ directory of `mixq quantize --bpw 3.0 --finetune none` (`mixq-default-12`), one thread, bf16):
   one epoch on the 64 rows (48 train, 16 held out) 0.1076 / 0.1875; two epochs 0.1056 / 0.1861 (held-out KL
