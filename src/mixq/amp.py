@@ -2,10 +2,11 @@
 
 ``AMP_MODES``: ``auto`` (bf16 autocast where the device multiplies bf16 natively -- a CPU with AMX-BF16 or
 AVX512-BF16, a CUDA device that supports bf16 -- float32 elsewhere, where bf16 products are emulated and slower),
-``bf16`` (always) and ``off`` (float32 throughout).  Parameters, optimizer state, losses and every statistic stay
-float32: :func:`autocast` only makes the matrix products of the model's forward pass (and so of its backward)
-bf16, and :func:`full_precision` turns it off again for code that runs inside such a pass (the statistics hooks of
-the calibration walks: :func:`mixq.calib.stats.gram`).
+``bf16`` (always) and ``off`` (float32 throughout).  Parameters, optimizer state, losses and GPTQ's own
+arithmetic stay float32: :func:`autocast` makes the matrix products of the model's forward pass (and so of its
+backward) bf16, and the Gram products of the walks' Hessians, which run inside that pass
+(:func:`mixq.calib.stats.gram`: bf16 rows and partial sums, accumulated in float64); :func:`full_precision` turns
+autocast off again for code inside such a region.
 
 Where it applies: the sensitivity measurement's block walk and gradient pass (:func:`mixq.measure.measure`), the
 GPTQ walk (:func:`mixq.api.quantize_model`), the end-to-end stage's training forward

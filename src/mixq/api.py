@@ -177,8 +177,8 @@ def quantize_model(
     walk carries the fp stream too: one more block forward per block, two more activation buffers).
     ``row_weights``: fqn -> each output row's weight in the loss (a plan's ``row_weights``, from the measurement's
     ``G``), handed to quantizers that trade error between rows (``+ip1`` trellises); other specs ignore it.
-    ``amp`` (GPTQ): the walk's block forwards under bf16 autocast (:mod:`mixq.amp`); the Hessians and the
-    quantization itself stay float32.  Part of the checkpoint's key.
+    ``amp`` (GPTQ): the walk's block forwards and Gram products under bf16 autocast (:mod:`mixq.amp`,
+    :func:`mixq.calib.stats.gram`); the quantization itself stays float32.  Part of the checkpoint's key.
     Returns the stored form of every quantized layer.
     """
     if method not in METHODS:

@@ -51,9 +51,10 @@ float32): on the 3.0-bpw GPTQ plan of SmolLM2 (64 rows), held-out KL 0.1303 -> 0
 in 299 s against 392 s on one thread of this machine's AMX cores with other jobs beside it (no committed script:
 ``pipeline.finetune(..., block=False)`` on the directory of ``mixq quantize --bpw 3.0 --finetune none``).
 ``mixq-default-14`` is ``-13`` with the same bf16 autocast (now ``--amp auto``) over the model's forward passes
-in the sensitivity measurement (block walk and gradient pass) and in the GPTQ walk; the Hessians, gradient
-statistics and GPTQ itself stay float32 (:func:`mixq.amp.full_precision`), and the gradient pass draws its labels
-by inverse CDF instead of ``torch.multinomial`` (other draws of the same distribution).
+in the sensitivity measurement (block walk and gradient pass) and in the GPTQ walk, the walks' Hessians included
+(bf16 Gram products of each row, summed in float64: :func:`mixq.calib.stats.gram`); gradient statistics and GPTQ
+itself stay float32, and the gradient pass draws its labels by inverse CDF instead of ``torch.multinomial``
+(other draws of the same distribution).
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
@@ -88,7 +89,7 @@ DEFAULT_RECIPE: dict[str, object] = {
                                # fp model's logits, codes fixed (mixq.distill_e2e); with --method gptq only
     "amp": "auto",             # --amp: the measurement's block walk and gradient pass, the GPTQ walk and the
                                # epoch's training forward under bf16 autocast where the device multiplies bf16
-                               # natively (mixq.amp); float32 elsewhere.  Statistics and losses stay float32.
+                               # natively (mixq.amp); float32 elsewhere.  Losses and GPTQ stay float32.
 }
 
 

@@ -198,7 +198,8 @@ def walk_blocks(
     the cross statistics of its full-precision input against the one it sees (:meth:`LayerStats.update_cross`,
     ``stats[name].D``).
     ``amp``: the blocks' forward passes under bf16 autocast (:mod:`mixq.amp`: ``auto``, ``bf16``, ``off``); the
-    statistics are float32 products of the inputs the linears see all the same, and ``on_block`` runs outside it.
+    Hessians are bf16 Gram products accumulated in float64 (:func:`~mixq.calib.stats.gram`), and ``on_block``
+    (GPTQ's own arithmetic) runs outside it, in float32.
     """
     source = source or InMemoryBlocks()
     arch = arch_for(model)

@@ -303,5 +303,5 @@ def amp_arg(p, what: str) -> None:
 
     p.add_argument("--amp", choices=AMP_MODES, default=DEFAULT_RECIPE["amp"],
                    help=f"{what} under bf16 autocast: auto (default: where the device multiplies bf16 natively -- "
-                        "AMX / AVX512-BF16 CPUs, bf16 GPUs), bf16, off (float32); statistics, losses, the teacher's "
+                        "AMX / AVX512-BF16 CPUs, bf16 GPUs), bf16, off (float32); losses, GPTQ's arithmetic, the teacher's "
                         "logits and the held-out KL are float32 either way")

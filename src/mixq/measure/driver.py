@@ -78,8 +78,8 @@ def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpe
     (:mod:`mixq.calib.dispatch`).  ``group``: the processes sharing the work
     (:mod:`mixq.measure.distributed`; default: the initialized ``torch.distributed`` group, else this process
     alone); every process returns the whole table and only rank 0 writes ``out``.  ``amp``: the block walk's and
-    the gradient pass's forward passes under bf16 autocast (:mod:`mixq.amp`; the statistics and every layer's
-    error stay float32); recorded in the table's key.
+    the gradient pass's forward passes under bf16 autocast (:mod:`mixq.amp`; the walk's Gram products too, summed
+    in float64; the gradient statistics and every layer's error stay float32); recorded in the table's key.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
