@@ -59,9 +59,9 @@ def main():
                     "specs that decode faster than fp32 there (e.g. with --candidates fast-cpu)")
     ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="state bits the plans' TCQ layers are encoded with (default: mixq.plan's, the recipe's)")
-    ap.add_argument("--amp", default=DEFAULT_RECIPE["amp"], choices=AMP_MODES,
-                    help="bf16 autocast of the measurement's and GPTQ walk's forward passes and of the end-to-end "
-                         "epoch's training forward (mixq.amp; default the recipe's)")
+    ap.add_argument("--walk-amp", default=DEFAULT_RECIPE["walk_amp"], choices=AMP_MODES,
+                    help="bf16 autocast of the measurement's and the GPTQ walk's forward passes and Gram products "
+                         "(mixq.amp; default the recipe's; the epoch follows the recipe's e2e_amp)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     if args.report:
@@ -83,7 +83,7 @@ def main():
            + (f" --measurement {args.measurement}" if args.measurement else "")
            + (f" --fast-on {args.fast_on}" if args.fast_on else "")
            + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else "")
-           + (f" --amp {args.amp}" if args.amp != DEFAULT_RECIPE["amp"] else ""))
+           + (f" --walk-amp {args.walk_amp}" if args.walk_amp != DEFAULT_RECIPE["walk_amp"] else ""))
     ref, tok = mixq.load_model("smollm2-135m")
     evals = domain_scorer(ref, tok, "smollm2-135m", args.tokens, args.seqlen, DOMAINS)
     bos = evals.bos
@@ -95,7 +95,7 @@ def main():
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
                metric=args.metric,
                candidates=[c.name for c in cands],
-               act_order=args.act_order, gptq_target=args.gptq_target, amp=args.amp, calib_seconds=t_calib,
+               act_order=args.act_order, gptq_target=args.gptq_target, walk_amp=args.walk_amp, calib_seconds=t_calib,
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     if args.spec:
         return _one_spec(args, ref, calib, evals, doc, path, tag)
@@ -114,7 +114,7 @@ def main():
                     raise SystemExit(f"{args.measurement} was measured on other calibration rows")
                 doc["measure_seconds"] = f"from {args.measurement}"
             if table is None:
-                table = _measurement(ref, calib, doc, cands, args.metric, args.amp)
+                table = _measurement(ref, calib, doc, cands, args.metric, args.walk_amp)
             plan = mixq.plan(table, bpw=b, solver="exact" if v.startswith("mixed") else "uniform",
                              fast_on=args.fast_on, tcq_state_bits=args.tcq_state_bits)
             doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)
@@ -122,13 +122,13 @@ def main():
             method = "rtn" if v.endswith("RTN") else "gptq"
             extra = {"gptq_target": "fp"} if args.gptq_target == "fp" and method == "gptq" else {}
             res = mixq.quantize(model, plan=plan, method=method, damp=args.damp, act_order=args.act_order,
-                                calib=None if method == "rtn" else calib, progress=False, amp=args.amp, **extra)
+                                calib=None if method == "rtn" else calib, progress=False, amp=args.walk_amp, **extra)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
             if v.endswith("+e2e"):  # then the recipe's fine-tuning (mixq-default-7) on the same calibration rows
                 from mixq.distill_e2e import E2EConfig, finetune_e2e
 
-                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(amp=args.amp), progress=False)
+                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(amp=DEFAULT_RECIPE["e2e_amp"]), progress=False)
                 row["e2e"] = {k: rep[k] for k in ("held_out_before", "held_out_after", "epoch_kept", "seconds")}
             score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
             del model
@@ -141,7 +141,7 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
     model = copy.deepcopy(ref)
     extra = {"gptq_target": "fp"} if args.gptq_target == "fp" else {}
     res = mixq.quantize(model, args.spec, method="gptq", calib=calib, group_fallback="shrink", damp=args.damp,
-                        act_order=args.act_order, progress=False, amp=args.amp, **extra)
+                        act_order=args.act_order, progress=False, amp=args.walk_amp, **extra)
     bpw = res.meta["size"]["bpw_quantized"]
     row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": res.seconds, "spec": args.spec}
     score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")
@@ -203,21 +203,21 @@ def report():
 
 NOTES = """## Reading (measured 2026-12-03 to -06 on this machine; runs named below)
 
-- **bf16 forward passes in the measurement and the GPTQ walk: recipe `mixq-default-14`** (2026-12-06; run `amp14`,
-  whose JSON was lost with its worktree -- the figures are from its log -- and the CLI run of `mixq quantize --bpw
-  3.0` it took its measurement from, commit 7a4efe1: `--amp auto`, bf16 on this AMX CPU, for the measurement's
-  block walk and gradient pass and for the GPTQ walk, as for the epoch since `-13`; Hessians and gradient
-  statistics still float32 products; the gradient pass's labels drawn by inverse CDF, other draws than
-  `torch.multinomial`'s; one thread, another job on the other core), KL PTB / fortunes against the float32 walks
-  of `-12`/`-13` on the same 64 rows: 2.5 bpw 0.1989 / 0.3244 against 0.1988 / 0.3253 (`n64`); 3.0 bpw 0.1081 /
-  0.1805 against 0.1077 / 0.1876 (the `-13` CLI run, quantize_cost.md) and 0.1084 / 0.1758 (`n64`); 4.0 bpw
-  0.0316 / 0.0551 against 0.0317 / 0.0509 (`n64`).  The same plan (this measurement's, 4.0 bpw, no epoch) with
-  the GPTQ walk in float32 and in bf16 (runs `g40-off`, `g40-auto`, JSONs lost likewise): 0.0334 / 0.0534 against
-  0.0327 / 0.0556.  On gemma3-270m (mixed GPTQ, no epoch, second_model_default14.md against
-  second_model_default12.md): 3.0 bpw 0.1126 / 0.1718 against 0.1069 / 0.1726, 4.0 bpw 0.0303 / 0.0468 against
-  0.0302 / 0.0452, measurement 448 s against 562 s.  Differences of both signs and up to 8 %, the size of the
-  run-to-run variation measured before (`n64` and the `-12` CLI run, one recipe: fortunes 0.176 and 0.188 at 3.0
-  bpw): no change of quality this benchmark can resolve.  What it buys is time (quantize_cost.md).
+- **bf16 forward passes in the measurement and the GPTQ walk (`--walk-amp auto`): no gain, not adopted**
+  (2026-12-06; run `amp14`, whose JSON was lost with its worktree -- the figures are from its log -- and the CLI
+  run of `mixq quantize --bpw 3.0` it took its measurement from, commit 7a4efe1, where the trial was named
+  `mixq-default-14`: bf16 autocast, this CPU having AMX, for the measurement's block walk and gradient pass and
+  for the GPTQ walk as for the epoch since `-13`, the Gram products still float32; the gradient pass's labels
+  drawn by inverse CDF, other draws than `torch.multinomial`'s; one thread, another job on the other core), KL PTB
+  / fortunes against the float32 walks on the same 64 rows: 2.5 bpw 0.1989 / 0.3244 against 0.1988 / 0.3253
+  (`n64`); 3.0 bpw 0.1081 / 0.1805 against 0.1077 / 0.1876 (the `-13` CLI run, quantize_cost.md) and 0.1084 /
+  0.1758 (`n64`); 4.0 bpw 0.0316 / 0.0551 against 0.0317 / 0.0509 (`n64`).  The same plan (this measurement's,
+  4.0 bpw, no epoch) with the GPTQ walk in float32 and in bf16 (runs `g40-off`, `g40-auto`, JSONs lost likewise):
+  0.0334 / 0.0534 against 0.0327 / 0.0556.  On gemma3-270m (second_model_walk_amp.md): within 5 %.  Differences
+  of both signs and up to 8 %, the size of the run-to-run variation measured before (`n64` and the `-12` CLI run,
+  one recipe: fortunes 0.176 and 0.188 at 3.0 bpw).  On two idle threads it bought no time either, even with the
+  Gram products in bf16 too (quantize_cost_walk_amp.md: 776 s against 783 s), so the recipe keeps the walks in
+  float32.
 - **The end-to-end epoch has no more to give** (2026-12-06; scratch runs of `pipeline.finetune(..., block=False)`
   on the GPTQ directory of `mixq quantize --bpw 3.0 --finetune none` (`mixq-default-12`), one thread, bf16):
   one epoch on the 64 rows (48 train, 16 held out) 0.1076 / 0.1875; two epochs 0.1056 / 0.1861 (held-out KL

@@ -172,13 +172,13 @@ def default_recipe(args) -> None:
             method = "rtn" if v.endswith("RTN") else R["method"]
             res = mixq.quantize(model, plan=plan, method=method, damp=R["damp"], act_order=R["act_order"],
                                 calib=None if method == "rtn" else calib, progress=False,
-                                gptq_target=R.get("gptq_target", "quantized"), amp=R["amp"])
+                                gptq_target=R.get("gptq_target", "quantized"), amp=R["walk_amp"])
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "specs": dict(Counter(s.name for s in plan.layers.values()))}
             if v.endswith("+e2e"):  # then the recipe's end-to-end fine-tuning on the same calibration rows
                 from mixq.distill_e2e import E2EConfig, finetune_e2e
 
-                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(amp=R["amp"]), progress=False)
+                _, rep = finetune_e2e(model, ref, res.qtensors, calib.ids, E2EConfig(amp=R["e2e_amp"]), progress=False)
                 row["e2e"] = {k: rep[k] for k in ("held_out_before", "held_out_after", "epoch_kept", "seconds")}
             score_row(row, model, evals, doc, path, f"{v} {b}")
             del model
@@ -268,7 +268,7 @@ def _default_table(ref, calib, cands, R, cached, doc):
         return SensitivityTable.load(cached)
     t = time.perf_counter()
     table = mixq.measure(ref, calib, candidates=cands, metric=R["metric"], algorithm=R["algorithm"], progress=False,
-                         out=cached, amp=R["amp"])
+                         out=cached, amp=R["walk_amp"])
     doc["measure_seconds"] = time.perf_counter() - t
     return table
 

@@ -1,5 +1,6 @@
-"""bf16 autocast of the calibration walks and the gradient pass (``--amp``): the model's products go bf16, the
-statistics stay float32 products, and the mode is part of what a measurement or a walk checkpoint is of."""
+"""bf16 autocast of the calibration walks and the gradient pass (``--walk-amp``): the model's products and the
+walks' Gram products go bf16, GPTQ's own arithmetic stays float32, and the mode is part of what a measurement or a
+walk checkpoint is of."""
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from mixq.cli import build_parser
 from mixq.config import parse_spec
 from mixq.measure import measurement_key
 from mixq.measure.gradients import gradient_stats, sample_labels
-from mixq.recipe import DEFAULT_RECIPE
+from mixq.recipe import DEFAULT_RECIPE, recipe_record
 
 
 def _ids(n=4, L=16, seed=0):
@@ -123,12 +124,15 @@ def test_a_finished_measurement_of_another_amp_is_measured_again(tiny_model, tmp
     assert _finished(path, model, ids, [], "kfac", "rtn", "off") is None
 
 
-def test_one_amp_flag_from_the_recipe():
-    for argv in (["quantize", "--bpw", "3", "--out", "x"], ["measure", "--out", "m.json"], ["finetune", "d", "--out", "o"]):
-        assert build_parser().parse_args(argv).amp == DEFAULT_RECIPE["amp"] == "auto"
-    assert build_parser().parse_args(["quantize", "--bpw", "3", "--amp", "off", "--out", "x"]).amp == "off"
+def test_amp_flags_come_from_the_recipe():
+    for argv in (["quantize", "--bpw", "3", "--out", "x"], ["measure", "--out", "m.json"]):
+        assert build_parser().parse_args(argv).walk_amp == DEFAULT_RECIPE["walk_amp"] == "off"
+    for argv in (["quantize", "--bpw", "3", "--out", "x"], ["finetune", "d", "--out", "o"]):
+        assert build_parser().parse_args(argv).e2e_amp == DEFAULT_RECIPE["e2e_amp"] == "auto"
+    args = build_parser().parse_args(["quantize", "--bpw", "3", "--walk-amp", "bf16", "--out", "x"])
+    assert args.walk_amp == "bf16" and recipe_record(args)["deviations"] == {"walk_amp": "bf16"}
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["quantize", "--bpw", "3", "--e2e-amp", "bf16", "--out", "x"])
+        build_parser().parse_args(["finetune", "d", "--walk-amp", "bf16", "--out", "o"])
 
 
 def test_an_unknown_amp_mode_is_refused_before_any_work(tiny_model):

@@ -8,9 +8,10 @@ backward) bf16, and the Gram products of the walks' Hessians, which run inside t
 (:func:`mixq.calib.stats.gram`: bf16 rows and partial sums, accumulated in float64); :func:`full_precision` turns
 autocast off again for code inside such a region.
 
-Where it applies: the sensitivity measurement's block walk and gradient pass (:func:`mixq.measure.measure`), the
-GPTQ walk (:func:`mixq.api.quantize_model`), the end-to-end stage's training forward
-(:mod:`mixq.distill_e2e`; its teacher and held-out KL stay float32) -- all under one ``--amp`` of the commands.
+Where it applies: the end-to-end stage's training forward (:mod:`mixq.distill_e2e`; its teacher and held-out KL
+stay float32; ``--e2e-amp``, the recipe's ``auto``), and the sensitivity measurement's block walk and gradient pass
+(:func:`mixq.measure.measure`) and the GPTQ walk (:func:`mixq.api.quantize_model`; ``--walk-amp``, the recipe's
+``off``: on a 2-core AMX CPU it saved no time, ``bench/results/quantize_cost_walk_amp.md``).
 """
 from __future__ import annotations
 

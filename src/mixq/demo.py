@@ -29,7 +29,7 @@ def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamp
     cset = P.build_calibration(ref, tok, calib, nsamples, seqlen, seed=0, bos=scorer.bos, progress=progress)
     t0 = time.perf_counter()
     # the default recipe's measurement (mixq.recipe): the plans are the ones `mixq quantize --bpw` makes
-    table = P.measure(ref, cset, algorithm=RECIPE["algorithm"], progress=progress, amp=RECIPE["amp"])
+    table = P.measure(ref, cset, algorithm=RECIPE["algorithm"], progress=progress, amp=RECIPE["walk_amp"])
     t_measure = time.perf_counter() - t0
     plans = {"uniform": P.plan(table, bpw, solver="uniform"), "mixed": P.plan(table, bpw, solver="exact")}
 
@@ -38,7 +38,7 @@ def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamp
         for kind, plan in plans.items():
             model = copy.deepcopy(ref)
             t = time.perf_counter()
-            P.quantize(model, plan=plan, method=method, calib=cset, progress=progress, amp=RECIPE["amp"])
+            P.quantize(model, plan=plan, method=method, calib=cset, progress=progress, amp=RECIPE["walk_amp"])
             label = plan.layers[next(iter(plan.layers))].name if kind == "uniform" else "mixed"
             results.append(dict(method=method, plan=label, bpw=plan.achieved_bpw, seconds=time.perf_counter() - t,
                                 domains=scorer.metrics(model, progress=progress)))

@@ -46,15 +46,16 @@ cost), gemma3-270m's (mixed GPTQ, no epoch) from 0.118 / 0.174 to 0.107 / 0.173 
 to 0.030 / 0.045 at 4.0 (second_model_default12.md); the default 3.0-bpw run takes 871 s instead of ~570 s on this
 2-core machine, cold (quantize_cost.md).
 ``mixq-default-13`` is ``-12`` with the end-to-end epoch's training forward under bf16 autocast where the device
-multiplies bf16 natively (``--e2e-amp auto`` then, ``--amp`` since ``-14``; :mod:`mixq.amp`; the teacher's logits and the held-out KL stay
+multiplies bf16 natively (``--e2e-amp auto``, :mod:`mixq.amp`; the teacher's logits and the held-out KL stay
 float32): on the 3.0-bpw GPTQ plan of SmolLM2 (64 rows), held-out KL 0.1303 -> 0.1119 against 0.1118 in float32,
 in 299 s against 392 s on one thread of this machine's AMX cores with other jobs beside it (no committed script:
 ``pipeline.finetune(..., block=False)`` on the directory of ``mixq quantize --bpw 3.0 --finetune none``).
-``mixq-default-14`` is ``-13`` with the same bf16 autocast (now ``--amp auto``) over the model's forward passes
-in the sensitivity measurement (block walk and gradient pass) and in the GPTQ walk, the walks' Hessians included
-(bf16 Gram products of each row, summed in float64: :func:`mixq.calib.stats.gram`); gradient statistics and GPTQ
-itself stay float32, and the gradient pass draws its labels by inverse CDF instead of ``torch.multinomial``
-(other draws of the same distribution).
+``--walk-amp auto`` (not in the recipe) puts the measurement's block walk and gradient pass and the GPTQ walk
+under the same autocast, their Hessians as bf16 Gram products summed in float64: on this 2-core AMX CPU the
+default 3.0-bpw run took 776 s against 783 s, KL 0.112 / 0.182 against 0.108 / 0.188 (quantize_cost_walk_amp.md):
+no time to buy here, where GPTQ's and the trellis searches' own arithmetic dominates; a GPU may differ (not
+measured).  The gradient pass draws its labels by inverse CDF since then (other draws of the same distribution,
+five times faster than ``torch.multinomial`` on a 49k vocabulary).
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
@@ -66,7 +67,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-14"
+RECIPE_NAME = "mixq-default-13"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB
@@ -87,9 +88,10 @@ DEFAULT_RECIPE: dict[str, object] = {
     "rotate": False,           # --rotate (QuaRot): +ip candidates transform each layer instead
     "finetune": "e2e",         # --finetune: one epoch of end-to-end distillation of the scales and norms on the
                                # fp model's logits, codes fixed (mixq.distill_e2e); with --method gptq only
-    "amp": "auto",             # --amp: the measurement's block walk and gradient pass, the GPTQ walk and the
-                               # epoch's training forward under bf16 autocast where the device multiplies bf16
-                               # natively (mixq.amp); float32 elsewhere.  Losses and GPTQ stay float32.
+    "e2e_amp": "auto",         # --e2e-amp: that epoch's training forward under bf16 autocast where the device
+                               # multiplies bf16 natively (mixq.amp); float32 elsewhere
+    "walk_amp": "off",         # --walk-amp: the measurement's and the GPTQ walk's forward passes and Gram products
+                               # in bf16 too: no faster on this 2-core AMX CPU (quantize_cost_walk_amp.md), so off
 }
 
 

@@ -27,9 +27,9 @@ from ..models import DEFAULT_MODEL
 from ..config.composite_check import TCQ_STATE_BITS
 from ..recipe import DEFAULT_RECIPE
 
-__all__ = ["UserError", "amp_arg", "budget_args", "calib_args", "check_full_attention", "check_out_file",
-           "check_positive", "constraint_args", "constraints_from", "eval_args", "eval_windows_for", "human",
-           "measure_args", "model_arg", "one_line", "parse_budgets", "parse_kv_arg", "solver_arg"]
+__all__ = ["UserError", "budget_args", "calib_args", "check_full_attention", "check_out_file",
+           "check_positive", "constraint_args", "constraints_from", "e2e_amp_arg", "eval_args", "eval_windows_for", "human",
+           "measure_args", "model_arg", "one_line", "parse_budgets", "parse_kv_arg", "solver_arg", "walk_amp_arg"]
 
 CALIB_SOURCES = (f"{SELF} (written by the model itself: varied openers and chat exchanges, cached), "
                  f"{', '.join(CORPORA)} (train split), a .txt/.jsonl path, or a mixture joined by '+'")
@@ -297,11 +297,22 @@ def human(nbytes: float) -> str:
     return f"{nbytes:.1f} GB"
 
 
-def amp_arg(p, what: str) -> None:
-    """``--amp``: bf16 autocast of the model's forward passes in ``what`` (:mod:`mixq.amp`)."""
+def e2e_amp_arg(p) -> None:
+    """``--e2e-amp``: bf16 autocast of the end-to-end stage's training forward (:mod:`mixq.amp`)."""
     from ..amp import AMP_MODES
 
-    p.add_argument("--amp", choices=AMP_MODES, default=DEFAULT_RECIPE["amp"],
-                   help=f"{what} under bf16 autocast: auto (default: where the device multiplies bf16 natively -- "
-                        "AMX / AVX512-BF16 CPUs, bf16 GPUs), bf16, off (float32); losses, GPTQ's arithmetic, the teacher's "
-                        "logits and the held-out KL are float32 either way")
+    p.add_argument("--e2e-amp", choices=AMP_MODES, default=DEFAULT_RECIPE["e2e_amp"],
+                   help="the end-to-end stage's training forward under bf16 autocast: auto (default: where the "
+                        "device multiplies bf16 natively -- AMX / AVX512-BF16 CPUs, bf16 GPUs), bf16, off (float32; "
+                        "the teacher's logits and the held-out KL are float32 either way)")
+
+
+def walk_amp_arg(p, what: str) -> None:
+    """``--walk-amp``: bf16 autocast of the calibration walks' forward passes in ``what`` (:mod:`mixq.amp`)."""
+    from ..amp import AMP_MODES
+
+    default = DEFAULT_RECIPE["walk_amp"]
+    p.add_argument("--walk-amp", choices=AMP_MODES, default=default,
+                   help=f"{what} under bf16 autocast, their Hessians as bf16 Gram products summed in float64: "
+                        f"auto (where the device multiplies bf16 natively), bf16, off (float32; default {default}: "
+                        "on a 2-core AMX CPU it saved no time, bench/results/quantize_cost_walk_amp.md)")

@@ -1,7 +1,7 @@
 """``mixq finetune DIR --out OUT``: block-wise distillation of a quantized directory's scales, codes fixed."""
 from __future__ import annotations
 
-from .common import UserError, amp_arg, calib_args, check_positive, claim_output
+from .common import UserError, calib_args, check_positive, claim_output, e2e_amp_arg
 
 
 def register(sub) -> None:
@@ -22,7 +22,7 @@ def register(sub) -> None:
                    help="then passes of end-to-end distillation on the base model's logits, all blocks at once "
                         "(0: block-wise only; default 1)")
     f.add_argument("--e2e-lr", type=float, default=1e-3, help="Adam learning rate of the end-to-end stage (default 1e-3)")
-    amp_arg(f, "the end-to-end stage's training forward")
+    e2e_amp_arg(f)
     f.add_argument("--no-plot", action="store_true", help="do not write OUT/finetune.png")
     f.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     f.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -42,7 +42,7 @@ def cmd_finetune(args) -> int:
                          val_frac=args.val_frac, tune_norms=not args.no_norms, seed=args.seed)
     e2e = None if args.e2e_epochs == 0 else E2EConfig(epochs=args.e2e_epochs, lr=args.e2e_lr, batch=args.batch,
                                                           val_frac=args.val_frac, tune_norms=not args.no_norms,
-                                                          seed=args.seed, amp=args.amp)
+                                                          seed=args.seed, amp=args.e2e_amp)
     rep = finetune(args.dir, args.out, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                    bos=args.bos, config=cfg, e2e=e2e, overwrite=args.force, plot=not args.no_plot)
     kept = sum(b["epoch_kept"] > 0 for b in rep["blocks"])

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..recipe import DEFAULT_RECIPE
-from .common import amp_arg, calib_args, claim_output, measure_args, model_arg
+from .common import calib_args, claim_output, measure_args, model_arg, walk_amp_arg
 from .placement import check_device, placement_args, placement_from
 
 
@@ -22,7 +22,7 @@ def register(sub) -> None:
     model_arg(m)
     calib_args(m, nsamples=DEFAULT_RECIPE["nsamples"])
     measure_args(m)
-    amp_arg(m, "the block walk's and the gradient pass's forward passes")
+    walk_amp_arg(m, "the block walk and the gradient pass")
     m.add_argument("--out", required=True, help="measurement JSON to write")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
     placement_args(m, "measured")
@@ -50,7 +50,7 @@ def run_measure(model, calib_ids, args, out: Path | None, group=None):
 
     return measure(model, calib_ids, load_candidate_set(args.candidates), metric=args.metric,
                    algorithm=measure_algorithm(args), grad_samples=args.grad_samples, block_samples=args.block_samples,
-                   out=out, group=group, amp=args.amp)
+                   out=out, group=group, amp=args.walk_amp)
 
 
 def cmd_measure(args) -> int:

@@ -8,8 +8,9 @@ from pathlib import Path
 from ..api import GROUP_FALLBACKS, METHODS
 from ..pipeline import FINETUNE_STAGES
 from ..recipe import DEFAULT_RECIPE, recipe_record
-from .common import (UserError, amp_arg, calib_args, check_free_space, check_positive, claim_output, constraint_args,
-                     constraints_from, human, measure_args, model_arg, solver_arg)
+from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
+                     constraints_from, e2e_amp_arg, human, measure_args, model_arg, solver_arg,
+                     walk_amp_arg)
 from .measure import load_candidate_set, measure_algorithm
 from .placement import check_device, placement_args, placement_from
 
@@ -58,7 +59,8 @@ def register(sub) -> None:
                         "--finetune-samples rows of this --calib): 'e2e' all blocks at once on the base model's "
                         "logits (the default with --method gptq, and what a bare --finetune means), 'block' block by "
                         "block, 'block+e2e' both, 'none' neither (the default with other methods and with --lazy)")
-    amp_arg(q, "the measurement's, the GPTQ walk's and the end-to-end stage's training forward passes")
+    e2e_amp_arg(q)
+    walk_amp_arg(q, "the measurement's block walk and gradient pass and the GPTQ walk")
     q.add_argument("--finetune-samples", type=int, default=None,
                    help="calibration rows of --finetune (default: the --nsamples rows the run quantized with)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
@@ -139,7 +141,7 @@ def cmd_quantize(args) -> int:
                              candidates=load_candidate_set(args.candidates), metric=args.metric,
                              algorithm=measure_algorithm(args), grad_samples=args.grad_samples,
                              block_samples=args.block_samples, constraints=constraints_from(args),
-                             solver=args.solver, scratch=scratch, tcq_state_bits=args.tcq_state_bits, amp=args.amp)
+                             solver=args.solver, scratch=scratch, tcq_state_bits=args.tcq_state_bits, amp=args.walk_amp)
         plan, table = bp.plan, bp.table
         rotate = rotate and not bp.rotated  # the budget stage rotated the weights before measuring them
         extra["measure_plan_seconds"] = time.perf_counter() - t0
@@ -157,7 +159,7 @@ def cmd_quantize(args) -> int:
     res = P.quantize(model, chosen, method=args.method, calib=calib if args.method != "rtn" else None,
                      damp=args.damp, act_order=args.act_order, rotate=rotate, source=source, checkpoint=walk,
                      offload_dir=args.offload_dir, device=args.device if args.lazy else None,
-                     gptq_target=args.gptq_target, amp=args.amp)
+                     gptq_target=args.gptq_target, amp=args.walk_amp)
     if walk is not None and walk.resumed_from:
         extra["walk_resumed_at_block"] = walk.resumed_from
     if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
@@ -303,7 +305,7 @@ def _finetune(scratch: Path, out: Path, args, rows=None) -> None:
     stages = args.finetune.split("+")
     rep = finetune(scratch, out, calib=rows if rows is not None else args.calib, nsamples=args.finetune_samples,
                    seqlen=args.seqlen, seed=args.seed, bos=args.bos, overwrite=args.force, block="block" in stages,
-                   e2e=E2EConfig(amp=args.amp) if "e2e" in stages else None)
+                   e2e=E2EConfig(amp=args.e2e_amp) if "e2e" in stages else None)
     shutil.rmtree(scratch)
     parts = []
     if "held_out_gain" in rep:
