@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
+from mixq.measure.gradients import sample_labels
+
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
@@ -127,8 +129,8 @@ def layer_input(model, module, ids):
 def token_grads(model, module, ids, labels: str = "data"):
     """``(x [T, in], g [T, out])``: ``module``'s input and its output's gradient at every token of every row of
     ``ids``, one backward pass per row of the summed next-token cross-entropy (the measurement's gradient pass);
-    ``labels="model"``: each label sampled from the model's own distribution, generator seeded with the row's
-    index (as :func:`mixq.measure.gradients.gradient_stats` with ``seed=0``)."""
+    ``labels="model"``: each label sampled from the model's own distribution by the driver's ``sample_labels``,
+    generator seeded with the row's index (as :func:`mixq.measure.gradients.gradient_stats` with ``seed=0``)."""
     xs, gs = [], []
 
     def hook(m, a, o):
@@ -145,8 +147,7 @@ def token_grads(model, module, ids, labels: str = "data"):
             emb = model.get_input_embeddings()(row).detach().requires_grad_(True)
             flat = model(inputs_embeds=emb).logits[0, :-1].float()
             if labels == "model":
-                gen = torch.Generator().manual_seed(r)
-                tgt = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=gen).reshape(-1)
+                tgt = sample_labels(flat.detach(), torch.Generator().manual_seed(r))  # the driver's draws
             else:
                 tgt = row[0, 1:]
             torch.nn.functional.cross_entropy(flat, tgt, reduction="sum").backward()

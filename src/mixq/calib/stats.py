@@ -132,7 +132,7 @@ def gram(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """``Σ_t w_t x_t x_tᵀ`` (``w = 1`` without ``weights [N]``) of ``x [N, in]``: products over chunks of at most
     :data:`_CHUNK` rows, summed in float64, on the CPU.
 
-    The products are float32, except inside a bf16 autocast region (the walks under ``--amp``, :mod:`mixq.amp`):
+    The products are float32, except inside a bf16 autocast region (the walks under ``--walk-amp``, :mod:`mixq.amp`):
     there each chunk's rows and its partial sum are rounded to bf16: 2.5x faster on two AMX cores ([512, 1536]
     rows), each entry of a chunk's sum off by about 2^-8 of itself at most, independently from chunk to chunk --
     far below GPTQ's damping (1 % of the mean diagonal)."""
@@ -160,7 +160,8 @@ def _cross(xt_fp, xt, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     d = torch.zeros(b.shape[1], b.shape[1], dtype=torch.float64)
     with full_precision(bf.device):
         for s in range(0, bf.shape[0], _CHUNK):
-            d += ((a[s : s + _CHUNK].to(torch.float32) - bf[s : s + _CHUNK]).T @ bf[s : s + _CHUNK]).to(torch.float64).cpu()
+            c = bf[s : s + _CHUNK]
+            d += ((a[s : s + _CHUNK].to(torch.float32) - c).T @ c).to(torch.float64).cpu()
     _last_cross[:] = [xt_fp, xt, (xt_fp._version, xt._version), d]
     return d
 

@@ -27,8 +27,8 @@ from ..models import DEFAULT_MODEL
 from ..config.composite_check import TCQ_STATE_BITS
 from ..recipe import DEFAULT_RECIPE
 
-__all__ = ["UserError", "budget_args", "calib_args", "check_full_attention", "check_out_file",
-           "check_positive", "constraint_args", "constraints_from", "e2e_amp_arg", "eval_args", "eval_windows_for", "human",
+__all__ = ["UserError", "budget_args", "calib_args", "check_full_attention", "check_out_file", "check_positive",
+           "constraint_args", "constraints_from", "e2e_amp_arg", "eval_args", "eval_windows_for", "human",
            "measure_args", "model_arg", "one_line", "parse_budgets", "parse_kv_arg", "solver_arg", "walk_amp_arg"]
 
 CALIB_SOURCES = (f"{SELF} (written by the model itself: varied openers and chat exchanges, cached), "
