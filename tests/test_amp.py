@@ -21,8 +21,8 @@ def _ids(n=4, L=16, seed=0):
 
 
 def test_gram_products_follow_the_walk():
-    """float32 products outside autocast; bf16 ones inside a bf16 autocast region (a walk under ``--amp``), still
-    summed in float64; ``full_precision`` turns autocast off for code inside such a region."""
+    """float32 products outside autocast; bf16 ones inside a bf16 autocast region (a walk under ``--walk-amp``),
+    still summed in float64; ``full_precision`` turns autocast off for code inside such a region."""
     x = torch.randn(300, 96, generator=torch.Generator().manual_seed(1))
     want = x.double().T @ x.double()
     rel = lambda a: float((a - want).abs().max() / want.abs().max())  # noqa: E731
