@@ -25,7 +25,7 @@ from common import RESULTS, domain_scorer, git_rev, header, machine, score_row
 import mixq
 from mixq.config.composite_check import TCQ_STATE_BITS
 from mixq.allocate import default_candidates, load_candidates
-from mixq.amp import AMP_MODES, resolve as resolve_amp
+from mixq.amp import AMP_MODES, key_entry
 from mixq.recipe import DEFAULT_RECIPE
 
 OUT = RESULTS / "generalization"
@@ -155,9 +155,8 @@ def _measurement(ref, calib, doc, cands, metric="kfac", amp="off"):
     from mixq.allocate import SensitivityTable
 
     names = hashlib.sha256(" ".join(c.name for c in cands).encode()).hexdigest()[:8]
-    bf16 = resolve_amp(amp, "cpu") == "bf16"
     path = CACHE / (f"generalization-{calib.sha256[:16]}-{names}{'' if metric == 'kfac' else '-' + metric}"
-                    f"{'-bf16' if bf16 else ''}.json")
+                    f"{'-bf16' if key_entry(amp, 'cpu') else ''}.json")
     if path.exists():
         doc["measure_seconds"] = f"reused {path.name}"
         return SensitivityTable.load(path)

@@ -48,6 +48,12 @@ def resolve(mode: str, device) -> str:
     return mode
 
 
+def key_entry(mode: str, device) -> dict:
+    """``{"amp": "bf16"}`` when ``mode`` resolves to bf16 on ``device``, else ``{}``: the entry a measurement's or a
+    walk checkpoint's key carries (float32 keys stay as they were before the mode existed)."""
+    return {"amp": "bf16"} if resolve(mode, device) == "bf16" else {}
+
+
 def full_precision(device="cpu"):
     """A context in which autocast is off on ``device``'s type: float32 products inside an autocast region."""
     return torch.autocast(torch.device(device).type, enabled=False)

@@ -83,7 +83,7 @@ def plan_for_budget(model, calib, budget, *, table=None, rotate: bool = False, c
 def _finished(path, model, ids, candidates, metric: str, algorithm: str, amp: str):
     """The table at ``path`` if an earlier (interrupted) run finished it for this model, data and metric."""
     from .allocate import SensitivityTable
-    from .measure import measurement_key
+    from .measure import is_measurement_of, measurement_key
 
     if path is None or not Path(path).exists():
         return None
@@ -91,8 +91,7 @@ def _finished(path, model, ids, candidates, metric: str, algorithm: str, amp: st
         table = SensitivityTable.load(path)
     except Exception:  # noqa: BLE001 - a damaged scratch file is simply measured again
         return None
-    key = measurement_key(model, ids, candidates, metric, algorithm, amp)
-    if any(table.meta.get(k) != v for k, v in key.items()) or table.meta.get("amp") != key.get("amp"):
+    if not is_measurement_of(table.meta, measurement_key(model, ids, candidates, metric, algorithm, amp)):
         return None
     log.info("reusing the finished measurement %s", path)
     return table

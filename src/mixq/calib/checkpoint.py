@@ -73,7 +73,7 @@ def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: 
     ``row_weights`` (the plan's, :func:`mixq.api.quantize_model`) enter as a hash when there are any; ``amp``
     (:mod:`mixq.amp`) as ``"bf16"`` when it resolves to bf16 on ``device``.
     """
-    from ..amp import resolve as resolve_amp
+    from ..amp import key_entry
     from ..data import calibration_hash
     from ..models import model_fingerprint
 
@@ -85,7 +85,7 @@ def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: 
             "sequential": bool(sequential), "device": torch.device(device).type, "torch": torch.__version__,
             **({"row_weights": _row_weights_hash(row_weights)} if row_weights else {}),
             **({"gptq_target": gptq_target} if gptq_target != "quantized" else {}),
-            **({"amp": "bf16"} if resolve_amp(amp, device) == "bf16" else {})}
+            **key_entry(amp, device)}
 
 
 def _row_weights_hash(row_weights: dict) -> str:

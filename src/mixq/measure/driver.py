@@ -30,7 +30,7 @@ from torch import nn
 
 from ..allocate import LayerEntry, SensitivityTable
 from ..allocate.table import normalized_row_weight
-from ..amp import resolve as resolve_amp
+from ..amp import key_entry
 from ..arch import arch_for, get_weight, set_weight
 from ..calib.capture import run_block, walk_blocks
 from ..calib.dispatch import input_device, walk_placement
@@ -55,7 +55,6 @@ def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[
                     algorithm: str, amp: str = "off") -> dict:
     """What a measurement is of: a partial or finished table is reused only when every field matches.  ``amp``:
     the walk's and gradient pass's compute, resolved on the model's device (``bf16``, or absent for float32)."""
-    bf16 = resolve_amp(amp, input_device(model)) == "bf16"
     return {
         "model": model_fingerprint(model),
         "calibration": calibration_hash(calib_ids),
@@ -63,8 +62,17 @@ def measurement_key(model: nn.Module, calib_ids: torch.Tensor, candidates: list[
         "candidates": [c.name for c in candidates],
         "metric": metric,
         "algorithm": algorithm,
-        **({"amp": "bf16"} if bf16 else {}),
+        **key_entry(amp, input_device(model)),
     }
+
+
+_OPTIONAL_KEY = ("block_samples", "amp")  # entries a key has only where they apply
+
+
+def is_measurement_of(meta: dict, key: dict) -> bool:
+    """Whether a table whose meta is ``meta`` was measured under ``key``: every entry equal, the optional ones
+    included (a table with one that ``key`` lacks was made with other settings)."""
+    return all(meta.get(k) == key.get(k) for k in {*key, *_OPTIONAL_KEY})
 
 
 def measure(model: nn.Module, calib_ids: torch.Tensor, candidates: list[QuantSpec], *, metric: str = "kfac",

@@ -116,7 +116,6 @@ class IncoherentLinear(nn.Module):
             raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         gemv = self._cpu_gemv(x)
         if gemv is not None:  # a CPU decode step: the inner layer's native kernel on the transformed input, directly
-            self.inner.__dict__["last_kernel"] = "tcq-cpu"
             y = gemv(_rotate_input(x, self._seeds[0], torch.float32).reshape(-1, self.in_features))
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias.to(y.dtype)

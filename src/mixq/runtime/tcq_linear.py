@@ -78,7 +78,8 @@ class TCQLinear(PackedCodesLinear):
 
     def cpu_gemv(self, x: torch.Tensor):
         """The native kernel's :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` when :meth:`choose` would pick
-        ``tcq-cpu`` for ``x`` (a CPU decode step), else None: the decode path calls it directly (this layer's
+        ``tcq-cpu`` for ``x`` (a CPU decode step; recorded as :attr:`last_kernel`, since the caller runs it), else
+        None: the decode path calls it directly (this layer's
         :meth:`forward`, and :class:`~mixq.runtime.composite_linear.IncoherentLinear` on its transformed input), so
         that a step's ~200 trellis layers do not pay ``choose``'s checks and a module call each."""
         if (x.device.type != "cpu" or self.kernel not in ("auto", "tcq-cpu")
@@ -87,6 +88,8 @@ class TCQLinear(PackedCodesLinear):
         g = self._cache.get(("gemv", "cpu"))
         if g is None and tcq_cpu.available():
             g = self._part("gemv")
+        if g is not None:
+            self.__dict__["last_kernel"] = "tcq-cpu"
         return g
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +99,6 @@ class TCQLinear(PackedCodesLinear):
         x2 = x.reshape(-1, self.in_features)
         g = self.cpu_gemv(x)
         if g is not None:
-            self.__dict__["last_kernel"] = "tcq-cpu"
             y = g(x2.float()).to(x.dtype).reshape(*lead, self.out_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         k = self.choose(x)
