@@ -61,6 +61,19 @@ def test_chat_models_get_chat_exchanges(tiny):
     assert sum(p.startswith("<user>") for p in mixed) == 2 and sum(p in selfgen.PROMPTS for p in mixed) == 2
 
 
+def test_a_failing_chat_template_falls_back_to_plain_openers(caplog):
+    class Strict:  # e.g. a template that insists on a system turn first
+        chat_template = "x"
+
+        def apply_chat_template(self, msgs, tokenize, add_generation_prompt):
+            raise ValueError("Conversation must start with a system message")
+
+    with caplog.at_level("WARNING", logger="mixq.selfgen"):
+        rows = selfgen.prompt_texts(Strict(), 4, 0)
+    assert rows == selfgen.prompt_texts(make_tiny_tokenizer(), 4, 0)  # the openers a plain model gets
+    assert "chat template failed" in caplog.text and "system message" in caplog.text
+
+
 def test_cache_is_reused_and_a_damaged_entry_regenerated(tiny, tmp_path, monkeypatch):
     model, tok = tiny
     ids = selfgen.self_generated(model, tok, 2, 16, 0, cache=tmp_path, progress=False)

@@ -141,8 +141,13 @@ def prompt_texts(tokenizer, n: int, seed: int) -> list[str]:
     for i in range(n):
         if i % 2:
             q = chats[(i // 2) % len(chats)]
-            out.append(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                                     add_generation_prompt=True))
+            try:
+                out.append(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                         add_generation_prompt=True))
+            except Exception as e:  # noqa: BLE001 - a template is the model's code: any error it raises
+                log.warning("the tokenizer's chat template failed on a one-turn exchange (%s: %s): self-generated "
+                            "calibration uses plain openers only", type(e).__name__, e)
+                return [plain[i % len(plain)] for i in range(n)]
         else:
             out.append(plain[(i // 2) % len(plain)])
     return out
