@@ -249,10 +249,10 @@ def test_decode_steps_call_the_native_kernel_directly(name, monkeypatch):
                                         ("TCQ3L12-channel", (24, 96)), ("TCQ3.5-channel", (32, 160)),
                                         ("TCQ2L12-g32", (24, 128))])
 def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
-    """The AVX-512 path (one token, 32 columns per step, where the CPU has it), the AVX2 one (eight columns per
-    step) and the scalar one give the reference product for every rate, grouped scales, several tokens and uneven
-    thread splits; a stream with too little padding for the vector loads (2 bytes), or groups not a multiple of 8
-    columns, run the scalar path."""
+    """The AVX-512 path (one token from its lane-interleaved copy of the stream, where the CPU has it and the scale
+    groups are a multiple of 16 columns), the AVX2 one (eight columns per step) and the scalar one give the
+    reference product for every rate, grouped scales, several tokens and uneven thread splits; a stream with too
+    little padding for the vector loads (2 bytes), or groups not a multiple of 8 columns, run the scalar path."""
     from mixq.formats.composite.scales import group_len
     from mixq.formats.composite.tcq_storage import stream_layout
     from mixq.formats.composite.tcq_codebook import lut
@@ -274,6 +274,10 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
             # the layer's bound kernel (TCQLinear's decode path) is the same call, checked once
             layer = tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:])
             assert torch.equal(layer(x), tcq_cpu.gemv(x, stream, *args))
+            one = M == 1 and pad == 4 and args[-1] % 16 == 0 and tcq_cpu.has_avx512()
+            assert (layer.words is not None) == one  # made on the first one-token call, for that path only
+            for dt in (torch.bfloat16, torch.float16):  # written as bf16 by the kernel itself: rounded as torch does
+                assert torch.equal(layer(x, dt), layer(x).to(dt))
     with pytest.raises(ValueError, match="do not fit"):
         tcq_cpu.GemvLayer(packed[:-8], args[0], args[1], R, C, *args[3:])
     with pytest.raises(ValueError, match="isa must be one of"):

@@ -116,8 +116,8 @@ class IncoherentLinear(nn.Module):
             raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         gemv = self._cpu_gemv(x)
         if gemv is not None:  # a CPU decode step: the inner layer's native kernel on the transformed input, directly
-            y = gemv(_rotate_input(x, self._seeds[0], torch.float32).reshape(-1, self.in_features))
-            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y = gemv(_rotate_input(x, self._seeds[0], torch.float32).reshape(-1, self.in_features), x.dtype)
+            y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         # a codebook inner layer computes in float32 on CPU: keep the whole chain there, one cast at each end
         dt = torch.float32 if x.device.type == "cpu" and isinstance(self.inner, PackedCodesLinear) else x.dtype

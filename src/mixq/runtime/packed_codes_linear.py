@@ -60,6 +60,16 @@ class PackedCodesLinear(nn.Module):
     def nbytes(self) -> int:
         return self.codes_packed.numel() + self.scale_bits.numel() * self.scale_bits.element_size()
 
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of what the kernels made on first use (``_cache``: decoded or padded copies, tables, a native
+        kernel's own layouts), each storage once."""
+        held: dict[int, int] = {}
+        for v in self._cache.values():
+            for t in [v] if isinstance(v, torch.Tensor) else getattr(v, "tensors", list)():
+                held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(held.values())
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "
                 f"bias={self.bias is not None}, kernel={self.kernel}")

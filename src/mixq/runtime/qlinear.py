@@ -236,8 +236,9 @@ def install_qlinear(model: nn.Module, weights: dict[str, PackedWeight], kernel: 
 
 
 def memory_report(model: nn.Module) -> dict:
-    """Bytes a model holds: ``params_buffers`` (each tensor once), ``kernel_state`` (QuantLinear kernel
-    layouts), ``resident`` (their sum), ``packed_weights`` (QuantLinear and intra-tensor CompositeLinear
+    """Bytes a model holds: ``params_buffers`` (each tensor once), ``kernel_state`` (what the packed layers'
+    kernels made on first use: QuantLinear's kernel layouts, the codebook layers' copies and tables), ``resident``
+    (their sum), ``packed_weights`` (QuantLinear and intra-tensor CompositeLinear
     weights at their packed size) and ``quant_linears`` (count).  A packed layer is a module whose
     ``packed_layer`` attribute is true (QuantLinear, and :mod:`mixq.runtime.composite_linear`'s layers)."""
     seen, total = set(), 0
@@ -249,9 +250,8 @@ def memory_report(model: nn.Module) -> dict:
             continue
         seen.add(key)
         total += t.numel() * t.element_size()
-    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
     layers = [m for m in model.modules() if getattr(m, "packed_layer", False)]
-    state = sum(m.state_nbytes for m in qls)
+    state = sum(getattr(m, "state_nbytes", 0) for m in model.modules())  # an +ip layer's inner layer holds its own
     return {"params_buffers": total, "kernel_state": state, "resident": total + state,
             "packed_weights": sum(m.nbytes for m in layers), "quant_linears": len(layers)}
 

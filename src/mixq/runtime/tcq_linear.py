@@ -99,7 +99,7 @@ class TCQLinear(PackedCodesLinear):
         x2 = x.reshape(-1, self.in_features)
         g = self.cpu_gemv(x)
         if g is not None:
-            y = g(x2.float()).to(x.dtype).reshape(*lead, self.out_features)
+            y = g(x2.float(), x.dtype).reshape(*lead, self.out_features)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         k = self.choose(x)
         if k == "tcq-reference":

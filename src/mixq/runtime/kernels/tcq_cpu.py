@@ -20,9 +20,10 @@ column range, four at a time so that four state chains run side by side, into a 
 the CPU has AVX2 (and the scale groups are a multiple of 8 columns), eight columns at once, one state chain per
 vector lane, with a gather for each lane's symbols (every few rows) and one for its table entries (every row):
 2-2.5x faster than the scalar path on one EPYC thread.  For one token (decoding), where the CPU has AVX-512 and
-the scale groups are a multiple of 32 columns, 32 columns at once in two sixteen-lane vectors: 11 % faster than
-the AVX2 path on one Sapphire Rapids thread (the 210 trellis layers of a 3.0-bpw SmolLM2 plan, streams hot in
-cache: 22.9 ms a token against 25.6).  The table gathers bound both: a gather costs about half a cycle a lane.
+the scale groups are a multiple of 16 columns, :class:`GemvLayer` keeps a lane-interleaved copy of the stream
+(:func:`words`, made on the first one-token call) and walks 64 columns at once in four sixteen-lane vectors: a
+plain load refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one
+accumulator update.  The table gathers bound every path: a gather costs about half a cycle a lane.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
 works, and the callers fall back to torch (:func:`mixq.algorithms.composite.tcq_search.viterbi_torch`, dequantize +
@@ -45,11 +46,31 @@ def _lib():
     return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE, "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
         "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
-        "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9)})
+        "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9),
+        "tcq_avx512": (ctypes.c_int, []),
+        "tcq_words": (None, [VOID_P] * 2 + [INT] * 4),
+        "tcq_gemv1": (None, [VOID_P] * 5 + [INT] * 8)})
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+@lru_cache(maxsize=1)
+def has_avx512() -> bool:
+    """Whether the compiled kernels hold the one-token AVX-512 path (the CPU has AVX-512F)."""
+    return _lib() is not None and bool(_lib().tcq_avx512())
+
+
+def words(stream: torch.Tensor, R: int, C: int, P: int, wbits: int) -> torch.Tensor:
+    """The one-token AVX-512 path's copy of a column-major symbol ``stream`` (``tcq_words`` in the C source): for
+    each group of 16 columns, their ``k``-th 32-bit words side by side, a word holding ``K = 32 // wbits`` whole
+    symbols: int32 ``[C / 16, ceil((R / P) / K), 16]``, ``32 / K`` bits a symbol where the stream has ``wbits``
+    (at most 8/7 of its size: 7-bit symbols, four to a word)."""
+    per = 32 // wbits
+    out = torch.empty(C // 16, -(-(R // P) // per), 16, dtype=torch.int32)
+    _lib().tcq_words(stream.data_ptr(), out.data_ptr(), R, C, P, wbits)
+    return out
 
 
 def viterbi(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tensor, L: int):
@@ -90,7 +111,7 @@ def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.
          wbits: int, k1: int, L: int, glen: int, *, isa: str = "auto") -> torch.Tensor:
     """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by >= 2 bytes).
     ``isa="auto"``: the widest path the CPU and the layout allow -- AVX-512 for one token with scale groups of a
-    multiple of 32 columns, else AVX2 with groups of a multiple of 8 (both need 4 bytes of padding), else scalar;
+    multiple of 16 columns, else AVX2 with groups of a multiple of 8 (both need 4 bytes of padding), else scalar;
     ``"avx2"`` / ``"scalar"`` cap it there.  One call of :class:`GemvLayer`."""
     x = x.detach().float()
     return GemvLayer(stream, scale, lut, R, x.shape[1], P, wbits, k1, L, glen, isa=isa)(x)
@@ -113,15 +134,32 @@ class GemvLayer:
         self.R, self.C = R, C
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
         self._tail = (P, wbits, k1, L, glen, vec)
+        # one token on AVX-512 (isa "auto", scale groups of 16 columns): its own layout, made on the first such call
+        self.one = isa == "auto" and vec == 1 and glen % 16 == 0 and has_avx512()
+        self.words: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``y [M, R]`` float32 for the float32 ``x [M, C]``."""
+    def tensors(self) -> list[torch.Tensor]:
+        """What this kernel holds: the padded stream, scales and table and, once made, the one-token layout."""
+        return [self.stream, self.scale, self.lut] + ([] if self.words is None else [self.words])
+
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``y [M, R]`` for the float32 ``x [M, C]``: float32, or ``dtype`` (rounded from the float32 sums; the
+        one-token AVX-512 path writes bfloat16 itself)."""
         if x.dim() != 2 or x.shape[1] != self.C:
             raise ValueError(f"tcq gemv: x must be [M, {self.C}], got {tuple(x.shape)}")
         x = x.contiguous()
+        if x.shape[0] == 1 and self.one:
+            if self.words is None:
+                self.words = words(self.stream, self.R, self.C, *self._tail[:2])
+            bf16 = dtype == torch.bfloat16
+            y = torch.empty(1, self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
+            P, wbits, k1, L, glen, _ = self._tail
+            _lib().tcq_gemv1(x.data_ptr(), self.words.data_ptr(), self._args[1], self._args[2], y.data_ptr(),
+                             self.R, self.C, P, wbits, k1, L, glen, int(bf16))
+            return y.to(dtype)
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
         _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
-        return y
+        return y.to(dtype)
 
 
 def decode(stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, C: int, P: int, wbits: int, k1: int,
