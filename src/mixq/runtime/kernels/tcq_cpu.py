@@ -151,12 +151,12 @@ class GemvLayer:
         if x.shape[0] == 1 and self.one:
             if self.words is None:
                 self.words = words(self.stream, self.R, self.C, *self._tail[:2])
-            bf16 = dtype == torch.bfloat16
+                self._one_args = (self.words.data_ptr(), *self._args[1:])
+                self._one_tail = (self.R, self.C, *self._tail[:5])
+            bf16 = dtype is torch.bfloat16
             y = torch.empty(1, self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
-            P, wbits, k1, L, glen, _ = self._tail
-            _lib().tcq_gemv1(x.data_ptr(), self.words.data_ptr(), self._args[1], self._args[2], y.data_ptr(),
-                             self.R, self.C, P, wbits, k1, L, glen, int(bf16))
-            return y.to(dtype)
+            _lib().tcq_gemv1(x.data_ptr(), *self._one_args, y.data_ptr(), *self._one_tail, bf16)
+            return y if bf16 or dtype is torch.float32 else y.to(dtype)
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
         _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
         return y.to(dtype)

@@ -214,7 +214,7 @@ static void tcq_gemv1_range(const float* x, const uint32_t* words, const float* 
     if (j == gend) {  /* a scale group (or this thread's columns) ends */
       const int g = (j - 1) / glen;
       for (int r = 0; r < R; r++) yt[r] += _mm512_reduce_add_ps(_mm512_load_ps(A + (size_t)r * 16)) * scale[(size_t)r * G + g];
-      memset(A, 0, sizeof(float) * (size_t)R * 16);
+      if (j < c1) memset(A, 0, sizeof(float) * (size_t)R * 16);
     }
   }
   free(A);
@@ -230,14 +230,18 @@ void tcq_gemv1(const float* x, const uint32_t* words, const float* scale, const 
   if (nt > C / 64) nt = C / 64 > 0 ? C / 64 : 1;
   #endif
   float* part = (float*)calloc((size_t)nt * R, sizeof(float));
-  #pragma omp parallel num_threads(nt)
-  {
-    int t = 0;
-    #ifdef _OPENMP
-    t = omp_get_thread_num();
-    #endif
-    const int c0 = 16 * (int)((long)(C / 16) * t / nt), c1 = 16 * (int)((long)(C / 16) * (t + 1) / nt);
-    if (c1 > c0) tcq_gemv1_range(x, words, scale, lut, part + (size_t)t * R, R, C, P, wbits, k1, L, glen, c0, c1);
+  if (nt == 1) {  /* no parallel region: a decode step makes ~200 of these calls */
+    tcq_gemv1_range(x, words, scale, lut, part, R, C, P, wbits, k1, L, glen, 0, C);
+  } else {
+    #pragma omp parallel num_threads(nt)
+    {
+      int t = 0;
+      #ifdef _OPENMP
+      t = omp_get_thread_num();
+      #endif
+      const int c0 = 16 * (int)((long)(C / 16) * t / nt), c1 = 16 * (int)((long)(C / 16) * (t + 1) / nt);
+      if (c1 > c0) tcq_gemv1_range(x, words, scale, lut, part + (size_t)t * R, R, C, P, wbits, k1, L, glen, c0, c1);
+    }
   }
   for (int r = 0; r < R; r++) {
     float v = 0.0f;
