@@ -278,6 +278,10 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
             assert (layer.words is not None) == one  # made on the first one-token call, for that path only
             for dt in (torch.bfloat16, torch.float16):  # written as bf16 by the kernel itself: rounded as torch does
                 assert torch.equal(layer(x, dt), layer(x).to(dt))
+        # the dense decode (prefill), from the one-token layout where the layer has it: the byte stream's bits
+        assert torch.equal(tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:]).dense(),
+                           tcq_cpu.decode(stream, args[0], args[1], R, C, *args[3:]))
+        assert torch.equal(layer.dense(), W_hat)
     with pytest.raises(ValueError, match="do not fit"):
         tcq_cpu.GemvLayer(packed[:-8], args[0], args[1], R, C, *args[3:])
     with pytest.raises(ValueError, match="isa must be one of"):

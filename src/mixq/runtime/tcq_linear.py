@@ -7,8 +7,9 @@ stored form.
                    on the packed stream (a padded copy, ``rate`` bits per weight in RAM): each thread walks the
                    columns of its range top to bottom, four state chains side by side (eight, one per AVX2
                    lane, where the CPU has AVX2)
-``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call from the stream (natively, a column per
-                   thread step; in torch without a compiler), dense fp32 GEMM
+``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call (natively: 16 columns a step from the
+                   one-token layout where the CPU has AVX-512, else a column per thread step; in torch without a
+                   compiler), dense fp32 GEMM
 
 ``triton``         (CUDA) :mod:`mixq.runtime.kernels.tcq_triton`: fused decode + GEMM from the packed stream
 
@@ -105,13 +106,9 @@ class TCQLinear(PackedCodesLinear):
         if k == "tcq-reference":
             W = self.dequantize().to(device=x.device, dtype=x.dtype)
             y = F.linear(x2, W)
-        elif k == "tcq-dense":
-            from .kernels.tcq_cpu import decode
-
-            P, width, k1 = stream_layout(self.spec)
-            W = decode(self._part("stream"), self._part("scale"), self._part("lut"), self.out_features,
-                       self.in_features, P, width, k1, self.spec.state_bits, group_len(self.spec, self.in_features))
-            W = (self.dequantize() if W is None else W).to(x.device)
+        elif k == "tcq-dense":  # the native kernel's decode (vectorized from its one-token layout where it has one)
+            W = self._part("gemv").dense() if tcq_cpu.available() else self.dequantize()
+            W = W.to(x.device)
             y = F.linear(x2.float(), W).to(x.dtype)
         elif k == "tcq-cpu":
             y = self._part("gemv")(x2.float()).to(x.dtype)

@@ -49,7 +49,8 @@ def _lib():
         "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_avx512": (ctypes.c_int, []),
         "tcq_words": (None, [VOID_P] * 2 + [INT] * 4),
-        "tcq_gemv1": (None, [VOID_P] * 5 + [INT] * 8)})
+        "tcq_gemv1": (None, [VOID_P] * 5 + [INT] * 8),
+        "tcq_decode16": (None, [VOID_P] * 4 + [INT] * 7)})
 
 
 def available() -> bool:
@@ -138,6 +139,22 @@ class GemvLayer:
         self.one = isa == "auto" and vec == 1 and glen % 16 == 0 and has_avx512()
         self.words: torch.Tensor | None = None
 
+    def _make_words(self) -> None:
+        self.words = words(self.stream, self.R, self.C, *self._tail[:2])
+        self._one_args = (self.words.data_ptr(), *self._args[1:])
+        self._one_tail = (self.R, self.C, *self._tail[:5])
+
+    def dense(self) -> torch.Tensor:
+        """``Ŵ [R, C]`` float32 (:func:`decode`), from the one-token layout where this layer has that path (16
+        columns a step, vectorized; the layout is made here if no one-token call made it yet)."""
+        if not self.one:
+            return decode(self.stream, self.scale, self.lut, self.R, self.C, *self._tail[:5])
+        if self.words is None:
+            self._make_words()
+        W = torch.empty(self.R, self.C, dtype=torch.float32)
+        _lib().tcq_decode16(self.words.data_ptr(), *self._args[1:], W.data_ptr(), *self._one_tail)
+        return W
+
     def tensors(self) -> list[torch.Tensor]:
         """What this kernel holds: the padded stream, scales and table and, once made, the one-token layout."""
         return [self.stream, self.scale, self.lut] + ([] if self.words is None else [self.words])
@@ -150,9 +167,7 @@ class GemvLayer:
         x = x.contiguous()
         if x.shape[0] == 1 and self.one:
             if self.words is None:
-                self.words = words(self.stream, self.R, self.C, *self._tail[:2])
-                self._one_args = (self.words.data_ptr(), *self._args[1:])
-                self._one_tail = (self.R, self.C, *self._tail[:5])
+                self._make_words()
             bf16 = dtype is torch.bfloat16
             y = torch.empty(1, self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
             _lib().tcq_gemv1(x.data_ptr(), *self._one_args, y.data_ptr(), *self._one_tail, bf16)

@@ -220,6 +220,36 @@ static void tcq_gemv1_range(const float* x, const uint32_t* words, const float* 
   free(A);
 }
 
+/* W [R, C] = scale * lut[state] from tcq_words' layout (what tcq_decode gives from the byte stream): 16 columns a
+   step, each row's 16 entries one gather and one contiguous store; needs glen % 16 == 0 */
+void tcq_decode16(const uint32_t* words, const float* scale, const float* lut, float* W, int R, int C, int P,
+                  int wbits, int k1, int L, int glen) {
+  const int NS = R / P, G = C / glen, K = 32 / wbits, NW = (NS + K - 1) / K;
+  const __m512i smask = _mm512_set1_epi32((1 << L) - 1), wmask = _mm512_set1_epi32((1 << wbits) - 1);
+  const __m128i cw = _mm_cvtsi32_si128(wbits), ck1 = _mm_cvtsi32_si128(k1), cwk = _mm_cvtsi32_si128(wbits - k1);
+  #pragma omp parallel for schedule(static)
+  for (int q = 0; q < C / 16; q++) {
+    const int j = 16 * q, g = j / glen;
+    __m512i st = _mm512_setzero_si512();
+    for (int k = 0; k < NW; k++) {
+      __m512i b = _mm512_loadu_si512((const void*)(words + ((size_t)q * NW + k) * 16));
+      const int iend = (k + 1) * K < NS ? (k + 1) * K : NS;
+      for (int i = k * K; i < iend; i++) {
+        const __m512i y = _mm512_and_si512(b, wmask);
+        b = _mm512_srl_epi32(b, cw);
+        if (P == 2) {
+          const __m512i m = _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(st, cwk), _mm512_srl_epi32(y, ck1)), smask);
+          const size_t r = (size_t)2 * i;
+          _mm512_storeu_ps(W + r * C + j, _mm512_mul_ps(_mm512_i32gather_ps(m, lut, 4), _mm512_set1_ps(scale[r * G + g])));
+        }
+        st = _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(st, cw), y), smask);
+        const size_t r = (size_t)P * i + P - 1;
+        _mm512_storeu_ps(W + r * C + j, _mm512_mul_ps(_mm512_i32gather_ps(st, lut, 4), _mm512_set1_ps(scale[r * G + g])));
+      }
+    }
+  }
+}
+
 /* y [R] for one token x [C] from tcq_words' layout, float32, or bfloat16 when bf16 (rounded to nearest even, as
    torch rounds); needs glen % 16 == 0 */
 void tcq_gemv1(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
@@ -258,6 +288,8 @@ void tcq_gemv1(const float* x, const uint32_t* words, const float* scale, const 
 }
 #else
 int tcq_avx512(void) { return 0; }
+void tcq_decode16(const uint32_t* words, const float* scale, const float* lut, float* W, int R, int C, int P,
+                  int wbits, int k1, int L, int glen) {}
 void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int wbits) {}
 void tcq_gemv1(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
                int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {}
