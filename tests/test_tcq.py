@@ -266,7 +266,7 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
             group_len(spec, C))
     for pad in (2, 4):
         stream = torch.cat([packed, torch.zeros(pad, dtype=torch.uint8)])
-        for M in (1, 3, 7):
+        for M in (1, 3, 7, 11, 19):  # 19: above DENSE_FROM, the dense product on the AVX-512 path
             x = torch.randn(M, C, generator=torch.Generator().manual_seed(M))
             for isa in ("scalar", "avx2", "auto"):
                 torch.testing.assert_close(tcq_cpu.gemv(x, stream, *args, isa=isa), x @ W_hat.T,
@@ -274,8 +274,8 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
             # the layer's bound kernel (TCQLinear's decode path) is the same call, checked once
             layer = tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:])
             assert torch.equal(layer(x), tcq_cpu.gemv(x, stream, *args))
-            one = M == 1 and pad == 4 and args[-1] % 16 == 0 and tcq_cpu.has_avx512()
-            assert (layer.words is not None) == one  # made on the first one-token call, for that path only
+            one = pad == 4 and args[-1] % 16 == 0 and tcq_cpu.has_avx512()
+            assert (layer.words is not None) == one and (layer.stream is None) == one  # the layout replaces the stream
             for dt in (torch.bfloat16, torch.float16):  # written as bf16 by the kernel itself: rounded as torch does
                 assert torch.equal(layer(x, dt), layer(x).to(dt))
         # the dense decode (prefill), from the one-token layout where the layer has it: the byte stream's bits

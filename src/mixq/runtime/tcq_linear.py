@@ -43,8 +43,9 @@ class TCQLinear(PackedCodesLinear):
         return bool(spec.trellis)
 
     def _part(self, name: str, device="cpu") -> torch.Tensor:
-        """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 4 bytes,
-        ``gemv`` the native kernel's :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` on them."""
+        """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 4 bytes (the
+        Triton kernel's), ``gemv`` the native kernel's :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` (on the
+        scales, the table and a padded stream of its own, which it keeps or replaces by its AVX-512 layout)."""
         key = (name, str(device))
         if key not in self._cache:
             if name == "scale":
@@ -55,7 +56,8 @@ class TCQLinear(PackedCodesLinear):
                 from .kernels.tcq_cpu import GemvLayer
 
                 P, width, k1 = stream_layout(self.spec)
-                self._cache[key] = GemvLayer(self._part("stream"), self._part("scale"), self._part("lut"),
+                stream = torch.cat([self.codes_packed.cpu(), torch.zeros(4, dtype=torch.uint8)])  # its own (or none)
+                self._cache[key] = GemvLayer(stream, self._part("scale"), self._part("lut"),
                                              self.out_features, self.in_features, P, width, k1, self.spec.state_bits,
                                              group_len(self.spec, self.in_features))
                 return self._cache[key]

@@ -20,10 +20,11 @@ column range, four at a time so that four state chains run side by side, into a 
 the CPU has AVX2 (and the scale groups are a multiple of 8 columns), eight columns at once, one state chain per
 vector lane, with a gather for each lane's symbols (every few rows) and one for its table entries (every row):
 2-2.5x faster than the scalar path on one EPYC thread.  For one token (decoding), where the CPU has AVX-512 and
-the scale groups are a multiple of 16 columns, :class:`GemvLayer` keeps a lane-interleaved copy of the stream
-(:func:`words`, made on the first one-token call) and walks 64 columns at once in four sixteen-lane vectors: a
-plain load refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one
-accumulator update.  The table gathers bound every path: a gather costs about half a cycle a lane.
+the scale groups are a multiple of 16 columns, :class:`GemvLayer` holds a lane-interleaved copy of the stream
+instead of the stream (:func:`words`) and walks 64 columns at once in four sixteen-lane vectors: a plain load
+refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one accumulator
+update (up to four tokens share each gather); more than ``DENSE_FROM`` tokens decode ``Ŵ`` from the same layout
+(16 columns a step) for a dense product.  The table gathers bound every path: a gather costs about half a cycle a lane.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
 works, and the callers fall back to torch (:func:`mixq.algorithms.composite.tcq_search.viterbi_torch`, dequantize +
@@ -49,7 +50,7 @@ def _lib():
         "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_avx512": (ctypes.c_int, []),
         "tcq_words": (None, [VOID_P] * 2 + [INT] * 4),
-        "tcq_gemv1": (None, [VOID_P] * 5 + [INT] * 8),
+        "tcq_gemv1": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_decode16": (None, [VOID_P] * 4 + [INT] * 7)})
 
 
@@ -106,14 +107,16 @@ def _check_layout(what: str, stream: torch.Tensor, scale: torch.Tensor, R: int, 
 
 
 ISA = {"scalar": 0, "auto": 1, "avx2": 2}  # the kernel's ``vec`` argument for each path choice
+DENSE_FROM = 16  # on the AVX-512 path, more tokens than this: decode + dense product (fewer: the GEMV)
 
 
 def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, P: int,
          wbits: int, k1: int, L: int, glen: int, *, isa: str = "auto") -> torch.Tensor:
     """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by >= 2 bytes).
-    ``isa="auto"``: the widest path the CPU and the layout allow -- AVX-512 for one token with scale groups of a
-    multiple of 16 columns, else AVX2 with groups of a multiple of 8 (both need 4 bytes of padding), else scalar;
-    ``"avx2"`` / ``"scalar"`` cap it there.  One call of :class:`GemvLayer`."""
+    ``isa="auto"``: the widest path the CPU and the layout allow -- AVX-512 (its own layout; a dense product above
+    ``DENSE_FROM`` tokens) with scale groups of a multiple of 16 columns, else AVX2 with
+    groups of a multiple of 8 (both need 4 bytes of padding), else scalar; ``"avx2"`` / ``"scalar"`` cap it
+    there.  One call of :class:`GemvLayer`."""
     x = x.detach().float()
     return GemvLayer(stream, scale, lut, R, x.shape[1], P, wbits, k1, L, glen, isa=isa)(x)
 
@@ -135,29 +138,26 @@ class GemvLayer:
         self.R, self.C = R, C
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
         self._tail = (P, wbits, k1, L, glen, vec)
-        # one token on AVX-512 (isa "auto", scale groups of 16 columns): its own layout, made on the first such call
+        # AVX-512 (isa "auto", scale groups of 16 columns): the one-token layout replaces the byte stream
         self.one = isa == "auto" and vec == 1 and glen % 16 == 0 and has_avx512()
         self.words: torch.Tensor | None = None
-
-    def _make_words(self) -> None:
-        self.words = words(self.stream, self.R, self.C, *self._tail[:2])
-        self._one_args = (self.words.data_ptr(), *self._args[1:])
-        self._one_tail = (self.R, self.C, *self._tail[:5])
+        if self.one:
+            self.words, self.stream = words(self.stream, R, C, P, wbits), None
+            self._args = (self.words.data_ptr(), *self._args[1:])
+            self._one_tail = (R, C, P, wbits, k1, L, glen)
 
     def dense(self) -> torch.Tensor:
-        """``Ŵ [R, C]`` float32 (:func:`decode`), from the one-token layout where this layer has that path (16
-        columns a step, vectorized; the layout is made here if no one-token call made it yet)."""
+        """``Ŵ [R, C]`` float32 (:func:`decode`; from the one-token layout where this layer has it, 16 columns a
+        step)."""
         if not self.one:
             return decode(self.stream, self.scale, self.lut, self.R, self.C, *self._tail[:5])
-        if self.words is None:
-            self._make_words()
         W = torch.empty(self.R, self.C, dtype=torch.float32)
-        _lib().tcq_decode16(self.words.data_ptr(), *self._args[1:], W.data_ptr(), *self._one_tail)
+        _lib().tcq_decode16(*self._args, W.data_ptr(), *self._one_tail)
         return W
 
     def tensors(self) -> list[torch.Tensor]:
-        """What this kernel holds: the padded stream, scales and table and, once made, the one-token layout."""
-        return [self.stream, self.scale, self.lut] + ([] if self.words is None else [self.words])
+        """What this kernel holds: the padded stream or the one-token layout, the scales and the table."""
+        return [t for t in (self.stream, self.words, self.scale, self.lut) if t is not None]
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``y [M, R]`` for the float32 ``x [M, C]``: float32, or ``dtype`` (rounded from the float32 sums; the
@@ -165,12 +165,13 @@ class GemvLayer:
         if x.dim() != 2 or x.shape[1] != self.C:
             raise ValueError(f"tcq gemv: x must be [M, {self.C}], got {tuple(x.shape)}")
         x = x.contiguous()
-        if x.shape[0] == 1 and self.one:
-            if self.words is None:
-                self._make_words()
+        if self.one:  # from its layout; more than DENSE_FROM tokens: the weight decoded once, a dense product
+            M = x.shape[0]
+            if M > DENSE_FROM:
+                return (x @ self.dense().T).to(dtype)
             bf16 = dtype is torch.bfloat16
-            y = torch.empty(1, self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
-            _lib().tcq_gemv1(x.data_ptr(), *self._one_args, y.data_ptr(), *self._one_tail, bf16)
+            y = torch.empty(M, self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
+            _lib().tcq_gemv1(x.data_ptr(), *self._args, y.data_ptr(), M, *self._one_tail, bf16)
             return y if bf16 or dtype is torch.float32 else y.to(dtype)
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
         _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
