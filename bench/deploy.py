@@ -332,7 +332,10 @@ NOTES = """Notes
   bit-packed codes and stored params of every quantized layer plus the bf16 embeddings and norms — and, next to it,
   the kernel layouts built on first use. The `cpu-int4` kernel keeps torch's int4pack copy of the codes
   (4 bits/weight) and a bf16 scale/zero pair per kernel group; once it exists the layer frees its own packed code
-  stream (rebuilt on demand for `state_dict()` or the reference kernel), so the codes are in RAM once.
+  stream (rebuilt on demand for `state_dict()` or the reference kernel), so the codes are in RAM once. The trellis
+  kernel (`tcq-cpu`, where the CPU has AVX-512) keeps a lane-interleaved copy of the code stream (whole symbols
+  per 32-bit word: up to 8/7 of the codes' bytes), float32 scales and its table; the layer's own codes stay
+  (`state_dict()` and the reference kernel read them), so trellis codes are in RAM twice.
 - **Group size.** W4-g128 on SmolLM2 means g96 on the 576-wide rows (`--group-fallback shrink`). The int4 kernel
   needs a power-of-two kernel group (32..256) inside each quantization group: g96 runs with kernel group 32
   (the fp16 scale repeated three times, exact), g64 with 64 and g128 with 128. Smaller kernel groups cost more
@@ -341,7 +344,8 @@ NOTES = """Notes
   rounding a bf16 model applies to every weight anyway; `cpu-int4-exact` splits them into exact bf16 pieces at
   1-3 GEMMs per call. Both are checked against the reference kernel in tests/test_qlinear.py.
 - **Prefill** of more than 32 tokens (and the perplexity windows) runs the reference kernel: dequantize + dense
-  GEMM beats the int4 GEMV kernel there."""
+  GEMM beats the int4 GEMV kernel there. Trellis layers run their GEMV up to 16 tokens and above that decode the
+  weight natively from the kernel's layout for a dense GEMM."""
 
 if __name__ == "__main__":
     main()
