@@ -74,6 +74,8 @@ def main():
                     "wrote (e.g. the default recipe's), measured as they are (no GGUF: their trellis layers have no "
                     "ggml type; `--target gguf` plans are the GGUF path)")
     ap.add_argument("--results", default="deploy", help="stem of the result files in bench/results (default deploy)")
+    ap.add_argument("--interleave", type=int, default=0, help="after the rows, this many rounds of one decode of "
+                    "every deployed model in turn (bench/decode_rounds.py): speeds a drifting host cannot skew")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,10 +130,30 @@ def main():
             rows.append(_dir_row(S, name, Path(src), prompt, args, work))
             print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
             gc.collect()
+        if args.interleave:
+            _interleave(S, rows, prompt, args, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     _write(rows, S, args, time.perf_counter() - t_start, has_gguf)
+
+
+def _interleave(S, rows, prompt, args, work: Path) -> None:
+    """Every row's deployed model decoding in turn (bench/decode_rounds.py): ``interleaved`` in each row."""
+    from decode_rounds import interleaved
+
+    def bf16():
+        m = copy.deepcopy(S.ref).to(torch.bfloat16)
+        use_gemv(m)
+        return m
+
+    loaders = {"fp32": lambda: S.ref, "bf16": bf16}
+    for r in rows[2:]:
+        d16 = work / f"{r['row']}-bf16rest"
+        loaders[r["row"]] = lambda d16=d16: mixq.load_quantized(d16, dtype=torch.bfloat16, packed=True)[0]
+    got = interleaved(loaders, prompt, args.new_tokens, args.interleave, "fp32")
+    for r in rows:
+        r["interleaved"] = got[r["row"]]
 
 
 def _speed(model, prompt, args) -> dict:
@@ -177,7 +199,8 @@ def _quantized_row(S, name, plan, prompt, args, work: Path, has_gguf: bool) -> d
         row.update(_gguf(S, d, work, name))
     if not args.keep:
         shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(work / f"{name}-bf16rest", ignore_errors=True)
+        if not args.interleave:  # else the rounds load it again; the work folder goes at the end
+            shutil.rmtree(work / f"{name}-bf16rest", ignore_errors=True)
     return row
 
 
@@ -227,7 +250,8 @@ def _dir_row(S, name, src: Path, prompt, args, work: Path) -> dict:
     specs = [v["spec"] for v in ((info.get("plan") or {}).get("layers") or {}).values()]
     row.update(bpw_linears=size.get("bpw_linears"), bpw_quantized=size.get("bpw_quantized"), source_dir=str(src),
                recipe=info.get("recipe"), layers={sp: specs.count(sp) for sp in set(specs)} if specs else None)
-    shutil.rmtree(work / f"{name}-bf16rest", ignore_errors=True)
+    if not args.interleave:
+        shutil.rmtree(work / f"{name}-bf16rest", ignore_errors=True)
     return row
 
 
@@ -269,7 +293,8 @@ def _write(rows, S, args, total_s, has_gguf):
            f"--prompt-tokens {args.prompt_tokens} --repeats {args.repeats} --calib-samples {args.calib_samples} "
            f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else "")
            + (f" --dirs {args.dirs}" if args.dirs else "")
-           + (f" --results {args.results}" if args.results != "deploy" else ""))
+           + (f" --results {args.results}" if args.results != "deploy" else "")
+           + (f" --interleave {args.interleave}" if args.interleave else ""))
     fp32 = next(r for r in rows if r["row"] == "fp32")
     lines = header("Deployment on CPU — SmolLM2-135M-Instruct: size, RAM, decode speed, perplexity", cmd)
     lines += [f"Protocol: greedy decode of {args.new_tokens} new tokens after the first {args.prompt_tokens} tokens of "
@@ -288,6 +313,12 @@ def _write(rows, S, args, total_s, has_gguf):
               "| row | bpw lin | disk MB | RAM MB (params+buffers) | + kernel layouts MB | decode tok/s | "
               "speed-up vs fp32 | prefill ms | ppl (fake-quant / model) | ppl packed fp32 | agree | ppl packed bf16 | kernels |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    if args.interleave:
+        lines[-4] += (f" Then {args.interleave} rounds of one decode of every row in turn (order rotated each round; "
+                      "bench/decode_rounds.py): the `interleaved` columns, speed-up = median over rounds of the row's "
+                      "speed over fp32's in the same round.")
+        lines[-2] += " interleaved tok/s | interleaved speed-up |"
+        lines[-1] += "---:|---:|"
     for r in rows:
         kern = "—" if not r.get("kernels") else ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items()))
         lines.append(
@@ -295,7 +326,8 @@ def _write(rows, S, args, total_s, has_gguf):
             f"{_mb(r['ram_kernel_state'])} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / fp32['decode_tok_s']:.2f}x | "
             f"{r['prefill_ms']:.0f} | {_f(r.get('ppl_fake') or r.get('ppl'), '.3f')} | {_f(r['ppl_packed_fp32'], '.3f')} | "
             f"{'—' if r['agree'] is None else ('yes' if r['agree'] else '**no**')} | {_f(r['ppl_packed_bf16'], '.3f')} | "
-            f"{kern} |")
+            f"{kern} |" + (f" {r['interleaved']['tok_s']:.1f} | {r['interleaved']['ratio']:.2f}x |" if args.interleave
+                          else ""))
     qrows = [r for r in rows if r["agree"] is not None]
     lines += ["", "Sizes of the quantized rows: `disk` is the directory with bf16 rest (fp32 rest as `mixq quantize` "
               "writes it in the second column); the quantized tensors' bytes on disk against the spec accounting "
