@@ -259,3 +259,20 @@ def test_plan_rejects_row_weights_of_the_wrong_length(tiny_model):
     f = next(iter(plan.row_weights))
     with pytest.raises(ValueError, match="one weight per output row"):
         Plan(**{**plan.__dict__, "row_weights": {f: plan.row_weights[f][:-1]}})
+
+
+@pytest.mark.parametrize("rows", [1, 64])  # a decode step's few bytes (compared as bytes), a prompt's (by sum)
+def test_a_rotated_input_is_reused_only_while_unchanged(rows):
+    from mixq.algorithms.composite.incoherence import rotate
+    from mixq.runtime import composite_linear as cl
+
+    x = torch.randn(1, rows, 576, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        a = cl._rotate_input(x, 7, torch.float32)
+        assert cl._rotate_input(x, 7, torch.float32) is a  # q, then k: the same tensor, unchanged
+        assert cl._rotate_input(x, 8, torch.float32) is not a  # another seed
+        a = cl._rotate_input(x, 7, torch.float32)
+        x.add_(1.0)  # changed in place: an inference tensor keeps no version counter
+        b = cl._rotate_input(x, 7, torch.float32)
+        assert b is not a and torch.equal(b, rotate(x.float(), 7))
+        assert cl._rotate_input(x.clone(), 7, torch.float32) is not b  # equal values, another tensor
