@@ -122,9 +122,11 @@ def constraint_args(p) -> None:
     p.add_argument("--max-bits", action="append", default=[], metavar="REGEX=N", help="maximum bits for matching layers")
     p.add_argument("--fast-on", default=None, choices=[d for d in FAST_DEVICES if d],
                    help="only candidates whose kernel on this device decodes faster than the fp32 model (cpu: int "
-                        "grids through the int4 GEMM; no NF/FP/FP16 layers, which dequantize on every call, nor "
-                        "VQ/TCQ ones, whose table-lookup kernels are slower than fp32 on a CPU); quantize "
-                        "measures the 'fast-cpu' candidates (int grids, some +ip) when --candidates is 'default'")
+                        "grids through the int4 GEMM, about 2-2.5x fp32; no NF/FP/FP16 layers, which dequantize on "
+                        "every call, nor VQ/TCQ ones, whose table-lookup kernels are not counted as faster: the "
+                        "default trellis plans decode at 1.3-1.5x fp32 on an AVX-512 CPU, slower than fp32 "
+                        "without it); quantize measures the 'fast-cpu' candidates (int grids, some +ip) when "
+                        "--candidates is 'default'")
     p.add_argument("--target", default=None, choices=RUNTIME_TARGETS,
                    help="only candidates this runtime holds exactly for each layer's shape, written as they are by "
                         "`mixq export --format TARGET` (" + runtime_targets_help() + "); the plan records it, and "
