@@ -249,8 +249,8 @@ def test_decode_steps_call_the_native_kernel_directly(name, monkeypatch):
                                         ("TCQ3L12-channel", (24, 96)), ("TCQ3.5-channel", (32, 160)),
                                         ("TCQ2L12-g32", (24, 128))])
 def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
-    """The AVX-512 path (one token from its lane-interleaved copy of the stream, where the CPU has it and the scale
-    groups are a multiple of 16 columns), the AVX2 one (eight columns per step) and the scalar one give the
+    """The AVX-512 path (up to 16 tokens from its lane-interleaved copy of the stream, where the CPU has it and the
+    scale groups are a multiple of 16 columns), the AVX2 one (eight columns per step) and the scalar one give the
     reference product for every rate, grouped scales, several tokens and uneven thread splits; a stream with too
     little padding for the vector loads (2 bytes), or groups not a multiple of 8 columns, run the scalar path."""
     from mixq.formats.composite.scales import group_len
@@ -278,7 +278,7 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
             assert (layer.words is not None) == one and (layer.stream is None) == one  # the layout replaces the stream
             for dt in (torch.bfloat16, torch.float16):  # written as bf16 by the kernel itself: rounded as torch does
                 assert torch.equal(layer(x, dt), layer(x).to(dt))
-        # the dense decode (prefill), from the one-token layout where the layer has it: the byte stream's bits
+        # the dense decode (prefill), from the interleaved layout where the layer has it: the byte stream's bits
         assert torch.equal(tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:]).dense(),
                            tcq_cpu.decode(stream, args[0], args[1], R, C, *args[3:]))
         assert torch.equal(layer.dense(), W_hat)

@@ -8,7 +8,7 @@ stored form.
                    columns of its range top to bottom, four state chains side by side (eight, one per AVX2
                    lane, where the CPU has AVX2)
 ``tcq-dense``      (longer inputs, or no C compiler) ``Ŵ`` decoded per call (natively: 16 columns a step from the
-                   one-token layout where the CPU has AVX-512, else a column per thread step; in torch without a
+                   interleaved layout where the CPU has AVX-512, else a column per thread step; in torch without a
                    compiler), dense fp32 GEMM
 
 ``triton``         (CUDA) :mod:`mixq.runtime.kernels.tcq_triton`: fused decode + GEMM from the packed stream
@@ -108,7 +108,7 @@ class TCQLinear(PackedCodesLinear):
         if k == "tcq-reference":
             W = self.dequantize().to(device=x.device, dtype=x.dtype)
             y = F.linear(x2, W)
-        elif k == "tcq-dense":  # the native kernel's decode (vectorized from its one-token layout where it has one)
+        elif k == "tcq-dense":  # the native kernel's decode (vectorized from its interleaved layout where it has one)
             W = self._part("gemv").dense() if tcq_cpu.available() else self.dequantize()
             W = W.to(x.device)
             y = F.linear(x2.float(), W).to(x.dtype)

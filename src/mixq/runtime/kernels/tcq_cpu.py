@@ -24,7 +24,8 @@ the scale groups are a multiple of 16 columns, :class:`GemvLayer` holds a lane-i
 instead of the stream (:func:`words`) and walks 64 columns at once in four sixteen-lane vectors: a plain load
 refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one accumulator
 update (up to four tokens share each gather); more than ``DENSE_FROM`` tokens decode ``Ŵ`` from the same layout
-(16 columns a step) for a dense product.  The table gathers bound every path: a gather costs about half a cycle a lane.
+(16 columns a step) for a dense product (C source: :mod:`mixq.runtime.kernels.tcq_words_csrc`).  The table
+gathers bound every path: a gather costs about half a cycle a lane.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
 works, and the callers fall back to torch (:func:`mixq.algorithms.composite.tcq_search.viterbi_torch`, dequantize +
@@ -40,18 +41,20 @@ import torch
 from .cbuild import INT, VOID_P, load
 from .tcq_csrc import SOURCE as SEARCH_SOURCE
 from .tcq_gemv_csrc import SOURCE as GEMV_SOURCE
+from .tcq_words_csrc import SOURCE as WORDS_SOURCE
 
 
 @lru_cache(maxsize=1)
 def _lib():
-    return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE, "trellis layers search and decode in torch (slow)", {
+    return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE + WORDS_SOURCE,
+                "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
         "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
         "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_avx512": (ctypes.c_int, []),
         "tcq_words": (None, [VOID_P] * 2 + [INT] * 4),
-        "tcq_gemv1": (None, [VOID_P] * 5 + [INT] * 9),
-        "tcq_decode16": (None, [VOID_P] * 4 + [INT] * 7)})
+        "tcq_gemv_words": (None, [VOID_P] * 5 + [INT] * 9),
+        "tcq_decode_words": (None, [VOID_P] * 4 + [INT] * 7)})
 
 
 def available() -> bool:
@@ -60,12 +63,12 @@ def available() -> bool:
 
 @lru_cache(maxsize=1)
 def has_avx512() -> bool:
-    """Whether the compiled kernels hold the one-token AVX-512 path (the CPU has AVX-512F)."""
+    """Whether the compiled kernels hold the AVX-512 paths (the CPU has AVX-512F)."""
     return _lib() is not None and bool(_lib().tcq_avx512())
 
 
 def words(stream: torch.Tensor, R: int, C: int, P: int, wbits: int) -> torch.Tensor:
-    """The one-token AVX-512 path's copy of a column-major symbol ``stream`` (``tcq_words`` in the C source): for
+    """The AVX-512 paths' copy of a column-major symbol ``stream`` (``tcq_words`` in the C source): for
     each group of 16 columns, their ``k``-th 32-bit words side by side, a word holding ``K = 32 // wbits`` whole
     symbols: int32 ``[C / 16, ceil((R / P) / K), 16]``, ``32 / K`` bits a symbol where the stream has ``wbits``
     (at most 8/7 of its size: 7-bit symbols, four to a word)."""
@@ -114,9 +117,9 @@ def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.
          wbits: int, k1: int, L: int, glen: int, *, isa: str = "auto") -> torch.Tensor:
     """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by >= 2 bytes).
     ``isa="auto"``: the widest path the CPU and the layout allow -- AVX-512 (its own layout; a dense product above
-    ``DENSE_FROM`` tokens) with scale groups of a multiple of 16 columns, else AVX2 with
-    groups of a multiple of 8 (both need 4 bytes of padding), else scalar; ``"avx2"`` / ``"scalar"`` cap it
-    there.  One call of :class:`GemvLayer`."""
+    ``DENSE_FROM`` tokens) with scale groups of a multiple of 16 columns, else AVX2 with groups of a multiple of 8
+    (both need 4 bytes of padding), else scalar; ``"avx2"`` / ``"scalar"`` cap it there.  One call of
+    :class:`GemvLayer`."""
     x = x.detach().float()
     return GemvLayer(stream, scale, lut, R, x.shape[1], P, wbits, k1, L, glen, isa=isa)(x)
 
@@ -138,40 +141,40 @@ class GemvLayer:
         self.R, self.C = R, C
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
         self._tail = (P, wbits, k1, L, glen, vec)
-        # AVX-512 (isa "auto", scale groups of 16 columns): the one-token layout replaces the byte stream
-        self.one = isa == "auto" and vec == 1 and glen % 16 == 0 and has_avx512()
+        # AVX-512 (isa "auto", scale groups of 16 columns): the interleaved layout replaces the byte stream
+        self.interleaved = isa == "auto" and vec == 1 and glen % 16 == 0 and has_avx512()
         self.words: torch.Tensor | None = None
-        if self.one:
+        if self.interleaved:
             self.words, self.stream = words(self.stream, R, C, P, wbits), None
             self._args = (self.words.data_ptr(), *self._args[1:])
-            self._one_tail = (R, C, P, wbits, k1, L, glen)
+            self._words_tail = (R, C, P, wbits, k1, L, glen)
 
     def dense(self) -> torch.Tensor:
-        """``Ŵ [R, C]`` float32 (:func:`decode`; from the one-token layout where this layer has it, 16 columns a
+        """``Ŵ [R, C]`` float32 (:func:`decode`; from the interleaved layout where this layer has it, 16 columns a
         step)."""
-        if not self.one:
+        if not self.interleaved:
             return decode(self.stream, self.scale, self.lut, self.R, self.C, *self._tail[:5])
         W = torch.empty(self.R, self.C, dtype=torch.float32)
-        _lib().tcq_decode16(*self._args, W.data_ptr(), *self._one_tail)
+        _lib().tcq_decode_words(*self._args, W.data_ptr(), *self._words_tail)
         return W
 
     def tensors(self) -> list[torch.Tensor]:
-        """What this kernel holds: the padded stream or the one-token layout, the scales and the table."""
+        """What this kernel holds: the padded stream or the interleaved layout, the scales and the table."""
         return [t for t in (self.stream, self.words, self.scale, self.lut) if t is not None]
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``y [M, R]`` for the float32 ``x [M, C]``: float32, or ``dtype`` (rounded from the float32 sums; the
-        one-token AVX-512 path writes bfloat16 itself)."""
+        AVX-512 path writes bfloat16 itself)."""
         if x.dim() != 2 or x.shape[1] != self.C:
             raise ValueError(f"tcq gemv: x must be [M, {self.C}], got {tuple(x.shape)}")
         x = x.contiguous()
-        if self.one:  # from its layout; more than DENSE_FROM tokens: the weight decoded once, a dense product
+        if self.interleaved:  # from its layout; more than DENSE_FROM tokens: the weight decoded once, a dense product
             M = x.shape[0]
             if M > DENSE_FROM:
                 return (x @ self.dense().T).to(dtype)
             bf16 = dtype is torch.bfloat16
             y = torch.empty(M, self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
-            _lib().tcq_gemv1(x.data_ptr(), *self._args, y.data_ptr(), M, *self._one_tail, bf16)
+            _lib().tcq_gemv_words(x.data_ptr(), *self._args, y.data_ptr(), M, *self._words_tail, bf16)
             return y if bf16 or dtype is torch.float32 else y.to(dtype)
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
         _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
