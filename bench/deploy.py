@@ -148,7 +148,7 @@ def _interleave(S, rows, prompt, args, work: Path) -> None:
         return m
 
     loaders = {"fp32": lambda: S.ref, "bf16": bf16}
-    for r in rows[2:]:
+    for r in (r for r in rows if r["agree"] is not None):  # the quantized rows, as _write tells them
         d16 = work / f"{r['row']}-bf16rest"
         loaders[r["row"]] = lambda d16=d16: mixq.load_quantized(d16, dtype=torch.bfloat16, packed=True)[0]
     got = interleaved(loaders, prompt, args.new_tokens, args.interleave, "fp32")

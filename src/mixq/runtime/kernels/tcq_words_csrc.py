@@ -27,6 +27,16 @@ void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int 
     }
 }
 
+/* The bitshift trellis on 16 lanes: the state after a symbol y, and (half rates) the state the symbol's first k1
+   bits end the row before on */
+static inline __attribute__((always_inline)) __m512i tcq_next16(__m512i s, __m512i y, __m128i cw, __m512i smask) {
+  return _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(s, cw), y), smask);
+}
+static inline __attribute__((always_inline)) __m512i tcq_mid16(__m512i s, __m512i y, __m128i cwk, __m128i ck1,
+                                                               __m512i smask) {
+  return _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(s, cwk), _mm512_srl_epi32(y, ck1)), smask);
+}
+
 #define TCQ_NV 4
 #define TCQ_MT4 4
 /* One pass: NV x 16 columns from group g0 on, MT tokens (rows of x, stride C) sharing every table gather; each
@@ -49,9 +59,7 @@ static inline __attribute__((always_inline)) void tcq_pass16(const int NV, const
       if (P == 2) {  /* a half rate: the symbol's first k1 bits end the row before */
         for (int a = 0; a < MT; a++) acc[a] = _mm512_setzero_ps();
         for (int v = 0; v < NV; v++) {
-          const __m512i m = _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(s[v], cwk),
-                                                             _mm512_srl_epi32(_mm512_and_si512(b[v], wmask), ck1)), smask);
-          const __m512 u = _mm512_i32gather_ps(m, lut, 4);
+          const __m512 u = _mm512_i32gather_ps(tcq_mid16(s[v], _mm512_and_si512(b[v], wmask), cwk, ck1, smask), lut, 4);
           for (int a = 0; a < MT; a++) acc[a] = _mm512_fmadd_ps(xv[a][v], u, acc[a]);
         }
         for (int a = 0; a < MT; a++) {
@@ -62,7 +70,7 @@ static inline __attribute__((always_inline)) void tcq_pass16(const int NV, const
       for (int a = 0; a < MT; a++) acc[a] = _mm512_setzero_ps();
       __m512 acc1 = _mm512_setzero_ps();  /* one token: two chains of sums, not one */
       for (int v = 0; v < NV; v++) {
-        s[v] = _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(s[v], cw), _mm512_and_si512(b[v], wmask)), smask);
+        s[v] = tcq_next16(s[v], _mm512_and_si512(b[v], wmask), cw, smask);
         b[v] = _mm512_srl_epi32(b[v], cw);
         const __m512 val = _mm512_i32gather_ps(s[v], lut, 4);
         if (MT == 1 && (v & 1)) acc1 = _mm512_fmadd_ps(xv[0][v], val, acc1);
@@ -132,11 +140,11 @@ void tcq_decode_words(const uint32_t* words, const float* scale, const float* lu
         const __m512i y = _mm512_and_si512(b, wmask);
         b = _mm512_srl_epi32(b, cw);
         if (P == 2) {
-          const __m512i m = _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(st, cwk), _mm512_srl_epi32(y, ck1)), smask);
+          const __m512 u = _mm512_i32gather_ps(tcq_mid16(st, y, cwk, ck1, smask), lut, 4);
           const size_t r = (size_t)2 * i;
-          _mm512_storeu_ps(W + r * C + j, _mm512_mul_ps(_mm512_i32gather_ps(m, lut, 4), _mm512_set1_ps(scale[r * G + g])));
+          _mm512_storeu_ps(W + r * C + j, _mm512_mul_ps(u, _mm512_set1_ps(scale[r * G + g])));
         }
-        st = _mm512_and_si512(_mm512_or_si512(_mm512_sll_epi32(st, cw), y), smask);
+        st = tcq_next16(st, y, cw, smask);
         const size_t r = (size_t)P * i + P - 1;
         _mm512_storeu_ps(W + r * C + j, _mm512_mul_ps(_mm512_i32gather_ps(st, lut, 4), _mm512_set1_ps(scale[r * G + g])));
       }
