@@ -2,6 +2,8 @@
 kernels."""
 from __future__ import annotations
 
+import copy
+import gc
 import hashlib
 import itertools
 import re
@@ -237,6 +239,55 @@ def test_decode_steps_call_the_native_kernel_directly(name, monkeypatch):
             assert (not inner_calls) == (direct or tcq is lin)
             chose.clear()
             inner_calls.clear()
+
+
+@pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.has_avx512(), reason="needs the AVX-512 trellis kernels")
+@pytest.mark.parametrize("name", ["TCQ3-channel+ip1", "TCQ2.5-g32+ip1", "TCQ3-channel"])
+def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch):
+    """``tcq_cpu.Step``: the input transform of a one-sided ``+ip`` layer and the GEMV in one native call from
+    float32 or bfloat16 inputs -- the same bits as the transform and the layer's kernel called one after the other;
+    the layer's decode step takes it (and only it), longer inputs do not."""
+    from mixq.algorithms.composite.incoherence import kron_plan, rotate
+
+    spec = parse_spec(name)
+    R, C = 40, 192  # 40 rows: two vectors of row sums and eight rows one at a time
+    qt, W_hat, _ = quantize_layer(torch.randn(R, C, generator=torch.Generator().manual_seed(7)), spec)
+    bias = torch.randn(R)
+    lin = make_layer(PackedComposite(pack_composite(qt), spec, (R, C)), bias, "auto")
+    tcq = lin.inner if isinstance(lin, IncoherentLinear) else lin
+    g = tcq._part("gemv")
+    rot = kron_plan(C, lin._seeds[0], False) if tcq is not lin else None
+    step = tcq_cpu.Step(g, rot)
+    for M in (1, 4, 16):
+        for xdt in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, C, generator=torch.Generator().manual_seed(M)).to(xdt)
+            xr = x.float() if rot is None else rotate(x.float(), lin._seeds[0])
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                assert torch.equal(step(x, dt), g(xr, dt))
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        step(torch.randn(17, C), torch.float32)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        step(torch.randn(1, C).half(), torch.float32)
+    calls = []
+    real = tcq_cpu.Step.__call__
+    monkeypatch.setattr(tcq_cpu.Step, "__call__", lambda self, x, dt: calls.append(x.shape) or real(self, x, dt))
+    with torch.no_grad():
+        for M, direct in ((1, True), (16, True), (17, False)):
+            x = torch.randn(1, M, C).bfloat16()
+            y = lin(x)
+            assert y.dtype == torch.bfloat16 and y.shape == (1, M, R) and bool(calls) == direct
+            if direct:
+                xr = x.float().reshape(M, C) if rot is None else rotate(x.float().reshape(M, C), lin._seeds[0])
+                assert torch.equal(y, (g(xr, torch.bfloat16) + bias.bfloat16()).reshape(1, M, R))
+            torch.testing.assert_close(y.float(), x.float() @ W_hat.T + bias, rtol=2e-2, atol=5e-2)
+            calls.clear()
+        # a deep copy after decoding leaves the kernels' state (addresses of the original's tensors) behind
+        x = torch.randn(1, 1, C).bfloat16()
+        want = lin(x)
+        lin2 = copy.deepcopy(lin)
+        del lin, tcq, g, step
+        gc.collect()
+        assert torch.equal(lin2(x), want)
 
 
 @needs_native

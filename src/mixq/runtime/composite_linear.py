@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms.composite.incoherence import rotate
+from ..algorithms.composite.incoherence import kron_plan, rotate
 from ..config.composite_protocol import REFERENCE_KERNEL
-from .packed_codes_linear import PackedCodesLinear
+from .packed_codes_linear import PackedCodesLinear, copy_without
 
 
 def _buffer_name(name: str) -> str:
@@ -99,6 +99,9 @@ class IncoherentLinear(nn.Module):
             raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    def __deepcopy__(self, memo):
+        return copy_without(self, memo, ("_rot",))
+
     @property
     def packed(self):
         parts = {"ip.seeds": self.seeds.cpu(), **{f"in.{k}": v for k, v in self.inner.packed.tensors().items()}}
@@ -116,6 +119,10 @@ class IncoherentLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"IncoherentLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        step = self._cpu_step(x)
+        if step is not None:  # a CPU decode step: the transform and the inner layer's kernel in one native call
+            y = step(x, x.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         gemv = self._cpu_gemv(x)
         if gemv is not None:  # a CPU decode step: the inner layer's native kernel on the transformed input, directly
             y = gemv(_rotate_input(x, self._seeds[0], torch.float32).reshape(-1, self.in_features), x.dtype)
@@ -126,6 +133,18 @@ class IncoherentLinear(nn.Module):
         y = self.inner(_rotate_input(x, self._seeds[0], dt))
         y = (y if len(self._seeds) == 1 else rotate(y, self._seeds[1], transpose=True)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _cpu_step(self, x: torch.Tensor):
+        """The inner layer's native step with this layer's input transform (``TCQLinear.cpu_step``), when the
+        transform is one-sided and native; else None."""
+        inner = self._modules["inner"]
+        find = getattr(inner, "cpu_step", None)
+        if find is None or len(self._seeds) != 1 or inner.bias is not None:
+            return None
+        rot = self.__dict__.get("_rot")
+        if rot is None:
+            rot = self.__dict__["_rot"] = kron_plan(self.in_features, self._seeds[0], False) or False
+        return find(x, rot) if rot is not False else None
 
     def _cpu_gemv(self, x: torch.Tensor):
         """The inner layer's native one-token kernel for ``x`` (``TCQLinear.cpu_gemv``), when the transform is

@@ -4,12 +4,29 @@ round an fp16 scale), the bias, the byte count, and the stored form back (the ty
 :class:`~mixq.algorithms.composite.storage.PackedComposite`)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from ..config import CompositeSpec
 
 _RAW = {2: torch.int16, 4: torch.int32}
+
+
+def copy_without(module: nn.Module, memo: dict, names: tuple[str, ...]) -> nn.Module:
+    """A deep copy of ``module`` without its attributes ``names`` (the native kernels' state, made again on first
+    use: it holds addresses of the original's tensors and ctypes structures, which cannot be copied); a dict among
+    them comes back empty, anything else is left out."""
+    cls = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    for k, v in module.__dict__.items():
+        if k not in names:
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        elif isinstance(v, dict):
+            new.__dict__[k] = {}
+    return new
 
 
 class PackedCodesLinear(nn.Module):
@@ -45,6 +62,9 @@ class PackedCodesLinear(nn.Module):
         self.kernel = kernel
         self.last_kernel: str | None = None
         self._cache: dict = {}
+
+    def __deepcopy__(self, memo):
+        return copy_without(self, memo, ("_cache", "_steps"))
 
     @property
     def scale(self) -> torch.Tensor:

@@ -30,6 +30,7 @@ from .packed_codes_linear import PackedCodesLinear
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
 CPU_MAX_TOKENS = 16
+_STEP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class TCQLinear(PackedCodesLinear):
@@ -85,8 +86,7 @@ class TCQLinear(PackedCodesLinear):
         None: the decode path calls it directly (this layer's
         :meth:`forward`, and :class:`~mixq.runtime.composite_linear.IncoherentLinear` on its transformed input), so
         that a step's ~200 trellis layers do not pay ``choose``'s checks and a module call each."""
-        if (x.device.type != "cpu" or self.kernel not in ("auto", "tcq-cpu")
-                or x.numel() > CPU_MAX_TOKENS * self.in_features):
+        if not self.cpu_gemv_applies(x):
             return None
         g = self._cache.get(("gemv", "cpu"))
         if g is None and tcq_cpu.available():
@@ -95,9 +95,38 @@ class TCQLinear(PackedCodesLinear):
             self.__dict__["last_kernel"] = "tcq-cpu"
         return g
 
+    def cpu_step(self, x: torch.Tensor, rot=None):
+        """The native :class:`~mixq.runtime.kernels.tcq_cpu.Step` (this layer's kernel with the input transform
+        ``rot``, a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan` or None, in one native call) when
+        :meth:`cpu_gemv` would run for ``x`` (float32 or bfloat16) from the AVX-512 layout; else None.  Made once per
+        ``rot``."""
+        if x.dtype not in _STEP_DTYPES:
+            return None
+        steps = self.__dict__.setdefault("_steps", {})
+        s = steps.get(rot)
+        if s is None:
+            g = self.cpu_gemv(x)
+            if g is None:
+                return None
+            s = steps[rot] = tcq_cpu.Step(g, rot) if g.interleaved else False
+        elif not self.cpu_gemv_applies(x):
+            return None
+        if s is not False:
+            self.__dict__["last_kernel"] = "tcq-cpu"
+        return s or None
+
+    def cpu_gemv_applies(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`cpu_gemv` would give its kernel for ``x`` (once that kernel is made)."""
+        return (x.device.type == "cpu" and self.kernel in ("auto", "tcq-cpu")
+                and x.numel() <= CPU_MAX_TOKENS * self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TCQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+        step = self.cpu_step(x)
+        if step is not None:  # a CPU decode step from the AVX-512 layout
+            y = step(x, x.dtype)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         g = self.cpu_gemv(x)

@@ -104,11 +104,13 @@ def _native(x: torch.Tensor, seed: int, transpose: bool):
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16)
             or (x.requires_grad and torch.is_grad_enabled())):
         return None
-    return _kron_plan(x.shape[-1], seed, transpose)
+    return kron_plan(x.shape[-1], seed, transpose)
 
 
 @lru_cache(maxsize=64)
-def _kron_plan(n: int, seed: int, transpose: bool):
+def kron_plan(n: int, seed: int, transpose: bool):
+    """The native kernel's :class:`~mixq.runtime.kernels.kron_cpu.KronPlan` of ``Q`` (``Qᵀ`` with ``transpose``)
+    for order ``n`` and ``seed``, made once; None without a compiler."""
     from ...runtime.kernels import kron_cpu
 
     if not kron_cpu.available():

@@ -245,6 +245,18 @@ class KronPlan:
         self._addr = ctypes.addressof(self._plan)
         self._apply = _lib().kron_apply
 
+    @property
+    def address(self) -> int:
+        """Where this plan's ``kron_plan`` lies (for native callers of :attr:`function`; valid while this object
+        lives)."""
+        return self._addr
+
+    @property
+    def function(self) -> int:
+        """The address of ``kron_apply(plan, in, out, M, bf16)`` (returns nonzero on failure), for native
+        callers."""
+        return ctypes.cast(self._apply, ctypes.c_void_p).value
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """The rows of the float32 or bfloat16 CPU ``x [..., n]`` transformed, as a new tensor of ``x``'s shape and
         dtype (bfloat16 rows are computed in float32 and rounded once, as ``rotate(x.float()).bfloat16()``)."""

@@ -42,7 +42,8 @@ static inline __attribute__((always_inline)) __m512i tcq_mid16(__m512i s, __m512
 /* One pass: NV x 16 columns from group g0 on, MT tokens (rows of x, stride C) sharing every table gather; each
    row's sums per token added to A [MT][R][16]. */
 static inline __attribute__((always_inline)) void tcq_pass16(const int NV, const int MT, const float* x, int C,
-    const uint32_t* words, const float* lut, float* A, int R, int NS, int NW, int P, int wbits, int k1, int L, int g0) {
+    const uint32_t* words, const float* lut, float* A, int R, int NS, int NW, int P, int wbits, int k1, int L, int g0,
+    const int first) {
   const int K = 32 / wbits;
   const __m512i smask = _mm512_set1_epi32((1 << L) - 1), wmask = _mm512_set1_epi32((1 << wbits) - 1);
   const __m128i cw = _mm_cvtsi32_si128(wbits), ck1 = _mm_cvtsi32_si128(k1), cwk = _mm_cvtsi32_si128(wbits - k1);
@@ -64,7 +65,7 @@ static inline __attribute__((always_inline)) void tcq_pass16(const int NV, const
         }
         for (int a = 0; a < MT; a++) {
           float* q = A + ((size_t)a * R + 2 * i) * 16;
-          _mm512_store_ps(q, _mm512_add_ps(acc[a], _mm512_load_ps(q)));
+          _mm512_store_ps(q, first ? acc[a] : _mm512_add_ps(acc[a], _mm512_load_ps(q)));
         }
       }
       for (int a = 0; a < MT; a++) acc[a] = _mm512_setzero_ps();
@@ -79,19 +80,37 @@ static inline __attribute__((always_inline)) void tcq_pass16(const int NV, const
       if (MT == 1) acc[0] = _mm512_add_ps(acc[0], acc1);
       for (int a = 0; a < MT; a++) {
         float* q = A + ((size_t)a * R + P * i + P - 1) * 16;
-        _mm512_store_ps(q, _mm512_add_ps(acc[a], _mm512_load_ps(q)));
+        _mm512_store_ps(q, first ? acc[a] : _mm512_add_ps(acc[a], _mm512_load_ps(q)));
       }
     }
   }
 }
 
-#define TCQ_PASS(nv, mt) tcq_pass16(nv, mt, x + j, C, words, lut, A, R, NS, NW, P, wbits, k1, L, j / 16)
+#define TCQ_PASS(nv, mt) tcq_pass16(nv, mt, x + j, C, words, lut, A, R, NS, NW, P, wbits, k1, L, j / 16, first)
+
+/* The sums of 16 rows of A (16 floats each, 64-byte aligned) as one vector, lane i row i: a transpose-add tree
+   (45 shuffles and adds where 16 horizontal reductions take ~130) */
+static inline __m512 tcq_hsum16(const float* A) {
+  __m512 u[8], w[4];
+  for (int k = 0; k < 8; k++) {  /* per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of rows a = 2k, b = 2k + 1 */
+    const __m512 a = _mm512_load_ps(A + 32 * k), b = _mm512_load_ps(A + 32 * k + 16);
+    u[k] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  }
+  for (int k = 0; k < 4; k++) {  /* per 128-bit lane: that lane's sums of rows 4k .. 4k + 3 */
+    const __m512d p = _mm512_castps_pd(u[2 * k]), q = _mm512_castps_pd(u[2 * k + 1]);
+    w[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+  }
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x88), _mm512_shuffle_f32x4(w[2], w[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+}
 /* Columns c0 .. c1 (multiples of 16) of mt <= 4 tokens into yt [mt][R] */
 static void tcq_words_range(const float* x, const uint32_t* words, const float* scale, const float* lut, float* yt,
                             int mt, int R, int C, int P, int wbits, int k1, int L, int glen, int c0, int c1) {
   const int NS = R / P, G = C / glen, NW = (NS + 32 / wbits - 1) / (32 / wbits);
   float* A = (float*)aligned_alloc(64, sizeof(float) * (size_t)mt * R * 16);
-  memset(A, 0, sizeof(float) * (size_t)mt * R * 16);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int first = 1;  /* a scale group's first pass stores into A, the others add */
   for (int j = c0; j < c1; ) {
     const int gend = (j / glen + 1) * glen < c1 ? (j / glen + 1) * glen : c1;
     int nv = TCQ_NV;
@@ -111,12 +130,20 @@ static void tcq_words_range(const float* x, const uint32_t* words, const float* 
       default: TCQ_PASS(1, 4); break;
     }
     j += 16 * nv;
-    if (j == gend) {  /* a scale group (or this thread's columns) ends */
+    first = j == gend;
+    if (j == gend) {  /* a scale group (or this thread's columns) ends: 16 rows' sums a vector */
       const int g = (j - 1) / glen;
-      for (int a = 0; a < mt; a++)
-        for (int r = 0; r < R; r++)
-          yt[(size_t)a * R + r] += _mm512_reduce_add_ps(_mm512_load_ps(A + ((size_t)a * R + r) * 16)) * scale[(size_t)r * G + g];
-      if (j < c1) memset(A, 0, sizeof(float) * (size_t)mt * R * 16);
+      for (int a = 0; a < mt; a++) {
+        float* ya = yt + (size_t)a * R;
+        int r = 0;
+        for (; r + 16 <= R; r += 16) {
+          const __m512 sc = G == 1 ? _mm512_loadu_ps(scale + r) : _mm512_i32gather_ps(
+              _mm512_add_epi32(_mm512_mullo_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(r)), _mm512_set1_epi32(G)),
+                               _mm512_set1_epi32(g)), scale, 4);
+          _mm512_storeu_ps(ya + r, _mm512_fmadd_ps(tcq_hsum16(A + ((size_t)a * R + r) * 16), sc, _mm512_loadu_ps(ya + r)));
+        }
+        for (; r < R; r++) ya[r] += _mm512_reduce_add_ps(_mm512_load_ps(A + ((size_t)a * R + r) * 16)) * scale[(size_t)r * G + g];
+      }
     }
   }
   free(A);
@@ -152,36 +179,27 @@ void tcq_decode_words(const uint32_t* words, const float* scale, const float* lu
   }
 }
 
-/* y [M, R] for x [M, C] from tcq_words' layout, float32, or bfloat16 when bf16 (rounded to nearest even, as torch
-   rounds), tokens four at a time; needs glen % 16 == 0 */
-void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
-               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {
-  int nt = 1;
-  #ifdef _OPENMP
-  nt = omp_get_max_threads();
-  if (nt > C / 64) nt = C / 64 > 0 ? C / 64 : 1;
-  #endif
-  float* part = (float*)calloc((size_t)nt * M * R, sizeof(float));
-  for (int m0 = 0; m0 < M; m0 += TCQ_MT4) {
-    const int mt = M - m0 < TCQ_MT4 ? M - m0 : TCQ_MT4;
-    if (nt == 1) {  /* no parallel region: a decode step makes ~200 of these calls */
-      tcq_words_range(x + (size_t)m0 * C, words, scale, lut, part + (size_t)m0 * R, mt, R, C, P, wbits, k1, L, glen, 0, C);
+/* q0 .. q1 of y [M R] = the sum of the nt partial results (float32, or bfloat16 when bf16: rounded to nearest even,
+   as torch rounds; a NaN stays a quiet NaN) */
+static void tcq_words_finish(const float* part, int nt, size_t n, void* y, int bf16, size_t q0, size_t q1) {
+  const __m512i lsb = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff), absm = _mm512_set1_epi32(0x7fffffff),
+                inf = _mm512_set1_epi32(0x7f800000), qnan = _mm512_set1_epi32(0x7fc0);
+  size_t q = q0;
+  for (; q + 16 <= q1; q += 16) {
+    __m512 v = _mm512_loadu_ps(part + q);
+    for (int t = 1; t < nt; t++) v = _mm512_add_ps(v, _mm512_loadu_ps(part + (size_t)t * n + q));
+    if (bf16) {
+      const __m512i u = _mm512_castps_si512(v);
+      __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb))), 16);
+      h = _mm512_mask_mov_epi32(h, _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, absm), inf), qnan);
+      _mm256_storeu_si256((__m256i*)((uint16_t*)y + q), _mm512_cvtepi32_epi16(h));
     } else {
-      #pragma omp parallel num_threads(nt)
-      {
-        int t = 0;
-        #ifdef _OPENMP
-        t = omp_get_thread_num();
-        #endif
-        const int c0 = 16 * (int)((long)(C / 16) * t / nt), c1 = 16 * (int)((long)(C / 16) * (t + 1) / nt);
-        if (c1 > c0) tcq_words_range(x + (size_t)m0 * C, words, scale, lut, part + ((size_t)t * M + m0) * R, mt, R, C, P,
-                                     wbits, k1, L, glen, c0, c1);
-      }
+      _mm512_storeu_ps((float*)y + q, v);
     }
   }
-  for (size_t q = 0; q < (size_t)M * R; q++) {
-    float v = 0.0f;
-    for (int t = 0; t < nt; t++) v += part[(size_t)t * M * R + q];
+  for (; q < q1; q++) {
+    float v = part[q];
+    for (int t = 1; t < nt; t++) v += part[(size_t)t * n + q];
     if (bf16) {
       uint32_t u;
       memcpy(&u, &v, 4);
@@ -190,7 +208,62 @@ void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, c
       ((float*)y)[q] = v;
     }
   }
+}
+
+/* y [M, R] for x [M, C] from tcq_words' layout, float32, or bfloat16 when bf16, tokens four at a time; needs
+   glen % 16 == 0.  Threads split the columns into partial sums, then (after a barrier) the outputs to add them. */
+void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
+               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {
+  int nt = 1;
+  #ifdef _OPENMP
+  nt = omp_get_max_threads();
+  if (nt > C / 64) nt = C / 64 > 0 ? C / 64 : 1;
+  #endif
+  const size_t n = (size_t)M * R;
+  float* part = (float*)calloc((size_t)nt * n, sizeof(float));
+  if (nt == 1) {  /* no parallel region: a decode step makes ~200 of these calls */
+    for (int m0 = 0; m0 < M; m0 += TCQ_MT4)
+      tcq_words_range(x + (size_t)m0 * C, words, scale, lut, part + (size_t)m0 * R, M - m0 < TCQ_MT4 ? M - m0 : TCQ_MT4,
+                      R, C, P, wbits, k1, L, glen, 0, C);
+    tcq_words_finish(part, 1, n, y, bf16, 0, n);
+  } else {
+    #pragma omp parallel num_threads(nt)
+    {
+      int t = 0;
+      #ifdef _OPENMP
+      t = omp_get_thread_num();
+      #endif
+      const int c0 = 16 * (int)((long)(C / 16) * t / nt), c1 = 16 * (int)((long)(C / 16) * (t + 1) / nt);
+      for (int m0 = 0; m0 < M && c1 > c0; m0 += TCQ_MT4)
+        tcq_words_range(x + (size_t)m0 * C, words, scale, lut, part + (size_t)t * n + (size_t)m0 * R,
+                        M - m0 < TCQ_MT4 ? M - m0 : TCQ_MT4, R, C, P, wbits, k1, L, glen, c0, c1);
+      #pragma omp barrier
+      tcq_words_finish(part, nt, n, y, bf16, n * t / nt / 16 * 16, t + 1 == nt ? n : n * (t + 1) / nt / 16 * 16);
+    }
+  }
   free(part);
+}
+
+/* One layer's fixed arguments for tcq_layer_call (a decode step makes ~200 calls: each passes six) */
+typedef int (*tcq_rot_fn)(const void* plan, const void* in, void* out, int M, int bf16);
+typedef struct { const uint32_t* words; const float* scale; const float* lut; int R, C, P, wbits, k1, L, glen;
+                 tcq_rot_fn rot; const void* rot_plan; } tcq_layer;
+
+/* y [M, R] (bfloat16 when ybf16, else float32) for x [M, C] (bfloat16 when xbf16, else float32): x in float32,
+   transformed in place by rot (kron_cpu's kron_apply on its plan; none when NULL), then tcq_gemv_words -- what the
+   two calls give one after the other.  Nonzero: the transform failed (its code), or 3: no memory. */
+int tcq_layer_call(const tcq_layer* l, const void* x, void* y, int M, int xbf16, int ybf16) {
+  const size_t n = (size_t)M * l->C;
+  float* xf = (float*)malloc(sizeof(float) * n);
+  if (!xf) return 3;
+  if (xbf16)
+    for (size_t i = 0; i < n; i++) { const uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16; memcpy(xf + i, &u, 4); }
+  else
+    memcpy(xf, x, sizeof(float) * n);
+  const int rc = l->rot ? l->rot(l->rot_plan, xf, xf, M, 0) : 0;
+  if (!rc) tcq_gemv_words(xf, l->words, l->scale, l->lut, y, M, l->R, l->C, l->P, l->wbits, l->k1, l->L, l->glen, ybf16);
+  free(xf);
+  return rc;
 }
 #else
 int tcq_avx512(void) { return 0; }
@@ -199,6 +272,7 @@ void tcq_decode_words(const uint32_t* words, const float* scale, const float* lu
 void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int wbits) {}
 void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
                int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {}
+int tcq_layer_call(const void* l, const void* x, void* y, int M, int xbf16, int ybf16) { return 4; }
 #endif
 
 """
