@@ -20,7 +20,7 @@ from mixq.algorithms.composite.tcq import quantize_tcq
 from mixq.formats.composite.tcq_storage import TCQQTensor, pack_tcq, unpack_tcq
 from mixq.algorithms.composite import tcq_search as ts
 from mixq.formats.composite import tcq_codebook as tc
-from mixq.runtime.kernels import tcq_cpu
+from mixq.runtime.kernels import tcq_cpu, tcq_step
 from mixq.runtime.layers import make_layer
 from mixq.runtime.tcq_linear import TCQLinear
 from mixq.algorithms.composite.vq_search import mse as vq_mse
@@ -244,7 +244,7 @@ def test_decode_steps_call_the_native_kernel_directly(name, monkeypatch):
 @pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.has_avx512(), reason="needs the AVX-512 trellis kernels")
 @pytest.mark.parametrize("name", ["TCQ3-channel+ip1", "TCQ2.5-g32+ip1", "TCQ3-channel"])
 def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch):
-    """``tcq_cpu.Step``: the input transform of a one-sided ``+ip`` layer and the GEMV in one native call from
+    """``tcq_step.Step``: the input transform of a one-sided ``+ip`` layer and the GEMV in one native call from
     float32 or bfloat16 inputs -- the same bits as the transform and the layer's kernel called one after the other;
     the layer's decode step takes it (and only it), longer inputs do not."""
     from mixq.algorithms.composite.incoherence import kron_plan, rotate
@@ -257,7 +257,7 @@ def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch
     tcq = lin.inner if isinstance(lin, IncoherentLinear) else lin
     g = tcq._part("gemv")
     rot = kron_plan(C, lin._seeds[0], False) if tcq is not lin else None
-    step = tcq_cpu.Step(g, rot)
+    step = tcq_step.Step(g, rot)
     for M in (1, 4, 16):
         for xdt in (torch.float32, torch.bfloat16):
             x = torch.randn(M, C, generator=torch.Generator().manual_seed(M)).to(xdt)
@@ -269,8 +269,8 @@ def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         step(torch.randn(1, C).half(), torch.float32)
     calls = []
-    real = tcq_cpu.Step.__call__
-    monkeypatch.setattr(tcq_cpu.Step, "__call__", lambda self, x, dt: calls.append(x.shape) or real(self, x, dt))
+    real = tcq_step.Step.__call__
+    monkeypatch.setattr(tcq_step.Step, "__call__", lambda self, x, dt: calls.append(x.shape) or real(self, x, dt))
     with torch.no_grad():
         for M, direct in ((1, True), (16, True), (17, False)):
             x = torch.randn(1, M, C).bfloat16()
@@ -288,6 +288,43 @@ def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch
         del lin, tcq, g, step
         gc.collect()
         assert torch.equal(lin2(x), want)
+
+
+@pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.has_avx512(), reason="needs the AVX-512 trellis kernels")
+def test_layers_reading_one_input_are_learnt_and_run_as_one_call():
+    """q/k/v-like layers called one after the other on one tensor: from the second call on, the first computes the
+    others' outputs in its native call and each takes its own -- the same bits as alone; a changed input (in place,
+    or another tensor) is computed again, never served stale."""
+    C = 192
+    layers = []
+    for i, (name, R) in enumerate((("TCQ3-channel+ip1", 64), ("TCQ2.5-channel+ip1", 32), ("TCQ4-channel+ip1", 32))):
+        spec = parse_spec(name)
+        qt, _, _ = quantize_layer(torch.randn(R, C, generator=torch.Generator().manual_seed(i)), spec)
+        layers.append(make_layer(PackedComposite(pack_composite(qt), spec, (R, C)), torch.randn(R), "auto"))
+    other = layers[0]  # a layer on another input between rounds (as o_proj is)
+
+    def alone(lin, x):  # the transform and this layer's kernel by themselves
+        from mixq.algorithms.composite.incoherence import rotate
+        y = lin.inner._part("gemv")(rotate(x.float().reshape(-1, C), lin._seeds[0]), torch.bfloat16)
+        return (y + lin.bias.bfloat16()).reshape(*x.shape[:-1], -1)
+
+    with torch.no_grad():
+        for rnd in range(4):
+            x = torch.randn(1, 1, C, generator=torch.Generator().manual_seed(10 + rnd)).bfloat16()
+            for lin in layers:
+                assert torch.equal(lin(x), alone(lin, x))
+            other(torch.randn(1, 1, C).bfloat16())
+        lead = layers[0].inner._steps[layers[0]._rot]
+        assert [f is layers[k].inner._steps[layers[k]._rot] for k, f in enumerate(lead.followers, 1)] == [True, True]
+        # the leader ran for all three; the input changes in place before the others are called: computed again
+        x = torch.randn(1, 1, C).bfloat16()
+        layers[0](x)
+        assert all(f._stash is not None for f in lead.followers)
+        x.mul_(-0.5)
+        assert torch.equal(layers[1](x), alone(layers[1], x))
+        # another tensor with the same values is not the input the leader computed from: computed again too
+        layers[0](x)
+        assert torch.equal(layers[2](x.clone()), alone(layers[2], x))
 
 
 @needs_native

@@ -26,6 +26,7 @@ from ..formats.composite.scales import group_len
 from ..formats.composite.tcq_codebook import lut as tcq_lut
 from ..formats.composite.tcq_storage import stream_layout, unpack_tcq
 from .kernels import tcq_cpu
+from .kernels.tcq_step import Step
 from .packed_codes_linear import PackedCodesLinear
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
@@ -96,7 +97,7 @@ class TCQLinear(PackedCodesLinear):
         return g
 
     def cpu_step(self, x: torch.Tensor, rot=None):
-        """The native :class:`~mixq.runtime.kernels.tcq_cpu.Step` (this layer's kernel with the input transform
+        """The native :class:`~mixq.runtime.kernels.tcq_step.Step` (this layer's kernel with the input transform
         ``rot``, a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan` or None, in one native call) when
         :meth:`cpu_gemv` would run for ``x`` (float32 or bfloat16) from the AVX-512 layout; else None.  Made once per
         ``rot``."""
@@ -108,7 +109,7 @@ class TCQLinear(PackedCodesLinear):
             g = self.cpu_gemv(x)
             if g is None:
                 return None
-            s = steps[rot] = tcq_cpu.Step(g, rot) if g.interleaved else False
+            s = steps[rot] = Step(g, rot) if g.interleaved else False
         elif not self.cpu_gemv_applies(x):
             return None
         if s is not False:

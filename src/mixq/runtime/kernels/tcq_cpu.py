@@ -25,7 +25,7 @@ instead of the stream (:func:`words`) and walks 64 columns at once in four sixte
 refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one accumulator
 update (up to four tokens share each gather); more than ``DENSE_FROM`` tokens decode ``Ŵ`` from the same layout
 (16 columns a step) for a dense product (C source: :mod:`mixq.runtime.kernels.tcq_words_csrc`).  A layer's
-decode call is then one native call (:class:`Step`: the bfloat16 input widened, an ``+ip`` layer's input transform
+decode call is then one native call (:class:`~mixq.runtime.kernels.tcq_step.Step`: the bfloat16 input widened, an ``+ip`` layer's input transform
 through :mod:`mixq.runtime.kernels.kron_cpu`'s function, the GEMV, bfloat16 out), where the Python between two
 native calls had cost a decode step about as much as a tenth of its kernels.  The table gathers bound every path:
 a gather costs about half a cycle a lane.
@@ -58,7 +58,7 @@ def _lib():
         "tcq_words": (None, [VOID_P] * 2 + [INT] * 4),
         "tcq_gemv_words": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_decode_words": (None, [VOID_P] * 4 + [INT] * 7),
-        "tcq_layer_call": (ctypes.c_int, [VOID_P] * 3 + [INT] * 3)})
+        "tcq_layers_call": (ctypes.c_int, [VOID_P, INT, VOID_P, VOID_P] + [INT] * 3)})
 
 
 def available() -> bool:
@@ -183,49 +183,6 @@ class GemvLayer:
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
         _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
         return y.to(dtype)
-
-
-class _Layer(ctypes.Structure):  # tcq_layer in the C source
-    _fields_ = [("words", VOID_P), ("scale", VOID_P), ("lut", VOID_P)] + [
-        (n, ctypes.c_int) for n in ("R", "C", "P", "wbits", "k1", "L", "glen")] + [("rot", VOID_P), ("rot_plan", VOID_P)]
-
-
-class Step:
-    """A decode step's call of one interleaved :class:`GemvLayer`, with the input transform of an ``+ip`` layer
-    (a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan`, or None) done in the same native call: ``x`` (float32
-    or bfloat16) is copied to float32, transformed, and multiplied (``tcq_layer_call``); the same values as
-    ``gemv(rot.apply(x.float()), dtype)``.  One call passes six arguments where the two calls passed twenty."""
-
-    def __init__(self, gemv: GemvLayer, rot=None):
-        if not gemv.interleaved:
-            raise ValueError("tcq Step: needs a GemvLayer with the AVX-512 layout (GemvLayer.interleaved)")
-        if rot is not None and rot.n != gemv.C:
-            raise ValueError(f"tcq Step: the transform is of order {rot.n}, the layer has {gemv.C} columns")
-        self.R, self.C = gemv.R, gemv.C
-        self._keep = (gemv, rot)
-        R, C, P, wbits, k1, L, glen = gemv._words_tail
-        self._layer = _Layer(gemv.words.data_ptr(), gemv.scale.data_ptr(), gemv.lut.data_ptr(), R, C, P, wbits, k1,
-                             L, glen, None if rot is None else rot.function, None if rot is None else rot.address)
-        self._addr = ctypes.addressof(self._layer)
-        self._fn = _lib().tcq_layer_call
-
-    def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``y [..., R]`` in ``dtype`` for the CPU ``x [..., C]`` (float32 or bfloat16, at most ``DENSE_FROM``
-        rows)."""
-        m = x.numel() // self.C
-        if x.shape[-1] != self.C or x.dtype not in _XDT or m > DENSE_FROM:
-            raise ValueError(f"tcq Step: x must be float32 or bfloat16 [..., {self.C}] with at most {DENSE_FROM} "
-                             f"rows, got {x.dtype} {tuple(x.shape)}")
-        bf16 = dtype is torch.bfloat16
-        y = torch.empty(*x.shape[:-1], self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
-        x = x.contiguous()
-        rc = self._fn(self._addr, x.data_ptr(), y.data_ptr(), m, x.dtype is torch.bfloat16, bf16)
-        if rc:
-            raise RuntimeError(f"tcq_layer_call failed ({rc}) on [{self.R}, {self.C}]")
-        return y if bf16 or dtype is torch.float32 else y.to(dtype)
-
-
-_XDT = (torch.float32, torch.bfloat16)
 
 
 def decode(stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, C: int, P: int, wbits: int, k1: int,

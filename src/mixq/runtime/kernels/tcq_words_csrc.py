@@ -210,58 +210,72 @@ static void tcq_words_finish(const float* part, int nt, size_t n, void* y, int b
   }
 }
 
-/* y [M, R] for x [M, C] from tcq_words' layout, float32, or bfloat16 when bf16, tokens four at a time; needs
-   glen % 16 == 0.  Threads split the columns into partial sums, then (after a barrier) the outputs to add them. */
-void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
-               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {
+/* One layer's fixed arguments (a decode step makes ~200 layer calls: each passes a few) */
+typedef int (*tcq_rot_fn)(const void* plan, const void* in, void* out, int M, int bf16);
+typedef struct { const uint32_t* words; const float* scale; const float* lut; int R, C, P, wbits, k1, L, glen;
+                 tcq_rot_fn rot; const void* rot_plan; } tcq_layer;
+
+/* ys[l] [M, R_l] for the float32 xf [M, C] through each of the nl layers ls (one C; float32, or bfloat16 when
+   bf16), tokens four at a time; needs glen % 16 == 0.  One parallel region for all of them: threads split every
+   layer's columns into partial sums, then (after one barrier) every layer's outputs to add them. */
+static void tcq_words_layers(const tcq_layer* const* ls, int nl, const float* xf, void* const* ys, int M, int bf16) {
+  const int C = ls[0]->C;
   int nt = 1;
   #ifdef _OPENMP
   nt = omp_get_max_threads();
   if (nt > C / 64) nt = C / 64 > 0 ? C / 64 : 1;
   #endif
-  const size_t n = (size_t)M * R;
-  float* part = (float*)calloc((size_t)nt * n, sizeof(float));
-  if (nt == 1) {  /* no parallel region: a decode step makes ~200 of these calls */
-    for (int m0 = 0; m0 < M; m0 += TCQ_MT4)
-      tcq_words_range(x + (size_t)m0 * C, words, scale, lut, part + (size_t)m0 * R, M - m0 < TCQ_MT4 ? M - m0 : TCQ_MT4,
-                      R, C, P, wbits, k1, L, glen, 0, C);
-    tcq_words_finish(part, 1, n, y, bf16, 0, n);
-  } else {
-    #pragma omp parallel num_threads(nt)
-    {
-      int t = 0;
-      #ifdef _OPENMP
-      t = omp_get_thread_num();
-      #endif
-      const int c0 = 16 * (int)((long)(C / 16) * t / nt), c1 = 16 * (int)((long)(C / 16) * (t + 1) / nt);
+  size_t off[17], tot = 0;
+  for (int l = 0; l < nl; l++) { off[l] = tot; tot += (size_t)nt * M * ls[l]->R; }
+  float* part = (float*)calloc(tot, sizeof(float));
+  #pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    int t = 0;
+    #ifdef _OPENMP
+    t = omp_get_thread_num();
+    #endif
+    const int c0 = 16 * (int)((long)(C / 16) * t / nt), c1 = 16 * (int)((long)(C / 16) * (t + 1) / nt);
+    for (int l = 0; l < nl; l++) {
+      const tcq_layer* a = ls[l];
+      const size_t n = (size_t)M * a->R;
       for (int m0 = 0; m0 < M && c1 > c0; m0 += TCQ_MT4)
-        tcq_words_range(x + (size_t)m0 * C, words, scale, lut, part + (size_t)t * n + (size_t)m0 * R,
-                        M - m0 < TCQ_MT4 ? M - m0 : TCQ_MT4, R, C, P, wbits, k1, L, glen, c0, c1);
-      #pragma omp barrier
-      tcq_words_finish(part, nt, n, y, bf16, n * t / nt / 16 * 16, t + 1 == nt ? n : n * (t + 1) / nt / 16 * 16);
+        tcq_words_range(xf + (size_t)m0 * C, a->words, a->scale, a->lut, part + off[l] + (size_t)t * n + (size_t)m0 * a->R,
+                        M - m0 < TCQ_MT4 ? M - m0 : TCQ_MT4, a->R, C, a->P, a->wbits, a->k1, a->L, a->glen, c0, c1);
+    }
+    #pragma omp barrier
+    for (int l = 0; l < nl; l++) {
+      const size_t n = (size_t)M * ls[l]->R;
+      tcq_words_finish(part + off[l], nt, n, ys[l], bf16, n * t / nt / 16 * 16,
+                       t + 1 == nt ? n : n * (t + 1) / nt / 16 * 16);
     }
   }
   free(part);
 }
 
-/* One layer's fixed arguments for tcq_layer_call (a decode step makes ~200 calls: each passes six) */
-typedef int (*tcq_rot_fn)(const void* plan, const void* in, void* out, int M, int bf16);
-typedef struct { const uint32_t* words; const float* scale; const float* lut; int R, C, P, wbits, k1, L, glen;
-                 tcq_rot_fn rot; const void* rot_plan; } tcq_layer;
+/* y [M, R] for x [M, C] from tcq_words' layout (tcq_words_layers of one layer) */
+void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
+               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {
+  const tcq_layer a = {words, scale, lut, R, C, P, wbits, k1, L, glen, NULL, NULL};
+  const tcq_layer* ls[1] = {&a};
+  void* ys[1] = {y};
+  tcq_words_layers(ls, 1, x, ys, M, bf16);
+}
 
-/* y [M, R] (bfloat16 when ybf16, else float32) for x [M, C] (bfloat16 when xbf16, else float32): x in float32,
-   transformed in place by rot (kron_cpu's kron_apply on its plan; none when NULL), then tcq_gemv_words -- what the
-   two calls give one after the other.  Nonzero: the transform failed (its code), or 3: no memory. */
-int tcq_layer_call(const tcq_layer* l, const void* x, void* y, int M, int xbf16, int ybf16) {
-  const size_t n = (size_t)M * l->C;
+/* ys[l] [M, R_l] (bfloat16 when ybf16, else float32) for one x [M, C] (bfloat16 when xbf16, else float32) through
+   nl <= 16 layers that read it (one C, one input transform: the first layer's rot, kron_cpu's kron_apply on its
+   plan, in place on a float32 copy of x; none when NULL): what the transform and tcq_gemv_words of each layer give.
+   Nonzero: the transform failed (its code), 3: no memory, 5: more than 16 layers. */
+int tcq_layers_call(const tcq_layer* const* ls, int nl, const void* x, void* const* ys, int M, int xbf16, int ybf16) {
+  if (nl < 1 || nl > 16) return 5;
+  const size_t n = (size_t)M * ls[0]->C;
   float* xf = (float*)malloc(sizeof(float) * n);
   if (!xf) return 3;
   if (xbf16)
     for (size_t i = 0; i < n; i++) { const uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16; memcpy(xf + i, &u, 4); }
   else
     memcpy(xf, x, sizeof(float) * n);
-  const int rc = l->rot ? l->rot(l->rot_plan, xf, xf, M, 0) : 0;
-  if (!rc) tcq_gemv_words(xf, l->words, l->scale, l->lut, y, M, l->R, l->C, l->P, l->wbits, l->k1, l->L, l->glen, ybf16);
+  const int rc = ls[0]->rot ? ls[0]->rot(ls[0]->rot_plan, xf, xf, M, 0) : 0;
+  if (!rc) tcq_words_layers(ls, nl, xf, ys, M, ybf16);
   free(xf);
   return rc;
 }
@@ -272,7 +286,7 @@ void tcq_decode_words(const uint32_t* words, const float* scale, const float* lu
 void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int wbits) {}
 void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
                int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {}
-int tcq_layer_call(const void* l, const void* x, void* y, int M, int xbf16, int ybf16) { return 4; }
+int tcq_layers_call(const void* ls, int nl, const void* x, void* ys, int M, int xbf16, int ybf16) { return 4; }
 #endif
 
 """
