@@ -69,7 +69,7 @@ class Step:
     def _bind(self) -> None:
         group = [self, *self.followers]
         self._ptrs = (ctypes.c_void_p * len(group))(*[ctypes.addressof(s._layer) for s in group])
-        self._ys = (ctypes.c_void_p * len(group))()
+        self._ys_type = ctypes.c_void_p * len(group)
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``y [..., R]`` in ``dtype`` for the CPU ``x [..., C]`` (float32 or bfloat16, at most ``DENSE_FROM``
@@ -90,9 +90,8 @@ class Step:
         bf16 = dtype is torch.bfloat16
         ydt, lead = torch.bfloat16 if bf16 else torch.float32, x.shape[:-1]
         ys = [torch.empty(*lead, self.R, dtype=ydt)] + [torch.empty(*lead, f.R, dtype=ydt) for f in self.followers]
-        for i, y in enumerate(ys):
-            self._ys[i] = y.data_ptr()
-        rc = self._fn(self._ptrs, len(ys), x.data_ptr(), self._ys, m, x.dtype is torch.bfloat16, bf16)
+        out = self._ys_type(*[y.data_ptr() for y in ys])  # per call: the native call runs without the GIL
+        rc = self._fn(self._ptrs, len(ys), x.data_ptr(), out, m, x.dtype is torch.bfloat16, bf16)
         if rc:
             raise RuntimeError(f"tcq_layers_call failed ({rc}) on [{self.R}, {self.C}]")
         if not (bf16 or dtype is torch.float32):
