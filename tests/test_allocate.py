@@ -428,17 +428,21 @@ def test_json_outputs_are_ordinary_files_not_private_temporaries(tmp_path):
     assert not list(tmp_path.glob(".x.json.*"))
 
 
-def test_quantize_fast_on_cpu_measures_the_fast_cpu_set(tiny_dir, tmp_path):
+def test_quantize_fast_on_cpu_measures_the_fast_cpu_set(tiny_dir, tmp_path, caplog):
     """``quantize --fast-on cpu`` with the default candidates measures the ``fast-cpu`` set (int grids, some
     ``+ip``) instead of the default codebooks, and every layer of the plan decodes on a faster-than-fp32 kernel
-    (on the tiny model's small layers, no ``+ip`` one)."""
+    (on the tiny model's small layers, no ``+ip`` one); on a CPU whose trellis kernels beat fp32 it says that the
+    default plan would be fast there too."""
     from mixq.allocate.candidates import FAST_CPU_CANDIDATE_NAMES
     from mixq.cli import main
-    from mixq.runtime.kernels import decodes_faster
+    from mixq.runtime.kernels import decodes_faster, tcq_cpu
 
     out = tmp_path / "q"
-    assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--method", "rtn", "--fast-on", "cpu",
-                 "--nsamples", "2", "--seqlen", "16", "--out", str(out)]) == 0
+    with caplog.at_level("WARNING"):
+        assert main(["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--method", "rtn", "--fast-on", "cpu",
+                     "--nsamples", "2", "--seqlen", "16", "--out", str(out)]) == 0
+    hinted = "leave --fast-on out if the model will run on a CPU like this one" in caplog.text
+    assert hinted == (tcq_cpu.available() and tcq_cpu.has_avx512())
     layers = json.loads((out / "mixq.json").read_text())["layers"]
     specs = Plan.load(out / "plan.json").layers
     assert set(specs) == set(layers) and {s.name for s in specs.values()} <= set(FAST_CPU_CANDIDATE_NAMES)

@@ -17,6 +17,17 @@ from .placement import check_device, placement_args, placement_from
 log = logging.getLogger(__name__)
 
 
+def _hint_fast_on_cpu() -> None:
+    """Say, on a CPU whose trellis kernels beat fp32, that --fast-on cpu gives up the default plan's quality for
+    speed on other CPUs."""
+    from ..runtime.kernels import tcq_cpu
+
+    if tcq_cpu.available() and tcq_cpu.has_avx512():
+        log.warning("--fast-on cpu keeps integer grids, fast on any CPU; on this one (AVX-512) the default plan's "
+                    "trellis layers decode faster than fp32 too (1.4-1.7x, bench/results/deploy.md) at several "
+                    "times lower KL: leave --fast-on out if the model will run on a CPU like this one")
+
+
 def register(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model and write a mixq directory",
                        description="Quantize MODEL with one spec for every block linear (or a plan) and write DIR.")
@@ -83,6 +94,7 @@ def cmd_quantize(args) -> int:
         args.candidates = args.target  # measure the runtime's exact specs (mixq.export.ggml_exact)
     if getattr(args, "fast_on", None) == "cpu" and args.candidates == "default":
         args.candidates = FAST_CPU  # measure specs that decode faster than fp32 (mixq.allocate.candidates)
+        _hint_fast_on_cpu()
     spec = quantize_spec(args) if args.plan is None and args.bpw is None else None
     plan = Plan.load(args.plan) if args.plan else None
     budget = Budget(bpw=args.bpw) if args.bpw is not None else None
