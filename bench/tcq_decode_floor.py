@@ -11,7 +11,7 @@
 2. **The kernel** (:class:`mixq.runtime.kernels.tcq_cpu.GemvLayer`) on the model's four layer shapes at rates
    2 / 3 / 4, one token, its operands hot in cache: ns per weight.
 3. **A decode of DIR** (packed, bf16, ``kernel="auto"``) and of the fp32 model, greedy, batch 1: tokens/s, and the
-   time inside the trellis kernel calls of each step (a wrapper around them).  The rest of a step (the bf16 head,
+   time inside the trellis layers' native calls of each step (a wrapper around them).  The rest of a step (the bf16 head,
    transforms, attention, norms, Python) is step - kernel.
 4. **The bound**: a kernel at the gather's floor would spend ``floor x trellis weights`` a step; with the rest as
    measured, tokens/s <= 1 / (rest + that).  Compared with 1.5x the fp32 model's tokens/s.
@@ -119,23 +119,28 @@ def _time(fn, n: int) -> float:
 
 
 def decode(model, prompt, new_tokens: int, repeats: int) -> dict:
-    """Median tokens/s over ``repeats`` greedy decodes, and the seconds a step spends in trellis kernel calls."""
+    """Median tokens/s over ``repeats`` greedy decodes, and the seconds a step spends in trellis kernel calls (the
+    layers' native calls, :class:`~mixq.runtime.kernels.tcq_step.Step`, and the kernel's own where a layer has no
+    step: no AVX-512)."""
     from mixq.runtime import greedy_generate
-    from mixq.runtime.kernels import tcq_cpu
+    from mixq.runtime.kernels import tcq_cpu, tcq_step
 
     spent = [0.0, 0]
-    call = tcq_cpu.GemvLayer.__call__
+    calls = {cls: cls.__call__ for cls in (tcq_cpu.GemvLayer, tcq_step.Step)}
 
-    def timed(self, x, *dtype):
-        t = time.perf_counter()
-        y = call(self, x, *dtype)
-        spent[0] += time.perf_counter() - t
-        spent[1] += 1
-        return y
+    def timer(call):
+        def timed(self, x, *dtype):
+            t = time.perf_counter()
+            y = call(self, x, *dtype)
+            spent[0] += time.perf_counter() - t
+            spent[1] += 1
+            return y
+        return timed
 
     greedy_generate(model, prompt, 8, stop_at_eos=False)
     speeds, kernel = [], []
-    tcq_cpu.GemvLayer.__call__ = timed
+    for cls, call in calls.items():
+        cls.__call__ = timer(call)
     try:
         for _ in range(repeats):
             spent[:] = [0.0, 0]
@@ -144,7 +149,8 @@ def decode(model, prompt, new_tokens: int, repeats: int) -> dict:
             speeds.append(steps / r.decode_s)
             kernel.append(spent[0] / (steps + 1))  # the prefill's calls are few tokens too: spread over all
     finally:
-        tcq_cpu.GemvLayer.__call__ = call
+        for cls, call in calls.items():
+            cls.__call__ = call
     i = speeds.index(statistics.median(speeds))
     return {"tok_s": speeds[i], "step_s": 1 / speeds[i], "kernel_s": kernel[i], "kernel_calls": spent[1]}
 
