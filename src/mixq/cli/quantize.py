@@ -8,24 +8,15 @@ from pathlib import Path
 from ..api import GROUP_FALLBACKS, METHODS
 from ..pipeline import FINETUNE_STAGES
 from ..recipe import DEFAULT_RECIPE, recipe_record
+from ..runtime.kernels import trellis_decodes_fast_here
 from .common import (UserError, calib_args, check_free_space, check_positive, claim_output, constraint_args,
                      constraints_from, e2e_amp_arg, human, measure_args, model_arg, solver_arg,
                      walk_amp_arg)
 from .measure import load_candidate_set, measure_algorithm
 from .placement import check_device, placement_args, placement_from
+from .quantize_lazy import check_lazy, lazy_source, load_lazy
 
 log = logging.getLogger(__name__)
-
-
-def _hint_fast_on_cpu() -> None:
-    """Say, on a CPU whose trellis kernels beat fp32, that --fast-on cpu gives up the default plan's quality for
-    speed on other CPUs."""
-    from ..runtime.kernels import tcq_cpu
-
-    if tcq_cpu.available() and tcq_cpu.has_avx512():
-        log.warning("--fast-on cpu keeps integer grids, fast on any CPU; on this one (AVX-512) the default plan's "
-                    "trellis layers decode faster than fp32 too (1.4-1.7x, bench/results/deploy.md) at several "
-                    "times lower KL: leave --fast-on out if the model will run on a CPU like this one")
 
 
 def register(sub) -> None:
@@ -94,7 +85,10 @@ def cmd_quantize(args) -> int:
         args.candidates = args.target  # measure the runtime's exact specs (mixq.export.ggml_exact)
     if getattr(args, "fast_on", None) == "cpu" and args.candidates == "default":
         args.candidates = FAST_CPU  # measure specs that decode faster than fp32 (mixq.allocate.candidates)
-        _hint_fast_on_cpu()
+        if trellis_decodes_fast_here():
+            log.warning("--fast-on cpu keeps integer grids, fast on any CPU; on this one (AVX-512) the default plan's "
+                        "trellis layers decode faster than fp32 too (1.4-1.7x, bench/results/deploy.md) at several "
+                        "times lower KL: leave --fast-on out if the model will run on a CPU like this one")
     spec = quantize_spec(args) if args.plan is None and args.bpw is None else None
     plan = Plan.load(args.plan) if args.plan else None
     budget = Budget(bpw=args.bpw) if args.bpw is not None else None
@@ -110,7 +104,7 @@ def cmd_quantize(args) -> int:
         args.finetune_samples = args.nsamples
     check_positive(finetune_samples=args.finetune_samples)
     if args.lazy:
-        _check_lazy(args)
+        check_lazy(args)
     if args.offload_dir is not None and args.method != "gptq":
         raise UserError("--offload-dir applies to the GPTQ block walk: use --method gptq")
     if args.gptq_target != "quantized" and args.method != "gptq":
@@ -124,7 +118,7 @@ def cmd_quantize(args) -> int:
     if placement is None:
         check_device(args.device)
     if args.lazy:
-        model, tok = _load_lazy(args.model)
+        model, tok = load_lazy(args.model)
     else:
         model, tok = load_model(args.model, device=args.device, placement=placement)
     if plan is not None:  # a plan for another model fails before any calibration work
@@ -160,7 +154,7 @@ def cmd_quantize(args) -> int:
     chosen = P.layer_specs(model, spec, plan=plan, lm_head=lm_head, group_fallback=args.group_fallback,
                            target=getattr(args, "target", None))  # a spec --target cannot hold: ValueError
     specs = chosen.specs
-    source, kept = _lazy_source(model, args.model, specs) if args.lazy else (None, {})
+    source, kept = lazy_source(model, args.model, specs) if args.lazy else (None, {})
     walk = None
     if args.method == "gptq":
         from ..calib.checkpoint import WalkCheckpoint
@@ -341,50 +335,6 @@ def resolve_finetune(args) -> str:
                             "(fine-tune the directory afterwards with `mixq finetune` on a larger machine)")
         return args.finetune
     return DEFAULT_RECIPE["finetune"] if args.method == "gptq" and not args.lazy else "none"
-
-
-def _check_lazy(args) -> None:
-    p = Path(args.model)
-    if not (p / "config.json").is_file() or not any(p.glob("*.safetensors")):
-        raise UserError(f"--lazy needs a local model directory with config.json and *.safetensors, not {args.model}")
-    if args.device_map:
-        raise UserError("--lazy streams the blocks from disk itself: drop --device-map (--device picks where each "
-                        "block is quantized)")
-    if args.method != "gptq" or args.rotate or (args.bpw is not None and args.measurement is None):
-        raise UserError("--lazy streams the blocks through GPTQ's calibration walk: use --method gptq, no --rotate, "
-                        "and with --bpw an existing --measurement")
-    from ..calibset import SELF, parse_sources
-
-    if SELF in parse_sources(args.calib):
-        raise UserError(f"--lazy never holds the whole model, so it cannot write self-generated calibration text "
-                        f"(--calib {args.calib}): pass --calib ptb or a .txt/.jsonl file")
-
-
-def _load_lazy(path: str):
-    """The model on ``meta`` with only what lies outside the decoder blocks loaded, and its tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..calib.lazy import load_outside_blocks, skeleton_from_config
-
-    model = skeleton_from_config(AutoConfig.from_pretrained(path))
-    load_outside_blocks(model, path)
-    return model, AutoTokenizer.from_pretrained(path)
-
-
-def _lazy_source(model, path: str, specs: dict):
-    """Streams blocks from ``path``; keeps each block's tensors that are not quantized (to save them)."""
-    from ..arch import arch_for
-    from ..calib.lazy import LazySafetensorsBlocks
-
-    prefix, kept = arch_for(model).blocks, {}
-
-    def sink(i: int, state: dict) -> None:
-        for k, v in state.items():
-            name = f"{prefix}.{i}.{k}"
-            if name.removesuffix(".weight") not in specs:
-                kept[name] = v
-
-    return LazySafetensorsBlocks(path, prefix, sink=sink), kept  # the walk trims the heap after each block
 
 
 def quantize_spec(args):

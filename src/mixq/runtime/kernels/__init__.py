@@ -159,6 +159,14 @@ FASTER_THAN_DENSE = frozenset({"cpu-int4", "triton"})
 IP_MIN_WEIGHTS_CPU = 1 << 20
 
 
+def trellis_decodes_fast_here() -> bool:
+    """Whether this CPU runs the trellis layers' AVX-512 kernels, at which the default plans decode faster than
+    fp32 (not counted in :func:`decodes_faster`: a plan does not know the CPU it will run on)."""
+    from . import tcq_cpu
+
+    return tcq_cpu.available() and tcq_cpu.has_avx512()
+
+
 def decodes_faster(spec, shape, device: str = "cpu") -> bool:
     """Whether a ``spec`` weight of ``shape`` decodes on ``device`` through a kernel of :data:`FASTER_THAN_DENSE`
     (on CPU an ``+ip`` one only from :data:`IP_MIN_WEIGHTS_CPU` weights)."""
@@ -170,5 +178,5 @@ def decodes_faster(spec, shape, device: str = "cpu") -> bool:
 
 
 __all__ = ["ALIASES", "AUTO_ORDER", "FASTER_THAN_DENSE", "IP_MIN_WEIGHTS_CPU", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name",
-           "decodes_faster", "fast_kernel_for",
+           "decodes_faster", "fast_kernel_for", "trellis_decodes_fast_here",
            "get_kernel", "kernel_names", "pick_kernel", "select_kernel", "usable_kernels"]
