@@ -324,8 +324,6 @@ def _finetune(scratch: Path, out: Path, args, rows=None) -> None:
     print("fine-tuned: " + "; ".join(parts) + (f"; curves in {rep['plot']}" if rep.get("plot") else ""))
 
 
-
-
 def resolve_finetune(args) -> str:
     """The fine-tuning stages this run does: ``--finetune`` as given, else the recipe's with GPTQ on a model in
     memory (:mod:`mixq.recipe`), else none."""
