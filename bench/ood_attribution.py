@@ -60,9 +60,10 @@ def per_token(model, ref, scorer) -> dict:
             bins = []
             for lo, hi in ENTROPY_BINS:
                 m = (ent >= lo) & (ent < (hi if hi is not None else float("inf")))
-                bins.append({"lo": lo, "hi": hi, "share": float(m.float().mean()), "kl": float(kl[m].mean()) if m.any() else None})
-            out[dom] = {"kl": float(kl.mean()), "entropy": float(ent.mean()), "bins": bins,
-                        "top_share": {str(p): float(top[: max(1, kl.numel() * p // 100)].sum() / top.sum()) for p in (1, 5, 20)}}
+                bins.append({"lo": lo, "hi": hi, "share": float(m.float().mean()),
+                             "kl": float(kl[m].mean()) if m.any() else None})
+            share = {str(p): float(top[: max(1, kl.numel() * p // 100)].sum() / top.sum()) for p in (1, 5, 20)}
+            out[dom] = {"kl": float(kl.mean()), "entropy": float(ent.mean()), "bins": bins, "top_share": share}
     return out
 
 

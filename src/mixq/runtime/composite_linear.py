@@ -163,8 +163,8 @@ _LAST_INPUT: list = [None]  # (x, seed, dtype, its contents, Q x): q/k/v (and ga
 
 def _rotate_input(x: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """``Q x`` in ``dtype``, reused when the previous ``+ip`` layer rotated this same tensor with this seed into
-    this dtype and its values have not changed since (the same object, the same :func:`~mixq.runtime.kernels.tcq_step.contents`: inference tensors
-    carry no version counter)."""
+    this dtype and its values have not changed since (the same object, the same
+    :func:`~mixq.runtime.kernels.tcq_step.contents`: inference tensors carry no version counter)."""
     if torch.is_grad_enabled():
         _LAST_INPUT[0] = None
         return rotate(x.to(dtype), seed)

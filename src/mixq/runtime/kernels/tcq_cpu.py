@@ -25,10 +25,10 @@ instead of the stream (:func:`words`) and walks 64 columns at once in four sixte
 refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one accumulator
 update (up to four tokens share each gather); more than ``DENSE_FROM`` tokens decode ``Ŵ`` from the same layout
 (16 columns a step) for a dense product (C source: :mod:`mixq.runtime.kernels.tcq_words_csrc`).  A layer's
-decode call is then one native call (:class:`~mixq.runtime.kernels.tcq_step.Step`: the bfloat16 input widened, an ``+ip`` layer's input transform
-through :mod:`mixq.runtime.kernels.kron_cpu`'s function, the GEMV, bfloat16 out), where the Python between two
-native calls had cost a decode step about as much as a tenth of its kernels.  The table gathers bound every path:
-a gather costs about half a cycle a lane.
+decode call is then one native call (:class:`~mixq.runtime.kernels.tcq_step.Step`: the bfloat16 input widened, an
+``+ip`` layer's input transform through :mod:`mixq.runtime.kernels.kron_cpu`'s function, the GEMV, bfloat16 out),
+where the Python between two native calls had cost a decode step about a tenth of its kernels' time.  The table
+gathers bound every path: a gather costs about half a cycle a lane.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
 works, and the callers fall back to torch (:func:`mixq.algorithms.composite.tcq_search.viterbi_torch`, dequantize +

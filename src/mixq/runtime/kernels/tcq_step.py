@@ -29,8 +29,9 @@ MAX_GROUP = 16   # tcq_layers_call's limit
 
 
 class _Layer(ctypes.Structure):  # tcq_layer in the C source
-    _fields_ = [("words", VOID_P), ("scale", VOID_P), ("lut", VOID_P)] + [
-        (n, ctypes.c_int) for n in ("R", "C", "P", "wbits", "k1", "L", "glen")] + [("rot", VOID_P), ("rot_plan", VOID_P)]
+    _fields_ = ([("words", VOID_P), ("scale", VOID_P), ("lut", VOID_P)]
+                + [(n, ctypes.c_int) for n in ("R", "C", "P", "wbits", "k1", "L", "glen")]
+                + [("rot", VOID_P), ("rot_plan", VOID_P)])
 
 
 def contents(x: torch.Tensor):
