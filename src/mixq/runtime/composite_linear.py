@@ -24,13 +24,14 @@ A layer keeps the type of the stored form it was made from (``packed``), and giv
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..algorithms.composite.incoherence import kron_plan, rotate
 from ..config.composite_protocol import REFERENCE_KERNEL
-from .kernels.tcq_step import contents
 from .packed_codes_linear import PackedCodesLinear, copy_without
 
 
@@ -161,15 +162,24 @@ class IncoherentLinear(nn.Module):
 _LAST_INPUT: list = [None]  # (x, seed, dtype, its contents, Q x): q/k/v (and gate/up) read one input: rotate it once
 
 
+def _contents(x: torch.Tensor):
+    """What tells whether ``x``'s values changed: its bytes where they are few and on the CPU (a decode step's
+    activations; a copy of a few kB, cheaper than a reduction), else its sum."""
+    n = x.numel() * x.element_size()
+    if x.device.type == "cpu" and n <= 1 << 16 and x.is_contiguous():
+        return ctypes.string_at(x.data_ptr(), n)
+    return float(x.sum())
+
+
 def _rotate_input(x: torch.Tensor, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """``Q x`` in ``dtype``, reused when the previous ``+ip`` layer rotated this same tensor with this seed into
-    this dtype and its values have not changed since (the same object, the same
-    :func:`~mixq.runtime.kernels.tcq_step.contents`: inference tensors carry no version counter)."""
+    this dtype and its values have not changed since (the same object, the same :func:`_contents`: inference tensors
+    carry no version counter)."""
     if torch.is_grad_enabled():
         _LAST_INPUT[0] = None
         return rotate(x.to(dtype), seed)
     last = _LAST_INPUT[0]
-    seen = contents(x)
+    seen = _contents(x)
     if last is not None and last[0] is x and last[1] == seed and last[2] == dtype and last[3] == seen:
         return last[4]
     xr = rotate(x.to(dtype), seed)

@@ -11,7 +11,7 @@ whether the step called just before it read the same tensor with the same conten
 it becomes that step's *follower*.  From then on the leader computes its followers' outputs in its own native call
 (one parallel region, every layer's columns split over the threads, one barrier) and leaves each follower its
 output with the input it was computed from; a follower returns it only when it is called with that very tensor,
-its contents unchanged (:func:`contents`), and computes alone otherwise.  A stale or foreign input therefore costs
+its bytes unchanged, and computes alone otherwise.  A stale or foreign input therefore costs
 speed, never correctness.  Decoding state (the last input seen) is per process, not per thread: two models decoded
 in two threads at once learn nothing from each other (their inputs are different tensors).
 """
@@ -34,17 +34,13 @@ class _Layer(ctypes.Structure):  # tcq_layer in the C source
                 + [("rot", VOID_P), ("rot_plan", VOID_P)])
 
 
-def contents(x: torch.Tensor):
-    """What tells whether ``x``'s values changed: its bytes where they are few and on the CPU (a decode step's
-    activations; a copy of a few kB, cheaper than a reduction), else its sum (inference tensors carry no version
-    counter)."""
-    n = x.numel() * x.element_size()
-    if x.device.type == "cpu" and n <= 1 << 16 and x.is_contiguous():
-        return ctypes.string_at(x.data_ptr(), n)
-    return float(x.sum())
+def _bytes(x: torch.Tensor) -> bytes:
+    """The bytes of the contiguous CPU ``x`` (a step's input): what a stashed output is checked against, exactly
+    at any size (a sum could miss an in-place change)."""
+    return ctypes.string_at(x.data_ptr(), x.numel() * x.element_size())
 
 
-_RECENT: list = [None]  # (step, x, contents of x): the last step that computed from its own input
+_RECENT: list = [None]  # (step, x, bytes of x): the last step that computed from its own input
 
 
 class Step:
@@ -63,7 +59,7 @@ class Step:
                              L, glen, None if rot is None else rot.function, None if rot is None else rot.address)
         self._fn = _lib().tcq_layers_call
         self.followers: list[Step] = []
-        self._stash = None  # (x, dtype, contents, y): this step's output, computed by its leader
+        self._stash = None  # (x, dtype, bytes of x, y): this step's output, computed by its leader
         self._calls = 0
         self._bind()
 
@@ -78,7 +74,7 @@ class Step:
         st = self._stash
         if st is not None:
             self._stash = None
-            if st[0] is x and st[1] is dtype and st[2] == contents(x):
+            if st[0] is x and st[1] is dtype and st[2] == _bytes(x):
                 return st[3]
         m = x.numel() // self.C
         if x.shape[-1] != self.C or x.dtype not in _XDT or m > DENSE_FROM:
@@ -98,7 +94,7 @@ class Step:
         if not (bf16 or dtype is torch.float32):
             ys = [y.to(dtype) for y in ys]
         if self.followers:
-            seen = contents(x)
+            seen = _bytes(x)
             for f, y in zip(self.followers, ys[1:]):
                 f._stash = (x, dtype, seen, y)
         return ys[0]
@@ -109,11 +105,11 @@ class Step:
         last = _RECENT[0]
         if (last is not None and last[1] is x and last[0] is not self and self not in last[0].followers
                 and not self.followers and last[0].rot is self.rot and last[0].C == self.C
-                and len(last[0].followers) + 1 < MAX_GROUP and last[2] == contents(x)):
+                and len(last[0].followers) + 1 < MAX_GROUP and last[2] == _bytes(x)):
             last[0].followers.append(self)
             last[0]._bind()
             return
-        _RECENT[0] = (self, x, contents(x))
+        _RECENT[0] = (self, x, _bytes(x))
 
 
 _XDT = (torch.float32, torch.bfloat16)
