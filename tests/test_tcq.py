@@ -314,8 +314,9 @@ def test_layers_reading_one_input_are_learnt_and_run_as_one_call():
             for lin in layers:
                 assert torch.equal(lin(x), alone(lin, x))
             other(torch.randn(1, 1, C).bfloat16())
-        lead = layers[0].inner._steps[layers[0]._rot]
-        assert [f is layers[k].inner._steps[layers[k]._rot] for k, f in enumerate(lead.followers, 1)] == [True, True]
+        probe = torch.zeros(1, 1, C).bfloat16()
+        lead = layers[0]._cpu_step(probe)
+        assert [f is layers[k]._cpu_step(probe) for k, f in enumerate(lead.followers, 1)] == [True, True]
         # the leader ran for all three; the input changes in place before the others are called: computed again
         x = torch.randn(1, 1, C).bfloat16()
         layers[0](x)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..algorithms.composite.incoherence import kron_plan, rotate
 from ..config.composite_protocol import REFERENCE_KERNEL
-from .packed_codes_linear import PackedCodesLinear, copy_without
+from .packed_codes_linear import PackedCodesLinear
 
 
 def _buffer_name(name: str) -> str:
@@ -99,9 +99,6 @@ class IncoherentLinear(nn.Module):
             raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
-    def __deepcopy__(self, memo):
-        return copy_without(self, memo, ("_rot",))
-
     @property
     def packed(self):
         parts = {"ip.seeds": self.seeds.cpu(), **{f"in.{k}": v for k, v in self.inner.packed.tensors().items()}}
@@ -141,10 +138,8 @@ class IncoherentLinear(nn.Module):
         find = getattr(inner, "cpu_step", None)
         if find is None or len(self._seeds) != 1 or inner.bias is not None:
             return None
-        rot = self.__dict__.get("_rot")
-        if rot is None:
-            rot = self.__dict__["_rot"] = kron_plan(self.in_features, self._seeds[0], False) or False
-        return find(x, rot) if rot is not False else None
+        rot = kron_plan(self.in_features, self._seeds[0], False)  # made once (cached); None without a compiler
+        return None if rot is None else find(x, rot)
 
     def _cpu_gemv(self, x: torch.Tensor):
         """The inner layer's native one-token kernel for ``x`` (``TCQLinear.cpu_gemv``), when the transform is

@@ -14,21 +14,6 @@ from ..config import CompositeSpec
 _RAW = {2: torch.int16, 4: torch.int32}
 
 
-def copy_without(module: nn.Module, memo: dict, names: tuple[str, ...]) -> nn.Module:
-    """A deep copy of ``module`` without its attributes ``names`` (the native kernels' state, made again on first
-    use: it holds addresses of the original's tensors and ctypes structures, which cannot be copied); a dict among
-    them comes back empty, anything else is left out."""
-    cls = type(module)
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    for k, v in module.__dict__.items():
-        if k not in names:
-            new.__dict__[k] = copy.deepcopy(v, memo)
-        elif isinstance(v, dict):
-            new.__dict__[k] = {}
-    return new
-
-
 class PackedCodesLinear(nn.Module):
     """Base of the codebook layers: subclasses name their packed stream (``CODES``), their kernels (``KERNELS``)
     and which specs they hold (``holds``)."""
@@ -64,7 +49,13 @@ class PackedCodesLinear(nn.Module):
         self._cache: dict = {}
 
     def __deepcopy__(self, memo):
-        return copy_without(self, memo, ("_cache", "_steps"))
+        """A deep copy without the kernels' state (``_cache``, made again on first use: it holds addresses of this
+        layer's tensors and ctypes structures, which cannot be copied)."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = {} if k == "_cache" else copy.deepcopy(v, memo)
+        return new
 
     @property
     def scale(self) -> torch.Tensor:

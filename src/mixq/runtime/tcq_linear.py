@@ -26,12 +26,11 @@ from ..formats.composite.scales import group_len
 from ..formats.composite.tcq_codebook import lut as tcq_lut
 from ..formats.composite.tcq_storage import stream_layout, unpack_tcq
 from .kernels import tcq_cpu
-from .kernels.tcq_step import Step
+from .kernels.tcq_step import INPUT_DTYPES, Step
 from .packed_codes_linear import PackedCodesLinear
 
 KERNELS = ("auto", *TCQ_KERNELS)  # the names its family lists (mixq.config.composite_families)
 CPU_MAX_TOKENS = 16
-_STEP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class TCQLinear(PackedCodesLinear):
@@ -101,15 +100,14 @@ class TCQLinear(PackedCodesLinear):
         ``rot``, a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan` or None, in one native call) when
         :meth:`cpu_gemv` would run for ``x`` (float32 or bfloat16) from the AVX-512 layout; else None.  Made once per
         ``rot``."""
-        if x.dtype not in _STEP_DTYPES:
+        if x.dtype not in INPUT_DTYPES:
             return None
-        steps = self.__dict__.setdefault("_steps", {})
-        s = steps.get(rot)
+        s = self._cache.get(("step", rot))
         if s is None:
             g = self.cpu_gemv(x)
             if g is None:
                 return None
-            s = steps[rot] = Step(g, rot) if g.interleaved else False
+            s = self._cache["step", rot] = Step(g, rot) if g.interleaved else False
         elif not self.cpu_gemv_applies(x):
             return None
         if s is not False:

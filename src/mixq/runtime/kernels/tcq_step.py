@@ -26,6 +26,7 @@ from .tcq_cpu import DENSE_FROM, GemvLayer, _lib
 
 LEARN_CALLS = 4  # a step looks for the step it follows in its first calls (a decode step's first token suffices)
 MAX_GROUP = 16   # tcq_layers_call's limit
+INPUT_DTYPES = (torch.float32, torch.bfloat16)  # what a step reads
 
 
 class _Layer(ctypes.Structure):  # tcq_layer in the C source
@@ -77,7 +78,7 @@ class Step:
             if st[0] is x and st[1] is dtype and st[2] == _bytes(x):
                 return st[3]
         m = x.numel() // self.C
-        if x.shape[-1] != self.C or x.dtype not in _XDT or m > DENSE_FROM:
+        if x.shape[-1] != self.C or x.dtype not in INPUT_DTYPES or m > DENSE_FROM:
             raise ValueError(f"tcq Step: x must be float32 or bfloat16 [..., {self.C}] with at most {DENSE_FROM} "
                              f"rows, got {x.dtype} {tuple(x.shape)}")
         x = x.contiguous()
@@ -111,5 +112,3 @@ class Step:
             return
         _RECENT[0] = (self, x, _bytes(x))
 
-
-_XDT = (torch.float32, torch.bfloat16)
