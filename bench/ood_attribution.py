@@ -43,17 +43,20 @@ def _swapped(model, ref, names):
 
 
 def per_token(model, ref, scorer) -> dict:
-    """Per domain: the plan's KL per scored token binned by the fp32 model's entropy, and the share of the KL in the
-    worst 1 / 5 / 20 % of tokens."""
+    """Per domain: the plan's KL at each scored position (``mixq eval``'s positions and :func:`token_kl`) binned by
+    the fp32 model's entropy there, and the share of the KL in the worst 1 / 5 / 20 % of tokens."""
+    from mixq.eval.kl import token_kl
+    from mixq.eval.perplexity import scored_logits
+
     out = {}
     with torch.no_grad():
         for dom, windows, _ in scorer.windows:
             kls, ents = [], []
-            for ids in windows.input_ids:
-                x = ids[None]
-                lp = F.log_softmax(ref(x).logits.float(), -1)[0]
-                lq = F.log_softmax(model(x).logits.float(), -1)[0]
-                kls.append((lp.exp() * (lp - lq)).sum(-1))
+            for i in range(windows.input_ids.shape[0]):
+                ids, mask = windows.input_ids[i:i + 1], windows.score_mask[i:i + 1]
+                ref_logits, _ = scored_logits(ref, ids, mask)
+                lp = F.log_softmax(ref_logits.float(), -1)
+                kls.append(token_kl(scored_logits(model, ids, mask)[0], lp))
                 ents.append(-(lp.exp() * lp).sum(-1))
             kl, ent = torch.cat(kls), torch.cat(ents)
             top = kl.sort(descending=True).values
