@@ -288,7 +288,9 @@ def _f(v, fmt) -> str:
 
 def _write(rows, S, args, total_s, has_gguf):
     p = S.protocol
-    cmd = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/deploy.py --tokens {args.tokens}"
+    flags = os.environ.get("MIXQ_KERNEL_CFLAGS")  # kernels built as for a CPU without some instructions
+    cmd = ((f"MIXQ_KERNEL_CFLAGS='{flags}' " if flags else "")
+           + f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/deploy.py --tokens {args.tokens}"
            + (f" --threads {args.threads}" if args.threads else "") + f" --new-tokens {args.new_tokens} "
            f"--prompt-tokens {args.prompt_tokens} --repeats {args.repeats} --calib-samples {args.calib_samples} "
            f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else "")

@@ -1,9 +1,13 @@
 """Native CPU kernels written in C: compiled on first use into mixq's cache and loaded with ctypes.
 
 :func:`load` compiles a C source with the system compiler (``$CC``, else ``cc``; ``-O3 -march=native
--fopenmp``) into ``<cache>/kernels/<name>_<hash>.so``, keyed by the source and the machine (``-march=native``
-code does not travel), and returns the library, or None (with a warning naming the fallback) when no compiler
-works.  The ``.so`` appears atomically, so concurrent processes see a whole file or none.
+-fopenmp``, then the flags of ``$MIXQ_KERNEL_CFLAGS``) into ``<cache>/kernels/<name>_<hash>.so``, keyed by the
+source, the extra flags and the machine (``-march=native`` code does not travel), and returns the library, or None
+(with a warning naming the fallback) when no compiler works.  The ``.so`` appears atomically, so concurrent
+processes see a whole file or none.
+
+``MIXQ_KERNEL_CFLAGS`` builds the kernels a CPU would get without some of this one's instructions, e.g.
+``-mno-avx512f`` for the AVX2 paths on an AVX-512 machine (how ``bench/results/deploy_avx2.md`` was measured).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ def load(name: str, source: str, fallback: str, signatures: dict[str, tuple]) ->
     instead, for the warning when it cannot be built); ``signatures``: ``{function: (restype, [argtypes])}``."""
     from ...models import cache_dir
 
-    tag = hashlib.sha256((source + platform.node() + platform.machine()).encode()).hexdigest()[:16]
+    extra = os.environ.get("MIXQ_KERNEL_CFLAGS", "").split()
+    tag = hashlib.sha256((source + platform.node() + platform.machine() + " ".join(extra)).encode()).hexdigest()[:16]
     out = Path(cache_dir()) / "kernels" / f"{name}_{tag}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +42,7 @@ def load(name: str, source: str, fallback: str, signatures: dict[str, tuple]) ->
             src.write_text(source)
             so = Path(tmp) / f"{name}.so"
             try:
-                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(so)],
+                subprocess.run([cc, "-O3", "-march=native", "-fopenmp", *extra, "-shared", "-fPIC", str(src), "-o", str(so)],
                                check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
                 log.warning("%s kernel not compiled (%s): %s", name, e, fallback)
