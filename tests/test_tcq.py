@@ -55,6 +55,16 @@ PINNED_L12 = {  # the 2^12-entry tables of TCQ<rate>L12
     "6": "d07593a98b21e97b04f2389af655338ce08172fc2f5b88a84843231610535539",
 }
 needs_native = pytest.mark.skipif(not tcq_cpu.available(), reason="no C compiler for the tcq-cpu kernels")
+# the decode kernels' two code layouts: the AVX-512 one (where the CPU has it) and the byte stream (AVX2 / scalar)
+LAYOUTS = [pytest.param("words", marks=pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.has_avx512(),
+                                                            reason="needs the AVX-512 trellis kernels")),
+           pytest.param("stream", marks=needs_native)]
+
+
+def _use_layout(layout, monkeypatch):
+    """Layers made from here on hold ``layout`` (the byte stream: as on a CPU without AVX-512)."""
+    if layout == "stream":
+        monkeypatch.setattr(tcq_cpu, "has_avx512", lambda: False)
 
 
 def _hess(C: int, n: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -241,14 +251,16 @@ def test_decode_steps_call_the_native_kernel_directly(name, monkeypatch):
             inner_calls.clear()
 
 
-@pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.has_avx512(), reason="needs the AVX-512 trellis kernels")
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["TCQ3-channel+ip1", "TCQ2.5-g32+ip1", "TCQ3-channel"])
-def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch):
+def test_a_decode_step_is_one_native_call_with_the_same_values(name, layout, monkeypatch):
     """``tcq_step.Step``: the input transform of a one-sided ``+ip`` layer and the GEMV in one native call from
-    float32 or bfloat16 inputs -- the same bits as the transform and the layer's kernel called one after the other;
-    the layer's decode step takes it (and only it), longer inputs do not."""
+    float32 or bfloat16 inputs, from either code layout (the byte stream also on the scalar path) -- the same bits as
+    the transform and the layer's kernel called one after the other; the layer's decode step takes it (and only it),
+    longer inputs do not."""
     from mixq.algorithms.composite.incoherence import kron_plan, rotate
 
+    _use_layout(layout, monkeypatch)
     spec = parse_spec(name)
     R, C = 40, 192  # 40 rows: two vectors of row sums and eight rows one at a time
     qt, W_hat, _ = quantize_layer(torch.randn(R, C, generator=torch.Generator().manual_seed(7)), spec)
@@ -256,14 +268,19 @@ def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch
     lin = make_layer(PackedComposite(pack_composite(qt), spec, (R, C)), bias, "auto")
     tcq = lin.inner if isinstance(lin, IncoherentLinear) else lin
     g = tcq._part("gemv")
+    assert g.interleaved == (layout == "words")
     rot = kron_plan(C, lin._seeds[0], False) if tcq is not lin else None
-    step = tcq_step.Step(g, rot)
-    for M in (1, 4, 16):
-        for xdt in (torch.float32, torch.bfloat16):
-            x = torch.randn(M, C, generator=torch.Generator().manual_seed(M)).to(xdt)
-            xr = x.float() if rot is None else rotate(x.float(), lin._seeds[0])
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
-                assert torch.equal(step(x, dt), g(xr, dt))
+    kernels = [g]
+    if layout == "stream":  # the same stream through the scalar path
+        kernels.append(tcq_cpu.GemvLayer(g.stream, g.scale, g.lut, *g.layout, isa="scalar"))
+    for k in kernels:
+        step = tcq_step.Step(k, rot)
+        for M in (1, 4, 16):
+            for xdt in (torch.float32, torch.bfloat16):
+                x = torch.randn(M, C, generator=torch.Generator().manual_seed(M)).to(xdt)
+                xr = x.float() if rot is None else rotate(x.float(), lin._seeds[0])
+                for dt in (torch.float32, torch.bfloat16, torch.float16):
+                    assert torch.equal(step(x, dt), k(xr, dt))
     with pytest.raises(ValueError, match="at most 16 rows"):
         step(torch.randn(17, C), torch.float32)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
@@ -285,16 +302,17 @@ def test_a_decode_step_is_one_native_call_with_the_same_values(name, monkeypatch
         x = torch.randn(1, 1, C).bfloat16()
         want = lin(x)
         lin2 = copy.deepcopy(lin)
-        del lin, tcq, g, step
+        del lin, tcq, g, step, k, kernels
         gc.collect()
         assert torch.equal(lin2(x), want)
 
 
-@pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.has_avx512(), reason="needs the AVX-512 trellis kernels")
-def test_layers_reading_one_input_are_learnt_and_run_as_one_call():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layers_reading_one_input_are_learnt_and_run_as_one_call(layout, monkeypatch):
     """q/k/v-like layers called one after the other on one tensor: from the second call on, the first computes the
     others' outputs in its native call and each takes its own -- the same bits as alone; a changed input (in place,
     or another tensor) is computed again, never served stale."""
+    _use_layout(layout, monkeypatch)
     C = 192
     layers = []
     for i, (name, R) in enumerate((("TCQ3-channel+ip1", 64), ("TCQ2.5-channel+ip1", 32), ("TCQ4-channel+ip1", 32))):
@@ -432,6 +450,23 @@ def test_triton_kernel_on_cuda():
         ref = x.float() @ Wh.cuda().T
         assert float((lin(x).float() - ref).abs().max()) < tol * float(ref.abs().max())
         assert lin.last_kernel == "triton"
+
+
+@needs_native
+def test_extra_compiler_flags_build_and_key_their_own_library(monkeypatch, tmp_path):
+    """``MIXQ_KERNEL_CFLAGS`` reaches the compiler (a macro it defines is seen by the source) and keys the cached
+    library apart from the one built without it."""
+    import ctypes
+
+    from mixq.runtime.kernels import cbuild
+
+    src = "int f(void) {\n#ifdef MIXQ_PROBE\n  return 2;\n#else\n  return 1;\n#endif\n}"
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+    sig = {"f": (ctypes.c_int, [])}
+    assert cbuild.load("probe", src, "none", sig).f() == 1
+    monkeypatch.setenv("MIXQ_KERNEL_CFLAGS", "-DMIXQ_PROBE -O2")
+    assert cbuild.load("probe", src, "none", sig).f() == 2
+    assert len(list((tmp_path / "cache" / "kernels").glob("probe_*.so"))) == 2
 
 
 def test_without_a_compiler_everything_falls_back_to_torch(monkeypatch, tmp_path, caplog):

@@ -120,11 +120,6 @@ class IncoherentLinear(nn.Module):
         if step is not None:  # a CPU decode step: the transform and the inner layer's kernel in one native call
             y = step(x, x.dtype)
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        gemv = self._cpu_gemv(x)
-        if gemv is not None:  # a CPU decode step: the inner layer's native kernel on the transformed input, directly
-            y = gemv(_rotate_input(x, self._seeds[0], torch.float32).reshape(-1, self.in_features), x.dtype)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
         # a codebook inner layer computes in float32 on CPU: keep the whole chain there, one cast at each end
         dt = torch.float32 if x.device.type == "cpu" and isinstance(self.inner, PackedCodesLinear) else x.dtype
         y = self.inner(_rotate_input(x, self._seeds[0], dt))
@@ -140,14 +135,6 @@ class IncoherentLinear(nn.Module):
             return None
         rot = kron_plan(self.in_features, self._seeds[0], False)  # made once (cached); None without a compiler
         return None if rot is None else find(x, rot)
-
-    def _cpu_gemv(self, x: torch.Tensor):
-        """The inner layer's native one-token kernel for ``x`` (``TCQLinear.cpu_gemv``), when the transform is
-        one-sided and the inner layer has no bias of its own; else None."""
-        find = getattr(self.inner, "cpu_gemv", None)
-        if find is None or len(self._seeds) != 1 or self.inner.bias is not None:
-            return None
-        return find(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.name}, "

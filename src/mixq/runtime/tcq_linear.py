@@ -80,58 +80,34 @@ class TCQLinear(PackedCodesLinear):
         m = x.numel() // self.in_features
         return "tcq-cpu" if not x.is_cuda and m <= CPU_MAX_TOKENS and tcq_cpu.available() else "tcq-dense"
 
-    def cpu_gemv(self, x: torch.Tensor):
-        """The native kernel's :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` when :meth:`choose` would pick
-        ``tcq-cpu`` for ``x`` (a CPU decode step; recorded as :attr:`last_kernel`, since the caller runs it), else
-        None: the decode path calls it directly (this layer's
-        :meth:`forward`, and :class:`~mixq.runtime.composite_linear.IncoherentLinear` on its transformed input), so
-        that a step's ~200 trellis layers do not pay ``choose``'s checks and a module call each."""
-        if not self.cpu_gemv_applies(x):
-            return None
-        g = self._cache.get(("gemv", "cpu"))
-        if g is None and tcq_cpu.available():
-            g = self._part("gemv")
-        if g is not None:
-            self.__dict__["last_kernel"] = "tcq-cpu"
-        return g
-
     def cpu_step(self, x: torch.Tensor, rot=None):
-        """The native :class:`~mixq.runtime.kernels.tcq_step.Step` (this layer's kernel with the input transform
-        ``rot``, a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan` or None, in one native call) when
-        :meth:`cpu_gemv` would run for ``x`` (float32 or bfloat16) from the AVX-512 layout; else None.  Made once per
-        ``rot``."""
-        if x.dtype not in INPUT_DTYPES:
+        """The native :class:`~mixq.runtime.kernels.tcq_step.Step` of this layer's ``tcq-cpu`` kernel with the input
+        transform ``rot`` (a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan` or None) in one native call, for a CPU
+        decode step ``x`` (float32 or bfloat16, at most ``CPU_MAX_TOKENS`` rows, kernel ``auto`` or ``tcq-cpu``;
+        recorded as :attr:`last_kernel`, since the caller runs it), else None.  Made once per ``rot``.  The decode
+        path calls it directly (this layer's :meth:`forward`, and
+        :class:`~mixq.runtime.composite_linear.IncoherentLinear` with its transform), so that a step's ~200 trellis
+        layers do not pay ``choose``'s checks and a module call each."""
+        if (x.dtype not in INPUT_DTYPES or x.device.type != "cpu" or self.kernel not in ("auto", "tcq-cpu")
+                or x.numel() > CPU_MAX_TOKENS * self.in_features):
             return None
         s = self._cache.get(("step", rot))
         if s is None:
-            g = self.cpu_gemv(x)
-            if g is None:
+            if not tcq_cpu.available():
                 return None
-            s = self._cache["step", rot] = Step(g, rot) if g.interleaved else False
-        elif not self.cpu_gemv_applies(x):
-            return None
-        if s is not False:
-            self.__dict__["last_kernel"] = "tcq-cpu"
-        return s or None
-
-    def cpu_gemv_applies(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`cpu_gemv` would give its kernel for ``x`` (once that kernel is made)."""
-        return (x.device.type == "cpu" and self.kernel in ("auto", "tcq-cpu")
-                and x.numel() <= CPU_MAX_TOKENS * self.in_features)
+            s = self._cache["step", rot] = Step(self._part("gemv"), rot)
+        self.__dict__["last_kernel"] = "tcq-cpu"
+        return s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TCQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
         step = self.cpu_step(x)
-        if step is not None:  # a CPU decode step from the AVX-512 layout
+        if step is not None:  # a CPU decode step: one native call
             y = step(x, x.dtype)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        g = self.cpu_gemv(x)
-        if g is not None:
-            y = g(x2.float(), x.dtype).reshape(*lead, self.out_features)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
         k = self.choose(x)
         if k == "tcq-reference":
             W = self.dequantize().to(device=x.device, dtype=x.dtype)

@@ -25,9 +25,10 @@ instead of the stream (:func:`words`) and walks 64 columns at once in four sixte
 refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one accumulator
 update (up to four tokens share each gather); more than ``DENSE_FROM`` tokens decode ``Ŵ`` from the same layout
 (16 columns a step) for a dense product (C source: :mod:`mixq.runtime.kernels.tcq_words_csrc`).  A layer's
-decode call is then one native call (:class:`~mixq.runtime.kernels.tcq_step.Step`: the bfloat16 input widened, an
-``+ip`` layer's input transform through :mod:`mixq.runtime.kernels.kron_cpu`'s function, the GEMV, bfloat16 out),
-where the Python between two native calls had cost a decode step about a tenth of its kernels' time.  The table
+decode call, from either layout, is one native call (:class:`~mixq.runtime.kernels.tcq_step.Step`: the bfloat16
+input widened, an ``+ip`` layer's input transform through :mod:`mixq.runtime.kernels.kron_cpu`'s function, the
+GEMV, bfloat16 out), where the Python between two native calls had cost a decode step about a tenth of its
+kernels' time (the AVX2 path of this Xeon, built with ``-mno-avx512f``: 0.98x -> 1.13x fp32 on two threads).  The table
 gathers bound every path: a gather costs about half a cycle a lane.
 
 Compiled on first use (:func:`mixq.runtime.kernels.cbuild.load`); :func:`available` is False when no compiler
@@ -145,13 +146,13 @@ class GemvLayer:
         self.R, self.C = R, C
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
         self._tail = (P, wbits, k1, L, glen, vec)
+        self.layout, self.vec = (R, C, P, wbits, k1, L, glen), vec  # the kernels' shape and path arguments
         # AVX-512 (isa "auto", scale groups of 16 columns): the interleaved layout replaces the byte stream
         self.interleaved = isa == "auto" and vec == 1 and glen % 16 == 0 and has_avx512()
         self.words: torch.Tensor | None = None
         if self.interleaved:
             self.words, self.stream = words(self.stream, R, C, P, wbits), None
             self._args = (self.words.data_ptr(), *self._args[1:])
-            self._words_tail = (R, C, P, wbits, k1, L, glen)
 
     def dense(self) -> torch.Tensor:
         """``Ŵ [R, C]`` float32 (:func:`decode`; from the interleaved layout where this layer has it, 16 columns a
@@ -159,7 +160,7 @@ class GemvLayer:
         if not self.interleaved:
             return decode(self.stream, self.scale, self.lut, self.R, self.C, *self._tail[:5])
         W = torch.empty(self.R, self.C, dtype=torch.float32)
-        _lib().tcq_decode_words(*self._args, W.data_ptr(), *self._words_tail)
+        _lib().tcq_decode_words(*self._args, W.data_ptr(), *self.layout)
         return W
 
     def tensors(self) -> list[torch.Tensor]:
@@ -178,7 +179,7 @@ class GemvLayer:
                 return (x @ self.dense().T).to(dtype)
             bf16 = dtype is torch.bfloat16
             y = torch.empty(M, self.R, dtype=torch.bfloat16 if bf16 else torch.float32)
-            _lib().tcq_gemv_words(x.data_ptr(), *self._args, y.data_ptr(), M, *self._words_tail, bf16)
+            _lib().tcq_gemv_words(x.data_ptr(), *self._args, y.data_ptr(), M, *self.layout, bf16)
             return y if bf16 or dtype is torch.float32 else y.to(dtype)
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
         _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)

@@ -1,15 +1,17 @@
 """A trellis layer's decode call as one native call, and the layers that read one input run as one call.
 
-:class:`Step` holds one interleaved :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` and, for a one-sided ``+ip``
-layer, its input transform (a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan`): ``tcq_layers_call`` widens a
-bfloat16 input to float32, applies the transform through ``kron_apply``'s address, runs the GEMV and writes
-bfloat16 -- the same values as the transform and the GEMV called one after the other, where the Python between
-two native calls had cost a decode step about a tenth of its kernels' time.
+:class:`Step` holds one :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` (in the AVX-512 layout or the byte stream
+of the AVX2 and scalar paths) and, for a one-sided ``+ip`` layer, its input transform (a
+:class:`~mixq.runtime.kernels.kron_cpu.KronPlan`): ``tcq_layers_call`` widens a bfloat16 input to float32, applies
+the transform through ``kron_apply``'s address, runs the GEMV and writes bfloat16 -- the same values as the
+transform and the GEMV called one after the other, where the Python between two native calls had cost a decode
+step about a tenth of its kernels' time.
 
 The projections that read one input (q/k/v, gate/up) are learnt, not declared: in its first calls a step notes
 whether the step called just before it read the same tensor with the same contents and the same transform; if so
 it becomes that step's *follower*.  From then on the leader computes its followers' outputs in its own native call
-(one parallel region, every layer's columns split over the threads, one barrier) and leaves each follower its
+(in the AVX-512 layout one parallel region, every layer's columns split over the threads, one barrier; from the
+byte stream one layer after the other) and leaves each follower its
 output with the input it was computed from; a follower returns it only when it is called with that very tensor,
 its bytes unchanged, and computes alone otherwise.  A stale or foreign input therefore costs
 speed, never correctness.  Decoding state (the last input seen) is per process, not per thread: two models decoded
@@ -30,8 +32,8 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16)  # what a step reads
 
 
 class _Layer(ctypes.Structure):  # tcq_layer in the C source
-    _fields_ = ([("words", VOID_P), ("scale", VOID_P), ("lut", VOID_P)]
-                + [(n, ctypes.c_int) for n in ("R", "C", "P", "wbits", "k1", "L", "glen")]
+    _fields_ = ([("words", VOID_P), ("stream", VOID_P), ("scale", VOID_P), ("lut", VOID_P)]
+                + [(n, ctypes.c_int) for n in ("R", "C", "P", "wbits", "k1", "L", "glen", "vec")]
                 + [("rot", VOID_P), ("rot_plan", VOID_P)])
 
 
@@ -45,19 +47,18 @@ _RECENT: list = [None]  # (step, x, bytes of x): the last step that computed fro
 
 
 class Step:
-    """One interleaved :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` with the input transform ``rot`` (a
-    ``KronPlan`` or None) as one native call, and the steps it learnt to run with it (:attr:`followers`)."""
+    """One :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` with the input transform ``rot`` (a ``KronPlan`` or None)
+    as one native call, and the steps it learnt to run with it (:attr:`followers`)."""
 
     def __init__(self, gemv: GemvLayer, rot=None):
-        if not gemv.interleaved:
-            raise ValueError("tcq Step: needs a GemvLayer with the AVX-512 layout (GemvLayer.interleaved)")
         if rot is not None and rot.n != gemv.C:
             raise ValueError(f"tcq Step: the transform is of order {rot.n}, the layer has {gemv.C} columns")
         self.R, self.C, self.rot = gemv.R, gemv.C, rot
         self._gemv = gemv
-        R, C, P, wbits, k1, L, glen = gemv._words_tail
-        self._layer = _Layer(gemv.words.data_ptr(), gemv.scale.data_ptr(), gemv.lut.data_ptr(), R, C, P, wbits, k1,
-                             L, glen, None if rot is None else rot.function, None if rot is None else rot.address)
+        words = gemv.words.data_ptr() if gemv.interleaved else None
+        stream = None if gemv.interleaved else gemv.stream.data_ptr()
+        self._layer = _Layer(words, stream, gemv.scale.data_ptr(), gemv.lut.data_ptr(), *gemv.layout, gemv.vec,
+                             None if rot is None else rot.function, None if rot is None else rot.address)
         self._fn = _lib().tcq_layers_call
         self.followers: list[Step] = []
         self._stash = None  # (x, dtype, bytes of x, y): this step's output, computed by its leader

@@ -1,10 +1,26 @@
 """The C source of the trellis kernels' AVX-512 layout (:func:`mixq.runtime.kernels.tcq_cpu.words`): the
-lane-interleaved copy of the code stream, the GEMV of up to 16 tokens from it and the dense decode from it;
-compiled after :mod:`mixq.runtime.kernels.tcq_csrc`'s and :mod:`mixq.runtime.kernels.tcq_gemv_csrc`'s texts
-(whose ``tcq_sym`` and includes it uses) as one library.  Without AVX-512, ``tcq_avx512`` returns 0 and the other
-functions are empty: the callers keep the byte stream's paths."""
+lane-interleaved copy of the code stream, the GEMV of up to 16 tokens from it and the dense decode from it; and
+``tcq_layers_call``, a decode step's one native call for layers in that layout or in the byte stream (the AVX2 and
+scalar GEMV of :mod:`mixq.runtime.kernels.tcq_gemv_csrc`); compiled after :mod:`mixq.runtime.kernels.tcq_csrc`'s
+and :mod:`mixq.runtime.kernels.tcq_gemv_csrc`'s texts (whose ``tcq_sym``, ``tcq_gemv`` and includes it uses) as one
+library.  Without AVX-512, ``tcq_avx512`` returns 0 and the layout's functions are empty: the callers keep the byte
+stream."""
 
 SOURCE = r"""
+/* float32 -> bfloat16, rounded to nearest even as torch rounds; a NaN stays a quiet NaN */
+static inline uint16_t tcq_bf16(float v) {
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* One layer's fixed arguments (a decode step makes ~200 layer calls: each passes a few): the interleaved layout
+   (words) or the byte stream (stream, with vec: tcq_gemv's path argument), and the input transform (rot on
+   rot_plan, or none) */
+typedef int (*tcq_rot_fn)(const void* plan, const void* in, void* out, int M, int bf16);
+typedef struct { const uint32_t* words; const uint8_t* stream; const float* scale; const float* lut;
+                 int R, C, P, wbits, k1, L, glen, vec; tcq_rot_fn rot; const void* rot_plan; } tcq_layer;
+
 #ifdef __AVX512F__
 /* For each group of 16 columns, word k of every column side by side (16 x 32 bits), word k of a column holding
    its symbols k K .. k K + K - 1 (K = 32 / wbits, LSB-first).  A 64-byte load refills 16 lanes' symbols where the
@@ -200,25 +216,15 @@ static void tcq_words_finish(const float* part, int nt, size_t n, void* y, int b
   for (; q < q1; q++) {
     float v = part[q];
     for (int t = 1; t < nt; t++) v += part[(size_t)t * n + q];
-    if (bf16) {
-      uint32_t u;
-      memcpy(&u, &v, 4);
-      ((uint16_t*)y)[q] = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    } else {
-      ((float*)y)[q] = v;
-    }
+    if (bf16) ((uint16_t*)y)[q] = tcq_bf16(v);
+    else ((float*)y)[q] = v;
   }
 }
 
-/* One layer's fixed arguments (a decode step makes ~200 layer calls: each passes a few) */
-typedef int (*tcq_rot_fn)(const void* plan, const void* in, void* out, int M, int bf16);
-typedef struct { const uint32_t* words; const float* scale; const float* lut; int R, C, P, wbits, k1, L, glen;
-                 tcq_rot_fn rot; const void* rot_plan; } tcq_layer;
-
 /* ys[l] [M, R_l] for the float32 xf [M, C] through each of the nl layers ls (one C; float32, or bfloat16 when
    bf16), tokens four at a time; needs glen % 16 == 0.  One parallel region for all of them: threads split every
-   layer's columns into partial sums, then (after one barrier) every layer's outputs to add them. */
-static void tcq_words_layers(const tcq_layer* const* ls, int nl, const float* xf, void* const* ys, int M, int bf16) {
+   layer's columns into partial sums, then (after one barrier) every layer's outputs to add them.  3: no memory. */
+static int tcq_words_layers(const tcq_layer* const* ls, int nl, const float* xf, void* const* ys, int M, int bf16) {
   const int C = ls[0]->C;
   int nt = 1;
   #ifdef _OPENMP
@@ -228,6 +234,7 @@ static void tcq_words_layers(const tcq_layer* const* ls, int nl, const float* xf
   size_t off[17], tot = 0;
   for (int l = 0; l < nl; l++) { off[l] = tot; tot += (size_t)nt * M * ls[l]->R; }
   float* part = (float*)calloc(tot, sizeof(float));
+  if (!part) return 3;
   #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     int t = 0;
@@ -250,20 +257,55 @@ static void tcq_words_layers(const tcq_layer* const* ls, int nl, const float* xf
     }
   }
   free(part);
+  return 0;
 }
 
 /* y [M, R] for x [M, C] from tcq_words' layout (tcq_words_layers of one layer) */
 void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
                int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {
-  const tcq_layer a = {words, scale, lut, R, C, P, wbits, k1, L, glen, NULL, NULL};
+  const tcq_layer a = {words, NULL, scale, lut, R, C, P, wbits, k1, L, glen, 1, NULL, NULL};
   const tcq_layer* ls[1] = {&a};
   void* ys[1] = {y};
   tcq_words_layers(ls, 1, x, ys, M, bf16);
 }
 
+#else
+int tcq_avx512(void) { return 0; }
+void tcq_decode_words(const uint32_t* words, const float* scale, const float* lut, float* W, int R, int C, int P,
+                  int wbits, int k1, int L, int glen) {}
+void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int wbits) {}
+void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
+               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {}
+#endif
+
+/* ys[l] [M, R_l] for the float32 xf [M, C] through each of the nl layers ls in turn: from the byte stream
+   (tcq_gemv, its own parallel region) or, with AVX-512, from the interleaved layout.  3: no memory. */
+static int tcq_layers_each(const tcq_layer* const* ls, int nl, const float* xf, void* const* ys, int M, int bf16) {
+  for (int l = 0; l < nl; l++) {
+    const tcq_layer* a = ls[l];
+    #ifdef __AVX512F__
+    if (a->words) {
+      const int rc = tcq_words_layers(&ls[l], 1, xf, &ys[l], M, bf16);
+      if (rc) return rc;
+      continue;
+    }
+    #endif
+    const size_t n = (size_t)M * a->R;
+    float* yf = bf16 ? (float*)malloc(sizeof(float) * n) : (float*)ys[l];
+    if (!yf) return 3;
+    tcq_gemv(xf, a->stream, a->scale, a->lut, yf, M, a->R, a->C, a->P, a->wbits, a->k1, a->L, a->glen, a->vec);
+    if (bf16) {
+      for (size_t q = 0; q < n; q++) ((uint16_t*)ys[l])[q] = tcq_bf16(yf[q]);
+      free(yf);
+    }
+  }
+  return 0;
+}
+
 /* ys[l] [M, R_l] (bfloat16 when ybf16, else float32) for one x [M, C] (bfloat16 when xbf16, else float32) through
    nl <= 16 layers that read it (one C, one input transform: the first layer's rot, kron_cpu's kron_apply on its
-   plan, in place on a float32 copy of x; none when NULL): what the transform and tcq_gemv_words of each layer give.
+   plan, in place on a float32 copy of x; none when NULL): what the transform and each layer's GEMV give.  Layers
+   all in the AVX-512 layout share one parallel region (tcq_words_layers), others run in turn.
    Nonzero: the transform failed (its code), 3: no memory, 5: more than 16 layers. */
 int tcq_layers_call(const tcq_layer* const* ls, int nl, const void* x, void* const* ys, int M, int xbf16, int ybf16) {
   if (nl < 1 || nl > 16) return 5;
@@ -274,19 +316,19 @@ int tcq_layers_call(const tcq_layer* const* ls, int nl, const void* x, void* con
     for (size_t i = 0; i < n; i++) { const uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16; memcpy(xf + i, &u, 4); }
   else
     memcpy(xf, x, sizeof(float) * n);
-  const int rc = ls[0]->rot ? ls[0]->rot(ls[0]->rot_plan, xf, xf, M, 0) : 0;
-  if (!rc) tcq_words_layers(ls, nl, xf, ys, M, ybf16);
+  int rc = ls[0]->rot ? ls[0]->rot(ls[0]->rot_plan, xf, xf, M, 0) : 0;
+  if (!rc) {
+    int words = 1;
+    for (int l = 0; l < nl; l++) words = words && ls[l]->words;
+    #ifdef __AVX512F__
+    if (words) rc = tcq_words_layers(ls, nl, xf, ys, M, ybf16);
+    else
+    #endif
+    rc = tcq_layers_each(ls, nl, xf, ys, M, ybf16);
+    (void)words;
+  }
   free(xf);
   return rc;
 }
-#else
-int tcq_avx512(void) { return 0; }
-void tcq_decode_words(const uint32_t* words, const float* scale, const float* lut, float* W, int R, int C, int P,
-                  int wbits, int k1, int L, int glen) {}
-void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int wbits) {}
-void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
-               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {}
-int tcq_layers_call(const void* ls, int nl, const void* x, void* ys, int M, int xbf16, int ybf16) { return 4; }
-#endif
 
 """
