@@ -55,16 +55,26 @@ PINNED_L12 = {  # the 2^12-entry tables of TCQ<rate>L12
     "6": "d07593a98b21e97b04f2389af655338ce08172fc2f5b88a84843231610535539",
 }
 needs_native = pytest.mark.skipif(not tcq_cpu.available(), reason="no C compiler for the tcq-cpu kernels")
-# the decode kernels' two code layouts: the AVX-512 one (where the CPU has it) and the byte stream (AVX2 / scalar)
-LAYOUTS = [pytest.param("words", marks=pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.has_avx512(),
-                                                            reason="needs the AVX-512 trellis kernels")),
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+
+
+# the decode kernels' two code layouts: the interleaved one (where the CPU has AVX2 or AVX-512) and the byte stream
+LAYOUTS = [pytest.param("words", marks=pytest.mark.skipif(not tcq_cpu.available() or not tcq_cpu.words_isa(),
+                                                            reason="needs the AVX2 or AVX-512 trellis kernels")),
            pytest.param("stream", marks=needs_native)]
 
 
 def _use_layout(layout, monkeypatch):
-    """Layers made from here on hold ``layout`` (the byte stream: as on a CPU without AVX-512)."""
+    """Layers made from here on hold ``layout`` (the byte stream: as on a CPU without AVX2)."""
     if layout == "stream":
-        monkeypatch.setattr(tcq_cpu, "has_avx512", lambda: False)
+        monkeypatch.setattr(tcq_cpu, "words_isa", lambda: 0)
 
 
 def _hess(C: int, n: int = 4096, seed: int = 0) -> torch.Tensor:
@@ -381,7 +391,7 @@ def test_native_gemv_vector_and_scalar_paths_agree(name, shape):
             # the layer's bound kernel (TCQLinear's decode path) is the same call, checked once
             layer = tcq_cpu.GemvLayer(stream, args[0], args[1], R, C, *args[3:])
             assert torch.equal(layer(x), tcq_cpu.gemv(x, stream, *args))
-            one = pad == 4 and args[-1] % 16 == 0 and tcq_cpu.has_avx512()
+            one = pad == 4 and args[-1] % 16 == 0 and tcq_cpu.words_isa() > 0
             assert (layer.words is not None) == one and (layer.stream is None) == one  # the layout replaces the stream
             for dt in (torch.bfloat16, torch.float16):  # written as bf16 by the kernel itself: rounded as torch does
                 assert torch.equal(layer(x, dt), layer(x).to(dt))
@@ -467,6 +477,31 @@ def test_extra_compiler_flags_build_and_key_their_own_library(monkeypatch, tmp_p
     monkeypatch.setenv("MIXQ_KERNEL_CFLAGS", "-DMIXQ_PROBE -O2")
     assert cbuild.load("probe", src, "none", sig).f() == 2
     assert len(list((tmp_path / "cache" / "kernels").glob("probe_*.so"))) == 2
+
+
+_DECODE_TESTS = ("test_kernels_match_the_reference or test_decode_steps_call_the_native_kernel_directly or "
+                 "test_a_decode_step_is_one_native_call or test_layers_reading_one_input or "
+                 "test_native_gemv_vector_and_scalar_paths_agree")
+
+
+@pytest.mark.skipif(not tcq_cpu.available() or tcq_cpu.words_isa() != 512 or "avx2" not in _cpu_flags(),
+                    reason="needs a CPU with AVX-512 (the AVX2 build is what its own run tests elsewhere)")
+def test_the_decode_tests_pass_with_the_avx2_kernels_too(tmp_path):
+    """On an AVX-512 CPU the AVX2 kernels of the interleaved layout never run in this process: the decode tests again
+    in a process whose kernels are built with ``-mno-avx512f`` (``MIXQ_KERNEL_CFLAGS``), where they must run the
+    AVX2 ones."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MIXQ_KERNEL_CFLAGS": "-mno-avx512f", "MIXQ_CACHE_DIR": str(tmp_path / "cache")}
+    probe = subprocess.run([sys.executable, "-c", "from mixq.runtime.kernels import tcq_cpu; print(tcq_cpu.words_isa())"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip() == "256", probe.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", _DECODE_TESTS],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 def test_without_a_compiler_everything_falls_back_to_torch(monkeypatch, tmp_path, caplog):

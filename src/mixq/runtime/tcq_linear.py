@@ -46,7 +46,7 @@ class TCQLinear(PackedCodesLinear):
     def _part(self, name: str, device="cpu") -> torch.Tensor:
         """Made once per device: ``scale`` float32 ``[R, G]``, ``lut`` the table, ``stream`` padded by 4 bytes (the
         Triton kernel's), ``gemv`` the native kernel's :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` (on the
-        scales, the table and a padded stream of its own, which it keeps or replaces by its AVX-512 layout)."""
+        scales, the table and a padded stream of its own, which it keeps or replaces by its interleaved layout)."""
         key = (name, str(device))
         if key not in self._cache:
             if name == "scale":

@@ -19,12 +19,13 @@ threads.
 column range, four at a time so that four state chains run side by side, into a private partial sum -- or, where
 the CPU has AVX2 (and the scale groups are a multiple of 8 columns), eight columns at once, one state chain per
 vector lane, with a gather for each lane's symbols (every few rows) and one for its table entries (every row):
-2-2.5x faster than the scalar path on one EPYC thread.  For one token (decoding), where the CPU has AVX-512 and
-the scale groups are a multiple of 16 columns, :class:`GemvLayer` holds a lane-interleaved copy of the stream
-instead of the stream (:func:`words`) and walks 64 columns at once in four sixteen-lane vectors: a plain load
-refills sixteen lanes' symbols, and each row's four table gathers meet in registers before one accumulator
-update (up to four tokens share each gather); more than ``DENSE_FROM`` tokens decode ``Ŵ`` from the same layout
-(16 columns a step) for a dense product (C source: :mod:`mixq.runtime.kernels.tcq_words_csrc`).  A layer's
+2-2.5x faster than the scalar path on one EPYC thread.  For up to ``DENSE_FROM`` tokens (decoding), where the CPU
+has AVX-512 or AVX2 and the scale groups are a multiple of 16 columns, :class:`GemvLayer` holds a lane-interleaved
+copy of the stream instead of the stream (:func:`words`) and walks 64 columns at once in four sixteen-lane vectors
+(AVX2: 32 columns in four eight-lane ones): a plain load refills the lanes' symbols, and each row's four table
+gathers meet in registers before one accumulator update (up to four tokens share each gather); more tokens decode
+``Ŵ`` from the same layout for a dense product (C sources: :mod:`mixq.runtime.kernels.tcq_words_csrc`,
+:mod:`mixq.runtime.kernels.tcq_words_avx2_csrc`).  A layer's
 decode call, from either layout, is one native call (:class:`~mixq.runtime.kernels.tcq_step.Step`: the bfloat16
 input widened, an ``+ip`` layer's input transform through :mod:`mixq.runtime.kernels.kron_cpu`'s function, the
 GEMV, bfloat16 out), where the Python between two native calls had cost a decode step about a tenth of its
@@ -45,17 +46,19 @@ import torch
 from .cbuild import INT, VOID_P, load
 from .tcq_csrc import SOURCE as SEARCH_SOURCE
 from .tcq_gemv_csrc import SOURCE as GEMV_SOURCE
+from .tcq_step_csrc import SOURCE as STEP_SOURCE
+from .tcq_words_avx2_csrc import SOURCE as WORDS_AVX2_SOURCE
 from .tcq_words_csrc import SOURCE as WORDS_SOURCE
 
 
 @lru_cache(maxsize=1)
 def _lib():
-    return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE + WORDS_SOURCE,
+    return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE + WORDS_SOURCE + WORDS_AVX2_SOURCE + STEP_SOURCE,
                 "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
         "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
         "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9),
-        "tcq_avx512": (ctypes.c_int, []),
+        "tcq_words_isa": (ctypes.c_int, []),
         "tcq_words": (None, [VOID_P] * 2 + [INT] * 4),
         "tcq_gemv_words": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_decode_words": (None, [VOID_P] * 4 + [INT] * 7),
@@ -67,13 +70,19 @@ def available() -> bool:
 
 
 @lru_cache(maxsize=1)
+def words_isa() -> int:
+    """Which kernels of the interleaved layout (:func:`words`) the compiled library holds: 512 (the CPU has
+    AVX-512F), 256 (AVX2), 0 (none: the byte stream's scalar path)."""
+    return 0 if _lib() is None else int(_lib().tcq_words_isa())
+
+
 def has_avx512() -> bool:
     """Whether the compiled kernels hold the AVX-512 paths (the CPU has AVX-512F)."""
-    return _lib() is not None and bool(_lib().tcq_avx512())
+    return words_isa() == 512
 
 
 def words(stream: torch.Tensor, R: int, C: int, P: int, wbits: int) -> torch.Tensor:
-    """The AVX-512 paths' copy of a column-major symbol ``stream`` (``tcq_words`` in the C source): for
+    """The interleaved layout's copy of a column-major symbol ``stream`` (``tcq_words`` in the C source): for
     each group of 16 columns, their ``k``-th 32-bit words side by side, a word holding ``K = 32 // wbits`` whole
     symbols: int32 ``[C / 16, ceil((R / P) / K), 16]``, ``32 / K`` bits a symbol where the stream has ``wbits``
     (at most 8/7 of its size: 7-bit symbols, four to a word)."""
@@ -115,15 +124,16 @@ def _check_layout(what: str, stream: torch.Tensor, scale: torch.Tensor, R: int, 
 
 
 ISA = {"scalar": 0, "auto": 1, "avx2": 2}  # the kernel's ``vec`` argument for each path choice
-DENSE_FROM = 16  # on the AVX-512 path, more tokens than this: decode + dense product (fewer: the GEMV)
+DENSE_FROM = 16  # from the interleaved layout, more tokens than this: decode + dense product (fewer: the GEMV)
 
 
 def gemv(x: torch.Tensor, stream: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, R: int, P: int,
          wbits: int, k1: int, L: int, glen: int, *, isa: str = "auto") -> torch.Tensor:
     """``y [M, R]`` float32 for ``x [M, C]`` from a column-major symbol ``stream`` (uint8, padded by >= 2 bytes).
-    ``isa="auto"``: the widest path the CPU and the layout allow -- AVX-512 (its own layout; a dense product above
-    ``DENSE_FROM`` tokens) with scale groups of a multiple of 16 columns, else AVX2 with groups of a multiple of 8
-    (both need 4 bytes of padding), else scalar; ``"avx2"`` / ``"scalar"`` cap it there.  One call of
+    ``isa="auto"``: the widest path the CPU and the layout allow -- the interleaved layout's AVX-512 or AVX2 kernels
+    (a dense product above ``DENSE_FROM`` tokens) with scale groups of a multiple of 16 columns, else the byte
+    stream's AVX2 path with groups of a multiple of 8 (both need 4 bytes of padding), else scalar; ``"avx2"`` (the
+    byte stream's) / ``"scalar"`` cap it there.  One call of
     :class:`GemvLayer`."""
     x = x.detach().float()
     return GemvLayer(stream, scale, lut, R, x.shape[1], P, wbits, k1, L, glen, isa=isa)(x)
@@ -147,8 +157,8 @@ class GemvLayer:
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
         self._tail = (P, wbits, k1, L, glen, vec)
         self.layout, self.vec = (R, C, P, wbits, k1, L, glen), vec  # the kernels' shape and path arguments
-        # AVX-512 (isa "auto", scale groups of 16 columns): the interleaved layout replaces the byte stream
-        self.interleaved = isa == "auto" and vec == 1 and glen % 16 == 0 and has_avx512()
+        # AVX-512 or AVX2 (isa "auto", scale groups of 16 columns): the interleaved layout replaces the byte stream
+        self.interleaved = isa == "auto" and vec == 1 and glen % 16 == 0 and words_isa() > 0
         self.words: torch.Tensor | None = None
         if self.interleaved:
             self.words, self.stream = words(self.stream, R, C, P, wbits), None
@@ -168,8 +178,8 @@ class GemvLayer:
         return [t for t in (self.stream, self.words, self.scale, self.lut) if t is not None]
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``y [M, R]`` for the float32 ``x [M, C]``: float32, or ``dtype`` (rounded from the float32 sums; the
-        AVX-512 path writes bfloat16 itself)."""
+        """``y [M, R]`` for the float32 ``x [M, C]``: float32, or ``dtype`` (rounded from the float32 sums; from the
+        interleaved layout the kernel writes bfloat16 itself)."""
         if x.dim() != 2 or x.shape[1] != self.C:
             raise ValueError(f"tcq gemv: x must be [M, {self.C}], got {tuple(x.shape)}")
         x = x.contiguous()

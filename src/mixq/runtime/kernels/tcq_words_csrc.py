@@ -1,10 +1,9 @@
-"""The C source of the trellis kernels' AVX-512 layout (:func:`mixq.runtime.kernels.tcq_cpu.words`): the
-lane-interleaved copy of the code stream, the GEMV of up to 16 tokens from it and the dense decode from it; and
-``tcq_layers_call``, a decode step's one native call for layers in that layout or in the byte stream (the AVX2 and
-scalar GEMV of :mod:`mixq.runtime.kernels.tcq_gemv_csrc`); compiled after :mod:`mixq.runtime.kernels.tcq_csrc`'s
-and :mod:`mixq.runtime.kernels.tcq_gemv_csrc`'s texts (whose ``tcq_sym``, ``tcq_gemv`` and includes it uses) as one
-library.  Without AVX-512, ``tcq_avx512`` returns 0 and the layout's functions are empty: the callers keep the byte
-stream."""
+"""The C source of the trellis kernels' interleaved layout (:func:`mixq.runtime.kernels.tcq_cpu.words`): the
+lane-interleaved copy of the code stream (built where the CPU has AVX2 or AVX-512) and its AVX-512 kernels: the GEMV
+of up to four tokens a pass from it, the dense decode from it and the sum of the threads' partial results.  The
+AVX2 kernels of the same layout are :mod:`mixq.runtime.kernels.tcq_words_avx2_csrc`; what calls them,
+:mod:`mixq.runtime.kernels.tcq_step_csrc`.  Compiled after :mod:`mixq.runtime.kernels.tcq_csrc`'s and
+:mod:`mixq.runtime.kernels.tcq_gemv_csrc`'s texts (whose ``tcq_sym`` and includes it uses) as one library."""
 
 SOURCE = r"""
 /* float32 -> bfloat16, rounded to nearest even as torch rounds; a NaN stays a quiet NaN */
@@ -21,17 +20,11 @@ typedef int (*tcq_rot_fn)(const void* plan, const void* in, void* out, int M, in
 typedef struct { const uint32_t* words; const uint8_t* stream; const float* scale; const float* lut;
                  int R, C, P, wbits, k1, L, glen, vec; tcq_rot_fn rot; const void* rot_plan; } tcq_layer;
 
-#ifdef __AVX512F__
-/* For each group of 16 columns, word k of every column side by side (16 x 32 bits), word k of a column holding
-   its symbols k K .. k K + K - 1 (K = 32 / wbits, LSB-first).  A 64-byte load refills 16 lanes' symbols where the
-   byte stream needs a gather, and the words of a pass come in sequence, which the hardware prefetchers follow.  A
-   pass walks 64 columns (four 16-lane state chains) down the rows; each row's four table gathers are summed in
-   registers and added to that row's slot of A [MT][R][16] once, a quarter of the accumulator traffic of a pass
-   per 16 columns, and up to four tokens share each gather.  One token on one Sapphire Rapids thread: 0.14-0.18 ns
-   a weight against 0.16-0.22 for the byte stream's 32-column passes (SmolLM2's four shapes, rates 2-4, operands
-   hot; the bare gather 0.14). */
-int tcq_avx512(void) { return 1; }
-
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define TCQ_WORDS 1
+#define TCQ_MT4 4
+/* tcq_words' layout: for each group of 16 columns, word k of every column side by side (16 x 32 bits), word k of
+   a column holding its symbols k K .. k K + K - 1 (K = 32 / wbits, LSB-first) */
 void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int wbits) {
   const int NS = R / P, K = 32 / wbits, NW = (NS + K - 1) / K;
   #pragma omp parallel for schedule(static)
@@ -42,6 +35,17 @@ void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int 
       words[((size_t)(j / 16) * NW + k) * 16 + j % 16] = w;
     }
 }
+
+#endif
+
+#ifdef __AVX512F__
+/* The AVX-512 kernels of tcq_words' layout.  A 64-byte load refills 16 lanes' symbols where the
+   byte stream needs a gather, and the words of a pass come in sequence, which the hardware prefetchers follow.  A
+   pass walks 64 columns (four 16-lane state chains) down the rows; each row's four table gathers are summed in
+   registers and added to that row's slot of A [MT][R][16] once, a quarter of the accumulator traffic of a pass
+   per 16 columns, and up to four tokens share each gather.  One token on one Sapphire Rapids thread: 0.14-0.18 ns
+   a weight against 0.16-0.22 for the byte stream's 32-column passes (SmolLM2's four shapes, rates 2-4, operands
+   hot; the bare gather 0.14). */
 
 /* The bitshift trellis on 16 lanes: the state after a symbol y, and (half rates) the state the symbol's first k1
    bits end the row before on */
@@ -54,7 +58,6 @@ static inline __attribute__((always_inline)) __m512i tcq_mid16(__m512i s, __m512
 }
 
 #define TCQ_NV 4
-#define TCQ_MT4 4
 /* One pass: NV x 16 columns from group g0 on, MT tokens (rows of x, stride C) sharing every table gather; each
    row's sums per token added to A [MT][R][16]. */
 static inline __attribute__((always_inline)) void tcq_pass16(const int NV, const int MT, const float* x, int C,
@@ -221,114 +224,5 @@ static void tcq_words_finish(const float* part, int nt, size_t n, void* y, int b
   }
 }
 
-/* ys[l] [M, R_l] for the float32 xf [M, C] through each of the nl layers ls (one C; float32, or bfloat16 when
-   bf16), tokens four at a time; needs glen % 16 == 0.  One parallel region for all of them: threads split every
-   layer's columns into partial sums, then (after one barrier) every layer's outputs to add them.  3: no memory. */
-static int tcq_words_layers(const tcq_layer* const* ls, int nl, const float* xf, void* const* ys, int M, int bf16) {
-  const int C = ls[0]->C;
-  int nt = 1;
-  #ifdef _OPENMP
-  nt = omp_get_max_threads();
-  if (nt > C / 64) nt = C / 64 > 0 ? C / 64 : 1;
-  #endif
-  size_t off[17], tot = 0;
-  for (int l = 0; l < nl; l++) { off[l] = tot; tot += (size_t)nt * M * ls[l]->R; }
-  float* part = (float*)calloc(tot, sizeof(float));
-  if (!part) return 3;
-  #pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    int t = 0;
-    #ifdef _OPENMP
-    t = omp_get_thread_num();
-    #endif
-    const int c0 = 16 * (int)((long)(C / 16) * t / nt), c1 = 16 * (int)((long)(C / 16) * (t + 1) / nt);
-    for (int l = 0; l < nl; l++) {
-      const tcq_layer* a = ls[l];
-      const size_t n = (size_t)M * a->R;
-      for (int m0 = 0; m0 < M && c1 > c0; m0 += TCQ_MT4)
-        tcq_words_range(xf + (size_t)m0 * C, a->words, a->scale, a->lut, part + off[l] + (size_t)t * n + (size_t)m0 * a->R,
-                        M - m0 < TCQ_MT4 ? M - m0 : TCQ_MT4, a->R, C, a->P, a->wbits, a->k1, a->L, a->glen, c0, c1);
-    }
-    #pragma omp barrier
-    for (int l = 0; l < nl; l++) {
-      const size_t n = (size_t)M * ls[l]->R;
-      tcq_words_finish(part + off[l], nt, n, ys[l], bf16, n * t / nt / 16 * 16,
-                       t + 1 == nt ? n : n * (t + 1) / nt / 16 * 16);
-    }
-  }
-  free(part);
-  return 0;
-}
-
-/* y [M, R] for x [M, C] from tcq_words' layout (tcq_words_layers of one layer) */
-void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
-               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {
-  const tcq_layer a = {words, NULL, scale, lut, R, C, P, wbits, k1, L, glen, 1, NULL, NULL};
-  const tcq_layer* ls[1] = {&a};
-  void* ys[1] = {y};
-  tcq_words_layers(ls, 1, x, ys, M, bf16);
-}
-
-#else
-int tcq_avx512(void) { return 0; }
-void tcq_decode_words(const uint32_t* words, const float* scale, const float* lut, float* W, int R, int C, int P,
-                  int wbits, int k1, int L, int glen) {}
-void tcq_words(const uint8_t* stream, uint32_t* words, int R, int C, int P, int wbits) {}
-void tcq_gemv_words(const float* x, const uint32_t* words, const float* scale, const float* lut, void* y,
-               int M, int R, int C, int P, int wbits, int k1, int L, int glen, int bf16) {}
 #endif
-
-/* ys[l] [M, R_l] for the float32 xf [M, C] through each of the nl layers ls in turn: from the byte stream
-   (tcq_gemv, its own parallel region) or, with AVX-512, from the interleaved layout.  3: no memory. */
-static int tcq_layers_each(const tcq_layer* const* ls, int nl, const float* xf, void* const* ys, int M, int bf16) {
-  for (int l = 0; l < nl; l++) {
-    const tcq_layer* a = ls[l];
-    #ifdef __AVX512F__
-    if (a->words) {
-      const int rc = tcq_words_layers(&ls[l], 1, xf, &ys[l], M, bf16);
-      if (rc) return rc;
-      continue;
-    }
-    #endif
-    const size_t n = (size_t)M * a->R;
-    float* yf = bf16 ? (float*)malloc(sizeof(float) * n) : (float*)ys[l];
-    if (!yf) return 3;
-    tcq_gemv(xf, a->stream, a->scale, a->lut, yf, M, a->R, a->C, a->P, a->wbits, a->k1, a->L, a->glen, a->vec);
-    if (bf16) {
-      for (size_t q = 0; q < n; q++) ((uint16_t*)ys[l])[q] = tcq_bf16(yf[q]);
-      free(yf);
-    }
-  }
-  return 0;
-}
-
-/* ys[l] [M, R_l] (bfloat16 when ybf16, else float32) for one x [M, C] (bfloat16 when xbf16, else float32) through
-   nl <= 16 layers that read it (one C, one input transform: the first layer's rot, kron_cpu's kron_apply on its
-   plan, in place on a float32 copy of x; none when NULL): what the transform and each layer's GEMV give.  Layers
-   all in the AVX-512 layout share one parallel region (tcq_words_layers), others run in turn.
-   Nonzero: the transform failed (its code), 3: no memory, 5: more than 16 layers. */
-int tcq_layers_call(const tcq_layer* const* ls, int nl, const void* x, void* const* ys, int M, int xbf16, int ybf16) {
-  if (nl < 1 || nl > 16) return 5;
-  const size_t n = (size_t)M * ls[0]->C;
-  float* xf = (float*)malloc(sizeof(float) * n);
-  if (!xf) return 3;
-  if (xbf16)
-    for (size_t i = 0; i < n; i++) { const uint32_t u = (uint32_t)((const uint16_t*)x)[i] << 16; memcpy(xf + i, &u, 4); }
-  else
-    memcpy(xf, x, sizeof(float) * n);
-  int rc = ls[0]->rot ? ls[0]->rot(ls[0]->rot_plan, xf, xf, M, 0) : 0;
-  if (!rc) {
-    int words = 1;
-    for (int l = 0; l < nl; l++) words = words && ls[l]->words;
-    #ifdef __AVX512F__
-    if (words) rc = tcq_words_layers(ls, nl, xf, ys, M, ybf16);
-    else
-    #endif
-    rc = tcq_layers_each(ls, nl, xf, ys, M, ybf16);
-    (void)words;
-  }
-  free(xf);
-  return rc;
-}
-
 """
