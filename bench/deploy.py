@@ -367,7 +367,7 @@ NOTES = """Notes
   the kernel layouts built on first use. The `cpu-int4` kernel keeps torch's int4pack copy of the codes
   (4 bits/weight) and a bf16 scale/zero pair per kernel group; once it exists the layer frees its own packed code
   stream (rebuilt on demand for `state_dict()` or the reference kernel), so the codes are in RAM once. The trellis
-  kernel (`tcq-cpu`, where the CPU has AVX-512) keeps a lane-interleaved copy of the code stream (whole symbols
+  kernel (`tcq-cpu`, where the CPU has AVX2 or AVX-512) keeps a lane-interleaved copy of the code stream (whole symbols
   per 32-bit word: up to 8/7 of the codes' bytes), float32 scales and its table; the layer's own codes stay
   (`state_dict()` and the reference kernel read them), so trellis codes are in RAM twice.
 - **Group size.** W4-g128 on SmolLM2 means g96 on the 576-wide rows (`--group-fallback shrink`). The int4 kernel

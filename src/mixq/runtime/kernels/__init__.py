@@ -150,7 +150,8 @@ def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
 # (``vq-cpu``, ``tcq-cpu``) are native but bound by table gathers, so their speed depends on the CPU: a model of
 # them decoded at 0.45-0.7x fp32 on the 2-core EPYC of earlier sessions (AVX2; bench/results/tcq_speed_model.json),
 # and the default trellis plans at 1.6-1.7x fp32 on one thread of an AVX-512 Xeon, 1.4-1.5x on two
-# (bench/results/deploy.md, deploy_2t.md): not counted, since a plan does not know the CPU it will run on.
+# (bench/results/deploy.md, deploy_2t.md), 1.2x on two threads of the same Xeon with the kernels built for AVX2
+# (deploy_avx2.md): not counted, since a plan does not know the CPU it will run on.
 # ``triton`` is listed as designed, not as measured (no GPU yet).
 FASTER_THAN_DENSE = frozenset({"cpu-int4", "triton"})
 # An ``+ip`` layer adds two transforms and ~70 us of per-call work on this CPU (measured in SmolLM2: W4-g64+ip
