@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mixq.allocate import (
@@ -127,6 +127,9 @@ def problems_and_budgets(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(problems_and_budgets())
+@example(pb=(Problem(layers=("l0", "l1", "l2", "l3"), costs=((0, 35, 35, 0), (2, 0, 2, 0), (0, 0, 0, 1), (0, 0, 0, 0)),
+                     errors=((2.0, 0.0, 0.0, 2.0), (0.0, 1.0, 0.0, 1.0), (1.0, 1.0, 1.192092896e-07, 0.0),
+                             (0.0, 0.0, 0.0, 0.0)), groups=(), labels=()), 36))  # two optima 1.2e-7 apart: HiGHS's gap
 def test_budget_never_exceeded(pb):
     p, budget = pb
     ref = brute_force(p, budget)

@@ -74,6 +74,9 @@ def exact(cost, err, budget: int, time_limit: float):
     return pick, (None if lb2 is None else max(lb2 + fixed_err, min(low, lb)))
 
 
+HIGHS_ABS_GAP = 1e-6  # HiGHS's default mip_abs_gap, in the MILP's scaled objective (scipy's milp does not expose it)
+
+
 def _milp(cost, err, budget: int, time_limit: float):
     """MILP ``min sum e x  s.t.  sum_c x_kc = 1,  sum b' x <= floor(B'/g)`` with x binary (HiGHS, gap 0).
 
@@ -81,7 +84,7 @@ def _milp(cost, err, budget: int, time_limit: float):
     range, so HiGHS's absolute tolerances (~1e-6) are relative to the problem's scale.  The
     rounded solution is re-checked in integers; if solver tolerance let it exceed the budget,
     the capacity is cut by the excess and the MILP re-solved (the budget is never exceeded).
-    Returns ``pick`` and HiGHS's dual bound (in error units), ``None`` after a re-solve.
+    Returns ``pick`` and HiGHS's dual bound less its absolute gap (in error units), ``None`` after a re-solve.
     """
     units, base, g = _units(cost)
     cap = (budget - base) // g
@@ -107,7 +110,10 @@ def _milp(cost, err, budget: int, time_limit: float):
             pick.append(int(np.argmax(res.x[a:b])))
         over = sum(int(u[p]) for u, p in zip(units, pick)) - cap
         if over <= 0:
-            lb = sum(emin) + scale * float(res.mip_dual_bound if res.mip_dual_bound is not None else res.fun)
+            dual = float(res.mip_dual_bound if res.mip_dual_bound is not None else res.fun)
+            # HiGHS stops once primal - dual <= its absolute gap and may then report the dual bound at the primal
+            # value: only dual - that gap is a bound on the optimum
+            lb = sum(emin) + scale * (dual - HIGHS_ABS_GAP)
             return pick, lb if cut == 0 else None
         log.debug("MILP solution exceeds the budget by %d units (tolerance); re-solving tighter", over)
         cut += over
