@@ -286,11 +286,15 @@ def _f(v, fmt) -> str:
     return "—" if v is None else format(v, fmt)
 
 
+ISA_ENV = ("MIXQ_KERNEL_CFLAGS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
 def _write(rows, S, args, total_s, has_gguf):
     p = S.protocol
-    flags = os.environ.get("MIXQ_KERNEL_CFLAGS")  # kernels built as for a CPU without some instructions
-    cmd = ((f"MIXQ_KERNEL_CFLAGS='{flags}' " if flags else "")
-           + f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/deploy.py --tokens {args.tokens}"
+    # the settings that make this CPU run the code another one would (mixq's kernels built without some
+    # instructions; torch's, MKL's and oneDNN's dispatch capped)
+    isa = "".join(f"{k}='{os.environ[k]}' " for k in ISA_ENV if os.environ.get(k))
+    cmd = (isa + f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} python bench/deploy.py --tokens {args.tokens}"
            + (f" --threads {args.threads}" if args.threads else "") + f" --new-tokens {args.new_tokens} "
            f"--prompt-tokens {args.prompt_tokens} --repeats {args.repeats} --calib-samples {args.calib_samples} "
            f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else "")
