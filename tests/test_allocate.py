@@ -345,10 +345,10 @@ def test_fast_on_cpu_keeps_only_candidates_with_a_cpu_kernel():
     assert [decodes_faster(s, (576, 576)) for s in codebooks[:3]] == [False, False, True]
     problem = build_problem(smol_table(blocks=1, specs=codebooks), Constraints(fast_on="cpu"))
     assert all(labels == ("W4-g64",) for labels in problem.labels)
-    # +ip int layers run cpu-int4 between two transforms: faster than dense only on wide enough layers
+    # +ip int layers run cpu-int4 between two native transforms: faster than dense at any size
     ip = parse_spec("W4-g64+ip")
     assert fast_kernel_for(ip, (576, 576)) == "cpu-int4"
-    assert not decodes_faster(ip, (1536, 576)) and decodes_faster(ip, (2048, 2048))
+    assert decodes_faster(ip, (576, 576)) and decodes_faster(ip, (2048, 2048))
 
 
 def test_tied_groups_are_per_block():
@@ -433,8 +433,8 @@ def test_json_outputs_are_ordinary_files_not_private_temporaries(tmp_path):
 
 def test_quantize_fast_on_cpu_measures_the_fast_cpu_set(tiny_dir, tmp_path, caplog):
     """``quantize --fast-on cpu`` with the default candidates measures the ``fast-cpu`` set (int grids, some
-    ``+ip``) instead of the default codebooks, and every layer of the plan decodes on a faster-than-fp32 kernel
-    (on the tiny model's small layers, no ``+ip`` one); on a CPU whose trellis kernels beat fp32 it says that the
+    ``+ip``) instead of the default codebooks, and every layer of the plan decodes on a faster-than-fp32 kernel;
+    on a CPU whose trellis kernels beat fp32 it says that the
     default plan would be fast there too."""
     from mixq.allocate.candidates import FAST_CPU_CANDIDATE_NAMES
     from mixq.cli import main
@@ -449,7 +449,6 @@ def test_quantize_fast_on_cpu_measures_the_fast_cpu_set(tiny_dir, tmp_path, capl
     layers = json.loads((out / "mixq.json").read_text())["layers"]
     specs = Plan.load(out / "plan.json").layers
     assert set(specs) == set(layers) and {s.name for s in specs.values()} <= set(FAST_CPU_CANDIDATE_NAMES)
-    assert not any(getattr(s, "incoherent", False) for s in specs.values())  # 64-wide layers: +ip would be slower
     assert all(decodes_faster(s, tuple(layers[f]["shape"])) for f, s in specs.items())
     measured = json.loads((out / "measurement.json").read_text())
     assert FAST_CPU_CANDIDATE_NAMES[0] in json.dumps(measured) and "TCQ" not in json.dumps(measured)

@@ -42,9 +42,8 @@ Costs (metadata included) for a 576-wide row: TCQ<r>-channel+ip1 r + 0.03 bpw, W
 FP16 16.
 
 ``fast-cpu`` (:data:`FAST_CPU_CANDIDATE_NAMES`, what ``--fast-on cpu`` measures by default): int grids only, all
-on the ``cpu-int4`` kernel, three of them after incoherence processing.  The ``+ip`` ones add two transforms and
-~70 us a call, so the constraint admits them only on layers of at least ``IP_MIN_WEIGHTS_CPU`` (1M) weights
-(:func:`mixq.runtime.kernels.decodes_faster`): on SmolLM2 (at most 885k) the plans are plain int grids.
+on the ``cpu-int4`` kernel, three of them after incoherence processing (two native transforms around the same
+kernel: still faster than the dense GEMV, :func:`mixq.runtime.kernels.decodes_faster`).
 
 Group sizes that do not divide a layer's in-features are dropped for that layer by
 :func:`candidates_for`; ``+ip`` candidates are dropped where the width has no Hadamard construction.
@@ -69,7 +68,7 @@ DEFAULT_CANDIDATE_NAMES: tuple[str, ...] = (
     "FP16",
 )
 # What ``--fast-on cpu`` measures when no --candidates is given: every spec here decodes on ``cpu-int4``, the ``+ip``
-# ones between two native Kronecker transforms (faster than fp32 on wide layers only: decodes_faster).
+# ones between two native Kronecker transforms (still faster than fp32: decodes_faster).
 FAST_CPU_CANDIDATE_NAMES: tuple[str, ...] = (
     "W2-g64-asym+ip", "W3-g64+ip", "W4-g64+ip",
     "W2-g64-asym", "W3-g64-asym", "W4-g64",

@@ -124,8 +124,8 @@ def constraint_args(p) -> None:
                    help="only candidates whose kernel on this device decodes faster than the fp32 model (cpu: int "
                         "grids through the int4 GEMM, about 2-2.5x fp32; no NF/FP/FP16 layers, which dequantize on "
                         "every call, nor VQ/TCQ ones, whose table-lookup kernels are not counted as faster: the "
-                        "default trellis plans decode at 1.4-1.7x fp32 on an AVX-512 CPU, slower than fp32 "
-                        "without it); quantize measures the 'fast-cpu' candidates (int grids, some +ip) when "
+                        "default trellis plans decode at 1.4-1.7x fp32 on an AVX-512 CPU, 1.1-1.2x with AVX2 "
+                        "only); quantize measures the 'fast-cpu' candidates (int grids, some +ip) when "
                         "--candidates is 'default'")
     p.add_argument("--target", default=None, choices=RUNTIME_TARGETS,
                    help="only candidates this runtime holds exactly for each layer's shape, written as they are by "

@@ -150,14 +150,15 @@ def fast_kernel_for(spec, shape, device: str = "cpu") -> str:
 # (``vq-cpu``, ``tcq-cpu``) are native but bound by table gathers, so their speed depends on the CPU: a model of
 # them decoded at 0.45-0.7x fp32 on the 2-core EPYC of earlier sessions (AVX2; bench/results/tcq_speed_model.json),
 # and the default trellis plans at 1.6-1.7x fp32 on one thread of an AVX-512 Xeon, 1.4-1.5x on two
-# (bench/results/deploy.md, deploy_2t.md), 1.2x on two threads of the same Xeon with the kernels built for AVX2
-# (deploy_avx2.md): not counted, since a plan does not know the CPU it will run on.
+# (bench/results/deploy.md, deploy_2t.md), 1.1-1.2x on two threads of the same Xeon with the kernels capped at AVX2
+# (deploy_avx2.md, deploy_avx2_full.md): not counted, since a plan does not know the CPU it will run on.
 # ``triton`` is listed as designed, not as measured (no GPU yet).
 FASTER_THAN_DENSE = frozenset({"cpu-int4", "triton"})
-# An ``+ip`` layer adds two transforms and ~70 us of per-call work on this CPU (measured in SmolLM2: W4-g64+ip
-# decodes at 0.99x fp32 where W4-g64 runs 1.48x; its largest layers have 885k weights).  Below this many weights
-# that eats the int4 kernel's gain, so on CPU such layers do not count as faster than dense.
-IP_MIN_WEIGHTS_CPU = 1 << 20
+# An ``+ip`` int layer runs the int4 kernel between two native transforms (kron_cpu): SmolLM2 with every layer
+# W4-g64+ip or W3-g64+ip decodes at 1.25x fp32 on two threads of the AVX-512 Xeon (bench/results/deploy_ip.md; plain
+# W4-g64 1.75x) and at 1.23x with every kernel capped at AVX2 (deploy_avx2_full.md), so such layers count as faster
+# than dense at any size.  (While the transforms ran in torch they cost ~70 us a call and decoded at 0.73-0.87x on
+# the EPYC of earlier sessions, ip_speed.md: then only layers of 1M weights and more were admitted.)
 
 
 def trellis_decodes_fast_here() -> bool:
@@ -169,15 +170,10 @@ def trellis_decodes_fast_here() -> bool:
 
 
 def decodes_faster(spec, shape, device: str = "cpu") -> bool:
-    """Whether a ``spec`` weight of ``shape`` decodes on ``device`` through a kernel of :data:`FASTER_THAN_DENSE`
-    (on CPU an ``+ip`` one only from :data:`IP_MIN_WEIGHTS_CPU` weights)."""
-    if fast_kernel_for(spec, shape, device) not in FASTER_THAN_DENSE:
-        return False
-    if device == "cpu" and getattr(composite_of(spec), "transforms", False):
-        return int(shape[0]) * int(shape[1]) >= IP_MIN_WEIGHTS_CPU
-    return True
+    """Whether a ``spec`` weight of ``shape`` decodes on ``device`` through a kernel of :data:`FASTER_THAN_DENSE`."""
+    return fast_kernel_for(spec, shape, device) in FASTER_THAN_DENSE
 
 
-__all__ = ["ALIASES", "AUTO_ORDER", "FASTER_THAN_DENSE", "IP_MIN_WEIGHTS_CPU", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name",
+__all__ = ["ALIASES", "AUTO_ORDER", "FASTER_THAN_DENSE", "KERNELS", "Kernel", "KernelUnsupported", "canonical_name",
            "decodes_faster", "fast_kernel_for", "trellis_decodes_fast_here",
            "get_kernel", "kernel_names", "pick_kernel", "select_kernel", "usable_kernels"]
