@@ -1,19 +1,17 @@
 """A trellis layer's decode call as one native call, and the layers that read one input run as one call.
 
-:class:`Step` holds one :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` (in the interleaved layout or the byte stream)
-and, for a one-sided ``+ip`` layer, its input transform (a
-:class:`~mixq.runtime.kernels.kron_cpu.KronPlan`): ``tcq_layers_call`` widens a bfloat16 input to float32, applies
-the transform through ``kron_apply``'s address, runs the GEMV and writes bfloat16 -- the same values as the
-transform and the GEMV called one after the other, where the Python between two native calls had cost a decode
-step about a tenth of its kernels' time.
+:class:`Step` holds one :class:`~mixq.runtime.kernels.tcq_cpu.GemvLayer` (in the interleaved layout or the byte
+stream) and, for a one-sided ``+ip`` layer, its input transform (a :class:`~mixq.runtime.kernels.kron_cpu.KronPlan`):
+``tcq_layers_call`` widens a bfloat16 input to float32, applies the transform through ``kron_apply``'s address, runs
+the GEMV and writes bfloat16 -- the same values as the transform and the GEMV called one after the other, where the
+Python between two native calls had cost a decode step about a tenth of its kernels' time.
 
 The projections that read one input (q/k/v, gate/up) are learnt, not declared: in its first calls a step notes
 whether the step called just before it read the same tensor with the same contents and the same transform; if so
 it becomes that step's *follower*.  From then on the leader computes its followers' outputs in its own native call
 (in the interleaved layout one parallel region, every layer's columns split over the threads, one barrier; from the
-byte stream one layer after the other) and leaves each follower its
-output with the input it was computed from; a follower returns it only when it is called with that very tensor,
-its bytes unchanged, and computes alone otherwise.  A stale or foreign input therefore costs
+byte stream one layer after the other) and leaves each follower its output with the input it was computed from; a
+follower returns it only when it is called with that very tensor, its bytes unchanged, and computes alone otherwise.  A stale or foreign input therefore costs
 speed, never correctness.  Decoding state (the last input seen) is per process, not per thread: two models decoded
 in two threads at once learn nothing from each other (their inputs are different tensors).
 """
