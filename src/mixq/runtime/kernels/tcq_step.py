@@ -11,9 +11,10 @@ whether the step called just before it read the same tensor with the same conten
 it becomes that step's *follower*.  From then on the leader computes its followers' outputs in its own native call
 (in the interleaved layout one parallel region, every layer's columns split over the threads, one barrier; from the
 byte stream one layer after the other) and leaves each follower its output with the input it was computed from; a
-follower returns it only when it is called with that very tensor, its bytes unchanged, and computes alone otherwise.  A stale or foreign input therefore costs
-speed, never correctness.  Decoding state (the last input seen) is per process, not per thread: two models decoded
-in two threads at once learn nothing from each other (their inputs are different tensors).
+follower returns it only when it is called with that very tensor, its bytes unchanged, and computes alone otherwise.
+A stale or foreign input therefore costs speed, never correctness.  Decoding state (the last input seen) is per
+process, not per thread: two models decoded in two threads at once learn nothing from each other (their inputs are
+different tensors).
 """
 from __future__ import annotations
 
