@@ -276,3 +276,18 @@ def test_a_rotated_input_is_reused_only_while_unchanged(rows):
         b = cl._rotate_input(x, 7, torch.float32)
         assert b is not a and torch.equal(b, rotate(x.float(), 7))
         assert cl._rotate_input(x.clone(), 7, torch.float32) is not b  # equal values, another tensor
+
+
+def test_a_two_sided_weight_is_rebuilt_under_bf16_autocast():
+    """The end-to-end epoch rebuilds an ``+ip`` int layer's weight under bf16 autocast (``--e2e-amp auto`` on a CPU
+    with AMX): the per-factor products of the two transforms come back in bf16 and must meet factors of their dtype
+    -- the result matches the float32 one within bf16 rounding, and gradients flow."""
+    from mixq.algorithms.composite.incoherence import unrotate_weight
+
+    W = torch.randn(1536, 576, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref = unrotate_weight(W.detach(), (3, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unrotate_weight(W, (3, 5))
+    assert float((out.float() - ref).abs().max()) < 0.02 * float(ref.abs().max())
+    out.float().square().sum().backward()
+    assert W.grad is not None and torch.isfinite(W.grad).all()

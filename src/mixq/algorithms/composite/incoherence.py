@@ -91,7 +91,7 @@ def rotate(x: torch.Tensor, seed: int, *, transpose: bool = False) -> torch.Tens
     dims = [f.shape[0] for f in factors]
     y = y.reshape(-1, *dims)
     for i, f in enumerate(factors):
-        f = f.to(device=x.device, dtype=x.dtype)
+        f = f.to(device=x.device, dtype=y.dtype)  # y's: under autocast a product comes back in bf16
         # contract axis i+1 of y with f (y_i' = Σ_j f[i', j] y_j); with transpose, fᵀ
         y = torch.movedim(torch.tensordot(y, f if transpose else f.T, dims=([i + 1], [0])), -1, i + 1)
     y = y.reshape(*lead, n)
