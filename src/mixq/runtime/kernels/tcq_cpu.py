@@ -155,7 +155,6 @@ class GemvLayer:
         vec = ISA[isa] if stream.numel() * 8 >= bits + 32 and bits + 32 < 2**31 else 0
         self.R, self.C = R, C
         self._args = (self.stream.data_ptr(), self.scale.data_ptr(), self.lut.data_ptr())
-        self._tail = (P, wbits, k1, L, glen, vec)
         self.layout, self.vec = (R, C, P, wbits, k1, L, glen), vec  # the kernels' shape and path arguments
         # AVX-512 or AVX2 (isa "auto", scale groups of 16 columns): the interleaved layout replaces the byte stream
         self.interleaved = isa == "auto" and vec == 1 and glen % 16 == 0 and words_isa() > 0
@@ -168,7 +167,7 @@ class GemvLayer:
         """``Ŵ [R, C]`` float32 (:func:`decode`; from the interleaved layout where this layer has it, 16 columns a
         step)."""
         if not self.interleaved:
-            return decode(self.stream, self.scale, self.lut, self.R, self.C, *self._tail[:5])
+            return decode(self.stream, self.scale, self.lut, *self.layout)
         W = torch.empty(self.R, self.C, dtype=torch.float32)
         _lib().tcq_decode_words(*self._args, W.data_ptr(), *self.layout)
         return W
@@ -192,7 +191,7 @@ class GemvLayer:
             _lib().tcq_gemv_words(x.data_ptr(), *self._args, y.data_ptr(), M, *self.layout, bf16)
             return y if bf16 or dtype is torch.float32 else y.to(dtype)
         y = torch.empty(x.shape[0], self.R, dtype=torch.float32)
-        _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], self.R, self.C, *self._tail)
+        _lib().tcq_gemv(x.data_ptr(), *self._args, y.data_ptr(), x.shape[0], *self.layout, self.vec)
         return y.to(dtype)
 
 

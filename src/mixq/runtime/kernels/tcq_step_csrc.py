@@ -113,14 +113,13 @@ int tcq_layers_call(const tcq_layer* const* ls, int nl, const void* x, void* con
     memcpy(xf, x, sizeof(float) * n);
   int rc = ls[0]->rot ? ls[0]->rot(ls[0]->rot_plan, xf, xf, M, 0) : 0;
   if (!rc) {
-    int words = 1;
-    for (int l = 0; l < nl; l++) words = words && ls[l]->words;
+    int words = 0;
     #ifdef TCQ_WORDS
+    words = 1;
+    for (int l = 0; l < nl; l++) words = words && ls[l]->words;
     if (words) rc = tcq_words_layers(ls, nl, xf, ys, M, ybf16);
-    else
     #endif
-    rc = tcq_layers_each(ls, nl, xf, ys, M, ybf16);
-    (void)words;
+    if (!words) rc = tcq_layers_each(ls, nl, xf, ys, M, ybf16);
   }
   free(xf);
   return rc;
