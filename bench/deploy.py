@@ -54,6 +54,7 @@ from mixq.export.native import read_info
 from mixq.models import model_fingerprint
 from mixq.export.native_write import rewrite_native  # re-saves a directory with a bf16 rest: no stage does that
 from mixq.runtime import greedy_generate, kernel_usage, memory_report
+from mixq.runtime.generate import ENGINES
 from mixq.runtime.dense_gemv import use_gemv
 
 UNIFORM = ["W4-g128", "W4-g64", "W3-g128"]
@@ -76,6 +77,9 @@ def main():
     ap.add_argument("--results", default="deploy", help="stem of the result files in bench/results (default deploy)")
     ap.add_argument("--interleave", type=int, default=0, help="after the rows, this many rounds of one decode of "
                     "every deployed model in turn (bench/decode_rounds.py): speeds a drifting host cannot skew")
+    ap.add_argument("--engine", default="auto", choices=ENGINES, help="greedy_generate's engine for every row "
+                    "(default auto: mixq's lean forward where it runs the model); with --interleave, fp32 through "
+                    "transformers is timed in the rounds too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,12 +134,14 @@ def main():
             rows.append(_dir_row(S, name, Path(src), prompt, args, work))
             print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
             gc.collect()
-        if args.interleave:
-            _interleave(S, rows, prompt, args, work)
+        hf32 = _interleave(S, rows, prompt, args, work) if args.interleave else None
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    _write(rows, S, args, time.perf_counter() - t_start, has_gguf)
+    _write(rows, S, args, time.perf_counter() - t_start, has_gguf, hf32)
+
+
+HF32 = "fp32 (transformers)"
 
 
 def _interleave(S, rows, prompt, args, work: Path) -> None:
@@ -151,19 +157,29 @@ def _interleave(S, rows, prompt, args, work: Path) -> None:
     for r in (r for r in rows if r["agree"] is not None):  # the quantized rows, as _write tells them
         d16 = work / f"{r['row']}-bf16rest"
         loaders[r["row"]] = lambda d16=d16: mixq.load_quantized(d16, dtype=torch.bfloat16, packed=True)[0]
-    got = interleaved(loaders, prompt, args.new_tokens, args.interleave, "fp32")
+    engines = {}
+    if args.engine != "transformers":  # the baseline a user of transformers alone has, in the same rounds
+        loaders[HF32] = lambda: S.ref
+        engines[HF32] = "transformers"
+    got = interleaved(loaders, prompt, args.new_tokens, args.interleave, "fp32",
+                      {**{n: args.engine for n in loaders}, **engines})
     for r in rows:
         r["interleaved"] = got[r["row"]]
+        if HF32 in got:
+            r["interleaved"]["ratio_fp32_transformers"] = statistics.median(
+                a / b for a, b in zip(got[r["row"]]["runs"], got[HF32]["runs"]))
+    return got.get(HF32)
 
 
 def _speed(model, prompt, args) -> dict:
     """Greedy decode: warm-up, then the median of ``repeats`` runs."""
-    greedy_generate(model, prompt, args.new_tokens, stop_at_eos=False)
-    runs = [greedy_generate(model, prompt, args.new_tokens, stop_at_eos=False) for _ in range(args.repeats)]
+    greedy_generate(model, prompt, args.new_tokens, stop_at_eos=False, engine=args.engine)
+    runs = [greedy_generate(model, prompt, args.new_tokens, stop_at_eos=False, engine=args.engine)
+            for _ in range(args.repeats)]
     return {"decode_tok_s": statistics.median(r.decode_tokens_per_s for r in runs),
             "decode_tok_s_runs": [r.decode_tokens_per_s for r in runs],
             "prefill_ms": statistics.median(r.prefill_s for r in runs) * 1000,
-            "generated": runs[-1].new_ids[:16]}
+            "generated": runs[-1].new_ids[:16], "engine": runs[-1].engine}
 
 
 def _param_bytes(model) -> int:
@@ -289,7 +305,7 @@ def _f(v, fmt) -> str:
 ISA_ENV = ("MIXQ_KERNEL_CFLAGS", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
-def _write(rows, S, args, total_s, has_gguf):
+def _write(rows, S, args, total_s, has_gguf, hf32=None):
     p = S.protocol
     # the settings that make this CPU run the code another one would (mixq's kernels built without some
     # instructions; torch's, MKL's and oneDNN's dispatch capped)
@@ -300,13 +316,16 @@ def _write(rows, S, args, total_s, has_gguf):
            f"--bpw {args.bpw:g}" + (f" --rows {args.rows}" if args.rows else "")
            + (f" --dirs {args.dirs}" if args.dirs else "")
            + (f" --results {args.results}" if args.results != "deploy" else "")
-           + (f" --interleave {args.interleave}" if args.interleave else ""))
+           + (f" --interleave {args.interleave}" if args.interleave else "")
+           + (f" --engine {args.engine}" if args.engine != "auto" else ""))
     fp32 = next(r for r in rows if r["row"] == "fp32")
     lines = header("Deployment on CPU — SmolLM2-135M-Instruct: size, RAM, decode speed, perplexity", cmd)
     lines += [f"Protocol: greedy decode of {args.new_tokens} new tokens after the first {args.prompt_tokens} tokens of "
               f"PTB test, batch 1, KV cache; tokens/s over the {args.new_tokens - 1} steps after the prompt "
               f"(prefill reported apart), median of {args.repeats} runs after a warm-up, "
-              f"{torch.get_num_threads()} torch threads for every row. Quantized rows: RTN (`--dirs` rows: as their "
+              f"{torch.get_num_threads()} torch threads for every row, engine `{args.engine}` (what ran: "
+              f"{', '.join(sorted({r.get('engine', '?') for r in rows}))}; `lean` = mixq.runtime.lean_decode, the "
+              f"blocks' glue in native calls, the same modules). Quantized rows: RTN (`--dirs` rows: as their "
               f"directory was made, named with its recipe), loaded with "
               f"`load_quantized(dir, dtype=torch.bfloat16, packed=True)` (kernel auto: cpu-int4 for int layers, "
               f"one int4 plane up to 4 bits, two for 5-8; reference = dequantize + matmul otherwise; the bf16 head's "
@@ -325,6 +344,11 @@ def _write(rows, S, args, total_s, has_gguf):
                       "speed over fp32's in the same round.")
         lines[-2] += " interleaved tok/s | interleaved speed-up |"
         lines[-1] += "---:|---:|"
+        if hf32 is not None:
+            lines[-4] += (f" The rounds also decode fp32 through transformers' own forward ({hf32['tok_s']:.1f} "
+                          "tok/s): the last column is each row's speed over that, round by round.")
+            lines[-2] += " vs fp32 (transformers) |"
+            lines[-1] += "---:|"
     for r in rows:
         kern = "—" if not r.get("kernels") else ", ".join(f"{k} {n}" for k, n in sorted(r["kernels"].items()))
         lines.append(
@@ -333,7 +357,8 @@ def _write(rows, S, args, total_s, has_gguf):
             f"{r['prefill_ms']:.0f} | {_f(r.get('ppl_fake') or r.get('ppl'), '.3f')} | {_f(r['ppl_packed_fp32'], '.3f')} | "
             f"{'—' if r['agree'] is None else ('yes' if r['agree'] else '**no**')} | {_f(r['ppl_packed_bf16'], '.3f')} | "
             f"{kern} |" + (f" {r['interleaved']['tok_s']:.1f} | {r['interleaved']['ratio']:.2f}x |" if args.interleave
-                          else ""))
+                          else "")
+            + (f" {r['interleaved']['ratio_fp32_transformers']:.2f}x |" if hf32 is not None else ""))
     qrows = [r for r in rows if r["agree"] is not None]
     lines += ["", "Sizes of the quantized rows: `disk` is the directory with bf16 rest (fp32 rest as `mixq quantize` "
               "writes it in the second column); the quantized tensors' bytes on disk against the spec accounting "
@@ -361,7 +386,8 @@ def _write(rows, S, args, total_s, has_gguf):
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.results}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.results}.json").write_text(json.dumps({"command": cmd, "protocol": p.to_dict(),
-                                                     "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+                                                     "threads": torch.get_num_threads(), "rows": rows,
+                                                     "fp32_transformers": hf32}, indent=2))
     print("\n".join(lines))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..runtime.generate import DTYPES
+from ..runtime.generate import DTYPES, ENGINES
 from .common import UserError
 
 
@@ -26,6 +26,9 @@ def register(sub) -> None:
     g.add_argument("--kernel", default="auto",
                    help="QuantLinear kernel: auto (default: cpu-int4 where it applies, else reference), reference, "
                         "cpu-int4 (bf16, params rounded to bf16), cpu-int4-exact (bf16, exact params)")
+    g.add_argument("--engine", default="auto", choices=ENGINES,
+                   help="what runs the blocks: lean (mixq's own forward of Llama-shaped models: the same modules "
+                        "and arithmetic, less time a step), transformers, or auto (default: lean where it can)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
     g.set_defaults(func=cmd_generate)
@@ -36,7 +39,7 @@ def cmd_generate(args) -> int:
 
     from ..export.native import read_info
     from ..runtime import canonical_name, greedy_generate, kernel_usage
-    from ..runtime.generate import max_positions
+    from ..runtime.generate import max_positions, resolve_engine
 
     if args.max_new_tokens <= 0:
         raise UserError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
@@ -69,12 +72,17 @@ def cmd_generate(args) -> int:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tok.eos_token_id
-    res = greedy_generate(model, ids, args.max_new_tokens, eos_token_id=eos, stop_at_eos=not args.no_stop)
+    try:
+        engine = resolve_engine(model, args.engine)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    res = greedy_generate(model, ids, args.max_new_tokens, eos_token_id=eos, stop_at_eos=not args.no_stop,
+                          engine=engine)
     print(tok.decode(res.new_ids, skip_special_tokens=True))
     speed = res.decode_tokens_per_s
     kernels = ", ".join(f"{k} x{n}" for k, n in sorted(kernel_usage(model).items())) if args.packed else "fake-quant"
     print(f"{len(res.new_ids)} new tokens after {res.prompt_tokens}: decode "
           f"{'-' if speed is None else f'{speed:.1f}'} tokens/s, prefill {res.prefill_s * 1000:.0f} ms "
           f"({dtype_name}, {'packed' if args.packed else 'fake-quant'}, kernels: {kernels}, "
-          f"{torch.get_num_threads()} threads)", file=sys.stderr)
+          f"{torch.get_num_threads()} threads, engine {res.engine})", file=sys.stderr)
     return 0

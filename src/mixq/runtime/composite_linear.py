@@ -126,6 +126,11 @@ class IncoherentLinear(nn.Module):
         y = (y if len(self._seeds) == 1 else rotate(y, self._seeds[1], transpose=True)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def decode_step(self, x: torch.Tensor):
+        """``f(x, dtype) -> y``, this layer's output for decode inputs like ``x`` through its native step alone (no
+        module call, no checks), or None where :meth:`forward` must run (see :mod:`mixq.runtime.lean_decode`)."""
+        return self._cpu_step(x) if self.bias is None else None
+
     def _cpu_step(self, x: torch.Tensor):
         """The inner layer's native step with this layer's input transform (``TCQLinear.cpu_step``), when the
         transform is one-sided and native; else None."""

@@ -99,6 +99,11 @@ class TCQLinear(PackedCodesLinear):
         self.__dict__["last_kernel"] = "tcq-cpu"
         return s
 
+    def decode_step(self, x: torch.Tensor):
+        """``f(x, dtype) -> y``, this layer's output for decode inputs like ``x`` through its native step alone, or
+        None where :meth:`forward` must run (see :mod:`mixq.runtime.lean_decode`)."""
+        return self.cpu_step(x) if self.bias is None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"TCQLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")

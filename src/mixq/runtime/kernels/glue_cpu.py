@@ -1,0 +1,100 @@
+"""Native CPU kernels of a decode step's glue: what a Llama-shaped block does between its linears, for one token.
+
+:class:`~mixq.runtime.lean_decode.LeanDecoder` runs a block's non-linear arithmetic through three calls instead of
+some thirty ATen ops (on SmolLM2-135M with trellis layers, ATen's glue took about as long as the linears' kernels):
+
+- ``glue_add_rms``: the residual add (``h += o``, rounded to the model's dtype as transformers' ``residual +
+  hidden`` is) and the next RMSNorm, computed as ``LlamaRMSNorm`` does -- float32 ``h * rsqrt(mean(h²) + eps)``,
+  rounded to the dtype, times the weight, rounded again;
+- ``glue_rope_cache``: RoPE on the token's queries (in place) and keys as ``apply_rotary_pos_emb`` computes them in
+  the dtype (each product rounded, then the sum), the keys and values written into the cache at the position;
+- ``glue_silu_mul``: ``silu(gate) * up``, each result rounded as torch rounds it.
+
+float32 or bfloat16 (the ``bf16`` flag); sums are float32 in another order than ATen's, so results may differ from
+transformers' in the last float32 bit and, rarely, by one bfloat16 step.  Compiled on first use
+(:func:`mixq.runtime.kernels.cbuild.load`); :func:`lib` is None without a compiler and the decoder keeps ATen.
+"""
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+from .cbuild import INT, VOID_P, load
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf2f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {  /* round to nearest even, as torch's bfloat16 conversion */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+static inline float rd(float f, int bf16) { return bf16 ? bf2f(f2bf(f)) : f; }  /* a value as the dtype holds it */
+static inline float ld(const void* p, size_t i, int bf16) {
+  return bf16 ? bf2f(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+static inline void st(void* p, size_t i, float v, int bf16) {
+  if (bf16) ((uint16_t*)p)[i] = f2bf(v); else ((float*)p)[i] = v;
+}
+
+/* h[n] += o[n] (o may be NULL), then x[n] = w * rms_normalized(h). */
+void glue_add_rms(void* h, const void* o, const void* w, float eps, void* x, int n, int bf16) {
+  float acc[16] = {0};
+  for (int i = 0; i < n; i++) {
+    float v = ld(h, i, bf16);
+    if (o) { v = rd(v + ld(o, i, bf16), bf16); st(h, i, v, bf16); }
+    acc[i & 15] += v * v;
+  }
+  float s = 0.f;
+  for (int j = 0; j < 16; j++) s += acc[j];
+  const float r = 1.f / sqrtf(s / (float)n + eps);
+  for (int i = 0; i < n; i++) st(x, i, ld(w, i, bf16) * rd(ld(h, i, bf16) * r, bf16), bf16);
+}
+
+static void rope_row(const void* src, void* dst, const void* cos, const void* sin, int d, int bf16) {
+  float t[512];
+  const int half = d / 2;
+  for (int j = 0; j < d; j++) {
+    const float rot = ld(src, j < half ? j + half : j - half, bf16);  /* sin carries rotate_half's sign */
+    t[j] = rd(rd(ld(src, j, bf16) * ld(cos, j, bf16), bf16) + rd(rot * ld(sin, j, bf16), bf16), bf16);
+  }
+  for (int j = 0; j < d; j++) st(dst, j, t[j], bf16);
+}
+
+/* q [H, d] rotated in place; k, v [KV, d] -> K, V [KV, cap, d] at row pos (k rotated).  d <= 512. */
+void glue_rope_cache(void* q, const void* k, const void* v, const void* cos, const void* sin, void* K, void* V,
+                     int pos, int H, int KV, int d, int cap, int bf16) {
+  const size_t es = bf16 ? 2 : 4;
+  for (int h = 0; h < H; h++) rope_row((char*)q + es * h * d, (char*)q + es * h * d, cos, sin, d, bf16);
+  for (int h = 0; h < KV; h++) {
+    const size_t at = es * ((size_t)h * cap + pos) * d;
+    rope_row((const char*)k + es * h * d, (char*)K + at, cos, sin, d, bf16);
+    memcpy((char*)V + at, (const char*)v + es * h * d, es * d);
+  }
+}
+
+/* out[n] = silu(g) * u, silu's result rounded to the dtype first, as torch's two ops are. */
+void glue_silu_mul(const void* g, const void* u, void* out, int n, int bf16) {
+  for (int i = 0; i < n; i++) {
+    const float a = ld(g, i, bf16);
+    st(out, i, rd(a / (1.f + expf(-a)), bf16) * ld(u, i, bf16), bf16);
+  }
+}
+"""
+
+SIGNATURES = {
+    "glue_add_rms": (None, [VOID_P, VOID_P, VOID_P, ctypes.c_float, VOID_P, INT, INT]),
+    "glue_rope_cache": (None, [VOID_P] * 7 + [INT] * 6),
+    "glue_silu_mul": (None, [VOID_P, VOID_P, VOID_P, INT, INT]),
+}
+
+
+@lru_cache(maxsize=None)
+def lib():
+    """The compiled glue kernels (None without a working compiler: the decoder's ATen ops are used)."""
+    return load("glue_cpu", SOURCE, "ATen ops for the decode step's glue", SIGNATURES)

@@ -1,0 +1,114 @@
+"""The lean decoder (mixq.runtime.lean_decode): transformers' logits, its refusals, and greedy_generate's engines."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import make_tiny
+
+from mixq.runtime.generate import greedy_generate, resolve_engine
+from mixq.runtime.lean_decode import GROW, LeanDecoder, unsupported
+
+LEAN = ["llama", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("family", LEAN)
+@torch.no_grad()
+def test_logits_are_transformers_in_prefill_chunks_and_steps(family):
+    model = make_tiny(family)
+    n = GROW + 40  # past one growth of the cache
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits[0]
+    lean = LeanDecoder(model)
+    got = [lean.forward(ids[:, :100]), lean.forward(ids[:, 100:107])]   # prefill, then a chunk after a cache
+    got += [lean.forward(ids[:, i:i + 1]) for i in range(107, n)]       # one token a step
+    got = torch.cat(got)
+    assert got.shape == ref.shape and lean.pos == n
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    assert lean.forward(ids[:, :3], last=True).shape == (1, model.config.vocab_size) and lean.pos == n + 3
+
+
+@pytest.mark.parametrize("family", LEAN)
+def test_bf16_greedy_ids_are_the_transformers_ones(family):
+    model = make_tiny(family).to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    a = greedy_generate(model, ids, 24, stop_at_eos=False, engine="transformers")
+    b = greedy_generate(model, ids, 24, stop_at_eos=False)
+    assert b.engine == "lean" and a.engine == "transformers"
+    assert a.new_ids == b.new_ids and b.to_dict()["engine"] == "lean"
+
+
+def test_refusals_name_the_reason_and_auto_falls_back():
+    gemma = make_tiny("gemma")
+    assert "not in lean_decode.FAMILIES" in unsupported(gemma)
+    assert resolve_engine(gemma) == "transformers"
+    with pytest.raises(ValueError, match="engine 'transformers'"):
+        resolve_engine(gemma, "lean")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        resolve_engine(gemma, "fast")
+    model = make_tiny("llama")
+    assert unsupported(model) is None
+    h = model.model.layers[1].self_attn.register_forward_hook(lambda *a: None)  # e.g. activation quantization
+    assert "hook on LlamaAttention" in unsupported(model) and resolve_engine(model) == "transformers"
+    with pytest.raises(ValueError, match="hook"):
+        LeanDecoder(model)
+    h.remove()
+    model.model.layers[0].mlp = torch.nn.Identity()
+    assert "layer 0: Identity where LlamaMLP" in unsupported(model)
+
+
+def test_packed_trellis_model_decodes_the_same_ids(tiny_model, tiny_tokenizer, tmp_path):
+    """A packed model of trellis ``+ip1`` layers (the default candidates' kind) gives the transformers ids."""
+    from mixq import api
+    from mixq.config import parse_spec
+    from mixq.export.native import load_quantized
+    from mixq.export.native_write import save_quantized
+
+    model = tiny_model("llama")
+    specs = {f: parse_spec("TCQ3-channel+ip1") for f in api.resolve_specs(model, "W4-g32")}
+    res = api.quantize_model(model, specs, method="rtn", progress=False)
+    d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "rtn"})
+    q, _, _ = load_quantized(d, dtype=torch.bfloat16, packed=True)
+    ids = torch.randint(0, q.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
+    a = greedy_generate(q, ids, 16, stop_at_eos=False, engine="transformers")
+    b = greedy_generate(q, ids, 16, stop_at_eos=False)
+    assert b.engine == "lean" and a.new_ids == b.new_ids
+
+
+@torch.no_grad()
+def test_steps_without_the_native_glue_are_the_same(monkeypatch):
+    """No compiler: the one-token steps run the ATen path (the prefill's), with the same logits."""
+    from mixq.runtime.kernels import glue_cpu
+
+    model = make_tiny("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    native = LeanDecoder(model)
+    assert native.glue is not None  # this machine compiles the kernels; CI does too
+    monkeypatch.setattr(glue_cpu, "lib", lambda: None)
+    aten = LeanDecoder(model)
+    assert aten.glue is None
+    for lean in (native, aten):
+        lean.forward(ids[:, :30])
+    for i in range(30, 40):
+        torch.testing.assert_close(native.forward(ids[:, i:i + 1]), aten.forward(ids[:, i:i + 1]),
+                                   atol=2e-6, rtol=1e-5)
+
+
+def test_generate_cli_engine(tiny_model, tiny_tokenizer, tmp_path, capsys):
+    from mixq import api
+    from mixq.cli import main
+    from mixq.config import parse_spec
+    from mixq.export.native_write import save_quantized
+
+    model = tiny_model("llama")
+    specs = {f: parse_spec("W4-g32") for f in api.resolve_specs(model, "W4-g32")}
+    res = api.quantize_model(model, specs, method="rtn", progress=False)
+    d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "rtn"})
+    argv = ["generate", str(d), "--prompt", "The cat sat", "--max-new-tokens", "8", "--no-stop"]
+    outs = []
+    for engine in ("lean", "transformers"):
+        assert main(argv + ["--engine", engine]) == 0
+        cap = capsys.readouterr()
+        outs.append(cap.out)
+        assert f"engine {engine})" in cap.err
+    assert outs[0] == outs[1]
+    assert main(argv) == 0 and "engine lean)" in capsys.readouterr().err  # auto
