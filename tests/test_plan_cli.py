@@ -84,6 +84,35 @@ def test_quantize_bpw_resumes_from_a_finished_measurement(tiny_dir, tmp_path, mo
     assert (out / "measurement.json").exists() and not scratch.exists()
 
 
+def test_quantize_interrupted_in_the_finetuning_resumes_without_measuring_or_walking_again(tiny_dir, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """The measurement and the GPTQ walk's blocks stay beside --out until the fine-tuned output is whole."""
+    import mixq.cli.quantize as cq
+    import mixq.measure
+
+    out = tmp_path / "q"
+    args = ["quantize", "--model", str(tiny_dir), "--bpw", "3.5", "--nsamples", "4", "--seqlen", "32",
+            "--grad-samples", "2", "--out", str(out)]
+    real = cq._finetune
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cq, "_finetune", interrupted)
+        assert main(args) != 0
+    assert (tmp_path / ".q.measurement.json").exists() and (tmp_path / ".q.partial-walk").exists()
+    assert not out.exists()
+    capsys.readouterr()
+    monkeypatch.setattr(mixq.measure, "measure", lambda *a, **k: pytest.fail("measured again"))
+    calls = []
+    monkeypatch.setattr(cq, "_finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(args) == 0 and calls == [1]
+    assert "all 2 blocks of the walk restored" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q")) == []
+    assert (out / "measurement.json").exists()
+
+
 def test_quantize_bpw_with_rotation_measures_the_rotated_model(tiny_dir, tmp_path):
     """--rotate with --bpw rotates first, so the measurement belongs to the weights that are quantized."""
     out = tmp_path / "qr"

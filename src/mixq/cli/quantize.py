@@ -186,18 +186,20 @@ def cmd_quantize(args) -> int:
     measured = budget is not None and bp.measured
     save_quantized(out, model, tok, res.qtensors, meta, overwrite=args.force,
                    side_files=_side_files(plan, table if measured else None))
-    if walk is not None:
-        walk.clear()
-    if measured:  # the scratch measurement beside --out is in the output now
-        final.with_name(f".{final.name}.measurement.json").unlink(missing_ok=True)
     n_layers = len(specs)
     if args.finetune != "none":
         # the quantized model lives in the scratch directory now: free it before fine-tuning loads it again
         rows = calib if calib is not None and args.finetune_samples == args.nsamples else None  # tokenised once
-        model = res = calib = table = plan = chosen = specs = source = kept = walk = None  # noqa: F841
+        model = res = calib = table = plan = chosen = specs = source = kept = None  # noqa: F841
         _release()
         _finetune(out, final, args, rows)
         out = final
+    # only now, with --out whole: a run interrupted in the fine-tuning resumes with the measurement and every block
+    # of the walk from these
+    if walk is not None:
+        walk.clear()
+    if measured:  # the scratch measurement beside --out is in the output now
+        final.with_name(f".{final.name}.measurement.json").unlink(missing_ok=True)
     print(f"wrote {out}: {n_layers} layers, {label} ({args.method}), "
           f"{size['bpw_quantized']:.3f} bpw over quantized layers, {human(size['bytes_all'])} in all, "
           f"{meta['seconds']:.1f} s")
