@@ -112,3 +112,22 @@ def test_generate_cli_engine(tiny_model, tiny_tokenizer, tmp_path, capsys):
         assert f"engine {engine})" in cap.err
     assert outs[0] == outs[1]
     assert main(argv) == 0 and "engine lean)" in capsys.readouterr().err  # auto
+
+
+def test_a_hooked_linear_runs_through_its_module(tiny_model, tiny_tokenizer, tmp_path):
+    """A layer with its own fast step but a hook on it (e.g. an activation observer) is called as a module."""
+    from mixq import api
+    from mixq.config import parse_spec
+    from mixq.export.native import load_quantized
+    from mixq.export.native_write import save_quantized
+
+    model = tiny_model("llama")
+    specs = {f: parse_spec("TCQ3-channel+ip1") for f in api.resolve_specs(model, "W4-g32")}
+    res = api.quantize_model(model, specs, method="rtn", progress=False)
+    d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "rtn"})
+    q, _, _ = load_quantized(d, dtype=torch.bfloat16, packed=True)
+    seen = []
+    q.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    ids = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
+    r = greedy_generate(q, ids, 4, stop_at_eos=False, engine="lean")
+    assert len(seen) == 4 and r.engine == "lean"  # the prefill and three steps

@@ -66,6 +66,10 @@ def unsupported(model) -> str | None:
             if type(m).__name__ != name:
                 return f"layer {i}: {type(m).__name__} where {name} was expected"
         mods += [m for m, _ in kinds]
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return "a global module hook"
     for m in mods:
         if m._forward_hooks or m._forward_pre_hooks:
             return f"a hook on {type(m).__name__} (activation or KV-cache quantization runs through transformers)"
@@ -176,7 +180,8 @@ class LeanDecoder:
         f = self._fns.get(id(mod))
         if f is None:
             find = getattr(mod, "decode_step", None)
-            step = find(x) if find is not None else None
+            hooked = mod._forward_hooks or mod._forward_pre_hooks  # they run only through the module call
+            step = find(x) if find is not None and not hooked else None
             f = self._fns[id(mod)] = (lambda x, dtype: mod(x)) if step is None else step
         return f
 
