@@ -8,7 +8,7 @@ from tiny import make_tiny
 from mixq.runtime.generate import greedy_generate, resolve_engine
 from mixq.runtime.lean_decode import GROW, LeanDecoder, unsupported
 
-LEAN = ["llama", "qwen2", "mistral"]
+LEAN = ["llama", "qwen2", "mistral", "qwen3"]
 
 
 @pytest.mark.parametrize("family", LEAN)

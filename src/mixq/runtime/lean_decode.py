@@ -28,12 +28,14 @@ class Family:
     attention: str        # its attention class name
     mlp: str              # its MLP class name
     norm: str             # its RMSNorm class name
+    qk_norm: bool = False  # an RMSNorm over each head of the queries and keys before RoPE (Qwen3)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
     "mistral": Family("MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
     "qwen2": Family("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+    "qwen3": Family("Qwen3DecoderLayer", "Qwen3Attention", "Qwen3MLP", "Qwen3RMSNorm", qk_norm=True),
 }
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose cos/sin depend on the position only
 GROW = 256  # cache positions added at a time
@@ -52,6 +54,8 @@ def unsupported(model) -> str | None:
                                                                                                  "default")
     if rope not in STATIC_ROPE:
         return f"rope_type {rope!r} changes with the sequence length"
+    if getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
+        return "sliding-window attention layers"
     if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window",
                                                                                              None)):
         return "sliding-window attention"
@@ -62,6 +66,8 @@ def unsupported(model) -> str | None:
     for i, blk in enumerate(inner.layers):
         kinds = ((blk, fam.block), (blk.self_attn, fam.attention), (blk.mlp, fam.mlp),
                  (blk.input_layernorm, fam.norm), (blk.post_attention_layernorm, fam.norm))
+        if fam.qk_norm:
+            kinds += ((blk.self_attn.q_norm, fam.norm), (blk.self_attn.k_norm, fam.norm))
         for m, name in kinds:
             if type(m).__name__ != name:
                 return f"layer {i}: {type(m).__name__} where {name} was expected"
@@ -85,6 +91,7 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder cannot run this model: {why}")
         cfg = model.config
         self.model, inner = model, model.model
+        self.qk_norm = FAMILIES[cfg.model_type].qk_norm
         self.blocks = list(inner.layers)
         self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
         self.rotary = inner.rotary_emb
@@ -150,8 +157,10 @@ class LeanDecoder:
         for i, blk in enumerate(self.blocks):
             att = blk.self_attn
             x = self._rms(blk.input_layernorm, h)
-            q = att.q_proj(x).view(1, T, H, d).transpose(1, 2)
-            k = att.k_proj(x).view(1, T, KV, d).transpose(1, 2)
+            q, k = att.q_proj(x).view(1, T, H, d), att.k_proj(x).view(1, T, KV, d)
+            if self.qk_norm:
+                q, k = self._rms(att.q_norm, q), self._rms(att.k_norm, k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = att.v_proj(x).view(1, T, KV, d).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             K, V = self.k[i], self.v[i]
@@ -204,6 +213,9 @@ class LeanDecoder:
             q = fn(att.q_proj, x)(x, dt).contiguous()
             k = fn(att.k_proj, x)(x, dt).contiguous()
             v = fn(att.v_proj, x)(x, dt).contiguous()
+            if self.qk_norm:
+                q = self._rms(att.q_norm, q.view(H, d)).contiguous()
+                k = self._rms(att.k_norm, k.view(KV, d)).contiguous()
             K, V = self.k[i], self.v[i]
             g.glue_rope_cache(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos, sin, K.data_ptr(), V.data_ptr(),
                               p, H, KV, d, cap, bf)
