@@ -8,7 +8,7 @@ from tiny import make_tiny
 from mixq.runtime.generate import greedy_generate, resolve_engine
 from mixq.runtime.lean_decode import GROW, LeanDecoder, unsupported
 
-LEAN = ["llama", "qwen2", "mistral", "qwen3"]
+LEAN = ["llama", "qwen2", "mistral", "qwen3", "gemma3"]
 
 
 @pytest.mark.parametrize("family", LEAN)
@@ -38,7 +38,7 @@ def test_bf16_greedy_ids_are_the_transformers_ones(family):
 
 
 def test_refusals_name_the_reason_and_auto_falls_back():
-    gemma = make_tiny("gemma")
+    gemma = make_tiny("gemma")  # Gemma 1: not in the table
     assert "not in lean_decode.FAMILIES" in unsupported(gemma)
     assert resolve_engine(gemma) == "transformers"
     with pytest.raises(ValueError, match="engine 'transformers'"):
@@ -131,3 +131,22 @@ def test_a_hooked_linear_runs_through_its_module(tiny_model, tiny_tokenizer, tmp
     ids = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
     r = greedy_generate(q, ids, 4, stop_at_eos=False, engine="lean")
     assert len(seen) == 4 and r.engine == "lean"  # the prefill and three steps
+
+
+@torch.no_grad()
+def test_gemma3_full_and_sliding_layers_with_their_own_rope():
+    """A Gemma 3 whose layers alternate full and sliding-window attention, each type with its own RoPE base."""
+    from tiny import _config
+
+    cfg, cls = _config("gemma3")
+    cfg.layer_types = ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    lean = LeanDecoder(model)
+    assert lean.windows == [16, None] and lean.rope_of == ["sliding_attention", "full_attention"]
+    assert not torch.equal(lean.cos["sliding_attention"], lean.cos["full_attention"])
+    ids = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(6))
+    ref = model(ids).logits[0]
+    got = torch.cat([lean.forward(ids[:, :20]), lean.forward(ids[:, 20:40])]
+                    + [lean.forward(ids[:, i:i + 1]) for i in range(40, 60)])
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)

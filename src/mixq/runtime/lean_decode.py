@@ -1,13 +1,15 @@
-"""A lean forward for Llama-shaped decoders: the same block arithmetic as transformers' ``modeling_llama``, without its
+"""A lean forward for Llama-shaped decoders: the same block arithmetic as transformers' modeling code, without its
 per-call machinery.
 
 A decode step of a small model through transformers runs some 3,000 ATen calls -- the cache's concatenations, mask
 and position bookkeeping, dtype round trips, module dispatch -- whose cost is the same whatever the linears are:
 on SmolLM2-135M about a third of a quantized model's step on this 2-core CPU.  :class:`LeanDecoder` walks the same
-modules' weights itself: RMSNorm as ``LlamaRMSNorm`` computes it, RoPE from the model's own rotary embedding
-(precomputed for the positions, so any static ``rope_type``), a preallocated KV cache written in place, and each
-query group attending its key/value head in one ``scaled_dot_product_attention`` call.  The linears are the model's
-modules, called as they are (packed mixq layers, trellis steps, dense ``nn.Linear``), so what a plan chose runs
+modules' weights itself: RMSNorm as the family's norm computes it, RoPE from the model's own rotary embedding
+(precomputed for the positions, per layer type where the family has several, so any static ``rope_type``), sliding
+windows where a layer has one, a preallocated KV cache written in place, and each query group attending its
+key/value head in one ``scaled_dot_product_attention`` call.  One-token steps run the block's glue through three
+native calls (:mod:`~mixq.runtime.kernels.glue_cpu`) and each layer through its own native step where it has one
+(``decode_step``, e.g. a trellis layer's); the linears are the model's modules otherwise, so what a plan chose runs
 unchanged.
 
 Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs); anything else, any
@@ -16,6 +18,7 @@ quantization, a simulated KV cache), is refused with the reason -- :func:`greedy
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -24,22 +27,39 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Family:
-    block: str            # the decoder layer's class name
-    attention: str        # its attention class name
-    mlp: str              # its MLP class name
-    norm: str             # its RMSNorm class name
-    qk_norm: bool = False  # an RMSNorm over each head of the queries and keys before RoPE (Qwen3)
+    prefix: str                # class names: <prefix>DecoderLayer, <prefix>Attention, <prefix>MLP, <prefix>RMSNorm
+    qk_norm: bool = False      # an RMSNorm over each head of the queries and keys before RoPE (Qwen3, Gemma 3)
+    offset_norm: bool = False  # RMSNorm as x * (1 + w), rounded once (Gemma), not w * round(x) (Llama)
+    sandwich: bool = False     # norms after attention and MLP too (Gemma 3: post_attention, pre/post_feedforward)
+    window_in_config: bool = False  # every layer's sliding window is config.sliding_window (Mistral); else the
+                                    # attention module's own ``sliding_window`` (None: full attention)
+
+    def names(self) -> tuple[str, str, str, str]:
+        p = self.prefix
+        return f"{p}DecoderLayer", f"{p}Attention", f"{p}MLP", f"{p}RMSNorm"
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
-    "mistral": Family("MistralDecoderLayer", "MistralAttention", "MistralMLP", "MistralRMSNorm"),
-    "qwen2": Family("Qwen2DecoderLayer", "Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
-    "qwen3": Family("Qwen3DecoderLayer", "Qwen3Attention", "Qwen3MLP", "Qwen3RMSNorm", qk_norm=True),
+    "llama": Family("Llama"),
+    "mistral": Family("Mistral", window_in_config=True),
+    "qwen2": Family("Qwen2"),
+    "qwen3": Family("Qwen3", qk_norm=True),
+    "gemma3_text": Family("Gemma3", qk_norm=True, offset_norm=True, sandwich=True),
 }
+ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}  # the MLP activations, as glue_cpu numbers them
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose cos/sin depend on the position only
 GROW = 256  # cache positions added at a time
 GLUE_DTYPES = (torch.float32, torch.bfloat16)  # what the native glue (kernels.glue_cpu) computes in
+
+
+def _rope_types(cfg) -> list[str]:
+    rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    subs = [v for v in rp.values() if isinstance(v, dict)] if isinstance(rp, dict) else []
+    return [d.get("rope_type", "default") for d in subs] or [rp.get("rope_type", "default")]
+
+
+def _act(cfg) -> str:
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
 
 
 def unsupported(model) -> str | None:
@@ -48,26 +68,30 @@ def unsupported(model) -> str | None:
     fam = FAMILIES.get(getattr(cfg, "model_type", None))
     if fam is None:
         return f"model type {getattr(cfg, 'model_type', None)!r} is not in lean_decode.FAMILIES"
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"hidden_act {cfg.hidden_act!r} (the table's families use silu)"
-    rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}).get("rope_type",
-                                                                                                 "default")
-    if rope not in STATIC_ROPE:
-        return f"rope_type {rope!r} changes with the sequence length"
-    if getattr(cfg, "layer_types", None) and any(t != "full_attention" for t in cfg.layer_types):
-        return "sliding-window attention layers"
-    if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window",
-                                                                                             None)):
-        return "sliding-window attention"
+    if _act(cfg) not in ACTS:
+        return f"activation {_act(cfg)!r} (the lean decoder has {', '.join(ACTS)})"
+    bad = [t for t in _rope_types(cfg) if t not in STATIC_ROPE]
+    if bad:
+        return f"rope_type {bad[0]!r} changes with the sequence length"
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, key, None) is not None:
+            return f"{key} (not in the lean decoder)"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "bidirectional attention"
+    if any(t not in ("full_attention", "sliding_attention") for t in getattr(cfg, "layer_types", None) or ()):
+        return f"layer types {sorted(set(cfg.layer_types))}"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "no model.model.layers / lm_head"
+    block, attention, mlp, norm = fam.names()
     mods = [model, inner, inner.embed_tokens, inner.norm]
     for i, blk in enumerate(inner.layers):
-        kinds = ((blk, fam.block), (blk.self_attn, fam.attention), (blk.mlp, fam.mlp),
-                 (blk.input_layernorm, fam.norm), (blk.post_attention_layernorm, fam.norm))
-        if fam.qk_norm:
-            kinds += ((blk.self_attn.q_norm, fam.norm), (blk.self_attn.k_norm, fam.norm))
+        att = blk.self_attn
+        kinds = [(blk, block), (att, attention), (blk.mlp, mlp), (blk.input_layernorm, norm),
+                 (blk.post_attention_layernorm, norm)]
+        kinds += [(att.q_norm, norm), (att.k_norm, norm)] if fam.qk_norm else []
+        kinds += ([(blk.pre_feedforward_layernorm, norm), (blk.post_feedforward_layernorm, norm)] if fam.sandwich
+                  else [])
         for m, name in kinds:
             if type(m).__name__ != name:
                 return f"layer {i}: {type(m).__name__} where {name} was expected"
@@ -90,21 +114,26 @@ class LeanDecoder:
         if why is not None:
             raise ValueError(f"LeanDecoder cannot run this model: {why}")
         cfg = model.config
+        self.fam = fam = FAMILIES[cfg.model_type]
         self.model, inner = model, model.model
-        self.qk_norm = FAMILIES[cfg.model_type].qk_norm
         self.blocks = list(inner.layers)
         self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
         self.rotary = inner.rotary_emb
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
-        self.scale = self.blocks[0].self_attn.scaling
+        self.act = ACTS[_act(cfg)]
+        self.windows = [(cfg.sliding_window if fam.window_in_config else getattr(b.self_attn, "sliding_window", None))
+                        for b in self.blocks]
+        typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.rope_of = [(cfg.layer_types[i] if typed else None) for i in range(len(self.blocks))]
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.pos = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self.cos = self.sin = None
+        self.cos: dict = {}
+        self.sin: dict = {}
         self._reserve(GROW)
         self.glue, self._fns = None, {}
         if self.device.type == "cpu" and self.dtype in GLUE_DTYPES and self.head_dim <= 512:
@@ -124,16 +153,21 @@ class LeanDecoder:
             new[:, :, :have] = old
         self.k, self.v = new_k, new_v
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(probe, torch.arange(n, device=self.device)[None])
         half = self.head_dim // 2
-        # rotate_half(x) * sin == flip(x's halves) * [-sin_1, sin_2]: one product instead of neg + cat
-        self.cos = cos[0]
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
+        for t in set(self.rope_of):
+            args = () if t is None else (t,)
+            cos, sin = self.rotary(probe, torch.arange(n, device=self.device)[None], *args)
+            # rotate_half(x) * sin == flip(x's halves) * [-sin_1, sin_2]: one product instead of neg + cat
+            self.cos[t] = cos[0]
+            self.sin[t] = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
 
-    @staticmethod
-    def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    def _rms(self, norm, x: torch.Tensor) -> torch.Tensor:
+        """``norm(x)`` as the family's RMSNorm computes it."""
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        if self.fam.offset_norm:
+            return (xf * (1.0 + norm.weight.float())).to(x.dtype)
         return norm.weight * xf.to(x.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,6 +175,11 @@ class LeanDecoder:
         d = self.head_dim
         rot = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
         return x * cos + rot * sin
+
+    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        g = mlp.gate_proj(x)
+        g = F.silu(g) if self.act == 0 else F.gelu(g, approximate="tanh")
+        return mlp.down_proj(g * mlp.up_proj(x))
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, *, last: bool = False) -> torch.Tensor:
@@ -151,14 +190,16 @@ class LeanDecoder:
             return self._step(ids)
         p0 = self.pos
         self._reserve(p0 + T)
-        cos, sin = self.cos[p0:p0 + T], self.sin[p0:p0 + T]
         h = self.embed(ids)  # [1, T, hidden]
         H, KV, d = self.heads, self.kv_heads, self.head_dim
+        rows = torch.arange(p0, p0 + T, device=h.device)[:, None]
+        cols = torch.arange(p0 + T, device=h.device)[None]
         for i, blk in enumerate(self.blocks):
-            att = blk.self_attn
+            att, W = blk.self_attn, self.windows[i]
+            cos, sin = self.cos[self.rope_of[i]][p0:p0 + T], self.sin[self.rope_of[i]][p0:p0 + T]
             x = self._rms(blk.input_layernorm, h)
             q, k = att.q_proj(x).view(1, T, H, d), att.k_proj(x).view(1, T, KV, d)
-            if self.qk_norm:
+            if self.fam.qk_norm:
                 q, k = self._rms(att.q_norm, q), self._rms(att.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = att.v_proj(x).view(1, T, KV, d).transpose(1, 2)
@@ -167,16 +208,20 @@ class LeanDecoder:
             K[:, :, p0:p0 + T] = k
             V[:, :, p0:p0 + T] = v
             K, V = K[:, :, :p0 + T], V[:, :, :p0 + T]
-            if T == 1:  # each kv head's queries as the rows of one attention call: no mask, no repeat
-                o = F.scaled_dot_product_attention(q.reshape(1, KV, H // KV, d), K, V, scale=self.scale)
+            mask = None
+            if p0 > 0 or (W is not None and p0 + T > W):  # causal, and within the window (kv > q - W)
+                mask = (cols <= rows) & (True if W is None else cols > rows - W)
+            o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=mask is None, scale=att.scaling,
+                                               enable_gqa=KV != H)
+            a = att.o_proj(o.transpose(1, 2).reshape(1, T, H * d))
+            if self.fam.sandwich:
+                a = self._rms(blk.post_attention_layernorm, a)
+                h = h + a
+                m = self._mlp(blk.mlp, self._rms(blk.pre_feedforward_layernorm, h))
+                h = h + self._rms(blk.post_feedforward_layernorm, m)
             else:
-                mask = None if p0 == 0 else torch.ones(T, p0 + T, dtype=torch.bool, device=h.device).tril(p0)
-                o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=p0 == 0, scale=self.scale,
-                                                   enable_gqa=KV != H)
-            h = h + att.o_proj(o.reshape(1, H, T, d).transpose(1, 2).reshape(1, T, H * d))
-            x = self._rms(blk.post_attention_layernorm, h)
-            mlp = blk.mlp
-            h = h + mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+                h = h + a
+                h = h + self._mlp(blk.mlp, self._rms(blk.post_attention_layernorm, h))
         self.pos = p0 + T
         if last:
             h = h[:, -1:]
@@ -194,45 +239,51 @@ class LeanDecoder:
             f = self._fns[id(mod)] = (lambda x, dtype: mod(x)) if step is None else step
         return f
 
+    def _norm_args(self, norm) -> tuple[int, float]:
+        return norm.weight.data_ptr(), (norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
+
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token's logits ``[1, vocab]`` with the block glue in native calls (:mod:`.kernels.glue_cpu`)."""
         p = self.pos
         self._reserve(p + 1)
-        g, bf = self.glue, int(self.dtype == torch.bfloat16)
+        g, bf, off = self.glue, int(self.dtype == torch.bfloat16), int(self.fam.offset_norm)
         H, KV, d = self.heads, self.kv_heads, self.head_dim
-        cap = self.k[0].shape[2]
-        cos, sin = self.cos[p].data_ptr(), self.sin[p].data_ptr()
+        cap, dt, fn = self.k[0].shape[2], self.dtype, self._fn
         h = self.embed(ids)  # [1, 1, hidden], this step's own residual stream (added to in place)
         n = h.shape[-1]
         x = torch.empty_like(h)
-        norm = self.blocks[0].input_layernorm
-        g.glue_add_rms(h.data_ptr(), None, norm.weight.data_ptr(), norm.variance_epsilon, x.data_ptr(), n, bf)
+        g.glue_add_rms(h.data_ptr(), None, None, 0.0, *self._norm_args(self.blocks[0].input_layernorm), x.data_ptr(),
+                       n, bf, off)
         for i, blk in enumerate(self.blocks):
-            att, mlp = blk.self_attn, blk.mlp
-            dt, fn = self.dtype, self._fn
+            att, mlp, W = blk.self_attn, blk.mlp, self.windows[i]
             q = fn(att.q_proj, x)(x, dt).contiguous()
             k = fn(att.k_proj, x)(x, dt).contiguous()
             v = fn(att.v_proj, x)(x, dt).contiguous()
-            if self.qk_norm:
+            if self.fam.qk_norm:
                 q = self._rms(att.q_norm, q.view(H, d)).contiguous()
                 k = self._rms(att.k_norm, k.view(KV, d)).contiguous()
             K, V = self.k[i], self.v[i]
-            g.glue_rope_cache(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos, sin, K.data_ptr(), V.data_ptr(),
-                              p, H, KV, d, cap, bf)
-            o = F.scaled_dot_product_attention(q.view(1, KV, H // KV, d), K[:, :, :p + 1], V[:, :, :p + 1],
-                                               scale=self.scale)
+            t = self.rope_of[i]
+            g.glue_rope_cache(q.data_ptr(), k.data_ptr(), v.data_ptr(), self.cos[t][p].data_ptr(),
+                              self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d, cap, bf)
+            lo = 0 if W is None else max(0, p + 1 - W)
+            o = F.scaled_dot_product_attention(q.view(1, KV, H // KV, d), K[:, :, lo:p + 1], V[:, :, lo:p + 1],
+                                               scale=att.scaling)  # each kv head's queries as the rows of one call
             o = o.reshape(1, 1, H * d)
             a = fn(att.o_proj, o)(o, dt).contiguous()
-            norm, x = blk.post_attention_layernorm, torch.empty_like(h)  # a new x: a layer may hold its input
-            g.glue_add_rms(h.data_ptr(), a.data_ptr(), norm.weight.data_ptr(), norm.variance_epsilon, x.data_ptr(),
-                           n, bf)
+            post = blk.post_attention_layernorm
+            nxt = blk.pre_feedforward_layernorm if self.fam.sandwich else post
+            x = torch.empty_like(h)  # a new x: a layer may hold its input
+            g.glue_add_rms(h.data_ptr(), a.data_ptr(), *(self._norm_args(post) if self.fam.sandwich else (None, 0.0)),
+                           *self._norm_args(nxt), x.data_ptr(), n, bf, off)
             gate, up = fn(mlp.gate_proj, x)(x, dt).contiguous(), fn(mlp.up_proj, x)(x, dt).contiguous()
             gu = torch.empty_like(gate)
-            g.glue_silu_mul(gate.data_ptr(), up.data_ptr(), gu.data_ptr(), gu.numel(), bf)
+            g.glue_act_mul(gate.data_ptr(), up.data_ptr(), gu.data_ptr(), gu.numel(), bf, self.act)
             m = fn(mlp.down_proj, gu)(gu, dt).contiguous()
             norm = self.blocks[i + 1].input_layernorm if i + 1 < len(self.blocks) else self.norm
             x = torch.empty_like(h)
-            g.glue_add_rms(h.data_ptr(), m.data_ptr(), norm.weight.data_ptr(), norm.variance_epsilon, x.data_ptr(),
-                           n, bf)
+            g.glue_add_rms(h.data_ptr(), m.data_ptr(),
+                           *(self._norm_args(blk.post_feedforward_layernorm) if self.fam.sandwich else (None, 0.0)),
+                           *self._norm_args(norm), x.data_ptr(), n, bf, off)
         self.pos = p + 1
         return self.head(x)[0]

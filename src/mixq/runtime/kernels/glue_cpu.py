@@ -4,11 +4,12 @@
 some thirty ATen ops (on SmolLM2-135M with trellis layers, ATen's glue took about as long as the linears' kernels):
 
 - ``glue_add_rms``: the residual add (``h += o``, rounded to the model's dtype as transformers' ``residual +
-  hidden`` is) and the next RMSNorm, computed as ``LlamaRMSNorm`` does -- float32 ``h * rsqrt(mean(h²) + eps)``,
-  rounded to the dtype, times the weight, rounded again;
+  hidden`` is; ``o`` normalised first where the family has a norm there) and the next RMSNorm, computed as the
+  family's norm does -- float32 ``h * rsqrt(mean(h²) + eps)``, then ``LlamaRMSNorm``'s rounding to the dtype, times
+  the weight, rounded again, or ``Gemma3RMSNorm``'s ``* (1 + w)`` rounded once;
 - ``glue_rope_cache``: RoPE on the token's queries (in place) and keys as ``apply_rotary_pos_emb`` computes them in
   the dtype (each product rounded, then the sum), the keys and values written into the cache at the position;
-- ``glue_silu_mul``: ``silu(gate) * up``, each result rounded as torch rounds it.
+- ``glue_act_mul``: ``silu(gate) * up`` or ``gelu_tanh(gate) * up``, each result rounded as torch rounds it.
 
 float32 or bfloat16 (the ``bf16`` flag); sums are float32 in another order than ATen's, so results may differ from
 transformers' in the last float32 bit and, rarely, by one bfloat16 step.  Compiled on first use
@@ -42,18 +43,34 @@ static inline void st(void* p, size_t i, float v, int bf16) {
   if (bf16) ((uint16_t*)p)[i] = f2bf(v); else ((float*)p)[i] = v;
 }
 
-/* h[n] += o[n] (o may be NULL), then x[n] = w * rms_normalized(h). */
-void glue_add_rms(void* h, const void* o, const void* w, float eps, void* x, int n, int bf16) {
+static float inv_rms(const void* v, int n, float eps, int bf16) {
   float acc[16] = {0};
-  for (int i = 0; i < n; i++) {
-    float v = ld(h, i, bf16);
-    if (o) { v = rd(v + ld(o, i, bf16), bf16); st(h, i, v, bf16); }
-    acc[i & 15] += v * v;
-  }
+  for (int i = 0; i < n; i++) { const float a = ld(v, i, bf16); acc[i & 15] += a * a; }
   float s = 0.f;
   for (int j = 0; j < 16; j++) s += acc[j];
-  const float r = 1.f / sqrtf(s / (float)n + eps);
-  for (int i = 0; i < n; i++) st(x, i, ld(w, i, bf16) * rd(ld(h, i, bf16) * r, bf16), bf16);
+  return 1.f / sqrtf(s / (float)n + eps);
+}
+
+/* an RMS-normalised value v * r with weight w, rounded as the family's norm rounds: w * round(v * r) (Llama),
+   or round(v * r * (1 + w)) (offset: Gemma) */
+static inline float normed(float v, float r, float w, int bf16, int offset) {
+  return offset ? rd(v * r * (1.f + w), bf16) : rd(w * rd(v * r, bf16), bf16);
+}
+
+/* h[n] += o[n] -- o first normalised with the weight wo when wo is given (Gemma 3's norms after attention and
+   MLP); o may be NULL -- then x[n] = the RMSNorm of h with the weight w. */
+void glue_add_rms(void* h, const void* o, const void* wo, float eps_o, const void* w, float eps, void* x, int n,
+                  int bf16, int offset) {
+  if (o) {
+    const float ro = wo ? inv_rms(o, n, eps_o, bf16) : 0.f;
+    for (int i = 0; i < n; i++) {
+      float a = ld(o, i, bf16);
+      if (wo) a = normed(a, ro, ld(wo, i, bf16), bf16, offset);
+      st(h, i, rd(ld(h, i, bf16) + a, bf16), bf16);
+    }
+  }
+  const float r = inv_rms(h, n, eps, bf16);
+  for (int i = 0; i < n; i++) st(x, i, normed(ld(h, i, bf16), r, ld(w, i, bf16), bf16, offset), bf16);
 }
 
 static void rope_row(const void* src, void* dst, const void* cos, const void* sin, int d, int bf16) {
@@ -78,19 +95,22 @@ void glue_rope_cache(void* q, const void* k, const void* v, const void* cos, con
   }
 }
 
-/* out[n] = silu(g) * u, silu's result rounded to the dtype first, as torch's two ops are. */
-void glue_silu_mul(const void* g, const void* u, void* out, int n, int bf16) {
+/* out[n] = act(g) * u, act's result rounded to the dtype first, as torch's two ops are; act 0: silu, 1: GELU with
+   the tanh approximation. */
+void glue_act_mul(const void* g, const void* u, void* out, int n, int bf16, int act) {
   for (int i = 0; i < n; i++) {
     const float a = ld(g, i, bf16);
-    st(out, i, rd(a / (1.f + expf(-a)), bf16) * ld(u, i, bf16), bf16);
+    const float y = act ? 0.5f * a * (1.f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)))
+                        : a / (1.f + expf(-a));
+    st(out, i, rd(y, bf16) * ld(u, i, bf16), bf16);
   }
 }
 """
 
 SIGNATURES = {
-    "glue_add_rms": (None, [VOID_P, VOID_P, VOID_P, ctypes.c_float, VOID_P, INT, INT]),
+    "glue_add_rms": (None, [VOID_P, VOID_P, VOID_P, ctypes.c_float, VOID_P, ctypes.c_float, VOID_P, INT, INT, INT]),
     "glue_rope_cache": (None, [VOID_P] * 7 + [INT] * 6),
-    "glue_silu_mul": (None, [VOID_P, VOID_P, VOID_P, INT, INT]),
+    "glue_act_mul": (None, [VOID_P, VOID_P, VOID_P, INT, INT, INT]),
 }
 
 
