@@ -56,18 +56,23 @@ def test_refusals_name_the_reason_and_auto_falls_back():
     assert "layer 0: Identity where LlamaMLP" in unsupported(model)
 
 
-def test_packed_trellis_model_decodes_the_same_ids(tiny_model, tiny_tokenizer, tmp_path):
-    """A packed model of trellis ``+ip1`` layers (the default candidates' kind) gives the transformers ids."""
+def _packed(tiny_model, tiny_tokenizer, tmp_path, spec: str):
+    """A tiny llama with every block linear ``spec`` (RTN), saved and loaded back packed in bf16."""
     from mixq import api
     from mixq.config import parse_spec
     from mixq.export.native import load_quantized
     from mixq.export.native_write import save_quantized
 
     model = tiny_model("llama")
-    specs = {f: parse_spec("TCQ3-channel+ip1") for f in api.resolve_specs(model, "W4-g32")}
+    specs = {f: parse_spec(spec) for f in api.resolve_specs(model, "W4-g32")}
     res = api.quantize_model(model, specs, method="rtn", progress=False)
     d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "rtn"})
-    q, _, _ = load_quantized(d, dtype=torch.bfloat16, packed=True)
+    return load_quantized(d, dtype=torch.bfloat16, packed=True)[0], d
+
+
+def test_packed_trellis_model_decodes_the_same_ids(tiny_model, tiny_tokenizer, tmp_path):
+    """A packed model of trellis ``+ip1`` layers (the default candidates' kind) gives the transformers ids."""
+    q, _ = _packed(tiny_model, tiny_tokenizer, tmp_path, "TCQ3-channel+ip1")
     ids = torch.randint(0, q.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
     a = greedy_generate(q, ids, 16, stop_at_eos=False, engine="transformers")
     b = greedy_generate(q, ids, 16, stop_at_eos=False)
@@ -94,15 +99,9 @@ def test_steps_without_the_native_glue_are_the_same(monkeypatch):
 
 
 def test_generate_cli_engine(tiny_model, tiny_tokenizer, tmp_path, capsys):
-    from mixq import api
     from mixq.cli import main
-    from mixq.config import parse_spec
-    from mixq.export.native_write import save_quantized
 
-    model = tiny_model("llama")
-    specs = {f: parse_spec("W4-g32") for f in api.resolve_specs(model, "W4-g32")}
-    res = api.quantize_model(model, specs, method="rtn", progress=False)
-    d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "rtn"})
+    _, d = _packed(tiny_model, tiny_tokenizer, tmp_path, "W4-g32")
     argv = ["generate", str(d), "--prompt", "The cat sat", "--max-new-tokens", "8", "--no-stop"]
     outs = []
     for engine in ("lean", "transformers"):
@@ -116,16 +115,7 @@ def test_generate_cli_engine(tiny_model, tiny_tokenizer, tmp_path, capsys):
 
 def test_a_hooked_linear_runs_through_its_module(tiny_model, tiny_tokenizer, tmp_path):
     """A layer with its own fast step but a hook on it (e.g. an activation observer) is called as a module."""
-    from mixq import api
-    from mixq.config import parse_spec
-    from mixq.export.native import load_quantized
-    from mixq.export.native_write import save_quantized
-
-    model = tiny_model("llama")
-    specs = {f: parse_spec("TCQ3-channel+ip1") for f in api.resolve_specs(model, "W4-g32")}
-    res = api.quantize_model(model, specs, method="rtn", progress=False)
-    d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "rtn"})
-    q, _, _ = load_quantized(d, dtype=torch.bfloat16, packed=True)
+    q, _ = _packed(tiny_model, tiny_tokenizer, tmp_path, "TCQ3-channel+ip1")
     seen = []
     q.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     ids = torch.randint(0, q.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(5))
