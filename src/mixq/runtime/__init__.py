@@ -7,7 +7,9 @@ The bit-packing itself (``pack`` / ``unpack``, ``pack_params`` / ``unpack_params
               :func:`install_qlinear` (from packed weights, e.g. a native checkpoint), :func:`memory_report`
 ``kernels``   ``reference`` (dequantize + F.linear, always) and fast paths checked against it
               (``cpu-int4``, ``cpu-int4-exact``)
-``generate``  :func:`greedy_generate`: timed greedy decoding with a KV cache
+``generate``  :func:`greedy_generate`: timed greedy decoding with a KV cache, through ``lean_decode`` (mixq's own
+              forward of Llama-shaped families, the block glue in native calls: ``kernels/glue_cpu``) where it
+              can run the model, else transformers' forward
 ``dense_gemv`` :func:`use_gemv`: a packed model's full-precision bf16 linears (the head) decode one token through
               ``torch.mv`` (the same bits, about twice as fast on CPU)
 
