@@ -25,9 +25,10 @@ LLAMA_CPP = [  # (name, bpw, KL PTB, KL other prose or None) -- DEVELOPERS.md / 
     ("IQ2_M", 4.04, 0.318, 0.36), ("IQ3_S", 4.23, 0.151, 0.19), ("IQ4_XS", 4.44, 0.097, None),
     ("Q3_K_M", 4.63, 0.088, None), ("Q4_K_M", 5.53, 0.033, None)]
 TARGETS = [(2.5, 0.40), (3.0, 0.15), (4.0, 0.033)]
-# recipes drawn as named curves (the mixed GPTQ+e2e rows of these generalization runs); every other curve is drawn
-# thin and grey, unnamed (the table names them all)
-HIGHLIGHT = {"mixq-default-12 (today)": ("n64",), "mixq-default-11": ("ip1",),
+# recipes drawn as named curves (the mixed GPTQ+e2e rows of these generalization runs, or a frontier/*.json curve
+# by its name); every other curve is drawn thin and grey, unnamed (the table names them all)
+HIGHLIGHT = {"mixq-default-13 (today: mixq quantize --bpw X)": ("mixq quantize --bpw X [mixq-default-13]",),
+             "mixq-default-12": ("n64",), "mixq-default-11": ("ip1",),
              "mixq-default-10": ("tcq56-L12", "L12-a", "L12-b")}
 
 
@@ -77,7 +78,7 @@ def _plot(rs, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     curves = sorted({r["curve"] for r in rs})
-    named = {label: [r for r in rs if r["curve"] in {f"mixed GPTQ+e2e [{t}]" for t in tags}]
+    named = {label: [r for r in rs if r["curve"] in {f"mixed GPTQ+e2e [{t}]" for t in tags} | set(tags)]
              for label, tags in HIGHLIGHT.items()}
     for ax, dom in zip(axes, ("ptb", "fortunes")):
         for i, c in enumerate(curves):
