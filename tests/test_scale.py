@@ -163,9 +163,10 @@ def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
         if layers == 10:
             assert len(list(path.glob("*.safetensors"))) >= 5 and (path / "model.safetensors.index.json").exists()
         # the peak is sampled (every 1 ms): a run can miss its highest moment by a few MiB (the full suite once
-        # measured the 2-block run 5 MiB low), never overshoot it, so the higher of two runs
-        r, again = _lazy_gptq(path, layers, read), _lazy_gptq(path, layers, read)
-        r = runs[layers] = {**r, "peak": max(r["peak"], again["peak"]), "block": block, "total": total}
+        # measured the 2-block run 5 MiB low, and once, with the higher of two runs, 1.18 MiB per extra block
+        # against 0.63-0.67 alone), never overshoot it, so the highest of three runs
+        r, *again = (_lazy_gptq(path, layers, read) for _ in range(3))
+        r = runs[layers] = {**r, "peak": max(x["peak"] for x in (r, *again)), "block": block, "total": total}
         # every block loaded once, in order, released before the next; one block's weights resident at a time
         assert r["events"] == [(k, i) for i in range(layers) for k in ("load", "release")]
         assert r["max_live"] == 1 and max(r["resident"]) == block
