@@ -106,6 +106,11 @@ def unsupported(model) -> str | None:
     return None
 
 
+def _eps(norm) -> float:
+    """An RMSNorm's epsilon (``variance_epsilon`` in Llama's, Qwen's and Mistral's, ``eps`` in Gemma's)."""
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
 class LeanDecoder:
     """Prefill and one-token decode steps of a Llama-shaped ``model`` (batch 1) on its own KV cache."""
 
@@ -164,8 +169,7 @@ class LeanDecoder:
     def _rms(self, norm, x: torch.Tensor) -> torch.Tensor:
         """``norm(x)`` as the family's RMSNorm computes it."""
         xf = x.float()
-        eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(norm))
         if self.fam.offset_norm:
             return (xf * (1.0 + norm.weight.float())).to(x.dtype)
         return norm.weight * xf.to(x.dtype)
@@ -239,8 +243,9 @@ class LeanDecoder:
             f = self._fns[id(mod)] = (lambda x, dtype: mod(x)) if step is None else step
         return f
 
-    def _norm_args(self, norm) -> tuple[int, float]:
-        return norm.weight.data_ptr(), (norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps)
+    @staticmethod
+    def _norm_args(norm) -> tuple[int, float]:
+        return norm.weight.data_ptr(), _eps(norm)
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token's logits ``[1, vocab]`` with the block glue in native calls (:mod:`.kernels.glue_cpu`)."""

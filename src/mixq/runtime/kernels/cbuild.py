@@ -25,6 +25,21 @@ log = logging.getLogger(__name__)
 
 VOID_P, INT = ctypes.c_void_p, ctypes.c_int
 
+# bfloat16 <-> float32 in C, as torch converts (round to nearest even; a NaN stays a quiet NaN): put before the
+# sources that read or write bf16 tensors
+BF16_C = r"""
+#include <stdint.h>
+#include <string.h>
+static inline float bf2f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+"""
+
 
 def load(name: str, source: str, fallback: str, signatures: dict[str, tuple]) -> ctypes.CDLL | None:
     """The compiled ``source`` as a ctypes library (``name``: the file stem; ``fallback``: what callers use

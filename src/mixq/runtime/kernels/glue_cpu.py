@@ -20,21 +20,13 @@ from __future__ import annotations
 import ctypes
 from functools import lru_cache
 
-from .cbuild import INT, VOID_P, load
+from .cbuild import BF16_C, INT, VOID_P, load
 
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf2f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f2bf(float f) {  /* round to nearest even, as torch's bfloat16 conversion */
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 static inline float rd(float f, int bf16) { return bf16 ? bf2f(f2bf(f)) : f; }  /* a value as the dtype holds it */
 static inline float ld(const void* p, size_t i, int bf16) {
   return bf16 ? bf2f(((const uint16_t*)p)[i]) : ((const float*)p)[i];
@@ -117,4 +109,4 @@ SIGNATURES = {
 @lru_cache(maxsize=None)
 def lib():
     """The compiled glue kernels (None without a working compiler: the decoder's ATen ops are used)."""
-    return load("glue_cpu", SOURCE, "ATen ops for the decode step's glue", SIGNATURES)
+    return load("glue_cpu", BF16_C + SOURCE, "ATen ops for the decode step's glue", SIGNATURES)

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import torch
 
-from .cbuild import INT, VOID_P, load
+from .cbuild import BF16_C, INT, VOID_P, load
 
 SOURCE = r"""
 #include <stdint.h>
@@ -130,14 +130,6 @@ static void fwht_axis(float* x, int m, int pre, int post) {
   }
 }
 
-static inline float bf2f(uint16_t h) { const uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f2bf(float f) {  /* round to nearest even, as torch's bfloat16 conversion */
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays a (quiet) NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
 
 /* One row r of in transformed into out (w: 2n floats of scratch); see kron_rows. */
 static void one_row(const void* in, void* out, int r, int n, int nf, const int* orders, const int* kind,
@@ -211,7 +203,7 @@ class _Plan(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _lib():
-    return load("kron_cpu", SOURCE, "+ip transforms run per factor in torch", {
+    return load("kron_cpu", BF16_C + SOURCE, "+ip transforms run per factor in torch", {
         "kron_apply": (ctypes.c_int, [VOID_P, VOID_P, VOID_P, INT, INT])})
 
 
