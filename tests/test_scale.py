@@ -12,6 +12,9 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -147,6 +150,17 @@ def _lazy_gptq(path, layers: int, read, checkpoint=None) -> dict:
 
 
 def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
+    """Measured in a fresh process: mallinfo2 counts glibc's main arena, which threads share once the arenas a
+    process may make are taken -- after the rest of the suite the same walk measured 1.18-1.23 MiB per extra block
+    (twice, over the 1.13 bound) against 0.52-0.67 in a process of its own."""
+    if os.environ.get("MIXQ_HEAP_TEST_CHILD") != "1":
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                            f"{__file__}::test_lazy_gptq_memory_is_one_block_not_the_model"],
+                           env={**os.environ, "MIXQ_HEAP_TEST_CHILD": "1"}, capture_output=True, text=True,
+                           timeout=900)
+        print(r.stdout[-2000:])
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        return
     read = _heap_reader()
     if read is None:
         pytest.skip("needs glibc's mallinfo2 to measure the heap")
@@ -163,10 +177,9 @@ def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
         if layers == 10:
             assert len(list(path.glob("*.safetensors"))) >= 5 and (path / "model.safetensors.index.json").exists()
         # the peak is sampled (every 1 ms): a run can miss its highest moment by a few MiB (the full suite once
-        # measured the 2-block run 5 MiB low, and once, with the higher of two runs, 1.18 MiB per extra block
-        # against 0.63-0.67 alone), never overshoot it, so the highest of three runs
-        r, *again = (_lazy_gptq(path, layers, read) for _ in range(3))
-        r = runs[layers] = {**r, "peak": max(x["peak"] for x in (r, *again)), "block": block, "total": total}
+        # measured the 2-block run 5 MiB low), never overshoot it, so the higher of two runs
+        r, again = _lazy_gptq(path, layers, read), _lazy_gptq(path, layers, read)
+        r = runs[layers] = {**r, "peak": max(r["peak"], again["peak"]), "block": block, "total": total}
         # every block loaded once, in order, released before the next; one block's weights resident at a time
         assert r["events"] == [(k, i) for i in range(layers) for k in ("load", "release")]
         assert r["max_live"] == 1 and max(r["resident"]) == block
