@@ -13,14 +13,13 @@ import ctypes
 import gc
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 import transformers as tf
 from safetensors import safe_open
+from subrun import pytest_in_subprocess
 
 from mixq import api
 from mixq.arch import arch_for, get_blocks
@@ -154,10 +153,8 @@ def test_lazy_gptq_memory_is_one_block_not_the_model(tmp_path):
     process may make are taken -- after the rest of the suite the same walk measured 1.18-1.23 MiB per extra block
     (twice, over the 1.13 bound) against 0.52-0.67 in a process of its own."""
     if os.environ.get("MIXQ_HEAP_TEST_CHILD") != "1":
-        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                            f"{__file__}::test_lazy_gptq_memory_is_one_block_not_the_model"],
-                           env={**os.environ, "MIXQ_HEAP_TEST_CHILD": "1"}, capture_output=True, text=True,
-                           timeout=900)
+        r = pytest_in_subprocess("-s", f"{__file__}::test_lazy_gptq_memory_is_one_block_not_the_model",
+                                 env={"MIXQ_HEAP_TEST_CHILD": "1"}, timeout=900)
         print(r.stdout[-2000:])
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         return

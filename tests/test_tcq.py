@@ -494,12 +494,13 @@ def test_the_decode_tests_pass_with_the_avx2_kernels_too(tmp_path):
     import subprocess
     import sys
 
+    from subrun import pytest_in_subprocess
+
     env = {**os.environ, "MIXQ_KERNEL_CFLAGS": "-mno-avx512f", "MIXQ_CACHE_DIR": str(tmp_path / "cache")}
     probe = subprocess.run([sys.executable, "-c", "from mixq.runtime.kernels import tcq_cpu; print(tcq_cpu.words_isa())"],
                            env=env, capture_output=True, text=True, timeout=300)
     assert probe.stdout.strip() == "256", probe.stderr[-2000:]
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", _DECODE_TESTS],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = pytest_in_subprocess(__file__, "-k", _DECODE_TESTS, env=env)
     assert run.returncode == 0, run.stdout[-4000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
