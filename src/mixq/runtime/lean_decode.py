@@ -120,7 +120,7 @@ class LeanDecoder:
             raise ValueError(f"LeanDecoder cannot run this model: {why}")
         cfg = model.config
         self.fam = fam = FAMILIES[cfg.model_type]
-        self.model, inner = model, model.model
+        inner = model.model
         self.blocks = list(inner.layers)
         self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
         self.rotary = inner.rotary_emb
