@@ -8,7 +8,7 @@ from tiny import make_tiny
 from mixq.runtime.generate import greedy_generate, resolve_engine
 from mixq.runtime.lean_decode import GROW, LeanDecoder, unsupported
 
-LEAN = ["llama", "qwen2", "mistral", "qwen3", "gemma3"]
+LEAN = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "olmo2", "phi3", "granite"]
 
 
 @pytest.mark.parametrize("family", LEAN)
@@ -54,25 +54,33 @@ def test_refusals_name_the_reason_and_auto_falls_back():
     h.remove()
     model.model.layers[0].mlp = torch.nn.Identity()
     assert "layer 0: Identity where LlamaMLP" in unsupported(model)
+    from tiny import _config
+
+    cfg, cls = _config("phi3")  # Phi-4-mini's kind: RoPE on part of each head
+    cfg.partial_rotary_factor = 0.5
+    if isinstance(getattr(cfg, "rope_parameters", None), dict):
+        cfg.rope_parameters["partial_rotary_factor"] = 0.5
+    assert "partial rotary" in unsupported(cls(cfg))
 
 
-def _packed(tiny_model, tiny_tokenizer, tmp_path, spec: str):
-    """A tiny llama with every block linear ``spec`` (RTN), saved and loaded back packed in bf16."""
+def _packed(tiny_model, tiny_tokenizer, tmp_path, spec: str, family: str = "llama"):
+    """A tiny ``family`` model with every block linear ``spec`` (RTN), saved and loaded back packed in bf16."""
     from mixq import api
     from mixq.config import parse_spec
     from mixq.export.native import load_quantized
     from mixq.export.native_write import save_quantized
 
-    model = tiny_model("llama")
+    model = tiny_model(family)
     specs = {f: parse_spec(spec) for f in api.resolve_specs(model, "W4-g32")}
     res = api.quantize_model(model, specs, method="rtn", progress=False)
     d = save_quantized(tmp_path / "q", model, tiny_tokenizer, res.qtensors, {"base_model": "tiny", "method": "rtn"})
     return load_quantized(d, dtype=torch.bfloat16, packed=True)[0], d
 
 
-def test_packed_trellis_model_decodes_the_same_ids(tiny_model, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: the fused qkv_proj / gate_up_proj as trellis layers
+def test_packed_trellis_model_decodes_the_same_ids(family, tiny_model, tiny_tokenizer, tmp_path):
     """A packed model of trellis ``+ip1`` layers (the default candidates' kind) gives the transformers ids."""
-    q, _ = _packed(tiny_model, tiny_tokenizer, tmp_path, "TCQ3-channel+ip1")
+    q, _ = _packed(tiny_model, tiny_tokenizer, tmp_path, "TCQ3-channel+ip1", family)
     ids = torch.randint(0, q.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(3))
     a = greedy_generate(q, ids, 16, stop_at_eos=False, engine="transformers")
     b = greedy_generate(q, ids, 16, stop_at_eos=False)
@@ -136,6 +144,25 @@ def test_gemma3_full_and_sliding_layers_with_their_own_rope():
     assert lean.windows == [16, None] and lean.rope_of == ["sliding_attention", "full_attention"]
     assert not torch.equal(lean.cos["sliding_attention"], lean.cos["full_attention"])
     ids = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(6))
+    ref = model(ids).logits[0]
+    got = torch.cat([lean.forward(ids[:, :20]), lean.forward(ids[:, 20:40])]
+                    + [lean.forward(ids[:, i:i + 1]) for i in range(40, 60)])
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "phi3"])
+@torch.no_grad()
+def test_a_window_from_the_config(family):
+    """Mistral's and Phi-3's sliding window is the config's, for every layer (``kv > q - W``, as transformers)."""
+    from tiny import _config
+
+    cfg, cls = _config(family)
+    cfg.sliding_window = 16
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    lean = LeanDecoder(model)
+    assert lean.windows == [16] * cfg.num_hidden_layers
+    ids = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(7))
     ref = model(ids).logits[0]
     got = torch.cat([lean.forward(ids[:, :20]), lean.forward(ids[:, 20:40])]
                     + [lean.forward(ids[:, i:i + 1]) for i in range(40, 60)])

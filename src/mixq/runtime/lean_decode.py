@@ -12,7 +12,8 @@ native calls (:mod:`~mixq.runtime.kernels.glue_cpu`) and each layer through its 
 (``decode_step``, e.g. a trellis layer's); the linears are the model's modules otherwise, so what a plan chose runs
 unchanged.
 
-Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs); anything else, any
+Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs: Llama, Mistral, Qwen2
+and 3, Gemma 3, OLMo 2, Phi-3 and Granite); anything else (partial RoPE too: Phi-4-mini), any
 block or attention module that is not the family's own class, or any hook on the modules it bypasses (activation
 quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
 """
@@ -25,14 +26,22 @@ import torch
 import torch.nn.functional as F
 
 
+LLAMA_NORMS = ("input_layernorm", None, "post_attention_layernorm", None)
+
+
 @dataclass(frozen=True)
 class Family:
     prefix: str                # class names: <prefix>DecoderLayer, <prefix>Attention, <prefix>MLP, <prefix>RMSNorm
-    qk_norm: bool = False      # an RMSNorm over each head of the queries and keys before RoPE (Qwen3, Gemma 3)
-    offset_norm: bool = False  # RMSNorm as x * (1 + w), rounded once (Gemma), not w * round(x) (Llama)
-    sandwich: bool = False     # norms after attention and MLP too (Gemma 3: post_attention, pre/post_feedforward)
-    window_in_config: bool = False  # every layer's sliding window is config.sliding_window (Mistral); else the
-                                    # attention module's own ``sliding_window`` (None: full attention)
+    qk_norm: str = ""          # an RMSNorm on the queries and keys before RoPE: over each "head" (Qwen3, Gemma 3) or
+                               # over "all" the heads at once (OLMo 2)
+    norm: str = "llama"        # how the RMSNorm rounds (NORM_MODES): w * round(x) (Llama), round(x * (1 + w))
+                               # ("offset": Gemma), round(x * w) ("once": OLMo 2)
+    norms: tuple = LLAMA_NORMS  # a block's norms by attribute name: before attention, on its output, before the MLP,
+                                # on its output (None: no norm there); Gemma 3 has all four, OLMo 2 the outputs' only
+    window_in_config: bool = False  # every layer's sliding window is config.sliding_window (Mistral, Phi-3); else
+                                    # the attention module's own ``sliding_window`` (None: full attention)
+    fused: bool = False        # one qkv_proj and one gate_up_proj (Phi-3) instead of q/k/v and gate/up projections
+    scaled: bool = False       # Granite's multipliers: embedding_multiplier, residual_multiplier, logits_scaling
 
     def names(self) -> tuple[str, str, str, str]:
         p = self.prefix
@@ -43,9 +52,16 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("Llama"),
     "mistral": Family("Mistral", window_in_config=True),
     "qwen2": Family("Qwen2"),
-    "qwen3": Family("Qwen3", qk_norm=True),
-    "gemma3_text": Family("Gemma3", qk_norm=True, offset_norm=True, sandwich=True),
+    "qwen3": Family("Qwen3", qk_norm="head"),
+    "gemma3_text": Family("Gemma3", qk_norm="head", norm="offset",
+                          norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                 "post_feedforward_layernorm")),
+    "olmo2": Family("Olmo2", qk_norm="all", norm="once",
+                    norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
+    "phi3": Family("Phi3", window_in_config=True, fused=True),
+    "granite": Family("Granite", scaled=True),
 }
+NORM_MODES = {"llama": 0, "offset": 1, "once": 2}  # as glue_cpu numbers them
 ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}  # the MLP activations, as glue_cpu numbers them
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rope types whose cos/sin depend on the position only
 GROW = 256  # cache positions added at a time
@@ -80,18 +96,21 @@ def unsupported(model) -> str | None:
         return "bidirectional attention"
     if any(t not in ("full_attention", "sliding_attention") for t in getattr(cfg, "layer_types", None) or ()):
         return f"layer types {sorted(set(cfg.layer_types))}"
+    partial = getattr(cfg, "partial_rotary_factor", None)
+    if partial is None and isinstance(getattr(cfg, "rope_parameters", None), dict):
+        partial = cfg.rope_parameters.get("partial_rotary_factor")
+    if partial is not None and partial != 1.0:
+        return f"partial rotary embedding (partial_rotary_factor {partial})"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "no model.model.layers / lm_head"
     block, attention, mlp, norm = fam.names()
     mods = [model, inner, inner.embed_tokens, inner.norm]
     for i, blk in enumerate(inner.layers):
-        att = blk.self_attn
-        kinds = [(blk, block), (att, attention), (blk.mlp, mlp), (blk.input_layernorm, norm),
-                 (blk.post_attention_layernorm, norm)]
-        kinds += [(att.q_norm, norm), (att.k_norm, norm)] if fam.qk_norm else []
-        kinds += ([(blk.pre_feedforward_layernorm, norm), (blk.post_feedforward_layernorm, norm)] if fam.sandwich
-                  else [])
+        att = getattr(blk, "self_attn", None)
+        kinds = [(blk, block), (att, attention), (getattr(blk, "mlp", None), mlp)]
+        kinds += [(getattr(blk, a, None), norm) for a in fam.norms if a]
+        kinds += [(getattr(att, "q_norm", None), norm), (getattr(att, "k_norm", None), norm)] if fam.qk_norm else []
         for m, name in kinds:
             if type(m).__name__ != name:
                 return f"layer {i}: {type(m).__name__} where {name} was expected"
@@ -122,7 +141,12 @@ class LeanDecoder:
         self.fam = fam = FAMILIES[cfg.model_type]
         inner = model.model
         self.blocks = list(inner.layers)
+        self.bnorms = [tuple(getattr(b, a) if a else None for a in fam.norms) for b in self.blocks]
         self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
+        scaled = (lambda key: float(getattr(cfg, key))) if fam.scaled else (lambda key: 1.0)
+        self.emb_mult, self.res_mult = scaled("embedding_multiplier"), scaled("residual_multiplier")
+        self.logit_scale = scaled("logits_scaling")
+        self.mode = NORM_MODES[fam.norm]
         self.rotary = inner.rotary_emb
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -141,7 +165,8 @@ class LeanDecoder:
         self.sin: dict = {}
         self._reserve(GROW)
         self.glue, self._fns = None, {}
-        if self.device.type == "cpu" and self.dtype in GLUE_DTYPES and self.head_dim <= 512:
+        tables = {c.dtype for c in self.cos.values()} - {self.dtype, torch.float32}  # the glue reads these two
+        if self.device.type == "cpu" and self.dtype in GLUE_DTYPES and self.head_dim <= 512 and not tables:
             from .kernels.glue_cpu import lib
             self.glue = lib()
 
@@ -167,23 +192,57 @@ class LeanDecoder:
             self.sin[t] = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
 
     def _rms(self, norm, x: torch.Tensor) -> torch.Tensor:
-        """``norm(x)`` as the family's RMSNorm computes it."""
+        """``norm(x)`` as the family's RMSNorm computes it (``x`` itself where the family has no norm)."""
+        if norm is None:
+            return x
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(norm))
-        if self.fam.offset_norm:
+        if self.mode == 1:
             return (xf * (1.0 + norm.weight.float())).to(x.dtype)
+        if self.mode == 2:
+            return (norm.weight * xf).to(x.dtype)
         return norm.weight * xf.to(x.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x [1, h, T, d]`` rotated as ``apply_rotary_pos_emb`` does."""
         d = self.head_dim
         rot = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-        return x * cos + rot * sin
+        return (x * cos + rot * sin).to(x.dtype)  # float32 tables (OLMo 2's): computed in float32, rounded once
+
+    def _qkv(self, att, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries, keys and values ``[..., heads * head_dim]`` of ``x``, their norms applied where the family
+        has them over all heads at once (OLMo 2's)."""
+        if self.fam.fused:
+            H, KV, d = self.heads, self.kv_heads, self.head_dim
+            q, k, v = att.qkv_proj(x).split([H * d, KV * d, KV * d], -1)
+        else:
+            q, k, v = att.q_proj(x), att.k_proj(x), att.v_proj(x)
+        if self.fam.qk_norm == "all":
+            q, k = self._rms(att.q_norm, q), self._rms(att.k_norm, k)
+        return q, k, v
+
+    def _gate_up(self, mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fam.fused:
+            return mlp.gate_up_proj(x).chunk(2, -1)
+        return mlp.gate_proj(x), mlp.up_proj(x)
 
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        g = mlp.gate_proj(x)
+        g, u = self._gate_up(mlp, x)
         g = F.silu(g) if self.act == 0 else F.gelu(g, approximate="tanh")
-        return mlp.down_proj(g * mlp.up_proj(x))
+        return mlp.down_proj(g * u)
+
+    def _residual(self, h: torch.Tensor, norm, o: torch.Tensor) -> torch.Tensor:
+        """``h`` plus a branch's output ``o`` (normalised where the family has a norm there; Granite's multiplier)."""
+        o = self._rms(norm, o)
+        return h + (o if self.res_mult == 1.0 else o * self.res_mult)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x)[0]
+        return logits if self.logit_scale == 1.0 else logits / self.logit_scale
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return h if self.emb_mult == 1.0 else h * self.emb_mult
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, *, last: bool = False) -> torch.Tensor:
@@ -194,19 +253,20 @@ class LeanDecoder:
             return self._step(ids)
         p0 = self.pos
         self._reserve(p0 + T)
-        h = self.embed(ids)  # [1, T, hidden]
+        h = self._embed(ids)  # [1, T, hidden]
         H, KV, d = self.heads, self.kv_heads, self.head_dim
         rows = torch.arange(p0, p0 + T, device=h.device)[:, None]
         cols = torch.arange(p0 + T, device=h.device)[None]
         for i, blk in enumerate(self.blocks):
             att, W = blk.self_attn, self.windows[i]
+            n_att, n_att_out, n_mlp, n_mlp_out = self.bnorms[i]
             cos, sin = self.cos[self.rope_of[i]][p0:p0 + T], self.sin[self.rope_of[i]][p0:p0 + T]
-            x = self._rms(blk.input_layernorm, h)
-            q, k = att.q_proj(x).view(1, T, H, d), att.k_proj(x).view(1, T, KV, d)
-            if self.fam.qk_norm:
+            q, k, v = self._qkv(att, self._rms(n_att, h))
+            q, k = q.view(1, T, H, d), k.view(1, T, KV, d)
+            if self.fam.qk_norm == "head":
                 q, k = self._rms(att.q_norm, q), self._rms(att.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = att.v_proj(x).view(1, T, KV, d).transpose(1, 2)
+            v = v.view(1, T, KV, d).transpose(1, 2)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             K, V = self.k[i], self.v[i]
             K[:, :, p0:p0 + T] = k
@@ -217,19 +277,12 @@ class LeanDecoder:
                 mask = (cols <= rows) & (True if W is None else cols > rows - W)
             o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=mask is None, scale=att.scaling,
                                                enable_gqa=KV != H)
-            a = att.o_proj(o.transpose(1, 2).reshape(1, T, H * d))
-            if self.fam.sandwich:
-                a = self._rms(blk.post_attention_layernorm, a)
-                h = h + a
-                m = self._mlp(blk.mlp, self._rms(blk.pre_feedforward_layernorm, h))
-                h = h + self._rms(blk.post_feedforward_layernorm, m)
-            else:
-                h = h + a
-                h = h + self._mlp(blk.mlp, self._rms(blk.post_attention_layernorm, h))
+            h = self._residual(h, n_att_out, att.o_proj(o.transpose(1, 2).reshape(1, T, H * d)))
+            h = self._residual(h, n_mlp_out, self._mlp(blk.mlp, self._rms(n_mlp, h)))
         self.pos = p0 + T
         if last:
             h = h[:, -1:]
-        return self.head(self._rms(self.norm, h))[0]
+        return self._logits(self._rms(self.norm, h))
 
     def _fn(self, mod, x: torch.Tensor):
         """What computes ``mod(x)`` for this decode step's inputs: the module's own ``decode_step(x)`` (a native
@@ -244,51 +297,53 @@ class LeanDecoder:
         return f
 
     @staticmethod
-    def _norm_args(norm) -> tuple[int, float]:
-        return norm.weight.data_ptr(), _eps(norm)
+    def _norm_args(norm) -> tuple[int | None, float]:
+        return (None, 0.0) if norm is None else (norm.weight.data_ptr(), _eps(norm))
 
     def _step(self, ids: torch.Tensor) -> torch.Tensor:
         """One token's logits ``[1, vocab]`` with the block glue in native calls (:mod:`.kernels.glue_cpu`)."""
         p = self.pos
         self._reserve(p + 1)
-        g, bf, off = self.glue, int(self.dtype == torch.bfloat16), int(self.fam.offset_norm)
+        g, bf, mode, rm = self.glue, int(self.dtype == torch.bfloat16), self.mode, self.res_mult
         H, KV, d = self.heads, self.kv_heads, self.head_dim
-        cap, dt, fn = self.k[0].shape[2], self.dtype, self._fn
-        h = self.embed(ids)  # [1, 1, hidden], this step's own residual stream (added to in place)
+        cap, dt, fn, args = self.k[0].shape[2], self.dtype, self._fn, self._norm_args
+        h = self._embed(ids)  # [1, 1, hidden], this step's own residual stream (added to in place)
         n = h.shape[-1]
         x = torch.empty_like(h)
-        g.glue_add_rms(h.data_ptr(), None, None, 0.0, *self._norm_args(self.blocks[0].input_layernorm), x.data_ptr(),
-                       n, bf, off)
+        g.glue_add_rms(h.data_ptr(), None, None, 0.0, *args(self.bnorms[0][0]), x.data_ptr(), n, bf, mode, 1.0)
         for i, blk in enumerate(self.blocks):
             att, mlp, W = blk.self_attn, blk.mlp, self.windows[i]
-            q = fn(att.q_proj, x)(x, dt).contiguous()
-            k = fn(att.k_proj, x)(x, dt).contiguous()
-            v = fn(att.v_proj, x)(x, dt).contiguous()
+            _, n_att_out, n_mlp, n_mlp_out = self.bnorms[i]
+            if self.fam.fused:
+                qkv = fn(att.qkv_proj, x)(x, dt).contiguous()
+                q, k, v = qkv.split([H * d, KV * d, KV * d], -1)  # one row each: contiguous views
+            else:
+                q, k, v = (fn(m, x)(x, dt).contiguous() for m in (att.q_proj, att.k_proj, att.v_proj))
             if self.fam.qk_norm:
-                q = self._rms(att.q_norm, q.view(H, d)).contiguous()
-                k = self._rms(att.k_norm, k.view(KV, d)).contiguous()
+                shape = ((H, d), (KV, d)) if self.fam.qk_norm == "head" else ((1, H * d), (1, KV * d))
+                q = self._rms(att.q_norm, q.reshape(shape[0])).contiguous()
+                k = self._rms(att.k_norm, k.reshape(shape[1])).contiguous()
             K, V = self.k[i], self.v[i]
             t = self.rope_of[i]
             g.glue_rope_cache(q.data_ptr(), k.data_ptr(), v.data_ptr(), self.cos[t][p].data_ptr(),
-                              self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d, cap, bf)
+                              self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d, cap, bf,
+                              int(self.cos[t].dtype != dt))
             lo = 0 if W is None else max(0, p + 1 - W)
             o = F.scaled_dot_product_attention(q.view(1, KV, H // KV, d), K[:, :, lo:p + 1], V[:, :, lo:p + 1],
                                                scale=att.scaling)  # each kv head's queries as the rows of one call
             o = o.reshape(1, 1, H * d)
             a = fn(att.o_proj, o)(o, dt).contiguous()
-            post = blk.post_attention_layernorm
-            nxt = blk.pre_feedforward_layernorm if self.fam.sandwich else post
             x = torch.empty_like(h)  # a new x: a layer may hold its input
-            g.glue_add_rms(h.data_ptr(), a.data_ptr(), *(self._norm_args(post) if self.fam.sandwich else (None, 0.0)),
-                           *self._norm_args(nxt), x.data_ptr(), n, bf, off)
-            gate, up = fn(mlp.gate_proj, x)(x, dt).contiguous(), fn(mlp.up_proj, x)(x, dt).contiguous()
+            g.glue_add_rms(h.data_ptr(), a.data_ptr(), *args(n_att_out), *args(n_mlp), x.data_ptr(), n, bf, mode, rm)
+            if self.fam.fused:
+                gate, up = fn(mlp.gate_up_proj, x)(x, dt).contiguous().chunk(2, -1)
+            else:
+                gate, up = fn(mlp.gate_proj, x)(x, dt).contiguous(), fn(mlp.up_proj, x)(x, dt).contiguous()
             gu = torch.empty_like(gate)
             g.glue_act_mul(gate.data_ptr(), up.data_ptr(), gu.data_ptr(), gu.numel(), bf, self.act)
             m = fn(mlp.down_proj, gu)(gu, dt).contiguous()
-            norm = self.blocks[i + 1].input_layernorm if i + 1 < len(self.blocks) else self.norm
+            nxt = self.bnorms[i + 1][0] if i + 1 < len(self.blocks) else self.norm
             x = torch.empty_like(h)
-            g.glue_add_rms(h.data_ptr(), m.data_ptr(),
-                           *(self._norm_args(blk.post_feedforward_layernorm) if self.fam.sandwich else (None, 0.0)),
-                           *self._norm_args(norm), x.data_ptr(), n, bf, off)
+            g.glue_add_rms(h.data_ptr(), m.data_ptr(), *args(n_mlp_out), *args(nxt), x.data_ptr(), n, bf, mode, rm)
         self.pos = p + 1
-        return self.head(x)[0]
+        return self._logits(x)

@@ -4,11 +4,13 @@
 some thirty ATen ops (on SmolLM2-135M with trellis layers, ATen's glue took about as long as the linears' kernels):
 
 - ``glue_add_rms``: the residual add (``h += o``, rounded to the model's dtype as transformers' ``residual +
-  hidden`` is; ``o`` normalised first where the family has a norm there) and the next RMSNorm, computed as the
-  family's norm does -- float32 ``h * rsqrt(mean(h²) + eps)``, then ``LlamaRMSNorm``'s rounding to the dtype, times
-  the weight, rounded again, or ``Gemma3RMSNorm``'s ``* (1 + w)`` rounded once;
+  hidden`` is; ``o`` normalised first where the family has a norm there, times Granite's residual multiplier) and
+  the next RMSNorm, computed as the family's norm does -- float32 ``h * rsqrt(mean(h²) + eps)``, then
+  ``LlamaRMSNorm``'s rounding to the dtype, times the weight, rounded again, or ``Gemma3RMSNorm``'s ``* (1 + w)``
+  and ``Olmo2RMSNorm``'s ``* w`` rounded once (no norm: a copy of ``h``);
 - ``glue_rope_cache``: RoPE on the token's queries (in place) and keys as ``apply_rotary_pos_emb`` computes them in
-  the dtype (each product rounded, then the sum), the keys and values written into the cache at the position;
+  the dtype (each product rounded, then the sum; or, from float32 tables, in float32 rounded once, as OLMo 2's),
+  the keys and values written into the cache at the position;
 - ``glue_act_mul``: ``silu(gate) * up`` or ``gelu_tanh(gate) * up``, each result rounded as torch rounds it.
 
 float32 or bfloat16 (the ``bf16`` flag); sums are float32 in another order than ATen's, so results may differ from
@@ -43,46 +45,56 @@ static float inv_rms(const void* v, int n, float eps, int bf16) {
   return 1.f / sqrtf(s / (float)n + eps);
 }
 
-/* an RMS-normalised value v * r with weight w, rounded as the family's norm rounds: w * round(v * r) (Llama),
-   or round(v * r * (1 + w)) (offset: Gemma) */
-static inline float normed(float v, float r, float w, int bf16, int offset) {
-  return offset ? rd(v * r * (1.f + w), bf16) : rd(w * rd(v * r, bf16), bf16);
+/* an RMS-normalised value v * r with weight w, rounded as the family's norm rounds (mode): 0 w * round(v * r)
+   (Llama), 1 round(v * r * (1 + w)) (offset: Gemma), 2 round(v * r * w) (OLMo 2) */
+static inline float normed(float v, float r, float w, int bf16, int mode) {
+  return mode == 1 ? rd(v * r * (1.f + w), bf16) : mode == 2 ? rd(v * r * w, bf16) : rd(w * rd(v * r, bf16), bf16);
 }
 
-/* h[n] += o[n] -- o first normalised with the weight wo when wo is given (Gemma 3's norms after attention and
-   MLP); o may be NULL -- then x[n] = the RMSNorm of h with the weight w. */
+/* h[n] += o[n] * scale -- o first normalised with the weight wo when wo is given (the norms after attention and
+   MLP of Gemma 3 and OLMo 2), the product rounded (Granite's residual multiplier; 1: none); o may be NULL -- then
+   x[n] = the RMSNorm of h with the weight w, or h itself where w is NULL (OLMo 2: no norm before a branch). */
 void glue_add_rms(void* h, const void* o, const void* wo, float eps_o, const void* w, float eps, void* x, int n,
-                  int bf16, int offset) {
+                  int bf16, int mode, float scale) {
   if (o) {
     const float ro = wo ? inv_rms(o, n, eps_o, bf16) : 0.f;
     for (int i = 0; i < n; i++) {
       float a = ld(o, i, bf16);
-      if (wo) a = normed(a, ro, ld(wo, i, bf16), bf16, offset);
+      if (wo) a = normed(a, ro, ld(wo, i, bf16), bf16, mode);
+      if (scale != 1.f) a = rd(a * scale, bf16);
       st(h, i, rd(ld(h, i, bf16) + a, bf16), bf16);
     }
   }
+  if (!w) {
+    memcpy(x, h, (size_t)n * (bf16 ? 2 : 4));
+    return;
+  }
   const float r = inv_rms(h, n, eps, bf16);
-  for (int i = 0; i < n; i++) st(x, i, normed(ld(h, i, bf16), r, ld(w, i, bf16), bf16, offset), bf16);
+  for (int i = 0; i < n; i++) st(x, i, normed(ld(h, i, bf16), r, ld(w, i, bf16), bf16, mode), bf16);
 }
 
-static void rope_row(const void* src, void* dst, const void* cos, const void* sin, int d, int bf16) {
+/* rope32: cos and sin are float32 and the rotation is computed in float32, rounded once (OLMo 2's RoPE); else they
+   are in the dtype and each product is rounded, then the sum */
+static void rope_row(const void* src, void* dst, const void* cos, const void* sin, int d, int bf16, int rope32) {
   float t[512];
   const int half = d / 2;
   for (int j = 0; j < d; j++) {
-    const float rot = ld(src, j < half ? j + half : j - half, bf16);  /* sin carries rotate_half's sign */
-    t[j] = rd(rd(ld(src, j, bf16) * ld(cos, j, bf16), bf16) + rd(rot * ld(sin, j, bf16), bf16), bf16);
+    const float x = ld(src, j, bf16), rot = ld(src, j < half ? j + half : j - half, bf16);  /* sin: rotate_half's sign */
+    const float c = rope32 ? ((const float*)cos)[j] : ld(cos, j, bf16);
+    const float s = rope32 ? ((const float*)sin)[j] : ld(sin, j, bf16);
+    t[j] = rope32 ? rd(x * c + rot * s, bf16) : rd(rd(x * c, bf16) + rd(rot * s, bf16), bf16);
   }
   for (int j = 0; j < d; j++) st(dst, j, t[j], bf16);
 }
 
 /* q [H, d] rotated in place; k, v [KV, d] -> K, V [KV, cap, d] at row pos (k rotated).  d <= 512. */
 void glue_rope_cache(void* q, const void* k, const void* v, const void* cos, const void* sin, void* K, void* V,
-                     int pos, int H, int KV, int d, int cap, int bf16) {
+                     int pos, int H, int KV, int d, int cap, int bf16, int rope32) {
   const size_t es = bf16 ? 2 : 4;
-  for (int h = 0; h < H; h++) rope_row((char*)q + es * h * d, (char*)q + es * h * d, cos, sin, d, bf16);
+  for (int h = 0; h < H; h++) rope_row((char*)q + es * h * d, (char*)q + es * h * d, cos, sin, d, bf16, rope32);
   for (int h = 0; h < KV; h++) {
     const size_t at = es * ((size_t)h * cap + pos) * d;
-    rope_row((const char*)k + es * h * d, (char*)K + at, cos, sin, d, bf16);
+    rope_row((const char*)k + es * h * d, (char*)K + at, cos, sin, d, bf16, rope32);
     memcpy((char*)V + at, (const char*)v + es * h * d, es * d);
   }
 }
@@ -100,8 +112,9 @@ void glue_act_mul(const void* g, const void* u, void* out, int n, int bf16, int 
 """
 
 SIGNATURES = {
-    "glue_add_rms": (None, [VOID_P, VOID_P, VOID_P, ctypes.c_float, VOID_P, ctypes.c_float, VOID_P, INT, INT, INT]),
-    "glue_rope_cache": (None, [VOID_P] * 7 + [INT] * 6),
+    "glue_add_rms": (None, [VOID_P, VOID_P, VOID_P, ctypes.c_float, VOID_P, ctypes.c_float, VOID_P, INT, INT, INT,
+                            ctypes.c_float]),
+    "glue_rope_cache": (None, [VOID_P] * 7 + [INT] * 7),
     "glue_act_mul": (None, [VOID_P, VOID_P, VOID_P, INT, INT, INT]),
 }
 
