@@ -6,7 +6,9 @@
 * fallbacks (rows not a multiple of 256, or of 32) are reported tensor by tensor;
 * the q/k rope permutation: transformers' GGUF loader gives the logits of the model whose weights
   are the file's dequantized tensors (and does not without the permutation);
-* tokenizer, native-directory export, atomic writing, refusal to overwrite, unsupported architectures.
+* Gemma 3's text decoder as llama.cpp's ``gemma3`` (norm names, norms plus one, sliding-window metadata);
+* tokenizer (SentencePiece-style: ``add_space_prefix``), native-directory export, atomic writing, refusal to
+  overwrite, unsupported architectures.
 """
 from __future__ import annotations
 
@@ -349,3 +351,72 @@ def test_unsupported_architecture_is_named(tiny_model, tiny_tokenizer, tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="gpt2"):
         export_gguf(src, tmp_path / "g.gguf", progress=False)
     assert not (tmp_path / "g.gguf").exists() and not list(tmp_path.glob(".g.gguf.tmp-*"))
+
+
+def spm_tokenizer(prepend: bool):
+    """A SentencePiece-style BPE (byte fallback, ``▁`` for spaces) of 64 tokens, with a ``Prepend("▁")`` normaliser
+    (Llama 2's kind) or without one (Gemma's), built offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(40)])}
+    for t in ["▁", "t", "h", "e", "a", "▁t", "he", "▁the"]:
+        vocab[t] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, [("▁", "t"), ("h", "e"), ("▁t", "he")], byte_fallback=True,
+                                   unk_token="<unk>"))
+    steps = [normalizers.Prepend("▁")] if prepend else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("prepend", [True, False])
+def test_sentencepiece_style_vocab_says_whether_a_space_is_prepended(tiny_model, tmp_path, prepend):
+    """llama.cpp prepends a space to SentencePiece text unless ``add_space_prefix`` says not (Gemma's tokenizer)."""
+    model = tiny_model("llama")
+    specs, qts = quantized(model, "W8-g32")
+    rep = write_gguf(model, spm_tokenizer(prepend), specs, tmp_path / "m.gguf", qtensors=qts)
+    f = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert f["tokenizer.ggml.model"].contents() == "llama" and rep["tokenizer"]["add_space_prefix"] is prepend
+    assert f["tokenizer.ggml.add_space_prefix"].contents() is prepend
+    types = f["tokenizer.ggml.token_type"].contents()
+    assert types[4] == types[43] == int(gguf.TokenType.BYTE) and types[44] == int(gguf.TokenType.NORMAL)
+
+
+@torch.no_grad()
+def test_gemma3_text_is_written_as_llama_cpp_gemma3(tiny_model, tiny_tokenizer, tmp_path):
+    """Gemma 3's decoder as llama.cpp's ``gemma3``: the four norms of a block by their GGUF names and each stored
+    plus one (llama.cpp multiplies by the stored weight, transformers' Gemma norm by ``1 + w``), the sliding window
+    with each layer's kind and the local RoPE base; transformers' GGUF loader reads it back to the same logits."""
+    from tiny import _config
+
+    cfg, cls = _config("gemma3")
+    cfg.layer_types = ["sliding_attention", "full_attention"]
+    cfg.rope_parameters["sliding_attention"]["rope_theta"] = 500.0
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.normal_(0.0, 0.1)
+    specs, qts = quantized(model, "W4-g32")
+    rep = write_gguf(model, None, specs, tmp_path / "m.gguf", qtensors=qts)
+    assert rep["architecture"] == "gemma3" and rep["verification"]["ok"]
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith("gemma3.")}
+    assert f["gemma3.attention.sliding_window"] == 16 and f["gemma3.attention.sliding_window_pattern"] == [True, False]
+    assert f["gemma3.rope.freq_base_swa"] == 500.0
+    assert f["gemma3.rope.freq_base"] == cfg.rope_parameters["full_attention"]["rope_theta"] != 500.0
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    blk = model.model.layers[1]
+    for attr, name in [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                       ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm")]:
+        np.testing.assert_array_equal(tensors[f"blk.1.{name}.weight"], getattr(blk, attr).weight.numpy() + 1)
+    np.testing.assert_array_equal(tensors["blk.1.attn_q_norm.weight"], blk.self_attn.q_norm.weight.numpy() + 1)
+    np.testing.assert_array_equal(tensors["output_norm.weight"], model.model.norm.weight.numpy() + 1)
+    ids = torch.randint(4, 99, (2, 40), generator=torch.Generator().manual_seed(0))
+    expect = model(ids).logits
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=model.config,
+                                                 dtype=torch.float32).eval()  # its gemma3 reader assumes 256-wide heads
+    assert (hf(ids).logits - expect).abs().max() < 0.05  # the F16 embeddings differ

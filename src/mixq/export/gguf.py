@@ -65,6 +65,7 @@ class _Item:
     fqn: str | None  # module name for 2-D weights
     perm: np.ndarray | None
     members: tuple[str, ...] = ()  # a stack of experts: their HF weight names, expert 0 first (gguf_moe)
+    offset: float = 0.0  # added to the values (a Gemma norm weight: +1)
 
     @property
     def fqns(self) -> list[str]:
@@ -91,7 +92,7 @@ def _items(model: nn.Module, arch: _Arch, hp: dict, specs: Mapping[str, QuantSpe
                                    tuple(stacks[name].values())))
             continue
         try:
-            name = gguf_tensor_name(hf_name)
+            name = gguf_tensor_name(hf_name, arch)
         except KeyError:
             raise ValueError(f"{hf_name} {tuple(t.shape)} has no place in a {arch.gguf_arch} GGUF: the model differs "
                              f"from the Llama layout this exporter writes") from None
@@ -100,7 +101,8 @@ def _items(model: nn.Module, arch: _Arch, hp: dict, specs: Mapping[str, QuantSpe
             heads = hp["head_count"] if ".attn_q." in name else hp["head_count_kv"]
             perm = rope_row_order(t.shape[0], heads)
         fqn = hf_name.rsplit(".", 1)[0] if t.ndim == 2 else None
-        items.append(_Item(hf_name, name, fqn, perm))
+        offset = arch.norm_offset if t.ndim == 1 and hf_name.endswith("norm.weight") else 0.0
+        items.append(_Item(hf_name, name, fqn, perm, offset=offset))
     return items, tied
 
 
@@ -188,7 +190,7 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
             spec = specs.get(keys[0]) if keys[0] else None
             qts = [qtensors.get(k) if k else None for k in keys]
             xs = [mixq_values(sd[h], q, it.perm) for h, q in zip(it.members or (it.hf_name,), qts)]
-            x = np.stack(xs) if it.members else xs[0]
+            x = _offset(np.stack(xs) if it.members else xs[0], it.offset)
             entry: dict[str, Any] = {"name": it.name, "source": it.hf_name, "shape": list(x.shape),
                                      "spec": spec.name if spec else None, "permuted_for_rope": it.perm is not None,
                                      **({"experts": len(it.members)} if it.members else {})}
@@ -256,8 +258,12 @@ def _expected_fn(sd: dict, it: _Item, keys: list[str | None], qtensors: Mapping[
     def get() -> np.ndarray:
         xs = [mixq_values(sd[h], qtensors.get(k) if k else None, it.perm)
               for h, k in zip(it.members or (it.hf_name,), keys)]
-        return np.stack(xs) if it.members else xs[0]
+        return _offset(np.stack(xs) if it.members else xs[0], it.offset)
     return get
+
+
+def _offset(x: np.ndarray, offset: float) -> np.ndarray:
+    return x if not offset else (x.astype(np.float32) + np.float32(offset))
 
 
 def _report(out: Path, config, arch: _Arch, rows: list[dict], tok: dict, verification: dict | None,

@@ -2,12 +2,16 @@
 order of q/k, and the hyperparameters written as GGUF metadata.
 
 Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does), ``qwen2`` and ``qwen3`` (its per-head
-q/k norms as ``attn_q_norm`` / ``attn_k_norm``), and the mixtures of experts ``qwen3_moe`` (llama.cpp's
+q/k norms as ``attn_q_norm`` / ``attn_k_norm``), Gemma 3's text decoder (``gemma3_text`` as llama.cpp's ``gemma3``:
+its four norms a block as ``attn_norm`` / ``post_attention_norm`` / ``ffn_norm`` / ``post_ffw_norm``, every norm
+weight stored plus one -- llama.cpp multiplies by the stored weight where transformers' Gemma norm multiplies by
+``1 + w`` --, the sliding window with each layer's kind as ``sliding_window_pattern`` and the local RoPE base), and
+the mixtures of experts ``qwen3_moe`` (llama.cpp's
 ``qwen3moe``) and ``mixtral`` (written as ``llama`` with expert tensors, as llama.cpp does; the experts and the
 router: :mod:`.gguf_moe`); others raise :class:`UnsupportedArchitectureError`.  For llama/mistral/mixtral the rows
 of ``q_proj``/``k_proj`` (and their biases) are permuted to llama.cpp's interleaved rope layout
 (:func:`rope_row_order`), which transformers' GGUF loader undoes; qwen2/qwen3/qwen3moe use neox rope and are
-written unpermuted.  MoE metadata: ``{arch}.expert_count``, ``{arch}.expert_used_count`` and, for qwen3moe,
+written unpermuted (gemma3 too).  MoE metadata: ``{arch}.expert_count``, ``{arch}.expert_used_count`` and, for qwen3moe,
 ``{arch}.expert_feed_forward_length`` (the experts' width; llama's experts take ``feed_forward_length``).
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -32,11 +36,13 @@ class _Arch:
     gguf_arch: str
     permute_qk: bool
     moe: bool = False
+    norm_offset: float = 0.0  # added to every norm weight (Gemma: transformers' 1 + w is llama.cpp's stored w)
+    sandwich: bool = False    # norms after attention and MLP too (Gemma 3): their GGUF names differ (_SANDWICH)
 
 
 _ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False),
-          "qwen3": _Arch("qwen3", False), "qwen3_moe": _Arch("qwen3moe", False, moe=True),
-          "mixtral": _Arch("llama", True, moe=True)}
+          "qwen3": _Arch("qwen3", False), "gemma3_text": _Arch("gemma3", False, norm_offset=1.0, sandwich=True),
+          "qwen3_moe": _Arch("qwen3moe", False, moe=True), "mixtral": _Arch("llama", True, moe=True)}
 
 _BLOCK_TENSORS = {
     "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
@@ -51,6 +57,13 @@ _BLOCK_TENSORS = {
     "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
     "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
     "mlp.gate": gguf.MODEL_TENSOR.FFN_GATE_INP,  # a MoE block's router (its experts: gguf_moe.stacked_name)
+}
+
+# a block with norms after its branches (Gemma 3): the norm before the MLP is ffn_norm, as llama's post_attention one
+_SANDWICH = {
+    "post_attention_layernorm": gguf.MODEL_TENSOR.ATTN_POST_NORM,
+    "pre_feedforward_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
+    "post_feedforward_layernorm": gguf.MODEL_TENSOR.FFN_POST_NORM,
 }
 
 _TOP_TENSORS = {
@@ -70,17 +83,19 @@ def _arch_of(config) -> _Arch:
     return _ARCHS[mt]
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: _Arch | None = None) -> str:
     """llama.cpp's name of a Llama-family Hugging Face parameter (``model.layers.3.self_attn.q_proj.weight``
-    -> ``blk.3.attn_q.weight``).  Raises ``KeyError`` for a tensor with no GGUF counterpart."""
+    -> ``blk.3.attn_q.weight``; ``arch``: the architecture's own names where it has them, e.g. Gemma 3's norms).
+    Raises ``KeyError`` for a tensor with no GGUF counterpart."""
     base, _, leaf = hf_name.rpartition(".")
     if base in _TOP_TENSORS:
         return f"{gguf.TENSOR_NAMES[_TOP_TENSORS[base]]}.{leaf}"
     parts = base.split(".")
     if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
         rel = ".".join(parts[3:])
-        if rel in _BLOCK_TENSORS:
-            return f"{gguf.TENSOR_NAMES[_BLOCK_TENSORS[rel]].format(bid=int(parts[2]))}.{leaf}"
+        table = {**_BLOCK_TENSORS, **_SANDWICH} if arch is not None and arch.sandwich else _BLOCK_TENSORS
+        if rel in table:
+            return f"{gguf.TENSOR_NAMES[table[rel]].format(bid=int(parts[2]))}.{leaf}"
     raise KeyError(hf_name)
 
 
@@ -97,8 +112,10 @@ def rope_row_order(n_rows: int, n_heads: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_heads, 2, d // 2).transpose(0, 2, 1).reshape(-1)
 
 
-def _rope_settings(config) -> tuple[float, str, dict]:
+def _rope_settings(config, layer_type: str = "full_attention") -> tuple[float, str, dict]:
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):  # one set per layer type (Gemma 3): that type's
+        params = dict(params[layer_type])
     legacy = getattr(config, "rope_scaling", None)
     if isinstance(legacy, dict):
         params = {**legacy, **params}
@@ -119,7 +136,23 @@ def _hparams(config, arch: _Arch) -> dict[str, Any]:
             "head_count": heads, "head_count_kv": kv, "head_dim": head_dim,
             "rope_dimension_count": int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
             "rope_freq_base": theta, "rope_scaling": kind, "rope_factor": params.get("factor"),
-            "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size, **_moe_hparams(config, arch)}
+            "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size, **_moe_hparams(config, arch),
+            **_swa_hparams(config, arch)}
+
+
+def _swa_hparams(config, arch: _Arch) -> dict[str, Any]:
+    """Gemma 3's sliding window: its width, which layers have it, and their own RoPE base."""
+    if arch.gguf_arch != "gemma3" or not getattr(config, "sliding_window", None):
+        return {}
+    types = list(getattr(config, "layer_types", None) or [])
+    if len(types) != config.num_hidden_layers:
+        raise ValueError(f"{config.model_type}: layer_types lists {len(types)} layers for "
+                         f"{config.num_hidden_layers}; cannot tell llama.cpp which have the sliding window")
+    theta, kind, _ = _rope_settings(config, "sliding_attention")
+    if kind != "default":
+        raise ValueError(f"rope scaling {kind!r} on the sliding-window layers is not supported by the GGUF exporter")
+    return {"sliding_window": int(config.sliding_window), "swa_pattern": [t == "sliding_attention" for t in types],
+            "rope_freq_base_swa": theta}
 
 
 def _moe_hparams(config, arch: _Arch) -> dict[str, Any]:
@@ -158,6 +191,10 @@ def _write_metadata(w: gguf.GGUFWriter, config, arch: _Arch, hp: dict, name: str
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(hp["rope_factor"]))
     w.add_layer_norm_rms_eps(hp["rms_eps"])
+    if "sliding_window" in hp:
+        w.add_sliding_window(hp["sliding_window"])
+        w.add_sliding_window_pattern(hp["swa_pattern"])
+        w.add_rope_freq_base_swa(hp["rope_freq_base_swa"])
     w.add_vocab_size(hp["vocab_size"])
     if "expert_count" in hp:
         w.add_expert_count(hp["expert_count"])

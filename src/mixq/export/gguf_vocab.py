@@ -102,6 +102,7 @@ def _tokenizer_fields(tokenizer, vocab_size: int, model_type: str | None,
         # llama.cpp's SentencePiece tokenizer merges the pair whose result scores highest; a BPE
         # vocabulary lists tokens in merge order, so -id reproduces the merge priority
         f["scores"] = [0.0 if types[i] != gguf.TokenType.NORMAL else -float(i) for i in range(vocab_size)]
+        f["add_space_prefix"] = _prepends_space(doc)
     for key in ("bos", "eos", "unk", "pad"):
         tid = getattr(tokenizer, f"{key}_token_id", None)
         if isinstance(tid, int) and 0 <= tid < vocab_size:
@@ -120,6 +121,19 @@ def _tokenizer_fields(tokenizer, vocab_size: int, model_type: str | None,
     return f, warnings
 
 
+def _prepends_space(doc: dict) -> bool:
+    """Whether a SentencePiece-style tokenizer puts ``▁`` before the text (a ``Prepend`` normaliser, Llama 2's; or a
+    ``Metaspace`` pre-tokenizer that prepends, older exports): llama.cpp's ``add_space_prefix``, which it assumes
+    when the key is missing -- Gemma's tokenizer does not."""
+    for n in _walk([doc.get("normalizer"), doc.get("pre_tokenizer")]):
+        if n.get("type") == "Prepend" and n.get("prepend") == "\u2581":
+            return True
+        if n.get("type") == "Metaspace" and (n.get("prepend_scheme") in ("always", "first")
+                                             or n.get("add_prefix_space") is True):
+            return True
+    return False
+
+
 def _add_tokenizer(w: gguf.GGUFWriter, f: dict | None) -> dict:
     if f is None:
         w.add_tokenizer_model("no_vocab")
@@ -130,6 +144,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, f: dict | None) -> dict:
     w.add_token_types(f["types"])
     if f["model"] == "llama":
         w.add_token_scores(f["scores"])
+        w.add_add_space_prefix(bool(f["add_space_prefix"]))
     if f["merges"]:
         w.add_token_merges(f["merges"])
     for key, add in (("bos_id", w.add_bos_token_id), ("eos_id", w.add_eos_token_id),
@@ -142,6 +157,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, f: dict | None) -> dict:
         w.add_chat_template(f["chat_template"])
     return {"model": f["model"], "pre": f["pre"], "tokens": len(f["tokens"]), "merges": len(f["merges"]),
             "padded_tokens": f["padded"], "add_bos": bool(f["add_bos"]),
+            **({"add_space_prefix": f["add_space_prefix"]} if "add_space_prefix" in f else {}),
             **{k: f[k] for k in ("bos_id", "eos_id", "unk_id", "pad_id") if k in f}}
 
 
