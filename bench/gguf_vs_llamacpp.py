@@ -1,13 +1,13 @@
 """mixq ``--target gguf`` plans against llama.cpp's own quantizer, measured by llama.cpp itself (issue 15 item 2).
 
     OMP_NUM_THREADS=1 python bench/gguf_vs_llamacpp.py --work /tmp/gb [--chunks 16] [--types Q4_0,Q8_0] \\
-        [--bpw 4.25,4.5,5,6] [--measurement m.json]
+        [--bpw 4.25,4.5,5,6] [--measurement m.json] [--model smollm2-135m|gemma3-270m]
 
 Steps (each artifact cached in ``--work``; a rerun redoes only what is missing):
 
 1. llama.cpp's tools (``bench/llamacpp.py``: the llama-cpp-python sdist's vendored tree, built once).
-2. SmolLM2-135M as an F16 GGUF written by mixq (``write_gguf`` with no quantized layer); PTB train and test as
-   text files.
+2. The model (``--model``, an embedded one: SmolLM2-135M by default, or gemma3-270m) as an F16 GGUF written by
+   mixq (``write_gguf`` with no quantized layer); PTB train and test as text files.
 3. ``llama-imatrix`` on PTB train (``--calib-chunks`` x ``--ctx`` tokens).
 4. Stock types: ``llama-quantize --imatrix`` from the F16 file, token embedding and output kept F16
    (``--token-embedding-type f16 --output-tensor-type f16``: mixq keeps them F16 too, so the files differ
@@ -19,7 +19,10 @@ Steps (each artifact cached in ``--work``; a rerun redoes only what is missing):
    ``--chunks`` x ``--ctx`` tokens of PTB test (llama.cpp scores the second half of each chunk).
 7. For one mixq plan (``--check-bpw``): the same PPL computed by mixq in torch on the same tokens with the same
    protocol (second half of each ``--ctx`` chunk), its fake-quant model vs the F16 GGUF's tokens; ``mixq eval``'s
-   own figures; and ``llama-cli`` generating from the file.
+   own figures; and ``llama-cli`` generating from the file.  Also ``llama-tokenize`` of the test text against the
+   HF tokenizer (mixq's side of every comparison uses the HF ids; for a model whose tokenizer adds BOS, as
+   Gemma's does, llama.cpp tokenizes the text with BOS first and puts BOS at each chunk's start, and so does
+   :func:`chunk_ids`).
 
 Writes bench/results/gguf_vs_llamacpp.{md,json,png}.
 """
@@ -76,16 +79,15 @@ def texts(work: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def f16_gguf(work: Path) -> Path:
-    out = work / "smollm2-f16.gguf"
+def f16_gguf(work: Path, model_name: str) -> Path:
+    out = work / f"{model_name}-f16.gguf"
     if not out.exists():
         from mixq.export.gguf import write_gguf
         from mixq.export.gguf_vocab import _embedded_pre
         from mixq import load_model
 
-        model, tok = load_model("smollm2-135m")
-        write_gguf(model, tok, {}, out, float_type="f16", name="smollm2-135m",
-                   tokenizer_pre=_embedded_pre("smollm2-135m"))
+        model, tok = load_model(model_name)
+        write_gguf(model, tok, {}, out, float_type="f16", name=model_name, tokenizer_pre=_embedded_pre(model_name))
     return out
 
 
@@ -164,7 +166,7 @@ def mixq_plan_gguf(bpw: float, args, env) -> tuple[Path, Path]:
     while (w / f".{d.name}.running").exists():  # another process of this bench is making it
         time.sleep(30)
     if not (d / "mixq.json").exists():
-        run(mixq_cmd("quantize", "--plan", plan, "--target", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
+        run(mixq_cmd("quantize", "--model", args.model, "--plan", plan, "--target", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
                      "--seqlen", args.ctx, "--out", d, "--force"), w / f"quantize-mixq-{bpw:g}.log", env)
     g = w / f"mixq-{bpw:g}.gguf"
     if not g.exists():
@@ -180,10 +182,36 @@ def chunk_ids(test: Path, args):
 
     from mixq import load_model
 
-    _, tok = load_model("smollm2-135m")
+    _, tok = load_model(args.model)
     ids = tok(test.read_text(), add_special_tokens=False)["input_ids"]
+    bos = _bos(tok)
+    ids = ids if bos is None else [bos] + ids  # as llama.cpp tokenizes the whole text
     n = args.ctx * args.chunks
-    return torch.tensor(ids[:n]).view(args.chunks, args.ctx), len(ids)
+    chunks = torch.tensor(ids[:n]).view(args.chunks, args.ctx)
+    if bos is not None:
+        chunks[:, 0] = bos  # llama-perplexity replaces each chunk's first token by BOS
+    return chunks, len(ids)
+
+
+def _bos(tok) -> int | None:
+    """The BOS id where the tokenizer puts one before a text (llama.cpp's ``add_bos_token``), else None."""
+    with_sp, plain = tok("a")["input_ids"], tok("a", add_special_tokens=False)["input_ids"]
+    return with_sp[0] if len(with_sp) > len(plain) and with_sp[0] == tok.bos_token_id else None
+
+
+def tokens_check(tools: dict, gguf_path: Path, test: Path, args) -> dict:
+    """``llama-tokenize``'s ids of the test text against the HF ids :func:`chunk_ids` scores (BOS as llama.cpp)."""
+    from mixq import load_model
+
+    _, tok = load_model(args.model)
+    hf = tok(test.read_text(), add_special_tokens=False)["input_ids"]
+    hf = hf if _bos(tok) is None else [_bos(tok)] + hf
+    text = run([tools["llama-tokenize"], "-m", gguf_path, "-f", test, "--ids", "--log-disable"],
+               args.work / "tokenize.log")
+    cpp = [int(t) for t in re.findall(r"-?\d+", text[text.rfind("["):])]
+    first = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), None)
+    n = args.ctx * args.chunks
+    return {"hf": len(hf), "llama_cpp": len(cpp), "first_difference": first, "same_scored_ids": hf[:n] == cpp[:n]}
 
 
 def torch_ppl(model, chunks) -> float:
@@ -214,7 +242,7 @@ def torch_ppl_as_llamacpp(mixq_dir: Path | None, gguf_path: Path, test: Path, ar
         return json.loads(done.read_text())
     chunks, _ = chunk_ids(test, args)
     if mixq_dir is None:
-        model, info = load_model("smollm2-135m")[0], {}
+        model, info = load_model(args.model)[0], {}
     else:
         model, _, info = load_quantized(mixq_dir)
     model = model.float().eval()
@@ -234,9 +262,10 @@ def agreement(tools, mixq_dir: Path, gguf_path: Path, test: Path, args, env) -> 
     if done.exists():
         return json.loads(done.read_text())
     chunks, n_tok = chunk_ids(test, args)
-    ref, _ = load_model("smollm2-135m")
+    ref, _ = load_model(args.model)
     q, _, _ = load_quantized(mixq_dir)
-    out = {"tokens_hf": n_tok, "torch_ppl_fp32": torch_ppl(ref.eval(), chunks),
+    out = {"tokens_hf": n_tok, "tokens": tokens_check(tools, gguf_path, test, args),
+           "torch_ppl_fp32": torch_ppl(ref.eval(), chunks),
            "torch_ppl_mixq": torch_ppl(q.float().eval(), chunks)}
     ev = args.work / f"eval-{mixq_dir.name}.json"
     if not ev.exists():
@@ -258,7 +287,7 @@ def _generated(text: str) -> str:
     return text[i:i + 400].split("\n\n")[0].strip() if i >= 0 else text[-400:]
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,7 +311,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("SmolLM2-135M, PTB test: llama.cpp stock types (imatrix)\nand mixq --target gguf (labels: budget bpw)")
+    ax.set_title(f"{model}, PTB test: llama.cpp stock types (imatrix)\nand mixq --target gguf (labels: budget bpw)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -291,6 +320,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/gguf_vs_llamacpp"))
+    ap.add_argument("--model", default="smollm2-135m", help="an embedded model (smollm2-135m, gemma3-270m)")
     ap.add_argument("--types", default=",".join(STOCK))
     ap.add_argument("--bpw", default="4.25,4.5,5,5.5,6")
     ap.add_argument("--measurement", type=Path, default=None, help="a `mixq measure --candidates gguf` table")
@@ -313,7 +343,7 @@ def main() -> None:
     t_start = time.perf_counter()
     tools = llamacpp.tools()
     train, test = texts(args.work)
-    f16 = f16_gguf(args.work)
+    f16 = f16_gguf(args.work, args.model)
     imatrix = args.work / "imatrix.dat"
     if not imatrix.exists():
         run([tools["llama-imatrix"], "-m", f16, "-f", train, "-o", imatrix, "-c", args.ctx, "--chunks",
@@ -343,7 +373,7 @@ def main() -> None:
         if args.measurement is None:
             args.measurement = args.work / "measure.json"
             if not args.measurement.exists():
-                run(mixq_cmd("measure", "--candidates", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
+                run(mixq_cmd("measure", "--model", args.model, "--candidates", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
                              "--seqlen", args.ctx, "--algorithm", "gptq", "--out", args.measurement),
                     args.work / "measure.log", env)
         if args.without:
@@ -379,7 +409,7 @@ def _measurement_meta(path) -> dict | None:
 
 
 def _save(rows, failed, args, check, t_start) -> None:
-    doc = {"command": " ".join(sys.argv), "ctx": args.ctx, "chunks": args.chunks, "calib_chunks": args.calib_chunks,
+    doc = {"command": " ".join(sys.argv), "model": args.model, "ctx": args.ctx, "chunks": args.chunks, "calib_chunks": args.calib_chunks,
            "rows": rows, "failed": failed, "check": check, "seconds": time.perf_counter() - t_start,
            "llama_cpp": f"llama-cpp-python {llamacpp.VERSION} sdist, vendor/llama.cpp", "note": args.note,
            "nsamples": args.nsamples, "measurement": _measurement_meta(args.measurement),
@@ -387,7 +417,7 @@ def _save(rows, failed, args, check, t_start) -> None:
     (RESULTS / f"{args.results}.json").write_text(json.dumps(doc, indent=1))
     write_md(doc, RESULTS / f"{args.results}.md")
     if any("kld" in r for r in rows):
-        plot(rows, RESULTS / f"{args.results}.png")
+        plot(rows, RESULTS / f"{args.results}.png", args.model)
 
 
 def _measured(doc: dict) -> str:
@@ -417,7 +447,8 @@ def _agreement_table(doc: dict) -> list[str]:
 
 
 def write_md(doc: dict, path: Path) -> None:
-    lines = header("GGUF files by llama.cpp and by mixq, measured by llama.cpp (SmolLM2-135M, PTB test)",
+    lines = header(f"GGUF files by llama.cpp and by mixq, measured by llama.cpp ({doc.get('model', 'smollm2-135m')}, "
+                   "PTB test)",
                    "OMP_NUM_THREADS=1 python " + doc["command"].replace(str(Path.cwd()) + "/", ""))
     lines += [f"- llama.cpp: {doc['llama_cpp']}, built by bench/llamacpp.py (Release, GGML_NATIVE=ON)",
               f"- evaluation: `llama-perplexity --kl-divergence` against the F16 GGUF's logits, first {doc['chunks']} "
@@ -445,7 +476,13 @@ def write_md(doc: dict, path: Path) -> None:
                   "; ".join(f"{k}: {v}" for k, v in doc["failed"].items())]
     c = doc.get("check")
     if c:
+        t = c.get("tokens")
         lines += ["", "## mixq's own evaluation of the same plan", "",
+                  *([f"- tokens: `llama-tokenize` of PTB test gave {t['llama_cpp']:,} ids, the HF tokenizer "
+                     f"{t['hf']:,} (BOS first in both where the model adds it); the scored "
+                     f"{doc['chunks']} x {doc['ctx']} ids {'are the same' if t['same_scored_ids'] else 'differ'}"
+                     + ("" if t["first_difference"] is None else f" (first difference at id {t['first_difference']:,})")]
+                    if t else []),
                   f"- PPL on the same {doc['chunks']} x {doc['ctx']} tokens (HF tokenizer), llama.cpp's protocol "
                   f"(second half of each chunk) in torch, fp32: reference {c['torch_ppl_fp32']:.3f}, mixq plan "
                   f"{c['torch_ppl_mixq']:.3f}",

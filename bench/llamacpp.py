@@ -6,7 +6,7 @@ The llama.cpp source comes from the ``llama-cpp-python`` source distribution on 
 llama.cpp under ``vendor/llama.cpp``), fetched with ``pip download --no-deps --no-binary :all:``.
 Only the tools the GGUF bench needs are built (``llama-quantize``, ``llama-imatrix``, ``llama-perplexity``,
 ``llama-completion``: the plain generation tool; this llama.cpp's ``llama-cli`` is a chat front end over its
-server code), Release, ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``, into
+server code; ``llama-tokenize``), Release, ``-DGGML_NATIVE=ON -DLLAMA_CURL=OFF``, into
 ``<cache>/llama.cpp-<version>/build/bin``. A finished build is recorded by a stamp file naming the
 tools; a second call returns at once. Prints the bin directory.
 
@@ -28,7 +28,8 @@ log = logging.getLogger("llamacpp")
 VERSION = "0.3.36"
 # llama-completion is the plain prompt -> text tool (what llama-cli was until llama.cpp moved llama-cli onto its
 # server code: that one is chat-only and would compile the whole server, far too slow on 2 cores)
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-completion")
+# llama-tokenize: llama.cpp's own token ids of a text, to check that a GGUF's vocabulary tokenizes as the HF one does
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-completion", "llama-tokenize")
 
 
 def cache_root() -> Path:
