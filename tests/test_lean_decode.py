@@ -54,13 +54,6 @@ def test_refusals_name_the_reason_and_auto_falls_back():
     h.remove()
     model.model.layers[0].mlp = torch.nn.Identity()
     assert "layer 0: Identity where LlamaMLP" in unsupported(model)
-    from tiny import _config
-
-    cfg, cls = _config("phi3")  # Phi-4-mini's kind: RoPE on part of each head
-    cfg.partial_rotary_factor = 0.5
-    if isinstance(getattr(cfg, "rope_parameters", None), dict):
-        cfg.rope_parameters["partial_rotary_factor"] = 0.5
-    assert "partial rotary" in unsupported(cls(cfg))
 
 
 def _packed(tiny_model, tiny_tokenizer, tmp_path, spec: str, family: str = "llama"):
@@ -167,3 +160,28 @@ def test_a_window_from_the_config(family):
     got = torch.cat([lean.forward(ids[:, :20]), lean.forward(ids[:, 20:40])]
                     + [lean.forward(ids[:, i:i + 1]) for i in range(40, 60)])
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_rope_on_part_of_each_head(dtype):
+    """Phi-4-mini's kind of Phi-3: RoPE on the first half of each head's channels, the rest untouched."""
+    from tiny import _config
+
+    cfg, cls = _config("phi3")
+    cfg.partial_rotary_factor = 0.5
+    if isinstance(getattr(cfg, "rope_parameters", None), dict):
+        cfg.rope_parameters["partial_rotary_factor"] = 0.5
+    torch.manual_seed(0)
+    model = cls(cfg).eval().to(dtype)
+    lean = LeanDecoder(model)
+    assert lean.rot == lean.head_dim // 2
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(8))
+    if dtype == torch.float32:
+        ref = model(ids).logits[0]
+        got = torch.cat([lean.forward(ids[:, :20])] + [lean.forward(ids[:, i:i + 1]) for i in range(20, 40)])
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    else:
+        a = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="transformers")
+        b = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="lean")
+        assert a.new_ids == b.new_ids

@@ -13,7 +13,7 @@ native calls (:mod:`~mixq.runtime.kernels.glue_cpu`) and each layer through its 
 unchanged.
 
 Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs: Llama, Mistral, Qwen2
-and 3, Gemma 3, OLMo 2, Phi-3 and Granite); anything else (partial RoPE too: Phi-4-mini), any
+and 3, Gemma 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head) and Granite); anything else, any
 block or attention module that is not the family's own class, or any hook on the modules it bypasses (activation
 quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
 """
@@ -96,11 +96,6 @@ def unsupported(model) -> str | None:
         return "bidirectional attention"
     if any(t not in ("full_attention", "sliding_attention") for t in getattr(cfg, "layer_types", None) or ()):
         return f"layer types {sorted(set(cfg.layer_types))}"
-    partial = getattr(cfg, "partial_rotary_factor", None)
-    if partial is None and isinstance(getattr(cfg, "rope_parameters", None), dict):
-        partial = cfg.rope_parameters.get("partial_rotary_factor")
-    if partial is not None and partial != 1.0:
-        return f"partial rotary embedding (partial_rotary_factor {partial})"
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "no model.model.layers / lm_head"
@@ -183,10 +178,11 @@ class LeanDecoder:
             new[:, :, :have] = old
         self.k, self.v = new_k, new_v
         probe = torch.empty(1, dtype=self.dtype, device=self.device)
-        half = self.head_dim // 2
         for t in set(self.rope_of):
             args = () if t is None else (t,)
             cos, sin = self.rotary(probe, torch.arange(n, device=self.device)[None], *args)
+            self.rot = cos.shape[-1]  # the rotated part of a head (all of it but where RoPE is partial)
+            half = self.rot // 2
             # rotate_half(x) * sin == flip(x's halves) * [-sin_1, sin_2]: one product instead of neg + cat
             self.cos[t] = cos[0]
             self.sin[t] = torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
@@ -204,10 +200,12 @@ class LeanDecoder:
         return norm.weight * xf.to(x.dtype)
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x [1, h, T, d]`` rotated as ``apply_rotary_pos_emb`` does."""
-        d = self.head_dim
-        rot = x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
-        return (x * cos + rot * sin).to(x.dtype)  # float32 tables (OLMo 2's): computed in float32, rounded once
+        """``x [1, h, T, d]`` rotated as ``apply_rotary_pos_emb`` does (its first ``self.rot`` channels: partial
+        RoPE leaves the rest as they are)."""
+        r = self.rot
+        xr = x[..., :r] if r < self.head_dim else x
+        out = (xr * cos + xr.unflatten(-1, (2, r // 2)).flip(-2).flatten(-2) * sin).to(x.dtype)  # float32 tables
+        return out if r == self.head_dim else torch.cat([out, x[..., r:]], -1)  # (OLMo 2's): rounded once
 
     def _qkv(self, att, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The queries, keys and values ``[..., heads * head_dim]`` of ``x``, their norms applied where the family
@@ -326,8 +324,8 @@ class LeanDecoder:
             K, V = self.k[i], self.v[i]
             t = self.rope_of[i]
             g.glue_rope_cache(q.data_ptr(), k.data_ptr(), v.data_ptr(), self.cos[t][p].data_ptr(),
-                              self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d, cap, bf,
-                              int(self.cos[t].dtype != dt))
+                              self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d, self.rot, cap,
+                              bf, int(self.cos[t].dtype != dt))
             lo = 0 if W is None else max(0, p + 1 - W)
             o = F.scaled_dot_product_attention(q.view(1, KV, H // KV, d), K[:, :, lo:p + 1], V[:, :, lo:p + 1],
                                                scale=att.scaling)  # each kv head's queries as the rows of one call

@@ -75,10 +75,12 @@ void glue_add_rms(void* h, const void* o, const void* wo, float eps_o, const voi
 
 /* rope32: cos and sin are float32 and the rotation is computed in float32, rounded once (OLMo 2's RoPE); else they
    are in the dtype and each product is rounded, then the sum */
-static void rope_row(const void* src, void* dst, const void* cos, const void* sin, int d, int bf16, int rope32) {
+static void rope_row(const void* src, void* dst, const void* cos, const void* sin, int d, int rot, int bf16,
+                     int rope32) {
   float t[512];
-  const int half = d / 2;
-  for (int j = 0; j < d; j++) {
+  const int half = rot / 2;  /* RoPE on the first rot channels (partial RoPE: rot < d), the rest copied */
+  for (int j = rot; j < d; j++) t[j] = ld(src, j, bf16);
+  for (int j = 0; j < rot; j++) {
     const float x = ld(src, j, bf16), rot = ld(src, j < half ? j + half : j - half, bf16);  /* sin: rotate_half's sign */
     const float c = rope32 ? ((const float*)cos)[j] : ld(cos, j, bf16);
     const float s = rope32 ? ((const float*)sin)[j] : ld(sin, j, bf16);
@@ -87,14 +89,16 @@ static void rope_row(const void* src, void* dst, const void* cos, const void* si
   for (int j = 0; j < d; j++) st(dst, j, t[j], bf16);
 }
 
-/* q [H, d] rotated in place; k, v [KV, d] -> K, V [KV, cap, d] at row pos (k rotated).  d <= 512. */
+/* q [H, d] rotated in place; k, v [KV, d] -> K, V [KV, cap, d] at row pos (k rotated; the first rot channels of
+   each head).  d <= 512. */
 void glue_rope_cache(void* q, const void* k, const void* v, const void* cos, const void* sin, void* K, void* V,
-                     int pos, int H, int KV, int d, int cap, int bf16, int rope32) {
+                     int pos, int H, int KV, int d, int rot, int cap, int bf16, int rope32) {
   const size_t es = bf16 ? 2 : 4;
-  for (int h = 0; h < H; h++) rope_row((char*)q + es * h * d, (char*)q + es * h * d, cos, sin, d, bf16, rope32);
+  for (int h = 0; h < H; h++)
+    rope_row((char*)q + es * h * d, (char*)q + es * h * d, cos, sin, d, rot, bf16, rope32);
   for (int h = 0; h < KV; h++) {
     const size_t at = es * ((size_t)h * cap + pos) * d;
-    rope_row((const char*)k + es * h * d, (char*)K + at, cos, sin, d, bf16, rope32);
+    rope_row((const char*)k + es * h * d, (char*)K + at, cos, sin, d, rot, bf16, rope32);
     memcpy((char*)V + at, (const char*)v + es * h * d, es * d);
   }
 }
@@ -114,7 +118,7 @@ void glue_act_mul(const void* g, const void* u, void* out, int n, int bf16, int 
 SIGNATURES = {
     "glue_add_rms": (None, [VOID_P, VOID_P, VOID_P, ctypes.c_float, VOID_P, ctypes.c_float, VOID_P, INT, INT, INT,
                             ctypes.c_float]),
-    "glue_rope_cache": (None, [VOID_P] * 7 + [INT] * 7),
+    "glue_rope_cache": (None, [VOID_P] * 7 + [INT] * 8),
     "glue_act_mul": (None, [VOID_P, VOID_P, VOID_P, INT, INT, INT]),
 }
 
