@@ -185,3 +185,29 @@ def test_rope_on_part_of_each_head(dtype):
         a = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="transformers")
         b = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="lean")
         assert a.new_ids == b.new_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_smollm3_layers_without_rope_and_a_window(dtype):
+    """SmolLM3: layers whose attention has no RoPE (``no_rope_layers``), one with a sliding window."""
+    import transformers as tf
+
+    cfg = tf.SmolLM3Config(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                           no_rope_layers=[1, 0, 1, 0], use_sliding_window=True, sliding_window=16,
+                           layer_types=["full_attention", "sliding_attention", "full_attention", "full_attention"],
+                           pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    model = tf.SmolLM3ForCausalLM(cfg).eval().to(dtype)
+    lean = LeanDecoder(model)
+    assert lean.nope == [False, True, False, True] and lean.windows == [None, 16, None, None]
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(9))
+    if dtype == torch.float32:
+        ref = model(ids).logits[0]
+        got = torch.cat([lean.forward(ids[:, :20])] + [lean.forward(ids[:, i:i + 1]) for i in range(20, 40)])
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    else:
+        a = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="transformers")
+        b = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="lean")
+        assert a.new_ids == b.new_ids

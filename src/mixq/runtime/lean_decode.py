@@ -13,7 +13,8 @@ native calls (:mod:`~mixq.runtime.kernels.glue_cpu`) and each layer through its 
 unchanged.
 
 Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs: Llama, Mistral, Qwen2
-and 3, Gemma 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head) and Granite); anything else, any
+and 3, Gemma 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head), Granite and SmolLM3 (layers without
+RoPE)); anything else, any
 block or attention module that is not the family's own class, or any hook on the modules it bypasses (activation
 quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
 """
@@ -60,6 +61,7 @@ FAMILIES: dict[str, Family] = {
                     norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
     "phi3": Family("Phi3", window_in_config=True, fused=True),
     "granite": Family("Granite", scaled=True),
+    "smollm3": Family("SmolLM3"),  # every fourth layer without RoPE (the attention module's use_rope)
 }
 NORM_MODES = {"llama": 0, "offset": 1, "once": 2}  # as glue_cpu numbers them
 ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}  # the MLP activations, as glue_cpu numbers them
@@ -151,6 +153,7 @@ class LeanDecoder:
                         for b in self.blocks]
         typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.rope_of = [(cfg.layer_types[i] if typed else None) for i in range(len(self.blocks))]
+        self.nope = [not getattr(b.self_attn, "use_rope", True) for b in self.blocks]  # SmolLM3's layers without RoPE
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.pos = 0
@@ -265,7 +268,8 @@ class LeanDecoder:
                 q, k = self._rms(att.q_norm, q), self._rms(att.k_norm, k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.view(1, T, KV, d).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            if not self.nope[i]:
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             K, V = self.k[i], self.v[i]
             K[:, :, p0:p0 + T] = k
             V[:, :, p0:p0 + T] = v
@@ -324,8 +328,8 @@ class LeanDecoder:
             K, V = self.k[i], self.v[i]
             t = self.rope_of[i]
             g.glue_rope_cache(q.data_ptr(), k.data_ptr(), v.data_ptr(), self.cos[t][p].data_ptr(),
-                              self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d, self.rot, cap,
-                              bf, int(self.cos[t].dtype != dt))
+                              self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d,
+                              0 if self.nope[i] else self.rot, cap, bf, int(self.cos[t].dtype != dt))
             lo = 0 if W is None else max(0, p + 1 - W)
             o = F.scaled_dot_product_attention(q.view(1, KV, H // KV, d), K[:, :, lo:p + 1], V[:, :, lo:p + 1],
                                                scale=att.scaling)  # each kv head's queries as the rows of one call
