@@ -211,3 +211,18 @@ def test_smollm3_layers_without_rope_and_a_window(dtype):
         a = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="transformers")
         b = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="lean")
         assert a.new_ids == b.new_ids
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@torch.no_grad()
+def test_mixtures_of_experts_run_their_expert_blocks(family):
+    """Qwen3-MoE (one dense layer among sparse ones) and Mixtral: the attention lean, the expert block as a module."""
+    from test_moe import make_moe
+
+    model = make_moe(family, **({"mlp_only_layers": [0]} if family == "qwen3_moe" else {}))
+    lean = LeanDecoder(model)
+    assert lean.moe == ([False, True] if family == "qwen3_moe" else [True, True])
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(10))
+    ref = model(ids).logits[0]
+    got = torch.cat([lean.forward(ids[:, :20])] + [lean.forward(ids[:, i:i + 1]) for i in range(20, 40)])
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)

@@ -14,7 +14,7 @@ unchanged.
 
 Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs: Llama, Mistral, Qwen2
 and 3, Gemma 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head), Granite and SmolLM3 (layers without
-RoPE)); anything else, any
+RoPE), and the mixtures of experts Qwen3-MoE and Mixtral (their expert blocks run as the modules)); anything else, any
 block or attention module that is not the family's own class, or any hook on the modules it bypasses (activation
 quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
 """
@@ -43,6 +43,7 @@ class Family:
                                     # the attention module's own ``sliding_window`` (None: full attention)
     fused: bool = False        # one qkv_proj and one gate_up_proj (Phi-3) instead of q/k/v and gate/up projections
     scaled: bool = False       # Granite's multipliers: embedding_multiplier, residual_multiplier, logits_scaling
+    moe: str = ""              # the class of a mixture-of-experts block in place of the MLP (run as the module)
 
     def names(self) -> tuple[str, str, str, str]:
         p = self.prefix
@@ -62,6 +63,8 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family("Phi3", window_in_config=True, fused=True),
     "granite": Family("Granite", scaled=True),
     "smollm3": Family("SmolLM3"),  # every fourth layer without RoPE (the attention module's use_rope)
+    "qwen3_moe": Family("Qwen3Moe", qk_norm="head", moe="Qwen3MoeSparseMoeBlock"),
+    "mixtral": Family("Mixtral", window_in_config=True, moe="MixtralSparseMoeBlock"),
 }
 NORM_MODES = {"llama": 0, "offset": 1, "once": 2}  # as glue_cpu numbers them
 ACTS = {"silu": 0, "gelu_pytorch_tanh": 1}  # the MLP activations, as glue_cpu numbers them
@@ -105,7 +108,8 @@ def unsupported(model) -> str | None:
     mods = [model, inner, inner.embed_tokens, inner.norm]
     for i, blk in enumerate(inner.layers):
         att = getattr(blk, "self_attn", None)
-        kinds = [(blk, block), (att, attention), (getattr(blk, "mlp", None), mlp)]
+        ffn = getattr(blk, "mlp", None)
+        kinds = [(blk, block), (att, attention), (ffn, fam.moe if fam.moe and type(ffn).__name__ == fam.moe else mlp)]
         kinds += [(getattr(blk, a, None), norm) for a in fam.norms if a]
         kinds += [(getattr(att, "q_norm", None), norm), (getattr(att, "k_norm", None), norm)] if fam.qk_norm else []
         for m, name in kinds:
@@ -154,6 +158,7 @@ class LeanDecoder:
         typed = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.rope_of = [(cfg.layer_types[i] if typed else None) for i in range(len(self.blocks))]
         self.nope = [not getattr(b.self_attn, "use_rope", True) for b in self.blocks]  # SmolLM3's layers without RoPE
+        self.moe = [bool(fam.moe) and type(b.mlp).__name__ == fam.moe for b in self.blocks]
         self.dtype = self.embed.weight.dtype
         self.device = self.embed.weight.device
         self.pos = 0
@@ -228,6 +233,8 @@ class LeanDecoder:
         return mlp.gate_proj(x), mlp.up_proj(x)
 
     def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
+        if self.fam.moe and type(mlp).__name__ == self.fam.moe:
+            return mlp(x)  # the router and the chosen experts, as transformers runs them
         g, u = self._gate_up(mlp, x)
         g = F.silu(g) if self.act == 0 else F.gelu(g, approximate="tanh")
         return mlp.down_proj(g * u)
@@ -337,13 +344,16 @@ class LeanDecoder:
             a = fn(att.o_proj, o)(o, dt).contiguous()
             x = torch.empty_like(h)  # a new x: a layer may hold its input
             g.glue_add_rms(h.data_ptr(), a.data_ptr(), *args(n_att_out), *args(n_mlp), x.data_ptr(), n, bf, mode, rm)
-            if self.fam.fused:
-                gate, up = fn(mlp.gate_up_proj, x)(x, dt).contiguous().chunk(2, -1)
+            if self.moe[i]:
+                m = mlp(x).contiguous()
             else:
-                gate, up = fn(mlp.gate_proj, x)(x, dt).contiguous(), fn(mlp.up_proj, x)(x, dt).contiguous()
-            gu = torch.empty_like(gate)
-            g.glue_act_mul(gate.data_ptr(), up.data_ptr(), gu.data_ptr(), gu.numel(), bf, self.act)
-            m = fn(mlp.down_proj, gu)(gu, dt).contiguous()
+                if self.fam.fused:
+                    gate, up = fn(mlp.gate_up_proj, x)(x, dt).contiguous().chunk(2, -1)
+                else:
+                    gate, up = fn(mlp.gate_proj, x)(x, dt).contiguous(), fn(mlp.up_proj, x)(x, dt).contiguous()
+                gu = torch.empty_like(gate)
+                g.glue_act_mul(gate.data_ptr(), up.data_ptr(), gu.data_ptr(), gu.numel(), bf, self.act)
+                m = fn(mlp.down_proj, gu)(gu, dt).contiguous()
             nxt = self.bnorms[i + 1][0] if i + 1 < len(self.blocks) else self.norm
             x = torch.empty_like(h)
             g.glue_add_rms(h.data_ptr(), m.data_ptr(), *args(n_mlp_out), *args(nxt), x.data_ptr(), n, bf, mode, rm)
