@@ -388,12 +388,14 @@ def test_sentencepiece_style_vocab_says_whether_a_space_is_prepended(tiny_model,
 def test_gemma3_text_is_written_as_llama_cpp_gemma3(tiny_model, tiny_tokenizer, tmp_path):
     """Gemma 3's decoder as llama.cpp's ``gemma3``: the four norms of a block by their GGUF names and each stored
     plus one (llama.cpp multiplies by the stored weight, transformers' Gemma norm by ``1 + w``), the sliding window
-    with each layer's kind and the local RoPE base; transformers' GGUF loader reads it back to the same logits."""
+    with each layer's kind and the local RoPE base; transformers' GGUF loader reads it back to the same logits.  An
+    attention scale llama.cpp would not compute is refused before anything is written."""
     from tiny import _config
 
     cfg, cls = _config("gemma3")
     cfg.layer_types = ["sliding_attention", "full_attention"]
     cfg.rope_parameters["sliding_attention"]["rope_theta"] = 500.0
+    cfg.query_pre_attn_scalar = cfg.head_dim  # what the real models have (gemma3-270m: 256 = head_dim)
     torch.manual_seed(0)
     model = cls(cfg).eval()
     with torch.no_grad():
@@ -401,6 +403,11 @@ def test_gemma3_text_is_written_as_llama_cpp_gemma3(tiny_model, tiny_tokenizer, 
             if p.ndim == 1:
                 p.normal_(0.0, 0.1)
     specs, qts = quantized(model, "W4-g32")
+    model.config.query_pre_attn_scalar = 256  # the config class's default; llama.cpp would scale by 1/sqrt(16)
+    with pytest.raises(ValueError, match="query_pre_attn_scalar=256"):
+        write_gguf(model, None, specs, tmp_path / "m.gguf", qtensors=qts)
+    assert not (tmp_path / "m.gguf").exists()
+    model.config.query_pre_attn_scalar = cfg.head_dim
     rep = write_gguf(model, None, specs, tmp_path / "m.gguf", qtensors=qts)
     assert rep["architecture"] == "gemma3" and rep["verification"]["ok"]
     r = gguf.GGUFReader(tmp_path / "m.gguf")
@@ -420,3 +427,29 @@ def test_gemma3_text_is_written_as_llama_cpp_gemma3(tiny_model, tiny_tokenizer, 
     hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=model.config,
                                                  dtype=torch.float32).eval()  # its gemma3 reader assumes 256-wide heads
     assert (hf(ids).logits - expect).abs().max() < 0.05  # the F16 embeddings differ
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+@torch.no_grad()
+def test_phi3_is_written_with_its_fused_projections(tiny_model, tmp_path, partial):
+    """Phi-3 (and Phi-4-mini's partial RoPE) as llama.cpp's ``phi3``: ``qkv_proj`` as ``attn_qkv``,
+    ``gate_up_proj`` as ``ffn_up`` (gate first), RoPE over ``rope.dimension_count`` channels of each head; the
+    fused layers keep their int grids exactly and transformers' GGUF loader gives the same logits."""
+    from tiny import _config
+
+    cfg, cls = _config("phi3")
+    cfg.partial_rotary_factor = partial
+    cfg.rope_parameters["partial_rotary_factor"] = partial
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    specs, qts = quantized(model, "W4-g32")
+    rep = write_gguf(model, bpe_tokenizer(), specs, tmp_path / "m.gguf", qtensors=qts)
+    assert rep["architecture"] == "phi3" and rep["verification"]["ok"]
+    by_name = {t["name"]: t for t in rep["tensors"]}
+    assert by_name["blk.0.attn_qkv.weight"]["exact"] and by_name["blk.0.ffn_up.weight"]["shape"] == [2 * 128, 64]
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert r.fields["phi3.rope.dimension_count"].contents() == int(16 * partial)
+    ids = torch.randint(4, 99, (2, 24), generator=torch.Generator().manual_seed(0))
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=model.config,
+                                                 dtype=torch.float32).eval()
+    assert (hf(ids).logits - model(ids).logits).abs().max() < 0.05  # the F16 embeddings and head differ

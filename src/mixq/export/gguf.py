@@ -162,9 +162,9 @@ def write_gguf(model: nn.Module, tokenizer, specs: Mapping[str, QuantSpec], out:
     _refuse(specs)
     qtensors = dict(qtensors or {})
     warnings: list[str] = []
-    if config.model_type in ("mistral", "mixtral") and getattr(config, "sliding_window", None):
-        warnings.append(f"sliding_window={config.sliding_window} is not stored (llama.cpp's llama architecture "
-                        "attends to the whole context)")
+    if config.model_type in ("mistral", "mixtral", "phi3") and getattr(config, "sliding_window", None):
+        warnings.append(f"sliding_window={config.sliding_window} is not stored (llama.cpp's {arch.gguf_arch} "
+                        "architecture attends to the whole context)")
     if config.model_type == "qwen2" and getattr(config, "use_sliding_window", False):
         warnings.append("use_sliding_window=True is not stored in the GGUF")
     tok_fields, tok_warn = _tokenizer_fields(tokenizer, hp["vocab_size"], config.model_type, tokenizer_pre)

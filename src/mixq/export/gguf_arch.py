@@ -2,7 +2,8 @@
 order of q/k, and the hyperparameters written as GGUF metadata.
 
 Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does), ``qwen2`` and ``qwen3`` (its per-head
-q/k norms as ``attn_q_norm`` / ``attn_k_norm``), Gemma 3's text decoder (``gemma3_text`` as llama.cpp's ``gemma3``:
+q/k norms as ``attn_q_norm`` / ``attn_k_norm``), ``phi3`` (Phi-3 and Phi-4-mini: the fused ``qkv_proj`` as
+``attn_qkv``, ``gate_up_proj`` as ``ffn_up``, partial RoPE as ``rope.dimension_count``), Gemma 3's text decoder (``gemma3_text`` as llama.cpp's ``gemma3``:
 its four norms a block as ``attn_norm`` / ``post_attention_norm`` / ``ffn_norm`` / ``post_ffw_norm``, every norm
 weight stored plus one -- llama.cpp multiplies by the stored weight where transformers' Gemma norm multiplies by
 ``1 + w`` --, the sliding window with each layer's kind as ``sliding_window_pattern`` and the local RoPE base), and
@@ -24,7 +25,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -38,10 +39,12 @@ class _Arch:
     moe: bool = False
     norm_offset: float = 0.0  # added to every norm weight (Gemma: transformers' 1 + w is llama.cpp's stored w)
     sandwich: bool = False    # norms after attention and MLP too (Gemma 3): their GGUF names differ (_SANDWICH)
+    fused: bool = False       # one qkv_proj and one gate_up_proj (Phi-3): attn_qkv, and ffn_up twice as wide
 
 
 _ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False),
           "qwen3": _Arch("qwen3", False), "gemma3_text": _Arch("gemma3", False, norm_offset=1.0, sandwich=True),
+          "phi3": _Arch("phi3", False, fused=True),
           "qwen3_moe": _Arch("qwen3moe", False, moe=True), "mixtral": _Arch("llama", True, moe=True)}
 
 _BLOCK_TENSORS = {
@@ -65,6 +68,9 @@ _SANDWICH = {
     "pre_feedforward_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
     "post_feedforward_layernorm": gguf.MODEL_TENSOR.FFN_POST_NORM,
 }
+
+# fused projections (Phi-3): llama.cpp's phi3 splits ffn_up into the gate (first half) and the up projection
+_FUSED = {"self_attn.qkv_proj": gguf.MODEL_TENSOR.ATTN_QKV, "mlp.gate_up_proj": gguf.MODEL_TENSOR.FFN_UP}
 
 _TOP_TENSORS = {
     "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD,
@@ -93,7 +99,8 @@ def gguf_tensor_name(hf_name: str, arch: _Arch | None = None) -> str:
     parts = base.split(".")
     if len(parts) >= 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
         rel = ".".join(parts[3:])
-        table = {**_BLOCK_TENSORS, **_SANDWICH} if arch is not None and arch.sandwich else _BLOCK_TENSORS
+        table = {**_BLOCK_TENSORS, **(_SANDWICH if arch is not None and arch.sandwich else {}),
+                 **(_FUSED if arch is not None and arch.fused else {})}
         if rel in table:
             return f"{gguf.TENSOR_NAMES[table[rel]].format(bid=int(parts[2]))}.{leaf}"
     raise KeyError(hf_name)
@@ -134,15 +141,27 @@ def _hparams(config, arch: _Arch) -> dict[str, Any]:
     return {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
             "block_count": config.num_hidden_layers, "feed_forward_length": config.intermediate_size,
             "head_count": heads, "head_count_kv": kv, "head_dim": head_dim,
-            "rope_dimension_count": int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
+            "rope_dimension_count": int(head_dim * float(params.get("partial_rotary_factor")
+                                                         or getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
             "rope_freq_base": theta, "rope_scaling": kind, "rope_factor": params.get("factor"),
             "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size, **_moe_hparams(config, arch),
             **_swa_hparams(config, arch)}
 
 
 def _swa_hparams(config, arch: _Arch) -> dict[str, Any]:
-    """Gemma 3's sliding window: its width, which layers have it, and their own RoPE base."""
-    if arch.gguf_arch != "gemma3" or not getattr(config, "sliding_window", None):
+    """Gemma 3's sliding window: its width, which layers have it, and their own RoPE base.  Its attention scale is
+    not stored: llama.cpp takes ``1/sqrt(head_dim)`` (``1/sqrt(hidden/heads)`` for the 62-layer 27B), so a config
+    whose ``query_pre_attn_scalar`` says otherwise is refused."""
+    if arch.gguf_arch != "gemma3":
+        return {}
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    want = config.hidden_size // heads if layers == 62 else (getattr(config, "head_dim", None)
+                                                              or config.hidden_size // heads)
+    if getattr(config, "query_pre_attn_scalar", want) != want:
+        raise ValueError(f"query_pre_attn_scalar={config.query_pre_attn_scalar}: llama.cpp's gemma3 scales attention "
+                         f"by 1/sqrt({want}) for this model, so its GGUF would compute another model; export it as "
+                         "compressed-tensors or gptq instead")
+    if not getattr(config, "sliding_window", None):
         return {}
     types = list(getattr(config, "layer_types", None) or [])
     if len(types) != config.num_hidden_layers:
