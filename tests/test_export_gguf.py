@@ -453,3 +453,53 @@ def test_phi3_is_written_with_its_fused_projections(tiny_model, tmp_path, partia
     hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=model.config,
                                                  dtype=torch.float32).eval()
     assert (hf(ids).logits - model(ids).logits).abs().max() < 0.05  # the F16 embeddings and head differ
+
+
+def test_gemma3_without_a_sliding_layer_writes_no_window():
+    """A Gemma 3 config whose layers are all full attention: no sliding-window keys (llama.cpp then runs none; given
+    a pattern without a sliding layer, the llama.cpp built here crashed)."""
+    from tiny import _config
+
+    cfg, _ = _config("gemma3")
+    cfg.query_pre_attn_scalar = cfg.head_dim
+    cfg.layer_types = ["full_attention", "full_attention"]
+    assert "sliding_window" not in GA._hparams(cfg, GA._ARCHS["gemma3_text"])
+    cfg.layer_types = ["sliding_attention", "full_attention"]
+    assert GA._hparams(cfg, GA._ARCHS["gemma3_text"])["swa_pattern"] == [True, False]
+
+
+@pytest.mark.parametrize("family", ["granite", "olmo2", "smollm3"])
+def test_families_only_llama_cpp_reads_are_written_by_its_names(family, tmp_path):
+    """Granite (its multipliers as metadata), OLMo 2 (norms after attention and MLP only, q/k norms over all heads)
+    and SmolLM3 (RoPE left out of every fourth layer): llama.cpp's names and keys, read back exactly by gguf-py
+    (transformers has no GGUF reader for them; bench/gguf_arch_check.py runs them in llama.cpp).  A SmolLM3 whose
+    layers without RoPE are not llama.cpp's every fourth is refused."""
+    if family == "smollm3":
+        cfg = tf.SmolLM3Config(vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                               pad_token_id=1, bos_token_id=2, eos_token_id=3)
+        torch.manual_seed(0)
+        model = tf.SmolLM3ForCausalLM(cfg).eval()
+    else:
+        from tiny import make_tiny
+
+        model = make_tiny(family)
+    specs, qts = quantized(model, "W8-g32")
+    rep = write_gguf(model, None, specs, tmp_path / "m.gguf", qtensors=qts)
+    assert rep["architecture"] == family and rep["verification"]["ok"]
+    assert all(t["exact"] for t in rep["tensors"] if t.get("spec"))
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    names = {t.name for t in r.tensors}
+    fields = {k: v.contents() for k, v in r.fields.items() if k.startswith(family + ".")}
+    if family == "granite":
+        c = model.config
+        assert fields["granite.attention.scale"] == pytest.approx(c.attention_multiplier)
+        assert (fields["granite.embedding_scale"], fields["granite.residual_scale"], fields["granite.logit_scale"]) \
+            == pytest.approx((c.embedding_multiplier, c.residual_multiplier, c.logits_scaling))
+    if family == "olmo2":
+        assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight"} <= names
+        assert "blk.0.attn_norm.weight" not in names and "blk.0.ffn_norm.weight" not in names
+    if family == "smollm3":
+        model.config.no_rope_layers = [1, 1, 1, 1]
+        with pytest.raises(ValueError, match="every fourth layer"):
+            write_gguf(model, None, specs, tmp_path / "n.gguf", qtensors=qts)

@@ -6,8 +6,9 @@ test_moe.py).
 What each exporter and feature does per family (README "Supported models"):
 
 * compressed-tensors and GPTQ: every family, exact (module names are the checkpoint's).
-* GGUF: qwen3 (llama.cpp's ``qwen3``: q/k norms as ``attn_q_norm`` / ``attn_k_norm``) and phi3 (the fused
-  ``attn_qkv`` and ``ffn_up``), exact; the others are refused naming the model_type before anything is written.
+* GGUF: qwen3 (llama.cpp's ``qwen3``: q/k norms as ``attn_q_norm`` / ``attn_k_norm``), phi3 (the fused
+  ``attn_qkv`` and ``ffn_up``), granite and olmo2, exact (the first two read back by transformers too; all of them run
+  in llama.cpp by bench/gguf_arch_check.py); the others are refused naming the model_type before anything is written.
 * QuaRot rotation: the RMSNorm families (Gemma 2's sandwich norms rotated online like Gemma 3's); OLMo 2 (no norm
   before attention or MLP: nothing to fuse, and its post-norms sit on every residual writer) and Falcon
   (LayerNorm) are refused, untouched.
@@ -31,7 +32,8 @@ from tiny import MORE_FAMILIES, make_tiny, make_tiny_tokenizer
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 CANDIDATES = ["W2-g32", "W4-g32", "W8-g32"]
-GGUF = {"qwen3", "phi3"}  # families the GGUF exporter holds; the others are refused by model_type
+GGUF = {"qwen3", "phi3", "granite", "olmo2"}  # families the GGUF exporter holds; the others are refused by model_type
+GGUF_HF = {"qwen3", "phi3"}  # of those, the ones transformers' GGUF loader reads
 ROTATE_REFUSED = {"olmo2": "no norm before", "falcon": "LayerNorm"}
 
 
@@ -92,12 +94,15 @@ def test_family_end_to_end(family, tmp_path):
         linears = [t for t in rep["tensors"] if t.get("spec")]
         assert len(linears) == len(plan.layers) and all(t["exact"] for t in linears)  # W4-g32 Q4_0, W8-g32 Q8_0
         names = {t["name"] for t in rep["tensors"]}
-        assert ({"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} if family == "qwen3"
-                else {"blk.1.attn_qkv.weight", "blk.1.ffn_up.weight"}) <= names
-        hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=model.config,
-                                                  dtype=torch.float32).eval()  # its qwen3 reader assumes head_dim 128
-        with torch.no_grad():  # transformers' GGUF loader reads it back: only the F16 embeddings differ
-            assert (hf(ids).logits - expect).abs().max() < 0.05
+        if family in ("qwen3", "olmo2"):
+            assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names
+        if family == "phi3":
+            assert {"blk.1.attn_qkv.weight", "blk.1.ffn_up.weight"} <= names
+        if family in GGUF_HF:
+            hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", config=model.config,
+                                                      dtype=torch.float32).eval()  # its qwen3 reader: head_dim 128
+            with torch.no_grad():  # transformers' GGUF loader reads it back: only the F16 embeddings differ
+                assert (hf(ids).logits - expect).abs().max() < 0.05
     else:
         with pytest.raises(UnsupportedArchitectureError, match=f"model_type '{model.config.model_type}'.*compressed"):
             export_gguf(d, tmp_path / "m.gguf", progress=False)

@@ -28,9 +28,10 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 
 def make_moe(family: str, *, experts: int = 4, top_k: int = 2, seed: int = 0, **config):
     """A random tiny MoE causal LM: hidden 64, 2 blocks, ``experts`` experts of width 32, top-``top_k``; ``config``:
-    more config fields (e.g. ``norm_topk_prob=True``)."""
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                  num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS, num_experts_per_tok=top_k, **config)
+    more config fields or other values (e.g. ``norm_topk_prob=True``, ``vocab_size=300``)."""
+    common = {**dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POS, num_experts_per_tok=top_k),
+              **config}
     if family == "qwen3_moe":
         cfg, cls = tf.Qwen3MoeConfig(**common, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
                                      head_dim=HIDDEN // HEADS), tf.Qwen3MoeForCausalLM

@@ -3,7 +3,9 @@ order of q/k, and the hyperparameters written as GGUF metadata.
 
 Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does), ``qwen2`` and ``qwen3`` (its per-head
 q/k norms as ``attn_q_norm`` / ``attn_k_norm``), ``phi3`` (Phi-3 and Phi-4-mini: the fused ``qkv_proj`` as
-``attn_qkv``, ``gate_up_proj`` as ``ffn_up``, partial RoPE as ``rope.dimension_count``), Gemma 3's text decoder (``gemma3_text`` as llama.cpp's ``gemma3``:
+``attn_qkv``, ``gate_up_proj`` as ``ffn_up``, partial RoPE as ``rope.dimension_count``), ``granite`` (its four
+multipliers as metadata), ``olmo2`` (norms after attention and MLP only, q/k norms over all heads), ``smollm3``
+(every fourth layer without RoPE, as llama.cpp fixes it), Gemma 3's text decoder (``gemma3_text`` as llama.cpp's ``gemma3``:
 its four norms a block as ``attn_norm`` / ``post_attention_norm`` / ``ffn_norm`` / ``post_ffw_norm``, every norm
 weight stored plus one -- llama.cpp multiplies by the stored weight where transformers' Gemma norm multiplies by
 ``1 + w`` --, the sliding window with each layer's kind as ``sliding_window_pattern`` and the local RoPE base), and
@@ -25,7 +27,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "qwen3_moe", "mixtral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "granite", "olmo2", "smollm3",
+                           "qwen3_moe", "mixtral")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -44,7 +47,8 @@ class _Arch:
 
 _ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False),
           "qwen3": _Arch("qwen3", False), "gemma3_text": _Arch("gemma3", False, norm_offset=1.0, sandwich=True),
-          "phi3": _Arch("phi3", False, fused=True),
+          "phi3": _Arch("phi3", False, fused=True), "granite": _Arch("granite", True),
+          "olmo2": _Arch("olmo2", False, sandwich=True), "smollm3": _Arch("smollm3", True),
           "qwen3_moe": _Arch("qwen3moe", False, moe=True), "mixtral": _Arch("llama", True, moe=True)}
 
 _BLOCK_TENSORS = {
@@ -145,7 +149,25 @@ def _hparams(config, arch: _Arch) -> dict[str, Any]:
                                                          or getattr(config, "partial_rotary_factor", 1.0) or 1.0)),
             "rope_freq_base": theta, "rope_scaling": kind, "rope_factor": params.get("factor"),
             "rms_eps": float(config.rms_norm_eps), "vocab_size": config.vocab_size, **_moe_hparams(config, arch),
-            **_swa_hparams(config, arch)}
+            **_swa_hparams(config, arch), **_family_hparams(config, arch)}
+
+
+def _family_hparams(config, arch: _Arch) -> dict[str, Any]:
+    """Granite's four multipliers (llama.cpp's ``attention.scale``, ``embedding_scale``, ``residual_scale``,
+    ``logit_scale``); SmolLM3's layers without RoPE, which llama.cpp fixes at every fourth (others are refused)."""
+    if arch.gguf_arch == "granite":
+        return {"granite_scales": {k: float(getattr(config, a)) for k, a in (
+            ("attention", "attention_multiplier"), ("embedding", "embedding_multiplier"),
+            ("residual", "residual_multiplier"), ("logit", "logits_scaling"))}}
+    if arch.gguf_arch == "smollm3":
+        uses = [bool(u) for u in getattr(config, "no_rope_layers", None) or [1] * config.num_hidden_layers]
+        if uses != [(i + 1) % 4 != 0 for i in range(config.num_hidden_layers)]:
+            raise ValueError(f"smollm3: RoPE on layers {uses} (no_rope_layers); llama.cpp's smollm3 leaves it out of "
+                             "every fourth layer and nothing else: export this model as compressed-tensors or gptq")
+    if arch.gguf_arch in ("smollm3", "olmo2") and "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        if arch.gguf_arch == "smollm3" or getattr(config, "sliding_window", None):
+            raise ValueError(f"{arch.gguf_arch}: sliding-window layers are not written by the GGUF exporter")
+    return {}
 
 
 def _swa_hparams(config, arch: _Arch) -> dict[str, Any]:
@@ -167,6 +189,8 @@ def _swa_hparams(config, arch: _Arch) -> dict[str, Any]:
     if len(types) != config.num_hidden_layers:
         raise ValueError(f"{config.model_type}: layer_types lists {len(types)} layers for "
                          f"{config.num_hidden_layers}; cannot tell llama.cpp which have the sliding window")
+    if "sliding_attention" not in types:  # no layer has the window: llama.cpp then runs none (and given a pattern
+        return {}                           # with no sliding layer, this build of it crashed)
     theta, kind, _ = _rope_settings(config, "sliding_attention")
     if kind != "default":
         raise ValueError(f"rope scaling {kind!r} on the sliding-window layers is not supported by the GGUF exporter")
@@ -215,6 +239,12 @@ def _write_metadata(w: gguf.GGUFWriter, config, arch: _Arch, hp: dict, name: str
         w.add_sliding_window_pattern(hp["swa_pattern"])
         w.add_rope_freq_base_swa(hp["rope_freq_base_swa"])
     w.add_vocab_size(hp["vocab_size"])
+    if "granite_scales" in hp:
+        g = hp["granite_scales"]
+        w.add_attention_scale(g["attention"])
+        w.add_embedding_scale(g["embedding"])
+        w.add_residual_scale(g["residual"])
+        w.add_logit_scale(g["logit"])
     if "expert_count" in hp:
         w.add_expert_count(hp["expert_count"])
         w.add_expert_used_count(hp["expert_used_count"])
