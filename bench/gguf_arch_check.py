@@ -63,7 +63,7 @@ def tiny(arch: str, vocab: int):
     from tiny import _config
 
     if arch in ("qwen3_moe", "mixtral"):
-        model = make_moe(arch, vocab_size=vocab)
+        model = make_moe(arch, vocab_size=vocab, **({"norm_topk_prob": True} if arch == "qwen3_moe" else {}))
     elif arch == "smollm3":  # RoPE left out of every fourth layer
         import transformers as tf
 
