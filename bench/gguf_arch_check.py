@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import llamacpp  # noqa: E402
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3-partial", "granite", "olmo2", "smollm3",
-         "qwen3_moe", "mixtral")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "phi3-partial", "granite", "olmo2",
+         "smollm3", "qwen3_moe", "mixtral")
 TEXT = ("It was the best of times, it was the worst of times; it was the age of wisdom, it was the age of "
         "foolishness. 1, 2, 3 -- said the Queen: \"Off with their heads!\"\n") * 40
 

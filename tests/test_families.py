@@ -6,9 +6,10 @@ test_moe.py).
 What each exporter and feature does per family (README "Supported models"):
 
 * compressed-tensors and GPTQ: every family, exact (module names are the checkpoint's).
-* GGUF: qwen3 (llama.cpp's ``qwen3``: q/k norms as ``attn_q_norm`` / ``attn_k_norm``), phi3 (the fused
-  ``attn_qkv`` and ``ffn_up``), granite and olmo2, exact (the first two read back by transformers too; all of them run
-  in llama.cpp by bench/gguf_arch_check.py); the others are refused naming the model_type before anything is written.
+* GGUF: qwen3 (llama.cpp's ``qwen3``: q/k norms as ``attn_q_norm`` / ``attn_k_norm``), gemma2 (its norms plus one,
+  soft-capping and window as metadata), phi3 (the fused ``attn_qkv`` and ``ffn_up``), granite and olmo2, exact (the
+  first three read back by transformers too; all of them run in llama.cpp by bench/gguf_arch_check.py); Falcon is
+  refused naming the model_type before anything is written.
 * QuaRot rotation: the RMSNorm families (Gemma 2's sandwich norms rotated online like Gemma 3's); OLMo 2 (no norm
   before attention or MLP: nothing to fuse, and its post-norms sit on every residual writer) and Falcon
   (LayerNorm) are refused, untouched.
@@ -32,8 +33,8 @@ from tiny import MORE_FAMILIES, make_tiny, make_tiny_tokenizer
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 CANDIDATES = ["W2-g32", "W4-g32", "W8-g32"]
-GGUF = {"qwen3", "phi3", "granite", "olmo2"}  # families the GGUF exporter holds; the others are refused by model_type
-GGUF_HF = {"qwen3", "phi3"}  # of those, the ones transformers' GGUF loader reads
+GGUF = {"qwen3", "gemma2", "phi3", "granite", "olmo2"}  # families the GGUF exporter holds; the others are refused by model_type
+GGUF_HF = {"qwen3", "gemma2", "phi3"}  # of those, the ones transformers' GGUF loader reads
 ROTATE_REFUSED = {"olmo2": "no norm before", "falcon": "LayerNorm"}
 
 

@@ -5,7 +5,8 @@ Architectures: ``llama``, ``mistral`` (written as llama, as llama.cpp does), ``q
 q/k norms as ``attn_q_norm`` / ``attn_k_norm``), ``phi3`` (Phi-3 and Phi-4-mini: the fused ``qkv_proj`` as
 ``attn_qkv``, ``gate_up_proj`` as ``ffn_up``, partial RoPE as ``rope.dimension_count``), ``granite`` (its four
 multipliers as metadata), ``olmo2`` (norms after attention and MLP only, q/k norms over all heads), ``smollm3``
-(every fourth layer without RoPE, as llama.cpp fixes it), Gemma 3's text decoder (``gemma3_text`` as llama.cpp's ``gemma3``:
+(every fourth layer without RoPE, as llama.cpp fixes it), ``gemma2`` (as Gemma 3 below, with its logit soft-capping),
+Gemma 3's text decoder (``gemma3_text`` as llama.cpp's ``gemma3``:
 its four norms a block as ``attn_norm`` / ``post_attention_norm`` / ``ffn_norm`` / ``post_ffw_norm``, every norm
 weight stored plus one -- llama.cpp multiplies by the stored weight where transformers' Gemma norm multiplies by
 ``1 + w`` --, the sliding window with each layer's kind as ``sliding_window_pattern`` and the local RoPE base), and
@@ -27,8 +28,8 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "granite", "olmo2", "smollm3",
-                           "qwen3_moe", "mixtral")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "granite", "olmo2",
+                           "smollm3", "qwen3_moe", "mixtral")
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -47,6 +48,7 @@ class _Arch:
 
 _ARCHS = {"llama": _Arch("llama", True), "mistral": _Arch("llama", True), "qwen2": _Arch("qwen2", False),
           "qwen3": _Arch("qwen3", False), "gemma3_text": _Arch("gemma3", False, norm_offset=1.0, sandwich=True),
+          "gemma2": _Arch("gemma2", False, norm_offset=1.0, sandwich=True),
           "phi3": _Arch("phi3", False, fused=True), "granite": _Arch("granite", True),
           "olmo2": _Arch("olmo2", False, sandwich=True), "smollm3": _Arch("smollm3", True),
           "qwen3_moe": _Arch("qwen3moe", False, moe=True), "mixtral": _Arch("llama", True, moe=True)}
@@ -170,32 +172,44 @@ def _family_hparams(config, arch: _Arch) -> dict[str, Any]:
     return {}
 
 
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # the 27B models, whose attention scale llama.cpp takes otherwise
+
+
 def _swa_hparams(config, arch: _Arch) -> dict[str, Any]:
-    """Gemma 3's sliding window: its width, which layers have it, and their own RoPE base.  Its attention scale is
-    not stored: llama.cpp takes ``1/sqrt(head_dim)`` (``1/sqrt(hidden/heads)`` for the 62-layer 27B), so a config
-    whose ``query_pre_attn_scalar`` says otherwise is refused."""
-    if arch.gguf_arch != "gemma3":
+    """Gemma 2's and 3's sliding window: its width, which layers have it, and their own RoPE base (Gemma 2: its
+    logit soft-capping too).  Their attention scale is not stored: llama.cpp takes ``1/sqrt(head_dim)``
+    (``1/sqrt(hidden/heads)`` for the 27B models), so a config whose ``query_pre_attn_scalar`` says otherwise is
+    refused."""
+    if arch.gguf_arch not in _GEMMA_27B_LAYERS:
         return {}
     heads, layers = config.num_attention_heads, config.num_hidden_layers
-    want = config.hidden_size // heads if layers == 62 else (getattr(config, "head_dim", None)
-                                                              or config.hidden_size // heads)
+    want = config.hidden_size // heads if layers == _GEMMA_27B_LAYERS[arch.gguf_arch] else (
+        getattr(config, "head_dim", None) or config.hidden_size // heads)
     if getattr(config, "query_pre_attn_scalar", want) != want:
-        raise ValueError(f"query_pre_attn_scalar={config.query_pre_attn_scalar}: llama.cpp's gemma3 scales attention "
-                         f"by 1/sqrt({want}) for this model, so its GGUF would compute another model; export it as "
-                         "compressed-tensors or gptq instead")
+        raise ValueError(f"query_pre_attn_scalar={config.query_pre_attn_scalar}: llama.cpp's {arch.gguf_arch} scales "
+                         f"attention by 1/sqrt({want}) for this model, so its GGUF would compute another model; export "
+                         "it as compressed-tensors or gptq instead")
+    caps = {k: float(getattr(config, k)) for k in ("attn_logit_softcapping", "final_logit_softcapping")
+            if getattr(config, k, None)}
+    if caps and arch.gguf_arch != "gemma2":
+        raise ValueError(f"{sorted(caps)} on a {arch.gguf_arch} model: llama.cpp's {arch.gguf_arch} has no such key")
     if not getattr(config, "sliding_window", None):
-        return {}
+        if arch.gguf_arch == "gemma2":
+            raise ValueError("a Gemma 2 without sliding_window: llama.cpp's gemma2 would window every other layer")
+        return caps
     types = list(getattr(config, "layer_types", None) or [])
     if len(types) != config.num_hidden_layers:
         raise ValueError(f"{config.model_type}: layer_types lists {len(types)} layers for "
                          f"{config.num_hidden_layers}; cannot tell llama.cpp which have the sliding window")
-    if "sliding_attention" not in types:  # no layer has the window: llama.cpp then runs none (and given a pattern
-        return {}                           # with no sliding layer, this build of it crashed)
+    if "sliding_attention" not in types:  # no layer has the window: llama.cpp's gemma3 then runs none (given a
+        if arch.gguf_arch == "gemma2":      # pattern with no sliding layer, the build here crashed); its gemma2
+            raise ValueError("a Gemma 2 with no sliding-window layer: llama.cpp's gemma2 always windows some")
+        return caps
     theta, kind, _ = _rope_settings(config, "sliding_attention")
     if kind != "default":
         raise ValueError(f"rope scaling {kind!r} on the sliding-window layers is not supported by the GGUF exporter")
     return {"sliding_window": int(config.sliding_window), "swa_pattern": [t == "sliding_attention" for t in types],
-            "rope_freq_base_swa": theta}
+            "rope_freq_base_swa": theta, **caps}
 
 
 def _moe_hparams(config, arch: _Arch) -> dict[str, Any]:
@@ -238,6 +252,10 @@ def _write_metadata(w: gguf.GGUFWriter, config, arch: _Arch, hp: dict, name: str
         w.add_sliding_window(hp["sliding_window"])
         w.add_sliding_window_pattern(hp["swa_pattern"])
         w.add_rope_freq_base_swa(hp["rope_freq_base_swa"])
+    if "attn_logit_softcapping" in hp:
+        w.add_attn_logit_softcapping(hp["attn_logit_softcapping"])
+    if "final_logit_softcapping" in hp:
+        w.add_final_logit_softcapping(hp["final_logit_softcapping"])
     w.add_vocab_size(hp["vocab_size"])
     if "granite_scales" in hp:
         g = hp["granite_scales"]
