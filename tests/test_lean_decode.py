@@ -8,7 +8,7 @@ from tiny import make_tiny
 from mixq.runtime.generate import greedy_generate, resolve_engine
 from mixq.runtime.lean_decode import GROW, LeanDecoder, unsupported
 
-LEAN = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "olmo2", "phi3", "granite"]
+LEAN = ["llama", "qwen2", "mistral", "qwen3", "gemma3", "olmo2", "phi3", "granite", "gemma2"]
 
 
 @pytest.mark.parametrize("family", LEAN)

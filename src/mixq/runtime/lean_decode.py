@@ -13,9 +13,9 @@ native calls (:mod:`~mixq.runtime.kernels.glue_cpu`) and each layer through its 
 unchanged.
 
 Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs: Llama, Mistral, Qwen2
-and 3, Gemma 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head), Granite and SmolLM3 (layers without
-RoPE), and the mixtures of experts Qwen3-MoE and Mixtral (their expert blocks run as the modules)); anything else, any
-block or attention module that is not the family's own class, or any hook on the modules it bypasses (activation
+and 3, Gemma 2 (soft-capping: eager attention) and 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head),
+Granite, SmolLM3 (layers without RoPE), and the mixtures of experts Qwen3-MoE and Mixtral (their expert blocks run as
+the modules)); anything else, any block or attention module that is not the family's own class, or any hook on the modules it bypasses (activation
 quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
 """
 from __future__ import annotations
@@ -44,20 +44,21 @@ class Family:
     fused: bool = False        # one qkv_proj and one gate_up_proj (Phi-3) instead of q/k/v and gate/up projections
     scaled: bool = False       # Granite's multipliers: embedding_multiplier, residual_multiplier, logits_scaling
     moe: str = ""              # the class of a mixture-of-experts block in place of the MLP (run as the module)
+    softcap: bool = False      # Gemma 2's soft-capping of attention scores and logits (config values; eager attention)
 
     def names(self) -> tuple[str, str, str, str]:
         p = self.prefix
         return f"{p}DecoderLayer", f"{p}Attention", f"{p}MLP", f"{p}RMSNorm"
 
 
+GEMMA_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama"),
     "mistral": Family("Mistral", window_in_config=True),
     "qwen2": Family("Qwen2"),
     "qwen3": Family("Qwen3", qk_norm="head"),
-    "gemma3_text": Family("Gemma3", qk_norm="head", norm="offset",
-                          norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                                 "post_feedforward_layernorm")),
+    "gemma2": Family("Gemma2", norm="offset", norms=GEMMA_NORMS, softcap=True),
+    "gemma3_text": Family("Gemma3", qk_norm="head", norm="offset", norms=GEMMA_NORMS),
     "olmo2": Family("Olmo2", qk_norm="all", norm="once",
                     norms=(None, "post_attention_layernorm", None, "post_feedforward_layernorm")),
     "phi3": Family("Phi3", window_in_config=True, fused=True),
@@ -95,7 +96,7 @@ def unsupported(model) -> str | None:
     if bad:
         return f"rope_type {bad[0]!r} changes with the sequence length"
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(cfg, key, None) is not None:
+        if getattr(cfg, key, None) is not None and not fam.softcap:
             return f"{key} (not in the lean decoder)"
     if getattr(cfg, "use_bidirectional_attention", False):
         return "bidirectional attention"
@@ -148,6 +149,8 @@ class LeanDecoder:
         self.emb_mult, self.res_mult = scaled("embedding_multiplier"), scaled("residual_multiplier")
         self.logit_scale = scaled("logits_scaling")
         self.mode = NORM_MODES[fam.norm]
+        self.attn_cap = getattr(cfg, "attn_logit_softcapping", None) if fam.softcap else None
+        self.logit_cap = getattr(cfg, "final_logit_softcapping", None) if fam.softcap else None
         self.rotary = inner.rotary_emb
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -244,8 +247,27 @@ class LeanDecoder:
         o = self._rms(norm, o)
         return h + (o if self.res_mult == 1.0 else o * self.res_mult)
 
+    def _attend(self, q, K, V, scale, mask=None, causal: bool = False) -> torch.Tensor:
+        """Attention of ``q [1, h, T, d]`` on ``K``, ``V [1, KV, S, d]`` (``h`` a multiple of ``KV``; ``mask [T, S]``
+        True where allowed, or ``causal``, or neither: every key), with Gemma 2's score soft-capping as its eager
+        attention computes it where the model has it, else one ``scaled_dot_product_attention`` call."""
+        h, kv = q.shape[1], K.shape[1]
+        if not self.attn_cap:
+            return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=causal, scale=scale,
+                                                  enable_gqa=kv != h)
+        if h != kv:
+            K, V = K.repeat_interleave(h // kv, 1), V.repeat_interleave(h // kv, 1)
+        w = torch.tanh(q @ K.transpose(2, 3) * scale / self.attn_cap) * self.attn_cap
+        if causal:
+            mask = torch.ones(w.shape[-2:], dtype=torch.bool, device=w.device).tril(w.shape[-1] - w.shape[-2])
+        if mask is not None:
+            w = w.masked_fill(~mask, float("-inf"))
+        return torch.softmax(w, -1, dtype=torch.float32).to(q.dtype) @ V
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(x)[0]
+        if self.logit_cap:
+            logits = torch.tanh(logits / self.logit_cap) * self.logit_cap
         return logits if self.logit_scale == 1.0 else logits / self.logit_scale
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -284,8 +306,7 @@ class LeanDecoder:
             mask = None
             if p0 > 0 or (W is not None and p0 + T > W):  # causal, and within the window (kv > q - W)
                 mask = (cols <= rows) & (True if W is None else cols > rows - W)
-            o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=mask is None, scale=att.scaling,
-                                               enable_gqa=KV != H)
+            o = self._attend(q, K, V, att.scaling, mask, causal=mask is None)
             h = self._residual(h, n_att_out, att.o_proj(o.transpose(1, 2).reshape(1, T, H * d)))
             h = self._residual(h, n_mlp_out, self._mlp(blk.mlp, self._rms(n_mlp, h)))
         self.pos = p0 + T
@@ -338,8 +359,8 @@ class LeanDecoder:
                               self.sin[t][p].data_ptr(), K.data_ptr(), V.data_ptr(), p, H, KV, d,
                               0 if self.nope[i] else self.rot, cap, bf, int(self.cos[t].dtype != dt))
             lo = 0 if W is None else max(0, p + 1 - W)
-            o = F.scaled_dot_product_attention(q.view(1, KV, H // KV, d), K[:, :, lo:p + 1], V[:, :, lo:p + 1],
-                                               scale=att.scaling)  # each kv head's queries as the rows of one call
+            o = self._attend(q.view(1, KV, H // KV, d), K[:, :, lo:p + 1], V[:, :, lo:p + 1],
+                             att.scaling)  # each kv head's queries as the rows of one call
             o = o.reshape(1, 1, H * d)
             a = fn(att.o_proj, o)(o, dt).contiguous()
             x = torch.empty_like(h)  # a new x: a layer may hold its input
