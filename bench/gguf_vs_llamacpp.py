@@ -183,7 +183,7 @@ def chunk_ids(test: Path, args):
     from mixq import load_model
 
     _, tok = load_model(args.model)
-    ids = tok(test.read_text(), add_special_tokens=False)["input_ids"]
+    ids = _hf_ids(tok, test)
     bos = _bos(tok)
     ids = ids if bos is None else [bos] + ids  # as llama.cpp tokenizes the whole text
     n = args.ctx * args.chunks
@@ -191,6 +191,12 @@ def chunk_ids(test: Path, args):
     if bos is not None:
         chunks[:, 0] = bos  # llama-perplexity replaces each chunk's first token by BOS
     return chunks, len(ids)
+
+
+def _hf_ids(tok, test: Path) -> list[int]:
+    """The HF ids of the text as llama-perplexity tokenizes it: special-token strings in the text (PTB's ``<unk>``,
+    which Gemma's tokenizer has as its unknown token) are plain text to llama.cpp, so they are split here too."""
+    return tok(test.read_text(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _bos(tok) -> int | None:
@@ -204,7 +210,7 @@ def tokens_check(tools: dict, gguf_path: Path, test: Path, args) -> dict:
     from mixq import load_model
 
     _, tok = load_model(args.model)
-    hf = tok(test.read_text(), add_special_tokens=False)["input_ids"]
+    hf = _hf_ids(tok, test)
     hf = hf if _bos(tok) is None else [_bos(tok)] + hf
     text = run([tools["llama-tokenize"], "-m", gguf_path, "-f", test, "--ids", "--log-disable"],
                args.work / "tokenize.log")
