@@ -162,6 +162,18 @@ def test_a_window_from_the_config(family):
     torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
 
 
+def _like_transformers(model, lean, ids, dtype) -> None:
+    """float32: the lean logits of a 20-token prefill then one-token steps are transformers'; bf16: greedy ids."""
+    if dtype == torch.float32:
+        ref = model(ids).logits[0]
+        got = torch.cat([lean.forward(ids[:, :20])] + [lean.forward(ids[:, i:i + 1]) for i in range(20, ids.shape[1])])
+        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    else:
+        a = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="transformers")
+        b = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="lean")
+        assert a.new_ids == b.new_ids
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_rope_on_part_of_each_head(dtype):
@@ -177,14 +189,7 @@ def test_rope_on_part_of_each_head(dtype):
     lean = LeanDecoder(model)
     assert lean.rot == lean.head_dim // 2
     ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(8))
-    if dtype == torch.float32:
-        ref = model(ids).logits[0]
-        got = torch.cat([lean.forward(ids[:, :20])] + [lean.forward(ids[:, i:i + 1]) for i in range(20, 40)])
-        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-    else:
-        a = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="transformers")
-        b = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="lean")
-        assert a.new_ids == b.new_ids
+    _like_transformers(model, lean, ids, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -203,14 +208,7 @@ def test_smollm3_layers_without_rope_and_a_window(dtype):
     lean = LeanDecoder(model)
     assert lean.nope == [False, True, False, True] and lean.windows == [None, 16, None, None]
     ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(9))
-    if dtype == torch.float32:
-        ref = model(ids).logits[0]
-        got = torch.cat([lean.forward(ids[:, :20])] + [lean.forward(ids[:, i:i + 1]) for i in range(20, 40)])
-        torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
-    else:
-        a = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="transformers")
-        b = greedy_generate(model, ids[:, :12], 24, stop_at_eos=False, engine="lean")
-        assert a.new_ids == b.new_ids
+    _like_transformers(model, lean, ids, dtype)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -223,6 +221,4 @@ def test_mixtures_of_experts_run_their_expert_blocks(family):
     lean = LeanDecoder(model)
     assert lean.moe == ([False, True] if family == "qwen3_moe" else [True, True])
     ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(10))
-    ref = model(ids).logits[0]
-    got = torch.cat([lean.forward(ids[:, :20])] + [lean.forward(ids[:, i:i + 1]) for i in range(20, 40)])
-    torch.testing.assert_close(got, ref, atol=2e-6, rtol=1e-5)
+    _like_transformers(model, lean, ids, torch.float32)
