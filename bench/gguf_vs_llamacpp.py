@@ -206,13 +206,14 @@ def _bos(tok) -> int | None:
 
 
 def tokens_check(tools: dict, gguf_path: Path, test: Path, args) -> dict:
-    """``llama-tokenize``'s ids of the test text against the HF ids :func:`chunk_ids` scores (BOS as llama.cpp)."""
+    """``llama-tokenize``'s ids of the test text against the HF ids :func:`chunk_ids` scores (BOS as llama.cpp;
+    special-token strings in the text as plain text, as llama-perplexity reads it)."""
     from mixq import load_model
 
     _, tok = load_model(args.model)
     hf = _hf_ids(tok, test)
     hf = hf if _bos(tok) is None else [_bos(tok)] + hf
-    text = run([tools["llama-tokenize"], "-m", gguf_path, "-f", test, "--ids", "--log-disable"],
+    text = run([tools["llama-tokenize"], "-m", gguf_path, "-f", test, "--ids", "--no-parse-special", "--log-disable"],
                args.work / "tokenize.log")
     cpp = [int(t) for t in re.findall(r"-?\d+", text[text.rfind("["):])]
     first = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), None)
