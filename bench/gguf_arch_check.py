@@ -171,7 +171,8 @@ def main() -> None:
              f"{args.ctx} tokens, the second half of each scored; tiny random models (see the script's docstring)",
              "- KL: from mixq's fake-quant model's distribution to llama.cpp's, per scored position; gap: the largest "
              "|log-prob difference| among tokens llama.cpp keeps (within 16 nats of its top)", "",
-             "| model | GGUF arch | types | positions | KL | max gap (nats) | same top-1 |", "|---|---|---|---:|---:|---:|---:|"]
+             "| model | GGUF arch | types | positions | KL | max gap (nats) | same top-1 |",
+             "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['arch']} | {r['gguf_arch']} | llama.cpp failed: {r['error'][-120:]!r} | | | | |")

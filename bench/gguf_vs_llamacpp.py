@@ -166,8 +166,9 @@ def mixq_plan_gguf(bpw: float, args, env) -> tuple[Path, Path]:
     while (w / f".{d.name}.running").exists():  # another process of this bench is making it
         time.sleep(30)
     if not (d / "mixq.json").exists():
-        run(mixq_cmd("quantize", "--model", args.model, "--plan", plan, "--target", "gguf", "--calib", "ptb", "--nsamples", args.nsamples,
-                     "--seqlen", args.ctx, "--out", d, "--force"), w / f"quantize-mixq-{bpw:g}.log", env)
+        run(mixq_cmd("quantize", "--model", args.model, "--plan", plan, "--target", "gguf", "--calib", "ptb",
+                     "--nsamples", args.nsamples, "--seqlen", args.ctx, "--out", d, "--force"),
+            w / f"quantize-mixq-{bpw:g}.log", env)
     g = w / f"mixq-{bpw:g}.gguf"
     if not g.exists():
         run(mixq_cmd("export", d, "--format", "gguf", "--out", g, "--force"), w / f"export-mixq-{bpw:g}.log", env)
@@ -175,8 +176,8 @@ def mixq_plan_gguf(bpw: float, args, env) -> tuple[Path, Path]:
 
 
 def chunk_ids(test: Path, args):
-    """The token ids llama-perplexity scores: the test text tokenized whole (HF tokenizer, no BOS), cut in
-    ``--chunks`` chunks of ``--ctx``."""
+    """The token ids llama-perplexity scores: the test text tokenized whole as llama.cpp reads it (:func:`_hf_ids`),
+    cut in ``--chunks`` chunks of ``--ctx``, each starting with BOS where the tokenizer adds one."""
     import torch
     from transformers import AutoTokenizer  # noqa: F401  (the embedded tokenizer is an HF one)
 
@@ -185,7 +186,6 @@ def chunk_ids(test: Path, args):
     _, tok = load_model(args.model)
     ids = _hf_ids(tok, test)
     bos = _bos(tok)
-    ids = ids if bos is None else [bos] + ids  # as llama.cpp tokenizes the whole text
     n = args.ctx * args.chunks
     chunks = torch.tensor(ids[:n]).view(args.chunks, args.ctx)
     if bos is not None:
@@ -194,9 +194,12 @@ def chunk_ids(test: Path, args):
 
 
 def _hf_ids(tok, test: Path) -> list[int]:
-    """The HF ids of the text as llama-perplexity tokenizes it: special-token strings in the text (PTB's ``<unk>``,
-    which Gemma's tokenizer has as its unknown token) are plain text to llama.cpp, so they are split here too."""
-    return tok(test.read_text(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    """The HF ids of the text as llama-perplexity tokenizes it: BOS first where the tokenizer adds one; special-token
+    strings in the text (PTB's ``<unk>``, which Gemma's tokenizer has as its unknown token) are plain text to
+    llama.cpp, so they are split here too."""
+    ids = tok(test.read_text(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    bos = _bos(tok)
+    return ids if bos is None else [bos] + ids
 
 
 def _bos(tok) -> int | None:
@@ -212,9 +215,8 @@ def tokens_check(tools: dict, gguf_path: Path, test: Path, args) -> dict:
 
     _, tok = load_model(args.model)
     hf = _hf_ids(tok, test)
-    hf = hf if _bos(tok) is None else [_bos(tok)] + hf
-    text = run([tools["llama-tokenize"], "-m", gguf_path, "-f", test, "--ids", "--no-parse-special", "--log-disable"],
-               args.work / "tokenize.log")
+    text = run([tools["llama-tokenize"], "-m", gguf_path, "-f", test, "--ids", "--no-parse-special",
+                "--log-disable"], args.work / "tokenize.log")
     cpp = [int(t) for t in re.findall(r"-?\d+", text[text.rfind("["):])]
     first = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), None)
     n = args.ctx * args.chunks

@@ -33,7 +33,7 @@ from tiny import MORE_FAMILIES, make_tiny, make_tiny_tokenizer
 HAS_CT = importlib.util.find_spec("compressed_tensors") is not None
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 CANDIDATES = ["W2-g32", "W4-g32", "W8-g32"]
-GGUF = {"qwen3", "gemma2", "phi3", "granite", "olmo2"}  # families the GGUF exporter holds; the others are refused by model_type
+GGUF = {"qwen3", "gemma2", "phi3", "granite", "olmo2"}  # families the GGUF exporter holds; others refused by model_type
 GGUF_HF = {"qwen3", "gemma2", "phi3"}  # of those, the ones transformers' GGUF loader reads
 ROTATE_REFUSED = {"olmo2": "no norm before", "falcon": "LayerNorm"}
 

@@ -15,8 +15,8 @@ unchanged.
 Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> what differs: Llama, Mistral, Qwen2
 and 3, Gemma 2 (soft-capping: eager attention) and 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head),
 Granite, SmolLM3 (layers without RoPE), and the mixtures of experts Qwen3-MoE and Mixtral (their expert blocks run as
-the modules)); anything else, any block or attention module that is not the family's own class, or any hook on the modules it bypasses (activation
-quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
+the modules)); anything else, any block or attention module that is not the family's own class, or any hook on the
+modules it bypasses (activation quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
 """
 from __future__ import annotations
 
@@ -235,8 +235,10 @@ class LeanDecoder:
             return mlp.gate_up_proj(x).chunk(2, -1)
         return mlp.gate_proj(x), mlp.up_proj(x)
 
-    def _mlp(self, mlp, x: torch.Tensor) -> torch.Tensor:
-        if self.fam.moe and type(mlp).__name__ == self.fam.moe:
+    def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i``'s MLP of ``x``."""
+        mlp = self.blocks[i].mlp
+        if self.moe[i]:
             return mlp(x)  # the router and the chosen experts, as transformers runs them
         g, u = self._gate_up(mlp, x)
         g = F.silu(g) if self.act == 0 else F.gelu(g, approximate="tanh")
@@ -308,7 +310,7 @@ class LeanDecoder:
                 mask = (cols <= rows) & (True if W is None else cols > rows - W)
             o = self._attend(q, K, V, att.scaling, mask, causal=mask is None)
             h = self._residual(h, n_att_out, att.o_proj(o.transpose(1, 2).reshape(1, T, H * d)))
-            h = self._residual(h, n_mlp_out, self._mlp(blk.mlp, self._rms(n_mlp, h)))
+            h = self._residual(h, n_mlp_out, self._mlp(i, self._rms(n_mlp, h)))
         self.pos = p0 + T
         if last:
             h = h[:, -1:]

@@ -81,10 +81,11 @@ static void rope_row(const void* src, void* dst, const void* cos, const void* si
   const int half = rot / 2;  /* RoPE on the first rot channels (partial RoPE: rot < d), the rest copied */
   for (int j = rot; j < d; j++) t[j] = ld(src, j, bf16);
   for (int j = 0; j < rot; j++) {
-    const float x = ld(src, j, bf16), rot = ld(src, j < half ? j + half : j - half, bf16);  /* sin: rotate_half's sign */
+    /* x's rotate_half partner; sin carries its sign */
+    const float x = ld(src, j, bf16), pair = ld(src, j < half ? j + half : j - half, bf16);
     const float c = rope32 ? ((const float*)cos)[j] : ld(cos, j, bf16);
     const float s = rope32 ? ((const float*)sin)[j] : ld(sin, j, bf16);
-    t[j] = rope32 ? rd(x * c + rot * s, bf16) : rd(rd(x * c, bf16) + rd(rot * s, bf16), bf16);
+    t[j] = rope32 ? rd(x * c + pair * s, bf16) : rd(rd(x * c, bf16) + rd(pair * s, bf16), bf16);
   }
   for (int j = 0; j < d; j++) st(dst, j, t[j], bf16);
 }
