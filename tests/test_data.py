@@ -17,8 +17,8 @@ class CharTokenizer:
 
     bos_token_id = 1
 
-    def __call__(self, texts, add_special_tokens=False):
-        assert not add_special_tokens
+    def __call__(self, texts, add_special_tokens=False, split_special_tokens=False):
+        assert not add_special_tokens and split_special_tokens
         return {"input_ids": [[ord(c) % 128 for c in t] for t in texts]}
 
 
@@ -121,6 +121,18 @@ def test_tokenize_chunking_is_exact():
     assert torch.equal(tokenize(text, EncodeOnlyTokenizer(), progress=False), whole)
     assert torch.equal(tokenize("no newline", CharTokenizer(), progress=False),
                        torch.tensor([ord(c) for c in "no newline"]))
+
+
+def test_special_token_strings_in_a_corpus_are_text():
+    """PTB's ``<unk>`` is Gemma's unknown token: read from a corpus it is text, not the control id."""
+    from tiny import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    special = tok.convert_tokens_to_ids("<s>")
+    parsed = tok("a <s> b", add_special_tokens=False)["input_ids"]
+    assert special in parsed  # what the plain call does
+    ids = tokenize("a <s> b\n", tok, progress=False).tolist()
+    assert special not in ids and len(ids) > len(parsed)
 
 
 # -- calibration --------------------------------------------------------------------------

@@ -157,7 +157,7 @@ def split_text(text: str, test_fraction: float = 0.1) -> tuple[str, str]:
 
 
 def tokenize(text: str, tokenizer, *, chunk_lines: int | None = 1000, progress: bool = True) -> torch.Tensor:
-    """Tokenize ``text`` into one stream of ids, no special tokens: LongTensor ``[N]``.
+    """Tokenize ``text`` into one stream of ids, no special tokens added or parsed: LongTensor ``[N]``.
 
     ``tokenizer`` is an HF tokenizer or anything with the same call convention
     (``tokenizer(list_of_str, add_special_tokens=False)["input_ids"]``, or, if not callable,
@@ -192,9 +192,13 @@ def tokenize(text: str, tokenizer, *, chunk_lines: int | None = 1000, progress: 
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Batched HF call when the tokenizer is callable, else ``tokenizer.encode`` per text."""
+    """Batched HF call when the tokenizer is callable, else ``tokenizer.encode`` per text.
+
+    A corpus is text: a special token's string in it (PTB's ``<unk>``, which Gemma's tokenizer has as its
+    unknown token) is split like any other text (``split_special_tokens``), as llama.cpp reads a file, rather
+    than turned into a control id the model never saw in running text."""
     if callable(tokenizer):
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if hasattr(tokenizer, "encode"):
         return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
     raise TypeError(f"{type(tokenizer).__name__} is not a tokenizer: pass an HF tokenizer (AutoTokenizer.from_pretrained)")
