@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .algorithms.composite.hooks import quantize_layer
-from .algorithms.gptq import fp_target
+from .algorithms.gptq import _proxy, fp_target, shrink_hessian
 from .amp import check as check_amp
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
@@ -148,6 +148,7 @@ def quantize_model(
     row_weights: dict | None = None,
     gptq_target: str = "quantized",
     amp: str = "off",
+    hessian_shrink: float = 0.0,
 ) -> QuantResult:
     """Quantize ``model`` in place (fake-quant: dequantized weights written back).
 
@@ -177,6 +178,8 @@ def quantize_model(
     walk carries the fp stream too: one more block forward per block, two more activation buffers).
     ``row_weights``: fqn -> each output row's weight in the loss (a plan's ``row_weights``, from the measurement's
     ``G``), handed to quantizers that trade error between rows (``+ip1`` trellises); other specs ignore it.
+    ``hessian_shrink`` (GPTQ): each layer's error feedback through ``H`` with its off-diagonal part scaled by
+    ``1 - hessian_shrink`` (:func:`mixq.algorithms.gptq.shrink_hessian`); its proxy loss stays on ``H`` itself.
     ``amp`` (GPTQ): the walk's block forwards and Gram products under bf16 autocast (:mod:`mixq.amp`,
     :func:`mixq.calib.stats.gram`); the quantization itself stays float32.  Part of the checkpoint's key.
     Returns the stored form of every quantized layer.
@@ -185,6 +188,7 @@ def quantize_model(
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if gptq_target not in ("quantized", "fp"):
         raise ValueError(f"gptq_target must be 'quantized' or 'fp', got {gptq_target!r}")
+    shrink_hessian(torch.eye(1), hessian_shrink)  # out of [0, 1]: ValueError before any work
     check_amp(amp)
     if method != "gptq" and (checkpoint is not None or offload_dir is not None):
         raise ValueError("checkpoint and offload_dir apply to the GPTQ block walk: use method='gptq'")
@@ -232,8 +236,12 @@ def quantize_model(
                 W = get_weight(mod)
                 if gptq_target == "fp" and st.D is not None:
                     W = fp_target(W, st.H, st.D, damp)
-                return quantize_layer(W, specs[fqn], st.H, "gptq", damp=damp, act_order=act_order,
-                                      block_size=block_size, **_row_weight(row_weights, fqn))
+                qt, Wq, loss = quantize_layer(W, specs[fqn], shrink_hessian(st.H, hessian_shrink), "gptq",
+                                              damp=damp, act_order=act_order, block_size=block_size,
+                                              **_row_weight(row_weights, fqn))
+                if hessian_shrink:  # the loss on the inputs themselves, not on the shrunk H
+                    loss = _proxy(W.float() - Wq.to(W.device).float(), st.H)
+                return qt, Wq, loss
 
             cpu = all(get_weight(m).device.type == "cpu" for _, m, _ in todo)
             for (fqn, mod, _), (qt, Wq, loss) in zip(todo, thread_map(one, todo, parallel=cpu,
@@ -249,7 +257,7 @@ def quantize_model(
             if ckpt.key is None:
                 ckpt.key = walk_key(model, calib_ids, specs, method=method, damp=damp, act_order=act_order,
                                     block_size=block_size, device=device, source=source, row_weights=row_weights,
-                                    gptq_target=gptq_target, amp=amp)
+                                    gptq_target=gptq_target, amp=amp, hessian_shrink=hessian_shrink)
             ckpt.attach(prefix, specs, q, losses)
         walk_blocks(model, calib_ids, on_block, device=device, source=source, progress=progress,
                     checkpoint=ckpt, offload_dir=offload_dir, fp_stream=gptq_target == "fp", amp=amp)

@@ -82,6 +82,8 @@ DEFAULT_RECIPE: dict[str, object] = {
                                # through 2^12 states (TCQ<r>L12): same bits, 10-20 % less squared error than
                                # L = 8 at 2-4 bits
     "damp": 0.01,              # --damp (GPTQ)
+    "hessian_shrink": 0.0,     # --hessian-shrink (GPTQ): H's off-diagonal part scaled by 1 - S in the error
+                               # feedback (mixq.algorithms.gptq.shrink_hessian)
     "act_order": False,        # --act-order
     "gptq_target": "quantized",  # --gptq-target: GPTQ fits each layer on the partly quantized model's inputs to
                                # its own output (fp: to the fp model's; mixq.algorithms.gptq.fp_target)

@@ -79,6 +79,22 @@ def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
     return inverse_cholesky(_live(H, torch.float32), damp)
 
 
+def shrink_hessian(H: torch.Tensor, shrink: float) -> torch.Tensor:
+    """``(1 - shrink) · H + shrink · diag(H)``: the input Gram matrix with its off-diagonal part scaled down.
+
+    GPTQ moves each column's rounding error onto the columns it correlates with *in the calibration text*; where
+    another text correlates the inputs otherwise, that compensation misses.  The diagonal (each input's energy,
+    what llama.cpp's importance matrix keeps) is kept whole, the correlations trusted by ``1 - shrink``
+    (bench/results/generalization.md, "Hessian shrunk toward its diagonal")."""
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"hessian shrink must be in [0, 1], got {shrink}")
+    if shrink == 0.0:
+        return H
+    out = H * (1.0 - shrink)
+    out.diagonal().add_(torch.diagonal(H), alpha=shrink)
+    return out
+
+
 def fp_target(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """The weight GPTQ should aim at when the layer's inputs drift from the full-precision model's.
 

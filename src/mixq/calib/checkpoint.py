@@ -64,7 +64,8 @@ _NO_LOSS = object()
 
 def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: str = "gptq", damp: float = 0.01,
              act_order: bool = False, block_size: int = 128, sequential: bool = True, device="cpu",
-             source=None, row_weights: dict | None = None, gptq_target: str = "quantized", amp: str = "off") -> dict:
+             source=None, row_weights: dict | None = None, gptq_target: str = "quantized", amp: str = "off",
+             hessian_shrink: float = 0.0) -> dict:
     """What a checkpoint must match to be resumed: a different value of any field starts over.
 
     ``model``: :func:`mixq.models.model_fingerprint` of the model as the walk starts (after any
@@ -85,6 +86,7 @@ def walk_key(model: nn.Module, calib_ids: torch.Tensor, specs: dict, *, method: 
             "sequential": bool(sequential), "device": torch.device(device).type, "torch": torch.__version__,
             **({"row_weights": _row_weights_hash(row_weights)} if row_weights else {}),
             **({"gptq_target": gptq_target} if gptq_target != "quantized" else {}),
+            **({"hessian_shrink": float(hessian_shrink)} if hessian_shrink else {}),
             **key_entry(amp, device)}
 
 

@@ -47,6 +47,10 @@ def register(sub) -> None:
     q.add_argument("--lm-head", default="keep", help="'keep' (default) or a spec to quantize the output head with RTN")
     calib_args(q, nsamples=DEFAULT_RECIPE["nsamples"])
     q.add_argument("--damp", type=float, default=DEFAULT_RECIPE["damp"], help="GPTQ dampening, fraction of mean(diag H)")
+    q.add_argument("--hessian-shrink", type=float, default=DEFAULT_RECIPE["hessian_shrink"], metavar="S",
+                   help="GPTQ: scale the input correlations its error feedback trusts by 1 - S (0: GPTQ as published, "
+                        "1: each column rounded on its own, weighted by its energy); guards against fitting the "
+                        "calibration text")
     q.add_argument("--act-order", action="store_true", help="GPTQ: visit columns by decreasing diag(H) (static groups)")
     q.add_argument("--gptq-target", choices=["quantized", "fp"], default=DEFAULT_RECIPE["gptq_target"],
                    help="GPTQ: fit each layer to its own output on the partly quantized model's inputs (quantized), "
@@ -107,6 +111,9 @@ def cmd_quantize(args) -> int:
         check_lazy(args)
     if args.offload_dir is not None and args.method != "gptq":
         raise UserError("--offload-dir applies to the GPTQ block walk: use --method gptq")
+    if not 0.0 <= args.hessian_shrink <= 1.0:
+        raise UserError(f"--hessian-shrink {args.hessian_shrink} is not in [0, 1]: 0 is GPTQ as published, 1 drops "
+                        f"every input correlation")
     if args.gptq_target != "quantized" and args.method != "gptq":
         raise UserError(f"--gptq-target {args.gptq_target} applies to GPTQ: use --method gptq")
     needs_calib = args.method != "rtn" or (budget is not None and table is None)
@@ -165,7 +172,7 @@ def cmd_quantize(args) -> int:
     res = P.quantize(model, chosen, method=args.method, calib=calib if args.method != "rtn" else None,
                      damp=args.damp, act_order=args.act_order, rotate=rotate, source=source, checkpoint=walk,
                      offload_dir=args.offload_dir, device=args.device if args.lazy else None,
-                     gptq_target=args.gptq_target, amp=args.walk_amp)
+                     gptq_target=args.gptq_target, amp=args.walk_amp, hessian_shrink=args.hessian_shrink)
     if walk is not None and walk.resumed_from:
         extra["walk_resumed_at_block"] = walk.resumed_from
     if kept:  # the blocks' unquantized tensors (norms, biases), collected as the walk left each block
