@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--gptq-target", default="quantized", choices=["quantized", "fp"],
                     help="GPTQ fits each layer to its own output on the quantized model's inputs, or (fp) to the "
                          "full-precision model's output (mixq.api.quantize_model gptq_target)")
+    ap.add_argument("--hessian-shrink", type=float, default=DEFAULT_RECIPE["hessian_shrink"],
+                    help="GPTQ's error feedback through (1 - S) H + S diag(H) (mixq quantize --hessian-shrink)")
     ap.add_argument("--variants", default="mixed GPTQ,uniform GPTQ,uniform RTN")
     ap.add_argument("--candidates", default="default", help="candidate set of the measurement and plans: 'default', "
                                                            "a named set or a file of spec names (as mixq measure)")
@@ -75,6 +77,8 @@ def main():
            + (f" --nsamples {args.nsamples}" if args.nsamples != 32 else "")
            + (f" --calib-seqlen {args.calib_seqlen}" if args.calib_seqlen else "")
            + (f" --gptq-target {args.gptq_target}" if args.gptq_target != "quantized" else "")
+           + (f" --hessian-shrink {args.hessian_shrink}" if args.hessian_shrink != DEFAULT_RECIPE["hessian_shrink"]
+              else "")
            + (f" --spec {args.spec}" if args.spec else "")
            + (f" --metric {args.metric}" if args.metric != "kfac" else "")
            + (f" --candidates {args.candidates}" if args.candidates != "default" else "")
@@ -95,7 +99,8 @@ def main():
     doc.update(command=cmd, machine=machine(), commit=git_rev(), calibration=calib.record(), damp=args.damp,
                metric=args.metric,
                candidates=[c.name for c in cands],
-               act_order=args.act_order, gptq_target=args.gptq_target, walk_amp=args.walk_amp, calib_seconds=t_calib,
+               act_order=args.act_order, gptq_target=args.gptq_target, hessian_shrink=args.hessian_shrink,
+               walk_amp=args.walk_amp, calib_seconds=t_calib,
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     if args.spec:
         return _one_spec(args, ref, calib, evals, doc, path, tag)
@@ -120,7 +125,8 @@ def main():
             doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else "gptq"
-            extra = {"gptq_target": "fp"} if args.gptq_target == "fp" and method == "gptq" else {}
+            extra = ({"gptq_target": args.gptq_target, "hessian_shrink": args.hessian_shrink} if method == "gptq"
+                     else {})
             res = mixq.quantize(model, plan=plan, method=method, damp=args.damp, act_order=args.act_order,
                                 calib=None if method == "rtn" else calib, progress=False, amp=args.walk_amp, **extra)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
@@ -139,7 +145,7 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
     if any(r["variant"] == v for r in doc["rows"]):
         return
     model = copy.deepcopy(ref)
-    extra = {"gptq_target": "fp"} if args.gptq_target == "fp" else {}
+    extra = {"gptq_target": args.gptq_target, "hessian_shrink": args.hessian_shrink}
     res = mixq.quantize(model, args.spec, method="gptq", calib=calib, group_fallback="shrink", damp=args.damp,
                         act_order=args.act_order, progress=False, amp=args.walk_amp, **extra)
     bpw = res.meta["size"]["bpw_quantized"]

@@ -49,6 +49,8 @@ def main() -> None:
                                                                 "recipe's)")
     ap.add_argument("--gptq-target", default=None, choices=["quantized", "fp"],
                     help="--recipe default: GPTQ's target (default: the recipe's)")
+    ap.add_argument("--hessian-shrink", type=float, default=None,
+                    help="--recipe default: GPTQ's Hessian shrink toward its diagonal (default: the recipe's)")
     ap.add_argument("--tcq-state-bits", type=int, default=None, choices=TCQ_STATE_BITS,
                     help="--recipe default: state bits of the plans' TCQ layers (default: the recipe's)")
     ap.add_argument("--without", default="", help="--recipe default: plan from the measurement with these candidates "
@@ -131,6 +133,8 @@ def default_recipe(args) -> None:
         R["nsamples"] = args.nsamples
     if args.gptq_target:
         R["gptq_target"] = args.gptq_target
+    if args.hessian_shrink is not None:
+        R["hessian_shrink"] = args.hessian_shrink
     out = Path(args.out)
     path = out.with_suffix(".json")
     doc = json.loads(path.read_text()) if path.exists() else {"rows": []}
@@ -151,7 +155,8 @@ def default_recipe(args) -> None:
                        + (f" --tcq-state-bits {args.tcq_state_bits}" if args.tcq_state_bits else "")
                        + (f" --without {args.without}" if args.without else "")
                        + (f" --nsamples {args.nsamples}" if args.nsamples else "")
-                       + (f" --gptq-target {args.gptq_target}" if args.gptq_target else ""),
+                       + (f" --gptq-target {args.gptq_target}" if args.gptq_target else "")
+                       + (f" --hessian-shrink {args.hessian_shrink}" if args.hessian_shrink is not None else ""),
                calibration=calib.record(), calib_seconds=time.perf_counter() - t, candidates=[c.name for c in cands],
                protocols={c: p.to_dict() for c, p in evals.protocols.items()})
     cached = out.with_name(out.name + "-measurement.json")
@@ -172,7 +177,8 @@ def default_recipe(args) -> None:
             method = "rtn" if v.endswith("RTN") else R["method"]
             res = mixq.quantize(model, plan=plan, method=method, damp=R["damp"], act_order=R["act_order"],
                                 calib=None if method == "rtn" else calib, progress=False,
-                                gptq_target=R.get("gptq_target", "quantized"), amp=R["walk_amp"])
+                                gptq_target=R.get("gptq_target", "quantized"), amp=R["walk_amp"],
+                                **({"hessian_shrink": R["hessian_shrink"]} if method != "rtn" else {}))
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "specs": dict(Counter(s.name for s in plan.layers.values()))}
             if v.endswith("+e2e"):  # then the recipe's end-to-end fine-tuning on the same calibration rows
