@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +48,12 @@ def main() -> None:
                           "base_model": meta.get("base_model")}
             path.write_text(json.dumps(doc, indent=1))
         rows.append((label, json.loads(path.read_text())))
-    lines = header(args.title or f"A/B of mixq quantize runs: {args.name}", "python " + " ".join(sys.argv))
+    lines = header(args.title or f"A/B of mixq quantize runs: {args.name}", "python " + shlex.join(sys.argv))
     lines += [f"KL to the full-precision model on the first {args.tokens} tokens of each corpus's test split "
               f"({', '.join(corpora)}); ratio: KL on a corpus / KL on {corpora[0]}; bpw over the block linears, "
-              "every stored bit counted; deviations: the run's settings that differ from its recipe.", "",
+              "every stored bit counted; deviations: the run's settings that differ from its recipe; quantize s: the "
+              "run's own time as its mixq.json has it (a measurement made or reused, other jobs on the cores or "
+              "not): not a timing.", "",
               "| run | model | recipe | deviations | bpw | " + " | ".join(f"KL {c}" for c in corpora)
               + " | " + " | ".join(f"ratio {c}" for c in corpora[1:]) + " | quantize s |",
               "|---|---|---|---|---:|" + "---:|" * (2 * len(corpora) - 1) + "---:|"]
