@@ -62,7 +62,8 @@ trusted nine tenths, each input's own energy whole.  On the same measurement and
 hessian_shrink.md, generalization.md "Hessian shrunk toward its diagonal"), SmolLM2 after GPTQ alone went from
 0.124 / 0.196 to 0.118 / 0.185 (PTB / fortunes) at 3.0 bpw and from 0.032 / 0.058 to 0.031 / 0.051 at 4.0;
 with the end-to-end epoch from 0.197 / 0.333 to 0.195 / 0.323 at 2.5, from 0.107 / 0.181 to 0.106 / 0.178 at
-3.0 and from 0.031 / 0.057 to 0.032 / 0.052 at 4.0; gemma3-270m after GPTQ from 0.096 / 0.173 to 0.093 / 0.170 at 3.0.  Larger shrinks (0.25, 0.6) gave the
+3.0 and from 0.031 / 0.057 to 0.032 / 0.052 at 4.0; gemma3-270m after GPTQ from 0.096 / 0.173 to 0.093 / 0.170 at 3.0 and from
+0.026 / 0.047 to 0.025 / 0.044 at 4.0.  Larger shrinks (0.25, 0.6) gave the
 fortunes no more and PTB less; GPTQ's damping, the isotropic alternative, traded PTB for the fortunes at best.
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
