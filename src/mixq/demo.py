@@ -38,7 +38,8 @@ def run_demo(tokens: int = 4096, bpw: float = 3.5, out: str | None = None, nsamp
         for kind, plan in plans.items():
             model = copy.deepcopy(ref)
             t = time.perf_counter()
-            P.quantize(model, plan=plan, method=method, calib=cset, progress=progress, amp=RECIPE["walk_amp"])
+            P.quantize(model, plan=plan, method=method, calib=cset, progress=progress, amp=RECIPE["walk_amp"],
+                       hessian_shrink=RECIPE["hessian_shrink"])  # GPTQ as the recipe runs it (RTN ignores it)
             label = plan.layers[next(iter(plan.layers))].name if kind == "uniform" else "mixed"
             results.append(dict(method=method, plan=label, bpw=plan.achieved_bpw, seconds=time.perf_counter() - t,
                                 domains=scorer.metrics(model, progress=progress)))
