@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .algorithms.composite.hooks import quantize_layer
-from .algorithms.gptq import _proxy, fp_target, shrink_hessian
+from .algorithms.gptq import _proxy, check_shrink, fp_target, shrink_hessian
 from .amp import check as check_amp
 from .arch import LayerPolicy, LayerRef, arch_for, get_weight, iter_layers, set_weight
 from .calib.capture import walk_blocks
@@ -188,7 +188,7 @@ def quantize_model(
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if gptq_target not in ("quantized", "fp"):
         raise ValueError(f"gptq_target must be 'quantized' or 'fp', got {gptq_target!r}")
-    shrink_hessian(torch.eye(1), hessian_shrink)  # out of [0, 1]: ValueError before any work
+    check_shrink(hessian_shrink)
     check_amp(amp)
     if method != "gptq" and (checkpoint is not None or offload_dir is not None):
         raise ValueError("checkpoint and offload_dir apply to the GPTQ block walk: use method='gptq'")

@@ -79,6 +79,13 @@ def prepare_hessian(H: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, 
     return inverse_cholesky(_live(H, torch.float32), damp)
 
 
+def check_shrink(shrink: float) -> float:
+    """``shrink`` if it is a fraction in [0, 1] (see :func:`shrink_hessian`), else ValueError."""
+    if not 0.0 <= shrink <= 1.0:
+        raise ValueError(f"hessian shrink must be in [0, 1], got {shrink}")
+    return shrink
+
+
 def shrink_hessian(H: torch.Tensor, shrink: float) -> torch.Tensor:
     """``(1 - shrink) · H + shrink · diag(H)``: the input Gram matrix with its off-diagonal part scaled down.
 
@@ -86,9 +93,7 @@ def shrink_hessian(H: torch.Tensor, shrink: float) -> torch.Tensor:
     another text correlates the inputs otherwise, that compensation misses.  The diagonal (each input's energy,
     what llama.cpp's importance matrix keeps) is kept whole, the correlations trusted by ``1 - shrink``
     (bench/results/generalization.md, "Hessian shrunk toward its diagonal")."""
-    if not 0.0 <= shrink <= 1.0:
-        raise ValueError(f"hessian shrink must be in [0, 1], got {shrink}")
-    if shrink == 0.0:
+    if check_shrink(shrink) == 0.0:
         return H
     out = H * (1.0 - shrink)
     out.diagonal().add_(torch.diagonal(H), alpha=shrink)
