@@ -125,10 +125,9 @@ def main():
             doc["tcq_state_bits"] = plan.meta.get("tcq_state_bits", 8)
             model = copy.deepcopy(ref)
             method = "rtn" if v.endswith("RTN") else "gptq"
-            extra = ({"gptq_target": args.gptq_target, "hessian_shrink": args.hessian_shrink} if method == "gptq"
-                     else {})
             res = mixq.quantize(model, plan=plan, method=method, damp=args.damp, act_order=args.act_order,
-                                calib=None if method == "rtn" else calib, progress=False, amp=args.walk_amp, **extra)
+                                calib=None if method == "rtn" else calib, progress=False, amp=args.walk_amp,
+                                gptq_target=args.gptq_target, hessian_shrink=args.hessian_shrink)
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "spec": None if v.startswith("mixed") else next(iter(plan.layers.values())).name}
             if v.endswith("+e2e"):  # then the recipe's fine-tuning (mixq-default-7) on the same calibration rows
@@ -145,9 +144,9 @@ def _one_spec(args, ref, calib, evals, doc, path, tag):
     if any(r["variant"] == v for r in doc["rows"]):
         return
     model = copy.deepcopy(ref)
-    extra = {"gptq_target": args.gptq_target, "hessian_shrink": args.hessian_shrink}
     res = mixq.quantize(model, args.spec, method="gptq", calib=calib, group_fallback="shrink", damp=args.damp,
-                        act_order=args.act_order, progress=False, amp=args.walk_amp, **extra)
+                        act_order=args.act_order, progress=False, amp=args.walk_amp, gptq_target=args.gptq_target,
+                        hessian_shrink=args.hessian_shrink)
     bpw = res.meta["size"]["bpw_quantized"]
     row = {"variant": v, "budget": round(bpw, 3), "bpw": bpw, "seconds": res.seconds, "spec": args.spec}
     score_row(row, model, evals, doc, path, f"{tag} {row['variant']} {row['budget']}")

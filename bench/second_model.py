@@ -178,7 +178,7 @@ def default_recipe(args) -> None:
             res = mixq.quantize(model, plan=plan, method=method, damp=R["damp"], act_order=R["act_order"],
                                 calib=None if method == "rtn" else calib, progress=False,
                                 gptq_target=R.get("gptq_target", "quantized"), amp=R["walk_amp"],
-                                **({"hessian_shrink": R["hessian_shrink"]} if method != "rtn" else {}))
+                                hessian_shrink=R["hessian_shrink"])
             row = {"variant": v, "budget": b, "bpw": plan.achieved_bpw, "seconds": res.seconds,
                    "specs": dict(Counter(s.name for s in plan.layers.values()))}
             if v.endswith("+e2e"):  # then the recipe's end-to-end fine-tuning on the same calibration rows

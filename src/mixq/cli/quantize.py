@@ -5,6 +5,7 @@ import logging
 import time
 from pathlib import Path
 
+from ..algorithms.gptq import check_shrink
 from ..api import GROUP_FALLBACKS, METHODS
 from ..pipeline import FINETUNE_STAGES
 from ..recipe import DEFAULT_RECIPE, recipe_record
@@ -111,9 +112,11 @@ def cmd_quantize(args) -> int:
         check_lazy(args)
     if args.offload_dir is not None and args.method != "gptq":
         raise UserError("--offload-dir applies to the GPTQ block walk: use --method gptq")
-    if not 0.0 <= args.hessian_shrink <= 1.0:
+    try:
+        check_shrink(args.hessian_shrink)
+    except ValueError:
         raise UserError(f"--hessian-shrink {args.hessian_shrink} is not in [0, 1]: 0 is GPTQ as published, 1 drops "
-                        f"every input correlation")
+                        f"every input correlation") from None
     if args.gptq_target != "quantized" and args.method != "gptq":
         raise UserError(f"--gptq-target {args.gptq_target} applies to GPTQ: use --method gptq")
     needs_calib = args.method != "rtn" or (budget is not None and table is None)

@@ -16,7 +16,8 @@ Which models it takes is one table, :data:`FAMILIES` (``config.model_type`` -> w
 and 3, Gemma 2 (soft-capping: eager attention) and 3, OLMo 2, Phi-3 and Phi-4-mini (RoPE on part of each head),
 Granite, SmolLM3 (layers without RoPE), and the mixtures of experts Qwen3-MoE and Mixtral (their expert blocks run as
 the modules)); anything else, any block or attention module that is not the family's own class, or any hook on the
-modules it bypasses (activation quantization, a simulated KV cache), is refused with the reason -- :func:`greedy_generate` then runs transformers.
+modules it bypasses (activation quantization, a simulated KV cache), is refused with the reason --
+:func:`greedy_generate` then runs transformers.
 """
 from __future__ import annotations
 
