@@ -147,6 +147,15 @@ def kld_eval(tools: dict, model: Path, base: Path, test: Path, args, tag: str) -
     return res
 
 
+def importance_matrix(tools: dict, f16: Path, train: Path, work: Path, ctx: int, chunks: int, threads: int) -> Path:
+    """``work/imatrix.dat``: ``llama-imatrix`` on the first ``chunks`` x ``ctx`` tokens of ``train`` (made once)."""
+    out = work / "imatrix.dat"
+    if not out.exists():
+        run([tools["llama-imatrix"], "-m", f16, "-f", train, "-o", out, "-c", ctx, "--chunks", chunks, "-t", threads,
+             "-b", ctx], work / "imatrix.log")
+    return out
+
+
 def stock(tools, f16, imatrix, qtype: str, args) -> Path:
     out = args.work / f"stock-{qtype}.gguf"
     if not out.exists():
@@ -353,10 +362,7 @@ def main() -> None:
     tools = llamacpp.tools()
     train, test = texts(args.work)
     f16 = f16_gguf(args.work, args.model)
-    imatrix = args.work / "imatrix.dat"
-    if not imatrix.exists():
-        run([tools["llama-imatrix"], "-m", f16, "-f", train, "-o", imatrix, "-c", args.ctx, "--chunks",
-             args.calib_chunks, "-t", args.threads, "-b", args.ctx], args.work / "imatrix.log")
+    imatrix = importance_matrix(tools, f16, train, args.work, args.ctx, args.calib_chunks, args.threads)
     base = args.work / "f16.kld"
     base_log = args.work / "ppl-f16.log"
     if not base.exists():

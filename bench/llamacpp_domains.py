@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, header
-from gguf_vs_llamacpp import block_linear_bpw, f16_gguf, run, stock, texts
+from gguf_vs_llamacpp import block_linear_bpw, f16_gguf, importance_matrix, stock, texts
 
 sys.path.insert(0, str(Path(__file__).parent))
 import llamacpp  # noqa: E402
@@ -85,11 +85,7 @@ def main() -> None:
     tools = llamacpp.tools()
     train, _ = texts(args.work)
     f16 = f16_gguf(args.work, args.model)
-    imatrix = args.work / "imatrix.dat"
-    if not imatrix.exists():
-        run([tools["llama-imatrix"], "-m", f16, "-f", train, "-o", imatrix, "-c", 512, "--chunks",
-             args.calib_chunks, "-t", args.threads, "-b", 512], args.work / "imatrix.log")
-    args.ctx = 512  # stock() reads args.threads and args.work only
+    imatrix = importance_matrix(tools, f16, train, args.work, 512, args.calib_chunks, args.threads)
     rows = []
     for name in ["F16", *[t for t in args.types.split(",") if t]]:
         g = f16 if name == "F16" else stock(tools, f16, imatrix, name, args)
