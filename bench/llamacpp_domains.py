@@ -10,9 +10,9 @@ protocol, so the two can be read side by side at equal in-domain KL:
 1. The embedded model as an F16 GGUF, PTB train/test as text (``bench/gguf_vs_llamacpp.py``'s helpers).
 2. ``llama-imatrix`` on ``--calib-chunks`` x 512 tokens of PTB train: the importance matrix a user would make
    from the same calibration domain mixq's PTB rows come from.
-3. Each stock type: ``llama-quantize --imatrix`` (token embedding and output F16), then the file read back by
-   transformers' GGUF loader (gguf-py's dequantization: the file's exact weights in fp32) and scored by ``mixq
-   eval --corpus ptb,fortunes --tokens 4096`` against the fp32 model -- the protocol of every two-domain figure in
+3. Each stock type: ``llama-quantize --imatrix`` (token embedding and output F16), then the file scored by ``mixq
+   eval FILE.gguf --corpus ptb,fortunes --tokens 4096`` against the fp32 model (mixq reads a GGUF file through
+   transformers' loader, gguf-py's dequantization: the file's exact weights in fp32) -- the protocol of every two-domain figure in
    ``bench/results`` (KL on the first 4,096 tokens of each test split, 512-token windows).  The F16 file
    itself is scored too (the floor of reading a file back).
 4. ``--mixq LABEL=EVAL.json``: rows of ``mixq eval`` JSONs of mixq's own plans, put in the same table.
@@ -40,23 +40,16 @@ import llamacpp  # noqa: E402
 TYPES = ("IQ2_M", "IQ3_S", "IQ4_XS", "Q3_K_M", "Q4_K_M", "Q5_K_M")
 
 
-def dequantized(gguf_path: Path, out: Path) -> Path:
-    """``gguf_path`` read back into an fp32 transformers folder, as mixq reads its embedded models' GGUF files
-    (:func:`mixq.models._gguf_builder`: gguf-py's dequantization, then safetensors and the file's tokenizer)."""
-    from mixq.models import _gguf_builder
+def score(gguf_path: Path, model_name: str, out: Path, args) -> None:
+    """``mixq eval`` of the file itself (mixq reads a .gguf as its dequantized weights, cached; the cached copy,
+    half a GB in fp32, is deleted once scored)."""
+    from mixq.models import local_gguf_cache
 
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _gguf_builder(gguf_path)(tmp)
-    tmp.rename(out)
-    return out
-
-
-def score(folder: Path, model_name: str, out: Path, args) -> None:
-    cmd = [sys.executable, "-m", "mixq", "eval", str(folder), "--reference", model_name, "--corpus", args.corpus,
+    cmd = [sys.executable, "-m", "mixq", "eval", str(gguf_path), "--reference", model_name, "--corpus", args.corpus,
            "--tokens", str(args.tokens), "--out", str(out)]
     print("$", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+    shutil.rmtree(local_gguf_cache(gguf_path)[0], ignore_errors=True)
 
 
 def row(name: str, who: str, doc: dict, bpw: float | None, corpora: list[str]) -> dict:
@@ -90,10 +83,8 @@ def main() -> None:
     for name in ["F16", *[t for t in args.types.split(",") if t]]:
         g = f16 if name == "F16" else stock(tools, f16, imatrix, name, args)
         out = args.work / f"eval-{name}.json"
-        if not out.exists():  # the fp32 folder is made for the scoring only (half a GB each)
-            folder = dequantized(g, args.work / f"hf-{name}")
-            score(folder, args.model, out, args)
-            shutil.rmtree(folder)
+        if not out.exists():
+            score(g, args.model, out, args)
         rows.append(row(name, "llama.cpp" if name != "F16" else "file floor", json.loads(out.read_text()),
                         block_linear_bpw(g)["block_linear_bpw"], corpora))
         print(f"{name}: {rows[-1]['kl']}", flush=True)

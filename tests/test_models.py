@@ -180,3 +180,50 @@ def test_real_embedded_smollm2(smollm2):
     with torch.no_grad():
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+
+
+def _tiny_gguf(path, spec="W4-g32"):
+    """A tiny Llama with ``spec`` linears written as a GGUF file (a vocabulary transformers can read back)."""
+    from test_export_gguf import bpe_tokenizer, quantized
+
+    from mixq.export.gguf import write_gguf
+
+    model = make_tiny("llama", 0)
+    specs, qts = quantized(model, spec)
+    write_gguf(model, bpe_tokenizer(), specs, path, qtensors=qts)
+    return model
+
+
+def test_local_gguf_file_loads_its_weights_once_into_the_cache(tmp_path, monkeypatch):
+    """A .gguf path is read as llama.cpp stores it (its quantized weights, dequantized) and converted once."""
+    import transformers as tf
+
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    quantized = _tiny_gguf(f)
+    model, tok = load_model(str(f))
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, quantized.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, fq = model(ids).logits, hf(ids).logits, quantized(ids).logits
+    torch.testing.assert_close(got, want)
+    assert (got - fq).abs().max() < 0.05  # the file's weights are the fake-quant model's (F16 embeddings aside)
+    folder, _ = models.local_gguf_cache(f)
+    assert (folder / MANIFEST).is_file() and tok("the cat")["input_ids"]
+    build = _Builder()
+    monkeypatch.setattr(models, "_gguf_builder", lambda gguf: build)
+    again, _ = load_model(str(f))  # from the cache, no conversion
+    assert build.calls == 0 and model_fingerprint(again) == model_fingerprint(model)
+    f.write_bytes(f.read_bytes() + b"\0" * 64)  # a changed file has another cache entry
+    assert models.local_gguf_cache(f)[0] != folder
+
+
+def test_local_file_that_is_not_a_model_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "weights.bin").write_bytes(b"x" * 16)
+    with pytest.raises(ModelNotFoundError, match="a .gguf file"):
+        load_model(str(tmp_path / "weights.bin"))
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(ModelNotFoundError, match="cannot read the GGUF file"):
+        load_model(str(tmp_path / "broken.gguf"))
+    assert not any((tmp_path / "cache" / "gguf-files").glob("broken-*"))  # nothing half-built is kept

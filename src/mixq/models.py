@@ -268,10 +268,39 @@ def _embedded(name: str, dtype: torch.dtype, placement=None):
     return _from_dir(folder, dtype, placement)
 
 
+def local_gguf_cache(path: Path) -> tuple[Path, dict]:
+    """Where the dequantized copy of a local GGUF file is cached, and the record that keys it: the file's
+    resolved path, size and modification time (a changed file is converted again)."""
+    path = Path(path).expanduser().resolve()
+    st = path.stat()
+    source = {"gguf_path": str(path), "gguf_size": st.st_size, "gguf_mtime_ns": st.st_mtime_ns}
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "gguf-files" / f"{path.stem}-{key}", source
+
+
+def _local_gguf(path: Path, dtype: torch.dtype, placement=None):
+    """A GGUF file (llama.cpp's format, any type gguf-py dequantizes): converted once to an fp32 safetensors
+    folder in the cache, as the embedded models are, so every command reads llama.cpp's weights exactly."""
+    folder, source = local_gguf_cache(path)
+    try:
+        folder = ensure_cached(folder, _gguf_builder(Path(source["gguf_path"])), source)
+    except (ValueError, KeyError, NotImplementedError) as err:  # transformers' GGUF reader refuses the file
+        raise ModelNotFoundError(f"transformers cannot read the GGUF file '{path}' ({type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); its "
+                                 "architecture may not be one transformers' GGUF loader knows: convert the "
+                                 "original model instead (a Hugging Face directory or hub id)") from err
+    return _from_dir(folder, dtype, placement)
+
+
 def _local_or_hub(name: str, dtype: torch.dtype, placement=None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"'{path}' is a file: point at a saved Hugging Face model directory, a hub id "
+                                     "or a .gguf file")
+        return _local_gguf(path, dtype, placement)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"directory '{path}' has no config.json; point at a saved Hugging Face model")
@@ -296,7 +325,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     """Load a causal LM and its tokenizer; returns ``(model, tokenizer)`` with the model in eval mode.
 
     ``name_or_path``: a key of :data:`EMBEDDED` (``"smollm2-135m"``), a local directory saved with
-    ``save_pretrained`` (safetensors), or a hub id.  Raises :class:`ModelNotFoundError` when none
+    ``save_pretrained`` (safetensors), a local ``.gguf`` file (dequantized once into the cache:
+    :func:`local_gguf_cache`), or a hub id.  Raises :class:`ModelNotFoundError` when none
     applies.  ``model.config.use_cache`` is left as the checkpoint sets it.  ``placement``: a
     :class:`mixq.calib.dispatch.Placement` (accelerate's ``device_map`` over GPUs, CPU and disk), which
     replaces ``device``.

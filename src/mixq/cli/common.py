@@ -41,7 +41,7 @@ class UserError(Exception):
 
 # ---------------------------------------------------------------------------- argument groups
 def model_arg(p) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local path or embedded name (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, local directory or .gguf file, or embedded name (default {DEFAULT_MODEL})")
 
 
 def calib_args(p, *, nsamples: int = 128, seqlen: str = "--seqlen", what: str = "calibration text",

@@ -18,7 +18,7 @@ def register(sub) -> None:
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement of a model or mixq directory",
                        description="Evaluate a mixq directory (or any model) on a corpus; KL is measured against "
                                    "the reference (by default the directory's base model).")
-    e.add_argument("target", nargs="?", default=DEFAULT_MODEL, help="mixq directory, hub id, local path or embedded name")
+    e.add_argument("target", nargs="?", default=DEFAULT_MODEL, help="mixq directory, hub id, local directory or .gguf file, or embedded name")
     eval_args(e)
     eval_act.add_arguments(e)
     e.add_argument("--reference", default=None, help="reference model for KL (default: the base model of a mixq dir; none for a plain model)")

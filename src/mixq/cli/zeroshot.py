@@ -16,7 +16,7 @@ def register(sub) -> None:
                        description="Score TARGET on the offline zero-shot suite built from the PTB test sentences: "
                                    "'lastword' (pick the last word of a sentence among 5) and 'choice' (pick the next "
                                    "sentence among 4).  Items are identical across runs for a given --n and --seed.")
-    z.add_argument("target", nargs="?", default=DEFAULT_MODEL, help="mixq directory, hub id, local path or embedded name")
+    z.add_argument("target", nargs="?", default=DEFAULT_MODEL, help="mixq directory, hub id, local directory or .gguf file, or embedded name")
     z.add_argument("--task", default=",".join(TASKS), help=f"comma-separated tasks: {', '.join(TASKS)} (default all)")
     z.add_argument("--n", type=int, default=200, help="items per task (default 200)")
     z.add_argument("--seed", type=int, default=0, help="seed of the item sampler (default 0)")
