@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--corpus", default="ptb,fortunes")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--title", default=None)
+    ap.add_argument("--note", action="append", default=[],
+                    help="a line for the results file (e.g. what a run changed that its mixq.json cannot say)")
     args = ap.parse_args()
     out_dir = RESULTS / args.name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,7 @@ def main() -> None:
             path.write_text(json.dumps(doc, indent=1))
         rows.append((label, json.loads(path.read_text())))
     lines = header(args.title or f"A/B of mixq quantize runs: {args.name}", "python " + shlex.join(sys.argv))
+    lines += [f"- {n}" for n in args.note] + ([""] if args.note else [])
     lines += [f"KL to the full-precision model on the first {args.tokens} tokens of each corpus's test split "
               f"({', '.join(corpora)}); ratio: KL on a corpus / KL on {corpora[0]}; bpw over the block linears, "
               "every stored bit counted; deviations: the run's settings that differ from its recipe; quantize s: the "
