@@ -28,6 +28,24 @@ def corpus(tmp_path):
     return str(p)
 
 
+def test_self_generation_samples_the_whole_distribution(tiny):
+    """Rows are drawn from every token the model gives weight to, not only its likeliest few (a flat
+    distribution over 500 tokens: 256 draws hit far more than the 64 tokens top-k sampling would keep)."""
+    from types import SimpleNamespace
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, past_key_values=None, use_cache=True):
+            return SimpleNamespace(logits=torch.zeros(ids.shape[0], ids.shape[1], 500), past_key_values=None)
+
+    rows = selfgen.generate_rows(Flat(), tiny[1], 4, 128, seed=0, progress=False)
+    sampled = rows[:, 64:]  # every prompt is cut to seqlen / 2 tokens: the rest was sampled
+    assert sampled.max() < 500 and len(sampled.unique()) > 150
+
+
 def test_self_generated_rows_are_deterministic_for_a_seed(tiny, tmp_path):
     model, tok = tiny
     a = selfgen.generate_rows(model, tok, 3, 24, seed=1, progress=False)

@@ -65,6 +65,14 @@ with the end-to-end epoch from 0.197 / 0.333 to 0.195 / 0.323 at 2.5, from 0.107
 3.0 and from 0.031 / 0.057 to 0.032 / 0.052 at 4.0; gemma3-270m after GPTQ from 0.096 / 0.173 to 0.093 / 0.170 at 3.0 and from
 0.026 / 0.047 to 0.025 / 0.044 at 4.0.  Larger shrinks (0.25, 0.6) gave the
 fortunes no more and PTB less; GPTQ's damping, the isotropic alternative, traded PTB for the fortunes at best.
+``mixq-default-15`` is ``-14`` with the self-generated calibration rows sampled from the model's whole
+distribution (:mod:`mixq.selfgen` version 2) instead of its nucleus (top-p 0.95 within the 64 likeliest tokens):
+rows as surprising to the model as human text (SmolLM2's perplexity on them 26, against 5.8 truncated; PTB test
+67, the fortunes 47).  With the same measurement and plans, GPTQ and the epoch on untruncated rows took SmolLM2
+from 0.195 / 0.323 to 0.188 / 0.300 at 2.5 bpw, from 0.106 / 0.178 to 0.102 / 0.169 at 3.0 and from 0.032 / 0.052
+to 0.031 / 0.048 at 4.0 (bench/results/calib_sources.md) -- lower in both domains at every budget, the fortunes
+most (rows of a scratch patch that drew from the same distribution through a sorted top-k over the whole
+vocabulary: other draws than the committed sampler's, whose cold 3.0-bpw run is in quantize_cost.md).
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
@@ -76,7 +84,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-14"
+RECIPE_NAME = "mixq-default-15"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB
