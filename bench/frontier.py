@@ -9,8 +9,9 @@ Curves (SmolLM2-135M; KL to fp32 on the first 4,096 scored tokens of PTB test an
   names its calibration and candidate set (`self+ptb`: the default candidates before `+ip`; `ip`: with the
   incoherence-processed candidates of bench/candidates/default+ip.txt);
 - the rows of bench/results/frontier/*.json (fine-tuning and other single-directory runs, same protocol);
-- llama.cpp on this model with an importance matrix from PTB train, as measured for DEVELOPERS.md (PTB column),
-  and the two mixes that were also scored on other prose (generalization issue); not re-measured here.
+- the `mixq eval` JSONs of `bench/dirs_ab.py` A/Bs named in ``DIRS_AB`` (command-line runs of a recipe);
+- llama.cpp on this model with an importance matrix from PTB train, its files scored by `mixq eval` in both
+  domains (bench/results/llamacpp_domains.json, `bench/llamacpp_domains.py`).
 
 Writes bench/results/frontier.md and frontier.png (the recipes of ``HIGHLIGHT`` as named curves, the rest grey).
 """
@@ -21,14 +22,18 @@ from pathlib import Path
 
 from common import RESULTS, header
 
-LLAMA_CPP = [  # (name, bpw, KL PTB, KL other prose or None) -- DEVELOPERS.md / issue 13, imatrix from PTB train
-    ("IQ2_M", 4.04, 0.318, 0.36), ("IQ3_S", 4.23, 0.151, 0.19), ("IQ4_XS", 4.44, 0.097, None),
-    ("Q3_K_M", 4.63, 0.088, None), ("Q4_K_M", 5.53, 0.033, None)]
+LLAMA_CPP_MAX_BPW = 5.6  # above it llama.cpp's types find the embedded model's own Q4_1 grid again (flattered)
+# recipes as command-line runs scored by bench/dirs_ab.py: curve -> (results folder, the labels of its rows)
+DIRS_AB = {"mixq quantize --bpw X [mixq-default-14]": ("hessian_shrink", ("smol-2.5-S0.1", "smol-3.0-S0.1",
+                                                                           "smol-4.0-S0.1")),
+           "mixq quantize --bpw X [mixq-default-15]": ("calib_sources", ("self-untruncated-2.5", "self-untruncated",
+                                                                           "self-untruncated-4.0"))}
 TARGETS = [(2.5, 0.40), (3.0, 0.15), (4.0, 0.033)]
 # recipes drawn as named curves (the mixed GPTQ+e2e rows of these generalization runs, or a frontier/*.json curve
 # by its name); every other curve is drawn thin and grey, unnamed (the table names them all)
-HIGHLIGHT = {"mixq-default-13 (today: mixq quantize --bpw X)": ("mixq quantize --bpw X [mixq-default-13]",),
-             "mixq-default-12": ("n64",), "mixq-default-11": ("ip1",),
+HIGHLIGHT = {"mixq-default-15 (today: mixq quantize --bpw X)": ("mixq quantize --bpw X [mixq-default-15]",),
+             "mixq-default-14": ("mixq quantize --bpw X [mixq-default-14]",),
+             "mixq-default-13": ("mixq quantize --bpw X [mixq-default-13]",), "mixq-default-12": ("n64",), "mixq-default-11": ("ip1",),
              "mixq-default-10": ("tcq56-L12", "L12-a", "L12-b")}
 
 
@@ -45,25 +50,36 @@ def rows() -> list[dict]:
         for r in doc["rows"]:
             out.append({"curve": r["curve"], "bpw": r["bpw"], "ptb": r["ptb"], "fortunes": r["fortunes"],
                         "spec": r.get("spec", ""), "src": p.name})
+    for curve, (folder, labels) in DIRS_AB.items():
+        for label in labels:
+            doc = json.loads((RESULTS / folder / f"{label}.json").read_text())
+            out.append({"curve": curve, "bpw": doc["size"]["bpw_linears"], "ptb": doc["domains"]["ptb"]["kl"],
+                        "fortunes": doc["domains"]["fortunes"]["kl"], "spec": "mixed", "src": f"{folder}/{label}.json"})
     return out
+
+
+def llama_cpp() -> list[tuple[str, float, float, float]]:
+    """(type, bpw, KL PTB, KL fortunes) of llama.cpp's files up to ``LLAMA_CPP_MAX_BPW`` (llamacpp_domains.json)."""
+    doc = json.loads((RESULTS / "llamacpp_domains.json").read_text())
+    return sorted((r["name"], r["bpw"], r["kl"]["ptb"], r["kl"]["fortunes"]) for r in doc["rows"]
+                  if r["who"] == "llama.cpp" and r["bpw"] <= LLAMA_CPP_MAX_BPW)
 
 
 def main():
     rs = rows()
     lines = header("Quality per bit below 4.5 bpw (SmolLM2-135M): KL to fp32 in domain and out of domain",
                    "python bench/frontier.py")
-    lines += ["Every row was measured on this machine by the script its source file names; llama.cpp rows are the "
-              "figures quoted in DEVELOPERS.md (imatrix from PTB train; llama.cpp cannot go below ~4 bpw on 576-wide "
-              "rows). Targets (issue 18): KL <= 0.40 at 2.5 bpw, <= 0.15 at 3.0, <= 0.033 at 4.0, in both domains.",
+    lines += ["Every row was measured on this machine by the script its source file names; llama.cpp rows are its "
+              "own files (imatrix from PTB train) scored by `mixq eval` alike (llamacpp_domains.md; llama.cpp cannot "
+              "go below ~4 bpw on 576-wide rows). Targets (issue 18): KL <= 0.40 at 2.5 bpw, <= 0.15 at 3.0, <= 0.033 at 4.0, in both domains.",
               "", "The embedded model's weights sit on a 4-bit/g32 asymmetric grid (it ships as Q4_1): at >= 4.5 bpw "
               "plain grids that contain that grid are flattered; +ip layers rotate it away.", "",
               "| curve | bpw | spec | KL PTB | KL fortunes | source |", "|---|---:|---|---:|---:|---|"]
     for r in sorted(rs, key=lambda r: (r["curve"], r["bpw"])):
         lines.append(f"| {r['curve']} | {r['bpw']:.3f} | {r['spec']} | {r['ptb']:.4f} | {r['fortunes']:.4f} | "
                      f"{r['src']} |")
-    for name, b, kp, kf in LLAMA_CPP:
-        lines.append(f"| llama.cpp {name} | {b:.2f} | {name} | {kp:.3f} | {'' if kf is None else f'{kf:.2f}'} | "
-                     "DEVELOPERS.md |")
+    for name, b, kp, kf in llama_cpp():
+        lines.append(f"| llama.cpp {name} | {b:.3f} | {name} | {kp:.4f} | {kf:.4f} | llamacpp_domains.json |")
     lines += ["", "![frontier](frontier.png)", ""]
     (RESULTS / "frontier.md").write_text("\n".join(lines) + "\n")
     _plot(rs, RESULTS / "frontier.png")
@@ -88,7 +104,7 @@ def _plot(rs, path: Path) -> None:
         for label, pts in named.items():
             pts = sorted((r["bpw"], r[dom]) for r in pts)
             ax.semilogy([p[0] for p in pts], [p[1] for p in pts], "o-", lw=2, ms=5, label=label)
-        lc = [(b, kp if dom == "ptb" else kf) for _, b, kp, kf in LLAMA_CPP if (kp if dom == "ptb" else kf)]
+        lc = sorted((b, kp if dom == "ptb" else kf) for _, b, kp, kf in llama_cpp())
         ax.semilogy([p[0] for p in lc], [p[1] for p in lc], "k^--", label="llama.cpp (imatrix PTB)")
         ax.plot([t[0] for t in TARGETS], [t[1] for t in TARGETS], "r*", ms=12, label="targets")
         ax.set_title({"ptb": "PTB test (calibration domain)", "fortunes": "fortunes (never calibrated on)"}[dom])
