@@ -8,7 +8,7 @@ whole process), side by side in one run:
 1. ``mixq eval --tokens 512`` of the fp32 model: the baseline RSS of "the model loaded and run";
 2. ``mixq quantize --bpw B`` (the default recipe, :mod:`mixq.recipe`: self+ptb calibration, kfac measurement of
    the default candidates with GPTQ errors, GPTQ): calibration + measurement + plan + GPTQ + save, cold start
-   (the self-generated rows come from the cache when an earlier run made them: the table says which);
+   (the self-generated rows come from the cache when an earlier run made them: the results say which);
 3. ``mixq plan MEASUREMENT --bpw ...``: every further budget from the saved measurement;
 4. ``mixq eval OUT --tokens T`` (not a cost: what the default run gave, KL to fp32 in and out of domain).
 
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from common import RESULTS, header
 
+from mixq.models import cache_dir
 from mixq.recipe import DEFAULT_RECIPE
 
 MIXQ = [sys.executable, "-m", "mixq.cli"]
@@ -63,9 +64,12 @@ def main():
     try:
         base = timed([*MIXQ, "eval", "--tokens", "512"])
         out = work / "q"
+        selfgen = cache_dir() / "selfgen"
+        before = set(selfgen.glob("*.safetensors"))
         q = timed([*MIXQ, "quantize", "--bpw", str(args.bpw), *(["--nsamples", str(args.nsamples)] if args.nsamples
                                                                   else []), *args.quantize_args.split(), "--out", str(out)])
         info = json.loads((out / "mixq.json").read_text())
+        generated = bool(set(selfgen.glob("*.safetensors")) - before)  # a new cache entry: rows written in this run
         ev = timed([*MIXQ, "eval", str(out), "--tokens", str(args.eval_tokens)]) if args.eval_tokens else None
         p = timed([*MIXQ, "plan", str(out / "measurement.json"), "--bpw", args.budgets, "--out", str(work / "plans")])
         n_plans = len(list((work / "plans").glob("plan-*.json")))
@@ -91,6 +95,9 @@ def main():
               f"Measurement + plan took "
               f"{info.get('measure_plan_seconds', float('nan')):.0f} s of the quantize run; the whole quantize run "
               f"(measure, plan, GPTQ, save) {info['seconds']:.0f} s inside the process.", "",
+              ("The self-generated calibration rows were written in this run (none of this model's were in the cache: "
+               "what a first run on a model pays once)." if generated else "The self-generated calibration rows came "
+               "from the cache (an earlier run on this model wrote them; a first run also writes them)."), "",
               "| step | wall s | peak RSS MB |", "|---|---:|---:|"]
     for k, r in rows.items():
         lines.append(f"| {k} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
@@ -112,7 +119,7 @@ def main():
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows, "eval": ev, "all_block_inputs_mb": all_acts_mb,
                                                           "quantize_info_seconds": info["seconds"],
-                                                          "recipe": info.get("recipe")}, indent=2))
+                                                          "recipe": info.get("recipe"), "selfgen_generated": generated}, indent=2))
     print("\n".join(lines))
 
 
