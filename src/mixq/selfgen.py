@@ -11,9 +11,9 @@ Sampling: from the model's whole next-token distribution (temperature 1, no top-
 turn or a new text, is its own distribution too).  Untruncated, the rows are about as surprising to the model
 as human text is: SmolLM2-135M's perplexity on its 32 rows is 26 (PTB test 67, the fortunes 47), where
 ``VERSION`` 1's nucleus sampling (``top_p = 0.95`` within the 64 likeliest tokens) wrote rows of perplexity 5.8
--- the likeliest continuations, whose activations human text leaves far behind.  Calibrated on the untruncated
-rows, the 3.0-bpw plan lost 4-5 % less KL in both domains (bench/results/calib_sources.md).  Prompt order and
-sampling are seeded, so the rows are a pure function of (model, n, seqlen, seed, BOS, this module's
+-- the likeliest continuations, whose activations human text leaves far behind.  Calibrated on untruncated
+rows, SmolLM2's plans lost 3-8 % less KL in both domains at 2.5-4.0 bpw (bench/results/calib_sources.md).
+Prompt order and sampling are seeded, so the rows are a pure function of (model, n, seqlen, seed, BOS, this module's
 ``VERSION`` and prompt lists); they are cached under ``mixq.models.cache_dir() / "selfgen"`` keyed by
 all of these, with a sha256 of the ids checked on load.
 """
@@ -163,7 +163,8 @@ def cache_key(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, bos_i
     from .models import model_fingerprint
 
     blob = json.dumps({"version": VERSION, "model": model_fingerprint(model), "n": n, "seqlen": seqlen,
-                       "seed": seed, "bos": bos_id, "prompts": prompt_texts(tokenizer, n, seed), "vocab": len(tokenizer)}, sort_keys=True)
+                       "seed": seed, "bos": bos_id, "prompts": prompt_texts(tokenizer, n, seed),
+                       "vocab": len(tokenizer)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
