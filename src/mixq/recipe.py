@@ -67,8 +67,8 @@ with the end-to-end epoch from 0.197 / 0.333 to 0.195 / 0.323 at 2.5, from 0.107
 fortunes no more and PTB less; GPTQ's damping, the isotropic alternative, traded PTB for the fortunes at best.
 ``mixq-default-15`` is ``-14`` with the self-generated calibration rows sampled from the model's whole
 distribution (:mod:`mixq.selfgen` version 2) instead of its nucleus (top-p 0.95 within the 64 likeliest tokens):
-rows as surprising to the model as human text (SmolLM2's perplexity on them 26, against 5.8 truncated; PTB test
-67, the fortunes 47).  With the same measurement and plans, GPTQ and the epoch on untruncated rows took SmolLM2
+rows about as surprising to the model as human text (SmolLM2's perplexity on them 26 and 34 in two draws,
+against 5.8 truncated; PTB test 67, the fortunes 47).  With the same measurement and plans, GPTQ and the epoch on untruncated rows took SmolLM2
 from 0.195 / 0.323 to 0.188 / 0.300 at 2.5 bpw, from 0.106 / 0.178 to 0.102 / 0.169 at 3.0 and from 0.032 / 0.052
 to 0.031 / 0.048 at 4.0 (bench/results/calib_sources.md) -- lower in both domains at every budget, the fortunes
 most (rows of a scratch patch that drew from the same distribution through a sorted top-k over the whole

@@ -9,10 +9,11 @@ that the model meets in use, which a single corpus such as PTB (lower-cased news
 Sampling: from the model's whole next-token distribution (temperature 1, no top-k or nucleus truncation),
 ``seqlen`` tokens per row, prompt included, never stopped at end-of-turn (what a model writes after it, a new
 turn or a new text, is its own distribution too).  Untruncated, the rows are about as surprising to the model
-as human text is: SmolLM2-135M's perplexity on its 32 rows is 26 (PTB test 67, the fortunes 47), where
-``VERSION`` 1's nucleus sampling (``top_p = 0.95`` within the 64 likeliest tokens) wrote rows of perplexity 5.8
--- the likeliest continuations, whose activations human text leaves far behind.  Calibrated on untruncated
-rows, SmolLM2's plans lost 3-8 % less KL in both domains at 2.5-4.0 bpw (bench/results/calib_sources.md).
+as human text is: SmolLM2-135M's perplexity on its 32 rows is 34 (26 in another draw; PTB test 67, the
+fortunes 47), where ``VERSION`` 1's nucleus sampling (``top_p = 0.95`` within the 64 likeliest tokens) wrote
+rows of perplexity 5.8 -- the likeliest continuations, whose activations human text leaves far behind.
+Calibrated on untruncated rows, SmolLM2's plans scored 3-8 % less KL in both domains at 2.5-4.0 bpw
+(bench/results/calib_sources.md).
 Prompt order and sampling are seeded, so the rows are a pure function of (model, n, seqlen, seed, BOS, this module's
 ``VERSION`` and prompt lists); they are cached under ``mixq.models.cache_dir() / "selfgen"`` keyed by
 all of these, with a sha256 of the ids checked on load.
