@@ -33,7 +33,8 @@ TARGETS = [(2.5, 0.40), (3.0, 0.15), (4.0, 0.033)]
 # by its name); every other curve is drawn thin and grey, unnamed (the table names them all)
 HIGHLIGHT = {"mixq-default-15 (today: mixq quantize --bpw X)": ("mixq quantize --bpw X [mixq-default-15]",),
              "mixq-default-14": ("mixq quantize --bpw X [mixq-default-14]",),
-             "mixq-default-13": ("mixq quantize --bpw X [mixq-default-13]",), "mixq-default-12": ("n64",), "mixq-default-11": ("ip1",),
+             "mixq-default-13": ("mixq quantize --bpw X [mixq-default-13]",), "mixq-default-12": ("n64",),
+             "mixq-default-11": ("ip1",),
              "mixq-default-10": ("tcq56-L12", "L12-a", "L12-b")}
 
 
@@ -54,7 +55,8 @@ def rows() -> list[dict]:
         for label in labels:
             doc = json.loads((RESULTS / folder / f"{label}.json").read_text())
             out.append({"curve": curve, "bpw": doc["size"]["bpw_linears"], "ptb": doc["domains"]["ptb"]["kl"],
-                        "fortunes": doc["domains"]["fortunes"]["kl"], "spec": "mixed", "src": f"{folder}/{label}.json"})
+                        "fortunes": doc["domains"]["fortunes"]["kl"], "spec": "mixed",
+                        "src": f"{folder}/{label}.json"})
     return out
 
 
@@ -71,7 +73,8 @@ def main():
                    "python bench/frontier.py")
     lines += ["Every row was measured on this machine by the script its source file names; llama.cpp rows are its "
               "own files (imatrix from PTB train) scored by `mixq eval` alike (llamacpp_domains.md; llama.cpp cannot "
-              "go below ~4 bpw on 576-wide rows). Targets (issue 18): KL <= 0.40 at 2.5 bpw, <= 0.15 at 3.0, <= 0.033 at 4.0, in both domains.",
+              "go below ~4 bpw on 576-wide rows). Targets (issue 18): KL <= 0.40 at 2.5 bpw, <= 0.15 at 3.0, "
+              "<= 0.033 at 4.0, in both domains.",
               "", "The embedded model's weights sit on a 4-bit/g32 asymmetric grid (it ships as Q4_1): at >= 4.5 bpw "
               "plain grids that contain that grid are flattered; +ip layers rotate it away.", "",
               "| curve | bpw | spec | KL PTB | KL fortunes | source |", "|---|---:|---|---:|---:|---|"]

@@ -12,8 +12,8 @@ protocol, so the two can be read side by side at equal in-domain KL:
    from the same calibration domain mixq's PTB rows come from.
 3. Each stock type: ``llama-quantize --imatrix`` (token embedding and output F16), then the file scored by ``mixq
    eval FILE.gguf --corpus ptb,fortunes --tokens 4096`` against the fp32 model (mixq reads a GGUF file through
-   transformers' loader, gguf-py's dequantization: the file's exact weights in fp32) -- the protocol of every two-domain figure in
-   ``bench/results`` (KL on the first 4,096 tokens of each test split, 512-token windows).  The F16 file
+   transformers' loader, gguf-py's dequantization: the file's exact weights in fp32) -- the protocol of every
+   two-domain figure in ``bench/results`` (KL on the first 4,096 tokens of each test split, 512-token windows).  The F16 file
    itself is scored too (the floor of reading a file back).
 4. ``--mixq LABEL=EVAL.json``: rows of ``mixq eval`` JSONs of mixq's own plans, put in the same table.
 
@@ -31,11 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+import llamacpp
 from common import RESULTS, header
 from gguf_vs_llamacpp import block_linear_bpw, f16_gguf, importance_matrix, stock, texts
-
-sys.path.insert(0, str(Path(__file__).parent))
-import llamacpp  # noqa: E402
 
 TYPES = ("IQ2_M", "IQ3_S", "IQ4_XS", "Q3_K_M", "Q4_K_M", "Q5_K_M")
 

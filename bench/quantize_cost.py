@@ -119,7 +119,8 @@ def main():
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows, "eval": ev, "all_block_inputs_mb": all_acts_mb,
                                                           "quantize_info_seconds": info["seconds"],
-                                                          "recipe": info.get("recipe"), "selfgen_generated": generated}, indent=2))
+                                                          "recipe": info.get("recipe"),
+                                                          "selfgen_generated": generated}, indent=2))
     print("\n".join(lines))
 
 
