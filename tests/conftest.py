@@ -8,10 +8,37 @@ cache exists in the user cache dir.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
 from tiny import FAMILIES, make_tiny, make_tiny_tokenizer
+
+
+# The user's cache entries the tests may share (costly to build, keyed by what they hold); everything else a test
+# writes to mixq's cache (self-generated calibration rows, converted local GGUF files) goes to a private one.
+_SHARED_CACHE = ("models", "gguf", "kernels")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """``$MIXQ_CACHE_DIR`` for the whole session (subprocesses included): a temporary folder whose ``models``,
+    ``gguf`` and ``kernels`` link to the user's cache, so converted models and compiled kernels are reused while
+    the tests leave nothing else behind there."""
+    from mixq.models import cache_dir
+
+    real = cache_dir()
+    root = tmp_path_factory.mktemp("mixq-cache")
+    for name in _SHARED_CACHE:
+        (real / name).mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(real / name, target_is_directory=True)
+    old = os.environ.get("MIXQ_CACHE_DIR")
+    os.environ["MIXQ_CACHE_DIR"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("MIXQ_CACHE_DIR", None)
+    else:
+        os.environ["MIXQ_CACHE_DIR"] = old
 
 
 @pytest.fixture
