@@ -48,7 +48,9 @@ def calib_args(p, *, nsamples: int = 128, seqlen: str = "--seqlen", what: str = 
                seed: str = "seed of the calibration sampler", bos: bool = True) -> None:
     """``--calib``, ``--nsamples``, ``seqlen`` (``--seqlen`` or ``--calib-seqlen``), ``--seed`` and ``--bos``."""
     p.add_argument("--calib", default=DEFAULT_CALIB,
-                   help=f"{what}: {CALIB_SOURCES} (default {DEFAULT_CALIB}; see mixq.calibset)")
+                   help=f"{what}: {CALIB_SOURCES} (default {DEFAULT_CALIB}; see mixq.calibset). Add text like the "
+                        f"model's real input, e.g. {DEFAULT_CALIB}+mine.txt: the plans fit what they are calibrated "
+                        "on")
     p.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration samples (default {nsamples})")
     p.add_argument(seqlen, type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--seed", type=int, default=0, help=seed)
