@@ -26,12 +26,14 @@ LLAMA_CPP_MAX_BPW = 5.6  # above it llama.cpp's types find the embedded model's 
 # recipes as command-line runs scored by bench/dirs_ab.py: curve -> (results folder, the labels of its rows)
 DIRS_AB = {"mixq quantize --bpw X [mixq-default-14]": ("hessian_shrink", ("smol-2.5-S0.1", "smol-3.0-S0.1",
                                                                            "smol-4.0-S0.1")),
-           "mixq quantize --bpw X [mixq-default-15]": ("calib_sources", ("self-untruncated-2.5", "self-untruncated",
-                                                                           "self-untruncated-4.0"))}
+           "mixq quantize --bpw X [mixq-default-15]": ("default15", ("recipe-2.5", "recipe-3.0", "recipe-4.0")),
+           "mixq quantize --bpw X --calib self [mixq-default-15]": ("default15", ("self-only-2.5", "self-only-3.0",
+                                                                                  "self-only-4.0"))}
 TARGETS = [(2.5, 0.40), (3.0, 0.15), (4.0, 0.033)]
 # recipes drawn as named curves (the mixed GPTQ+e2e rows of these generalization runs, or a frontier/*.json curve
 # by its name); every other curve is drawn thin and grey, unnamed (the table names them all)
 HIGHLIGHT = {"mixq-default-15 (today: mixq quantize --bpw X)": ("mixq quantize --bpw X [mixq-default-15]",),
+             "mixq-default-15, --calib self (no PTB)": ("mixq quantize --bpw X --calib self [mixq-default-15]",),
              "mixq-default-14": ("mixq quantize --bpw X [mixq-default-14]",),
              "mixq-default-13": ("mixq quantize --bpw X [mixq-default-13]",), "mixq-default-12": ("n64",),
              "mixq-default-11": ("ip1",),
