@@ -158,3 +158,14 @@ def test_fortunes_splits(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXQ_FORTUNES_DIR", str(tmp_path / "none"))
     with pytest.raises(data.CorpusUnavailableError, match="apt-get install fortunes"):
         data.load_corpus("fortunes", "test")
+
+
+def test_the_suite_writes_self_generated_rows_to_a_private_cache(tiny, private_cache):
+    """conftest's session cache: rows a test generates land there, and the user's costly entries are shared."""
+    from mixq.models import cache_dir
+
+    assert cache_dir() == private_cache and not (private_cache / "selfgen").is_symlink()
+    assert all((private_cache / name).is_symlink() for name in ("models", "gguf", "kernels"))
+    model, tok = tiny
+    build_calibration(model, tok, "self", 2, 16, seed=5, progress=False)
+    assert list((private_cache / "selfgen").glob("*.safetensors"))
