@@ -30,8 +30,8 @@ from pathlib import Path
 
 from common import RESULTS, header
 
-from mixq.models import cache_dir
 from mixq.recipe import DEFAULT_RECIPE
+from mixq.selfgen import cache_root
 
 MIXQ = [sys.executable, "-m", "mixq.cli"]
 
@@ -64,7 +64,7 @@ def main():
     try:
         base = timed([*MIXQ, "eval", "--tokens", "512"])
         out = work / "q"
-        selfgen = cache_dir() / "selfgen"
+        selfgen = cache_root()
         before = set(selfgen.glob("*.safetensors"))
         q = timed([*MIXQ, "quantize", "--bpw", str(args.bpw), *(["--nsamples", str(args.nsamples)] if args.nsamples
                                                                   else []), *args.quantize_args.split(), "--out", str(out)])

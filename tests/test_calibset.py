@@ -107,8 +107,7 @@ def test_cache_is_reused_and_a_damaged_entry_regenerated(tiny, tmp_path, monkeyp
     assert calls == [1]  # damaged: generated again
 
 
-def test_calibration_hash_changes_the_measurement_key(tiny, corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+def test_calibration_hash_changes_the_measurement_key(tiny, corpus):
     model, tok = tiny
     cands = default_candidates()[:2]
     a = build_calibration(model, tok, "self", 4, 16, seed=0, progress=False)
@@ -121,8 +120,7 @@ def test_calibration_hash_changes_the_measurement_key(tiny, corpus, tmp_path, mo
                            cands, "kfac", "rtn")["calibration"] == keys[0]
 
 
-def test_mixture_interleaves_sources_and_records_them(tiny, corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXQ_CACHE_DIR", str(tmp_path / "cache"))
+def test_mixture_interleaves_sources_and_records_them(tiny, corpus):
     model, tok = tiny
     s = build_calibration(model, tok, f"self+{corpus}", 5, 16, seed=0, bos_id=BOS, progress=False)
     assert s.ids.shape == (5, 16) and bool((s.ids[:, 0] == BOS).all())
@@ -164,8 +162,8 @@ def test_the_suite_writes_self_generated_rows_to_a_private_cache(tiny, private_c
     """conftest's session cache: rows a test generates land there, and the user's costly entries are shared."""
     from mixq.models import cache_dir
 
-    assert cache_dir() == private_cache and not (private_cache / "selfgen").is_symlink()
+    assert cache_dir() == private_cache and not selfgen.cache_root().is_symlink()
     assert all((private_cache / name).is_symlink() for name in ("models", "gguf", "kernels"))
     model, tok = tiny
     build_calibration(model, tok, "self", 2, 16, seed=5, progress=False)
-    assert list((private_cache / "selfgen").glob("*.safetensors"))
+    assert list(selfgen.cache_root().glob("*.safetensors"))

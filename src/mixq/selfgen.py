@@ -214,16 +214,22 @@ def _sample_batch(model: nn.Module, prompts: list[list[int]], seqlen: int, devic
     return list(buf)
 
 
+def cache_root() -> Path:
+    """Where :func:`self_generated` keeps its rows by default: ``mixq.models.cache_dir() / "selfgen"``."""
+    from .models import cache_dir
+
+    return cache_dir() / "selfgen"
+
+
 def self_generated(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, *, bos_id: int | None = None,
                    cache: Path | None = None, progress: bool = True) -> torch.Tensor:
-    """:func:`generate_rows`, cached: ``cache`` (default ``cache_dir()/selfgen``) holds one safetensors file
+    """:func:`generate_rows`, cached: ``cache`` (default :func:`cache_root`) holds one safetensors file
     per key, its ids' sha256 checked on load (a damaged file is generated again)."""
     from safetensors.torch import load_file, save_file
 
     from .fsmode import publish
-    from .models import cache_dir
 
-    root = Path(cache) if cache is not None else cache_dir() / "selfgen"
+    root = Path(cache) if cache is not None else cache_root()
     key = cache_key(model, tokenizer, n, seqlen, seed, bos_id)
     path = root / f"{key}.safetensors"
     if path.exists():
