@@ -558,3 +558,37 @@ def test_l12_scales_are_fitted_through_the_10_bit_trellis():
         else:
             assert q12.proxy_loss < q10.proxy_loss
         assert torch.equal(q12.dequantize(), W12)
+
+
+@needs_native
+@pytest.mark.parametrize("name,shape", [("TCQ2-channel", (96, 320)), ("TCQ2.5-g64", (64, 256)),
+                                        ("TCQ3.5L10-channel", (48, 192)), ("TCQ6L12-g128", (40, 384)),
+                                        ("TCQ3-g64", (256, 192))])
+def test_native_gptq_sweep_gives_the_torch_sweeps_bits(name, shape, monkeypatch):
+    """GPTQ through the trellis with the block's column steps done natively (tcq_cpu.SweepSearch, sweep_runs) gives
+    the same bits, scales and weights as the torch column loop (sweep + viterbi), to the bit: group starts inside a
+    block and past its end, rows weighted or not, 8-12 state bits."""
+    spec = parse_spec(name)
+    R, C = shape
+    g = torch.Generator().manual_seed(11)
+    W, H = torch.randn(R, C, generator=g), _hess(C)
+    for rw in (None, torch.rand(R, generator=g) + 0.2):
+        native = quantize_tcq(W, spec, H, "gptq", row_weight=rw, block_size=96)
+        with monkeypatch.context() as m:
+            m.setattr(tcq_cpu.SweepSearch, "make", classmethod(lambda cls, *a: None))
+            ref = quantize_tcq(W, spec, H, "gptq", row_weight=rw, block_size=96)
+        assert torch.equal(native[0].bits, ref[0].bits) and torch.equal(native[0].scale, ref[0].scale)
+        assert torch.equal(native[1], ref[1])
+
+
+@needs_native
+def test_native_gptq_sweep_rejects_what_it_cannot_search():
+    s = tcq_cpu.SweepSearch.make(tc.schedule(3, 8), tc.lut(3), 8)
+    s.scales(torch.ones(8), torch.ones(8))
+    Wt, U = torch.zeros(4, 8), torch.eye(4)
+    with pytest.raises(ValueError, match="unit column stride"):
+        s.run(Wt, torch.zeros(4, 8), U[:, :2], 0, 4, torch.zeros(4, 8, dtype=torch.uint8))
+    bad = tcq_cpu.SweepSearch.make(torch.full((8,), 7, dtype=torch.uint8), tc.lut(3), 8)
+    bad.scales(torch.ones(8), torch.ones(8))
+    with pytest.raises(ValueError, match="unsupported trellis"):
+        bad.run(Wt, torch.zeros(4, 8), U, 0, 4, torch.zeros(4, 8, dtype=torch.uint8))

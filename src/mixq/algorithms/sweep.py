@@ -70,3 +70,34 @@ def sweep(Wk: torch.Tensor, U: torch.Tensor, round_step: RoundStep, *, block_siz
                     E1[:, j:j + width] = E
                     W1[:, j + width:] -= E @ U[i:i + width, i + width:i2]
         Wk[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+
+# run(Wt, Et, U, j, jb, i1): columns j .. jb - 1 of the block starting at column i1, held column by column
+# (``Wt [nb, R]``), rounded with their errors fed forward inside the block, errors into ``Et [nb, R]``; ``U`` the
+# block's rows of the factor from column i1 on.  start(i, w): a group of columns begins at i, ``w [R, glen]`` its
+# current values.
+RunStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int, int], None]
+
+
+def sweep_runs(Wk: torch.Tensor, U: torch.Tensor, run: RunStep, start: Callable[[int, torch.Tensor], None], *,
+               group_len: int, block_size: int = 128) -> None:
+    """:func:`sweep` for a quantizer that rounds a run of columns at once (a native trellis search and its feedback,
+    :class:`mixq.runtime.kernels.tcq_cpu.SweepSearch`): the same blocks and lazy batch update, ``run`` called for each
+    stretch of a block inside one group of ``group_len`` columns, ``start`` where a group begins."""
+    C = Wk.shape[1]
+    Uc = U.contiguous()  # run's rows; the batch update keeps U's own layout (sweep's products to the bit)
+    for i1 in range(0, C, block_size):
+        i2 = min(i1 + block_size, C)
+        Wt = Wk[:, i1:i2].T.contiguous()
+        Et = torch.empty_like(Wt)
+        j = 0
+        while j < i2 - i1:
+            i = i1 + j
+            if i % group_len == 0:
+                n = group_len
+                w = Wt[j:j + n].T if i + n <= i2 else torch.cat([Wt[j:].T, Wk[:, i2:i + n]], 1)
+                start(i, w.contiguous())
+            jb = min(i2, (i // group_len + 1) * group_len) - i1
+            run(Wt, Et, Uc[i1:i2, i1:], j, jb, i1)
+            j = jb
+        Wk[:, i2:] -= Et.T.contiguous() @ U[i1:i2, i2:]

@@ -26,6 +26,8 @@ scales through the 8-bit trellis was tried: within 0.1-0.4 % of the proxy on Gau
 ``TCQ3L10-channel+ip`` on SmolLM2 gave KL 0.189 / 0.294 (PTB / fortunes) against 0.182 / 0.289 and 0.191 / 0.290
 fitting at L = 10 -- the last two differ only in the search's float rounding, so the fit's effect is inside
 run-to-run variation; runs ``g_tcq3_L10*`` of generalization.md.)
+Where the native kernel builds, GPTQ's column steps run in it a block at a time (:func:`mixq.algorithms.sweep.sweep_runs`,
+:class:`mixq.runtime.kernels.tcq_cpu.SweepSearch`): the same searches and arithmetic as the torch column loop, to the bit.
 Cost (:meth:`CompositeSpec.cost`): ``R · C · rate`` bits plus ``R · G`` fp16 scales.  The stored parts
 (:class:`~mixq.formats.composite.tcq_storage.TCQQTensor`), their decoding and packing:
 :mod:`mixq.formats.composite.tcq_storage`.
@@ -36,9 +38,10 @@ import torch
 
 from ...config import CompositeSpec
 from ...formats.composite.scales import group_len, round_scale
-from ...formats.composite.tcq_codebook import lut as tcq_lut
+from ...formats.composite.tcq_codebook import lut as tcq_lut, schedule
 from ...formats.composite.tcq_storage import TCQQTensor, apply_scale, unit_values
-from ..sweep import sweep
+from ...runtime.kernels import tcq_cpu
+from ..sweep import sweep, sweep_runs
 from .tcq_search import viterbi
 
 SCALE_ITERS = 2
@@ -138,6 +141,17 @@ def _gptq(W0, H, spec, table, fit_table, glen, damp, block_size, hinv_chol, scal
     U, _ = hinv_chol if hinv_chol is not None else prepare_hessian(H, damp)
     bits = torch.empty(C, R, dtype=torch.uint8)
     scale = torch.empty(R, C // glen)
+    L = table.numel().bit_length() - 1
+    native = tcq_cpu.SweepSearch.make(schedule(spec.tcq_rate, R), table, L)
+    if native is not None:  # the same searches and arithmetic as round_column's below, a block's columns a call
+        def start(col, w):
+            scale[:, col // glen] = fit_scales(w, spec, fit_table, scale_iters, rw)[0]
+            s = scale[:, col // glen]
+            native.scales(s, s * s if rw is None else s * s * rw)
+
+        sweep_runs(Wk, U.float(), lambda Wt, Et, Ub, j, jb, i1: native.run(Wt, Et, Ub, j, jb, bits[i1:i1 + len(Wt)]),
+                   start, group_len=glen, block_size=block_size)
+        return bits, scale, apply_scale(unit_values(bits, spec), scale, glen)
 
     def round_column(col, w, ahead):
         if col % glen == 0:  # a new group: its scales from the weights as updated so far

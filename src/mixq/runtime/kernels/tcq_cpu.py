@@ -14,6 +14,11 @@ otherwise vectorizes across predecessors with strided stores): 1.3-3x faster at 
 (one thread, 256 x 576 targets, L = 8 and 10; measured against the scalar loop).  Sequences are split over OpenMP
 threads.
 
+``tcq_sweep``: GPTQ's column sweep through the trellis (:class:`SweepSearch`): a block's columns searched one after
+another on the calling thread, each column's error fed to the block's later columns in C, where the torch loop's
+tensor operations around each search had cost a column of the measurement's 256 rows (8 state bits) about five
+times the search itself: GPTQ of a 256 x 576 layer 153 -> 59 us a column, the same bits to the last one.
+
 ``tcq_decode``: ``Ŵ`` from the stream, a column per thread step.  ``tcq_gemv``: ``y[m, r] = Σ_g s[r, g] Σ_{j in g} x[m, j] · lut[state(r, j)]`` from the column-major symbol stream
 (``w``-bit symbols, LSB-first packed, one per ``P`` rows of a column): each thread walks whole columns of its
 column range, four at a time so that four state chains run side by side, into a private partial sum -- or, where
@@ -56,6 +61,7 @@ def _lib():
     return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE + WORDS_SOURCE + WORDS_AVX2_SOURCE + STEP_SOURCE,
                 "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
+        "tcq_sweep": (ctypes.c_int, [VOID_P] * 3 + [INT] * 5 + [VOID_P] * 4 + [INT, VOID_P]),
         "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
         "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_words_isa": (ctypes.c_int, []),
@@ -110,6 +116,47 @@ def viterbi(x: torch.Tensor, w: torch.Tensor, ks: torch.Tensor, lut: torch.Tenso
         raise ValueError(f"tcq_viterbi: unsupported trellis (L={L}, step bits {sorted(set(ks.tolist()))}): "
                          "L must be 8, 10 or 12 and every step 1..6 bits")
     return out, vals, cost
+
+
+class SweepSearch:
+    """GPTQ's column sweep through the trellis at one rate, natively (``tcq_sweep`` in the C source): :meth:`run`
+    searches columns ``ja .. jb - 1`` of a block held column by column (``Wt [nb, R]``), each at the row scales and
+    search weights of :meth:`scales`, writes their bits and errors and feeds each error to the block's later columns
+    -- the arithmetic of :func:`mixq.algorithms.sweep.sweep` with :func:`viterbi` as its rounding step, without the
+    tensor operations of each step (they cost a column of a few hundred rows ten times its search).  None from
+    :meth:`make` without the kernel."""
+
+    def __init__(self, lib, ks: torch.Tensor, lut: torch.Tensor, L: int):
+        self._fn = lib.tcq_sweep
+        self.ks, self.lut, self.L = ks.to(torch.uint8).contiguous(), lut.float().contiguous(), L
+        self.R = self.ks.numel()
+        self._s = self._ws = None
+
+    @classmethod
+    def make(cls, ks: torch.Tensor, lut: torch.Tensor, L: int) -> "SweepSearch | None":
+        lib = _lib()
+        return None if lib is None else cls(lib, ks, lut, L)
+
+    def scales(self, s: torch.Tensor, ws: torch.Tensor) -> None:
+        """The row scales and search weights of the columns that follow (float32 ``[R]``)."""
+        self._s, self._ws = s.float().contiguous(), ws.float().contiguous()
+
+    def run(self, Wt: torch.Tensor, Et: torch.Tensor, U: torch.Tensor, ja: int, jb: int, bits: torch.Tensor) -> None:
+        """Columns ``ja .. jb - 1`` of the block ``Wt [nb, R]`` (float32, contiguous; updated in place), their errors
+        into ``Et [nb, R]`` and their bits into ``bits [nb, R]`` (uint8, contiguous); ``U`` the block's rows of the
+        inverse Hessian's upper Cholesky factor, ``[nb, >= nb]`` float32 with unit column stride."""
+        nb, R = Wt.shape
+        ok = (R == self.R and Wt.dtype == Et.dtype == U.dtype == torch.float32 and bits.dtype == torch.uint8
+              and Wt.is_contiguous() and Et.is_contiguous() and bits.is_contiguous() and tuple(Et.shape) == (nb, R)
+              and tuple(bits.shape) == (nb, R) and U.shape[0] == nb and U.shape[1] >= nb and U.stride(1) == 1)
+        if not ok:
+            raise ValueError(f"tcq sweep: Wt / Et must be float32 [nb, {self.R}], bits uint8 [nb, {self.R}] (all "
+                             "contiguous) and U float32 [nb, >= nb] with unit column stride")
+        rc = self._fn(Wt.data_ptr(), Et.data_ptr(), U.data_ptr(), U.stride(0), nb, ja, jb, R, self._s.data_ptr(),
+                      self._ws.data_ptr(), self.ks.data_ptr(), self.lut.data_ptr(), self.L, bits.data_ptr())
+        if rc:
+            raise ValueError(f"tcq_sweep: unsupported trellis (L={self.L}, step bits "
+                             f"{sorted(set(self.ks.tolist()))}): L must be 8, 10 or 12 and every step 1..6 bits")
 
 
 def _check_layout(what: str, stream: torch.Tensor, scale: torch.Tensor, R: int, C: int, P: int, wbits: int,

@@ -63,11 +63,49 @@ static inline __attribute__((always_inline)) void tcq_step(const int k, const in
 #endif
 }
 
+/* one sequence of T targets: its least-cost bits, the table values they decode to, its cost; buffers of S, S, UM,
+   UM + 8 and T * UM entries (kept out of line: the fast-math region's code is not inlined into plain callers) */
+static __attribute__((noinline)) void tcq_search_one(const float* xn, const float* wn, const uint8_t* ks, int T,
+    const float* lut, int L, int UM, float* c0, float* c1, int32_t* mi, float* m, uint8_t* bp, uint8_t* out,
+    float* vals, float* cost) {
+  const int S = 1 << L;
+  for (int s = 0; s < S; s++) c0[s] = 1e30f;
+  c0[0] = 0.0f;
+  for (int t = 0; t < T; t++) {
+    uint8_t* bpt = bp + (size_t)t * UM;
+    switch (ks[t] * 16 + L) {
+#define TCQ_CASE(K, LL) case K * 16 + LL: tcq_step(K, LL, (const int32_t*)c0, c1, mi, m, bpt, lut, xn[t], wn[t]); break;
+      TCQ_CASE(1, 8) TCQ_CASE(2, 8) TCQ_CASE(3, 8) TCQ_CASE(4, 8) TCQ_CASE(5, 8) TCQ_CASE(6, 8)
+      TCQ_CASE(1, 10) TCQ_CASE(2, 10) TCQ_CASE(3, 10) TCQ_CASE(4, 10) TCQ_CASE(5, 10) TCQ_CASE(6, 10)
+      TCQ_CASE(1, 12) TCQ_CASE(2, 12) TCQ_CASE(3, 12) TCQ_CASE(4, 12) TCQ_CASE(5, 12) TCQ_CASE(6, 12)
+      default: break;
+    }
+    float* tmp = c0; c0 = c1; c1 = tmp;
+  }
+  int s = 0;
+  for (int q = 1; q < S; q++) if (c0[q] < c0[s]) s = q;
+  *cost = c0[s];
+  for (int t = T - 1; t >= 0; t--) {
+    const int k = ks[t];
+    out[t] = (uint8_t)(s & ((1 << k) - 1));
+    vals[t] = lut[s];
+    const int u = s >> k;
+    s = ((int)bp[(size_t)t * UM + u] << (L - k)) | u;
+  }
+}
+
+/* the smallest step of a schedule (its back-pointer rows' length is 2^L >> it), or -1: a step outside 1..6 bits or
+   not below L, or L not 8, 10 or 12 */
+static int tcq_kmin(const uint8_t* ks, int T, int L) {
+  int kmin = 8;
+  for (int t = 0; t < T; t++) { if (ks[t] < 1 || ks[t] > 6 || ks[t] >= L) return -1; if (ks[t] < kmin) kmin = ks[t]; }
+  return (L != 8 && L != 10 && L != 12) ? -1 : kmin;
+}
+
 int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T, const float* lut, int L,
                 uint8_t* out, float* vals, float* cost) {
-  int kmin = 8;
-  for (int t = 0; t < T; t++) { if (ks[t] < 1 || ks[t] > 6 || ks[t] >= L) return 1; if (ks[t] < kmin) kmin = ks[t]; }
-  if (L != 8 && L != 10 && L != 12) return 2;
+  const int kmin = tcq_kmin(ks, T, L);
+  if (kmin < 0) return 1;
   const int S = 1 << L, UM = S >> kmin;
   #pragma omp parallel
   {
@@ -77,38 +115,51 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
     float* m = (float*)malloc(sizeof(float) * (UM + 8));  /* + 8: the AVX2 step reads a whole vector of minima */
     uint8_t* bp = (uint8_t*)malloc((size_t)T * UM);
     #pragma omp for schedule(dynamic)
-    for (int n = 0; n < N; n++) {
-      const float* xn = x + (size_t)n * T;
-      const float* wn = w + (size_t)n * T;
-      for (int s = 0; s < S; s++) c0[s] = 1e30f;
-      c0[0] = 0.0f;
-      for (int t = 0; t < T; t++) {
-        uint8_t* bpt = bp + (size_t)t * UM;
-        switch (ks[t] * 16 + L) {
-#define TCQ_CASE(K, LL) case K * 16 + LL: tcq_step(K, LL, (const int32_t*)c0, c1, mi, m, bpt, lut, xn[t], wn[t]); break;
-          TCQ_CASE(1, 8) TCQ_CASE(2, 8) TCQ_CASE(3, 8) TCQ_CASE(4, 8) TCQ_CASE(5, 8) TCQ_CASE(6, 8)
-          TCQ_CASE(1, 10) TCQ_CASE(2, 10) TCQ_CASE(3, 10) TCQ_CASE(4, 10) TCQ_CASE(5, 10) TCQ_CASE(6, 10)
-          TCQ_CASE(1, 12) TCQ_CASE(2, 12) TCQ_CASE(3, 12) TCQ_CASE(4, 12) TCQ_CASE(5, 12) TCQ_CASE(6, 12)
-          default: break;
-        }
-        float* tmp = c0; c0 = c1; c1 = tmp;
-      }
-      int s = 0;
-      for (int q = 1; q < S; q++) if (c0[q] < c0[s]) s = q;
-      cost[n] = c0[s];
-      for (int t = T - 1; t >= 0; t--) {
-        const int k = ks[t];
-        out[(size_t)n * T + t] = (uint8_t)(s & ((1 << k) - 1));
-        vals[(size_t)n * T + t] = lut[s];
-        const int u = s >> k;
-        s = ((int)bp[(size_t)t * UM + u] << (L - k)) | u;
-      }
-    }
+    for (int n = 0; n < N; n++)
+      tcq_search_one(x + (size_t)n * T, w + (size_t)n * T, ks, T, lut, L, UM, c0, c1, mi, m, bp,
+                     out + (size_t)n * T, vals + (size_t)n * T, cost + n);
     free(c0); free(c1); free(mi); free(m); free(bp);
   }
   return 0;
 }
 #pragma GCC pop_options
+
+/* GPTQ's sweep over columns ja..jb-1 of one block of nb columns, each of R rows (mixq.algorithms.sweep.sweep_runs):
+   Wt [nb, R] the block's current columns (updated in place), U its rows of the inverse Hessian's upper Cholesky factor
+   (U[j * ldu + c]: column c of block row j), s / ws the row scales and search weights of these columns' group.  Each
+   column's targets w[r] / s[r] are searched (tcq_search_one, as tcq_viterbi does), its error e = (w - q) / U[j][j] goes to Et [nb, R], and the block's later
+   columns take w_c -= e * U[j][c] -- the arithmetic of sweep()'s torch step, operation for operation */
+__attribute__((optimize("fp-contract=off")))
+int tcq_sweep(float* Wt, float* Et, const float* U, int ldu, int nb, int ja, int jb, int R, const float* s,
+              const float* ws, const uint8_t* ks, const float* lut, int L, uint8_t* bits) {
+  const int kmin = tcq_kmin(ks, R, L);
+  if (kmin < 0) return 1;
+  const int S = 1 << L, UM = S >> kmin;
+  float* x = (float*)malloc(sizeof(float) * ((size_t)2 * S + UM + 8 + 2 * (size_t)R));
+  int32_t* mi = (int32_t*)malloc(sizeof(int32_t) * UM);
+  uint8_t* bp = (uint8_t*)malloc((size_t)R * UM);
+  float* q = x + R;
+  float* c0 = q + R;
+  float* c1 = c0 + S;
+  float* m = c1 + S;
+  float cost;
+  for (int j = ja; j < jb; j++) {
+    float* w = Wt + (size_t)j * R;
+    float* e = Et + (size_t)j * R;
+    for (int r = 0; r < R; r++) x[r] = w[r] / s[r];
+    tcq_search_one(x, ws, ks, R, lut, L, UM, c0, c1, mi, m, bp, bits + (size_t)j * R, q, &cost);
+    const float d = U[(size_t)j * ldu + j];
+    for (int r = 0; r < R; r++) e[r] = (w[r] - q[r] * s[r]) / d;
+    for (int c = j + 1; c < nb; c++) {
+      const float u = U[(size_t)j * ldu + c];
+      float* wc = Wt + (size_t)c * R;
+      for (int r = 0; r < R; r++) wc[r] = wc[r] - e[r] * u;
+    }
+  }
+  free(x); free(mi); free(bp);
+  return 0;
+}
+
 
 static inline uint32_t tcq_sym(const uint8_t* bytes, size_t n, int wbits) {
   const size_t bit = n * (size_t)wbits;
