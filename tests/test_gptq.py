@@ -135,3 +135,45 @@ def test_sweep_feeds_error_forward_and_leaves_nothing_with_a_diagonal_factor(wid
     sweep(W.clone(), U, keep, block_size=8, width=width)
     loss = lambda dW: float(((dW @ H) * dW).sum())  # noqa: E731
     assert loss(W - Q) < 0.8 * loss(W - W.round())
+
+
+@pytest.mark.parametrize("name", ["W2-g64-asym", "W3-g64", "W4-g32-asymf", "W6-channel", "W8-g128"])
+def test_native_sweep_on_int_grids_gives_the_torch_loops_codes(name, monkeypatch):
+    """Integer grids sweep natively (mixq.runtime.kernels.grid_sweep) where the kernel builds: codes, parameters and
+    weights equal the torch column loop's to the bit (zero point, symmetric and fp16-offset grids; a group start inside
+    a block and one across its end; dead input columns)."""
+    from mixq.algorithms import gptq
+    from mixq.runtime.kernels import grid_sweep
+
+    if grid_sweep._lib() is None:
+        pytest.skip("no C compiler")
+    g = torch.Generator().manual_seed(3)
+    R, C = 72, 384
+    X = torch.randn(2048, C, generator=g) @ (torch.randn(C, C, generator=g) / C ** 0.5 + torch.eye(C))
+    X[:, 5] = 0.0  # a dead input column
+    H = X.T @ X / 2048
+    W, spec = torch.randn(R, C, generator=g), parse_spec(name)
+    native = gptq_quantize(W, H, spec, block_size=96)
+    with monkeypatch.context() as m:
+        m.setattr(gptq.GridSweep, "make", staticmethod(lambda *a: None))
+        ref = gptq_quantize(W, H, spec, block_size=96)
+    assert torch.equal(native.qtensor.codes, ref.qtensor.codes) and torch.equal(native.weight, ref.weight)
+    for f in ("scale", "zero", "offset"):
+        a, b = getattr(native.qtensor.params, f), getattr(ref.qtensor.params, f)
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert native.proxy_loss == ref.proxy_loss
+
+
+def test_native_int_sweep_refuses_what_it_does_not_cover():
+    from mixq.runtime.kernels.grid_sweep import GridSweep
+
+    assert GridSweep.make(1, True, 8) is None and GridSweep.make(9, False, 8) is None
+    s = GridSweep.make(3, False, 8)
+    if s is None:
+        pytest.skip("no C compiler")
+    with pytest.raises(ValueError, match="8 rows"):
+        s.params(formats.fit(torch.randn(4, 16), parse_spec("W3-g16-asym")))
+    s.params(formats.fit(torch.randn(8, 16), parse_spec("W3-g16-asym")))
+    with pytest.raises(ValueError, match="unit column stride"):
+        z = torch.zeros(4, 8)
+        s.run(z, z.clone(), torch.eye(4)[:, :2], 0, 4, torch.zeros(4, 8, dtype=torch.uint8), z.clone())

@@ -22,9 +22,11 @@ import torch
 
 from .. import formats
 from ..config import QuantSpec, family_of
+from ..config.families import IntFormat
 from ..formats import QParams, QTensor
 from ..granularity import PerChannel, PerGroup, PerTensor, PerToken
-from .sweep import sweep
+from ..runtime.kernels.grid_sweep import GridSweep
+from .sweep import sweep, sweep_runs
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,26 @@ def gptq_quantize(
         U, damp_used = hinv_chol
     else:
         U, damp_used = inverse_cholesky(Hk, damp)
+
+    native = None
+    if (not (act_order or per_tensor or spec.tensor_scale or imp is not None) and U.dtype == torch.float32
+            and isinstance(family_of(spec), IntFormat)):  # int grids: the native sweep (mixq.runtime.kernels.grid_sweep)
+        native = GridSweep.make(spec.bits, spec.symmetric, out_f)
+    if native is not None:  # the same rounding and arithmetic as round_column's below, a block's columns a call
+        codes_t, Q_t = torch.empty(in_f, out_f, dtype=torch.uint8), torch.empty(in_f, out_f)
+
+        def start(col, w):
+            g = col // glen
+            if params[g] is None:
+                params[g] = formats.fit(w, spec, tensor_scale=tscale)
+            native.params(params[g])
+
+        sweep_runs(Wk, U, lambda Wt, Et, Ub, j, jb, i1: native.run(Wt, Et, Ub, j, jb, codes_t[i1:i1 + len(Wt)],
+                                                                  Q_t[i1:i1 + len(Wt)]),
+                   start, group_len=glen, block_size=block_size)
+        codes, Wq = codes_t.T.contiguous(), Q_t.T.contiguous()
+        qt = QTensor(codes=codes, params=_stack_params(params, out_f, per_tensor), spec=spec, shape=(out_f, in_f))
+        return GPTQResult(qt, Wq, _proxy(W0 - Wq, H), damp_used)
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     Q = torch.zeros_like(Wk)

@@ -49,6 +49,7 @@ from functools import lru_cache
 import torch
 
 from .cbuild import INT, VOID_P, load
+from .sweep_csrc import FEED
 from .tcq_csrc import SOURCE as SEARCH_SOURCE
 from .tcq_gemv_csrc import SOURCE as GEMV_SOURCE
 from .tcq_step_csrc import SOURCE as STEP_SOURCE
@@ -58,7 +59,7 @@ from .tcq_words_csrc import SOURCE as WORDS_SOURCE
 
 @lru_cache(maxsize=1)
 def _lib():
-    return load("tcq_cpu", SEARCH_SOURCE + GEMV_SOURCE + WORDS_SOURCE + WORDS_AVX2_SOURCE + STEP_SOURCE,
+    return load("tcq_cpu", FEED + SEARCH_SOURCE + GEMV_SOURCE + WORDS_SOURCE + WORDS_AVX2_SOURCE + STEP_SOURCE,
                 "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
         "tcq_sweep": (ctypes.c_int, [VOID_P] * 3 + [INT] * 5 + [VOID_P] * 4 + [INT, VOID_P]),

@@ -127,9 +127,8 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
 /* GPTQ's sweep over columns ja..jb-1 of one block of nb columns, each of R rows (mixq.algorithms.sweep.sweep_runs):
    Wt [nb, R] the block's current columns (updated in place), U its rows of the inverse Hessian's upper Cholesky factor
    (U[j * ldu + c]: column c of block row j), s / ws the row scales and search weights of these columns' group.  Each
-   column's targets w[r] / s[r] are searched (tcq_search_one, as tcq_viterbi does), its error e = (w - q) / U[j][j] goes to Et [nb, R], and the block's later
-   columns take w_c -= e * U[j][c] -- the arithmetic of sweep()'s torch step, operation for operation */
-__attribute__((optimize("fp-contract=off")))
+   column's targets w[r] / s[r] are searched (tcq_search_one, as tcq_viterbi does), q = lut[state] * s, and
+   sweep_feed (mixq.runtime.kernels.sweep_csrc, put before this text) feeds its error forward */
 int tcq_sweep(float* Wt, float* Et, const float* U, int ldu, int nb, int ja, int jb, int R, const float* s,
               const float* ws, const uint8_t* ks, const float* lut, int L, uint8_t* bits) {
   const int kmin = tcq_kmin(ks, R, L);
@@ -144,17 +143,11 @@ int tcq_sweep(float* Wt, float* Et, const float* U, int ldu, int nb, int ja, int
   float* m = c1 + S;
   float cost;
   for (int j = ja; j < jb; j++) {
-    float* w = Wt + (size_t)j * R;
-    float* e = Et + (size_t)j * R;
+    const float* w = Wt + (size_t)j * R;
     for (int r = 0; r < R; r++) x[r] = w[r] / s[r];
     tcq_search_one(x, ws, ks, R, lut, L, UM, c0, c1, mi, m, bp, bits + (size_t)j * R, q, &cost);
-    const float d = U[(size_t)j * ldu + j];
-    for (int r = 0; r < R; r++) e[r] = (w[r] - q[r] * s[r]) / d;
-    for (int c = j + 1; c < nb; c++) {
-      const float u = U[(size_t)j * ldu + c];
-      float* wc = Wt + (size_t)c * R;
-      for (int r = 0; r < R; r++) wc[r] = wc[r] - e[r] * u;
-    }
+    for (int r = 0; r < R; r++) q[r] = q[r] * s[r];
+    sweep_feed(Wt, Et, U, ldu, nb, j, R, q);
   }
   free(x); free(mi); free(bp);
   return 0;
