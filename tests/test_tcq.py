@@ -587,8 +587,8 @@ def test_native_gptq_sweep_rejects_what_it_cannot_search():
     s.scales(torch.ones(8), torch.ones(8))
     Wt, U = torch.zeros(4, 8), torch.eye(4)
     with pytest.raises(ValueError, match="unit column stride"):
-        s.run(Wt, torch.zeros(4, 8), U[:, :2], 0, 4, torch.zeros(4, 8, dtype=torch.uint8))
+        s.run(Wt, torch.zeros(4, 8), U[:, :2], 0, 4, torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 8))
     bad = tcq_cpu.SweepSearch.make(torch.full((8,), 7, dtype=torch.uint8), tc.lut(3), 8)
     bad.scales(torch.ones(8), torch.ones(8))
     with pytest.raises(ValueError, match="unsupported trellis"):
-        bad.run(Wt, torch.zeros(4, 8), U, 0, 4, torch.zeros(4, 8, dtype=torch.uint8))
+        bad.run(Wt, torch.zeros(4, 8), U, 0, 4, torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 8))

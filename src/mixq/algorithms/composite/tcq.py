@@ -149,9 +149,11 @@ def _gptq(W0, H, spec, table, fit_table, glen, damp, block_size, hinv_chol, scal
             s = scale[:, col // glen]
             native.scales(s, s * s if rw is None else s * s * rw)
 
-        sweep_runs(Wk, U.float(), lambda Wt, Et, Ub, j, jb, i1: native.run(Wt, Et, Ub, j, jb, bits[i1:i1 + len(Wt)]),
+        vals = torch.empty(C, R)  # each column's table values (what unit_values(bits) decodes)
+        sweep_runs(Wk, U.float(), lambda Wt, Et, Ub, j, jb, i1: native.run(Wt, Et, Ub, j, jb, bits[i1:i1 + len(Wt)],
+                                                                           vals[i1:i1 + len(Wt)]),
                    start, group_len=glen, block_size=block_size)
-        return bits, scale, apply_scale(unit_values(bits, spec), scale, glen)
+        return bits, scale, apply_scale(vals.T.contiguous(), scale, glen)
 
     def round_column(col, w, ahead):
         if col % glen == 0:  # a new group: its scales from the weights as updated so far

@@ -62,7 +62,7 @@ def _lib():
     return load("tcq_cpu", FEED + SEARCH_SOURCE + GEMV_SOURCE + WORDS_SOURCE + WORDS_AVX2_SOURCE + STEP_SOURCE,
                 "trellis layers search and decode in torch (slow)", {
         "tcq_viterbi": (ctypes.c_int, [VOID_P] * 3 + [INT] * 2 + [VOID_P, INT] + [VOID_P] * 3),
-        "tcq_sweep": (ctypes.c_int, [VOID_P] * 3 + [INT] * 5 + [VOID_P] * 4 + [INT, VOID_P]),
+        "tcq_sweep": (ctypes.c_int, [VOID_P] * 3 + [INT] * 5 + [VOID_P] * 4 + [INT] + [VOID_P] * 2),
         "tcq_decode": (None, [VOID_P] * 4 + [INT] * 7),
         "tcq_gemv": (None, [VOID_P] * 5 + [INT] * 9),
         "tcq_words_isa": (ctypes.c_int, []),
@@ -142,19 +142,22 @@ class SweepSearch:
         """The row scales and search weights of the columns that follow (float32 ``[R]``)."""
         self._s, self._ws = s.float().contiguous(), ws.float().contiguous()
 
-    def run(self, Wt: torch.Tensor, Et: torch.Tensor, U: torch.Tensor, ja: int, jb: int, bits: torch.Tensor) -> None:
+    def run(self, Wt: torch.Tensor, Et: torch.Tensor, U: torch.Tensor, ja: int, jb: int, bits: torch.Tensor,
+            vals: torch.Tensor) -> None:
         """Columns ``ja .. jb - 1`` of the block ``Wt [nb, R]`` (float32, contiguous; updated in place), their errors
-        into ``Et [nb, R]`` and their bits into ``bits [nb, R]`` (uint8, contiguous); ``U`` the block's rows of the
-        inverse Hessian's upper Cholesky factor, ``[nb, >= nb]`` float32 with unit column stride."""
+        into ``Et [nb, R]``, their bits into ``bits [nb, R]`` (uint8) and the table values they decode to into ``vals
+        [nb, R]`` (all contiguous); ``U`` the block's rows of the inverse Hessian's upper Cholesky factor, ``[nb, >=
+        nb]`` float32 with unit column stride."""
         nb, R = Wt.shape
-        ok = (R == self.R and Wt.dtype == Et.dtype == U.dtype == torch.float32 and bits.dtype == torch.uint8
-              and Wt.is_contiguous() and Et.is_contiguous() and bits.is_contiguous() and tuple(Et.shape) == (nb, R)
-              and tuple(bits.shape) == (nb, R) and U.shape[0] == nb and U.shape[1] >= nb and U.stride(1) == 1)
+        ok = (R == self.R and all(t.is_contiguous() and tuple(t.shape) == (nb, R) for t in (Wt, Et, bits, vals))
+              and Wt.dtype == Et.dtype == vals.dtype == U.dtype == torch.float32 and bits.dtype == torch.uint8
+              and U.shape[0] == nb and U.shape[1] >= nb and U.stride(1) == 1)
         if not ok:
-            raise ValueError(f"tcq sweep: Wt / Et must be float32 [nb, {self.R}], bits uint8 [nb, {self.R}] (all "
-                             "contiguous) and U float32 [nb, >= nb] with unit column stride")
+            raise ValueError(f"tcq sweep: Wt, Et, vals float32 and bits uint8, each a contiguous [nb, {self.R}], "
+                             "and U float32 [nb, >= nb] with unit column stride")
         rc = self._fn(Wt.data_ptr(), Et.data_ptr(), U.data_ptr(), U.stride(0), nb, ja, jb, R, self._s.data_ptr(),
-                      self._ws.data_ptr(), self.ks.data_ptr(), self.lut.data_ptr(), self.L, bits.data_ptr())
+                      self._ws.data_ptr(), self.ks.data_ptr(), self.lut.data_ptr(), self.L, bits.data_ptr(),
+                      vals.data_ptr())
         if rc:
             raise ValueError(f"tcq_sweep: unsupported trellis (L={self.L}, step bits "
                              f"{sorted(set(self.ks.tolist()))}): L must be 8, 10 or 12 and every step 1..6 bits")

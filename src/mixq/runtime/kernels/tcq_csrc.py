@@ -127,10 +127,11 @@ int tcq_viterbi(const float* x, const float* w, const uint8_t* ks, int N, int T,
 /* GPTQ's sweep over columns ja..jb-1 of one block of nb columns, each of R rows (mixq.algorithms.sweep.sweep_runs):
    Wt [nb, R] the block's current columns (updated in place), U its rows of the inverse Hessian's upper Cholesky factor
    (U[j * ldu + c]: column c of block row j), s / ws the row scales and search weights of these columns' group.  Each
-   column's targets w[r] / s[r] are searched (tcq_search_one, as tcq_viterbi does), q = lut[state] * s, and
-   sweep_feed (mixq.runtime.kernels.sweep_csrc, put before this text) feeds its error forward */
+   column's targets w[r] / s[r] are searched (tcq_search_one, as tcq_viterbi does), its bits and table values go to
+   bits / vals [nb, R], q = lut[state] * s, and sweep_feed (mixq.runtime.kernels.sweep_csrc, put before this text)
+   feeds its error forward */
 int tcq_sweep(float* Wt, float* Et, const float* U, int ldu, int nb, int ja, int jb, int R, const float* s,
-              const float* ws, const uint8_t* ks, const float* lut, int L, uint8_t* bits) {
+              const float* ws, const uint8_t* ks, const float* lut, int L, uint8_t* bits, float* vals) {
   const int kmin = tcq_kmin(ks, R, L);
   if (kmin < 0) return 1;
   const int S = 1 << L, UM = S >> kmin;
@@ -145,8 +146,9 @@ int tcq_sweep(float* Wt, float* Et, const float* U, int ldu, int nb, int ja, int
   for (int j = ja; j < jb; j++) {
     const float* w = Wt + (size_t)j * R;
     for (int r = 0; r < R; r++) x[r] = w[r] / s[r];
-    tcq_search_one(x, ws, ks, R, lut, L, UM, c0, c1, mi, m, bp, bits + (size_t)j * R, q, &cost);
-    for (int r = 0; r < R; r++) q[r] = q[r] * s[r];
+    float* v = vals + (size_t)j * R;
+    tcq_search_one(x, ws, ks, R, lut, L, UM, c0, c1, mi, m, bp, bits + (size_t)j * R, v, &cost);
+    for (int r = 0; r < R; r++) q[r] = v[r] * s[r];
     sweep_feed(Wt, Et, U, ldu, nb, j, R, q);
   }
   free(x); free(mi); free(bp);
