@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from .cbuild import INT, VOID_P, load
-from .sweep_csrc import FEED
+from .sweep_csrc import FEED, check_block
 
 SOURCE = FEED + r"""
 #include <stdint.h>
@@ -85,12 +85,6 @@ class GridSweep:
         """Columns ``ja .. jb - 1`` of the block ``Wt [nb, R]`` (updated in place): errors into ``Et``, codes into
         ``codes [nb, R]`` (uint8), values into ``Q [nb, R]``; ``U`` the block's rows of the factor, unit column
         stride."""
-        nb, R = Wt.shape
-        ok = (R == self.R and all(t.is_contiguous() and tuple(t.shape) == (nb, R) for t in (Wt, Et, codes, Q))
-              and Wt.dtype == Et.dtype == Q.dtype == U.dtype == torch.float32 and codes.dtype == torch.uint8
-              and U.shape[0] == nb and U.shape[1] >= nb and U.stride(1) == 1)
-        if not ok:
-            raise ValueError(f"grid sweep: Wt, Et, Q float32 and codes uint8, each a contiguous [nb, {self.R}], "
-                             "and U float32 [nb, >= nb] with unit column stride")
+        nb, R = check_block("grid sweep", self.R, U, {"Wt": Wt, "Et": Et, "Q": Q}, {"codes": codes})
         self._fn(Wt.data_ptr(), Et.data_ptr(), U.data_ptr(), U.stride(0), nb, ja, jb, R, self._s.data_ptr(),
                  self._z.data_ptr(), self._mode, self.n, codes.data_ptr(), Q.data_ptr())

@@ -49,7 +49,7 @@ from functools import lru_cache
 import torch
 
 from .cbuild import INT, VOID_P, load
-from .sweep_csrc import FEED
+from .sweep_csrc import FEED, check_block
 from .tcq_csrc import SOURCE as SEARCH_SOURCE
 from .tcq_gemv_csrc import SOURCE as GEMV_SOURCE
 from .tcq_step_csrc import SOURCE as STEP_SOURCE
@@ -148,13 +148,7 @@ class SweepSearch:
         into ``Et [nb, R]``, their bits into ``bits [nb, R]`` (uint8) and the table values they decode to into ``vals
         [nb, R]`` (all contiguous); ``U`` the block's rows of the inverse Hessian's upper Cholesky factor, ``[nb, >=
         nb]`` float32 with unit column stride."""
-        nb, R = Wt.shape
-        ok = (R == self.R and all(t.is_contiguous() and tuple(t.shape) == (nb, R) for t in (Wt, Et, bits, vals))
-              and Wt.dtype == Et.dtype == vals.dtype == U.dtype == torch.float32 and bits.dtype == torch.uint8
-              and U.shape[0] == nb and U.shape[1] >= nb and U.stride(1) == 1)
-        if not ok:
-            raise ValueError(f"tcq sweep: Wt, Et, vals float32 and bits uint8, each a contiguous [nb, {self.R}], "
-                             "and U float32 [nb, >= nb] with unit column stride")
+        nb, R = check_block("tcq sweep", self.R, U, {"Wt": Wt, "Et": Et, "vals": vals}, {"bits": bits})
         rc = self._fn(Wt.data_ptr(), Et.data_ptr(), U.data_ptr(), U.stride(0), nb, ja, jb, R, self._s.data_ptr(),
                       self._ws.data_ptr(), self.ks.data_ptr(), self.lut.data_ptr(), self.L, bits.data_ptr(),
                       vals.data_ptr())
