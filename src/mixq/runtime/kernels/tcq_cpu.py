@@ -16,8 +16,9 @@ threads.
 
 ``tcq_sweep``: GPTQ's column sweep through the trellis (:class:`SweepSearch`): a block's columns searched one after
 another on the calling thread, each column's error fed to the block's later columns in C, where the torch loop's
-tensor operations around each search had cost a column of the measurement's 256 rows (8 state bits) about five
-times the search itself: GPTQ of a 256 x 576 layer 153 -> 59 us a column, the same bits to the last one.
+tensor operations around each search had cost a column of the measurement's 256 rows (8 state bits) several times
+the search itself: on SmolLM2's layers 2.5-4x faster at 8 state bits, 1.3-1.8x for the walk's ``TCQ3L12`` on all
+rows, the same bits to the last one (bench/results/gptq_sweep.md).
 
 ``tcq_decode``: ``Ŵ`` from the stream, a column per thread step.  ``tcq_gemv``: ``y[m, r] = Σ_g s[r, g] Σ_{j in g} x[m, j] · lut[state(r, j)]`` from the column-major symbol stream
 (``w``-bit symbols, LSB-first packed, one per ``P`` rows of a column): each thread walks whole columns of its
