@@ -125,7 +125,7 @@ class SweepSearch:
     searches columns ``ja .. jb - 1`` of a block held column by column (``Wt [nb, R]``), each at the row scales and
     search weights of :meth:`scales`, writes their bits and errors and feeds each error to the block's later columns
     -- the arithmetic of :func:`mixq.algorithms.sweep.sweep` with :func:`viterbi` as its rounding step, without the
-    tensor operations of each step (they cost a column of a few hundred rows ten times its search).  None from
+    tensor operations of each step (they cost a column of a few hundred rows several times its search).  None from
     :meth:`make` without the kernel."""
 
     def __init__(self, lib, ks: torch.Tensor, lut: torch.Tensor, L: int):
