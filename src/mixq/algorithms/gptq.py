@@ -182,46 +182,44 @@ def gptq_quantize(
     else:
         U, damp_used = inverse_cholesky(Hk, damp)
 
+    def group_params(col: int, w: torch.Tensor) -> QParams:
+        """The params of the group that column ``col`` (natural order) opens, fit on its current weights ``w``
+        when the group has none yet (entering a group in natural order: fit on the updated weights)."""
+        g = 0 if per_tensor else col // glen
+        if params[g] is None:
+            params[g] = formats.fit(w, spec, tensor_scale=tscale,
+                                    weight=None if imp is None else imp[None, col : col + glen])
+        return params[g]
+
     native = None
     if (not (act_order or per_tensor or spec.tensor_scale or imp is not None) and U.dtype == torch.float32
             and isinstance(family_of(spec), IntFormat)):  # int grids: the native sweep (mixq.runtime.kernels.grid_sweep)
         native = GridSweep.make(spec.bits, spec.symmetric, out_f)
     if native is not None:  # the same rounding and arithmetic as round_column's below, a block's columns a call
         codes_t, Q_t = torch.empty(in_f, out_f, dtype=torch.uint8), torch.empty(in_f, out_f)
-
-        def start(col, w):
-            g = col // glen
-            if params[g] is None:
-                params[g] = formats.fit(w, spec, tensor_scale=tscale)
-            native.params(params[g])
-
         sweep_runs(Wk, U, lambda Wt, Et, Ub, j, jb, i1: native.run(Wt, Et, Ub, j, jb, codes_t[i1:i1 + len(Wt)],
                                                                   Q_t[i1:i1 + len(Wt)]),
-                   start, group_len=glen, block_size=block_size)
-        codes, Wq = codes_t.T.contiguous(), Q_t.T.contiguous()
-        qt = QTensor(codes=codes, params=_stack_params(params, out_f, per_tensor), spec=spec, shape=(out_f, in_f))
-        return GPTQResult(qt, Wq, _proxy(W0 - Wq, H), damp_used)
+                   lambda col, w: native.params(group_params(col, w)), group_len=glen, block_size=block_size)
+        codes, Q = codes_t.T.contiguous(), Q_t.T.contiguous()  # perm is the identity here
+    else:
+        codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+        Q = torch.zeros_like(Wk)
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    Q = torch.zeros_like(Wk)
+        def round_column(i, w, ahead):
+            """Column ``i`` of the sweep to its group's grid.  A group's params are fit when the sweep enters it (a
+            K-quant super-block: all its sub-block scales at once, before its columns are swept); each column then
+            uses its own part of them (:func:`mixq.formats.column_params`)."""
+            col = int(perm[i])
+            g = 0 if per_tensor else col // glen
+            pc = group_params(col, ahead(glen)) if params[g] is None else params[g]
+            pc = pc if per_tensor else formats.column_params(pc, spec, col - g * glen)
+            c = formats.encode(w[:, None], pc, spec)[:, 0]
+            q = formats.decode(c[:, None], pc, spec)[:, 0]
+            codes[:, col] = c
+            Q[:, i] = q
+            return q
 
-    def round_column(i, w, ahead):
-        """Column ``i`` of the sweep to its group's grid.  A group's params are fit when the sweep enters it (a
-        K-quant super-block: all its sub-block scales at once, before its columns are swept); each column then
-        uses its own part of them (:func:`mixq.formats.column_params`)."""
-        col = int(perm[i])
-        g = 0 if per_tensor else col // glen
-        if params[g] is None:  # entering a group in natural order: fit on the updated weights
-            params[g] = formats.fit(ahead(glen), spec, tensor_scale=tscale,
-                                    weight=None if imp is None else imp[None, col : col + glen])
-        pc = params[g] if per_tensor else formats.column_params(params[g], spec, col - g * glen)
-        c = formats.encode(w[:, None], pc, spec)[:, 0]
-        q = formats.decode(c[:, None], pc, spec)[:, 0]
-        codes[:, col] = c
-        Q[:, i] = q
-        return q
-
-    sweep(Wk, U, round_column, block_size=block_size)
+        sweep(Wk, U, round_column, block_size=block_size)
 
     Wq = torch.empty_like(Q)
     Wq[:, perm] = Q

@@ -53,11 +53,16 @@ FIT_STATE_BITS = 10  # the scale fit's trellis has at most this many state bits 
 ROW_WEIGHT_POWER = 0.5
 
 
+def _search_weights(s: torch.Tensor, rw: torch.Tensor | None) -> torch.Tensor:
+    """``[R]``: each row's weight in the search of targets ``w / s`` (``s²``, times the row weight ``rw``)."""
+    return s * s if rw is None else s * s * rw
+
+
 def _encode(Wg: torch.Tensor, s: torch.Tensor, rate, table: torch.Tensor, rw: torch.Tensor | None = None):
     """``(bits [n, R], unit values [R, n])`` of the columns of ``Wg [R, n]`` at row scales ``s [R]``; ``rw [R]``:
     each row's weight in the search (ones when None)."""
     X = (Wg / s[:, None]).T.contiguous()
-    w = (s * s if rw is None else s * s * rw)[None].expand_as(X).contiguous()
+    w = _search_weights(s, rw)[None].expand_as(X).contiguous()
     bits, vals, _ = viterbi(X, w, rate, table)
     return bits, vals.T
 
@@ -141,13 +146,12 @@ def _gptq(W0, H, spec, table, fit_table, glen, damp, block_size, hinv_chol, scal
     U, _ = hinv_chol if hinv_chol is not None else prepare_hessian(H, damp)
     bits = torch.empty(C, R, dtype=torch.uint8)
     scale = torch.empty(R, C // glen)
-    L = table.numel().bit_length() - 1
-    native = tcq_cpu.SweepSearch.make(schedule(spec.tcq_rate, R), table, L)
+    native = tcq_cpu.SweepSearch.make(schedule(spec.tcq_rate, R), table, spec.state_bits)
     if native is not None:  # the same searches and arithmetic as round_column's below, a block's columns a call
         def start(col, w):
             scale[:, col // glen] = fit_scales(w, spec, fit_table, scale_iters, rw)[0]
             s = scale[:, col // glen]
-            native.scales(s, s * s if rw is None else s * s * rw)
+            native.scales(s, _search_weights(s, rw))
 
         vals = torch.empty(C, R)  # each column's table values (what unit_values(bits) decodes)
         sweep_runs(Wk, U.float(), lambda Wt, Et, Ub, j, jb, i1: native.run(Wt, Et, Ub, j, jb, bits[i1:i1 + len(Wt)],
