@@ -108,7 +108,7 @@ def measure(model, calib, *, metric: str | None = None, candidates="default", al
     ``algorithm``: whose error is measured, ``rtn`` or ``gptq``.  ``grad_samples``: rows for the gradient
     statistics; ``block_samples``: rows the block metrics run each candidate on.  ``out``: save the table
     there (JSON); an interrupted measurement resumes from it.  ``amp``: the forward passes under bf16 autocast
-    (:mod:`mixq.amp`; ``mixq measure`` and ``mixq quantize`` pass ``--walk-amp``, the recipe's ``off``).  Returns a
+    (:mod:`mixq.amp`; ``mixq measure`` and ``mixq quantize`` pass ``--walk-amp``, the recipe's ``auto``).  Returns a
     :class:`~mixq.allocate.SensitivityTable`; measure once, :func:`plan` for any number of budgets.
     """
     from .measure import measure as _measure

@@ -73,6 +73,14 @@ from 0.195 / 0.323 to 0.188 / 0.300 at 2.5 bpw, from 0.106 / 0.178 to 0.102 / 0.
 to 0.031 / 0.048 at 4.0 (bench/results/calib_sources.md) -- lower in both domains at every budget, the fortunes
 most (rows of a scratch patch that drew from the same distribution through a sorted top-k over the whole
 vocabulary: other draws than the committed sampler's, whose cold 3.0-bpw run is in quantize_cost.md).
+``mixq-default-16`` is ``-15`` with the measurement's block walk and gradient pass and the GPTQ walk under the same
+bf16 autocast where the device multiplies bf16 natively (``--walk-amp auto``; the Hessians bf16 Gram products summed
+in float64, GPTQ's own arithmetic float32).  Since GPTQ's column sweeps and the trellis searches run natively
+(bench/results/gptq_sweep.md) the walks' forward passes and Gram products are most of their time: on this 2-core AMX
+CPU, back to back on the same cached rows, the default 3.0-bpw run took 660 s against 807 s (measurement and plan
+215 s against 298 s, GPTQ 161 s against 237 s; quantize_cost_amp.md, quantize_cost_fp32walk.md) and scored KL
+0.0995 / 0.1562 against 0.0998 / 0.1596 (PTB / fortunes).  (Tried on ``-13`` before the native sweeps it bought
+nothing: GPTQ's column loop was the cost then, quantize_cost_walk_amp.md.)
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2
@@ -84,7 +92,7 @@ from __future__ import annotations
 
 from .calibset import DEFAULT_CALIB
 
-RECIPE_NAME = "mixq-default-15"
+RECIPE_NAME = "mixq-default-16"
 DEFAULT_RECIPE: dict[str, object] = {
     "method": "gptq",          # --method: GPTQ on the calibration rows (rtn needs none and loses much more)
     "calib": DEFAULT_CALIB,    # --calib: self-generated text + PTB
@@ -109,8 +117,9 @@ DEFAULT_RECIPE: dict[str, object] = {
                                # fp model's logits, codes fixed (mixq.distill_e2e); with --method gptq only
     "e2e_amp": "auto",         # --e2e-amp: that epoch's training forward under bf16 autocast where the device
                                # multiplies bf16 natively (mixq.amp); float32 elsewhere
-    "walk_amp": "off",         # --walk-amp: the measurement's and the GPTQ walk's forward passes and Gram products
-                               # in bf16 too: no faster on this 2-core AMX CPU (quantize_cost_walk_amp.md), so off
+    "walk_amp": "auto",        # --walk-amp: the measurement's and the GPTQ walk's forward passes and Gram products
+                               # in bf16 too, where the device multiplies bf16 natively (mixq-default-16: since
+                               # the native GPTQ sweeps they are most of the walks' time; quantize_cost_amp.md)
 }
 
 
