@@ -27,12 +27,14 @@ LLAMA_CPP_MAX_BPW = 5.6  # above it llama.cpp's types find the embedded model's 
 DIRS_AB = {"mixq quantize --bpw X [mixq-default-14]": ("hessian_shrink", ("smol-2.5-S0.1", "smol-3.0-S0.1",
                                                                            "smol-4.0-S0.1")),
            "mixq quantize --bpw X [mixq-default-15]": ("default15", ("recipe-2.5", "recipe-3.0", "recipe-4.0")),
+           "mixq quantize --bpw X [mixq-default-16]": ("default16", ("recipe-2.5", "recipe-3.0", "recipe-4.0")),
            "mixq quantize --bpw X --calib self [mixq-default-15]": ("default15", ("self-only-2.5", "self-only-3.0",
                                                                                   "self-only-4.0"))}
 TARGETS = [(2.5, 0.40), (3.0, 0.15), (4.0, 0.033)]
 # recipes drawn as named curves (the mixed GPTQ+e2e rows of these generalization runs, or a frontier/*.json curve
 # by its name); every other curve is drawn thin and grey, unnamed (the table names them all)
-HIGHLIGHT = {"mixq-default-15 (today: mixq quantize --bpw X)": ("mixq quantize --bpw X [mixq-default-15]",),
+HIGHLIGHT = {"mixq-default-16 (today: mixq quantize --bpw X)": ("mixq quantize --bpw X [mixq-default-16]",),
+             "mixq-default-15": ("mixq quantize --bpw X [mixq-default-15]",),
              "mixq-default-15, --calib self (no PTB)": ("mixq quantize --bpw X --calib self [mixq-default-15]",),
              "mixq-default-14": ("mixq quantize --bpw X [mixq-default-14]",),
              "mixq-default-13": ("mixq quantize --bpw X [mixq-default-13]",), "mixq-default-12": ("n64",),
@@ -73,7 +75,7 @@ def main():
     rs = rows()
     lines = header("Quality per bit below 4.5 bpw (SmolLM2-135M): KL to fp32 in domain and out of domain",
                    "python bench/frontier.py")
-    lines += ["Every row was measured on this machine by the script its source file names; llama.cpp rows are its "
+    lines += ["Every row was measured on the project's 2-core CPU hosts (each source file names its machine) by the script it names; llama.cpp rows are its "
               "own files (imatrix from PTB train) scored by `mixq eval` alike (llamacpp_domains.md; llama.cpp cannot "
               "go below ~4 bpw on 576-wide rows). Targets (issue 18): KL <= 0.40 at 2.5 bpw, <= 0.15 at 3.0, "
               "<= 0.033 at 4.0, in both domains.",

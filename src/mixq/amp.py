@@ -11,7 +11,7 @@ autocast off again for code inside such a region.
 Where it applies: the end-to-end stage's training forward (:mod:`mixq.distill_e2e`; its teacher and held-out KL
 stay float32; ``--e2e-amp``, the recipe's ``auto``), and the sensitivity measurement's block walk and gradient pass
 (:func:`mixq.measure.measure`) and the GPTQ walk (:func:`mixq.api.quantize_model`; ``--walk-amp``, the recipe's
-``auto`` since ``mixq-default-16``: on a 2-core AMX CPU the default 3.0-bpw run took 660 s instead of 807 s,
+``auto`` since ``mixq-default-16``: on a 2-core AMD EPYC with AVX512-BF16 the default 3.0-bpw run took 660 s instead of 807 s,
 ``bench/results/quantize_cost_amp.md``).
 """
 from __future__ import annotations

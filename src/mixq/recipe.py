@@ -50,8 +50,8 @@ multiplies bf16 natively (``--e2e-amp auto``, :mod:`mixq.amp`; the teacher's log
 float32): on the 3.0-bpw GPTQ plan of SmolLM2 (64 rows), held-out KL 0.1303 -> 0.1119 against 0.1118 in float32,
 in 299 s against 392 s on one thread of this machine's AMX cores with other jobs beside it (no committed script:
 ``pipeline.finetune(..., block=False)`` on the directory of ``mixq quantize --bpw 3.0 --finetune none``).
-``--walk-amp auto`` (not in the recipe) puts the measurement's block walk and gradient pass and the GPTQ walk
-under the same autocast, their Hessians as bf16 Gram products summed in float64: on this 2-core AMX CPU the
+``--walk-amp auto`` (not in the recipe until ``-16``) puts the measurement's block walk and gradient pass and the GPTQ walk
+under the same autocast, their Hessians as bf16 Gram products summed in float64: on a 2-core Intel Xeon (AMX) the
 default 3.0-bpw run took 776 s against 783 s, KL 0.112 / 0.182 against 0.108 / 0.188 (quantize_cost_walk_amp.md):
 no time to buy here, where GPTQ's and the trellis searches' own arithmetic dominates; a GPU may differ (not
 measured).  The gradient pass draws its labels by inverse CDF since then (other draws of the same distribution,
@@ -76,11 +76,11 @@ vocabulary: other draws than the committed sampler's, whose cold 3.0-bpw run is 
 ``mixq-default-16`` is ``-15`` with the measurement's block walk and gradient pass and the GPTQ walk under the same
 bf16 autocast where the device multiplies bf16 natively (``--walk-amp auto``; the Hessians bf16 Gram products summed
 in float64, GPTQ's own arithmetic float32).  Since GPTQ's column sweeps and the trellis searches run natively
-(bench/results/gptq_sweep.md) the walks' forward passes and Gram products are most of their time: on this 2-core AMX
-CPU, back to back on the same cached rows, the default 3.0-bpw run took 660 s against 807 s (measurement and plan
+(bench/results/gptq_sweep.md) the walks' forward passes and Gram products are most of their time: on a 2-core AMD EPYC with AVX512-BF16,
+back to back on the same cached rows, the default 3.0-bpw run took 660 s against 807 s (measurement and plan
 215 s against 298 s, GPTQ 161 s against 237 s; quantize_cost_amp.md, quantize_cost_fp32walk.md) and scored KL
-0.0995 / 0.1562 against 0.0998 / 0.1596 (PTB / fortunes).  (Tried on ``-13`` before the native sweeps it bought
-nothing: GPTQ's column loop was the cost then, quantize_cost_walk_amp.md.)
+0.0995 / 0.1562 against 0.0998 / 0.1596 (PTB / fortunes).  (Tried on ``-13``, before the native sweeps and on an Intel
+Xeon, it bought nothing: GPTQ's Python column loop was most of the walks then, quantize_cost_walk_amp.md.)
 ``kfac-pos`` was ``kfac`` with each token's input weighted by
 its own gradient energy, except on key/value projections: ``mixq-default-3`` used ``kfac``, whose plans for
 gemma3-270m were 1.6x worse at 3.0 bpw (KL 0.50 / 0.76 PTB / fortunes against 0.31 / 0.46), while on SmolLM2

@@ -319,5 +319,5 @@ def walk_amp_arg(p, what: str) -> None:
     p.add_argument("--walk-amp", choices=AMP_MODES, default=default,
                    help=f"{what} under bf16 autocast, their Hessians as bf16 Gram products summed in float64: "
                         f"auto (where the device multiplies bf16 natively), bf16, off (float32); default {default} "
-                        "(on a 2-core AMX CPU the default 3.0-bpw run took 660 s instead of 807 s at the same KL, "
+                        "(on a 2-core AVX512-BF16 CPU the default 3.0-bpw run took 660 s instead of 807 s at the same KL, "
                         "bench/results/quantize_cost_amp.md)")
