@@ -72,7 +72,7 @@ against 5.8 truncated; PTB test 67, the fortunes 47).  With the same measurement
 from 0.195 / 0.323 to 0.188 / 0.300 at 2.5 bpw, from 0.106 / 0.178 to 0.102 / 0.169 at 3.0 and from 0.032 / 0.052
 to 0.031 / 0.048 at 4.0 (bench/results/calib_sources.md) -- lower in both domains at every budget, the fortunes
 most (rows of a scratch patch that drew from the same distribution through a sorted top-k over the whole
-vocabulary: other draws than the committed sampler's, whose cold 3.0-bpw run is in quantize_cost.md).
+vocabulary: other draws than the committed sampler's, whose cold 3.0-bpw run is in quantize_cost_selfgen_cold.md).
 ``mixq-default-16`` is ``-15`` with the measurement's block walk and gradient pass and the GPTQ walk under the same
 bf16 autocast where the device multiplies bf16 natively (``--walk-amp auto``; the Hessians bf16 Gram products summed
 in float64, GPTQ's own arithmetic float32).  Since GPTQ's column sweeps and the trellis searches run natively
